@@ -1,1 +1,37 @@
-//! placeholder
+//! The Tidemark change log: one ordered, checksummed log of every
+//! acknowledged write of a consistency group. It is the contract between the
+//! tracker, which appends to it in the I/O path, and the shipper, which
+//! drains it to the receiver.
+//!
+//! - [`record`]: the record format (byte diagram there) and its codec.
+//! - [`segment`]: the segment files the log is made of, and their scan.
+//! - [`log`]: the appending side: recovery, group commit, roll, recycling,
+//!   overflow.
+//! - [`reader`]: reading in order and tailing without polling.
+//! - [`cursor`]: the receiver's durable position, which frees segments.
+//! - [`check`](mod@check) and [`replay`]: the inspection tools' logic.
+//! - [`storage`]: the narrow file interface, a real directory and a
+//!   crash-simulating one.
+
+pub mod check;
+pub mod cursor;
+pub mod log;
+pub mod reader;
+pub mod record;
+pub mod replay;
+pub mod segment;
+pub mod storage;
+
+pub use check::{check, CheckReport};
+pub use cursor::{read_cursor, write_cursor};
+pub use log::{AppendError, ChangeLog, LogOptions, OpenError, Recovery};
+pub use reader::{LogReader, LogWatcher, ReadError};
+pub use record::{Entry, Header, Kind, Record};
+pub use storage::{FsDir, LogDir, LogFile, SimDir};
+
+/// Nanoseconds since the Unix epoch, for record timestamps.
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}

@@ -1,0 +1,127 @@
+//! The durable cursor: "the receiver has made everything up to and including
+//! this sequence number durable". The shipper writes it; the appender reads
+//! it to recycle segments that lie wholly at or below it.
+//!
+//! It lives in the file `cursor` of the log directory and is replaced
+//! atomically: the new value is written to `cursor.tmp`, synced, renamed over
+//! `cursor`, and the directory synced. 24 bytes, little-endian:
+//!
+//! ```text
+//!  offset size field
+//!       0    4 magic    "TMCU"
+//!       4    4 version  1
+//!       8    8 seq      highest sequence number the receiver holds durably
+//!      16    4 reserved zero
+//!      20    4 crc32c   over bytes 0..20
+//! ```
+
+use crate::storage::{LogDir, LogFile};
+use std::io;
+
+/// The cursor's file name.
+pub const CURSOR_FILE: &str = "cursor";
+const CURSOR_TMP: &str = "cursor.tmp";
+const CURSOR_MAGIC: [u8; 4] = *b"TMCU";
+const CURSOR_LEN: usize = 24;
+
+/// Why the cursor could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum CursorError {
+    /// The cursor file exists but does not verify (damage on the local disk).
+    #[error("the cursor file in {dir} is damaged")]
+    Damaged {
+        /// The log directory.
+        dir: String,
+    },
+    /// Reading, writing or syncing the local disk failed.
+    #[error("cursor file I/O in {dir}")]
+    Io {
+        /// The log directory.
+        dir: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn encode(seq: u64) -> [u8; CURSOR_LEN] {
+    let mut b = [0u8; CURSOR_LEN];
+    b[0..4].copy_from_slice(&CURSOR_MAGIC);
+    b[4..8].copy_from_slice(&1u32.to_le_bytes());
+    b[8..16].copy_from_slice(&seq.to_le_bytes());
+    let crc = crc32c::crc32c(&b[..20]);
+    b[20..24].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+fn decode(b: &[u8]) -> Option<u64> {
+    if b.len() != CURSOR_LEN || b[0..4] != CURSOR_MAGIC || b[4..8] != 1u32.to_le_bytes() {
+        return None;
+    }
+    if crc32c::crc32c(&b[..20]).to_le_bytes() != b[20..24] {
+        return None;
+    }
+    let mut v = [0u8; 8];
+    v.copy_from_slice(&b[8..16]);
+    Some(u64::from_le_bytes(v))
+}
+
+/// Reads the cursor; 0 (nothing acknowledged) when there is none yet.
+pub fn read_cursor<D: LogDir>(dir: &D) -> Result<u64, CursorError> {
+    let io_err = |source| CursorError::Io {
+        dir: dir.describe(),
+        source,
+    };
+    let file = match dir.open(CURSOR_FILE, false) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(io_err(e)),
+    };
+    let mut buf = [0u8; CURSOR_LEN + 1];
+    let n = file.read_full_at(&mut buf, 0).map_err(io_err)?;
+    decode(&buf[..n]).ok_or_else(|| CursorError::Damaged {
+        dir: dir.describe(),
+    })
+}
+
+/// Replaces the cursor with `seq`, durably and atomically.
+pub fn write_cursor<D: LogDir>(dir: &D, seq: u64) -> Result<(), CursorError> {
+    let io_err = |source| CursorError::Io {
+        dir: dir.describe(),
+        source,
+    };
+    let file = dir.create(CURSOR_TMP).map_err(io_err)?;
+    file.write_all_at(&[&encode(seq)], 0).map_err(io_err)?;
+    file.sync_data().map_err(io_err)?;
+    dir.rename(CURSOR_TMP, CURSOR_FILE).map_err(io_err)?;
+    dir.sync_dir().map_err(io_err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::SimDir;
+
+    #[test]
+    fn missing_cursor_reads_zero_and_writes_round_trip() {
+        let dir = SimDir::new();
+        assert_eq!(read_cursor(&dir).unwrap(), 0);
+        write_cursor(&dir, 17).unwrap();
+        assert_eq!(read_cursor(&dir).unwrap(), 17);
+        write_cursor(&dir, 18).unwrap();
+        assert_eq!(read_cursor(&dir).unwrap(), 18);
+    }
+
+    #[test]
+    fn damaged_cursor_is_an_error() {
+        let dir = SimDir::new();
+        write_cursor(&dir, 5).unwrap();
+        let mut bytes = dir.files()[CURSOR_FILE].clone();
+        bytes[9] ^= 1;
+        dir.put(CURSOR_FILE, bytes);
+        assert!(matches!(
+            read_cursor(&dir),
+            Err(CursorError::Damaged { .. })
+        ));
+    }
+}

@@ -1,0 +1,619 @@
+//! The appending side of the change log, owned by the tracker: recovery on
+//! open, append, group commit, segment roll and recycling, overflow.
+//!
+//! Durability rules (see also the segment and cursor modules):
+//! - A record is *written* when `append` returns and *durable* once a later
+//!   `sync` (or `barrier`) returns. One fdatasync makes every record before
+//!   it durable (group commit).
+//! - A segment is fdatasynced before its successor is created, and a new
+//!   segment's header is synced and the directory fsynced before any record
+//!   goes into it; so only the newest segment can ever hold a torn tail.
+//! - Recovery scans the newest segment, stops at the first record that does
+//!   not verify, zeroes everything after it and syncs.
+//! - Any failed write or sync poisons the log: later calls fail. A failed
+//!   fdatasync is never retried, because the kernel may already have dropped
+//!   the pages it could not write.
+
+use crate::cursor::{read_cursor, CursorError};
+use crate::record::{DecodeError, Entry, HEADER_LEN};
+use crate::segment::{
+    parse_segment_name, read_segment_header, segment_name, Damage, ScanEnd, SegmentCursor,
+    SegmentHeader, SEGMENT_HEADER_LEN,
+};
+use crate::storage::{LogDir, LogFile};
+use std::collections::VecDeque;
+use std::io;
+
+/// Sizes of the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogOptions {
+    /// Size of every segment file (default 64 MiB).
+    pub segment_size: u64,
+    /// The most the log may occupy, in bytes (default 8 GiB). Appends that
+    /// would need more fail with [`AppendError::Overflow`].
+    pub size_limit: u64,
+}
+
+impl Default for LogOptions {
+    fn default() -> Self {
+        LogOptions {
+            segment_size: 64 << 20,
+            size_limit: 8 << 30,
+        }
+    }
+}
+
+/// The smallest segment size accepted.
+pub const MIN_SEGMENT_SIZE: u64 = 4096;
+
+/// Why the log could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The sizes make no sense (a configuration error).
+    #[error("invalid log options: {0}")]
+    InvalidOptions(String),
+    /// A sealed segment is damaged or missing: acknowledged records are
+    /// gone, so the log refuses to open rather than guess.
+    #[error("log {dir}: segment {segment} is damaged at byte {offset} (last valid sequence number {last_valid_seq:?}): {reason}")]
+    Corrupt {
+        /// The log directory.
+        dir: String,
+        /// The segment file.
+        segment: String,
+        /// Byte offset of the damage within it.
+        offset: u64,
+        /// The last record that verified before the damage.
+        last_valid_seq: Option<u64>,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The cursor file could not be read.
+    #[error(transparent)]
+    Cursor(#[from] CursorError),
+    /// The local disk failed.
+    #[error("log {dir}: {context}")]
+    Io {
+        /// The log directory.
+        dir: String,
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Why a record was not appended. In every case nothing was written.
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    /// The log is at its size limit and the receiver has not acknowledged
+    /// enough to recycle a segment. The caller switches to bitmap mode.
+    #[error("change log full: {limit} bytes in use and nothing acknowledged to recycle")]
+    Overflow {
+        /// The configured limit.
+        limit: u64,
+    },
+    /// The record is larger than a segment can hold.
+    #[error("record of {len} bytes does not fit in a segment ({max} bytes usable)")]
+    TooLarge {
+        /// The record's encoded size.
+        len: usize,
+        /// The usable bytes of a segment.
+        max: u64,
+    },
+    /// The entry breaks the format's rules (a bug in the caller).
+    #[error("invalid entry")]
+    Invalid(#[source] DecodeError),
+    /// An earlier write or sync failed; the log accepts nothing more.
+    #[error("change log failed earlier and accepts no more records")]
+    Poisoned,
+    /// The cursor could not be read while recycling.
+    #[error(transparent)]
+    Cursor(#[from] CursorError),
+    /// The local disk failed; the log is now poisoned.
+    #[error("change log {dir}: {context}")]
+    Io {
+        /// The log directory.
+        dir: String,
+        /// What was being done.
+        context: &'static str,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What recovery found when the log was opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    /// Segments in the log.
+    pub segments: usize,
+    /// Sequence number of the oldest record still in the log.
+    pub first_seq: u64,
+    /// The newest record, if any.
+    pub last_seq: Option<u64>,
+    /// The generation of the newest segment.
+    pub generation: u32,
+    /// Where a torn tail was cut off, if there was one.
+    pub torn_tail: Option<TornTail>,
+    /// A newest segment whose creation had not completed and was removed.
+    pub removed_incomplete_segment: Option<String>,
+    /// The highest sequence number a reader could have seen before the
+    /// stop: records after the recovered tail may have been read while not
+    /// yet durable. A new generation must start above it.
+    pub max_exposed_seq: u64,
+}
+
+/// A torn tail found and cut off by recovery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TornTail {
+    /// The segment file.
+    pub segment: String,
+    /// Byte offset where the valid records ended.
+    pub offset: u64,
+    /// What was there instead of a valid record.
+    pub damage: Damage,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Sealed {
+    index: u64,
+    first_seq: u64,
+}
+
+/// The change log, appending side.
+pub struct ChangeLog<D: LogDir> {
+    dir: D,
+    opts: LogOptions,
+    sealed: VecDeque<Sealed>,
+    active: D::File,
+    active_header: SegmentHeader,
+    write_pos: u64,
+    next_seq: u64,
+    durable_seq: u64,
+    dirty: bool,
+    poisoned: bool,
+}
+
+impl<D: LogDir> ChangeLog<D> {
+    /// Opens the log in `dir`, creating it if empty, and recovers it: a torn
+    /// tail of the newest segment is cut off and zeroed, an incompletely
+    /// created newest segment removed. `now_ns` stamps new segment headers.
+    pub fn open(
+        dir: D,
+        opts: LogOptions,
+        now_ns: u64,
+    ) -> Result<(ChangeLog<D>, Recovery), OpenError> {
+        if opts.segment_size < MIN_SEGMENT_SIZE {
+            return Err(OpenError::InvalidOptions(format!(
+                "segment size {} is below the minimum of {MIN_SEGMENT_SIZE} bytes",
+                opts.segment_size
+            )));
+        }
+        if opts.size_limit < 2 * opts.segment_size {
+            return Err(OpenError::InvalidOptions(format!(
+                "size limit {} must hold at least two segments of {} bytes",
+                opts.size_limit, opts.segment_size
+            )));
+        }
+        let io_err = |context: String| {
+            let d = dir.describe();
+            move |source| OpenError::Io {
+                dir: d,
+                context,
+                source,
+            }
+        };
+        let mut indices: Vec<u64> = dir
+            .list()
+            .map_err(io_err("listing".into()))?
+            .iter()
+            .filter_map(|n| parse_segment_name(n))
+            .collect();
+        indices.sort_unstable();
+
+        let mut removed_incomplete_segment = None;
+        // The newest segment may be half-created (crash during a roll): its
+        // header is blank, stale, or names another index. It holds no record
+        // anybody was told about, so it goes.
+        while let Some(&last) = indices.last() {
+            let name = segment_name(last);
+            let file = dir
+                .open(&name, true)
+                .map_err(io_err(format!("opening {name}")))?;
+            let header = read_segment_header(&file).map_err(io_err(format!("reading {name}")))?;
+            match header {
+                Ok(h) if h.index == last && h.segment_size == opts.segment_size => break,
+                Ok(h) if h.index == last => {
+                    return Err(OpenError::InvalidOptions(format!(
+                        "segment {name} is {} bytes but the configured segment size is {}",
+                        h.segment_size, opts.segment_size
+                    )))
+                }
+                _ => {
+                    dir.remove(&name)
+                        .map_err(io_err(format!("removing {name}")))?;
+                    dir.sync_dir()
+                        .map_err(io_err("syncing the directory".into()))?;
+                    removed_incomplete_segment = Some(name);
+                    indices.pop();
+                }
+            }
+        }
+
+        let mut sealed = VecDeque::new();
+        for (i, &index) in indices
+            .iter()
+            .enumerate()
+            .take(indices.len().saturating_sub(1))
+        {
+            let name = segment_name(index);
+            let corrupt = |reason: String| OpenError::Corrupt {
+                dir: dir.describe(),
+                segment: name.clone(),
+                offset: 0,
+                last_valid_seq: None,
+                reason,
+            };
+            if indices[i + 1] != index + 1 {
+                return Err(corrupt(format!(
+                    "segment {} is missing",
+                    segment_name(index + 1)
+                )));
+            }
+            let file = dir
+                .open(&name, false)
+                .map_err(io_err(format!("opening {name}")))?;
+            let header = read_segment_header(&file)
+                .map_err(io_err(format!("reading {name}")))?
+                .map_err(|e| corrupt(e.to_string()))?;
+            if header.index != index {
+                return Err(corrupt(format!("header names index {}", header.index)));
+            }
+            sealed.push_back(Sealed {
+                index,
+                first_seq: header.first_seq,
+            });
+        }
+
+        let mut log = match indices.last() {
+            None => {
+                let first_seq = read_cursor(&dir)? + 1;
+                let header = SegmentHeader {
+                    generation: 0,
+                    index: 1,
+                    first_seq,
+                    segment_size: opts.segment_size,
+                    created_ns: now_ns,
+                };
+                let active = create_segment(&dir, None, &header)
+                    .map_err(io_err("creating the first segment".into()))?;
+                ChangeLog {
+                    dir,
+                    opts,
+                    sealed,
+                    active,
+                    active_header: header,
+                    write_pos: SEGMENT_HEADER_LEN,
+                    next_seq: first_seq,
+                    durable_seq: first_seq - 1,
+                    dirty: false,
+                    poisoned: false,
+                }
+            }
+            Some(&index) => {
+                let name = segment_name(index);
+                let active = dir
+                    .open(&name, true)
+                    .map_err(io_err(format!("opening {name}")))?;
+                let header = read_segment_header(&active)
+                    .map_err(io_err(format!("reading {name}")))?
+                    .expect("checked above");
+                if let Some(prev) = sealed.back() {
+                    if header.first_seq <= prev.first_seq {
+                        return Err(OpenError::Corrupt {
+                            dir: dir.describe(),
+                            segment: name,
+                            offset: 0,
+                            last_valid_seq: None,
+                            reason: "first sequence number does not follow the previous segment's"
+                                .into(),
+                        });
+                    }
+                }
+                ChangeLog {
+                    dir,
+                    opts,
+                    sealed,
+                    active,
+                    active_header: header,
+                    write_pos: SEGMENT_HEADER_LEN,
+                    next_seq: header.first_seq,
+                    durable_seq: header.first_seq - 1,
+                    dirty: false,
+                    poisoned: false,
+                }
+            }
+        };
+        let torn_tail = log.recover_active()?;
+        let first_seq = log
+            .sealed
+            .front()
+            .map_or(log.active_header.first_seq, |s| s.first_seq);
+        let last_seq = (log.next_seq > first_seq).then(|| log.next_seq - 1);
+        let room = (log.opts.segment_size - log.write_pos) / HEADER_LEN as u64;
+        let recovery = Recovery {
+            segments: log.sealed.len() + 1,
+            first_seq,
+            last_seq,
+            generation: log.active_header.generation,
+            torn_tail,
+            removed_incomplete_segment,
+            max_exposed_seq: log.next_seq - 1 + room,
+        };
+        Ok((log, recovery))
+    }
+
+    /// Scans the newest segment, cuts a torn tail, zeroes what follows the
+    /// last valid record and makes that durable.
+    fn recover_active(&mut self) -> Result<Option<TornTail>, OpenError> {
+        let name = segment_name(self.active_header.index);
+        let dir = self.dir.describe();
+        let io_err = |context: &str| {
+            let (dir, context) = (dir.clone(), format!("{context} {name}"));
+            move |source| OpenError::Io {
+                dir,
+                context,
+                source,
+            }
+        };
+        let mut cursor = SegmentCursor::new(self.active_header);
+        let end = cursor
+            .scan_to_end(&self.active)
+            .map_err(io_err("scanning"))?;
+        self.write_pos = cursor.position();
+        self.next_seq = cursor.next_seq();
+        self.durable_seq = self.next_seq - 1;
+        let size = self.opts.segment_size;
+        self.active
+            .allocate(size)
+            .map_err(io_err("preallocating"))?;
+        self.active
+            .zero_range(self.write_pos, size - self.write_pos)
+            .map_err(io_err("zeroing the tail of"))?;
+        if self.active.size().map_err(io_err("sizing"))? > size {
+            self.active.set_len(size).map_err(io_err("truncating"))?;
+        }
+        self.active.sync_data().map_err(io_err("syncing"))?;
+        Ok(match end {
+            ScanEnd::Clean => None,
+            ScanEnd::Damaged { reason } => Some(TornTail {
+                segment: name.clone(),
+                offset: self.write_pos,
+                damage: reason,
+            }),
+        })
+    }
+
+    /// Appends a record; returns its sequence number. The record is written
+    /// but not durable until the next [`ChangeLog::sync`].
+    pub fn append(&mut self, entry: &Entry<'_>) -> Result<u64, AppendError> {
+        if self.poisoned {
+            return Err(AppendError::Poisoned);
+        }
+        entry.validate().map_err(AppendError::Invalid)?;
+        let len = entry.encoded_len();
+        let usable = self.opts.segment_size - SEGMENT_HEADER_LEN;
+        if len as u64 > usable {
+            return Err(AppendError::TooLarge { len, max: usable });
+        }
+        if self.write_pos + len as u64 > self.opts.segment_size {
+            let header = SegmentHeader {
+                generation: self.active_header.generation,
+                index: self.active_header.index + 1,
+                first_seq: self.next_seq,
+                segment_size: self.opts.segment_size,
+                created_ns: entry.timestamp_ns,
+            };
+            self.roll(header)?;
+        }
+        let seq = self.next_seq;
+        let header = entry.encode_header(seq, self.active_header.generation);
+        if let Err(source) = self
+            .active
+            .write_all_at(&[&header, entry.payload], self.write_pos)
+        {
+            return Err(self.poison("writing a record", source));
+        }
+        self.write_pos += len as u64;
+        self.next_seq += 1;
+        self.dirty = true;
+        Ok(seq)
+    }
+
+    /// Makes every record appended so far durable with one fdatasync;
+    /// returns the highest durable sequence number.
+    pub fn sync(&mut self) -> Result<u64, AppendError> {
+        if self.poisoned {
+            return Err(AppendError::Poisoned);
+        }
+        if self.dirty {
+            if let Err(source) = self.active.sync_data() {
+                return Err(self.poison("syncing the active segment", source));
+            }
+            self.dirty = false;
+        }
+        self.durable_seq = self.next_seq - 1;
+        Ok(self.durable_seq)
+    }
+
+    /// Appends a barrier and makes it, and everything before it, durable.
+    pub fn barrier(&mut self, timestamp_ns: u64) -> Result<u64, AppendError> {
+        let seq = self.append(&Entry::barrier(timestamp_ns))?;
+        self.sync()?;
+        Ok(seq)
+    }
+
+    /// Starts a new generation whose first record gets `first_seq`, after an
+    /// unclean stop. Records of the new generation go into a new segment (or
+    /// the active one, if it holds no record yet).
+    pub fn begin_generation(
+        &mut self,
+        generation: u32,
+        first_seq: u64,
+        now_ns: u64,
+    ) -> Result<(), AppendError> {
+        if self.poisoned {
+            return Err(AppendError::Poisoned);
+        }
+        assert!(
+            generation > self.active_header.generation && first_seq >= self.next_seq,
+            "generations and sequence numbers only move forward"
+        );
+        let empty = self.write_pos == SEGMENT_HEADER_LEN;
+        let header = SegmentHeader {
+            generation,
+            index: self.active_header.index + u64::from(!empty),
+            first_seq,
+            segment_size: self.opts.segment_size,
+            created_ns: now_ns,
+        };
+        if empty {
+            if let Err(source) = self.active.write_all_at(&[&header.encode()], 0) {
+                return Err(self.poison("rewriting the segment header", source));
+            }
+            if let Err(source) = self.active.sync_data() {
+                return Err(self.poison("syncing the segment header", source));
+            }
+            self.active_header = header;
+        } else {
+            self.roll(header)?;
+        }
+        self.next_seq = first_seq;
+        self.durable_seq = first_seq - 1;
+        Ok(())
+    }
+
+    /// Seals the active segment and makes `header` the new active one,
+    /// reusing the oldest segment the receiver no longer needs if there is
+    /// one, else creating a file; fails with `Overflow` (having changed
+    /// nothing) if that would exceed the size limit.
+    fn roll(&mut self, header: SegmentHeader) -> Result<(), AppendError> {
+        let max_segments = (self.opts.size_limit / self.opts.segment_size) as usize;
+        let cursor = read_cursor(&self.dir)?;
+        let recyclable = self.recyclable(cursor);
+        let in_use = self.sealed.len() + 1;
+        if in_use + 1 - recyclable > max_segments {
+            return Err(AppendError::Overflow {
+                limit: self.opts.size_limit,
+            });
+        }
+        if self.dirty {
+            if let Err(source) = self.active.sync_data() {
+                return Err(self.poison("syncing the segment being sealed", source));
+            }
+            self.dirty = false;
+        }
+        self.durable_seq = self.next_seq - 1;
+        let reuse = (recyclable > 0).then(|| segment_name(self.sealed[0].index));
+        let file = match create_segment(&self.dir, reuse.as_deref(), &header) {
+            Ok(f) => f,
+            Err(source) => return Err(self.poison("creating a segment", source)),
+        };
+        if reuse.is_some() {
+            self.sealed.pop_front();
+        }
+        self.sealed.push_back(Sealed {
+            index: self.active_header.index,
+            first_seq: self.active_header.first_seq,
+        });
+        self.active = file;
+        self.active_header = header;
+        self.write_pos = SEGMENT_HEADER_LEN;
+        Ok(())
+    }
+
+    /// How many of the oldest sealed segments hold only records at or
+    /// below `cursor`.
+    fn recyclable(&self, cursor: u64) -> usize {
+        let next_firsts = self
+            .sealed
+            .iter()
+            .skip(1)
+            .map(|s| s.first_seq)
+            .chain(std::iter::once(self.active_header.first_seq))
+            .take(self.sealed.len());
+        next_firsts
+            .take_while(|next_first| next_first - 1 <= cursor)
+            .count()
+    }
+
+    fn poison(&mut self, context: &'static str, source: io::Error) -> AppendError {
+        self.poisoned = true;
+        AppendError::Io {
+            dir: self.dir.describe(),
+            context,
+            source,
+        }
+    }
+
+    /// The sequence number the next record will get.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// The highest sequence number known durable.
+    pub fn durable_seq(&self) -> u64 {
+        self.durable_seq
+    }
+
+    /// The current generation.
+    pub fn generation(&self) -> u32 {
+        self.active_header.generation
+    }
+
+    /// Bytes the log's segment files occupy.
+    pub fn bytes_in_use(&self) -> u64 {
+        (self.sealed.len() as u64 + 1) * self.opts.segment_size
+    }
+
+    /// The sizes the log was opened with.
+    pub fn options(&self) -> LogOptions {
+        self.opts
+    }
+
+    /// The directory the log lives in.
+    pub fn dir(&self) -> &D {
+        &self.dir
+    }
+}
+
+/// Creates (or, with `reuse`, renames and resets) a segment file, writes and
+/// syncs its header, and syncs the directory.
+fn create_segment<D: LogDir>(
+    dir: &D,
+    reuse: Option<&str>,
+    header: &SegmentHeader,
+) -> io::Result<D::File> {
+    let name = segment_name(header.index);
+    let file = match reuse {
+        Some(old) => {
+            // The rename must be durable before the content changes: until
+            // then a restart may still find the file under its old name and
+            // would read a half-rewritten sealed segment.
+            dir.rename(old, &name)?;
+            dir.sync_dir()?;
+            let file = dir.open(&name, true)?;
+            // Drop the old content so the space after the new records reads
+            // as zeroes; the allocation below reserves it again.
+            file.set_len(0)?;
+            file
+        }
+        None => dir.create(&name)?,
+    };
+    file.allocate(header.segment_size)?;
+    file.write_all_at(&[&header.encode()], 0)?;
+    file.sync_data()?;
+    dir.sync_dir()?;
+    Ok(file)
+}

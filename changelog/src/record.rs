@@ -1,0 +1,661 @@
+//! The change-log record: the one unit every tracker write becomes, and the
+//! only byte layout the tracker, the shipper and the receiver share on disk.
+//!
+//! A record is a fixed 56-byte header followed by its payload. All integers
+//! are little-endian. The CRC32C covers the first 52 header bytes and then the
+//! payload, so a record verifies as a whole or not at all.
+//!
+//! ```text
+//!  offset size field
+//!  ------ ---- ---------------------------------------------------------------
+//!       0    4 magic        "TMRC" (54 4d 52 43)
+//!       4    1 version      1
+//!       5    1 kind         1 write, 2 write-zeroes, 3 trim, 4 barrier,
+//!                           5 marker, 6 resync-needed
+//!       6    2 flags        bit 0 app-consistent (marker only)
+//!                           bit 1 no-hole (write-zeroes only)
+//!       8    8 seq          sequence number: strictly increasing, gap-free
+//!                           within a generation
+//!      16    8 timestamp    wall clock, nanoseconds since the Unix epoch
+//!      24    4 generation   tracker generation (bumped after an unclean stop)
+//!      28    4 disk         disk id within the consistency group
+//!                           (barrier and marker: 0xffff_ffff, the whole group)
+//!      32    8 offset       byte offset on the disk
+//!      40    8 length       bytes of the disk the record covers
+//!      48    4 payload-len  bytes of payload that follow the header
+//!      52    4 crc32c       over bytes 0..52, then the payload
+//!      56    … payload      write: the data (payload-len == length)
+//!                           marker: the label, UTF-8, at most 1 KiB
+//!                           every other kind: empty
+//! ```
+//!
+//! What each kind means when applied to a disk image:
+//! - **write**: `payload` is written at `offset`.
+//! - **write-zeroes** / **trim**: `offset..offset+length` reads as zeroes
+//!   afterwards (the tracker gives trim that defined result on the source).
+//! - **barrier**: everything before it is a crash-consistent state of the
+//!   whole group; it touches no disk.
+//! - **marker**: a labelled point, application-consistent when flagged; it
+//!   touches no disk.
+//! - **resync-needed**: the extent may differ from what the log says (an
+//!   unclean stop, or writes that were not logged); it must be re-read from
+//!   the source. It touches no disk by itself.
+
+use thiserror::Error;
+
+/// Bytes of a record header.
+pub const HEADER_LEN: usize = 56;
+/// First bytes of every record.
+pub const RECORD_MAGIC: [u8; 4] = *b"TMRC";
+/// The record format version this code writes and reads.
+pub const RECORD_VERSION: u8 = 1;
+/// The largest payload a record may carry (a write of up to 64 MiB).
+pub const MAX_PAYLOAD: u32 = 64 << 20;
+/// The longest marker label, in bytes.
+pub const MAX_LABEL: usize = 1024;
+/// The `disk` value of records that concern the whole group.
+pub const GROUP_DISK: u32 = u32::MAX;
+
+/// Marker flag: the application was quiesced when the marker was taken.
+pub const FLAG_APP_CONSISTENT: u16 = 1 << 0;
+/// Write-zeroes flag: the client asked that no hole be punched.
+pub const FLAG_NO_HOLE: u16 = 1 << 1;
+const KNOWN_FLAGS: u16 = FLAG_APP_CONSISTENT | FLAG_NO_HOLE;
+
+const CRC_AT: usize = 52;
+
+/// What a record does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    /// Data written at an offset.
+    Write,
+    /// An extent that reads as zeroes afterwards.
+    WriteZeroes,
+    /// An extent discarded by the client; reads as zeroes afterwards.
+    Trim,
+    /// A crash-consistent point for the whole group.
+    Barrier,
+    /// A labelled point, possibly application-consistent.
+    Marker,
+    /// An extent whose content must be re-read from the source.
+    ResyncNeeded,
+}
+
+impl Kind {
+    /// The byte that stands for this kind on disk.
+    pub fn code(self) -> u8 {
+        match self {
+            Kind::Write => 1,
+            Kind::WriteZeroes => 2,
+            Kind::Trim => 3,
+            Kind::Barrier => 4,
+            Kind::Marker => 5,
+            Kind::ResyncNeeded => 6,
+        }
+    }
+
+    /// The kind a byte stands for, if any.
+    pub fn from_code(code: u8) -> Option<Kind> {
+        Some(match code {
+            1 => Kind::Write,
+            2 => Kind::WriteZeroes,
+            3 => Kind::Trim,
+            4 => Kind::Barrier,
+            5 => Kind::Marker,
+            6 => Kind::ResyncNeeded,
+            _ => return None,
+        })
+    }
+
+    /// The kebab-case name used by the inspection tools.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Write => "write",
+            Kind::WriteZeroes => "write-zeroes",
+            Kind::Trim => "trim",
+            Kind::Barrier => "barrier",
+            Kind::Marker => "marker",
+            Kind::ResyncNeeded => "resync-needed",
+        }
+    }
+}
+
+/// A record as the appender hands it in, before it has a sequence number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry<'a> {
+    /// What the record does.
+    pub kind: Kind,
+    /// Kind-specific flags (`FLAG_*`).
+    pub flags: u16,
+    /// Disk id within the group ([`GROUP_DISK`] for barriers and markers).
+    pub disk: u32,
+    /// Byte offset on the disk.
+    pub offset: u64,
+    /// Bytes of the disk covered.
+    pub length: u64,
+    /// Wall clock, nanoseconds since the Unix epoch.
+    pub timestamp_ns: u64,
+    /// Write data or marker label.
+    pub payload: &'a [u8],
+}
+
+impl<'a> Entry<'a> {
+    /// A write of `data` at `offset` on `disk`.
+    pub fn write(disk: u32, offset: u64, data: &'a [u8], timestamp_ns: u64) -> Self {
+        Entry {
+            kind: Kind::Write,
+            flags: 0,
+            disk,
+            offset,
+            length: data.len() as u64,
+            timestamp_ns,
+            payload: data,
+        }
+    }
+
+    /// An extent of `disk` that reads as zeroes afterwards.
+    pub fn write_zeroes(
+        disk: u32,
+        offset: u64,
+        length: u64,
+        no_hole: bool,
+        timestamp_ns: u64,
+    ) -> Self {
+        Entry {
+            kind: Kind::WriteZeroes,
+            flags: if no_hole { FLAG_NO_HOLE } else { 0 },
+            disk,
+            offset,
+            length,
+            timestamp_ns,
+            payload: &[],
+        }
+    }
+
+    /// A discarded extent of `disk`.
+    pub fn trim(disk: u32, offset: u64, length: u64, timestamp_ns: u64) -> Self {
+        Entry {
+            kind: Kind::Trim,
+            flags: 0,
+            disk,
+            offset,
+            length,
+            timestamp_ns,
+            payload: &[],
+        }
+    }
+
+    /// A crash-consistent point of the whole group.
+    pub fn barrier(timestamp_ns: u64) -> Self {
+        Entry {
+            kind: Kind::Barrier,
+            flags: 0,
+            disk: GROUP_DISK,
+            offset: 0,
+            length: 0,
+            timestamp_ns,
+            payload: &[],
+        }
+    }
+
+    /// A labelled point of the whole group.
+    pub fn marker(label: &'a str, app_consistent: bool, timestamp_ns: u64) -> Self {
+        Entry {
+            kind: Kind::Marker,
+            flags: if app_consistent {
+                FLAG_APP_CONSISTENT
+            } else {
+                0
+            },
+            disk: GROUP_DISK,
+            offset: 0,
+            length: 0,
+            timestamp_ns,
+            payload: label.as_bytes(),
+        }
+    }
+
+    /// An extent of `disk` that must be re-read from the source.
+    pub fn resync_needed(disk: u32, offset: u64, length: u64, timestamp_ns: u64) -> Self {
+        Entry {
+            kind: Kind::ResyncNeeded,
+            flags: 0,
+            disk,
+            offset,
+            length,
+            timestamp_ns,
+            payload: &[],
+        }
+    }
+
+    /// Bytes the record takes in the log.
+    pub fn encoded_len(&self) -> usize {
+        HEADER_LEN + self.payload.len()
+    }
+
+    /// Checks that the entry is one the format can carry, so an invalid
+    /// entry is refused before anything is written.
+    pub fn validate(&self) -> Result<(), DecodeError> {
+        let payload_len = u32::try_from(self.payload.len())
+            .map_err(|_| DecodeError::PayloadTooLarge(u32::MAX))?;
+        check_semantics(
+            self.kind,
+            self.flags,
+            self.disk,
+            self.offset,
+            self.length,
+            payload_len,
+            self.payload,
+        )
+    }
+
+    /// Encodes the header for this entry with its sequence number and
+    /// generation; the CRC covers `self.payload`, which follows the header.
+    pub fn encode_header(&self, seq: u64, generation: u32) -> [u8; HEADER_LEN] {
+        let mut h = [0u8; HEADER_LEN];
+        h[0..4].copy_from_slice(&RECORD_MAGIC);
+        h[4] = RECORD_VERSION;
+        h[5] = self.kind.code();
+        h[6..8].copy_from_slice(&self.flags.to_le_bytes());
+        h[8..16].copy_from_slice(&seq.to_le_bytes());
+        h[16..24].copy_from_slice(&self.timestamp_ns.to_le_bytes());
+        h[24..28].copy_from_slice(&generation.to_le_bytes());
+        h[28..32].copy_from_slice(&self.disk.to_le_bytes());
+        h[32..40].copy_from_slice(&self.offset.to_le_bytes());
+        h[40..48].copy_from_slice(&self.length.to_le_bytes());
+        h[48..52].copy_from_slice(&(self.payload.len() as u32).to_le_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&h[..CRC_AT]), self.payload);
+        h[CRC_AT..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
+        h
+    }
+
+    /// Encodes header and payload into one buffer.
+    pub fn encode(&self, seq: u64, generation: u32) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.encoded_len());
+        out.extend_from_slice(&self.encode_header(seq, generation));
+        out.extend_from_slice(self.payload);
+        out
+    }
+}
+
+/// A decoded record header: everything but the payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// What the record does.
+    pub kind: Kind,
+    /// Kind-specific flags.
+    pub flags: u16,
+    /// Sequence number.
+    pub seq: u64,
+    /// Wall clock, nanoseconds since the Unix epoch.
+    pub timestamp_ns: u64,
+    /// Tracker generation.
+    pub generation: u32,
+    /// Disk id within the group.
+    pub disk: u32,
+    /// Byte offset on the disk.
+    pub offset: u64,
+    /// Bytes of the disk covered.
+    pub length: u64,
+    /// Bytes of payload after the header.
+    pub payload_len: u32,
+    /// The stored CRC32C.
+    pub crc: u32,
+}
+
+impl Header {
+    /// Bytes the whole record takes.
+    pub fn record_len(&self) -> usize {
+        HEADER_LEN + self.payload_len as usize
+    }
+
+    /// Decodes and structurally checks a header. The CRC can only be checked
+    /// with the payload, by [`Header::verify`].
+    pub fn decode(bytes: &[u8]) -> Result<Header, DecodeError> {
+        let h: &[u8; HEADER_LEN] = bytes
+            .get(..HEADER_LEN)
+            .and_then(|b| b.try_into().ok())
+            .ok_or(DecodeError::Truncated {
+                needed: HEADER_LEN,
+                available: bytes.len(),
+            })?;
+        if h[0..4] != RECORD_MAGIC {
+            return Err(DecodeError::BadMagic);
+        }
+        if h[4] != RECORD_VERSION {
+            return Err(DecodeError::UnsupportedVersion(h[4]));
+        }
+        let kind = Kind::from_code(h[5]).ok_or(DecodeError::UnknownKind(h[5]))?;
+        let payload_len = le_u32(h, 48);
+        if payload_len > MAX_PAYLOAD {
+            return Err(DecodeError::PayloadTooLarge(payload_len));
+        }
+        Ok(Header {
+            kind,
+            flags: u16::from_le_bytes([h[6], h[7]]),
+            seq: le_u64(h, 8),
+            timestamp_ns: le_u64(h, 16),
+            generation: le_u32(h, 24),
+            disk: le_u32(h, 28),
+            offset: le_u64(h, 32),
+            length: le_u64(h, 40),
+            payload_len,
+            crc: le_u32(h, CRC_AT),
+        })
+    }
+
+    /// Verifies the CRC over `header_bytes` (the 56 bytes this header was
+    /// decoded from) and `payload`, then the kind's rules.
+    pub fn verify(&self, header_bytes: &[u8], payload: &[u8]) -> Result<(), DecodeError> {
+        if payload.len() != self.payload_len as usize || header_bytes.len() < HEADER_LEN {
+            return Err(DecodeError::Truncated {
+                needed: self.record_len(),
+                available: header_bytes.len().min(HEADER_LEN) + payload.len(),
+            });
+        }
+        let computed = crc32c::crc32c_append(crc32c::crc32c(&header_bytes[..CRC_AT]), payload);
+        if computed != self.crc {
+            return Err(DecodeError::ChecksumMismatch {
+                stored: self.crc,
+                computed,
+            });
+        }
+        check_semantics(
+            self.kind,
+            self.flags,
+            self.disk,
+            self.offset,
+            self.length,
+            self.payload_len,
+            payload,
+        )
+    }
+}
+
+/// A whole record, owning its payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// The header.
+    pub header: Header,
+    /// Write data or marker label.
+    pub payload: Vec<u8>,
+}
+
+impl Record {
+    /// Decodes and verifies one record from the start of `bytes`.
+    pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
+        let header = Header::decode(bytes)?;
+        let end = header.record_len();
+        let payload = bytes.get(HEADER_LEN..end).ok_or(DecodeError::Truncated {
+            needed: end,
+            available: bytes.len(),
+        })?;
+        header.verify(bytes, payload)?;
+        Ok(Record {
+            header,
+            payload: payload.to_vec(),
+        })
+    }
+
+    /// The marker label, for markers.
+    pub fn label(&self) -> Option<&str> {
+        match self.header.kind {
+            Kind::Marker => std::str::from_utf8(&self.payload).ok(),
+            _ => None,
+        }
+    }
+
+    /// This record as an entry, e.g. to append it to another log.
+    pub fn as_entry(&self) -> Entry<'_> {
+        Entry {
+            kind: self.header.kind,
+            flags: self.header.flags,
+            disk: self.header.disk,
+            offset: self.header.offset,
+            length: self.header.length,
+            timestamp_ns: self.header.timestamp_ns,
+            payload: &self.payload,
+        }
+    }
+}
+
+/// Why bytes are not a valid record.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum DecodeError {
+    /// Fewer bytes than the header or the announced payload needs.
+    #[error("truncated record: {needed} bytes needed, {available} available")]
+    Truncated {
+        /// Bytes the record needs.
+        needed: usize,
+        /// Bytes there were.
+        available: usize,
+    },
+    /// The bytes do not start with the record magic.
+    #[error("no record magic")]
+    BadMagic,
+    /// The record was written by a format version this code does not read.
+    #[error("unsupported record version {0}")]
+    UnsupportedVersion(u8),
+    /// The kind byte stands for no known kind.
+    #[error("unknown record kind {0}")]
+    UnknownKind(u8),
+    /// The announced payload is larger than any record may carry.
+    #[error("payload of {0} bytes exceeds the maximum")]
+    PayloadTooLarge(u32),
+    /// Header or payload changed after the record was written.
+    #[error("checksum mismatch: stored {stored:#010x}, computed {computed:#010x}")]
+    ChecksumMismatch {
+        /// The CRC in the header.
+        stored: u32,
+        /// The CRC of the bytes as they are.
+        computed: u32,
+    },
+    /// The fields contradict the kind's rules (the checksum matched, so the
+    /// writer itself was wrong).
+    #[error("inconsistent {kind} record: {reason}")]
+    Inconsistent {
+        /// The record's kind.
+        kind: &'static str,
+        /// Which rule was broken.
+        reason: &'static str,
+    },
+}
+
+fn check_semantics(
+    kind: Kind,
+    flags: u16,
+    disk: u32,
+    offset: u64,
+    length: u64,
+    payload_len: u32,
+    payload: &[u8],
+) -> Result<(), DecodeError> {
+    let bad = |reason| {
+        Err(DecodeError::Inconsistent {
+            kind: kind.name(),
+            reason,
+        })
+    };
+    if payload_len > MAX_PAYLOAD {
+        return Err(DecodeError::PayloadTooLarge(payload_len));
+    }
+    if flags & !KNOWN_FLAGS != 0 {
+        return bad("unknown flag bits");
+    }
+    if offset.checked_add(length).is_none() {
+        return bad("offset + length overflows");
+    }
+    let allowed_flags = match kind {
+        Kind::Marker => FLAG_APP_CONSISTENT,
+        Kind::WriteZeroes => FLAG_NO_HOLE,
+        _ => 0,
+    };
+    if flags & !allowed_flags != 0 {
+        return bad("flag not allowed for this kind");
+    }
+    match kind {
+        Kind::Write => {
+            if length == 0 || length != u64::from(payload_len) {
+                return bad("length must equal the payload length and be non-zero");
+            }
+            if disk == GROUP_DISK {
+                return bad("a write needs a disk");
+            }
+        }
+        Kind::WriteZeroes | Kind::Trim | Kind::ResyncNeeded => {
+            if payload_len != 0 || length == 0 {
+                return bad("needs a non-zero length and no payload");
+            }
+            if disk == GROUP_DISK {
+                return bad("needs a disk");
+            }
+        }
+        Kind::Barrier => {
+            if payload_len != 0 || length != 0 || offset != 0 || disk != GROUP_DISK {
+                return bad("a barrier carries no extent and no payload");
+            }
+        }
+        Kind::Marker => {
+            if length != 0 || offset != 0 || disk != GROUP_DISK {
+                return bad("a marker carries no extent");
+            }
+            if payload.len() > MAX_LABEL || std::str::from_utf8(payload).is_err() {
+                return bad("label must be UTF-8 of at most 1 KiB");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn le_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn le_u64(b: &[u8], at: usize) -> u64 {
+    let mut v = [0u8; 8];
+    v.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_entry() -> impl Strategy<Value = (Kind, u16, u32, u64, u64, u64, Vec<u8>)> {
+        prop_oneof![
+            (
+                0u32..8,
+                0u64..1 << 40,
+                proptest::collection::vec(any::<u8>(), 1..2048),
+                any::<u64>()
+            )
+                .prop_map(|(d, o, p, t)| (Kind::Write, 0, d, o, p.len() as u64, t, p)),
+            (
+                0u32..8,
+                0u64..1 << 40,
+                1u64..1 << 30,
+                any::<bool>(),
+                any::<u64>()
+            )
+                .prop_map(|(d, o, l, nh, t)| (
+                    Kind::WriteZeroes,
+                    if nh { FLAG_NO_HOLE } else { 0 },
+                    d,
+                    o,
+                    l,
+                    t,
+                    vec![]
+                )),
+            (0u32..8, 0u64..1 << 40, 1u64..1 << 30, any::<u64>()).prop_map(|(d, o, l, t)| (
+                Kind::Trim,
+                0,
+                d,
+                o,
+                l,
+                t,
+                vec![]
+            )),
+            any::<u64>().prop_map(|t| (Kind::Barrier, 0, GROUP_DISK, 0, 0, t, vec![])),
+            ("[a-z0-9 ._-]{0,40}", any::<bool>(), any::<u64>()).prop_map(|(l, a, t)| (
+                Kind::Marker,
+                if a { FLAG_APP_CONSISTENT } else { 0 },
+                GROUP_DISK,
+                0,
+                0,
+                t,
+                l.into_bytes()
+            )),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip((kind, flags, disk, offset, length, ts, payload) in arb_entry(), seq in any::<u64>(), generation in any::<u32>()) {
+            let e = Entry { kind, flags, disk, offset, length, timestamp_ns: ts, payload: &payload };
+            prop_assert!(e.validate().is_ok());
+            let bytes = e.encode(seq, generation);
+            let r = Record::decode(&bytes).unwrap();
+            prop_assert_eq!(r.header.seq, seq);
+            prop_assert_eq!(r.header.generation, generation);
+            prop_assert_eq!(r.as_entry(), e);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = Record::decode(&bytes);
+            let _ = Header::decode(&bytes);
+        }
+
+        #[test]
+        fn arbitrary_bytes_behind_a_valid_magic_never_panic(mut bytes in proptest::collection::vec(any::<u8>(), 56..400), kind in 0u8..8) {
+            bytes[0..4].copy_from_slice(&RECORD_MAGIC);
+            bytes[4] = RECORD_VERSION;
+            bytes[5] = kind;
+            let _ = Record::decode(&bytes);
+        }
+
+        #[test]
+        fn any_single_bit_flip_is_detected((kind, flags, disk, offset, length, ts, payload) in arb_entry(), bit in any::<proptest::sample::Index>()) {
+            let e = Entry { kind, flags, disk, offset, length, timestamp_ns: ts, payload: &payload };
+            let mut bytes = e.encode(7, 1);
+            let bit = bit.index(bytes.len() * 8);
+            bytes[bit / 8] ^= 1 << (bit % 8);
+            prop_assert!(Record::decode(&bytes).is_err());
+        }
+    }
+
+    #[test]
+    fn inconsistent_records_are_refused() {
+        let e = Entry {
+            length: 5,
+            ..Entry::write(0, 0, b"abc", 0)
+        };
+        assert!(matches!(
+            e.validate(),
+            Err(DecodeError::Inconsistent { .. })
+        ));
+        let bytes = e.encode(1, 0);
+        assert!(matches!(
+            Record::decode(&bytes),
+            Err(DecodeError::Inconsistent { .. })
+        ));
+        assert!(Entry::trim(0, u64::MAX, 2, 0).validate().is_err());
+        assert!(Entry::marker(&"x".repeat(2000), false, 0)
+            .validate()
+            .is_err());
+        assert!(Entry::write(GROUP_DISK, 0, b"a", 0).validate().is_err());
+    }
+
+    #[test]
+    fn truncation_is_typed() {
+        let bytes = Entry::write(1, 4096, &[7u8; 100], 0).encode(1, 0);
+        for cut in 0..bytes.len() {
+            assert!(matches!(
+                Record::decode(&bytes[..cut]),
+                Err(DecodeError::Truncated { .. })
+            ));
+        }
+    }
+}

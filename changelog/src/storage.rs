@@ -1,0 +1,518 @@
+//! The narrow storage interface the change log runs on, and its two engines:
+//! [`FsDir`], a real directory, and [`SimDir`], an in-memory directory that
+//! keeps what was *written* apart from what is *durable* so tests can cut
+//! power at any sync point and look at every state a crash could leave.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// A directory of log files.
+pub trait LogDir: Send + Sync {
+    /// An open file of this directory.
+    type File: LogFile;
+    /// Names of the files in the directory.
+    fn list(&self) -> io::Result<Vec<String>>;
+    /// Opens an existing file.
+    fn open(&self, name: &str, writable: bool) -> io::Result<Self::File>;
+    /// Creates a new, empty file (or truncates an existing one).
+    fn create(&self, name: &str) -> io::Result<Self::File>;
+    /// Renames a file, replacing `to` if it exists.
+    fn rename(&self, from: &str, to: &str) -> io::Result<()>;
+    /// Removes a file.
+    fn remove(&self, name: &str) -> io::Result<()>;
+    /// Makes creations, renames and removals durable.
+    fn sync_dir(&self) -> io::Result<()>;
+    /// Where the directory is, for messages.
+    fn describe(&self) -> String;
+}
+
+/// An open log file.
+pub trait LogFile: Send + Sync {
+    /// Current length in bytes.
+    fn size(&self) -> io::Result<u64>;
+    /// Reads up to `buf.len()` bytes at `offset`; short only at end of file.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+    /// Writes all of `bufs`, one after another, starting at `offset`.
+    fn write_all_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()>;
+    /// Makes the file at least `len` bytes long, with the space reserved.
+    fn allocate(&self, len: u64) -> io::Result<()>;
+    /// Makes `offset..offset+len` read as zeroes, keeping the file's length.
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Sets the file's length.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Makes the file's data durable (fdatasync). An error is fatal for the
+    /// caller: after a failed fdatasync the kernel may have dropped the dirty
+    /// pages, so retrying would report success for data that is gone.
+    fn sync_data(&self) -> io::Result<()>;
+
+    /// Reads exactly `buf.len()` bytes at `offset` or as many as exist;
+    /// returns how many were read.
+    fn read_full_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done)
+    }
+}
+
+/// A real directory on a filesystem.
+#[derive(Debug, Clone)]
+pub struct FsDir {
+    path: PathBuf,
+}
+
+impl FsDir {
+    /// Uses `path`, creating it (and its parents) if needed.
+    pub fn create_all(path: &Path) -> io::Result<FsDir> {
+        std::fs::create_dir_all(path)?;
+        Ok(FsDir {
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Uses an existing directory.
+    pub fn existing(path: &Path) -> io::Result<FsDir> {
+        if !std::fs::metadata(path)?.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotADirectory,
+                format!("{} is not a directory", path.display()),
+            ));
+        }
+        Ok(FsDir {
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The directory's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl LogDir for FsDir {
+    type File = FsFile;
+
+    fn list(&self) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&self.path)? {
+            let entry = entry?;
+            if let Ok(name) = entry.file_name().into_string() {
+                names.push(name);
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    fn open(&self, name: &str, writable: bool) -> io::Result<FsFile> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(self.path.join(name))?;
+        Ok(FsFile { file })
+    }
+
+    fn create(&self, name: &str) -> io::Result<FsFile> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(self.path.join(name))?;
+        Ok(FsFile { file })
+    }
+
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        std::fs::rename(self.path.join(from), self.path.join(to))
+    }
+
+    fn remove(&self, name: &str) -> io::Result<()> {
+        std::fs::remove_file(self.path.join(name))
+    }
+
+    fn sync_dir(&self) -> io::Result<()> {
+        File::open(&self.path)?.sync_all()
+    }
+
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+/// A file of an [`FsDir`].
+#[derive(Debug)]
+pub struct FsFile {
+    file: File,
+}
+
+impl LogFile for FsFile {
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        FileExt::read_at(&self.file, buf, offset)
+    }
+
+    fn write_all_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        let mut at = offset;
+        for buf in bufs {
+            FileExt::write_all_at(&self.file, buf, at)?;
+            at += buf.len() as u64;
+        }
+        Ok(())
+    }
+
+    fn allocate(&self, len: u64) -> io::Result<()> {
+        let len = i64::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: fallocate on a valid, owned descriptor; no memory is passed.
+        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, 0, len) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
+            // Filesystems without fallocate (tmpfs before 3.5, some FUSE):
+            // a sparse length is the best that can be had.
+            if self.size()? < len as u64 {
+                self.file.set_len(len as u64)?;
+            }
+            return Ok(());
+        }
+        Err(err)
+    }
+
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let (o, l) = match (i64::try_from(offset), i64::try_from(len)) {
+            (Ok(o), Ok(l)) => (o, l),
+            _ => return Err(io::Error::from(io::ErrorKind::InvalidInput)),
+        };
+        // SAFETY: fallocate on a valid, owned descriptor; no memory is passed.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                o,
+                l,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
+            return Err(err);
+        }
+        let zeroes = vec![0u8; 1 << 20];
+        let end = offset + len;
+        let mut at = offset;
+        while at < end {
+            let n = (end - at).min(zeroes.len() as u64) as usize;
+            FileExt::write_all_at(&self.file, &zeroes[..n], at)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+/// One file of a [`SimDir`]: what was written, and what would survive a
+/// power cut.
+#[derive(Debug, Clone, Default)]
+pub struct SimFileState {
+    /// Content as the writer sees it.
+    pub written: Vec<u8>,
+    /// Content as of the last completed sync.
+    pub durable: Vec<u8>,
+}
+
+#[derive(Debug, Default)]
+struct SimState {
+    files: BTreeMap<u64, SimFileState>,
+    next_id: u64,
+    /// Directory entries as the writer sees them.
+    names: BTreeMap<String, u64>,
+    /// Directory entries as of the last directory sync.
+    durable_names: BTreeMap<String, u64>,
+    syncs: u64,
+    power_cut_at_sync: Option<u64>,
+    power_lost: bool,
+}
+
+/// An in-memory directory that models a crash: file data becomes durable
+/// only at `sync_data`, directory changes only at `sync_dir`. It can be told
+/// to lose power at its n-th sync (counting both kinds); from then on every
+/// operation fails, and [`SimDir::durable_files`] and [`SimDir::files`] show
+/// what a restart could find.
+#[derive(Debug, Clone, Default)]
+pub struct SimDir {
+    state: Arc<Mutex<SimState>>,
+}
+
+fn power_lost() -> io::Error {
+    io::Error::other("simulated power loss")
+}
+
+impl SimDir {
+    /// An empty directory.
+    pub fn new() -> SimDir {
+        SimDir::default()
+    }
+
+    /// A directory holding `files`, all of it durable (a restart after a
+    /// crash).
+    pub fn from_files(files: BTreeMap<String, Vec<u8>>) -> SimDir {
+        let dir = SimDir::new();
+        {
+            let mut s = dir.lock();
+            for (name, content) in files {
+                let id = s.next_id;
+                s.next_id += 1;
+                s.files.insert(
+                    id,
+                    SimFileState {
+                        written: content.clone(),
+                        durable: content,
+                    },
+                );
+                s.names.insert(name.clone(), id);
+                s.durable_names.insert(name, id);
+            }
+        }
+        dir
+    }
+
+    /// Loses power when the `n`-th sync (1-based) is attempted: that sync
+    /// and everything after it fail.
+    pub fn cut_power_at_sync(&self, n: u64) {
+        self.lock().power_cut_at_sync = Some(n);
+    }
+
+    /// Syncs attempted so far.
+    pub fn syncs(&self) -> u64 {
+        self.lock().syncs
+    }
+
+    /// Files as the writer sees them, with their written and durable
+    /// content, for the names a restart would find (durable entries).
+    pub fn durable_files(&self) -> BTreeMap<String, SimFileState> {
+        let s = self.lock();
+        s.durable_names
+            .iter()
+            .map(|(name, id)| (name.clone(), s.files[id].clone()))
+            .collect()
+    }
+
+    /// Current content of every file as the writer sees it.
+    pub fn files(&self) -> BTreeMap<String, Vec<u8>> {
+        let s = self.lock();
+        s.names
+            .iter()
+            .map(|(name, id)| (name.clone(), s.files[id].written.clone()))
+            .collect()
+    }
+
+    /// Replaces a file's content (written and durable), for damage tests.
+    pub fn put(&self, name: &str, content: Vec<u8>) {
+        let mut s = self.lock();
+        let id = match s.names.get(name) {
+            Some(id) => *id,
+            None => {
+                let id = s.next_id;
+                s.next_id += 1;
+                s.names.insert(name.to_string(), id);
+                s.durable_names.insert(name.to_string(), id);
+                id
+            }
+        };
+        s.files.insert(
+            id,
+            SimFileState {
+                written: content.clone(),
+                durable: content,
+            },
+        );
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SimState> {
+        // A panic while holding the lock leaves plain data behind; keep using it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn live(&self) -> io::Result<MutexGuard<'_, SimState>> {
+        let s = self.lock();
+        if s.power_lost {
+            return Err(power_lost());
+        }
+        Ok(s)
+    }
+
+    fn count_sync(s: &mut SimState) -> io::Result<()> {
+        s.syncs += 1;
+        if s.power_cut_at_sync == Some(s.syncs) {
+            s.power_lost = true;
+            return Err(power_lost());
+        }
+        Ok(())
+    }
+}
+
+impl LogDir for SimDir {
+    type File = SimFile;
+
+    fn list(&self) -> io::Result<Vec<String>> {
+        Ok(self.live()?.names.keys().cloned().collect())
+    }
+
+    fn open(&self, name: &str, _writable: bool) -> io::Result<SimFile> {
+        let s = self.live()?;
+        let id = *s
+            .names
+            .get(name)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        Ok(SimFile {
+            dir: self.clone(),
+            id,
+        })
+    }
+
+    fn create(&self, name: &str) -> io::Result<SimFile> {
+        let mut s = self.live()?;
+        let id = s.next_id;
+        s.next_id += 1;
+        s.files.insert(id, SimFileState::default());
+        s.names.insert(name.to_string(), id);
+        Ok(SimFile {
+            dir: self.clone(),
+            id,
+        })
+    }
+
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        let mut s = self.live()?;
+        let id = s
+            .names
+            .remove(from)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        s.names.insert(to.to_string(), id);
+        Ok(())
+    }
+
+    fn remove(&self, name: &str) -> io::Result<()> {
+        let mut s = self.live()?;
+        s.names
+            .remove(name)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        Ok(())
+    }
+
+    fn sync_dir(&self) -> io::Result<()> {
+        let mut s = self.live()?;
+        SimDir::count_sync(&mut s)?;
+        s.durable_names = s.names.clone();
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        "<simulated directory>".to_string()
+    }
+}
+
+/// A file of a [`SimDir`].
+#[derive(Debug, Clone)]
+pub struct SimFile {
+    dir: SimDir,
+    id: u64,
+}
+
+impl SimFile {
+    fn with<T>(&self, f: impl FnOnce(&mut SimFileState) -> T) -> io::Result<T> {
+        let mut s = self.dir.live()?;
+        let file = s
+            .files
+            .get_mut(&self.id)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        Ok(f(file))
+    }
+}
+
+impl LogFile for SimFile {
+    fn size(&self) -> io::Result<u64> {
+        self.with(|f| f.written.len() as u64)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.with(|f| {
+            let start = (offset as usize).min(f.written.len());
+            let n = buf.len().min(f.written.len() - start);
+            buf[..n].copy_from_slice(&f.written[start..start + n]);
+            n
+        })
+    }
+
+    fn write_all_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        self.with(|f| {
+            let mut at = offset as usize;
+            for buf in bufs {
+                if f.written.len() < at + buf.len() {
+                    f.written.resize(at + buf.len(), 0);
+                }
+                f.written[at..at + buf.len()].copy_from_slice(buf);
+                at += buf.len();
+            }
+        })
+    }
+
+    fn allocate(&self, len: u64) -> io::Result<()> {
+        self.with(|f| {
+            if (f.written.len() as u64) < len {
+                f.written.resize(len as usize, 0);
+            }
+        })
+    }
+
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.with(|f| {
+            let end = ((offset + len) as usize).min(f.written.len());
+            let start = (offset as usize).min(end);
+            f.written[start..end].fill(0);
+        })
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.with(|f| f.written.resize(len as usize, 0))
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        let mut s = self.dir.live()?;
+        SimDir::count_sync(&mut s)?;
+        let file = s
+            .files
+            .get_mut(&self.id)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        file.durable = file.written.clone();
+        Ok(())
+    }
+}
