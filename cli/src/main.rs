@@ -1,1 +1,45 @@
-fn main() {}
+//! `tidemark`: the admin command. It grows a subcommand for each capability
+//! that really works; nothing here is a placeholder.
+
+mod log_cmd;
+mod timefmt;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Tidemark: disaster recovery for Linux servers.
+#[derive(Debug, Parser)]
+#[command(name = "tidemark", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Inspect, verify and replay a change log.
+    #[command(subcommand)]
+    Log(log_cmd::LogCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Log(cmd) => log_cmd::run(cmd),
+    };
+    match result {
+        Ok(code) => code,
+        // A reader that went away (`tidemark log dump | head`) is not an error.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tidemark: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<std::io::Error>())
+        .any(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+}

@@ -1,0 +1,211 @@
+//! The change log's contract with its two users: overflow instead of
+//! blocking, recycling behind the cursor, tailing without polling, and
+//! generations after an unclean stop.
+
+use std::time::{Duration, Instant};
+use tidemark_changelog::segment::segment_name;
+use tidemark_changelog::{
+    read_cursor, write_cursor, AppendError, ChangeLog, Entry, FsDir, LogDir, LogOptions, LogReader,
+    LogWatcher, ReadError, SimDir,
+};
+
+const SEG: u64 = 8192;
+const OPTS: LogOptions = LogOptions {
+    segment_size: SEG,
+    size_limit: 4 * SEG,
+};
+
+fn segments(dir: &SimDir) -> usize {
+    dir.list()
+        .unwrap()
+        .iter()
+        .filter(|n| n.ends_with(".seg"))
+        .count()
+}
+
+#[test]
+fn a_full_log_reports_overflow_and_writes_nothing() {
+    let dir = SimDir::new();
+    let (mut log, _) = ChangeLog::open(dir.clone(), OPTS, 0).unwrap();
+    let data = vec![1u8; 1000];
+    let mut appended = 0;
+    let err = loop {
+        match log.append(&Entry::write(0, 0, &data, 0)) {
+            Ok(_) => appended += 1,
+            Err(e) => break e,
+        }
+    };
+    assert!(
+        matches!(err, AppendError::Overflow { limit } if limit == 4 * SEG),
+        "{err}"
+    );
+    assert_eq!(segments(&dir), 4, "the log stays within its limit");
+    // Each 8 KiB segment holds 7 records of 1056 bytes.
+    assert_eq!(appended, 28);
+    let next = log.next_seq();
+    assert!(matches!(
+        log.append(&Entry::write(0, 0, &data, 0)),
+        Err(AppendError::Overflow { .. })
+    ));
+    assert_eq!(
+        log.next_seq(),
+        next,
+        "an overflowing append takes no sequence number"
+    );
+    // Small records still fit in the active segment's remaining space.
+    log.barrier(1).unwrap();
+}
+
+#[test]
+fn acknowledged_segments_are_recycled_and_the_log_goes_on() {
+    let dir = SimDir::new();
+    let (mut log, _) = ChangeLog::open(dir.clone(), OPTS, 0).unwrap();
+    let data = vec![2u8; 1000];
+    let mut seq = 0;
+    for round in 0..20 {
+        for _ in 0..7 {
+            seq = log.append(&Entry::write(0, round, &data, 0)).unwrap();
+        }
+        log.sync().unwrap();
+        // The receiver keeps up: everything is acknowledged.
+        write_cursor(&dir, seq).unwrap();
+        assert!(segments(&dir) <= 4);
+    }
+    assert_eq!(seq, 140);
+    assert_eq!(read_cursor(&dir).unwrap(), 140);
+    // The reader sees only what was not yet recycled, and refuses to
+    // pretend recycled records exist.
+    assert!(matches!(
+        LogReader::new(dir.clone(), 1).next_record(),
+        Err(ReadError::Recycled { wanted: 1, .. })
+    ));
+    let mut reader = LogReader::new(dir.clone(), 0);
+    let first = reader.next_record().unwrap().unwrap().header.seq;
+    assert!(
+        first > 100,
+        "old segments were recycled (oldest is {first})"
+    );
+    let mut last = first;
+    while let Some(r) = reader.next_record().unwrap() {
+        assert_eq!(r.header.seq, last + 1);
+        last = r.header.seq;
+    }
+    assert_eq!(last, 140);
+}
+
+#[test]
+fn a_new_generation_continues_strictly_upward() {
+    let dir = SimDir::new();
+    let (mut log, _) = ChangeLog::open(dir.clone(), OPTS, 0).unwrap();
+    for i in 0..5 {
+        log.append(&Entry::write(0, i, b"abc", 0)).unwrap();
+    }
+    log.barrier(0).unwrap();
+    drop(log);
+    let (mut log, recovery) = ChangeLog::open(dir.clone(), OPTS, 0).unwrap();
+    assert_eq!(recovery.last_seq, Some(6));
+    assert!(recovery.max_exposed_seq >= 6);
+    log.begin_generation(1, recovery.max_exposed_seq + 1, 0)
+        .unwrap();
+    let seq = log.append(&Entry::write(0, 0, b"new", 0)).unwrap();
+    assert_eq!(seq, recovery.max_exposed_seq + 1);
+    log.barrier(0).unwrap();
+    drop(log);
+    let (_, recovery) = ChangeLog::open(dir.clone(), OPTS, 0).unwrap();
+    assert_eq!(recovery.generation, 1);
+    let mut reader = LogReader::new(dir.clone(), 0);
+    let seqs: Vec<(u64, u32)> = std::iter::from_fn(|| reader.next_record().unwrap())
+        .map(|r| (r.header.seq, r.header.generation))
+        .collect();
+    assert_eq!(seqs.len(), 8);
+    assert_eq!(seqs[5], (6, 0));
+    assert_eq!(seqs[6], (seq, 1));
+    assert!(tidemark_changelog::check(&dir).unwrap().is_clean());
+}
+
+#[test]
+fn reopening_with_another_segment_size_is_refused() {
+    let dir = SimDir::new();
+    drop(ChangeLog::open(dir.clone(), OPTS, 0).unwrap());
+    let other = LogOptions {
+        segment_size: 2 * SEG,
+        size_limit: 8 * SEG,
+    };
+    let err = ChangeLog::open(dir.clone(), other, 0).err().unwrap();
+    assert!(err.to_string().contains("configured segment size"), "{err}");
+}
+
+#[test]
+fn a_missing_sealed_segment_refuses_to_open() {
+    let dir = SimDir::new();
+    let (mut log, _) = ChangeLog::open(dir.clone(), OPTS, 0).unwrap();
+    for _ in 0..20 {
+        log.append(&Entry::write(0, 0, &[3u8; 1000], 0)).unwrap();
+    }
+    log.sync().unwrap();
+    drop(log);
+    dir.remove(&segment_name(2)).unwrap();
+    let err = ChangeLog::open(dir.clone(), OPTS, 0).err().unwrap();
+    assert!(err.to_string().contains("is missing"), "{err}");
+}
+
+#[test]
+fn a_tailing_reader_in_another_thread_wakes_on_new_records() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = FsDir::create_all(tmp.path()).unwrap();
+    let (mut log, _) = ChangeLog::open(dir.clone(), OPTS, 0).unwrap();
+    let reader_dir = dir.clone();
+    let total = 200u64;
+    let reader = std::thread::spawn(move || {
+        let watcher = LogWatcher::new(&reader_dir).unwrap();
+        let mut reader = LogReader::new(reader_dir.clone(), 1);
+        let mut got = Vec::new();
+        let mut wakeups = 0;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while (got.len() as u64) < total {
+            assert!(
+                Instant::now() < deadline,
+                "reader stalled at {} records",
+                got.len()
+            );
+            match reader.next_record().unwrap() {
+                Some(r) => {
+                    got.push(r.header.seq);
+                    // The receiver acknowledges every 10 records.
+                    if r.header.seq % 10 == 0 {
+                        write_cursor(&reader_dir, r.header.seq).unwrap();
+                    }
+                }
+                None => {
+                    watcher.wait(Duration::from_secs(5)).unwrap();
+                    wakeups += 1;
+                }
+            }
+        }
+        (got, wakeups)
+    });
+    for i in 0..total {
+        let data = vec![i as u8; 700];
+        loop {
+            match log.append(&Entry::write(0, i * 512, &data, 0)) {
+                Ok(_) => break,
+                // The reader acknowledges behind us; wait for it to catch up.
+                Err(AppendError::Overflow { .. }) => std::thread::sleep(Duration::from_millis(2)),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        if i % 3 == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    let (got, wakeups) = reader.join().unwrap();
+    assert_eq!(
+        got,
+        (1..=total).collect::<Vec<_>>(),
+        "every record once, in order"
+    );
+    assert!(
+        wakeups > 0,
+        "the reader waited for the writer at least once"
+    );
+}
