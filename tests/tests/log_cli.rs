@@ -60,7 +60,7 @@ fn check_reports_the_last_valid_record_for_a_cut_at_every_byte() {
             .iter()
             .filter(|(_, end)| **end <= cut)
             .map(|(s, _)| *s)
-            .last();
+            .next_back();
         let at_boundary = cut == SEGMENT_HEADER_LEN || ends.values().any(|e| *e == cut);
         let expected_line = match last_valid {
             Some(s) if at_boundary => format!("last valid sequence number: {s}"),
@@ -236,7 +236,7 @@ fn replay_to_every_barrier_matches_the_model() {
     let models = mixed_log(&log);
     assert!(models.len() > 10);
     for (n, model) in models.iter().enumerate() {
-        for disk in 0..2 {
+        for (disk, expected) in model.iter().enumerate() {
             let image = tmp.path().join(format!("b{n}-d{disk}.img"));
             fs::write(&image, vec![0u8; 256 << 10]).unwrap();
             let out = tidemark()
@@ -258,7 +258,7 @@ fn replay_to_every_barrier_matches_the_model() {
                 String::from_utf8_lossy(&out.stderr)
             );
             assert!(
-                read_image(&image, 256 << 10) == model[disk],
+                read_image(&image, 256 << 10) == *expected,
                 "barrier {} disk {disk} differs",
                 n + 1
             );
