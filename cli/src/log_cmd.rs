@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 use std::fs::OpenOptions;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tidemark_changelog::record::FLAG_APP_CONSISTENT;
 use tidemark_changelog::replay::{replay, ImageFile, StopAt};
@@ -76,7 +76,7 @@ pub(crate) fn run(cmd: LogCommand) -> Result<ExitCode> {
     }
 }
 
-fn open_dir(path: &PathBuf) -> Result<FsDir> {
+fn open_dir(path: &Path) -> Result<FsDir> {
     FsDir::existing(path).with_context(|| format!("cannot open log directory {}", path.display()))
 }
 
