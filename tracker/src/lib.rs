@@ -1,1 +1,7 @@
-//! placeholder
+//! The tracker: serves protected disks over NBD, writes the backing device,
+//! logs every acknowledged write.
+//!
+//! This crate holds the tracker's pure protocol and storage logic; the daemon
+//! is a thin shell that drives it with sockets, devices and a clock.
+
+pub mod nbd;
