@@ -24,7 +24,7 @@ pub mod storage;
 
 pub use check::{check, CheckReport};
 pub use cursor::{read_cursor, write_cursor};
-pub use log::{AppendError, ChangeLog, LogOptions, OpenError, Recovery};
+pub use log::{AppendError, ChangeLog, LogOptions, OpenError, PendingSync, Recovery};
 pub use reader::{LogReader, LogWatcher, ReadError};
 pub use record::{Entry, Header, Kind, Record};
 pub use storage::{FsDir, LogDir, LogFile, SimDir};

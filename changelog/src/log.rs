@@ -447,6 +447,40 @@ impl<D: LogDir> ChangeLog<D> {
         Ok(self.durable_seq)
     }
 
+    /// Starts a group commit that runs without `&mut self`: returns a sync
+    /// to run outside the caller's lock, covering every record appended so
+    /// far, or `None` if they are all durable already. Hand its result to
+    /// [`ChangeLog::complete_sync`]. Records appended meanwhile are covered
+    /// by a later sync (a roll syncs the segment it seals).
+    pub fn prepare_sync(&mut self) -> Result<Option<PendingSync<D::File>>, AppendError> {
+        if self.poisoned {
+            return Err(AppendError::Poisoned);
+        }
+        let upto = self.next_seq - 1;
+        if !self.dirty {
+            self.durable_seq = self.durable_seq.max(upto);
+            return Ok(None);
+        }
+        let file = match self.active.try_clone() {
+            Ok(f) => f,
+            Err(source) => return Err(self.poison("cloning the active segment handle", source)),
+        };
+        self.dirty = false;
+        Ok(Some(PendingSync { file, upto }))
+    }
+
+    /// Records the outcome of a [`PendingSync`]: on success everything up to
+    /// its sequence number is durable; on failure the log is poisoned.
+    pub fn complete_sync(&mut self, upto: u64, result: io::Result<()>) -> Result<u64, AppendError> {
+        match result {
+            Ok(()) => {
+                self.durable_seq = self.durable_seq.max(upto);
+                Ok(self.durable_seq)
+            }
+            Err(source) => Err(self.poison("syncing the active segment", source)),
+        }
+    }
+
     /// Appends a barrier and makes it, and everything before it, durable.
     pub fn barrier(&mut self, timestamp_ns: u64) -> Result<u64, AppendError> {
         let seq = self.append(&Entry::barrier(timestamp_ns))?;
@@ -585,6 +619,25 @@ impl<D: LogDir> ChangeLog<D> {
     /// The directory the log lives in.
     pub fn dir(&self) -> &D {
         &self.dir
+    }
+}
+
+/// An fdatasync prepared by [`ChangeLog::prepare_sync`], to run without
+/// holding the appender.
+pub struct PendingSync<F: LogFile> {
+    file: F,
+    upto: u64,
+}
+
+impl<F: LogFile> PendingSync<F> {
+    /// The highest sequence number this sync makes durable.
+    pub fn upto(&self) -> u64 {
+        self.upto
+    }
+
+    /// Runs the fdatasync. Never retry it on failure.
+    pub fn run(&self) -> io::Result<()> {
+        self.file.sync_data()
     }
 }
 

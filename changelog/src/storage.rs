@@ -49,6 +49,11 @@ pub trait LogFile: Send + Sync {
     /// caller: after a failed fdatasync the kernel may have dropped the dirty
     /// pages, so retrying would report success for data that is gone.
     fn sync_data(&self) -> io::Result<()>;
+    /// A second handle to the same file, e.g. to sync it without holding
+    /// the appender's lock.
+    fn try_clone(&self) -> io::Result<Self>
+    where
+        Self: Sized;
 
     /// Reads exactly `buf.len()` bytes at `offset` or as many as exist;
     /// returns how many were read.
@@ -235,6 +240,12 @@ impl LogFile for FsFile {
 
     fn sync_data(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    fn try_clone(&self) -> io::Result<FsFile> {
+        Ok(FsFile {
+            file: self.file.try_clone()?,
+        })
     }
 }
 
@@ -514,5 +525,9 @@ impl LogFile for SimFile {
             .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
         file.durable = file.written.clone();
         Ok(())
+    }
+
+    fn try_clone(&self) -> io::Result<SimFile> {
+        Ok(self.clone())
     }
 }

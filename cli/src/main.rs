@@ -1,6 +1,7 @@
 //! `tidemark`: the admin command. It grows a subcommand for each capability
 //! that really works; nothing here is a placeholder.
 
+mod config_cmd;
 mod log_cmd;
 mod timefmt;
 
@@ -20,12 +21,16 @@ enum Command {
     /// Inspect, verify and replay a change log.
     #[command(subcommand)]
     Log(log_cmd::LogCommand),
+    /// Validate configuration files.
+    #[command(subcommand)]
+    Config(config_cmd::ConfigCommand),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Log(cmd) => log_cmd::run(cmd),
+        Command::Config(cmd) => config_cmd::run(cmd),
     };
     match result {
         Ok(code) => code,

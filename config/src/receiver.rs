@@ -1,0 +1,221 @@
+//! The `[receiver]` section: where replicas and recovery points are kept,
+//! for how long, and which protected hosts may send.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ConfigError, FieldPath};
+use crate::rules;
+use crate::{ByteSize, Duration};
+
+/// Configuration of `tidemark-receiver`, the `[receiver]` table.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "kebab-case",
+    default,
+    expecting = "a [receiver] table"
+)]
+pub struct ReceiverConfig {
+    /// UDP address the QUIC server listens on; shippers dial it.
+    /// Default: `0.0.0.0:7480`.
+    pub listen: SocketAddr,
+
+    /// Directory of the replica volumes and recovery points, one
+    /// subdirectory per host and consistency group.
+    /// Default: `/var/lib/tidemark/replicas`.
+    pub data_dir: PathBuf,
+
+    /// Address of the Prometheus `/metrics` endpoint.
+    /// Default: `127.0.0.1:9723`.
+    pub metrics_listen: SocketAddr,
+
+    /// Unix socket of the control interface used by the `tidemark` CLI.
+    /// Default: `/run/tidemark/receiver.ctl`.
+    pub control_socket: PathBuf,
+
+    /// The receiver's certificates and its small CA, the `[receiver.tls]`
+    /// table. Default: the files under `/etc/tidemark/pki/` that
+    /// `tidemark init` writes.
+    pub tls: ServerTlsConfig,
+
+    /// How long recovery points are kept, the `[receiver.retention]` table.
+    /// Default: 24 hours, at most 100000 points, no space limit.
+    pub retention: RetentionConfig,
+
+    /// Enrolled protected hosts, one `[[receiver.host]]` table each.
+    /// Default: none (hosts can be enrolled at run time with the CLI).
+    #[serde(rename = "host", deserialize_with = "host_tables")]
+    pub hosts: Vec<HostEntry>,
+}
+
+fn host_tables<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<HostEntry>, D::Error> {
+    crate::table_list::deserialize(d, "receiver.host")
+}
+
+impl Default for ReceiverConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 7480)),
+            data_dir: PathBuf::from("/var/lib/tidemark/replicas"),
+            metrics_listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9723),
+            control_socket: PathBuf::from("/run/tidemark/receiver.ctl"),
+            tls: ServerTlsConfig::default(),
+            retention: RetentionConfig::default(),
+            hosts: Vec::new(),
+        }
+    }
+}
+
+/// The receiver's side of mutual TLS, the `[receiver.tls]` table.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "kebab-case",
+    default,
+    expecting = "a [receiver.tls] table"
+)]
+pub struct ServerTlsConfig {
+    /// The CA certificate (PEM) that client certificates must chain to.
+    /// Default: `/etc/tidemark/pki/ca.crt`.
+    pub ca: PathBuf,
+    /// The CA's private key (PEM), used to sign client certificates when a
+    /// host is enrolled. Keep it readable by the receiver only.
+    /// Default: `/etc/tidemark/pki/ca.key`.
+    pub ca_key: PathBuf,
+    /// The receiver's own certificate (PEM); it must name the shippers'
+    /// `server-name`. Default: `/etc/tidemark/pki/receiver.crt`.
+    pub cert: PathBuf,
+    /// The private key of `cert` (PEM).
+    /// Default: `/etc/tidemark/pki/receiver.key`.
+    pub key: PathBuf,
+}
+
+impl Default for ServerTlsConfig {
+    fn default() -> Self {
+        Self {
+            ca: PathBuf::from("/etc/tidemark/pki/ca.crt"),
+            ca_key: PathBuf::from("/etc/tidemark/pki/ca.key"),
+            cert: PathBuf::from("/etc/tidemark/pki/receiver.crt"),
+            key: PathBuf::from("/etc/tidemark/pki/receiver.key"),
+        }
+    }
+}
+
+/// Retention of recovery points, the `[receiver.retention]` table.
+///
+/// A point is pruned when it is older than `window`, or when keeping it
+/// would exceed `max-points` or `max-space`; the newest point is never
+/// pruned.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "kebab-case",
+    default,
+    expecting = "a [receiver.retention] table"
+)]
+pub struct RetentionConfig {
+    /// How far back recovery points reach, e.g. `"24h"`, `"7d"`; more than
+    /// zero. Default: `"24h"`.
+    pub window: Duration,
+    /// Most recovery points kept per consistency group; at least 1.
+    /// Default: `100000`.
+    pub max_points: u64,
+    /// Most space the history behind the recovery points (not the replicas
+    /// themselves) may take per consistency group, e.g. `"500GiB"`.
+    /// Default: not set (limited by `window` and `max-points` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_space: Option<ByteSize>,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            window: Duration::from_secs(24 * 3600),
+            max_points: 100_000,
+            max_space: None,
+        }
+    }
+}
+
+/// An enrolled protected host, a `[[receiver.host]]` table.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "kebab-case",
+    expecting = "a [[receiver.host]] table with `name`"
+)]
+pub struct HostEntry {
+    /// The host's name, as in its client certificate and its shipper's
+    /// `host`. Required.
+    pub name: String,
+    /// Refuse the host's connections while keeping its replicas and
+    /// recovery points (for a decommissioned or compromised host).
+    /// Default: `false`.
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+impl ReceiverConfig {
+    /// Checks the rules a well-typed `[receiver]` table must also follow.
+    /// Errors name the setting as `receiver.<key>`, without a file position.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let at = FieldPath::root().key("receiver");
+        let invalid = |field: FieldPath, message: String| ConfigError::invalid(field, message);
+
+        rules::check_path(&self.data_dir).map_err(|m| invalid(at.key("data-dir"), m))?;
+        rules::check_unix_socket_path(&self.control_socket)
+            .map_err(|m| invalid(at.key("control-socket"), m))?;
+
+        let tls = at.key("tls");
+        for (key, path) in [
+            ("ca", &self.tls.ca),
+            ("ca-key", &self.tls.ca_key),
+            ("cert", &self.tls.cert),
+            ("key", &self.tls.key),
+        ] {
+            rules::check_path(path).map_err(|m| invalid(tls.key(key), m))?;
+        }
+
+        let retention = at.key("retention");
+        if self.retention.window.get().is_zero() {
+            return Err(invalid(
+                retention.key("window"),
+                "window must be more than zero".to_owned(),
+            ));
+        }
+        if self.retention.max_points == 0 {
+            return Err(invalid(
+                retention.key("max-points"),
+                "max-points must be at least 1".to_owned(),
+            ));
+        }
+        if let Some(space) = self.retention.max_space {
+            rules::check_nonzero(space).map_err(|m| {
+                invalid(
+                    retention.key("max-space"),
+                    format!("max-space {m}; leave it out for no limit"),
+                )
+            })?;
+        }
+
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        for (i, host) in self.hosts.iter().enumerate() {
+            let here = at.key("host").index(i).key("name");
+            rules::check_name(&host.name, "host name").map_err(|m| invalid(here.clone(), m))?;
+            if let Some(first) = names.insert(&host.name, i) {
+                return Err(invalid(
+                    here,
+                    format!(
+                        "host name {:?} is already used by receiver.host[{first}]",
+                        host.name
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}

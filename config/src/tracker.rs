@@ -1,0 +1,307 @@
+//! The `[tracker]` section: which disks one tracker process serves, where
+//! its change log lives, and how it is reached.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ConfigError, FieldPath};
+use crate::rules;
+use crate::ByteSize;
+
+/// Smallest change-log segment. Smaller segments mean more files and more
+/// fsyncs of the log directory for nothing.
+pub const MIN_SEGMENT_SIZE: ByteSize = ByteSize::mib(1);
+
+/// Segments are preallocated and written with O_DIRECT, so their size is a
+/// multiple of this.
+pub const SEGMENT_ALIGNMENT: ByteSize = ByteSize::kib(4);
+
+/// Smallest allowed `max-block-size`: one page, the smallest block the
+/// kernel sends.
+pub const MIN_MAX_BLOCK_SIZE: ByteSize = ByteSize::kib(4);
+
+/// Largest allowed `max-block-size`: the most the kernel NBD client will ask
+/// for in one request.
+pub const MAX_MAX_BLOCK_SIZE: ByteSize = ByteSize::mib(32);
+
+/// Bounds of `activity-extent-size`.
+pub const MIN_ACTIVITY_EXTENT_SIZE: ByteSize = ByteSize::kib(4);
+/// Bounds of `activity-extent-size`.
+pub const MAX_ACTIVITY_EXTENT_SIZE: ByteSize = ByteSize::gib(1);
+
+/// Longest NBD export name the protocol allows.
+const MAX_EXPORT_NAME_LEN: usize = 4096;
+
+/// Configuration of `tidemark-tracker`, the `[tracker]` table.
+///
+/// One tracker serves one consistency group: every disk listed here shares
+/// one ordered change log, so a recovery point is consistent across them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "kebab-case",
+    default,
+    expecting = "a [tracker] table"
+)]
+pub struct TrackerConfig {
+    /// Name of the consistency group this tracker serves; the shipper and
+    /// the receiver use it to keep the group's recovery points together.
+    /// Letters, digits, '.', '_' and '-'. Default: `"default"`.
+    pub consistency_group: String,
+
+    /// Directory of the change log's segment files, shared with the shipper
+    /// (which tails it). Put it on a fast disk that is not one of the
+    /// protected disks. Default: `/var/lib/tidemark/log`.
+    pub log_dir: PathBuf,
+
+    /// Most space the change log may take. When the shipper falls this far
+    /// behind, the tracker switches the disks to bitmap mode (only dirty
+    /// extents are remembered) and a resync follows; application I/O never
+    /// blocks on a full log. Default: `"8GiB"`.
+    pub log_size_limit: ByteSize,
+
+    /// Size of each preallocated segment file. At least 1MiB, a multiple of
+    /// 4KiB, larger than `max-block-size` (a record never spans segments)
+    /// and at most `log-size-limit`. Default: `"64MiB"`.
+    pub segment_size: ByteSize,
+
+    /// Unix socket on which the disks are served over NBD to the kernel's
+    /// NBD client. Default: `/run/tidemark/nbd.sock`.
+    pub socket: PathBuf,
+
+    /// Also serve NBD on this TCP address. NBD has no authentication, so the
+    /// address must be a loopback address unless `allow-remote-nbd` is set.
+    /// Default: not set (unix socket only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp_listen: Option<SocketAddr>,
+
+    /// Allow `tcp-listen` on a non-loopback address, exposing the disks
+    /// unauthenticated to the network. Default: `false`.
+    pub allow_remote_nbd: bool,
+
+    /// Unix socket of the control interface used by the `tidemark` CLI.
+    /// Default: `/run/tidemark/tracker.ctl`.
+    pub control_socket: PathBuf,
+
+    /// Address of the Prometheus `/metrics` endpoint.
+    /// Default: `127.0.0.1:9721`.
+    pub metrics_listen: SocketAddr,
+
+    /// Granularity of the persistent activity map: extents that may hold
+    /// writes not yet in the log are recorded at this size before the write
+    /// is issued, and re-sent whole after an unclean restart. Smaller means
+    /// less to resend, more map updates. A power of two from 4KiB to 1GiB.
+    /// Default: `"4MiB"`.
+    pub activity_extent_size: ByteSize,
+
+    /// Lock the tracker's memory (`mlockall`) so it never waits on swap while
+    /// it sits in the block I/O path. Default: `false`.
+    pub mlockall: bool,
+
+    /// Largest single request announced to the NBD client; larger writes are
+    /// split by the kernel. A power of two from 4KiB to 32MiB.
+    /// Default: `"32MiB"`.
+    pub max_block_size: ByteSize,
+
+    /// The protected disks, one `[[tracker.disk]]` table each. At least one
+    /// is required. Default: none.
+    #[serde(rename = "disk", deserialize_with = "disk_tables")]
+    pub disks: Vec<DiskConfig>,
+}
+
+fn disk_tables<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<DiskConfig>, D::Error> {
+    crate::table_list::deserialize(d, "tracker.disk")
+}
+
+impl Default for TrackerConfig {
+    fn default() -> Self {
+        Self {
+            consistency_group: "default".to_owned(),
+            log_dir: PathBuf::from("/var/lib/tidemark/log"),
+            log_size_limit: ByteSize::gib(8),
+            segment_size: ByteSize::mib(64),
+            socket: PathBuf::from("/run/tidemark/nbd.sock"),
+            tcp_listen: None,
+            allow_remote_nbd: false,
+            control_socket: PathBuf::from("/run/tidemark/tracker.ctl"),
+            metrics_listen: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9721)),
+            activity_extent_size: ByteSize::mib(4),
+            mlockall: false,
+            max_block_size: ByteSize::mib(32),
+            disks: Vec::new(),
+        }
+    }
+}
+
+/// One protected disk, a `[[tracker.disk]]` table.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "kebab-case",
+    expecting = "a [[tracker.disk]] table with `name` and `path`"
+)]
+pub struct DiskConfig {
+    /// Name of the disk, unique within the consistency group and stable for
+    /// its lifetime: replicas and recovery points at the receiver are filed
+    /// under it. Letters, digits, '.', '_' and '-', at most 64 bytes.
+    /// Required.
+    pub name: String,
+
+    /// The backing block device (`/dev/disk/by-id/...` is stable across
+    /// reboots; `/dev/sdb` is not) or image file that holds the disk's data.
+    /// Required.
+    pub path: PathBuf,
+
+    /// Name of the NBD export the kernel client connects to.
+    /// Default: the disk's `name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export_name: Option<String>,
+}
+
+impl DiskConfig {
+    /// The NBD export name: `export-name` if set, else `name`.
+    pub fn effective_export_name(&self) -> &str {
+        self.export_name.as_deref().unwrap_or(&self.name)
+    }
+}
+
+impl TrackerConfig {
+    /// Checks the rules a well-typed `[tracker]` table must also follow.
+    /// Errors name the setting as `tracker.<key>`, without a file position.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let at = FieldPath::root().key("tracker");
+        let invalid = |key: &str, message: String| ConfigError::invalid(at.key(key), message);
+
+        rules::check_name(&self.consistency_group, "consistency group")
+            .map_err(|m| invalid("consistency-group", m))?;
+        self.validate_disks(&at)?;
+        rules::check_path(&self.log_dir).map_err(|m| invalid("log-dir", m))?;
+
+        if self.segment_size < MIN_SEGMENT_SIZE {
+            return Err(invalid(
+                "segment-size",
+                format!(
+                    "segment-size {} is below the minimum of {MIN_SEGMENT_SIZE}",
+                    self.segment_size
+                ),
+            ));
+        }
+        if self.segment_size.0 % SEGMENT_ALIGNMENT.0 != 0 {
+            return Err(invalid(
+                "segment-size",
+                format!(
+                    "segment-size {} is not a multiple of {SEGMENT_ALIGNMENT}",
+                    self.segment_size
+                ),
+            ));
+        }
+        if self.segment_size > self.log_size_limit {
+            return Err(invalid(
+                "segment-size",
+                format!(
+                    "segment-size {} is larger than log-size-limit {}",
+                    self.segment_size, self.log_size_limit
+                ),
+            ));
+        }
+        rules::check_power_of_two(self.max_block_size, MIN_MAX_BLOCK_SIZE, MAX_MAX_BLOCK_SIZE)
+            .map_err(|m| invalid("max-block-size", format!("max-block-size {m}")))?;
+        if self.segment_size <= self.max_block_size {
+            return Err(invalid(
+                "segment-size",
+                format!(
+                    "segment-size {} must be larger than max-block-size {}, so that a record \
+                     of the largest write fits in one segment",
+                    self.segment_size, self.max_block_size
+                ),
+            ));
+        }
+        rules::check_power_of_two(
+            self.activity_extent_size,
+            MIN_ACTIVITY_EXTENT_SIZE,
+            MAX_ACTIVITY_EXTENT_SIZE,
+        )
+        .map_err(|m| invalid("activity-extent-size", format!("activity-extent-size {m}")))?;
+
+        rules::check_unix_socket_path(&self.socket).map_err(|m| invalid("socket", m))?;
+        rules::check_unix_socket_path(&self.control_socket)
+            .map_err(|m| invalid("control-socket", m))?;
+        if self.control_socket == self.socket {
+            return Err(invalid(
+                "control-socket",
+                "control-socket and socket must be different paths".to_owned(),
+            ));
+        }
+        if let Some(tcp) = self.tcp_listen {
+            if !tcp.ip().is_loopback() && !self.allow_remote_nbd {
+                return Err(invalid(
+                    "tcp-listen",
+                    format!(
+                        "{tcp} is not a loopback address; NBD has no authentication, so \
+                         serving it to the network needs `allow-remote-nbd = true`"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_disks(&self, at: &FieldPath) -> Result<(), ConfigError> {
+        if self.disks.is_empty() {
+            return Err(ConfigError::invalid(
+                at.key("disk"),
+                "no disks; add at least one [[tracker.disk]] table with `name` and `path`",
+            ));
+        }
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        let mut exports: HashMap<&str, usize> = HashMap::new();
+        let mut paths: HashMap<&PathBuf, usize> = HashMap::new();
+        for (i, disk) in self.disks.iter().enumerate() {
+            let here = at.key("disk").index(i);
+            let invalid = |key: &str, message: String| ConfigError::invalid(here.key(key), message);
+            let duplicate = |key: &str, what: &str, first: usize| {
+                invalid(key, format!("{what} already used by tracker.disk[{first}]"))
+            };
+
+            rules::check_name(&disk.name, "disk name").map_err(|m| invalid("name", m))?;
+            if let Some(&first) = names.get(disk.name.as_str()) {
+                return Err(duplicate(
+                    "name",
+                    &format!("disk name {:?} is", disk.name),
+                    first,
+                ));
+            }
+            names.insert(&disk.name, i);
+
+            rules::check_path(&disk.path).map_err(|m| invalid("path", m))?;
+            if let Some(&first) = paths.get(&disk.path) {
+                return Err(duplicate(
+                    "path",
+                    &format!("{} is", disk.path.display()),
+                    first,
+                ));
+            }
+            paths.insert(&disk.path, i);
+
+            let export = disk.effective_export_name();
+            if export.is_empty() || export.len() > MAX_EXPORT_NAME_LEN || export.contains('\0') {
+                return Err(invalid(
+                    "export-name",
+                    format!("export-name must be 1 to {MAX_EXPORT_NAME_LEN} bytes without NUL"),
+                ));
+            }
+            if let Some(&first) = exports.get(export) {
+                return Err(duplicate(
+                    "export-name",
+                    &format!("NBD export name {export:?} is"),
+                    first,
+                ));
+            }
+            exports.insert(export, i);
+        }
+        Ok(())
+    }
+}

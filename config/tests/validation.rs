@@ -1,0 +1,615 @@
+//! Every validation rule, broken once: the error names the setting, points
+//! at it (or at its table when the setting was left at its default) and
+//! states the rule.
+
+use std::path::Path;
+
+use tidemark_config::{parse_str, ConfigError};
+
+/// Parses `text`, which must fail validation on `field`, at `line`, with a
+/// message containing `says`.
+#[track_caller]
+fn rejects(text: &str, line: usize, field: &str, says: &str) {
+    let err = match parse_str(text, Path::new("t.toml")) {
+        Ok(config) => panic!("accepted:\n{text}\n{config:#?}"),
+        Err(err) => err,
+    };
+    let message = err.to_string();
+    assert!(matches!(err, ConfigError::Invalid { .. }), "{message}");
+    assert_eq!(err.field().unwrap().to_string(), field, "{message}");
+    assert_eq!(err.location().unwrap().line, line, "{message}");
+    assert!(message.starts_with(&format!("t.toml:{line}:")), "{message}");
+    assert!(
+        message.contains(says),
+        "{message:?} should contain {says:?}"
+    );
+}
+
+#[track_caller]
+fn accepts(text: &str) {
+    if let Err(err) = parse_str(text, Path::new("t.toml")) {
+        panic!("rejected:\n{text}\n{err}");
+    }
+}
+
+// ----------------------------------------------------------------- tracker
+
+/// A `[tracker]` table with `settings` (line 2 on) and then `disks`.
+fn tracker(settings: &str, disks: &str) -> String {
+    format!("[tracker]\n{settings}\n{disks}")
+}
+
+const ONE_DISK: &str = "[[tracker.disk]]\nname = \"a\"\npath = \"/dev/a\"\n";
+
+fn disks(entries: &[&str]) -> String {
+    entries
+        .iter()
+        .map(|body| format!("[[tracker.disk]]\n{body}\n"))
+        .collect()
+}
+
+#[test]
+fn tracker_consistency_group_is_a_name() {
+    let say = "consistency group must not be empty";
+    rejects(
+        &tracker("consistency-group = \"\"", ONE_DISK),
+        2,
+        "tracker.consistency-group",
+        say,
+    );
+    rejects(
+        &tracker("consistency-group = \"db group\"", ONE_DISK),
+        2,
+        "tracker.consistency-group",
+        "contains ' '",
+    );
+}
+
+#[test]
+fn tracker_needs_a_disk() {
+    rejects(
+        "[tracker]\nmlockall = true\n",
+        1,
+        "tracker.disk",
+        "no disks",
+    );
+}
+
+#[test]
+fn disk_names_are_non_empty_and_well_formed() {
+    let at = |line, body: &str, says| {
+        rejects(
+            &tracker("", &disks(&[body])),
+            line,
+            "tracker.disk[0].name",
+            says,
+        )
+    };
+    at(
+        4,
+        "name = \"\"\npath = \"/a\"",
+        "disk name must not be empty",
+    );
+    at(4, "name = \"a/b\"\npath = \"/a\"", "contains '/'");
+    at(4, "name = \"a b\"\npath = \"/a\"", "contains ' '");
+    at(4, "name = \"..\"\npath = \"/a\"", "must not be \"..\"");
+    at(4, "name = \".\"\npath = \"/a\"", "must not be \".\"");
+    at(
+        4,
+        &format!("name = \"{}\"\npath = \"/a\"", "n".repeat(65)),
+        "limit is 64",
+    );
+    accepts(&tracker(
+        "",
+        &disks(&["name = \"Data-1_x.y\"\npath = \"/a\""]),
+    ));
+}
+
+#[test]
+fn disk_names_are_unique() {
+    let text = tracker(
+        "",
+        &disks(&["name = \"a\"\npath = \"/a\"", "name = \"a\"\npath = \"/b\""]),
+    );
+    rejects(
+        &text,
+        7,
+        "tracker.disk[1].name",
+        "disk name \"a\" is already used by tracker.disk[0]",
+    );
+}
+
+#[test]
+fn disk_paths_are_given_and_unique() {
+    rejects(
+        &tracker("", &disks(&["name = \"a\"\npath = \"\""])),
+        5,
+        "tracker.disk[0].path",
+        "path must not be empty",
+    );
+    let text = tracker(
+        "",
+        &disks(&["name = \"a\"\npath = \"/a\"", "name = \"b\"\npath = \"/a\""]),
+    );
+    rejects(
+        &text,
+        8,
+        "tracker.disk[1].path",
+        "/a is already used by tracker.disk[0]",
+    );
+}
+
+#[test]
+fn export_names_are_valid_and_unique() {
+    rejects(
+        &tracker(
+            "",
+            &disks(&["name = \"a\"\npath = \"/a\"\nexport-name = \"\""]),
+        ),
+        6,
+        "tracker.disk[0].export-name",
+        "export-name must be 1 to 4096 bytes",
+    );
+    // disk[1]'s explicit export name equals disk[0]'s default one.
+    let text = tracker(
+        "",
+        &disks(&[
+            "name = \"a\"\npath = \"/a\"",
+            "name = \"b\"\npath = \"/b\"\nexport-name = \"a\"",
+        ]),
+    );
+    rejects(
+        &text,
+        9,
+        "tracker.disk[1].export-name",
+        "NBD export name \"a\" is already used",
+    );
+}
+
+#[test]
+fn log_dir_is_given() {
+    rejects(
+        &tracker("log-dir = \"\"", ONE_DISK),
+        2,
+        "tracker.log-dir",
+        "must not be empty",
+    );
+}
+
+#[test]
+fn segment_size_has_a_floor() {
+    rejects(
+        &tracker(
+            "segment-size = \"512KiB\"\nmax-block-size = \"64KiB\"",
+            ONE_DISK,
+        ),
+        2,
+        "tracker.segment-size",
+        "segment-size 512KiB is below the minimum of 1MiB",
+    );
+}
+
+#[test]
+fn segment_size_is_aligned() {
+    rejects(
+        &tracker(
+            "segment-size = \"1050000\"\nmax-block-size = \"64KiB\"",
+            ONE_DISK,
+        ),
+        2,
+        "tracker.segment-size",
+        "not a multiple of 4KiB",
+    );
+}
+
+#[test]
+fn segment_size_fits_in_the_log() {
+    rejects(
+        &tracker(
+            "log-size-limit = \"64MiB\"\nsegment-size = \"128MiB\"",
+            ONE_DISK,
+        ),
+        3,
+        "tracker.segment-size",
+        "segment-size 128MiB is larger than log-size-limit 64MiB",
+    );
+    // segment-size left at its default: the [tracker] header stands in.
+    rejects(
+        &tracker("log-size-limit = \"32MiB\"", ONE_DISK),
+        1,
+        "tracker.segment-size",
+        "segment-size 64MiB is larger than log-size-limit 32MiB",
+    );
+    accepts(&tracker("log-size-limit = \"64MiB\"", ONE_DISK));
+}
+
+#[test]
+fn segment_size_holds_the_largest_write() {
+    rejects(
+        &tracker("segment-size = \"32MiB\"", ONE_DISK),
+        2,
+        "tracker.segment-size",
+        "must be larger than max-block-size 32MiB",
+    );
+    accepts(&tracker(
+        "segment-size = \"32MiB\"\nmax-block-size = \"16MiB\"",
+        ONE_DISK,
+    ));
+}
+
+#[test]
+fn max_block_size_is_a_power_of_two_from_4kib_to_32mib() {
+    let field = "tracker.max-block-size";
+    rejects(
+        &tracker("max-block-size = \"3MiB\"", ONE_DISK),
+        2,
+        field,
+        "not a power of two",
+    );
+    rejects(
+        &tracker("max-block-size = \"2KiB\"", ONE_DISK),
+        2,
+        field,
+        "outside the allowed range 4KiB to 32MiB",
+    );
+    rejects(
+        &tracker("max-block-size = \"64MiB\"", ONE_DISK),
+        2,
+        field,
+        "outside the allowed range",
+    );
+    accepts(&tracker("max-block-size = \"4KiB\"", ONE_DISK));
+}
+
+#[test]
+fn activity_extent_size_is_a_power_of_two_in_range() {
+    let field = "tracker.activity-extent-size";
+    rejects(
+        &tracker("activity-extent-size = \"3MiB\"", ONE_DISK),
+        2,
+        field,
+        "not a power of two",
+    );
+    rejects(
+        &tracker("activity-extent-size = \"1KiB\"", ONE_DISK),
+        2,
+        field,
+        "outside the allowed range",
+    );
+    rejects(
+        &tracker("activity-extent-size = \"2GiB\"", ONE_DISK),
+        2,
+        field,
+        "outside the allowed range",
+    );
+}
+
+#[test]
+fn sockets_are_usable_paths() {
+    let long = format!("/run/{}.sock", "s".repeat(100));
+    rejects(
+        &tracker(&format!("socket = \"{long}\""), ONE_DISK),
+        2,
+        "tracker.socket",
+        "at most 107",
+    );
+    rejects(
+        &tracker("socket = \"\"", ONE_DISK),
+        2,
+        "tracker.socket",
+        "must not be empty",
+    );
+    rejects(
+        &tracker("control-socket = \"\"", ONE_DISK),
+        2,
+        "tracker.control-socket",
+        "must not be empty",
+    );
+    rejects(
+        &tracker("control-socket = \"/run/tidemark/nbd.sock\"", ONE_DISK),
+        2,
+        "tracker.control-socket",
+        "must be different paths",
+    );
+}
+
+#[test]
+fn tcp_nbd_stays_on_loopback_unless_allowed() {
+    rejects(
+        &tracker("tcp-listen = \"0.0.0.0:10809\"", ONE_DISK),
+        2,
+        "tracker.tcp-listen",
+        "needs `allow-remote-nbd = true`",
+    );
+    rejects(
+        &tracker("tcp-listen = \"[2001:db8::1]:10809\"", ONE_DISK),
+        2,
+        "tracker.tcp-listen",
+        "not a loopback address",
+    );
+    accepts(&tracker("tcp-listen = \"127.0.0.1:10809\"", ONE_DISK));
+    accepts(&tracker("tcp-listen = \"[::1]:10809\"", ONE_DISK));
+    accepts(&tracker(
+        "tcp-listen = \"0.0.0.0:10809\"\nallow-remote-nbd = true",
+        ONE_DISK,
+    ));
+}
+
+// ----------------------------------------------------------------- shipper
+
+/// A `[shipper]` table with its required keys (lines 2-3) and `rest` from
+/// line 4 on.
+fn shipper(rest: &str) -> String {
+    format!("[shipper]\nhost = \"db1\"\nreceiver = \"dr.example.com:7480\"\n{rest}\n")
+}
+
+#[test]
+fn shipper_identities_are_names() {
+    let text = "[shipper]\nhost = \"db 1\"\nreceiver = \"dr:7480\"\n";
+    rejects(text, 2, "shipper.host", "host name \"db 1\" contains ' '");
+    rejects(
+        &shipper("consistency-group = \"\""),
+        4,
+        "shipper.consistency-group",
+        "must not be empty",
+    );
+    rejects(
+        &shipper("server-name = \"bad_name\""),
+        4,
+        "shipper.server-name",
+        "not a valid host name",
+    );
+    rejects(
+        &shipper("log-dir = \"\""),
+        4,
+        "shipper.log-dir",
+        "must not be empty",
+    );
+}
+
+#[test]
+fn compression_level_is_a_zstd_level() {
+    let field = "shipper.compression-level";
+    rejects(
+        &shipper("compression-level = 23"),
+        4,
+        field,
+        "compression-level 23 is outside -7 to 22",
+    );
+    rejects(
+        &shipper("compression-level = -8"),
+        4,
+        field,
+        "outside -7 to 22",
+    );
+    accepts(&shipper("compression-level = -7"));
+    accepts(&shipper("compression-level = 22"));
+}
+
+#[test]
+fn batch_size_is_in_range() {
+    rejects(
+        &shipper("batch-size = \"1KiB\""),
+        4,
+        "shipper.batch-size",
+        "outside the allowed range 4KiB to 256MiB",
+    );
+    rejects(
+        &shipper("batch-size = \"1GiB\""),
+        4,
+        "shipper.batch-size",
+        "outside the allowed range",
+    );
+}
+
+#[test]
+fn sync_chunk_size_is_a_power_of_two_in_range() {
+    let field = "shipper.sync-chunk-size";
+    rejects(
+        &shipper("sync-chunk-size = \"3MiB\""),
+        4,
+        field,
+        "not a power of two",
+    );
+    rejects(
+        &shipper("sync-chunk-size = \"128MiB\""),
+        4,
+        field,
+        "outside the allowed range",
+    );
+}
+
+#[test]
+fn shipper_paths_are_given() {
+    rejects(
+        &shipper("control-socket = \"\""),
+        4,
+        "shipper.control-socket",
+        "must not be empty",
+    );
+    rejects(
+        &shipper("[shipper.tls]\nca = \"\""),
+        5,
+        "shipper.tls.ca",
+        "must not be empty",
+    );
+    rejects(
+        &shipper("[shipper.tls]\ncert = \"\""),
+        5,
+        "shipper.tls.cert",
+        "must not be empty",
+    );
+    rejects(
+        &shipper("[shipper.tls]\nkey = \"\""),
+        5,
+        "shipper.tls.key",
+        "must not be empty",
+    );
+}
+
+#[test]
+fn bandwidth_limits_are_positive() {
+    rejects(
+        &shipper("[shipper.bandwidth]\nlimit = 0"),
+        5,
+        "shipper.bandwidth.limit",
+        "must be greater than zero; leave it out for no limit",
+    );
+    rejects(
+        &shipper("[[shipper.bandwidth.schedule]]\nwindow = \"08:00-18:00\"\nlimit = \"0MiB\""),
+        6,
+        "shipper.bandwidth.schedule[0].limit",
+        "must be greater than zero",
+    );
+}
+
+#[test]
+fn schedule_windows_do_not_overlap() {
+    let text = shipper(
+        "[[shipper.bandwidth.schedule]]\nwindow = \"22:00-06:00\"\nlimit = \"1MiB\"\n\
+         [[shipper.bandwidth.schedule]]\nwindow = \"08:00-18:00\"\nlimit = \"1MiB\"\n\
+         [[shipper.bandwidth.schedule]]\nwindow = \"05:00-07:00\"\nlimit = \"1MiB\"",
+    );
+    rejects(
+        &text,
+        11,
+        "shipper.bandwidth.schedule[2].window",
+        "window 05:00-07:00 overlaps window 22:00-06:00 of shipper.bandwidth.schedule[0]",
+    );
+}
+
+#[test]
+fn retry_backoff_is_sane() {
+    let retry = |body: &str| shipper(&format!("[shipper.retry]\n{body}"));
+    rejects(
+        &retry("initial-backoff = \"0s\""),
+        5,
+        "shipper.retry.initial-backoff",
+        "more than zero",
+    );
+    rejects(
+        &retry("initial-backoff = \"2m\"\nmax-backoff = \"1m\""),
+        6,
+        "shipper.retry.max-backoff",
+        "max-backoff 1m is shorter than initial-backoff 2m",
+    );
+    // max-backoff left at its default 60s: [shipper.retry] stands in.
+    rejects(
+        &retry("initial-backoff = \"2m\""),
+        4,
+        "shipper.retry.max-backoff",
+        "shorter",
+    );
+    rejects(
+        &retry("multiplier = 0.5"),
+        5,
+        "shipper.retry.multiplier",
+        "at least 1.0",
+    );
+    rejects(
+        &retry("multiplier = nan"),
+        5,
+        "shipper.retry.multiplier",
+        "at least 1.0",
+    );
+    rejects(
+        &retry("multiplier = inf"),
+        5,
+        "shipper.retry.multiplier",
+        "at least 1.0",
+    );
+    rejects(
+        &retry("jitter = 1.5"),
+        5,
+        "shipper.retry.jitter",
+        "from 0.0 to 1.0",
+    );
+    rejects(
+        &retry("jitter = -0.1"),
+        5,
+        "shipper.retry.jitter",
+        "from 0.0 to 1.0",
+    );
+    rejects(
+        &retry("jitter = nan"),
+        5,
+        "shipper.retry.jitter",
+        "from 0.0 to 1.0",
+    );
+    accepts(&retry(
+        "multiplier = 1\njitter = 0\ninitial-backoff = \"1m\"\nmax-backoff = \"1m\"",
+    ));
+    accepts(&retry("jitter = 1.0"));
+}
+
+// ---------------------------------------------------------------- receiver
+
+#[test]
+fn receiver_paths_are_given() {
+    rejects(
+        "[receiver]\ndata-dir = \"\"\n",
+        2,
+        "receiver.data-dir",
+        "must not be empty",
+    );
+    rejects(
+        "[receiver]\ncontrol-socket = \"\"\n",
+        2,
+        "receiver.control-socket",
+        "must not be empty",
+    );
+    for key in ["ca", "ca-key", "cert", "key"] {
+        let text = format!("[receiver.tls]\n{key} = \"\"\n");
+        rejects(
+            &text,
+            2,
+            &format!("receiver.tls.{key}"),
+            "must not be empty",
+        );
+    }
+}
+
+#[test]
+fn retention_limits_are_positive() {
+    rejects(
+        "[receiver.retention]\nwindow = \"0s\"\n",
+        2,
+        "receiver.retention.window",
+        "more than zero",
+    );
+    rejects(
+        "[receiver.retention]\nmax-points = 0\n",
+        2,
+        "receiver.retention.max-points",
+        "at least 1",
+    );
+    rejects(
+        "[receiver.retention]\nmax-space = \"0\"\n",
+        2,
+        "receiver.retention.max-space",
+        "greater than zero",
+    );
+    accepts("[receiver.retention]\nmax-space = \"1TiB\"\nwindow = \"15d\"\n");
+}
+
+#[test]
+fn enrolled_host_names_are_valid_and_unique() {
+    rejects(
+        "[[receiver.host]]\nname = \"\"\n",
+        2,
+        "receiver.host[0].name",
+        "must not be empty",
+    );
+    rejects(
+        "[[receiver.host]]\nname = \"a:b\"\n",
+        2,
+        "receiver.host[0].name",
+        "contains ':'",
+    );
+    rejects(
+        "[[receiver.host]]\nname = \"a\"\n[[receiver.host]]\nname = \"a\"\nrevoked = true\n",
+        4,
+        "receiver.host[1].name",
+        "already used by receiver.host[0]",
+    );
+}
