@@ -59,3 +59,107 @@ pub fn require_tool(tool: &str, test: &str) -> bool {
     }
     found
 }
+
+/// A `tidemark tracker serve` process protecting one image, for tests.
+pub struct TrackerProcess {
+    child: Option<std::process::Child>,
+    /// The NBD socket.
+    pub socket: PathBuf,
+    /// The control socket.
+    pub control: PathBuf,
+    /// The change log directory.
+    pub log_dir: PathBuf,
+    /// The export name.
+    pub export: String,
+    /// The line it printed when ready.
+    pub ready_line: String,
+}
+
+impl TrackerProcess {
+    /// Starts a tracker on `image` with its sockets and log under `dir`,
+    /// and waits until it serves.
+    pub fn start(dir: &std::path::Path, image: &std::path::Path, extra: &[&str]) -> TrackerProcess {
+        use std::io::BufRead;
+        let socket = dir.join("nbd.sock");
+        let control = dir.join("tracker.ctl");
+        let log_dir = dir.join("log");
+        let mut child = tidemark()
+            .args(["tracker", "serve", "--image"])
+            .arg(image)
+            .args(["--name", "disk", "--socket"])
+            .arg(&socket)
+            .arg("--control-socket")
+            .arg(&control)
+            .arg("--log-dir")
+            .arg(&log_dir)
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting the tracker");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = std::io::BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            // Keep draining so the tracker never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let ready_line = match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("the tracker did not become ready within 60 s");
+            }
+        };
+        assert!(
+            ready_line.starts_with("tracker ready"),
+            "unexpected first line: {ready_line}"
+        );
+        TrackerProcess {
+            child: Some(child),
+            socket,
+            control,
+            log_dir,
+            export: "disk".into(),
+            ready_line,
+        }
+    }
+
+    /// The NBD URI of the export.
+    pub fn uri(&self) -> String {
+        format!(
+            "nbd+unix:///{}?socket={}",
+            self.export,
+            self.socket.display()
+        )
+    }
+
+    /// SIGTERM, then waits; returns whether it exited successfully.
+    pub fn stop(mut self) -> bool {
+        let mut child = self.child.take().expect("running");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("sending SIGTERM");
+        child.wait().expect("waiting for the tracker").success()
+    }
+
+    /// SIGKILL, then waits: a crash.
+    pub fn kill(mut self) {
+        let mut child = self.child.take().expect("running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for TrackerProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

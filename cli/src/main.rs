@@ -4,6 +4,7 @@
 mod config_cmd;
 mod log_cmd;
 mod timefmt;
+mod tracker_cmd;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -24,13 +25,24 @@ enum Command {
     /// Validate configuration files.
     #[command(subcommand)]
     Config(config_cmd::ConfigCommand),
+    /// Run the tracker (the NBD server in the I/O path) and talk to it.
+    #[command(subcommand)]
+    Tracker(tracker_cmd::TrackerCommand),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TIDEMARK_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
     let result = match cli.command {
         Command::Log(cmd) => log_cmd::run(cmd),
         Command::Config(cmd) => config_cmd::run(cmd),
+        Command::Tracker(cmd) => tracker_cmd::run(cmd),
     };
     match result {
         Ok(code) => code,

@@ -4,4 +4,14 @@
 //! This crate holds the tracker's pure protocol and storage logic; the daemon
 //! is a thin shell that drives it with sockets, devices and a clock.
 
+pub mod backend;
+pub mod bitmap;
+pub mod control;
+pub mod daemon;
+pub mod group;
 pub mod nbd;
+pub mod range_lock;
+pub mod server;
+pub mod socket;
+pub mod state;
+pub mod storage;

@@ -1,0 +1,263 @@
+//! `tidemark tracker …`: run the tracker, ask it for status, mark points.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use tidemark_changelog::LogOptions;
+use tidemark_config::ByteSize;
+use tidemark_tracker::daemon::{DiskSpec, TrackerSettings};
+use tidemark_tracker::storage::{BackingOptions, EngineKind};
+
+/// Run the tracker and talk to it.
+#[derive(Debug, Subcommand)]
+pub(crate) enum TrackerCommand {
+    /// Serve protected disks over NBD, logging every acknowledged write.
+    Serve(ServeArgs),
+    /// Ask a running tracker for its status.
+    Status(ControlArgs),
+    /// Insert a labelled marker (a named recovery point) and a barrier.
+    Mark(MarkArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Engine {
+    /// io_uring where the kernel allows it, else synchronous I/O.
+    Auto,
+    /// io_uring only.
+    Uring,
+    /// Synchronous pread/pwrite.
+    Sync,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// A tracker config file (`[tracker]` table). Alternatively give
+    /// --image, --socket and --log-dir.
+    #[arg(long, conflicts_with_all = ["image", "socket", "log_dir"])]
+    config: Option<PathBuf>,
+    /// An image file or block device to protect (repeat for several disks
+    /// in one consistency group).
+    #[arg(long, requires_all = ["socket", "log_dir"])]
+    image: Vec<PathBuf>,
+    /// Export names for the images, in order (default: file names).
+    #[arg(long)]
+    name: Vec<String>,
+    /// The NBD unix socket to create (0600).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// The change log directory.
+    #[arg(long)]
+    log_dir: Option<PathBuf>,
+    /// The control socket (default: the NBD socket's path + ".ctl").
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
+    /// Most space the change log may take.
+    #[arg(long, default_value = "8GiB")]
+    log_size_limit: ByteSize,
+    /// Size of each log segment file.
+    #[arg(long, default_value = "64MiB")]
+    segment_size: ByteSize,
+    /// Backing I/O engine.
+    #[arg(long, value_enum, default_value_t = Engine::Auto)]
+    engine: Engine,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ControlArgs {
+    /// The tracker's control socket.
+    #[arg(long, default_value = "/run/tidemark/tracker.ctl")]
+    control_socket: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct MarkArgs {
+    /// The marker's label.
+    label: String,
+    /// The applications were quiesced (e.g. filesystems frozen) for it.
+    #[arg(long)]
+    app_consistent: bool,
+    /// The tracker's control socket.
+    #[arg(long, default_value = "/run/tidemark/tracker.ctl")]
+    control_socket: PathBuf,
+}
+
+pub(crate) fn run(cmd: TrackerCommand) -> Result<ExitCode> {
+    match cmd {
+        TrackerCommand::Serve(a) => serve(a),
+        TrackerCommand::Status(a) => status(a),
+        TrackerCommand::Mark(a) => mark(a),
+    }
+}
+
+fn settings_from_config(path: &Path) -> Result<TrackerSettings> {
+    let loaded = tidemark_config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let t = loaded
+        .require_tracker()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(TrackerSettings {
+        group: t.consistency_group.clone(),
+        disks: t
+            .disks
+            .iter()
+            .map(|d| DiskSpec {
+                name: d.effective_export_name().to_string(),
+                path: d.path.clone(),
+            })
+            .collect(),
+        log_dir: t.log_dir.clone(),
+        log: LogOptions {
+            segment_size: t.segment_size.as_u64(),
+            size_limit: t.log_size_limit.as_u64(),
+        },
+        socket: t.socket.clone(),
+        control_socket: t.control_socket.clone(),
+        activity_extent: t.activity_extent_size.as_u64(),
+        max_block: u32::try_from(t.max_block_size.as_u64()).context("max-block-size")?,
+        mlockall: t.mlockall,
+        backing: BackingOptions::default(),
+    })
+}
+
+fn settings_from_flags(a: &ServeArgs) -> Result<TrackerSettings> {
+    if a.image.is_empty() {
+        bail!("give --config FILE, or --image PATH --socket PATH --log-dir DIR");
+    }
+    if !a.name.is_empty() && a.name.len() != a.image.len() {
+        bail!("--name must be given once per --image, or not at all");
+    }
+    let disks = a
+        .image
+        .iter()
+        .enumerate()
+        .map(|(i, path)| {
+            let name = a.name.get(i).cloned().unwrap_or_else(|| {
+                path.file_name()
+                    .map_or_else(|| format!("disk{i}"), |n| n.to_string_lossy().into_owned())
+            });
+            DiskSpec {
+                name,
+                path: path.clone(),
+            }
+        })
+        .collect();
+    let socket = a
+        .socket
+        .clone()
+        .context("--socket is required with --image")?;
+    let control_socket = a.control_socket.clone().unwrap_or_else(|| {
+        let mut s = socket.clone().into_os_string();
+        s.push(".ctl");
+        PathBuf::from(s)
+    });
+    Ok(TrackerSettings {
+        group: "default".into(),
+        disks,
+        log_dir: a
+            .log_dir
+            .clone()
+            .context("--log-dir is required with --image")?,
+        log: LogOptions {
+            segment_size: a.segment_size.as_u64(),
+            size_limit: a.log_size_limit.as_u64(),
+        },
+        socket,
+        control_socket,
+        activity_extent: 4 << 20,
+        max_block: 32 << 20,
+        mlockall: false,
+        backing: BackingOptions {
+            engine: match a.engine {
+                Engine::Auto => EngineKind::Auto,
+                Engine::Uring => EngineKind::Uring,
+                Engine::Sync => EngineKind::Sync,
+            },
+            ..BackingOptions::default()
+        },
+    })
+}
+
+fn serve(a: ServeArgs) -> Result<ExitCode> {
+    let settings = match &a.config {
+        Some(path) => settings_from_config(path)?,
+        None => settings_from_flags(&a)?,
+    };
+    let socket = settings.socket.clone();
+    tidemark_tracker::daemon::run(settings, |report| {
+        // One line on stdout when ready, for scripts and tests.
+        println!(
+            "tracker ready on {} (generation {}, {})",
+            socket.display(),
+            report.generation,
+            if report.unclean {
+                format!(
+                    "unclean restart: {} extents recorded as resync-needed",
+                    report.resync_needed.len()
+                )
+            } else {
+                "clean start".to_string()
+            }
+        );
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn status(a: ControlArgs) -> Result<ExitCode> {
+    let reply = tidemark_tracker::control::request(&a.control_socket, "status")
+        .with_context(|| format!("cannot reach the tracker at {}", a.control_socket.display()))?;
+    if reply["ok"] != true {
+        bail!("{}", reply["error"]);
+    }
+    let s = &reply["status"];
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(s)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "group {}: tracking {}{}, generation {}, sequence {} (durable {}), log {} of {} bytes, {} writes, {} barriers",
+        s["group"].as_str().unwrap_or("?"),
+        s["tracking"].as_str().unwrap_or("?"),
+        s["bitmap_reason"].as_str().map(|r| format!(" ({r})")).unwrap_or_default(),
+        s["generation"],
+        s["next_seq"].as_u64().unwrap_or(1).saturating_sub(1),
+        s["durable_seq"],
+        s["log_bytes"],
+        s["log_limit"],
+        s["writes"],
+        s["barriers"]
+    );
+    for d in s["disks"].as_array().into_iter().flatten() {
+        println!(
+            "  disk {}: {} mode, {} hot extents, {} dirty extents",
+            d["name"].as_str().unwrap_or("?"),
+            d["tracking"].as_str().unwrap_or("?"),
+            d["hot_extents"],
+            d["dirty_extents"]
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn mark(a: MarkArgs) -> Result<ExitCode> {
+    if a.label.chars().any(char::is_whitespace) {
+        bail!("labels may not contain white space");
+    }
+    let line = if a.app_consistent {
+        format!("mark --app-consistent {}", a.label)
+    } else {
+        format!("mark {}", a.label)
+    };
+    let reply = tidemark_tracker::control::request(&a.control_socket, &line)
+        .with_context(|| format!("cannot reach the tracker at {}", a.control_socket.display()))?;
+    if reply["ok"] != true {
+        bail!(
+            "{}",
+            reply["error"].as_str().unwrap_or("the tracker refused")
+        );
+    }
+    println!("marker {:?} at sequence number {}", a.label, reply["seq"]);
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,238 @@
+//! The tracker against real, foreign NBD clients: qemu-io, nbdinfo and
+//! nbdcopy. After each workload the tracker is stopped cleanly, the log
+//! must check clean, and replaying it onto a blank image must give the
+//! backing image byte for byte.
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use tidemark_e2e::{require_tool, tidemark, TrackerProcess};
+
+const SIZE: u64 = 64 << 20;
+
+fn blank_image(path: &Path, size: u64) {
+    let f = fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+}
+
+/// Stops the tracker, checks the log, replays it onto a blank image and
+/// compares with the backing image.
+fn stop_check_and_replay(tracker: TrackerProcess, dir: &Path, image: &Path) {
+    let log_dir = tracker.log_dir.clone();
+    assert!(
+        tracker.stop(),
+        "the tracker did not stop cleanly on SIGTERM"
+    );
+    let out = tidemark()
+        .args(["log", "check"])
+        .arg(&log_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let replica = dir.join("replica.img");
+    blank_image(&replica, fs::metadata(image).unwrap().len());
+    let out = tidemark()
+        .args(["log", "replay"])
+        .arg(&log_dir)
+        .arg("--onto")
+        .arg(&replica)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        fs::read(image).unwrap() == fs::read(&replica).unwrap(),
+        "replaying the log does not give the backing image"
+    );
+}
+
+fn qemu_io(uri: &str, commands: &[&str]) -> String {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for c in commands {
+        cmd.args(["-c", c]);
+    }
+    let out = cmd.arg(uri).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "qemu-io failed:\n{text}");
+    assert!(!text.contains("Pattern verification failed"), "{text}");
+    assert!(!text.contains("failed"), "{text}");
+    text
+}
+
+#[test]
+fn qemu_io_writes_reads_discards_and_flushes() {
+    if !require_tool("qemu-io", "qemu_io_writes_reads_discards_and_flushes") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let image = tmp.path().join("disk.img");
+    blank_image(&image, SIZE);
+    let tracker = TrackerProcess::start(tmp.path(), &image, &[]);
+    let uri = tracker.uri();
+    qemu_io(
+        &uri,
+        &[
+            "write -P 0xab 0 1M",
+            "write -P 0xcd 4096 8192",
+            "write -P 0x11 1000001 333",
+            "write -P 0x5a 3M 1M",
+            "discard 3M 64k",
+            "write -z 3145728 4096",
+            "flush",
+            "write -P 0x77 60M 4M",
+            "aio_write -P 0x22 8M 64k",
+            "aio_write -P 0x23 9M 64k",
+            "aio_flush",
+        ],
+    );
+    // A second client verifies what the first wrote.
+    qemu_io(
+        &uri,
+        &[
+            "read -P 0xab 0 4096",
+            "read -P 0xcd 4096 8192",
+            "read -P 0xab 12288 987713",
+            "read -P 0x11 1000001 333",
+            "read -P 0 3M 64k",
+            "read -P 0x5a 3211264 983040",
+            "read -P 0x77 60M 4M",
+            "read -P 0x22 8M 64k",
+            "read -P 0x23 9M 64k",
+        ],
+    );
+    stop_check_and_replay(tracker, tmp.path(), &image);
+    let dump = tidemark()
+        .args(["log", "dump", "--json"])
+        .arg(tmp.path().join("log"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8(dump.stdout).unwrap();
+    assert!(
+        text.contains("\"kind\":\"trim\""),
+        "discard is logged as a trim"
+    );
+    assert!(
+        text.contains("\"kind\":\"write-zeroes\""),
+        "write -z is logged"
+    );
+    assert!(
+        text.contains("\"kind\":\"barrier\""),
+        "flush is logged as a barrier"
+    );
+}
+
+#[test]
+fn nbdinfo_sees_what_the_tracker_advertises() {
+    if !require_tool("nbdinfo", "nbdinfo_sees_what_the_tracker_advertises") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let image = tmp.path().join("disk.img");
+    blank_image(&image, SIZE);
+    let tracker = TrackerProcess::start(tmp.path(), &image, &[]);
+    let out = Command::new("nbdinfo")
+        .args(["--json", &tracker.uri()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let export = &info["exports"][0];
+    assert_eq!(export["export-size"], SIZE);
+    for flag in [
+        "can_flush",
+        "can_fua",
+        "can_trim",
+        "can_zero",
+        "can_multi_conn",
+    ] {
+        assert_eq!(export[flag], true, "{flag} in {export}");
+    }
+    assert_eq!(export["is_read_only"], false);
+    assert_eq!(export["block_size_maximum"], 32 << 20);
+    let out = Command::new("nbdinfo")
+        .args([
+            "--list",
+            &format!("nbd+unix://?socket={}", tracker.socket.display()),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("export=\"disk\""),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(tracker.stop());
+}
+
+fn nbdcopy_round_trip(connections: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let image = tmp.path().join("disk.img");
+    blank_image(&image, SIZE);
+    let source = tmp.path().join("source.bin");
+    let data: Vec<u8> = (0..SIZE as usize)
+        .map(|i| ((i * 7919) >> 9) as u8 ^ (i >> 20) as u8)
+        .collect();
+    fs::write(&source, &data).unwrap();
+    let tracker = TrackerProcess::start(tmp.path(), &image, &[]);
+    let uri = tracker.uri();
+    let out = Command::new("nbdcopy")
+        .args([&format!("--connections={connections}"), "--flush"])
+        .arg(&source)
+        .arg(&uri)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let back = tmp.path().join("back.bin");
+    let out = Command::new("nbdcopy")
+        .arg(&uri)
+        .arg(&back)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        fs::read(&back).unwrap() == data,
+        "nbdcopy read back other bytes"
+    );
+    stop_check_and_replay(tracker, tmp.path(), &image);
+}
+
+#[test]
+fn nbdcopy_round_trip_one_connection() {
+    if !require_tool("nbdcopy", "nbdcopy_round_trip_one_connection") {
+        return;
+    }
+    nbdcopy_round_trip("1");
+}
+
+#[test]
+fn nbdcopy_round_trip_four_connections_one_log() {
+    if !require_tool("nbdcopy", "nbdcopy_round_trip_four_connections_one_log") {
+        return;
+    }
+    nbdcopy_round_trip("4");
+}

@@ -1,0 +1,563 @@
+//! One client connection: the handshake, then the transmission phase's
+//! reading side, on the connection's own thread.
+//!
+//! The handshake runs with blocking I/O under one deadline for the whole
+//! negotiation, so a client that trickles bytes cannot hold the thread. In
+//! transmission the thread reads request headers, validates them, reads a
+//! write's payload in full, and hands the request to the worker pool; it
+//! answers refused requests itself. Before reading the data of a request
+//! it takes an in-flight slot, so a connection never holds more than
+//! [`ServerOptions::max_in_flight`] requests or (beyond a single request)
+//! [`ServerOptions::max_in_flight_bytes`] of buffers.
+//!
+//! However the connection ends (DISC, EOF, garbage, server shutdown), the
+//! thread stops reading, waits until every request it dispatched has been
+//! answered, and only then closes the socket.
+
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::Instant;
+
+use crate::backend::Backend;
+use crate::nbd::constants::{Errno, TransmissionFlags};
+use crate::nbd::export::{BlockSizes, ExportCatalog, ExportInfo};
+use crate::nbd::handshake::{
+    AwaitClientFlags, HandshakeError, Negotiated, OptionHeader, OptionOutcome, CLIENT_FLAGS_LEN,
+    OPTION_HEADER_LEN,
+};
+use crate::nbd::transmission::{
+    Command, ErrorReply, FramingError, Recovery, RequestError, RequestHeader, REQUEST_HEADER_LEN,
+};
+
+use super::listener::Stream;
+use super::reply::{Outbox, OutgoingReply};
+use super::worker::{lock, Job};
+use super::{ServerOptions, Shared};
+
+/// Why a connection ended; for the log.
+#[derive(Debug)]
+enum Ended {
+    /// The client closed the socket between messages.
+    ClientClosed,
+    /// The client ended the negotiation with `NBD_OPT_ABORT`.
+    Aborted,
+    /// The client sent `NBD_CMD_DISC`.
+    Disconnected,
+    /// The server is shutting down.
+    Stopping,
+    /// The handshake did not finish within the handshake timeout.
+    TimedOut,
+    /// The handshake broke the protocol (the client's fault).
+    Handshake(HandshakeError),
+    /// A request header lost the framing (the client's fault).
+    Framing(FramingError),
+    /// A refused write whose payload is too large to skip.
+    OversizedWrite(RequestError),
+    /// A reply could not be written; the socket is shut down.
+    ReplyFailed,
+    /// The socket failed.
+    Io(io::Error),
+}
+
+impl std::fmt::Display for Ended {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::ClientClosed => f.write_str("the client closed the connection"),
+            Self::Aborted => f.write_str("the client aborted the negotiation"),
+            Self::Disconnected => f.write_str("the client disconnected"),
+            Self::Stopping => f.write_str("the server is stopping"),
+            Self::TimedOut => f.write_str("the handshake timed out"),
+            Self::Handshake(error) => write!(f, "handshake: {error}"),
+            Self::Framing(error) => write!(f, "request: {error}"),
+            Self::OversizedWrite(error) => write!(f, "refused a write too large to skip: {error}"),
+            Self::ReplyFailed => f.write_str("a reply could not be written"),
+            Self::Io(error) => write!(f, "socket: {error}"),
+        }
+    }
+}
+
+impl Ended {
+    fn from_io(error: io::Error) -> Self {
+        match error.kind() {
+            io::ErrorKind::UnexpectedEof => Self::ClientClosed,
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Self::TimedOut,
+            _ => Self::Io(error),
+        }
+    }
+}
+
+/// The part of a connection that workers share with its reading thread.
+pub(crate) struct Connection {
+    /// For the log.
+    pub(crate) id: u64,
+    /// The disk (index into [`Backend::exports`]) the client chose.
+    pub(crate) disk: u32,
+    /// Whether replies with data must be structured.
+    pub(crate) structured_replies: bool,
+    /// What performs the requests.
+    pub(crate) backend: Arc<dyn Backend>,
+    /// Where replies go.
+    pub(crate) outbox: Outbox,
+    in_flight: Mutex<InFlight>,
+    /// Signalled whenever a slot is released.
+    released: Condvar,
+    max_requests: usize,
+    max_bytes: u64,
+}
+
+#[derive(Default)]
+struct InFlight {
+    requests: usize,
+    bytes: u64,
+}
+
+/// One request in flight on a connection; dropping it (after the reply
+/// is written) frees the slot.
+pub(crate) struct InFlightSlot {
+    conn: Arc<Connection>,
+    bytes: u64,
+}
+
+impl InFlightSlot {
+    /// The connection the request came on.
+    pub(crate) fn connection(&self) -> &Arc<Connection> {
+        &self.conn
+    }
+}
+
+impl Drop for InFlightSlot {
+    fn drop(&mut self) {
+        let mut in_flight = lock(&self.conn.in_flight);
+        in_flight.requests -= 1;
+        in_flight.bytes -= self.bytes;
+        drop(in_flight);
+        self.conn.released.notify_all();
+    }
+}
+
+impl Connection {
+    /// Takes a slot for a request needing `bytes` of data buffers, waiting
+    /// while the connection is at its limits. A request larger than the
+    /// byte budget still runs, alone.
+    fn acquire(self: &Arc<Self>, bytes: u64) -> InFlightSlot {
+        let mut in_flight = lock(&self.in_flight);
+        while in_flight.requests >= self.max_requests
+            || (in_flight.requests > 0 && in_flight.bytes.saturating_add(bytes) > self.max_bytes)
+        {
+            in_flight = self
+                .released
+                .wait(in_flight)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        in_flight.requests += 1;
+        in_flight.bytes += bytes;
+        InFlightSlot {
+            conn: Arc::clone(self),
+            bytes,
+        }
+    }
+
+    /// Waits until every dispatched request has been answered.
+    fn wait_idle(&self) {
+        let mut in_flight = lock(&self.in_flight);
+        while in_flight.requests > 0 {
+            in_flight = self
+                .released
+                .wait(in_flight)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    fn is_broken(&self) -> bool {
+        self.outbox.is_broken()
+    }
+
+    /// Sends the error reply for `cookie` in the form the connection needs.
+    pub(crate) fn send_error(&self, cookie: u64, errno: Errno, slot: Option<InFlightSlot>) {
+        let reply = ErrorReply::new(cookie, errno, self.structured_replies);
+        self.outbox
+            .send(OutgoingReply::new(reply.as_bytes(), Vec::new(), slot));
+    }
+}
+
+/// Serves one connection from handshake to close.
+pub(crate) fn run(id: u64, mut stream: Stream, backend: Arc<dyn Backend>, shared: Arc<Shared>) {
+    let end = match handshake(&mut stream, &*backend, &shared.options) {
+        Ok((session, disk)) => {
+            tracing::debug!(
+                conn = id,
+                export = %session.export.name,
+                structured_replies = session.structured_replies,
+                block_status = session.base_allocation.is_some(),
+                "transmission"
+            );
+            transmission(
+                id,
+                stream.try_clone(),
+                &mut stream,
+                session,
+                disk,
+                backend,
+                &shared,
+            )
+        }
+        Err(end) => end,
+    };
+    let end = match end {
+        Ended::ClientClosed | Ended::Io(_) if shared.is_stopping() => Ended::Stopping,
+        end => end,
+    };
+    match &end {
+        Ended::ClientClosed | Ended::Aborted | Ended::Disconnected | Ended::Stopping => {
+            tracing::debug!(conn = id, reason = %end, "connection closed");
+        }
+        _ => tracing::info!(conn = id, reason = %end, "connection dropped"),
+    }
+    let _ = stream.shutdown(Shutdown::Both);
+}
+
+/// What a client may choose from: the backend's exports as this server
+/// advertises them. Asked once per connection.
+struct Catalog {
+    exports: Vec<ExportInfo>,
+    default_export: Option<String>,
+}
+
+impl Catalog {
+    fn new(backend: &dyn Backend, options: &ServerOptions) -> Self {
+        let multi_conn = backend.multi_conn_safe();
+        let exports = backend
+            .exports()
+            .into_iter()
+            .map(|export| advertised(export, multi_conn, options.block_sizes))
+            .collect();
+        Self {
+            exports,
+            default_export: options.default_export.clone(),
+        }
+    }
+
+    /// The disk id of an export: its index in the backend's list.
+    fn disk_of(&self, name: &str) -> Option<u32> {
+        let index = self.exports.iter().position(|export| export.name == name)?;
+        u32::try_from(index).ok()
+    }
+}
+
+impl ExportCatalog for Catalog {
+    fn lookup(&self, name: &str) -> Option<ExportInfo> {
+        self.exports
+            .iter()
+            .find(|export| export.name == name)
+            .cloned()
+    }
+
+    fn list(&self) -> Vec<ExportInfo> {
+        self.exports.clone()
+    }
+
+    fn default_export(&self) -> Option<ExportInfo> {
+        self.lookup(self.default_export.as_deref()?)
+    }
+}
+
+/// An export as this server offers it. Of the backend's flags only
+/// `READ_ONLY` and `ROTATIONAL` are kept: the commands offered are the ones
+/// this server performs (every [`Backend`] can flush, honour FUA, trim and
+/// write zeroes; reads are always one chunk, so DF is free).
+/// `SEND_FAST_ZERO` is not offered: nothing here can promise that zeroing
+/// is faster than writing. `CAN_MULTI_CONN` only when the backend says a
+/// flush covers every connection.
+pub(crate) fn advertised(
+    mut export: ExportInfo,
+    multi_conn: bool,
+    limits: BlockSizes,
+) -> ExportInfo {
+    let mut flags = TransmissionFlags::HAS_FLAGS
+        | TransmissionFlags::SEND_FLUSH
+        | TransmissionFlags::SEND_FUA
+        | TransmissionFlags::SEND_TRIM
+        | TransmissionFlags::SEND_WRITE_ZEROES
+        | TransmissionFlags::SEND_DF
+        | export
+            .flags
+            .intersection(TransmissionFlags::READ_ONLY | TransmissionFlags::ROTATIONAL);
+    if multi_conn {
+        flags = flags | TransmissionFlags::CAN_MULTI_CONN;
+    }
+    export.flags = flags;
+    export.block_sizes = merged_block_sizes(export.block_sizes, limits);
+    export
+}
+
+/// The stricter of the backend's and the server's block sizes: the larger
+/// minimum and preferred size, the smaller maximum (rounded down to a
+/// multiple of the minimum). Where the two cannot be reconciled, the
+/// backend's own sizes win: it knows what it can perform.
+pub(crate) fn merged_block_sizes(backend: BlockSizes, server: BlockSizes) -> BlockSizes {
+    let min = backend.min().max(server.min());
+    let preferred = backend.preferred().max(server.preferred());
+    let max = backend.max().min(server.max());
+    let max = max - max % min;
+    BlockSizes::new(min, preferred, max).unwrap_or_else(|error| {
+        tracing::warn!(%error, ?backend, ?server, "server block size limits conflict with the backend's; using the backend's");
+        backend
+    })
+}
+
+/// Runs the negotiation, all of it before `handshake_timeout` elapses.
+fn handshake(
+    stream: &mut Stream,
+    backend: &dyn Backend,
+    options: &ServerOptions,
+) -> Result<(Negotiated, u32), Ended> {
+    let deadline = Instant::now() + options.handshake_timeout;
+    let catalog = Catalog::new(backend, options);
+    let start = AwaitClientFlags::new();
+    write_before(stream, &start.greeting(), deadline)?;
+    let mut flags = [0; CLIENT_FLAGS_LEN];
+    read_before(stream, &mut flags, deadline)?;
+    let mut negotiation = start
+        .handle_client_flags(&flags)
+        .map_err(Ended::Handshake)?;
+    let mut data = Vec::new();
+    loop {
+        let mut header = [0; OPTION_HEADER_LEN];
+        read_before(stream, &mut header, deadline)?;
+        let header = OptionHeader::decode(&header).map_err(Ended::Handshake)?;
+        // At most MAX_OPTION_LEN (64 KiB): checked by decode.
+        data.resize(usize::try_from(header.len).unwrap_or(usize::MAX), 0);
+        read_before(stream, &mut data, deadline)?;
+        match negotiation.handle_option(header.option, &data, &catalog) {
+            OptionOutcome::Reply { options, reply } => {
+                write_before(stream, &reply, deadline)?;
+                negotiation = options;
+            }
+            OptionOutcome::Abort { reply } => {
+                // The client may already be gone; the protocol allows that.
+                let _ = write_before(stream, &reply, deadline);
+                return Err(Ended::Aborted);
+            }
+            OptionOutcome::Go { session, reply } => {
+                let Some(disk) = catalog.disk_of(&session.export.name) else {
+                    // The catalog resolved the name, so it has an index.
+                    return Err(Ended::Io(io::Error::other(
+                        "export vanished from the catalog",
+                    )));
+                };
+                write_before(stream, &reply, deadline)?;
+                return Ok((session, disk));
+            }
+            OptionOutcome::Close(error) => return Err(Ended::Handshake(error)),
+        }
+    }
+}
+
+/// Fills `buf`, failing with [`Ended::TimedOut`] at `deadline` however
+/// slowly the bytes trickle in.
+fn read_before(stream: &mut Stream, buf: &mut [u8], deadline: Instant) -> Result<(), Ended> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Ended::TimedOut);
+        }
+        stream.set_read_timeout(Some(left)).map_err(Ended::Io)?;
+        match stream.read(&mut buf[filled..]) {
+            Ok(0) => return Err(Ended::ClientClosed),
+            Ok(read) => filled += read,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(Ended::from_io(error)),
+        }
+    }
+    Ok(())
+}
+
+/// Writes all of `buf`, failing with [`Ended::TimedOut`] at `deadline`.
+fn write_before(stream: &mut Stream, buf: &[u8], deadline: Instant) -> Result<(), Ended> {
+    let mut written = 0;
+    while written < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Ended::TimedOut);
+        }
+        stream.set_write_timeout(Some(left)).map_err(Ended::Io)?;
+        match stream.write(&buf[written..]) {
+            Ok(0) => return Err(Ended::Io(io::ErrorKind::WriteZero.into())),
+            Ok(wrote) => written += wrote,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(Ended::from_io(error)),
+        }
+    }
+    Ok(())
+}
+
+/// The transmission phase: read requests until the connection ends, then
+/// wait for the requests in flight to be answered.
+fn transmission(
+    id: u64,
+    writer: io::Result<Stream>,
+    reader: &mut Stream,
+    session: Negotiated,
+    disk: u32,
+    backend: Arc<dyn Backend>,
+    shared: &Shared,
+) -> Ended {
+    // An idle client is normal (the kernel keeps its connection for as long
+    // as the device exists), so reads wait forever; the server's shutdown
+    // wakes them. A client that stops reading its replies is dropped after
+    // the reply timeout, so it cannot hold the shared workers.
+    let setup = writer.and_then(|writer| {
+        reader.set_read_timeout(None)?;
+        writer.set_write_timeout(Some(shared.options.reply_timeout))?;
+        Ok(writer)
+    });
+    let writer = match setup {
+        Ok(writer) => writer,
+        Err(error) => return Ended::Io(error),
+    };
+    let conn = Arc::new(Connection {
+        id,
+        disk,
+        structured_replies: session.structured_replies,
+        backend,
+        outbox: Outbox::new(
+            writer,
+            Arc::clone(&shared.buffers),
+            shared.options.reply_timeout,
+            id,
+        ),
+        in_flight: Mutex::new(InFlight::default()),
+        released: Condvar::new(),
+        max_requests: shared.options.max_in_flight,
+        max_bytes: shared.options.max_in_flight_bytes,
+    });
+    let end = serve_requests(&conn, reader, &session, shared);
+    conn.wait_idle();
+    end
+}
+
+/// Reads, validates and dispatches requests until the connection ends.
+fn serve_requests(
+    conn: &Arc<Connection>,
+    reader: &mut Stream,
+    session: &Negotiated,
+    shared: &Shared,
+) -> Ended {
+    let mut header = [0; REQUEST_HEADER_LEN];
+    loop {
+        if shared.is_stopping() {
+            return Ended::Stopping;
+        }
+        if conn.is_broken() {
+            return Ended::ReplyFailed;
+        }
+        match read_request_header(reader, &mut header) {
+            Ok(true) => {}
+            Ok(false) => return Ended::ClientClosed,
+            Err(error) => return Ended::from_io(error),
+        }
+        let request = match RequestHeader::decode(&header) {
+            Ok(request) => request,
+            Err(error) => return Ended::Framing(error),
+        };
+        let command = match request.validate(session) {
+            Ok(Command::Disconnect) => return Ended::Disconnected,
+            Ok(command) => command,
+            Err(rejection) => {
+                tracing::debug!(conn = conn.id, reason = %rejection.reason, "request refused");
+                match rejection.recovery {
+                    Recovery::Reply => {}
+                    Recovery::DiscardThenReply { payload } => {
+                        if let Err(error) = discard(reader, payload) {
+                            return Ended::from_io(error);
+                        }
+                    }
+                    Recovery::Close => {
+                        conn.send_error(request.cookie, rejection.errno(), None);
+                        return Ended::OversizedWrite(rejection.reason);
+                    }
+                }
+                conn.send_error(request.cookie, rejection.errno(), None);
+                continue;
+            }
+        };
+        let (buffer_bytes, payload_len) = match command {
+            Command::Read { length, .. } => (length, 0),
+            Command::Write { length, .. } => (length, length),
+            _ => (0, 0),
+        };
+        let slot = conn.acquire(u64::from(buffer_bytes));
+        let mut payload = Vec::new();
+        if payload_len > 0 {
+            payload = shared
+                .buffers
+                .take(usize::try_from(payload_len).unwrap_or(usize::MAX));
+            if let Err(error) = reader.read_exact(&mut payload) {
+                // A write whose data never fully arrived is not performed.
+                shared.buffers.give_back(payload);
+                return Ended::from_io(error);
+            }
+        }
+        shared.queue.push(Job {
+            slot,
+            cookie: request.cookie,
+            command,
+            payload,
+        });
+    }
+}
+
+/// Reads a request header: `Ok(false)` if the client closed the socket
+/// cleanly before its first byte.
+fn read_request_header(reader: &mut Stream, header: &mut [u8]) -> io::Result<bool> {
+    let mut filled = 0;
+    while filled < header.len() {
+        match reader.read(&mut header[filled..]) {
+            Ok(0) if filled == 0 => return Ok(false),
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(read) => filled += read,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(true)
+}
+
+/// Reads and drops the payload of a refused write.
+fn discard(reader: &mut Stream, payload: u32) -> io::Result<()> {
+    let wanted = u64::from(payload);
+    let copied = io::copy(&mut Read::by_ref(reader).take(wanted), &mut io::sink())?;
+    if copied < wanted {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sizes(min: u32, preferred: u32, max: u32) -> BlockSizes {
+        BlockSizes::new(min, preferred, max).unwrap()
+    }
+
+    #[test]
+    fn block_sizes_take_the_stricter_of_both() {
+        assert_eq!(
+            merged_block_sizes(sizes(512, 4096, 1 << 30), sizes(1, 4096, 32 << 20)),
+            sizes(512, 4096, 32 << 20)
+        );
+        assert_eq!(
+            merged_block_sizes(sizes(1, 512, 1 << 20), sizes(1, 4096, 32 << 20)),
+            sizes(1, 4096, 1 << 20)
+        );
+        // A backend maximum below the server's preferred size: the backend's
+        // sizes are used as they are.
+        assert_eq!(
+            merged_block_sizes(sizes(512, 512, 1024), sizes(1, 4096, 32 << 20)),
+            sizes(512, 512, 1024)
+        );
+    }
+}

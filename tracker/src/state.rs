@@ -1,0 +1,211 @@
+//! The tracker's state file, `tracker.state` in the log directory: the
+//! generation, whether a run is in progress (so the next start knows the
+//! last one ended uncleanly), bitmap mode and its reason, and the disks in
+//! id order (ids are positions; reordering disks would mislabel the log).
+//!
+//! A short text file, replaced atomically (write `tracker.state.tmp`,
+//! fdatasync, rename, fsync the directory), ending with a CRC32C line:
+//!
+//! ```text
+//! tidemark-tracker-state 1
+//! generation 3
+//! running 1
+//! bitmap-reason the change log reached its size limit of 8589934592 bytes
+//! disk data
+//! disk wal
+//! crc32c 1a2b3c4d
+//! ```
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+const FILE: &str = "tracker.state";
+const TMP: &str = "tracker.state.tmp";
+const HEADER: &str = "tidemark-tracker-state 1";
+
+/// Why the state file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// Reading or writing it failed.
+    #[error("tracker state file {path}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// It exists but does not verify.
+    #[error("tracker state file {path} is damaged: {reason}")]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// What the state file holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupState {
+    /// The generation of the last run.
+    pub generation: u32,
+    /// A run is in progress (or ended without a clean stop).
+    pub running: bool,
+    /// Bitmap mode, with its reason.
+    pub bitmap_reason: Option<String>,
+    /// Disk names by id.
+    pub disks: Vec<String>,
+    dir: Option<PathBuf>,
+}
+
+impl GroupState {
+    /// The state of a group that never ran.
+    pub fn fresh(disks: &[String]) -> GroupState {
+        GroupState {
+            generation: 0,
+            running: false,
+            bitmap_reason: None,
+            disks: disks.to_vec(),
+            dir: None,
+        }
+    }
+
+    /// Refuses a configuration that renumbers the disks: new disks may be
+    /// added at the end, existing ones may not move or vanish.
+    pub fn check_disks(&mut self, configured: &[String]) -> Result<(), String> {
+        for (id, name) in self.disks.iter().enumerate() {
+            match configured.get(id) {
+                Some(c) if c == name => {}
+                Some(c) => {
+                    return Err(format!(
+                        "disk {id} of this log is {name:?} but the configuration lists {c:?} there; disks may only be added at the end"
+                    ))
+                }
+                None => return Err(format!("disk {name:?} of this log is missing from the configuration")),
+            }
+        }
+        self.disks = configured.to_vec();
+        Ok(())
+    }
+
+    /// Reads the state of the group whose log is in `dir`, if any.
+    pub fn load(dir: &Path) -> Result<Option<GroupState>, StateError> {
+        let path = dir.join(FILE);
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StateError::Io { path, source }),
+        };
+        let damaged = |reason: &str| StateError::Damaged {
+            path: path.clone(),
+            reason: reason.to_string(),
+        };
+        let body_end = text
+            .rfind("crc32c ")
+            .ok_or_else(|| damaged("no checksum line"))?;
+        let (body, crc_line) = text.split_at(body_end);
+        let stored = u32::from_str_radix(crc_line.trim_start_matches("crc32c ").trim(), 16)
+            .map_err(|_| damaged("unreadable checksum"))?;
+        if crc32c::crc32c(body.as_bytes()) != stored {
+            return Err(damaged("checksum mismatch"));
+        }
+        let mut lines = body.lines();
+        if lines.next() != Some(HEADER) {
+            return Err(damaged("unknown header"));
+        }
+        let mut state = GroupState::fresh(&[]);
+        for line in lines {
+            let (key, value) = line.split_once(' ').unwrap_or((line, ""));
+            match key {
+                "generation" => {
+                    state.generation = value.parse().map_err(|_| damaged("bad generation"))?
+                }
+                "running" => state.running = value == "1",
+                "bitmap-reason" => state.bitmap_reason = Some(value.to_string()),
+                "disk" => state.disks.push(value.to_string()),
+                _ => return Err(damaged(&format!("unknown line {line:?}"))),
+            }
+        }
+        state.dir = Some(dir.to_path_buf());
+        Ok(Some(state))
+    }
+
+    /// Writes the state atomically into `dir`.
+    pub fn save(&mut self, dir: &Path) -> Result<(), StateError> {
+        self.dir = Some(dir.to_path_buf());
+        self.save_in_place()
+    }
+
+    /// Writes the state atomically where it was loaded from or last saved.
+    pub fn save_in_place(&self) -> Result<(), StateError> {
+        let dir = self.dir.clone().unwrap_or_default();
+        let mut body = format!(
+            "{HEADER}\ngeneration {}\nrunning {}\n",
+            self.generation,
+            u8::from(self.running)
+        );
+        if let Some(reason) = &self.bitmap_reason {
+            body.push_str(&format!("bitmap-reason {}\n", reason.replace('\n', " ")));
+        }
+        for d in &self.disks {
+            body.push_str(&format!("disk {d}\n"));
+        }
+        let text = format!("{body}crc32c {:08x}\n", crc32c::crc32c(body.as_bytes()));
+        let io_err = |path: PathBuf| move |source| StateError::Io { path, source };
+        let tmp = dir.join(TMP);
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io_err(tmp.clone()))?;
+        file.write_all(text.as_bytes())
+            .map_err(io_err(tmp.clone()))?;
+        file.sync_data().map_err(io_err(tmp.clone()))?;
+        fs::rename(&tmp, dir.join(FILE)).map_err(io_err(dir.join(FILE)))?;
+        File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(dir.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(GroupState::load(dir.path()).unwrap(), None);
+        let mut s = GroupState::fresh(&["data".into(), "wal".into()]);
+        s.generation = 4;
+        s.running = true;
+        s.bitmap_reason = Some("full".into());
+        s.save(dir.path()).unwrap();
+        let loaded = GroupState::load(dir.path()).unwrap().unwrap();
+        assert_eq!(loaded, s);
+        let path = dir.path().join(FILE);
+        let text = fs::read_to_string(&path)
+            .unwrap()
+            .replace("generation 4", "generation 5");
+        fs::write(&path, text).unwrap();
+        assert!(matches!(
+            GroupState::load(dir.path()),
+            Err(StateError::Damaged { .. })
+        ));
+    }
+
+    #[test]
+    fn disks_may_be_added_but_not_moved() {
+        let mut s = GroupState::fresh(&["a".into(), "b".into()]);
+        assert!(s.check_disks(&["a".into(), "b".into(), "c".into()]).is_ok());
+        assert!(s
+            .check_disks(&["b".into(), "a".into(), "c".into()])
+            .is_err());
+        assert!(s.check_disks(&["a".into()]).is_err());
+    }
+}

@@ -1,0 +1,261 @@
+//! The consistency group's write path: one ordered log for many writers,
+//! replay equals the device, bitmap mode on overflow, generations and
+//! resync-needed extents after an unclean stop.
+
+use std::path::Path;
+use std::sync::Arc;
+use tidemark_changelog::replay::{apply, ReplaySummary, ReplayTarget};
+use tidemark_changelog::{FsDir, Kind, LogOptions, LogReader, Record};
+use tidemark_tracker::backend::Backend;
+use tidemark_tracker::group::{Group, GroupDisk, GroupOptions, TrackingMode};
+use tidemark_tracker::storage::{BlockDevice, MemoryDevice};
+
+const DISK: u64 = 8 << 20;
+
+fn options(dir: &Path, log_limit: u64) -> GroupOptions {
+    GroupOptions {
+        log_dir: dir.to_path_buf(),
+        log: LogOptions {
+            segment_size: 1 << 20,
+            size_limit: log_limit,
+        },
+        activity_extent: 1 << 20,
+        max_block: 1 << 20,
+    }
+}
+
+fn open(
+    dir: &Path,
+    devs: &[Arc<MemoryDevice>],
+    log_limit: u64,
+) -> (Group, tidemark_tracker::group::OpenReport) {
+    let disks = devs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| GroupDisk {
+            name: format!("disk{i}"),
+            device: d.clone() as Arc<dyn BlockDevice>,
+        })
+        .collect();
+    Group::open(disks, options(dir, log_limit)).unwrap()
+}
+
+struct Image(Vec<u8>);
+
+impl ReplayTarget for Image {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.0[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+    fn zero(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.0[offset as usize..(offset + len) as usize].fill(0);
+        Ok(())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn records(dir: &Path) -> Vec<Record> {
+    let mut reader = LogReader::new(FsDir::existing(dir).unwrap(), 0);
+    std::iter::from_fn(|| reader.next_record().unwrap()).collect()
+}
+
+fn replay(dir: &Path, disk: u32) -> (Vec<u8>, ReplaySummary) {
+    let mut image = Image(vec![0; DISK as usize]);
+    let mut summary = ReplaySummary::default();
+    for r in records(dir) {
+        apply(&r, disk, &mut image, &mut summary).unwrap();
+    }
+    (image.0, summary)
+}
+
+#[test]
+fn concurrent_overlapping_writers_give_a_log_that_replays_to_the_device() {
+    let tmp = tempfile::tempdir().unwrap();
+    let devs = [
+        Arc::new(MemoryDevice::new(DISK)),
+        Arc::new(MemoryDevice::new(DISK)),
+    ];
+    let (group, report) = open(tmp.path(), &devs, 64 << 20);
+    assert!(!report.unclean);
+    let group = Arc::new(group);
+    let threads: Vec<_> = (0..6u64)
+        .map(|t| {
+            let group = group.clone();
+            std::thread::spawn(move || {
+                let mut x = (0x9e37_79b9 ^ (t << 32)) | 1;
+                for i in 0..400u64 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let disk = (x % 2) as u32;
+                    // A small hot region so that writes overlap constantly.
+                    let offset = (x >> 8) % (256 << 10);
+                    let len = 1 + (x >> 40) % 20000;
+                    let data = vec![(t * 40 + i % 40) as u8; len as usize];
+                    match (x >> 60) % 8 {
+                        0 => group.trim(disk, offset, len, false).unwrap(),
+                        1 => group.write_zeroes(disk, offset, len, true, false).unwrap(),
+                        2 => group.flush(disk).unwrap(),
+                        3 => group.write(disk, offset, &data, true).unwrap(),
+                        _ => group.write(disk, offset, &data, false).unwrap(),
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    group.flush(0).unwrap();
+    for (id, dev) in devs.iter().enumerate() {
+        let (image, summary) = replay(tmp.path(), id as u32);
+        assert!(summary.applied > 300, "disk {id}: {summary:?}");
+        assert!(
+            image == dev.snapshot(),
+            "disk {id}: the log does not replay to the device"
+        );
+    }
+    let status = group.status();
+    assert_eq!(status.mode, TrackingMode::Data);
+    assert_eq!(status.durable_seq, status.next_seq - 1);
+    assert!(status.barriers > 100);
+    // Sequence numbers are gap-free and the last record is a barrier.
+    let recs = records(tmp.path());
+    assert!(recs
+        .windows(2)
+        .all(|w| w[1].header.seq == w[0].header.seq + 1));
+    assert_eq!(recs.last().unwrap().header.kind, Kind::Barrier);
+}
+
+#[test]
+fn an_acknowledged_write_precedes_every_later_one_in_the_log() {
+    let tmp = tempfile::tempdir().unwrap();
+    let devs = [Arc::new(MemoryDevice::new(DISK))];
+    let (group, _) = open(tmp.path(), &devs, 64 << 20);
+    for i in 0..100u64 {
+        group.write(0, i * 4096, &[i as u8; 4096], false).unwrap();
+    }
+    let offsets: Vec<u64> = records(tmp.path())
+        .iter()
+        .map(|r| r.header.offset)
+        .collect();
+    assert_eq!(offsets, (0..100).map(|i| i * 4096).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_full_log_switches_to_bitmap_mode_without_failing_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let devs = [Arc::new(MemoryDevice::new(DISK))];
+    let (group, _) = open(tmp.path(), &devs, 2 << 20);
+    let data = vec![5u8; 64 << 10];
+    for i in 0..64u64 {
+        group
+            .write(0, (i * (64 << 10)) % DISK, &data, false)
+            .unwrap();
+    }
+    let status = group.status();
+    match &status.mode {
+        TrackingMode::Bitmap { reason } => assert!(reason.contains("size limit"), "{reason}"),
+        other => panic!("still {other:?}"),
+    }
+    assert!(status.dirty_extents[0] > 0);
+    group.flush(0).unwrap();
+    assert!(status.log_bytes <= 2 << 20);
+    // Every write landed on the device even though the log was full.
+    let snap = devs[0].snapshot();
+    assert!(snap[..64 * (64 << 10)].iter().all(|b| *b == 5));
+    drop(group);
+    // Bitmap mode survives a restart.
+    let (group, _) = open(tmp.path(), &devs, 2 << 20);
+    assert_eq!(group.status().mode.name(), "bitmap");
+}
+
+#[test]
+fn an_unclean_stop_starts_a_new_generation_and_records_hot_extents() {
+    let tmp = tempfile::tempdir().unwrap();
+    let devs = [
+        Arc::new(MemoryDevice::new(DISK)),
+        Arc::new(MemoryDevice::new(DISK)),
+    ];
+    let (group, _) = open(tmp.path(), &devs, 64 << 20);
+    group.write(0, 0, &[1; 4096], false).unwrap();
+    group.flush(0).unwrap();
+    group.write(0, 3 << 20, &[2; 4096], false).unwrap();
+    group.write(1, (5 << 20) + 10, &[3; 100], false).unwrap();
+    let before = group.status();
+    assert_eq!(before.hot_extents, vec![2, 1]);
+    // Crash: no clean close.
+    drop(group);
+    let (group, report) = open(tmp.path(), &devs, 64 << 20);
+    assert!(report.unclean);
+    assert_eq!(report.generation, 1);
+    assert_eq!(
+        report.resync_needed,
+        vec![
+            (0, 0, 1 << 20),
+            (0, 3 << 20, 1 << 20),
+            (1, 5 << 20, 1 << 20)
+        ]
+    );
+    let recs = records(tmp.path());
+    let new_gen: Vec<&Record> = recs.iter().filter(|r| r.header.generation == 1).collect();
+    assert_eq!(
+        new_gen.len(),
+        4,
+        "three resync-needed records and a barrier"
+    );
+    assert!(new_gen[..3]
+        .iter()
+        .all(|r| r.header.kind == Kind::ResyncNeeded));
+    let old_last = recs
+        .iter()
+        .filter(|r| r.header.generation == 0)
+        .map(|r| r.header.seq)
+        .max()
+        .unwrap();
+    assert!(
+        new_gen[0].header.seq > report.recovery.max_exposed_seq
+            && report.recovery.max_exposed_seq >= old_last,
+        "the new generation starts above anything a reader could have seen"
+    );
+    assert_eq!(group.status().hot_extents, vec![0, 0]);
+    group.close_clean().unwrap();
+    drop(group);
+    let (_, report) = open(tmp.path(), &devs, 64 << 20);
+    assert!(!report.unclean);
+    assert!(report.resync_needed.is_empty());
+    assert_eq!(report.generation, 1);
+}
+
+#[test]
+fn trim_and_write_zeroes_read_as_zeroes_on_the_device_and_in_replay() {
+    let tmp = tempfile::tempdir().unwrap();
+    let devs = [Arc::new(MemoryDevice::new(DISK))];
+    let (group, _) = open(tmp.path(), &devs, 64 << 20);
+    group.write(0, 0, &[9; 65536], false).unwrap();
+    group.trim(0, 4096, 8192, false).unwrap();
+    group.write_zeroes(0, 20000, 1000, false, true).unwrap();
+    let mut buf = vec![1u8; 65536];
+    group.read(0, 0, &mut buf).unwrap();
+    assert!(buf[4096..12288].iter().all(|b| *b == 0));
+    assert!(buf[20000..21000].iter().all(|b| *b == 0));
+    assert!(buf[..4096].iter().all(|b| *b == 9));
+    let (image, _) = replay(tmp.path(), 0);
+    assert_eq!(&image[..65536], &buf[..]);
+}
+
+#[test]
+fn a_marker_is_followed_by_a_durable_barrier() {
+    let tmp = tempfile::tempdir().unwrap();
+    let devs = [Arc::new(MemoryDevice::new(DISK))];
+    let (group, _) = open(tmp.path(), &devs, 64 << 20);
+    group.write(0, 0, &[1; 512], false).unwrap();
+    let seq = group.marker("nightly", true).unwrap();
+    let recs = records(tmp.path());
+    assert_eq!(recs[1].header.seq, seq);
+    assert_eq!(recs[1].label(), Some("nightly"));
+    assert_eq!(recs[2].header.kind, Kind::Barrier);
+    assert_eq!(group.status().durable_seq, recs[2].header.seq);
+}
