@@ -6,7 +6,6 @@ mod concurrent;
 mod differential;
 mod loop_device;
 mod strict;
-mod throughput;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
