@@ -124,7 +124,7 @@ impl ControlSocket {
         group_name: String,
         group: Arc<Group>,
     ) -> std::io::Result<ControlSocket> {
-        let listener = crate::socket::bind_private_unix(path)?;
+        let listener = crate::server::bind_private_unix(path)?;
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();

@@ -12,6 +12,5 @@ pub mod group;
 pub mod nbd;
 pub mod range_lock;
 pub mod server;
-pub mod socket;
 pub mod state;
 pub mod storage;

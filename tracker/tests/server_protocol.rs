@@ -646,3 +646,28 @@ fn a_client_that_stops_reading_replies_holds_one_worker_then_is_dropped() {
     client.read(99, 0, 4096);
     assert_eq!(client.expect_simple(99), 0);
 }
+
+#[test]
+fn a_refusal_right_before_disconnect_still_gets_its_reply() {
+    let mut backend = one_disk(MIB);
+    backend.write_delay = Duration::from_millis(50);
+    let server = TestServer::start(backend);
+    let (mut client, _, _) = RawClient::go(&server.socket, "disk", false);
+    // Slow writes keep workers busy sending replies while the refusal and
+    // the disconnect arrive.
+    for cookie in 0..4u64 {
+        client.write(cookie, cookie * 512, &[7; 512]);
+    }
+    client.request(99, CommandFlags::EMPTY, 42, 0, 512, &[]);
+    client.request(CommandType::Disc.code(), CommandFlags::EMPTY, 43, 0, 0, &[]);
+    let mut replies = Vec::new();
+    for _ in 0..5 {
+        let Reply::Simple { error, cookie } = client.read_reply() else {
+            panic!("simple replies")
+        };
+        replies.push((cookie, error));
+    }
+    replies.sort_unstable();
+    assert_eq!(replies, vec![(0, 0), (1, 0), (2, 0), (3, 0), (42, EINVAL)]);
+    assert!(client.closed_by_server());
+}

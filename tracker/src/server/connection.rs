@@ -174,7 +174,7 @@ impl Connection {
     }
 
     /// Sends the error reply for `cookie` in the form the connection needs.
-    pub(crate) fn send_error(&self, cookie: u64, errno: Errno, slot: Option<InFlightSlot>) {
+    pub(crate) fn send_error(&self, cookie: u64, errno: Errno, slot: InFlightSlot) {
         let reply = ErrorReply::new(cookie, errno, self.structured_replies);
         self.outbox
             .send(OutgoingReply::new(reply.as_bytes(), Vec::new(), slot));
@@ -475,11 +475,15 @@ fn serve_requests(
                         }
                     }
                     Recovery::Close => {
-                        conn.send_error(request.cookie, rejection.errno(), None);
+                        let slot = conn.acquire(0);
+                        conn.send_error(request.cookie, rejection.errno(), slot);
                         return Ended::OversizedWrite(rejection.reason);
                     }
                 }
-                conn.send_error(request.cookie, rejection.errno(), None);
+                // A refusal is in flight too, until its reply is written: a
+                // DISC right after it must not close the socket first.
+                let slot = conn.acquire(0);
+                conn.send_error(request.cookie, rejection.errno(), slot);
                 continue;
             }
         };

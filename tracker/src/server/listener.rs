@@ -253,7 +253,15 @@ pub(crate) fn bind_private_unix(path: &Path) -> io::Result<(Listener, ListenAddr
         Some(parent) if !parent.as_os_str().is_empty() => parent,
         _ => Path::new("."),
     };
-    let staging = create_staging_dir(parent)?;
+    let staging = create_staging_dir(parent).map_err(|error| {
+        io::Error::new(
+            error.kind(),
+            format!(
+                "creating a private directory in {} for a socket: {error}",
+                parent.display()
+            ),
+        )
+    })?;
     let staged = staging.join("s");
     let result = (|| {
         let listener = UnixListener::bind(&staged)?;
@@ -268,7 +276,7 @@ pub(crate) fn bind_private_unix(path: &Path) -> io::Result<(Listener, ListenAddr
     let listener = result.map_err(|error: io::Error| {
         io::Error::new(
             error.kind(),
-            format!("binding the NBD socket {}: {error}", path.display()),
+            format!("binding the socket {}: {error}", path.display()),
         )
     })?;
     let meta = std::fs::symlink_metadata(path)?;
@@ -306,7 +314,7 @@ fn remove_stale_socket(path: &Path) -> io::Result<()> {
             format!("{} is served by a running process", path.display()),
         )),
         Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => {
-            tracing::info!(path = %path.display(), "removing a stale NBD socket");
+            tracing::info!(path = %path.display(), "removing a stale socket");
             match std::fs::remove_file(path) {
                 Err(error) if error.kind() != io::ErrorKind::NotFound => Err(error),
                 _ => Ok(()),

@@ -86,6 +86,16 @@ use crate::backend::Backend;
 use crate::nbd::export::BlockSizes;
 
 pub use listener::ListenAddr;
+
+/// Binds a unix socket that only its owner can connect to (0600 from the
+/// first instant), replacing a stale one and refusing a live one: the same
+/// rules as the NBD socket, for the daemons' other sockets (control).
+pub fn bind_private_unix(path: &Path) -> io::Result<std::os::unix::net::UnixListener> {
+    match listener::bind_private_unix(path)?.0 {
+        Listener::Unix(unix) => Ok(unix),
+        Listener::Tcp(_) => Err(io::Error::other("a unix bind returned a TCP listener")),
+    }
+}
 use listener::{Listener, SocketFile, Stream};
 use worker::{lock, BufferPool, RequestQueue};
 

@@ -43,14 +43,14 @@ pub(crate) struct OutgoingReply {
     header_len: usize,
     /// Read data or an encoded chunk; a pooled buffer, returned after.
     data: Vec<u8>,
-    /// The request's in-flight slot, if it had one (refusals have none).
-    slot: Option<InFlightSlot>,
+    /// The request's in-flight slot.
+    slot: InFlightSlot,
 }
 
 impl OutgoingReply {
     /// A reply of a fixed header (at most 32 bytes; all the protocol layer
     /// produces are) followed by `data`.
-    pub(crate) fn new(header: &[u8], data: Vec<u8>, slot: Option<InFlightSlot>) -> Self {
+    pub(crate) fn new(header: &[u8], data: Vec<u8>, slot: InFlightSlot) -> Self {
         debug_assert!(header.len() <= MAX_REPLY_HEADER, "reply header too long");
         let header_len = header.len().min(MAX_REPLY_HEADER);
         let mut fixed = [0; MAX_REPLY_HEADER];

@@ -294,32 +294,30 @@ fn reply(
     buffers: &BufferPool,
 ) {
     let reply = match outcome {
-        Outcome::Done => {
-            OutgoingReply::new(&encode_simple_reply(cookie, None), Vec::new(), Some(slot))
-        }
-        Outcome::Failed(errno) => return conn.send_error(cookie, errno, Some(slot)),
+        Outcome::Done => OutgoingReply::new(&encode_simple_reply(cookie, None), Vec::new(), slot),
+        Outcome::Failed(errno) => return conn.send_error(cookie, errno, slot),
         Outcome::Data { offset, data } if conn.structured_replies => {
             // One chunk, so DF is honoured whatever the client asked.
             let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
             match encode_offset_data_header(cookie, offset, len, true) {
-                Ok(header) => OutgoingReply::new(&header, data, Some(slot)),
+                Ok(header) => OutgoingReply::new(&header, data, slot),
                 Err(error) => {
                     tracing::error!(conn = conn.id, %error, "cannot encode a read reply");
                     buffers.give_back(data);
-                    return conn.send_error(cookie, Errno::Io, Some(slot));
+                    return conn.send_error(cookie, Errno::Io, slot);
                 }
             }
         }
         Outcome::Data { data, .. } => {
-            OutgoingReply::new(&encode_simple_reply(cookie, None), data, Some(slot))
+            OutgoingReply::new(&encode_simple_reply(cookie, None), data, slot)
         }
         Outcome::Extents { context, extents } => {
             let mut out = Vec::with_capacity(24 + 8 * extents.len());
             match encode_block_status(cookie, context, &extents, true, &mut out) {
-                Ok(()) => OutgoingReply::new(&[], out, Some(slot)),
+                Ok(()) => OutgoingReply::new(&[], out, slot),
                 Err(error) => {
                     tracing::error!(conn = conn.id, %error, "cannot encode a block-status reply");
-                    return conn.send_error(cookie, Errno::Io, Some(slot));
+                    return conn.send_error(cookie, Errno::Io, slot);
                 }
             }
         }
