@@ -611,6 +611,14 @@ impl<D: LogDir> ChangeLog<D> {
         (self.sealed.len() as u64 + 1) * self.opts.segment_size
     }
 
+    /// The largest payload one record may carry in this log: a segment's
+    /// usable space, at most [`MAX_PAYLOAD`](crate::record::MAX_PAYLOAD).
+    /// Larger writes must be split into several records.
+    pub fn max_payload(&self) -> usize {
+        let usable = self.opts.segment_size - SEGMENT_HEADER_LEN - HEADER_LEN as u64;
+        usable.min(u64::from(crate::record::MAX_PAYLOAD)) as usize
+    }
+
     /// The sizes the log was opened with.
     pub fn options(&self) -> LogOptions {
         self.opts

@@ -463,7 +463,25 @@ impl Group {
     /// mode. Returns the record's sequence number (0 in bitmap mode).
     fn track(&self, disk: u32, entry: &Entry<'_>) -> u64 {
         if matches!(*lock(&self.mode), TrackingMode::Data) {
-            let appended = lock(&self.log).append(entry);
+            let appended = {
+                let mut log = lock(&self.log);
+                let max = log.max_payload();
+                if entry.payload.len() <= max {
+                    log.append(entry)
+                } else {
+                    // A write larger than a record can carry becomes several
+                    // consecutive records under one lock: nothing can come
+                    // between them, and a barrier never splits them.
+                    entry
+                        .payload
+                        .chunks(max)
+                        .enumerate()
+                        .try_fold(0, |_, (i, chunk)| {
+                            let offset = entry.offset + (i * max) as u64;
+                            log.append(&Entry::write(disk, offset, chunk, entry.timestamp_ns))
+                        })
+                }
+            };
             match appended {
                 Ok(seq) => return seq,
                 Err(e) => self.enter_bitmap_mode(&e),

@@ -259,3 +259,26 @@ fn a_marker_is_followed_by_a_durable_barrier() {
     assert_eq!(recs[2].header.kind, Kind::Barrier);
     assert_eq!(group.status().durable_seq, recs[2].header.seq);
 }
+
+#[test]
+fn a_write_larger_than_a_segment_is_split_into_consecutive_records() {
+    let tmp = tempfile::tempdir().unwrap();
+    let devs = [Arc::new(MemoryDevice::new(DISK))];
+    let (group, _) = open(tmp.path(), &devs, 64 << 20);
+    // Segments are 1 MiB: a 3 MiB write needs four records.
+    let data: Vec<u8> = (0..3 << 20).map(|i: u32| (i / 4096) as u8).collect();
+    group.write(0, 4096, &data, true).unwrap();
+    assert_eq!(group.status().mode, TrackingMode::Data);
+    let recs = records(tmp.path());
+    let writes: Vec<&Record> = recs
+        .iter()
+        .filter(|r| r.header.kind == Kind::Write)
+        .collect();
+    assert_eq!(writes.len(), 4);
+    assert!(writes
+        .windows(2)
+        .all(|w| w[1].header.seq == w[0].header.seq + 1
+            && w[1].header.offset == w[0].header.offset + w[0].header.length));
+    let (image, _) = replay(tmp.path(), 0);
+    assert!(image == devs[0].snapshot());
+}

@@ -1,0 +1,231 @@
+//! The running tracker's contract beyond plain I/O: malformed and
+//! out-of-range requests never reach the log and never stop the server,
+//! the status shows the tracking mode, and a full log switches to bitmap
+//! mode without failing a write.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+use tidemark_changelog::{FsDir, Kind, LogReader};
+use tidemark_e2e::{require_tool, tidemark, TrackerProcess};
+
+const SIZE: u64 = 16 << 20;
+
+fn image(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("disk.img");
+    fs::File::create(&path).unwrap().set_len(SIZE).unwrap();
+    path
+}
+
+/// A raw NBD client that negotiates export `disk` with OPT_GO and then
+/// sends whatever bytes a test wants.
+fn negotiate(socket: &Path) -> UnixStream {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).unwrap();
+    assert_eq!(&greeting[..8], b"NBDMAGIC");
+    // FIXED_NEWSTYLE | NO_ZEROES
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    let name = b"disk";
+    let mut opt = Vec::new();
+    opt.extend_from_slice(b"IHAVEOPT");
+    opt.extend_from_slice(&7u32.to_be_bytes()); // NBD_OPT_GO
+    opt.extend_from_slice(&(4 + name.len() as u32 + 2).to_be_bytes());
+    opt.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    opt.extend_from_slice(name);
+    opt.extend_from_slice(&0u16.to_be_bytes());
+    s.write_all(&opt).unwrap();
+    loop {
+        let mut hdr = [0u8; 20];
+        s.read_exact(&mut hdr).unwrap();
+        let reply = u32::from_be_bytes(hdr[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(hdr[16..20].try_into().unwrap()) as usize;
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).unwrap();
+        match reply {
+            1 => return s, // ACK: transmission
+            3 => continue, // INFO
+            other => panic!("option reply {other:#x}"),
+        }
+    }
+}
+
+fn request(kind: u16, flags: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+    let mut r = Vec::with_capacity(28);
+    r.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+    r.extend_from_slice(&flags.to_be_bytes());
+    r.extend_from_slice(&kind.to_be_bytes());
+    r.extend_from_slice(&cookie.to_be_bytes());
+    r.extend_from_slice(&offset.to_be_bytes());
+    r.extend_from_slice(&len.to_be_bytes());
+    r
+}
+
+fn simple_reply(s: &mut UnixStream) -> (u64, u32) {
+    let mut r = [0u8; 16];
+    s.read_exact(&mut r).unwrap();
+    assert_eq!(u32::from_be_bytes(r[..4].try_into().unwrap()), 0x6744_6698);
+    (
+        u64::from_be_bytes(r[8..16].try_into().unwrap()),
+        u32::from_be_bytes(r[4..8].try_into().unwrap()),
+    )
+}
+
+fn writes_in_log(log_dir: &Path) -> usize {
+    let mut reader = LogReader::new(FsDir::existing(log_dir).unwrap(), 0);
+    std::iter::from_fn(|| reader.next_record().unwrap())
+        .filter(|r| matches!(r.header.kind, Kind::Write | Kind::Trim | Kind::WriteZeroes))
+        .count()
+}
+
+#[test]
+fn bad_requests_reach_neither_disk_nor_log_and_others_are_served() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = image(tmp.path());
+    let tracker = TrackerProcess::start(tmp.path(), &img, &[]);
+
+    // A well-behaved client stays connected throughout.
+    let mut good = negotiate(&tracker.socket);
+
+    // Garbage instead of client flags, then a truncated option.
+    let mut s = UnixStream::connect(&tracker.socket).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    drop(s);
+    let mut s = UnixStream::connect(&tracker.socket).unwrap();
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).unwrap();
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    s.write_all(b"IHAVEOPT\0\0\0\x07\0\0").unwrap();
+    drop(s);
+
+    let mut bad = negotiate(&tracker.socket);
+    // Write past the end: ENOSPC, payload consumed, stream still in step.
+    let mut w = request(1, 0, 1, SIZE - 512, 4096);
+    w.extend(vec![0xee; 4096]);
+    bad.write_all(&w).unwrap();
+    assert_eq!(simple_reply(&mut bad), (1, 28));
+    // Offset + length overflowing u64: EINVAL.
+    bad.write_all(&request(0, 0, 2, u64::MAX - 10, 4096))
+        .unwrap();
+    assert_eq!(simple_reply(&mut bad), (2, 22));
+    // Unknown command: EINVAL.
+    bad.write_all(&request(77, 0, 3, 0, 512)).unwrap();
+    assert_eq!(simple_reply(&mut bad), (3, 22));
+    // Trim out of range: EINVAL.
+    bad.write_all(&request(4, 0, 4, SIZE, 512)).unwrap();
+    assert_eq!(simple_reply(&mut bad), (4, 22));
+    // A write whose payload is shorter than announced, then the client is
+    // gone: nothing may be written.
+    let mut w = request(1, 0, 5, 0, 65536);
+    w.extend(vec![0xdd; 1000]);
+    bad.write_all(&w).unwrap();
+    drop(bad);
+    // A write over the maximum block size: the connection is refused or closed.
+    let mut big = negotiate(&tracker.socket);
+    big.write_all(&request(1, 0, 6, 0, 64 << 20)).unwrap();
+    let _ = big.write_all(&vec![0xcc; 1 << 20]);
+    drop(big);
+
+    // The good client still works, and its write is the only one logged.
+    let mut w = request(1, 0, 9, 8192, 512);
+    w.extend(vec![0x42; 512]);
+    good.write_all(&w).unwrap();
+    assert_eq!(simple_reply(&mut good), (9, 0));
+    good.write_all(&request(3, 0, 10, 0, 0)).unwrap();
+    assert_eq!(simple_reply(&mut good), (10, 0));
+    drop(good);
+
+    let log_dir = tracker.log_dir.clone();
+    assert!(
+        tracker.stop(),
+        "the tracker survived the bad clients and stopped cleanly"
+    );
+    assert_eq!(
+        writes_in_log(&log_dir),
+        1,
+        "only the good write is in the log"
+    );
+    let disk = fs::read(&img).unwrap();
+    assert!(
+        disk[..8192].iter().all(|b| *b == 0),
+        "no bad write reached the disk"
+    );
+    assert!(disk[8192..8704].iter().all(|b| *b == 0x42));
+    assert!(disk[8704..].iter().all(|b| *b == 0));
+}
+
+#[test]
+fn status_shows_the_tracking_mode_and_a_full_log_switches_to_bitmap_mode() {
+    if !require_tool(
+        "qemu-io",
+        "status_shows_the_tracking_mode_and_a_full_log_switches_to_bitmap_mode",
+    ) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let img = image(tmp.path());
+    let tracker = TrackerProcess::start(
+        tmp.path(),
+        &img,
+        &["--segment-size", "1MiB", "--log-size-limit", "2MiB"],
+    );
+    let status = |tracker: &TrackerProcess| -> serde_json::Value {
+        let out = tidemark()
+            .args(["tracker", "status", "--json", "--control-socket"])
+            .arg(&tracker.control)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let s = status(&tracker);
+    assert_eq!(s["tracking"], "data");
+    assert_eq!(s["disks"][0]["name"], "disk");
+    assert_eq!(s["disks"][0]["tracking"], "data");
+
+    // 4 MiB of writes do not fit a 2 MiB log: every write still succeeds.
+    let out = Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x61 0 4M",
+            "-c",
+            "flush",
+            "-c",
+            "read -P 0x61 0 4M",
+        ])
+        .arg(tracker.uri())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && !text.contains("failed"), "{text}");
+    let s = status(&tracker);
+    assert_eq!(s["tracking"], "bitmap", "{s}");
+    assert!(
+        s["bitmap_reason"].as_str().unwrap().contains("size limit"),
+        "{s}"
+    );
+    assert!(s["disks"][0]["dirty_extents"].as_u64().unwrap() > 0, "{s}");
+    assert!(s["log_bytes"].as_u64().unwrap() <= 2 << 20, "{s}");
+    // A recovery point cannot be marked in bitmap mode, and the CLI says why.
+    let out = tidemark()
+        .args(["tracker", "mark", "x", "--control-socket"])
+        .arg(&tracker.control)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bitmap mode"));
+    assert!(tracker.stop());
+    assert!(fs::read(&img).unwrap()[..4 << 20]
+        .iter()
+        .all(|b| *b == 0x61));
+}
