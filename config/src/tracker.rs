@@ -65,7 +65,7 @@ pub struct TrackerConfig {
 
     /// Size of each preallocated segment file. At least 1MiB, a multiple of
     /// 4KiB, larger than `max-block-size` (a record never spans segments)
-    /// and at most `log-size-limit`. Default: `"64MiB"`.
+    /// and at most half of `log-size-limit`. Default: `"64MiB"`.
     pub segment_size: ByteSize,
 
     /// Unix socket on which the disks are served over NBD to the kernel's
@@ -198,11 +198,13 @@ impl TrackerConfig {
                 ),
             ));
         }
-        if self.segment_size > self.log_size_limit {
+        // The log always keeps the segment being written and the one being
+        // opened next, so it needs room for two.
+        if self.segment_size.as_u64().saturating_mul(2) > self.log_size_limit.as_u64() {
             return Err(invalid(
                 "segment-size",
                 format!(
-                    "segment-size {} is larger than log-size-limit {}",
+                    "segment-size {} is more than half of log-size-limit {}: the log needs room for two segments",
                     self.segment_size, self.log_size_limit
                 ),
             ));

@@ -211,16 +211,22 @@ fn segment_size_fits_in_the_log() {
         ),
         3,
         "tracker.segment-size",
-        "segment-size 128MiB is larger than log-size-limit 64MiB",
+        "segment-size 128MiB is more than half of log-size-limit 64MiB: the log needs room for two segments",
     );
     // segment-size left at its default: the [tracker] header stands in.
     rejects(
         &tracker("log-size-limit = \"32MiB\"", ONE_DISK),
         1,
         "tracker.segment-size",
-        "segment-size 64MiB is larger than log-size-limit 32MiB",
+        "segment-size 64MiB is more than half of log-size-limit 32MiB: the log needs room for two segments",
     );
-    accepts(&tracker("log-size-limit = \"64MiB\"", ONE_DISK));
+    rejects(
+        &tracker("log-size-limit = \"64MiB\"", ONE_DISK),
+        1,
+        "tracker.segment-size",
+        "segment-size 64MiB is more than half of log-size-limit 64MiB: the log needs room for two segments",
+    );
+    accepts(&tracker("log-size-limit = \"128MiB\"", ONE_DISK));
 }
 
 #[test]

@@ -229,3 +229,111 @@ fn status_shows_the_tracking_mode_and_a_full_log_switches_to_bitmap_mode() {
         .iter()
         .all(|b| *b == 0x61));
 }
+
+#[test]
+fn a_config_file_serves_two_disks_in_one_group_over_unix_and_tcp() {
+    if !require_tool(
+        "qemu-io",
+        "a_config_file_serves_two_disks_in_one_group_over_unix_and_tcp",
+    ) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, wal) = (tmp.path().join("data.img"), tmp.path().join("wal.img"));
+    for p in [&data, &wal] {
+        fs::File::create(p).unwrap().set_len(SIZE).unwrap();
+    }
+    // A free loopback port for the TCP listener.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = tmp.path().join("tracker.toml");
+    let d = tmp.path().display();
+    fs::write(
+        &config,
+        format!(
+            "[tracker]\nconsistency-group = \"db\"\nlog-dir = \"{d}/log\"\nsocket = \"{d}/nbd.sock\"\n\
+             control-socket = \"{d}/ctl\"\ntcp-listen = \"127.0.0.1:{port}\"\nmetrics-listen = \"127.0.0.1:0\"\n\
+             log-size-limit = \"64MiB\"\nsegment-size = \"32MiB\"\nmax-block-size = \"16MiB\"\n\n\
+             [[tracker.disk]]\nname = \"data\"\npath = \"{}\"\n\n[[tracker.disk]]\nname = \"wal\"\npath = \"{}\"\n",
+            data.display(),
+            wal.display()
+        ),
+    )
+    .unwrap();
+    let check = tidemark()
+        .args(["config", "check"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let mut child = tidemark()
+        .args(["tracker", "serve", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    assert!(first.starts_with("tracker ready"), "{first}");
+    let unix = |export: &str| format!("nbd+unix:///{export}?socket={d}/nbd.sock");
+    for (uri, pattern) in [
+        (unix("data"), "0x11"),
+        (unix("wal"), "0x22"),
+        (format!("nbd://127.0.0.1:{port}/data"), "0x33"),
+    ] {
+        let offset = if pattern == "0x33" { "1M" } else { "0" };
+        let out = Command::new("qemu-io")
+            .args([
+                "-f",
+                "raw",
+                "-c",
+                &format!("write -P {pattern} {offset} 64k"),
+                "-c",
+                "flush",
+            ])
+            .arg(&uri)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{uri}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = tidemark()
+        .args(["tracker", "status", "--json", "--control-socket"])
+        .arg(tmp.path().join("ctl"))
+        .output()
+        .unwrap();
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["group"], "db");
+    assert_eq!(s["disks"][1]["name"], "wal");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+    // One ordered log for the group: both disks' writes, in order.
+    let mut reader = LogReader::new(FsDir::existing(&tmp.path().join("log")).unwrap(), 0);
+    let disks: Vec<u32> = std::iter::from_fn(|| reader.next_record().unwrap())
+        .filter(|r| r.header.kind == Kind::Write)
+        .map(|r| r.header.disk)
+        .collect();
+    assert_eq!(disks, vec![0, 1, 0]);
+    assert!(fs::read(&wal).unwrap()[..65536].iter().all(|b| *b == 0x22));
+    assert!(fs::read(&data).unwrap()[1 << 20..(1 << 20) + 65536]
+        .iter()
+        .all(|b| *b == 0x33));
+}

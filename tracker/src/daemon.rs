@@ -35,6 +35,9 @@ pub struct TrackerSettings {
     pub log: LogOptions,
     /// NBD unix socket.
     pub socket: PathBuf,
+    /// Also serve NBD over TCP here (the config allows only loopback unless
+    /// remote NBD is explicitly allowed).
+    pub tcp_listen: Option<std::net::SocketAddr>,
     /// Control socket.
     pub control_socket: PathBuf,
     /// Bytes per activity-map extent.
@@ -172,7 +175,22 @@ pub fn run(settings: TrackerSettings, ready: impl FnOnce(&OpenReport)) -> Result
                 source,
             }
         })?;
-    let handle = server.serve(backend);
+    let tcp =
+        match settings.tcp_listen {
+            Some(addr) => Some(Server::bind_tcp(addr, ServerOptions::default()).map_err(
+                |source| DaemonError::Socket {
+                    what: "NBD TCP listener",
+                    path: PathBuf::from(addr.to_string()),
+                    source,
+                },
+            )?),
+            None => None,
+        };
+    let handle = server.serve(backend.clone());
+    let tcp_handle = tcp.map(|server| {
+        tracing::info!(addr = ?server.addr(), "serving NBD over TCP too");
+        server.serve(backend)
+    });
     tracing::info!(socket = %settings.socket.display(), "serving");
     ready(&report);
 
@@ -182,6 +200,9 @@ pub fn run(settings: TrackerSettings, ready: impl FnOnce(&OpenReport)) -> Result
         "stopping: no new connections, draining requests in flight"
     );
     handle.shutdown();
+    if let Some(tcp) = tcp_handle {
+        tcp.shutdown();
+    }
     control.stop();
     group.close_clean().map_err(DaemonError::Stop)?;
     tracing::info!("stopped cleanly: final barrier written");
