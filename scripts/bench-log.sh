@@ -94,8 +94,22 @@ mkdir "$results"
 
 fs="$(findmnt -n -o SOURCE,FSTYPE,OPTIONS -T "$work" 2>/dev/null || echo unknown)"
 echo "bench-log: $work on $fs; $(nproc) CPUs; $(fio --version); $REPEATS run(s) per case" >&2
-# The figures are only as good as the machine is quiet: show the load.
-echo "bench-log: load average before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+# The figures are only as good as the machine is quiet: show the load and
+# what else is writing to the disk, and warn when something is.
+disk_stat="/sys/class/block/$(basename "$(readlink -f "$(findmnt -n -o SOURCE -T "$work" 2>/dev/null || true)" 2>/dev/null || true)")/stat"
+other_writes() { # seconds -> write requests completed on the disk meanwhile
+	[ -r "$disk_stat" ] || { echo "?"; return; }
+	local before after
+	before="$(awk '{print $5}' "$disk_stat")"
+	sleep "$1"
+	after="$(awk '{print $5}' "$disk_stat")"
+	echo $((after - before))
+}
+idle_writes="$(other_writes 3)"
+echo "bench-log: load average $(cut -d' ' -f1-3 /proc/loadavg); other writes to the disk in the last 3 s: $idle_writes" >&2
+if [[ "$idle_writes" =~ ^[0-9]+$ ]] && ((idle_writes > 30)); then
+	echo "bench-log: WARNING: something else is writing to this disk; the figures will be noisy" >&2
+fi
 
 bytes_args=()
 [ -n "${TIDEMARK_BENCH_BYTES:-}" ] && bytes_args=(--bytes "$TIDEMARK_BENCH_BYTES")
@@ -138,7 +152,7 @@ for rep in $(seq 1 "$REPEATS"); do
 	done
 done
 
-echo "bench-log: load average after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+echo "bench-log: load average after: $(cut -d' ' -f1-3 /proc/loadavg); other writes in 3 s: $(other_writes 3)" >&2
 
 python3 - "$results" "$REPEATS" "${RECORD_SIZES[*]}" "${BARRIER_EVERY[*]}" <<'EOF'
 import json, statistics, sys

@@ -9,6 +9,7 @@
 //!   overflow.
 //! - [`reader`]: reading in order and tailing without polling.
 //! - [`cursor`]: the receiver's durable position, which frees segments.
+//! - [`sources`]: the group's disks (name, size, path) for the shipper.
 //! - [`check`](mod@check) and [`replay`]: the inspection tools' logic.
 //! - [`storage`]: the narrow file interface, a real directory and a
 //!   crash-simulating one.
@@ -20,6 +21,7 @@ pub mod reader;
 pub mod record;
 pub mod replay;
 pub mod segment;
+pub mod sources;
 pub mod storage;
 
 pub use check::{check, CheckReport};
@@ -27,6 +29,7 @@ pub use cursor::{read_cursor, write_cursor};
 pub use log::{AppendError, ChangeLog, LogOptions, OpenError, PendingSync, Recovery};
 pub use reader::{LogReader, LogWatcher, ReadError};
 pub use record::{Entry, Header, Kind, Record};
+pub use sources::{read_sources, write_sources, DiskSource};
 pub use storage::{FsDir, LogDir, LogFile, SimDir};
 
 /// Nanoseconds since the Unix epoch, for record timestamps.

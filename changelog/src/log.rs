@@ -606,6 +606,20 @@ impl<D: LogDir> ChangeLog<D> {
         self.active_header.generation
     }
 
+    /// Bytes that can still be appended before the log overflows: the room
+    /// left in the active segment, plus the segments that may still be
+    /// created under the size limit or recycled because the receiver has
+    /// acknowledged everything in them (reads the cursor).
+    pub fn free_bytes(&self) -> Result<u64, AppendError> {
+        let max_segments = self.opts.size_limit / self.opts.segment_size;
+        let cursor = read_cursor(&self.dir)?;
+        let recyclable = self.recyclable(cursor) as u64;
+        let in_use = self.sealed.len() as u64 + 1;
+        let spare = (max_segments + recyclable).saturating_sub(in_use);
+        let active_room = self.opts.segment_size.saturating_sub(self.write_pos);
+        Ok(spare * self.opts.segment_size + active_room)
+    }
+
     /// Bytes the log's segment files occupy.
     pub fn bytes_in_use(&self) -> u64 {
         (self.sealed.len() as u64 + 1) * self.opts.segment_size

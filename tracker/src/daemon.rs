@@ -12,6 +12,7 @@ use nix::sys::signal::{SigSet, Signal};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tidemark_changelog::LogOptions;
+use tidemark_changelog::{write_sources, DiskSource};
 
 /// One disk to protect.
 #[derive(Debug, Clone)]
@@ -112,6 +113,52 @@ fn lock_memory() {
     }
 }
 
+/// Periodic work off the I/O path: return from bitmap mode to data mode
+/// once the shipper has freed room in the log.
+struct Maintenance {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Maintenance {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn spawn_maintenance(group: Arc<Group>) -> Maintenance {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name("maintenance".into())
+        .spawn(move || {
+            let mut last_try = std::time::Instant::now();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                if last_try.elapsed() < RESUME_INTERVAL {
+                    continue;
+                }
+                last_try = std::time::Instant::now();
+                match group.try_resume_data_mode() {
+                    Ok(Some(extents)) => tracing::info!(
+                        extents,
+                        "back in data mode: dirty extents recorded as resync-needed"
+                    ),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "cannot leave bitmap mode yet"),
+                }
+            }
+        })
+        .ok();
+    Maintenance { stop, thread }
+}
+
+/// How often bitmap mode checks whether the log has room again.
+const RESUME_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Runs the tracker until SIGTERM or SIGINT. `ready` is called once the
 /// NBD socket accepts connections, with what opening the group found.
 pub fn run(settings: TrackerSettings, ready: impl FnOnce(&OpenReport)) -> Result<(), DaemonError> {
@@ -155,7 +202,21 @@ pub fn run(settings: TrackerSettings, ready: impl FnOnce(&OpenReport)) -> Result
             "the previous run did not stop cleanly: hot extents recorded as resync-needed"
         );
     }
+    let sources: Vec<DiskSource> = settings
+        .disks
+        .iter()
+        .zip(group.disk_sizes())
+        .enumerate()
+        .map(|(id, (spec, size))| DiskSource {
+            id: id as u32,
+            name: spec.name.clone(),
+            size,
+            path: std::fs::canonicalize(&spec.path).unwrap_or_else(|_| spec.path.clone()),
+        })
+        .collect();
+    write_sources(&settings.log_dir, &sources).map_err(|e| DaemonError::Stop(e.to_string()))?;
     let group = Arc::new(group);
+    let maintenance = spawn_maintenance(group.clone());
     let control = ControlSocket::start(
         &settings.control_socket,
         settings.group.clone(),
@@ -204,6 +265,7 @@ pub fn run(settings: TrackerSettings, ready: impl FnOnce(&OpenReport)) -> Result
         tcp.shutdown();
     }
     control.stop();
+    drop(maintenance);
     group.close_clean().map_err(DaemonError::Stop)?;
     tracing::info!("stopped cleanly: final barrier written");
     Ok(())

@@ -37,6 +37,14 @@ use tidemark_changelog::{
     now_ns, AppendError, ChangeLog, Entry, FsDir, LogOptions, OpenError, Recovery,
 };
 
+/// How bitmap-mode reasons caused by the log's size limit begin: only
+/// those return to data mode by themselves.
+const OVERFLOW_REASON: &str = "the change log reached its size limit";
+
+fn is_overflow_reason(reason: &str) -> bool {
+    reason.starts_with(OVERFLOW_REASON)
+}
+
 /// Granularity of the dirty bitmap used in bitmap mode.
 pub const DIRTY_GRANULARITY: u64 = 64 << 10;
 /// How often hot extents are cooled at most.
@@ -175,6 +183,9 @@ pub struct Group {
     disks: Vec<DiskState>,
     log: Mutex<ChangeLog<FsDir>>,
     mode: Mutex<TrackingMode>,
+    /// A new generation (number, first sequence number) to begin in the log
+    /// when data mode returns.
+    pending_generation: Mutex<Option<(u32, u64)>>,
     maps: Mutex<Maps>,
     /// Serializes writing map bytes and their fdatasync.
     persist: Mutex<()>,
@@ -258,6 +269,10 @@ impl Group {
         };
         let mut resync_needed = Vec::new();
         let mut generation = state.generation.max(recovery.generation);
+        // A generation recorded in the state file but not yet begun in the
+        // log (the log was full): begun when data mode returns.
+        let mut pending_generation = (state.generation > recovery.generation)
+            .then_some((state.generation, recovery.max_exposed_seq + 1));
         if unclean {
             generation += 1;
             match log.begin_generation(generation, recovery.max_exposed_seq + 1, now_ns()) {
@@ -266,10 +281,12 @@ impl Group {
                 // The generation is recorded in the state file and begun
                 // in the log when data mode returns.
                 Err(AppendError::Overflow { .. }) => {
+                    pending_generation = Some((generation, recovery.max_exposed_seq + 1));
                     if mode == TrackingMode::Data {
                         mode = TrackingMode::Bitmap {
-                            reason: "the change log was full when restarting after an unclean stop"
-                                .into(),
+                            reason: format!(
+                                "{OVERFLOW_REASON} when restarting after an unclean stop"
+                            ),
                         };
                     }
                 }
@@ -291,7 +308,7 @@ impl Group {
                     Ok(()) => {}
                     Err(AppendError::Overflow { .. }) => {
                         mode = TrackingMode::Bitmap {
-                            reason: "the change log was full when recording an unclean stop".into(),
+                            reason: format!("{OVERFLOW_REASON} when recording an unclean stop"),
                         }
                     }
                     Err(e) => return Err(GroupError::Append(e)),
@@ -338,6 +355,7 @@ impl Group {
             disks: states,
             log: Mutex::new(log),
             mode: Mutex::new(mode),
+            pending_generation: Mutex::new(pending_generation),
             maps: Mutex::new(Maps {
                 activity,
                 dirty,
@@ -462,37 +480,120 @@ impl Group {
     /// Records a change: a log record in data mode, dirty bits in bitmap
     /// mode. Returns the record's sequence number (0 in bitmap mode).
     fn track(&self, disk: u32, entry: &Entry<'_>) -> u64 {
-        if matches!(*lock(&self.mode), TrackingMode::Data) {
-            let appended = {
-                let mut log = lock(&self.log);
-                let max = log.max_payload();
-                if entry.payload.len() <= max {
-                    log.append(entry)
-                } else {
-                    // A write larger than a record can carry becomes several
-                    // consecutive records under one lock: nothing can come
-                    // between them, and a barrier never splits them.
-                    entry
-                        .payload
-                        .chunks(max)
-                        .enumerate()
-                        .try_fold(0, |_, (i, chunk)| {
-                            let offset = entry.offset + (i * max) as u64;
-                            log.append(&Entry::write(disk, offset, chunk, entry.timestamp_ns))
-                        })
+        loop {
+            let mode = lock(&self.mode);
+            if matches!(*mode, TrackingMode::Data) {
+                drop(mode);
+                let appended = {
+                    let mut log = lock(&self.log);
+                    let max = log.max_payload();
+                    if entry.payload.len() <= max {
+                        log.append(entry)
+                    } else {
+                        // A write larger than a record can carry becomes several
+                        // consecutive records under one lock: nothing can come
+                        // between them, and a barrier never splits them.
+                        entry
+                            .payload
+                            .chunks(max)
+                            .enumerate()
+                            .try_fold(0, |_, (i, chunk)| {
+                                let offset = entry.offset + (i * max) as u64;
+                                log.append(&Entry::write(disk, offset, chunk, entry.timestamp_ns))
+                            })
+                    }
+                };
+                match appended {
+                    Ok(seq) => return seq,
+                    Err(e) => {
+                        self.enter_bitmap_mode(&e);
+                        continue;
+                    }
                 }
-            };
-            match appended {
-                Ok(seq) => return seq,
-                Err(e) => self.enter_bitmap_mode(&e),
             }
+            // The mode lock is held while the bits are set, so a return to
+            // data mode (which takes the bits under the same lock) cannot
+            // miss them.
+            let mut maps = lock(&self.maps);
+            let bits = &mut maps.dirty[disk as usize];
+            for i in bits.extents(entry.offset, entry.length) {
+                bits.set(i);
+            }
+            return 0;
+        }
+    }
+
+    /// Returns from bitmap mode to data mode when bitmap mode came from the
+    /// log's size limit and the log has room again (the shipper moved the
+    /// cursor, segments were recycled): a new generation begins in the log
+    /// if one is pending, every dirty extent becomes a resync-needed record,
+    /// a barrier makes them durable, and the dirty bitmap is cleared. Writes
+    /// wait for this (it is rare and short). Returns the number of extents
+    /// recorded, or `None` if the group stays as it is.
+    pub fn try_resume_data_mode(&self) -> Result<Option<usize>, String> {
+        let mut mode = lock(&self.mode);
+        match &*mode {
+            TrackingMode::Data => return Ok(None),
+            TrackingMode::Bitmap { reason } if !is_overflow_reason(reason) => return Ok(None),
+            TrackingMode::Bitmap { .. } => {}
         }
         let mut maps = lock(&self.maps);
-        let bits = &mut maps.dirty[disk as usize];
-        for i in bits.extents(entry.offset, entry.length) {
-            bits.set(i);
+        let mut log = lock(&self.log);
+        // Only with room for real work: half the log free, so the group
+        // does not flap between the modes.
+        match log.free_bytes() {
+            Ok(free) if free >= log.options().size_limit / 2 => {}
+            Ok(_) => return Ok(None),
+            Err(e) => return Err(format!("reading the log's cursor: {e}")),
         }
-        0
+        let now = now_ns();
+        let mut pending = lock(&self.pending_generation);
+        if let Some((generation, first_seq)) = *pending {
+            let first_seq = first_seq.max(log.next_seq());
+            match log.begin_generation(generation, first_seq, now) {
+                Ok(()) => *pending = None,
+                Err(AppendError::Overflow { .. }) => return Ok(None),
+                Err(e) => return Err(format!("starting generation {generation}: {e}")),
+            }
+        }
+        drop(pending);
+        let mut extents = Vec::new();
+        for (id, (bits, disk)) in maps.dirty.iter().zip(&self.disks).enumerate() {
+            for (offset, length) in bits.ranges(disk.size) {
+                extents.push((id as u32, offset, length));
+            }
+        }
+        for &(disk, offset, length) in &extents {
+            match log.append(&Entry::resync_needed(disk, offset, length, now)) {
+                Ok(_) => {}
+                // Records appended so far only ask for a resync of extents
+                // that are dirty anyway; the bits stay set.
+                Err(AppendError::Overflow { .. }) => return Ok(None),
+                Err(e) => return Err(format!("recording resync-needed extents: {e}")),
+            }
+        }
+        match log.barrier(now).and_then(|_| log.sync()) {
+            Ok(_) => {}
+            Err(AppendError::Overflow { .. }) => return Ok(None),
+            Err(e) => return Err(format!("making resync-needed extents durable: {e}")),
+        }
+        drop(log);
+        for bits in &mut maps.dirty {
+            bits.clear_all();
+            let bytes = bits.take_unwritten();
+            bits.writer()
+                .and_then(|w| w.write_bytes(&bytes, true))
+                .map_err(|e| format!("clearing the dirty bitmap: {e}"))?;
+        }
+        *mode = TrackingMode::Data;
+        drop(maps);
+        drop(mode);
+        let mut state = lock(&self.state);
+        state.bitmap_reason = None;
+        state
+            .save_in_place()
+            .map_err(|e| format!("recording data mode in the state file: {e}"))?;
+        Ok(Some(extents.len()))
     }
 
     fn enter_bitmap_mode(&self, cause: &AppendError) {
@@ -502,7 +603,7 @@ impl Group {
         }
         let reason = match cause {
             AppendError::Overflow { limit } => {
-                format!("the change log reached its size limit of {limit} bytes")
+                format!("{OVERFLOW_REASON} of {limit} bytes")
             }
             other => format!("the change log failed: {other}"),
         };
@@ -678,6 +779,11 @@ impl Group {
                 .map(|b| (0..b.len()).filter(|&i| b.get(i)).count() as u64)
                 .collect(),
         }
+    }
+
+    /// Sizes of the disks in bytes, by id.
+    pub fn disk_sizes(&self) -> Vec<u64> {
+        self.disks.iter().map(|d| d.size).collect()
     }
 
     /// The disks' names, by id.

@@ -282,3 +282,60 @@ fn a_write_larger_than_a_segment_is_split_into_consecutive_records() {
     let (image, _) = replay(tmp.path(), 0);
     assert!(image == devs[0].snapshot());
 }
+
+#[test]
+fn bitmap_mode_returns_to_data_mode_with_resync_needed_records_once_the_log_has_room() {
+    let tmp = tempfile::tempdir().unwrap();
+    let devs = [Arc::new(MemoryDevice::new(DISK))];
+    let (group, _) = open(tmp.path(), &devs, 2 << 20);
+    let data = vec![5u8; 64 << 10];
+    for i in 0..64u64 {
+        group.write(0, i * (64 << 10), &data, false).unwrap();
+    }
+    assert_eq!(group.status().mode.name(), "bitmap");
+    // Writes in bitmap mode: the extents at 5 MiB and 7 MiB become dirty.
+    group.write(0, 5 << 20, &[7u8; 4096], false).unwrap();
+    group.write(0, 7 << 20, &[8u8; 4096], false).unwrap();
+    // The log is still full: nothing changes.
+    assert_eq!(group.try_resume_data_mode().unwrap(), None);
+    assert_eq!(group.status().mode.name(), "bitmap");
+
+    // The receiver has everything: the cursor frees every segment.
+    let dir = FsDir::existing(tmp.path()).unwrap();
+    let last = records(tmp.path()).last().unwrap().header.seq;
+    tidemark_changelog::write_cursor(&dir, last).unwrap();
+    let extents = group
+        .try_resume_data_mode()
+        .unwrap()
+        .expect("back in data mode");
+    assert!(extents >= 2, "{extents} extents");
+    let status = group.status();
+    assert_eq!(status.mode.name(), "data");
+    assert!(status.dirty_extents.iter().all(|n| *n == 0));
+
+    let after: Vec<Record> = records(tmp.path())
+        .into_iter()
+        .filter(|r| r.header.seq > last)
+        .collect();
+    let resync: Vec<(u64, u64)> = after
+        .iter()
+        .filter(|r| r.header.kind == Kind::ResyncNeeded)
+        .map(|r| (r.header.offset, r.header.length))
+        .collect();
+    for at in [5u64 << 20, 7 << 20] {
+        assert!(
+            resync.iter().any(|&(o, l)| o <= at && at < o + l),
+            "no resync-needed record covers {at}: {resync:?}"
+        );
+    }
+    assert_eq!(after.last().unwrap().header.kind, Kind::Barrier);
+    // Data mode again: the next write is logged.
+    group.write(0, 0, &[9u8; 4096], false).unwrap();
+    let newest = records(tmp.path()).last().unwrap().clone();
+    assert_eq!(newest.header.kind, Kind::Write);
+    assert_eq!(newest.header.offset, 0);
+    drop(group);
+    // Data mode survives a restart.
+    let (group, _) = open(tmp.path(), &devs, 2 << 20);
+    assert_eq!(group.status().mode.name(), "data");
+}
