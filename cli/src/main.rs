@@ -3,6 +3,8 @@
 
 mod config_cmd;
 mod log_cmd;
+mod pki_cmd;
+mod replication_cmd;
 mod timefmt;
 mod tracker_cmd;
 
@@ -28,6 +30,19 @@ enum Command {
     /// Run the tracker (the NBD server in the I/O path) and talk to it.
     #[command(subcommand)]
     Tracker(tracker_cmd::TrackerCommand),
+    /// Set up and administer the receiver (replica site).
+    #[command(subcommand)]
+    Receiver(pki_cmd::ReceiverCommand),
+    /// Enrol this protected host with a receiver.
+    #[command(subcommand)]
+    Host(pki_cmd::HostCommand),
+    /// Run the shipper (drains the change log to the receiver) and ask it
+    /// how replication goes.
+    #[command(subcommand)]
+    Shipper(replication_cmd::ShipperCommand),
+    /// Take over a replica: write its disks, as of the newest state the
+    /// receiver holds, into image files (the receiver must be stopped).
+    Failover(replication_cmd::FailoverArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +58,10 @@ fn main() -> ExitCode {
         Command::Log(cmd) => log_cmd::run(cmd),
         Command::Config(cmd) => config_cmd::run(cmd),
         Command::Tracker(cmd) => tracker_cmd::run(cmd),
+        Command::Receiver(cmd) => pki_cmd::run_receiver(cmd),
+        Command::Host(cmd) => pki_cmd::run_host(cmd),
+        Command::Shipper(cmd) => replication_cmd::run_shipper(cmd),
+        Command::Failover(a) => replication_cmd::failover(a),
     };
     match result {
         Ok(code) => code,

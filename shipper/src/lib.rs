@@ -1,1 +1,15 @@
-//! placeholder
+//! The shipper: drains a consistency group's change log to the receiver, in
+//! order, compressed, over QUIC with mutual TLS; runs the initial sync and
+//! checksum resyncs by reading the disks themselves.
+//!
+//! - [`daemon`]: the process: connection, loop, retries.
+//! - [`policy`]: reconnect backoff and the bandwidth limit (pure logic).
+//! - [`source`]: reading the protected disks for sync and resync.
+//! - [`status`]: `shipper.status`, what the shipper is doing.
+//! - [`tail`]: batches of records from the log, waiting without polling.
+
+pub mod daemon;
+pub mod policy;
+pub mod source;
+pub mod status;
+pub mod tail;

@@ -1,0 +1,378 @@
+//! `tidemark shipper …`, `tidemark receiver serve` and `tidemark failover`:
+//! run the replication daemons and take a replica over.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+use tidemark_config::{ReceiverConfig, ShipperConfig};
+use tokio::sync::watch;
+
+/// Run the shipper and ask it how replication goes.
+#[derive(Debug, Subcommand)]
+pub(crate) enum ShipperCommand {
+    /// Ship a consistency group's change log to the receiver (runs until
+    /// SIGTERM; exit status 2 on a permanent failure).
+    Run(ShipperRunArgs),
+    /// Show what the shipper on a log directory is doing.
+    Status(ShipperStatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ShipperRunArgs {
+    /// A config file with a `[shipper]` table. Alternatively give
+    /// --log-dir, --receiver, --host and --pki-dir.
+    #[arg(long, conflicts_with_all = ["log_dir", "receiver", "host", "pki_dir"])]
+    config: Option<PathBuf>,
+    /// The tracker's change log directory.
+    #[arg(long, requires_all = ["receiver", "host", "pki_dir"])]
+    log_dir: Option<PathBuf>,
+    /// The receiver, "host:port".
+    #[arg(long)]
+    receiver: Option<String>,
+    /// This host's enrolled name (the name in host.crt).
+    #[arg(long)]
+    host: Option<String>,
+    /// Directory with ca.crt, host.crt and host.key.
+    #[arg(long)]
+    pki_dir: Option<PathBuf>,
+    /// The consistency group.
+    #[arg(long, default_value = "default")]
+    group: String,
+    /// The name the receiver's certificate carries.
+    #[arg(long, default_value = "tidemark-receiver")]
+    server_name: String,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ShipperStatusArgs {
+    /// The change log directory the shipper drains.
+    #[arg(long)]
+    log_dir: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `tidemark receiver serve`.
+#[derive(Debug, Args)]
+pub(crate) struct ReceiverServeArgs {
+    /// A config file with a `[receiver]` table. Alternatively give
+    /// --listen, --data-dir and --pki-dir.
+    #[arg(long, conflicts_with_all = ["listen", "data_dir", "pki_dir"])]
+    config: Option<PathBuf>,
+    /// UDP address for QUIC ("0.0.0.0:7480"; port 0 picks one, printed).
+    #[arg(long, requires_all = ["data_dir", "pki_dir"])]
+    listen: Option<String>,
+    /// Where replicas live (one directory per host and group).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Directory written by `tidemark receiver init`.
+    #[arg(long)]
+    pki_dir: Option<PathBuf>,
+}
+
+/// `tidemark failover`.
+#[derive(Debug, Args)]
+pub(crate) struct FailoverArgs {
+    /// The receiver's data directory.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// The protected host to fail over.
+    #[arg(long)]
+    host: String,
+    /// Its consistency group.
+    #[arg(long, default_value = "default")]
+    group: String,
+    /// Directory to write one image per disk into (`<disk>.img`).
+    #[arg(long)]
+    to: PathBuf,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// A watch that turns true on SIGTERM or SIGINT.
+fn stop_on_signals() -> Result<watch::Receiver<bool>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (tx, rx) = watch::channel(false);
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("stopping");
+        let _ = tx.send(true);
+    });
+    Ok(rx)
+}
+
+/// Builds a config table from flags and runs it through the same parser
+/// and checks as a config file.
+fn synthesize(table: &str, values: toml::Table) -> Result<tidemark_config::LoadedConfig> {
+    let mut root = toml::Table::new();
+    root.insert(table.to_string(), toml::Value::Table(values));
+    let text = toml::to_string(&root).context("building the configuration")?;
+    tidemark_config::parse_str(&text, Path::new("<command line>")).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn path_str(p: &Path) -> toml::Value {
+    toml::Value::String(p.display().to_string())
+}
+
+fn shipper_config(a: &ShipperRunArgs) -> Result<ShipperConfig> {
+    let loaded = match &a.config {
+        Some(path) => tidemark_config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?,
+        None => {
+            let (Some(log_dir), Some(receiver), Some(host), Some(pki)) =
+                (&a.log_dir, &a.receiver, &a.host, &a.pki_dir)
+            else {
+                bail!("give --config FILE, or --log-dir, --receiver, --host and --pki-dir");
+            };
+            let mut t = toml::Table::new();
+            t.insert("host".into(), toml::Value::String(host.clone()));
+            t.insert("receiver".into(), toml::Value::String(receiver.clone()));
+            t.insert("server-name".into(), toml::Value::String(a.server_name.clone()));
+            t.insert("consistency-group".into(), toml::Value::String(a.group.clone()));
+            t.insert("log-dir".into(), path_str(log_dir));
+            t.insert(
+                "control-socket".into(),
+                path_str(&log_dir.join("shipper.ctl")),
+            );
+            let mut tls = toml::Table::new();
+            tls.insert("ca".into(), path_str(&pki.join("ca.crt")));
+            tls.insert("cert".into(), path_str(&pki.join("host.crt")));
+            tls.insert("key".into(), path_str(&pki.join("host.key")));
+            t.insert("tls".into(), toml::Value::Table(tls));
+            synthesize("shipper", t)?
+        }
+    };
+    loaded
+        .shipper
+        .context("the configuration has no [shipper] table")
+}
+
+fn receiver_config(a: &ReceiverServeArgs) -> Result<ReceiverConfig> {
+    let loaded = match &a.config {
+        Some(path) => tidemark_config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?,
+        None => {
+            let (Some(listen), Some(data_dir), Some(pki)) = (&a.listen, &a.data_dir, &a.pki_dir)
+            else {
+                bail!("give --config FILE, or --listen, --data-dir and --pki-dir");
+            };
+            let mut t = toml::Table::new();
+            t.insert("listen".into(), toml::Value::String(listen.clone()));
+            t.insert("data-dir".into(), path_str(data_dir));
+            t.insert(
+                "control-socket".into(),
+                path_str(&data_dir.join("receiver.ctl")),
+            );
+            let mut tls = toml::Table::new();
+            tls.insert("ca".into(), path_str(&pki.join("ca.crt")));
+            tls.insert("ca-key".into(), path_str(&pki.join("ca.key")));
+            tls.insert("cert".into(), path_str(&pki.join("receiver.crt")));
+            tls.insert("key".into(), path_str(&pki.join("receiver.key")));
+            t.insert("tls".into(), toml::Value::Table(tls));
+            synthesize("receiver", t)?
+        }
+    };
+    loaded
+        .receiver
+        .context("the configuration has no [receiver] table")
+}
+
+pub(crate) fn run_shipper(cmd: ShipperCommand) -> Result<ExitCode> {
+    match cmd {
+        ShipperCommand::Run(a) => {
+            let cfg = shipper_config(&a)?;
+            let rt = runtime()?;
+            let result = rt.block_on(async {
+                let stop = stop_on_signals()?;
+                println!(
+                    "shipper started: log {} → {} as {} (group {})",
+                    cfg.log_dir.display(),
+                    cfg.receiver,
+                    cfg.host,
+                    cfg.consistency_group
+                );
+                let _ = std::io::stdout().flush();
+                anyhow::Ok(tidemark_shipper::daemon::run(cfg, stop).await)
+            })?;
+            match result {
+                Ok(()) => Ok(ExitCode::SUCCESS),
+                Err(e @ tidemark_shipper::daemon::ShipperFatal::Critical(_)) => {
+                    eprintln!("tidemark: error: {e}");
+                    Ok(ExitCode::from(2))
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
+        ShipperCommand::Status(a) => {
+            let s = tidemark_shipper::status::read_status(&a.log_dir).map_err(anyhow::Error::msg)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let state = serde_json::to_value(s.state)?;
+            println!("host {} group {}: {}", s.host, s.group, state.as_str().unwrap_or("?"));
+            if let Some(r) = &s.reason {
+                println!("  reason: {r}");
+            }
+            println!(
+                "  durable at the receiver: seq {}   sent: seq {}   newest in log: seq {}",
+                s.durable_seq, s.sent_seq, s.log_seq
+            );
+            println!(
+                "  shipped {} record bytes as {} bytes on the wire; retries {}",
+                s.record_bytes, s.wire_bytes, s.retries
+            );
+            for d in &s.disks {
+                let pct = if d.size == 0 { 100.0 } else { d.synced as f64 * 100.0 / d.size as f64 };
+                println!(
+                    "  disk {}: initial sync {:.1}% ({} of {} bytes; {} sent as data)",
+                    d.name, pct, d.synced, d.size, d.data_bytes
+                );
+            }
+            if s.resync_blocks_compared > 0 {
+                println!(
+                    "  resync: {} blocks compared, {} sent",
+                    s.resync_blocks_compared, s.resync_blocks_sent
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+pub(crate) fn receiver_serve(a: ReceiverServeArgs) -> Result<ExitCode> {
+    let cfg = receiver_config(&a)?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let stop = stop_on_signals()?;
+        tidemark_receiver::daemon::run(cfg, stop, |addr| {
+            println!("receiver ready on {addr}");
+            let _ = std::io::stdout().flush();
+        })
+        .await?;
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Copies `src` to `dst` (created, same size), skipping holes, with a
+/// progress line per 10 %.
+fn copy_sparse(src: &Path, dst: &Path, name: &str) -> Result<u64> {
+    use std::os::unix::io::AsRawFd;
+    let input = std::fs::File::open(src).with_context(|| format!("opening {}", src.display()))?;
+    let size = input.metadata()?.len();
+    let output = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dst)
+        .with_context(|| format!("creating {}", dst.display()))?;
+    output.set_len(size)?;
+    let mut buf = vec![0u8; 4 << 20];
+    let mut at = 0u64;
+    let mut copied = 0u64;
+    let mut next_report = size / 10;
+    let started = Instant::now();
+    while at < size {
+        // SAFETY: lseek on an owned descriptor; no memory is passed.
+        let data = unsafe { libc::lseek(input.as_raw_fd(), at as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            break; // no data after `at`: the rest is a hole
+        }
+        let data = data as u64;
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(input.as_raw_fd(), data as libc::off_t, libc::SEEK_HOLE) };
+        let hole = if hole < 0 { size } else { (hole as u64).min(size) };
+        let mut pos = data;
+        while pos < hole {
+            let n = (hole - pos).min(buf.len() as u64) as usize;
+            input.read_exact_at(&mut buf[..n], pos)?;
+            if buf[..n].iter().any(|b| *b != 0) {
+                output.write_all_at(&buf[..n], pos)?;
+                copied += n as u64;
+            }
+            pos += n as u64;
+            if pos >= next_report && size >= 10 {
+                println!(
+                    "  {name}: {:3}% ({} MiB/s)",
+                    pos * 100 / size,
+                    (pos as f64 / 1048576.0 / started.elapsed().as_secs_f64().max(1e-3)) as u64
+                );
+                next_report = pos + size / 10;
+            }
+        }
+        at = hole;
+    }
+    output.sync_all()?;
+    Ok(copied)
+}
+
+pub(crate) fn failover(a: FailoverArgs) -> Result<ExitCode> {
+    use tidemark_receiver::store::{GroupState, ReplicaGroup};
+    let dir = tidemark_receiver::daemon::group_dir(&a.data_dir, &a.host, &a.group);
+    if !dir.join("state").exists() {
+        bail!("no replica of {}/{} under {}", a.host, a.group, a.data_dir.display());
+    }
+    let group = ReplicaGroup::open(&dir).with_context(|| {
+        format!(
+            "opening the replica {} (a running receiver holds it: stop it first)",
+            dir.display()
+        )
+    })?;
+    let pos = group.position();
+    match &pos.state {
+        GroupState::Consistent => {}
+        GroupState::InitialSync => bail!(
+            "the replica of {}/{} has not finished its initial sync: no consistent state exists yet",
+            a.host,
+            a.group
+        ),
+        GroupState::Resyncing { pending } => bail!(
+            "the replica of {}/{} is in the middle of a resync ({} extents pending); \
+             a failover to its last consistent state needs recovery points (not built yet)",
+            a.host,
+            a.group,
+            pending.len()
+        ),
+    }
+    std::fs::create_dir_all(&a.to).with_context(|| format!("creating {}", a.to.display()))?;
+    println!(
+        "failing over {}/{} at sequence {} (generation {}){}",
+        a.host,
+        a.group,
+        pos.durable_seq,
+        pos.generation,
+        match group.last_barrier() {
+            Some((seq, _)) => format!(", last barrier at sequence {seq}"),
+            None => String::new(),
+        }
+    );
+    for d in group.disk_specs() {
+        let src = group
+            .image_path(d.id)
+            .with_context(|| format!("disk {} has no image", d.id))?;
+        let dst = a.to.join(format!("{}.img", d.name));
+        let copied = copy_sparse(&src, &dst, &d.name)?;
+        println!(
+            "  {} → {} ({} bytes, {} bytes of data)",
+            d.name,
+            dst.display(),
+            d.size,
+            copied
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,292 @@
+//! Mutual TLS over real quinn endpoints on 127.0.0.1: who gets in, who is
+//! refused, and what the receiver learns about the host.
+
+use quinn::{ConnectionError, TransportErrorCode};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tidemark_net::pki::{self, ReceiverPki};
+use tidemark_net::{client_config, client_endpoint, peer_host, server_config, server_endpoint};
+
+const HOST: &str = "db-01.example";
+const SERVER_NAME: &str = "tidemark-receiver";
+/// Long enough for a loaded 2-core machine, short enough that a bug cannot
+/// hang the test run.
+const LIMIT: Duration = Duration::from_secs(15);
+
+/// TLS alerts as carried in QUIC's CRYPTO_ERROR codes (RFC 9001 §4.8).
+const ALERT_BAD_CERTIFICATE: u8 = 42;
+const ALERT_UNKNOWN_CA: u8 = 48;
+const ALERT_CERTIFICATE_REQUIRED: u8 = 116;
+
+struct Enrolled {
+    receiver: ReceiverPki,
+    host_key: PathBuf,
+    host_cert: PathBuf,
+}
+
+/// A receiver PKI in `root/receiver` and a host enrolled with it in
+/// `root/host`.
+fn enrol(root: &Path, host: &str) -> Enrolled {
+    let receiver = pki::init_receiver(&root.join("receiver"), SERVER_NAME).unwrap();
+    let host_dir = root.join("host");
+    let request = pki::host_request(&host_dir, host).unwrap();
+    let cert = pki::sign_host(&receiver.dir, &request.csr_pem, host, 30).unwrap();
+    let host_cert = host_dir.join(pki::HOST_CERT_FILE);
+    pki::write_new_file(&host_cert, cert.as_bytes(), 0o644).unwrap();
+    Enrolled {
+        receiver,
+        host_key: request.key,
+        host_cert,
+    }
+}
+
+fn start_server(receiver: &ReceiverPki) -> (quinn::Endpoint, SocketAddr) {
+    let config = server_config(
+        &receiver.ca_cert,
+        &receiver.server_cert,
+        &receiver.server_key,
+    )
+    .unwrap();
+    let (endpoint, _) = server_endpoint("127.0.0.1:0".parse().unwrap(), config).unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    (endpoint, addr)
+}
+
+/// Accepts one incoming connection and returns the peer's host name, or the
+/// error that ended the handshake.
+async fn accept_one(endpoint: quinn::Endpoint) -> Result<(quinn::Connection, String), String> {
+    let incoming = endpoint.accept().await.ok_or("endpoint closed")?;
+    let conn = incoming.await.map_err(|e| e.to_string())?;
+    let host = peer_host(&conn).map_err(|e| e.to_string())?;
+    Ok((conn, host))
+}
+
+/// The TLS alert a connection was closed with, if it was closed by one.
+fn alert(error: &ConnectionError) -> Option<u8> {
+    let code = match error {
+        ConnectionError::ConnectionClosed(close) => close.error_code,
+        ConnectionError::TransportError(e) => e.code,
+        _ => return None,
+    };
+    (0..=255u8).find(|a| TransportErrorCode::crypto(*a) == code)
+}
+
+/// Connects with `config`; returns how the connection ended: its handshake
+/// error, or the reason it was closed afterwards (a client with a refused
+/// certificate finishes its side of the handshake first).
+async fn refused_reason(
+    config: quinn::ClientConfig,
+    server: SocketAddr,
+    server_name: &str,
+) -> ConnectionError {
+    let (endpoint, _) = client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+    let connecting = endpoint.connect_with(config, server, server_name).unwrap();
+    let result = tokio::time::timeout(LIMIT, async {
+        match connecting.await {
+            Err(e) => e,
+            Ok(conn) => {
+                // If the server let us in, the stream must not work either.
+                if let Ok((mut send, mut recv)) = conn.open_bi().await {
+                    let _ = send.write_all(b"hello").await;
+                    let _ = send.finish();
+                    let _ = recv.read_to_end(1024).await;
+                }
+                conn.closed().await
+            }
+        }
+    })
+    .await;
+    result.expect("the refused connection did not end within the limit")
+}
+
+#[tokio::test]
+async fn a_properly_enrolled_host_connects_and_is_identified() {
+    let tmp = tempfile::tempdir().unwrap();
+    let enrolled = enrol(tmp.path(), HOST);
+    let (server, addr) = start_server(&enrolled.receiver);
+    let accepted = tokio::spawn(async move {
+        let (conn, host) = accept_one(server).await?;
+        let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+        let got = recv.read_to_end(1024).await.map_err(|e| e.to_string())?;
+        send.write_all(&got).await.map_err(|e| e.to_string())?;
+        send.finish().map_err(|e| e.to_string())?;
+        let alpn = conn
+            .handshake_data()
+            .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+            .and_then(|d| d.protocol);
+        // Wait for the client to read the echo and close.
+        let _ = conn.closed().await;
+        Ok::<_, String>((host, alpn))
+    });
+
+    let config = client_config(
+        &enrolled.receiver.ca_cert,
+        &enrolled.host_cert,
+        &enrolled.host_key,
+    )
+    .unwrap();
+    let (client, _) = client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = tokio::time::timeout(
+        LIMIT,
+        client.connect_with(config, addr, SERVER_NAME).unwrap(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    // The client sees the receiver's identity too.
+    assert_eq!(peer_host(&conn).unwrap(), SERVER_NAME);
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(b"a batch of records").await.unwrap();
+    send.finish().unwrap();
+    let echo = tokio::time::timeout(LIMIT, recv.read_to_end(1024))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(echo, b"a batch of records");
+    conn.close(0u32.into(), b"done");
+
+    let (host, alpn) = tokio::time::timeout(LIMIT, accepted)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(host, HOST);
+    assert_eq!(alpn.as_deref(), Some(tidemark_net::ALPN));
+}
+
+#[tokio::test]
+async fn a_client_certificate_from_another_ca_is_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let enrolled = enrol(&tmp.path().join("real"), HOST);
+    // Same host name, same server name, but a different CA signed it.
+    let foreign = enrol(&tmp.path().join("foreign"), HOST);
+    let (server, addr) = start_server(&enrolled.receiver);
+    let accepted = tokio::spawn(tokio::time::timeout(LIMIT, accept_one(server)));
+
+    // The client trusts the real receiver, so only its own certificate is wrong.
+    let config = client_config(
+        &enrolled.receiver.ca_cert,
+        &foreign.host_cert,
+        &foreign.host_key,
+    )
+    .unwrap();
+    let reason = refused_reason(config, addr, SERVER_NAME).await;
+    assert_eq!(alert(&reason), Some(ALERT_UNKNOWN_CA), "{reason}");
+    let server_side = accepted.await.unwrap().expect("the server's accept hung");
+    assert!(server_side.is_err(), "the server accepted a foreign host");
+}
+
+#[tokio::test]
+async fn a_client_without_a_certificate_is_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let enrolled = enrol(tmp.path(), HOST);
+    let (server, addr) = start_server(&enrolled.receiver);
+    let accepted = tokio::spawn(tokio::time::timeout(LIMIT, accept_one(server)));
+
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in pki::load_certs(&enrolled.receiver.ca_cert).unwrap() {
+        roots.add(cert).unwrap();
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![tidemark_net::ALPN.to_vec()];
+    let config = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+    ));
+
+    let reason = refused_reason(config, addr, SERVER_NAME).await;
+    assert_eq!(alert(&reason), Some(ALERT_CERTIFICATE_REQUIRED), "{reason}");
+    let server_side = accepted.await.unwrap().expect("the server's accept hung");
+    assert!(
+        server_side.is_err(),
+        "the server accepted a host without a certificate"
+    );
+}
+
+#[tokio::test]
+async fn a_server_certificate_for_another_name_is_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let enrolled = enrol(tmp.path(), HOST);
+    let (server, addr) = start_server(&enrolled.receiver);
+    let accepted = tokio::spawn(tokio::time::timeout(LIMIT, accept_one(server)));
+
+    let config = client_config(
+        &enrolled.receiver.ca_cert,
+        &enrolled.host_cert,
+        &enrolled.host_key,
+    )
+    .unwrap();
+    // The shipper expects another receiver than the one answering.
+    let reason = refused_reason(config, addr, "other-receiver").await;
+    assert!(
+        matches!(reason, ConnectionError::TransportError(_)),
+        "the client itself must refuse: {reason}"
+    );
+    assert_eq!(alert(&reason), Some(ALERT_BAD_CERTIFICATE), "{reason}");
+    let server_side = accepted.await.unwrap().expect("the server's accept hung");
+    assert!(server_side.is_err());
+}
+
+#[tokio::test]
+async fn a_server_from_another_ca_is_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let enrolled = enrol(&tmp.path().join("real"), HOST);
+    let impostor = enrol(&tmp.path().join("impostor"), HOST);
+    // An impostor receiver with the right name but its own CA.
+    let (server, addr) = start_server(&impostor.receiver);
+    let _accepting = tokio::spawn(tokio::time::timeout(LIMIT, accept_one(server)));
+
+    let config = client_config(
+        &enrolled.receiver.ca_cert,
+        &enrolled.host_cert,
+        &enrolled.host_key,
+    )
+    .unwrap();
+    let reason = refused_reason(config, addr, SERVER_NAME).await;
+    assert!(
+        matches!(reason, ConnectionError::TransportError(_)),
+        "{reason}"
+    );
+    assert_eq!(alert(&reason), Some(ALERT_UNKNOWN_CA), "{reason}");
+}
+
+#[tokio::test]
+async fn configs_from_mismatched_or_missing_files_are_typed_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let enrolled = enrol(tmp.path(), HOST);
+    let r = &enrolled.receiver;
+    // Host key with the receiver certificate.
+    let err = server_config(&r.ca_cert, &r.server_cert, &enrolled.host_key).unwrap_err();
+    assert!(
+        matches!(err, tidemark_net::tls::TlsError::CertKey { .. }),
+        "{err:?}"
+    );
+    let missing = tmp.path().join("nope.crt");
+    let err = client_config(&missing, &enrolled.host_cert, &enrolled.host_key).unwrap_err();
+    assert!(err.to_string().contains("nope.crt"), "{err}");
+    // A key file given as the CA.
+    let err = client_config(&r.ca_key, &enrolled.host_cert, &enrolled.host_key).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            tidemark_net::tls::TlsError::Load(pki::PkiError::NoCertificate { .. })
+        ),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn endpoints_outside_a_runtime_are_an_error_not_a_panic() {
+    let err = client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap_err();
+    assert!(matches!(
+        err,
+        tidemark_net::endpoint::EndpointError::NoRuntime
+    ));
+}

@@ -1,0 +1,169 @@
+//! The replica store as the protocol session sees it: [`StoreReplica`]
+//! implements [`tidemark_wire::Replica`] over a [`ReplicaGroup`], and maps
+//! store errors to what the shipper is told (retry or stop).
+
+use tidemark_changelog::Record;
+use tidemark_wire::{
+    ChunkData, ChunkPurpose, DiskInfo, DiskSync, ErrorClass, ErrorCode, Position, Replica,
+    ReplicaError,
+};
+
+use crate::store::{ChunkRef, DiskSpec, Purpose, ReplicaGroup, StoreError};
+
+/// One group's store, with the session lease that fences old connections.
+#[derive(Debug)]
+pub struct StoreReplica {
+    group: ReplicaGroup,
+    lease: u64,
+    poisoned: bool,
+}
+
+impl StoreReplica {
+    /// Wraps an open group.
+    pub fn new(group: ReplicaGroup) -> StoreReplica {
+        StoreReplica {
+            group,
+            lease: 0,
+            poisoned: false,
+        }
+    }
+
+    /// The store.
+    pub fn group(&self) -> &ReplicaGroup {
+        &self.group
+    }
+
+    /// An I/O error poisoned the store: it must be dropped and reopened.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    fn map(&mut self, e: StoreError) -> ReplicaError {
+        let (class, code) = classify(&e);
+        if matches!(e, StoreError::Poisoned | StoreError::Io { .. }) {
+            self.poisoned = true;
+        }
+        ReplicaError {
+            class,
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
+/// What the shipper is told about a store error.
+pub fn classify(e: &StoreError) -> (ErrorClass, ErrorCode) {
+    use ErrorClass::{Permanent, Transient};
+    match e {
+        StoreError::SequenceGap { .. } => (Permanent, ErrorCode::SequenceGap),
+        StoreError::UnknownDisk(_) => (Permanent, ErrorCode::UnknownDisk),
+        StoreError::DiskSpec { .. } | StoreError::AddWhileResyncing(_) => {
+            (Permanent, ErrorCode::UnknownDisk)
+        }
+        StoreError::OutOfRange { .. }
+        | StoreError::InvalidRecord { .. }
+        | StoreError::UnexpectedChunk { .. }
+        | StoreError::InvalidBlockSize => (Permanent, ErrorCode::Protocol),
+        StoreError::ChecksumMismatch { .. } => (Transient, ErrorCode::BadChecksum),
+        StoreError::Damaged { .. } => (Permanent, ErrorCode::Internal),
+        StoreError::Locked(_) => (Transient, ErrorCode::Busy),
+        StoreError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
+            (Transient, ErrorCode::NoSpace)
+        }
+        StoreError::Io { .. } | StoreError::Poisoned => (Transient, ErrorCode::Internal),
+    }
+}
+
+fn position(p: crate::store::Position) -> Position {
+    Position {
+        durable_seq: p.durable_seq,
+        generation: p.generation,
+        disks: p
+            .disks
+            .iter()
+            .map(|d| DiskSync {
+                id: d.id,
+                synced: d.synced,
+            })
+            .collect(),
+    }
+}
+
+impl Replica for StoreReplica {
+    fn position(&self) -> Position {
+        position(self.group.position())
+    }
+
+    fn ensure_disks(&mut self, disks: &[DiskInfo]) -> Result<(), ReplicaError> {
+        let specs: Vec<DiskSpec> = disks
+            .iter()
+            .map(|d| DiskSpec {
+                id: d.id,
+                name: d.name.clone(),
+                size: d.size,
+            })
+            .collect();
+        self.group.ensure_disks(&specs).map_err(|e| self.map(e))
+    }
+
+    fn apply_record(&mut self, record: &Record) -> Result<(), ReplicaError> {
+        self.group
+            .apply_record(record)
+            .map(|_| ())
+            .map_err(|e| self.map(e))
+    }
+
+    fn apply_chunk(
+        &mut self,
+        disk: u32,
+        offset: u64,
+        purpose: ChunkPurpose,
+        data: &ChunkData,
+    ) -> Result<(), ReplicaError> {
+        let chunk = match data {
+            ChunkData::Data(d) => ChunkRef::Data(d),
+            ChunkData::Zero(n) => ChunkRef::Zero(*n),
+        };
+        let purpose = match purpose {
+            ChunkPurpose::InitialSync => Purpose::InitialSync,
+            ChunkPurpose::Resync => Purpose::Resync,
+        };
+        self.group
+            .apply_chunk(disk, offset, chunk, purpose)
+            .map_err(|e| self.map(e))
+    }
+
+    fn digests(
+        &mut self,
+        disk: u32,
+        offset: u64,
+        length: u64,
+        block_size: u32,
+    ) -> Result<Vec<[u8; 32]>, ReplicaError> {
+        self.group
+            .digests(disk, offset, length, block_size)
+            .map_err(|e| self.map(e))
+    }
+
+    fn resync_done(&mut self, disk: u32, offset: u64, length: u64) -> Result<(), ReplicaError> {
+        self.group
+            .resync_done(disk, offset, length)
+            .map_err(|e| self.map(e))
+    }
+
+    fn commit(&mut self) -> Result<Position, ReplicaError> {
+        self.group
+            .commit()
+            .map(position)
+            .map_err(|e| self.map(e))
+    }
+
+    fn new_lease(&mut self) -> u64 {
+        self.lease += 1;
+        self.lease
+    }
+
+    fn current_lease(&self) -> u64 {
+        self.lease
+    }
+}

@@ -1,0 +1,108 @@
+//! Why a replica-store operation failed, and whose fault it was.
+
+use std::io;
+use std::path::PathBuf;
+use tidemark_changelog::record::DecodeError;
+
+/// Why a replica-store operation failed. Errors caused by the peer (the
+/// shipper) change nothing; errors of the local disk poison the group (see
+/// [`StoreError::Poisoned`]).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Peer: the record is neither a duplicate nor the next one (same
+    /// generation, `expected` sequence number) nor the start of a newer
+    /// generation. Nothing was applied.
+    #[error("sequence gap: expected seq {expected} (generation {generation}), got seq {got} of generation {got_generation}")]
+    SequenceGap {
+        /// The sequence number the group expects next.
+        expected: u64,
+        /// The generation of the last applied record.
+        generation: u32,
+        /// The record's sequence number.
+        got: u64,
+        /// The record's generation.
+        got_generation: u32,
+    },
+    /// Peer: the record or chunk names a disk the group does not have.
+    #[error("unknown disk {0}")]
+    UnknownDisk(u32),
+    /// Peer: the extent does not lie within the disk.
+    #[error("extent {offset}+{length} is outside disk {disk} of {size} bytes")]
+    OutOfRange {
+        /// The disk.
+        disk: u32,
+        /// First byte of the extent.
+        offset: u64,
+        /// Bytes of the extent.
+        length: u64,
+        /// Size of the disk.
+        size: u64,
+    },
+    /// Peer: the record's fields contradict its kind.
+    #[error("invalid record seq {seq}")]
+    InvalidRecord {
+        /// The record's sequence number.
+        seq: u64,
+        /// Which rule it broke.
+        #[source]
+        source: DecodeError,
+    },
+    /// Peer or transport: the record's checksum does not match its bytes.
+    #[error("record seq {seq} fails its checksum")]
+    ChecksumMismatch {
+        /// The record's sequence number.
+        seq: u64,
+    },
+    /// Peer: a chunk that does not fit the group's state (an initial-sync
+    /// chunk after the initial sync, a resync chunk outside a resync), or
+    /// larger than the journal can hold.
+    #[error("unexpected {what} chunk: {reason}")]
+    UnexpectedChunk {
+        /// The chunk's purpose.
+        what: &'static str,
+        /// Why it was refused.
+        reason: &'static str,
+    },
+    /// Caller: digests were asked with a block size of zero.
+    #[error("block size must be non-zero")]
+    InvalidBlockSize,
+    /// Configuration: a disk spec is invalid (duplicate id or name, name
+    /// too long) or a known disk changed its size or name.
+    #[error("disk {disk}: {reason}")]
+    DiskSpec {
+        /// The disk id.
+        disk: u32,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Caller: the group cannot take new disks while it is resyncing.
+    #[error("cannot add disk {0} while the group is resyncing")]
+    AddWhileResyncing(u32),
+    /// Local disk: a store file exists but does not verify.
+    #[error("{path}: damaged ({reason})")]
+    Damaged {
+        /// The damaged file.
+        path: PathBuf,
+        /// What does not verify.
+        reason: String,
+    },
+    /// Local disk: another process holds the group directory.
+    #[error("{0} is in use by another process")]
+    Locked(PathBuf),
+    /// Local disk: reading, writing or syncing failed.
+    #[error("{context} {path}")]
+    Io {
+        /// What was being done.
+        context: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A local I/O error happened earlier (possibly an fsync, which is never
+    /// retried): the in-memory view can no longer be trusted. Reopen the
+    /// group; it recovers to the last committed position.
+    #[error("the replica group failed earlier and must be reopened")]
+    Poisoned,
+}

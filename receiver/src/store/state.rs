@@ -1,0 +1,360 @@
+//! The state file: the group's committed position. Its codec is pure; the
+//! atomic replace lives in [`write_atomic`]. The byte layout is documented
+//! in the [store module](super).
+
+use super::overlay::RangeSet;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::Path;
+
+const MAGIC: [u8; 4] = *b"TMRS";
+const VERSION: u16 = 1;
+const FIXED_LEN: usize = 48;
+const FLAG_REDO: u8 = 1 << 0;
+const FLAG_BARRIER: u8 = 1 << 1;
+/// The longest disk name, in bytes.
+pub(crate) const MAX_NAME: usize = 1024;
+/// A state file larger than this is damaged, not read.
+const MAX_STATE_FILE: u64 = 64 << 20;
+
+/// What the group is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// Some disk is still being copied; changes apply in place.
+    InitialSync,
+    /// The images are a replay of the log; changes apply in place.
+    Consistent,
+    /// Extents are being resynced; changes go to the journal.
+    Resyncing,
+}
+
+/// One disk as the group knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Disk {
+    pub(crate) id: u32,
+    pub(crate) name: String,
+    pub(crate) size: u64,
+    /// The initial sync has copied everything below this offset.
+    pub(crate) synced: u64,
+    /// Extents waiting for a resync.
+    pub(crate) pending: RangeSet,
+}
+
+/// The group's position: what the state file holds, and what the group
+/// tracks in memory for the uncommitted present.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Meta {
+    /// The last applied (in memory) or committed (on disk) record.
+    pub(crate) seq: u64,
+    pub(crate) generation: u32,
+    /// Sorted by id.
+    pub(crate) disks: Vec<Disk>,
+    pub(crate) mode: Mode,
+    pub(crate) last_barrier: Option<(u64, u64)>,
+}
+
+impl Meta {
+    /// A group that has seen nothing.
+    pub(crate) fn new() -> Meta {
+        Meta {
+            seq: 0,
+            generation: 0,
+            disks: Vec::new(),
+            mode: Mode::InitialSync,
+            last_barrier: None,
+        }
+    }
+
+    pub(crate) fn disk(&self, id: u32) -> Option<&Disk> {
+        self.disks.iter().find(|d| d.id == id)
+    }
+
+    pub(crate) fn disk_mut(&mut self, id: u32) -> Option<&mut Disk> {
+        self.disks.iter_mut().find(|d| d.id == id)
+    }
+}
+
+/// The whole content of the state file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StateFile {
+    pub(crate) meta: Meta,
+    /// Bytes of the journal that are committed.
+    pub(crate) journal_len: u64,
+    /// The committed journal must be applied to the images (a resync
+    /// completed; the apply may have been cut short by a crash).
+    pub(crate) redo: bool,
+}
+
+impl StateFile {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let m = &self.meta;
+        let mut b = Vec::with_capacity(FIXED_LEN + 64 * m.disks.len());
+        b.extend_from_slice(&MAGIC);
+        b.extend_from_slice(&VERSION.to_le_bytes());
+        b.push(match m.mode {
+            Mode::InitialSync => 0,
+            Mode::Consistent => 1,
+            Mode::Resyncing => 2,
+        });
+        let mut flags = 0;
+        if self.redo {
+            flags |= FLAG_REDO;
+        }
+        if m.last_barrier.is_some() {
+            flags |= FLAG_BARRIER;
+        }
+        b.push(flags);
+        b.extend_from_slice(&m.seq.to_le_bytes());
+        b.extend_from_slice(&m.generation.to_le_bytes());
+        b.extend_from_slice(&(m.disks.len() as u32).to_le_bytes());
+        let (bs, bt) = m.last_barrier.unwrap_or((0, 0));
+        b.extend_from_slice(&bs.to_le_bytes());
+        b.extend_from_slice(&bt.to_le_bytes());
+        b.extend_from_slice(&self.journal_len.to_le_bytes());
+        for d in &m.disks {
+            let pending: Vec<(u64, u64)> = d.pending.iter().collect();
+            b.extend_from_slice(&d.id.to_le_bytes());
+            b.extend_from_slice(&(d.name.len() as u32).to_le_bytes());
+            b.extend_from_slice(&d.size.to_le_bytes());
+            b.extend_from_slice(&d.synced.to_le_bytes());
+            b.extend_from_slice(&(pending.len() as u32).to_le_bytes());
+            b.extend_from_slice(d.name.as_bytes());
+            for (s, e) in pending {
+                b.extend_from_slice(&s.to_le_bytes());
+                b.extend_from_slice(&e.to_le_bytes());
+            }
+        }
+        let crc = crc32c::crc32c(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Decodes a state file; `Err` says what does not verify.
+    pub(crate) fn decode(bytes: &[u8]) -> Result<StateFile, &'static str> {
+        if bytes.len() < FIXED_LEN + 4 {
+            return Err("too short");
+        }
+        let (body, crc) = bytes.split_at(bytes.len() - 4);
+        if crc32c::crc32c(body).to_le_bytes() != crc {
+            return Err("checksum mismatch");
+        }
+        let mut r = Reader { b: body, at: 0 };
+        if r.bytes(4)? != MAGIC {
+            return Err("no state magic");
+        }
+        if r.u16()? != VERSION {
+            return Err("unsupported version");
+        }
+        let mode = match r.u8()? {
+            0 => Mode::InitialSync,
+            1 => Mode::Consistent,
+            2 => Mode::Resyncing,
+            _ => return Err("unknown mode"),
+        };
+        let flags = r.u8()?;
+        if flags & !(FLAG_REDO | FLAG_BARRIER) != 0 {
+            return Err("unknown flags");
+        }
+        let seq = r.u64()?;
+        let generation = r.u32()?;
+        let ndisks = r.u32()?;
+        let barrier = (r.u64()?, r.u64()?);
+        let journal_len = r.u64()?;
+        let mut disks: Vec<Disk> = Vec::new();
+        for _ in 0..ndisks {
+            let id = r.u32()?;
+            let name_len = r.u32()? as usize;
+            let size = r.u64()?;
+            let synced = r.u64()?;
+            let npending = r.u32()?;
+            if name_len > MAX_NAME {
+                return Err("disk name too long");
+            }
+            let name = std::str::from_utf8(r.bytes(name_len)?)
+                .map_err(|_| "disk name is not UTF-8")?
+                .to_owned();
+            if synced > size {
+                return Err("synced beyond the disk size");
+            }
+            if disks.last().is_some_and(|d| d.id >= id) {
+                return Err("disks not sorted by id");
+            }
+            let mut pending = RangeSet::default();
+            for _ in 0..npending {
+                let (s, e) = (r.u64()?, r.u64()?);
+                if s >= e || e > size {
+                    return Err("pending extent outside its disk");
+                }
+                pending.add(s, e);
+            }
+            disks.push(Disk {
+                id,
+                name,
+                size,
+                synced,
+                pending,
+            });
+        }
+        if r.at != body.len() {
+            return Err("trailing bytes");
+        }
+        let redo = flags & FLAG_REDO != 0;
+        if redo && journal_len == 0 {
+            return Err("redo without a journal");
+        }
+        Ok(StateFile {
+            meta: Meta {
+                seq,
+                generation,
+                disks,
+                mode,
+                last_barrier: (flags & FLAG_BARRIER != 0).then_some(barrier),
+            },
+            journal_len,
+            redo,
+        })
+    }
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn bytes(&mut self, n: usize) -> Result<&'a [u8], &'static str> {
+        let end = self.at.checked_add(n).ok_or("truncated")?;
+        let s = self.b.get(self.at..end).ok_or("truncated")?;
+        self.at = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, &'static str> {
+        Ok(self.bytes(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, &'static str> {
+        let mut v = [0u8; 2];
+        v.copy_from_slice(self.bytes(2)?);
+        Ok(u16::from_le_bytes(v))
+    }
+    fn u32(&mut self) -> Result<u32, &'static str> {
+        let mut v = [0u8; 4];
+        v.copy_from_slice(self.bytes(4)?);
+        Ok(u32::from_le_bytes(v))
+    }
+    fn u64(&mut self) -> Result<u64, &'static str> {
+        let mut v = [0u8; 8];
+        v.copy_from_slice(self.bytes(8)?);
+        Ok(u64::from_le_bytes(v))
+    }
+}
+
+/// Reads the file at `path`: `Ok(None)` if it does not exist.
+pub(crate) fn read_file(path: &Path) -> io::Result<Option<Vec<u8>>> {
+    let mut f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    Read::take(&mut f, MAX_STATE_FILE).read_to_end(&mut out)?;
+    Ok(Some(out))
+}
+
+/// Replaces `dir/name` with `bytes` atomically and durably: write
+/// `name.tmp`, fdatasync, rename over `name`, fsync the directory.
+pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_data()?;
+    drop(f);
+    std::fs::rename(&tmp, dir.join(name))?;
+    sync_dir(dir)
+}
+
+/// fsyncs a directory, so created and renamed entries are durable.
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> StateFile {
+        let mut pending = RangeSet::default();
+        pending.add(4096, 8192);
+        pending.add(10_000, 20_000);
+        StateFile {
+            meta: Meta {
+                seq: 77,
+                generation: 3,
+                disks: vec![
+                    Disk {
+                        id: 0,
+                        name: "sda".into(),
+                        size: 1 << 20,
+                        synced: 1 << 20,
+                        pending,
+                    },
+                    Disk {
+                        id: 5,
+                        name: "wal ü".into(),
+                        size: 65536,
+                        synced: 512,
+                        pending: RangeSet::default(),
+                    },
+                ],
+                mode: Mode::Resyncing,
+                last_barrier: Some((70, 123_456)),
+            },
+            journal_len: 4000,
+            redo: false,
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let s = sample();
+        assert_eq!(StateFile::decode(&s.encode()), Ok(s.clone()));
+        let mut t = s;
+        t.redo = true;
+        t.meta.last_barrier = None;
+        t.meta.mode = Mode::Consistent;
+        assert_eq!(StateFile::decode(&t.encode()), Ok(t));
+    }
+
+    #[test]
+    fn truncation_and_bit_flips_are_refused() {
+        let bytes = sample().encode();
+        for cut in 0..bytes.len() {
+            assert!(StateFile::decode(&bytes[..cut]).is_err());
+        }
+        for bit in 0..bytes.len() * 8 {
+            let mut b = bytes.clone();
+            b[bit / 8] ^= 1 << (bit % 8);
+            assert!(StateFile::decode(&b).is_err(), "bit {bit}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = StateFile::decode(&bytes);
+        }
+
+        #[test]
+        fn arbitrary_bodies_with_a_valid_crc_never_panic(mut body in proptest::collection::vec(any::<u8>(), 40..300)) {
+            body[0..4].copy_from_slice(&MAGIC);
+            body[4..6].copy_from_slice(&VERSION.to_le_bytes());
+            let crc = crc32c::crc32c(&body);
+            body.extend_from_slice(&crc.to_le_bytes());
+            let _ = StateFile::decode(&body);
+        }
+    }
+}

@@ -1,0 +1,800 @@
+//! The replica store held to "replica equals source, byte for byte":
+//! scenario tests for each rule, a cross-check of the test model against
+//! `tidemark_changelog::replay`, and a property test of random streams with
+//! crashes, torn journals, re-feeds, a generation jump and resyncs.
+
+use proptest::prelude::*;
+use std::io::Write as _;
+use std::path::Path;
+use tidemark_changelog::replay::{replay, ReplayTarget, StopAt};
+use tidemark_changelog::{ChangeLog, Entry, LogOptions, Record, SimDir};
+use tidemark_receiver::store::{
+    Applied, ChunkRef, DiskSpec, Extent, GroupState, Purpose, ReplicaGroup, StoreError,
+};
+
+const SIZES: [u64; 2] = [64 << 10, (48 << 10) + 100];
+
+fn specs() -> Vec<DiskSpec> {
+    SIZES
+        .iter()
+        .enumerate()
+        .map(|(i, s)| DiskSpec {
+            id: i as u32 * 3 + 1,
+            name: format!("disk{i}"),
+            size: *s,
+        })
+        .collect()
+}
+
+fn disk_id(i: usize) -> u32 {
+    i as u32 * 3 + 1
+}
+
+fn record(entry: &Entry<'_>, seq: u64, generation: u32) -> Record {
+    Record::decode(&entry.encode(seq, generation)).expect("a valid record")
+}
+
+fn image(dir: &Path, g: &ReplicaGroup, disk: u32) -> Vec<u8> {
+    let _ = dir;
+    std::fs::read(g.image_path(disk).expect("known disk")).expect("readable image")
+}
+
+/// The in-memory model of a disk group: the rules of the log's replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Model {
+    disks: Vec<Vec<u8>>,
+}
+
+impl Model {
+    fn zeroed() -> Model {
+        Model {
+            disks: SIZES.iter().map(|s| vec![0u8; *s as usize]).collect(),
+        }
+    }
+
+    fn index(disk: u32) -> usize {
+        ((disk - 1) / 3) as usize
+    }
+
+    fn apply(&mut self, r: &Record) {
+        let h = &r.header;
+        let (o, l) = (h.offset as usize, h.length as usize);
+        match h.kind {
+            tidemark_changelog::Kind::Write => {
+                self.disks[Self::index(h.disk)][o..o + l].copy_from_slice(&r.payload)
+            }
+            tidemark_changelog::Kind::WriteZeroes | tidemark_changelog::Kind::Trim => {
+                self.disks[Self::index(h.disk)][o..o + l].fill(0)
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A fully synced, consistent group with zeroed disks.
+fn consistent_group(dir: &Path) -> ReplicaGroup {
+    let mut g = ReplicaGroup::open(dir).unwrap();
+    g.ensure_disks(&specs()).unwrap();
+    for (i, size) in SIZES.iter().enumerate() {
+        g.apply_chunk(disk_id(i), 0, ChunkRef::Zero(*size), Purpose::InitialSync)
+            .unwrap();
+    }
+    assert_eq!(g.commit().unwrap().state, GroupState::Consistent);
+    g
+}
+
+// ---------------------------------------------------------------- scenarios
+
+#[test]
+fn a_new_group_is_in_initial_sync_until_every_disk_is_copied() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = ReplicaGroup::open(dir.path()).unwrap();
+    g.ensure_disks(&specs()).unwrap();
+    let p = g.position();
+    assert_eq!(p.state, GroupState::InitialSync);
+    assert_eq!(p.durable_seq, 0);
+    assert!(p.disks.iter().all(|d| d.synced == 0));
+    for (i, size) in SIZES.iter().enumerate() {
+        let meta = std::fs::metadata(g.image_path(disk_id(i)).unwrap()).unwrap();
+        assert_eq!(meta.len(), *size, "image has the disk's size");
+    }
+    // Contiguous chunks advance `synced`; a chunk beyond it does not.
+    let d0 = disk_id(0);
+    g.apply_chunk(d0, 0, ChunkRef::Data(&[7u8; 4096]), Purpose::InitialSync)
+        .unwrap();
+    g.apply_chunk(d0, 8192, ChunkRef::Data(&[8u8; 4096]), Purpose::InitialSync)
+        .unwrap();
+    assert_eq!(g.commit().unwrap().disks[0].synced, 4096);
+    g.apply_chunk(d0, 4096, ChunkRef::Zero(4096), Purpose::InitialSync)
+        .unwrap();
+    g.apply_chunk(d0, 8192, ChunkRef::Zero(SIZES[0] - 8192), Purpose::InitialSync)
+        .unwrap();
+    let p = g.commit().unwrap();
+    assert_eq!(p.disks[0].synced, SIZES[0]);
+    assert_eq!(p.state, GroupState::InitialSync, "disk 1 is not copied yet");
+    g.apply_chunk(disk_id(1), 0, ChunkRef::Zero(SIZES[1]), Purpose::InitialSync)
+        .unwrap();
+    assert_eq!(g.commit().unwrap().state, GroupState::Consistent);
+    // An initial-sync chunk after the initial sync is refused.
+    assert!(matches!(
+        g.apply_chunk(d0, 0, ChunkRef::Zero(1), Purpose::InitialSync),
+        Err(StoreError::UnexpectedChunk { .. })
+    ));
+    drop(g);
+    let g = ReplicaGroup::open(dir.path()).unwrap();
+    assert_eq!(g.position().state, GroupState::Consistent);
+    let img = image(dir.path(), &g, d0);
+    assert!(img[..4096].iter().all(|b| *b == 7));
+    assert!(img[4096..].iter().all(|b| *b == 0));
+}
+
+#[test]
+fn ensure_disks_refuses_changed_disks_and_keeps_known_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = ReplicaGroup::open(dir.path()).unwrap();
+    g.ensure_disks(&specs()).unwrap();
+    g.ensure_disks(&specs()).unwrap();
+    let mut bigger = specs();
+    bigger[0].size += 512;
+    assert!(matches!(
+        g.ensure_disks(&bigger),
+        Err(StoreError::DiskSpec { disk: 1, .. })
+    ));
+    let mut renamed = specs();
+    renamed[1].name = "other".into();
+    assert!(matches!(
+        g.ensure_disks(&renamed),
+        Err(StoreError::DiskSpec { disk: 4, .. })
+    ));
+    let twice = vec![specs()[0].clone(), specs()[0].clone()];
+    assert!(matches!(
+        g.ensure_disks(&twice),
+        Err(StoreError::DiskSpec { .. })
+    ));
+    // ensure_disks is durable by itself.
+    drop(g);
+    let g = ReplicaGroup::open(dir.path()).unwrap();
+    assert_eq!(g.position().disks.len(), 2);
+    assert!(g.image_path(7).is_none());
+}
+
+#[test]
+fn a_second_opener_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = ReplicaGroup::open(dir.path()).unwrap();
+    assert!(matches!(
+        ReplicaGroup::open(dir.path()),
+        Err(StoreError::Locked(_))
+    ));
+    drop(g);
+    ReplicaGroup::open(dir.path()).unwrap();
+}
+
+#[test]
+fn bad_records_get_typed_errors_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = consistent_group(dir.path());
+    let d0 = disk_id(0);
+    assert_eq!(
+        g.apply_record(&record(&Entry::write(d0, 0, b"first", 0), 1, 0))
+            .unwrap(),
+        Applied::Done
+    );
+    let before: Vec<Vec<u8>> = (0..2).map(|i| image(dir.path(), &g, disk_id(i))).collect();
+    let data = [9u8; 100];
+    // A gap within the generation.
+    assert!(matches!(
+        g.apply_record(&record(&Entry::write(d0, 0, &data, 0), 3, 0)),
+        Err(StoreError::SequenceGap {
+            expected: 2,
+            got: 3,
+            ..
+        })
+    ));
+    // An older generation.
+    g.apply_record(&record(&Entry::barrier(5), 2, 4)).unwrap();
+    assert!(matches!(
+        g.apply_record(&record(&Entry::write(d0, 0, &data, 0), 3, 3)),
+        Err(StoreError::SequenceGap { .. })
+    ));
+    // An unknown disk, and extents past the end of the disk.
+    assert!(matches!(
+        g.apply_record(&record(&Entry::write(99, 0, &data, 0), 3, 4)),
+        Err(StoreError::UnknownDisk(99))
+    ));
+    assert!(matches!(
+        g.apply_record(&record(&Entry::write(d0, SIZES[0] - 99, &data, 0), 3, 4)),
+        Err(StoreError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        g.apply_record(&record(&Entry::trim(d0, SIZES[0], 1, 0), 3, 4)),
+        Err(StoreError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        g.apply_record(&record(&Entry::resync_needed(d0, 0, SIZES[0] + 1, 0), 3, 4)),
+        Err(StoreError::OutOfRange { .. })
+    ));
+    // A payload changed after the record was made.
+    let mut tampered = record(&Entry::write(d0, 0, &data, 0), 3, 4);
+    tampered.payload[7] ^= 1;
+    assert!(matches!(
+        g.apply_record(&tampered),
+        Err(StoreError::ChecksumMismatch { seq: 3 })
+    ));
+    // A record whose fields contradict its kind.
+    let mut inconsistent = record(&Entry::write(d0, 0, &data, 0), 3, 4);
+    inconsistent.header.length = 50;
+    assert!(matches!(
+        g.apply_record(&inconsistent),
+        Err(StoreError::InvalidRecord { seq: 3, .. })
+    ));
+    // Chunks and digests are checked too.
+    assert!(matches!(
+        g.apply_chunk(d0, SIZES[0], ChunkRef::Zero(1), Purpose::Resync),
+        Err(StoreError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        g.digests(d0, 0, 10, 0),
+        Err(StoreError::InvalidBlockSize)
+    ));
+    assert!(matches!(
+        g.digests(42, 0, 10, 4096),
+        Err(StoreError::UnknownDisk(42))
+    ));
+    assert!(matches!(
+        g.digests(d0, u64::MAX, 2, 4096),
+        Err(StoreError::OutOfRange { .. })
+    ));
+    let after: Vec<Vec<u8>> = (0..2).map(|i| image(dir.path(), &g, disk_id(i))).collect();
+    assert_eq!(before, after, "refused records change nothing");
+    // The right next record still applies, and duplicates are ignored.
+    assert_eq!(
+        g.apply_record(&record(&Entry::write(d0, 0, &data, 0), 3, 4))
+            .unwrap(),
+        Applied::Done
+    );
+    assert_eq!(
+        g.apply_record(&record(&Entry::write(d0, 0, b"old", 0), 1, 0))
+            .unwrap(),
+        Applied::Duplicate
+    );
+    let p = g.commit().unwrap();
+    assert_eq!((p.durable_seq, p.generation), (3, 4));
+    assert_eq!(g.last_barrier(), Some((2, 5)));
+    assert_eq!(&image(dir.path(), &g, d0)[..100], &data);
+}
+
+#[test]
+fn nothing_is_durable_before_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = consistent_group(dir.path());
+    g.apply_record(&record(&Entry::write(1, 0, b"abc", 0), 1, 0))
+        .unwrap();
+    g.apply_record(&record(&Entry::barrier(77), 2, 0)).unwrap();
+    assert_eq!(g.position().durable_seq, 0, "position is as of the last commit");
+    assert_eq!(g.last_barrier(), None);
+    drop(g);
+    let mut g = ReplicaGroup::open(dir.path()).unwrap();
+    assert_eq!(g.position().durable_seq, 0);
+    // The shipper re-sends from durable_seq + 1.
+    g.apply_record(&record(&Entry::write(1, 0, b"abc", 0), 1, 0))
+        .unwrap();
+    g.apply_record(&record(&Entry::barrier(77), 2, 0)).unwrap();
+    assert_eq!(g.commit().unwrap().durable_seq, 2);
+    assert_eq!(g.last_barrier(), Some((2, 77)));
+}
+
+#[test]
+fn a_resync_keeps_the_images_until_it_completes_and_digests_see_the_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = consistent_group(dir.path());
+    let (d0, d1) = (disk_id(0), disk_id(1));
+    g.apply_record(&record(&Entry::write(d0, 0, &[1u8; 8192], 0), 1, 0))
+        .unwrap();
+    g.apply_record(&record(&Entry::barrier(1), 2, 0)).unwrap();
+    g.apply_record(&record(&Entry::resync_needed(d1, 4096, 8192, 0), 3, 0))
+        .unwrap();
+    g.apply_record(&record(&Entry::write(d0, 100, &[2u8; 50], 0), 4, 0))
+        .unwrap();
+    g.apply_record(&record(&Entry::write_zeroes(d0, 0, 10, true, 0), 5, 0))
+        .unwrap();
+    let p = g.commit().unwrap();
+    assert_eq!(
+        p.state,
+        GroupState::Resyncing {
+            pending: vec![Extent {
+                disk: d1,
+                offset: 4096,
+                length: 8192
+            }]
+        }
+    );
+    let img0 = image(dir.path(), &g, d0);
+    assert_eq!(img0[..8192], [1u8; 8192], "the images keep the consistent state");
+    // The current view: images + journal.
+    let mut view0 = img0.clone();
+    view0[100..150].fill(2);
+    view0[..10].fill(0);
+    let digests = g.digests(d0, 0, 10_000, 4096).unwrap();
+    let expected: Vec<[u8; 32]> = view0[..10_000]
+        .chunks(4096)
+        .map(|c| *blake3::hash(c).as_bytes())
+        .collect();
+    assert_eq!(digests, expected);
+    assert_eq!(digests.len(), 3, "the last block is short");
+    // Resync chunks, half done; crash; the journal's committed part survives.
+    g.apply_chunk(d1, 4096, ChunkRef::Data(&[5u8; 4096]), Purpose::Resync)
+        .unwrap();
+    g.resync_done(d1, 4096, 4096).unwrap();
+    g.commit().unwrap();
+    g.apply_chunk(d1, 8192, ChunkRef::Data(&[6u8; 4096]), Purpose::Resync)
+        .unwrap();
+    drop(g);
+    let mut g = ReplicaGroup::open(dir.path()).unwrap();
+    let p = g.position();
+    assert_eq!(
+        p.state,
+        GroupState::Resyncing {
+            pending: vec![Extent {
+                disk: d1,
+                offset: 8192,
+                length: 4096
+            }]
+        }
+    );
+    assert_eq!(image(dir.path(), &g, d0), img0);
+    assert!(image(dir.path(), &g, d1).iter().all(|b| *b == 0));
+    assert_eq!(
+        g.digests(d1, 4096, 4096, 4096).unwrap(),
+        vec![*blake3::hash(&[5u8; 4096]).as_bytes()]
+    );
+    assert_eq!(
+        g.digests(d1, 8192, 4096, 4096).unwrap(),
+        vec![*blake3::hash(&[0u8; 4096]).as_bytes()],
+        "the uncommitted chunk is gone"
+    );
+    g.apply_chunk(d1, 8192, ChunkRef::Data(&[6u8; 4096]), Purpose::Resync)
+        .unwrap();
+    g.resync_done(d1, 8192, 4096).unwrap();
+    assert_eq!(g.commit().unwrap().state, GroupState::Consistent);
+    let mut expect1 = vec![0u8; SIZES[1] as usize];
+    expect1[4096..8192].fill(5);
+    expect1[8192..12288].fill(6);
+    assert_eq!(image(dir.path(), &g, d1), expect1);
+    assert_eq!(image(dir.path(), &g, d0), view0);
+    assert_eq!(
+        std::fs::metadata(dir.path().join("journal")).unwrap().len(),
+        0,
+        "the journal is emptied"
+    );
+    // A resync chunk outside a resync is refused.
+    assert!(matches!(
+        g.apply_chunk(d1, 0, ChunkRef::Zero(1), Purpose::Resync),
+        Err(StoreError::UnexpectedChunk { .. })
+    ));
+}
+
+#[test]
+fn a_damaged_state_file_or_committed_journal_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = consistent_group(dir.path());
+    g.apply_record(&record(&Entry::resync_needed(1, 0, 10, 0), 1, 0))
+        .unwrap();
+    g.apply_record(&record(&Entry::write(1, 0, b"xyz", 0), 2, 0))
+        .unwrap();
+    g.commit().unwrap();
+    drop(g);
+    let journal = dir.path().join("journal");
+    let bytes = std::fs::read(&journal).unwrap();
+    let mut cut = bytes.clone();
+    cut.truncate(bytes.len() - 1);
+    std::fs::write(&journal, &cut).unwrap();
+    assert!(matches!(
+        ReplicaGroup::open(dir.path()),
+        Err(StoreError::Damaged { .. })
+    ));
+    let mut flipped = bytes.clone();
+    flipped[45] ^= 0x10;
+    std::fs::write(&journal, &flipped).unwrap();
+    assert!(matches!(
+        ReplicaGroup::open(dir.path()),
+        Err(StoreError::Damaged { .. })
+    ));
+    std::fs::write(&journal, &bytes).unwrap();
+    ReplicaGroup::open(dir.path()).unwrap();
+    let state = dir.path().join("state");
+    let mut s = std::fs::read(&state).unwrap();
+    s[10] ^= 1;
+    std::fs::write(&state, &s).unwrap();
+    assert!(matches!(
+        ReplicaGroup::open(dir.path()),
+        Err(StoreError::Damaged { .. })
+    ));
+}
+
+// ------------------------------------------------ cross-check with replay
+
+/// A replay target in memory.
+struct MemImage(Vec<u8>);
+
+impl ReplayTarget for MemImage {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.0[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+    fn zero(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.0[offset as usize..(offset + len) as usize].fill(0);
+        Ok(())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone)]
+enum LogOp {
+    Write(usize, u64, Vec<u8>),
+    Zero(usize, u64, u64, bool),
+    Trim(usize, u64, u64),
+    Barrier,
+    Marker(bool),
+    NewGeneration(u64),
+}
+
+fn extent(disk: usize) -> impl Strategy<Value = (u64, u64)> {
+    let size = SIZES[disk];
+    (0..size).prop_flat_map(move |o| (Just(o), 1..=(size - o).min(6000)))
+}
+
+fn log_op() -> impl Strategy<Value = LogOp> {
+    let disk = 0usize..2;
+    prop_oneof![
+        4 => disk.clone().prop_flat_map(|d| extent(d).prop_flat_map(move |(o, l)| {
+            (Just(d), Just(o), proptest::collection::vec(any::<u8>(), l as usize..=l as usize))
+        })).prop_map(|(d, o, data)| LogOp::Write(d, o, data)),
+        2 => disk.clone().prop_flat_map(|d| (Just(d), extent(d), any::<bool>()))
+            .prop_map(|(d, (o, l), nh)| LogOp::Zero(d, o, l, nh)),
+        2 => disk.prop_flat_map(|d| (Just(d), extent(d)))
+            .prop_map(|(d, (o, l))| LogOp::Trim(d, o, l)),
+        1 => Just(LogOp::Barrier),
+        1 => any::<bool>().prop_map(LogOp::Marker),
+        1 => (0u64..5).prop_map(LogOp::NewGeneration),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// The model, `tidemark log replay` and the store agree on every stream.
+    #[test]
+    fn model_replay_and_store_agree(ops in proptest::collection::vec(log_op(), 1..40)) {
+        let logdir = SimDir::new();
+        let opts = LogOptions { segment_size: 64 << 10, size_limit: 16 << 20 };
+        let (mut log, _) = ChangeLog::open(logdir.clone(), opts, 0).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut g = consistent_group(dir.path());
+        let mut model = Model::zeroed();
+        let mut generation = 0u32;
+        for op in &ops {
+            let entry = match op {
+                LogOp::Write(d, o, data) => Entry::write(disk_id(*d), *o, data, 1),
+                LogOp::Zero(d, o, l, nh) => Entry::write_zeroes(disk_id(*d), *o, *l, *nh, 1),
+                LogOp::Trim(d, o, l) => Entry::trim(disk_id(*d), *o, *l, 1),
+                LogOp::Barrier => Entry::barrier(1),
+                LogOp::Marker(app) => Entry::marker("m", *app, 1),
+                LogOp::NewGeneration(skip) => {
+                    generation += 1;
+                    let first = log.next_seq() + skip;
+                    log.begin_generation(generation, first, 0).unwrap();
+                    continue;
+                }
+            };
+            let seq = log.append(&entry).unwrap();
+            let rec = record(&entry, seq, generation);
+            model.apply(&rec);
+            prop_assert_eq!(g.apply_record(&rec).unwrap(), Applied::Done);
+        }
+        log.sync().unwrap();
+        g.commit().unwrap();
+        for (i, size) in SIZES.iter().enumerate() {
+            let mut target = MemImage(vec![0u8; *size as usize]);
+            match replay(logdir.clone(), disk_id(i), &StopAt::End, &mut target) {
+                Ok(_) => {}
+                // Only generation changes, no record at all.
+                Err(e) => prop_assert!(ops.iter().all(|o| matches!(o, LogOp::NewGeneration(_))), "{e}"),
+            }
+            prop_assert!(target.0 == model.disks[i], "model differs from replay on disk {}", i);
+            prop_assert!(image(dir.path(), &g, disk_id(i)) == model.disks[i], "store differs from replay on disk {}", i);
+        }
+    }
+}
+
+// ------------------------------------------ random streams with crashes
+
+#[derive(Debug, Clone)]
+enum Op {
+    Log(LogOp),
+    /// Extent of a disk whose source content changes without a log record
+    /// (seed), so a resync-needed record follows.
+    Unlogged(usize, u64, u64, u8),
+    /// Send the next initial-sync chunk of a disk.
+    InitChunk(usize, u64),
+    /// Resync the oldest outstanding extent.
+    Resync,
+    /// Re-send an already applied record.
+    Duplicate(usize),
+    Commit,
+    /// Drop the group without commit; tear the journal's uncommitted tail
+    /// (0 none, 1 truncate, 2 garble) at this fraction.
+    Crash(u8, f64),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        10 => log_op().prop_map(Op::Log),
+        2 => (0usize..2).prop_flat_map(|d| (Just(d), extent(d), any::<u8>()))
+            .prop_map(|(d, (o, l), seed)| Op::Unlogged(d, o, l, seed)),
+        4 => (0usize..2, 1u64..20_000).prop_map(|(d, l)| Op::InitChunk(d, l)),
+        3 => Just(Op::Resync),
+        1 => any::<usize>().prop_map(Op::Duplicate),
+        3 => Just(Op::Commit),
+        2 => (0u8..3, 0.0f64..1.0).prop_map(|(k, f)| Op::Crash(k, f)),
+    ]
+}
+
+/// The test's shipper: the source disks, the log it ships, and what it
+/// believes the receiver still needs.
+struct Shipper {
+    source: Model,
+    log: Vec<Record>,
+    generation: u32,
+    next_seq: u64,
+    /// Initial-sync cursor per disk (mirrors the receiver's `synced`).
+    cursor: [u64; 2],
+    initial_done: bool,
+    /// Bytes waiting for a resync, per disk (mirrors the receiver's
+    /// pending extents).
+    pending: Vec<Vec<bool>>,
+    resyncing: bool,
+    /// The images when the current resync began.
+    frozen: Option<Vec<Vec<u8>>>,
+    committed_journal: u64,
+}
+
+impl Shipper {
+    fn send(&mut self, g: &mut ReplicaGroup, dir: &Path, entry: Entry<'_>) {
+        let rec = record(&entry, self.next_seq, self.generation);
+        self.next_seq += 1;
+        self.source.apply(&rec);
+        self.log.push(rec.clone());
+        self.deliver(g, dir, &rec);
+    }
+
+    /// Hands a record to the receiver and mirrors its mode changes.
+    fn deliver(&mut self, g: &mut ReplicaGroup, dir: &Path, rec: &Record) {
+        let h = &rec.header;
+        if h.kind == tidemark_changelog::Kind::ResyncNeeded {
+            let d = Model::index(h.disk);
+            if !self.initial_done {
+                self.cursor[d] = self.cursor[d].min(h.offset);
+            } else {
+                if !self.resyncing {
+                    let now = images(dir, g);
+                    match &self.frozen {
+                        // Re-entering after a crash: re-applied records
+                        // give the same images.
+                        Some(f) => assert!(*f == now, "images changed before the resync"),
+                        None => self.frozen = Some(now),
+                    }
+                }
+                self.resyncing = true;
+                self.pending[d][h.offset as usize..(h.offset + h.length) as usize].fill(true);
+            }
+        }
+        assert_eq!(g.apply_record(rec).unwrap(), Applied::Done);
+    }
+
+    fn init_chunk(&mut self, g: &mut ReplicaGroup, d: usize, len: u64) {
+        let at = self.cursor[d];
+        let len = len.min(SIZES[d] - at);
+        if self.initial_done || len == 0 {
+            return;
+        }
+        let bytes = &self.source.disks[d][at as usize..(at + len) as usize];
+        let chunk = if bytes.iter().all(|b| *b == 0) {
+            ChunkRef::Zero(len)
+        } else {
+            ChunkRef::Data(bytes)
+        };
+        g.apply_chunk(disk_id(d), at, chunk, Purpose::InitialSync)
+            .unwrap();
+        self.cursor[d] = at + len;
+        self.initial_done = self.cursor.iter().zip(SIZES).all(|(c, s)| *c == s);
+    }
+
+    fn outstanding(&self) -> bool {
+        self.pending.iter().any(|p| p.contains(&true))
+    }
+
+    /// Resyncs the first pending extent.
+    fn resync_one(&mut self, g: &mut ReplicaGroup) {
+        let Some((d, start)) = self
+            .pending
+            .iter()
+            .enumerate()
+            .find_map(|(d, p)| p.iter().position(|b| *b).map(|s| (d, s)))
+        else {
+            return;
+        };
+        let len = self.pending[d][start..].iter().take_while(|b| **b).count();
+        self.pending[d][start..start + len].fill(false);
+        let (o, l) = (start as u64, len as u64);
+        let bytes = &self.source.disks[d][o as usize..(o + l) as usize];
+        g.apply_chunk(disk_id(d), o, ChunkRef::Data(bytes), Purpose::Resync)
+            .unwrap();
+        g.resync_done(disk_id(d), o, l).unwrap();
+    }
+
+    fn commit(&mut self, g: &mut ReplicaGroup, dir: &Path) {
+        let p = g.commit().unwrap();
+        assert_eq!(p.durable_seq, self.log.last().map_or(0, |r| r.header.seq));
+        if self.resyncing && !self.outstanding() {
+            assert_eq!(p.state, GroupState::Consistent);
+            self.resyncing = false;
+            self.frozen = None;
+        }
+        self.committed_journal = std::fs::metadata(dir.join("journal")).unwrap().len();
+    }
+
+    fn check_frozen(&self, g: &ReplicaGroup, dir: &Path) {
+        if let (true, Some(f)) = (self.resyncing, &self.frozen) {
+            assert!(*f == images(dir, g), "images changed during a resync");
+        }
+    }
+}
+
+fn images(dir: &Path, g: &ReplicaGroup) -> Vec<Vec<u8>> {
+    (0..2).map(|i| image(dir, g, disk_id(i))).collect()
+}
+
+fn crash(sh: &mut Shipper, g: ReplicaGroup, dir: &Path, tear: u8, at: f64) -> ReplicaGroup {
+    drop(g);
+    let path = dir.join("journal");
+    let len = std::fs::metadata(&path).unwrap().len();
+    if len > sh.committed_journal && tear > 0 {
+        let cut = sh.committed_journal + ((len - sh.committed_journal) as f64 * at) as u64;
+        if tear == 1 {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_len(cut)
+                .unwrap();
+        } else {
+            let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            use std::io::{Seek, SeekFrom};
+            f.seek(SeekFrom::Start(cut)).unwrap();
+            f.write_all(&[0xa5; 37]).unwrap();
+        }
+    }
+    let mut g = ReplicaGroup::open(dir).unwrap();
+    let p = g.position();
+    // The shipper resumes from the receiver's position.
+    for (c, d) in sh.cursor.iter_mut().zip(&p.disks) {
+        *c = d.synced;
+    }
+    sh.initial_done = p.state != GroupState::InitialSync;
+    for p in &mut sh.pending {
+        p.fill(false);
+    }
+    sh.resyncing = false;
+    if let GroupState::Resyncing { pending } = &p.state {
+        sh.resyncing = true;
+        sh.check_frozen(&g, dir);
+        for e in pending {
+            sh.pending[Model::index(e.disk)][e.offset as usize..(e.offset + e.length) as usize]
+                .fill(true);
+        }
+    }
+    sh.committed_journal = std::fs::metadata(&path).unwrap().len();
+    let refeed: Vec<Record> = sh
+        .log
+        .iter()
+        .filter(|r| r.header.seq > p.durable_seq)
+        .cloned()
+        .collect();
+    for r in &refeed {
+        sh.deliver(&mut g, dir, r);
+        sh.check_frozen(&g, dir);
+    }
+    g
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_streams_with_crashes_converge_to_the_source(
+        initial in proptest::collection::vec(any::<u8>(), 16),
+        ops in proptest::collection::vec(op(), 1..60),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path();
+        let mut source = Model::zeroed();
+        for (d, disk) in source.disks.iter_mut().enumerate() {
+            // Some non-zero content for the initial sync to copy.
+            for (i, b) in disk.iter_mut().enumerate().step_by(7) {
+                *b = initial[(i + d) % initial.len()];
+            }
+        }
+        let mut sh = Shipper {
+            source,
+            log: Vec::new(),
+            generation: 0,
+            next_seq: 1,
+            cursor: [0; 2],
+            initial_done: false,
+            pending: SIZES.iter().map(|s| vec![false; *s as usize]).collect(),
+            resyncing: false,
+            frozen: None,
+            committed_journal: 0,
+        };
+        let mut g = ReplicaGroup::open(dir).unwrap();
+        g.ensure_disks(&specs()).unwrap();
+        for op in ops {
+            match op {
+                Op::Log(LogOp::Write(d, o, data)) => sh.send(&mut g, dir, Entry::write(disk_id(d), o, &data, 1)),
+                Op::Log(LogOp::Zero(d, o, l, nh)) => sh.send(&mut g, dir, Entry::write_zeroes(disk_id(d), o, l, nh, 1)),
+                Op::Log(LogOp::Trim(d, o, l)) => sh.send(&mut g, dir, Entry::trim(disk_id(d), o, l, 1)),
+                Op::Log(LogOp::Barrier) => sh.send(&mut g, dir, Entry::barrier(sh.next_seq)),
+                Op::Log(LogOp::Marker(app)) => sh.send(&mut g, dir, Entry::marker("point", app, 1)),
+                Op::Log(LogOp::NewGeneration(skip)) => {
+                    sh.generation += 1;
+                    sh.next_seq += skip;
+                }
+                Op::Unlogged(d, o, l, seed) => {
+                    for (i, b) in sh.source.disks[d][o as usize..(o + l) as usize].iter_mut().enumerate() {
+                        *b = seed.wrapping_add(i as u8) | 1;
+                    }
+                    sh.send(&mut g, dir, Entry::resync_needed(disk_id(d), o, l, 1));
+                }
+                Op::InitChunk(d, l) => sh.init_chunk(&mut g, d, l),
+                Op::Resync => sh.resync_one(&mut g),
+                Op::Duplicate(i) => {
+                    if !sh.log.is_empty() {
+                        let r = sh.log[i % sh.log.len()].clone();
+                        prop_assert_eq!(g.apply_record(&r).unwrap(), Applied::Duplicate);
+                    }
+                }
+                Op::Commit => sh.commit(&mut g, dir),
+                Op::Crash(tear, at) => g = crash(&mut sh, g, dir, tear, at),
+            }
+            sh.check_frozen(&g, dir);
+        }
+        // Finish: copy the rest, resync everything, commit.
+        for d in 0..2 {
+            sh.init_chunk(&mut g, d, u64::MAX);
+        }
+        while sh.outstanding() {
+            sh.resync_one(&mut g);
+        }
+        sh.commit(&mut g, dir);
+        let p = g.position();
+        prop_assert_eq!(p.state, GroupState::Consistent);
+        for d in 0..2 {
+            prop_assert!(image(dir, &g, disk_id(d)) == sh.source.disks[d], "disk {} differs from the source", d);
+            let expected: Vec<[u8; 32]> = sh.source.disks[d]
+                .chunks(4096)
+                .map(|c| *blake3::hash(c).as_bytes())
+                .collect();
+            prop_assert_eq!(g.digests(disk_id(d), 0, SIZES[d], 4096).unwrap(), expected);
+        }
+        // And it survives one more reopen unchanged.
+        drop(g);
+        let g = ReplicaGroup::open(dir).unwrap();
+        prop_assert_eq!(g.position(), p);
+        for d in 0..2 {
+            prop_assert!(image(dir, &g, disk_id(d)) == sh.source.disks[d]);
+        }
+    }
+}

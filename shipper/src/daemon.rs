@@ -1,0 +1,688 @@
+//! The shipper daemon: a thin shell around the protocol session
+//! ([`tidemark_wire::shipper`]). It owns the QUIC connection, the log tail,
+//! the disks and the pacing; the session decides what may be sent and what
+//! the receiver's answers mean.
+//!
+//! One connection at a time, one bidirectional stream per connection. In
+//! each turn of the loop the shipper, in this order of preference:
+//! 1. sends the records the log has (up to `batch-size` per frame);
+//! 2. when the log is drained, asks for the receiver's digests of the next
+//!    resync-needed extent;
+//! 3. else reads and sends the next initial-sync chunk of a disk: read
+//!    right after the log was drained to the last record sent, so the
+//!    receiver applies it between that record and the next;
+//! 4. else waits for the log (inotify), the receiver, or a stop.
+//!
+//! Acks advance the log's durable cursor (the tracker recycles what is
+//! below it). Transient failures reconnect with jittered exponential
+//! backoff; permanent ones end the daemon with the state `critical` and
+//! the reason in `shipper.status`.
+
+use std::collections::VecDeque;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tidemark_changelog::{read_sources, write_cursor, FsDir, LogWatcher};
+use tidemark_config::ShipperConfig;
+use tidemark_wire::shipper::{DigestReply, HelloInfo, ShipperConfig as SessionConfig, Shipping};
+use tidemark_wire::{
+    differing_blocks, AwaitingWelcome, ChunkData, ChunkPurpose, Compression, DiskInfo,
+    ErrorClass, Message, MessageDecoder, RecordBatch, RecordId, ShipperEvent,
+};
+use tokio::sync::{mpsc, watch, Notify};
+
+use crate::policy::{local_minute_of_day, Backoff, Bandwidth};
+use crate::source::{ChunkContent, SourceDisk};
+use crate::status::{write_status, DiskProgress, ShipperStatus, State};
+use crate::tail::{first_record_from, newest_generation, LogTail};
+
+/// Largest extent one digest request covers: the shipper reads it into
+/// memory to compare and send.
+const MAX_DIGEST_EXTENT: u64 = 16 << 20;
+
+/// How often the status file is refreshed at most.
+const STATUS_INTERVAL: Duration = Duration::from_millis(250);
+
+/// How long a stopping shipper waits for the receiver's last Acks.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Why the shipper stopped for good.
+#[derive(Debug, thiserror::Error)]
+pub enum ShipperFatal {
+    /// The configuration cannot work (certificates, address).
+    #[error("{0}")]
+    Setup(String),
+    /// A permanent replication failure: the group is critical.
+    #[error("replication stopped (critical): {0}")]
+    Critical(String),
+}
+
+/// How a session ended.
+#[derive(Debug)]
+enum SessionEnd {
+    /// A stop was requested.
+    Stopped,
+    /// Retry after a backoff.
+    Transient(String),
+    /// Do not retry.
+    Permanent(String),
+}
+
+fn transient(e: impl std::fmt::Display) -> SessionEnd {
+    SessionEnd::Transient(e.to_string())
+}
+
+fn permanent(e: impl std::fmt::Display) -> SessionEnd {
+    SessionEnd::Permanent(e.to_string())
+}
+
+fn classify(class: ErrorClass, text: String) -> SessionEnd {
+    match class {
+        ErrorClass::Transient => SessionEnd::Transient(text),
+        ErrorClass::Permanent => SessionEnd::Permanent(text),
+    }
+}
+
+/// Initial sync of one disk.
+struct SyncCursor {
+    id: u32,
+    size: u64,
+    /// Next byte to send.
+    next: u64,
+    source: Option<SourceDisk>,
+}
+
+/// State shared by the sessions of one daemon run.
+struct Shared {
+    cfg: ShipperConfig,
+    dir: FsDir,
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    addr: SocketAddr,
+    status: ShipperStatus,
+    last_status: Instant,
+    bandwidth: Bandwidth,
+    cursor: u64,
+    log_changed: Arc<Notify>,
+}
+
+impl Shared {
+    fn publish(&mut self, force: bool) {
+        if !force && self.last_status.elapsed() < STATUS_INTERVAL {
+            return;
+        }
+        self.last_status = Instant::now();
+        self.status.updated_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if let Err(e) = write_status(self.dir.path(), &self.status) {
+            tracing::warn!(error = %e, "writing shipper.status failed");
+        }
+    }
+}
+
+/// Resolves the receiver's address.
+fn resolve(cfg: &ShipperConfig) -> Result<SocketAddr, ShipperFatal> {
+    let host = cfg.receiver.host().trim_start_matches('[').trim_end_matches(']');
+    (host, cfg.receiver.port())
+        .to_socket_addrs()
+        .map_err(|e| ShipperFatal::Setup(format!("resolving the receiver {}: {e}", cfg.receiver)))?
+        .next()
+        .ok_or_else(|| ShipperFatal::Setup(format!("the receiver {} has no address", cfg.receiver)))
+}
+
+/// Runs the shipper until `stop` turns true. Must run inside a
+/// multi-threaded Tokio runtime.
+pub async fn run(cfg: ShipperConfig, mut stop: watch::Receiver<bool>) -> Result<(), ShipperFatal> {
+    let dir = FsDir::existing(&cfg.log_dir)
+        .map_err(|e| ShipperFatal::Setup(format!("log directory {}: {e}", cfg.log_dir.display())))?;
+    let client = tidemark_net::client_config(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)
+        .map_err(|e| ShipperFatal::Setup(format!("TLS: {e}")))?;
+    let addr = resolve(&cfg)?;
+    let bind: SocketAddr = if addr.is_ipv6() {
+        "[::]:0".parse().expect("literal address")
+    } else {
+        "0.0.0.0:0".parse().expect("literal address")
+    };
+    let (endpoint, buffers) = tidemark_net::client_endpoint(bind)
+        .map_err(|e| ShipperFatal::Setup(format!("QUIC endpoint: {e}")))?;
+    if buffers.capped() {
+        tracing::info!(?buffers, "UDP buffers capped by the kernel (net.core.rmem_max / wmem_max)");
+    }
+    let cursor = tidemark_changelog::read_cursor(&dir).unwrap_or(0);
+
+    // Wakes the sending loop when the log directory changes.
+    let log_changed = Arc::new(Notify::new());
+    let watcher = LogWatcher::new(&dir)
+        .map_err(|e| ShipperFatal::Setup(format!("watching {}: {e}", cfg.log_dir.display())))?;
+    {
+        let notify = log_changed.clone();
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("log-watch".into())
+            .spawn(move || {
+                while !*stop.borrow() {
+                    match watcher.wait(Duration::from_millis(500)) {
+                        Ok(true) => notify.notify_one(),
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "watching the log failed; polling");
+                            std::thread::sleep(Duration::from_millis(200));
+                            notify.notify_one();
+                        }
+                    }
+                }
+            })
+            .map_err(|e| ShipperFatal::Setup(format!("starting the log watcher: {e}")))?;
+    }
+
+    let mut shared = Shared {
+        bandwidth: Bandwidth::new(&cfg.bandwidth),
+        status: ShipperStatus {
+            host: cfg.host.clone(),
+            group: cfg.consistency_group.clone(),
+            state: State::Connecting,
+            reason: None,
+            durable_seq: cursor,
+            sent_seq: cursor,
+            log_seq: cursor,
+            retries: 0,
+            wire_bytes: 0,
+            record_bytes: 0,
+            disks: Vec::new(),
+            resync_blocks_compared: 0,
+            resync_blocks_sent: 0,
+            updated_unix: 0,
+        },
+        cfg,
+        dir,
+        endpoint,
+        client,
+        addr,
+        last_status: Instant::now(),
+        cursor,
+        log_changed,
+    };
+    shared.publish(true);
+    let mut backoff = Backoff::new(&shared.cfg.retry);
+    loop {
+        let end = session(&mut shared, &mut backoff, &mut stop).await;
+        match end {
+            SessionEnd::Stopped => {
+                shared.status.reason = None;
+                shared.publish(true);
+                shared.endpoint.wait_idle().await;
+                return Ok(());
+            }
+            SessionEnd::Permanent(reason) => {
+                tracing::error!(%reason, "permanent failure: replication stops, the group is critical");
+                shared.status.state = State::Critical;
+                shared.status.reason = Some(reason.clone());
+                shared.publish(true);
+                return Err(ShipperFatal::Critical(reason));
+            }
+            SessionEnd::Transient(reason) => {
+                let delay = backoff.next_delay(rand::random::<f64>());
+                shared.status.state = State::Connecting;
+                shared.status.retries = backoff.attempts();
+                shared.status.reason = Some(reason.clone());
+                shared.publish(true);
+                tracing::warn!(%reason, retry_in = ?delay, attempt = backoff.attempts(), "transient failure; reconnecting");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.changed() => {}
+                }
+                if *stop.borrow() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// Sends a frame, paced by the bandwidth limit.
+async fn send_frame(
+    shared: &mut Shared,
+    send: &mut quinn::SendStream,
+    frame: &[u8],
+) -> Result<(), SessionEnd> {
+    let wait = shared
+        .bandwidth
+        .take(frame.len() as u64, Instant::now(), local_minute_of_day());
+    if !wait.is_zero() {
+        tokio::time::sleep(wait).await;
+    }
+    send.write_all(frame).await.map_err(transient)?;
+    shared.status.wire_bytes += frame.len() as u64;
+    Ok(())
+}
+
+async fn session(
+    shared: &mut Shared,
+    backoff: &mut Backoff,
+    stop: &mut watch::Receiver<bool>,
+) -> SessionEnd {
+    let sources = match read_sources(shared.dir.path()) {
+        Ok(Some(s)) => s,
+        Ok(None) => return transient("the tracker has not started on this log directory yet"),
+        Err(e) => return transient(e),
+    };
+    let disks: Vec<DiskInfo> = sources
+        .iter()
+        .map(|s| DiskInfo {
+            id: s.id,
+            name: s.name.clone(),
+            size: s.size,
+        })
+        .collect();
+    let generation = match newest_generation(&shared.dir) {
+        Ok(g) => g,
+        Err(e) => return transient(format!("reading the log: {e}")),
+    };
+    let connecting = match shared.endpoint.connect_with(
+        shared.client.clone(),
+        shared.addr,
+        &shared.cfg.server_name,
+    ) {
+        Ok(c) => c,
+        Err(e) => return transient(format!("connecting to {}: {e}", shared.addr)),
+    };
+    let conn = tokio::select! {
+        c = connecting => match c {
+            Ok(c) => c,
+            Err(e) => return transient(format!("connecting to {}: {e}", shared.addr)),
+        },
+        _ = stop.changed() => return SessionEnd::Stopped,
+    };
+    let end = run_connection(shared, backoff, stop, &conn, disks, sources, generation).await;
+    let reason: &[u8] = match &end {
+        SessionEnd::Stopped => b"stopping",
+        _ => b"error",
+    };
+    conn.close(0u32.into(), reason);
+    end
+}
+
+/// Reads messages from the stream into a channel, so the sending loop can
+/// wait on them together with the log.
+fn spawn_reader(mut recv: quinn::RecvStream) -> mpsc::Receiver<Result<Message, String>> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        let mut decoder = MessageDecoder::new();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match recv.read(&mut buf).await {
+                Ok(Some(n)) => decoder.feed(&buf[..n]),
+                Ok(None) => {
+                    let _ = tx.send(Err("the receiver closed the stream".into())).await;
+                    return;
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(format!("reading from the receiver: {e}"))).await;
+                    return;
+                }
+            }
+            loop {
+                match decoder.next_message() {
+                    Ok(Some(m)) => {
+                        if tx.send(Ok(m)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        let _ = tx.send(Err(format!("bad frame from the receiver: {e}"))).await;
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// Per-connection resync bookkeeping.
+#[derive(Default)]
+struct Resync {
+    /// Extents still to compare: (disk, offset, length).
+    queue: VecDeque<(u32, u64, u64)>,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_connection(
+    shared: &mut Shared,
+    backoff: &mut Backoff,
+    stop: &mut watch::Receiver<bool>,
+    conn: &quinn::Connection,
+    disks: Vec<DiskInfo>,
+    sources: Vec<tidemark_changelog::DiskSource>,
+    generation: u32,
+) -> SessionEnd {
+    let (mut send, recv) = match conn.open_bi().await {
+        Ok(s) => s,
+        Err(e) => return transient(format!("opening a stream: {e}")),
+    };
+    let mut rx = spawn_reader(recv);
+    let session_cfg = SessionConfig {
+        compression: Compression::Zstd(shared.cfg.compression_level),
+        ..SessionConfig::default()
+    };
+    let hello = HelloInfo {
+        host: shared.cfg.host.clone(),
+        group: shared.cfg.consistency_group.clone(),
+        generation,
+        disks: disks.clone(),
+    };
+    let (awaiting, frame) = match AwaitingWelcome::start(hello, session_cfg) {
+        Ok(x) => x,
+        Err(e) => return permanent(e),
+    };
+    if let Err(e) = send_frame(shared, &mut send, &frame).await {
+        return e;
+    }
+    let welcome = tokio::select! {
+        m = rx.recv() => match m {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return transient(e),
+            None => return transient("the connection ended before the welcome"),
+        },
+        _ = tokio::time::sleep(Duration::from_secs(30)) => return transient("no welcome from the receiver within 30 s"),
+        _ = stop.changed() => return SessionEnd::Stopped,
+    };
+    let dir = shared.dir.clone();
+    let lookup_error = std::cell::RefCell::new(None);
+    let first_after = |seq: u64| {
+        let from = if seq == 0 { 0 } else { seq + 1 };
+        match first_record_from(&dir, from) {
+            Ok(r) => r.map(|(seq, generation)| RecordId { seq, generation }),
+            Err(e) => {
+                *lookup_error.borrow_mut() = Some(e.to_string());
+                None
+            }
+        }
+    };
+    let (mut shipping, resume) = match awaiting.handle_message(welcome, first_after) {
+        Ok(x) => x,
+        Err(e) => {
+            if let Some(m) = e.to_message() {
+                if let Ok(f) = m.encode(Compression::None) {
+                    let _ = send.write_all(&f).await;
+                }
+            }
+            return classify(e.class(), e.to_string());
+        }
+    };
+    if let Some(e) = lookup_error.into_inner() {
+        return permanent(format!("reading the change log: {e}"));
+    }
+    backoff.reset();
+    shared.status.retries = 0;
+    shared.status.reason = None;
+    tracing::info!(
+        receiver = %shared.addr,
+        durable = resume.durable.seq,
+        from = resume.from_seq,
+        "connected; shipping"
+    );
+    let mut tail = match LogTail::open(shared.dir.path(), resume.from_seq) {
+        Ok(t) => t,
+        Err(e) => return permanent(e),
+    };
+    let mut syncs: Vec<SyncCursor> = disks
+        .iter()
+        .map(|d| SyncCursor {
+            id: d.id,
+            size: d.size,
+            next: resume
+                .disks
+                .iter()
+                .find(|s| s.id == d.id)
+                .map_or(0, |s| s.synced),
+            source: None,
+        })
+        .collect();
+    shared.status.disks = disks
+        .iter()
+        .zip(&syncs)
+        .map(|(d, s)| DiskProgress {
+            name: d.name.clone(),
+            size: d.size,
+            synced: s.next,
+            data_bytes: 0,
+        })
+        .collect();
+    shared.status.durable_seq = resume.durable.seq;
+    let mut resync = Resync::default();
+    let batch_size = usize::try_from(shared.cfg.batch_size.0).unwrap_or(usize::MAX);
+    let chunk_size = shared.cfg.sync_chunk_size.0.max(4096);
+    let block_size = u32::try_from(chunk_size).unwrap_or(1 << 20);
+
+    loop {
+        // Everything the receiver said so far.
+        loop {
+            match rx.try_recv() {
+                Ok(Ok(msg)) => {
+                    if let Err(e) =
+                        handle(shared, &mut shipping, &mut send, &sources, msg).await
+                    {
+                        return e;
+                    }
+                }
+                Ok(Err(e)) => return transient(e),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    return transient("the connection's reader ended")
+                }
+            }
+        }
+        if *stop.borrow() {
+            return finish(shared, &mut shipping, &mut send, &mut rx, &sources).await;
+        }
+
+        let mut progressed = false;
+        if shipping.can_send() {
+            let batch = tokio::task::block_in_place(|| tail.next_batch(batch_size, Duration::ZERO));
+            match batch {
+                Ok(Some(batch)) => {
+                    shared.status.log_seq = shared.status.log_seq.max(batch.last_seq);
+                    let records = match RecordBatch::from_bytes(batch.bytes) {
+                        Ok(r) => r,
+                        Err(e) => return permanent(format!("the change log holds a bad record: {e}")),
+                    };
+                    let frame = match shipping.send_records(&records) {
+                        Ok(f) => f,
+                        Err(e) => return classify(e.class(), e.to_string()),
+                    };
+                    if let Err(e) = send_frame(shared, &mut send, &frame).await {
+                        return e;
+                    }
+                    shared.status.record_bytes += records.byte_len() as u64;
+                    shared.status.sent_seq = batch.last_seq;
+                    for (disk, offset, length) in batch.resync_needed {
+                        let mut at = offset;
+                        let end = offset.saturating_add(length);
+                        while at < end {
+                            let n = (end - at).min(MAX_DIGEST_EXTENT);
+                            resync.queue.push_back((disk, at, n));
+                            at += n;
+                        }
+                    }
+                    progressed = true;
+                }
+                Ok(None) => {}
+                Err(e) => return permanent(format!("reading the change log: {e}")),
+            }
+            if !progressed && shipping.pending_digests() == 0 {
+                if let Some((disk, offset, length)) = resync.queue.pop_front() {
+                    shared.status.state = State::Resyncing;
+                    let frame = match shipping.send_digest_request(disk, offset, length, block_size) {
+                        Ok(f) => f,
+                        Err(e) => return classify(e.class(), e.to_string()),
+                    };
+                    if let Err(e) = send_frame(shared, &mut send, &frame).await {
+                        return e;
+                    }
+                    progressed = true;
+                }
+            }
+            if !progressed {
+                if let Some(s) = syncs.iter_mut().find(|s| s.next < s.size) {
+                    shared.status.state = State::InitialSync;
+                    if s.source.is_none() {
+                        let Some(src) = sources.iter().find(|d| d.id == s.id) else {
+                            return permanent(format!("disk {} is not in the disks file", s.id));
+                        };
+                        match SourceDisk::open(&src.path, s.size) {
+                            Ok(d) => s.source = Some(d),
+                            Err(e) => {
+                                return transient(format!(
+                                    "opening disk {} ({}) for the initial sync: {e}",
+                                    src.name,
+                                    src.path.display()
+                                ))
+                            }
+                        }
+                    }
+                    let (offset, len) = (s.next, chunk_size.min(s.size - s.next));
+                    let source = s.source.as_ref().expect("opened above");
+                    let content = match tokio::task::block_in_place(|| source.chunk(offset, len)) {
+                        Ok(c) => c,
+                        Err(e) => return transient(format!("reading disk {} at {offset}: {e}", s.id)),
+                    };
+                    let data = match content {
+                        ChunkContent::Zero(n) => ChunkData::Zero(n),
+                        ChunkContent::Data(d) => {
+                            if let Some(p) = shared.status.disks.get_mut(s.id as usize) {
+                                p.data_bytes += d.len() as u64;
+                            }
+                            ChunkData::Data(d)
+                        }
+                    };
+                    let frame = match shipping.send_chunk(s.id, offset, ChunkPurpose::InitialSync, data) {
+                        Ok(f) => f,
+                        Err(e) => return classify(e.class(), e.to_string()),
+                    };
+                    if let Err(e) = send_frame(shared, &mut send, &frame).await {
+                        return e;
+                    }
+                    s.next += len;
+                    progressed = true;
+                }
+            }
+        }
+        if !progressed {
+            if resync.queue.is_empty() && shipping.pending_digests() == 0 && syncs.iter().all(|s| s.next >= s.size) {
+                shared.status.state = State::Protected;
+            }
+            shared.publish(false);
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some(Ok(msg)) => {
+                        if let Err(e) = handle(shared, &mut shipping, &mut send, &sources, msg).await {
+                            return e;
+                        }
+                    }
+                    Some(Err(e)) => return transient(e),
+                    None => return transient("the connection's reader ended"),
+                },
+                _ = shared.log_changed.notified() => {}
+                _ = stop.changed() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+        shared.publish(false);
+    }
+}
+
+/// Handles one message from the receiver.
+async fn handle(
+    shared: &mut Shared,
+    shipping: &mut Shipping,
+    send: &mut quinn::SendStream,
+    sources: &[tidemark_changelog::DiskSource],
+    msg: Message,
+) -> Result<(), SessionEnd> {
+    match shipping.handle_message(msg) {
+        Ok(ShipperEvent::Acked { durable, disks, .. }) => {
+            if durable.seq > shared.cursor {
+                let dir = shared.dir.clone();
+                tokio::task::block_in_place(|| write_cursor(&dir, durable.seq))
+                    .map_err(|e| permanent(format!("writing the log cursor: {e}")))?;
+                shared.cursor = durable.seq;
+            }
+            shared.status.durable_seq = durable.seq;
+            for d in disks {
+                if let Some(p) = shared.status.disks.get_mut(d.id as usize) {
+                    p.synced = d.synced;
+                }
+            }
+            Ok(())
+        }
+        Ok(ShipperEvent::Digests(reply)) => resync_extent(shared, shipping, send, sources, reply).await,
+        Err(e) => Err(classify(e.class(), e.to_string())),
+    }
+}
+
+/// Compares the receiver's digests of an extent with the disk and sends
+/// the blocks that differ, then marks the extent in sync.
+async fn resync_extent(
+    shared: &mut Shared,
+    shipping: &mut Shipping,
+    send: &mut quinn::SendStream,
+    sources: &[tidemark_changelog::DiskSource],
+    reply: DigestReply,
+) -> Result<(), SessionEnd> {
+    let req = reply.request;
+    let Some(src) = sources.iter().find(|d| d.id == req.disk) else {
+        return Err(permanent(format!("resync of unknown disk {}", req.disk)));
+    };
+    // Read once: the digests and the blocks sent come from the same bytes,
+    // read after everything sent so far was written to the disk.
+    let data = tokio::task::block_in_place(|| {
+        SourceDisk::open(&src.path, src.size).and_then(|d| d.read(req.offset, req.length))
+    })
+    .map_err(|e| transient(format!("reading disk {} for resync: {e}", src.name)))?;
+    let local = tidemark_wire::block_digests(&data, req.block_size);
+    let Some(differ) = differing_blocks(&req, &local, &reply.digests) else {
+        return Err(permanent("digest counts do not match the request"));
+    };
+    shared.status.resync_blocks_compared += local.len() as u64;
+    for ext in differ {
+        let start = (ext.offset - req.offset) as usize;
+        let bytes = data[start..start + ext.length as usize].to_vec();
+        shared.status.resync_blocks_sent += ext.length.div_ceil(u64::from(req.block_size));
+        let frame = shipping
+            .send_chunk(req.disk, ext.offset, ChunkPurpose::Resync, ChunkData::Data(bytes))
+            .map_err(|e| classify(e.class(), e.to_string()))?;
+        send_frame(shared, send, &frame).await?;
+    }
+    let frame = shipping
+        .send_resync_done(req.disk, req.offset, req.length)
+        .map_err(|e| classify(e.class(), e.to_string()))?;
+    send_frame(shared, send, &frame).await
+}
+
+/// A clean stop: wait a little for the Acks of what is in flight, so the
+/// cursor is as far as it can be, then close.
+async fn finish(
+    shared: &mut Shared,
+    shipping: &mut Shipping,
+    send: &mut quinn::SendStream,
+    rx: &mut mpsc::Receiver<Result<Message, String>>,
+    sources: &[tidemark_changelog::DiskSource],
+) -> SessionEnd {
+    let deadline = tokio::time::Instant::now() + STOP_GRACE;
+    while shipping.in_flight_bytes() > 0 {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(Ok(msg))) => {
+                if handle(shared, shipping, send, sources, msg).await.is_err() {
+                    break;
+                }
+            }
+            _ => break,
+        }
+    }
+    let _ = send.finish();
+    SessionEnd::Stopped
+}

@@ -1,0 +1,43 @@
+//! The replication wire protocol between the shipper (protected host) and
+//! the receiver (replica site): frames, their codec, and the sans-IO protocol
+//! logic of both ends. No sockets, no clock, no runtime: the daemons feed
+//! bytes and messages in and send what comes out.
+//!
+//! - [`frame`]: the frame layout (byte diagram there), the encoder and the
+//!   incremental [`FrameDecoder`].
+//! - [`message`]: the messages and their body layouts, and [`RecordBatch`],
+//!   the verified run of change-log records a `Records` message carries.
+//! - [`shipper`]: the shipper's session ([`AwaitingWelcome`] → [`Shipping`]),
+//!   flow control and resync digest comparison.
+//! - [`receiver`]: the receiver's session ([`ExpectHello`] → [`Receiving`])
+//!   driving a [`Replica`].
+//!
+//! One connection carries one session over one reliable, ordered stream:
+//!
+//! ```text
+//!  shipper                                   receiver
+//!  Hello ──────────────────────────────────►
+//!        ◄────────────────────────────────── Welcome (durable seq, sync states)
+//!  Records / Chunk / DigestRequest /
+//!  ResyncDone ─────────────────────────────►
+//!        ◄────────────────────────────────── Ack / Digests
+//!  Error (either way, then close)
+//! ```
+
+pub mod frame;
+pub mod message;
+pub mod receiver;
+pub mod shipper;
+
+pub use frame::{encode_frame, Compression, DecodeError, EncodeError, Frame, FrameDecoder};
+pub use message::{
+    BatchError, ChunkData, ChunkPurpose, DiskInfo, DiskSync, ErrorClass, ErrorCode, Message,
+    MessageDecoder, MessageType, RecordBatch, RecordId,
+};
+pub use receiver::{
+    ExpectHello, Position, ReceiverConfig, ReceiverError, Receiving, Replica, ReplicaError,
+};
+pub use shipper::{
+    block_digests, differing_blocks, AwaitingWelcome, DigestReply, DigestRequestInfo, Extent,
+    HelloInfo, Resume, ShipperConfig, ShipperError, ShipperEvent, Shipping,
+};

@@ -1,0 +1,1176 @@
+//! Messages: what a frame body means. Body layouts, little-endian, no
+//! padding. `str8` is a u8 length then UTF-8 bytes; `str16` a u16 length then
+//! UTF-8 bytes. Every count is bounded by the body that carries it, and
+//! every message must use its whole body.
+//!
+//! ```text
+//!  1 hello           str8 host, str8 group, u32 generation, u32 n,
+//!                    n × (u32 id, str8 name, u64 size)
+//!  2 welcome         u64 durable-seq, u32 generation, u32 n, n × (u32 id, u64 synced)
+//!  3 records         the records, each exactly as in the log (56-byte header
+//!                    with its own CRC32C, then payload), back to back
+//!  4 chunk           u32 disk, u64 offset, u64 after-seq, u8 purpose
+//!                    (0 initial-sync, 1 resync), u8 data kind, then
+//!                    kind 0: the data (rest of the body, non-empty)
+//!                    kind 1: u64 length of a range that reads as zeroes
+//!  5 digest-request  u32 disk, u64 offset, u64 length, u32 block-size
+//!  6 digests         u32 disk, u64 offset, u32 block-size, u32 n, n × 32-byte BLAKE3
+//!  7 resync-done     u32 disk, u64 offset, u64 length, u64 after-seq
+//!  8 ack             u64 durable-seq, u32 generation, u64 frames,
+//!                    u32 n, n × (u32 id, u64 synced)
+//!  9 error           u8 class (0 transient, 1 permanent), u8 code, str16 message
+//! ```
+//!
+//! Initial sync has no "done" message: initial-sync chunks of a disk are
+//! sent in offset order without holes (zero ranges as `Zero` data), so the
+//! receiver's `synced` offset is simply the end of the last one, and a disk
+//! is fully synced when it reaches the disk's size. `Ack.frames` counts the
+//! frames the receiver has consumed on this connection; the shipper's flow
+//! control releases in-flight bytes by it.
+
+use crate::frame::MAX_FRAME_BODY;
+use crate::frame::{encode_frame, Compression, DecodeError, EncodeError, Frame, FrameDecoder};
+use std::fmt;
+use thiserror::Error;
+use tidemark_changelog::record::{self, Header, Record, HEADER_LEN};
+
+/// The longest host, group or disk name, in bytes.
+pub const MAX_NAME: usize = 255;
+/// The longest error message, in bytes.
+pub const MAX_ERROR_MESSAGE: usize = 4096;
+/// The most disks a consistency group may have.
+pub const MAX_DISKS: usize = 4096;
+/// The most digests one request may ask for (32 MiB of digests).
+pub const MAX_DIGESTS: u64 = 1 << 20;
+
+/// The type byte of a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MessageType {
+    /// [`Message::Hello`].
+    Hello,
+    /// [`Message::Welcome`].
+    Welcome,
+    /// [`Message::Records`].
+    Records,
+    /// [`Message::Chunk`].
+    Chunk,
+    /// [`Message::DigestRequest`].
+    DigestRequest,
+    /// [`Message::Digests`].
+    Digests,
+    /// [`Message::ResyncDone`].
+    ResyncDone,
+    /// [`Message::Ack`].
+    Ack,
+    /// [`Message::Error`].
+    Error,
+}
+
+impl MessageType {
+    /// The byte on the wire.
+    pub fn code(self) -> u8 {
+        match self {
+            MessageType::Hello => 1,
+            MessageType::Welcome => 2,
+            MessageType::Records => 3,
+            MessageType::Chunk => 4,
+            MessageType::DigestRequest => 5,
+            MessageType::Digests => 6,
+            MessageType::ResyncDone => 7,
+            MessageType::Ack => 8,
+            MessageType::Error => 9,
+        }
+    }
+
+    /// The type a byte stands for, if any.
+    pub fn from_code(code: u8) -> Option<MessageType> {
+        Some(match code {
+            1 => MessageType::Hello,
+            2 => MessageType::Welcome,
+            3 => MessageType::Records,
+            4 => MessageType::Chunk,
+            5 => MessageType::DigestRequest,
+            6 => MessageType::Digests,
+            7 => MessageType::ResyncDone,
+            8 => MessageType::Ack,
+            9 => MessageType::Error,
+            _ => return None,
+        })
+    }
+
+    /// The kebab-case name, for logs and errors.
+    pub fn name(self) -> &'static str {
+        match self {
+            MessageType::Hello => "hello",
+            MessageType::Welcome => "welcome",
+            MessageType::Records => "records",
+            MessageType::Chunk => "chunk",
+            MessageType::DigestRequest => "digest-request",
+            MessageType::Digests => "digests",
+            MessageType::ResyncDone => "resync-done",
+            MessageType::Ack => "ack",
+            MessageType::Error => "error",
+        }
+    }
+}
+
+/// A protected disk as the shipper announces it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskInfo {
+    /// Disk id within the group (as in the log's records).
+    pub id: u32,
+    /// The disk's name, e.g. "data".
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// How far the initial sync of a disk has come at the replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskSync {
+    /// Disk id.
+    pub id: u32,
+    /// Initial sync is done below this byte offset (== size: complete).
+    pub synced: u64,
+}
+
+/// Why a chunk is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkPurpose {
+    /// Part of the first full copy of the disk; sent in offset order.
+    InitialSync,
+    /// A block found different by a digest comparison, or a hot extent.
+    Resync,
+}
+
+/// What a chunk carries.
+#[derive(Clone, PartialEq, Eq)]
+pub enum ChunkData {
+    /// The bytes at the chunk's offset.
+    Data(Vec<u8>),
+    /// A range of this many bytes that reads as zeroes, sent without data.
+    Zero(u64),
+}
+
+impl ChunkData {
+    /// Bytes of the disk the chunk covers.
+    pub fn len(&self) -> u64 {
+        match self {
+            ChunkData::Data(d) => d.len() as u64,
+            ChunkData::Zero(n) => *n,
+        }
+    }
+
+    /// Whether the chunk covers nothing (never valid on the wire).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl fmt::Debug for ChunkData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ChunkData::Data(d) => write!(f, "Data({} bytes)", d.len()),
+            ChunkData::Zero(n) => write!(f, "Zero({n})"),
+        }
+    }
+}
+
+/// Whether retrying can help.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorClass {
+    /// Retry with backoff (network, busy, disk full, damaged frame).
+    Transient,
+    /// Stop and mark the disks critical until an admin acts.
+    Permanent,
+}
+
+/// What went wrong, for the peer's status and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// The host may not write this replica.
+    Unauthorized,
+    /// A disk the receiver does not hold.
+    UnknownDisk,
+    /// Records are missing between what the replica has and what arrived.
+    SequenceGap,
+    /// A frame or record did not verify.
+    BadChecksum,
+    /// The receiver cannot take this session now.
+    Busy,
+    /// The replica store is full.
+    NoSpace,
+    /// The peer broke the protocol.
+    Protocol,
+    /// The sender failed internally.
+    Internal,
+}
+
+impl ErrorCode {
+    fn code(self) -> u8 {
+        match self {
+            ErrorCode::Unauthorized => 1,
+            ErrorCode::UnknownDisk => 2,
+            ErrorCode::SequenceGap => 3,
+            ErrorCode::BadChecksum => 4,
+            ErrorCode::Busy => 5,
+            ErrorCode::NoSpace => 6,
+            ErrorCode::Protocol => 7,
+            ErrorCode::Internal => 8,
+        }
+    }
+
+    fn from_code(c: u8) -> Option<ErrorCode> {
+        Some(match c {
+            1 => ErrorCode::Unauthorized,
+            2 => ErrorCode::UnknownDisk,
+            3 => ErrorCode::SequenceGap,
+            4 => ErrorCode::BadChecksum,
+            5 => ErrorCode::Busy,
+            6 => ErrorCode::NoSpace,
+            7 => ErrorCode::Protocol,
+            8 => ErrorCode::Internal,
+            _ => return None,
+        })
+    }
+}
+
+/// Identifies a record: its sequence number and generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RecordId {
+    /// Sequence number.
+    pub seq: u64,
+    /// Tracker generation.
+    pub generation: u32,
+}
+
+impl RecordId {
+    /// Whether `self` may come right after `prev` in the stream: the next
+    /// sequence number of the same generation, or a jump forward into a
+    /// newer generation (the tracker restarted uncleanly).
+    pub fn follows(self, prev: RecordId) -> bool {
+        (self.generation == prev.generation && prev.seq.checked_add(1) == Some(self.seq))
+            || (self.generation > prev.generation && self.seq > prev.seq)
+    }
+}
+
+/// Why records cannot form (or be read from) a batch.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum BatchError {
+    /// A record does not verify (checksum or structure).
+    #[error("record {index} of the batch does not verify")]
+    Record {
+        /// Position in the batch.
+        index: u32,
+        /// What is wrong.
+        #[source]
+        source: record::DecodeError,
+    },
+    /// Records do not follow each other.
+    #[error("record {next:?} cannot follow {prev:?}")]
+    NotConsecutive {
+        /// The earlier record.
+        prev: RecordId,
+        /// The one after it.
+        next: RecordId,
+    },
+    /// `push` was given more (or other) bytes than one record.
+    #[error("{0} bytes after the record")]
+    TrailingBytes(usize),
+    /// The batch would exceed the frame limit.
+    #[error("the batch would exceed {MAX_FRAME_BODY} bytes")]
+    Full,
+}
+
+impl BatchError {
+    /// Whether a checksum failed (bytes damaged, rather than a wrong sender).
+    pub fn is_corruption(&self) -> bool {
+        matches!(
+            self,
+            BatchError::Record {
+                source: record::DecodeError::ChecksumMismatch { .. },
+                ..
+            }
+        )
+    }
+}
+
+/// Consecutive change-log records, each byte-for-byte as in the log, so the
+/// log's own per-record CRC32C checks them end to end. A batch only exists
+/// verified: every constructor checks every record and their order.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct RecordBatch {
+    bytes: Vec<u8>,
+    count: u32,
+    first: Option<RecordId>,
+    last: Option<RecordId>,
+}
+
+impl fmt::Debug for RecordBatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RecordBatch")
+            .field("count", &self.count)
+            .field("first", &self.first)
+            .field("last", &self.last)
+            .field("bytes", &self.bytes.len())
+            .finish()
+    }
+}
+
+impl RecordBatch {
+    /// An empty batch.
+    pub fn new() -> RecordBatch {
+        RecordBatch::default()
+    }
+
+    /// Appends one encoded record (exactly one, as read from the log),
+    /// verifying it and that it follows the previous one.
+    pub fn push(&mut self, encoded: &[u8]) -> Result<(), BatchError> {
+        let header = verify_one(encoded, self.count)?;
+        if header.record_len() != encoded.len() {
+            return Err(BatchError::TrailingBytes(
+                encoded.len() - header.record_len(),
+            ));
+        }
+        if self.bytes.len() + encoded.len() > MAX_FRAME_BODY as usize {
+            return Err(BatchError::Full);
+        }
+        self.note(header)?;
+        self.bytes.extend_from_slice(encoded);
+        Ok(())
+    }
+
+    /// A batch of these encoded records, in order.
+    pub fn from_records<'a>(
+        records: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<RecordBatch, BatchError> {
+        let mut batch = RecordBatch::new();
+        for r in records {
+            batch.push(r)?;
+        }
+        Ok(batch)
+    }
+
+    /// Verifies concatenated records received from the peer.
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<RecordBatch, BatchError> {
+        if bytes.len() > MAX_FRAME_BODY as usize {
+            return Err(BatchError::Full);
+        }
+        let mut batch = RecordBatch::new();
+        let mut at = 0;
+        while at < bytes.len() {
+            let header = verify_one(&bytes[at..], batch.count)?;
+            batch.note(header)?;
+            at += header.record_len();
+        }
+        batch.bytes = bytes;
+        Ok(batch)
+    }
+
+    fn note(&mut self, header: Header) -> Result<(), BatchError> {
+        let id = RecordId {
+            seq: header.seq,
+            generation: header.generation,
+        };
+        if let Some(prev) = self.last {
+            if !id.follows(prev) {
+                return Err(BatchError::NotConsecutive { prev, next: id });
+            }
+        }
+        self.first.get_or_insert(id);
+        self.last = Some(id);
+        self.count += 1;
+        Ok(())
+    }
+
+    /// The first record's id.
+    pub fn first(&self) -> Option<RecordId> {
+        self.first
+    }
+
+    /// The last record's id.
+    pub fn last(&self) -> Option<RecordId> {
+        self.last
+    }
+
+    /// Number of records.
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    /// Whether the batch holds no record.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Bytes of the encoded records.
+    pub fn byte_len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// The encoded records, back to back.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The records, decoded and verified again one by one.
+    pub fn records(&self) -> BatchRecords<'_> {
+        BatchRecords {
+            bytes: &self.bytes,
+            index: 0,
+            last: None,
+        }
+    }
+}
+
+fn verify_one(bytes: &[u8], index: u32) -> Result<Header, BatchError> {
+    let fail = |source| BatchError::Record { index, source };
+    let header = Header::decode(bytes).map_err(fail)?;
+    let payload =
+        bytes
+            .get(HEADER_LEN..header.record_len())
+            .ok_or(fail(record::DecodeError::Truncated {
+                needed: header.record_len(),
+                available: bytes.len(),
+            }))?;
+    header.verify(bytes, payload).map_err(fail)?;
+    Ok(header)
+}
+
+/// Iterator over a batch's records; see [`RecordBatch::records`].
+pub struct BatchRecords<'a> {
+    bytes: &'a [u8],
+    index: u32,
+    last: Option<RecordId>,
+}
+
+impl Iterator for BatchRecords<'_> {
+    type Item = Result<Record, BatchError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.bytes.is_empty() {
+            return None;
+        }
+        let index = self.index;
+        let result = Record::decode(self.bytes)
+            .map_err(|source| BatchError::Record { index, source })
+            .and_then(|r| {
+                let id = RecordId {
+                    seq: r.header.seq,
+                    generation: r.header.generation,
+                };
+                match self.last {
+                    Some(prev) if !id.follows(prev) => {
+                        Err(BatchError::NotConsecutive { prev, next: id })
+                    }
+                    _ => Ok((r, id)),
+                }
+            });
+        match result {
+            Ok((r, id)) => {
+                self.bytes = &self.bytes[r.header.record_len()..];
+                self.index += 1;
+                self.last = Some(id);
+                Some(Ok(r))
+            }
+            Err(e) => {
+                self.bytes = &[];
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+/// One protocol message. See the module documentation for the layouts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Shipper → receiver, the first frame on a connection.
+    Hello {
+        /// The protected host (must match its certificate).
+        host: String,
+        /// The consistency group.
+        group: String,
+        /// The tracker generation the host is at.
+        generation: u32,
+        /// The group's disks.
+        disks: Vec<DiskInfo>,
+    },
+    /// Receiver → shipper: where to resume.
+    Welcome {
+        /// Every record up to this one is durable at the replica (0: none).
+        durable_seq: u64,
+        /// The generation of that record.
+        generation: u32,
+        /// How far each disk's initial sync has come.
+        disks: Vec<DiskSync>,
+    },
+    /// Shipper → receiver: consecutive log records.
+    Records(RecordBatch),
+    /// Shipper → receiver: disk data, applied after record `after_seq` and
+    /// before the next one.
+    Chunk {
+        /// Disk id.
+        disk: u32,
+        /// Byte offset on the disk.
+        offset: u64,
+        /// The last record the receiver must have applied before this chunk.
+        after_seq: u64,
+        /// Initial sync or resync.
+        purpose: ChunkPurpose,
+        /// The bytes, or a zero range.
+        data: ChunkData,
+    },
+    /// Shipper → receiver: send the digests of these blocks of the replica.
+    DigestRequest {
+        /// Disk id.
+        disk: u32,
+        /// First byte (a multiple of the block size is usual, not required).
+        offset: u64,
+        /// Bytes to cover; the last block may be short.
+        length: u64,
+        /// Block size in bytes.
+        block_size: u32,
+    },
+    /// Receiver → shipper: one BLAKE3 digest per block of the request.
+    Digests {
+        /// Disk id.
+        disk: u32,
+        /// First byte.
+        offset: u64,
+        /// Block size.
+        block_size: u32,
+        /// The digests, in block order.
+        digests: Vec<[u8; 32]>,
+    },
+    /// Shipper → receiver: a resync-needed extent is in sync as of `after_seq`.
+    ResyncDone {
+        /// Disk id.
+        disk: u32,
+        /// First byte.
+        offset: u64,
+        /// Bytes.
+        length: u64,
+        /// The last record the receiver must have applied.
+        after_seq: u64,
+    },
+    /// Receiver → shipper: everything up to `durable_seq`, and these sync
+    /// positions, is durable at the replica.
+    Ack {
+        /// The highest durable record (0: none).
+        durable_seq: u64,
+        /// Its generation.
+        generation: u32,
+        /// Frames consumed on this connection (flow control).
+        frames: u64,
+        /// Durable initial-sync positions.
+        disks: Vec<DiskSync>,
+    },
+    /// Either way; the sender closes the connection after it.
+    Error {
+        /// Whether retrying can help.
+        class: ErrorClass,
+        /// What went wrong.
+        code: ErrorCode,
+        /// For people.
+        message: String,
+    },
+}
+
+fn truncate_utf8(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+impl Message {
+    /// An error message, its text cut to [`MAX_ERROR_MESSAGE`] bytes so it
+    /// always encodes.
+    pub fn error(class: ErrorClass, code: ErrorCode, message: &str) -> Message {
+        Message::Error {
+            class,
+            code,
+            message: truncate_utf8(message, MAX_ERROR_MESSAGE),
+        }
+    }
+
+    /// The message's type byte.
+    pub fn msg_type(&self) -> MessageType {
+        match self {
+            Message::Hello { .. } => MessageType::Hello,
+            Message::Welcome { .. } => MessageType::Welcome,
+            Message::Records(_) => MessageType::Records,
+            Message::Chunk { .. } => MessageType::Chunk,
+            Message::DigestRequest { .. } => MessageType::DigestRequest,
+            Message::Digests { .. } => MessageType::Digests,
+            Message::ResyncDone { .. } => MessageType::ResyncDone,
+            Message::Ack { .. } => MessageType::Ack,
+            Message::Error { .. } => MessageType::Error,
+        }
+    }
+
+    /// Encodes the message as a whole frame.
+    pub fn encode(&self, compression: Compression) -> Result<Vec<u8>, EncodeError> {
+        let body = self.encode_body()?;
+        encode_frame(self.msg_type(), &body, compression)
+    }
+
+    /// Encodes the body alone.
+    pub fn encode_body(&self) -> Result<Vec<u8>, EncodeError> {
+        let mut w = Writer(Vec::new());
+        match self {
+            Message::Hello {
+                host,
+                group,
+                generation,
+                disks,
+            } => {
+                w.str8("host", host)?;
+                w.str8("group", group)?;
+                w.u32(*generation);
+                w.count("disks", disks.len(), MAX_DISKS)?;
+                for d in disks {
+                    w.u32(d.id);
+                    w.str8("disk name", &d.name)?;
+                    w.u64(d.size);
+                }
+            }
+            Message::Welcome {
+                durable_seq,
+                generation,
+                disks,
+            } => {
+                w.u64(*durable_seq);
+                w.u32(*generation);
+                w.syncs(disks)?;
+            }
+            Message::Records(batch) => return Ok(batch.as_bytes().to_vec()),
+            Message::Chunk {
+                disk,
+                offset,
+                after_seq,
+                purpose,
+                data,
+            } => {
+                if data.is_empty() {
+                    return Err(EncodeError::InvalidField {
+                        field: "chunk data",
+                        reason: "a chunk covers at least one byte",
+                    });
+                }
+                if offset.checked_add(data.len()).is_none() {
+                    return Err(EncodeError::InvalidField {
+                        field: "chunk offset",
+                        reason: "offset + length overflows",
+                    });
+                }
+                w.u32(*disk);
+                w.u64(*offset);
+                w.u64(*after_seq);
+                w.u8(match purpose {
+                    ChunkPurpose::InitialSync => 0,
+                    ChunkPurpose::Resync => 1,
+                });
+                match data {
+                    ChunkData::Data(d) => {
+                        w.u8(0);
+                        w.0.extend_from_slice(d);
+                    }
+                    ChunkData::Zero(n) => {
+                        w.u8(1);
+                        w.u64(*n);
+                    }
+                }
+            }
+            Message::DigestRequest {
+                disk,
+                offset,
+                length,
+                block_size,
+            } => {
+                digest_count(*offset, *length, *block_size).map_err(|reason| {
+                    EncodeError::InvalidField {
+                        field: "digest request",
+                        reason,
+                    }
+                })?;
+                w.u32(*disk);
+                w.u64(*offset);
+                w.u64(*length);
+                w.u32(*block_size);
+            }
+            Message::Digests {
+                disk,
+                offset,
+                block_size,
+                digests,
+            } => {
+                w.u32(*disk);
+                w.u64(*offset);
+                w.u32(*block_size);
+                w.count("digests", digests.len(), MAX_DIGESTS as usize)?;
+                for d in digests {
+                    w.0.extend_from_slice(d);
+                }
+            }
+            Message::ResyncDone {
+                disk,
+                offset,
+                length,
+                after_seq,
+            } => {
+                w.u32(*disk);
+                w.u64(*offset);
+                w.u64(*length);
+                w.u64(*after_seq);
+            }
+            Message::Ack {
+                durable_seq,
+                generation,
+                frames,
+                disks,
+            } => {
+                w.u64(*durable_seq);
+                w.u32(*generation);
+                w.u64(*frames);
+                w.syncs(disks)?;
+            }
+            Message::Error {
+                class,
+                code,
+                message,
+            } => {
+                w.u8(match class {
+                    ErrorClass::Transient => 0,
+                    ErrorClass::Permanent => 1,
+                });
+                w.u8(code.code());
+                if message.len() > MAX_ERROR_MESSAGE {
+                    return Err(EncodeError::FieldTooLong {
+                        field: "error message",
+                        len: message.len(),
+                        max: MAX_ERROR_MESSAGE,
+                    });
+                }
+                w.u16(message.len() as u16);
+                w.0.extend_from_slice(message.as_bytes());
+            }
+        }
+        if w.0.len() > MAX_FRAME_BODY as usize {
+            return Err(EncodeError::BodyTooLarge(w.0.len()));
+        }
+        Ok(w.0)
+    }
+
+    /// Decodes a frame's body.
+    pub fn decode(frame: Frame) -> Result<Message, DecodeError> {
+        match frame.msg_type {
+            // The batch keeps the body as it is: no copy of the records.
+            MessageType::Records => RecordBatch::from_bytes(frame.body)
+                .map(Message::Records)
+                .map_err(DecodeError::Batch),
+            msg_type => decode_fields(msg_type, &frame.body),
+        }
+    }
+}
+
+fn decode_fields(msg_type: MessageType, body: &[u8]) -> Result<Message, DecodeError> {
+    {
+        let mut r = Reader { b: body, at: 0 };
+        let msg = match msg_type {
+            MessageType::Hello => {
+                let host = r.str8("host")?;
+                let group = r.str8("group")?;
+                let generation = r.u32("generation")?;
+                let n = r.count("disk count", 4 + 1 + 8)?;
+                let mut disks = Vec::with_capacity(n);
+                for _ in 0..n {
+                    disks.push(DiskInfo {
+                        id: r.u32("disk id")?,
+                        name: r.str8("disk name")?,
+                        size: r.u64("disk size")?,
+                    });
+                }
+                Message::Hello {
+                    host,
+                    group,
+                    generation,
+                    disks,
+                }
+            }
+            MessageType::Welcome => Message::Welcome {
+                durable_seq: r.u64("durable seq")?,
+                generation: r.u32("generation")?,
+                disks: r.syncs()?,
+            },
+            MessageType::Records => {
+                return Err(invalid("message type", "records have no fixed fields"))
+            }
+            MessageType::Chunk => {
+                let disk = r.u32("disk")?;
+                let offset = r.u64("offset")?;
+                let after_seq = r.u64("after seq")?;
+                let purpose = match r.u8("purpose")? {
+                    0 => ChunkPurpose::InitialSync,
+                    1 => ChunkPurpose::Resync,
+                    _ => return Err(invalid("purpose", "unknown chunk purpose")),
+                };
+                let data = match r.u8("data kind")? {
+                    0 => ChunkData::Data(r.rest().to_vec()),
+                    1 => ChunkData::Zero(r.u64("zero length")?),
+                    _ => return Err(invalid("data kind", "unknown chunk data kind")),
+                };
+                if data.is_empty() {
+                    return Err(invalid("chunk data", "a chunk covers at least one byte"));
+                }
+                if offset.checked_add(data.len()).is_none() {
+                    return Err(invalid("chunk offset", "offset + length overflows"));
+                }
+                Message::Chunk {
+                    disk,
+                    offset,
+                    after_seq,
+                    purpose,
+                    data,
+                }
+            }
+            MessageType::DigestRequest => {
+                let disk = r.u32("disk")?;
+                let offset = r.u64("offset")?;
+                let length = r.u64("length")?;
+                let block_size = r.u32("block size")?;
+                digest_count(offset, length, block_size)
+                    .map_err(|reason| invalid("digest request", reason))?;
+                Message::DigestRequest {
+                    disk,
+                    offset,
+                    length,
+                    block_size,
+                }
+            }
+            MessageType::Digests => {
+                let disk = r.u32("disk")?;
+                let offset = r.u64("offset")?;
+                let block_size = r.u32("block size")?;
+                let n = r.count("digest count", 32)?;
+                let mut digests = Vec::with_capacity(n);
+                for _ in 0..n {
+                    digests.push(r.array::<32>("digest")?);
+                }
+                Message::Digests {
+                    disk,
+                    offset,
+                    block_size,
+                    digests,
+                }
+            }
+            MessageType::ResyncDone => {
+                let disk = r.u32("disk")?;
+                let offset = r.u64("offset")?;
+                let length = r.u64("length")?;
+                if length == 0 || offset.checked_add(length).is_none() {
+                    return Err(invalid("resync extent", "empty or overflowing extent"));
+                }
+                Message::ResyncDone {
+                    disk,
+                    offset,
+                    length,
+                    after_seq: r.u64("after seq")?,
+                }
+            }
+            MessageType::Ack => Message::Ack {
+                durable_seq: r.u64("durable seq")?,
+                generation: r.u32("generation")?,
+                frames: r.u64("frames")?,
+                disks: r.syncs()?,
+            },
+            MessageType::Error => {
+                let class = match r.u8("class")? {
+                    0 => ErrorClass::Transient,
+                    1 => ErrorClass::Permanent,
+                    _ => return Err(invalid("class", "unknown error class")),
+                };
+                let code = ErrorCode::from_code(r.u8("code")?)
+                    .ok_or(invalid("code", "unknown error code"))?;
+                let len = r.u16("message length")? as usize;
+                if len > MAX_ERROR_MESSAGE {
+                    return Err(invalid("error message", "longer than 4 KiB"));
+                }
+                let message = r.utf8("error message", len)?;
+                Message::Error {
+                    class,
+                    code,
+                    message,
+                }
+            }
+        };
+        let extra = r.b.len() - r.at;
+        if extra != 0 {
+            return Err(DecodeError::TrailingBytes {
+                msg: msg_type.name(),
+                extra,
+            });
+        }
+        Ok(msg)
+    }
+}
+
+fn invalid(field: &'static str, reason: &'static str) -> DecodeError {
+    DecodeError::InvalidField { field, reason }
+}
+
+/// The number of blocks of `block_size` covering `offset..offset+length`
+/// (the last may be short), or why the request is invalid.
+pub fn digest_count(offset: u64, length: u64, block_size: u32) -> Result<u64, &'static str> {
+    if block_size == 0 {
+        return Err("block size is zero");
+    }
+    if length == 0 {
+        return Err("length is zero");
+    }
+    if offset.checked_add(length).is_none() {
+        return Err("offset + length overflows");
+    }
+    let n = length.div_ceil(u64::from(block_size));
+    if n > MAX_DIGESTS {
+        return Err("too many blocks for one request");
+    }
+    Ok(n)
+}
+
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn str8(&mut self, field: &'static str, s: &str) -> Result<(), EncodeError> {
+        if s.len() > MAX_NAME {
+            return Err(EncodeError::FieldTooLong {
+                field,
+                len: s.len(),
+                max: MAX_NAME,
+            });
+        }
+        self.u8(s.len() as u8);
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+    fn count(&mut self, field: &'static str, n: usize, max: usize) -> Result<(), EncodeError> {
+        if n > max {
+            return Err(EncodeError::FieldTooLong { field, len: n, max });
+        }
+        self.u32(n as u32);
+        Ok(())
+    }
+    fn syncs(&mut self, disks: &[DiskSync]) -> Result<(), EncodeError> {
+        self.count("disks", disks.len(), MAX_DISKS)?;
+        for d in disks {
+            self.u32(d.id);
+            self.u64(d.synced);
+        }
+        Ok(())
+    }
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, field: &'static str, n: usize) -> Result<&'a [u8], DecodeError> {
+        let end = self
+            .at
+            .checked_add(n)
+            .ok_or(DecodeError::Truncated { field })?;
+        let s = self
+            .b
+            .get(self.at..end)
+            .ok_or(DecodeError::Truncated { field })?;
+        self.at = end;
+        Ok(s)
+    }
+    fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], DecodeError> {
+        let s = self.take(field, N)?;
+        let mut a = [0u8; N];
+        a.copy_from_slice(s);
+        Ok(a)
+    }
+    fn u8(&mut self, field: &'static str) -> Result<u8, DecodeError> {
+        Ok(self.array::<1>(field)?[0])
+    }
+    fn u16(&mut self, field: &'static str) -> Result<u16, DecodeError> {
+        Ok(u16::from_le_bytes(self.array(field)?))
+    }
+    fn u32(&mut self, field: &'static str) -> Result<u32, DecodeError> {
+        Ok(u32::from_le_bytes(self.array(field)?))
+    }
+    fn u64(&mut self, field: &'static str) -> Result<u64, DecodeError> {
+        Ok(u64::from_le_bytes(self.array(field)?))
+    }
+    fn utf8(&mut self, field: &'static str, len: usize) -> Result<String, DecodeError> {
+        let s = self.take(field, len)?;
+        std::str::from_utf8(s)
+            .map(str::to_string)
+            .map_err(|_| invalid(field, "not UTF-8"))
+    }
+    fn str8(&mut self, field: &'static str) -> Result<String, DecodeError> {
+        let len = self.u8(field)? as usize;
+        self.utf8(field, len)
+    }
+    fn rest(&mut self) -> &'a [u8] {
+        let s = &self.b[self.at..];
+        self.at = self.b.len();
+        s
+    }
+    /// A count of items of at least `item_len` bytes each: bounded by what
+    /// the body can still hold, so a lying count cannot make us allocate.
+    fn count(&mut self, field: &'static str, item_len: usize) -> Result<usize, DecodeError> {
+        let n = self.u32(field)? as usize;
+        let left = self.b.len() - self.at;
+        if n > left / item_len {
+            return Err(DecodeError::Truncated { field });
+        }
+        Ok(n)
+    }
+    fn syncs(&mut self) -> Result<Vec<DiskSync>, DecodeError> {
+        let n = self.count("disk count", 12)?;
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            v.push(DiskSync {
+                id: self.u32("disk id")?,
+                synced: self.u64("synced")?,
+            });
+        }
+        Ok(v)
+    }
+}
+
+/// A [`FrameDecoder`] that yields messages: what a daemon's read loop uses.
+#[derive(Debug, Default)]
+pub struct MessageDecoder {
+    frames: FrameDecoder,
+    failed: bool,
+}
+
+impl MessageDecoder {
+    /// An empty decoder.
+    pub fn new() -> MessageDecoder {
+        MessageDecoder::default()
+    }
+
+    /// Appends bytes received from the stream.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        self.frames.feed(bytes);
+    }
+
+    /// Bytes received but not yet returned as a message.
+    pub fn buffered(&self) -> usize {
+        self.frames.buffered()
+    }
+
+    /// The next complete message, `Ok(None)` if more bytes are needed. After
+    /// an error the decoder stays failed.
+    pub fn next_message(&mut self) -> Result<Option<Message>, DecodeError> {
+        if self.failed {
+            return Err(DecodeError::Failed);
+        }
+        let result = match self.frames.next_frame() {
+            Ok(Some(frame)) => Message::decode(frame).map(Some),
+            other => other.map(|_| None),
+        };
+        if result.is_err() {
+            self.failed = true;
+        }
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidemark_changelog::record::Entry;
+
+    fn rec(seq: u64, generation: u32) -> Vec<u8> {
+        Entry::write(0, seq * 512, &[seq as u8; 512], 0).encode(seq, generation)
+    }
+
+    #[test]
+    fn batches_verify_order_and_checksums() {
+        let (a, b, c) = (rec(5, 1), rec(6, 1), rec(100, 2));
+        let batch = RecordBatch::from_records([&a[..], &b[..], &c[..]]).unwrap();
+        assert_eq!(batch.first().map(|r| r.seq), Some(5));
+        assert_eq!(
+            batch.last(),
+            Some(RecordId {
+                seq: 100,
+                generation: 2
+            })
+        );
+        assert_eq!(batch.len(), 3);
+        let seqs: Vec<u64> = batch.records().map(|r| r.unwrap().header.seq).collect();
+        assert_eq!(seqs, [5, 6, 100]);
+
+        assert!(matches!(
+            RecordBatch::from_records([&a[..], &c[..], &b[..]]),
+            Err(BatchError::NotConsecutive { .. })
+        ));
+        assert!(matches!(
+            RecordBatch::from_records([&a[..], &rec(7, 1)[..]]),
+            Err(BatchError::NotConsecutive { .. })
+        ));
+        // Same seq + 1 but an older generation.
+        assert!(matches!(
+            RecordBatch::from_records([&c[..], &rec(101, 1)[..]]),
+            Err(BatchError::NotConsecutive { .. })
+        ));
+        let mut bad = b.clone();
+        bad[300] ^= 1;
+        let err = RecordBatch::from_records([&a[..], &bad[..]]).unwrap_err();
+        assert!(err.is_corruption(), "{err:?}");
+        let mut two = a.clone();
+        two.extend_from_slice(&b);
+        assert!(matches!(
+            RecordBatch::new().push(&two),
+            Err(BatchError::TrailingBytes(_))
+        ));
+        assert!(RecordBatch::from_bytes(two).is_ok());
+    }
+
+    #[test]
+    fn error_text_is_cut_at_a_char_boundary() {
+        let m = Message::error(ErrorClass::Transient, ErrorCode::Busy, &"é".repeat(3000));
+        let Message::Error { message, .. } = &m else {
+            panic!("not an error")
+        };
+        assert_eq!(message.len(), MAX_ERROR_MESSAGE);
+        assert!(m.encode(Compression::None).is_ok());
+    }
+
+    #[test]
+    fn lying_counts_do_not_allocate() {
+        let mut body = Vec::new();
+        body.extend_from_slice(&1u64.to_le_bytes());
+        body.extend_from_slice(&1u32.to_le_bytes());
+        body.extend_from_slice(&u32::MAX.to_le_bytes());
+        let frame = Frame {
+            msg_type: MessageType::Welcome,
+            body,
+        };
+        assert!(matches!(
+            Message::decode(frame),
+            Err(DecodeError::Truncated { .. })
+        ));
+    }
+}

@@ -1,0 +1,581 @@
+//! The receiver's end of a session, sans IO: it validates the stream and
+//! drives the replica store through the narrow [`Replica`] trait.
+//!
+//! - [`ExpectHello`]: the first frame must be a Hello from the host the TLS
+//!   certificate names (else permanent `Unauthorized`). The replica commits
+//!   what an earlier session applied, and the Welcome tells the shipper
+//!   where the replica stands.
+//! - [`Receiving`]: records apply strictly in order. Records at or below the
+//!   last applied one are duplicates of a resumed stream and are skipped;
+//!   the next one must follow it (seq + 1, or a jump into a newer
+//!   generation); anything else is a permanent `SequenceGap`. Chunks and
+//!   resync ends apply only at the position they were read at
+//!   (`after_seq` == last applied record). Initial-sync chunks of a disk must
+//!   come in offset order without holes.
+//!
+//! Commit policy: after every Records batch, after `commit_bytes` of chunk
+//! data, and when the daemon reports its input idle; each commit is
+//! followed by an Ack carrying the durable position.
+//!
+//! Sessions are fenced: starting one takes a new lease from the replica, and
+//! a session whose lease is no longer current refuses every frame. A stale
+//! connection that is still delivering after the shipper reconnected can
+//! therefore never apply anything.
+
+use crate::frame::{Compression, DecodeError, EncodeError};
+use crate::message::{
+    digest_count, ChunkData, ChunkPurpose, DiskInfo, DiskSync, ErrorClass, ErrorCode, Message,
+    RecordId, MAX_DISKS,
+};
+use std::collections::HashSet;
+use thiserror::Error;
+use tidemark_changelog::record::{Record, GROUP_DISK};
+
+/// What the replica holds durably (or, between commits, has applied).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Position {
+    /// The last durable record (0: none).
+    pub durable_seq: u64,
+    /// Its generation.
+    pub generation: u32,
+    /// Initial-sync state of every disk.
+    pub disks: Vec<DiskSync>,
+}
+
+/// A replica store failure, with what to tell the shipper.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{message}")]
+pub struct ReplicaError {
+    /// Whether the shipper should retry.
+    pub class: ErrorClass,
+    /// What went wrong.
+    pub code: ErrorCode,
+    /// For people.
+    pub message: String,
+}
+
+/// The replica store as the session sees it.
+pub trait Replica {
+    /// The durable position.
+    fn position(&self) -> Position;
+    /// Creates the disks it does not hold yet; refuses disks that changed.
+    fn ensure_disks(&mut self, disks: &[DiskInfo]) -> Result<(), ReplicaError>;
+    /// Applies one verified record (in sequence order; barriers and markers
+    /// included, they are the recovery points).
+    fn apply_record(&mut self, record: &Record) -> Result<(), ReplicaError>;
+    /// Applies disk data at `offset`.
+    fn apply_chunk(
+        &mut self,
+        disk: u32,
+        offset: u64,
+        purpose: ChunkPurpose,
+        data: &ChunkData,
+    ) -> Result<(), ReplicaError>;
+    /// BLAKE3 digests of the blocks of an extent as applied so far (see
+    /// [`crate::shipper::block_digests`]).
+    fn digests(
+        &mut self,
+        disk: u32,
+        offset: u64,
+        length: u64,
+        block_size: u32,
+    ) -> Result<Vec<[u8; 32]>, ReplicaError>;
+    /// A resync-needed extent is now in sync with the source.
+    fn resync_done(&mut self, disk: u32, offset: u64, length: u64) -> Result<(), ReplicaError>;
+    /// Makes everything applied durable and returns the durable position.
+    fn commit(&mut self) -> Result<Position, ReplicaError>;
+    /// Starts a session: returns a new lease, after which the leases of
+    /// earlier sessions are no longer current. Need not survive a restart.
+    fn new_lease(&mut self) -> u64;
+    /// The lease of the newest session.
+    fn current_lease(&self) -> u64;
+}
+
+/// Tuning of a receiver session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiverConfig {
+    /// The host the peer's certificate names.
+    pub authenticated_host: String,
+    /// Body compression of what the receiver sends. Default none (acks and
+    /// errors are small; digests do not compress).
+    pub compression: Compression,
+    /// Chunk bytes applied before a commit. Default 64 MiB.
+    pub commit_bytes: u64,
+}
+
+impl ReceiverConfig {
+    /// The defaults for a peer authenticated as `host`.
+    pub fn new(host: &str) -> ReceiverConfig {
+        ReceiverConfig {
+            authenticated_host: host.to_string(),
+            compression: Compression::None,
+            commit_bytes: 64 << 20,
+        }
+    }
+}
+
+/// Why a receiver session ended.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ReceiverError {
+    /// This side refuses the stream; send [`ReceiverError::to_message`] and
+    /// close.
+    #[error("refused the shipper ({class:?} {code:?}): {message}")]
+    Refused {
+        /// Whether the shipper should retry.
+        class: ErrorClass,
+        /// What went wrong.
+        code: ErrorCode,
+        /// Why.
+        message: String,
+    },
+    /// The shipper sent an Error.
+    #[error("the shipper gave up ({class:?} {code:?}): {message}")]
+    Peer {
+        /// Its class.
+        class: ErrorClass,
+        /// Its code.
+        code: ErrorCode,
+        /// Its words.
+        message: String,
+    },
+}
+
+impl ReceiverError {
+    fn refuse(class: ErrorClass, code: ErrorCode, message: impl Into<String>) -> ReceiverError {
+        ReceiverError::Refused {
+            class,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn protocol(message: impl Into<String>) -> ReceiverError {
+        ReceiverError::refuse(ErrorClass::Transient, ErrorCode::Protocol, message)
+    }
+
+    /// The error for bytes that did not decode: damaged frames and records
+    /// are transient `BadChecksum` (a resend heals them), malformed ones a
+    /// transient `Protocol` error.
+    pub fn from_decode(err: &DecodeError) -> ReceiverError {
+        let code = if err.is_corruption() {
+            ErrorCode::BadChecksum
+        } else {
+            ErrorCode::Protocol
+        };
+        ReceiverError::refuse(ErrorClass::Transient, code, err.to_string())
+    }
+
+    /// The class, for status and metrics.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            ReceiverError::Refused { class, .. } | ReceiverError::Peer { class, .. } => *class,
+        }
+    }
+
+    /// The code, for status and metrics.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ReceiverError::Refused { code, .. } | ReceiverError::Peer { code, .. } => *code,
+        }
+    }
+
+    /// The Error message to send before closing (none if the shipper sent
+    /// one).
+    pub fn to_message(&self) -> Option<Message> {
+        match self {
+            ReceiverError::Refused {
+                class,
+                code,
+                message,
+            } => Some(Message::error(*class, *code, message)),
+            ReceiverError::Peer { .. } => None,
+        }
+    }
+}
+
+impl From<ReplicaError> for ReceiverError {
+    fn from(e: ReplicaError) -> Self {
+        ReceiverError::Refused {
+            class: e.class,
+            code: e.code,
+            message: e.message,
+        }
+    }
+}
+
+impl From<EncodeError> for ReceiverError {
+    fn from(e: EncodeError) -> Self {
+        ReceiverError::refuse(ErrorClass::Transient, ErrorCode::Internal, e.to_string())
+    }
+}
+
+/// A new connection, waiting for the shipper's Hello.
+#[derive(Debug)]
+pub struct ExpectHello {
+    config: ReceiverConfig,
+}
+
+impl ExpectHello {
+    /// A session for a connection authenticated as `config.authenticated_host`.
+    pub fn new(config: ReceiverConfig) -> ExpectHello {
+        ExpectHello { config }
+    }
+
+    /// Handles the first message; on success returns the streaming session
+    /// and the Welcome frame to send.
+    pub fn handle_message<R: Replica>(
+        self,
+        msg: Message,
+        replica: &mut R,
+    ) -> Result<(Receiving, Vec<u8>), ReceiverError> {
+        let (host, generation, disks) = match msg {
+            Message::Hello {
+                host,
+                generation,
+                disks,
+                ..
+            } => (host, generation, disks),
+            Message::Error {
+                class,
+                code,
+                message,
+            } => {
+                return Err(ReceiverError::Peer {
+                    class,
+                    code,
+                    message,
+                })
+            }
+            other => {
+                return Err(ReceiverError::protocol(format!(
+                    "expected hello, got {}",
+                    other.msg_type().name()
+                )))
+            }
+        };
+        if host != self.config.authenticated_host {
+            return Err(ReceiverError::refuse(
+                ErrorClass::Permanent,
+                ErrorCode::Unauthorized,
+                format!(
+                    "host {host:?} in hello, but the certificate names {:?}",
+                    self.config.authenticated_host
+                ),
+            ));
+        }
+        let mut ids = HashSet::new();
+        if disks.len() > MAX_DISKS || !disks.iter().all(|d| ids.insert(d.id)) {
+            return Err(ReceiverError::refuse(
+                ErrorClass::Permanent,
+                ErrorCode::Protocol,
+                "duplicate disk ids in hello",
+            ));
+        }
+        replica.ensure_disks(&disks)?;
+        let lease = replica.new_lease();
+        // Whatever an earlier session applied is a valid prefix of the
+        // stream: make it durable so the shipper resumes after it.
+        let position = replica.commit()?;
+        if generation < position.generation {
+            return Err(ReceiverError::refuse(
+                ErrorClass::Permanent,
+                ErrorCode::Protocol,
+                format!(
+                    "host is at generation {generation}, the replica already at {}",
+                    position.generation
+                ),
+            ));
+        }
+        let mut synced = Vec::with_capacity(disks.len());
+        for d in &disks {
+            let s = position
+                .disks
+                .iter()
+                .find(|s| s.id == d.id)
+                .map_or(0, |s| s.synced);
+            synced.push((d.clone(), s));
+        }
+        let welcome = Message::Welcome {
+            durable_seq: position.durable_seq,
+            generation: position.generation,
+            disks: synced
+                .iter()
+                .map(|(d, s)| DiskSync {
+                    id: d.id,
+                    synced: *s,
+                })
+                .collect(),
+        }
+        .encode(self.config.compression)?;
+        let session = Receiving {
+            config: self.config,
+            lease,
+            applied: RecordId {
+                seq: position.durable_seq,
+                generation: position.generation,
+            },
+            disks: synced,
+            frames: 0,
+            acked_frames: 0,
+            dirty: false,
+            uncommitted_bytes: 0,
+        };
+        Ok((session, welcome))
+    }
+}
+
+/// A session past the Hello.
+#[derive(Debug)]
+pub struct Receiving {
+    config: ReceiverConfig,
+    lease: u64,
+    /// The last record applied (seq 0: none ever).
+    applied: RecordId,
+    /// Each disk and where its initial sync stands (applied, not durable).
+    disks: Vec<(DiskInfo, u64)>,
+    frames: u64,
+    acked_frames: u64,
+    dirty: bool,
+    uncommitted_bytes: u64,
+}
+
+impl Receiving {
+    /// The last record applied (possibly not yet durable).
+    pub fn applied(&self) -> RecordId {
+        self.applied
+    }
+
+    /// Handles one message from the shipper; returns the frames to send
+    /// (Acks, Digests). On error, send the error's message and close.
+    pub fn handle_message<R: Replica>(
+        &mut self,
+        msg: Message,
+        replica: &mut R,
+    ) -> Result<Vec<Vec<u8>>, ReceiverError> {
+        if replica.current_lease() != self.lease {
+            return Err(ReceiverError::refuse(
+                ErrorClass::Transient,
+                ErrorCode::Busy,
+                "a newer connection of this group took over",
+            ));
+        }
+        self.frames += 1;
+        let mut out = Vec::new();
+        match msg {
+            Message::Records(batch) => {
+                // Check the whole batch before applying any of it.
+                let mut next = self.applied;
+                let mut fresh = Vec::with_capacity(batch.len());
+                for record in batch.records() {
+                    let record = record.map_err(|e| {
+                        ReceiverError::refuse(
+                            ErrorClass::Transient,
+                            ErrorCode::BadChecksum,
+                            e.to_string(),
+                        )
+                    })?;
+                    let h = &record.header;
+                    let id = RecordId {
+                        seq: h.seq,
+                        generation: h.generation,
+                    };
+                    if id.seq <= next.seq {
+                        if id.generation > next.generation {
+                            return Err(ReceiverError::refuse(
+                                ErrorClass::Permanent,
+                                ErrorCode::SequenceGap,
+                                format!(
+                                    "generation {} reuses sequence number {} already applied",
+                                    id.generation, id.seq
+                                ),
+                            ));
+                        }
+                        continue; // a duplicate of a resumed stream
+                    }
+                    if next.seq != 0 && !id.follows(next) {
+                        return Err(ReceiverError::refuse(
+                            ErrorClass::Permanent,
+                            ErrorCode::SequenceGap,
+                            format!("record {id:?} cannot follow {next:?}"),
+                        ));
+                    }
+                    if h.disk != GROUP_DISK {
+                        self.check_extent(h.disk, h.offset, h.length)?;
+                    }
+                    next = id;
+                    fresh.push(record);
+                }
+                for record in &fresh {
+                    replica.apply_record(record)?;
+                    self.applied = RecordId {
+                        seq: record.header.seq,
+                        generation: record.header.generation,
+                    };
+                    self.dirty = true;
+                }
+                self.commit(replica, &mut out)?;
+            }
+            Message::Chunk {
+                disk,
+                offset,
+                after_seq,
+                purpose,
+                data,
+            } => {
+                self.check_position("chunk", after_seq)?;
+                let length = data.len();
+                let synced = self.check_extent(disk, offset, length)?;
+                if purpose == ChunkPurpose::InitialSync && offset != synced {
+                    return Err(ReceiverError::protocol(format!(
+                        "initial-sync chunk of disk {disk} at {offset}, synced up to {synced}"
+                    )));
+                }
+                replica.apply_chunk(disk, offset, purpose, &data)?;
+                if purpose == ChunkPurpose::InitialSync {
+                    if let Some(d) = self.disks.iter_mut().find(|(d, _)| d.id == disk) {
+                        d.1 = offset + length;
+                    }
+                }
+                self.dirty = true;
+                self.uncommitted_bytes = self.uncommitted_bytes.saturating_add(length);
+                if self.uncommitted_bytes >= self.config.commit_bytes {
+                    self.commit(replica, &mut out)?;
+                }
+            }
+            Message::DigestRequest {
+                disk,
+                offset,
+                length,
+                block_size,
+            } => {
+                self.check_extent(disk, offset, length)?;
+                let expected = digest_count(offset, length, block_size)
+                    .map_err(|e| ReceiverError::protocol(e.to_string()))?;
+                let digests = replica.digests(disk, offset, length, block_size)?;
+                if digests.len() as u64 != expected {
+                    return Err(ReceiverError::refuse(
+                        ErrorClass::Transient,
+                        ErrorCode::Internal,
+                        format!("the store gave {} digests, {expected} due", digests.len()),
+                    ));
+                }
+                out.push(
+                    Message::Digests {
+                        disk,
+                        offset,
+                        block_size,
+                        digests,
+                    }
+                    .encode(self.config.compression)?,
+                );
+            }
+            Message::ResyncDone {
+                disk,
+                offset,
+                length,
+                after_seq,
+            } => {
+                self.check_position("resync end", after_seq)?;
+                self.check_extent(disk, offset, length)?;
+                replica.resync_done(disk, offset, length)?;
+                self.dirty = true;
+            }
+            Message::Error {
+                class,
+                code,
+                message,
+            } => {
+                return Err(ReceiverError::Peer {
+                    class,
+                    code,
+                    message,
+                })
+            }
+            other => {
+                return Err(ReceiverError::protocol(format!(
+                    "unexpected {} from the shipper",
+                    other.msg_type().name()
+                )))
+            }
+        }
+        Ok(out)
+    }
+
+    /// The daemon has no more input buffered: commit what is applied and
+    /// acknowledge it (returns the Ack, if there is anything to say).
+    pub fn handle_idle<R: Replica>(
+        &mut self,
+        replica: &mut R,
+    ) -> Result<Vec<Vec<u8>>, ReceiverError> {
+        if replica.current_lease() != self.lease {
+            return Err(ReceiverError::refuse(
+                ErrorClass::Transient,
+                ErrorCode::Busy,
+                "a newer connection of this group took over",
+            ));
+        }
+        let mut out = Vec::new();
+        if self.dirty || self.frames > self.acked_frames {
+            self.commit(replica, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    fn commit<R: Replica>(
+        &mut self,
+        replica: &mut R,
+        out: &mut Vec<Vec<u8>>,
+    ) -> Result<(), ReceiverError> {
+        // Nothing new applied (a batch of duplicates): no need to sync.
+        let position = if self.dirty {
+            replica.commit()?
+        } else {
+            replica.position()
+        };
+        self.dirty = false;
+        self.uncommitted_bytes = 0;
+        self.acked_frames = self.frames;
+        out.push(
+            Message::Ack {
+                durable_seq: position.durable_seq,
+                generation: position.generation,
+                frames: self.frames,
+                disks: position.disks,
+            }
+            .encode(self.config.compression)?,
+        );
+        Ok(())
+    }
+
+    fn check_position(&self, what: &str, after_seq: u64) -> Result<(), ReceiverError> {
+        if after_seq != self.applied.seq {
+            return Err(ReceiverError::protocol(format!(
+                "{what} for after record {after_seq}, the replica is at {}",
+                self.applied.seq
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks an extent against the disk; returns the disk's synced offset.
+    fn check_extent(&self, disk: u32, offset: u64, length: u64) -> Result<u64, ReceiverError> {
+        let Some((info, synced)) = self.disks.iter().find(|(d, _)| d.id == disk) else {
+            return Err(ReceiverError::refuse(
+                ErrorClass::Permanent,
+                ErrorCode::UnknownDisk,
+                format!("disk {disk} was not in the hello"),
+            ));
+        };
+        match offset.checked_add(length) {
+            Some(end) if end <= info.size && length > 0 => Ok(*synced),
+            _ => Err(ReceiverError::refuse(
+                ErrorClass::Permanent,
+                ErrorCode::Protocol,
+                format!(
+                    "extent {offset}+{length} is empty or beyond disk {disk} of {} bytes",
+                    info.size
+                ),
+            )),
+        }
+    }
+}

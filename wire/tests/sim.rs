@@ -1,0 +1,952 @@
+//! Simulated network between a shipper and a receiver session: an in-memory
+//! source (two disks, a log of random writes / zeroes / trims / barriers /
+//! markers, an unclean restart in the middle: unlogged writes, a new
+//! generation that jumps the sequence and marks the hot extents
+//! resync-needed), an in-memory replica that loses uncommitted changes when
+//! the receiver crashes, and a network that drops connections, duplicates
+//! frames, splits them, flips bytes and delivers stale frames of dropped
+//! connections to their (fenced) sessions. Every seed must converge to the
+//! source byte for byte without a permanent error.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use tidemark_changelog::record::{Entry, Kind, Record};
+use tidemark_wire::receiver::{ExpectHello, Position, ReceiverConfig, ReceiverError, Receiving};
+use tidemark_wire::shipper::{
+    block_digests, differing_blocks, AwaitingWelcome, Extent, HelloInfo, ShipperConfig,
+    ShipperError, ShipperEvent, Shipping,
+};
+use tidemark_wire::{
+    ChunkData, ChunkPurpose, Compression, DiskInfo, DiskSync, ErrorClass, ErrorCode, Message,
+    MessageDecoder, RecordBatch, RecordId, Replica, ReplicaError,
+};
+
+const HOST: &str = "db1";
+const SIZES: [u64; 2] = [32 << 10, 24 << 10];
+const CHUNK: u64 = 8 << 10;
+const BLOCK: u32 = 4096;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    /// True with probability `per_mille` / 1000.
+    fn chance(&mut self, per_mille: u64) -> bool {
+        self.below(1000) < per_mille
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        if self.chance(300) {
+            vec![self.next() as u8; n]
+        } else {
+            (0..n).map(|_| self.next() as u8).collect()
+        }
+    }
+}
+
+type Disks = Vec<Vec<u8>>;
+
+/// The protected side: the log and the disk images after each record.
+struct Source {
+    records: Vec<Vec<u8>>,
+    ids: Vec<RecordId>,
+    /// `images[i]`: the disks after the first `i` records.
+    images: Vec<Disks>,
+}
+
+impl Source {
+    fn build(rng: &mut Rng) -> Source {
+        let mut disks: Disks = SIZES
+            .iter()
+            .map(|&s| {
+                let mut d = rng.bytes(s as usize);
+                let z = rng.below(s - 8192) as usize;
+                d[z..z + 8192].fill(0);
+                d
+            })
+            .collect();
+        let mut src = Source {
+            records: Vec::new(),
+            ids: Vec::new(),
+            images: vec![disks.clone()],
+        };
+        let mut seq = 1 + rng.below(3);
+        let mut generation = 1;
+        let ops = |rng: &mut Rng,
+                   n: u64,
+                   seq: &mut u64,
+                   generation: u32,
+                   src: &mut Source,
+                   disks: &mut Disks| {
+            for _ in 0..n {
+                let disk = rng.below(2) as usize;
+                let size = SIZES[disk];
+                let offset = rng.below(size - 1);
+                let len = 1 + rng.below((size - offset).min(4096));
+                let data = rng.bytes(len as usize);
+                let e = match rng.below(10) {
+                    0..=4 => Entry::write(disk as u32, offset, &data, 1),
+                    5 => Entry::write_zeroes(disk as u32, offset, len, false, 1),
+                    6 => Entry::trim(disk as u32, offset, len, 1),
+                    7 | 8 => Entry::barrier(1),
+                    _ => Entry::marker("point", rng.chance(500), 1),
+                };
+                src.push(e, *seq, generation, disks);
+                *seq += 1;
+            }
+        };
+        let n1 = 40 + rng.below(60);
+        ops(rng, n1, &mut seq, generation, &mut src, &mut disks);
+        // Unclean restart: writes reached the disks but not the log.
+        let mut hot = Vec::new();
+        for _ in 0..1 + rng.below(3) {
+            let disk = rng.below(2) as usize;
+            let offset = rng.below(SIZES[disk] - 3000);
+            let len = 1 + rng.below(3000) as usize;
+            let data = rng.bytes(len);
+            disks[disk][offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+            hot.push((disk as u32, offset, data.len() as u64));
+        }
+        generation = 2;
+        seq += 500 + rng.below(500);
+        for (disk, offset, len) in hot {
+            src.push(
+                Entry::resync_needed(disk, offset, len, 1),
+                seq,
+                generation,
+                &mut disks,
+            );
+            seq += 1;
+        }
+        let n2 = 20 + rng.below(60);
+        ops(rng, n2, &mut seq, generation, &mut src, &mut disks);
+        src
+    }
+
+    fn push(&mut self, e: Entry<'_>, seq: u64, generation: u32, disks: &mut Disks) {
+        let bytes = e.encode(seq, generation);
+        let d = e.disk as usize;
+        let (o, l) = (e.offset as usize, e.length as usize);
+        match e.kind {
+            Kind::Write => disks[d][o..o + l].copy_from_slice(e.payload),
+            Kind::WriteZeroes | Kind::Trim => disks[d][o..o + l].fill(0),
+            _ => {}
+        }
+        self.records.push(bytes);
+        self.ids.push(RecordId { seq, generation });
+        self.images.push(disks.clone());
+    }
+
+    /// The disks right after record `seq` (0: before the first).
+    fn image_at(&self, seq: u64) -> &Disks {
+        &self.images[self.ids.partition_point(|r| r.seq <= seq)]
+    }
+
+    fn last(&self) -> RecordId {
+        *self.ids.last().unwrap()
+    }
+}
+
+/// The replica store: committed and working state; a crash drops the
+/// working state. Checks every apply against the source.
+struct MemReplica<'a> {
+    source: &'a Source,
+    committed: (Disks, Position, BTreeSet<(u32, u64, u64)>),
+    work: (Disks, Position, BTreeSet<(u32, u64, u64)>),
+    sizes: Vec<u64>,
+    applied_since_commit: HashSet<u64>,
+    lease: u64,
+    record_applies: u64,
+}
+
+impl<'a> MemReplica<'a> {
+    fn new(source: &'a Source) -> Self {
+        let empty = (Vec::new(), Position::default(), BTreeSet::new());
+        MemReplica {
+            source,
+            committed: empty.clone(),
+            work: empty,
+            sizes: Vec::new(),
+            applied_since_commit: HashSet::new(),
+            lease: 0,
+            record_applies: 0,
+        }
+    }
+
+    fn crash(&mut self) {
+        self.work = self.committed.clone();
+        self.applied_since_commit.clear();
+    }
+
+    fn synced(&mut self, disk: u32) -> &mut u64 {
+        &mut self
+            .work
+            .1
+            .disks
+            .iter_mut()
+            .find(|d| d.id == disk)
+            .unwrap()
+            .synced
+    }
+}
+
+impl Replica for MemReplica<'_> {
+    fn position(&self) -> Position {
+        self.committed.1.clone()
+    }
+
+    fn ensure_disks(&mut self, disks: &[DiskInfo]) -> Result<(), ReplicaError> {
+        for d in disks {
+            match self.sizes.get(d.id as usize) {
+                Some(&s) if s == d.size => {}
+                Some(_) => {
+                    return Err(ReplicaError {
+                        class: ErrorClass::Permanent,
+                        code: ErrorCode::UnknownDisk,
+                        message: "disk size changed".into(),
+                    })
+                }
+                None => {
+                    assert_eq!(d.id as usize, self.sizes.len());
+                    self.sizes.push(d.size);
+                    for state in [&mut self.work, &mut self.committed] {
+                        state.0.push(vec![0; d.size as usize]);
+                        state.1.disks.push(DiskSync {
+                            id: d.id,
+                            synced: 0,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_record(&mut self, record: &Record) -> Result<(), ReplicaError> {
+        let h = &record.header;
+        // In order, once per commit interval, and exactly the source's bytes.
+        assert!(
+            h.seq > self.work.1.durable_seq,
+            "record {} out of order",
+            h.seq
+        );
+        assert!(
+            self.applied_since_commit.insert(h.seq),
+            "record {} twice",
+            h.seq
+        );
+        let i = self.source.ids.iter().position(|r| r.seq == h.seq).unwrap();
+        let original = Record::decode(&self.source.records[i]).unwrap();
+        assert!(
+            *record == original,
+            "record {} differs from the source",
+            h.seq
+        );
+        self.record_applies += 1;
+        let disks = &mut self.work.0;
+        let (d, o, l) = (h.disk as usize, h.offset as usize, h.length as usize);
+        match h.kind {
+            Kind::Write => disks[d][o..o + l].copy_from_slice(&record.payload),
+            Kind::WriteZeroes | Kind::Trim => disks[d][o..o + l].fill(0),
+            Kind::ResyncNeeded => {
+                self.work.2.insert((h.disk, h.offset, h.length));
+            }
+            Kind::Barrier | Kind::Marker => {}
+        }
+        self.work.1.durable_seq = h.seq;
+        self.work.1.generation = h.generation;
+        Ok(())
+    }
+
+    fn apply_chunk(
+        &mut self,
+        disk: u32,
+        offset: u64,
+        purpose: ChunkPurpose,
+        data: &ChunkData,
+    ) -> Result<(), ReplicaError> {
+        let (o, l) = (offset as usize, data.len() as usize);
+        // The sim's shipper reads exactly at the position the chunk goes to.
+        let at = self.work.1.durable_seq;
+        assert_eq!(
+            match data {
+                ChunkData::Data(d) => d.clone(),
+                ChunkData::Zero(n) => vec![0; *n as usize],
+            },
+            self.source.image_at(at)[disk as usize][o..o + l],
+            "chunk of disk {disk} at {offset} differs from the source"
+        );
+        match data {
+            ChunkData::Data(d) => self.work.0[disk as usize][o..o + l].copy_from_slice(d),
+            ChunkData::Zero(_) => self.work.0[disk as usize][o..o + l].fill(0),
+        }
+        if purpose == ChunkPurpose::InitialSync {
+            *self.synced(disk) = offset + data.len();
+        }
+        Ok(())
+    }
+
+    fn digests(
+        &mut self,
+        disk: u32,
+        offset: u64,
+        length: u64,
+        block_size: u32,
+    ) -> Result<Vec<[u8; 32]>, ReplicaError> {
+        let d = &self.work.0[disk as usize];
+        Ok(block_digests(
+            &d[offset as usize..(offset + length) as usize],
+            block_size,
+        ))
+    }
+
+    fn resync_done(&mut self, disk: u32, offset: u64, length: u64) -> Result<(), ReplicaError> {
+        self.work.2.remove(&(disk, offset, length));
+        Ok(())
+    }
+
+    fn commit(&mut self) -> Result<Position, ReplicaError> {
+        let before = &self.committed.1;
+        let after = &self.work.1;
+        assert!(
+            after.durable_seq >= before.durable_seq,
+            "durable seq went back"
+        );
+        for (a, b) in after.disks.iter().zip(&before.disks) {
+            assert!(a.synced >= b.synced, "synced offset went back");
+        }
+        self.committed = self.work.clone();
+        self.applied_since_commit.clear();
+        Ok(self.committed.1.clone())
+    }
+
+    fn new_lease(&mut self) -> u64 {
+        self.lease += 1;
+        self.lease
+    }
+
+    fn current_lease(&self) -> u64 {
+        self.lease
+    }
+}
+
+/// What the shipper daemon keeps across connections.
+#[derive(Default)]
+struct ShipperDaemon {
+    /// Resync-needed extents sent but not yet known done, with the record
+    /// that asked for it (a resync only counts if it came after the record).
+    pending_resync: BTreeMap<(u32, u64, u64), u64>,
+    durable: u64,
+}
+
+enum ResyncJob {
+    AwaitDigests((u32, u64, u64)),
+    Send {
+        extent: (u32, u64, u64),
+        chunks: VecDeque<Extent>,
+    },
+    AwaitDone {
+        extent: (u32, u64, u64),
+        frame: u64,
+    },
+}
+
+struct ShipperConn {
+    session: Shipping,
+    next_index: usize,
+    sync: Vec<u64>,
+    job: Option<ResyncJob>,
+}
+
+enum ShipperSide {
+    Awaiting(AwaitingWelcome),
+    Shipping(ShipperConn),
+}
+
+enum ReceiverSide {
+    Hello(ExpectHello),
+    Receiving(Receiving),
+}
+
+struct Conn {
+    shipper: Option<ShipperSide>,
+    receiver: Option<ReceiverSide>,
+    to_receiver: VecDeque<Vec<u8>>,
+    to_shipper: VecDeque<Vec<u8>>,
+    receiver_in: MessageDecoder,
+    shipper_in: MessageDecoder,
+    idle_steps: u32,
+}
+
+/// A dropped connection still delivering to its fenced session.
+struct Stale {
+    session: Receiving,
+    decoder: MessageDecoder,
+    frames: VecDeque<Vec<u8>>,
+}
+
+#[derive(Default, Debug)]
+struct Stats {
+    connections: u64,
+    crashes: u64,
+    corrupted: u64,
+    duplicated: u64,
+    stale_refused: u64,
+    transient_errors: u64,
+    steps: u64,
+}
+
+fn hello() -> HelloInfo {
+    HelloInfo {
+        host: HOST.into(),
+        group: "g".into(),
+        generation: 2,
+        disks: SIZES
+            .iter()
+            .enumerate()
+            .map(|(i, &size)| DiskInfo {
+                id: i as u32,
+                name: format!("disk{i}"),
+                size,
+            })
+            .collect(),
+    }
+}
+
+fn connect(stats: &mut Stats, rng: &mut Rng) -> Conn {
+    stats.connections += 1;
+    let config = ShipperConfig {
+        window_bytes: 4096 + rng.below(64 << 10),
+        compression: if rng.chance(500) {
+            Compression::Fast
+        } else {
+            Compression::None
+        },
+    };
+    let (s, hello_frame) = AwaitingWelcome::start(hello(), config).unwrap();
+    let mut rc = ReceiverConfig::new(HOST);
+    rc.commit_bytes = 1 + rng.below(32 << 10);
+    Conn {
+        shipper: Some(ShipperSide::Awaiting(s)),
+        receiver: Some(ReceiverSide::Hello(ExpectHello::new(rc))),
+        to_receiver: VecDeque::from([hello_frame]),
+        to_shipper: VecDeque::new(),
+        receiver_in: MessageDecoder::new(),
+        shipper_in: MessageDecoder::new(),
+        idle_steps: 0,
+    }
+}
+
+fn first_after(source: &Source, seq: u64) -> Option<RecordId> {
+    source.ids.iter().copied().find(|r| r.seq > seq)
+}
+
+/// One action of the shipper daemon, if it has something to send.
+fn shipper_send(
+    c: &mut ShipperConn,
+    daemon: &mut ShipperDaemon,
+    source: &Source,
+    rng: &mut Rng,
+) -> Option<Vec<u8>> {
+    if !c.session.can_send() {
+        return None;
+    }
+    let s = &mut c.session;
+    match &mut c.job {
+        Some(ResyncJob::Send { extent, chunks }) => {
+            let frame = match chunks.pop_front() {
+                Some(e) => {
+                    let img = &source.image_at(s.last_sent_seq())[extent.0 as usize];
+                    let data = img[e.offset as usize..(e.offset + e.length) as usize].to_vec();
+                    s.send_chunk(
+                        extent.0,
+                        e.offset,
+                        ChunkPurpose::Resync,
+                        ChunkData::Data(data),
+                    )
+                }
+                None => {
+                    let extent = *extent;
+                    let f = s.send_resync_done(extent.0, extent.1, extent.2);
+                    c.job = Some(ResyncJob::AwaitDone {
+                        extent,
+                        frame: s.frames_sent(),
+                    });
+                    f
+                }
+            };
+            return Some(frame.unwrap());
+        }
+        Some(_) => {}
+        None => {
+            let sent = s.last_sent_seq();
+            let ready = daemon.pending_resync.iter().find(|(_, &seq)| seq <= sent);
+            if let Some((&extent, _)) = ready {
+                if rng.chance(500) {
+                    c.job = Some(ResyncJob::AwaitDigests(extent));
+                    return Some(
+                        s.send_digest_request(extent.0, extent.1, extent.2, BLOCK)
+                            .unwrap(),
+                    );
+                }
+            }
+        }
+    }
+    let unsynced: Vec<usize> = (0..SIZES.len()).filter(|&d| c.sync[d] < SIZES[d]).collect();
+    let more_records = c.next_index < source.records.len();
+    if !unsynced.is_empty() && (!more_records || rng.chance(400)) {
+        let d = unsynced[rng.below(unsynced.len() as u64) as usize];
+        let offset = c.sync[d];
+        let len = (1 + rng.below(CHUNK)).min(SIZES[d] - offset);
+        let bytes =
+            &source.image_at(s.last_sent_seq())[d][offset as usize..(offset + len) as usize];
+        let data = if bytes.iter().all(|&b| b == 0) {
+            ChunkData::Zero(len)
+        } else {
+            ChunkData::Data(bytes.to_vec())
+        };
+        c.sync[d] += len;
+        return Some(
+            s.send_chunk(d as u32, offset, ChunkPurpose::InitialSync, data)
+                .unwrap(),
+        );
+    }
+    if more_records {
+        let n = (1 + rng.below(6) as usize).min(source.records.len() - c.next_index);
+        let slice = &source.records[c.next_index..c.next_index + n];
+        let batch = RecordBatch::from_records(slice.iter().map(Vec::as_slice)).unwrap();
+        for r in slice {
+            let h = tidemark_changelog::record::Header::decode(r).unwrap();
+            if h.kind == Kind::ResyncNeeded {
+                daemon
+                    .pending_resync
+                    .insert((h.disk, h.offset, h.length), h.seq);
+            }
+        }
+        c.next_index += n;
+        return Some(s.send_records(&batch).unwrap());
+    }
+    None
+}
+
+fn shipper_receive(
+    c: &mut ShipperConn,
+    daemon: &mut ShipperDaemon,
+    source: &Source,
+    msg: Message,
+) -> Result<(), ShipperError> {
+    match c.session.handle_message(msg)? {
+        ShipperEvent::Acked {
+            durable, frames, ..
+        } => {
+            assert!(durable.seq >= daemon.durable, "ack went back");
+            daemon.durable = durable.seq;
+            if let Some(ResyncJob::AwaitDone { extent, frame }) = c.job {
+                if frames >= frame {
+                    daemon.pending_resync.remove(&extent);
+                    c.job = None;
+                }
+            }
+        }
+        ShipperEvent::Digests(reply) => {
+            let Some(ResyncJob::AwaitDigests(extent)) = c.job else {
+                return Err(ShipperError::Protocol("digests without a job".into()));
+            };
+            let r = reply.request;
+            let img = &source.image_at(r.after_seq)[r.disk as usize];
+            let local = block_digests(
+                &img[r.offset as usize..(r.offset + r.length) as usize],
+                r.block_size,
+            );
+            let chunks = differing_blocks(&r, &local, &reply.digests).unwrap();
+            c.job = Some(ResyncJob::Send {
+                extent,
+                chunks: chunks.into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn converged(replica: &MemReplica<'_>, source: &Source, daemon: &ShipperDaemon) -> bool {
+    let p = &replica.committed.1;
+    p.durable_seq == source.last().seq
+        && p.disks.len() == SIZES.len()
+        && p.disks.iter().zip(SIZES).all(|(d, s)| d.synced == s)
+        && daemon.pending_resync.is_empty()
+        && replica.committed.2.is_empty()
+}
+
+fn run(seed: u64) -> Stats {
+    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let source = Source::build(&mut rng);
+    let mut replica = MemReplica::new(&source);
+    let mut daemon = ShipperDaemon::default();
+    let mut stats = Stats::default();
+    let mut conn: Option<Conn> = None;
+    let mut stale: Vec<Stale> = Vec::new();
+    let mut max_durable = 0;
+
+    while !converged(&replica, &source, &daemon) {
+        stats.steps += 1;
+        assert!(
+            stats.steps < 400_000,
+            "seed {seed}: no convergence: {stats:?}; replica at {:?}, resync pending {:?} (shipper: {:?}), log ends at {:?}",
+            replica.committed.1,
+            replica.committed.2,
+            daemon.pending_resync,
+            source.last()
+        );
+        let c = conn.get_or_insert_with(|| connect(&mut stats, &mut rng));
+        let mut alive = true;
+        let mut progress = false;
+
+        // Shipper sends.
+        if let Some(ShipperSide::Shipping(sc)) = &mut c.shipper {
+            if rng.chance(700) {
+                if let Some(f) = shipper_send(sc, &mut daemon, &source, &mut rng) {
+                    c.to_receiver.push_back(f);
+                    progress = true;
+                }
+            }
+        }
+
+        // Network to the receiver: whole or split frames, duplicates, damage.
+        if let Some(mut f) = c.to_receiver.pop_front() {
+            progress = true;
+            if rng.chance(3) {
+                let i = rng.below(f.len() as u64) as usize;
+                f[i] ^= 1 << rng.below(8);
+                stats.corrupted += 1;
+            }
+            if rng.chance(3) {
+                c.to_receiver.push_front(f.clone());
+                stats.duplicated += 1;
+            }
+            if rng.chance(200) && f.len() > 1 {
+                let cut = 1 + rng.below(f.len() as u64 - 1) as usize;
+                c.receiver_in.feed(&f[..cut]);
+                c.to_receiver.push_front(f[cut..].to_vec());
+            } else {
+                c.receiver_in.feed(&f);
+            }
+            loop {
+                let result = match c.receiver_in.next_message() {
+                    Ok(None) => break,
+                    Ok(Some(msg)) => match c.receiver.take() {
+                        Some(ReceiverSide::Hello(h)) => {
+                            h.handle_message(msg, &mut replica).map(|(s, w)| {
+                                c.receiver = Some(ReceiverSide::Receiving(s));
+                                vec![w]
+                            })
+                        }
+                        Some(ReceiverSide::Receiving(mut s)) => {
+                            let r = s.handle_message(msg, &mut replica);
+                            c.receiver = Some(ReceiverSide::Receiving(s));
+                            r
+                        }
+                        None => break,
+                    },
+                    Err(e) => Err(ReceiverError::from_decode(&e)),
+                };
+                match result {
+                    Ok(frames) => c.to_shipper.extend(frames),
+                    Err(e) => {
+                        assert_eq!(e.class(), ErrorClass::Transient, "seed {seed}: {e}");
+                        stats.transient_errors += 1;
+                        if let Some(m) = e.to_message() {
+                            c.to_shipper.push_back(m.encode(Compression::None).unwrap());
+                        }
+                        c.receiver = None;
+                        break;
+                    }
+                }
+            }
+        } else if let Some(ReceiverSide::Receiving(s)) = &mut c.receiver {
+            if c.receiver_in.buffered() == 0 && rng.chance(300) {
+                match s.handle_idle(&mut replica) {
+                    Ok(frames) => {
+                        progress |= !frames.is_empty();
+                        c.to_shipper.extend(frames);
+                    }
+                    Err(e) => panic!("seed {seed}: idle: {e}"),
+                }
+            }
+        }
+
+        // Network to the shipper (duplicates and damage too).
+        if let Some(mut f) = c.to_shipper.pop_front() {
+            progress = true;
+            if rng.chance(3) {
+                let i = rng.below(f.len() as u64) as usize;
+                f[i] ^= 1 << rng.below(8);
+                stats.corrupted += 1;
+            }
+            if rng.chance(2) {
+                c.to_shipper.push_front(f.clone());
+                stats.duplicated += 1;
+            }
+            c.shipper_in.feed(&f);
+            loop {
+                let msg = match c.shipper_in.next_message() {
+                    Ok(None) => break,
+                    Ok(Some(m)) => m,
+                    Err(_) => {
+                        stats.transient_errors += 1;
+                        alive = false;
+                        break;
+                    }
+                };
+                let result = match c.shipper.take() {
+                    Some(ShipperSide::Awaiting(a)) => a
+                        .handle_message(msg, |s| first_after(&source, s))
+                        .map(|(session, resume)| {
+                            let sync = (0..SIZES.len())
+                                .map(|d| {
+                                    resume
+                                        .disks
+                                        .iter()
+                                        .find(|s| s.id == d as u32)
+                                        .map_or(0, |s| s.synced)
+                                })
+                                .collect();
+                            let next_index =
+                                source.ids.partition_point(|r| r.seq < resume.from_seq);
+                            c.shipper = Some(ShipperSide::Shipping(ShipperConn {
+                                session,
+                                next_index,
+                                sync,
+                                job: None,
+                            }));
+                        }),
+                    Some(ShipperSide::Shipping(mut sc)) => {
+                        let r = shipper_receive(&mut sc, &mut daemon, &source, msg);
+                        c.shipper = Some(ShipperSide::Shipping(sc));
+                        r
+                    }
+                    None => break,
+                };
+                if let Err(e) = result {
+                    assert_eq!(e.class(), ErrorClass::Transient, "seed {seed}: {e}");
+                    stats.transient_errors += 1;
+                    alive = false;
+                    break;
+                }
+            }
+        }
+
+        if progress {
+            c.idle_steps = 0;
+        } else {
+            c.idle_steps += 1;
+        }
+        // A stalled stream (a damaged length field, a dead peer) times out.
+        if c.idle_steps > 20 || c.receiver.is_none() && c.to_shipper.is_empty() {
+            alive = false;
+        }
+
+        // Stale frames of dropped connections reach their fenced sessions.
+        let reconnected = matches!(c.receiver, Some(ReceiverSide::Receiving(_)));
+        if reconnected && !stale.is_empty() && rng.chance(100) {
+            let i = rng.below(stale.len() as u64) as usize;
+            let st = &mut stale[i];
+            match st.frames.pop_front() {
+                None => {
+                    stale.swap_remove(i);
+                }
+                Some(f) => {
+                    st.decoder.feed(&f);
+                    if let Ok(Some(msg)) = st.decoder.next_message() {
+                        let e = st.session.handle_message(msg, &mut replica).unwrap_err();
+                        assert_eq!(e.code(), ErrorCode::Busy);
+                        stats.stale_refused += 1;
+                        stale.swap_remove(i);
+                    }
+                }
+            }
+        }
+
+        if rng.chance(4) {
+            replica.crash();
+            stats.crashes += 1;
+            stale.clear();
+            alive = false;
+        } else if rng.chance(3) {
+            alive = false;
+        }
+        if !alive {
+            let c = conn.take().unwrap();
+            if let Some(ReceiverSide::Receiving(session)) = c.receiver {
+                if !c.to_receiver.is_empty() && stale.len() < 3 {
+                    stale.push(Stale {
+                        session,
+                        decoder: MessageDecoder::new(),
+                        frames: c.to_receiver,
+                    });
+                }
+            }
+        }
+        let d = replica.committed.1.durable_seq;
+        assert!(d >= max_durable, "seed {seed}: durable seq went back");
+        max_durable = d;
+    }
+    assert!(
+        replica.committed.0 == *source.image_at(source.last().seq),
+        "seed {seed}: the replica differs from the source"
+    );
+    stats
+}
+
+#[test]
+fn replicas_converge_through_a_hostile_network() {
+    let mut total = Stats::default();
+    for seed in 1..=1000 {
+        let s = run(seed);
+        total.connections += s.connections;
+        total.crashes += s.crashes;
+        total.corrupted += s.corrupted;
+        total.duplicated += s.duplicated;
+        total.stale_refused += s.stale_refused;
+        total.transient_errors += s.transient_errors;
+        total.steps += s.steps;
+    }
+    eprintln!("{total:?}");
+    // The faults really happened.
+    assert!(total.connections > 2000, "{total:?}");
+    assert!(total.crashes > 200, "{total:?}");
+    assert!(total.corrupted > 200, "{total:?}");
+    assert!(total.duplicated > 150, "{total:?}");
+    assert!(total.stale_refused > 50, "{total:?}");
+}
+
+fn record(seq: u64, generation: u32) -> Vec<u8> {
+    Entry::write(0, 0, &[1; 16], 0).encode(seq, generation)
+}
+
+fn session(replica: &mut MemReplica<'_>) -> Receiving {
+    let msg = Message::Hello {
+        host: HOST.into(),
+        group: "g".into(),
+        generation: 2,
+        disks: hello().disks,
+    };
+    ExpectHello::new(ReceiverConfig::new(HOST))
+        .handle_message(msg, replica)
+        .unwrap()
+        .0
+}
+
+fn tiny_source() -> Source {
+    let mut src = Source {
+        records: Vec::new(),
+        ids: Vec::new(),
+        images: vec![SIZES.iter().map(|&s| vec![0; s as usize]).collect()],
+    };
+    let mut disks = src.images[0].clone();
+    for seq in [1, 2, 3, 5] {
+        src.push(Entry::write(0, 0, &[1; 16], 0), seq, 1, &mut disks);
+    }
+    src
+}
+
+#[test]
+fn a_true_gap_is_a_permanent_sequence_gap() {
+    let source = tiny_source();
+    let mut replica = MemReplica::new(&source);
+    let mut s = session(&mut replica);
+    let batch =
+        RecordBatch::from_records([&record(1, 1)[..], &record(2, 1)[..], &record(3, 1)[..]])
+            .unwrap();
+    let acks = s
+        .handle_message(Message::Records(batch.clone()), &mut replica)
+        .unwrap();
+    assert_eq!(acks.len(), 1);
+    assert_eq!(replica.committed.1.durable_seq, 3);
+    // A resent batch is a duplicate, not an error, and applies nothing.
+    let applies = replica.record_applies;
+    s.handle_message(Message::Records(batch), &mut replica)
+        .unwrap();
+    assert_eq!(replica.record_applies, applies);
+    let gap = RecordBatch::from_records([&record(5, 1)[..]]).unwrap();
+    let e = s
+        .handle_message(Message::Records(gap), &mut replica)
+        .unwrap_err();
+    assert_eq!(
+        (e.class(), e.code()),
+        (ErrorClass::Permanent, ErrorCode::SequenceGap)
+    );
+    assert_eq!(replica.committed.1.durable_seq, 3);
+    assert!(matches!(e.to_message(), Some(Message::Error { .. })));
+}
+
+#[test]
+fn a_wrong_host_is_permanently_unauthorized() {
+    let source = tiny_source();
+    let mut replica = MemReplica::new(&source);
+    let msg = Message::Hello {
+        host: "intruder".into(),
+        group: "g".into(),
+        generation: 1,
+        disks: hello().disks,
+    };
+    let e = ExpectHello::new(ReceiverConfig::new(HOST))
+        .handle_message(msg, &mut replica)
+        .unwrap_err();
+    assert_eq!(
+        (e.class(), e.code()),
+        (ErrorClass::Permanent, ErrorCode::Unauthorized)
+    );
+    assert!(
+        replica.sizes.is_empty(),
+        "nothing was created for the intruder"
+    );
+}
+
+#[test]
+fn a_chunk_at_the_wrong_position_is_refused() {
+    let source = tiny_source();
+    let mut replica = MemReplica::new(&source);
+    let mut s = session(&mut replica);
+    let chunk = |after_seq, offset| Message::Chunk {
+        disk: 0,
+        offset,
+        after_seq,
+        purpose: ChunkPurpose::InitialSync,
+        data: ChunkData::Zero(4096),
+    };
+    assert!(s.handle_message(chunk(0, 0), &mut replica).is_ok());
+    // Not after the last applied record.
+    assert_eq!(
+        s.handle_message(chunk(7, 4096), &mut replica)
+            .unwrap_err()
+            .code(),
+        ErrorCode::Protocol
+    );
+    let mut s = session(&mut replica);
+    // A hole in the initial sync.
+    assert_eq!(
+        s.handle_message(chunk(0, 12288), &mut replica)
+            .unwrap_err()
+            .code(),
+        ErrorCode::Protocol
+    );
+    // Unknown disk.
+    let m = Message::Chunk {
+        disk: 9,
+        offset: 0,
+        after_seq: 0,
+        purpose: ChunkPurpose::Resync,
+        data: ChunkData::Zero(1),
+    };
+    let mut s = session(&mut replica);
+    assert_eq!(
+        s.handle_message(m, &mut replica).unwrap_err().code(),
+        ErrorCode::UnknownDisk
+    );
+}
