@@ -5,7 +5,7 @@
 use tidemark_changelog::Record;
 use tidemark_wire::{
     ChunkData, ChunkPurpose, DiskInfo, DiskSync, ErrorClass, ErrorCode, Position, Replica,
-    ReplicaError,
+    ReplicaError, ResyncExtent,
 };
 
 use crate::store::{ChunkRef, DiskSpec, Purpose, ReplicaGroup, StoreError};
@@ -86,6 +86,17 @@ fn position(p: crate::store::Position) -> Position {
                 synced: d.synced,
             })
             .collect(),
+        resyncing: match &p.state {
+            crate::store::GroupState::Resyncing { pending } => pending
+                .iter()
+                .map(|e| ResyncExtent {
+                    disk: e.disk,
+                    offset: e.offset,
+                    length: e.length,
+                })
+                .collect(),
+            _ => Vec::new(),
+        },
     }
 }
 

@@ -77,6 +77,41 @@ fn permanent(e: impl std::fmt::Display) -> SessionEnd {
     SessionEnd::Permanent(e.to_string())
 }
 
+/// Close codes the receiver uses for refused hosts (see the receiver
+/// daemon): revoked, and no usable identity.
+const CLOSE_REVOKED: u64 = 1;
+const CLOSE_BAD_IDENTITY: u64 = 2;
+
+/// Classifies a lost connection: authentication failures are permanent
+/// (retrying cannot help until an admin acts), everything else transient.
+fn connection_end(e: &quinn::ConnectionError, context: &str) -> SessionEnd {
+    use quinn::ConnectionError as C;
+    let is_crypto = |code: u64| (0x100..0x200).contains(&code);
+    match e {
+        C::ConnectionClosed(close) if is_crypto(u64::from(close.error_code)) => permanent(format!(
+            "{context}: the receiver refused this host's certificate ({e}); enroll the host again \
+             (tidemark host request / tidemark receiver sign)"
+        )),
+        C::TransportError(t) if is_crypto(u64::from(t.code)) => permanent(format!(
+            "{context}: TLS handshake failed ({e}); check the receiver's CA (ca.crt) and its \
+             server name"
+        )),
+        C::ApplicationClosed(close)
+            if matches!(close.error_code.into_inner(), CLOSE_REVOKED | CLOSE_BAD_IDENTITY) =>
+        {
+            permanent(format!("{context}: the receiver refused this host: {e}"))
+        }
+        _ => transient(format!("{context}: {e}")),
+    }
+}
+
+fn write_end(e: &quinn::WriteError) -> SessionEnd {
+    match e {
+        quinn::WriteError::ConnectionLost(c) => connection_end(c, "sending"),
+        other => transient(format!("sending: {other}")),
+    }
+}
+
 fn classify(class: ErrorClass, text: String) -> SessionEnd {
     match class {
         ErrorClass::Transient => SessionEnd::Transient(text),
@@ -253,7 +288,7 @@ async fn send_frame(
     if !wait.is_zero() {
         tokio::time::sleep(wait).await;
     }
-    send.write_all(frame).await.map_err(transient)?;
+    send.write_all(frame).await.map_err(|e| write_end(&e))?;
     shared.status.wire_bytes += frame.len() as u64;
     Ok(())
 }
@@ -291,7 +326,7 @@ async fn session(
     let conn = tokio::select! {
         c = connecting => match c {
             Ok(c) => c,
-            Err(e) => return transient(format!("connecting to {}: {e}", shared.addr)),
+            Err(e) => return connection_end(&e, &format!("connecting to {}", shared.addr)),
         },
         _ = stop.changed() => return SessionEnd::Stopped,
     };
@@ -306,7 +341,7 @@ async fn session(
 
 /// Reads messages from the stream into a channel, so the sending loop can
 /// wait on them together with the log.
-fn spawn_reader(mut recv: quinn::RecvStream) -> mpsc::Receiver<Result<Message, String>> {
+fn spawn_reader(mut recv: quinn::RecvStream) -> mpsc::Receiver<Result<Message, SessionEnd>> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         let mut decoder = MessageDecoder::new();
@@ -315,11 +350,15 @@ fn spawn_reader(mut recv: quinn::RecvStream) -> mpsc::Receiver<Result<Message, S
             match recv.read(&mut buf).await {
                 Ok(Some(n)) => decoder.feed(&buf[..n]),
                 Ok(None) => {
-                    let _ = tx.send(Err("the receiver closed the stream".into())).await;
+                    let _ = tx.send(Err(transient("the receiver closed the stream"))).await;
+                    return;
+                }
+                Err(quinn::ReadError::ConnectionLost(c)) => {
+                    let _ = tx.send(Err(connection_end(&c, "receiving"))).await;
                     return;
                 }
                 Err(e) => {
-                    let _ = tx.send(Err(format!("reading from the receiver: {e}"))).await;
+                    let _ = tx.send(Err(transient(format!("receiving: {e}")))).await;
                     return;
                 }
             }
@@ -332,7 +371,9 @@ fn spawn_reader(mut recv: quinn::RecvStream) -> mpsc::Receiver<Result<Message, S
                     }
                     Ok(None) => break,
                     Err(e) => {
-                        let _ = tx.send(Err(format!("bad frame from the receiver: {e}"))).await;
+                        let _ = tx
+                            .send(Err(transient(format!("bad frame from the receiver: {e}"))))
+                            .await;
                         return;
                     }
                 }
@@ -349,6 +390,19 @@ struct Resync {
     queue: VecDeque<(u32, u64, u64)>,
 }
 
+impl Resync {
+    /// Queues an extent, in pieces one digest request can cover.
+    fn push(&mut self, disk: u32, offset: u64, length: u64) {
+        let mut at = offset;
+        let end = offset.saturating_add(length);
+        while at < end {
+            let n = (end - at).min(MAX_DIGEST_EXTENT);
+            self.queue.push_back((disk, at, n));
+            at += n;
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn run_connection(
     shared: &mut Shared,
@@ -361,7 +415,7 @@ async fn run_connection(
 ) -> SessionEnd {
     let (mut send, recv) = match conn.open_bi().await {
         Ok(s) => s,
-        Err(e) => return transient(format!("opening a stream: {e}")),
+        Err(e) => return connection_end(&e, "opening a stream"),
     };
     let mut rx = spawn_reader(recv);
     let session_cfg = SessionConfig {
@@ -384,7 +438,7 @@ async fn run_connection(
     let welcome = tokio::select! {
         m = rx.recv() => match m {
             Some(Ok(m)) => m,
-            Some(Err(e)) => return transient(e),
+            Some(Err(e)) => return e,
             None => return transient("the connection ended before the welcome"),
         },
         _ = tokio::time::sleep(Duration::from_secs(30)) => return transient("no welcome from the receiver within 30 s"),
@@ -454,6 +508,12 @@ async fn run_connection(
         .collect();
     shared.status.durable_seq = resume.durable.seq;
     let mut resync = Resync::default();
+    for e in &resume.resyncing {
+        resync.push(e.disk, e.offset, e.length);
+    }
+    if !resync.queue.is_empty() {
+        tracing::info!(extents = resync.queue.len(), "the replica waits for a resync of extents");
+    }
     let batch_size = usize::try_from(shared.cfg.batch_size.0).unwrap_or(usize::MAX);
     let chunk_size = shared.cfg.sync_chunk_size.0.max(4096);
     let block_size = u32::try_from(chunk_size).unwrap_or(1 << 20);
@@ -469,7 +529,7 @@ async fn run_connection(
                         return e;
                     }
                 }
-                Ok(Err(e)) => return transient(e),
+                Ok(Err(e)) => return e,
                 Err(mpsc::error::TryRecvError::Empty) => break,
                 Err(mpsc::error::TryRecvError::Disconnected) => {
                     return transient("the connection's reader ended")
@@ -500,13 +560,7 @@ async fn run_connection(
                     shared.status.record_bytes += records.byte_len() as u64;
                     shared.status.sent_seq = batch.last_seq;
                     for (disk, offset, length) in batch.resync_needed {
-                        let mut at = offset;
-                        let end = offset.saturating_add(length);
-                        while at < end {
-                            let n = (end - at).min(MAX_DIGEST_EXTENT);
-                            resync.queue.push_back((disk, at, n));
-                            at += n;
-                        }
+                        resync.push(disk, offset, length);
                     }
                     progressed = true;
                 }
@@ -583,7 +637,7 @@ async fn run_connection(
                             return e;
                         }
                     }
-                    Some(Err(e)) => return transient(e),
+                    Some(Err(e)) => return e,
                     None => return transient("the connection's reader ended"),
                 },
                 _ = shared.log_changed.notified() => {}
@@ -669,7 +723,7 @@ async fn finish(
     shared: &mut Shared,
     shipping: &mut Shipping,
     send: &mut quinn::SendStream,
-    rx: &mut mpsc::Receiver<Result<Message, String>>,
+    rx: &mut mpsc::Receiver<Result<Message, SessionEnd>>,
     sources: &[tidemark_changelog::DiskSource],
 ) -> SessionEnd {
     let deadline = tokio::time::Instant::now() + STOP_GRACE;

@@ -32,7 +32,7 @@ pub mod shipper;
 pub use frame::{encode_frame, Compression, DecodeError, EncodeError, Frame, FrameDecoder};
 pub use message::{
     BatchError, ChunkData, ChunkPurpose, DiskInfo, DiskSync, ErrorClass, ErrorCode, Message,
-    MessageDecoder, MessageType, RecordBatch, RecordId,
+    MessageDecoder, MessageType, RecordBatch, RecordId, ResyncExtent,
 };
 pub use receiver::{
     ExpectHello, Position, ReceiverConfig, ReceiverError, Receiving, Replica, ReplicaError,

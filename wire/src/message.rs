@@ -125,6 +125,20 @@ pub struct DiskInfo {
     pub size: u64,
 }
 
+/// Most resync-needed extents a Welcome lists.
+pub const MAX_RESYNC_EXTENTS: usize = 1 << 20;
+
+/// An extent of a disk that waits for a checksum resync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResyncExtent {
+    /// Disk id.
+    pub disk: u32,
+    /// First byte.
+    pub offset: u64,
+    /// Bytes.
+    pub length: u64,
+}
+
 /// How far the initial sync of a disk has come at the replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DiskSync {
@@ -503,6 +517,9 @@ pub enum Message {
         generation: u32,
         /// How far each disk's initial sync has come.
         disks: Vec<DiskSync>,
+        /// Resync-needed extents the replica still waits for (their records
+        /// are durable, so a restarted shipper learns them only here).
+        resyncing: Vec<ResyncExtent>,
     },
     /// Shipper → receiver: consecutive log records.
     Records(RecordBatch),
@@ -640,10 +657,17 @@ impl Message {
                 durable_seq,
                 generation,
                 disks,
+                resyncing,
             } => {
                 w.u64(*durable_seq);
                 w.u32(*generation);
                 w.syncs(disks)?;
+                w.count("resync extents", resyncing.len(), MAX_RESYNC_EXTENTS)?;
+                for e in resyncing {
+                    w.u32(e.disk);
+                    w.u64(e.offset);
+                    w.u64(e.length);
+                }
             }
             Message::Records(batch) => return Ok(batch.as_bytes().to_vec()),
             Message::Chunk {
@@ -799,11 +823,26 @@ fn decode_fields(msg_type: MessageType, body: &[u8]) -> Result<Message, DecodeEr
                     disks,
                 }
             }
-            MessageType::Welcome => Message::Welcome {
-                durable_seq: r.u64("durable seq")?,
-                generation: r.u32("generation")?,
-                disks: r.syncs()?,
-            },
+            MessageType::Welcome => {
+                let durable_seq = r.u64("durable seq")?;
+                let generation = r.u32("generation")?;
+                let disks = r.syncs()?;
+                let n = r.count("resync extent count", 20)?;
+                let mut resyncing = Vec::with_capacity(n);
+                for _ in 0..n {
+                    resyncing.push(ResyncExtent {
+                        disk: r.u32("resync disk")?,
+                        offset: r.u64("resync offset")?,
+                        length: r.u64("resync length")?,
+                    });
+                }
+                Message::Welcome {
+                    durable_seq,
+                    generation,
+                    disks,
+                    resyncing,
+                }
+            }
             MessageType::Records => {
                 return Err(invalid("message type", "records have no fixed fields"))
             }

@@ -25,7 +25,7 @@
 use crate::frame::{Compression, DecodeError, EncodeError};
 use crate::message::{
     digest_count, ChunkData, ChunkPurpose, DiskInfo, DiskSync, ErrorClass, ErrorCode, Message,
-    RecordId, MAX_DISKS,
+    RecordId, ResyncExtent, MAX_DISKS,
 };
 use std::collections::HashSet;
 use thiserror::Error;
@@ -40,6 +40,8 @@ pub struct Position {
     pub generation: u32,
     /// Initial-sync state of every disk.
     pub disks: Vec<DiskSync>,
+    /// Resync-needed extents still waiting for a resync.
+    pub resyncing: Vec<ResyncExtent>,
 }
 
 /// A replica store failure, with what to tell the shipper.
@@ -305,6 +307,7 @@ impl ExpectHello {
                     synced: *s,
                 })
                 .collect(),
+            resyncing: position.resyncing.clone(),
         }
         .encode(self.config.compression)?;
         let session = Receiving {

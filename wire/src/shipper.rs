@@ -16,7 +16,7 @@
 use crate::frame::{Compression, EncodeError};
 use crate::message::{
     digest_count, ChunkData, ChunkPurpose, DiskInfo, DiskSync, ErrorClass, ErrorCode, Message,
-    RecordBatch, RecordId,
+    RecordBatch, RecordId, ResyncExtent,
 };
 use std::collections::VecDeque;
 use thiserror::Error;
@@ -120,6 +120,9 @@ pub struct Resume {
     pub durable: RecordId,
     /// Resume each disk's initial sync at `synced` (== size: done).
     pub disks: Vec<DiskSync>,
+    /// Resync-needed extents the replica still waits for: compare them
+    /// (their records are already durable and will not be sent again).
+    pub resyncing: Vec<ResyncExtent>,
 }
 
 /// A session that has sent its Hello and waits for the Welcome.
@@ -153,12 +156,13 @@ impl AwaitingWelcome {
         msg: Message,
         first_after: impl FnOnce(u64) -> Option<RecordId>,
     ) -> Result<(Shipping, Resume), ShipperError> {
-        let (durable_seq, generation, disks) = match msg {
+        let (durable_seq, generation, disks, resyncing) = match msg {
             Message::Welcome {
                 durable_seq,
                 generation,
                 disks,
-            } => (durable_seq, generation, disks),
+                resyncing,
+            } => (durable_seq, generation, disks, resyncing),
             Message::Error {
                 class,
                 code,
@@ -261,6 +265,7 @@ impl AwaitingWelcome {
                 from_seq,
                 durable,
                 disks,
+                resyncing,
             },
         ))
     }
@@ -638,6 +643,7 @@ mod tests {
                 id: 0,
                 synced: 4096,
             }],
+            resyncing: Vec::new(),
         }
     }
 

@@ -81,13 +81,25 @@ fn arb_message() -> impl Strategy<Value = Message> {
                 disks
             }
         ),
-        (any::<u64>(), any::<u32>(), arb_syncs()).prop_map(|(durable_seq, generation, disks)| {
-            Message::Welcome {
+        (
+            any::<u64>(),
+            any::<u32>(),
+            arb_syncs(),
+            proptest::collection::vec((any::<u32>(), any::<u64>(), any::<u64>()), 0..4)
+        )
+            .prop_map(|(durable_seq, generation, disks, ext)| Message::Welcome {
                 durable_seq,
                 generation,
                 disks,
-            }
-        }),
+                resyncing: ext
+                    .into_iter()
+                    .map(|(disk, offset, length)| tidemark_wire::ResyncExtent {
+                        disk,
+                        offset,
+                        length
+                    })
+                    .collect(),
+            }),
         arb_batch().prop_map(Message::Records),
         (
             any::<u32>(),

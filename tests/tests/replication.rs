@@ -1,0 +1,451 @@
+//! Replication end to end, with the real binaries on loopback: enrolment,
+//! tracker → change log → shipper → QUIC (mutual TLS) → receiver → replica,
+//! initial sync of a disk that already holds data, restarts and crashes of
+//! either side, log overflow repaired by a checksum resync, refused hosts,
+//! and a failover whose images must equal the source byte for byte.
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::net::UdpSocket;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tidemark_e2e::{require_tool, tidemark, TrackerProcess};
+
+const SIZE: u64 = 64 << 20;
+const HOST: &str = "db1.example.test";
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("running tidemark");
+    assert!(
+        out.status.success(),
+        "{:?} failed: {}{}",
+        cmd,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Receiver CA + a signed host certificate: (receiver pki dir, host pki dir).
+fn enroll(dir: &Path, host: &str) -> (PathBuf, PathBuf) {
+    let rpki = dir.join("receiver-pki");
+    let hpki = dir.join("host-pki");
+    run_ok(tidemark().args(["receiver", "init", "--pki-dir"]).arg(&rpki));
+    run_ok(tidemark().args(["host", "request", "--host", host, "--pki-dir"]).arg(&hpki));
+    run_ok(
+        tidemark()
+            .args(["receiver", "sign", "--pki-dir"])
+            .arg(&rpki)
+            .args(["--host", host, "--csr"])
+            .arg(hpki.join("host.csr"))
+            .arg("--out")
+            .arg(hpki.join("host.crt")),
+    );
+    fs::copy(rpki.join("ca.crt"), hpki.join("ca.crt")).unwrap();
+    (rpki, hpki)
+}
+
+/// A free UDP port on loopback (so a restarted receiver can keep it).
+fn free_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Daemon {
+    child: Option<Child>,
+    what: &'static str,
+}
+
+impl Daemon {
+    fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.as_ref().expect("running").id() as i32)
+    }
+
+    /// SIGTERM and wait: the exit status.
+    fn stop(mut self) -> std::process::ExitStatus {
+        nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGTERM).unwrap();
+        self.child.take().unwrap().wait().unwrap()
+    }
+
+    /// SIGKILL: a crash.
+    fn kill(mut self) {
+        let mut c = self.child.take().unwrap();
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+
+    /// Waits for the process to exit by itself.
+    fn wait_exit(mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().unwrap();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the {} did not exit within {timeout:?}",
+                self.what
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn start_receiver(dir: &Path, rpki: &Path, port: u16, config: Option<&Path>) -> Daemon {
+    let mut cmd = tidemark();
+    cmd.args(["receiver", "serve"]);
+    match config {
+        Some(c) => {
+            cmd.arg("--config").arg(c);
+        }
+        None => {
+            cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+                .arg(dir.join("replicas"))
+                .arg("--pki-dir")
+                .arg(rpki);
+        }
+    }
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(fs::File::create(dir.join(format!("receiver-{port}.log"))).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        if let Some(Ok(l)) = lines.next() {
+            let _ = tx.send(l);
+        }
+        for _ in lines {}
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the receiver did not become ready");
+    assert!(line.starts_with("receiver ready on"), "{line}");
+    Daemon {
+        child: Some(child),
+        what: "receiver",
+    }
+}
+
+fn start_shipper(dir: &Path, log_dir: &Path, hpki: &Path, port: u16) -> Daemon {
+    let child = tidemark()
+        .args(["shipper", "run", "--log-dir"])
+        .arg(log_dir)
+        .args(["--receiver", &format!("127.0.0.1:{port}"), "--host", HOST])
+        .arg("--pki-dir")
+        .arg(hpki)
+        .stdout(Stdio::null())
+        .stderr(
+            fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("shipper.log"))
+                .unwrap(),
+        )
+        .spawn()
+        .unwrap();
+    Daemon {
+        child: Some(child),
+        what: "shipper",
+    }
+}
+
+fn shipper_status(log_dir: &Path) -> Option<serde_json::Value> {
+    let out = tidemark()
+        .args(["shipper", "status", "--json", "--log-dir"])
+        .arg(log_dir)
+        .output()
+        .unwrap();
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).unwrap())
+}
+
+fn last_seq(log_dir: &Path) -> u64 {
+    let out = run_ok(tidemark().args(["log", "check", "--json"]).arg(log_dir));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["last_seq"].as_u64().unwrap_or(0)
+}
+
+/// Waits until the receiver has made everything in the log durable and the
+/// shipper reports the group protected.
+fn wait_caught_up(dir: &Path, log_dir: &Path, timeout: Duration) -> serde_json::Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let want = last_seq(log_dir);
+        if let Some(s) = shipper_status(log_dir) {
+            if s["durable_seq"].as_u64() == Some(want) && s["state"] == "protected" {
+                return s;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "replication did not catch up to seq {want} in {timeout:?}: {s:#}\nshipper log:\n{}",
+                    fs::read_to_string(dir.join("shipper.log")).unwrap_or_default()
+                );
+            }
+        } else if Instant::now() > deadline {
+            panic!("no shipper status after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn qemu_io(uri: &str, cmds: &[&str]) {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for c in cmds {
+        cmd.args(["-c", c]);
+    }
+    let out = cmd.arg(uri).output().expect("running qemu-io");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("failed"),
+        "qemu-io {cmds:?}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Fails over into `dir/failover` and compares every byte with `image`.
+fn failover_and_compare(dir: &Path, image: &Path) {
+    let to = dir.join("failover");
+    let out = run_ok(
+        tidemark()
+            .args(["failover", "--data-dir"])
+            .arg(dir.join("replicas"))
+            .args(["--host", HOST, "--to"])
+            .arg(&to),
+    );
+    assert!(out.contains("failing over"), "{out}");
+    let source = fs::read(image).unwrap();
+    let replica = fs::read(to.join("disk.img")).unwrap();
+    assert_eq!(source.len(), replica.len());
+    if let Some(at) = source.iter().zip(&replica).position(|(a, b)| a != b) {
+        panic!("the failed-over image differs from the source at byte {at}");
+    }
+}
+
+/// An image that already holds data before it is protected: the initial
+/// sync must copy it (and only it: the rest is a hole).
+fn image_with_data(path: &Path) {
+    let f = fs::File::create(path).unwrap();
+    f.set_len(SIZE).unwrap();
+    let noise: Vec<u8> = (0..2u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    f.write_all_at(&noise, 10 << 20).unwrap();
+    f.write_all_at(&[0x5a; 1 << 20], 40 << 20).unwrap();
+    f.sync_all().unwrap();
+}
+
+#[test]
+fn a_disk_in_use_replicates_through_crashes_and_restarts_and_fails_over_byte_exact() {
+    if !require_tool(
+        "qemu-io",
+        "a_disk_in_use_replicates_through_crashes_and_restarts_and_fails_over_byte_exact",
+    ) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (rpki, hpki) = enroll(dir, HOST);
+    let image = dir.join("disk.img");
+    image_with_data(&image);
+    let port = free_port();
+    let receiver = start_receiver(dir, &rpki, port, None);
+    let tracker = TrackerProcess::start(dir, &image, &[]);
+    let log_dir = tracker.log_dir.clone();
+    let uri = tracker.uri();
+    let shipper = start_shipper(dir, &log_dir, &hpki, port);
+
+    // Writes while the initial sync runs.
+    qemu_io(
+        &uri,
+        &[
+            "write -P 0xa1 0 4M",
+            "write -P 0xb2 10M 512k",
+            "discard 41M 256k",
+            "write -z 12M 1M",
+            "flush",
+        ],
+    );
+    let status = wait_caught_up(dir, &log_dir, Duration::from_secs(60));
+    let data = status["disks"][0]["data_bytes"].as_u64().unwrap();
+    assert!(
+        data >= 3 << 20 && data < 16 << 20,
+        "the initial sync sent {data} bytes as data; zero regions must not be sent"
+    );
+
+    // The receiver crashes; writes go on; it comes back on the same port.
+    receiver.kill();
+    qemu_io(&uri, &["write -P 0xc3 20M 2M", "flush"]);
+    let receiver = start_receiver(dir, &rpki, port, None);
+    wait_caught_up(dir, &log_dir, Duration::from_secs(60));
+
+    // The shipper restarts; writes happen while it is gone.
+    assert!(shipper.stop().success(), "the shipper did not stop cleanly");
+    qemu_io(&uri, &["write -P 0xd4 30M 1M", "write -P 0xe5 0 64k", "flush"]);
+    let shipper = start_shipper(dir, &log_dir, &hpki, port);
+    wait_caught_up(dir, &log_dir, Duration::from_secs(60));
+
+    // A planned stop: the tracker's final barrier reaches the replica.
+    assert!(tracker.stop(), "the tracker did not stop cleanly");
+    wait_caught_up(dir, &log_dir, Duration::from_secs(60));
+    assert!(shipper.stop().success());
+    assert!(receiver.stop().success());
+    failover_and_compare(dir, &image);
+}
+
+#[test]
+fn a_full_log_falls_back_to_bitmap_mode_and_a_checksum_resync_repairs_the_replica() {
+    if !require_tool(
+        "qemu-io",
+        "a_full_log_falls_back_to_bitmap_mode_and_a_checksum_resync_repairs_the_replica",
+    ) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (rpki, hpki) = enroll(dir, HOST);
+    let image = dir.join("disk.img");
+    image_with_data(&image);
+    let port = free_port();
+    let receiver = start_receiver(dir, &rpki, port, None);
+    let tracker = TrackerProcess::start(
+        dir,
+        &image,
+        &["--log-size-limit", "4MiB", "--segment-size", "1MiB"],
+    );
+    let log_dir = tracker.log_dir.clone();
+    let uri = tracker.uri();
+    let shipper = start_shipper(dir, &log_dir, &hpki, port);
+    qemu_io(&uri, &["write -P 0x11 0 512k", "flush"]);
+    wait_caught_up(dir, &log_dir, Duration::from_secs(60));
+
+    // Without a shipper the log fills: bitmap mode, writes go on.
+    assert!(shipper.stop().success());
+    qemu_io(
+        &uri,
+        &["write -P 0x22 1M 6M", "write -P 0x33 50M 1M", "flush"],
+    );
+    let status = run_ok(
+        tidemark()
+            .args(["tracker", "status", "--json", "--control-socket"])
+            .arg(&tracker.control),
+    );
+    let t: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(t["tracking"], "bitmap", "expected bitmap mode: {status}");
+
+    // The shipper drains the log; the tracker returns to data mode and
+    // records the dirty extents as resync-needed; the shipper compares
+    // digests and sends only what differs.
+    let shipper = start_shipper(dir, &log_dir, &hpki, port);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let s = wait_caught_up(dir, &log_dir, Duration::from_secs(60));
+        let tracker_status = run_ok(
+            tidemark()
+                .args(["tracker", "status", "--json", "--control-socket"])
+                .arg(&tracker.control),
+        );
+        let t: serde_json::Value = serde_json::from_str(&tracker_status).unwrap();
+        if t["tracking"] == "data" && s["resync_blocks_compared"].as_u64() > Some(0) {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no resync happened: {s:#} {tracker_status}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let compared = status["resync_blocks_compared"].as_u64().unwrap();
+    let sent = status["resync_blocks_sent"].as_u64().unwrap();
+    assert!(sent > 0, "the changed blocks must be sent: {status:#}");
+    assert!(
+        sent <= compared,
+        "more blocks sent ({sent}) than compared ({compared})"
+    );
+    // Data mode again: a new write is shipped as a record.
+    qemu_io(&uri, &["write -P 0x44 60M 64k", "flush"]);
+    assert!(tracker.stop());
+    wait_caught_up(dir, &log_dir, Duration::from_secs(60));
+    assert!(shipper.stop().success());
+    assert!(receiver.stop().success());
+    failover_and_compare(dir, &image);
+}
+
+#[test]
+fn hosts_with_a_foreign_or_revoked_certificate_are_refused_and_go_critical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (rpki, hpki) = enroll(dir, HOST);
+    let image = dir.join("disk.img");
+    fs::File::create(&image).unwrap().set_len(SIZE).unwrap();
+    let tracker = TrackerProcess::start(dir, &image, &[]);
+    let log_dir = tracker.log_dir.clone();
+
+    // A receiver that lists the host as revoked.
+    let port = free_port();
+    let config = dir.join("receiver.toml");
+    fs::write(
+        &config,
+        format!(
+            "[receiver]\nlisten = \"127.0.0.1:{port}\"\ndata-dir = \"{}\"\ncontrol-socket = \"{}\"\n\
+             [receiver.tls]\nca = \"{r}/ca.crt\"\nca-key = \"{r}/ca.key\"\ncert = \"{r}/receiver.crt\"\nkey = \"{r}/receiver.key\"\n\
+             [[receiver.host]]\nname = \"{HOST}\"\nrevoked = true\n",
+            dir.join("replicas").display(),
+            dir.join("receiver.ctl").display(),
+            r = rpki.display()
+        ),
+    )
+    .unwrap();
+    let receiver = start_receiver(dir, &rpki, port, Some(&config));
+    let shipper = start_shipper(dir, &log_dir, &hpki, port);
+    let status = shipper.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(2), "a refused host is a permanent failure");
+    let s = shipper_status(&log_dir).unwrap();
+    assert_eq!(s["state"], "critical", "{s:#}");
+    assert!(
+        s["reason"].as_str().unwrap().contains("revoked"),
+        "{s:#}"
+    );
+    assert!(
+        !dir.join("replicas").join(HOST).exists(),
+        "nothing may be created for a revoked host"
+    );
+    receiver.stop();
+
+    // A certificate from another CA: the TLS handshake refuses it.
+    let other = dir.join("other");
+    fs::create_dir(&other).unwrap();
+    let (_, foreign) = enroll(&other, HOST);
+    fs::copy(rpki.join("ca.crt"), foreign.join("ca.crt")).unwrap();
+    let port = free_port();
+    let receiver = start_receiver(dir, &rpki, port, None);
+    let shipper = start_shipper(dir, &log_dir, &foreign, port);
+    let status = shipper.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(2));
+    let s = shipper_status(&log_dir).unwrap();
+    assert_eq!(s["state"], "critical", "{s:#}");
+    assert!(
+        s["reason"].as_str().unwrap().contains("certificate"),
+        "{s:#}"
+    );
+    assert!(!dir.join("replicas").join(HOST).exists());
+    receiver.stop();
+    assert!(tracker.stop());
+}
