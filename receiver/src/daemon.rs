@@ -71,11 +71,8 @@ pub async fn run(
     })?;
     let server_cfg = tidemark_net::server_config(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)
         .map_err(|e| ReceiverFatal::Setup(format!("TLS: {e}")))?;
-    let (endpoint, buffers) = tidemark_net::server_endpoint(cfg.listen, server_cfg)
+    let (endpoint, _buffers) = tidemark_net::server_endpoint(cfg.listen, server_cfg)
         .map_err(|e| ReceiverFatal::Setup(format!("listening on {}: {e}", cfg.listen)))?;
-    if buffers.capped() {
-        tracing::info!(?buffers, "UDP buffers capped by the kernel (net.core.rmem_max / wmem_max)");
-    }
     let addr = endpoint
         .local_addr()
         .map_err(|e| ReceiverFatal::Setup(format!("listening on {}: {e}", cfg.listen)))?;

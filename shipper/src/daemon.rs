@@ -180,11 +180,8 @@ pub async fn run(cfg: ShipperConfig, mut stop: watch::Receiver<bool>) -> Result<
     } else {
         "0.0.0.0:0".parse().expect("literal address")
     };
-    let (endpoint, buffers) = tidemark_net::client_endpoint(bind)
+    let (endpoint, _buffers) = tidemark_net::client_endpoint(bind)
         .map_err(|e| ShipperFatal::Setup(format!("QUIC endpoint: {e}")))?;
-    if buffers.capped() {
-        tracing::info!(?buffers, "UDP buffers capped by the kernel (net.core.rmem_max / wmem_max)");
-    }
     let cursor = tidemark_changelog::read_cursor(&dir).unwrap_or(0);
 
     // Wakes the sending loop when the log directory changes.
