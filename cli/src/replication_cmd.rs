@@ -123,7 +123,8 @@ fn synthesize(table: &str, values: toml::Table) -> Result<tidemark_config::Loade
     let mut root = toml::Table::new();
     root.insert(table.to_string(), toml::Value::Table(values));
     let text = toml::to_string(&root).context("building the configuration")?;
-    tidemark_config::parse_str(&text, Path::new("<command line>")).map_err(|e| anyhow::anyhow!("{e}"))
+    tidemark_config::parse_str(&text, Path::new("<command line>"))
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 fn path_str(p: &Path) -> toml::Value {
@@ -142,8 +143,14 @@ fn shipper_config(a: &ShipperRunArgs) -> Result<ShipperConfig> {
             let mut t = toml::Table::new();
             t.insert("host".into(), toml::Value::String(host.clone()));
             t.insert("receiver".into(), toml::Value::String(receiver.clone()));
-            t.insert("server-name".into(), toml::Value::String(a.server_name.clone()));
-            t.insert("consistency-group".into(), toml::Value::String(a.group.clone()));
+            t.insert(
+                "server-name".into(),
+                toml::Value::String(a.server_name.clone()),
+            );
+            t.insert(
+                "consistency-group".into(),
+                toml::Value::String(a.group.clone()),
+            );
             t.insert("log-dir".into(), path_str(log_dir));
             t.insert(
                 "control-socket".into(),
@@ -218,13 +225,19 @@ pub(crate) fn run_shipper(cmd: ShipperCommand) -> Result<ExitCode> {
             }
         }
         ShipperCommand::Status(a) => {
-            let s = tidemark_shipper::status::read_status(&a.log_dir).map_err(anyhow::Error::msg)?;
+            let s =
+                tidemark_shipper::status::read_status(&a.log_dir).map_err(anyhow::Error::msg)?;
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
                 return Ok(ExitCode::SUCCESS);
             }
             let state = serde_json::to_value(s.state)?;
-            println!("host {} group {}: {}", s.host, s.group, state.as_str().unwrap_or("?"));
+            println!(
+                "host {} group {}: {}",
+                s.host,
+                s.group,
+                state.as_str().unwrap_or("?")
+            );
             if let Some(r) = &s.reason {
                 println!("  reason: {r}");
             }
@@ -237,7 +250,11 @@ pub(crate) fn run_shipper(cmd: ShipperCommand) -> Result<ExitCode> {
                 s.record_bytes, s.wire_bytes, s.retries
             );
             for d in &s.disks {
-                let pct = if d.size == 0 { 100.0 } else { d.synced as f64 * 100.0 / d.size as f64 };
+                let pct = if d.size == 0 {
+                    100.0
+                } else {
+                    d.synced as f64 * 100.0 / d.size as f64
+                };
                 println!(
                     "  disk {}: initial sync {:.1}% ({} of {} bytes; {} sent as data)",
                     d.name, pct, d.synced, d.size, d.data_bytes
@@ -295,7 +312,11 @@ fn copy_sparse(src: &Path, dst: &Path, name: &str) -> Result<u64> {
         let data = data as u64;
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(input.as_raw_fd(), data as libc::off_t, libc::SEEK_HOLE) };
-        let hole = if hole < 0 { size } else { (hole as u64).min(size) };
+        let hole = if hole < 0 {
+            size
+        } else {
+            (hole as u64).min(size)
+        };
         let mut pos = data;
         while pos < hole {
             let n = (hole - pos).min(buf.len() as u64) as usize;
@@ -324,7 +345,12 @@ pub(crate) fn failover(a: FailoverArgs) -> Result<ExitCode> {
     use tidemark_receiver::store::{GroupState, ReplicaGroup};
     let dir = tidemark_receiver::daemon::group_dir(&a.data_dir, &a.host, &a.group);
     if !dir.join("state").exists() {
-        bail!("no replica of {}/{} under {}", a.host, a.group, a.data_dir.display());
+        bail!(
+            "no replica of {}/{} under {}",
+            a.host,
+            a.group,
+            a.data_dir.display()
+        );
     }
     let group = ReplicaGroup::open(&dir).with_context(|| {
         format!(

@@ -163,10 +163,7 @@ impl Replica for StoreReplica {
     }
 
     fn commit(&mut self) -> Result<Position, ReplicaError> {
-        self.group
-            .commit()
-            .map(position)
-            .map_err(|e| self.map(e))
+        self.group.commit().map(position).map_err(|e| self.map(e))
     }
 
     fn new_lease(&mut self) -> u64 {

@@ -34,8 +34,7 @@ fn record(entry: &Entry<'_>, seq: u64, generation: u32) -> Record {
     Record::decode(&entry.encode(seq, generation)).expect("a valid record")
 }
 
-fn image(dir: &Path, g: &ReplicaGroup, disk: u32) -> Vec<u8> {
-    let _ = dir;
+fn image(g: &ReplicaGroup, disk: u32) -> Vec<u8> {
     std::fs::read(g.image_path(disk).expect("known disk")).expect("readable image")
 }
 
@@ -107,13 +106,23 @@ fn a_new_group_is_in_initial_sync_until_every_disk_is_copied() {
     assert_eq!(g.commit().unwrap().disks[0].synced, 4096);
     g.apply_chunk(d0, 4096, ChunkRef::Zero(4096), Purpose::InitialSync)
         .unwrap();
-    g.apply_chunk(d0, 8192, ChunkRef::Zero(SIZES[0] - 8192), Purpose::InitialSync)
-        .unwrap();
+    g.apply_chunk(
+        d0,
+        8192,
+        ChunkRef::Zero(SIZES[0] - 8192),
+        Purpose::InitialSync,
+    )
+    .unwrap();
     let p = g.commit().unwrap();
     assert_eq!(p.disks[0].synced, SIZES[0]);
     assert_eq!(p.state, GroupState::InitialSync, "disk 1 is not copied yet");
-    g.apply_chunk(disk_id(1), 0, ChunkRef::Zero(SIZES[1]), Purpose::InitialSync)
-        .unwrap();
+    g.apply_chunk(
+        disk_id(1),
+        0,
+        ChunkRef::Zero(SIZES[1]),
+        Purpose::InitialSync,
+    )
+    .unwrap();
     assert_eq!(g.commit().unwrap().state, GroupState::Consistent);
     // An initial-sync chunk after the initial sync is refused.
     assert!(matches!(
@@ -123,7 +132,7 @@ fn a_new_group_is_in_initial_sync_until_every_disk_is_copied() {
     drop(g);
     let g = ReplicaGroup::open(dir.path()).unwrap();
     assert_eq!(g.position().state, GroupState::Consistent);
-    let img = image(dir.path(), &g, d0);
+    let img = image(&g, d0);
     assert!(img[..4096].iter().all(|b| *b == 7));
     assert!(img[4096..].iter().all(|b| *b == 0));
 }
@@ -180,7 +189,7 @@ fn bad_records_get_typed_errors_and_change_nothing() {
             .unwrap(),
         Applied::Done
     );
-    let before: Vec<Vec<u8>> = (0..2).map(|i| image(dir.path(), &g, disk_id(i))).collect();
+    let before: Vec<Vec<u8>> = (0..2).map(|i| image(&g, disk_id(i))).collect();
     let data = [9u8; 100];
     // A gap within the generation.
     assert!(matches!(
@@ -245,7 +254,7 @@ fn bad_records_get_typed_errors_and_change_nothing() {
         g.digests(d0, u64::MAX, 2, 4096),
         Err(StoreError::OutOfRange { .. })
     ));
-    let after: Vec<Vec<u8>> = (0..2).map(|i| image(dir.path(), &g, disk_id(i))).collect();
+    let after: Vec<Vec<u8>> = (0..2).map(|i| image(&g, disk_id(i))).collect();
     assert_eq!(before, after, "refused records change nothing");
     // The right next record still applies, and duplicates are ignored.
     assert_eq!(
@@ -261,7 +270,7 @@ fn bad_records_get_typed_errors_and_change_nothing() {
     let p = g.commit().unwrap();
     assert_eq!((p.durable_seq, p.generation), (3, 4));
     assert_eq!(g.last_barrier(), Some((2, 5)));
-    assert_eq!(&image(dir.path(), &g, d0)[..100], &data);
+    assert_eq!(&image(&g, d0)[..100], &data);
 }
 
 #[test]
@@ -271,7 +280,11 @@ fn nothing_is_durable_before_commit() {
     g.apply_record(&record(&Entry::write(1, 0, b"abc", 0), 1, 0))
         .unwrap();
     g.apply_record(&record(&Entry::barrier(77), 2, 0)).unwrap();
-    assert_eq!(g.position().durable_seq, 0, "position is as of the last commit");
+    assert_eq!(
+        g.position().durable_seq,
+        0,
+        "position is as of the last commit"
+    );
     assert_eq!(g.last_barrier(), None);
     drop(g);
     let mut g = ReplicaGroup::open(dir.path()).unwrap();
@@ -309,8 +322,12 @@ fn a_resync_keeps_the_images_until_it_completes_and_digests_see_the_journal() {
             }]
         }
     );
-    let img0 = image(dir.path(), &g, d0);
-    assert_eq!(img0[..8192], [1u8; 8192], "the images keep the consistent state");
+    let img0 = image(&g, d0);
+    assert_eq!(
+        img0[..8192],
+        [1u8; 8192],
+        "the images keep the consistent state"
+    );
     // The current view: images + journal.
     let mut view0 = img0.clone();
     view0[100..150].fill(2);
@@ -342,8 +359,8 @@ fn a_resync_keeps_the_images_until_it_completes_and_digests_see_the_journal() {
             }]
         }
     );
-    assert_eq!(image(dir.path(), &g, d0), img0);
-    assert!(image(dir.path(), &g, d1).iter().all(|b| *b == 0));
+    assert_eq!(image(&g, d0), img0);
+    assert!(image(&g, d1).iter().all(|b| *b == 0));
     assert_eq!(
         g.digests(d1, 4096, 4096, 4096).unwrap(),
         vec![*blake3::hash(&[5u8; 4096]).as_bytes()]
@@ -360,8 +377,8 @@ fn a_resync_keeps_the_images_until_it_completes_and_digests_see_the_journal() {
     let mut expect1 = vec![0u8; SIZES[1] as usize];
     expect1[4096..8192].fill(5);
     expect1[8192..12288].fill(6);
-    assert_eq!(image(dir.path(), &g, d1), expect1);
-    assert_eq!(image(dir.path(), &g, d0), view0);
+    assert_eq!(image(&g, d1), expect1);
+    assert_eq!(image(&g, d0), view0);
     assert_eq!(
         std::fs::metadata(dir.path().join("journal")).unwrap().len(),
         0,
@@ -504,7 +521,7 @@ proptest! {
                 Err(e) => prop_assert!(ops.iter().all(|o| matches!(o, LogOp::NewGeneration(_))), "{e}"),
             }
             prop_assert!(target.0 == model.disks[i], "model differs from replay on disk {}", i);
-            prop_assert!(image(dir.path(), &g, disk_id(i)) == model.disks[i], "store differs from replay on disk {}", i);
+            prop_assert!(image(&g, disk_id(i)) == model.disks[i], "store differs from replay on disk {}", i);
         }
     }
 }
@@ -532,9 +549,9 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         10 => log_op().prop_map(Op::Log),
-        2 => (0usize..2).prop_flat_map(|d| (Just(d), extent(d), any::<u8>()))
+        3 => (0usize..2).prop_flat_map(|d| (Just(d), extent(d), any::<u8>()))
             .prop_map(|(d, (o, l), seed)| Op::Unlogged(d, o, l, seed)),
-        4 => (0usize..2, 1u64..20_000).prop_map(|(d, l)| Op::InitChunk(d, l)),
+        4 => (0usize..2, 1u64..40_000).prop_map(|(d, l)| Op::InitChunk(d, l)),
         3 => Just(Op::Resync),
         1 => any::<usize>().prop_map(Op::Duplicate),
         3 => Just(Op::Commit),
@@ -562,16 +579,16 @@ struct Shipper {
 }
 
 impl Shipper {
-    fn send(&mut self, g: &mut ReplicaGroup, dir: &Path, entry: Entry<'_>) {
+    fn send(&mut self, g: &mut ReplicaGroup, entry: Entry<'_>) {
         let rec = record(&entry, self.next_seq, self.generation);
         self.next_seq += 1;
         self.source.apply(&rec);
         self.log.push(rec.clone());
-        self.deliver(g, dir, &rec);
+        self.deliver(g, &rec);
     }
 
     /// Hands a record to the receiver and mirrors its mode changes.
-    fn deliver(&mut self, g: &mut ReplicaGroup, dir: &Path, rec: &Record) {
+    fn deliver(&mut self, g: &mut ReplicaGroup, rec: &Record) {
         let h = &rec.header;
         if h.kind == tidemark_changelog::Kind::ResyncNeeded {
             let d = Model::index(h.disk);
@@ -579,7 +596,7 @@ impl Shipper {
                 self.cursor[d] = self.cursor[d].min(h.offset);
             } else {
                 if !self.resyncing {
-                    let now = images(dir, g);
+                    let now = images(g);
                     match &self.frozen {
                         // Re-entering after a crash: re-applied records
                         // give the same images.
@@ -646,15 +663,15 @@ impl Shipper {
         self.committed_journal = std::fs::metadata(dir.join("journal")).unwrap().len();
     }
 
-    fn check_frozen(&self, g: &ReplicaGroup, dir: &Path) {
+    fn check_frozen(&self, g: &ReplicaGroup) {
         if let (true, Some(f)) = (self.resyncing, &self.frozen) {
-            assert!(*f == images(dir, g), "images changed during a resync");
+            assert!(*f == images(g), "images changed during a resync");
         }
     }
 }
 
-fn images(dir: &Path, g: &ReplicaGroup) -> Vec<Vec<u8>> {
-    (0..2).map(|i| image(dir, g, disk_id(i))).collect()
+fn images(g: &ReplicaGroup) -> Vec<Vec<u8>> {
+    (0..2).map(|i| image(g, disk_id(i))).collect()
 }
 
 fn crash(sh: &mut Shipper, g: ReplicaGroup, dir: &Path, tear: u8, at: f64) -> ReplicaGroup {
@@ -690,7 +707,7 @@ fn crash(sh: &mut Shipper, g: ReplicaGroup, dir: &Path, tear: u8, at: f64) -> Re
     sh.resyncing = false;
     if let GroupState::Resyncing { pending } = &p.state {
         sh.resyncing = true;
-        sh.check_frozen(&g, dir);
+        sh.check_frozen(&g);
         for e in pending {
             sh.pending[Model::index(e.disk)][e.offset as usize..(e.offset + e.length) as usize]
                 .fill(true);
@@ -704,18 +721,19 @@ fn crash(sh: &mut Shipper, g: ReplicaGroup, dir: &Path, tear: u8, at: f64) -> Re
         .cloned()
         .collect();
     for r in &refeed {
-        sh.deliver(&mut g, dir, r);
-        sh.check_frozen(&g, dir);
+        sh.deliver(&mut g, r);
+        sh.check_frozen(&g);
     }
     g
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
     #[test]
     fn random_streams_with_crashes_converge_to_the_source(
         initial in proptest::collection::vec(any::<u8>(), 16),
+        presync in any::<bool>(),
         ops in proptest::collection::vec(op(), 1..60),
     ) {
         let dir = tempfile::tempdir().unwrap();
@@ -741,13 +759,20 @@ proptest! {
         };
         let mut g = ReplicaGroup::open(dir).unwrap();
         g.ensure_disks(&specs()).unwrap();
+        if presync {
+            // Most streams should spend their time past the initial sync.
+            for d in 0..2 {
+                sh.init_chunk(&mut g, d, 30_000);
+                sh.init_chunk(&mut g, d, u64::MAX);
+            }
+        }
         for op in ops {
             match op {
-                Op::Log(LogOp::Write(d, o, data)) => sh.send(&mut g, dir, Entry::write(disk_id(d), o, &data, 1)),
-                Op::Log(LogOp::Zero(d, o, l, nh)) => sh.send(&mut g, dir, Entry::write_zeroes(disk_id(d), o, l, nh, 1)),
-                Op::Log(LogOp::Trim(d, o, l)) => sh.send(&mut g, dir, Entry::trim(disk_id(d), o, l, 1)),
-                Op::Log(LogOp::Barrier) => sh.send(&mut g, dir, Entry::barrier(sh.next_seq)),
-                Op::Log(LogOp::Marker(app)) => sh.send(&mut g, dir, Entry::marker("point", app, 1)),
+                Op::Log(LogOp::Write(d, o, data)) => sh.send(&mut g, Entry::write(disk_id(d), o, &data, 1)),
+                Op::Log(LogOp::Zero(d, o, l, nh)) => sh.send(&mut g, Entry::write_zeroes(disk_id(d), o, l, nh, 1)),
+                Op::Log(LogOp::Trim(d, o, l)) => sh.send(&mut g, Entry::trim(disk_id(d), o, l, 1)),
+                Op::Log(LogOp::Barrier) => sh.send(&mut g, Entry::barrier(sh.next_seq)),
+                Op::Log(LogOp::Marker(app)) => sh.send(&mut g, Entry::marker("point", app, 1)),
                 Op::Log(LogOp::NewGeneration(skip)) => {
                     sh.generation += 1;
                     sh.next_seq += skip;
@@ -756,7 +781,7 @@ proptest! {
                     for (i, b) in sh.source.disks[d][o as usize..(o + l) as usize].iter_mut().enumerate() {
                         *b = seed.wrapping_add(i as u8) | 1;
                     }
-                    sh.send(&mut g, dir, Entry::resync_needed(disk_id(d), o, l, 1));
+                    sh.send(&mut g, Entry::resync_needed(disk_id(d), o, l, 1));
                 }
                 Op::InitChunk(d, l) => sh.init_chunk(&mut g, d, l),
                 Op::Resync => sh.resync_one(&mut g),
@@ -769,7 +794,7 @@ proptest! {
                 Op::Commit => sh.commit(&mut g, dir),
                 Op::Crash(tear, at) => g = crash(&mut sh, g, dir, tear, at),
             }
-            sh.check_frozen(&g, dir);
+            sh.check_frozen(&g);
         }
         // Finish: copy the rest, resync everything, commit.
         for d in 0..2 {
@@ -780,21 +805,94 @@ proptest! {
         }
         sh.commit(&mut g, dir);
         let p = g.position();
-        prop_assert_eq!(p.state, GroupState::Consistent);
-        for d in 0..2 {
-            prop_assert!(image(dir, &g, disk_id(d)) == sh.source.disks[d], "disk {} differs from the source", d);
+        prop_assert_eq!(&p.state, &GroupState::Consistent);
+        for (d, size) in SIZES.iter().enumerate() {
+            prop_assert!(image(&g, disk_id(d)) == sh.source.disks[d], "disk {} differs from the source", d);
             let expected: Vec<[u8; 32]> = sh.source.disks[d]
                 .chunks(4096)
                 .map(|c| *blake3::hash(c).as_bytes())
                 .collect();
-            prop_assert_eq!(g.digests(disk_id(d), 0, SIZES[d], 4096).unwrap(), expected);
+            prop_assert_eq!(g.digests(disk_id(d), 0, *size, 4096).unwrap(), expected);
         }
         // And it survives one more reopen unchanged.
         drop(g);
         let g = ReplicaGroup::open(dir).unwrap();
         prop_assert_eq!(g.position(), p);
         for d in 0..2 {
-            prop_assert!(image(dir, &g, disk_id(d)) == sh.source.disks[d]);
+            prop_assert!(image(&g, disk_id(d)) == sh.source.disks[d]);
         }
     }
+}
+
+// ------------------------------------------------------------ measurement
+
+/// Rough throughput of the apply paths; run with `--ignored --nocapture`.
+#[test]
+#[ignore = "a measurement, not a check"]
+fn measure_apply_throughput() {
+    use std::time::Instant;
+    const DISK: u64 = 256 << 20;
+    const WRITE: usize = 64 << 10;
+    const N: u64 = 1024;
+    let dir =
+        tempfile::tempdir_in(std::env::var("STORE_BENCH_DIR").unwrap_or("/tmp".into())).unwrap();
+    let mut g = ReplicaGroup::open(dir.path()).unwrap();
+    g.ensure_disks(&[DiskSpec {
+        id: 0,
+        name: "bench".into(),
+        size: DISK,
+    }])
+    .unwrap();
+    g.apply_chunk(0, 0, ChunkRef::Zero(DISK), Purpose::InitialSync)
+        .unwrap();
+    g.commit().unwrap();
+    let data: Vec<u8> = (0..WRITE).map(|i| (i * 31 % 251) as u8).collect();
+    let mb = (N * WRITE as u64) as f64 / 1e6;
+    let mut seq = 0;
+    let run = |g: &mut ReplicaGroup, seq: &mut u64, label: &str| {
+        let recs: Vec<Record> = (0..N)
+            .map(|i| {
+                *seq += 1;
+                record(
+                    &Entry::write(0, (i * 3 * WRITE as u64) % DISK, &data, 0),
+                    *seq,
+                    0,
+                )
+            })
+            .collect();
+        let t = Instant::now();
+        for r in &recs {
+            g.apply_record(r).unwrap();
+        }
+        let applied = t.elapsed();
+        g.commit().unwrap();
+        let total = t.elapsed();
+        println!(
+            "{label}: {N} x 64 KiB writes: apply {:.0} MB/s, apply+commit {:.0} MB/s (commit {:.1} ms)",
+            mb / applied.as_secs_f64(),
+            mb / total.as_secs_f64(),
+            (total - applied).as_secs_f64() * 1e3
+        );
+    };
+    run(&mut g, &mut seq, "in place");
+    seq += 1;
+    g.apply_record(&record(&Entry::resync_needed(0, 0, 4096, 0), seq, 0))
+        .unwrap();
+    run(&mut g, &mut seq, "journaled (resyncing)");
+    let t = Instant::now();
+    let digests = g.digests(0, 0, N * 3 * WRITE as u64, 64 << 10).unwrap();
+    println!(
+        "digests over images + journal: {:.0} MB/s ({} blocks)",
+        (N * 3 * WRITE as u64) as f64 / 1e6 / t.elapsed().as_secs_f64(),
+        digests.len()
+    );
+    g.apply_chunk(0, 0, ChunkRef::Zero(4096), Purpose::Resync)
+        .unwrap();
+    g.resync_done(0, 0, 4096).unwrap();
+    let t = Instant::now();
+    assert_eq!(g.commit().unwrap().state, GroupState::Consistent);
+    println!(
+        "final commit (journal of {mb:.0} MB applied to the image): {:.0} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
 }

@@ -27,8 +27,8 @@ use tidemark_changelog::{read_sources, write_cursor, FsDir, LogWatcher};
 use tidemark_config::ShipperConfig;
 use tidemark_wire::shipper::{DigestReply, HelloInfo, ShipperConfig as SessionConfig, Shipping};
 use tidemark_wire::{
-    differing_blocks, AwaitingWelcome, ChunkData, ChunkPurpose, Compression, DiskInfo,
-    ErrorClass, Message, MessageDecoder, RecordBatch, RecordId, ShipperEvent,
+    differing_blocks, AwaitingWelcome, ChunkData, ChunkPurpose, Compression, DiskInfo, ErrorClass,
+    Message, MessageDecoder, RecordBatch, RecordId, ShipperEvent,
 };
 use tokio::sync::{mpsc, watch, Notify};
 
@@ -97,7 +97,10 @@ fn connection_end(e: &quinn::ConnectionError, context: &str) -> SessionEnd {
              server name"
         )),
         C::ApplicationClosed(close)
-            if matches!(close.error_code.into_inner(), CLOSE_REVOKED | CLOSE_BAD_IDENTITY) =>
+            if matches!(
+                close.error_code.into_inner(),
+                CLOSE_REVOKED | CLOSE_BAD_IDENTITY
+            ) =>
         {
             permanent(format!("{context}: the receiver refused this host: {e}"))
         }
@@ -159,7 +162,11 @@ impl Shared {
 
 /// Resolves the receiver's address.
 fn resolve(cfg: &ShipperConfig) -> Result<SocketAddr, ShipperFatal> {
-    let host = cfg.receiver.host().trim_start_matches('[').trim_end_matches(']');
+    let host = cfg
+        .receiver
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
     (host, cfg.receiver.port())
         .to_socket_addrs()
         .map_err(|e| ShipperFatal::Setup(format!("resolving the receiver {}: {e}", cfg.receiver)))?
@@ -170,8 +177,9 @@ fn resolve(cfg: &ShipperConfig) -> Result<SocketAddr, ShipperFatal> {
 /// Runs the shipper until `stop` turns true. Must run inside a
 /// multi-threaded Tokio runtime.
 pub async fn run(cfg: ShipperConfig, mut stop: watch::Receiver<bool>) -> Result<(), ShipperFatal> {
-    let dir = FsDir::existing(&cfg.log_dir)
-        .map_err(|e| ShipperFatal::Setup(format!("log directory {}: {e}", cfg.log_dir.display())))?;
+    let dir = FsDir::existing(&cfg.log_dir).map_err(|e| {
+        ShipperFatal::Setup(format!("log directory {}: {e}", cfg.log_dir.display()))
+    })?;
     let client = tidemark_net::client_config(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)
         .map_err(|e| ShipperFatal::Setup(format!("TLS: {e}")))?;
     let addr = resolve(&cfg)?;
@@ -347,7 +355,9 @@ fn spawn_reader(mut recv: quinn::RecvStream) -> mpsc::Receiver<Result<Message, S
             match recv.read(&mut buf).await {
                 Ok(Some(n)) => decoder.feed(&buf[..n]),
                 Ok(None) => {
-                    let _ = tx.send(Err(transient("the receiver closed the stream"))).await;
+                    let _ = tx
+                        .send(Err(transient("the receiver closed the stream")))
+                        .await;
                     return;
                 }
                 Err(quinn::ReadError::ConnectionLost(c)) => {
@@ -509,7 +519,10 @@ async fn run_connection(
         resync.push(e.disk, e.offset, e.length);
     }
     if !resync.queue.is_empty() {
-        tracing::info!(extents = resync.queue.len(), "the replica waits for a resync of extents");
+        tracing::info!(
+            extents = resync.queue.len(),
+            "the replica waits for a resync of extents"
+        );
     }
     let batch_size = usize::try_from(shared.cfg.batch_size.0).unwrap_or(usize::MAX);
     let chunk_size = shared.cfg.sync_chunk_size.0.max(4096);
@@ -520,9 +533,7 @@ async fn run_connection(
         loop {
             match rx.try_recv() {
                 Ok(Ok(msg)) => {
-                    if let Err(e) =
-                        handle(shared, &mut shipping, &mut send, &sources, msg).await
-                    {
+                    if let Err(e) = handle(shared, &mut shipping, &mut send, &sources, msg).await {
                         return e;
                     }
                 }
@@ -545,7 +556,9 @@ async fn run_connection(
                     shared.status.log_seq = shared.status.log_seq.max(batch.last_seq);
                     let records = match RecordBatch::from_bytes(batch.bytes) {
                         Ok(r) => r,
-                        Err(e) => return permanent(format!("the change log holds a bad record: {e}")),
+                        Err(e) => {
+                            return permanent(format!("the change log holds a bad record: {e}"))
+                        }
                     };
                     let frame = match shipping.send_records(&records) {
                         Ok(f) => f,
@@ -556,8 +569,17 @@ async fn run_connection(
                     }
                     shared.status.record_bytes += records.byte_len() as u64;
                     shared.status.sent_seq = batch.last_seq;
+                    // While the group's initial sync runs, the receiver copies
+                    // a resync-needed extent again with the initial sync (it
+                    // has no consistent state to protect yet): the disk's
+                    // sync position goes back to the extent. Afterwards the
+                    // extent is compared by digests.
+                    let initial_sync = syncs.iter().any(|s| s.next < s.size);
                     for (disk, offset, length) in batch.resync_needed {
-                        resync.push(disk, offset, length);
+                        match syncs.iter_mut().find(|s| s.id == disk) {
+                            Some(s) if initial_sync => s.next = s.next.min(offset),
+                            _ => resync.push(disk, offset, length),
+                        }
                     }
                     progressed = true;
                 }
@@ -567,7 +589,8 @@ async fn run_connection(
             if !progressed && shipping.pending_digests() == 0 {
                 if let Some((disk, offset, length)) = resync.queue.pop_front() {
                     shared.status.state = State::Resyncing;
-                    let frame = match shipping.send_digest_request(disk, offset, length, block_size) {
+                    let frame = match shipping.send_digest_request(disk, offset, length, block_size)
+                    {
                         Ok(f) => f,
                         Err(e) => return classify(e.class(), e.to_string()),
                     };
@@ -599,7 +622,9 @@ async fn run_connection(
                     let source = s.source.as_ref().expect("opened above");
                     let content = match tokio::task::block_in_place(|| source.chunk(offset, len)) {
                         Ok(c) => c,
-                        Err(e) => return transient(format!("reading disk {} at {offset}: {e}", s.id)),
+                        Err(e) => {
+                            return transient(format!("reading disk {} at {offset}: {e}", s.id))
+                        }
                     };
                     let data = match content {
                         ChunkContent::Zero(n) => ChunkData::Zero(n),
@@ -610,10 +635,11 @@ async fn run_connection(
                             ChunkData::Data(d)
                         }
                     };
-                    let frame = match shipping.send_chunk(s.id, offset, ChunkPurpose::InitialSync, data) {
-                        Ok(f) => f,
-                        Err(e) => return classify(e.class(), e.to_string()),
-                    };
+                    let frame =
+                        match shipping.send_chunk(s.id, offset, ChunkPurpose::InitialSync, data) {
+                            Ok(f) => f,
+                            Err(e) => return classify(e.class(), e.to_string()),
+                        };
                     if let Err(e) = send_frame(shared, &mut send, &frame).await {
                         return e;
                     }
@@ -623,7 +649,10 @@ async fn run_connection(
             }
         }
         if !progressed {
-            if resync.queue.is_empty() && shipping.pending_digests() == 0 && syncs.iter().all(|s| s.next >= s.size) {
+            if resync.queue.is_empty()
+                && shipping.pending_digests() == 0
+                && syncs.iter().all(|s| s.next >= s.size)
+            {
                 shared.status.state = State::Protected;
             }
             shared.publish(false);
@@ -670,7 +699,9 @@ async fn handle(
             }
             Ok(())
         }
-        Ok(ShipperEvent::Digests(reply)) => resync_extent(shared, shipping, send, sources, reply).await,
+        Ok(ShipperEvent::Digests(reply)) => {
+            resync_extent(shared, shipping, send, sources, reply).await
+        }
         Err(e) => Err(classify(e.class(), e.to_string())),
     }
 }
@@ -704,7 +735,12 @@ async fn resync_extent(
         let bytes = data[start..start + ext.length as usize].to_vec();
         shared.status.resync_blocks_sent += ext.length.div_ceil(u64::from(req.block_size));
         let frame = shipping
-            .send_chunk(req.disk, ext.offset, ChunkPurpose::Resync, ChunkData::Data(bytes))
+            .send_chunk(
+                req.disk,
+                ext.offset,
+                ChunkPurpose::Resync,
+                ChunkData::Data(bytes),
+            )
             .map_err(|e| classify(e.class(), e.to_string()))?;
         send_frame(shared, send, &frame).await?;
     }

@@ -67,11 +67,7 @@ impl Bandwidth {
     pub fn new(cfg: &BandwidthConfig) -> Bandwidth {
         Bandwidth {
             default: cfg.limit.map(|l| l.0),
-            windows: cfg
-                .schedule
-                .iter()
-                .map(|s| (s.window.clone(), s.limit.0))
-                .collect(),
+            windows: cfg.schedule.iter().map(|s| (s.window, s.limit.0)).collect(),
             tokens: 0.0,
             last: None,
         }
@@ -133,8 +129,8 @@ pub fn local_minute_of_day() -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tidemark_config::ScheduledLimit;
     use tidemark_config::ByteSize;
+    use tidemark_config::ScheduledLimit;
 
     fn retry(initial: u64, max: u64, mult: f64, jitter: f64) -> RetryConfig {
         RetryConfig {

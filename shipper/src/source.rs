@@ -157,7 +157,10 @@ impl SourceDisk {
 
     /// Reads a chunk for sync, telling zero or unallocated ranges apart.
     pub fn chunk(&self, offset: u64, len: u64) -> io::Result<ChunkContent> {
-        let len = offset.saturating_add(len).min(self.size).saturating_sub(offset);
+        let len = offset
+            .saturating_add(len)
+            .min(self.size)
+            .saturating_sub(offset);
         if self.is_hole(offset, len) {
             return Ok(ChunkContent::Zero(len));
         }
@@ -216,7 +219,10 @@ mod tests {
             ChunkContent::Zero(1 << 20)
         );
         // Clipped at the end of the disk.
-        assert_eq!(d.chunk(size - 4096, 1 << 20).unwrap(), ChunkContent::Zero(4096));
+        assert_eq!(
+            d.chunk(size - 4096, 1 << 20).unwrap(),
+            ChunkContent::Zero(4096)
+        );
         let digests = d.digests(1 << 20, 8192, 4096).unwrap();
         assert_eq!(digests[0], *blake3::hash(&[7u8; 4096]).as_bytes());
         assert_eq!(digests[1], *blake3::hash(&[0u8; 4096]).as_bytes());

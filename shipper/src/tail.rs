@@ -118,7 +118,11 @@ impl LogTail {
     /// The records available now, up to about `max_bytes` (at least one
     /// record if any is there); waits up to `wait` for the first one.
     /// `None`: nothing new within `wait`.
-    pub fn next_batch(&mut self, max_bytes: usize, wait: Duration) -> Result<Option<Batch>, TailError> {
+    pub fn next_batch(
+        &mut self,
+        max_bytes: usize,
+        wait: Duration,
+    ) -> Result<Option<Batch>, TailError> {
         let deadline = Instant::now() + wait;
         let mut batch = Batch::default();
         loop {
@@ -131,7 +135,9 @@ impl LogTail {
                     if h.kind == Kind::ResyncNeeded {
                         batch.resync_needed.push((h.disk, h.offset, h.length));
                     }
-                    batch.bytes.extend_from_slice(&rec.as_entry().encode(h.seq, h.generation));
+                    batch
+                        .bytes
+                        .extend_from_slice(&rec.as_entry().encode(h.seq, h.generation));
                     batch.last_seq = h.seq;
                     batch.records += 1;
                     self.last_seq = h.seq;
@@ -172,12 +178,16 @@ mod tests {
         };
         let (mut log, _) = ChangeLog::open(dir, opts, 1).unwrap();
         for i in 0..10u64 {
-            log.append(&Entry::write(0, i * 4096, &[i as u8; 4096], 1)).unwrap();
+            log.append(&Entry::write(0, i * 4096, &[i as u8; 4096], 1))
+                .unwrap();
         }
         log.append(&Entry::resync_needed(0, 0, 1 << 20, 1)).unwrap();
         log.barrier(1).unwrap();
         let mut tail = LogTail::open(tmp.path(), 0).unwrap();
-        let b = tail.next_batch(3 * (4096 + 56), Duration::ZERO).unwrap().unwrap();
+        let b = tail
+            .next_batch(3 * (4096 + 56), Duration::ZERO)
+            .unwrap()
+            .unwrap();
         assert_eq!((b.first_seq, b.last_seq, b.records), (1, 3, 3));
         let b = tail.next_batch(1 << 20, Duration::ZERO).unwrap().unwrap();
         assert_eq!((b.first_seq, b.last_seq, b.records), (4, 12, 9));
@@ -186,14 +196,20 @@ mod tests {
         let first = Record::decode(&b.bytes).unwrap();
         assert_eq!(first.header.seq, 4);
         assert_eq!(first.payload, vec![3u8; 4096]);
-        assert!(tail.next_batch(1 << 20, Duration::from_millis(50)).unwrap().is_none());
+        assert!(tail
+            .next_batch(1 << 20, Duration::from_millis(50))
+            .unwrap()
+            .is_none());
         // A record appended while waiting wakes the tail.
         let writer = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(100));
             log.append(&Entry::barrier(2)).unwrap();
             log.sync().unwrap();
         });
-        let b = tail.next_batch(1 << 20, Duration::from_secs(10)).unwrap().unwrap();
+        let b = tail
+            .next_batch(1 << 20, Duration::from_secs(10))
+            .unwrap()
+            .unwrap();
         assert_eq!(b.first_seq, 13);
         writer.join().unwrap();
         // Reopening at a sequence number starts there.

@@ -32,8 +32,16 @@ fn run_ok(cmd: &mut Command) -> String {
 fn enroll(dir: &Path, host: &str) -> (PathBuf, PathBuf) {
     let rpki = dir.join("receiver-pki");
     let hpki = dir.join("host-pki");
-    run_ok(tidemark().args(["receiver", "init", "--pki-dir"]).arg(&rpki));
-    run_ok(tidemark().args(["host", "request", "--host", host, "--pki-dir"]).arg(&hpki));
+    run_ok(
+        tidemark()
+            .args(["receiver", "init", "--pki-dir"])
+            .arg(&rpki),
+    );
+    run_ok(
+        tidemark()
+            .args(["host", "request", "--host", host, "--pki-dir"])
+            .arg(&hpki),
+    );
     run_ok(
         tidemark()
             .args(["receiver", "sign", "--pki-dir"])
@@ -289,7 +297,7 @@ fn a_disk_in_use_replicates_through_crashes_and_restarts_and_fails_over_byte_exa
     let status = wait_caught_up(dir, &log_dir, Duration::from_secs(60));
     let data = status["disks"][0]["data_bytes"].as_u64().unwrap();
     assert!(
-        data >= 3 << 20 && data < 16 << 20,
+        (3 << 20..16 << 20).contains(&data),
         "the initial sync sent {data} bytes as data; zero regions must not be sent"
     );
 
@@ -301,7 +309,10 @@ fn a_disk_in_use_replicates_through_crashes_and_restarts_and_fails_over_byte_exa
 
     // The shipper restarts; writes happen while it is gone.
     assert!(shipper.stop().success(), "the shipper did not stop cleanly");
-    qemu_io(&uri, &["write -P 0xd4 30M 1M", "write -P 0xe5 0 64k", "flush"]);
+    qemu_io(
+        &uri,
+        &["write -P 0xd4 30M 1M", "write -P 0xe5 0 64k", "flush"],
+    );
     let shipper = start_shipper(dir, &log_dir, &hpki, port);
     wait_caught_up(dir, &log_dir, Duration::from_secs(60));
 
@@ -369,7 +380,10 @@ fn a_full_log_falls_back_to_bitmap_mode_and_a_checksum_resync_repairs_the_replic
         if t["tracking"] == "data" && s["resync_blocks_compared"].as_u64() > Some(0) {
             break s;
         }
-        assert!(Instant::now() < deadline, "no resync happened: {s:#} {tracker_status}");
+        assert!(
+            Instant::now() < deadline,
+            "no resync happened: {s:#} {tracker_status}"
+        );
         std::thread::sleep(Duration::from_millis(300));
     };
     let compared = status["resync_blocks_compared"].as_u64().unwrap();
@@ -416,13 +430,14 @@ fn hosts_with_a_foreign_or_revoked_certificate_are_refused_and_go_critical() {
     let receiver = start_receiver(dir, &rpki, port, Some(&config));
     let shipper = start_shipper(dir, &log_dir, &hpki, port);
     let status = shipper.wait_exit(Duration::from_secs(30));
-    assert_eq!(status.code(), Some(2), "a refused host is a permanent failure");
+    assert_eq!(
+        status.code(),
+        Some(2),
+        "a refused host is a permanent failure"
+    );
     let s = shipper_status(&log_dir).unwrap();
     assert_eq!(s["state"], "critical", "{s:#}");
-    assert!(
-        s["reason"].as_str().unwrap().contains("revoked"),
-        "{s:#}"
-    );
+    assert!(s["reason"].as_str().unwrap().contains("revoked"), "{s:#}");
     assert!(
         !dir.join("replicas").join(HOST).exists(),
         "nothing may be created for a revoked host"
@@ -478,7 +493,10 @@ fn an_unclean_tracker_stop_is_repaired_by_a_resync_of_the_hot_extents() {
     let mut cmd = Command::new("qemu-io");
     cmd.args(["-f", "raw"]);
     for i in 0..200u64 {
-        cmd.args(["-c", &format!("write -P {} {}k 64k", 0x70 + i % 16, (i * 192) % (60 << 10))]);
+        cmd.args([
+            "-c",
+            &format!("write -P {} {}k 64k", 0x70 + i % 16, (i * 192) % (60 << 10)),
+        ]);
     }
     let mut writer = cmd
         .arg(&uri)
@@ -506,7 +524,10 @@ fn an_unclean_tracker_stop_is_repaired_by_a_resync_of_the_hot_extents() {
         if s["resync_blocks_compared"].as_u64() > Some(0) {
             break;
         }
-        assert!(Instant::now() < deadline, "no resync after the unclean stop: {s:#}");
+        assert!(
+            Instant::now() < deadline,
+            "no resync after the unclean stop: {s:#}"
+        );
         std::thread::sleep(Duration::from_millis(300));
     }
     assert!(tracker.stop());

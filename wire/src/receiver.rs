@@ -410,6 +410,18 @@ impl Receiving {
                 }
                 for record in &fresh {
                     replica.apply_record(record)?;
+                    // While the group's initial sync runs, a resync-needed
+                    // extent is copied again by the initial sync: its disk's
+                    // sync position goes back to the extent (the store and
+                    // the shipper follow the same rule).
+                    let h = &record.header;
+                    if h.kind == tidemark_changelog::Kind::ResyncNeeded
+                        && self.disks.iter().any(|(d, s)| *s < d.size)
+                    {
+                        if let Some(d) = self.disks.iter_mut().find(|(d, _)| d.id == h.disk) {
+                            d.1 = d.1.min(h.offset);
+                        }
+                    }
                     self.applied = RecordId {
                         seq: record.header.seq,
                         generation: record.header.generation,

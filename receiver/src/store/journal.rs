@@ -173,7 +173,9 @@ pub(crate) fn scan(file: &File, len: u64) -> io::Result<Result<Scanned, String>>
         }
         at = payload_at + payload_len as u64;
         if at == len && !matches!(entry, Entry::Commit { .. }) {
-            return Ok(Err("the committed journal does not end in a commit mark".into()));
+            return Ok(Err(
+                "the committed journal does not end in a commit mark".into()
+            ));
         }
     }
     Ok(Ok(out))
@@ -205,18 +207,32 @@ impl Journal {
         let mut at = offset;
         for piece in data.chunks(MAX_PAYLOAD) {
             let len = piece.len() as u64;
-            let payload_at = self.append(&Entry::Data { disk, offset: at, len }, piece)?;
-            self.overlays
-                .entry(disk)
-                .or_default()
-                .insert(at, at + len, Source::Journal(payload_at));
+            let payload_at = self.append(
+                &Entry::Data {
+                    disk,
+                    offset: at,
+                    len,
+                },
+                piece,
+            )?;
+            self.overlays.entry(disk).or_default().insert(
+                at,
+                at + len,
+                Source::Journal(payload_at),
+            );
             at += len;
         }
         Ok(())
     }
 
     /// Appends "`offset..offset+len` of `disk` reads as zeroes".
-    pub(crate) fn zero(&mut self, disk: u32, offset: u64, len: u64, no_hole: bool) -> io::Result<()> {
+    pub(crate) fn zero(
+        &mut self,
+        disk: u32,
+        offset: u64,
+        len: u64,
+        no_hole: bool,
+    ) -> io::Result<()> {
         if len == 0 {
             return Ok(());
         }
@@ -227,10 +243,11 @@ impl Journal {
             no_hole,
         };
         self.append(&entry, &[])?;
-        self.overlays
-            .entry(disk)
-            .or_default()
-            .insert(offset, offset + len, Source::Zero { no_hole });
+        self.overlays.entry(disk).or_default().insert(
+            offset,
+            offset + len,
+            Source::Zero { no_hole },
+        );
         Ok(())
     }
 
@@ -299,10 +316,7 @@ mod tests {
             let h = e.encode_header(p);
             let (d, len, crc) = Entry::decode_header(&h).unwrap();
             assert_eq!((d, len), (e, p.len()));
-            assert_eq!(
-                crc,
-                crc32c::crc32c_append(crc32c::crc32c(&h[..CRC_AT]), p)
-            );
+            assert_eq!(crc, crc32c::crc32c_append(crc32c::crc32c(&h[..CRC_AT]), p));
         }
     }
 
