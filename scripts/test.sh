@@ -9,8 +9,8 @@ cd "$(dirname "$0")/.."
 # tool (or file) : Debian package. The tracker's tests drive it with real,
 # foreign NBD clients and a real ext4 through nbdfuse + loop.
 need_apt=()
-for pair in "e2fsck:e2fsprogs" "qemu-io:qemu-utils" "nbdinfo:libnbd-bin" \
-            "nbdcopy:libnbd-bin" "nbdfuse:libnbd-bin" "nbdkit:nbdkit" \
+for pair in "e2fsck:e2fsprogs" "openssl:openssl" "qemu-io:qemu-utils" "nbdinfo:libnbd-bin" \
+            "nbdcopy:libnbd-bin" "nbdfuse:libnbd-bin" "nbdkit:nbdkit" "promtool:prometheus" \
             "fusermount3:fuse3" "losetup:mount" "/usr/lib/python3/dist-packages/nbd.py:python3-libnbd"; do
     tool=${pair%%:*}; pkg=${pair#*:}
     if [[ $tool == /* ]]; then [ -e "$tool" ] && continue; else command -v "$tool" >/dev/null 2>&1 && continue; fi

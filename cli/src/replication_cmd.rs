@@ -255,8 +255,13 @@ pub(crate) fn run_shipper(cmd: ShipperCommand) -> Result<ExitCode> {
                 } else {
                     d.synced as f64 * 100.0 / d.size as f64
                 };
+                let eta = match d.eta_seconds {
+                    Some(0) => "done".to_string(),
+                    Some(s) => format!("{} MiB/s, about {s} s left", d.rate_bytes_per_sec >> 20),
+                    None => "rate not known yet".to_string(),
+                };
                 println!(
-                    "  disk {}: initial sync {:.1}% ({} of {} bytes; {} sent as data)",
+                    "  disk {}: initial sync {:.1}% ({} of {} bytes; {} sent as data; {eta})",
                     d.name, pct, d.synced, d.size, d.data_bytes
                 );
             }

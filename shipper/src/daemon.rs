@@ -511,6 +511,9 @@ async fn run_connection(
             size: d.size,
             synced: s.next,
             data_bytes: 0,
+            rate_bytes_per_sec: 0,
+            eta_seconds: (s.next >= s.size).then_some(0),
+            started: Some((s.next, Instant::now())),
         })
         .collect();
     shared.status.durable_seq = resume.durable.seq;
@@ -694,7 +697,7 @@ async fn handle(
             shared.status.durable_seq = durable.seq;
             for d in disks {
                 if let Some(p) = shared.status.disks.get_mut(d.id as usize) {
-                    p.synced = d.synced;
+                    p.advance(d.synced);
                 }
             }
             Ok(())
