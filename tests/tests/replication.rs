@@ -536,3 +536,68 @@ fn an_unclean_tracker_stop_is_repaired_by_a_resync_of_the_hot_extents() {
     assert!(receiver.stop().success());
     failover_and_compare(dir, &image);
 }
+
+#[test]
+fn the_bandwidth_limit_paces_what_goes_on_the_wire() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (rpki, hpki) = enroll(dir, HOST);
+    let image = dir.join("disk.img");
+    let f = fs::File::create(&image).unwrap();
+    f.set_len(SIZE).unwrap();
+    // 8 MiB that zstd cannot shrink: the initial sync must send it all.
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let noise: Vec<u8> = (0..8usize << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    f.write_all_at(&noise, 16 << 20).unwrap();
+    f.sync_all().unwrap();
+    let port = free_port();
+    let receiver = start_receiver(dir, &rpki, port, None);
+    let tracker = TrackerProcess::start(dir, &image, &[]);
+    let log_dir = tracker.log_dir.clone();
+    let config = dir.join("shipper.toml");
+    fs::write(
+        &config,
+        format!(
+            "[shipper]\nhost = \"{HOST}\"\nreceiver = \"127.0.0.1:{port}\"\nlog-dir = \"{}\"\n\
+             control-socket = \"{}\"\n\
+             [shipper.tls]\nca = \"{h}/ca.crt\"\ncert = \"{h}/host.crt\"\nkey = \"{h}/host.key\"\n\
+             [shipper.bandwidth]\nlimit = \"2MiB\"\n",
+            log_dir.display(),
+            dir.join("shipper.ctl").display(),
+            h = hpki.display()
+        ),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let child = tidemark()
+        .args(["shipper", "run", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(dir.join("shipper.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let shipper = Daemon {
+        child: Some(child),
+        what: "shipper",
+    };
+    let status = wait_caught_up(dir, &log_dir, Duration::from_secs(60));
+    let elapsed = started.elapsed();
+    let wire = status["wire_bytes"].as_u64().unwrap();
+    assert!(wire >= 8 << 20, "only {wire} bytes on the wire");
+    // One second of burst, then 2 MiB/s: at least (wire - 2 MiB) / 2 MiB/s.
+    let floor = (wire - (2 << 20)) as f64 / (2 << 20) as f64;
+    assert!(
+        elapsed.as_secs_f64() >= floor * 0.9,
+        "{wire} bytes in {elapsed:?}: faster than the 2 MiB/s limit allows ({floor:.1} s)"
+    );
+    assert!(shipper.stop().success());
+    assert!(tracker.stop());
+    receiver.stop();
+}
