@@ -45,6 +45,11 @@ pub(crate) struct ShipperRunArgs {
     /// The name the receiver's certificate carries.
     #[arg(long, default_value = "tidemark-receiver")]
     server_name: String,
+    /// Serve Prometheus metrics on http://ADDR/metrics (port 0 picks one;
+    /// the address is printed). Overrides `metrics-listen` of a config
+    /// file; without either, the one-line form serves no metrics.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -73,6 +78,11 @@ pub(crate) struct ReceiverServeArgs {
     /// Directory written by `tidemark receiver init`.
     #[arg(long)]
     pki_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics on http://ADDR/metrics (port 0 picks one;
+    /// the address is printed). Overrides `metrics-listen` of a config
+    /// file; without either, the one-line form serves no metrics.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// `tidemark failover`.
@@ -202,6 +212,8 @@ pub(crate) fn run_shipper(cmd: ShipperCommand) -> Result<ExitCode> {
     match cmd {
         ShipperCommand::Run(a) => {
             let cfg = shipper_config(&a)?;
+            let metrics_listen =
+                metrics_address(a.metrics_listen, a.config.is_some(), cfg.metrics_listen);
             let rt = runtime()?;
             let result = rt.block_on(async {
                 let stop = stop_on_signals()?;
@@ -213,7 +225,10 @@ pub(crate) fn run_shipper(cmd: ShipperCommand) -> Result<ExitCode> {
                     cfg.consistency_group
                 );
                 let _ = std::io::stdout().flush();
-                anyhow::Ok(tidemark_shipper::daemon::run(cfg, stop).await)
+                anyhow::Ok(
+                    tidemark_shipper::daemon::run(cfg, metrics_listen, stop, print_metrics_address)
+                        .await,
+                )
             })?;
             match result {
                 Ok(()) => Ok(ExitCode::SUCCESS),
@@ -276,13 +291,36 @@ pub(crate) fn run_shipper(cmd: ShipperCommand) -> Result<ExitCode> {
     }
 }
 
+/// Where to serve metrics: the flag, else a config file's address; the
+/// one-line form without the flag serves none (several daemons started
+/// from flags on one machine would fight over the default port).
+fn metrics_address(
+    flag: Option<std::net::SocketAddr>,
+    from_file: bool,
+    configured: std::net::SocketAddr,
+) -> Option<std::net::SocketAddr> {
+    flag.or(from_file.then_some(configured))
+}
+
+/// Prints the metrics endpoint on stdout (after the daemon's first line).
+fn print_metrics_address(addr: Option<std::net::SocketAddr>) {
+    // A reader that stopped after the first line must not kill the
+    // daemon: a closed stdout is ignored.
+    if let Some(addr) = addr {
+        let _ = writeln!(std::io::stdout(), "metrics on http://{addr}/metrics");
+        let _ = std::io::stdout().flush();
+    }
+}
+
 pub(crate) fn receiver_serve(a: ReceiverServeArgs) -> Result<ExitCode> {
     let cfg = receiver_config(&a)?;
+    let metrics_listen = metrics_address(a.metrics_listen, a.config.is_some(), cfg.metrics_listen);
     let rt = runtime()?;
     rt.block_on(async {
         let stop = stop_on_signals()?;
-        tidemark_receiver::daemon::run(cfg, stop, |addr| {
+        tidemark_receiver::daemon::run(cfg, metrics_listen, stop, |addr, metrics| {
             println!("receiver ready on {addr}");
+            print_metrics_address(metrics);
             let _ = std::io::stdout().flush();
         })
         .await?;

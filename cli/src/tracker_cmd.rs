@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tidemark_changelog::LogOptions;
@@ -61,6 +62,11 @@ pub(crate) struct ServeArgs {
     /// Backing I/O engine.
     #[arg(long, value_enum, default_value_t = Engine::Auto)]
     engine: Engine,
+    /// Serve Prometheus metrics on http://ADDR/metrics (port 0 picks one;
+    /// the address is printed). Overrides `metrics-listen` of a config
+    /// file; without either, the one-line form serves no metrics.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -120,6 +126,7 @@ fn settings_from_config(path: &Path) -> Result<TrackerSettings> {
         max_block: u32::try_from(t.max_block_size.as_u64()).context("max-block-size")?,
         mlockall: t.mlockall,
         backing: BackingOptions::default(),
+        metrics_listen: Some(t.metrics_listen),
     })
 }
 
@@ -179,16 +186,20 @@ fn settings_from_flags(a: &ServeArgs) -> Result<TrackerSettings> {
             },
             ..BackingOptions::default()
         },
+        metrics_listen: None,
     })
 }
 
 fn serve(a: ServeArgs) -> Result<ExitCode> {
-    let settings = match &a.config {
+    let mut settings = match &a.config {
         Some(path) => settings_from_config(path)?,
         None => settings_from_flags(&a)?,
     };
+    if let Some(addr) = a.metrics_listen {
+        settings.metrics_listen = Some(addr);
+    }
     let socket = settings.socket.clone();
-    tidemark_tracker::daemon::run(settings, |report| {
+    tidemark_tracker::daemon::run(settings, |report, metrics| {
         // One line on stdout when ready, for scripts and tests.
         println!(
             "tracker ready on {} (generation {}, {})",
@@ -203,6 +214,12 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
                 "clean start".to_string()
             }
         );
+        // A reader that stopped after the first line must not kill the
+        // daemon: a closed stdout is ignored.
+        if let Some(addr) = metrics {
+            let _ = writeln!(std::io::stdout(), "metrics on http://{addr}/metrics");
+        }
+        let _ = std::io::stdout().flush();
     })?;
     Ok(ExitCode::SUCCESS)
 }

@@ -8,6 +8,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -19,7 +20,8 @@ use tidemark_wire::{
 use tokio::sync::watch;
 
 use crate::replica::StoreReplica;
-use crate::store::ReplicaGroup;
+use crate::store::{GroupState, ReplicaGroup};
+use tidemark_metrics::{labels, Exposition, MetricsServer, Unit};
 
 /// Why the receiver could not start.
 #[derive(Debug, thiserror::Error)]
@@ -56,15 +58,162 @@ struct Server {
     data_dir: PathBuf,
     revoked: HashSet<String>,
     groups: Groups,
+    stats: Mutex<HashMap<GroupKey, Arc<GroupStats>>>,
+}
+
+/// Counters of one host's group since the receiver started.
+#[derive(Debug, Default)]
+struct GroupStats {
+    /// Records received in order and applied (a record the store already
+    /// had after a reconnect is skipped by it, and counted here).
+    records: AtomicU64,
+    /// Their encoded bytes.
+    bytes: AtomicU64,
+    /// Sessions open now.
+    sessions: AtomicU64,
+}
+
+/// Counts a session as connected while it lives.
+struct SessionGuard(Arc<GroupStats>);
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.0.sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The states `tidemark_receiver_group_state` can show.
+const GROUP_STATES: &[&str] = &["initial-sync", "consistent", "resyncing"];
+
+fn group_state_name(s: &GroupState) -> &'static str {
+    match s {
+        GroupState::InitialSync => "initial-sync",
+        GroupState::Consistent => "consistent",
+        GroupState::Resyncing { .. } => "resyncing",
+    }
+}
+
+/// What one scrape reports of one host's group.
+#[derive(Clone)]
+struct GroupSample {
+    host: String,
+    group: String,
+    durable_seq: u64,
+    state: &'static str,
+    /// Timestamp (ns) of the newest durable barrier.
+    last_barrier_ns: Option<u64>,
+    records: u64,
+    bytes: u64,
+    sessions: u64,
+}
+
+/// The receiver's metrics from one sample per group and the time now
+/// (ns since the Unix epoch).
+fn collect_metrics(samples: &[GroupSample], now_ns: u64) -> Exposition {
+    let mut e = Exposition::new();
+    for s in samples {
+        let g = labels(&[("host", &s.host), ("group", &s.group)]);
+        e.gauge(
+            "tidemark_receiver_durable_sequence",
+            "Every record up to this sequence number is durably applied to the replica.",
+            None,
+            &g,
+            s.durable_seq as f64,
+        );
+        e.counter(
+            "tidemark_receiver_applied_records",
+            "Records received in order and applied since the receiver started.",
+            None,
+            &g,
+            s.records,
+        );
+        e.counter(
+            "tidemark_receiver_applied",
+            "Encoded bytes of the records applied since the receiver started.",
+            Some(Unit::Bytes),
+            &g,
+            s.bytes,
+        );
+        if let Some(ts) = s.last_barrier_ns {
+            e.gauge(
+                "tidemark_receiver_last_barrier_age",
+                "Age of the newest durable barrier: how old the newest crash-consistent recovery point is.",
+                Some(Unit::Seconds),
+                &g,
+                now_ns.saturating_sub(ts) as f64 / 1e9,
+            );
+        }
+        e.state_set(
+            "tidemark_receiver_group_state",
+            "State of the replica group (1 for the current state).",
+            &g,
+            GROUP_STATES,
+            s.state,
+        );
+        e.gauge(
+            "tidemark_receiver_sessions",
+            "Shipper sessions connected now.",
+            None,
+            &g,
+            s.sessions as f64,
+        );
+    }
+    e
+}
+
+impl Server {
+    /// One sample per group this receiver has opened since it started.
+    fn samples(&self) -> Vec<GroupSample> {
+        let groups: Vec<(GroupKey, Arc<Mutex<StoreReplica>>)> = lock(&self.groups)
+            .iter()
+            .map(|(k, g)| (k.clone(), g.clone()))
+            .collect();
+        let stats = lock(&self.stats);
+        let mut out: Vec<GroupSample> = groups
+            .into_iter()
+            .map(|((host, group), replica)| {
+                let (pos, barrier) = {
+                    let r = lock(&replica);
+                    (r.group().position(), r.group().last_barrier())
+                };
+                let st = stats
+                    .get(&(host.clone(), group.clone()))
+                    .cloned()
+                    .unwrap_or_default();
+                GroupSample {
+                    host,
+                    group,
+                    durable_seq: pos.durable_seq,
+                    state: group_state_name(&pos.state),
+                    last_barrier_ns: barrier.map(|(_, ts)| ts),
+                    records: st.records.load(Ordering::Relaxed),
+                    bytes: st.bytes.load(Ordering::Relaxed),
+                    sessions: st.sessions.load(Ordering::Relaxed),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.host, &a.group).cmp(&(&b.host, &b.group)));
+        out
+    }
+
+    fn stats(&self, host: &str, group: &str) -> Arc<GroupStats> {
+        lock(&self.stats)
+            .entry((host.to_string(), group.to_string()))
+            .or_default()
+            .clone()
+    }
 }
 
 /// Runs the receiver until `stop` turns true; `ready` gets the bound
-/// address once connections are accepted. Must run inside a multi-threaded
-/// Tokio runtime.
+/// address once connections are accepted, and the metrics endpoint's if
+/// `metrics_listen` was given and could be bound (metrics are an
+/// observer: a taken port is a warning, not a reason to stop). Must run
+/// inside a multi-threaded Tokio runtime.
 pub async fn run(
     cfg: ReceiverConfig,
+    metrics_listen: Option<SocketAddr>,
     mut stop: watch::Receiver<bool>,
-    ready: impl FnOnce(SocketAddr),
+    ready: impl FnOnce(SocketAddr, Option<SocketAddr>),
 ) -> Result<(), ReceiverFatal> {
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
         ReceiverFatal::Setup(format!("data directory {}: {e}", cfg.data_dir.display()))
@@ -85,9 +234,25 @@ pub async fn run(
             .map(|h| h.name.clone())
             .collect(),
         groups: Arc::new(Mutex::new(HashMap::new())),
+        stats: Mutex::new(HashMap::new()),
     });
+    let metrics = match metrics_listen {
+        Some(maddr) => {
+            let srv = server.clone();
+            let render: tidemark_metrics::Render =
+                Arc::new(move || collect_metrics(&srv.samples(), tidemark_changelog::now_ns()));
+            match MetricsServer::bind(maddr, render).await {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    tracing::warn!(addr = %maddr, error = %e, "cannot serve metrics; running without them");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     tracing::info!(%addr, data_dir = %cfg.data_dir.display(), "receiver listening");
-    ready(addr);
+    ready(addr, metrics.as_ref().map(MetricsServer::local_addr));
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
@@ -230,6 +395,9 @@ impl Server {
         };
         send.write_all(&welcome).await.map_err(|e| e.to_string())?;
         tracing::info!(%host, group = %group_name, "session started");
+        let stats = self.stats(host, &group_name);
+        stats.sessions.fetch_add(1, Ordering::Relaxed);
+        let _connected = SessionGuard(stats.clone());
         loop {
             // Apply every complete message, then commit and acknowledge
             // once nothing more is buffered.
@@ -239,11 +407,19 @@ impl Server {
                     Ok(None) => break,
                     Err(e) => return refuse(&mut send, ReceiverError::from_decode(&e)).await,
                 };
+                let counted = match &msg {
+                    Message::Records(batch) => Some((batch.len() as u64, batch.byte_len() as u64)),
+                    _ => None,
+                };
                 let out = tokio::task::block_in_place(|| {
                     receiving.handle_message(msg, &mut *lock(&replica))
                 });
                 match out {
                     Ok(frames) => {
+                        if let Some((records, bytes)) = counted {
+                            stats.records.fetch_add(records, Ordering::Relaxed);
+                            stats.bytes.fetch_add(bytes, Ordering::Relaxed);
+                        }
                         for f in frames {
                             send.write_all(&f).await.map_err(|e| e.to_string())?;
                         }
@@ -280,4 +456,43 @@ async fn refuse(send: &mut quinn::SendStream, err: ReceiverError) -> Result<(), 
     // Give the frame a moment to leave before the stream is dropped.
     let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
     Err(err.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_show_each_group_with_its_state_and_barrier_age() {
+        let samples = [GroupSample {
+            host: "db1".into(),
+            group: "g".into(),
+            durable_seq: 42,
+            state: "consistent",
+            last_barrier_ns: Some(1_000_000_000),
+            records: 40,
+            bytes: 4096,
+            sessions: 1,
+        }];
+        let t =
+            collect_metrics(&samples, 4_000_000_000).render(tidemark_metrics::Format::OpenMetrics);
+        for want in [
+            "tidemark_receiver_durable_sequence{host=\"db1\",group=\"g\"} 42.0\n",
+            "tidemark_receiver_applied_records_total{host=\"db1\",group=\"g\"} 40\n",
+            "tidemark_receiver_applied_bytes_total{host=\"db1\",group=\"g\"} 4096\n",
+            "tidemark_receiver_last_barrier_age_seconds{host=\"db1\",group=\"g\"} 3.0\n",
+            "tidemark_receiver_group_state{host=\"db1\",group=\"g\",state=\"consistent\"} 1.0\n",
+            "tidemark_receiver_group_state{host=\"db1\",group=\"g\",state=\"resyncing\"} 0.0\n",
+            "tidemark_receiver_sessions{host=\"db1\",group=\"g\"} 1.0\n",
+        ] {
+            assert!(t.contains(want), "missing {want:?} in\n{t}");
+        }
+        // No barrier yet: no age rather than a made-up one.
+        let none = [GroupSample {
+            last_barrier_ns: None,
+            ..samples[0].clone()
+        }];
+        let t = collect_metrics(&none, 4_000_000_000).render(tidemark_metrics::Format::OpenMetrics);
+        assert!(!t.contains("last_barrier_age_seconds{"), "{t}");
+    }
 }

@@ -34,8 +34,9 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use crate::policy::{local_minute_of_day, Backoff, Bandwidth};
 use crate::source::{ChunkContent, SourceDisk};
-use crate::status::{write_status, DiskProgress, ShipperStatus, State};
+use crate::status::{write_status, DiskProgress, ErrorClass as FailureClass, ShipperStatus, State};
 use crate::tail::{first_record_from, newest_generation, LogTail};
+use tidemark_metrics::{labels, Exposition, Histogram, HistogramSnapshot, MetricsServer, Unit};
 
 /// Largest extent one digest request covers: the shipper reads it into
 /// memory to compare and send.
@@ -131,6 +132,180 @@ struct SyncCursor {
     source: Option<SourceDisk>,
 }
 
+/// What a scrape of `/metrics` reads: the status as last published, and
+/// the lag histogram the sessions feed on every Ack.
+struct ShipperMetrics {
+    snapshot: std::sync::Mutex<ShipperStatus>,
+    lag: Histogram,
+}
+
+/// The states `tidemark_shipper_state` can show.
+const STATES: &[&str] = &[
+    "connecting",
+    "initial-sync",
+    "protected",
+    "resyncing",
+    "critical",
+];
+
+fn state_name(s: State) -> &'static str {
+    match s {
+        State::Connecting => "connecting",
+        State::InitialSync => "initial-sync",
+        State::Protected => "protected",
+        State::Resyncing => "resyncing",
+        State::Critical => "critical",
+    }
+}
+
+/// The shipper's metrics from a status snapshot, the lag histogram and
+/// the time now (ns since the Unix epoch).
+fn collect_metrics(s: &ShipperStatus, lag: HistogramSnapshot, now_ns: u64) -> Exposition {
+    let mut e = Exposition::new();
+    let g = labels(&[("host", &s.host), ("group", &s.group)]);
+    e.state_set(
+        "tidemark_shipper_state",
+        "Replication state of the group (1 for the current state).",
+        &g,
+        STATES,
+        state_name(s.state),
+    );
+    e.gauge(
+        "tidemark_shipper_lag",
+        "Replication lag: age of the oldest record not yet durable at the receiver; 0 when caught up.",
+        Some(Unit::Seconds),
+        &g,
+        s.lag_seconds(now_ns),
+    );
+    e.histogram(
+        "tidemark_shipper_acked_lag",
+        "Replication lag sampled at each acknowledgement that advanced the durable position: the RPO achieved.",
+        Some(Unit::Seconds),
+        &g,
+        lag,
+    );
+    e.gauge(
+        "tidemark_shipper_pending_records",
+        "Records in the log not yet durable at the receiver (newest seen minus durable).",
+        None,
+        &g,
+        s.pending_records() as f64,
+    );
+    e.gauge(
+        "tidemark_shipper_durable_sequence",
+        "Highest sequence number the receiver has made durable.",
+        None,
+        &g,
+        s.durable_seq as f64,
+    );
+    e.counter(
+        "tidemark_shipper_wire",
+        "Bytes sent to the receiver on the wire (after compression; records, sync chunks and control).",
+        Some(Unit::Bytes),
+        &g,
+        s.wire_bytes,
+    );
+    e.counter(
+        "tidemark_shipper_record",
+        "Change-log record bytes shipped (before compression).",
+        Some(Unit::Bytes),
+        &g,
+        s.record_bytes,
+    );
+    for d in &s.disks {
+        let dl = labels(&[("host", &s.host), ("group", &s.group), ("disk", &d.name)]);
+        e.gauge(
+            "tidemark_shipper_initial_sync_done",
+            "Bytes of the disk the receiver holds from the initial sync (from its start).",
+            Some(Unit::Bytes),
+            &dl,
+            d.synced.min(d.size) as f64,
+        );
+        e.gauge(
+            "tidemark_shipper_disk_size",
+            "Size of the protected disk.",
+            Some(Unit::Bytes),
+            &dl,
+            d.size as f64,
+        );
+    }
+    e.counter(
+        "tidemark_shipper_resync_blocks_compared",
+        "Resync blocks compared by checksum.",
+        None,
+        &g,
+        s.resync_blocks_compared,
+    );
+    e.counter(
+        "tidemark_shipper_resync_blocks_sent",
+        "Resync blocks that differed and were sent.",
+        None,
+        &g,
+        s.resync_blocks_sent,
+    );
+    e.counter(
+        "tidemark_shipper_retries",
+        "Reconnect attempts after transient failures.",
+        None,
+        &g,
+        s.retries_total,
+    );
+    let class = s.last_error_class.map_or("none", FailureClass::name);
+    let mut l = g.clone();
+    l.push(("class".to_string(), class.to_string()));
+    e.info(
+        "tidemark_shipper_last_error",
+        "Class of the last failure since start: transient, permanent or none.",
+        &l,
+    );
+    e
+}
+
+/// Timestamps of the records sent and not yet acknowledged, oldest first:
+/// (sequence number, timestamp in ns).
+#[derive(Default)]
+struct Unacked(VecDeque<(u64, u64)>);
+
+impl Unacked {
+    /// Notes the records of a batch about to be sent. A batch sent again
+    /// after a reconnect replaces what was noted from its first record on.
+    fn sent(&mut self, records: &[u8]) {
+        let mut at = 0;
+        let mut first = true;
+        while at < records.len() {
+            let Ok(h) = tidemark_changelog::Header::decode(&records[at..]) else {
+                return;
+            };
+            if first {
+                while self.0.back().is_some_and(|&(seq, _)| seq >= h.seq) {
+                    self.0.pop_back();
+                }
+                first = false;
+            }
+            self.0.push_back((h.seq, h.timestamp_ns));
+            at += h.record_len().max(1);
+        }
+    }
+
+    /// Forgets what is durable up to `durable`; returns the timestamp of
+    /// the oldest record this acknowledgement covered, if any.
+    fn acked(&mut self, durable: u64) -> Option<u64> {
+        let oldest = self
+            .0
+            .front()
+            .filter(|&&(seq, _)| seq <= durable)
+            .map(|&(_, ts)| ts);
+        while self.0.front().is_some_and(|&(seq, _)| seq <= durable) {
+            self.0.pop_front();
+        }
+        oldest
+    }
+
+    fn oldest(&self) -> Option<u64> {
+        self.0.front().map(|&(_, ts)| ts)
+    }
+}
+
 /// State shared by the sessions of one daemon run.
 struct Shared {
     cfg: ShipperConfig,
@@ -143,10 +318,18 @@ struct Shared {
     bandwidth: Bandwidth,
     cursor: u64,
     log_changed: Arc<Notify>,
+    metrics: Arc<ShipperMetrics>,
+    unacked: Unacked,
 }
 
 impl Shared {
     fn publish(&mut self, force: bool) {
+        self.status.oldest_unacked_ns = self.unacked.oldest();
+        self.metrics
+            .snapshot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone_from(&self.status);
         if !force && self.last_status.elapsed() < STATUS_INTERVAL {
             return;
         }
@@ -175,8 +358,15 @@ fn resolve(cfg: &ShipperConfig) -> Result<SocketAddr, ShipperFatal> {
 }
 
 /// Runs the shipper until `stop` turns true. Must run inside a
-/// multi-threaded Tokio runtime.
-pub async fn run(cfg: ShipperConfig, mut stop: watch::Receiver<bool>) -> Result<(), ShipperFatal> {
+/// multi-threaded Tokio runtime. With `metrics_listen`, serves Prometheus
+/// metrics there and tells `on_metrics` the bound address (`None`: not
+/// asked for, or the address could not be bound: the shipper runs on).
+pub async fn run(
+    cfg: ShipperConfig,
+    metrics_listen: Option<SocketAddr>,
+    mut stop: watch::Receiver<bool>,
+    on_metrics: impl FnOnce(Option<SocketAddr>),
+) -> Result<(), ShipperFatal> {
     let dir = FsDir::existing(&cfg.log_dir).map_err(|e| {
         ShipperFatal::Setup(format!("log directory {}: {e}", cfg.log_dir.display()))
     })?;
@@ -217,24 +407,51 @@ pub async fn run(cfg: ShipperConfig, mut stop: watch::Receiver<bool>) -> Result<
             .map_err(|e| ShipperFatal::Setup(format!("starting the log watcher: {e}")))?;
     }
 
+    let status = ShipperStatus {
+        host: cfg.host.clone(),
+        group: cfg.consistency_group.clone(),
+        state: State::Connecting,
+        reason: None,
+        durable_seq: cursor,
+        sent_seq: cursor,
+        log_seq: cursor,
+        retries: 0,
+        wire_bytes: 0,
+        record_bytes: 0,
+        disks: Vec::new(),
+        resync_blocks_compared: 0,
+        resync_blocks_sent: 0,
+        updated_unix: 0,
+        retries_total: 0,
+        last_error_class: None,
+        oldest_unacked_ns: None,
+    };
+    let metrics = Arc::new(ShipperMetrics {
+        snapshot: std::sync::Mutex::new(status.clone()),
+        lag: Histogram::new(tidemark_metrics::LAG_BUCKETS),
+    });
+    // Metrics are an observer: a taken port must not stop replication.
+    let metrics_server = match metrics_listen {
+        Some(addr) => {
+            let m = metrics.clone();
+            let render: tidemark_metrics::Render = Arc::new(move || {
+                let s = m.snapshot.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                collect_metrics(&s, m.lag.snapshot(), tidemark_changelog::now_ns())
+            });
+            match MetricsServer::bind(addr, render).await {
+                Ok(server) => Some(server),
+                Err(e) => {
+                    tracing::warn!(%addr, error = %e, "cannot serve metrics; running without them");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    on_metrics(metrics_server.as_ref().map(MetricsServer::local_addr));
     let mut shared = Shared {
         bandwidth: Bandwidth::new(&cfg.bandwidth),
-        status: ShipperStatus {
-            host: cfg.host.clone(),
-            group: cfg.consistency_group.clone(),
-            state: State::Connecting,
-            reason: None,
-            durable_seq: cursor,
-            sent_seq: cursor,
-            log_seq: cursor,
-            retries: 0,
-            wire_bytes: 0,
-            record_bytes: 0,
-            disks: Vec::new(),
-            resync_blocks_compared: 0,
-            resync_blocks_sent: 0,
-            updated_unix: 0,
-        },
+        status,
         cfg,
         dir,
         endpoint,
@@ -243,6 +460,8 @@ pub async fn run(cfg: ShipperConfig, mut stop: watch::Receiver<bool>) -> Result<
         last_status: Instant::now(),
         cursor,
         log_changed,
+        metrics,
+        unacked: Unacked::default(),
     };
     shared.publish(true);
     let mut backoff = Backoff::new(&shared.cfg.retry);
@@ -259,6 +478,7 @@ pub async fn run(cfg: ShipperConfig, mut stop: watch::Receiver<bool>) -> Result<
                 tracing::error!(%reason, "permanent failure: replication stops, the group is critical");
                 shared.status.state = State::Critical;
                 shared.status.reason = Some(reason.clone());
+                shared.status.last_error_class = Some(FailureClass::Permanent);
                 shared.publish(true);
                 return Err(ShipperFatal::Critical(reason));
             }
@@ -266,6 +486,8 @@ pub async fn run(cfg: ShipperConfig, mut stop: watch::Receiver<bool>) -> Result<
                 let delay = backoff.next_delay(rand::random::<f64>());
                 shared.status.state = State::Connecting;
                 shared.status.retries = backoff.attempts();
+                shared.status.retries_total += 1;
+                shared.status.last_error_class = Some(FailureClass::Transient);
                 shared.status.reason = Some(reason.clone());
                 shared.publish(true);
                 tracing::warn!(%reason, retry_in = ?delay, attempt = backoff.attempts(), "transient failure; reconnecting");
@@ -517,6 +739,7 @@ async fn run_connection(
         })
         .collect();
     shared.status.durable_seq = resume.durable.seq;
+    shared.unacked.acked(resume.durable.seq);
     let mut resync = Resync::default();
     for e in &resume.resyncing {
         resync.push(e.disk, e.offset, e.length);
@@ -567,6 +790,7 @@ async fn run_connection(
                         Ok(f) => f,
                         Err(e) => return classify(e.class(), e.to_string()),
                     };
+                    shared.unacked.sent(records.as_bytes());
                     if let Err(e) = send_frame(shared, &mut send, &frame).await {
                         return e;
                     }
@@ -695,6 +919,10 @@ async fn handle(
                 shared.cursor = durable.seq;
             }
             shared.status.durable_seq = durable.seq;
+            if let Some(ts) = shared.unacked.acked(durable.seq) {
+                let now = tidemark_changelog::now_ns();
+                shared.metrics.lag.observe_ns(now.saturating_sub(ts));
+            }
             for d in disks {
                 if let Some(p) = shared.status.disks.get_mut(d.id as usize) {
                     p.advance(d.synced);
@@ -775,4 +1003,85 @@ async fn finish(
     }
     let _ = send.finish();
     SessionEnd::Stopped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidemark_changelog::Entry;
+
+    fn records(seqs: std::ops::RangeInclusive<u64>) -> Vec<u8> {
+        let mut out = Vec::new();
+        for seq in seqs {
+            let e = Entry::barrier(seq * 1_000);
+            out.extend_from_slice(&e.encode(seq, 1));
+        }
+        out
+    }
+
+    #[test]
+    fn unacked_tracks_the_oldest_record_and_forgets_resent_ones() {
+        let mut u = Unacked::default();
+        assert_eq!(u.oldest(), None);
+        u.sent(&records(1..=3));
+        u.sent(&records(4..=5));
+        assert_eq!(u.oldest(), Some(1_000));
+        assert_eq!(u.acked(2), Some(1_000), "the ack covered record 1");
+        assert_eq!(u.oldest(), Some(3_000));
+        // A reconnect sends 3..=5 again: no duplicates.
+        u.sent(&records(3..=5));
+        assert_eq!(u.0.len(), 3);
+        assert_eq!(u.acked(2), None, "nothing new acknowledged");
+        assert_eq!(u.acked(5), Some(3_000));
+        assert_eq!(u.oldest(), None, "caught up");
+        // Garbage is ignored, not a panic.
+        u.sent(&[0xff; 10]);
+        assert_eq!(u.oldest(), None);
+    }
+
+    #[test]
+    fn metrics_show_state_lag_and_error_class() {
+        let status = ShipperStatus {
+            host: "db1".into(),
+            group: "g".into(),
+            state: State::Protected,
+            reason: None,
+            durable_seq: 7,
+            sent_seq: 9,
+            log_seq: 9,
+            retries: 0,
+            wire_bytes: 100,
+            record_bytes: 250,
+            disks: vec![DiskProgress {
+                name: "vda".into(),
+                size: 4096,
+                synced: 4096,
+                data_bytes: 0,
+                rate_bytes_per_sec: 0,
+                eta_seconds: Some(0),
+                started: None,
+            }],
+            resync_blocks_compared: 0,
+            resync_blocks_sent: 0,
+            updated_unix: 0,
+            retries_total: 2,
+            last_error_class: Some(FailureClass::Transient),
+            oldest_unacked_ns: Some(1_000_000_000),
+        };
+        let lag = Histogram::new(&[1.0]).snapshot();
+        let t = collect_metrics(&status, lag, 3_000_000_000)
+            .render(tidemark_metrics::Format::OpenMetrics);
+        for want in [
+            "tidemark_shipper_state{host=\"db1\",group=\"g\",state=\"protected\"} 1.0\n",
+            "tidemark_shipper_state{host=\"db1\",group=\"g\",state=\"critical\"} 0.0\n",
+            "tidemark_shipper_lag_seconds{host=\"db1\",group=\"g\"} 2.0\n",
+            "tidemark_shipper_pending_records{host=\"db1\",group=\"g\"} 2.0\n",
+            "tidemark_shipper_record_bytes_total{host=\"db1\",group=\"g\"} 250\n",
+            "tidemark_shipper_initial_sync_done_bytes{host=\"db1\",group=\"g\",disk=\"vda\"} 4096.0\n",
+            "tidemark_shipper_retries_total{host=\"db1\",group=\"g\"} 2\n",
+            "tidemark_shipper_last_error_info{host=\"db1\",group=\"g\",class=\"transient\"} 1",
+        ] {
+            assert!(t.contains(want), "missing {want:?} in\n{t}");
+        }
+    }
 }

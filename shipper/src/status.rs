@@ -26,6 +26,26 @@ pub enum State {
     Critical,
 }
 
+/// The class of the last failure, for status and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorClass {
+    /// Retried with backoff (network, receiver busy, disk full).
+    Transient,
+    /// Replication stopped; needs an admin.
+    Permanent,
+}
+
+impl ErrorClass {
+    /// `transient` or `permanent`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorClass::Transient => "transient",
+            ErrorClass::Permanent => "permanent",
+        }
+    }
+}
+
 /// Initial sync progress of one disk.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DiskProgress {
@@ -95,6 +115,32 @@ pub struct ShipperStatus {
     pub resync_blocks_sent: u64,
     /// When this was written (Unix seconds).
     pub updated_unix: u64,
+    /// Reconnect attempts since start (never reset, unlike `retries`).
+    #[serde(default)]
+    pub retries_total: u64,
+    /// The class of the last failure since start; `None` if there was none.
+    #[serde(default)]
+    pub last_error_class: Option<ErrorClass>,
+    /// Timestamp (ns since the Unix epoch) of the oldest record sent but
+    /// not yet acknowledged durable; `None` when the receiver has all that
+    /// was sent. Its age is the replication lag.
+    #[serde(default)]
+    pub oldest_unacked_ns: Option<u64>,
+}
+
+impl ShipperStatus {
+    /// Records the shipper holds that the receiver has not made durable
+    /// (newest in the log minus durable).
+    pub fn pending_records(&self) -> u64 {
+        self.log_seq.saturating_sub(self.durable_seq)
+    }
+
+    /// The replication lag at `now_ns`: the age of the oldest record not yet
+    /// acknowledged, in seconds; 0 when caught up.
+    pub fn lag_seconds(&self, now_ns: u64) -> f64 {
+        self.oldest_unacked_ns
+            .map_or(0.0, |t| now_ns.saturating_sub(t) as f64 / 1e9)
+    }
 }
 
 /// Writes `status` into the log directory `dir`.
@@ -115,4 +161,56 @@ pub fn read_status(dir: &Path) -> Result<ShipperStatus, String> {
         )
     })?;
     serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status() -> ShipperStatus {
+        ShipperStatus {
+            host: "h".into(),
+            group: "g".into(),
+            state: State::Protected,
+            reason: None,
+            durable_seq: 10,
+            sent_seq: 12,
+            log_seq: 15,
+            retries: 0,
+            wire_bytes: 0,
+            record_bytes: 0,
+            disks: Vec::new(),
+            resync_blocks_compared: 0,
+            resync_blocks_sent: 0,
+            updated_unix: 0,
+            retries_total: 0,
+            last_error_class: None,
+            oldest_unacked_ns: None,
+        }
+    }
+
+    #[test]
+    fn lag_is_the_age_of_the_oldest_unacked_record() {
+        let mut s = status();
+        assert_eq!(s.lag_seconds(5_000_000_000), 0.0, "caught up");
+        s.oldest_unacked_ns = Some(2_000_000_000);
+        assert_eq!(s.lag_seconds(5_500_000_000), 3.5);
+        // A record stamped later than now (clock step) is not negative lag.
+        assert_eq!(s.lag_seconds(1_000_000_000), 0.0);
+        assert_eq!(s.pending_records(), 5);
+        s.durable_seq = 20;
+        assert_eq!(s.pending_records(), 0);
+    }
+
+    #[test]
+    fn a_status_file_of_an_older_shipper_still_reads() {
+        let mut v = serde_json::to_value(status()).unwrap();
+        let o = v.as_object_mut().unwrap();
+        o.remove("retries_total");
+        o.remove("last_error_class");
+        o.remove("oldest_unacked_ns");
+        let s: ShipperStatus = serde_json::from_value(v).unwrap();
+        assert_eq!(s.retries_total, 0);
+        assert_eq!(s.last_error_class, None);
+    }
 }

@@ -9,10 +9,11 @@ use crate::group::{Group, GroupDisk, GroupOptions, OpenReport};
 use crate::server::{Server, ServerOptions};
 use crate::storage::{open_backing, BackingOptions};
 use nix::sys::signal::{SigSet, Signal};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tidemark_changelog::LogOptions;
-use tidemark_changelog::{write_sources, DiskSource};
+use tidemark_changelog::{read_cursor, write_sources, DiskSource, FsDir};
+use tidemark_metrics::{labels, Exposition, MetricsThread, Unit};
 
 /// One disk to protect.
 #[derive(Debug, Clone)]
@@ -49,6 +50,9 @@ pub struct TrackerSettings {
     pub mlockall: bool,
     /// How backing devices are opened (engine, O_DIRECT).
     pub backing: BackingOptions,
+    /// Serve Prometheus metrics on `GET /metrics` here (port 0 picks one).
+    /// `None`: no metrics endpoint.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Why the daemon could not run.
@@ -159,9 +163,136 @@ fn spawn_maintenance(group: Arc<Group>) -> Maintenance {
 /// How often bitmap mode checks whether the log has room again.
 const RESUME_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// The states `tidemark_tracker_tracking_state` can show.
+const TRACKING_STATES: &[&str] = &["data", "bitmap"];
+
+/// The tracker's metrics, read from the group on each scrape: the status
+/// snapshot, the write latency histogram and the log's durable cursor.
+fn collect_metrics(group: &Group, name: &str, host: &str, log_dir: &Path) -> Exposition {
+    let s = group.status();
+    let mut e = Exposition::new();
+    let g = labels(&[("host", host), ("group", name)]);
+    for (id, disk) in group.disk_names().iter().enumerate() {
+        let d = labels(&[("host", host), ("group", name), ("disk", disk)]);
+        e.state_set(
+            "tidemark_tracker_tracking_state",
+            "How writes to the disk are tracked: data (every write in the change log) or bitmap (dirty extents only; a resync follows).",
+            &d,
+            TRACKING_STATES,
+            s.mode.name(),
+        );
+        let hot = s.hot_extents.get(id).copied().unwrap_or(0);
+        e.gauge(
+            "tidemark_tracker_hot_extents",
+            "Activity-map extents that may hold writes not yet durable in the log.",
+            None,
+            &d,
+            hot as f64,
+        );
+        let dirty = s.dirty_extents.get(id).copied().unwrap_or(0);
+        e.gauge(
+            "tidemark_tracker_dirty_extents",
+            "Dirty-bitmap extents waiting for a resync (bitmap mode).",
+            None,
+            &d,
+            dirty as f64,
+        );
+    }
+    e.gauge(
+        "tidemark_tracker_log_fill",
+        "Fraction of the change log's size limit its segments occupy.",
+        Some(Unit::Ratio),
+        &g,
+        fill_ratio(s.log_bytes, s.log_limit),
+    );
+    e.gauge(
+        "tidemark_tracker_log_size",
+        "Bytes the change log's segments occupy.",
+        Some(Unit::Bytes),
+        &g,
+        s.log_bytes as f64,
+    );
+    e.gauge(
+        "tidemark_tracker_log_limit",
+        "The change log's size limit.",
+        Some(Unit::Bytes),
+        &g,
+        s.log_limit as f64,
+    );
+    // The cursor is what the replica site holds durably; unreadable (no
+    // shipper yet) counts as nothing shipped.
+    let cursor = FsDir::existing(log_dir)
+        .ok()
+        .and_then(|d| read_cursor(&d).ok())
+        .unwrap_or(0);
+    e.gauge(
+        "tidemark_tracker_pending_records",
+        "Log records not yet durable at the replica site (newest sequence number minus the shipper's cursor).",
+        None,
+        &g,
+        pending_records(s.next_seq, cursor) as f64,
+    );
+    e.gauge(
+        "tidemark_tracker_generation",
+        "The group's generation (raised after every unclean stop).",
+        None,
+        &g,
+        f64::from(s.generation),
+    );
+    e.counter(
+        "tidemark_tracker_written",
+        "Bytes of acknowledged write requests.",
+        Some(Unit::Bytes),
+        &g,
+        s.bytes_written,
+    );
+    e.counter(
+        "tidemark_tracker_writes",
+        "Acknowledged writes, write-zeroes and trims.",
+        None,
+        &g,
+        s.writes,
+    );
+    e.counter(
+        "tidemark_tracker_barriers",
+        "Barriers (FLUSH and FUA) made durable.",
+        None,
+        &g,
+        s.barriers,
+    );
+    e.histogram(
+        "tidemark_tracker_write_latency",
+        "Time from a write request reaching the tracker to its acknowledgement (FUA included).",
+        Some(Unit::Seconds),
+        &g,
+        group.write_latency(),
+    );
+    e
+}
+
+/// Log fill as a ratio; 0 for a log without a limit.
+fn fill_ratio(bytes: u64, limit: u64) -> f64 {
+    if limit == 0 {
+        0.0
+    } else {
+        bytes as f64 / limit as f64
+    }
+}
+
+/// Records after the cursor: sequence numbers start at 1, so the newest
+/// record is `next_seq - 1`.
+fn pending_records(next_seq: u64, cursor: u64) -> u64 {
+    next_seq.saturating_sub(1).saturating_sub(cursor)
+}
+
 /// Runs the tracker until SIGTERM or SIGINT. `ready` is called once the
-/// NBD socket accepts connections, with what opening the group found.
-pub fn run(settings: TrackerSettings, ready: impl FnOnce(&OpenReport)) -> Result<(), DaemonError> {
+/// NBD socket accepts connections, with what opening the group found and
+/// the address of the metrics endpoint (`None`: none was asked for, or
+/// its address could not be bound; the tracker runs on without it).
+pub fn run(
+    settings: TrackerSettings,
+    ready: impl FnOnce(&OpenReport, Option<std::net::SocketAddr>),
+) -> Result<(), DaemonError> {
     // Block the stop signals before any thread starts, so every thread
     // inherits the mask and only the wait below receives them.
     let mut signals = SigSet::empty();
@@ -252,8 +383,30 @@ pub fn run(settings: TrackerSettings, ready: impl FnOnce(&OpenReport)) -> Result
         tracing::info!(addr = ?server.addr(), "serving NBD over TCP too");
         server.serve(backend)
     });
+    // Metrics are an observer: a port taken by something else must not
+    // keep the disks unprotected, so failing to bind is a warning.
+    let metrics = settings.metrics_listen.and_then(|addr| {
+        let host = tidemark_metrics::local_host_name();
+        let (group, name, log_dir) = (
+            group.clone(),
+            settings.group.clone(),
+            settings.log_dir.clone(),
+        );
+        let render: tidemark_metrics::Render =
+            Arc::new(move || collect_metrics(&group, &name, &host, &log_dir));
+        match MetricsThread::spawn(addr, render) {
+            Ok(m) => {
+                tracing::info!(addr = %m.local_addr(), "serving metrics on /metrics");
+                Some(m)
+            }
+            Err(e) => {
+                tracing::warn!(%addr, error = %e, "cannot serve metrics; running without them");
+                None
+            }
+        }
+    });
     tracing::info!(socket = %settings.socket.display(), "serving");
-    ready(&report);
+    ready(&report, metrics.as_ref().map(MetricsThread::local_addr));
 
     let signal = signals.wait().map_err(DaemonError::Signals)?;
     tracing::info!(
@@ -265,8 +418,27 @@ pub fn run(settings: TrackerSettings, ready: impl FnOnce(&OpenReport)) -> Result
         tcp.shutdown();
     }
     control.stop();
+    drop(metrics);
     drop(maintenance);
     group.close_clean().map_err(DaemonError::Stop)?;
     tracing::info!("stopped cleanly: final barrier written");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fill_ratio_and_pending_records_stay_sane() {
+        assert_eq!(fill_ratio(0, 0), 0.0);
+        assert_eq!(fill_ratio(1 << 20, 4 << 20), 0.25);
+        assert_eq!(pending_records(1, 0), 0, "an empty log has nothing pending");
+        assert_eq!(pending_records(11, 4), 6);
+        assert_eq!(pending_records(11, 10), 0);
+        // A cursor ahead of the log (a new generation began after it was
+        // read) is not a negative backlog.
+        assert_eq!(pending_records(5, 100), 0);
+        assert_eq!(pending_records(0, 0), 0);
+    }
 }

@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 use tidemark_changelog::{
     now_ns, AppendError, ChangeLog, Entry, FsDir, LogOptions, OpenError, Recovery,
 };
+use tidemark_metrics::{Histogram, HistogramSnapshot, LATENCY_BUCKETS};
 
 /// How bitmap-mode reasons caused by the log's size limit begin: only
 /// those return to data mode by themselves.
@@ -146,6 +147,9 @@ pub struct GroupStatus {
     pub writes: u64,
     /// Barriers since start.
     pub barriers: u64,
+    /// Bytes of acknowledged writes since start (write requests only, not
+    /// trims or write-zeroes).
+    pub bytes_written: u64,
     /// Hot extents per disk.
     pub hot_extents: Vec<u64>,
     /// Dirty extents per disk (bitmap mode).
@@ -195,6 +199,9 @@ pub struct Group {
     block_sizes: BlockSizes,
     writes: AtomicU64,
     barriers: AtomicU64,
+    bytes_written: AtomicU64,
+    /// Time from a modifying request's arrival to its acknowledgement.
+    write_latency: Histogram,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -371,6 +378,8 @@ impl Group {
             block_sizes,
             writes: AtomicU64::new(0),
             barriers: AtomicU64::new(0),
+            bytes_written: AtomicU64::new(0),
+            write_latency: Histogram::new(LATENCY_BUCKETS),
         };
         Ok((group, report))
     }
@@ -768,6 +777,7 @@ impl Group {
             log_limit,
             writes: self.writes.load(Ordering::Relaxed),
             barriers: self.barriers.load(Ordering::Relaxed),
+            bytes_written: self.bytes_written.load(Ordering::Relaxed),
             hot_extents: maps
                 .activity
                 .iter()
@@ -779,6 +789,12 @@ impl Group {
                 .map(|b| (0..b.len()).filter(|&i| b.get(i)).count() as u64)
                 .collect(),
         }
+    }
+
+    /// The write latency histogram: from a write, write-zeroes or trim
+    /// request reaching the group to its acknowledgement (FUA included).
+    pub fn write_latency(&self) -> HistogramSnapshot {
+        self.write_latency.snapshot()
     }
 
     /// Sizes of the disks in bytes, by id.
@@ -801,6 +817,7 @@ impl Group {
         apply: impl FnOnce(&dyn BlockDevice) -> Result<(), crate::storage::StorageError>,
         entry: Entry<'_>,
     ) -> Result<(), Errno> {
+        let started = Instant::now();
         let d = self.disk(disk)?;
         {
             let _range = d.locks.lock(offset, len);
@@ -818,6 +835,8 @@ impl Group {
         if fua {
             self.barrier(disk)?;
         }
+        // Atomic buckets: no lock is taken in the I/O path.
+        self.write_latency.observe(started.elapsed());
         Ok(())
     }
 }
@@ -864,7 +883,10 @@ impl Backend for Group {
             fua,
             |dev| dev.write_at(data, offset),
             entry,
-        )
+        )?;
+        self.bytes_written
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(())
     }
 
     fn write_zeroes(
