@@ -11,7 +11,8 @@ cd "$(dirname "$0")/.."
 need_apt=()
 for pair in "e2fsck:e2fsprogs" "openssl:openssl" "qemu-io:qemu-utils" "nbdinfo:libnbd-bin" \
             "nbdcopy:libnbd-bin" "nbdfuse:libnbd-bin" "nbdkit:nbdkit" "promtool:prometheus" \
-            "fusermount3:fuse3" "losetup:mount" "/usr/lib/python3/dist-packages/nbd.py:python3-libnbd"; do
+            "fusermount3:fuse3" "losetup:mount" "/usr/lib/python3/dist-packages/nbd.py:python3-libnbd" \
+            "groff:groff-base" "systemd-analyze:systemd" "debootstrap:debootstrap" "rpm:rpm"; do
     tool=${pair%%:*}; pkg=${pair#*:}
     if [[ $tool == /* ]]; then [ -e "$tool" ] && continue; else command -v "$tool" >/dev/null 2>&1 && continue; fi
     need_apt+=("$pkg")
@@ -23,6 +24,13 @@ if [ ${#need_apt[@]} -gt 0 ]; then
         apt-get update -qq && apt-get install -y -qq "${need_apt[@]}" >/dev/null
     }
 fi
+
+# The packaging test builds .deb and .rpm packages (scripts/package.sh).
+for tool in cargo-deb:3.8.0 cargo-generate-rpm:0.21.1; do
+    command -v "${tool%%:*}" >/dev/null 2>&1 && continue
+    echo "==> installing ${tool%%:*} (once)"
+    cargo install --locked --quiet "${tool%%:*}" --version "${tool#*:}"
+done
 
 echo "==> cargo test --workspace"
 cargo test --workspace --all-targets

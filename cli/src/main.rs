@@ -2,13 +2,14 @@
 //! that really works; nothing here is a placeholder.
 
 mod config_cmd;
+mod docs_cmd;
 mod log_cmd;
 mod pki_cmd;
 mod replication_cmd;
 mod timefmt;
 mod tracker_cmd;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::process::ExitCode;
 
 /// Tidemark: disaster recovery for Linux servers.
@@ -43,6 +44,9 @@ enum Command {
     /// Take over a replica: write its disks, as of the newest state the
     /// receiver holds, into image files (the receiver must be stopped).
     Failover(replication_cmd::FailoverArgs),
+    /// Write the man pages and shell completions (for packaging).
+    #[command(hide = true)]
+    GenerateDocs(docs_cmd::GenerateDocsArgs),
 }
 
 fn main() -> ExitCode {
@@ -62,6 +66,7 @@ fn main() -> ExitCode {
         Command::Host(cmd) => pki_cmd::run_host(cmd),
         Command::Shipper(cmd) => replication_cmd::run_shipper(cmd),
         Command::Failover(a) => replication_cmd::failover(a),
+        Command::GenerateDocs(a) => docs_cmd::run(a, Cli::command()),
     };
     match result {
         Ok(code) => code,
@@ -78,4 +83,13 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.chain()
         .filter_map(|c| c.downcast_ref::<std::io::Error>())
         .any(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+}
+
+/// Tells systemd (`Type=notify` units) that the daemon serves. Outside
+/// systemd (no `NOTIFY_SOCKET`) this does nothing; a failure to notify is
+/// logged and otherwise ignored: systemd then times the start out itself.
+pub(crate) fn notify_ready() {
+    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+        eprintln!("tidemark: warning: cannot notify systemd: {e}");
+    }
 }

@@ -226,8 +226,11 @@ pub(crate) fn run_shipper(cmd: ShipperCommand) -> Result<ExitCode> {
                 );
                 let _ = std::io::stdout().flush();
                 anyhow::Ok(
-                    tidemark_shipper::daemon::run(cfg, metrics_listen, stop, print_metrics_address)
-                        .await,
+                    tidemark_shipper::daemon::run(cfg, metrics_listen, stop, |metrics| {
+                        print_metrics_address(metrics);
+                        crate::notify_ready();
+                    })
+                    .await,
                 )
             })?;
             match result {
@@ -322,6 +325,7 @@ pub(crate) fn receiver_serve(a: ReceiverServeArgs) -> Result<ExitCode> {
             println!("receiver ready on {addr}");
             print_metrics_address(metrics);
             let _ = std::io::stdout().flush();
+            crate::notify_ready();
         })
         .await?;
         anyhow::Ok(())

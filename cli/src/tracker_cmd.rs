@@ -220,6 +220,7 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
             let _ = writeln!(std::io::stdout(), "metrics on http://{addr}/metrics");
         }
         let _ = std::io::stdout().flush();
+        crate::notify_ready();
     })?;
     Ok(ExitCode::SUCCESS)
 }
