@@ -77,6 +77,14 @@ pub struct ShipperConfig {
     #[serde(default = "default_metrics_listen")]
     pub metrics_listen: SocketAddr,
 
+    /// The recovery point objective: how far the replica may lag behind
+    /// the protected disks. Exported as `tidemark_shipper_rpo_target_seconds`
+    /// (the lag alert compares against it) and shown by `tidemark shipper
+    /// status`; it changes nothing in how the shipper works. Default:
+    /// `"5m"`.
+    #[serde(default = "default_rpo_target")]
+    pub rpo_target: Duration,
+
     /// Initial sync and checksum resync read and compare the disk in blocks
     /// of this size. A power of two from 4KiB to 64MiB. Default: `"1MiB"`.
     #[serde(default = "default_sync_chunk_size")]
@@ -125,6 +133,10 @@ fn default_metrics_listen() -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9722))
 }
 
+fn default_rpo_target() -> Duration {
+    Duration::from_secs(300)
+}
+
 fn default_sync_chunk_size() -> ByteSize {
     ByteSize::mib(1)
 }
@@ -143,6 +155,7 @@ impl ShipperConfig {
             batch_size: default_batch_size(),
             control_socket: default_control_socket(),
             metrics_listen: default_metrics_listen(),
+            rpo_target: default_rpo_target(),
             sync_chunk_size: default_sync_chunk_size(),
             tls: ClientTlsConfig::default(),
             bandwidth: BandwidthConfig::default(),

@@ -177,6 +177,13 @@ fn collect_metrics(s: &ShipperStatus, lag: HistogramSnapshot, now_ns: u64) -> Ex
         &g,
         s.lag_seconds(now_ns),
     );
+    e.gauge(
+        "tidemark_shipper_rpo_target",
+        "The configured recovery point objective (rpo-target): the lag the replica may have.",
+        Some(Unit::Seconds),
+        &g,
+        s.rpo_target_seconds,
+    );
     e.histogram(
         "tidemark_shipper_acked_lag",
         "Replication lag sampled at each acknowledgement that advanced the durable position: the RPO achieved.",
@@ -425,6 +432,7 @@ pub async fn run(
         retries_total: 0,
         last_error_class: None,
         oldest_unacked_ns: None,
+        rpo_target_seconds: cfg.rpo_target.get().as_secs_f64(),
     };
     let metrics = Arc::new(ShipperMetrics {
         snapshot: std::sync::Mutex::new(status.clone()),
@@ -1067,6 +1075,7 @@ mod tests {
             retries_total: 2,
             last_error_class: Some(FailureClass::Transient),
             oldest_unacked_ns: Some(1_000_000_000),
+            rpo_target_seconds: 300.0,
         };
         let lag = Histogram::new(&[1.0]).snapshot();
         let t = collect_metrics(&status, lag, 3_000_000_000)
@@ -1075,6 +1084,7 @@ mod tests {
             "tidemark_shipper_state{host=\"db1\",group=\"g\",state=\"protected\"} 1.0\n",
             "tidemark_shipper_state{host=\"db1\",group=\"g\",state=\"critical\"} 0.0\n",
             "tidemark_shipper_lag_seconds{host=\"db1\",group=\"g\"} 2.0\n",
+            "tidemark_shipper_rpo_target_seconds{host=\"db1\",group=\"g\"} 300.0\n",
             "tidemark_shipper_pending_records{host=\"db1\",group=\"g\"} 2.0\n",
             "tidemark_shipper_record_bytes_total{host=\"db1\",group=\"g\"} 250\n",
             "tidemark_shipper_initial_sync_done_bytes{host=\"db1\",group=\"g\",disk=\"vda\"} 4096.0\n",

@@ -126,6 +126,9 @@ pub struct ShipperStatus {
     /// was sent. Its age is the replication lag.
     #[serde(default)]
     pub oldest_unacked_ns: Option<u64>,
+    /// The configured recovery point objective, in seconds.
+    #[serde(default)]
+    pub rpo_target_seconds: f64,
 }
 
 impl ShipperStatus {
@@ -186,6 +189,7 @@ mod tests {
             retries_total: 0,
             last_error_class: None,
             oldest_unacked_ns: None,
+            rpo_target_seconds: 300.0,
         }
     }
 
