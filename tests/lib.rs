@@ -2,6 +2,8 @@
 //! once per test process with the same profile as the tests) and skipping
 //! loudly when a foreign tool is missing.
 
+pub mod replication;
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
@@ -24,7 +26,12 @@ pub fn tidemark_bin() -> PathBuf {
         let profile_release = dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut build = Command::new(cargo);
-        build.args(["build", "--quiet", "-p", "tidemark", "--bin", "tidemark"]);
+        // The same selection `cargo test --workspace --all-targets` (the
+        // README's test command) builds, so the features of every
+        // dependency agree and the binary it built is reused: building
+        // `-p tidemark` alone would unify features differently and rebuild
+        // the whole dependency tree.
+        build.args(["build", "--quiet", "--workspace", "--all-targets"]);
         if profile_release {
             build.arg("--release");
         }

@@ -5,216 +5,17 @@
 //! and a failover whose images must equal the source byte for byte.
 
 use std::fs;
-use std::io::{BufRead, BufReader};
-use std::net::UdpSocket;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use tidemark_e2e::replication::{
+    enroll, free_port, run_ok, shipper_status, start_receiver, start_shipper, wait_caught_up,
+    Daemon, HOST,
+};
 use tidemark_e2e::{require_tool, tidemark, TrackerProcess};
 
 const SIZE: u64 = 64 << 20;
-const HOST: &str = "db1.example.test";
-
-fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("running tidemark");
-    assert!(
-        out.status.success(),
-        "{:?} failed: {}{}",
-        cmd,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Receiver CA + a signed host certificate: (receiver pki dir, host pki dir).
-fn enroll(dir: &Path, host: &str) -> (PathBuf, PathBuf) {
-    let rpki = dir.join("receiver-pki");
-    let hpki = dir.join("host-pki");
-    run_ok(
-        tidemark()
-            .args(["receiver", "init", "--pki-dir"])
-            .arg(&rpki),
-    );
-    run_ok(
-        tidemark()
-            .args(["host", "request", "--host", host, "--pki-dir"])
-            .arg(&hpki),
-    );
-    run_ok(
-        tidemark()
-            .args(["receiver", "sign", "--pki-dir"])
-            .arg(&rpki)
-            .args(["--host", host, "--csr"])
-            .arg(hpki.join("host.csr"))
-            .arg("--out")
-            .arg(hpki.join("host.crt")),
-    );
-    fs::copy(rpki.join("ca.crt"), hpki.join("ca.crt")).unwrap();
-    (rpki, hpki)
-}
-
-/// A free UDP port on loopback (so a restarted receiver can keep it).
-fn free_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Daemon {
-    child: Option<Child>,
-    what: &'static str,
-}
-
-impl Daemon {
-    fn pid(&self) -> nix::unistd::Pid {
-        nix::unistd::Pid::from_raw(self.child.as_ref().expect("running").id() as i32)
-    }
-
-    /// SIGTERM and wait: the exit status.
-    fn stop(mut self) -> std::process::ExitStatus {
-        nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGTERM).unwrap();
-        self.child.take().unwrap().wait().unwrap()
-    }
-
-    /// SIGKILL: a crash.
-    fn kill(mut self) {
-        let mut c = self.child.take().unwrap();
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-
-    /// Waits for the process to exit by itself.
-    fn wait_exit(mut self, timeout: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + timeout;
-        let child = self.child.as_mut().unwrap();
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                self.child = None;
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the {} did not exit within {timeout:?}",
-                self.what
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn start_receiver(dir: &Path, rpki: &Path, port: u16, config: Option<&Path>) -> Daemon {
-    let mut cmd = tidemark();
-    cmd.args(["receiver", "serve"]);
-    match config {
-        Some(c) => {
-            cmd.arg("--config").arg(c);
-        }
-        None => {
-            cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
-                .arg(dir.join("replicas"))
-                .arg("--pki-dir")
-                .arg(rpki);
-        }
-    }
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(fs::File::create(dir.join(format!("receiver-{port}.log"))).unwrap())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut lines = BufReader::new(stdout).lines();
-        if let Some(Ok(l)) = lines.next() {
-            let _ = tx.send(l);
-        }
-        for _ in lines {}
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("the receiver did not become ready");
-    assert!(line.starts_with("receiver ready on"), "{line}");
-    Daemon {
-        child: Some(child),
-        what: "receiver",
-    }
-}
-
-fn start_shipper(dir: &Path, log_dir: &Path, hpki: &Path, port: u16) -> Daemon {
-    let child = tidemark()
-        .args(["shipper", "run", "--log-dir"])
-        .arg(log_dir)
-        .args(["--receiver", &format!("127.0.0.1:{port}"), "--host", HOST])
-        .arg("--pki-dir")
-        .arg(hpki)
-        .stdout(Stdio::null())
-        .stderr(
-            fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(dir.join("shipper.log"))
-                .unwrap(),
-        )
-        .spawn()
-        .unwrap();
-    Daemon {
-        child: Some(child),
-        what: "shipper",
-    }
-}
-
-fn shipper_status(log_dir: &Path) -> Option<serde_json::Value> {
-    let out = tidemark()
-        .args(["shipper", "status", "--json", "--log-dir"])
-        .arg(log_dir)
-        .output()
-        .unwrap();
-    out.status
-        .success()
-        .then(|| serde_json::from_slice(&out.stdout).unwrap())
-}
-
-fn last_seq(log_dir: &Path) -> u64 {
-    let out = run_ok(tidemark().args(["log", "check", "--json"]).arg(log_dir));
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v["last_seq"].as_u64().unwrap_or(0)
-}
-
-/// Waits until the receiver has made everything in the log durable and the
-/// shipper reports the group protected.
-fn wait_caught_up(dir: &Path, log_dir: &Path, timeout: Duration) -> serde_json::Value {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let want = last_seq(log_dir);
-        if let Some(s) = shipper_status(log_dir) {
-            if s["durable_seq"].as_u64() == Some(want) && s["state"] == "protected" {
-                return s;
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "replication did not catch up to seq {want} in {timeout:?}: {s:#}\nshipper log:\n{}",
-                    fs::read_to_string(dir.join("shipper.log")).unwrap_or_default()
-                );
-            }
-        } else if Instant::now() > deadline {
-            panic!("no shipper status after {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 fn qemu_io(uri: &str, cmds: &[&str]) {
     let mut cmd = Command::new("qemu-io");
@@ -583,10 +384,7 @@ fn the_bandwidth_limit_paces_what_goes_on_the_wire() {
         .stderr(fs::File::create(dir.join("shipper.log")).unwrap())
         .spawn()
         .unwrap();
-    let shipper = Daemon {
-        child: Some(child),
-        what: "shipper",
-    };
+    let shipper = Daemon::new(child, "shipper");
     let status = wait_caught_up(dir, &log_dir, Duration::from_secs(60));
     let elapsed = started.elapsed();
     let wire = status["wire_bytes"].as_u64().unwrap();
