@@ -5,6 +5,7 @@ mod config_cmd;
 mod docs_cmd;
 mod log_cmd;
 mod pki_cmd;
+mod points_cmd;
 mod replication_cmd;
 mod timefmt;
 mod tracker_cmd;
@@ -41,9 +42,13 @@ enum Command {
     /// how replication goes.
     #[command(subcommand)]
     Shipper(replication_cmd::ShipperCommand),
-    /// Take over a replica: write its disks, as of the newest state the
-    /// receiver holds, into image files (the receiver must be stopped).
-    Failover(replication_cmd::FailoverArgs),
+    /// Take over a replica: write its disks, as of a recovery point
+    /// (default: the newest), into image files (the receiver must be
+    /// stopped).
+    Failover(points_cmd::FailoverArgs),
+    /// List the recovery points a receiver keeps for a host's group (works
+    /// while the receiver runs).
+    Points(points_cmd::PointsArgs),
     /// Write the man pages and shell completions (for packaging).
     #[command(hide = true)]
     GenerateDocs(docs_cmd::GenerateDocsArgs),
@@ -65,7 +70,8 @@ fn main() -> ExitCode {
         Command::Receiver(cmd) => pki_cmd::run_receiver(cmd),
         Command::Host(cmd) => pki_cmd::run_host(cmd),
         Command::Shipper(cmd) => replication_cmd::run_shipper(cmd),
-        Command::Failover(a) => replication_cmd::failover(a),
+        Command::Failover(a) => points_cmd::failover(a),
+        Command::Points(a) => points_cmd::points(a),
         Command::GenerateDocs(a) => docs_cmd::run(a, Cli::command()),
     };
     match result {

@@ -4,10 +4,8 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
 use tidemark_config::{ReceiverConfig, ShipperConfig};
 use tokio::sync::watch;
 
@@ -83,23 +81,6 @@ pub(crate) struct ReceiverServeArgs {
     /// file; without either, the one-line form serves no metrics.
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<std::net::SocketAddr>,
-}
-
-/// `tidemark failover`.
-#[derive(Debug, Args)]
-pub(crate) struct FailoverArgs {
-    /// The receiver's data directory.
-    #[arg(long)]
-    data_dir: PathBuf,
-    /// The protected host to fail over.
-    #[arg(long)]
-    host: String,
-    /// Its consistency group.
-    #[arg(long, default_value = "default")]
-    group: String,
-    /// Directory to write one image per disk into (`<disk>.img`).
-    #[arg(long)]
-    to: PathBuf,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -330,122 +311,5 @@ pub(crate) fn receiver_serve(a: ReceiverServeArgs) -> Result<ExitCode> {
         .await?;
         anyhow::Ok(())
     })?;
-    Ok(ExitCode::SUCCESS)
-}
-
-/// Copies `src` to `dst` (created, same size), skipping holes, with a
-/// progress line per 10 %.
-fn copy_sparse(src: &Path, dst: &Path, name: &str) -> Result<u64> {
-    use std::os::unix::io::AsRawFd;
-    let input = std::fs::File::open(src).with_context(|| format!("opening {}", src.display()))?;
-    let size = input.metadata()?.len();
-    let output = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(dst)
-        .with_context(|| format!("creating {}", dst.display()))?;
-    output.set_len(size)?;
-    let mut buf = vec![0u8; 4 << 20];
-    let mut at = 0u64;
-    let mut copied = 0u64;
-    let mut next_report = size / 10;
-    let started = Instant::now();
-    while at < size {
-        // SAFETY: lseek on an owned descriptor; no memory is passed.
-        let data = unsafe { libc::lseek(input.as_raw_fd(), at as libc::off_t, libc::SEEK_DATA) };
-        if data < 0 {
-            break; // no data after `at`: the rest is a hole
-        }
-        let data = data as u64;
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(input.as_raw_fd(), data as libc::off_t, libc::SEEK_HOLE) };
-        let hole = if hole < 0 {
-            size
-        } else {
-            (hole as u64).min(size)
-        };
-        let mut pos = data;
-        while pos < hole {
-            let n = (hole - pos).min(buf.len() as u64) as usize;
-            input.read_exact_at(&mut buf[..n], pos)?;
-            if buf[..n].iter().any(|b| *b != 0) {
-                output.write_all_at(&buf[..n], pos)?;
-                copied += n as u64;
-            }
-            pos += n as u64;
-            if pos >= next_report && size >= 10 {
-                println!(
-                    "  {name}: {:3}% ({} MiB/s)",
-                    pos * 100 / size,
-                    (pos as f64 / 1048576.0 / started.elapsed().as_secs_f64().max(1e-3)) as u64
-                );
-                next_report = pos + size / 10;
-            }
-        }
-        at = hole;
-    }
-    output.sync_all()?;
-    Ok(copied)
-}
-
-pub(crate) fn failover(a: FailoverArgs) -> Result<ExitCode> {
-    use tidemark_receiver::store::{GroupState, ReplicaGroup};
-    let dir = tidemark_receiver::daemon::group_dir(&a.data_dir, &a.host, &a.group);
-    if !dir.join("state").exists() {
-        bail!(
-            "no replica of {}/{} under {}",
-            a.host,
-            a.group,
-            a.data_dir.display()
-        );
-    }
-    let group = ReplicaGroup::open(&dir).with_context(|| {
-        format!(
-            "opening the replica {} (a running receiver holds it: stop it first)",
-            dir.display()
-        )
-    })?;
-    let pos = group.position();
-    match &pos.state {
-        GroupState::Consistent => {}
-        GroupState::InitialSync => bail!(
-            "the replica of {}/{} has not finished its initial sync: no consistent state exists yet",
-            a.host,
-            a.group
-        ),
-        GroupState::Resyncing { pending } => bail!(
-            "the replica of {}/{} is in the middle of a resync ({} extents pending); \
-             a failover to its last consistent state needs recovery points (not built yet)",
-            a.host,
-            a.group,
-            pending.len()
-        ),
-    }
-    std::fs::create_dir_all(&a.to).with_context(|| format!("creating {}", a.to.display()))?;
-    println!(
-        "failing over {}/{} at sequence {} (generation {}){}",
-        a.host,
-        a.group,
-        pos.durable_seq,
-        pos.generation,
-        match group.last_barrier() {
-            Some((seq, _)) => format!(", last barrier at sequence {seq}"),
-            None => String::new(),
-        }
-    );
-    for d in group.disk_specs() {
-        let src = group
-            .image_path(d.id)
-            .with_context(|| format!("disk {} has no image", d.id))?;
-        let dst = a.to.join(format!("{}.img", d.name));
-        let copied = copy_sparse(&src, &dst, &d.name)?;
-        println!(
-            "  {} → {} ({} bytes, {} bytes of data)",
-            d.name,
-            dst.display(),
-            d.size,
-            copied
-        );
-    }
     Ok(ExitCode::SUCCESS)
 }

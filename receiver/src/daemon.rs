@@ -20,7 +20,7 @@ use tidemark_wire::{
 use tokio::sync::watch;
 
 use crate::replica::StoreReplica;
-use crate::store::{GroupState, ReplicaGroup};
+use crate::store::{GroupState, ReplicaGroup, Retention};
 use tidemark_metrics::{labels, Exposition, MetricsServer, Unit};
 
 /// Why the receiver could not start.
@@ -56,6 +56,7 @@ pub fn valid_group_name(name: &str) -> bool {
 
 struct Server {
     data_dir: PathBuf,
+    retention: Retention,
     revoked: HashSet<String>,
     groups: Groups,
     stats: Mutex<HashMap<GroupKey, Arc<GroupStats>>>,
@@ -102,6 +103,13 @@ struct GroupSample {
     state: &'static str,
     /// Timestamp (ns) of the newest durable barrier.
     last_barrier_ns: Option<u64>,
+    /// Recovery points kept, and the timestamps (ns) of the oldest and
+    /// the newest.
+    points: u64,
+    oldest_point_ns: Option<u64>,
+    newest_point_ns: Option<u64>,
+    /// Bytes of history behind the points.
+    history_bytes: u64,
     records: u64,
     bytes: u64,
     sessions: u64,
@@ -143,6 +151,42 @@ fn collect_metrics(samples: &[GroupSample], now_ns: u64) -> Exposition {
                 now_ns.saturating_sub(ts) as f64 / 1e9,
             );
         }
+        e.gauge(
+            "tidemark_receiver_recovery_points",
+            "Recovery points kept (one per barrier within the retention window).",
+            None,
+            &g,
+            s.points as f64,
+        );
+        for (name, help, ts) in [
+            (
+                "tidemark_receiver_oldest_point_age",
+                "Age of the oldest recovery point kept: how far back a failover can go.",
+                s.oldest_point_ns,
+            ),
+            (
+                "tidemark_receiver_newest_point_age",
+                "Age of the newest recovery point.",
+                s.newest_point_ns,
+            ),
+        ] {
+            if let Some(ts) = ts {
+                e.gauge(
+                    name,
+                    help,
+                    Some(Unit::Seconds),
+                    &g,
+                    now_ns.saturating_sub(ts) as f64 / 1e9,
+                );
+            }
+        }
+        e.gauge(
+            "tidemark_receiver_history",
+            "Bytes the history behind the recovery points takes (journal segments).",
+            Some(Unit::Bytes),
+            &g,
+            s.history_bytes as f64,
+        );
         e.state_set(
             "tidemark_receiver_group_state",
             "State of the replica group (1 for the current state).",
@@ -172,9 +216,15 @@ impl Server {
         let mut out: Vec<GroupSample> = groups
             .into_iter()
             .map(|((host, group), replica)| {
-                let (pos, barrier) = {
+                let (pos, barrier, points, history_bytes) = {
                     let r = lock(&replica);
-                    (r.group().position(), r.group().last_barrier())
+                    let g = r.group();
+                    (
+                        g.position(),
+                        g.last_barrier(),
+                        g.points(),
+                        g.history_bytes(),
+                    )
                 };
                 let st = stats
                     .get(&(host.clone(), group.clone()))
@@ -186,6 +236,10 @@ impl Server {
                     durable_seq: pos.durable_seq,
                     state: group_state_name(&pos.state),
                     last_barrier_ns: barrier.map(|(_, ts)| ts),
+                    points: points.len() as u64,
+                    oldest_point_ns: points.first().map(|p| p.timestamp_ns),
+                    newest_point_ns: points.last().map(|p| p.timestamp_ns),
+                    history_bytes,
                     records: st.records.load(Ordering::Relaxed),
                     bytes: st.bytes.load(Ordering::Relaxed),
                     sessions: st.sessions.load(Ordering::Relaxed),
@@ -227,6 +281,12 @@ pub async fn run(
         .map_err(|e| ReceiverFatal::Setup(format!("listening on {}: {e}", cfg.listen)))?;
     let server = Arc::new(Server {
         data_dir: cfg.data_dir.clone(),
+        retention: Retention {
+            window: cfg.retention.window.get(),
+            max_points: cfg.retention.max_points,
+            max_space: cfg.retention.max_space.map(|b| b.as_u64()),
+            ..Retention::default()
+        },
         revoked: cfg
             .hosts
             .iter()
@@ -338,6 +398,8 @@ impl Server {
                 message: format!("opening the replica of {host}/{group}: {e}"),
             }
         })?;
+        let mut opened = opened;
+        opened.set_retention(self.retention);
         let g = Arc::new(Mutex::new(StoreReplica::new(opened)));
         groups.insert(key, g.clone());
         Ok(g)
@@ -470,6 +532,10 @@ mod tests {
             durable_seq: 42,
             state: "consistent",
             last_barrier_ns: Some(1_000_000_000),
+            points: 3,
+            oldest_point_ns: Some(500_000_000),
+            newest_point_ns: Some(1_000_000_000),
+            history_bytes: 8192,
             records: 40,
             bytes: 4096,
             sessions: 1,
@@ -481,6 +547,10 @@ mod tests {
             "tidemark_receiver_applied_records_total{host=\"db1\",group=\"g\"} 40\n",
             "tidemark_receiver_applied_bytes_total{host=\"db1\",group=\"g\"} 4096\n",
             "tidemark_receiver_last_barrier_age_seconds{host=\"db1\",group=\"g\"} 3.0\n",
+            "tidemark_receiver_recovery_points{host=\"db1\",group=\"g\"} 3.0\n",
+            "tidemark_receiver_oldest_point_age_seconds{host=\"db1\",group=\"g\"} 3.5\n",
+            "tidemark_receiver_newest_point_age_seconds{host=\"db1\",group=\"g\"} 3.0\n",
+            "tidemark_receiver_history_bytes{host=\"db1\",group=\"g\"} 8192.0\n",
             "tidemark_receiver_group_state{host=\"db1\",group=\"g\",state=\"consistent\"} 1.0\n",
             "tidemark_receiver_group_state{host=\"db1\",group=\"g\",state=\"resyncing\"} 0.0\n",
             "tidemark_receiver_sessions{host=\"db1\",group=\"g\"} 1.0\n",

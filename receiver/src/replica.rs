@@ -63,7 +63,8 @@ pub fn classify(e: &StoreError) -> (ErrorClass, ErrorCode) {
         StoreError::OutOfRange { .. }
         | StoreError::InvalidRecord { .. }
         | StoreError::UnexpectedChunk { .. }
-        | StoreError::InvalidBlockSize => (Permanent, ErrorCode::Protocol),
+        | StoreError::InvalidBlockSize
+        | StoreError::NoSuchPoint(_) => (Permanent, ErrorCode::Protocol),
         StoreError::ChecksumMismatch { .. } => (Transient, ErrorCode::BadChecksum),
         StoreError::Damaged { .. } => (Permanent, ErrorCode::Internal),
         StoreError::Locked(_) => (Transient, ErrorCode::Busy),

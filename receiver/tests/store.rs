@@ -4,12 +4,13 @@
 //! crashes, torn journals, re-feeds, a generation jump and resyncs.
 
 use proptest::prelude::*;
+use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::Path;
 use tidemark_changelog::replay::{replay, ReplayTarget, StopAt};
 use tidemark_changelog::{ChangeLog, Entry, LogOptions, Record, SimDir};
 use tidemark_receiver::store::{
-    Applied, ChunkRef, DiskSpec, Extent, GroupState, Purpose, ReplicaGroup, StoreError,
+    Applied, ChunkRef, DiskSpec, Extent, GroupState, Purpose, ReplicaGroup, Retention, StoreError,
 };
 
 const SIZES: [u64; 2] = [64 << 10, (48 << 10) + 100];
@@ -34,8 +35,41 @@ fn record(entry: &Entry<'_>, seq: u64, generation: u32) -> Record {
     Record::decode(&entry.encode(seq, generation)).expect("a valid record")
 }
 
+/// `disk` as it reads now (everything applied, committed or not).
 fn image(g: &ReplicaGroup, disk: u32) -> Vec<u8> {
-    std::fs::read(g.image_path(disk).expect("known disk")).expect("readable image")
+    point_image(g, None, disk)
+}
+
+/// `disk` as of the recovery point `seq` (`None`: now).
+fn point_image(g: &ReplicaGroup, seq: Option<u64>, disk: u32) -> Vec<u8> {
+    let size = specs()
+        .iter()
+        .find(|s| s.id == disk)
+        .expect("known disk")
+        .size;
+    let mut buf = vec![0u8; size as usize];
+    g.view(seq)
+        .expect("a readable point")
+        .read(disk, 0, &mut buf)
+        .expect("readable");
+    buf
+}
+
+/// The newest journal segment and its length.
+fn last_segment(dir: &Path) -> (std::path::PathBuf, u64) {
+    let mut segments: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("journal."))
+        })
+        .collect();
+    segments.sort();
+    let last = segments.pop().expect("a journal segment");
+    let len = std::fs::metadata(&last).unwrap().len();
+    (last, len)
 }
 
 /// The in-memory model of a disk group: the rules of the log's replay.
@@ -94,7 +128,7 @@ fn a_new_group_is_in_initial_sync_until_every_disk_is_copied() {
     assert_eq!(p.durable_seq, 0);
     assert!(p.disks.iter().all(|d| d.synced == 0));
     for (i, size) in SIZES.iter().enumerate() {
-        let meta = std::fs::metadata(g.image_path(disk_id(i)).unwrap()).unwrap();
+        let meta = std::fs::metadata(dir.path().join(format!("disk-{}.img", disk_id(i)))).unwrap();
         assert_eq!(meta.len(), *size, "image has the disk's size");
     }
     // Contiguous chunks advance `synced`; a chunk beyond it does not.
@@ -164,7 +198,7 @@ fn ensure_disks_refuses_changed_disks_and_keeps_known_ones() {
     drop(g);
     let g = ReplicaGroup::open(dir.path()).unwrap();
     assert_eq!(g.position().disks.len(), 2);
-    assert!(g.image_path(7).is_none());
+    assert!(g.disk_specs().iter().all(|d| d.id != 7));
 }
 
 #[test]
@@ -304,7 +338,8 @@ fn a_resync_keeps_the_images_until_it_completes_and_digests_see_the_journal() {
     let (d0, d1) = (disk_id(0), disk_id(1));
     g.apply_record(&record(&Entry::write(d0, 0, &[1u8; 8192], 0), 1, 0))
         .unwrap();
-    g.apply_record(&record(&Entry::barrier(1), 2, 0)).unwrap();
+    g.apply_record(&record(&Entry::barrier(tidemark_changelog::now_ns()), 2, 0))
+        .unwrap();
     g.apply_record(&record(&Entry::resync_needed(d1, 4096, 8192, 0), 3, 0))
         .unwrap();
     g.apply_record(&record(&Entry::write(d0, 100, &[2u8; 50], 0), 4, 0))
@@ -322,11 +357,13 @@ fn a_resync_keeps_the_images_until_it_completes_and_digests_see_the_journal() {
             }]
         }
     );
-    let img0 = image(&g, d0);
+    // The newest recovery point is the barrier before the resync.
+    assert_eq!(g.points().iter().map(|p| p.seq).collect::<Vec<_>>(), [2]);
+    let img0 = point_image(&g, Some(2), d0);
     assert_eq!(
         img0[..8192],
         [1u8; 8192],
-        "the images keep the consistent state"
+        "the point keeps the consistent state"
     );
     // The current view: images + journal.
     let mut view0 = img0.clone();
@@ -359,8 +396,8 @@ fn a_resync_keeps_the_images_until_it_completes_and_digests_see_the_journal() {
             }]
         }
     );
-    assert_eq!(image(&g, d0), img0);
-    assert!(image(&g, d1).iter().all(|b| *b == 0));
+    assert_eq!(point_image(&g, Some(2), d0), img0);
+    assert!(point_image(&g, Some(2), d1).iter().all(|b| *b == 0));
     assert_eq!(
         g.digests(d1, 4096, 4096, 4096).unwrap(),
         vec![*blake3::hash(&[5u8; 4096]).as_bytes()]
@@ -379,10 +416,16 @@ fn a_resync_keeps_the_images_until_it_completes_and_digests_see_the_journal() {
     expect1[8192..12288].fill(6);
     assert_eq!(image(&g, d1), expect1);
     assert_eq!(image(&g, d0), view0);
+    // No barrier during the resync became a point; the next one does.
+    g.apply_record(&record(&Entry::barrier(tidemark_changelog::now_ns()), 6, 0))
+        .unwrap();
+    g.commit().unwrap();
+    assert_eq!(g.points().iter().map(|p| p.seq).collect::<Vec<_>>(), [2, 6]);
+    assert_eq!(point_image(&g, Some(6), d1), expect1);
     assert_eq!(
-        std::fs::metadata(dir.path().join("journal")).unwrap().len(),
-        0,
-        "the journal is emptied"
+        point_image(&g, Some(2), d0),
+        img0,
+        "the old point still reads"
     );
     // A resync chunk outside a resync is refused.
     assert!(matches!(
@@ -401,7 +444,7 @@ fn a_damaged_state_file_or_committed_journal_is_reported() {
         .unwrap();
     g.commit().unwrap();
     drop(g);
-    let journal = dir.path().join("journal");
+    let journal = dir.path().join("journal.00000000");
     let bytes = std::fs::read(&journal).unwrap();
     let mut cut = bytes.clone();
     cut.truncate(bytes.len() - 1);
@@ -573,9 +616,12 @@ struct Shipper {
     /// pending extents).
     pending: Vec<Vec<bool>>,
     resyncing: bool,
-    /// The images when the current resync began.
-    frozen: Option<Vec<Vec<u8>>>,
-    committed_journal: u64,
+    /// Sequence number of the record that began the current resync.
+    frozen: Option<u64>,
+    /// The newest journal segment and its committed length.
+    committed_journal: Option<(std::path::PathBuf, u64)>,
+    /// The source disks as of every barrier and marker sent.
+    snapshots: BTreeMap<u64, Vec<Vec<u8>>>,
 }
 
 impl Shipper {
@@ -583,6 +629,13 @@ impl Shipper {
         let rec = record(&entry, self.next_seq, self.generation);
         self.next_seq += 1;
         self.source.apply(&rec);
+        if matches!(
+            rec.header.kind,
+            tidemark_changelog::Kind::Barrier | tidemark_changelog::Kind::Marker
+        ) {
+            self.snapshots
+                .insert(rec.header.seq, self.source.disks.clone());
+        }
         self.log.push(rec.clone());
         self.deliver(g, &rec);
     }
@@ -595,14 +648,8 @@ impl Shipper {
             if !self.initial_done {
                 self.cursor[d] = self.cursor[d].min(h.offset);
             } else {
-                if !self.resyncing {
-                    let now = images(g);
-                    match &self.frozen {
-                        // Re-entering after a crash: re-applied records
-                        // give the same images.
-                        Some(f) => assert!(*f == now, "images changed before the resync"),
-                        None => self.frozen = Some(now),
-                    }
+                if self.frozen.is_none() {
+                    self.frozen = Some(h.seq);
                 }
                 self.resyncing = true;
                 self.pending[d][h.offset as usize..(h.offset + h.length) as usize].fill(true);
@@ -660,26 +707,74 @@ impl Shipper {
             self.resyncing = false;
             self.frozen = None;
         }
-        self.committed_journal = std::fs::metadata(dir.join("journal")).unwrap().len();
+        self.committed_journal = committed_segment(dir);
     }
 
+    /// While a resync runs, no barrier becomes a point, and the points
+    /// there are still read as they were.
     fn check_frozen(&self, g: &ReplicaGroup) {
-        if let (true, Some(f)) = (self.resyncing, &self.frozen) {
-            assert!(*f == images(g), "images changed during a resync");
+        if let (true, Some(f)) = (self.resyncing, self.frozen) {
+            assert!(
+                g.points().iter().all(|p| p.seq < f),
+                "a point during a resync"
+            );
+            self.check_points(g);
+        }
+    }
+
+    /// Every recovery point the group lists reads as the source did when
+    /// its barrier or marker was written.
+    fn check_points(&self, g: &ReplicaGroup) {
+        for p in g.points() {
+            let expected = &self.snapshots[&p.seq];
+            for (i, disk) in expected.iter().enumerate() {
+                assert!(
+                    point_image(g, Some(p.seq), disk_id(i)) == *disk,
+                    "point {} of disk {i} differs from the source then",
+                    p.seq
+                );
+            }
         }
     }
 }
 
-fn images(g: &ReplicaGroup) -> Vec<Vec<u8>> {
-    (0..2).map(|i| image(g, disk_id(i))).collect()
+fn committed_segment(dir: &Path) -> Option<(std::path::PathBuf, u64)> {
+    let any = std::fs::read_dir(dir).unwrap().any(|e| {
+        e.unwrap()
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with("journal."))
+    });
+    any.then(|| last_segment(dir))
 }
 
-fn crash(sh: &mut Shipper, g: ReplicaGroup, dir: &Path, tear: u8, at: f64) -> ReplicaGroup {
+/// Opens the group with the retention the property test runs with: few
+/// points and small segments, so folds and segment rolls happen often.
+fn open_group(dir: &Path, max_points: u64) -> ReplicaGroup {
+    let mut g = ReplicaGroup::open(dir).unwrap();
+    g.set_segment_size(8 << 10);
+    g.set_retention(Retention {
+        window: std::time::Duration::MAX,
+        max_points,
+        max_space: None,
+        fold_interval: std::time::Duration::ZERO,
+    });
+    g
+}
+
+fn crash(
+    sh: &mut Shipper,
+    g: ReplicaGroup,
+    dir: &Path,
+    tear: u8,
+    at: f64,
+    max_points: u64,
+) -> ReplicaGroup {
     drop(g);
-    let path = dir.join("journal");
-    let len = std::fs::metadata(&path).unwrap().len();
-    if len > sh.committed_journal && tear > 0 {
-        let cut = sh.committed_journal + ((len - sh.committed_journal) as f64 * at) as u64;
+    let (path, committed) = sh.committed_journal.clone().unwrap_or_default();
+    let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    if len > committed && tear > 0 {
+        let cut = committed + ((len - committed) as f64 * at) as u64;
         if tear == 1 {
             std::fs::OpenOptions::new()
                 .write(true)
@@ -694,7 +789,7 @@ fn crash(sh: &mut Shipper, g: ReplicaGroup, dir: &Path, tear: u8, at: f64) -> Re
             f.write_all(&[0xa5; 37]).unwrap();
         }
     }
-    let mut g = ReplicaGroup::open(dir).unwrap();
+    let mut g = open_group(dir, max_points);
     let p = g.position();
     // The shipper resumes from the receiver's position.
     for (c, d) in sh.cursor.iter_mut().zip(&p.disks) {
@@ -713,7 +808,7 @@ fn crash(sh: &mut Shipper, g: ReplicaGroup, dir: &Path, tear: u8, at: f64) -> Re
                 .fill(true);
         }
     }
-    sh.committed_journal = std::fs::metadata(&path).unwrap().len();
+    sh.committed_journal = committed_segment(dir);
     let refeed: Vec<Record> = sh
         .log
         .iter()
@@ -734,6 +829,7 @@ proptest! {
     fn random_streams_with_crashes_converge_to_the_source(
         initial in proptest::collection::vec(any::<u8>(), 16),
         presync in any::<bool>(),
+        max_points in 1u64..6,
         ops in proptest::collection::vec(op(), 1..60),
     ) {
         let dir = tempfile::tempdir().unwrap();
@@ -755,9 +851,10 @@ proptest! {
             pending: SIZES.iter().map(|s| vec![false; *s as usize]).collect(),
             resyncing: false,
             frozen: None,
-            committed_journal: 0,
+            committed_journal: None,
+            snapshots: BTreeMap::new(),
         };
-        let mut g = ReplicaGroup::open(dir).unwrap();
+        let mut g = open_group(dir, max_points);
         g.ensure_disks(&specs()).unwrap();
         if presync {
             // Most streams should spend their time past the initial sync.
@@ -792,10 +889,12 @@ proptest! {
                     }
                 }
                 Op::Commit => sh.commit(&mut g, dir),
-                Op::Crash(tear, at) => g = crash(&mut sh, g, dir, tear, at),
+                Op::Crash(tear, at) => g = crash(&mut sh, g, dir, tear, at, max_points),
             }
             sh.check_frozen(&g);
         }
+        sh.check_points(&g);
+        prop_assert!(g.points().len() as u64 <= max_points, "retention keeps at most {} points", max_points);
         // Finish: copy the rest, resync everything, commit.
         for d in 0..2 {
             sh.init_chunk(&mut g, d, u64::MAX);
@@ -815,9 +914,12 @@ proptest! {
             prop_assert_eq!(g.digests(disk_id(d), 0, *size, 4096).unwrap(), expected);
         }
         // And it survives one more reopen unchanged.
+        let points = g.points();
         drop(g);
-        let g = ReplicaGroup::open(dir).unwrap();
+        let g = open_group(dir, max_points);
         prop_assert_eq!(g.position(), p);
+        prop_assert_eq!(g.points(), points);
+        sh.check_points(&g);
         for d in 0..2 {
             prop_assert!(image(&g, disk_id(d)) == sh.source.disks[d]);
         }

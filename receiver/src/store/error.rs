@@ -100,9 +100,14 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
+    /// No recovery point has this sequence number (never one, or folded).
+    #[error("no recovery point at sequence {0}")]
+    NoSuchPoint(u64),
+
     /// A local I/O error happened earlier (possibly an fsync, which is never
     /// retried): the in-memory view can no longer be trusted. Reopen the
-    /// group; it recovers to the last committed position.
-    #[error("the replica group failed earlier and must be reopened")]
+    /// group; it recovers to the last committed position. (Also every
+    /// change to a group opened read-only.)
+    #[error("the replica group failed earlier or is open read-only")]
     Poisoned,
 }

@@ -64,3 +64,20 @@ impl ReplayTarget for InPlace<'_> {
         Ok(())
     }
 }
+
+/// Whether `offset..offset+len` of `file` is a hole (reads as zeroes
+/// without being stored), per `SEEK_DATA`. `false` if unknown.
+pub(crate) fn is_hole(file: &File, offset: u64, len: u64) -> bool {
+    let Ok(o) = i64::try_from(offset) else {
+        return false;
+    };
+    // SAFETY: lseek on a valid, owned descriptor; no memory is passed. It
+    // moves the file offset, which this store never uses (positioned I/O
+    // only).
+    let data = unsafe { libc::lseek(file.as_raw_fd(), o, libc::SEEK_DATA) };
+    if data < 0 {
+        // ENXIO: no data at or after `offset`.
+        return io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+    }
+    data as u64 >= offset.saturating_add(len)
+}

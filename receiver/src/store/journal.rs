@@ -1,12 +1,20 @@
-//! The redo journal: while the group resyncs, every change is appended here
-//! instead of being written to the images. The entry codec is pure; the
-//! byte layout is documented in the [store module](super).
+//! The journal: in a consistent or resyncing group every change is
+//! appended here, in log order, and the images hold the state as of the
+//! journal's start (the oldest retained recovery point, or older). A disk
+//! reads as of any position of the journal by laying the entries before it
+//! over the image. The entry codec is pure; the byte layout is documented
+//! in the [store module](super).
+//!
+//! The journal is a series of segment files `journal.SSSSSSSS` (hex). A
+//! *position* names a byte of it: `segment << 40 | offset`. A segment is
+//! only ever appended to; folding frees whole segments.
 
 use super::overlay::{Overlay, Source};
 use std::collections::BTreeMap;
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use tidemark_changelog::replay::ReplayTarget;
 
 const MAGIC: [u8; 4] = *b"TMJE";
@@ -15,8 +23,34 @@ const VERSION: u8 = 1;
 pub(crate) const HEADER_LEN: usize = 40;
 /// The largest payload of one entry; longer data is split.
 pub(crate) const MAX_PAYLOAD: usize = 64 << 20;
+/// The longest label of a point entry.
+pub(crate) const MAX_LABEL: usize = tidemark_changelog::record::MAX_LABEL;
 const FLAG_NO_HOLE: u16 = 1 << 1;
+const FLAG_APP_CONSISTENT: u32 = 1 << 0;
 const CRC_AT: usize = 36;
+/// Bits of a position that are the offset within its segment.
+pub(crate) const OFFSET_BITS: u32 = 40;
+const OFFSET_MASK: u64 = (1 << OFFSET_BITS) - 1;
+
+/// The position of `offset` in `segment`.
+pub(crate) fn position(segment: u32, offset: u64) -> u64 {
+    (u64::from(segment) << OFFSET_BITS) | offset
+}
+
+/// The segment of a position.
+pub(crate) fn segment_of(pos: u64) -> u32 {
+    (pos >> OFFSET_BITS) as u32
+}
+
+/// The offset within its segment of a position.
+pub(crate) fn offset_of(pos: u64) -> u64 {
+    pos & OFFSET_MASK
+}
+
+/// The file name of a segment.
+pub(crate) fn segment_name(segment: u32) -> String {
+    format!("journal.{segment:08x}")
+}
 
 /// One journal entry, without its payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,13 +64,19 @@ pub(crate) enum Entry {
         len: u64,
         no_hole: bool,
     },
-    /// Everything before this mark was committed at position `seq` of
-    /// `generation`.
+    /// Everything before this mark is the effect of the records up to `seq`.
     Commit { seq: u64, generation: u32 },
+    /// A recovery point: the barrier or marker `seq`; the payload is the
+    /// marker's label (empty for a barrier).
+    Point {
+        seq: u64,
+        timestamp_ns: u64,
+        app_consistent: bool,
+    },
 }
 
 impl Entry {
-    /// The header for this entry followed by `payload`.
+    /// The header of this entry with `payload` (whose checksum it carries).
     pub(crate) fn encode_header(&self, payload: &[u8]) -> [u8; HEADER_LEN] {
         let (kind, flags, disk, offset, length) = match *self {
             Entry::Data { disk, offset, len } => (1u8, 0u16, disk, offset, len),
@@ -47,6 +87,21 @@ impl Entry {
                 no_hole,
             } => (2, if no_hole { FLAG_NO_HOLE } else { 0 }, disk, offset, len),
             Entry::Commit { seq, generation } => (3, 0, generation, seq, 0),
+            Entry::Point {
+                seq,
+                timestamp_ns,
+                app_consistent,
+            } => (
+                4,
+                0,
+                if app_consistent {
+                    FLAG_APP_CONSISTENT
+                } else {
+                    0
+                },
+                seq,
+                timestamp_ns,
+            ),
         };
         let mut h = [0u8; HEADER_LEN];
         h[0..4].copy_from_slice(&MAGIC);
@@ -62,8 +117,8 @@ impl Entry {
         h
     }
 
-    /// Decodes a header: the entry, its payload length and its stored CRC.
-    /// The CRC is checked by the caller, over the header and the payload.
+    /// Decodes a header: the entry, its payload length and the checksum it
+    /// claims. `Err` says what is wrong; nothing panics.
     pub(crate) fn decode_header(h: &[u8; HEADER_LEN]) -> Result<(Entry, usize, u32), &'static str> {
         if h[0..4] != MAGIC {
             return Err("no journal magic");
@@ -88,7 +143,7 @@ impl Entry {
         if payload_len > MAX_PAYLOAD {
             return Err("payload too large");
         }
-        if offset.checked_add(length).is_none() {
+        if h[5] != 4 && offset.checked_add(length).is_none() {
             return Err("extent overflows");
         }
         let entry = match (h[5], flags) {
@@ -107,102 +162,262 @@ impl Entry {
                 seq: offset,
                 generation: disk,
             },
+            (4, 0) if payload_len <= MAX_LABEL && disk & !FLAG_APP_CONSISTENT == 0 => {
+                Entry::Point {
+                    seq: offset,
+                    timestamp_ns: length,
+                    app_consistent: disk & FLAG_APP_CONSISTENT != 0,
+                }
+            }
             _ => return Err("inconsistent journal entry"),
         };
         Ok((entry, payload_len, u32_at(CRC_AT)))
     }
 }
 
-/// The committed content of a journal, as read back on open.
-#[derive(Debug, Default)]
-pub(crate) struct Scanned {
-    /// What the journal overrides, per disk.
+/// A change in the journal, in journal order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Change {
+    /// Position just past the entry: a point at or after it includes it.
+    pub(crate) end: u64,
+    pub(crate) disk: u32,
+    pub(crate) start: u64,
+    pub(crate) stop: u64,
+    pub(crate) source: Source,
+}
+
+/// A recovery point in the journal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PointEntry {
+    /// Position just past the point entry: the changes before it are the
+    /// point's state.
+    pub(crate) pos: u64,
+    pub(crate) seq: u64,
+    pub(crate) timestamp_ns: u64,
+    pub(crate) app_consistent: bool,
+    pub(crate) label: String,
+}
+
+/// The journal of a group: its segment files, the committed history as an
+/// ordered list of changes and points, and the newest state's overlay.
+#[derive(Debug)]
+pub(crate) struct Journal {
+    dir: PathBuf,
+    segments: BTreeMap<u32, File>,
+    /// Where the next entry goes.
+    pub(crate) end: u64,
+    /// Where the history starts (everything before is in the images).
+    pub(crate) start: u64,
+    /// Every change from `start`, in order (committed or not).
+    pub(crate) changes: Vec<Change>,
+    /// Every point from `start`, in order.
+    pub(crate) points: Vec<PointEntry>,
+    /// Per disk, what the newest state reads from the journal.
     pub(crate) overlays: BTreeMap<u32, Overlay>,
-    /// The last commit mark, if any: (seq, generation).
+    /// The last commit mark seen: (seq, generation).
     pub(crate) last_commit: Option<(u64, u32)>,
 }
 
-/// Reads `file[0..len]`, which must hold whole, verified entries ending in a
-/// commit mark, and rebuilds the overlays. `Err` says what does not verify.
-pub(crate) fn scan(file: &File, len: u64) -> io::Result<Result<Scanned, String>> {
-    let mut out = Scanned::default();
-    let mut at = 0u64;
-    let mut buf = vec![0u8; 1 << 20];
-    while at < len {
-        if len - at < HEADER_LEN as u64 {
-            return Ok(Err(format!("entry at {at} is cut short")));
-        }
-        let mut h = [0u8; HEADER_LEN];
-        file.read_exact_at(&mut h, at)?;
-        let (entry, payload_len, crc) = match Entry::decode_header(&h) {
-            Ok(v) => v,
-            Err(e) => return Ok(Err(format!("entry at {at}: {e}"))),
-        };
-        let payload_at = at + HEADER_LEN as u64;
-        if len - payload_at < payload_len as u64 {
-            return Ok(Err(format!("entry at {at} is cut short")));
-        }
-        let mut computed = crc32c::crc32c(&h[..CRC_AT]);
-        let mut done = 0usize;
-        while done < payload_len {
-            let n = (payload_len - done).min(buf.len());
-            file.read_exact_at(&mut buf[..n], payload_at + done as u64)?;
-            computed = crc32c::crc32c_append(computed, &buf[..n]);
-            done += n;
-        }
-        if computed != crc {
-            return Ok(Err(format!("entry at {at} fails its checksum")));
-        }
-        match entry {
-            Entry::Data { disk, offset, len } => out.overlays.entry(disk).or_default().insert(
-                offset,
-                offset + len,
-                Source::Journal(payload_at),
-            ),
-            Entry::Zero {
-                disk,
-                offset,
-                len,
-                no_hole,
-            } => out.overlays.entry(disk).or_default().insert(
-                offset,
-                offset + len,
-                Source::Zero { no_hole },
-            ),
-            Entry::Commit { seq, generation } => out.last_commit = Some((seq, generation)),
-        }
-        at = payload_at + payload_len as u64;
-        if at == len && !matches!(entry, Entry::Commit { .. }) {
-            return Ok(Err(
-                "the committed journal does not end in a commit mark".into()
-            ));
-        }
-    }
-    Ok(Ok(out))
-}
-
-/// The open journal: appends entries and keeps the overlays in step.
-#[derive(Debug)]
-pub(crate) struct Journal {
-    pub(crate) file: File,
-    /// Bytes written (committed or not).
-    pub(crate) len: u64,
-    /// What the written entries override, per disk.
-    pub(crate) overlays: BTreeMap<u32, Overlay>,
+fn open_segment(dir: &Path, segment: u32, create: bool) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .truncate(false)
+        .open(dir.join(segment_name(segment)))
 }
 
 impl Journal {
-    fn append(&mut self, entry: &Entry, payload: &[u8]) -> io::Result<u64> {
-        let h = entry.encode_header(payload);
-        self.file.write_all_at(&h, self.len)?;
-        let payload_at = self.len + HEADER_LEN as u64;
-        self.file.write_all_at(payload, payload_at)?;
-        self.len = payload_at + payload.len() as u64;
-        Ok(payload_at)
+    /// Opens the journal of `dir` whose committed history is
+    /// `start..end`: reads and verifies every entry of it, cuts off
+    /// anything after `end` (an uncommitted tail) and removes segments
+    /// wholly before `start` or after `end`. `Ok(Err(reason))` if the
+    /// committed history does not verify.
+    /// `read_only` changes no file (the group may be open for writing
+    /// elsewhere): the tail is ignored instead of cut off.
+    pub(crate) fn open(
+        dir: &Path,
+        start: u64,
+        end: u64,
+        read_only: bool,
+    ) -> io::Result<Result<Journal, String>> {
+        let first = segment_of(start);
+        let last = segment_of(end);
+        // Leftovers: segments a fold had freed, or a roll had begun.
+        for entry in std::fs::read_dir(dir)? {
+            if read_only {
+                break;
+            }
+            let name = entry?.file_name();
+            let Some(seg) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("journal."))
+                .and_then(|h| u32::from_str_radix(h, 16).ok())
+            else {
+                continue;
+            };
+            if seg < first || seg > last {
+                std::fs::remove_file(dir.join(&name))?;
+            }
+        }
+        let mut j = Journal {
+            dir: dir.to_path_buf(),
+            segments: BTreeMap::new(),
+            end: start,
+            start,
+            changes: Vec::new(),
+            points: Vec::new(),
+            overlays: BTreeMap::new(),
+            last_commit: None,
+        };
+        for seg in first..=last {
+            let from = if seg == first { offset_of(start) } else { 0 };
+            let opened = if read_only {
+                File::open(dir.join(segment_name(seg)))
+            } else {
+                open_segment(dir, seg, seg == last)
+            };
+            let file = match opened {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    if read_only && seg == last && offset_of(end) == 0 {
+                        continue;
+                    }
+                    return Ok(Err(format!("segment {} is missing", segment_name(seg))));
+                }
+                Err(e) => return Err(e),
+            };
+            let len = file.metadata()?.len();
+            let to = if seg == last { offset_of(end) } else { len };
+            if len < to {
+                return Ok(Err(format!(
+                    "{} is {len} bytes, {to} are committed",
+                    segment_name(seg)
+                )));
+            }
+            if seg == last && len > to && !read_only {
+                file.set_len(to)?;
+                file.sync_data()?;
+            }
+            j.segments.insert(seg, file);
+            if let Err(reason) = j.scan(seg, from, to)? {
+                return Ok(Err(format!("{}: {reason}", segment_name(seg))));
+            }
+        }
+        j.end = end;
+        Ok(Ok(j))
     }
 
-    /// Appends `data` for `offset` of `disk`, split into entries of at most
-    /// [`MAX_PAYLOAD`] bytes.
+    /// Reads and verifies the entries of `segment` from `from` to `to`.
+    fn scan(&mut self, segment: u32, from: u64, to: u64) -> io::Result<Result<(), String>> {
+        let file = self.segments[&segment].try_clone()?;
+        let mut at = from;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut ends_in_commit = from == to;
+        while at < to {
+            if to - at < HEADER_LEN as u64 {
+                return Ok(Err(format!("entry at {at} is cut short")));
+            }
+            let mut h = [0u8; HEADER_LEN];
+            file.read_exact_at(&mut h, at)?;
+            let (entry, payload_len, crc) = match Entry::decode_header(&h) {
+                Ok(v) => v,
+                Err(e) => return Ok(Err(format!("entry at {at}: {e}"))),
+            };
+            let payload_at = at + HEADER_LEN as u64;
+            if to - payload_at < payload_len as u64 {
+                return Ok(Err(format!("entry at {at} is cut short")));
+            }
+            let mut computed = crc32c::crc32c(&h[..CRC_AT]);
+            let mut label = Vec::new();
+            let mut done = 0usize;
+            while done < payload_len {
+                let n = (payload_len - done).min(buf.len());
+                file.read_exact_at(&mut buf[..n], payload_at + done as u64)?;
+                computed = crc32c::crc32c_append(computed, &buf[..n]);
+                if matches!(entry, Entry::Point { .. }) {
+                    label.extend_from_slice(&buf[..n]);
+                }
+                done += n;
+            }
+            if computed != crc {
+                return Ok(Err(format!("entry at {at} fails its checksum")));
+            }
+            let end = payload_at + payload_len as u64;
+            let source_at = position(segment, payload_at);
+            let end_pos = position(segment, end);
+            match entry {
+                Entry::Data { disk, offset, len } => {
+                    self.record(end_pos, disk, offset, len, Source::Journal(source_at))
+                }
+                Entry::Zero {
+                    disk,
+                    offset,
+                    len,
+                    no_hole,
+                } => self.record(end_pos, disk, offset, len, Source::Zero { no_hole }),
+                Entry::Commit { seq, generation } => self.last_commit = Some((seq, generation)),
+                Entry::Point {
+                    seq,
+                    timestamp_ns,
+                    app_consistent,
+                } => {
+                    let Ok(label) = String::from_utf8(label) else {
+                        return Ok(Err(format!("entry at {at}: a label that is not UTF-8")));
+                    };
+                    self.points.push(PointEntry {
+                        pos: end_pos,
+                        seq,
+                        timestamp_ns,
+                        app_consistent,
+                        label,
+                    });
+                }
+            }
+            ends_in_commit = matches!(entry, Entry::Commit { .. });
+            at = end;
+        }
+        if !ends_in_commit {
+            return Ok(Err(
+                "the committed history does not end in a commit mark".into()
+            ));
+        }
+        Ok(Ok(()))
+    }
+
+    fn record(&mut self, end: u64, disk: u32, start: u64, len: u64, source: Source) {
+        self.overlays
+            .entry(disk)
+            .or_default()
+            .insert(start, start + len, source);
+        self.changes.push(Change {
+            end,
+            disk,
+            start,
+            stop: start + len,
+            source,
+        });
+    }
+
+    fn append(&mut self, entry: &Entry, payload: &[u8]) -> io::Result<u64> {
+        let segment = segment_of(self.end);
+        let offset = offset_of(self.end);
+        let file = match self.segments.get(&segment) {
+            Some(f) => f,
+            None => {
+                let f = open_segment(&self.dir, segment, true)?;
+                self.segments.entry(segment).or_insert(f)
+            }
+        };
+        let h = entry.encode_header(payload);
+        file.write_all_at(&h, offset)?;
+        let payload_at = offset + HEADER_LEN as u64;
+        file.write_all_at(payload, payload_at)?;
+        self.end = position(segment, payload_at + payload.len() as u64);
+        Ok(position(segment, payload_at))
+    }
+
+    /// Appends `data` for `offset` of `disk`.
     pub(crate) fn write(&mut self, disk: u32, offset: u64, data: &[u8]) -> io::Result<()> {
         let mut at = offset;
         for piece in data.chunks(MAX_PAYLOAD) {
@@ -215,17 +430,13 @@ impl Journal {
                 },
                 piece,
             )?;
-            self.overlays.entry(disk).or_default().insert(
-                at,
-                at + len,
-                Source::Journal(payload_at),
-            );
+            self.record(self.end, disk, at, len, Source::Journal(payload_at));
             at += len;
         }
         Ok(())
     }
 
-    /// Appends "`offset..offset+len` of `disk` reads as zeroes".
+    /// Appends that `offset..offset+len` of `disk` reads as zeroes.
     pub(crate) fn zero(
         &mut self,
         disk: u32,
@@ -243,18 +454,127 @@ impl Journal {
             no_hole,
         };
         self.append(&entry, &[])?;
-        self.overlays.entry(disk).or_default().insert(
-            offset,
-            offset + len,
-            Source::Zero { no_hole },
-        );
+        self.record(self.end, disk, offset, len, Source::Zero { no_hole });
         Ok(())
     }
 
-    /// Appends a commit mark.
-    pub(crate) fn commit_mark(&mut self, seq: u64, generation: u32) -> io::Result<()> {
-        self.append(&Entry::Commit { seq, generation }, &[])
-            .map(|_| ())
+    /// Appends a recovery point.
+    pub(crate) fn point(
+        &mut self,
+        seq: u64,
+        timestamp_ns: u64,
+        app_consistent: bool,
+        label: &str,
+    ) -> io::Result<()> {
+        let label = &label[..label.len().min(MAX_LABEL)];
+        let entry = Entry::Point {
+            seq,
+            timestamp_ns,
+            app_consistent,
+        };
+        self.append(&entry, label.as_bytes())?;
+        self.points.push(PointEntry {
+            pos: self.end,
+            seq,
+            timestamp_ns,
+            app_consistent,
+            label: label.to_string(),
+        });
+        Ok(())
+    }
+
+    /// Appends a commit mark and makes the journal durable; then, if the
+    /// current segment has reached `segment_size`, begins the next one.
+    pub(crate) fn commit(
+        &mut self,
+        seq: u64,
+        generation: u32,
+        segment_size: u64,
+    ) -> io::Result<()> {
+        self.append(&Entry::Commit { seq, generation }, &[])?;
+        self.last_commit = Some((seq, generation));
+        let segment = segment_of(self.end);
+        if let Some(f) = self.segments.get(&segment) {
+            f.sync_data()?;
+        }
+        if offset_of(self.end) >= segment_size {
+            let next = segment + 1;
+            let f = open_segment(&self.dir, next, true)?;
+            super::state::sync_dir(&self.dir)?;
+            self.segments.insert(next, f);
+            self.end = position(next, 0);
+        }
+        Ok(())
+    }
+
+    /// Reads journal bytes at `pos` (a payload position).
+    pub(crate) fn read_at(&self, buf: &mut [u8], pos: u64) -> io::Result<()> {
+        let file = self
+            .segments
+            .get(&segment_of(pos))
+            .ok_or(io::ErrorKind::NotFound)?;
+        file.read_exact_at(buf, offset_of(pos))
+    }
+
+    /// Per disk, the overlay of the changes before `pos`.
+    pub(crate) fn overlays_before(&self, pos: u64) -> BTreeMap<u32, Overlay> {
+        let mut out: BTreeMap<u32, Overlay> = BTreeMap::new();
+        for c in self.changes.iter().take_while(|c| c.end <= pos) {
+            out.entry(c.disk)
+                .or_default()
+                .insert(c.start, c.stop, c.source);
+        }
+        out
+    }
+
+    /// Forgets the history before `pos` (already in the images): its
+    /// changes and points, and the segments wholly before it.
+    /// `delete` removes the segments' files too.
+    pub(crate) fn drop_before(&mut self, pos: u64, delete: bool) -> io::Result<()> {
+        self.changes.retain(|c| c.end > pos);
+        self.points.retain(|p| p.pos > pos);
+        self.start = pos;
+        self.rebuild_overlays();
+        if !delete {
+            return Ok(());
+        }
+        let keep_from = segment_of(pos);
+        for seg in self.segments.keys().copied().collect::<Vec<_>>() {
+            if seg < keep_from {
+                self.segments.remove(&seg);
+                std::fs::remove_file(self.dir.join(segment_name(seg)))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn rebuild_overlays(&mut self) {
+        self.overlays.clear();
+        for c in &self.changes {
+            self.overlays
+                .entry(c.disk)
+                .or_default()
+                .insert(c.start, c.stop, c.source);
+        }
+    }
+
+    /// Bytes the history's segments take (their lengths).
+    pub(crate) fn bytes(&self) -> u64 {
+        let mut total = 0;
+        for (seg, _) in self.segments.iter() {
+            let len = if *seg == segment_of(self.end) {
+                offset_of(self.end)
+            } else {
+                self.segments[seg].metadata().map(|m| m.len()).unwrap_or(0)
+            };
+            let from = if *seg == segment_of(self.start) {
+                offset_of(self.start)
+            } else {
+                0
+            };
+            total += len.saturating_sub(from);
+        }
+        total
     }
 }
 
@@ -310,6 +630,14 @@ mod tests {
                     generation: 2,
                 },
                 b"".as_slice(),
+            ),
+            (
+                Entry::Point {
+                    seq: 7,
+                    timestamp_ns: u64::MAX,
+                    app_consistent: true,
+                },
+                b"before upgrade".as_slice(),
             ),
         ];
         for (e, p) in cases {

@@ -1,4 +1,5 @@
-//! The replica store of one host's consistency group: the replica images,
+//! The replica store of one host's consistency group: the replica images
+//! and their recovery points,
 //! the ordered and idempotent apply of change-log records to them, initial
 //! sync and checksum resync, and crash recovery.
 //!
@@ -17,29 +18,44 @@
 //! # Modes
 //!
 //! - **initial sync** (a new group, or one that got a new disk): chunks and
-//!   records are applied in place. A resync-needed record lowers the disk's
-//!   `synced` offset to the extent, so the initial sync copies it again. The
-//!   group is consistent once every disk is copied to its end.
-//! - **consistent**: records are applied in place. A crash may leave records
-//!   past the committed position in the images; re-applying the records
-//!   after the position, in order, gives the right result, because applying
-//!   a write or a zeroing again in order is idempotent.
-//! - **resyncing** (after a resync-needed record of a consistent group): the
-//!   images keep the last consistent state. Every change, records and resync
-//!   chunks alike, is appended to the redo journal instead, and reads
-//!   ([`ReplicaGroup::digests`]) see images + journal. When the last pending
-//!   extent is done, [`ReplicaGroup::commit`] commits the journal, applies it
-//!   to the images, syncs them and empties the journal; a crash during that
-//!   apply is finished (redone) on open.
+//!   records are applied in place, to the images. A resync-needed record
+//!   lowers the disk's `synced` offset to the extent, so the initial sync
+//!   copies it again. The group is consistent once every disk is copied to
+//!   its end. There are no recovery points yet.
+//! - **consistent**: every change is appended to the journal; the images
+//!   stay as they were. Every barrier and marker appends a *point* entry:
+//!   a recovery point, readable as the images with the journal's changes
+//!   before it laid over them ([`ReplicaGroup::view`]), without copying a
+//!   disk.
+//! - **resyncing** (after a resync-needed record of a consistent group):
+//!   records and resync chunks are journaled the same way, but barriers
+//!   are no points: the newest point stays the last consistent state until
+//!   the last pending extent is done and the group is consistent again.
+//!
+//! # Recovery points and retention
+//!
+//! The history is the journal from its start to its committed end; the
+//! images hold the state as of the start. Retention ([`Retention`]: age,
+//! count, space) picks the newest point it no longer keeps and *folds* the
+//! history up to it into the images: the state file first records the fold
+//! (the points before it are gone from then on), the changes are written
+//! into the images and synced, then the state file moves the history's
+//! start and the journal segments wholly before it are removed. A crash
+//! anywhere in between is finished on open (writing the same changes again
+//! gives the same images). The newest point is never folded. Reading a
+//! point that is kept is unaffected by a fold: it reads journal changes for
+//! everything the history changed before it, and the images only where
+//! nothing before it (and so nothing folded) changed.
 //!
 //! # Layout of the group directory
 //!
 //! ```text
-//!  state          the committed position (below), replaced atomically:
-//!                 state.tmp, fdatasync, rename, fsync of the directory
-//!  disk-<id>.img  one sparse image per disk, exactly the disk's size
-//!  journal        the redo journal (below); empty unless resyncing
-//!  lock           flock(2)ed by the process that has the group open
+//!  state              the committed position (below), replaced atomically:
+//!                     state.tmp, fdatasync, rename, fsync of the directory
+//!  disk-<id>.img      one sparse image per disk, exactly the disk's size
+//!  journal.SSSSSSSS   journal segments (hex number); a position in the
+//!                     journal is segment << 40 | offset in the segment
+//!  lock               flock(2)ed by the process that has the group open
 //! ```
 //!
 //! # State file
@@ -49,17 +65,19 @@
 //! ```text
 //!  offset size field
 //!       0    4 magic        "TMRS"
-//!       4    2 version      1
+//!       4    2 version      2
 //!       6    1 mode         0 initial-sync, 1 consistent, 2 resyncing
-//!       7    1 flags        bit 0 redo: apply the committed journal to the
-//!                           images; bit 1 the last-barrier fields are set
+//!       7    1 flags        bit 0 a fold to fold-to is in progress;
+//!                           bit 1 the last-barrier fields are set
 //!       8    8 durable-seq  last record whose effect is committed
 //!      16    4 generation   generation of that record
 //!      20    4 disk-count   n
 //!      24    8 barrier-seq  last barrier applied (if flag bit 1)
 //!      32    8 barrier-ts   its timestamp, ns since the Unix epoch
-//!      40    8 journal-len  bytes of the journal that are committed
-//!      48    … n disks, sorted by id, each:
+//!      40    8 start        journal position where the history starts
+//!      48    8 end          journal position where the committed history ends
+//!      56    8 fold-to      (flag bit 0) the fold's end
+//!      64    … n disks, sorted by id, each:
 //!                 4 id, 4 name-len (<= 1024), 8 size, 8 synced,
 //!                 4 pending-count m, name (UTF-8),
 //!                 m pending extents: 8 start, 8 end (sorted, disjoint)
@@ -68,29 +86,35 @@
 //!
 //! # Journal
 //!
-//! A sequence of entries from offset 0; the first `journal-len` bytes (per
-//! the state file) are committed and end with a commit mark, anything after
-//! them is an uncommitted (possibly torn) tail and is cut off on open.
+//! A sequence of entries; the history `start..end` (per the state file) is
+//! committed and ends with a commit mark, as does every segment but the
+//! last; anything after `end` is an uncommitted (possibly torn) tail and is
+//! cut off on open. A segment is begun after a commit mark once the
+//! current one reaches the segment size (default 256 MiB).
 //!
 //! ```text
 //!  offset size field
 //!       0    4 magic        "TMJE"
 //!       4    1 version      1
-//!       5    1 kind         1 data, 2 zero, 3 commit mark
+//!       5    1 kind         1 data, 2 zero, 3 commit mark, 4 point
 //!       6    2 flags        bit 1 no-hole (zero only)
-//!       8    4 disk         (commit mark: generation)
-//!      12    4 payload-len  data: == length, at most 64 MiB; else 0
-//!      16    8 offset       byte offset on the disk (commit mark: seq)
-//!      24    8 length       bytes of the disk covered (commit mark: 0)
+//!       8    4 disk         (commit mark: generation; point: bit 0
+//!                           app-consistent)
+//!      12    4 payload-len  data: == length, at most 64 MiB; point: the
+//!                           label's length (<= 1024); else 0
+//!      16    8 offset       byte offset on the disk (commit mark, point:
+//!                           sequence number)
+//!      24    8 length       bytes of the disk covered (commit mark: 0;
+//!                           point: timestamp, ns since the Unix epoch)
 //!      32    4 reserved     zero
 //!      36    4 crc32c       over bytes 0..36, then the payload
-//!      40    … payload      data only
+//!      40    … payload      data, or the point's label (UTF-8)
 //! ```
 //!
 //! # Durability
 //!
-//! [`ReplicaGroup::commit`] fdatasyncs the images written in place, then
-//! (resyncing) appends a commit mark to the journal and fdatasyncs it, then
+//! [`ReplicaGroup::commit`] fdatasyncs the images written in place (initial
+//! sync), or appends a commit mark to the journal and fdatasyncs it, then
 //! replaces the state file. Only then is the position durable. Any I/O error
 //! poisons the open group ([`StoreError::Poisoned`]): fsync is never retried,
 //! and reopening recovers to the last committed position.
@@ -112,11 +136,10 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use tidemark_changelog::record::{Kind, Record, FLAG_NO_HOLE};
+use tidemark_changelog::record::{Kind, Record, FLAG_APP_CONSISTENT, FLAG_NO_HOLE};
 use tidemark_changelog::replay::{self, ReplaySummary};
 
 const STATE_FILE: &str = "state";
-const JOURNAL_FILE: &str = "journal";
 const LOCK_FILE: &str = "lock";
 const IO_BUF: usize = 1 << 20;
 
@@ -215,16 +238,65 @@ pub enum Purpose {
     Resync,
 }
 
+/// Retention of recovery points: which points are folded into the images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Points older than this (by their source timestamp) are folded.
+    pub window: std::time::Duration,
+    /// At most this many points are kept.
+    pub max_points: u64,
+    /// The history behind the points may take at most this many bytes.
+    pub max_space: Option<u64>,
+    /// Folds run at most this often (unless space runs out): a fold syncs
+    /// the images, so it is batched.
+    pub fold_interval: std::time::Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            window: std::time::Duration::from_secs(24 * 3600),
+            max_points: 100_000,
+            max_space: None,
+            fold_interval: std::time::Duration::from_secs(10),
+        }
+    }
+}
+
+/// A recovery point: a barrier or marker applied while the group was
+/// consistent. The disks can be read as of it ([`ReplicaGroup::view`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecoveryPoint {
+    /// Sequence number of the barrier or marker.
+    pub seq: u64,
+    /// When the protected host wrote it, ns since the Unix epoch.
+    pub timestamp_ns: u64,
+    /// Inserted after the applications were quiesced.
+    pub app_consistent: bool,
+    /// The marker's label; empty for a barrier.
+    pub label: String,
+}
+
+/// What a fold did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FoldReport {
+    /// Points folded into the images (no longer readable).
+    pub points: usize,
+    /// History bytes freed (segments removed).
+    pub freed_bytes: u64,
+}
+
 /// The replica store of one consistency group, open for writing by this
 /// process alone.
 #[derive(Debug)]
 pub struct ReplicaGroup {
     dir: PathBuf,
-    /// Holds the flock; released when the group is dropped.
-    _lock: File,
+    /// Holds the flock; released when the group is dropped. `None`: opened
+    /// read-only, changes nothing.
+    _lock: Option<File>,
     images: BTreeMap<u32, File>,
     journal: Journal,
-    /// Bytes of the journal the state file says are committed.
+    /// Journal position the state file says the history ends at.
     journal_committed: u64,
     /// The position including everything applied, committed or not.
     cur: Meta,
@@ -236,6 +308,18 @@ pub struct ReplicaGroup {
     dirty: bool,
     /// A local I/O error happened; nothing more is done.
     poisoned: bool,
+    /// Opened with [`ReplicaGroup::open_read_only`]: nothing is changed.
+    read_only: bool,
+    retention: Retention,
+    segment_size: u64,
+    last_fold: Option<std::time::Instant>,
+}
+
+/// The disks of a group as of one recovery point (or the newest state).
+#[derive(Debug)]
+pub struct View<'a> {
+    group: &'a ReplicaGroup,
+    overlays: BTreeMap<u32, Overlay>,
 }
 
 fn image_name(id: u32) -> String {
@@ -292,10 +376,10 @@ fn position_of(meta: &Meta) -> Position {
     }
 }
 
-/// Applies what the journal overrides to the images and syncs them.
+/// Writes what `overlays` lay over the images into them and syncs them.
 fn apply_overlays(
     images: &BTreeMap<u32, File>,
-    journal: &File,
+    journal: &Journal,
     overlays: &BTreeMap<u32, Overlay>,
 ) -> io::Result<()> {
     let mut buf = vec![0u8; IO_BUF];
@@ -315,7 +399,7 @@ fn apply_overlays(
                     let mut at = piece.start;
                     while at < piece.end {
                         let n = (piece.end - at).min(IO_BUF as u64) as usize;
-                        journal.read_exact_at(&mut buf[..n], from + (at - piece.start))?;
+                        journal.read_at(&mut buf[..n], from + (at - piece.start))?;
                         image.write_all_at(&buf[..n], at)?;
                         at += n as u64;
                     }
@@ -327,11 +411,37 @@ fn apply_overlays(
     Ok(())
 }
 
+/// The default size at which the journal begins a new segment.
+pub const DEFAULT_SEGMENT_SIZE: u64 = 256 << 20;
+
 impl ReplicaGroup {
     /// Opens the group in `dir`, creating it on first use, and recovers it
-    /// after a crash: an uncommitted journal tail is cut off, a committed
-    /// journal whose apply was interrupted is applied again.
+    /// after a crash: an uncommitted journal tail is cut off, a fold that
+    /// was cut short is finished.
     pub fn open(dir: &Path) -> Result<ReplicaGroup, StoreError> {
+        Self::open_mode(dir, false)
+    }
+
+    /// Opens the group in `dir` to read its recovery points while a
+    /// receiver may have it open for writing: takes no lock and changes no
+    /// file. Every mutating call fails as poisoned. A fold running at the
+    /// same time may remove a point's history while it is read: reads then
+    /// fail with an I/O error, never return wrong data of a listed point.
+    pub fn open_read_only(dir: &Path) -> Result<ReplicaGroup, StoreError> {
+        Self::open_mode(dir, true)
+    }
+
+    fn open_mode(dir: &Path, read_only: bool) -> Result<ReplicaGroup, StoreError> {
+        if read_only {
+            let state_path = dir.join(STATE_FILE);
+            if !state_path.exists() {
+                return Err(StoreError::Damaged {
+                    path: state_path,
+                    reason: "no state file: not a replica group".into(),
+                });
+            }
+            return Self::open_unlocked(dir, None);
+        }
         std::fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
         let lock_path = dir.join(LOCK_FILE);
         let lock = OpenOptions::new()
@@ -349,7 +459,11 @@ impl ReplicaGroup {
             }
             return Err(io_err("locking", &lock_path)(e));
         }
+        Self::open_unlocked(dir, Some(lock))
+    }
 
+    fn open_unlocked(dir: &Path, lock: Option<File>) -> Result<ReplicaGroup, StoreError> {
+        let read_only = lock.is_none();
         let state_path = dir.join(STATE_FILE);
         let state = match state::read_file(&state_path).map_err(io_err("reading", &state_path))? {
             Some(bytes) => StateFile::decode(&bytes).map_err(|reason| StoreError::Damaged {
@@ -359,8 +473,9 @@ impl ReplicaGroup {
             None => {
                 let fresh = StateFile {
                     meta: Meta::new(),
-                    journal_len: 0,
-                    redo: false,
+                    journal_start: 0,
+                    journal_end: 0,
+                    fold_to: None,
                 };
                 state::write_atomic(dir, STATE_FILE, &fresh.encode())
                     .map_err(io_err("writing", &state_path))?;
@@ -377,7 +492,7 @@ impl ReplicaGroup {
             let path = dir.join(image_name(d.id));
             let file = OpenOptions::new()
                 .read(true)
-                .write(true)
+                .write(!read_only)
                 .open(&path)
                 .map_err(io_err("opening the image", &path))?;
             let len = file
@@ -393,98 +508,87 @@ impl ReplicaGroup {
             images.insert(d.id, file);
         }
 
-        let journal_path = dir.join(JOURNAL_FILE);
-        let jfile = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&journal_path)
-            .map_err(io_err("opening", &journal_path))?;
-        let jlen = jfile
-            .metadata()
-            .map_err(io_err("reading the size of", &journal_path))?
-            .len();
-        if state.meta.mode != Mode::Resyncing && !state.redo && state.journal_len != 0 {
+        let history = state.journal_start != state.journal_end;
+        if state.meta.mode == Mode::InitialSync && history {
             return Err(damaged(
                 &state_path,
-                "a committed journal outside a resync".into(),
+                "a history of recovery points during an initial sync".into(),
             ));
         }
-        if jlen < state.journal_len {
+        let mut journal = Journal::open(dir, state.journal_start, state.journal_end, read_only)
+            .map_err(io_err("reading the journal in", dir))?
+            .map_err(|reason| damaged(dir, format!("journal: {reason}")))?;
+        if history && journal.last_commit != Some((state.meta.seq, state.meta.generation)) {
             return Err(damaged(
-                &journal_path,
-                format!("{jlen} bytes, {} are committed", state.journal_len),
+                dir,
+                "the journal's last commit mark does not match the state file".into(),
             ));
         }
-        let scanned = journal::scan(&jfile, state.journal_len)
-            .map_err(io_err("reading", &journal_path))?
-            .map_err(|reason| damaged(&journal_path, reason))?;
-        if state.journal_len > 0
-            && scanned.last_commit != Some((state.meta.seq, state.meta.generation))
-        {
-            return Err(damaged(
-                &journal_path,
-                "the last commit mark does not match the state file".into(),
-            ));
-        }
-        if scanned.overlays.keys().any(|d| !images.contains_key(d)) {
-            return Err(damaged(&journal_path, "names an unknown disk".into()));
-        }
-        if jlen > state.journal_len {
-            // The uncommitted tail: records after the position, re-sent by
-            // the shipper.
-            jfile
-                .set_len(state.journal_len)
-                .and_then(|()| jfile.sync_data())
-                .map_err(io_err("cutting the uncommitted tail of", &journal_path))?;
+        if journal.overlays.keys().any(|d| !images.contains_key(d)) {
+            return Err(damaged(dir, "the journal names an unknown disk".into()));
         }
 
-        let mut journal = Journal {
-            file: jfile,
-            len: state.journal_len,
-            overlays: scanned.overlays,
-        };
-        let mut journal_committed = state.journal_len;
-        if state.redo {
-            apply_overlays(&images, &journal.file, &journal.overlays)
-                .map_err(io_err("redoing the journal into the images of", dir))?;
+        let mut start = state.journal_start;
+        if let (Some(to), true) = (state.fold_to, read_only) {
+            // The writer finishes the fold; its points are gone already.
+            journal
+                .drop_before(to, false)
+                .map_err(io_err("reading", dir))?;
+            start = to;
+        } else if let Some(to) = state.fold_to {
+            let overlays = journal.overlays_before(to);
+            apply_overlays(&images, &journal, &overlays)
+                .map_err(io_err("finishing a fold into the images of", dir))?;
             let done = StateFile {
                 meta: state.meta.clone(),
-                journal_len: 0,
-                redo: false,
+                journal_start: to,
+                journal_end: state.journal_end,
+                fold_to: None,
             };
             state::write_atomic(dir, STATE_FILE, &done.encode())
                 .map_err(io_err("writing", &state_path))?;
             journal
-                .file
-                .set_len(0)
-                .and_then(|()| journal.file.sync_data())
-                .map_err(io_err("emptying", &journal_path))?;
-            journal.len = 0;
-            journal.overlays.clear();
-            journal_committed = 0;
+                .drop_before(to, true)
+                .map_err(io_err("removing folded journal segments in", dir))?;
+            start = to;
         }
+        debug_assert_eq!(journal.start, start);
 
         Ok(ReplicaGroup {
             dir: dir.to_path_buf(),
             _lock: lock,
             images,
             journal,
-            journal_committed,
+            journal_committed: state.journal_end,
             cur: state.meta.clone(),
             durable: state.meta,
             touched: BTreeSet::new(),
             dirty: false,
             poisoned: false,
+            read_only,
+            retention: Retention::default(),
+            segment_size: DEFAULT_SEGMENT_SIZE,
+            last_fold: None,
         })
+    }
+
+    /// Sets the retention of recovery points (applied at each commit).
+    pub fn set_retention(&mut self, retention: Retention) {
+        self.retention = retention;
+    }
+
+    /// Sets the size at which the journal begins a new segment (tests use
+    /// small ones; folds free whole segments).
+    pub fn set_segment_size(&mut self, bytes: u64) {
+        self.segment_size = bytes.clamp(1, 1 << 39);
     }
 
     /// Makes sure the group has these disks: creates a sparse image for each
     /// new one (durably, at once) and checks that a known disk's size and
     /// name did not change. Disks not listed are kept. A new disk puts a
-    /// consistent group back into initial sync; a resyncing group refuses
-    /// new disks.
+    /// consistent group back into initial sync (its recovery points are
+    /// folded first: none of them holds the new disk); a resyncing group
+    /// refuses new disks.
     pub fn ensure_disks(&mut self, disks: &[DiskSpec]) -> Result<(), StoreError> {
         self.check_poisoned()?;
         let mut seen = BTreeSet::new();
@@ -523,6 +627,12 @@ impl ReplicaGroup {
         if new.is_empty() {
             return Ok(());
         }
+        if self.dirty {
+            self.commit()?;
+        }
+        if self.journal_committed != self.journal.start {
+            self.fold(self.journal_committed)?;
+        }
         for spec in &new {
             let path = self.dir.join(image_name(spec.id));
             // An image left by a crash before its disk was recorded holds
@@ -559,7 +669,7 @@ impl ReplicaGroup {
             meta.disks.sort_by_key(|d| d.id);
             settle_initial_sync(meta);
         }
-        self.write_state(self.durable.clone(), self.journal_committed, false)
+        self.write_state(self.durable.clone(), None)
     }
 
     /// The position as of the last commit.
@@ -595,9 +705,22 @@ impl ReplicaGroup {
         }
         let no_hole = h.flags & FLAG_NO_HOLE != 0;
         let mut summary = ReplaySummary::default();
+        let path = self.dir.clone();
         match h.kind {
-            Kind::Barrier => self.cur.last_barrier = Some((h.seq, h.timestamp_ns)),
-            Kind::Marker => {}
+            Kind::Barrier | Kind::Marker => {
+                if h.kind == Kind::Barrier {
+                    self.cur.last_barrier = Some((h.seq, h.timestamp_ns));
+                }
+                // Only a consistent group's barriers are recovery points:
+                // during an initial sync or a resync no consistent state
+                // exists past the last point.
+                if self.cur.mode == Mode::Consistent {
+                    let app = h.flags & FLAG_APP_CONSISTENT != 0;
+                    let label = rec.label().unwrap_or_default();
+                    let written = self.journal.point(h.seq, h.timestamp_ns, app, label);
+                    self.poison_on(written.map_err(io_err("journaling a point in", &path)))?;
+                }
+            }
             Kind::ResyncNeeded => {
                 let mode = self.cur.mode;
                 let Some(disk) = self.cur.disk_mut(h.disk) else {
@@ -612,22 +735,21 @@ impl ReplicaGroup {
                 }
             }
             Kind::Write | Kind::WriteZeroes | Kind::Trim => {
-                let result = if self.cur.mode == Mode::Resyncing {
-                    let mut target = Journaled {
-                        journal: &mut self.journal,
-                        disk: h.disk,
-                        no_hole,
-                    };
-                    replay::apply(rec, h.disk, &mut target, &mut summary)
-                } else {
+                let result = if self.cur.mode == Mode::InitialSync {
                     let Some(file) = self.images.get(&h.disk) else {
                         return Err(StoreError::UnknownDisk(h.disk));
                     };
                     self.touched.insert(h.disk);
                     let mut target = image::InPlace { file, no_hole };
                     replay::apply(rec, h.disk, &mut target, &mut summary)
+                } else {
+                    let mut target = Journaled {
+                        journal: &mut self.journal,
+                        disk: h.disk,
+                        no_hole,
+                    };
+                    replay::apply(rec, h.disk, &mut target, &mut summary)
                 };
-                let path = self.dir.clone();
                 self.poison_on(result.map_err(io_err("applying a record in", &path)))?;
             }
         }
@@ -720,7 +842,7 @@ impl ReplicaGroup {
             let mut at = block;
             while at < block_end {
                 let n = (block_end - at).min(buf.len() as u64) as usize;
-                self.read_view(disk, at, &mut buf[..n])
+                self.read_with(&self.journal.overlays, disk, at, &mut buf[..n])
                     .map_err(io_err("reading", &self.dir))?;
                 hasher.update(&buf[..n]);
                 at += n as u64;
@@ -744,8 +866,9 @@ impl ReplicaGroup {
     }
 
     /// Makes everything applied so far durable and returns the new
-    /// position. When a resync has no pending extent left, the journal is
-    /// applied to the images and the group is consistent again.
+    /// position. A resync with no pending extent left makes the group
+    /// consistent again. Then points that retention no longer keeps are
+    /// folded into the images (at most every `fold_interval`).
     pub fn commit(&mut self) -> Result<Position, StoreError> {
         self.check_poisoned()?;
         if !self.dirty {
@@ -759,51 +882,162 @@ impl ReplicaGroup {
             }
         }
         let mut meta = self.cur.clone();
-        if meta.mode == Mode::Resyncing {
-            let journal_path = self.dir.join(JOURNAL_FILE);
+        if meta.mode != Mode::InitialSync {
             let marked = self
                 .journal
-                .commit_mark(meta.seq, meta.generation)
-                .and_then(|()| self.journal.file.sync_data())
-                .map_err(io_err("committing", &journal_path));
+                .commit(meta.seq, meta.generation, self.segment_size)
+                .map_err(io_err("committing the journal in", &self.dir));
             self.poison_on(marked)?;
-            let finished = meta.disks.iter().all(|d| d.pending.is_empty());
-            if !finished {
-                self.write_state(meta.clone(), self.journal.len, false)?;
-                self.journal_committed = self.journal.len;
-            } else {
+            if meta.mode == Mode::Resyncing && meta.disks.iter().all(|d| d.pending.is_empty()) {
                 meta.mode = Mode::Consistent;
-                self.write_state(meta.clone(), self.journal.len, true)?;
-                self.journal_committed = self.journal.len;
-                let applied =
-                    apply_overlays(&self.images, &self.journal.file, &self.journal.overlays)
-                        .map_err(io_err("applying the journal to the images of", &self.dir));
-                self.poison_on(applied)?;
-                self.write_state(meta.clone(), 0, false)?;
-                self.journal_committed = 0;
-                let emptied = self
-                    .journal
-                    .file
-                    .set_len(0)
-                    .and_then(|()| self.journal.file.sync_data())
-                    .map_err(io_err("emptying", &journal_path));
-                self.poison_on(emptied)?;
-                self.journal.len = 0;
-                self.journal.overlays.clear();
             }
-        } else {
-            self.write_state(meta.clone(), 0, false)?;
         }
+        self.journal_committed = self.journal.end;
+        self.write_state(meta.clone(), None)?;
         self.cur = meta.clone();
         self.durable = meta;
         self.dirty = false;
+        self.apply_retention(tidemark_changelog::now_ns(), false)?;
         Ok(self.position())
     }
 
-    /// The image file of `disk`: the last consistent state (while resyncing,
-    /// the state before the resync began).
-    pub fn image_path(&self, disk: u32) -> Option<PathBuf> {
-        self.cur.disk(disk).map(|d| self.dir.join(image_name(d.id)))
+    /// Folds the points that `retention` no longer keeps (by age against
+    /// `now_ns`, by count, by space) into the images. Runs at most every
+    /// `fold_interval` unless `force` or space is short. The newest point
+    /// is always kept.
+    pub fn apply_retention(
+        &mut self,
+        now_ns: u64,
+        force: bool,
+    ) -> Result<Option<FoldReport>, StoreError> {
+        self.check_poisoned()?;
+        if self.dirty {
+            return Ok(None);
+        }
+        let r = self.retention;
+        let points = &self.journal.points;
+        if points.len() < 2 {
+            return Ok(None);
+        }
+        let newest = points.len() - 1;
+        let horizon = now_ns.saturating_sub(r.window.as_nanos().min(u128::from(u64::MAX)) as u64);
+        // `drop` points (the oldest ones) are folded.
+        let mut drop = points[..newest]
+            .iter()
+            .take_while(|p| p.timestamp_ns < horizon)
+            .count();
+        let max_points = r.max_points.max(1) as usize;
+        if points.len() - drop > max_points {
+            drop = points.len() - max_points;
+        }
+        let mut space_short = false;
+        if let Some(max) = r.max_space {
+            let total = self.journal.bytes();
+            if total > max {
+                space_short = true;
+                let need = total - max;
+                while drop < newest
+                    && self.history_bytes_between(self.journal.start, points[drop].pos) < need
+                {
+                    drop += 1;
+                }
+                if drop < newest {
+                    drop += 1;
+                }
+            }
+        }
+        if drop == 0 {
+            return Ok(None);
+        }
+        let due = self
+            .last_fold
+            .is_none_or(|t| t.elapsed() >= r.fold_interval);
+        if !(force || due || space_short) {
+            return Ok(None);
+        }
+        let to = points[drop - 1].pos;
+        let before = self.journal.bytes();
+        self.fold(to)?;
+        self.last_fold = Some(std::time::Instant::now());
+        Ok(Some(FoldReport {
+            points: drop,
+            freed_bytes: before.saturating_sub(self.journal.bytes()),
+        }))
+    }
+
+    /// Journal bytes from position `a` to position `b` (approximately, for
+    /// space retention: whole segments between them count fully).
+    fn history_bytes_between(&self, a: u64, b: u64) -> u64 {
+        use journal::{offset_of, segment_of};
+        if segment_of(a) == segment_of(b) {
+            return offset_of(b).saturating_sub(offset_of(a));
+        }
+        let full = u64::from(segment_of(b) - segment_of(a) - 1) * self.segment_size;
+        self.segment_size.saturating_sub(offset_of(a)) + full + offset_of(b)
+    }
+
+    /// Folds the history before `to` into the images: durably notes the
+    /// fold first (its points are gone from then on), applies it, then
+    /// moves the history's start and frees whole segments. A crash in
+    /// between is finished on open.
+    fn fold(&mut self, to: u64) -> Result<(), StoreError> {
+        let meta = self.durable.clone();
+        self.write_state(meta.clone(), Some(to))?;
+        let overlays = self.journal.overlays_before(to);
+        let applied = apply_overlays(&self.images, &self.journal, &overlays)
+            .map_err(io_err("folding the history into the images of", &self.dir));
+        self.poison_on(applied)?;
+        self.journal.start = to;
+        self.write_state(meta, None)?;
+        let dropped = self
+            .journal
+            .drop_before(to, true)
+            .map_err(io_err("removing folded journal segments in", &self.dir));
+        self.poison_on(dropped)
+    }
+
+    /// The recovery points, oldest first (committed ones only).
+    pub fn points(&self) -> Vec<RecoveryPoint> {
+        self.journal
+            .points
+            .iter()
+            .filter(|p| p.pos <= self.journal_committed)
+            .map(|p| RecoveryPoint {
+                seq: p.seq,
+                timestamp_ns: p.timestamp_ns,
+                app_consistent: p.app_consistent,
+                label: p.label.clone(),
+            })
+            .collect()
+    }
+
+    /// Bytes the history behind the recovery points takes.
+    pub fn history_bytes(&self) -> u64 {
+        self.journal.bytes()
+    }
+
+    /// The disks as of the recovery point `seq`, or (`None`) as of
+    /// everything applied so far.
+    pub fn view(&self, seq: Option<u64>) -> Result<View<'_>, StoreError> {
+        if self.poisoned {
+            return Err(StoreError::Poisoned);
+        }
+        let overlays = match seq {
+            None => self.journal.overlays.clone(),
+            Some(seq) => {
+                let p = self
+                    .journal
+                    .points
+                    .iter()
+                    .find(|p| p.seq == seq && p.pos <= self.journal_committed)
+                    .ok_or(StoreError::NoSuchPoint(seq))?;
+                self.journal.overlays_before(p.pos)
+            }
+        };
+        Ok(View {
+            group: self,
+            overlays,
+        })
     }
 
     /// The group's disks as last committed, by id.
@@ -825,7 +1059,7 @@ impl ReplicaGroup {
     }
 
     fn check_poisoned(&self) -> Result<(), StoreError> {
-        if self.poisoned {
+        if self.poisoned || self.read_only {
             Err(StoreError::Poisoned)
         } else {
             Ok(())
@@ -852,25 +1086,30 @@ impl ReplicaGroup {
         }
     }
 
-    fn write_state(&mut self, meta: Meta, journal_len: u64, redo: bool) -> Result<(), StoreError> {
+    fn write_state(&mut self, meta: Meta, fold_to: Option<u64>) -> Result<(), StoreError> {
         let file = StateFile {
             meta,
-            journal_len,
-            redo,
+            journal_start: self.journal.start,
+            journal_end: self.journal_committed,
+            fold_to,
         };
         let written = state::write_atomic(&self.dir, STATE_FILE, &file.encode())
             .map_err(io_err("writing the state file in", &self.dir));
         self.poison_on(written)
     }
 
-    /// Reads `buf.len()` bytes at `at` of `disk` as it reads now: the
-    /// journal's pieces over the image.
-    fn read_view(&self, disk: u32, at: u64, buf: &mut [u8]) -> io::Result<()> {
+    /// Reads `buf.len()` bytes at `at` of `disk` through `overlays` (the
+    /// journal's pieces over the image).
+    fn read_with(
+        &self,
+        overlays: &BTreeMap<u32, Overlay>,
+        disk: u32,
+        at: u64,
+        buf: &mut [u8],
+    ) -> io::Result<()> {
         let image = self.images.get(&disk).ok_or(io::ErrorKind::NotFound)?;
         let end = at + buf.len() as u64;
-        let pieces = self
-            .journal
-            .overlays
+        let pieces = overlays
             .get(&disk)
             .map(|o| o.pieces_in(at, end))
             .unwrap_or_default();
@@ -888,11 +1127,47 @@ impl ReplicaGroup {
             let r = slice(p.start, p.end);
             match p.source {
                 Source::Zero { .. } => buf[r].fill(0),
-                Source::Journal(from) => self.journal.file.read_exact_at(&mut buf[r], from)?,
+                Source::Journal(from) => self.journal.read_at(&mut buf[r], from)?,
             }
             pos = p.end;
         }
         Ok(())
+    }
+}
+
+impl View<'_> {
+    /// Reads `buf.len()` bytes at `offset` of `disk` as of this view.
+    pub fn read(&self, disk: u32, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        self.group.check_extent(disk, offset, buf.len() as u64)?;
+        self.group
+            .read_with(&self.overlays, disk, offset, buf)
+            .map_err(io_err("reading", &self.group.dir))
+    }
+
+    /// Whether `offset..offset+len` of `disk` surely reads as zeroes
+    /// without reading it: a hole of the image that no journal data
+    /// covers, or journaled zeroes. `false` means "unknown" (read it).
+    pub fn is_zero(&self, disk: u32, offset: u64, len: u64) -> bool {
+        let Some(image) = self.group.images.get(&disk) else {
+            return false;
+        };
+        let end = offset + len;
+        let pieces = self
+            .overlays
+            .get(&disk)
+            .map(|o| o.pieces_in(offset, end))
+            .unwrap_or_default();
+        let mut pos = offset;
+        for p in pieces {
+            if p.start > pos && !image::is_hole(image, pos, p.start - pos) {
+                return false;
+            }
+            if matches!(p.source, Source::Journal(_)) {
+                return false;
+            }
+            pos = p.end;
+        }
+        pos >= end || image::is_hole(image, pos, end - pos)
     }
 }
 
@@ -905,75 +1180,98 @@ mod tests {
         Record::decode(&entry.encode(seq, 0)).unwrap()
     }
 
-    /// A crash after the final commit's redo mark, with the apply to the
-    /// images cut short at every piece: reopening finishes it.
+    fn one_disk_group(dir: &Path) -> ReplicaGroup {
+        let mut g = ReplicaGroup::open(dir).unwrap();
+        g.ensure_disks(&[DiskSpec {
+            id: 0,
+            name: "a".into(),
+            size: 65536,
+        }])
+        .unwrap();
+        g.apply_chunk(0, 0, ChunkRef::Data(&[3u8; 65536]), Purpose::InitialSync)
+            .unwrap();
+        g.commit().unwrap();
+        g
+    }
+
+    fn read_point(g: &ReplicaGroup, seq: Option<u64>) -> Vec<u8> {
+        let mut buf = vec![0u8; 65536];
+        g.view(seq).unwrap().read(0, 0, &mut buf).unwrap();
+        buf
+    }
+
+    /// A fold cut short after any number of its pieces reached the image:
+    /// reopening finishes it, and every point it keeps reads as before.
     #[test]
-    fn an_interrupted_final_apply_is_redone_on_open() {
+    fn an_interrupted_fold_is_finished_on_open() {
         for applied_pieces in 0..4 {
             let dir = tempfile::tempdir().unwrap();
-            let mut g = ReplicaGroup::open(dir.path()).unwrap();
-            g.ensure_disks(&[DiskSpec {
-                id: 0,
-                name: "a".into(),
-                size: 65536,
-            }])
-            .unwrap();
-            g.apply_chunk(0, 0, ChunkRef::Data(&[3u8; 65536]), Purpose::InitialSync)
-                .unwrap();
-            g.commit().unwrap();
-            g.apply_record(&rec(&Entry::resync_needed(0, 0, 4096, 0), 1))
-                .unwrap();
-            g.apply_record(&rec(&Entry::write(0, 10_000, &[7u8; 3000], 0), 2))
-                .unwrap();
-            g.apply_record(&rec(&Entry::trim(0, 20_000, 5000, 0), 3))
-                .unwrap();
-            g.apply_chunk(0, 0, ChunkRef::Data(&[9u8; 4096]), Purpose::Resync)
-                .unwrap();
-            g.resync_done(0, 0, 4096).unwrap();
+            let mut g = one_disk_group(dir.path());
+            g.set_segment_size(200);
+            // The points' timestamps are near 1970: keep them.
+            g.set_retention(Retention {
+                window: std::time::Duration::MAX,
+                ..Retention::default()
+            });
             let mut expected = vec![3u8; 65536];
-            expected[10_000..13_000].fill(7);
-            expected[20_000..25_000].fill(0);
-            expected[..4096].fill(9);
+            let mut seq = 0;
+            let mut states = Vec::new();
+            for round in 0..4u8 {
+                let at = 1000 * usize::from(round);
+                seq += 1;
+                g.apply_record(&rec(
+                    &Entry::write(0, at as u64, &[round + 10; 3000], 0),
+                    seq,
+                ))
+                .unwrap();
+                expected[at..at + 3000].fill(round + 10);
+                seq += 1;
+                g.apply_record(&rec(&Entry::trim(0, 40_000 + at as u64, 500, 0), seq))
+                    .unwrap();
+                expected[40_000 + at..40_500 + at].fill(0);
+                seq += 1;
+                g.apply_record(&rec(&Entry::barrier(u64::from(round)), seq))
+                    .unwrap();
+                states.push((seq, expected.clone()));
+                g.commit().unwrap();
+            }
+            assert_eq!(g.points().len(), 4);
+            for (seq, state) in &states {
+                assert!(read_point(&g, Some(*seq)) == *state, "point {seq}");
+            }
 
-            // The first half of the final commit, by hand: commit mark,
-            // redo state, then only some of the pieces reach the image.
-            let mut meta = g.cur.clone();
-            g.journal.commit_mark(meta.seq, meta.generation).unwrap();
-            g.journal.file.sync_data().unwrap();
-            meta.mode = Mode::Consistent;
-            g.write_state(meta, g.journal.len, true).unwrap();
+            // The first half of a fold to the second point, by hand.
+            let to = g.journal.points[1].pos;
+            g.write_state(g.durable.clone(), Some(to)).unwrap();
             let mut partial = BTreeMap::new();
             let mut o = Overlay::default();
-            for p in g.journal.overlays[&0].all().take(applied_pieces) {
+            for p in g.journal.overlays_before(to)[&0].all().take(applied_pieces) {
                 o.insert(p.start, p.end, p.source);
             }
             partial.insert(0u32, o);
-            apply_overlays(&g.images, &g.journal.file, &partial).unwrap();
-            assert_eq!(
-                std::fs::read(dir.path().join("disk-0.img")).unwrap() == expected,
-                applied_pieces >= 3,
-                "the crash left a half-applied image"
-            );
+            apply_overlays(&g.images, &g.journal, &partial).unwrap();
             drop(g);
 
             let g = ReplicaGroup::open(dir.path()).unwrap();
+            let kept: Vec<u64> = g.points().iter().map(|p| p.seq).collect();
+            assert_eq!(kept, [states[2].0, states[3].0]);
+            for (seq, state) in &states[2..] {
+                assert!(read_point(&g, Some(*seq)) == *state, "point {seq}");
+            }
+            assert!(matches!(
+                g.view(Some(states[0].0)),
+                Err(StoreError::NoSuchPoint(_))
+            ));
+            assert!(read_point(&g, None) == expected);
+            let mut base = vec![0u8; 65536];
+            g.images[&0].read_exact_at(&mut base, 0).unwrap();
+            assert!(base == states[1].1, "the image holds the folded point");
             let p = g.position();
-            assert_eq!(p.state, GroupState::Consistent);
-            assert_eq!(p.durable_seq, 3);
-            assert_eq!(
-                std::fs::read(dir.path().join("disk-0.img")).unwrap(),
-                expected
-            );
-            assert_eq!(
-                std::fs::metadata(dir.path().join(JOURNAL_FILE))
-                    .unwrap()
-                    .len(),
-                0
-            );
             drop(g);
-            // The redo is itself committed: a second open changes nothing.
+            // The finished fold is itself committed: a second open agrees.
             let g = ReplicaGroup::open(dir.path()).unwrap();
             assert_eq!(g.position(), p);
+            assert_eq!(g.points().len(), 2);
         }
     }
 }

@@ -8,8 +8,8 @@ use std::io::{self, Read, Write};
 use std::path::Path;
 
 const MAGIC: [u8; 4] = *b"TMRS";
-const VERSION: u16 = 1;
-const FIXED_LEN: usize = 48;
+const VERSION: u16 = 2;
+const FIXED_LEN: usize = 64;
 const FLAG_REDO: u8 = 1 << 0;
 const FLAG_BARRIER: u8 = 1 << 1;
 /// The longest disk name, in bytes.
@@ -22,9 +22,11 @@ const MAX_STATE_FILE: u64 = 64 << 20;
 pub(crate) enum Mode {
     /// Some disk is still being copied; changes apply in place.
     InitialSync,
-    /// The images are a replay of the log; changes apply in place.
+    /// The images plus the journal are a replay of the log; changes go to
+    /// the journal, every barrier is a recovery point.
     Consistent,
-    /// Extents are being resynced; changes go to the journal.
+    /// Extents are being resynced; changes go to the journal, barriers are
+    /// no recovery points until it completes.
     Resyncing,
 }
 
@@ -78,11 +80,15 @@ impl Meta {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct StateFile {
     pub(crate) meta: Meta,
-    /// Bytes of the journal that are committed.
-    pub(crate) journal_len: u64,
-    /// The committed journal must be applied to the images (a resync
-    /// completed; the apply may have been cut short by a crash).
-    pub(crate) redo: bool,
+    /// Journal position where the history starts: everything before it
+    /// is folded into the images.
+    pub(crate) journal_start: u64,
+    /// Journal position where the committed history ends.
+    pub(crate) journal_end: u64,
+    /// A fold into the images up to this position was begun (and may have
+    /// been cut short by a crash): finish it on open. The points before it
+    /// are gone already.
+    pub(crate) fold_to: Option<u64>,
 }
 
 impl StateFile {
@@ -97,7 +103,7 @@ impl StateFile {
             Mode::Resyncing => 2,
         });
         let mut flags = 0;
-        if self.redo {
+        if self.fold_to.is_some() {
             flags |= FLAG_REDO;
         }
         if m.last_barrier.is_some() {
@@ -110,7 +116,9 @@ impl StateFile {
         let (bs, bt) = m.last_barrier.unwrap_or((0, 0));
         b.extend_from_slice(&bs.to_le_bytes());
         b.extend_from_slice(&bt.to_le_bytes());
-        b.extend_from_slice(&self.journal_len.to_le_bytes());
+        b.extend_from_slice(&self.journal_start.to_le_bytes());
+        b.extend_from_slice(&self.journal_end.to_le_bytes());
+        b.extend_from_slice(&self.fold_to.unwrap_or(0).to_le_bytes());
         for d in &m.disks {
             let pending: Vec<(u64, u64)> = d.pending.iter().collect();
             b.extend_from_slice(&d.id.to_le_bytes());
@@ -159,7 +167,9 @@ impl StateFile {
         let generation = r.u32()?;
         let ndisks = r.u32()?;
         let barrier = (r.u64()?, r.u64()?);
-        let journal_len = r.u64()?;
+        let journal_start = r.u64()?;
+        let journal_end = r.u64()?;
+        let fold_to = r.u64()?;
         let mut disks: Vec<Disk> = Vec::new();
         for _ in 0..ndisks {
             let id = r.u32()?;
@@ -198,9 +208,12 @@ impl StateFile {
         if r.at != body.len() {
             return Err("trailing bytes");
         }
-        let redo = flags & FLAG_REDO != 0;
-        if redo && journal_len == 0 {
-            return Err("redo without a journal");
+        let fold_to = (flags & FLAG_REDO != 0).then_some(fold_to);
+        if journal_start > journal_end {
+            return Err("the history starts after its end");
+        }
+        if fold_to.is_some_and(|to| to < journal_start || to > journal_end) {
+            return Err("a fold outside the history");
         }
         Ok(StateFile {
             meta: Meta {
@@ -210,8 +223,9 @@ impl StateFile {
                 mode,
                 last_barrier: (flags & FLAG_BARRIER != 0).then_some(barrier),
             },
-            journal_len,
-            redo,
+            journal_start,
+            journal_end,
+            fold_to,
         })
     }
 }
@@ -313,8 +327,9 @@ mod tests {
                 mode: Mode::Resyncing,
                 last_barrier: Some((70, 123_456)),
             },
-            journal_len: 4000,
-            redo: false,
+            journal_start: 100,
+            journal_end: 4000,
+            fold_to: None,
         }
     }
 
@@ -323,7 +338,7 @@ mod tests {
         let s = sample();
         assert_eq!(StateFile::decode(&s.encode()), Ok(s.clone()));
         let mut t = s;
-        t.redo = true;
+        t.fold_to = Some(2000);
         t.meta.last_barrier = None;
         t.meta.mode = Mode::Consistent;
         assert_eq!(StateFile::decode(&t.encode()), Ok(t));

@@ -1,0 +1,295 @@
+//! `tidemark points` and `tidemark failover`: the recovery points a
+//! receiver keeps for a protected host's group, and taking one over.
+
+use crate::timefmt;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+use tidemark_receiver::store::{GroupState, RecoveryPoint, ReplicaGroup, View};
+
+/// Which replica: `--data-dir`, `--host`, `--group`.
+#[derive(Debug, Args)]
+pub(crate) struct ReplicaArgs {
+    /// The receiver's data directory.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// The protected host.
+    #[arg(long)]
+    host: String,
+    /// Its consistency group.
+    #[arg(long, default_value = "default")]
+    group: String,
+}
+
+impl ReplicaArgs {
+    fn dir(&self) -> Result<PathBuf> {
+        let dir = tidemark_receiver::daemon::group_dir(&self.data_dir, &self.host, &self.group);
+        if !dir.join("state").exists() {
+            bail!(
+                "no replica of {}/{} under {}",
+                self.host,
+                self.group,
+                self.data_dir.display()
+            );
+        }
+        Ok(dir)
+    }
+}
+
+/// `tidemark points`.
+#[derive(Debug, Args)]
+pub(crate) struct PointsArgs {
+    #[command(flatten)]
+    replica: ReplicaArgs,
+    /// One JSON object per line instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `tidemark failover`.
+#[derive(Debug, Args)]
+pub(crate) struct FailoverArgs {
+    #[command(flatten)]
+    replica: ReplicaArgs,
+    /// The recovery point: `latest`, a sequence number, a time (RFC 3339,
+    /// e.g. 2026-11-23T10:00:00Z: the newest point at or before it) or a
+    /// marker's label (its newest point).
+    #[arg(long, default_value = "latest")]
+    point: String,
+    /// Directory to write one image per disk into (`<disk>.img`).
+    #[arg(long)]
+    to: PathBuf,
+}
+
+fn kind(p: &RecoveryPoint) -> &'static str {
+    match (p.label.is_empty(), p.app_consistent) {
+        (true, _) => "crash-consistent",
+        (false, false) => "marker",
+        (false, true) => "app-consistent",
+    }
+}
+
+fn age(now_ns: u64, ts: u64) -> String {
+    let s = now_ns.saturating_sub(ts) / 1_000_000_000;
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
+    }
+}
+
+pub(crate) fn points(a: PointsArgs) -> Result<ExitCode> {
+    let dir = a.replica.dir()?;
+    let group = ReplicaGroup::open_read_only(&dir)
+        .with_context(|| format!("reading the replica {}", dir.display()))?;
+    let points = group.points();
+    let now = tidemark_changelog::now_ns();
+    if a.json {
+        for p in &points {
+            let line = serde_json::json!({
+                "seq": p.seq,
+                "time": timefmt::utc(p.timestamp_ns),
+                "timestamp_ns": p.timestamp_ns,
+                "kind": kind(p),
+                "label": p.label,
+                "age_seconds": now.saturating_sub(p.timestamp_ns) as f64 / 1e9,
+            });
+            println!("{line}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let state = match group.position().state {
+        GroupState::InitialSync => "initial sync (no point yet)".to_string(),
+        GroupState::Consistent => "consistent".to_string(),
+        GroupState::Resyncing { pending } => format!(
+            "resyncing {} extents (no new points until it completes)",
+            pending.len()
+        ),
+    };
+    println!(
+        "{}/{}: {} recovery points, {} MiB of history, {state}",
+        a.replica.host,
+        a.replica.group,
+        points.len(),
+        group.history_bytes() >> 20
+    );
+    if points.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:>12}  {:<24}  {:>6}  {:<16}  LABEL",
+        "SEQ", "TIME (UTC)", "AGE", "KIND"
+    );
+    for p in &points {
+        println!(
+            "{:>12}  {:<24}  {:>6}  {:<16}  {}",
+            p.seq,
+            timefmt::utc(p.timestamp_ns),
+            age(now, p.timestamp_ns),
+            kind(p),
+            p.label
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The point `spec` names among `points` (oldest first).
+fn choose<'p>(points: &'p [RecoveryPoint], spec: &str) -> Result<&'p RecoveryPoint> {
+    let Some(newest) = points.last() else {
+        bail!("the replica has no recovery point yet");
+    };
+    if spec == "latest" {
+        return Ok(newest);
+    }
+    if let Ok(seq) = spec.parse::<u64>() {
+        return points.iter().find(|p| p.seq == seq).with_context(|| {
+            format!("no recovery point at sequence {seq} (see `tidemark points`)")
+        });
+    }
+    if let Ok(t) = humantime::parse_rfc3339_weak(spec) {
+        let ns = t
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos().min(u128::from(u64::MAX)) as u64)
+            .unwrap_or(0);
+        return points
+            .iter()
+            .rev()
+            .find(|p| p.timestamp_ns <= ns)
+            .with_context(|| {
+                format!(
+                    "no recovery point at or before {spec}; the oldest is {}",
+                    timefmt::utc(points[0].timestamp_ns)
+                )
+            });
+    }
+    points
+        .iter()
+        .rev()
+        .find(|p| p.label == spec)
+        .with_context(|| {
+            format!("{spec:?} is not `latest`, a sequence number, a time or a marker's label")
+        })
+}
+
+pub(crate) fn failover(a: FailoverArgs) -> Result<ExitCode> {
+    let dir = a.replica.dir()?;
+    let group = ReplicaGroup::open(&dir).with_context(|| {
+        format!(
+            "opening the replica {} (a running receiver holds it: stop it first)",
+            dir.display()
+        )
+    })?;
+    let points = group.points();
+    let point = choose(&points, &a.point)?;
+    let view = group.view(Some(point.seq))?;
+    std::fs::create_dir_all(&a.to).with_context(|| format!("creating {}", a.to.display()))?;
+    println!(
+        "failing over {}/{} to the recovery point at sequence {} ({}, {}{})",
+        a.replica.host,
+        a.replica.group,
+        point.seq,
+        timefmt::utc(point.timestamp_ns),
+        kind(point),
+        if point.label.is_empty() {
+            String::new()
+        } else {
+            format!(" {:?}", point.label)
+        }
+    );
+    for d in group.disk_specs() {
+        let dst = a.to.join(format!("{}.img", d.name));
+        let copied = materialise(&view, d.id, d.size, &dst, &d.name)?;
+        println!(
+            "  {} → {} ({} bytes, {} bytes of data)",
+            d.name,
+            dst.display(),
+            d.size,
+            copied
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes `disk` as `view` reads it into `dst` (created, sparse: zero
+/// ranges stay holes), with a progress line per 10 %. Returns the bytes of
+/// data written.
+fn materialise(view: &View<'_>, disk: u32, size: u64, dst: &Path, name: &str) -> Result<u64> {
+    const CHUNK: u64 = 4 << 20;
+    let output = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dst)
+        .with_context(|| format!("creating {} (it must not exist)", dst.display()))?;
+    output.set_len(size)?;
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut written = 0u64;
+    let mut at = 0u64;
+    let mut next_report = size / 10;
+    let started = Instant::now();
+    while at < size {
+        let n = (size - at).min(CHUNK);
+        if !view.is_zero(disk, at, n) {
+            let chunk = &mut buf[..n as usize];
+            view.read(disk, at, chunk)?;
+            // Write 64 KiB pieces that hold data; zero pieces stay holes.
+            for (i, piece) in chunk.chunks(64 << 10).enumerate() {
+                if piece.iter().any(|b| *b != 0) {
+                    output
+                        .write_all_at(piece, at + (i as u64) * (64 << 10))
+                        .with_context(|| format!("writing {}", dst.display()))?;
+                    written += piece.len() as u64;
+                }
+            }
+        }
+        at += n;
+        if at >= next_report && at < size {
+            println!(
+                "  {name}: {}% ({} MiB/s)",
+                at * 100 / size,
+                (at as f64 / 1048576.0 / started.elapsed().as_secs_f64().max(1e-3)) as u64
+            );
+            next_report = at + size / 10;
+        }
+    }
+    output
+        .sync_all()
+        .with_context(|| format!("syncing {}", dst.display()))?;
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(seq: u64, ts: u64, label: &str) -> RecoveryPoint {
+        RecoveryPoint {
+            seq,
+            timestamp_ns: ts,
+            app_consistent: false,
+            label: label.into(),
+        }
+    }
+
+    #[test]
+    fn points_are_chosen_by_latest_seq_time_and_label() {
+        let s = 1_000_000_000u64;
+        let points = [
+            p(10, 1_795_425_000 * s, ""),
+            p(20, 1_795_425_060 * s, "pre-upgrade"),
+            p(30, 1_795_425_120 * s, ""),
+        ];
+        assert_eq!(choose(&points, "latest").unwrap().seq, 30);
+        assert_eq!(choose(&points, "20").unwrap().seq, 20);
+        assert!(choose(&points, "21").is_err());
+        assert_eq!(choose(&points, "pre-upgrade").unwrap().seq, 20);
+        // 1_795_425_090 s = 2026-11-23T09:11:30Z: the point before it.
+        assert_eq!(choose(&points, "2026-11-23T09:11:30Z").unwrap().seq, 20);
+        assert!(choose(&points, "2020-01-01T00:00:00Z").is_err());
+        assert!(choose(&points, "no-such-label").is_err());
+        assert!(choose(&[], "latest").is_err());
+    }
+}
