@@ -451,6 +451,8 @@ fn packages_install_run_and_remove() {
         "/usr/share/bash-completion/completions/tidemark",
         "/usr/share/zsh/vendor-completions/_tidemark",
         "/usr/share/fish/vendor_completions.d/tidemark.fish",
+        "/usr/share/tidemark/prometheus/tidemark-alerts.yml",
+        "/usr/share/tidemark/grafana/tidemark-dashboard.json",
     ] {
         assert!(chroot_has(&root, path), "{path} not installed");
     }
@@ -538,6 +540,8 @@ fn packages_install_run_and_remove() {
         "/usr/share/bash-completion/completions/tidemark".into(),
         "/usr/share/zsh/site-functions/_tidemark".into(),
         "/usr/share/fish/vendor_completions.d/tidemark.fish".into(),
+        "/usr/share/tidemark/prometheus/tidemark-alerts.yml".into(),
+        "/usr/share/tidemark/grafana/tidemark-dashboard.json".into(),
     ];
     expected.extend(UNITS.iter().map(|u| format!("/usr/lib/systemd/system/{u}")));
     expected.extend(CONFIGS.iter().map(|c| format!("/etc/tidemark/{c}.toml")));
