@@ -25,6 +25,11 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     }
 fi
 
+# The kernel tests boot a Debian kernel under qemu (bookworm-backports'
+# qemu-system-x86, busybox-static, kmod, nbd-client); the kernel itself is
+# fetched (and cached under target/) on first use.
+scripts/kernel-vm.sh install
+
 # The packaging test builds .deb and .rpm packages (scripts/package.sh).
 for tool in cargo-deb:3.8.0 cargo-generate-rpm:0.21.1; do
     command -v "${tool%%:*}" >/dev/null 2>&1 && continue

@@ -1,0 +1,340 @@
+//! The real Linux kernel's NBD client on our tracker. A Debian kernel booted
+//! under qemu (`scripts/kernel-vm.sh`, see TESTBED.md) attaches `/dev/nbd0`
+//! to `tidemark tracker serve` over loopback TCP, then makes, churns and
+//! unmounts an ext4 on it (`scripts/vm-scenarios/nbd-ext4.sh`).
+//!
+//! Proven afterwards on the host: the log verifies; replaying it onto a
+//! blank image gives the tracker's backing image byte for byte; the
+//! replayed filesystem passes `e2fsck -fn` and holds the file the guest
+//! wrote, with the checksum the guest computed; the kernel's FLUSH and FUA
+//! requests left barriers in the log.
+//!
+//! Skips (with a message, and never under CI) when qemu or the kernel
+//! cannot be had; `scripts/kernel-vm.sh install` installs the former,
+//! `scripts/kernel-vm.sh kernel` fetches the latter.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tidemark_e2e::{require_tool, tidemark};
+
+const TEST: &str = "ext4_on_the_kernel_nbd_client";
+/// Size of the protected disk.
+const SIZE: u64 = 256 << 20;
+/// The export name the guest asks for (not the disk's name, to prove the
+/// `export-name` key reaches the handshake).
+const EXPORT: &str = "vmdisk";
+/// Hard limit for the guest, boot to poweroff.
+const VM_TIMEOUT_SECS: u32 = 300;
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the repository")
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
+    text
+}
+
+/// Whether the guest kernel is cached or can be fetched. Like
+/// `require_tool`: a skip with a message, but a failure under CI.
+fn require_kernel() -> bool {
+    let out = Command::new("bash")
+        .arg(repo_root().join("scripts/kernel-vm.sh"))
+        .arg("kernel")
+        .output()
+        .expect("running scripts/kernel-vm.sh kernel");
+    if out.status.success() {
+        return true;
+    }
+    let why = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{TEST}: the guest kernel cannot be had under CI:\n{why}"
+    );
+    eprintln!("SKIP {TEST}: the guest kernel cannot be had (scripts/kernel-vm.sh kernel):\n{why}");
+    false
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+fn free_loopback_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0");
+    listener.local_addr().unwrap().port()
+}
+
+/// `tidemark tracker serve --config FILE`, killed if the test panics.
+struct Tracker(Option<Child>);
+
+impl Tracker {
+    fn start(config: &Path) -> Tracker {
+        let mut child = tidemark()
+            .args(["tracker", "serve", "--config"])
+            .arg(config)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting the tracker");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = std::io::BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            // Keep draining so the tracker never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let tracker = Tracker(Some(child));
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the tracker did not become ready within 60 s");
+        assert!(
+            line.starts_with("tracker ready"),
+            "unexpected first line: {line}"
+        );
+        tracker
+    }
+
+    /// SIGTERM, then waits; returns whether it exited successfully.
+    fn stop(mut self) -> bool {
+        let mut child = self.0.take().expect("running");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("sending SIGTERM");
+        child.wait().expect("waiting for the tracker").success()
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// What the log holds, from `tidemark log dump --json`.
+#[derive(Debug, Default)]
+struct LogSummary {
+    kinds: BTreeMap<String, u64>,
+    /// Barriers whose preceding record is a write: what a FUA write leaves
+    /// (the tracker appends a barrier right after it). A FLUSH leaves a
+    /// barrier after whatever came before, usually a barrier or a write.
+    barriers_after_write: u64,
+    /// Write record lengths: count per power-of-two size class.
+    write_sizes: BTreeMap<u64, u64>,
+    max_write: u64,
+    /// Bytes of write records.
+    write_bytes: u64,
+}
+
+fn summarize_log(log_dir: &Path) -> LogSummary {
+    let dump = run(tidemark().args(["log", "dump", "--json"]).arg(log_dir));
+    let mut summary = LogSummary::default();
+    let mut previous = String::new();
+    for line in dump.lines() {
+        let record: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("log dump printed {line:?}: {e}"));
+        let kind = record["kind"].as_str().expect("a kind").to_string();
+        *summary.kinds.entry(kind.clone()).or_default() += 1;
+        if kind == "barrier" && previous == "write" {
+            summary.barriers_after_write += 1;
+        }
+        if kind == "write" {
+            let length = record["length"].as_u64().expect("a length");
+            *summary
+                .write_sizes
+                .entry(length.next_power_of_two())
+                .or_default() += 1;
+            summary.max_write = summary.max_write.max(length);
+            summary.write_bytes += length;
+        }
+        previous = kind;
+    }
+    summary
+}
+
+/// `key=value` fields of the guest's console line that starts with `tag`.
+fn console_fields(console: &str, tag: &str) -> BTreeMap<String, String> {
+    console
+        .lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .find_map(|l| l.strip_prefix(tag))
+        .unwrap_or_else(|| panic!("no {tag:?} line on the guest console"))
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn ext4_on_the_kernel_nbd_client() {
+    for tool in [
+        "qemu-system-x86_64",
+        "busybox",
+        "nbd-client",
+        "modprobe",
+        "mkfs.ext4",
+        "e2fsck",
+        "debugfs",
+        "cmp",
+        "sha256sum",
+    ] {
+        if !require_tool(tool, TEST) {
+            return;
+        }
+    }
+    if !require_kernel() {
+        return;
+    }
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let image = dir.join("disk.img");
+    fs::File::create(&image).unwrap().set_len(SIZE).unwrap();
+    let log_dir = dir.join("log");
+    let port = free_loopback_port();
+    let config = dir.join("tracker.toml");
+    fs::write(
+        &config,
+        format!(
+            r#"[tracker]
+log-dir = "{log}"
+socket = "{dir}/nbd.sock"
+control-socket = "{dir}/tracker.ctl"
+tcp-listen = "127.0.0.1:{port}"
+metrics-listen = "127.0.0.1:0"
+log-size-limit = "1GiB"
+
+[[tracker.disk]]
+name = "disk"
+path = "{image}"
+export-name = "{EXPORT}"
+"#,
+            log = log_dir.display(),
+            dir = dir.display(),
+            image = image.display(),
+        ),
+    )
+    .unwrap();
+    let tracker = Tracker::start(&config);
+
+    // The guest: attach, mkfs, mount, churn, write the known file, umount,
+    // detach. Its console carries the results.
+    let console_file = dir.join("console.log");
+    let started = Instant::now();
+    let vm = Command::new("bash")
+        .arg(repo_root().join("scripts/kernel-vm.sh"))
+        .arg("run")
+        .arg(repo_root().join("scripts/vm-scenarios/nbd-ext4.sh"))
+        .args(["--env", &format!("NBD_PORT={port}")])
+        .args(["--env", &format!("NBD_EXPORT={EXPORT}")])
+        .args(["--timeout", &VM_TIMEOUT_SECS.to_string()])
+        .arg("--console")
+        .arg(&console_file)
+        .output()
+        .expect("running scripts/kernel-vm.sh run");
+    let vm_secs = started.elapsed().as_secs_f64();
+    assert!(
+        vm.status.success(),
+        "the guest scenario failed:\n{}{}",
+        String::from_utf8_lossy(&vm.stdout),
+        String::from_utf8_lossy(&vm.stderr)
+    );
+    let console = String::from_utf8_lossy(&fs::read(&console_file).unwrap()).into_owned();
+    eprintln!("{TEST}: the guest ran for {vm_secs:.1} s (initramfs, boot, scenario)");
+    for line in console.lines().filter(|l| l.starts_with("TIDEMARK-VM-")) {
+        eprintln!("{TEST}: guest: {}", line.trim_end());
+    }
+
+    assert!(
+        tracker.stop(),
+        "the tracker did not stop cleanly on SIGTERM"
+    );
+    eprint!(
+        "{TEST}: {}",
+        run(tidemark().args(["log", "check"]).arg(&log_dir))
+    );
+
+    // The whole log onto a blank disk is the disk the tracker served.
+    let replayed = dir.join("replayed.img");
+    fs::File::create(&replayed).unwrap().set_len(SIZE).unwrap();
+    eprint!(
+        "{TEST}: {}",
+        run(tidemark()
+            .args(["log", "replay"])
+            .arg(&log_dir)
+            .arg("--onto")
+            .arg(&replayed))
+    );
+    run(Command::new("cmp").arg(&image).arg(&replayed));
+    run(Command::new("e2fsck").arg("-fn").arg(&replayed));
+
+    // The guest's file, read back by another ext4 reader than the kernel.
+    let known = console_fields(&console, "TIDEMARK-VM-RESULT ");
+    let extracted = dir.join("known.bin");
+    run(Command::new("debugfs")
+        .arg("-R")
+        .arg(format!(
+            "dump {} {}",
+            known["known-file"],
+            extracted.display()
+        ))
+        .arg(&replayed));
+    let sum = run(Command::new("sha256sum").arg(&extracted));
+    assert_eq!(
+        sum.split_whitespace().next(),
+        Some(known["sha256"].as_str()),
+        "the file the guest wrote reads back differently from the replayed image"
+    );
+
+    // Barriers: every FLUSH and every FUA write the kernel sent is one.
+    let log = summarize_log(&log_dir);
+    let barriers = log.kinds.get("barrier").copied().unwrap_or(0);
+    eprintln!(
+        "{TEST}: log records by kind {:?}; {} barriers right after a write; \
+         write sizes (power-of-two classes, bytes) {:?}; largest write {} bytes",
+        log.kinds, log.barriers_after_write, log.write_sizes, log.max_write
+    );
+    assert!(barriers > 0, "no barrier in the log");
+    // The guest's own count of what it sent, when tracefs was there: every
+    // FLUSH and every FUA write is one barrier, plus the one the tracker
+    // writes when it stops cleanly; every byte written is logged once.
+    if console.contains("TIDEMARK-VM-INFO guest-requests ") {
+        let sent = console_fields(&console, "TIDEMARK-VM-INFO guest-requests ");
+        let count = |k: &str| sent[k].parse::<u64>().unwrap();
+        let (flushes, fua) = (count("flushes"), count("fua-writes"));
+        eprintln!(
+            "{TEST}: the guest sent {} writes ({} bytes, {fua} of them FUA), {flushes} flushes; \
+             the log holds {} writes ({} bytes) and {barriers} barriers",
+            count("writes"),
+            count("write-bytes"),
+            log.kinds.get("write").copied().unwrap_or(0),
+            log.write_bytes
+        );
+        assert!(
+            (flushes + fua..=flushes + fua + 1).contains(&barriers),
+            "{flushes} flushes + {fua} FUA writes were sent (+1 barrier at the clean stop) \
+             but the log holds {barriers} barriers"
+        );
+        assert_eq!(
+            log.write_bytes,
+            count("write-bytes"),
+            "bytes the guest wrote vs bytes of write records in the log"
+        );
+    }
+}
