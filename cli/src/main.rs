@@ -7,6 +7,7 @@ mod log_cmd;
 mod pki_cmd;
 mod points_cmd;
 mod replication_cmd;
+mod test_failover_cmd;
 mod timefmt;
 mod tracker_cmd;
 
@@ -49,6 +50,10 @@ enum Command {
     /// List the recovery points a receiver keeps for a host's group (works
     /// while the receiver runs).
     Points(points_cmd::PointsArgs),
+    /// Serve a recovery point over NBD on the replica site, read-write
+    /// with the writes discarded afterwards, while replication goes on.
+    #[command(subcommand)]
+    TestFailover(test_failover_cmd::TestFailoverCommand),
     /// Write the man pages and shell completions (for packaging).
     #[command(hide = true)]
     GenerateDocs(docs_cmd::GenerateDocsArgs),
@@ -72,6 +77,7 @@ fn main() -> ExitCode {
         Command::Shipper(cmd) => replication_cmd::run_shipper(cmd),
         Command::Failover(a) => points_cmd::failover(a),
         Command::Points(a) => points_cmd::points(a),
+        Command::TestFailover(cmd) => test_failover_cmd::run(cmd),
         Command::GenerateDocs(a) => docs_cmd::run(a, Cli::command()),
     };
     match result {

@@ -15,17 +15,17 @@ use tidemark_receiver::store::{GroupState, RecoveryPoint, ReplicaGroup, View};
 pub(crate) struct ReplicaArgs {
     /// The receiver's data directory.
     #[arg(long)]
-    data_dir: PathBuf,
+    pub(crate) data_dir: PathBuf,
     /// The protected host.
     #[arg(long)]
-    host: String,
+    pub(crate) host: String,
     /// Its consistency group.
     #[arg(long, default_value = "default")]
-    group: String,
+    pub(crate) group: String,
 }
 
 impl ReplicaArgs {
-    fn dir(&self) -> Result<PathBuf> {
+    pub(crate) fn dir(&self) -> Result<PathBuf> {
         let dir = tidemark_receiver::daemon::group_dir(&self.data_dir, &self.host, &self.group);
         if !dir.join("state").exists() {
             bail!(
@@ -64,7 +64,7 @@ pub(crate) struct FailoverArgs {
     to: PathBuf,
 }
 
-fn kind(p: &RecoveryPoint) -> &'static str {
+pub(crate) fn kind(p: &RecoveryPoint) -> &'static str {
     match (p.label.is_empty(), p.app_consistent) {
         (true, _) => "crash-consistent",
         (false, false) => "marker",
@@ -138,7 +138,7 @@ pub(crate) fn points(a: PointsArgs) -> Result<ExitCode> {
 }
 
 /// The point `spec` names among `points` (oldest first).
-fn choose<'p>(points: &'p [RecoveryPoint], spec: &str) -> Result<&'p RecoveryPoint> {
+pub(crate) fn choose<'p>(points: &'p [RecoveryPoint], spec: &str) -> Result<&'p RecoveryPoint> {
     let Some(newest) = points.last() else {
         bail!("the replica has no recovery point yet");
     };

@@ -399,3 +399,164 @@ fn the_bandwidth_limit_paces_what_goes_on_the_wire() {
     assert!(tracker.stop());
     receiver.stop();
 }
+
+/// The newest recovery point's sequence number, per `tidemark points`.
+fn newest_point(dir: &Path) -> u64 {
+    let out = run_ok(
+        tidemark()
+            .args(["points", "--json", "--data-dir"])
+            .arg(dir.join("replicas"))
+            .args(["--host", HOST]),
+    );
+    let last = out.lines().last().expect("at least one recovery point");
+    let v: serde_json::Value = serde_json::from_str(last).unwrap();
+    v["seq"].as_u64().unwrap()
+}
+
+/// Starts `tidemark test-failover start` at `point` and waits until it
+/// serves; returns it and the NBD URI of the disk.
+fn start_test_failover(dir: &Path, point: u64) -> (Daemon, String) {
+    let socket = dir.join("test-failover.sock");
+    let mut child = tidemark()
+        .args(["test-failover", "start", "--data-dir"])
+        .arg(dir.join("replicas"))
+        .args(["--host", HOST, "--point", &point.to_string(), "--socket"])
+        .arg(&socket)
+        .stdout(Stdio::piped())
+        .stderr(fs::File::create(dir.join("test-failover.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut lines = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("the test failover did not start: {lines:?}"));
+        let done = line.starts_with("ready");
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    assert!(lines[0].contains(&format!("sequence {point}")), "{lines:?}");
+    (
+        Daemon::new(child, "test failover"),
+        format!("nbd+unix:///disk?socket={}", socket.display()),
+    )
+}
+
+#[test]
+fn a_test_failover_serves_a_point_read_write_while_replication_goes_on() {
+    let test = "a_test_failover_serves_a_point_read_write_while_replication_goes_on";
+    if !require_tool("qemu-io", test) || !require_tool("nbdcopy", test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (rpki, hpki) = enroll(dir, HOST);
+    let image = dir.join("disk.img");
+    fs::File::create(&image).unwrap().set_len(SIZE).unwrap();
+    let port = free_port();
+    let receiver = start_receiver(dir, &rpki, port, None);
+    let tracker = TrackerProcess::start(dir, &image, &[]);
+    let log_dir = tracker.log_dir.clone();
+    let uri = tracker.uri();
+    let shipper = start_shipper(dir, &log_dir, &hpki, port);
+    qemu_io(
+        &uri,
+        &["write -P 0x11 0 4M", "write -P 0x12 20M 1M", "flush"],
+    );
+    wait_caught_up(dir, &log_dir, Duration::from_secs(60));
+    // The source now is what the newest point holds (the flush is its
+    // barrier).
+    let reference = fs::read(&image).unwrap();
+    let point = newest_point(dir);
+
+    let (test, test_uri) = start_test_failover(dir, point);
+    let copy = dir.join("test-copy.img");
+    let out = Command::new("nbdcopy")
+        .arg(&test_uri)
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        fs::read(&copy).unwrap() == reference,
+        "the test failover does not serve the point"
+    );
+    // The test writes (unaligned too), and reads its own writes back.
+    qemu_io(
+        &test_uri,
+        &[
+            "write -P 0x77 1M 2M",
+            "write -P 0x78 3000 1000",
+            "write -z 20M 64k",
+            "flush",
+            "read -P 0x77 1M 2M",
+            "read -P 0x78 3000 1000",
+            "read -P 0x11 0 3000",
+            "read -P 0x11 4000 4096",
+            "read -P 0 20M 64k",
+            "read -P 0x12 20544k 960k",
+        ],
+    );
+    // Replication goes on meanwhile: new writes arrive and become points.
+    qemu_io(&uri, &["write -P 0x22 8M 4M", "flush"]);
+    wait_caught_up(dir, &log_dir, Duration::from_secs(60));
+    assert!(
+        newest_point(dir) > point,
+        "no new recovery point during the test"
+    );
+
+    // Ending the test leaves nothing behind.
+    assert!(test.stop().success());
+    let group_dir = dir.join("replicas").join(HOST).join("default");
+    assert!(!group_dir.join("test-failover").exists(), "traces left");
+    assert!(!dir.join("test-failover.sock").exists());
+
+    // A test that is killed leaves its scratch; cleanup removes it.
+    let (test, _) = start_test_failover(dir, point);
+    test.kill();
+    assert!(group_dir.join("test-failover").exists());
+    let out = run_ok(
+        tidemark()
+            .args(["test-failover", "cleanup", "--data-dir"])
+            .arg(dir.join("replicas"))
+            .args(["--host", HOST]),
+    );
+    assert!(out.contains("removed"), "{out}");
+    assert!(!group_dir.join("test-failover").exists());
+
+    // The point is unchanged by the test's writes: fail over to it.
+    assert!(tracker.stop());
+    wait_caught_up(dir, &log_dir, Duration::from_secs(60));
+    assert!(shipper.stop().success());
+    assert!(receiver.stop().success());
+    let to = dir.join("at-point");
+    run_ok(
+        tidemark()
+            .args(["failover", "--point", &point.to_string(), "--data-dir"])
+            .arg(dir.join("replicas"))
+            .args(["--host", HOST, "--to"])
+            .arg(&to),
+    );
+    assert!(
+        fs::read(to.join("disk.img")).unwrap() == reference,
+        "the point changed"
+    );
+    failover_and_compare(dir, &image);
+}

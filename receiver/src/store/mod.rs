@@ -322,6 +322,50 @@ pub struct View<'a> {
     overlays: BTreeMap<u32, Overlay>,
 }
 
+/// A [`View`] that owns a share of its (read-only) group, for servers
+/// that read a point from many threads.
+#[derive(Debug)]
+pub struct SharedView {
+    group: std::sync::Arc<ReplicaGroup>,
+    overlays: BTreeMap<u32, Overlay>,
+}
+
+impl SharedView {
+    /// The disks of `group` as of the recovery point `seq`.
+    pub fn new(group: std::sync::Arc<ReplicaGroup>, seq: u64) -> Result<SharedView, StoreError> {
+        let overlays = group.view(Some(seq))?.overlays;
+        Ok(SharedView { group, overlays })
+    }
+
+    /// See [`View::read`].
+    pub fn read(&self, disk: u32, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        self.view().read(disk, offset, buf)
+    }
+
+    /// See [`View::is_zero`].
+    pub fn is_zero(&self, disk: u32, offset: u64, len: u64) -> bool {
+        self.view().is_zero(disk, offset, len)
+    }
+
+    /// The group's disks.
+    pub fn disk_specs(&self) -> Vec<DiskSpec> {
+        self.group.disk_specs()
+    }
+
+    fn view(&self) -> ViewRef<'_> {
+        ViewRef {
+            group: &self.group,
+            overlays: &self.overlays,
+        }
+    }
+}
+
+/// What reading a view needs, borrowed.
+struct ViewRef<'a> {
+    group: &'a ReplicaGroup,
+    overlays: &'a BTreeMap<u32, Overlay>,
+}
+
 fn image_name(id: u32) -> String {
     format!("disk-{id}.img")
 }
@@ -409,6 +453,20 @@ fn apply_overlays(
         image.sync_data()?;
     }
     Ok(())
+}
+
+/// The directory of a running test failover in a group directory: its
+/// pin (the point it reads, never folded while the file exists) and its
+/// scratch files.
+pub const TEST_FAILOVER_DIR: &str = "test-failover";
+/// The pin file in [`TEST_FAILOVER_DIR`]: the pinned point's sequence
+/// number, in decimal.
+pub const PIN_FILE: &str = "pin";
+
+/// The sequence number pinned by a test failover of the group in `dir`.
+fn read_pin(dir: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(dir.join(TEST_FAILOVER_DIR).join(PIN_FILE)).ok()?;
+    text.trim().parse().ok()
 }
 
 /// The default size at which the journal begins a new segment.
@@ -946,6 +1004,12 @@ impl ReplicaGroup {
                 }
             }
         }
+        // A test failover reads its point while replication goes on: never
+        // fold it (or anything after it).
+        if let Some(pin) = read_pin(&self.dir) {
+            let pinned = points.iter().take_while(|p| p.seq < pin).count();
+            drop = drop.min(pinned);
+        }
         if drop == 0 {
             return Ok(None);
         }
@@ -1138,16 +1202,33 @@ impl ReplicaGroup {
 impl View<'_> {
     /// Reads `buf.len()` bytes at `offset` of `disk` as of this view.
     pub fn read(&self, disk: u32, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
-        self.group.check_extent(disk, offset, buf.len() as u64)?;
-        self.group
-            .read_with(&self.overlays, disk, offset, buf)
-            .map_err(io_err("reading", &self.group.dir))
+        self.by_ref().read(disk, offset, buf)
     }
 
     /// Whether `offset..offset+len` of `disk` surely reads as zeroes
     /// without reading it: a hole of the image that no journal data
     /// covers, or journaled zeroes. `false` means "unknown" (read it).
     pub fn is_zero(&self, disk: u32, offset: u64, len: u64) -> bool {
+        self.by_ref().is_zero(disk, offset, len)
+    }
+
+    fn by_ref(&self) -> ViewRef<'_> {
+        ViewRef {
+            group: self.group,
+            overlays: &self.overlays,
+        }
+    }
+}
+
+impl ViewRef<'_> {
+    fn read(&self, disk: u32, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        self.group.check_extent(disk, offset, buf.len() as u64)?;
+        self.group
+            .read_with(self.overlays, disk, offset, buf)
+            .map_err(io_err("reading", &self.group.dir))
+    }
+
+    fn is_zero(&self, disk: u32, offset: u64, len: u64) -> bool {
         let Some(image) = self.group.images.get(&disk) else {
             return false;
         };
@@ -1273,5 +1354,36 @@ mod tests {
             assert_eq!(g.position(), p);
             assert_eq!(g.points().len(), 2);
         }
+    }
+
+    /// A point a test failover pinned is not folded, nor anything after
+    /// it; once the pin is gone, retention catches up.
+    #[test]
+    fn a_pinned_point_is_not_folded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut g = one_disk_group(dir.path());
+        g.set_retention(Retention {
+            window: std::time::Duration::MAX,
+            max_points: 1,
+            max_space: None,
+            fold_interval: std::time::Duration::ZERO,
+        });
+        let pin_dir = dir.path().join(TEST_FAILOVER_DIR);
+        std::fs::create_dir_all(&pin_dir).unwrap();
+        std::fs::write(pin_dir.join(PIN_FILE), "2").unwrap();
+        for seq in 1..=6u64 {
+            let rec = if seq % 2 == 1 {
+                rec(&Entry::write(0, seq * 100, &[seq as u8; 100], 0), seq)
+            } else {
+                rec(&Entry::barrier(seq), seq)
+            };
+            g.apply_record(&rec).unwrap();
+            g.commit().unwrap();
+        }
+        let seqs = |g: &ReplicaGroup| g.points().iter().map(|p| p.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(&g), [2, 4, 6], "the pinned point and later ones stay");
+        std::fs::remove_file(pin_dir.join(PIN_FILE)).unwrap();
+        g.apply_retention(0, true).unwrap();
+        assert_eq!(seqs(&g), [6]);
     }
 }
