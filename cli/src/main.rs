@@ -50,6 +50,10 @@ enum Command {
     /// List the recovery points a receiver keeps for a host's group (works
     /// while the receiver runs).
     Points(points_cmd::PointsArgs),
+    /// Insert a labelled marker on this protected host: a named recovery
+    /// point, application-consistent with --app-consistent (hooks and
+    /// filesystem freeze around it).
+    Mark(tracker_cmd::MarkArgs),
     /// Serve a recovery point over NBD on the replica site, read-write
     /// with the writes discarded afterwards, while replication goes on.
     #[command(subcommand)]
@@ -77,6 +81,7 @@ fn main() -> ExitCode {
         Command::Shipper(cmd) => replication_cmd::run_shipper(cmd),
         Command::Failover(a) => points_cmd::failover(a),
         Command::Points(a) => points_cmd::points(a),
+        Command::Mark(a) => tracker_cmd::mark(a),
         Command::TestFailover(cmd) => test_failover_cmd::run(cmd),
         Command::GenerateDocs(a) => docs_cmd::run(a, Cli::command()),
     };

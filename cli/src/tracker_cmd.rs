@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use tidemark_changelog::LogOptions;
 use tidemark_config::ByteSize;
 use tidemark_tracker::daemon::{DiskSpec, TrackerSettings};
+use tidemark_tracker::quiesce::Quiesce;
 use tidemark_tracker::storage::{BackingOptions, EngineKind};
 
 /// Run the tracker and talk to it.
@@ -83,12 +84,32 @@ pub(crate) struct ControlArgs {
 pub(crate) struct MarkArgs {
     /// The marker's label.
     label: String,
-    /// The applications were quiesced (e.g. filesystems frozen) for it.
+    /// Quiesce first: run the pre-hooks, freeze the filesystems, insert
+    /// the marker, thaw, run the post-hooks (from the config's
+    /// `[tracker.app-consistent]` table and the options below), all within
+    /// the timeout.
     #[arg(long)]
     app_consistent: bool,
-    /// The tracker's control socket.
-    #[arg(long, default_value = "/run/tidemark/tracker.ctl")]
-    control_socket: PathBuf,
+    /// The tracker config: its control socket and `[tracker.app-consistent]`.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The tracker's control socket (default: the config's, else
+    /// /run/tidemark/tracker.ctl).
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
+    /// Also freeze this mount point (repeat for several).
+    #[arg(long, value_name = "MOUNT_POINT")]
+    freeze: Vec<PathBuf>,
+    /// Also run this shell command before freezing (repeat for several).
+    #[arg(long, value_name = "COMMAND")]
+    pre_hook: Vec<String>,
+    /// Also run this shell command after thawing (repeat for several).
+    #[arg(long, value_name = "COMMAND")]
+    post_hook: Vec<String>,
+    /// Most time the pre-hooks and the freeze may take (default: the
+    /// config's, else 30s).
+    #[arg(long, value_parser = tidemark_config::parse_duration)]
+    timeout: Option<std::time::Duration>,
 }
 
 pub(crate) fn run(cmd: TrackerCommand) -> Result<ExitCode> {
@@ -97,6 +118,49 @@ pub(crate) fn run(cmd: TrackerCommand) -> Result<ExitCode> {
         TrackerCommand::Status(a) => status(a),
         TrackerCommand::Mark(a) => mark(a),
     }
+}
+
+/// With `[tracker.app-consistent] schedule` set: what starts the thread
+/// that takes an application-consistent point (label `scheduled`) that
+/// often, through the control socket like `tidemark mark` does.
+fn scheduled_marks(path: &Path, control: PathBuf) -> Result<Option<impl FnOnce()>> {
+    let loaded = tidemark_config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let table = loaded
+        .require_tracker()
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .app_consistent
+        .clone();
+    let Some(every) = table.schedule else {
+        return Ok(None);
+    };
+    let quiesce = Quiesce {
+        freeze: table.freeze,
+        pre_hooks: table.pre_hooks,
+        post_hooks: table.post_hooks,
+        timeout: table.timeout.get(),
+    };
+    Ok(Some(move || {
+        std::thread::spawn(move || loop {
+            std::thread::sleep(every.get());
+            let result = quiesce.run(|left| {
+                let reply = tidemark_tracker::control::request_within(
+                    &control,
+                    "mark --app-consistent scheduled",
+                    left,
+                )
+                .map_err(|e| e.to_string())?;
+                reply["seq"]
+                    .as_u64()
+                    .ok_or_else(|| reply["error"].as_str().unwrap_or("refused").to_string())
+            });
+            match result {
+                Ok(r) => tracing::info!(seq = r.seq, "scheduled application-consistent point"),
+                Err(e) => {
+                    tracing::error!(error = %e, "scheduled application-consistent point failed")
+                }
+            }
+        });
+    }))
 }
 
 fn settings_from_config(path: &Path) -> Result<TrackerSettings> {
@@ -199,6 +263,10 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
         settings.metrics_listen = Some(addr);
     }
     let socket = settings.socket.clone();
+    let schedule = match &a.config {
+        Some(path) => scheduled_marks(path, settings.control_socket.clone())?,
+        None => None,
+    };
     tidemark_tracker::daemon::run(settings, |report, metrics| {
         // One line on stdout when ready, for scripts and tests.
         println!(
@@ -221,6 +289,9 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
         }
         let _ = std::io::stdout().flush();
         crate::notify_ready();
+        if let Some(start) = schedule {
+            start();
+        }
     })?;
     Ok(ExitCode::SUCCESS)
 }
@@ -261,23 +332,77 @@ fn status(a: ControlArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn mark(a: MarkArgs) -> Result<ExitCode> {
-    if a.label.chars().any(char::is_whitespace) {
-        bail!("labels may not contain white space");
+pub(crate) fn mark(a: MarkArgs) -> Result<ExitCode> {
+    if a.label.is_empty() || a.label.chars().any(char::is_whitespace) {
+        bail!("a label must be non-empty and may not contain white space");
     }
-    let line = if a.app_consistent {
-        format!("mark --app-consistent {}", a.label)
-    } else {
-        format!("mark {}", a.label)
+    let config = match &a.config {
+        Some(path) => {
+            let loaded = tidemark_config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+            Some(
+                loaded
+                    .require_tracker()
+                    .map_err(|e| anyhow::anyhow!("{e}"))?
+                    .clone(),
+            )
+        }
+        None => None,
     };
-    let reply = tidemark_tracker::control::request(&a.control_socket, &line)
-        .with_context(|| format!("cannot reach the tracker at {}", a.control_socket.display()))?;
-    if reply["ok"] != true {
-        bail!(
-            "{}",
-            reply["error"].as_str().unwrap_or("the tracker refused")
-        );
+    let socket = a
+        .control_socket
+        .clone()
+        .or_else(|| config.as_ref().map(|c| c.control_socket.clone()))
+        .unwrap_or_else(|| PathBuf::from("/run/tidemark/tracker.ctl"));
+    let insert = |app: bool, within: std::time::Duration| -> Result<u64, String> {
+        let line = if app {
+            format!("mark --app-consistent {}", a.label)
+        } else {
+            format!("mark {}", a.label)
+        };
+        let reply = tidemark_tracker::control::request_within(&socket, &line, within)
+            .map_err(|e| format!("cannot reach the tracker at {}: {e}", socket.display()))?;
+        if reply["ok"] != true {
+            return Err(reply["error"]
+                .as_str()
+                .unwrap_or("the tracker refused")
+                .to_string());
+        }
+        reply["seq"]
+            .as_u64()
+            .ok_or_else(|| "the tracker's reply has no sequence number".to_string())
+    };
+    if !a.app_consistent {
+        let seq = insert(false, std::time::Duration::from_secs(60)).map_err(anyhow::Error::msg)?;
+        println!("marker {:?} at sequence number {seq}", a.label);
+        return Ok(ExitCode::SUCCESS);
     }
-    println!("marker {:?} at sequence number {}", a.label, reply["seq"]);
+    let table = config.map(|c| c.app_consistent).unwrap_or_default();
+    let quiesce = Quiesce {
+        freeze: table.freeze.into_iter().chain(a.freeze.clone()).collect(),
+        pre_hooks: table
+            .pre_hooks
+            .into_iter()
+            .chain(a.pre_hook.clone())
+            .collect(),
+        post_hooks: table
+            .post_hooks
+            .into_iter()
+            .chain(a.post_hook.clone())
+            .collect(),
+        timeout: a.timeout.unwrap_or(table.timeout.get()),
+    };
+    let report = quiesce
+        .run(|left| insert(true, left))
+        .map_err(|e| anyhow::anyhow!("no application-consistent point: {e}"))?;
+    println!(
+        "application-consistent marker {:?} at sequence number {} ({} filesystems frozen for {} ms)",
+        a.label,
+        report.seq,
+        quiesce.freeze.len(),
+        report.frozen_for.as_millis()
+    );
+    for failure in &report.post_hook_failures {
+        eprintln!("tidemark: warning: post-hook failed: {failure}");
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -62,7 +62,7 @@ pub use error::{ConfigError, FieldPath, SourceLocation, ValueError};
 pub use receiver::{HostEntry, ReceiverConfig, RetentionConfig, ServerTlsConfig};
 pub use schedule::{TimeOfDay, TimeWindow};
 pub use shipper::{BandwidthConfig, ClientTlsConfig, RetryConfig, ScheduledLimit, ShipperConfig};
-pub use tracker::{DiskConfig, TrackerConfig};
+pub use tracker::{AppConsistentConfig, DiskConfig, TrackerConfig};
 pub use units::{parse_duration, ByteSize, Duration};
 
 use source_map::{line_column, SourceMap};

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ConfigError, FieldPath};
 use crate::rules;
-use crate::ByteSize;
+use crate::{ByteSize, Duration};
 
 /// Smallest change-log segment. Smaller segments mean more files and more
 /// fsyncs of the log directory for nothing.
@@ -110,6 +110,58 @@ pub struct TrackerConfig {
     /// is required. Default: none.
     #[serde(rename = "disk", deserialize_with = "disk_tables")]
     pub disks: Vec<DiskConfig>,
+
+    /// Application-consistent recovery points, the
+    /// `[tracker.app-consistent]` table: what `tidemark mark
+    /// --app-consistent` quiesces, and an optional schedule. Default:
+    /// nothing quiesced, no schedule.
+    pub app_consistent: AppConsistentConfig,
+}
+
+/// Application-consistent points, the `[tracker.app-consistent]` table.
+///
+/// A mark runs `pre-hooks` in order, freezes the `freeze` filesystems
+/// (FIFREEZE, as `fsfreeze -f`), inserts the marker, thaws them and runs
+/// `post-hooks`. Hooks and the frozen time are bounded by `timeout`: a
+/// filesystem is thawed when it runs out, whatever else happens, and the
+/// mark then fails without a marker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "kebab-case",
+    default,
+    expecting = "a [tracker.app-consistent] table"
+)]
+pub struct AppConsistentConfig {
+    /// Mount points to freeze (filesystems on the protected disks).
+    /// Default: none.
+    pub freeze: Vec<PathBuf>,
+    /// Shell commands run before freezing (`sh -c`), e.g. a database's
+    /// "flush and hold" script; a failure aborts the mark. Default: none.
+    pub pre_hooks: Vec<String>,
+    /// Shell commands run after thawing, e.g. the database's "resume";
+    /// run even when the mark failed. Default: none.
+    pub post_hooks: Vec<String>,
+    /// Most time the pre-hooks and the freeze may take together, e.g.
+    /// `"30s"`; more than zero. Default: `"30s"`.
+    pub timeout: Duration,
+    /// Take an application-consistent point this often (the tracker does
+    /// it itself, labelled `scheduled`), e.g. `"1h"`. Default: not set
+    /// (only on request).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<Duration>,
+}
+
+impl Default for AppConsistentConfig {
+    fn default() -> Self {
+        Self {
+            freeze: Vec::new(),
+            pre_hooks: Vec::new(),
+            post_hooks: Vec::new(),
+            timeout: Duration::from_secs(30),
+            schedule: None,
+        }
+    }
 }
 
 fn disk_tables<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<DiskConfig>, D::Error> {
@@ -132,6 +184,7 @@ impl Default for TrackerConfig {
             mlockall: false,
             max_block_size: ByteSize::mib(32),
             disks: Vec::new(),
+            app_consistent: AppConsistentConfig::default(),
         }
     }
 }
@@ -177,6 +230,31 @@ impl TrackerConfig {
 
         rules::check_name(&self.consistency_group, "consistency group")
             .map_err(|m| invalid("consistency-group", m))?;
+        let app = at.key("app-consistent");
+        if self.app_consistent.timeout.get().is_zero() {
+            return Err(ConfigError::invalid(
+                app.key("timeout"),
+                "timeout must be more than zero: a filesystem must never stay frozen",
+            ));
+        }
+        if self
+            .app_consistent
+            .schedule
+            .is_some_and(|s| s.get() < std::time::Duration::from_secs(60))
+        {
+            return Err(ConfigError::invalid(
+                app.key("schedule"),
+                "schedule must be at least 1m",
+            ));
+        }
+        for (i, path) in self.app_consistent.freeze.iter().enumerate() {
+            if !path.is_absolute() {
+                return Err(ConfigError::invalid(
+                    app.key("freeze").index(i),
+                    format!("{} is not an absolute path", path.display()),
+                ));
+            }
+        }
         self.validate_disks(&at)?;
         rules::check_path(&self.log_dir).map_err(|m| invalid("log-dir", m))?;
 

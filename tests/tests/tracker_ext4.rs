@@ -448,3 +448,125 @@ fn every_recovery_point_of_an_ext4_workload_is_a_consistent_filesystem() {
         "failover --point mkfs-done differs from the reference replay to the marker"
     );
 }
+
+/// `tidemark mark --app-consistent` around a mounted ext4 on the tracker:
+/// the hooks run in order, the filesystem is frozen for the marker (so the
+/// log up to it holds a *clean* filesystem: `e2fsck -fn` passes without a
+/// journal replay, and a file written just before is in it), and thawed
+/// after. A hook that hangs is killed at the timeout, no marker is taken,
+/// and the filesystem is usable again.
+#[test]
+fn an_app_consistent_mark_freezes_the_filesystem_around_the_marker() {
+    let test = "an_app_consistent_mark_freezes_the_filesystem_around_the_marker";
+    for tool in [
+        "nbdfuse",
+        "fusermount3",
+        "losetup",
+        "mkfs.ext4",
+        "e2fsck",
+        "debugfs",
+        "mount",
+    ] {
+        if !require_tool(tool, test) {
+            return;
+        }
+    }
+    const APP_SIZE: u64 = 64 << 20;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let image = dir.join("disk.img");
+    fs::File::create(&image).unwrap().set_len(APP_SIZE).unwrap();
+    let tracker = TrackerProcess::start(dir, &image, &[]);
+    let hooks = dir.join("hooks.log");
+    let seq;
+    {
+        let mut m = attach(dir, &tracker.uri(), "1");
+        let dev = m.loop_dev.clone().unwrap();
+        run(Command::new("mkfs.ext4").args(["-q", "-F", &dev]));
+        run(Command::new("mount").arg(&dev).arg(&m.fs_dir));
+        m.mounted = true;
+        // Written, not synced: only the freeze makes it durable.
+        fs::write(m.fs_dir.join("before.txt"), b"written before the mark\n").unwrap();
+        let out = run(tidemark()
+            .args(["mark", "nightly", "--app-consistent", "--freeze"])
+            .arg(&m.fs_dir)
+            .args([
+                "--pre-hook",
+                &format!("echo pre >> {}", hooks.display()),
+                "--post-hook",
+                &format!("echo post >> {}", hooks.display()),
+                "--control-socket",
+            ])
+            .arg(&tracker.control));
+        assert!(out.contains("application-consistent marker"), "{out}");
+        seq = out
+            .split("sequence number ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse::<u64>().ok())
+            .expect("the marker's sequence number");
+        assert_eq!(fs::read_to_string(&hooks).unwrap(), "pre\npost\n");
+        // Thawed: writing and syncing works at once.
+        fs::write(m.fs_dir.join("after.txt"), b"after\n").unwrap();
+        run(Command::new("sync").arg("-f").arg(&m.fs_dir));
+
+        // A hanging pre-hook: killed at the timeout, no marker, thawed.
+        let started = Instant::now();
+        let out = tidemark()
+            .args([
+                "mark",
+                "stuck",
+                "--app-consistent",
+                "--timeout",
+                "1s",
+                "--freeze",
+            ])
+            .arg(&m.fs_dir)
+            .args(["--pre-hook", "sleep 60", "--control-socket"])
+            .arg(&tracker.control)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "a timed-out mark must fail");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("no application-consistent point"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        fs::write(m.fs_dir.join("later.txt"), b"later\n").unwrap();
+        run(Command::new("sync").arg("-f").arg(&m.fs_dir));
+        run(Command::new("umount").arg(&m.fs_dir));
+        m.mounted = false;
+    }
+    let log_dir = tracker.log_dir.clone();
+    assert!(tracker.stop());
+
+    // The marker is in the log, app-consistent; no marker "stuck".
+    let dump = run(tidemark().args(["log", "dump", "--json"]).arg(&log_dir));
+    let markers: Vec<serde_json::Value> = dump
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["kind"] == "marker")
+        .collect();
+    assert_eq!(markers.len(), 1, "{markers:?}");
+    assert_eq!(markers[0]["label"], "nightly");
+    assert_eq!(markers[0]["app_consistent"], true);
+
+    // The log up to the marker: a clean filesystem holding the file.
+    let at_mark = dir.join("at-mark.img");
+    fs::File::create(&at_mark)
+        .unwrap()
+        .set_len(APP_SIZE)
+        .unwrap();
+    run(tidemark()
+        .args(["log", "replay"])
+        .arg(&log_dir)
+        .arg("--onto")
+        .arg(&at_mark)
+        .args(["--until", &seq.to_string()]));
+    run(Command::new("e2fsck").arg("-fn").arg(&at_mark));
+    let cat = run(Command::new("debugfs")
+        .args(["-R", "cat /before.txt"])
+        .arg(&at_mark));
+    assert!(cat.contains("written before the mark"), "{cat}");
+}

@@ -180,8 +180,17 @@ fn answer(stream: UnixStream, group_name: &str, group: &Group) -> std::io::Resul
 
 /// Sends one request to a control socket and returns the reply line.
 pub fn request(path: &Path, line: &str) -> std::io::Result<serde_json::Value> {
+    request_within(path, line, Duration::from_secs(60))
+}
+
+/// [`request`], waiting at most `timeout` for the reply.
+pub fn request_within(
+    path: &Path,
+    line: &str,
+    timeout: Duration,
+) -> std::io::Result<serde_json::Value> {
     let mut stream = UnixStream::connect(path)?;
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    stream.set_read_timeout(Some(timeout.max(Duration::from_millis(1))))?;
     stream.write_all(line.as_bytes())?;
     stream.write_all(b"\n")?;
     let mut reply = String::new();

@@ -10,6 +10,7 @@ pub mod control;
 pub mod daemon;
 pub mod group;
 pub mod nbd;
+pub mod quiesce;
 pub mod range_lock;
 pub mod server;
 pub mod state;
