@@ -7,6 +7,7 @@ mod log_cmd;
 mod pki_cmd;
 mod points_cmd;
 mod replication_cmd;
+mod status_cmd;
 mod test_failover_cmd;
 mod timefmt;
 mod tracker_cmd;
@@ -58,6 +59,10 @@ enum Command {
     /// with the writes discarded afterwards, while replication goes on.
     #[command(subcommand)]
     TestFailover(test_failover_cmd::TestFailoverCommand),
+    /// One screen for an admin: every disk's tracking and replication
+    /// state, lag, pending records, throughput and newest recovery point,
+    /// from whichever of tracker, shipper and receiver data answer.
+    Status(status_cmd::StatusArgs),
     /// Write the man pages and shell completions (for packaging).
     #[command(hide = true)]
     GenerateDocs(docs_cmd::GenerateDocsArgs),
@@ -83,6 +88,7 @@ fn main() -> ExitCode {
         Command::Points(a) => points_cmd::points(a),
         Command::Mark(a) => tracker_cmd::mark(a),
         Command::TestFailover(cmd) => test_failover_cmd::run(cmd),
+        Command::Status(a) => status_cmd::run(a),
         Command::GenerateDocs(a) => docs_cmd::run(a, Cli::command()),
     };
     match result {

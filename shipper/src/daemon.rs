@@ -149,13 +149,7 @@ const STATES: &[&str] = &[
 ];
 
 fn state_name(s: State) -> &'static str {
-    match s {
-        State::Connecting => "connecting",
-        State::InitialSync => "initial-sync",
-        State::Protected => "protected",
-        State::Resyncing => "resyncing",
-        State::Critical => "critical",
-    }
+    s.name()
 }
 
 /// The shipper's metrics from a status snapshot, the lag histogram and

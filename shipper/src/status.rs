@@ -26,6 +26,19 @@ pub enum State {
     Critical,
 }
 
+impl State {
+    /// The state's name, as in the status file and the metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Connecting => "connecting",
+            State::InitialSync => "initial-sync",
+            State::Protected => "protected",
+            State::Resyncing => "resyncing",
+            State::Critical => "critical",
+        }
+    }
+}
+
 /// The class of the last failure, for status and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
