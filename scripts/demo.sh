@@ -94,6 +94,8 @@ wait_caught_up
 echo "==> planned stop: the tracker drains and writes a final barrier; the shipper delivers it"
 kill -TERM "$tracker_pid"; wait "$tracker_pid"
 wait_caught_up
+echo "==> the recovery points the receiver keeps (one per barrier and marker)"
+"$bin" points --data-dir "$work/replicas" --host "$host" | sed 's/^/    /' | tail -n 6
 kill -TERM "$shipper_pid"; wait "$shipper_pid"
 kill -TERM "${pids[0]}"; wait "${pids[0]}"
 pids=()
