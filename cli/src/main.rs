@@ -55,6 +55,9 @@ enum Command {
     /// point, application-consistent with --app-consistent (hooks and
     /// filesystem freeze around it).
     Mark(tracker_cmd::MarkArgs),
+    /// The protected host's half of a planned failover: stop the tracker
+    /// (final barrier) and wait until the receiver has every record.
+    Drain(tracker_cmd::DrainArgs),
     /// Serve a recovery point over NBD on the replica site, read-write
     /// with the writes discarded afterwards, while replication goes on.
     #[command(subcommand)]
@@ -87,6 +90,7 @@ fn main() -> ExitCode {
         Command::Failover(a) => points_cmd::failover(a),
         Command::Points(a) => points_cmd::points(a),
         Command::Mark(a) => tracker_cmd::mark(a),
+        Command::Drain(a) => tracker_cmd::drain(a),
         Command::TestFailover(cmd) => test_failover_cmd::run(cmd),
         Command::Status(a) => status_cmd::run(a),
         Command::GenerateDocs(a) => docs_cmd::run(a, Cli::command()),

@@ -560,3 +560,60 @@ fn a_test_failover_serves_a_point_read_write_while_replication_goes_on() {
     );
     failover_and_compare(dir, &image);
 }
+
+/// A planned failover: `tidemark drain` on the protected host stops the
+/// tracker (final barrier) and returns once the receiver has every
+/// record; failing over to the point it names loses nothing.
+#[test]
+fn a_planned_failover_drains_the_source_and_loses_nothing() {
+    if !require_tool(
+        "qemu-io",
+        "a_planned_failover_drains_the_source_and_loses_nothing",
+    ) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (rpki, hpki) = enroll(dir, HOST);
+    let image = dir.join("disk.img");
+    image_with_data(&image);
+    let port = free_port();
+    let receiver = start_receiver(dir, &rpki, port, None);
+    let tracker = TrackerProcess::start(dir, &image, &[]);
+    let log_dir = tracker.log_dir.clone();
+    let uri = tracker.uri();
+    let shipper = start_shipper(dir, &log_dir, &hpki, port);
+    // Written without a flush: only the drain's final barrier covers it.
+    qemu_io(&uri, &["write -P 0x5a 5M 3M", "write -P 0x5b 40M 64k"]);
+    let out = run_ok(
+        tidemark()
+            .args(["drain", "--timeout", "2m", "--control-socket"])
+            .arg(&tracker.control)
+            .arg("--log-dir")
+            .arg(&log_dir),
+    );
+    assert!(out.contains("drained"), "{out}");
+    let point: u64 = out
+        .split("--point ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .expect("drain names the point");
+    // The tracker stopped by itself, cleanly.
+    assert!(!tracker.control.exists());
+    drop(tracker);
+    assert!(shipper.stop().success());
+    assert!(receiver.stop().success());
+    let to = dir.join("planned");
+    run_ok(
+        tidemark()
+            .args(["failover", "--point", &point.to_string(), "--data-dir"])
+            .arg(dir.join("replicas"))
+            .args(["--host", HOST, "--to"])
+            .arg(&to),
+    );
+    assert!(
+        fs::read(to.join("disk.img")).unwrap() == fs::read(&image).unwrap(),
+        "the planned failover lost data"
+    );
+}

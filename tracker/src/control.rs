@@ -5,6 +5,9 @@
 //! status                      → {"ok":true,"status":{…}}
 //! mark LABEL                  → {"ok":true,"seq":N}   crash-consistent marker
 //! mark --app-consistent LABEL → {"ok":true,"seq":N}   after the caller quiesced
+//! stop                        → {"ok":true}  then stops as on SIGTERM: no new
+//!                               connections, requests in flight finish, a
+//!                               final barrier (a planned failover's drain)
 //! anything else               → {"ok":false,"error":"…"}
 //! ```
 
@@ -96,8 +99,9 @@ pub fn handle_line(line: &str, group_name: &str, group: &Group) -> String {
         ["status"] => serde_json::json!({"ok": true, "status": status_of(group_name, group)}),
         ["mark", "--app-consistent", label] => mark(group, label, true),
         ["mark", label] => mark(group, label, false),
+        ["stop"] => serde_json::json!({"ok": true}),
         _ => {
-            serde_json::json!({"ok": false, "error": format!("unknown request {line:?}; expected `status` or `mark [--app-consistent] LABEL`")})
+            serde_json::json!({"ok": false, "error": format!("unknown request {line:?}; expected `status`, `mark [--app-consistent] LABEL` or `stop`")})
         }
     };
     reply.to_string()
@@ -175,7 +179,15 @@ fn answer(stream: UnixStream, group_name: &str, group: &Group) -> std::io::Resul
     let reply = handle_line(line.trim(), group_name, group);
     let mut stream = stream;
     stream.write_all(reply.as_bytes())?;
-    stream.write_all(b"\n")
+    stream.write_all(b"\n")?;
+    if line.trim() == "stop" {
+        // The daemon's main thread waits for SIGTERM: stop exactly as it
+        // would for one.
+        tracing::info!("stop requested on the control socket");
+        nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGTERM)
+            .map_err(std::io::Error::from)?;
+    }
+    Ok(())
 }
 
 /// Sends one request to a control socket and returns the reply line.
