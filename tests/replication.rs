@@ -121,6 +121,24 @@ impl Drop for Daemon {
     }
 }
 
+/// Starts `tidemark receiver serve` on `data_dir` (logs in `dir`) and
+/// waits until it listens.
+pub fn start_receiver_at(data_dir: &Path, dir: &Path, rpki: &Path, port: u16) -> Daemon {
+    let config = dir.join(format!("receiver-{port}.toml"));
+    fs::write(
+        &config,
+        format!(
+            "[receiver]\nlisten = \"127.0.0.1:{port}\"\ndata-dir = \"{}\"\ncontrol-socket = \"{}\"\n\
+             [receiver.tls]\nca = \"{r}/ca.crt\"\nca-key = \"{r}/ca.key\"\ncert = \"{r}/receiver.crt\"\nkey = \"{r}/receiver.key\"\n",
+            data_dir.display(),
+            dir.join(format!("receiver-{port}.ctl")).display(),
+            r = rpki.display()
+        ),
+    )
+    .unwrap();
+    start_receiver(dir, rpki, port, Some(&config))
+}
+
 /// Starts `tidemark receiver serve` (flags, or `config`) and waits until it
 /// listens; its stderr goes to `dir/receiver-PORT.log`.
 pub fn start_receiver(dir: &Path, rpki: &Path, port: u16, config: Option<&Path>) -> Daemon {

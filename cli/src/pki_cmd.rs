@@ -10,6 +10,10 @@ use tidemark_net::pki;
 /// Run and administer the receiver (replica site).
 #[derive(Debug, Subcommand)]
 pub(crate) enum ReceiverCommand {
+    /// Failback, step one: make a new replica of a host from existing disk
+    /// images (the original primary's disks), to be compared block by
+    /// block with the host's disks when its shipper connects.
+    Adopt(crate::points_cmd::AdoptArgs),
     /// Create the receiver's CA and server certificate in --pki-dir.
     Init(InitArgs),
     /// Issue a client certificate for a protected host from its request.
@@ -68,6 +72,7 @@ pub(crate) struct RequestArgs {
 pub(crate) fn run_receiver(cmd: ReceiverCommand) -> Result<ExitCode> {
     match cmd {
         ReceiverCommand::Serve(a) => crate::replication_cmd::receiver_serve(a),
+        ReceiverCommand::Adopt(a) => crate::points_cmd::adopt(a),
         ReceiverCommand::Init(a) => {
             let created = pki::init_receiver(&a.pki_dir, &a.server_name)?;
             println!(

@@ -617,3 +617,121 @@ fn a_planned_failover_drains_the_source_and_loses_nothing() {
         "the planned failover lost data"
     );
 }
+
+/// Failback: after a failover, the original primary's disk is adopted as
+/// the replica of the host now running the failed-over disk; its shipper
+/// compares every block and sends only the blocks that differ; a planned
+/// failover back then gives the failed-over disk's content.
+#[test]
+fn failback_sends_only_the_blocks_that_differ() {
+    let test = "failback_sends_only_the_blocks_that_differ";
+    if !require_tool("qemu-io", test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (rpki, hpki) = enroll(dir, HOST);
+    let original = dir.join("disk.img");
+    image_with_data(&original);
+    // Protect, then a planned failover to the replica site.
+    let port = free_port();
+    let receiver = start_receiver(dir, &rpki, port, None);
+    let tracker = TrackerProcess::start(dir, &original, &[]);
+    let log_dir = tracker.log_dir.clone();
+    let shipper = start_shipper(dir, &log_dir, &hpki, port);
+    qemu_io(&tracker.uri(), &["write -P 0x31 1M 1M", "flush"]);
+    let control = tracker.control.clone();
+    run_ok(
+        tidemark()
+            .args(["drain", "--control-socket"])
+            .arg(&control)
+            .arg("--log-dir")
+            .arg(&log_dir),
+    );
+    drop(tracker);
+    assert!(shipper.stop().success());
+    assert!(receiver.stop().success());
+    let dr = dir.join("dr");
+    fs::create_dir(&dr).unwrap();
+    run_ok(
+        tidemark()
+            .args(["failover", "--data-dir"])
+            .arg(dir.join("replicas"))
+            .args(["--host", HOST, "--to"])
+            .arg(&dr),
+    );
+    let failed_over = dr.join("disk.img");
+    assert!(fs::read(&failed_over).unwrap() == fs::read(&original).unwrap());
+
+    // The replica site runs the workload: 3 MiB in three 1 MiB blocks.
+    qemu_io_file(
+        &failed_over,
+        &["write -P 0x41 10M 2M", "write -P 0x42 30M 4k"],
+    );
+
+    // Reprotect in reverse: the original site adopts its old disk; the
+    // replica site tracks and ships the failed-over one.
+    let primary = dir.join("primary-replicas");
+    run_ok(
+        tidemark()
+            .args(["receiver", "adopt", "--data-dir"])
+            .arg(&primary)
+            .args(["--host", HOST, "--disk"])
+            .arg(format!("disk={}", original.display())),
+    );
+    let port = free_port();
+    let receiver = tidemark_e2e::replication::start_receiver_at(&primary, dir, &rpki, port);
+    let tracker = TrackerProcess::start(&dr, &failed_over, &[]);
+    let dr_log = tracker.log_dir.clone();
+    let shipper = start_shipper(dir, &dr_log, &hpki, port);
+    let status = wait_caught_up(dir, &dr_log, Duration::from_secs(120));
+    let compared = status["resync_blocks_compared"].as_u64().unwrap();
+    let sent = status["resync_blocks_sent"].as_u64().unwrap();
+    assert_eq!(compared, SIZE / (1 << 20), "every 1 MiB block compared");
+    assert_eq!(sent, 3, "only the three blocks that differ are sent");
+
+    // Failback: a planned failover back to the original site.
+    let out = run_ok(
+        tidemark()
+            .args(["drain", "--control-socket"])
+            .arg(&tracker.control)
+            .arg("--log-dir")
+            .arg(&dr_log),
+    );
+    let point = out
+        .split("--point ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    drop(tracker);
+    assert!(shipper.stop().success());
+    assert!(receiver.stop().success());
+    let back = dir.join("back");
+    run_ok(
+        tidemark()
+            .args(["failover", "--point", &point, "--data-dir"])
+            .arg(&primary)
+            .args(["--host", HOST, "--to"])
+            .arg(&back),
+    );
+    assert!(
+        fs::read(back.join("disk.img")).unwrap() == fs::read(&failed_over).unwrap(),
+        "the failed-back disk differs from the one the replica site ran"
+    );
+}
+
+/// qemu-io on an image file directly.
+fn qemu_io_file(image: &Path, cmds: &[&str]) {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for c in cmds {
+        cmd.args(["-c", c]);
+    }
+    let out = cmd.arg(image).output().expect("running qemu-io");
+    assert!(
+        out.status.success(),
+        "qemu-io {cmds:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -469,6 +469,24 @@ fn read_pin(dir: &Path) -> Option<u64> {
     text.trim().parse().ok()
 }
 
+/// Copies `source` into `image` (same size), leaving zero ranges as
+/// holes, and syncs it.
+fn copy_sparse(source: &Path, image: &File) -> io::Result<()> {
+    let input = File::open(source)?;
+    let size = input.metadata()?.len();
+    let mut buf = vec![0u8; IO_BUF];
+    let mut at = 0u64;
+    while at < size {
+        let n = (size - at).min(IO_BUF as u64) as usize;
+        input.read_exact_at(&mut buf[..n], at)?;
+        if buf[..n].iter().any(|b| *b != 0) {
+            image.write_all_at(&buf[..n], at)?;
+        }
+        at += n as u64;
+    }
+    image.sync_all()
+}
+
 /// The default size at which the journal begins a new segment.
 pub const DEFAULT_SEGMENT_SIZE: u64 = 256 << 20;
 
@@ -728,6 +746,58 @@ impl ReplicaGroup {
             settle_initial_sync(meta);
         }
         self.write_state(self.durable.clone(), None)
+    }
+
+    /// Makes a new, empty group hold these disks from existing images
+    /// (copied, sparse) and waits for a checksum resync of every byte of
+    /// them: the first step of a failback, where the original primary's
+    /// disks are compared with the failed-over ones and only blocks that
+    /// differ travel. `disks` pairs each disk with its image, whose size
+    /// must be the disk's.
+    pub fn adopt(&mut self, disks: &[(DiskSpec, PathBuf)]) -> Result<(), StoreError> {
+        self.check_poisoned()?;
+        if !self.durable.disks.is_empty() || self.durable.seq != 0 || self.dirty {
+            return Err(StoreError::DiskSpec {
+                disk: disks.first().map_or(0, |(d, _)| d.id),
+                reason: "only a new, empty replica group can adopt images".into(),
+            });
+        }
+        let specs: Vec<DiskSpec> = disks.iter().map(|(d, _)| d.clone()).collect();
+        self.ensure_disks(&specs)?;
+        for (spec, source) in disks {
+            let len = std::fs::metadata(source)
+                .map_err(io_err("reading the size of", source))?
+                .len();
+            if len != spec.size {
+                return Err(StoreError::DiskSpec {
+                    disk: spec.id,
+                    reason: format!(
+                        "{} is {len} bytes, the disk {} bytes",
+                        source.display(),
+                        spec.size
+                    ),
+                });
+            }
+            let copied = copy_sparse(source, &self.images[&spec.id]);
+            self.poison_on(copied.map_err(io_err("copying", source)))?;
+        }
+        let mut meta = self.durable.clone();
+        for d in &mut meta.disks {
+            d.synced = d.size;
+            d.pending = Default::default();
+            if d.size > 0 {
+                d.pending.add(0, d.size);
+            }
+        }
+        meta.mode = if meta.disks.iter().any(|d| !d.pending.is_empty()) {
+            Mode::Resyncing
+        } else {
+            Mode::Consistent
+        };
+        self.write_state(meta.clone(), None)?;
+        self.cur = meta.clone();
+        self.durable = meta;
+        Ok(())
     }
 
     /// The position as of the last commit.
