@@ -170,3 +170,20 @@ impl Drop for TrackerProcess {
         }
     }
 }
+
+/// Runs `qemu-io -f raw` with these `-c` commands on `target` (an NBD URI
+/// or an image file) and asserts that every one succeeded.
+pub fn qemu_io(target: impl AsRef<std::ffi::OsStr>, cmds: &[&str]) {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for c in cmds {
+        cmd.args(["-c", c]);
+    }
+    let out = cmd.arg(target).output().expect("running qemu-io");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("failed"),
+        "qemu-io {cmds:?}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

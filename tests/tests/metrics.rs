@@ -7,62 +7,16 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use tidemark_e2e::{require_tool, tidemark};
+use tidemark_e2e::replication::{enroll, free_port};
+use tidemark_e2e::{qemu_io, require_tool, tidemark};
 
 const SIZE: u64 = 16 << 20;
 const HOST: &str = "db1.example.test";
-
-fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("running tidemark");
-    assert!(
-        out.status.success(),
-        "{:?} failed: {}{}",
-        cmd,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Receiver CA + a signed host certificate: (receiver pki dir, host pki dir).
-fn enroll(dir: &Path, host: &str) -> (PathBuf, PathBuf) {
-    let rpki = dir.join("receiver-pki");
-    let hpki = dir.join("host-pki");
-    run_ok(
-        tidemark()
-            .args(["receiver", "init", "--pki-dir"])
-            .arg(&rpki),
-    );
-    run_ok(
-        tidemark()
-            .args(["host", "request", "--host", host, "--pki-dir"])
-            .arg(&hpki),
-    );
-    run_ok(
-        tidemark()
-            .args(["receiver", "sign", "--pki-dir"])
-            .arg(&rpki)
-            .args(["--host", host, "--csr"])
-            .arg(hpki.join("host.csr"))
-            .arg("--out")
-            .arg(hpki.join("host.crt")),
-    );
-    fs::copy(rpki.join("ca.crt"), hpki.join("ca.crt")).unwrap();
-    (rpki, hpki)
-}
-
-fn free_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A daemon started with `--metrics-listen 127.0.0.1:0`: its first stdout
 /// line (unchanged by metrics) and the metrics address from the second.
@@ -118,21 +72,6 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn qemu_io(uri: &str, cmds: &[&str]) {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw"]);
-    for c in cmds {
-        cmd.args(["-c", c]);
-    }
-    let out = cmd.arg(uri).output().expect("running qemu-io");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && !text.contains("failed"),
-        "qemu-io {cmds:?}: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// GET /metrics with this Accept header: (content type, body).

@@ -13,24 +13,9 @@ use tidemark_e2e::replication::{
     enroll, free_port, run_ok, shipper_status, start_receiver, start_shipper, wait_caught_up,
     Daemon, HOST,
 };
-use tidemark_e2e::{require_tool, tidemark, TrackerProcess};
+use tidemark_e2e::{qemu_io, require_tool, tidemark, TrackerProcess};
 
 const SIZE: u64 = 64 << 20;
-
-fn qemu_io(uri: &str, cmds: &[&str]) {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw"]);
-    for c in cmds {
-        cmd.args(["-c", c]);
-    }
-    let out = cmd.arg(uri).output().expect("running qemu-io");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && !text.contains("failed"),
-        "qemu-io {cmds:?}: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// Fails over into `dir/failover` and compares every byte with `image`.
 fn failover_and_compare(dir: &Path, image: &Path) {
@@ -639,7 +624,7 @@ fn failback_sends_only_the_blocks_that_differ() {
     let tracker = TrackerProcess::start(dir, &original, &[]);
     let log_dir = tracker.log_dir.clone();
     let shipper = start_shipper(dir, &log_dir, &hpki, port);
-    qemu_io(&tracker.uri(), &["write -P 0x31 1M 1M", "flush"]);
+    qemu_io(tracker.uri(), &["write -P 0x31 1M 1M", "flush"]);
     let control = tracker.control.clone();
     run_ok(
         tidemark()
@@ -664,7 +649,7 @@ fn failback_sends_only_the_blocks_that_differ() {
     assert!(fs::read(&failed_over).unwrap() == fs::read(&original).unwrap());
 
     // The replica site runs the workload: 3 MiB in three 1 MiB blocks.
-    qemu_io_file(
+    qemu_io(
         &failed_over,
         &["write -P 0x41 10M 2M", "write -P 0x42 30M 4k"],
     );
@@ -718,20 +703,5 @@ fn failback_sends_only_the_blocks_that_differ() {
     assert!(
         fs::read(back.join("disk.img")).unwrap() == fs::read(&failed_over).unwrap(),
         "the failed-back disk differs from the one the replica site ran"
-    );
-}
-
-/// qemu-io on an image file directly.
-fn qemu_io_file(image: &Path, cmds: &[&str]) {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw"]);
-    for c in cmds {
-        cmd.args(["-c", c]);
-    }
-    let out = cmd.arg(image).output().expect("running qemu-io");
-    assert!(
-        out.status.success(),
-        "qemu-io {cmds:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
     );
 }
