@@ -20,6 +20,7 @@ pub mod log;
 pub mod reader;
 pub mod record;
 pub mod replay;
+pub mod sealed;
 pub mod segment;
 pub mod sources;
 pub mod storage;

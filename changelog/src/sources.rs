@@ -15,9 +15,8 @@
 //! crc32c 1a2b3c4d
 //! ```
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 
 const FILE: &str = "disks";
@@ -75,15 +74,7 @@ pub fn read_sources(dir: &Path) -> Result<Option<Vec<DiskSource>>, SourcesError>
         path: path.clone(),
         reason,
     };
-    let crc_at = text
-        .rfind("crc32c ")
-        .ok_or_else(|| damaged("no checksum line".into()))?;
-    let (body, crc_line) = text.split_at(crc_at);
-    let stored = u32::from_str_radix(crc_line.trim_start_matches("crc32c ").trim(), 16)
-        .map_err(|_| damaged("unreadable checksum".into()))?;
-    if crc32c::crc32c(body.as_bytes()) != stored {
-        return Err(damaged("checksum mismatch".into()));
-    }
+    let body = crate::sealed::unseal(&text).map_err(|r| damaged(r.into()))?;
     let mut lines = body.lines();
     if lines.next() != Some(HEADER) {
         return Err(damaged("unknown header".into()));
@@ -130,23 +121,8 @@ pub fn write_sources(dir: &Path, disks: &[DiskSource]) -> Result<(), SourcesErro
             d.path.display()
         ));
     }
-    let text = format!("{body}crc32c {:08x}\n", crc32c::crc32c(body.as_bytes()));
-    let io_err = |path: PathBuf| move |source| SourcesError::Io { path, source };
-    let tmp = dir.join(TMP);
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io_err(tmp.clone()))?;
-    file.write_all(text.as_bytes())
-        .map_err(io_err(tmp.clone()))?;
-    file.sync_data().map_err(io_err(tmp.clone()))?;
-    fs::rename(&tmp, dir.join(FILE)).map_err(io_err(dir.join(FILE)))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir.to_path_buf()))
+    crate::sealed::write_atomic(dir, TMP, FILE, &crate::sealed::seal(&body))
+        .map_err(|(path, source)| SourcesError::Io { path, source })
 }
 
 #[cfg(test)]

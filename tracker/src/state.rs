@@ -16,9 +16,8 @@
 //! crc32c 1a2b3c4d
 //! ```
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 
 const FILE: &str = "tracker.state";
@@ -103,15 +102,7 @@ impl GroupState {
             path: path.clone(),
             reason: reason.to_string(),
         };
-        let body_end = text
-            .rfind("crc32c ")
-            .ok_or_else(|| damaged("no checksum line"))?;
-        let (body, crc_line) = text.split_at(body_end);
-        let stored = u32::from_str_radix(crc_line.trim_start_matches("crc32c ").trim(), 16)
-            .map_err(|_| damaged("unreadable checksum"))?;
-        if crc32c::crc32c(body.as_bytes()) != stored {
-            return Err(damaged("checksum mismatch"));
-        }
+        let body = tidemark_changelog::sealed::unseal(&text).map_err(damaged)?;
         let mut lines = body.lines();
         if lines.next() != Some(HEADER) {
             return Err(damaged("unknown header"));
@@ -153,23 +144,9 @@ impl GroupState {
         for d in &self.disks {
             body.push_str(&format!("disk {d}\n"));
         }
-        let text = format!("{body}crc32c {:08x}\n", crc32c::crc32c(body.as_bytes()));
-        let io_err = |path: PathBuf| move |source| StateError::Io { path, source };
-        let tmp = dir.join(TMP);
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io_err(tmp.clone()))?;
-        file.write_all(text.as_bytes())
-            .map_err(io_err(tmp.clone()))?;
-        file.sync_data().map_err(io_err(tmp.clone()))?;
-        fs::rename(&tmp, dir.join(FILE)).map_err(io_err(dir.join(FILE)))?;
-        File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err(dir.clone()))
+        let text = tidemark_changelog::sealed::seal(&body);
+        tidemark_changelog::sealed::write_atomic(&dir, TMP, FILE, &text)
+            .map_err(|(path, source)| StateError::Io { path, source })
     }
 }
 

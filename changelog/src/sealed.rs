@@ -1,0 +1,70 @@
+//! Small text files sealed with a checksum and replaced atomically: the
+//! body, then a last line `crc32c XXXXXXXX` over every byte before it.
+//! The log's `disks` file and the tracker's state file are written this way.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+/// `body` with its checksum line.
+pub fn seal(body: &str) -> String {
+    format!("{body}crc32c {:08x}\n", crc32c::crc32c(body.as_bytes()))
+}
+
+/// The body of a sealed text; `Err` says why it does not verify.
+pub fn unseal(text: &str) -> Result<&str, &'static str> {
+    let at = text.rfind("crc32c ").ok_or("no checksum line")?;
+    let (body, crc_line) = text.split_at(at);
+    let stored = u32::from_str_radix(crc_line.trim_start_matches("crc32c ").trim(), 16)
+        .map_err(|_| "unreadable checksum")?;
+    if crc32c::crc32c(body.as_bytes()) != stored {
+        return Err("checksum mismatch");
+    }
+    Ok(body)
+}
+
+/// Replaces `dir/name` with `text`, atomically and durably: `dir/tmp`
+/// (0600), fdatasync, rename, fsync of the directory. An error names the
+/// path it concerns.
+pub fn write_atomic(
+    dir: &Path,
+    tmp: &str,
+    name: &str,
+    text: &str,
+) -> Result<(), (PathBuf, io::Error)> {
+    let tmp = dir.join(tmp);
+    let at = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e| (path, e)
+    };
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(at(&tmp))?;
+    file.write_all(text.as_bytes()).map_err(at(&tmp))?;
+    file.sync_data().map_err(at(&tmp))?;
+    let target = dir.join(name);
+    fs::rename(&tmp, &target).map_err(at(&target))?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(at(dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_text_round_trips_and_damage_is_named() {
+        let text = seal("header\nline 1\n");
+        assert_eq!(unseal(&text), Ok("header\nline 1\n"));
+        assert_eq!(
+            unseal(&text.replace("line 1", "line 2")),
+            Err("checksum mismatch")
+        );
+        assert_eq!(unseal("header\n"), Err("no checksum line"));
+        assert_eq!(unseal("header\ncrc32c zz\n"), Err("unreadable checksum"));
+    }
+}
