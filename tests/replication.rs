@@ -182,9 +182,21 @@ pub fn start_receiver(dir: &Path, rpki: &Path, port: u16, config: Option<&Path>)
 /// Starts `tidemark shipper run` for [`HOST`]; its stderr goes to
 /// `dir/shipper.log`.
 pub fn start_shipper(dir: &Path, log_dir: &Path, hpki: &Path, port: u16) -> Daemon {
+    start_shipper_with(dir, log_dir, hpki, port, &[])
+}
+
+/// [`start_shipper`] with more `shipper run` flags.
+pub fn start_shipper_with(
+    dir: &Path,
+    log_dir: &Path,
+    hpki: &Path,
+    port: u16,
+    extra: &[&std::ffi::OsStr],
+) -> Daemon {
     let child = tidemark()
         .args(["shipper", "run", "--log-dir"])
         .arg(log_dir)
+        .args(extra)
         .args(["--receiver", &format!("127.0.0.1:{port}"), "--host", HOST])
         .arg("--pki-dir")
         .arg(hpki)

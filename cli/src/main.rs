@@ -46,7 +46,8 @@ enum Command {
     Shipper(replication_cmd::ShipperCommand),
     /// Take over a replica: write its disks, as of a recovery point
     /// (default: the newest), into image files (the receiver must be
-    /// stopped).
+    /// stopped); with --planned, first drain the protected host through
+    /// the running receiver so nothing is lost.
     Failover(points_cmd::FailoverArgs),
     /// List the recovery points a receiver keeps for a host's group (works
     /// while the receiver runs).

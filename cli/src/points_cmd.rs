@@ -121,6 +121,14 @@ pub(crate) struct FailoverArgs {
     /// Directory to write one image per disk into (`<disk>.img`).
     #[arg(long)]
     to: PathBuf,
+    /// A planned failover, with the receiver running: ask the protected
+    /// host (through its shipper) to stop its tracker and deliver every
+    /// record, then fail over to that final barrier: nothing is lost.
+    #[arg(long, conflicts_with = "point")]
+    planned: bool,
+    /// With --planned: most time to wait for the protected host to drain.
+    #[arg(long, default_value = "10m", value_parser = tidemark_config::parse_duration)]
+    timeout: std::time::Duration,
 }
 
 pub(crate) fn kind(p: &RecoveryPoint) -> &'static str {
@@ -235,6 +243,9 @@ pub(crate) fn choose<'p>(points: &'p [RecoveryPoint], spec: &str) -> Result<&'p 
 }
 
 pub(crate) fn failover(a: FailoverArgs) -> Result<ExitCode> {
+    if a.planned {
+        return planned_failover(&a);
+    }
     let dir = a.replica.dir()?;
     let group = ReplicaGroup::open(&dir).with_context(|| {
         format!(
@@ -245,6 +256,18 @@ pub(crate) fn failover(a: FailoverArgs) -> Result<ExitCode> {
     let points = group.points();
     let point = choose(&points, &a.point)?;
     let view = group.view(Some(point.seq))?;
+    write_images(&a, &group, point, &view)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes every disk of `group` as `view` (at `point`) reads it into
+/// `a.to`.
+fn write_images(
+    a: &FailoverArgs,
+    group: &ReplicaGroup,
+    point: &RecoveryPoint,
+    view: &View<'_>,
+) -> Result<()> {
     std::fs::create_dir_all(&a.to).with_context(|| format!("creating {}", a.to.display()))?;
     println!(
         "failing over {}/{} to the recovery point at sequence {} ({}, {}{})",
@@ -261,7 +284,7 @@ pub(crate) fn failover(a: FailoverArgs) -> Result<ExitCode> {
     );
     for d in group.disk_specs() {
         let dst = a.to.join(format!("{}.img", d.name));
-        let copied = materialise(&view, d.id, d.size, &dst, &d.name)?;
+        let copied = materialise(view, d.id, d.size, &dst, &d.name)?;
         println!(
             "  {} → {} ({} bytes, {} bytes of data)",
             d.name,
@@ -270,7 +293,97 @@ pub(crate) fn failover(a: FailoverArgs) -> Result<ExitCode> {
             copied
         );
     }
+    Ok(())
+}
+
+/// A planned failover: the drain request goes to the receiver, which
+/// passes it to the host's shipper; the shipper stops the tracker (a final
+/// barrier) and delivers every record; then the images are written as of
+/// that barrier while the receiver keeps running.
+fn planned_failover(a: &FailoverArgs) -> Result<ExitCode> {
+    use tidemark_receiver::drain;
+    let dir = a.replica.dir()?;
+    let id = (tidemark_changelog::now_ns() ^ u64::from(std::process::id()) << 32).max(1);
+    drain::clear(&dir)
+        .with_context(|| format!("clearing an old drain request in {}", dir.display()))?;
+    drain::write_request(&dir, id)
+        .with_context(|| format!("leaving the drain request in {}", dir.display()))?;
+    println!(
+        "planned failover of {}/{}: asking the protected host to stop its tracker and deliver every record (request {id})",
+        a.replica.host, a.replica.group
+    );
+    let answer = wait_drained(&dir, id, a.timeout);
+    // Never leave a request behind: it would stop the tracker whenever
+    // the host's shipper next connects.
+    let cleared = drain::clear(&dir);
+    let seq = answer?;
+    cleared.with_context(|| format!("removing the drain request in {}", dir.display()))?;
+    println!(
+        "drained: the protected host is stopped; every record up to sequence {seq} is durable here"
+    );
+
+    // The final barrier is the newest point. Pin it (as a test failover
+    // does, and under the same lock) so retention cannot fold it while the
+    // images are written.
+    let test_dir = dir.join(tidemark_receiver::store::TEST_FAILOVER_DIR);
+    let _lock = crate::test_failover_cmd::lock(&test_dir)?;
+    let pin = test_dir.join(tidemark_receiver::store::PIN_FILE);
+    std::fs::write(&pin, seq.to_string())
+        .with_context(|| format!("pinning the point in {}", pin.display()))?;
+    let written = (|| {
+        let group = ReplicaGroup::open_read_only(&dir)
+            .with_context(|| format!("reading the replica {}", dir.display()))?;
+        if group.position().state != GroupState::Consistent {
+            bail!("the replica is not consistent after the drain; fail over to an earlier point with --point");
+        }
+        let points = group.points();
+        let Some(point) = points.iter().find(|p| p.seq == seq) else {
+            bail!("no recovery point at sequence {seq}, the final barrier, in the replica");
+        };
+        if points.last().map(|p| p.seq) != Some(seq) {
+            bail!("the replica holds points newer than the final barrier {seq}: the host is still writing");
+        }
+        let view = group.view(Some(seq))?;
+        write_images(a, &group, point, &view)
+    })();
+    let unpinned = std::fs::remove_file(&pin);
+    written?;
+    unpinned.with_context(|| format!("removing {}", pin.display()))?;
+    println!("planned failover complete: nothing was lost (the source stopped at sequence {seq})");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Waits for the answer to drain request `id`, with a line now and then.
+fn wait_drained(dir: &Path, id: u64, timeout: std::time::Duration) -> Result<u64> {
+    let started = Instant::now();
+    let mut next_report = started + std::time::Duration::from_secs(10);
+    loop {
+        match tidemark_receiver::drain::read_result(dir)? {
+            Some(r) if r.id == id => {
+                return r
+                    .result
+                    .map_err(|why| anyhow::anyhow!("the protected host could not drain: {why}"))
+            }
+            _ => {}
+        }
+        let now = Instant::now();
+        if now > started + timeout {
+            bail!(
+                "no answer from the protected host within {timeout:?}: is the receiver running and the host's shipper connected (`tidemark status`)? The request is withdrawn."
+            );
+        }
+        if now >= next_report {
+            let at = ReplicaGroup::open_read_only(dir)
+                .map(|g| g.position().durable_seq)
+                .unwrap_or(0);
+            println!(
+                "  waiting for the protected host to drain ({}s; the replica is at sequence {at})",
+                started.elapsed().as_secs()
+            );
+            next_report = now + std::time::Duration::from_secs(10);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 /// Writes `disk` as `view` reads it into `dst` (created, sparse: zero

@@ -43,6 +43,10 @@ pub(crate) struct ShipperRunArgs {
     /// The name the receiver's certificate carries.
     #[arg(long, default_value = "tidemark-receiver")]
     server_name: String,
+    /// The tracker's control socket, through which a planned failover
+    /// stops the tracker.
+    #[arg(long, default_value = "/run/tidemark/tracker.ctl")]
+    tracker_control_socket: PathBuf,
     /// Serve Prometheus metrics on http://ADDR/metrics (port 0 picks one;
     /// the address is printed). Overrides `metrics-listen` of a config
     /// file; without either, the one-line form serves no metrics.
@@ -146,6 +150,10 @@ fn shipper_config(a: &ShipperRunArgs) -> Result<ShipperConfig> {
             t.insert(
                 "control-socket".into(),
                 path_str(&log_dir.join("shipper.ctl")),
+            );
+            t.insert(
+                "tracker-control-socket".into(),
+                path_str(&a.tracker_control_socket),
             );
             let mut tls = toml::Table::new();
             tls.insert("ca".into(), path_str(&pki.join("ca.crt")));

@@ -1109,6 +1109,7 @@ mod tests {
             ],
             resync_blocks_compared: 0,
             resync_blocks_sent: 0,
+            resync_bytes_sent: 0,
             updated_unix: NOW / S - 1,
             retries_total: 0,
             last_error_class: None,

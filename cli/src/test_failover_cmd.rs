@@ -260,7 +260,7 @@ impl Backend for TestBackend {
 }
 
 /// Takes the test-failover lock of a group, or says who holds it.
-fn lock(dir: &Path) -> Result<File> {
+pub(crate) fn lock(dir: &Path) -> Result<File> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join("lock");
     let file = OpenOptions::new()

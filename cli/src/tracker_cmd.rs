@@ -441,30 +441,17 @@ pub(crate) fn drain(a: DrainArgs) -> Result<ExitCode> {
         None => (a.control_socket.clone(), a.log_dir.clone()),
     };
     let deadline = Instant::now() + a.timeout;
-    match tidemark_tracker::control::request_within(&control, "stop", Duration::from_secs(10)) {
-        Ok(reply) if reply["ok"] == true => {
-            println!(
-                "tracker stopping: no new writes; requests in flight finish, then a final barrier"
-            );
-            // It removes its control socket when it has stopped.
-            while control.exists() {
-                if Instant::now() > deadline {
-                    bail!("the tracker did not stop within {:?}", a.timeout);
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-        Ok(reply) => bail!(
-            "the tracker refused to stop: {}",
-            reply["error"].as_str().unwrap_or("no reason given")
+    println!(
+        "stopping the tracker: no new writes; requests in flight finish, then a final barrier"
+    );
+    match tidemark_tracker::control::stop_tracker(&control, a.timeout)
+        .map_err(anyhow::Error::msg)?
+    {
+        tidemark_tracker::control::Stopped::Now => println!("tracker stopped"),
+        tidemark_tracker::control::Stopped::NotRunning => println!(
+            "no tracker answers on {}; draining what its log holds",
+            control.display()
         ),
-        Err(e) if !control.exists() || e.kind() == std::io::ErrorKind::ConnectionRefused => {
-            println!("tracker not running ({e}); draining what its log holds");
-        }
-        Err(e) => {
-            return Err(e)
-                .with_context(|| format!("asking the tracker at {} to stop", control.display()))
-        }
     }
     let dir = tidemark_changelog::FsDir::existing(&log_dir)
         .with_context(|| format!("opening the log {}", log_dir.display()))?;

@@ -72,6 +72,12 @@ pub struct ShipperConfig {
     #[serde(default = "default_control_socket")]
     pub control_socket: PathBuf,
 
+    /// The tracker's control socket: a planned failover asked for on the
+    /// replica site stops the tracker through it (a final barrier), then
+    /// the shipper delivers everything. Default: `/run/tidemark/tracker.ctl`.
+    #[serde(default = "default_tracker_control_socket")]
+    pub tracker_control_socket: PathBuf,
+
     /// Address of the Prometheus `/metrics` endpoint.
     /// Default: `127.0.0.1:9722`.
     #[serde(default = "default_metrics_listen")]
@@ -129,6 +135,10 @@ fn default_control_socket() -> PathBuf {
     PathBuf::from("/run/tidemark/shipper.ctl")
 }
 
+fn default_tracker_control_socket() -> PathBuf {
+    PathBuf::from("/run/tidemark/tracker.ctl")
+}
+
 fn default_metrics_listen() -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9722))
 }
@@ -154,6 +164,7 @@ impl ShipperConfig {
             compression_level: default_compression_level(),
             batch_size: default_batch_size(),
             control_socket: default_control_socket(),
+            tracker_control_socket: default_tracker_control_socket(),
             metrics_listen: default_metrics_listen(),
             rpo_target: default_rpo_target(),
             sync_chunk_size: default_sync_chunk_size(),
@@ -189,6 +200,8 @@ impl ShipperConfig {
             .map_err(|m| invalid("batch-size", format!("batch-size {m}")))?;
         rules::check_unix_socket_path(&self.control_socket)
             .map_err(|m| invalid("control-socket", m))?;
+        rules::check_unix_socket_path(&self.tracker_control_socket)
+            .map_err(|m| invalid("tracker-control-socket", m))?;
         rules::check_power_of_two(
             self.sync_chunk_size,
             MIN_SYNC_CHUNK_SIZE,

@@ -19,6 +19,7 @@ use tidemark_wire::{
 };
 use tokio::sync::watch;
 
+use crate::drain;
 use crate::replica::StoreReplica;
 use crate::store::{GroupState, ReplicaGroup, Retention};
 use tidemark_metrics::{labels, Exposition, MetricsServer, Unit};
@@ -460,6 +461,9 @@ impl Server {
         let stats = self.stats(host, &group_name);
         stats.sessions.fetch_add(1, Ordering::Relaxed);
         let _connected = SessionGuard(stats.clone());
+        let dir = group_dir(&self.data_dir, host, &group_name);
+        // The drain request passed on to this connection's shipper.
+        let mut drain_sent = None;
         loop {
             // Apply every complete message, then commit and acknowledge
             // once nothing more is buffered.
@@ -488,6 +492,9 @@ impl Server {
                     }
                     Err(e) => return refuse(&mut send, e).await,
                 }
+                if let Some(outcome) = receiving.take_drained() {
+                    report_drained(&dir, host, &group_name, outcome);
+                }
             }
             let idle = tokio::task::block_in_place(|| receiving.handle_idle(&mut *lock(&replica)));
             match idle {
@@ -498,12 +505,61 @@ impl Server {
                 }
                 Err(e) => return refuse(&mut send, e).await,
             }
-            match recv.read(&mut buf).await {
-                Ok(Some(n)) => decoder.feed(&buf[..n]),
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(e.to_string()),
+            match drain::read_request(&dir) {
+                Ok(Some(id)) if drain_sent != Some(id) => {
+                    tracing::info!(%host, group = %group_name, id, "asking the shipper to drain the group (planned failover)");
+                    let frame = receiving.request_drain(id);
+                    match frame {
+                        Ok(f) => send.write_all(&f).await.map_err(|e| e.to_string())?,
+                        Err(e) => return refuse(&mut send, e).await,
+                    }
+                    drain_sent = Some(id);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot read the drain request")
+                }
+            }
+            tokio::select! {
+                read = recv.read(&mut buf) => match read {
+                    Ok(Some(n)) => decoder.feed(&buf[..n]),
+                    Ok(None) => return Ok(()),
+                    Err(e) => return Err(e.to_string()),
+                },
+                // Look for a drain request now and then.
+                _ = tokio::time::sleep(DRAIN_POLL) => {}
             }
         }
+    }
+}
+
+/// How often a connected group's directory is checked for a drain request.
+const DRAIN_POLL: Duration = Duration::from_millis(500);
+
+/// Writes the shipper's answer to a drain request for the CLI waiting on
+/// it, and retires the request.
+fn report_drained(dir: &Path, host: &str, group: &str, outcome: tidemark_wire::DrainOutcome) {
+    match &outcome.result {
+        Ok(seq) => {
+            tracing::info!(%host, %group, id = outcome.id, last_seq = seq, "group drained: the source is stopped and every record is durable")
+        }
+        Err(why) => {
+            tracing::warn!(%host, %group, id = outcome.id, reason = %why, "the group could not be drained")
+        }
+    }
+    let result = drain::DrainResult {
+        id: outcome.id,
+        result: outcome.result,
+    };
+    let written = tokio::task::block_in_place(|| {
+        drain::write_result(dir, &result)?;
+        if drain::read_request(dir)? == Some(result.id) {
+            std::fs::remove_file(dir.join(drain::REQUEST))?;
+        }
+        Ok::<_, std::io::Error>(())
+    });
+    if let Err(e) = written {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot write the drain result");
     }
 }
 

@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 
 use tidemark_changelog::{read_sources, write_cursor, FsDir, LogWatcher};
 use tidemark_config::ShipperConfig;
-use tidemark_wire::shipper::{DigestReply, HelloInfo, ShipperConfig as SessionConfig, Shipping};
+use tidemark_wire::shipper::{
+    DigestReply, Extent, HelloInfo, ShipperConfig as SessionConfig, Shipping,
+};
 use tidemark_wire::{
     differing_blocks, AwaitingWelcome, ChunkData, ChunkPurpose, Compression, DiskInfo, ErrorClass,
     Message, MessageDecoder, RecordBatch, RecordId, ShipperEvent,
@@ -239,10 +241,17 @@ fn collect_metrics(s: &ShipperStatus, lag: HistogramSnapshot, now_ns: u64) -> Ex
     );
     e.counter(
         "tidemark_shipper_resync_blocks_sent",
-        "Resync blocks that differed and were sent.",
+        "Resync 4 KiB blocks that differed and were sent.",
         None,
         &g,
         s.resync_blocks_sent,
+    );
+    e.counter(
+        "tidemark_shipper_resync_sent",
+        "Bytes of resync blocks that differed and were sent (before compression).",
+        Some(Unit::Bytes),
+        &g,
+        s.resync_bytes_sent,
     );
     e.counter(
         "tidemark_shipper_retries",
@@ -422,6 +431,7 @@ pub async fn run(
         disks: Vec::new(),
         resync_blocks_compared: 0,
         resync_blocks_sent: 0,
+        resync_bytes_sent: 0,
         updated_unix: 0,
         retries_total: 0,
         last_error_class: None,
@@ -614,22 +624,69 @@ fn spawn_reader(mut recv: quinn::RecvStream) -> mpsc::Receiver<Result<Message, S
     rx
 }
 
-/// Per-connection resync bookkeeping.
+/// Block size of the second, fine comparison of a coarse block that
+/// differs: only the 4 KiB blocks that differ travel.
+const FINE_BLOCK: u32 = 4096;
+
+/// An extent to compare by digests of `block_size` blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Compare {
+    disk: u32,
+    offset: u64,
+    length: u64,
+    block_size: u32,
+}
+
+/// How long a drain waits for the tracker to stop.
+const TRACKER_STOP_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A planned failover in progress: the tracker is being stopped, then
+/// everything its log holds is shipped, then the receiver is told.
+struct DrainJob {
+    id: u64,
+    /// The tracker's stop, running on a blocking thread.
+    stopping: Option<tokio::task::JoinHandle<Result<tidemark_tracker::control::Stopped, String>>>,
+    /// The stopped tracker's last record, once known.
+    last_seq: Option<u64>,
+}
+
+/// Per-connection bookkeeping: the resync queue and a drain in progress.
 #[derive(Default)]
 struct Resync {
-    /// Extents still to compare: (disk, offset, length).
-    queue: VecDeque<(u32, u64, u64)>,
+    /// Extents still to compare.
+    queue: VecDeque<Compare>,
+    /// A drain the receiver asked for.
+    drain: Option<DrainJob>,
 }
 
 impl Resync {
-    /// Queues an extent, in pieces one digest request can cover.
-    fn push(&mut self, disk: u32, offset: u64, length: u64) {
+    /// Queues an extent, in pieces one digest request can cover, compared
+    /// first in coarse blocks of `block_size`.
+    fn push(&mut self, disk: u32, offset: u64, length: u64, block_size: u32) {
         let mut at = offset;
         let end = offset.saturating_add(length);
         while at < end {
             let n = (end - at).min(MAX_DIGEST_EXTENT);
-            self.queue.push_back((disk, at, n));
+            self.queue.push_back(Compare {
+                disk,
+                offset: at,
+                length: n,
+                block_size,
+            });
             at += n;
+        }
+    }
+
+    /// Queues the coarse blocks that differed for a fine comparison, ahead
+    /// of everything else so the extent they came from finishes first.
+    fn refine(&mut self, disk: u32, differ: &[Extent]) {
+        for e in differ.iter().rev() {
+            self.queue.push_front(Compare {
+                disk,
+                offset: e.offset,
+                length: e.length,
+                block_size: FINE_BLOCK,
+            });
         }
     }
 }
@@ -742,9 +799,12 @@ async fn run_connection(
         .collect();
     shared.status.durable_seq = resume.durable.seq;
     shared.unacked.acked(resume.durable.seq);
+    let batch_size = usize::try_from(shared.cfg.batch_size.0).unwrap_or(usize::MAX);
+    let chunk_size = shared.cfg.sync_chunk_size.0.max(4096);
+    let block_size = u32::try_from(chunk_size).unwrap_or(1 << 20);
     let mut resync = Resync::default();
     for e in &resume.resyncing {
-        resync.push(e.disk, e.offset, e.length);
+        resync.push(e.disk, e.offset, e.length, block_size);
     }
     if !resync.queue.is_empty() {
         tracing::info!(
@@ -752,16 +812,15 @@ async fn run_connection(
             "the replica waits for a resync of extents"
         );
     }
-    let batch_size = usize::try_from(shared.cfg.batch_size.0).unwrap_or(usize::MAX);
-    let chunk_size = shared.cfg.sync_chunk_size.0.max(4096);
-    let block_size = u32::try_from(chunk_size).unwrap_or(1 << 20);
 
     loop {
         // Everything the receiver said so far.
         loop {
             match rx.try_recv() {
                 Ok(Ok(msg)) => {
-                    if let Err(e) = handle(shared, &mut shipping, &mut send, &sources, msg).await {
+                    if let Err(e) =
+                        handle(shared, &mut shipping, &mut send, &sources, &mut resync, msg).await
+                    {
                         return e;
                     }
                 }
@@ -772,8 +831,23 @@ async fn run_connection(
                 }
             }
         }
+        let settled = resync.queue.is_empty()
+            && shipping.pending_digests() == 0
+            && syncs.iter().all(|s| s.next >= s.size);
+        if let Err(e) = advance_drain(shared, &mut shipping, &mut send, &mut resync, settled).await
+        {
+            return e;
+        }
         if *stop.borrow() {
-            return finish(shared, &mut shipping, &mut send, &mut rx, &sources).await;
+            return finish(
+                shared,
+                &mut shipping,
+                &mut send,
+                &mut rx,
+                &sources,
+                &mut resync,
+            )
+            .await;
         }
 
         let mut progressed = false;
@@ -807,7 +881,7 @@ async fn run_connection(
                     for (disk, offset, length) in batch.resync_needed {
                         match syncs.iter_mut().find(|s| s.id == disk) {
                             Some(s) if initial_sync => s.next = s.next.min(offset),
-                            _ => resync.push(disk, offset, length),
+                            _ => resync.push(disk, offset, length, block_size),
                         }
                     }
                     progressed = true;
@@ -816,10 +890,14 @@ async fn run_connection(
                 Err(e) => return permanent(format!("reading the change log: {e}")),
             }
             if !progressed && shipping.pending_digests() == 0 {
-                if let Some((disk, offset, length)) = resync.queue.pop_front() {
+                if let Some(c) = resync.queue.pop_front() {
                     shared.status.state = State::Resyncing;
-                    let frame = match shipping.send_digest_request(disk, offset, length, block_size)
-                    {
+                    let frame = match shipping.send_digest_request(
+                        c.disk,
+                        c.offset,
+                        c.length,
+                        c.block_size,
+                    ) {
                         Ok(f) => f,
                         Err(e) => return classify(e.class(), e.to_string()),
                     };
@@ -888,7 +966,7 @@ async fn run_connection(
             tokio::select! {
                 m = rx.recv() => match m {
                     Some(Ok(msg)) => {
-                        if let Err(e) = handle(shared, &mut shipping, &mut send, &sources, msg).await {
+                        if let Err(e) = handle(shared, &mut shipping, &mut send, &sources, &mut resync, msg).await {
                             return e;
                         }
                     }
@@ -910,6 +988,7 @@ async fn handle(
     shipping: &mut Shipping,
     send: &mut quinn::SendStream,
     sources: &[tidemark_changelog::DiskSource],
+    resync: &mut Resync,
     msg: Message,
 ) -> Result<(), SessionEnd> {
     match shipping.handle_message(msg) {
@@ -933,19 +1012,43 @@ async fn handle(
             Ok(())
         }
         Ok(ShipperEvent::Digests(reply)) => {
-            resync_extent(shared, shipping, send, sources, reply).await
+            resync_extent(shared, shipping, send, sources, resync, reply).await
+        }
+        Ok(ShipperEvent::DrainRequested { id }) => {
+            if resync.drain.as_ref().is_some_and(|d| d.id == id) {
+                return Ok(());
+            }
+            let control = shared.cfg.tracker_control_socket.clone();
+            tracing::info!(
+                id,
+                control = %control.display(),
+                "planned failover: the replica site asks to drain; stopping the tracker"
+            );
+            let stopping = tokio::task::spawn_blocking(move || {
+                tidemark_tracker::control::stop_tracker(&control, TRACKER_STOP_TIMEOUT)
+            });
+            resync.drain = Some(DrainJob {
+                id,
+                stopping: Some(stopping),
+                last_seq: None,
+            });
+            Ok(())
         }
         Err(e) => Err(classify(e.class(), e.to_string())),
     }
 }
 
-/// Compares the receiver's digests of an extent with the disk and sends
-/// the blocks that differ, then marks the extent in sync.
+/// Compares the receiver's digests of an extent with the disk. Coarse
+/// blocks that differ are queued for a second comparison in 4 KiB blocks
+/// and the rest of the extent is marked in sync; at 4 KiB the blocks that
+/// differ are sent and the extent is marked in sync. So what travels is
+/// the 4 KiB blocks that differ, plus digests.
 async fn resync_extent(
     shared: &mut Shared,
     shipping: &mut Shipping,
     send: &mut quinn::SendStream,
     sources: &[tidemark_changelog::DiskSource],
+    resync: &mut Resync,
     reply: DigestReply,
 ) -> Result<(), SessionEnd> {
     let req = reply.request;
@@ -960,13 +1063,34 @@ async fn resync_extent(
     .map_err(|e| transient(format!("reading disk {} for resync: {e}", src.name)))?;
     let local = tidemark_wire::block_digests(&data, req.block_size);
     let Some(differ) = differing_blocks(&req, &local, &reply.digests) else {
-        return Err(permanent("digest counts do not match the request"));
+        return Err(permanent("digests count does not match the request"));
     };
-    shared.status.resync_blocks_compared += local.len() as u64;
+    if req.block_size > FINE_BLOCK {
+        shared.status.resync_blocks_compared += local.len() as u64;
+        // The differing blocks stay pending at the receiver until their
+        // fine comparison ends; everything between them is in sync now.
+        let end = req.offset + req.length;
+        let mut at = req.offset;
+        for e in differ.iter().chain(std::iter::once(&Extent {
+            offset: end,
+            length: 0,
+        })) {
+            if e.offset > at {
+                let frame = shipping
+                    .send_resync_done(req.disk, at, e.offset - at)
+                    .map_err(|e| classify(e.class(), e.to_string()))?;
+                send_frame(shared, send, &frame).await?;
+            }
+            at = e.offset + e.length;
+        }
+        resync.refine(req.disk, &differ);
+        return Ok(());
+    }
     for ext in differ {
         let start = (ext.offset - req.offset) as usize;
         let bytes = data[start..start + ext.length as usize].to_vec();
         shared.status.resync_blocks_sent += ext.length.div_ceil(u64::from(req.block_size));
+        shared.status.resync_bytes_sent += ext.length;
         let frame = shipping
             .send_chunk(
                 req.disk,
@@ -983,6 +1107,71 @@ async fn resync_extent(
     send_frame(shared, send, &frame).await
 }
 
+/// Moves a drain on: once the tracker has stopped, learns the log's last
+/// record; once that record is sent and no sync or resync is left
+/// (`settled`), tells the receiver. A tracker that cannot be stopped is
+/// reported to the receiver, and replication goes on.
+async fn advance_drain(
+    shared: &mut Shared,
+    shipping: &mut Shipping,
+    send: &mut quinn::SendStream,
+    work: &mut Resync,
+    settled: bool,
+) -> Result<(), SessionEnd> {
+    let Some(job) = work.drain.as_mut() else {
+        return Ok(());
+    };
+    if let Some(stopping) = job.stopping.as_ref() {
+        if !stopping.is_finished() {
+            return Ok(());
+        }
+        let stopping = job.stopping.take().expect("checked above");
+        let stopped = match stopping.await {
+            Ok(r) => r,
+            Err(e) => Err(format!("stopping the tracker: {e}")),
+        };
+        let last = stopped.and_then(|how| {
+            let dir = shared.dir.clone();
+            let report = tokio::task::block_in_place(|| tidemark_changelog::check(&dir))
+                .map_err(|e| format!("reading the log after the tracker stopped: {e}"))?;
+            if !report.is_clean() {
+                return Err("the log is damaged: run `tidemark log check` on it".to_string());
+            }
+            tracing::info!(?how, last_seq = ?report.last_seq, "tracker stopped; shipping what is left");
+            Ok(report.last_seq.unwrap_or(0))
+        });
+        match last {
+            Ok(seq) => job.last_seq = Some(seq),
+            Err(why) => {
+                tracing::warn!(reason = %why, "cannot drain the group");
+                let id = job.id;
+                work.drain = None;
+                let frame = shipping
+                    .send_drained(id, 0, &why)
+                    .map_err(|e| classify(e.class(), e.to_string()))?;
+                return send_frame(shared, send, &frame).await;
+            }
+        }
+    }
+    let Some(last) = job.last_seq else {
+        return Ok(());
+    };
+    if !settled || shipping.last_sent_seq() < last.max(shipping.durable().seq) {
+        return Ok(());
+    }
+    let id = job.id;
+    work.drain = None;
+    let frame = shipping
+        .send_drained(id, shipping.last_sent_seq(), "")
+        .map_err(|e| classify(e.class(), e.to_string()))?;
+    tracing::info!(
+        id,
+        last_seq = last,
+        "drained: every record is sent; the receiver is told"
+    );
+    send_frame(shared, send, &frame).await
+}
+
 /// A clean stop: wait a little for the Acks of what is in flight, so the
 /// cursor is as far as it can be, then close.
 async fn finish(
@@ -991,12 +1180,16 @@ async fn finish(
     send: &mut quinn::SendStream,
     rx: &mut mpsc::Receiver<Result<Message, SessionEnd>>,
     sources: &[tidemark_changelog::DiskSource],
+    resync: &mut Resync,
 ) -> SessionEnd {
     let deadline = tokio::time::Instant::now() + STOP_GRACE;
     while shipping.in_flight_bytes() > 0 {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
             Ok(Some(Ok(msg))) => {
-                if handle(shared, shipping, send, sources, msg).await.is_err() {
+                if handle(shared, shipping, send, sources, resync, msg)
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -1065,6 +1258,7 @@ mod tests {
             }],
             resync_blocks_compared: 0,
             resync_blocks_sent: 0,
+            resync_bytes_sent: 0,
             updated_unix: 0,
             retries_total: 2,
             last_error_class: Some(FailureClass::Transient),

@@ -122,10 +122,14 @@ pub struct ShipperStatus {
     pub record_bytes: u64,
     /// Per-disk initial sync progress.
     pub disks: Vec<DiskProgress>,
-    /// Resync blocks compared and sent since start.
+    /// Resync blocks (of `sync-chunk-size`) compared since start.
     pub resync_blocks_compared: u64,
-    /// Resync blocks that differed and were sent.
+    /// Resync 4 KiB blocks that differed and were sent: a coarse block
+    /// that differs is compared again in 4 KiB blocks.
     pub resync_blocks_sent: u64,
+    /// Bytes of the resync blocks sent (before compression).
+    #[serde(default)]
+    pub resync_bytes_sent: u64,
     /// When this was written (Unix seconds).
     pub updated_unix: u64,
     /// Reconnect attempts since start (never reset, unlike `retries`).
@@ -198,6 +202,7 @@ mod tests {
             disks: Vec::new(),
             resync_blocks_compared: 0,
             resync_blocks_sent: 0,
+            resync_bytes_sent: 0,
             updated_unix: 0,
             retries_total: 0,
             last_error_class: None,

@@ -195,6 +195,51 @@ pub fn request(path: &Path, line: &str) -> std::io::Result<serde_json::Value> {
     request_within(path, line, Duration::from_secs(60))
 }
 
+/// How [`stop_tracker`] found the tracker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// It was running and has stopped: requests in flight finished, then a
+    /// final barrier.
+    Now,
+    /// Nothing answered on the control socket: no tracker runs there.
+    NotRunning,
+}
+
+/// Stops the tracker whose control socket is `path` — no new writes,
+/// requests in flight finish, then a final barrier — and waits until it
+/// has stopped (it removes its control socket last), at most `timeout`.
+pub fn stop_tracker(path: &Path, timeout: Duration) -> Result<Stopped, String> {
+    let deadline = std::time::Instant::now() + timeout;
+    match request_within(path, "stop", Duration::from_secs(10).min(timeout)) {
+        Ok(reply) if reply["ok"] == true => {
+            while path.exists() {
+                if std::time::Instant::now() > deadline {
+                    return Err(format!("the tracker did not stop within {timeout:?}"));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Ok(Stopped::Now)
+        }
+        Ok(reply) => Err(format!(
+            "the tracker refused to stop: {}",
+            reply["error"].as_str().unwrap_or("no reason given")
+        )),
+        Err(e)
+            if !path.exists()
+                || matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                ) =>
+        {
+            Ok(Stopped::NotRunning)
+        }
+        Err(e) => Err(format!(
+            "asking the tracker at {} to stop: {e}",
+            path.display()
+        )),
+    }
+}
+
 /// [`request`], waiting at most `timeout` for the reply.
 pub fn request_within(
     path: &Path,

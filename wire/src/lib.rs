@@ -35,7 +35,8 @@ pub use message::{
     MessageDecoder, MessageType, RecordBatch, RecordId, ResyncExtent,
 };
 pub use receiver::{
-    ExpectHello, Position, ReceiverConfig, ReceiverError, Receiving, Replica, ReplicaError,
+    DrainOutcome, ExpectHello, Position, ReceiverConfig, ReceiverError, Receiving, Replica,
+    ReplicaError,
 };
 pub use shipper::{
     block_digests, differing_blocks, AwaitingWelcome, DigestReply, DigestRequestInfo, Extent,

@@ -19,7 +19,16 @@
 //!  8 ack             u64 durable-seq, u32 generation, u64 frames,
 //!                    u32 n, n × (u32 id, u64 synced)
 //!  9 error           u8 class (0 transient, 1 permanent), u8 code, str16 message
+//! 10 drain-request   u64 id
+//! 11 drained         u64 id, u64 last-seq, str16 error (empty: drained)
 //! ```
+//!
+//! A planned failover is asked for on the replica site: the receiver sends
+//! `drain-request`; the shipper stops the protected host's tracker (no new
+//! writes, a final barrier), sends every record the log holds, finishes any
+//! sync, then answers `drained` with the last record's sequence number (or
+//! why it could not drain). `drained` follows the last record on the
+//! stream, so when the receiver reads it every record is applied.
 //!
 //! Initial sync has no "done" message: initial-sync chunks of a disk are
 //! sent in offset order without holes (zero ranges as `Zero` data), so the
@@ -64,6 +73,10 @@ pub enum MessageType {
     Ack,
     /// [`Message::Error`].
     Error,
+    /// [`Message::DrainRequest`].
+    DrainRequest,
+    /// [`Message::Drained`].
+    Drained,
 }
 
 impl MessageType {
@@ -79,6 +92,8 @@ impl MessageType {
             MessageType::ResyncDone => 7,
             MessageType::Ack => 8,
             MessageType::Error => 9,
+            MessageType::DrainRequest => 10,
+            MessageType::Drained => 11,
         }
     }
 
@@ -94,6 +109,8 @@ impl MessageType {
             7 => MessageType::ResyncDone,
             8 => MessageType::Ack,
             9 => MessageType::Error,
+            10 => MessageType::DrainRequest,
+            11 => MessageType::Drained,
             _ => return None,
         })
     }
@@ -110,6 +127,8 @@ impl MessageType {
             MessageType::ResyncDone => "resync-done",
             MessageType::Ack => "ack",
             MessageType::Error => "error",
+            MessageType::DrainRequest => "drain-request",
+            MessageType::Drained => "drained",
         }
     }
 }
@@ -591,6 +610,22 @@ pub enum Message {
         /// For people.
         message: String,
     },
+    /// Receiver → shipper: stop the protected host's tracker and drain the
+    /// group to a final barrier (a planned failover).
+    DrainRequest {
+        /// Names the request; the answer repeats it.
+        id: u64,
+    },
+    /// Shipper → receiver: the answer to a [`Message::DrainRequest`].
+    Drained {
+        /// The request's id.
+        id: u64,
+        /// The last record of the stopped tracker's log (valid when `error`
+        /// is empty); every record up to it precedes this message.
+        last_seq: u64,
+        /// Why the group could not be drained; empty when it was.
+        error: String,
+    },
 }
 
 fn truncate_utf8(s: &str, max: usize) -> String {
@@ -624,6 +659,8 @@ impl Message {
             Message::ResyncDone { .. } => MessageType::ResyncDone,
             Message::Ack { .. } => MessageType::Ack,
             Message::Error { .. } => MessageType::Error,
+            Message::DrainRequest { .. } => MessageType::DrainRequest,
+            Message::Drained { .. } => MessageType::Drained,
         }
     }
 
@@ -779,6 +816,24 @@ impl Message {
                 }
                 w.u16(message.len() as u16);
                 w.0.extend_from_slice(message.as_bytes());
+            }
+            Message::DrainRequest { id } => w.u64(*id),
+            Message::Drained {
+                id,
+                last_seq,
+                error,
+            } => {
+                w.u64(*id);
+                w.u64(*last_seq);
+                if error.len() > MAX_ERROR_MESSAGE {
+                    return Err(EncodeError::FieldTooLong {
+                        field: "drain error",
+                        len: error.len(),
+                        max: MAX_ERROR_MESSAGE,
+                    });
+                }
+                w.u16(error.len() as u16);
+                w.0.extend_from_slice(error.as_bytes());
             }
         }
         if w.0.len() > MAX_FRAME_BODY as usize {
@@ -941,6 +996,20 @@ fn decode_fields(msg_type: MessageType, body: &[u8]) -> Result<Message, DecodeEr
                     class,
                     code,
                     message,
+                }
+            }
+            MessageType::DrainRequest => Message::DrainRequest { id: r.u64("id")? },
+            MessageType::Drained => {
+                let id = r.u64("id")?;
+                let last_seq = r.u64("last seq")?;
+                let len = r.u16("error length")? as usize;
+                if len > MAX_ERROR_MESSAGE {
+                    return Err(invalid("drain error", "longer than 4 KiB"));
+                }
+                Message::Drained {
+                    id,
+                    last_seq,
+                    error: r.utf8("drain error", len)?,
                 }
             }
         };

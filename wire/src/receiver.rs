@@ -322,9 +322,20 @@ impl ExpectHello {
             acked_frames: 0,
             dirty: false,
             uncommitted_bytes: 0,
+            drained: None,
         };
         Ok((session, welcome))
     }
+}
+
+/// The shipper's answer to a drain request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrainOutcome {
+    /// The request's id.
+    pub id: u64,
+    /// The last record, applied and durable before this outcome was
+    /// reported; or why the group could not be drained.
+    pub result: Result<u64, String>,
 }
 
 /// A session past the Hello.
@@ -340,12 +351,24 @@ pub struct Receiving {
     acked_frames: u64,
     dirty: bool,
     uncommitted_bytes: u64,
+    drained: Option<DrainOutcome>,
 }
 
 impl Receiving {
     /// The last record applied (possibly not yet durable).
     pub fn applied(&self) -> RecordId {
         self.applied
+    }
+
+    /// Encodes a request to drain the group for a planned failover; the
+    /// answer comes as [`Receiving::take_drained`].
+    pub fn request_drain(&self, id: u64) -> Result<Vec<u8>, ReceiverError> {
+        Ok(Message::DrainRequest { id }.encode(self.config.compression)?)
+    }
+
+    /// The shipper's answer to a drain request, once it came.
+    pub fn take_drained(&mut self) -> Option<DrainOutcome> {
+        self.drained.take()
     }
 
     /// Handles one message from the shipper; returns the frames to send
@@ -494,6 +517,27 @@ impl Receiving {
                 self.check_extent(disk, offset, length)?;
                 replica.resync_done(disk, offset, length)?;
                 self.dirty = true;
+            }
+            Message::Drained {
+                id,
+                last_seq,
+                error,
+            } => {
+                let result = if error.is_empty() {
+                    if last_seq != self.applied.seq {
+                        return Err(ReceiverError::protocol(format!(
+                            "drained at record {last_seq}, the replica is at {}",
+                            self.applied.seq
+                        )));
+                    }
+                    // Durable before anyone is told.
+                    self.dirty = true;
+                    self.commit(replica, &mut out)?;
+                    Ok(last_seq)
+                } else {
+                    Err(error)
+                };
+                self.drained = Some(DrainOutcome { id, result });
             }
             Message::Error {
                 class,

@@ -314,6 +314,12 @@ pub enum ShipperEvent {
     },
     /// Digests for a request: compare them with [`differing_blocks`].
     Digests(DigestReply),
+    /// The replica site asks for a planned failover: stop the tracker,
+    /// ship everything, then answer with [`Shipping::send_drained`].
+    DrainRequested {
+        /// The request's id, repeated in the answer.
+        id: u64,
+    },
 }
 
 /// A session past the Welcome: sending and handling Acks.
@@ -478,9 +484,35 @@ impl Shipping {
         Ok(frame)
     }
 
+    /// Encodes the answer to a drain request: every record up to
+    /// `last_seq`, the stopped tracker's last, was sent before it (or
+    /// `error` says why the group could not be drained).
+    pub fn send_drained(
+        &mut self,
+        id: u64,
+        last_seq: u64,
+        error: &str,
+    ) -> Result<Vec<u8>, ShipperError> {
+        if error.is_empty() && last_seq != self.last_sent_seq() {
+            return Err(ShipperError::Usage(format!(
+                "drained at record {last_seq}, but record {} was the last sent",
+                self.last_sent_seq()
+            )));
+        }
+        let frame = Message::Drained {
+            id,
+            last_seq,
+            error: truncate(error, crate::message::MAX_ERROR_MESSAGE),
+        }
+        .encode(self.config.compression)?;
+        self.track(&frame);
+        Ok(frame)
+    }
+
     /// Handles a message from the receiver.
     pub fn handle_message(&mut self, msg: Message) -> Result<ShipperEvent, ShipperError> {
         match msg {
+            Message::DrainRequest { id } => Ok(ShipperEvent::DrainRequested { id }),
             Message::Ack {
                 durable_seq,
                 generation,
@@ -567,6 +599,15 @@ impl Shipping {
             ))),
         }
     }
+}
+
+/// `s` cut to at most `max` bytes on a character boundary.
+fn truncate(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
 }
 
 /// An extent of a disk.

@@ -176,6 +176,14 @@ fn arb_message() -> impl Strategy<Value = Message> {
             };
             Message::error(class, codes[code], &text)
         }),
+        any::<u64>().prop_map(|id| Message::DrainRequest { id }),
+        (any::<u64>(), any::<u64>(), "\\PC{0,100}").prop_map(|(id, last_seq, error)| {
+            Message::Drained {
+                id,
+                last_seq,
+                error,
+            }
+        }),
     ]
 }
 

@@ -163,6 +163,7 @@ struct MemReplica<'a> {
     applied_since_commit: HashSet<u64>,
     lease: u64,
     record_applies: u64,
+    commits: u64,
 }
 
 impl<'a> MemReplica<'a> {
@@ -176,6 +177,7 @@ impl<'a> MemReplica<'a> {
             applied_since_commit: HashSet::new(),
             lease: 0,
             record_applies: 0,
+            commits: 0,
         }
     }
 
@@ -323,6 +325,7 @@ impl Replica for MemReplica<'_> {
         }
         self.committed = self.work.clone();
         self.applied_since_commit.clear();
+        self.commits += 1;
         Ok(self.committed.1.clone())
     }
 
@@ -569,6 +572,11 @@ fn shipper_receive(
                 extent,
                 chunks: chunks.into(),
             });
+        }
+        ShipperEvent::DrainRequested { .. } => {
+            return Err(ShipperError::Protocol(
+                "the simulated receiver never asks for a drain".into(),
+            ))
         }
     }
     Ok(())
@@ -948,5 +956,52 @@ fn a_chunk_at_the_wrong_position_is_refused() {
     assert_eq!(
         s.handle_message(m, &mut replica).unwrap_err().code(),
         ErrorCode::UnknownDisk
+    );
+}
+
+#[test]
+fn a_drain_is_reported_only_when_every_record_before_it_is_applied() {
+    let source = tiny_source();
+    let mut replica = MemReplica::new(&source);
+    let mut s = session(&mut replica);
+    let req = s.request_drain(42).unwrap();
+    assert!(!req.is_empty());
+    let batch = RecordBatch::from_records([&record(1, 1)[..], &record(2, 1)[..]]).unwrap();
+    s.handle_message(Message::Records(batch), &mut replica)
+        .unwrap();
+    assert_eq!(s.take_drained(), None);
+    // A drain claimed past what was applied is a protocol error.
+    let early = Message::Drained {
+        id: 42,
+        last_seq: 3,
+        error: String::new(),
+    };
+    assert_eq!(
+        s.handle_message(early, &mut replica).unwrap_err().code(),
+        ErrorCode::Protocol
+    );
+    let mut s = session(&mut replica);
+    let commits = replica.commits;
+    let drained = Message::Drained {
+        id: 42,
+        last_seq: 2,
+        error: String::new(),
+    };
+    let acks = s.handle_message(drained, &mut replica).unwrap();
+    assert_eq!(acks.len(), 1, "acknowledged");
+    assert!(replica.commits > commits, "durable before it is reported");
+    let outcome = s.take_drained().unwrap();
+    assert_eq!((outcome.id, outcome.result), (42, Ok(2)));
+    assert_eq!(s.take_drained(), None);
+    // A failed drain is reported with its reason, and the session goes on.
+    let failed = Message::Drained {
+        id: 43,
+        last_seq: 0,
+        error: "the tracker refused to stop".into(),
+    };
+    s.handle_message(failed, &mut replica).unwrap();
+    assert_eq!(
+        s.take_drained().unwrap().result,
+        Err("the tracker refused to stop".to_string())
     );
 }
