@@ -5,6 +5,7 @@ mod config_cmd;
 mod docs_cmd;
 mod log_cmd;
 mod pki_cmd;
+mod plan_cmd;
 mod points_cmd;
 mod replication_cmd;
 mod status_cmd;
@@ -63,6 +64,10 @@ enum Command {
     /// with the writes discarded afterwards, while replication goes on.
     #[command(subcommand)]
     TestFailover(test_failover_cmd::TestFailoverCommand),
+    /// Recovery plans: fail over (or test) many hosts' groups in order,
+    /// with hooks and manual pauses.
+    #[command(subcommand)]
+    Plan(plan_cmd::PlanCommand),
     /// One screen for an admin: every disk's tracking and replication
     /// state, lag, pending records, throughput and newest recovery point,
     /// from whichever of tracker, shipper and receiver data answer.
@@ -93,6 +98,7 @@ fn main() -> ExitCode {
         Command::Mark(a) => tracker_cmd::mark(a),
         Command::Drain(a) => tracker_cmd::drain(a),
         Command::TestFailover(cmd) => test_failover_cmd::run(cmd),
+        Command::Plan(cmd) => plan_cmd::run(cmd),
         Command::Status(a) => status_cmd::run(a),
         Command::GenerateDocs(a) => docs_cmd::run(a, Cli::command()),
     };

@@ -42,6 +42,9 @@ pub(crate) struct ServeArgs {
     /// in one consistency group).
     #[arg(long, requires_all = ["socket", "log_dir"])]
     image: Vec<PathBuf>,
+    /// The consistency group (one ordered log for all its disks).
+    #[arg(long, default_value = "default")]
+    group: String,
     /// Export names for the images, in order (default: file names).
     #[arg(long)]
     name: Vec<String>,
@@ -226,7 +229,7 @@ fn settings_from_flags(a: &ServeArgs) -> Result<TrackerSettings> {
         PathBuf::from(s)
     });
     Ok(TrackerSettings {
-        group: "default".into(),
+        group: a.group.clone(),
         disks,
         log_dir: a
             .log_dir

@@ -41,6 +41,7 @@
 
 mod address;
 mod error;
+pub mod plan;
 pub mod receiver;
 mod rules;
 mod schedule;
@@ -59,6 +60,7 @@ use toml::de::DeTable;
 
 pub use address::HostPort;
 pub use error::{ConfigError, FieldPath, SourceLocation, ValueError};
+pub use plan::{GroupRef, PlanConfig, PlanStep};
 pub use receiver::{HostEntry, ReceiverConfig, RetentionConfig, ServerTlsConfig};
 pub use schedule::{TimeOfDay, TimeWindow};
 pub use shipper::{BandwidthConfig, ClientTlsConfig, RetryConfig, ScheduledLimit, ShipperConfig};
@@ -281,6 +283,45 @@ pub fn load(path: &Path) -> Result<LoadedConfig, ConfigError> {
 /// Parses and validates configuration text; `origin` names it in messages
 /// (it is not read).
 pub fn parse_str(text: &str, origin: &Path) -> Result<LoadedConfig, ConfigError> {
+    parse_document(text, origin, |document: Document| {
+        let config = LoadedConfig {
+            origin: origin.to_owned(),
+            tracker: document.tracker,
+            shipper: document.shipper,
+            receiver: document.receiver,
+        };
+        config.validate().map(|()| config)
+    })
+}
+
+/// Reads, parses and validates a recovery plan (a `[plan]` table with
+/// `[[plan.step]]`s); errors name the file, line, column and setting like
+/// those of the daemons' files.
+pub fn load_plan(path: &Path) -> Result<PlanConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_plan(&text, path)
+}
+
+/// [`load_plan`] on text; `origin` names it in messages.
+pub fn parse_plan(text: &str, origin: &Path) -> Result<PlanConfig, ConfigError> {
+    parse_document(text, origin, |document: plan::PlanDocument| {
+        document.plan.validate().map(|()| document.plan)
+    })
+}
+
+/// Parses `text` as `D`, then `finish` (which validates) makes the result;
+/// every error gets the file, line and column of the setting it names.
+fn parse_document<D, T>(
+    text: &str,
+    origin: &Path,
+    finish: impl FnOnce(D) -> Result<T, ConfigError>,
+) -> Result<T, ConfigError>
+where
+    D: serde::de::DeserializeOwned,
+{
     let locate = |offset: usize| {
         let (line, column) = line_column(text, offset);
         SourceLocation {
@@ -304,7 +345,7 @@ pub fn parse_str(text: &str, origin: &Path) -> Result<LoadedConfig, ConfigError>
         });
     }
 
-    let document = Document::deserialize(toml::de::Deserializer::from(root)).map_err(|error| {
+    let document = D::deserialize(toml::de::Deserializer::from(root)).map_err(|error| {
         let offset = error.span().map_or(0, |span| span.start);
         ConfigError::Schema {
             location: locate(offset),
@@ -313,13 +354,7 @@ pub fn parse_str(text: &str, origin: &Path) -> Result<LoadedConfig, ConfigError>
         }
     })?;
 
-    let config = LoadedConfig {
-        origin: origin.to_owned(),
-        tracker: document.tracker,
-        shipper: document.shipper,
-        receiver: document.receiver,
-    };
-    config.validate().map_err(|error| match error {
+    finish(document).map_err(|error| match error {
         ConfigError::Invalid {
             location: None,
             field,
@@ -330,8 +365,7 @@ pub fn parse_str(text: &str, origin: &Path) -> Result<LoadedConfig, ConfigError>
             message,
         },
         other => other,
-    })?;
-    Ok(config)
+    })
 }
 
 #[cfg(test)]

@@ -104,10 +104,22 @@ fn thaw_all(frozen: &mut Frozen) {
 /// Runs `sh -c hook` until `deadline`; kills it then, with everything it
 /// started (its own process group).
 fn run_hook(hook: &str, deadline: Instant) -> Result<(), String> {
+    run_hook_with_env(hook, &[], deadline)
+}
+
+/// Runs `sh -c hook` with `env` added to its environment, stdin closed,
+/// until `deadline`; kills it then, with everything it started (its own
+/// process group). `Err` says how it ended when that was not success.
+pub fn run_hook_with_env(
+    hook: &str,
+    env: &[(String, String)],
+    deadline: Instant,
+) -> Result<(), String> {
     use std::os::unix::process::CommandExt;
     let mut child: Child = Command::new("sh")
         .arg("-c")
         .arg(hook)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .process_group(0)
         .spawn()

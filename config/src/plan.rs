@@ -1,0 +1,307 @@
+//! Recovery plans: which protected hosts' groups fail over, in which
+//! order, with which hooks and manual pauses. A plan is its own file,
+//! read by `tidemark plan run` on the replica site:
+//!
+//! ```toml
+//! [plan]
+//! data-dir = "/var/lib/tidemark/replicas"
+//! to = "/srv/failover"
+//!
+//! [[plan.step]]
+//! name = "databases"
+//! groups = ["db1.example.com", "db2.example.com/orders"]
+//! post = ["/usr/local/bin/check-db"]
+//! pause = "check the databases before the application tier starts"
+//!
+//! [[plan.step]]
+//! name = "applications"
+//! groups = ["app1.example.com"]
+//! ```
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::error::{ConfigError, FieldPath};
+use crate::rules;
+use crate::Duration;
+
+/// The top level of a plan file.
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "kebab-case",
+    expecting = "a document with a [plan] table"
+)]
+pub(crate) struct PlanDocument {
+    pub(crate) plan: PlanConfig,
+}
+
+/// A recovery plan, the `[plan]` table.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "kebab-case",
+    expecting = "a [plan] table"
+)]
+pub struct PlanConfig {
+    /// What the plan is for, shown when it runs. Default: empty.
+    #[serde(default)]
+    pub description: String,
+
+    /// The receiver's data directory. Default: `/var/lib/tidemark/replicas`.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+
+    /// Where a failover writes the images: `<to>/<host>/<group>/<disk>.img`.
+    /// Default: `/var/lib/tidemark/failover`.
+    #[serde(default = "default_to")]
+    pub to: PathBuf,
+
+    /// The recovery point of an unplanned failover or a test: `latest`, a
+    /// sequence number, a time or a marker label (a planned failover
+    /// always uses the final barrier). Default: `"latest"`.
+    #[serde(default = "default_point")]
+    pub point: String,
+
+    /// Where a test serves each group's point: `<dir>/<host>-<group>.sock`.
+    /// Default: `/run/tidemark/test-failover`.
+    #[serde(default = "default_test_socket_dir")]
+    pub test_socket_dir: PathBuf,
+
+    /// Most time one hook may run; it is killed after. Default: `"10m"`.
+    #[serde(default = "default_hook_timeout")]
+    pub hook_timeout: Duration,
+
+    /// Most time a planned failover waits for a host to drain.
+    /// Default: `"10m"`.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: Duration,
+
+    /// The steps, in order, one `[[plan.step]]` table each. Required.
+    #[serde(rename = "step", deserialize_with = "step_tables")]
+    pub steps: Vec<PlanStep>,
+}
+
+/// One step of a plan: its groups fail over one after the other, between
+/// its pre- and post-hooks, then the plan pauses if asked to.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PlanStep {
+    /// Shown in the plan's output and given to hooks. Required.
+    pub name: String,
+
+    /// The protected hosts' groups, `"host"` (group `default`) or
+    /// `"host/group"`. At least one.
+    pub groups: Vec<GroupRef>,
+
+    /// Shell commands run before the step's failovers, in order; one that
+    /// fails stops the plan. Default: none.
+    #[serde(default)]
+    pub pre: Vec<String>,
+
+    /// Shell commands run after the step's failovers. Default: none.
+    #[serde(default)]
+    pub post: Vec<String>,
+
+    /// A manual pause after the step: the text is shown and the plan waits
+    /// for Enter (end of input aborts the plan). Default: no pause.
+    #[serde(default)]
+    pub pause: Option<String>,
+}
+
+/// A protected host's consistency group, written `"host"` or
+/// `"host/group"`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct GroupRef {
+    /// The host's enrolled name.
+    pub host: String,
+    /// The consistency group.
+    pub group: String,
+}
+
+impl fmt::Display for GroupRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.host, self.group)
+    }
+}
+
+impl std::str::FromStr for GroupRef {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (host, group) = s.split_once('/').unwrap_or((s, "default"));
+        rules::check_name(host, "host name")?;
+        rules::check_name(group, "consistency group")?;
+        Ok(GroupRef {
+            host: host.to_string(),
+            group: group.to_string(),
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for GroupRef {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(|e: String| {
+            serde::de::Error::custom(format!("{s:?} is not \"host\" or \"host/group\": {e}"))
+        })
+    }
+}
+
+impl Serialize for GroupRef {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+fn step_tables<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PlanStep>, D::Error> {
+    crate::table_list::deserialize(d, "plan.step")
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/tidemark/replicas")
+}
+
+fn default_to() -> PathBuf {
+    PathBuf::from("/var/lib/tidemark/failover")
+}
+
+fn default_point() -> String {
+    "latest".to_string()
+}
+
+fn default_test_socket_dir() -> PathBuf {
+    PathBuf::from("/run/tidemark/test-failover")
+}
+
+fn default_hook_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+
+impl PlanConfig {
+    /// Checks what the types cannot: at least one step, each with groups,
+    /// no group twice in the plan, usable paths and timeouts.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let at = FieldPath::root().key("plan");
+        let invalid = |field: FieldPath, message: String| ConfigError::invalid(field, message);
+        rules::check_path(&self.data_dir).map_err(|m| invalid(at.key("data-dir"), m))?;
+        rules::check_path(&self.to).map_err(|m| invalid(at.key("to"), m))?;
+        rules::check_path(&self.test_socket_dir)
+            .map_err(|m| invalid(at.key("test-socket-dir"), m))?;
+        if self.point.trim().is_empty() {
+            return Err(invalid(at.key("point"), "point must not be empty".into()));
+        }
+        for (key, d) in [
+            ("hook-timeout", self.hook_timeout),
+            ("drain-timeout", self.drain_timeout),
+        ] {
+            if d.get().is_zero() {
+                return Err(invalid(at.key(key), format!("{key} must be more than 0s")));
+            }
+        }
+        if self.steps.is_empty() {
+            return Err(invalid(
+                at.key("step"),
+                "a plan needs at least one [[plan.step]]".into(),
+            ));
+        }
+        let mut seen: Vec<(&GroupRef, usize)> = Vec::new();
+        for (i, step) in self.steps.iter().enumerate() {
+            let s = at.key("step").index(i);
+            if step.name.trim().is_empty() {
+                return Err(invalid(s.key("name"), "a step needs a name".into()));
+            }
+            if step.groups.is_empty() {
+                return Err(invalid(
+                    s.key("groups"),
+                    format!("step {:?} names no group", step.name),
+                ));
+            }
+            for g in &step.groups {
+                if let Some((_, first)) = seen.iter().find(|(other, _)| *other == g) {
+                    return Err(invalid(
+                        s.key("groups"),
+                        format!(
+                            "{g} is already in step {:?}: a group fails over once",
+                            self.steps[*first].name
+                        ),
+                    ));
+                }
+                seen.push((g, i));
+            }
+            for (key, hooks) in [("pre", &step.pre), ("post", &step.post)] {
+                if hooks.iter().any(|h| h.trim().is_empty()) {
+                    return Err(invalid(s.key(key), "an empty hook command".into()));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::parse_plan;
+    use std::path::Path;
+
+    #[test]
+    fn a_plan_reads_with_defaults_and_groups_default_to_the_default_group() {
+        let plan = parse_plan(
+            r#"
+[plan]
+to = "/srv/failover"
+
+[[plan.step]]
+name = "db"
+groups = ["db1.example.com", "db2/orders"]
+pre = ["true"]
+pause = "check"
+
+[[plan.step]]
+name = "app"
+groups = ["app1"]
+"#,
+            Path::new("p.toml"),
+        )
+        .unwrap();
+        assert_eq!(plan.steps.len(), 2);
+        assert_eq!(
+            plan.steps[0].groups[0].to_string(),
+            "db1.example.com/default"
+        );
+        assert_eq!(plan.steps[0].groups[1].to_string(), "db2/orders");
+        assert_eq!(plan.steps[0].pause.as_deref(), Some("check"));
+        assert_eq!(plan.point, "latest");
+        assert_eq!(plan.data_dir, Path::new("/var/lib/tidemark/replicas"));
+        assert_eq!(plan.hook_timeout.get().as_secs(), 600);
+    }
+
+    #[test]
+    fn plan_mistakes_are_named_with_file_line_and_setting() {
+        let err = |text: &str| {
+            parse_plan(text, Path::new("p.toml"))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err("[plan]\n[[plan.step]]\nname = \"a\"\ngroups = [\"a/b/c\"]\n");
+        assert!(e.starts_with("p.toml:4:"), "{e}");
+        assert!(e.contains("not \"host\" or \"host/group\""), "{e}");
+        let e = err("[plan]\n[[plan.step]]\nname = \"a\"\ngroups = [\"h\"]\n[[plan.step]]\nname = \"b\"\ngroups = [\"h/default\"]\n");
+        assert!(e.contains("plan.step[1].groups"), "{e}");
+        assert!(e.contains("already in step \"a\""), "{e}");
+        let e = err("[plan]\nto = \"/x\"\n");
+        assert!(e.contains("missing field `step`"), "{e}");
+        let e = err("[plan]\n[plan.step]\nname = \"a\"\ngroups = [\"h\"]\n");
+        assert!(e.contains("double brackets"), "{e}");
+        let e = err("[plan]\n[[plan.step]]\nname = \"a\"\ngroups = []\n");
+        assert!(e.contains("names no group"), "{e}");
+        let e = err("[plan]\n[[plan.step]]\nname = \"a\"\ngroups = [\"h\"]\npuase = \"x\"\n");
+        assert!(e.contains("unknown field `puase`"), "{e}");
+    }
+}
