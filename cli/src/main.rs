@@ -127,3 +127,46 @@ pub(crate) fn notify_ready() {
         eprintln!("tidemark: warning: cannot notify systemd: {e}");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `tidemark` command the README's operator guide shows parses
+    /// with the real command line: no renamed subcommand or flag goes
+    /// unnoticed.
+    #[test]
+    fn operator_guide_commands_parse() {
+        let readme = include_str!("../../README.md");
+        let start = readme
+            .find("\n## Operator guide")
+            .expect("the README has an operator guide");
+        let guide = &readme[start + 1..];
+        let guide = &guide[..guide[3..].find("\n## ").map_or(guide.len(), |i| i + 3)];
+        let mut in_block = false;
+        let mut checked = 0;
+        for line in guide.lines() {
+            if line.starts_with("```") {
+                in_block = !in_block;
+                continue;
+            }
+            if !in_block {
+                continue;
+            }
+            // Drop the `host$ ` style prompt.
+            let command = match line.split_once("$ ") {
+                Some((prompt, rest)) if !prompt.contains(' ') => rest.trim(),
+                _ => line.trim(),
+            };
+            if !command.starts_with("tidemark ") {
+                continue;
+            }
+            let args: Vec<&str> = command.split_whitespace().collect();
+            if let Err(e) = Cli::try_parse_from(&args) {
+                panic!("README operator guide: `{command}` does not parse:\n{e}");
+            }
+            checked += 1;
+        }
+        assert!(checked >= 20, "only {checked} commands found in the guide");
+    }
+}

@@ -118,7 +118,10 @@ pub(crate) struct FailoverArgs {
     /// marker's label (its newest point).
     #[arg(long, default_value = "latest")]
     point: String,
-    /// Directory to write one image per disk into (`<disk>.img`).
+    /// Where the disks go: a directory (one sparse `<disk>.img` per disk,
+    /// created), or — for a group of one disk — a block device or an
+    /// existing image file of the disk's size, overwritten in place (e.g.
+    /// the original primary's disk, for a failback).
     #[arg(long)]
     to: PathBuf,
     /// A planned failover, with the receiver running: ask the protected
@@ -268,7 +271,7 @@ fn write_images(
     point: &RecoveryPoint,
     view: &View<'_>,
 ) -> Result<()> {
-    std::fs::create_dir_all(&a.to).with_context(|| format!("creating {}", a.to.display()))?;
+    let target = Target::of(&a.to, group)?;
     println!(
         "failing over {}/{} to the recovery point at sequence {} ({}, {}{})",
         a.replica.host,
@@ -283,8 +286,11 @@ fn write_images(
         }
     );
     for d in group.disk_specs() {
-        let dst = a.to.join(format!("{}.img", d.name));
-        let copied = materialise(view, d.id, d.size, &dst, &d.name)?;
+        let (dst, in_place) = match &target {
+            Target::Dir(dir) => (dir.join(format!("{}.img", d.name)), false),
+            Target::InPlace(path) => (path.clone(), true),
+        };
+        let copied = materialise(view, d.id, d.size, &dst, &d.name, in_place)?;
         println!(
             "  {} → {} ({} bytes, {} bytes of data)",
             d.name,
@@ -386,47 +392,180 @@ fn wait_drained(dir: &Path, id: u64, timeout: std::time::Duration) -> Result<u64
     }
 }
 
-/// Writes `disk` as `view` reads it into `dst` (created, sparse: zero
-/// ranges stay holes), with a progress line per 10 %. Returns the bytes of
-/// data written.
-fn materialise(view: &View<'_>, disk: u32, size: u64, dst: &Path, name: &str) -> Result<u64> {
+/// Where a failover writes the disks.
+enum Target {
+    /// A directory: one new sparse image per disk.
+    Dir(PathBuf),
+    /// The one disk's block device or image file, overwritten in place.
+    InPlace(PathBuf),
+}
+
+impl Target {
+    fn of(to: &Path, group: &ReplicaGroup) -> Result<Target> {
+        use std::os::unix::fs::FileTypeExt;
+        let meta = match std::fs::metadata(to) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(to)
+                    .with_context(|| format!("creating {}", to.display()))?;
+                return Ok(Target::Dir(to.to_path_buf()));
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", to.display())),
+        };
+        if meta.is_dir() {
+            return Ok(Target::Dir(to.to_path_buf()));
+        }
+        let disks = group.disk_specs();
+        let [disk] = disks.as_slice() else {
+            bail!(
+                "{} is not a directory, and the group has {} disks: give a directory",
+                to.display(),
+                disks.len()
+            );
+        };
+        let size = if meta.file_type().is_block_device() {
+            block_device_size(to)?
+        } else if meta.is_file() {
+            meta.len()
+        } else {
+            bail!(
+                "{} is neither a directory, a block device nor a file",
+                to.display()
+            );
+        };
+        if size != disk.size {
+            bail!(
+                "{} holds {size} bytes, the disk {} holds {}: they must be the same size",
+                to.display(),
+                disk.name,
+                disk.size
+            );
+        }
+        Ok(Target::InPlace(to.to_path_buf()))
+    }
+}
+
+/// The size of a block device.
+fn block_device_size(path: &Path) -> Result<u64> {
+    use std::io::Seek;
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    f.seek(std::io::SeekFrom::End(0))
+        .with_context(|| format!("reading the size of {}", path.display()))
+}
+
+/// Progress of writing one disk: a bar with rate and ETA on a terminal,
+/// a line per 10 % otherwise.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    name: String,
+    size: u64,
+    next_report: u64,
+    started: Instant,
+}
+
+impl Progress {
+    fn new(name: &str, size: u64) -> Progress {
+        use std::io::IsTerminal;
+        let bar = std::io::stdout().is_terminal().then(|| {
+            let style = indicatif::ProgressStyle::with_template(
+                "  {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+            )
+            .expect("a valid template")
+            .progress_chars("=> ");
+            indicatif::ProgressBar::new(size)
+                .with_style(style)
+                .with_message(name.to_string())
+        });
+        Progress {
+            bar,
+            name: name.to_string(),
+            size,
+            next_report: size / 10,
+            started: Instant::now(),
+        }
+    }
+
+    fn at(&mut self, at: u64) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(at);
+        } else if at >= self.next_report && at < self.size {
+            println!(
+                "  {}: {}% ({} MiB/s)",
+                self.name,
+                at * 100 / self.size,
+                (at as f64 / 1048576.0 / self.started.elapsed().as_secs_f64().max(1e-3)) as u64
+            );
+            self.next_report = at + self.size / 10;
+        }
+    }
+
+    fn done(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// Writes `disk` as `view` reads it into `dst`, with progress. A new image
+/// is created sparse (zero ranges stay holes); in place (an existing
+/// device or file), zero ranges are written as zeroes. Returns the bytes
+/// of data written.
+fn materialise(
+    view: &View<'_>,
+    disk: u32,
+    size: u64,
+    dst: &Path,
+    name: &str,
+    in_place: bool,
+) -> Result<u64> {
     const CHUNK: u64 = 4 << 20;
-    let output = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(dst)
-        .with_context(|| format!("creating {} (it must not exist)", dst.display()))?;
-    output.set_len(size)?;
+    let output = if in_place {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(dst)
+            .with_context(|| format!("opening {}", dst.display()))?
+    } else {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(dst)
+            .with_context(|| format!("creating {} (it must not exist)", dst.display()))?;
+        f.set_len(size)?;
+        f
+    };
     let mut buf = vec![0u8; CHUNK as usize];
     let mut written = 0u64;
     let mut at = 0u64;
-    let mut next_report = size / 10;
-    let started = Instant::now();
+    let mut progress = Progress::new(name, size);
     while at < size {
         let n = (size - at).min(CHUNK);
+        let chunk = &mut buf[..n as usize];
         if !view.is_zero(disk, at, n) {
-            let chunk = &mut buf[..n as usize];
             view.read(disk, at, chunk)?;
-            // Write 64 KiB pieces that hold data; zero pieces stay holes.
-            for (i, piece) in chunk.chunks(64 << 10).enumerate() {
-                if piece.iter().any(|b| *b != 0) {
-                    output
-                        .write_all_at(piece, at + (i as u64) * (64 << 10))
-                        .with_context(|| format!("writing {}", dst.display()))?;
-                    written += piece.len() as u64;
-                }
+        } else if in_place {
+            chunk.fill(0);
+        } else {
+            at += n;
+            progress.at(at);
+            continue;
+        }
+        // Write the 64 KiB pieces that hold data; zero pieces of a new
+        // image stay holes.
+        for (i, piece) in chunk.chunks(64 << 10).enumerate() {
+            let data = piece.iter().any(|b| *b != 0);
+            if data || in_place {
+                output
+                    .write_all_at(piece, at + (i as u64) * (64 << 10))
+                    .with_context(|| format!("writing {}", dst.display()))?;
+            }
+            if data {
+                written += piece.len() as u64;
             }
         }
         at += n;
-        if at >= next_report && at < size {
-            println!(
-                "  {name}: {}% ({} MiB/s)",
-                at * 100 / size,
-                (at as f64 / 1048576.0 / started.elapsed().as_secs_f64().max(1e-3)) as u64
-            );
-            next_report = at + size / 10;
-        }
+        progress.at(at);
     }
+    progress.done();
     output
         .sync_all()
         .with_context(|| format!("syncing {}", dst.display()))?;

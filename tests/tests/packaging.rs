@@ -479,6 +479,35 @@ fn packages_install_run_and_remove() {
     );
     assert_eq!(owner.trim(), "tidemark 750");
 
+    // Upgrade (the same packages installed over themselves: dpkg runs the
+    // upgrade path of every maintainer script): an admin's edit of a
+    // config survives, and the units stay enabled.
+    in_chroot(
+        &root,
+        &[
+            "sh",
+            "-c",
+            "echo '# edited by the admin' >> /etc/tidemark/receiver.toml",
+        ],
+    );
+    in_chroot(&root, &install);
+    let kept = in_chroot(&root, &["cat", "/etc/tidemark/receiver.toml"]);
+    assert!(kept.contains("# edited by the admin"), "{kept}");
+    for unit in UNITS {
+        assert!(
+            chroot_has(
+                &root,
+                &format!("/etc/systemd/system/multi-user.target.wants/{unit}")
+            ),
+            "{unit} not enabled after the upgrade"
+        );
+    }
+    assert!(in_chroot(
+        &root,
+        &["tidemark", "config", "check", "/etc/tidemark/receiver.toml"]
+    )
+    .contains("valid"));
+
     // Remove: binary and units go, conffiles stay (dpkg's rule) ...
     in_chroot(
         &root,

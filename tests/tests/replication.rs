@@ -795,16 +795,31 @@ fn failback_sends_only_the_blocks_that_differ() {
     drop(tracker);
     assert!(shipper.stop().success());
     assert!(receiver.stop().success());
-    let back = dir.join("back");
-    run_ok(
+    // Back onto the original primary's disk itself, in place.
+    assert!(fs::read(&original).unwrap() != fs::read(&failed_over).unwrap());
+    let out = run_ok(
         tidemark()
             .args(["failover", "--point", &point, "--data-dir"])
             .arg(&primary)
             .args(["--host", HOST, "--to"])
-            .arg(&back),
+            .arg(&original),
     );
+    assert!(out.contains(&original.display().to_string()), "{out}");
     assert!(
-        fs::read(back.join("disk.img")).unwrap() == fs::read(&failed_over).unwrap(),
+        fs::read(&original).unwrap() == fs::read(&failed_over).unwrap(),
         "the failed-back disk differs from the one the replica site ran"
     );
+    // A target of the wrong size is refused before anything is written.
+    let small = dir.join("small.img");
+    fs::File::create(&small).unwrap().set_len(SIZE / 2).unwrap();
+    let out = tidemark()
+        .args(["failover", "--point", &point, "--data-dir"])
+        .arg(&primary)
+        .args(["--host", HOST, "--to"])
+        .arg(&small)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("must be the same size"), "{err}");
 }
