@@ -42,6 +42,11 @@ pub(crate) struct ServeArgs {
     /// in one consistency group).
     #[arg(long, requires_all = ["socket", "log_dir"])]
     image: Vec<PathBuf>,
+    /// The disks were written while the tracker did not run (a failback
+    /// wrote them in place): record every byte as resync-needed, so the
+    /// replica compares every block and receives only those that differ.
+    #[arg(long)]
+    resync_all: bool,
     /// The consistency group (one ordered log for all its disks).
     #[arg(long, default_value = "default")]
     group: String,
@@ -194,6 +199,7 @@ fn settings_from_config(path: &Path) -> Result<TrackerSettings> {
         mlockall: t.mlockall,
         backing: BackingOptions::default(),
         metrics_listen: Some(t.metrics_listen),
+        resync_all: false,
     })
 }
 
@@ -254,6 +260,7 @@ fn settings_from_flags(a: &ServeArgs) -> Result<TrackerSettings> {
             ..BackingOptions::default()
         },
         metrics_listen: None,
+        resync_all: false,
     })
 }
 
@@ -265,6 +272,7 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
     if let Some(addr) = a.metrics_listen {
         settings.metrics_listen = Some(addr);
     }
+    settings.resync_all = a.resync_all;
     let socket = settings.socket.clone();
     let schedule = match &a.config {
         Some(path) => scheduled_marks(path, settings.control_socket.clone())?,

@@ -171,6 +171,54 @@ fn a_new_group_is_in_initial_sync_until_every_disk_is_copied() {
     assert!(img[4096..].iter().all(|b| *b == 0));
 }
 
+/// A host drained while its group was still syncing: its final barrier
+/// arrived before the sync ended, and becomes a recovery point when the
+/// group turns consistent with nothing applied after it.
+#[test]
+fn a_barrier_that_ends_a_sync_becomes_a_point_when_the_group_turns_consistent() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = ReplicaGroup::open(dir.path()).unwrap();
+    g.ensure_disks(&specs()).unwrap();
+    let (d0, d1) = (disk_id(0), disk_id(1));
+    g.apply_chunk(d0, 0, ChunkRef::Zero(SIZES[0]), Purpose::InitialSync)
+        .unwrap();
+    g.apply_record(&record(&Entry::write(d0, 0, &[3u8; 4096], 0), 1, 0))
+        .unwrap();
+    g.apply_record(&record(&Entry::barrier(tidemark_changelog::now_ns()), 2, 0))
+        .unwrap();
+    assert!(g.points().is_empty(), "no point while syncing");
+    g.apply_chunk(d1, 0, ChunkRef::Zero(SIZES[1]), Purpose::InitialSync)
+        .unwrap();
+    assert_eq!(g.commit().unwrap().state, GroupState::Consistent);
+    let points: Vec<u64> = g.points().iter().map(|p| p.seq).collect();
+    assert_eq!(points, vec![2]);
+    assert!(point_image(&g, Some(2), d0)[..4096].iter().all(|b| *b == 3));
+
+    // The same after a resync: the barrier applied while resyncing is a
+    // point once the resync is done, if nothing came after it.
+    g.apply_record(&record(&Entry::resync_needed(d1, 0, 4096, 0), 3, 0))
+        .unwrap();
+    g.apply_record(&record(&Entry::write(d0, 0, &[4u8; 4096], 0), 4, 0))
+        .unwrap();
+    g.apply_record(&record(&Entry::barrier(tidemark_changelog::now_ns()), 5, 0))
+        .unwrap();
+    assert!(matches!(
+        g.commit().unwrap().state,
+        GroupState::Resyncing { .. }
+    ));
+    g.apply_chunk(d1, 0, ChunkRef::Data(&[5u8; 4096]), Purpose::Resync)
+        .unwrap();
+    g.resync_done(d1, 0, 4096).unwrap();
+    assert_eq!(g.commit().unwrap().state, GroupState::Consistent);
+    let points: Vec<u64> = g.points().iter().map(|p| p.seq).collect();
+    assert_eq!(points, vec![2, 5]);
+    assert!(point_image(&g, Some(5), d1)[..4096].iter().all(|b| *b == 5));
+    assert!(point_image(&g, Some(2), d1)[..4096].iter().all(|b| *b == 0));
+    drop(g);
+    let g = ReplicaGroup::open(dir.path()).unwrap();
+    assert_eq!(g.points().len(), 2, "the points are durable");
+}
+
 #[test]
 fn ensure_disks_refuses_changed_disks_and_keeps_known_ones() {
     let dir = tempfile::tempdir().unwrap();
@@ -800,6 +848,11 @@ fn crash(
         p.fill(false);
     }
     sh.resyncing = false;
+    // A resync the crash undid (its record was not durable) is over: the
+    // refeed starts the next one, with its own first sequence number.
+    if !matches!(p.state, GroupState::Resyncing { .. }) {
+        sh.frozen = None;
+    }
     if let GroupState::Resyncing { pending } = &p.state {
         sh.resyncing = true;
         sh.check_frozen(&g);

@@ -822,4 +822,24 @@ fn failback_sends_only_the_blocks_that_differ() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("must be the same size"), "{err}");
+
+    // Protection resumes in the original direction: the original tracker
+    // restarts on the failed-back disk with --resync-all (it was written
+    // behind its back), and the replica site's old replica receives only
+    // the blocks that differ from it.
+    let port = free_port();
+    let receiver = start_receiver(dir, &rpki, port, None);
+    let tracker = TrackerProcess::start(dir, &original, &["--resync-all"]);
+    let shipper = start_shipper(dir, &tracker.log_dir, &hpki, port);
+    let status = wait_caught_up(dir, &tracker.log_dir, Duration::from_secs(120));
+    let sent = status["resync_bytes_sent"].as_u64().unwrap();
+    eprintln!("{test}: resuming protection sent {sent} bytes for {differing} bytes that differ");
+    assert!(
+        sent >= differing && sent as f64 <= 1.01 * differing as f64,
+        "sent {sent} bytes for {differing} bytes that differ"
+    );
+    drop(tracker);
+    assert!(shipper.stop().success());
+    assert!(receiver.stop().success());
+    failover_and_compare(dir, &original);
 }

@@ -46,6 +46,9 @@ pub struct TrackerSettings {
     pub activity_extent: u64,
     /// Largest NBD request.
     pub max_block: u32,
+    /// Record every byte of every disk as resync-needed at start (see
+    /// [`GroupOptions::resync_all`]).
+    pub resync_all: bool,
     /// Lock the daemon's memory (no page-in stalls in the I/O path).
     pub mlockall: bool,
     /// How backing devices are opened (engine, O_DIRECT).
@@ -324,9 +327,15 @@ pub fn run(
             log: settings.log,
             activity_extent: settings.activity_extent,
             max_block: settings.max_block,
+            resync_all: settings.resync_all,
         },
     )?;
-    if report.unclean {
+    if settings.resync_all {
+        tracing::warn!(
+            generation = report.generation,
+            "--resync-all: every byte recorded as resync-needed; the replica is compared block by block"
+        );
+    } else if report.unclean {
         tracing::warn!(
             generation = report.generation,
             extents = report.resync_needed.len(),

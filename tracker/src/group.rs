@@ -69,6 +69,11 @@ pub struct GroupOptions {
     pub activity_extent: u64,
     /// The largest request the NBD server accepts.
     pub max_block: u32,
+    /// The disks were written behind the tracker's back (e.g. a failback
+    /// wrote them in place): record every byte as resync-needed, as after
+    /// an unclean stop with every extent hot, so the replica is compared
+    /// block by block and only what differs travels.
+    pub resync_all: bool,
 }
 
 /// How the group tracks writes.
@@ -267,7 +272,7 @@ impl Group {
             });
         }
 
-        let unclean = state.running;
+        let unclean = state.running || opts.resync_all;
         let mut mode = match &state.bitmap_reason {
             Some(reason) => TrackingMode::Bitmap {
                 reason: reason.clone(),
@@ -300,6 +305,12 @@ impl Group {
                 Err(e) => return Err(GroupError::Append(e)),
             }
             for (id, (act, disk)) in activity.iter().zip(&states).enumerate() {
+                if opts.resync_all {
+                    if disk.size > 0 {
+                        resync_needed.push((id as u32, 0, disk.size));
+                    }
+                    continue;
+                }
                 for (offset, length) in act.map.ranges(disk.size) {
                     resync_needed.push((id as u32, offset, length));
                 }

@@ -21,6 +21,7 @@ fn options(dir: &Path, log_limit: u64) -> GroupOptions {
         },
         activity_extent: 1 << 20,
         max_block: 1 << 20,
+        resync_all: false,
     }
 }
 
@@ -227,6 +228,42 @@ fn an_unclean_stop_starts_a_new_generation_and_records_hot_extents() {
     assert!(!report.unclean);
     assert!(report.resync_needed.is_empty());
     assert_eq!(report.generation, 1);
+}
+
+#[test]
+fn resync_all_records_every_byte_after_a_clean_stop() {
+    let tmp = tempfile::tempdir().unwrap();
+    let devs = [
+        Arc::new(MemoryDevice::new(DISK)),
+        Arc::new(MemoryDevice::new(DISK / 2)),
+    ];
+    let (group, _) = open(tmp.path(), &devs, 64 << 20);
+    group.write(0, 0, &[1; 4096], false).unwrap();
+    group.close_clean().unwrap();
+    drop(group);
+    // Written behind the tracker's back (a failback in place), then:
+    let disks = devs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| GroupDisk {
+            name: format!("disk{i}"),
+            device: d.clone() as Arc<dyn BlockDevice>,
+        })
+        .collect();
+    let mut opts = options(tmp.path(), 64 << 20);
+    opts.resync_all = true;
+    let (group, report) = Group::open(disks, opts).unwrap();
+    assert!(report.unclean);
+    assert_eq!(report.generation, 1);
+    assert_eq!(report.resync_needed, vec![(0, 0, DISK), (1, 0, DISK / 2)]);
+    let recs = records(tmp.path());
+    let resync: Vec<_> = recs
+        .iter()
+        .filter(|r| r.header.kind == Kind::ResyncNeeded)
+        .map(|r| (r.header.disk, r.header.offset, r.header.length))
+        .collect();
+    assert_eq!(resync, vec![(0, 0, DISK), (1, 0, DISK / 2)]);
+    group.close_clean().unwrap();
 }
 
 #[test]

@@ -924,6 +924,9 @@ impl ReplicaGroup {
                     }
                 }
                 settle_initial_sync(&mut self.cur);
+                if self.cur.mode == Mode::Consistent {
+                    self.point_at_last_barrier()?;
+                }
             }
             Purpose::Resync => {
                 if self.cur.mode != Mode::Resyncing {
@@ -1009,16 +1012,17 @@ impl ReplicaGroup {
                 self.poison_on(synced)?;
             }
         }
-        let mut meta = self.cur.clone();
+        if self.cur.mode == Mode::Resyncing && self.cur.disks.iter().all(|d| d.pending.is_empty()) {
+            self.cur.mode = Mode::Consistent;
+            self.point_at_last_barrier()?;
+        }
+        let meta = self.cur.clone();
         if meta.mode != Mode::InitialSync {
             let marked = self
                 .journal
                 .commit(meta.seq, meta.generation, self.segment_size)
                 .map_err(io_err("committing the journal in", &self.dir));
             self.poison_on(marked)?;
-            if meta.mode == Mode::Resyncing && meta.disks.iter().all(|d| d.pending.is_empty()) {
-                meta.mode = Mode::Consistent;
-            }
         }
         self.journal_committed = self.journal.end;
         self.write_state(meta.clone(), None)?;
@@ -1027,6 +1031,23 @@ impl ReplicaGroup {
         self.dirty = false;
         self.apply_retention(tidemark_changelog::now_ns(), false)?;
         Ok(self.position())
+    }
+
+    /// The group just became consistent (its initial sync or resync
+    /// ended). If the last record applied is a barrier, the images now
+    /// hold the source's state at it — a drained host's final barrier,
+    /// typically: it becomes a recovery point, as it would have had the
+    /// group been consistent when it arrived.
+    fn point_at_last_barrier(&mut self) -> Result<(), StoreError> {
+        let Some((seq, ts)) = self.cur.last_barrier else {
+            return Ok(());
+        };
+        if seq != self.cur.seq || self.journal.points.last().is_some_and(|p| p.seq >= seq) {
+            return Ok(());
+        }
+        let path = self.dir.clone();
+        let written = self.journal.point(seq, ts, false, "");
+        self.poison_on(written.map_err(io_err("journaling a point in", &path)))
     }
 
     /// Folds the points that `retention` no longer keeps (by age against
