@@ -50,6 +50,15 @@ enum Command {
     /// stopped); with --planned, first drain the protected host through
     /// the running receiver so nothing is lost.
     Failover(points_cmd::FailoverArgs),
+    /// Replicate in reverse after a failover (on the original site): the
+    /// old primary's disks become the replica of the host now running the
+    /// failed-over ones, and only blocks that differ will travel (the same
+    /// as `tidemark receiver adopt`).
+    Reprotect(points_cmd::AdoptArgs),
+    /// After a reprotect (on the original site, receiver running): drain
+    /// the replica site's host and write its disks back onto the original
+    /// primary's, losing nothing.
+    Failback(points_cmd::FailbackArgs),
     /// List the recovery points a receiver keeps for a host's group (works
     /// while the receiver runs).
     Points(points_cmd::PointsArgs),
@@ -95,6 +104,8 @@ fn main() -> ExitCode {
         Command::Shipper(cmd) => replication_cmd::run_shipper(cmd),
         Command::Failover(a) => points_cmd::failover(a),
         Command::Points(a) => points_cmd::points(a),
+        Command::Reprotect(a) => points_cmd::adopt(a),
+        Command::Failback(a) => points_cmd::failback(a),
         Command::Mark(a) => tracker_cmd::mark(a),
         Command::Drain(a) => tracker_cmd::drain(a),
         Command::TestFailover(cmd) => test_failover_cmd::run(cmd),

@@ -755,7 +755,7 @@ fn failback_sends_only_the_blocks_that_differ() {
     let primary = dir.join("primary-replicas");
     run_ok(
         tidemark()
-            .args(["receiver", "adopt", "--data-dir"])
+            .args(["reprotect", "--data-dir"])
             .arg(&primary)
             .args(["--host", HOST, "--disk"])
             .arg(format!("disk={}", original.display())),
@@ -764,7 +764,16 @@ fn failback_sends_only_the_blocks_that_differ() {
     let receiver = tidemark_e2e::replication::start_receiver_at(&primary, dir, &rpki, port);
     let tracker = TrackerProcess::start(&dr, &failed_over, &[]);
     let dr_log = tracker.log_dir.clone();
-    let shipper = start_shipper(dir, &dr_log, &hpki, port);
+    let shipper = tidemark_e2e::replication::start_shipper_with(
+        dir,
+        &dr_log,
+        &hpki,
+        port,
+        &[
+            "--tracker-control-socket".as_ref(),
+            tracker.control.as_os_str(),
+        ],
+    );
     let status = wait_caught_up(dir, &dr_log, Duration::from_secs(120));
     let compared = status["resync_blocks_compared"].as_u64().unwrap();
     let sent = status["resync_bytes_sent"].as_u64().unwrap();
@@ -778,33 +787,27 @@ fn failback_sends_only_the_blocks_that_differ() {
         "sent {sent} bytes for {differing} bytes that differ"
     );
 
-    // Failback: a planned failover back to the original site.
-    let out = run_ok(
-        tidemark()
-            .args(["drain", "--control-socket"])
-            .arg(&tracker.control)
-            .arg("--log-dir")
-            .arg(&dr_log),
-    );
-    let point = out
-        .split("--point ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .unwrap()
-        .to_string();
-    drop(tracker);
-    assert!(shipper.stop().success());
-    assert!(receiver.stop().success());
-    // Back onto the original primary's disk itself, in place.
+    // Failback, from the original site with its receiver running: the
+    // replica site's host is drained (its tracker stopped through its
+    // shipper) and its disk written back onto the original one, in place.
     assert!(fs::read(&original).unwrap() != fs::read(&failed_over).unwrap());
     let out = run_ok(
         tidemark()
-            .args(["failover", "--point", &point, "--data-dir"])
+            .args(["failback", "--timeout", "2m", "--data-dir"])
             .arg(&primary)
             .args(["--host", HOST, "--to"])
             .arg(&original),
     );
+    assert!(out.contains("nothing was lost"), "{out}");
     assert!(out.contains(&original.display().to_string()), "{out}");
+    assert!(
+        !tracker.control.exists(),
+        "the replica site's tracker still runs"
+    );
+    let point = tidemark_e2e::replication::last_seq(&dr_log).to_string();
+    drop(tracker);
+    assert!(shipper.stop().success());
+    assert!(receiver.stop().success());
     assert!(
         fs::read(&original).unwrap() == fs::read(&failed_over).unwrap(),
         "the failed-back disk differs from the one the replica site ran"
