@@ -124,12 +124,24 @@ impl Drop for Daemon {
 /// Starts `tidemark receiver serve` on `data_dir` (logs in `dir`) and
 /// waits until it listens.
 pub fn start_receiver_at(data_dir: &Path, dir: &Path, rpki: &Path, port: u16) -> Daemon {
+    start_receiver_with(data_dir, dir, rpki, port, "")
+}
+
+/// [`start_receiver_at`] with `extra` appended to its configuration file
+/// (more tables, e.g. a `[receiver.retention]` table).
+pub fn start_receiver_with(
+    data_dir: &Path,
+    dir: &Path,
+    rpki: &Path,
+    port: u16,
+    extra: &str,
+) -> Daemon {
     let config = dir.join(format!("receiver-{port}.toml"));
     fs::write(
         &config,
         format!(
             "[receiver]\nlisten = \"127.0.0.1:{port}\"\ndata-dir = \"{}\"\ncontrol-socket = \"{}\"\n\
-             [receiver.tls]\nca = \"{r}/ca.crt\"\nca-key = \"{r}/ca.key\"\ncert = \"{r}/receiver.crt\"\nkey = \"{r}/receiver.key\"\n",
+             [receiver.tls]\nca = \"{r}/ca.crt\"\nca-key = \"{r}/ca.key\"\ncert = \"{r}/receiver.crt\"\nkey = \"{r}/receiver.key\"\n{extra}",
             data_dir.display(),
             dir.join(format!("receiver-{port}.ctl")).display(),
             r = rpki.display()

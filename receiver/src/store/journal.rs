@@ -548,6 +548,14 @@ impl Journal {
         Ok(())
     }
 
+    /// Forgets the points before `pos` but keeps every change: a fold to
+    /// `pos` is under way, so those points are gone, while the images may
+    /// hold only part of the fold's changes. Reads (all this is for: a
+    /// read-only group) then take the changes from the journal.
+    pub(crate) fn forget_points_before(&mut self, pos: u64) {
+        self.points.retain(|p| p.pos > pos);
+    }
+
     fn rebuild_overlays(&mut self) {
         self.overlays.clear();
         for c in &self.changes {

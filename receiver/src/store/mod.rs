@@ -607,10 +607,10 @@ impl ReplicaGroup {
         let mut start = state.journal_start;
         if let (Some(to), true) = (state.fold_to, read_only) {
             // The writer finishes the fold; its points are gone already.
-            journal
-                .drop_before(to, false)
-                .map_err(io_err("reading", dir))?;
-            start = to;
+            // Until it has, the images may hold only part of the fold (or,
+            // after a crash, stay so until the next writer opens): the
+            // points kept read the fold's changes from the journal.
+            journal.forget_points_before(to);
         } else if let Some(to) = state.fold_to {
             let overlays = journal.overlays_before(to);
             apply_overlays(&images, &journal, &overlays)
@@ -1372,57 +1372,65 @@ mod tests {
         buf
     }
 
+    /// A group in `dir` with four points (each a write, a trim and a
+    /// barrier) whose fold to the second point was cut short after
+    /// `applied_pieces` of its pieces reached the image. Returns each
+    /// point's (seq, content) and the newest content.
+    fn half_folded_group(dir: &Path, applied_pieces: usize) -> (Vec<(u64, Vec<u8>)>, Vec<u8>) {
+        let mut g = one_disk_group(dir);
+        g.set_segment_size(200);
+        // The points' timestamps are near 1970: keep them.
+        g.set_retention(Retention {
+            window: std::time::Duration::MAX,
+            ..Retention::default()
+        });
+        let mut expected = vec![3u8; 65536];
+        let mut seq = 0;
+        let mut states = Vec::new();
+        for round in 0..4u8 {
+            let at = 1000 * usize::from(round);
+            seq += 1;
+            g.apply_record(&rec(
+                &Entry::write(0, at as u64, &[round + 10; 3000], 0),
+                seq,
+            ))
+            .unwrap();
+            expected[at..at + 3000].fill(round + 10);
+            seq += 1;
+            g.apply_record(&rec(&Entry::trim(0, 40_000 + at as u64, 500, 0), seq))
+                .unwrap();
+            expected[40_000 + at..40_500 + at].fill(0);
+            seq += 1;
+            g.apply_record(&rec(&Entry::barrier(u64::from(round)), seq))
+                .unwrap();
+            states.push((seq, expected.clone()));
+            g.commit().unwrap();
+        }
+        assert_eq!(g.points().len(), 4);
+        for (seq, state) in &states {
+            assert!(read_point(&g, Some(*seq)) == *state, "point {seq}");
+        }
+
+        // The first half of a fold to the second point, by hand.
+        let to = g.journal.points[1].pos;
+        g.write_state(g.durable.clone(), Some(to)).unwrap();
+        let mut partial = BTreeMap::new();
+        let mut o = Overlay::default();
+        for p in g.journal.overlays_before(to)[&0].all().take(applied_pieces) {
+            o.insert(p.start, p.end, p.source);
+        }
+        partial.insert(0u32, o);
+        apply_overlays(&g.images, &g.journal, &partial).unwrap();
+        (states, expected)
+    }
+
     /// A fold cut short after any number of its pieces reached the image:
     /// reopening finishes it, and every point it keeps reads as before.
     #[test]
     fn an_interrupted_fold_is_finished_on_open() {
         for applied_pieces in 0..4 {
             let dir = tempfile::tempdir().unwrap();
-            let mut g = one_disk_group(dir.path());
-            g.set_segment_size(200);
-            // The points' timestamps are near 1970: keep them.
-            g.set_retention(Retention {
-                window: std::time::Duration::MAX,
-                ..Retention::default()
-            });
-            let mut expected = vec![3u8; 65536];
-            let mut seq = 0;
-            let mut states = Vec::new();
-            for round in 0..4u8 {
-                let at = 1000 * usize::from(round);
-                seq += 1;
-                g.apply_record(&rec(
-                    &Entry::write(0, at as u64, &[round + 10; 3000], 0),
-                    seq,
-                ))
-                .unwrap();
-                expected[at..at + 3000].fill(round + 10);
-                seq += 1;
-                g.apply_record(&rec(&Entry::trim(0, 40_000 + at as u64, 500, 0), seq))
-                    .unwrap();
-                expected[40_000 + at..40_500 + at].fill(0);
-                seq += 1;
-                g.apply_record(&rec(&Entry::barrier(u64::from(round)), seq))
-                    .unwrap();
-                states.push((seq, expected.clone()));
-                g.commit().unwrap();
-            }
-            assert_eq!(g.points().len(), 4);
-            for (seq, state) in &states {
-                assert!(read_point(&g, Some(*seq)) == *state, "point {seq}");
-            }
-
-            // The first half of a fold to the second point, by hand.
-            let to = g.journal.points[1].pos;
-            g.write_state(g.durable.clone(), Some(to)).unwrap();
-            let mut partial = BTreeMap::new();
-            let mut o = Overlay::default();
-            for p in g.journal.overlays_before(to)[&0].all().take(applied_pieces) {
-                o.insert(p.start, p.end, p.source);
-            }
-            partial.insert(0u32, o);
-            apply_overlays(&g.images, &g.journal, &partial).unwrap();
-            drop(g);
+            let (states, expected) = half_folded_group(dir.path(), applied_pieces);
 
             let g = ReplicaGroup::open(dir.path()).unwrap();
             let kept: Vec<u64> = g.points().iter().map(|p| p.seq).collect();
@@ -1444,6 +1452,44 @@ mod tests {
             let g = ReplicaGroup::open(dir.path()).unwrap();
             assert_eq!(g.position(), p);
             assert_eq!(g.points().len(), 2);
+        }
+    }
+
+    /// A fold cut short (a receiver killed in the middle of it), opened
+    /// read-only before anything finishes it (`tidemark points`, a test
+    /// failover): the image holds only part of the fold, so the points it
+    /// keeps must still read what the journal says, not the image.
+    #[test]
+    fn an_interrupted_fold_opened_read_only_reads_every_kept_point_right() {
+        for applied_pieces in 0..4 {
+            let dir = tempfile::tempdir().unwrap();
+            let (states, expected) = half_folded_group(dir.path(), applied_pieces);
+            let state_before = std::fs::read(dir.path().join(STATE_FILE)).unwrap();
+
+            let g = ReplicaGroup::open_read_only(dir.path()).unwrap();
+            let kept: Vec<u64> = g.points().iter().map(|p| p.seq).collect();
+            assert_eq!(kept, [states[2].0, states[3].0]);
+            for (seq, state) in &states[2..] {
+                assert!(
+                    read_point(&g, Some(*seq)) == *state,
+                    "point {seq} with {applied_pieces} pieces folded"
+                );
+            }
+            assert!(matches!(
+                g.view(Some(states[1].0)),
+                Err(StoreError::NoSuchPoint(_))
+            ));
+            assert!(read_point(&g, None) == expected);
+            drop(g);
+            // Nothing changed: the writer still finishes the fold.
+            assert_eq!(
+                std::fs::read(dir.path().join(STATE_FILE)).unwrap(),
+                state_before
+            );
+            let g = ReplicaGroup::open(dir.path()).unwrap();
+            for (seq, state) in &states[2..] {
+                assert!(read_point(&g, Some(*seq)) == *state, "point {seq}");
+            }
         }
     }
 
