@@ -142,6 +142,9 @@ use tidemark_changelog::replay::{self, ReplaySummary};
 const STATE_FILE: &str = "state";
 const LOCK_FILE: &str = "lock";
 const IO_BUF: usize = 1 << 20;
+/// Reads of an image range this long or longer first ask whether it is a
+/// hole (one `lseek`); shorter ones just read it.
+const HOLE_CHECK_MIN: u64 = 64 << 10;
 
 /// A disk of the group, as the shipper announces it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1277,7 +1280,13 @@ impl ReplicaGroup {
         })) {
             if p.start > pos {
                 let r = slice(pos, p.start);
-                image.read_exact_at(&mut buf[r], pos)?;
+                // A hole reads as zeroes: filling them here spares the
+                // kernel allocating and zeroing page-cache pages for it.
+                if p.start - pos >= HOLE_CHECK_MIN && image::is_hole(image, pos, p.start - pos) {
+                    buf[r].fill(0);
+                } else {
+                    image.read_exact_at(&mut buf[r], pos)?;
+                }
             }
             let r = slice(p.start, p.end);
             match p.source {
