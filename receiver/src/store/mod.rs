@@ -504,8 +504,11 @@ impl ReplicaGroup {
     /// Opens the group in `dir` to read its recovery points while a
     /// receiver may have it open for writing: takes no lock and changes no
     /// file. Every mutating call fails as poisoned. A fold running at the
-    /// same time may remove a point's history while it is read: reads then
-    /// fail with an I/O error, never return wrong data of a listed point.
+    /// same time may fold a point while it is read: its segments go (reads
+    /// fail with an I/O error) and the images change under it (reads may
+    /// return the fold's newer data). A reader that must read a point
+    /// right pins it first (see [`PIN_FILE`]), as a test failover and a
+    /// planned failover do; listing points needs no pin.
     pub fn open_read_only(dir: &Path) -> Result<ReplicaGroup, StoreError> {
         Self::open_mode(dir, true)
     }
