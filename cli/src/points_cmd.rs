@@ -119,7 +119,7 @@ pub(crate) struct FailoverArgs {
     #[arg(long, default_value = "latest")]
     point: String,
     /// Where the disks go: a directory (one sparse `<disk>.img` per disk,
-    /// created), or — for a group of one disk — a block device or an
+    /// created), or, for a group of one disk, a block device or an
     /// existing image file of the disk's size, overwritten in place (e.g.
     /// the original primary's disk, for a failback).
     #[arg(long)]
