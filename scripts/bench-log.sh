@@ -44,30 +44,9 @@ BASE="${TIDEMARK_BENCH_DIR:-$PWD/target/bench-tmp}"
 RECORD_SIZES=(4096 65536)
 BARRIER_EVERY=(1 32 1024)
 
-die() {
-	echo "bench-log: $*" >&2
-	exit 1
-}
-
-# Installs the Debian packages providing the given commands, if any is
-# missing: apt-get update only when the plain install fails (stale lists).
-ensure_commands() { # command:package...
-	local missing=() pair
-	for pair in "$@"; do
-		command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
-	done
-	[ "${#missing[@]}" -eq 0 ] && return 0
-	[ "$(id -u)" -eq 0 ] || die "missing ${missing[*]}; install with apt-get (needs root)"
-	command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get to install them"
-	export DEBIAN_FRONTEND=noninteractive
-	echo "bench-log: installing ${missing[*]}" >&2
-	apt-get install -y -q "${missing[@]}" >/dev/null ||
-		{ apt-get update -q >/dev/null && apt-get install -y -q "${missing[@]}" >/dev/null; } ||
-		die "could not install ${missing[*]}"
-	for pair in "$@"; do
-		command -v "${pair%%:*}" >/dev/null || die "${pair%%:*} is still missing after apt-get install"
-	done
-}
+BENCH_NAME=bench-log
+# shellcheck source=scripts/lib/bench-common.sh
+source scripts/lib/bench-common.sh
 
 [[ "$REPEATS" =~ ^[1-9][0-9]*$ ]] || die "REPEATS must be a positive integer, not '$REPEATS'"
 command -v cargo >/dev/null || die "cargo is not installed (install Rust with rustup)"

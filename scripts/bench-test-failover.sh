@@ -101,33 +101,9 @@ KEEP="${KEEP:-0}"
 BASE="${TIDEMARK_BENCH_DIR:-${CARGO_TARGET_DIR:-$ROOT/target}/bench-tmp}"
 HOST=bench-host.example
 
-die() {
-	echo "bench-test-failover: $*" >&2
-	exit 1
-}
-note() {
-	echo "bench-test-failover: $*" >&2
-}
-
-# Installs the Debian packages providing the given commands, if any is
-# missing: apt-get update only when the plain install fails (stale lists).
-ensure_commands() { # command:package...
-	local missing=() pair
-	for pair in "$@"; do
-		command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
-	done
-	[ "${#missing[@]}" -eq 0 ] && return 0
-	[ "$(id -u)" -eq 0 ] || die "missing ${missing[*]}; install with apt-get (needs root)"
-	command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get to install them"
-	export DEBIAN_FRONTEND=noninteractive
-	note "installing ${missing[*]}"
-	apt-get install -y -q "${missing[@]}" >/dev/null ||
-		{ apt-get update -q >/dev/null && apt-get install -y -q "${missing[@]}" >/dev/null; } ||
-		die "could not install ${missing[*]}"
-	for pair in "$@"; do
-		command -v "${pair%%:*}" >/dev/null || die "${pair%%:*} is still missing after apt-get install"
-	done
-}
+BENCH_NAME=bench-test-failover
+# shellcheck source=scripts/lib/bench-common.sh
+source scripts/lib/bench-common.sh
 
 bytes() { # SIZE → bytes
 	numfmt --from=iec-i "${1%B}" 2>/dev/null || numfmt --from=iec "${1%B}" 2>/dev/null ||

@@ -74,33 +74,9 @@ CLIENT="${CLIENT:-auto}"
 DROP_CACHES="${DROP_CACHES:-1}"
 KEEP="${KEEP:-0}"
 
-die() {
-	echo "bench-tracker: $*" >&2
-	exit 1
-}
-note() {
-	echo "bench-tracker: $*" >&2
-}
-
-# Installs the Debian packages providing the given commands, if any is
-# missing: apt-get update only when the plain install fails (stale lists).
-ensure_commands() { # command:package...
-	local missing=() pair
-	for pair in "$@"; do
-		command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
-	done
-	[ "${#missing[@]}" -eq 0 ] && return 0
-	[ "$(id -u)" -eq 0 ] || die "missing ${missing[*]}; install with apt-get (needs root)"
-	command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get to install them"
-	export DEBIAN_FRONTEND=noninteractive
-	note "installing ${missing[*]}"
-	apt-get install -y -q "${missing[@]}" >/dev/null ||
-		{ apt-get update -q >/dev/null && apt-get install -y -q "${missing[@]}" >/dev/null; } ||
-		die "could not install ${missing[*]}"
-	for pair in "$@"; do
-		command -v "${pair%%:*}" >/dev/null || die "${pair%%:*} is still missing after apt-get install"
-	done
-}
+BENCH_NAME=bench-tracker
+# shellcheck source=scripts/lib/bench-common.sh
+source scripts/lib/bench-common.sh
 
 for v in RUNTIME RAMP; do
 	[[ "${!v}" =~ ^[0-9]+$ ]] || die "$v must be a whole number of seconds, not '${!v}'"
