@@ -49,6 +49,43 @@ pub trait ReplayTarget {
     fn flush(&mut self) -> io::Result<()>;
 }
 
+/// A disk image in memory as a replay target: references for tests and
+/// checks. Writes past its end are an `InvalidInput` error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryImage(pub Vec<u8>);
+
+impl MemoryImage {
+    /// The byte range `offset..offset+len`, if it lies within the image.
+    fn range(&self, offset: u64, len: u64) -> io::Result<std::ops::Range<usize>> {
+        let end = offset.checked_add(len).ok_or(io::ErrorKind::InvalidInput)?;
+        if end > self.0.len() as u64 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{offset}+{len} is beyond the {}-byte image", self.0.len()),
+            ));
+        }
+        Ok(offset as usize..end as usize)
+    }
+}
+
+impl ReplayTarget for MemoryImage {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let r = self.range(offset, data.len() as u64)?;
+        self.0[r].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn zero(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        let r = self.range(offset, len)?;
+        self.0[r].fill(0);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// An image file as a replay target. Zeroed ranges become holes where the
 /// filesystem supports it.
 pub struct ImageFile {
@@ -217,4 +254,21 @@ pub fn replay<D: LogDir + Clone>(
     }
     target.flush().map_err(ReplayError::Image)?;
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_memory_image_takes_writes_and_zeroes_within_it_and_refuses_the_rest() {
+        let mut m = MemoryImage(vec![7; 16]);
+        m.write_at(2, &[1, 2]).unwrap();
+        m.zero(10, 6).unwrap();
+        assert_eq!(m.0, [7, 7, 1, 2, 7, 7, 7, 7, 7, 7, 0, 0, 0, 0, 0, 0]);
+        let before = m.clone();
+        assert!(m.write_at(15, &[1, 2]).is_err());
+        assert!(m.zero(u64::MAX, 2).is_err());
+        assert_eq!(m, before, "nothing applied");
+    }
 }

@@ -7,7 +7,7 @@ use proptest::prelude::*;
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::Path;
-use tidemark_changelog::replay::{replay, ReplayTarget, StopAt};
+use tidemark_changelog::replay::{replay, MemoryImage, StopAt};
 use tidemark_changelog::{ChangeLog, Entry, LogOptions, Record, SimDir};
 use tidemark_receiver::store::{
     Applied, ChunkRef, DiskSpec, Extent, GroupState, Purpose, ReplicaGroup, Retention, StoreError,
@@ -620,23 +620,6 @@ fn a_damaged_state_file_or_committed_journal_is_reported() {
 
 // ------------------------------------------------ cross-check with replay
 
-/// A replay target in memory.
-struct MemImage(Vec<u8>);
-
-impl ReplayTarget for MemImage {
-    fn write_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        self.0[offset as usize..offset as usize + data.len()].copy_from_slice(data);
-        Ok(())
-    }
-    fn zero(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.0[offset as usize..(offset + len) as usize].fill(0);
-        Ok(())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[derive(Debug, Clone)]
 enum LogOp {
     Write(usize, u64, Vec<u8>),
@@ -703,7 +686,7 @@ proptest! {
         log.sync().unwrap();
         g.commit().unwrap();
         for (i, size) in SIZES.iter().enumerate() {
-            let mut target = MemImage(vec![0u8; *size as usize]);
+            let mut target = MemoryImage(vec![0u8; *size as usize]);
             match replay(logdir.clone(), disk_id(i), &StopAt::End, &mut target) {
                 Ok(_) => {}
                 // Only generation changes, no record at all.

@@ -21,7 +21,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tidemark_changelog::replay::{apply, ReplaySummary, ReplayTarget};
+use tidemark_changelog::replay::{apply, MemoryImage, ReplaySummary};
 use tidemark_changelog::{FsDir, Kind, LogReader, Record};
 use tidemark_e2e::replication::{
     enroll, free_port, run_ok, start_receiver_with, wait_caught_up, Daemon, HOST,
@@ -92,31 +92,12 @@ fn uncommitted_tail(group_dir: &Path, end: u64) -> bool {
     len(segment).is_ok_and(|l| l > offset) || len(segment + 1).is_ok()
 }
 
-/// A disk image in memory, as a replay target.
-struct Memory(Vec<u8>);
-
-impl ReplayTarget for Memory {
-    fn write_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        self.0[offset as usize..offset as usize + data.len()].copy_from_slice(data);
-        Ok(())
-    }
-
-    fn zero(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.0[offset as usize..(offset + len) as usize].fill(0);
-        Ok(())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// The disk as the tracker's change log says it was at any sequence
 /// number (the disk starts blank): `base` is the state at `base_seq`, the
 /// oldest point listed so far (folds only ever move it forward).
 struct Reference {
     log_dir: PathBuf,
-    base: Memory,
+    base: MemoryImage,
     base_seq: u64,
 }
 
@@ -126,7 +107,7 @@ fn replay_to(
     reader: &mut LogReader<FsDir>,
     pending: &mut Option<Record>,
     seq: u64,
-    image: &mut Memory,
+    image: &mut MemoryImage,
 ) {
     let mut summary = ReplaySummary::default();
     loop {
@@ -174,7 +155,7 @@ impl Reference {
             replay_to(&mut reader, &mut pending, oldest, &mut self.base);
             self.base_seq = oldest;
         }
-        let mut state = Memory(self.base.0.clone());
+        let mut state = MemoryImage(self.base.0.clone());
         let mut got = vec![0u8; 4 << 20];
         for &seq in points {
             if seq > oldest {
@@ -411,7 +392,7 @@ fn sigkilled_receiver_reopens_consistent_with_every_point_correct() {
 
     let mut reference = Reference {
         log_dir: log_dir.clone(),
-        base: Memory(vec![0u8; SIZE as usize]),
+        base: MemoryImage(vec![0u8; SIZE as usize]),
         base_seq: 0,
     };
     let (mut mid_fold, mut mid_apply, mut checked) = (0, 0, 0usize);

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use tidemark_changelog::replay::{apply, ReplaySummary, ReplayTarget};
+use tidemark_changelog::replay::{apply, MemoryImage, ReplaySummary};
 use tidemark_changelog::{FsDir, Kind, LogOptions, LogReader, Record};
 use tidemark_tracker::backend::Backend;
 use tidemark_tracker::group::{Group, GroupDisk, GroupOptions, TrackingMode};
@@ -41,29 +41,13 @@ fn open(
     Group::open(disks, options(dir, log_limit)).unwrap()
 }
 
-struct Image(Vec<u8>);
-
-impl ReplayTarget for Image {
-    fn write_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        self.0[offset as usize..offset as usize + data.len()].copy_from_slice(data);
-        Ok(())
-    }
-    fn zero(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.0[offset as usize..(offset + len) as usize].fill(0);
-        Ok(())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 fn records(dir: &Path) -> Vec<Record> {
     let mut reader = LogReader::new(FsDir::existing(dir).unwrap(), 0);
     std::iter::from_fn(|| reader.next_record().unwrap()).collect()
 }
 
 fn replay(dir: &Path, disk: u32) -> (Vec<u8>, ReplaySummary) {
-    let mut image = Image(vec![0; DISK as usize]);
+    let mut image = MemoryImage(vec![0; DISK as usize]);
     let mut summary = ReplaySummary::default();
     for r in records(dir) {
         apply(&r, disk, &mut image, &mut summary).unwrap();
