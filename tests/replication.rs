@@ -228,6 +228,40 @@ pub fn start_shipper_with(
     }
 }
 
+/// Starts `tidemark shipper run --config` with a configuration file
+/// (`dir/shipper.toml`) for this host, `log_dir` and the receiver on
+/// `port`, with `extra` appended (more tables, e.g. `[shipper.bandwidth]`);
+/// its stderr goes to `dir/shipper.log`.
+pub fn start_shipper_configured(
+    dir: &Path,
+    log_dir: &Path,
+    hpki: &Path,
+    port: u16,
+    extra: &str,
+) -> Daemon {
+    let config = dir.join("shipper.toml");
+    fs::write(
+        &config,
+        format!(
+            "[shipper]\nhost = \"{HOST}\"\nreceiver = \"127.0.0.1:{port}\"\nlog-dir = \"{}\"\n\
+             control-socket = \"{}\"\n\
+             [shipper.tls]\nca = \"{h}/ca.crt\"\ncert = \"{h}/host.crt\"\nkey = \"{h}/host.key\"\n{extra}",
+            log_dir.display(),
+            dir.join("shipper.ctl").display(),
+            h = hpki.display()
+        ),
+    )
+    .unwrap();
+    let child = tidemark()
+        .args(["shipper", "run", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(dir.join("shipper.log")).unwrap())
+        .spawn()
+        .unwrap();
+    Daemon::new(child, "shipper")
+}
+
 /// `tidemark shipper status --json`, if the shipper wrote a status.
 pub fn shipper_status(log_dir: &Path) -> Option<serde_json::Value> {
     let out = tidemark()

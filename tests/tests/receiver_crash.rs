@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 use tidemark_changelog::replay::{apply, MemoryImage, ReplaySummary};
 use tidemark_changelog::{FsDir, Kind, LogReader, Record};
 use tidemark_e2e::replication::{
-    enroll, free_port, run_ok, start_receiver_with, wait_caught_up, Daemon, HOST,
+    enroll, free_port, run_ok, start_receiver_with, start_shipper_configured, wait_caught_up,
+    Daemon, HOST,
 };
 use tidemark_e2e::{qemu_io, require_tool, tidemark, TrackerProcess};
 use tidemark_receiver::store::ReplicaGroup;
@@ -247,28 +248,13 @@ fn writer(uri: String, seed: u64, stop: Arc<AtomicBool>) -> (u64, u64) {
 
 /// Starts a shipper that reconnects within a few hundred milliseconds.
 fn start_fast_shipper(dir: &Path, log_dir: &Path, hpki: &Path, port: u16) -> Daemon {
-    let config = dir.join("shipper.toml");
-    fs::write(
-        &config,
-        format!(
-            "[shipper]\nhost = \"{HOST}\"\nreceiver = \"127.0.0.1:{port}\"\nlog-dir = \"{}\"\n\
-             control-socket = \"{}\"\n\
-             [shipper.tls]\nca = \"{h}/ca.crt\"\ncert = \"{h}/host.crt\"\nkey = \"{h}/host.key\"\n\
-             [shipper.retry]\ninitial-backoff = \"100ms\"\nmax-backoff = \"400ms\"\n",
-            log_dir.display(),
-            dir.join("shipper.ctl").display(),
-            h = hpki.display()
-        ),
+    start_shipper_configured(
+        dir,
+        log_dir,
+        hpki,
+        port,
+        "[shipper.retry]\ninitial-backoff = \"100ms\"\nmax-backoff = \"400ms\"\n",
     )
-    .unwrap();
-    let child = tidemark()
-        .args(["shipper", "run", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(dir.join("shipper.log")).unwrap())
-        .spawn()
-        .unwrap();
-    Daemon::new(child, "shipper")
 }
 
 /// Waits until the receiver's log (recreated at each start) shows that a

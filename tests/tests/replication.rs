@@ -347,29 +347,14 @@ fn the_bandwidth_limit_paces_what_goes_on_the_wire() {
     let receiver = start_receiver(dir, &rpki, port, None);
     let tracker = TrackerProcess::start(dir, &image, &[]);
     let log_dir = tracker.log_dir.clone();
-    let config = dir.join("shipper.toml");
-    fs::write(
-        &config,
-        format!(
-            "[shipper]\nhost = \"{HOST}\"\nreceiver = \"127.0.0.1:{port}\"\nlog-dir = \"{}\"\n\
-             control-socket = \"{}\"\n\
-             [shipper.tls]\nca = \"{h}/ca.crt\"\ncert = \"{h}/host.crt\"\nkey = \"{h}/host.key\"\n\
-             [shipper.bandwidth]\nlimit = \"2MiB\"\n",
-            log_dir.display(),
-            dir.join("shipper.ctl").display(),
-            h = hpki.display()
-        ),
-    )
-    .unwrap();
     let started = Instant::now();
-    let child = tidemark()
-        .args(["shipper", "run", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(dir.join("shipper.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let shipper = Daemon::new(child, "shipper");
+    let shipper = tidemark_e2e::replication::start_shipper_configured(
+        dir,
+        &log_dir,
+        &hpki,
+        port,
+        "[shipper.bandwidth]\nlimit = \"2MiB\"\n",
+    );
     let status = wait_caught_up(dir, &log_dir, Duration::from_secs(60));
     let elapsed = started.elapsed();
     let wire = status["wire_bytes"].as_u64().unwrap();
