@@ -30,6 +30,13 @@ fn open(
     devs: &[Arc<MemoryDevice>],
     log_limit: u64,
 ) -> (Group, tidemark_tracker::group::OpenReport) {
+    open_with(devs, options(dir, log_limit))
+}
+
+fn open_with(
+    devs: &[Arc<MemoryDevice>],
+    opts: GroupOptions,
+) -> (Group, tidemark_tracker::group::OpenReport) {
     let disks = devs
         .iter()
         .enumerate()
@@ -38,7 +45,7 @@ fn open(
             device: d.clone() as Arc<dyn BlockDevice>,
         })
         .collect();
-    Group::open(disks, options(dir, log_limit)).unwrap()
+    Group::open(disks, opts).unwrap()
 }
 
 fn records(dir: &Path) -> Vec<Record> {
@@ -226,17 +233,9 @@ fn resync_all_records_every_byte_after_a_clean_stop() {
     group.close_clean().unwrap();
     drop(group);
     // Written behind the tracker's back (a failback in place), then:
-    let disks = devs
-        .iter()
-        .enumerate()
-        .map(|(i, d)| GroupDisk {
-            name: format!("disk{i}"),
-            device: d.clone() as Arc<dyn BlockDevice>,
-        })
-        .collect();
     let mut opts = options(tmp.path(), 64 << 20);
     opts.resync_all = true;
-    let (group, report) = Group::open(disks, opts).unwrap();
+    let (group, report) = open_with(&devs, opts);
     assert!(report.unclean);
     assert_eq!(report.generation, 1);
     assert_eq!(report.resync_needed, vec![(0, 0, DISK), (1, 0, DISK / 2)]);
