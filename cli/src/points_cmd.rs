@@ -454,16 +454,14 @@ impl Target {
                 disks.len()
             );
         };
-        let size = if meta.file_type().is_block_device() {
-            block_device_size(to)?
-        } else if meta.is_file() {
-            meta.len()
-        } else {
+        if !meta.file_type().is_block_device() && !meta.is_file() {
             bail!(
                 "{} is neither a directory, a block device nor a file",
                 to.display()
             );
-        };
+        }
+        let size = tidemark_tracker::storage::backing_size(to)
+            .with_context(|| format!("reading the size of {}", to.display()))?;
         if size != disk.size {
             bail!(
                 "{} holds {size} bytes, the disk {} holds {}: they must be the same size",
@@ -474,14 +472,6 @@ impl Target {
         }
         Ok(Target::InPlace(to.to_path_buf()))
     }
-}
-
-/// The size of a block device.
-fn block_device_size(path: &Path) -> Result<u64> {
-    use std::io::Seek;
-    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    f.seek(std::io::SeekFrom::End(0))
-        .with_context(|| format!("reading the size of {}", path.display()))
 }
 
 /// Progress of writing one disk: a bar with rate and ETA on a terminal,

@@ -84,6 +84,18 @@ mod ioctl {
     );
 }
 
+/// The size of the block device or regular file at `path`
+/// (`BLKGETSIZE64` for a block device), without opening it for I/O.
+pub fn backing_size(path: &Path) -> io::Result<u64> {
+    let file = File::open(path)?;
+    let meta = file.metadata()?;
+    if meta.file_type().is_block_device() {
+        block_device_size(&file)
+    } else {
+        Ok(meta.len())
+    }
+}
+
 fn block_device_size(file: &File) -> io::Result<u64> {
     let mut size = 0u64;
     // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points to

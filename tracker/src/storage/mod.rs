@@ -46,6 +46,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use aligned::{AlignedBuf, PAGE_ALIGN};
+pub use device::backing_size;
 pub use error::{Op, StorageError};
 pub use memory::MemoryDevice;
 pub use sync::SyncEngine;
