@@ -650,11 +650,17 @@ struct DrainJob {
     last_seq: Option<u64>,
 }
 
-/// Per-connection bookkeeping: the resync queue and a drain in progress.
+/// The extents a connection still has to compare by digests.
 #[derive(Default)]
 struct Resync {
     /// Extents still to compare.
     queue: VecDeque<Compare>,
+}
+
+/// What a connection has going on besides streaming the log.
+#[derive(Default)]
+struct ConnectionWork {
+    resync: Resync,
     /// A drain the receiver asked for.
     drain: Option<DrainJob>,
 }
@@ -802,13 +808,13 @@ async fn run_connection(
     let batch_size = usize::try_from(shared.cfg.batch_size.0).unwrap_or(usize::MAX);
     let chunk_size = shared.cfg.sync_chunk_size.0.max(4096);
     let block_size = u32::try_from(chunk_size).unwrap_or(1 << 20);
-    let mut resync = Resync::default();
+    let mut work = ConnectionWork::default();
     for e in &resume.resyncing {
-        resync.push(e.disk, e.offset, e.length, block_size);
+        work.resync.push(e.disk, e.offset, e.length, block_size);
     }
-    if !resync.queue.is_empty() {
+    if !work.resync.queue.is_empty() {
         tracing::info!(
-            extents = resync.queue.len(),
+            extents = work.resync.queue.len(),
             "the replica waits for a resync of extents"
         );
     }
@@ -819,7 +825,7 @@ async fn run_connection(
             match rx.try_recv() {
                 Ok(Ok(msg)) => {
                     if let Err(e) =
-                        handle(shared, &mut shipping, &mut send, &sources, &mut resync, msg).await
+                        handle(shared, &mut shipping, &mut send, &sources, &mut work, msg).await
                     {
                         return e;
                     }
@@ -831,10 +837,11 @@ async fn run_connection(
                 }
             }
         }
-        let settled = resync.queue.is_empty()
+        let settled = work.resync.queue.is_empty()
             && shipping.pending_digests() == 0
             && syncs.iter().all(|s| s.next >= s.size);
-        if let Err(e) = advance_drain(shared, &mut shipping, &mut send, &mut resync, settled).await
+        if let Err(e) =
+            advance_drain(shared, &mut shipping, &mut send, &mut work.drain, settled).await
         {
             return e;
         }
@@ -845,7 +852,7 @@ async fn run_connection(
                 &mut send,
                 &mut rx,
                 &sources,
-                &mut resync,
+                &mut work,
             )
             .await;
         }
@@ -881,7 +888,7 @@ async fn run_connection(
                     for (disk, offset, length) in batch.resync_needed {
                         match syncs.iter_mut().find(|s| s.id == disk) {
                             Some(s) if initial_sync => s.next = s.next.min(offset),
-                            _ => resync.push(disk, offset, length, block_size),
+                            _ => work.resync.push(disk, offset, length, block_size),
                         }
                     }
                     progressed = true;
@@ -890,7 +897,7 @@ async fn run_connection(
                 Err(e) => return permanent(format!("reading the change log: {e}")),
             }
             if !progressed && shipping.pending_digests() == 0 {
-                if let Some(c) = resync.queue.pop_front() {
+                if let Some(c) = work.resync.queue.pop_front() {
                     shared.status.state = State::Resyncing;
                     let frame = match shipping.send_digest_request(
                         c.disk,
@@ -956,7 +963,7 @@ async fn run_connection(
             }
         }
         if !progressed {
-            if resync.queue.is_empty()
+            if work.resync.queue.is_empty()
                 && shipping.pending_digests() == 0
                 && syncs.iter().all(|s| s.next >= s.size)
             {
@@ -966,7 +973,7 @@ async fn run_connection(
             tokio::select! {
                 m = rx.recv() => match m {
                     Some(Ok(msg)) => {
-                        if let Err(e) = handle(shared, &mut shipping, &mut send, &sources, &mut resync, msg).await {
+                        if let Err(e) = handle(shared, &mut shipping, &mut send, &sources, &mut work, msg).await {
                             return e;
                         }
                     }
@@ -988,7 +995,7 @@ async fn handle(
     shipping: &mut Shipping,
     send: &mut quinn::SendStream,
     sources: &[tidemark_changelog::DiskSource],
-    resync: &mut Resync,
+    work: &mut ConnectionWork,
     msg: Message,
 ) -> Result<(), SessionEnd> {
     match shipping.handle_message(msg) {
@@ -1012,10 +1019,10 @@ async fn handle(
             Ok(())
         }
         Ok(ShipperEvent::Digests(reply)) => {
-            resync_extent(shared, shipping, send, sources, resync, reply).await
+            resync_extent(shared, shipping, send, sources, &mut work.resync, reply).await
         }
         Ok(ShipperEvent::DrainRequested { id }) => {
-            if resync.drain.as_ref().is_some_and(|d| d.id == id) {
+            if work.drain.as_ref().is_some_and(|d| d.id == id) {
                 return Ok(());
             }
             let control = shared.cfg.tracker_control_socket.clone();
@@ -1027,7 +1034,7 @@ async fn handle(
             let stopping = tokio::task::spawn_blocking(move || {
                 tidemark_tracker::control::stop_tracker(&control, TRACKER_STOP_TIMEOUT)
             });
-            resync.drain = Some(DrainJob {
+            work.drain = Some(DrainJob {
                 id,
                 stopping: Some(stopping),
                 last_seq: None,
@@ -1115,10 +1122,10 @@ async fn advance_drain(
     shared: &mut Shared,
     shipping: &mut Shipping,
     send: &mut quinn::SendStream,
-    work: &mut Resync,
+    drain: &mut Option<DrainJob>,
     settled: bool,
 ) -> Result<(), SessionEnd> {
-    let Some(job) = work.drain.as_mut() else {
+    let Some(job) = drain.as_mut() else {
         return Ok(());
     };
     if let Some(stopping) = job.stopping.as_ref() {
@@ -1145,7 +1152,7 @@ async fn advance_drain(
             Err(why) => {
                 tracing::warn!(reason = %why, "cannot drain the group");
                 let id = job.id;
-                work.drain = None;
+                *drain = None;
                 let frame = shipping
                     .send_drained(id, 0, &why)
                     .map_err(|e| classify(e.class(), e.to_string()))?;
@@ -1156,11 +1163,11 @@ async fn advance_drain(
     let Some(last) = job.last_seq else {
         return Ok(());
     };
-    if !settled || shipping.last_sent_seq() < last.max(shipping.durable().seq) {
+    if !settled || shipping.last_sent_seq() < last {
         return Ok(());
     }
     let id = job.id;
-    work.drain = None;
+    *drain = None;
     let frame = shipping
         .send_drained(id, shipping.last_sent_seq(), "")
         .map_err(|e| classify(e.class(), e.to_string()))?;
@@ -1180,13 +1187,13 @@ async fn finish(
     send: &mut quinn::SendStream,
     rx: &mut mpsc::Receiver<Result<Message, SessionEnd>>,
     sources: &[tidemark_changelog::DiskSource],
-    resync: &mut Resync,
+    work: &mut ConnectionWork,
 ) -> SessionEnd {
     let deadline = tokio::time::Instant::now() + STOP_GRACE;
     while shipping.in_flight_bytes() > 0 {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
             Ok(Some(Ok(msg))) => {
-                if handle(shared, shipping, send, sources, resync, msg)
+                if handle(shared, shipping, send, sources, work, msg)
                     .await
                     .is_err()
                 {
