@@ -464,6 +464,8 @@ impl Server {
         let dir = group_dir(&self.data_dir, host, &group_name);
         // The drain request passed on to this connection's shipper.
         let mut drain_sent = None;
+        let mut drain_poll = tokio::time::interval(DRAIN_POLL);
+        drain_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // Apply every complete message, then commit and acknowledge
             // once nothing more is buffered.
@@ -505,29 +507,27 @@ impl Server {
                 }
                 Err(e) => return refuse(&mut send, e).await,
             }
-            match drain::read_request(&dir) {
-                Ok(Some(id)) if drain_sent != Some(id) => {
-                    tracing::info!(%host, group = %group_name, id, "asking the shipper to drain the group (planned failover)");
-                    let frame = receiving.request_drain(id);
-                    match frame {
-                        Ok(f) => send.write_all(&f).await.map_err(|e| e.to_string())?,
-                        Err(e) => return refuse(&mut send, e).await,
-                    }
-                    drain_sent = Some(id);
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(dir = %dir.display(), error = %e, "cannot read the drain request")
-                }
-            }
             tokio::select! {
                 read = recv.read(&mut buf) => match read {
                     Ok(Some(n)) => decoder.feed(&buf[..n]),
                     Ok(None) => return Ok(()),
                     Err(e) => return Err(e.to_string()),
                 },
-                // Look for a drain request now and then.
-                _ = tokio::time::sleep(DRAIN_POLL) => {}
+                // Look for a drain request now and then, not at every read.
+                _ = drain_poll.tick() => match drain::read_request(&dir) {
+                    Ok(Some(id)) if drain_sent != Some(id) => {
+                        tracing::info!(%host, group = %group_name, id, "asking the shipper to drain the group (planned failover)");
+                        match receiving.request_drain(id) {
+                            Ok(f) => send.write_all(&f).await.map_err(|e| e.to_string())?,
+                            Err(e) => return refuse(&mut send, e).await,
+                        }
+                        drain_sent = Some(id);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(dir = %dir.display(), error = %e, "cannot read the drain request")
+                    }
+                },
             }
         }
     }
