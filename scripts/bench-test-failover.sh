@@ -201,12 +201,6 @@ forget_pid() {
 	PIDS=("${keep[@]}")
 }
 
-drop_caches() {
-	sync
-	[ "$DROP_CACHES" = 1 ] && echo 3 >/proc/sys/vm/drop_caches
-	return 0
-}
-
 # wait_line FILE PREFIX PID: waits until FILE has a line starting with
 # PREFIX (the process PID still running), 60 s at most.
 wait_line() {

@@ -170,12 +170,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-drop_caches() {
-	sync
-	[ "$DROP_CACHES" = 1 ] && echo 3 >/proc/sys/vm/drop_caches
-	return 0
-}
-
 # Waits until an NBD client can connect to $URI (or the server died).
 wait_nbd() {
 	local i

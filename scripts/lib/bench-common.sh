@@ -30,3 +30,10 @@ ensure_commands() { # command:package...
 		command -v "${pair%%:*}" >/dev/null || die "${pair%%:*} is still missing after apt-get install"
 	done
 }
+
+# Writes dirty pages back and, when DROP_CACHES=1, empties the page cache.
+drop_caches() {
+	sync
+	[ "$DROP_CACHES" = 1 ] && echo 3 >/proc/sys/vm/drop_caches
+	return 0
+}
