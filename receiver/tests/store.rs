@@ -317,6 +317,75 @@ fn points_read_exactly_through_the_holes_of_the_image() {
     }
 }
 
+/// Retention folds the points it no longer keeps into the images and
+/// frees the journal segments behind them: the space the history takes
+/// stays bounded however much is written.
+#[test]
+fn retention_folds_old_points_and_frees_their_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = consistent_group(dir.path());
+    g.set_segment_size(64 << 10);
+    g.set_retention(Retention {
+        max_points: 2,
+        fold_interval: std::time::Duration::ZERO,
+        ..Retention::default()
+    });
+    let d0 = disk_id(0);
+    let journal_bytes = |dir: &Path| -> (usize, u64) {
+        let files: Vec<u64> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("journal."))
+            .map(|e| e.metadata().unwrap().len())
+            .collect();
+        (files.len(), files.iter().sum())
+    };
+    let mut seq = 0;
+    let mut expected = vec![0u8; SIZES[0] as usize];
+    for round in 0..64u64 {
+        for i in 0..4u64 {
+            seq += 1;
+            let data = [round as u8 ^ i as u8; 8192];
+            let at = ((round * 4 + i) * 8192) % (SIZES[0] - 8192);
+            g.apply_record(&record(&Entry::write(d0, at, &data, 0), seq, 0))
+                .unwrap();
+            expected[at as usize..at as usize + 8192].copy_from_slice(&data);
+        }
+        seq += 1;
+        g.apply_record(&record(
+            &Entry::barrier(tidemark_changelog::now_ns()),
+            seq,
+            0,
+        ))
+        .unwrap();
+        g.commit().unwrap();
+    }
+    // 64 × 32 KiB were journaled; two points' worth of history is kept.
+    let points = g.points();
+    assert_eq!(points.len(), 2);
+    assert_eq!(points[1].seq, seq);
+    assert!(
+        g.history_bytes() < 4 * 40 << 10,
+        "{} bytes of history",
+        g.history_bytes()
+    );
+    let (files, bytes) = journal_bytes(dir.path());
+    assert!(files <= 3, "{files} journal segments left");
+    assert!(
+        bytes <= 3 * (64 << 10) + (64 << 10),
+        "{bytes} journal bytes left"
+    );
+    assert!(
+        !dir.path().join("journal.00000000").exists(),
+        "the first segment was not freed"
+    );
+    // The newest point still reads as everything written, also reopened.
+    assert!(point_image(&g, Some(seq), d0) == expected);
+    drop(g);
+    let g = ReplicaGroup::open(dir.path()).unwrap();
+    assert!(point_image(&g, Some(seq), d0) == expected);
+}
+
 #[test]
 fn ensure_disks_refuses_changed_disks_and_keeps_known_ones() {
     let dir = tempfile::tempdir().unwrap();
