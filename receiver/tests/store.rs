@@ -365,7 +365,7 @@ fn retention_folds_old_points_and_frees_their_segments() {
     assert_eq!(points.len(), 2);
     assert_eq!(points[1].seq, seq);
     assert!(
-        g.history_bytes() < 4 * 40 << 10,
+        g.history_bytes() < (4 * 40) << 10,
         "{} bytes of history",
         g.history_bytes()
     );

@@ -108,6 +108,47 @@ fn a_disk_in_use_replicates_through_crashes_and_restarts_and_fails_over_byte_exa
     assert!(shipper.stop().success());
     assert!(receiver.stop().success());
     failover_and_compare(dir, &image);
+    failover_onto_a_block_device(dir, &image);
+}
+
+/// Fails over onto a loop device that holds other bytes (`--to DEVICE`):
+/// the device then reads as `image`, zero ranges included.
+fn failover_onto_a_block_device(dir: &Path, image: &Path) {
+    let test = "failover_onto_a_block_device";
+    if !require_tool("losetup", test) {
+        return;
+    }
+    let backing = dir.join("device.img");
+    fs::write(&backing, vec![0xee; SIZE as usize]).unwrap();
+    let out = Command::new("losetup")
+        .args(["-f", "--show"])
+        .arg(&backing)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "losetup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").args(["-d", &self.0]).status();
+        }
+    }
+    let _detach = Detach(dev.clone());
+    let out = run_ok(
+        tidemark()
+            .args(["failover", "--data-dir"])
+            .arg(dir.join("replicas"))
+            .args(["--host", HOST, "--to", &dev]),
+    );
+    assert!(out.contains(&dev), "{out}");
+    assert!(
+        fs::read(&dev).unwrap() == fs::read(image).unwrap(),
+        "{dev} differs from the source after the failover"
+    );
 }
 
 #[test]

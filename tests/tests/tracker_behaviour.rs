@@ -337,3 +337,75 @@ fn a_config_file_serves_two_disks_in_one_group_over_unix_and_tcp() {
         .iter()
         .all(|b| *b == 0x33));
 }
+
+/// `[tracker.app-consistent] schedule`: the tracker takes an
+/// application-consistent point by itself (pre-hook, marker labelled
+/// `scheduled`, post-hook) every interval; 1m is the shortest allowed.
+#[test]
+fn a_scheduled_app_consistent_point_is_taken_by_the_tracker_itself() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().display();
+    let data = tmp.path().join("data.img");
+    fs::File::create(&data).unwrap().set_len(SIZE).unwrap();
+    let config = tmp.path().join("tracker.toml");
+    fs::write(
+        &config,
+        format!(
+            "[tracker]\nlog-dir = \"{d}/log\"\nsocket = \"{d}/nbd.sock\"\ncontrol-socket = \"{d}/ctl\"\n\
+             metrics-listen = \"127.0.0.1:0\"\n\n\
+             [tracker.app-consistent]\nschedule = \"1m\"\ntimeout = \"20s\"\n\
+             pre-hooks = [\"echo pre >> {d}/hooks\"]\npost-hooks = [\"echo post >> {d}/hooks\"]\n\n\
+             [[tracker.disk]]\nname = \"data\"\npath = \"{}\"\n",
+            data.display()
+        ),
+    )
+    .unwrap();
+    let mut child = tidemark()
+        .args(["tracker", "serve", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let log = tmp.path().join("log");
+    let scheduled = loop {
+        let found = FsDir::existing(&log).ok().and_then(|dir| {
+            let mut reader = LogReader::new(dir, 0);
+            std::iter::from_fn(|| reader.next_record().ok().flatten())
+                .find(|r| r.header.kind == Kind::Marker && r.label() == Some("scheduled"))
+        });
+        if let Some(r) = found {
+            break r;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the tracker exited ({status}) before a scheduled point");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(100),
+            "no scheduled point after {:?}",
+            started.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(55),
+        "taken after {took:?}, before the schedule"
+    );
+    assert!(
+        scheduled.header.flags & tidemark_changelog::record::FLAG_APP_CONSISTENT != 0,
+        "the scheduled marker is not app-consistent"
+    );
+    // The post-hook runs just after the marker.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        fs::read_to_string(tmp.path().join("hooks")).unwrap(),
+        "pre\npost\n"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+}
