@@ -834,10 +834,12 @@ impl Group {
         }
         if matches!(*lock(&self.mode), TrackingMode::Data) {
             let entry = Entry::resync_needed(id as u32, 0, size, now_ns());
-            let appended = lock(&self.log).append(&entry).and_then(|seq| {
-                let barrier = lock(&self.log).append(&Entry::barrier(now_ns()))?;
-                self.make_durable(barrier).map(|()| seq)
-            });
+            let appended = {
+                let mut log = lock(&self.log);
+                log.append(&entry)
+                    .and_then(|seq| Ok((seq, log.append(&Entry::barrier(now_ns()))?)))
+            }
+            .and_then(|(seq, barrier)| self.make_durable(barrier).map(|()| seq));
             match appended {
                 Ok(seq) => return Ok(Some(seq)),
                 Err(e) => self.enter_bitmap_mode(&e),
