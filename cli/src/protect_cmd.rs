@@ -229,7 +229,11 @@ fn start(a: SpliceStartArgs) -> Result<ExitCode> {
                 map.display(),
                 a.nbd.display()
             ),
-            None => println!("{} was spliced onto {} already", map.display(), a.nbd.display()),
+            None => println!(
+                "{} was spliced onto {} already",
+                map.display(),
+                a.nbd.display()
+            ),
         }
         match seq {
             Some(seq) => println!("the whole disk is recorded as resync-needed (seq {seq})"),

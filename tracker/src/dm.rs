@@ -520,16 +520,8 @@ impl Control {
     /// mounted on it first, so its dirty data and journal reach the current
     /// table's device, flushed, before the table can change.
     pub fn suspend(&self, name: &str) -> Result<(), DmError> {
-        self.call(
-            Cmd::DevSuspend,
-            name,
-            None,
-            FLAG_SUSPEND,
-            &[],
-            0,
-            "suspend",
-        )
-        .map(|_| ())
+        self.call(Cmd::DevSuspend, name, None, FLAG_SUSPEND, &[], 0, "suspend")
+            .map(|_| ())
     }
 
     /// Resumes `name`, swapping in its inactive table if one was loaded.

@@ -353,7 +353,9 @@ fn sysfs_u64(id: DevId, attr: &str) -> std::io::Result<u64> {
 /// over the disk), that map's name. The tracker uses this to share the disk
 /// with its own map instead of insisting on an exclusive open.
 pub fn held_by_map(id: DevId) -> Option<String> {
-    let holders = Path::new("/sys/dev/block").join(id.to_string()).join("holders");
+    let holders = Path::new("/sys/dev/block")
+        .join(id.to_string())
+        .join("holders");
     std::fs::read_dir(holders).ok()?.flatten().find_map(|h| {
         let dm = h.path().join("dm");
         let uuid = std::fs::read_to_string(dm.join("uuid")).ok()?;

@@ -369,7 +369,10 @@ fn a_spliced_out_disk_is_recorded_whole_as_resync_needed_on_request() {
     ];
     let (group, _) = open(tmp.path(), &devs, 64 << 20);
     group.write(0, 0, &[1; 4096], false).unwrap();
-    let seq = group.record_resync_all("disk1").unwrap().expect("data mode");
+    let seq = group
+        .record_resync_all("disk1")
+        .unwrap()
+        .expect("data mode");
     group.write(1, 4096, &[2; 4096], false).unwrap();
     assert!(group.record_resync_all("disk9").is_err());
     let recs = records(tmp.path());

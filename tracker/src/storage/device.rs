@@ -203,7 +203,8 @@ pub(crate) fn open_and_probe(
         // this tracker, so sharing the disk with it is the design, not a
         // bypass (crate::splice).
         Err(e) if exclusive != 0 && e.raw_os_error() == Some(libc::EBUSY) => {
-            let id = crate::dm::DevId::from_dev_t(std::fs::metadata(path).map_err(open_error)?.rdev());
+            let id =
+                crate::dm::DevId::from_dev_t(std::fs::metadata(path).map_err(open_error)?.rdev());
             match crate::splice::held_by_map(id) {
                 Some(map) => {
                     tracing::info!(path = %path.display(), %map, "the disk is held by its tidemark map: opened without O_EXCL, for the live splice");
