@@ -168,6 +168,8 @@ tidemark splice start "$name" --nbd /dev/nbd0 --control-socket "$ctl" --json > "
     { /usr/local/bin/fsfreeze --unfreeze "$mnt"; fail "splice start (frozen): $(cat "$work/in1.json")"; }
 /usr/local/bin/fsfreeze --unfreeze "$mnt" || fail "fsfreeze -u"
 [ "$(table_device)" = "43:0" ] || fail "after splice start the table is $(dmsetup table "tidemark-$name")"
+tidemark splice status "$name" | grep -q "spliced onto device 43:0" ||
+    fail "splice status: $(tidemark splice status "$name" 2>&1)"
 w0=$(nbd_writes)
 sleep "$run_s"
 w1=$(nbd_writes)

@@ -655,11 +655,31 @@ mod tests {
         buf[20..24].copy_from_slice(&2u32.to_ne_bytes());
         buf[HEADER_SIZE + 20..HEADER_SIZE + 24].copy_from_slice(&100_000u32.to_ne_bytes());
         assert!(matches!(decode_table(&buf), Err(CodecError::Reply(_))));
-        buf[8] = 0;
         let mut buf = encode_request("m", None, 0, &[], 1024).unwrap();
         buf[16..20].copy_from_slice(&u32::MAX.to_ne_bytes());
         buf[20..24].copy_from_slice(&1u32.to_ne_bytes());
         assert!(decode_table(&buf).is_err());
+    }
+
+    proptest::proptest! {
+        /// Whatever bytes a reply holds, decoding returns a table or an
+        /// error, never a panic.
+        #[test]
+        fn decoding_arbitrary_replies_never_panics(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..1024),
+            count in 0u32..6,
+            start in 0u32..2048,
+            size in 0u32..2048,
+        ) {
+            let mut buf = bytes;
+            if buf.len() >= HEADER_SIZE {
+                buf[12..16].copy_from_slice(&size.to_ne_bytes());
+                buf[16..20].copy_from_slice(&start.to_ne_bytes());
+                buf[20..24].copy_from_slice(&count.to_ne_bytes());
+                buf[28..32].copy_from_slice(&0u32.to_ne_bytes());
+            }
+            let _ = decode_table(&buf);
+        }
     }
 
     #[test]
