@@ -113,6 +113,9 @@ pub(crate) fn protect(a: ProtectArgs) -> Result<ExitCode> {
             )
         })?,
     };
+    // The admin's mistakes first, before device-mapper is asked anything.
+    splice::validate_name(&name)?;
+    splice::probe(&a.disk)?;
     let ctl = Control::open()?;
     let path = splice::map_path(&name);
     match splice::protect(&ctl, &a.disk, &name)? {
@@ -202,6 +205,8 @@ fn suspended_ms(s: Swapped) -> Option<f64> {
 fn start(a: SpliceStartArgs) -> Result<ExitCode> {
     let disk = a.tracker.tracker_disk.as_deref().unwrap_or(&a.name);
     let socket = &a.tracker.control_socket;
+    splice::validate_name(&a.name)?;
+    splice::probe(&a.nbd)?;
     check_tracker(socket, disk)?;
     let ctl = Control::open()?;
     let swapped = splice::splice_in(&ctl, &a.name, &a.nbd)?;
@@ -299,4 +304,57 @@ fn status(a: SpliceStatusArgs) -> Result<ExitCode> {
         }
     );
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_of(result: Result<ExitCode>) -> String {
+        format!("{:#}", result.expect_err("must be refused"))
+    }
+
+    #[test]
+    fn protect_refuses_what_is_not_a_block_device_before_asking_the_kernel() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let e = error_of(protect(ProtectArgs {
+            disk: file.path().into(),
+            name: Some("data".into()),
+        }));
+        assert!(e.contains("is not a block device"), "{e}");
+        let e = error_of(protect(ProtectArgs {
+            disk: "/dev/null".into(),
+            name: Some("bad/name".into()),
+        }));
+        assert!(e.contains("invalid name"), "{e}");
+        let e = error_of(protect(ProtectArgs {
+            disk: "/".into(),
+            name: None,
+        }));
+        assert!(e.contains("give --name"), "{e}");
+    }
+
+    #[test]
+    fn splice_start_refuses_a_missing_or_non_block_nbd_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = || TrackerLink {
+            control_socket: dir.path().join("tracker.ctl"),
+            tracker_disk: None,
+        };
+        let e = error_of(start(SpliceStartArgs {
+            name: "data".into(),
+            nbd: dir.path().join("nbd0"),
+            tracker: link(),
+            json: false,
+        }));
+        assert!(e.contains("cannot read"), "{e}");
+        // /dev/null is a character device, not the tracker's NBD device.
+        let e = error_of(start(SpliceStartArgs {
+            name: "data".into(),
+            nbd: "/dev/null".into(),
+            tracker: link(),
+            json: false,
+        }));
+        assert!(e.contains("not a block device"), "{e}");
+    }
 }
