@@ -155,6 +155,14 @@ small=$(/usr/local/bin/losetup -b 4096 -f --show "$work/small.raw") || fail "los
 tidemark splice start "$name" --nbd "$small" --control-socket "$ctl" > "$work/out" 2>&1 &&
     fail "splice start accepted a device of another size"
 grep -q "does not serve this disk" "$work/out" || fail "size mismatch: $(cat "$work/out")"
+# The name is taken by another disk; the disk is held by its map.
+tidemark protect "$small" --name "$name" > "$work/out" 2>&1 &&
+    fail "protect accepted a second disk under a taken name"
+grep -q "exists already and protects" "$work/out" || fail "name taken: $(cat "$work/out")"
+tidemark protect "$disk" --name other > "$work/out" 2>&1 &&
+    fail "protect accepted a disk already held by a map"
+grep -q "already used by tidemark-$name" "$work/out" || fail "disk held: $(cat "$work/out")"
+dmsetup ls | grep -q tidemark-other && fail "a refused protect left its map behind"
 /usr/local/bin/losetup -d "$small"
 [ "$(table_device)" = "$disk_dev" ] ||
     fail "a refused splice changed the table: $(dmsetup table "tidemark-$name")"

@@ -92,6 +92,16 @@ pub enum SpliceError {
         /// Its device number.
         asked: DevId,
     },
+    /// `protect` of a disk that another device-mapper map (or md, bcache
+    /// …) already uses: device-mapper lets maps share a disk, and writes
+    /// through the other one would bypass the tracker.
+    #[error("{} is already used by {holders}: protect a disk nothing else is stacked on", disk.display())]
+    DiskHeld {
+        /// The disk.
+        disk: PathBuf,
+        /// What holds it (`tidemark-x (dm-3)`, `md0`, …).
+        holders: String,
+    },
     /// The map's table is neither the disk nor a single NBD device.
     #[error("{map} has an unexpected table ({table}); fix it by hand with dmsetup")]
     UnexpectedTable {
@@ -349,6 +359,29 @@ fn sysfs_u64(id: DevId, attr: &str) -> std::io::Result<u64> {
     })
 }
 
+/// What is stacked on the block device `id` (`/sys/dev/block/M:m/holders`),
+/// with a device-mapper holder's map name: `tidemark-x (dm-3)`.
+pub fn holders(id: DevId) -> Vec<String> {
+    let dir = Path::new("/sys/dev/block")
+        .join(id.to_string())
+        .join("holders");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut found: Vec<String> = entries
+        .flatten()
+        .map(|h| {
+            let kernel_name = h.file_name().to_string_lossy().into_owned();
+            match std::fs::read_to_string(h.path().join("dm/name")) {
+                Ok(name) => format!("{} ({kernel_name})", name.trim()),
+                Err(_) => kernel_name,
+            }
+        })
+        .collect();
+    found.sort();
+    found
+}
+
 /// If the block device `id` is held by a Tidemark map (its linear table
 /// over the disk), that map's name. The tracker uses this to share the disk
 /// with its own map instead of insisting on an exclusive open.
@@ -449,6 +482,13 @@ pub fn protect(ctl: &Control, disk: &Path, name: &str) -> Result<ProtectOutcome,
         }
         Err(SpliceError::NotProtected { .. }) => {}
         Err(e) => return Err(e),
+    }
+    let stacked = holders(dev.id);
+    if !stacked.is_empty() {
+        return Err(SpliceError::DiskHeld {
+            disk: disk.into(),
+            holders: stacked.join(", "),
+        });
     }
     let map = map_name(name);
     let info = ctl.create(
