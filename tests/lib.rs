@@ -2,6 +2,7 @@
 //! once per test process with the same profile as the tests) and skipping
 //! loudly when a foreign tool is missing.
 
+pub mod debian;
 pub mod replication;
 
 use std::path::PathBuf;

@@ -8,6 +8,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use tidemark_e2e::debian::{bookworm_root, build_packages, is_root, run, workspace};
 use tidemark_e2e::{require_tool, tidemark, tidemark_bin};
 
 const UNITS: [&str; 3] = [
@@ -16,25 +17,6 @@ const UNITS: [&str; 3] = [
     "tidemark-receiver.service",
 ];
 const CONFIGS: [&str; 3] = ["tracker", "shipper", "receiver"];
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ lives in the workspace")
-        .to_path_buf()
-}
-
-/// Runs `cmd`, asserts success, returns stdout and stderr together.
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
-    text
-}
 
 /// The top-level subcommands, as `tidemark --help` lists them.
 fn top_level_subcommands() -> Vec<String> {
@@ -260,88 +242,6 @@ fn systemd_units_verify_clean() {
     }
 }
 
-fn is_root() -> bool {
-    run(Command::new("id").arg("-u")).trim() == "0"
-}
-
-/// The Debian mirror this machine's apt uses (only the package registries
-/// are reachable from CI), else deb.debian.org.
-fn debian_mirror() -> String {
-    let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
-    if let Ok(dir) = fs::read_dir("/etc/apt/sources.list.d") {
-        let mut more: Vec<PathBuf> = dir.map(|e| e.unwrap().path()).collect();
-        more.sort();
-        files.extend(more);
-    }
-    for file in files {
-        let Ok(text) = fs::read_to_string(&file) else {
-            continue;
-        };
-        for line in text.lines().map(str::trim) {
-            // "deb http://host/debian bookworm main" or deb822 "URIs: ...".
-            let uri = match line.split_whitespace().collect::<Vec<_>>()[..] {
-                ["deb", uri, ..] if !uri.starts_with('[') => uri,
-                ["deb", _, uri, ..] if line.contains(']') => uri,
-                ["URIs:", uri, ..] => uri,
-                _ => continue,
-            };
-            let uri = uri.trim_end_matches('/');
-            if uri.ends_with("/debian") && uri.starts_with("http") {
-                return uri.to_string();
-            }
-        }
-    }
-    "http://deb.debian.org/debian".into()
-}
-
-/// The cargo target directory this test was built into.
-fn cargo_target_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    // target/<profile>/deps/<test> → target
-    exe.ancestors()
-        .nth(3)
-        .expect("target/<profile>/deps")
-        .to_path_buf()
-}
-
-/// A minbase Debian bookworm, debootstrapped once and cached as a tarball
-/// under the target directory; unpacked fresh into `dir` for every run.
-fn bookworm_chroot(dir: &Path) -> PathBuf {
-    let cache_dir = cargo_target_dir().join("packaging-cache");
-    let tarball = cache_dir.join("bookworm-minbase.tar.gz");
-    if !tarball.exists() {
-        fs::create_dir_all(&cache_dir).unwrap();
-        let build = cache_dir.join("bookworm-minbase.build");
-        let _ = fs::remove_dir_all(&build);
-        let mirror = debian_mirror();
-        eprintln!(
-            "debootstrapping Debian bookworm from {mirror} (once; cached as {})",
-            tarball.display()
-        );
-        run(Command::new("debootstrap")
-            .args(["--variant=minbase", "bookworm"])
-            .arg(&build)
-            .arg(&mirror));
-        let partial = cache_dir.join("bookworm-minbase.tar.gz.partial");
-        run(Command::new("tar")
-            .arg("-C")
-            .arg(&build)
-            .args(["--numeric-owner", "-czf"])
-            .arg(&partial)
-            .arg("."));
-        fs::rename(&partial, &tarball).unwrap();
-        fs::remove_dir_all(&build).unwrap();
-    }
-    let root = dir.join("bookworm");
-    fs::create_dir_all(&root).unwrap();
-    run(Command::new("tar")
-        .arg("-C")
-        .arg(&root)
-        .args(["--numeric-owner", "-xzf"])
-        .arg(&tarball));
-    root
-}
-
 fn in_chroot(root: &Path, args: &[&str]) -> String {
     run(Command::new("chroot").arg(root).args(args))
 }
@@ -378,20 +278,9 @@ fn packages_install_run_and_remove() {
             return;
         }
     }
-    let ws = workspace();
-    let built_release = tidemark_bin().parent().unwrap().ends_with("release");
-    let profile = if built_release { "release" } else { "dev" };
-    run(Command::new(ws.join("scripts/package.sh"))
-        .env("TIDEMARK_PACKAGE_PROFILE", profile)
-        .env("CARGO_TARGET_DIR", cargo_target_dir()));
-    let out = ws.join("target/packages");
-    let version = run(tidemark().arg("--version"));
-    let version = version
-        .trim()
-        .strip_prefix("tidemark ")
-        .expect("`tidemark VERSION`")
-        .to_string();
-    let deb = |pkg: &str| out.join(format!("{pkg}_{version}-1_amd64.deb"));
+    let packages = build_packages();
+    let (out, version) = (&packages.dir, &packages.version);
+    let deb = |pkg: &str| packages.deb(pkg);
 
     // The role packages pin the exact common package that holds the binary.
     for pkg in ["tidemark-agent", "tidemark-receiver"] {
@@ -407,7 +296,7 @@ fn packages_install_run_and_remove() {
     }
 
     let dir = tempfile::tempdir().unwrap();
-    let root = bookworm_chroot(dir.path());
+    let root = bookworm_root(dir.path(), &[]);
     fs::create_dir_all(root.join("tmp/debs")).unwrap();
     let mut in_root = Vec::new();
     for pkg in ["tidemark-common", "tidemark-agent", "tidemark-receiver"] {
