@@ -9,6 +9,7 @@ pub mod bitmap;
 pub mod control;
 pub mod daemon;
 pub mod group;
+pub mod kernel_attach;
 pub mod nbd;
 pub mod quiesce;
 pub mod range_lock;
