@@ -9,6 +9,12 @@
 //! wrote, with the checksum the guest computed; the kernel's FLUSH and FUA
 //! requests left barriers in the log.
 //!
+//! A second scenario (`scripts/vm-scenarios/nbd-netlink.sh`) runs the
+//! tracker inside the guest, attaching `/dev/nbd0` itself over netlink
+//! (`tracker serve --attach`, no nbd-client), and restarts it twice under
+//! an fsync writer (SIGKILL; SIGTERM with `--keep-device`): the new tracker
+//! re-adopts the device, and no write fails.
+//!
 //! Skips (with a message, and never under CI) when qemu or the kernel
 //! cannot be had; `scripts/kernel-vm.sh install` installs the former,
 //! `scripts/kernel-vm.sh kernel` fetches the latter.
@@ -19,7 +25,7 @@ use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use tidemark_e2e::{require_tool, tidemark};
+use tidemark_e2e::{require_tool, tidemark, tidemark_bin};
 
 const TEST: &str = "ext4_on_the_kernel_nbd_client";
 /// Size of the protected disk.
@@ -336,5 +342,70 @@ export-name = "{EXPORT}"
             count("write-bytes"),
             "bytes the guest wrote vs bytes of write records in the log"
         );
+    }
+}
+
+const NETLINK_TEST: &str = "the_tracker_attaches_the_kernel_nbd_client_and_survives_restarts";
+
+/// The tracker attaches `/dev/nbd0` over netlink in the guest and is
+/// restarted twice under a writer; see `scripts/vm-scenarios/nbd-netlink.sh`
+/// for what the guest checks (no failed write, no kernel I/O error,
+/// e2fsck, `log check`, the log replays to the image).
+#[test]
+fn the_tracker_attaches_the_kernel_nbd_client_and_survives_restarts() {
+    for tool in [
+        "qemu-system-x86_64",
+        "busybox",
+        "modprobe",
+        "mkfs.ext4",
+        "e2fsck",
+    ] {
+        if !require_tool(tool, NETLINK_TEST) {
+            return;
+        }
+    }
+    if !require_kernel() {
+        eprintln!("SKIP {NETLINK_TEST}: no guest kernel (see above)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let console_file = tmp.path().join("console.log");
+    let started = Instant::now();
+    let vm = Command::new("bash")
+        .arg(repo_root().join("scripts/kernel-vm.sh"))
+        .arg("run")
+        .arg(repo_root().join("scripts/vm-scenarios/nbd-netlink.sh"))
+        .arg("--bin")
+        .arg(tidemark_bin())
+        .args(["--env", "IO_TIMEOUT=3s", "--env", "WRITE_SECS=3"])
+        .args(["--timeout", "240", "--console"])
+        .arg(&console_file)
+        .output()
+        .expect("running scripts/kernel-vm.sh run");
+    let vm_secs = started.elapsed().as_secs_f64();
+    assert!(
+        vm.status.success(),
+        "the guest scenario failed:\n{}{}",
+        String::from_utf8_lossy(&vm.stdout),
+        String::from_utf8_lossy(&vm.stderr)
+    );
+    let console = String::from_utf8_lossy(&fs::read(&console_file).unwrap()).into_owned();
+    eprintln!("{NETLINK_TEST}: the guest ran for {vm_secs:.1} s (initramfs, boot, scenario)");
+    for line in console.lines().filter(|l| l.starts_with("TIDEMARK-VM-")) {
+        eprintln!("{NETLINK_TEST}: guest: {}", line.trim_end());
+    }
+    let result = console_fields(&console, "TIDEMARK-VM-RESULT ");
+    let number = |key: &str| -> u64 {
+        result[key]
+            .parse()
+            .unwrap_or_else(|e| panic!("{key}={}: {e}", result[key]))
+    };
+    assert_eq!(number("io-errors"), 0, "the guest kernel logged I/O errors");
+    assert_eq!(number("errors"), 0, "writes failed in the guest");
+    assert!(number("ok") > 0, "the guest wrote nothing");
+    // Both restarts happened well within the dead-connection timeout
+    // (60 s), or the kernel would have failed the waiting writes.
+    for key in ["restart-gap-kill-ms", "restart-gap-term-ms"] {
+        assert!(number(key) < 60_000, "{key} = {}", number(key));
     }
 }
