@@ -4,7 +4,10 @@
 # generic netlink family (`tidemark tracker serve --attach`, no nbd-client).
 # An ext4 on it takes a stream of fsynced writes while the tracker is
 # killed (SIGKILL) and, later, stopped with --keep-device (SIGTERM); each
-# time a new tracker re-adopts the device with NBD_CMD_RECONFIGURE. No
+# time a new tracker re-adopts the device with NBD_CMD_RECONFIGURE. In
+# between the tracker is frozen (SIGSTOP) past the kernel's request
+# timeout, so the kernel drops its connection; the thawed tracker hands the
+# device a new one itself. No
 # write may fail and the kernel may log no I/O error. Then: e2fsck of the
 # device, the tracker detaches it on a plain SIGTERM, its log verifies
 # (`tidemark log check`) and replays onto a blank image to the very bytes
@@ -14,6 +17,8 @@
 #   DISK_MB         size of the protected disk (default 64)
 #   IO_TIMEOUT      the kernel's per-request timeout (default "3s")
 #   WRITE_SECS      seconds of writing around each restart (default 3)
+#   STALL_SECS      how long the tracker is stopped (SIGSTOP), more than
+#                   IO_TIMEOUT (default 6)
 #
 # Console lines for the host:
 #   TIDEMARK-VM-INFO ...                 measurements (restart gaps, stalls)
@@ -22,6 +27,7 @@
 DISK_MB=${DISK_MB:-64}
 IO_TIMEOUT=${IO_TIMEOUT:-3s}
 WRITE_SECS=${WRITE_SECS:-3}
+STALL_SECS=${STALL_SECS:-6}
 dir=/tmp/tm
 mnt=/mnt
 dev=/dev/nbd0
@@ -147,6 +153,22 @@ gap_kill=$(( $(now_ms) - t_kill ))
 echo "TIDEMARK-VM-INFO restart after SIGKILL: $attached_line, gap $gap_kill ms (at $before writes)"
 case $attached_line in *re-adopted*) ;; *) fail "after SIGKILL: $attached_line" ;; esac
 keep_writing "$before"
+
+# 1b. The tracker stalls (SIGSTOP) for longer than the kernel's request
+# timeout: the kernel gives up on the live connection and requeues its
+# requests; once the tracker runs again, it hands the device a new one.
+reconnected_before=$(dmesg | grep -c "reconnected socket")
+before=$(writes)
+t_stop=$(now_ms)
+kill -STOP "$tracker"
+sleep "$STALL_SECS"
+kill -CONT "$tracker"
+keep_writing "$before"
+reconnected=$(dmesg | grep -c "reconnected socket")
+echo "TIDEMARK-VM-INFO stall of ${STALL_SECS} s: writes resumed, $((reconnected - reconnected_before)) new connection(s) in $(( $(now_ms) - t_stop )) ms"
+[ "$reconnected" -gt "$reconnected_before" ] ||
+    fail "no new connection after the kernel timed out the stalled tracker's"
+kill -0 "$tracker" 2>/dev/null || fail "the tracker died after the stall"
 
 # 2. A clean stop that keeps the device (this tracker runs with
 # --keep-device), and a new tracker again.

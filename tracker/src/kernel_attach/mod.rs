@@ -37,6 +37,14 @@
 //! moment — the kernel may not have noticed the old socket close yet —
 //! before it gives up with [`AttachError::StillConnected`].
 //!
+//! # Keeping the device served
+//!
+//! The kernel also gives up on a live connection when a request outlives
+//! the request timeout (a stalled backing disk): it shuts the socket down
+//! and requeues the requests as above. A watcher thread of the attachment
+//! sees its connection end while the tracker runs and hands the device a
+//! new socket the same way, so such a stall costs time, not I/O errors.
+//!
 //! # Detaching
 //!
 //! [`KernelAttachment::detach`] sends `NBD_CMD_DISCONNECT` (the kernel
@@ -50,12 +58,15 @@ pub mod sysfs;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::nbd::constants::TransmissionFlags;
-use crate::server::{Adopted, ServerHandle};
+use crate::server::{Adopted, Adopter, ServerHandle};
 use netlink::{ConnectRequest, NbdFamily, ReconfigureRequest};
 
 /// The block size the device gets: a page, what filesystems use anyway.
@@ -193,13 +204,25 @@ fn seconds(duration: Duration) -> u64 {
 }
 
 /// A device attached to the tracker.
+///
+/// While it lives, a watcher thread keeps the device served: should the
+/// kernel give up on the connection while the tracker runs (a request
+/// outlived `io_timeout`, say the backing disk stalled), the kernel marks it
+/// dead and requeues its requests; the watcher then hands the device a new
+/// socket the same way a restarted tracker would, and the requests go on.
 pub struct KernelAttachment {
-    family: NbdFamily,
+    family: Arc<NbdFamily>,
     index: u32,
     readopted: bool,
-    /// Signals the end of the served connection; kept so the caller can
-    /// ask whether it is still up.
-    adopted: Adopted,
+    watcher: Option<Watcher>,
+}
+
+/// The thread that re-hands the device a socket when its connection ends.
+struct Watcher {
+    stop: Arc<AtomicBool>,
+    /// True while the current connection is served.
+    connected: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
 }
 
 impl std::fmt::Debug for KernelAttachment {
@@ -216,103 +239,46 @@ impl KernelAttachment {
     /// previous tracker left configured for the same backend identifier,
     /// else connects a new one.
     pub fn attach(server: &ServerHandle, options: &AttachOptions) -> Result<Self, AttachError> {
-        let family = NbdFamily::open()?;
+        let adopter = server
+            .adopter()
+            .map_err(|e| AttachError::io("serving the kernel's connection", e))?;
+        let family = Arc::new(NbdFamily::open()?);
         let kept = sysfs::find_by_backend(&options.backend)
             .map_err(|e| AttachError::io("looking for a kept /dev/nbd device in /sys/block", e))?;
-        let attachment = match kept {
-            Some(index) => Self::readopt(family, server, options, index)?,
-            None => Self::connect(family, server, options)?,
-        };
-        if let Err(error) = sysfs::raise_max_request(attachment.index, options.max_request) {
-            tracing::warn!(device = %attachment.device().display(), %error, "cannot raise the largest request; the kernel keeps its default");
-        }
-        Ok(attachment)
-    }
-
-    fn connect(
-        family: NbdFamily,
-        server: &ServerHandle,
-        options: &AttachOptions,
-    ) -> Result<Self, AttachError> {
-        let (ours, kernels) =
-            UnixStream::pair().map_err(|e| AttachError::io("creating a socketpair", e))?;
-        let adopted = adopt(server, ours, &options.export)?;
-        let flags = adopted.export.flags.intersection(KERNEL_FLAGS);
-        let message = netlink::connect_message(&ConnectRequest {
-            index: options.index,
-            size: adopted.export.size,
-            block_size: BLOCK_SIZE,
-            server_flags: u64::from(flags.bits()),
-            timeout_secs: seconds(options.io_timeout),
-            dead_conn_timeout_secs: seconds(options.dead_connection_timeout),
-            backend: options.backend.clone(),
-            socket: kernels.as_raw_fd(),
-        })?;
-        let replies = family.request(message).map_err(|error| match error {
-            AttachError::Kernel { source, .. }
-                if source.raw_os_error() == Some(libc::EBUSY) && options.index.is_some() =>
-            {
-                AttachError::DeviceBusy {
-                    index: options.index.unwrap_or_default(),
-                }
+        let (index, adopted, readopted) = match kept {
+            Some(index) => (index, readopt(&family, &adopter, options, index)?, true),
+            None => {
+                let (index, adopted) = connect(&family, &adopter, options)?;
+                (index, adopted, false)
             }
-            other => other,
-        })?;
-        // The kernel holds its own reference to the socket now.
-        drop(kernels);
-        let index = replies
-            .first()
-            .ok_or_else(|| AttachError::Message("no reply to NBD_CMD_CONNECT".into()))
-            .and_then(netlink::connect_reply_index)?;
-        tracing::info!(device = %device_path(index), export = %options.export, flags = ?flags, "kernel NBD client attached");
+        };
+        if let Err(error) = sysfs::raise_max_request(index, options.max_request) {
+            tracing::warn!(device = %device_path(index), %error, "cannot raise the largest request; the kernel keeps its default");
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let connected = Arc::new(AtomicBool::new(true));
+        let thread = {
+            let (family, options) = (Arc::clone(&family), options.clone());
+            let (stop, connected) = (Arc::clone(&stop), Arc::clone(&connected));
+            std::thread::Builder::new()
+                .name("nbd-attach-watch".into())
+                .spawn(move || {
+                    watch(
+                        &family, &adopter, &options, index, adopted, &stop, &connected,
+                    )
+                })
+                .map_err(|e| AttachError::io("starting the attachment's watcher", e))?
+        };
         Ok(Self {
             family,
             index,
-            readopted: false,
-            adopted,
+            readopted,
+            watcher: Some(Watcher {
+                stop,
+                connected,
+                thread,
+            }),
         })
-    }
-
-    fn readopt(
-        family: NbdFamily,
-        server: &ServerHandle,
-        options: &AttachOptions,
-        index: u32,
-    ) -> Result<Self, AttachError> {
-        let started = std::time::Instant::now();
-        loop {
-            let (ours, kernels) =
-                UnixStream::pair().map_err(|e| AttachError::io("creating a socketpair", e))?;
-            let probe = ours
-                .try_clone()
-                .map_err(|e| AttachError::io("duplicating a socket", e))?;
-            let adopted = adopt(server, ours, &options.export)?;
-            let message = netlink::reconfigure_message(&ReconfigureRequest {
-                index,
-                backend: options.backend.clone(),
-                timeout_secs: seconds(options.io_timeout),
-                dead_conn_timeout_secs: seconds(options.dead_connection_timeout),
-                socket: kernels.as_raw_fd(),
-            })?;
-            family.request(message)?;
-            drop(kernels);
-            // The kernel answers success even when it found no dead
-            // connection to replace and dropped the socket: then nobody
-            // holds the other end any more, which our end sees at once.
-            if !peer_gone(&probe) {
-                tracing::info!(device = %device_path(index), export = %options.export, "kept kernel NBD device re-adopted");
-                return Ok(Self {
-                    family,
-                    index,
-                    readopted: true,
-                    adopted,
-                });
-            }
-            if started.elapsed() >= READOPT_PATIENCE {
-                return Err(AttachError::StillConnected { index });
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
     }
 
     /// N of /dev/nbdN.
@@ -331,18 +297,27 @@ impl KernelAttachment {
         self.readopted
     }
 
-    /// Whether the connection the kernel uses is still being served.
+    /// Whether the connection the kernel uses is being served (false only
+    /// while the watcher is handing the device a new one).
     pub fn is_connected(&self) -> bool {
-        matches!(
-            self.adopted.ended.try_recv(),
-            Err(std::sync::mpsc::TryRecvError::Empty)
-        )
+        self.watcher
+            .as_ref()
+            .is_some_and(|w| w.connected.load(Ordering::SeqCst))
+    }
+
+    /// Stops the watcher: from here on an ending connection is meant to.
+    fn stop_watching(&mut self) {
+        if let Some(watcher) = self.watcher.take() {
+            watcher.stop.store(true, Ordering::SeqCst);
+            let _ = watcher.thread.join();
+        }
     }
 
     /// Detaches the device (`NBD_CMD_DISCONNECT`): the kernel sends the
     /// server a disconnect and drops the device's configuration; I/O still
     /// queued fails. Call it before the server stops.
-    pub fn detach(self) -> Result<(), AttachError> {
+    pub fn detach(mut self) -> Result<(), AttachError> {
+        self.stop_watching();
         self.family
             .request(netlink::disconnect_message(self.index)?)?;
         tracing::info!(device = %device_path(self.index), "kernel NBD client detached");
@@ -351,8 +326,156 @@ impl KernelAttachment {
 
     /// Leaves the device configured for the next tracker to re-adopt
     /// within the dead-connection timeout; new I/O waits until then.
-    pub fn keep(self) {
+    pub fn keep(mut self) {
+        self.stop_watching();
         tracing::info!(device = %device_path(self.index), "kernel NBD device kept for the next tracker");
+    }
+}
+
+impl Drop for KernelAttachment {
+    fn drop(&mut self) {
+        self.stop_watching();
+    }
+}
+
+/// Connects a new device to a new connection of `options.export`.
+fn connect(
+    family: &NbdFamily,
+    adopter: &Adopter,
+    options: &AttachOptions,
+) -> Result<(u32, Adopted), AttachError> {
+    let (ours, kernels) =
+        UnixStream::pair().map_err(|e| AttachError::io("creating a socketpair", e))?;
+    let adopted = adopt(adopter, ours, &options.export)?;
+    let flags = adopted.export.flags.intersection(KERNEL_FLAGS);
+    let message = netlink::connect_message(&ConnectRequest {
+        index: options.index,
+        size: adopted.export.size,
+        block_size: BLOCK_SIZE,
+        server_flags: u64::from(flags.bits()),
+        timeout_secs: seconds(options.io_timeout),
+        dead_conn_timeout_secs: seconds(options.dead_connection_timeout),
+        backend: options.backend.clone(),
+        socket: kernels.as_raw_fd(),
+    })?;
+    let replies = family.request(message).map_err(|error| match error {
+        AttachError::Kernel { source, .. }
+            if source.raw_os_error() == Some(libc::EBUSY) && options.index.is_some() =>
+        {
+            AttachError::DeviceBusy {
+                index: options.index.unwrap_or_default(),
+            }
+        }
+        other => other,
+    })?;
+    // The kernel holds its own reference to the socket now.
+    drop(kernels);
+    let index = replies
+        .first()
+        .ok_or_else(|| AttachError::Message("no reply to NBD_CMD_CONNECT".into()))
+        .and_then(netlink::connect_reply_index)?;
+    tracing::info!(device = %device_path(index), export = %options.export, flags = ?flags, "kernel NBD client attached");
+    Ok((index, adopted))
+}
+
+/// Hands a kept device a new connection, retrying while the kernel has
+/// not yet seen the old one die.
+fn readopt(
+    family: &NbdFamily,
+    adopter: &Adopter,
+    options: &AttachOptions,
+    index: u32,
+) -> Result<Adopted, AttachError> {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(adopted) = hand_new_socket(family, adopter, options, index)? {
+            tracing::info!(device = %device_path(index), export = %options.export, "kept kernel NBD device re-adopted");
+            return Ok(adopted);
+        }
+        if started.elapsed() >= READOPT_PATIENCE {
+            return Err(AttachError::StillConnected { index });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One `NBD_CMD_RECONFIGURE` with a new socket: `Some` if the kernel took
+/// it, `None` if it had no dead connection to replace.
+fn hand_new_socket(
+    family: &NbdFamily,
+    adopter: &Adopter,
+    options: &AttachOptions,
+    index: u32,
+) -> Result<Option<Adopted>, AttachError> {
+    let (ours, kernels) =
+        UnixStream::pair().map_err(|e| AttachError::io("creating a socketpair", e))?;
+    let probe = ours
+        .try_clone()
+        .map_err(|e| AttachError::io("duplicating a socket", e))?;
+    let adopted = adopt(adopter, ours, &options.export)?;
+    let message = netlink::reconfigure_message(&ReconfigureRequest {
+        index,
+        backend: options.backend.clone(),
+        timeout_secs: seconds(options.io_timeout),
+        dead_conn_timeout_secs: seconds(options.dead_connection_timeout),
+        socket: kernels.as_raw_fd(),
+    })?;
+    family.request(message)?;
+    drop(kernels);
+    // The kernel answers success even when it found no dead connection
+    // to replace and dropped the socket: then nobody holds the other end
+    // any more, which our end sees at once.
+    Ok((!peer_gone(&probe)).then_some(adopted))
+}
+
+/// How often the watcher looks whether it must stop.
+const WATCH_INTERVAL: Duration = Duration::from_millis(200);
+
+/// The watcher's loop: while the attachment lives, a connection that ends
+/// is replaced by a new one (see [`KernelAttachment`]).
+fn watch(
+    family: &NbdFamily,
+    adopter: &Adopter,
+    options: &AttachOptions,
+    index: u32,
+    mut current: Adopted,
+    stop: &AtomicBool,
+    connected: &AtomicBool,
+) {
+    while !stop.load(Ordering::SeqCst) {
+        if let Err(RecvTimeoutError::Timeout) = current.ended.recv_timeout(WATCH_INTERVAL) {
+            continue;
+        }
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        connected.store(false, Ordering::SeqCst);
+        tracing::warn!(device = %device_path(index), "the kernel dropped the connection (a request outlived io-timeout?); handing it a new one");
+        loop {
+            if stop.load(Ordering::SeqCst) {
+                return;
+            }
+            match hand_new_socket(family, adopter, options, index) {
+                Ok(Some(adopted)) => {
+                    tracing::info!(device = %device_path(index), "kernel NBD device served again");
+                    current = adopted;
+                    connected.store(true, Ordering::SeqCst);
+                    break;
+                }
+                // The kernel has not marked the old connection dead yet.
+                Ok(None) => {}
+                Err(error) => {
+                    // A device someone else disconnected is gone for good.
+                    if !matches!(sysfs::find_by_backend(&options.backend), Ok(Some(i)) if i == index)
+                    {
+                        tracing::error!(device = %device_path(index), %error, "the kernel NBD device is no longer configured; not reconnecting");
+                        return;
+                    }
+                    tracing::warn!(device = %device_path(index), %error, "handing the kernel NBD device a new connection failed; retrying");
+                }
+            }
+            std::thread::sleep(WATCH_INTERVAL);
+        }
     }
 }
 
@@ -360,8 +483,8 @@ fn device_path(index: u32) -> String {
     format!("/dev/nbd{index}")
 }
 
-fn adopt(server: &ServerHandle, ours: UnixStream, export: &str) -> Result<Adopted, AttachError> {
-    server.adopt(ours, export).map_err(|error| {
+fn adopt(adopter: &Adopter, ours: UnixStream, export: &str) -> Result<Adopted, AttachError> {
+    adopter.adopt(ours, export).map_err(|error| {
         if error.kind() == std::io::ErrorKind::NotFound {
             AttachError::NoSuchExport(export.to_string())
         } else {

@@ -213,6 +213,60 @@ pub struct ServerHandle {
     backend: Arc<dyn Backend>,
 }
 
+/// Hands connections already in transmission to a running server; see
+/// [`ServerHandle::adopter`].
+#[derive(Clone)]
+pub struct Adopter {
+    shared: Arc<Shared>,
+    connections: Arc<Mutex<Vec<ConnectionEntry>>>,
+    backend: Arc<dyn Backend>,
+}
+
+impl std::fmt::Debug for Adopter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Adopter").finish_non_exhaustive()
+    }
+}
+
+impl Adopter {
+    /// As [`ServerHandle::adopt`].
+    pub fn adopt(&self, stream: UnixStream, export: &str) -> io::Result<Adopted> {
+        if self.shared.is_stopping() {
+            return Err(io::Error::other("the NBD server has stopped"));
+        }
+        let (session, disk) =
+            connection::session_without_handshake(&*self.backend, &self.shared.options, export)
+                .ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("no export named {export:?}"),
+                    )
+                })?;
+        stream.set_nonblocking(false)?;
+        let stream = Stream::Unix(stream);
+        let waker = stream.try_clone()?;
+        let id = ADOPTED_IDS.fetch_add(1, Ordering::Relaxed);
+        let info = session.export.clone();
+        let (done, ended) = mpsc::channel::<()>();
+        let backend = Arc::clone(&self.backend);
+        let shared = Arc::clone(&self.shared);
+        let thread = std::thread::Builder::new()
+            .name(format!("nbd-conn-{id}"))
+            .spawn(move || {
+                connection::run_negotiated(id, stream, session, disk, backend, shared);
+                drop(done);
+            })?;
+        lock(&self.connections).push(ConnectionEntry {
+            stream: waker,
+            thread,
+        });
+        Ok(Adopted {
+            export: info,
+            ended,
+        })
+    }
+}
+
 /// A connection handed to the server by [`ServerHandle::adopt`].
 #[derive(Debug)]
 pub struct Adopted {
@@ -381,39 +435,21 @@ impl ServerHandle {
     /// [`Adopted::export`]). It is served like any accepted connection and
     /// stopped by [`shutdown`](Self::shutdown) like one.
     pub fn adopt(&self, stream: UnixStream, export: &str) -> io::Result<Adopted> {
+        self.adopter()?.adopt(stream, export)
+    }
+
+    /// What adopts connections from another thread (this handle is
+    /// consumed by [`shutdown`](Self::shutdown)); it refuses once the
+    /// server stops.
+    pub fn adopter(&self) -> io::Result<Adopter> {
         let running = self
             .running
             .as_ref()
             .ok_or_else(|| io::Error::other("the NBD server has stopped"))?;
-        let (session, disk) =
-            connection::session_without_handshake(&*self.backend, &running.shared.options, export)
-                .ok_or_else(|| {
-                    io::Error::new(
-                        io::ErrorKind::NotFound,
-                        format!("no export named {export:?}"),
-                    )
-                })?;
-        stream.set_nonblocking(false)?;
-        let stream = Stream::Unix(stream);
-        let waker = stream.try_clone()?;
-        let id = ADOPTED_IDS.fetch_add(1, Ordering::Relaxed);
-        let info = session.export.clone();
-        let (done, ended) = mpsc::channel::<()>();
-        let backend = Arc::clone(&self.backend);
-        let shared = Arc::clone(&running.shared);
-        let thread = std::thread::Builder::new()
-            .name(format!("nbd-conn-{id}"))
-            .spawn(move || {
-                connection::run_negotiated(id, stream, session, disk, backend, shared);
-                drop(done);
-            })?;
-        lock(&running.connections).push(ConnectionEntry {
-            stream: waker,
-            thread,
-        });
-        Ok(Adopted {
-            export: info,
-            ended,
+        Ok(Adopter {
+            shared: Arc::clone(&running.shared),
+            connections: Arc::clone(&running.connections),
+            backend: Arc::clone(&self.backend),
         })
     }
 
