@@ -13,7 +13,9 @@
 //! tracker inside the guest, attaching `/dev/nbd0` itself over netlink
 //! (`tracker serve --attach`, no nbd-client), and restarts it twice under
 //! an fsync writer (SIGKILL; SIGTERM with `--keep-device`): the new tracker
-//! re-adopts the device, and no write fails.
+//! re-adopts the device, and no write fails. Between the restarts the
+//! tracker is frozen past the kernel's request timeout, so the kernel drops
+//! the connection and the tracker must hand it a new one by itself.
 //!
 //! Skips (with a message, and never under CI) when qemu or the kernel
 //! cannot be had; `scripts/kernel-vm.sh install` installs the former,
@@ -378,6 +380,7 @@ fn the_tracker_attaches_the_kernel_nbd_client_and_survives_restarts() {
         .arg("--bin")
         .arg(tidemark_bin())
         .args(["--env", "IO_TIMEOUT=3s", "--env", "WRITE_SECS=3"])
+        .args(["--env", "STALL_SECS=6"])
         .args(["--timeout", "240", "--console"])
         .arg(&console_file)
         .output()
