@@ -38,4 +38,4 @@ for tool in cargo-deb:3.8.0 cargo-generate-rpm:0.21.1; do
 done
 
 echo "==> cargo test --workspace"
-cargo test --workspace --all-targets
+cargo test --workspace --all-targets --no-fail-fast

@@ -7,6 +7,7 @@ mod log_cmd;
 mod pki_cmd;
 mod plan_cmd;
 mod points_cmd;
+mod protect_cmd;
 mod replication_cmd;
 mod status_cmd;
 mod test_failover_cmd;
@@ -81,6 +82,15 @@ enum Command {
     /// state, lag, pending records, throughput and newest recovery point,
     /// from whichever of tracker, shipper and receiver data answer.
     Status(status_cmd::StatusArgs),
+    /// Put a disk under a device-mapper map, /dev/mapper/tidemark-NAME, so
+    /// the tracker can later be spliced into its I/O path while mounted.
+    Protect(protect_cmd::ProtectArgs),
+    /// Splice the tracker into a protected disk's I/O path (start) or out
+    /// of it (stop), live, without unmounting.
+    #[command(subcommand)]
+    Splice(protect_cmd::SpliceCommand),
+    /// Remove /dev/mapper/tidemark-NAME (when spliced out and unmounted).
+    Unprotect(protect_cmd::UnprotectArgs),
     /// Write the man pages and shell completions (for packaging).
     #[command(hide = true)]
     GenerateDocs(docs_cmd::GenerateDocsArgs),
@@ -111,6 +121,9 @@ fn main() -> ExitCode {
         Command::TestFailover(cmd) => test_failover_cmd::run(cmd),
         Command::Plan(cmd) => plan_cmd::run(cmd),
         Command::Status(a) => status_cmd::run(a),
+        Command::Protect(a) => protect_cmd::protect(a),
+        Command::Splice(cmd) => protect_cmd::run(cmd),
+        Command::Unprotect(a) => protect_cmd::unprotect(a),
         Command::GenerateDocs(a) => docs_cmd::run(a, Cli::command()),
     };
     match result {

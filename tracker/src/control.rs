@@ -5,6 +5,9 @@
 //! status                      → {"ok":true,"status":{…}}
 //! mark LABEL                  → {"ok":true,"seq":N}   crash-consistent marker
 //! mark --app-consistent LABEL → {"ok":true,"seq":N}   after the caller quiesced
+//! resync-all DISK             → {"ok":true,"seq":N|null}  the whole disk is
+//!                               recorded as resync-needed (it was written
+//!                               while spliced out; null: in the dirty bitmap)
 //! stop                        → {"ok":true}  then stops as on SIGTERM: no new
 //!                               connections, requests in flight finish, a
 //!                               final barrier (a planned failover's drain)
@@ -99,9 +102,13 @@ pub fn handle_line(line: &str, group_name: &str, group: &Group) -> String {
         ["status"] => serde_json::json!({"ok": true, "status": status_of(group_name, group)}),
         ["mark", "--app-consistent", label] => mark(group, label, true),
         ["mark", label] => mark(group, label, false),
+        ["resync-all", disk] => match group.record_resync_all(disk) {
+            Ok(seq) => serde_json::json!({"ok": true, "seq": seq}),
+            Err(e) => serde_json::json!({"ok": false, "error": e}),
+        },
         ["stop"] => serde_json::json!({"ok": true}),
         _ => {
-            serde_json::json!({"ok": false, "error": format!("unknown request {line:?}; expected `status`, `mark [--app-consistent] LABEL` or `stop`")})
+            serde_json::json!({"ok": false, "error": format!("unknown request {line:?}; expected `status`, `mark [--app-consistent] LABEL`, `resync-all DISK` or `stop`")})
         }
     };
     reply.to_string()

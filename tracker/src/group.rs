@@ -813,6 +813,50 @@ impl Group {
         self.disks.iter().map(|d| d.size).collect()
     }
 
+    /// Records the whole of disk `name` as resync-needed, now: the disk
+    /// was written without the tracker seeing it (it was spliced out of
+    /// the I/O path, see [`crate::splice`]). In data mode this is a
+    /// resync-needed record and a barrier, made durable; in bitmap mode
+    /// (or if the log has no room) every dirty bit of the disk is set.
+    /// Either way the replica compares every block, and blocks written
+    /// through the tracker after this call are logged as usual, so a resync
+    /// that reads the disk after this point sees every untracked write.
+    /// Returns the record's sequence number in data mode.
+    pub fn record_resync_all(&self, name: &str) -> Result<Option<u64>, String> {
+        let id = self
+            .disks
+            .iter()
+            .position(|d| d.disk.name == name)
+            .ok_or_else(|| format!("no disk {name:?} in this group"))?;
+        let size = self.disks[id].size;
+        if size == 0 {
+            return Ok(None);
+        }
+        if matches!(*lock(&self.mode), TrackingMode::Data) {
+            let entry = Entry::resync_needed(id as u32, 0, size, now_ns());
+            let appended = {
+                let mut log = lock(&self.log);
+                log.append(&entry)
+                    .and_then(|seq| Ok((seq, log.append(&Entry::barrier(now_ns()))?)))
+            }
+            .and_then(|(seq, barrier)| self.make_durable(barrier).map(|()| seq));
+            match appended {
+                Ok(seq) => return Ok(Some(seq)),
+                Err(e) => self.enter_bitmap_mode(&e),
+            }
+        }
+        {
+            let mut maps = lock(&self.maps);
+            let bits = &mut maps.dirty[id];
+            for i in bits.extents(0, size) {
+                bits.set(i);
+            }
+        }
+        self.persist_dirty()
+            .map_err(|e| format!("recording the disk in the dirty bitmap: {e}"))?;
+        Ok(None)
+    }
+
     /// The disks' names, by id.
     pub fn disk_names(&self) -> Vec<String> {
         self.disks.iter().map(|d| d.disk.name.clone()).collect()

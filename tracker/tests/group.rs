@@ -359,3 +359,48 @@ fn bitmap_mode_returns_to_data_mode_with_resync_needed_records_once_the_log_has_
     let (group, _) = open(tmp.path(), &devs, 2 << 20);
     assert_eq!(group.status().mode.name(), "data");
 }
+
+#[test]
+fn a_spliced_out_disk_is_recorded_whole_as_resync_needed_on_request() {
+    let tmp = tempfile::tempdir().unwrap();
+    let devs = [
+        Arc::new(MemoryDevice::new(DISK)),
+        Arc::new(MemoryDevice::new(DISK / 2)),
+    ];
+    let (group, _) = open(tmp.path(), &devs, 64 << 20);
+    group.write(0, 0, &[1; 4096], false).unwrap();
+    let seq = group
+        .record_resync_all("disk1")
+        .unwrap()
+        .expect("data mode");
+    group.write(1, 4096, &[2; 4096], false).unwrap();
+    assert!(group.record_resync_all("disk9").is_err());
+    let recs = records(tmp.path());
+    let at = recs.iter().position(|r| r.header.seq == seq).unwrap();
+    let r = &recs[at].header;
+    assert_eq!(
+        (r.kind, r.disk, r.offset, r.length),
+        (Kind::ResyncNeeded, 1, 0, DISK / 2)
+    );
+    // Durable at once, behind a barrier, before the writes that follow.
+    assert_eq!(recs[at + 1].header.kind, Kind::Barrier);
+    assert!(group.status().durable_seq > seq);
+    assert_eq!(recs[at + 2].header.kind, Kind::Write);
+    group.close_clean().unwrap();
+}
+
+#[test]
+fn in_bitmap_mode_a_spliced_out_disk_is_dirty_everywhere() {
+    let tmp = tempfile::tempdir().unwrap();
+    let devs = [Arc::new(MemoryDevice::new(DISK))];
+    let (group, _) = open(tmp.path(), &devs, 2 << 20);
+    let data = vec![5u8; 64 << 10];
+    for i in 0..64u64 {
+        group.write(0, i * (64 << 10), &data, false).unwrap();
+    }
+    assert!(matches!(group.status().mode, TrackingMode::Bitmap { .. }));
+    assert_eq!(group.record_resync_all("disk0").unwrap(), None);
+    let dirty = group.status().dirty_extents[0];
+    assert_eq!(dirty, DISK / tidemark_tracker::group::DIRTY_GRANULARITY);
+    group.close_clean().unwrap();
+}

@@ -190,12 +190,31 @@ pub(crate) fn open_and_probe(
     };
     // Opened buffered first: whether O_DIRECT is possible depends on what the
     // path turns out to be, and fcntl(F_SETFL) can switch it on afterwards.
-    let file = OpenOptions::new()
-        .read(true)
-        .write(!options.read_only)
-        .custom_flags(libc::O_CLOEXEC | exclusive)
-        .open(path)
-        .map_err(open_error)?;
+    let open = |flags| {
+        OpenOptions::new()
+            .read(true)
+            .write(!options.read_only)
+            .custom_flags(libc::O_CLOEXEC | flags)
+            .open(path)
+    };
+    let file = match open(exclusive) {
+        // The disk's own Tidemark map (`tidemark protect`) holds it: that
+        // map is how the disk is used, and the live splice points it at
+        // this tracker, so sharing the disk with it is the design, not a
+        // bypass (crate::splice).
+        Err(e) if exclusive != 0 && e.raw_os_error() == Some(libc::EBUSY) => {
+            let id =
+                crate::dm::DevId::from_dev_t(std::fs::metadata(path).map_err(open_error)?.rdev());
+            match crate::splice::held_by_map(id) {
+                Some(map) => {
+                    tracing::info!(path = %path.display(), %map, "the disk is held by its tidemark map: opened without O_EXCL, for the live splice");
+                    open(0).map_err(open_error)?
+                }
+                None => return Err(open_error(e)),
+            }
+        }
+        other => other.map_err(open_error)?,
+    };
     let meta = file.metadata().map_err(open_error)?;
     let file_type = meta.file_type();
 
