@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tidemark_changelog::LogOptions;
 use tidemark_config::ByteSize;
-use tidemark_tracker::daemon::{DiskSpec, TrackerSettings};
+use tidemark_tracker::daemon::{DiskSpec, KernelAttachSettings, TrackerSettings};
 use tidemark_tracker::quiesce::Quiesce;
 use tidemark_tracker::storage::{BackingOptions, EngineKind};
 
@@ -76,6 +76,16 @@ pub(crate) struct ServeArgs {
     /// file; without either, the one-line form serves no metrics.
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Attach the kernel's NBD client to the first disk (or the config's
+    /// `[tracker.attach]` export) over netlink, without nbd-client; a
+    /// device kept by a previous tracker is re-adopted. Needs root and
+    /// the nbd module.
+    #[arg(long)]
+    attach: bool,
+    /// On SIGTERM leave the attached device configured for the next
+    /// tracker to re-adopt, instead of disconnecting it.
+    #[arg(long)]
+    keep_device: bool,
 }
 
 #[derive(Debug, Args)]
@@ -200,6 +210,13 @@ fn settings_from_config(path: &Path) -> Result<TrackerSettings> {
         backing: BackingOptions::default(),
         metrics_listen: Some(t.metrics_listen),
         resync_all: false,
+        attach: t.attach.as_ref().map(|a| KernelAttachSettings {
+            export: a.export.clone(),
+            index: a.index,
+            io_timeout: a.io_timeout.get(),
+            dead_connection_timeout: a.dead_connection_timeout.get(),
+            keep_device: a.keep_device,
+        }),
     })
 }
 
@@ -261,6 +278,7 @@ fn settings_from_flags(a: &ServeArgs) -> Result<TrackerSettings> {
         },
         metrics_listen: None,
         resync_all: false,
+        attach: None,
     })
 }
 
@@ -273,12 +291,28 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
         settings.metrics_listen = Some(addr);
     }
     settings.resync_all = a.resync_all;
+    if a.attach && settings.attach.is_none() {
+        let defaults = tidemark_config::AttachConfig::default();
+        settings.attach = Some(KernelAttachSettings {
+            export: None,
+            index: None,
+            io_timeout: defaults.io_timeout.get(),
+            dead_connection_timeout: defaults.dead_connection_timeout.get(),
+            keep_device: false,
+        });
+    }
+    if a.keep_device {
+        match settings.attach.as_mut() {
+            Some(attach) => attach.keep_device = true,
+            None => bail!("--keep-device needs --attach or a [tracker.attach] table"),
+        }
+    }
     let socket = settings.socket.clone();
     let schedule = match &a.config {
         Some(path) => scheduled_marks(path, settings.control_socket.clone())?,
         None => None,
     };
-    tidemark_tracker::daemon::run(settings, |report, metrics| {
+    tidemark_tracker::daemon::run(settings, |report, metrics, attached| {
         // One line on stdout when ready, for scripts and tests.
         println!(
             "tracker ready on {} (generation {}, {})",
@@ -297,6 +331,18 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
         // daemon: a closed stdout is ignored.
         if let Some(addr) = metrics {
             let _ = writeln!(std::io::stdout(), "metrics on http://{addr}/metrics");
+        }
+        if let Some(device) = attached {
+            let _ = writeln!(
+                std::io::stdout(),
+                "attached {} ({})",
+                device.device().display(),
+                if device.readopted() {
+                    "re-adopted a kept device"
+                } else {
+                    "new connection"
+                }
+            );
         }
         let _ = std::io::stdout().flush();
         crate::notify_ready();

@@ -116,6 +116,61 @@ pub struct TrackerConfig {
     /// --app-consistent` quiesces, and an optional schedule. Default:
     /// nothing quiesced, no schedule.
     pub app_consistent: AppConsistentConfig,
+
+    /// Attach the kernel's NBD client to one of the disks, the
+    /// `[tracker.attach]` table: the tracker connects `/dev/nbdN` itself
+    /// over netlink (no `nbd-client`). The table's presence turns it on
+    /// (so does `tidemark tracker serve --attach`). Default: not set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attach: Option<AttachConfig>,
+}
+
+/// The kernel NBD device the tracker attaches itself, the
+/// `[tracker.attach]` table.
+///
+/// The tracker hands the kernel one end of a socketpair for the disk and
+/// serves the other. A tracker that stops with `keep-device` (or dies)
+/// leaves the device configured; the next one re-adopts it within
+/// `dead-connection-timeout`, and the I/O waiting meanwhile goes on
+/// without errors.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "kebab-case",
+    default,
+    expecting = "a [tracker.attach] table"
+)]
+pub struct AttachConfig {
+    /// The disk to attach, by its NBD export name. Default: the first
+    /// `[[tracker.disk]]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub export: Option<String>,
+    /// Use exactly `/dev/nbd<index>`. Default: the first free device.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<u32>,
+    /// How long one request may take before the kernel gives up on the
+    /// connection and requeues the request (also how long requests in
+    /// flight when a tracker dies wait before they are sent again). At
+    /// least 1s. Default: `"30s"`.
+    pub io_timeout: Duration,
+    /// How long the kernel holds I/O while no tracker serves the device
+    /// (a restart), before failing it. At least 1s. Default: `"2m"`.
+    pub dead_connection_timeout: Duration,
+    /// On SIGTERM leave the device configured, for the next tracker to
+    /// re-adopt, instead of disconnecting it. Default: `false`.
+    pub keep_device: bool,
+}
+
+impl Default for AttachConfig {
+    fn default() -> Self {
+        Self {
+            export: None,
+            index: None,
+            io_timeout: Duration::from_secs(30),
+            dead_connection_timeout: Duration::from_secs(120),
+            keep_device: false,
+        }
+    }
 }
 
 /// Application-consistent points, the `[tracker.app-consistent]` table.
@@ -185,6 +240,7 @@ impl Default for TrackerConfig {
             max_block_size: ByteSize::mib(32),
             disks: Vec::new(),
             app_consistent: AppConsistentConfig::default(),
+            attach: None,
         }
     }
 }
@@ -256,6 +312,7 @@ impl TrackerConfig {
             }
         }
         self.validate_disks(&at)?;
+        self.validate_attach(&at)?;
         rules::check_path(&self.log_dir).map_err(|m| invalid("log-dir", m))?;
 
         if self.segment_size < MIN_SEGMENT_SIZE {
@@ -323,6 +380,37 @@ impl TrackerConfig {
                         "{tcp} is not a loopback address; NBD has no authentication, so \
                          serving it to the network needs `allow-remote-nbd = true`"
                     ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_attach(&self, at: &FieldPath) -> Result<(), ConfigError> {
+        let Some(attach) = &self.attach else {
+            return Ok(());
+        };
+        let here = at.key("attach");
+        if let Some(export) = &attach.export {
+            if !self
+                .disks
+                .iter()
+                .any(|d| d.effective_export_name() == export)
+            {
+                return Err(ConfigError::invalid(
+                    here.key("export"),
+                    format!("export {export:?} is not the export name of any [[tracker.disk]]"),
+                ));
+            }
+        }
+        for (key, value) in [
+            ("io-timeout", attach.io_timeout),
+            ("dead-connection-timeout", attach.dead_connection_timeout),
+        ] {
+            if value.get() < std::time::Duration::from_secs(1) {
+                return Err(ConfigError::invalid(
+                    here.key(key),
+                    format!("{key} must be at least 1s: the kernel counts it in seconds"),
                 ));
             }
         }

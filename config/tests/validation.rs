@@ -341,6 +341,33 @@ fn tcp_nbd_stays_on_loopback_unless_allowed() {
     ));
 }
 
+#[test]
+fn tracker_attach_names_a_disk_and_whole_second_timeouts() {
+    let disk = "[[tracker.disk]]\nname = \"a\"\npath = \"/dev/a\"\n";
+    rejects(
+        &format!("[tracker]\n[tracker.attach]\nexport = \"b\"\n{disk}"),
+        3,
+        "tracker.attach.export",
+        "not the export name of any [[tracker.disk]]",
+    );
+    rejects(
+        &format!("[tracker]\n[tracker.attach]\nio-timeout = \"500ms\"\n{disk}"),
+        3,
+        "tracker.attach.io-timeout",
+        "at least 1s",
+    );
+    rejects(
+        &format!("[tracker]\n[tracker.attach]\ndead-connection-timeout = \"0s\"\n{disk}"),
+        3,
+        "tracker.attach.dead-connection-timeout",
+        "at least 1s",
+    );
+    accepts(&format!(
+        "[tracker]\n[tracker.attach]\nexport = \"a\"\nindex = 3\nkeep-device = true\n{disk}"
+    ));
+    accepts(&format!("[tracker]\n[tracker.attach]\n{disk}"));
+}
+
 // ----------------------------------------------------------------- shipper
 
 /// A `[shipper]` table with its required keys (lines 2-3) and `rest` from

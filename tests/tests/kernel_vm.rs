@@ -12,6 +12,14 @@
 //! Also the live splice with device-mapper (`live_splice_with_device_mapper`,
 //! `scripts/vm-scenarios/dm-splice.sh`), wholly inside the guest.
 //!
+//! And the tracker attaching `/dev/nbd0` itself over netlink
+//! (`tracker serve --attach`, no nbd-client; `scripts/vm-scenarios/
+//! nbd-netlink.sh`), wholly inside the guest, restarted twice under an
+//! fsync writer (SIGKILL; SIGTERM with `--keep-device`): the new tracker
+//! re-adopts the device, and no write fails. Between the restarts the
+//! tracker is frozen past the kernel's request timeout, so the kernel drops
+//! the connection and the tracker must hand it a new one by itself.
+//!
 //! Skips (with a message, and never under CI) when qemu or the kernel
 //! cannot be had; `scripts/kernel-vm.sh install` installs the former,
 //! `scripts/kernel-vm.sh kernel` fetches the latter.
@@ -450,4 +458,82 @@ fn live_splice_with_device_mapper() {
     let log = "TIDEMARK-VM-INFO log ";
     assert_eq!(number(log, "resync-needed"), 4.0);
     assert!(number(log, "window1-records-applied") > 0.0);
+}
+
+const NETLINK_TEST: &str = "the_tracker_attaches_the_kernel_nbd_client_and_survives_restarts";
+
+/// The tracker attaches `/dev/nbd0` over netlink in the guest and is
+/// restarted twice under a writer; see `scripts/vm-scenarios/nbd-netlink.sh`
+/// for what the guest checks (no failed write, no kernel I/O error,
+/// e2fsck, `log check`, the log replays to the image).
+#[test]
+fn the_tracker_attaches_the_kernel_nbd_client_and_survives_restarts() {
+    for tool in [
+        "qemu-system-x86_64",
+        "busybox",
+        "modprobe",
+        "mkfs.ext4",
+        "e2fsck",
+    ] {
+        if !require_tool(tool, NETLINK_TEST) {
+            return;
+        }
+    }
+    if !require_kernel() {
+        eprintln!("SKIP {NETLINK_TEST}: no guest kernel (see above)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // A binary without debug info builds and unpacks the initramfs faster.
+    let bin = dir.join("tidemark");
+    let stripped = Command::new("objcopy")
+        .arg("--strip-debug")
+        .arg(tidemark_bin())
+        .arg(&bin)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !stripped {
+        fs::copy(tidemark_bin(), &bin).expect("copying the tidemark binary");
+    }
+    let console_file = dir.join("console.log");
+    let started = Instant::now();
+    let vm = Command::new("bash")
+        .arg(repo_root().join("scripts/kernel-vm.sh"))
+        .arg("run")
+        .arg(repo_root().join("scripts/vm-scenarios/nbd-netlink.sh"))
+        .arg("--bin")
+        .arg(&bin)
+        .args(["--env", "IO_TIMEOUT=3s", "--env", "WRITE_SECS=3"])
+        .args(["--env", "STALL_SECS=6"])
+        .args(["--timeout", "240", "--console"])
+        .arg(&console_file)
+        .output()
+        .expect("running scripts/kernel-vm.sh run");
+    let vm_secs = started.elapsed().as_secs_f64();
+    assert!(
+        vm.status.success(),
+        "the guest scenario failed:\n{}{}",
+        String::from_utf8_lossy(&vm.stdout),
+        String::from_utf8_lossy(&vm.stderr)
+    );
+    let console = String::from_utf8_lossy(&fs::read(&console_file).unwrap()).into_owned();
+    eprintln!("{NETLINK_TEST}: the guest ran for {vm_secs:.1} s (initramfs, boot, scenario)");
+    for line in console.lines().filter(|l| l.starts_with("TIDEMARK-VM-")) {
+        eprintln!("{NETLINK_TEST}: guest: {}", line.trim_end());
+    }
+    let result = console_fields(&console, "TIDEMARK-VM-RESULT ");
+    let number = |key: &str| -> u64 {
+        result[key]
+            .parse()
+            .unwrap_or_else(|e| panic!("{key}={}: {e}", result[key]))
+    };
+    assert_eq!(number("io-errors"), 0, "the guest kernel logged I/O errors");
+    assert_eq!(number("errors"), 0, "writes failed in the guest");
+    assert!(number("ok") > 0, "the guest wrote nothing");
+    // Both restarts happened well within the dead-connection timeout
+    // (60 s), or the kernel would have failed the waiting writes.
+    for key in ["restart-gap-kill-ms", "restart-gap-term-ms"] {
+        assert!(number(key) < 60_000, "{key} = {}", number(key));
+    }
 }

@@ -6,6 +6,7 @@
 use crate::backend::Backend;
 use crate::control::ControlSocket;
 use crate::group::{Group, GroupDisk, GroupOptions, OpenReport};
+use crate::kernel_attach::{backend_identifier, AttachError, AttachOptions, KernelAttachment};
 use crate::server::{Server, ServerOptions};
 use crate::storage::{open_backing, BackingOptions};
 use nix::sys::signal::{SigSet, Signal};
@@ -56,6 +57,25 @@ pub struct TrackerSettings {
     /// Serve Prometheus metrics on `GET /metrics` here (port 0 picks one).
     /// `None`: no metrics endpoint.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Attach the kernel's NBD client to one of the disks (see
+    /// [`crate::kernel_attach`]). `None`: clients connect themselves.
+    pub attach: Option<KernelAttachSettings>,
+}
+
+/// How the tracker attaches `/dev/nbdN` itself.
+#[derive(Debug, Clone)]
+pub struct KernelAttachSettings {
+    /// The export to attach; `None`: the first disk's.
+    pub export: Option<String>,
+    /// `Some(n)`: exactly /dev/nbdN; `None`: the first free device.
+    pub index: Option<u32>,
+    /// The kernel's per-request timeout.
+    pub io_timeout: std::time::Duration,
+    /// How long the kernel holds I/O while no tracker serves the device.
+    pub dead_connection_timeout: std::time::Duration,
+    /// On SIGTERM leave the device configured for the next tracker instead
+    /// of disconnecting it.
+    pub keep_device: bool,
 }
 
 /// Why the daemon could not run.
@@ -87,6 +107,9 @@ pub enum DaemonError {
     /// Signals could not be set up.
     #[error("setting up signal handling")]
     Signals(#[source] nix::Error),
+    /// The kernel's NBD client could not be attached.
+    #[error("attaching the kernel NBD device")]
+    Attach(#[source] crate::kernel_attach::AttachError),
     /// The final barrier or the clean-stop record failed.
     #[error("clean stop failed: {0}")]
     Stop(String),
@@ -289,12 +312,13 @@ fn pending_records(next_seq: u64, cursor: u64) -> u64 {
 }
 
 /// Runs the tracker until SIGTERM or SIGINT. `ready` is called once the
-/// NBD socket accepts connections, with what opening the group found and
-/// the address of the metrics endpoint (`None`: none was asked for, or
-/// its address could not be bound; the tracker runs on without it).
+/// NBD socket accepts connections, with what opening the group found, the
+/// address of the metrics endpoint (`None`: none was asked for, or its
+/// address could not be bound; the tracker runs on without it) and the
+/// kernel device the tracker attached, if asked to.
 pub fn run(
     settings: TrackerSettings,
-    ready: impl FnOnce(&OpenReport, Option<std::net::SocketAddr>),
+    ready: impl FnOnce(&OpenReport, Option<std::net::SocketAddr>, Option<&KernelAttachment>),
 ) -> Result<(), DaemonError> {
     // Block the stop signals before any thread starts, so every thread
     // inherits the mask and only the wait below receives them.
@@ -414,14 +438,32 @@ pub fn run(
             }
         }
     });
+    let attachment = match &settings.attach {
+        Some(attach) => Some(attach_kernel(&settings, attach, &handle)?),
+        None => None,
+    };
     tracing::info!(socket = %settings.socket.display(), "serving");
-    ready(&report, metrics.as_ref().map(MetricsThread::local_addr));
+    ready(
+        &report,
+        metrics.as_ref().map(MetricsThread::local_addr),
+        attachment.as_ref(),
+    );
 
     let signal = signals.wait().map_err(DaemonError::Signals)?;
     tracing::info!(
         ?signal,
         "stopping: no new connections, draining requests in flight"
     );
+    // Detach before the server stops, so the kernel's disconnect reaches a
+    // live connection; or leave the device for the next tracker.
+    if let Some(attachment) = attachment {
+        let keep = settings.attach.as_ref().is_some_and(|a| a.keep_device);
+        if keep {
+            attachment.keep();
+        } else if let Err(error) = attachment.detach() {
+            tracing::warn!(error = %error, "detaching the kernel NBD device failed");
+        }
+    }
     handle.shutdown();
     if let Some(tcp) = tcp_handle {
         tcp.shutdown();
@@ -432,6 +474,31 @@ pub fn run(
     group.close_clean().map_err(DaemonError::Stop)?;
     tracing::info!("stopped cleanly: final barrier written");
     Ok(())
+}
+
+/// Attaches (or re-adopts) the kernel device for `attach`.
+fn attach_kernel(
+    settings: &TrackerSettings,
+    attach: &KernelAttachSettings,
+    server: &crate::server::ServerHandle,
+) -> Result<KernelAttachment, DaemonError> {
+    let export = match &attach.export {
+        Some(export) => export.clone(),
+        None => settings
+            .disks
+            .first()
+            .map(|d| d.name.clone())
+            .ok_or_else(|| DaemonError::Attach(AttachError::NoSuchExport(String::new())))?,
+    };
+    let options = AttachOptions {
+        backend: backend_identifier(&settings.group, &export),
+        export,
+        index: attach.index,
+        io_timeout: attach.io_timeout,
+        dead_connection_timeout: attach.dead_connection_timeout,
+        max_request: settings.max_block,
+    };
+    KernelAttachment::attach(server, &options).map_err(DaemonError::Attach)
 }
 
 #[cfg(test)]

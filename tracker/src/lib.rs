@@ -10,6 +10,7 @@ pub mod control;
 pub mod daemon;
 pub mod dm;
 pub mod group;
+pub mod kernel_attach;
 pub mod nbd;
 pub mod quiesce;
 pub mod range_lock;

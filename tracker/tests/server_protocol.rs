@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use server_support::{
     pseudo_random, Bystander, MemoryBackend, RawClient, Reply, TestServer, KIB, MIB,
 };
-use tidemark_tracker::nbd::constants::{CommandFlags, CommandType, OptionCode};
+use tidemark_tracker::nbd::constants::{CommandFlags, CommandType, OptionCode, TransmissionFlags};
 use tidemark_tracker::nbd::export::BlockSizes;
 use tidemark_tracker::server::{ListenAddr, Server, ServerOptions};
 
@@ -669,5 +669,56 @@ fn a_refusal_right_before_disconnect_still_gets_its_reply() {
     }
     replies.sort_unstable();
     assert_eq!(replies, vec![(0, 0), (1, 0), (2, 0), (3, 0), (42, EINVAL)]);
+    assert!(client.closed_by_server());
+}
+
+#[test]
+fn an_adopted_connection_is_served_without_a_handshake_and_stopped_with_the_server() {
+    let mut server = TestServer::start(MemoryBackend::new(&[("a", MIB), ("b", 2 * MIB)], false));
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let adopted = server.handle().adopt(ours, "b").unwrap();
+    // What the kernel is told instead of a handshake: the export's size and
+    // the flags of a connection without structured replies.
+    assert_eq!(adopted.export.name, "b");
+    assert_eq!(adopted.export.size, 2 * MIB as u64);
+    let flags = adopted.export.flags;
+    assert!(flags.contains(TransmissionFlags::HAS_FLAGS | TransmissionFlags::SEND_FLUSH));
+    assert!(flags.contains(TransmissionFlags::SEND_FUA | TransmissionFlags::SEND_TRIM));
+    assert!(
+        !flags.contains(TransmissionFlags::SEND_DF),
+        "DF needs structured replies"
+    );
+
+    // The first bytes on the socket are a request, answered simply.
+    theirs
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut client = RawClient { stream: theirs };
+    let data = pseudo_random(8 * KIB, 7);
+    client.write(1, 4 * KIB as u64, &data);
+    assert_eq!(client.expect_simple(1), 0);
+    client.read(2, 4 * KIB as u64, data.len() as u32);
+    assert_eq!(client.expect_simple(2), 0);
+    assert_eq!(client.read_bytes(data.len()), data);
+    assert_eq!(server.backend.snapshot(1)[4 * KIB..12 * KIB], data[..]);
+    assert!(
+        server.backend.snapshot(0).iter().all(|&b| b == 0),
+        "export a untouched"
+    );
+    assert!(matches!(
+        adopted.ended.try_recv(),
+        Err(std::sync::mpsc::TryRecvError::Empty)
+    ));
+
+    // An unknown export is refused; shutdown ends the adopted connection.
+    let (spare, _) = UnixStream::pair().unwrap();
+    let error = server.handle().adopt(spare, "nope").unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::NotFound);
+    server.shutdown();
+    assert_eq!(
+        adopted.ended.recv_timeout(Duration::from_secs(10)),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected),
+        "the adopted connection ended with the server"
+    );
     assert!(client.closed_by_server());
 }

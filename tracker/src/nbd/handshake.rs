@@ -312,6 +312,22 @@ pub struct Negotiated {
     pub base_allocation: Option<u32>,
 }
 
+impl Negotiated {
+    /// A session that starts in transmission without any negotiation: the
+    /// kernel's NBD client attached over netlink, which was handed the
+    /// export's size and flags directly and does no handshake. Such a
+    /// client uses simple replies and no metadata context, so the flags it
+    /// may rely on are those of a connection without structured replies.
+    pub fn without_handshake(mut export: ExportInfo) -> Self {
+        export.flags = advertised_flags(export.flags, false);
+        Self {
+            export,
+            structured_replies: false,
+            base_allocation: None,
+        }
+    }
+}
+
 impl Options {
     /// The flags the client sent in reply to the greeting.
     pub fn client_flags(&self) -> ClientFlags {

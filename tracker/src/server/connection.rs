@@ -181,6 +181,44 @@ impl Connection {
     }
 }
 
+/// The session and disk id of `export` for a client that skips the
+/// handshake (the kernel attached over netlink): the export as this server
+/// advertises it, flags as a connection without structured replies sees
+/// them. `None` if the backend has no such export.
+pub(crate) fn session_without_handshake(
+    backend: &dyn Backend,
+    options: &ServerOptions,
+    export: &str,
+) -> Option<(Negotiated, u32)> {
+    let catalog = Catalog::new(backend, options);
+    let disk = catalog.disk_of(export)?;
+    let info = catalog.lookup(export)?;
+    Some((Negotiated::without_handshake(info), disk))
+}
+
+/// Serves a connection that is already in the transmission phase (its
+/// client was told the export's size and flags out of band), to close.
+pub(crate) fn run_negotiated(
+    id: u64,
+    mut stream: Stream,
+    session: Negotiated,
+    disk: u32,
+    backend: Arc<dyn Backend>,
+    shared: Arc<Shared>,
+) {
+    tracing::debug!(conn = id, export = %session.export.name, "transmission without handshake");
+    let end = transmission(
+        id,
+        stream.try_clone(),
+        &mut stream,
+        session,
+        disk,
+        backend,
+        &shared,
+    );
+    finish(id, &stream, end, &shared);
+}
+
 /// Serves one connection from handshake to close.
 pub(crate) fn run(id: u64, mut stream: Stream, backend: Arc<dyn Backend>, shared: Arc<Shared>) {
     let end = match handshake(&mut stream, &*backend, &shared.options) {
@@ -204,6 +242,11 @@ pub(crate) fn run(id: u64, mut stream: Stream, backend: Arc<dyn Backend>, shared
         }
         Err(end) => end,
     };
+    finish(id, &stream, end, &shared);
+}
+
+/// Logs why a connection ended and closes its socket.
+fn finish(id: u64, stream: &Stream, end: Ended, shared: &Shared) {
     let end = match end {
         Ended::ClientClosed | Ended::Io(_) if shared.is_stopping() => Ended::Stopping,
         end => end,

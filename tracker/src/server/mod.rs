@@ -174,6 +174,10 @@ impl ServerOptions {
     }
 }
 
+/// Connection ids of adopted connections, apart from the accepted ones'
+/// (which count from 1 per server); for the log only.
+static ADOPTED_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1 << 32);
+
 /// What the server's threads share.
 pub(crate) struct Shared {
     pub(crate) options: ServerOptions,
@@ -204,6 +208,75 @@ pub struct ServerHandle {
     addr: ListenAddr,
     /// `None` only once stopped.
     running: Option<Running>,
+    /// What performs requests, for connections handed in by
+    /// [`adopt`](Self::adopt).
+    backend: Arc<dyn Backend>,
+}
+
+/// Hands connections already in transmission to a running server; see
+/// [`ServerHandle::adopter`].
+#[derive(Clone)]
+pub struct Adopter {
+    shared: Arc<Shared>,
+    connections: Arc<Mutex<Vec<ConnectionEntry>>>,
+    backend: Arc<dyn Backend>,
+}
+
+impl std::fmt::Debug for Adopter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Adopter").finish_non_exhaustive()
+    }
+}
+
+impl Adopter {
+    /// As [`ServerHandle::adopt`].
+    pub fn adopt(&self, stream: UnixStream, export: &str) -> io::Result<Adopted> {
+        if self.shared.is_stopping() {
+            return Err(io::Error::other("the NBD server has stopped"));
+        }
+        let (session, disk) =
+            connection::session_without_handshake(&*self.backend, &self.shared.options, export)
+                .ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("no export named {export:?}"),
+                    )
+                })?;
+        stream.set_nonblocking(false)?;
+        let stream = Stream::Unix(stream);
+        let waker = stream.try_clone()?;
+        let id = ADOPTED_IDS.fetch_add(1, Ordering::Relaxed);
+        let info = session.export.clone();
+        let (done, ended) = mpsc::channel::<()>();
+        let backend = Arc::clone(&self.backend);
+        let shared = Arc::clone(&self.shared);
+        let thread = std::thread::Builder::new()
+            .name(format!("nbd-conn-{id}"))
+            .spawn(move || {
+                connection::run_negotiated(id, stream, session, disk, backend, shared);
+                drop(done);
+            })?;
+        lock(&self.connections).push(ConnectionEntry {
+            stream: waker,
+            thread,
+        });
+        Ok(Adopted {
+            export: info,
+            ended,
+        })
+    }
+}
+
+/// A connection handed to the server by [`ServerHandle::adopt`].
+#[derive(Debug)]
+pub struct Adopted {
+    /// The export as the client must be told about it: size, transmission
+    /// flags (as a connection without structured replies has them), block
+    /// sizes.
+    pub export: crate::nbd::export::ExportInfo,
+    /// Disconnected (its sender dropped) once the connection has ended
+    /// and every request it brought has been answered.
+    pub ended: Receiver<()>,
 }
 
 /// Everything a stop tears down.
@@ -255,11 +328,12 @@ impl Server {
         if let Some(start) = self.start.take() {
             // The accept thread waits for exactly this; it only goes away
             // when the server stops, which has not happened.
-            let _ = start.send(backend);
+            let _ = start.send(Arc::clone(&backend));
         }
         ServerHandle {
             addr: self.addr.clone(),
             running: self.running.take(),
+            backend,
         }
     }
 
@@ -352,6 +426,30 @@ impl ServerHandle {
                 .iter()
                 .filter(|entry| !entry.thread.is_finished())
                 .count()
+        })
+    }
+
+    /// Serves `stream` as a connection already in the transmission phase
+    /// for `export`: its client does no handshake (the kernel's NBD client
+    /// attached over netlink with the size and flags from the returned
+    /// [`Adopted::export`]). It is served like any accepted connection and
+    /// stopped by [`shutdown`](Self::shutdown) like one.
+    pub fn adopt(&self, stream: UnixStream, export: &str) -> io::Result<Adopted> {
+        self.adopter()?.adopt(stream, export)
+    }
+
+    /// What adopts connections from another thread (this handle is
+    /// consumed by [`shutdown`](Self::shutdown)); it refuses once the
+    /// server stops.
+    pub fn adopter(&self) -> io::Result<Adopter> {
+        let running = self
+            .running
+            .as_ref()
+            .ok_or_else(|| io::Error::other("the NBD server has stopped"))?;
+        Ok(Adopter {
+            shared: Arc::clone(&running.shared),
+            connections: Arc::clone(&running.connections),
+            backend: Arc::clone(&self.backend),
         })
     }
 

@@ -1,0 +1,232 @@
+#!/bin/sh
+# Guest side of the nbd-netlink scenario (busybox sh, run by the VM's /init):
+# the tracker runs in the guest and attaches /dev/nbd0 itself over the nbd
+# generic netlink family (`tidemark tracker serve --attach`, no nbd-client).
+# An ext4 on it takes a stream of fsynced writes while the tracker is
+# killed (SIGKILL) and, later, stopped with --keep-device (SIGTERM); each
+# time a new tracker re-adopts the device with NBD_CMD_RECONFIGURE. In
+# between the tracker is frozen (SIGSTOP) past the kernel's request
+# timeout, so the kernel drops its connection; the thawed tracker hands the
+# device a new one itself. No
+# write may fail and the kernel may log no I/O error. Then: e2fsck of the
+# device, the tracker detaches it on a plain SIGTERM, its log verifies
+# (`tidemark log check`) and replays onto a blank image to the very bytes
+# of the backing image.
+#
+# Environment (from `scripts/kernel-vm.sh run ... --env`), all optional:
+#   DISK_MB         size of the protected disk (default 64)
+#   IO_TIMEOUT      the kernel's per-request timeout (default "3s")
+#   WRITE_SECS      seconds of writing around each restart (default 3)
+#   STALL_SECS      how long the tracker is stopped (SIGSTOP), more than
+#                   IO_TIMEOUT (default 6)
+#
+# Console lines for the host:
+#   TIDEMARK-VM-INFO ...                 measurements (restart gaps, stalls)
+#   TIDEMARK-VM-PASS | TIDEMARK-VM-FAIL: reason
+
+DISK_MB=${DISK_MB:-64}
+IO_TIMEOUT=${IO_TIMEOUT:-3s}
+WRITE_SECS=${WRITE_SECS:-3}
+STALL_SECS=${STALL_SECS:-6}
+dir=/tmp/tm
+mnt=/mnt
+dev=/dev/nbd0
+tracker=""
+writer=""
+
+fail() {
+    echo "TIDEMARK-VM-FAIL: $*"
+    for f in "$dir"/tracker*.err; do
+        [ -f "$f" ] && sed "s|^|TIDEMARK-VM-INFO $(basename "$f"): |" "$f" | tail -n 20
+    done
+    dmesg | grep -i -E "nbd|I/O error" | tail -n 20 | sed 's/^/TIDEMARK-VM-INFO dmesg: /'
+    [ -n "$writer" ] && touch "$dir/stop"
+    [ -n "$tracker" ] && kill -9 "$tracker" 2>/dev/null
+    exit 1
+}
+
+# Milliseconds since boot, from /proc/uptime (10 ms resolution), no fork.
+now_ms() {
+    read -r up _ < /proc/uptime
+    echo $(( ${up%.*} * 1000 + 1${up#*.} * 10 - 1000 ))
+}
+
+# Starts a tracker (extra flags in $@), waits until it has attached the
+# device; sets $tracker and $attached_line.
+n=0
+start_tracker() {
+    n=$((n + 1))
+    tidemark tracker serve --config "$dir/tracker.toml" --attach "$@" \
+        > "$dir/tracker$n.out" 2> "$dir/tracker$n.err" &
+    tracker=$!
+    i=0
+    while ! grep -q '^attached ' "$dir/tracker$n.out" 2>/dev/null; do
+        kill -0 "$tracker" 2>/dev/null || fail "tracker $n exited before attaching"
+        i=$((i + 1))
+        [ $i -gt 600 ] && fail "tracker $n did not attach within 30 s"
+        usleep 50000
+    done
+    attached_line=$(grep '^attached ' "$dir/tracker$n.out")
+}
+
+mkdir -p "$dir" || fail "mkdir $dir"
+truncate -s "${DISK_MB}M" "$dir/disk.img" || fail "truncate"
+cat > "$dir/tracker.toml" <<EOF
+[tracker]
+log-dir = "$dir/log"
+socket = "$dir/nbd.sock"
+control-socket = "$dir/tracker.ctl"
+metrics-listen = "127.0.0.1:0"
+log-size-limit = "384MiB"
+segment-size = "16MiB"
+max-block-size = "4MiB"
+
+[tracker.attach]
+io-timeout = "$IO_TIMEOUT"
+dead-connection-timeout = "60s"
+
+[[tracker.disk]]
+name = "disk"
+path = "$dir/disk.img"
+EOF
+
+t0=$(now_ms)
+start_tracker
+echo "TIDEMARK-VM-INFO first attach: $attached_line in $(( $(now_ms) - t0 )) ms"
+case $attached_line in "attached $dev (new connection)") ;; *) fail "unexpected: $attached_line" ;; esac
+q=/sys/block/nbd0/queue
+echo "TIDEMARK-VM-INFO nbd0 size=$(($(cat /sys/block/nbd0/size) * 512))" \
+    "logical_block_size=$(cat $q/logical_block_size)" \
+    "max_sectors_kb=$(cat $q/max_sectors_kb) max_hw_sectors_kb=$(cat $q/max_hw_sectors_kb)" \
+    "write_cache=\"$(cat $q/write_cache)\" fua=$(cat $q/fua)" \
+    "discard_max_bytes=$(cat $q/discard_max_bytes)" \
+    "backend=$(cat /sys/block/nbd0/backend) pid=$(cat /sys/block/nbd0/pid)"
+[ "$(cat $q/logical_block_size)" = 4096 ] || fail "block size is not 4096"
+[ "$(cat /sys/block/nbd0/pid)" = "$tracker" ] || fail "nbd0's pid is not the tracker's"
+
+mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$dev" || fail "mkfs.ext4 failed"
+mount -t ext4 "$dev" "$mnt" || fail "mount failed"
+
+# The writer: fsynced 256 KiB files round robin, counting failures and the
+# longest single write (a write in flight at a restart waits for it).
+rm -f "$dir/stop" "$dir/writer.result"
+(
+    ok=0 errors=0 longest=0 i=0
+    while [ ! -e "$dir/stop" ]; do
+        s=$(now_ms)
+        if dd if=/dev/urandom of="$mnt/w$((i % 16))" bs=64k count=4 conv=fsync 2>>"$dir/dd.err"; then
+            ok=$((ok + 1))
+        else
+            errors=$((errors + 1))
+        fi
+        took=$(( $(now_ms) - s ))
+        [ $took -gt $longest ] && longest=$took
+        i=$((i + 1))
+        echo "$ok" > "$dir/writer.ok"
+    done
+    echo "ok=$ok errors=$errors longest-write-ms=$longest" > "$dir/writer.result"
+) &
+writer=$!
+
+writes() { cat "$dir/writer.ok" 2>/dev/null || echo 0; }
+
+# Waits WRITE_SECS and until the writer made progress since $1.
+keep_writing() {
+    sleep "$WRITE_SECS"
+    i=0
+    while [ "$(writes)" -le "$1" ]; do
+        i=$((i + 1))
+        [ $i -gt 600 ] && fail "the writer made no progress for 60 s (at $(writes) writes)"
+        usleep 100000
+    done
+}
+
+keep_writing 0
+
+# 1. The tracker dies mid-write; a new one re-adopts the device.
+before=$(writes)
+t_kill=$(now_ms)
+kill -9 "$tracker"
+wait "$tracker" 2>/dev/null
+start_tracker --keep-device
+gap_kill=$(( $(now_ms) - t_kill ))
+echo "TIDEMARK-VM-INFO restart after SIGKILL: $attached_line, gap $gap_kill ms (at $before writes)"
+case $attached_line in *re-adopted*) ;; *) fail "after SIGKILL: $attached_line" ;; esac
+keep_writing "$before"
+
+# 1b. The tracker stalls (SIGSTOP) for longer than the kernel's request
+# timeout: the kernel gives up on the live connection and requeues its
+# requests; once the tracker runs again, it hands the device a new one.
+reconnected_before=$(dmesg | grep -c "reconnected socket")
+before=$(writes)
+t_stop=$(now_ms)
+kill -STOP "$tracker"
+sleep "$STALL_SECS"
+kill -CONT "$tracker"
+keep_writing "$before"
+reconnected=$(dmesg | grep -c "reconnected socket")
+echo "TIDEMARK-VM-INFO stall of ${STALL_SECS} s: writes resumed, $((reconnected - reconnected_before)) new connection(s) in $(( $(now_ms) - t_stop )) ms"
+[ "$reconnected" -gt "$reconnected_before" ] ||
+    fail "no new connection after the kernel timed out the stalled tracker's"
+kill -0 "$tracker" 2>/dev/null || fail "the tracker died after the stall"
+
+# 2. A clean stop that keeps the device (this tracker runs with
+# --keep-device), and a new tracker again.
+before=$(writes)
+t_term=$(now_ms)
+kill -TERM "$tracker"
+wait "$tracker"
+rc=$?
+[ $rc -eq 0 ] || fail "the tracker with --keep-device exited with status $rc on SIGTERM"
+[ -e /sys/block/nbd0/backend ] || fail "nbd0 was not kept on SIGTERM with --keep-device"
+start_tracker
+gap_term=$(( $(now_ms) - t_term ))
+echo "TIDEMARK-VM-INFO restart after SIGTERM --keep-device: $attached_line, gap $gap_term ms (at $before writes)"
+case $attached_line in *re-adopted*) ;; *) fail "after SIGTERM --keep-device: $attached_line" ;; esac
+keep_writing "$before"
+
+touch "$dir/stop"
+wait "$writer"
+writer=""
+result=$(cat "$dir/writer.result")
+echo "TIDEMARK-VM-INFO writer $result"
+sync
+umount "$mnt" || fail "umount failed"
+e2fsck -fn "$dev" > "$dir/fsck.out" 2>&1 || {
+    sed 's/^/TIDEMARK-VM-INFO fsck: /' "$dir/fsck.out"
+    fail "e2fsck -fn $dev found problems"
+}
+
+# 3. A plain SIGTERM detaches the device.
+kill -TERM "$tracker"
+wait "$tracker"
+rc=$?
+[ $rc -eq 0 ] || fail "the last tracker exited with status $rc on SIGTERM"
+tracker=""
+[ -e /sys/block/nbd0/backend ] && fail "nbd0 is still configured after a plain SIGTERM"
+
+io_errors=$(dmesg | grep -c -i "I/O error")
+echo "TIDEMARK-VM-INFO kernel: $io_errors I/O errors; nbd messages:"
+dmesg | grep -i "nbd" | sed 's/^/TIDEMARK-VM-INFO dmesg: /'
+[ "$io_errors" -eq 0 ] || fail "the kernel logged $io_errors I/O errors"
+case $result in *" errors=0 "*) ;; *) fail "writes failed: $result" ;; esac
+[ -s "$dir/dd.err" ] && grep -v -E "records (in|out)|bytes .* copied" "$dir/dd.err" | head -n 5 |
+    sed 's/^/TIDEMARK-VM-INFO dd: /'
+
+# 4. The log verifies and replays to the image the trackers served.
+tidemark log check "$dir/log" > "$dir/check.out" 2>&1 || {
+    sed 's/^/TIDEMARK-VM-INFO log check: /' "$dir/check.out"
+    fail "tidemark log check failed"
+}
+echo "TIDEMARK-VM-INFO log check: $(tail -n 1 "$dir/check.out")"
+rm -f "$dir/replayed.img"
+truncate -s "${DISK_MB}M" "$dir/replayed.img"
+tidemark log replay "$dir/log" --onto "$dir/replayed.img" > "$dir/replay.out" 2>&1 || {
+    sed 's/^/TIDEMARK-VM-INFO log replay: /' "$dir/replay.out"
+    fail "tidemark log replay failed"
+}
+echo "TIDEMARK-VM-INFO log replay: $(tail -n 1 "$dir/replay.out")"
+cmp "$dir/disk.img" "$dir/replayed.img" || fail "the replayed log differs from the image"
+
+echo "TIDEMARK-VM-RESULT restart-gap-kill-ms=$gap_kill restart-gap-term-ms=$gap_term io-errors=$io_errors $result"
+echo "TIDEMARK-VM-PASS"
