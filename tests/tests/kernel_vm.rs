@@ -41,6 +41,16 @@ const EXPORT: &str = "vmdisk";
 /// Hard limit for the guest, boot to poweroff.
 const VM_TIMEOUT_SECS: u32 = 300;
 
+/// One guest at a time: each boots with two virtual CPUs under TCG on a
+/// two-core machine, and the scenarios have timing steps (request
+/// timeouts, stalls) that three guests competing for the CPU would stretch.
+fn one_guest_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static GUEST: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    GUEST
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -247,6 +257,7 @@ export-name = "{EXPORT}"
     // The guest: attach, mkfs, mount, churn, write the known file, umount,
     // detach. Its console carries the results.
     let console_file = dir.join("console.log");
+    let _guest = one_guest_at_a_time();
     let started = Instant::now();
     let vm = Command::new("bash")
         .arg(repo_root().join("scripts/kernel-vm.sh"))
@@ -391,6 +402,7 @@ fn live_splice_with_device_mapper() {
     }
     let tool = |name: &str| run(Command::new("sh").args(["-c", &format!("command -v {name}")]));
     let console_file = dir.join("console.log");
+    let _guest = one_guest_at_a_time();
     let started = Instant::now();
     let vm = Command::new("bash")
         .arg(repo_root().join("scripts/kernel-vm.sh"))
@@ -497,6 +509,7 @@ fn the_tracker_attaches_the_kernel_nbd_client_and_survives_restarts() {
         fs::copy(tidemark_bin(), &bin).expect("copying the tidemark binary");
     }
     let console_file = dir.join("console.log");
+    let _guest = one_guest_at_a_time();
     let started = Instant::now();
     let vm = Command::new("bash")
         .arg(repo_root().join("scripts/kernel-vm.sh"))
