@@ -101,9 +101,12 @@ pub struct TrackerConfig {
     /// it sits in the block I/O path. Default: `false`.
     pub mlockall: bool,
 
-    /// Largest single request announced to the NBD client; larger writes are
-    /// split by the kernel. A power of two from 4KiB to 32MiB.
-    /// Default: `"32MiB"`.
+    /// Largest single request announced to the NBD client; larger requests
+    /// are refused. Clients that read the announcement (qemu, libnbd,
+    /// nbdfuse) split larger writes, and `tracker serve --attach` limits the
+    /// kernel device to it; the kernel NBD client attached by `nbd-client`
+    /// ignores it and sends up to 32MiB, so keep the default there.
+    /// A power of two from 4KiB to 32MiB. Default: `"32MiB"`.
     pub max_block_size: ByteSize,
 
     /// The protected disks, one `[[tracker.disk]]` table each. At least one
