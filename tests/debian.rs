@@ -5,22 +5,10 @@
 //! debootstrap from the machine's own Debian mirror, and
 //! `scripts/package.sh`.
 
-use crate::tidemark;
+use crate::{run, tidemark};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-/// Runs `cmd`, asserts success, returns stdout and stderr together.
-pub fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
-    text
-}
 
 /// Whether the tests run as root (debootstrap, chroot and dpkg need it).
 pub fn is_root() -> bool {

@@ -5,7 +5,7 @@
 pub mod debian;
 pub mod replication;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
@@ -66,6 +66,43 @@ pub fn require_tool(tool: &str, test: &str) -> bool {
         eprintln!("SKIP {test}: `{tool}` is not installed (the README's test command installs it)");
     }
     found
+}
+
+/// Whether the Debian guest kernel of the VM tests is cached or can be
+/// fetched (`scripts/kernel-vm.sh kernel`). Like [`require_tool`]: a skip
+/// with a message, but a failure under CI.
+pub fn require_kernel(test: &str) -> bool {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the workspace")
+        .join("scripts/kernel-vm.sh");
+    let out = Command::new("bash")
+        .arg(script)
+        .arg("kernel")
+        .output()
+        .expect("running scripts/kernel-vm.sh kernel");
+    if out.status.success() {
+        return true;
+    }
+    let why = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test}: the guest kernel cannot be had under CI:\n{why}"
+    );
+    eprintln!("SKIP {test}: the guest kernel cannot be had (scripts/kernel-vm.sh kernel):\n{why}");
+    false
+}
+
+/// Runs `cmd`, asserts success, returns stdout and stderr together.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
+    text
 }
 
 /// A `tidemark tracker serve` process protecting one image, for tests.

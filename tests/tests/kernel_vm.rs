@@ -30,7 +30,7 @@ use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use tidemark_e2e::{require_tool, tidemark, tidemark_bin};
+use tidemark_e2e::{require_kernel, require_tool, run, tidemark, tidemark_bin};
 
 const TEST: &str = "ext4_on_the_kernel_nbd_client";
 /// Size of the protected disk.
@@ -58,35 +58,52 @@ fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
-    text
+/// The `tidemark` binary for a guest, in `dir`: the guest holds it in RAM,
+/// and without its debug info it is a tenth of the size, so the initramfs
+/// builds and unpacks faster.
+fn guest_binary(dir: &Path) -> PathBuf {
+    let bin = dir.join("tidemark");
+    let stripped = Command::new("objcopy")
+        .arg("--strip-debug")
+        .arg(tidemark_bin())
+        .arg(&bin)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !stripped {
+        fs::copy(tidemark_bin(), &bin).expect("copying the tidemark binary");
+    }
+    bin
 }
 
-/// Whether the guest kernel is cached or can be fetched. Like
-/// `require_tool`: a skip with a message, but a failure under CI.
-fn require_kernel() -> bool {
-    let out = Command::new("bash")
+/// Runs `scripts/vm-scenarios/SCENARIO` in a guest (`scripts/kernel-vm.sh
+/// run SCENARIO ARGS... --console dir/console.log`), one guest at a time;
+/// asserts it passed and returns its console.
+fn run_guest(test: &str, dir: &Path, scenario: &str, args: &[std::ffi::OsString]) -> String {
+    let console_file = dir.join("console.log");
+    let _guest = one_guest_at_a_time();
+    let started = Instant::now();
+    let vm = Command::new("bash")
         .arg(repo_root().join("scripts/kernel-vm.sh"))
-        .arg("kernel")
+        .arg("run")
+        .arg(repo_root().join("scripts/vm-scenarios").join(scenario))
+        .args(args)
+        .arg("--console")
+        .arg(&console_file)
         .output()
-        .expect("running scripts/kernel-vm.sh kernel");
-    if out.status.success() {
-        return true;
-    }
-    let why = String::from_utf8_lossy(&out.stderr);
+        .expect("running scripts/kernel-vm.sh run");
+    let vm_secs = started.elapsed().as_secs_f64();
     assert!(
-        std::env::var_os("CI").is_none(),
-        "{TEST}: the guest kernel cannot be had under CI:\n{why}"
+        vm.status.success(),
+        "the guest scenario failed:\n{}{}",
+        String::from_utf8_lossy(&vm.stdout),
+        String::from_utf8_lossy(&vm.stderr)
     );
-    eprintln!("SKIP {TEST}: the guest kernel cannot be had (scripts/kernel-vm.sh kernel):\n{why}");
-    false
+    let console = String::from_utf8_lossy(&fs::read(&console_file).unwrap()).into_owned();
+    eprintln!("{test}: the guest ran for {vm_secs:.1} s (initramfs, boot, scenario)");
+    for line in console.lines().filter(|l| l.starts_with("TIDEMARK-VM-")) {
+        eprintln!("{test}: guest: {}", line.trim_end());
+    }
+    console
 }
 
 /// A port on 127.0.0.1 that was free a moment ago.
@@ -219,7 +236,7 @@ fn ext4_on_the_kernel_nbd_client() {
             return;
         }
     }
-    if !require_kernel() {
+    if !require_kernel(TEST) {
         return;
     }
 
@@ -256,32 +273,19 @@ export-name = "{EXPORT}"
 
     // The guest: attach, mkfs, mount, churn, write the known file, umount,
     // detach. Its console carries the results.
-    let console_file = dir.join("console.log");
-    let _guest = one_guest_at_a_time();
-    let started = Instant::now();
-    let vm = Command::new("bash")
-        .arg(repo_root().join("scripts/kernel-vm.sh"))
-        .arg("run")
-        .arg(repo_root().join("scripts/vm-scenarios/nbd-ext4.sh"))
-        .args(["--env", &format!("NBD_PORT={port}")])
-        .args(["--env", &format!("NBD_EXPORT={EXPORT}")])
-        .args(["--timeout", &VM_TIMEOUT_SECS.to_string()])
-        .arg("--console")
-        .arg(&console_file)
-        .output()
-        .expect("running scripts/kernel-vm.sh run");
-    let vm_secs = started.elapsed().as_secs_f64();
-    assert!(
-        vm.status.success(),
-        "the guest scenario failed:\n{}{}",
-        String::from_utf8_lossy(&vm.stdout),
-        String::from_utf8_lossy(&vm.stderr)
+    let console = run_guest(
+        TEST,
+        dir,
+        "nbd-ext4.sh",
+        &[
+            "--env".into(),
+            format!("NBD_PORT={port}").into(),
+            "--env".into(),
+            format!("NBD_EXPORT={EXPORT}").into(),
+            "--timeout".into(),
+            VM_TIMEOUT_SECS.to_string().into(),
+        ],
     );
-    let console = String::from_utf8_lossy(&fs::read(&console_file).unwrap()).into_owned();
-    eprintln!("{TEST}: the guest ran for {vm_secs:.1} s (initramfs, boot, scenario)");
-    for line in console.lines().filter(|l| l.starts_with("TIDEMARK-VM-")) {
-        eprintln!("{TEST}: guest: {}", line.trim_end());
-    }
 
     assert!(
         tracker.stop(),
@@ -383,52 +387,27 @@ fn live_splice_with_device_mapper() {
             return;
         }
     }
-    if !require_kernel() {
+    if !require_kernel(TEST) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    // The guest holds the binary in RAM: without its debug info it is a
-    // tenth of the size, and the initramfs builds and unpacks faster.
-    let bin = dir.join("tidemark");
-    let stripped = Command::new("objcopy")
-        .arg("--strip-debug")
-        .arg(tidemark_bin())
-        .arg(&bin)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !stripped {
-        fs::copy(tidemark_bin(), &bin).expect("copying the tidemark binary");
-    }
     let tool = |name: &str| run(Command::new("sh").args(["-c", &format!("command -v {name}")]));
-    let console_file = dir.join("console.log");
-    let _guest = one_guest_at_a_time();
-    let started = Instant::now();
-    let vm = Command::new("bash")
-        .arg(repo_root().join("scripts/kernel-vm.sh"))
-        .arg("run")
-        .arg(repo_root().join("scripts/vm-scenarios/dm-splice.sh"))
-        .arg("--bin")
-        .arg(&bin)
-        .args(["--bin", tool("losetup").trim()])
-        .args(["--bin", tool("fsfreeze").trim()])
-        .args(["--timeout", "240"])
-        .arg("--console")
-        .arg(&console_file)
-        .output()
-        .expect("running scripts/kernel-vm.sh run");
-    let vm_secs = started.elapsed().as_secs_f64();
-    assert!(
-        vm.status.success(),
-        "the guest scenario failed:\n{}{}",
-        String::from_utf8_lossy(&vm.stdout),
-        String::from_utf8_lossy(&vm.stderr)
+    let console = run_guest(
+        TEST,
+        dir,
+        "dm-splice.sh",
+        &[
+            "--bin".into(),
+            guest_binary(dir).into(),
+            "--bin".into(),
+            tool("losetup").trim().into(),
+            "--bin".into(),
+            tool("fsfreeze").trim().into(),
+            "--timeout".into(),
+            "240".into(),
+        ],
     );
-    let console = String::from_utf8_lossy(&fs::read(&console_file).unwrap()).into_owned();
-    eprintln!("{TEST}: the guest ran for {vm_secs:.1} s (initramfs, boot, scenario)");
-    for line in console.lines().filter(|l| l.starts_with("TIDEMARK-VM-")) {
-        eprintln!("{TEST}: guest: {}", line.trim_end());
-    }
 
     let number = |tag: &str, key: &str| -> f64 {
         let fields = console_fields(&console, tag);
@@ -491,50 +470,28 @@ fn the_tracker_attaches_the_kernel_nbd_client_and_survives_restarts() {
             return;
         }
     }
-    if !require_kernel() {
-        eprintln!("SKIP {NETLINK_TEST}: no guest kernel (see above)");
+    if !require_kernel(NETLINK_TEST) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    // A binary without debug info builds and unpacks the initramfs faster.
-    let bin = dir.join("tidemark");
-    let stripped = Command::new("objcopy")
-        .arg("--strip-debug")
-        .arg(tidemark_bin())
-        .arg(&bin)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !stripped {
-        fs::copy(tidemark_bin(), &bin).expect("copying the tidemark binary");
-    }
-    let console_file = dir.join("console.log");
-    let _guest = one_guest_at_a_time();
-    let started = Instant::now();
-    let vm = Command::new("bash")
-        .arg(repo_root().join("scripts/kernel-vm.sh"))
-        .arg("run")
-        .arg(repo_root().join("scripts/vm-scenarios/nbd-netlink.sh"))
-        .arg("--bin")
-        .arg(&bin)
-        .args(["--env", "IO_TIMEOUT=3s", "--env", "WRITE_SECS=3"])
-        .args(["--env", "STALL_SECS=6"])
-        .args(["--timeout", "240", "--console"])
-        .arg(&console_file)
-        .output()
-        .expect("running scripts/kernel-vm.sh run");
-    let vm_secs = started.elapsed().as_secs_f64();
-    assert!(
-        vm.status.success(),
-        "the guest scenario failed:\n{}{}",
-        String::from_utf8_lossy(&vm.stdout),
-        String::from_utf8_lossy(&vm.stderr)
+    let console = run_guest(
+        NETLINK_TEST,
+        dir,
+        "nbd-netlink.sh",
+        &[
+            "--bin".into(),
+            guest_binary(dir).into(),
+            "--env".into(),
+            "IO_TIMEOUT=3s".into(),
+            "--env".into(),
+            "WRITE_SECS=3".into(),
+            "--env".into(),
+            "STALL_SECS=6".into(),
+            "--timeout".into(),
+            "240".into(),
+        ],
     );
-    let console = String::from_utf8_lossy(&fs::read(&console_file).unwrap()).into_owned();
-    eprintln!("{NETLINK_TEST}: the guest ran for {vm_secs:.1} s (initramfs, boot, scenario)");
-    for line in console.lines().filter(|l| l.starts_with("TIDEMARK-VM-")) {
-        eprintln!("{NETLINK_TEST}: guest: {}", line.trim_end());
-    }
     let result = console_fields(&console, "TIDEMARK-VM-RESULT ");
     let number = |key: &str| -> u64 {
         result[key]

@@ -17,7 +17,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 use tidemark_e2e::debian::{bookworm_root, build_packages, is_root, workspace};
-use tidemark_e2e::require_tool;
+use tidemark_e2e::{require_kernel, require_tool};
 
 const TEST: &str = "the_operator_guide_runs_on_debian_with_systemd";
 
@@ -94,25 +94,6 @@ fn guide_lines() -> Vec<String> {
     lines
 }
 
-/// Whether the guest kernel can be had (scripts/kernel-vm.sh fetches and
-/// caches it).
-fn require_kernel() -> bool {
-    let out = Command::new(workspace().join("scripts/kernel-vm.sh"))
-        .arg("kernel")
-        .output()
-        .expect("running scripts/kernel-vm.sh kernel");
-    if out.status.success() {
-        return true;
-    }
-    let why = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{TEST}: the guest kernel cannot be had under CI:\n{why}"
-    );
-    eprintln!("SKIP {TEST}: the guest kernel cannot be had (scripts/kernel-vm.sh kernel):\n{why}");
-    false
-}
-
 /// Puts the packages, the guide's scenario and the unit that runs it at
 /// boot into the guest's root.
 fn prepare_guest(root: &Path, debs: &[std::path::PathBuf]) {
@@ -171,7 +152,7 @@ fn the_operator_guide_runs_on_debian_with_systemd() {
             return;
         }
     }
-    if !require_kernel() {
+    if !require_kernel(TEST) {
         return;
     }
 

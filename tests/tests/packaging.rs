@@ -8,8 +8,8 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use tidemark_e2e::debian::{bookworm_root, build_packages, is_root, run, workspace};
-use tidemark_e2e::{require_tool, tidemark, tidemark_bin};
+use tidemark_e2e::debian::{bookworm_root, build_packages, is_root, workspace};
+use tidemark_e2e::{require_tool, run, tidemark, tidemark_bin};
 
 const UNITS: [&str; 3] = [
     "tidemark-tracker.service",

@@ -14,20 +14,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tidemark_changelog::replay::{apply, ImageFile, ReplaySummary};
 use tidemark_changelog::{FsDir, Kind, LogReader};
-use tidemark_e2e::{require_tool, tidemark, TrackerProcess};
+use tidemark_e2e::{require_tool, run, tidemark, TrackerProcess};
 
 const SIZE: u64 = 256 << 20;
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
-    text
-}
 
 /// nbdfuse + loop + mount, torn down in reverse order on drop.
 struct Mounted {
