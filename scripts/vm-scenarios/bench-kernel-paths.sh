@@ -1,0 +1,187 @@
+#!/bin/sh
+# Guest side of the kernel-path benchmark (busybox sh, run by the VM's
+# /init; the host side is scripts/bench-kernel-paths.sh): write performance
+# of the same disk through
+#   dm-linear  a plain device-mapper linear map over the disk;
+#   nbd        the tracker serving the disk (`tidemark tracker serve
+#              --attach`, as in nbd-netlink.sh), /dev/nbdN over netlink,
+#              every write going through the tracker and into its log.
+# ublk is not measured: Tidemark has no ublk server yet.
+#
+# The disk is a loop device (4 KiB sectors, like the NBD device) over a
+# file on the guest's tmpfs, filled once so that no path pays for tmpfs
+# page allocation. The tracker's log is on the same tmpfs; every workload
+# gets a fresh tracker and an empty log.
+#
+# Workloads (fio, libaio, O_DIRECT, one job), each run on every path:
+#   randwrite-4k  4 KiB random writes, IODEPTH in flight (default 16)
+#   seqwrite-1m   1 MiB sequential writes, SEQ_IODEPTH in flight (default 1)
+# each for RUNTIME seconds (default 8); on nbd a run also stops once it has
+# written IO_CAP_MB (default 288): the cap keeps the tracker's log inside
+# the guest's tmpfs (half of its 1 GiB; an overflowing log would switch the
+# tracker to its bitmap mode and measure something else). fio computes IOPS
+# and bandwidth over the time it actually ran, so a capped run is still a
+# fair figure (runtime-ms in the result line says how long it was).
+#
+# Under TCG every figure is slow; only the ratios between paths mean much.
+#
+# Environment (from `scripts/kernel-vm.sh run ... --env`), all optional:
+#   DISK_MB      size of the disk (default 96)
+#   RUNTIME      seconds per run (default 8)
+#   IO_CAP_MB    most bytes a run on nbd writes (default 288)
+#   IODEPTH      in flight for randwrite-4k (default 16)
+#   SEQ_IODEPTH  in flight for seqwrite-1m (default 1: dd-like O_DIRECT
+#                streaming)
+#   BIN_NOTE     the tidemark build used, echoed for the record
+# Needs in the guest: tidemark, fio, util-linux losetup (`--bin` them).
+#
+# Console lines for the host:
+#   TIDEMARK-VM-INFO bench result path=P workload=W iops=N mbps=X runtime-ms=T written-mb=M
+#   TIDEMARK-VM-INFO bench ratio workload=W nbd/dm-linear iops=R mbps=R
+#   TIDEMARK-VM-INFO ...                 other facts (devices, log sizes)
+#   TIDEMARK-VM-PASS | TIDEMARK-VM-FAIL: reason
+
+DISK_MB=${DISK_MB:-96}
+RUNTIME=${RUNTIME:-8}
+IO_CAP_MB=${IO_CAP_MB:-288}
+IODEPTH=${IODEPTH:-16}
+SEQ_IODEPTH=${SEQ_IODEPTH:-1}
+dir=/tmp/bench
+map=bench
+tracker=""
+
+info() { echo "TIDEMARK-VM-INFO $*"; }
+
+fail() {
+    echo "TIDEMARK-VM-FAIL: $*"
+    for f in "$dir"/tracker*.err "$dir"/fio*.err; do
+        [ -s "$f" ] && tail -n 20 "$f" | sed "s|^|TIDEMARK-VM-INFO $(basename "$f"): |"
+    done
+    dmesg | tail -n 20 | sed 's/^/TIDEMARK-VM-INFO dmesg: /'
+    [ -n "$tracker" ] && kill -9 "$tracker" 2>/dev/null
+    exit 1
+}
+
+# Runs one fio workload on device $2 for path $1; prints the result line
+# and keeps "iops mbps" in $dir/$1.$3.
+n=0
+run_fio() {
+    path=$1 dev=$2 workload=$3
+    n=$((n + 1))
+    case $workload in
+        randwrite-4k) args="--rw=randwrite --bs=4k --iodepth=$IODEPTH --randrepeat=0 --norandommap" ;;
+        seqwrite-1m) args="--rw=write --bs=1M --iodepth=$SEQ_IODEPTH" ;;
+        *) fail "unknown workload $workload" ;;
+    esac
+    # dm-linear writes no log: it runs the whole RUNTIME, over the disk
+    # again and again.
+    case $path in
+        nbd) limit="--io_size=${IO_CAP_MB}M" ;;
+        *) limit="--time_based" ;;
+    esac
+    # shellcheck disable=SC2086
+    fio --name="$path-$workload" --filename="$dev" $args --ioengine=libaio --direct=1 \
+        --size="${DISK_MB}M" $limit --runtime="$RUNTIME" \
+        --numjobs=1 --minimal > "$dir/fio$n.out" 2> "$dir/fio$n.err" ||
+        fail "fio $workload on $path ($dev) failed"
+    # Terse v3: field 5 error, 47 write KiB, 48 write KiB/s, 49 write IOPS,
+    # 50 write runtime ms.
+    line=$(grep ';' "$dir/fio$n.out" | tail -n 1)
+    err=$(echo "$line" | cut -d';' -f5)
+    [ "$err" = 0 ] || fail "fio $workload on $path: error $err"
+    set -- $(echo "$line" | awk -F';' '{ printf "%d %.1f %d %.0f\n", $49, $48 / 1024, $50, $47 / 1024 }')
+    info "bench result path=$path workload=$workload iops=$1 mbps=$2 runtime-ms=$3 written-mb=$4"
+    echo "$1 $2" > "$dir/$path.$workload"
+}
+
+# Starts a tracker with a fresh log over the disk and waits until it has
+# attached a device; sets $tracker and $nbd.
+t=0
+start_tracker() {
+    t=$((t + 1))
+    rm -rf "$dir/log"
+    cat > "$dir/tracker.toml" <<EOF
+[tracker]
+log-dir = "$dir/log"
+socket = "$dir/nbd.sock"
+control-socket = "$dir/tracker.ctl"
+metrics-listen = "127.0.0.1:0"
+log-size-limit = "$((IO_CAP_MB + 64))MiB"
+segment-size = "16MiB"
+max-block-size = "4MiB"
+
+[tracker.attach]
+io-timeout = "30s"
+dead-connection-timeout = "60s"
+
+[[tracker.disk]]
+name = "disk"
+path = "$disk"
+EOF
+    tidemark tracker serve --config "$dir/tracker.toml" --attach \
+        > "$dir/tracker$t.out" 2> "$dir/tracker$t.err" &
+    tracker=$!
+    i=0
+    while ! grep -q '^attached ' "$dir/tracker$t.out" 2>/dev/null; do
+        kill -0 "$tracker" 2>/dev/null || fail "tracker $t exited before attaching"
+        i=$((i + 1))
+        [ $i -gt 600 ] && fail "tracker $t did not attach within 30 s"
+        usleep 50000
+    done
+    nbd=$(sed -n 's/^attached \(\/dev\/nbd[0-9]*\).*/\1/p' "$dir/tracker$t.out" | head -n 1)
+    [ -b "$nbd" ] || fail "tracker $t: no device in: $(cat "$dir/tracker$t.out")"
+}
+
+stop_tracker() {
+    info "tracker $t: log after the run $(du -sk "$dir/log" | cut -f1) KiB (limit $((IO_CAP_MB + 64)) MiB)"
+    grep -i -E "overflow|bitmap" "$dir/tracker$t.err" | head -n 3 | sed "s/^/TIDEMARK-VM-INFO tracker $t: /"
+    kill -TERM "$tracker"
+    wait "$tracker"
+    rc=$?
+    [ $rc -eq 0 ] || fail "tracker $t exited with status $rc on SIGTERM"
+    tracker=""
+}
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
+
+mkdir -p "$dir" || fail "mkdir $dir"
+command -v fio > /dev/null || fail "no fio in the guest"
+info "bench setup: kernel $(uname -r), $(grep -c ^processor /proc/cpuinfo) vCPUs, disk ${DISK_MB} MiB loop on tmpfs," \
+    "runtime ${RUNTIME} s per run (nbd: at most ${IO_CAP_MB} MiB), randwrite iodepth ${IODEPTH}, seqwrite iodepth ${SEQ_IODEPTH}," \
+    "fio $(fio --version), tidemark build: ${BIN_NOTE:-unknown}"
+info "bench ublk: not measured (Tidemark has no ublk server)"
+# Filled, not sparse: every path then overwrites allocated tmpfs pages.
+dd if=/dev/zero of="$dir/disk.raw" bs=1M count="$DISK_MB" 2>/dev/null || fail "filling the disk file"
+disk=$(/usr/local/bin/losetup -b 4096 -f --show "$dir/disk.raw") || fail "losetup"
+sectors=$(blockdev --getsz "$disk")
+
+# (a) dm-linear over the disk.
+echo "0 $sectors linear $disk 0" | dmsetup create "$map" || fail "dmsetup create linear"
+for w in randwrite-4k seqwrite-1m; do
+    run_fio dm-linear "/dev/mapper/$map" "$w"
+done
+dmsetup remove "$map" || fail "dmsetup remove"
+
+# (b) the tracker as /dev/nbdN over netlink, a fresh tracker and log each.
+for w in randwrite-4k seqwrite-1m; do
+    start_tracker
+    if [ "$w" = randwrite-4k ]; then
+        q=/sys/block/${nbd#/dev/}/queue
+        info "bench nbd: $nbd logical_block_size=$(cat $q/logical_block_size)" \
+            "max_sectors_kb=$(cat $q/max_sectors_kb) nr_requests=$(cat $q/nr_requests)" \
+            "write_cache=\"$(cat $q/write_cache)\" scheduler=\"$(cat $q/scheduler)\""
+    fi
+    run_fio nbd "$nbd" "$w"
+    stop_tracker
+done
+
+io_errors=$(dmesg | grep -c -i "I/O error")
+[ "$io_errors" -eq 0 ] || fail "the kernel logged $io_errors I/O errors"
+
+for w in randwrite-4k seqwrite-1m; do
+    read -r di dm < "$dir/dm-linear.$w"
+    read -r ni nm < "$dir/nbd.$w"
+    info "bench ratio workload=$w nbd/dm-linear iops=$(ratio "$ni" "$di") mbps=$(ratio "$nm" "$dm")"
+done
+/usr/local/bin/losetup -d "$disk"
+echo "TIDEMARK-VM-PASS"
