@@ -25,7 +25,7 @@ if ! command -v qemu-io >/dev/null; then
 fi
 echo "==> building"
 cargo build --quiet -p tidemark --bin tidemark
-bin=$PWD/target/debug/tidemark
+bin=$(realpath "${CARGO_TARGET_DIR:-target}")/debug/tidemark
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/tidemark-demo.XXXXXX")
 pids=()
