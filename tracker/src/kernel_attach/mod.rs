@@ -72,16 +72,13 @@ use netlink::{ConnectRequest, NbdFamily, ReconfigureRequest};
 /// The block size the device gets: a page, what filesystems use anyway.
 pub const BLOCK_SIZE: u64 = 4096;
 
-/// The transmission flags the kernel's client understands; the others the
-/// server may offer (DF, cache, fast zero, resize) are left out.
-const KERNEL_FLAGS: TransmissionFlags = TransmissionFlags::HAS_FLAGS
-    .union(TransmissionFlags::READ_ONLY)
-    .union(TransmissionFlags::SEND_FLUSH)
-    .union(TransmissionFlags::SEND_FUA)
-    .union(TransmissionFlags::ROTATIONAL)
-    .union(TransmissionFlags::SEND_TRIM)
-    .union(TransmissionFlags::SEND_WRITE_ZEROES)
-    .union(TransmissionFlags::CAN_MULTI_CONN);
+/// The transmission flags the kernel's client understands: what the server
+/// offers any client, less DF, cache and fast zero.
+const KERNEL_FLAGS: TransmissionFlags = crate::nbd::handshake::OFFERABLE_FLAGS.difference(
+    TransmissionFlags::SEND_DF
+        .union(TransmissionFlags::SEND_CACHE)
+        .union(TransmissionFlags::SEND_FAST_ZERO),
+);
 
 /// How long a new tracker keeps trying to hand a kept device its socket
 /// while the kernel has not yet seen the old one close.

@@ -102,7 +102,7 @@ const SERVER_FLAGS: HandshakeFlags =
 
 /// Transmission flags the tracker can honour; other bits from the catalog
 /// are dropped before a client sees them.
-const OFFERABLE_FLAGS: TransmissionFlags = TransmissionFlags::HAS_FLAGS
+pub(crate) const OFFERABLE_FLAGS: TransmissionFlags = TransmissionFlags::HAS_FLAGS
     .union(TransmissionFlags::READ_ONLY)
     .union(TransmissionFlags::SEND_FLUSH)
     .union(TransmissionFlags::SEND_FUA)

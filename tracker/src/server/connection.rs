@@ -200,13 +200,42 @@ pub(crate) fn session_without_handshake(
 /// client was told the export's size and flags out of band), to close.
 pub(crate) fn run_negotiated(
     id: u64,
-    mut stream: Stream,
+    stream: Stream,
     session: Negotiated,
     disk: u32,
     backend: Arc<dyn Backend>,
     shared: Arc<Shared>,
 ) {
     tracing::debug!(conn = id, export = %session.export.name, "transmission without handshake");
+    serve(id, stream, session, disk, backend, shared);
+}
+
+/// Serves one connection from handshake to close.
+pub(crate) fn run(id: u64, mut stream: Stream, backend: Arc<dyn Backend>, shared: Arc<Shared>) {
+    match handshake(&mut stream, &*backend, &shared.options) {
+        Ok((session, disk)) => {
+            tracing::debug!(
+                conn = id,
+                export = %session.export.name,
+                structured_replies = session.structured_replies,
+                block_status = session.base_allocation.is_some(),
+                "transmission"
+            );
+            serve(id, stream, session, disk, backend, shared);
+        }
+        Err(end) => finish(id, &stream, end, &shared),
+    }
+}
+
+/// The transmission phase of a negotiated connection, then its close.
+fn serve(
+    id: u64,
+    mut stream: Stream,
+    session: Negotiated,
+    disk: u32,
+    backend: Arc<dyn Backend>,
+    shared: Arc<Shared>,
+) {
     let end = transmission(
         id,
         stream.try_clone(),
@@ -216,32 +245,6 @@ pub(crate) fn run_negotiated(
         backend,
         &shared,
     );
-    finish(id, &stream, end, &shared);
-}
-
-/// Serves one connection from handshake to close.
-pub(crate) fn run(id: u64, mut stream: Stream, backend: Arc<dyn Backend>, shared: Arc<Shared>) {
-    let end = match handshake(&mut stream, &*backend, &shared.options) {
-        Ok((session, disk)) => {
-            tracing::debug!(
-                conn = id,
-                export = %session.export.name,
-                structured_replies = session.structured_replies,
-                block_status = session.base_allocation.is_some(),
-                "transmission"
-            );
-            transmission(
-                id,
-                stream.try_clone(),
-                &mut stream,
-                session,
-                disk,
-                backend,
-                &shared,
-            )
-        }
-        Err(end) => end,
-    };
     finish(id, &stream, end, &shared);
 }
 
