@@ -8,10 +8,21 @@ use tidemark_e2e::tidemark;
 
 const TEST: &str = "attach_without_the_nbd_module_says_so";
 
-/// Runs `tidemark` with `args`, killed after 60 s; (success, stderr).
-fn run_bounded(args: &[&std::ffi::OsStr]) -> (bool, String) {
+/// Runs `tidemark tracker serve` on a fresh 1 MiB image with `flag`,
+/// killed after 60 s; (success, stderr).
+fn serve_with(flag: &str) -> (bool, String) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let image = dir.join("disk.img");
+    fs::File::create(&image).unwrap().set_len(1 << 20).unwrap();
     let mut child = tidemark()
-        .args(args)
+        .args(["tracker", "serve", "--image"])
+        .arg(&image)
+        .arg("--socket")
+        .arg(dir.join("nbd.sock"))
+        .arg("--log-dir")
+        .arg(dir.join("log"))
+        .arg(flag)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -31,7 +42,7 @@ fn run_bounded(args: &[&std::ffi::OsStr]) -> (bool, String) {
         }
         if started.elapsed() > Duration::from_secs(60) {
             let _ = child.kill();
-            panic!("tidemark {args:?} did not exit within 60 s");
+            panic!("tidemark tracker serve {flag} did not exit within 60 s");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -45,22 +56,7 @@ fn attach_without_the_nbd_module_says_so() {
         eprintln!("SKIP {TEST}: this kernel has the nbd driver; kernel_vm.rs attaches for real");
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let image = dir.join("disk.img");
-    fs::File::create(&image).unwrap().set_len(1 << 20).unwrap();
-    let (socket, log) = (dir.join("nbd.sock"), dir.join("log"));
-    let (ok, stderr) = run_bounded(&[
-        "tracker".as_ref(),
-        "serve".as_ref(),
-        "--image".as_ref(),
-        image.as_os_str(),
-        "--socket".as_ref(),
-        socket.as_os_str(),
-        "--log-dir".as_ref(),
-        log.as_os_str(),
-        "--attach".as_ref(),
-    ]);
+    let (ok, stderr) = serve_with("--attach");
     assert!(!ok, "attaching without the nbd driver succeeded:\n{stderr}");
     assert!(
         stderr.contains("no \"nbd\" generic netlink family") && stderr.contains("modprobe nbd"),
@@ -71,22 +67,7 @@ fn attach_without_the_nbd_module_says_so() {
 
 #[test]
 fn keep_device_needs_attach() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let image = dir.join("disk.img");
-    fs::File::create(&image).unwrap().set_len(1 << 20).unwrap();
-    let (socket, log) = (dir.join("nbd.sock"), dir.join("log"));
-    let (ok, stderr) = run_bounded(&[
-        "tracker".as_ref(),
-        "serve".as_ref(),
-        "--image".as_ref(),
-        image.as_os_str(),
-        "--socket".as_ref(),
-        socket.as_os_str(),
-        "--log-dir".as_ref(),
-        log.as_os_str(),
-        "--keep-device".as_ref(),
-    ]);
+    let (ok, stderr) = serve_with("--keep-device");
     assert!(!ok);
     assert!(
         stderr.contains("--keep-device needs --attach or a [tracker.attach] table"),
