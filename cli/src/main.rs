@@ -13,6 +13,7 @@ mod status_cmd;
 mod test_failover_cmd;
 mod timefmt;
 mod tracker_cmd;
+mod ublk_cmd;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use std::process::ExitCode;
@@ -91,6 +92,10 @@ enum Command {
     Splice(protect_cmd::SpliceCommand),
     /// Remove /dev/mapper/tidemark-NAME (when spliced out and unmounted).
     Unprotect(protect_cmd::UnprotectArgs),
+    /// ublk devices on this host: list them, remove one no tracker will
+    /// take over.
+    #[command(subcommand)]
+    Ublk(ublk_cmd::UblkCommand),
     /// Write the man pages and shell completions (for packaging).
     #[command(hide = true)]
     GenerateDocs(docs_cmd::GenerateDocsArgs),
@@ -124,6 +129,7 @@ fn main() -> ExitCode {
         Command::Protect(a) => protect_cmd::protect(a),
         Command::Splice(cmd) => protect_cmd::run(cmd),
         Command::Unprotect(a) => protect_cmd::unprotect(a),
+        Command::Ublk(cmd) => ublk_cmd::run(cmd),
         Command::GenerateDocs(a) => docs_cmd::run(a, Cli::command()),
     };
     match result {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tidemark_changelog::LogOptions;
 use tidemark_config::ByteSize;
-use tidemark_tracker::daemon::{DiskSpec, KernelAttachSettings, TrackerSettings};
+use tidemark_tracker::daemon::{DiskSpec, KernelAttachSettings, TrackerSettings, UblkSettings};
 use tidemark_tracker::quiesce::Quiesce;
 use tidemark_tracker::storage::{BackingOptions, EngineKind};
 
@@ -82,8 +82,13 @@ pub(crate) struct ServeArgs {
     /// the nbd module.
     #[arg(long)]
     attach: bool,
-    /// On SIGTERM leave the attached device configured for the next
-    /// tracker to re-adopt, instead of disconnecting it.
+    /// Serve the first disk (or the config's `[tracker.ublk]` export) to
+    /// the kernel as /dev/ublkbN through ublk; a device kept by a previous
+    /// tracker is taken over. Needs root and the ublk_drv module.
+    #[arg(long)]
+    ublk: bool,
+    /// On SIGTERM leave the attached (or ublk) device for the next tracker
+    /// to re-adopt, instead of disconnecting (removing) it.
     #[arg(long)]
     keep_device: bool,
 }
@@ -217,6 +222,12 @@ fn settings_from_config(path: &Path) -> Result<TrackerSettings> {
             dead_connection_timeout: a.dead_connection_timeout.get(),
             keep_device: a.keep_device,
         }),
+        ublk: t.ublk.as_ref().map(|u| UblkSettings {
+            export: u.export.clone(),
+            dev_id: u.id,
+            queue_depth: u.queue_depth,
+            keep_device: u.keep_device,
+        }),
     })
 }
 
@@ -279,6 +290,7 @@ fn settings_from_flags(a: &ServeArgs) -> Result<TrackerSettings> {
         metrics_listen: None,
         resync_all: false,
         attach: None,
+        ublk: None,
     })
 }
 
@@ -301,10 +313,27 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
             keep_device: false,
         });
     }
+    if a.ublk && settings.ublk.is_none() {
+        let defaults = tidemark_config::UblkConfig::default();
+        settings.ublk = Some(UblkSettings {
+            export: None,
+            dev_id: None,
+            queue_depth: defaults.queue_depth,
+            keep_device: false,
+        });
+    }
+    if a.ublk && a.attach && settings.attach.as_ref().is_some_and(|t| t.export.is_none()) {
+        bail!("--attach and --ublk would both serve the first disk: give one, or name different exports in the config");
+    }
     if a.keep_device {
-        match settings.attach.as_mut() {
-            Some(attach) => attach.keep_device = true,
-            None => bail!("--keep-device needs --attach or a [tracker.attach] table"),
+        if settings.attach.is_none() && settings.ublk.is_none() {
+            bail!("--keep-device needs --attach, --ublk, or a [tracker.attach] or [tracker.ublk] table");
+        }
+        if let Some(attach) = settings.attach.as_mut() {
+            attach.keep_device = true;
+        }
+        if let Some(ublk) = settings.ublk.as_mut() {
+            ublk.keep_device = true;
         }
     }
     let socket = settings.socket.clone();
@@ -312,7 +341,7 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
         Some(path) => scheduled_marks(path, settings.control_socket.clone())?,
         None => None,
     };
-    tidemark_tracker::daemon::run(settings, |report, metrics, attached| {
+    tidemark_tracker::daemon::run(settings, |report, metrics, frontends| {
         // One line on stdout when ready, for scripts and tests.
         println!(
             "tracker ready on {} (generation {}, {})",
@@ -332,7 +361,19 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
         if let Some(addr) = metrics {
             let _ = writeln!(std::io::stdout(), "metrics on http://{addr}/metrics");
         }
-        if let Some(device) = attached {
+        if let Some(device) = frontends.ublk {
+            let _ = writeln!(
+                std::io::stdout(),
+                "ublk {} ({})",
+                device.device().display(),
+                if device.recovered() {
+                    "took over a kept device"
+                } else {
+                    "new device"
+                }
+            );
+        }
+        if let Some(device) = frontends.attached {
             let _ = writeln!(
                 std::io::stdout(),
                 "attached {} ({})",

@@ -126,6 +126,50 @@ pub struct TrackerConfig {
     /// (so does `tidemark tracker serve --attach`). Default: not set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attach: Option<AttachConfig>,
+
+    /// Serve one of the disks to the kernel as `/dev/ublkbN` through ublk,
+    /// the `[tracker.ublk]` table (so does `tidemark tracker serve
+    /// --ublk`). Needs the ublk_drv module (Linux 6.0+). Default: not set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ublk: Option<UblkConfig>,
+}
+
+/// The ublk device the tracker serves, the `[tracker.ublk]` table.
+///
+/// The device is made with user recovery where the kernel has it: a
+/// tracker that stops with `keep-device` (or dies) leaves it quiesced,
+/// holding I/O, and the next tracker takes it over without an I/O error.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "kebab-case",
+    default,
+    expecting = "a [tracker.ublk] table"
+)]
+pub struct UblkConfig {
+    /// The disk to serve, by its NBD export name. Default: the first
+    /// `[[tracker.disk]]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub export: Option<String>,
+    /// Use exactly `/dev/ublkb<id>`. Default: the kernel's choice.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<u32>,
+    /// Requests in flight, 1 to 4096. Default: `64`.
+    pub queue_depth: u16,
+    /// On SIGTERM leave the device, quiesced, for the next tracker to
+    /// take over, instead of removing it. Default: `false`.
+    pub keep_device: bool,
+}
+
+impl Default for UblkConfig {
+    fn default() -> Self {
+        Self {
+            export: None,
+            id: None,
+            queue_depth: 64,
+            keep_device: false,
+        }
+    }
 }
 
 /// The kernel NBD device the tracker attaches itself, the
@@ -244,6 +288,7 @@ impl Default for TrackerConfig {
             disks: Vec::new(),
             app_consistent: AppConsistentConfig::default(),
             attach: None,
+            ublk: None,
         }
     }
 }
@@ -316,6 +361,7 @@ impl TrackerConfig {
         }
         self.validate_disks(&at)?;
         self.validate_attach(&at)?;
+        self.validate_ublk(&at)?;
         rules::check_path(&self.log_dir).map_err(|m| invalid("log-dir", m))?;
 
         if self.segment_size < MIN_SEGMENT_SIZE {
@@ -383,6 +429,46 @@ impl TrackerConfig {
                         "{tcp} is not a loopback address; NBD has no authentication, so \
                          serving it to the network needs `allow-remote-nbd = true`"
                     ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_ublk(&self, at: &FieldPath) -> Result<(), ConfigError> {
+        let Some(ublk) = &self.ublk else {
+            return Ok(());
+        };
+        let here = at.key("ublk");
+        let first = || {
+            self.disks
+                .first()
+                .map(|d| d.effective_export_name().to_owned())
+        };
+        let served = ublk.export.clone().or_else(first);
+        if let Some(export) = &ublk.export {
+            if !self
+                .disks
+                .iter()
+                .any(|d| d.effective_export_name() == export)
+            {
+                return Err(ConfigError::invalid(
+                    here.key("export"),
+                    format!("export {export:?} is not the export name of any [[tracker.disk]]"),
+                ));
+            }
+        }
+        if !(1..=4096).contains(&ublk.queue_depth) {
+            return Err(ConfigError::invalid(
+                here.key("queue-depth"),
+                "queue-depth must be from 1 to 4096 (the kernel's limit)",
+            ));
+        }
+        if let Some(attach) = &self.attach {
+            if attach.export.clone().or_else(first) == served {
+                return Err(ConfigError::invalid(
+                    here.key("export"),
+                    "[tracker.attach] already gives this disk to the kernel as /dev/nbdN: one kernel device per disk",
                 ));
             }
         }

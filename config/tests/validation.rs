@@ -368,6 +368,44 @@ fn tracker_attach_names_a_disk_and_whole_second_timeouts() {
     accepts(&format!("[tracker]\n[tracker.attach]\n{disk}"));
 }
 
+#[test]
+fn tracker_ublk_names_a_disk_a_sane_depth_and_not_the_attached_one() {
+    let disks = "[[tracker.disk]]\nname = \"a\"\npath = \"/dev/a\"\n\
+                 [[tracker.disk]]\nname = \"b\"\npath = \"/dev/b\"\n";
+    rejects(
+        &format!("[tracker]\n[tracker.ublk]\nexport = \"c\"\n{disks}"),
+        3,
+        "tracker.ublk.export",
+        "not the export name of any [[tracker.disk]]",
+    );
+    rejects(
+        &format!("[tracker]\n[tracker.ublk]\nqueue-depth = 0\n{disks}"),
+        3,
+        "tracker.ublk.queue-depth",
+        "from 1 to 4096",
+    );
+    rejects(
+        &format!("[tracker]\n[tracker.ublk]\nqueue-depth = 4097\n{disks}"),
+        3,
+        "tracker.ublk.queue-depth",
+        "from 1 to 4096",
+    );
+    // Both default to the first disk: one kernel device per disk.
+    rejects(
+        &format!("[tracker]\n[tracker.attach]\n[tracker.ublk]\n{disks}"),
+        3,
+        "tracker.ublk.export",
+        "one kernel device per disk",
+    );
+    accepts(&format!(
+        "[tracker]\n[tracker.attach]\n[tracker.ublk]\nexport = \"b\"\n{disks}"
+    ));
+    accepts(&format!(
+        "[tracker]\n[tracker.ublk]\nexport = \"a\"\nid = 2\nqueue-depth = 128\nkeep-device = true\n{disks}"
+    ));
+    accepts(&format!("[tracker]\n[tracker.ublk]\n{disks}"));
+}
+
 // ----------------------------------------------------------------- shipper
 
 /// A `[shipper]` table with its required keys (lines 2-3) and `rest` from

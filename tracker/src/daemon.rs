@@ -9,6 +9,7 @@ use crate::group::{Group, GroupDisk, GroupOptions, OpenReport};
 use crate::kernel_attach::{backend_identifier, AttachError, AttachOptions, KernelAttachment};
 use crate::server::{Server, ServerOptions};
 use crate::storage::{open_backing, BackingOptions};
+use crate::ublk::{UblkDevice, UblkOptions};
 use nix::sys::signal::{SigSet, Signal};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -60,6 +61,22 @@ pub struct TrackerSettings {
     /// Attach the kernel's NBD client to one of the disks (see
     /// [`crate::kernel_attach`]). `None`: clients connect themselves.
     pub attach: Option<KernelAttachSettings>,
+    /// Serve one of the disks to the kernel through ublk (see
+    /// [`crate::ublk`]). `None`: no ublk device.
+    pub ublk: Option<UblkSettings>,
+}
+
+/// How the tracker serves a disk as `/dev/ublkbN`.
+#[derive(Debug, Clone)]
+pub struct UblkSettings {
+    /// The disk, by export name; `None`: the first disk.
+    pub export: Option<String>,
+    /// `Some(n)`: exactly `/dev/ublkbN`; `None`: the driver's choice.
+    pub dev_id: Option<u32>,
+    /// Requests in flight.
+    pub queue_depth: u16,
+    /// On SIGTERM leave the device, quiesced, for the next tracker.
+    pub keep_device: bool,
 }
 
 /// How the tracker attaches `/dev/nbdN` itself.
@@ -110,6 +127,9 @@ pub enum DaemonError {
     /// The kernel's NBD client could not be attached.
     #[error("attaching the kernel NBD device")]
     Attach(#[source] crate::kernel_attach::AttachError),
+    /// The ublk device could not be set up.
+    #[error("serving the disk through ublk")]
+    Ublk(#[source] crate::ublk::UblkError),
     /// The final barrier or the clean-stop record failed.
     #[error("clean stop failed: {0}")]
     Stop(String),
@@ -318,7 +338,7 @@ fn pending_records(next_seq: u64, cursor: u64) -> u64 {
 /// kernel device the tracker attached, if asked to.
 pub fn run(
     settings: TrackerSettings,
-    ready: impl FnOnce(&OpenReport, Option<std::net::SocketAddr>, Option<&KernelAttachment>),
+    ready: impl FnOnce(&OpenReport, Option<std::net::SocketAddr>, Frontends<'_>),
 ) -> Result<(), DaemonError> {
     // Block the stop signals before any thread starts, so every thread
     // inherits the mask and only the wait below receives them.
@@ -442,11 +462,18 @@ pub fn run(
         Some(attach) => Some(attach_kernel(&settings, attach, &handle)?),
         None => None,
     };
+    let ublk = match &settings.ublk {
+        Some(ublk) => Some(start_ublk(&settings, ublk, &group)?),
+        None => None,
+    };
     tracing::info!(socket = %settings.socket.display(), "serving");
     ready(
         &report,
         metrics.as_ref().map(MetricsThread::local_addr),
-        attachment.as_ref(),
+        Frontends {
+            attached: attachment.as_ref(),
+            ublk: ublk.as_ref(),
+        },
     );
 
     let signal = signals.wait().map_err(DaemonError::Signals)?;
@@ -464,6 +491,13 @@ pub fn run(
             tracing::warn!(error = %error, "detaching the kernel NBD device failed");
         }
     }
+    if let Some(ublk) = ublk {
+        let keep = settings.ublk.as_ref().is_some_and(|u| u.keep_device);
+        let outcome = if keep { ublk.keep() } else { ublk.remove() };
+        if let Err(error) = outcome {
+            tracing::warn!(error = %error, "stopping the ublk device failed");
+        }
+    }
     handle.shutdown();
     if let Some(tcp) = tcp_handle {
         tcp.shutdown();
@@ -474,6 +508,44 @@ pub fn run(
     group.close_clean().map_err(DaemonError::Stop)?;
     tracing::info!("stopped cleanly: final barrier written");
     Ok(())
+}
+
+/// The kernel devices the tracker serves, for the `ready` callback.
+#[derive(Clone, Copy)]
+pub struct Frontends<'a> {
+    /// The `/dev/nbdN` the tracker attached, if asked to.
+    pub attached: Option<&'a KernelAttachment>,
+    /// The `/dev/ublkbN` it serves, if asked to.
+    pub ublk: Option<&'a UblkDevice>,
+}
+
+/// Creates (or takes over) the ublk device for `ublk`.
+fn start_ublk(
+    settings: &TrackerSettings,
+    ublk: &UblkSettings,
+    group: &Arc<Group>,
+) -> Result<UblkDevice, DaemonError> {
+    let index = match &ublk.export {
+        Some(export) => settings
+            .disks
+            .iter()
+            .position(|d| &d.name == export)
+            .ok_or_else(|| DaemonError::Attach(AttachError::NoSuchExport(export.clone())))?,
+        None => 0,
+    };
+    let name = &settings.disks[index].name;
+    let size = group.disk_sizes()[index];
+    let options = UblkOptions {
+        identity: backend_identifier(&settings.group, name),
+        disk: index as u32,
+        size,
+        dev_id: ublk.dev_id,
+        queue_depth: ublk.queue_depth,
+        // As many backend calls at once as the NBD server makes.
+        workers: ServerOptions::default().workers,
+    };
+    let backend: Arc<dyn Backend> = group.clone();
+    UblkDevice::start(backend, &options).map_err(DaemonError::Ublk)
 }
 
 /// Attaches (or re-adopts) the kernel device for `attach`.

@@ -18,3 +18,4 @@ pub mod server;
 pub mod splice;
 pub mod state;
 pub mod storage;
+pub mod ublk;

@@ -1,0 +1,215 @@
+#!/bin/sh
+# Guest side of the ublk scenario (busybox sh, run by the VM's /init): the
+# tracker serves its disk to the kernel as /dev/ublkbN through ublk
+# (`tidemark tracker serve --ublk`, the same group and log as over NBD).
+# An ext4 on it is made, churned and takes a stream of fsynced writes while
+# the tracker is killed (SIGKILL) and, later, stopped with --keep-device
+# (SIGTERM); each time a new tracker takes the quiesced device over (ublk
+# user recovery). No write may fail and the kernel may log no I/O error.
+# Then: e2fsck, a plain SIGTERM removes the device, the log verifies, holds
+# barriers (the kernel's FLUSH and FUA), and replays onto a blank image to
+# the very bytes of the backing image.
+#
+# Environment (from `scripts/kernel-vm.sh run ... --env`), all optional:
+#   DISK_MB         size of the protected disk (default 64)
+#   WRITE_SECS      seconds of writing around each restart (default 3)
+#
+# Console lines for the host:
+#   TIDEMARK-VM-INFO ...                 measurements (restart gaps)
+#   TIDEMARK-VM-RESULT key=value ...     the figures the host test checks
+#   TIDEMARK-VM-PASS | TIDEMARK-VM-FAIL: reason
+
+DISK_MB=${DISK_MB:-64}
+WRITE_SECS=${WRITE_SECS:-3}
+dir=/tmp/tm
+mnt=/mnt
+tracker=""
+writer=""
+
+fail() {
+    echo "TIDEMARK-VM-FAIL: $*"
+    for f in "$dir"/tracker*.err; do
+        [ -f "$f" ] && sed "s|^|TIDEMARK-VM-INFO $(basename "$f"): |" "$f" | tail -n 20
+    done
+    dmesg | grep -i -E "ublk|I/O error" | tail -n 20 | sed 's/^/TIDEMARK-VM-INFO dmesg: /'
+    [ -n "$writer" ] && touch "$dir/stop"
+    [ -n "$tracker" ] && kill -9 "$tracker" 2>/dev/null
+    exit 1
+}
+
+now_ms() {
+    read -r up _ < /proc/uptime
+    echo $(( ${up%.*} * 1000 + 1${up#*.} * 10 - 1000 ))
+}
+
+# Starts a tracker (extra flags in $@), waits until it serves the ublk
+# device; sets $tracker, $ublk_line and $dev.
+n=0
+start_tracker() {
+    n=$((n + 1))
+    tidemark tracker serve --config "$dir/tracker.toml" --ublk "$@" \
+        > "$dir/tracker$n.out" 2> "$dir/tracker$n.err" &
+    tracker=$!
+    i=0
+    while ! grep -q '^ublk ' "$dir/tracker$n.out" 2>/dev/null; do
+        kill -0 "$tracker" 2>/dev/null || fail "tracker $n exited before serving ublk"
+        i=$((i + 1))
+        [ $i -gt 600 ] && fail "tracker $n did not serve ublk within 30 s"
+        usleep 50000
+    done
+    ublk_line=$(grep '^ublk ' "$dir/tracker$n.out")
+    dev=$(echo "$ublk_line" | cut -d' ' -f2)
+}
+
+[ -e /dev/ublk-control ] || fail "no /dev/ublk-control: the ublk_drv module is not loaded"
+mkdir -p "$dir" || fail "mkdir $dir"
+truncate -s "${DISK_MB}M" "$dir/disk.img" || fail "truncate"
+cat > "$dir/tracker.toml" <<EOF
+[tracker]
+log-dir = "$dir/log"
+socket = "$dir/nbd.sock"
+control-socket = "$dir/tracker.ctl"
+metrics-listen = "127.0.0.1:0"
+log-size-limit = "384MiB"
+segment-size = "64MiB"
+
+[[tracker.disk]]
+name = "disk"
+path = "$dir/disk.img"
+EOF
+
+t0=$(now_ms)
+start_tracker
+echo "TIDEMARK-VM-INFO first start: $ublk_line in $(( $(now_ms) - t0 )) ms"
+case $ublk_line in "ublk /dev/ublkb"*" (new device)") ;; *) fail "unexpected: $ublk_line" ;; esac
+[ -b "$dev" ] || fail "$dev is not a block device"
+name=${dev#/dev/}
+q=/sys/block/$name/queue
+echo "TIDEMARK-VM-INFO $name size=$(($(cat /sys/block/$name/size) * 512))" \
+    "logical_block_size=$(cat $q/logical_block_size)" \
+    "max_sectors_kb=$(cat $q/max_sectors_kb) max_hw_sectors_kb=$(cat $q/max_hw_sectors_kb)" \
+    "write_cache=\"$(cat $q/write_cache)\" fua=$(cat $q/fua)" \
+    "discard_max_bytes=$(cat $q/discard_max_bytes)"
+[ "$(($(cat /sys/block/$name/size) * 512))" = "$((DISK_MB << 20))" ] || fail "$dev has the wrong size"
+[ "$(cat $q/logical_block_size)" = 4096 ] || fail "block size is not 4096"
+[ "$(cat $q/fua)" = 1 ] || fail "$dev does not take FUA writes"
+tidemark ublk list | sed 's/^/TIDEMARK-VM-INFO ublk list: /'
+
+mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$dev" || fail "mkfs.ext4 failed"
+mount -t ext4 "$dev" "$mnt" || fail "mount failed"
+# Churn: files made, overwritten, renamed, removed.
+for i in 1 2 3 4 5 6 7 8; do
+    dd if=/dev/urandom of="$mnt/c$i" bs=64k count=$((i * 2)) 2>/dev/null || fail "churn write"
+done
+mv "$mnt/c3" "$mnt/c3.moved" && rm "$mnt/c5" && sync || fail "churn"
+sha256sum "$mnt"/c* > "$dir/churn.sums"
+
+rm -f "$dir/stop" "$dir/writer.result"
+(
+    ok=0 errors=0 longest=0 i=0
+    while [ ! -e "$dir/stop" ]; do
+        s=$(now_ms)
+        if dd if=/dev/urandom of="$mnt/w$((i % 16))" bs=64k count=4 conv=fsync 2>>"$dir/dd.err"; then
+            ok=$((ok + 1))
+        else
+            errors=$((errors + 1))
+        fi
+        took=$(( $(now_ms) - s ))
+        [ $took -gt $longest ] && longest=$took
+        i=$((i + 1))
+        echo "$ok" > "$dir/writer.ok"
+    done
+    echo "ok=$ok errors=$errors longest-write-ms=$longest" > "$dir/writer.result"
+) &
+writer=$!
+
+writes() { cat "$dir/writer.ok" 2>/dev/null || echo 0; }
+
+keep_writing() {
+    sleep "$WRITE_SECS"
+    i=0
+    while [ "$(writes)" -le "$1" ]; do
+        i=$((i + 1))
+        [ $i -gt 600 ] && fail "the writer made no progress for 60 s (at $(writes) writes)"
+        usleep 100000
+    done
+}
+
+keep_writing 0
+
+# 1. The tracker dies mid-write; a new one takes the device over.
+before=$(writes)
+t_kill=$(now_ms)
+kill -9 "$tracker"
+wait "$tracker" 2>/dev/null
+start_tracker --keep-device
+gap_kill=$(( $(now_ms) - t_kill ))
+echo "TIDEMARK-VM-INFO restart after SIGKILL: $ublk_line, gap $gap_kill ms (at $before writes)"
+case $ublk_line in *"took over"*) ;; *) fail "after SIGKILL: $ublk_line" ;; esac
+keep_writing "$before"
+
+# 2. A clean stop that keeps the device, and a new tracker again.
+before=$(writes)
+t_term=$(now_ms)
+kill -TERM "$tracker"
+wait "$tracker"
+rc=$?
+[ $rc -eq 0 ] || fail "the tracker with --keep-device exited with status $rc on SIGTERM"
+[ -b "$dev" ] || fail "$dev was not kept on SIGTERM with --keep-device"
+start_tracker
+gap_term=$(( $(now_ms) - t_term ))
+echo "TIDEMARK-VM-INFO restart after SIGTERM --keep-device: $ublk_line, gap $gap_term ms (at $before writes)"
+case $ublk_line in *"took over"*) ;; *) fail "after SIGTERM --keep-device: $ublk_line" ;; esac
+keep_writing "$before"
+
+touch "$dir/stop"
+wait "$writer"
+writer=""
+result=$(cat "$dir/writer.result")
+echo "TIDEMARK-VM-INFO writer $result"
+sha256sum -c "$dir/churn.sums" > /dev/null || fail "churned files changed"
+sync
+umount "$mnt" || fail "umount failed"
+e2fsck -fn "$dev" > "$dir/fsck.out" 2>&1 || {
+    sed 's/^/TIDEMARK-VM-INFO fsck: /' "$dir/fsck.out"
+    fail "e2fsck -fn $dev found problems"
+}
+
+# 3. A plain SIGTERM removes the device.
+kill -TERM "$tracker"
+wait "$tracker"
+rc=$?
+[ $rc -eq 0 ] || fail "the last tracker exited with status $rc on SIGTERM"
+tracker=""
+i=0
+while [ -e "/sys/block/$name" ]; do
+    i=$((i + 1))
+    [ $i -gt 50 ] && fail "$dev still exists after a plain SIGTERM"
+    usleep 100000
+done
+
+io_errors=$(dmesg | grep -c -i "I/O error")
+echo "TIDEMARK-VM-INFO kernel: $io_errors I/O errors; ublk messages:"
+dmesg | grep -i "ublk" | sed 's/^/TIDEMARK-VM-INFO dmesg: /'
+[ "$io_errors" -eq 0 ] || fail "the kernel logged $io_errors I/O errors"
+case $result in *" errors=0 "*) ;; *) fail "writes failed: $result" ;; esac
+
+# 4. The log verifies, holds the barriers, replays to the served image.
+tidemark log check "$dir/log" > "$dir/check.out" 2>&1 || {
+    sed 's/^/TIDEMARK-VM-INFO log check: /' "$dir/check.out"
+    fail "tidemark log check failed"
+}
+echo "TIDEMARK-VM-INFO log check: $(tail -n 1 "$dir/check.out")"
+barriers=$(tidemark log dump "$dir/log" | grep -c -i "barrier")
+[ "$barriers" -gt 0 ] || fail "no barrier in the log"
+rm -f "$dir/replayed.img"
+truncate -s "${DISK_MB}M" "$dir/replayed.img"
+tidemark log replay "$dir/log" --onto "$dir/replayed.img" > "$dir/replay.out" 2>&1 || {
+    sed 's/^/TIDEMARK-VM-INFO log replay: /' "$dir/replay.out"
+    fail "tidemark log replay failed"
+}
+echo "TIDEMARK-VM-INFO log replay: $(tail -n 1 "$dir/replay.out")"
+cmp "$dir/disk.img" "$dir/replayed.img" || fail "the replayed log differs from the image"
+
+echo "TIDEMARK-VM-RESULT restart-gap-kill-ms=$gap_kill restart-gap-term-ms=$gap_term io-errors=$io_errors barriers=$barriers $result"
+echo "TIDEMARK-VM-PASS"

@@ -1,0 +1,172 @@
+//! The control device, `/dev/ublk-control`: device commands as io_uring
+//! `URING_CMD`s on 128-byte SQEs, one at a time.
+//!
+//! Commands block in the kernel (START_DEV and END_USER_RECOVERY wait for
+//! every queue to fetch), so each one is issued from the thread that needs
+//! its answer while the queue threads run on their own.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+
+use super::sys::{self, CtrlCmd, DevInfo, Params};
+
+/// An open control device.
+pub struct Control {
+    file: File,
+    ring: IoUring<squeue::Entry128, cqueue::Entry>,
+}
+
+impl Control {
+    /// Opens `/dev/ublk-control`.
+    pub fn open() -> std::io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(sys::CONTROL_DEVICE)?;
+        let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder().build(4)?;
+        Ok(Self { file, ring })
+    }
+
+    /// Issues one command and waits for its result (>= 0, or the error).
+    fn command(&mut self, op: u32, cmd: CtrlCmd) -> std::io::Result<i32> {
+        let entry = opcode::UringCmd80::new(types::Fd(self.file.as_raw_fd()), op)
+            .cmd(cmd.encode())
+            .build()
+            .user_data(u64::from(op));
+        // SAFETY: the command's buffer (`cmd.addr`, if any) is borrowed by
+        // the caller for the whole call, and the call waits for the
+        // command's completion before returning.
+        unsafe {
+            self.ring
+                .submission()
+                .push(&entry)
+                .map_err(|_| std::io::Error::other("control ring full"))?;
+        }
+        loop {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => return Err(e),
+            }
+            if let Some(cqe) = self.ring.completion().next() {
+                let res = cqe.result();
+                return if res < 0 {
+                    Err(std::io::Error::from_raw_os_error(-res))
+                } else {
+                    Ok(res)
+                };
+            }
+        }
+    }
+
+    /// The driver's feature flags (`sys::flags::*`).
+    pub fn features(&mut self) -> std::io::Result<u64> {
+        let mut out = [0u8; 8];
+        self.command(
+            sys::cmd::GET_FEATURES,
+            CtrlCmd {
+                dev_id: u32::MAX,
+                queue_id: u16::MAX,
+                len: 8,
+                addr: out.as_mut_ptr() as u64,
+                data: 0,
+            },
+        )?;
+        Ok(u64::from_le_bytes(out))
+    }
+
+    /// Creates a device; `info.dev_id` `u32::MAX` lets the driver choose.
+    /// Returns what the driver made of it (its id, the flags it granted).
+    pub fn add(&mut self, info: &DevInfo) -> std::io::Result<DevInfo> {
+        let mut buf = info.encode();
+        self.command(
+            sys::cmd::ADD_DEV,
+            CtrlCmd {
+                dev_id: info.dev_id,
+                queue_id: u16::MAX,
+                len: sys::DEV_INFO_LEN as u16,
+                addr: buf.as_mut_ptr() as u64,
+                data: 0,
+            },
+        )?;
+        Ok(DevInfo::decode(&buf))
+    }
+
+    /// The device's information; `NotFound` when there is no such device.
+    pub fn info(&mut self, dev_id: u32) -> std::io::Result<DevInfo> {
+        let mut buf = [0u8; sys::DEV_INFO_LEN];
+        self.command(
+            sys::cmd::GET_DEV_INFO,
+            device_cmd(dev_id, buf.len(), buf.as_mut_ptr() as u64),
+        )?;
+        Ok(DevInfo::decode(&buf))
+    }
+
+    /// Sets the device's parameters (before it is started).
+    pub fn set_params(&mut self, dev_id: u32, params: &Params) -> std::io::Result<()> {
+        let buf = params.encode();
+        self.command(
+            sys::cmd::SET_PARAMS,
+            device_cmd(dev_id, buf.len(), buf.as_ptr() as u64),
+        )?;
+        Ok(())
+    }
+
+    /// The device's size in bytes, from its parameters.
+    pub fn size(&mut self, dev_id: u32) -> std::io::Result<u64> {
+        let mut buf = [0u8; sys::PARAMS_LEN];
+        buf[0..4].copy_from_slice(&(sys::PARAMS_LEN as u32).to_le_bytes());
+        self.command(
+            sys::cmd::GET_PARAMS,
+            device_cmd(dev_id, buf.len(), buf.as_mut_ptr() as u64),
+        )?;
+        Ok(Params::decode_dev_sectors(&buf) << 9)
+    }
+
+    /// Adds the block device; returns once every queue has fetched.
+    pub fn start(&mut self, dev_id: u32, pid: i32) -> std::io::Result<()> {
+        self.with_pid(sys::cmd::START_DEV, dev_id, pid)
+    }
+
+    /// Removes the block device (I/O in flight completes first).
+    pub fn stop(&mut self, dev_id: u32) -> std::io::Result<()> {
+        self.command(sys::cmd::STOP_DEV, device_cmd(dev_id, 0, 0))?;
+        Ok(())
+    }
+
+    /// Removes the device; waits until its char device is closed.
+    pub fn delete(&mut self, dev_id: u32) -> std::io::Result<()> {
+        self.command(sys::cmd::DEL_DEV, device_cmd(dev_id, 0, 0))?;
+        Ok(())
+    }
+
+    /// Prepares a quiesced device for a new server.
+    pub fn start_recovery(&mut self, dev_id: u32) -> std::io::Result<()> {
+        self.command(sys::cmd::START_USER_RECOVERY, device_cmd(dev_id, 0, 0))?;
+        Ok(())
+    }
+
+    /// Resumes I/O once every queue of the new server has fetched.
+    pub fn end_recovery(&mut self, dev_id: u32, pid: i32) -> std::io::Result<()> {
+        self.with_pid(sys::cmd::END_USER_RECOVERY, dev_id, pid)
+    }
+
+    fn with_pid(&mut self, op: u32, dev_id: u32, pid: i32) -> std::io::Result<()> {
+        let mut cmd = device_cmd(dev_id, 0, 0);
+        cmd.data = pid as u64;
+        self.command(op, cmd)?;
+        Ok(())
+    }
+}
+
+fn device_cmd(dev_id: u32, len: usize, addr: u64) -> CtrlCmd {
+    CtrlCmd {
+        dev_id,
+        queue_id: u16::MAX,
+        len: len as u16,
+        addr,
+        data: 0,
+    }
+}
