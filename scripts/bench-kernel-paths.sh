@@ -6,16 +6,17 @@
 #   nbd        the disk behind the tracker, attached as /dev/nbdN over
 #              netlink (`tidemark tracker serve --attach`), logging every
 #              write
-#   ublk       not measured: Tidemark has no ublk server yet
+#   ublk       the same tracker serving the disk as /dev/ublkbN
+#              (`tidemark tracker serve --ublk`)
 # The disk is a loop device over a filled file on the guest's tmpfs.
 # Workloads (fio in the guest, libaio, O_DIRECT): randwrite-4k (4 KiB
 # random writes, IODEPTH 16) and seqwrite-1m (1 MiB sequential writes,
-# SEQ_IODEPTH 1), RUNTIME seconds each (default 8); the nbd runs stop
+# SEQ_IODEPTH 1), RUNTIME seconds each (default 8); the tracker's runs stop
 # early after IO_CAP_MB (288) written, to keep the log in guest memory.
 #
 # The guest runs under TCG (software CPU emulation, sharing the host's
 # cores with whatever else runs): absolute figures are meaningless, the
-# ratios nbd / dm-linear are the result (above 1: nbd is faster).
+# ratios to dm-linear are the result (above 1: faster than dm-linear).
 #
 # Usage: scripts/bench-kernel-paths.sh   (as root, from anywhere)
 # Environment:
@@ -98,10 +99,10 @@ else
 	*) die "PROFILE must be release, debug or dev-o2, not $PROFILE" ;;
 	esac
 fi
-"$work/bin/tidemark" tracker serve --help | grep -q -- '--attach' ||
-	die "this tidemark has no 'tracker serve --attach'"
+"$work/bin/tidemark" tracker serve --help | grep -q -- '--ublk' ||
+	die "this tidemark has no 'tracker serve --ublk'"
 note "tidemark for the guest: $bin_note"
-[ "$bin_note" = release ] || note "NOTE: not a release build ($bin_note): the nbd figures understate a release tracker"
+[ "$bin_note" = release ] || note "NOTE: not a release build ($bin_note): the nbd and ublk figures understate a release tracker"
 
 console=${CONSOLE:-$work/console.log}
 t0=$SECONDS
@@ -130,18 +131,20 @@ awk '
 	}
 	function r(a, b) { return b > 0 ? sprintf("%.2f", a / b) : "n/a" }
 	END {
-		printf "%-13s | %23s | %23s | %-17s\n", "", "dm-linear", "nbd (tracker, netlink)", "nbd / dm-linear"
-		printf "%-13s | %9s %13s | %9s %13s | %7s %9s\n", "workload", "IOPS", "MB/s", "IOPS", "MB/s", "IOPS", "MB/s"
+		printf "%-13s | %19s | %19s | %19s | %-14s | %-14s | %-14s\n", "", "dm-linear", "nbd (netlink)", "ublk", "nbd/dm-linear", "ublk/dm-linear", "ublk/nbd"
+		printf "%-13s | %7s %11s | %7s %11s | %7s %11s | %6s %7s | %6s %7s | %6s %7s\n", "workload", "IOPS", "MB/s", "IOPS", "MB/s", "IOPS", "MB/s", "IOPS", "MB/s", "IOPS", "MB/s", "IOPS", "MB/s"
 		for (i = 1; i <= n; i++) {
-			w = order[i]; d = w SUBSEP "dm-linear"; b = w SUBSEP "nbd"
-			printf "%-13s | %9d %13.1f | %9d %13.1f | %7s %9s\n", w, iops[d], mbps[d], iops[b], mbps[b],
-				r(iops[b], iops[d]), r(mbps[b], mbps[d])
+			w = order[i]; d = w SUBSEP "dm-linear"; b = w SUBSEP "nbd"; u = w SUBSEP "ublk"
+			printf "%-13s | %7d %11.1f | %7d %11.1f | %7d %11.1f | %6s %7s | %6s %7s | %6s %7s\n", w,
+				iops[d], mbps[d], iops[b], mbps[b], iops[u], mbps[u],
+				r(iops[b], iops[d]), r(mbps[b], mbps[d]), r(iops[u], iops[d]), r(mbps[u], mbps[d]),
+				r(iops[u], iops[b]), r(mbps[u], mbps[b])
 		}
 		printf "run lengths: "
 		for (i = 1; i <= n; i++) {
 			w = order[i]
-			printf "%s dm-linear %d ms/%d MB, nbd %d ms/%d MB%s", w, ms[w SUBSEP "dm-linear"], mb[w SUBSEP "dm-linear"],
-				ms[w SUBSEP "nbd"], mb[w SUBSEP "nbd"], i < n ? "; " : "\n"
+			printf "%s dm-linear %d ms/%d MB, nbd %d ms/%d MB, ublk %d ms/%d MB%s", w,
+				ms[w SUBSEP "dm-linear"], mb[w SUBSEP "dm-linear"], ms[w SUBSEP "nbd"], mb[w SUBSEP "nbd"],
+				ms[w SUBSEP "ublk"], mb[w SUBSEP "ublk"], i < n ? "; " : "\n"
 		}
-		print "ublk: not measured (Tidemark has no ublk server)"
 	}' "$work/vm.out"

@@ -5,8 +5,9 @@
 #   dm-linear  a plain device-mapper linear map over the disk;
 #   nbd        the tracker serving the disk (`tidemark tracker serve
 #              --attach`, as in nbd-netlink.sh), /dev/nbdN over netlink,
-#              every write going through the tracker and into its log.
-# ublk is not measured: Tidemark has no ublk server yet.
+#              every write going through the tracker and into its log;
+#   ublk       the same tracker serving the disk as /dev/ublkbN
+#              (`tidemark tracker serve --ublk`, as in ublk-ext4.sh).
 #
 # The disk is a loop device (4 KiB sectors, like the NBD device) over a
 # file on the guest's tmpfs, filled once so that no path pays for tmpfs
@@ -16,7 +17,7 @@
 # Workloads (fio, libaio, O_DIRECT, one job), each run on every path:
 #   randwrite-4k  4 KiB random writes, IODEPTH in flight (default 16)
 #   seqwrite-1m   1 MiB sequential writes, SEQ_IODEPTH in flight (default 1)
-# each for RUNTIME seconds (default 8); on nbd a run also stops once it has
+# each for RUNTIME seconds (default 8); through the tracker a run also stops once it has
 # written IO_CAP_MB (default 288): the cap keeps the tracker's log inside
 # the guest's tmpfs (half of its 1 GiB; an overflowing log would switch the
 # tracker to its bitmap mode and measure something else). fio computes IOPS
@@ -28,7 +29,7 @@
 # Environment (from `scripts/kernel-vm.sh run ... --env`), all optional:
 #   DISK_MB      size of the disk (default 96)
 #   RUNTIME      seconds per run (default 8)
-#   IO_CAP_MB    most bytes a run on nbd writes (default 288)
+#   IO_CAP_MB    most bytes a run through the tracker writes (default 288)
 #   IODEPTH      in flight for randwrite-4k (default 16)
 #   SEQ_IODEPTH  in flight for seqwrite-1m (default 1: dd-like O_DIRECT
 #                streaming)
@@ -37,7 +38,7 @@
 #
 # Console lines for the host:
 #   TIDEMARK-VM-INFO bench result path=P workload=W iops=N mbps=X runtime-ms=T written-mb=M
-#   TIDEMARK-VM-INFO bench ratio workload=W nbd/dm-linear iops=R mbps=R
+#   TIDEMARK-VM-INFO bench ratio workload=W P/dm-linear iops=R mbps=R
 #   TIDEMARK-VM-INFO ...                 other facts (devices, log sizes)
 #   TIDEMARK-VM-PASS | TIDEMARK-VM-FAIL: reason
 
@@ -76,8 +77,8 @@ run_fio() {
     # dm-linear writes no log: it runs the whole RUNTIME, over the disk
     # again and again.
     case $path in
-        nbd) limit="--io_size=${IO_CAP_MB}M" ;;
-        *) limit="--time_based" ;;
+        dm-linear) limit="--time_based" ;;
+        *) limit="--io_size=${IO_CAP_MB}M" ;;
     esac
     # shellcheck disable=SC2086
     fio --name="$path-$workload" --filename="$dev" $args --ioengine=libaio --direct=1 \
@@ -94,10 +95,12 @@ run_fio() {
     echo "$1 $2" > "$dir/$path.$workload"
 }
 
-# Starts a tracker with a fresh log over the disk and waits until it has
-# attached a device; sets $tracker and $nbd.
+# Starts a tracker with a fresh log over the disk, serving it through $1
+# (nbd: --attach, ublk: --ublk), and waits until the kernel device is
+# there; sets $tracker and $kdev.
 t=0
 start_tracker() {
+    frontend=$1
     t=$((t + 1))
     rm -rf "$dir/log"
     cat > "$dir/tracker.toml" <<EOF
@@ -118,18 +121,22 @@ dead-connection-timeout = "60s"
 name = "disk"
 path = "$disk"
 EOF
-    tidemark tracker serve --config "$dir/tracker.toml" --attach \
+    case $frontend in
+        nbd) flag=--attach ready='^attached ' ;;
+        ublk) flag=--ublk ready='^ublk ' ;;
+    esac
+    tidemark tracker serve --config "$dir/tracker.toml" $flag \
         > "$dir/tracker$t.out" 2> "$dir/tracker$t.err" &
     tracker=$!
     i=0
-    while ! grep -q '^attached ' "$dir/tracker$t.out" 2>/dev/null; do
-        kill -0 "$tracker" 2>/dev/null || fail "tracker $t exited before attaching"
+    while ! grep -q "$ready" "$dir/tracker$t.out" 2>/dev/null; do
+        kill -0 "$tracker" 2>/dev/null || fail "tracker $t exited before serving $frontend"
         i=$((i + 1))
-        [ $i -gt 600 ] && fail "tracker $t did not attach within 30 s"
+        [ $i -gt 600 ] && fail "tracker $t did not serve $frontend within 30 s"
         usleep 50000
     done
-    nbd=$(sed -n 's/^attached \(\/dev\/nbd[0-9]*\).*/\1/p' "$dir/tracker$t.out" | head -n 1)
-    [ -b "$nbd" ] || fail "tracker $t: no device in: $(cat "$dir/tracker$t.out")"
+    kdev=$(grep "$ready" "$dir/tracker$t.out" | head -n 1 | cut -d' ' -f2)
+    [ -b "$kdev" ] || fail "tracker $t: no device in: $(cat "$dir/tracker$t.out")"
 }
 
 stop_tracker() {
@@ -149,7 +156,6 @@ command -v fio > /dev/null || fail "no fio in the guest"
 info "bench setup: kernel $(uname -r), $(grep -c ^processor /proc/cpuinfo) vCPUs, disk ${DISK_MB} MiB loop on tmpfs," \
     "runtime ${RUNTIME} s per run (nbd: at most ${IO_CAP_MB} MiB), randwrite iodepth ${IODEPTH}, seqwrite iodepth ${SEQ_IODEPTH}," \
     "fio $(fio --version), tidemark build: ${BIN_NOTE:-unknown}"
-info "bench ublk: not measured (Tidemark has no ublk server)"
 # Filled, not sparse: every path then overwrites allocated tmpfs pages.
 dd if=/dev/zero of="$dir/disk.raw" bs=1M count="$DISK_MB" 2>/dev/null || fail "filling the disk file"
 disk=$(/usr/local/bin/losetup -b 4096 -f --show "$dir/disk.raw") || fail "losetup"
@@ -162,17 +168,20 @@ for w in randwrite-4k seqwrite-1m; do
 done
 dmsetup remove "$map" || fail "dmsetup remove"
 
-# (b) the tracker as /dev/nbdN over netlink, a fresh tracker and log each.
-for w in randwrite-4k seqwrite-1m; do
-    start_tracker
-    if [ "$w" = randwrite-4k ]; then
-        q=/sys/block/${nbd#/dev/}/queue
-        info "bench nbd: $nbd logical_block_size=$(cat $q/logical_block_size)" \
-            "max_sectors_kb=$(cat $q/max_sectors_kb) nr_requests=$(cat $q/nr_requests)" \
-            "write_cache=\"$(cat $q/write_cache)\" scheduler=\"$(cat $q/scheduler)\""
-    fi
-    run_fio nbd "$nbd" "$w"
-    stop_tracker
+# (b) the tracker as /dev/nbdN over netlink, (c) as /dev/ublkbN; a fresh
+# tracker and log each.
+for path in nbd ublk; do
+    for w in randwrite-4k seqwrite-1m; do
+        start_tracker "$path"
+        if [ "$w" = randwrite-4k ]; then
+            q=/sys/block/${kdev#/dev/}/queue
+            info "bench $path: $kdev logical_block_size=$(cat $q/logical_block_size)" \
+                "max_sectors_kb=$(cat $q/max_sectors_kb) nr_requests=$(cat $q/nr_requests)" \
+                "write_cache=\"$(cat $q/write_cache)\" scheduler=\"$(cat $q/scheduler)\""
+        fi
+        run_fio "$path" "$kdev" "$w"
+        stop_tracker
+    done
 done
 
 io_errors=$(dmesg | grep -c -i "I/O error")
@@ -181,7 +190,10 @@ io_errors=$(dmesg | grep -c -i "I/O error")
 for w in randwrite-4k seqwrite-1m; do
     read -r di dm < "$dir/dm-linear.$w"
     read -r ni nm < "$dir/nbd.$w"
+    read -r ui um < "$dir/ublk.$w"
     info "bench ratio workload=$w nbd/dm-linear iops=$(ratio "$ni" "$di") mbps=$(ratio "$nm" "$dm")"
+    info "bench ratio workload=$w ublk/dm-linear iops=$(ratio "$ui" "$di") mbps=$(ratio "$um" "$dm")"
+    info "bench ratio workload=$w ublk/nbd iops=$(ratio "$ui" "$ni") mbps=$(ratio "$um" "$nm")"
 done
 /usr/local/bin/losetup -d "$disk"
 echo "TIDEMARK-VM-PASS"

@@ -4,7 +4,8 @@
 # (`tidemark tracker serve --ublk`, the same group and log as over NBD).
 # An ext4 on it is made, churned and takes a stream of fsynced writes while
 # the tracker is killed (SIGKILL) and, later, stopped with --keep-device
-# (SIGTERM); each time a new tracker takes the quiesced device over (ublk
+# (SIGTERM), and stopped plainly while mounted (the device is in use, so it
+# is kept); each time a new tracker takes the quiesced device over (ublk
 # user recovery). No write may fail and the kernel may log no I/O error.
 # Then: e2fsck, a plain SIGTERM removes the device, the log verifies, holds
 # barriers (the kernel's FLUSH and FUA), and replays onto a blank image to
@@ -162,6 +163,22 @@ echo "TIDEMARK-VM-INFO restart after SIGTERM --keep-device: $ublk_line, gap $gap
 case $ublk_line in *"took over"*) ;; *) fail "after SIGTERM --keep-device: $ublk_line" ;; esac
 keep_writing "$before"
 
+# 2b. A plain SIGTERM while the ext4 is mounted: the device is in use, so
+# the tracker keeps it rather than removing it under the filesystem.
+before=$(writes)
+t_busy=$(now_ms)
+kill -TERM "$tracker"
+wait "$tracker"
+rc=$?
+[ $rc -eq 0 ] || fail "the tracker exited with status $rc on SIGTERM with the device mounted"
+[ -b "$dev" ] || fail "$dev was removed on SIGTERM although mounted"
+grep -q "in use" "$dir/tracker$n.err" || fail "the tracker did not say why it kept the mounted device"
+start_tracker
+gap_busy=$(( $(now_ms) - t_busy ))
+echo "TIDEMARK-VM-INFO restart after SIGTERM while mounted: $ublk_line, gap $gap_busy ms (at $before writes)"
+case $ublk_line in *"took over"*) ;; *) fail "after SIGTERM while mounted: $ublk_line" ;; esac
+keep_writing "$before"
+
 touch "$dir/stop"
 wait "$writer"
 writer=""
@@ -211,5 +228,5 @@ tidemark log replay "$dir/log" --onto "$dir/replayed.img" > "$dir/replay.out" 2>
 echo "TIDEMARK-VM-INFO log replay: $(tail -n 1 "$dir/replay.out")"
 cmp "$dir/disk.img" "$dir/replayed.img" || fail "the replayed log differs from the image"
 
-echo "TIDEMARK-VM-RESULT restart-gap-kill-ms=$gap_kill restart-gap-term-ms=$gap_term io-errors=$io_errors barriers=$barriers $result"
+echo "TIDEMARK-VM-RESULT restart-gap-kill-ms=$gap_kill restart-gap-term-ms=$gap_term restart-gap-busy-ms=$gap_busy io-errors=$io_errors barriers=$barriers $result"
 echo "TIDEMARK-VM-PASS"

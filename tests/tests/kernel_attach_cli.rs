@@ -1,6 +1,7 @@
-//! `tidemark tracker serve --attach` where it cannot attach: a clear error
-//! and a non-zero exit, never a panic or a hang. (Attaching itself runs in
-//! a real kernel under qemu: `kernel_vm.rs`.)
+//! `tidemark tracker serve --attach` and `--ublk` where the kernel lacks the
+//! driver: a clear error and a non-zero exit, never a panic or a hang.
+//! (Attaching and ublk themselves run in a real kernel under qemu:
+//! `kernel_vm.rs`.)
 
 use std::fs;
 use std::time::{Duration, Instant};
@@ -70,7 +71,28 @@ fn keep_device_needs_attach() {
     let (ok, stderr) = serve_with("--keep-device");
     assert!(!ok);
     assert!(
-        stderr.contains("--keep-device needs --attach or a [tracker.attach] table"),
+        stderr.contains(
+            "--keep-device needs --attach, --ublk, or a [tracker.attach] or [tracker.ublk] table"
+        ),
         "{stderr}"
     );
+}
+
+#[test]
+fn ublk_without_the_driver_says_so() {
+    const TEST: &str = "ublk_without_the_driver_says_so";
+    if std::path::Path::new("/dev/ublk-control").exists() {
+        eprintln!("SKIP {TEST}: this kernel has ublk; kernel_vm.rs serves through it for real");
+        return;
+    }
+    let (ok, stderr) = serve_with("--ublk");
+    assert!(
+        !ok,
+        "serving through ublk without the driver succeeded:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("the kernel has no ublk") && stderr.contains("modprobe ublk_drv"),
+        "unclear error:\n{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }

@@ -20,6 +20,10 @@
 //! tracker is frozen past the kernel's request timeout, so the kernel drops
 //! the connection and the tracker must hand it a new one by itself.
 //!
+//! And the tracker serving its disk through ublk (`tracker serve --ublk`,
+//! `scripts/vm-scenarios/ublk-ext4.sh`) under an ext4 and a writer, killed
+//! and restarted: the next tracker takes the device over (user recovery).
+//!
 //! Skips (with a message, and never under CI) when qemu or the kernel
 //! cannot be had; `scripts/kernel-vm.sh install` installs the former,
 //! `scripts/kernel-vm.sh kernel` fetches the latter.
@@ -506,4 +510,59 @@ fn the_tracker_attaches_the_kernel_nbd_client_and_survives_restarts() {
     for key in ["restart-gap-kill-ms", "restart-gap-term-ms"] {
         assert!(number(key) < 60_000, "{key} = {}", number(key));
     }
+}
+
+const UBLK_TEST: &str = "ublk_serves_ext4_and_survives_tracker_restarts";
+
+/// The tracker serves its disk as `/dev/ublkbN` in the guest (`tracker
+/// serve --ublk`): an ext4 is made and churned on it, then a writer fsyncs
+/// while the tracker is killed and later stopped with `--keep-device`; each
+/// new tracker takes the quiesced device over (ublk user recovery). See
+/// `scripts/vm-scenarios/ublk-ext4.sh` for what the guest checks (no failed
+/// write, no kernel I/O error, churned files intact, e2fsck, the device
+/// removed on a plain SIGTERM, `log check`, barriers in the log, the log
+/// replays to the image).
+#[test]
+fn ublk_serves_ext4_and_survives_tracker_restarts() {
+    for tool in ["qemu-system-x86_64", "busybox", "mkfs.ext4", "e2fsck"] {
+        if !require_tool(tool, UBLK_TEST) {
+            return;
+        }
+    }
+    if !require_kernel(UBLK_TEST) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let console = run_guest(
+        UBLK_TEST,
+        dir,
+        "ublk-ext4.sh",
+        &[
+            "--bin".into(),
+            guest_binary(dir).into(),
+            "--env".into(),
+            "WRITE_SECS=3".into(),
+            "--timeout".into(),
+            "240".into(),
+        ],
+    );
+    let result = console_fields(&console, "TIDEMARK-VM-RESULT ");
+    let number = |key: &str| -> u64 {
+        result[key]
+            .parse()
+            .unwrap_or_else(|e| panic!("{key}={}: {e}", result[key]))
+    };
+    assert_eq!(number("io-errors"), 0, "the guest kernel logged I/O errors");
+    assert_eq!(number("errors"), 0, "writes failed in the guest");
+    assert!(number("ok") > 0, "the guest wrote nothing");
+    assert!(number("barriers") > 0, "no FLUSH or FUA reached the log");
+    eprintln!(
+        "{UBLK_TEST}: restart gaps {} ms (SIGKILL), {} ms (SIGTERM --keep-device), {} ms (plain SIGTERM while mounted); {} fsynced writes; {} barriers",
+        number("restart-gap-kill-ms"),
+        number("restart-gap-term-ms"),
+        number("restart-gap-busy-ms"),
+        number("ok"),
+        number("barriers")
+    );
 }

@@ -492,7 +492,14 @@ pub fn run(
         }
     }
     if let Some(ublk) = ublk {
-        let keep = settings.ublk.as_ref().is_some_and(|u| u.keep_device);
+        let mut keep = settings.ublk.as_ref().is_some_and(|u| u.keep_device);
+        if !keep && ublk.in_use() {
+            tracing::warn!(
+                device = %ublk.device().display(),
+                "the device is in use (mounted?): kept for the next tracker instead of removed; its I/O waits until one takes it over (or `tidemark ublk remove`)"
+            );
+            keep = true;
+        }
         let outcome = if keep { ublk.keep() } else { ublk.remove() };
         if let Err(error) = outcome {
             tracing::warn!(error = %error, "stopping the ublk device failed");

@@ -40,7 +40,8 @@
 //!
 //! [`UblkDevice::remove`]: `STOP_DEV` (the driver completes what is in
 //! flight, removes `/dev/ublkbN` and aborts the fetches), the queue ends,
-//! `DEL_DEV`. [`UblkDevice::keep`]: the queue finishes what its workers hold
+//! `DEL_DEV`. The daemon keeps a device that is in use (mounted) instead of
+//! removing it under its user. [`UblkDevice::keep`]: the queue finishes what its workers hold
 //! and closes; the device stays, quiesced, for the next tracker.
 
 pub mod control;
@@ -349,6 +350,18 @@ impl UblkDevice {
     /// Whether the next tracker can take the device over.
     pub fn recoverable(&self) -> bool {
         self.recoverable
+    }
+
+    /// Whether something holds the block device exclusively (a mounted
+    /// filesystem, a device-mapper table, a RAID member): removing it then
+    /// would fail that user's I/O.
+    pub fn in_use(&self) -> bool {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_EXCL)
+            .open(self.device())
+            .is_err_and(|e| e.raw_os_error() == Some(libc::EBUSY))
     }
 
     /// Stops serving and leaves the device, quiesced, for the next tracker.
