@@ -14,21 +14,27 @@
 # umount. For every mark, the witness's log replayed up to it
 # (`log-writes-replay`, ours, written from the kernel's format) and our log
 # replayed up to it (`tidemark log replay --label`), each onto a blank
-# image, must be the same bytes; and as many marks must be compared as
+# image, must be the same bytes, and the two logs must count the same
+# bytes written and discarded up to it; as many marks must be compared as
 # were taken. The check is shown able to fail: the witness at each mark
 # against ours at the mark before must differ. The witness's whole log
 # must also give the tracker's backing image, and a truncated copy of it
 # must be refused.
 #
-# Discards are kept out (mkfs -E nodiscard, mount -o nodiscard): the
-# replayer refuses them unless told what the device reads after one, and
-# the scenario checks the witness logged none.
+# Discards: the witness logs a discard without data, so its replayer must
+# be told what a discarded range reads; it refuses discards otherwise. The
+# scenario first shows the tracker's disk reads zeroes after a discard (a
+# written range, discarded, read back direct), replays the witness with
+# --discard-as-zeroes, and shows the refusal without it. The discards come
+# from `fstrim` in every other round, between the writes (mkfs and mount
+# send none: -E nodiscard, -o nodiscard).
 #
 # Environment (from `scripts/kernel-vm.sh run ... --env`), all optional:
 #   DISK_MB     size of the protected disk (default 64)
 #   LOG_MB      size of the witness's log device (default 256; tmpfs, so
 #               only what is logged takes memory)
-#   ROUNDS      churn rounds, each ended by a mark (default 4)
+#   ROUNDS      churn rounds, each ended by a mark (default 4; at least 2,
+#               as the even rounds end with fstrim)
 # Needs in the guest: tidemark, log-writes-replay, and util-linux losetup
 # and fsfreeze (`--bin` them).
 #
@@ -58,6 +64,7 @@ fail() {
 
 info() { echo "TIDEMARK-VM-INFO $*"; }
 
+[ "$ROUNDS" -ge 2 ] || fail "ROUNDS=$ROUNDS: at least 2 (the even rounds end with fstrim)"
 t0=$(date +%s)
 mkdir -p "$dir" || fail "mkdir $dir"
 truncate -s "${DISK_MB}M" "$dir/disk.img" || fail "truncate"
@@ -85,6 +92,24 @@ until grep -q '^attached ' "$dir/tracker.out" 2>/dev/null; do
     usleep 50000
 done
 [ "$(cat /sys/block/nbd0/queue/logical_block_size)" = 4096 ] || fail "nbd0's block size is not 4096"
+
+# The tracker's disk reads zeroes after a discard: what the witness's
+# replayer is told to assume. The probe is the disk's last MiB, written and
+# discarded before anything else, so it reads as blank for both logs.
+probe_blocks=16
+probe_at=$(( DISK_MB * 16 - probe_blocks ))
+dd if=/dev/urandom of=/dev/nbd0 bs=64k seek=$probe_at count=$probe_blocks oflag=direct conv=notrunc 2>/dev/null ||
+    fail "writing the discard probe"
+dd if=/dev/nbd0 of="$dir/probe" bs=64k skip=$probe_at count=$probe_blocks iflag=direct 2>/dev/null ||
+    fail "reading the discard probe"
+dd if=/dev/zero of="$dir/zeroes" bs=64k count=$probe_blocks 2>/dev/null
+cmp -s "$dir/probe" "$dir/zeroes" && fail "the discard probe reads zeroes before the discard"
+blkdiscard -o $((probe_at * 65536)) -l $((probe_blocks * 65536)) /dev/nbd0 || fail "blkdiscard /dev/nbd0"
+dd if=/dev/nbd0 of="$dir/probe" bs=64k skip=$probe_at count=$probe_blocks iflag=direct 2>/dev/null ||
+    fail "reading the discard probe"
+cmp -s "$dir/probe" "$dir/zeroes" || fail "the tracker's disk does not read zeroes after a discard"
+rm -f "$dir/probe" "$dir/zeroes"
+info "discard probe: the tracker's disk reads zeroes after a discard"
 
 # The witness: dm-log-writes over /dev/nbd0, logging to a loop device.
 truncate -s "${LOG_MB}M" "$dir/witness.log" || fail "truncate the witness log"
@@ -143,7 +168,10 @@ churn() {
         rm -f "$prev/f2" "$prev/f5" "$prev/f7" "$prev/f11" || fail "rm"
     fi
     echo "round $r at $(cut -d' ' -f1 /proc/uptime)" >> "$mnt/rounds.txt"
-    [ $((r % 2)) -eq 0 ] && sync
+    if [ $((r % 2)) -eq 0 ]; then
+        sync
+        fstrim "$mnt" || fail "fstrim $mnt"
+    fi
 }
 
 r=1
@@ -179,15 +207,20 @@ tidemark log check "$dir/log" > "$dir/check.out" 2>&1 || {
 }
 
 # The witness's whole log: what it holds, and that it is the disk.
-log-writes-replay "$dir/witness.log" > "$dir/walk.out" 2> "$dir/walk.err" ||
+zeroes=--discard-as-zeroes
+log-writes-replay "$dir/witness.log" $zeroes > "$dir/walk.out" 2> "$dir/walk.err" ||
     fail "the witness log does not parse: $(cat "$dir/walk.err")"
 walk=$(cat "$dir/walk.out")
 info "witness log $walk used-bytes=$(du -k "$dir/witness.log" | cut -f1)KiB"
 field() { printf '%s\n' "$2" | tr ' ' '\n' | sed -n "s/^$1=//p"; }
-[ "$(field discards "$walk")" = 0 ] || fail "the witness logged discards: $walk"
+[ "$(field discards "$walk")" -gt 0 ] || fail "fstrim left no discard in the witness log: $walk"
+# Without being told what a discard leaves, the replayer refuses.
+log-writes-replay "$dir/witness.log" > /dev/null 2> "$dir/walk.err" &&
+    fail "the witness log with discards was replayed without --discard-as-zeroes"
+grep -q "pass --discard-as-zeroes" "$dir/walk.err" || fail "discard refusal: $(cat "$dir/walk.err")"
 rm -f "$dir/whole.img"
 truncate -s "${DISK_MB}M" "$dir/whole.img"
-log-writes-replay "$dir/witness.log" --onto "$dir/whole.img" > /dev/null 2> "$dir/walk.err" ||
+log-writes-replay "$dir/witness.log" $zeroes --onto "$dir/whole.img" > /dev/null 2> "$dir/walk.err" ||
     fail "replaying the whole witness log: $(cat "$dir/walk.err")"
 cmp -s "$dir/whole.img" "$dir/disk.img" || fail "the witness's whole log is not the tracker's image"
 rm -f "$dir/whole.img"
@@ -195,7 +228,7 @@ rm -f "$dir/whole.img"
 # A cut log is refused, not replayed in part.
 used_kb=$(du -k "$dir/witness.log" | cut -f1)
 dd if="$dir/witness.log" of="$dir/cut.log" bs=1k count=$((used_kb / 2)) 2>/dev/null
-if log-writes-replay "$dir/cut.log" > /dev/null 2> "$dir/cut.err"; then
+if log-writes-replay "$dir/cut.log" $zeroes > /dev/null 2> "$dir/cut.err"; then
     fail "a witness log cut in half was accepted"
 fi
 grep -q "truncated" "$dir/cut.err" || fail "a cut witness log: $(cat "$dir/cut.err")"
@@ -212,15 +245,18 @@ previous=""
 for m in $marks; do
     rm -f "$dir/witness.img" "$dir/ours.img"
     truncate -s "${DISK_MB}M" "$dir/witness.img" "$dir/ours.img"
-    log-writes-replay "$dir/witness.log" --onto "$dir/witness.img" --until-mark "$m" \
+    log-writes-replay "$dir/witness.log" $zeroes --onto "$dir/witness.img" --until-mark "$m" \
         > "$dir/w.out" 2> "$dir/w.err" || fail "witness replay to $m: $(cat "$dir/w.err")"
     tidemark log replay "$dir/log" --label "$m" --onto "$dir/ours.img" \
         > "$dir/t.out" 2> "$dir/t.err" || fail "tidemark log replay --label $m: $(cat "$dir/t.err")"
     w=$(cat "$dir/w.out")
     ours=$(sed -n 's/.* \([0-9]*\) records applied (\([0-9]*\) bytes).*/records=\1 bytes=\2/p' "$dir/t.out")
     compared=$((compared + 1))
-    # Every byte written reached both logs once: the same count.
-    [ "bytes=$(field write-bytes "$w")" = "${ours#* }" ] && bytes_agreed=$((bytes_agreed + 1))
+    # Every byte written or discarded reached both logs once: the same
+    # count, once ours is cleared of the probe (written, then discarded,
+    # before the witness was there).
+    [ $(( $(field write-bytes "$w") + $(field discard-bytes "$w") + 2 * probe_blocks * 65536 )) \
+        = "${ours#*bytes=}" ] && bytes_agreed=$((bytes_agreed + 1))
     if cmp "$dir/witness.img" "$dir/ours.img" > "$dir/cmp.out" 2>&1; then
         agreed=$((agreed + 1))
         result=equal
@@ -228,7 +264,7 @@ for m in $marks; do
         result="DIFFERENT($(head -n 1 "$dir/cmp.out"))"
     fi
     info "mark $m: witness entries=$(field entries "$w") writes=$(field writes "$w")" \
-        "write-bytes=$(field write-bytes "$w"); ours $ours; $result"
+        "write-bytes=$(field write-bytes "$w") discards=$(field discards "$w"); ours $ours; $result"
     # The check can fail: the witness here against ours at the mark before.
     if [ -n "$previous" ]; then
         shifted=$((shifted + 1))
@@ -244,16 +280,16 @@ done
 rm -f "$dir/witness.img" "$dir/previous.img"
 
 echo "TIDEMARK-VM-RESULT marks-taken=$taken marks-compared=$compared marks-agreed=$agreed" \
-    "write-bytes-agreed=$bytes_agreed" \
+    "bytes-agreed=$bytes_agreed" \
     "shifted-compared=$shifted shifted-differed=$shifted_differ" \
     "witness-entries=$(field entries "$walk") witness-writes=$(field writes "$walk")" \
     "witness-write-bytes=$(field write-bytes "$walk") witness-flushes=$(field flushes "$walk")" \
     "witness-fua=$(field fua "$walk") witness-discards=$(field discards "$walk")" \
-    "witness-marks=$(field marks "$walk") seconds=$(( $(date +%s) - t0 ))"
+    "witness-discard-bytes=$(field discard-bytes "$walk") witness-marks=$(field marks "$walk") seconds=$(( $(date +%s) - t0 ))"
 [ "$compared" -eq "$taken" ] || fail "$compared marks compared, $taken taken"
 [ "$agreed" -eq "$taken" ] || fail "the witness and our log disagree at $((taken - agreed)) of $taken marks"
 [ "$bytes_agreed" -eq "$taken" ] ||
-    fail "the witness and our log count different bytes written at $((taken - bytes_agreed)) of $taken marks"
+    fail "the witness and our log count different bytes written or discarded at $((taken - bytes_agreed)) of $taken marks"
 [ "$shifted_differ" -eq "$shifted" ] && [ "$shifted" -gt 0 ] ||
     fail "the witness at a mark equalled ours at the mark before ($shifted_differ of $shifted differed)"
 echo "TIDEMARK-VM-PASS"
