@@ -6,9 +6,11 @@
 //!
 //! ```text
 //! log-writes-replay LOG [--onto IMAGE] [--until-mark NAME] [--discard-as-zeroes]
+//! log-writes-replay LOG --dump
 //! ```
 //!
-//! Without `--onto` it only walks and checks the log. It prints one line of
+//! Without `--onto` it only walks and checks the log; `--dump` prints one
+//! line per entry instead (index, block, blocks, flags, mark). It prints one line of
 //! `key=value` fields (entries, writes, bytes, flushes, FUA writes,
 //! discards, marks) and exits 1 with a message on a malformed log, a mark
 //! that is not there, a discard it was not told how to replay, or a write
@@ -243,6 +245,39 @@ struct Entry {
 impl Entry {
     fn is_write(&self) -> bool {
         self.flags & (DISCARD | MARK) == 0 && self.nr_sectors > 0
+    }
+}
+
+impl fmt::Display for Entry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names = [
+            (FLUSH, "flush"),
+            (FUA, "fua"),
+            (DISCARD, "discard"),
+            (MARK, "mark"),
+            (METADATA, "metadata"),
+        ];
+        let flags: Vec<&str> = names
+            .iter()
+            .filter(|(bit, _)| self.flags & bit != 0)
+            .map(|(_, name)| *name)
+            .collect();
+        write!(
+            f,
+            "entry={} sector={} blocks={} flags={}",
+            self.index,
+            self.sector,
+            self.nr_sectors,
+            if flags.is_empty() {
+                "-".to_string()
+            } else {
+                flags.join(",")
+            }
+        )?;
+        if let Some(mark) = &self.mark {
+            write!(f, " mark={mark}")?;
+        }
+        Ok(())
     }
 }
 
@@ -542,20 +577,34 @@ fn replay(
     }
 }
 
+/// Writes one line per entry the super block vouches for; returns how many.
+fn dump(log: &(impl LogBytes + ?Sized), out: &mut dyn io::Write) -> Result<u64, String> {
+    let sb = read_super(log).map_err(|e| report(&e))?;
+    let mut n = 0;
+    for entry in Entries::new(log, sb).map_err(|e| report(&e))? {
+        let entry = entry.map_err(|e| report(&e))?;
+        writeln!(out, "{entry}").map_err(|e| format!("writing the dump: {e}"))?;
+        n += 1;
+    }
+    Ok(n)
+}
+
 /// The command line.
 struct Args {
     log: PathBuf,
     onto: Option<PathBuf>,
     options: Options,
+    dump: bool,
 }
 
-const USAGE: &str =
-    "usage: log-writes-replay LOG [--onto IMAGE] [--until-mark NAME] [--discard-as-zeroes]";
+const USAGE: &str = "usage: log-writes-replay LOG [--onto IMAGE] [--until-mark NAME] \
+                     [--discard-as-zeroes] | LOG --dump";
 
 fn parse_args(mut args: impl Iterator<Item = std::ffi::OsString>) -> Result<Args, String> {
     let mut log = None;
     let mut onto = None;
     let mut options = Options::default();
+    let mut dump = false;
     while let Some(arg) = args.next() {
         match arg.to_str() {
             Some("--onto") => onto = Some(PathBuf::from(args.next().ok_or("--onto needs a file")?)),
@@ -564,16 +613,21 @@ fn parse_args(mut args: impl Iterator<Item = std::ffi::OsString>) -> Result<Args
                 options.until_mark = Some(name.into_string().map_err(|_| "a mark is text")?);
             }
             Some("--discard-as-zeroes") => options.discard_as_zeroes = true,
+            Some("--dump") => dump = true,
             Some("-h" | "--help") => return Err(USAGE.to_string()),
             Some(s) if s.starts_with('-') => return Err(format!("unknown option {s}\n{USAGE}")),
             _ if log.is_none() => log = Some(PathBuf::from(arg)),
             _ => return Err(format!("one log only\n{USAGE}")),
         }
     }
+    if dump && (onto.is_some() || options.until_mark.is_some()) {
+        return Err(format!("--dump replays nothing\n{USAGE}"));
+    }
     Ok(Args {
         log: log.ok_or(USAGE)?,
         onto,
         options,
+        dump,
     })
 }
 
@@ -596,8 +650,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let run = || -> Result<Summary, String> {
+    let run = || -> Result<(), String> {
         let log = File::open(&args.log).map_err(|e| format!("{}: {e}", args.log.display()))?;
+        if args.dump {
+            dump(&log, &mut io::stdout().lock())
+                .map_err(|e| format!("{}: {e}", args.log.display()))?;
+            return Ok(());
+        }
         let mut image = match &args.onto {
             Some(path) => Some(
                 OpenOptions::new()
@@ -620,13 +679,11 @@ fn main() -> ExitCode {
                 .sync_all()
                 .map_err(|e| format!("syncing the image: {e}"))?;
         }
-        Ok(summary)
+        println!("{summary}");
+        Ok(())
     };
     match run() {
-        Ok(summary) => {
-            println!("{summary}");
-            ExitCode::SUCCESS
-        }
+        Ok(()) => ExitCode::SUCCESS,
         Err(msg) => {
             eprintln!("log-writes-replay: {msg}");
             ExitCode::FAILURE
@@ -960,6 +1017,24 @@ mod tests {
     }
 
     #[test]
+    fn the_dump_has_a_line_per_entry() {
+        let log = sample().build();
+        let mut out = Vec::new();
+        assert_eq!(dump(&log[..], &mut out).unwrap(), 7);
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 7);
+        assert_eq!(lines[0], "entry=0 sector=0 blocks=2 flags=-");
+        assert_eq!(lines[1], "entry=1 sector=4 blocks=1 flags=fua,metadata");
+        assert_eq!(lines[2], "entry=2 sector=0 blocks=0 flags=flush");
+        assert_eq!(lines[3], "entry=3 sector=0 blocks=0 flags=mark mark=m1");
+        let cut = &log[..log.len() - 1];
+        assert!(dump(cut, &mut Vec::new())
+            .unwrap_err()
+            .contains("truncated"));
+    }
+
+    #[test]
     fn the_command_line() {
         let args = |v: &[&str]| parse_args(v.iter().map(std::ffi::OsString::from));
         let a = args(&["log", "--onto", "img", "--until-mark", "m1"]).unwrap();
@@ -977,5 +1052,7 @@ mod tests {
         assert!(args(&["log", "--until-mark"]).is_err());
         assert!(args(&["log", "--bogus"]).is_err());
         assert!(args(&["a", "b"]).is_err());
+        assert!(args(&["log", "--dump"]).unwrap().dump);
+        assert!(args(&["log", "--dump", "--onto", "img"]).is_err());
     }
 }
