@@ -225,6 +225,20 @@ log-writes-replay "$dir/witness.log" $zeroes --onto "$dir/whole.img" > /dev/null
 cmp -s "$dir/whole.img" "$dir/disk.img" || fail "the witness's whole log is not the tracker's image"
 rm -f "$dir/whole.img"
 
+# Each mark in the witness's log follows the FLUSH sent just before it,
+# with nothing between: no write of before the mark was left unlogged.
+log-writes-replay "$dir/witness.log" --dump > "$dir/dump" 2> "$dir/walk.err" ||
+    fail "dumping the witness log: $(cat "$dir/walk.err")"
+after_flush=0
+for m in $marks; do
+    before=$(grep -B1 " mark=$m\$" "$dir/dump" | head -n 1)
+    case $before in
+        *" blocks=0 flags=flush") after_flush=$((after_flush + 1)) ;;
+        *) info "witness entry before mark $m: $before" ;;
+    esac
+done
+rm -f "$dir/dump"
+
 # A cut log is refused, not replayed in part.
 used_kb=$(du -k "$dir/witness.log" | cut -f1)
 dd if="$dir/witness.log" of="$dir/cut.log" bs=1k count=$((used_kb / 2)) 2>/dev/null
@@ -280,7 +294,7 @@ done
 rm -f "$dir/witness.img" "$dir/previous.img"
 
 echo "TIDEMARK-VM-RESULT marks-taken=$taken marks-compared=$compared marks-agreed=$agreed" \
-    "bytes-agreed=$bytes_agreed" \
+    "bytes-agreed=$bytes_agreed marks-after-flush=$after_flush" \
     "shifted-compared=$shifted shifted-differed=$shifted_differ" \
     "witness-entries=$(field entries "$walk") witness-writes=$(field writes "$walk")" \
     "witness-write-bytes=$(field write-bytes "$walk") witness-flushes=$(field flushes "$walk")" \
@@ -290,6 +304,8 @@ echo "TIDEMARK-VM-RESULT marks-taken=$taken marks-compared=$compared marks-agree
 [ "$agreed" -eq "$taken" ] || fail "the witness and our log disagree at $((taken - agreed)) of $taken marks"
 [ "$bytes_agreed" -eq "$taken" ] ||
     fail "the witness and our log count different bytes written or discarded at $((taken - bytes_agreed)) of $taken marks"
+[ "$after_flush" -eq "$taken" ] ||
+    fail "$((taken - after_flush)) of $taken marks do not follow a flush in the witness log"
 [ "$shifted_differ" -eq "$shifted" ] && [ "$shifted" -gt 0 ] ||
     fail "the witness at a mark equalled ours at the mark before ($shifted_differ of $shifted differed)"
 echo "TIDEMARK-VM-PASS"

@@ -597,6 +597,11 @@ fn dm_log_writes_witness_agrees_with_our_log_at_every_mark() {
         taken,
         "marks where the witness and our log count the same bytes written and discarded"
     );
+    assert_eq!(
+        number("marks-after-flush"),
+        taken,
+        "marks right after the flush sent before them, in the witness log"
+    );
     // The guest's per-mark lines say the same, one per mark.
     let equal_lines = console
         .lines()
