@@ -175,8 +175,9 @@ impl LogBytes for [u8] {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), LogError> {
         // Callers check the bounds against len() first; a short slice here
         // is still an error, not a panic.
-        let start = usize::try_from(offset).map_err(|_| io::ErrorKind::UnexpectedEof);
-        let range = start.ok().and_then(|s| Some(s..s.checked_add(buf.len())?));
+        let range = usize::try_from(offset)
+            .ok()
+            .and_then(|start| Some(start..start.checked_add(buf.len())?));
         match range.and_then(|r| self.get(r)) {
             Some(src) => {
                 buf.copy_from_slice(src);
