@@ -20,6 +20,13 @@
 //! tracker is frozen past the kernel's request timeout, so the kernel drops
 //! the connection and the tracker must hand it a new one by itself.
 //!
+//! And dm-log-writes as a witness that shares none of our code
+//! (`dm_log_writes_witness_agrees_with_our_log_at_every_mark`,
+//! `scripts/vm-scenarios/log-writes-witness.sh`): above the tracker's
+//! `/dev/nbd0` it logs every write of an ext4's churn; at each mark taken
+//! in both logs, its log (replayed by our `log-writes-replay`) and ours
+//! give the same bytes.
+//!
 //! And the tracker serving its disk through ublk (`tracker serve --ublk`,
 //! `scripts/vm-scenarios/ublk-ext4.sh`) under an ext4 and a writer, killed
 //! and restarted: the next tracker takes the device over (user recovery).
@@ -66,15 +73,21 @@ fn repo_root() -> PathBuf {
 /// and without its debug info it is a tenth of the size, so the initramfs
 /// builds and unpacks faster.
 fn guest_binary(dir: &Path) -> PathBuf {
-    let bin = dir.join("tidemark");
+    guest_copy(&tidemark_bin(), dir)
+}
+
+/// A copy of the binary `src` in `dir`, without its debug info if
+/// `objcopy` can strip it (see [`guest_binary`]).
+fn guest_copy(src: &Path, dir: &Path) -> PathBuf {
+    let bin = dir.join(src.file_name().expect("a binary has a file name"));
     let stripped = Command::new("objcopy")
         .arg("--strip-debug")
-        .arg(tidemark_bin())
+        .arg(src)
         .arg(&bin)
         .status()
         .is_ok_and(|s| s.success());
     if !stripped {
-        fs::copy(tidemark_bin(), &bin).expect("copying the tidemark binary");
+        fs::copy(src, &bin).unwrap_or_else(|e| panic!("copying {}: {e}", src.display()));
     }
     bin
 }
@@ -510,6 +523,129 @@ fn the_tracker_attaches_the_kernel_nbd_client_and_survives_restarts() {
     for key in ["restart-gap-kill-ms", "restart-gap-term-ms"] {
         assert!(number(key) < 60_000, "{key} = {}", number(key));
     }
+}
+
+const WITNESS_TEST: &str = "dm_log_writes_witness_agrees_with_our_log_at_every_mark";
+/// Churn rounds in the guest, each ended by a mark; one more mark follows
+/// the umount.
+const WITNESS_ROUNDS: u64 = 4;
+
+/// dm-log-writes above the tracker's `/dev/nbd0` in the guest, as a
+/// witness of our log; see `scripts/vm-scenarios/log-writes-witness.sh`.
+/// At every mark, taken in both logs while the filesystem is frozen, the
+/// witness's log replayed by `log-writes-replay` and ours replayed by
+/// `tidemark log replay --label` give the same image and count the same
+/// bytes written and discarded (fstrim's discards, replayed as zeroes);
+/// as many marks are compared as were taken; each witness image differs
+/// from ours at the mark before (the comparison can fail).
+#[test]
+fn dm_log_writes_witness_agrees_with_our_log_at_every_mark() {
+    for tool in [
+        "qemu-system-x86_64",
+        "busybox",
+        "modprobe",
+        "mkfs.ext4",
+        "dmsetup",
+        "losetup",
+        "fsfreeze",
+    ] {
+        if !require_tool(tool, WITNESS_TEST) {
+            return;
+        }
+    }
+    if !require_kernel(WITNESS_TEST) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let tool = |name: &str| run(Command::new("sh").args(["-c", &format!("command -v {name}")]));
+    let replayer = guest_copy(Path::new(env!("CARGO_BIN_EXE_log-writes-replay")), dir);
+    let console = run_guest(
+        WITNESS_TEST,
+        dir,
+        "log-writes-witness.sh",
+        &[
+            "--bin".into(),
+            guest_binary(dir).into(),
+            "--bin".into(),
+            replayer.into(),
+            "--bin".into(),
+            tool("losetup").trim().into(),
+            "--bin".into(),
+            tool("fsfreeze").trim().into(),
+            "--env".into(),
+            format!("ROUNDS={WITNESS_ROUNDS}").into(),
+            "--timeout".into(),
+            "300".into(),
+        ],
+    );
+    let result = console_fields(&console, "TIDEMARK-VM-RESULT ");
+    let number = |key: &str| -> u64 {
+        let value = result
+            .get(key)
+            .unwrap_or_else(|| panic!("no {key} on the result line"));
+        value
+            .parse()
+            .unwrap_or_else(|e| panic!("{key}={value:?}: {e}"))
+    };
+    let taken = number("marks-taken");
+    assert_eq!(taken, WITNESS_ROUNDS + 1, "marks taken in the guest");
+    assert_eq!(number("marks-compared"), taken, "marks compared vs taken");
+    assert_eq!(
+        number("marks-agreed"),
+        taken,
+        "marks where the witness and our log give the same image"
+    );
+    assert_eq!(
+        number("bytes-agreed"),
+        taken,
+        "marks where the witness and our log count the same bytes written and discarded"
+    );
+    assert_eq!(
+        number("marks-after-flush"),
+        taken,
+        "marks right after the flush sent before them, in the witness log"
+    );
+    // The guest's per-mark lines say the same, one per mark.
+    let equal_lines = console
+        .lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .filter(|l| l.starts_with("TIDEMARK-VM-INFO mark ") && l.ends_with("; equal"))
+        .count() as u64;
+    assert_eq!(equal_lines, taken, "per-mark lines reporting equal images");
+    assert_eq!(number("shifted-compared"), taken - 1);
+    assert_eq!(
+        number("shifted-differed"),
+        taken - 1,
+        "the witness at a mark equalled ours at the mark before: the comparison proves nothing"
+    );
+    // Its own end mark, besides ours.
+    assert_eq!(
+        number("witness-marks"),
+        taken + 1,
+        "marks in the witness log"
+    );
+    // fstrim's discards, replayed as zeroes on both sides (the guest
+    // first shows the tracker's disk reads zeroes after a discard).
+    assert!(
+        number("witness-discards") > 0,
+        "the witness logged no discard"
+    );
+    assert!(number("witness-writes") > 0, "the witness logged no write");
+    assert!(number("witness-flushes") > 0, "the witness logged no flush");
+    eprintln!(
+        "{WITNESS_TEST}: {taken} marks agree; the witness logged {} entries, {} writes \
+         ({} bytes), {} discards ({} bytes), {} flushes, {} FUA writes; the guest scenario \
+         took {} s",
+        number("witness-entries"),
+        number("witness-writes"),
+        number("witness-write-bytes"),
+        number("witness-discards"),
+        number("witness-discard-bytes"),
+        number("witness-flushes"),
+        number("witness-fua"),
+        number("seconds")
+    );
 }
 
 const UBLK_TEST: &str = "ublk_serves_ext4_and_survives_tracker_restarts";
