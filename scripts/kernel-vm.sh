@@ -14,7 +14,8 @@
 #   scripts/kernel-vm.sh run SCENARIO.sh [--bin PATH]... [--env NAME=VALUE]...
 #                                        [--timeout SECS] [--console FILE]
 #       Boots the kernel with an initramfs whose /init runs SCENARIO.sh (a
-#       busybox sh script) and powers off. The scenario prints
+#       busybox sh script; scripts/vm-scenarios/guest-lib.sh, the steps
+#       scenarios share, is at /guest-lib.sh) and powers off. The scenario prints
 #       `TIDEMARK-VM-PASS` when it succeeded or `TIDEMARK-VM-FAIL: reason`;
 #       exit status 0 only on PASS. --bin copies a host binary (and its
 #       libraries) to the guest's /usr/local/bin; --env exports a variable to
@@ -288,6 +289,7 @@ build_initramfs() {
         echo "export ${kv%%=*}=$(sh_quote "${kv#*=}")" >> "$root/etc/tidemark-vm/env"
     done
     cp "$scenario" "$root/scenario.sh"
+    cp "$repo/scripts/vm-scenarios/guest-lib.sh" "$root/guest-lib.sh"
     write_init "$root/init"
     (cd "$root" && find . -mindepth 1 | /bin/busybox cpio -o -H newc 2>/dev/null) | gzip -1 > "$work/initrd.cpio.gz"
 }

@@ -53,6 +53,8 @@ tracker=""
 
 info() { echo "TIDEMARK-VM-INFO $*"; }
 
+. /guest-lib.sh
+
 fail() {
     echo "TIDEMARK-VM-FAIL: $*"
     for f in "$dir"/tracker*.err "$dir"/fio*.err; do
@@ -122,20 +124,10 @@ name = "disk"
 path = "$disk"
 EOF
     case $frontend in
-        nbd) flag=--attach ready='^attached ' ;;
-        ublk) flag=--ublk ready='^ublk ' ;;
+        nbd) serve_tracker "tracker$t" "attached " --attach ;;
+        ublk) serve_tracker "tracker$t" "ublk " --ublk ;;
     esac
-    tidemark tracker serve --config "$dir/tracker.toml" $flag \
-        > "$dir/tracker$t.out" 2> "$dir/tracker$t.err" &
-    tracker=$!
-    i=0
-    while ! grep -q "$ready" "$dir/tracker$t.out" 2>/dev/null; do
-        kill -0 "$tracker" 2>/dev/null || fail "tracker $t exited before serving $frontend"
-        i=$((i + 1))
-        [ $i -gt 600 ] && fail "tracker $t did not serve $frontend within 30 s"
-        usleep 50000
-    done
-    kdev=$(grep "$ready" "$dir/tracker$t.out" | head -n 1 | cut -d' ' -f2)
+    kdev=$(echo "$ready_line" | cut -d' ' -f2)
     [ -b "$kdev" ] || fail "tracker $t: no device in: $(cat "$dir/tracker$t.out")"
 }
 

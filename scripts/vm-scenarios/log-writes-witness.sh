@@ -64,6 +64,8 @@ fail() {
 
 info() { echo "TIDEMARK-VM-INFO $*"; }
 
+. /guest-lib.sh
+
 [ "$ROUNDS" -ge 2 ] || fail "ROUNDS=$ROUNDS: at least 2 (the even rounds end with fstrim)"
 t0=$(date +%s)
 mkdir -p "$dir" || fail "mkdir $dir"
@@ -82,15 +84,7 @@ max-block-size = "4MiB"
 name = "disk"
 path = "$dir/disk.img"
 EOF
-tidemark tracker serve --config "$dir/tracker.toml" --attach > "$dir/tracker.out" 2> "$dir/tracker.err" &
-tracker=$!
-i=0
-until grep -q '^attached ' "$dir/tracker.out" 2>/dev/null; do
-    kill -0 "$tracker" 2>/dev/null || fail "the tracker exited before attaching"
-    i=$((i + 1))
-    [ $i -gt 600 ] && fail "the tracker did not attach within 30 s"
-    usleep 50000
-done
+serve_tracker tracker "attached " --attach
 [ "$(cat /sys/block/nbd0/queue/logical_block_size)" = 4096 ] || fail "nbd0's block size is not 4096"
 
 # The tracker's disk reads zeroes after a discard: what the witness's

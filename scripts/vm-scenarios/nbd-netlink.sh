@@ -45,28 +45,15 @@ fail() {
     exit 1
 }
 
-# Milliseconds since boot, from /proc/uptime (10 ms resolution), no fork.
-now_ms() {
-    read -r up _ < /proc/uptime
-    echo $(( ${up%.*} * 1000 + 1${up#*.} * 10 - 1000 ))
-}
+. /guest-lib.sh
 
 # Starts a tracker (extra flags in $@), waits until it has attached the
 # device; sets $tracker and $attached_line.
 n=0
 start_tracker() {
     n=$((n + 1))
-    tidemark tracker serve --config "$dir/tracker.toml" --attach "$@" \
-        > "$dir/tracker$n.out" 2> "$dir/tracker$n.err" &
-    tracker=$!
-    i=0
-    while ! grep -q '^attached ' "$dir/tracker$n.out" 2>/dev/null; do
-        kill -0 "$tracker" 2>/dev/null || fail "tracker $n exited before attaching"
-        i=$((i + 1))
-        [ $i -gt 600 ] && fail "tracker $n did not attach within 30 s"
-        usleep 50000
-    done
-    attached_line=$(grep '^attached ' "$dir/tracker$n.out")
+    serve_tracker "tracker$n" "attached " --attach "$@"
+    attached_line=$ready_line
 }
 
 mkdir -p "$dir" || fail "mkdir $dir"
@@ -107,40 +94,7 @@ echo "TIDEMARK-VM-INFO nbd0 size=$(($(cat /sys/block/nbd0/size) * 512))" \
 mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$dev" || fail "mkfs.ext4 failed"
 mount -t ext4 "$dev" "$mnt" || fail "mount failed"
 
-# The writer: fsynced 256 KiB files round robin, counting failures and the
-# longest single write (a write in flight at a restart waits for it).
-rm -f "$dir/stop" "$dir/writer.result"
-(
-    ok=0 errors=0 longest=0 i=0
-    while [ ! -e "$dir/stop" ]; do
-        s=$(now_ms)
-        if dd if=/dev/urandom of="$mnt/w$((i % 16))" bs=64k count=4 conv=fsync 2>>"$dir/dd.err"; then
-            ok=$((ok + 1))
-        else
-            errors=$((errors + 1))
-        fi
-        took=$(( $(now_ms) - s ))
-        [ $took -gt $longest ] && longest=$took
-        i=$((i + 1))
-        echo "$ok" > "$dir/writer.ok"
-    done
-    echo "ok=$ok errors=$errors longest-write-ms=$longest" > "$dir/writer.result"
-) &
-writer=$!
-
-writes() { cat "$dir/writer.ok" 2>/dev/null || echo 0; }
-
-# Waits WRITE_SECS and until the writer made progress since $1.
-keep_writing() {
-    sleep "$WRITE_SECS"
-    i=0
-    while [ "$(writes)" -le "$1" ]; do
-        i=$((i + 1))
-        [ $i -gt 600 ] && fail "the writer made no progress for 60 s (at $(writes) writes)"
-        usleep 100000
-    done
-}
-
+start_writer "$mnt"
 keep_writing 0
 
 # 1. The tracker dies mid-write; a new one re-adopts the device.
@@ -185,10 +139,8 @@ echo "TIDEMARK-VM-INFO restart after SIGTERM --keep-device: $attached_line, gap 
 case $attached_line in *re-adopted*) ;; *) fail "after SIGTERM --keep-device: $attached_line" ;; esac
 keep_writing "$before"
 
-touch "$dir/stop"
-wait "$writer"
-writer=""
-result=$(cat "$dir/writer.result")
+stop_writer
+result=$writer_result
 echo "TIDEMARK-VM-INFO writer $result"
 sync
 umount "$mnt" || fail "umount failed"

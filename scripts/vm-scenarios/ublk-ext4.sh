@@ -38,27 +38,15 @@ fail() {
     exit 1
 }
 
-now_ms() {
-    read -r up _ < /proc/uptime
-    echo $(( ${up%.*} * 1000 + 1${up#*.} * 10 - 1000 ))
-}
+. /guest-lib.sh
 
 # Starts a tracker (extra flags in $@), waits until it serves the ublk
 # device; sets $tracker, $ublk_line and $dev.
 n=0
 start_tracker() {
     n=$((n + 1))
-    tidemark tracker serve --config "$dir/tracker.toml" --ublk "$@" \
-        > "$dir/tracker$n.out" 2> "$dir/tracker$n.err" &
-    tracker=$!
-    i=0
-    while ! grep -q '^ublk ' "$dir/tracker$n.out" 2>/dev/null; do
-        kill -0 "$tracker" 2>/dev/null || fail "tracker $n exited before serving ublk"
-        i=$((i + 1))
-        [ $i -gt 600 ] && fail "tracker $n did not serve ublk within 30 s"
-        usleep 50000
-    done
-    ublk_line=$(grep '^ublk ' "$dir/tracker$n.out")
+    serve_tracker "tracker$n" "ublk " --ublk "$@"
+    ublk_line=$ready_line
     dev=$(echo "$ublk_line" | cut -d' ' -f2)
 }
 
@@ -105,37 +93,7 @@ done
 mv "$mnt/c3" "$mnt/c3.moved" && rm "$mnt/c5" && sync || fail "churn"
 sha256sum "$mnt"/c* > "$dir/churn.sums"
 
-rm -f "$dir/stop" "$dir/writer.result"
-(
-    ok=0 errors=0 longest=0 i=0
-    while [ ! -e "$dir/stop" ]; do
-        s=$(now_ms)
-        if dd if=/dev/urandom of="$mnt/w$((i % 16))" bs=64k count=4 conv=fsync 2>>"$dir/dd.err"; then
-            ok=$((ok + 1))
-        else
-            errors=$((errors + 1))
-        fi
-        took=$(( $(now_ms) - s ))
-        [ $took -gt $longest ] && longest=$took
-        i=$((i + 1))
-        echo "$ok" > "$dir/writer.ok"
-    done
-    echo "ok=$ok errors=$errors longest-write-ms=$longest" > "$dir/writer.result"
-) &
-writer=$!
-
-writes() { cat "$dir/writer.ok" 2>/dev/null || echo 0; }
-
-keep_writing() {
-    sleep "$WRITE_SECS"
-    i=0
-    while [ "$(writes)" -le "$1" ]; do
-        i=$((i + 1))
-        [ $i -gt 600 ] && fail "the writer made no progress for 60 s (at $(writes) writes)"
-        usleep 100000
-    done
-}
-
+start_writer "$mnt"
 keep_writing 0
 
 # 1. The tracker dies mid-write; a new one takes the device over.
@@ -179,10 +137,8 @@ echo "TIDEMARK-VM-INFO restart after SIGTERM while mounted: $ublk_line, gap $gap
 case $ublk_line in *"took over"*) ;; *) fail "after SIGTERM while mounted: $ublk_line" ;; esac
 keep_writing "$before"
 
-touch "$dir/stop"
-wait "$writer"
-writer=""
-result=$(cat "$dir/writer.result")
+stop_writer
+result=$writer_result
 echo "TIDEMARK-VM-INFO writer $result"
 sha256sum -c "$dir/churn.sums" > /dev/null || fail "churned files changed"
 sync

@@ -236,6 +236,43 @@ fn console_fields(console: &str, tag: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// Whether a guest test can run here: every tool of `tools` and the guest
+/// kernel are there (otherwise it is skipped with a message, and never
+/// under CI: see `require_tool`, `require_kernel`).
+fn guest_can_run(test: &str, tools: &[&str]) -> bool {
+    tools.iter().all(|tool| require_tool(tool, test)) && require_kernel(test)
+}
+
+/// The numbers of the guest's `TIDEMARK-VM-RESULT` line.
+struct GuestResult(BTreeMap<String, String>);
+
+impl GuestResult {
+    fn of(console: &str) -> Self {
+        Self(console_fields(console, "TIDEMARK-VM-RESULT "))
+    }
+
+    fn number(&self, key: &str) -> u64 {
+        let value = self
+            .0
+            .get(key)
+            .unwrap_or_else(|| panic!("no {key} on the result line"));
+        value
+            .parse()
+            .unwrap_or_else(|e| panic!("{key}={value:?}: {e}"))
+    }
+
+    /// The writer's and the kernel's verdict across tracker restarts.
+    fn assert_no_write_failed(&self) {
+        assert_eq!(
+            self.number("io-errors"),
+            0,
+            "the guest kernel logged I/O errors"
+        );
+        assert_eq!(self.number("errors"), 0, "writes failed in the guest");
+        assert!(self.number("ok") > 0, "the guest wrote nothing");
+    }
+}
+
 #[test]
 fn ext4_on_the_kernel_nbd_client() {
     for tool in [
@@ -476,18 +513,14 @@ const NETLINK_TEST: &str = "the_tracker_attaches_the_kernel_nbd_client_and_survi
 /// e2fsck, `log check`, the log replays to the image).
 #[test]
 fn the_tracker_attaches_the_kernel_nbd_client_and_survives_restarts() {
-    for tool in [
+    let tools = [
         "qemu-system-x86_64",
         "busybox",
         "modprobe",
         "mkfs.ext4",
         "e2fsck",
-    ] {
-        if !require_tool(tool, NETLINK_TEST) {
-            return;
-        }
-    }
-    if !require_kernel(NETLINK_TEST) {
+    ];
+    if !guest_can_run(NETLINK_TEST, &tools) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -509,15 +542,9 @@ fn the_tracker_attaches_the_kernel_nbd_client_and_survives_restarts() {
             "240".into(),
         ],
     );
-    let result = console_fields(&console, "TIDEMARK-VM-RESULT ");
-    let number = |key: &str| -> u64 {
-        result[key]
-            .parse()
-            .unwrap_or_else(|e| panic!("{key}={}: {e}", result[key]))
-    };
-    assert_eq!(number("io-errors"), 0, "the guest kernel logged I/O errors");
-    assert_eq!(number("errors"), 0, "writes failed in the guest");
-    assert!(number("ok") > 0, "the guest wrote nothing");
+    let result = GuestResult::of(&console);
+    result.assert_no_write_failed();
+    let number = |key: &str| result.number(key);
     // Both restarts happened well within the dead-connection timeout
     // (60 s), or the kernel would have failed the waiting writes.
     for key in ["restart-gap-kill-ms", "restart-gap-term-ms"] {
@@ -540,7 +567,7 @@ const WITNESS_ROUNDS: u64 = 4;
 /// from ours at the mark before (the comparison can fail).
 #[test]
 fn dm_log_writes_witness_agrees_with_our_log_at_every_mark() {
-    for tool in [
+    let tools = [
         "qemu-system-x86_64",
         "busybox",
         "modprobe",
@@ -548,12 +575,8 @@ fn dm_log_writes_witness_agrees_with_our_log_at_every_mark() {
         "dmsetup",
         "losetup",
         "fsfreeze",
-    ] {
-        if !require_tool(tool, WITNESS_TEST) {
-            return;
-        }
-    }
-    if !require_kernel(WITNESS_TEST) {
+    ];
+    if !guest_can_run(WITNESS_TEST, &tools) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -579,15 +602,8 @@ fn dm_log_writes_witness_agrees_with_our_log_at_every_mark() {
             "300".into(),
         ],
     );
-    let result = console_fields(&console, "TIDEMARK-VM-RESULT ");
-    let number = |key: &str| -> u64 {
-        let value = result
-            .get(key)
-            .unwrap_or_else(|| panic!("no {key} on the result line"));
-        value
-            .parse()
-            .unwrap_or_else(|e| panic!("{key}={value:?}: {e}"))
-    };
+    let result = GuestResult::of(&console);
+    let number = |key: &str| result.number(key);
     let taken = number("marks-taken");
     assert_eq!(taken, WITNESS_ROUNDS + 1, "marks taken in the guest");
     assert_eq!(number("marks-compared"), taken, "marks compared vs taken");
@@ -660,12 +676,8 @@ const UBLK_TEST: &str = "ublk_serves_ext4_and_survives_tracker_restarts";
 /// replays to the image).
 #[test]
 fn ublk_serves_ext4_and_survives_tracker_restarts() {
-    for tool in ["qemu-system-x86_64", "busybox", "mkfs.ext4", "e2fsck"] {
-        if !require_tool(tool, UBLK_TEST) {
-            return;
-        }
-    }
-    if !require_kernel(UBLK_TEST) {
+    let tools = ["qemu-system-x86_64", "busybox", "mkfs.ext4", "e2fsck"];
+    if !guest_can_run(UBLK_TEST, &tools) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -683,15 +695,9 @@ fn ublk_serves_ext4_and_survives_tracker_restarts() {
             "240".into(),
         ],
     );
-    let result = console_fields(&console, "TIDEMARK-VM-RESULT ");
-    let number = |key: &str| -> u64 {
-        result[key]
-            .parse()
-            .unwrap_or_else(|e| panic!("{key}={}: {e}", result[key]))
-    };
-    assert_eq!(number("io-errors"), 0, "the guest kernel logged I/O errors");
-    assert_eq!(number("errors"), 0, "writes failed in the guest");
-    assert!(number("ok") > 0, "the guest wrote nothing");
+    let result = GuestResult::of(&console);
+    result.assert_no_write_failed();
+    let number = |key: &str| result.number(key);
     assert!(number("barriers") > 0, "no FLUSH or FUA reached the log");
     eprintln!(
         "{UBLK_TEST}: restart gaps {} ms (SIGKILL), {} ms (SIGTERM --keep-device), {} ms (plain SIGTERM while mounted); {} fsynced writes; {} barriers",

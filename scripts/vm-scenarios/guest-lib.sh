@@ -1,0 +1,79 @@
+# Shared steps of the guest scenarios (busybox sh). scripts/kernel-vm.sh
+# puts this file at /guest-lib.sh in every guest; a scenario sources it
+# (`. /guest-lib.sh`) after it has set $dir (its work folder) and defined
+# fail() (print TIDEMARK-VM-FAIL with its own diagnostics, clean up, exit 1).
+
+# Milliseconds since boot, from /proc/uptime (10 ms resolution), no fork.
+now_ms() {
+    read -r up _ < /proc/uptime
+    echo $(( ${up%.*} * 1000 + 1${up#*.} * 10 - 1000 ))
+}
+
+# serve_tracker NAME READY FLAGS...: starts `tidemark tracker serve --config
+# $dir/tracker.toml FLAGS...`, its output in $dir/NAME.out and $dir/NAME.err,
+# and waits (30 s at most) until a line of its stdout starts with READY.
+# Sets $tracker (its pid) and $ready_line (that line).
+serve_tracker() {
+    name=$1 ready=$2
+    shift 2
+    tidemark tracker serve --config "$dir/tracker.toml" "$@" \
+        > "$dir/$name.out" 2> "$dir/$name.err" &
+    tracker=$!
+    i=0
+    until grep -q "^$ready" "$dir/$name.out" 2>/dev/null; do
+        kill -0 "$tracker" 2>/dev/null || fail "$name exited before it printed \"$ready\""
+        i=$((i + 1))
+        [ $i -gt 600 ] && fail "$name did not print \"$ready\" within 30 s"
+        usleep 50000
+    done
+    ready_line=$(grep "^$ready" "$dir/$name.out" | head -n 1)
+}
+
+# start_writer MOUNT: in the background, fsynced 256 KiB files written
+# round robin in MOUNT until stop_writer, counting failures and the longest
+# single write (a write in flight across a tracker restart waits for it).
+# Sets $writer (its pid).
+start_writer() {
+    rm -f "$dir/stop" "$dir/writer.result" "$dir/writer.ok"
+    (
+        ok=0 errors=0 longest=0 i=0
+        while [ ! -e "$dir/stop" ]; do
+            s=$(now_ms)
+            if dd if=/dev/urandom of="$1/w$((i % 16))" bs=64k count=4 conv=fsync 2>>"$dir/dd.err"; then
+                ok=$((ok + 1))
+            else
+                errors=$((errors + 1))
+            fi
+            took=$(( $(now_ms) - s ))
+            [ $took -gt $longest ] && longest=$took
+            i=$((i + 1))
+            echo "$ok" > "$dir/writer.ok"
+        done
+        echo "ok=$ok errors=$errors longest-write-ms=$longest" > "$dir/writer.result"
+    ) &
+    writer=$!
+}
+
+# The writer's successful writes so far.
+writes() { cat "$dir/writer.ok" 2>/dev/null || echo 0; }
+
+# keep_writing N: waits WRITE_SECS, then until the writer has more than N
+# successful writes (60 s at most).
+keep_writing() {
+    sleep "$WRITE_SECS"
+    i=0
+    while [ "$(writes)" -le "$1" ]; do
+        i=$((i + 1))
+        [ $i -gt 600 ] && fail "the writer made no progress for 60 s (at $(writes) writes)"
+        usleep 100000
+    done
+}
+
+# stop_writer: stops the writer and waits for it; sets $writer_result
+# ("ok=N errors=N longest-write-ms=N").
+stop_writer() {
+    touch "$dir/stop"
+    wait "$writer"
+    writer=""
+    writer_result=$(cat "$dir/writer.result")
+}
