@@ -77,3 +77,22 @@ stop_writer() {
     writer=""
     writer_result=$(cat "$dir/writer.result")
 }
+
+# log_replays_to IMAGE: the tracker's log ($dir/log) verifies (`tidemark
+# log check`) and, replayed onto a blank image of IMAGE's size, gives IMAGE
+# byte for byte.
+log_replays_to() {
+    tidemark log check "$dir/log" > "$dir/check.out" 2>&1 || {
+        sed 's/^/TIDEMARK-VM-INFO log check: /' "$dir/check.out"
+        fail "tidemark log check failed"
+    }
+    echo "TIDEMARK-VM-INFO log check: $(tail -n 1 "$dir/check.out")"
+    rm -f "$dir/replayed.img"
+    truncate -s "$(stat -c %s "$1")" "$dir/replayed.img" || fail "truncate replayed.img"
+    tidemark log replay "$dir/log" --onto "$dir/replayed.img" > "$dir/replay.out" 2>&1 || {
+        sed 's/^/TIDEMARK-VM-INFO log replay: /' "$dir/replay.out"
+        fail "tidemark log replay failed"
+    }
+    echo "TIDEMARK-VM-INFO log replay: $(tail -n 1 "$dir/replay.out")"
+    cmp "$1" "$dir/replayed.img" || fail "the replayed log differs from $1"
+}

@@ -166,19 +166,7 @@ case $result in *" errors=0 "*) ;; *) fail "writes failed: $result" ;; esac
     sed 's/^/TIDEMARK-VM-INFO dd: /'
 
 # 4. The log verifies and replays to the image the trackers served.
-tidemark log check "$dir/log" > "$dir/check.out" 2>&1 || {
-    sed 's/^/TIDEMARK-VM-INFO log check: /' "$dir/check.out"
-    fail "tidemark log check failed"
-}
-echo "TIDEMARK-VM-INFO log check: $(tail -n 1 "$dir/check.out")"
-rm -f "$dir/replayed.img"
-truncate -s "${DISK_MB}M" "$dir/replayed.img"
-tidemark log replay "$dir/log" --onto "$dir/replayed.img" > "$dir/replay.out" 2>&1 || {
-    sed 's/^/TIDEMARK-VM-INFO log replay: /' "$dir/replay.out"
-    fail "tidemark log replay failed"
-}
-echo "TIDEMARK-VM-INFO log replay: $(tail -n 1 "$dir/replay.out")"
-cmp "$dir/disk.img" "$dir/replayed.img" || fail "the replayed log differs from the image"
+log_replays_to "$dir/disk.img"
 
 echo "TIDEMARK-VM-RESULT restart-gap-kill-ms=$gap_kill restart-gap-term-ms=$gap_term io-errors=$io_errors $result"
 echo "TIDEMARK-VM-PASS"

@@ -168,21 +168,9 @@ dmesg | grep -i "ublk" | sed 's/^/TIDEMARK-VM-INFO dmesg: /'
 case $result in *" errors=0 "*) ;; *) fail "writes failed: $result" ;; esac
 
 # 4. The log verifies, holds the barriers, replays to the served image.
-tidemark log check "$dir/log" > "$dir/check.out" 2>&1 || {
-    sed 's/^/TIDEMARK-VM-INFO log check: /' "$dir/check.out"
-    fail "tidemark log check failed"
-}
-echo "TIDEMARK-VM-INFO log check: $(tail -n 1 "$dir/check.out")"
+log_replays_to "$dir/disk.img"
 barriers=$(tidemark log dump "$dir/log" | grep -c -i "barrier")
 [ "$barriers" -gt 0 ] || fail "no barrier in the log"
-rm -f "$dir/replayed.img"
-truncate -s "${DISK_MB}M" "$dir/replayed.img"
-tidemark log replay "$dir/log" --onto "$dir/replayed.img" > "$dir/replay.out" 2>&1 || {
-    sed 's/^/TIDEMARK-VM-INFO log replay: /' "$dir/replay.out"
-    fail "tidemark log replay failed"
-}
-echo "TIDEMARK-VM-INFO log replay: $(tail -n 1 "$dir/replay.out")"
-cmp "$dir/disk.img" "$dir/replayed.img" || fail "the replayed log differs from the image"
 
 echo "TIDEMARK-VM-RESULT restart-gap-kill-ms=$gap_kill restart-gap-term-ms=$gap_term restart-gap-busy-ms=$gap_busy io-errors=$io_errors barriers=$barriers $result"
 echo "TIDEMARK-VM-PASS"
