@@ -541,9 +541,10 @@ fn serve_requests(
         let slot = conn.acquire(u64::from(buffer_bytes));
         let mut payload = Vec::new();
         if payload_len > 0 {
+            // Read in full below before anything reads it: no zeroing.
             payload = shared
                 .buffers
-                .take(usize::try_from(payload_len).unwrap_or(usize::MAX));
+                .take_for_overwrite(usize::try_from(payload_len).unwrap_or(usize::MAX));
             if let Err(error) = reader.read_exact(&mut payload) {
                 // A write whose data never fully arrived is not performed.
                 shared.buffers.give_back(payload);

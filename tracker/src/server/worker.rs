@@ -116,6 +116,21 @@ impl BufferPool {
         buf
     }
 
+    /// A buffer of `len` bytes that the caller overwrites in full before
+    /// anything reads it (a write's payload, read from the socket): its
+    /// bytes are whatever the pool held, so steady traffic of one size
+    /// costs no zeroing. Only bytes past what the reused buffer held are
+    /// zeroed.
+    pub(crate) fn take_for_overwrite(&self, len: usize) -> Vec<u8> {
+        let mut buf = lock(&self.free).pop().unwrap_or_default();
+        if buf.len() >= len {
+            buf.truncate(len);
+        } else {
+            buf.resize(len, 0);
+        }
+        buf
+    }
+
     /// Returns a buffer for reuse.
     pub(crate) fn give_back(&self, buf: Vec<u8>) {
         if buf.capacity() == 0 || buf.capacity() > KEEP_CAPACITY {
@@ -367,5 +382,28 @@ mod tests {
         assert!(lock(&pool.free)
             .iter()
             .all(|b| b.capacity() <= KEEP_CAPACITY));
+    }
+
+    #[test]
+    fn buffers_for_overwrite_are_reused_as_they_are_and_zeroed_when_taken_for_reads() {
+        let pool = BufferPool::default();
+        let mut buf = pool.take_for_overwrite(64);
+        assert_eq!(buf.len(), 64);
+        buf.fill(0xab);
+        let at = buf.as_ptr();
+        pool.give_back(buf);
+        // Same size or smaller: the same memory, not rewritten.
+        let buf = pool.take_for_overwrite(48);
+        assert_eq!((buf.as_ptr(), buf.len()), (at, 48));
+        assert!(buf.iter().all(|&b| b == 0xab));
+        pool.give_back(buf);
+        // Larger: the bytes it did not hold are zeroes.
+        let buf = pool.take_for_overwrite(96);
+        assert_eq!(buf.len(), 96);
+        assert!(buf[..48].iter().all(|&b| b == 0xab));
+        assert!(buf[48..].iter().all(|&b| b == 0));
+        pool.give_back(buf);
+        // A read's buffer never shows what a write left behind.
+        assert_eq!(pool.take(96), vec![0; 96]);
     }
 }
