@@ -122,6 +122,10 @@ echo
 echo "Kernel write paths in a Debian $(sed -n 's/.*bench setup: kernel \([^,]*\),.*/\1/p' "$work/vm.out" | head -n 1) guest under qemu TCG"
 echo "(tidemark: $bin_note; VM wall time $took s incl. boot; TCG: compare ratios, not absolutes)"
 awk '
+	/^TIDEMARK-VM-INFO bench tracker / {
+		for (i = 4; i <= NF; i++) { split($i, kv, "="); g[kv[1]] = kv[2] }
+		lat[g["workload"]] = g["write-latency-ms"]
+	}
 	/^TIDEMARK-VM-INFO bench result / {
 		for (i = 4; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
 		k = f["workload"] SUBSEP f["path"]
@@ -142,6 +146,11 @@ awk '
 			w = order[i]
 			printf "%s dm-linear %d ms/%d MB, nbd %d ms/%d MB%s", w, ms[w SUBSEP "dm-linear"], mb[w SUBSEP "dm-linear"],
 				ms[w SUBSEP "nbd"], mb[w SUBSEP "nbd"], i < n ? "; " : "\n"
+		}
+		printf "tracker write latency (backing write + log append, its metrics), mean per write:"
+		for (i = 1; i <= n; i++) {
+			w = order[i]
+			printf " %s %s ms%s", w, (w in lat) ? lat[w] : "n/a", i < n ? ";" : "\n"
 		}
 		print "ublk: not measured (Tidemark has no ublk server)"
 	}' "$work/vm.out"
