@@ -123,6 +123,10 @@ echo
 echo "Kernel write paths in a Debian $(sed -n 's/.*bench setup: kernel \([^,]*\),.*/\1/p' "$work/vm.out" | head -n 1) guest under qemu TCG"
 echo "(tidemark: $bin_note; VM wall time $took s incl. boot; TCG: compare ratios, not absolutes)"
 awk '
+	/^TIDEMARK-VM-INFO bench tracker / {
+		for (i = 4; i <= NF; i++) { split($i, kv, "="); g[kv[1]] = kv[2] }
+		lat[g["workload"] SUBSEP g["path"]] = g["write-latency-ms"]
+	}
 	/^TIDEMARK-VM-INFO bench result / {
 		for (i = 4; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
 		k = f["workload"] SUBSEP f["path"]
@@ -146,5 +150,11 @@ awk '
 			printf "%s dm-linear %d ms/%d MB, nbd %d ms/%d MB, ublk %d ms/%d MB%s", w,
 				ms[w SUBSEP "dm-linear"], mb[w SUBSEP "dm-linear"], ms[w SUBSEP "nbd"], mb[w SUBSEP "nbd"],
 				ms[w SUBSEP "ublk"], mb[w SUBSEP "ublk"], i < n ? "; " : "\n"
+		}
+		printf "tracker write latency (backing write + log append, its metrics), mean per write:"
+		for (i = 1; i <= n; i++) {
+			w = order[i]
+			printf " %s nbd %s ms, ublk %s ms%s", w, ((w, "nbd") in lat) ? lat[w, "nbd"] : "n/a",
+				((w, "ublk") in lat) ? lat[w, "ublk"] : "n/a", i < n ? ";" : "\n"
 		}
 	}' "$work/vm.out"

@@ -124,20 +124,48 @@ impl TrackerProcess {
     /// Starts a tracker on `image` with its sockets and log under `dir`,
     /// and waits until it serves.
     pub fn start(dir: &std::path::Path, image: &std::path::Path, extra: &[&str]) -> TrackerProcess {
-        use std::io::BufRead;
-        let socket = dir.join("nbd.sock");
-        let control = dir.join("tracker.ctl");
-        let log_dir = dir.join("log");
-        let mut child = tidemark()
+        let mut command = tidemark();
+        command
             .args(["tracker", "serve", "--image"])
             .arg(image)
             .args(["--name", "disk", "--socket"])
-            .arg(&socket)
+            .arg(dir.join("nbd.sock"))
             .arg("--control-socket")
-            .arg(&control)
+            .arg(dir.join("tracker.ctl"))
             .arg("--log-dir")
-            .arg(&log_dir)
-            .args(extra)
+            .arg(dir.join("log"))
+            .args(extra);
+        Self::spawn(dir, command)
+    }
+
+    /// Like [`start`](Self::start), from a configuration file written to
+    /// `dir/tracker.toml`: the same sockets, log and disk, plus `settings`
+    /// (lines of the `[tracker]` table, e.g. `max-block-size = "1MiB"`).
+    pub fn start_with_config(
+        dir: &std::path::Path,
+        image: &std::path::Path,
+        settings: &str,
+    ) -> TrackerProcess {
+        let config = dir.join("tracker.toml");
+        let d = dir.display();
+        std::fs::write(
+            &config,
+            format!(
+                "[tracker]\nlog-dir = \"{d}/log\"\nsocket = \"{d}/nbd.sock\"\n\
+                 control-socket = \"{d}/tracker.ctl\"\nmetrics-listen = \"127.0.0.1:0\"\n\
+                 {settings}\n\n[[tracker.disk]]\nname = \"disk\"\npath = \"{}\"\n",
+                image.display()
+            ),
+        )
+        .expect("writing the tracker's configuration");
+        let mut command = tidemark();
+        command.args(["tracker", "serve", "--config"]).arg(&config);
+        Self::spawn(dir, command)
+    }
+
+    fn spawn(dir: &std::path::Path, mut command: Command) -> TrackerProcess {
+        use std::io::BufRead;
+        let mut child = command
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("starting the tracker");
@@ -164,9 +192,9 @@ impl TrackerProcess {
         );
         TrackerProcess {
             child: Some(child),
-            socket,
-            control,
-            log_dir,
+            socket: dir.join("nbd.sock"),
+            control: dir.join("tracker.ctl"),
+            log_dir: dir.join("log"),
             export: "disk".into(),
             ready_line,
         }

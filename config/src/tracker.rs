@@ -24,7 +24,7 @@ pub const SEGMENT_ALIGNMENT: ByteSize = ByteSize::kib(4);
 pub const MIN_MAX_BLOCK_SIZE: ByteSize = ByteSize::kib(4);
 
 /// Largest allowed `max-block-size`: the most the kernel NBD client will ask
-/// for in one request.
+/// for in one request, and what the tracker accepts whatever it announces.
 pub const MAX_MAX_BLOCK_SIZE: ByteSize = ByteSize::mib(32);
 
 /// Bounds of `activity-extent-size`.
@@ -101,12 +101,14 @@ pub struct TrackerConfig {
     /// it sits in the block I/O path. Default: `false`.
     pub mlockall: bool,
 
-    /// Largest single request announced to the NBD client; larger requests
-    /// are refused. Clients that read the announcement (qemu, libnbd,
-    /// nbdfuse) split larger writes, and `tracker serve --attach` limits the
-    /// kernel device to it; the kernel NBD client attached by `nbd-client`
-    /// ignores it and sends up to 32MiB, so keep the default there.
-    /// A power of two from 4KiB to 32MiB. Default: `"32MiB"`.
+    /// Largest single request announced to the NBD client. Clients that
+    /// read the announcement (qemu, libnbd, nbdfuse) split larger requests,
+    /// and `tracker serve --attach` limits the kernel device to it. It is a
+    /// request, not a limit: the kernel NBD client attached by `nbd-client`
+    /// never hears it and sends up to 32MiB, and such requests are served
+    /// all the same (a write longer than a segment is logged as several
+    /// consecutive records). A power of two from 4KiB to 32MiB.
+    /// Default: `"32MiB"`.
     pub max_block_size: ByteSize,
 
     /// The protected disks, one `[[tracker.disk]]` table each. At least one
@@ -399,8 +401,8 @@ impl TrackerConfig {
             return Err(invalid(
                 "segment-size",
                 format!(
-                    "segment-size {} must be larger than max-block-size {}, so that a record \
-                     of the largest write fits in one segment",
+                    "segment-size {} must be larger than max-block-size {}, so that a write \
+                     of the announced largest size is one record",
                     self.segment_size, self.max_block_size
                 ),
             ));

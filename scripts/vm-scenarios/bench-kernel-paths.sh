@@ -39,6 +39,9 @@
 # Console lines for the host:
 #   TIDEMARK-VM-INFO bench result path=P workload=W iops=N mbps=X runtime-ms=T written-mb=M
 #   TIDEMARK-VM-INFO bench ratio workload=W P/dm-linear iops=R mbps=R
+#   TIDEMARK-VM-INFO bench tracker path=P workload=W writes=N write-latency-ms=X
+#                                        the tracker's mean write latency
+#                                        (its metrics) on path P
 #   TIDEMARK-VM-INFO ...                 other facts (devices, log sizes)
 #   TIDEMARK-VM-PASS | TIDEMARK-VM-FAIL: reason
 
@@ -131,7 +134,23 @@ EOF
     [ -b "$kdev" ] || fail "tracker $t: no device in: $(cat "$dir/tracker$t.out")"
 }
 
+# The tracker's own write latency (its metrics: from a write reaching the
+# group, through the backing write and the log append, to its
+# acknowledgement), as the mean over the run: what is left of a write's
+# time beyond it is the transport (NBD: the kernel client, the socket, the
+# request and reply handling; ublk: the driver and the io_uring commands).
+tracker_latency() {
+    path=$1 workload=$2
+    port=$(grep "serving metrics" "$dir/tracker$t.err" | grep -o "127.0.0.1:[0-9]*" | head -n 1 | cut -d: -f2)
+    [ -n "$port" ] || return 0
+    wget -q -O - "http://127.0.0.1:$port/metrics" 2>/dev/null | awk -v p="$path" -v w="$workload" '
+        /^tidemark_tracker_write_latency_seconds_sum/ { sum = $NF }
+        /^tidemark_tracker_write_latency_seconds_count/ { n = $NF }
+        END { if (n > 0) printf "TIDEMARK-VM-INFO bench tracker path=%s workload=%s writes=%d write-latency-ms=%.2f\n", p, w, n, sum / n * 1000 }'
+}
+
 stop_tracker() {
+    tracker_latency "$1" "$2"
     info "tracker $t: log after the run $(du -sk "$dir/log" | cut -f1) KiB (limit $((IO_CAP_MB + 64)) MiB)"
     grep -i -E "overflow|bitmap" "$dir/tracker$t.err" | head -n 3 | sed "s/^/TIDEMARK-VM-INFO tracker $t: /"
     kill -TERM "$tracker"
@@ -172,7 +191,7 @@ for path in nbd ublk; do
                 "write_cache=\"$(cat $q/write_cache)\" scheduler=\"$(cat $q/scheduler)\""
         fi
         run_fio "$path" "$kdev" "$w"
-        stop_tracker
+        stop_tracker "$path" "$w"
     done
 done
 

@@ -1,5 +1,5 @@
-//! The tracker against real, foreign NBD clients: qemu-io, nbdinfo and
-//! nbdcopy. After each workload the tracker is stopped cleanly, the log
+//! The tracker against real, foreign NBD clients: qemu-io, nbdinfo,
+//! nbdcopy and nbdsh. After each workload the tracker is stopped cleanly, the log
 //! must check clean, and replaying it onto a blank image must give the
 //! backing image byte for byte.
 
@@ -235,4 +235,86 @@ fn nbdcopy_round_trip_four_connections_one_log() {
         return;
     }
     nbdcopy_round_trip("4");
+}
+
+/// nbdsh needs Debian's python3 (with the `nbd` module) ahead of any other
+/// python3 on the PATH, such as a pyenv shim.
+fn nbdsh() -> Command {
+    let mut command = Command::new("nbdsh");
+    let path = std::env::var("PATH").unwrap_or_default();
+    command.env("PATH", format!("/usr/bin:/bin:{path}"));
+    command
+}
+
+/// The kernel's NBD client attached by nbd-client never hears the announced
+/// maximum block size and sends up to 32 MiB per request. nbdsh with strict
+/// checks off does the same here: a 4 MiB write, write-zeroes and read
+/// against a 1 MiB announcement, through segments of 2 MiB (so the write
+/// also becomes several log records), must be served, read back and replay
+/// to the same bytes.
+#[test]
+fn requests_above_the_announced_maximum_are_served_and_logged() {
+    if !require_tool(
+        "nbdsh",
+        "requests_above_the_announced_maximum_are_served_and_logged",
+    ) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let image = tmp.path().join("disk.img");
+    blank_image(&image, SIZE);
+    let tracker = TrackerProcess::start_with_config(
+        tmp.path(),
+        &image,
+        "max-block-size = \"1MiB\"\nsegment-size = \"2MiB\"\nlog-size-limit = \"64MiB\"",
+    );
+    let script = format!(
+        r#"
+import nbd
+h.connect_uri("{uri}")
+assert h.get_block_size(nbd.SIZE_MAXIMUM) == 1 << 20, h.get_block_size(nbd.SIZE_MAXIMUM)
+h.set_strict_mode(0)
+data = bytes((i * 7 + (i >> 12)) % 251 for i in range(4 << 20))
+h.pwrite(data, 3 << 20)
+h.pwrite(b"\xee" * (4 << 20), 16 << 20)
+h.zero(4 << 20, 16 << 20)
+h.flush()
+assert h.pread(4 << 20, 3 << 20) == data
+assert h.pread(4 << 20, 16 << 20) == bytes(4 << 20)
+h.shutdown()
+print("large requests ok")
+"#,
+        uri = tracker.uri(),
+    );
+    let out = nbdsh().args(["-c", &script]).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("large requests ok"),
+        "{text}"
+    );
+    let written = fs::read(&image).unwrap();
+    let expected: Vec<u8> = (0..4usize << 20)
+        .map(|i| ((i * 7 + (i >> 12)) % 251) as u8)
+        .collect();
+    assert!(
+        written[3 << 20..7 << 20] == expected[..],
+        "the backing image does not hold the 4 MiB write"
+    );
+    assert!(written[16 << 20..20 << 20].iter().all(|&b| b == 0));
+    stop_check_and_replay(tracker, tmp.path(), &image);
+    let dump = tidemark()
+        .args(["log", "dump", "--json"])
+        .arg(tmp.path().join("log"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8(dump.stdout).unwrap();
+    let writes = text.matches("\"kind\":\"write\"").count();
+    assert!(
+        writes >= 6,
+        "two 4 MiB writes through 2 MiB segments are at least 6 records, not {writes}"
+    );
 }

@@ -21,8 +21,18 @@ pub const MIN_PREFERRED_BLOCK: u32 = 512;
 /// Maximum block size meaning "no inherent limit".
 pub const UNLIMITED_MAX_BLOCK: u32 = u32::MAX;
 
+/// Longest read, write, cache or write-zeroes request accepted whatever
+/// maximum block size an export announces: 32 MiB. The protocol asks
+/// clients that know no limit to stay within it, and the kernel's NBD client
+/// sends requests up to it when attached by a tool that does not pass the
+/// announcement on (`nbd-client`), so refusing them would only turn the
+/// announcement into I/O errors. Every backend must therefore perform
+/// requests up to this length.
+pub const TOLERATED_MAX_BLOCK: u32 = 1 << 25;
+
 /// An export's block size constraints, as advertised in `NBD_INFO_BLOCK_SIZE`
-/// and enforced by the transmission validator.
+/// and enforced by the transmission validator (the maximum leniently: see
+/// [`accepted_max`](Self::accepted_max)).
 ///
 /// Invariants (from the protocol's "Block size constraints"): `min` is a
 /// power of two in `1..=65536`; `preferred` is a power of two at least
@@ -72,9 +82,21 @@ impl BlockSizes {
         self.preferred
     }
 
-    /// Largest length of one read, write, cache or write-zeroes request.
+    /// Largest length of one read, write, cache or write-zeroes request, as
+    /// announced to clients that read it.
     pub const fn max(self) -> u32 {
         self.max
+    }
+
+    /// Largest length of one read, write, cache or write-zeroes request the
+    /// validator accepts: the announced maximum, but never below
+    /// [`TOLERATED_MAX_BLOCK`].
+    pub const fn accepted_max(self) -> u32 {
+        if self.max > TOLERATED_MAX_BLOCK {
+            self.max
+        } else {
+            TOLERATED_MAX_BLOCK
+        }
     }
 }
 
@@ -166,6 +188,16 @@ mod tests {
         );
         assert!(BlockSizes::new(1, 512, UNLIMITED_MAX_BLOCK).is_ok());
         assert!(BlockSizes::new(65536, 65536, 65536).is_ok());
+    }
+
+    #[test]
+    fn requests_up_to_32_mib_are_accepted_whatever_the_announced_maximum() {
+        let accepted = |max| BlockSizes::new(1, 4096, max).unwrap().accepted_max();
+        assert_eq!(accepted(4096), 32 << 20);
+        assert_eq!(accepted(1 << 20), 32 << 20);
+        assert_eq!(accepted(32 << 20), 32 << 20);
+        assert_eq!(accepted(64 << 20), 64 << 20);
+        assert_eq!(accepted(UNLIMITED_MAX_BLOCK), UNLIMITED_MAX_BLOCK);
     }
 
     #[test]

@@ -40,11 +40,18 @@
 //!
 //! | refusal                                          | error       |
 //! |--------------------------------------------------|-------------|
-//! | unknown command; flag not valid for the command or not advertised; command not advertised; flush with a range; zero length; offset or length not a multiple of the minimum block size; read / write / cache / write-zeroes longer than the maximum block size; block status without a selected context | `EINVAL` |
+//! | unknown command; flag not valid for the command or not advertised; command not advertised; flush with a range; zero length; offset or length not a multiple of the minimum block size; read / write / cache / write-zeroes longer than both the maximum block size and 32 MiB; block status without a selected context | `EINVAL` |
 //! | write, trim or write-zeroes on a read-only export | `EPERM`     |
 //! | write or write-zeroes past the end of the export  | `ENOSPC`    |
 //! | read, trim, cache or block status past the end    | `EINVAL`    |
 //! | don't-fragment read too long for one chunk        | `EOVERFLOW` |
+//!
+//! The announced maximum block size is a request to the client, not a
+//! limit on what is accepted: requests up to 32 MiB
+//! ([`TOLERATED_MAX_BLOCK`](super::export::TOLERATED_MAX_BLOCK)) pass however small it is, because the kernel's
+//! NBD client attached by `nbd-client` never hears of it. A backend splits
+//! what it cannot take whole (the group logs a large write as several
+//! records).
 //!
 //! A refused write still has its payload on the stream; [`Recovery`] tells
 //! the shell whether to read and drop it or, when it is too large to be
@@ -246,15 +253,16 @@ pub enum RequestError {
         min_block: u32,
     },
     /// A read, write, cache or write-zeroes (without fast-zero) longer than
-    /// the maximum block size.
-    #[error("{command:?} of {length} bytes exceeds the {max_block}-byte maximum block size")]
+    /// both the maximum block size and 32 MiB.
+    #[error("{command:?} of {length} bytes exceeds the {limit}-byte request limit")]
     TooLarge {
         /// The command.
         command: CommandType,
         /// The length as received.
         length: u32,
-        /// The advertised maximum block size.
-        max_block: u32,
+        /// The longest length accepted
+        /// ([`BlockSizes::accepted_max`](super::export::BlockSizes::accepted_max)).
+        limit: u32,
     },
     /// The range ends past the end of the export (or past 2^64).
     #[error("{command:?} at {offset}+{length} runs past the end of the {size}-byte export")]
@@ -393,7 +401,7 @@ impl RequestHeader {
         match self.payload_len() {
             0 => Recovery::Reply,
             payload => {
-                let tolerated = WRITE_DISCARD_LIMIT.max(session.export.block_sizes.max());
+                let tolerated = WRITE_DISCARD_LIMIT.max(session.export.block_sizes.accepted_max());
                 if payload <= tolerated {
                     Recovery::DiscardThenReply { payload }
                 } else {
@@ -510,12 +518,12 @@ impl RequestHeader {
             CommandType::WriteZeroes => !self.flags.contains(CommandFlags::FAST_ZERO),
             _ => false,
         };
-        let max_block = export.block_sizes.max();
-        if bounded && length > max_block {
+        let limit = export.block_sizes.accepted_max();
+        if bounded && length > limit {
             return Err(RequestError::TooLarge {
                 command,
                 length,
-                max_block,
+                limit,
             });
         }
         let end = offset.checked_add(u64::from(length));
@@ -1067,30 +1075,99 @@ mod tests {
     }
 
     #[test]
-    fn requests_beyond_the_maximum_block_size_are_invalid() {
-        for kind in [
-            CommandType::Read,
-            CommandType::Write,
-            CommandType::Cache,
-            CommandType::WriteZeroes,
+    fn requests_up_to_32_mib_pass_whatever_maximum_was_announced() {
+        // `full()` announces 1 MiB; a client that ignores it (the kernel's
+        // NBD client attached by nbd-client) still gets its requests served.
+        let session = full();
+        for length in [MIB + 512, 4 * MIB, 32 * MIB] {
+            let cases = [
+                (
+                    request(CommandType::Write, CommandFlags::FUA, 0, length),
+                    Command::Write {
+                        offset: 0,
+                        length,
+                        fua: true,
+                    },
+                ),
+                (
+                    request(CommandType::WriteZeroes, CommandFlags::EMPTY, 0, length),
+                    Command::WriteZeroes {
+                        offset: 0,
+                        length,
+                        fua: false,
+                        no_hole: false,
+                        fast_zero: false,
+                    },
+                ),
+                (
+                    request(CommandType::Read, CommandFlags::EMPTY, 0, length),
+                    Command::Read {
+                        offset: 0,
+                        length,
+                        dont_fragment: false,
+                    },
+                ),
+                (
+                    request(CommandType::Cache, CommandFlags::EMPTY, 0, length),
+                    Command::Cache { offset: 0, length },
+                ),
+            ];
+            for (header, command) in cases {
+                assert_eq!(header.validate(&session), Ok(command), "{header:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn requests_beyond_32_mib_and_the_maximum_block_size_are_invalid() {
+        let mut large = full();
+        large.export.block_sizes = BlockSizes::new(512, 4096, 64 * MIB).unwrap();
+        for (session, length, limit) in [
+            (full(), 32 * MIB + 512, 32 * MIB),
+            (full(), 64 * MIB, 32 * MIB),
+            (large, 64 * MIB + 512, 64 * MIB),
         ] {
-            let (reason, errno, _) =
-                refusal(request(kind, CommandFlags::EMPTY, 0, 2 * MIB), &full());
-            assert_eq!(
-                reason,
-                RequestError::TooLarge {
-                    command: kind,
-                    length: 2 * MIB,
-                    max_block: MIB
-                }
-            );
-            assert_eq!(errno, Errno::Inval);
+            // Up to an announced maximum above 32 MiB is accepted.
+            assert!(request(CommandType::Read, CommandFlags::EMPTY, 0, limit)
+                .validate(&session)
+                .is_ok());
+            for kind in [
+                CommandType::Read,
+                CommandType::Write,
+                CommandType::Cache,
+                CommandType::WriteZeroes,
+            ] {
+                let (reason, errno, _) =
+                    refusal(request(kind, CommandFlags::EMPTY, 0, length), &session);
+                assert_eq!(
+                    reason,
+                    RequestError::TooLarge {
+                        command: kind,
+                        length,
+                        limit
+                    }
+                );
+                assert_eq!(errno, Errno::Inval);
+            }
+        }
+        // Trim and fast-zero write-zeroes stay unbounded.
+        for header in [
+            request(CommandType::Trim, CommandFlags::EMPTY, 0, 64 * MIB),
+            request(
+                CommandType::WriteZeroes,
+                CommandFlags::FAST_ZERO,
+                0,
+                64 * MIB,
+            ),
+        ] {
+            assert!(header.validate(&full()).is_ok(), "{header:?}");
         }
     }
 
     #[test]
     fn an_oversized_write_payload_is_dropped_or_ends_the_connection() {
-        let header = |length| request(CommandType::Write, CommandFlags::EMPTY, 0, length);
+        // Past the end of the 1 GiB export, so refused at any length.
+        let header = |length| request(CommandType::Write, CommandFlags::EMPTY, 1 << 30, length);
         assert_eq!(
             refusal(header(WRITE_DISCARD_LIMIT), &full()).2,
             Recovery::DiscardThenReply {
@@ -1380,7 +1457,7 @@ mod tests {
                     prop_assert!(!header.flags.contains(CommandFlags::PAYLOAD_LEN));
                     match command {
                         Command::Read { .. } | Command::Write { .. } | Command::Cache { .. } => {
-                            prop_assert!(length <= export.block_sizes.max());
+                            prop_assert!(length <= export.block_sizes.accepted_max());
                         }
                         Command::BlockStatus { context, .. } => {
                             prop_assert_eq!(Some(context), session.base_allocation);
@@ -1400,10 +1477,10 @@ mod tests {
                         Recovery::Reply => prop_assert_eq!(header.payload_len(), 0),
                         Recovery::DiscardThenReply { payload } => {
                             prop_assert_eq!(payload, header.payload_len());
-                            prop_assert!(payload <= WRITE_DISCARD_LIMIT.max(export.block_sizes.max()));
+                            prop_assert!(payload <= WRITE_DISCARD_LIMIT.max(export.block_sizes.accepted_max()));
                         }
                         Recovery::Close => {
-                            prop_assert!(header.payload_len() > WRITE_DISCARD_LIMIT.max(export.block_sizes.max()));
+                            prop_assert!(header.payload_len() > WRITE_DISCARD_LIMIT.max(export.block_sizes.accepted_max()));
                         }
                     }
                     // The reason renders as a message for an error chunk.

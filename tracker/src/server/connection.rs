@@ -32,7 +32,7 @@ use crate::nbd::transmission::{
 
 use super::listener::Stream;
 use super::reply::{Outbox, OutgoingReply};
-use super::worker::{lock, Job};
+use super::worker::{lock, Job, Payload};
 use super::{ServerOptions, Shared};
 
 /// Why a connection ended; for the log.
@@ -539,14 +539,15 @@ fn serve_requests(
             _ => (0, 0),
         };
         let slot = conn.acquire(u64::from(buffer_bytes));
-        let mut payload = Vec::new();
+        let mut payload = Payload::empty();
         if payload_len > 0 {
+            // Read in full below before anything reads it: no zeroing.
             payload = shared
                 .buffers
-                .take(usize::try_from(payload_len).unwrap_or(usize::MAX));
-            if let Err(error) = reader.read_exact(&mut payload) {
+                .take_payload(usize::try_from(payload_len).unwrap_or(usize::MAX));
+            if let Err(error) = reader.read_exact(payload.as_mut_slice()) {
                 // A write whose data never fully arrived is not performed.
-                shared.buffers.give_back(payload);
+                shared.buffers.give_back_payload(payload);
                 return Ended::from_io(error);
             }
         }

@@ -19,6 +19,7 @@ use crate::nbd::constants::{Errno, ExtentStatus};
 use crate::nbd::transmission::{
     encode_block_status, encode_offset_data_header, encode_simple_reply, Command, Extent,
 };
+use crate::storage::PAGE_ALIGN;
 
 use super::connection::{Connection, InFlightSlot};
 use super::reply::OutgoingReply;
@@ -38,7 +39,37 @@ pub(crate) struct Job {
     /// What to do; never [`Command::Disconnect`].
     pub(crate) command: Command,
     /// The data of a write, read in full by the connection thread.
-    pub(crate) payload: Vec<u8>,
+    pub(crate) payload: Payload,
+}
+
+/// A write's data in a pooled buffer, placed to start on a page boundary:
+/// the backing device's direct I/O can then take it as it is, where data
+/// at an address malloc chose would be copied into a bounce buffer first.
+pub(crate) struct Payload {
+    buf: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl Payload {
+    /// No data (every request but a write).
+    pub(crate) const fn empty() -> Self {
+        Self {
+            buf: Vec::new(),
+            start: 0,
+            len: 0,
+        }
+    }
+
+    /// The data.
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        &self.buf[self.start..self.start + self.len]
+    }
+
+    /// The data, to be filled.
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.buf[self.start..self.start + self.len]
+    }
 }
 
 /// The queue between connection threads and workers. Unbounded in itself;
@@ -100,8 +131,9 @@ pub(crate) struct BufferPool {
     free: Mutex<Vec<Vec<u8>>>,
 }
 
-/// Largest buffer kept for reuse.
-const KEEP_CAPACITY: usize = 1 << 20;
+/// Largest buffer kept for reuse: 1 MiB of data, and the room a write's
+/// payload needs to start on a page boundary.
+const KEEP_CAPACITY: usize = (1 << 20) + PAGE_ALIGN;
 
 /// Most buffers kept for reuse.
 const KEEP_COUNT: usize = 64;
@@ -114,6 +146,41 @@ impl BufferPool {
         buf.clear();
         buf.resize(len, 0);
         buf
+    }
+
+    /// A buffer of `len` bytes that the caller overwrites in full before
+    /// anything reads it (a write's payload, read from the socket): its
+    /// bytes are whatever the pool held, so steady traffic of one size
+    /// costs no zeroing. Only bytes past what the reused buffer held are
+    /// zeroed.
+    pub(crate) fn take_for_overwrite(&self, len: usize) -> Vec<u8> {
+        let mut buf = lock(&self.free).pop().unwrap_or_default();
+        if buf.len() >= len {
+            buf.truncate(len);
+        } else {
+            buf.resize(len, 0);
+        }
+        buf
+    }
+
+    /// A buffer for a write's `len` bytes of data, which the caller
+    /// overwrites in full before anything reads them (see
+    /// [`take_for_overwrite`](Self::take_for_overwrite)), starting on a page
+    /// boundary.
+    pub(crate) fn take_payload(&self, len: usize) -> Payload {
+        let buf = self.take_for_overwrite(len.saturating_add(PAGE_ALIGN - 1));
+        // Always below PAGE_ALIGN for bytes; should it ever not be, the data
+        // starts unaligned and the device copies it, which is only slower.
+        let start = match buf.as_ptr().align_offset(PAGE_ALIGN) {
+            start if start < PAGE_ALIGN => start,
+            _ => 0,
+        };
+        Payload { buf, start, len }
+    }
+
+    /// Returns a write's buffer for reuse.
+    pub(crate) fn give_back_payload(&self, payload: Payload) {
+        self.give_back(payload.buf);
     }
 
     /// Returns a buffer for reuse.
@@ -184,13 +251,13 @@ fn perform(job: Job, buffers: &BufferPool) {
     } = job;
     let conn = Arc::clone(slot.connection());
     let outcome = catch_unwind(AssertUnwindSafe(|| {
-        call_backend(&conn, command, &payload, buffers)
+        call_backend(&conn, command, payload.as_slice(), buffers)
     }))
     .unwrap_or_else(|_| {
         tracing::error!(conn = conn.id, ?command, "backend panicked; replying EIO");
         Outcome::Failed(Errno::Io)
     });
-    buffers.give_back(payload);
+    buffers.give_back_payload(payload);
     // The slot travels with the reply and is freed once it is sent.
     reply(&conn, cookie, outcome, slot, buffers);
 }
@@ -367,5 +434,52 @@ mod tests {
         assert!(lock(&pool.free)
             .iter()
             .all(|b| b.capacity() <= KEEP_CAPACITY));
+    }
+
+    #[test]
+    fn buffers_for_overwrite_are_reused_as_they_are_and_zeroed_when_taken_for_reads() {
+        let pool = BufferPool::default();
+        let mut buf = pool.take_for_overwrite(64);
+        assert_eq!(buf.len(), 64);
+        buf.fill(0xab);
+        let at = buf.as_ptr();
+        pool.give_back(buf);
+        // Same size or smaller: the same memory, not rewritten.
+        let buf = pool.take_for_overwrite(48);
+        assert_eq!((buf.as_ptr(), buf.len()), (at, 48));
+        assert!(buf.iter().all(|&b| b == 0xab));
+        pool.give_back(buf);
+        // Larger: the bytes it did not hold are zeroes.
+        let buf = pool.take_for_overwrite(96);
+        assert_eq!(buf.len(), 96);
+        assert!(buf[..48].iter().all(|&b| b == 0xab));
+        assert!(buf[48..].iter().all(|&b| b == 0));
+        pool.give_back(buf);
+        // A read's buffer never shows what a write left behind.
+        assert_eq!(pool.take(96), vec![0; 96]);
+    }
+
+    #[test]
+    fn write_payloads_start_on_a_page_boundary_and_are_reused() {
+        let pool = BufferPool::default();
+        for len in [1, 512, 4096, 65536, 1 << 20] {
+            let mut payload = pool.take_payload(len);
+            assert_eq!(payload.as_slice().len(), len);
+            assert_eq!(
+                payload.as_slice().as_ptr() as usize % PAGE_ALIGN,
+                0,
+                "{len}"
+            );
+            payload.as_mut_slice().fill(0x5a);
+            let at = payload.as_slice().as_ptr();
+            pool.give_back_payload(payload);
+            // The same buffer comes back for the next write of that size
+            // (1 MiB included: the pool keeps it).
+            let again = pool.take_payload(len);
+            assert_eq!(again.as_slice().as_ptr(), at, "{len}");
+            assert_eq!(again.as_slice().as_ptr() as usize % PAGE_ALIGN, 0, "{len}");
+            pool.give_back_payload(again);
+        }
+        assert!(Payload::empty().as_slice().is_empty());
     }
 }
