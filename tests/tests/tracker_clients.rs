@@ -113,12 +113,7 @@ fn qemu_io_writes_reads_discards_and_flushes() {
         ],
     );
     stop_check_and_replay(tracker, tmp.path(), &image);
-    let dump = tidemark()
-        .args(["log", "dump", "--json"])
-        .arg(tmp.path().join("log"))
-        .output()
-        .unwrap();
-    let text = String::from_utf8(dump.stdout).unwrap();
+    let text = log_dump_json(&tmp.path().join("log"));
     assert!(
         text.contains("\"kind\":\"trim\""),
         "discard is logged as a trim"
@@ -306,15 +301,20 @@ print("large requests ok")
     );
     assert!(written[16 << 20..20 << 20].iter().all(|&b| b == 0));
     stop_check_and_replay(tracker, tmp.path(), &image);
-    let dump = tidemark()
-        .args(["log", "dump", "--json"])
-        .arg(tmp.path().join("log"))
-        .output()
-        .unwrap();
-    let text = String::from_utf8(dump.stdout).unwrap();
+    let text = log_dump_json(&tmp.path().join("log"));
     let writes = text.matches("\"kind\":\"write\"").count();
     assert!(
         writes >= 6,
         "two 4 MiB writes through 2 MiB segments are at least 6 records, not {writes}"
     );
+}
+
+/// `tidemark log dump --json` of the log in `dir`.
+fn log_dump_json(dir: &std::path::Path) -> String {
+    let dump = tidemark()
+        .args(["log", "dump", "--json"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    String::from_utf8(dump.stdout).unwrap()
 }

@@ -19,7 +19,7 @@ use crate::nbd::constants::{Errno, ExtentStatus};
 use crate::nbd::transmission::{
     encode_block_status, encode_offset_data_header, encode_simple_reply, Command, Extent,
 };
-use crate::storage::PAGE_ALIGN;
+use crate::storage::AlignedBuf;
 
 use super::connection::{Connection, InFlightSlot};
 use super::reply::OutgoingReply;
@@ -42,33 +42,31 @@ pub(crate) struct Job {
     pub(crate) payload: Payload,
 }
 
-/// A write's data in a pooled buffer, placed to start on a page boundary:
-/// the backing device's direct I/O can then take it as it is, where data
-/// at an address malloc chose would be copied into a bounce buffer first.
+/// A write's data in a pooled [`AlignedBuf`]: it starts on a page boundary,
+/// so the backing device's direct I/O takes it as it is, where data at an
+/// address malloc chose would be copied into a bounce buffer first.
 pub(crate) struct Payload {
-    buf: Vec<u8>,
-    start: usize,
+    buf: Option<AlignedBuf>,
     len: usize,
 }
 
 impl Payload {
     /// No data (every request but a write).
     pub(crate) const fn empty() -> Self {
-        Self {
-            buf: Vec::new(),
-            start: 0,
-            len: 0,
-        }
+        Self { buf: None, len: 0 }
     }
 
     /// The data.
     pub(crate) fn as_slice(&self) -> &[u8] {
-        &self.buf[self.start..self.start + self.len]
+        self.buf.as_deref().map_or(&[], |b| &b[..self.len])
     }
 
     /// The data, to be filled.
     pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut self.buf[self.start..self.start + self.len]
+        match self.buf.as_deref_mut() {
+            Some(b) => &mut b[..self.len],
+            None => &mut [],
+        }
     }
 }
 
@@ -129,11 +127,12 @@ impl RequestQueue {
 #[derive(Default)]
 pub(crate) struct BufferPool {
     free: Mutex<Vec<Vec<u8>>>,
+    /// Write payloads' buffers, kept apart: their contents are stale.
+    payloads: Mutex<Vec<AlignedBuf>>,
 }
 
-/// Largest buffer kept for reuse: 1 MiB of data, and the room a write's
-/// payload needs to start on a page boundary.
-const KEEP_CAPACITY: usize = (1 << 20) + PAGE_ALIGN;
+/// Largest buffer kept for reuse.
+const KEEP_CAPACITY: usize = 1 << 20;
 
 /// Most buffers kept for reuse.
 const KEEP_COUNT: usize = 64;
@@ -148,39 +147,29 @@ impl BufferPool {
         buf
     }
 
-    /// A buffer of `len` bytes that the caller overwrites in full before
-    /// anything reads it (a write's payload, read from the socket): its
-    /// bytes are whatever the pool held, so steady traffic of one size
-    /// costs no zeroing. Only bytes past what the reused buffer held are
-    /// zeroed.
-    pub(crate) fn take_for_overwrite(&self, len: usize) -> Vec<u8> {
-        let mut buf = lock(&self.free).pop().unwrap_or_default();
-        if buf.len() >= len {
-            buf.truncate(len);
-        } else {
-            buf.resize(len, 0);
-        }
-        buf
-    }
-
-    /// A buffer for a write's `len` bytes of data, which the caller
-    /// overwrites in full before anything reads them (see
-    /// [`take_for_overwrite`](Self::take_for_overwrite)), starting on a page
-    /// boundary.
+    /// A page-aligned buffer for a write's `len` bytes of data, which the
+    /// caller overwrites in full (from the socket) before anything reads
+    /// them: a reused buffer is not zeroed, so steady traffic of one size
+    /// costs no zeroing; a new one comes zeroed from the allocator.
     pub(crate) fn take_payload(&self, len: usize) -> Payload {
-        let buf = self.take_for_overwrite(len.saturating_add(PAGE_ALIGN - 1));
-        // Always below PAGE_ALIGN for bytes; should it ever not be, the data
-        // starts unaligned and the device copies it, which is only slower.
-        let start = match buf.as_ptr().align_offset(PAGE_ALIGN) {
-            start if start < PAGE_ALIGN => start,
-            _ => 0,
-        };
-        Payload { buf, start, len }
+        let reused = lock(&self.payloads).pop().filter(|b| b.len() >= len);
+        let buf = reused.unwrap_or_else(|| AlignedBuf::page_aligned(len));
+        Payload {
+            buf: Some(buf),
+            len,
+        }
     }
 
     /// Returns a write's buffer for reuse.
     pub(crate) fn give_back_payload(&self, payload: Payload) {
-        self.give_back(payload.buf);
+        let Some(buf) = payload.buf else { return };
+        if buf.len() > KEEP_CAPACITY {
+            return;
+        }
+        let mut free = lock(&self.payloads);
+        if free.len() < KEEP_COUNT {
+            free.push(buf);
+        }
     }
 
     /// Returns a buffer for reuse.
@@ -437,24 +426,25 @@ mod tests {
     }
 
     #[test]
-    fn buffers_for_overwrite_are_reused_as_they_are_and_zeroed_when_taken_for_reads() {
+    fn write_buffers_are_reused_as_they_are_and_never_handed_to_reads() {
         let pool = BufferPool::default();
-        let mut buf = pool.take_for_overwrite(64);
-        assert_eq!(buf.len(), 64);
-        buf.fill(0xab);
-        let at = buf.as_ptr();
-        pool.give_back(buf);
+        let mut payload = pool.take_payload(64);
+        assert_eq!(payload.as_slice().len(), 64);
+        payload.as_mut_slice().fill(0xab);
+        let at = payload.as_slice().as_ptr();
+        pool.give_back_payload(payload);
         // Same size or smaller: the same memory, not rewritten.
-        let buf = pool.take_for_overwrite(48);
-        assert_eq!((buf.as_ptr(), buf.len()), (at, 48));
-        assert!(buf.iter().all(|&b| b == 0xab));
-        pool.give_back(buf);
-        // Larger: the bytes it did not hold are zeroes.
-        let buf = pool.take_for_overwrite(96);
-        assert_eq!(buf.len(), 96);
-        assert!(buf[..48].iter().all(|&b| b == 0xab));
-        assert!(buf[48..].iter().all(|&b| b == 0));
-        pool.give_back(buf);
+        let payload = pool.take_payload(48);
+        assert_eq!(
+            (payload.as_slice().as_ptr(), payload.as_slice().len()),
+            (at, 48)
+        );
+        assert!(payload.as_slice().iter().all(|&b| b == 0xab));
+        pool.give_back_payload(payload);
+        // Larger than any kept buffer: a new one, zeroed.
+        let payload = pool.take_payload(1 << 16);
+        assert!(payload.as_slice().iter().all(|&b| b == 0));
+        pool.give_back_payload(payload);
         // A read's buffer never shows what a write left behind.
         assert_eq!(pool.take(96), vec![0; 96]);
     }
@@ -466,7 +456,7 @@ mod tests {
             let mut payload = pool.take_payload(len);
             assert_eq!(payload.as_slice().len(), len);
             assert_eq!(
-                payload.as_slice().as_ptr() as usize % PAGE_ALIGN,
+                payload.as_slice().as_ptr() as usize % crate::storage::PAGE_ALIGN,
                 0,
                 "{len}"
             );
@@ -477,7 +467,11 @@ mod tests {
             // (1 MiB included: the pool keeps it).
             let again = pool.take_payload(len);
             assert_eq!(again.as_slice().as_ptr(), at, "{len}");
-            assert_eq!(again.as_slice().as_ptr() as usize % PAGE_ALIGN, 0, "{len}");
+            assert_eq!(
+                again.as_slice().as_ptr() as usize % crate::storage::PAGE_ALIGN,
+                0,
+                "{len}"
+            );
             pool.give_back_payload(again);
         }
         assert!(Payload::empty().as_slice().is_empty());

@@ -27,6 +27,7 @@ use io_uring::{opcode, types, IoUring};
 use super::sys::{self, io_flags, op, IoCmd, IoDesc};
 use crate::backend::Backend;
 use crate::nbd::constants::Errno;
+use crate::storage::AlignedBuf;
 
 /// The user data of the eventfd read; tags are below it.
 const WAKE: u64 = u64::MAX;
@@ -47,40 +48,19 @@ pub(crate) struct QueueSpec {
     pub workers: usize,
 }
 
-/// A memory region of our own: the tag buffers, or the mapped descriptors.
+/// The driver's descriptor array of the queue, mapped read-only.
 struct Mapping {
     base: *mut u8,
     len: usize,
 }
 
-// SAFETY: the region is plain memory; who may touch which part when is the
-// tag ownership protocol described in the module doc.
+// SAFETY: read-only memory the driver writes; a descriptor is read only by
+// the queue thread, while it owns the tag (module doc).
 unsafe impl Send for Mapping {}
 // SAFETY: as above.
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
-    fn anonymous(len: usize) -> std::io::Result<Self> {
-        // SAFETY: a fresh private anonymous mapping; checked below.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(Self {
-            base: base.cast(),
-            len,
-        })
-    }
-
     fn descriptors(file: &File, offset: i64, len: usize) -> std::io::Result<Self> {
         // SAFETY: a read-only shared mapping of the driver's descriptor
         // array for this queue; checked below.
@@ -106,21 +86,39 @@ impl Mapping {
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: unmaps exactly what was mapped; nothing refers to it once
-        // the queue thread and the workers are gone (they own the Arcs).
+        // SAFETY: unmaps exactly what was mapped; only the queue thread,
+        // which owns the mapping, ever read it.
         unsafe { libc::munmap(self.base.cast(), self.len) };
     }
 }
 
-/// The tag buffers.
+/// The tag buffers: one page-aligned allocation, `per_tag` bytes a tag.
 struct Buffers {
-    map: Mapping,
+    /// Owns the memory; touched only through `base` (module doc).
+    _memory: AlignedBuf,
+    base: *mut u8,
     per_tag: usize,
 }
 
+// SAFETY: plain memory owned by `_memory`; who may touch which tag's part
+// when is the tag ownership protocol of the module doc.
+unsafe impl Send for Buffers {}
+// SAFETY: as above.
+unsafe impl Sync for Buffers {}
+
 impl Buffers {
+    fn new(tags: u16, per_tag: usize) -> Self {
+        let mut memory = AlignedBuf::page_aligned(usize::from(tags) * per_tag);
+        let base = memory.as_mut_ptr();
+        Self {
+            _memory: memory,
+            base,
+            per_tag,
+        }
+    }
+
     fn address(&self, tag: u16) -> u64 {
-        self.map.base as u64 + u64::from(tag) * self.per_tag as u64
+        self.base as u64 + u64::from(tag) * self.per_tag as u64
     }
 
     /// The tag's buffer.
@@ -134,7 +132,7 @@ impl Buffers {
         // ownership of the tag.
         unsafe {
             std::slice::from_raw_parts_mut(
-                self.map.base.add(usize::from(tag) * self.per_tag),
+                self.base.add(usize::from(tag) * self.per_tag),
                 self.per_tag,
             )
         }
@@ -176,10 +174,7 @@ impl Queue {
             sys::descriptors_offset(0, page),
             sys::descriptors_len(spec.depth, page),
         )?;
-        let buffers = Arc::new(Buffers {
-            map: Mapping::anonymous(usize::from(spec.depth) * spec.buf_bytes)?,
-            per_tag: spec.buf_bytes,
-        });
+        let buffers = Arc::new(Buffers::new(spec.depth, spec.buf_bytes));
         // SAFETY: eventfd takes flags only; the result is checked.
         let wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
         if wake < 0 {
