@@ -108,24 +108,11 @@ start_tracker() {
     frontend=$1
     t=$((t + 1))
     rm -rf "$dir/log"
-    cat > "$dir/tracker.toml" <<EOF
-[tracker]
-log-dir = "$dir/log"
-socket = "$dir/nbd.sock"
-control-socket = "$dir/tracker.ctl"
-metrics-listen = "127.0.0.1:0"
-log-size-limit = "$((IO_CAP_MB + 64))MiB"
-segment-size = "16MiB"
-max-block-size = "4MiB"
-
+    write_tracker_toml "$disk" "$((IO_CAP_MB + 64))MiB" "
 [tracker.attach]
-io-timeout = "30s"
-dead-connection-timeout = "60s"
-
-[[tracker.disk]]
-name = "disk"
-path = "$disk"
-EOF
+io-timeout = \"30s\"
+dead-connection-timeout = \"60s\"
+"
     case $frontend in
         nbd) serve_tracker "tracker$t" "attached " --attach ;;
         ublk) serve_tracker "tracker$t" "ublk " --ublk ;;

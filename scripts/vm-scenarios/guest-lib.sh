@@ -9,6 +9,28 @@ now_ms() {
     echo $(( ${up%.*} * 1000 + 1${up#*.} * 10 - 1000 ))
 }
 
+# write_tracker_toml DISK LOG_LIMIT [TABLES]: $dir/tracker.toml for one disk
+# named "disk" at DISK, its log in $dir/log (at most LOG_LIMIT, 16 MiB
+# segments, 4 MiB announced as the largest request), its sockets in $dir,
+# metrics on a free loopback port; TABLES (TOML, e.g. [tracker.attach])
+# go between the [tracker] keys and the disk.
+write_tracker_toml() {
+    cat > "$dir/tracker.toml" <<EOF
+[tracker]
+log-dir = "$dir/log"
+socket = "$dir/nbd.sock"
+control-socket = "$dir/tracker.ctl"
+metrics-listen = "127.0.0.1:0"
+log-size-limit = "$2"
+segment-size = "16MiB"
+max-block-size = "4MiB"
+${3:-}
+[[tracker.disk]]
+name = "disk"
+path = "$1"
+EOF
+}
+
 # serve_tracker NAME READY FLAGS...: starts `tidemark tracker serve --config
 # $dir/tracker.toml FLAGS...`, its output in $dir/NAME.out and $dir/NAME.err,
 # and waits (30 s at most) until a line of its stdout starts with READY.

@@ -70,20 +70,7 @@ info() { echo "TIDEMARK-VM-INFO $*"; }
 t0=$(date +%s)
 mkdir -p "$dir" || fail "mkdir $dir"
 truncate -s "${DISK_MB}M" "$dir/disk.img" || fail "truncate"
-cat > "$dir/tracker.toml" <<EOF
-[tracker]
-log-dir = "$dir/log"
-socket = "$dir/nbd.sock"
-control-socket = "$ctl"
-metrics-listen = "127.0.0.1:0"
-log-size-limit = "256MiB"
-segment-size = "16MiB"
-max-block-size = "4MiB"
-
-[[tracker.disk]]
-name = "disk"
-path = "$dir/disk.img"
-EOF
+write_tracker_toml "$dir/disk.img" 256MiB
 serve_tracker tracker "attached " --attach
 [ "$(cat /sys/block/nbd0/queue/logical_block_size)" = 4096 ] || fail "nbd0's block size is not 4096"
 

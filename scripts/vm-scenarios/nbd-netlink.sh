@@ -58,24 +58,11 @@ start_tracker() {
 
 mkdir -p "$dir" || fail "mkdir $dir"
 truncate -s "${DISK_MB}M" "$dir/disk.img" || fail "truncate"
-cat > "$dir/tracker.toml" <<EOF
-[tracker]
-log-dir = "$dir/log"
-socket = "$dir/nbd.sock"
-control-socket = "$dir/tracker.ctl"
-metrics-listen = "127.0.0.1:0"
-log-size-limit = "384MiB"
-segment-size = "16MiB"
-max-block-size = "4MiB"
-
+write_tracker_toml "$dir/disk.img" 384MiB "
 [tracker.attach]
-io-timeout = "$IO_TIMEOUT"
-dead-connection-timeout = "60s"
-
-[[tracker.disk]]
-name = "disk"
-path = "$dir/disk.img"
-EOF
+io-timeout = \"$IO_TIMEOUT\"
+dead-connection-timeout = \"60s\"
+"
 
 t0=$(now_ms)
 start_tracker

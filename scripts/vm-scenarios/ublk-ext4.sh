@@ -53,19 +53,7 @@ start_tracker() {
 [ -e /dev/ublk-control ] || fail "no /dev/ublk-control: the ublk_drv module is not loaded"
 mkdir -p "$dir" || fail "mkdir $dir"
 truncate -s "${DISK_MB}M" "$dir/disk.img" || fail "truncate"
-cat > "$dir/tracker.toml" <<EOF
-[tracker]
-log-dir = "$dir/log"
-socket = "$dir/nbd.sock"
-control-socket = "$dir/tracker.ctl"
-metrics-listen = "127.0.0.1:0"
-log-size-limit = "384MiB"
-segment-size = "64MiB"
-
-[[tracker.disk]]
-name = "disk"
-path = "$dir/disk.img"
-EOF
+write_tracker_toml "$dir/disk.img" 384MiB
 
 t0=$(now_ms)
 start_tracker
