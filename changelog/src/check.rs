@@ -3,7 +3,7 @@
 
 use crate::record::Kind;
 use crate::segment::{
-    parse_segment_name, read_segment_header, segment_name, ScanEnd, SegmentCursor,
+    parse_segment_name, read_segment_header, segment_name, Damage, ScanEnd, SegmentCursor,
 };
 use crate::storage::LogDir;
 use serde::Serialize;
@@ -67,23 +67,102 @@ impl CheckReport {
     }
 }
 
+/// How many times a check may begin again because the oldest segments
+/// were recycled under it before it gives up.
+const MAX_PASSES: usize = 32;
+
+/// How many times a record at the tail that does not verify is read again
+/// before it counts as damage (see [`LogDir::write_settle_time`]).
+const MAX_TAIL_READS: usize = 5;
+
 /// Checks every segment of the log in `dir`. I/O errors are returned;
 /// damage is reported in the [`CheckReport`].
+///
+/// The log may be live: a tracker appending and recycling segments behind
+/// the shipper's cursor while the check reads. A record being written as it
+/// is read looks torn, so a tail that does not verify is read again after
+/// the directory's settle time and is damage only if it stays the same. A
+/// segment recycled under the check (renamed to a new index and rewritten)
+/// vanishes or stops verifying; when the oldest segment the check began with
+/// is gone, the check begins again at the oldest segment left.
 pub fn check<D: LogDir>(dir: &D) -> io::Result<CheckReport> {
-    let mut report = CheckReport::default();
+    for pass in 0..MAX_PASSES {
+        if let Pass::Done(mut report) = check_pass(dir)? {
+            if pass > 0 {
+                report.notes.push(format!(
+                    "the log was being written during the check: segments were recycled under it, so it began again at the oldest segment left ({pass} time(s))"
+                ));
+            }
+            return Ok(report);
+        }
+    }
+    Err(io::Error::other(format!(
+        "segments of the log in {} were recycled under the check {MAX_PASSES} times: the tracker writes faster than the log can be read; check again when it is quieter",
+        dir.describe()
+    )))
+}
+
+/// How one pass over the segments ended.
+enum Pass {
+    /// The report on what the pass read.
+    Done(CheckReport),
+    /// The oldest segment the pass began with was recycled under it.
+    Recycled,
+}
+
+/// The segment indices in `dir`, ascending.
+fn segment_indices<D: LogDir>(dir: &D) -> io::Result<Vec<u64>> {
     let mut indices: Vec<u64> = dir
         .list()?
         .iter()
         .filter_map(|n| parse_segment_name(n))
         .collect();
     indices.sort_unstable();
+    Ok(indices)
+}
+
+/// Whether the segment `first` is gone while younger ones remain: recycled.
+/// (Segments are recycled oldest first, so a pass that read a recycled
+/// segment no longer finds the one it began with.)
+fn recycled_since<D: LogDir>(dir: &D, first: u64) -> io::Result<bool> {
+    Ok(segment_indices(dir)?
+        .first()
+        .is_some_and(|&oldest| oldest > first))
+}
+
+fn check_pass<D: LogDir>(dir: &D) -> io::Result<Pass> {
+    let mut report = CheckReport::default();
+    let indices = segment_indices(dir)?;
+    let Some(&first) = indices.first() else {
+        return Ok(Pass::Done(report));
+    };
+    // A problem on a live log may be a segment recycled under the pass.
+    let damage = |report: CheckReport| -> io::Result<Pass> {
+        if recycled_since(dir, first)? {
+            Ok(Pass::Recycled)
+        } else {
+            Ok(Pass::Done(report))
+        }
+    };
     let mut payload = Vec::new();
     let mut prev: Option<(u64, u32, u64)> = None; // (index, generation, next expected seq)
     let count = indices.len();
     for (i, index) in indices.into_iter().enumerate() {
         let name = segment_name(index);
         let last = i + 1 == count;
-        let file = dir.open(&name, false)?;
+        let file = match dir.open(&name, false) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                report.problems.push(Problem {
+                    segment: name,
+                    offset: 0,
+                    last_valid_seq: report.last_seq,
+                    reason: "the segment vanished while the log was read".into(),
+                });
+                return damage(report);
+            }
+            Err(e) => return Err(e),
+        };
         let header = match read_segment_header(&file)? {
             Ok(h) if h.index == index => h,
             other => {
@@ -102,7 +181,7 @@ pub fn check<D: LogDir>(dir: &D) -> io::Result<CheckReport> {
                         last_valid_seq: report.last_seq,
                         reason: format!("segment header: {what}"),
                     });
-                    return Ok(report);
+                    return damage(report);
                 }
                 continue;
             }
@@ -130,7 +209,7 @@ pub fn check<D: LogDir>(dir: &D) -> io::Result<CheckReport> {
                     last_valid_seq: report.last_seq,
                     reason,
                 });
-                return Ok(report);
+                return damage(report);
             }
         }
         let mut cursor = SegmentCursor::new(header);
@@ -142,9 +221,13 @@ pub fn check<D: LogDir>(dir: &D) -> io::Result<CheckReport> {
             last_seq: None,
             end_offset: 0,
         };
+        // The tail's last reading that did not verify, and how many.
+        let mut unsettled: Option<Damage> = None;
+        let mut tail_reads = 0;
         let end = loop {
             match cursor.next(&file, &mut payload)? {
                 Ok(Some(located)) => {
+                    unsettled = None;
                     summary.records += 1;
                     summary.last_seq = Some(located.header.seq);
                     report.records += 1;
@@ -157,6 +240,17 @@ pub fn check<D: LogDir>(dir: &D) -> io::Result<CheckReport> {
                     }
                 }
                 Ok(None) => break ScanEnd::Clean,
+                // The cursor stays before what did not verify: read it again
+                // in a moment, until it verifies or reads the same twice.
+                Err(reason)
+                    if last
+                        && tail_reads < MAX_TAIL_READS
+                        && unsettled.as_ref() != Some(&reason) =>
+                {
+                    unsettled = Some(reason);
+                    tail_reads += 1;
+                    std::thread::sleep(dir.write_settle_time());
+                }
                 Err(reason) => break ScanEnd::Damaged { reason },
             }
         };
@@ -173,9 +267,9 @@ pub fn check<D: LogDir>(dir: &D) -> io::Result<CheckReport> {
                     format!("damaged record in a sealed segment ({reason})")
                 },
             });
-            return Ok(report);
+            return damage(report);
         }
         prev = Some((index, header.generation, cursor.next_seq()));
     }
-    Ok(report)
+    Ok(Pass::Done(report))
 }

@@ -10,6 +10,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 /// A directory of log files.
 pub trait LogDir: Send + Sync {
@@ -29,6 +30,12 @@ pub trait LogDir: Send + Sync {
     fn sync_dir(&self) -> io::Result<()>;
     /// Where the directory is, for messages.
     fn describe(&self) -> String;
+    /// How long a write another process has in flight may take to become
+    /// whole to a reader: a record that does not verify at the tail of a
+    /// live log is read again after this long before it counts as torn.
+    fn write_settle_time(&self) -> Duration {
+        Duration::from_millis(10)
+    }
 }
 
 /// An open log file.
@@ -472,6 +479,11 @@ impl LogDir for SimDir {
 
     fn describe(&self) -> String {
         "<simulated directory>".to_string()
+    }
+
+    /// Writes to a simulated file are whole the moment they return.
+    fn write_settle_time(&self) -> Duration {
+        Duration::ZERO
     }
 }
 
