@@ -76,8 +76,9 @@ pub(crate) struct TrackerLink {
 pub(crate) struct SpliceStartArgs {
     /// The NAME given to `tidemark protect`.
     name: String,
-    /// The tracker's NBD device, e.g. /dev/nbd0 (attached, same size).
-    #[arg(long)]
+    /// The tracker's device: its NBD device (e.g. /dev/nbd0, attached) or
+    /// its ublk device (e.g. /dev/ublkb0); the disk's size.
+    #[arg(long, visible_alias = "device")]
     nbd: PathBuf,
     #[command(flatten)]
     tracker: TrackerLink,

@@ -6,7 +6,8 @@
 # A loop device over a tmpfs file is the disk. `tidemark protect` puts
 # /dev/mapper/tidemark-vmdisk over it, ext4 is made and mounted there, a
 # writer starts, and `tidemark tracker serve` (in the guest, backing = the
-# same loop device) is attached as /dev/nbd0 with nbd-client. Then:
+# same loop device) serves the disk to the kernel: as /dev/nbd0 attached
+# with nbd-client, or (SPLICE_FRONTEND=ublk) as /dev/ublkbN. Then:
 #   window 1: splice in and out with the filesystem frozen around each
 #             swap, copying the disk at both edges: the log's records up to
 #             the splice-out, replayed onto the first copy, must give the
@@ -21,6 +22,7 @@
 # Environment (from `scripts/kernel-vm.sh run ... --env`), all optional:
 #   SPLICE_DISK_MB  size of the disk (default 64)
 #   SPLICE_RUN_S    seconds the writer runs in each phase (default 3)
+#   SPLICE_FRONTEND nbd (default) or ublk: the tracker device spliced onto
 # Needs in the guest: tidemark, and util-linux losetup (sector size) and
 # fsfreeze (`--bin` them).
 #
@@ -35,6 +37,7 @@ work=/tmp/splice
 ctl=$work/tracker.ctl
 run_s=${SPLICE_RUN_S:-3}
 size_mb=${SPLICE_DISK_MB:-64}
+frontend=${SPLICE_FRONTEND:-nbd}
 writer_pid=""
 tracker_pid=""
 
@@ -66,7 +69,8 @@ copy_disk() {
     dd if="$disk" of="$1" bs=1M iflag=direct 2>/dev/null || fail "copying $disk to $1"
 }
 
-nbd_writes() { awk '{ print $5 }' /sys/block/nbd0/stat; }
+# Writes completed by the tracker's device ($dev), from its sysfs stat.
+dev_writes() { awk '{ print $5 }' "/sys/block/${dev#/dev/}/stat"; }
 
 mkdir -p "$work/m"
 truncate -s "${size_mb}M" "$work/disk.raw" || fail "truncate"
@@ -134,10 +138,16 @@ max-block-size = "4MiB"
 name = "$name"
 path = "$disk"
 EOF
-tidemark tracker serve --config "$work/tracker.toml" > "$work/tracker.out" 2> "$work/tracker.err" &
+case $frontend in
+nbd) serve_flags="" ready="tracker ready" ;;
+ublk) serve_flags="--ublk" ready="ublk " ;;
+*) fail "SPLICE_FRONTEND=$frontend: nbd or ublk" ;;
+esac
+# shellcheck disable=SC2086 # no flag, or one
+tidemark tracker serve --config "$work/tracker.toml" $serve_flags > "$work/tracker.out" 2> "$work/tracker.err" &
 tracker_pid=$!
 n=0
-until grep -q "^tracker ready" "$work/tracker.out" 2>/dev/null; do
+until grep -q "^$ready" "$work/tracker.out" 2>/dev/null; do
     n=$((n + 1))
     [ $n -gt 300 ] && fail "the tracker did not become ready"
     kill -0 $tracker_pid 2>/dev/null || fail "the tracker exited: $(tail -n 5 "$work/tracker.err")"
@@ -145,9 +155,17 @@ until grep -q "^tracker ready" "$work/tracker.out" 2>/dev/null; do
 done
 grep -q "held by its tidemark map" "$work/tracker.err" ||
     fail "the tracker did not say it shares the disk with its map"
-nbd-client 127.0.0.1 10809 /dev/nbd0 -N "$name" -b 4096 > /dev/null 2>&1 ||
-    fail "nbd-client could not attach the tracker"
-info "setup seconds=$(( $(date +%s) - t0 ))"
+if [ "$frontend" = nbd ]; then
+    nbd-client 127.0.0.1 10809 /dev/nbd0 -N "$name" -b 4096 > /dev/null 2>&1 ||
+        fail "nbd-client could not attach the tracker"
+    dev=/dev/nbd0
+else
+    # "ublk /dev/ublkbN (new device)"
+    dev=$(sed -n 's/^ublk \(\/dev\/ublkb[0-9]*\) .*/\1/p' "$work/tracker.out")
+    [ -b "$dev" ] || fail "no ublk device in: $(cat "$work/tracker.out")"
+fi
+dev_id=$(cat "/sys/block/${dev#/dev/}/dev")
+info "setup seconds=$(( $(date +%s) - t0 )) frontend=$frontend device=$dev ($dev_id)"
 
 # Refusals: an NBD device of another size, and unprotect while in use.
 truncate -s 32M "$work/small.raw"
@@ -172,16 +190,16 @@ sleep "$run_s"
 # Window 1, exact edges: frozen while the disk is copied and spliced.
 /usr/local/bin/fsfreeze --freeze "$mnt" || fail "fsfreeze -f"
 copy_disk "$work/at-splice-in.img"
-tidemark splice start "$name" --nbd /dev/nbd0 --control-socket "$ctl" --json > "$work/in1.json" ||
+tidemark splice start "$name" --device "$dev" --control-socket "$ctl" --json > "$work/in1.json" ||
     { /usr/local/bin/fsfreeze --unfreeze "$mnt"; fail "splice start (frozen): $(cat "$work/in1.json")"; }
 /usr/local/bin/fsfreeze --unfreeze "$mnt" || fail "fsfreeze -u"
-[ "$(table_device)" = "43:0" ] || fail "after splice start the table is $(dmsetup table "tidemark-$name")"
-tidemark splice status "$name" | grep -q "spliced onto device 43:0" ||
+[ "$(table_device)" = "$dev_id" ] || fail "after splice start the table is $(dmsetup table "tidemark-$name")"
+tidemark splice status "$name" | grep -q "spliced onto device $dev_id" ||
     fail "splice status: $(tidemark splice status "$name" 2>&1)"
-w0=$(nbd_writes)
+w0=$(dev_writes)
 sleep "$run_s"
-w1=$(nbd_writes)
-[ "$w1" -gt "$w0" ] || fail "no write went through /dev/nbd0 while spliced ($w0 -> $w1)"
+w1=$(dev_writes)
+[ "$w1" -gt "$w0" ] || fail "no write went through $dev while spliced ($w0 -> $w1)"
 /usr/local/bin/fsfreeze --freeze "$mnt" || fail "fsfreeze -f"
 tidemark splice stop "$name" --control-socket "$ctl" --json > "$work/out1.json" ||
     { /usr/local/bin/fsfreeze --unfreeze "$mnt"; fail "splice stop (frozen)"; }
@@ -190,25 +208,25 @@ copy_disk "$work/at-splice-out.img"
 [ "$(table_device)" = "$disk_dev" ] || fail "after splice stop the table is $(dmsetup table "tidemark-$name")"
 until_seq=$(sed -n 's/.*"resync_seq":\([0-9]*\).*/\1/p' "$work/out1.json")
 [ -n "$until_seq" ] || fail "splice stop recorded no resync in the log: $(cat "$work/out1.json")"
-info "window1 splice-in-frozen-ms=$(suspended_ms "$work/in1.json") splice-out-frozen-ms=$(suspended_ms "$work/out1.json") nbd-writes=$((w1 - w0)) log-until-seq=$until_seq"
+info "window1 splice-in-frozen-ms=$(suspended_ms "$work/in1.json") splice-out-frozen-ms=$(suspended_ms "$work/out1.json") device-writes=$((w1 - w0)) log-until-seq=$until_seq"
 
 # The gap: untracked writes straight to the disk.
 sleep "$run_s"
 
 # Window 2, live: the writer runs through both swaps.
-tidemark splice start "$name" --nbd /dev/nbd0 --control-socket "$ctl" --json > "$work/in2.json" ||
+tidemark splice start "$name" --device "$dev" --control-socket "$ctl" --json > "$work/in2.json" ||
     fail "live splice start: $(cat "$work/in2.json")"
-[ "$(table_device)" = "43:0" ] || fail "after the live splice start the table is $(dmsetup table "tidemark-$name")"
+[ "$(table_device)" = "$dev_id" ] || fail "after the live splice start the table is $(dmsetup table "tidemark-$name")"
 tidemark unprotect "$name" > "$work/out" 2>&1 && fail "unprotect accepted a spliced map"
 grep -q "splice stop" "$work/out" || fail "unprotect while spliced: $(cat "$work/out")"
-w0=$(nbd_writes)
+w0=$(dev_writes)
 sleep "$run_s"
-w1=$(nbd_writes)
-[ "$w1" -gt "$w0" ] || fail "no write went through /dev/nbd0 in window 2 ($w0 -> $w1)"
+w1=$(dev_writes)
+[ "$w1" -gt "$w0" ] || fail "no write went through $dev in window 2 ($w0 -> $w1)"
 tidemark splice stop "$name" --control-socket "$ctl" --json > "$work/out2.json" ||
     fail "live splice stop"
 [ "$(table_device)" = "$disk_dev" ] || fail "after the live splice stop the table is $(dmsetup table "tidemark-$name")"
-info "window2 splice-in-live-ms=$(suspended_ms "$work/in2.json") splice-out-live-ms=$(suspended_ms "$work/out2.json") nbd-writes=$((w1 - w0))"
+info "window2 splice-in-live-ms=$(suspended_ms "$work/in2.json") splice-out-live-ms=$(suspended_ms "$work/out2.json") device-writes=$((w1 - w0))"
 sleep 1
 
 touch "$work/stop"
@@ -242,9 +260,13 @@ tidemark unprotect "$name" || fail "unprotect"
 [ -e "$map" ] && fail "$map still exists after unprotect"
 dmsetup ls | grep -q "tidemark-$name" && fail "the map is still listed after unprotect"
 
-nbd-client -d /dev/nbd0 > /dev/null 2>&1 || fail "nbd-client -d"
+if [ "$frontend" = nbd ]; then
+    nbd-client -d /dev/nbd0 > /dev/null 2>&1 || fail "nbd-client -d"
+fi
 kill -TERM "$tracker_pid"
 wait "$tracker_pid" || fail "the tracker did not stop cleanly"
+# Spliced out, nothing holds the ublk device: a plain stop removes it.
+[ "$frontend" = ublk ] && [ -e "$dev" ] && fail "$dev is still there after the tracker stopped"
 tidemark log check "$work/log" > "$work/check" || { cat "$work/check"; fail "log check"; }
 
 # Window 1 exactly: the log up to the splice-out's resync record, replayed

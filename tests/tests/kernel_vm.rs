@@ -441,27 +441,35 @@ export-name = "{EXPORT}"
 /// splice-in into the disk at splice-out.
 #[test]
 fn live_splice_with_device_mapper() {
-    const TEST: &str = "live_splice_with_device_mapper";
-    for tool in [
+    live_splice("live_splice_with_device_mapper", "nbd", &["nbd-client"]);
+}
+
+/// The same live splice onto the tracker's ublk device (`/dev/ublkbN`,
+/// `tracker serve --ublk`) instead of `/dev/nbd0`.
+#[test]
+fn live_splice_onto_the_ublk_device() {
+    live_splice("live_splice_onto_the_ublk_device", "ublk", &[]);
+}
+
+/// Runs dm-splice.sh with the tracker's device served by `frontend` and
+/// checks what the guest reported.
+fn live_splice(test: &str, frontend: &str, frontend_tools: &[&str]) {
+    let base = [
         "qemu-system-x86_64",
         "busybox",
-        "nbd-client",
         "modprobe",
         "losetup",
         "fsfreeze",
-    ] {
-        if !require_tool(tool, TEST) {
-            return;
-        }
-    }
-    if !require_kernel(TEST) {
+    ];
+    let tools: Vec<&str> = base.iter().chain(frontend_tools).copied().collect();
+    if !guest_can_run(test, &tools) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let tool = |name: &str| run(Command::new("sh").args(["-c", &format!("command -v {name}")]));
     let console = run_guest(
-        TEST,
+        test,
         dir,
         "dm-splice.sh",
         &[
@@ -471,6 +479,8 @@ fn live_splice_with_device_mapper() {
             tool("losetup").trim().into(),
             "--bin".into(),
             tool("fsfreeze").trim().into(),
+            "--env".into(),
+            format!("SPLICE_FRONTEND={frontend}").into(),
             "--timeout".into(),
             "240".into(),
         ],
@@ -485,6 +495,12 @@ fn live_splice_with_device_mapper() {
             .parse()
             .unwrap_or_else(|e| panic!("{tag}{key}={value:?}: {e}"))
     };
+    let setup = console_fields(&console, "TIDEMARK-VM-INFO setup ");
+    assert_eq!(
+        setup.get("frontend").map(String::as_str),
+        Some(frontend),
+        "the guest spliced onto another kind of device"
+    );
     let writer = "TIDEMARK-VM-INFO writer ";
     assert_eq!(
         number(writer, "errors"),
@@ -503,8 +519,8 @@ fn live_splice_with_device_mapper() {
         ),
     ] {
         assert!(
-            number(tag, "nbd-writes") > 0.0,
-            "{tag}: no I/O through nbd0"
+            number(tag, "device-writes") > 0.0,
+            "{tag}: no I/O through the tracker's device"
         );
         for key in keys {
             let ms = number(tag, key);
