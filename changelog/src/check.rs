@@ -3,7 +3,7 @@
 
 use crate::record::Kind;
 use crate::segment::{
-    parse_segment_name, read_segment_header, segment_name, Damage, ScanEnd, SegmentCursor,
+    read_segment_header, segment_indices, segment_name, Damage, ScanEnd, SegmentCursor,
 };
 use crate::storage::LogDir;
 use serde::Serialize;
@@ -108,17 +108,6 @@ enum Pass {
     Done(CheckReport),
     /// The oldest segment the pass began with was recycled under it.
     Recycled,
-}
-
-/// The segment indices in `dir`, ascending.
-fn segment_indices<D: LogDir>(dir: &D) -> io::Result<Vec<u64>> {
-    let mut indices: Vec<u64> = dir
-        .list()?
-        .iter()
-        .filter_map(|n| parse_segment_name(n))
-        .collect();
-    indices.sort_unstable();
-    Ok(indices)
 }
 
 /// Whether the segment `first` is gone while younger ones remain: recycled.

@@ -17,7 +17,7 @@
 use crate::cursor::{read_cursor, CursorError};
 use crate::record::{DecodeError, Entry, HEADER_LEN};
 use crate::segment::{
-    parse_segment_name, read_segment_header, segment_name, Damage, ScanEnd, SegmentCursor,
+    read_segment_header, segment_indices, segment_name, Damage, ScanEnd, SegmentCursor,
     SegmentHeader, SEGMENT_HEADER_LEN,
 };
 use crate::storage::{LogDir, LogFile};
@@ -204,13 +204,7 @@ impl<D: LogDir> ChangeLog<D> {
                 source,
             }
         };
-        let mut indices: Vec<u64> = dir
-            .list()
-            .map_err(io_err("listing".into()))?
-            .iter()
-            .filter_map(|n| parse_segment_name(n))
-            .collect();
-        indices.sort_unstable();
+        let mut indices = segment_indices(&dir).map_err(io_err("listing".into()))?;
 
         let mut removed_incomplete_segment = None;
         // The newest segment may be half-created (crash during a roll): its

@@ -3,9 +3,7 @@
 //! appender (another process) and sees records as soon as they are written.
 
 use crate::record::Record;
-use crate::segment::{
-    parse_segment_name, read_segment_header, segment_name, Damage, SegmentCursor,
-};
+use crate::segment::{read_segment_header, segment_indices, segment_name, Damage, SegmentCursor};
 use crate::storage::{FsDir, LogDir};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
@@ -100,14 +98,7 @@ impl<D: LogDir> LogReader<D> {
     /// Opens the segment holding `self.next_seq`; `Ok(false)` if the log
     /// has no segment yet.
     fn position(&mut self) -> Result<bool, ReadError> {
-        let mut indices: Vec<u64> = self
-            .dir
-            .list()
-            .map_err(self.io("listing segments"))?
-            .iter()
-            .filter_map(|n| parse_segment_name(n))
-            .collect();
-        indices.sort_unstable();
+        let indices = segment_indices(&self.dir).map_err(self.io("listing segments"))?;
         let mut chosen: Option<OpenSegment<D::File>> = None;
         for index in indices {
             let name = segment_name(index);

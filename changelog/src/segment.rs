@@ -28,7 +28,7 @@
 //! never written again, until recycled.
 
 use crate::record::{DecodeError, Header, HEADER_LEN};
-use crate::storage::LogFile;
+use crate::storage::{LogDir, LogFile};
 use std::io;
 
 /// Bytes of a segment header; records start here.
@@ -48,6 +48,17 @@ pub fn parse_segment_name(name: &str) -> Option<u64> {
         return None;
     }
     digits.parse().ok()
+}
+
+/// The indices of the segment files in `dir`, ascending.
+pub fn segment_indices<D: LogDir>(dir: &D) -> io::Result<Vec<u64>> {
+    let mut indices: Vec<u64> = dir
+        .list()?
+        .iter()
+        .filter_map(|n| parse_segment_name(n))
+        .collect();
+    indices.sort_unstable();
+    Ok(indices)
 }
 
 /// A segment's header.
