@@ -3,6 +3,24 @@
 # (`. /guest-lib.sh`) after it has set $dir (its work folder) and defined
 # fail() (print TIDEMARK-VM-FAIL with its own diagnostics, clean up, exit 1).
 
+# report_failure DMESG_PATTERN MESSAGE...: the fail() of a scenario built on
+# serve_tracker and start_writer: TIDEMARK-VM-FAIL: MESSAGE, the last lines
+# of every $dir/tracker*.err and of the kernel messages matching
+# DMESG_PATTERN (grep -E, any case), then the writer is stopped, the
+# tracker killed, and the scenario exits 1.
+report_failure() {
+    pattern=$1
+    shift
+    echo "TIDEMARK-VM-FAIL: $*"
+    for f in "$dir"/tracker*.err; do
+        [ -f "$f" ] && sed "s|^|TIDEMARK-VM-INFO $(basename "$f"): |" "$f" | tail -n 20
+    done
+    dmesg | grep -i -E "$pattern" | tail -n 20 | sed 's/^/TIDEMARK-VM-INFO dmesg: /'
+    [ -n "$writer" ] && touch "$dir/stop"
+    [ -n "$tracker" ] && kill -9 "$tracker" 2>/dev/null
+    exit 1
+}
+
 # Milliseconds since boot, from /proc/uptime (10 ms resolution), no fork.
 now_ms() {
     read -r up _ < /proc/uptime

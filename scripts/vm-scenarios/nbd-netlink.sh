@@ -34,16 +34,7 @@ dev=/dev/nbd0
 tracker=""
 writer=""
 
-fail() {
-    echo "TIDEMARK-VM-FAIL: $*"
-    for f in "$dir"/tracker*.err; do
-        [ -f "$f" ] && sed "s|^|TIDEMARK-VM-INFO $(basename "$f"): |" "$f" | tail -n 20
-    done
-    dmesg | grep -i -E "nbd|I/O error" | tail -n 20 | sed 's/^/TIDEMARK-VM-INFO dmesg: /'
-    [ -n "$writer" ] && touch "$dir/stop"
-    [ -n "$tracker" ] && kill -9 "$tracker" 2>/dev/null
-    exit 1
-}
+fail() { report_failure "nbd|I/O error" "$@"; }
 
 . /guest-lib.sh
 

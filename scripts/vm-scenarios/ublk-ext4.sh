@@ -27,16 +27,7 @@ mnt=/mnt
 tracker=""
 writer=""
 
-fail() {
-    echo "TIDEMARK-VM-FAIL: $*"
-    for f in "$dir"/tracker*.err; do
-        [ -f "$f" ] && sed "s|^|TIDEMARK-VM-INFO $(basename "$f"): |" "$f" | tail -n 20
-    done
-    dmesg | grep -i -E "ublk|I/O error" | tail -n 20 | sed 's/^/TIDEMARK-VM-INFO dmesg: /'
-    [ -n "$writer" ] && touch "$dir/stop"
-    [ -n "$tracker" ] && kill -9 "$tracker" 2>/dev/null
-    exit 1
-}
+fail() { report_failure "ublk|I/O error" "$@"; }
 
 . /guest-lib.sh
 
