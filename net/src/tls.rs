@@ -3,17 +3,22 @@
 //! Both ends trust exactly one CA, the receiver's (never the system roots):
 //! the receiver requires a client certificate issued by it, and the shipper
 //! requires the receiver's certificate to be issued by it for the configured
-//! server name. TLS 1.3 only (QUIC has no other), ALPN [`ALPN`], and the
+//! server name. A host certificate must be signed by the CA itself: a chain
+//! through an intermediate CA is refused even where WebPKI rules would let
+//! it verify (they do not apply the CA's own `pathlen:0` to the trust
+//! anchor). TLS 1.3 only (QUIC has no other), ALPN [`ALPN`], and the
 //! *ring* crypto provider only: the process must never depend on a
 //! process-wide default provider being installed.
 
 use crate::endpoint::transport_config;
 use crate::pki::{load_certs, load_key, PkiError};
 use quinn::crypto::rustls::{NoInitialCipherSuite, QuicClientConfig, QuicServerConfig};
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
-use rustls::RootCertStore;
-use rustls_pki_types::CertificateDer;
+use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+use rustls_pki_types::{CertificateDer, UnixTime};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -99,9 +104,95 @@ fn roots(ca: &Path) -> Result<Arc<RootCertStore>, TlsError> {
     Ok(Arc::new(roots))
 }
 
+/// Why a host certificate that verifies under WebPKI rules is still refused.
+/// rustls shows it with `Debug` in its handshake error (what the receiver
+/// logs), so `Debug` says the sentence too.
+#[derive(thiserror::Error)]
+#[error(
+    "the host certificate came with {intermediates} intermediate CA certificate(s); \
+     only certificates the receiver's CA signed itself are accepted \
+     (enrol the host with `tidemark receiver sign`)"
+)]
+pub struct IntermediateRefused {
+    /// How many intermediates the peer presented.
+    pub intermediates: usize,
+}
+
+impl std::fmt::Debug for IntermediateRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+/// WebPKI client verification against the receiver's CA, restricted to
+/// chains of length one: the CA is made `pathlen:0`, but WebPKI does not
+/// apply a trust anchor's own constraints, so a leaf issued by an
+/// intermediate the CA once signed would otherwise verify.
+#[derive(Debug)]
+struct CaSignedOnly(Arc<dyn ClientCertVerifier>);
+
+impl ClientCertVerifier for CaSignedOnly {
+    fn offer_client_auth(&self) -> bool {
+        self.0.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.0.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.0.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        // Refused before any path building: with no intermediates the only
+        // path WebPKI can find ends at the CA right above the leaf.
+        if !intermediates.is_empty() {
+            let refused = IntermediateRefused {
+                intermediates: intermediates.len(),
+            };
+            return Err(
+                rustls::CertificateError::Other(rustls::OtherError(Arc::new(refused))).into(),
+            );
+        }
+        self.0.verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+
+    fn requires_raw_public_keys(&self) -> bool {
+        self.0.requires_raw_public_keys()
+    }
+}
+
 /// The receiver's QUIC server configuration: presents `cert`/`key`, requires
-/// every client to present a certificate issued by the CA in `ca` (and by no
-/// other), TLS 1.3, ALPN [`ALPN`], transport tuning from
+/// every client to present a certificate issued by the CA in `ca` itself
+/// (no other CA, no intermediate), TLS 1.3, ALPN [`ALPN`], transport tuning from
 /// [`transport_config`].
 pub fn server_config(ca: &Path, cert: &Path, key: &Path) -> Result<quinn::ServerConfig, TlsError> {
     let provider = provider();
@@ -114,7 +205,7 @@ pub fn server_config(ca: &Path, cert: &Path, key: &Path) -> Result<quinn::Server
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(TlsError::Protocol)?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(Arc::new(CaSignedOnly(verifier)))
         .with_single_cert(load_certs(cert)?, load_key(key)?)
         .map_err(|source| TlsError::CertKey {
             cert: cert.to_path_buf(),

@@ -17,6 +17,7 @@ const LIMIT: Duration = Duration::from_secs(15);
 
 /// TLS alerts as carried in QUIC's CRYPTO_ERROR codes (RFC 9001 §4.8).
 const ALERT_BAD_CERTIFICATE: u8 = 42;
+const ALERT_CERTIFICATE_UNKNOWN: u8 = 46;
 const ALERT_UNKNOWN_CA: u8 = 48;
 const ALERT_CERTIFICATE_REQUIRED: u8 = 116;
 
@@ -289,4 +290,172 @@ fn endpoints_outside_a_runtime_are_an_error_not_a_panic() {
         err,
         tidemark_net::endpoint::EndpointError::NoRuntime
     ));
+}
+
+/// Whether `openssl` can be run; a missing one skips the test, except under
+/// CI (`CI` set), which installs it.
+fn have_openssl(test: &str) -> bool {
+    let found = std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{test}: `openssl` is missing under CI; the test command must install it"
+        );
+        eprintln!("SKIP {test}: `openssl` is not installed");
+    }
+    found
+}
+
+/// Runs `openssl` with `args` in `dir`; panics with its stderr on failure.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The receiver's CA signs an intermediate CA (made with the openssl CLI,
+/// as an attacker holding the CA key for a moment, or a mistaken admin,
+/// would), and the intermediate signs a leaf for a host. The chain verifies
+/// under plain WebPKI rules if the CA's `pathlen:0` is not enforced, but the
+/// receiver accepts only certificates the enrolment CA signed itself.
+#[tokio::test]
+async fn a_host_certificate_from_an_intermediate_ca_is_rejected() {
+    if !have_openssl("a_host_certificate_from_an_intermediate_ca_is_rejected") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let enrolled = enrol(tmp.path(), HOST);
+    let dir = tmp.path().join("intermediate");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(
+        dir.join("ca.ext"),
+        "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("leaf.ext"),
+        format!(
+            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n\
+             extendedKeyUsage=clientAuth\nsubjectAltName=DNS:{HOST}\n"
+        ),
+    )
+    .unwrap();
+    let ca_cert = enrolled.receiver.ca_cert.to_str().unwrap();
+    let ca_key = enrolled.receiver.ca_key.to_str().unwrap();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    openssl(
+        &dir,
+        &[
+            &["req", "-new"][..],
+            &ec,
+            &[
+                "-keyout",
+                "int.key",
+                "-out",
+                "int.csr",
+                "-subj",
+                "/CN=intermediate",
+            ],
+        ]
+        .concat(),
+    );
+    openssl(
+        &dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "int.csr",
+            "-CA",
+            ca_cert,
+            "-CAkey",
+            ca_key,
+            "-CAcreateserial",
+            "-days",
+            "30",
+            "-extfile",
+            "ca.ext",
+            "-out",
+            "int.crt",
+        ],
+    );
+    openssl(
+        &dir,
+        &[
+            &["req", "-new"][..],
+            &ec,
+            &[
+                "-keyout",
+                "leaf.key",
+                "-out",
+                "leaf.csr",
+                "-subj",
+                &format!("/CN={HOST}"),
+            ],
+        ]
+        .concat(),
+    );
+    openssl(
+        &dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "leaf.csr",
+            "-CA",
+            "int.crt",
+            "-CAkey",
+            "int.key",
+            "-CAcreateserial",
+            "-days",
+            "30",
+            "-extfile",
+            "leaf.ext",
+            "-out",
+            "leaf.crt",
+        ],
+    );
+    // The host presents the whole chain: leaf, then the intermediate.
+    let chain = [
+        std::fs::read_to_string(dir.join("leaf.crt")).unwrap(),
+        std::fs::read_to_string(dir.join("int.crt")).unwrap(),
+    ]
+    .concat();
+    std::fs::write(dir.join("chain.crt"), chain).unwrap();
+
+    let (server, addr) = start_server(&enrolled.receiver);
+    let config = client_config(
+        &enrolled.receiver.ca_cert,
+        &dir.join("chain.crt"),
+        &dir.join("leaf.key"),
+    )
+    .unwrap();
+    let client = tokio::spawn(refused_reason(config, addr, SERVER_NAME));
+    let server_side = tokio::time::timeout(LIMIT, accept_one(server))
+        .await
+        .expect("the server's accept hung");
+    match server_side {
+        Ok((_, host)) => {
+            panic!("the receiver accepted {host:?} with a certificate issued by an intermediate CA")
+        }
+        Err(e) => assert!(e.contains("intermediate CA"), "{e}"),
+    }
+    let reason = client.await.unwrap();
+    assert_eq!(alert(&reason), Some(ALERT_CERTIFICATE_UNKNOWN), "{reason}");
 }
