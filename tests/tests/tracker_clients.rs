@@ -318,3 +318,146 @@ fn log_dump_json(dir: &std::path::Path) -> String {
         .unwrap();
     String::from_utf8(dump.stdout).unwrap()
 }
+
+/// `nbd+unix:///?socket=…` asks for the empty export name, as do nbdfuse
+/// `--unix` and nbd-client without `-N`: a tracker of one disk serves it
+/// (as nbdkit and qemu-nbd do), and still lists the disk under its name.
+#[test]
+fn a_one_disk_tracker_serves_the_default_export() {
+    let test = "a_one_disk_tracker_serves_the_default_export";
+    for tool in ["nbdinfo", "qemu-io", "nbdfuse", "fusermount3"] {
+        if !require_tool(tool, test) {
+            return;
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let image = tmp.path().join("disk.img");
+    blank_image(&image, SIZE);
+    let tracker = TrackerProcess::start(tmp.path(), &image, &[]);
+    let default_uri = format!("nbd+unix:///?socket={}", tracker.socket.display());
+
+    let out = Command::new("nbdinfo")
+        .args(["--json", &default_uri])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nbdinfo of the default export: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["exports"][0]["export-size"], SIZE, "{info}");
+    let out = Command::new("nbdinfo")
+        .args(["--list", &default_uri])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(listing.contains("export=\"disk\""), "{listing}");
+
+    qemu_io(
+        &default_uri,
+        &["write -P 0x5c 0 64k", "flush", "read -P 0x5c 0 64k"],
+    );
+
+    // nbdfuse with a socket and no export name.
+    let fuse_dir = tmp.path().join("fuse");
+    fs::create_dir(&fuse_dir).unwrap();
+    let pidfile = tmp.path().join("nbdfuse.pid");
+    let mut nbdfuse = Command::new("nbdfuse")
+        .args(["-C", "1", "-P"])
+        .arg(&pidfile)
+        .arg(fuse_dir.join("disk"))
+        .arg("--unix")
+        .arg(&tracker.socket)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !pidfile.exists() {
+        if let Some(status) = nbdfuse.try_wait().unwrap() {
+            panic!("nbdfuse --unix without an export name ended: {status}");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nbdfuse did not come up"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let through_fuse = (|| {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let mut f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(fuse_dir.join("disk"))?;
+        let mut head = vec![0u8; 64 << 10];
+        f.read_exact(&mut head)?;
+        f.seek(SeekFrom::Start(1 << 20))?;
+        f.write_all(&[0xe7; 4096])?;
+        f.sync_all()?;
+        Ok::<_, std::io::Error>(head)
+    })();
+    let _ = Command::new("fusermount3")
+        .arg("-u")
+        .arg(&fuse_dir)
+        .status();
+    let _ = nbdfuse.wait();
+    let head = through_fuse.expect("reading and writing through nbdfuse");
+    assert!(head.iter().all(|&b| b == 0x5c), "nbdfuse read other bytes");
+    assert_eq!(
+        fs::read(&image).unwrap()[1 << 20..(1 << 20) + 4096],
+        [0xe7; 4096]
+    );
+    stop_check_and_replay(tracker, tmp.path(), &image);
+}
+
+/// With several disks the empty name picks none: the client is told which
+/// exports there are.
+#[test]
+fn a_tracker_of_several_disks_names_its_exports_to_a_default_request() {
+    let test = "a_tracker_of_several_disks_names_its_exports_to_a_default_request";
+    if !require_tool("nbdinfo", test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let image = tmp.path().join("disk.img");
+    let second = tmp.path().join("wal.img");
+    blank_image(&image, SIZE);
+    blank_image(&second, SIZE);
+    let tracker = TrackerProcess::start_with_config(
+        tmp.path(),
+        &image,
+        &format!(
+            "\n[[tracker.disk]]\nname = \"wal\"\npath = \"{}\"",
+            second.display()
+        ),
+    );
+    // libnbd shows the server's message only in its debug output.
+    let out = Command::new("nbdinfo")
+        .arg(format!("nbd+unix:///?socket={}", tracker.socket.display()))
+        .env("LIBNBD_DEBUG", "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "nbdinfo got a default export");
+    assert!(
+        text.contains("\"wal\"") && text.contains("\"disk\""),
+        "the refusal names the exports: {text}"
+    );
+    // Named, each is served.
+    for name in ["disk", "wal"] {
+        let out = Command::new("nbdinfo")
+            .arg(format!(
+                "nbd+unix:///{name}?socket={}",
+                tracker.socket.display()
+            ))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(tracker.stop());
+}

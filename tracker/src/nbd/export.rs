@@ -168,8 +168,7 @@ pub trait ExportCatalog {
     /// Every export a client may list, in the order to list them.
     fn list(&self) -> Vec<ExportInfo>;
 
-    /// The export a client gets when it asks for the empty name; none unless
-    /// the tracker configures one.
+    /// The export a client gets when it asks for the empty name, if any.
     fn default_export(&self) -> Option<ExportInfo> {
         None
     }

@@ -473,7 +473,8 @@ impl Options {
             Err(problem) => return self.refuse(option, ReplyCode::ErrInvalid, problem),
         };
         let Some(export) = resolve(exports, request.name) else {
-            return self.refuse(option, ReplyCode::ErrUnknown, "no such export");
+            let why = unknown_export(exports, request.name);
+            return self.refuse(option, ReplyCode::ErrUnknown, &why);
         };
         let flags = advertised_flags(export.flags, self.structured_replies);
         let mut reply = Vec::new();
@@ -567,7 +568,8 @@ impl Options {
             Err(problem) => return self.refuse(option, ReplyCode::ErrInvalid, problem),
         };
         if resolve(exports, request.export).is_none() {
-            return self.refuse(option, ReplyCode::ErrUnknown, "no such export");
+            let why = unknown_export(exports, request.export);
+            return self.refuse(option, ReplyCode::ErrUnknown, &why);
         }
         let mut reply = Vec::new();
         if request.lists_base_allocation() {
@@ -598,7 +600,8 @@ impl Options {
             Err(problem) => return self.refuse(option, ReplyCode::ErrInvalid, problem),
         };
         let Some(export) = resolve(exports, request.export) else {
-            return self.refuse(option, ReplyCode::ErrUnknown, "no such export");
+            let why = unknown_export(exports, request.export);
+            return self.refuse(option, ReplyCode::ErrUnknown, &why);
         };
         let mut reply = Vec::new();
         if request.selects_base_allocation {
@@ -631,6 +634,24 @@ fn resolve(exports: &dyn ExportCatalog, name: &str) -> Option<ExportInfo> {
     } else {
         exports.lookup(name)
     }
+}
+
+/// Why `name` selects no export, with the names that would: a client that
+/// asked for the default of a server with several exports learns what to
+/// ask for instead.
+fn unknown_export(exports: &dyn ExportCatalog, name: &str) -> String {
+    let names: Vec<String> = exports
+        .list()
+        .iter()
+        .filter(|e| is_valid_name(&e.name))
+        .map(|e| format!("{:?}", e.name))
+        .collect();
+    let asked = if name.is_empty() {
+        "no default export (the empty name): there is more than one".to_owned()
+    } else {
+        format!("no export {name:?}")
+    };
+    format!("{asked}; the exports are {}", names.join(", "))
 }
 
 /// Appends one option reply (header and data) to `out`.
@@ -1185,6 +1206,25 @@ mod tests {
             &catalog(),
         ));
         assert_eq!(session.export.name, "wal");
+    }
+
+    #[test]
+    fn go_for_the_default_without_one_names_the_exports() {
+        let no_default = Catalog {
+            default: None,
+            ..catalog()
+        };
+        let (_, replies) = continued(fresh().handle_option(
+            code(OptionCode::Go),
+            &info_payload("", &[]),
+            &no_default,
+        ));
+        assert_eq!(codes(&replies), [ReplyCode::ErrUnknown]);
+        let message = String::from_utf8_lossy(&replies[0].data);
+        assert!(
+            message.contains("no default export") && message.contains("\"data\", \"wal\""),
+            "{message}"
+        );
     }
 
     #[test]

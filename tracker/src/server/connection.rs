@@ -303,8 +303,16 @@ impl ExportCatalog for Catalog {
         self.exports.clone()
     }
 
+    /// The configured default, else the only export there is: with one
+    /// disk there is nothing to choose (nbdkit and qemu-nbd do the same),
+    /// and `nbd+unix:///?socket=…` URIs, nbdfuse `--unix` and nbd-client
+    /// without `-N` ask for the empty name.
     fn default_export(&self) -> Option<ExportInfo> {
-        self.lookup(self.default_export.as_deref()?)
+        match (&self.default_export, self.exports.as_slice()) {
+            (Some(name), _) => self.lookup(name),
+            (None, [only]) => Some(only.clone()),
+            (None, _) => None,
+        }
     }
 }
 

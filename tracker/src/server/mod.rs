@@ -132,7 +132,8 @@ pub struct ServerOptions {
     /// backend's. Default [`DEFAULT_BLOCK_SIZES`] (1, 4 KiB, 32 MiB).
     pub block_sizes: BlockSizes,
     /// The export a client gets when it asks for the empty name (as
-    /// `nbd+unix:///?socket=…` URIs do). Default none.
+    /// `nbd+unix:///?socket=…` URIs do). Default: the only export, when
+    /// the backend has one; none when it has several.
     pub default_export: Option<String>,
 }
 
