@@ -16,6 +16,7 @@ mod tracker_cmd;
 mod ublk_cmd;
 
 use clap::{CommandFactory, Parser, Subcommand};
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 /// Tidemark: disaster recovery for Linux servers.
@@ -105,6 +106,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(colour_logs(
+            std::io::stderr().is_terminal(),
+            std::env::var_os("NO_COLOR").as_deref(),
+        ))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("TIDEMARK_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -143,6 +148,13 @@ fn main() -> ExitCode {
     }
 }
 
+/// Whether log lines get ANSI colours: only on a terminal (a file or the
+/// journal would keep the escape codes as text), and never when `NO_COLOR`
+/// is set to anything but the empty string (<https://no-color.org>).
+fn colour_logs(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.chain()
         .filter_map(|c| c.downcast_ref::<std::io::Error>())
@@ -165,6 +177,16 @@ mod tests {
     /// Every `tidemark` command the README's operator guide shows parses
     /// with the real command line: no renamed subcommand or flag goes
     /// unnoticed.
+    #[test]
+    fn logs_are_coloured_only_on_a_terminal_without_no_color() {
+        use std::ffi::OsStr;
+        assert!(colour_logs(true, None));
+        assert!(colour_logs(true, Some(OsStr::new(""))));
+        assert!(!colour_logs(true, Some(OsStr::new("1"))));
+        assert!(!colour_logs(false, None));
+        assert!(!colour_logs(false, Some(OsStr::new("1"))));
+    }
+
     #[test]
     fn operator_guide_commands_parse() {
         let readme = include_str!("../../README.md");

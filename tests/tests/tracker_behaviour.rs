@@ -409,3 +409,44 @@ fn a_scheduled_app_consistent_point_is_taken_by_the_tracker_itself() {
     .unwrap();
     assert!(child.wait().unwrap().success());
 }
+
+/// Log lines written to a file (or the journal) carry no ANSI colour codes:
+/// colours are for a terminal only.
+#[test]
+fn logs_to_a_file_have_no_colour_codes() {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().unwrap();
+    let image = image(tmp.path());
+    let log_file = tmp.path().join("stderr.log");
+    let mut child = tidemark()
+        .args(["tracker", "serve", "--image"])
+        .arg(&image)
+        .arg("--socket")
+        .arg(tmp.path().join("nbd.sock"))
+        .arg("--log-dir")
+        .arg(tmp.path().join("log"))
+        .env_remove("NO_COLOR")
+        .env("TIDEMARK_LOG", "debug")
+        .stdout(std::process::Stdio::piped())
+        .stderr(fs::File::create(&log_file).unwrap())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert!(ready.starts_with("tracker ready"), "{ready}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+    let text = fs::read_to_string(&log_file).unwrap();
+    assert!(text.contains("INFO"), "the tracker logged nothing: {text}");
+    assert!(
+        !text.contains('\x1b'),
+        "escape codes in a log file: {:?}",
+        text.lines().find(|l| l.contains('\x1b'))
+    );
+}
