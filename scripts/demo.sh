@@ -7,7 +7,9 @@
 # 2. protect the image with the tracker (an NBD server on a 0600 socket),
 #    start the receiver and the shipper (QUIC on 127.0.0.1);
 # 3. write through a real NBD client (qemu-io) while the initial sync runs,
-#    mark a recovery point, write more; watch the shipper catch up;
+#    mark a recovery point, write more; watch the shipper catch up; mark a
+#    second point once the replica is consistent (points taken during the
+#    initial sync are in the log, but the receiver makes none until then);
 # 4. a planned stop: the tracker's final barrier reaches the replica;
 # 5. fail over: the receiver's replica is written out as an image and must
 #    equal the source byte for byte; the point "before-change" is replayed
@@ -90,12 +92,18 @@ wait_caught_up() {
 }
 wait_caught_up
 "$bin" shipper status --log-dir "$work/log" | sed 's/^/    /'
+echo "==> 'before-change' was marked while the initial sync ran: the receiver makes recovery"
+echo "    points only once its replica is consistent, so that one is in the log (replayed"
+echo "    below) but not among the receiver's points. Marking 'after-sync' now that it is:"
+"$bin" tracker mark after-sync --control-socket "$work/nbd.sock.ctl"
 
 echo "==> planned stop: the tracker drains and writes a final barrier; the shipper delivers it"
 kill -TERM "$tracker_pid"; wait "$tracker_pid"
 wait_caught_up
-echo "==> the recovery points the receiver keeps (one per barrier and marker)"
-"$bin" points --data-dir "$work/replicas" --host "$host" | sed 's/^/    /' | tail -n 6
+echo "==> the recovery points the receiver keeps (one per barrier and marker since the sync)"
+"$bin" points --data-dir "$work/replicas" --host "$host" > "$work/points.out"
+sed 's/^/    /' "$work/points.out" | tail -n 6
+grep -q "after-sync" "$work/points.out" || { echo "FAIL: the receiver lists no point 'after-sync'"; exit 1; }
 kill -TERM "$shipper_pid"; wait "$shipper_pid"
 kill -TERM "${pids[0]}"; wait "${pids[0]}"
 pids=()
