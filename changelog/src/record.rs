@@ -25,7 +25,8 @@
 //!      48    4 payload-len  bytes of payload that follow the header
 //!      52    4 crc32c       over bytes 0..52, then the payload
 //!      56    … payload      write: the data (payload-len == length)
-//!                           marker: the label, UTF-8, at most 1 KiB
+//!                           marker: the label, 1 to 1024 bytes of UTF-8
+//!                           without white space or control characters
 //!                           every other kind: empty
 //! ```
 //!
@@ -51,8 +52,9 @@ pub const RECORD_MAGIC: [u8; 4] = *b"TMRC";
 pub const RECORD_VERSION: u8 = 1;
 /// The largest payload a record may carry (a write of up to 64 MiB).
 pub const MAX_PAYLOAD: u32 = 64 << 20;
-/// The longest marker label, in bytes.
-pub const MAX_LABEL: usize = 1024;
+/// The longest marker label, in bytes (the rule of a label is
+/// [`tidemark_names::Label`]'s).
+pub const MAX_LABEL: usize = tidemark_names::MAX_LABEL_LEN;
 /// The `disk` value of records that concern the whole group.
 pub const GROUP_DISK: u32 = u32::MAX;
 
@@ -520,8 +522,11 @@ fn check_semantics(
             if length != 0 || offset != 0 || disk != GROUP_DISK {
                 return bad("a marker carries no extent");
             }
-            if payload.len() > MAX_LABEL || std::str::from_utf8(payload).is_err() {
-                return bad("label must be UTF-8 of at most 1 KiB");
+            let label = std::str::from_utf8(payload)
+                .map_err(|_| ())
+                .and_then(|l| tidemark_names::Label::check(l).map_err(|_| ()));
+            if label.is_err() {
+                return bad("the label must be 1 to 1024 bytes of UTF-8 without white space or control characters");
             }
         }
     }
@@ -542,6 +547,31 @@ fn le_u64(b: &[u8], at: usize) -> u64 {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// A label is printed on admins' terminals and sent as one word of a
+    /// control request: white space and control characters are refused
+    /// when a marker is made and when one is read.
+    #[test]
+    fn a_marker_label_must_be_one_printable_word() {
+        assert!(Entry::marker("nightly", false, 1).validate().is_ok());
+        for bad in [
+            "",
+            "a b",
+            "\x1b[2Jcleared",
+            "a\nb",
+            &"l".repeat(MAX_LABEL + 1),
+        ] {
+            let e = Entry::marker(bad, false, 1);
+            assert!(e.validate().is_err(), "{bad:?}");
+            assert!(
+                matches!(
+                    Record::decode(&e.encode(7, 1)),
+                    Err(DecodeError::Inconsistent { .. })
+                ),
+                "{bad:?}"
+            );
+        }
+    }
 
     fn arb_entry() -> impl Strategy<Value = (Kind, u16, u32, u64, u64, u64, Vec<u8>)> {
         prop_oneof![
@@ -578,7 +608,7 @@ mod tests {
                 vec![]
             )),
             any::<u64>().prop_map(|t| (Kind::Barrier, 0, GROUP_DISK, 0, 0, t, vec![])),
-            ("[a-z0-9 ._-]{0,40}", any::<bool>(), any::<u64>()).prop_map(|(l, a, t)| (
+            ("[a-z0-9._-]{1,40}", any::<bool>(), any::<u64>()).prop_map(|(l, a, t)| (
                 Kind::Marker,
                 if a { FLAG_APP_CONSISTENT } else { 0 },
                 GROUP_DISK,

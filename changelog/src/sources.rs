@@ -18,6 +18,7 @@
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use tidemark_names::Name;
 
 const FILE: &str = "disks";
 const TMP: &str = "disks.tmp";
@@ -28,8 +29,8 @@ const HEADER: &str = "tidemark-disks 1";
 pub struct DiskSource {
     /// Its id in the log's records.
     pub id: u32,
-    /// Its name (no whitespace).
-    pub name: String,
+    /// Its name (the receiver files the replica under it).
+    pub name: Name,
     /// Its size in bytes.
     pub size: u64,
     /// The backing block device or image file the tracker serves.
@@ -56,9 +57,6 @@ pub enum SourcesError {
         /// What is wrong.
         reason: String,
     },
-    /// A name with whitespace or an empty name cannot be written.
-    #[error("disk name {0:?} must be non-empty and without whitespace")]
-    BadName(String),
 }
 
 /// Reads the disks of the group whose log is in `dir`; `None` if the
@@ -96,9 +94,10 @@ pub fn read_sources(dir: &Path) -> Result<Option<Vec<DiskSource>>, SourcesError>
         let size = size
             .parse()
             .map_err(|_| damaged(format!("bad size in {line:?}")))?;
+        let name = Name::new(name).map_err(|e| damaged(format!("disk {id}: {e}")))?;
         disks.push(DiskSource {
             id,
-            name: name.to_string(),
+            name,
             size,
             path: PathBuf::from(p),
         });
@@ -110,9 +109,6 @@ pub fn read_sources(dir: &Path) -> Result<Option<Vec<DiskSource>>, SourcesError>
 pub fn write_sources(dir: &Path, disks: &[DiskSource]) -> Result<(), SourcesError> {
     let mut body = format!("{HEADER}\n");
     for d in disks {
-        if d.name.is_empty() || d.name.contains(char::is_whitespace) {
-            return Err(SourcesError::BadName(d.name.clone()));
-        }
         body.push_str(&format!(
             "{} {} {} {}\n",
             d.id,
@@ -136,13 +132,13 @@ mod tests {
         let disks = vec![
             DiskSource {
                 id: 0,
-                name: "data".into(),
+                name: Name::new("data").unwrap(),
                 size: 1 << 30,
                 path: "/dev/sdb".into(),
             },
             DiskSource {
                 id: 1,
-                name: "wal".into(),
+                name: Name::new("wal").unwrap(),
                 size: 4096,
                 path: "/srv/a b/wal.raw".into(),
             },
@@ -156,15 +152,13 @@ mod tests {
             read_sources(dir.path()),
             Err(SourcesError::Damaged { .. })
         ));
-        let bad = [DiskSource {
-            id: 0,
-            name: "a b".into(),
-            size: 1,
-            path: "/x".into(),
-        }];
-        assert!(matches!(
-            write_sources(dir.path(), &bad),
-            Err(SourcesError::BadName(_))
-        ));
+        // A disks file that names a disk with a path: refused, with the name.
+        let body = format!("{HEADER}\n0 4096 ../../escaped /x\n");
+        crate::sealed::write_atomic(dir.path(), TMP, FILE, &crate::sealed::seal(&body)).unwrap();
+        let err = read_sources(dir.path()).unwrap_err();
+        assert!(
+            matches!(&err, SourcesError::Damaged { reason, .. } if reason.contains("../../escaped")),
+            "{err}"
+        );
     }
 }

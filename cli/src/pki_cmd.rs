@@ -5,6 +5,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use tidemark_names::Name;
 use tidemark_net::pki;
 
 /// Run and administer the receiver (replica site).
@@ -37,7 +38,7 @@ pub(crate) struct InitArgs {
     pki_dir: PathBuf,
     /// The name shippers dial; it goes into the receiver certificate's SAN.
     #[arg(long, default_value = pki::DEFAULT_SERVER_NAME)]
-    server_name: String,
+    server_name: Name,
 }
 
 #[derive(Debug, Args)]
@@ -47,7 +48,7 @@ pub(crate) struct SignArgs {
     pki_dir: PathBuf,
     /// The host you mean to enrol; the request must name exactly this host.
     #[arg(long)]
-    host: String,
+    host: Name,
     /// The host's request (host.csr from `tidemark host request`).
     #[arg(long)]
     csr: PathBuf,
@@ -61,9 +62,10 @@ pub(crate) struct SignArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct RequestArgs {
-    /// This host's name, as the receiver will know it.
+    /// This host's name, as the receiver will know it: 1 to 64 bytes of
+    /// lower-case letters, digits, '.', '_' and '-'.
     #[arg(long)]
-    host: String,
+    host: Name,
     /// Directory for host.key and host.csr (created, mode 0700).
     #[arg(long)]
     pki_dir: PathBuf,

@@ -8,6 +8,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
+use tidemark_names::Name;
 use tidemark_receiver::store::{GroupState, RecoveryPoint, ReplicaGroup, View};
 
 /// Which replica: `--data-dir`, `--host`, `--group`.
@@ -18,10 +19,10 @@ pub(crate) struct ReplicaArgs {
     pub(crate) data_dir: PathBuf,
     /// The protected host.
     #[arg(long)]
-    pub(crate) host: String,
+    pub(crate) host: Name,
     /// Its consistency group.
     #[arg(long, default_value = "default")]
-    pub(crate) group: String,
+    pub(crate) group: Name,
 }
 
 impl ReplicaArgs {
@@ -48,10 +49,10 @@ pub(crate) struct AdoptArgs {
     /// The host whose shipper will connect (for a failback: the host now
     /// running the failed-over disks).
     #[arg(long)]
-    host: String,
+    host: Name,
     /// The consistency group.
     #[arg(long, default_value = "default")]
-    group: String,
+    group: Name,
     /// `NAME=IMAGE`: a disk and the image (or block device) holding its
     /// old content, in the order of the host's tracker (repeat).
     #[arg(long = "disk", value_name = "NAME=IMAGE", required = true)]
@@ -74,6 +75,7 @@ pub(crate) fn adopt(a: AdoptArgs) -> Result<ExitCode> {
         let Some((name, image)) = arg.split_once('=') else {
             bail!("--disk {arg:?}: expected NAME=IMAGE");
         };
+        let name = Name::new(name).with_context(|| format!("--disk {arg:?}"))?;
         let image = PathBuf::from(image);
         let size = std::fs::metadata(&image)
             .with_context(|| format!("reading {}", image.display()))?
@@ -81,7 +83,7 @@ pub(crate) fn adopt(a: AdoptArgs) -> Result<ExitCode> {
         disks.push((
             DiskSpec {
                 id: id as u32,
-                name: name.to_string(),
+                name,
                 size,
             },
             image,

@@ -21,6 +21,7 @@ use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
+use tidemark_names::Name;
 use tidemark_tracker::dm::Control;
 use tidemark_tracker::splice::{self, ProtectOutcome, Route, Swapped};
 
@@ -36,14 +37,14 @@ pub(crate) struct ProtectArgs {
     disk: PathBuf,
     /// The map's NAME (default: the disk's file name, e.g. sdb).
     #[arg(long)]
-    name: Option<String>,
+    name: Option<Name>,
 }
 
 #[derive(Debug, Args)]
 pub(crate) struct UnprotectArgs {
     /// The NAME given to `tidemark protect` (removes
     /// /dev/mapper/tidemark-NAME; refused while it is spliced or mounted).
-    name: String,
+    name: Name,
 }
 
 /// Splice the tracker into a protected disk's I/O path, or out of it.
@@ -69,13 +70,13 @@ pub(crate) struct TrackerLink {
     control_socket: PathBuf,
     /// The disk's name in the tracker's config (default: NAME).
     #[arg(long, value_name = "DISK_NAME")]
-    tracker_disk: Option<String>,
+    tracker_disk: Option<Name>,
 }
 
 #[derive(Debug, Args)]
 pub(crate) struct SpliceStartArgs {
     /// The NAME given to `tidemark protect`.
-    name: String,
+    name: Name,
     /// The tracker's device: its NBD device (e.g. /dev/nbd0, attached) or
     /// its ublk device (e.g. /dev/ublkb0); the disk's size.
     #[arg(long, visible_alias = "device")]
@@ -90,7 +91,7 @@ pub(crate) struct SpliceStartArgs {
 #[derive(Debug, Args)]
 pub(crate) struct SpliceStopArgs {
     /// The NAME given to `tidemark protect`.
-    name: String,
+    name: Name,
     #[command(flatten)]
     tracker: TrackerLink,
     /// Print the outcome as JSON.
@@ -101,7 +102,7 @@ pub(crate) struct SpliceStopArgs {
 #[derive(Debug, Args)]
 pub(crate) struct SpliceStatusArgs {
     /// The NAME given to `tidemark protect`.
-    name: String,
+    name: Name,
 }
 
 pub(crate) fn protect(a: ProtectArgs) -> Result<ExitCode> {
@@ -115,7 +116,6 @@ pub(crate) fn protect(a: ProtectArgs) -> Result<ExitCode> {
         })?,
     };
     // The admin's mistakes first, before device-mapper is asked anything.
-    splice::validate_name(&name)?;
     splice::probe(&a.disk)?;
     let ctl = Control::open()?;
     let path = splice::map_path(&name);
@@ -204,9 +204,8 @@ fn suspended_ms(s: Swapped) -> Option<f64> {
 }
 
 fn start(a: SpliceStartArgs) -> Result<ExitCode> {
-    let disk = a.tracker.tracker_disk.as_deref().unwrap_or(&a.name);
+    let disk = a.tracker.tracker_disk.as_ref().unwrap_or(&a.name);
     let socket = &a.tracker.control_socket;
-    splice::validate_name(&a.name)?;
     splice::probe(&a.nbd)?;
     check_tracker(socket, disk)?;
     let ctl = Control::open()?;
@@ -250,7 +249,7 @@ fn start(a: SpliceStartArgs) -> Result<ExitCode> {
 }
 
 fn stop(a: SpliceStopArgs) -> Result<ExitCode> {
-    let disk = a.tracker.tracker_disk.as_deref().unwrap_or(&a.name);
+    let disk = a.tracker.tracker_disk.as_ref().unwrap_or(&a.name);
     let ctl = Control::open()?;
     // The swap comes first and never waits for the tracker: splicing out
     // is also the way back when the tracker is in trouble.
@@ -320,14 +319,19 @@ mod tests {
         let file = tempfile::NamedTempFile::new().unwrap();
         let e = error_of(protect(ProtectArgs {
             disk: file.path().into(),
-            name: Some("data".into()),
+            name: Some(Name::from_static("data")),
         }));
         assert!(e.contains("is not a block device"), "{e}");
-        let e = error_of(protect(ProtectArgs {
-            disk: "/dev/null".into(),
-            name: Some("bad/name".into()),
-        }));
-        assert!(e.contains("invalid name"), "{e}");
+        let e = <crate::Cli as clap::Parser>::try_parse_from([
+            "tidemark",
+            "protect",
+            "/dev/null",
+            "--name",
+            "bad/name",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("\"bad/name\" is not a valid name"), "{e}");
         let e = error_of(protect(ProtectArgs {
             disk: "/".into(),
             name: None,
@@ -343,7 +347,7 @@ mod tests {
             tracker_disk: None,
         };
         let e = error_of(start(SpliceStartArgs {
-            name: "data".into(),
+            name: Name::from_static("data"),
             nbd: dir.path().join("nbd0"),
             tracker: link(),
             json: false,
@@ -351,7 +355,7 @@ mod tests {
         assert!(e.contains("cannot read"), "{e}");
         // /dev/null is a character device, not the tracker's NBD device.
         let e = error_of(start(SpliceStartArgs {
-            name: "data".into(),
+            name: Name::from_static("data"),
             nbd: "/dev/null".into(),
             tracker: link(),
             json: false,

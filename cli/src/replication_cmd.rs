@@ -7,6 +7,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tidemark_config::{ReceiverConfig, ShipperConfig};
+use tidemark_names::Name;
 use tokio::sync::watch;
 
 /// Run the shipper and ask it how replication goes.
@@ -33,16 +34,16 @@ pub(crate) struct ShipperRunArgs {
     receiver: Option<String>,
     /// This host's enrolled name (the name in host.crt).
     #[arg(long)]
-    host: Option<String>,
+    host: Option<Name>,
     /// Directory with ca.crt, host.crt and host.key.
     #[arg(long)]
     pki_dir: Option<PathBuf>,
     /// The consistency group.
     #[arg(long, default_value = "default")]
-    group: String,
+    group: Name,
     /// The name the receiver's certificate carries.
     #[arg(long, default_value = "tidemark-receiver")]
-    server_name: String,
+    server_name: Name,
     /// The tracker's control socket, through which a planned failover
     /// stops the tracker.
     #[arg(long, default_value = "/run/tidemark/tracker.ctl")]
@@ -136,15 +137,15 @@ fn shipper_config(a: &ShipperRunArgs) -> Result<ShipperConfig> {
                 bail!("give --config FILE, or --log-dir, --receiver, --host and --pki-dir");
             };
             let mut t = toml::Table::new();
-            t.insert("host".into(), toml::Value::String(host.clone()));
+            t.insert("host".into(), toml::Value::String(host.to_string()));
             t.insert("receiver".into(), toml::Value::String(receiver.clone()));
             t.insert(
                 "server-name".into(),
-                toml::Value::String(a.server_name.clone()),
+                toml::Value::String(a.server_name.to_string()),
             );
             t.insert(
                 "consistency-group".into(),
-                toml::Value::String(a.group.clone()),
+                toml::Value::String(a.group.to_string()),
             );
             t.insert("log-dir".into(), path_str(log_dir));
             t.insert(

@@ -178,7 +178,7 @@ impl Backend for TestBackend {
         self.disks
             .iter()
             .map(|d| ExportInfo {
-                name: d.name.clone(),
+                name: d.name.to_string(),
                 description: format!("tidemark test failover of disk {}", d.name),
                 size: d.size,
                 flags: TransmissionFlags::HAS_FLAGS

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tidemark_changelog::LogOptions;
 use tidemark_config::ByteSize;
+use tidemark_names::{Label, Name};
 use tidemark_tracker::daemon::{DiskSpec, KernelAttachSettings, TrackerSettings, UblkSettings};
 use tidemark_tracker::quiesce::Quiesce;
 use tidemark_tracker::storage::{BackingOptions, EngineKind};
@@ -49,10 +50,13 @@ pub(crate) struct ServeArgs {
     resync_all: bool,
     /// The consistency group (one ordered log for all its disks).
     #[arg(long, default_value = "default")]
-    group: String,
-    /// Export names for the images, in order (default: file names).
+    group: Name,
+    /// Names of the disks, in the order of the images (default: their file
+    /// names); also their NBD export names. 1 to 64 bytes of lower-case
+    /// letters, digits, '.', '_' and '-': the receiver files the replica
+    /// under it.
     #[arg(long)]
-    name: Vec<String>,
+    name: Vec<Name>,
     /// The NBD unix socket to create (0600).
     #[arg(long)]
     socket: Option<PathBuf>,
@@ -105,8 +109,9 @@ pub(crate) struct ControlArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct MarkArgs {
-    /// The marker's label.
-    label: String,
+    /// The marker's label: one word (no white space or control
+    /// characters), at most 1024 bytes.
+    label: Label,
     /// Quiesce first: run the pre-hooks, freeze the filesystems, insert
     /// the marker, thaw, run the post-hooks (from the config's
     /// `[tracker.app-consistent]` table and the options below), all within
@@ -197,7 +202,8 @@ fn settings_from_config(path: &Path) -> Result<TrackerSettings> {
             .disks
             .iter()
             .map(|d| DiskSpec {
-                name: d.effective_export_name().to_string(),
+                name: d.name.clone(),
+                export: d.effective_export_name().to_string(),
                 path: d.path.clone(),
             })
             .collect(),
@@ -231,6 +237,21 @@ fn settings_from_config(path: &Path) -> Result<TrackerSettings> {
     })
 }
 
+/// The name of a disk given without `--name`: its image's file name, which
+/// must then be a valid name.
+fn default_disk_name(path: &Path, index: usize) -> Result<Name> {
+    let Some(file_name) = path.file_name() else {
+        return Ok(Name::new(format!("disk{index}"))?);
+    };
+    Name::new(file_name.to_string_lossy()).with_context(|| {
+        format!(
+            "{} cannot name the disk (its name becomes a file name on the replica site); \
+             give --name NAME",
+            path.display()
+        )
+    })
+}
+
 fn settings_from_flags(a: &ServeArgs) -> Result<TrackerSettings> {
     if a.image.is_empty() {
         bail!("give --config FILE, or --image PATH --socket PATH --log-dir DIR");
@@ -243,16 +264,17 @@ fn settings_from_flags(a: &ServeArgs) -> Result<TrackerSettings> {
         .iter()
         .enumerate()
         .map(|(i, path)| {
-            let name = a.name.get(i).cloned().unwrap_or_else(|| {
-                path.file_name()
-                    .map_or_else(|| format!("disk{i}"), |n| n.to_string_lossy().into_owned())
-            });
-            DiskSpec {
+            let name = match a.name.get(i) {
+                Some(name) => name.clone(),
+                None => default_disk_name(path, i)?,
+            };
+            Ok(DiskSpec {
+                export: name.to_string(),
                 name,
                 path: path.clone(),
-            }
+            })
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let socket = a
         .socket
         .clone()
@@ -431,9 +453,6 @@ fn status(a: ControlArgs) -> Result<ExitCode> {
 }
 
 pub(crate) fn mark(a: MarkArgs) -> Result<ExitCode> {
-    if a.label.is_empty() || a.label.chars().any(char::is_whitespace) {
-        bail!("a label must be non-empty and may not contain white space");
-    }
     let config = match &a.config {
         Some(path) => {
             let loaded = tidemark_config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;

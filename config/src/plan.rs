@@ -22,6 +22,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Deserializer, Serialize};
+use tidemark_names::{Name, NameError};
 
 use crate::error::{ConfigError, FieldPath};
 use crate::rules;
@@ -116,9 +117,9 @@ pub struct PlanStep {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct GroupRef {
     /// The host's enrolled name.
-    pub host: String,
+    pub host: Name,
     /// The consistency group.
-    pub group: String,
+    pub group: Name,
 }
 
 impl fmt::Display for GroupRef {
@@ -128,15 +129,13 @@ impl fmt::Display for GroupRef {
 }
 
 impl std::str::FromStr for GroupRef {
-    type Err = String;
+    type Err = NameError;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, NameError> {
         let (host, group) = s.split_once('/').unwrap_or((s, "default"));
-        rules::check_name(host, "host name")?;
-        rules::check_name(group, "consistency group")?;
         Ok(GroupRef {
-            host: host.to_string(),
-            group: group.to_string(),
+            host: host.parse()?,
+            group: group.parse()?,
         })
     }
 }
@@ -144,7 +143,7 @@ impl std::str::FromStr for GroupRef {
 impl<'de> Deserialize<'de> for GroupRef {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        s.parse().map_err(|e: String| {
+        s.parse().map_err(|e: NameError| {
             serde::de::Error::custom(format!("{s:?} is not \"host\" or \"host/group\": {e}"))
         })
     }

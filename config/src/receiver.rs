@@ -6,6 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+use tidemark_names::Name;
 
 use crate::error::{ConfigError, FieldPath};
 use crate::rules;
@@ -150,8 +151,8 @@ impl Default for RetentionConfig {
 )]
 pub struct HostEntry {
     /// The host's name, as in its client certificate and its shipper's
-    /// `host`. Required.
-    pub name: String,
+    /// `host`. A name (see [`tidemark_names`]). Required.
+    pub name: Name,
     /// Refuse the host's connections while keeping its replicas and
     /// recovery points (for a decommissioned or compromised host).
     /// Default: `false`.
@@ -202,10 +203,9 @@ impl ReceiverConfig {
             })?;
         }
 
-        let mut names: HashMap<&str, usize> = HashMap::new();
+        let mut names: HashMap<&Name, usize> = HashMap::new();
         for (i, host) in self.hosts.iter().enumerate() {
             let here = at.key("host").index(i).key("name");
-            rules::check_name(&host.name, "host name").map_err(|m| invalid(here.clone(), m))?;
             if let Some(first) = names.insert(&host.name, i) {
                 return Err(invalid(
                     here,

@@ -1,47 +1,17 @@
 //! Validation rules shared by the three daemons' sections. Each returns the
 //! broken rule as a sentence; the caller knows which setting it checked and
-//! attaches the field path.
+//! attaches the field path. Names of hosts, groups and disks have their own
+//! type, [`tidemark_names::Name`], checked as they are read.
 
 use std::net::IpAddr;
 use std::path::Path;
 
 use crate::ByteSize;
 
-/// Longest disk, host or consistency-group name. Names become file names,
-/// metric labels and certificate identities; 64 keeps all of those sane.
-pub(crate) const MAX_NAME_LEN: usize = 64;
-
 /// `sun_path` holds 108 bytes including the terminating NUL.
 const MAX_UNIX_SOCKET_PATH: usize = 107;
 
-/// A name of a disk, host or consistency group: `[A-Za-z0-9._-]+`, at most
-/// [`MAX_NAME_LEN`] bytes, and not `.` or `..` (names are used as path
-/// components).
-pub(crate) fn check_name(name: &str, what: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err(format!("{what} must not be empty"));
-    }
-    if let Some(bad) = name
-        .chars()
-        .find(|&c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
-        return Err(format!(
-            "{what} {name:?} contains {bad:?}; use only letters, digits, '.', '_' and '-'"
-        ));
-    }
-    if name.len() > MAX_NAME_LEN {
-        return Err(format!(
-            "{what} {name:?} is {} bytes long; the limit is {MAX_NAME_LEN}",
-            name.len()
-        ));
-    }
-    if name == "." || name == ".." {
-        return Err(format!("{what} must not be {name:?}"));
-    }
-    Ok(())
-}
-
-/// A host name as used for TLS and for dialling: an IP address, or DNS
+/// The host part of an address to dial: an IP address, or DNS
 /// labels of letters, digits and '-' (not at either end), 1 to 63 bytes
 /// each, 253 bytes in all.
 pub(crate) fn check_dns_name(name: &str) -> Result<(), String> {
@@ -130,25 +100,6 @@ pub(crate) fn check_nonzero(size: ByteSize) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names() {
-        for good in ["db", "data-1", "wal_2", "a.b", "A9", &"x".repeat(64)] {
-            assert_eq!(check_name(good, "name"), Ok(()), "{good}");
-        }
-        for (bad, why) in [
-            ("", "empty"),
-            ("a b", "' '"),
-            ("a/b", "'/'"),
-            ("dísk", "'í'"),
-            (".", "must not be"),
-            ("..", "must not be"),
-            (&"x".repeat(65), "limit is 64"),
-        ] {
-            let err = check_name(bad, "name").expect_err(bad);
-            assert!(err.contains(why), "{bad}: {err}");
-        }
-    }
 
     #[test]
     fn dns_names() {

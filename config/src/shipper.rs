@@ -5,6 +5,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+use tidemark_names::Name;
 
 use crate::error::{ConfigError, FieldPath};
 use crate::rules;
@@ -34,13 +35,13 @@ pub const MAX_SYNC_CHUNK_SIZE: ByteSize = ByteSize::mib(64);
 pub struct ShipperConfig {
     /// This protected host's identity: the name its client certificate was
     /// enrolled under, and under which the receiver files its replicas.
-    /// Letters, digits, '.', '_' and '-'. Required.
-    pub host: String,
+    /// A name (see [`tidemark_names`]). Required.
+    pub host: Name,
 
     /// The consistency group whose log this shipper sends; must match the
     /// tracker's. Default: `"default"`.
     #[serde(default = "default_consistency_group")]
-    pub consistency_group: String,
+    pub consistency_group: Name,
 
     /// The tracker's change-log directory, which this shipper tails.
     /// Default: `/var/lib/tidemark/log`.
@@ -55,7 +56,7 @@ pub struct ShipperConfig {
     /// the host part of `receiver`, so the receiver can be dialled by
     /// address. Default: `"tidemark-receiver"`.
     #[serde(default = "default_server_name")]
-    pub server_name: String,
+    pub server_name: Name,
 
     /// zstd compression level for record batches, -7 (fastest) to 22
     /// (smallest); 0 means zstd's default (3). Default: `1`.
@@ -111,16 +112,16 @@ pub struct ShipperConfig {
     pub retry: RetryConfig,
 }
 
-fn default_consistency_group() -> String {
-    "default".to_owned()
+fn default_consistency_group() -> Name {
+    Name::from_static("default")
 }
 
 fn default_log_dir() -> PathBuf {
     PathBuf::from("/var/lib/tidemark/log")
 }
 
-fn default_server_name() -> String {
-    "tidemark-receiver".to_owned()
+fn default_server_name() -> Name {
+    Name::from_static("tidemark-receiver")
 }
 
 fn default_compression_level() -> i32 {
@@ -154,9 +155,9 @@ fn default_sync_chunk_size() -> ByteSize {
 impl ShipperConfig {
     /// A configuration with every setting at its default, for the given
     /// required ones.
-    pub fn new(host: impl Into<String>, receiver: HostPort) -> Self {
+    pub fn new(host: Name, receiver: HostPort) -> Self {
         Self {
-            host: host.into(),
+            host,
             consistency_group: default_consistency_group(),
             log_dir: default_log_dir(),
             receiver,
@@ -180,11 +181,7 @@ impl ShipperConfig {
         let at = FieldPath::root().key("shipper");
         let invalid = |key: &str, message: String| ConfigError::invalid(at.key(key), message);
 
-        rules::check_name(&self.host, "host name").map_err(|m| invalid("host", m))?;
-        rules::check_name(&self.consistency_group, "consistency group")
-            .map_err(|m| invalid("consistency-group", m))?;
         rules::check_path(&self.log_dir).map_err(|m| invalid("log-dir", m))?;
-        rules::check_dns_name(&self.server_name).map_err(|m| invalid("server-name", m))?;
         if !COMPRESSION_LEVELS.contains(&self.compression_level) {
             return Err(invalid(
                 "compression-level",

@@ -6,6 +6,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+use tidemark_names::Name;
 
 use crate::error::{ConfigError, FieldPath};
 use crate::rules;
@@ -49,8 +50,8 @@ const MAX_EXPORT_NAME_LEN: usize = 4096;
 pub struct TrackerConfig {
     /// Name of the consistency group this tracker serves; the shipper and
     /// the receiver use it to keep the group's recovery points together.
-    /// Letters, digits, '.', '_' and '-'. Default: `"default"`.
-    pub consistency_group: String,
+    /// A name (see [`tidemark_names`]). Default: `"default"`.
+    pub consistency_group: Name,
 
     /// Directory of the change log's segment files, shared with the shipper
     /// (which tails it). Put it on a fast disk that is not one of the
@@ -275,7 +276,7 @@ fn disk_tables<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<DiskConfig>
 impl Default for TrackerConfig {
     fn default() -> Self {
         Self {
-            consistency_group: "default".to_owned(),
+            consistency_group: Name::from_static("default"),
             log_dir: PathBuf::from("/var/lib/tidemark/log"),
             log_size_limit: ByteSize::gib(8),
             segment_size: ByteSize::mib(64),
@@ -305,9 +306,8 @@ impl Default for TrackerConfig {
 pub struct DiskConfig {
     /// Name of the disk, unique within the consistency group and stable for
     /// its lifetime: replicas and recovery points at the receiver are filed
-    /// under it. Letters, digits, '.', '_' and '-', at most 64 bytes.
-    /// Required.
-    pub name: String,
+    /// under it. A name (see [`tidemark_names`]). Required.
+    pub name: Name,
 
     /// The backing block device (`/dev/disk/by-id/...` is stable across
     /// reboots; `/dev/sdb` is not) or image file that holds the disk's data.
@@ -334,8 +334,6 @@ impl TrackerConfig {
         let at = FieldPath::root().key("tracker");
         let invalid = |key: &str, message: String| ConfigError::invalid(at.key(key), message);
 
-        rules::check_name(&self.consistency_group, "consistency group")
-            .map_err(|m| invalid("consistency-group", m))?;
         let app = at.key("app-consistent");
         if self.app_consistent.timeout.get().is_zero() {
             return Err(ConfigError::invalid(
@@ -515,7 +513,7 @@ impl TrackerConfig {
                 "no disks; add at least one [[tracker.disk]] table with `name` and `path`",
             ));
         }
-        let mut names: HashMap<&str, usize> = HashMap::new();
+        let mut names: HashMap<&Name, usize> = HashMap::new();
         let mut exports: HashMap<&str, usize> = HashMap::new();
         let mut paths: HashMap<&PathBuf, usize> = HashMap::new();
         for (i, disk) in self.disks.iter().enumerate() {
@@ -525,8 +523,7 @@ impl TrackerConfig {
                 invalid(key, format!("{what} already used by tracker.disk[{first}]"))
             };
 
-            rules::check_name(&disk.name, "disk name").map_err(|m| invalid("name", m))?;
-            if let Some(&first) = names.get(disk.name.as_str()) {
+            if let Some(&first) = names.get(&disk.name) {
                 return Err(duplicate(
                     "name",
                     &format!("disk name {:?} is", disk.name),

@@ -464,7 +464,13 @@ fn shipper_defaults() {
         "127.0.0.1:9722".parse::<SocketAddr>().unwrap()
     );
     assert_eq!(shipper.sync_chunk_size, ByteSize::mib(1));
-    assert_eq!(ShipperConfig::new("h", "dr:7480".parse().unwrap()), shipper);
+    assert_eq!(
+        ShipperConfig::new(
+            tidemark_names::Name::from_static("h"),
+            "dr:7480".parse().unwrap()
+        ),
+        shipper
+    );
 }
 
 #[test]
@@ -619,7 +625,7 @@ fn invalid_config_built_in_code_has_no_location() {
         "tracker.disk: no disks; add at least one [[tracker.disk]] table with `name` and `path`"
     );
     tracker.disks.push(tidemark_config::DiskConfig {
-        name: "a".into(),
+        name: tidemark_names::Name::from_static("a"),
         path: "/dev/a".into(),
         export_name: None,
     });

@@ -25,6 +25,26 @@ fn rejects(text: &str, line: usize, field: &str, says: &str) {
     );
 }
 
+/// Like [`rejects`], for a name: names are refused as they are read (the
+/// one rule of `tidemark_names`), so the error is a schema error, with the
+/// same file, line and setting.
+#[track_caller]
+fn rejects_name(text: &str, line: usize, field: &str, says: &str) {
+    let err = match parse_str(text, Path::new("t.toml")) {
+        Ok(config) => panic!("accepted:\n{text}\n{config:#?}"),
+        Err(err) => err,
+    };
+    let message = err.to_string();
+    assert!(matches!(err, ConfigError::Schema { .. }), "{message}");
+    assert_eq!(err.field().unwrap().to_string(), field, "{message}");
+    assert!(message.starts_with(&format!("t.toml:{line}:")), "{message}");
+    assert!(message.contains("is not a valid name"), "{message}");
+    assert!(
+        message.contains(says),
+        "{message:?} should contain {says:?}"
+    );
+}
+
 #[track_caller]
 fn accepts(text: &str) {
     if let Err(err) = parse_str(text, Path::new("t.toml")) {
@@ -50,14 +70,13 @@ fn disks(entries: &[&str]) -> String {
 
 #[test]
 fn tracker_consistency_group_is_a_name() {
-    let say = "consistency group must not be empty";
-    rejects(
+    rejects_name(
         &tracker("consistency-group = \"\"", ONE_DISK),
         2,
         "tracker.consistency-group",
-        say,
+        "it is empty",
     );
-    rejects(
+    rejects_name(
         &tracker("consistency-group = \"db group\"", ONE_DISK),
         2,
         "tracker.consistency-group",
@@ -78,30 +97,33 @@ fn tracker_needs_a_disk() {
 #[test]
 fn disk_names_are_non_empty_and_well_formed() {
     let at = |line, body: &str, says| {
-        rejects(
+        rejects_name(
             &tracker("", &disks(&[body])),
             line,
             "tracker.disk[0].name",
             says,
         )
     };
+    at(4, "name = \"\"\npath = \"/a\"", "it is empty");
+    at(4, "name = \"a/b\"\npath = \"/a\"", "contains '/'");
+    at(4, "name = \"../../escaped\"\npath = \"/a\"", "contains '/'");
+    at(4, "name = \"a b\"\npath = \"/a\"", "contains ' '");
+    at(4, "name = \"..\"\npath = \"/a\"", "starts with '.'");
+    at(4, "name = \".\"\npath = \"/a\"", "starts with '.'");
+    at(4, "name = \"-x\"\npath = \"/a\"", "starts with '-'");
     at(
         4,
-        "name = \"\"\npath = \"/a\"",
-        "disk name must not be empty",
+        "name = \"Data-1\"\npath = \"/a\"",
+        "upper-case letters (write \"data-1\")",
     );
-    at(4, "name = \"a/b\"\npath = \"/a\"", "contains '/'");
-    at(4, "name = \"a b\"\npath = \"/a\"", "contains ' '");
-    at(4, "name = \"..\"\npath = \"/a\"", "must not be \"..\"");
-    at(4, "name = \".\"\npath = \"/a\"", "must not be \".\"");
     at(
         4,
         &format!("name = \"{}\"\npath = \"/a\"", "n".repeat(65)),
-        "limit is 64",
+        "65 bytes long, more than 64",
     );
     accepts(&tracker(
         "",
-        &disks(&["name = \"Data-1_x.y\"\npath = \"/a\""]),
+        &disks(&["name = \"data-1_x.y\"\npath = \"/a\""]),
     ));
 }
 
@@ -417,18 +439,23 @@ fn shipper(rest: &str) -> String {
 #[test]
 fn shipper_identities_are_names() {
     let text = "[shipper]\nhost = \"db 1\"\nreceiver = \"dr:7480\"\n";
-    rejects(text, 2, "shipper.host", "host name \"db 1\" contains ' '");
-    rejects(
+    rejects_name(
+        text,
+        2,
+        "shipper.host",
+        "\"db 1\" is not a valid name: it contains ' '",
+    );
+    rejects_name(
         &shipper("consistency-group = \"\""),
         4,
         "shipper.consistency-group",
-        "must not be empty",
+        "it is empty",
     );
-    rejects(
-        &shipper("server-name = \"bad_name\""),
+    rejects_name(
+        &shipper("server-name = \"Bad.Name\""),
         4,
         "shipper.server-name",
-        "not a valid host name",
+        "upper-case",
     );
     rejects(
         &shipper("log-dir = \"\""),
@@ -665,13 +692,13 @@ fn retention_limits_are_positive() {
 
 #[test]
 fn enrolled_host_names_are_valid_and_unique() {
-    rejects(
+    rejects_name(
         "[[receiver.host]]\nname = \"\"\n",
         2,
         "receiver.host[0].name",
-        "must not be empty",
+        "it is empty",
     );
-    rejects(
+    rejects_name(
         "[[receiver.host]]\nname = \"a:b\"\n",
         2,
         "receiver.host[0].name",

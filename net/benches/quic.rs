@@ -57,9 +57,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Err(_) => 1 << 30,
     };
     let tmp = tempfile::tempdir()?;
-    let receiver = pki::init_receiver(&tmp.path().join("r"), pki::DEFAULT_SERVER_NAME)?;
-    let request = pki::host_request(&tmp.path().join("h"), "bench-host")?;
-    let cert = pki::sign_host(&receiver.dir, &request.csr_pem, "bench-host", 1)?;
+    let server_name = tidemark_names::Name::from_static(pki::DEFAULT_SERVER_NAME);
+    let host = tidemark_names::Name::from_static("bench-host");
+    let receiver = pki::init_receiver(&tmp.path().join("r"), &server_name)?;
+    let request = pki::host_request(&tmp.path().join("h"), &host)?;
+    let cert = pki::sign_host(&receiver.dir, &request.csr_pem, &host, 1)?;
     let host_cert = tmp.path().join("h").join(pki::HOST_CERT_FILE);
     pki::write_new_file(&host_cert, cert.as_bytes(), 0o644)?;
     let files = Files {

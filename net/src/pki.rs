@@ -12,7 +12,10 @@
 //!
 //! The host name in the client certificate (SAN DNS and CN) *is* the host's
 //! identity: the receiver maps it to that host's replicas, so a host can only
-//! ever write its own.
+//! ever write its own. It is a [`Name`], as is the receiver's server name:
+//! nothing here issues a certificate for a name that breaks the rule, and
+//! the receiver refuses, at connection, one issued before the rule was
+//! (see [`crate::tls::peer_host`]).
 //!
 //! Files (all PEM):
 //!
@@ -40,6 +43,7 @@ use std::fs;
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use tidemark_names::Name;
 use time::{Duration, OffsetDateTime};
 
 /// The server name shippers expect in the receiver's certificate unless
@@ -109,14 +113,6 @@ pub enum PkiError {
         /// The file.
         path: PathBuf,
     },
-    /// The host name is not acceptable (caller's input).
-    #[error("invalid host name {name:?}: {reason}")]
-    InvalidHostName {
-        /// The rejected name.
-        name: String,
-        /// What is wrong with it.
-        reason: &'static str,
-    },
     /// The requested validity is out of range (caller's input).
     #[error("invalid validity of {days} days: must be 1 to {max}")]
     InvalidValidity {
@@ -172,7 +168,7 @@ pub struct ReceiverPki {
     /// The CA's common name (`tidemark CA <random id>`).
     pub ca_name: String,
     /// The name in the receiver certificate's SAN; shippers dial it.
-    pub server_name: String,
+    pub server_name: Name,
     /// `ca.crt`.
     pub ca_cert: PathBuf,
     /// `ca.key`.
@@ -187,7 +183,7 @@ pub struct ReceiverPki {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostRequest {
     /// The host name the request is for.
-    pub host: String,
+    pub host: Name,
     /// `host.key`.
     pub key: PathBuf,
     /// `host.csr`.
@@ -196,43 +192,15 @@ pub struct HostRequest {
     pub csr_pem: String,
 }
 
-/// Checks that `name` can name a host (or the receiver): 1–253 characters of
-/// ASCII letters, digits, `-`, `.` and `_`, not starting with `.` or `-`.
-pub fn validate_host_name(name: &str) -> Result<(), PkiError> {
-    let invalid = |reason| PkiError::InvalidHostName {
-        name: name.to_owned(),
-        reason,
-    };
-    if name.is_empty() {
-        return Err(invalid("it is empty"));
-    }
-    if name.len() > 253 {
-        return Err(invalid("it is longer than 253 characters"));
-    }
-    if name.starts_with('.') || name.starts_with('-') {
-        return Err(invalid("it starts with '.' or '-'"));
-    }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
-    {
-        return Err(invalid(
-            "only letters, digits, '-', '.' and '_' are allowed",
-        ));
-    }
-    Ok(())
-}
-
 /// Creates the receiver's PKI in `dir` (created with mode 0700 if missing):
 /// a CA (ECDSA P-256, [`CA_VALIDITY_DAYS`]) and a server certificate signed
 /// by it whose SAN DNS name is `server_name`. Refuses, before writing
 /// anything, if any of the four files already exists.
-pub fn init_receiver(dir: &Path, server_name: &str) -> Result<ReceiverPki, PkiError> {
-    validate_host_name(server_name)?;
+pub fn init_receiver(dir: &Path, server_name: &Name) -> Result<ReceiverPki, PkiError> {
     let pki = ReceiverPki {
         dir: dir.to_path_buf(),
         ca_name: format!("tidemark CA {}", random_id()),
-        server_name: server_name.to_owned(),
+        server_name: server_name.clone(),
         ca_cert: dir.join(CA_CERT_FILE),
         ca_key: dir.join(CA_KEY_FILE),
         server_cert: dir.join(RECEIVER_CERT_FILE),
@@ -299,8 +267,7 @@ pub fn init_receiver(dir: &Path, server_name: &str) -> Result<ReceiverPki, PkiEr
 /// Creates the host's private key (`host.key`, 0600) and a certificate
 /// signing request (`host.csr`) with CN and SAN DNS = `host`, in `dir`
 /// (created with mode 0700 if missing). Refuses to overwrite either file.
-pub fn host_request(dir: &Path, host: &str) -> Result<HostRequest, PkiError> {
-    validate_host_name(host)?;
+pub fn host_request(dir: &Path, host: &Name) -> Result<HostRequest, PkiError> {
     let key_path = dir.join(HOST_KEY_FILE);
     let csr_path = dir.join(HOST_CSR_FILE);
     refuse_existing(&key_path)?;
@@ -323,7 +290,7 @@ pub fn host_request(dir: &Path, host: &str) -> Result<HostRequest, PkiError> {
     write_new_file(&csr_path, csr.as_bytes(), 0o644)?;
     sync_dir(dir)?;
     Ok(HostRequest {
-        host: host.to_owned(),
+        host: host.clone(),
         key: key_path,
         csr: csr_path,
         csr_pem: csr,
@@ -341,10 +308,9 @@ pub fn host_request(dir: &Path, host: &str) -> Result<HostRequest, PkiError> {
 pub fn sign_host(
     pki_dir: &Path,
     csr_pem: &str,
-    expected_host: &str,
+    expected_host: &Name,
     days: u32,
 ) -> Result<String, PkiError> {
-    validate_host_name(expected_host)?;
     if days == 0 || days > MAX_HOST_VALIDITY_DAYS {
         return Err(PkiError::InvalidValidity {
             days,
@@ -595,14 +561,15 @@ fn common_name(name: &str) -> DistinguishedName {
     dn
 }
 
-fn dns_san(name: &str) -> Result<SanType, PkiError> {
-    // Validated names are ASCII, so this cannot fail; keep it typed anyway.
-    name.to_owned()
+fn dns_san(name: &Name) -> Result<SanType, PkiError> {
+    // Names are ASCII, so this cannot fail; keep it typed anyway.
+    name.as_str()
+        .to_owned()
         .try_into()
         .map(SanType::DnsName)
-        .map_err(|_| PkiError::InvalidHostName {
-            name: name.to_owned(),
-            reason: "not ASCII",
+        .map_err(|source| PkiError::Generate {
+            what: "subject alternative name",
+            source,
         })
 }
 
@@ -620,32 +587,4 @@ fn random_id() -> String {
     let mut bytes = [0u8; 6];
     rand::rng().fill_bytes(&mut bytes);
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn host_names() {
-        for good in [
-            "a",
-            "db-01",
-            "db01.example.com",
-            "web_1",
-            "9host",
-            &"a".repeat(253),
-        ] {
-            assert!(validate_host_name(good).is_ok(), "{good}");
-        }
-        for bad in ["", ".x", "-x", "a b", "a/b", "ä", "x\0", &"a".repeat(254)] {
-            assert!(
-                matches!(
-                    validate_host_name(bad),
-                    Err(PkiError::InvalidHostName { .. })
-                ),
-                "{bad:?}"
-            );
-        }
-    }
 }

@@ -21,6 +21,7 @@ use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureS
 use rustls_pki_types::{CertificateDer, UnixTime};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use tidemark_names::{Name, NameError};
 
 /// The application protocol both ends announce; a peer speaking anything
 /// else is refused during the handshake.
@@ -87,6 +88,21 @@ pub enum PeerIdentityError {
     /// The peer's certificate names no host (no SAN DNS name, no CN).
     #[error("the peer's certificate names no host")]
     NoName,
+    /// The peer's certificate names a host that breaks the rule of names
+    /// (issued before the rule, or by hand): refused, since the name would
+    /// become the path of the host's replicas.
+    #[error(
+        "the peer's certificate names the host {name:?}, which is not a valid name; \
+         enrol the host again under a valid name (`tidemark host request`, \
+         `tidemark receiver sign`)"
+    )]
+    InvalidName {
+        /// The name as the certificate spells it.
+        name: String,
+        /// What is wrong with it.
+        #[source]
+        source: NameError,
+    },
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -242,11 +258,11 @@ pub fn client_config(ca: &Path, cert: &Path, key: &Path) -> Result<quinn::Client
 }
 
 /// The authenticated host name of the peer of `conn`: the first SAN DNS name
-/// of its certificate, else its common name.
+/// of its certificate, else its common name; it must be a [`Name`].
 ///
 /// On the receiver this is the identity that selects the host's replicas;
 /// the certificate was verified against the CA during the handshake.
-pub fn peer_host(conn: &quinn::Connection) -> Result<String, PeerIdentityError> {
+pub fn peer_host(conn: &quinn::Connection) -> Result<Name, PeerIdentityError> {
     let identity = conn
         .peer_identity()
         .ok_or(PeerIdentityError::NoCertificate)?;
@@ -256,7 +272,8 @@ pub fn peer_host(conn: &quinn::Connection) -> Result<String, PeerIdentityError> 
             reason: "the TLS session holds no X.509 chain".into(),
         })?;
     let leaf = certs.first().ok_or(PeerIdentityError::NoCertificate)?;
-    host_from_certificate(leaf)
+    let name = host_from_certificate(leaf)?;
+    Name::new(name.clone()).map_err(|source| PeerIdentityError::InvalidName { name, source })
 }
 
 /// The host name a certificate names: its first SAN DNS name, else its

@@ -6,11 +6,16 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use tidemark_names::Name;
 use tidemark_net::pki::{self, ReceiverPki};
 use tidemark_net::{client_config, client_endpoint, peer_host, server_config, server_endpoint};
 
 const HOST: &str = "db-01.example";
 const SERVER_NAME: &str = "tidemark-receiver";
+fn n(name: &str) -> Name {
+    Name::new(name).unwrap()
+}
+
 /// Long enough for a loaded 2-core machine, short enough that a bug cannot
 /// hang the test run.
 const LIMIT: Duration = Duration::from_secs(15);
@@ -30,10 +35,10 @@ struct Enrolled {
 /// A receiver PKI in `root/receiver` and a host enrolled with it in
 /// `root/host`.
 fn enrol(root: &Path, host: &str) -> Enrolled {
-    let receiver = pki::init_receiver(&root.join("receiver"), SERVER_NAME).unwrap();
+    let receiver = pki::init_receiver(&root.join("receiver"), &n(SERVER_NAME)).unwrap();
     let host_dir = root.join("host");
-    let request = pki::host_request(&host_dir, host).unwrap();
-    let cert = pki::sign_host(&receiver.dir, &request.csr_pem, host, 30).unwrap();
+    let request = pki::host_request(&host_dir, &n(host)).unwrap();
+    let cert = pki::sign_host(&receiver.dir, &request.csr_pem, &n(host), 30).unwrap();
     let host_cert = host_dir.join(pki::HOST_CERT_FILE);
     pki::write_new_file(&host_cert, cert.as_bytes(), 0o644).unwrap();
     Enrolled {
@@ -57,7 +62,7 @@ fn start_server(receiver: &ReceiverPki) -> (quinn::Endpoint, SocketAddr) {
 
 /// Accepts one incoming connection and returns the peer's host name, or the
 /// error that ended the handshake.
-async fn accept_one(endpoint: quinn::Endpoint) -> Result<(quinn::Connection, String), String> {
+async fn accept_one(endpoint: quinn::Endpoint) -> Result<(quinn::Connection, Name), String> {
     let incoming = endpoint.accept().await.ok_or("endpoint closed")?;
     let conn = incoming.await.map_err(|e| e.to_string())?;
     let host = peer_host(&conn).map_err(|e| e.to_string())?;
@@ -323,6 +328,66 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
+/// Makes `{name}.key` (P-256) and `{name}.crt` in `dir` with the openssl
+/// CLI, as someone holding the issuer's key could: subject `/CN={cn}`,
+/// the extensions `ext` (openssl's extfile syntax), signed by `issuer`.
+fn openssl_issue(dir: &Path, name: &str, cn: &str, ext: &str, issuer: (&Path, &Path)) {
+    let (key, csr, crt, extfile) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.crt"),
+        format!("{name}.ext"),
+    );
+    std::fs::write(dir.join(&extfile), ext).unwrap();
+    let subject = format!("/CN={cn}");
+    openssl(
+        dir,
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            &subject,
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            issuer.0.to_str().unwrap(),
+            "-CAkey",
+            issuer.1.to_str().unwrap(),
+            "-CAcreateserial",
+            "-days",
+            "30",
+            "-extfile",
+            &extfile,
+            "-out",
+            &crt,
+        ],
+    );
+}
+
+/// The extensions of a host certificate for `host`.
+fn leaf_ext(host: &str) -> String {
+    format!(
+        "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n\
+         extendedKeyUsage=clientAuth\nsubjectAltName=DNS:{host}\n"
+    )
+}
+
 /// The receiver's CA signs an intermediate CA (made with the openssl CLI,
 /// as an attacker holding the CA key for a moment, or a mistaken admin,
 /// would), and the intermediate signs a leaf for a host. The chain verifies
@@ -337,100 +402,19 @@ async fn a_host_certificate_from_an_intermediate_ca_is_rejected() {
     let enrolled = enrol(tmp.path(), HOST);
     let dir = tmp.path().join("intermediate");
     std::fs::create_dir(&dir).unwrap();
-    std::fs::write(
-        dir.join("ca.ext"),
+    let ca = (
+        enrolled.receiver.ca_cert.as_path(),
+        enrolled.receiver.ca_key.as_path(),
+    );
+    openssl_issue(
+        &dir,
+        "int",
+        "intermediate",
         "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n",
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("leaf.ext"),
-        format!(
-            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n\
-             extendedKeyUsage=clientAuth\nsubjectAltName=DNS:{HOST}\n"
-        ),
-    )
-    .unwrap();
-    let ca_cert = enrolled.receiver.ca_cert.to_str().unwrap();
-    let ca_key = enrolled.receiver.ca_key.to_str().unwrap();
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
-    openssl(
-        &dir,
-        &[
-            &["req", "-new"][..],
-            &ec,
-            &[
-                "-keyout",
-                "int.key",
-                "-out",
-                "int.csr",
-                "-subj",
-                "/CN=intermediate",
-            ],
-        ]
-        .concat(),
+        ca,
     );
-    openssl(
-        &dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "int.csr",
-            "-CA",
-            ca_cert,
-            "-CAkey",
-            ca_key,
-            "-CAcreateserial",
-            "-days",
-            "30",
-            "-extfile",
-            "ca.ext",
-            "-out",
-            "int.crt",
-        ],
-    );
-    openssl(
-        &dir,
-        &[
-            &["req", "-new"][..],
-            &ec,
-            &[
-                "-keyout",
-                "leaf.key",
-                "-out",
-                "leaf.csr",
-                "-subj",
-                &format!("/CN={HOST}"),
-            ],
-        ]
-        .concat(),
-    );
-    openssl(
-        &dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "leaf.csr",
-            "-CA",
-            "int.crt",
-            "-CAkey",
-            "int.key",
-            "-CAcreateserial",
-            "-days",
-            "30",
-            "-extfile",
-            "leaf.ext",
-            "-out",
-            "leaf.crt",
-        ],
-    );
+    let int = (dir.join("int.crt"), dir.join("int.key"));
+    openssl_issue(&dir, "leaf", HOST, &leaf_ext(HOST), (&int.0, &int.1));
     // The host presents the whole chain: leaf, then the intermediate.
     let chain = [
         std::fs::read_to_string(dir.join("leaf.crt")).unwrap(),
@@ -458,4 +442,48 @@ async fn a_host_certificate_from_an_intermediate_ca_is_rejected() {
     }
     let reason = client.await.unwrap();
     assert_eq!(alert(&reason), Some(ALERT_CERTIFICATE_UNKNOWN), "{reason}");
+}
+
+/// A certificate the CA really issued, for a name that breaks the rule of
+/// names (upper case, as an older enrolment allowed): the handshake passes,
+/// but the receiver cannot use the name as the host's identity, and says
+/// why.
+#[tokio::test]
+async fn a_certificate_for_a_name_that_breaks_the_rule_gives_no_identity() {
+    if !have_openssl("a_certificate_for_a_name_that_breaks_the_rule_gives_no_identity") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let enrolled = enrol(tmp.path(), HOST);
+    let dir = tmp.path().join("legacy");
+    std::fs::create_dir(&dir).unwrap();
+    let legacy = "DB-01.Example";
+    openssl_issue(
+        &dir,
+        "leaf",
+        legacy,
+        &leaf_ext(legacy),
+        (&enrolled.receiver.ca_cert, &enrolled.receiver.ca_key),
+    );
+    let (server, addr) = start_server(&enrolled.receiver);
+    let config = client_config(
+        &enrolled.receiver.ca_cert,
+        &dir.join("leaf.crt"),
+        &dir.join("leaf.key"),
+    )
+    .unwrap();
+    let client = tokio::spawn(refused_reason(config, addr, SERVER_NAME));
+    let incoming = tokio::time::timeout(LIMIT, server.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    let conn = incoming.await.expect("the CA issued the certificate");
+    let err = peer_host(&conn).unwrap_err();
+    assert!(
+        matches!(&err, tidemark_net::tls::PeerIdentityError::InvalidName { name, .. } if name == legacy),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("enrol the host again"), "{err}");
+    conn.close(2u32.into(), b"invalid host name");
+    drop(client);
 }

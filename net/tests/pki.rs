@@ -5,11 +5,16 @@ use rustls_pki_types::pem::PemObject;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use tidemark_names::Name;
 use tidemark_net::pki::{self, PkiError};
 use tidemark_net::tls::host_from_certificate;
 use x509_parser::prelude::*;
 
 const HOST: &str = "db-01.example";
+
+fn n(name: &str) -> Name {
+    Name::new(name).unwrap()
+}
 
 fn mode(path: &Path) -> u32 {
     fs::metadata(path).unwrap().permissions().mode() & 0o777
@@ -25,7 +30,7 @@ fn parse_pem_cert(pem: &str) -> Vec<u8> {
 fn init_creates_a_ca_and_a_server_certificate_with_private_modes() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("pki");
-    let created = pki::init_receiver(&dir, "replica.example").unwrap();
+    let created = pki::init_receiver(&dir, &n("replica.example")).unwrap();
     assert_eq!(mode(&dir), 0o700);
     assert_eq!(mode(&created.ca_key), 0o600);
     assert_eq!(mode(&created.server_key), 0o600);
@@ -71,8 +76,8 @@ fn init_creates_a_ca_and_a_server_certificate_with_private_modes() {
 #[test]
 fn two_receivers_get_different_cas() {
     let tmp = tempfile::tempdir().unwrap();
-    let a = pki::init_receiver(&tmp.path().join("a"), "r").unwrap();
-    let b = pki::init_receiver(&tmp.path().join("b"), "r").unwrap();
+    let a = pki::init_receiver(&tmp.path().join("a"), &n("r")).unwrap();
+    let b = pki::init_receiver(&tmp.path().join("b"), &n("r")).unwrap();
     assert_ne!(a.ca_name, b.ca_name);
     assert_ne!(fs::read(&a.ca_key).unwrap(), fs::read(&b.ca_key).unwrap());
 }
@@ -81,9 +86,9 @@ fn two_receivers_get_different_cas() {
 fn init_refuses_to_overwrite_and_names_the_file() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("pki");
-    let created = pki::init_receiver(&dir, pki::DEFAULT_SERVER_NAME).unwrap();
+    let created = pki::init_receiver(&dir, &n(pki::DEFAULT_SERVER_NAME)).unwrap();
     let ca_before = fs::read(&created.ca_key).unwrap();
-    let err = pki::init_receiver(&dir, pki::DEFAULT_SERVER_NAME).unwrap_err();
+    let err = pki::init_receiver(&dir, &n(pki::DEFAULT_SERVER_NAME)).unwrap_err();
     assert!(
         matches!(&err, PkiError::Exists { path } if path.ends_with("ca.crt")),
         "{err:?}"
@@ -95,7 +100,7 @@ fn init_refuses_to_overwrite_and_names_the_file() {
     let other = tmp.path().join("other");
     fs::create_dir(&other).unwrap();
     fs::write(other.join("receiver.key"), "precious").unwrap();
-    let err = pki::init_receiver(&other, pki::DEFAULT_SERVER_NAME).unwrap_err();
+    let err = pki::init_receiver(&other, &n(pki::DEFAULT_SERVER_NAME)).unwrap_err();
     assert!(
         matches!(&err, PkiError::Exists { path } if path.ends_with("receiver.key")),
         "{err:?}"
@@ -111,7 +116,7 @@ fn init_refuses_to_overwrite_and_names_the_file() {
 fn host_request_writes_a_private_key_and_a_request_naming_the_host() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("host");
-    let request = pki::host_request(&dir, HOST).unwrap();
+    let request = pki::host_request(&dir, &n(HOST)).unwrap();
     assert_eq!(mode(&dir), 0o700);
     assert_eq!(mode(&request.key), 0o600);
     assert_eq!(fs::read_to_string(&request.csr).unwrap(), request.csr_pem);
@@ -149,7 +154,7 @@ fn host_request_writes_a_private_key_and_a_request_naming_the_host() {
         .collect();
     assert_eq!(sans, vec![format!("DNSName({HOST})")]);
 
-    let err = pki::host_request(&dir, HOST).unwrap_err();
+    let err = pki::host_request(&dir, &n(HOST)).unwrap_err();
     assert!(
         matches!(&err, PkiError::Exists { path } if path.ends_with("host.key")),
         "{err:?}"
@@ -157,25 +162,11 @@ fn host_request_writes_a_private_key_and_a_request_naming_the_host() {
 }
 
 #[test]
-fn host_request_rejects_bad_names_before_writing() {
-    let tmp = tempfile::tempdir().unwrap();
-    for bad in ["", "-db", ".db", "db 01", "db/01", &"h".repeat(254)] {
-        let dir = tmp.path().join("host");
-        let err = pki::host_request(&dir, bad).unwrap_err();
-        assert!(
-            matches!(err, PkiError::InvalidHostName { .. }),
-            "{bad:?}: {err:?}"
-        );
-        assert!(!dir.exists());
-    }
-}
-
-#[test]
 fn sign_issues_a_client_certificate_for_exactly_that_host() {
     let tmp = tempfile::tempdir().unwrap();
-    let receiver = pki::init_receiver(&tmp.path().join("r"), "r").unwrap();
-    let request = pki::host_request(&tmp.path().join("h"), HOST).unwrap();
-    let pem = pki::sign_host(&receiver.dir, &request.csr_pem, HOST, 90).unwrap();
+    let receiver = pki::init_receiver(&tmp.path().join("r"), &n("r")).unwrap();
+    let request = pki::host_request(&tmp.path().join("h"), &n(HOST)).unwrap();
+    let pem = pki::sign_host(&receiver.dir, &request.csr_pem, &n(HOST), 90).unwrap();
     let der = parse_pem_cert(&pem);
     assert_eq!(
         host_from_certificate(&rustls_pki_types::CertificateDer::from(der.clone())).unwrap(),
@@ -201,7 +192,8 @@ fn sign_issues_a_client_certificate_for_exactly_that_host() {
         csr.certification_request_info.subject_pki.raw
     );
     // Two signatures of one request get distinct serial numbers.
-    let again = parse_pem_cert(&pki::sign_host(&receiver.dir, &request.csr_pem, HOST, 90).unwrap());
+    let again =
+        parse_pem_cert(&pki::sign_host(&receiver.dir, &request.csr_pem, &n(HOST), 90).unwrap());
     let (_, again) = X509Certificate::from_der(&again).unwrap();
     assert_ne!(cert.serial, again.serial);
 }
@@ -209,9 +201,9 @@ fn sign_issues_a_client_certificate_for_exactly_that_host() {
 #[test]
 fn sign_refuses_a_request_for_another_host() {
     let tmp = tempfile::tempdir().unwrap();
-    let receiver = pki::init_receiver(&tmp.path().join("r"), "r").unwrap();
-    let request = pki::host_request(&tmp.path().join("h"), "web-07").unwrap();
-    let err = pki::sign_host(&receiver.dir, &request.csr_pem, HOST, 90).unwrap_err();
+    let receiver = pki::init_receiver(&tmp.path().join("r"), &n("r")).unwrap();
+    let request = pki::host_request(&tmp.path().join("h"), &n("web-07")).unwrap();
+    let err = pki::sign_host(&receiver.dir, &request.csr_pem, &n(HOST), 90).unwrap_err();
     match &err {
         PkiError::RequestNameMismatch { expected, found } => {
             assert_eq!(expected, HOST);
@@ -243,17 +235,17 @@ fn custom_request(cn: &str, sans: &[&str], ca: bool) -> String {
 #[test]
 fn sign_refuses_extra_names_and_ignores_requested_rights() {
     let tmp = tempfile::tempdir().unwrap();
-    let receiver = pki::init_receiver(&tmp.path().join("r"), "r").unwrap();
+    let receiver = pki::init_receiver(&tmp.path().join("r"), &n("r")).unwrap();
 
     let extra = custom_request(HOST, &[HOST, "web-07"], false);
-    let err = pki::sign_host(&receiver.dir, &extra, HOST, 90).unwrap_err();
+    let err = pki::sign_host(&receiver.dir, &extra, &n(HOST), 90).unwrap_err();
     assert!(
         matches!(err, PkiError::RequestNameMismatch { .. }),
         "{err:?}"
     );
 
     let cn_only_other = custom_request("web-07", &[HOST], false);
-    let err = pki::sign_host(&receiver.dir, &cn_only_other, HOST, 90).unwrap_err();
+    let err = pki::sign_host(&receiver.dir, &cn_only_other, &n(HOST), 90).unwrap_err();
     assert!(
         matches!(err, PkiError::RequestNameMismatch { .. }),
         "{err:?}"
@@ -261,14 +253,14 @@ fn sign_refuses_extra_names_and_ignores_requested_rights() {
 
     // Without a SAN the CN decides; the certificate gets the SAN anyway.
     let cn_only = custom_request(HOST, &[], false);
-    let pem = pki::sign_host(&receiver.dir, &cn_only, HOST, 90).unwrap();
+    let pem = pki::sign_host(&receiver.dir, &cn_only, &n(HOST), 90).unwrap();
     let der = parse_pem_cert(&pem);
     let (_, cert) = X509Certificate::from_der(&der).unwrap();
     assert!(cert.subject_alternative_name().unwrap().is_some());
 
     // A request asking to be a CA gets a plain client certificate.
     let wants_ca = custom_request(HOST, &[HOST], true);
-    let pem = pki::sign_host(&receiver.dir, &wants_ca, HOST, 90).unwrap();
+    let pem = pki::sign_host(&receiver.dir, &wants_ca, &n(HOST), 90).unwrap();
     let der = parse_pem_cert(&pem);
     let (_, cert) = X509Certificate::from_der(&der).unwrap();
     assert!(!cert.is_ca());
@@ -277,8 +269,8 @@ fn sign_refuses_extra_names_and_ignores_requested_rights() {
 #[test]
 fn sign_rejects_damaged_requests_and_bad_arguments() {
     let tmp = tempfile::tempdir().unwrap();
-    let receiver = pki::init_receiver(&tmp.path().join("r"), "r").unwrap();
-    let request = pki::host_request(&tmp.path().join("h"), HOST).unwrap();
+    let receiver = pki::init_receiver(&tmp.path().join("r"), &n("r")).unwrap();
+    let request = pki::host_request(&tmp.path().join("h"), &n(HOST)).unwrap();
 
     // Flip one bit in the signed body: the signature no longer verifies.
     let der =
@@ -291,7 +283,7 @@ fn sign_rejects_damaged_requests_and_bad_arguments() {
         .unwrap();
     bytes[at] ^= 0x01;
     let tampered = pem_encode("CERTIFICATE REQUEST", &bytes);
-    let err = pki::sign_host(&receiver.dir, &tampered, HOST, 90).unwrap_err();
+    let err = pki::sign_host(&receiver.dir, &tampered, &n(HOST), 90).unwrap_err();
     assert!(matches!(err, PkiError::InvalidRequest { .. }), "{err:?}");
 
     for garbage in [
@@ -299,7 +291,7 @@ fn sign_rejects_damaged_requests_and_bad_arguments() {
         "hello",
         "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
     ] {
-        let err = pki::sign_host(&receiver.dir, garbage, HOST, 90).unwrap_err();
+        let err = pki::sign_host(&receiver.dir, garbage, &n(HOST), 90).unwrap_err();
         assert!(
             matches!(err, PkiError::InvalidRequest { .. }),
             "{garbage:?}: {err:?}"
@@ -308,17 +300,15 @@ fn sign_rejects_damaged_requests_and_bad_arguments() {
     // Truncations of a valid request never panic.
     for cut in 0..bytes.len() {
         let pem = pem_encode("CERTIFICATE REQUEST", &der.as_ref()[..cut]);
-        assert!(pki::sign_host(&receiver.dir, &pem, HOST, 90).is_err());
+        assert!(pki::sign_host(&receiver.dir, &pem, &n(HOST), 90).is_err());
     }
 
     for days in [0, pki::MAX_HOST_VALIDITY_DAYS + 1] {
-        let err = pki::sign_host(&receiver.dir, &request.csr_pem, HOST, days).unwrap_err();
+        let err = pki::sign_host(&receiver.dir, &request.csr_pem, &n(HOST), days).unwrap_err();
         assert!(matches!(err, PkiError::InvalidValidity { .. }), "{err:?}");
     }
-    let err = pki::sign_host(&receiver.dir, &request.csr_pem, "bad name", 90).unwrap_err();
-    assert!(matches!(err, PkiError::InvalidHostName { .. }), "{err:?}");
-
-    let err = pki::sign_host(&tmp.path().join("nowhere"), &request.csr_pem, HOST, 90).unwrap_err();
+    let err =
+        pki::sign_host(&tmp.path().join("nowhere"), &request.csr_pem, &n(HOST), 90).unwrap_err();
     assert!(err.to_string().contains("nowhere/ca.crt"), "{err}");
 }
 

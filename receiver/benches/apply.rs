@@ -32,7 +32,7 @@ fn main() {
     });
     g.ensure_disks(&[DiskSpec {
         id: 0,
-        name: "bench".into(),
+        name: tidemark_names::Name::from_static("bench"),
         size: DISK,
     }])
     .unwrap();

@@ -23,6 +23,7 @@ use crate::drain;
 use crate::replica::StoreReplica;
 use crate::store::{GroupState, ReplicaGroup, Retention};
 use tidemark_metrics::{labels, Exposition, MetricsServer, Unit};
+use tidemark_names::Name;
 
 /// Why the receiver could not start.
 #[derive(Debug, thiserror::Error)]
@@ -32,33 +33,23 @@ pub enum ReceiverFatal {
     Setup(String),
 }
 
-type GroupKey = (String, String);
+type GroupKey = (Name, Name);
 type Groups = Arc<Mutex<HashMap<GroupKey, Arc<Mutex<StoreReplica>>>>>;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The directory of a host's group under `data_dir`.
-pub fn group_dir(data_dir: &Path, host: &str, group: &str) -> PathBuf {
+/// The directory of a host's group under `data_dir`: names are single path
+/// components, so it is always two levels below `data_dir`.
+pub fn group_dir(data_dir: &Path, host: &Name, group: &Name) -> PathBuf {
     data_dir.join(host).join(group)
-}
-
-/// A consistency-group name a shipper may use: it becomes a directory name.
-pub fn valid_group_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name != "."
-        && name != ".."
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 struct Server {
     data_dir: PathBuf,
     retention: Retention,
-    revoked: HashSet<String>,
+    revoked: HashSet<Name>,
     groups: Groups,
     stats: Mutex<HashMap<GroupKey, Arc<GroupStats>>>,
 }
@@ -232,8 +223,8 @@ impl Server {
                     .cloned()
                     .unwrap_or_default();
                 GroupSample {
-                    host,
-                    group,
+                    host: host.to_string(),
+                    group: group.to_string(),
                     durable_seq: pos.durable_seq,
                     state: group_state_name(&pos.state),
                     last_barrier_ns: barrier.map(|(_, ts)| ts),
@@ -251,9 +242,9 @@ impl Server {
         out
     }
 
-    fn stats(&self, host: &str, group: &str) -> Arc<GroupStats> {
+    fn stats(&self, host: &Name, group: &Name) -> Arc<GroupStats> {
         lock(&self.stats)
-            .entry((host.to_string(), group.to_string()))
+            .entry((host.clone(), group.clone()))
             .or_default()
             .clone()
     }
@@ -339,6 +330,21 @@ pub async fn run(
     Ok(())
 }
 
+/// An error and its causes, one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
+/// Most bytes of a close reason sent to a refused peer.
+const MAX_CLOSE_REASON: usize = 512;
+
 /// Close codes of refused connections.
 const CLOSE_REVOKED: u32 = 1;
 const CLOSE_BAD_IDENTITY: u32 = 2;
@@ -349,16 +355,16 @@ impl Server {
         let host = match tidemark_net::peer_host(&conn) {
             Ok(h) => h,
             Err(e) => {
-                tracing::warn!(%remote, error = %e, "refusing a peer without a usable host identity");
-                conn.close(CLOSE_BAD_IDENTITY.into(), b"no usable host identity");
+                let why = error_chain(&e);
+                tracing::warn!(%remote, error = %why, "refusing a peer without a usable host identity");
+                // The shipper shows the reason: say what is wrong (a close
+                // reason must fit in one packet).
+                let mut reason = why.into_bytes();
+                reason.truncate(MAX_CLOSE_REASON);
+                conn.close(CLOSE_BAD_IDENTITY.into(), &reason);
                 return;
             }
         };
-        if tidemark_net::pki::validate_host_name(&host).is_err() {
-            tracing::warn!(%remote, %host, "refusing a certificate whose host name is not a valid directory name");
-            conn.close(CLOSE_BAD_IDENTITY.into(), b"invalid host name");
-            return;
-        }
         if self.revoked.contains(&host) {
             tracing::warn!(%remote, %host, "refusing a revoked host");
             conn.close(CLOSE_REVOKED.into(), b"host revoked");
@@ -380,8 +386,8 @@ impl Server {
     }
 
     /// Opens (or finds open) the store of a host's group.
-    fn group(&self, host: &str, group: &str) -> Result<Arc<Mutex<StoreReplica>>, ReceiverError> {
-        let key = (host.to_string(), group.to_string());
+    fn group(&self, host: &Name, group: &Name) -> Result<Arc<Mutex<StoreReplica>>, ReceiverError> {
+        let key = (host.clone(), group.clone());
         let mut groups = lock(&self.groups);
         if let Some(g) = groups.get(&key) {
             if !lock(g).is_poisoned() {
@@ -408,7 +414,7 @@ impl Server {
 
     async fn session(
         &self,
-        host: &str,
+        host: &Name,
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) -> Result<(), String> {
@@ -431,20 +437,31 @@ impl Server {
                 .ok_or("the stream ended before the hello")?;
             decoder.feed(&buf[..n]);
         };
+        // The Hello's names decoded as names: none of them can leave the
+        // host's directory.
         let group_name = match &hello {
             Message::Hello { group, .. } => group.clone(),
-            _ => String::new(),
+            Message::Error {
+                class,
+                code,
+                message,
+            } => {
+                let err = ReceiverError::Peer {
+                    class: *class,
+                    code: *code,
+                    message: message.clone(),
+                };
+                return refuse(&mut send, err).await;
+            }
+            other => {
+                let err = ReceiverError::Refused {
+                    class: ErrorClass::Transient,
+                    code: ErrorCode::Protocol,
+                    message: format!("expected hello, got {}", other.msg_type().name()),
+                };
+                return refuse(&mut send, err).await;
+            }
         };
-        if !valid_group_name(&group_name) {
-            let err = ReceiverError::Peer {
-                class: ErrorClass::Permanent,
-                code: ErrorCode::Protocol,
-                message: format!(
-                    "consistency group name {group_name:?} must be 1-64 letters, digits, '-', '_' or '.'"
-                ),
-            };
-            return refuse(&mut send, err).await;
-        }
         let replica = match self.group(host, &group_name) {
             Ok(r) => r,
             Err(e) => return refuse(&mut send, e).await,

@@ -9,6 +9,7 @@ use std::io::Write as _;
 use std::path::Path;
 use tidemark_changelog::replay::{replay, MemoryImage, StopAt};
 use tidemark_changelog::{ChangeLog, Entry, LogOptions, Record, SimDir};
+use tidemark_names::Name;
 use tidemark_receiver::store::{
     Applied, ChunkRef, DiskSpec, Extent, GroupState, Purpose, ReplicaGroup, Retention, StoreError,
 };
@@ -21,7 +22,7 @@ fn specs() -> Vec<DiskSpec> {
         .enumerate()
         .map(|(i, s)| DiskSpec {
             id: i as u32 * 3 + 1,
-            name: format!("disk{i}"),
+            name: Name::new(format!("disk{i}")).unwrap(),
             size: *s,
         })
         .collect()
@@ -234,7 +235,7 @@ fn points_read_exactly_through_the_holes_of_the_image() {
     });
     g.ensure_disks(&[DiskSpec {
         id: 0,
-        name: "sparse".into(),
+        name: Name::from_static("sparse"),
         size: SIZE,
     }])
     .unwrap();
@@ -399,7 +400,7 @@ fn ensure_disks_refuses_changed_disks_and_keeps_known_ones() {
         Err(StoreError::DiskSpec { disk: 1, .. })
     ));
     let mut renamed = specs();
-    renamed[1].name = "other".into();
+    renamed[1].name = Name::from_static("other");
     assert!(matches!(
         g.ensure_disks(&renamed),
         Err(StoreError::DiskSpec { disk: 4, .. })

@@ -418,8 +418,8 @@ pub async fn run(
     }
 
     let status = ShipperStatus {
-        host: cfg.host.clone(),
-        group: cfg.consistency_group.clone(),
+        host: cfg.host.to_string(),
+        group: cfg.consistency_group.to_string(),
         state: State::Connecting,
         reason: None,
         durable_seq: cursor,
@@ -794,7 +794,7 @@ async fn run_connection(
         .iter()
         .zip(&syncs)
         .map(|(d, s)| DiskProgress {
-            name: d.name.clone(),
+            name: d.name.to_string(),
             size: d.size,
             synced: s.next,
             data_bytes: 0,

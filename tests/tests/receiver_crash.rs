@@ -347,7 +347,11 @@ fn sigkilled_receiver_reopens_consistent_with_every_point_correct() {
     let dir = tmp.0.as_ref().unwrap().path();
     let (rpki, hpki) = enroll(dir, HOST);
     let replicas = dir.join("replicas");
-    let group_dir = tidemark_receiver::daemon::group_dir(&replicas, HOST, "default");
+    let group_dir = tidemark_receiver::daemon::group_dir(
+        &replicas,
+        &tidemark_names::Name::from_static(HOST),
+        &tidemark_names::Name::from_static("default"),
+    );
     let port = free_port();
     let receiver_log = dir.join(format!("receiver-{port}.log"));
     let image = dir.join("disk.img");

@@ -316,7 +316,11 @@ fn every_recovery_point_of_an_ext4_workload_is_a_consistent_filesystem() {
     assert!(table.contains("mkfs-done"), "{table}");
     assert!(receiver.stop().success());
 
-    let group_dir = tidemark_receiver::daemon::group_dir(&replicas, HOST, "default");
+    let group_dir = tidemark_receiver::daemon::group_dir(
+        &replicas,
+        &tidemark_names::Name::from_static(HOST),
+        &tidemark_names::Name::from_static("default"),
+    );
     let group = ReplicaGroup::open_read_only(&group_dir).unwrap();
     let points = group.points();
     assert_eq!(

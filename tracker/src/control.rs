@@ -22,6 +22,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tidemark_names::Label;
 
 /// Status of the group as the control socket reports it.
 #[derive(Debug, Serialize)]
@@ -86,7 +87,7 @@ pub fn status_of(group_name: &str, group: &Group) -> StatusReply {
             .into_iter()
             .enumerate()
             .map(|(i, name)| DiskStatus {
-                name,
+                name: name.into_string(),
                 tracking: s.mode.name(),
                 hot_extents: s.hot_extents[i],
                 dirty_extents: s.dirty_extents[i],
@@ -115,7 +116,11 @@ pub fn handle_line(line: &str, group_name: &str, group: &Group) -> String {
 }
 
 fn mark(group: &Group, label: &str, app: bool) -> serde_json::Value {
-    match group.marker(label, app) {
+    let label = match Label::new(label) {
+        Ok(l) => l,
+        Err(e) => return serde_json::json!({"ok": false, "error": e.to_string()}),
+    };
+    match group.marker(&label, app) {
         Ok(seq) => serde_json::json!({"ok": true, "seq": seq}),
         Err(e) => serde_json::json!({"ok": false, "error": e}),
     }

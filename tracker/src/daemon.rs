@@ -16,12 +16,15 @@ use std::sync::Arc;
 use tidemark_changelog::LogOptions;
 use tidemark_changelog::{read_cursor, write_sources, DiskSource, FsDir};
 use tidemark_metrics::{labels, Exposition, MetricsThread, Unit};
+use tidemark_names::Name;
 
 /// One disk to protect.
 #[derive(Debug, Clone)]
 pub struct DiskSpec {
-    /// Its name, also the NBD export name.
-    pub name: String,
+    /// Its name: the receiver files its replica under it.
+    pub name: Name,
+    /// Its NBD export name.
+    pub export: String,
     /// The backing block device or image file.
     pub path: PathBuf,
 }
@@ -30,7 +33,7 @@ pub struct DiskSpec {
 #[derive(Debug, Clone)]
 pub struct TrackerSettings {
     /// Consistency group name.
-    pub group: String,
+    pub group: Name,
     /// The disks, in id order.
     pub disks: Vec<DiskSpec>,
     /// Change log directory.
@@ -102,7 +105,7 @@ pub enum DaemonError {
     #[error("disk {name}")]
     Backing {
         /// The disk.
-        name: String,
+        name: Name,
         /// The cause.
         #[source]
         source: crate::storage::StorageError,
@@ -361,6 +364,7 @@ pub fn run(
         tracing::info!(disk = %spec.name, path = %spec.path.display(), size = device.size(), "backing device opened");
         disks.push(GroupDisk {
             name: spec.name.clone(),
+            export: spec.export.clone(),
             device,
         });
     }
@@ -403,7 +407,7 @@ pub fn run(
     let maintenance = spawn_maintenance(group.clone());
     let control = ControlSocket::start(
         &settings.control_socket,
-        settings.group.clone(),
+        settings.group.to_string(),
         group.clone(),
     )
     .map_err(|source| DaemonError::Socket {
@@ -536,14 +540,16 @@ fn start_ublk(
         Some(export) => settings
             .disks
             .iter()
-            .position(|d| &d.name == export)
+            .position(|d| &d.export == export)
             .ok_or_else(|| DaemonError::Attach(AttachError::NoSuchExport(export.clone())))?,
         None => 0,
     };
-    let name = &settings.disks[index].name;
+    // The export name, as the identity always was: a device kept across a
+    // restart is found by it.
+    let export = &settings.disks[index].export;
     let size = group.disk_sizes()[index];
     let options = UblkOptions {
-        identity: backend_identifier(&settings.group, name),
+        identity: backend_identifier(&settings.group, export),
         disk: index as u32,
         size,
         dev_id: ublk.dev_id,
@@ -566,7 +572,7 @@ fn attach_kernel(
         None => settings
             .disks
             .first()
-            .map(|d| d.name.clone())
+            .map(|d| d.export.clone())
             .ok_or_else(|| DaemonError::Attach(AttachError::NoSuchExport(String::new())))?,
     };
     let options = AttachOptions {

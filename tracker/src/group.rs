@@ -37,6 +37,7 @@ use tidemark_changelog::{
     now_ns, AppendError, ChangeLog, Entry, FsDir, LogOptions, OpenError, Recovery,
 };
 use tidemark_metrics::{Histogram, HistogramSnapshot, LATENCY_BUCKETS};
+use tidemark_names::{Label, Name};
 
 /// How bitmap-mode reasons caused by the log's size limit begin: only
 /// those return to data mode by themselves.
@@ -53,8 +54,11 @@ const COOL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// One protected disk of the group.
 pub struct GroupDisk {
-    /// The disk's name (config), also its NBD export name.
-    pub name: String,
+    /// The disk's name (config): the receiver files its replica under it,
+    /// and it names the disk's maps in the log directory.
+    pub name: Name,
+    /// Its NBD export name (the config's `export-name`, else its name).
+    pub export: String,
     /// The backing device.
     pub device: Arc<dyn BlockDevice>,
 }
@@ -236,7 +240,7 @@ impl Group {
             source,
         })?;
         let (mut log, recovery) = ChangeLog::open(dir, opts.log, now_ns())?;
-        let names: Vec<String> = disks.iter().map(|d| d.name.clone()).collect();
+        let names: Vec<String> = disks.iter().map(|d| d.name.to_string()).collect();
         let mut state =
             GroupState::load(&opts.log_dir)?.unwrap_or_else(|| GroupState::fresh(&names));
         state.check_disks(&names).map_err(GroupError::Config)?;
@@ -718,14 +722,14 @@ impl Group {
 
     /// Inserts a labelled marker followed by a barrier; returns the
     /// marker's sequence number.
-    pub fn marker(&self, label: &str, app_consistent: bool) -> Result<u64, String> {
+    pub fn marker(&self, label: &Label, app_consistent: bool) -> Result<u64, String> {
         if !matches!(*lock(&self.mode), TrackingMode::Data) {
             return Err(
                 "the group is in bitmap mode: no recovery point can be marked until a resync"
                     .into(),
             );
         }
-        let entry = Entry::marker(label, app_consistent, now_ns());
+        let entry = Entry::marker(label.as_str(), app_consistent, now_ns());
         entry
             .validate()
             .map_err(|e| format!("invalid label: {e}"))?;
@@ -826,7 +830,7 @@ impl Group {
         let id = self
             .disks
             .iter()
-            .position(|d| d.disk.name == name)
+            .position(|d| d.disk.name == *name)
             .ok_or_else(|| format!("no disk {name:?} in this group"))?;
         let size = self.disks[id].size;
         if size == 0 {
@@ -858,7 +862,7 @@ impl Group {
     }
 
     /// The disks' names, by id.
-    pub fn disk_names(&self) -> Vec<String> {
+    pub fn disk_names(&self) -> Vec<Name> {
         self.disks.iter().map(|d| d.disk.name.clone()).collect()
     }
 
@@ -901,7 +905,7 @@ impl Backend for Group {
         self.disks
             .iter()
             .map(|d| ExportInfo {
-                name: d.disk.name.clone(),
+                name: d.disk.export.clone(),
                 description: format!("tidemark protected disk {}", d.disk.name),
                 size: d.size,
                 flags: TransmissionFlags::HAS_FLAGS

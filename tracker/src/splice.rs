@@ -21,28 +21,18 @@ use crate::dm::{Control, DevId, DmError, MapInfo, Target, SECTOR};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use tidemark_names::Name;
 
 /// Prefix of every map Tidemark creates.
 pub const MAP_PREFIX: &str = "tidemark-";
 /// Prefix of their UUIDs.
 pub const UUID_PREFIX: &str = "TIDEMARK-";
-/// Longest NAME: the map name is `tidemark-NAME` and the UUID
-/// `TIDEMARK-MAJOR-MINOR-NAME`, both under device-mapper's 127 bytes.
-pub const MAX_NAME: usize = 96;
 /// The kernel NBD driver's major number.
 pub const NBD_MAJOR: u32 = 43;
 
 /// Why a splice operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SpliceError {
-    /// The admin's NAME cannot name a map.
-    #[error("invalid name {name:?}: {reason}")]
-    InvalidName {
-        /// The name given.
-        name: String,
-        /// What is wrong with it.
-        reason: &'static str,
-    },
     /// A path that must be a block device is something else.
     #[error("{} is not a block device", path.display())]
     NotBlockDevice {
@@ -150,7 +140,7 @@ pub enum SpliceError {
         /// The map's name.
         map: String,
         /// Its NAME.
-        name: String,
+        name: Name,
         /// Where it points.
         device: DevId,
     },
@@ -178,61 +168,34 @@ pub enum SpliceError {
     Dm(#[from] DmError),
 }
 
-/// Checks a NAME for `tidemark-NAME`: letters, digits, `.`, `_`, `-`; not
-/// starting with `.` or `-`.
-pub fn validate_name(name: &str) -> Result<(), SpliceError> {
-    let bad = |reason| {
-        Err(SpliceError::InvalidName {
-            name: name.into(),
-            reason,
-        })
-    };
-    if name.is_empty() {
-        return bad("empty");
-    }
-    if name.len() > MAX_NAME {
-        return bad("longer than 96 bytes");
-    }
-    if name.starts_with(['.', '-']) {
-        return bad("starts with '.' or '-'");
-    }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-    {
-        return bad("only letters, digits, '.', '_' and '-' are allowed");
-    }
-    Ok(())
-}
-
 /// The NAME `protect` picks without `--name`: the disk's file name
-/// (`/dev/sdb` → `sdb`, `/dev/disk/by-id/x` → `x`).
-pub fn default_name(disk: &Path) -> Option<String> {
-    let name = disk.file_name()?.to_str()?.to_string();
-    validate_name(&name).ok().map(|()| name)
+/// (`/dev/sdb` → `sdb`, `/dev/disk/by-id/x` → `x`), if it is a [`Name`].
+pub fn default_name(disk: &Path) -> Option<Name> {
+    Name::new(disk.file_name()?.to_str()?).ok()
 }
 
-/// `tidemark-NAME`.
-pub fn map_name(name: &str) -> String {
+/// `tidemark-NAME`: with a [`Name`] of at most 64 bytes, and the UUID
+/// below, well under device-mapper's 127 bytes.
+pub fn map_name(name: &Name) -> String {
     format!("{MAP_PREFIX}{name}")
 }
 
 /// `/dev/mapper/tidemark-NAME`.
-pub fn map_path(name: &str) -> PathBuf {
+pub fn map_path(name: &Name) -> PathBuf {
     Path::new("/dev/mapper").join(map_name(name))
 }
 
 /// The UUID of NAME's map over `disk`.
-pub fn map_uuid(name: &str, disk: DevId) -> String {
+pub fn map_uuid(name: &Name, disk: DevId) -> String {
     format!("{UUID_PREFIX}{}-{}-{name}", disk.major, disk.minor)
 }
 
 /// The disk a map's UUID names, if it is one of ours for `name`.
-pub fn disk_of_uuid(uuid: &str, name: &str) -> Option<DevId> {
+pub fn disk_of_uuid(uuid: &str, name: &Name) -> Option<DevId> {
     let rest = uuid.strip_prefix(UUID_PREFIX)?;
     let (major, rest) = rest.split_once('-')?;
     let (minor, rest) = rest.split_once('-')?;
-    (rest == name).then_some(())?;
+    (rest == name.as_str()).then_some(())?;
     Some(DevId {
         major: major.parse().ok()?,
         minor: minor.parse().ok()?,
@@ -415,8 +378,7 @@ pub struct Protected {
 }
 
 /// Finds NAME's map and what it points at.
-pub fn inspect(ctl: &Control, name: &str) -> Result<Protected, SpliceError> {
-    validate_name(name)?;
+pub fn inspect(ctl: &Control, name: &Name) -> Result<Protected, SpliceError> {
     let map = map_name(name);
     let (info, table) = match ctl.table(&map) {
         Ok(found) => found,
@@ -458,8 +420,7 @@ pub enum ProtectOutcome {
 }
 
 /// Creates `/dev/mapper/tidemark-NAME`, linear over the whole `disk`.
-pub fn protect(ctl: &Control, disk: &Path, name: &str) -> Result<ProtectOutcome, SpliceError> {
-    validate_name(name)?;
+pub fn protect(ctl: &Control, disk: &Path, name: &Name) -> Result<ProtectOutcome, SpliceError> {
     let dev = probe(disk)?;
     if dev.size == 0 || dev.size % SECTOR != 0 {
         return Err(SpliceError::OddSize {
@@ -543,7 +504,7 @@ fn swap(ctl: &Control, map: &str, table: &[Target]) -> Result<Duration, SpliceEr
 }
 
 /// Points NAME's map at `nbd` (the tracker serving the same disk).
-pub fn splice_in(ctl: &Control, name: &str, nbd: &Path) -> Result<Swapped, SpliceError> {
+pub fn splice_in(ctl: &Control, name: &Name, nbd: &Path) -> Result<Swapped, SpliceError> {
     let p = inspect(ctl, name)?;
     let target = probe(nbd)?;
     if p.route == Route::Spliced(target.id) {
@@ -570,7 +531,7 @@ pub fn splice_in(ctl: &Control, name: &str, nbd: &Path) -> Result<Swapped, Splic
 }
 
 /// Points NAME's map straight at its disk again.
-pub fn splice_out(ctl: &Control, name: &str) -> Result<Swapped, SpliceError> {
+pub fn splice_out(ctl: &Control, name: &Name) -> Result<Swapped, SpliceError> {
     let p = inspect(ctl, name)?;
     if p.route == Route::Disk {
         return Ok(Swapped::Already);
@@ -584,12 +545,12 @@ pub fn splice_out(ctl: &Control, name: &str) -> Result<Swapped, SpliceError> {
 }
 
 /// Removes NAME's map; only while it points straight at its disk.
-pub fn unprotect(ctl: &Control, name: &str) -> Result<(), SpliceError> {
+pub fn unprotect(ctl: &Control, name: &Name) -> Result<(), SpliceError> {
     let p = inspect(ctl, name)?;
     if let Route::Spliced(device) = p.route {
         return Err(SpliceError::StillSpliced {
             map: p.map,
-            name: name.into(),
+            name: name.clone(),
             device,
         });
     }
@@ -668,18 +629,8 @@ mod tests {
     }
 
     #[test]
-    fn names_are_checked() {
-        for good in ["data", "sdb", "db-wal.1", "A_b"] {
-            validate_name(good).unwrap();
-        }
-        for bad in ["", ".x", "-x", "a/b", "a b", "é", &"x".repeat(MAX_NAME + 1)] {
-            assert!(
-                matches!(validate_name(bad), Err(SpliceError::InvalidName { .. })),
-                "{bad:?} accepted"
-            );
-        }
-        // The longest name still fits device-mapper's limits.
-        let long = "x".repeat(MAX_NAME);
+    fn the_longest_name_fits_device_mappers_limits() {
+        let long = Name::new("x".repeat(tidemark_names::MAX_NAME_LEN)).unwrap();
         let uuid = map_uuid(&long, dev(4095, (1 << 20) - 1));
         assert!(uuid.len() < crate::dm::UUID_LEN);
         assert!(map_name(&long).len() < crate::dm::NAME_LEN);
@@ -688,26 +639,37 @@ mod tests {
 
     #[test]
     fn default_names_come_from_the_disk_path() {
-        assert_eq!(default_name(Path::new("/dev/sdb")).as_deref(), Some("sdb"));
+        let default = |p: &str| default_name(Path::new(p)).map(String::from);
+        assert_eq!(default("/dev/sdb").as_deref(), Some("sdb"));
         assert_eq!(
-            default_name(Path::new("/dev/disk/by-id/wwn-0x5000")).as_deref(),
+            default("/dev/disk/by-id/wwn-0x5000").as_deref(),
             Some("wwn-0x5000")
         );
-        assert_eq!(default_name(Path::new("/")), None);
-        assert_eq!(default_name(Path::new("/dev/disk/by-path/a:b")), None);
+        assert_eq!(default("/"), None);
+        assert_eq!(default("/dev/disk/by-path/a:b"), None);
+        assert_eq!(default("/dev/disk/by-id/ata-Samsung_SSD"), None);
     }
 
     #[test]
     fn the_uuid_records_the_disk_and_only_our_own_name() {
-        let uuid = map_uuid("data", dev(8, 16));
+        let uuid = map_uuid(&Name::from_static("data"), dev(8, 16));
         assert_eq!(uuid, "TIDEMARK-8-16-data");
-        assert_eq!(disk_of_uuid(&uuid, "data"), Some(dev(8, 16)));
-        assert_eq!(disk_of_uuid(&uuid, "other"), None);
-        assert_eq!(disk_of_uuid("LVM-abc", "data"), None);
-        assert_eq!(disk_of_uuid("TIDEMARK-x-1-data", "data"), None);
+        assert_eq!(
+            disk_of_uuid(&uuid, &Name::from_static("data")),
+            Some(dev(8, 16))
+        );
+        assert_eq!(disk_of_uuid(&uuid, &Name::from_static("other")), None);
+        assert_eq!(disk_of_uuid("LVM-abc", &Name::from_static("data")), None);
+        assert_eq!(
+            disk_of_uuid("TIDEMARK-x-1-data", &Name::from_static("data")),
+            None
+        );
         // Names with dashes survive the round trip.
-        let uuid = map_uuid("db-wal-1", dev(259, 3));
-        assert_eq!(disk_of_uuid(&uuid, "db-wal-1"), Some(dev(259, 3)));
+        let uuid = map_uuid(&Name::from_static("db-wal-1"), dev(259, 3));
+        assert_eq!(
+            disk_of_uuid(&uuid, &Name::from_static("db-wal-1")),
+            Some(dev(259, 3))
+        );
     }
 
     #[test]
@@ -770,7 +732,7 @@ mod tests {
         assert!(e.contains("1048576 bytes") && e.contains("2097152"), "{e}");
         let e = SpliceError::StillSpliced {
             map: "tidemark-data".into(),
-            name: "data".into(),
+            name: Name::from_static("data"),
             device: dev(43, 0),
         }
         .to_string();

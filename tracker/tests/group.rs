@@ -41,7 +41,8 @@ fn open_with(
         .iter()
         .enumerate()
         .map(|(i, d)| GroupDisk {
-            name: format!("disk{i}"),
+            name: tidemark_names::Name::new(format!("disk{i}")).unwrap(),
+            export: format!("disk{i}"),
             device: d.clone() as Arc<dyn BlockDevice>,
         })
         .collect();
@@ -272,7 +273,9 @@ fn a_marker_is_followed_by_a_durable_barrier() {
     let devs = [Arc::new(MemoryDevice::new(DISK))];
     let (group, _) = open(tmp.path(), &devs, 64 << 20);
     group.write(0, 0, &[1; 512], false).unwrap();
-    let seq = group.marker("nightly", true).unwrap();
+    let seq = group
+        .marker(&tidemark_names::Label::new("nightly").unwrap(), true)
+        .unwrap();
     let recs = records(tmp.path());
     assert_eq!(recs[1].header.seq, seq);
     assert_eq!(recs[1].label(), Some("nightly"));

@@ -161,6 +161,15 @@ pub enum DecodeError {
         /// Which rule was broken.
         reason: &'static str,
     },
+    /// A host, group or disk name breaks the rule of names.
+    #[error("invalid {field}")]
+    InvalidName {
+        /// The field.
+        field: &'static str,
+        /// The name and what is wrong with it.
+        #[source]
+        source: tidemark_names::NameError,
+    },
     /// The records of a batch do not verify or do not follow each other.
     #[error("invalid record batch")]
     Batch(#[source] crate::message::BatchError),

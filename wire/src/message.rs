@@ -5,7 +5,10 @@
 //!
 //! ```text
 //!  1 hello           str8 host, str8 group, u32 generation, u32 n,
-//!                    n × (u32 id, str8 name, u64 size)
+//!                    n × (u32 id, str8 name, u64 size); host, group and
+//!                    disk names follow the rule of `tidemark_names::Name`
+//!                    (the receiver makes paths of them), else the hello
+//!                    does not decode
 //!  2 welcome         u64 durable-seq, u32 generation, u32 n, n × (u32 id, u64 synced)
 //!  3 records         the records, each exactly as in the log (56-byte header
 //!                    with its own CRC32C, then payload), back to back
@@ -42,8 +45,10 @@ use crate::frame::{encode_frame, Compression, DecodeError, EncodeError, Frame, F
 use std::fmt;
 use thiserror::Error;
 use tidemark_changelog::record::{self, Header, Record, HEADER_LEN};
+use tidemark_names::Name;
 
-/// The longest host, group or disk name, in bytes.
+/// The longest `str8` field, in bytes (names are shorter still:
+/// [`tidemark_names::MAX_NAME_LEN`]).
 pub const MAX_NAME: usize = 255;
 /// The longest error message, in bytes.
 pub const MAX_ERROR_MESSAGE: usize = 4096;
@@ -139,7 +144,7 @@ pub struct DiskInfo {
     /// Disk id within the group (as in the log's records).
     pub id: u32,
     /// The disk's name, e.g. "data".
-    pub name: String,
+    pub name: Name,
     /// Size in bytes.
     pub size: u64,
 }
@@ -520,9 +525,9 @@ pub enum Message {
     /// Shipper → receiver, the first frame on a connection.
     Hello {
         /// The protected host (must match its certificate).
-        host: String,
+        host: Name,
         /// The consistency group.
-        group: String,
+        group: Name,
         /// The tracker generation the host is at.
         generation: u32,
         /// The group's disks.
@@ -859,15 +864,15 @@ fn decode_fields(msg_type: MessageType, body: &[u8]) -> Result<Message, DecodeEr
         let mut r = Reader { b: body, at: 0 };
         let msg = match msg_type {
             MessageType::Hello => {
-                let host = r.str8("host")?;
-                let group = r.str8("group")?;
+                let host = r.name("host")?;
+                let group = r.name("group")?;
                 let generation = r.u32("generation")?;
                 let n = r.count("disk count", 4 + 1 + 8)?;
                 let mut disks = Vec::with_capacity(n);
                 for _ in 0..n {
                     disks.push(DiskInfo {
                         id: r.u32("disk id")?,
-                        name: r.str8("disk name")?,
+                        name: r.name("disk name")?,
                         size: r.u64("disk size")?,
                     });
                 }
@@ -1136,6 +1141,9 @@ impl<'a> Reader<'a> {
     fn str8(&mut self, field: &'static str) -> Result<String, DecodeError> {
         let len = self.u8(field)? as usize;
         self.utf8(field, len)
+    }
+    fn name(&mut self, field: &'static str) -> Result<Name, DecodeError> {
+        Name::new(self.str8(field)?).map_err(|source| DecodeError::InvalidName { field, source })
     }
     fn rest(&mut self) -> &'a [u8] {
         let s = &self.b[self.at..];

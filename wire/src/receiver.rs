@@ -2,7 +2,10 @@
 //! drives the replica store through the narrow [`Replica`] trait.
 //!
 //! - [`ExpectHello`]: the first frame must be a Hello from the host the TLS
-//!   certificate names (else permanent `Unauthorized`). The replica commits
+//!   certificate names (else permanent `Unauthorized`). Its names are
+//!   [`Name`]s: a Hello whose host, group or disk name breaks the rule does
+//!   not decode, and is refused as a permanent `Protocol` error (see
+//!   [`ReceiverError::from_decode`]), so no path is ever made of one. The replica commits
 //!   what an earlier session applied, and the Welcome tells the shipper
 //!   where the replica stands.
 //! - [`Receiving`]: records apply strictly in order. Records at or below the
@@ -30,6 +33,7 @@ use crate::message::{
 use std::collections::HashSet;
 use thiserror::Error;
 use tidemark_changelog::record::{Record, GROUP_DISK};
+use tidemark_names::Name;
 
 /// What the replica holds durably (or, between commits, has applied).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -97,7 +101,7 @@ pub trait Replica {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReceiverConfig {
     /// The host the peer's certificate names.
-    pub authenticated_host: String,
+    pub authenticated_host: Name,
     /// Body compression of what the receiver sends. Default none (acks and
     /// errors are small; digests do not compress).
     pub compression: Compression,
@@ -107,9 +111,9 @@ pub struct ReceiverConfig {
 
 impl ReceiverConfig {
     /// The defaults for a peer authenticated as `host`.
-    pub fn new(host: &str) -> ReceiverConfig {
+    pub fn new(host: &Name) -> ReceiverConfig {
         ReceiverConfig {
-            authenticated_host: host.to_string(),
+            authenticated_host: host.clone(),
             compression: Compression::None,
             commit_bytes: 64 << 20,
         }
@@ -157,14 +161,25 @@ impl ReceiverError {
 
     /// The error for bytes that did not decode: damaged frames and records
     /// are transient `BadChecksum` (a resend heals them), malformed ones a
-    /// transient `Protocol` error.
+    /// transient `Protocol` error, and a name that breaks the rule a
+    /// permanent one (the host would send the same name again). The
+    /// message holds the whole chain of causes.
     pub fn from_decode(err: &DecodeError) -> ReceiverError {
-        let code = if err.is_corruption() {
-            ErrorCode::BadChecksum
+        let (class, code) = if err.is_corruption() {
+            (ErrorClass::Transient, ErrorCode::BadChecksum)
+        } else if matches!(err, DecodeError::InvalidName { .. }) {
+            (ErrorClass::Permanent, ErrorCode::Protocol)
         } else {
-            ErrorCode::Protocol
+            (ErrorClass::Transient, ErrorCode::Protocol)
         };
-        ReceiverError::refuse(ErrorClass::Transient, code, err.to_string())
+        let mut message = err.to_string();
+        let mut cause = std::error::Error::source(err);
+        while let Some(c) = cause {
+            message.push_str(": ");
+            message.push_str(&c.to_string());
+            cause = c.source();
+        }
+        ReceiverError::refuse(class, code, message)
     }
 
     /// The class, for status and metrics.

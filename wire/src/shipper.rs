@@ -20,6 +20,7 @@ use crate::message::{
 };
 use std::collections::VecDeque;
 use thiserror::Error;
+use tidemark_names::Name;
 
 /// Tuning of a shipper session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,9 +45,9 @@ impl Default for ShipperConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HelloInfo {
     /// The protected host.
-    pub host: String,
+    pub host: Name,
     /// The consistency group.
-    pub group: String,
+    pub group: Name,
     /// The tracker generation of the log's newest records.
     pub generation: u32,
     /// The group's disks.
@@ -665,12 +666,12 @@ mod tests {
 
     fn hello() -> HelloInfo {
         HelloInfo {
-            host: "h".into(),
-            group: "g".into(),
+            host: Name::from_static("h"),
+            group: Name::from_static("g"),
             generation: 2,
             disks: vec![DiskInfo {
                 id: 0,
-                name: "d".into(),
+                name: Name::from_static("d"),
                 size: 1 << 20,
             }],
         }

@@ -3,17 +3,15 @@
 
 use proptest::prelude::*;
 use tidemark_changelog::record::Entry;
+use tidemark_names::Name;
 use tidemark_wire::frame::{FRAME_HEADER_LEN, MAX_FRAME_BODY};
 use tidemark_wire::{
     ChunkData, ChunkPurpose, Compression, DiskInfo, DiskSync, ErrorClass, ErrorCode, Message,
     MessageDecoder, RecordBatch,
 };
 
-fn arb_name() -> impl Strategy<Value = String> {
-    prop_oneof![
-        "[a-z0-9._-]{0,20}",
-        "\\PC{0,60}".prop_filter("≤255 bytes", |s| s.len() <= 255)
-    ]
+fn arb_name() -> impl Strategy<Value = Name> {
+    "[a-z0-9_][a-z0-9._-]{0,63}".prop_map(|s| Name::new(s).unwrap())
 }
 
 fn arb_disks() -> impl Strategy<Value = Vec<DiskInfo>> {

@@ -10,14 +10,16 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use tidemark_changelog::record::{Entry, Kind, Record};
+use tidemark_names::Name;
 use tidemark_wire::receiver::{ExpectHello, Position, ReceiverConfig, ReceiverError, Receiving};
 use tidemark_wire::shipper::{
     block_digests, differing_blocks, AwaitingWelcome, Extent, HelloInfo, ShipperConfig,
     ShipperError, ShipperEvent, Shipping,
 };
 use tidemark_wire::{
-    ChunkData, ChunkPurpose, Compression, DiskInfo, DiskSync, ErrorClass, ErrorCode, Message,
-    MessageDecoder, RecordBatch, RecordId, Replica, ReplicaError,
+    encode_frame, ChunkData, ChunkPurpose, Compression, DecodeError, DiskInfo, DiskSync,
+    ErrorClass, ErrorCode, Message, MessageDecoder, MessageType, RecordBatch, RecordId, Replica,
+    ReplicaError,
 };
 
 const HOST: &str = "db1";
@@ -407,15 +409,15 @@ struct Stats {
 
 fn hello() -> HelloInfo {
     HelloInfo {
-        host: HOST.into(),
-        group: "g".into(),
+        host: Name::from_static(HOST),
+        group: Name::from_static("g"),
         generation: 2,
         disks: SIZES
             .iter()
             .enumerate()
             .map(|(i, &size)| DiskInfo {
                 id: i as u32,
-                name: format!("disk{i}"),
+                name: Name::new(format!("disk{i}")).unwrap(),
                 size,
             })
             .collect(),
@@ -433,7 +435,7 @@ fn connect(stats: &mut Stats, rng: &mut Rng) -> Conn {
         },
     };
     let (s, hello_frame) = AwaitingWelcome::start(hello(), config).unwrap();
-    let mut rc = ReceiverConfig::new(HOST);
+    let mut rc = ReceiverConfig::new(&Name::from_static(HOST));
     rc.commit_bytes = 1 + rng.below(32 << 10);
     Conn {
         shipper: Some(ShipperSide::Awaiting(s)),
@@ -839,12 +841,12 @@ fn record(seq: u64, generation: u32) -> Vec<u8> {
 
 fn session(replica: &mut MemReplica<'_>) -> Receiving {
     let msg = Message::Hello {
-        host: HOST.into(),
-        group: "g".into(),
+        host: Name::from_static(HOST),
+        group: Name::from_static("g"),
         generation: 2,
         disks: hello().disks,
     };
-    ExpectHello::new(ReceiverConfig::new(HOST))
+    ExpectHello::new(ReceiverConfig::new(&Name::from_static(HOST)))
         .handle_message(msg, replica)
         .unwrap()
         .0
@@ -898,12 +900,12 @@ fn a_wrong_host_is_permanently_unauthorized() {
     let source = tiny_source();
     let mut replica = MemReplica::new(&source);
     let msg = Message::Hello {
-        host: "intruder".into(),
-        group: "g".into(),
+        host: Name::from_static("intruder"),
+        group: Name::from_static("g"),
         generation: 1,
         disks: hello().disks,
     };
-    let e = ExpectHello::new(ReceiverConfig::new(HOST))
+    let e = ExpectHello::new(ReceiverConfig::new(&Name::from_static(HOST)))
         .handle_message(msg, &mut replica)
         .unwrap_err();
     assert_eq!(
@@ -914,6 +916,87 @@ fn a_wrong_host_is_permanently_unauthorized() {
         replica.sizes.is_empty(),
         "nothing was created for the intruder"
     );
+}
+
+/// A Hello body as any peer could write it: the codec's own encoder cannot
+/// make one with a name that breaks the rule.
+fn hello_body(host: &str, group: &str, disk: &str) -> Vec<u8> {
+    let mut b = Vec::new();
+    for name in [host, group] {
+        b.push(name.len() as u8);
+        b.extend_from_slice(name.as_bytes());
+    }
+    b.extend_from_slice(&2u32.to_le_bytes()); // generation
+    b.extend_from_slice(&1u32.to_le_bytes()); // one disk
+    b.extend_from_slice(&0u32.to_le_bytes()); // its id
+    b.push(disk.len() as u8);
+    b.extend_from_slice(disk.as_bytes());
+    b.extend_from_slice(&SIZES[0].to_le_bytes());
+    b
+}
+
+/// A host whose certificate is valid sends names that would make paths
+/// outside its replica (or break the rule otherwise): the Hello does not
+/// decode, the refusal is permanent and names the name, and no replica
+/// sees it. The same Hello with sound names is welcome.
+#[test]
+fn a_hello_with_a_hostile_name_is_refused_for_good_before_any_replica_sees_it() {
+    for (host, group, disk, field, named) in [
+        (HOST, "g", "../../escaped", "disk name", "\"../../escaped\""),
+        (HOST, "g", "/srv/escaped", "disk name", "\"/srv/escaped\""),
+        (HOST, "../../escaped", "disk0", "group", "\"../../escaped\""),
+        (HOST, "/srv", "disk0", "group", "\"/srv\""),
+        (HOST, "..", "disk0", "group", "\"..\""),
+        ("../db1", "g", "disk0", "host", "\"../db1\""),
+        (HOST, "g", "Disk0", "disk name", "\"Disk0\""),
+        (HOST, "g", "", "disk name", "\"\""),
+    ] {
+        let frame = encode_frame(
+            MessageType::Hello,
+            &hello_body(host, group, disk),
+            Compression::None,
+        )
+        .unwrap();
+        let mut decoder = MessageDecoder::new();
+        decoder.feed(&frame);
+        let err = decoder.next_message().unwrap_err();
+        assert!(
+            matches!(&err, DecodeError::InvalidName { field: f, .. } if *f == field),
+            "{host}/{group}/{disk}: {err:?}"
+        );
+        let refused = ReceiverError::from_decode(&err);
+        assert_eq!(
+            (refused.class(), refused.code()),
+            (ErrorClass::Permanent, ErrorCode::Protocol),
+            "{refused}"
+        );
+        match refused.to_message() {
+            Some(Message::Error {
+                class: ErrorClass::Permanent,
+                message,
+                ..
+            }) => assert!(
+                message.contains(named) && message.contains("not a valid name"),
+                "{message}"
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+    let frame = encode_frame(
+        MessageType::Hello,
+        &hello_body(HOST, "g", "disk0"),
+        Compression::None,
+    )
+    .unwrap();
+    let mut decoder = MessageDecoder::new();
+    decoder.feed(&frame);
+    let hello = decoder.next_message().unwrap().unwrap();
+    let source = tiny_source();
+    let mut replica = MemReplica::new(&source);
+    ExpectHello::new(ReceiverConfig::new(&Name::from_static(HOST)))
+        .handle_message(hello, &mut replica)
+        .unwrap();
+    assert_eq!(replica.sizes.len(), 1);
 }
 
 #[test]

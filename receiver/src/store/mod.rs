@@ -138,6 +138,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use tidemark_changelog::record::{Kind, Record, FLAG_APP_CONSISTENT, FLAG_NO_HOLE};
 use tidemark_changelog::replay::{self, ReplaySummary};
+use tidemark_names::Name;
 
 const STATE_FILE: &str = "state";
 const LOCK_FILE: &str = "lock";
@@ -151,8 +152,9 @@ const HOLE_CHECK_MIN: u64 = 64 << 10;
 pub struct DiskSpec {
     /// Disk id within the group (the `disk` of its records).
     pub id: u32,
-    /// The disk's name on the protected host (at most 1 KiB of UTF-8).
-    pub name: String,
+    /// The disk's name on the protected host; failover makes
+    /// `DIR/NAME.img` of it.
+    pub name: Name,
     /// Size in bytes.
     pub size: u64,
 }
@@ -682,9 +684,6 @@ impl ReplicaGroup {
             };
             if !seen.insert(spec.id) {
                 return Err(bad("listed twice".into()));
-            }
-            if spec.name.len() > state::MAX_NAME {
-                return Err(bad(format!("name longer than {} bytes", state::MAX_NAME)));
             }
             match self.cur.disk(spec.id) {
                 Some(d) if d.size != spec.size => {
@@ -1368,7 +1367,7 @@ mod tests {
         let mut g = ReplicaGroup::open(dir).unwrap();
         g.ensure_disks(&[DiskSpec {
             id: 0,
-            name: "a".into(),
+            name: Name::from_static("a"),
             size: 65536,
         }])
         .unwrap();

@@ -6,6 +6,7 @@ use super::overlay::RangeSet;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::Path;
+use tidemark_names::Name;
 
 const MAGIC: [u8; 4] = *b"TMRS";
 const VERSION: u16 = 2;
@@ -34,7 +35,7 @@ pub(crate) enum Mode {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Disk {
     pub(crate) id: u32,
-    pub(crate) name: String,
+    pub(crate) name: Name,
     pub(crate) size: u64,
     /// The initial sync has copied everything below this offset.
     pub(crate) synced: u64,
@@ -180,9 +181,11 @@ impl StateFile {
             if name_len > MAX_NAME {
                 return Err("disk name too long");
             }
-            let name = std::str::from_utf8(r.bytes(name_len)?)
-                .map_err(|_| "disk name is not UTF-8")?
-                .to_owned();
+            let name =
+                std::str::from_utf8(r.bytes(name_len)?).map_err(|_| "disk name is not UTF-8")?;
+            // A state written before the rule of names, or damaged: a
+            // failover would make a path of this name.
+            let name = Name::new(name).map_err(|_| "a disk name that breaks the rule of names")?;
             if synced > size {
                 return Err("synced beyond the disk size");
             }
@@ -311,14 +314,14 @@ mod tests {
                 disks: vec![
                     Disk {
                         id: 0,
-                        name: "sda".into(),
+                        name: Name::from_static("sda"),
                         size: 1 << 20,
                         synced: 1 << 20,
                         pending,
                     },
                     Disk {
                         id: 5,
-                        name: "wal ü".into(),
+                        name: Name::from_static("wal-1"),
                         size: 65536,
                         synced: 512,
                         pending: RangeSet::default(),
@@ -342,6 +345,23 @@ mod tests {
         t.meta.last_barrier = None;
         t.meta.mode = Mode::Consistent;
         assert_eq!(StateFile::decode(&t.encode()), Ok(t));
+    }
+
+    /// A state whose disk name would make a path outside a failover's
+    /// directory (written before the rule of names, or by hand) is refused
+    /// even with a valid checksum.
+    #[test]
+    fn a_disk_name_that_breaks_the_rule_is_refused() {
+        let mut bytes = sample().encode();
+        let at = bytes.windows(3).position(|w| w == b"sda").unwrap();
+        bytes[at..at + 3].copy_from_slice(b"../");
+        let body = bytes.len() - 4;
+        let crc = crc32c::crc32c(&bytes[..body]);
+        bytes[body..].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(
+            StateFile::decode(&bytes),
+            Err("a disk name that breaks the rule of names")
+        );
     }
 
     #[test]
