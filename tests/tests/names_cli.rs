@@ -185,3 +185,128 @@ fn replica_site_commands_refuse_hosts_and_groups_that_are_not_names() {
     assert!(!tmp.path().join("a").exists());
     assert!(!tmp.path().join("escaped.img").exists());
 }
+
+/// A Hello body as any peer can write it (the codec's own encoder cannot
+/// make one with a name that breaks the rule).
+fn hello_body(host: &str, group: &str, disk: &str) -> Vec<u8> {
+    let mut b = Vec::new();
+    for name in [host, group] {
+        b.push(name.len() as u8);
+        b.extend_from_slice(name.as_bytes());
+    }
+    b.extend_from_slice(&1u32.to_le_bytes()); // generation
+    b.extend_from_slice(&1u32.to_le_bytes()); // one disk
+    b.extend_from_slice(&0u32.to_le_bytes()); // its id
+    b.push(disk.len() as u8);
+    b.extend_from_slice(disk.as_bytes());
+    b.extend_from_slice(&(1u64 << 20).to_le_bytes()); // its size
+    b
+}
+
+/// Connects to the receiver at `port` as the host enrolled in `hpki`, sends
+/// the Hello `body` and returns the receiver's first answer.
+fn answer_to_hello(hpki: &Path, port: u16, body: &[u8]) -> tidemark_wire::Message {
+    use tidemark_wire::{encode_frame, Compression, MessageDecoder, MessageType};
+    let frame = encode_frame(MessageType::Hello, body, Compression::None).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let config = tidemark_net::tls::client_config(
+            &hpki.join("ca.crt"),
+            &hpki.join("host.crt"),
+            &hpki.join("host.key"),
+        )
+        .unwrap();
+        let (endpoint, _) =
+            tidemark_net::endpoint::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = format!("127.0.0.1:{port}").parse().unwrap();
+        let conn = endpoint
+            .connect_with(config, addr, "tidemark-receiver")
+            .unwrap()
+            .await
+            .expect("the receiver accepts the host's certificate");
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&frame).await.unwrap();
+        let mut decoder = MessageDecoder::new();
+        let mut buf = vec![0u8; 64 << 10];
+        let deadline = std::time::Duration::from_secs(30);
+        loop {
+            if let Some(message) = decoder.next_message().unwrap() {
+                conn.close(0u32.into(), b"done");
+                endpoint.wait_idle().await;
+                return message;
+            }
+            let n = tokio::time::timeout(deadline, recv.read(&mut buf))
+                .await
+                .expect("the receiver answers the hello")
+                .unwrap()
+                .expect("the receiver answers before it closes the stream");
+            decoder.feed(&buf[..n]);
+        }
+    })
+}
+
+/// Every path under `dir`, relative to it (to see what a session created).
+fn tree(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let path = e.unwrap().path();
+            out.push(path.strip_prefix(dir).unwrap().display().to_string());
+            if path.is_dir() {
+                todo.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A host whose certificate the receiver's CA signed sends Hellos with
+/// disk and group names that would make paths outside its replica (or that
+/// break the rule otherwise): the real receiver refuses each for good,
+/// naming the name, and creates nothing. The same Hello with sound names is
+/// welcome, so the refusals are the names'.
+#[test]
+fn the_receiver_refuses_a_valid_host_whose_hello_names_a_path() {
+    use tidemark_e2e::replication::{enroll, free_port, start_receiver_at, HOST};
+    use tidemark_wire::{ErrorClass, Message};
+    let tmp = tempfile::tempdir().unwrap();
+    let (rpki, hpki) = enroll(tmp.path(), HOST);
+    let replicas = tmp.path().join("site").join("replicas");
+    fs::create_dir_all(&replicas).unwrap();
+    let port = free_port();
+    let receiver = start_receiver_at(&replicas, tmp.path(), &rpki, port);
+    let long = "d".repeat(65);
+    for (group, disk, bad) in [
+        ("default", "../../escaped", "../../escaped"),
+        ("default", "/tmp/escaped", "/tmp/escaped"),
+        ("default", "..", ".."),
+        ("default", "Disk0", "Disk0"),
+        ("default", long.as_str(), long.as_str()),
+        ("../../escaped", "disk0", "../../escaped"),
+        ("..", "disk0", ".."),
+    ] {
+        match answer_to_hello(&hpki, port, &hello_body(HOST, group, disk)) {
+            Message::Error {
+                class: ErrorClass::Permanent,
+                message,
+                ..
+            } => assert!(
+                message.contains(&format!("{bad:?} is not a valid name")),
+                "{group}/{disk}: {message}"
+            ),
+            other => panic!("{group}/{disk} got {other:?}"),
+        }
+        assert_eq!(tree(&replicas), Vec::<String>::new(), "{group}/{disk}");
+        assert!(!tmp.path().join("escaped").exists());
+        assert!(!tmp.path().join("site").join("escaped").exists());
+    }
+    let welcome = answer_to_hello(&hpki, port, &hello_body(HOST, "default", "disk0"));
+    assert!(matches!(welcome, Message::Welcome { .. }), "{welcome:?}");
+    assert!(replicas.join(HOST).join("default").is_dir());
+    assert!(receiver.stop().success());
+}
