@@ -963,9 +963,12 @@ async fn run_connection(
             }
         }
         if !progressed {
+            // Protected once the receiver has acknowledged the whole
+            // initial sync as durable (what the status's `synced` shows),
+            // not once its last chunk was sent.
             if work.resync.queue.is_empty()
                 && shipping.pending_digests() == 0
-                && syncs.iter().all(|s| s.next >= s.size)
+                && shared.status.disks.iter().all(|d| d.synced >= d.size)
             {
                 shared.status.state = State::Protected;
             }
