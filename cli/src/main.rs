@@ -1,6 +1,27 @@
 //! `tidemark`: the admin command. It grows a subcommand for each capability
 //! that really works; nothing here is a placeholder.
 
+/// `println!` for this crate: writes through [`stdout::write`], which ends
+/// the output quietly when the reader has gone away instead of panicking
+/// as std's does.
+macro_rules! println {
+    () => {
+        $crate::stdout::write(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::stdout::write(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` for this crate; see [`println!`]. Unused today, defined so that
+/// a `print!` added later cannot panic either.
+#[allow(unused_macros)]
+macro_rules! print {
+    ($($arg:tt)*) => {
+        $crate::stdout::write(format_args!($($arg)*))
+    };
+}
+
 mod config_cmd;
 mod docs_cmd;
 mod log_cmd;
@@ -10,6 +31,7 @@ mod points_cmd;
 mod protect_cmd;
 mod replication_cmd;
 mod status_cmd;
+mod stdout;
 mod test_failover_cmd;
 mod timefmt;
 mod tracker_cmd;
@@ -136,6 +158,12 @@ fn main() -> ExitCode {
         Command::Unprotect(a) => protect_cmd::unprotect(a),
         Command::Ublk(cmd) => ublk_cmd::run(cmd),
         Command::GenerateDocs(a) => docs_cmd::run(a, Cli::command()),
+    };
+    // Output that could not be written (other than to a reader that went
+    // away) fails a command that otherwise succeeded.
+    let result = match (result, stdout::failure()) {
+        (Ok(_), Some(e)) => Err(anyhow::Error::new(e).context("writing to standard output")),
+        (result, _) => result,
     };
     match result {
         Ok(code) => code,
