@@ -211,7 +211,11 @@ fn a_bad_host_name_is_a_clear_error() {
         &["host", "request", "--host=-db", "--pki-dir"],
         &[tmp.path()],
     );
-    assert_eq!(out.status.code(), Some(1));
+    // A name is checked as the command line is parsed: a usage error.
+    assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("invalid host name \"-db\""), "{stderr}");
+    assert!(
+        stderr.contains("\"-db\" is not a valid name: it starts with '-'"),
+        "{stderr}"
+    );
 }
