@@ -728,7 +728,12 @@ proptest! {
     fn model_replay_and_store_agree(ops in proptest::collection::vec(log_op(), 1..40)) {
         let logdir = SimDir::new();
         let opts = LogOptions { segment_size: 64 << 10, size_limit: 16 << 20 };
-        let (mut log, _) = ChangeLog::open(logdir.clone(), opts, 0).unwrap();
+        let (mut log, _) = ChangeLog::open(
+            logdir.clone(),
+            opts,
+            tidemark_changelog::RecoveryPolicy::CleanStop { last_seq: None },
+            0,
+        ).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let mut g = consistent_group(dir.path());
         let mut model = Model::zeroed();
@@ -756,7 +761,7 @@ proptest! {
         g.commit().unwrap();
         for (i, size) in SIZES.iter().enumerate() {
             let mut target = MemoryImage(vec![0u8; *size as usize]);
-            match replay(logdir.clone(), disk_id(i), &StopAt::End, &mut target) {
+            match replay(logdir.clone(), disk_id(i), &StopAt::End, false, &mut target) {
                 Ok(_) => {}
                 // Only generation changes, no record at all.
                 Err(e) => prop_assert!(ops.iter().all(|o| matches!(o, LogOp::NewGeneration(_))), "{e}"),

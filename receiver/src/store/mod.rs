@@ -830,7 +830,7 @@ impl ReplicaGroup {
         rec.as_entry()
             .validate()
             .map_err(|source| StoreError::InvalidRecord { seq: h.seq, source })?;
-        let reencoded = rec.as_entry().encode_header(h.seq, h.generation);
+        let reencoded = rec.encode_header();
         if reencoded[52..56] != h.crc.to_le_bytes() {
             return Err(StoreError::ChecksumMismatch { seq: h.seq });
         }
