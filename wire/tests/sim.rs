@@ -893,6 +893,59 @@ fn a_true_gap_is_a_permanent_sequence_gap() {
     assert!(matches!(e.to_message(), Some(Message::Error { .. })));
 }
 
+/// A newer generation that reuses sequence numbers the replica applied is
+/// refused, permanently: skipping its records as duplicates would keep the
+/// old generation's bytes on the replica without a word. One above every
+/// number applied continues the stream, version-1 records and version-2
+/// ones alike.
+#[test]
+fn a_generation_that_reuses_applied_sequence_numbers_is_refused() {
+    // Record 3 as the version-1 code wrote it.
+    let mut v1 = record(3, 1);
+    v1[4] = 1;
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&v1[..52]), &v1[56..]);
+    v1[52..56].copy_from_slice(&crc.to_le_bytes());
+    let mut source = Source {
+        records: Vec::new(),
+        ids: Vec::new(),
+        images: vec![SIZES.iter().map(|&s| vec![0; s as usize]).collect()],
+    };
+    let mut disks = source.images[0].clone();
+    for (seq, generation) in [(1, 1), (2, 1), (3, 1), (10, 2)] {
+        source.push(Entry::write(0, 0, &[1; 16], 0), seq, generation, &mut disks);
+    }
+    source.records[2] = v1.clone();
+    let mut replica = MemReplica::new(&source);
+    let mut s = session(&mut replica);
+    let batch = RecordBatch::from_records([&record(1, 1)[..], &record(2, 1)[..], &v1[..]]).unwrap();
+    s.handle_message(Message::Records(batch), &mut replica)
+        .unwrap();
+    assert_eq!(replica.committed.1.durable_seq, 3);
+    for reused in [2, 3] {
+        let batch = RecordBatch::from_records([&record(reused, 2)[..]]).unwrap();
+        let e = s
+            .handle_message(Message::Records(batch), &mut replica)
+            .unwrap_err();
+        assert_eq!(
+            (e.class(), e.code()),
+            (ErrorClass::Permanent, ErrorCode::SequenceGap),
+            "seq {reused} of generation 2"
+        );
+        assert_eq!(replica.committed.1.durable_seq, 3);
+        s = session(&mut replica);
+    }
+    let batch = RecordBatch::from_records([&record(10, 2)[..]]).unwrap();
+    s.handle_message(Message::Records(batch), &mut replica)
+        .unwrap();
+    assert_eq!(
+        (
+            replica.committed.1.durable_seq,
+            replica.committed.1.generation
+        ),
+        (10, 2)
+    );
+}
+
 #[test]
 fn a_wrong_host_is_permanently_unauthorized() {
     let source = tiny_source();
