@@ -351,6 +351,12 @@ fn copy_log(from: &Path, to: &Path) -> Vec<String> {
     segments
 }
 
+/// Damage done to a copy of a log directory.
+type Damage = Box<dyn Fn(&Path)>;
+
+/// Damage done to a segment file's bytes.
+type ByteDamage = fn(&mut Vec<u8>);
+
 #[test]
 fn replay_says_where_and_why_it_stops_early_and_fails_unless_a_prefix_is_accepted() {
     let tmp = tempfile::tempdir().unwrap();
@@ -359,7 +365,7 @@ fn replay_says_where_and_why_it_stops_early_and_fails_unless_a_prefix_is_accepte
     let segments = copy_log(&pristine, &tmp.path().join("probe"));
     assert!(segments.len() >= 6, "{segments:?}");
     let newest = segments.last().unwrap().clone();
-    let damages: Vec<(&str, String, Box<dyn Fn(&Path)>)> = vec![
+    let damages: Vec<(&str, String, Damage)> = vec![
         (
             "a missing middle segment",
             // The segment after the gap is named, and the one before it.
@@ -472,12 +478,9 @@ fn check_reports_damage_of_the_newest_segment_header_and_a_zeroed_page() {
             .unwrap() as usize
     };
     assert!(records_end > 8192 + 4096, "{records_end}");
-    let damages: [(&str, Box<dyn Fn(&mut Vec<u8>)>); 2] = [
-        ("header bit flip", Box::new(|b: &mut Vec<u8>| b[44] ^= 1)),
-        (
-            "zeroed page",
-            Box::new(|b: &mut Vec<u8>| b[4096..8192].fill(0)),
-        ),
+    let damages: [(&str, ByteDamage); 2] = [
+        ("header bit flip", |b: &mut Vec<u8>| b[44] ^= 1),
+        ("zeroed page", |b: &mut Vec<u8>| b[4096..8192].fill(0)),
     ];
     for (what, damage) in damages {
         let log = tmp.path().join(what.replace(' ', "-"));

@@ -240,6 +240,9 @@ fn serve_expecting_refusal(dir: &Path, image: &Path) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Damage done to a segment file's bytes.
+type ByteDamage = fn(&mut Vec<u8>);
+
 fn flip(path: &Path, at: usize) {
     let mut bytes = fs::read(path).unwrap();
     bytes[at] ^= 0x04;
@@ -315,16 +318,10 @@ fn tail_damage_after_a_clean_stop_is_refused_not_cut() {
     let name = segment_name(newest);
     let path = log.join(&name);
     let pristine = fs::read(&path).unwrap();
-    let damages: [(&str, Box<dyn Fn(&mut Vec<u8>)>); 3] = [
-        ("bit flip", Box::new(|b: &mut Vec<u8>| b[64 + 30] ^= 0x01)),
-        (
-            "zeroed page",
-            Box::new(|b: &mut Vec<u8>| b[4096..8192].fill(0)),
-        ),
-        (
-            "truncated to 200 bytes",
-            Box::new(|b: &mut Vec<u8>| b.truncate(200)),
-        ),
+    let damages: [(&str, ByteDamage); 3] = [
+        ("bit flip", |b: &mut Vec<u8>| b[64 + 30] ^= 0x01),
+        ("zeroed page", |b: &mut Vec<u8>| b[4096..8192].fill(0)),
+        ("truncated to 200 bytes", |b: &mut Vec<u8>| b.truncate(200)),
     ];
     for (what, damage) in damages {
         let mut bytes = pristine.clone();
