@@ -438,8 +438,9 @@ fn requests(out: &mut Output) {
     request(out, Disc, CommandFlags::EMPTY, 0, 0);
 }
 
+/// Every transmission flag but read-only.
 fn every_flag() -> TransmissionFlags {
-    TransmissionFlags::from_bits(TransmissionFlags::KNOWN.bits())
+    TransmissionFlags::KNOWN.difference(TransmissionFlags::READ_ONLY)
 }
 
 /// Real client conversations: the fixed-newstyle haggling of qemu-nbd and
