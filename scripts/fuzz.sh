@@ -38,7 +38,10 @@ if ! cargo fuzz --version 2>/dev/null | grep -qF "$version"; then
     cargo install --locked --quiet cargo-fuzz --version "$version"
 fi
 
-flags=(--fuzz-dir fuzz -s none --debug-assertions)
+# The instrumented build shares nothing with the workspace's (other
+# compiler flags); FUZZ_TARGET_DIR may put it where it outlives a clone.
+target_dir=${FUZZ_TARGET_DIR:-fuzz/target}
+flags=(--fuzz-dir fuzz -s none --debug-assertions --target-dir "$target_dir")
 echo "==> building the fuzz targets"
 start=$SECONDS
 cargo fuzz build "${flags[@]}"
@@ -52,7 +55,7 @@ max_len() {
     esac
 }
 
-logs=fuzz/target/logs
+logs=$target_dir/logs
 mkdir -p "$logs"
 summary=()
 for target in "${targets[@]}"; do
@@ -81,3 +84,4 @@ for target in "${targets[@]}"; do
 done
 echo "==> fuzzing done, no crash"
 printf '    %s\n' "${summary[@]}"
+echo "fuzz: ${#summary[@]} passed, 0 failed"
