@@ -27,7 +27,7 @@
 //! exists; sealed segments are fsynced before their successor is created and
 //! never written again, until recycled.
 
-use crate::record::{DecodeError, Header, HEADER_LEN};
+use crate::record::{DecodeError, Header, HEADER_LEN, MAX_SEQ};
 use crate::storage::{LogDir, LogFile};
 use std::io;
 
@@ -98,6 +98,10 @@ pub enum SegmentHeaderError {
     /// not written by this version.
     #[error("reserved bytes of the segment header are set")]
     ReservedNotZero,
+    /// The first sequence number is 0 or above [`MAX_SEQ`]: no log starts
+    /// a segment there.
+    #[error("first sequence number {0} is out of range")]
+    FirstSeqOutOfRange(u64),
 }
 
 impl SegmentHeader {
@@ -143,10 +147,14 @@ impl SegmentHeader {
         if h[48..60].iter().any(|b| *b != 0) {
             return Err(SegmentHeaderError::ReservedNotZero);
         }
+        let first_seq = u64_at(24);
+        if first_seq == 0 || first_seq > MAX_SEQ {
+            return Err(SegmentHeaderError::FirstSeqOutOfRange(first_seq));
+        }
         Ok(SegmentHeader {
             generation: u32_at(12),
             index: u64_at(16),
-            first_seq: u64_at(24),
+            first_seq,
             segment_size: u64_at(32),
             created_ns: u64_at(40),
         })
@@ -343,7 +351,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn header_round_trip(generation in any::<u32>(), index in any::<u64>(), first_seq in any::<u64>(), size in any::<u64>(), created in any::<u64>()) {
+        fn header_round_trip(generation in any::<u32>(), index in any::<u64>(), first_seq in 1..=MAX_SEQ, size in any::<u64>(), created in any::<u64>()) {
             let h = SegmentHeader { generation, index, first_seq, segment_size: size, created_ns: created };
             prop_assert_eq!(SegmentHeader::decode(&h.encode()), Ok(h));
         }
