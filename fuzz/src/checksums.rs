@@ -49,36 +49,33 @@ pub fn fix_segment_header(bytes: &mut [u8]) {
     }
 }
 
-/// Repairs the frames (`TMWF`, `wire/src/frame.rs`) of a stream, one
-/// after the other from its start: CRC at 16 over bytes 0..16 and the
-/// wire body (wire-len at 8), cut at the end of `bytes`. Stops at the
-/// first bytes that do not start a frame.
-pub fn fix_frames(bytes: &mut [u8]) {
-    const HEADER: usize = 20;
+/// Repairs a stream of entries laid one after the other from its start,
+/// each a `header`-byte header starting with `magic` and followed by the
+/// length at `len_at`, whose CRC at `crc_at` covers the header up to it
+/// and then the body (cut at the end of `bytes`). Stops at the first bytes
+/// that do not start an entry.
+fn fix_entries(bytes: &mut [u8], magic: &[u8], header: usize, len_at: usize, crc_at: usize) {
     let mut at = 0;
-    while at + HEADER <= bytes.len() && bytes[at..].starts_with(b"TMWF") {
-        let wire_len = le_u32(bytes, at + 8).unwrap_or(0);
-        let end = (at + HEADER).saturating_add(wire_len).min(bytes.len());
-        let sum = crc(&bytes[at..at + 16], &bytes[at + HEADER..end]);
-        bytes[at + 16..at + HEADER].copy_from_slice(&sum);
+    while at + header <= bytes.len() && bytes[at..].starts_with(magic) {
+        let body_len = le_u32(bytes, at + len_at).unwrap_or(0);
+        let end = (at + header).saturating_add(body_len).min(bytes.len());
+        let sum = crc(&bytes[at..at + crc_at], &bytes[at + header..end]);
+        bytes[at + crc_at..at + crc_at + 4].copy_from_slice(&sum);
         at = end;
     }
 }
 
+/// Repairs the frames (`TMWF`, `wire/src/frame.rs`) of a stream: a 20-byte
+/// header, CRC at 16 over bytes 0..16 and the wire body (wire-len at 8).
+pub fn fix_frames(bytes: &mut [u8]) {
+    fix_entries(bytes, b"TMWF", 20, 8, 16);
+}
+
 /// Repairs the entries of a replica journal segment (`TMJE`,
-/// `receiver/src/store/mod.rs`), one after the other from its start: CRC
-/// at 36 over bytes 0..36 and the payload (payload-len at 12). Stops at
-/// the first bytes that do not start an entry.
+/// `receiver/src/store/mod.rs`): a 40-byte header, CRC at 36 over bytes
+/// 0..36 and the payload (payload-len at 12).
 pub fn fix_journal(bytes: &mut [u8]) {
-    const HEADER: usize = 40;
-    let mut at = 0;
-    while at + HEADER <= bytes.len() && bytes[at..].starts_with(b"TMJE") {
-        let payload_len = le_u32(bytes, at + 12).unwrap_or(0);
-        let end = (at + HEADER).saturating_add(payload_len).min(bytes.len());
-        let sum = crc(&bytes[at..at + 36], &bytes[at + HEADER..end]);
-        bytes[at + 36..at + HEADER].copy_from_slice(&sum);
-        at = end;
-    }
+    fix_entries(bytes, b"TMJE", 40, 12, 36);
 }
 
 /// Repairs a replica state file (`receiver/src/store/mod.rs`): its last
