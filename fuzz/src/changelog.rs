@@ -157,7 +157,10 @@ pub fn record_seeds() -> Vec<(&'static str, Vec<u8>)> {
     };
     let seed = |bytes: &[u8]| Output::new().u8(1).bytes(bytes).finish();
     vec![
-        ("write", seed(&Entry::write(2, 4096, &data, 9).encode(42, 3))),
+        (
+            "write",
+            seed(&Entry::write(2, 4096, &data, 9).encode(42, 3)),
+        ),
         (
             "write-zeroes",
             seed(&Entry::write_zeroes(0, 0, 1 << 20, true, 9).encode(43, 3)),

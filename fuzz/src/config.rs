@@ -79,9 +79,18 @@ name = "applications"
 groups = ["app1.example.com"]
 "#;
     vec![
-        ("tracker", include_str!("../../config/examples/tracker.toml")),
-        ("shipper", include_str!("../../config/examples/shipper.toml")),
-        ("receiver", include_str!("../../config/examples/receiver.toml")),
+        (
+            "tracker",
+            include_str!("../../config/examples/tracker.toml"),
+        ),
+        (
+            "shipper",
+            include_str!("../../config/examples/shipper.toml"),
+        ),
+        (
+            "receiver",
+            include_str!("../../config/examples/receiver.toml"),
+        ),
         (
             "all-in-one",
             include_str!("../../config/examples/all-in-one.toml"),

@@ -126,7 +126,11 @@ pub fn group(data: &[u8]) {
 /// Reads the first and last bytes of every disk as of every point and of
 /// the newest state.
 fn read_points(group: &ReplicaGroup) {
-    let _ = (group.position(), group.history_bytes(), group.last_barrier());
+    let _ = (
+        group.position(),
+        group.history_bytes(),
+        group.last_barrier(),
+    );
     let disks = group.disk_specs();
     let points = group.points();
     let seqs = points.iter().map(|p| Some(p.seq)).take(4).chain([None]);
@@ -149,10 +153,8 @@ fn record(entry: Entry, seq: u64) -> Record {
 /// Builds a group with the store's own code and serializes its directory
 /// as [`group`] reads it.
 fn group_seed(name: &str, build: impl FnOnce(&mut ReplicaGroup)) -> Vec<u8> {
-    let dir = std::env::temp_dir().join(format!(
-        "tidemark-fuzz-seed-{name}-{}",
-        std::process::id()
-    ));
+    let dir =
+        std::env::temp_dir().join(format!("tidemark-fuzz-seed-{name}-{}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
     let mut group = ReplicaGroup::open(&dir).expect("a new group");
     build(&mut group);
@@ -168,7 +170,10 @@ fn group_seed(name: &str, build: impl FnOnce(&mut ReplicaGroup)) -> Vec<u8> {
         if let Some(hex) = name.strip_prefix("journal.") {
             let number = u8::from_str_radix(hex, 16).expect("a small segment number");
             segments.push((number, fs::read(entry.path()).expect("a journal segment")));
-        } else if let Some(id) = name.strip_prefix("disk-").and_then(|n| n.strip_suffix(".img")) {
+        } else if let Some(id) = name
+            .strip_prefix("disk-")
+            .and_then(|n| n.strip_suffix(".img"))
+        {
             let size = entry.metadata().expect("an image").len();
             images.push((id.parse::<u32>().expect("a disk id"), size));
         }
@@ -231,7 +236,9 @@ pub fn group_seeds() -> Vec<(&'static str, Vec<u8>)> {
             Entry::barrier(16),
         ];
         for (i, entry) in entries.into_iter().enumerate() {
-            group.apply_record(&record(entry, i as u64 + 1)).expect("a record");
+            group
+                .apply_record(&record(entry, i as u64 + 1))
+                .expect("a record");
             group.commit().expect("commit");
         }
     };

@@ -36,7 +36,11 @@ pub fn frames(data: &[u8]) {
         fix_records(&mut stream);
         fix_frames(&mut stream);
     }
-    let piece = if piece == 0 { stream.len().max(1) } else { piece };
+    let piece = if piece == 0 {
+        stream.len().max(1)
+    } else {
+        piece
+    };
     let mut decoder = FrameDecoder::new();
     let mut fed = 0;
     for bytes in stream.chunks(piece) {
@@ -66,7 +70,10 @@ fn check_frame(frame: Frame) {
         .expect("a decoded body fits a frame");
     let mut again = FrameDecoder::new();
     again.feed(&bytes);
-    assert_eq!(again.next_frame().expect("re-encoded frame"), Some(frame.clone()));
+    assert_eq!(
+        again.next_frame().expect("re-encoded frame"),
+        Some(frame.clone())
+    );
     let _ = Message::decode(frame).map_err(|e| e.to_string());
 }
 
@@ -102,10 +109,15 @@ pub fn message(data: &[u8]) {
         }
         assert_eq!(count, batch.len());
     }
-    let frame = msg.encode(Compression::Fast).expect("a decoded message encodes");
+    let frame = msg
+        .encode(Compression::Fast)
+        .expect("a decoded message encodes");
     let mut decoder = MessageDecoder::new();
     decoder.feed(&frame);
-    assert_eq!(decoder.next_message().expect("re-encoded message"), Some(msg));
+    assert_eq!(
+        decoder.next_message().expect("re-encoded message"),
+        Some(msg)
+    );
 }
 
 /// A replica that holds nothing but checks what the session asks of it:
@@ -231,7 +243,9 @@ fn check_answers(frames: &[Vec<u8>]) {
     let mut decoder = MessageDecoder::new();
     for frame in frames {
         decoder.feed(frame);
-        let msg = decoder.next_message().expect("the receiver's frames decode");
+        let msg = decoder
+            .next_message()
+            .expect("the receiver's frames decode");
         assert!(msg.is_some());
     }
 }
@@ -264,7 +278,8 @@ pub fn receiver(data: &[u8]) {
     decoder.feed(&stream);
     let refused = |error: ReceiverError| {
         if let Some(msg) = error.to_message() {
-            msg.encode(Compression::None).expect("an error message encodes");
+            msg.encode(Compression::None)
+                .expect("an error message encodes");
         }
         let _ = (error.class(), error.code(), error.to_string());
     };
@@ -388,7 +403,10 @@ fn receiver_messages() -> Vec<Message> {
         Message::Welcome {
             durable_seq: 6,
             generation: 1,
-            disks: vec![DiskSync { id: 0, synced: 4096 }],
+            disks: vec![DiskSync {
+                id: 0,
+                synced: 4096,
+            }],
             resyncing: vec![tidemark_wire::ResyncExtent {
                 disk: 1,
                 offset: 0,
@@ -446,7 +464,14 @@ pub fn message_seeds() -> Vec<(&'static str, Vec<u8>)> {
         .map(|m| {
             let name = m.msg_type().name();
             let body = m.encode_body().expect("seed messages encode");
-            (name, Output::new().u8(m.msg_type().code()).u8(1).bytes(&body).finish())
+            (
+                name,
+                Output::new()
+                    .u8(m.msg_type().code())
+                    .u8(1)
+                    .bytes(&body)
+                    .finish(),
+            )
         })
         .collect()
 }
