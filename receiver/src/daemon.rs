@@ -32,6 +32,9 @@ pub enum ReceiverFatal {
     Setup(String),
 }
 
+/// The receiver's lock file in its data directory.
+pub const LOCK_FILE: &str = "receiver.lock";
+
 type GroupKey = (String, String);
 type Groups = Arc<Mutex<HashMap<GroupKey, Arc<Mutex<StoreReplica>>>>>;
 
@@ -270,9 +273,14 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
     ready: impl FnOnce(SocketAddr, Option<SocketAddr>),
 ) -> Result<(), ReceiverFatal> {
-    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
+    tidemark_changelog::create_private_dir_all(&cfg.data_dir).map_err(|e| {
         ReceiverFatal::Setup(format!("data directory {}: {e}", cfg.data_dir.display()))
     })?;
+    // One receiver per data directory (DESIGN invariant 9), before it
+    // binds or opens a group: the groups' own locks are only taken when a
+    // session opens one, too late to keep a second receiver from serving.
+    let _lock = tidemark_changelog::DirLock::acquire(&cfg.data_dir, LOCK_FILE, "receiver")
+        .map_err(|e| ReceiverFatal::Setup(e.to_string()))?;
     let server_cfg = tidemark_net::server_config(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)
         .map_err(|e| ReceiverFatal::Setup(format!("TLS: {e}")))?;
     let (endpoint, _buffers) = tidemark_net::server_endpoint(cfg.listen, server_cfg)

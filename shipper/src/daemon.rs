@@ -23,7 +23,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tidemark_changelog::{read_sources, write_cursor, FsDir, LogWatcher};
+use tidemark_changelog::{read_sources, write_cursor, DirLock, FsDir, LogWatcher};
 use tidemark_config::ShipperConfig;
 use tidemark_wire::shipper::{
     DigestReply, Extent, HelloInfo, ShipperConfig as SessionConfig, Shipping,
@@ -43,6 +43,9 @@ use tidemark_metrics::{labels, Exposition, Histogram, HistogramSnapshot, Metrics
 /// Largest extent one digest request covers: the shipper reads it into
 /// memory to compare and send.
 const MAX_DIGEST_EXTENT: u64 = 16 << 20;
+
+/// The shipper's lock file in the log directory.
+pub const LOCK_FILE: &str = "shipper.lock";
 
 /// How often the status file is refreshed at most.
 const STATUS_INTERVAL: Duration = Duration::from_millis(250);
@@ -380,6 +383,11 @@ pub async fn run(
     let dir = FsDir::existing(&cfg.log_dir).map_err(|e| {
         ShipperFatal::Setup(format!("log directory {}: {e}", cfg.log_dir.display()))
     })?;
+    // One shipper per log: it owns the cursor and the status file there
+    // (DESIGN invariant 9). Taken before either is read or written, held
+    // until the shipper returns.
+    let _lock = DirLock::acquire(&cfg.log_dir, LOCK_FILE, "shipper")
+        .map_err(|e| ShipperFatal::Setup(e.to_string()))?;
     let client = tidemark_net::client_config(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)
         .map_err(|e| ShipperFatal::Setup(format!("TLS: {e}")))?;
     let addr = resolve(&cfg)?;

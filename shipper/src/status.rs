@@ -3,6 +3,7 @@
 //! file, rename) whenever something worth showing changes, at most a few
 //! times a second.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -167,7 +168,14 @@ impl ShipperStatus {
 pub fn write_status(dir: &Path, status: &ShipperStatus) -> std::io::Result<()> {
     let text = serde_json::to_vec_pretty(status).map_err(std::io::Error::other)?;
     let tmp = dir.join(TMP);
-    std::fs::write(&tmp, text)?;
+    // The status names the disks and how far they replicate: private to
+    // the log directory's owner, like the rest of it.
+    tidemark_changelog::private_file()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)?
+        .write_all(&text)?;
     std::fs::rename(&tmp, dir.join(FILE))
 }
 

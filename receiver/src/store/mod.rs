@@ -49,6 +49,9 @@
 //!
 //! # Layout of the group directory
 //!
+//! The directory is 0700 and every file in it 0600 (created so, whatever
+//! the umask): the images are a copy of a protected disk.
+//!
 //! ```text
 //!  state              the committed position (below), replaced atomically:
 //!                     state.tmp, fdatasync, rename, fsync of the directory
@@ -56,6 +59,7 @@
 //!  journal.SSSSSSSS   journal segments (hex number); a position in the
 //!                     journal is segment << 40 | offset in the segment
 //!  lock               flock(2)ed by the process that has the group open
+//!                     (its pid inside)
 //! ```
 //!
 //! # State file
@@ -157,10 +161,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use tidemark_changelog::record::{Kind, Record, FLAG_APP_CONSISTENT, FLAG_NO_HOLE};
 use tidemark_changelog::replay::{self, ReplaySummary};
+use tidemark_changelog::{create_private_dir_all, private_file, DirLock, LockError};
 
 const STATE_FILE: &str = "state";
 const LOCK_FILE: &str = "lock";
@@ -317,9 +321,9 @@ pub struct FoldReport {
 #[derive(Debug)]
 pub struct ReplicaGroup {
     dir: PathBuf,
-    /// Holds the flock; released when the group is dropped. `None`: opened
+    /// Holds the lock; released when the group is dropped. `None`: opened
     /// read-only, changes nothing.
-    _lock: Option<File>,
+    _lock: Option<DirLock>,
     images: BTreeMap<u32, File>,
     journal: Journal,
     /// Journal position the state file says the history ends at.
@@ -547,27 +551,15 @@ impl ReplicaGroup {
             }
             return Self::open_unlocked(dir, None);
         }
-        std::fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
-        let lock_path = dir.join(LOCK_FILE);
-        let lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .map_err(io_err("opening", &lock_path))?;
-        // SAFETY: flock on a valid, owned descriptor; no memory is passed.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                return Err(StoreError::Locked(dir.to_path_buf()));
-            }
-            return Err(io_err("locking", &lock_path)(e));
-        }
+        create_private_dir_all(dir).map_err(io_err("creating", dir))?;
+        let lock = DirLock::acquire(dir, LOCK_FILE, "process").map_err(|e| match e {
+            LockError::Held { .. } => StoreError::Locked(dir.to_path_buf()),
+            LockError::Io { path, source } => io_err("locking", &path)(source),
+        })?;
         Self::open_unlocked(dir, Some(lock))
     }
 
-    fn open_unlocked(dir: &Path, lock: Option<File>) -> Result<ReplicaGroup, StoreError> {
+    fn open_unlocked(dir: &Path, lock: Option<DirLock>) -> Result<ReplicaGroup, StoreError> {
         let read_only = lock.is_none();
         let state_path = dir.join(STATE_FILE);
         let state = match state::read_file(&state_path).map_err(io_err("reading", &state_path))? {
@@ -742,7 +734,7 @@ impl ReplicaGroup {
             let path = self.dir.join(image_name(spec.id));
             // An image left by a crash before its disk was recorded holds
             // nothing committed: start it afresh.
-            let file = OpenOptions::new()
+            let file = private_file()
                 .read(true)
                 .write(true)
                 .create(true)

@@ -3,7 +3,7 @@
 //! in the [store module](super).
 
 use super::overlay::RangeSet;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::Path;
 
@@ -278,7 +278,7 @@ pub(crate) fn read_file(path: &Path) -> io::Result<Option<Vec<u8>>> {
 /// `name.tmp`, fdatasync, rename over `name`, fsync the directory.
 pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
     let tmp = dir.join(format!("{name}.tmp"));
-    let mut f = OpenOptions::new()
+    let mut f = tidemark_changelog::private_file()
         .write(true)
         .create(true)
         .truncate(true)
