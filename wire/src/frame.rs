@@ -63,10 +63,13 @@
 //!      encoder refuses it: [`EncodeError::NotInVersion`]).
 //! 3. The shipper takes the welcome's version as the session's, after
 //!    checking it lies in `min..=max`. A version-1 receiver cannot read a
-//!    newer hello: it answers with an `error` of code `protocol` in a
-//!    version-1 frame. A shipper that gets that answer to a hello of a
-//!    newer version connects again offering only version 1 if it speaks
-//!    it, and otherwise stops, naming both versions (permanent).
+//!    newer hello: it answers with a transient `error` of code `protocol`
+//!    in a version-1 frame. A shipper that gets that answer to a hello of
+//!    a newer version connects again offering only version 1 if it speaks
+//!    it, and otherwise stops, naming both versions (permanent). (A newer
+//!    receiver answers a hello whose header was damaged on the way alike,
+//!    before it knows the version; that connection then goes on in
+//!    version 1, which the newer receiver serves too.)
 //!
 //! So a newer receiver serves every shipper down to its `rmin`, a newer
 //! shipper talks to every receiver down to its `min` (to a version-1
