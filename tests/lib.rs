@@ -3,6 +3,7 @@
 //! loudly when a foreign tool is missing.
 
 pub mod debian;
+pub mod previous_release;
 pub mod replication;
 
 use std::path::{Path, PathBuf};
@@ -153,13 +154,24 @@ impl TrackerProcess {
     /// Starts a tracker on `image` with its sockets and log under `dir`,
     /// and waits until it serves.
     pub fn start(dir: &std::path::Path, image: &std::path::Path, extra: &[&str]) -> TrackerProcess {
-        Self::spawn(dir, Self::command(dir, image, extra))
+        Self::start_of(&tidemark_bin(), dir, image, extra)
+    }
+
+    /// [`start`](Self::start) with the `tidemark` binary `bin` (the
+    /// previous release's, say: these flags must stay valid for it).
+    pub fn start_of(bin: &Path, dir: &Path, image: &Path, extra: &[&str]) -> TrackerProcess {
+        Self::spawn(dir, Self::command_of(bin, dir, image, extra))
     }
 
     /// The command [`start`](Self::start) runs, e.g. to start a second
     /// tracker with the same arguments.
     pub fn command(dir: &std::path::Path, image: &std::path::Path, extra: &[&str]) -> Command {
-        let mut command = tidemark();
+        Self::command_of(&tidemark_bin(), dir, image, extra)
+    }
+
+    /// [`command`](Self::command) with the `tidemark` binary `bin`.
+    pub fn command_of(bin: &Path, dir: &Path, image: &Path, extra: &[&str]) -> Command {
+        let mut command = Command::new(bin);
         command
             .args(["tracker", "serve", "--image"])
             .arg(image)

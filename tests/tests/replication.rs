@@ -10,30 +10,17 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tidemark_e2e::replication::{
-    enroll, free_port, newest_point, run_ok, shipper_status, start_receiver, start_shipper,
-    start_test_failover, wait_caught_up, HOST,
+    enroll, failover_and_compare_with, free_port, newest_point, run_ok, shipper_status,
+    start_receiver, start_shipper, start_test_failover, wait_caught_up, HOST,
 };
-use tidemark_e2e::{qemu_io, require_tool, tidemark, TrackerProcess};
+use tidemark_e2e::{qemu_io, require_tool, tidemark, tidemark_bin, TrackerProcess};
 
 const SIZE: u64 = 64 << 20;
 
 /// Fails over into `dir/failover` and compares every byte with `image`.
 fn failover_and_compare(dir: &Path, image: &Path) {
-    let to = dir.join("failover");
-    let out = run_ok(
-        tidemark()
-            .args(["failover", "--data-dir"])
-            .arg(dir.join("replicas"))
-            .args(["--host", HOST, "--to"])
-            .arg(&to),
-    );
-    assert!(out.contains("failing over"), "{out}");
     let source = fs::read(image).unwrap();
-    let replica = fs::read(to.join("disk.img")).unwrap();
-    assert_eq!(source.len(), replica.len());
-    if let Some(at) = source.iter().zip(&replica).position(|(a, b)| a != b) {
-        panic!("the failed-over image differs from the source at byte {at}");
-    }
+    failover_and_compare_with(&tidemark_bin(), dir, &dir.join("failover"), None, &source);
 }
 
 /// An image that already holds data before it is protected: the initial

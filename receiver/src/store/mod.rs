@@ -60,7 +60,47 @@
 //!                     journal is segment << 40 | offset in the segment
 //!  lock               flock(2)ed by the process that has the group open
 //!                     (its pid inside)
+//!  test-failover/pin  the point a running test failover reads (decimal
+//!                     sequence number): never folded while it exists
+//!  test-failover/disk-<id>.scratch
+//!                     that test's writes (`tidemark test-failover`)
+//!  drain.request, drain.result
+//!                     a planned failover's request and answer (sealed
+//!                     key-value text, see `crate::drain`)
 //! ```
+//!
+//! The index of which journal bytes override which image ranges
+//! (`overlay`) lives in memory only: it is rebuilt from the journal at
+//! every open.
+//!
+//! # Versions
+//!
+//! The state file's version is the version of the whole group directory:
+//! of its layout, of the journal entries it may hold and of what the state
+//! file itself holds. This release writes version 2 and reads versions 2
+//! (written by every release so far; version 1 predates recovery points
+//! and was never released). A newer version is refused before anything is
+//! touched ([`StoreError::UnsupportedVersion`], naming the file and both
+//! versions): an older release never misreads a newer store. When a new
+//! version comes, this reader keeps reading the previous one; the group is
+//! migrated by opening it: whatever the new version changes is rewritten,
+//! durably, and the state file, replaced atomically, comes last, so a
+//! crash leaves either store whole. `tests/store_upgrade.rs` opens a group
+//! the previous release wrote and goes on replicating into it.
+//!
+//! The other files keep their own rules:
+//! - journal entries carry their own version byte (1), checked on read;
+//! - images are the disks' bytes, nothing else; their id, name and size
+//!   are in the state file;
+//! - the pin is read by the receiver and written by `tidemark
+//!   test-failover`, which during an upgrade may be of different releases:
+//!   a receiver that could not read it would fold the point the test
+//!   reads. So its format never changes: a new one takes a new file name;
+//! - a test failover's scratch files are read only by the process that
+//!   writes them, and removed when it ends;
+//! - drain files are key-value lines: a reader ignores keys it does not
+//!   know and a key never changes meaning (a change takes a new key), as
+//!   the receiver and the CLI that share them may be of different releases.
 //!
 //! # State file
 //!
@@ -141,7 +181,11 @@ pub mod fuzzing {
     /// Decodes a state file and encodes what it decoded; `Err` says what
     /// does not verify.
     pub fn state_round_trip(bytes: &[u8]) -> Result<Vec<u8>, &'static str> {
-        super::state::StateFile::decode(bytes).map(|state| state.encode())
+        match super::state::StateFile::decode(bytes) {
+            Ok(state) => Ok(state.encode()),
+            Err(super::state::StateError::Damaged(what)) => Err(what),
+            Err(super::state::StateError::Version(_)) => Err("unsupported version"),
+        }
     }
 
     /// Decodes a journal entry header and encodes the entry again (for a
@@ -563,9 +607,17 @@ impl ReplicaGroup {
         let read_only = lock.is_none();
         let state_path = dir.join(STATE_FILE);
         let state = match state::read_file(&state_path).map_err(io_err("reading", &state_path))? {
-            Some(bytes) => StateFile::decode(&bytes).map_err(|reason| StoreError::Damaged {
-                path: state_path.clone(),
-                reason: reason.into(),
+            Some(bytes) => StateFile::decode(&bytes).map_err(|e| match e {
+                state::StateError::Damaged(reason) => StoreError::Damaged {
+                    path: state_path.clone(),
+                    reason: reason.into(),
+                },
+                state::StateError::Version(found) => StoreError::UnsupportedVersion {
+                    path: state_path.clone(),
+                    found: found.into(),
+                    oldest: state::OLDEST_VERSION.into(),
+                    newest: state::VERSION.into(),
+                },
             })?,
             None => {
                 let fresh = StateFile {
