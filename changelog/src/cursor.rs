@@ -18,6 +18,7 @@
 //! Version 1 is the only version so far; a cursor of another version reads
 //! as damaged, never as a position.
 
+use crate::record::MAX_SEQ;
 use crate::storage::{LogDir, LogFile};
 use std::io;
 
@@ -66,7 +67,8 @@ fn decode(b: &[u8]) -> Option<u64> {
     }
     let mut v = [0u8; 8];
     v.copy_from_slice(&b[8..16]);
-    Some(u64::from_le_bytes(v))
+    // A log never gets there: counting on from it would overflow.
+    Some(u64::from_le_bytes(v)).filter(|seq| *seq <= MAX_SEQ)
 }
 
 /// Reads the cursor; 0 (nothing acknowledged) when there is none yet.

@@ -78,6 +78,10 @@ pub const MAX_PAYLOAD: u32 = 64 << 20;
 pub const MAX_LABEL: usize = 1024;
 /// The `disk` value of records that concern the whole group.
 pub const GROUP_DISK: u32 = u32::MAX;
+/// The largest sequence number a segment may start at or a cursor hold:
+/// more records than a log ever writes, and far enough below `u64::MAX`
+/// that counting on from a sequence number read from disk never overflows.
+pub const MAX_SEQ: u64 = 1 << 62;
 
 /// Marker flag: the application was quiesced when the marker was taken.
 pub const FLAG_APP_CONSISTENT: u16 = 1 << 0;
@@ -448,6 +452,28 @@ impl Record {
         })
     }
 
+    /// This record as format `version` writes it, for a peer that reads no
+    /// newer format: a record already at or below `version` is unchanged;
+    /// a version-2 barrier becomes a version-1 one without its durable-upto
+    /// (a watermark only the log's own recovery reads). Its checksum is
+    /// recomputed over the new header.
+    pub fn in_version(mut self, version: u8) -> Result<Record, DecodeError> {
+        if self.header.version <= version {
+            return Ok(self);
+        }
+        if version < MIN_RECORD_VERSION {
+            return Err(DecodeError::UnsupportedVersion(version));
+        }
+        if version < 2 && self.header.kind == Kind::Barrier {
+            self.header.offset = 0;
+        }
+        self.header.version = version;
+        let h = self.encode_header();
+        self.header.crc =
+            u32::from_le_bytes([h[CRC_AT], h[CRC_AT + 1], h[CRC_AT + 2], h[CRC_AT + 3]]);
+        Ok(self)
+    }
+
     /// The marker label, for markers.
     pub fn label(&self) -> Option<&str> {
         match self.header.kind {
@@ -759,6 +785,39 @@ mod tests {
             // it was created with.
             assert_eq!(r.encode(), bytes);
         }
+    }
+
+    #[test]
+    fn a_record_in_an_older_version_verifies_and_keeps_all_but_the_watermark() {
+        let barrier = Record::decode(
+            &Entry {
+                offset: 41,
+                ..Entry::barrier(7)
+            }
+            .encode(42, 3),
+        )
+        .unwrap();
+        let converted = barrier.clone().in_version(1).unwrap();
+        let v1 = Record::decode(&converted.encode()).unwrap();
+        assert_eq!(v1, converted, "the checksum follows the new header");
+        assert_eq!(
+            (v1.header.version, v1.header.durable_upto(), v1.header.seq),
+            (1, None, 42)
+        );
+        assert_eq!(v1.header.generation, 3);
+        let payload = [5u8; 512];
+        let write = Record::decode(&Entry::write(1, 4096, &payload, 9).encode(43, 3)).unwrap();
+        let w1 = Record::decode(&write.clone().in_version(1).unwrap().encode()).unwrap();
+        assert_eq!(
+            (w1.header.version, w1.header.offset, &w1.payload[..]),
+            (1, 4096, &payload[..])
+        );
+        // Already old enough: unchanged, bytes and all.
+        assert_eq!(w1.clone().in_version(2).unwrap(), w1);
+        assert!(matches!(
+            write.in_version(0),
+            Err(DecodeError::UnsupportedVersion(0))
+        ));
     }
 
     #[test]
