@@ -159,7 +159,7 @@ fn check_pass<D: LogDir>(dir: &D) -> io::Result<Pass> {
     // (index, first sequence number, generation, next expected seq)
     let mut prev: Option<(u64, u64, u32, u64)> = None;
     let count = indices.len();
-    for (i, index) in indices.into_iter().enumerate() {
+    'segments: for (i, index) in indices.into_iter().enumerate() {
         let name = segment_name(index);
         let last = i + 1 == count;
         let problem = |report: &mut CheckReport, offset: u64, reason: String| {
@@ -198,31 +198,45 @@ fn check_pass<D: LogDir>(dir: &D) -> io::Result<Pass> {
             );
             return damage(report);
         }
-        let header = read_segment_header(&file)?;
-        let header = match header {
-            Ok(h) if h.index == index => h,
-            other => {
-                let what = match &other {
-                    Ok(h) => format!("its header is that of segment {}", segment_name(h.index)),
-                    Err(e) => format!("its header: {e}"),
-                };
-                let unfinished = last
-                    && is_unfinished_roll(
-                        dir,
-                        index,
-                        prev.map(|(p, first, _, _)| (p, first)),
-                        &file,
-                        &other,
-                    )?;
-                if unfinished {
-                    report.notes.push(format!(
-                        "{name}: {what}: a segment whose creation did not complete; it holds no record and is removed when the tracker opens the log"
-                    ));
+        let mut header = read_segment_header(&file)?;
+        let mut header_reads = 0;
+        let header = loop {
+            let other = match header {
+                Ok(h) if h.index == index => break h,
+                other => other,
+            };
+            let what = match &other {
+                Ok(h) => format!("its header is that of segment {}", segment_name(h.index)),
+                Err(e) => format!("its header: {e}"),
+            };
+            let unfinished = last
+                && is_unfinished_roll(
+                    dir,
+                    index,
+                    prev.map(|(p, first, _, _)| (p, first)),
+                    &file,
+                    &other,
+                )?;
+            // On a live log the newest segment may be created under the
+            // check: the verdict stands only if the header read before it
+            // is still there after it.
+            if last && header_reads < MAX_TAIL_READS {
+                let again = read_segment_header(&file)?;
+                if again != other {
+                    header_reads += 1;
+                    header = again;
+                    std::thread::sleep(dir.write_settle_time());
                     continue;
                 }
-                problem(&mut report, 0, format!("segment header: {what}"));
-                return damage(report);
             }
+            if unfinished {
+                report.notes.push(format!(
+                    "{name}: {what}: a segment whose creation did not complete; it holds no record and is removed when the tracker opens the log"
+                ));
+                continue 'segments;
+            }
+            problem(&mut report, 0, format!("segment header: {what}"));
+            return damage(report);
         };
         if let Some((_, _, prev_gen, expected)) = prev {
             let reason = if header.first_seq != expected
