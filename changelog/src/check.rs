@@ -97,18 +97,37 @@ const MAX_TAIL_READS: usize = 5;
 /// vanishes or stops verifying; when the oldest segment the check began with
 /// is gone, the check begins again at the oldest segment left.
 pub fn check<D: LogDir>(dir: &D) -> io::Result<CheckReport> {
+    let mut recycled = 0;
+    // Damage found on a live log is reported only once a second pass finds
+    // the same: a read racing the appender has been seen to find less than
+    // a read before it (a clean end where a record was, records below the
+    // shipper's cursor), and such a pass must not be taken for damage.
+    let mut unconfirmed: Option<Vec<Problem>> = None;
     for pass in 0..MAX_PASSES {
-        if let Pass::Done(mut report) = check_pass(dir)? {
-            if pass > 0 {
-                report.notes.push(format!(
-                    "the log was being written during the check: segments were recycled under it, so it began again at the oldest segment left ({pass} time(s))"
-                ));
+        let mut report = match check_pass(dir)? {
+            Pass::Done(report) => report,
+            Pass::Recycled => {
+                recycled += 1;
+                continue;
             }
-            return Ok(report);
+        };
+        if !report.problems.is_empty()
+            && unconfirmed.as_ref() != Some(&report.problems)
+            && pass + 1 < MAX_PASSES
+        {
+            unconfirmed = Some(report.problems);
+            std::thread::sleep(dir.write_settle_time());
+            continue;
         }
+        if recycled > 0 {
+            report.notes.push(format!(
+                "the log was being written during the check: segments were recycled under it, so it began again at the oldest segment left ({recycled} time(s))"
+            ));
+        }
+        return Ok(report);
     }
     Err(io::Error::other(format!(
-        "segments of the log in {} were recycled under the check {MAX_PASSES} times: the tracker writes faster than the log can be read; check again when it is quieter",
+        "the log in {} changed under the check {MAX_PASSES} times (segments recycled, or damage not found twice alike): the tracker writes faster than the log can be read; check again when it is quieter",
         dir.describe()
     )))
 }
