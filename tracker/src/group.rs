@@ -21,6 +21,11 @@
 //! After an unclean stop the group starts a new *generation* above every
 //! sequence number a reader could have seen, and records every hot extent
 //! of the activity map as resync-needed: those may hold writes the log lost.
+//! What the log's recovery may cut follows from the state file (see
+//! [`tidemark_changelog::log`]): after a clean stop nothing, any damage
+//! refuses the open; after an unclean one a torn tail above the durable
+//! watermark, which is why an extent cools only once the watermark covers
+//! its writes.
 
 use crate::backend::Backend;
 use crate::bitmap::{BitmapError, BitmapWriter, PersistentBitmap};
@@ -34,7 +39,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tidemark_changelog::{
-    now_ns, AppendError, ChangeLog, Entry, FsDir, LogOptions, OpenError, Recovery,
+    now_ns, AppendError, ChangeLog, Entry, FsDir, LogOptions, OpenError, Recovery, RecoveryPolicy,
 };
 use tidemark_config::ByteSize;
 use tidemark_metrics::{Histogram, HistogramSnapshot, LATENCY_BUCKETS};
@@ -238,11 +243,38 @@ impl Group {
             context: "creating the log directory".into(),
             source,
         })?;
-        let (mut log, recovery) = ChangeLog::open(dir, opts.log, now_ns())?;
         let names: Vec<String> = disks.iter().map(|d| d.name.clone()).collect();
         let mut state =
             GroupState::load(&opts.log_dir)?.unwrap_or_else(|| GroupState::fresh(&names));
         state.check_disks(&names).map_err(GroupError::Config)?;
+        // What the log's recovery may cut depends on how the last run
+        // ended: after a clean stop nothing (a log without a state file is
+        // held to that too), after a crash a torn tail above the watermark.
+        let policy = if state.running {
+            RecoveryPolicy::Crash
+        } else {
+            RecoveryPolicy::CleanStop {
+                last_seq: state.last_seq,
+            }
+        };
+        let (mut log, recovery) = ChangeLog::open(dir, opts.log, policy, now_ns())?;
+        if let Some(cut) = &recovery.cut {
+            tracing::warn!(
+                segment = %cut.segment,
+                offset = cut.offset,
+                first_cut = cut.first_seq,
+                records_after = cut.records_after,
+                acknowledged = cut.acknowledged,
+                damage = %cut.damage,
+                "the change log's torn tail was cut (a crash left it): a new generation begins and the hot extents are resynced"
+            );
+        }
+        if recovery.lost_acknowledged > 0 {
+            tracing::warn!(
+                records = recovery.lost_acknowledged,
+                "the receiver holds records the change log lost in the crash: they are unconfirmed there until the hot extents are resynced"
+            );
+        }
 
         let mut activity = Vec::new();
         let mut dirty = Vec::new();
@@ -359,6 +391,7 @@ impl Group {
         // An unclean stop is fully recorded by now: until the daemon has
         // every socket and calls `mark_running`, a stop is a clean one.
         state.running = false;
+        state.last_seq = None;
         state.bitmap_reason = match &mode {
             TrackingMode::Bitmap { reason } => Some(reason.clone()),
             TrackingMode::Data => None,
@@ -506,10 +539,11 @@ impl Group {
         }
     }
 
-    /// Clears hot extents whose every write is durable in the log and none
-    /// is in flight. Lazy: the cleared bits reach the disk with the next
-    /// map write; a stale set bit only costs a resync.
-    fn cool(&self, durable_seq: u64) {
+    /// Clears hot extents whose every write is at or below the log's
+    /// durable watermark (recovery never cuts those) and none is in flight.
+    /// Lazy: the cleared bits reach the disk with the next map write; a
+    /// stale set bit only costs a resync.
+    fn cool(&self, watermark: u64) {
         if !matches!(*lock(&self.mode), TrackingMode::Data) {
             return;
         }
@@ -521,7 +555,7 @@ impl Group {
         for act in &mut maps.activity {
             for i in 0..act.map.len() {
                 let u = i as usize;
-                if act.map.get(i) && act.inflight[u] == 0 && act.last_seq[u] <= durable_seq {
+                if act.map.get(i) && act.inflight[u] == 0 && act.last_seq[u] <= watermark {
                     act.map.clear(i);
                 }
             }
@@ -685,22 +719,31 @@ impl Group {
                 commit.syncing = true;
                 drop(commit);
                 let pending = lock(&self.log).prepare_sync();
+                // The durable seq, and the watermark the log holds durably:
+                // hot extents cool only up to the watermark, so every
+                // record a crash recovery may cut (those above it) still
+                // has its extent in the activity map.
                 let result = match pending {
                     Ok(Some(sync)) => {
                         let outcome = sync.run();
-                        lock(&self.log).complete_sync(sync.upto(), outcome)
+                        let mut log = lock(&self.log);
+                        log.complete_sync(sync.upto(), outcome)
+                            .map(|durable| (durable, log.durable_watermark()))
                     }
-                    Ok(None) => Ok(lock(&self.log).durable_seq()),
+                    Ok(None) => {
+                        let log = lock(&self.log);
+                        Ok((log.durable_seq(), log.durable_watermark()))
+                    }
                     Err(e) => Err(e),
                 };
                 commit = lock(&self.commit);
                 commit.syncing = false;
                 self.committed.notify_all();
                 match result {
-                    Ok(durable) => {
+                    Ok((durable, watermark)) => {
                         commit.durable = commit.durable.max(durable);
                         drop(commit);
-                        self.cool(durable);
+                        self.cool(watermark);
                         commit = lock(&self.commit);
                     }
                     Err(e) => return Err(e),
@@ -802,8 +845,10 @@ impl Group {
             }
         }
         self.persist_dirty().map_err(|e| e.to_string())?;
+        let last_seq = lock(&self.log).durable_seq();
         let mut state = lock(&self.state);
         state.running = false;
+        state.last_seq = Some(last_seq);
         state.save_in_place().map_err(|e| e.to_string())
     }
 
