@@ -186,9 +186,9 @@ fn replica_site_commands_refuse_hosts_and_groups_that_are_not_names() {
     assert!(!tmp.path().join("escaped.img").exists());
 }
 
-/// A Hello body as any peer can write it (the codec's own encoder cannot
-/// make one with a name that breaks the rule).
-fn hello_body(host: &str, group: &str, disk: &str) -> Vec<u8> {
+/// A Hello body of protocol `version` as any peer can write it (the
+/// codec's own encoder cannot make one with a name that breaks the rule).
+fn hello_body(version: u16, host: &str, group: &str, disk: &str) -> Vec<u8> {
     let mut b = Vec::new();
     for name in [host, group] {
         b.push(name.len() as u8);
@@ -200,14 +200,21 @@ fn hello_body(host: &str, group: &str, disk: &str) -> Vec<u8> {
     b.push(disk.len() as u8);
     b.extend_from_slice(disk.as_bytes());
     b.extend_from_slice(&(1u64 << 20).to_le_bytes()); // its size
+    if version >= 2 {
+        b.extend_from_slice(&1u16.to_le_bytes()); // min-version
+        let software = b"0.0.0-test";
+        b.push(software.len() as u8);
+        b.extend_from_slice(software);
+    }
     b
 }
 
 /// Connects to the receiver at `port` as the host enrolled in `hpki`, sends
-/// the Hello `body` and returns the receiver's first answer.
-fn answer_to_hello(hpki: &Path, port: u16, body: &[u8]) -> tidemark_wire::Message {
+/// the Hello `body` in a frame of protocol `version` and returns the
+/// receiver's first answer.
+fn answer_to_hello(hpki: &Path, port: u16, version: u16, body: &[u8]) -> tidemark_wire::Message {
     use tidemark_wire::{encode_frame, Compression, MessageDecoder, MessageType};
-    let frame = encode_frame(MessageType::Hello, body, Compression::None).unwrap();
+    let frame = encode_frame(version, MessageType::Hello, body, Compression::None).unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -233,10 +240,10 @@ fn answer_to_hello(hpki: &Path, port: u16, body: &[u8]) -> tidemark_wire::Messag
         let mut buf = vec![0u8; 64 << 10];
         let deadline = std::time::Duration::from_secs(30);
         loop {
-            if let Some(message) = decoder.next_message().unwrap() {
+            if let Some(received) = decoder.next_message().unwrap() {
                 conn.close(0u32.into(), b"done");
                 endpoint.wait_idle().await;
-                return message;
+                return received.message;
             }
             let n = tokio::time::timeout(deadline, recv.read(&mut buf))
                 .await
@@ -273,7 +280,7 @@ fn tree(dir: &Path) -> Vec<String> {
 #[test]
 fn the_receiver_refuses_a_valid_host_whose_hello_names_a_path() {
     use tidemark_e2e::replication::{enroll, free_port, start_receiver_at, HOST};
-    use tidemark_wire::{ErrorClass, Message};
+    use tidemark_wire::{ErrorClass, Message, PROTOCOL_VERSION};
     let tmp = tempfile::tempdir().unwrap();
     let (rpki, hpki) = enroll(tmp.path(), HOST);
     let replicas = tmp.path().join("site").join("replicas");
@@ -281,7 +288,7 @@ fn the_receiver_refuses_a_valid_host_whose_hello_names_a_path() {
     let port = free_port();
     let receiver = start_receiver_at(&replicas, tmp.path(), &rpki, port);
     let long = "d".repeat(65);
-    for (group, disk, bad) in [
+    for (version, case) in [
         ("default", "../../escaped", "../../escaped"),
         ("default", "/tmp/escaped", "/tmp/escaped"),
         ("default", "..", ".."),
@@ -289,23 +296,29 @@ fn the_receiver_refuses_a_valid_host_whose_hello_names_a_path() {
         ("default", long.as_str(), long.as_str()),
         ("../../escaped", "disk0", "../../escaped"),
         ("..", "disk0", ".."),
-    ] {
-        match answer_to_hello(&hpki, port, &hello_body(HOST, group, disk)) {
+    ]
+    .into_iter()
+    .flat_map(|case| [(1, case), (PROTOCOL_VERSION, case)])
+    {
+        let (group, disk, bad) = case;
+        let body = hello_body(version, HOST, group, disk);
+        match answer_to_hello(&hpki, port, version, &body) {
             Message::Error {
                 class: ErrorClass::Permanent,
                 message,
                 ..
             } => assert!(
                 message.contains(&format!("{bad:?} is not a valid name")),
-                "{group}/{disk}: {message}"
+                "v{version} {group}/{disk}: {message}"
             ),
-            other => panic!("{group}/{disk} got {other:?}"),
+            other => panic!("v{version} {group}/{disk} got {other:?}"),
         }
         assert_eq!(tree(&replicas), Vec::<String>::new(), "{group}/{disk}");
         assert!(!tmp.path().join("escaped").exists());
         assert!(!tmp.path().join("site").join("escaped").exists());
     }
-    let welcome = answer_to_hello(&hpki, port, &hello_body(HOST, "default", "disk0"));
+    let body = hello_body(PROTOCOL_VERSION, HOST, "default", "disk0");
+    let welcome = answer_to_hello(&hpki, port, PROTOCOL_VERSION, &body);
     assert!(matches!(welcome, Message::Welcome { .. }), "{welcome:?}");
     assert!(replicas.join(HOST).join("default").is_dir());
     assert!(receiver.stop().success());

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use tidemark_e2e::replication::{enroll, free_port, shipper_status, start_shipper};
 use tidemark_e2e::TrackerProcess;
 use tidemark_wire::{
-    ChunkData, ChunkPurpose, Compression, DiskSync, Message, MessageDecoder, RecordId,
+    ChunkData, ChunkPurpose, Compression, DiskSync, Message, MessageDecoder, Received, RecordId,
+    PROTOCOL_VERSION,
 };
 
 const SIZE: u64 = 8 << 20;
@@ -52,9 +53,16 @@ fn lagging_receiver(
         let mut buf = vec![0u8; 256 << 10];
         let mut ack = Some(ack);
         let (mut generation, mut frames, mut synced) = (0, 0u64, 0u64);
+        // The session's protocol version: the newest both ends speak.
+        let mut version = PROTOCOL_VERSION;
         let mut last: Option<RecordId> = None;
         loop {
-            while let Some(message) = decoder.next_message().unwrap() {
+            while let Some(Received {
+                message,
+                version: v,
+                ..
+            }) = decoder.next_message().unwrap()
+            {
                 frames += 1;
                 match message {
                     Message::Hello {
@@ -64,14 +72,16 @@ fn lagging_receiver(
                     } => {
                         assert_eq!(disks.len(), 1);
                         generation = g;
+                        version = v.min(PROTOCOL_VERSION);
                         frames = 0;
                         let welcome = Message::Welcome {
                             durable_seq: 0,
                             generation,
                             disks: vec![DiskSync { id: 0, synced: 0 }],
                             resyncing: vec![],
+                            software: "0.0.0-test".into(),
                         };
-                        send.write_all(&welcome.encode(Compression::None).unwrap())
+                        send.write_all(&welcome.encode(version, Compression::None).unwrap())
                             .await
                             .unwrap();
                     }
@@ -112,7 +122,7 @@ fn lagging_receiver(
                         frames,
                         disks: vec![DiskSync { id: 0, synced }],
                     };
-                    send.write_all(&message.encode(Compression::None).unwrap())
+                    send.write_all(&message.encode(version, Compression::None).unwrap())
                         .await
                         .unwrap();
                 }

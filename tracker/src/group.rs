@@ -21,6 +21,11 @@
 //! After an unclean stop the group starts a new *generation* above every
 //! sequence number a reader could have seen, and records every hot extent
 //! of the activity map as resync-needed: those may hold writes the log lost.
+//! What the log's recovery may cut follows from the state file (see
+//! [`tidemark_changelog::log`]): after a clean stop nothing, any damage
+//! refuses the open; after an unclean one a torn tail above the durable
+//! watermark, which is why an extent cools only once the watermark covers
+//! its writes.
 
 use crate::backend::Backend;
 use crate::bitmap::{BitmapError, BitmapWriter, PersistentBitmap};
@@ -30,12 +35,13 @@ use crate::nbd::transmission::Extent;
 use crate::range_lock::RangeLock;
 use crate::state::{GroupState, StateError};
 use crate::storage::BlockDevice;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tidemark_changelog::{
-    now_ns, AppendError, ChangeLog, Entry, FsDir, LogOptions, OpenError, Recovery,
+    now_ns, AppendError, ChangeLog, Entry, FsDir, LogOptions, OpenError, Recovery, RecoveryPolicy,
 };
+use tidemark_config::ByteSize;
 use tidemark_metrics::{Histogram, HistogramSnapshot, LATENCY_BUCKETS};
 use tidemark_names::{Label, Name};
 
@@ -121,6 +127,9 @@ pub enum GroupError {
     /// A configuration problem.
     #[error("{0}")]
     Config(String),
+    /// A setting breaks the rule the configuration file is checked by.
+    #[error(transparent)]
+    Setting(#[from] tidemark_config::ConfigError),
 }
 
 /// What opening the group found and did.
@@ -205,6 +214,9 @@ pub struct Group {
     commit: Mutex<Commit>,
     committed: Condvar,
     state: Mutex<GroupState>,
+    /// The state file says "running": only then may anything be appended
+    /// (see [`Group::mark_running`]).
+    running: AtomicBool,
     block_sizes: BlockSizes,
     writes: AtomicU64,
     barriers: AtomicU64,
@@ -229,21 +241,44 @@ impl Group {
         if disks.is_empty() {
             return Err(GroupError::Config("a group needs at least one disk".into()));
         }
-        if !opts.activity_extent.is_power_of_two() || opts.activity_extent < DIRTY_GRANULARITY {
-            return Err(GroupError::Config(format!(
-                "activity extent size must be a power of two of at least {DIRTY_GRANULARITY} bytes"
-            )));
-        }
+        tidemark_config::tracker::check_activity_extent_size(ByteSize(opts.activity_extent))?;
         let dir = FsDir::create_all(&opts.log_dir).map_err(|source| OpenError::Io {
             dir: opts.log_dir.display().to_string(),
             context: "creating the log directory".into(),
             source,
         })?;
-        let (mut log, recovery) = ChangeLog::open(dir, opts.log, now_ns())?;
         let names: Vec<String> = disks.iter().map(|d| d.name.to_string()).collect();
         let mut state =
             GroupState::load(&opts.log_dir)?.unwrap_or_else(|| GroupState::fresh(&names));
         state.check_disks(&names).map_err(GroupError::Config)?;
+        // What the log's recovery may cut depends on how the last run
+        // ended: after a clean stop nothing (a log without a state file is
+        // held to that too), after a crash a torn tail above the watermark.
+        let policy = if state.running {
+            RecoveryPolicy::Crash
+        } else {
+            RecoveryPolicy::CleanStop {
+                last_seq: state.last_seq,
+            }
+        };
+        let (mut log, recovery) = ChangeLog::open(dir, opts.log, policy, now_ns())?;
+        if let Some(cut) = &recovery.cut {
+            tracing::warn!(
+                segment = %cut.segment,
+                offset = cut.offset,
+                first_cut = cut.first_seq,
+                records_after = cut.records_after,
+                acknowledged = cut.acknowledged,
+                damage = %cut.damage,
+                "the change log's torn tail was cut (a crash left it): a new generation begins and the hot extents are resynced"
+            );
+        }
+        if recovery.lost_acknowledged > 0 {
+            tracing::warn!(
+                records = recovery.lost_acknowledged,
+                "the receiver holds records the change log lost in the crash: they are unconfirmed there until the hot extents are resynced"
+            );
+        }
 
         let mut activity = Vec::new();
         let mut dirty = Vec::new();
@@ -357,7 +392,10 @@ impl Group {
             }
         }
         state.generation = generation.max(log.generation());
-        state.running = true;
+        // An unclean stop is fully recorded by now: until the daemon has
+        // every socket and calls `mark_running`, a stop is a clean one.
+        state.running = false;
+        state.last_seq = None;
         state.bitmap_reason = match &mode {
             TrackingMode::Bitmap { reason } => Some(reason.clone()),
             TrackingMode::Data => None,
@@ -390,6 +428,7 @@ impl Group {
             }),
             committed: Condvar::new(),
             state: Mutex::new(state),
+            running: AtomicBool::new(false),
             block_sizes,
             writes: AtomicU64::new(0),
             barriers: AtomicU64::new(0),
@@ -397,6 +436,31 @@ impl Group {
             write_latency: Histogram::new(LATENCY_BUCKETS),
         };
         Ok((group, report))
+    }
+
+    /// Records in the state file that the group runs: from here on, a
+    /// stop without [`close_clean`](Self::close_clean) is an unclean stop.
+    /// [`open`](Self::open) leaves this out, so a start refused after the
+    /// group opened (a socket that cannot be bound) leaves no run behind;
+    /// call it once everything that can refuse the start has succeeded and
+    /// before anything is served. Until then the group refuses writes,
+    /// barriers and markers.
+    pub fn mark_running(&self) -> Result<(), StateError> {
+        let mut state = lock(&self.state);
+        state.running = true;
+        state.save_in_place()?;
+        self.running.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Refuses a change before [`mark_running`](Self::mark_running).
+    fn check_running(&self) -> Result<(), Errno> {
+        if self.running.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            tracing::error!("a change reached the group before it was marked running; refused");
+            Err(Errno::Io)
+        }
     }
 
     fn disk(&self, disk: u32) -> Result<&DiskState, Errno> {
@@ -479,10 +543,11 @@ impl Group {
         }
     }
 
-    /// Clears hot extents whose every write is durable in the log and none
-    /// is in flight. Lazy: the cleared bits reach the disk with the next
-    /// map write; a stale set bit only costs a resync.
-    fn cool(&self, durable_seq: u64) {
+    /// Clears hot extents whose every write is at or below the log's
+    /// durable watermark (recovery never cuts those) and none is in flight.
+    /// Lazy: the cleared bits reach the disk with the next map write; a
+    /// stale set bit only costs a resync.
+    fn cool(&self, watermark: u64) {
         if !matches!(*lock(&self.mode), TrackingMode::Data) {
             return;
         }
@@ -494,7 +559,7 @@ impl Group {
         for act in &mut maps.activity {
             for i in 0..act.map.len() {
                 let u = i as usize;
-                if act.map.get(i) && act.inflight[u] == 0 && act.last_seq[u] <= durable_seq {
+                if act.map.get(i) && act.inflight[u] == 0 && act.last_seq[u] <= watermark {
                     act.map.clear(i);
                 }
             }
@@ -555,6 +620,9 @@ impl Group {
     /// wait for this (it is rare and short). Returns the number of extents
     /// recorded, or `None` if the group stays as it is.
     pub fn try_resume_data_mode(&self) -> Result<Option<usize>, String> {
+        if !self.running.load(Ordering::Acquire) {
+            return Ok(None);
+        }
         let mut mode = lock(&self.mode);
         match &*mode {
             TrackingMode::Data => return Ok(None),
@@ -655,22 +723,31 @@ impl Group {
                 commit.syncing = true;
                 drop(commit);
                 let pending = lock(&self.log).prepare_sync();
+                // The durable seq, and the watermark the log holds durably:
+                // hot extents cool only up to the watermark, so every
+                // record a crash recovery may cut (those above it) still
+                // has its extent in the activity map.
                 let result = match pending {
                     Ok(Some(sync)) => {
                         let outcome = sync.run();
-                        lock(&self.log).complete_sync(sync.upto(), outcome)
+                        let mut log = lock(&self.log);
+                        log.complete_sync(sync.upto(), outcome)
+                            .map(|durable| (durable, log.durable_watermark()))
                     }
-                    Ok(None) => Ok(lock(&self.log).durable_seq()),
+                    Ok(None) => {
+                        let log = lock(&self.log);
+                        Ok((log.durable_seq(), log.durable_watermark()))
+                    }
                     Err(e) => Err(e),
                 };
                 commit = lock(&self.commit);
                 commit.syncing = false;
                 self.committed.notify_all();
                 match result {
-                    Ok(durable) => {
+                    Ok((durable, watermark)) => {
                         commit.durable = commit.durable.max(durable);
                         drop(commit);
-                        self.cool(durable);
+                        self.cool(watermark);
                         commit = lock(&self.commit);
                     }
                     Err(e) => return Err(e),
@@ -686,6 +763,7 @@ impl Group {
 
     /// A barrier for the group; flushes `disk`'s backing device.
     fn barrier(&self, disk: u32) -> Result<(), Errno> {
+        self.check_running()?;
         let d = self.disk(disk)?;
         if matches!(*lock(&self.mode), TrackingMode::Data) {
             let appended = lock(&self.log).append(&Entry::barrier(now_ns()));
@@ -723,6 +801,8 @@ impl Group {
     /// Inserts a labelled marker followed by a barrier; returns the
     /// marker's sequence number.
     pub fn marker(&self, label: &Label, app_consistent: bool) -> Result<u64, String> {
+        self.check_running()
+            .map_err(|_| "the tracker is still starting".to_string())?;
         if !matches!(*lock(&self.mode), TrackingMode::Data) {
             return Err(
                 "the group is in bitmap mode: no recovery point can be marked until a resync"
@@ -744,6 +824,10 @@ impl Group {
     /// A final barrier on every disk, then a clean stop recorded: the next
     /// open needs no resync.
     pub fn close_clean(&self) -> Result<(), String> {
+        if !self.running.load(Ordering::Acquire) {
+            // Nothing was served: the state file already says stopped.
+            return Ok(());
+        }
         for id in 0..self.disks.len() as u32 {
             self.barrier(id)
                 .map_err(|e| format!("final barrier: {e:?}"))?;
@@ -765,8 +849,10 @@ impl Group {
             }
         }
         self.persist_dirty().map_err(|e| e.to_string())?;
+        let last_seq = lock(&self.log).durable_seq();
         let mut state = lock(&self.state);
         state.running = false;
+        state.last_seq = Some(last_seq);
         state.save_in_place().map_err(|e| e.to_string())
     }
 
@@ -827,6 +913,8 @@ impl Group {
     /// that reads the disk after this point sees every untracked write.
     /// Returns the record's sequence number in data mode.
     pub fn record_resync_all(&self, name: &str) -> Result<Option<u64>, String> {
+        self.check_running()
+            .map_err(|_| "the tracker is still starting".to_string())?;
         let id = self
             .disks
             .iter()
@@ -877,6 +965,7 @@ impl Group {
         entry: Entry<'_>,
     ) -> Result<(), Errno> {
         let started = Instant::now();
+        self.check_running()?;
         let d = self.disk(disk)?;
         {
             let _range = d.locks.lock(offset, len);

@@ -14,6 +14,7 @@ pub mod kernel_attach;
 pub mod nbd;
 pub mod quiesce;
 pub mod range_lock;
+pub mod recover;
 pub mod server;
 pub mod splice;
 pub mod state;

@@ -4,27 +4,43 @@
 //! every message must use its whole body.
 //!
 //! ```text
-//!  1 hello           str8 host, str8 group, u32 generation, u32 n,
-//!                    n × (u32 id, str8 name, u64 size); host, group and
-//!                    disk names follow the rule of `tidemark_names::Name`
-//!                    (the receiver makes paths of them), else the hello
-//!                    does not decode
-//!  2 welcome         u64 durable-seq, u32 generation, u32 n, n × (u32 id, u64 synced)
-//!  3 records         the records, each exactly as in the log (56-byte header
-//!                    with its own CRC32C, then payload), back to back
-//!  4 chunk           u32 disk, u64 offset, u64 after-seq, u8 purpose
-//!                    (0 initial-sync, 1 resync), u8 data kind, then
-//!                    kind 0: the data (rest of the body, non-empty)
-//!                    kind 1: u64 length of a range that reads as zeroes
-//!  5 digest-request  u32 disk, u64 offset, u64 length, u32 block-size
-//!  6 digests         u32 disk, u64 offset, u32 block-size, u32 n, n × 32-byte BLAKE3
-//!  7 resync-done     u32 disk, u64 offset, u64 length, u64 after-seq
-//!  8 ack             u64 durable-seq, u32 generation, u64 frames,
-//!                    u32 n, n × (u32 id, u64 synced)
-//!  9 error           u8 class (0 transient, 1 permanent), u8 code, str16 message
-//! 10 drain-request   u64 id
-//! 11 drained         u64 id, u64 last-seq, str16 error (empty: drained)
+//!  type              since  layout
+//!  1 hello           1      str8 host, str8 group, u32 generation, u32 n,
+//!                           n × (u32 id, str8 name, u64 size); host, group
+//!                           and disk names follow the rule of
+//!                           `tidemark_names::Name` (the receiver makes paths
+//!                           of them), else the hello does not decode
+//!                    2      then: u16 min-version, str8 software
+//!  2 welcome         1      u64 durable-seq, u32 generation,
+//!                           u32 n, n × (u32 id, u64 synced),
+//!                           u32 m, m × (u32 disk, u64 offset, u64 length)
+//!                    2      then: str8 software
+//!  3 records         1      the records, each exactly as in the log (56-byte
+//!                           header with its own CRC32C, then payload), back
+//!                           to back
+//!  4 chunk           1      u32 disk, u64 offset, u64 after-seq, u8 purpose
+//!                           (0 initial-sync, 1 resync), u8 data kind, then
+//!                           kind 0: the data (rest of the body, non-empty)
+//!                           kind 1: u64 length of a range that reads as zeroes
+//!  5 digest-request  1      u32 disk, u64 offset, u64 length, u32 block-size
+//!  6 digests         1      u32 disk, u64 offset, u32 block-size, u32 n,
+//!                           n × 32-byte BLAKE3
+//!  7 resync-done     1      u32 disk, u64 offset, u64 length, u64 after-seq
+//!  8 ack             1      u64 durable-seq, u32 generation, u64 frames,
+//!                           u32 n, n × (u32 id, u64 synced)
+//!  9 error           1      u8 class (0 transient, 1 permanent), u8 code,
+//!                           str16 message; the same in every version
+//! 10 drain-request   1      u64 id
+//! 11 drained         1      u64 id, u64 last-seq, str16 error (empty: drained)
 //! ```
+//!
+//! `since` is the protocol version that added the message or the fields
+//! (the frame header's version field; the rules are in [`crate::frame`]). A
+//! frame of version `v` holds exactly the fields of version `v` and older;
+//! a message type newer than `v` is refused by the encoder and the decoder.
+//! Version 2 added to the hello the oldest version the shipper speaks
+//! (`min-version`; the newest is the hello's frame version) and both sides'
+//! `software` release (e.g. "0.1.0") for logs and status.
 //!
 //! A planned failover is asked for on the replica site: the receiver sends
 //! `drain-request`; the shipper stops the protected host's tracker (no new
@@ -40,8 +56,10 @@
 //! frames the receiver has consumed on this connection; the shipper's flow
 //! control releases in-flight bytes by it.
 
-use crate::frame::MAX_FRAME_BODY;
-use crate::frame::{encode_frame, Compression, DecodeError, EncodeError, Frame, FrameDecoder};
+use crate::frame::{
+    encode_frame, Compression, DecodeError, EncodeError, Frame, FrameDecoder, MAX_FRAME_BODY,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
 use std::fmt;
 use thiserror::Error;
 use tidemark_changelog::record::{self, Header, Record, HEADER_LEN};
@@ -50,6 +68,8 @@ use tidemark_names::Name;
 /// The longest `str8` field, in bytes (names are shorter still:
 /// [`tidemark_names::MAX_NAME_LEN`]).
 pub const MAX_NAME: usize = 255;
+/// The release of this code, as a hello or welcome (version 2 on) names it.
+pub const SOFTWARE: &str = env!("CARGO_PKG_VERSION");
 /// The longest error message, in bytes.
 pub const MAX_ERROR_MESSAGE: usize = 4096;
 /// The most disks a consistency group may have.
@@ -118,6 +138,32 @@ impl MessageType {
             11 => MessageType::Drained,
             _ => return None,
         })
+    }
+
+    /// The protocol version that added the message: it is never sent in
+    /// a session of an older version.
+    pub fn since(self) -> u16 {
+        match self {
+            MessageType::Hello
+            | MessageType::Welcome
+            | MessageType::Records
+            | MessageType::Chunk
+            | MessageType::DigestRequest
+            | MessageType::Digests
+            | MessageType::ResyncDone
+            | MessageType::Ack
+            | MessageType::Error
+            | MessageType::DrainRequest
+            | MessageType::Drained => 1,
+        }
+    }
+
+    /// Whether the layout is the same in every version, so that it can be
+    /// sent in (and read from) a frame of any version: the error, which
+    /// must reach a peer of any version, and the hello, which only ever
+    /// grows at its end (see [`crate::frame`]).
+    fn layout_is_frozen(self) -> bool {
+        matches!(self, MessageType::Hello | MessageType::Error)
     }
 
     /// The kebab-case name, for logs and errors.
@@ -451,6 +497,23 @@ impl RecordBatch {
         &self.bytes
     }
 
+    /// This batch with every record in format `version` or older (see
+    /// [`Record::in_version`]): what a session of a protocol version whose
+    /// peer reads no newer records carries.
+    pub fn in_record_version(&self, version: u8) -> Result<RecordBatch, BatchError> {
+        let mut out = RecordBatch::new();
+        let mut changed = false;
+        for (index, record) in (0u32..).zip(self.records()) {
+            let record = record?;
+            changed |= record.header.version > version;
+            let record = record
+                .in_version(version)
+                .map_err(|source| BatchError::Record { index, source })?;
+            out.push(&record.encode())?;
+        }
+        Ok(if changed { out } else { self.clone() })
+    }
+
     /// The records, decoded and verified again one by one.
     pub fn records(&self) -> BatchRecords<'_> {
         BatchRecords {
@@ -532,6 +595,11 @@ pub enum Message {
         generation: u32,
         /// The group's disks.
         disks: Vec<DiskInfo>,
+        /// (Version 2 on; 1 when absent.) The oldest protocol version the
+        /// shipper offers; the newest is the version of the hello's frame.
+        min_version: u16,
+        /// (Version 2 on; empty when absent.) The shipper's release.
+        software: String,
     },
     /// Receiver → shipper: where to resume.
     Welcome {
@@ -544,6 +612,8 @@ pub enum Message {
         /// Resync-needed extents the replica still waits for (their records
         /// are durable, so a restarted shipper learns them only here).
         resyncing: Vec<ResyncExtent>,
+        /// (Version 2 on; empty when absent.) The receiver's release.
+        software: String,
     },
     /// Shipper → receiver: consecutive log records.
     Records(RecordBatch),
@@ -669,14 +739,29 @@ impl Message {
         }
     }
 
-    /// Encodes the message as a whole frame.
-    pub fn encode(&self, compression: Compression) -> Result<Vec<u8>, EncodeError> {
-        let body = self.encode_body()?;
-        encode_frame(self.msg_type(), &body, compression)
+    /// Encodes the message as a whole frame of protocol `version`: with
+    /// the fields that version has, refused if the message does not exist
+    /// in it or this code does not speak it (the hello and the error also
+    /// in the older versions their layout covers).
+    pub fn encode(&self, version: u16, compression: Compression) -> Result<Vec<u8>, EncodeError> {
+        let body = self.encode_body(version)?;
+        encode_frame(version, self.msg_type(), &body, compression)
     }
 
-    /// Encodes the body alone.
-    pub fn encode_body(&self) -> Result<Vec<u8>, EncodeError> {
+    /// Encodes the body alone, in protocol `version` (see [`Message::encode`]).
+    pub fn encode_body(&self, version: u16) -> Result<Vec<u8>, EncodeError> {
+        let msg_type = self.msg_type();
+        let spoken = if msg_type.layout_is_frozen() {
+            (1..=PROTOCOL_VERSION).contains(&version)
+        } else {
+            (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version)
+        };
+        if !spoken || version < msg_type.since() {
+            return Err(EncodeError::NotInVersion {
+                msg: msg_type.name(),
+                version,
+            });
+        }
         let mut w = Writer(Vec::new());
         match self {
             Message::Hello {
@@ -684,6 +769,8 @@ impl Message {
                 group,
                 generation,
                 disks,
+                min_version,
+                software,
             } => {
                 w.str8("host", host)?;
                 w.str8("group", group)?;
@@ -694,12 +781,23 @@ impl Message {
                     w.str8("disk name", &d.name)?;
                     w.u64(d.size);
                 }
+                if version >= 2 {
+                    if *min_version == 0 || *min_version > version {
+                        return Err(EncodeError::InvalidField {
+                            field: "min version",
+                            reason: "not a version at or below the hello's",
+                        });
+                    }
+                    w.u16(*min_version);
+                    w.str8("software", software)?;
+                }
             }
             Message::Welcome {
                 durable_seq,
                 generation,
                 disks,
                 resyncing,
+                software,
             } => {
                 w.u64(*durable_seq);
                 w.u32(*generation);
@@ -709,6 +807,9 @@ impl Message {
                     w.u32(e.disk);
                     w.u64(e.offset);
                     w.u64(e.length);
+                }
+                if version >= 2 {
+                    w.str8("software", software)?;
                 }
             }
             Message::Records(batch) => return Ok(batch.as_bytes().to_vec()),
@@ -847,19 +948,34 @@ impl Message {
         Ok(w.0)
     }
 
-    /// Decodes a frame's body.
+    /// Decodes a frame's body, as the frame's version lays it out. A frame
+    /// of a version this code does not speak is refused, but for a hello
+    /// (whose fields of the versions known here are read, the newer ones
+    /// after them ignored) and an error (the same in every version).
     pub fn decode(frame: Frame) -> Result<Message, DecodeError> {
-        match frame.msg_type {
+        let (version, msg_type) = (frame.version, frame.msg_type);
+        if !msg_type.layout_is_frozen()
+            && !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version)
+        {
+            return Err(DecodeError::UnsupportedVersion(version));
+        }
+        if version < msg_type.since() {
+            return Err(DecodeError::NotInVersion {
+                msg: msg_type.name(),
+                version,
+            });
+        }
+        match msg_type {
             // The batch keeps the body as it is: no copy of the records.
             MessageType::Records => RecordBatch::from_bytes(frame.body)
                 .map(Message::Records)
                 .map_err(DecodeError::Batch),
-            msg_type => decode_fields(msg_type, &frame.body),
+            msg_type => decode_fields(msg_type, version, &frame.body),
         }
     }
 }
 
-fn decode_fields(msg_type: MessageType, body: &[u8]) -> Result<Message, DecodeError> {
+fn decode_fields(msg_type: MessageType, version: u16, body: &[u8]) -> Result<Message, DecodeError> {
     {
         let mut r = Reader { b: body, at: 0 };
         let msg = match msg_type {
@@ -867,7 +983,7 @@ fn decode_fields(msg_type: MessageType, body: &[u8]) -> Result<Message, DecodeEr
                 let host = r.name("host")?;
                 let group = r.name("group")?;
                 let generation = r.u32("generation")?;
-                let n = r.count("disk count", 4 + 1 + 8)?;
+                let n = r.count("disk count", 4 + 1 + 8, MAX_DISKS)?;
                 let mut disks = Vec::with_capacity(n);
                 for _ in 0..n {
                     disks.push(DiskInfo {
@@ -876,18 +992,35 @@ fn decode_fields(msg_type: MessageType, body: &[u8]) -> Result<Message, DecodeEr
                         size: r.u64("disk size")?,
                     });
                 }
+                let (mut min_version, mut software) = (1, String::new());
+                if version >= 2 {
+                    min_version = r.u16("min version")?;
+                    software = r.str8("software")?;
+                    if min_version == 0 || min_version > version {
+                        return Err(invalid(
+                            "min version",
+                            "not a version at or below the hello's",
+                        ));
+                    }
+                }
+                if version > PROTOCOL_VERSION {
+                    // Fields of versions newer than this code's.
+                    r.rest();
+                }
                 Message::Hello {
                     host,
                     group,
                     generation,
                     disks,
+                    min_version,
+                    software,
                 }
             }
             MessageType::Welcome => {
                 let durable_seq = r.u64("durable seq")?;
                 let generation = r.u32("generation")?;
                 let disks = r.syncs()?;
-                let n = r.count("resync extent count", 20)?;
+                let n = r.count("resync extent count", 20, MAX_RESYNC_EXTENTS)?;
                 let mut resyncing = Vec::with_capacity(n);
                 for _ in 0..n {
                     resyncing.push(ResyncExtent {
@@ -896,11 +1029,17 @@ fn decode_fields(msg_type: MessageType, body: &[u8]) -> Result<Message, DecodeEr
                         length: r.u64("resync length")?,
                     });
                 }
+                let software = if version >= 2 {
+                    r.str8("software")?
+                } else {
+                    String::new()
+                };
                 Message::Welcome {
                     durable_seq,
                     generation,
                     disks,
                     resyncing,
+                    software,
                 }
             }
             MessageType::Records => {
@@ -952,7 +1091,7 @@ fn decode_fields(msg_type: MessageType, body: &[u8]) -> Result<Message, DecodeEr
                 let disk = r.u32("disk")?;
                 let offset = r.u64("offset")?;
                 let block_size = r.u32("block size")?;
-                let n = r.count("digest count", 32)?;
+                let n = r.count("digest count", 32, MAX_DIGESTS as usize)?;
                 let mut digests = Vec::with_capacity(n);
                 for _ in 0..n {
                     digests.push(r.array::<32>("digest")?);
@@ -1150,18 +1289,27 @@ impl<'a> Reader<'a> {
         self.at = self.b.len();
         s
     }
-    /// A count of items of at least `item_len` bytes each: bounded by what
-    /// the body can still hold, so a lying count cannot make us allocate.
-    fn count(&mut self, field: &'static str, item_len: usize) -> Result<usize, DecodeError> {
+    /// A count of at most `max` items (the bound the encoder keeps) of at
+    /// least `item_len` bytes each: bounded by what the body can still
+    /// hold too, so a lying count cannot make us allocate.
+    fn count(
+        &mut self,
+        field: &'static str,
+        item_len: usize,
+        max: usize,
+    ) -> Result<usize, DecodeError> {
         let n = self.u32(field)? as usize;
         let left = self.b.len() - self.at;
         if n > left / item_len {
             return Err(DecodeError::Truncated { field });
         }
+        if n > max {
+            return Err(invalid(field, "more than the protocol allows"));
+        }
         Ok(n)
     }
     fn syncs(&mut self) -> Result<Vec<DiskSync>, DecodeError> {
-        let n = self.count("disk count", 12)?;
+        let n = self.count("disk count", 12, MAX_DISKS)?;
         let mut v = Vec::with_capacity(n);
         for _ in 0..n {
             v.push(DiskSync {
@@ -1170,6 +1318,24 @@ impl<'a> Reader<'a> {
             });
         }
         Ok(v)
+    }
+}
+
+/// A message as it arrived: what the frame carried, and the protocol
+/// version the frame's header named (the sessions check it against the
+/// version they negotiated).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    /// The frame's protocol version.
+    pub version: u16,
+    /// The message.
+    pub message: Message,
+}
+
+impl Received {
+    /// `message` as if it came in a frame of `version`.
+    pub fn new(version: u16, message: Message) -> Received {
+        Received { version, message }
     }
 }
 
@@ -1196,14 +1362,17 @@ impl MessageDecoder {
         self.frames.buffered()
     }
 
-    /// The next complete message, `Ok(None)` if more bytes are needed. After
-    /// an error the decoder stays failed.
-    pub fn next_message(&mut self) -> Result<Option<Message>, DecodeError> {
+    /// The next complete message and its frame's version, `Ok(None)` if
+    /// more bytes are needed. After an error the decoder stays failed.
+    pub fn next_message(&mut self) -> Result<Option<Received>, DecodeError> {
         if self.failed {
             return Err(DecodeError::Failed);
         }
         let result = match self.frames.next_frame() {
-            Ok(Some(frame)) => Message::decode(frame).map(Some),
+            Ok(Some(frame)) => {
+                let version = frame.version;
+                Message::decode(frame).map(|message| Some(Received { version, message }))
+            }
             other => other.map(|_| None),
         };
         if result.is_err() {
@@ -1271,7 +1440,63 @@ mod tests {
             panic!("not an error")
         };
         assert_eq!(message.len(), MAX_ERROR_MESSAGE);
-        assert!(m.encode(Compression::None).is_ok());
+        assert!(m.encode(PROTOCOL_VERSION, Compression::None).is_ok());
+    }
+
+    /// Decodes `body` as a `msg_type` message.
+    fn decode(msg_type: MessageType, body: Vec<u8>) -> Result<Message, DecodeError> {
+        Message::decode(Frame {
+            version: PROTOCOL_VERSION,
+            msg_type,
+            body,
+        })
+    }
+
+    #[test]
+    fn counts_beyond_what_the_encoder_writes_are_refused() {
+        // Found by the wire_message fuzz target's round trip (what decodes
+        // must encode to the same bytes): counts were bounded by the body
+        // alone, so a peer could send more disks, digests or extents than
+        // the protocol allows and have them decoded.
+        let le32 = |n: usize| (n as u32).to_le_bytes();
+        let mut hello = vec![1, b'h', 1, b'g'];
+        hello.extend_from_slice(&le32(1));
+        hello.extend_from_slice(&le32(MAX_DISKS + 1));
+        for id in 0..=MAX_DISKS {
+            hello.extend_from_slice(&le32(id));
+            hello.extend_from_slice(&[1, b'd']);
+            hello.extend_from_slice(&1u64.to_le_bytes());
+        }
+        let syncs = |n: usize| {
+            let mut b = le32(n).to_vec();
+            b.resize(4 + 12 * n, 0);
+            b
+        };
+        let mut welcome = vec![0; 12];
+        welcome.extend(syncs(MAX_DISKS + 1));
+        welcome.extend_from_slice(&le32(0));
+        let mut resyncing = vec![0; 12];
+        resyncing.extend(syncs(0));
+        resyncing.extend_from_slice(&le32(MAX_RESYNC_EXTENTS + 1));
+        resyncing.resize(resyncing.len() + 20 * (MAX_RESYNC_EXTENTS + 1), 0);
+        let mut ack = vec![0; 20];
+        ack.extend(syncs(MAX_DISKS + 1));
+        let mut digests = vec![0; 16];
+        digests.extend_from_slice(&le32(MAX_DIGESTS as usize + 1));
+        digests.resize(digests.len() + 32 * (MAX_DIGESTS as usize + 1), 0);
+        for (msg_type, body) in [
+            (MessageType::Hello, hello),
+            (MessageType::Welcome, welcome),
+            (MessageType::Welcome, resyncing),
+            (MessageType::Ack, ack),
+            (MessageType::Digests, digests),
+        ] {
+            let result = decode(msg_type, body).map(|m| m.msg_type());
+            assert!(
+                matches!(result, Err(DecodeError::InvalidField { .. })),
+                "{msg_type:?}: {result:?}"
+            );
+        }
     }
 
     #[test]
@@ -1281,6 +1506,7 @@ mod tests {
         body.extend_from_slice(&1u32.to_le_bytes());
         body.extend_from_slice(&u32::MAX.to_le_bytes());
         let frame = Frame {
+            version: PROTOCOL_VERSION,
             msg_type: MessageType::Welcome,
             body,
         };

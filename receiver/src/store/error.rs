@@ -9,9 +9,10 @@ use tidemark_changelog::record::DecodeError;
 /// [`StoreError::Poisoned`]).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// Peer: the record is neither a duplicate nor the next one (same
-    /// generation, `expected` sequence number) nor the start of a newer
-    /// generation. Nothing was applied.
+    /// Peer: the record is neither a duplicate (at or below the last one
+    /// applied, of no newer generation) nor the next one (same generation,
+    /// `expected` sequence number) nor the start of a newer generation
+    /// above every sequence number applied. Nothing was applied.
     #[error("sequence gap: expected seq {expected} (generation {generation}), got seq {got} of generation {got_generation}")]
     SequenceGap {
         /// The sequence number the group expects next.
@@ -85,6 +86,22 @@ pub enum StoreError {
         path: PathBuf,
         /// What does not verify.
         reason: String,
+    },
+    /// Release: a store file is of a format version this release does not
+    /// read (a newer release wrote it). Nothing was changed.
+    #[error(
+        "{path}: format version {found}; this release reads versions {oldest} to {newest}{}",
+        if .found > .newest { " (a newer tidemark wrote it: run that release or a newer one)" } else { "" }
+    )]
+    UnsupportedVersion {
+        /// The file.
+        path: PathBuf,
+        /// The version it is of.
+        found: u32,
+        /// The oldest version this release reads.
+        oldest: u32,
+        /// The version this release writes.
+        newest: u32,
     },
     /// Local disk: another process holds the group directory.
     #[error("{0} is in use by another process")]
