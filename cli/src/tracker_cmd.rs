@@ -9,7 +9,7 @@ use tidemark_changelog::LogOptions;
 use tidemark_config::ByteSize;
 use tidemark_tracker::daemon::{DiskSpec, KernelAttachSettings, TrackerSettings, UblkSettings};
 use tidemark_tracker::quiesce::Quiesce;
-use tidemark_tracker::storage::{BackingOptions, EngineKind};
+use tidemark_tracker::storage::{BackingOptions, CacheMode, EngineKind};
 
 /// Run the tracker and talk to it.
 #[derive(Debug, Subcommand)]
@@ -30,6 +30,14 @@ enum Engine {
     Uring,
     /// Synchronous pread/pwrite.
     Sync,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Cache {
+    /// O_DIRECT: no page cache (the default on block devices).
+    None,
+    /// The page cache, fdatasync at barriers (the default on image files).
+    Writeback,
 }
 
 #[derive(Debug, Args)]
@@ -71,6 +79,10 @@ pub(crate) struct ServeArgs {
     /// Backing I/O engine.
     #[arg(long, value_enum, default_value_t = Engine::Auto)]
     engine: Engine,
+    /// How every disk's backing device is written (overrides the config's
+    /// `cache`); default: none on block devices, writeback on image files.
+    #[arg(long, value_enum)]
+    cache: Option<Cache>,
     /// Serve Prometheus metrics on http://ADDR/metrics (port 0 picks one;
     /// the address is printed). Overrides `metrics-listen` of a config
     /// file; without either, the one-line form serves no metrics.
@@ -199,6 +211,10 @@ fn settings_from_config(path: &Path) -> Result<TrackerSettings> {
             .map(|d| DiskSpec {
                 name: d.effective_export_name().to_string(),
                 path: d.path.clone(),
+                cache: d.cache.map(|c| match c {
+                    tidemark_config::CacheMode::None => CacheMode::None,
+                    tidemark_config::CacheMode::Writeback => CacheMode::Writeback,
+                }),
             })
             .collect(),
         log_dir: t.log_dir.clone(),
@@ -250,6 +266,7 @@ fn settings_from_flags(a: &ServeArgs) -> Result<TrackerSettings> {
             DiskSpec {
                 name,
                 path: path.clone(),
+                cache: None,
             }
         })
         .collect();
@@ -303,6 +320,15 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
         settings.metrics_listen = Some(addr);
     }
     settings.resync_all = a.resync_all;
+    if let Some(cache) = a.cache {
+        let cache = match cache {
+            Cache::None => CacheMode::None,
+            Cache::Writeback => CacheMode::Writeback,
+        };
+        for disk in &mut settings.disks {
+            disk.cache = Some(cache);
+        }
+    }
     if a.attach && settings.attach.is_none() {
         let defaults = tidemark_config::AttachConfig::default();
         settings.attach = Some(KernelAttachSettings {

@@ -622,6 +622,7 @@ fn invalid_config_built_in_code_has_no_location() {
         name: "a".into(),
         path: "/dev/a".into(),
         export_name: None,
+        cache: None,
     });
     tracker.validate().unwrap();
 }

@@ -196,7 +196,7 @@ impl TestServer {
         let socket = dir.path().join("nbd.sock");
         let backend = Arc::new(backend);
         let server = Server::bind_unix(&socket, options).unwrap();
-        let handle = server.serve(backend.clone());
+        let handle = server.serve(backend.clone()).unwrap();
         Self {
             dir,
             socket,
