@@ -39,3 +39,7 @@ done
 
 echo "==> cargo test --workspace"
 cargo test --workspace --all-targets --no-fail-fast
+
+# Every decoder, fuzzed for a bounded time (installs cargo-fuzz once).
+echo "==> scripts/fuzz.sh"
+scripts/fuzz.sh "${FUZZ_SECONDS:-15}"

@@ -15,6 +15,7 @@
 //!      20    4 crc32c   over bytes 0..20
 //! ```
 
+use crate::record::MAX_SEQ;
 use crate::storage::{LogDir, LogFile};
 use std::io;
 
@@ -63,7 +64,8 @@ fn decode(b: &[u8]) -> Option<u64> {
     }
     let mut v = [0u8; 8];
     v.copy_from_slice(&b[8..16]);
-    Some(u64::from_le_bytes(v))
+    // A log never gets there: counting on from it would overflow.
+    Some(u64::from_le_bytes(v)).filter(|seq| *seq <= MAX_SEQ)
 }
 
 /// Reads the cursor; 0 (nothing acknowledged) when there is none yet.

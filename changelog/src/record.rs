@@ -55,6 +55,10 @@ pub const MAX_PAYLOAD: u32 = 64 << 20;
 pub const MAX_LABEL: usize = 1024;
 /// The `disk` value of records that concern the whole group.
 pub const GROUP_DISK: u32 = u32::MAX;
+/// The largest sequence number a segment may start at or a cursor hold:
+/// more records than a log ever writes, and far enough below `u64::MAX`
+/// that counting on from a sequence number read from disk never overflows.
+pub const MAX_SEQ: u64 = 1 << 62;
 
 /// Marker flag: the application was quiesced when the marker was taken.
 pub const FLAG_APP_CONSISTENT: u16 = 1 << 0;

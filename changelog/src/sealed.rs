@@ -55,6 +55,22 @@ pub fn write_atomic(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_body_round_trips(body in ".{0,300}") {
+            let sealed = seal(&body);
+            prop_assert_eq!(unseal(&sealed), Ok(body.as_str()));
+        }
+
+        #[test]
+        fn arbitrary_text_never_panics(text in ".{0,300}", sealed in any::<bool>()) {
+            // Sealed text reaches the parsing behind the checksum.
+            let text = if sealed { seal(&text) } else { text };
+            let _ = unseal(&text);
+        }
+    }
 
     #[test]
     fn sealed_text_round_trips_and_damage_is_named() {

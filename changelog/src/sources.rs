@@ -59,6 +59,10 @@ pub enum SourcesError {
     /// A name with whitespace or an empty name cannot be written.
     #[error("disk name {0:?} must be non-empty and without whitespace")]
     BadName(String),
+    /// A path that is not UTF-8 or holds a line break cannot be written:
+    /// it would read back as another path, or not at all.
+    #[error("disk path {0:?} must be UTF-8 without line breaks")]
+    BadPath(PathBuf),
 }
 
 /// Reads the disks of the group whose log is in `dir`; `None` if the
@@ -113,13 +117,12 @@ pub fn write_sources(dir: &Path, disks: &[DiskSource]) -> Result<(), SourcesErro
         if d.name.is_empty() || d.name.contains(char::is_whitespace) {
             return Err(SourcesError::BadName(d.name.clone()));
         }
-        body.push_str(&format!(
-            "{} {} {} {}\n",
-            d.id,
-            d.size,
-            d.name,
-            d.path.display()
-        ));
+        let path = d
+            .path
+            .to_str()
+            .filter(|p| !p.contains(['\n', '\r']))
+            .ok_or_else(|| SourcesError::BadPath(d.path.clone()))?;
+        body.push_str(&format!("{} {} {} {path}\n", d.id, d.size, d.name));
     }
     crate::sealed::write_atomic(dir, TMP, FILE, &crate::sealed::seal(&body))
         .map_err(|(path, source)| SourcesError::Io { path, source })
@@ -128,6 +131,37 @@ pub fn write_sources(dir: &Path, disks: &[DiskSource]) -> Result<(), SourcesErro
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn what_is_written_reads_back(
+            disks in proptest::collection::vec(("[a-z0-9._-]{1,20}", any::<u64>(), "[^\u{0}]{1,40}"), 0..5),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let disks: Vec<DiskSource> = disks
+                .into_iter()
+                .enumerate()
+                .map(|(id, (name, size, path))| DiskSource { id: id as u32, name, size, path: path.into() })
+                .collect();
+            match write_sources(dir.path(), &disks) {
+                Ok(()) => prop_assert_eq!(read_sources(dir.path()).unwrap(), Some(disks)),
+                Err(SourcesError::BadPath(path)) => {
+                    prop_assert!(path.to_str().is_none_or(|p| p.contains(['\n', '\r'])));
+                }
+                Err(e) => prop_assert!(false, "{e}"),
+            }
+        }
+
+        #[test]
+        fn arbitrary_files_never_panic(body in "(tidemark-disks 1\n)?[ -~\n]{0,200}", sealed in any::<bool>()) {
+            let dir = tempfile::tempdir().unwrap();
+            // Sealed text reaches the parsing behind the checksum.
+            let text = if sealed { crate::sealed::seal(&body) } else { body };
+            fs::write(dir.path().join(FILE), text).unwrap();
+            let _ = read_sources(dir.path());
+        }
+    }
 
     #[test]
     fn round_trip_and_damage() {
@@ -166,5 +200,35 @@ mod tests {
             write_sources(dir.path(), &bad),
             Err(SourcesError::BadName(_))
         ));
+    }
+
+    #[test]
+    fn a_path_the_file_cannot_hold_is_refused() {
+        // Found by what_is_written_reads_back: a line break in a path (or
+        // bytes that are not UTF-8, written as U+FFFD) read back as a
+        // damaged file, or as another path.
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let not_utf8 = std::ffi::OsStr::from_bytes(b"/srv/disk\xff.raw");
+        for path in [
+            Path::new("/srv/a\nb.raw"),
+            Path::new("/srv/a.raw\r"),
+            Path::new(not_utf8),
+        ] {
+            let disk = [DiskSource {
+                id: 0,
+                name: "data".into(),
+                size: 1,
+                path: path.to_path_buf(),
+            }];
+            assert!(
+                matches!(write_sources(dir.path(), &disk), Err(SourcesError::BadPath(p)) if p == path),
+                "{path:?}"
+            );
+        }
+        assert!(
+            read_sources(dir.path()).unwrap().is_none(),
+            "nothing written"
+        );
     }
 }

@@ -5,7 +5,9 @@
 use proptest::prelude::*;
 use std::collections::BTreeMap;
 use tidemark_changelog::segment::{segment_name, SegmentHeader};
-use tidemark_changelog::{check, read_cursor, ChangeLog, Entry, LogOptions, LogReader, SimDir};
+use tidemark_changelog::{
+    check, read_cursor, write_cursor, ChangeLog, Entry, LogOptions, LogReader, SimDir,
+};
 
 const OPTS: LogOptions = LogOptions {
     segment_size: 4096,
@@ -38,6 +40,42 @@ fn valid_header(index: u64) -> Vec<u8> {
     }
     .encode()
     .to_vec()
+}
+
+/// A segment holding barriers numbered from `first_seq` (wrapping) behind
+/// a header that says `first_seq`: what a damaged header or a writer that
+/// lost count could leave, checksums valid.
+fn segment_from(first_seq: u64, records: u64) -> Vec<u8> {
+    let mut content = SegmentHeader {
+        generation: 0,
+        index: 1,
+        first_seq,
+        segment_size: 4096,
+        created_ns: 0,
+    }
+    .encode()
+    .to_vec();
+    for i in 0..records {
+        content.extend(Entry::barrier(0).encode(first_seq.wrapping_add(i), 0));
+    }
+    content.resize(4096, 0);
+    content
+}
+
+#[test]
+fn sequence_numbers_at_the_ends_of_their_range_never_panic() {
+    // Found by the changelog_dir fuzz target: a segment whose first
+    // sequence number was near u64::MAX overflowed recovery's arithmetic
+    // (and the scan's, with a record in it); 0 underflowed it; a cursor at
+    // u64::MAX overflowed the first segment's.
+    for (first_seq, records) in [(u64::MAX, 1), (u64::MAX - 3, 0), (0, 0), (0, 2)] {
+        let mut files = BTreeMap::new();
+        files.insert(segment_name(1), segment_from(first_seq, records));
+        exercise(SimDir::from_files(files));
+    }
+    let dir = SimDir::new();
+    write_cursor(&dir, u64::MAX).unwrap();
+    exercise(dir);
 }
 
 proptest! {

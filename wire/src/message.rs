@@ -862,7 +862,7 @@ fn decode_fields(msg_type: MessageType, body: &[u8]) -> Result<Message, DecodeEr
                 let host = r.str8("host")?;
                 let group = r.str8("group")?;
                 let generation = r.u32("generation")?;
-                let n = r.count("disk count", 4 + 1 + 8)?;
+                let n = r.count("disk count", 4 + 1 + 8, MAX_DISKS)?;
                 let mut disks = Vec::with_capacity(n);
                 for _ in 0..n {
                     disks.push(DiskInfo {
@@ -882,7 +882,7 @@ fn decode_fields(msg_type: MessageType, body: &[u8]) -> Result<Message, DecodeEr
                 let durable_seq = r.u64("durable seq")?;
                 let generation = r.u32("generation")?;
                 let disks = r.syncs()?;
-                let n = r.count("resync extent count", 20)?;
+                let n = r.count("resync extent count", 20, MAX_RESYNC_EXTENTS)?;
                 let mut resyncing = Vec::with_capacity(n);
                 for _ in 0..n {
                     resyncing.push(ResyncExtent {
@@ -947,7 +947,7 @@ fn decode_fields(msg_type: MessageType, body: &[u8]) -> Result<Message, DecodeEr
                 let disk = r.u32("disk")?;
                 let offset = r.u64("offset")?;
                 let block_size = r.u32("block size")?;
-                let n = r.count("digest count", 32)?;
+                let n = r.count("digest count", 32, MAX_DIGESTS as usize)?;
                 let mut digests = Vec::with_capacity(n);
                 for _ in 0..n {
                     digests.push(r.array::<32>("digest")?);
@@ -1142,18 +1142,27 @@ impl<'a> Reader<'a> {
         self.at = self.b.len();
         s
     }
-    /// A count of items of at least `item_len` bytes each: bounded by what
-    /// the body can still hold, so a lying count cannot make us allocate.
-    fn count(&mut self, field: &'static str, item_len: usize) -> Result<usize, DecodeError> {
+    /// A count of at most `max` items (the bound the encoder keeps) of at
+    /// least `item_len` bytes each: bounded by what the body can still
+    /// hold too, so a lying count cannot make us allocate.
+    fn count(
+        &mut self,
+        field: &'static str,
+        item_len: usize,
+        max: usize,
+    ) -> Result<usize, DecodeError> {
         let n = self.u32(field)? as usize;
         let left = self.b.len() - self.at;
         if n > left / item_len {
             return Err(DecodeError::Truncated { field });
         }
+        if n > max {
+            return Err(invalid(field, "more than the protocol allows"));
+        }
         Ok(n)
     }
     fn syncs(&mut self) -> Result<Vec<DiskSync>, DecodeError> {
-        let n = self.count("disk count", 12)?;
+        let n = self.count("disk count", 12, MAX_DISKS)?;
         let mut v = Vec::with_capacity(n);
         for _ in 0..n {
             v.push(DiskSync {
@@ -1264,6 +1273,58 @@ mod tests {
         };
         assert_eq!(message.len(), MAX_ERROR_MESSAGE);
         assert!(m.encode(Compression::None).is_ok());
+    }
+
+    /// Decodes `body` as a `msg_type` message.
+    fn decode(msg_type: MessageType, body: Vec<u8>) -> Result<Message, DecodeError> {
+        Message::decode(Frame { msg_type, body })
+    }
+
+    #[test]
+    fn counts_beyond_what_the_encoder_writes_are_refused() {
+        // Found by the wire_message fuzz target's round trip (what decodes
+        // must encode to the same bytes): counts were bounded by the body
+        // alone, so a peer could send more disks, digests or extents than
+        // the protocol allows and have them decoded.
+        let le32 = |n: usize| (n as u32).to_le_bytes();
+        let mut hello = vec![1, b'h', 1, b'g'];
+        hello.extend_from_slice(&le32(1));
+        hello.extend_from_slice(&le32(MAX_DISKS + 1));
+        for id in 0..=MAX_DISKS {
+            hello.extend_from_slice(&le32(id));
+            hello.extend_from_slice(&[1, b'd']);
+            hello.extend_from_slice(&1u64.to_le_bytes());
+        }
+        let syncs = |n: usize| {
+            let mut b = le32(n).to_vec();
+            b.resize(4 + 12 * n, 0);
+            b
+        };
+        let mut welcome = vec![0; 12];
+        welcome.extend(syncs(MAX_DISKS + 1));
+        welcome.extend_from_slice(&le32(0));
+        let mut resyncing = vec![0; 12];
+        resyncing.extend(syncs(0));
+        resyncing.extend_from_slice(&le32(MAX_RESYNC_EXTENTS + 1));
+        resyncing.resize(resyncing.len() + 20 * (MAX_RESYNC_EXTENTS + 1), 0);
+        let mut ack = vec![0; 20];
+        ack.extend(syncs(MAX_DISKS + 1));
+        let mut digests = vec![0; 16];
+        digests.extend_from_slice(&le32(MAX_DIGESTS as usize + 1));
+        digests.resize(digests.len() + 32 * (MAX_DIGESTS as usize + 1), 0);
+        for (msg_type, body) in [
+            (MessageType::Hello, hello),
+            (MessageType::Welcome, welcome),
+            (MessageType::Welcome, resyncing),
+            (MessageType::Ack, ack),
+            (MessageType::Digests, digests),
+        ] {
+            let result = decode(msg_type, body).map(|m| m.msg_type());
+            assert!(
+                matches!(result, Err(DecodeError::InvalidField { .. })),
+                "{msg_type:?}: {result:?}"
+            );
+        }
     }
 
     #[test]

@@ -127,6 +127,29 @@ mod state;
 
 pub use error::StoreError;
 
+/// The store's pure codecs, private otherwise, for the fuzz targets
+/// (`fuzz/`): nothing else may use them.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Bytes of a journal entry header.
+    pub const JOURNAL_HEADER_LEN: usize = super::journal::HEADER_LEN;
+
+    /// Decodes a state file and encodes what it decoded; `Err` says what
+    /// does not verify.
+    pub fn state_round_trip(bytes: &[u8]) -> Result<Vec<u8>, &'static str> {
+        super::state::StateFile::decode(bytes).map(|state| state.encode())
+    }
+
+    /// Decodes a journal entry header and encodes the entry again (for a
+    /// zero payload of the length it announces); `Err` says what is wrong.
+    pub fn journal_header_round_trip(
+        header: &[u8; JOURNAL_HEADER_LEN],
+    ) -> Result<[u8; JOURNAL_HEADER_LEN], &'static str> {
+        let (entry, payload_len, _crc) = super::journal::Entry::decode_header(header)?;
+        Ok(entry.encode_header(&vec![0; payload_len]))
+    }
+}
+
 use journal::{Journal, Journaled};
 use overlay::{Overlay, Source};
 use state::{Disk, Meta, Mode, StateFile};

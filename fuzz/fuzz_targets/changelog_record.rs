@@ -1,0 +1,6 @@
+#![no_main]
+// The harness and its seeds are `tidemark_fuzz::TARGETS`'s "changelog_record".
+libfuzzer_sys::fuzz_target!(
+    init: tidemark_fuzz::seeds("changelog_record"),
+    |data: &[u8]| (tidemark_fuzz::target("changelog_record").run)(data)
+);
