@@ -290,7 +290,7 @@ impl<'a> Entry<'a> {
         h[32..40].copy_from_slice(&self.offset.to_le_bytes());
         h[40..48].copy_from_slice(&self.length.to_le_bytes());
         h[48..52].copy_from_slice(&(self.payload.len() as u32).to_le_bytes());
-        let crc = crc32c::crc32c_combine(
+        let crc = crc32c_combine(
             crc32c::crc32c(&h[..CRC_AT]),
             payload_crc,
             self.payload.len(),
@@ -557,6 +557,63 @@ fn check_semantics(
     Ok(())
 }
 
+/// The CRC32C polynomial, bit-reflected.
+const CRC32C_POLY: u32 = 0x82f6_3b78;
+
+/// `a * b` modulo the CRC32C polynomial, in the reflected representation
+/// (bit 31 is x^0).
+const fn multiply_mod_poly(a: u32, mut b: u32) -> u32 {
+    let mut m = 1u32 << 31;
+    let mut product = 0u32;
+    loop {
+        if a & m != 0 {
+            product ^= b;
+            if a & (m - 1) == 0 {
+                return product;
+            }
+        }
+        m >>= 1;
+        b = if b & 1 != 0 {
+            (b >> 1) ^ CRC32C_POLY
+        } else {
+            b >> 1
+        };
+    }
+}
+
+/// `x^(2^k)` modulo the CRC32C polynomial, for k in 0..32.
+const X_POW_2K: [u32; 32] = {
+    let mut table = [0u32; 32];
+    let mut p = 1u32 << 30; // x^1
+    let mut k = 0;
+    while k < 32 {
+        table[k] = p;
+        p = multiply_mod_poly(p, p);
+        k += 1;
+    }
+    table
+};
+
+/// The CRC32C of `A` followed by `B` from the CRCs of both and `B`'s
+/// length: `crc(A) · x^(8·len(B)) ⊕ crc(B)` (the pre- and post-conditioning
+/// cancel). One multiplication per set bit of the length, so a 4 KiB and a
+/// 32 MiB payload cost the same few hundred nanoseconds at most — unlike
+/// the matrix method of the crc32c crate, which squares a 32×32 matrix per
+/// bit of the length.
+fn crc32c_combine(crc_a: u32, crc_b: u32, len_b: usize) -> u32 {
+    let mut shift = 1u32 << 31; // x^0
+    let mut n = len_b as u64;
+    let mut k = 3; // 8 bits per byte: x^(8n) = x^(n · 2^3)
+    while n != 0 {
+        if n & 1 != 0 {
+            shift = multiply_mod_poly(X_POW_2K[k & 31], shift);
+        }
+        n >>= 1;
+        k += 1;
+    }
+    multiply_mod_poly(shift, crc_a) ^ crc_b
+}
+
 fn le_u32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
@@ -637,6 +694,13 @@ mod tests {
             let h = e.encode_header(seq, 3);
             let whole = crc32c::crc32c_append(crc32c::crc32c(&h[..CRC_AT]), &payload);
             prop_assert_eq!(&h[CRC_AT..], &whole.to_le_bytes()[..]);
+        }
+
+        #[test]
+        fn the_fast_combine_equals_the_crc_of_the_concatenation(a in proptest::collection::vec(any::<u8>(), 0..300), b in proptest::collection::vec(any::<u8>(), 0..5000)) {
+            let whole = crc32c::crc32c_append(crc32c::crc32c(&a), &b);
+            prop_assert_eq!(crc32c_combine(crc32c::crc32c(&a), crc32c::crc32c(&b), b.len()), whole);
+            prop_assert_eq!(crc32c::crc32c_combine(crc32c::crc32c(&a), crc32c::crc32c(&b), b.len()), whole);
         }
 
         #[test]
