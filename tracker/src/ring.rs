@@ -6,7 +6,9 @@
 //! one). Requests the ring cannot take as they are (unaligned under
 //! O_DIRECT, zeroing and trimming, a device without a file) are performed
 //! at once through [`BlockDevice`], on the loop's thread: they are rare,
-//! and [`BlockDevice`] knows how to bounce and zero them.
+//! and [`BlockDevice`] knows how to bounce and zero them. So are writes
+//! into the page cache (cache mode writeback): a copy the kernel makes at
+//! once, which the ring would hand to a kernel worker thread.
 //!
 //! # Buffer lifetime
 //!
@@ -90,6 +92,11 @@ impl DeviceIo {
             && device
                 .raw_access()
                 .is_some_and(|raw| match (&io.kind, &io.buf) {
+                    // A write into the page cache (no O_DIRECT) is a copy
+                    // the kernel makes at once; on the ring it would be
+                    // handed to a kernel worker thread (filesystems take
+                    // buffered writes without blocking only in part).
+                    (IoKind::Write { .. }, _) if raw.align == 1 => false,
                     (IoKind::Read { offset } | IoKind::Write { offset }, Some(buf)) => {
                         !buf.is_empty() && raw.fits(*offset, buf.len() as u64, buf.as_ptr())
                     }
