@@ -354,7 +354,11 @@ fn bitmap_mode_returns_to_data_mode_with_resync_needed_records_once_the_log_has_
     assert_eq!(after.last().unwrap().header.kind, Kind::Barrier);
     // Data mode again: the next write is logged.
     group.write(0, 0, &[9u8; 4096], false).unwrap();
-    let newest = records(tmp.path()).last().unwrap().clone();
+    group.flush(0).unwrap();
+    let newest = records(tmp.path())
+        .into_iter()
+        .rfind(|r| r.header.kind != Kind::Barrier)
+        .unwrap();
     assert_eq!(newest.header.kind, Kind::Write);
     assert_eq!(newest.header.offset, 0);
     drop(group);
