@@ -191,7 +191,7 @@ def main():
                 end = samples(os.path.join(run_dir, "end"))
                 fig = figures(os.path.join(run_dir, "fio.json"))
                 rss = end[-1][3] / 1024 if end else None
-                mem_rows.append((srv, rss, fig))
+                mem_rows.append((srv, rss, fig, tracker_note(os.path.join(run_dir, "status.json"))))
                 goals.append((f"{srv}: peak RSS under 1M QD32 writes to a {mem_image} sparse image",
                               f"{fmt(rss, '.0f')} MiB (goal < {BUDGET_MIB} MiB)",
                               "met" if rss is not None and rss < BUDGET_MIB else "MISSED"))
@@ -205,8 +205,8 @@ def main():
     if mem_rows:
         print()
         print(f"memory: fio 1 MiB random writes, QD32, {mem_io} in all, to a {mem_image} sparse image")
-        for srv, rss, fig in mem_rows:
-            print(f"  {srv:<18} peak RSS {fmt(rss, '.1f')} MiB; {fig['bytes'] / 1e9:.2f} GB written at {fig['mbs']:.0f} MB/s")
+        for srv, rss, fig, note in mem_rows:
+            print(f"  {srv:<18} peak RSS {fmt(rss, '.1f')} MiB; {fig['bytes'] / 1e9:.2f} GB written at {fig['mbs']:.0f} MB/s; {note}")
 
     if os.path.exists(profiles):
         with open(profiles) as f:
