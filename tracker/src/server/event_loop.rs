@@ -68,9 +68,12 @@ const _: () = assert!(
 const RX_BYTES: usize = 128 << 10;
 /// Most iovecs one `writev` gathers.
 const MAX_IOVECS: usize = 64;
-/// The request size a connection holding no buffer may always start,
-/// whatever the server's budget (see `Conn::admit`).
+/// The request size a connection holding no buffer may start beyond the
+/// server's budget, within [`FLOOR_RESERVE`] (see `Conn::admit`).
 pub const FLOOR_BYTES: u64 = 1 << 20;
+/// How far past its limit the budget goes for such requests, all
+/// connections together: the bound on the memory they add.
+pub const FLOOR_RESERVE: u64 = 16 << 20;
 /// How long the loop sleeps at most without an event (to notice a reply
 /// that makes no progress).
 const TICK: Duration = Duration::from_millis(250);
@@ -122,9 +125,25 @@ impl DataBudget {
         }
     }
 
-    /// Takes `bytes` whatever the limit (see the connection loop's floor).
-    pub fn take_anyway(&self, bytes: u64) {
-        self.in_use.fetch_add(bytes, Ordering::SeqCst);
+    /// Takes `bytes` of the reserve past the limit, if they fit in it (see
+    /// the connection loop's floor).
+    pub fn try_take_reserve(&self, bytes: u64) -> bool {
+        let ceiling = self.limit.saturating_add(FLOOR_RESERVE);
+        let mut in_use = self.in_use.load(Ordering::SeqCst);
+        loop {
+            if in_use.saturating_add(bytes) > ceiling {
+                return false;
+            }
+            match self.in_use.compare_exchange_weak(
+                in_use,
+                in_use + bytes,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => return true,
+                Err(now) => in_use = now,
+            }
+        }
     }
 
     /// Gives `bytes` back, waking whoever waits for them.
@@ -553,12 +572,11 @@ impl Conn<'_> {
     /// Whether a request needing `bytes` of data buffer may start now;
     /// if so its bytes are taken from the server's budget.
     ///
-    /// A connection that holds no buffer may always take one request of up
-    /// to [`FLOOR_BYTES`], whatever the budget: clients that spent it (on
-    /// replies they never read, say) cannot stop the others, which go on
-    /// one request at a time until the budget comes back. The memory this
-    /// adds is bounded by [`ServerOptions::max_connections`] ×
-    /// [`FLOOR_BYTES`].
+    /// A connection that holds no buffer may take one request of up to
+    /// [`FLOOR_BYTES`] past the budget, from its [`FLOOR_RESERVE`]: clients
+    /// that spent the budget (on replies they never read, say) cannot stop
+    /// the others, which go on one request at a time until it comes back.
+    /// The memory this adds is bounded by [`FLOOR_RESERVE`].
     fn admit(&mut self, bytes: u64) -> bool {
         let options = &self.shared.options;
         let fits = self.owed_count < options.max_in_flight
@@ -572,8 +590,7 @@ impl Conn<'_> {
         if budget.try_take(bytes) {
             return true;
         }
-        if self.owed_bytes == 0 && bytes <= FLOOR_BYTES {
-            budget.take_anyway(bytes);
+        if self.owed_bytes == 0 && bytes <= FLOOR_BYTES && budget.try_take_reserve(bytes) {
             return true;
         }
         // Wait for the budget: park, then look once more.
@@ -1112,5 +1129,26 @@ fn send_fd(fd: i32, slices: &[IoSlice<'_>]) -> io::Result<usize> {
         Err(io::Error::last_os_error())
     } else {
         Ok(n as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_past_a_spent_budget_are_bounded_by_the_reserve() {
+        let budget = DataBudget::new(8 << 20);
+        assert!(budget.try_take(8 << 20));
+        assert!(!budget.try_take(4096));
+        let mut floor = 0;
+        while budget.try_take_reserve(FLOOR_BYTES) {
+            floor += 1;
+            assert!(floor <= 64, "the reserve never runs out");
+        }
+        assert_eq!(floor, FLOOR_RESERVE / FLOOR_BYTES);
+        assert_eq!(budget.in_use(), (8 << 20) + FLOOR_RESERVE);
+        budget.give(FLOOR_BYTES);
+        assert!(budget.try_take_reserve(FLOOR_BYTES));
     }
 }

@@ -22,7 +22,9 @@
 //!   [`ServerOptions::max_in_flight`] requests and
 //!   [`ServerOptions::max_in_flight_bytes`] of data buffers, and for all
 //!   connections together [`ServerOptions::budget`] (one larger request may
-//!   run alone). A header is only taken off the stream once its request
+//!   run alone; a connection holding nothing may run one request of up to
+//!   [`FLOOR_BYTES`] past a spent budget, within [`FLOOR_RESERVE`] for all).
+//!   A header is only taken off the stream once its request
 //!   fits, so a client that floods requests is simply not read from.
 //! - **Hostile clients.** The handshake has one deadline
 //!   ([`ServerOptions::handshake_timeout`]) however slowly bytes trickle in,
@@ -86,7 +88,7 @@ use crate::queue::{BlockingPool, Queue, QueueWaker};
 use crate::storage::BlockDevice;
 use crate::write_path::GroupQueue;
 
-pub use event_loop::{DataBudget, FLOOR_BYTES};
+pub use event_loop::{DataBudget, FLOOR_BYTES, FLOOR_RESERVE};
 pub use listener::ListenAddr;
 
 /// Binds a unix socket that only its owner can connect to (0600 from the
