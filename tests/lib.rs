@@ -3,6 +3,7 @@
 //! loudly when a foreign tool is missing.
 
 pub mod debian;
+pub mod previous_release;
 pub mod replication;
 
 use std::path::{Path, PathBuf};
@@ -110,6 +111,35 @@ pub fn run(cmd: &mut Command) -> String {
     text
 }
 
+/// Runs `cmd`, a daemon that must refuse to start, and returns what it
+/// said; fails the test if it succeeds or is still running after 20 s.
+pub fn refused(cmd: &mut Command) -> std::process::Output {
+    use std::process::Stdio;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let Ok(out) = rx.recv_timeout(std::time::Duration::from_secs(20)) else {
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        panic!("{cmd:?} is still running after 20 s: it was not refused");
+    };
+    let out = out.expect("waiting for the refused daemon");
+    assert!(
+        !out.status.success(),
+        "{cmd:?} was not refused:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// A `tidemark tracker serve` process protecting one image, for tests.
 pub struct TrackerProcess {
     child: Option<std::process::Child>,
@@ -129,7 +159,24 @@ impl TrackerProcess {
     /// Starts a tracker on `image` with its sockets and log under `dir`,
     /// and waits until it serves.
     pub fn start(dir: &std::path::Path, image: &std::path::Path, extra: &[&str]) -> TrackerProcess {
-        let mut command = tidemark();
+        Self::start_of(&tidemark_bin(), dir, image, extra)
+    }
+
+    /// [`start`](Self::start) with the `tidemark` binary `bin` (the
+    /// previous release's, say: these flags must stay valid for it).
+    pub fn start_of(bin: &Path, dir: &Path, image: &Path, extra: &[&str]) -> TrackerProcess {
+        Self::spawn(dir, Self::command_of(bin, dir, image, extra))
+    }
+
+    /// The command [`start`](Self::start) runs, e.g. to start a second
+    /// tracker with the same arguments.
+    pub fn command(dir: &std::path::Path, image: &std::path::Path, extra: &[&str]) -> Command {
+        Self::command_of(&tidemark_bin(), dir, image, extra)
+    }
+
+    /// [`command`](Self::command) with the `tidemark` binary `bin`.
+    pub fn command_of(bin: &Path, dir: &Path, image: &Path, extra: &[&str]) -> Command {
+        let mut command = Command::new(bin);
         command
             .args(["tracker", "serve", "--image"])
             .arg(image)
@@ -140,7 +187,7 @@ impl TrackerProcess {
             .arg("--log-dir")
             .arg(dir.join("log"))
             .args(extra);
-        Self::spawn(dir, command)
+        command
     }
 
     /// Like [`start`](Self::start), from a configuration file written to
@@ -151,6 +198,15 @@ impl TrackerProcess {
         image: &std::path::Path,
         settings: &str,
     ) -> TrackerProcess {
+        let config = Self::write_config(dir, image, settings);
+        let mut command = tidemark();
+        command.args(["tracker", "serve", "--config"]).arg(&config);
+        Self::spawn(dir, command)
+    }
+
+    /// Writes the configuration file [`start_with_config`](Self::start_with_config)
+    /// starts from, and returns its path.
+    pub fn write_config(dir: &std::path::Path, image: &std::path::Path, settings: &str) -> PathBuf {
         let config = dir.join("tracker.toml");
         let d = dir.display();
         std::fs::write(
@@ -163,12 +219,13 @@ impl TrackerProcess {
             ),
         )
         .expect("writing the tracker's configuration");
-        let mut command = tidemark();
-        command.args(["tracker", "serve", "--config"]).arg(&config);
-        Self::spawn(dir, command)
+        config
     }
 
-    fn spawn(dir: &std::path::Path, mut command: Command) -> TrackerProcess {
+    /// Runs `command`, a `tracker serve` whose NBD socket, control socket
+    /// and log are `dir/nbd.sock`, `dir/tracker.ctl` and `dir/log` (as
+    /// [`command`](Self::command) makes it), and waits until it serves.
+    pub fn spawn(dir: &std::path::Path, mut command: Command) -> TrackerProcess {
         use std::io::BufRead;
         let mut child = command
             .stdout(std::process::Stdio::piped())
@@ -212,6 +269,11 @@ impl TrackerProcess {
             self.export,
             self.socket.display()
         )
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
     }
 
     /// SIGTERM, then waits; returns whether it exited successfully.

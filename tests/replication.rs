@@ -1,6 +1,6 @@
 //! Enrolment, receiver and shipper processes for replication tests.
 
-use crate::tidemark;
+use crate::{tidemark, tidemark_bin};
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::net::UdpSocket;
@@ -26,20 +26,27 @@ pub fn run_ok(cmd: &mut Command) -> String {
 
 /// Receiver CA + a signed host certificate: (receiver pki dir, host pki dir).
 pub fn enroll(dir: &Path, host: &str) -> (PathBuf, PathBuf) {
+    let bin = tidemark_bin();
+    enroll_with(&bin, &bin, dir, host)
+}
+
+/// [`enroll`] with the receiver's commands run by the `receiver` binary and
+/// the host's by the `host` binary (releases side by side).
+pub fn enroll_with(receiver: &Path, host_bin: &Path, dir: &Path, host: &str) -> (PathBuf, PathBuf) {
     let rpki = dir.join("receiver-pki");
     let hpki = dir.join("host-pki");
     run_ok(
-        tidemark()
+        Command::new(receiver)
             .args(["receiver", "init", "--pki-dir"])
             .arg(&rpki),
     );
     run_ok(
-        tidemark()
+        Command::new(host_bin)
             .args(["host", "request", "--host", host, "--pki-dir"])
             .arg(&hpki),
     );
     run_ok(
-        tidemark()
+        Command::new(receiver)
             .args(["receiver", "sign", "--pki-dir"])
             .arg(&rpki)
             .args(["--host", host, "--csr"])
@@ -154,7 +161,19 @@ pub fn start_receiver_with(
 /// Starts `tidemark receiver serve` (flags, or `config`) and waits until it
 /// listens; its stderr goes to `dir/receiver-PORT.log`.
 pub fn start_receiver(dir: &Path, rpki: &Path, port: u16, config: Option<&Path>) -> Daemon {
-    let mut cmd = tidemark();
+    start_receiver_of(&tidemark_bin(), dir, rpki, port, config)
+}
+
+/// [`start_receiver`] with the `tidemark` binary `bin` (the previous
+/// release's, say: these flags must stay valid for it).
+pub fn start_receiver_of(
+    bin: &Path,
+    dir: &Path,
+    rpki: &Path,
+    port: u16,
+    config: Option<&Path>,
+) -> Daemon {
+    let mut cmd = Command::new(bin);
     cmd.args(["receiver", "serve"]);
     match config {
         Some(c) => {
@@ -205,7 +224,20 @@ pub fn start_shipper_with(
     port: u16,
     extra: &[&std::ffi::OsStr],
 ) -> Daemon {
-    let child = tidemark()
+    start_shipper_of(&tidemark_bin(), dir, log_dir, hpki, port, extra)
+}
+
+/// [`start_shipper_with`] with the `tidemark` binary `bin` (the previous
+/// release's, say: these flags must stay valid for it).
+pub fn start_shipper_of(
+    bin: &Path,
+    dir: &Path,
+    log_dir: &Path,
+    hpki: &Path,
+    port: u16,
+    extra: &[&std::ffi::OsStr],
+) -> Daemon {
+    let child = Command::new(bin)
         .args(["shipper", "run", "--log-dir"])
         .arg(log_dir)
         .args(extra)
@@ -262,6 +294,36 @@ pub fn start_shipper_configured(
     Daemon::new(child, "shipper")
 }
 
+/// Fails over (`bin failover`) the replica of [`HOST`] in `dir/replicas`
+/// into `to`, at `point` (else the latest), and compares every byte of the
+/// image with `expected`.
+pub fn failover_and_compare_with(
+    bin: &Path,
+    dir: &Path,
+    to: &Path,
+    point: Option<u64>,
+    expected: &[u8],
+) {
+    let mut cmd = Command::new(bin);
+    cmd.args(["failover", "--data-dir"])
+        .arg(dir.join("replicas"))
+        .args(["--host", HOST, "--to"])
+        .arg(to);
+    if let Some(seq) = point {
+        cmd.args(["--point", &seq.to_string()]);
+    }
+    let out = run_ok(&mut cmd);
+    assert!(out.contains("failing over"), "{out}");
+    let replica = fs::read(to.join("disk.img")).unwrap();
+    assert_eq!(expected.len(), replica.len());
+    if let Some(at) = expected.iter().zip(&replica).position(|(a, b)| a != b) {
+        panic!(
+            "the failed-over image {} differs from the source at byte {at}",
+            to.display()
+        );
+    }
+}
+
 /// `tidemark shipper status --json`, if the shipper wrote a status.
 pub fn shipper_status(log_dir: &Path) -> Option<serde_json::Value> {
     let out = tidemark()
@@ -302,4 +364,59 @@ pub fn wait_caught_up(dir: &Path, log_dir: &Path, timeout: Duration) -> serde_js
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Starts `tidemark test-failover start` at `point` and waits until it
+/// serves; returns it and the NBD URI of the disk.
+pub fn start_test_failover(dir: &Path, point: u64) -> (Daemon, String) {
+    let socket = dir.join("test-failover.sock");
+    let mut child = tidemark()
+        .args(["test-failover", "start", "--data-dir"])
+        .arg(dir.join("replicas"))
+        .args(["--host", HOST, "--point", &point.to_string(), "--socket"])
+        .arg(&socket)
+        .stdout(Stdio::piped())
+        .stderr(fs::File::create(dir.join("test-failover.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut lines = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("the test failover did not start: {lines:?}"));
+        let done = line.starts_with("ready");
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    assert!(lines[0].contains(&format!("sequence {point}")), "{lines:?}");
+    (
+        Daemon::new(child, "test failover"),
+        format!("nbd+unix:///disk?socket={}", socket.display()),
+    )
+}
+
+/// The newest recovery point's sequence number, per `tidemark points`.
+pub fn newest_point(dir: &Path) -> u64 {
+    let out = run_ok(
+        tidemark()
+            .args(["points", "--json", "--data-dir"])
+            .arg(dir.join("replicas"))
+            .args(["--host", HOST]),
+    );
+    let last = out.lines().last().expect("at least one recovery point");
+    let v: serde_json::Value = serde_json::from_str(last).unwrap();
+    v["seq"].as_u64().unwrap()
 }

@@ -12,10 +12,12 @@
 //! - [`sources`]: the group's disks (name, size, path) for the shipper.
 //! - [`check`](mod@check) and [`replay`]: the inspection tools' logic.
 //! - [`storage`]: the narrow file interface, a real directory and a
-//!   crash-simulating one.
+//!   crash-simulating one; how private files and directories are created.
+//! - [`lock`]: one process per directory.
 
 pub mod check;
 pub mod cursor;
+pub mod lock;
 pub mod log;
 pub mod reader;
 pub mod record;
@@ -27,11 +29,12 @@ pub mod storage;
 
 pub use check::{check, CheckReport};
 pub use cursor::{read_cursor, write_cursor};
+pub use lock::{DirLock, LockError};
 pub use log::{AppendError, ChangeLog, LogIo, LogOptions, OpenError, Recovery};
 pub use reader::{LogReader, LogWatcher, ReadError};
 pub use record::{Entry, Header, Kind, Record};
 pub use sources::{read_sources, write_sources, DiskSource};
-pub use storage::{FsDir, LogDir, LogFile, SimDir};
+pub use storage::{create_private_dir_all, private_file, FsDir, LogDir, LogFile, SimDir};
 
 /// Nanoseconds since the Unix epoch, for record timestamps.
 pub fn now_ns() -> u64 {

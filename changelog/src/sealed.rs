@@ -2,9 +2,8 @@
 //! body, then a last line `crc32c XXXXXXXX` over every byte before it.
 //! The log's `disks` file and the tracker's state file are written this way.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// `body` with its checksum line.
@@ -38,11 +37,10 @@ pub fn write_atomic(
         let path = path.to_path_buf();
         move |e| (path, e)
     };
-    let mut file = OpenOptions::new()
+    let mut file = crate::storage::private_file()
         .write(true)
         .create(true)
         .truncate(true)
-        .mode(0o600)
         .open(&tmp)
         .map_err(at(&tmp))?;
     file.write_all(text.as_bytes()).map_err(at(&tmp))?;

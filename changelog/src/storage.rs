@@ -2,11 +2,18 @@
 //! [`FsDir`], a real directory, and [`SimDir`], an in-memory directory that
 //! keeps what was *written* apart from what is *durable* so tests can cut
 //! power at any sync point and look at every state a crash could leave.
+//!
+//! It also owns how Tidemark creates files on a real filesystem: every file
+//! that holds disk data or state is made with [`private_file`] (0600) and
+//! every directory with [`create_private_dir_all`] (0700), whatever the
+//! umask, so a copy of a protected disk is never readable by other local
+//! users. The umask can only take permissions away, so asking for 0600 and
+//! 0700 at creation is enough; nothing is ever widened afterwards.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -80,6 +87,30 @@ pub trait LogFile: Send + Sync {
     }
 }
 
+/// The mode of every file Tidemark creates that holds disk data or state.
+pub const PRIVATE_FILE_MODE: u32 = 0o600;
+/// The mode of every directory Tidemark creates for such files.
+pub const PRIVATE_DIR_MODE: u32 = 0o700;
+
+/// Open options that create a file of mode [`PRIVATE_FILE_MODE`]; the
+/// caller adds read, write, create, truncate as it needs. An existing file
+/// keeps its mode.
+pub fn private_file() -> OpenOptions {
+    let mut options = OpenOptions::new();
+    options.mode(PRIVATE_FILE_MODE);
+    options
+}
+
+/// Creates `path` and every missing parent with mode [`PRIVATE_DIR_MODE`];
+/// directories that exist keep their mode (an admin may have opened one to
+/// a group on purpose).
+pub fn create_private_dir_all(path: &Path) -> io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(PRIVATE_DIR_MODE)
+        .create(path)
+}
+
 /// A real directory on a filesystem.
 #[derive(Debug, Clone)]
 pub struct FsDir {
@@ -87,9 +118,10 @@ pub struct FsDir {
 }
 
 impl FsDir {
-    /// Uses `path`, creating it (and its parents) if needed.
+    /// Uses `path`, creating it (and its parents) if needed, private
+    /// ([`create_private_dir_all`]).
     pub fn create_all(path: &Path) -> io::Result<FsDir> {
-        std::fs::create_dir_all(path)?;
+        create_private_dir_all(path)?;
         Ok(FsDir {
             path: path.to_path_buf(),
         })
@@ -138,12 +170,11 @@ impl LogDir for FsDir {
     }
 
     fn create(&self, name: &str) -> io::Result<FsFile> {
-        let file = OpenOptions::new()
+        let file = private_file()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
-            .mode(0o600)
             .open(self.path.join(name))?;
         Ok(FsFile { file })
     }

@@ -3,7 +3,6 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use serde::Serialize;
-use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tidemark_changelog::record::FLAG_APP_CONSISTENT;
@@ -232,7 +231,8 @@ fn replay_cmd(a: ReplayArgs) -> Result<ExitCode> {
         (_, _, Some(l)) => StopAt::Label(l),
         _ => StopAt::End,
     };
-    let file = OpenOptions::new()
+    // A new image holds the disk's data: private, as every copy is.
+    let file = tidemark_changelog::private_file()
         .read(true)
         .write(true)
         .create(true)

@@ -364,9 +364,7 @@ fn planned_failover(a: &FailoverArgs) -> Result<ExitCode> {
     // images are written.
     let test_dir = dir.join(tidemark_receiver::store::TEST_FAILOVER_DIR);
     let _lock = crate::test_failover_cmd::lock(&test_dir)?;
-    let pin = test_dir.join(tidemark_receiver::store::PIN_FILE);
-    std::fs::write(&pin, seq.to_string())
-        .with_context(|| format!("pinning the point in {}", pin.display()))?;
+    let pin = crate::test_failover_cmd::pin(&test_dir, seq)?;
     let written = (|| {
         let group = ReplicaGroup::open_read_only(&dir)
             .with_context(|| format!("reading the replica {}", dir.display()))?;
@@ -437,7 +435,7 @@ impl Target {
         let meta = match std::fs::metadata(to) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::create_dir_all(to)
+                tidemark_changelog::create_private_dir_all(to)
                     .with_context(|| format!("creating {}", to.display()))?;
                 return Ok(Target::Dir(to.to_path_buf()));
             }
@@ -546,7 +544,8 @@ fn materialise(
             .open(dst)
             .with_context(|| format!("opening {}", dst.display()))?
     } else {
-        let f = std::fs::OpenOptions::new()
+        // A copy of a protected disk: as private as its replica.
+        let f = tidemark_changelog::private_file()
             .write(true)
             .create_new(true)
             .open(dst)

@@ -256,6 +256,13 @@ pub(crate) fn run_shipper(cmd: ShipperCommand) -> Result<ExitCode> {
                 "  shipped {} record bytes as {} bytes on the wire; retries {}",
                 s.record_bytes, s.wire_bytes, s.retries
             );
+            if let Some(v) = s.protocol_version {
+                let release = s
+                    .receiver_software
+                    .as_deref()
+                    .map_or(String::new(), |r| format!(", receiver release {r}"));
+                println!("  protocol version {v}{release}");
+            }
             for d in &s.disks {
                 let pct = if d.size == 0 {
                     100.0

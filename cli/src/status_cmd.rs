@@ -1093,6 +1093,7 @@ mod tests {
 
     fn shipper(state: State) -> ShipperStatus {
         ShipperStatus {
+            format: tidemark_shipper::status::STATUS_FORMAT,
             host: "db1".into(),
             group: "default".into(),
             state,
@@ -1115,6 +1116,8 @@ mod tests {
             last_error_class: None,
             oldest_unacked_ns: Some(NOW - 2_500_000_000),
             rpo_target_seconds: 300.0,
+            protocol_version: Some(2),
+            receiver_software: None,
         }
     }
 

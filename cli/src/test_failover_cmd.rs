@@ -8,22 +8,28 @@
 //! Layout, in the group's directory:
 //!
 //! ```text
-//! test-failover/lock             flock(2)ed by the running test
+//! test-failover/lock             flock(2)ed by the running test (its pid)
 //! test-failover/pin              the point's sequence number
 //! test-failover/disk-<id>.scratch the test's writes, one per disk
 //! ```
+//!
+//! The directory is 0700 and its files 0600, like the replica they copy;
+//! the directory and the pin belong to the group directory's owner (the
+//! receiver's user), which reads the pin.
 
 use crate::points_cmd::{choose, kind, ReplicaArgs};
 use crate::timefmt;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
+use tidemark_changelog::{DirLock, LockError};
 use tidemark_receiver::store::{DiskSpec, ReplicaGroup, SharedView, PIN_FILE, TEST_FAILOVER_DIR};
 use tidemark_tracker::backend::Backend;
 use tidemark_tracker::nbd::constants::{Errno, ExtentStatus, TransmissionFlags};
@@ -259,28 +265,56 @@ impl Backend for TestBackend {
     }
 }
 
-/// Takes the test-failover lock of a group, or says who holds it.
-pub(crate) fn lock(dir: &Path) -> Result<File> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let path = dir.join("lock");
-    let file = OpenOptions::new()
-        .read(true)
+/// Takes the test-failover lock of a group, or says who holds it. The
+/// directory is made private (0700), and given to the owner of the group
+/// directory: the CLI runs as root, the receiver as that owner, and the
+/// receiver must read the pin to keep the point.
+pub(crate) fn lock(dir: &Path) -> Result<DirLock> {
+    tidemark_changelog::create_private_dir_all(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    give_to_group_owner(dir)?;
+    match DirLock::acquire(dir, "lock", "test failover") {
+        Ok(lock) => Ok(lock),
+        Err(LockError::Held { pid, .. }) => bail!(
+            "a test failover of this group is running (pid {}): stop it first",
+            pid.map_or_else(|| "unknown".to_string(), |p| p.to_string())
+        ),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Pins the point `seq` in the locked test-failover directory `dir`:
+/// retention keeps it while the file exists. Returns the pin's path.
+pub(crate) fn pin(dir: &Path, seq: u64) -> Result<PathBuf> {
+    let path = dir.join(PIN_FILE);
+    let written = tidemark_changelog::private_file()
         .write(true)
         .create(true)
-        .truncate(false)
+        .truncate(true)
         .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: flock on a valid, owned descriptor; no memory is passed.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let pid = std::fs::read_to_string(&path).unwrap_or_default();
-        bail!(
-            "a test failover of this group is running (pid {}): stop it first",
-            pid.trim()
-        );
+        .and_then(|mut f| f.write_all(seq.to_string().as_bytes()));
+    written.with_context(|| format!("pinning the point in {}", path.display()))?;
+    give_to_group_owner(&path)?;
+    Ok(path)
+}
+
+/// Gives `path` (in or below a group's test-failover directory) the owner
+/// of the group directory, if it is not already its.
+fn give_to_group_owner(path: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let group_dir = path
+        .ancestors()
+        .find(|p| p.file_name().is_some_and(|n| n == TEST_FAILOVER_DIR))
+        .and_then(Path::parent)
+        .with_context(|| format!("{} is not in a test-failover directory", path.display()))?;
+    let owner = std::fs::metadata(group_dir)
+        .with_context(|| format!("reading the owner of {}", group_dir.display()))?;
+    let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    if (meta.uid(), meta.gid()) != (owner.uid(), owner.gid()) {
+        std::os::unix::fs::chown(path, Some(owner.uid()), Some(owner.gid()))
+            .with_context(|| format!("giving {} to the owner of its group", path.display()))?;
     }
-    file.set_len(0)?;
-    file.write_all_at(std::process::id().to_string().as_bytes(), 0)?;
-    Ok(file)
+    Ok(())
 }
 
 fn remove_traces(dir: &Path) -> Result<()> {
@@ -318,8 +352,7 @@ fn serve(a: &StartArgs, group_dir: &Path, dir: &Path, signals: &SigSet) -> Resul
         let group = ReplicaGroup::open_read_only(group_dir)?;
         choose(&group.points(), &a.point)?.clone()
     };
-    std::fs::write(dir.join(PIN_FILE), chosen.seq.to_string())
-        .with_context(|| format!("pinning the point in {}", dir.display()))?;
+    pin(dir, chosen.seq)?;
     let group = Arc::new(ReplicaGroup::open_read_only(group_dir)?);
     let view = SharedView::new(group.clone(), chosen.seq).with_context(|| {
         format!(
@@ -331,7 +364,7 @@ fn serve(a: &StartArgs, group_dir: &Path, dir: &Path, signals: &SigSet) -> Resul
     let mut scratch = Vec::new();
     for d in &disks {
         let path = dir.join(format!("disk-{}.scratch", d.id));
-        let file = OpenOptions::new()
+        let file = tidemark_changelog::private_file()
             .read(true)
             .write(true)
             .create_new(true)

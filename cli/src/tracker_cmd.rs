@@ -64,6 +64,11 @@ pub(crate) struct ServeArgs {
     /// The NBD unix socket to create (0600).
     #[arg(long)]
     socket: Option<PathBuf>,
+    /// Open the NBD socket to this group too (0660), for a local client
+    /// that runs as another user (libvirt's qemu). Overrides the config's
+    /// `socket-group`.
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
     /// The change log directory.
     #[arg(long)]
     log_dir: Option<PathBuf>,
@@ -223,6 +228,7 @@ fn settings_from_config(path: &Path) -> Result<TrackerSettings> {
             size_limit: t.log_size_limit.as_u64(),
         },
         socket: t.socket.clone(),
+        socket_group: t.socket_group.clone(),
         tcp_listen: t.tcp_listen,
         control_socket: t.control_socket.clone(),
         activity_extent: t.activity_extent_size.as_u64(),
@@ -291,6 +297,7 @@ fn settings_from_flags(a: &ServeArgs) -> Result<TrackerSettings> {
             size_limit: a.log_size_limit.as_u64(),
         },
         socket,
+        socket_group: None,
         tcp_listen: None,
         control_socket,
         activity_extent: 4 << 20,
@@ -318,6 +325,9 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
     };
     if let Some(addr) = a.metrics_listen {
         settings.metrics_listen = Some(addr);
+    }
+    if let Some(group) = &a.socket_group {
+        settings.socket_group = Some(group.clone());
     }
     settings.resync_all = a.resync_all;
     if let Some(cache) = a.cache {

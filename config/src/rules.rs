@@ -75,6 +75,23 @@ pub(crate) fn check_dns_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A local group, as `groupadd` allows it: 1 to 32 bytes of letters,
+/// digits, '.', '_' and '-', not starting with '-'; or a numeric gid.
+/// Whether it exists is for the daemon to find out where it runs.
+pub(crate) fn check_group_name(name: &str) -> Result<(), String> {
+    let well_formed = (1..=32).contains(&name.len())
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if !well_formed {
+        return Err(format!(
+            "{name:?} is not a group name: 1 to 32 letters, digits, '.', '_' or '-', not starting with '-'"
+        ));
+    }
+    Ok(())
+}
+
 /// A filesystem path that must be given.
 pub(crate) fn check_path(path: &Path) -> Result<(), String> {
     if path.as_os_str().is_empty() {
@@ -172,6 +189,16 @@ mod tests {
             &"a.".repeat(127),
         ] {
             assert!(check_dns_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn group_names() {
+        for good in ["libvirt-qemu", "kvm", "qemu_users", "107", "a.b"] {
+            assert_eq!(check_group_name(good), Ok(()), "{good}");
+        }
+        for bad in ["", "-x", "a b", "a:b", "wheel,root", &"g".repeat(33)] {
+            assert!(check_group_name(bad).is_err(), "{bad}");
         }
     }
 

@@ -27,10 +27,29 @@ pub const MIN_MAX_BLOCK_SIZE: ByteSize = ByteSize::kib(4);
 /// for in one request, and what the tracker accepts whatever it announces.
 pub const MAX_MAX_BLOCK_SIZE: ByteSize = ByteSize::mib(32);
 
-/// Bounds of `activity-extent-size`.
-pub const MIN_ACTIVITY_EXTENT_SIZE: ByteSize = ByteSize::kib(4);
-/// Bounds of `activity-extent-size`.
+/// Smallest `activity-extent-size`: the tracker keeps about 13 bytes of
+/// memory per extent and scans every extent once a second, so smaller
+/// extents cost a large disk gigabytes and stall writes; it is also the
+/// granularity of the dirty bitmap, which finer hot extents would not
+/// sharpen.
+pub const MIN_ACTIVITY_EXTENT_SIZE: ByteSize = ByteSize::kib(64);
+/// Largest `activity-extent-size`.
 pub const MAX_ACTIVITY_EXTENT_SIZE: ByteSize = ByteSize::gib(1);
+
+/// The rule for `activity-extent-size`, checked by `config check` and by
+/// the tracker on whatever it is given (a configuration file or not): a
+/// power of two from [`MIN_ACTIVITY_EXTENT_SIZE`] to
+/// [`MAX_ACTIVITY_EXTENT_SIZE`]. The error names the setting.
+pub fn check_activity_extent_size(size: ByteSize) -> Result<(), ConfigError> {
+    rules::check_power_of_two(size, MIN_ACTIVITY_EXTENT_SIZE, MAX_ACTIVITY_EXTENT_SIZE).map_err(
+        |m| {
+            ConfigError::invalid(
+                FieldPath::root().key("tracker").key("activity-extent-size"),
+                format!("activity-extent-size {m}"),
+            )
+        },
+    )
+}
 
 /// Longest NBD export name the protocol allows.
 const MAX_EXPORT_NAME_LEN: usize = 4096;
@@ -72,6 +91,15 @@ pub struct TrackerConfig {
     /// NBD client. Default: `/run/tidemark/nbd.sock`.
     pub socket: PathBuf,
 
+    /// A group allowed to connect to `socket` besides the tracker's own
+    /// user, for a local service that runs as another user (libvirt's
+    /// qemu): the socket is then made 0660 and given to this group instead
+    /// of 0600. A group name (or a numeric gid) that must exist when the
+    /// tracker starts. Never more than one group: no setting gives the
+    /// socket to every local user. Default: not set (0600).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket_group: Option<String>,
+
     /// Also serve NBD on this TCP address. NBD has no authentication, so the
     /// address must be a loopback address unless `allow-remote-nbd` is set.
     /// Default: not set (unix socket only).
@@ -93,7 +121,8 @@ pub struct TrackerConfig {
     /// Granularity of the persistent activity map: extents that may hold
     /// writes not yet in the log are recorded at this size before the write
     /// is issued, and re-sent whole after an unclean restart. Smaller means
-    /// less to resend, more map updates. A power of two from 4KiB to 1GiB.
+    /// less to resend, more map updates (and about 13 bytes of the
+    /// tracker's memory per extent). A power of two from 64KiB to 1GiB.
     /// Default: `"4MiB"`.
     pub activity_extent_size: ByteSize,
 
@@ -280,6 +309,7 @@ impl Default for TrackerConfig {
             log_size_limit: ByteSize::gib(8),
             segment_size: ByteSize::mib(64),
             socket: PathBuf::from("/run/tidemark/nbd.sock"),
+            socket_group: None,
             tcp_listen: None,
             allow_remote_nbd: false,
             control_socket: PathBuf::from("/run/tidemark/tracker.ctl"),
@@ -430,14 +460,12 @@ impl TrackerConfig {
                 ),
             ));
         }
-        rules::check_power_of_two(
-            self.activity_extent_size,
-            MIN_ACTIVITY_EXTENT_SIZE,
-            MAX_ACTIVITY_EXTENT_SIZE,
-        )
-        .map_err(|m| invalid("activity-extent-size", format!("activity-extent-size {m}")))?;
+        check_activity_extent_size(self.activity_extent_size)?;
 
         rules::check_unix_socket_path(&self.socket).map_err(|m| invalid("socket", m))?;
+        if let Some(group) = &self.socket_group {
+            rules::check_group_name(group).map_err(|m| invalid("socket-group", m))?;
+        }
         rules::check_unix_socket_path(&self.control_socket)
             .map_err(|m| invalid("control-socket", m))?;
         if self.control_socket == self.socket {

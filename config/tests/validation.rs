@@ -282,12 +282,32 @@ fn activity_extent_size_is_a_power_of_two_in_range() {
         field,
         "outside the allowed range",
     );
+    // The tracker's floor: 4KiB passed here once and was then refused by
+    // `tracker serve`.
+    rejects(
+        &tracker("activity-extent-size = \"4KiB\"", ONE_DISK),
+        2,
+        field,
+        "outside the allowed range 64KiB to 1GiB",
+    );
+    accepts(&tracker("activity-extent-size = \"64KiB\"", ONE_DISK));
     rejects(
         &tracker("activity-extent-size = \"2GiB\"", ONE_DISK),
         2,
         field,
         "outside the allowed range",
     );
+}
+
+#[test]
+fn the_socket_group_is_one_group_name() {
+    rejects(
+        &tracker("socket-group = \"kvm,libvirt\"", ONE_DISK),
+        2,
+        "tracker.socket-group",
+        "not a group name",
+    );
+    accepts(&tracker("socket-group = \"libvirt-qemu\"", ONE_DISK));
 }
 
 #[test]

@@ -12,8 +12,8 @@ use crate::checksums::{fix_frames, fix_records};
 use crate::input::{Input, Output};
 use std::collections::BTreeMap;
 use tidemark_changelog::record::{Entry, Record, GROUP_DISK};
-use tidemark_wire::frame::{encode_frame, Frame};
-use tidemark_wire::message::digest_count;
+use tidemark_wire::frame::{encode_frame, Frame, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use tidemark_wire::message::{digest_count, Received};
 use tidemark_wire::receiver::{ExpectHello, Position, ReceiverConfig, ReceiverError, Receiving};
 use tidemark_wire::{
     ChunkData, ChunkPurpose, Compression, DecodeError, DiskInfo, DiskSync, ErrorClass, ErrorCode,
@@ -66,8 +66,13 @@ fn check_failed(error: DecodeError, mut next: impl FnMut() -> Result<(), DecodeE
 
 /// A decoded frame encodes back (raw) to a frame that decodes to it.
 fn check_frame(frame: Frame) {
-    let bytes = encode_frame(frame.msg_type, &frame.body, Compression::None)
-        .expect("a decoded body fits a frame");
+    let bytes = encode_frame(
+        frame.version,
+        frame.msg_type,
+        &frame.body,
+        Compression::None,
+    )
+    .expect("a decoded body fits a frame");
     let mut again = FrameDecoder::new();
     again.feed(&bytes);
     assert_eq!(
@@ -78,7 +83,8 @@ fn check_frame(frame: Frame) {
 }
 
 /// One frame body: `data` is the type byte, a mode byte (bit 0: repair
-/// the checksums of the records in it), then the body.
+/// the checksums of the records in it; bit 1: protocol version 1 rather
+/// than the newest), then the body.
 pub fn message(data: &[u8]) {
     let mut input = Input::new(data);
     let Some(msg_type) = MessageType::from_code(input.u8()) else {
@@ -89,7 +95,13 @@ pub fn message(data: &[u8]) {
     if mode & 1 != 0 {
         fix_records(&mut body);
     }
+    let version = if mode & 2 != 0 {
+        MIN_PROTOCOL_VERSION
+    } else {
+        PROTOCOL_VERSION
+    };
     let frame = Frame {
+        version,
         msg_type,
         body: body.clone(),
     };
@@ -99,7 +111,7 @@ pub fn message(data: &[u8]) {
     };
     assert_eq!(msg.msg_type(), msg_type);
     // A message has one encoding: what decoded encodes to the same bytes.
-    let encoded = msg.encode_body().expect("a decoded message encodes");
+    let encoded = msg.encode_body(version).expect("a decoded message encodes");
     assert_eq!(encoded, body, "{msg:?} encodes to other bytes");
     if let Message::Records(batch) = &msg {
         let mut count = 0;
@@ -110,13 +122,13 @@ pub fn message(data: &[u8]) {
         assert_eq!(count, batch.len());
     }
     let frame = msg
-        .encode(Compression::Fast)
+        .encode(version, Compression::Fast)
         .expect("a decoded message encodes");
     let mut decoder = MessageDecoder::new();
     decoder.feed(&frame);
     assert_eq!(
         decoder.next_message().expect("re-encoded message"),
-        Some(msg)
+        Some(Received::new(version, msg))
     );
 }
 
@@ -277,16 +289,15 @@ pub fn receiver(data: &[u8]) {
     let mut decoder = MessageDecoder::new();
     decoder.feed(&stream);
     let refused = |error: ReceiverError| {
-        if let Some(msg) = error.to_message() {
-            msg.encode(Compression::None)
-                .expect("an error message encodes");
+        if error.to_message().is_some() {
+            error.to_frame().expect("an error message encodes");
         }
         let _ = (error.class(), error.code(), error.to_string());
     };
     let first = match decoder.next_message() {
         Ok(Some(msg)) => msg,
         Ok(None) => return,
-        Err(error) => return refused(ReceiverError::from_decode(&error)),
+        Err(error) => return refused(ReceiverError::from_decode(&error, MIN_PROTOCOL_VERSION)),
     };
     let mut session: Receiving = match ExpectHello::new(config).handle_message(first, &mut replica)
     {
@@ -305,7 +316,7 @@ pub fn receiver(data: &[u8]) {
                 }
                 return;
             }
-            Err(error) => return refused(ReceiverError::from_decode(&error)),
+            Err(error) => return refused(ReceiverError::from_decode(&error, session.version())),
         };
         match result {
             Ok(frames) => check_answers(&frames),
@@ -354,6 +365,8 @@ fn session_messages() -> Vec<Message> {
             group: "db".into(),
             generation: 1,
             disks: vec![disk(0, "data", 64 << 10), disk(1, "logs", 16 << 10)],
+            min_version: MIN_PROTOCOL_VERSION,
+            software: "fuzz".into(),
         },
         Message::Chunk {
             disk: 0,
@@ -412,6 +425,7 @@ fn receiver_messages() -> Vec<Message> {
                 offset: 0,
                 length: 512,
             }],
+            software: "fuzz".into(),
         },
         Message::Ack {
             durable_seq: 6,
@@ -433,7 +447,10 @@ fn receiver_messages() -> Vec<Message> {
 fn stream(messages: &[Message], compression: Compression) -> Vec<u8> {
     messages
         .iter()
-        .flat_map(|m| m.encode(compression).expect("seed messages encode"))
+        .flat_map(|m| {
+            m.encode(PROTOCOL_VERSION, compression)
+                .expect("seed messages encode")
+        })
         .collect()
 }
 
@@ -463,7 +480,9 @@ pub fn message_seeds() -> Vec<(&'static str, Vec<u8>)> {
         .chain(receiver_messages())
         .map(|m| {
             let name = m.msg_type().name();
-            let body = m.encode_body().expect("seed messages encode");
+            let body = m
+                .encode_body(PROTOCOL_VERSION)
+                .expect("seed messages encode");
             (
                 name,
                 Output::new()

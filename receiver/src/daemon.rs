@@ -32,6 +32,9 @@ pub enum ReceiverFatal {
     Setup(String),
 }
 
+/// The receiver's lock file in its data directory.
+pub const LOCK_FILE: &str = "receiver.lock";
+
 type GroupKey = (String, String);
 type Groups = Arc<Mutex<HashMap<GroupKey, Arc<Mutex<StoreReplica>>>>>;
 
@@ -270,9 +273,14 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
     ready: impl FnOnce(SocketAddr, Option<SocketAddr>),
 ) -> Result<(), ReceiverFatal> {
-    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
+    tidemark_changelog::create_private_dir_all(&cfg.data_dir).map_err(|e| {
         ReceiverFatal::Setup(format!("data directory {}: {e}", cfg.data_dir.display()))
     })?;
+    // One receiver per data directory (DESIGN invariant 9), before it
+    // binds or opens a group: the groups' own locks are only taken when a
+    // session opens one, too late to keep a second receiver from serving.
+    let _lock = tidemark_changelog::DirLock::acquire(&cfg.data_dir, LOCK_FILE, "receiver")
+        .map_err(|e| ReceiverFatal::Setup(e.to_string()))?;
     let server_cfg = tidemark_net::server_config(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)
         .map_err(|e| ReceiverFatal::Setup(format!("TLS: {e}")))?;
     let (endpoint, _buffers) = tidemark_net::server_endpoint(cfg.listen, server_cfg)
@@ -420,7 +428,9 @@ impl Server {
                 Ok(Some(m)) => break m,
                 Ok(None) => {}
                 Err(e) => {
-                    let err = ReceiverError::from_decode(&e);
+                    // Version 1, which every shipper reads: the hello
+                    // (and so the shipper's version) is not known yet.
+                    let err = ReceiverError::from_decode(&e, 1);
                     return refuse(&mut send, err).await;
                 }
             }
@@ -431,7 +441,7 @@ impl Server {
                 .ok_or("the stream ended before the hello")?;
             decoder.feed(&buf[..n]);
         };
-        let group_name = match &hello {
+        let group_name = match &hello.message {
             Message::Hello { group, .. } => group.clone(),
             _ => String::new(),
         };
@@ -457,7 +467,13 @@ impl Server {
             Err(e) => return refuse(&mut send, e).await,
         };
         send.write_all(&welcome).await.map_err(|e| e.to_string())?;
-        tracing::info!(%host, group = %group_name, "session started");
+        tracing::info!(
+            %host,
+            group = %group_name,
+            protocol = receiving.version(),
+            shipper = receiving.shipper_software(),
+            "session started"
+        );
         let stats = self.stats(host, &group_name);
         stats.sessions.fetch_add(1, Ordering::Relaxed);
         let _connected = SessionGuard(stats.clone());
@@ -473,9 +489,12 @@ impl Server {
                 let msg = match decoder.next_message() {
                     Ok(Some(m)) => m,
                     Ok(None) => break,
-                    Err(e) => return refuse(&mut send, ReceiverError::from_decode(&e)).await,
+                    Err(e) => {
+                        let err = ReceiverError::from_decode(&e, receiving.version());
+                        return refuse(&mut send, err).await;
+                    }
                 };
-                let counted = match &msg {
+                let counted = match &msg.message {
                     Message::Records(batch) => Some((batch.len() as u64, batch.byte_len() as u64)),
                     _ => None,
                 };
@@ -563,12 +582,11 @@ fn report_drained(dir: &Path, host: &str, group: &str, outcome: tidemark_wire::D
     }
 }
 
-/// Sends the error to the shipper and ends the session.
+/// Sends the error to the shipper (in a protocol version it reads) and
+/// ends the session.
 async fn refuse(send: &mut quinn::SendStream, err: ReceiverError) -> Result<(), String> {
-    if let Some(msg) = err.to_message() {
-        if let Ok(frame) = msg.encode(tidemark_wire::Compression::None) {
-            let _ = send.write_all(&frame).await;
-        }
+    if let Some(frame) = err.to_frame() {
+        let _ = send.write_all(&frame).await;
     }
     let _ = send.finish();
     // Give the frame a moment to leave before the stream is dropped.

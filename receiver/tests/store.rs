@@ -687,6 +687,44 @@ fn a_damaged_state_file_or_committed_journal_is_reported() {
     ));
 }
 
+/// A group a newer release wrote (its state file, checksum intact, of a
+/// newer version) is refused, naming the file and both versions, read-only
+/// or not, and left as it is.
+#[test]
+fn a_store_of_a_newer_release_is_refused_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(consistent_group(dir.path()));
+    let path = dir.path().join("state");
+    let mut state = std::fs::read(&path).unwrap();
+    let newer = u16::from_le_bytes([state[4], state[5]]) + 1;
+    state[4..6].copy_from_slice(&newer.to_le_bytes());
+    let n = state.len() - 4;
+    let crc = crc32c::crc32c(&state[..n]);
+    state[n..].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&path, &state).unwrap();
+    for e in [
+        ReplicaGroup::open_read_only(dir.path()).unwrap_err(),
+        ReplicaGroup::open(dir.path()).unwrap_err(),
+    ] {
+        assert!(
+            matches!(e, StoreError::UnsupportedVersion { found, .. } if found == u32::from(newer)),
+            "{e:?}"
+        );
+        let text = e.to_string();
+        assert!(
+            text.contains(&format!("format version {newer}"))
+                && text.contains(&format!("to {}", newer - 1))
+                && text.contains("a newer tidemark wrote it"),
+            "{text}"
+        );
+    }
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        state,
+        "nothing was rewritten"
+    );
+}
+
 // ------------------------------------------------ cross-check with replay
 
 #[derive(Debug, Clone)]

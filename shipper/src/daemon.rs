@@ -23,14 +23,14 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tidemark_changelog::{read_sources, write_cursor, FsDir, LogWatcher};
+use tidemark_changelog::{read_sources, write_cursor, DirLock, FsDir, LogWatcher};
 use tidemark_config::ShipperConfig;
 use tidemark_wire::shipper::{
     DigestReply, Extent, HelloInfo, ShipperConfig as SessionConfig, Shipping,
 };
 use tidemark_wire::{
     differing_blocks, AwaitingWelcome, ChunkData, ChunkPurpose, Compression, DiskInfo, ErrorClass,
-    Message, MessageDecoder, RecordBatch, RecordId, ShipperEvent,
+    MessageDecoder, Received, RecordBatch, RecordId, ShipperError, ShipperEvent, Versions,
 };
 use tokio::sync::{mpsc, watch, Notify};
 
@@ -43,6 +43,9 @@ use tidemark_metrics::{labels, Exposition, Histogram, HistogramSnapshot, Metrics
 /// Largest extent one digest request covers: the shipper reads it into
 /// memory to compare and send.
 const MAX_DIGEST_EXTENT: u64 = 16 << 20;
+
+/// The shipper's lock file in the log directory.
+pub const LOCK_FILE: &str = "shipper.lock";
 
 /// How often the status file is refreshed at most.
 const STATUS_INTERVAL: Duration = Duration::from_millis(250);
@@ -70,6 +73,10 @@ enum SessionEnd {
     Transient(String),
     /// Do not retry.
     Permanent(String),
+    /// The receiver speaks only this (older) protocol version and refused
+    /// the hello: connect again at once, offering only it (the text, if
+    /// that is not done: a transient failure).
+    OfferOlder(u16, String),
 }
 
 fn transient(e: impl std::fmt::Display) -> SessionEnd {
@@ -380,6 +387,11 @@ pub async fn run(
     let dir = FsDir::existing(&cfg.log_dir).map_err(|e| {
         ShipperFatal::Setup(format!("log directory {}: {e}", cfg.log_dir.display()))
     })?;
+    // One shipper per log: it owns the cursor and the status file there
+    // (DESIGN invariant 9). Taken before either is read or written, held
+    // until the shipper returns.
+    let _lock = DirLock::acquire(&cfg.log_dir, LOCK_FILE, "shipper")
+        .map_err(|e| ShipperFatal::Setup(e.to_string()))?;
     let client = tidemark_net::client_config(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)
         .map_err(|e| ShipperFatal::Setup(format!("TLS: {e}")))?;
     let addr = resolve(&cfg)?;
@@ -418,6 +430,7 @@ pub async fn run(
     }
 
     let status = ShipperStatus {
+        format: crate::status::STATUS_FORMAT,
         host: cfg.host.clone(),
         group: cfg.consistency_group.clone(),
         state: State::Connecting,
@@ -437,6 +450,8 @@ pub async fn run(
         last_error_class: None,
         oldest_unacked_ns: None,
         rpo_target_seconds: cfg.rpo_target.get().as_secs_f64(),
+        protocol_version: None,
+        receiver_software: None,
     };
     let metrics = Arc::new(ShipperMetrics {
         snapshot: std::sync::Mutex::new(status.clone()),
@@ -494,9 +509,11 @@ pub async fn run(
                 shared.publish(true);
                 return Err(ShipperFatal::Critical(reason));
             }
-            SessionEnd::Transient(reason) => {
+            SessionEnd::Transient(reason) | SessionEnd::OfferOlder(_, reason) => {
                 let delay = backoff.next_delay(rand::random::<f64>());
                 shared.status.state = State::Connecting;
+                shared.status.protocol_version = None;
+                shared.status.receiver_software = None;
                 shared.status.retries = backoff.attempts();
                 shared.status.retries_total += 1;
                 shared.status.last_error_class = Some(FailureClass::Transient);
@@ -554,33 +571,59 @@ async fn session(
         Ok(g) => g,
         Err(e) => return transient(format!("reading the log: {e}")),
     };
-    let connecting = match shared.endpoint.connect_with(
-        shared.client.clone(),
-        shared.addr,
-        &shared.cfg.server_name,
-    ) {
-        Ok(c) => c,
-        Err(e) => return transient(format!("connecting to {}: {e}", shared.addr)),
-    };
-    let conn = tokio::select! {
-        c = connecting => match c {
+    // Every session offers every version this shipper speaks first: a
+    // receiver upgraded since the last one is then spoken to in its newest.
+    let mut offer = Versions::SUPPORTED;
+    loop {
+        let connecting = match shared.endpoint.connect_with(
+            shared.client.clone(),
+            shared.addr,
+            &shared.cfg.server_name,
+        ) {
             Ok(c) => c,
-            Err(e) => return connection_end(&e, &format!("connecting to {}", shared.addr)),
-        },
-        _ = stop.changed() => return SessionEnd::Stopped,
-    };
-    let end = run_connection(shared, backoff, stop, &conn, disks, sources, generation).await;
-    let reason: &[u8] = match &end {
-        SessionEnd::Stopped => b"stopping",
-        _ => b"error",
-    };
-    conn.close(0u32.into(), reason);
-    end
+            Err(e) => return transient(format!("connecting to {}: {e}", shared.addr)),
+        };
+        let conn = tokio::select! {
+            c = connecting => match c {
+                Ok(c) => c,
+                Err(e) => return connection_end(&e, &format!("connecting to {}", shared.addr)),
+            },
+            _ = stop.changed() => return SessionEnd::Stopped,
+        };
+        let end = run_connection(
+            shared,
+            backoff,
+            stop,
+            &conn,
+            disks.clone(),
+            sources.clone(),
+            generation,
+            offer,
+        )
+        .await;
+        let reason: &[u8] = match &end {
+            SessionEnd::Stopped => b"stopping",
+            _ => b"error",
+        };
+        conn.close(0u32.into(), reason);
+        match end {
+            SessionEnd::OfferOlder(version, _) if offer.max > version => {
+                tracing::info!(
+                    receiver = %shared.addr,
+                    version,
+                    offered = %offer,
+                    "the receiver speaks an older protocol; connecting again in it"
+                );
+                offer = Versions::only(version);
+            }
+            end => return end,
+        }
+    }
 }
 
 /// Reads messages from the stream into a channel, so the sending loop can
 /// wait on them together with the log.
-fn spawn_reader(mut recv: quinn::RecvStream) -> mpsc::Receiver<Result<Message, SessionEnd>> {
+fn spawn_reader(mut recv: quinn::RecvStream) -> mpsc::Receiver<Result<Received, SessionEnd>> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         let mut decoder = MessageDecoder::new();
@@ -706,6 +749,7 @@ async fn run_connection(
     disks: Vec<DiskInfo>,
     sources: Vec<tidemark_changelog::DiskSource>,
     generation: u32,
+    offer: Versions,
 ) -> SessionEnd {
     let (mut send, recv) = match conn.open_bi().await {
         Ok(s) => s,
@@ -714,6 +758,7 @@ async fn run_connection(
     let mut rx = spawn_reader(recv);
     let session_cfg = SessionConfig {
         compression: Compression::Zstd(shared.cfg.compression_level),
+        versions: offer,
         ..SessionConfig::default()
     };
     let hello = HelloInfo {
@@ -750,13 +795,15 @@ async fn run_connection(
             }
         }
     };
+    let answer = awaiting.answer_version(&welcome);
     let (mut shipping, resume) = match awaiting.handle_message(welcome, first_after) {
         Ok(x) => x,
+        Err(e @ ShipperError::OfferOlder { version }) => {
+            return SessionEnd::OfferOlder(version, e.to_string())
+        }
         Err(e) => {
-            if let Some(m) = e.to_message() {
-                if let Ok(f) = m.encode(Compression::None) {
-                    let _ = send.write_all(&f).await;
-                }
+            if let Some(f) = e.to_frame(answer) {
+                let _ = send.write_all(&f).await;
             }
             return classify(e.class(), e.to_string());
         }
@@ -771,8 +818,13 @@ async fn run_connection(
         receiver = %shared.addr,
         durable = resume.durable.seq,
         from = resume.from_seq,
+        protocol = resume.version,
+        receiver_software = %resume.receiver_software,
         "connected; shipping"
     );
+    shared.status.protocol_version = Some(resume.version);
+    shared.status.receiver_software =
+        Some(resume.receiver_software.clone()).filter(|s| !s.is_empty());
     let mut tail = match LogTail::open(shared.dir.path(), resume.from_seq) {
         Ok(t) => t,
         Err(e) => return permanent(e),
@@ -996,7 +1048,7 @@ async fn handle(
     send: &mut quinn::SendStream,
     sources: &[tidemark_changelog::DiskSource],
     work: &mut ConnectionWork,
-    msg: Message,
+    msg: Received,
 ) -> Result<(), SessionEnd> {
     match shipping.handle_message(msg) {
         Ok(ShipperEvent::Acked { durable, disks, .. }) => {
@@ -1185,7 +1237,7 @@ async fn finish(
     shared: &mut Shared,
     shipping: &mut Shipping,
     send: &mut quinn::SendStream,
-    rx: &mut mpsc::Receiver<Result<Message, SessionEnd>>,
+    rx: &mut mpsc::Receiver<Result<Received, SessionEnd>>,
     sources: &[tidemark_changelog::DiskSource],
     work: &mut ConnectionWork,
 ) -> SessionEnd {
@@ -1244,6 +1296,7 @@ mod tests {
     #[test]
     fn metrics_show_state_lag_and_error_class() {
         let status = ShipperStatus {
+            format: crate::status::STATUS_FORMAT,
             host: "db1".into(),
             group: "g".into(),
             state: State::Protected,
@@ -1271,6 +1324,8 @@ mod tests {
             last_error_class: Some(FailureClass::Transient),
             oldest_unacked_ns: Some(1_000_000_000),
             rpo_target_seconds: 300.0,
+            protocol_version: Some(2),
+            receiver_software: None,
         };
         let lag = Histogram::new(&[1.0]).snapshot();
         let t = collect_metrics(&status, lag, 3_000_000_000)

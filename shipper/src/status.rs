@@ -1,14 +1,33 @@
 //! What the shipper is doing, for `tidemark shipper status` and scripts:
 //! `shipper.status` in the log directory, JSON, replaced atomically (tmp
 //! file, rename) whenever something worth showing changes, at most a few
-//! times a second.
+//! times a second. It is the only file the shipper keeps of its own: its
+//! position in the log is the change log's cursor, and where the initial
+//! sync and resyncs stand the receiver tells it at every connection.
+//!
+//! # Format
+//!
+//! One JSON object, the fields of [`ShipperStatus`]. `format` (absent in
+//! the files of releases before it was written, which are format 1) names
+//! the format: a field added with a default for when it is absent keeps
+//! the format; a field that goes away or changes meaning takes the next
+//! one. A reader reads every format up to its own, fills what an older one
+//! lacks with the defaults, ignores fields it does not know, and refuses a
+//! newer format, naming both.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 const FILE: &str = "shipper.status";
 const TMP: &str = "shipper.status.tmp";
+/// The format this code writes (see the module documentation).
+pub const STATUS_FORMAT: u32 = 1;
+
+fn format_1() -> u32 {
+    1
+}
 
 /// The replication state of the group, as DESIGN.md names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,6 +119,9 @@ impl DiskProgress {
 /// The status file's content.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ShipperStatus {
+    /// The file's format ([`STATUS_FORMAT`] when written by this code).
+    #[serde(default = "format_1")]
+    pub format: u32,
     /// The host identity.
     pub host: String,
     /// The consistency group.
@@ -146,6 +168,14 @@ pub struct ShipperStatus {
     /// The configured recovery point objective, in seconds.
     #[serde(default)]
     pub rpo_target_seconds: f64,
+    /// The protocol version spoken with the receiver on the current
+    /// connection; `None` while not connected.
+    #[serde(default)]
+    pub protocol_version: Option<u16>,
+    /// The receiver's release as it named it (protocol version 2 on);
+    /// `None` while not connected or not named.
+    #[serde(default)]
+    pub receiver_software: Option<String>,
 }
 
 impl ShipperStatus {
@@ -167,7 +197,14 @@ impl ShipperStatus {
 pub fn write_status(dir: &Path, status: &ShipperStatus) -> std::io::Result<()> {
     let text = serde_json::to_vec_pretty(status).map_err(std::io::Error::other)?;
     let tmp = dir.join(TMP);
-    std::fs::write(&tmp, text)?;
+    // The status names the disks and how far they replicate: private to
+    // the log directory's owner, like the rest of it.
+    tidemark_changelog::private_file()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)?
+        .write_all(&text)?;
     std::fs::rename(&tmp, dir.join(FILE))
 }
 
@@ -180,7 +217,24 @@ pub fn read_status(dir: &Path) -> Result<ShipperStatus, String> {
             path.display()
         )
     })?;
-    serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))
+    parse_status(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Parses a status file's content, of any format up to [`STATUS_FORMAT`].
+fn parse_status(text: &[u8]) -> Result<ShipperStatus, String> {
+    #[derive(Deserialize)]
+    struct Format {
+        #[serde(default = "format_1")]
+        format: u32,
+    }
+    let Format { format } = serde_json::from_slice(text).map_err(|e| e.to_string())?;
+    if format > STATUS_FORMAT {
+        return Err(format!(
+            "written in format {format} by a newer shipper; this tidemark reads formats up to \
+             {STATUS_FORMAT}: upgrade it to the shipper's release"
+        ));
+    }
+    serde_json::from_slice(text).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -189,6 +243,7 @@ mod tests {
 
     fn status() -> ShipperStatus {
         ShipperStatus {
+            format: STATUS_FORMAT,
             host: "h".into(),
             group: "g".into(),
             state: State::Protected,
@@ -208,6 +263,8 @@ mod tests {
             last_error_class: None,
             oldest_unacked_ns: None,
             rpo_target_seconds: 300.0,
+            protocol_version: Some(2),
+            receiver_software: Some("0.1.0".into()),
         }
     }
 
@@ -222,6 +279,56 @@ mod tests {
         assert_eq!(s.pending_records(), 5);
         s.durable_seq = 20;
         assert_eq!(s.pending_records(), 0);
+    }
+
+    /// What a shipper of the release before `format` wrote (format 1).
+    const PREVIOUS_RELEASE: &str = r#"{
+  "host": "db1",
+  "group": "default",
+  "state": "protected",
+  "reason": null,
+  "durable_seq": 1225,
+  "sent_seq": 1225,
+  "log_seq": 1225,
+  "retries": 0,
+  "wire_bytes": 6295180,
+  "record_bytes": 5001214,
+  "disks": [
+    {
+      "name": "disk",
+      "size": 67108864,
+      "synced": 67108864,
+      "data_bytes": 3145728,
+      "rate_bytes_per_sec": 0,
+      "eta_seconds": 0
+    }
+  ],
+  "resync_blocks_compared": 0,
+  "resync_blocks_sent": 0,
+  "resync_bytes_sent": 0,
+  "updated_unix": 1795000000,
+  "retries_total": 0,
+  "last_error_class": null,
+  "oldest_unacked_ns": null,
+  "rpo_target_seconds": 300.0
+}"#;
+
+    #[test]
+    fn the_previous_release_s_status_reads_and_a_newer_format_is_refused() {
+        let s = parse_status(PREVIOUS_RELEASE.as_bytes()).unwrap();
+        assert_eq!((s.format, s.durable_seq), (1, 1225));
+        assert_eq!((s.protocol_version, s.receiver_software), (None, None));
+        // What this code writes reads back.
+        let written = serde_json::to_vec(&status()).unwrap();
+        assert_eq!(parse_status(&written).unwrap(), status());
+        // A newer shipper's format is named, not misread.
+        let mut v = serde_json::to_value(status()).unwrap();
+        v["format"] = (STATUS_FORMAT + 1).into();
+        let e = parse_status(&serde_json::to_vec(&v).unwrap()).unwrap_err();
+        assert!(
+            e.contains(&format!("format {}", STATUS_FORMAT + 1)) && e.contains("up to 1"),
+            "{e}"
+        );
     }
 
     #[test]

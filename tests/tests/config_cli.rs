@@ -2,7 +2,7 @@
 
 use std::fs;
 use std::path::PathBuf;
-use tidemark_e2e::tidemark;
+use tidemark_e2e::{refused, tidemark, TrackerProcess};
 
 fn examples() -> Vec<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../config/examples");
@@ -96,4 +96,39 @@ fn a_missing_file_is_a_clear_error() {
         stderr.contains("/nonexistent/tidemark.toml") && stderr.contains("No such file"),
         "{stderr}"
     );
+}
+
+/// One rule for each setting: a tracker configuration `config check`
+/// accepts is one `tracker serve` starts with, and one it refuses is
+/// refused by `serve` for the same reason.
+#[test]
+fn what_config_check_accepts_tracker_serve_accepts() {
+    for size in ["4KiB", "32KiB", "64KiB", "1GiB", "2GiB", "96KiB"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let image = tmp.path().join("disk.img");
+        fs::File::create(&image).unwrap().set_len(4 << 20).unwrap();
+        let setting = format!("activity-extent-size = \"{size}\"");
+        let config = TrackerProcess::write_config(tmp.path(), &image, &setting);
+        let check = tidemark()
+            .args(["config", "check"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        if check.status.success() {
+            let tracker = TrackerProcess::start_with_config(tmp.path(), &image, &setting);
+            assert!(tracker.stop(), "{size}");
+        } else {
+            let serve = refused(
+                tidemark()
+                    .args(["tracker", "serve", "--config"])
+                    .arg(&config),
+            );
+            let said = String::from_utf8_lossy(&serve.stderr);
+            assert!(
+                said.contains("activity-extent-size"),
+                "{size}: config check said {:?}, serve said {said:?}",
+                String::from_utf8_lossy(&check.stderr)
+            );
+        }
+    }
 }

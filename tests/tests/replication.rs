@@ -10,30 +10,17 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tidemark_e2e::replication::{
-    enroll, free_port, run_ok, shipper_status, start_receiver, start_shipper, wait_caught_up,
-    Daemon, HOST,
+    enroll, failover_and_compare_with, free_port, newest_point, run_ok, shipper_status,
+    start_receiver, start_shipper, start_test_failover, wait_caught_up, HOST,
 };
-use tidemark_e2e::{qemu_io, require_tool, tidemark, TrackerProcess};
+use tidemark_e2e::{qemu_io, require_tool, tidemark, tidemark_bin, TrackerProcess};
 
 const SIZE: u64 = 64 << 20;
 
 /// Fails over into `dir/failover` and compares every byte with `image`.
 fn failover_and_compare(dir: &Path, image: &Path) {
-    let to = dir.join("failover");
-    let out = run_ok(
-        tidemark()
-            .args(["failover", "--data-dir"])
-            .arg(dir.join("replicas"))
-            .args(["--host", HOST, "--to"])
-            .arg(&to),
-    );
-    assert!(out.contains("failing over"), "{out}");
     let source = fs::read(image).unwrap();
-    let replica = fs::read(to.join("disk.img")).unwrap();
-    assert_eq!(source.len(), replica.len());
-    if let Some(at) = source.iter().zip(&replica).position(|(a, b)| a != b) {
-        panic!("the failed-over image differs from the source at byte {at}");
-    }
+    failover_and_compare_with(&tidemark_bin(), dir, &dir.join("failover"), None, &source);
 }
 
 /// An image that already holds data before it is protected: the initial
@@ -413,19 +400,6 @@ fn the_bandwidth_limit_paces_what_goes_on_the_wire() {
     receiver.stop();
 }
 
-/// The newest recovery point's sequence number, per `tidemark points`.
-fn newest_point(dir: &Path) -> u64 {
-    let out = run_ok(
-        tidemark()
-            .args(["points", "--json", "--data-dir"])
-            .arg(dir.join("replicas"))
-            .args(["--host", HOST]),
-    );
-    let last = out.lines().last().expect("at least one recovery point");
-    let v: serde_json::Value = serde_json::from_str(last).unwrap();
-    v["seq"].as_u64().unwrap()
-}
-
 /// How far replication may lag behind a flushed write while a test
 /// failover runs (generous: the CI machine has 2 cores shared by the test's
 /// NBD client, the tracker, the shipper and the receiver).
@@ -445,48 +419,6 @@ fn catch_up_times(dir: &Path, log_dir: &Path, uri: &str, rounds: u8) -> Vec<Dura
             start.elapsed()
         })
         .collect()
-}
-
-/// Starts `tidemark test-failover start` at `point` and waits until it
-/// serves; returns it and the NBD URI of the disk.
-fn start_test_failover(dir: &Path, point: u64) -> (Daemon, String) {
-    let socket = dir.join("test-failover.sock");
-    let mut child = tidemark()
-        .args(["test-failover", "start", "--data-dir"])
-        .arg(dir.join("replicas"))
-        .args(["--host", HOST, "--point", &point.to_string(), "--socket"])
-        .arg(&socket)
-        .stdout(Stdio::piped())
-        .stderr(fs::File::create(dir.join("test-failover.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let mut lines = Vec::new();
-    loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| panic!("the test failover did not start: {lines:?}"));
-        let done = line.starts_with("ready");
-        lines.push(line);
-        if done {
-            break;
-        }
-    }
-    assert!(lines[0].contains(&format!("sequence {point}")), "{lines:?}");
-    (
-        Daemon::new(child, "test failover"),
-        format!("nbd+unix:///disk?socket={}", socket.display()),
-    )
 }
 
 #[test]

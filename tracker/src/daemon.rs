@@ -14,7 +14,10 @@ use nix::sys::signal::{SigSet, Signal};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tidemark_changelog::LogOptions;
-use tidemark_changelog::{read_cursor, write_sources, DiskSource, FsDir};
+use tidemark_changelog::{
+    create_private_dir_all, read_cursor, read_sources, write_sources, DirLock, DiskSource, FsDir,
+    LockError,
+};
 use tidemark_metrics::{labels, Exposition, MetricsThread, Unit};
 
 /// One disk to protect.
@@ -41,6 +44,9 @@ pub struct TrackerSettings {
     pub log: LogOptions,
     /// NBD unix socket.
     pub socket: PathBuf,
+    /// A group (name or numeric gid) the NBD socket is opened to (0660);
+    /// `None`: the socket is the tracker's user's only (0600).
+    pub socket_group: Option<String>,
     /// Also serve NBD over TCP here (the config allows only loopback unless
     /// remote NBD is explicitly allowed).
     pub tcp_listen: Option<std::net::SocketAddr>,
@@ -100,6 +106,79 @@ pub struct KernelAttachSettings {
 /// Why the daemon could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    /// The change log directory could not be created.
+    #[error("creating the change log directory {path}")]
+    LogDir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another tracker owns the log directory (or it could not be locked).
+    #[error(transparent)]
+    Locked(#[from] LockError),
+    /// Two disks have one name: they would share one export and one
+    /// activity map (a configuration fault).
+    #[error(
+        "disks {} and {} are both called {name:?}: every disk needs its own name \
+         (give each --image a --name, or each [[tracker.disk]] its own export-name)",
+        first.display(), second.display()
+    )]
+    DuplicateName {
+        /// The name.
+        name: String,
+        /// The first disk's path.
+        first: PathBuf,
+        /// The second disk's path.
+        second: PathBuf,
+    },
+    /// Two disks are one file or device under two paths or names: its
+    /// writes would be tracked twice, in two activity maps (a
+    /// configuration fault).
+    #[error(
+        "disks {first:?} ({}) and {second:?} ({}) are the same file: a disk can be protected only once",
+        first_path.display(), second_path.display()
+    )]
+    SameDisk {
+        /// The first disk's name.
+        first: String,
+        /// Its path.
+        first_path: PathBuf,
+        /// The second disk's name.
+        second: String,
+        /// Its path.
+        second_path: PathBuf,
+    },
+    /// A disk is smaller than the change log records it (it was shrunk):
+    /// the log's records and the replica reach beyond its new end.
+    #[error(
+        "disk {name:?} ({}) is {size} bytes, but its change log records it as {recorded} bytes: \
+         a protected disk may not shrink; restore its size, or protect it afresh with a new log directory",
+        path.display()
+    )]
+    Shrunk {
+        /// The disk.
+        name: String,
+        /// Its path.
+        path: PathBuf,
+        /// Its size now.
+        size: u64,
+        /// The size the log records.
+        recorded: u64,
+    },
+    /// The log directory's list of disks could not be read or written.
+    #[error("the disks of the change log")]
+    Sources(#[source] tidemark_changelog::sources::SourcesError),
+    /// `socket-group` names no group of this machine.
+    #[error("socket-group {name:?}: no such group")]
+    NoSuchGroup {
+        /// The group asked for.
+        name: String,
+        /// The lookup's failure, if it failed rather than found nothing.
+        #[source]
+        source: Option<nix::Error>,
+    },
     /// A backing device could not be opened.
     #[error("disk {name}")]
     Backing {
@@ -349,6 +428,20 @@ pub fn run(
     signals.add(Signal::SIGINT);
     signals.thread_block().map_err(DaemonError::Signals)?;
 
+    // One tracker per log directory (DESIGN invariant 9): the lock comes
+    // before anything in the directory is read or written.
+    create_private_dir_all(&settings.log_dir).map_err(|source| DaemonError::LogDir {
+        path: settings.log_dir.clone(),
+        source,
+    })?;
+    let _lock = DirLock::acquire(&settings.log_dir, LOCK_FILE, "tracker")?;
+    let socket_group = settings
+        .socket_group
+        .as_deref()
+        .map(resolve_group)
+        .transpose()?;
+    check_names(&settings.disks)?;
+
     set_io_flusher();
     if settings.mlockall {
         lock_memory();
@@ -378,6 +471,9 @@ pub fn run(
             device,
         });
     }
+    check_distinct_disks(&settings.disks)?;
+    let sizes: Vec<u64> = disks.iter().map(|d| d.device.size()).collect();
+    check_no_shrink(&settings.log_dir, &settings.disks, &sizes)?;
     let (group, report) = Group::open(
         disks,
         GroupOptions {
@@ -412,27 +508,21 @@ pub fn run(
             path: std::fs::canonicalize(&spec.path).unwrap_or_else(|_| spec.path.clone()),
         })
         .collect();
-    write_sources(&settings.log_dir, &sources).map_err(|e| DaemonError::Stop(e.to_string()))?;
+    write_sources(&settings.log_dir, &sources).map_err(DaemonError::Sources)?;
     let group = Arc::new(group);
-    let maintenance = spawn_maintenance(group.clone());
-    let control = ControlSocket::start(
-        &settings.control_socket,
-        settings.group.clone(),
-        group.clone(),
-    )
-    .map_err(|source| DaemonError::Socket {
-        what: "control socket",
-        path: settings.control_socket.clone(),
-        source,
+    // Everything that can still refuse the start comes before the group is
+    // marked running: a refused start leaves the state file saying stopped.
+    let server_options = ServerOptions {
+        socket_group,
+        ..ServerOptions::default()
+    };
+    let server = Server::bind_unix(&settings.socket, server_options).map_err(|source| {
+        DaemonError::Socket {
+            what: "NBD socket",
+            path: settings.socket.clone(),
+            source,
+        }
     })?;
-    let server =
-        Server::bind_unix(&settings.socket, ServerOptions::default()).map_err(|source| {
-            DaemonError::Socket {
-                what: "NBD socket",
-                path: settings.socket.clone(),
-                source,
-            }
-        })?;
     let tcp =
         match settings.tcp_listen {
             Some(addr) => Some(Server::bind_tcp(addr, ServerOptions::default()).map_err(
@@ -444,6 +534,22 @@ pub fn run(
             )?),
             None => None,
         };
+    // Serves at once, but refuses markers and resyncs until the group runs.
+    let control = ControlSocket::start(
+        &settings.control_socket,
+        settings.group.clone(),
+        group.clone(),
+    )
+    .map_err(|source| DaemonError::Socket {
+        what: "control socket",
+        path: settings.control_socket.clone(),
+        source,
+    })?;
+    if let Err(e) = group.mark_running() {
+        control.stop();
+        return Err(DaemonError::Group(e.into()));
+    }
+    let maintenance = spawn_maintenance(group.clone());
     let use_ring = settings.backing.engine != EngineKind::Sync;
     let handle = server.serve_frontend(Frontend::group(group.clone(), use_ring));
     let tcp_handle = tcp.map(|server| {
@@ -472,18 +578,41 @@ pub fn run(
             }
         }
     });
+    let serving = Serving {
+        handle,
+        tcp_handle,
+        control,
+        metrics,
+        maintenance,
+        group: group.clone(),
+    };
+    // From here on clients may have written: a failure still stops
+    // cleanly, with a final barrier, so the state file tells the truth.
     let attachment = match &settings.attach {
-        Some(attach) => Some(attach_kernel(&settings, attach, &handle)?),
+        Some(attach) => match attach_kernel(&settings, attach, &serving.handle) {
+            Ok(attachment) => Some(attachment),
+            Err(e) => return serving.stop_after(e),
+        },
         None => None,
     };
     let ublk = match &settings.ublk {
-        Some(ublk) => Some(start_ublk(&settings, ublk, &group)?),
+        Some(ublk) => match start_ublk(&settings, ublk, &group) {
+            Ok(device) => Some(device),
+            Err(e) => {
+                if let Some(attachment) = attachment {
+                    if let Err(error) = attachment.detach() {
+                        tracing::warn!(error = %error, "detaching the kernel NBD device failed");
+                    }
+                }
+                return serving.stop_after(e);
+            }
+        },
         None => None,
     };
     tracing::info!(socket = %settings.socket.display(), "serving");
     ready(
         &report,
-        metrics.as_ref().map(MetricsThread::local_addr),
+        serving.metrics.as_ref().map(MetricsThread::local_addr),
         Frontends {
             attached: attachment.as_ref(),
             ublk: ublk.as_ref(),
@@ -519,15 +648,146 @@ pub fn run(
             tracing::warn!(error = %error, "stopping the ublk device failed");
         }
     }
-    handle.shutdown();
-    if let Some(tcp) = tcp_handle {
-        tcp.shutdown();
-    }
-    control.stop();
-    drop(metrics);
-    drop(maintenance);
-    group.close_clean().map_err(DaemonError::Stop)?;
+    serving.stop()?;
     tracing::info!("stopped cleanly: final barrier written");
+    Ok(())
+}
+
+/// The tracker's lock file in its log directory.
+pub const LOCK_FILE: &str = "tracker.lock";
+
+/// What runs once the group is marked running, stopped together.
+struct Serving {
+    handle: crate::server::ServerHandle,
+    tcp_handle: Option<crate::server::ServerHandle>,
+    control: ControlSocket,
+    metrics: Option<MetricsThread>,
+    maintenance: Maintenance,
+    group: Arc<Group>,
+}
+
+impl Serving {
+    /// Stops accepting, drains requests in flight, writes the final
+    /// barrier and records a clean stop.
+    fn stop(self) -> Result<(), DaemonError> {
+        self.handle.shutdown();
+        if let Some(tcp) = self.tcp_handle {
+            tcp.shutdown();
+        }
+        self.control.stop();
+        drop(self.metrics);
+        drop(self.maintenance);
+        self.group.close_clean().map_err(DaemonError::Stop)
+    }
+
+    /// Stops as [`stop`](Self::stop) does after `cause` refused the start
+    /// late, and returns `cause` (a failed stop is logged).
+    fn stop_after(self, cause: DaemonError) -> Result<(), DaemonError> {
+        if let Err(error) = self.stop() {
+            tracing::error!(%error, "stopping after a refused start failed");
+        }
+        Err(cause)
+    }
+}
+
+/// The gid of `socket-group`: a group name, or a number.
+fn resolve_group(name: &str) -> Result<u32, DaemonError> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(group)) => Ok(group.gid.as_raw()),
+        Ok(None) => Err(DaemonError::NoSuchGroup {
+            name: name.to_owned(),
+            source: None,
+        }),
+        Err(e) => Err(DaemonError::NoSuchGroup {
+            name: name.to_owned(),
+            source: Some(e),
+        }),
+    }
+}
+
+/// Refuses two disks with one name: they would be one export, and share
+/// one activity map and one dirty bitmap (files named after the disk).
+fn check_names(disks: &[DiskSpec]) -> Result<(), DaemonError> {
+    for (i, disk) in disks.iter().enumerate() {
+        if let Some(first) = disks[..i].iter().find(|d| d.name == disk.name) {
+            return Err(DaemonError::DuplicateName {
+                name: disk.name.clone(),
+                first: first.path.clone(),
+                second: disk.path.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// What a disk is on this machine, whatever path names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DiskIdentity {
+    /// A block device, by its device number (two device nodes of one
+    /// device are one disk).
+    Block(u64),
+    /// A file, by its filesystem's device and its inode.
+    File(u64, u64),
+}
+
+impl DiskIdentity {
+    fn of(path: &Path) -> std::io::Result<DiskIdentity> {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let meta = std::fs::metadata(path)?;
+        Ok(if meta.file_type().is_block_device() {
+            DiskIdentity::Block(meta.rdev())
+        } else {
+            DiskIdentity::File(meta.dev(), meta.ino())
+        })
+    }
+}
+
+/// Refuses one file or device given twice (the same path, another path to
+/// it, another device node of it). Called once every disk has opened, so
+/// each path can be looked at.
+fn check_distinct_disks(disks: &[DiskSpec]) -> Result<(), DaemonError> {
+    let mut seen: Vec<(DiskIdentity, &DiskSpec)> = Vec::new();
+    for disk in disks {
+        let identity = DiskIdentity::of(&disk.path).map_err(|source| DaemonError::Backing {
+            name: disk.name.clone(),
+            source: crate::storage::StorageError::Open {
+                path: disk.path.clone(),
+                source,
+            },
+        })?;
+        if let Some((_, first)) = seen.iter().find(|(id, _)| *id == identity) {
+            return Err(DaemonError::SameDisk {
+                first: first.name.clone(),
+                first_path: first.path.clone(),
+                second: disk.name.clone(),
+                second_path: disk.path.clone(),
+            });
+        }
+        seen.push((identity, disk));
+    }
+    Ok(())
+}
+
+/// Refuses a disk smaller than the size the log directory records for it
+/// (by id, when the name there is the same): the log's records and the
+/// replica reach beyond its end, and the replica keeps the recorded size.
+fn check_no_shrink(log_dir: &Path, disks: &[DiskSpec], sizes: &[u64]) -> Result<(), DaemonError> {
+    let Some(recorded) = read_sources(log_dir).map_err(DaemonError::Sources)? else {
+        return Ok(());
+    };
+    for ((disk, &size), was) in disks.iter().zip(sizes).zip(&recorded) {
+        if was.name == disk.name && size < was.size {
+            return Err(DaemonError::Shrunk {
+                name: disk.name.clone(),
+                path: disk.path.clone(),
+                size,
+                recorded: was.size,
+            });
+        }
+    }
     Ok(())
 }
 

@@ -47,12 +47,13 @@ use crate::queue::{QueueWaker, Wakers};
 use crate::range_lock::{RangeLock, RangeTicket};
 use crate::state::{GroupState, StateError};
 use crate::storage::BlockDevice;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 use tidemark_changelog::{
     now_ns, AppendError, ChangeLog, Entry, FsDir, LogOptions, OpenError, Recovery,
 };
+use tidemark_config::ByteSize;
 use tidemark_metrics::{Histogram, HistogramSnapshot, LATENCY_BUCKETS};
 
 /// How bitmap-mode reasons caused by the log's size limit begin: only
@@ -132,6 +133,9 @@ pub enum GroupError {
     /// A configuration problem.
     #[error("{0}")]
     Config(String),
+    /// A setting breaks the rule the configuration file is checked by.
+    #[error(transparent)]
+    Setting(#[from] tidemark_config::ConfigError),
 }
 
 /// What opening the group found and did.
@@ -267,6 +271,9 @@ pub struct Group {
     /// A new generation (number, first sequence number) to begin in the log
     /// when data mode returns.
     pending_generation: Mutex<Option<(u32, u64)>>,
+    /// The state file says "running": only then may anything be appended
+    /// (see [`Group::mark_running`]).
+    running: AtomicBool,
     block_sizes: BlockSizes,
     writes: AtomicU64,
     barriers: AtomicU64,
@@ -295,11 +302,7 @@ impl Group {
         if disks.is_empty() {
             return Err(GroupError::Config("a group needs at least one disk".into()));
         }
-        if !opts.activity_extent.is_power_of_two() || opts.activity_extent < DIRTY_GRANULARITY {
-            return Err(GroupError::Config(format!(
-                "activity extent size must be a power of two of at least {DIRTY_GRANULARITY} bytes"
-            )));
-        }
+        tidemark_config::tracker::check_activity_extent_size(ByteSize(opts.activity_extent))?;
         let dir = FsDir::create_all(&opts.log_dir).map_err(|source| OpenError::Io {
             dir: opts.log_dir.display().to_string(),
             context: "creating the log directory".into(),
@@ -424,7 +427,9 @@ impl Group {
             }
         }
         state.generation = generation.max(log.generation());
-        state.running = true;
+        // An unclean stop is fully recorded by now: until the daemon has
+        // every socket and calls `mark_running`, a stop is a clean one.
+        state.running = false;
         state.bitmap_reason = match &mode {
             TrackingMode::Bitmap { reason } => Some(reason.clone()),
             TrackingMode::Data => None,
@@ -460,6 +465,7 @@ impl Group {
             tracking,
             committer,
             pending_generation: Mutex::new(pending_generation),
+            running: AtomicBool::new(false),
             block_sizes,
             writes: AtomicU64::new(0),
             barriers: AtomicU64::new(0),
@@ -468,6 +474,32 @@ impl Group {
         };
         Ok((group, report))
     }
+
+    /// Records in the state file that the group runs: from here on, a
+    /// stop without [`close_clean`](Self::close_clean) is an unclean stop.
+    /// [`open`](Self::open) leaves this out, so a start refused after the
+    /// group opened (a socket that cannot be bound) leaves no run behind;
+    /// call it once everything that can refuse the start has succeeded and
+    /// before anything is served. Until then the group refuses writes,
+    /// barriers and markers.
+    pub fn mark_running(&self) -> Result<(), StateError> {
+        let mut state = lock(&self.tracking.state);
+        state.running = true;
+        state.save_in_place()?;
+        self.running.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Refuses a change before [`mark_running`](Self::mark_running).
+    pub(crate) fn check_running(&self) -> Result<(), Errno> {
+        if self.running.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            tracing::error!("a change reached the group before it was marked running; refused");
+            Err(Errno::Io)
+        }
+    }
+
     pub(crate) fn disk(&self, disk: u32) -> Result<&DiskState, Errno> {
         self.disks.get(disk as usize).ok_or(Errno::Inval)
     }
@@ -704,6 +736,9 @@ impl Group {
     /// wait for this (it is rare and short). Returns the number of extents
     /// recorded, or `None` if the group stays as it is.
     pub fn try_resume_data_mode(&self) -> Result<Option<usize>, String> {
+        if !self.running.load(Ordering::Acquire) {
+            return Ok(None);
+        }
         let t = &*self.tracking;
         let mut mode = lock(&t.mode);
         match &*mode {
@@ -785,6 +820,7 @@ impl Group {
     /// A barrier for the group that blocks the calling thread; flushes
     /// `disk`'s backing device beside the log's group commit.
     fn barrier(&self, disk: u32) -> Result<(), Errno> {
+        self.check_running()?;
         let d = self.disk(disk)?;
         let (epoch, mut wait) = self.begin_barrier(disk);
         d.disk.device.flush().map_err(|e| errno_of(&e))?;
@@ -810,6 +846,8 @@ impl Group {
     /// Inserts a labelled marker followed by a barrier; returns the
     /// marker's sequence number.
     pub fn marker(&self, label: &str, app_consistent: bool) -> Result<u64, String> {
+        self.check_running()
+            .map_err(|_| "the tracker is still starting".to_string())?;
         let t = &*self.tracking;
         if !matches!(*lock(&t.mode), TrackingMode::Data) {
             return Err(
@@ -840,6 +878,11 @@ impl Group {
     /// open needs no resync. The committer stops; the group takes no more
     /// requests.
     pub fn close_clean(&self) -> Result<(), String> {
+        if !self.running.load(Ordering::Acquire) {
+            // Nothing was served: the state file already says stopped.
+            self.committer.stop();
+            return Ok(());
+        }
         for id in 0..self.disks.len() as u32 {
             self.barrier(id)
                 .map_err(|e| format!("final barrier: {e:?}"))?;
@@ -928,6 +971,8 @@ impl Group {
     /// that reads the disk after this point sees every untracked write.
     /// Returns the record's sequence number in data mode.
     pub fn record_resync_all(&self, name: &str) -> Result<Option<u64>, String> {
+        self.check_running()
+            .map_err(|_| "the tracker is still starting".to_string())?;
         let t = &*self.tracking;
         let id = self
             .disks
@@ -989,6 +1034,7 @@ impl Group {
         entry: Entry<'_>,
     ) -> Result<(), Errno> {
         let started = Instant::now();
+        self.check_running()?;
         let d = self.disk(disk)?;
         {
             let range = d.locks.lock(offset, len);

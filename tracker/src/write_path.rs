@@ -350,10 +350,20 @@ fn op_fua(op: &Op) -> bool {
 impl Queue for GroupQueue {
     fn handle_request(&mut self, request: Request, now: Instant) {
         let Request { id, disk, op, buf } = request;
-        if self.group.disk(disk).is_err() {
+        // Nothing changes the disks or the log before the group runs (see
+        // `Group::mark_running`).
+        let refused = match op {
+            Op::Read { .. } => self.group.disk(disk).err(),
+            _ => self
+                .group
+                .disk(disk)
+                .err()
+                .or_else(|| self.group.check_running().err()),
+        };
+        if let Some(errno) = refused {
             self.replies.push_back(Reply {
                 id,
-                result: Err(Errno::Inval),
+                result: Err(errno),
                 buf,
             });
             return;

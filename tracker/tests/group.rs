@@ -37,15 +37,21 @@ fn open_with(
     devs: &[Arc<MemoryDevice>],
     opts: GroupOptions,
 ) -> (Group, tidemark_tracker::group::OpenReport) {
-    let disks = devs
-        .iter()
+    let (group, report) = Group::open(group_disks(devs), opts).unwrap();
+    // As the daemon does once its sockets are bound.
+    group.mark_running().unwrap();
+    (group, report)
+}
+
+/// The devices as disks `disk0`, `disk1`, ...
+fn group_disks(devs: &[Arc<MemoryDevice>]) -> Vec<GroupDisk> {
+    devs.iter()
         .enumerate()
         .map(|(i, d)| GroupDisk {
             name: format!("disk{i}"),
             device: d.clone() as Arc<dyn BlockDevice>,
         })
-        .collect();
-    Group::open(disks, opts).unwrap()
+        .collect()
 }
 
 fn records(dir: &Path) -> Vec<Record> {
@@ -222,6 +228,60 @@ fn an_unclean_stop_starts_a_new_generation_and_records_hot_extents() {
     assert!(!report.unclean);
     assert!(report.resync_needed.is_empty());
     assert_eq!(report.generation, 1);
+}
+
+#[test]
+fn a_group_that_never_ran_stops_clean_and_takes_no_write_before_it_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let devs = [Arc::new(MemoryDevice::new(DISK))];
+    let (group, _) = open(tmp.path(), &devs, 64 << 20);
+    group.write(0, 0, &[1; 4096], false).unwrap();
+    // Crash with a hot extent: the next open is unclean...
+    drop(group);
+    let (group, report) = Group::open(group_disks(&devs), options(tmp.path(), 64 << 20)).unwrap();
+    assert!(report.unclean);
+    assert_eq!(report.generation, 1);
+    // ... but the start is refused before it runs (a socket could not be
+    // bound): nothing may be written, and the stop counts as clean.
+    assert!(group.write(0, 0, &[2; 4096], false).is_err());
+    assert!(group.flush(0).is_err());
+    assert!(group.marker("early", false).is_err());
+    let before = records(tmp.path()).len();
+    group.close_clean().unwrap();
+    drop(group);
+    assert_eq!(records(tmp.path()).len(), before, "nothing appended");
+    let (_, report) = open(tmp.path(), &devs, 64 << 20);
+    assert!(!report.unclean, "a start that never ran left a run behind");
+    assert_eq!(report.generation, 1);
+}
+
+#[test]
+fn the_group_takes_the_activity_extent_sizes_the_configuration_takes() {
+    let devs = [Arc::new(MemoryDevice::new(DISK))];
+    for size in [
+        1u64 << 10,
+        4 << 10,
+        32 << 10,
+        64 << 10,
+        96 << 10,
+        4 << 20,
+        1 << 30,
+        2 << 30,
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let config =
+            tidemark_config::tracker::check_activity_extent_size(tidemark_config::ByteSize(size));
+        let mut opts = options(tmp.path(), 64 << 20);
+        opts.activity_extent = size;
+        match (config, Group::open(group_disks(&devs), opts)) {
+            (Ok(()), Ok(_)) => {}
+            (Err(c), Err(g)) => assert_eq!(c.to_string(), g.to_string(), "{size}"),
+            (c, g) => panic!(
+                "{size}: the configuration says {c:?}, the group {:?}",
+                g.map(|_| ())
+            ),
+        }
+    }
 }
 
 #[test]

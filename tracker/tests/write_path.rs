@@ -89,6 +89,13 @@ fn workload(seed: u64, count: usize) -> Vec<Req> {
 }
 
 fn open_group(dir: &Path, direct: DirectIo) -> Arc<Group> {
+    let group = open_group_not_running(dir, direct);
+    group.mark_running().unwrap();
+    group
+}
+
+/// A group as the daemon has it before every socket is bound.
+fn open_group_not_running(dir: &Path, direct: DirectIo) -> Arc<Group> {
     let image = dir.join("disk.img");
     std::fs::File::create(&image)
         .unwrap()
@@ -361,4 +368,44 @@ fn one_connection_through_the_event_loop_equals_the_synchronous_engine() {
             .count()
     };
     assert_eq!(barriers(event.path()), barriers(oracle.path()));
+}
+
+#[test]
+fn the_event_loop_changes_nothing_before_the_group_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let group = open_group_not_running(tmp.path(), DirectIo::Auto);
+    let socket = tmp.path().join("nbd.sock");
+    let server = Server::bind_unix(&socket, ServerOptions::default()).unwrap();
+    let handle = server.serve_frontend(Frontend::group(group.clone(), true));
+    let (mut client, _, _) = RawClient::go(&socket, "disk", false);
+    let reqs = [
+        Req::Write {
+            offset: 0,
+            data: vec![7; 4096],
+            fua: false,
+        },
+        Req::Trim {
+            offset: 4096,
+            len: 4096,
+        },
+        Req::Flush,
+    ];
+    for (cookie, req) in reqs.iter().enumerate() {
+        request_of(&mut client, cookie as u64, req);
+        match client.read_reply() {
+            Reply::Simple { error, .. } => assert_ne!(error, 0, "{req:?} was served"),
+            other => panic!("unexpected reply {other:?}"),
+        }
+    }
+    drop(client);
+    handle.shutdown();
+    group.close_clean().unwrap();
+    assert!(
+        records(&tmp.path().join("log")).is_empty(),
+        "records appended"
+    );
+    assert!(std::fs::read(tmp.path().join("disk.img"))
+        .unwrap()
+        .iter()
+        .all(|&b| b == 0));
 }

@@ -34,7 +34,9 @@ fn main() {
         let t = Instant::now();
         let mut frame = Vec::new();
         for _ in 0..rounds {
-            frame = msg.encode(compression).unwrap();
+            frame = msg
+                .encode(tidemark_wire::PROTOCOL_VERSION, compression)
+                .unwrap();
         }
         let enc = t.elapsed().as_secs_f64();
         let t = Instant::now();

@@ -7,10 +7,12 @@
 //!  offset size field
 //!  ------ ---- ---------------------------------------------------------------
 //!       0    4 magic        "TMWF" (54 4d 57 46)
-//!       4    2 version      protocol version, 1
+//!       4    2 version      the protocol version the body is written in
+//!                           (see "Versions" below), 1 or 2
 //!       6    1 type         message type: 1 hello, 2 welcome, 3 records,
 //!                           4 chunk, 5 digest-request, 6 digests,
-//!                           7 resync-done, 8 ack, 9 error
+//!                           7 resync-done, 8 ack, 9 error,
+//!                           10 drain-request, 11 drained
 //!       7    1 flags        bit 0: body is zstd compressed; others must be 0
 //!       8    4 wire-len     bytes of body that follow the header
 //!      12    4 raw-len      bytes of the body once decompressed
@@ -26,6 +28,58 @@
 //! let alone applied. The record batches inside keep their own per-record
 //! CRC32C from the log, which is the end-to-end check; the frame CRC guards
 //! the envelope and the fields around them.
+//!
+//! # Versions
+//!
+//! Every frame names the protocol version its body is written in. This code
+//! speaks versions [`MIN_PROTOCOL_VERSION`] to [`PROTOCOL_VERSION`]
+//! ([`Versions::SUPPORTED`]); what each version added is listed in
+//! [`crate::message`]. Version 1 had no negotiation: a version-1 peer
+//! accepts only frames of version 1 and answers anything else with an
+//! `error` (transient, protocol) in a version-1 frame.
+//!
+//! What never changes, so that two peers of any versions can always tell
+//! each other why they disagree:
+//! - this header (its fields, their meaning, the CRC); flag bit 0;
+//! - the `error` message's layout, and its class and code values of
+//!   version 1 (new codes are sent only in sessions of the version that
+//!   added them; older peers get `protocol` or `internal` instead);
+//! - the `hello`: a version's hello is the previous version's with fields
+//!   appended, so any version reads the fields it knows of any hello and
+//!   ignores the rest.
+//!
+//! The handshake:
+//! 1. The shipper sends its hello in its newest version `max`; the hello
+//!    (version 2 on) also carries the oldest version it speaks, `min`.
+//! 2. The receiver, speaking `rmin..=rmax`, picks `n = min(max, rmax)`.
+//!    - `max < rmin`: the shipper is too old. The receiver answers with a
+//!      permanent `error` in version `max` (which the shipper reads) naming
+//!      both ranges, and closes.
+//!    - `n < min`: the receiver is too old for this shipper; likewise, in
+//!      version `n`.
+//!    - else it answers with its `welcome` in version `n`: the session's
+//!      version. Every later frame, both ways, is of version `n`, and a
+//!      message or field that version `n` does not have is never sent (the
+//!      encoder refuses it: [`EncodeError::NotInVersion`]).
+//! 3. The shipper takes the welcome's version as the session's, after
+//!    checking it lies in `min..=max`. A version-1 receiver cannot read a
+//!    newer hello: it answers with a transient `error` of code `protocol`
+//!    in a version-1 frame. A shipper that gets that answer to a hello of
+//!    a newer version connects again offering only version 1 if it speaks
+//!    it, and otherwise stops, naming both versions (permanent). (A newer
+//!    receiver answers a hello whose header was damaged on the way alike,
+//!    before it knows the version; that connection then goes on in
+//!    version 1, which the newer receiver serves too.)
+//!
+//! So a newer receiver serves every shipper down to its `rmin`, a newer
+//! shipper talks to every receiver down to its `min` (to a version-1
+//! receiver at the cost of one refused connection each time it connects),
+//! and otherwise both sides say which versions they speak.
+//!
+//! A change of the change-log record format is a change of the `records`
+//! body, and so of the protocol: it takes a new protocol version, and a
+//! shipper in a session of an older version sends records in the format
+//! that version carries.
 
 use crate::message::MessageType;
 use std::io;
@@ -33,8 +87,10 @@ use thiserror::Error;
 
 /// First bytes of every frame.
 pub const FRAME_MAGIC: [u8; 4] = *b"TMWF";
-/// The protocol version this code speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The newest protocol version this code speaks.
+pub const PROTOCOL_VERSION: u16 = 2;
+/// The oldest protocol version this code speaks.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// Bytes of a frame header.
 pub const FRAME_HEADER_LEN: usize = 20;
 /// The largest body, compressed or not: 64 MiB of record payload plus room
@@ -61,9 +117,50 @@ pub enum Compression {
     Fast,
 }
 
-/// One decoded frame: its message type and its (decompressed) body.
+/// A range of protocol versions: those a side speaks, or offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Versions {
+    /// The oldest.
+    pub min: u16,
+    /// The newest.
+    pub max: u16,
+}
+
+impl Versions {
+    /// The versions this code speaks.
+    pub const SUPPORTED: Versions = Versions {
+        min: MIN_PROTOCOL_VERSION,
+        max: PROTOCOL_VERSION,
+    };
+
+    /// Exactly version `v`.
+    pub fn only(v: u16) -> Versions {
+        Versions { min: v, max: v }
+    }
+
+    /// Whether `v` is in the range.
+    pub fn contains(self, v: u16) -> bool {
+        (self.min..=self.max).contains(&v)
+    }
+}
+
+impl std::fmt::Display for Versions {
+    /// "version 2", or "versions 1 to 2": for messages people read.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.min == self.max {
+            write!(f, "version {}", self.max)
+        } else {
+            write!(f, "versions {} to {}", self.min, self.max)
+        }
+    }
+}
+
+/// One decoded frame: its version, message type and (decompressed) body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
+    /// The protocol version the body is written in (any version from 1 on:
+    /// whether it is spoken here is for the message decoder to say).
+    pub version: u16,
     /// What the body is.
     pub msg_type: MessageType,
     /// The body, decompressed.
@@ -94,6 +191,15 @@ pub enum EncodeError {
         /// Which rule was broken.
         reason: &'static str,
     },
+    /// The message does not exist in the session's protocol version (or
+    /// this code does not speak that version): the peer could not read it.
+    #[error("a {msg} message cannot be sent in protocol version {version}")]
+    NotInVersion {
+        /// The message type.
+        msg: &'static str,
+        /// The version asked for.
+        version: u16,
+    },
 }
 
 /// Why bytes from the peer are not a valid frame or message. Every variant
@@ -103,9 +209,20 @@ pub enum DecodeError {
     /// The stream does not start a frame with the magic.
     #[error("no frame magic (found {0:02x?})")]
     BadMagic(Vec<u8>),
-    /// The peer speaks a protocol version this code does not.
-    #[error("unsupported protocol version {0}")]
+    /// A frame of a protocol version this code does not speak (or 0, which
+    /// no version is).
+    #[error(
+        "a frame of protocol version {0}; this end speaks versions {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}"
+    )]
     UnsupportedVersion(u16),
+    /// The message type does not exist in the frame's protocol version.
+    #[error("no {msg} message exists in protocol version {version}")]
+    NotInVersion {
+        /// The message type.
+        msg: &'static str,
+        /// The frame's version.
+        version: u16,
+    },
     /// The type byte stands for no message.
     #[error("unknown message type {0}")]
     UnknownType(u8),
@@ -182,10 +299,13 @@ impl DecodeError {
     }
 }
 
-/// Encodes one frame around `body`, compressing it when `compression` asks
-/// for it, the body is larger than [`COMPRESS_MIN_BODY`] and zstd makes it
-/// smaller (random data goes raw).
+/// Encodes one frame of protocol `version` around `body`, compressing it
+/// when `compression` asks for it, the body is larger than
+/// [`COMPRESS_MIN_BODY`] and zstd makes it smaller (random data goes raw).
+/// Whether the body is valid in that version is the caller's business
+/// ([`crate::Message::encode`] checks it).
 pub fn encode_frame(
+    version: u16,
     msg_type: MessageType,
     body: &[u8],
     compression: Compression,
@@ -211,7 +331,7 @@ pub fn encode_frame(
     let wire_len = wire.len() as u32;
     let mut out = Vec::with_capacity(FRAME_HEADER_LEN + wire.len());
     out.extend_from_slice(&FRAME_MAGIC);
-    out.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.push(msg_type.code());
     out.push(flags);
     out.extend_from_slice(&wire_len.to_le_bytes());
@@ -223,6 +343,7 @@ pub fn encode_frame(
 }
 
 struct FrameHeader {
+    version: u16,
     msg_type: MessageType,
     flags: u8,
     wire_len: u32,
@@ -240,8 +361,10 @@ fn parse_header(h: &[u8; FRAME_HEADER_LEN]) -> Result<FrameHeader, DecodeError> 
     if h[0..4] != FRAME_MAGIC {
         return Err(DecodeError::BadMagic(h[0..4].to_vec()));
     }
+    // Any version is read this far (the header is the same in all): the
+    // receiver must be able to answer a hello newer than itself.
     let version = u16::from_le_bytes([h[4], h[5]]);
-    if version != PROTOCOL_VERSION {
+    if version == 0 {
         return Err(DecodeError::UnsupportedVersion(version));
     }
     let msg_type = MessageType::from_code(h[6]).ok_or(DecodeError::UnknownType(h[6]))?;
@@ -263,6 +386,7 @@ fn parse_header(h: &[u8; FRAME_HEADER_LEN]) -> Result<FrameHeader, DecodeError> 
         });
     }
     Ok(FrameHeader {
+        version,
         msg_type,
         flags,
         wire_len,
@@ -353,6 +477,7 @@ impl FrameDecoder {
         };
         self.start += end;
         Ok(Some(Frame {
+            version: header.version,
             msg_type: header.msg_type,
             body,
         }))
@@ -365,9 +490,21 @@ mod tests {
 
     #[test]
     fn small_and_random_bodies_go_raw_repetitive_ones_compressed() {
-        let small = encode_frame(MessageType::Ack, &[0u8; 100], Compression::Fast).unwrap();
+        let small = encode_frame(
+            PROTOCOL_VERSION,
+            MessageType::Ack,
+            &[0u8; 100],
+            Compression::Fast,
+        )
+        .unwrap();
         assert_eq!(small[7], 0);
-        let zeros = encode_frame(MessageType::Records, &[0u8; 8192], Compression::Fast).unwrap();
+        let zeros = encode_frame(
+            PROTOCOL_VERSION,
+            MessageType::Records,
+            &[0u8; 8192],
+            Compression::Fast,
+        )
+        .unwrap();
         assert_eq!(zeros[7], FLAG_ZSTD);
         assert!(zeros.len() < 200);
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
@@ -379,7 +516,13 @@ mod tests {
                 x as u8
             })
             .collect();
-        let raw = encode_frame(MessageType::Records, &random, Compression::Fast).unwrap();
+        let raw = encode_frame(
+            PROTOCOL_VERSION,
+            MessageType::Records,
+            &random,
+            Compression::Fast,
+        )
+        .unwrap();
         assert_eq!(raw[7], 0);
         assert_eq!(raw.len(), FRAME_HEADER_LEN + random.len());
         let mut d = FrameDecoder::new();
@@ -413,7 +556,13 @@ mod tests {
 
     #[test]
     fn oversized_lengths_are_refused_from_the_header_alone() {
-        let mut f = encode_frame(MessageType::Ack, &[1, 2, 3], Compression::None).unwrap();
+        let mut f = encode_frame(
+            PROTOCOL_VERSION,
+            MessageType::Ack,
+            &[1, 2, 3],
+            Compression::None,
+        )
+        .unwrap();
         f[8..12].copy_from_slice(&(MAX_FRAME_BODY + 1).to_le_bytes());
         let mut d = FrameDecoder::new();
         d.feed(&f[..FRAME_HEADER_LEN]);

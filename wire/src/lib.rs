@@ -3,8 +3,9 @@
 //! logic of both ends. No sockets, no clock, no runtime: the daemons feed
 //! bytes and messages in and send what comes out.
 //!
-//! - [`frame`]: the frame layout (byte diagram there), the encoder and the
-//!   incremental [`FrameDecoder`].
+//! - [`frame`]: the frame layout (byte diagram there), the encoder, the
+//!   incremental [`FrameDecoder`], and how the two ends agree on a protocol
+//!   version (the rules for peers of different releases).
 //! - [`message`]: the messages and their body layouts, and [`RecordBatch`],
 //!   the verified run of change-log records a `Records` message carries.
 //! - [`shipper`]: the shipper's session ([`AwaitingWelcome`] → [`Shipping`]),
@@ -16,8 +17,9 @@
 //!
 //! ```text
 //!  shipper                                   receiver
-//!  Hello ──────────────────────────────────►
-//!        ◄────────────────────────────────── Welcome (durable seq, sync states)
+//!  Hello (newest version it speaks) ───────►
+//!        ◄────────────────────────────────── Welcome (in the version both
+//!                                            speak; durable seq, sync states)
 //!  Records / Chunk / DigestRequest /
 //!  ResyncDone ─────────────────────────────►
 //!        ◄────────────────────────────────── Ack / Digests
@@ -29,10 +31,13 @@ pub mod message;
 pub mod receiver;
 pub mod shipper;
 
-pub use frame::{encode_frame, Compression, DecodeError, EncodeError, Frame, FrameDecoder};
+pub use frame::{
+    encode_frame, Compression, DecodeError, EncodeError, Frame, FrameDecoder, Versions,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
 pub use message::{
     BatchError, ChunkData, ChunkPurpose, DiskInfo, DiskSync, ErrorClass, ErrorCode, Message,
-    MessageDecoder, MessageType, RecordBatch, RecordId, ResyncExtent,
+    MessageDecoder, MessageType, Received, RecordBatch, RecordId, ResyncExtent, SOFTWARE,
 };
 pub use receiver::{
     DrainOutcome, ExpectHello, Position, ReceiverConfig, ReceiverError, Receiving, Replica,

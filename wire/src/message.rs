@@ -4,24 +4,40 @@
 //! every message must use its whole body.
 //!
 //! ```text
-//!  1 hello           str8 host, str8 group, u32 generation, u32 n,
-//!                    n × (u32 id, str8 name, u64 size)
-//!  2 welcome         u64 durable-seq, u32 generation, u32 n, n × (u32 id, u64 synced)
-//!  3 records         the records, each exactly as in the log (56-byte header
-//!                    with its own CRC32C, then payload), back to back
-//!  4 chunk           u32 disk, u64 offset, u64 after-seq, u8 purpose
-//!                    (0 initial-sync, 1 resync), u8 data kind, then
-//!                    kind 0: the data (rest of the body, non-empty)
-//!                    kind 1: u64 length of a range that reads as zeroes
-//!  5 digest-request  u32 disk, u64 offset, u64 length, u32 block-size
-//!  6 digests         u32 disk, u64 offset, u32 block-size, u32 n, n × 32-byte BLAKE3
-//!  7 resync-done     u32 disk, u64 offset, u64 length, u64 after-seq
-//!  8 ack             u64 durable-seq, u32 generation, u64 frames,
-//!                    u32 n, n × (u32 id, u64 synced)
-//!  9 error           u8 class (0 transient, 1 permanent), u8 code, str16 message
-//! 10 drain-request   u64 id
-//! 11 drained         u64 id, u64 last-seq, str16 error (empty: drained)
+//!  type              since  layout
+//!  1 hello           1      str8 host, str8 group, u32 generation, u32 n,
+//!                           n × (u32 id, str8 name, u64 size)
+//!                    2      then: u16 min-version, str8 software
+//!  2 welcome         1      u64 durable-seq, u32 generation,
+//!                           u32 n, n × (u32 id, u64 synced),
+//!                           u32 m, m × (u32 disk, u64 offset, u64 length)
+//!                    2      then: str8 software
+//!  3 records         1      the records, each exactly as in the log (56-byte
+//!                           header with its own CRC32C, then payload), back
+//!                           to back
+//!  4 chunk           1      u32 disk, u64 offset, u64 after-seq, u8 purpose
+//!                           (0 initial-sync, 1 resync), u8 data kind, then
+//!                           kind 0: the data (rest of the body, non-empty)
+//!                           kind 1: u64 length of a range that reads as zeroes
+//!  5 digest-request  1      u32 disk, u64 offset, u64 length, u32 block-size
+//!  6 digests         1      u32 disk, u64 offset, u32 block-size, u32 n,
+//!                           n × 32-byte BLAKE3
+//!  7 resync-done     1      u32 disk, u64 offset, u64 length, u64 after-seq
+//!  8 ack             1      u64 durable-seq, u32 generation, u64 frames,
+//!                           u32 n, n × (u32 id, u64 synced)
+//!  9 error           1      u8 class (0 transient, 1 permanent), u8 code,
+//!                           str16 message; the same in every version
+//! 10 drain-request   1      u64 id
+//! 11 drained         1      u64 id, u64 last-seq, str16 error (empty: drained)
 //! ```
+//!
+//! `since` is the protocol version that added the message or the fields
+//! (the frame header's version field; the rules are in [`crate::frame`]). A
+//! frame of version `v` holds exactly the fields of version `v` and older;
+//! a message type newer than `v` is refused by the encoder and the decoder.
+//! Version 2 added to the hello the oldest version the shipper speaks
+//! (`min-version`; the newest is the hello's frame version) and both sides'
+//! `software` release (e.g. "0.1.0") for logs and status.
 //!
 //! A planned failover is asked for on the replica site: the receiver sends
 //! `drain-request`; the shipper stops the protected host's tracker (no new
@@ -37,14 +53,18 @@
 //! frames the receiver has consumed on this connection; the shipper's flow
 //! control releases in-flight bytes by it.
 
-use crate::frame::MAX_FRAME_BODY;
-use crate::frame::{encode_frame, Compression, DecodeError, EncodeError, Frame, FrameDecoder};
+use crate::frame::{
+    encode_frame, Compression, DecodeError, EncodeError, Frame, FrameDecoder, MAX_FRAME_BODY,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
 use std::fmt;
 use thiserror::Error;
 use tidemark_changelog::record::{self, Header, Record, HEADER_LEN};
 
 /// The longest host, group or disk name, in bytes.
 pub const MAX_NAME: usize = 255;
+/// The release of this code, as a hello or welcome (version 2 on) names it.
+pub const SOFTWARE: &str = env!("CARGO_PKG_VERSION");
 /// The longest error message, in bytes.
 pub const MAX_ERROR_MESSAGE: usize = 4096;
 /// The most disks a consistency group may have.
@@ -113,6 +133,32 @@ impl MessageType {
             11 => MessageType::Drained,
             _ => return None,
         })
+    }
+
+    /// The protocol version that added the message: it is never sent in
+    /// a session of an older version.
+    pub fn since(self) -> u16 {
+        match self {
+            MessageType::Hello
+            | MessageType::Welcome
+            | MessageType::Records
+            | MessageType::Chunk
+            | MessageType::DigestRequest
+            | MessageType::Digests
+            | MessageType::ResyncDone
+            | MessageType::Ack
+            | MessageType::Error
+            | MessageType::DrainRequest
+            | MessageType::Drained => 1,
+        }
+    }
+
+    /// Whether the layout is the same in every version, so that it can be
+    /// sent in (and read from) a frame of any version: the error, which
+    /// must reach a peer of any version, and the hello, which only ever
+    /// grows at its end (see [`crate::frame`]).
+    fn layout_is_frozen(self) -> bool {
+        matches!(self, MessageType::Hello | MessageType::Error)
     }
 
     /// The kebab-case name, for logs and errors.
@@ -527,6 +573,11 @@ pub enum Message {
         generation: u32,
         /// The group's disks.
         disks: Vec<DiskInfo>,
+        /// (Version 2 on; 1 when absent.) The oldest protocol version the
+        /// shipper offers; the newest is the version of the hello's frame.
+        min_version: u16,
+        /// (Version 2 on; empty when absent.) The shipper's release.
+        software: String,
     },
     /// Receiver → shipper: where to resume.
     Welcome {
@@ -539,6 +590,8 @@ pub enum Message {
         /// Resync-needed extents the replica still waits for (their records
         /// are durable, so a restarted shipper learns them only here).
         resyncing: Vec<ResyncExtent>,
+        /// (Version 2 on; empty when absent.) The receiver's release.
+        software: String,
     },
     /// Shipper → receiver: consecutive log records.
     Records(RecordBatch),
@@ -664,14 +717,29 @@ impl Message {
         }
     }
 
-    /// Encodes the message as a whole frame.
-    pub fn encode(&self, compression: Compression) -> Result<Vec<u8>, EncodeError> {
-        let body = self.encode_body()?;
-        encode_frame(self.msg_type(), &body, compression)
+    /// Encodes the message as a whole frame of protocol `version`: with
+    /// the fields that version has, refused if the message does not exist
+    /// in it or this code does not speak it (the hello and the error also
+    /// in the older versions their layout covers).
+    pub fn encode(&self, version: u16, compression: Compression) -> Result<Vec<u8>, EncodeError> {
+        let body = self.encode_body(version)?;
+        encode_frame(version, self.msg_type(), &body, compression)
     }
 
-    /// Encodes the body alone.
-    pub fn encode_body(&self) -> Result<Vec<u8>, EncodeError> {
+    /// Encodes the body alone, in protocol `version` (see [`Message::encode`]).
+    pub fn encode_body(&self, version: u16) -> Result<Vec<u8>, EncodeError> {
+        let msg_type = self.msg_type();
+        let spoken = if msg_type.layout_is_frozen() {
+            (1..=PROTOCOL_VERSION).contains(&version)
+        } else {
+            (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version)
+        };
+        if !spoken || version < msg_type.since() {
+            return Err(EncodeError::NotInVersion {
+                msg: msg_type.name(),
+                version,
+            });
+        }
         let mut w = Writer(Vec::new());
         match self {
             Message::Hello {
@@ -679,6 +747,8 @@ impl Message {
                 group,
                 generation,
                 disks,
+                min_version,
+                software,
             } => {
                 w.str8("host", host)?;
                 w.str8("group", group)?;
@@ -689,12 +759,23 @@ impl Message {
                     w.str8("disk name", &d.name)?;
                     w.u64(d.size);
                 }
+                if version >= 2 {
+                    if *min_version == 0 || *min_version > version {
+                        return Err(EncodeError::InvalidField {
+                            field: "min version",
+                            reason: "not a version at or below the hello's",
+                        });
+                    }
+                    w.u16(*min_version);
+                    w.str8("software", software)?;
+                }
             }
             Message::Welcome {
                 durable_seq,
                 generation,
                 disks,
                 resyncing,
+                software,
             } => {
                 w.u64(*durable_seq);
                 w.u32(*generation);
@@ -704,6 +785,9 @@ impl Message {
                     w.u32(e.disk);
                     w.u64(e.offset);
                     w.u64(e.length);
+                }
+                if version >= 2 {
+                    w.str8("software", software)?;
                 }
             }
             Message::Records(batch) => return Ok(batch.as_bytes().to_vec()),
@@ -842,19 +926,34 @@ impl Message {
         Ok(w.0)
     }
 
-    /// Decodes a frame's body.
+    /// Decodes a frame's body, as the frame's version lays it out. A frame
+    /// of a version this code does not speak is refused, but for a hello
+    /// (whose fields of the versions known here are read, the newer ones
+    /// after them ignored) and an error (the same in every version).
     pub fn decode(frame: Frame) -> Result<Message, DecodeError> {
-        match frame.msg_type {
+        let (version, msg_type) = (frame.version, frame.msg_type);
+        if !msg_type.layout_is_frozen()
+            && !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version)
+        {
+            return Err(DecodeError::UnsupportedVersion(version));
+        }
+        if version < msg_type.since() {
+            return Err(DecodeError::NotInVersion {
+                msg: msg_type.name(),
+                version,
+            });
+        }
+        match msg_type {
             // The batch keeps the body as it is: no copy of the records.
             MessageType::Records => RecordBatch::from_bytes(frame.body)
                 .map(Message::Records)
                 .map_err(DecodeError::Batch),
-            msg_type => decode_fields(msg_type, &frame.body),
+            msg_type => decode_fields(msg_type, version, &frame.body),
         }
     }
 }
 
-fn decode_fields(msg_type: MessageType, body: &[u8]) -> Result<Message, DecodeError> {
+fn decode_fields(msg_type: MessageType, version: u16, body: &[u8]) -> Result<Message, DecodeError> {
     {
         let mut r = Reader { b: body, at: 0 };
         let msg = match msg_type {
@@ -871,11 +970,28 @@ fn decode_fields(msg_type: MessageType, body: &[u8]) -> Result<Message, DecodeEr
                         size: r.u64("disk size")?,
                     });
                 }
+                let (mut min_version, mut software) = (1, String::new());
+                if version >= 2 {
+                    min_version = r.u16("min version")?;
+                    software = r.str8("software")?;
+                    if min_version == 0 || min_version > version {
+                        return Err(invalid(
+                            "min version",
+                            "not a version at or below the hello's",
+                        ));
+                    }
+                }
+                if version > PROTOCOL_VERSION {
+                    // Fields of versions newer than this code's.
+                    r.rest();
+                }
                 Message::Hello {
                     host,
                     group,
                     generation,
                     disks,
+                    min_version,
+                    software,
                 }
             }
             MessageType::Welcome => {
@@ -891,11 +1007,17 @@ fn decode_fields(msg_type: MessageType, body: &[u8]) -> Result<Message, DecodeEr
                         length: r.u64("resync length")?,
                     });
                 }
+                let software = if version >= 2 {
+                    r.str8("software")?
+                } else {
+                    String::new()
+                };
                 Message::Welcome {
                     durable_seq,
                     generation,
                     disks,
                     resyncing,
+                    software,
                 }
             }
             MessageType::Records => {
@@ -1174,6 +1296,24 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// A message as it arrived: what the frame carried, and the protocol
+/// version the frame's header named (the sessions check it against the
+/// version they negotiated).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    /// The frame's protocol version.
+    pub version: u16,
+    /// The message.
+    pub message: Message,
+}
+
+impl Received {
+    /// `message` as if it came in a frame of `version`.
+    pub fn new(version: u16, message: Message) -> Received {
+        Received { version, message }
+    }
+}
+
 /// A [`FrameDecoder`] that yields messages: what a daemon's read loop uses.
 #[derive(Debug, Default)]
 pub struct MessageDecoder {
@@ -1197,14 +1337,17 @@ impl MessageDecoder {
         self.frames.buffered()
     }
 
-    /// The next complete message, `Ok(None)` if more bytes are needed. After
-    /// an error the decoder stays failed.
-    pub fn next_message(&mut self) -> Result<Option<Message>, DecodeError> {
+    /// The next complete message and its frame's version, `Ok(None)` if
+    /// more bytes are needed. After an error the decoder stays failed.
+    pub fn next_message(&mut self) -> Result<Option<Received>, DecodeError> {
         if self.failed {
             return Err(DecodeError::Failed);
         }
         let result = match self.frames.next_frame() {
-            Ok(Some(frame)) => Message::decode(frame).map(Some),
+            Ok(Some(frame)) => {
+                let version = frame.version;
+                Message::decode(frame).map(|message| Some(Received { version, message }))
+            }
             other => other.map(|_| None),
         };
         if result.is_err() {
@@ -1272,12 +1415,16 @@ mod tests {
             panic!("not an error")
         };
         assert_eq!(message.len(), MAX_ERROR_MESSAGE);
-        assert!(m.encode(Compression::None).is_ok());
+        assert!(m.encode(PROTOCOL_VERSION, Compression::None).is_ok());
     }
 
     /// Decodes `body` as a `msg_type` message.
     fn decode(msg_type: MessageType, body: Vec<u8>) -> Result<Message, DecodeError> {
-        Message::decode(Frame { msg_type, body })
+        Message::decode(Frame {
+            version: PROTOCOL_VERSION,
+            msg_type,
+            body,
+        })
     }
 
     #[test]
@@ -1334,6 +1481,7 @@ mod tests {
         body.extend_from_slice(&1u32.to_le_bytes());
         body.extend_from_slice(&u32::MAX.to_le_bytes());
         let frame = Frame {
+            version: PROTOCOL_VERSION,
             msg_type: MessageType::Welcome,
             body,
         };

@@ -2,9 +2,11 @@
 //! drives the replica store through the narrow [`Replica`] trait.
 //!
 //! - [`ExpectHello`]: the first frame must be a Hello from the host the TLS
-//!   certificate names (else permanent `Unauthorized`). The replica commits
-//!   what an earlier session applied, and the Welcome tells the shipper
-//!   where the replica stands.
+//!   certificate names (else permanent `Unauthorized`), offering a protocol
+//!   version this end speaks (else a permanent `Protocol` error naming both
+//!   ends' versions, in a version the shipper reads: see [`crate::frame`]).
+//!   The replica commits what an earlier session applied, and the Welcome,
+//!   in the session's version, tells the shipper where the replica stands.
 //! - [`Receiving`]: records apply strictly in order. Records at or below the
 //!   last applied one are duplicates of a resumed stream and are skipped;
 //!   the next one must follow it (seq + 1, or a jump into a newer
@@ -22,10 +24,10 @@
 //! connection that is still delivering after the shipper reconnected can
 //! therefore never apply anything.
 
-use crate::frame::{Compression, DecodeError, EncodeError};
+use crate::frame::{Compression, DecodeError, EncodeError, Versions, MIN_PROTOCOL_VERSION};
 use crate::message::{
     digest_count, ChunkData, ChunkPurpose, DiskInfo, DiskSync, ErrorClass, ErrorCode, Message,
-    RecordId, ResyncExtent, MAX_DISKS,
+    Received, RecordId, ResyncExtent, MAX_DISKS, SOFTWARE,
 };
 use std::collections::HashSet;
 use thiserror::Error;
@@ -103,6 +105,9 @@ pub struct ReceiverConfig {
     pub compression: Compression,
     /// Chunk bytes applied before a commit. Default 64 MiB.
     pub commit_bytes: u64,
+    /// The protocol versions served. Default [`Versions::SUPPORTED`]
+    /// (tests narrow it to play an older or newer receiver).
+    pub versions: Versions,
 }
 
 impl ReceiverConfig {
@@ -112,6 +117,7 @@ impl ReceiverConfig {
             authenticated_host: host.to_string(),
             compression: Compression::None,
             commit_bytes: 64 << 20,
+            versions: Versions::SUPPORTED,
         }
     }
 }
@@ -119,7 +125,7 @@ impl ReceiverConfig {
 /// Why a receiver session ended.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ReceiverError {
-    /// This side refuses the stream; send [`ReceiverError::to_message`] and
+    /// This side refuses the stream; send [`ReceiverError::to_frame`] and
     /// close.
     #[error("refused the shipper ({class:?} {code:?}): {message}")]
     Refused {
@@ -129,6 +135,9 @@ pub enum ReceiverError {
         code: ErrorCode,
         /// Why.
         message: String,
+        /// The protocol version to say it in: the session's, or for a
+        /// refused hello one the shipper reads.
+        version: u16,
     },
     /// The shipper sent an Error.
     #[error("the shipper gave up ({class:?} {code:?}): {message}")]
@@ -143,11 +152,32 @@ pub enum ReceiverError {
 }
 
 impl ReceiverError {
+    /// A refusal; its version is set where the session knows it
+    /// ([`ReceiverError::in_version`]).
     fn refuse(class: ErrorClass, code: ErrorCode, message: impl Into<String>) -> ReceiverError {
         ReceiverError::Refused {
             class,
             code,
             message: message.into(),
+            version: MIN_PROTOCOL_VERSION,
+        }
+    }
+
+    /// The same refusal, to be said in protocol `version`.
+    fn in_version(self, v: u16) -> ReceiverError {
+        match self {
+            ReceiverError::Refused {
+                class,
+                code,
+                message,
+                ..
+            } => ReceiverError::Refused {
+                class,
+                code,
+                message,
+                version: v,
+            },
+            peer => peer,
         }
     }
 
@@ -157,14 +187,16 @@ impl ReceiverError {
 
     /// The error for bytes that did not decode: damaged frames and records
     /// are transient `BadChecksum` (a resend heals them), malformed ones a
-    /// transient `Protocol` error.
-    pub fn from_decode(err: &DecodeError) -> ReceiverError {
+    /// transient `Protocol` error. `version`: the session's
+    /// ([`Receiving::version`]); before the hello, version 1, which every
+    /// shipper reads.
+    pub fn from_decode(err: &DecodeError, version: u16) -> ReceiverError {
         let code = if err.is_corruption() {
             ErrorCode::BadChecksum
         } else {
             ErrorCode::Protocol
         };
-        ReceiverError::refuse(ErrorClass::Transient, code, err.to_string())
+        ReceiverError::refuse(ErrorClass::Transient, code, err.to_string()).in_version(version)
     }
 
     /// The class, for status and metrics.
@@ -189,19 +221,28 @@ impl ReceiverError {
                 class,
                 code,
                 message,
+                ..
             } => Some(Message::error(*class, *code, message)),
             ReceiverError::Peer { .. } => None,
         }
+    }
+
+    /// [`ReceiverError::to_message`] as the frame to send, uncompressed, in
+    /// the refusal's protocol version.
+    pub fn to_frame(&self) -> Option<Vec<u8>> {
+        let ReceiverError::Refused { version, .. } = self else {
+            return None;
+        };
+        // An error encodes in every version up to this code's, and the
+        // refusal's version is never above it.
+        self.to_message()
+            .and_then(|m| m.encode(*version, Compression::None).ok())
     }
 }
 
 impl From<ReplicaError> for ReceiverError {
     fn from(e: ReplicaError) -> Self {
-        ReceiverError::Refused {
-            class: e.class,
-            code: e.code,
-            message: e.message,
-        }
+        ReceiverError::refuse(e.class, e.code, e.message)
     }
 }
 
@@ -224,19 +265,32 @@ impl ExpectHello {
     }
 
     /// Handles the first message; on success returns the streaming session
-    /// and the Welcome frame to send.
+    /// and the Welcome frame to send. A refusal carries the version to send
+    /// it in (see [`ReceiverError::to_frame`]).
     pub fn handle_message<R: Replica>(
         self,
-        msg: Message,
+        received: Received,
         replica: &mut R,
     ) -> Result<(Receiving, Vec<u8>), ReceiverError> {
-        let (host, generation, disks) = match msg {
+        let ours = self.config.versions;
+        let version = received.version;
+        // Before the versions are agreed, say it in one the shipper reads.
+        let answer = version.min(ours.max);
+        let (host, generation, disks, offered, software) = match received.message {
             Message::Hello {
                 host,
                 generation,
                 disks,
+                min_version,
+                software,
                 ..
-            } => (host, generation, disks),
+            } => {
+                let offered = Versions {
+                    min: min_version,
+                    max: version,
+                };
+                (host, generation, disks, offered, software)
+            }
             Message::Error {
                 class,
                 code,
@@ -252,9 +306,47 @@ impl ExpectHello {
                 return Err(ReceiverError::protocol(format!(
                     "expected hello, got {}",
                     other.msg_type().name()
-                )))
+                ))
+                .in_version(answer))
             }
         };
+        let version = offered.max.min(ours.max);
+        let upgrade = if offered.max < ours.min {
+            Some("shipper")
+        } else if version < offered.min {
+            Some("receiver")
+        } else {
+            None
+        };
+        if let Some(older) = upgrade {
+            return Err(ReceiverError::refuse(
+                ErrorClass::Permanent,
+                ErrorCode::Protocol,
+                format!(
+                    "no protocol version in common: the shipper{} speaks {offered}, this \
+                     receiver (tidemark {SOFTWARE}) {ours}; upgrade the {older}",
+                    if software.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (tidemark {software})")
+                    }
+                ),
+            )
+            .in_version(answer));
+        }
+        self.start(host, generation, disks, version, software, replica)
+            .map_err(|e| e.in_version(version))
+    }
+
+    fn start<R: Replica>(
+        self,
+        host: String,
+        generation: u32,
+        disks: Vec<DiskInfo>,
+        version: u16,
+        shipper_software: String,
+        replica: &mut R,
+    ) -> Result<(Receiving, Vec<u8>), ReceiverError> {
         if host != self.config.authenticated_host {
             return Err(ReceiverError::refuse(
                 ErrorClass::Permanent,
@@ -308,10 +400,13 @@ impl ExpectHello {
                 })
                 .collect(),
             resyncing: position.resyncing.clone(),
+            software: SOFTWARE.to_string(),
         }
-        .encode(self.config.compression)?;
+        .encode(version, self.config.compression)?;
         let session = Receiving {
             config: self.config,
+            version,
+            shipper_software,
             lease,
             applied: RecordId {
                 seq: position.durable_seq,
@@ -342,6 +437,10 @@ pub struct DrainOutcome {
 #[derive(Debug)]
 pub struct Receiving {
     config: ReceiverConfig,
+    /// The protocol version of the session: every frame is of it.
+    version: u16,
+    /// The shipper's release, as its hello named it (empty before version 2).
+    shipper_software: String,
     lease: u64,
     /// The last record applied (seq 0: none ever).
     applied: RecordId,
@@ -360,10 +459,23 @@ impl Receiving {
         self.applied
     }
 
+    /// The protocol version both ends agreed on.
+    pub fn version(&self) -> u16 {
+        self.version
+    }
+
+    /// The shipper's release as its hello named it; empty if its version
+    /// does not say (version 1).
+    pub fn shipper_software(&self) -> &str {
+        &self.shipper_software
+    }
+
     /// Encodes a request to drain the group for a planned failover; the
     /// answer comes as [`Receiving::take_drained`].
     pub fn request_drain(&self, id: u64) -> Result<Vec<u8>, ReceiverError> {
-        Ok(Message::DrainRequest { id }.encode(self.config.compression)?)
+        Message::DrainRequest { id }
+            .encode(self.version, self.config.compression)
+            .map_err(|e| ReceiverError::from(e).in_version(self.version))
     }
 
     /// The shipper's answer to a drain request, once it came.
@@ -372,12 +484,28 @@ impl Receiving {
     }
 
     /// Handles one message from the shipper; returns the frames to send
-    /// (Acks, Digests). On error, send the error's message and close.
+    /// (Acks, Digests). On error, send the error's frame and close.
     pub fn handle_message<R: Replica>(
         &mut self,
-        msg: Message,
+        received: Received,
         replica: &mut R,
     ) -> Result<Vec<Vec<u8>>, ReceiverError> {
+        self.handle(received, replica)
+            .map_err(|e| e.in_version(self.version))
+    }
+
+    fn handle<R: Replica>(
+        &mut self,
+        received: Received,
+        replica: &mut R,
+    ) -> Result<Vec<Vec<u8>>, ReceiverError> {
+        if received.version != self.version {
+            return Err(ReceiverError::protocol(format!(
+                "a frame of protocol version {} in a session of version {}",
+                received.version, self.version
+            )));
+        }
+        let msg = received.message;
         if replica.current_lease() != self.lease {
             return Err(ReceiverError::refuse(
                 ErrorClass::Transient,
@@ -504,7 +632,7 @@ impl Receiving {
                         block_size,
                         digests,
                     }
-                    .encode(self.config.compression)?,
+                    .encode(self.version, self.config.compression)?,
                 );
             }
             Message::ResyncDone {
@@ -571,11 +699,13 @@ impl Receiving {
                 ErrorClass::Transient,
                 ErrorCode::Busy,
                 "a newer connection of this group took over",
-            ));
+            )
+            .in_version(self.version));
         }
         let mut out = Vec::new();
         if self.dirty || self.frames > self.acked_frames {
-            self.commit(replica, &mut out)?;
+            self.commit(replica, &mut out)
+                .map_err(|e| e.in_version(self.version))?;
         }
         Ok(out)
     }
@@ -601,7 +731,7 @@ impl Receiving {
                 frames: self.frames,
                 disks: position.disks,
             }
-            .encode(self.config.compression)?,
+            .encode(self.version, self.config.compression)?,
         );
         Ok(())
     }

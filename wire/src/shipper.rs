@@ -1,22 +1,26 @@
 //! The shipper's end of a session, sans IO. The daemon owns the connection,
 //! the change log and the disks; this module decides.
 //!
-//! - [`AwaitingWelcome::start`] gives the Hello frame to send.
-//! - [`AwaitingWelcome::handle_message`] takes the Welcome and says where to
-//!   resume ([`Resume`]): the log from `from_seq`, each disk's initial sync
-//!   at its `synced` offset. It refuses (permanently) when the log no longer
-//!   holds the record after the replica's durable one and no generation
-//!   boundary explains the jump: the records in between are lost, only a
-//!   resync can repair the replica.
+//! - [`AwaitingWelcome::start`] gives the Hello frame to send, offering the
+//!   protocol versions of [`ShipperConfig::versions`].
+//! - [`AwaitingWelcome::handle_message`] takes the Welcome (whose version
+//!   becomes the session's) and says where to resume ([`Resume`]): the log
+//!   from `from_seq`, each disk's initial sync at its `synced` offset. It
+//!   refuses (permanently) when the log no longer holds the record after
+//!   the replica's durable one and no generation boundary explains the
+//!   jump: the records in between are lost, only a resync can repair the
+//!   replica. A receiver of version 1, which cannot read a newer hello,
+//!   gives [`ShipperError::OfferOlder`]: connect again offering only its
+//!   version (see [`crate::frame`] for the rules).
 //! - [`Shipping`] encodes what the daemon sends (checking record order and
 //!   chunk positions), counts in-flight bytes against a window so the daemon
 //!   knows when to stop reading the log, and turns the receiver's Acks and
 //!   Digests into [`ShipperEvent`]s.
 
-use crate::frame::{Compression, EncodeError};
+use crate::frame::{Compression, EncodeError, Versions};
 use crate::message::{
     digest_count, ChunkData, ChunkPurpose, DiskInfo, DiskSync, ErrorClass, ErrorCode, Message,
-    RecordBatch, RecordId, ResyncExtent,
+    Received, RecordBatch, RecordId, ResyncExtent, SOFTWARE,
 };
 use std::collections::VecDeque;
 use thiserror::Error;
@@ -29,6 +33,9 @@ pub struct ShipperConfig {
     pub window_bytes: u64,
     /// Body compression. Default zstd level 1.
     pub compression: Compression,
+    /// The protocol versions to offer. Default [`Versions::SUPPORTED`];
+    /// only version 1 after a version-1 receiver refused a newer hello.
+    pub versions: Versions,
 }
 
 impl Default for ShipperConfig {
@@ -36,6 +43,7 @@ impl Default for ShipperConfig {
         ShipperConfig {
             window_bytes: 64 << 20,
             compression: Compression::Fast,
+            versions: Versions::SUPPORTED,
         }
     }
 }
@@ -77,6 +85,27 @@ pub enum ShipperError {
     /// The receiver sent something the protocol does not allow here.
     #[error("the receiver broke the protocol: {0}")]
     Protocol(String),
+    /// The receiver predates version negotiation: it speaks only `version`
+    /// and refused the newer hello. Connect again at once, offering only
+    /// `version` ([`Versions::only`]).
+    #[error("the receiver speaks only protocol version {version}; connecting again in it")]
+    OfferOlder {
+        /// The version to offer.
+        version: u16,
+    },
+    /// The two ends speak no protocol version in common.
+    #[error(
+        "no protocol version in common: the receiver speaks {receiver}, this shipper \
+         (tidemark {SOFTWARE}) {shipper}; upgrade the {older}"
+    )]
+    NoCommonVersion {
+        /// What the receiver speaks (as far as this end learnt).
+        receiver: Versions,
+        /// What this end offered.
+        shipper: Versions,
+        /// The end to upgrade: "receiver" or "shipper".
+        older: &'static str,
+    },
     /// The daemon asked to send something out of order (a bug here).
     #[error("refused to send: {0}")]
     Usage(String),
@@ -91,22 +120,34 @@ impl ShipperError {
     pub fn class(&self) -> ErrorClass {
         match self {
             ShipperError::Peer { class, .. } => *class,
-            ShipperError::CannotResume { .. } | ShipperError::Usage(_) => ErrorClass::Permanent,
-            ShipperError::Protocol(_) | ShipperError::Encode(_) => ErrorClass::Transient,
+            ShipperError::CannotResume { .. }
+            | ShipperError::Usage(_)
+            | ShipperError::NoCommonVersion { .. } => ErrorClass::Permanent,
+            ShipperError::Protocol(_)
+            | ShipperError::Encode(_)
+            | ShipperError::OfferOlder { .. } => ErrorClass::Transient,
         }
     }
 
     /// The Error message to send to the receiver before closing (none when
-    /// the receiver is the one that sent an Error).
+    /// the receiver is the one that sent an Error, or has closed already).
     pub fn to_message(&self) -> Option<Message> {
         let (code, text) = match self {
-            ShipperError::Peer { .. } => return None,
+            ShipperError::Peer { .. } | ShipperError::OfferOlder { .. } => return None,
             ShipperError::CannotResume { code, reason } => (*code, reason.clone()),
             ShipperError::Protocol(s) => (ErrorCode::Protocol, s.clone()),
+            ShipperError::NoCommonVersion { .. } => (ErrorCode::Protocol, self.to_string()),
             ShipperError::Usage(s) => (ErrorCode::Internal, s.clone()),
             ShipperError::Encode(e) => (ErrorCode::Internal, e.to_string()),
         };
         Some(Message::error(self.class(), code, &text))
+    }
+
+    /// [`ShipperError::to_message`] as a frame of protocol `version` (the
+    /// session's, or the welcome's), uncompressed.
+    pub fn to_frame(&self, version: u16) -> Option<Vec<u8>> {
+        self.to_message()
+            .and_then(|m| m.encode(version, Compression::None).ok())
     }
 }
 
@@ -123,6 +164,11 @@ pub struct Resume {
     /// Resync-needed extents the replica still waits for: compare them
     /// (their records are already durable and will not be sent again).
     pub resyncing: Vec<ResyncExtent>,
+    /// The protocol version of the session.
+    pub version: u16,
+    /// The receiver's release, as its welcome named it (empty before
+    /// version 2).
+    pub receiver_software: String,
 }
 
 /// A session that has sent its Hello and waits for the Welcome.
@@ -138,31 +184,62 @@ impl AwaitingWelcome {
         hello: HelloInfo,
         config: ShipperConfig,
     ) -> Result<(AwaitingWelcome, Vec<u8>), ShipperError> {
+        let offered = config.versions;
         let frame = Message::Hello {
             host: hello.host.clone(),
             group: hello.group.clone(),
             generation: hello.generation,
             disks: hello.disks.clone(),
+            min_version: offered.min,
+            software: SOFTWARE.to_string(),
         }
-        .encode(config.compression)?;
+        .encode(offered.max, config.compression)?;
         Ok((AwaitingWelcome { hello, config }, frame))
+    }
+
+    /// The protocol version to answer the receiver's first message in: its
+    /// own, as far as this end speaks it.
+    pub fn answer_version(&self, received: &Received) -> u16 {
+        received.version.min(self.config.versions.max).max(1)
     }
 
     /// Handles the receiver's first message. `first_after(seq)` must return
     /// the first record the log holds with a sequence number above `seq`
     /// (for `seq == 0`: its oldest record), or `None` if it holds none yet.
+    /// On error, send [`ShipperError::to_frame`] in
+    /// [`AwaitingWelcome::answer_version`] and close.
     pub fn handle_message(
         self,
-        msg: Message,
+        received: Received,
         first_after: impl FnOnce(u64) -> Option<RecordId>,
     ) -> Result<(Shipping, Resume), ShipperError> {
-        let (durable_seq, generation, disks, resyncing) = match msg {
+        let offered = self.config.versions;
+        let version = received.version;
+        let (durable_seq, generation, disks, resyncing, receiver_software) = match received.message
+        {
             Message::Welcome {
                 durable_seq,
                 generation,
                 disks,
                 resyncing,
-            } => (durable_seq, generation, disks, resyncing),
+                software,
+            } => (durable_seq, generation, disks, resyncing, software),
+            // What a version-1 receiver answers a hello it cannot read.
+            Message::Error {
+                class: ErrorClass::Transient,
+                code: ErrorCode::Protocol,
+                ..
+            } if version == 1 && offered.max > 1 => {
+                return Err(if offered.contains(1) {
+                    ShipperError::OfferOlder { version: 1 }
+                } else {
+                    ShipperError::NoCommonVersion {
+                        receiver: Versions::only(1),
+                        shipper: offered,
+                        older: "receiver",
+                    }
+                })
+            }
             Message::Error {
                 class,
                 code,
@@ -181,6 +258,18 @@ impl AwaitingWelcome {
                 )))
             }
         };
+        if version > offered.max {
+            return Err(ShipperError::Protocol(format!(
+                "a welcome of protocol version {version}, the hello offered {offered}"
+            )));
+        }
+        if version < offered.min {
+            return Err(ShipperError::NoCommonVersion {
+                receiver: Versions::only(version),
+                shipper: offered,
+                older: "receiver",
+            });
+        }
         if generation > self.hello.generation {
             return Err(ShipperError::CannotResume {
                 code: ErrorCode::Protocol,
@@ -250,6 +339,7 @@ impl AwaitingWelcome {
         };
         let shipping = Shipping {
             config: self.config,
+            version,
             disks: self.hello.disks,
             durable,
             last_sent: (durable_seq != 0).then_some(durable),
@@ -266,6 +356,8 @@ impl AwaitingWelcome {
                 durable,
                 disks,
                 resyncing,
+                version,
+                receiver_software,
             },
         ))
     }
@@ -326,6 +418,8 @@ pub enum ShipperEvent {
 #[derive(Debug)]
 pub struct Shipping {
     config: ShipperConfig,
+    /// The protocol version of the session: every frame is of it.
+    version: u16,
     disks: Vec<DiskInfo>,
     durable: RecordId,
     /// The last record sent; `None` while a fresh replica has none.
@@ -339,6 +433,11 @@ pub struct Shipping {
 }
 
 impl Shipping {
+    /// The protocol version both ends agreed on.
+    pub fn version(&self) -> u16 {
+        self.version
+    }
+
     /// Whether the window has room: when false, stop reading the log until
     /// an Ack arrives.
     pub fn can_send(&self) -> bool {
@@ -407,7 +506,8 @@ impl Shipping {
                 )));
             }
         }
-        let frame = Message::Records(batch.clone()).encode(self.config.compression)?;
+        let frame =
+            Message::Records(batch.clone()).encode(self.version, self.config.compression)?;
         self.last_sent = Some(last);
         self.track(&frame);
         Ok(frame)
@@ -430,7 +530,7 @@ impl Shipping {
             purpose,
             data,
         }
-        .encode(self.config.compression)?;
+        .encode(self.version, self.config.compression)?;
         self.track(&frame);
         Ok(frame)
     }
@@ -452,7 +552,7 @@ impl Shipping {
             length,
             block_size,
         }
-        .encode(self.config.compression)?;
+        .encode(self.version, self.config.compression)?;
         self.pending_digests.push_back(DigestRequestInfo {
             disk,
             offset,
@@ -479,7 +579,7 @@ impl Shipping {
             length,
             after_seq: self.last_sent_seq(),
         }
-        .encode(self.config.compression)?;
+        .encode(self.version, self.config.compression)?;
         self.track(&frame);
         Ok(frame)
     }
@@ -504,14 +604,21 @@ impl Shipping {
             last_seq,
             error: truncate(error, crate::message::MAX_ERROR_MESSAGE),
         }
-        .encode(self.config.compression)?;
+        .encode(self.version, self.config.compression)?;
         self.track(&frame);
         Ok(frame)
     }
 
-    /// Handles a message from the receiver.
-    pub fn handle_message(&mut self, msg: Message) -> Result<ShipperEvent, ShipperError> {
-        match msg {
+    /// Handles a message from the receiver. On error, send
+    /// [`ShipperError::to_frame`] in the session's version and close.
+    pub fn handle_message(&mut self, received: Received) -> Result<ShipperEvent, ShipperError> {
+        if received.version != self.version {
+            return Err(ShipperError::Protocol(format!(
+                "a frame of protocol version {} in a session of version {}",
+                received.version, self.version
+            )));
+        }
+        match received.message {
             Message::DrainRequest { id } => Ok(ShipperEvent::DrainRequested { id }),
             Message::Ack {
                 durable_seq,
@@ -685,11 +792,13 @@ mod tests {
                 synced: 4096,
             }],
             resyncing: Vec::new(),
+            software: String::new(),
         }
     }
 
     fn resume(msg: Message, next: Option<(u64, u32)>) -> Result<Resume, ShipperError> {
         let (s, _) = AwaitingWelcome::start(hello(), ShipperConfig::default()).unwrap();
+        let msg = Received::new(crate::frame::PROTOCOL_VERSION, msg);
         s.handle_message(msg, |_| {
             next.map(|(seq, generation)| RecordId { seq, generation })
         })

@@ -6,7 +6,7 @@ use tidemark_changelog::record::Entry;
 use tidemark_wire::frame::{FRAME_HEADER_LEN, MAX_FRAME_BODY};
 use tidemark_wire::{
     ChunkData, ChunkPurpose, Compression, DiskInfo, DiskSync, ErrorClass, ErrorCode, Message,
-    MessageDecoder, RecordBatch,
+    MessageDecoder, RecordBatch, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 
 fn arb_name() -> impl Strategy<Value = String> {
@@ -73,33 +73,47 @@ fn arb_batch() -> impl Strategy<Value = RecordBatch> {
 
 fn arb_message() -> impl Strategy<Value = Message> {
     prop_oneof![
-        (arb_name(), arb_name(), any::<u32>(), arb_disks()).prop_map(
-            |(host, group, generation, disks)| Message::Hello {
-                host,
-                group,
-                generation,
-                disks
-            }
-        ),
+        (
+            arb_name(),
+            arb_name(),
+            any::<u32>(),
+            arb_disks(),
+            1..=PROTOCOL_VERSION,
+            arb_name()
+        )
+            .prop_map(|(host, group, generation, disks, min_version, software)| {
+                Message::Hello {
+                    host,
+                    group,
+                    generation,
+                    disks,
+                    min_version,
+                    software,
+                }
+            }),
         (
             any::<u64>(),
             any::<u32>(),
             arb_syncs(),
-            proptest::collection::vec((any::<u32>(), any::<u64>(), any::<u64>()), 0..4)
+            proptest::collection::vec((any::<u32>(), any::<u64>(), any::<u64>()), 0..4),
+            arb_name()
         )
-            .prop_map(|(durable_seq, generation, disks, ext)| Message::Welcome {
-                durable_seq,
-                generation,
-                disks,
-                resyncing: ext
-                    .into_iter()
-                    .map(|(disk, offset, length)| tidemark_wire::ResyncExtent {
-                        disk,
-                        offset,
-                        length
-                    })
-                    .collect(),
-            }),
+            .prop_map(
+                |(durable_seq, generation, disks, ext, software)| Message::Welcome {
+                    durable_seq,
+                    generation,
+                    disks,
+                    resyncing: ext
+                        .into_iter()
+                        .map(|(disk, offset, length)| tidemark_wire::ResyncExtent {
+                            disk,
+                            offset,
+                            length
+                        })
+                        .collect(),
+                    software,
+                }
+            ),
         arb_batch().prop_map(Message::Records),
         (
             any::<u32>(),
@@ -200,7 +214,7 @@ fn drain(d: &mut MessageDecoder) -> (Vec<Message>, bool) {
     let mut out = Vec::new();
     loop {
         match d.next_message() {
-            Ok(Some(m)) => out.push(m),
+            Ok(Some(m)) => out.push(m.message),
             Ok(None) => return (out, false),
             Err(_) => return (out, true),
         }
@@ -212,7 +226,7 @@ proptest! {
 
     #[test]
     fn every_message_round_trips(msg in arb_message(), compression in arb_compression()) {
-        let frame = msg.encode(compression).unwrap();
+        let frame = msg.encode(PROTOCOL_VERSION, compression).unwrap();
         let mut d = MessageDecoder::new();
         d.feed(&frame);
         let (got, failed) = drain(&mut d);
@@ -229,7 +243,7 @@ proptest! {
     ) {
         let mut stream = Vec::new();
         for m in &msgs {
-            stream.extend_from_slice(&m.encode(compression).unwrap());
+            stream.extend_from_slice(&m.encode(PROTOCOL_VERSION, compression).unwrap());
         }
         let mut cuts: Vec<usize> = cuts.iter().map(|c| c.index(stream.len() + 1)).collect();
         cuts.push(stream.len());
@@ -284,7 +298,7 @@ proptest! {
         compression in arb_compression(),
         bit in any::<proptest::sample::Index>(),
     ) {
-        let mut frame = msg.encode(compression).unwrap();
+        let mut frame = msg.encode(PROTOCOL_VERSION, compression).unwrap();
         let bit = bit.index(frame.len() * 8);
         frame[bit / 8] ^= 1 << (bit % 8);
         let mut d = MessageDecoder::new();
@@ -295,7 +309,7 @@ proptest! {
 
     #[test]
     fn truncated_frames_wait_or_fail(msg in arb_message(), cut in any::<proptest::sample::Index>()) {
-        let frame = msg.encode(Compression::Fast).unwrap();
+        let frame = msg.encode(PROTOCOL_VERSION, Compression::Fast).unwrap();
         let cut = cut.index(frame.len());
         let mut d = MessageDecoder::new();
         d.feed(&frame[..cut]);
@@ -310,7 +324,7 @@ proptest! {
         value in prop_oneof![any::<u32>(), 0u32..10_000],
         tail in proptest::collection::vec(any::<u8>(), 0..200),
     ) {
-        let mut frame = msg.encode(Compression::Fast).unwrap();
+        let mut frame = msg.encode(PROTOCOL_VERSION, Compression::Fast).unwrap();
         let old = frame[field..field + 4].to_vec();
         frame[field..field + 4].copy_from_slice(&value.to_le_bytes());
         let changed = old != frame[field..field + 4];
@@ -325,4 +339,206 @@ proptest! {
         }
         prop_assert!(frame.len() >= FRAME_HEADER_LEN);
     }
+}
+
+/// `msg` as a peer of protocol `version` sees it: without the fields that
+/// version does not have.
+fn as_of(msg: &Message, version: u16) -> Message {
+    let mut m = msg.clone();
+    if version < 2 {
+        match &mut m {
+            Message::Hello {
+                min_version,
+                software,
+                ..
+            } => {
+                *min_version = 1;
+                software.clear();
+            }
+            Message::Welcome { software, .. } => software.clear(),
+            _ => {}
+        }
+    }
+    m
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn every_message_round_trips_in_every_version_spoken(
+        msg in arb_message(),
+        compression in arb_compression(),
+        version in MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION,
+    ) {
+        let frame = msg.encode(version, compression).unwrap();
+        prop_assert_eq!(u16::from_le_bytes([frame[4], frame[5]]), version);
+        let mut d = MessageDecoder::new();
+        d.feed(&frame);
+        let got = d.next_message().unwrap().unwrap();
+        prop_assert_eq!(got.version, version);
+        prop_assert_eq!(got.message, as_of(&msg, version));
+    }
+}
+
+fn hex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+/// The frames the previous release (protocol version 1, no negotiation)
+/// sent: read here as the same messages, and encoded in version 1 to the
+/// very same bytes, so a peer of that release reads what this one sends.
+#[test]
+fn version_1_frames_of_the_previous_release_read_and_encode_byte_for_byte() {
+    let text = include_str!("fixtures/v1-frames.txt");
+    let mut names = Vec::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let (name, frame) = line.split_once(' ').unwrap();
+        let frame = hex(frame);
+        let mut d = MessageDecoder::new();
+        d.feed(&frame);
+        let got = d
+            .next_message()
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .unwrap();
+        assert_eq!(got.version, 1, "{name}");
+        assert_eq!(
+            got.message.msg_type().name(),
+            name.trim_start_matches("zero-")
+        );
+        assert_eq!(
+            got.message.encode(1, Compression::None).unwrap(),
+            frame,
+            "{name} encodes differently in version 1"
+        );
+        if let Message::Hello {
+            min_version,
+            software,
+            ..
+        } = &got.message
+        {
+            assert_eq!((*min_version, software.as_str()), (1, ""));
+        }
+        names.push(name);
+    }
+    assert_eq!(
+        names.len(),
+        12,
+        "every message type of version 1: {names:?}"
+    );
+}
+
+/// A frame of `version` around `body`, uncompressed.
+fn raw_frame(version: u16, msg_type: u8, body: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(b"TMWF");
+    f.extend_from_slice(&version.to_le_bytes());
+    f.push(msg_type);
+    f.push(0);
+    f.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    f.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&f), body);
+    f.extend_from_slice(&crc.to_le_bytes());
+    f.extend_from_slice(body);
+    f
+}
+
+fn hello_v2() -> Message {
+    Message::Hello {
+        host: "db1".into(),
+        group: "g".into(),
+        generation: 3,
+        disks: vec![DiskInfo {
+            id: 0,
+            name: "vda".into(),
+            size: 1 << 30,
+        }],
+        min_version: 1,
+        software: "9.9.9".into(),
+    }
+}
+
+/// A hello of a version newer than this code's (fields appended at its end)
+/// is read for the fields known here, with the newer version kept, so the
+/// receiver can answer in the version both speak. Nothing else of a newer
+/// version is read.
+#[test]
+fn a_newer_hello_is_read_for_what_this_version_knows() {
+    let next = PROTOCOL_VERSION + 1;
+    let mut body = hello_v2().encode_body(PROTOCOL_VERSION).unwrap();
+    body.extend_from_slice(b"fields of a newer version");
+    let mut d = MessageDecoder::new();
+    d.feed(&raw_frame(next, 1, &body));
+    let got = d.next_message().unwrap().unwrap();
+    assert_eq!(got.version, next);
+    assert_eq!(got.message, hello_v2());
+
+    // An error too: its layout is the same in every version.
+    let err = Message::error(ErrorClass::Permanent, ErrorCode::Protocol, "no");
+    let body = err.encode_body(1).unwrap();
+    let mut d = MessageDecoder::new();
+    d.feed(&raw_frame(next, 9, &body));
+    assert_eq!(d.next_message().unwrap().unwrap().message, err);
+
+    let ack = Message::Ack {
+        durable_seq: 1,
+        generation: 1,
+        frames: 1,
+        disks: Vec::new(),
+    };
+    let body = ack.encode_body(PROTOCOL_VERSION).unwrap();
+    let mut d = MessageDecoder::new();
+    d.feed(&raw_frame(next, 8, &body));
+    assert!(matches!(
+        d.next_message(),
+        Err(tidemark_wire::DecodeError::UnsupportedVersion(v)) if v == next
+    ));
+    // Version 0 is no version at all.
+    let mut d = MessageDecoder::new();
+    d.feed(&raw_frame(0, 1, &hello_v2().encode_body(1).unwrap()));
+    assert!(matches!(
+        d.next_message(),
+        Err(tidemark_wire::DecodeError::UnsupportedVersion(0))
+    ));
+}
+
+/// Nothing is encoded in a version this code does not speak (but the
+/// error and the hello in any older one), and a hello never claims a
+/// minimum above its own version.
+#[test]
+fn messages_are_encoded_only_in_versions_that_have_them() {
+    let ack = Message::Ack {
+        durable_seq: 1,
+        generation: 1,
+        frames: 1,
+        disks: Vec::new(),
+    };
+    for v in [0, PROTOCOL_VERSION + 1] {
+        assert!(matches!(
+            ack.encode(v, Compression::None),
+            Err(tidemark_wire::EncodeError::NotInVersion { .. })
+        ));
+        assert!(hello_v2().encode(v, Compression::None).is_err());
+    }
+    let err = Message::error(ErrorClass::Permanent, ErrorCode::Protocol, "no");
+    for v in 1..=PROTOCOL_VERSION {
+        assert!(err.encode(v, Compression::None).is_ok());
+    }
+    let mut too_high = hello_v2();
+    if let Message::Hello { min_version, .. } = &mut too_high {
+        *min_version = PROTOCOL_VERSION + 1;
+    }
+    assert!(too_high
+        .encode(PROTOCOL_VERSION, Compression::None)
+        .is_err());
+    // Decoded, such a hello is refused too.
+    let mut body = hello_v2().encode_body(2).unwrap();
+    let at = body.len() - (1 + "9.9.9".len()) - 2;
+    body[at..at + 2].copy_from_slice(&3u16.to_le_bytes());
+    let mut d = MessageDecoder::new();
+    d.feed(&raw_frame(2, 1, &body));
+    assert!(d.next_message().is_err());
 }

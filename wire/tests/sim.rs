@@ -7,6 +7,13 @@
 //! frames, splits them, flips bytes and delivers stale frames of dropped
 //! connections to their (fenced) sessions. Every seed must converge to the
 //! source byte for byte without a permanent error.
+//!
+//! The two ends are of mixed releases too: a connection's shipper may
+//! offer only protocol version 1 (an older shipper), and its receiver may
+//! speak only version 1, or be of the release before version negotiation
+//! (which refuses a newer hello with a transient protocol error in a
+//! version-1 frame, as that release did). Every frame of a session must be
+//! of the version the session agreed on.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use tidemark_changelog::record::{Entry, Kind, Record};
@@ -17,7 +24,8 @@ use tidemark_wire::shipper::{
 };
 use tidemark_wire::{
     ChunkData, ChunkPurpose, Compression, DiskInfo, DiskSync, ErrorClass, ErrorCode, Message,
-    MessageDecoder, RecordBatch, RecordId, Replica, ReplicaError,
+    MessageDecoder, Received, RecordBatch, RecordId, Replica, ReplicaError, Versions,
+    PROTOCOL_VERSION,
 };
 
 const HOST: &str = "db1";
@@ -198,9 +206,28 @@ impl<'a> MemReplica<'a> {
     }
 }
 
+impl MemReplica<'_> {
+    /// The committed position, with the extents it waits for (as the store
+    /// reports them in the Welcome).
+    fn committed_position(&self) -> Position {
+        let mut p = self.committed.1.clone();
+        p.resyncing = self
+            .committed
+            .2
+            .iter()
+            .map(|&(disk, offset, length)| tidemark_wire::ResyncExtent {
+                disk,
+                offset,
+                length,
+            })
+            .collect();
+        p
+    }
+}
+
 impl Replica for MemReplica<'_> {
     fn position(&self) -> Position {
-        self.committed.1.clone()
+        self.committed_position()
     }
 
     fn ensure_disks(&mut self, disks: &[DiskInfo]) -> Result<(), ReplicaError> {
@@ -326,7 +353,7 @@ impl Replica for MemReplica<'_> {
         self.committed = self.work.clone();
         self.applied_since_commit.clear();
         self.commits += 1;
-        Ok(self.committed.1.clone())
+        Ok(self.committed_position())
     }
 
     fn new_lease(&mut self) -> u64 {
@@ -346,6 +373,9 @@ struct ShipperDaemon {
     /// that asked for it (a resync only counts if it came after the record).
     pending_resync: BTreeMap<(u32, u64, u64), u64>,
     durable: u64,
+    /// The versions to offer on the next connection, after a receiver of
+    /// version 1 refused a newer hello.
+    next_offer: Option<Versions>,
 }
 
 enum ResyncJob {
@@ -380,11 +410,31 @@ enum ReceiverSide {
 struct Conn {
     shipper: Option<ShipperSide>,
     receiver: Option<ReceiverSide>,
+    /// The receiver is of the release before version negotiation: it reads
+    /// only frames of version 1.
+    legacy: bool,
+    /// A frame to the receiver was damaged on this connection.
+    damaged: bool,
     to_receiver: VecDeque<Vec<u8>>,
     to_shipper: VecDeque<Vec<u8>>,
     receiver_in: MessageDecoder,
     shipper_in: MessageDecoder,
     idle_steps: u32,
+}
+
+/// The protocol version a frame's header names.
+fn frame_version(frame: &[u8]) -> u16 {
+    u16::from_le_bytes([frame[4], frame[5]])
+}
+
+impl Conn {
+    /// The version the receiver answers in: its session's, else 1.
+    fn receiver_version(&self) -> u16 {
+        match &self.receiver {
+            Some(ReceiverSide::Receiving(s)) => s.version(),
+            _ => 1,
+        }
+    }
 }
 
 /// A dropped connection still delivering to its fenced session.
@@ -403,6 +453,11 @@ struct Stats {
     stale_refused: u64,
     transient_errors: u64,
     steps: u64,
+    /// Sessions, by protocol version (index: version).
+    sessions: [u64; PROTOCOL_VERSION as usize + 1],
+    /// Hellos a version-1 receiver refused, and the shipper offered
+    /// version 1 alone on its next connection.
+    offered_older: u64,
 }
 
 fn hello() -> HelloInfo {
@@ -422,8 +477,13 @@ fn hello() -> HelloInfo {
     }
 }
 
-fn connect(stats: &mut Stats, rng: &mut Rng) -> Conn {
+fn connect(stats: &mut Stats, daemon: &mut ShipperDaemon, rng: &mut Rng) -> Conn {
     stats.connections += 1;
+    let versions = daemon.next_offer.take().unwrap_or(if rng.chance(200) {
+        Versions::only(1)
+    } else {
+        Versions::SUPPORTED
+    });
     let config = ShipperConfig {
         window_bytes: 4096 + rng.below(64 << 10),
         compression: if rng.chance(500) {
@@ -431,13 +491,20 @@ fn connect(stats: &mut Stats, rng: &mut Rng) -> Conn {
         } else {
             Compression::None
         },
+        versions,
     };
     let (s, hello_frame) = AwaitingWelcome::start(hello(), config).unwrap();
     let mut rc = ReceiverConfig::new(HOST);
     rc.commit_bytes = 1 + rng.below(32 << 10);
+    let legacy = rng.chance(150);
+    if legacy || rng.chance(150) {
+        rc.versions = Versions::only(1);
+    }
     Conn {
         shipper: Some(ShipperSide::Awaiting(s)),
         receiver: Some(ReceiverSide::Hello(ExpectHello::new(rc))),
+        legacy,
+        damaged: false,
         to_receiver: VecDeque::from([hello_frame]),
         to_shipper: VecDeque::new(),
         receiver_in: MessageDecoder::new(),
@@ -542,7 +609,7 @@ fn shipper_receive(
     c: &mut ShipperConn,
     daemon: &mut ShipperDaemon,
     source: &Source,
-    msg: Message,
+    msg: Received,
 ) -> Result<(), ShipperError> {
     match c.session.handle_message(msg)? {
         ShipperEvent::Acked {
@@ -611,7 +678,7 @@ fn run(seed: u64) -> Stats {
             daemon.pending_resync,
             source.last()
         );
-        let c = conn.get_or_insert_with(|| connect(&mut stats, &mut rng));
+        let c = conn.get_or_insert_with(|| connect(&mut stats, &mut daemon, &mut rng));
         let mut alive = true;
         let mut progress = false;
 
@@ -619,6 +686,7 @@ fn run(seed: u64) -> Stats {
         if let Some(ShipperSide::Shipping(sc)) = &mut c.shipper {
             if rng.chance(700) {
                 if let Some(f) = shipper_send(sc, &mut daemon, &source, &mut rng) {
+                    assert_eq!(frame_version(&f), sc.session.version(), "seed {seed}");
                     c.to_receiver.push_back(f);
                     progress = true;
                 }
@@ -632,6 +700,7 @@ fn run(seed: u64) -> Stats {
                 let i = rng.below(f.len() as u64) as usize;
                 f[i] ^= 1 << rng.below(8);
                 stats.corrupted += 1;
+                c.damaged = true;
             }
             if rng.chance(3) {
                 c.to_receiver.push_front(f.clone());
@@ -647,9 +716,16 @@ fn run(seed: u64) -> Stats {
             loop {
                 let result = match c.receiver_in.next_message() {
                     Ok(None) => break,
+                    // What the release before negotiation said to a frame
+                    // of another version.
+                    Ok(Some(msg)) if c.legacy && msg.version != 1 => {
+                        let e = tidemark_wire::DecodeError::UnsupportedVersion(msg.version);
+                        Err(ReceiverError::from_decode(&e, 1))
+                    }
                     Ok(Some(msg)) => match c.receiver.take() {
                         Some(ReceiverSide::Hello(h)) => {
                             h.handle_message(msg, &mut replica).map(|(s, w)| {
+                                stats.sessions[s.version() as usize] += 1;
                                 c.receiver = Some(ReceiverSide::Receiving(s));
                                 vec![w]
                             })
@@ -661,15 +737,25 @@ fn run(seed: u64) -> Stats {
                         }
                         None => break,
                     },
-                    Err(e) => Err(ReceiverError::from_decode(&e)),
+                    Err(e) => Err(ReceiverError::from_decode(&e, c.receiver_version())),
                 };
                 match result {
-                    Ok(frames) => c.to_shipper.extend(frames),
+                    Ok(frames) => {
+                        // The welcome and everything after it is sent in
+                        // the session's version.
+                        let Some(ReceiverSide::Receiving(s)) = &c.receiver else {
+                            unreachable!("frames come from a session")
+                        };
+                        for f in &frames {
+                            assert_eq!(frame_version(f), s.version(), "seed {seed}");
+                        }
+                        c.to_shipper.extend(frames)
+                    }
                     Err(e) => {
                         assert_eq!(e.class(), ErrorClass::Transient, "seed {seed}: {e}");
                         stats.transient_errors += 1;
-                        if let Some(m) = e.to_message() {
-                            c.to_shipper.push_back(m.encode(Compression::None).unwrap());
+                        if let Some(f) = e.to_frame() {
+                            c.to_shipper.push_back(f);
                         }
                         c.receiver = None;
                         break;
@@ -680,6 +766,9 @@ fn run(seed: u64) -> Stats {
             if c.receiver_in.buffered() == 0 && rng.chance(300) {
                 match s.handle_idle(&mut replica) {
                     Ok(frames) => {
+                        for f in &frames {
+                            assert_eq!(frame_version(f), s.version(), "seed {seed}");
+                        }
                         progress |= !frames.is_empty();
                         c.to_shipper.extend(frames);
                     }
@@ -726,6 +815,15 @@ fn run(seed: u64) -> Stats {
                                 .collect();
                             let next_index =
                                 source.ids.partition_point(|r| r.seq < resume.from_seq);
+                            // As the daemon does: what the replica still
+                            // waits for is resynced whatever this side
+                            // believed (an Ack counts duplicated frames too).
+                            for e in &resume.resyncing {
+                                daemon
+                                    .pending_resync
+                                    .entry((e.disk, e.offset, e.length))
+                                    .or_insert(resume.durable.seq);
+                            }
                             c.shipper = Some(ShipperSide::Shipping(ShipperConn {
                                 session,
                                 next_index,
@@ -742,6 +840,18 @@ fn run(seed: u64) -> Stats {
                 };
                 if let Err(e) = result {
                     assert_eq!(e.class(), ErrorClass::Transient, "seed {seed}: {e}");
+                    if let ShipperError::OfferOlder { version } = e {
+                        // A newer receiver's answer to a hello whose header
+                        // was damaged (lengths, flags, type are checked
+                        // before the checksum) reads the same: that
+                        // connection goes on in version 1, which it serves.
+                        assert!(
+                            c.legacy || c.damaged,
+                            "seed {seed}: only a version-1 receiver says so"
+                        );
+                        daemon.next_offer = Some(Versions::only(version));
+                        stats.offered_older += 1;
+                    }
                     stats.transient_errors += 1;
                     alive = false;
                     break;
@@ -823,6 +933,10 @@ fn replicas_converge_through_a_hostile_network() {
         total.stale_refused += s.stale_refused;
         total.transient_errors += s.transient_errors;
         total.steps += s.steps;
+        total.offered_older += s.offered_older;
+        for (t, n) in total.sessions.iter_mut().zip(s.sessions) {
+            *t += n;
+        }
     }
     eprintln!("{total:?}");
     // The faults really happened.
@@ -831,21 +945,36 @@ fn replicas_converge_through_a_hostile_network() {
     assert!(total.corrupted > 200, "{total:?}");
     assert!(total.duplicated > 150, "{total:?}");
     assert!(total.stale_refused > 50, "{total:?}");
+    // Sessions of either version, and hellos refused by version-1
+    // receivers, each many times over.
+    assert!(total.sessions[1] > 300, "{total:?}");
+    assert!(total.sessions[2] > 300, "{total:?}");
+    assert!(total.offered_older > 100, "{total:?}");
 }
 
 fn record(seq: u64, generation: u32) -> Vec<u8> {
     Entry::write(0, 0, &[1; 16], 0).encode(seq, generation)
 }
 
-fn session(replica: &mut MemReplica<'_>) -> Receiving {
-    let msg = Message::Hello {
-        host: HOST.into(),
+/// `msg` in a frame of this code's newest version.
+fn v(msg: Message) -> Received {
+    Received::new(PROTOCOL_VERSION, msg)
+}
+
+fn hello_from(host: &str, min_version: u16) -> Message {
+    Message::Hello {
+        host: host.into(),
         group: "g".into(),
         generation: 2,
         disks: hello().disks,
-    };
+        min_version,
+        software: "0.0.0-test".into(),
+    }
+}
+
+fn session(replica: &mut MemReplica<'_>) -> Receiving {
     ExpectHello::new(ReceiverConfig::new(HOST))
-        .handle_message(msg, replica)
+        .handle_message(v(hello_from(HOST, 1)), replica)
         .unwrap()
         .0
 }
@@ -872,18 +1001,18 @@ fn a_true_gap_is_a_permanent_sequence_gap() {
         RecordBatch::from_records([&record(1, 1)[..], &record(2, 1)[..], &record(3, 1)[..]])
             .unwrap();
     let acks = s
-        .handle_message(Message::Records(batch.clone()), &mut replica)
+        .handle_message(v(Message::Records(batch.clone())), &mut replica)
         .unwrap();
     assert_eq!(acks.len(), 1);
     assert_eq!(replica.committed.1.durable_seq, 3);
     // A resent batch is a duplicate, not an error, and applies nothing.
     let applies = replica.record_applies;
-    s.handle_message(Message::Records(batch), &mut replica)
+    s.handle_message(v(Message::Records(batch)), &mut replica)
         .unwrap();
     assert_eq!(replica.record_applies, applies);
     let gap = RecordBatch::from_records([&record(5, 1)[..]]).unwrap();
     let e = s
-        .handle_message(Message::Records(gap), &mut replica)
+        .handle_message(v(Message::Records(gap)), &mut replica)
         .unwrap_err();
     assert_eq!(
         (e.class(), e.code()),
@@ -897,14 +1026,8 @@ fn a_true_gap_is_a_permanent_sequence_gap() {
 fn a_wrong_host_is_permanently_unauthorized() {
     let source = tiny_source();
     let mut replica = MemReplica::new(&source);
-    let msg = Message::Hello {
-        host: "intruder".into(),
-        group: "g".into(),
-        generation: 1,
-        disks: hello().disks,
-    };
     let e = ExpectHello::new(ReceiverConfig::new(HOST))
-        .handle_message(msg, &mut replica)
+        .handle_message(v(hello_from("intruder", 1)), &mut replica)
         .unwrap_err();
     assert_eq!(
         (e.class(), e.code()),
@@ -928,10 +1051,10 @@ fn a_chunk_at_the_wrong_position_is_refused() {
         purpose: ChunkPurpose::InitialSync,
         data: ChunkData::Zero(4096),
     };
-    assert!(s.handle_message(chunk(0, 0), &mut replica).is_ok());
+    assert!(s.handle_message(v(chunk(0, 0)), &mut replica).is_ok());
     // Not after the last applied record.
     assert_eq!(
-        s.handle_message(chunk(7, 4096), &mut replica)
+        s.handle_message(v(chunk(7, 4096)), &mut replica)
             .unwrap_err()
             .code(),
         ErrorCode::Protocol
@@ -939,7 +1062,7 @@ fn a_chunk_at_the_wrong_position_is_refused() {
     let mut s = session(&mut replica);
     // A hole in the initial sync.
     assert_eq!(
-        s.handle_message(chunk(0, 12288), &mut replica)
+        s.handle_message(v(chunk(0, 12288)), &mut replica)
             .unwrap_err()
             .code(),
         ErrorCode::Protocol
@@ -954,7 +1077,7 @@ fn a_chunk_at_the_wrong_position_is_refused() {
     };
     let mut s = session(&mut replica);
     assert_eq!(
-        s.handle_message(m, &mut replica).unwrap_err().code(),
+        s.handle_message(v(m), &mut replica).unwrap_err().code(),
         ErrorCode::UnknownDisk
     );
 }
@@ -967,7 +1090,7 @@ fn a_drain_is_reported_only_when_every_record_before_it_is_applied() {
     let req = s.request_drain(42).unwrap();
     assert!(!req.is_empty());
     let batch = RecordBatch::from_records([&record(1, 1)[..], &record(2, 1)[..]]).unwrap();
-    s.handle_message(Message::Records(batch), &mut replica)
+    s.handle_message(v(Message::Records(batch)), &mut replica)
         .unwrap();
     assert_eq!(s.take_drained(), None);
     // A drain claimed past what was applied is a protocol error.
@@ -977,7 +1100,7 @@ fn a_drain_is_reported_only_when_every_record_before_it_is_applied() {
         error: String::new(),
     };
     assert_eq!(
-        s.handle_message(early, &mut replica).unwrap_err().code(),
+        s.handle_message(v(early), &mut replica).unwrap_err().code(),
         ErrorCode::Protocol
     );
     let mut s = session(&mut replica);
@@ -987,7 +1110,7 @@ fn a_drain_is_reported_only_when_every_record_before_it_is_applied() {
         last_seq: 2,
         error: String::new(),
     };
-    let acks = s.handle_message(drained, &mut replica).unwrap();
+    let acks = s.handle_message(v(drained), &mut replica).unwrap();
     assert_eq!(acks.len(), 1, "acknowledged");
     assert!(replica.commits > commits, "durable before it is reported");
     let outcome = s.take_drained().unwrap();
@@ -999,9 +1122,265 @@ fn a_drain_is_reported_only_when_every_record_before_it_is_applied() {
         last_seq: 0,
         error: "the tracker refused to stop".into(),
     };
-    s.handle_message(failed, &mut replica).unwrap();
+    s.handle_message(v(failed), &mut replica).unwrap();
     assert_eq!(
         s.take_drained().unwrap().result,
         Err("the tracker refused to stop".to_string())
     );
+}
+
+/// The hello the previous release (protocol version 1, before
+/// negotiation) sent, from the fixture of its frames.
+fn v1_fixture(name: &str) -> Vec<u8> {
+    let line = include_str!("fixtures/v1-frames.txt")
+        .lines()
+        .find(|l| l.starts_with(&format!("{name} ")))
+        .unwrap();
+    let hex = &line[name.len() + 1..];
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+fn decode_one(frame: &[u8]) -> Received {
+    let mut d = MessageDecoder::new();
+    d.feed(frame);
+    d.next_message().unwrap().unwrap()
+}
+
+/// A shipper of the previous release: its hello (version 1) is served in
+/// version 1, and everything the receiver sends it is a version-1 frame
+/// that release reads.
+#[test]
+fn an_older_shipper_is_served_in_its_version() {
+    let source = tiny_source();
+    let mut replica = MemReplica::new(&source);
+    // Byte for byte what that release sends (see the next test).
+    let config = ShipperConfig {
+        versions: Versions::only(1),
+        ..ShipperConfig::default()
+    };
+    let old_hello = decode_one(&AwaitingWelcome::start(hello(), config).unwrap().1);
+    assert_eq!(old_hello.version, 1);
+    let mut config = ReceiverConfig::new(HOST);
+    config.commit_bytes = 1;
+    let (mut s, welcome) = ExpectHello::new(config)
+        .handle_message(old_hello, &mut replica)
+        .unwrap();
+    assert_eq!(s.version(), 1);
+    assert_eq!(s.shipper_software(), "");
+    let welcome = decode_one(&welcome);
+    assert_eq!(welcome.version, 1);
+    let Message::Welcome { software, .. } = &welcome.message else {
+        panic!("{welcome:?}")
+    };
+    assert_eq!(software, "", "no field of version 2 reaches it");
+    for frame in [
+        s.request_drain(5).unwrap(),
+        s.handle_message(
+            Received::new(
+                1,
+                Message::Chunk {
+                    disk: 0,
+                    offset: 0,
+                    after_seq: 0,
+                    purpose: ChunkPurpose::InitialSync,
+                    data: ChunkData::Zero(4096),
+                },
+            ),
+            &mut replica,
+        )
+        .unwrap()
+        .remove(0),
+    ] {
+        assert_eq!(frame_version(&frame), 1);
+    }
+    // A frame of another version in the session is a protocol error, said
+    // in the session's version.
+    let e = s
+        .handle_message(v(Message::DrainRequest { id: 1 }), &mut replica)
+        .unwrap_err();
+    assert_eq!(e.code(), ErrorCode::Protocol);
+    assert_eq!(frame_version(&e.to_frame().unwrap()), 1);
+}
+
+/// A receiver of the previous release cannot read a newer hello and says
+/// so in a version-1 frame (transient protocol error): the shipper then
+/// offers version 1 alone, and its hello is then byte for byte the one
+/// that release sent.
+#[test]
+fn a_newer_shipper_goes_on_in_version_1_with_a_receiver_of_the_previous_release() {
+    let Message::Hello {
+        host,
+        group,
+        generation,
+        disks,
+        ..
+    } = decode_one(&v1_fixture("hello")).message
+    else {
+        unreachable!()
+    };
+    let info = HelloInfo {
+        host,
+        group,
+        generation,
+        disks,
+    };
+    let config = ShipperConfig {
+        compression: Compression::None,
+        ..ShipperConfig::default()
+    };
+    let (s, hello_v2) = AwaitingWelcome::start(info.clone(), config).unwrap();
+    assert_eq!(frame_version(&hello_v2), PROTOCOL_VERSION);
+    // What that release answered (see its frame decoder).
+    let refusal = decode_one(&v1_fixture("error"));
+    let e = s.handle_message(refusal.clone(), |_| None).unwrap_err();
+    assert!(matches!(e, ShipperError::OfferOlder { version: 1 }), "{e}");
+    assert_eq!(e.class(), ErrorClass::Transient);
+    assert!(e.to_message().is_none(), "the receiver has closed already");
+
+    let older = ShipperConfig {
+        versions: Versions::only(1),
+        ..config
+    };
+    let (s, hello_v1) = AwaitingWelcome::start(info, older).unwrap();
+    assert_eq!(hello_v1, v1_fixture("hello"));
+    // Its welcome, as that release encoded it, but for both disks.
+    let Message::Welcome {
+        durable_seq,
+        generation,
+        mut disks,
+        resyncing,
+        ..
+    } = decode_one(&v1_fixture("welcome")).message
+    else {
+        unreachable!()
+    };
+    disks.push(DiskSync { id: 5, synced: 0 });
+    let welcome = Message::Welcome {
+        durable_seq,
+        generation,
+        disks,
+        resyncing,
+        software: String::new(),
+    };
+    let (shipping, resume) = s
+        .handle_message(
+            decode_one(&welcome.encode(1, Compression::None).unwrap()),
+            |_| None,
+        )
+        .unwrap();
+    assert_eq!((shipping.version(), resume.version), (1, 1));
+    assert_eq!(resume.receiver_software, "");
+
+    // A shipper that no longer speaks version 1 stops, naming both.
+    let newer_only = ShipperConfig {
+        versions: Versions::only(PROTOCOL_VERSION),
+        ..config
+    };
+    let (s, _) = AwaitingWelcome::start(hello(), newer_only).unwrap();
+    let e = s.handle_message(refusal, |_| None).unwrap_err();
+    assert_eq!(e.class(), ErrorClass::Permanent);
+    let text = e.to_string();
+    assert!(
+        text.contains("receiver speaks version 1")
+            && text.contains(&format!("version {PROTOCOL_VERSION}"))
+            && text.contains("upgrade the receiver"),
+        "{text}"
+    );
+    // Told to the receiver in a frame it reads.
+    let told = decode_one(&e.to_frame(1).unwrap());
+    assert_eq!(told.version, 1);
+    assert!(matches!(told.message, Message::Error { .. }));
+}
+
+/// Ends of releases with no protocol version in common both refuse,
+/// permanently, and the words name both ends' versions and the end to
+/// upgrade; the refusal is a frame the shipper reads.
+#[test]
+fn ends_without_a_common_version_both_refuse_naming_both() {
+    let source = tiny_source();
+    // (shipper offers, receiver speaks, the end to upgrade)
+    let newer = Versions::only(PROTOCOL_VERSION);
+    for (offered, served, older) in [
+        (Versions::only(1), newer, "shipper"),
+        (newer, Versions::only(1), "receiver"),
+    ] {
+        let mut replica = MemReplica::new(&source);
+        let config = ShipperConfig {
+            versions: offered,
+            ..ShipperConfig::default()
+        };
+        let (shipper, hello) = AwaitingWelcome::start(hello(), config).unwrap();
+        let mut rc = ReceiverConfig::new(HOST);
+        rc.versions = served;
+        let e = ExpectHello::new(rc)
+            .handle_message(decode_one(&hello), &mut replica)
+            .unwrap_err();
+        assert_eq!(
+            (e.class(), e.code()),
+            (ErrorClass::Permanent, ErrorCode::Protocol)
+        );
+        assert!(replica.sizes.is_empty(), "nothing was created");
+        let frame = e.to_frame().unwrap();
+        assert!(
+            frame_version(&frame) <= offered.max,
+            "a version the shipper reads"
+        );
+        let e = shipper
+            .handle_message(decode_one(&frame), |_| None)
+            .unwrap_err();
+        assert_eq!(e.class(), ErrorClass::Permanent);
+        let text = e.to_string();
+        // A shipper names its release from version 2 on.
+        let shipper = if offered.max >= 2 {
+            format!("shipper (tidemark {}) speaks", tidemark_wire::SOFTWARE)
+        } else {
+            "shipper speaks".to_string()
+        };
+        for want in [
+            shipper,
+            format!("speaks {offered}"),
+            format!("receiver (tidemark {}) {served}", tidemark_wire::SOFTWARE),
+            format!("upgrade the {older}"),
+        ] {
+            assert!(text.contains(&want), "{want:?} not in {text:?}");
+        }
+    }
+}
+
+/// A welcome outside what the hello offered is refused.
+#[test]
+fn a_welcome_outside_the_offer_is_refused() {
+    let welcome = |version| {
+        Received::new(
+            version,
+            Message::Welcome {
+                durable_seq: 0,
+                generation: 0,
+                disks: vec![DiskSync { id: 0, synced: 0 }, DiskSync { id: 1, synced: 0 }],
+                resyncing: Vec::new(),
+                software: String::new(),
+            },
+        )
+    };
+    let start = |versions| {
+        let config = ShipperConfig {
+            versions,
+            ..ShipperConfig::default()
+        };
+        AwaitingWelcome::start(hello(), config).unwrap().0
+    };
+    let e = start(Versions::only(1))
+        .handle_message(welcome(2), |_| None)
+        .unwrap_err();
+    assert!(matches!(e, ShipperError::Protocol(_)), "{e}");
+    let e = start(Versions::only(2))
+        .handle_message(welcome(1), |_| None)
+        .unwrap_err();
+    assert!(matches!(e, ShipperError::NoCommonVersion { .. }), "{e}");
+    assert!(start(Versions::SUPPORTED)
+        .handle_message(welcome(1), |_| None)
+        .is_ok());
 }

@@ -86,6 +86,22 @@ pub enum StoreError {
         /// What does not verify.
         reason: String,
     },
+    /// Release: a store file is of a format version this release does not
+    /// read (a newer release wrote it). Nothing was changed.
+    #[error(
+        "{path}: format version {found}; this release reads versions {oldest} to {newest}{}",
+        if .found > .newest { " (a newer tidemark wrote it: run that release or a newer one)" } else { "" }
+    )]
+    UnsupportedVersion {
+        /// The file.
+        path: PathBuf,
+        /// The version it is of.
+        found: u32,
+        /// The oldest version this release reads.
+        oldest: u32,
+        /// The version this release writes.
+        newest: u32,
+    },
     /// Local disk: another process holds the group directory.
     #[error("{0} is in use by another process")]
     Locked(PathBuf),

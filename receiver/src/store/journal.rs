@@ -11,7 +11,7 @@
 
 use super::overlay::{Overlay, Source};
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -219,7 +219,7 @@ pub(crate) struct Journal {
 }
 
 fn open_segment(dir: &Path, segment: u32, create: bool) -> io::Result<File> {
-    OpenOptions::new()
+    tidemark_changelog::private_file()
         .read(true)
         .write(true)
         .create(create)

@@ -49,6 +49,9 @@
 //!
 //! # Layout of the group directory
 //!
+//! The directory is 0700 and every file in it 0600 (created so, whatever
+//! the umask): the images are a copy of a protected disk.
+//!
 //! ```text
 //!  state              the committed position (below), replaced atomically:
 //!                     state.tmp, fdatasync, rename, fsync of the directory
@@ -56,7 +59,48 @@
 //!  journal.SSSSSSSS   journal segments (hex number); a position in the
 //!                     journal is segment << 40 | offset in the segment
 //!  lock               flock(2)ed by the process that has the group open
+//!                     (its pid inside)
+//!  test-failover/pin  the point a running test failover reads (decimal
+//!                     sequence number): never folded while it exists
+//!  test-failover/disk-<id>.scratch
+//!                     that test's writes (`tidemark test-failover`)
+//!  drain.request, drain.result
+//!                     a planned failover's request and answer (sealed
+//!                     key-value text, see `crate::drain`)
 //! ```
+//!
+//! The index of which journal bytes override which image ranges
+//! (`overlay`) lives in memory only: it is rebuilt from the journal at
+//! every open.
+//!
+//! # Versions
+//!
+//! The state file's version is the version of the whole group directory:
+//! of its layout, of the journal entries it may hold and of what the state
+//! file itself holds. This release writes version 2 and reads versions 2
+//! (written by every release so far; version 1 predates recovery points
+//! and was never released). A newer version is refused before anything is
+//! touched ([`StoreError::UnsupportedVersion`], naming the file and both
+//! versions): an older release never misreads a newer store. When a new
+//! version comes, this reader keeps reading the previous one; the group is
+//! migrated by opening it: whatever the new version changes is rewritten,
+//! durably, and the state file, replaced atomically, comes last, so a
+//! crash leaves either store whole. `tests/store_upgrade.rs` opens a group
+//! the previous release wrote and goes on replicating into it.
+//!
+//! The other files keep their own rules:
+//! - journal entries carry their own version byte (1), checked on read;
+//! - images are the disks' bytes, nothing else; their id, name and size
+//!   are in the state file;
+//! - the pin is read by the receiver and written by `tidemark
+//!   test-failover`, which during an upgrade may be of different releases:
+//!   a receiver that could not read it would fold the point the test
+//!   reads. So its format never changes: a new one takes a new file name;
+//! - a test failover's scratch files are read only by the process that
+//!   writes them, and removed when it ends;
+//! - drain files are key-value lines: a reader ignores keys it does not
+//!   know and a key never changes meaning (a change takes a new key), as
+//!   the receiver and the CLI that share them may be of different releases.
 //!
 //! # State file
 //!
@@ -137,7 +181,11 @@ pub mod fuzzing {
     /// Decodes a state file and encodes what it decoded; `Err` says what
     /// does not verify.
     pub fn state_round_trip(bytes: &[u8]) -> Result<Vec<u8>, &'static str> {
-        super::state::StateFile::decode(bytes).map(|state| state.encode())
+        match super::state::StateFile::decode(bytes) {
+            Ok(state) => Ok(state.encode()),
+            Err(super::state::StateError::Damaged(what)) => Err(what),
+            Err(super::state::StateError::Version(_)) => Err("unsupported version"),
+        }
     }
 
     /// Decodes a journal entry header and encodes the entry again (for a
@@ -157,10 +205,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use tidemark_changelog::record::{Kind, Record, FLAG_APP_CONSISTENT, FLAG_NO_HOLE};
 use tidemark_changelog::replay::{self, ReplaySummary};
+use tidemark_changelog::{create_private_dir_all, private_file, DirLock, LockError};
 
 const STATE_FILE: &str = "state";
 const LOCK_FILE: &str = "lock";
@@ -317,9 +365,9 @@ pub struct FoldReport {
 #[derive(Debug)]
 pub struct ReplicaGroup {
     dir: PathBuf,
-    /// Holds the flock; released when the group is dropped. `None`: opened
+    /// Holds the lock; released when the group is dropped. `None`: opened
     /// read-only, changes nothing.
-    _lock: Option<File>,
+    _lock: Option<DirLock>,
     images: BTreeMap<u32, File>,
     journal: Journal,
     /// Journal position the state file says the history ends at.
@@ -547,33 +595,29 @@ impl ReplicaGroup {
             }
             return Self::open_unlocked(dir, None);
         }
-        std::fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
-        let lock_path = dir.join(LOCK_FILE);
-        let lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .map_err(io_err("opening", &lock_path))?;
-        // SAFETY: flock on a valid, owned descriptor; no memory is passed.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                return Err(StoreError::Locked(dir.to_path_buf()));
-            }
-            return Err(io_err("locking", &lock_path)(e));
-        }
+        create_private_dir_all(dir).map_err(io_err("creating", dir))?;
+        let lock = DirLock::acquire(dir, LOCK_FILE, "process").map_err(|e| match e {
+            LockError::Held { .. } => StoreError::Locked(dir.to_path_buf()),
+            LockError::Io { path, source } => io_err("locking", &path)(source),
+        })?;
         Self::open_unlocked(dir, Some(lock))
     }
 
-    fn open_unlocked(dir: &Path, lock: Option<File>) -> Result<ReplicaGroup, StoreError> {
+    fn open_unlocked(dir: &Path, lock: Option<DirLock>) -> Result<ReplicaGroup, StoreError> {
         let read_only = lock.is_none();
         let state_path = dir.join(STATE_FILE);
         let state = match state::read_file(&state_path).map_err(io_err("reading", &state_path))? {
-            Some(bytes) => StateFile::decode(&bytes).map_err(|reason| StoreError::Damaged {
-                path: state_path.clone(),
-                reason: reason.into(),
+            Some(bytes) => StateFile::decode(&bytes).map_err(|e| match e {
+                state::StateError::Damaged(reason) => StoreError::Damaged {
+                    path: state_path.clone(),
+                    reason: reason.into(),
+                },
+                state::StateError::Version(found) => StoreError::UnsupportedVersion {
+                    path: state_path.clone(),
+                    found: found.into(),
+                    oldest: state::OLDEST_VERSION.into(),
+                    newest: state::VERSION.into(),
+                },
             })?,
             None => {
                 let fresh = StateFile {
@@ -742,7 +786,7 @@ impl ReplicaGroup {
             let path = self.dir.join(image_name(spec.id));
             // An image left by a crash before its disk was recorded holds
             // nothing committed: start it afresh.
-            let file = OpenOptions::new()
+            let file = private_file()
                 .read(true)
                 .write(true)
                 .create(true)

@@ -3,12 +3,16 @@
 //! in the [store module](super).
 
 use super::overlay::RangeSet;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::Path;
 
 const MAGIC: [u8; 4] = *b"TMRS";
-const VERSION: u16 = 2;
+/// The version this release writes (the store's version: see the [store
+/// module](super)).
+pub(crate) const VERSION: u16 = 2;
+/// The oldest version this release reads.
+pub(crate) const OLDEST_VERSION: u16 = 2;
 const FIXED_LEN: usize = 64;
 const FLAG_REDO: u8 = 1 << 0;
 const FLAG_BARRIER: u8 = 1 << 1;
@@ -137,8 +141,31 @@ impl StateFile {
         b
     }
 
-    /// Decodes a state file; `Err` says what does not verify.
-    pub(crate) fn decode(bytes: &[u8]) -> Result<StateFile, &'static str> {
+    /// Decodes a state file of any version this release reads.
+    pub(crate) fn decode(bytes: &[u8]) -> Result<StateFile, StateError> {
+        // Every version starts with the magic and the version and ends with
+        // a CRC32C of all the bytes before it: a newer file is named as
+        // such, and a flipped bit in its version field is damage.
+        let damaged = StateError::Damaged;
+        let Some(body_len) = bytes.len().checked_sub(4).filter(|&n| n >= 6) else {
+            return Err(damaged("too short"));
+        };
+        let (body, crc) = bytes.split_at(body_len);
+        if crc32c::crc32c(body).to_le_bytes() != crc {
+            return Err(damaged("checksum mismatch"));
+        }
+        if body[0..4] != MAGIC {
+            return Err(damaged("no state magic"));
+        }
+        let version = u16::from_le_bytes([body[4], body[5]]);
+        if !(OLDEST_VERSION..=VERSION).contains(&version) {
+            return Err(StateError::Version(version));
+        }
+        Self::decode_v2(bytes).map_err(damaged)
+    }
+
+    /// Decodes version 2; `Err` says what does not verify.
+    fn decode_v2(bytes: &[u8]) -> Result<StateFile, &'static str> {
         if bytes.len() < FIXED_LEN + 4 {
             return Err("too short");
         }
@@ -150,8 +177,8 @@ impl StateFile {
         if r.bytes(4)? != MAGIC {
             return Err("no state magic");
         }
-        if r.u16()? != VERSION {
-            return Err("unsupported version");
+        if r.u16()? != 2 {
+            return Err("not version 2");
         }
         let mode = match r.u8()? {
             0 => Mode::InitialSync,
@@ -230,6 +257,15 @@ impl StateFile {
     }
 }
 
+/// Why a state file was not read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum StateError {
+    /// It does not verify.
+    Damaged(&'static str),
+    /// It is of a version this release does not read.
+    Version(u16),
+}
+
 struct Reader<'a> {
     b: &'a [u8],
     at: usize,
@@ -278,7 +314,7 @@ pub(crate) fn read_file(path: &Path) -> io::Result<Option<Vec<u8>>> {
 /// `name.tmp`, fdatasync, rename over `name`, fsync the directory.
 pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
     let tmp = dir.join(format!("{name}.tmp"));
-    let mut f = OpenOptions::new()
+    let mut f = tidemark_changelog::private_file()
         .write(true)
         .create(true)
         .truncate(true)
@@ -342,6 +378,35 @@ mod tests {
         t.meta.last_barrier = None;
         t.meta.mode = Mode::Consistent;
         assert_eq!(StateFile::decode(&t.encode()), Ok(t));
+    }
+
+    /// A newer version (of whatever layout, its checksum intact) is named
+    /// as such; a flipped bit in the version field is damage.
+    #[test]
+    fn a_newer_version_is_named() {
+        let versioned = |v: u16| {
+            let mut bytes = sample().encode();
+            bytes[4..6].copy_from_slice(&v.to_le_bytes());
+            let n = bytes.len() - 4;
+            let crc = crc32c::crc32c(&bytes[..n]);
+            bytes[n..].copy_from_slice(&crc.to_le_bytes());
+            bytes
+        };
+        let newer = versioned(VERSION + 1);
+        assert_eq!(
+            StateFile::decode(&newer),
+            Err(StateError::Version(VERSION + 1))
+        );
+        assert_eq!(
+            StateFile::decode(&versioned(1)),
+            Err(StateError::Version(1))
+        );
+        let mut flipped = sample().encode();
+        flipped[4] ^= 1;
+        assert_eq!(
+            StateFile::decode(&flipped),
+            Err(StateError::Damaged("checksum mismatch"))
+        );
     }
 
     #[test]

@@ -2,9 +2,9 @@
 //! each, and the private creation of the unix socket.
 //!
 //! The NBD socket gives full read and write access to every protected disk,
-//! so it must never exist with looser permissions than 0600, not even for
-//! an instant: [`bind_private_unix`] binds it inside a fresh 0700 directory
-//! and renames it into place.
+//! so it must never exist with looser permissions than 0600 (0660 for one
+//! named group, when asked), not even for an instant: [`bind_private_unix`]
+//! binds it inside a fresh 0700 directory and renames it into place.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -186,7 +186,9 @@ impl Write for Stream {
     }
 }
 
-/// Binds a unix socket at `path` that only its owner can connect to.
+/// Binds a unix socket at `path` that only its owner can connect to, or
+/// with `group`, its owner and that group (0660, the group set before the
+/// socket is reachable).
 ///
 /// Why not `umask(0o177)` around `bind`: the umask belongs to the whole
 /// process, and the tracker may already run other threads (the control
@@ -206,7 +208,10 @@ impl Write for Stream {
 ///
 /// The staging path is the parent, a 12-odd byte directory name and `/s`;
 /// like `path` itself it must fit the 107 bytes of `sun_path`.
-pub(crate) fn bind_private_unix(path: &Path) -> io::Result<(Listener, ListenAddr, SocketFile)> {
+pub(crate) fn bind_private_unix(
+    path: &Path,
+    group: Option<u32>,
+) -> io::Result<(Listener, ListenAddr, SocketFile)> {
     remove_stale_socket(path)?;
     let parent = match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent,
@@ -224,7 +229,14 @@ pub(crate) fn bind_private_unix(path: &Path) -> io::Result<(Listener, ListenAddr
     let staged = staging.join("s");
     let result = (|| {
         let listener = UnixListener::bind(&staged)?;
-        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+        let mode = match group {
+            Some(gid) => {
+                std::os::unix::fs::lchown(&staged, None, Some(gid))?;
+                0o660
+            }
+            None => 0o600,
+        };
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))?;
         std::fs::rename(&staged, path)?;
         Ok(listener)
     })();

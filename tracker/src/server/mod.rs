@@ -95,7 +95,7 @@ pub use listener::ListenAddr;
 /// first instant), replacing a stale one and refusing a live one: the same
 /// rules as the NBD socket, for the daemons' other sockets (control).
 pub fn bind_private_unix(path: &Path) -> io::Result<std::os::unix::net::UnixListener> {
-    match listener::bind_private_unix(path)?.0 {
+    match listener::bind_private_unix(path, None)?.0 {
         Listener::Unix(unix) => Ok(unix),
         Listener::Tcp(_) => Err(io::Error::other("a unix bind returned a TCP listener")),
     }
@@ -149,6 +149,10 @@ pub struct ServerOptions {
     /// The export a client gets when it asks for the empty name (as
     /// `nbd+unix:///?socket=…` URIs do). Default none.
     pub default_export: Option<String>,
+    /// The group (gid) a unix socket is opened to: mode 0660 and this
+    /// group instead of 0600, for a local client that runs as another
+    /// user. Default none.
+    pub socket_group: Option<u32>,
 }
 
 impl Default for ServerOptions {
@@ -162,6 +166,7 @@ impl Default for ServerOptions {
             reply_timeout: Duration::from_secs(30),
             block_sizes: DEFAULT_BLOCK_SIZES,
             default_export: None,
+            socket_group: None,
         }
     }
 }
@@ -409,7 +414,8 @@ impl Server {
     /// ([`io::ErrorKind::AddrInUse`]), and so is any other file there.
     pub fn bind_unix(path: impl AsRef<Path>, options: ServerOptions) -> io::Result<Self> {
         options.validate()?;
-        let (listener, addr, file) = listener::bind_private_unix(path.as_ref())?;
+        let (listener, addr, file) =
+            listener::bind_private_unix(path.as_ref(), options.socket_group)?;
         Self::start(listener, addr, Some(file), options)
     }
 
