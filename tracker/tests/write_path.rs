@@ -15,7 +15,7 @@ mod server_support;
 use std::path::Path;
 use std::sync::Arc;
 
-use server_support::{pseudo_random, RawClient, Reply};
+use server_support::{pseudo_random, RawClient, Reply, XorShift};
 use tidemark_changelog::replay::{apply, ReplaySummary, ReplayTarget};
 use tidemark_changelog::{FsDir, Kind, LogOptions, LogReader, Record};
 use tidemark_tracker::backend::Backend;
@@ -25,22 +25,6 @@ use tidemark_tracker::server::{Frontend, Server, ServerOptions};
 use tidemark_tracker::storage::{open_backing, BackingOptions, BlockDevice, DirectIo, EngineKind};
 
 const DISK: u64 = 8 << 20;
-
-/// A tiny deterministic generator (xorshift).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// One request of a random workload.
 #[derive(Debug, Clone)]
@@ -65,7 +49,7 @@ enum Req {
 /// Random requests over a small part of the disk (so they overlap), of
 /// 512-byte-aligned sizes up to 64 KiB; some unaligned to the 4 KiB block.
 fn workload(seed: u64, count: usize) -> Vec<Req> {
-    let mut rng = Rng(seed | 1);
+    let mut rng = XorShift(seed | 1);
     (0..count)
         .map(|i| {
             let offset = rng.below(2 << 20) / 512 * 512;

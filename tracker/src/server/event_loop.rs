@@ -105,33 +105,22 @@ impl DataBudget {
     /// Takes `bytes` if they fit; a request larger than the whole budget
     /// is let through when nothing else is in flight.
     pub fn try_take(&self, bytes: u64) -> bool {
-        if bytes == 0 {
-            return true;
-        }
-        let mut in_use = self.in_use.load(Ordering::SeqCst);
-        loop {
-            if in_use > 0 && in_use.saturating_add(bytes) > self.limit {
-                return false;
-            }
-            match self.in_use.compare_exchange_weak(
-                in_use,
-                in_use + bytes,
-                Ordering::SeqCst,
-                Ordering::SeqCst,
-            ) {
-                Ok(_) => return true,
-                Err(now) => in_use = now,
-            }
-        }
+        bytes == 0 || self.take_within(bytes, self.limit, true)
     }
 
     /// Takes `bytes` of the reserve past the limit, if they fit in it (see
     /// the connection loop's floor).
     pub fn try_take_reserve(&self, bytes: u64) -> bool {
-        let ceiling = self.limit.saturating_add(FLOOR_RESERVE);
+        self.take_within(bytes, self.limit.saturating_add(FLOOR_RESERVE), false)
+    }
+
+    /// Takes `bytes` if the total stays within `ceiling` (or, `alone`, if
+    /// nothing else is in flight).
+    fn take_within(&self, bytes: u64, ceiling: u64, alone: bool) -> bool {
         let mut in_use = self.in_use.load(Ordering::SeqCst);
         loop {
-            if in_use.saturating_add(bytes) > ceiling {
+            let fits = in_use.saturating_add(bytes) <= ceiling || (alone && in_use == 0);
+            if !fits {
                 return false;
             }
             match self.in_use.compare_exchange_weak(
