@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 use tidemark_changelog::record::HEADER_LEN;
-use tidemark_changelog::{now_ns, ChangeLog, Entry, FsDir, LogOptions};
+use tidemark_changelog::{now_ns, ChangeLog, Entry, FsDir, LogOptions, RecoveryPolicy};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -217,7 +217,13 @@ fn run_case(
         segment_size,
         size_limit,
     };
-    let (mut log, _recovery) = ChangeLog::open(dir, opts, now_ns()).map_err(|e| e.to_string())?;
+    let (mut log, _recovery) = ChangeLog::open(
+        dir,
+        opts,
+        RecoveryPolicy::CleanStop { last_seq: None },
+        now_ns(),
+    )
+    .map_err(|e| e.to_string())?;
 
     // A pool a little larger than one record; each record takes a different
     // window of it, so consecutive records differ.

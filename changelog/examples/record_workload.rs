@@ -7,7 +7,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use tidemark_changelog::{now_ns, ChangeLog, Entry, FsDir, LogOptions};
+use tidemark_changelog::{now_ns, ChangeLog, Entry, FsDir, LogOptions, RecoveryPolicy};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
@@ -20,6 +20,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (mut log, _) = ChangeLog::open(
         FsDir::create_all(args[1].as_ref())?,
         LogOptions::default(),
+        RecoveryPolicy::CleanStop { last_seq: None },
         now_ns(),
     )?;
     let image = File::create(&args[2])?;

@@ -1,11 +1,18 @@
 //! `log check`: verifies every record of every segment and says exactly
-//! where the log stops being valid.
+//! where the log stops being valid: records that do not verify, zeroes with
+//! data after them, segment files cut short, headers that do not verify or
+//! are another segment's, missing or stray segments, a shipper's cursor past
+//! the last record. Only a newest segment whose creation did not complete
+//! (and that holds no record) is a note rather than damage, as in
+//! [`crate::log`]'s recovery.
 
+use crate::cursor::read_cursor;
 use crate::record::Kind;
 use crate::segment::{
-    read_segment_header, segment_indices, segment_name, Damage, ScanEnd, SegmentCursor,
+    first_nonzero, is_unfinished_roll, read_segment_header, segment_indices, segment_name, Damage,
+    ScanEnd, SegmentCursor,
 };
-use crate::storage::LogDir;
+use crate::storage::{LogDir, LogFile};
 use serde::Serialize;
 use std::io;
 
@@ -54,6 +61,10 @@ pub struct CheckReport {
     pub first_seq: Option<u64>,
     /// The newest valid record's sequence number.
     pub last_seq: Option<u64>,
+    /// The durable watermark of the newest segment: the highest
+    /// durable-upto of its barriers, at least the end of the sealed
+    /// segments. Damage at or below it was durable.
+    pub durable_upto: Option<u64>,
     /// Things that are not a problem but an admin should know.
     pub notes: Vec<String>,
     /// Damage; empty when the log is valid.
@@ -86,18 +97,37 @@ const MAX_TAIL_READS: usize = 5;
 /// vanishes or stops verifying; when the oldest segment the check began with
 /// is gone, the check begins again at the oldest segment left.
 pub fn check<D: LogDir>(dir: &D) -> io::Result<CheckReport> {
+    let mut recycled = 0;
+    // Damage found on a live log is reported only once a second pass finds
+    // the same: a read racing the appender has been seen to find less than
+    // a read before it (a clean end where a record was, records below the
+    // shipper's cursor), and such a pass must not be taken for damage.
+    let mut unconfirmed: Option<Vec<Problem>> = None;
     for pass in 0..MAX_PASSES {
-        if let Pass::Done(mut report) = check_pass(dir)? {
-            if pass > 0 {
-                report.notes.push(format!(
-                    "the log was being written during the check: segments were recycled under it, so it began again at the oldest segment left ({pass} time(s))"
-                ));
+        let mut report = match check_pass(dir)? {
+            Pass::Done(report) => report,
+            Pass::Recycled => {
+                recycled += 1;
+                continue;
             }
-            return Ok(report);
+        };
+        if !report.problems.is_empty()
+            && unconfirmed.as_ref() != Some(&report.problems)
+            && pass + 1 < MAX_PASSES
+        {
+            unconfirmed = Some(report.problems);
+            std::thread::sleep(dir.write_settle_time());
+            continue;
         }
+        if recycled > 0 {
+            report.notes.push(format!(
+                "the log was being written during the check: segments were recycled under it, so it began again at the oldest segment left ({recycled} time(s))"
+            ));
+        }
+        return Ok(report);
     }
     Err(io::Error::other(format!(
-        "segments of the log in {} were recycled under the check {MAX_PASSES} times: the tracker writes faster than the log can be read; check again when it is quieter",
+        "the log in {} changed under the check {MAX_PASSES} times (segments recycled, or damage not found twice alike): the tracker writes faster than the log can be read; check again when it is quieter",
         dir.describe()
     )))
 }
@@ -121,8 +151,19 @@ fn recycled_since<D: LogDir>(dir: &D, first: u64) -> io::Result<bool> {
 
 fn check_pass<D: LogDir>(dir: &D) -> io::Result<Pass> {
     let mut report = CheckReport::default();
+    // Read before the segments: the receiver cannot hold what was not
+    // written yet, so a cursor past the records read after it is damage.
+    let cursor = read_cursor(dir).map_err(io::Error::other)?;
     let indices = segment_indices(dir)?;
     let Some(&first) = indices.first() else {
+        if cursor > 0 {
+            report.problems.push(Problem {
+                segment: String::new(),
+                offset: 0,
+                last_valid_seq: None,
+                reason: format!("the log holds no segment, but the shipper's cursor is at {cursor}: records the receiver holds are missing"),
+            });
+        }
         return Ok(Pass::Done(report));
     };
     // A problem on a live log may be a segment recycled under the pass.
@@ -134,54 +175,90 @@ fn check_pass<D: LogDir>(dir: &D) -> io::Result<Pass> {
         }
     };
     let mut payload = Vec::new();
-    let mut prev: Option<(u64, u32, u64)> = None; // (index, generation, next expected seq)
+    // (index, first sequence number, generation, next expected seq)
+    let mut prev: Option<(u64, u64, u32, u64)> = None;
     let count = indices.len();
-    for (i, index) in indices.into_iter().enumerate() {
+    'segments: for (i, index) in indices.into_iter().enumerate() {
         let name = segment_name(index);
         let last = i + 1 == count;
+        let problem = |report: &mut CheckReport, offset: u64, reason: String| {
+            report.problems.push(Problem {
+                segment: name.clone(),
+                offset,
+                last_valid_seq: report.last_seq,
+                reason,
+            });
+        };
         let file = match dir.open(&name, false) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                report.problems.push(Problem {
-                    segment: name,
-                    offset: 0,
-                    last_valid_seq: report.last_seq,
-                    reason: "the segment vanished while the log was read".into(),
-                });
+                problem(
+                    &mut report,
+                    0,
+                    "the segment vanished while the log was read".into(),
+                );
+                return damage(report);
+            }
+            // Not a regular file: named, as damage.
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+                problem(&mut report, 0, e.to_string());
                 return damage(report);
             }
             Err(e) => return Err(e),
         };
-        let header = match read_segment_header(&file)? {
-            Ok(h) if h.index == index => h,
-            other => {
-                let what = match other {
-                    Ok(h) => format!("header names index {}", h.index),
-                    Err(e) => e.to_string(),
-                };
-                if last {
-                    report.notes.push(format!(
-                        "{name}: {what}: a segment whose creation did not complete; it holds no record and is removed when the tracker opens the log"
-                    ));
-                } else {
-                    report.problems.push(Problem {
-                        segment: name,
-                        offset: 0,
-                        last_valid_seq: report.last_seq,
-                        reason: format!("segment header: {what}"),
-                    });
-                    return damage(report);
+        if let Some((prev_index, ..)) = prev.filter(|p| p.0 + 1 != index) {
+            problem(
+                &mut report,
+                0,
+                format!(
+                    "it does not follow {}: the segments between are missing, or this file is not one the log created",
+                    segment_name(prev_index)
+                ),
+            );
+            return damage(report);
+        }
+        let mut header = read_segment_header(&file)?;
+        let mut header_reads = 0;
+        let header = loop {
+            let other = match header {
+                Ok(h) if h.index == index => break h,
+                other => other,
+            };
+            let what = match &other {
+                Ok(h) => format!("its header is that of segment {}", segment_name(h.index)),
+                Err(e) => format!("its header: {e}"),
+            };
+            let unfinished = last
+                && is_unfinished_roll(
+                    dir,
+                    index,
+                    prev.map(|(p, first, _, _)| (p, first)),
+                    &file,
+                    &other,
+                )?;
+            // On a live log the newest segment may be created under the
+            // check: the verdict stands only if the header read before it
+            // is still there after it.
+            if last && header_reads < MAX_TAIL_READS {
+                let again = read_segment_header(&file)?;
+                if again != other {
+                    header_reads += 1;
+                    header = again;
+                    std::thread::sleep(dir.write_settle_time());
+                    continue;
                 }
-                continue;
             }
+            if unfinished {
+                report.notes.push(format!(
+                    "{name}: {what}: a segment whose creation did not complete; it holds no record and is removed when the tracker opens the log"
+                ));
+                continue 'segments;
+            }
+            problem(&mut report, 0, format!("segment header: {what}"));
+            return damage(report);
         };
-        if let Some((prev_index, prev_gen, expected)) = prev {
-            let reason = if index != prev_index + 1 {
-                Some(format!(
-                    "segment {} is missing",
-                    segment_name(prev_index + 1)
-                ))
-            } else if header.first_seq != expected
+        if let Some((_, _, prev_gen, expected)) = prev {
+            let reason = if header.first_seq != expected
                 && !(header.generation > prev_gen && header.first_seq > expected)
             {
                 Some(format!(
@@ -192,15 +269,11 @@ fn check_pass<D: LogDir>(dir: &D) -> io::Result<Pass> {
                 None
             };
             if let Some(reason) = reason {
-                report.problems.push(Problem {
-                    segment: name,
-                    offset: 0,
-                    last_valid_seq: report.last_seq,
-                    reason,
-                });
+                problem(&mut report, 0, reason);
                 return damage(report);
             }
         }
+        let len = file.size()?;
         let mut cursor = SegmentCursor::new(header);
         let mut summary = SegmentSummary {
             name: name.clone(),
@@ -210,11 +283,22 @@ fn check_pass<D: LogDir>(dir: &D) -> io::Result<Pass> {
             last_seq: None,
             end_offset: 0,
         };
+        // Everything before the newest segment is durable; a barrier says
+        // how far the newest one is.
+        let mut durable_upto = header.first_seq - 1;
         // The tail's last reading that did not verify, and how many.
         let mut unsettled: Option<Damage> = None;
         let mut tail_reads = 0;
         let end = loop {
-            match cursor.next(&file, &mut payload)? {
+            let step = match cursor.next(&file, &mut payload)? {
+                // Zeroes: the end, if nothing but zeroes follows.
+                Ok(None) => match first_nonzero(&file, cursor.position())? {
+                    Some(at) => Err(Damage::DataAfterZeroes { at }),
+                    None => Ok(None),
+                },
+                other => other,
+            };
+            match step {
                 Ok(Some(located)) => {
                     unsettled = None;
                     summary.records += 1;
@@ -222,6 +306,7 @@ fn check_pass<D: LogDir>(dir: &D) -> io::Result<Pass> {
                     report.records += 1;
                     report.first_seq.get_or_insert(located.header.seq);
                     report.last_seq = Some(located.header.seq);
+                    durable_upto = durable_upto.max(located.header.durable_upto().unwrap_or(0));
                     match located.header.kind {
                         Kind::Barrier => report.barriers += 1,
                         Kind::Marker => report.markers += 1,
@@ -245,20 +330,61 @@ fn check_pass<D: LogDir>(dir: &D) -> io::Result<Pass> {
         };
         summary.end_offset = cursor.position();
         report.segments.push(summary);
-        if let ScanEnd::Damaged { reason } = end {
-            report.problems.push(Problem {
-                segment: name,
-                offset: cursor.position(),
-                last_valid_seq: report.last_seq,
-                reason: if last {
-                    format!("torn or damaged record at the tail ({reason}); recovery would cut the log here")
-                } else {
-                    format!("damaged record in a sealed segment ({reason})")
-                },
-            });
+        if last {
+            report.durable_upto = Some(durable_upto);
+        }
+        // Cut short with records in it: whatever ends the records, the
+        // file lost what followed (a crash cannot shorten a segment).
+        if len < header.segment_size && summary_has_records(&report) {
+            problem(
+                &mut report,
+                cursor.position(),
+                format!(
+                    "the file is {len} bytes, shorter than its segment size of {}: it was cut",
+                    header.segment_size
+                ),
+            );
             return damage(report);
         }
-        prev = Some((index, header.generation, cursor.next_seq()));
+        if let ScanEnd::Damaged { reason } = end {
+            let at_seq = cursor.next_seq();
+            problem(
+                &mut report,
+                cursor.position(),
+                if !last {
+                    format!("damaged record in a sealed segment ({reason})")
+                } else if at_seq <= durable_upto {
+                    format!("damaged record ({reason}) at or below the durable watermark {durable_upto}: it was durable, a crash cannot have torn it")
+                } else {
+                    format!("torn or damaged record at the tail ({reason}); after a crash recovery would cut the log here, after a clean stop it refuses the log")
+                },
+            );
+            return damage(report);
+        }
+        prev = Some((
+            index,
+            header.first_seq,
+            header.generation,
+            cursor.next_seq(),
+        ));
+    }
+    if let Some((_, _, _, next)) = prev {
+        if cursor >= next {
+            report.problems.push(Problem {
+                segment: report.segments.last().map(|s| s.name.clone()).unwrap_or_default(),
+                offset: report.segments.last().map_or(0, |s| s.end_offset),
+                last_valid_seq: report.last_seq,
+                reason: format!(
+                    "the shipper's cursor is at {cursor}, past the last record {}: records the receiver holds are missing",
+                    next - 1
+                ),
+            });
+        }
     }
     Ok(Pass::Done(report))
+}
+
+/// Whether the segment just checked (the last summary) holds a record.
+fn summary_has_records(report: &CheckReport) -> bool {
+    report.segments.last().is_some_and(|s| s.records > 0)
 }

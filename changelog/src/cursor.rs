@@ -14,6 +14,9 @@
 //!      16    4 reserved zero
 //!      20    4 crc32c   over bytes 0..20
 //! ```
+//!
+//! Version 1 is the only version so far; a cursor of another version reads
+//! as damaged, never as a position.
 
 use crate::record::MAX_SEQ;
 use crate::storage::{LogDir, LogFile};
@@ -112,6 +115,16 @@ mod tests {
         assert_eq!(read_cursor(&dir).unwrap(), 17);
         write_cursor(&dir, 18).unwrap();
         assert_eq!(read_cursor(&dir).unwrap(), 18);
+    }
+
+    #[test]
+    fn the_version_1_fixture_cursor_reads() {
+        let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/log-v1")
+            .join(CURSOR_FILE);
+        let mut files = std::collections::BTreeMap::new();
+        files.insert(CURSOR_FILE.to_string(), std::fs::read(fixture).unwrap());
+        assert_eq!(read_cursor(&SimDir::from_files(files)).unwrap(), 11);
     }
 
     #[test]

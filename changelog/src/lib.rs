@@ -30,7 +30,9 @@ pub mod storage;
 pub use check::{check, CheckReport};
 pub use cursor::{read_cursor, write_cursor};
 pub use lock::{DirLock, LockError};
-pub use log::{AppendError, ChangeLog, LogIo, LogOptions, OpenError, Recovery};
+pub use log::{
+    AppendError, ChangeLog, Cut, LogDamage, LogIo, LogOptions, OpenError, Recovery, RecoveryPolicy,
+};
 pub use reader::{LogReader, LogWatcher, ReadError};
 pub use record::{Entry, Header, Kind, Record};
 pub use sources::{read_sources, write_sources, DiskSource};

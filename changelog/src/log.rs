@@ -1,7 +1,8 @@
 //! The appending side of the change log, owned by the tracker: recovery on
 //! open, append, group commit, segment roll and recycling, overflow.
 //!
-//! Durability rules (see also the segment and cursor modules):
+//! # Durability
+//!
 //! - `append` copies a record into the log's buffer, in sequence order.
 //!   The record is *written* once its batch reaches the segment file (at
 //!   once in write-through mode; in buffered mode when the log's driver
@@ -15,21 +16,77 @@
 //!   What is buffered and not yet written is lost by a crash of the
 //!   process; the caller must keep such writes recoverable by other means
 //!   (the tracker's activity map marks their extents before they are
-//!   issued, and only cools an extent once its records are durable).
+//!   issued, and only cools an extent once the durable watermark covers
+//!   its records).
+//! - Every barrier carries the log's *durable watermark* as its
+//!   durable-upto (see [`crate::record`]): the last sequence number whose
+//!   fdatasync had completed when the barrier was appended (a sync still
+//!   in flight counts only once [`ChangeLog::complete_io`] has its
+//!   outcome). Once that barrier is durable the watermark is on disk
+//!   ([`ChangeLog::durable_watermark`]); a writer that forgets records it
+//!   wrote (the tracker cools hot extents) may only forget those at or
+//!   below it.
 //! - A segment is fdatasynced before its successor is created, and a new
-//!   segment's header is synced and the directory fsynced before any record
-//!   goes into it; so only the newest segment can ever hold a torn tail.
-//! - Recovery scans the newest segment, stops at the first record that does
-//!   not verify, zeroes everything after it and syncs.
+//!   segment is preallocated, its header written and synced and the
+//!   directory fsynced before any record goes into it: so only the newest
+//!   segment can ever hold a torn tail, and no segment file is ever
+//!   shorter than its size.
 //! - Any failed write or sync poisons the log: later calls fail. A failed
-//!   fdatasync is never retried, because the kernel may already have dropped
-//!   the pages it could not write.
+//!   fdatasync is never retried, because the kernel may already have
+//!   dropped the pages it could not write.
+//!
+//! # What recovery may cut
+//!
+//! Opening the log recovers it under a [`RecoveryPolicy`] that the caller
+//! takes from its own record of how the last run ended (the tracker's state
+//! file), because the log alone cannot tell a torn write from damage:
+//!
+//! - **After a clean stop** every record was durable before the stop was
+//!   recorded, so nothing may be cut. Any damage refuses the open with
+//!   [`OpenError::Damaged`], which names the segment file and the byte: a
+//!   record that does not verify, zeroes with data after them, a segment
+//!   file shorter than its size, a header that does not verify or names
+//!   another segment, a missing or stray segment, a log that ends before
+//!   the last record the clean stop recorded, a shipper's cursor past the
+//!   last record.
+//! - **After a crash** only what a crash can leave torn is cut: the tail of
+//!   the newest segment from its first record that does not verify, when
+//!   that record lies above the durable watermark — the highest
+//!   durable-upto of the barriers found in the segment, before the damage
+//!   or after it, and at least the end of the sealed segments (synced when
+//!   they were sealed). Records after the cut that verify (later pages
+//!   that reached the disk while an earlier one was torn) go with it.
+//!   Damage at or below the watermark, in a sealed segment or in a segment
+//!   header was durable, and is refused as after a clean stop. A cut may
+//!   take records the shipper's cursor has passed: the shipper sends what
+//!   is written, not only what is durable, so a power cut can lose records
+//!   the receiver already holds. That is reported ([`Cut::acknowledged`],
+//!   [`Recovery::lost_acknowledged`]) and handled as every unclean stop
+//!   is: a new generation, and a resync of the hot extents, which hold
+//!   every record above the watermark.
+//! - **Cutting damage**, on an admin's explicit request (`tidemark log
+//!   recover`): the log is cut at its first damage wherever it lies. The
+//!   damaged segment is copied aside and every later one renamed aside
+//!   (`<name>.damaged`), never removed.
+//!
+//! Under every policy a newest segment whose creation did not complete and
+//! that holds no record is removed
+//! ([`crate::segment::is_unfinished_roll`]); a segment
+//! file the log did not create as the next one is left where it is and
+//! refused.
+//!
+//! Whenever records were cut, or the shipper's cursor is past the last
+//! record, the log takes no record ([`AppendError::NewGenerationRequired`])
+//! until [`ChangeLog::begin_generation`] starts a new generation above
+//! every sequence number a reader could have seen
+//! ([`Recovery::max_exposed_seq`]): a sequence number is never handed out
+//! twice.
 
 use crate::cursor::{read_cursor, CursorError};
-use crate::record::{DecodeError, Entry, HEADER_LEN};
+use crate::record::{DecodeError, Entry, Kind, HEADER_LEN};
 use crate::segment::{
-    read_segment_header, segment_indices, segment_name, Damage, ScanEnd, SegmentCursor,
-    SegmentHeader, SEGMENT_HEADER_LEN,
+    is_unfinished_roll, read_segment_header, scan_beyond, segment_indices, segment_name, Damage,
+    ScanEnd, SegmentCursor, SegmentHeader, SegmentHeaderError, SEGMENT_HEADER_LEN,
 };
 use crate::storage::{LogDir, LogFile};
 use std::collections::VecDeque;
@@ -57,26 +114,118 @@ impl Default for LogOptions {
 /// The smallest segment size accepted.
 pub const MIN_SEGMENT_SIZE: u64 = 4096;
 
+/// How the last run of the log's appender ended, which decides what
+/// recovery may cut (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecoveryPolicy {
+    /// It stopped cleanly: nothing may be cut. `last_seq` is the last
+    /// durable record it recorded at the stop, if it did: a log that ends
+    /// before it lost records.
+    CleanStop {
+        /// The last durable record at the clean stop.
+        last_seq: Option<u64>,
+    },
+    /// It may have crashed: a torn tail above the durable watermark may be
+    /// cut.
+    Crash,
+    /// An admin asked to cut the log at its first damage, wherever it is,
+    /// keeping the damaged files aside. `last_seq` as for a clean stop.
+    CutDamage {
+        /// The last durable record at the clean stop, if the last run
+        /// stopped cleanly and recorded it.
+        last_seq: Option<u64>,
+    },
+}
+
+/// What is wrong with a log, where it is damaged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LogDamage {
+    /// The segment header does not verify.
+    #[error("its header: {0}")]
+    Header(SegmentHeaderError),
+    /// The header is another segment's: a file renamed or swapped.
+    #[error("its header is that of segment {}", segment_name(*.found))]
+    OtherIndex {
+        /// The index the header names.
+        found: u64,
+    },
+    /// The file does not follow the segment before it: the segments
+    /// between are missing, or the log did not create this file.
+    #[error("it does not follow {previous}: the segments between are missing, or this file is not one this log created")]
+    Gap {
+        /// The segment before it.
+        previous: String,
+    },
+    /// Its first sequence number does not follow the previous segment's.
+    #[error(
+        "its first sequence number {found} does not follow the previous segment's, {expected}"
+    )]
+    FirstSeq {
+        /// What had to come next.
+        expected: u64,
+        /// What the header says.
+        found: u64,
+    },
+    /// A record does not verify.
+    #[error("{0}")]
+    Record(Damage),
+    /// A record that does not verify where the log was durable: a crash
+    /// cannot have torn it.
+    #[error("{damage}, at or below the durable watermark {durable_upto}: it was durable")]
+    Durable {
+        /// What is wrong with the record.
+        damage: Damage,
+        /// The highest durable-upto of the segment's barriers.
+        durable_upto: u64,
+    },
+    /// The file is shorter than its segment size: it was cut.
+    #[error("the file is {len} bytes, shorter than its segment size of {size}")]
+    Short {
+        /// The file's length.
+        len: u64,
+        /// Its header's segment size.
+        size: u64,
+    },
+    /// The log ends before the last record the clean stop recorded.
+    #[error("the log ends after sequence number {last}, but it stopped cleanly after {expected}: records are missing at its end")]
+    EndsEarly {
+        /// The last record in the log (0: none).
+        last: u64,
+        /// The last record at the clean stop.
+        expected: u64,
+    },
+    /// The shipper's cursor is past the last record: records the receiver
+    /// holds are missing from the log.
+    #[error("the shipper's cursor is at {cursor}, past the last record {last}: records the receiver holds are missing")]
+    CursorAhead {
+        /// The cursor.
+        cursor: u64,
+        /// The last record in the log (0: none).
+        last: u64,
+    },
+}
+
 /// Why the log could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     /// The sizes make no sense (a configuration error).
     #[error("invalid log options: {0}")]
     InvalidOptions(String),
-    /// A sealed segment is damaged or missing: acknowledged records are
-    /// gone, so the log refuses to open rather than guess.
-    #[error("log {dir}: segment {segment} is damaged at byte {offset} (last valid sequence number {last_valid_seq:?}): {reason}")]
-    Corrupt {
+    /// The log is damaged where recovery may not cut (see the module
+    /// documentation): records that were durable would be lost, so the log
+    /// refuses to open rather than guess.
+    #[error("log {dir}: segment {segment} is damaged at byte {offset}{}: {damage}. Records that were durable would be lost, so the log is not opened. Keep a copy of the directory, then `tidemark log recover {dir}` cuts the log there (keeping the damaged files aside) and starts a new generation with every disk recorded resync-needed", last_valid(*.last_valid_seq))]
+    Damaged {
         /// The log directory.
         dir: String,
         /// The segment file.
         segment: String,
         /// Byte offset of the damage within it.
         offset: u64,
-        /// The last record that verified before the damage.
+        /// The last record that verified before the damage, if known.
         last_valid_seq: Option<u64>,
         /// What is wrong.
-        reason: String,
+        damage: LogDamage,
     },
     /// The cursor file could not be read.
     #[error(transparent)]
@@ -92,6 +241,11 @@ pub enum OpenError {
         #[source]
         source: io::Error,
     },
+}
+
+fn last_valid(seq: Option<u64>) -> String {
+    seq.map(|s| format!(" (last valid sequence number {s})"))
+        .unwrap_or_default()
 }
 
 /// Why a record was not appended. In every case nothing was written.
@@ -115,6 +269,11 @@ pub enum AppendError {
     /// The entry breaks the format's rules (a bug in the caller).
     #[error("invalid entry")]
     Invalid(#[source] DecodeError),
+    /// Recovery cut records (or the receiver holds records the log lost):
+    /// their sequence numbers may have been seen, so no record is taken
+    /// until a new generation begins above them (a bug in the caller).
+    #[error("recovery cut records: a new generation must begin before the log takes more")]
+    NewGenerationRequired,
     /// An earlier write or sync failed; the log accepts nothing more.
     #[error("change log failed earlier and accepts no more records")]
     Poisoned,
@@ -149,25 +308,48 @@ pub struct Recovery {
     pub last_seq: Option<u64>,
     /// The generation of the newest segment.
     pub generation: u32,
-    /// Where a torn tail was cut off, if there was one.
-    pub torn_tail: Option<TornTail>,
+    /// Records cut off, if any (see the module documentation).
+    pub cut: Option<Cut>,
     /// A newest segment whose creation had not completed and was removed.
     pub removed_incomplete_segment: Option<String>,
+    /// The highest durable-upto of the newest segment's barriers (at least
+    /// the end of the sealed segments).
+    pub durable_upto: u64,
+    /// Records the shipper's cursor has passed that the log no longer
+    /// holds (after a power cut; see the module documentation).
+    pub lost_acknowledged: u64,
     /// The highest sequence number a reader could have seen before the
     /// stop: records after the recovered tail may have been read while not
     /// yet durable. A new generation must start above it.
     pub max_exposed_seq: u64,
 }
 
-/// A torn tail found and cut off by recovery.
+impl Recovery {
+    /// Whether the log takes records only after
+    /// [`ChangeLog::begin_generation`]: records were cut, or the receiver
+    /// holds records the log lost.
+    pub fn new_generation_required(&self) -> bool {
+        self.cut.is_some() || self.lost_acknowledged > 0
+    }
+}
+
+/// Records cut off by recovery.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TornTail {
-    /// The segment file.
+pub struct Cut {
+    /// The segment file where the log now ends.
     pub segment: String,
-    /// Byte offset where the valid records ended.
+    /// Byte offset where its valid records end.
     pub offset: u64,
+    /// The sequence number the first record cut had (or would have had).
+    pub first_seq: u64,
     /// What was there instead of a valid record.
-    pub damage: Damage,
+    pub damage: LogDamage,
+    /// Records after the damage that verified and were cut with it.
+    pub records_after: u64,
+    /// Of the records cut, how many the shipper's cursor had passed.
+    pub acknowledged: u64,
+    /// Files kept aside ([`RecoveryPolicy::CutDamage`]).
+    pub kept_aside: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -186,19 +368,407 @@ pub struct ChangeLog<D: LogDir> {
     write_pos: u64,
     next_seq: u64,
     durable_seq: u64,
+    /// Barriers appended but not yet durable: (seq, durable-upto).
+    unsynced_barriers: VecDeque<(u64, u64)>,
+    /// The durable-upto of the newest durable barrier (or the end of the
+    /// sealed segments, if higher).
+    durable_watermark: u64,
+    /// Recovery cut records: no record until a new generation begins.
+    generation_required: bool,
     dirty: bool,
     poisoned: bool,
     /// Appended records not yet written, and the I/O that writes them.
     pending: Pending,
 }
 
+/// A damage found by recovery, before the policy decides what it means.
+struct Found {
+    segment: String,
+    offset: u64,
+    last_valid_seq: Option<u64>,
+    damage: LogDamage,
+}
+
+/// The recovery of one open: what the walk over the segments found.
+struct Walk {
+    opts: LogOptions,
+    policy: RecoveryPolicy,
+    /// The first damage cut ([`RecoveryPolicy::CutDamage`] only).
+    cut: Option<Found>,
+    kept_aside: Vec<String>,
+}
+
+impl Walk {
+    fn io_err<D: LogDir>(dir: &D, context: String) -> impl FnOnce(io::Error) -> OpenError {
+        let dir = dir.describe();
+        move |source| OpenError::Io {
+            dir,
+            context,
+            source,
+        }
+    }
+
+    /// Opens segment file `name` read-only, with its header as it reads.
+    fn open_segment<D: LogDir>(
+        dir: &D,
+        name: &str,
+    ) -> Result<(D::File, Result<SegmentHeader, SegmentHeaderError>), OpenError> {
+        let file = dir
+            .open(name, false)
+            .map_err(Self::io_err(dir, format!("opening {name}")))?;
+        let header =
+            read_segment_header(&file).map_err(Self::io_err(dir, format!("reading {name}")))?;
+        Ok((file, header))
+    }
+
+    /// Damage found at `found`: refused, unless the policy cuts damage, in
+    /// which case it is remembered (the earliest one wins) and the caller
+    /// cuts there.
+    fn damage<D: LogDir>(&mut self, dir: &D, found: Found) -> Result<(), OpenError> {
+        if !matches!(self.policy, RecoveryPolicy::CutDamage { .. }) {
+            return Err(OpenError::Damaged {
+                dir: dir.describe(),
+                segment: found.segment,
+                offset: found.offset,
+                last_valid_seq: found.last_valid_seq,
+                damage: found.damage,
+            });
+        }
+        self.cut = Some(found);
+        Ok(())
+    }
+
+    /// A free name beside `name` for a file kept aside.
+    fn aside_name<D: LogDir>(dir: &D, name: &str) -> Result<String, OpenError> {
+        let names = dir
+            .list()
+            .map_err(Self::io_err(dir, "listing the directory".into()))?;
+        let mut candidate = format!("{name}.damaged");
+        let mut n = 2;
+        while names.contains(&candidate) {
+            candidate = format!("{name}.damaged-{n}");
+            n += 1;
+        }
+        Ok(candidate)
+    }
+
+    /// Renames segment `name` aside, durably.
+    fn rename_aside<D: LogDir>(&mut self, dir: &D, name: &str) -> Result<(), OpenError> {
+        let aside = Self::aside_name(dir, name)?;
+        dir.rename(name, &aside)
+            .map_err(Self::io_err(dir, format!("renaming {name} to {aside}")))?;
+        dir.sync_dir()
+            .map_err(Self::io_err(dir, "syncing the directory".into()))?;
+        self.kept_aside.push(aside);
+        Ok(())
+    }
+
+    /// Copies segment `name` aside, durably, before it is cut.
+    fn copy_aside<D: LogDir>(
+        &mut self,
+        dir: &D,
+        name: &str,
+        file: &D::File,
+    ) -> Result<(), OpenError> {
+        let aside = Self::aside_name(dir, name)?;
+        let err = Self::io_err(dir, format!("copying {name} to {aside}"));
+        let copy = || -> io::Result<()> {
+            let out = dir.create(&aside)?;
+            let mut buf = vec![0u8; 1 << 20];
+            let mut at = 0;
+            loop {
+                let n = file.read_full_at(&mut buf, at)?;
+                out.write_all_at(&[&buf[..n]], at)?;
+                at += n as u64;
+                if n < buf.len() {
+                    break;
+                }
+            }
+            out.sync_data()?;
+            dir.sync_dir()
+        };
+        copy().map_err(err)?;
+        self.kept_aside.push(aside);
+        Ok(())
+    }
+
+    /// The newest segment files: a roll that did not complete is taken out
+    /// of `indices` and its name returned, to be removed; a file the log
+    /// did not create as the next segment is damage.
+    fn settle_newest<D: LogDir>(
+        &mut self,
+        dir: &D,
+        indices: &mut Vec<u64>,
+    ) -> Result<Option<String>, OpenError> {
+        let mut removed = None;
+        while let Some(&last) = indices.last() {
+            let name = segment_name(last);
+            let prev = match indices.len() {
+                0 | 1 => None,
+                n => {
+                    let p = indices[n - 2];
+                    let (_, header) = Self::open_segment(dir, &segment_name(p))?;
+                    Some((p, header.map_or(0, |h| h.first_seq)))
+                }
+            };
+            let (file, header) = Self::open_segment(dir, &name)?;
+            let damage = match &header {
+                // Whatever it holds, a file that does not follow the
+                // segment before it is not one this log created next.
+                _ if prev.is_some_and(|(p, _)| p + 1 != last) => LogDamage::Gap {
+                    previous: segment_name(prev.map_or(0, |(p, _)| p)),
+                },
+                Ok(h) if h.index == last => match prev {
+                    _ if h.segment_size != self.opts.segment_size => {
+                        return Err(OpenError::InvalidOptions(format!(
+                            "segment {name} is {} bytes but the configured segment size is {}",
+                            h.segment_size, self.opts.segment_size
+                        )))
+                    }
+                    _ => return Ok(removed),
+                },
+                _ if is_unfinished_roll(dir, last, prev, &file, &header)
+                    .map_err(Self::io_err(dir, format!("reading {name}")))? =>
+                {
+                    // Removed once nothing is refused (see `open`).
+                    removed = Some(name);
+                    indices.pop();
+                    continue;
+                }
+                Ok(h) => LogDamage::OtherIndex { found: h.index },
+                Err(e) => LogDamage::Header(e.clone()),
+            };
+            drop(file);
+            self.damage(
+                dir,
+                Found {
+                    segment: name.clone(),
+                    offset: 0,
+                    last_valid_seq: None,
+                    damage,
+                },
+            )?;
+            self.rename_aside(dir, &name)?;
+            indices.pop();
+        }
+        Ok(removed)
+    }
+
+    /// The sealed segments, oldest first: each must verify its header and
+    /// follow its predecessor. Under [`RecoveryPolicy::CutDamage`] every
+    /// record is read as well, and the log is cut at the first damage:
+    /// `indices` then ends at the segment to cut.
+    fn check_sealed<D: LogDir>(
+        &mut self,
+        dir: &D,
+        indices: &mut Vec<u64>,
+    ) -> Result<VecDeque<Sealed>, OpenError> {
+        let scan = matches!(self.policy, RecoveryPolicy::CutDamage { .. });
+        let mut sealed: VecDeque<Sealed> = VecDeque::new();
+        // Where the previous segment's records ended: (generation, next seq).
+        let mut prev_end: Option<(u32, u64)> = None;
+        let mut last_valid_seq = None;
+        let mut payload = Vec::new();
+        let count = indices.len();
+        for i in 0..count {
+            let index = indices[i];
+            let name = segment_name(index);
+            let newest = i + 1 == count;
+            let (file, header) = Self::open_segment(dir, &name)?;
+            let damage = match &header {
+                _ if i > 0 && indices[i - 1] + 1 != index => Some(LogDamage::Gap {
+                    previous: segment_name(indices[i - 1]),
+                }),
+                Err(e) => Some(LogDamage::Header(e.clone())),
+                Ok(h) if h.index != index => Some(LogDamage::OtherIndex { found: h.index }),
+                Ok(h) => match (prev_end, sealed.back()) {
+                    (Some((generation, expected)), _)
+                        if h.first_seq != expected
+                            && !(h.generation > generation && h.first_seq > expected) =>
+                    {
+                        Some(LogDamage::FirstSeq {
+                            expected,
+                            found: h.first_seq,
+                        })
+                    }
+                    (None, Some(prev)) if h.first_seq <= prev.first_seq => {
+                        Some(LogDamage::FirstSeq {
+                            expected: prev.first_seq + 1,
+                            found: h.first_seq,
+                        })
+                    }
+                    _ => None,
+                },
+            };
+            if let Some(damage) = damage {
+                self.damage(
+                    dir,
+                    Found {
+                        segment: name,
+                        offset: 0,
+                        last_valid_seq,
+                        damage,
+                    },
+                )?;
+                // Cut at the end of the previous segment: it becomes the
+                // newest, and this one and every later one go aside.
+                for &later in &indices[i..] {
+                    self.rename_aside(dir, &segment_name(later))?;
+                }
+                indices.truncate(i);
+                sealed.pop_back();
+                return Ok(sealed);
+            }
+            let header = header.expect("a damaged header returned above");
+            if newest {
+                return Ok(sealed);
+            }
+            sealed.push_back(Sealed {
+                index,
+                first_seq: header.first_seq,
+            });
+            if !scan {
+                continue;
+            }
+            let mut cursor = SegmentCursor::new(header);
+            let end = loop {
+                match cursor
+                    .next_settled(&file, &mut payload)
+                    .map_err(Self::io_err(dir, format!("reading {name}")))?
+                {
+                    Ok(Some(located)) => last_valid_seq = Some(located.header.seq),
+                    Ok(None) => break None,
+                    Err(damage) => break Some(damage),
+                }
+            };
+            if let Some(damage) = end {
+                self.damage(
+                    dir,
+                    Found {
+                        segment: name,
+                        offset: cursor.position(),
+                        last_valid_seq,
+                        damage: LogDamage::Record(damage),
+                    },
+                )?;
+                // The damaged segment becomes the newest, cut where its
+                // valid records end; every later one goes aside.
+                for &later in &indices[i + 1..] {
+                    self.rename_aside(dir, &segment_name(later))?;
+                }
+                indices.truncate(i + 1);
+                sealed.pop_back();
+                return Ok(sealed);
+            }
+            prev_end = Some((header.generation, cursor.next_seq()));
+        }
+        Ok(sealed)
+    }
+}
+
+/// What a scan of the newest segment found, before anything is changed.
+struct ActiveScan {
+    /// Where its valid records end.
+    write_pos: u64,
+    /// The sequence number the next record gets.
+    next_seq: u64,
+    /// The highest durable-upto of its barriers, before or after the
+    /// damage, at least the end of the sealed segments.
+    durable_upto: u64,
+    /// What ends its valid records, if not zeroes to the end of the file.
+    damage: Option<LogDamage>,
+    /// Records that verify after the damage.
+    records_after: u64,
+}
+
+/// Scans the newest segment (see [`ActiveScan`]); changes nothing.
+fn scan_active(
+    file: &impl LogFile,
+    header: &SegmentHeader,
+    segment_size: u64,
+) -> io::Result<ActiveScan> {
+    let len = file.size()?;
+    let mut cursor = SegmentCursor::new(*header);
+    let (end, found_upto) = cursor.scan_to_end(file)?;
+    let mut scan = ActiveScan {
+        write_pos: cursor.position(),
+        next_seq: cursor.next_seq(),
+        durable_upto: (header.first_seq - 1).max(found_upto.unwrap_or(0)),
+        damage: None,
+        records_after: 0,
+    };
+    match end {
+        // A file shorter than its size with records in it was cut (a crash
+        // cannot: the size is synced before any record goes in), whatever
+        // follows them; without records it is a creation whose sync did
+        // not complete.
+        _ if len < segment_size && scan.next_seq > header.first_seq => {
+            scan.damage = Some(LogDamage::Short {
+                len,
+                size: segment_size,
+            });
+        }
+        ScanEnd::Damaged { reason } => {
+            let beyond = scan_beyond(file, header, scan.write_pos + 1, scan.next_seq)?;
+            scan.records_after = beyond.records;
+            scan.durable_upto = scan.durable_upto.max(beyond.durable_upto.unwrap_or(0));
+            scan.damage = Some(LogDamage::Record(reason));
+        }
+        ScanEnd::Clean => {}
+    }
+    Ok(scan)
+}
+
+/// Ends the newest segment at `write_pos`: zeroes everything after it,
+/// restores the segment's full size and makes that durable.
+fn settle_active(file: &impl LogFile, write_pos: u64, segment_size: u64) -> io::Result<()> {
+    file.allocate(segment_size)?;
+    file.zero_range(write_pos, segment_size - write_pos)?;
+    if file.size()? > segment_size {
+        file.set_len(segment_size)?;
+    }
+    file.sync_data()
+}
+
+/// The most records a segment of `segment_size` bytes can hold (every one
+/// a bare header).
+fn capacity(segment_size: u64) -> u64 {
+    (segment_size - SEGMENT_HEADER_LEN) / HEADER_LEN as u64
+}
+
+/// A bound on every sequence number the segment files in `indices` can
+/// have held: each readable header's first sequence number plus the
+/// capacity of it and of every later file.
+fn exposure_bound<D: LogDir>(dir: &D, indices: &[u64], segment_size: u64) -> io::Result<u64> {
+    let mut bound = 0;
+    for (pos, &index) in indices.iter().enumerate() {
+        let file = match dir.open(&segment_name(index), false) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        if let Ok(h) = read_segment_header(&file)? {
+            let files = (indices.len() - pos) as u64;
+            bound = bound.max(
+                h.first_seq
+                    .saturating_sub(1)
+                    .saturating_add(capacity(segment_size).saturating_mul(files)),
+            );
+        }
+    }
+    Ok(bound)
+}
+
 impl<D: LogDir> ChangeLog<D> {
-    /// Opens the log in `dir`, creating it if empty, and recovers it: a torn
-    /// tail of the newest segment is cut off and zeroed, an incompletely
-    /// created newest segment removed. `now_ns` stamps new segment headers.
+    /// Opens the log in `dir`, creating it if empty, and recovers it under
+    /// `policy` (see the module documentation): a torn tail of the newest
+    /// segment is cut and zeroed where the policy allows, an incompletely
+    /// created newest segment removed, and damage refused. `now_ns` stamps
+    /// new segment headers.
     pub fn open(
         dir: D,
         opts: LogOptions,
+        policy: RecoveryPolicy,
         now_ns: u64,
     ) -> Result<(ChangeLog<D>, Recovery), OpenError> {
         if opts.segment_size < MIN_SEGMENT_SIZE {
@@ -221,191 +791,203 @@ impl<D: LogDir> ChangeLog<D> {
                 source,
             }
         };
-        let mut indices = segment_indices(&dir).map_err(io_err("listing".into()))?;
+        let cursor = read_cursor(&dir)?;
+        let listed = segment_indices(&dir).map_err(io_err("listing".into()))?;
+        let bound = exposure_bound(&dir, &listed, opts.segment_size)
+            .map_err(io_err("reading segment headers".into()))?;
+        let mut walk = Walk {
+            opts,
+            policy,
+            cut: None,
+            kept_aside: Vec::new(),
+        };
+        let mut indices = listed.clone();
+        let unfinished = walk.settle_newest(&dir, &mut indices)?;
+        let sealed = walk.check_sealed(&dir, &mut indices)?;
 
-        let mut removed_incomplete_segment = None;
-        // The newest segment may be half-created (crash during a roll): its
-        // header is blank, stale, or names another index. It holds no record
-        // anybody was told about, so it goes.
-        while let Some(&last) = indices.last() {
-            let name = segment_name(last);
-            let file = dir
-                .open(&name, true)
-                .map_err(io_err(format!("opening {name}")))?;
-            let header = read_segment_header(&file).map_err(io_err(format!("reading {name}")))?;
-            match header {
-                Ok(h) if h.index == last && h.segment_size == opts.segment_size => break,
-                Ok(h) if h.index == last => {
-                    return Err(OpenError::InvalidOptions(format!(
-                        "segment {name} is {} bytes but the configured segment size is {}",
-                        h.segment_size, opts.segment_size
-                    )))
-                }
-                _ => {
-                    dir.remove(&name)
-                        .map_err(io_err(format!("removing {name}")))?;
-                    dir.sync_dir()
-                        .map_err(io_err("syncing the directory".into()))?;
-                    removed_incomplete_segment = Some(name);
-                    indices.pop();
-                }
+        // The newest segment, scanned without changing anything yet: every
+        // refusal comes before the first change.
+        let existing = match indices.last() {
+            None => None,
+            Some(&index) => {
+                let name = segment_name(index);
+                let file = dir
+                    .open(&name, true)
+                    .map_err(io_err(format!("opening {name}")))?;
+                let header = read_segment_header(&file)
+                    .map_err(io_err(format!("reading {name}")))?
+                    .expect("the newest segment's header was checked");
+                let scan = scan_active(&file, &header, opts.segment_size)
+                    .map_err(io_err(format!("scanning {name}")))?;
+                Some((name, file, header, scan))
             }
-        }
-
-        let mut sealed = VecDeque::new();
-        for (i, &index) in indices
-            .iter()
-            .enumerate()
-            .take(indices.len().saturating_sub(1))
-        {
-            let name = segment_name(index);
-            let corrupt = |reason: String| OpenError::Corrupt {
-                dir: dir.describe(),
-                segment: name.clone(),
-                offset: 0,
-                last_valid_seq: None,
-                reason,
-            };
-            if indices[i + 1] != index + 1 {
-                return Err(corrupt(format!(
-                    "segment {} is missing",
-                    segment_name(index + 1)
-                )));
-            }
-            let file = dir
-                .open(&name, false)
-                .map_err(io_err(format!("opening {name}")))?;
-            let header = read_segment_header(&file)
-                .map_err(io_err(format!("reading {name}")))?
-                .map_err(|e| corrupt(e.to_string()))?;
-            if header.index != index {
-                return Err(corrupt(format!("header names index {}", header.index)));
-            }
-            sealed.push_back(Sealed {
-                index,
-                first_seq: header.first_seq,
-            });
-        }
-
-        let mut log = match indices.last() {
+        };
+        let (active_header, write_pos, next_seq) = match &existing {
+            Some((_, _, header, scan)) => (*header, scan.write_pos, scan.next_seq),
             None => {
-                let first_seq = read_cursor(&dir)? + 1;
                 let header = SegmentHeader {
                     generation: 0,
-                    index: 1,
-                    first_seq,
+                    index: listed.last().map_or(1, |&i| i + 1),
+                    first_seq: cursor + 1,
                     segment_size: opts.segment_size,
                     created_ns: now_ns,
                 };
-                let active = create_segment(&dir, None, &header)
-                    .map_err(io_err("creating the first segment".into()))?;
-                ChangeLog {
-                    dir,
-                    opts,
-                    sealed,
-                    active,
-                    active_header: header,
-                    write_pos: SEGMENT_HEADER_LEN,
-                    next_seq: first_seq,
-                    durable_seq: first_seq - 1,
-                    dirty: false,
-                    poisoned: false,
-                    pending: Pending::at(header.index),
-                }
-            }
-            Some(&index) => {
-                let name = segment_name(index);
-                let active = dir
-                    .open(&name, true)
-                    .map_err(io_err(format!("opening {name}")))?;
-                let header = read_segment_header(&active)
-                    .map_err(io_err(format!("reading {name}")))?
-                    .expect("checked above");
-                if let Some(prev) = sealed.back() {
-                    if header.first_seq <= prev.first_seq {
-                        return Err(OpenError::Corrupt {
-                            dir: dir.describe(),
-                            segment: name,
-                            offset: 0,
-                            last_valid_seq: None,
-                            reason: "first sequence number does not follow the previous segment's"
-                                .into(),
-                        });
-                    }
-                }
-                ChangeLog {
-                    dir,
-                    opts,
-                    sealed,
-                    active,
-                    active_header: header,
-                    write_pos: SEGMENT_HEADER_LEN,
-                    next_seq: header.first_seq,
-                    durable_seq: header.first_seq - 1,
-                    dirty: false,
-                    poisoned: false,
-                    pending: Pending::at(header.index),
-                }
+                (header, SEGMENT_HEADER_LEN, header.first_seq)
             }
         };
-        let torn_tail = log.recover_active()?;
-        let first_seq = log
-            .sealed
+        let durable_upto = existing
+            .as_ref()
+            .map_or(active_header.first_seq - 1, |e| e.3.durable_upto);
+        let first_seq = sealed
             .front()
-            .map_or(log.active_header.first_seq, |s| s.first_seq);
-        let last_seq = (log.next_seq > first_seq).then(|| log.next_seq - 1);
-        let room = (log.opts.segment_size - log.write_pos) / HEADER_LEN as u64;
+            .map_or(active_header.first_seq, |s| s.first_seq);
+        let last = next_seq - 1;
+        let last_seq = (next_seq > first_seq).then_some(last);
+        let refuse = |segment: String, offset, last_valid_seq, damage| OpenError::Damaged {
+            dir: dir.describe(),
+            segment,
+            offset,
+            last_valid_seq,
+            damage,
+        };
+
+        // What the policy makes of the newest segment's end.
+        let mut cut = None;
+        if let Some((name, _, header, scan)) = &existing {
+            if let Some(damage) = scan.damage.clone() {
+                let damage = match (damage, policy) {
+                    (LogDamage::Record(reason), RecoveryPolicy::Crash)
+                        if scan.next_seq <= scan.durable_upto =>
+                    {
+                        LogDamage::Durable {
+                            damage: reason,
+                            durable_upto: scan.durable_upto,
+                        }
+                    }
+                    (damage, _) => damage,
+                };
+                let cuttable = match policy {
+                    RecoveryPolicy::CleanStop { .. } => false,
+                    RecoveryPolicy::Crash => matches!(damage, LogDamage::Record(_)),
+                    RecoveryPolicy::CutDamage { .. } => true,
+                };
+                if !cuttable {
+                    return Err(refuse(
+                        name.clone(),
+                        scan.write_pos,
+                        scan.next_seq
+                            .checked_sub(1)
+                            .filter(|s| *s >= header.first_seq),
+                        damage,
+                    ));
+                }
+                cut = Some(Cut {
+                    segment: name.clone(),
+                    offset: scan.write_pos,
+                    first_seq: scan.next_seq,
+                    damage,
+                    records_after: scan.records_after,
+                    acknowledged: 0,
+                    kept_aside: Vec::new(),
+                });
+            }
+        }
+        if let Some(found) = walk.cut.take() {
+            // Damage before the newest segment, which now ends the log
+            // where its records end.
+            cut.get_or_insert(Cut {
+                segment: found.segment,
+                offset: found.offset,
+                first_seq: next_seq,
+                damage: found.damage,
+                records_after: 0,
+                acknowledged: 0,
+                kept_aside: Vec::new(),
+            });
+        }
+        let expected_last = match policy {
+            RecoveryPolicy::CleanStop { last_seq } | RecoveryPolicy::CutDamage { last_seq } => {
+                last_seq
+            }
+            RecoveryPolicy::Crash => None,
+        };
+        let end_damage = match expected_last {
+            Some(expected) if last < expected => Some(LogDamage::EndsEarly { last, expected }),
+            _ if cursor > last && !matches!(policy, RecoveryPolicy::Crash) => {
+                Some(LogDamage::CursorAhead { cursor, last })
+            }
+            _ => None,
+        };
+        if let Some(damage) = end_damage {
+            let segment = segment_name(active_header.index);
+            if matches!(policy, RecoveryPolicy::CleanStop { .. }) {
+                return Err(refuse(segment, write_pos, last_seq, damage));
+            }
+            cut.get_or_insert(Cut {
+                segment,
+                offset: write_pos,
+                first_seq: next_seq,
+                damage,
+                records_after: 0,
+                acknowledged: 0,
+                kept_aside: Vec::new(),
+            });
+        }
+
+        // Nothing is refused from here on: recover.
+        let active = match existing {
+            Some((name, file, _, scan)) => {
+                if scan.damage.is_some() && matches!(policy, RecoveryPolicy::CutDamage { .. }) {
+                    walk.copy_aside(&dir, &name, &file)?;
+                }
+                settle_active(&file, scan.write_pos, opts.segment_size)
+                    .map_err(io_err(format!("cutting the tail of {name}")))?;
+                file
+            }
+            None => create_segment(&dir, None, &active_header)
+                .map_err(io_err("creating the first segment".into()))?,
+        };
+        if let Some(name) = &unfinished {
+            dir.remove(name)
+                .map_err(io_err(format!("removing {name}")))?;
+            dir.sync_dir()
+                .map_err(io_err("syncing the directory".into()))?;
+        }
+        if let Some(cut) = &mut cut {
+            cut.kept_aside = std::mem::take(&mut walk.kept_aside);
+            cut.acknowledged = (cursor + 1).saturating_sub(cut.first_seq);
+        }
+        let lost_acknowledged = cursor.saturating_sub(last);
+        let room = (opts.segment_size - write_pos) / HEADER_LEN as u64;
+        let mut log = ChangeLog {
+            dir,
+            opts,
+            sealed,
+            active,
+            active_header,
+            write_pos,
+            next_seq,
+            durable_seq: last,
+            unsynced_barriers: VecDeque::new(),
+            durable_watermark: durable_upto.min(last),
+            generation_required: false,
+            dirty: false,
+            poisoned: false,
+            pending: Pending::at(active_header.index),
+        };
         let recovery = Recovery {
             segments: log.sealed.len() + 1,
             first_seq,
             last_seq,
-            generation: log.active_header.generation,
-            torn_tail,
-            removed_incomplete_segment,
-            max_exposed_seq: log.next_seq - 1 + room,
+            generation: active_header.generation,
+            cut,
+            removed_incomplete_segment: unfinished,
+            durable_upto,
+            lost_acknowledged,
+            max_exposed_seq: (last + room).max(bound).max(cursor),
         };
+        log.generation_required = recovery.new_generation_required();
         Ok((log, recovery))
-    }
-
-    /// Scans the newest segment, cuts a torn tail, zeroes what follows the
-    /// last valid record and makes that durable.
-    fn recover_active(&mut self) -> Result<Option<TornTail>, OpenError> {
-        let name = segment_name(self.active_header.index);
-        let dir = self.dir.describe();
-        let io_err = |context: &str| {
-            let (dir, context) = (dir.clone(), format!("{context} {name}"));
-            move |source| OpenError::Io {
-                dir,
-                context,
-                source,
-            }
-        };
-        let mut cursor = SegmentCursor::new(self.active_header);
-        let end = cursor
-            .scan_to_end(&self.active)
-            .map_err(io_err("scanning"))?;
-        self.write_pos = cursor.position();
-        self.next_seq = cursor.next_seq();
-        self.durable_seq = self.next_seq - 1;
-        let size = self.opts.segment_size;
-        self.active
-            .allocate(size)
-            .map_err(io_err("preallocating"))?;
-        self.active
-            .zero_range(self.write_pos, size - self.write_pos)
-            .map_err(io_err("zeroing the tail of"))?;
-        if self.active.size().map_err(io_err("sizing"))? > size {
-            self.active.set_len(size).map_err(io_err("truncating"))?;
-        }
-        self.active.sync_data().map_err(io_err("syncing"))?;
-        Ok(match end {
-            ScanEnd::Clean => None,
-            ScanEnd::Damaged { reason } => Some(TornTail {
-                segment: name.clone(),
-                offset: self.write_pos,
-                damage: reason,
-            }),
-        })
     }
 
     /// Appends a record; returns its sequence number. The record is copied
@@ -414,7 +996,8 @@ impl<D: LogDir> ChangeLog<D> {
     /// in buffered mode ([`set_buffered`](Self::set_buffered)) only when a
     /// later [`write_out`](Self::write_out), [`sync`](Self::sync) or
     /// detached I/O ([`take_io`](Self::take_io)) writes it. Either way it
-    /// is durable only after a later sync.
+    /// is durable only after a later sync. A barrier gets the log's
+    /// durable watermark as its durable-upto (whatever its `offset` says).
     pub fn append(&mut self, entry: &Entry<'_>) -> Result<u64, AppendError> {
         let payload_crc = entry.payload_crc();
         self.append_with_crc(entry, payload_crc)
@@ -431,6 +1014,19 @@ impl<D: LogDir> ChangeLog<D> {
         if self.poisoned {
             return Err(AppendError::Poisoned);
         }
+        if self.generation_required {
+            return Err(AppendError::NewGenerationRequired);
+        }
+        let barrier;
+        let entry = if entry.kind == Kind::Barrier {
+            barrier = Entry {
+                offset: self.durable_seq,
+                ..*entry
+            };
+            &barrier
+        } else {
+            entry
+        };
         entry.validate().map_err(AppendError::Invalid)?;
         let len = entry.encoded_len();
         let usable = self.opts.segment_size - SEGMENT_HEADER_LEN;
@@ -458,6 +1054,9 @@ impl<D: LogDir> ChangeLog<D> {
         out.buffer_last_seq = seq;
         self.write_pos += len as u64;
         self.next_seq += 1;
+        if entry.kind == Kind::Barrier {
+            self.unsynced_barriers.push_back((seq, entry.offset));
+        }
         if !self.pending.buffered {
             self.write_out()?;
         }
@@ -478,6 +1077,19 @@ impl<D: LogDir> ChangeLog<D> {
     /// making it durable (records become visible to readers).
     pub fn write_out(&mut self) -> Result<(), AppendError> {
         self.run_inline(None, true)
+    }
+
+    /// Everything up to `durable` is durable now: so are the barriers
+    /// among it, and the watermark they carry.
+    fn made_durable(&mut self, durable: u64) {
+        self.durable_seq = self.durable_seq.max(durable);
+        while let Some(&(seq, upto)) = self.unsynced_barriers.front() {
+            if seq > self.durable_seq {
+                break;
+            }
+            self.durable_watermark = self.durable_watermark.max(upto);
+            self.unsynced_barriers.pop_front();
+        }
     }
 
     /// Makes every record appended so far durable with one fdatasync;
@@ -644,7 +1256,7 @@ impl<D: LogDir> ChangeLog<D> {
                 }
             }
             IoOp::Sync { upto, .. } => {
-                self.durable_seq = self.durable_seq.max(upto);
+                self.made_durable(upto);
                 if upto >= self.written_seq() {
                     self.dirty = false;
                 }
@@ -659,10 +1271,15 @@ impl<D: LogDir> ChangeLog<D> {
                     ));
                 };
                 // Sealing synced everything written to the old segment.
-                self.durable_seq = self.durable_seq.max(self.written_seq());
+                self.made_durable(self.written_seq());
                 self.dirty = false;
                 self.active = file;
                 self.pending.file_index = header.index;
+                // Now that its successor exists, recovery never cuts into
+                // the sealed segment: its records count as durable as if a
+                // barrier said so. (Not before: until the roll is done the
+                // sealed segment is the newest on disk.)
+                self.durable_watermark = self.durable_watermark.max(header.first_seq - 1);
             }
         }
         Ok(())
@@ -686,9 +1303,10 @@ impl<D: LogDir> ChangeLog<D> {
     }
 
     /// Starts a new generation whose first record gets `first_seq`, after an
-    /// unclean stop. Records of the new generation go into a new segment (or
-    /// the active one, if it holds no record yet). Everything appended
-    /// before is written first.
+    /// unclean stop or a cut (`first_seq` above
+    /// [`Recovery::max_exposed_seq`]). Records of the new generation go into
+    /// a new segment (or the active one, if it holds no record yet).
+    /// Everything appended before is written first.
     pub fn begin_generation(
         &mut self,
         generation: u32,
@@ -724,8 +1342,12 @@ impl<D: LogDir> ChangeLog<D> {
             self.write_out()?;
         }
         self.next_seq = first_seq;
+        // Nothing exists between the old records and `first_seq`; every
+        // old record is in a synced segment.
         self.durable_seq = first_seq - 1;
         self.pending.written_seq = first_seq - 1;
+        self.durable_watermark = self.durable_watermark.max(first_seq - 1);
+        self.generation_required = false;
         Ok(())
     }
 
@@ -807,6 +1429,15 @@ impl<D: LogDir> ChangeLog<D> {
     /// The highest sequence number known durable.
     pub fn durable_seq(&self) -> u64 {
         self.durable_seq
+    }
+
+    /// The durable watermark on disk: the durable-upto of the newest durable
+    /// barrier (or the end of the sealed segments, if higher). Recovery after
+    /// a crash never cuts a record at or below it, and may cut any above it:
+    /// whoever must be able to redo lost records (the tracker, through its
+    /// activity map) may forget only those at or below it.
+    pub fn durable_watermark(&self) -> u64 {
+        self.durable_watermark
     }
 
     /// The current generation.

@@ -9,7 +9,7 @@
 //!  offset size field
 //!  ------ ---- ---------------------------------------------------------------
 //!       0    4 magic        "TMRC" (54 4d 52 43)
-//!       4    1 version      1
+//!       4    1 version      2 (1 is still read, see below)
 //!       5    1 kind         1 write, 2 write-zeroes, 3 trim, 4 barrier,
 //!                           5 marker, 6 resync-needed
 //!       6    2 flags        bit 0 app-consistent (marker only)
@@ -21,6 +21,9 @@
 //!      28    4 disk         disk id within the consistency group
 //!                           (barrier and marker: 0xffff_ffff, the whole group)
 //!      32    8 offset       byte offset on the disk
+//!                           barrier: durable-upto, the sequence number of
+//!                           the last record whose fdatasync had completed
+//!                           when the barrier was appended (0: none)
 //!      40    8 length       bytes of the disk the record covers
 //!      48    4 payload-len  bytes of payload that follow the header
 //!      52    4 crc32c       over bytes 0..52, then the payload
@@ -34,12 +37,30 @@
 //! - **write-zeroes** / **trim**: `offset..offset+length` reads as zeroes
 //!   afterwards (the tracker gives trim that defined result on the source).
 //! - **barrier**: everything before it is a crash-consistent state of the
-//!   whole group; it touches no disk.
+//!   whole group; it touches no disk. Its durable-upto is the log's
+//!   watermark: after any crash, every record at or below the highest
+//!   durable-upto found must still verify, so damage there is never taken
+//!   for a torn tail (see [`crate::log`]).
 //! - **marker**: a labelled point, application-consistent when flagged; it
 //!   touches no disk.
 //! - **resync-needed**: the extent may differ from what the log says (an
 //!   unclean stop, or writes that were not logged); it must be re-read from
 //!   the source. It touches no disk by itself.
+//!
+//! # Versions
+//!
+//! - **1**: as above, but a barrier's offset must be 0 (no watermark).
+//! - **2**: a barrier carries durable-upto in its offset field.
+//!
+//! Readers accept every version from [`MIN_RECORD_VERSION`] to
+//! [`RECORD_VERSION`]; a record keeps the version it was written with for
+//! its whole life (the log, the wire, the receiver re-encode it with
+//! [`Record::encode`], never as a newer version), so its checksum is the
+//! one it was created with. Writers write [`RECORD_VERSION`]. A log holding
+//! version-1 records is read in place, no migration; its version-1 barriers
+//! give no watermark ([`Header::durable_upto`] is `None`). A later version
+//! adds fields or kinds; readers refuse versions above theirs by name
+//! ([`DecodeError::UnsupportedVersion`]) rather than guess.
 
 use thiserror::Error;
 
@@ -47,8 +68,10 @@ use thiserror::Error;
 pub const HEADER_LEN: usize = 56;
 /// First bytes of every record.
 pub const RECORD_MAGIC: [u8; 4] = *b"TMRC";
-/// The record format version this code writes and reads.
-pub const RECORD_VERSION: u8 = 1;
+/// The record format version this code writes.
+pub const RECORD_VERSION: u8 = 2;
+/// The oldest record format version this code reads.
+pub const MIN_RECORD_VERSION: u8 = 1;
 /// The largest payload a record may carry (a write of up to 64 MiB).
 pub const MAX_PAYLOAD: u32 = 64 << 20;
 /// The longest marker label, in bytes.
@@ -244,6 +267,7 @@ impl<'a> Entry<'a> {
         let payload_len = u32::try_from(self.payload.len())
             .map_err(|_| DecodeError::PayloadTooLarge(u32::MAX))?;
         check_semantics(
+            RECORD_VERSION,
             self.kind,
             self.flags,
             self.disk,
@@ -254,8 +278,10 @@ impl<'a> Entry<'a> {
         )
     }
 
-    /// Encodes the header for this entry with its sequence number and
-    /// generation; the CRC covers `self.payload`, which follows the header.
+    /// Encodes the header for this entry, as a record of the current
+    /// version, with its sequence number and generation; the CRC covers
+    /// `self.payload`, which follows the header. (A barrier's offset is its
+    /// durable-upto: the log fills it in.)
     pub fn encode_header(&self, seq: u64, generation: u32) -> [u8; HEADER_LEN] {
         self.encode_header_with(seq, generation, self.payload_crc())
     }
@@ -278,25 +304,7 @@ impl<'a> Entry<'a> {
         generation: u32,
         payload_crc: u32,
     ) -> [u8; HEADER_LEN] {
-        let mut h = [0u8; HEADER_LEN];
-        h[0..4].copy_from_slice(&RECORD_MAGIC);
-        h[4] = RECORD_VERSION;
-        h[5] = self.kind.code();
-        h[6..8].copy_from_slice(&self.flags.to_le_bytes());
-        h[8..16].copy_from_slice(&seq.to_le_bytes());
-        h[16..24].copy_from_slice(&self.timestamp_ns.to_le_bytes());
-        h[24..28].copy_from_slice(&generation.to_le_bytes());
-        h[28..32].copy_from_slice(&self.disk.to_le_bytes());
-        h[32..40].copy_from_slice(&self.offset.to_le_bytes());
-        h[40..48].copy_from_slice(&self.length.to_le_bytes());
-        h[48..52].copy_from_slice(&(self.payload.len() as u32).to_le_bytes());
-        let crc = crc32c_combine(
-            crc32c::crc32c(&h[..CRC_AT]),
-            payload_crc,
-            self.payload.len(),
-        );
-        h[CRC_AT..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
-        h
+        encode_header(RECORD_VERSION, self, seq, generation, payload_crc)
     }
 
     /// Encodes header and payload into one buffer.
@@ -308,9 +316,40 @@ impl<'a> Entry<'a> {
     }
 }
 
+/// The header bytes of `entry` as a record of format `version`.
+fn encode_header(
+    version: u8,
+    entry: &Entry<'_>,
+    seq: u64,
+    generation: u32,
+    payload_crc: u32,
+) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[0..4].copy_from_slice(&RECORD_MAGIC);
+    h[4] = version;
+    h[5] = entry.kind.code();
+    h[6..8].copy_from_slice(&entry.flags.to_le_bytes());
+    h[8..16].copy_from_slice(&seq.to_le_bytes());
+    h[16..24].copy_from_slice(&entry.timestamp_ns.to_le_bytes());
+    h[24..28].copy_from_slice(&generation.to_le_bytes());
+    h[28..32].copy_from_slice(&entry.disk.to_le_bytes());
+    h[32..40].copy_from_slice(&entry.offset.to_le_bytes());
+    h[40..48].copy_from_slice(&entry.length.to_le_bytes());
+    h[48..52].copy_from_slice(&(entry.payload.len() as u32).to_le_bytes());
+    let crc = crc32c_combine(
+        crc32c::crc32c(&h[..CRC_AT]),
+        payload_crc,
+        entry.payload.len(),
+    );
+    h[CRC_AT..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
 /// A decoded record header: everything but the payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
+    /// The format version the record was written with.
+    pub version: u8,
     /// What the record does.
     pub kind: Kind,
     /// Kind-specific flags.
@@ -352,8 +391,9 @@ impl Header {
         if h[0..4] != RECORD_MAGIC {
             return Err(DecodeError::BadMagic);
         }
-        if h[4] != RECORD_VERSION {
-            return Err(DecodeError::UnsupportedVersion(h[4]));
+        let version = h[4];
+        if !(MIN_RECORD_VERSION..=RECORD_VERSION).contains(&version) {
+            return Err(DecodeError::UnsupportedVersion(version));
         }
         let kind = Kind::from_code(h[5]).ok_or(DecodeError::UnknownKind(h[5]))?;
         let payload_len = le_u32(h, 48);
@@ -361,6 +401,7 @@ impl Header {
             return Err(DecodeError::PayloadTooLarge(payload_len));
         }
         Ok(Header {
+            version,
             kind,
             flags: u16::from_le_bytes([h[6], h[7]]),
             seq: le_u64(h, 8),
@@ -391,6 +432,7 @@ impl Header {
             });
         }
         check_semantics(
+            self.version,
             self.kind,
             self.flags,
             self.disk,
@@ -398,7 +440,21 @@ impl Header {
             self.length,
             self.payload_len,
             payload,
-        )
+        )?;
+        if self.kind == Kind::Barrier && self.offset >= self.seq && self.offset != 0 {
+            return Err(DecodeError::Inconsistent {
+                kind: self.kind.name(),
+                reason: "durable-upto must lie below the barrier's own sequence number",
+            });
+        }
+        Ok(())
+    }
+
+    /// A barrier's durable-upto: every record at or below it had been made
+    /// durable before the barrier was appended. `None` for other kinds and
+    /// for version-1 barriers, which do not record it.
+    pub fn durable_upto(&self) -> Option<u64> {
+        (self.kind == Kind::Barrier && self.version >= 2).then_some(self.offset)
     }
 }
 
@@ -427,12 +483,57 @@ impl Record {
         })
     }
 
+    /// This record as format `version` writes it, for a peer that reads no
+    /// newer format: a record already at or below `version` is unchanged;
+    /// a version-2 barrier becomes a version-1 one without its durable-upto
+    /// (a watermark only the log's own recovery reads). Its checksum is
+    /// recomputed over the new header.
+    pub fn in_version(mut self, version: u8) -> Result<Record, DecodeError> {
+        if self.header.version <= version {
+            return Ok(self);
+        }
+        if version < MIN_RECORD_VERSION {
+            return Err(DecodeError::UnsupportedVersion(version));
+        }
+        if version < 2 && self.header.kind == Kind::Barrier {
+            self.header.offset = 0;
+        }
+        self.header.version = version;
+        let h = self.encode_header();
+        self.header.crc =
+            u32::from_le_bytes([h[CRC_AT], h[CRC_AT + 1], h[CRC_AT + 2], h[CRC_AT + 3]]);
+        Ok(self)
+    }
+
     /// The marker label, for markers.
     pub fn label(&self) -> Option<&str> {
         match self.header.kind {
             Kind::Marker => std::str::from_utf8(&self.payload).ok(),
             _ => None,
         }
+    }
+
+    /// The record's bytes exactly as written: header (of the record's own
+    /// format version) and payload. What the shipper sends and the
+    /// receiver verifies against the stored checksum.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.header.record_len());
+        out.extend_from_slice(&self.encode_header());
+        out.extend_from_slice(&self.payload);
+        out
+    }
+
+    /// The record's header bytes, of its own format version, with the
+    /// checksum of its fields and payload as they are now.
+    pub fn encode_header(&self) -> [u8; HEADER_LEN] {
+        let entry = self.as_entry();
+        encode_header(
+            self.header.version,
+            &entry,
+            self.header.seq,
+            self.header.generation,
+            entry.payload_crc(),
+        )
     }
 
     /// This record as an entry, e.g. to append it to another log.
@@ -491,7 +592,9 @@ pub enum DecodeError {
     },
 }
 
+#[allow(clippy::too_many_arguments)]
 fn check_semantics(
+    version: u8,
     kind: Kind,
     flags: u16,
     disk: u32,
@@ -541,8 +644,11 @@ fn check_semantics(
             }
         }
         Kind::Barrier => {
-            if payload_len != 0 || length != 0 || offset != 0 || disk != GROUP_DISK {
+            if payload_len != 0 || length != 0 || disk != GROUP_DISK {
                 return bad("a barrier carries no extent and no payload");
+            }
+            if version < 2 && offset != 0 {
+                return bad("a version-1 barrier carries no durable-upto");
             }
         }
         Kind::Marker => {
@@ -747,6 +853,113 @@ mod tests {
             .validate()
             .is_err());
         assert!(Entry::write(GROUP_DISK, 0, b"a", 0).validate().is_err());
+    }
+
+    /// A version-1 encoder as the version-1 code had it: the same layout,
+    /// version byte 1, a barrier's offset 0.
+    fn encode_v1(e: &Entry<'_>, seq: u64, generation: u32) -> Vec<u8> {
+        let mut bytes = e.encode(seq, generation);
+        bytes[4] = 1;
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&bytes[..CRC_AT]), e.payload);
+        bytes[CRC_AT..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
+        bytes
+    }
+
+    #[test]
+    fn version_1_records_are_read_and_keep_their_bytes() {
+        let data = [5u8; 300];
+        let entries = [
+            Entry::write(2, 4096, &data, 11),
+            Entry::write_zeroes(0, 0, 8192, true, 12),
+            Entry::trim(1, 512, 512, 13),
+            Entry::barrier(14),
+            Entry::marker("before-upgrade", true, 15),
+            Entry::resync_needed(0, 0, 1 << 20, 16),
+        ];
+        for (i, e) in entries.iter().enumerate() {
+            let bytes = encode_v1(e, 100 + i as u64, 3);
+            let r = Record::decode(&bytes).unwrap();
+            assert_eq!(r.header.version, 1);
+            assert_eq!(r.as_entry(), *e);
+            assert_eq!(
+                r.header.durable_upto(),
+                None,
+                "a v1 barrier has no watermark"
+            );
+            // Re-encoded in its own version: the very bytes, the checksum
+            // it was created with.
+            assert_eq!(r.encode(), bytes);
+        }
+    }
+
+    #[test]
+    fn a_record_in_an_older_version_verifies_and_keeps_all_but_the_watermark() {
+        let barrier = Record::decode(
+            &Entry {
+                offset: 41,
+                ..Entry::barrier(7)
+            }
+            .encode(42, 3),
+        )
+        .unwrap();
+        let converted = barrier.clone().in_version(1).unwrap();
+        let v1 = Record::decode(&converted.encode()).unwrap();
+        assert_eq!(v1, converted, "the checksum follows the new header");
+        assert_eq!(
+            (v1.header.version, v1.header.durable_upto(), v1.header.seq),
+            (1, None, 42)
+        );
+        assert_eq!(v1.header.generation, 3);
+        let payload = [5u8; 512];
+        let write = Record::decode(&Entry::write(1, 4096, &payload, 9).encode(43, 3)).unwrap();
+        let w1 = Record::decode(&write.clone().in_version(1).unwrap().encode()).unwrap();
+        assert_eq!(
+            (w1.header.version, w1.header.offset, &w1.payload[..]),
+            (1, 4096, &payload[..])
+        );
+        // Already old enough: unchanged, bytes and all.
+        assert_eq!(w1.clone().in_version(2).unwrap(), w1);
+        assert!(matches!(
+            write.in_version(0),
+            Err(DecodeError::UnsupportedVersion(0))
+        ));
+    }
+
+    #[test]
+    fn a_barrier_carries_its_durable_upto_from_version_2_on() {
+        let e = Entry {
+            offset: 41,
+            ..Entry::barrier(7)
+        };
+        assert!(e.validate().is_ok());
+        let r = Record::decode(&e.encode(42, 0)).unwrap();
+        assert_eq!((r.header.version, r.header.durable_upto()), (2, Some(41)));
+        assert_eq!(r.encode(), e.encode(42, 0));
+        // At or above its own sequence number it means nothing: refused.
+        assert!(matches!(
+            Record::decode(&e.encode(41, 0)),
+            Err(DecodeError::Inconsistent { .. })
+        ));
+        // A version-1 barrier never had one.
+        assert!(matches!(
+            Record::decode(&encode_v1(&e, 42, 0)),
+            Err(DecodeError::Inconsistent { .. })
+        ));
+    }
+
+    #[test]
+    fn a_newer_version_is_refused_by_number() {
+        let mut bytes = Entry::barrier(1).encode(1, 0);
+        bytes[4] = RECORD_VERSION + 1;
+        assert_eq!(
+            Record::decode(&bytes),
+            Err(DecodeError::UnsupportedVersion(RECORD_VERSION + 1))
+        );
+        bytes[4] = 0;
+        assert_eq!(
+            Record::decode(&bytes),
+            Err(DecodeError::UnsupportedVersion(0))
+        );
     }
 
     #[test]

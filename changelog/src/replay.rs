@@ -1,8 +1,13 @@
 //! Replay: applying log records, in order, to an image of one disk. This is
 //! what every crash-consistency proof and every forensic recovery uses, so
 //! the stop point is resolved *before* the image is touched: a replay to a
-//! barrier or label the log does not hold changes nothing.
+//! barrier or label the log does not hold changes nothing. The whole log is
+//! checked first ([`crate::check()`]): if it stops being valid before the
+//! stop point (a damaged or missing segment, tail damage), the replay
+//! refuses with where and why, unless the caller accepts the valid prefix,
+//! in which case it says where it stopped ([`ReplaySummary::stopped_early`]).
 
+use crate::check::{check, Problem};
 use crate::reader::{LogReader, ReadError};
 use crate::record::{Kind, Record};
 use crate::storage::LogDir;
@@ -31,12 +36,26 @@ pub enum ReplayError {
     /// The stop point is not in the log; the image was not touched.
     #[error("{0}; the image was not changed")]
     StopNotFound(String),
+    /// The log stops being valid before the stop point; the image was not
+    /// changed.
+    #[error("the log stops being valid at segment {} byte {} ({}); {}; the image was not changed", .0.segment, .0.offset, .0.reason, last_valid(.0.last_valid_seq))]
+    Damaged(Box<Problem>),
     /// The log could not be read.
     #[error(transparent)]
     Log(#[from] ReadError),
+    /// The log could not be checked.
+    #[error("checking the log")]
+    Check(#[source] io::Error),
     /// Writing the image failed.
     #[error("writing the image")]
     Image(#[source] io::Error),
+}
+
+fn last_valid(seq: Option<u64>) -> String {
+    match seq {
+        Some(s) => format!("the last valid record is {s}"),
+        None => "no record before it verifies".into(),
+    }
 }
 
 /// Something records can be applied to.
@@ -162,15 +181,26 @@ pub struct ReplaySummary {
     /// Extents marked resync-needed: the image may differ from the source
     /// there, because the log does not hold their content.
     pub resync_needed: Vec<(u64, u64)>,
+    /// Where the log stopped being valid, when the replay stopped there
+    /// because the caller accepted the valid prefix.
+    pub stopped_early: Option<Problem>,
 }
 
 /// Finds the sequence number a stop point stands for, reading the log from
-/// its oldest record.
-pub fn resolve_stop<D: LogDir>(dir: D, stop: &StopAt) -> Result<u64, ReplayError> {
+/// its oldest record up to `valid_until` (the last valid record, when the
+/// log stops being valid after it).
+pub fn resolve_stop<D: LogDir>(
+    dir: D,
+    stop: &StopAt,
+    valid_until: Option<u64>,
+) -> Result<u64, ReplayError> {
     let mut reader = LogReader::new(dir, 0);
     let mut barriers = 0;
     let mut last = None;
     while let Some(record) = reader.next_record()? {
+        if valid_until.is_some_and(|v| record.header.seq > v) {
+            break;
+        }
         let seq = record.header.seq;
         last = Some(seq);
         match stop {
@@ -233,16 +263,40 @@ pub fn apply(
 }
 
 /// Replays the records of `disk`, from the oldest in the log up to `stop`,
-/// onto `target`, then flushes it.
+/// onto `target`, then flushes it. If the log stops being valid before the
+/// stop point the replay refuses ([`ReplayError::Damaged`]) before touching
+/// the image, unless `accept_prefix`: then it replays the valid records
+/// (to the stop point, if it lies among them) and says where it stopped.
 pub fn replay<D: LogDir + Clone>(
     dir: D,
     disk: u32,
     stop: &StopAt,
+    accept_prefix: bool,
     target: &mut impl ReplayTarget,
 ) -> Result<ReplaySummary, ReplayError> {
-    let until = resolve_stop(dir.clone(), stop)?;
+    let report = check(&dir).map_err(ReplayError::Check)?;
+    let problem = report.problems.into_iter().next();
+    let valid_until = problem.as_ref().map(|p| p.last_valid_seq.unwrap_or(0));
+    let (until, stopped_early) = match (resolve_stop(dir.clone(), stop, valid_until), problem) {
+        // The stop point lies past the damage (or nothing valid is left).
+        (Err(ReplayError::StopNotFound(_)), Some(p)) => {
+            return Err(ReplayError::Damaged(Box::new(p)))
+        }
+        (Err(e), _) => return Err(e),
+        (Ok(_), Some(p)) if matches!(stop, StopAt::End) && !accept_prefix => {
+            return Err(ReplayError::Damaged(Box::new(p)))
+        }
+        (Ok(until), p) => {
+            // Replaying to the end of a damaged log stops at the damage.
+            let stopped_early = p.filter(|_| matches!(stop, StopAt::End));
+            (until, stopped_early)
+        }
+    };
+    let mut summary = ReplaySummary {
+        stopped_early,
+        ..ReplaySummary::default()
+    };
     let mut reader = LogReader::new(dir, 0);
-    let mut summary = ReplaySummary::default();
     while let Some(record) = reader.next_record()? {
         if record.header.seq > until {
             break;

@@ -5,8 +5,11 @@
 //! digits, so names sort in log order) and starts with a 64-byte header;
 //! records follow back to back from byte 64. Space after the last record is
 //! zero (preallocated, or zeroed by recovery), so the scan ends at the first
-//! all-zero header; anything else that does not verify is a torn or damaged
-//! record. All integers little-endian.
+//! all-zero header, and every byte from there to the end of the file must be
+//! zero too (a zeroed page in the middle of records is damage, not an end);
+//! anything else that does not verify is a torn or damaged record. A segment
+//! file is never shorter than its header's segment size: it is preallocated
+//! and synced before any record goes in. All integers little-endian.
 //!
 //! ```text
 //!  offset size field
@@ -26,8 +29,17 @@
 //! sequence numbers from `first-seq`. A segment is *sealed* once a later one
 //! exists; sealed segments are fsynced before their successor is created and
 //! never written again, until recycled.
+//!
+//! # Versions
+//!
+//! The header's version describes the header alone; records carry their own
+//! (see [`crate::record`]), so a version-1 segment holds records of any
+//! version. Version 1 is the only header version so far; a reader refuses
+//! a version it does not know by name
+//! ([`SegmentHeaderError::UnsupportedVersion`]), and the appender never
+//! removes or rewrites such a segment.
 
-use crate::record::{DecodeError, Header, HEADER_LEN, MAX_SEQ};
+use crate::record::{DecodeError, Header, HEADER_LEN, MAX_SEQ, RECORD_MAGIC};
 use crate::storage::{LogDir, LogFile};
 use std::io;
 
@@ -170,6 +182,137 @@ pub fn read_segment_header(
     Ok(SegmentHeader::decode(&buf[..n]))
 }
 
+/// Whether the newest segment file `index`, whose header is not its own,
+/// is a roll that did not complete and holds no record: the successor of
+/// `prev` (index and first sequence number of the segment before it, if
+/// any) whose creation stopped before its header was synced — blank, torn
+/// or shorter than a header, with nothing but zeroes after it — or a
+/// recycled file still carrying the header (or the records) of the
+/// segment it was, whose old name no longer exists. Anything else is not
+/// something a crash leaves: a header that names a segment that still
+/// exists (two files swapped), records after a blank header, a version
+/// this code does not know, a file that does not follow `prev`.
+pub fn is_unfinished_roll<D: LogDir>(
+    dir: &D,
+    index: u64,
+    prev: Option<(u64, u64)>,
+    file: &D::File,
+    header: &Result<SegmentHeader, SegmentHeaderError>,
+) -> io::Result<bool> {
+    if prev.is_some_and(|(p, _)| p + 1 != index) {
+        return Ok(false);
+    }
+    let older_than_prev = |seq: u64| prev.is_none_or(|(_, first)| seq < first);
+    match header {
+        Ok(h) => {
+            let old_name_gone = match dir.open(&segment_name(h.index), false) {
+                Ok(_) => false,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => true,
+                Err(e) => return Err(e),
+            };
+            Ok(h.index < index && old_name_gone && older_than_prev(h.first_seq))
+        }
+        Err(SegmentHeaderError::UnsupportedVersion(_)) => Ok(false),
+        Err(_) => {
+            // A header rewritten over a recycled file may tear while the
+            // records of what the file was still follow it: those are older
+            // than the log's newest segment.
+            let mut buf = [0u8; HEADER_LEN];
+            let n = file.read_full_at(&mut buf, SEGMENT_HEADER_LEN)?;
+            if let Ok(h) = Header::decode(&buf[..n]) {
+                let mut payload = vec![0u8; h.payload_len as usize];
+                let got =
+                    file.read_full_at(&mut payload, SEGMENT_HEADER_LEN + HEADER_LEN as u64)?;
+                if got == payload.len() && h.verify(&buf, &payload).is_ok() {
+                    return Ok(older_than_prev(h.seq));
+                }
+            }
+            Ok(first_nonzero(file, SEGMENT_HEADER_LEN)?.is_none())
+        }
+    }
+}
+
+/// The offset of the first byte at or after `from` that is not zero, if
+/// any: after the last record of a segment there must be none.
+pub fn first_nonzero(file: &impl LogFile, from: u64) -> io::Result<Option<u64>> {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut at = from;
+    loop {
+        let n = file.read_full_at(&mut buf, at)?;
+        if let Some(i) = buf[..n].iter().position(|b| *b != 0) {
+            return Ok(Some(at + i as u64));
+        }
+        if n < buf.len() {
+            return Ok(None);
+        }
+        at += n as u64;
+    }
+}
+
+/// Records that verify after a damaged one in the same segment, found by
+/// trying every byte from `from` on as the start of a record: after a
+/// crash, pages written later may have reached the disk while an earlier
+/// one was torn, and after bit rot whole records may follow the damage.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Beyond {
+    /// Verified records of the segment's generation, numbered from the
+    /// damaged record's sequence number on.
+    pub records: u64,
+    /// The highest sequence number among them.
+    pub last_seq: Option<u64>,
+    /// The highest durable-upto of the barriers among them.
+    pub durable_upto: Option<u64>,
+}
+
+/// Searches `file` from `from` for records of segment `header` numbered at
+/// least `min_seq` (see [`Beyond`]).
+pub fn scan_beyond(
+    file: &impl LogFile,
+    header: &SegmentHeader,
+    from: u64,
+    min_seq: u64,
+) -> io::Result<Beyond> {
+    const CHUNK: usize = 1 << 20;
+    let mut found = Beyond::default();
+    let mut buf = vec![0u8; CHUNK + RECORD_MAGIC.len()];
+    let mut record = [0u8; HEADER_LEN];
+    let mut payload = Vec::new();
+    let mut at = from;
+    loop {
+        let n = file.read_full_at(&mut buf, at)?;
+        if n < RECORD_MAGIC.len() {
+            return Ok(found);
+        }
+        let starts = n - RECORD_MAGIC.len() + 1;
+        for i in 0..starts.min(CHUNK) {
+            if buf[i..i + RECORD_MAGIC.len()] != RECORD_MAGIC {
+                continue;
+            }
+            let pos = at + i as u64;
+            let got = file.read_full_at(&mut record, pos)?;
+            let Ok(h) = Header::decode(&record[..got]) else {
+                continue;
+            };
+            payload.resize(h.payload_len as usize, 0);
+            let got = file.read_full_at(&mut payload, pos + HEADER_LEN as u64)?;
+            if got < payload.len()
+                || h.verify(&record, &payload).is_err()
+                || h.generation != header.generation
+                || h.seq < min_seq
+            {
+                continue;
+            }
+            found.records += 1;
+            found.last_seq = found.last_seq.max(Some(h.seq));
+            found.durable_upto = found.durable_upto.max(h.durable_upto());
+        }
+        if n < buf.len() {
+            return Ok(found);
+        }
+        at += CHUNK as u64;
+    }
+}
+
 /// How the valid records of a segment end.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ScanEnd {
@@ -203,6 +346,13 @@ pub enum Damage {
         expected: u32,
         /// The record's.
         found: u32,
+    },
+    /// Zeroes where the next record should be, but data after them: a
+    /// zeroed page or a hole in the middle of the records.
+    #[error("zeroes where a record should be, but data follows at byte {at}")]
+    DataAfterZeroes {
+        /// The first byte that is not zero.
+        at: u64,
     },
 }
 
@@ -300,15 +450,34 @@ impl SegmentCursor {
         Ok(Ok(Some(Located { header, at })))
     }
 
-    /// Reads records to the end, returning the last verified one's sequence
-    /// number (if any) and how the segment ends.
-    pub fn scan_to_end(&mut self, file: &impl LogFile) -> io::Result<ScanEnd> {
+    /// Like [`SegmentCursor::next`], for a segment nobody is appending
+    /// to: at the end of the records, every byte to the end of the file
+    /// must be zero, else the end is [`Damage::DataAfterZeroes`].
+    pub fn next_settled(
+        &mut self,
+        file: &impl LogFile,
+        payload: &mut Vec<u8>,
+    ) -> io::Result<Result<Option<Located>, Damage>> {
+        match self.next(file, payload)? {
+            Ok(None) => Ok(match first_nonzero(file, self.pos)? {
+                Some(at) => Err(Damage::DataAfterZeroes { at }),
+                None => Ok(None),
+            }),
+            other => Ok(other),
+        }
+    }
+
+    /// Reads records to the end (see [`SegmentCursor::next_settled`]);
+    /// returns how the segment ends and the highest durable-upto of the
+    /// barriers read.
+    pub fn scan_to_end(&mut self, file: &impl LogFile) -> io::Result<(ScanEnd, Option<u64>)> {
         let mut payload = Vec::new();
+        let mut durable_upto = None;
         loop {
-            match self.next(file, &mut payload)? {
-                Ok(Some(_)) => {}
-                Ok(None) => return Ok(ScanEnd::Clean),
-                Err(reason) => return Ok(ScanEnd::Damaged { reason }),
+            match self.next_settled(file, &mut payload)? {
+                Ok(Some(located)) => durable_upto = durable_upto.max(located.header.durable_upto()),
+                Ok(None) => return Ok((ScanEnd::Clean, durable_upto)),
+                Err(reason) => return Ok((ScanEnd::Damaged { reason }, durable_upto)),
             }
         }
     }

@@ -14,6 +14,9 @@
 //! 1 2147483648 wal /srv/images/wal disk.raw
 //! crc32c 1a2b3c4d
 //! ```
+//!
+//! Version 1 (the first line) is the only version so far; a file of another
+//! version reads as damaged.
 
 use std::fs;
 use std::io;

@@ -162,10 +162,26 @@ impl LogDir for FsDir {
     }
 
     fn open(&self, name: &str, writable: bool) -> io::Result<FsFile> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .open(self.path.join(name))?;
+        let path = self.path.join(name);
+        // Anything but a regular file under a log file's name (a directory,
+        // a device) is named, not opened: "Is a directory" alone does not
+        // say which.
+        let kind = std::fs::metadata(&path)?.file_type();
+        if !kind.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} is {}, not a log file",
+                    path.display(),
+                    if kind.is_dir() {
+                        "a directory"
+                    } else {
+                        "not a regular file"
+                    }
+                ),
+            ));
+        }
+        let file = OpenOptions::new().read(true).write(writable).open(&path)?;
         Ok(FsFile { file })
     }
 

@@ -6,7 +6,8 @@ use proptest::prelude::*;
 use std::collections::BTreeMap;
 use tidemark_changelog::segment::{segment_name, SegmentHeader};
 use tidemark_changelog::{
-    check, read_cursor, write_cursor, ChangeLog, Entry, LogOptions, LogReader, SimDir,
+    check, read_cursor, write_cursor, ChangeLog, Entry, LogOptions, LogReader, OpenError,
+    RecoveryPolicy, SimDir,
 };
 
 const OPTS: LogOptions = LogOptions {
@@ -23,8 +24,13 @@ fn exercise(dir: SimDir) {
             _ => break,
         }
     }
-    if let Ok((mut log, _)) = ChangeLog::open(dir.clone(), OPTS, 0) {
-        // Whatever recovery kept, the log is usable and clean afterwards.
+    if let Ok((mut log, recovery)) = ChangeLog::open(dir.clone(), OPTS, RecoveryPolicy::Crash, 0) {
+        // Whatever recovery kept, the log is usable and clean afterwards
+        // (in a new generation, if it cut anything).
+        if recovery.new_generation_required() {
+            log.begin_generation(recovery.generation + 1, recovery.max_exposed_seq + 1, 1)
+                .unwrap();
+        }
         log.barrier(1).unwrap();
         assert!(check(&dir).unwrap().is_clean());
     }
@@ -102,11 +108,23 @@ proptest! {
             content.extend(Entry::write(0, i as u64 * 512, &[i as u8 + 1; 100], 0).encode(i as u64 + 1, 0));
         }
         content.extend(garbage);
+        // A segment file cut short is damage, never a tail to cut.
+        let mut files = BTreeMap::new();
+        files.insert(segment_name(1), content.clone());
+        let short = SimDir::from_files(files);
+        let refused = matches!(
+            ChangeLog::open(short.clone(), OPTS, RecoveryPolicy::Crash, 0),
+            Err(OpenError::Damaged { .. })
+        );
+        prop_assert!(refused, "a short segment was opened");
+        exercise(short);
+        // Preallocated, as segments are: the garbage is a tail a crash
+        // may leave, and never takes the valid records away.
+        content.resize(4096, 0);
         let mut files = BTreeMap::new();
         files.insert(segment_name(1), content);
         let dir = SimDir::from_files(files);
-        let (_, recovery) = ChangeLog::open(dir.clone(), OPTS, 0).unwrap();
-        // Garbage after valid records never takes them away.
+        let (_, recovery) = ChangeLog::open(dir.clone(), OPTS, RecoveryPolicy::Crash, 0).unwrap();
         prop_assert!(recovery.last_seq.unwrap_or(0) >= n as u64);
         exercise(dir);
     }

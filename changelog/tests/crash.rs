@@ -5,18 +5,27 @@
 //! and the same with a bit flipped at every offset of the tail. Each time,
 //! the log must recover exactly a prefix of what was appended, holding at
 //! least everything acknowledged as durable, never a damaged record and never
-//! a record after a damaged one; and it must accept new records after it.
+//! a record after a damaged one; every barrier must carry the durable
+//! watermark of its append; and the log must take new records after it, in
+//! a new generation above every sequence number ever appended.
 //!
 //! Each workload runs twice: write-through (every append written at once)
 //! and buffered, the way the tracker drives the log: appends only copy
 //! into the log's buffer, and the detached I/O (`take_io` / `complete_io`)
 //! writes batches out and syncs for barriers, with appends going on while
 //! a batch is in flight.
+//!
+//! Damage a crash cannot leave is refused instead of cut, in both modes: a
+//! bit flipped in a record at or below the durable watermark after a crash,
+//! and after a clean stop a bit flipped at every byte of the newest
+//! segment, a zeroed page, a file cut at every record boundary.
 
 use std::collections::BTreeMap;
+use tidemark_changelog::segment::SEGMENT_HEADER_LEN;
 use tidemark_changelog::storage::SimFileState;
 use tidemark_changelog::{
-    check, write_cursor, ChangeLog, Entry, Kind, LogIo, LogOptions, LogReader, SimDir,
+    check, write_cursor, ChangeLog, Entry, Kind, LogIo, LogOptions, LogReader, OpenError,
+    RecoveryPolicy, SimDir,
 };
 
 const OPTS: LogOptions = LogOptions {
@@ -56,12 +65,14 @@ struct Owned {
 }
 
 impl Owned {
+    /// The entry as appended (a barrier's offset, its durable-upto, is the
+    /// log's to fill in and checked apart).
     fn of(e: &Entry<'_>) -> Owned {
         Owned {
             kind: e.kind,
             flags: e.flags,
             disk: e.disk,
-            offset: e.offset,
+            offset: if e.kind == Kind::Barrier { 0 } else { e.offset },
             length: e.length,
             payload: e.payload.to_vec(),
         }
@@ -103,6 +114,8 @@ fn workload(seed: u64, ops: usize) -> Vec<Op> {
 /// What one run appended and what it was told was durable.
 struct Run {
     appended: BTreeMap<u64, Owned>,
+    /// Each barrier's durable-upto: the log's durable seq at its append.
+    durable_upto: BTreeMap<u64, u64>,
     acked_durable: u64,
     crashed: bool,
 }
@@ -110,10 +123,12 @@ struct Run {
 fn run(dir: &SimDir, ops: &[Op], buffered: bool) -> Run {
     let mut out = Run {
         appended: BTreeMap::new(),
+        durable_upto: BTreeMap::new(),
         acked_durable: 0,
         crashed: false,
     };
-    let Ok((mut log, _)) = ChangeLog::open(dir.clone(), OPTS, 1) else {
+    let fresh = RecoveryPolicy::CleanStop { last_seq: None };
+    let Ok((mut log, _)) = ChangeLog::open(dir.clone(), OPTS, fresh, 1) else {
         out.crashed = true;
         return out;
     };
@@ -160,10 +175,12 @@ fn run(dir: &SimDir, ops: &[Op], buffered: bool) -> Run {
                 continue;
             }
         };
+        let durable_before = log.durable_seq();
         match log.append(&entry) {
             Ok(seq) => {
                 out.appended.insert(seq, Owned::of(&entry));
                 if matches!(op, Op::Barrier) {
+                    out.durable_upto.insert(seq, durable_before);
                     let synced = if buffered {
                         // Group commit the way the tracker runs it.
                         finish(&mut log, &mut in_flight).and_then(|()| {
@@ -261,7 +278,7 @@ fn verify_recovery(what: &str, state: BTreeMap<String, Vec<u8>>, run: &Run) {
             "{what}: damage reported before the durable point: {p:?}"
         );
     }
-    let (mut log, recovery) = ChangeLog::open(dir.clone(), OPTS, 99)
+    let (mut log, recovery) = ChangeLog::open(dir.clone(), OPTS, RecoveryPolicy::Crash, 99)
         .unwrap_or_else(|e| panic!("{what}: reopen failed: {e}"));
     let mut reader = LogReader::new(dir.clone(), 0);
     let mut seen = Vec::new();
@@ -279,6 +296,13 @@ fn verify_recovery(what: &str, state: BTreeMap<String, Vec<u8>>, run: &Run) {
             expected,
             "{what}: record {seq} differs"
         );
+        if record.header.kind == Kind::Barrier {
+            assert_eq!(
+                record.header.durable_upto(),
+                run.durable_upto.get(&seq).copied(),
+                "{what}: barrier {seq} carries the wrong durable-upto"
+            );
+        }
         seen.push(seq);
     }
     for pair in seen.windows(2) {
@@ -295,9 +319,32 @@ fn verify_recovery(what: &str, state: BTreeMap<String, Vec<u8>>, run: &Run) {
         seen.last().copied(),
         "{what}: recovery report"
     );
-    // The recovered log takes new records right after the recovered ones.
+    // After a crash the recovered log takes new records in a new
+    // generation above every sequence number a reader could have seen,
+    // which is above every one ever appended: none is handed out twice.
+    if recovery.cut.is_some() {
+        assert!(
+            matches!(
+                log.append(&Entry::barrier(100)),
+                Err(tidemark_changelog::AppendError::NewGenerationRequired)
+            ),
+            "{what}: records were cut, yet the log takes records in the old generation"
+        );
+    }
+    let ever = run.appended.keys().next_back().copied().unwrap_or(0);
+    assert!(
+        recovery.max_exposed_seq >= ever,
+        "{what}: sequence number {ever} was appended, but only {} is said exposed",
+        recovery.max_exposed_seq
+    );
+    log.begin_generation(recovery.generation + 1, recovery.max_exposed_seq + 1, 100)
+        .unwrap();
     let seq = log.barrier(100).unwrap();
-    assert_eq!(seq, last + 1, "{what}: next sequence number");
+    assert_eq!(
+        seq,
+        recovery.max_exposed_seq + 1,
+        "{what}: next sequence number"
+    );
     let mut reader = LogReader::new(dir.clone(), seq);
     assert_eq!(
         reader.next_record().unwrap().map(|r| r.header.seq),
@@ -357,4 +404,160 @@ fn crash_at_every_sync_point_buffered_seed_1() {
 #[test]
 fn crash_at_every_sync_point_buffered_seed_2() {
     crash_at_every_sync_point(0x2545_f491_4f6c_dd1d, 140, true);
+}
+
+/// The workload's log after a clean stop (a final barrier, synced): its
+/// files, the newest segment's name and the last sequence number.
+fn cleanly_stopped(seed: u64, buffered: bool) -> (BTreeMap<String, Vec<u8>>, String, u64) {
+    let dir = SimDir::new();
+    let r = run(&dir, &workload(seed, 140), buffered);
+    assert!(!r.crashed);
+    let (mut log, _) = ChangeLog::open(dir.clone(), OPTS, RecoveryPolicy::Crash, 1).unwrap();
+    log.set_buffered(buffered);
+    let last = log.barrier(1000).unwrap();
+    drop(log);
+    let files = dir.files();
+    let newest = files.keys().rfind(|n| n.ends_with(".seg")).unwrap().clone();
+    (files, newest, last)
+}
+
+/// Opens `state` under `policy`: it must refuse with the damage named in
+/// `segment`, change no file, and `check` must report the damage too.
+fn assert_refused(what: &str, state: &BTreeMap<String, Vec<u8>>, policy: RecoveryPolicy) {
+    let dir = SimDir::from_files(state.clone());
+    match ChangeLog::open(dir.clone(), OPTS, policy, 5) {
+        Err(OpenError::Damaged { .. }) => {}
+        Err(e) => panic!("{what}: refused for another reason: {e}"),
+        Ok((_, recovery)) => panic!("{what}: opened, recovery {recovery:?}"),
+    }
+    assert_eq!(&dir.files(), state, "{what}: the refusal changed files");
+    assert!(
+        !check(&dir).unwrap().is_clean(),
+        "{what}: check calls the damaged log clean"
+    );
+}
+
+#[test]
+fn damage_after_a_clean_stop_is_refused_at_every_byte_of_the_newest_segment() {
+    damage_after_a_clean_stop_is_refused(false);
+}
+
+#[test]
+fn damage_after_a_clean_stop_is_refused_at_every_byte_of_the_newest_segment_buffered() {
+    damage_after_a_clean_stop_is_refused(true);
+}
+
+fn damage_after_a_clean_stop_is_refused(buffered: bool) {
+    let (files, newest, last) = cleanly_stopped(0x9e37_79b9_7f4a_7c15, buffered);
+    // The receiver holds every record. A newest segment cut shorter than
+    // its header reads, to `check`, like a roll that never completed: only
+    // the clean stop's last record (which the open has, `check` not) or a
+    // shipper's cursor past what is left reveals the loss.
+    let files = {
+        let dir = SimDir::from_files(files);
+        write_cursor(&dir, last).unwrap();
+        dir.files()
+    };
+    let policy = RecoveryPolicy::CleanStop {
+        last_seq: Some(last),
+    };
+    let pristine = &files[&newest];
+    // The pristine log opens, and recovery changes nothing in it.
+    let dir = SimDir::from_files(files.clone());
+    let (_, recovery) = ChangeLog::open(dir.clone(), OPTS, policy, 5).unwrap();
+    assert_eq!(recovery.last_seq, Some(last));
+    assert!(recovery.cut.is_none());
+    assert_eq!(dir.files(), files);
+    let mut states = 0;
+    for at in 0..pristine.len() {
+        let mut state = files.clone();
+        state.get_mut(&newest).unwrap()[at] ^= 1 << (at % 8);
+        assert_refused(&format!("bit flipped at byte {at}"), &state, policy);
+        states += 1;
+    }
+    for len in 0..pristine.len() {
+        let mut state = files.clone();
+        state.get_mut(&newest).unwrap().truncate(len);
+        assert_refused(&format!("cut to {len} bytes"), &state, policy);
+        states += 1;
+    }
+    for page in (0..pristine.len()).step_by(512) {
+        let mut state = files.clone();
+        let bytes = state.get_mut(&newest).unwrap();
+        if bytes[page..page + 512].iter().all(|b| *b == 0) {
+            continue;
+        }
+        bytes[page..page + 512].fill(0);
+        assert_refused(&format!("512 bytes zeroed at {page}"), &state, policy);
+        states += 1;
+    }
+    // The newest segment gone: the log ends before the clean stop's last
+    // record.
+    let mut state = files.clone();
+    state.remove(&newest);
+    assert_refused("the newest segment removed", &state, policy);
+    eprintln!("{states} damaged states refused");
+}
+
+#[test]
+fn after_a_crash_damage_at_or_below_the_durable_watermark_is_refused_above_it_cut() {
+    damage_after_a_crash_is_refused_at_or_below_the_watermark(false);
+}
+
+#[test]
+fn after_a_crash_damage_at_or_below_the_durable_watermark_is_refused_above_it_cut_buffered() {
+    damage_after_a_crash_is_refused_at_or_below_the_watermark(true);
+}
+
+fn damage_after_a_crash_is_refused_at_or_below_the_watermark(buffered: bool) {
+    let (files, newest, last) = cleanly_stopped(0x2545_f491_4f6c_dd1d, buffered);
+    let pristine = &files[&newest];
+    // Where each record of the newest segment starts, and its seq.
+    let dir = SimDir::from_files(files.clone());
+    let report = check(&dir).unwrap();
+    let summary = report.segments.last().unwrap();
+    assert_eq!(summary.name, newest);
+    let watermark = report.durable_upto.unwrap();
+    assert_eq!(
+        watermark,
+        last - 1,
+        "the final barrier covers every record before it"
+    );
+    // The final barrier (56 bytes) is the only record above the watermark.
+    let barrier_at = summary.end_offset as usize - 56;
+    assert!(
+        barrier_at > SEGMENT_HEADER_LEN as usize,
+        "records before the final barrier"
+    );
+    for at in SEGMENT_HEADER_LEN as usize..barrier_at {
+        let mut state = files.clone();
+        state.get_mut(&newest).unwrap()[at] ^= 1 << (at % 8);
+        assert_refused(
+            &format!("bit flipped at byte {at}"),
+            &state,
+            RecoveryPolicy::Crash,
+        );
+    }
+    for at in barrier_at..barrier_at + 56 {
+        let mut state = files.clone();
+        state.get_mut(&newest).unwrap()[at] ^= 1 << (at % 8);
+        let dir = SimDir::from_files(state);
+        let (mut log, recovery) = ChangeLog::open(dir.clone(), OPTS, RecoveryPolicy::Crash, 5)
+            .unwrap_or_else(|e| panic!("byte {at} of the final barrier: {e}"));
+        let cut = recovery.cut.expect("the torn barrier was cut");
+        assert_eq!(
+            (cut.segment.as_str(), cut.offset, cut.first_seq),
+            (newest.as_str(), barrier_at as u64, last)
+        );
+        assert_eq!(recovery.last_seq, Some(last - 1));
+        assert!(recovery.max_exposed_seq >= last);
+        log.begin_generation(recovery.generation + 1, recovery.max_exposed_seq + 1, 6)
+            .unwrap();
+        assert!(
+            log.barrier(7).unwrap() > last,
+            "sequence number {last} handed out twice"
+        );
+        assert!(check(&dir).unwrap().is_clean());
+    }
+    assert_eq!(pristine.len() as u64, OPTS.segment_size);
 }

@@ -1,4 +1,5 @@
-//! `tidemark log …`: inspect, verify and replay a change-log directory.
+//! `tidemark log …`: inspect, verify, replay and recover a change-log
+//! directory.
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
@@ -6,7 +7,7 @@ use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tidemark_changelog::record::FLAG_APP_CONSISTENT;
-use tidemark_changelog::replay::{replay, ImageFile, StopAt};
+use tidemark_changelog::replay::{replay, ImageFile, ReplayError, StopAt};
 use tidemark_changelog::{check, FsDir, Kind, LogReader, Record};
 
 use crate::timefmt::utc;
@@ -20,6 +21,17 @@ pub(crate) enum LogCommand {
     Check(CheckArgs),
     /// Apply the records of one disk, in order, onto an image file.
     Replay(ReplayArgs),
+    /// Cut a damaged log that the tracker refuses at its first damage
+    /// (keeping the damaged segments aside as `<name>.damaged`), start a new
+    /// generation above every sequence number, and record every disk
+    /// resync-needed. Stop the tracker first.
+    Recover(RecoverArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RecoverArgs {
+    /// The log directory.
+    dir: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -62,6 +74,11 @@ pub(crate) struct ReplayArgs {
     /// Stop after the first marker with this label.
     #[arg(long, group = "stop")]
     label: Option<String>,
+    /// Replaying to the end of a log that stops being valid (a damaged or
+    /// missing segment, tail damage): apply the valid records before the
+    /// damage and say where it stopped, instead of refusing.
+    #[arg(long)]
+    accept_prefix: bool,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -72,6 +89,7 @@ pub(crate) fn run(cmd: LogCommand) -> Result<ExitCode> {
         LogCommand::Dump(a) => dump(a),
         LogCommand::Check(a) => check_cmd(a),
         LogCommand::Replay(a) => replay_cmd(a),
+        LogCommand::Recover(a) => recover_cmd(a),
     }
 }
 
@@ -90,6 +108,8 @@ struct RecordJson<'a> {
     offset: u64,
     length: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
+    durable_upto: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     label: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     app_consistent: Option<bool>,
@@ -106,7 +126,9 @@ fn record_json(r: &Record) -> RecordJson<'_> {
         timestamp_ns: h.timestamp_ns,
         kind: h.kind,
         disk: (!group).then_some(h.disk),
-        offset: h.offset,
+        // A barrier's offset field is its durable-upto.
+        offset: if h.kind == Kind::Barrier { 0 } else { h.offset },
+        durable_upto: h.durable_upto(),
         length: h.length,
         label: r.label(),
         app_consistent: (h.kind == Kind::Marker).then_some(h.flags & FLAG_APP_CONSISTENT != 0),
@@ -240,7 +262,13 @@ fn replay_cmd(a: ReplayArgs) -> Result<ExitCode> {
         .open(&a.onto)
         .with_context(|| format!("cannot open image {}", a.onto.display()))?;
     let mut image = ImageFile::new(file);
-    let summary = replay(dir, a.disk, &stop, &mut image)?;
+    let summary = match replay(dir, a.disk, &stop, a.accept_prefix, &mut image) {
+        Ok(s) => s,
+        Err(e @ ReplayError::Damaged(_)) => {
+            bail!("{e}\n(give --accept-prefix to replay the valid records before the damage)")
+        }
+        Err(e) => return Err(e.into()),
+    };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
@@ -262,10 +290,64 @@ fn replay_cmd(a: ReplayArgs) -> Result<ExitCode> {
             );
         }
     }
+    if let Some(p) = &summary.stopped_early {
+        eprintln!(
+            "warning: replay stopped early at segment {} byte {}: {}; the image holds the records up to {} only",
+            p.segment,
+            p.offset,
+            p.reason,
+            p.last_valid_seq
+                .map_or("none".to_string(), |s| s.to_string())
+        );
+    }
     for (offset, length) in &summary.resync_needed {
         eprintln!(
             "warning: extent {offset}+{length} is marked resync-needed: the log does not hold its content, so the image may differ from the source there"
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn recover_cmd(a: RecoverArgs) -> Result<ExitCode> {
+    let Some(report) = tidemark_tracker::recover::recover_damaged_log(&a.dir)
+        .with_context(|| format!("cannot recover the log in {}", a.dir.display()))?
+    else {
+        println!(
+            "{}: the log is not damaged; nothing to recover",
+            a.dir.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    };
+    if let Some(cut) = &report.cut {
+        println!(
+            "cut the log at segment {} byte {}: {}",
+            cut.segment, cut.offset, cut.damage
+        );
+        println!(
+            "records from sequence number {} on are no longer in the log ({} verified after the damage; {} the shipper had passed)",
+            cut.first_seq, cut.records_after, cut.acknowledged
+        );
+        for name in &cut.kept_aside {
+            println!("kept aside: {}", a.dir.join(name).display());
+        }
+    }
+    if report.lost_acknowledged > 0 {
+        println!(
+            "the receiver holds {} records the log no longer has",
+            report.lost_acknowledged
+        );
+    }
+    println!(
+        "generation {} begins at sequence number {}; recorded resync-needed: {}",
+        report.generation,
+        report.first_seq,
+        report
+            .resync_needed
+            .iter()
+            .map(|(id, size)| format!("disk {id} ({size} bytes)"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!("start the tracker: the replica is compared with the disks block by block and receives only what differs");
     Ok(ExitCode::SUCCESS)
 }

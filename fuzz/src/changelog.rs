@@ -15,7 +15,7 @@ use tidemark_changelog::record::{Entry, Header, Record};
 use tidemark_changelog::replay::{self, ReplayTarget, StopAt};
 use tidemark_changelog::segment::{segment_name, SegmentHeader, SEGMENT_HEADER_LEN};
 use tidemark_changelog::{
-    check, read_cursor, write_cursor, ChangeLog, LogOptions, LogReader, SimDir,
+    check, read_cursor, write_cursor, ChangeLog, LogOptions, LogReader, RecoveryPolicy, SimDir,
 };
 
 /// Small segments, so a fuzz input holds several.
@@ -83,7 +83,8 @@ fn file_name(input: &mut Input) -> String {
 
 /// A log directory: `data` is a mode byte (bit 0: repair checksums; bit 1:
 /// pad segment files with zeroes to the segment size, as they are
-/// preallocated), the sequence number a reader starts at, a file count,
+/// preallocated; bits 2–3: the recovery policy; bit 4: replay accepts a
+/// prefix), the sequence number a reader starts at, a file count,
 /// then each file's name and content.
 pub fn directory(data: &[u8]) {
     let mut input = Input::new(data);
@@ -110,12 +111,35 @@ pub fn directory(data: &[u8]) {
         let _ = report.is_clean();
     }
     read_all(&dir, from_seq);
-    let _ = replay::replay(dir.clone(), 0, &StopAt::End, &mut SparseImage);
+    let _ = replay::replay(
+        dir.clone(),
+        0,
+        &StopAt::End,
+        mode & 16 != 0,
+        &mut SparseImage,
+    );
     let _ = read_cursor(&dir).map_err(|e| e.to_string());
 
-    match ChangeLog::open(dir.clone(), OPTIONS, 1) {
-        Ok((mut log, _recovery)) => {
-            // What recovery kept is a log the tracker can go on with.
+    let policy = match (mode >> 2) & 3 {
+        0 => RecoveryPolicy::Crash,
+        1 => RecoveryPolicy::CleanStop { last_seq: None },
+        2 => RecoveryPolicy::CleanStop {
+            last_seq: Some(from_seq),
+        },
+        _ => RecoveryPolicy::CutDamage { last_seq: None },
+    };
+    match ChangeLog::open(dir.clone(), OPTIONS, policy, 1) {
+        Ok((mut log, recovery)) => {
+            // What recovery kept is a log the tracker can go on with; after
+            // a cut, in a new generation above every number handed out.
+            if recovery.new_generation_required() {
+                log.begin_generation(
+                    log.generation() + 1,
+                    (recovery.max_exposed_seq + 1).max(log.next_seq()),
+                    2,
+                )
+                .expect("a new generation after a cut");
+            }
             log.append(&Entry::write(0, 0, &[1; 100], 2))
                 .expect("append after recovery");
             log.barrier(3).expect("barrier after recovery");
@@ -205,7 +229,8 @@ fn directory_seed(dir: &SimDir, from_seq: u64) -> Vec<u8> {
 pub fn directory_seeds() -> Vec<(&'static str, Vec<u8>)> {
     let write_log = |records: u64| {
         let dir = SimDir::new();
-        let (mut log, _) = ChangeLog::open(dir.clone(), OPTIONS, 1).expect("a new log");
+        let (mut log, _) =
+            ChangeLog::open(dir.clone(), OPTIONS, RecoveryPolicy::Crash, 1).expect("a new log");
         for i in 0..records {
             let data = vec![i as u8; 200 + (i as usize % 3) * 100];
             let entry = match i % 6 {

@@ -5,14 +5,15 @@
 //! release a8c0b28 wrote, with what that release read from it
 //! (`expected.txt`: position, disks, pending extents, recovery points and
 //! a BLAKE3 digest of every disk as of every point). It was made by
-//! [`write_fixture`], run with that release's code (the function uses no
-//! API it lacks):
+//! [`todays_store_reads_the_fixtures_history_alike`] with
+//! `TIDEMARK_WRITE_FIXTURE` set, run with that release's code (the
+//! function uses no API it lacks):
 //!
 //! ```text
 //! git archive a8c0b28 | tar -x -C /tmp/prev
 //! cp receiver/tests/store_upgrade.rs /tmp/prev/receiver/tests/
 //! cd /tmp/prev && TIDEMARK_WRITE_FIXTURE=/tmp/store \
-//!     cargo test -p tidemark-receiver --test store_upgrade -- --ignored write_fixture
+//!     cargo test -p tidemark-receiver --test store_upgrade -- todays_store
 //! ```
 //!
 //! This release must read all of it alike, then take the group on: finish
@@ -168,18 +169,26 @@ fn build(dir: &Path) {
     tidemark_receiver::drain::write_request(dir, 7).unwrap();
 }
 
-/// Writes the fixture where `TIDEMARK_WRITE_FIXTURE` says: the group in
-/// `<dir>/group`, what it reads in `<dir>/expected.txt`.
+/// Today's store, given the fixture's history, reads as the previous
+/// release's store of it does. With `TIDEMARK_WRITE_FIXTURE` set, the group
+/// is built there (`<dir>/group`, what it reads in `<dir>/expected.txt`):
+/// run with the release a new fixture is to come from.
 #[test]
-#[ignore = "writes the fixture; run with the release it is to come from"]
-fn write_fixture() {
-    let out = std::path::PathBuf::from(
-        std::env::var_os("TIDEMARK_WRITE_FIXTURE").expect("TIDEMARK_WRITE_FIXTURE"),
-    );
+fn todays_store_reads_the_fixtures_history_alike() {
+    let tmp = tempfile::tempdir().unwrap();
+    let writing = std::env::var_os("TIDEMARK_WRITE_FIXTURE").map(std::path::PathBuf::from);
+    let out = writing.clone().unwrap_or_else(|| tmp.path().to_path_buf());
     let group = out.join("group");
     build(&group);
     let g = ReplicaGroup::open_read_only(&group).unwrap();
-    fs::write(out.join("expected.txt"), describe(&g)).unwrap();
+    let described = describe(&g);
+    if writing.is_some() {
+        fs::write(out.join("expected.txt"), &described).unwrap();
+        return;
+    }
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join(FIXTURE);
+    let expected = fs::read_to_string(fixture.join("expected.txt")).unwrap();
+    assert_eq!(described, expected);
 }
 
 /// Copies the fixture's group into a fresh directory.

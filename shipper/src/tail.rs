@@ -135,9 +135,9 @@ impl LogTail {
                     if h.kind == Kind::ResyncNeeded {
                         batch.resync_needed.push((h.disk, h.offset, h.length));
                     }
-                    batch
-                        .bytes
-                        .extend_from_slice(&rec.as_entry().encode(h.seq, h.generation));
+                    // The record as written, in its own format version:
+                    // its checksum travels unchanged.
+                    batch.bytes.extend_from_slice(&rec.encode());
                     batch.last_seq = h.seq;
                     batch.records += 1;
                     self.last_seq = h.seq;
@@ -166,7 +166,7 @@ impl LogTail {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tidemark_changelog::{ChangeLog, Entry, LogOptions, Record};
+    use tidemark_changelog::{ChangeLog, Entry, LogOptions, Record, RecoveryPolicy};
 
     #[test]
     fn batches_follow_the_log_and_wake_on_appends() {
@@ -176,7 +176,8 @@ mod tests {
             segment_size: 1 << 20,
             size_limit: 8 << 20,
         };
-        let (mut log, _) = ChangeLog::open(dir, opts, 1).unwrap();
+        let (mut log, _) =
+            ChangeLog::open(dir, opts, RecoveryPolicy::CleanStop { last_seq: None }, 1).unwrap();
         for i in 0..10u64 {
             log.append(&Entry::write(0, i * 4096, &[i as u8; 4096], 1))
                 .unwrap();

@@ -24,6 +24,10 @@
 //! A set bit is written as a whole byte with `pwrite`, which a crash cannot
 //! tear; a stale set bit only costs an extra resync, a missing one would
 //! cost correctness, so bits are cleared lazily and set eagerly.
+//!
+//! Version 1 is the only version so far. A file this code cannot read (a
+//! newer version, another geometry, damage) is never trusted: every bit is
+//! set ([`Opened::Reset`]), which costs a resync and loses nothing.
 
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
@@ -303,6 +307,29 @@ fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The maps of the version-1 fixture log (written by the version-1
+    /// tracker, 1 MiB disk) load as they are, set bits included.
+    #[test]
+    fn version_1_maps_load() {
+        let fixture =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../changelog/tests/fixtures/log-v1");
+        let dir = tempfile::tempdir().unwrap();
+        for (name, granularity, bits) in [
+            ("activity-disk.map", 4 << 20, 1),
+            ("dirty-disk.map", 64 << 10, 16),
+        ] {
+            let mut bytes = std::fs::read(fixture.join(name)).unwrap();
+            assert_eq!(&bytes[8..12], &1u32.to_le_bytes(), "{name} is version 1");
+            bytes[BITS_AT as usize] |= 1;
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            let (b, opened) = PersistentBitmap::open(&path, granularity, 1 << 20).unwrap();
+            assert_eq!(opened, Opened::Loaded, "{name}");
+            assert_eq!(b.len(), bits);
+            assert!(b.get(0) && (1..bits).all(|i| !b.get(i)), "{name}");
+        }
+    }
 
     #[test]
     fn bits_survive_a_reopen_and_ranges_merge() {

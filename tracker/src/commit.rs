@@ -35,8 +35,10 @@
 //! once its record is in the log's buffer, before it is written out, and a
 //! SIGKILL loses the buffer: that write is then only in the activity map,
 //! which is why an extent is made durably hot before the write is issued
-//! (`Group::mark_hot`) and only cooled here, once every record of it is
-//! durable in the log and on the device. An unclean restart records every
+//! (`Group::mark_hot`) and only cooled here, once every record of it is at
+//! or below the log's durable watermark (a crash recovery never cuts
+//! those; see [`tidemark_changelog::log`]) and on the device. An unclean
+//! restart records every
 //! hot extent as resync-needed. If the log fails, the group switches to
 //! bitmap mode and every hot extent is set in the dirty bitmap, which then
 //! holds what the log may have lost.
@@ -358,12 +360,15 @@ fn run(shared: &CommitShared, tracking: &Tracking) {
             match tracking.log_step(target) {
                 LogStep::Idle => break,
                 LogStep::Wrote => announce(shared, tracking),
-                LogStep::Synced(durable) => {
-                    shared.durable.fetch_max(durable, Ordering::SeqCst);
+                LogStep::Synced { durable, watermark } => {
+                    // Cooled before the durable point is published: a
+                    // barrier's waiter then sees the extents its sync let
+                    // cool already cooled.
                     if last_cool.elapsed() >= COOL_INTERVAL {
                         last_cool = Instant::now();
-                        tracking.cool(durable);
+                        tracking.cool(watermark);
                     }
+                    shared.durable.fetch_max(durable, Ordering::SeqCst);
                     announce(shared, tracking);
                 }
                 LogStep::Failed => {
@@ -392,7 +397,13 @@ pub(crate) enum LogStep {
     /// Records were written (the buffer has room again).
     Wrote,
     /// The log is durable up to this sequence number.
-    Synced(u64),
+    Synced {
+        /// The log's durable sequence number.
+        durable: u64,
+        /// Its durable watermark: records at or below it survive any
+        /// crash recovery.
+        watermark: u64,
+    },
     /// The log failed; the group switched to bitmap mode.
     Failed,
 }

@@ -36,6 +36,11 @@
 //! After an unclean stop the group starts a new *generation* above every
 //! sequence number a reader could have seen, and records every hot extent
 //! of the activity map as resync-needed: those may hold writes the log lost.
+//! What the log's recovery may cut follows from the state file (see
+//! [`tidemark_changelog::log`]): after a clean stop nothing, any damage
+//! refuses the open; after an unclean one a torn tail above the durable
+//! watermark, which is why an extent cools only once the watermark covers
+//! its writes.
 
 use crate::backend::Backend;
 use crate::bitmap::{BitmapError, PersistentBitmap};
@@ -51,7 +56,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 use tidemark_changelog::{
-    now_ns, AppendError, ChangeLog, Entry, FsDir, LogOptions, OpenError, Recovery,
+    now_ns, AppendError, ChangeLog, Entry, FsDir, LogOptions, OpenError, Recovery, RecoveryPolicy,
 };
 use tidemark_config::ByteSize;
 use tidemark_metrics::{Histogram, HistogramSnapshot, LATENCY_BUCKETS};
@@ -308,11 +313,38 @@ impl Group {
             context: "creating the log directory".into(),
             source,
         })?;
-        let (mut log, recovery) = ChangeLog::open(dir, opts.log, now_ns())?;
         let names: Vec<String> = disks.iter().map(|d| d.name.clone()).collect();
         let mut state =
             GroupState::load(&opts.log_dir)?.unwrap_or_else(|| GroupState::fresh(&names));
         state.check_disks(&names).map_err(GroupError::Config)?;
+        // What the log's recovery may cut depends on how the last run
+        // ended: after a clean stop nothing (a log without a state file is
+        // held to that too), after a crash a torn tail above the watermark.
+        let policy = if state.running {
+            RecoveryPolicy::Crash
+        } else {
+            RecoveryPolicy::CleanStop {
+                last_seq: state.last_seq,
+            }
+        };
+        let (mut log, recovery) = ChangeLog::open(dir, opts.log, policy, now_ns())?;
+        if let Some(cut) = &recovery.cut {
+            tracing::warn!(
+                segment = %cut.segment,
+                offset = cut.offset,
+                first_cut = cut.first_seq,
+                records_after = cut.records_after,
+                acknowledged = cut.acknowledged,
+                damage = %cut.damage,
+                "the change log's torn tail was cut (a crash left it): a new generation begins and the hot extents are resynced"
+            );
+        }
+        if recovery.lost_acknowledged > 0 {
+            tracing::warn!(
+                records = recovery.lost_acknowledged,
+                "the receiver holds records the change log lost in the crash: they are unconfirmed there until the hot extents are resynced"
+            );
+        }
 
         let mut activity = Vec::new();
         let mut dirty = Vec::new();
@@ -430,6 +462,7 @@ impl Group {
         // An unclean stop is fully recorded by now: until the daemon has
         // every socket and calls `mark_running`, a stop is a clean one.
         state.running = false;
+        state.last_seq = None;
         state.bitmap_reason = match &mode {
             TrackingMode::Bitmap { reason } => Some(reason.clone()),
             TrackingMode::Data => None,
@@ -906,8 +939,10 @@ impl Group {
             }
         }
         t.persist_dirty().map_err(|e| e.to_string())?;
+        let last_seq = lock(&t.log).durable_seq();
         let mut state = lock(&t.state);
         state.running = false;
+        state.last_seq = Some(last_seq);
         state.save_in_place().map_err(|e| e.to_string())
     }
 
@@ -1104,10 +1139,10 @@ impl Tracking {
         let outcome = log.complete_io(io, result);
         self.unwritten
             .store(log.unwritten_bytes(), Ordering::SeqCst);
-        let durable = log.durable_seq();
+        let (durable, watermark) = (log.durable_seq(), log.durable_watermark());
         drop(log);
         match outcome {
-            Ok(()) if durable > durable_before => LogStep::Synced(durable),
+            Ok(()) if durable > durable_before => LogStep::Synced { durable, watermark },
             Ok(()) => LogStep::Wrote,
             Err(e) => {
                 self.log_failed(&e);
@@ -1224,11 +1259,12 @@ impl Tracking {
         Ok(())
     }
 
-    /// Clears hot extents whose every write is durable in the log and on
-    /// the device (a flush started after the write completed has finished)
+    /// Clears hot extents whose every write is at or below the log's
+    /// durable `watermark` (a crash recovery never cuts those) and on the
+    /// device (a flush started after the write completed has finished),
     /// and none is in flight. Lazy: the cleared bits reach the disk with
     /// the next map write; a stale set bit only costs a resync.
-    pub(crate) fn cool(&self, durable_seq: u64) {
+    pub(crate) fn cool(&self, watermark: u64) {
         if !matches!(*lock(&self.mode), TrackingMode::Data) {
             return;
         }
@@ -1239,7 +1275,7 @@ impl Tracking {
                 let u = i as usize;
                 if act.map.get(i)
                     && act.inflight[u] == 0
-                    && act.last_seq[u] <= durable_seq
+                    && act.last_seq[u] <= watermark
                     && act.epoch[u] < flushed
                 {
                     act.map.clear(i);

@@ -16,6 +16,7 @@ pub mod nbd;
 pub mod queue;
 pub mod quiesce;
 pub mod range_lock;
+pub mod recover;
 mod ring;
 pub mod server;
 pub mod splice;

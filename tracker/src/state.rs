@@ -1,20 +1,37 @@
 //! The tracker's state file, `tracker.state` in the log directory: the
 //! generation, whether a run is in progress (so the next start knows the
-//! last one ended uncleanly), bitmap mode and its reason, and the disks in
-//! id order (ids are positions; reordering disks would mislabel the log).
+//! last one ended uncleanly), the last durable record of a clean stop,
+//! bitmap mode and its reason, and the disks in id order (ids are
+//! positions; reordering disks would mislabel the log).
 //!
 //! A short text file, replaced atomically (write `tracker.state.tmp`,
 //! fdatasync, rename, fsync the directory), ending with a CRC32C line:
 //!
 //! ```text
-//! tidemark-tracker-state 1
+//! tidemark-tracker-state 2
 //! generation 3
-//! running 1
+//! running 0
+//! last-seq 18342
 //! bitmap-reason the change log reached its size limit of 8589934592 bytes
 //! disk data
 //! disk wal
 //! crc32c 1a2b3c4d
 //! ```
+//!
+//! `running 0` says the last run stopped cleanly, so recovery of the log
+//! may cut nothing ([`RecoveryPolicy`](tidemark_changelog::RecoveryPolicy));
+//! `last-seq` (only after a clean stop) is the last durable record then: a
+//! log that ends before it lost records.
+//!
+//! # Versions
+//!
+//! - **1**: no `last-seq` line.
+//! - **2**: `last-seq` after a clean stop.
+//!
+//! Both are read; version 2 is written. A version-1 file reads as a state
+//! without `last-seq` (its clean stop still forbids any cut) and is
+//! replaced by version 2 at the next save. A newer version is refused by
+//! name rather than guessed at.
 
 use std::fs;
 use std::io;
@@ -22,7 +39,9 @@ use std::path::{Path, PathBuf};
 
 const FILE: &str = "tracker.state";
 const TMP: &str = "tracker.state.tmp";
-const HEADER: &str = "tidemark-tracker-state 1";
+const MAGIC: &str = "tidemark-tracker-state";
+/// The version this code writes; it reads every version from 1 to it.
+const VERSION: u32 = 2;
 
 /// Why the state file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +72,9 @@ pub struct GroupState {
     pub generation: u32,
     /// A run is in progress (or ended without a clean stop).
     pub running: bool,
+    /// The last durable record of the log at a clean stop (not while
+    /// running, and not recorded by version 1).
+    pub last_seq: Option<u64>,
     /// Bitmap mode, with its reason.
     pub bitmap_reason: Option<String>,
     /// Disk names by id.
@@ -66,6 +88,7 @@ impl GroupState {
         GroupState {
             generation: 0,
             running: false,
+            last_seq: None,
             bitmap_reason: None,
             disks: disks.to_vec(),
             dir: None,
@@ -104,8 +127,19 @@ impl GroupState {
         };
         let body = tidemark_changelog::sealed::unseal(&text).map_err(damaged)?;
         let mut lines = body.lines();
-        if lines.next() != Some(HEADER) {
-            return Err(damaged("unknown header"));
+        let version = lines
+            .next()
+            .and_then(|l| l.strip_prefix(MAGIC))
+            .and_then(|v| v.strip_prefix(' '))
+            .ok_or_else(|| damaged("unknown header"))?;
+        match version.parse::<u32>() {
+            Ok(v) if (1..=VERSION).contains(&v) => {}
+            Ok(v) => {
+                return Err(damaged(&format!(
+                    "version {v} is newer than this tracker reads ({VERSION}): a newer tracker wrote it"
+                )))
+            }
+            Err(_) => return Err(damaged("unknown header")),
         }
         let mut state = GroupState::fresh(&[]);
         for line in lines {
@@ -115,6 +149,9 @@ impl GroupState {
                     state.generation = value.parse().map_err(|_| damaged("bad generation"))?
                 }
                 "running" => state.running = value == "1",
+                "last-seq" => {
+                    state.last_seq = Some(value.parse().map_err(|_| damaged("bad last-seq"))?)
+                }
                 "bitmap-reason" => state.bitmap_reason = Some(value.to_string()),
                 "disk" => state.disks.push(value.to_string()),
                 _ => return Err(damaged(&format!("unknown line {line:?}"))),
@@ -134,10 +171,13 @@ impl GroupState {
     pub fn save_in_place(&self) -> Result<(), StateError> {
         let dir = self.dir.clone().unwrap_or_default();
         let mut body = format!(
-            "{HEADER}\ngeneration {}\nrunning {}\n",
+            "{MAGIC} {VERSION}\ngeneration {}\nrunning {}\n",
             self.generation,
             u8::from(self.running)
         );
+        if let Some(seq) = self.last_seq.filter(|_| !self.running) {
+            body.push_str(&format!("last-seq {seq}\n"));
+        }
         if let Some(reason) = &self.bitmap_reason {
             // One line, whatever the reason's text: a line break (a
             // trailing '\r' included) would not read back.
@@ -196,7 +236,8 @@ mod tests {
         assert_eq!(GroupState::load(dir.path()).unwrap(), None);
         let mut s = GroupState::fresh(&["data".into(), "wal".into()]);
         s.generation = 4;
-        s.running = true;
+        s.running = false;
+        s.last_seq = Some(77);
         s.bitmap_reason = Some("full".into());
         s.save(dir.path()).unwrap();
         let loaded = GroupState::load(dir.path()).unwrap().unwrap();
@@ -210,6 +251,41 @@ mod tests {
             GroupState::load(dir.path()),
             Err(StateError::Damaged { .. })
         ));
+    }
+
+    /// A version-1 file, as the version-1 tracker wrote it (the fixture
+    /// log's), reads as a clean stop without a last sequence number, and
+    /// is written back as version 2.
+    #[test]
+    fn a_version_1_file_is_read_and_rewritten_as_version_2() {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../changelog/tests/fixtures/log-v1")
+            .join(FILE);
+        let v1 = fs::read_to_string(&fixture).unwrap();
+        assert!(v1.starts_with("tidemark-tracker-state 1\n"), "{v1}");
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(FILE), &v1).unwrap();
+        let mut s = GroupState::load(dir.path()).unwrap().unwrap();
+        assert_eq!(
+            (s.generation, s.running, s.last_seq, s.bitmap_reason.clone()),
+            (0, false, None, None)
+        );
+        assert_eq!(s.disks, ["disk"]);
+        s.last_seq = Some(20);
+        s.save_in_place().unwrap();
+        let v2 = fs::read_to_string(dir.path().join(FILE)).unwrap();
+        assert!(v2.starts_with("tidemark-tracker-state 2\n"), "{v2}");
+        assert!(v2.contains("\nlast-seq 20\n"), "{v2}");
+        assert_eq!(GroupState::load(dir.path()).unwrap().unwrap(), s);
+    }
+
+    #[test]
+    fn a_newer_version_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = tidemark_changelog::sealed::seal("tidemark-tracker-state 3\ngeneration 1\n");
+        fs::write(dir.path().join(FILE), text).unwrap();
+        let err = GroupState::load(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("version 3 is newer"), "{err}");
     }
 
     #[test]

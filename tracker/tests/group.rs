@@ -472,3 +472,172 @@ fn in_bitmap_mode_a_spliced_out_disk_is_dirty_everywhere() {
     assert_eq!(dirty, DISK / tidemark_tracker::group::DIRTY_GRANULARITY);
     group.close_clean().unwrap();
 }
+
+#[test]
+fn a_hot_extent_cools_only_once_a_durable_barrier_covers_its_write() {
+    let tmp = tempfile::tempdir().unwrap();
+    let devs = [Arc::new(MemoryDevice::new(DISK))];
+    let (group, _) = open(tmp.path(), &devs, 64 << 20);
+    group.write(0, 0, &[1; 4096], false).unwrap();
+    // Cooling runs at most once a second.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    group.flush(0).unwrap();
+    // The write is durable now, but the log's watermark on disk (the
+    // flush's barrier says what was durable before it) does not cover it
+    // yet: a crash recovery could still cut it, so its extent stays hot.
+    assert_eq!(group.status().hot_extents, vec![1]);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    group.flush(0).unwrap();
+    assert_eq!(group.status().hot_extents, vec![0]);
+}
+
+/// A log damaged after a clean stop: the group refuses to open, naming the
+/// segment, the byte and `tidemark log recover`; the recovery cuts it,
+/// keeps the damaged segment aside, and the group then opens in a new
+/// generation above every sequence number, every disk resync-needed.
+#[test]
+fn a_damaged_log_is_refused_until_it_is_recovered_in_a_new_generation() {
+    use tidemark_changelog::segment::{parse_segment_name, segment_name};
+    use tidemark_changelog::{write_sources, DiskSource, OpenError};
+    use tidemark_tracker::group::GroupError;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let devs = [
+        Arc::new(MemoryDevice::new(DISK)),
+        Arc::new(MemoryDevice::new(DISK)),
+    ];
+    let (group, _) = open(tmp.path(), &devs, 64 << 20);
+    for i in 0..20u64 {
+        group
+            .write((i % 2) as u32, i * 4096, &[i as u8; 4096], false)
+            .unwrap();
+        if i % 4 == 3 {
+            group.flush(0).unwrap();
+        }
+    }
+    group.close_clean().unwrap();
+    drop(group);
+    let sources: Vec<DiskSource> = (0..2)
+        .map(|id| DiskSource {
+            id,
+            name: format!("disk{id}"),
+            size: DISK,
+            path: format!("/dev/null/{id}").into(),
+        })
+        .collect();
+    write_sources(tmp.path(), &sources).unwrap();
+    let last = records(tmp.path()).last().unwrap().header.seq;
+    let newest = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .filter_map(|e| parse_segment_name(e.unwrap().file_name().to_str()?))
+        .max()
+        .unwrap();
+    let path = tmp.path().join(segment_name(newest));
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[64 + 30] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+
+    let disks = |devs: &[Arc<MemoryDevice>]| -> Vec<GroupDisk> {
+        devs.iter()
+            .enumerate()
+            .map(|(i, d)| GroupDisk {
+                name: format!("disk{i}"),
+                device: d.clone() as Arc<dyn BlockDevice>,
+            })
+            .collect()
+    };
+    let err = Group::open(disks(&devs), options(tmp.path(), 64 << 20))
+        .err()
+        .expect("a damaged log after a clean stop is refused");
+    assert!(
+        matches!(err, GroupError::Log(OpenError::Damaged { ref segment, offset: 64, .. }) if *segment == segment_name(newest)),
+        "{err}"
+    );
+    assert!(err.to_string().contains("tidemark log recover"), "{err}");
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        bytes,
+        "the refusal changed the log"
+    );
+
+    let report = tidemark_tracker::recover::recover_damaged_log(tmp.path())
+        .unwrap()
+        .expect("something to recover");
+    let cut = report.cut.expect("a cut");
+    assert_eq!(
+        (cut.segment.clone(), cut.offset),
+        (segment_name(newest), 64)
+    );
+    assert_eq!(
+        cut.kept_aside,
+        vec![format!("{}.damaged", segment_name(newest))]
+    );
+    assert_eq!(
+        std::fs::read(tmp.path().join(&cut.kept_aside[0])).unwrap(),
+        bytes,
+        "the damaged segment is kept as it was"
+    );
+    assert!(report.first_seq > last);
+    assert_eq!(report.resync_needed, vec![(0, DISK), (1, DISK)]);
+    // Nothing more to recover.
+    assert!(tidemark_tracker::recover::recover_damaged_log(tmp.path())
+        .unwrap()
+        .is_none());
+
+    let (group, open_report) = open(tmp.path(), &devs, 64 << 20);
+    assert!(!open_report.unclean);
+    assert_eq!(open_report.generation, report.generation);
+    group.write(0, 0, &[9; 4096], false).unwrap();
+    group.close_clean().unwrap();
+    let recs = records(tmp.path());
+    let new: Vec<&Record> = recs
+        .iter()
+        .filter(|r| r.header.generation == report.generation)
+        .collect();
+    assert!(new.iter().all(|r| r.header.seq > last));
+    assert_eq!(
+        new.iter()
+            .filter(|r| r.header.kind == Kind::ResyncNeeded)
+            .map(|r| (r.header.disk, r.header.offset, r.header.length))
+            .collect::<Vec<_>>(),
+        vec![(0, 0, DISK), (1, 0, DISK)]
+    );
+}
+
+#[test]
+fn a_log_that_ends_before_the_clean_stop_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let devs = [Arc::new(MemoryDevice::new(DISK))];
+    let opts = |dir: &Path| GroupOptions {
+        log: LogOptions {
+            segment_size: 64 << 10,
+            size_limit: 64 << 20,
+        },
+        ..options(dir, 64 << 20)
+    };
+    let (group, _) = open_with(&devs, opts(tmp.path()));
+    for i in 0..40u64 {
+        group.write(0, i * 8192, &[i as u8; 8192], false).unwrap();
+    }
+    group.close_clean().unwrap();
+    drop(group);
+    let mut segments: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    segments.sort();
+    assert!(segments.len() > 2);
+    // The newest segment gone: what is left checks clean, yet records the
+    // clean stop counted are missing.
+    std::fs::remove_file(segments.last().unwrap()).unwrap();
+    let disks = vec![GroupDisk {
+        name: "disk0".into(),
+        device: devs[0].clone() as Arc<dyn BlockDevice>,
+    }];
+    let err = Group::open(disks, opts(tmp.path())).err().expect("refused");
+    assert!(
+        err.to_string().contains("records are missing at its end"),
+        "{err}"
+    );
+}

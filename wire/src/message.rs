@@ -492,6 +492,23 @@ impl RecordBatch {
         &self.bytes
     }
 
+    /// This batch with every record in format `version` or older (see
+    /// [`Record::in_version`]): what a session of a protocol version whose
+    /// peer reads no newer records carries.
+    pub fn in_record_version(&self, version: u8) -> Result<RecordBatch, BatchError> {
+        let mut out = RecordBatch::new();
+        let mut changed = false;
+        for (index, record) in (0u32..).zip(self.records()) {
+            let record = record?;
+            changed |= record.header.version > version;
+            let record = record
+                .in_version(version)
+                .map_err(|source| BatchError::Record { index, source })?;
+            out.push(&record.encode())?;
+        }
+        Ok(if changed { out } else { self.clone() })
+    }
+
     /// The records, decoded and verified again one by one.
     pub fn records(&self) -> BatchRecords<'_> {
         BatchRecords {

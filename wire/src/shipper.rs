@@ -506,8 +506,16 @@ impl Shipping {
                 )));
             }
         }
-        let frame =
-            Message::Records(batch.clone()).encode(self.version, self.config.compression)?;
+        // Version 1 of the protocol carries version-1 records only: its
+        // receivers refuse newer ones.
+        let batch = if self.version < 2 {
+            batch
+                .in_record_version(1)
+                .map_err(|e| ShipperError::Usage(format!("a record for a version-1 peer: {e}")))?
+        } else {
+            batch.clone()
+        };
+        let frame = Message::Records(batch).encode(self.version, self.config.compression)?;
         self.last_sent = Some(last);
         self.track(&frame);
         Ok(frame)

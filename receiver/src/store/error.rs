@@ -9,9 +9,10 @@ use tidemark_changelog::record::DecodeError;
 /// [`StoreError::Poisoned`]).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// Peer: the record is neither a duplicate nor the next one (same
-    /// generation, `expected` sequence number) nor the start of a newer
-    /// generation. Nothing was applied.
+    /// Peer: the record is neither a duplicate (at or below the last one
+    /// applied, of no newer generation) nor the next one (same generation,
+    /// `expected` sequence number) nor the start of a newer generation
+    /// above every sequence number applied. Nothing was applied.
     #[error("sequence gap: expected seq {expected} (generation {generation}), got seq {got} of generation {got_generation}")]
     SequenceGap {
         /// The sequence number the group expects next.

@@ -10,10 +10,11 @@
 //! writes its payload, write-zeroes and trim make the extent read as zeroes
 //! (a punched hole; a zeroed, still allocated range for write-zeroes with
 //! no-hole), barriers and markers change no data. A record whose `seq` is at
-//! or below the last applied one is a duplicate and ignored; the next record
-//! must be `seq + 1` of the same generation or belong to a newer generation
-//! (which may skip sequence numbers). Anything else is refused before
-//! anything changes.
+//! or below the last applied one is a duplicate and ignored, unless it is of
+//! a newer generation (a generation never reuses a sequence number: that
+//! is refused); the next record must be `seq + 1` of the same generation or
+//! belong to a newer generation (which may skip sequence numbers). Anything
+//! else is refused before anything changes.
 //!
 //! # Modes
 //!
@@ -883,6 +884,17 @@ impl ReplicaGroup {
         self.check_poisoned()?;
         let h = &rec.header;
         if h.seq <= self.cur.seq {
+            // A newer generation never reuses a sequence number: the
+            // records it would replace are not the source's any more, and
+            // skipping it as a duplicate would keep them silently.
+            if h.generation > self.cur.generation {
+                return Err(StoreError::SequenceGap {
+                    expected: self.cur.seq + 1,
+                    generation: self.cur.generation,
+                    got: h.seq,
+                    got_generation: h.generation,
+                });
+            }
             return Ok(Applied::Duplicate);
         }
         let next_in_generation = h.generation == self.cur.generation && h.seq == self.cur.seq + 1;
@@ -897,7 +909,7 @@ impl ReplicaGroup {
         rec.as_entry()
             .validate()
             .map_err(|source| StoreError::InvalidRecord { seq: h.seq, source })?;
-        let reencoded = rec.as_entry().encode_header(h.seq, h.generation);
+        let reencoded = rec.encode_header();
         if reencoded[52..56] != h.crc.to_le_bytes() {
             return Err(StoreError::ChecksumMismatch { seq: h.seq });
         }
