@@ -21,9 +21,14 @@ fn target_dir() -> PathBuf {
 }
 
 /// Path of the `tidemark` binary, built (once per test process) if needed.
+/// `TIDEMARK_E2E_BIN` names another binary to test instead (e.g. an older
+/// build, to see a new test fail on it).
 pub fn tidemark_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("TIDEMARK_E2E_BIN") {
+            return PathBuf::from(bin);
+        }
         let dir = target_dir();
         let profile_release = dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());

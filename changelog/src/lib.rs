@@ -31,8 +31,7 @@ pub use check::{check, CheckReport};
 pub use cursor::{read_cursor, write_cursor};
 pub use lock::{DirLock, LockError};
 pub use log::{
-    AppendError, ChangeLog, Cut, LogDamage, LogOptions, OpenError, PendingSync, Recovery,
-    RecoveryPolicy,
+    AppendError, ChangeLog, Cut, LogDamage, LogIo, LogOptions, OpenError, Recovery, RecoveryPolicy,
 };
 pub use reader::{LogReader, LogWatcher, ReadError};
 pub use record::{Entry, Header, Kind, Record};

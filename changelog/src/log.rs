@@ -3,13 +3,26 @@
 //!
 //! # Durability
 //!
-//! - A record is *written* when `append` returns and *durable* once a later
-//!   `sync` (or `barrier`) returns. One fdatasync makes every record before
-//!   it durable (group commit).
+//! - `append` copies a record into the log's buffer, in sequence order.
+//!   The record is *written* once its batch reaches the segment file (at
+//!   once in write-through mode; in buffered mode when the log's driver
+//!   writes the buffer out, in large sequential writes) and *durable* once
+//!   a later sync completes. One fdatasync makes every record written
+//!   before it durable (group commit).
+//! - In buffered mode the I/O runs *outside* whatever lock the log lives
+//!   behind: `take_io` hands out one piece at a time (a batch to write, a
+//!   segment to seal and its successor to create, an fdatasync) and
+//!   `complete_io` takes the outcome, so appenders never wait on the disk.
+//!   What is buffered and not yet written is lost by a crash of the
+//!   process; the caller must keep such writes recoverable by other means
+//!   (the tracker's activity map marks their extents before they are
+//!   issued, and only cools an extent once the durable watermark covers
+//!   its records).
 //! - Every barrier carries the log's *durable watermark* as its
 //!   durable-upto (see [`crate::record`]): the last sequence number whose
-//!   fdatasync had completed when the barrier was appended. Once that
-//!   barrier is durable the watermark is on disk
+//!   fdatasync had completed when the barrier was appended (a sync still
+//!   in flight counts only once [`ChangeLog::complete_io`] has its
+//!   outcome). Once that barrier is durable the watermark is on disk
 //!   ([`ChangeLog::durable_watermark`]); a writer that forgets records it
 //!   wrote (the tracker cools hot extents) may only forget those at or
 //!   below it.
@@ -264,6 +277,10 @@ pub enum AppendError {
     /// An earlier write or sync failed; the log accepts nothing more.
     #[error("change log failed earlier and accepts no more records")]
     Poisoned,
+    /// A synchronous write-out or sync was asked for while I/O handed out
+    /// by [`ChangeLog::take_io`] is still outstanding (a bug in the caller).
+    #[error("change log I/O is already in progress")]
+    Busy,
     /// The cursor could not be read while recycling.
     #[error(transparent)]
     Cursor(#[from] CursorError),
@@ -360,6 +377,8 @@ pub struct ChangeLog<D: LogDir> {
     generation_required: bool,
     dirty: bool,
     poisoned: bool,
+    /// Appended records not yet written, and the I/O that writes them.
+    pending: Pending,
 }
 
 /// A damage found by recovery, before the policy decides what it means.
@@ -954,6 +973,7 @@ impl<D: LogDir> ChangeLog<D> {
             generation_required: false,
             dirty: false,
             poisoned: false,
+            pending: Pending::at(active_header.index),
         };
         let recovery = Recovery {
             segments: log.sealed.len() + 1,
@@ -970,11 +990,27 @@ impl<D: LogDir> ChangeLog<D> {
         Ok((log, recovery))
     }
 
-    /// Appends a record; returns its sequence number. The record is written
-    /// but not durable until the next [`ChangeLog::sync`]. A barrier gets
-    /// the log's durable watermark as its durable-upto (whatever its
-    /// `offset` says).
+    /// Appends a record; returns its sequence number. The record is copied
+    /// into the log's buffer in sequence order; in write-through mode (the
+    /// default) it is also written to its segment file before this returns,
+    /// in buffered mode ([`set_buffered`](Self::set_buffered)) only when a
+    /// later [`write_out`](Self::write_out), [`sync`](Self::sync) or
+    /// detached I/O ([`take_io`](Self::take_io)) writes it. Either way it
+    /// is durable only after a later sync. A barrier gets the log's
+    /// durable watermark as its durable-upto (whatever its `offset` says).
     pub fn append(&mut self, entry: &Entry<'_>) -> Result<u64, AppendError> {
+        let payload_crc = entry.payload_crc();
+        self.append_with_crc(entry, payload_crc)
+    }
+
+    /// [`append`](Self::append) with the payload's CRC32C computed by the
+    /// caller ([`Entry::payload_crc`]), e.g. before taking the lock this
+    /// log lives behind: the time under the lock is then one copy.
+    pub fn append_with_crc(
+        &mut self,
+        entry: &Entry<'_>,
+        payload_crc: u32,
+    ) -> Result<u64, AppendError> {
         if self.poisoned {
             return Err(AppendError::Poisoned);
         }
@@ -1008,20 +1044,39 @@ impl<D: LogDir> ChangeLog<D> {
             self.roll(header)?;
         }
         let seq = self.next_seq;
-        let header = entry.encode_header(seq, self.active_header.generation);
-        if let Err(source) = self
-            .active
-            .write_all_at(&[&header, entry.payload], self.write_pos)
-        {
-            return Err(self.poison("writing a record", source));
+        let header = entry.encode_header_with(seq, self.active_header.generation, payload_crc);
+        let out = &mut self.pending;
+        if out.buffer.is_empty() {
+            out.buffer_at = self.write_pos;
         }
+        out.buffer.extend_from_slice(&header);
+        out.buffer.extend_from_slice(entry.payload);
+        out.buffer_last_seq = seq;
         self.write_pos += len as u64;
         self.next_seq += 1;
-        self.dirty = true;
         if entry.kind == Kind::Barrier {
             self.unsynced_barriers.push_back((seq, entry.offset));
         }
+        if !self.pending.buffered {
+            self.write_out()?;
+        }
         Ok(seq)
+    }
+
+    /// Buffered mode (`true`): [`append`](Self::append) only copies records
+    /// into memory, and whoever drives the log writes them out in large
+    /// writes, on its own schedule, with [`take_io`](Self::take_io) /
+    /// [`complete_io`](Self::complete_io) (or [`write_out`](Self::write_out)
+    /// and [`sync`](Self::sync)). Write-through (`false`, the default):
+    /// every append writes its record before it returns.
+    pub fn set_buffered(&mut self, buffered: bool) {
+        self.pending.buffered = buffered;
+    }
+
+    /// Writes every record appended so far to its segment file, without
+    /// making it durable (records become visible to readers).
+    pub fn write_out(&mut self) -> Result<(), AppendError> {
+        self.run_inline(None, true)
     }
 
     /// Everything up to `durable` is durable now: so are the barriers
@@ -1040,51 +1095,26 @@ impl<D: LogDir> ChangeLog<D> {
     /// Makes every record appended so far durable with one fdatasync;
     /// returns the highest durable sequence number.
     pub fn sync(&mut self) -> Result<u64, AppendError> {
-        if self.poisoned {
-            return Err(AppendError::Poisoned);
-        }
-        if self.dirty {
-            if let Err(source) = self.active.sync_data() {
-                return Err(self.poison("syncing the active segment", source));
-            }
-            self.dirty = false;
-        }
-        self.made_durable(self.next_seq - 1);
+        let target = self.next_seq - 1;
+        self.run_inline(Some(target), true)?;
         Ok(self.durable_seq)
     }
 
-    /// Starts a group commit that runs without `&mut self`: returns a sync
-    /// to run outside the caller's lock, covering every record appended so
-    /// far, or `None` if they are all durable already. Hand its result to
-    /// [`ChangeLog::complete_sync`]. Records appended meanwhile are covered
-    /// by a later sync (a roll syncs the segment it seals).
-    pub fn prepare_sync(&mut self) -> Result<Option<PendingSync<D::File>>, AppendError> {
+    /// Runs the log's pending I/O on the calling thread, holding `&mut
+    /// self`, until nothing [`take_io`](Self::take_io) would hand out is
+    /// left.
+    fn run_inline(&mut self, sync_target: Option<u64>, write_out: bool) -> Result<(), AppendError> {
         if self.poisoned {
             return Err(AppendError::Poisoned);
         }
-        let upto = self.next_seq - 1;
-        if !self.dirty {
-            self.made_durable(upto);
-            return Ok(None);
+        if self.pending.in_flight {
+            return Err(AppendError::Busy);
         }
-        let file = match self.active.try_clone() {
-            Ok(f) => f,
-            Err(source) => return Err(self.poison("cloning the active segment handle", source)),
-        };
-        self.dirty = false;
-        Ok(Some(PendingSync { file, upto }))
-    }
-
-    /// Records the outcome of a [`PendingSync`]: on success everything up to
-    /// its sequence number is durable; on failure the log is poisoned.
-    pub fn complete_sync(&mut self, upto: u64, result: io::Result<()>) -> Result<u64, AppendError> {
-        match result {
-            Ok(()) => {
-                self.made_durable(upto);
-                Ok(self.durable_seq)
-            }
-            Err(source) => Err(self.poison("syncing the active segment", source)),
+        while let Some(mut io) = self.take_io(sync_target, write_out) {
+            let result = io.run();
+            self.complete_io(io, result)?;
         }
+        Ok(())
     }
 
     /// Appends a barrier and makes it, and everything before it, durable.
@@ -1094,10 +1124,189 @@ impl<D: LogDir> ChangeLog<D> {
         Ok(seq)
     }
 
+    /// The next piece of I/O that brings the segment files up to what was
+    /// appended, to be [run](LogIo::run) *without* holding the log (the
+    /// appenders go on meanwhile) and handed back to
+    /// [`complete_io`](Self::complete_io). At most one is outstanding at a
+    /// time: `None` while one is, and when there is nothing to do.
+    ///
+    /// - With `sync_target`, records up to that sequence number are written
+    ///   and then made durable by one fdatasync, which also covers every
+    ///   other record written by then (group commit). Newer records never
+    ///   hold the sync back: it is taken as soon as the target is written.
+    /// - With `write_out`, every buffered record is written (no sync).
+    /// - Either way, a segment full of records is sealed (written and
+    ///   fdatasynced) and its successor created, in order, before a record
+    ///   goes into the successor: only the newest segment can hold a torn
+    ///   tail.
+    pub fn take_io(&mut self, sync_target: Option<u64>, write_out: bool) -> Option<LogIo<D>> {
+        if self.poisoned || self.pending.in_flight {
+            return None;
+        }
+        let written = self.written_seq();
+        let target = sync_target.map(|t| t.min(self.next_seq - 1));
+        let op = if target.is_some_and(|t| t <= written && t > self.durable_seq) {
+            match self.active.try_clone() {
+                Ok(file) => IoOp::Sync {
+                    file,
+                    upto: written,
+                },
+                Err(source) => {
+                    self.poison("cloning the active segment handle", source);
+                    return None;
+                }
+            }
+        } else if let Some(queued) = self.pending.queue.pop_front() {
+            match queued {
+                Queued::Write {
+                    index,
+                    offset,
+                    data,
+                    last_seq,
+                } => {
+                    self.pending.queued_bytes -= data.len();
+                    debug_assert_eq!(index, self.pending.file_index, "writes follow their roll");
+                    match self.active.try_clone() {
+                        Ok(file) => IoOp::Write {
+                            file,
+                            offset,
+                            data,
+                            last_seq,
+                        },
+                        Err(source) => {
+                            self.poison("cloning the active segment handle", source);
+                            return None;
+                        }
+                    }
+                }
+                Queued::Roll { header, reuse } => {
+                    let seal = if self.dirty {
+                        match self.active.try_clone() {
+                            Ok(file) => Some(file),
+                            Err(source) => {
+                                self.poison("cloning the segment being sealed", source);
+                                return None;
+                            }
+                        }
+                    } else {
+                        None
+                    };
+                    IoOp::Roll {
+                        dir: self.dir.clone(),
+                        seal,
+                        reuse: reuse.map(segment_name),
+                        header,
+                        created: None,
+                    }
+                }
+            }
+        } else if !self.pending.buffer.is_empty()
+            && (write_out || target.is_some_and(|t| t > written))
+        {
+            let spare = self.pending.spare.pop().unwrap_or_default();
+            let data = std::mem::replace(&mut self.pending.buffer, spare);
+            match self.active.try_clone() {
+                Ok(file) => IoOp::Write {
+                    file,
+                    offset: self.pending.buffer_at,
+                    data,
+                    last_seq: self.pending.buffer_last_seq,
+                },
+                Err(source) => {
+                    self.poison("cloning the active segment handle", source);
+                    return None;
+                }
+            }
+        } else {
+            return None;
+        };
+        self.pending.in_flight = true;
+        self.pending.in_flight_bytes = match &op {
+            IoOp::Write { data, .. } => data.len(),
+            _ => 0,
+        };
+        Some(LogIo { op })
+    }
+
+    /// Records the outcome of I/O handed out by [`take_io`](Self::take_io).
+    /// A failure poisons the log: the records it covered are not written
+    /// (or not durable), and the log accepts nothing more.
+    pub fn complete_io(&mut self, io: LogIo<D>, result: io::Result<()>) -> Result<(), AppendError> {
+        self.pending.in_flight = false;
+        self.pending.in_flight_bytes = 0;
+        if let Err(source) = result {
+            let context = match io.op {
+                IoOp::Write { .. } => "writing records",
+                IoOp::Sync { .. } => "syncing the active segment",
+                IoOp::Roll { .. } => "sealing a segment and creating its successor",
+            };
+            return Err(self.poison(context, source));
+        }
+        match io.op {
+            IoOp::Write {
+                mut data, last_seq, ..
+            } => {
+                self.pending.written_seq = self.pending.written_seq.max(last_seq);
+                self.dirty = true;
+                // Keep the buffer for the next batch, unless an unusually
+                // large record made it big: memory is bounded by use.
+                if data.capacity() <= SPARE_CAPACITY && self.pending.spare.len() < 2 {
+                    data.clear();
+                    self.pending.spare.push(data);
+                }
+            }
+            IoOp::Sync { upto, .. } => {
+                self.made_durable(upto);
+                if upto >= self.written_seq() {
+                    self.dirty = false;
+                }
+            }
+            IoOp::Roll {
+                header, created, ..
+            } => {
+                let Some(file) = created else {
+                    return Err(self.poison(
+                        "sealing a segment and creating its successor",
+                        io::Error::other("the roll reported success without a new segment"),
+                    ));
+                };
+                // Sealing synced everything written to the old segment.
+                self.made_durable(self.written_seq());
+                self.dirty = false;
+                self.active = file;
+                self.pending.file_index = header.index;
+                // Now that its successor exists, recovery never cuts into
+                // the sealed segment: its records count as durable as if a
+                // barrier said so. (Not before: until the roll is done the
+                // sealed segment is the newest on disk.)
+                self.durable_watermark = self.durable_watermark.max(header.first_seq - 1);
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of appended records not yet handed to I/O (buffered or queued
+    /// behind a roll), plus those of a write in flight: the memory records
+    /// waiting to be written hold.
+    pub fn unwritten_bytes(&self) -> usize {
+        self.pending.buffer.len() + self.pending.queued_bytes + self.pending.in_flight_bytes
+    }
+
+    /// Whether I/O handed out by [`take_io`](Self::take_io) is outstanding.
+    pub fn io_in_flight(&self) -> bool {
+        self.pending.in_flight
+    }
+
+    /// The highest sequence number written to its segment file.
+    pub fn written_seq(&self) -> u64 {
+        self.pending.written_seq.max(self.durable_seq)
+    }
+
     /// Starts a new generation whose first record gets `first_seq`, after an
     /// unclean stop or a cut (`first_seq` above
     /// [`Recovery::max_exposed_seq`]). Records of the new generation go into
     /// a new segment (or the active one, if it holds no record yet).
+    /// Everything appended before is written first.
     pub fn begin_generation(
         &mut self,
         generation: u32,
@@ -1111,6 +1320,7 @@ impl<D: LogDir> ChangeLog<D> {
             generation > self.active_header.generation && first_seq >= self.next_seq,
             "generations and sequence numbers only move forward"
         );
+        self.write_out()?;
         let empty = self.write_pos == SEGMENT_HEADER_LEN;
         let header = SegmentHeader {
             generation,
@@ -1129,11 +1339,13 @@ impl<D: LogDir> ChangeLog<D> {
             self.active_header = header;
         } else {
             self.roll(header)?;
+            self.write_out()?;
         }
         self.next_seq = first_seq;
         // Nothing exists between the old records and `first_seq`; every
         // old record is in a synced segment.
         self.durable_seq = first_seq - 1;
+        self.pending.written_seq = first_seq - 1;
         self.durable_watermark = self.durable_watermark.max(first_seq - 1);
         self.generation_required = false;
         Ok(())
@@ -1142,7 +1354,9 @@ impl<D: LogDir> ChangeLog<D> {
     /// Seals the active segment and makes `header` the new active one,
     /// reusing the oldest segment the receiver no longer needs if there is
     /// one, else creating a file; fails with `Overflow` (having changed
-    /// nothing) if that would exceed the size limit.
+    /// nothing) if that would exceed the size limit. The decision is taken
+    /// here, at once; the files follow in order with the log's other I/O
+    /// (see [`take_io`](Self::take_io)).
     fn roll(&mut self, header: SegmentHeader) -> Result<(), AppendError> {
         let max_segments = (self.opts.size_limit / self.opts.segment_size) as usize;
         let cursor = read_cursor(&self.dir)?;
@@ -1153,18 +1367,19 @@ impl<D: LogDir> ChangeLog<D> {
                 limit: self.opts.size_limit,
             });
         }
-        if self.dirty {
-            if let Err(source) = self.active.sync_data() {
-                return Err(self.poison("syncing the segment being sealed", source));
-            }
-            self.dirty = false;
+        let out = &mut self.pending;
+        if !out.buffer.is_empty() {
+            let spare = out.spare.pop().unwrap_or_default();
+            let data = std::mem::replace(&mut out.buffer, spare);
+            out.queued_bytes += data.len();
+            out.queue.push_back(Queued::Write {
+                index: self.active_header.index,
+                offset: out.buffer_at,
+                data,
+                last_seq: out.buffer_last_seq,
+            });
         }
-        self.made_durable(self.next_seq - 1);
-        let reuse = (recyclable > 0).then(|| segment_name(self.sealed[0].index));
-        let file = match create_segment(&self.dir, reuse.as_deref(), &header) {
-            Ok(f) => f,
-            Err(source) => return Err(self.poison("creating a segment", source)),
-        };
+        let reuse = (recyclable > 0).then(|| self.sealed[0].index);
         if reuse.is_some() {
             self.sealed.pop_front();
         }
@@ -1172,17 +1387,15 @@ impl<D: LogDir> ChangeLog<D> {
             index: self.active_header.index,
             first_seq: self.active_header.first_seq,
         });
-        self.active = file;
+        self.pending.queue.push_back(Queued::Roll { header, reuse });
         self.active_header = header;
         self.write_pos = SEGMENT_HEADER_LEN;
-        // Recovery never cuts into a sealed segment: its records count as
-        // durable as if a barrier said so.
-        self.durable_watermark = self.durable_watermark.max(header.first_seq - 1);
         Ok(())
     }
 
     /// How many of the oldest sealed segments hold only records at or
-    /// below `cursor`.
+    /// below `cursor`, and are sealed on disk too (a roll queued behind
+    /// buffered records has not sealed its segment yet).
     fn recyclable(&self, cursor: u64) -> usize {
         let next_firsts = self
             .sealed
@@ -1192,7 +1405,10 @@ impl<D: LogDir> ChangeLog<D> {
             .chain(std::iter::once(self.active_header.first_seq))
             .take(self.sealed.len());
         next_firsts
-            .take_while(|next_first| next_first - 1 <= cursor)
+            .zip(&self.sealed)
+            .take_while(|(next_first, sealed)| {
+                next_first - 1 <= cursor && sealed.index < self.pending.file_index
+            })
             .count()
     }
 
@@ -1267,22 +1483,135 @@ impl<D: LogDir> ChangeLog<D> {
     }
 }
 
-/// An fdatasync prepared by [`ChangeLog::prepare_sync`], to run without
-/// holding the appender.
-pub struct PendingSync<F: LogFile> {
-    file: F,
-    upto: u64,
+/// Most capacity a write buffer may keep to be reused; a larger one (a
+/// batch with large records) is freed after its write.
+const SPARE_CAPACITY: usize = 8 << 20;
+
+/// Records waiting to be written, and the log's side of its I/O: what the
+/// segment files hold so far (see [`ChangeLog::take_io`]).
+struct Pending {
+    /// Encoded records of the active segment, from `buffer_at` on.
+    buffer: Vec<u8>,
+    buffer_at: u64,
+    buffer_last_seq: u64,
+    /// Batches of earlier segments and the rolls between them, in order.
+    queue: VecDeque<Queued>,
+    queued_bytes: usize,
+    /// Emptied buffers, kept for the next batch.
+    spare: Vec<Vec<u8>>,
+    /// See [`ChangeLog::set_buffered`].
+    buffered: bool,
+    /// Index of the segment `ChangeLog::active` is (the newest on disk).
+    file_index: u64,
+    /// The highest sequence number written to its file (see
+    /// [`ChangeLog::written_seq`]).
+    written_seq: u64,
+    /// An I/O handed out by `take_io` has not been completed.
+    in_flight: bool,
+    in_flight_bytes: usize,
 }
 
-impl<F: LogFile> PendingSync<F> {
-    /// The highest sequence number this sync makes durable.
-    pub fn upto(&self) -> u64 {
-        self.upto
+impl Pending {
+    /// Nothing pending; the newest segment on disk is `file_index`.
+    fn at(file_index: u64) -> Pending {
+        Pending {
+            buffer: Vec::new(),
+            buffer_at: SEGMENT_HEADER_LEN,
+            buffer_last_seq: 0,
+            queue: VecDeque::new(),
+            queued_bytes: 0,
+            spare: Vec::new(),
+            buffered: false,
+            file_index,
+            written_seq: 0,
+            in_flight: false,
+            in_flight_bytes: 0,
+        }
+    }
+}
+
+/// Work queued behind the buffer when a segment filled up.
+enum Queued {
+    /// A batch of records of segment `index` at `offset`.
+    Write {
+        index: u64,
+        offset: u64,
+        data: Vec<u8>,
+        last_seq: u64,
+    },
+    /// Seal the newest segment on disk, create `header`'s (renaming the
+    /// segment `reuse` if given).
+    Roll {
+        header: SegmentHeader,
+        reuse: Option<u64>,
+    },
+}
+
+/// One piece of the log's I/O, handed out by [`ChangeLog::take_io`] to run
+/// without holding the log. Never retry a failed one: hand the failure to
+/// [`ChangeLog::complete_io`], which poisons the log.
+pub struct LogIo<D: LogDir> {
+    op: IoOp<D>,
+}
+
+enum IoOp<D: LogDir> {
+    Write {
+        file: D::File,
+        offset: u64,
+        data: Vec<u8>,
+        last_seq: u64,
+    },
+    Sync {
+        file: D::File,
+        upto: u64,
+    },
+    Roll {
+        dir: D,
+        seal: Option<D::File>,
+        reuse: Option<String>,
+        header: SegmentHeader,
+        created: Option<D::File>,
+    },
+}
+
+impl<D: LogDir> LogIo<D> {
+    /// Performs the I/O (write, fdatasync, or seal and create).
+    pub fn run(&mut self) -> io::Result<()> {
+        match &mut self.op {
+            IoOp::Write {
+                file, offset, data, ..
+            } => file.write_all_at(&[data], *offset),
+            IoOp::Sync { file, .. } => file.sync_data(),
+            IoOp::Roll {
+                dir,
+                seal,
+                reuse,
+                header,
+                created,
+            } => {
+                if let Some(old) = seal {
+                    old.sync_data()?;
+                }
+                *created = Some(create_segment(dir, reuse.as_deref(), header)?);
+                Ok(())
+            }
+        }
     }
 
-    /// Runs the fdatasync. Never retry it on failure.
-    pub fn run(&self) -> io::Result<()> {
-        self.file.sync_data()
+    /// The sequence number this I/O makes durable, if it is a sync.
+    pub fn syncs_upto(&self) -> Option<u64> {
+        match &self.op {
+            IoOp::Sync { upto, .. } => Some(*upto),
+            _ => None,
+        }
+    }
+
+    /// Bytes of records it writes.
+    pub fn bytes(&self) -> usize {
+        match &self.op {
+            IoOp::Write { data, .. } => data.len(),
+            _ => 0,
+        }
     }
 }
 

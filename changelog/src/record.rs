@@ -285,7 +285,28 @@ impl<'a> Entry<'a> {
     /// `self.payload`, which follows the header. (A barrier's offset is its
     /// durable-upto: the log fills it in.)
     pub fn encode_header(&self, seq: u64, generation: u32) -> [u8; HEADER_LEN] {
-        encode_header(RECORD_VERSION, self, seq, generation)
+        self.encode_header_with(seq, generation, self.payload_crc())
+    }
+
+    /// The CRC32C of the payload alone: computed once, outside any lock,
+    /// and folded into the record's CRC by
+    /// [`encode_header_with`](Self::encode_header_with).
+    pub fn payload_crc(&self) -> u32 {
+        crc32c::crc32c(self.payload)
+    }
+
+    /// [`encode_header`](Self::encode_header) with the payload's CRC32C
+    /// already computed (by [`payload_crc`](Self::payload_crc)): the
+    /// record's CRC, over header bytes 0..52 then the payload, is the
+    /// header's CRC combined with it, which costs the same for a 1 MiB
+    /// payload as for an empty one.
+    pub fn encode_header_with(
+        &self,
+        seq: u64,
+        generation: u32,
+        payload_crc: u32,
+    ) -> [u8; HEADER_LEN] {
+        encode_header(RECORD_VERSION, self, seq, generation, payload_crc)
     }
 
     /// Encodes header and payload into one buffer.
@@ -298,7 +319,13 @@ impl<'a> Entry<'a> {
 }
 
 /// The header bytes of `entry` as a record of format `version`.
-fn encode_header(version: u8, entry: &Entry<'_>, seq: u64, generation: u32) -> [u8; HEADER_LEN] {
+fn encode_header(
+    version: u8,
+    entry: &Entry<'_>,
+    seq: u64,
+    generation: u32,
+    payload_crc: u32,
+) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[0..4].copy_from_slice(&RECORD_MAGIC);
     h[4] = version;
@@ -311,7 +338,11 @@ fn encode_header(version: u8, entry: &Entry<'_>, seq: u64, generation: u32) -> [
     h[32..40].copy_from_slice(&entry.offset.to_le_bytes());
     h[40..48].copy_from_slice(&entry.length.to_le_bytes());
     h[48..52].copy_from_slice(&(entry.payload.len() as u32).to_le_bytes());
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&h[..CRC_AT]), entry.payload);
+    let crc = crc32c_combine(
+        crc32c::crc32c(&h[..CRC_AT]),
+        payload_crc,
+        entry.payload.len(),
+    );
     h[CRC_AT..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
     h
 }
@@ -497,11 +528,13 @@ impl Record {
     /// The record's header bytes, of its own format version, with the
     /// checksum of its fields and payload as they are now.
     pub fn encode_header(&self) -> [u8; HEADER_LEN] {
+        let entry = self.as_entry();
         encode_header(
             self.header.version,
-            &self.as_entry(),
+            &entry,
             self.header.seq,
             self.header.generation,
+            entry.payload_crc(),
         )
     }
 
@@ -635,6 +668,63 @@ fn check_semantics(
     Ok(())
 }
 
+/// The CRC32C polynomial, bit-reflected.
+const CRC32C_POLY: u32 = 0x82f6_3b78;
+
+/// `a * b` modulo the CRC32C polynomial, in the reflected representation
+/// (bit 31 is x^0).
+const fn multiply_mod_poly(a: u32, mut b: u32) -> u32 {
+    let mut m = 1u32 << 31;
+    let mut product = 0u32;
+    loop {
+        if a & m != 0 {
+            product ^= b;
+            if a & (m - 1) == 0 {
+                return product;
+            }
+        }
+        m >>= 1;
+        b = if b & 1 != 0 {
+            (b >> 1) ^ CRC32C_POLY
+        } else {
+            b >> 1
+        };
+    }
+}
+
+/// `x^(2^k)` modulo the CRC32C polynomial, for k in 0..32.
+const X_POW_2K: [u32; 32] = {
+    let mut table = [0u32; 32];
+    let mut p = 1u32 << 30; // x^1
+    let mut k = 0;
+    while k < 32 {
+        table[k] = p;
+        p = multiply_mod_poly(p, p);
+        k += 1;
+    }
+    table
+};
+
+/// The CRC32C of `A` followed by `B` from the CRCs of both and `B`'s
+/// length: `crc(A) · x^(8·len(B)) ⊕ crc(B)` (the pre- and post-conditioning
+/// cancel). One multiplication per set bit of the length, so a 4 KiB and a
+/// 32 MiB payload cost the same few hundred nanoseconds at most — unlike
+/// the matrix method of the crc32c crate, which squares a 32×32 matrix per
+/// bit of the length.
+fn crc32c_combine(crc_a: u32, crc_b: u32, len_b: usize) -> u32 {
+    let mut shift = 1u32 << 31; // x^0
+    let mut n = len_b as u64;
+    let mut k = 3; // 8 bits per byte: x^(8n) = x^(n · 2^3)
+    while n != 0 {
+        if n & 1 != 0 {
+            shift = multiply_mod_poly(X_POW_2K[k & 31], shift);
+        }
+        n >>= 1;
+        k += 1;
+    }
+    multiply_mod_poly(shift, crc_a) ^ crc_b
+}
+
 fn le_u32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
@@ -728,6 +818,21 @@ mod tests {
             prop_assert_eq!(r.header.seq, seq);
             prop_assert_eq!(r.header.generation, generation);
             prop_assert_eq!(r.as_entry(), e);
+        }
+
+        #[test]
+        fn a_combined_crc_equals_the_crc_of_header_then_payload((kind, flags, disk, offset, length, ts, payload) in arb_entry(), seq in any::<u64>()) {
+            let e = Entry { kind, flags, disk, offset, length, timestamp_ns: ts, payload: &payload };
+            let h = e.encode_header(seq, 3);
+            let whole = crc32c::crc32c_append(crc32c::crc32c(&h[..CRC_AT]), &payload);
+            prop_assert_eq!(&h[CRC_AT..], &whole.to_le_bytes()[..]);
+        }
+
+        #[test]
+        fn the_fast_combine_equals_the_crc_of_the_concatenation(a in proptest::collection::vec(any::<u8>(), 0..300), b in proptest::collection::vec(any::<u8>(), 0..5000)) {
+            let whole = crc32c::crc32c_append(crc32c::crc32c(&a), &b);
+            prop_assert_eq!(crc32c_combine(crc32c::crc32c(&a), crc32c::crc32c(&b), b.len()), whole);
+            prop_assert_eq!(crc32c::crc32c_combine(crc32c::crc32c(&a), crc32c::crc32c(&b), b.len()), whole);
         }
 
         #[test]

@@ -19,8 +19,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-/// A directory of log files.
-pub trait LogDir: Send + Sync {
+/// A directory of log files. Cloning gives another handle to the same
+/// directory (cheap: a path, or a shared in-memory state), so I/O can run
+/// away from the log that planned it.
+pub trait LogDir: Send + Sync + Clone {
     /// An open file of this directory.
     type File: LogFile;
     /// Names of the files in the directory.

@@ -286,3 +286,76 @@ fn a_check_beside_a_running_appender_finds_the_log_clean() {
     // Many segments were recycled during the checks.
     assert!(last_seen > 100, "{last_seen}");
 }
+
+/// Buffered, with the sync detached the way the tracker's committer runs
+/// it: a barrier appended while a sync is in flight carries the durable
+/// point from before that sync (its durable-upto is what had completed),
+/// and the watermark moves only when a sync that covers a barrier
+/// completes.
+#[test]
+fn a_detached_sync_moves_the_watermark_only_when_it_completes() {
+    let dir = SimDir::new();
+    let (mut log, _) = ChangeLog::open(dir.clone(), OPTS, CLEAN, 0).unwrap();
+    log.set_buffered(true);
+    let run = |log: &mut ChangeLog<SimDir>, target: u64| {
+        while let Some(mut io) = log.take_io(Some(target), false) {
+            let result = io.run();
+            log.complete_io(io, result).unwrap();
+        }
+    };
+    let write = log.append(&Entry::write(0, 0, b"abc", 1)).unwrap();
+    let b1 = log.append(&Entry::barrier(2)).unwrap();
+    // The batch is written; the sync for b1 is taken and left in flight.
+    let mut io = log.take_io(Some(b1), false).unwrap();
+    assert_eq!(io.syncs_upto(), None, "the batch is written first");
+    let result = io.run();
+    log.complete_io(io, result).unwrap();
+    let mut sync = log.take_io(Some(b1), false).unwrap();
+    assert_eq!(sync.syncs_upto(), Some(b1));
+    let b2 = log.append(&Entry::barrier(3)).unwrap();
+    assert_eq!((log.durable_seq(), log.durable_watermark()), (0, 0));
+    let result = sync.run();
+    log.complete_io(sync, result).unwrap();
+    // b1 is durable, and with it its durable-upto: nothing (0).
+    assert_eq!((log.durable_seq(), log.durable_watermark()), (b1, 0));
+    run(&mut log, b2);
+    assert_eq!((log.durable_seq(), log.durable_watermark()), (b2, 0));
+    // Appended after b2's sync completed, b3 says b2 was durable; once b3
+    // is durable the watermark covers the write.
+    let b3 = log.append(&Entry::barrier(4)).unwrap();
+    assert_eq!(log.durable_watermark(), 0);
+    run(&mut log, b3);
+    assert_eq!((log.durable_seq(), log.durable_watermark()), (b3, b2));
+    assert!(log.durable_watermark() >= write);
+    let mut reader = LogReader::new(dir.clone(), 0);
+    let mut uptos = Vec::new();
+    while let Some(record) = reader.next_record().unwrap() {
+        if let Some(upto) = record.header.durable_upto() {
+            uptos.push((record.header.seq, upto));
+        }
+    }
+    assert_eq!(uptos, vec![(b1, 0), (b2, 0), (b3, b2)]);
+}
+
+/// Buffered: a segment filled up is sealed only when its roll's I/O has
+/// run, so until then a crash could still tear its tail, and the
+/// watermark does not cover it; once the successor exists it does.
+#[test]
+fn a_buffered_roll_raises_the_watermark_only_once_the_successor_exists() {
+    let dir = SimDir::new();
+    let (mut log, _) = ChangeLog::open(dir.clone(), OPTS, CLEAN, 0).unwrap();
+    log.set_buffered(true);
+    let payload = vec![7u8; 1000];
+    let mut last = 0;
+    while segments(&dir) == 1 && log.bytes_in_use() == SEG {
+        last = log.append(&Entry::write(0, 0, &payload, 1)).unwrap();
+    }
+    // The roll is decided (a second segment is in use) but not run.
+    assert_eq!(log.bytes_in_use(), 2 * SEG);
+    assert_eq!(segments(&dir), 1, "the roll's files follow with its I/O");
+    assert_eq!(log.durable_watermark(), 0);
+    log.write_out().unwrap();
+    assert_eq!(segments(&dir), 2);
+    // Every record but the last (the first of the new segment) is sealed.
+    assert_eq!(log.durable_watermark(), last - 1);
+}

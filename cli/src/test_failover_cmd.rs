@@ -384,7 +384,9 @@ fn serve(a: &StartArgs, group_dir: &Path, dir: &Path, signals: &SigSet) -> Resul
     });
     let server = Server::bind_unix(&a.socket, ServerOptions::default())
         .with_context(|| format!("creating the NBD socket {}", a.socket.display()))?;
-    let handle = server.serve(backend);
+    let handle = server
+        .serve(backend)
+        .context("starting the NBD server's threads")?;
     println!(
         "test failover of {}/{} at the recovery point at sequence {} ({}, {}); replication goes on",
         a.replica.host,

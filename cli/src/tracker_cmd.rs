@@ -10,7 +10,7 @@ use tidemark_config::ByteSize;
 use tidemark_names::{Label, Name};
 use tidemark_tracker::daemon::{DiskSpec, KernelAttachSettings, TrackerSettings, UblkSettings};
 use tidemark_tracker::quiesce::Quiesce;
-use tidemark_tracker::storage::{BackingOptions, EngineKind};
+use tidemark_tracker::storage::{BackingOptions, CacheMode, EngineKind};
 
 /// Run the tracker and talk to it.
 #[derive(Debug, Subcommand)]
@@ -31,6 +31,14 @@ enum Engine {
     Uring,
     /// Synchronous pread/pwrite.
     Sync,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Cache {
+    /// O_DIRECT: no page cache (the default on block devices).
+    None,
+    /// The page cache, fdatasync at barriers (the default on image files).
+    Writeback,
 }
 
 #[derive(Debug, Args)]
@@ -80,6 +88,10 @@ pub(crate) struct ServeArgs {
     /// Backing I/O engine.
     #[arg(long, value_enum, default_value_t = Engine::Auto)]
     engine: Engine,
+    /// How every disk's backing device is written (overrides the config's
+    /// `cache`); default: none on block devices, writeback on image files.
+    #[arg(long, value_enum)]
+    cache: Option<Cache>,
     /// Serve Prometheus metrics on http://ADDR/metrics (port 0 picks one;
     /// the address is printed). Overrides `metrics-listen` of a config
     /// file; without either, the one-line form serves no metrics.
@@ -210,6 +222,10 @@ fn settings_from_config(path: &Path) -> Result<TrackerSettings> {
                 name: d.name.clone(),
                 export: d.effective_export_name().to_string(),
                 path: d.path.clone(),
+                cache: d.cache.map(|c| match c {
+                    tidemark_config::CacheMode::None => CacheMode::None,
+                    tidemark_config::CacheMode::Writeback => CacheMode::Writeback,
+                }),
             })
             .collect(),
         log_dir: t.log_dir.clone(),
@@ -278,6 +294,7 @@ fn settings_from_flags(a: &ServeArgs) -> Result<TrackerSettings> {
                 export: name.to_string(),
                 name,
                 path: path.clone(),
+                cache: None,
             })
         })
         .collect::<Result<_>>()?;
@@ -335,6 +352,15 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
         settings.socket_group = Some(group.clone());
     }
     settings.resync_all = a.resync_all;
+    if let Some(cache) = a.cache {
+        let cache = match cache {
+            Cache::None => CacheMode::None,
+            Cache::Writeback => CacheMode::Writeback,
+        };
+        for disk in &mut settings.disks {
+            disk.cache = Some(cache);
+        }
+    }
     if a.attach && settings.attach.is_none() {
         let defaults = tidemark_config::AttachConfig::default();
         settings.attach = Some(KernelAttachSettings {

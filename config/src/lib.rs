@@ -64,7 +64,9 @@ pub use plan::{GroupRef, PlanConfig, PlanStep};
 pub use receiver::{HostEntry, ReceiverConfig, RetentionConfig, ServerTlsConfig};
 pub use schedule::{TimeOfDay, TimeWindow};
 pub use shipper::{BandwidthConfig, ClientTlsConfig, RetryConfig, ScheduledLimit, ShipperConfig};
-pub use tracker::{AppConsistentConfig, AttachConfig, DiskConfig, TrackerConfig, UblkConfig};
+pub use tracker::{
+    AppConsistentConfig, AttachConfig, CacheMode, DiskConfig, TrackerConfig, UblkConfig,
+};
 pub use units::{parse_duration, ByteSize, Duration};
 
 use source_map::{line_column, SourceMap};

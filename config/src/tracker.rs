@@ -348,6 +348,29 @@ pub struct DiskConfig {
     /// Default: the disk's `name`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub export_name: Option<String>,
+
+    /// How the tracker writes the backing device: `"none"` (O_DIRECT, no
+    /// page cache: what is acknowledged is on the device, and a barrier
+    /// only has to flush the device's own cache) or `"writeback"` (through
+    /// the page cache, made durable with `fdatasync` at every barrier, as
+    /// nbdkit and qemu-nbd do by default). Both keep every guarantee: what
+    /// a barrier acknowledged is durable either way, and the activity map
+    /// covers everything else after a crash. Default: `"none"` on a block
+    /// device (the filesystem above it already caches; caching twice only
+    /// costs memory), `"writeback"` on an image file (small writes are
+    /// absorbed in memory and written in the filesystem's larger units).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheMode>,
+}
+
+/// How a disk's backing device is written (see [`DiskConfig::cache`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CacheMode {
+    /// O_DIRECT: no page cache.
+    None,
+    /// The page cache, `fdatasync` at barriers.
+    Writeback,
 }
 
 impl DiskConfig {

@@ -628,6 +628,7 @@ fn invalid_config_built_in_code_has_no_location() {
         name: tidemark_names::Name::from_static("a"),
         path: "/dev/a".into(),
         export_name: None,
+        cache: None,
     });
     tracker.validate().unwrap();
 }

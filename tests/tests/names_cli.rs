@@ -313,7 +313,12 @@ fn the_receiver_refuses_a_valid_host_whose_hello_names_a_path() {
             ),
             other => panic!("v{version} {group}/{disk} got {other:?}"),
         }
-        assert_eq!(tree(&replicas), Vec::<String>::new(), "{group}/{disk}");
+        // Nothing but the receiver's own lock of its data directory.
+        assert_eq!(
+            tree(&replicas),
+            vec![tidemark_receiver::daemon::LOCK_FILE.to_string()],
+            "{group}/{disk}"
+        );
         assert!(!tmp.path().join("escaped").exists());
         assert!(!tmp.path().join("site").join("escaped").exists());
     }

@@ -7,8 +7,8 @@ use crate::backend::Backend;
 use crate::control::ControlSocket;
 use crate::group::{Group, GroupDisk, GroupOptions, OpenReport};
 use crate::kernel_attach::{backend_identifier, AttachError, AttachOptions, KernelAttachment};
-use crate::server::{Server, ServerOptions};
-use crate::storage::{open_backing, BackingOptions};
+use crate::server::{Frontend, Server, ServerOptions};
+use crate::storage::{open_backing, BackingOptions, CacheMode, EngineKind};
 use crate::ublk::{UblkDevice, UblkOptions};
 use nix::sys::signal::{SigSet, Signal};
 use std::path::{Path, PathBuf};
@@ -30,6 +30,8 @@ pub struct DiskSpec {
     pub export: String,
     /// The backing block device or image file.
     pub path: PathBuf,
+    /// How it is written; `None`: [`CacheMode::default_for`] its path.
+    pub cache: Option<CacheMode>,
 }
 
 /// Everything the daemon needs, from a config file or from flags.
@@ -448,12 +450,24 @@ pub fn run(
         lock_memory();
     }
     let mut disks = Vec::new();
+    // The event loops submit reads, writes and flushes on their own rings;
+    // what they hand back to the device object (unaligned requests,
+    // zeroing, trims) is done on the loop's thread, synchronously: the
+    // synchronous engine is all the device object needs.
     for spec in &settings.disks {
-        let device =
-            open_backing(&spec.path, &settings.backing).map_err(|source| DaemonError::Backing {
-                name: spec.name.clone(),
-                source,
-            })?;
+        let cache = spec
+            .cache
+            .unwrap_or_else(|| CacheMode::default_for(&spec.path));
+        let backing = BackingOptions {
+            engine: EngineKind::Sync,
+            direct_io: cache.direct_io(),
+            ..settings.backing.clone()
+        };
+        tracing::info!(disk = %spec.name, cache = cache.name(), "cache mode");
+        let device = open_backing(&spec.path, &backing).map_err(|source| DaemonError::Backing {
+            name: spec.name.clone(),
+            source,
+        })?;
         tracing::info!(disk = %spec.name, path = %spec.path.display(), size = device.size(), "backing device opened");
         disks.push(GroupDisk {
             name: spec.name.clone(),
@@ -540,11 +554,11 @@ pub fn run(
         return Err(DaemonError::Group(e.into()));
     }
     let maintenance = spawn_maintenance(group.clone());
-    let backend: Arc<dyn Backend> = group.clone();
-    let handle = server.serve(backend.clone());
+    let use_ring = settings.backing.engine != EngineKind::Sync;
+    let handle = server.serve_frontend(Frontend::group(group.clone(), use_ring));
     let tcp_handle = tcp.map(|server| {
         tracing::info!(addr = ?server.addr(), "serving NBD over TCP too");
-        server.serve(backend)
+        server.serve_frontend(Frontend::group(group.clone(), use_ring))
     });
     // Metrics are an observer: a port taken by something else must not
     // keep the disks unprotected, so failing to bind is a warning.
@@ -815,7 +829,7 @@ fn start_ublk(
         dev_id: ublk.dev_id,
         queue_depth: ublk.queue_depth,
         // As many backend calls at once as the NBD server makes.
-        workers: ServerOptions::default().workers,
+        workers: 8,
     };
     let backend: Arc<dyn Backend> = group.clone();
     UblkDevice::start(backend, &options).map_err(DaemonError::Ublk)

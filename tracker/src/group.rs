@@ -1,22 +1,37 @@
 //! A consistency group: the disks one tracker serves and the ONE ordered
-//! change log they share. This is the tracker's write path; the NBD server
-//! drives it through [`Backend`].
+//! change log they share. This module owns the group's shared state and
+//! its rules; the event loops drive it through the write path's queue
+//! core ([`crate::write_path`]), synchronous callers (the oracle, tests)
+//! through [`Backend`].
 //!
 //! A write, step by step (DESIGN invariants 1–8):
 //! 1. its byte range is locked, so overlapping writes in flight reach the
-//!    device in log order (invariant 6);
+//!    device in log order (invariant 6); an event loop's request that finds
+//!    the range taken parks, its thread goes on;
 //! 2. its extent is made hot in the activity map, durably, before anything
-//!    is issued (invariant 4);
+//!    is issued (invariant 4; the committer writes and syncs the map, every
+//!    write waiting at the time shares one fdatasync);
 //! 3. the backing device is written;
-//! 4. the record is appended to the log (data mode), or the extent is set
-//!    in the dirty bitmap (bitmap mode: the log is full or failed);
+//! 4. once the device write completed, the record is copied into the log's
+//!    buffer (data mode: the sequence number is taken here, in the short
+//!    critical section of the log), or the extent set in the dirty bitmap
+//!    (bitmap mode: the log is full or failed);
 //! 5. the range is unlocked and the write acknowledged. Its sequence number
 //!    was taken after every write acknowledged before it was submitted
 //!    (invariant 2).
 //!
+//! **A record is appended only for a write the device completed.** A failed
+//! backing write leaves no record, is answered with its error, and its
+//! extent stays hot (never cooled), so a resync after a crash re-reads it:
+//! the log never claims data the source does not hold.
+//!
+//! The committer ([`crate::commit`]) writes the log's buffer out in large
+//! writes and makes it durable for barriers; see there for the crash rule
+//! that lets a write be acknowledged while its record is still buffered.
+//!
 //! FLUSH and FUA are barriers: a barrier record is appended, the log made
-//! durable with one fdatasync shared by every flush waiting at the time
-//! (group commit), then the backing device flushed.
+//! durable with one fdatasync shared by every barrier waiting at the time
+//! (group commit), and, beside it, the backing device flushed.
 //!
 //! After an unclean stop the group starts a new *generation* above every
 //! sequence number a reader could have seen, and records every hot extent
@@ -28,16 +43,18 @@
 //! its writes.
 
 use crate::backend::Backend;
-use crate::bitmap::{BitmapError, BitmapWriter, PersistentBitmap};
+use crate::bitmap::{BitmapError, PersistentBitmap};
+use crate::commit::{CommitFailed, Committer, LogStep, LOG_BUFFER_LIMIT, WRITE_OUT_BYTES};
 use crate::nbd::constants::{Errno, ExtentStatus, TransmissionFlags};
 use crate::nbd::export::{BlockSizes, ExportInfo};
 use crate::nbd::transmission::Extent;
-use crate::range_lock::RangeLock;
+use crate::queue::{QueueWaker, Wakers};
+use crate::range_lock::{RangeLock, RangeTicket};
 use crate::state::{GroupState, StateError};
 use crate::storage::BlockDevice;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 use tidemark_changelog::{
     now_ns, AppendError, ChangeLog, Entry, FsDir, LogOptions, OpenError, Recovery, RecoveryPolicy,
 };
@@ -55,8 +72,6 @@ fn is_overflow_reason(reason: &str) -> bool {
 
 /// Granularity of the dirty bitmap used in bitmap mode.
 pub const DIRTY_GRANULARITY: u64 = 64 << 10;
-/// How often hot extents are cooled at most.
-const COOL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// One protected disk of the group.
 pub struct GroupDisk {
@@ -174,10 +189,10 @@ pub struct GroupStatus {
     pub dirty_extents: Vec<u64>,
 }
 
-struct DiskState {
-    disk: GroupDisk,
-    size: u64,
-    locks: RangeLock,
+pub(crate) struct DiskState {
+    pub(crate) disk: GroupDisk,
+    pub(crate) size: u64,
+    pub(crate) locks: RangeLock,
 }
 
 /// Per-extent bookkeeping of the activity map.
@@ -185,6 +200,9 @@ struct Activity {
     map: PersistentBitmap,
     inflight: Vec<u32>,
     last_seq: Vec<u64>,
+    /// Device flushes started when the extent's last write completed: a
+    /// flush started after it (a larger start number) covers that write.
+    epoch: Vec<u64>,
     /// The bit is known to be set on disk.
     durable: Vec<bool>,
 }
@@ -192,28 +210,76 @@ struct Activity {
 struct Maps {
     activity: Vec<Activity>,
     dirty: Vec<PersistentBitmap>,
-    last_cool: Instant,
 }
 
-struct Commit {
-    durable: u64,
-    syncing: bool,
+/// The device flushes of one disk, numbered as they start: what a hot
+/// extent may be cooled after (see [`Activity::epoch`]).
+#[derive(Debug, Default)]
+pub(crate) struct FlushEpochs {
+    started: AtomicU64,
+    /// The start number of the latest flush that completed.
+    done: AtomicU64,
+}
+
+impl FlushEpochs {
+    /// A flush starts now: its number.
+    pub(crate) fn start(&self) -> u64 {
+        self.started.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Flush number `epoch` completed.
+    pub(crate) fn done(&self, epoch: u64) {
+        self.done.fetch_max(epoch, Ordering::SeqCst);
+    }
+}
+
+/// How the group records writes: the change log, the mode, the activity
+/// and dirty maps, the state file. Shared with the committer.
+pub(crate) struct Tracking {
+    log: Mutex<ChangeLog<FsDir>>,
+    /// The log's unwritten bytes as of the last append or write-out: read
+    /// without the log's lock.
+    unwritten: AtomicUsize,
+    mode: Mutex<TrackingMode>,
+    maps: Mutex<Maps>,
+    /// Serializes writing map bytes and their fdatasync.
+    persist: Mutex<()>,
+    state: Mutex<GroupState>,
+    pub(crate) flushes: Vec<FlushEpochs>,
+    /// The event loops' queues that may park requests on the group.
+    pub(crate) wakers: Wakers,
+}
+
+/// Where a change went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Recorded {
+    /// Appended to the log with this sequence number (the last one if the
+    /// write was split into several records).
+    Logged(u64),
+    /// Set in the dirty bitmap (bitmap mode).
+    Dirty,
+    /// The log's buffer is full: try again once the committer wrote it
+    /// out (the range stays locked meanwhile).
+    NoRoom,
+}
+
+/// What a barrier waits for besides the device's flush.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BarrierWait {
+    /// The log durable up to this barrier record.
+    Log(u64),
+    /// The dirty bitmap persisted up to this ticket (bitmap mode).
+    Dirty(u64),
 }
 
 /// The consistency group.
 pub struct Group {
-    disks: Vec<DiskState>,
-    log: Mutex<ChangeLog<FsDir>>,
-    mode: Mutex<TrackingMode>,
+    pub(crate) disks: Vec<DiskState>,
+    tracking: Arc<Tracking>,
+    pub(crate) committer: Committer,
     /// A new generation (number, first sequence number) to begin in the log
     /// when data mode returns.
     pending_generation: Mutex<Option<(u32, u64)>>,
-    maps: Mutex<Maps>,
-    /// Serializes writing map bytes and their fdatasync.
-    persist: Mutex<()>,
-    commit: Mutex<Commit>,
-    committed: Condvar,
-    state: Mutex<GroupState>,
     /// The state file says "running": only then may anything be appended
     /// (see [`Group::mark_running`]).
     running: AtomicBool,
@@ -229,6 +295,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section leaves its data consistent before anything
     // that can panic, so a poisoned lock's data is still good.
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn errno_of(error: &crate::storage::StorageError) -> Errno {
+    Errno::from_code(error.errno()).unwrap_or(Errno::Io)
 }
 
 impl Group {
@@ -296,6 +366,7 @@ impl Group {
                 map,
                 inflight: vec![0; n],
                 last_seq: vec![0; n],
+                epoch: vec![0; n],
                 durable,
             });
             let (bits, _) = PersistentBitmap::open(
@@ -411,23 +482,26 @@ impl Group {
             generation: state.generation,
             resync_needed,
         };
+        log.set_buffered(true);
+        let disk_count = states.len();
+        let tracking = Arc::new(Tracking {
+            log: Mutex::new(log),
+            unwritten: AtomicUsize::new(0),
+            mode: Mutex::new(mode),
+            maps: Mutex::new(Maps { activity, dirty }),
+            persist: Mutex::new(()),
+            state: Mutex::new(state),
+            flushes: (0..disk_count).map(|_| FlushEpochs::default()).collect(),
+            wakers: Wakers::default(),
+        });
+        let committer = Committer::start(Arc::clone(&tracking), durable).map_err(|e| {
+            GroupError::Config(format!("starting the group's committer thread: {e}"))
+        })?;
         let group = Group {
             disks: states,
-            log: Mutex::new(log),
-            mode: Mutex::new(mode),
+            tracking,
+            committer,
             pending_generation: Mutex::new(pending_generation),
-            maps: Mutex::new(Maps {
-                activity,
-                dirty,
-                last_cool: Instant::now(),
-            }),
-            persist: Mutex::new(()),
-            commit: Mutex::new(Commit {
-                durable,
-                syncing: false,
-            }),
-            committed: Condvar::new(),
-            state: Mutex::new(state),
             running: AtomicBool::new(false),
             block_sizes,
             writes: AtomicU64::new(0),
@@ -446,7 +520,7 @@ impl Group {
     /// before anything is served. Until then the group refuses writes,
     /// barriers and markers.
     pub fn mark_running(&self) -> Result<(), StateError> {
-        let mut state = lock(&self.state);
+        let mut state = lock(&self.tracking.state);
         state.running = true;
         state.save_in_place()?;
         self.running.store(true, Ordering::SeqCst);
@@ -454,7 +528,7 @@ impl Group {
     }
 
     /// Refuses a change before [`mark_running`](Self::mark_running).
-    fn check_running(&self) -> Result<(), Errno> {
+    pub(crate) fn check_running(&self) -> Result<(), Errno> {
         if self.running.load(Ordering::Acquire) {
             Ok(())
         } else {
@@ -463,15 +537,51 @@ impl Group {
         }
     }
 
-    fn disk(&self, disk: u32) -> Result<&DiskState, Errno> {
+    pub(crate) fn disk(&self, disk: u32) -> Result<&DiskState, Errno> {
         self.disks.get(disk as usize).ok_or(Errno::Inval)
     }
 
-    /// Makes the extents of `offset..offset+len` hot, durably, and counts
-    /// the request in flight on them.
-    fn mark_hot(&self, disk: u32, offset: u64, len: u64) -> Result<(), Errno> {
+    /// The backing device of `disk`.
+    pub fn device(&self, disk: u32) -> Option<&Arc<dyn BlockDevice>> {
+        self.disks.get(disk as usize).map(|d| &d.disk.device)
+    }
+
+    /// Lets `waker`'s queue park requests on the group.
+    pub fn register_waker(&self, waker: &Arc<QueueWaker>) {
+        self.tracking.wakers.register(waker);
+    }
+
+    /// Asks for `waker` to be woken at the group's next change (park before
+    /// the last look at what the request waits for).
+    pub(crate) fn park(&self, waker: &QueueWaker) {
+        self.tracking.wakers.park(waker);
+    }
+
+    /// Wakes every queue that parked requests.
+    pub(crate) fn wake_parked(&self) {
+        self.tracking.wakers.wake_parked();
+    }
+
+    /// Takes a byte range of `disk` if no request in flight holds an
+    /// overlapping one (invariant 6).
+    pub(crate) fn try_lock_range(&self, disk: u32, offset: u64, len: u64) -> Option<RangeTicket> {
+        self.disks[disk as usize].locks.try_lock(offset, len)
+    }
+
+    /// Gives a range back, waking the requests parked on a range.
+    pub(crate) fn unlock_range(&self, disk: u32, ticket: RangeTicket) {
+        if self.disks[disk as usize].locks.unlock(ticket) {
+            self.wake_parked();
+        }
+    }
+
+    /// Makes the extents of `offset..offset+len` hot and counts the request
+    /// in flight on them. `Some(ticket)`: some extent is not durably hot
+    /// yet, and the write may be issued only once the committer persisted
+    /// the activity map up to `ticket` ([`Self::maps_ready`]).
+    pub(crate) fn mark_hot(&self, disk: u32, offset: u64, len: u64) -> Option<u64> {
         let needs_persist = {
-            let mut maps = lock(&self.maps);
+            let mut maps = lock(&self.tracking.maps);
             let act = &mut maps.activity[disk as usize];
             let mut needs = false;
             for i in act.map.extents(offset, len) {
@@ -481,121 +591,92 @@ impl Group {
             }
             needs
         };
-        if needs_persist {
-            self.persist_activity(disk, offset, len)?;
-        }
-        Ok(())
+        needs_persist.then(|| self.committer.want_maps())
     }
 
-    /// Writes and syncs the activity map until the extents of the range
-    /// are durable. Concurrent callers share one sync.
-    fn persist_activity(&self, disk: u32, offset: u64, len: u64) -> Result<(), Errno> {
-        let _persist = lock(&self.persist);
-        let (bytes, writer, covered) = {
-            let mut maps = lock(&self.maps);
-            let act = &mut maps.activity[disk as usize];
-            if act
-                .map
-                .extents(offset, len)
-                .all(|i| act.durable[i as usize])
-            {
-                return Ok(());
-            }
-            let bytes = act.map.take_unwritten();
-            // Bits being cleared stop counting as durable right now, so no
-            // write relies on a bit that is about to be written as zero.
-            let mut covered = Vec::new();
-            for &(byte, value) in &bytes {
-                for bit in 0..8u64 {
-                    let i = byte as u64 * 8 + bit;
-                    if i >= act.map.len() {
-                        break;
-                    }
-                    if value & (1 << bit) != 0 {
-                        covered.push(i);
-                    } else {
-                        act.durable[i as usize] = false;
-                    }
-                }
-            }
-            (bytes, act.map.writer().map_err(|_| Errno::Io)?, covered)
-        };
-        if let Err(e) = writer.write_bytes(&bytes, true) {
-            tracing::error!(error = %e, "persisting the activity map failed; failing the write");
-            return Err(Errno::Io);
+    /// Whether the activity map is persisted up to `ticket`: `None` while
+    /// not yet, `Some(Err)` if persisting it failed.
+    pub(crate) fn maps_ready(&self, ticket: u64) -> Option<Result<(), Errno>> {
+        if self.committer.maps_broken() {
+            Some(Err(Errno::Io))
+        } else if self.committer.maps_done() >= ticket {
+            Some(Ok(()))
+        } else {
+            None
         }
-        let mut maps = lock(&self.maps);
-        let act = &mut maps.activity[disk as usize];
-        for i in covered {
-            if act.map.get(i) {
-                act.durable[i as usize] = true;
-            }
-        }
-        Ok(())
     }
 
-    fn release_hot(&self, disk: u32, offset: u64, len: u64, seq: u64) {
-        let mut maps = lock(&self.maps);
+    /// Counts a request off its extents; `seq` is its record's sequence
+    /// number (0 in bitmap mode, `u64::MAX` for a write that failed: its
+    /// extent is then never cooled).
+    pub(crate) fn release_hot(&self, disk: u32, offset: u64, len: u64, seq: u64) {
+        let epoch = self.tracking.flushes[disk as usize]
+            .started
+            .load(Ordering::SeqCst);
+        let mut maps = lock(&self.tracking.maps);
         let act = &mut maps.activity[disk as usize];
         for i in act.map.extents(offset, len) {
-            act.inflight[i as usize] -= 1;
-            act.last_seq[i as usize] = act.last_seq[i as usize].max(seq);
+            let u = i as usize;
+            act.inflight[u] -= 1;
+            act.last_seq[u] = act.last_seq[u].max(seq);
+            act.epoch[u] = act.epoch[u].max(epoch);
         }
     }
 
-    /// Clears hot extents whose every write is at or below the log's
-    /// durable watermark (recovery never cuts those) and none is in flight.
-    /// Lazy: the cleared bits reach the disk with the next map write; a
-    /// stale set bit only costs a resync.
-    fn cool(&self, watermark: u64) {
-        if !matches!(*lock(&self.mode), TrackingMode::Data) {
-            return;
-        }
-        let mut maps = lock(&self.maps);
-        if maps.last_cool.elapsed() < COOL_INTERVAL {
-            return;
-        }
-        maps.last_cool = Instant::now();
-        for act in &mut maps.activity {
-            for i in 0..act.map.len() {
-                let u = i as usize;
-                if act.map.get(i) && act.inflight[u] == 0 && act.last_seq[u] <= watermark {
-                    act.map.clear(i);
-                }
-            }
-        }
-    }
-
-    /// Records a change: a log record in data mode, dirty bits in bitmap
-    /// mode. Returns the record's sequence number (0 in bitmap mode).
-    fn track(&self, disk: u32, entry: &Entry<'_>) -> u64 {
+    /// Records a change the device completed: a log record in data mode
+    /// (copied into the log's buffer; a payload larger than one record
+    /// becomes consecutive records), dirty bits in bitmap mode.
+    pub(crate) fn record(&self, disk: u32, entry: &Entry<'_>) -> Recorded {
+        let t = &*self.tracking;
         loop {
-            let mode = lock(&self.mode);
+            let mode = lock(&t.mode);
             if matches!(*mode, TrackingMode::Data) {
                 drop(mode);
-                let appended = {
-                    let mut log = lock(&self.log);
-                    let max = log.max_payload();
-                    if entry.payload.len() <= max {
-                        log.append(entry)
+                if t.unwritten.load(Ordering::SeqCst) >= LOG_BUFFER_LIMIT {
+                    return Recorded::NoRoom;
+                }
+                // The CRCs of the payload are taken before the lock: the
+                // critical section is the sequence number and a copy.
+                let max = lock(&t.log).max_payload();
+                let crcs: Vec<u32> = if entry.payload.len() <= max {
+                    vec![entry.payload_crc()]
+                } else {
+                    entry.payload.chunks(max).map(crc32c::crc32c).collect()
+                };
+                let (appended, before, after) = {
+                    let mut log = lock(&t.log);
+                    let before = log.unwritten_bytes();
+                    let appended = if entry.payload.len() <= max {
+                        log.append_with_crc(entry, crcs[0])
                     } else {
-                        // A write larger than a record can carry becomes several
-                        // consecutive records under one lock: nothing can come
-                        // between them, and a barrier never splits them.
-                        entry
-                            .payload
-                            .chunks(max)
-                            .enumerate()
-                            .try_fold(0, |_, (i, chunk)| {
+                        // A write larger than a record can carry becomes
+                        // several consecutive records under one lock:
+                        // nothing can come between them, and a barrier
+                        // never splits them.
+                        entry.payload.chunks(max).zip(&crcs).enumerate().try_fold(
+                            0,
+                            |_, (i, (chunk, &crc))| {
                                 let offset = entry.offset + (i * max) as u64;
-                                log.append(&Entry::write(disk, offset, chunk, entry.timestamp_ns))
-                            })
-                    }
+                                log.append_with_crc(
+                                    &Entry::write(disk, offset, chunk, entry.timestamp_ns),
+                                    crc,
+                                )
+                            },
+                        )
+                    };
+                    let after = log.unwritten_bytes();
+                    t.unwritten.store(after, Ordering::SeqCst);
+                    (appended, before, after)
                 };
                 match appended {
-                    Ok(seq) => return seq,
+                    Ok(seq) => {
+                        if before < WRITE_OUT_BYTES && after >= WRITE_OUT_BYTES {
+                            self.committer.nudge();
+                        }
+                        return Recorded::Logged(seq);
+                    }
                     Err(e) => {
-                        self.enter_bitmap_mode(&e);
+                        t.enter_bitmap_mode(&e);
                         continue;
                     }
                 }
@@ -603,13 +684,85 @@ impl Group {
             // The mode lock is held while the bits are set, so a return to
             // data mode (which takes the bits under the same lock) cannot
             // miss them.
-            let mut maps = lock(&self.maps);
+            let mut maps = lock(&t.maps);
             let bits = &mut maps.dirty[disk as usize];
             for i in bits.extents(entry.offset, entry.length) {
                 bits.set(i);
             }
-            return 0;
+            return Recorded::Dirty;
         }
+    }
+
+    /// Starts a barrier on `disk`: appends the barrier record (data mode)
+    /// and asks the committer for it to be durable, or asks for the dirty
+    /// bitmap (bitmap mode). Returns the device flush's number (flush the
+    /// device, then [`end_barrier`](Self::end_barrier)) and what else to
+    /// wait for ([`barrier_ready`](Self::barrier_ready)).
+    pub(crate) fn begin_barrier(&self, disk: u32) -> (u64, BarrierWait) {
+        let epoch = self.tracking.flushes[disk as usize].start();
+        (epoch, self.barrier_wait())
+    }
+
+    fn barrier_wait(&self) -> BarrierWait {
+        let t = &*self.tracking;
+        if matches!(*lock(&t.mode), TrackingMode::Data) && !self.committer.log_broken() {
+            let appended = {
+                let mut log = lock(&t.log);
+                let appended = log.append(&Entry::barrier(now_ns()));
+                t.unwritten.store(log.unwritten_bytes(), Ordering::SeqCst);
+                appended
+            };
+            match appended {
+                Ok(seq) => {
+                    self.committer.want_durable(seq);
+                    return BarrierWait::Log(seq);
+                }
+                Err(e) => t.enter_bitmap_mode(&e),
+            }
+        }
+        BarrierWait::Dirty(self.committer.want_dirty())
+    }
+
+    /// Whether a barrier's log or bitmap part is done: `None` while not,
+    /// `Some(Err)` if it failed. A log that failed meanwhile makes it wait
+    /// for the dirty bitmap instead (the wait is updated).
+    pub(crate) fn barrier_ready(&self, wait: &mut BarrierWait) -> Option<Result<(), Errno>> {
+        match *wait {
+            BarrierWait::Log(seq) => {
+                if self.committer.durable() >= seq {
+                    Some(Ok(()))
+                } else if self.committer.log_broken() {
+                    *wait = BarrierWait::Dirty(self.committer.want_dirty());
+                    self.barrier_ready(wait)
+                } else {
+                    None
+                }
+            }
+            BarrierWait::Dirty(ticket) => {
+                if self.committer.maps_broken() {
+                    Some(Err(Errno::Io))
+                } else if self.committer.dirty_done() >= ticket {
+                    Some(Ok(()))
+                } else {
+                    None
+                }
+            }
+        }
+    }
+
+    /// Ends a barrier whose device flush `epoch` succeeded.
+    pub(crate) fn end_barrier(&self, disk: u32, epoch: u64) {
+        self.tracking.flushes[disk as usize].done(epoch);
+        self.barriers.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts an acknowledged modification.
+    pub(crate) fn count_write(&self, started: Instant, now: Instant, bytes: u64) {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        self.bytes_written.fetch_add(bytes, Ordering::Relaxed);
+        // Atomic buckets: no lock is taken in the I/O path.
+        self.write_latency
+            .observe(now.saturating_duration_since(started));
     }
 
     /// Returns from bitmap mode to data mode when bitmap mode came from the
@@ -623,14 +776,26 @@ impl Group {
         if !self.running.load(Ordering::Acquire) {
             return Ok(None);
         }
-        let mut mode = lock(&self.mode);
+        let t = &*self.tracking;
+        let mut mode = lock(&t.mode);
         match &*mode {
             TrackingMode::Data => return Ok(None),
             TrackingMode::Bitmap { reason } if !is_overflow_reason(reason) => return Ok(None),
             TrackingMode::Bitmap { .. } => {}
         }
-        let mut maps = lock(&self.maps);
-        let mut log = lock(&self.log);
+        let mut maps = lock(&t.maps);
+        // In bitmap mode nothing appends; what was buffered before is
+        // being written out by the committer. Its I/O must be done before
+        // the log is used here directly.
+        let mut log = loop {
+            let log = lock(&t.log);
+            if !log.io_in_flight() && log.unwritten_bytes() == 0 {
+                break log;
+            }
+            drop(log);
+            self.committer.nudge();
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        };
         // Only with room for real work: half the log free, so the group
         // does not flap between the modes.
         match log.free_bytes() {
@@ -669,6 +834,7 @@ impl Group {
             Err(AppendError::Overflow { .. }) => return Ok(None),
             Err(e) => return Err(format!("making resync-needed extents durable: {e}")),
         }
+        self.committer.note_durable(log.durable_seq());
         drop(log);
         for bits in &mut maps.dirty {
             bits.clear_all();
@@ -680,7 +846,7 @@ impl Group {
         *mode = TrackingMode::Data;
         drop(maps);
         drop(mode);
-        let mut state = lock(&self.state);
+        let mut state = lock(&t.state);
         state.bitmap_reason = None;
         state
             .save_in_place()
@@ -688,113 +854,29 @@ impl Group {
         Ok(Some(extents.len()))
     }
 
-    fn enter_bitmap_mode(&self, cause: &AppendError) {
-        let mut mode = lock(&self.mode);
-        if let TrackingMode::Bitmap { .. } = *mode {
-            return;
-        }
-        let reason = match cause {
-            AppendError::Overflow { limit } => {
-                format!("{OVERFLOW_REASON} of {limit} bytes")
-            }
-            other => format!("the change log failed: {other}"),
-        };
-        tracing::warn!(%reason, "switching to bitmap mode: writes go on, a checksum resync will follow");
-        *mode = TrackingMode::Bitmap {
-            reason: reason.clone(),
-        };
-        drop(mode);
-        let mut state = lock(&self.state);
-        state.bitmap_reason = Some(reason);
-        if let Err(e) = state.save_in_place() {
-            tracing::error!(error = %e, "recording bitmap mode in the state file failed");
-        }
-    }
-
-    /// Makes the log durable up to `target` (group commit): one fdatasync
-    /// serves every caller waiting when it starts.
-    fn make_durable(&self, target: u64) -> Result<(), AppendError> {
-        let mut commit = lock(&self.commit);
-        loop {
-            if commit.durable >= target {
-                return Ok(());
-            }
-            if !commit.syncing {
-                commit.syncing = true;
-                drop(commit);
-                let pending = lock(&self.log).prepare_sync();
-                // The durable seq, and the watermark the log holds durably:
-                // hot extents cool only up to the watermark, so every
-                // record a crash recovery may cut (those above it) still
-                // has its extent in the activity map.
-                let result = match pending {
-                    Ok(Some(sync)) => {
-                        let outcome = sync.run();
-                        let mut log = lock(&self.log);
-                        log.complete_sync(sync.upto(), outcome)
-                            .map(|durable| (durable, log.durable_watermark()))
-                    }
-                    Ok(None) => {
-                        let log = lock(&self.log);
-                        Ok((log.durable_seq(), log.durable_watermark()))
-                    }
-                    Err(e) => Err(e),
-                };
-                commit = lock(&self.commit);
-                commit.syncing = false;
-                self.committed.notify_all();
-                match result {
-                    Ok((durable, watermark)) => {
-                        commit.durable = commit.durable.max(durable);
-                        drop(commit);
-                        self.cool(watermark);
-                        commit = lock(&self.commit);
-                    }
-                    Err(e) => return Err(e),
-                }
-                continue;
-            }
-            commit = self
-                .committed
-                .wait(commit)
-                .unwrap_or_else(|e| e.into_inner());
-        }
-    }
-
-    /// A barrier for the group; flushes `disk`'s backing device.
+    /// A barrier for the group that blocks the calling thread; flushes
+    /// `disk`'s backing device beside the log's group commit.
     fn barrier(&self, disk: u32) -> Result<(), Errno> {
         self.check_running()?;
         let d = self.disk(disk)?;
-        if matches!(*lock(&self.mode), TrackingMode::Data) {
-            let appended = lock(&self.log).append(&Entry::barrier(now_ns()));
-            match appended.and_then(|seq| self.make_durable(seq)) {
-                Ok(()) => {}
-                Err(e) => self.enter_bitmap_mode(&e),
+        let (epoch, mut wait) = self.begin_barrier(disk);
+        d.disk.device.flush().map_err(|e| errno_of(&e))?;
+        loop {
+            match wait {
+                BarrierWait::Log(seq) => match self.committer.wait_durable(seq) {
+                    Ok(()) => break,
+                    Err(CommitFailed::Log) => {
+                        wait = BarrierWait::Dirty(self.committer.want_dirty());
+                    }
+                    Err(CommitFailed::Maps) => return Err(Errno::Io),
+                },
+                BarrierWait::Dirty(ticket) => {
+                    self.committer.wait_dirty(ticket).map_err(|_| Errno::Io)?;
+                    break;
+                }
             }
         }
-        if !matches!(*lock(&self.mode), TrackingMode::Data) {
-            self.persist_dirty().map_err(|_| Errno::Io)?;
-        }
-        d.disk
-            .device
-            .flush()
-            .map_err(|e| Errno::from_code(e.errno()).unwrap_or(Errno::Io))?;
-        self.barriers.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
-
-    fn persist_dirty(&self) -> Result<(), BitmapError> {
-        let _persist = lock(&self.persist);
-        let work: Vec<(Vec<(usize, u8)>, BitmapWriter)> = {
-            let mut maps = lock(&self.maps);
-            maps.dirty
-                .iter_mut()
-                .map(|b| Ok((b.take_unwritten(), b.writer()?)))
-                .collect::<Result<_, BitmapError>>()?
-        };
-        for (bytes, writer) in work {
-            writer.write_bytes(&bytes, true)?;
-        }
+        self.end_barrier(disk, epoch);
         Ok(())
     }
 
@@ -803,7 +885,8 @@ impl Group {
     pub fn marker(&self, label: &Label, app_consistent: bool) -> Result<u64, String> {
         self.check_running()
             .map_err(|_| "the tracker is still starting".to_string())?;
-        if !matches!(*lock(&self.mode), TrackingMode::Data) {
+        let t = &*self.tracking;
+        if !matches!(*lock(&t.mode), TrackingMode::Data) {
             return Err(
                 "the group is in bitmap mode: no recovery point can be marked until a resync"
                     .into(),
@@ -813,29 +896,40 @@ impl Group {
         entry
             .validate()
             .map_err(|e| format!("invalid label: {e}"))?;
-        let seq = lock(&self.log).append(&entry).map_err(|e| e.to_string())?;
-        let barrier = lock(&self.log)
-            .append(&Entry::barrier(now_ns()))
-            .map_err(|e| e.to_string())?;
-        self.make_durable(barrier).map_err(|e| e.to_string())?;
+        let (seq, barrier) = {
+            let mut log = lock(&t.log);
+            let seq = log.append(&entry).map_err(|e| e.to_string())?;
+            let barrier = log
+                .append(&Entry::barrier(now_ns()))
+                .map_err(|e| e.to_string())?;
+            t.unwritten.store(log.unwritten_bytes(), Ordering::SeqCst);
+            (seq, barrier)
+        };
+        self.committer
+            .wait_durable(barrier)
+            .map_err(|_| "the change log failed while making the marker durable".to_string())?;
         Ok(seq)
     }
 
     /// A final barrier on every disk, then a clean stop recorded: the next
-    /// open needs no resync.
+    /// open needs no resync. The committer stops; the group takes no more
+    /// requests.
     pub fn close_clean(&self) -> Result<(), String> {
         if !self.running.load(Ordering::Acquire) {
             // Nothing was served: the state file already says stopped.
+            self.committer.stop();
             return Ok(());
         }
         for id in 0..self.disks.len() as u32 {
             self.barrier(id)
                 .map_err(|e| format!("final barrier: {e:?}"))?;
         }
+        self.committer.stop();
+        let t = &*self.tracking;
         {
-            let _persist = lock(&self.persist);
-            let mut maps = lock(&self.maps);
-            if matches!(*lock(&self.mode), TrackingMode::Data) {
+            let _persist = lock(&t.persist);
+            let mut maps = lock(&t.maps);
+            if matches!(*lock(&t.mode), TrackingMode::Data) {
                 for act in &mut maps.activity {
                     act.map.clear_all();
                 }
@@ -848,9 +942,9 @@ impl Group {
                     .map_err(|e| e.to_string())?;
             }
         }
-        self.persist_dirty().map_err(|e| e.to_string())?;
-        let last_seq = lock(&self.log).durable_seq();
-        let mut state = lock(&self.state);
+        t.persist_dirty().map_err(|e| e.to_string())?;
+        let last_seq = lock(&t.log).durable_seq();
+        let mut state = lock(&t.state);
         state.running = false;
         state.last_seq = Some(last_seq);
         state.save_in_place().map_err(|e| e.to_string())
@@ -858,8 +952,9 @@ impl Group {
 
     /// The group's state, for `status`.
     pub fn status(&self) -> GroupStatus {
+        let t = &*self.tracking;
         let (next_seq, durable_seq, log_bytes, log_limit, generation) = {
-            let log = lock(&self.log);
+            let log = lock(&t.log);
             (
                 log.next_seq(),
                 log.durable_seq(),
@@ -868,9 +963,11 @@ impl Group {
                 log.generation(),
             )
         };
-        let maps = lock(&self.maps);
+        // The mode before the maps: the order `record` takes them in.
+        let mode = lock(&t.mode).clone();
+        let maps = lock(&t.maps);
         GroupStatus {
-            mode: lock(&self.mode).clone(),
+            mode,
             generation,
             next_seq,
             durable_seq,
@@ -915,6 +1012,7 @@ impl Group {
     pub fn record_resync_all(&self, name: &str) -> Result<Option<u64>, String> {
         self.check_running()
             .map_err(|_| "the tracker is still starting".to_string())?;
+        let t = &*self.tracking;
         let id = self
             .disks
             .iter()
@@ -924,28 +1022,36 @@ impl Group {
         if size == 0 {
             return Ok(None);
         }
-        if matches!(*lock(&self.mode), TrackingMode::Data) {
+        if matches!(*lock(&t.mode), TrackingMode::Data) {
             let entry = Entry::resync_needed(id as u32, 0, size, now_ns());
             let appended = {
-                let mut log = lock(&self.log);
-                log.append(&entry)
-                    .and_then(|seq| Ok((seq, log.append(&Entry::barrier(now_ns()))?)))
-            }
-            .and_then(|(seq, barrier)| self.make_durable(barrier).map(|()| seq));
+                let mut log = lock(&t.log);
+                let appended = log
+                    .append(&entry)
+                    .and_then(|seq| Ok((seq, log.append(&Entry::barrier(now_ns()))?)));
+                t.unwritten.store(log.unwritten_bytes(), Ordering::SeqCst);
+                appended
+            };
             match appended {
-                Ok(seq) => return Ok(Some(seq)),
-                Err(e) => self.enter_bitmap_mode(&e),
+                Ok((seq, barrier)) => {
+                    if self.committer.wait_durable(barrier).is_ok() {
+                        return Ok(Some(seq));
+                    }
+                    // The log failed meanwhile: the dirty bitmap holds it.
+                }
+                Err(e) => t.enter_bitmap_mode(&e),
             }
         }
         {
-            let mut maps = lock(&self.maps);
+            let mut maps = lock(&t.maps);
             let bits = &mut maps.dirty[id];
             for i in bits.extents(0, size) {
                 bits.set(i);
             }
         }
-        self.persist_dirty()
-            .map_err(|e| format!("recording the disk in the dirty bitmap: {e}"))?;
+        self.committer
+            .wait_dirty(self.committer.want_dirty())
+            .map_err(|_| "recording the disk in the dirty bitmap failed".to_string())?;
         Ok(None)
     }
 
@@ -954,7 +1060,9 @@ impl Group {
         self.disks.iter().map(|d| d.disk.name.clone()).collect()
     }
 
-    /// One tracked modification: lock, mark hot, apply, record, release.
+    /// One tracked modification on the calling thread, blocking: lock,
+    /// mark hot, apply, record, release (the synchronous engine; the event
+    /// loops do the same steps without blocking, in `write_path`).
     fn modify(
         &self,
         disk: u32,
@@ -968,24 +1076,216 @@ impl Group {
         self.check_running()?;
         let d = self.disk(disk)?;
         {
-            let _range = d.locks.lock(offset, len);
-            self.mark_hot(disk, offset, len)?;
+            let range = d.locks.lock(offset, len);
+            if let Some(ticket) = self.mark_hot(disk, offset, len) {
+                if self.committer.wait_maps(ticket).is_err() {
+                    tracing::error!("persisting the activity map failed; failing the write");
+                    self.release_hot(disk, offset, len, u64::MAX);
+                    drop(range);
+                    self.wake_parked();
+                    return Err(Errno::Io);
+                }
+            }
             if let Err(e) = apply(d.disk.device.as_ref()) {
                 // Nothing was recorded: the write failed and is reported so.
                 // The extent stays hot, so a resync re-reads it after a crash.
                 self.release_hot(disk, offset, len, u64::MAX);
-                return Err(Errno::from_code(e.errno()).unwrap_or(Errno::Io));
+                drop(range);
+                self.wake_parked();
+                return Err(errno_of(&e));
             }
-            let seq = self.track(disk, &entry);
+            let seq = loop {
+                match self.record(disk, &entry) {
+                    Recorded::Logged(seq) => break seq,
+                    Recorded::Dirty => break 0,
+                    Recorded::NoRoom => {
+                        self.committer.nudge();
+                        std::thread::sleep(std::time::Duration::from_micros(200));
+                    }
+                }
+            };
             self.release_hot(disk, offset, len, seq);
+            drop(range);
+            // Event-loop requests may be parked on this range.
+            self.wake_parked();
         }
-        self.writes.fetch_add(1, Ordering::Relaxed);
         if fua {
             self.barrier(disk)?;
         }
-        // Atomic buckets: no lock is taken in the I/O path.
-        self.write_latency.observe(started.elapsed());
+        let bytes = if entry.kind == tidemark_changelog::Kind::Write {
+            len
+        } else {
+            0
+        };
+        self.count_write(started, Instant::now(), bytes);
         Ok(())
+    }
+}
+
+impl Tracking {
+    /// The log's unwritten bytes (see [`ChangeLog::unwritten_bytes`]).
+    pub(crate) fn unwritten_bytes(&self) -> usize {
+        self.unwritten.load(Ordering::SeqCst)
+    }
+
+    /// One step of the log's I/O for the committer: takes it under the
+    /// log's lock, runs it without.
+    pub(crate) fn log_step(&self, sync_target: Option<u64>) -> LogStep {
+        let (io, durable_before) = {
+            let mut log = lock(&self.log);
+            (log.take_io(sync_target, true), log.durable_seq())
+        };
+        let Some(mut io) = io else {
+            return LogStep::Idle;
+        };
+        let result = io.run();
+        let mut log = lock(&self.log);
+        let outcome = log.complete_io(io, result);
+        self.unwritten
+            .store(log.unwritten_bytes(), Ordering::SeqCst);
+        let (durable, watermark) = (log.durable_seq(), log.durable_watermark());
+        drop(log);
+        match outcome {
+            Ok(()) if durable > durable_before => LogStep::Synced { durable, watermark },
+            Ok(()) => LogStep::Wrote,
+            Err(e) => {
+                self.log_failed(&e);
+                LogStep::Failed
+            }
+        }
+    }
+
+    /// The log failed: bitmap mode, and every hot extent, which may hold
+    /// records the log lost, set in the dirty bitmap and persisted.
+    fn log_failed(&self, cause: &AppendError) {
+        tracing::error!(error = %cause, "the change log failed");
+        self.enter_bitmap_mode(cause);
+        {
+            let mut maps = lock(&self.maps);
+            let Maps { activity, dirty } = &mut *maps;
+            for (act, bits) in activity.iter().zip(dirty.iter_mut()) {
+                let granularity = act.map.granularity();
+                for i in 0..act.map.len() {
+                    if act.map.get(i) {
+                        for d in bits.extents(i * granularity, granularity) {
+                            bits.set(d);
+                        }
+                    }
+                }
+            }
+        }
+        if let Err(e) = self.persist_dirty() {
+            tracing::error!(error = %e, "persisting the dirty bitmap after the log failed");
+        }
+    }
+
+    fn enter_bitmap_mode(&self, cause: &AppendError) {
+        let mut mode = lock(&self.mode);
+        if let TrackingMode::Bitmap { .. } = *mode {
+            return;
+        }
+        let reason = match cause {
+            AppendError::Overflow { limit } => {
+                format!("{OVERFLOW_REASON} of {limit} bytes")
+            }
+            other => format!("the change log failed: {other}"),
+        };
+        tracing::warn!(%reason, "switching to bitmap mode: writes go on, a checksum resync will follow");
+        *mode = TrackingMode::Bitmap {
+            reason: reason.clone(),
+        };
+        drop(mode);
+        let mut state = lock(&self.state);
+        state.bitmap_reason = Some(reason);
+        if let Err(e) = state.save_in_place() {
+            tracing::error!(error = %e, "recording bitmap mode in the state file failed");
+        }
+    }
+
+    /// Writes and syncs the activity maps: every bit set in memory is
+    /// durable afterwards (for the committer).
+    pub(crate) fn persist_activity(&self) -> Result<(), BitmapError> {
+        let _persist = lock(&self.persist);
+        let mut work = Vec::new();
+        {
+            let mut maps = lock(&self.maps);
+            for (disk, act) in maps.activity.iter_mut().enumerate() {
+                let bytes = act.map.take_unwritten();
+                if bytes.is_empty() {
+                    continue;
+                }
+                // Bits being cleared stop counting as durable right now, so
+                // no write relies on a bit that is about to be written as
+                // zero.
+                let mut covered = Vec::new();
+                for &(byte, value) in &bytes {
+                    for bit in 0..8u64 {
+                        let i = byte as u64 * 8 + bit;
+                        if i >= act.map.len() {
+                            break;
+                        }
+                        if value & (1 << bit) != 0 {
+                            covered.push(i);
+                        } else {
+                            act.durable[i as usize] = false;
+                        }
+                    }
+                }
+                work.push((disk, bytes, act.map.writer()?, covered));
+            }
+        }
+        for (disk, bytes, writer, covered) in work {
+            writer.write_bytes(&bytes, true)?;
+            let mut maps = lock(&self.maps);
+            let act = &mut maps.activity[disk];
+            for i in covered {
+                if act.map.get(i) {
+                    act.durable[i as usize] = true;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes and syncs the dirty bitmaps.
+    pub(crate) fn persist_dirty(&self) -> Result<(), BitmapError> {
+        let _persist = lock(&self.persist);
+        let work: Vec<_> = {
+            let mut maps = lock(&self.maps);
+            maps.dirty
+                .iter_mut()
+                .map(|b| Ok((b.take_unwritten(), b.writer()?)))
+                .collect::<Result<_, BitmapError>>()?
+        };
+        for (bytes, writer) in work {
+            writer.write_bytes(&bytes, true)?;
+        }
+        Ok(())
+    }
+
+    /// Clears hot extents whose every write is at or below the log's
+    /// durable `watermark` (a crash recovery never cuts those) and on the
+    /// device (a flush started after the write completed has finished),
+    /// and none is in flight. Lazy: the cleared bits reach the disk with
+    /// the next map write; a stale set bit only costs a resync.
+    pub(crate) fn cool(&self, watermark: u64) {
+        if !matches!(*lock(&self.mode), TrackingMode::Data) {
+            return;
+        }
+        let mut maps = lock(&self.maps);
+        for (act, flushes) in maps.activity.iter_mut().zip(&self.flushes) {
+            let flushed = flushes.done.load(Ordering::SeqCst);
+            for i in 0..act.map.len() {
+                let u = i as usize;
+                if act.map.get(i)
+                    && act.inflight[u] == 0
+                    && act.last_seq[u] <= watermark
+                    && act.epoch[u] < flushed
+                {
+                    act.map.clear(i);
+                }
+            }
+        }
     }
 }
 
@@ -1016,10 +1316,7 @@ impl Backend for Group {
 
     fn read(&self, disk: u32, offset: u64, buf: &mut [u8]) -> Result<(), Errno> {
         let d = self.disk(disk)?;
-        d.disk
-            .device
-            .read_at(buf, offset)
-            .map_err(|e| Errno::from_code(e.errno()).unwrap_or(Errno::Io))
+        d.disk.device.read_at(buf, offset).map_err(|e| errno_of(&e))
     }
 
     fn write(&self, disk: u32, offset: u64, data: &[u8], fua: bool) -> Result<(), Errno> {
@@ -1031,10 +1328,7 @@ impl Backend for Group {
             fua,
             |dev| dev.write_at(data, offset),
             entry,
-        )?;
-        self.bytes_written
-            .fetch_add(data.len() as u64, Ordering::Relaxed);
-        Ok(())
+        )
     }
 
     fn write_zeroes(

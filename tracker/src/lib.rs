@@ -6,17 +6,21 @@
 
 pub mod backend;
 pub mod bitmap;
+pub mod commit;
 pub mod control;
 pub mod daemon;
 pub mod dm;
 pub mod group;
 pub mod kernel_attach;
 pub mod nbd;
+pub mod queue;
 pub mod quiesce;
 pub mod range_lock;
 pub mod recover;
+mod ring;
 pub mod server;
 pub mod splice;
 pub mod state;
 pub mod storage;
 pub mod ublk;
+pub mod write_path;

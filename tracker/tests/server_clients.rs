@@ -224,7 +224,7 @@ fn qemu_img_and_qemu_io_over_tcp_and_the_default_export() {
     let ListenAddr::Tcp(addr) = server.addr().clone() else {
         panic!("a TCP address")
     };
-    let handle = server.serve(backend.clone());
+    let handle = server.serve(backend.clone()).unwrap();
     let named = format!("nbd://127.0.0.1:{}/disk", addr.port());
     let default = format!("nbd://127.0.0.1:{}", addr.port());
     qemu_io(&named, &["write -P 0x42 512 1k", "read -P 0x42 512 1k"]);

@@ -72,12 +72,12 @@ fn socket_is_private_from_the_start_and_never_stolen() {
 fn unusable_options_are_refused_at_bind() {
     let dir = tempfile::tempdir().unwrap();
     let options = ServerOptions {
-        workers: 0,
+        max_in_flight: 0,
         ..ServerOptions::default()
     };
     let error = Server::bind_unix(dir.path().join("s"), options)
         .err()
-        .expect("zero workers");
+        .expect("no request may ever be in flight");
     assert_eq!(error.kind(), ErrorKind::InvalidInput);
     assert!(!dir.path().join("s").exists());
 }
@@ -591,7 +591,7 @@ fn tcp_listener_serves_the_same_protocol() {
         panic!("a TCP address")
     };
     assert_ne!(addr.port(), 0);
-    let handle = server.serve(backend.clone());
+    let handle = server.serve(backend.clone()).unwrap();
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -612,22 +612,21 @@ fn tcp_listener_serves_the_same_protocol() {
 }
 
 #[test]
-fn a_client_that_stops_reading_replies_holds_one_worker_then_is_dropped() {
+fn a_client_that_stops_reading_replies_stalls_only_itself_then_is_dropped() {
     let options = ServerOptions {
-        workers: 2,
         reply_timeout: Duration::from_secs(3),
         ..ServerOptions::default()
     };
     let server = TestServer::start_with(one_disk(4 * MIB), options);
     // 64 reads of 1 MiB whose replies are never read: the socket fills and
-    // the worker writing for this connection blocks.
+    // the connection's loop waits for it.
     let (mut stalled, _, _) = RawClient::go(&server.socket, "disk", false);
     for cookie in 0..64 {
         stalled.read(cookie, 0, MIB as u32);
     }
     std::thread::sleep(Duration::from_millis(300));
 
-    // The other worker still serves everyone else, promptly.
+    // Every other connection is still served, promptly.
     let (mut client, _, _) = RawClient::go(&server.socket, "disk", false);
     let started = Instant::now();
     for round in 0..20u64 {

@@ -1,39 +1,28 @@
-//! One client connection: the handshake, then the transmission phase's
-//! reading side, on the connection's own thread.
+//! One client connection: the handshake, then the transmission phase, on
+//! the connection's own thread.
 //!
 //! The handshake runs with blocking I/O under one deadline for the whole
-//! negotiation, so a client that trickles bytes cannot hold the thread. In
-//! transmission the thread reads request headers, validates them, reads a
-//! write's payload in full, and hands the request to the worker pool; it
-//! answers refused requests itself. Before reading the data of a request
-//! it takes an in-flight slot, so a connection never holds more than
-//! [`ServerOptions::max_in_flight`] requests or (beyond a single request)
-//! [`ServerOptions::max_in_flight_bytes`] of buffers.
-//!
-//! However the connection ends (DISC, EOF, garbage, server shutdown), the
-//! thread stops reading, waits until every request it dispatched has been
-//! answered, and only then closes the socket.
+//! negotiation, so a client that trickles bytes cannot hold the thread.
+//! The transmission phase is the connection's event loop
+//! ([`super::event_loop`]).
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use crate::backend::Backend;
-use crate::nbd::constants::{Errno, TransmissionFlags};
+use crate::nbd::constants::TransmissionFlags;
 use crate::nbd::export::{BlockSizes, ExportCatalog, ExportInfo};
 use crate::nbd::handshake::{
     AwaitClientFlags, HandshakeError, Negotiated, OptionHeader, OptionOutcome, CLIENT_FLAGS_LEN,
     OPTION_HEADER_LEN,
 };
-use crate::nbd::transmission::{
-    Command, ErrorReply, FramingError, Recovery, RequestError, RequestHeader, REQUEST_HEADER_LEN,
-};
+use crate::nbd::transmission::{FramingError, RequestError};
 
+use super::event_loop::{self, LoopEnd};
 use super::listener::Stream;
-use super::reply::{Outbox, OutgoingReply};
-use super::worker::{lock, Job, Payload};
-use super::{ServerOptions, Shared};
+use super::{Frontend, ServerOptions, Shared};
 
 /// Why a connection ended; for the log.
 #[derive(Debug)]
@@ -87,100 +76,6 @@ impl Ended {
     }
 }
 
-/// The part of a connection that workers share with its reading thread.
-pub(crate) struct Connection {
-    /// For the log.
-    pub(crate) id: u64,
-    /// The disk (index into [`Backend::exports`]) the client chose.
-    pub(crate) disk: u32,
-    /// Whether replies with data must be structured.
-    pub(crate) structured_replies: bool,
-    /// What performs the requests.
-    pub(crate) backend: Arc<dyn Backend>,
-    /// Where replies go.
-    pub(crate) outbox: Outbox,
-    in_flight: Mutex<InFlight>,
-    /// Signalled whenever a slot is released.
-    released: Condvar,
-    max_requests: usize,
-    max_bytes: u64,
-}
-
-#[derive(Default)]
-struct InFlight {
-    requests: usize,
-    bytes: u64,
-}
-
-/// One request in flight on a connection; dropping it (after the reply
-/// is written) frees the slot.
-pub(crate) struct InFlightSlot {
-    conn: Arc<Connection>,
-    bytes: u64,
-}
-
-impl InFlightSlot {
-    /// The connection the request came on.
-    pub(crate) fn connection(&self) -> &Arc<Connection> {
-        &self.conn
-    }
-}
-
-impl Drop for InFlightSlot {
-    fn drop(&mut self) {
-        let mut in_flight = lock(&self.conn.in_flight);
-        in_flight.requests -= 1;
-        in_flight.bytes -= self.bytes;
-        drop(in_flight);
-        self.conn.released.notify_all();
-    }
-}
-
-impl Connection {
-    /// Takes a slot for a request needing `bytes` of data buffers, waiting
-    /// while the connection is at its limits. A request larger than the
-    /// byte budget still runs, alone.
-    fn acquire(self: &Arc<Self>, bytes: u64) -> InFlightSlot {
-        let mut in_flight = lock(&self.in_flight);
-        while in_flight.requests >= self.max_requests
-            || (in_flight.requests > 0 && in_flight.bytes.saturating_add(bytes) > self.max_bytes)
-        {
-            in_flight = self
-                .released
-                .wait(in_flight)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
-        in_flight.requests += 1;
-        in_flight.bytes += bytes;
-        InFlightSlot {
-            conn: Arc::clone(self),
-            bytes,
-        }
-    }
-
-    /// Waits until every dispatched request has been answered.
-    fn wait_idle(&self) {
-        let mut in_flight = lock(&self.in_flight);
-        while in_flight.requests > 0 {
-            in_flight = self
-                .released
-                .wait(in_flight)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
-    }
-
-    fn is_broken(&self) -> bool {
-        self.outbox.is_broken()
-    }
-
-    /// Sends the error reply for `cookie` in the form the connection needs.
-    pub(crate) fn send_error(&self, cookie: u64, errno: Errno, slot: InFlightSlot) {
-        let reply = ErrorReply::new(cookie, errno, self.structured_replies);
-        self.outbox
-            .send(OutgoingReply::new(reply.as_bytes(), Vec::new(), slot));
-    }
-}
-
 /// The session and disk id of `export` for a client that skips the
 /// handshake (the kernel attached over netlink): the export as this server
 /// advertises it, flags as a connection without structured replies sees
@@ -203,17 +98,26 @@ pub(crate) fn run_negotiated(
     stream: Stream,
     session: Negotiated,
     disk: u32,
-    backend: Arc<dyn Backend>,
-    shared: Arc<Shared>,
+    frontend: &Frontend,
+    shared: &Shared,
 ) {
     tracing::debug!(conn = id, export = %session.export.name, "transmission without handshake");
-    serve(id, stream, session, disk, backend, shared);
+    serve(id, stream, session, disk, frontend, shared);
 }
 
-/// Serves one connection from handshake to close.
-pub(crate) fn run(id: u64, mut stream: Stream, backend: Arc<dyn Backend>, shared: Arc<Shared>) {
-    match handshake(&mut stream, &*backend, &shared.options) {
+/// Serves one connection from handshake to close; `handshaken` is set once
+/// the client is past the handshake (it is then never dropped to make
+/// room for a newcomer).
+pub(crate) fn run(
+    id: u64,
+    mut stream: Stream,
+    frontend: &Frontend,
+    shared: &Shared,
+    handshaken: &AtomicBool,
+) {
+    match handshake(&mut stream, &*frontend.backend, &shared.options) {
         Ok((session, disk)) => {
+            handshaken.store(true, Ordering::SeqCst);
             tracing::debug!(
                 conn = id,
                 export = %session.export.name,
@@ -221,31 +125,31 @@ pub(crate) fn run(id: u64, mut stream: Stream, backend: Arc<dyn Backend>, shared
                 block_status = session.base_allocation.is_some(),
                 "transmission"
             );
-            serve(id, stream, session, disk, backend, shared);
+            serve(id, stream, session, disk, frontend, shared);
         }
-        Err(end) => finish(id, &stream, end, &shared),
+        Err(end) => finish(id, &stream, end, shared),
     }
 }
 
 /// The transmission phase of a negotiated connection, then its close.
 fn serve(
     id: u64,
-    mut stream: Stream,
+    stream: Stream,
     session: Negotiated,
     disk: u32,
-    backend: Arc<dyn Backend>,
-    shared: Arc<Shared>,
+    frontend: &Frontend,
+    shared: &Shared,
 ) {
-    let end = transmission(
-        id,
-        stream.try_clone(),
-        &mut stream,
-        session,
-        disk,
-        backend,
-        &shared,
-    );
-    finish(id, &stream, end, &shared);
+    let end = match event_loop::run(id, &stream, &session, disk, frontend, shared) {
+        LoopEnd::ClientClosed => Ended::ClientClosed,
+        LoopEnd::Disconnected => Ended::Disconnected,
+        LoopEnd::Stopping => Ended::Stopping,
+        LoopEnd::Framing(error) => Ended::Framing(error),
+        LoopEnd::OversizedWrite(error) => Ended::OversizedWrite(error),
+        LoopEnd::ReplyFailed => Ended::ReplyFailed,
+        LoopEnd::Io(error) => Ended::from_io(error),
+    };
+    finish(id, &stream, end, shared);
 }
 
 /// Logs why a connection ended and closes its socket.
@@ -443,153 +347,6 @@ fn write_before(stream: &mut Stream, buf: &[u8], deadline: Instant) -> Result<()
             Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
             Err(error) => return Err(Ended::from_io(error)),
         }
-    }
-    Ok(())
-}
-
-/// The transmission phase: read requests until the connection ends, then
-/// wait for the requests in flight to be answered.
-fn transmission(
-    id: u64,
-    writer: io::Result<Stream>,
-    reader: &mut Stream,
-    session: Negotiated,
-    disk: u32,
-    backend: Arc<dyn Backend>,
-    shared: &Shared,
-) -> Ended {
-    // An idle client is normal (the kernel keeps its connection for as long
-    // as the device exists), so reads wait forever; the server's shutdown
-    // wakes them. A client that stops reading its replies is dropped after
-    // the reply timeout, so it cannot hold the shared workers.
-    let setup = writer.and_then(|writer| {
-        reader.set_read_timeout(None)?;
-        writer.set_write_timeout(Some(shared.options.reply_timeout))?;
-        Ok(writer)
-    });
-    let writer = match setup {
-        Ok(writer) => writer,
-        Err(error) => return Ended::Io(error),
-    };
-    let conn = Arc::new(Connection {
-        id,
-        disk,
-        structured_replies: session.structured_replies,
-        backend,
-        outbox: Outbox::new(
-            writer,
-            Arc::clone(&shared.buffers),
-            shared.options.reply_timeout,
-            id,
-        ),
-        in_flight: Mutex::new(InFlight::default()),
-        released: Condvar::new(),
-        max_requests: shared.options.max_in_flight,
-        max_bytes: shared.options.max_in_flight_bytes,
-    });
-    let end = serve_requests(&conn, reader, &session, shared);
-    conn.wait_idle();
-    end
-}
-
-/// Reads, validates and dispatches requests until the connection ends.
-fn serve_requests(
-    conn: &Arc<Connection>,
-    reader: &mut Stream,
-    session: &Negotiated,
-    shared: &Shared,
-) -> Ended {
-    let mut header = [0; REQUEST_HEADER_LEN];
-    loop {
-        if shared.is_stopping() {
-            return Ended::Stopping;
-        }
-        if conn.is_broken() {
-            return Ended::ReplyFailed;
-        }
-        match read_request_header(reader, &mut header) {
-            Ok(true) => {}
-            Ok(false) => return Ended::ClientClosed,
-            Err(error) => return Ended::from_io(error),
-        }
-        let request = match RequestHeader::decode(&header) {
-            Ok(request) => request,
-            Err(error) => return Ended::Framing(error),
-        };
-        let command = match request.validate(session) {
-            Ok(Command::Disconnect) => return Ended::Disconnected,
-            Ok(command) => command,
-            Err(rejection) => {
-                tracing::debug!(conn = conn.id, reason = %rejection.reason, "request refused");
-                match rejection.recovery {
-                    Recovery::Reply => {}
-                    Recovery::DiscardThenReply { payload } => {
-                        if let Err(error) = discard(reader, payload) {
-                            return Ended::from_io(error);
-                        }
-                    }
-                    Recovery::Close => {
-                        let slot = conn.acquire(0);
-                        conn.send_error(request.cookie, rejection.errno(), slot);
-                        return Ended::OversizedWrite(rejection.reason);
-                    }
-                }
-                // A refusal is in flight too, until its reply is written: a
-                // DISC right after it must not close the socket first.
-                let slot = conn.acquire(0);
-                conn.send_error(request.cookie, rejection.errno(), slot);
-                continue;
-            }
-        };
-        let (buffer_bytes, payload_len) = match command {
-            Command::Read { length, .. } => (length, 0),
-            Command::Write { length, .. } => (length, length),
-            _ => (0, 0),
-        };
-        let slot = conn.acquire(u64::from(buffer_bytes));
-        let mut payload = Payload::empty();
-        if payload_len > 0 {
-            // Read in full below before anything reads it: no zeroing.
-            payload = shared
-                .buffers
-                .take_payload(usize::try_from(payload_len).unwrap_or(usize::MAX));
-            if let Err(error) = reader.read_exact(payload.as_mut_slice()) {
-                // A write whose data never fully arrived is not performed.
-                shared.buffers.give_back_payload(payload);
-                return Ended::from_io(error);
-            }
-        }
-        shared.queue.push(Job {
-            slot,
-            cookie: request.cookie,
-            command,
-            payload,
-        });
-    }
-}
-
-/// Reads a request header: `Ok(false)` if the client closed the socket
-/// cleanly before its first byte.
-fn read_request_header(reader: &mut Stream, header: &mut [u8]) -> io::Result<bool> {
-    let mut filled = 0;
-    while filled < header.len() {
-        match reader.read(&mut header[filled..]) {
-            Ok(0) if filled == 0 => return Ok(false),
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(read) => filled += read,
-            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-            Err(error) => return Err(error),
-        }
-    }
-    Ok(true)
-}
-
-/// Reads and drops the payload of a refused write.
-fn discard(reader: &mut Stream, payload: u32) -> io::Result<()> {
-    let wanted = u64::from(payload);
-    let copied = io::copy(&mut Read::by_ref(reader).take(wanted), &mut io::sink())?;
-    if copied < wanted {
-        return Err(io::ErrorKind::UnexpectedEof.into());
     }
     Ok(())
 }

@@ -13,7 +13,7 @@ use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt}
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Where a server listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -140,10 +140,19 @@ impl Stream {
         }
     }
 
-    fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
+    pub(crate) fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
         match self {
             Self::Unix(stream) => stream.set_nonblocking(nonblocking),
             Self::Tcp(stream) => stream.set_nonblocking(nonblocking),
+        }
+    }
+}
+
+impl std::os::fd::AsRawFd for Stream {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        match self {
+            Self::Unix(stream) => stream.as_raw_fd(),
+            Self::Tcp(stream) => stream.as_raw_fd(),
         }
     }
 }
@@ -175,56 +184,6 @@ impl Write for Stream {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
-}
-
-/// Writes every byte of `slices` within `limit`, gathering them into as
-/// few system calls as the socket allows. The slices are consumed on the
-/// way.
-///
-/// The stream's write timeout must already be `limit`: a reply that fits
-/// the socket buffer costs no extra system call. Only after a partial write
-/// is the timeout cut to what is left of `limit` (and restored after), so
-/// a client reading a byte now and then cannot stretch one reply forever.
-pub(crate) fn write_all_within(
-    out: &mut Stream,
-    slices: &mut [IoSlice<'_>],
-    limit: Duration,
-) -> io::Result<()> {
-    let deadline = Instant::now() + limit;
-    let mut rest = slices;
-    // Skip empty slices up front, so an all-empty reply writes nothing.
-    IoSlice::advance_slices(&mut rest, 0);
-    let mut shortened = false;
-    let result = loop {
-        if rest.is_empty() {
-            break Ok(());
-        }
-        match out.write_vectored(rest) {
-            Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
-            Ok(written) => {
-                IoSlice::advance_slices(&mut rest, written);
-                if !rest.is_empty() {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        break Err(io::ErrorKind::TimedOut.into());
-                    }
-                    if let Err(error) = out.set_write_timeout(Some(left)) {
-                        break Err(error);
-                    }
-                    shortened = true;
-                }
-            }
-            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                break Err(io::ErrorKind::TimedOut.into());
-            }
-            Err(error) => break Err(error),
-        }
-    };
-    if shortened && result.is_ok() {
-        out.set_write_timeout(Some(limit))?;
-    }
-    result
 }
 
 /// Binds a unix socket at `path` that only its owner can connect to, or

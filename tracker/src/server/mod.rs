@@ -1,54 +1,52 @@
 //! The NBD server shell: sockets, threads and timeouts around the sans-IO
-//! protocol layer ([`crate::nbd`]), performing requests through a
-//! [`Backend`].
+//! protocol layer ([`crate::nbd`]) and a queue core ([`crate::queue`])
+//! that performs requests.
 //!
 //! # Threads
 //!
 //! ```text
 //!  accept thread ──► connection thread, one per client
 //!  (poll: listener,    handshake (blocking, one deadline for all of it),
-//!   stop waker)        then: read header → validate → take an in-flight slot
-//!                            → read a write's payload → push to the queue
-//!                                       │        (refusals answered here)
-//!                                       ▼
-//!                      request queue ──► worker pool, N threads
-//!                                        backend call → reply into the
-//!                                        connection's outbox; the one worker
-//!                                        writing for that connection sends it
-//!                                        whole → slot released
+//!   stop waker)        then the transmission phase: an event loop on the
+//!                      connection's own io_uring (`event_loop`): read
+//!                      requests, submit their device I/O, send replies;
+//!                      no hand-off to another thread per request
 //! ```
 //!
-//! - **Parallelism.** A client with 32 requests in flight gets up to
-//!   [`ServerOptions::workers`] backend calls at once. Replies go out in
-//!   completion order, which NBD allows; each is written header and data
-//!   together, in one gathered write, by one writer at a time per
-//!   connection. A worker finding another worker writing leaves its reply
-//!   in the outbox and moves on, so it never queues behind a slow socket.
+//! - **Parallelism.** A client with 32 requests in flight has 32 requests
+//!   in the kernel at once, submitted by its connection's loop in batches.
+//!   Replies go out in completion order, which NBD allows, each whole.
+//!   Connections of one group share the group's change log through a short
+//!   critical section and its committer thread (see [`crate::commit`]).
 //! - **Bounded memory.** Per connection at most
 //!   [`ServerOptions::max_in_flight`] requests and
-//!   [`ServerOptions::max_in_flight_bytes`] of data buffers (one larger
-//!   request may run alone). The connection thread takes a slot *before*
-//!   reading a write's payload, so a client that floods writes is simply not
-//!   read from. Small data buffers are pooled.
+//!   [`ServerOptions::max_in_flight_bytes`] of data buffers, and for all
+//!   connections together [`ServerOptions::budget`] (one larger request may
+//!   run alone; a connection holding nothing may run one request of up to
+//!   [`FLOOR_BYTES`] past a spent budget, within [`FLOOR_RESERVE`] for all).
+//!   A header is only taken off the stream once its request
+//!   fits, so a client that floods requests is simply not read from.
 //! - **Hostile clients.** The handshake has one deadline
-//!   ([`ServerOptions::handshake_timeout`]) however slowly bytes trickle in.
-//!   Garbage ends the connection (never a panic); refused writes have their
-//!   payload skipped or, when too large, the connection closed, as
+//!   ([`ServerOptions::handshake_timeout`]) however slowly bytes trickle in,
+//!   and when [`ServerOptions::max_connections`] is reached a new client
+//!   takes the place of the oldest one still in its handshake: clients that
+//!   connect and say nothing cannot lock real ones out. Garbage ends the
+//!   connection (never a panic); refused writes have their payload skipped
+//!   or, when too large, the connection closed, as
 //!   [`Recovery`](crate::nbd::transmission::Recovery) says. A client that
-//!   stops reading replies holds one worker (its connection's writer), and
-//!   only until [`ServerOptions::reply_timeout`], when it is dropped. A
-//!   panicking backend call costs one `EIO` reply. Connections share
-//!   nothing but the worker pool: one misbehaving client leaves the others
+//!   stops reading replies stalls only its own connection, and is dropped
+//!   when a reply makes no progress for [`ServerOptions::reply_timeout`].
+//!   Connections share no thread: one misbehaving client leaves the others
 //!   served.
 //! - **Ending a connection.** On `NBD_CMD_DISC`, EOF, garbage or shutdown
-//!   the connection thread stops reading, waits until every request it
-//!   dispatched has been answered, then closes the socket. A write whose
+//!   the loop stops reading, waits until every request it handed to its
+//!   queue has been answered, then closes the socket. A write whose
 //!   payload never fully arrived is never performed.
 //! - **Shutdown** ([`ServerHandle::shutdown`]): stop accepting, wake every
-//!   connection thread (`shutdown(SHUT_RD)`: requests already received are
-//!   still served, then the thread stops at the next request boundary), let
+//!   connection (`shutdown(SHUT_RD)`: requests already received are still
+//!   served, then the loop stops at the next request boundary), let
 //!   requests in flight finish and reply, close, join every thread, remove
-//!   the unix socket. When it returns, no backend call is running or will
+//!   the unix socket. When it returns, no request is running or will
 //!   start, so the daemon can write its final barrier.
 //!
 //! # What is offered
@@ -64,9 +62,8 @@
 //! code.
 
 mod connection;
+mod event_loop;
 mod listener;
-mod reply;
-mod worker;
 
 use std::io::{self, Write};
 use std::net::{Shutdown, ToSocketAddrs};
@@ -83,8 +80,15 @@ use nix::errno::Errno as SysErrno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::backend::Backend;
+use crate::group::Group;
+use crate::nbd::constants::ExtentStatus;
 use crate::nbd::export::BlockSizes;
+use crate::nbd::transmission::Extent;
+use crate::queue::{BlockingPool, Queue, QueueWaker};
+use crate::storage::BlockDevice;
+use crate::write_path::GroupQueue;
 
+pub use event_loop::{DataBudget, FLOOR_BYTES, FLOOR_RESERVE};
 pub use listener::ListenAddr;
 
 /// Binds a unix socket that only its owner can connect to (0600 from the
@@ -97,7 +101,15 @@ pub fn bind_private_unix(path: &Path) -> io::Result<std::os::unix::net::UnixList
     }
 }
 use listener::{Listener, SocketFile, Stream};
-use worker::{lock, BufferPool, RequestQueue};
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Nothing here leaves its data half-changed across a panic.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The default of [`ServerOptions::budget`]: data buffers in flight for all
+/// connections together.
+pub const DEFAULT_DATA_BUDGET: u64 = 64 << 20;
 
 /// The server's block size limits unless configured: byte-granular
 /// requests (what `qemu-io` and the kernel may send), 4 KiB preferred, and
@@ -110,19 +122,22 @@ pub const DEFAULT_BLOCK_SIZES: BlockSizes = match BlockSizes::new(1, 4096, 32 <<
 /// How the server behaves. Every field has a default ([`Default`]).
 #[derive(Clone, Debug)]
 pub struct ServerOptions {
-    /// Worker threads performing requests, shared by all connections.
-    /// Default 8.
-    pub workers: usize,
-    /// Most connections served at once; more are closed as they arrive.
-    /// Default 64.
+    /// Most connections served at once. At the limit, a new client takes
+    /// the place of the oldest connection still in its handshake; if there
+    /// is none, the new one is closed. Default 64.
     pub max_connections: usize,
     /// Most requests in flight per connection. Default 128.
     pub max_in_flight: usize,
     /// Most bytes of read and write data in flight per connection; a single
-    /// larger request still runs, alone. Default 256 MiB.
+    /// larger request still runs, alone. Default 64 MiB.
     pub max_in_flight_bytes: u64,
+    /// Data buffers in flight for every connection together (and every
+    /// server and ublk queue given the same budget): what bounds the
+    /// tracker's memory. Default [`DEFAULT_DATA_BUDGET`], a budget of the
+    /// server's own.
+    pub budget: Arc<DataBudget>,
     /// Time allowed for the whole handshake, from accept to transmission.
-    /// Default 30 s.
+    /// Default 10 s.
     pub handshake_timeout: Duration,
     /// Time one reply may take to be written, however slowly the client
     /// reads, before the client is considered gone and its connection
@@ -144,11 +159,11 @@ pub struct ServerOptions {
 impl Default for ServerOptions {
     fn default() -> Self {
         Self {
-            workers: 8,
             max_connections: 64,
             max_in_flight: 128,
-            max_in_flight_bytes: 256 << 20,
-            handshake_timeout: Duration::from_secs(30),
+            max_in_flight_bytes: 64 << 20,
+            budget: DataBudget::new(DEFAULT_DATA_BUDGET),
+            handshake_timeout: Duration::from_secs(10),
             reply_timeout: Duration::from_secs(30),
             block_sizes: DEFAULT_BLOCK_SIZES,
             default_export: None,
@@ -160,9 +175,7 @@ impl Default for ServerOptions {
 impl ServerOptions {
     /// Refuses options the server cannot work with (a configuration fault).
     fn validate(&self) -> io::Result<()> {
-        let problem = if self.workers == 0 {
-            "workers must be at least 1"
-        } else if self.max_connections == 0 {
+        let problem = if self.max_connections == 0 {
             "max_connections must be at least 1"
         } else if self.max_in_flight == 0 {
             "max_in_flight must be at least 1"
@@ -187,9 +200,85 @@ static ADOPTED_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64:
 /// What the server's threads share.
 pub(crate) struct Shared {
     pub(crate) options: ServerOptions,
-    stopping: AtomicBool,
-    pub(crate) queue: Arc<RequestQueue>,
-    pub(crate) buffers: Arc<BufferPool>,
+    pub(crate) stopping: AtomicBool,
+    pub(crate) budget: Arc<DataBudget>,
+}
+
+/// Makes the queue core of a new connection, woken through the waker.
+pub type QueueFactory =
+    dyn Fn(&Arc<QueueWaker>, std::time::Instant) -> Box<dyn Queue> + Send + Sync;
+
+/// What a server serves: the backend (exports, block status) and the
+/// queue core that performs a connection's requests.
+pub struct Frontend {
+    pub(crate) backend: Arc<dyn Backend>,
+    pub(crate) queues: Box<QueueFactory>,
+    /// The backing devices by disk id, for the loops' own device I/O.
+    pub(crate) devices: Vec<Arc<dyn BlockDevice>>,
+    /// Submit device reads, writes and flushes on the loops' rings.
+    pub(crate) use_ring: bool,
+}
+
+impl Frontend {
+    /// Any synchronous backend, its requests performed on a pool of
+    /// `threads` threads shared by every connection
+    /// ([`BlockingQueue`](crate::queue::BlockingQueue)).
+    pub fn blocking(backend: Arc<dyn Backend>, threads: usize) -> io::Result<Frontend> {
+        let pool = BlockingPool::start(Arc::clone(&backend), threads)?;
+        Ok(Frontend {
+            backend,
+            queues: Box::new(move |waker, _| Box::new(pool.queue(waker))),
+            devices: Vec::new(),
+            use_ring: false,
+        })
+    }
+
+    /// A consistency group through its write path ([`GroupQueue`]); with
+    /// `use_ring`, device I/O goes through each connection's io_uring,
+    /// otherwise through the synchronous engine on the connection's thread.
+    pub fn group(group: Arc<Group>, use_ring: bool) -> Frontend {
+        let devices = (0..group.disk_sizes().len() as u32)
+            .filter_map(|disk| group.device(disk).cloned())
+            .collect();
+        let backend: Arc<dyn Backend> = group.clone();
+        Frontend {
+            backend,
+            queues: Box::new(move |waker, now| {
+                Box::new(GroupQueue::new(Arc::clone(&group), Arc::clone(waker), now))
+            }),
+            devices,
+            use_ring,
+        }
+    }
+}
+
+/// Holds a backend's block-status answer to what the protocol allows: no
+/// zero-length extents, not past the requested range, one extent with
+/// `REQ_ONE`. An empty answer becomes "all data", which is always correct.
+pub(crate) fn clip_extents(extents: Vec<Extent>, length: u32, req_one: bool) -> Vec<Extent> {
+    let mut left = length;
+    let mut clipped = Vec::with_capacity(extents.len().min(if req_one { 1 } else { 1024 }));
+    for extent in extents {
+        if left == 0 || (req_one && !clipped.is_empty()) {
+            break;
+        }
+        if extent.length == 0 {
+            continue;
+        }
+        let take = extent.length.min(left);
+        clipped.push(Extent {
+            length: take,
+            status: extent.status,
+        });
+        left -= take;
+    }
+    if clipped.is_empty() {
+        clipped.push(Extent {
+            length,
+            status: ExtentStatus::EMPTY,
+        });
+    }
+    clipped
 }
 
 impl Shared {
@@ -205,7 +294,7 @@ pub struct Server {
     addr: ListenAddr,
     /// `None` only after `serve` handed it on.
     running: Option<Running>,
-    start: Option<Sender<Arc<dyn Backend>>>,
+    start: Option<Sender<Arc<Frontend>>>,
 }
 
 /// A serving server. [`shutdown`](Self::shutdown) stops it; dropping it
@@ -216,7 +305,7 @@ pub struct ServerHandle {
     running: Option<Running>,
     /// What performs requests, for connections handed in by
     /// [`adopt`](Self::adopt).
-    backend: Arc<dyn Backend>,
+    frontend: Arc<Frontend>,
 }
 
 /// Hands connections already in transmission to a running server; see
@@ -225,7 +314,7 @@ pub struct ServerHandle {
 pub struct Adopter {
     shared: Arc<Shared>,
     connections: Arc<Mutex<Vec<ConnectionEntry>>>,
-    backend: Arc<dyn Backend>,
+    frontend: Arc<Frontend>,
 }
 
 impl std::fmt::Debug for Adopter {
@@ -240,31 +329,35 @@ impl Adopter {
         if self.shared.is_stopping() {
             return Err(io::Error::other("the NBD server has stopped"));
         }
-        let (session, disk) =
-            connection::session_without_handshake(&*self.backend, &self.shared.options, export)
-                .ok_or_else(|| {
-                    io::Error::new(
-                        io::ErrorKind::NotFound,
-                        format!("no export named {export:?}"),
-                    )
-                })?;
+        let (session, disk) = connection::session_without_handshake(
+            &*self.frontend.backend,
+            &self.shared.options,
+            export,
+        )
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no export named {export:?}"),
+            )
+        })?;
         stream.set_nonblocking(false)?;
         let stream = Stream::Unix(stream);
         let waker = stream.try_clone()?;
         let id = ADOPTED_IDS.fetch_add(1, Ordering::Relaxed);
         let info = session.export.clone();
         let (done, ended) = mpsc::channel::<()>();
-        let backend = Arc::clone(&self.backend);
+        let frontend = Arc::clone(&self.frontend);
         let shared = Arc::clone(&self.shared);
         let thread = std::thread::Builder::new()
             .name(format!("nbd-conn-{id}"))
             .spawn(move || {
-                connection::run_negotiated(id, stream, session, disk, backend, shared);
+                connection::run_negotiated(id, stream, session, disk, &frontend, &shared);
                 drop(done);
             })?;
         lock(&self.connections).push(ConnectionEntry {
             stream: waker,
             thread,
+            handshake: None,
         });
         Ok(Adopted {
             export: info,
@@ -292,7 +385,6 @@ struct Running {
     waker: UnixStream,
     accept: Option<JoinHandle<()>>,
     connections: Arc<Mutex<Vec<ConnectionEntry>>>,
-    workers: Vec<JoinHandle<()>>,
     socket_file: Option<SocketFile>,
     stopped: bool,
 }
@@ -302,6 +394,18 @@ struct ConnectionEntry {
     /// Another handle to the client's socket, to wake its thread.
     stream: Stream,
     thread: JoinHandle<()>,
+    /// While the client is in its handshake: set by the connection once it
+    /// is past it, and when it started (the oldest goes first when a new
+    /// client needs the place).
+    handshake: Option<(Arc<AtomicBool>, std::time::Instant)>,
+}
+
+impl ConnectionEntry {
+    fn in_handshake(&self) -> bool {
+        self.handshake
+            .as_ref()
+            .is_some_and(|(done, _)| !done.load(Ordering::SeqCst))
+    }
 }
 
 impl Server {
@@ -330,17 +434,25 @@ impl Server {
         &self.addr
     }
 
-    /// Starts serving `backend`'s exports.
-    pub fn serve(mut self, backend: Arc<dyn Backend>) -> ServerHandle {
+    /// Starts serving a synchronous `backend`'s exports, its requests
+    /// performed on a pool of eight threads ([`Frontend::blocking`]).
+    /// Fails only if no thread can be started.
+    pub fn serve(self, backend: Arc<dyn Backend>) -> io::Result<ServerHandle> {
+        Ok(self.serve_frontend(Frontend::blocking(backend, 8)?))
+    }
+
+    /// Starts serving what `frontend` serves.
+    pub fn serve_frontend(mut self, frontend: Frontend) -> ServerHandle {
+        let frontend = Arc::new(frontend);
         if let Some(start) = self.start.take() {
             // The accept thread waits for exactly this; it only goes away
             // when the server stops, which has not happened.
-            let _ = start.send(Arc::clone(&backend));
+            let _ = start.send(Arc::clone(&frontend));
         }
         ServerHandle {
             addr: self.addr.clone(),
             running: self.running.take(),
-            backend,
+            frontend,
         }
     }
 
@@ -367,14 +479,10 @@ impl Server {
     ) -> io::Result<Self> {
         listener.set_nonblocking(true)?;
         let (waker, wakee) = UnixStream::pair()?;
-        let queue = Arc::new(RequestQueue::default());
-        let buffers = Arc::new(BufferPool::default());
-        let workers = worker::spawn_workers(options.workers, &queue, &buffers)?;
         let shared = Arc::new(Shared {
+            budget: Arc::clone(&options.budget),
             options,
             stopping: AtomicBool::new(false),
-            queue,
-            buffers,
         });
         let connections = Arc::new(Mutex::new(Vec::new()));
         let (start, started) = mpsc::channel();
@@ -390,7 +498,6 @@ impl Server {
             waker,
             accept: None,
             connections,
-            workers,
             socket_file: None,
             stopped: false,
         };
@@ -456,7 +563,7 @@ impl ServerHandle {
         Ok(Adopter {
             shared: Arc::clone(&running.shared),
             connections: Arc::clone(&running.connections),
-            backend: Arc::clone(&self.backend),
+            frontend: Arc::clone(&self.frontend),
         })
     }
 
@@ -506,11 +613,6 @@ impl Running {
         for entry in entries {
             let _ = entry.thread.join();
         }
-        // No connection is left to queue work; let the workers drain.
-        self.shared.queue.close();
-        for worker in self.workers.drain(..) {
-            let _ = worker.join();
-        }
     }
 }
 
@@ -519,11 +621,11 @@ impl Running {
 fn accept_loop(
     listener: &Listener,
     wakee: &UnixStream,
-    started: &Receiver<Arc<dyn Backend>>,
+    started: &Receiver<Arc<Frontend>>,
     shared: &Arc<Shared>,
     connections: &Mutex<Vec<ConnectionEntry>>,
 ) {
-    let Ok(backend) = started.recv() else {
+    let Ok(frontend) = started.recv() else {
         return;
     };
     let mut next_id = 0u64;
@@ -548,7 +650,7 @@ fn accept_loop(
             match listener.accept() {
                 Ok(stream) => {
                     next_id += 1;
-                    admit(next_id, stream, &backend, shared, connections);
+                    admit(next_id, stream, &frontend, shared, connections);
                 }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
                 Err(error)
@@ -572,7 +674,7 @@ fn accept_loop(
 fn admit(
     id: u64,
     stream: Stream,
-    backend: &Arc<dyn Backend>,
+    frontend: &Arc<Frontend>,
     shared: &Arc<Shared>,
     connections: &Mutex<Vec<ConnectionEntry>>,
 ) {
@@ -585,12 +687,37 @@ fn admit(
     for entry in finished {
         let _ = entry.thread.join();
     }
-    if entries.len() >= shared.options.max_connections {
-        tracing::warn!(
-            limit = shared.options.max_connections,
-            "too many NBD connections; closing a new one"
-        );
-        return;
+    let live = entries.iter().filter(|e| !e.thread.is_finished()).count();
+    if live >= shared.options.max_connections {
+        // Idle clients must not lock real ones out: the oldest connection
+        // still in its handshake makes room (its thread ends at once, and
+        // is joined at a later accept). Connections past the handshake are
+        // never dropped for a newcomer.
+        let oldest = entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.in_handshake() && !e.thread.is_finished())
+            .min_by_key(|(_, e)| e.handshake.as_ref().map(|(_, since)| *since))
+            .map(|(i, _)| i);
+        match oldest {
+            Some(i) => {
+                let entry = &mut entries[i];
+                tracing::info!(
+                    limit = shared.options.max_connections,
+                    "connection limit reached: dropping the oldest connection still in its handshake"
+                );
+                let _ = entry.stream.shutdown(Shutdown::Both);
+                // It no longer counts as a handshake to evict.
+                entry.handshake = None;
+            }
+            None => {
+                tracing::warn!(
+                    limit = shared.options.max_connections,
+                    "too many NBD connections; closing a new one"
+                );
+                return;
+            }
+        }
     }
     let waker = match stream.try_clone() {
         Ok(waker) => waker,
@@ -599,12 +726,14 @@ fn admit(
             return;
         }
     };
+    let handshaken = Arc::new(AtomicBool::new(false));
     let spawned = {
-        let backend = Arc::clone(backend);
+        let frontend = Arc::clone(frontend);
         let shared = Arc::clone(shared);
+        let handshaken = Arc::clone(&handshaken);
         std::thread::Builder::new()
             .name(format!("nbd-conn-{id}"))
-            .spawn(move || connection::run(id, stream, backend, shared))
+            .spawn(move || connection::run(id, stream, &frontend, &shared, &handshaken))
     };
     match spawned {
         Ok(thread) => {
@@ -612,6 +741,7 @@ fn admit(
             entries.push(ConnectionEntry {
                 stream: waker,
                 thread,
+                handshake: Some((handshaken, std::time::Instant::now())),
             });
         }
         Err(error) => tracing::warn!(%error, "cannot start a thread for a new NBD connection"),

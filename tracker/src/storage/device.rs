@@ -654,6 +654,20 @@ impl<R: RawIo> BlockDevice for Device<R> {
         &self.info
     }
 
+    fn raw_access(&self) -> Option<super::RawAccess<'_>> {
+        if self.info.read_only {
+            return None;
+        }
+        Some(super::RawAccess {
+            fd: self.raw.file().as_fd(),
+            align: self.align,
+            mem_align: self.mem_align,
+            datasync: self.info.kind != BackingKind::BlockDevice,
+            poisoned: &self.poisoned,
+            path: &self.info.path,
+        })
+    }
+
     fn supports_holes(&self) -> bool {
         self.info.kind == BackingKind::File && self.punch_hole.load(Ordering::Relaxed)
     }
@@ -770,6 +784,9 @@ macro_rules! delegate_block_device {
             }
             fn flush(&self) -> Result<(), $crate::storage::StorageError> {
                 self.dev.flush()
+            }
+            fn raw_access(&self) -> Option<$crate::storage::RawAccess<'_>> {
+                self.dev.raw_access()
             }
         }
     };

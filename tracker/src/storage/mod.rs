@@ -95,6 +95,58 @@ pub trait BlockDevice: Send + Sync {
     /// Makes every modification that completed before this call durable.
     /// An error is fatal for the device (see [`StorageError::Poisoned`]).
     fn flush(&self) -> Result<(), StorageError>;
+
+    /// The open file and its alignment rules, for an event loop that
+    /// submits reads, writes and flushes itself (on its own io_uring)
+    /// instead of calling the methods above; `None` where there is no file
+    /// (memory). Requests that do not meet the alignment still go through
+    /// the methods above, which bounce them.
+    fn raw_access(&self) -> Option<RawAccess<'_>> {
+        None
+    }
+}
+
+/// A backing device's file as an event loop submits I/O to it directly
+/// (see [`BlockDevice::raw_access`]).
+#[derive(Debug, Clone, Copy)]
+pub struct RawAccess<'a> {
+    /// The open file.
+    pub fd: std::os::fd::BorrowedFd<'a>,
+    /// Offsets and lengths of reads and writes must be multiples of this
+    /// (1 when the file is not open with O_DIRECT).
+    pub align: u64,
+    /// Buffer addresses must be multiples of this.
+    pub mem_align: usize,
+    /// A flush is `fdatasync` (files) rather than `fsync` (block devices).
+    pub datasync: bool,
+    /// Set by a failed flush: every later flush fails.
+    poisoned: &'a std::sync::atomic::AtomicBool,
+    path: &'a Path,
+}
+
+impl RawAccess<'_> {
+    /// Whether a read or write of `len` bytes at `offset` from `addr` can
+    /// be submitted as it is.
+    pub fn fits(&self, offset: u64, len: u64, addr: *const u8) -> bool {
+        offset % self.align == 0 && len % self.align == 0 && (addr as usize) % self.mem_align == 0
+    }
+
+    /// Whether an earlier flush failed (a flush must then fail too:
+    /// STYLE §11, never retry an fsync).
+    pub fn flush_poisoned(&self) -> bool {
+        self.poisoned.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Records a failed flush: the device refuses every later one.
+    pub fn flush_failed(&self, error: &std::io::Error) {
+        self.poisoned
+            .store(true, std::sync::atomic::Ordering::Release);
+        tracing::error!(
+            path = %self.path.display(),
+            %error,
+            "flush of the backing device failed; refusing all further flushes"
+        );
+    }
 }
 
 /// What a [`BlockDevice`] is backed by.
@@ -156,6 +208,46 @@ pub enum DirectIo {
     Required,
     /// Buffered I/O through the page cache.
     Off,
+}
+
+/// How the tracker writes a backing device (the config's `cache`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheMode {
+    /// O_DIRECT: what completed is on the device (in its cache at most); a
+    /// barrier flushes the device.
+    None,
+    /// Through the page cache; a barrier makes it durable with `fdatasync`.
+    Writeback,
+}
+
+impl CacheMode {
+    /// The mode a disk gets unless configured: none on a block device (the
+    /// filesystem above it caches already), writeback on an image file.
+    pub fn default_for(path: &Path) -> CacheMode {
+        use std::os::unix::fs::FileTypeExt;
+        let block = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
+        if block {
+            CacheMode::None
+        } else {
+            CacheMode::Writeback
+        }
+    }
+
+    /// What the mode asks of the device's opening.
+    pub fn direct_io(self) -> DirectIo {
+        match self {
+            CacheMode::None => DirectIo::Auto,
+            CacheMode::Writeback => DirectIo::Off,
+        }
+    }
+
+    /// `none` or `writeback`.
+    pub fn name(self) -> &'static str {
+        match self {
+            CacheMode::None => "none",
+            CacheMode::Writeback => "writeback",
+        }
+    }
 }
 
 /// How to open a backing device.

@@ -196,7 +196,7 @@ impl TestServer {
         let socket = dir.path().join("nbd.sock");
         let backend = Arc::new(backend);
         let server = Server::bind_unix(&socket, options).unwrap();
-        let handle = server.serve(backend.clone());
+        let handle = server.serve(backend.clone()).unwrap();
         Self {
             dir,
             socket,
@@ -223,16 +223,31 @@ impl TestServer {
 
 /// A deterministic pseudo-random byte pattern.
 pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut rng = XorShift(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        out.extend_from_slice(&state.to_le_bytes());
+        out.extend_from_slice(&rng.next().to_le_bytes());
     }
     out.truncate(len);
     out
+}
+
+/// A tiny deterministic generator (xorshift); the seed must not be 0.
+pub struct XorShift(pub u64);
+
+impl XorShift {
+    /// The next number.
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A number below `n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
 }
 
 /// A reply as a raw client sees it.

@@ -1,0 +1,491 @@
+//! The write path of one queue (an NBD connection, a ublk queue) as a
+//! sans-IO core: [`GroupQueue`] takes requests and I/O completions and
+//! gives out backing-device I/O and replies ([`crate::queue::Queue`]),
+//! following the group's rules ([`crate::group`], DESIGN invariants 1–8)
+//! without ever blocking its thread.
+//!
+//! A modifying request (write, write-zeroes, trim) goes through:
+//!
+//! ```text
+//!  Range ──► Map ──► Device ──► Record ──► (FUA: Barrier) ──► reply
+//!   │         │        │          │
+//!   │ parked  │parked  │ I/O on   │ parked while the log's buffer is
+//!   │ while an│ until  │ the      │ full; the record is copied into it
+//!   │ overlap-│ the    │ shell's  │ only once the device write completed
+//!   │ ping    │ activ- │ ring     │ (a failed write is answered with its
+//!   │ range is│ ity map│          │ error and leaves no record)
+//!   │ held    │ is     │          │
+//!   ▼ (inv. 6)│ durable│          ▼
+//! ```
+//!
+//! A FLUSH (or the FUA part of a write) is a barrier: the barrier record
+//! goes into the log and the committer is asked for it to be durable; the
+//! device flush is I/O of this queue, beside it; the reply waits for both.
+//! Reads go straight to the device.
+//!
+//! Parked requests stay in the core; the queue parks its waker on the group
+//! and tries them again, in arrival order, when woken. The core never
+//! holds a lock across I/O: every call into the group is a short critical
+//! section.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tidemark_changelog::Entry;
+
+use crate::group::{BarrierWait, Group, Recorded};
+use crate::nbd::constants::Errno;
+use crate::queue::{Io, IoKind, Op, Queue, QueueWaker, Reply, Request};
+use crate::range_lock::RangeTicket;
+use crate::storage::AlignedBuf;
+
+/// The group's queue core (see the [module documentation](self)).
+pub struct GroupQueue {
+    group: Arc<Group>,
+    waker: Arc<QueueWaker>,
+    slots: Vec<Option<Slot>>,
+    free: Vec<usize>,
+    /// Slots waiting on the group, in arrival order.
+    parked: VecDeque<usize>,
+    ios: VecDeque<Io>,
+    replies: VecDeque<Reply>,
+    in_flight: usize,
+    /// Wall clock at `anchor`, for record timestamps (the core reads no
+    /// clock: `now` comes in with every event).
+    wall_anchor_ns: u64,
+    anchor: Instant,
+}
+
+struct Slot {
+    id: u64,
+    disk: u32,
+    op: Op,
+    buf: Option<AlignedBuf>,
+    started: Instant,
+    /// Wall clock at arrival, ns since the epoch: the record's timestamp.
+    timestamp_ns: u64,
+    stage: Stage,
+    range: Option<RangeTicket>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Stage {
+    /// Parked until its range is free.
+    Range,
+    /// Parked until the activity map is durable up to the ticket.
+    Map(u64),
+    /// Its device I/O is in flight.
+    Device,
+    /// Parked until the log's buffer has room.
+    Record,
+    /// A read in flight.
+    Read,
+    /// A barrier: the device flush `epoch` and the log (or dirty bitmap).
+    Barrier {
+        epoch: u64,
+        wait: BarrierWait,
+        /// The device flush's outcome, once it completed.
+        flushed: Option<Result<(), Errno>>,
+    },
+}
+
+/// What trying to move a request on found.
+enum Progress {
+    /// It is waiting for I/O or was answered.
+    Moved,
+    /// It waits on the group.
+    Blocked,
+}
+
+impl GroupQueue {
+    /// A queue of `group`, woken through `waker` (registered with the
+    /// group here).
+    pub fn new(group: Arc<Group>, waker: Arc<QueueWaker>, now: Instant) -> GroupQueue {
+        group.register_waker(&waker);
+        GroupQueue {
+            group,
+            waker,
+            slots: Vec::new(),
+            free: Vec::new(),
+            parked: VecDeque::new(),
+            ios: VecDeque::new(),
+            replies: VecDeque::new(),
+            in_flight: 0,
+            wall_anchor_ns: tidemark_changelog::now_ns(),
+            anchor: now,
+        }
+    }
+
+    fn wall_ns(&self, now: Instant) -> u64 {
+        let since = now
+            .checked_duration_since(self.anchor)
+            .unwrap_or(Duration::ZERO);
+        self.wall_anchor_ns
+            .saturating_add(u64::try_from(since.as_nanos()).unwrap_or(u64::MAX))
+    }
+
+    fn slot(&mut self, token: usize) -> &mut Slot {
+        match self.slots.get_mut(token).and_then(Option::as_mut) {
+            Some(slot) => slot,
+            None => unreachable!("a token names a live slot"),
+        }
+    }
+
+    /// Answers and frees a slot.
+    fn answer(&mut self, token: usize, result: Result<(), Errno>) {
+        if let Some(slot) = self.slots.get_mut(token).and_then(Option::take) {
+            self.free.push(token);
+            self.in_flight -= 1;
+            self.replies.push_back(Reply {
+                id: slot.id,
+                result,
+                buf: slot.buf,
+            });
+        }
+    }
+
+    /// The range of a modifying request.
+    fn extent(op: &Op, buf: Option<&AlignedBuf>) -> (u64, u64) {
+        match *op {
+            Op::Write { offset, .. } => (offset, buf.map_or(0, |b| b.len() as u64)),
+            Op::WriteZeroes { offset, len, .. } | Op::Trim { offset, len, .. } => (offset, len),
+            Op::Read { offset, len } => (offset, u64::from(len)),
+            Op::Flush => (0, 0),
+        }
+    }
+
+    /// Moves a modifying request or barrier on as far as it goes now.
+    fn advance(&mut self, token: usize, now: Instant) -> Progress {
+        loop {
+            let slot = self.slot(token);
+            let (disk, op, stage) = (slot.disk, slot.op, slot.stage);
+            let (offset, len) = Self::extent(&op, slot.buf.as_ref());
+            match stage {
+                Stage::Range => {
+                    let Some(ticket) = self.group.try_lock_range(disk, offset, len) else {
+                        return Progress::Blocked;
+                    };
+                    let next = match self.group.mark_hot(disk, offset, len) {
+                        Some(map_ticket) => Stage::Map(map_ticket),
+                        None => Stage::Device,
+                    };
+                    let slot = self.slot(token);
+                    slot.range = Some(ticket);
+                    slot.stage = next;
+                    if matches!(next, Stage::Device) {
+                        self.issue(token);
+                        return Progress::Moved;
+                    }
+                }
+                Stage::Map(ticket) => match self.group.maps_ready(ticket) {
+                    None => return Progress::Blocked,
+                    Some(Err(errno)) => {
+                        tracing::error!("persisting the activity map failed; failing the write");
+                        self.release(token, u64::MAX);
+                        self.answer(token, Err(errno));
+                        return Progress::Moved;
+                    }
+                    Some(Ok(())) => {
+                        self.slot(token).stage = Stage::Device;
+                        self.issue(token);
+                        return Progress::Moved;
+                    }
+                },
+                Stage::Record => {
+                    let Some(slot) = self.slots.get(token).and_then(Option::as_ref) else {
+                        unreachable!("a token names a live slot")
+                    };
+                    let ts = slot.timestamp_ns;
+                    let entry = match op {
+                        Op::Write { offset, .. } => {
+                            Entry::write(disk, offset, slot.buf.as_deref().unwrap_or(&[]), ts)
+                        }
+                        Op::WriteZeroes {
+                            offset,
+                            len,
+                            no_hole,
+                            ..
+                        } => Entry::write_zeroes(disk, offset, len, no_hole, ts),
+                        Op::Trim { offset, len, .. } => Entry::trim(disk, offset, len, ts),
+                        Op::Read { .. } | Op::Flush => {
+                            unreachable!("only modifications are recorded")
+                        }
+                    };
+                    let seq = match self.group.record(disk, &entry) {
+                        Recorded::Logged(seq) => seq,
+                        Recorded::Dirty => 0,
+                        Recorded::NoRoom => return Progress::Blocked,
+                    };
+                    self.release(token, seq);
+                    let slot = self.slot(token);
+                    let bytes = match op {
+                        Op::Write { .. } => len,
+                        _ => 0,
+                    };
+                    let (started, fua) = (slot.started, op_fua(&op));
+                    if fua {
+                        self.start_barrier(token);
+                        // The write's own part is done; its latency counts
+                        // the barrier too, below, when it is answered.
+                        continue;
+                    }
+                    self.group.count_write(started, now, bytes);
+                    self.answer(token, Ok(()));
+                    return Progress::Moved;
+                }
+                Stage::Barrier {
+                    epoch,
+                    mut wait,
+                    flushed,
+                } => {
+                    let ready = self.group.barrier_ready(&mut wait);
+                    self.slot(token).stage = Stage::Barrier {
+                        epoch,
+                        wait,
+                        flushed,
+                    };
+                    // The device flush is this queue's I/O: nothing is
+                    // answered while it is in flight.
+                    let Some(flushed) = flushed else {
+                        return Progress::Moved;
+                    };
+                    let outcome = match (flushed, ready) {
+                        (Err(errno), _) | (Ok(()), Some(Err(errno))) => Err(errno),
+                        (Ok(()), Some(Ok(()))) => Ok(()),
+                        (Ok(()), None) => return Progress::Blocked,
+                    };
+                    if outcome.is_ok() {
+                        self.group.end_barrier(disk, epoch);
+                        if !matches!(op, Op::Flush) {
+                            let slot = self.slot(token);
+                            let bytes = match op {
+                                Op::Write { .. } => len,
+                                _ => 0,
+                            };
+                            let started = slot.started;
+                            self.group.count_write(started, now, bytes);
+                        }
+                    }
+                    self.answer(token, outcome);
+                    return Progress::Moved;
+                }
+                Stage::Device | Stage::Read => return Progress::Moved,
+            }
+        }
+    }
+
+    /// Submits a modification's device I/O.
+    fn issue(&mut self, token: usize) {
+        let slot = self.slot(token);
+        let (disk, op) = (slot.disk, slot.op);
+        let (kind, buf) = match op {
+            Op::Write { offset, .. } => (IoKind::Write { offset }, slot.buf.take()),
+            Op::WriteZeroes { offset, len, .. } => (IoKind::WriteZeroes { offset, len }, None),
+            Op::Trim { offset, len, .. } => (IoKind::Trim { offset, len }, None),
+            Op::Read { .. } | Op::Flush => unreachable!("not a modification"),
+        };
+        self.ios.push_back(Io {
+            token: token as u64,
+            disk,
+            kind,
+            buf,
+        });
+    }
+
+    /// Starts the barrier of a FLUSH or of a FUA modification whose record
+    /// is in.
+    fn start_barrier(&mut self, token: usize) {
+        let disk = self.slot(token).disk;
+        let (epoch, wait) = self.group.begin_barrier(disk);
+        self.slot(token).stage = Stage::Barrier {
+            epoch,
+            wait,
+            flushed: None,
+        };
+        self.ios.push_back(Io {
+            token: token as u64,
+            disk,
+            kind: IoKind::Flush,
+            buf: None,
+        });
+    }
+
+    /// Lets go of a modification's range and extents; `seq` as for
+    /// [`Group::release_hot`].
+    fn release(&mut self, token: usize, seq: u64) {
+        let slot = self.slot(token);
+        let (disk, op) = (slot.disk, slot.op);
+        let (offset, len) = Self::extent(&op, slot.buf.as_ref());
+        let range = slot.range.take();
+        self.group.release_hot(disk, offset, len, seq);
+        if let Some(ticket) = range {
+            self.group.unlock_range(disk, ticket);
+        }
+    }
+
+    /// Tries every parked request again, in order; parks the queue first
+    /// so that a change made meanwhile wakes it.
+    fn retry_parked(&mut self, now: Instant) {
+        if self.parked.is_empty() {
+            return;
+        }
+        self.group.park(&self.waker);
+        let parked = std::mem::take(&mut self.parked);
+        for token in parked {
+            if matches!(self.advance(token, now), Progress::Blocked) {
+                self.parked.push_back(token);
+            }
+        }
+    }
+}
+
+fn op_fua(op: &Op) -> bool {
+    match *op {
+        Op::Write { fua, .. } | Op::WriteZeroes { fua, .. } | Op::Trim { fua, .. } => fua,
+        Op::Read { .. } | Op::Flush => false,
+    }
+}
+
+impl Queue for GroupQueue {
+    fn handle_request(&mut self, request: Request, now: Instant) {
+        let Request { id, disk, op, buf } = request;
+        // Nothing changes the disks or the log before the group runs (see
+        // `Group::mark_running`).
+        let refused = match op {
+            Op::Read { .. } => self.group.disk(disk).err(),
+            _ => self
+                .group
+                .disk(disk)
+                .err()
+                .or_else(|| self.group.check_running().err()),
+        };
+        if let Some(errno) = refused {
+            self.replies.push_back(Reply {
+                id,
+                result: Err(errno),
+                buf,
+            });
+            return;
+        }
+        let stage = match op {
+            Op::Read { .. } => Stage::Read,
+            Op::Flush => Stage::Range, // replaced by the barrier below
+            Op::Write { .. } | Op::WriteZeroes { .. } | Op::Trim { .. } => Stage::Range,
+        };
+        let slot = Slot {
+            id,
+            disk,
+            op,
+            buf,
+            started: now,
+            timestamp_ns: self.wall_ns(now),
+            stage,
+            range: None,
+        };
+        let token = match self.free.pop() {
+            Some(token) => {
+                self.slots[token] = Some(slot);
+                token
+            }
+            None => {
+                self.slots.push(Some(slot));
+                self.slots.len() - 1
+            }
+        };
+        self.in_flight += 1;
+        match op {
+            Op::Read { offset, .. } => {
+                let buf = self.slot(token).buf.take();
+                self.ios.push_back(Io {
+                    token: token as u64,
+                    disk,
+                    kind: IoKind::Read { offset },
+                    buf,
+                });
+            }
+            Op::Flush => {
+                self.start_barrier(token);
+            }
+            Op::Write { .. } | Op::WriteZeroes { .. } | Op::Trim { .. } => {
+                // Requests already parked go first: a later one must not
+                // overtake an earlier one of the same queue forever.
+                if self.parked.is_empty() {
+                    if let Progress::Blocked = self.advance(token, now) {
+                        self.parked.push_back(token);
+                        self.retry_parked(now);
+                    }
+                } else {
+                    self.parked.push_back(token);
+                    self.retry_parked(now);
+                }
+            }
+        }
+    }
+
+    fn handle_io(
+        &mut self,
+        token: u64,
+        result: Result<(), Errno>,
+        buf: Option<AlignedBuf>,
+        now: Instant,
+    ) {
+        let token = token as usize;
+        let Some(slot) = self.slots.get_mut(token).and_then(Option::as_mut) else {
+            tracing::error!(token, "I/O completion for no request");
+            return;
+        };
+        if buf.is_some() {
+            slot.buf = buf;
+        }
+        match slot.stage {
+            Stage::Read => self.answer(token, result),
+            Stage::Device => match result {
+                Err(errno) => {
+                    // Nothing was recorded: the write failed and is
+                    // reported so. The extent stays hot, so a resync
+                    // re-reads it after a crash.
+                    self.release(token, u64::MAX);
+                    self.answer(token, Err(errno));
+                }
+                Ok(()) => {
+                    self.slot(token).stage = Stage::Record;
+                    if let Progress::Blocked = self.advance(token, now) {
+                        self.parked.push_back(token);
+                        self.retry_parked(now);
+                    }
+                }
+            },
+            Stage::Barrier { epoch, wait, .. } => {
+                slot.stage = Stage::Barrier {
+                    epoch,
+                    wait,
+                    flushed: Some(result),
+                };
+                if let Progress::Blocked = self.advance(token, now) {
+                    self.parked.push_back(token);
+                    self.retry_parked(now);
+                }
+            }
+            Stage::Range | Stage::Map(_) | Stage::Record => {
+                tracing::error!(token, "I/O completion for a request not waiting for one");
+            }
+        }
+    }
+
+    fn handle_wake(&mut self, now: Instant) {
+        self.retry_parked(now);
+    }
+
+    fn poll_io(&mut self) -> Option<Io> {
+        self.ios.pop_front()
+    }
+
+    fn poll_reply(&mut self) -> Option<Reply> {
+        self.replies.pop_front()
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight + self.replies.len()
+    }
+}
