@@ -527,8 +527,11 @@ impl Walk {
                     }
                     _ => return Ok(removed),
                 },
-                _ if is_unfinished_roll(dir, last, prev, &file, &header)
-                    .map_err(Self::io_err(dir, format!("reading {name}")))? =>
+                // A crash interrupts one roll at most: a second unfinished
+                // segment below it is damage, not another roll to remove.
+                _ if removed.is_none()
+                    && is_unfinished_roll(dir, last, prev, &file, &header)
+                        .map_err(Self::io_err(dir, format!("reading {name}")))? =>
                 {
                     // Removed once nothing is refused (see `open`).
                     removed = Some(name);

@@ -79,7 +79,7 @@ pth = \"/dev/b\"
     assert_eq!(
         message,
         "config/examples/tracker.toml:10:1: tracker.disk[1]: unknown field `pth`, \
-         expected one of `name`, `path`, `export-name`"
+         expected one of `name`, `path`, `export-name`, `cache`"
     );
 }
 
