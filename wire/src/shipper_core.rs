@@ -144,6 +144,8 @@ pub struct DiskStatus {
     pub synced: u64,
     /// Next byte to send.
     pub sent: u64,
+    /// Bytes sent as data (not as zero ranges) in this session.
+    pub data_bytes: u64,
     /// Acknowledged bytes per second since the session started (0 until
     /// half a second has passed with progress).
     pub rate_bytes_per_sec: u64,
@@ -224,8 +226,10 @@ struct SyncCursor {
     next: u64,
     /// Acknowledged by the receiver.
     acked: u64,
-    /// (acked, when) at the first Ack of the session: the rate's base.
+    /// (acked, when) as the session started: the rate's base.
     base: Option<(u64, Instant)>,
+    /// Bytes sent as data (not as zero ranges) in this session.
+    data_bytes: u64,
 }
 
 /// An extent to compare by digests of `block_size` blocks.
@@ -312,6 +316,7 @@ impl ShipperCore {
                 next: 0,
                 acked: 0,
                 base: None,
+                data_bytes: 0,
             })
             .collect();
         let (awaiting, frame) = AwaitingWelcome::start(hello, config.session)?;
@@ -523,7 +528,7 @@ impl ShipperCore {
                 });
                 // A refusal needs no lookup: decide at once.
                 if after.is_none() {
-                    self.handle_first_record(None);
+                    self.handle_first_record(None, now);
                 }
             }
             State::Shipping(s) => match s.handle_message(received) {
@@ -533,8 +538,8 @@ impl ShipperCore {
         }
     }
 
-    /// The answer to [`Need::FirstRecordAfter`].
-    pub fn handle_first_record(&mut self, first: Option<RecordId>) {
+    /// The answer to [`Need::FirstRecordAfter`], at `now`.
+    pub fn handle_first_record(&mut self, first: Option<RecordId>, now: Instant) {
         if !matches!(self.outstanding, Some(Need::FirstRecordAfter { .. })) {
             return;
         }
@@ -560,6 +565,7 @@ impl ShipperCore {
                         .map_or(0, |s| s.synced);
                     d.next = synced;
                     d.acked = synced;
+                    d.base = Some((synced, now));
                 }
                 self.log_seq = resume.durable.seq;
                 for e in &resume.resyncing {
@@ -841,6 +847,9 @@ impl ShipperCore {
             ChunkPurpose::InitialSync => {
                 if let ChunkData::Data(d) = &data {
                     self.sync_data_bytes += d.len() as u64;
+                    if let Some(c) = self.disks.iter_mut().find(|c| c.id == disk) {
+                        c.data_bytes += d.len() as u64;
+                    }
                 }
                 let State::Shipping(s) = &mut self.state else {
                     return;
@@ -975,6 +984,7 @@ impl ShipperCore {
                     size: d.size,
                     synced: d.acked,
                     sent: d.next,
+                    data_bytes: d.data_bytes,
                     rate_bytes_per_sec: rate,
                     eta_seconds: eta,
                 }
@@ -1081,10 +1091,13 @@ mod tests {
         assert_eq!(c.poll_need(), None, "nothing before the welcome");
         c.handle_message(welcome(0, synced), now);
         assert_eq!(c.poll_need(), Some(Need::FirstRecordAfter { after: 0 }));
-        c.handle_first_record(Some(RecordId {
-            seq: 1,
-            generation: 1,
-        }));
+        c.handle_first_record(
+            Some(RecordId {
+                seq: 1,
+                generation: 1,
+            }),
+            now,
+        );
         assert!(matches!(c.poll_event(), Some(CoreEvent::Connected(r)) if r.from_seq == 1));
         c
     }
@@ -1164,7 +1177,6 @@ mod tests {
     fn rate_and_eta_come_from_the_instant_given() {
         let t = Instant::now();
         let mut c = connected(t, 0);
-        c.handle_message(ack(0, 0, 0), t);
         let later = t + Duration::from_secs(2);
         // Acks must not acknowledge more frames than were sent; send one.
         assert!(matches!(c.poll_need(), Some(Need::LogBatch { .. })));
@@ -1228,10 +1240,13 @@ mod tests {
         sent(&mut c);
         c.handle_message(welcome(10, SIZE), t);
         assert_eq!(c.poll_need(), Some(Need::FirstRecordAfter { after: 10 }));
-        c.handle_first_record(Some(RecordId {
-            seq: 20,
-            generation: 1,
-        }));
+        c.handle_first_record(
+            Some(RecordId {
+                seq: 20,
+                generation: 1,
+            }),
+            t,
+        );
         assert!(matches!(
             c.poll_event(),
             Some(CoreEvent::Critical(ShipperError::CannotResume { .. }))

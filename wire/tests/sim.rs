@@ -576,7 +576,7 @@ fn shipper_step(
         acted = true;
         match need {
             Need::FirstRecordAfter { after } => {
-                c.core.handle_first_record(first_after(source, after))
+                c.core.handle_first_record(first_after(source, after), now)
             }
             Need::LogBatch { .. } => {
                 let left = available.saturating_sub(c.next_index);
