@@ -1308,4 +1308,93 @@ mod tests {
             ]
         ));
     }
+
+    #[test]
+    fn a_resync_needed_extent_after_the_sync_is_compared_coarse_then_fine() {
+        let t = Instant::now();
+        let mut c = connected(t, SIZE);
+        let disk = vec![7u8; 8192];
+        assert!(matches!(c.poll_need(), Some(Need::LogBatch { .. })));
+        c.handle_log_batch(Some(batch(&[(1, Entry::resync_needed(0, 0, 8192, 6))])), t);
+        assert_eq!(c.status(t).phase, Phase::Resyncing);
+        assert!(matches!(c.poll_need(), Some(Need::LogBatch { .. })));
+        c.handle_log_batch(None, t);
+        // A digest request went out; the log is looked at again, then
+        // nothing: one request at a time.
+        assert!(matches!(c.poll_need(), Some(Need::LogBatch { .. })));
+        c.handle_log_batch(None, t);
+        assert_eq!(c.poll_need(), None, "one digest request, then wait");
+        let sent_now = sent(&mut c);
+        assert!(matches!(
+            sent_now[..],
+            [
+                Message::Records(_),
+                Message::DigestRequest {
+                    offset: 0,
+                    length: 8192,
+                    block_size: 8192,
+                    ..
+                }
+            ]
+        ));
+        // The replica's coarse block differs: read the extent, ask again
+        // in 4 KiB blocks.
+        let digests = |block: u32, data: &[u8]| {
+            v(Message::Digests {
+                disk: 0,
+                offset: 0,
+                block_size: block,
+                digests: block_digests(data, block),
+            })
+        };
+        let mut replica = disk.clone();
+        replica[5000] = 1;
+        c.handle_message(digests(8192, &replica), t);
+        assert_eq!(
+            c.poll_need(),
+            Some(Need::Chunk {
+                disk: 0,
+                offset: 0,
+                length: 8192,
+                purpose: ChunkPurpose::Resync
+            })
+        );
+        c.handle_chunk(ChunkData::Data(disk.clone()));
+        assert!(sent(&mut c).is_empty(), "no block is in sync yet");
+        assert!(matches!(c.poll_need(), Some(Need::LogBatch { .. })));
+        c.handle_log_batch(None, t);
+        assert!(matches!(c.poll_need(), Some(Need::LogBatch { .. })));
+        c.handle_log_batch(None, t);
+        assert_eq!(c.poll_need(), None);
+        assert!(matches!(
+            sent(&mut c)[..],
+            [Message::DigestRequest {
+                block_size: 4096,
+                ..
+            }]
+        ));
+        c.handle_message(digests(4096, &replica), t);
+        assert!(c.poll_need().is_some());
+        c.handle_chunk(ChunkData::Data(disk.clone()));
+        // Only the differing 4 KiB block travels, then the extent is done.
+        assert!(matches!(
+            &sent(&mut c)[..],
+            [
+                Message::Chunk {
+                    offset: 4096,
+                    purpose: ChunkPurpose::Resync,
+                    data: ChunkData::Data(d),
+                    ..
+                },
+                Message::ResyncDone {
+                    offset: 0,
+                    length: 8192,
+                    ..
+                }
+            ] if d.len() == 4096
+        ));
+        let st = c.status(t);
+        assert_eq!((st.resync_blocks_compared, st.resync_blocks_sent), (1, 1));
+        assert_eq!(st.phase, Phase::Protected);
+    }
 }
