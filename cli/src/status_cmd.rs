@@ -1087,7 +1087,6 @@ mod tests {
             data_bytes: synced,
             rate_bytes_per_sec: rate,
             eta_seconds: eta,
-            started: None,
         }
     }
 

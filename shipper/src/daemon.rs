@@ -1,48 +1,41 @@
-//! The shipper daemon: a thin shell around the protocol session
-//! ([`tidemark_wire::shipper`]). It owns the QUIC connection, the log tail,
-//! the disks and the pacing; the session decides what may be sent and what
-//! the receiver's answers mean.
+//! The shipper daemon: a thin loop around the shipper core
+//! ([`tidemark_wire::shipper_core`]), which decides the order of work, the
+//! resync, the timeouts (a silent receiver is taken for dead) and when the
+//! group is protected. The daemon owns what the core cannot: the QUIC
+//! connection, the log tail and its change notifications, the disks, the
+//! bandwidth limit, the cursor and status files, and stopping the tracker
+//! for a drain.
 //!
-//! One connection at a time, one bidirectional stream per connection. In
-//! each turn of the loop the shipper, in this order of preference:
-//! 1. sends the records the log has (up to `batch-size` per frame);
-//! 2. when the log is drained, asks for the receiver's digests of the next
-//!    resync-needed extent;
-//! 3. else reads and sends the next initial-sync chunk of a disk: read
-//!    right after the log was drained to the last record sent, so the
-//!    receiver applies it between that record and the next;
-//! 4. else waits for the log (inotify), the receiver, or a stop.
+//! One connection at a time, one bidirectional stream per connection. Each
+//! turn of the loop sends what the core has to send (paced by the
+//! bandwidth limit), acts on its events (cursor advances, drain requests,
+//! how the session ended), answers what it needs read (the log's next
+//! records, a disk's chunk), and else waits for the receiver, the log, a
+//! stop, or the core's next timeout.
 //!
-//! Acks advance the log's durable cursor (the tracker recycles what is
-//! below it). Transient failures reconnect with jittered exponential
-//! backoff; permanent ones end the daemon with the state `critical` and
-//! the reason in `shipper.status`.
+//! Transient failures reconnect with jittered exponential backoff;
+//! permanent ones end the daemon with the state `critical` and the reason
+//! in `shipper.status`.
 
-use std::collections::VecDeque;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tidemark_changelog::{read_sources, write_cursor, DirLock, FsDir, LogWatcher};
 use tidemark_config::ShipperConfig;
-use tidemark_wire::shipper::{
-    DigestReply, Extent, HelloInfo, ShipperConfig as SessionConfig, Shipping,
-};
+use tidemark_wire::shipper::{HelloInfo, ShipperConfig as SessionConfig};
+use tidemark_wire::shipper_core::{CoreConfig, CoreEvent, Need, Phase, ShipperCore};
 use tidemark_wire::{
-    differing_blocks, AwaitingWelcome, ChunkData, ChunkPurpose, Compression, DiskInfo, ErrorClass,
-    MessageDecoder, Received, RecordBatch, RecordId, ShipperError, ShipperEvent, Versions,
+    BatchError, ChunkData, ChunkPurpose, Compression, DecodeError, DiskInfo, ErrorClass,
+    MessageDecoder, Received, RecordBatch, RecordId, ShipperError, Versions,
 };
 use tokio::sync::{mpsc, watch, Notify};
 
 use crate::policy::{local_minute_of_day, Backoff, Bandwidth};
 use crate::source::{ChunkContent, SourceDisk};
 use crate::status::{write_status, DiskProgress, ErrorClass as FailureClass, ShipperStatus, State};
-use crate::tail::{first_record_from, newest_generation, LogTail};
+use crate::tail::{first_record_from, newest_generation, LogTail, TailError};
 use tidemark_metrics::{labels, Exposition, Histogram, HistogramSnapshot, MetricsServer, Unit};
-
-/// Largest extent one digest request covers: the shipper reads it into
-/// memory to compare and send.
-const MAX_DIGEST_EXTENT: u64 = 16 << 20;
 
 /// The shipper's lock file in the log directory.
 pub const LOCK_FILE: &str = "shipper.lock";
@@ -53,6 +46,9 @@ const STATUS_INTERVAL: Duration = Duration::from_millis(250);
 /// How long a stopping shipper waits for the receiver's last Acks.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
+/// How long a drain waits for the tracker to stop.
+const TRACKER_STOP_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Why the shipper stopped for good.
 #[derive(Debug, thiserror::Error)]
 pub enum ShipperFatal {
@@ -61,7 +57,143 @@ pub enum ShipperFatal {
     Setup(String),
     /// A permanent replication failure: the group is critical.
     #[error("replication stopped (critical): {0}")]
-    Critical(String),
+    Critical(#[source] SessionError),
+}
+
+/// Why a session failed. [`SessionError::class`] says whether to retry.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The protocol session failed (the receiver refused, broke the
+    /// protocol, fell silent, or the log cannot resume the replica).
+    #[error(transparent)]
+    Session(#[from] ShipperError),
+    /// The receiver refused this host's certificate.
+    #[error(
+        "{context}: the receiver refused this host's certificate ({source}); enroll the host \
+         again (tidemark host request / tidemark receiver sign)"
+    )]
+    CertificateRefused {
+        /// What was being done.
+        context: &'static str,
+        /// The connection's end.
+        source: quinn::ConnectionError,
+    },
+    /// The TLS handshake failed on this end.
+    #[error(
+        "{context}: TLS handshake failed ({source}); check the receiver's CA (ca.crt) and its \
+         server name"
+    )]
+    Handshake {
+        /// What was being done.
+        context: &'static str,
+        /// The connection's end.
+        source: quinn::ConnectionError,
+    },
+    /// The receiver closed the connection for this host (revoked, or no
+    /// usable identity).
+    #[error("{context}: the receiver refused this host: {source}")]
+    HostRefused {
+        /// What was being done.
+        context: &'static str,
+        /// The connection's end.
+        source: quinn::ConnectionError,
+    },
+    /// The connection was lost.
+    #[error("{context}: {source}")]
+    Connection {
+        /// What was being done.
+        context: &'static str,
+        /// The connection's end.
+        source: quinn::ConnectionError,
+    },
+    /// A connection could not be started.
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        /// The receiver's address.
+        addr: SocketAddr,
+        /// Why.
+        source: quinn::ConnectError,
+    },
+    /// Sending failed (other than by a lost connection).
+    #[error("sending: {0}")]
+    Write(#[source] quinn::WriteError),
+    /// Receiving failed (other than by a lost connection).
+    #[error("receiving: {0}")]
+    Read(#[source] quinn::ReadError),
+    /// The receiver ended its stream.
+    #[error("the receiver closed the stream")]
+    StreamClosed,
+    /// The receiver sent bytes that are no frame.
+    #[error("bad frame from the receiver: {0}")]
+    BadFrame(#[source] DecodeError),
+    /// The task reading the stream is gone.
+    #[error("the connection's reader ended")]
+    ReaderEnded,
+    /// No disks file yet.
+    #[error("the tracker has not started on this log directory yet")]
+    TrackerNotStarted,
+    /// The disks file could not be read.
+    #[error(transparent)]
+    Sources(#[from] tidemark_changelog::sources::SourcesError),
+    /// The log's generation could not be read.
+    #[error("reading the log: {0}")]
+    Generation(#[source] std::io::Error),
+    /// The log could not be looked up or read.
+    #[error("reading the change log: {0}")]
+    Log(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The log tail could not be opened or read.
+    #[error(transparent)]
+    Tail(#[from] TailError),
+    /// The log holds a record that does not verify.
+    #[error("the change log holds a bad record: {0}")]
+    BadRecord(#[source] BatchError),
+    /// A disk the core asked for is not in the disks file.
+    #[error("disk {0} is not in the disks file")]
+    UnknownDisk(u32),
+    /// A disk could not be opened or read.
+    #[error("reading disk {name} ({path}) at {offset}: {source}")]
+    Disk {
+        /// The disk's name.
+        name: tidemark_names::Name,
+        /// Its path.
+        path: String,
+        /// Where.
+        offset: u64,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The log cursor could not be written.
+    #[error("writing the log cursor: {0}")]
+    Cursor(#[source] tidemark_changelog::cursor::CursorError),
+}
+
+impl SessionError {
+    /// Transient errors are retried with backoff; permanent ones stop
+    /// replication (the group is critical).
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            SessionError::Session(e) => e.class(),
+            SessionError::CertificateRefused { .. }
+            | SessionError::Handshake { .. }
+            | SessionError::HostRefused { .. }
+            | SessionError::Log(_)
+            | SessionError::Tail(_)
+            | SessionError::BadRecord(_)
+            | SessionError::UnknownDisk(_)
+            | SessionError::Cursor(_) => ErrorClass::Permanent,
+            SessionError::Connection { .. }
+            | SessionError::Connect { .. }
+            | SessionError::Write(_)
+            | SessionError::Read(_)
+            | SessionError::StreamClosed
+            | SessionError::BadFrame(_)
+            | SessionError::ReaderEnded
+            | SessionError::TrackerNotStarted
+            | SessionError::Sources(_)
+            | SessionError::Generation(_)
+            | SessionError::Disk { .. } => ErrorClass::Transient,
+        }
+    }
 }
 
 /// How a session ended.
@@ -69,22 +201,18 @@ pub enum ShipperFatal {
 enum SessionEnd {
     /// A stop was requested.
     Stopped,
-    /// Retry after a backoff.
-    Transient(String),
-    /// Do not retry.
-    Permanent(String),
-    /// The receiver speaks only this (older) protocol version and refused
-    /// the hello: connect again at once, offering only it (the text, if
-    /// that is not done: a transient failure).
-    OfferOlder(u16, String),
+    /// It failed; [`SessionError::class`] says whether to retry.
+    Failed(SessionError),
 }
 
-fn transient(e: impl std::fmt::Display) -> SessionEnd {
-    SessionEnd::Transient(e.to_string())
+impl From<SessionError> for SessionEnd {
+    fn from(e: SessionError) -> Self {
+        SessionEnd::Failed(e)
+    }
 }
 
-fn permanent(e: impl std::fmt::Display) -> SessionEnd {
-    SessionEnd::Permanent(e.to_string())
+fn failed(e: impl Into<SessionError>) -> SessionEnd {
+    SessionEnd::Failed(e.into())
 }
 
 /// Close codes the receiver uses for refused hosts (see the receiver
@@ -94,51 +222,33 @@ const CLOSE_BAD_IDENTITY: u64 = 2;
 
 /// Classifies a lost connection: authentication failures are permanent
 /// (retrying cannot help until an admin acts), everything else transient.
-fn connection_end(e: &quinn::ConnectionError, context: &str) -> SessionEnd {
+fn connection_end(source: quinn::ConnectionError, context: &'static str) -> SessionError {
     use quinn::ConnectionError as C;
     let is_crypto = |code: u64| (0x100..0x200).contains(&code);
-    match e {
-        C::ConnectionClosed(close) if is_crypto(u64::from(close.error_code)) => permanent(format!(
-            "{context}: the receiver refused this host's certificate ({e}); enroll the host again \
-             (tidemark host request / tidemark receiver sign)"
-        )),
-        C::TransportError(t) if is_crypto(u64::from(t.code)) => permanent(format!(
-            "{context}: TLS handshake failed ({e}); check the receiver's CA (ca.crt) and its \
-             server name"
-        )),
+    match &source {
+        C::ConnectionClosed(close) if is_crypto(u64::from(close.error_code)) => {
+            SessionError::CertificateRefused { context, source }
+        }
+        C::TransportError(t) if is_crypto(u64::from(t.code)) => {
+            SessionError::Handshake { context, source }
+        }
         C::ApplicationClosed(close)
             if matches!(
                 close.error_code.into_inner(),
                 CLOSE_REVOKED | CLOSE_BAD_IDENTITY
             ) =>
         {
-            permanent(format!("{context}: the receiver refused this host: {e}"))
+            SessionError::HostRefused { context, source }
         }
-        _ => transient(format!("{context}: {e}")),
+        _ => SessionError::Connection { context, source },
     }
 }
 
-fn write_end(e: &quinn::WriteError) -> SessionEnd {
+fn write_end(e: quinn::WriteError) -> SessionError {
     match e {
         quinn::WriteError::ConnectionLost(c) => connection_end(c, "sending"),
-        other => transient(format!("sending: {other}")),
+        other => SessionError::Write(other),
     }
-}
-
-fn classify(class: ErrorClass, text: String) -> SessionEnd {
-    match class {
-        ErrorClass::Transient => SessionEnd::Transient(text),
-        ErrorClass::Permanent => SessionEnd::Permanent(text),
-    }
-}
-
-/// Initial sync of one disk.
-struct SyncCursor {
-    id: u32,
-    size: u64,
-    /// Next byte to send.
-    next: u64,
-    source: Option<SourceDisk>,
 }
 
 /// What a scrape of `/metrics` reads: the status as last published, and
@@ -278,51 +388,6 @@ fn collect_metrics(s: &ShipperStatus, lag: HistogramSnapshot, now_ns: u64) -> Ex
     e
 }
 
-/// Timestamps of the records sent and not yet acknowledged, oldest first:
-/// (sequence number, timestamp in ns).
-#[derive(Default)]
-struct Unacked(VecDeque<(u64, u64)>);
-
-impl Unacked {
-    /// Notes the records of a batch about to be sent. A batch sent again
-    /// after a reconnect replaces what was noted from its first record on.
-    fn sent(&mut self, records: &[u8]) {
-        let mut at = 0;
-        let mut first = true;
-        while at < records.len() {
-            let Ok(h) = tidemark_changelog::Header::decode(&records[at..]) else {
-                return;
-            };
-            if first {
-                while self.0.back().is_some_and(|&(seq, _)| seq >= h.seq) {
-                    self.0.pop_back();
-                }
-                first = false;
-            }
-            self.0.push_back((h.seq, h.timestamp_ns));
-            at += h.record_len().max(1);
-        }
-    }
-
-    /// Forgets what is durable up to `durable`; returns the timestamp of
-    /// the oldest record this acknowledgement covered, if any.
-    fn acked(&mut self, durable: u64) -> Option<u64> {
-        let oldest = self
-            .0
-            .front()
-            .filter(|&&(seq, _)| seq <= durable)
-            .map(|&(_, ts)| ts);
-        while self.0.front().is_some_and(|&(seq, _)| seq <= durable) {
-            self.0.pop_front();
-        }
-        oldest
-    }
-
-    fn oldest(&self) -> Option<u64> {
-        self.0.front().map(|&(_, ts)| ts)
-    }
-}
-
 /// State shared by the sessions of one daemon run.
 struct Shared {
     cfg: ShipperConfig,
@@ -336,12 +401,10 @@ struct Shared {
     cursor: u64,
     log_changed: Arc<Notify>,
     metrics: Arc<ShipperMetrics>,
-    unacked: Unacked,
 }
 
 impl Shared {
     fn publish(&mut self, force: bool) {
-        self.status.oldest_unacked_ns = self.unacked.oldest();
         self.metrics
             .snapshot
             .lock()
@@ -488,7 +551,6 @@ pub async fn run(
         cursor,
         log_changed,
         metrics,
-        unacked: Unacked::default(),
     };
     shared.publish(true);
     let mut backoff = Backoff::new(&shared.cfg.retry);
@@ -501,15 +563,17 @@ pub async fn run(
                 shared.endpoint.wait_idle().await;
                 return Ok(());
             }
-            SessionEnd::Permanent(reason) => {
+            SessionEnd::Failed(e) if e.class() == ErrorClass::Permanent => {
+                let reason = e.to_string();
                 tracing::error!(%reason, "permanent failure: replication stops, the group is critical");
                 shared.status.state = State::Critical;
-                shared.status.reason = Some(reason.clone());
+                shared.status.reason = Some(reason);
                 shared.status.last_error_class = Some(FailureClass::Permanent);
                 shared.publish(true);
-                return Err(ShipperFatal::Critical(reason));
+                return Err(ShipperFatal::Critical(e));
             }
-            SessionEnd::Transient(reason) | SessionEnd::OfferOlder(_, reason) => {
+            SessionEnd::Failed(e) => {
+                let reason = e.to_string();
                 let delay = backoff.next_delay(rand::random::<f64>());
                 shared.status.state = State::Connecting;
                 shared.status.protocol_version = None;
@@ -537,14 +601,14 @@ async fn send_frame(
     shared: &mut Shared,
     send: &mut quinn::SendStream,
     frame: &[u8],
-) -> Result<(), SessionEnd> {
+) -> Result<(), SessionError> {
     let wait = shared
         .bandwidth
         .take(frame.len() as u64, Instant::now(), local_minute_of_day());
     if !wait.is_zero() {
         tokio::time::sleep(wait).await;
     }
-    send.write_all(frame).await.map_err(|e| write_end(&e))?;
+    send.write_all(frame).await.map_err(write_end)?;
     shared.status.wire_bytes += frame.len() as u64;
     Ok(())
 }
@@ -556,20 +620,25 @@ async fn session(
 ) -> SessionEnd {
     let sources = match read_sources(shared.dir.path()) {
         Ok(Some(s)) => s,
-        Ok(None) => return transient("the tracker has not started on this log directory yet"),
-        Err(e) => return transient(e),
+        Ok(None) => return SessionError::TrackerNotStarted.into(),
+        Err(e) => return failed(e),
     };
-    let disks: Vec<DiskInfo> = sources
-        .iter()
-        .map(|s| DiskInfo {
-            id: s.id,
-            name: s.name.clone(),
-            size: s.size,
-        })
-        .collect();
     let generation = match newest_generation(&shared.dir) {
         Ok(g) => g,
-        Err(e) => return transient(format!("reading the log: {e}")),
+        Err(e) => return SessionError::Generation(e).into(),
+    };
+    let hello = HelloInfo {
+        host: shared.cfg.host.clone(),
+        group: shared.cfg.consistency_group.clone(),
+        generation,
+        disks: sources
+            .iter()
+            .map(|s| DiskInfo {
+                id: s.id,
+                name: s.name.clone(),
+                size: s.size,
+            })
+            .collect(),
     };
     // Every session offers every version this shipper speaks first: a
     // receiver upgraded since the last one is then spoken to in its newest.
@@ -581,33 +650,41 @@ async fn session(
             &shared.cfg.server_name,
         ) {
             Ok(c) => c,
-            Err(e) => return transient(format!("connecting to {}: {e}", shared.addr)),
+            Err(source) => {
+                return SessionError::Connect {
+                    addr: shared.addr,
+                    source,
+                }
+                .into()
+            }
         };
         let conn = tokio::select! {
             c = connecting => match c {
                 Ok(c) => c,
-                Err(e) => return connection_end(&e, &format!("connecting to {}", shared.addr)),
+                Err(e) => return connection_end(e, "connecting").into(),
             },
             _ = stop.changed() => return SessionEnd::Stopped,
         };
-        let end = run_connection(
-            shared,
-            backoff,
-            stop,
-            &conn,
-            disks.clone(),
-            sources.clone(),
-            generation,
-            offer,
-        )
-        .await;
+        let mut connection = Connection {
+            shared: &mut *shared,
+            sources: &sources,
+            opened: Vec::new(),
+            tail: None,
+            drain: None,
+            base: Counters::default(),
+        };
+        let end = connection
+            .run(backoff, stop, &conn, hello.clone(), offer)
+            .await;
         let reason: &[u8] = match &end {
             SessionEnd::Stopped => b"stopping",
             _ => b"error",
         };
         conn.close(0u32.into(), reason);
         match end {
-            SessionEnd::OfferOlder(version, _) if offer.max > version => {
+            SessionEnd::Failed(SessionError::Session(ShipperError::OfferOlder { version }))
+                if offer.max > version =>
+            {
                 tracing::info!(
                     receiver = %shared.addr,
                     version,
@@ -623,7 +700,7 @@ async fn session(
 
 /// Reads messages from the stream into a channel, so the sending loop can
 /// wait on them together with the log.
-fn spawn_reader(mut recv: quinn::RecvStream) -> mpsc::Receiver<Result<Received, SessionEnd>> {
+fn spawn_reader(mut recv: quinn::RecvStream) -> mpsc::Receiver<Result<Received, SessionError>> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         let mut decoder = MessageDecoder::new();
@@ -632,17 +709,15 @@ fn spawn_reader(mut recv: quinn::RecvStream) -> mpsc::Receiver<Result<Received, 
             match recv.read(&mut buf).await {
                 Ok(Some(n)) => decoder.feed(&buf[..n]),
                 Ok(None) => {
-                    let _ = tx
-                        .send(Err(transient("the receiver closed the stream")))
-                        .await;
+                    let _ = tx.send(Err(SessionError::StreamClosed)).await;
                     return;
                 }
                 Err(quinn::ReadError::ConnectionLost(c)) => {
-                    let _ = tx.send(Err(connection_end(&c, "receiving"))).await;
+                    let _ = tx.send(Err(connection_end(c, "receiving"))).await;
                     return;
                 }
                 Err(e) => {
-                    let _ = tx.send(Err(transient(format!("receiving: {e}")))).await;
+                    let _ = tx.send(Err(SessionError::Read(e))).await;
                     return;
                 }
             }
@@ -655,9 +730,7 @@ fn spawn_reader(mut recv: quinn::RecvStream) -> mpsc::Receiver<Result<Received, 
                     }
                     Ok(None) => break,
                     Err(e) => {
-                        let _ = tx
-                            .send(Err(transient(format!("bad frame from the receiver: {e}"))))
-                            .await;
+                        let _ = tx.send(Err(SessionError::BadFrame(e))).await;
                         return;
                     }
                 }
@@ -667,634 +740,352 @@ fn spawn_reader(mut recv: quinn::RecvStream) -> mpsc::Receiver<Result<Received, 
     rx
 }
 
-/// Block size of the second, fine comparison of a coarse block that
-/// differs: only the 4 KiB blocks that differ travel.
-const FINE_BLOCK: u32 = 4096;
-
-/// An extent to compare by digests of `block_size` blocks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Compare {
-    disk: u32,
-    offset: u64,
-    length: u64,
-    block_size: u32,
+/// The status counters that add up across sessions, as they stood when
+/// this session began (the core counts from zero in each).
+#[derive(Default, Clone, Copy)]
+struct Counters {
+    resync_blocks_compared: u64,
+    resync_blocks_sent: u64,
+    resync_bytes_sent: u64,
 }
 
-/// How long a drain waits for the tracker to stop.
-const TRACKER_STOP_TIMEOUT: Duration = Duration::from_secs(120);
+/// A drain's tracker stop, running on a blocking thread.
+type TrackerStop = tokio::task::JoinHandle<Result<tidemark_tracker::control::Stopped, String>>;
 
-/// A planned failover in progress: the tracker is being stopped, then
-/// everything its log holds is shipped, then the receiver is told.
-struct DrainJob {
-    id: u64,
-    /// The tracker's stop, running on a blocking thread.
-    stopping: Option<tokio::task::JoinHandle<Result<tidemark_tracker::control::Stopped, String>>>,
-    /// The stopped tracker's last record, once known.
-    last_seq: Option<u64>,
+/// The IO side of one connection: what the core asks for is read here.
+struct Connection<'a> {
+    shared: &'a mut Shared,
+    sources: &'a [tidemark_changelog::DiskSource],
+    /// Disks opened for the initial sync, by id.
+    opened: Vec<(u32, SourceDisk)>,
+    tail: Option<LogTail>,
+    /// A drain the receiver asked for: its id and the tracker's stop.
+    drain: Option<(u64, TrackerStop)>,
+    base: Counters,
 }
 
-/// The extents a connection still has to compare by digests.
-#[derive(Default)]
-struct Resync {
-    /// Extents still to compare.
-    queue: VecDeque<Compare>,
-}
-
-/// What a connection has going on besides streaming the log.
-#[derive(Default)]
-struct ConnectionWork {
-    resync: Resync,
-    /// A drain the receiver asked for.
-    drain: Option<DrainJob>,
-}
-
-impl Resync {
-    /// Queues an extent, in pieces one digest request can cover, compared
-    /// first in coarse blocks of `block_size`.
-    fn push(&mut self, disk: u32, offset: u64, length: u64, block_size: u32) {
-        let mut at = offset;
-        let end = offset.saturating_add(length);
-        while at < end {
-            let n = (end - at).min(MAX_DIGEST_EXTENT);
-            self.queue.push_back(Compare {
-                disk,
-                offset: at,
-                length: n,
-                block_size,
-            });
-            at += n;
-        }
-    }
-
-    /// Queues the coarse blocks that differed for a fine comparison, ahead
-    /// of everything else so the extent they came from finishes first.
-    fn refine(&mut self, disk: u32, differ: &[Extent]) {
-        for e in differ.iter().rev() {
-            self.queue.push_front(Compare {
-                disk,
-                offset: e.offset,
-                length: e.length,
-                block_size: FINE_BLOCK,
-            });
-        }
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn run_connection(
-    shared: &mut Shared,
-    backoff: &mut Backoff,
-    stop: &mut watch::Receiver<bool>,
-    conn: &quinn::Connection,
-    disks: Vec<DiskInfo>,
-    sources: Vec<tidemark_changelog::DiskSource>,
-    generation: u32,
-    offer: Versions,
-) -> SessionEnd {
-    let (mut send, recv) = match conn.open_bi().await {
-        Ok(s) => s,
-        Err(e) => return connection_end(&e, "opening a stream"),
-    };
-    let mut rx = spawn_reader(recv);
-    let session_cfg = SessionConfig {
-        compression: Compression::Zstd(shared.cfg.compression_level),
-        versions: offer,
-        ..SessionConfig::default()
-    };
-    let hello = HelloInfo {
-        host: shared.cfg.host.clone(),
-        group: shared.cfg.consistency_group.clone(),
-        generation,
-        disks: disks.clone(),
-    };
-    let (awaiting, frame) = match AwaitingWelcome::start(hello, session_cfg) {
-        Ok(x) => x,
-        Err(e) => return permanent(e),
-    };
-    if let Err(e) = send_frame(shared, &mut send, &frame).await {
-        return e;
-    }
-    let welcome = tokio::select! {
-        m = rx.recv() => match m {
-            Some(Ok(m)) => m,
-            Some(Err(e)) => return e,
-            None => return transient("the connection ended before the welcome"),
-        },
-        _ = tokio::time::sleep(Duration::from_secs(30)) => return transient("no welcome from the receiver within 30 s"),
-        _ = stop.changed() => return SessionEnd::Stopped,
-    };
-    let dir = shared.dir.clone();
-    let lookup_error = std::cell::RefCell::new(None);
-    let first_after = |seq: u64| {
-        let from = if seq == 0 { 0 } else { seq + 1 };
-        match first_record_from(&dir, from) {
-            Ok(r) => r.map(|(seq, generation)| RecordId { seq, generation }),
-            Err(e) => {
-                *lookup_error.borrow_mut() = Some(e.to_string());
-                None
-            }
-        }
-    };
-    let answer = awaiting.answer_version(&welcome);
-    let (mut shipping, resume) = match awaiting.handle_message(welcome, first_after) {
-        Ok(x) => x,
-        Err(e @ ShipperError::OfferOlder { version }) => {
-            return SessionEnd::OfferOlder(version, e.to_string())
-        }
-        Err(e) => {
-            if let Some(f) = e.to_frame(answer) {
-                let _ = send.write_all(&f).await;
-            }
-            return classify(e.class(), e.to_string());
-        }
-    };
-    if let Some(e) = lookup_error.into_inner() {
-        return permanent(format!("reading the change log: {e}"));
-    }
-    backoff.reset();
-    shared.status.retries = 0;
-    shared.status.reason = None;
-    tracing::info!(
-        receiver = %shared.addr,
-        durable = resume.durable.seq,
-        from = resume.from_seq,
-        protocol = resume.version,
-        receiver_software = %resume.receiver_software,
-        "connected; shipping"
-    );
-    shared.status.protocol_version = Some(resume.version);
-    shared.status.receiver_software =
-        Some(resume.receiver_software.clone()).filter(|s| !s.is_empty());
-    let mut tail = match LogTail::open(shared.dir.path(), resume.from_seq) {
-        Ok(t) => t,
-        Err(e) => return permanent(e),
-    };
-    let mut syncs: Vec<SyncCursor> = disks
-        .iter()
-        .map(|d| SyncCursor {
-            id: d.id,
-            size: d.size,
-            next: resume
-                .disks
-                .iter()
-                .find(|s| s.id == d.id)
-                .map_or(0, |s| s.synced),
-            source: None,
-        })
-        .collect();
-    shared.status.disks = disks
-        .iter()
-        .zip(&syncs)
-        .map(|(d, s)| DiskProgress {
-            name: d.name.to_string(),
-            size: d.size,
-            synced: s.next,
-            data_bytes: 0,
-            rate_bytes_per_sec: 0,
-            eta_seconds: (s.next >= s.size).then_some(0),
-            started: Some((s.next, Instant::now())),
-        })
-        .collect();
-    shared.status.durable_seq = resume.durable.seq;
-    shared.unacked.acked(resume.durable.seq);
-    let batch_size = usize::try_from(shared.cfg.batch_size.0).unwrap_or(usize::MAX);
-    let chunk_size = shared.cfg.sync_chunk_size.0.max(4096);
-    let block_size = u32::try_from(chunk_size).unwrap_or(1 << 20);
-    let mut work = ConnectionWork::default();
-    for e in &resume.resyncing {
-        work.resync.push(e.disk, e.offset, e.length, block_size);
-    }
-    if !work.resync.queue.is_empty() {
-        tracing::info!(
-            extents = work.resync.queue.len(),
-            "the replica waits for a resync of extents"
-        );
-    }
-
-    loop {
-        // Everything the receiver said so far.
+impl Connection<'_> {
+    async fn run(
+        &mut self,
+        backoff: &mut Backoff,
+        stop: &mut watch::Receiver<bool>,
+        conn: &quinn::Connection,
+        hello: HelloInfo,
+        offer: Versions,
+    ) -> SessionEnd {
+        let (mut send, recv) = match conn.open_bi().await {
+            Ok(s) => s,
+            Err(e) => return connection_end(e, "opening a stream").into(),
+        };
+        let mut rx = spawn_reader(recv);
+        let cfg = &self.shared.cfg;
+        let config = CoreConfig {
+            session: SessionConfig {
+                compression: Compression::Zstd(cfg.compression_level),
+                versions: offer,
+                ..SessionConfig::default()
+            },
+            batch_bytes: usize::try_from(cfg.batch_size.0).unwrap_or(usize::MAX),
+            chunk_bytes: cfg.sync_chunk_size.0.max(4096),
+            stop_grace: STOP_GRACE,
+            ..CoreConfig::default()
+        };
+        let mut core = match ShipperCore::new(hello, config, Instant::now()) {
+            Ok(c) => c,
+            Err(e) => return failed(e),
+        };
+        let s = &self.shared.status;
+        self.base = Counters {
+            resync_blocks_compared: s.resync_blocks_compared,
+            resync_blocks_sent: s.resync_blocks_sent,
+            resync_bytes_sent: s.resync_bytes_sent,
+        };
+        let mut stop_sent = false;
         loop {
+            while let Some(frame) = core.poll_transmit() {
+                if let Err(e) = send_frame(self.shared, &mut send, &frame).await {
+                    return e.into();
+                }
+            }
+            while let Some(event) = core.poll_event() {
+                match event {
+                    CoreEvent::Stopped => {
+                        let _ = send.finish();
+                        return SessionEnd::Stopped;
+                    }
+                    CoreEvent::Retry(e) | CoreEvent::Critical(e) => {
+                        // What the core still had to say (its Error frame).
+                        while let Some(frame) = core.poll_transmit() {
+                            let _ = send.write_all(&frame).await;
+                        }
+                        return failed(e);
+                    }
+                    event => {
+                        if let Err(e) = self.on_event(event, backoff) {
+                            return e.into();
+                        }
+                    }
+                }
+            }
+            self.publish(&core);
+            if *stop.borrow() && !stop_sent {
+                stop_sent = true;
+                core.stop(Instant::now());
+                continue;
+            }
+            if self.drain.as_ref().is_some_and(|(_, h)| h.is_finished()) {
+                let (id, handle) = self.drain.take().expect("checked above");
+                let last = self.drained(handle).await;
+                match &last {
+                    Ok(seq) => {
+                        tracing::info!(id, last_seq = seq, "tracker stopped; shipping what is left")
+                    }
+                    Err(why) => tracing::warn!(reason = %why, "cannot drain the group"),
+                }
+                core.handle_drain_ready(id, last.as_ref().copied().map_err(String::as_str));
+                continue;
+            }
+            // Everything the receiver said so far, before deciding.
             match rx.try_recv() {
                 Ok(Ok(msg)) => {
-                    if let Err(e) =
-                        handle(shared, &mut shipping, &mut send, &sources, &mut work, msg).await
-                    {
-                        return e;
-                    }
+                    core.handle_message(msg, Instant::now());
+                    continue;
                 }
-                Ok(Err(e)) => return e,
-                Err(mpsc::error::TryRecvError::Empty) => break,
+                Ok(Err(e)) => return e.into(),
+                Err(mpsc::error::TryRecvError::Empty) => {}
                 Err(mpsc::error::TryRecvError::Disconnected) => {
-                    return transient("the connection's reader ended")
+                    return SessionError::ReaderEnded.into()
                 }
             }
-        }
-        let settled = work.resync.queue.is_empty()
-            && shipping.pending_digests() == 0
-            && syncs.iter().all(|s| s.next >= s.size);
-        if let Err(e) =
-            advance_drain(shared, &mut shipping, &mut send, &mut work.drain, settled).await
-        {
-            return e;
-        }
-        if *stop.borrow() {
-            return finish(
-                shared,
-                &mut shipping,
-                &mut send,
-                &mut rx,
-                &sources,
-                &mut work,
-            )
-            .await;
-        }
-
-        let mut progressed = false;
-        if shipping.can_send() {
-            let batch = tokio::task::block_in_place(|| tail.next_batch(batch_size, Duration::ZERO));
-            match batch {
-                Ok(Some(batch)) => {
-                    shared.status.log_seq = shared.status.log_seq.max(batch.last_seq);
-                    let records = match RecordBatch::from_bytes(batch.bytes) {
-                        Ok(r) => r,
-                        Err(e) => {
-                            return permanent(format!("the change log holds a bad record: {e}"))
-                        }
-                    };
-                    let frame = match shipping.send_records(&records) {
-                        Ok(f) => f,
-                        Err(e) => return classify(e.class(), e.to_string()),
-                    };
-                    shared.unacked.sent(records.as_bytes());
-                    if let Err(e) = send_frame(shared, &mut send, &frame).await {
-                        return e;
-                    }
-                    shared.status.record_bytes += records.byte_len() as u64;
-                    shared.status.sent_seq = batch.last_seq;
-                    // While the group's initial sync runs, the receiver copies
-                    // a resync-needed extent again with the initial sync (it
-                    // has no consistent state to protect yet): the disk's
-                    // sync position goes back to the extent. Afterwards the
-                    // extent is compared by digests.
-                    let initial_sync = syncs.iter().any(|s| s.next < s.size);
-                    for (disk, offset, length) in batch.resync_needed {
-                        match syncs.iter_mut().find(|s| s.id == disk) {
-                            Some(s) if initial_sync => s.next = s.next.min(offset),
-                            _ => work.resync.push(disk, offset, length, block_size),
-                        }
-                    }
-                    progressed = true;
+            if let Some(need) = core.poll_need() {
+                if let Err(e) = self.serve(&mut core, need) {
+                    return e.into();
                 }
-                Ok(None) => {}
-                Err(e) => return permanent(format!("reading the change log: {e}")),
+                continue;
             }
-            if !progressed && shipping.pending_digests() == 0 {
-                if let Some(c) = work.resync.queue.pop_front() {
-                    shared.status.state = State::Resyncing;
-                    let frame = match shipping.send_digest_request(
-                        c.disk,
-                        c.offset,
-                        c.length,
-                        c.block_size,
-                    ) {
-                        Ok(f) => f,
-                        Err(e) => return classify(e.class(), e.to_string()),
-                    };
-                    if let Err(e) = send_frame(shared, &mut send, &frame).await {
-                        return e;
-                    }
-                    progressed = true;
-                }
-            }
-            if !progressed {
-                if let Some(s) = syncs.iter_mut().find(|s| s.next < s.size) {
-                    shared.status.state = State::InitialSync;
-                    if s.source.is_none() {
-                        let Some(src) = sources.iter().find(|d| d.id == s.id) else {
-                            return permanent(format!("disk {} is not in the disks file", s.id));
-                        };
-                        match SourceDisk::open(&src.path, s.size) {
-                            Ok(d) => s.source = Some(d),
-                            Err(e) => {
-                                return transient(format!(
-                                    "opening disk {} ({}) for the initial sync: {e}",
-                                    src.name,
-                                    src.path.display()
-                                ))
-                            }
-                        }
-                    }
-                    let (offset, len) = (s.next, chunk_size.min(s.size - s.next));
-                    let source = s.source.as_ref().expect("opened above");
-                    let content = match tokio::task::block_in_place(|| source.chunk(offset, len)) {
-                        Ok(c) => c,
-                        Err(e) => {
-                            return transient(format!("reading disk {} at {offset}: {e}", s.id))
-                        }
-                    };
-                    let data = match content {
-                        ChunkContent::Zero(n) => ChunkData::Zero(n),
-                        ChunkContent::Data(d) => {
-                            if let Some(p) = shared.status.disks.get_mut(s.id as usize) {
-                                p.data_bytes += d.len() as u64;
-                            }
-                            ChunkData::Data(d)
-                        }
-                    };
-                    let frame =
-                        match shipping.send_chunk(s.id, offset, ChunkPurpose::InitialSync, data) {
-                            Ok(f) => f,
-                            Err(e) => return classify(e.class(), e.to_string()),
-                        };
-                    if let Err(e) = send_frame(shared, &mut send, &frame).await {
-                        return e;
-                    }
-                    s.next += len;
-                    progressed = true;
-                }
-            }
-        }
-        if !progressed {
-            // Protected once the receiver has acknowledged the whole
-            // initial sync as durable (what the status's `synced` shows),
-            // not once its last chunk was sent.
-            if work.resync.queue.is_empty()
-                && shipping.pending_digests() == 0
-                && shared.status.disks.iter().all(|d| d.synced >= d.size)
-            {
-                shared.status.state = State::Protected;
-            }
-            shared.publish(false);
+            let deadline = core
+                .poll_timeout()
+                .map_or(Duration::from_secs(1), |t| {
+                    t.saturating_duration_since(Instant::now())
+                })
+                // A drain's tracker stop is looked at every second.
+                .min(Duration::from_secs(1));
             tokio::select! {
                 m = rx.recv() => match m {
-                    Some(Ok(msg)) => {
-                        if let Err(e) = handle(shared, &mut shipping, &mut send, &sources, &mut work, msg).await {
-                            return e;
-                        }
-                    }
-                    Some(Err(e)) => return e,
-                    None => return transient("the connection's reader ended"),
+                    Some(Ok(msg)) => core.handle_message(msg, Instant::now()),
+                    Some(Err(e)) => return e.into(),
+                    None => return SessionError::ReaderEnded.into(),
                 },
-                _ = shared.log_changed.notified() => {}
-                _ = stop.changed() => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = self.shared.log_changed.notified() => core.handle_log_changed(),
+                _ = stop.changed(), if !stop_sent => {}
+                _ = tokio::time::sleep(deadline) => {}
             }
+            core.handle_timeout(Instant::now());
         }
-        shared.publish(false);
     }
-}
 
-/// Handles one message from the receiver.
-async fn handle(
-    shared: &mut Shared,
-    shipping: &mut Shipping,
-    send: &mut quinn::SendStream,
-    sources: &[tidemark_changelog::DiskSource],
-    work: &mut ConnectionWork,
-    msg: Received,
-) -> Result<(), SessionEnd> {
-    match shipping.handle_message(msg) {
-        Ok(ShipperEvent::Acked { durable, disks, .. }) => {
-            if durable.seq > shared.cursor {
-                let dir = shared.dir.clone();
-                tokio::task::block_in_place(|| write_cursor(&dir, durable.seq))
-                    .map_err(|e| permanent(format!("writing the log cursor: {e}")))?;
-                shared.cursor = durable.seq;
-            }
-            shared.status.durable_seq = durable.seq;
-            if let Some(ts) = shared.unacked.acked(durable.seq) {
-                let now = tidemark_changelog::now_ns();
-                shared.metrics.lag.observe_ns(now.saturating_sub(ts));
-            }
-            for d in disks {
-                if let Some(p) = shared.status.disks.get_mut(d.id as usize) {
-                    p.advance(d.synced);
+    /// Acts on an event that does not end the session.
+    fn on_event(&mut self, event: CoreEvent, backoff: &mut Backoff) -> Result<(), SessionError> {
+        let shared = &mut *self.shared;
+        match event {
+            CoreEvent::Connected(resume) => {
+                backoff.reset();
+                shared.status.retries = 0;
+                shared.status.reason = None;
+                tracing::info!(
+                    receiver = %shared.addr,
+                    durable = resume.durable.seq,
+                    from = resume.from_seq,
+                    protocol = resume.version,
+                    receiver_software = %resume.receiver_software,
+                    "connected; shipping"
+                );
+                shared.status.protocol_version = Some(resume.version);
+                shared.status.receiver_software =
+                    Some(resume.receiver_software.clone()).filter(|s| !s.is_empty());
+                shared.status.durable_seq = resume.durable.seq;
+                self.tail = Some(LogTail::open(shared.dir.path(), resume.from_seq)?);
+                if !resume.resyncing.is_empty() {
+                    tracing::info!(
+                        extents = resume.resyncing.len(),
+                        "the replica waits for a resync of extents"
+                    );
                 }
             }
-            Ok(())
-        }
-        Ok(ShipperEvent::Digests(reply)) => {
-            resync_extent(shared, shipping, send, sources, &mut work.resync, reply).await
-        }
-        Ok(ShipperEvent::DrainRequested { id }) => {
-            if work.drain.as_ref().is_some_and(|d| d.id == id) {
-                return Ok(());
+            CoreEvent::CursorAdvanced {
+                durable,
+                oldest_acked_ns,
+            } => {
+                if durable.seq > shared.cursor {
+                    let dir = shared.dir.clone();
+                    tokio::task::block_in_place(|| write_cursor(&dir, durable.seq))
+                        .map_err(SessionError::Cursor)?;
+                    shared.cursor = durable.seq;
+                }
+                if let Some(ts) = oldest_acked_ns {
+                    let now = tidemark_changelog::now_ns();
+                    shared.metrics.lag.observe_ns(now.saturating_sub(ts));
+                }
             }
-            let control = shared.cfg.tracker_control_socket.clone();
-            tracing::info!(
-                id,
-                control = %control.display(),
-                "planned failover: the replica site asks to drain; stopping the tracker"
-            );
-            let stopping = tokio::task::spawn_blocking(move || {
-                tidemark_tracker::control::stop_tracker(&control, TRACKER_STOP_TIMEOUT)
-            });
-            work.drain = Some(DrainJob {
-                id,
-                stopping: Some(stopping),
-                last_seq: None,
-            });
-            Ok(())
-        }
-        Err(e) => Err(classify(e.class(), e.to_string())),
-    }
-}
-
-/// Compares the receiver's digests of an extent with the disk. Coarse
-/// blocks that differ are queued for a second comparison in 4 KiB blocks
-/// and the rest of the extent is marked in sync; at 4 KiB the blocks that
-/// differ are sent and the extent is marked in sync. So what travels is
-/// the 4 KiB blocks that differ, plus digests.
-async fn resync_extent(
-    shared: &mut Shared,
-    shipping: &mut Shipping,
-    send: &mut quinn::SendStream,
-    sources: &[tidemark_changelog::DiskSource],
-    resync: &mut Resync,
-    reply: DigestReply,
-) -> Result<(), SessionEnd> {
-    let req = reply.request;
-    let Some(src) = sources.iter().find(|d| d.id == req.disk) else {
-        return Err(permanent(format!("resync of unknown disk {}", req.disk)));
-    };
-    // Read once: the digests and the blocks sent come from the same bytes,
-    // read after everything sent so far was written to the disk.
-    let data = tokio::task::block_in_place(|| {
-        SourceDisk::open(&src.path, src.size).and_then(|d| d.read(req.offset, req.length))
-    })
-    .map_err(|e| transient(format!("reading disk {} for resync: {e}", src.name)))?;
-    let local = tidemark_wire::block_digests(&data, req.block_size);
-    let Some(differ) = differing_blocks(&req, &local, &reply.digests) else {
-        return Err(permanent("digests count does not match the request"));
-    };
-    if req.block_size > FINE_BLOCK {
-        shared.status.resync_blocks_compared += local.len() as u64;
-        // The differing blocks stay pending at the receiver until their
-        // fine comparison ends; everything between them is in sync now.
-        let end = req.offset + req.length;
-        let mut at = req.offset;
-        for e in differ.iter().chain(std::iter::once(&Extent {
-            offset: end,
-            length: 0,
-        })) {
-            if e.offset > at {
-                let frame = shipping
-                    .send_resync_done(req.disk, at, e.offset - at)
-                    .map_err(|e| classify(e.class(), e.to_string()))?;
-                send_frame(shared, send, &frame).await?;
+            CoreEvent::DrainRequested { id } => {
+                let control = shared.cfg.tracker_control_socket.clone();
+                tracing::info!(
+                    id,
+                    control = %control.display(),
+                    "planned failover: the replica site asks to drain; stopping the tracker"
+                );
+                let stopping = tokio::task::spawn_blocking(move || {
+                    tidemark_tracker::control::stop_tracker(&control, TRACKER_STOP_TIMEOUT)
+                });
+                self.drain = Some((id, stopping));
             }
-            at = e.offset + e.length;
+            CoreEvent::Retry(_) | CoreEvent::Critical(_) | CoreEvent::Stopped => {
+                unreachable!("handled by the loop")
+            }
         }
-        resync.refine(req.disk, &differ);
-        return Ok(());
+        Ok(())
     }
-    for ext in differ {
-        let start = (ext.offset - req.offset) as usize;
-        let bytes = data[start..start + ext.length as usize].to_vec();
-        shared.status.resync_blocks_sent += ext.length.div_ceil(u64::from(req.block_size));
-        shared.status.resync_bytes_sent += ext.length;
-        let frame = shipping
-            .send_chunk(
-                req.disk,
-                ext.offset,
-                ChunkPurpose::Resync,
-                ChunkData::Data(bytes),
-            )
-            .map_err(|e| classify(e.class(), e.to_string()))?;
-        send_frame(shared, send, &frame).await?;
-    }
-    let frame = shipping
-        .send_resync_done(req.disk, req.offset, req.length)
-        .map_err(|e| classify(e.class(), e.to_string()))?;
-    send_frame(shared, send, &frame).await
-}
 
-/// Moves a drain on: once the tracker has stopped, learns the log's last
-/// record; once that record is sent and no sync or resync is left
-/// (`settled`), tells the receiver. A tracker that cannot be stopped is
-/// reported to the receiver, and replication goes on.
-async fn advance_drain(
-    shared: &mut Shared,
-    shipping: &mut Shipping,
-    send: &mut quinn::SendStream,
-    drain: &mut Option<DrainJob>,
-    settled: bool,
-) -> Result<(), SessionEnd> {
-    let Some(job) = drain.as_mut() else {
-        return Ok(());
-    };
-    if let Some(stopping) = job.stopping.as_ref() {
-        if !stopping.is_finished() {
-            return Ok(());
-        }
-        let stopping = job.stopping.take().expect("checked above");
-        let stopped = match stopping.await {
+    /// The stopped tracker's last record (`Err`: why the group cannot be
+    /// drained, told to the receiver).
+    async fn drained(&mut self, handle: TrackerStop) -> Result<u64, String> {
+        let stopped = match handle.await {
             Ok(r) => r,
             Err(e) => Err(format!("stopping the tracker: {e}")),
         };
-        let last = stopped.and_then(|how| {
-            let dir = shared.dir.clone();
+        stopped.and_then(|how| {
+            let dir = self.shared.dir.clone();
             let report = tokio::task::block_in_place(|| tidemark_changelog::check(&dir))
                 .map_err(|e| format!("reading the log after the tracker stopped: {e}"))?;
             if !report.is_clean() {
                 return Err("the log is damaged: run `tidemark log check` on it".to_string());
             }
-            tracing::info!(?how, last_seq = ?report.last_seq, "tracker stopped; shipping what is left");
+            tracing::info!(?how, "tracker stopped");
             Ok(report.last_seq.unwrap_or(0))
-        });
-        match last {
-            Ok(seq) => job.last_seq = Some(seq),
-            Err(why) => {
-                tracing::warn!(reason = %why, "cannot drain the group");
-                let id = job.id;
-                *drain = None;
-                let frame = shipping
-                    .send_drained(id, 0, &why)
-                    .map_err(|e| classify(e.class(), e.to_string()))?;
-                return send_frame(shared, send, &frame).await;
-            }
-        }
+        })
     }
-    let Some(last) = job.last_seq else {
-        return Ok(());
-    };
-    if !settled || shipping.last_sent_seq() < last {
-        return Ok(());
-    }
-    let id = job.id;
-    *drain = None;
-    let frame = shipping
-        .send_drained(id, shipping.last_sent_seq(), "")
-        .map_err(|e| classify(e.class(), e.to_string()))?;
-    tracing::info!(
-        id,
-        last_seq = last,
-        "drained: every record is sent; the receiver is told"
-    );
-    send_frame(shared, send, &frame).await
-}
 
-/// A clean stop: wait a little for the Acks of what is in flight, so the
-/// cursor is as far as it can be, then close.
-async fn finish(
-    shared: &mut Shared,
-    shipping: &mut Shipping,
-    send: &mut quinn::SendStream,
-    rx: &mut mpsc::Receiver<Result<Received, SessionEnd>>,
-    sources: &[tidemark_changelog::DiskSource],
-    work: &mut ConnectionWork,
-) -> SessionEnd {
-    let deadline = tokio::time::Instant::now() + STOP_GRACE;
-    while shipping.in_flight_bytes() > 0 {
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some(Ok(msg))) => {
-                if handle(shared, shipping, send, sources, work, msg)
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
+    /// Reads what the core needs and hands it over.
+    fn serve(&mut self, core: &mut ShipperCore, need: Need) -> Result<(), SessionError> {
+        match need {
+            Need::FirstRecordAfter { after } => {
+                let from = if after == 0 { 0 } else { after + 1 };
+                let dir = self.shared.dir.clone();
+                let first = tokio::task::block_in_place(|| first_record_from(&dir, from))
+                    .map_err(|e| SessionError::Log(Box::new(e)))?;
+                core.handle_first_record(
+                    first.map(|(seq, generation)| RecordId { seq, generation }),
+                    Instant::now(),
+                );
             }
-            _ => break,
+            Need::LogBatch { max_bytes } => {
+                let Some(tail) = self.tail.as_mut() else {
+                    core.handle_log_batch(None, Instant::now());
+                    return Ok(());
+                };
+                let batch =
+                    tokio::task::block_in_place(|| tail.next_batch(max_bytes, Duration::ZERO))?;
+                let records = match batch {
+                    Some(b) => {
+                        let r =
+                            RecordBatch::from_bytes(b.bytes).map_err(SessionError::BadRecord)?;
+                        self.shared.status.record_bytes += r.byte_len() as u64;
+                        Some(r)
+                    }
+                    None => None,
+                };
+                core.handle_log_batch(records, Instant::now());
+            }
+            Need::Chunk {
+                disk,
+                offset,
+                length,
+                purpose,
+            } => {
+                let Some(src) = self.sources.iter().find(|d| d.id == disk) else {
+                    return Err(SessionError::UnknownDisk(disk));
+                };
+                let fail = |source| SessionError::Disk {
+                    name: src.name.clone(),
+                    path: src.path.display().to_string(),
+                    offset,
+                    source,
+                };
+                let data = match purpose {
+                    ChunkPurpose::InitialSync => {
+                        if !self.opened.iter().any(|(id, _)| *id == disk) {
+                            let d = SourceDisk::open(&src.path, src.size).map_err(fail)?;
+                            self.opened.push((disk, d));
+                        }
+                        let (_, source) = self
+                            .opened
+                            .iter()
+                            .find(|(id, _)| *id == disk)
+                            .expect("opened above");
+                        match tokio::task::block_in_place(|| source.chunk(offset, length))
+                            .map_err(fail)?
+                        {
+                            ChunkContent::Zero(n) => ChunkData::Zero(n),
+                            ChunkContent::Data(d) => ChunkData::Data(d),
+                        }
+                    }
+                    // Read once: the digests and the blocks sent come from
+                    // the same bytes, read after everything sent so far was
+                    // written to the disk.
+                    ChunkPurpose::Resync => ChunkData::Data(
+                        tokio::task::block_in_place(|| {
+                            SourceDisk::open(&src.path, src.size)
+                                .and_then(|d| d.read(offset, length))
+                        })
+                        .map_err(fail)?,
+                    ),
+                };
+                core.handle_chunk(data);
+            }
         }
+        Ok(())
     }
-    let _ = send.finish();
-    SessionEnd::Stopped
+
+    /// The status file and metrics from the core's view, as of now.
+    fn publish(&mut self, core: &ShipperCore) {
+        let now = Instant::now();
+        let c = core.status(now);
+        let s = &mut self.shared.status;
+        if let Some(state) = match c.phase {
+            Phase::Connecting => None,
+            Phase::InitialSync => Some(State::InitialSync),
+            Phase::Resyncing => Some(State::Resyncing),
+            Phase::Protected => Some(State::Protected),
+        } {
+            s.state = state;
+            s.durable_seq = c.durable_seq;
+            s.sent_seq = c.sent_seq;
+            s.log_seq = s.log_seq.max(c.log_seq);
+            s.oldest_unacked_ns = c.oldest_unacked_ns;
+            s.resync_blocks_compared = self.base.resync_blocks_compared + c.resync_blocks_compared;
+            s.resync_blocks_sent = self.base.resync_blocks_sent + c.resync_blocks_sent;
+            s.resync_bytes_sent = self.base.resync_bytes_sent + c.resync_bytes_sent;
+            s.disks = self
+                .sources
+                .iter()
+                .zip(&c.disks)
+                .map(|(src, d)| DiskProgress {
+                    name: src.name.to_string(),
+                    size: d.size,
+                    synced: d.synced,
+                    data_bytes: d.data_bytes,
+                    rate_bytes_per_sec: d.rate_bytes_per_sec,
+                    eta_seconds: d.eta_seconds,
+                })
+                .collect();
+        }
+        self.shared.publish(false);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tidemark_changelog::Entry;
-
-    fn records(seqs: std::ops::RangeInclusive<u64>) -> Vec<u8> {
-        let mut out = Vec::new();
-        for seq in seqs {
-            let e = Entry::barrier(seq * 1_000);
-            out.extend_from_slice(&e.encode(seq, 1));
-        }
-        out
-    }
-
-    #[test]
-    fn unacked_tracks_the_oldest_record_and_forgets_resent_ones() {
-        let mut u = Unacked::default();
-        assert_eq!(u.oldest(), None);
-        u.sent(&records(1..=3));
-        u.sent(&records(4..=5));
-        assert_eq!(u.oldest(), Some(1_000));
-        assert_eq!(u.acked(2), Some(1_000), "the ack covered record 1");
-        assert_eq!(u.oldest(), Some(3_000));
-        // A reconnect sends 3..=5 again: no duplicates.
-        u.sent(&records(3..=5));
-        assert_eq!(u.0.len(), 3);
-        assert_eq!(u.acked(2), None, "nothing new acknowledged");
-        assert_eq!(u.acked(5), Some(3_000));
-        assert_eq!(u.oldest(), None, "caught up");
-        // Garbage is ignored, not a panic.
-        u.sent(&[0xff; 10]);
-        assert_eq!(u.oldest(), None);
-    }
 
     #[test]
     fn metrics_show_state_lag_and_error_class() {
@@ -1317,7 +1108,6 @@ mod tests {
                 data_bytes: 0,
                 rate_bytes_per_sec: 0,
                 eta_seconds: Some(0),
-                started: None,
             }],
             resync_blocks_compared: 0,
             resync_blocks_sent: 0,

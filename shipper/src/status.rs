@@ -93,27 +93,6 @@ pub struct DiskProgress {
     pub rate_bytes_per_sec: u64,
     /// Seconds until the initial sync completes at that rate.
     pub eta_seconds: Option<u64>,
-    /// Where this connection's sync began, and when (for the rate).
-    #[serde(skip)]
-    pub started: Option<(u64, std::time::Instant)>,
-}
-
-impl DiskProgress {
-    /// Records that the receiver has the disk synced up to `synced`.
-    pub fn advance(&mut self, synced: u64) {
-        self.synced = synced;
-        let now = std::time::Instant::now();
-        let (from, since) = *self.started.get_or_insert((synced, now));
-        let secs = now.duration_since(since).as_secs_f64();
-        if secs > 0.5 && synced > from {
-            let rate = (synced - from) as f64 / secs;
-            self.rate_bytes_per_sec = rate as u64;
-            self.eta_seconds = Some((self.size.saturating_sub(synced) as f64 / rate).ceil() as u64);
-        }
-        if synced >= self.size {
-            self.eta_seconds = Some(0);
-        }
-    }
 }
 
 /// The status file's content.

@@ -10,6 +10,9 @@
 //!   the verified run of change-log records a `Records` message carries.
 //! - [`shipper`]: the shipper's session ([`AwaitingWelcome`] → [`Shipping`]),
 //!   flow control and resync digest comparison.
+//! - [`shipper_core`]: everything the shipper decides for a connection
+//!   (order of work, resync, timeouts, drain, status), as a state machine
+//!   the daemon and the simulation both drive.
 //! - [`receiver`]: the receiver's session ([`ExpectHello`] → [`Receiving`])
 //!   driving a [`Replica`].
 //!
@@ -30,6 +33,7 @@ pub mod frame;
 pub mod message;
 pub mod receiver;
 pub mod shipper;
+pub mod shipper_core;
 
 pub use frame::{
     encode_frame, Compression, DecodeError, EncodeError, Frame, FrameDecoder, Versions,
@@ -47,3 +51,4 @@ pub use shipper::{
     block_digests, differing_blocks, AwaitingWelcome, DigestReply, DigestRequestInfo, Extent,
     HelloInfo, Resume, ShipperConfig, ShipperError, ShipperEvent, Shipping,
 };
+pub use shipper_core::{CoreConfig, CoreEvent, CoreStatus, DiskStatus, Need, Phase, ShipperCore};

@@ -107,6 +107,19 @@ pub enum ShipperError {
         /// The end to upgrade: "receiver" or "shipper".
         older: &'static str,
     },
+    /// No Welcome came within this long after the Hello.
+    #[error("no welcome from the receiver within {} s", waited.as_secs())]
+    NoWelcome {
+        /// How long the shipper waited.
+        waited: std::time::Duration,
+    },
+    /// The receiver said nothing for this long while frames were in
+    /// flight: taken for dead.
+    #[error("the receiver has been silent for {} s with frames in flight", silent.as_secs())]
+    PeerSilent {
+        /// How long it was silent.
+        silent: std::time::Duration,
+    },
     /// The daemon asked to send something out of order (a bug here).
     #[error("refused to send: {0}")]
     Usage(String),
@@ -126,7 +139,9 @@ impl ShipperError {
             | ShipperError::NoCommonVersion { .. } => ErrorClass::Permanent,
             ShipperError::Protocol(_)
             | ShipperError::Encode(_)
-            | ShipperError::OfferOlder { .. } => ErrorClass::Transient,
+            | ShipperError::OfferOlder { .. }
+            | ShipperError::NoWelcome { .. }
+            | ShipperError::PeerSilent { .. } => ErrorClass::Transient,
         }
     }
 
@@ -134,7 +149,10 @@ impl ShipperError {
     /// the receiver is the one that sent an Error, or has closed already).
     pub fn to_message(&self) -> Option<Message> {
         let (code, text) = match self {
-            ShipperError::Peer { .. } | ShipperError::OfferOlder { .. } => return None,
+            ShipperError::Peer { .. }
+            | ShipperError::OfferOlder { .. }
+            | ShipperError::NoWelcome { .. }
+            | ShipperError::PeerSilent { .. } => return None,
             ShipperError::CannotResume { code, reason } => (*code, reason.clone()),
             ShipperError::Protocol(s) => (ErrorCode::Protocol, s.clone()),
             ShipperError::NoCommonVersion { .. } => (ErrorCode::Protocol, self.to_string()),

@@ -8,6 +8,14 @@
 //! connections to their (fenced) sessions. Every seed must converge to the
 //! source byte for byte without a permanent error.
 //!
+//! The shipper side is the shipping daemon's own [`ShipperCore`]: this file
+//! only answers its needs (a log that grows as the steps pass and hands over
+//! random numbers of records, disks read as they are after the last record
+//! sent, chunks of a random size per connection) and carries its frames.
+//! Its clock is virtual: steps of 10 ms, now and then a stall of up to
+//! 400 ms, so the core's own timeouts (no welcome, a silent peer, the idle
+//! poll of the log) end stalled sessions.
+//!
 //! The two ends are of mixed releases too: a connection's shipper may
 //! offer only protocol version 1 (an older shipper), and its receiver may
 //! speak only version 1, or be of the release before version negotiation
@@ -15,14 +23,15 @@
 //! version-1 frame, as that release did). Every frame of a session must be
 //! of the version the session agreed on.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::time::{Duration, Instant};
 use tidemark_changelog::record::{Entry, Kind, Record};
 use tidemark_names::Name;
 use tidemark_wire::receiver::{ExpectHello, Position, ReceiverConfig, ReceiverError, Receiving};
 use tidemark_wire::shipper::{
-    block_digests, differing_blocks, AwaitingWelcome, Extent, HelloInfo, ShipperConfig,
-    ShipperError, ShipperEvent, Shipping,
+    block_digests, AwaitingWelcome, HelloInfo, ShipperConfig, ShipperError,
 };
+use tidemark_wire::shipper_core::{CoreConfig, CoreEvent, Need, ShipperCore};
 use tidemark_wire::{
     encode_frame, ChunkData, ChunkPurpose, Compression, DecodeError, DiskInfo, DiskSync,
     ErrorClass, ErrorCode, Message, MessageDecoder, MessageType, Received, RecordBatch, RecordId,
@@ -32,7 +41,6 @@ use tidemark_wire::{
 const HOST: &str = "db1";
 const SIZES: [u64; 2] = [32 << 10, 24 << 10];
 const CHUNK: u64 = 8 << 10;
-const BLOCK: u32 = 4096;
 
 struct Rng(u64);
 
@@ -173,6 +181,9 @@ struct MemReplica<'a> {
     lease: u64,
     record_applies: u64,
     commits: u64,
+    /// A resync-needed record during the initial sync moved a disk's sync
+    /// position back since the last commit.
+    rewound: bool,
 }
 
 impl<'a> MemReplica<'a> {
@@ -187,12 +198,14 @@ impl<'a> MemReplica<'a> {
             lease: 0,
             record_applies: 0,
             commits: 0,
+            rewound: false,
         }
     }
 
     fn crash(&mut self) {
         self.work = self.committed.clone();
         self.applied_since_commit.clear();
+        self.rewound = false;
     }
 
     fn synced(&mut self, disk: u32) -> &mut u64 {
@@ -290,8 +303,24 @@ impl Replica for MemReplica<'_> {
         match h.kind {
             Kind::Write => disks[d][o..o + l].copy_from_slice(&record.payload),
             Kind::WriteZeroes | Kind::Trim => disks[d][o..o + l].fill(0),
+            // As the replica store does: during the group's initial sync
+            // the extent is copied again by it (the disk's sync position
+            // goes back), afterwards it waits for a resync.
             Kind::ResyncNeeded => {
-                self.work.2.insert((h.disk, h.offset, h.length));
+                let initial_sync = self
+                    .work
+                    .1
+                    .disks
+                    .iter()
+                    .zip(&self.sizes)
+                    .any(|(d, s)| d.synced < *s);
+                if initial_sync {
+                    let d = self.synced(h.disk);
+                    *d = (*d).min(h.offset);
+                    self.rewound = true;
+                } else {
+                    self.work.2.insert((h.disk, h.offset, h.length));
+                }
             }
             Kind::Barrier | Kind::Marker => {}
         }
@@ -355,10 +384,14 @@ impl Replica for MemReplica<'_> {
             "durable seq went back"
         );
         for (a, b) in after.disks.iter().zip(&before.disks) {
-            assert!(a.synced >= b.synced, "synced offset went back");
+            assert!(
+                a.synced >= b.synced || self.rewound,
+                "synced offset went back"
+            );
         }
         self.committed = self.work.clone();
         self.applied_since_commit.clear();
+        self.rewound = false;
         self.commits += 1;
         Ok(self.committed_position())
     }
@@ -373,40 +406,19 @@ impl Replica for MemReplica<'_> {
     }
 }
 
-/// What the shipper daemon keeps across connections.
+/// What the simulated daemon keeps across connections: the versions to
+/// offer next, after a receiver of version 1 refused a newer hello.
 #[derive(Default)]
 struct ShipperDaemon {
-    /// Resync-needed extents sent but not yet known done, with the record
-    /// that asked for it (a resync only counts if it came after the record).
-    pending_resync: BTreeMap<(u32, u64, u64), u64>,
-    durable: u64,
-    /// The versions to offer on the next connection, after a receiver of
-    /// version 1 refused a newer hello.
     next_offer: Option<Versions>,
 }
 
-enum ResyncJob {
-    AwaitDigests((u32, u64, u64)),
-    Send {
-        extent: (u32, u64, u64),
-        chunks: VecDeque<Extent>,
-    },
-    AwaitDone {
-        extent: (u32, u64, u64),
-        frame: u64,
-    },
-}
-
+/// The daemon's side of one connection: the real shipper core, and the
+/// log position it has read up to.
 struct ShipperConn {
-    session: Shipping,
+    core: ShipperCore,
+    /// Index in the source's records of the next record to hand over.
     next_index: usize,
-    sync: Vec<u64>,
-    job: Option<ResyncJob>,
-}
-
-enum ShipperSide {
-    Awaiting(AwaitingWelcome),
-    Shipping(ShipperConn),
 }
 
 enum ReceiverSide {
@@ -415,7 +427,7 @@ enum ReceiverSide {
 }
 
 struct Conn {
-    shipper: Option<ShipperSide>,
+    shipper: ShipperConn,
     receiver: Option<ReceiverSide>,
     /// The receiver is of the release before version negotiation: it reads
     /// only frames of version 1.
@@ -426,7 +438,6 @@ struct Conn {
     to_shipper: VecDeque<Vec<u8>>,
     receiver_in: MessageDecoder,
     shipper_in: MessageDecoder,
-    idle_steps: u32,
 }
 
 /// The protocol version a frame's header names.
@@ -465,6 +476,14 @@ struct Stats {
     /// Hellos a version-1 receiver refused, and the shipper offered
     /// version 1 alone on its next connection.
     offered_older: u64,
+    /// Sessions the shipper core ended on a timeout (no welcome, a
+    /// silent peer).
+    timeouts: u64,
+    /// Stalls of the shipper's host (virtual time jumping ahead).
+    stalls: u64,
+    /// Coarse resync blocks compared, and fine blocks sent, by the core.
+    resync_compared: u64,
+    resync_sent: u64,
 }
 
 fn hello() -> HelloInfo {
@@ -484,23 +503,39 @@ fn hello() -> HelloInfo {
     }
 }
 
-fn connect(stats: &mut Stats, daemon: &mut ShipperDaemon, rng: &mut Rng) -> Conn {
+/// Milliseconds of virtual time per step of the simulation.
+const STEP: Duration = Duration::from_millis(10);
+
+fn connect(stats: &mut Stats, daemon: &mut ShipperDaemon, rng: &mut Rng, now: Instant) -> Conn {
     stats.connections += 1;
     let versions = daemon.next_offer.take().unwrap_or(if rng.chance(200) {
         Versions::only(1)
     } else {
         Versions::SUPPORTED
     });
-    let config = ShipperConfig {
-        window_bytes: 4096 + rng.below(64 << 10),
-        compression: if rng.chance(500) {
-            Compression::Fast
-        } else {
-            Compression::None
+    let config = CoreConfig {
+        session: ShipperConfig {
+            window_bytes: 4096 + rng.below(64 << 10),
+            compression: if rng.chance(500) {
+                Compression::Fast
+            } else {
+                Compression::None
+            },
+            versions,
         },
-        versions,
+        // Random sync chunks; above 4 KiB they are coarse resync blocks too.
+        chunk_bytes: 1 + rng.below(CHUNK),
+        // A stalled stream (a damaged length field, a dead peer) times out.
+        welcome_timeout: STEP * 20,
+        peer_timeout: STEP * 20,
+        idle_poll: STEP * 3,
+        ..CoreConfig::default()
     };
-    let (s, hello_frame) = AwaitingWelcome::start(hello(), config).unwrap();
+    let mut core = ShipperCore::new(hello(), config, now).unwrap();
+    let mut to_receiver = VecDeque::new();
+    while let Some(f) = core.poll_transmit() {
+        to_receiver.push_back(f);
+    }
     let mut rc = ReceiverConfig::new(&Name::from_static(HOST));
     rc.commit_bytes = 1 + rng.below(32 << 10);
     let legacy = rng.chance(150);
@@ -508,15 +543,17 @@ fn connect(stats: &mut Stats, daemon: &mut ShipperDaemon, rng: &mut Rng) -> Conn
         rc.versions = Versions::only(1);
     }
     Conn {
-        shipper: Some(ShipperSide::Awaiting(s)),
+        shipper: ShipperConn {
+            core,
+            next_index: 0,
+        },
         receiver: Some(ReceiverSide::Hello(ExpectHello::new(rc))),
         legacy,
         damaged: false,
-        to_receiver: VecDeque::from([hello_frame]),
+        to_receiver,
         to_shipper: VecDeque::new(),
         receiver_in: MessageDecoder::new(),
         shipper_in: MessageDecoder::new(),
-        idle_steps: 0,
     }
 }
 
@@ -524,144 +561,115 @@ fn first_after(source: &Source, seq: u64) -> Option<RecordId> {
     source.ids.iter().copied().find(|r| r.seq > seq)
 }
 
-/// One action of the shipper daemon, if it has something to send.
-fn shipper_send(
+/// Answers the core's next need as the daemon does (the log hands over a
+/// random number of the first `available` records; disks are read as they are after the last
+/// record sent), then takes its frames. Returns whether it did anything.
+fn shipper_step(
     c: &mut ShipperConn,
-    daemon: &mut ShipperDaemon,
     source: &Source,
+    available: usize,
     rng: &mut Rng,
-) -> Option<Vec<u8>> {
-    if !c.session.can_send() {
-        return None;
-    }
-    let s = &mut c.session;
-    match &mut c.job {
-        Some(ResyncJob::Send { extent, chunks }) => {
-            let frame = match chunks.pop_front() {
-                Some(e) => {
-                    let img = &source.image_at(s.last_sent_seq())[extent.0 as usize];
-                    let data = img[e.offset as usize..(e.offset + e.length) as usize].to_vec();
-                    s.send_chunk(
-                        extent.0,
-                        e.offset,
-                        ChunkPurpose::Resync,
-                        ChunkData::Data(data),
-                    )
+    now: Instant,
+    out: &mut VecDeque<Vec<u8>>,
+) -> bool {
+    let mut acted = false;
+    if let Some(need) = c.core.poll_need() {
+        acted = true;
+        match need {
+            Need::FirstRecordAfter { after } => {
+                c.core.handle_first_record(first_after(source, after), now)
+            }
+            Need::LogBatch { .. } => {
+                let left = available.saturating_sub(c.next_index);
+                if left == 0 {
+                    c.core.handle_log_batch(None, now);
+                } else {
+                    let n = (1 + rng.below(6) as usize).min(left);
+                    let slice = &source.records[c.next_index..c.next_index + n];
+                    let batch = RecordBatch::from_records(slice.iter().map(Vec::as_slice)).unwrap();
+                    c.next_index += n;
+                    c.core.handle_log_batch(Some(batch), now);
                 }
-                None => {
-                    let extent = *extent;
-                    let f = s.send_resync_done(extent.0, extent.1, extent.2);
-                    c.job = Some(ResyncJob::AwaitDone {
-                        extent,
-                        frame: s.frames_sent(),
-                    });
-                    f
-                }
-            };
-            return Some(frame.unwrap());
-        }
-        Some(_) => {}
-        None => {
-            let sent = s.last_sent_seq();
-            let ready = daemon.pending_resync.iter().find(|(_, &seq)| seq <= sent);
-            if let Some((&extent, _)) = ready {
-                if rng.chance(500) {
-                    c.job = Some(ResyncJob::AwaitDigests(extent));
-                    return Some(
-                        s.send_digest_request(extent.0, extent.1, extent.2, BLOCK)
-                            .unwrap(),
-                    );
-                }
+            }
+            Need::Chunk {
+                disk,
+                offset,
+                length,
+                purpose,
+            } => {
+                let sent = c.core.status(now).sent_seq;
+                let img = &source.image_at(sent)[disk as usize];
+                let bytes = &img[offset as usize..(offset + length) as usize];
+                let data = if purpose == ChunkPurpose::InitialSync && bytes.iter().all(|&b| b == 0)
+                {
+                    ChunkData::Zero(length)
+                } else {
+                    ChunkData::Data(bytes.to_vec())
+                };
+                c.core.handle_chunk(data);
             }
         }
     }
-    let unsynced: Vec<usize> = (0..SIZES.len()).filter(|&d| c.sync[d] < SIZES[d]).collect();
-    let more_records = c.next_index < source.records.len();
-    if !unsynced.is_empty() && (!more_records || rng.chance(400)) {
-        let d = unsynced[rng.below(unsynced.len() as u64) as usize];
-        let offset = c.sync[d];
-        let len = (1 + rng.below(CHUNK)).min(SIZES[d] - offset);
-        let bytes =
-            &source.image_at(s.last_sent_seq())[d][offset as usize..(offset + len) as usize];
-        let data = if bytes.iter().all(|&b| b == 0) {
-            ChunkData::Zero(len)
-        } else {
-            ChunkData::Data(bytes.to_vec())
-        };
-        c.sync[d] += len;
-        return Some(
-            s.send_chunk(d as u32, offset, ChunkPurpose::InitialSync, data)
-                .unwrap(),
-        );
+    while let Some(f) = c.core.poll_transmit() {
+        acted = true;
+        out.push_back(f);
     }
-    if more_records {
-        let n = (1 + rng.below(6) as usize).min(source.records.len() - c.next_index);
-        let slice = &source.records[c.next_index..c.next_index + n];
-        let batch = RecordBatch::from_records(slice.iter().map(Vec::as_slice)).unwrap();
-        for r in slice {
-            let h = tidemark_changelog::record::Header::decode(r).unwrap();
-            if h.kind == Kind::ResyncNeeded {
-                daemon
-                    .pending_resync
-                    .insert((h.disk, h.offset, h.length), h.seq);
-            }
-        }
-        c.next_index += n;
-        return Some(s.send_records(&batch).unwrap());
-    }
-    None
+    acted
 }
 
-fn shipper_receive(
+/// Acts on the core's events; returns whether the connection goes on.
+fn shipper_events(
     c: &mut ShipperConn,
     daemon: &mut ShipperDaemon,
+    stats: &mut Stats,
     source: &Source,
-    msg: Received,
-) -> Result<(), ShipperError> {
-    match c.session.handle_message(msg)? {
-        ShipperEvent::Acked {
-            durable, frames, ..
-        } => {
-            assert!(durable.seq >= daemon.durable, "ack went back");
-            daemon.durable = durable.seq;
-            if let Some(ResyncJob::AwaitDone { extent, frame }) = c.job {
-                if frames >= frame {
-                    daemon.pending_resync.remove(&extent);
-                    c.job = None;
-                }
+    conn_legacy_or_damaged: bool,
+    seed: u64,
+) -> bool {
+    let mut alive = true;
+    while let Some(ev) = c.core.poll_event() {
+        match ev {
+            CoreEvent::Connected(resume) => {
+                c.next_index = source.ids.partition_point(|r| r.seq < resume.from_seq);
             }
-        }
-        ShipperEvent::Digests(reply) => {
-            let Some(ResyncJob::AwaitDigests(extent)) = c.job else {
-                return Err(ShipperError::Protocol("digests without a job".into()));
-            };
-            let r = reply.request;
-            let img = &source.image_at(r.after_seq)[r.disk as usize];
-            let local = block_digests(
-                &img[r.offset as usize..(r.offset + r.length) as usize],
-                r.block_size,
-            );
-            let chunks = differing_blocks(&r, &local, &reply.digests).unwrap();
-            c.job = Some(ResyncJob::Send {
-                extent,
-                chunks: chunks.into(),
-            });
-        }
-        ShipperEvent::DrainRequested { .. } => {
-            return Err(ShipperError::Protocol(
-                "the simulated receiver never asks for a drain".into(),
-            ))
+            CoreEvent::CursorAdvanced { .. } => {}
+            CoreEvent::DrainRequested { .. } => {
+                panic!("seed {seed}: the simulated receiver never asks for a drain")
+            }
+            CoreEvent::Retry(e) => {
+                if let ShipperError::OfferOlder { version } = e {
+                    // A newer receiver's answer to a hello whose header
+                    // was damaged (lengths, flags, type are checked
+                    // before the checksum) reads the same: that
+                    // connection goes on in version 1, which it serves.
+                    assert!(
+                        conn_legacy_or_damaged,
+                        "seed {seed}: only a version-1 receiver says so"
+                    );
+                    daemon.next_offer = Some(Versions::only(version));
+                    stats.offered_older += 1;
+                }
+                if matches!(
+                    e,
+                    ShipperError::PeerSilent { .. } | ShipperError::NoWelcome { .. }
+                ) {
+                    stats.timeouts += 1;
+                }
+                stats.transient_errors += 1;
+                alive = false;
+            }
+            CoreEvent::Critical(e) => panic!("seed {seed}: permanent error: {e}"),
+            CoreEvent::Stopped => unreachable!("the simulation never stops a session"),
         }
     }
-    Ok(())
+    alive
 }
 
-fn converged(replica: &MemReplica<'_>, source: &Source, daemon: &ShipperDaemon) -> bool {
+fn converged(replica: &MemReplica<'_>, source: &Source) -> bool {
     let p = &replica.committed.1;
     p.durable_seq == source.last().seq
         && p.disks.len() == SIZES.len()
         && p.disks.iter().zip(SIZES).all(|(d, s)| d.synced == s)
-        && daemon.pending_resync.is_empty()
         && replica.committed.2.is_empty()
 }
 
@@ -674,35 +682,62 @@ fn run(seed: u64) -> Stats {
     let mut conn: Option<Conn> = None;
     let mut stale: Vec<Stale> = Vec::new();
     let mut max_durable = 0;
+    // The virtual clock every instant the shipper core sees comes from.
+    let mut now = Instant::now();
+    // The tracker appends a record every `pace` steps: the initial sync
+    // runs beside a growing log, and may end before the unclean restart's
+    // resync-needed records come (then they are resynced by digests).
+    let pace = 1 + rng.below(6);
+    let mut available = 0;
 
-    while !converged(&replica, &source, &daemon) {
+    while !converged(&replica, &source) {
         stats.steps += 1;
         assert!(
             stats.steps < 400_000,
-            "seed {seed}: no convergence: {stats:?}; replica at {:?}, resync pending {:?} (shipper: {:?}), log ends at {:?}",
+            "seed {seed}: no convergence: {stats:?}; replica at {:?}, resync pending {:?}, log ends at {:?}",
             replica.committed.1,
             replica.committed.2,
-            daemon.pending_resync,
             source.last()
         );
-        let c = conn.get_or_insert_with(|| connect(&mut stats, &mut daemon, &mut rng));
+        // Time passes; now and then the shipper's host stalls for a while.
+        now += if rng.chance(5) {
+            stats.stalls += 1;
+            STEP * (1 + rng.below(40) as u32)
+        } else {
+            STEP
+        };
+        let c = conn.get_or_insert_with(|| connect(&mut stats, &mut daemon, &mut rng, now));
         let mut alive = true;
-        let mut progress = false;
+        let grown = (stats.steps / pace).min(source.records.len() as u64) as usize;
+        if grown > available {
+            available = grown;
+            // The log watcher's notification, sometimes lost: the core's
+            // idle poll finds the records then.
+            if rng.chance(800) {
+                c.shipper.core.handle_log_changed();
+            }
+        }
 
-        // Shipper sends.
-        if let Some(ShipperSide::Shipping(sc)) = &mut c.shipper {
-            if rng.chance(700) {
-                if let Some(f) = shipper_send(sc, &mut daemon, &source, &mut rng) {
-                    assert_eq!(frame_version(&f), sc.session.version(), "seed {seed}");
-                    c.to_receiver.push_back(f);
-                    progress = true;
+        // Shipper sends (the core's Hello was queued at connect).
+        if rng.chance(700) {
+            let queued = c.to_receiver.len();
+            shipper_step(
+                &mut c.shipper,
+                &source,
+                available,
+                &mut rng,
+                now,
+                &mut c.to_receiver,
+            );
+            if let Some(v) = c.shipper.core.version() {
+                for f in c.to_receiver.iter().skip(queued) {
+                    assert_eq!(frame_version(f), v, "seed {seed}");
                 }
             }
         }
 
         // Network to the receiver: whole or split frames, duplicates, damage.
         if let Some(mut f) = c.to_receiver.pop_front() {
-            progress = true;
             if rng.chance(3) {
                 let i = rng.below(f.len() as u64) as usize;
                 f[i] ^= 1 << rng.below(8);
@@ -789,7 +824,6 @@ fn run(seed: u64) -> Stats {
                         for f in &frames {
                             assert_eq!(frame_version(f), s.version(), "seed {seed}");
                         }
-                        progress |= !frames.is_empty();
                         c.to_shipper.extend(frames);
                     }
                     Err(e) => panic!("seed {seed}: idle: {e}"),
@@ -799,7 +833,6 @@ fn run(seed: u64) -> Stats {
 
         // Network to the shipper (duplicates and damage too).
         if let Some(mut f) = c.to_shipper.pop_front() {
-            progress = true;
             if rng.chance(3) {
                 let i = rng.below(f.len() as u64) as usize;
                 f[i] ^= 1 << rng.below(8);
@@ -811,81 +844,36 @@ fn run(seed: u64) -> Stats {
             }
             c.shipper_in.feed(&f);
             loop {
-                let msg = match c.shipper_in.next_message() {
+                match c.shipper_in.next_message() {
                     Ok(None) => break,
-                    Ok(Some(m)) => m,
+                    Ok(Some(m)) => c.shipper.core.handle_message(m, now),
                     Err(_) => {
                         stats.transient_errors += 1;
                         alive = false;
                         break;
                     }
-                };
-                let result = match c.shipper.take() {
-                    Some(ShipperSide::Awaiting(a)) => a
-                        .handle_message(msg, |s| first_after(&source, s))
-                        .map(|(session, resume)| {
-                            let sync = (0..SIZES.len())
-                                .map(|d| {
-                                    resume
-                                        .disks
-                                        .iter()
-                                        .find(|s| s.id == d as u32)
-                                        .map_or(0, |s| s.synced)
-                                })
-                                .collect();
-                            let next_index =
-                                source.ids.partition_point(|r| r.seq < resume.from_seq);
-                            // As the daemon does: what the replica still
-                            // waits for is resynced whatever this side
-                            // believed (an Ack counts duplicated frames too).
-                            for e in &resume.resyncing {
-                                daemon
-                                    .pending_resync
-                                    .entry((e.disk, e.offset, e.length))
-                                    .or_insert(resume.durable.seq);
-                            }
-                            c.shipper = Some(ShipperSide::Shipping(ShipperConn {
-                                session,
-                                next_index,
-                                sync,
-                                job: None,
-                            }));
-                        }),
-                    Some(ShipperSide::Shipping(mut sc)) => {
-                        let r = shipper_receive(&mut sc, &mut daemon, &source, msg);
-                        c.shipper = Some(ShipperSide::Shipping(sc));
-                        r
-                    }
-                    None => break,
-                };
-                if let Err(e) = result {
-                    assert_eq!(e.class(), ErrorClass::Transient, "seed {seed}: {e}");
-                    if let ShipperError::OfferOlder { version } = e {
-                        // A newer receiver's answer to a hello whose header
-                        // was damaged (lengths, flags, type are checked
-                        // before the checksum) reads the same: that
-                        // connection goes on in version 1, which it serves.
-                        assert!(
-                            c.legacy || c.damaged,
-                            "seed {seed}: only a version-1 receiver says so"
-                        );
-                        daemon.next_offer = Some(Versions::only(version));
-                        stats.offered_older += 1;
-                    }
-                    stats.transient_errors += 1;
-                    alive = false;
-                    break;
                 }
             }
         }
-
-        if progress {
-            c.idle_steps = 0;
-        } else {
-            c.idle_steps += 1;
+        // The core's timeouts: the welcome's, a dead peer's (a damaged
+        // length field stalls the stream), the idle poll of the log.
+        if c.shipper.core.poll_timeout().is_some_and(|t| now >= t) {
+            c.shipper.core.handle_timeout(now);
         }
-        // A stalled stream (a damaged length field, a dead peer) times out.
-        if c.idle_steps > 20 || c.receiver.is_none() && c.to_shipper.is_empty() {
+        let legacy_or_damaged = c.legacy || c.damaged;
+        alive &= shipper_events(
+            &mut c.shipper,
+            &mut daemon,
+            &mut stats,
+            &source,
+            legacy_or_damaged,
+            seed,
+        );
+        // What an ended session still had to say (its Error) goes out.
+        while let Some(f) = c.shipper.core.poll_transmit() {
+            c.to_receiver.push_back(f);
+        }
+        if c.receiver.is_none() && c.to_shipper.is_empty() {
             alive = false;
         }
 
@@ -920,6 +908,9 @@ fn run(seed: u64) -> Stats {
         }
         if !alive {
             let c = conn.take().unwrap();
+            let st = c.shipper.core.status(now);
+            stats.resync_compared += st.resync_blocks_compared;
+            stats.resync_sent += st.resync_blocks_sent;
             if let Some(ReceiverSide::Receiving(session)) = c.receiver {
                 if !c.to_receiver.is_empty() && stale.len() < 3 {
                     stale.push(Stale {
@@ -954,6 +945,10 @@ fn replicas_converge_through_a_hostile_network() {
         total.transient_errors += s.transient_errors;
         total.steps += s.steps;
         total.offered_older += s.offered_older;
+        total.timeouts += s.timeouts;
+        total.stalls += s.stalls;
+        total.resync_compared += s.resync_compared;
+        total.resync_sent += s.resync_sent;
         for (t, n) in total.sessions.iter_mut().zip(s.sessions) {
             *t += n;
         }
@@ -970,6 +965,11 @@ fn replicas_converge_through_a_hostile_network() {
     assert!(total.sessions[1] > 300, "{total:?}");
     assert!(total.sessions[2] > 300, "{total:?}");
     assert!(total.offered_older > 100, "{total:?}");
+    // The core's own timeouts ended stalled sessions, and its resync
+    // compared coarse blocks and sent fine ones.
+    assert!(total.timeouts > 100, "{total:?}");
+    assert!(total.resync_compared > 100, "{total:?}");
+    assert!(total.resync_sent > 100, "{total:?}");
 }
 
 fn record(seq: u64, generation: u32) -> Vec<u8> {
