@@ -39,11 +39,12 @@ pub struct ReplaceError {
     pub source: io::Error,
 }
 
-/// For callers that speak `io::Error`: the kind of the cause, the whole
-/// error (which step, which file) as its inner error.
+/// For callers that speak `io::Error`: the kind of the cause, and a
+/// message that says the step, the file and the cause (callers log an
+/// `io::Error` with its message alone, which would drop a `source`).
 impl From<ReplaceError> for io::Error {
     fn from(e: ReplaceError) -> io::Error {
-        io::Error::new(e.source.kind(), e)
+        io::Error::new(e.source.kind(), format!("{e}: {}", e.source))
     }
 }
 
@@ -141,5 +142,12 @@ mod tests {
         let err = replace(&gone, "f.tmp", "f", b"x", Durability::Durable).unwrap_err();
         assert_eq!(err.file.as_deref(), Some("f.tmp"));
         assert_eq!(err.step, "creating the new content");
+        let io = io::Error::from(err);
+        assert_eq!(io.kind(), io::ErrorKind::NotFound);
+        assert!(
+            io.to_string().starts_with("replacing f in ")
+                && io.to_string().contains("creating the new content: "),
+            "{io}"
+        );
     }
 }
