@@ -21,6 +21,7 @@
 use crate::record::MAX_SEQ;
 use crate::storage::{LogDir, LogFile};
 use std::io;
+use tidemark_durable::{replace, Durability};
 
 /// The cursor's file name.
 pub const CURSOR_FILE: &str = "cursor";
@@ -91,15 +92,17 @@ pub fn read_cursor<D: LogDir>(dir: &D) -> Result<u64, CursorError> {
 
 /// Replaces the cursor with `seq`, durably and atomically.
 pub fn write_cursor<D: LogDir>(dir: &D, seq: u64) -> Result<(), CursorError> {
-    let io_err = |source| CursorError::Io {
+    replace(
+        dir,
+        CURSOR_TMP,
+        CURSOR_FILE,
+        &encode(seq),
+        Durability::Durable,
+    )
+    .map_err(|e| CursorError::Io {
         dir: dir.describe(),
-        source,
-    };
-    let file = dir.create(CURSOR_TMP).map_err(io_err)?;
-    file.write_all_at(&[&encode(seq)], 0).map_err(io_err)?;
-    file.sync_data().map_err(io_err)?;
-    dir.rename(CURSOR_TMP, CURSOR_FILE).map_err(io_err)?;
-    dir.sync_dir().map_err(io_err)
+        source: e.source,
+    })
 }
 
 #[cfg(test)]

@@ -11,13 +11,12 @@
 //! - [`cursor`]: the receiver's durable position, which frees segments.
 //! - [`sources`]: the group's disks (name, size, path) for the shipper.
 //! - [`check`](mod@check) and [`replay`]: the inspection tools' logic.
-//! - [`storage`]: the narrow file interface, a real directory and a
-//!   crash-simulating one; how private files and directories are created.
-//! - [`lock`]: one process per directory.
+//! - [`storage`] and [`lock`]: the storage seam the log runs on, from
+//!   `tidemark-durable` (re-exported under the names this crate always
+//!   had).
 
 pub mod check;
 pub mod cursor;
-pub mod lock;
 pub mod log;
 pub mod reader;
 pub mod record;
@@ -25,7 +24,9 @@ pub mod replay;
 pub mod sealed;
 pub mod segment;
 pub mod sources;
-pub mod storage;
+
+pub use tidemark_durable::dir as storage;
+pub use tidemark_durable::lock;
 
 pub use check::{check, CheckReport};
 pub use cursor::{read_cursor, write_cursor};

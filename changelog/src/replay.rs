@@ -15,7 +15,7 @@ use serde::Serialize;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
+use tidemark_durable::{zero_range, Zeroes};
 
 /// Where a replay stops (inclusive).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,34 +128,7 @@ impl ReplayTarget for ImageFile {
         if self.file.metadata()?.len() < end {
             self.file.set_len(end)?;
         }
-        let (o, l) = match (i64::try_from(offset), i64::try_from(len)) {
-            (Ok(o), Ok(l)) => (o, l),
-            _ => return Err(io::ErrorKind::InvalidInput.into()),
-        };
-        // SAFETY: fallocate on a valid, owned descriptor; no memory is passed.
-        let rc = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                o,
-                l,
-            )
-        };
-        if rc == 0 {
-            return Ok(());
-        }
-        let err = io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
-            return Err(err);
-        }
-        let zeroes = vec![0u8; (len.min(1 << 20)) as usize];
-        let mut at = offset;
-        while at < end {
-            let n = (end - at).min(zeroes.len() as u64) as usize;
-            self.file.write_all_at(&zeroes[..n], at)?;
-            at += n as u64;
-        }
-        Ok(())
+        zero_range(&self.file, offset, len, Zeroes::Hole)
     }
 
     fn flush(&mut self) -> io::Result<()> {

@@ -2,9 +2,9 @@
 //! body, then a last line `crc32c XXXXXXXX` over every byte before it.
 //! The log's `disks` file and the tracker's state file are written this way.
 
-use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
+use tidemark_durable::{replace, Durability, FsDir};
 
 /// `body` with its checksum line.
 pub fn seal(body: &str) -> String {
@@ -32,22 +32,11 @@ pub fn write_atomic(
     name: &str,
     text: &str,
 ) -> Result<(), (PathBuf, io::Error)> {
-    let tmp = dir.join(tmp);
-    let at = |path: &Path| {
-        let path = path.to_path_buf();
-        move |e| (path, e)
-    };
-    let mut file = crate::storage::private_file()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(at(&tmp))?;
-    file.write_all(text.as_bytes()).map_err(at(&tmp))?;
-    file.sync_data().map_err(at(&tmp))?;
-    let target = dir.join(name);
-    fs::rename(&tmp, &target).map_err(at(&target))?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(at(dir))
+    let fs_dir = FsDir::existing(dir).map_err(|e| (dir.to_path_buf(), e))?;
+    replace(&fs_dir, tmp, name, text.as_bytes(), Durability::Durable).map_err(|e| {
+        let path = e.file.as_ref().map_or(dir.to_path_buf(), |f| dir.join(f));
+        (path, e.source)
+    })
 }
 
 #[cfg(test)]

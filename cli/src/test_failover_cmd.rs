@@ -25,11 +25,11 @@ use nix::sys::signal::{SigSet, Signal};
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use tidemark_changelog::{DirLock, LockError};
+use tidemark_durable::{zero_range, Zeroes};
 use tidemark_receiver::store::{DiskSpec, ReplicaGroup, SharedView, PIN_FILE, TEST_FAILOVER_DIR};
 use tidemark_tracker::backend::Backend;
 use tidemark_tracker::nbd::constants::{Errno, ExtentStatus, TransmissionFlags};
@@ -135,7 +135,7 @@ impl TestBackend {
         }
         match data {
             Some(d) => s.file.write_all_at(d, offset).map_err(io)?,
-            None => zero_range(&s.file, offset, len).map_err(io)?,
+            None => zero_range(&s.file, offset, len, Zeroes::Hole).map_err(io)?,
         }
         set_bits(&mut written, first, last);
         Ok(())
@@ -150,33 +150,6 @@ fn set_bits(bits: &mut [u64], first: u64, last: u64) {
     for b in first..=last {
         bits[(b / 64) as usize] |= 1 << (b % 64);
     }
-}
-
-/// Makes a range of a scratch file read as zeroes (a punched hole).
-fn zero_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    let (Ok(o), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
-        return Err(std::io::ErrorKind::InvalidInput.into());
-    };
-    // SAFETY: fallocate on a valid, owned descriptor; no memory is passed.
-    let rc = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            o,
-            l,
-        )
-    };
-    if rc == 0 {
-        return Ok(());
-    }
-    let zeroes = vec![0u8; len.min(1 << 20) as usize];
-    let mut at = offset;
-    while at < offset + len {
-        let n = (offset + len - at).min(zeroes.len() as u64) as usize;
-        file.write_all_at(&zeroes[..n], at)?;
-        at += n as u64;
-    }
-    Ok(())
 }
 
 impl Backend for TestBackend {

@@ -8,6 +8,7 @@ use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use tidemark_durable::aligned::AlignedBuf;
 
 const ALIGN: usize = 4096;
 
@@ -27,39 +28,6 @@ pub struct SourceDisk {
     path: PathBuf,
     size: u64,
     direct: bool,
-}
-
-/// A buffer aligned for O_DIRECT.
-struct Aligned {
-    ptr: *mut u8,
-    layout: std::alloc::Layout,
-}
-
-impl Aligned {
-    fn new(len: usize) -> io::Result<Aligned> {
-        let len = len.max(ALIGN).div_ceil(ALIGN) * ALIGN;
-        let layout = std::alloc::Layout::from_size_align(len, ALIGN)
-            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        if ptr.is_null() {
-            return Err(io::Error::from(io::ErrorKind::OutOfMemory));
-        }
-        Ok(Aligned { ptr, layout })
-    }
-
-    fn as_mut(&mut self) -> &mut [u8] {
-        // SAFETY: ptr is a live allocation of layout.size() initialised bytes,
-        // borrowed mutably through &mut self.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
-    }
-}
-
-impl Drop for Aligned {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout, freed once.
-        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
-    }
 }
 
 impl SourceDisk {
@@ -126,8 +94,8 @@ impl SourceDisk {
             let lead = (offset % ALIGN as u64) as usize;
             let start = offset - lead as u64;
             let span = lead + want;
-            let mut buf = Aligned::new(span)?;
-            let b = buf.as_mut();
+            let mut buf = AlignedBuf::zeroed(span.div_ceil(ALIGN) * ALIGN, ALIGN);
+            let b = &mut buf[..];
             let mut done = 0usize;
             while done < span {
                 let n = match self.file.read_at(&mut b[done..], start + done as u64) {

@@ -15,8 +15,8 @@
 //! lacks with the defaults, ignores fields it does not know, and refuses a
 //! newer format, naming both.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
+use tidemark_durable::{replace, Durability, FsDir};
 
 use serde::{Deserialize, Serialize};
 
@@ -175,16 +175,13 @@ impl ShipperStatus {
 /// Writes `status` into the log directory `dir`.
 pub fn write_status(dir: &Path, status: &ShipperStatus) -> std::io::Result<()> {
     let text = serde_json::to_vec_pretty(status).map_err(std::io::Error::other)?;
-    let tmp = dir.join(TMP);
     // The status names the disks and how far they replicate: private to
-    // the log directory's owner, like the rest of it.
-    tidemark_changelog::private_file()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)?
-        .write_all(&text)?;
-    std::fs::rename(&tmp, dir.join(FILE))
+    // the log directory's owner, like the rest of it (replace creates it
+    // 0600). It is rewritten every few hundred milliseconds and a restart
+    // rewrites it, so a crash may lose the last one: no syncs.
+    let fs_dir = FsDir::existing(dir)?;
+    replace(&fs_dir, TMP, FILE, &text, Durability::Visible)?;
+    Ok(())
 }
 
 /// Reads the status the shipper last wrote into `dir`.

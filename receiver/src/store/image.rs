@@ -6,42 +6,19 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use tidemark_changelog::replay::ReplayTarget;
+use tidemark_durable::Zeroes;
 
 /// Makes `offset..offset+len` of `file` read as zeroes: a punched hole, or
 /// (`no_hole`, the client asked to keep the blocks allocated) a zeroed
 /// range; zeroes are written where the filesystem supports neither. The
 /// caller keeps the range inside the file.
 pub(crate) fn zero_range(file: &File, offset: u64, len: u64, no_hole: bool) -> io::Result<()> {
-    let (o, l) = match (i64::try_from(offset), i64::try_from(len)) {
-        (Ok(o), Ok(l)) => (o, l),
-        _ => return Err(io::ErrorKind::InvalidInput.into()),
-    };
-    if len == 0 {
-        return Ok(());
-    }
-    let mode = if no_hole {
-        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+    let how = if no_hole {
+        Zeroes::Allocated
     } else {
-        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        Zeroes::Hole
     };
-    // SAFETY: fallocate on a valid, owned descriptor; no memory is passed.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, o, l) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
-        return Err(err);
-    }
-    let zeroes = vec![0u8; len.min(1 << 20) as usize];
-    let end = offset + len;
-    let mut at = offset;
-    while at < end {
-        let n = (end - at).min(zeroes.len() as u64) as usize;
-        file.write_all_at(&zeroes[..n], at)?;
-        at += n as u64;
-    }
-    Ok(())
+    tidemark_durable::zero_range(file, offset, len, how)
 }
 
 /// An image written in place, as `replay::apply` drives it. Durability is

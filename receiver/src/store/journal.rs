@@ -11,11 +11,9 @@
 
 use super::overlay::{Overlay, Source};
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
 use tidemark_changelog::replay::ReplayTarget;
+use tidemark_durable::{FsDir, LogDir, LogFile};
 
 const MAGIC: [u8; 4] = *b"TMJE";
 const VERSION: u8 = 1;
@@ -200,10 +198,11 @@ pub(crate) struct PointEntry {
 
 /// The journal of a group: its segment files, the committed history as an
 /// ordered list of changes and points, and the newest state's overlay.
+/// Its files are those of `D`, the group directory on the storage seam.
 #[derive(Debug)]
-pub(crate) struct Journal {
-    dir: PathBuf,
-    segments: BTreeMap<u32, File>,
+pub(crate) struct Journal<D: LogDir = FsDir> {
+    dir: D,
+    segments: BTreeMap<u32, D::File>,
     /// Where the next entry goes.
     pub(crate) end: u64,
     /// Where the history starts (everything before is in the images).
@@ -218,16 +217,26 @@ pub(crate) struct Journal {
     pub(crate) last_commit: Option<(u64, u32)>,
 }
 
-fn open_segment(dir: &Path, segment: u32, create: bool) -> io::Result<File> {
-    tidemark_changelog::private_file()
-        .read(true)
-        .write(true)
-        .create(create)
-        .truncate(false)
-        .open(dir.join(segment_name(segment)))
+/// Opens a segment for writing; `create` creates it (0600, empty) where it
+/// is missing, an existing one is never truncated.
+fn open_segment<D: LogDir>(dir: &D, segment: u32, create: bool) -> io::Result<D::File> {
+    let name = segment_name(segment);
+    match dir.open(&name, true) {
+        Err(e) if create && e.kind() == io::ErrorKind::NotFound => dir.create(&name),
+        opened => opened,
+    }
 }
 
-impl Journal {
+/// Reads all of `buf` at `offset`; a file that ends before is
+/// `UnexpectedEof`.
+fn read_exact_at<F: LogFile>(file: &F, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    if file.read_full_at(buf, offset)? < buf.len() {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+impl<D: LogDir> Journal<D> {
     /// Opens the journal of `dir` whose committed history is
     /// `start..end`: reads and verifies every entry of it, cuts off
     /// anything after `end` (an uncommitted tail) and removes segments
@@ -236,32 +245,28 @@ impl Journal {
     /// `read_only` changes no file (the group may be open for writing
     /// elsewhere): the tail is ignored instead of cut off.
     pub(crate) fn open(
-        dir: &Path,
+        dir: D,
         start: u64,
         end: u64,
         read_only: bool,
-    ) -> io::Result<Result<Journal, String>> {
+    ) -> io::Result<Result<Journal<D>, String>> {
         let first = segment_of(start);
         let last = segment_of(end);
         // Leftovers: segments a fold had freed, or a roll had begun.
-        for entry in std::fs::read_dir(dir)? {
-            if read_only {
-                break;
-            }
-            let name = entry?.file_name();
+        let leftovers = if read_only { Vec::new() } else { dir.list()? };
+        for name in leftovers {
             let Some(seg) = name
-                .to_str()
-                .and_then(|n| n.strip_prefix("journal."))
+                .strip_prefix("journal.")
                 .and_then(|h| u32::from_str_radix(h, 16).ok())
             else {
                 continue;
             };
             if seg < first || seg > last {
-                std::fs::remove_file(dir.join(&name))?;
+                dir.remove(&name)?;
             }
         }
         let mut j = Journal {
-            dir: dir.to_path_buf(),
+            dir,
             segments: BTreeMap::new(),
             end: start,
             start,
@@ -273,9 +278,9 @@ impl Journal {
         for seg in first..=last {
             let from = if seg == first { offset_of(start) } else { 0 };
             let opened = if read_only {
-                File::open(dir.join(segment_name(seg)))
+                j.dir.open(&segment_name(seg), false)
             } else {
-                open_segment(dir, seg, seg == last)
+                open_segment(&j.dir, seg, seg == last)
             };
             let file = match opened {
                 Ok(f) => f,
@@ -287,7 +292,7 @@ impl Journal {
                 }
                 Err(e) => return Err(e),
             };
-            let len = file.metadata()?.len();
+            let len = file.size()?;
             let to = if seg == last { offset_of(end) } else { len };
             if len < to {
                 return Ok(Err(format!(
@@ -319,7 +324,7 @@ impl Journal {
                 return Ok(Err(format!("entry at {at} is cut short")));
             }
             let mut h = [0u8; HEADER_LEN];
-            file.read_exact_at(&mut h, at)?;
+            read_exact_at(&file, &mut h, at)?;
             let (entry, payload_len, crc) = match Entry::decode_header(&h) {
                 Ok(v) => v,
                 Err(e) => return Ok(Err(format!("entry at {at}: {e}"))),
@@ -333,7 +338,7 @@ impl Journal {
             let mut done = 0usize;
             while done < payload_len {
                 let n = (payload_len - done).min(buf.len());
-                file.read_exact_at(&mut buf[..n], payload_at + done as u64)?;
+                read_exact_at(&file, &mut buf[..n], payload_at + done as u64)?;
                 computed = crc32c::crc32c_append(computed, &buf[..n]);
                 if matches!(entry, Entry::Point { .. }) {
                     label.extend_from_slice(&buf[..n]);
@@ -410,9 +415,8 @@ impl Journal {
             }
         };
         let h = entry.encode_header(payload);
-        file.write_all_at(&h, offset)?;
+        file.write_all_at(&[&h, payload], offset)?;
         let payload_at = offset + HEADER_LEN as u64;
-        file.write_all_at(payload, payload_at)?;
         self.end = position(segment, payload_at + payload.len() as u64);
         Ok(position(segment, payload_at))
     }
@@ -500,7 +504,7 @@ impl Journal {
         if offset_of(self.end) >= segment_size {
             let next = segment + 1;
             let f = open_segment(&self.dir, next, true)?;
-            super::state::sync_dir(&self.dir)?;
+            self.dir.sync_dir()?;
             self.segments.insert(next, f);
             self.end = position(next, 0);
         }
@@ -513,7 +517,7 @@ impl Journal {
             .segments
             .get(&segment_of(pos))
             .ok_or(io::ErrorKind::NotFound)?;
-        file.read_exact_at(buf, offset_of(pos))
+        read_exact_at(file, buf, offset_of(pos))
     }
 
     /// Per disk, the overlay of the changes before `pos`.
@@ -542,7 +546,7 @@ impl Journal {
         for seg in self.segments.keys().copied().collect::<Vec<_>>() {
             if seg < keep_from {
                 self.segments.remove(&seg);
-                std::fs::remove_file(self.dir.join(segment_name(seg)))?;
+                self.dir.remove(&segment_name(seg))?;
             }
         }
         Ok(())
@@ -573,7 +577,7 @@ impl Journal {
             let len = if *seg == segment_of(self.end) {
                 offset_of(self.end)
             } else {
-                self.segments[seg].metadata().map(|m| m.len()).unwrap_or(0)
+                self.segments[seg].size().unwrap_or(0)
             };
             let from = if *seg == segment_of(self.start) {
                 offset_of(self.start)
@@ -587,13 +591,13 @@ impl Journal {
 }
 
 /// The journal as `replay::apply` drives it, for one disk.
-pub(crate) struct Journaled<'a> {
-    pub(crate) journal: &'a mut Journal,
+pub(crate) struct Journaled<'a, D: LogDir = FsDir> {
+    pub(crate) journal: &'a mut Journal<D>,
     pub(crate) disk: u32,
     pub(crate) no_hole: bool,
 }
 
-impl ReplayTarget for Journaled<'_> {
+impl<D: LogDir> ReplayTarget for Journaled<'_, D> {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.journal.write(self.disk, offset, data)
     }
@@ -611,6 +615,92 @@ impl ReplayTarget for Journaled<'_> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// What the journal holds: its changes and points, and the payload of
+    /// every journaled write.
+    fn contents<D: LogDir>(j: &Journal<D>) -> (Vec<Change>, Vec<PointEntry>, Vec<Vec<u8>>) {
+        let payloads = j
+            .changes
+            .iter()
+            .filter_map(|c| match c.source {
+                Source::Journal(at) => {
+                    let mut buf = vec![0u8; (c.stop - c.start) as usize];
+                    j.read_at(&mut buf, at).unwrap();
+                    Some(buf)
+                }
+                _ => None,
+            })
+            .collect();
+        (j.changes.clone(), j.points.clone(), payloads)
+    }
+
+    /// The journal on the simulated directory, committed as the store
+    /// commits it (journal commit, then the state file naming the new end,
+    /// replaced durably in the same directory), with power cut at every
+    /// sync in turn: reopened at the end the surviving state file names,
+    /// the journal holds exactly what was committed up to it, and that end
+    /// is the last one whose state write returned.
+    #[test]
+    fn a_power_cut_at_any_sync_leaves_exactly_the_committed_history() {
+        use tidemark_durable::{replace, Durability, SimDir};
+        // Small segments, so commits roll to new segment files.
+        const SEGMENT: u64 = 300;
+        fn run(dir: &SimDir, acked: &mut Vec<u64>) -> io::Result<()> {
+            let mut j = Journal::open(dir.clone(), 0, 0, false)?.expect("an empty journal");
+            for batch in 0..6u64 {
+                j.write(0, batch * 512, &[batch as u8 + 1; 100])?;
+                j.zero(1, batch * 4096, 4096, batch % 2 == 0)?;
+                j.point(batch + 1, 1000 + batch, batch == 3, "p")?;
+                j.commit(batch + 1, 1, SEGMENT)?;
+                replace(
+                    dir,
+                    "state.tmp",
+                    "state",
+                    &j.end.to_le_bytes(),
+                    Durability::Durable,
+                )
+                .map_err(io::Error::from)?;
+                acked.push(j.end);
+            }
+            Ok(())
+        }
+        let probe = SimDir::new();
+        let mut ends = Vec::new();
+        run(&probe, &mut ends).unwrap();
+        let syncs = probe.syncs();
+        assert!(
+            syncs > 12,
+            "{syncs} syncs: every commit and state write syncs"
+        );
+        for cut in 1..=syncs {
+            let dir = SimDir::new();
+            dir.cut_power_at_sync(cut);
+            let mut acked = Vec::new();
+            assert!(run(&dir, &mut acked).is_err(), "cut at sync {cut}");
+            let survived: BTreeMap<String, Vec<u8>> = dir
+                .durable_files()
+                .into_iter()
+                .map(|(name, file)| (name, file.durable))
+                .collect();
+            let end = survived.get("state").map_or(0, |b| {
+                u64::from_le_bytes(b.as_slice().try_into().expect("a whole state file"))
+            });
+            assert_eq!(end, acked.last().copied().unwrap_or(0), "cut at sync {cut}");
+            let reopened = Journal::open(SimDir::from_files(survived), 0, end, false)
+                .unwrap()
+                .unwrap_or_else(|reason| panic!("cut at sync {cut}: {reason}"));
+            // The same history, committed without a cut, to the same end.
+            let reference = Journal::open(SimDir::from_files(probe.files()), 0, end, true)
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                contents(&reopened),
+                contents(&reference),
+                "cut at sync {cut}"
+            );
+            assert_eq!(reopened.end, end);
+        }
+    }
 
     #[test]
     fn headers_round_trip() {

@@ -210,6 +210,7 @@ use std::path::{Path, PathBuf};
 use tidemark_changelog::record::{Kind, Record, FLAG_APP_CONSISTENT, FLAG_NO_HOLE};
 use tidemark_changelog::replay::{self, ReplaySummary};
 use tidemark_changelog::{create_private_dir_all, private_file, DirLock, LockError};
+use tidemark_durable::FsDir;
 use tidemark_names::Name;
 
 const STATE_FILE: &str = "state";
@@ -667,7 +668,10 @@ impl ReplicaGroup {
                 "a history of recovery points during an initial sync".into(),
             ));
         }
-        let mut journal = Journal::open(dir, state.journal_start, state.journal_end, read_only)
+        let mut journal = FsDir::existing(dir)
+            .and_then(|fs_dir| {
+                Journal::open(fs_dir, state.journal_start, state.journal_end, read_only)
+            })
             .map_err(io_err("reading the journal in", dir))?
             .map_err(|reason| damaged(dir, format!("journal: {reason}")))?;
         if history && journal.last_commit != Some((state.meta.seq, state.meta.generation)) {

@@ -4,8 +4,9 @@
 
 use super::overlay::RangeSet;
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::path::Path;
+use tidemark_durable::{replace, Durability, FsDir};
 use tidemark_names::Name;
 
 const MAGIC: [u8; 4] = *b"TMRS";
@@ -316,17 +317,15 @@ pub(crate) fn read_file(path: &Path) -> io::Result<Option<Vec<u8>>> {
 /// Replaces `dir/name` with `bytes` atomically and durably: write
 /// `name.tmp`, fdatasync, rename over `name`, fsync the directory.
 pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
-    let tmp = dir.join(format!("{name}.tmp"));
-    let mut f = tidemark_changelog::private_file()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_data()?;
-    drop(f);
-    std::fs::rename(&tmp, dir.join(name))?;
-    sync_dir(dir)
+    let fs_dir = FsDir::existing(dir)?;
+    replace(
+        &fs_dir,
+        &format!("{name}.tmp"),
+        name,
+        bytes,
+        Durability::Durable,
+    )?;
+    Ok(())
 }
 
 /// fsyncs a directory, so created and renamed entries are durable.

@@ -280,38 +280,7 @@ impl LogFile for FsFile {
     }
 
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        if len == 0 {
-            return Ok(());
-        }
-        let (o, l) = match (i64::try_from(offset), i64::try_from(len)) {
-            (Ok(o), Ok(l)) => (o, l),
-            _ => return Err(io::Error::from(io::ErrorKind::InvalidInput)),
-        };
-        // SAFETY: fallocate on a valid, owned descriptor; no memory is passed.
-        let rc = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-                o,
-                l,
-            )
-        };
-        if rc == 0 {
-            return Ok(());
-        }
-        let err = io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
-            return Err(err);
-        }
-        let zeroes = vec![0u8; 1 << 20];
-        let end = offset + len;
-        let mut at = offset;
-        while at < end {
-            let n = (end - at).min(zeroes.len() as u64) as usize;
-            FileExt::write_all_at(&self.file, &zeroes[..n], at)?;
-            at += n as u64;
-        }
-        Ok(())
+        crate::zero::zero_range(&self.file, offset, len, crate::zero::Zeroes::Allocated)
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {

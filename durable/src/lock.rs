@@ -64,7 +64,7 @@ impl DirLock {
             path: path.clone(),
             source,
         };
-        let file = crate::storage::private_file()
+        let file = crate::dir::private_file()
             .read(true)
             .write(true)
             .create(true)
