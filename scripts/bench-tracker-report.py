@@ -66,7 +66,7 @@ def perf_count(path):
 def costs(run_dir, iops, clk_tck):
     """CPU µs, context switches and syscalls per request over the measured
     window, and the peak RSS in MiB; None where not measured."""
-    out = {"cpu_us": None, "ctx": None, "sys": None, "rss_mib": None}
+    out = {"cpu_us": None, "ctx": None, "sys": None, "rss_mib": None, "busiest": None}
     if not run_dir:
         return out
     win = samples(os.path.join(run_dir, "window"))
@@ -82,7 +82,36 @@ def costs(run_dir, iops, clk_tck):
     end = samples(os.path.join(run_dir, "end"))
     if end:
         out["rss_mib"] = end[-1][3] / 1024
+    out["busiest"] = busiest_thread(os.path.join(run_dir, "threads"), clk_tck)
     return out
+
+
+def busiest_thread(path, clk_tck):
+    """(name, share of one CPU) of the thread that ran most over the
+    measured window, from two samples per thread written by
+    sample_threads: a share near 1.0 means the server is bound by that
+    one thread's CPU, a lower one that it waits (for the client, the
+    device or another thread)."""
+    first, best = {}, None
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.split(None, 3)
+                if len(parts) < 3:
+                    continue
+                t, tid, ticks = float(parts[0]), parts[1], float(parts[2])
+                name = parts[3].strip() if len(parts) > 3 else tid
+                if tid not in first:
+                    first[tid] = (t, ticks)
+                    continue
+                t0, k0 = first[tid]
+                if t > t0:
+                    share = (ticks - k0) / clk_tck / (t - t0)
+                    if best is None or share > best[1]:
+                        best = (name, share)
+    except (OSError, ValueError):
+        return None
+    return best
 
 
 def tracker_note(path):
@@ -113,6 +142,10 @@ def fmt(value, spec, missing="-"):
     return missing if value is None else format(value, spec)
 
 
+def busy(b):
+    return "-" if b is None else f"{b[0][:15]} {b[1] * 100:.0f}%"
+
+
 def ratio(a, b):
     return a / b if a is not None and b else None
 
@@ -131,7 +164,7 @@ def main():
 
     head = (f"{'workload':<26} {'server':<18} {'IOPS':>8} {'MB/s':>7} {'p99 µs':>7} "
             f"{'/bare':>6} {'/nbdkit':>7} {'/qemu':>6} {'CPU µs/req':>10} {'ctxsw/req':>9} "
-            f"{'sys/req':>7} {'RSS MiB':>7}  notes")
+            f"{'sys/req':>7} {'RSS MiB':>7} {'busiest thread':>22}  notes")
     print(head)
     print("-" * len(head))
     last = None
@@ -147,7 +180,8 @@ def main():
         print(f"{wl:<26} {srv:<18} {fig['iops']:>8.0f} {fig['mbs']:>7.1f} {fmt(fig['p99_us'], '.0f'):>7} "
               f"{fmt(ratio(fig['iops'], bare), '.2f'):>6} {fmt(ratio(fig['iops'], nbdkit), '.2f'):>7} "
               f"{fmt(ratio(fig['iops'], qemu), '.2f'):>6} {fmt(fig['cpu_us'], '.1f'):>10} "
-              f"{fmt(fig['ctx'], '.2f'):>9} {fmt(fig['sys'], '.2f'):>7} {fmt(fig['rss_mib'], '.0f'):>7}  {note}")
+              f"{fmt(fig['ctx'], '.2f'):>9} {fmt(fig['sys'], '.2f'):>7} {fmt(fig['rss_mib'], '.0f'):>7} "
+              f"{busy(fig['busiest']):>22}  {note}")
 
     print()
     bare_seq = by.get((SEQ_WORKLOAD, "bare"))
@@ -211,9 +245,9 @@ def main():
     if os.path.exists(profiles):
         with open(profiles) as f:
             for line in f:
-                srv, run_dir = line.rstrip("\n").split("\t")[:2]
+                srv, run_dir, wl = (line.rstrip("\n").split("\t") + ["", "", "randwrite-4k-qd32"])[:3]
                 print()
-                print(f"where the time goes: {srv} under randwrite-4k-qd32 (perf record -g; self time by symbol, then by thread)")
+                print(f"where the time goes: {srv} under {wl} (perf record -g; self time by symbol, then by thread)")
                 for name in ("report.txt", "threads.txt"):
                     try:
                         with open(os.path.join(run_dir, name)) as r:

@@ -51,9 +51,12 @@
 # raw_syscalls:sys_enter -p PID`; "-" when perf is missing or refused),
 # and the server's peak RSS (VmHWM) over the whole run.
 #
-# Then, unless PROFILE=0: `perf record -g` of each tracker mode under
-# randwrite-4k-qd32 (a separate run), and the top of `perf report` — where
-# a 4 KiB write's time goes. And unless MEMTEST=0: each tracker mode serves
+# Then, unless PROFILE=0: `perf record -g` of each tracker mode and its
+# peers (PROFILE_SERVERS) under 4 KiB random writes at QD1 and QD32 and
+# 1 MiB writes (PROFILE_WORKLOADS), each a separate run, and the top of
+# `perf report` — where each request's time goes, beside the peer's. The
+# table's "busiest thread" column says whether a server was bound by one
+# thread's CPU (near 100 %) or waited. And unless MEMTEST=0: each tracker mode serves
 # a MEM_IMAGE (64GiB) sparse image under fio 1 MiB random writes at QD32,
 # MEM_IO (4g) in all, with a MEM_LOG_LIMIT (4GiB) log (at most 8 GB on
 # disk), and its peak RSS is printed.
@@ -80,7 +83,8 @@
 #   WORKLOADS="…"             subset/order of the workloads above
 #   CLIENT=auto|nbd|fuse      force the client path (default auto)
 #   DROP_CACHES=0             do not drop the page cache between runs
-#   PROFILE=0                 skip the perf profile
+#   PROFILE=0                 skip the perf profiles; PROFILE_WORKLOADS and
+#                             PROFILE_SERVERS choose them
 #   MEMTEST=0                 skip the memory run; MEM_IMAGE, MEM_IO and
 #                             MEM_LOG_LIMIT (4GiB) size it
 #   KEEP=1                    keep the work directory (fio JSON, server logs)
@@ -98,6 +102,8 @@ WORKLOADS="${WORKLOADS:-randwrite-4k-qd1 randwrite-4k-qd32 write-1m-qd8 randread
 CLIENT="${CLIENT:-auto}"
 DROP_CACHES="${DROP_CACHES:-1}"
 PROFILE="${PROFILE:-1}"
+PROFILE_WORKLOADS="${PROFILE_WORKLOADS:-randwrite-4k-qd1 randwrite-4k-qd32 write-1m-qd8}"
+PROFILE_SERVERS="${PROFILE_SERVERS:-tracker-none tracker-writeback nbdkit qemu-nbd}"
 MEMTEST="${MEMTEST:-1}"
 MEM_IMAGE="${MEM_IMAGE:-64GiB}"
 MEM_IO="${MEM_IO:-4g}"
@@ -170,7 +176,7 @@ avail=$(($(df -P -B1 "$BASE" | awk 'NR==2 {print $4}')))
 need=$((SIZE_BYTES * 2 + (8 << 30)))
 [ "$avail" -ge "$need" ] || die "$BASE has $((avail >> 30)) GiB free; needs at least $((need >> 30)) GiB"
 LOG_LIMIT=$(((avail - SIZE_BYTES * 2 - (2 << 30)) / (64 << 20) * (64 << 20)))
-[ "$LOG_LIMIT" -gt $((6 << 30)) ] && LOG_LIMIT=$((6 << 30))
+[ "$LOG_LIMIT" -gt $((12 << 30)) ] && LOG_LIMIT=$((12 << 30))
 
 stop_server() {
 	[ -n "$SERVER_PID" ] || return 0
@@ -344,13 +350,26 @@ sample_process() { # PID
 	echo "$(date +%s.%N) $ticks $ctx $hwm"
 }
 
+# One line per thread of process PID: time, thread id, user+system ticks,
+# name (the name last: it may hold spaces).
+sample_threads() { # PID
+	local pid=$1 now t
+	now="$(date +%s.%N)"
+	for t in /proc/"$pid"/task/*; do
+		awk -v now="$now" -v tid="${t##*/}" -v name="$(cat "$t/comm" 2>/dev/null)" \
+			'{sub(/^.*\) /, ""); print now, tid, $12 + $13, name}' "$t/stat" 2>/dev/null || true
+	done
+}
+
 # Measures PID over the measured window of a run started now, in the
-# background: writes DIR/window (two samples) and DIR/perf-stat.
+# background: writes DIR/window (two samples), DIR/threads (two samples
+# per thread: how busy the busiest thread was) and DIR/perf-stat.
 measure_window() { # PID DIR
 	local pid=$1 dir=$2 window
 	window="$(awk -v r="$RUNTIME" 'BEGIN {print r - 0.6}')"
 	sleep "$(awk -v r="$RAMP" 'BEGIN {print r + 0.3}')"
 	sample_process "$pid" >"$dir/window"
+	sample_threads "$pid" >"$dir/threads"
 	if [ "$PERF" = 1 ]; then
 		perf stat -x, -e raw_syscalls:sys_enter -p "$pid" -o "$dir/perf-stat" -- sleep "$window" \
 			>/dev/null 2>&1 || true
@@ -358,6 +377,7 @@ measure_window() { # PID DIR
 		sleep "$window"
 	fi
 	sample_process "$pid" >>"$dir/window"
+	sample_threads "$pid" >>"$dir/threads"
 }
 
 # run_one WORKLOAD SERVER DIR: one measured run.
@@ -434,35 +454,39 @@ for wl in $WORKLOADS; do
 	done
 done
 
-# Where a 4 KiB write's time goes: a profile of each tracker mode under
-# 4 KiB random writes at QD32 (separate runs: perf record slows the process).
+# Where the time goes: a profile of each server in PROFILE_SERVERS under
+# each workload in PROFILE_WORKLOADS (separate runs: perf record slows the
+# process), so a tracker's profile reads beside its peer's.
 PROFILES="$WORK/profiles.tsv"
 : >"$PROFILES"
 if [ "$PROFILE" = 1 ] && [ "$PERF" = 1 ]; then
-	for srv in $SERVERS; do
-		[[ "$srv" == tracker-* ]] || continue
-		dir="$WORK/profile.$srv"
-		mkdir -p "$dir"
-		rm -rf "$WORK/log-$srv"
-		drop_caches
-		note "profiling $srv under randwrite-4k-qd32"
-		start_server "$srv" "$dir"
-		fio_command randwrite-4k-qd32 "$srv" "$dir/fio.json"
-		[ "$CLIENT" = fuse ] && attach_fuse
-		"${FIO[@]}" >/dev/null 2>"$dir/fio.err" &
-		fio_pid=$!
-		sleep "$RAMP"
-		perf record -q -g -p "$SERVER_PID" -o "$dir/perf.data" -- sleep "$((RUNTIME - 1))" \
-			>/dev/null 2>&1 || true
-		wait "$fio_pid" || true
-		detach_client
-		stop_server
-		rm -rf "$WORK/log-$srv"
-		perf report -i "$dir/perf.data" --no-children --sort symbol --percent-limit 1.5 \
-			--stdio -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -25 >"$dir/report.txt" || true
-		perf report -i "$dir/perf.data" --no-children --sort comm --stdio -g none \
-			2>/dev/null | grep -v '^#' | grep -v '^$' | head -8 >"$dir/threads.txt" || true
-		printf '%s\t%s\n' "$srv" "$dir" >>"$PROFILES"
+	for wl in $PROFILE_WORKLOADS; do
+		for srv in $PROFILE_SERVERS; do
+			[ "$srv" = bare ] && continue
+			dir="$WORK/profile.$wl.$srv"
+			mkdir -p "$dir"
+			rm -rf "$WORK/log-$srv"
+			drop_caches
+			note "profiling $srv under $wl"
+			start_server "$srv" "$dir"
+			fio_command "$wl" "$srv" "$dir/fio.json"
+			[ "$CLIENT" = fuse ] && attach_fuse
+			"${FIO[@]}" >/dev/null 2>"$dir/fio.err" &
+			fio_pid=$!
+			sleep "$RAMP"
+			perf record -q -g -p "$SERVER_PID" -o "$dir/perf.data" -- sleep "$((RUNTIME - 1))" \
+				>/dev/null 2>&1 || true
+			wait "$fio_pid" || true
+			detach_client
+			stop_server
+			rm -rf "$WORK/log-$srv"
+			perf report -i "$dir/perf.data" --no-children --sort symbol --percent-limit 1.5 \
+				--stdio -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -25 >"$dir/report.txt" || true
+			perf report -i "$dir/perf.data" --no-children --sort comm --stdio -g none \
+				2>/dev/null | grep -v '^#' | grep -v '^$' | head -8 >"$dir/threads.txt" || true
+			rm -f "$dir/perf.data"
+			printf '%s\t%s\t%s\n' "$srv" "$dir" "$wl" >>"$PROFILES"
+		done
 	done
 fi
 
