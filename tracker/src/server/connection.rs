@@ -115,9 +115,8 @@ pub(crate) fn run(
     shared: &Shared,
     handshaken: &AtomicBool,
 ) {
-    match handshake(&mut stream, &*frontend.backend, &shared.options) {
+    match handshake(&mut stream, &*frontend.backend, &shared.options, handshaken) {
         Ok((session, disk)) => {
-            handshaken.store(true, Ordering::SeqCst);
             tracing::debug!(
                 conn = id,
                 export = %session.export.name,
@@ -264,11 +263,14 @@ pub(crate) fn merged_block_sizes(backend: BlockSizes, server: BlockSizes) -> Blo
     })
 }
 
-/// Runs the negotiation, all of it before `handshake_timeout` elapses.
+/// Runs the negotiation, all of it before `handshake_timeout` elapses;
+/// sets `handshaken` before the final reply leaves, so a client that has
+/// read it is never taken for one still in its handshake.
 fn handshake(
     stream: &mut Stream,
     backend: &dyn Backend,
     options: &ServerOptions,
+    handshaken: &AtomicBool,
 ) -> Result<(Negotiated, u32), Ended> {
     let deadline = Instant::now() + options.handshake_timeout;
     let catalog = Catalog::new(backend, options);
@@ -304,6 +306,7 @@ fn handshake(
                         "export vanished from the catalog",
                     )));
                 };
+                handshaken.store(true, Ordering::SeqCst);
                 write_before(stream, &reply, deadline)?;
                 return Ok((session, disk));
             }
