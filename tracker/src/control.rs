@@ -68,7 +68,7 @@ pub struct DiskStatus {
 pub fn status_of(group_name: &str, group: &Group) -> StatusReply {
     let s = group.status();
     let reason = match &s.mode {
-        crate::group::TrackingMode::Bitmap { reason } => Some(reason.clone()),
+        crate::group::TrackingMode::Bitmap { cause } => Some(cause.to_string()),
         crate::group::TrackingMode::Data => None,
     };
     StatusReply {
@@ -105,7 +105,7 @@ pub fn handle_line(line: &str, group_name: &str, group: &Group) -> String {
         ["mark", label] => mark(group, label, false),
         ["resync-all", disk] => match group.record_resync_all(disk) {
             Ok(seq) => serde_json::json!({"ok": true, "seq": seq}),
-            Err(e) => serde_json::json!({"ok": false, "error": e}),
+            Err(e) => serde_json::json!({"ok": false, "error": e.to_string()}),
         },
         ["stop"] => serde_json::json!({"ok": true}),
         _ => {
@@ -122,7 +122,7 @@ fn mark(group: &Group, label: &str, app: bool) -> serde_json::Value {
     };
     match group.marker(&label, app) {
         Ok(seq) => serde_json::json!({"ok": true, "seq": seq}),
-        Err(e) => serde_json::json!({"ok": false, "error": e}),
+        Err(e) => serde_json::json!({"ok": false, "error": e.to_string()}),
     }
 }
 

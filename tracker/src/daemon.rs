@@ -216,7 +216,7 @@ pub enum DaemonError {
     Ublk(#[source] crate::ublk::UblkError),
     /// The final barrier or the clean-stop record failed.
     #[error("clean stop failed: {0}")]
-    Stop(String),
+    Stop(#[source] crate::group::CloseError),
 }
 
 /// Asks the kernel to treat this process as part of the I/O path

@@ -45,15 +45,16 @@
 use crate::backend::Backend;
 use crate::bitmap::{BitmapError, PersistentBitmap};
 use crate::commit::{CommitFailed, Committer, LogStep, LOG_BUFFER_LIMIT, WRITE_OUT_BYTES};
+use crate::lock_order::{Level, Ordered, OrderedGuard};
 use crate::nbd::constants::{Errno, ExtentStatus, TransmissionFlags};
 use crate::nbd::export::{BlockSizes, ExportInfo};
 use crate::nbd::transmission::Extent;
 use crate::queue::{QueueWaker, Wakers};
 use crate::range_lock::{RangeLock, RangeTicket};
-use crate::state::{GroupState, StateError};
+use crate::state::{BitmapCause, DiskOrderError, FullAt, GroupState, StateError};
 use crate::storage::BlockDevice;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Instant;
 use tidemark_changelog::{
     now_ns, AppendError, ChangeLog, Entry, FsDir, LogOptions, OpenError, Recovery, RecoveryPolicy,
@@ -61,14 +62,6 @@ use tidemark_changelog::{
 use tidemark_config::ByteSize;
 use tidemark_metrics::{Histogram, HistogramSnapshot, LATENCY_BUCKETS};
 use tidemark_names::{Label, Name};
-
-/// How bitmap-mode reasons caused by the log's size limit begin: only
-/// those return to data mode by themselves.
-const OVERFLOW_REASON: &str = "the change log reached its size limit";
-
-fn is_overflow_reason(reason: &str) -> bool {
-    reason.starts_with(OVERFLOW_REASON)
-}
 
 /// Granularity of the dirty bitmap used in bitmap mode.
 pub const DIRTY_GRANULARITY: u64 = 64 << 10;
@@ -110,7 +103,7 @@ pub enum TrackingMode {
     /// bitmap until a checksum resync.
     Bitmap {
         /// Why the group left data mode.
-        reason: String,
+        cause: BitmapCause,
     },
 }
 
@@ -145,6 +138,87 @@ pub enum GroupError {
     /// A setting breaks the rule the configuration file is checked by.
     #[error(transparent)]
     Setting(#[from] tidemark_config::ConfigError),
+    /// The configured disks renumber the log's.
+    #[error(transparent)]
+    DiskOrder(#[from] DiskOrderError),
+}
+
+/// Why a marker could not be inserted.
+#[derive(Debug, thiserror::Error)]
+pub enum MarkerError {
+    /// The group does not serve yet.
+    #[error("the tracker is still starting")]
+    Starting,
+    /// No recovery point can be made in bitmap mode.
+    #[error("the group is in bitmap mode: no recovery point can be marked until a resync")]
+    BitmapMode,
+    /// The label does not fit in a record.
+    #[error("invalid label: {0}")]
+    Label(#[source] tidemark_changelog::record::DecodeError),
+    /// The log took no record.
+    #[error("{0}")]
+    Append(#[source] AppendError),
+    /// The log failed before the marker was durable.
+    #[error("the change log failed while making the marker durable")]
+    NotDurable,
+}
+
+/// Why a clean stop could not be recorded (the next start is then an
+/// unclean one: nothing is lost, a resync of the hot extents follows).
+#[derive(Debug, thiserror::Error)]
+pub enum CloseError {
+    /// A final barrier failed.
+    #[error("final barrier: {0:?}")]
+    Barrier(Errno),
+    /// The maps could not be written.
+    #[error(transparent)]
+    Maps(#[from] BitmapError),
+    /// The state file could not be written.
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+/// Why data mode could not return.
+#[derive(Debug, thiserror::Error)]
+pub enum ResumeError {
+    /// The log's free room could not be read.
+    #[error("reading the log's cursor: {0}")]
+    Cursor(#[source] AppendError),
+    /// The pending generation could not begin.
+    #[error("starting generation {generation}: {source}")]
+    Generation {
+        /// The generation.
+        generation: u32,
+        /// Why.
+        #[source]
+        source: AppendError,
+    },
+    /// The dirty extents could not be recorded.
+    #[error("recording resync-needed extents: {0}")]
+    Record(#[source] AppendError),
+    /// They could not be made durable.
+    #[error("making resync-needed extents durable: {0}")]
+    Sync(#[source] AppendError),
+    /// The dirty bitmap could not be cleared.
+    #[error("clearing the dirty bitmap: {0}")]
+    ClearDirty(#[source] BitmapError),
+    /// The state file could not say data mode.
+    #[error("recording data mode in the state file: {0}")]
+    State(#[source] StateError),
+}
+
+/// Why a whole disk could not be recorded as resync-needed.
+#[derive(Debug, thiserror::Error)]
+pub enum ResyncAllError {
+    /// The group does not serve yet.
+    #[error("the tracker is still starting")]
+    Starting,
+    /// No such disk.
+    #[error("no disk {0:?} in this group")]
+    NoDisk(String),
+    /// The dirty bitmap could not be persisted.
+    #[error("recording the disk in the dirty bitmap failed")]
+    Dirty,
 }
 
 /// What opening the group found and did.
@@ -236,15 +310,15 @@ impl FlushEpochs {
 /// How the group records writes: the change log, the mode, the activity
 /// and dirty maps, the state file. Shared with the committer.
 pub(crate) struct Tracking {
-    log: Mutex<ChangeLog<FsDir>>,
+    log: Ordered<ChangeLog<FsDir>>,
     /// The log's unwritten bytes as of the last append or write-out: read
     /// without the log's lock.
     unwritten: AtomicUsize,
-    mode: Mutex<TrackingMode>,
-    maps: Mutex<Maps>,
+    mode: Ordered<TrackingMode>,
+    maps: Ordered<Maps>,
     /// Serializes writing map bytes and their fdatasync.
-    persist: Mutex<()>,
-    state: Mutex<GroupState>,
+    persist: Ordered<()>,
+    state: Ordered<GroupState>,
     pub(crate) flushes: Vec<FlushEpochs>,
     /// The event loops' queues that may park requests on the group.
     pub(crate) wakers: Wakers,
@@ -279,7 +353,7 @@ pub struct Group {
     pub(crate) committer: Committer,
     /// A new generation (number, first sequence number) to begin in the log
     /// when data mode returns.
-    pending_generation: Mutex<Option<(u32, u64)>>,
+    pending_generation: Ordered<Option<(u32, u64)>>,
     /// The state file says "running": only then may anything be appended
     /// (see [`Group::mark_running`]).
     running: AtomicBool,
@@ -291,10 +365,9 @@ pub struct Group {
     write_latency: Histogram,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section leaves its data consistent before anything
-    // that can panic, so a poisoned lock's data is still good.
-    m.lock().unwrap_or_else(|e| e.into_inner())
+/// Takes one of the group's locks, in the order of [`crate::lock_order`].
+fn lock<T>(m: &Ordered<T>) -> OrderedGuard<'_, T> {
+    m.lock()
 }
 
 fn errno_of(error: &crate::storage::StorageError) -> Errno {
@@ -320,7 +393,7 @@ impl Group {
         let names: Vec<String> = disks.iter().map(|d| d.name.to_string()).collect();
         let mut state =
             GroupState::load(&opts.log_dir)?.unwrap_or_else(|| GroupState::fresh(&names));
-        state.check_disks(&names).map_err(GroupError::Config)?;
+        state.check_disks(&names)?;
         // What the log's recovery may cut depends on how the last run
         // ended: after a clean stop nothing (a log without a state file is
         // held to that too), after a crash a torn tail above the watermark.
@@ -383,9 +456,9 @@ impl Group {
         }
 
         let unclean = state.running || opts.resync_all;
-        let mut mode = match &state.bitmap_reason {
-            Some(reason) => TrackingMode::Bitmap {
-                reason: reason.clone(),
+        let mut mode = match &state.bitmap {
+            Some(cause) => TrackingMode::Bitmap {
+                cause: cause.clone(),
             },
             None => TrackingMode::Data,
         };
@@ -406,9 +479,7 @@ impl Group {
                     pending_generation = Some((generation, recovery.max_exposed_seq + 1));
                     if mode == TrackingMode::Data {
                         mode = TrackingMode::Bitmap {
-                            reason: format!(
-                                "{OVERFLOW_REASON} when restarting after an unclean stop"
-                            ),
+                            cause: BitmapCause::LogFull(FullAt::Restart),
                         };
                     }
                 }
@@ -436,7 +507,7 @@ impl Group {
                     Ok(()) => {}
                     Err(AppendError::Overflow { .. }) => {
                         mode = TrackingMode::Bitmap {
-                            reason: format!("{OVERFLOW_REASON} when recording an unclean stop"),
+                            cause: BitmapCause::LogFull(FullAt::UncleanStop),
                         }
                     }
                     Err(e) => return Err(GroupError::Append(e)),
@@ -467,8 +538,8 @@ impl Group {
         // every socket and calls `mark_running`, a stop is a clean one.
         state.running = false;
         state.last_seq = None;
-        state.bitmap_reason = match &mode {
-            TrackingMode::Bitmap { reason } => Some(reason.clone()),
+        state.bitmap = match &mode {
+            TrackingMode::Bitmap { cause } => Some(cause.clone()),
             TrackingMode::Data => None,
         };
         state.save(&opts.log_dir)?;
@@ -485,12 +556,12 @@ impl Group {
         log.set_buffered(true);
         let disk_count = states.len();
         let tracking = Arc::new(Tracking {
-            log: Mutex::new(log),
+            log: Ordered::new(Level::Log, log),
             unwritten: AtomicUsize::new(0),
-            mode: Mutex::new(mode),
-            maps: Mutex::new(Maps { activity, dirty }),
-            persist: Mutex::new(()),
-            state: Mutex::new(state),
+            mode: Ordered::new(Level::Mode, mode),
+            maps: Ordered::new(Level::Maps, Maps { activity, dirty }),
+            persist: Ordered::new(Level::Persist, ()),
+            state: Ordered::new(Level::State, state),
             flushes: (0..disk_count).map(|_| FlushEpochs::default()).collect(),
             wakers: Wakers::default(),
         });
@@ -501,7 +572,7 @@ impl Group {
             disks: states,
             tracking,
             committer,
-            pending_generation: Mutex::new(pending_generation),
+            pending_generation: Ordered::new(Level::PendingGeneration, pending_generation),
             running: AtomicBool::new(false),
             block_sizes,
             writes: AtomicU64::new(0),
@@ -772,7 +843,7 @@ impl Group {
     /// a barrier makes them durable, and the dirty bitmap is cleared. Writes
     /// wait for this (it is rare and short). Returns the number of extents
     /// recorded, or `None` if the group stays as it is.
-    pub fn try_resume_data_mode(&self) -> Result<Option<usize>, String> {
+    pub fn try_resume_data_mode(&self) -> Result<Option<usize>, ResumeError> {
         if !self.running.load(Ordering::Acquire) {
             return Ok(None);
         }
@@ -780,7 +851,7 @@ impl Group {
         let mut mode = lock(&t.mode);
         match &*mode {
             TrackingMode::Data => return Ok(None),
-            TrackingMode::Bitmap { reason } if !is_overflow_reason(reason) => return Ok(None),
+            TrackingMode::Bitmap { cause } if !cause.ends_by_itself() => return Ok(None),
             TrackingMode::Bitmap { .. } => {}
         }
         let mut maps = lock(&t.maps);
@@ -801,7 +872,7 @@ impl Group {
         match log.free_bytes() {
             Ok(free) if free >= log.options().size_limit / 2 => {}
             Ok(_) => return Ok(None),
-            Err(e) => return Err(format!("reading the log's cursor: {e}")),
+            Err(e) => return Err(ResumeError::Cursor(e)),
         }
         let now = now_ns();
         let mut pending = lock(&self.pending_generation);
@@ -810,7 +881,7 @@ impl Group {
             match log.begin_generation(generation, first_seq, now) {
                 Ok(()) => *pending = None,
                 Err(AppendError::Overflow { .. }) => return Ok(None),
-                Err(e) => return Err(format!("starting generation {generation}: {e}")),
+                Err(source) => return Err(ResumeError::Generation { generation, source }),
             }
         }
         drop(pending);
@@ -826,13 +897,13 @@ impl Group {
                 // Records appended so far only ask for a resync of extents
                 // that are dirty anyway; the bits stay set.
                 Err(AppendError::Overflow { .. }) => return Ok(None),
-                Err(e) => return Err(format!("recording resync-needed extents: {e}")),
+                Err(e) => return Err(ResumeError::Record(e)),
             }
         }
         match log.barrier(now).and_then(|_| log.sync()) {
             Ok(_) => {}
             Err(AppendError::Overflow { .. }) => return Ok(None),
-            Err(e) => return Err(format!("making resync-needed extents durable: {e}")),
+            Err(e) => return Err(ResumeError::Sync(e)),
         }
         self.committer.note_durable(log.durable_seq());
         drop(log);
@@ -841,16 +912,14 @@ impl Group {
             let bytes = bits.take_unwritten();
             bits.writer()
                 .and_then(|w| w.write_bytes(&bytes, true))
-                .map_err(|e| format!("clearing the dirty bitmap: {e}"))?;
+                .map_err(ResumeError::ClearDirty)?;
         }
         *mode = TrackingMode::Data;
         drop(maps);
         drop(mode);
         let mut state = lock(&t.state);
-        state.bitmap_reason = None;
-        state
-            .save_in_place()
-            .map_err(|e| format!("recording data mode in the state file: {e}"))?;
+        state.bitmap = None;
+        state.save_in_place().map_err(ResumeError::State)?;
         Ok(Some(extents.len()))
     }
 
@@ -882,72 +951,64 @@ impl Group {
 
     /// Inserts a labelled marker followed by a barrier; returns the
     /// marker's sequence number.
-    pub fn marker(&self, label: &Label, app_consistent: bool) -> Result<u64, String> {
-        self.check_running()
-            .map_err(|_| "the tracker is still starting".to_string())?;
+    pub fn marker(&self, label: &Label, app_consistent: bool) -> Result<u64, MarkerError> {
+        self.check_running().map_err(|_| MarkerError::Starting)?;
         let t = &*self.tracking;
         if !matches!(*lock(&t.mode), TrackingMode::Data) {
-            return Err(
-                "the group is in bitmap mode: no recovery point can be marked until a resync"
-                    .into(),
-            );
+            return Err(MarkerError::BitmapMode);
         }
         let entry = Entry::marker(label.as_str(), app_consistent, now_ns());
-        entry
-            .validate()
-            .map_err(|e| format!("invalid label: {e}"))?;
+        entry.validate().map_err(MarkerError::Label)?;
         let (seq, barrier) = {
             let mut log = lock(&t.log);
-            let seq = log.append(&entry).map_err(|e| e.to_string())?;
+            let seq = log.append(&entry).map_err(MarkerError::Append)?;
             let barrier = log
                 .append(&Entry::barrier(now_ns()))
-                .map_err(|e| e.to_string())?;
+                .map_err(MarkerError::Append)?;
             t.unwritten.store(log.unwritten_bytes(), Ordering::SeqCst);
             (seq, barrier)
         };
         self.committer
             .wait_durable(barrier)
-            .map_err(|_| "the change log failed while making the marker durable".to_string())?;
+            .map_err(|_| MarkerError::NotDurable)?;
         Ok(seq)
     }
 
     /// A final barrier on every disk, then a clean stop recorded: the next
     /// open needs no resync. The committer stops; the group takes no more
     /// requests.
-    pub fn close_clean(&self) -> Result<(), String> {
+    pub fn close_clean(&self) -> Result<(), CloseError> {
         if !self.running.load(Ordering::Acquire) {
             // Nothing was served: the state file already says stopped.
             self.committer.stop();
             return Ok(());
         }
         for id in 0..self.disks.len() as u32 {
-            self.barrier(id)
-                .map_err(|e| format!("final barrier: {e:?}"))?;
+            self.barrier(id).map_err(CloseError::Barrier)?;
         }
         self.committer.stop();
         let t = &*self.tracking;
         {
             let _persist = lock(&t.persist);
+            // The mode before the maps (the lock order).
+            let data_mode = matches!(*lock(&t.mode), TrackingMode::Data);
             let mut maps = lock(&t.maps);
-            if matches!(*lock(&t.mode), TrackingMode::Data) {
+            if data_mode {
                 for act in &mut maps.activity {
                     act.map.clear_all();
                 }
             }
             for act in &mut maps.activity {
                 let bytes = act.map.take_unwritten();
-                act.map
-                    .writer()
-                    .and_then(|w| w.write_bytes(&bytes, true))
-                    .map_err(|e| e.to_string())?;
+                act.map.writer().and_then(|w| w.write_bytes(&bytes, true))?;
             }
         }
-        t.persist_dirty().map_err(|e| e.to_string())?;
+        t.persist_dirty()?;
         let last_seq = lock(&t.log).durable_seq();
         let mut state = lock(&t.state);
         state.running = false;
         state.last_seq = Some(last_seq);
-        state.save_in_place().map_err(|e| e.to_string())
+        Ok(state.save_in_place()?)
     }
 
     /// The group's state, for `status`.
@@ -1009,15 +1070,14 @@ impl Group {
     /// through the tracker after this call are logged as usual, so a resync
     /// that reads the disk after this point sees every untracked write.
     /// Returns the record's sequence number in data mode.
-    pub fn record_resync_all(&self, name: &str) -> Result<Option<u64>, String> {
-        self.check_running()
-            .map_err(|_| "the tracker is still starting".to_string())?;
+    pub fn record_resync_all(&self, name: &str) -> Result<Option<u64>, ResyncAllError> {
+        self.check_running().map_err(|_| ResyncAllError::Starting)?;
         let t = &*self.tracking;
         let id = self
             .disks
             .iter()
             .position(|d| d.disk.name == *name)
-            .ok_or_else(|| format!("no disk {name:?} in this group"))?;
+            .ok_or_else(|| ResyncAllError::NoDisk(name.to_string()))?;
         let size = self.disks[id].size;
         if size == 0 {
             return Ok(None);
@@ -1051,7 +1111,7 @@ impl Group {
         }
         self.committer
             .wait_dirty(self.committer.want_dirty())
-            .map_err(|_| "recording the disk in the dirty bitmap failed".to_string())?;
+            .map_err(|_| ResyncAllError::Dirty)?;
         Ok(None)
     }
 
@@ -1184,19 +1244,21 @@ impl Tracking {
         if let TrackingMode::Bitmap { .. } = *mode {
             return;
         }
-        let reason = match cause {
+        let cause = match cause {
             AppendError::Overflow { limit } => {
-                format!("{OVERFLOW_REASON} of {limit} bytes")
+                BitmapCause::LogFull(FullAt::Append { limit: *limit })
             }
-            other => format!("the change log failed: {other}"),
+            other => BitmapCause::LogFailed {
+                error: other.to_string(),
+            },
         };
-        tracing::warn!(%reason, "switching to bitmap mode: writes go on, a checksum resync will follow");
+        tracing::warn!(reason = %cause, "switching to bitmap mode: writes go on, a checksum resync will follow");
         *mode = TrackingMode::Bitmap {
-            reason: reason.clone(),
+            cause: cause.clone(),
         };
         drop(mode);
         let mut state = lock(&self.state);
-        state.bitmap_reason = Some(reason);
+        state.bitmap = Some(cause);
         if let Err(e) = state.save_in_place() {
             tracing::error!(error = %e, "recording bitmap mode in the state file failed");
         }

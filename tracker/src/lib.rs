@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod dm;
 pub mod group;
 pub mod kernel_attach;
+mod lock_order;
 pub mod nbd;
 pub mod queue;
 pub mod quiesce;

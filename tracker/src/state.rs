@@ -65,6 +65,110 @@ pub enum StateError {
     },
 }
 
+/// Why a group left data mode ([`crate::group::TrackingMode::Bitmap`]).
+/// The state file keeps it as its text ([`BitmapCause::from_text`] reads
+/// back exactly what `Display` writes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BitmapCause {
+    /// The change log reached its size limit: data mode returns by itself
+    /// once the shipper has freed half of the log.
+    LogFull(FullAt),
+    /// The change log failed (an I/O error): bitmap mode lasts until the
+    /// tracker restarts and a checksum resync has run.
+    LogFailed {
+        /// The log's error, as it was reported.
+        error: String,
+    },
+    /// A text this release does not know (a future release wrote it):
+    /// kept as written, and like a failure it does not end by itself.
+    Other(String),
+}
+
+/// When the log was found full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FullAt {
+    /// Appending: the limit it reached.
+    Append {
+        /// The log's size limit in bytes.
+        limit: u64,
+    },
+    /// Beginning a new generation when restarting after an unclean stop.
+    Restart,
+    /// Recording the hot extents of an unclean stop.
+    UncleanStop,
+}
+
+const FULL: &str = "the change log reached its size limit";
+const FAILED: &str = "the change log failed: ";
+
+impl BitmapCause {
+    /// Whether data mode comes back without a restart.
+    pub fn ends_by_itself(&self) -> bool {
+        matches!(self, BitmapCause::LogFull(_))
+    }
+
+    /// The cause whose `Display` is `text` (any other text is kept as
+    /// [`BitmapCause::Other`]).
+    pub fn from_text(text: &str) -> BitmapCause {
+        let full = |rest: &str| match rest {
+            " when restarting after an unclean stop" => Some(FullAt::Restart),
+            " when recording an unclean stop" => Some(FullAt::UncleanStop),
+            _ => {
+                let digits = rest.strip_prefix(" of ")?.strip_suffix(" bytes")?;
+                // Only the canonical form `Display` writes.
+                let limit: u64 = digits.parse().ok()?;
+                (limit.to_string() == digits).then_some(FullAt::Append { limit })
+            }
+        };
+        if let Some(at) = text.strip_prefix(FULL).and_then(full) {
+            return BitmapCause::LogFull(at);
+        }
+        match text.strip_prefix(FAILED) {
+            Some(error) => BitmapCause::LogFailed {
+                error: error.to_string(),
+            },
+            None => BitmapCause::Other(text.to_string()),
+        }
+    }
+}
+
+impl std::fmt::Display for BitmapCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BitmapCause::LogFull(FullAt::Append { limit }) => write!(f, "{FULL} of {limit} bytes"),
+            BitmapCause::LogFull(FullAt::Restart) => {
+                write!(f, "{FULL} when restarting after an unclean stop")
+            }
+            BitmapCause::LogFull(FullAt::UncleanStop) => {
+                write!(f, "{FULL} when recording an unclean stop")
+            }
+            BitmapCause::LogFailed { error } => write!(f, "{FAILED}{error}"),
+            BitmapCause::Other(text) => f.write_str(text),
+        }
+    }
+}
+
+/// The configured disks renumber the log's: refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DiskOrderError {
+    /// Another disk is configured at a log disk's place.
+    #[error("disk {id} of this log is {name:?} but the configuration lists {configured:?} there; disks may only be added at the end")]
+    Moved {
+        /// The place.
+        id: usize,
+        /// The log's disk there.
+        name: String,
+        /// The configuration's.
+        configured: String,
+    },
+    /// A log disk is not configured.
+    #[error("disk {name:?} of this log is missing from the configuration")]
+    Missing {
+        /// The log's disk.
+        name: String,
+    },
+}
+
 /// What the state file holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupState {
@@ -75,8 +179,8 @@ pub struct GroupState {
     /// The last durable record of the log at a clean stop (not while
     /// running, and not recorded by version 1).
     pub last_seq: Option<u64>,
-    /// Bitmap mode, with its reason.
-    pub bitmap_reason: Option<String>,
+    /// Bitmap mode, with its cause.
+    pub bitmap: Option<BitmapCause>,
     /// Disk names by id.
     pub disks: Vec<String>,
     dir: Option<PathBuf>,
@@ -89,7 +193,7 @@ impl GroupState {
             generation: 0,
             running: false,
             last_seq: None,
-            bitmap_reason: None,
+            bitmap: None,
             disks: disks.to_vec(),
             dir: None,
         }
@@ -97,16 +201,18 @@ impl GroupState {
 
     /// Refuses a configuration that renumbers the disks: new disks may be
     /// added at the end, existing ones may not move or vanish.
-    pub fn check_disks(&mut self, configured: &[String]) -> Result<(), String> {
+    pub fn check_disks(&mut self, configured: &[String]) -> Result<(), DiskOrderError> {
         for (id, name) in self.disks.iter().enumerate() {
             match configured.get(id) {
                 Some(c) if c == name => {}
                 Some(c) => {
-                    return Err(format!(
-                        "disk {id} of this log is {name:?} but the configuration lists {c:?} there; disks may only be added at the end"
-                    ))
+                    return Err(DiskOrderError::Moved {
+                        id,
+                        name: name.clone(),
+                        configured: c.clone(),
+                    })
                 }
-                None => return Err(format!("disk {name:?} of this log is missing from the configuration")),
+                None => return Err(DiskOrderError::Missing { name: name.clone() }),
             }
         }
         self.disks = configured.to_vec();
@@ -152,7 +258,7 @@ impl GroupState {
                 "last-seq" => {
                     state.last_seq = Some(value.parse().map_err(|_| damaged("bad last-seq"))?)
                 }
-                "bitmap-reason" => state.bitmap_reason = Some(value.to_string()),
+                "bitmap-reason" => state.bitmap = Some(BitmapCause::from_text(value)),
                 "disk" => state.disks.push(value.to_string()),
                 _ => return Err(damaged(&format!("unknown line {line:?}"))),
             }
@@ -178,10 +284,10 @@ impl GroupState {
         if let Some(seq) = self.last_seq.filter(|_| !self.running) {
             body.push_str(&format!("last-seq {seq}\n"));
         }
-        if let Some(reason) = &self.bitmap_reason {
-            // One line, whatever the reason's text: a line break (a
+        if let Some(cause) = &self.bitmap {
+            // One line, whatever the cause's text: a line break (a
             // trailing '\r' included) would not read back.
-            let reason = reason.replace(['\n', '\r'], " ");
+            let reason = cause.to_string().replace(['\n', '\r'], " ");
             body.push_str(&format!("bitmap-reason {reason}\n"));
         }
         for d in &self.disks {
@@ -210,11 +316,29 @@ mod tests {
             let mut state = GroupState::fresh(&disks);
             state.generation = generation;
             state.running = running;
-            state.bitmap_reason = reason;
+            state.bitmap = reason.as_deref().map(BitmapCause::from_text);
             state.save(dir.path()).unwrap();
-            // The reason is kept on one line.
-            state.bitmap_reason = state.bitmap_reason.map(|r| r.replace(['\n', '\r'], " "));
+            // The cause is kept on one line.
+            state.bitmap = reason.map(|r| BitmapCause::from_text(&r.replace(['\n', '\r'], " ")));
             prop_assert_eq!(GroupState::load(dir.path()).unwrap(), Some(state));
+        }
+
+        #[test]
+        fn a_cause_reads_back_from_its_text(
+            limit in any::<u64>(),
+            error in "[ -~]{0,60}",
+            text in "[ -~]{0,80}",
+        ) {
+            for cause in [
+                BitmapCause::LogFull(FullAt::Append { limit }),
+                BitmapCause::LogFull(FullAt::Restart),
+                BitmapCause::LogFull(FullAt::UncleanStop),
+                BitmapCause::LogFailed { error: error.clone() },
+            ] {
+                prop_assert_eq!(BitmapCause::from_text(&cause.to_string()), cause);
+            }
+            // Any text reads as a cause whose text it is.
+            prop_assert_eq!(BitmapCause::from_text(&text).to_string(), text);
         }
 
         #[test]
@@ -230,6 +354,42 @@ mod tests {
         }
     }
 
+    /// The texts earlier releases wrote read as their causes: only a full
+    /// log's bitmap mode ends by itself.
+    #[test]
+    fn the_causes_earlier_releases_wrote_are_known() {
+        let full =
+            BitmapCause::from_text("the change log reached its size limit of 8589934592 bytes");
+        assert_eq!(
+            full,
+            BitmapCause::LogFull(FullAt::Append { limit: 8589934592 })
+        );
+        assert!(full.ends_by_itself());
+        for (text, at) in [
+            (
+                "the change log reached its size limit when restarting after an unclean stop",
+                FullAt::Restart,
+            ),
+            (
+                "the change log reached its size limit when recording an unclean stop",
+                FullAt::UncleanStop,
+            ),
+        ] {
+            assert_eq!(BitmapCause::from_text(text), BitmapCause::LogFull(at));
+        }
+        let failed = BitmapCause::from_text("the change log failed: writing segment 3: EIO");
+        assert_eq!(
+            failed,
+            BitmapCause::LogFailed {
+                error: "writing segment 3: EIO".into()
+            }
+        );
+        assert!(!failed.ends_by_itself());
+        // A text that only begins like a full log's is not one.
+        let odd = BitmapCause::from_text("the change log reached its size limit, or so");
+        assert!(!odd.ends_by_itself(), "{odd:?}");
+    }
+
     #[test]
     fn round_trip_and_damage() {
         let dir = tempfile::tempdir().unwrap();
@@ -238,7 +398,7 @@ mod tests {
         s.generation = 4;
         s.running = false;
         s.last_seq = Some(77);
-        s.bitmap_reason = Some("full".into());
+        s.bitmap = Some(BitmapCause::LogFull(FullAt::Append { limit: 1 << 30 }));
         s.save(dir.path()).unwrap();
         let loaded = GroupState::load(dir.path()).unwrap().unwrap();
         assert_eq!(loaded, s);
@@ -267,7 +427,7 @@ mod tests {
         fs::write(dir.path().join(FILE), &v1).unwrap();
         let mut s = GroupState::load(dir.path()).unwrap().unwrap();
         assert_eq!(
-            (s.generation, s.running, s.last_seq, s.bitmap_reason.clone()),
+            (s.generation, s.running, s.last_seq, s.bitmap.clone()),
             (0, false, None, None)
         );
         assert_eq!(s.disks, ["disk"]);

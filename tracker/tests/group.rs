@@ -8,6 +8,7 @@ use tidemark_changelog::replay::{apply, MemoryImage, ReplaySummary};
 use tidemark_changelog::{FsDir, Kind, LogOptions, LogReader, Record};
 use tidemark_tracker::backend::Backend;
 use tidemark_tracker::group::{Group, GroupDisk, GroupOptions, TrackingMode};
+use tidemark_tracker::state::{BitmapCause, FullAt};
 use tidemark_tracker::storage::{BlockDevice, MemoryDevice};
 
 const DISK: u64 = 8 << 20;
@@ -159,7 +160,10 @@ fn a_full_log_switches_to_bitmap_mode_without_failing_writes() {
     }
     let status = group.status();
     match &status.mode {
-        TrackingMode::Bitmap { reason } => assert!(reason.contains("size limit"), "{reason}"),
+        TrackingMode::Bitmap { cause } => assert!(
+            matches!(cause, BitmapCause::LogFull(FullAt::Append { .. })),
+            "{cause:?}"
+        ),
         other => panic!("still {other:?}"),
     }
     assert!(status.dirty_extents[0] > 0);
