@@ -159,16 +159,13 @@ fn route_text(route: Route) -> String {
 
 /// Checks that a tracker answers on `socket` and serves `disk`.
 fn check_tracker(socket: &Path, disk: &str) -> Result<()> {
-    let reply = tidemark_tracker::control::request_within(socket, "status", CONTROL_TIMEOUT)
-        .with_context(|| {
-            format!(
-                "no tracker answers on {}: start it (tidemark tracker serve) and attach its NBD device first",
-                socket.display()
-            )
-        })?;
-    let serves = reply["status"]["disks"]
-        .as_array()
-        .is_some_and(|disks| disks.iter().any(|d| d["name"] == disk));
+    let status = tidemark_control::status(socket, CONTROL_TIMEOUT).with_context(|| {
+        format!(
+            "no tracker answers on {}: start it (tidemark tracker serve) and attach its NBD device first",
+            socket.display()
+        )
+    })?;
+    let serves = status.disks.iter().any(|d| d.name == disk);
     if !serves {
         bail!(
             "the tracker on {} serves no disk {disk:?} (give --tracker-disk)",
@@ -181,19 +178,14 @@ fn check_tracker(socket: &Path, disk: &str) -> Result<()> {
 /// Asks the tracker to record the whole disk as resync-needed; returns the
 /// record's sequence number (`None`: recorded in its dirty bitmap).
 fn record_resync(socket: &Path, disk: &str) -> Result<Option<u64>> {
-    let reply = tidemark_tracker::control::request_within(
-        socket,
-        &format!("resync-all {disk}"),
-        CONTROL_TIMEOUT,
-    )
-    .with_context(|| format!("asking the tracker on {}", socket.display()))?;
-    if reply["ok"] != true {
-        bail!(
-            "the tracker refused: {}",
-            reply["error"].as_str().unwrap_or("no reason given")
-        );
+    match tidemark_control::resync_all(socket, disk, CONTROL_TIMEOUT) {
+        Ok(seq) => Ok(seq),
+        Err(e @ tidemark_control::ControlError::Refused(_)) => bail!("{e}"),
+        Err(e) => {
+            Err(anyhow::Error::new(e)
+                .context(format!("asking the tracker on {}", socket.display())))
+        }
     }
-    Ok(reply["seq"].as_u64())
 }
 
 fn suspended_ms(s: Swapped) -> Option<f64> {

@@ -233,8 +233,7 @@ pub(crate) fn run_shipper(cmd: ShipperCommand) -> Result<ExitCode> {
             }
         }
         ShipperCommand::Status(a) => {
-            let s =
-                tidemark_shipper::status::read_status(&a.log_dir).map_err(anyhow::Error::msg)?;
+            let s = tidemark_shipper::status::read_status(&a.log_dir)?;
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
                 return Ok(ExitCode::SUCCESS);

@@ -14,10 +14,9 @@ use crate::timefmt;
 use anyhow::Result;
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
-use std::io::{ErrorKind, IsTerminal, Write};
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -53,32 +52,8 @@ pub(crate) struct StatusArgs {
     watch: Option<u64>,
 }
 
-/// The tracker's `status` reply, as far as this screen needs it. Fields a
-/// tracker does not send read as their defaults.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-struct TrackerStatus {
-    group: String,
-    /// `data` or `bitmap`.
-    tracking: String,
-    bitmap_reason: Option<String>,
-    generation: u32,
-    next_seq: u64,
-    durable_seq: u64,
-    log_bytes: u64,
-    log_limit: u64,
-    disks: Vec<TrackerDisk>,
-}
-
-/// One disk of a [`TrackerStatus`].
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-struct TrackerDisk {
-    name: String,
-    tracking: String,
-    hot_extents: u64,
-    dirty_extents: u64,
-}
+/// The tracker's `status` reply (the control protocol's type).
+type TrackerStatus = tidemark_control::StatusReply;
 
 /// A source that did not answer: a short verdict for the screen and why.
 #[derive(Debug, Clone, PartialEq)]
@@ -338,54 +313,39 @@ fn gather(a: &StatusArgs) -> Snapshot {
 }
 
 fn ask_tracker(control: &Path) -> Result<TrackerStatus, NoAnswer> {
-    let reply = tidemark_tracker::control::request_within(
-        control,
-        "status",
-        std::time::Duration::from_secs(5),
-    )
-    .map_err(|e| {
+    tidemark_control::status(control, std::time::Duration::from_secs(5))
+        .map_err(|e| tracker_no_answer(control, e))
+}
+
+/// What a failed status request says on the screen.
+fn tracker_no_answer(control: &Path, e: tidemark_control::ControlError) -> NoAnswer {
+    use tidemark_control::ControlError;
+    let verdict = match &e {
         // No socket, or a socket nobody listens on: the tracker is not
         // running. Anything else (permissions, a hung tracker) is worth
         // telling apart.
-        let verdict = match e.kind() {
-            ErrorKind::NotFound | ErrorKind::ConnectionRefused => "not running",
-            _ => "not reachable",
-        };
-        NoAnswer {
-            verdict,
-            reason: format!("{}: {e}", control.display()),
-        }
-    })?;
-    tracker_status_from_reply(&reply)
-}
-
-/// The status in a control-socket reply (`{"ok":true,"status":{…}}`).
-fn tracker_status_from_reply(reply: &Value) -> Result<TrackerStatus, NoAnswer> {
-    if reply["ok"] != true {
-        return Err(NoAnswer {
-            verdict: "refused",
-            reason: reply["error"]
-                .as_str()
-                .unwrap_or("it gave no reason")
-                .to_string(),
-        });
-    }
-    serde_json::from_value(reply["status"].clone()).map_err(|e| NoAnswer {
-        verdict: "unreadable",
-        reason: format!("its status reply: {e}"),
-    })
+        e if e.not_running() => "not running",
+        ControlError::Unreachable { .. } | ControlError::NotStopped(_) => "not reachable",
+        ControlError::Refused(_) => "refused",
+        ControlError::BadReply { .. } => "unreadable",
+    };
+    let reason = match e {
+        ControlError::Refused(why) => why,
+        ControlError::Unreachable { source, .. } => format!("{}: {source}", control.display()),
+        e => e.to_string(),
+    };
+    NoAnswer { verdict, reason }
 }
 
 fn ask_shipper(log_dir: &Path) -> Result<ShipperStatus, NoAnswer> {
-    tidemark_shipper::status::read_status(log_dir).map_err(|reason| {
-        // `shipper.status` is the file shipper/src/status.rs keeps; while
-        // it does not exist no shipper has run on this log directory.
-        let missing = std::fs::symlink_metadata(log_dir.join("shipper.status"))
-            .is_err_and(|e| e.kind() == ErrorKind::NotFound);
-        NoAnswer {
-            verdict: if missing { "not running" } else { "unreadable" },
-            reason,
-        }
+    tidemark_shipper::status::read_status(log_dir).map_err(|e| NoAnswer {
+        // While there is no status file no shipper has run on this log
+        // directory.
+        verdict: match e {
+            tidemark_shipper::status::StatusReadError::Missing { .. } => "not running",
+            _ => "unreadable",
+        },
+        reason: e.to_string(),
     })
 }
 
@@ -470,12 +430,7 @@ fn disk_rows(
     if let Some(t) = tracker {
         for d in &t.disks {
             let mut row = DiskRow::new(&t.group, &d.name);
-            let tracking = if d.tracking.is_empty() {
-                &t.tracking
-            } else {
-                &d.tracking
-            };
-            row.tracking = Some(tracking.clone());
+            row.tracking = Some(d.tracking.name().to_string());
             rows.push(row);
         }
     }
@@ -1057,9 +1012,7 @@ mod tests {
     const NOW: u64 = 1_795_435_201 * S;
 
     fn tracker() -> TrackerStatus {
-        tracker_status_from_reply(&json!({
-            "ok": true,
-            "status": {
+        serde_json::from_value(json!({
                 "group": "default",
                 "tracking": "data",
                 "bitmap_reason": null,
@@ -1074,7 +1027,6 @@ mod tests {
                     {"name": "disk0", "tracking": "data", "hot_extents": 2, "dirty_extents": 0},
                     {"name": "disk1", "tracking": "data", "hot_extents": 0, "dirty_extents": 0}
                 ]
-            }
         }))
         .unwrap()
     }
@@ -1160,13 +1112,34 @@ mod tests {
     fn the_tracker_reply_is_read_and_a_refusal_is_not_an_answer() {
         let t = tracker();
         assert_eq!(t.group, "default");
-        assert_eq!(t.tracking, "data");
+        assert_eq!(t.tracking, tidemark_control::Tracking::Data);
         assert_eq!(t.disks.len(), 2);
         assert_eq!(t.disks[0].hot_extents, 2);
-        let refused = tracker_status_from_reply(&json!({"ok": false, "error": "busy"}));
-        assert_eq!(refused.unwrap_err().verdict, "refused");
-        let nonsense = tracker_status_from_reply(&json!({"ok": true, "status": 7}));
-        assert_eq!(nonsense.unwrap_err().verdict, "unreadable");
+        let control = Path::new("/run/tidemark/tracker.ctl");
+        let refused = tracker_no_answer(
+            control,
+            tidemark_control::ControlError::Refused("busy".into()),
+        );
+        assert_eq!(
+            (refused.verdict, refused.reason.as_str()),
+            ("refused", "busy")
+        );
+        let nonsense = tracker_no_answer(
+            control,
+            tidemark_control::ControlError::BadReply {
+                path: control.into(),
+                reason: "its \"status\": invalid type".into(),
+            },
+        );
+        assert_eq!(nonsense.verdict, "unreadable");
+        let absent = tracker_no_answer(
+            control,
+            tidemark_control::ControlError::Unreachable {
+                path: control.into(),
+                source: std::io::ErrorKind::NotFound.into(),
+            },
+        );
+        assert_eq!(absent.verdict, "not running");
     }
 
     #[test]

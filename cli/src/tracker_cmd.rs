@@ -188,15 +188,8 @@ fn scheduled_marks(path: &Path, control: PathBuf) -> Result<Option<impl FnOnce()
         std::thread::spawn(move || loop {
             std::thread::sleep(every.get());
             let result = quiesce.run(|left| {
-                let reply = tidemark_tracker::control::request_within(
-                    &control,
-                    "mark --app-consistent scheduled",
-                    left,
-                )
-                .map_err(|e| e.to_string())?;
-                reply["seq"]
-                    .as_u64()
-                    .ok_or_else(|| reply["error"].as_str().unwrap_or("refused").to_string())
+                let label = tidemark_names::Label::new("scheduled").expect("a valid label");
+                tidemark_control::mark(&control, &label, true, left).map_err(|e| e.to_string())
             });
             match result {
                 Ok(r) => tracing::info!(seq = r.seq, "scheduled application-consistent point"),
@@ -453,36 +446,28 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
 }
 
 fn status(a: ControlArgs) -> Result<ExitCode> {
-    let reply = tidemark_tracker::control::request(&a.control_socket, "status")
-        .with_context(|| format!("cannot reach the tracker at {}", a.control_socket.display()))?;
-    if reply["ok"] != true {
-        bail!("{}", reply["error"]);
-    }
-    let s = &reply["status"];
+    let s = tidemark_control::status(&a.control_socket, std::time::Duration::from_secs(60))?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(s)?);
+        println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(ExitCode::SUCCESS);
     }
     println!(
         "group {}: tracking {}{}, generation {}, sequence {} (durable {}), log {} of {} bytes, {} writes, {} barriers",
-        s["group"].as_str().unwrap_or("?"),
-        s["tracking"].as_str().unwrap_or("?"),
-        s["bitmap_reason"].as_str().map(|r| format!(" ({r})")).unwrap_or_default(),
-        s["generation"],
-        s["next_seq"].as_u64().unwrap_or(1).saturating_sub(1),
-        s["durable_seq"],
-        s["log_bytes"],
-        s["log_limit"],
-        s["writes"],
-        s["barriers"]
+        s.group,
+        s.tracking,
+        s.bitmap_reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default(),
+        s.generation,
+        s.next_seq.saturating_sub(1),
+        s.durable_seq,
+        s.log_bytes,
+        s.log_limit,
+        s.writes,
+        s.barriers
     );
-    for d in s["disks"].as_array().into_iter().flatten() {
+    for d in &s.disks {
         println!(
             "  disk {}: {} mode, {} hot extents, {} dirty extents",
-            d["name"].as_str().unwrap_or("?"),
-            d["tracking"].as_str().unwrap_or("?"),
-            d["hot_extents"],
-            d["dirty_extents"]
+            d.name, d.tracking, d.hot_extents, d.dirty_extents
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -507,22 +492,11 @@ pub(crate) fn mark(a: MarkArgs) -> Result<ExitCode> {
         .or_else(|| config.as_ref().map(|c| c.control_socket.clone()))
         .unwrap_or_else(|| PathBuf::from("/run/tidemark/tracker.ctl"));
     let insert = |app: bool, within: std::time::Duration| -> Result<u64, String> {
-        let line = if app {
-            format!("mark --app-consistent {}", a.label)
-        } else {
-            format!("mark {}", a.label)
-        };
-        let reply = tidemark_tracker::control::request_within(&socket, &line, within)
-            .map_err(|e| format!("cannot reach the tracker at {}: {e}", socket.display()))?;
-        if reply["ok"] != true {
-            return Err(reply["error"]
-                .as_str()
-                .unwrap_or("the tracker refused")
-                .to_string());
-        }
-        reply["seq"]
-            .as_u64()
-            .ok_or_else(|| "the tracker's reply has no sequence number".to_string())
+        tidemark_control::mark(&socket, &a.label, app, within).map_err(|e| match e {
+            // The tracker's own words, as before.
+            tidemark_control::ControlError::Refused(why) => why,
+            e => e.to_string(),
+        })
     };
     if !a.app_consistent {
         let seq = insert(false, std::time::Duration::from_secs(60)).map_err(anyhow::Error::msg)?;
@@ -597,11 +571,9 @@ pub(crate) fn drain(a: DrainArgs) -> Result<ExitCode> {
     println!(
         "stopping the tracker: no new writes; requests in flight finish, then a final barrier"
     );
-    match tidemark_tracker::control::stop_tracker(&control, a.timeout)
-        .map_err(anyhow::Error::msg)?
-    {
-        tidemark_tracker::control::Stopped::Now => println!("tracker stopped"),
-        tidemark_tracker::control::Stopped::NotRunning => println!(
+    match tidemark_control::stop_tracker(&control, a.timeout)? {
+        tidemark_control::Stopped::Now => println!("tracker stopped"),
+        tidemark_control::Stopped::NotRunning => println!(
             "no tracker answers on {}; draining what its log holds",
             control.display()
         ),
@@ -619,7 +591,7 @@ pub(crate) fn drain(a: DrainArgs) -> Result<ExitCode> {
     let last = report.last_seq.unwrap_or(0);
     let mut next_report = Instant::now();
     loop {
-        let status = tidemark_shipper::status::read_status(&log_dir).map_err(anyhow::Error::msg)?;
+        let status = tidemark_shipper::status::read_status(&log_dir)?;
         if status.state == tidemark_shipper::status::State::Critical {
             bail!(
                 "the shipper is critical: {}",

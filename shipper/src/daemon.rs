@@ -750,7 +750,8 @@ struct Counters {
 }
 
 /// A drain's tracker stop, running on a blocking thread.
-type TrackerStop = tokio::task::JoinHandle<Result<tidemark_tracker::control::Stopped, String>>;
+type TrackerStop =
+    tokio::task::JoinHandle<Result<tidemark_control::Stopped, tidemark_control::ControlError>>;
 
 /// The IO side of one connection: what the core asks for is read here.
 struct Connection<'a> {
@@ -935,7 +936,7 @@ impl Connection<'_> {
                     "planned failover: the replica site asks to drain; stopping the tracker"
                 );
                 let stopping = tokio::task::spawn_blocking(move || {
-                    tidemark_tracker::control::stop_tracker(&control, TRACKER_STOP_TIMEOUT)
+                    tidemark_control::stop_tracker(&control, TRACKER_STOP_TIMEOUT)
                 });
                 self.drain = Some((id, stopping));
             }
@@ -950,7 +951,7 @@ impl Connection<'_> {
     /// drained, told to the receiver).
     async fn drained(&mut self, handle: TrackerStop) -> Result<u64, String> {
         let stopped = match handle.await {
-            Ok(r) => r,
+            Ok(r) => r.map_err(|e| e.to_string()),
             Err(e) => Err(format!("stopping the tracker: {e}")),
         };
         stopped.and_then(|how| {

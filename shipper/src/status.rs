@@ -184,33 +184,73 @@ pub fn write_status(dir: &Path, status: &ShipperStatus) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Why a status file could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusReadError {
+    /// No status file: no shipper has run on this log directory.
+    #[error("{}: no such file (is a shipper running on this log directory?)", path.display())]
+    Missing {
+        /// The file.
+        path: PathBuf,
+    },
+    /// It could not be read.
+    #[error("{}: {source} (is a shipper running on this log directory?)", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Its content is not a status this release reads.
+    #[error("{}: {problem}", path.display())]
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: ParseProblem,
+    },
+}
+
+/// What is wrong with a status file's content.
+#[derive(Debug, thiserror::Error)]
+pub enum ParseProblem {
+    /// Not the JSON of a status.
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    /// A newer shipper wrote it.
+    #[error(
+        "written in format {0} by a newer shipper; this tidemark reads formats up to \
+         {STATUS_FORMAT}: upgrade it to the shipper's release"
+    )]
+    Newer(u32),
+}
+
 /// Reads the status the shipper last wrote into `dir`.
-pub fn read_status(dir: &Path) -> Result<ShipperStatus, String> {
+pub fn read_status(dir: &Path) -> Result<ShipperStatus, StatusReadError> {
     let path: PathBuf = dir.join(FILE);
-    let text = std::fs::read(&path).map_err(|e| {
-        format!(
-            "{}: {e} (is a shipper running on this log directory?)",
-            path.display()
-        )
-    })?;
-    parse_status(&text).map_err(|e| format!("{}: {e}", path.display()))
+    let text = match std::fs::read(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(StatusReadError::Missing { path })
+        }
+        Err(source) => return Err(StatusReadError::Io { path, source }),
+    };
+    parse_status(&text).map_err(|problem| StatusReadError::Unreadable { path, problem })
 }
 
 /// Parses a status file's content, of any format up to [`STATUS_FORMAT`].
-fn parse_status(text: &[u8]) -> Result<ShipperStatus, String> {
+fn parse_status(text: &[u8]) -> Result<ShipperStatus, ParseProblem> {
     #[derive(Deserialize)]
     struct Format {
         #[serde(default = "format_1")]
         format: u32,
     }
-    let Format { format } = serde_json::from_slice(text).map_err(|e| e.to_string())?;
+    let Format { format } = serde_json::from_slice(text)?;
     if format > STATUS_FORMAT {
-        return Err(format!(
-            "written in format {format} by a newer shipper; this tidemark reads formats up to \
-             {STATUS_FORMAT}: upgrade it to the shipper's release"
-        ));
+        return Err(ParseProblem::Newer(format));
     }
-    serde_json::from_slice(text).map_err(|e| e.to_string())
+    Ok(serde_json::from_slice(text)?)
 }
 
 #[cfg(test)]
@@ -301,6 +341,8 @@ mod tests {
         let mut v = serde_json::to_value(status()).unwrap();
         v["format"] = (STATUS_FORMAT + 1).into();
         let e = parse_status(&serde_json::to_vec(&v).unwrap()).unwrap_err();
+        assert!(matches!(e, ParseProblem::Newer(f) if f == STATUS_FORMAT + 1));
+        let e = e.to_string();
         assert!(
             e.contains(&format!("format {}", STATUS_FORMAT + 1)) && e.contains("up to 1"),
             "{e}"
