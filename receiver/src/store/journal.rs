@@ -229,7 +229,7 @@ fn open_segment<D: LogDir>(dir: &D, segment: u32, create: bool) -> io::Result<D:
 
 /// Reads all of `buf` at `offset`; a file that ends before is
 /// `UnexpectedEof`.
-fn read_exact_at<F: LogFile>(file: &F, buf: &mut [u8], offset: u64) -> io::Result<()> {
+pub(crate) fn read_exact_at<F: LogFile>(file: &F, buf: &mut [u8], offset: u64) -> io::Result<()> {
     if file.read_full_at(buf, offset)? < buf.len() {
         return Err(io::ErrorKind::UnexpectedEof.into());
     }
