@@ -3,10 +3,14 @@
 //! the ordered and idempotent apply of change-log records to them, initial
 //! sync and checksum resync, and crash recovery.
 //!
-//! The store is a directory of image files, a journal and a state file,
-//! every one of them a file of the storage seam (`tidemark_durable`), so
-//! the whole store runs on a simulated directory that loses power at any
-//! sync (`tests/store_crash.rs`).
+//! The receiver and the tools reach it through the [`ReplicaStore`] and
+//! [`StoreEngine`] traits (`engine`); the local store, [`ReplicaGroup`],
+//! is one engine ([`LocalEngine`]): a directory of image files, a journal
+//! and a state file, every one of them a file of the storage seam
+//! (`tidemark_durable`), so the whole store runs on a simulated directory
+//! that loses power at any sync (`tests/store_crash.rs`). What follows
+//! documents the rules every engine keeps (apply, modes, points and
+//! retention, durability) and the local store's formats.
 //!
 //! # Apply rules
 //!
@@ -169,12 +173,14 @@
 //! poisons the open group ([`StoreError::Poisoned`]): fsync is never retried,
 //! and reopening recovers to the last committed position.
 
+mod engine;
 mod error;
 mod image;
 mod journal;
 mod overlay;
 mod state;
 
+pub use engine::{LocalEngine, PointReader, ReplicaStore, StoreEngine};
 pub use error::StoreError;
 
 /// The store's pure codecs, private otherwise, for the fuzz targets
