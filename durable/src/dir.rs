@@ -427,6 +427,16 @@ impl SimDir {
             .collect()
     }
 
+    /// What a restart finds if nothing unsynced survived the power cut:
+    /// the durable entries, each with its durable content.
+    pub fn after_power_cut(&self) -> BTreeMap<String, Vec<u8>> {
+        let s = self.lock();
+        s.durable_names
+            .iter()
+            .map(|(name, id)| (name.clone(), s.files[id].durable.clone()))
+            .collect()
+    }
+
     /// Current content of every file as the writer sees it.
     pub fn files(&self) -> BTreeMap<String, Vec<u8>> {
         let s = self.lock();

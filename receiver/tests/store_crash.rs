@@ -380,13 +380,9 @@ fn check_points(what: &str, g: &ReplicaGroup<SimDir>, w: &Workload) -> usize {
 /// unsynced changes, a few prefixes of its changed bytes and one torn byte
 /// among them. A file whose length shrank (a cut journal tail) is either
 /// cut or not.
-fn crash_states(
-    files: &BTreeMap<String, SimFileState>,
-) -> Vec<(String, BTreeMap<String, Vec<u8>>)> {
-    let base: BTreeMap<String, Vec<u8>> = files
-        .iter()
-        .map(|(n, f)| (n.clone(), f.durable.clone()))
-        .collect();
+fn crash_states(dir: &SimDir) -> Vec<(String, BTreeMap<String, Vec<u8>>)> {
+    let files = dir.durable_files();
+    let base = dir.after_power_cut();
     let mut states = vec![("only what was synced".to_string(), base.clone())];
     let dirty: Vec<(&String, &SimFileState)> = files
         .iter()
@@ -571,7 +567,7 @@ fn power_cut_at_every_sync_point(seed: u64, steady_ops: usize) {
             cut.crashed_at.is_some(),
             "power cut at sync {n} went unnoticed"
         );
-        for (i, (what, files)) in crash_states(&dir.durable_files()).into_iter().enumerate() {
+        for (i, (what, files)) in crash_states(&dir).into_iter().enumerate() {
             // Resuming replays the whole rest of the stream: from the two
             // whole states of each cut, not from every partial one.
             verify(

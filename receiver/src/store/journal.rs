@@ -677,11 +677,7 @@ mod tests {
             dir.cut_power_at_sync(cut);
             let mut acked = Vec::new();
             assert!(run(&dir, &mut acked).is_err(), "cut at sync {cut}");
-            let survived: BTreeMap<String, Vec<u8>> = dir
-                .durable_files()
-                .into_iter()
-                .map(|(name, file)| (name, file.durable))
-                .collect();
+            let survived = dir.after_power_cut();
             let end = survived.get("state").map_or(0, |b| {
                 u64::from_le_bytes(b.as_slice().try_into().expect("a whole state file"))
             });
