@@ -31,7 +31,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 use tidemark_config::{GroupRef, PlanConfig, PlanStep};
-use tidemark_receiver::store::{GroupState, ReplicaGroup};
+use tidemark_receiver::store::{GroupState, LocalEngine, StoreEngine};
 
 /// `tidemark plan ...`.
 #[derive(Debug, Subcommand)]
@@ -148,11 +148,16 @@ fn shell_words(argv: &[OsString]) -> String {
 
 /// One line on a group's replica, or why there is none to take over.
 fn replica_state(plan: &PlanConfig, g: &GroupRef) -> Result<String, String> {
-    let dir = tidemark_receiver::daemon::group_dir(&plan.data_dir, &g.host, &g.group);
-    if !dir.join("state").exists() {
-        return Err(format!("no replica under {}", dir.display()));
+    let engine = LocalEngine::new(&plan.data_dir);
+    if !engine.exists(&g.host, &g.group) {
+        return Err(format!(
+            "no replica under {}",
+            engine.describe(&g.host, &g.group)
+        ));
     }
-    let group = ReplicaGroup::open_read_only(&dir).map_err(|e| format!("unreadable: {e}"))?;
+    let group = engine
+        .open_read_only(&g.host, &g.group)
+        .map_err(|e| format!("unreadable: {e}"))?;
     let state = match group.position().state {
         GroupState::InitialSync => "initial sync (no recovery point yet)".to_string(),
         GroupState::Consistent => "consistent".to_string(),

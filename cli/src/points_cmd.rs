@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 use tidemark_names::Name;
-use tidemark_receiver::store::{GroupState, RecoveryPoint, ReplicaGroup, View};
+use tidemark_receiver::store::{
+    GroupState, LocalEngine, PointReader, RecoveryPoint, ReplicaStore, StoreEngine,
+};
 
 /// Which replica: `--data-dir`, `--host`, `--group`.
 #[derive(Debug, Args)]
@@ -26,6 +28,23 @@ pub(crate) struct ReplicaArgs {
 }
 
 impl ReplicaArgs {
+    /// The engine of the replica stores in the data directory.
+    pub(crate) fn engine(&self) -> LocalEngine {
+        LocalEngine::new(&self.data_dir)
+    }
+
+    /// Opens the replica read-only (a receiver may be writing it).
+    pub(crate) fn open_read_only(&self) -> Result<std::sync::Arc<dyn ReplicaStore>> {
+        self.engine()
+            .open_read_only(&self.host, &self.group)
+            .with_context(|| {
+                format!(
+                    "reading the replica {}",
+                    self.engine().describe(&self.host, &self.group)
+                )
+            })
+    }
+
     pub(crate) fn dir(&self) -> Result<PathBuf> {
         let dir = tidemark_receiver::daemon::group_dir(&self.data_dir, &self.host, &self.group);
         if !dir.join("state").exists() {
@@ -89,7 +108,7 @@ pub(crate) fn adopt(a: AdoptArgs) -> Result<ExitCode> {
             image,
         ));
     }
-    let mut group = ReplicaGroup::open(&dir)?;
+    let mut group = LocalEngine::new(&a.data_dir).open(&a.host, &a.group)?;
     group.adopt(&disks)?;
     println!(
         "adopted {} disks as the replica of {}/{}; when its shipper connects, every block is compared and only blocks that differ are sent",
@@ -155,9 +174,8 @@ fn age(now_ns: u64, ts: u64) -> String {
 }
 
 pub(crate) fn points(a: PointsArgs) -> Result<ExitCode> {
-    let dir = a.replica.dir()?;
-    let group = ReplicaGroup::open_read_only(&dir)
-        .with_context(|| format!("reading the replica {}", dir.display()))?;
+    a.replica.dir()?;
+    let group = a.replica.open_read_only()?;
     let points = group.points();
     let now = tidemark_changelog::now_ns();
     if a.json {
@@ -283,16 +301,20 @@ pub(crate) fn failover(a: FailoverArgs) -> Result<ExitCode> {
         return planned_failover(&a);
     }
     let dir = a.replica.dir()?;
-    let group = ReplicaGroup::open(&dir).with_context(|| {
-        format!(
-            "opening the replica {} (a running receiver holds it: stop it first)",
-            dir.display()
-        )
-    })?;
+    let group = a
+        .replica
+        .engine()
+        .open(&a.replica.host, &a.replica.group)
+        .with_context(|| {
+            format!(
+                "opening the replica {} (a running receiver holds it: stop it first)",
+                dir.display()
+            )
+        })?;
     let points = group.points();
     let point = choose(&points, &a.point)?;
-    let view = group.view(Some(point.seq))?;
-    write_images(&a, &group, point, &view)?;
+    let view = group.reader(Some(point.seq))?;
+    write_images(&a, group.as_ref(), point, view.as_ref())?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -300,9 +322,9 @@ pub(crate) fn failover(a: FailoverArgs) -> Result<ExitCode> {
 /// `a.to`.
 fn write_images(
     a: &FailoverArgs,
-    group: &ReplicaGroup,
+    group: &dyn ReplicaStore,
     point: &RecoveryPoint,
-    view: &View<'_>,
+    view: &dyn PointReader,
 ) -> Result<()> {
     let target = Target::of(&a.to, group)?;
     println!(
@@ -368,8 +390,7 @@ fn planned_failover(a: &FailoverArgs) -> Result<ExitCode> {
     let _lock = crate::test_failover_cmd::lock(&test_dir)?;
     let pin = crate::test_failover_cmd::pin(&test_dir, seq)?;
     let written = (|| {
-        let group = ReplicaGroup::open_read_only(&dir)
-            .with_context(|| format!("reading the replica {}", dir.display()))?;
+        let group = a.replica.open_read_only()?;
         if group.position().state != GroupState::Consistent {
             bail!("the replica is not consistent after the drain; fail over to an earlier point with --point");
         }
@@ -380,8 +401,8 @@ fn planned_failover(a: &FailoverArgs) -> Result<ExitCode> {
         if points.last().map(|p| p.seq) != Some(seq) {
             bail!("the replica holds points newer than the final barrier {seq}: the host is still writing");
         }
-        let view = group.view(Some(seq))?;
-        write_images(a, &group, point, &view)
+        let view = group.reader(Some(seq))?;
+        write_images(a, group.as_ref(), point, view.as_ref())
     })();
     let unpinned = std::fs::remove_file(&pin);
     written?;
@@ -410,7 +431,7 @@ fn wait_drained(dir: &Path, id: u64, timeout: std::time::Duration) -> Result<u64
             );
         }
         if now >= next_report {
-            let at = ReplicaGroup::open_read_only(dir)
+            let at = LocalEngine::open_dir_read_only(dir)
                 .map(|g| g.position().durable_seq)
                 .unwrap_or(0);
             println!(
@@ -432,7 +453,7 @@ enum Target {
 }
 
 impl Target {
-    fn of(to: &Path, group: &ReplicaGroup) -> Result<Target> {
+    fn of(to: &Path, group: &dyn ReplicaStore) -> Result<Target> {
         use std::os::unix::fs::FileTypeExt;
         let meta = match std::fs::metadata(to) {
             Ok(m) => m,
@@ -532,7 +553,7 @@ impl Progress {
 /// device or file), zero ranges are written as zeroes. Returns the bytes
 /// of data written.
 fn materialise(
-    view: &View<'_>,
+    view: &dyn PointReader,
     disk: u32,
     size: u64,
     dst: &Path,

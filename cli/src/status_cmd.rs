@@ -20,7 +20,7 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
-use tidemark_receiver::store::{GroupState, ReplicaGroup};
+use tidemark_receiver::store::{GroupState, LocalEngine};
 use tidemark_shipper::status::{DiskProgress, ShipperStatus, State};
 
 /// `tidemark status`.
@@ -393,7 +393,7 @@ fn summarise_replica(host: &str, group: &str, dir: &Path) -> ReplicaSummary {
         history_bytes: 0,
         error: None,
     };
-    match ReplicaGroup::open_read_only(dir) {
+    match LocalEngine::open_dir_read_only(dir) {
         Ok(g) => {
             let points = g.points();
             (summary.state, summary.resync_pending) = match g.position().state {

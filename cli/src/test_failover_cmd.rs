@@ -30,7 +30,7 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use tidemark_changelog::{DirLock, LockError};
 use tidemark_durable::{zero_range, Zeroes};
-use tidemark_receiver::store::{DiskSpec, ReplicaGroup, SharedView, PIN_FILE, TEST_FAILOVER_DIR};
+use tidemark_receiver::store::{DiskSpec, LocalEngine, PointReader, PIN_FILE, TEST_FAILOVER_DIR};
 use tidemark_tracker::backend::Backend;
 use tidemark_tracker::nbd::constants::{Errno, ExtentStatus, TransmissionFlags};
 use tidemark_tracker::nbd::export::ExportInfo;
@@ -89,7 +89,7 @@ struct Scratch {
 
 /// The point plus the scratch files, as an NBD backend.
 struct TestBackend {
-    view: SharedView,
+    view: Arc<dyn PointReader>,
     disks: Vec<DiskSpec>,
     scratch: Vec<Scratch>,
 }
@@ -322,18 +322,18 @@ fn serve(a: &StartArgs, group_dir: &Path, dir: &Path, signals: &SigSet) -> Resul
     // Choose the point, pin it, then open: a fold between choosing and
     // pinning would be noticed when the point is looked up again.
     let chosen = {
-        let group = ReplicaGroup::open_read_only(group_dir)?;
+        let group = LocalEngine::open_dir_read_only(group_dir)?;
         choose(&group.points(), &a.point)?.clone()
     };
     pin(dir, chosen.seq)?;
-    let group = Arc::new(ReplicaGroup::open_read_only(group_dir)?);
-    let view = SharedView::new(group.clone(), chosen.seq).with_context(|| {
+    let group = LocalEngine::open_dir_read_only(group_dir)?;
+    let disks = group.disk_specs();
+    let view = group.shared_reader(chosen.seq).with_context(|| {
         format!(
             "the point at sequence {} was folded before it could be pinned; choose another",
             chosen.seq
         )
     })?;
-    let disks = view.disk_specs();
     let mut scratch = Vec::new();
     for d in &disks {
         let path = dir.join(format!("disk-{}.scratch", d.id));

@@ -1,7 +1,8 @@
-//! The narrow storage interface the change log runs on, and its two engines:
-//! [`FsDir`], a real directory, and [`SimDir`], an in-memory directory that
-//! keeps what was *written* apart from what is *durable* so tests can cut
-//! power at any sync point and look at every state a crash could leave.
+//! The narrow storage interface the change log and the replica store run
+//! on, and its two engines: [`FsDir`], a real directory, and [`SimDir`], an
+//! in-memory directory that keeps what was *written* apart from what is
+//! *durable* so tests can cut power at any sync point and look at every
+//! state a crash could leave.
 //!
 //! It also owns how Tidemark creates files on a real filesystem: every file
 //! that holds disk data or state is made with [`private_file`] (0600) and
@@ -71,6 +72,21 @@ pub trait LogFile: Send + Sync {
     where
         Self: Sized;
 
+    /// Makes `offset..offset+len` read as zeroes and gives the space back
+    /// where the file can (a punched hole), keeping the file's length. A
+    /// file that keeps no holes zeroes the range as
+    /// [`LogFile::zero_range`] does: the bytes are the same either way.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.zero_range(offset, len)
+    }
+
+    /// Whether `offset..offset+len` surely reads as zeroes without being
+    /// stored (a hole), so a reader may skip reading it. `false` means
+    /// unknown: read it.
+    fn is_hole(&self, _offset: u64, _len: u64) -> bool {
+        false
+    }
+
     /// Reads exactly `buf.len()` bytes at `offset` or as many as exist;
     /// returns how many were read.
     fn read_full_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
@@ -138,6 +154,15 @@ impl FsDir {
         Ok(FsDir {
             path: path.to_path_buf(),
         })
+    }
+
+    /// Uses `path`, which need not exist yet: until it does, opening a
+    /// file in it fails as not found (a directory another process creates
+    /// when it has something to say, e.g. a running test failover's).
+    pub fn at(path: &Path) -> FsDir {
+        FsDir {
+            path: path.to_path_buf(),
+        }
     }
 
     /// The directory's path.
@@ -283,6 +308,23 @@ impl LogFile for FsFile {
         crate::zero::zero_range(&self.file, offset, len, crate::zero::Zeroes::Allocated)
     }
 
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        crate::zero::zero_range(&self.file, offset, len, crate::zero::Zeroes::Hole)
+    }
+
+    /// Per `SEEK_DATA`: a hole if the next data starts at or after the
+    /// range's end, or there is none (`ENXIO`). It moves the file offset,
+    /// which nothing here uses (positioned I/O only).
+    fn is_hole(&self, offset: u64, len: u64) -> bool {
+        let Ok(at) = i64::try_from(offset) else {
+            return false;
+        };
+        match nix::unistd::lseek(&self.file, at, nix::unistd::Whence::SeekData) {
+            Ok(data) => data as u64 >= offset.saturating_add(len),
+            Err(e) => e == nix::errno::Errno::ENXIO,
+        }
+    }
+
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.file.set_len(len)
     }
@@ -382,6 +424,16 @@ impl SimDir {
         s.durable_names
             .iter()
             .map(|(name, id)| (name.clone(), s.files[id].clone()))
+            .collect()
+    }
+
+    /// What a restart finds if nothing unsynced survived the power cut:
+    /// the durable entries, each with its durable content.
+    pub fn after_power_cut(&self) -> BTreeMap<String, Vec<u8>> {
+        let s = self.lock();
+        s.durable_names
+            .iter()
+            .map(|(name, id)| (name.clone(), s.files[id].durable.clone()))
             .collect()
     }
 
@@ -583,5 +635,61 @@ impl LogFile for SimFile {
 
     fn try_clone(&self) -> io::Result<SimFile> {
         Ok(self.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A punched hole reads as zeroes, keeps the length and is known to
+    /// be a hole; a zeroed range reads the same; data is no hole. A file
+    /// that keeps no holes (simulated) zeroes the same bytes and never
+    /// claims a hole.
+    #[test]
+    fn a_punched_hole_reads_as_zeroes_and_is_known_as_one() {
+        const LEN: u64 = 256 << 10;
+        let tmp = tempfile::tempdir().unwrap();
+        let fs = FsDir::existing(tmp.path()).unwrap();
+        let sim = SimDir::new();
+        let data = vec![7u8; LEN as usize];
+        let mut want = data.clone();
+        want[64 << 10..128 << 10].fill(0);
+        want[160 << 10..192 << 10].fill(0);
+
+        let real = fs.create("f").unwrap();
+        let simulated = sim.create("f").unwrap();
+        for file in [&real as &dyn LogFile, &simulated] {
+            file.write_all_at(&[&data], 0).unwrap();
+            file.punch_hole(64 << 10, 64 << 10).unwrap();
+            file.zero_range(160 << 10, 32 << 10).unwrap();
+            let mut got = vec![1u8; LEN as usize];
+            assert_eq!(file.read_full_at(&mut got, 0).unwrap(), LEN as usize);
+            assert!(got == want);
+            assert_eq!(file.size().unwrap(), LEN);
+            assert!(!file.is_hole(0, 4096));
+            assert!(!file.is_hole(60 << 10, 8 << 10));
+        }
+        // Filesystems without holes (tmpfs before 3.5) write zeroes: only
+        // claim a hole where the filesystem says so.
+        if real.is_hole(64 << 10, 64 << 10) {
+            assert!(!real.is_hole(64 << 10, 65 << 10));
+        }
+        assert!(!simulated.is_hole(64 << 10, 64 << 10));
+    }
+
+    /// A directory that does not exist yet: its files are not found until
+    /// it does.
+    #[test]
+    fn a_directory_used_before_it_exists_finds_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("later");
+        let dir = FsDir::at(&path);
+        let err = dir.open("pin", false).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        create_private_dir_all(&path).unwrap();
+        std::fs::write(path.join("pin"), b"12\n").unwrap();
+        let file = dir.open("pin", false).unwrap();
+        assert_eq!(file.size().unwrap(), 3);
     }
 }

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 
 use crate::drain;
 use crate::replica::StoreReplica;
-use crate::store::{GroupState, ReplicaGroup, Retention};
+use crate::store::{GroupState, LocalEngine, Retention, StoreEngine};
 use tidemark_metrics::{labels, Exposition, MetricsServer, Unit};
 use tidemark_names::Name;
 
@@ -46,10 +46,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// The directory of a host's group under `data_dir`: names are single path
 /// components, so it is always two levels below `data_dir`.
 pub fn group_dir(data_dir: &Path, host: &Name, group: &Name) -> PathBuf {
-    data_dir.join(host).join(group)
+    LocalEngine::new(data_dir).group_dir(host, group)
 }
 
 struct Server {
+    /// Where the groups' replica stores are.
+    engine: Box<dyn StoreEngine>,
+    /// The data directory: drain requests and answers are in its group
+    /// directories.
     data_dir: PathBuf,
     retention: Retention,
     revoked: HashSet<Name>,
@@ -280,6 +284,7 @@ pub async fn run(
         .local_addr()
         .map_err(|e| ReceiverFatal::Setup(format!("listening on {}: {e}", cfg.listen)))?;
     let server = Arc::new(Server {
+        engine: Box::new(LocalEngine::new(&cfg.data_dir)),
         data_dir: cfg.data_dir.clone(),
         retention: Retention {
             window: cfg.retention.window.get(),
@@ -404,15 +409,15 @@ impl Server {
             // Dropped first so its lock file is released before reopening.
             groups.remove(&key);
         }
-        let dir = group_dir(&self.data_dir, host, group);
-        let opened = tokio::task::block_in_place(|| ReplicaGroup::open(&dir)).map_err(|e| {
-            let (class, code) = crate::replica::classify(&e);
-            ReceiverError::Peer {
-                class,
-                code,
-                message: format!("opening the replica of {host}/{group}: {e}"),
-            }
-        })?;
+        let opened =
+            tokio::task::block_in_place(|| self.engine.open(host, group)).map_err(|e| {
+                let (class, code) = crate::replica::classify(&e);
+                ReceiverError::Peer {
+                    class,
+                    code,
+                    message: format!("opening the replica of {host}/{group}: {e}"),
+                }
+            })?;
         let mut opened = opened;
         opened.set_retention(self.retention);
         let g = Arc::new(Mutex::new(StoreReplica::new(opened)));

@@ -1,6 +1,7 @@
 //! The replica store as the protocol session sees it: [`StoreReplica`]
-//! implements [`tidemark_wire::Replica`] over a [`ReplicaGroup`], and maps
-//! store errors to what the shipper is told (retry or stop).
+//! implements [`tidemark_wire::Replica`] over a [`ReplicaStore`] of any
+//! engine, and maps store errors to what the shipper is told (retry or
+//! stop).
 
 use tidemark_changelog::Record;
 use tidemark_wire::{
@@ -8,19 +9,19 @@ use tidemark_wire::{
     ReplicaError, ResyncExtent,
 };
 
-use crate::store::{ChunkRef, DiskSpec, Purpose, ReplicaGroup, StoreError};
+use crate::store::{ChunkRef, DiskSpec, Purpose, ReplicaStore, StoreError};
 
 /// One group's store, with the session lease that fences old connections.
 #[derive(Debug)]
 pub struct StoreReplica {
-    group: ReplicaGroup,
+    group: Box<dyn ReplicaStore>,
     lease: u64,
     poisoned: bool,
 }
 
 impl StoreReplica {
     /// Wraps an open group.
-    pub fn new(group: ReplicaGroup) -> StoreReplica {
+    pub fn new(group: Box<dyn ReplicaStore>) -> StoreReplica {
         StoreReplica {
             group,
             lease: 0,
@@ -29,8 +30,8 @@ impl StoreReplica {
     }
 
     /// The store.
-    pub fn group(&self) -> &ReplicaGroup {
-        &self.group
+    pub fn group(&self) -> &dyn ReplicaStore {
+        self.group.as_ref()
     }
 
     /// An I/O error poisoned the store: it must be dropped and reopened.

@@ -229,7 +229,7 @@ fn open_segment<D: LogDir>(dir: &D, segment: u32, create: bool) -> io::Result<D:
 
 /// Reads all of `buf` at `offset`; a file that ends before is
 /// `UnexpectedEof`.
-fn read_exact_at<F: LogFile>(file: &F, buf: &mut [u8], offset: u64) -> io::Result<()> {
+pub(crate) fn read_exact_at<F: LogFile>(file: &F, buf: &mut [u8], offset: u64) -> io::Result<()> {
     if file.read_full_at(buf, offset)? < buf.len() {
         return Err(io::ErrorKind::UnexpectedEof.into());
     }
@@ -677,11 +677,7 @@ mod tests {
             dir.cut_power_at_sync(cut);
             let mut acked = Vec::new();
             assert!(run(&dir, &mut acked).is_err(), "cut at sync {cut}");
-            let survived: BTreeMap<String, Vec<u8>> = dir
-                .durable_files()
-                .into_iter()
-                .map(|(name, file)| (name, file.durable))
-                .collect();
+            let survived = dir.after_power_cut();
             let end = survived.get("state").map_or(0, |b| {
                 u64::from_le_bytes(b.as_slice().try_into().expect("a whole state file"))
             });

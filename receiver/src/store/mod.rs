@@ -3,6 +3,15 @@
 //! the ordered and idempotent apply of change-log records to them, initial
 //! sync and checksum resync, and crash recovery.
 //!
+//! The receiver and the tools reach it through the [`ReplicaStore`] and
+//! [`StoreEngine`] traits (`engine`); the local store, [`ReplicaGroup`],
+//! is one engine ([`LocalEngine`]): a directory of image files, a journal
+//! and a state file, every one of them a file of the storage seam
+//! (`tidemark_durable`), so the whole store runs on a simulated directory
+//! that loses power at any sync (`tests/store_crash.rs`). What follows
+//! documents the rules every engine keeps (apply, modes, points and
+//! retention, durability) and the local store's formats.
+//!
 //! # Apply rules
 //!
 //! Records are applied strictly in order with the rules of `tidemark log
@@ -164,12 +173,14 @@
 //! poisons the open group ([`StoreError::Poisoned`]): fsync is never retried,
 //! and reopening recovers to the last committed position.
 
+mod engine;
 mod error;
 mod image;
 mod journal;
 mod overlay;
 mod state;
 
+pub use engine::{LocalEngine, PointReader, ReplicaStore, StoreEngine};
 pub use error::StoreError;
 
 /// The store's pure codecs, private otherwise, for the fuzz targets
@@ -203,14 +214,12 @@ use journal::{Journal, Journaled};
 use overlay::{Overlay, Source};
 use state::{Disk, Meta, Mode, StateFile};
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use tidemark_changelog::record::{Kind, Record, FLAG_APP_CONSISTENT, FLAG_NO_HOLE};
 use tidemark_changelog::replay::{self, ReplaySummary};
-use tidemark_changelog::{create_private_dir_all, private_file, DirLock, LockError};
-use tidemark_durable::FsDir;
+use tidemark_changelog::{create_private_dir_all, DirLock, LockError};
+use tidemark_durable::{FsDir, LogDir, LogFile};
 use tidemark_names::Name;
 
 const STATE_FILE: &str = "state";
@@ -365,15 +374,21 @@ pub struct FoldReport {
 }
 
 /// The replica store of one consistency group, open for writing by this
-/// process alone.
+/// process alone. Its files are those of `D`, the group directory on the
+/// storage seam: a real directory ([`ReplicaGroup::open`]), or a simulated
+/// one that can lose power at any sync ([`ReplicaGroup::open_on`]).
 #[derive(Debug)]
-pub struct ReplicaGroup {
-    dir: PathBuf,
-    /// Holds the lock; released when the group is dropped. `None`: opened
-    /// read-only, changes nothing.
+pub struct ReplicaGroup<D: LogDir = FsDir> {
+    dir: D,
+    /// The group directory, for messages.
+    path: PathBuf,
+    /// The directory of a running test failover, where its pin is.
+    test_failover: D,
+    /// Holds the lock; released when the group is dropped. `None` for a
+    /// group opened read-only, or on a directory the caller owns.
     _lock: Option<DirLock>,
-    images: BTreeMap<u32, File>,
-    journal: Journal,
+    images: BTreeMap<u32, D::File>,
+    journal: Journal<D>,
     /// Journal position the state file says the history ends at.
     journal_committed: u64,
     /// The position including everything applied, committed or not.
@@ -394,23 +409,40 @@ pub struct ReplicaGroup {
 }
 
 /// The disks of a group as of one recovery point (or the newest state).
-#[derive(Debug)]
-pub struct View<'a> {
-    group: &'a ReplicaGroup,
+pub struct View<'a, D: LogDir = FsDir> {
+    group: &'a ReplicaGroup<D>,
     overlays: BTreeMap<u32, Overlay>,
+}
+
+impl<D: LogDir> std::fmt::Debug for View<'_, D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("View")
+            .field("group", &self.group.path)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A [`View`] that owns a share of its (read-only) group, for servers
 /// that read a point from many threads.
-#[derive(Debug)]
-pub struct SharedView {
-    group: std::sync::Arc<ReplicaGroup>,
+pub struct SharedView<D: LogDir = FsDir> {
+    group: std::sync::Arc<ReplicaGroup<D>>,
     overlays: BTreeMap<u32, Overlay>,
 }
 
-impl SharedView {
+impl<D: LogDir> std::fmt::Debug for SharedView<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedView")
+            .field("group", &self.group.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<D: LogDir> SharedView<D> {
     /// The disks of `group` as of the recovery point `seq`.
-    pub fn new(group: std::sync::Arc<ReplicaGroup>, seq: u64) -> Result<SharedView, StoreError> {
+    pub fn new(
+        group: std::sync::Arc<ReplicaGroup<D>>,
+        seq: u64,
+    ) -> Result<SharedView<D>, StoreError> {
         let overlays = group.view(Some(seq))?.overlays;
         Ok(SharedView { group, overlays })
     }
@@ -430,7 +462,7 @@ impl SharedView {
         self.group.disk_specs()
     }
 
-    fn view(&self) -> ViewRef<'_> {
+    fn view(&self) -> ViewRef<'_, D> {
         ViewRef {
             group: &self.group,
             overlays: &self.overlays,
@@ -439,8 +471,8 @@ impl SharedView {
 }
 
 /// What reading a view needs, borrowed.
-struct ViewRef<'a> {
-    group: &'a ReplicaGroup,
+struct ViewRef<'a, D: LogDir> {
+    group: &'a ReplicaGroup<D>,
     overlays: &'a BTreeMap<u32, Overlay>,
 }
 
@@ -499,9 +531,9 @@ fn position_of(meta: &Meta) -> Position {
 }
 
 /// Writes what `overlays` lay over the images into them and syncs them.
-fn apply_overlays(
-    images: &BTreeMap<u32, File>,
-    journal: &Journal,
+fn apply_overlays<D: LogDir>(
+    images: &BTreeMap<u32, D::File>,
+    journal: &Journal<D>,
     overlays: &BTreeMap<u32, Overlay>,
 ) -> io::Result<()> {
     let mut buf = vec![0u8; IO_BUF];
@@ -522,7 +554,7 @@ fn apply_overlays(
                     while at < piece.end {
                         let n = (piece.end - at).min(IO_BUF as u64) as usize;
                         journal.read_at(&mut buf[..n], from + (at - piece.start))?;
-                        image.write_all_at(&buf[..n], at)?;
+                        image.write_all_at(&[&buf[..n]], at)?;
                         at += n as u64;
                     }
                 }
@@ -541,16 +573,23 @@ pub const TEST_FAILOVER_DIR: &str = "test-failover";
 /// number, in decimal.
 pub const PIN_FILE: &str = "pin";
 
-/// The sequence number pinned by a test failover of the group in `dir`.
-fn read_pin(dir: &Path) -> Option<u64> {
-    let text = std::fs::read_to_string(dir.join(TEST_FAILOVER_DIR).join(PIN_FILE)).ok()?;
-    text.trim().parse().ok()
+/// The sequence number pinned by a test failover, whose directory is
+/// `test_failover`.
+fn read_pin<D: LogDir>(test_failover: &D) -> Option<u64> {
+    let file = test_failover.open(PIN_FILE, false).ok()?;
+    // A sequence number in decimal and a newline: anything much longer is
+    // no pin this store reads.
+    let mut buf = vec![0u8; file.size().ok()?.min(4096) as usize];
+    let n = file.read_full_at(&mut buf, 0).ok()?;
+    std::str::from_utf8(&buf[..n]).ok()?.trim().parse().ok()
 }
 
 /// Copies `source` into `image` (same size), leaving zero ranges as
-/// holes, and syncs it.
-fn copy_sparse(source: &Path, image: &File) -> io::Result<()> {
-    let input = File::open(source)?;
+/// holes, and syncs it. The source is an image outside the store (the
+/// failed-over disk of a failback): only read.
+fn copy_sparse<F: LogFile>(source: &Path, image: &F) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let input = std::fs::File::open(source)?;
     let size = input.metadata()?.len();
     let mut buf = vec![0u8; IO_BUF];
     let mut at = 0u64;
@@ -558,11 +597,11 @@ fn copy_sparse(source: &Path, image: &File) -> io::Result<()> {
         let n = (size - at).min(IO_BUF as u64) as usize;
         input.read_exact_at(&mut buf[..n], at)?;
         if buf[..n].iter().any(|b| *b != 0) {
-            image.write_all_at(&buf[..n], at)?;
+            image.write_all_at(&[&buf[..n]], at)?;
         }
         at += n as u64;
     }
-    image.sync_all()
+    image.sync_data()
 }
 
 /// The default size at which the journal begins a new segment.
@@ -589,52 +628,77 @@ impl ReplicaGroup {
     }
 
     fn open_mode(dir: &Path, read_only: bool) -> Result<ReplicaGroup, StoreError> {
-        if read_only {
-            let state_path = dir.join(STATE_FILE);
-            if !state_path.exists() {
-                return Err(StoreError::Damaged {
-                    path: state_path,
-                    reason: "no state file: not a replica group".into(),
-                });
-            }
-            return Self::open_unlocked(dir, None);
-        }
-        create_private_dir_all(dir).map_err(io_err("creating", dir))?;
-        let lock = DirLock::acquire(dir, LOCK_FILE, "process").map_err(|e| match e {
-            LockError::Held { .. } => StoreError::Locked(dir.to_path_buf()),
-            LockError::Io { path, source } => io_err("locking", &path)(source),
-        })?;
-        Self::open_unlocked(dir, Some(lock))
+        let lock = if read_only {
+            None
+        } else {
+            create_private_dir_all(dir).map_err(io_err("creating", dir))?;
+            let lock = DirLock::acquire(dir, LOCK_FILE, "process").map_err(|e| match e {
+                LockError::Held { .. } => StoreError::Locked(dir.to_path_buf()),
+                LockError::Io { path, source } => io_err("locking", &path)(source),
+            })?;
+            Some(lock)
+        };
+        let test_failover = FsDir::at(&dir.join(TEST_FAILOVER_DIR));
+        ReplicaGroup::open_with(FsDir::at(dir), test_failover, lock, read_only)
+    }
+}
+
+impl<D: LogDir> ReplicaGroup<D> {
+    /// Opens the group whose files are those of `dir` (a running test
+    /// failover's pin in `test_failover`) for writing, creating it on
+    /// first use and recovering it as [`ReplicaGroup::open`] does, but
+    /// takes no lock: the caller owns the directory (a simulated one is
+    /// this process's alone).
+    pub fn open_on(dir: D, test_failover: D) -> Result<ReplicaGroup<D>, StoreError> {
+        ReplicaGroup::open_with(dir, test_failover, None, false)
     }
 
-    fn open_unlocked(dir: &Path, lock: Option<DirLock>) -> Result<ReplicaGroup, StoreError> {
-        let read_only = lock.is_none();
-        let state_path = dir.join(STATE_FILE);
-        let state = match state::read_file(&state_path).map_err(io_err("reading", &state_path))? {
-            Some(bytes) => StateFile::decode(&bytes).map_err(|e| match e {
-                state::StateError::Damaged(reason) => StoreError::Damaged {
-                    path: state_path.clone(),
-                    reason: reason.into(),
-                },
-                state::StateError::Version(found) => StoreError::UnsupportedVersion {
-                    path: state_path.clone(),
-                    found: found.into(),
-                    oldest: state::OLDEST_VERSION.into(),
-                    newest: state::VERSION.into(),
-                },
-            })?,
-            None => {
-                let fresh = StateFile {
-                    meta: Meta::new(),
-                    journal_start: 0,
-                    journal_end: 0,
-                    fold_to: None,
-                };
-                state::write_atomic(dir, STATE_FILE, &fresh.encode())
-                    .map_err(io_err("writing", &state_path))?;
-                fresh
-            }
-        };
+    /// Opens the group of `dir` read-only, as
+    /// [`ReplicaGroup::open_read_only`] does.
+    pub fn open_on_read_only(dir: D, test_failover: D) -> Result<ReplicaGroup<D>, StoreError> {
+        ReplicaGroup::open_with(dir, test_failover, None, true)
+    }
+
+    fn open_with(
+        dir: D,
+        test_failover: D,
+        lock: Option<DirLock>,
+        read_only: bool,
+    ) -> Result<ReplicaGroup<D>, StoreError> {
+        let path = PathBuf::from(dir.describe());
+        let state_path = path.join(STATE_FILE);
+        let state =
+            match state::read_file(&dir, STATE_FILE).map_err(io_err("reading", &state_path))? {
+                Some(bytes) => StateFile::decode(&bytes).map_err(|e| match e {
+                    state::StateError::Damaged(reason) => StoreError::Damaged {
+                        path: state_path.clone(),
+                        reason: reason.into(),
+                    },
+                    state::StateError::Version(found) => StoreError::UnsupportedVersion {
+                        path: state_path.clone(),
+                        found: found.into(),
+                        oldest: state::OLDEST_VERSION.into(),
+                        newest: state::VERSION.into(),
+                    },
+                })?,
+                None if read_only => {
+                    return Err(StoreError::Damaged {
+                        path: state_path,
+                        reason: "no state file: not a replica group".into(),
+                    })
+                }
+                None => {
+                    let fresh = StateFile {
+                        meta: Meta::new(),
+                        journal_start: 0,
+                        journal_end: 0,
+                        fold_to: None,
+                    };
+                    state::write_atomic(&dir, STATE_FILE, &fresh.encode())
+                        .map_err(io_err("writing", &state_path))?;
+                    fresh
+                }
+            };
         let damaged = |path: &Path, reason: String| StoreError::Damaged {
             path: path.to_path_buf(),
             reason,
@@ -642,19 +706,17 @@ impl ReplicaGroup {
 
         let mut images = BTreeMap::new();
         for d in &state.meta.disks {
-            let path = dir.join(image_name(d.id));
-            let file = OpenOptions::new()
-                .read(true)
-                .write(!read_only)
-                .open(&path)
-                .map_err(io_err("opening the image", &path))?;
+            let name = image_name(d.id);
+            let image_path = path.join(&name);
+            let file = dir
+                .open(&name, !read_only)
+                .map_err(io_err("opening the image", &image_path))?;
             let len = file
-                .metadata()
-                .map_err(io_err("reading the size of", &path))?
-                .len();
+                .size()
+                .map_err(io_err("reading the size of", &image_path))?;
             if len != d.size {
                 return Err(damaged(
-                    &path,
+                    &image_path,
                     format!("image is {len} bytes, disk {} is {} bytes", d.id, d.size),
                 ));
             }
@@ -668,20 +730,22 @@ impl ReplicaGroup {
                 "a history of recovery points during an initial sync".into(),
             ));
         }
-        let mut journal = FsDir::existing(dir)
-            .and_then(|fs_dir| {
-                Journal::open(fs_dir, state.journal_start, state.journal_end, read_only)
-            })
-            .map_err(io_err("reading the journal in", dir))?
-            .map_err(|reason| damaged(dir, format!("journal: {reason}")))?;
+        let mut journal = Journal::open(
+            dir.clone(),
+            state.journal_start,
+            state.journal_end,
+            read_only,
+        )
+        .map_err(io_err("reading the journal in", &path))?
+        .map_err(|reason| damaged(&path, format!("journal: {reason}")))?;
         if history && journal.last_commit != Some((state.meta.seq, state.meta.generation)) {
             return Err(damaged(
-                dir,
+                &path,
                 "the journal's last commit mark does not match the state file".into(),
             ));
         }
         if journal.overlays.keys().any(|d| !images.contains_key(d)) {
-            return Err(damaged(dir, "the journal names an unknown disk".into()));
+            return Err(damaged(&path, "the journal names an unknown disk".into()));
         }
 
         let mut start = state.journal_start;
@@ -694,24 +758,26 @@ impl ReplicaGroup {
         } else if let Some(to) = state.fold_to {
             let overlays = journal.overlays_before(to);
             apply_overlays(&images, &journal, &overlays)
-                .map_err(io_err("finishing a fold into the images of", dir))?;
+                .map_err(io_err("finishing a fold into the images of", &path))?;
             let done = StateFile {
                 meta: state.meta.clone(),
                 journal_start: to,
                 journal_end: state.journal_end,
                 fold_to: None,
             };
-            state::write_atomic(dir, STATE_FILE, &done.encode())
+            state::write_atomic(&dir, STATE_FILE, &done.encode())
                 .map_err(io_err("writing", &state_path))?;
             journal
                 .drop_before(to, true)
-                .map_err(io_err("removing folded journal segments in", dir))?;
+                .map_err(io_err("removing folded journal segments in", &path))?;
             start = to;
         }
         debug_assert_eq!(journal.start, start);
 
         Ok(ReplicaGroup {
-            dir: dir.to_path_buf(),
+            dir,
+            path,
+            test_failover,
             _lock: lock,
             images,
             journal,
@@ -787,25 +853,20 @@ impl ReplicaGroup {
             self.fold(self.journal_committed)?;
         }
         for spec in &new {
-            let path = self.dir.join(image_name(spec.id));
+            let name = image_name(spec.id);
             // An image left by a crash before its disk was recorded holds
             // nothing committed: start it afresh.
-            let file = private_file()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&path)
-                .and_then(|f| {
-                    f.set_len(spec.size)?;
-                    f.sync_all()?;
-                    Ok(f)
-                });
+            let file = self.dir.create(&name).and_then(|f| {
+                f.set_len(spec.size)?;
+                f.sync_data()?;
+                Ok(f)
+            });
+            let path = self.path.join(&name);
             let file = self.poison_on(file.map_err(io_err("creating the image", &path)))?;
             self.images.insert(spec.id, file);
         }
-        let synced = state::sync_dir(&self.dir);
-        self.poison_on(synced.map_err(io_err("syncing", &self.dir)))?;
+        let synced = self.dir.sync_dir();
+        self.poison_on(synced.map_err(io_err("syncing", &self.path)))?;
         for meta in [&mut self.cur, &mut self.durable] {
             for spec in &new {
                 meta.disks.push(Disk {
@@ -921,7 +982,7 @@ impl ReplicaGroup {
         }
         let no_hole = h.flags & FLAG_NO_HOLE != 0;
         let mut summary = ReplaySummary::default();
-        let path = self.dir.clone();
+        let path = self.path.clone();
         match h.kind {
             Kind::Barrier | Kind::Marker => {
                 if h.kind == Kind::Barrier {
@@ -988,7 +1049,7 @@ impl ReplicaGroup {
         self.check_poisoned()?;
         let len = data.len();
         self.check_extent(disk, offset, len)?;
-        let path = self.dir.clone();
+        let path = self.path.clone();
         match purpose {
             Purpose::InitialSync => {
                 if self.cur.mode != Mode::InitialSync {
@@ -1002,7 +1063,7 @@ impl ReplicaGroup {
                 };
                 self.touched.insert(disk);
                 let result = match data {
-                    ChunkRef::Data(d) => file.write_all_at(d, offset),
+                    ChunkRef::Data(d) => file.write_all_at(&[d], offset),
                     ChunkRef::Zero(n) => image::zero_range(file, offset, n, false),
                 };
                 self.poison_on(result.map_err(io_err("applying a chunk in", &path)))?;
@@ -1062,7 +1123,7 @@ impl ReplicaGroup {
             while at < block_end {
                 let n = (block_end - at).min(buf.len() as u64) as usize;
                 self.read_with(&self.journal.overlays, disk, at, &mut buf[..n])
-                    .map_err(io_err("reading", &self.dir))?;
+                    .map_err(io_err("reading", &self.path))?;
                 hasher.update(&buf[..n]);
                 at += n as u64;
             }
@@ -1095,7 +1156,7 @@ impl ReplicaGroup {
         }
         for id in std::mem::take(&mut self.touched) {
             if let Some(file) = self.images.get(&id) {
-                let path = self.dir.join(image_name(id));
+                let path = self.path.join(image_name(id));
                 let synced = file.sync_data().map_err(io_err("syncing", &path));
                 self.poison_on(synced)?;
             }
@@ -1109,7 +1170,7 @@ impl ReplicaGroup {
             let marked = self
                 .journal
                 .commit(meta.seq, meta.generation, self.segment_size)
-                .map_err(io_err("committing the journal in", &self.dir));
+                .map_err(io_err("committing the journal in", &self.path));
             self.poison_on(marked)?;
         }
         self.journal_committed = self.journal.end;
@@ -1133,7 +1194,7 @@ impl ReplicaGroup {
         if seq != self.cur.seq || self.journal.points.last().is_some_and(|p| p.seq >= seq) {
             return Ok(());
         }
-        let path = self.dir.clone();
+        let path = self.path.clone();
         let written = self.journal.point(seq, ts, false, "");
         self.poison_on(written.map_err(io_err("journaling a point in", &path)))
     }
@@ -1185,7 +1246,7 @@ impl ReplicaGroup {
         }
         // A test failover reads its point while replication goes on: never
         // fold it (or anything after it).
-        if let Some(pin) = read_pin(&self.dir) {
+        if let Some(pin) = self.pinned() {
             let pinned = points.iter().take_while(|p| p.seq < pin).count();
             drop = drop.min(pinned);
         }
@@ -1228,14 +1289,14 @@ impl ReplicaGroup {
         self.write_state(meta.clone(), Some(to))?;
         let overlays = self.journal.overlays_before(to);
         let applied = apply_overlays(&self.images, &self.journal, &overlays)
-            .map_err(io_err("folding the history into the images of", &self.dir));
+            .map_err(io_err("folding the history into the images of", &self.path));
         self.poison_on(applied)?;
         self.journal.start = to;
         self.write_state(meta, None)?;
         let dropped = self
             .journal
             .drop_before(to, true)
-            .map_err(io_err("removing folded journal segments in", &self.dir));
+            .map_err(io_err("removing folded journal segments in", &self.path));
         self.poison_on(dropped)
     }
 
@@ -1254,6 +1315,12 @@ impl ReplicaGroup {
             .collect()
     }
 
+    /// The point a running test failover (or a planned failover writing
+    /// its images) has pinned: see [`PIN_FILE`].
+    pub fn pinned(&self) -> Option<u64> {
+        read_pin(&self.test_failover)
+    }
+
     /// Bytes the history behind the recovery points takes.
     pub fn history_bytes(&self) -> u64 {
         self.journal.bytes()
@@ -1261,7 +1328,7 @@ impl ReplicaGroup {
 
     /// The disks as of the recovery point `seq`, or (`None`) as of
     /// everything applied so far.
-    pub fn view(&self, seq: Option<u64>) -> Result<View<'_>, StoreError> {
+    pub fn view(&self, seq: Option<u64>) -> Result<View<'_, D>, StoreError> {
         if self.poisoned {
             return Err(StoreError::Poisoned);
         }
@@ -1337,7 +1404,7 @@ impl ReplicaGroup {
             fold_to,
         };
         let written = state::write_atomic(&self.dir, STATE_FILE, &file.encode())
-            .map_err(io_err("writing the state file in", &self.dir));
+            .map_err(io_err("writing the state file in", &self.path));
         self.poison_on(written)
     }
 
@@ -1367,10 +1434,10 @@ impl ReplicaGroup {
                 let r = slice(pos, p.start);
                 // A hole reads as zeroes: filling them here spares the
                 // kernel allocating and zeroing page-cache pages for it.
-                if p.start - pos >= HOLE_CHECK_MIN && image::is_hole(image, pos, p.start - pos) {
+                if p.start - pos >= HOLE_CHECK_MIN && image.is_hole(pos, p.start - pos) {
                     buf[r].fill(0);
                 } else {
-                    image.read_exact_at(&mut buf[r], pos)?;
+                    journal::read_exact_at(image, &mut buf[r], pos)?;
                 }
             }
             let r = slice(p.start, p.end);
@@ -1384,7 +1451,7 @@ impl ReplicaGroup {
     }
 }
 
-impl View<'_> {
+impl<D: LogDir> View<'_, D> {
     /// Reads `buf.len()` bytes at `offset` of `disk` as of this view.
     pub fn read(&self, disk: u32, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
         self.by_ref().read(disk, offset, buf)
@@ -1397,7 +1464,7 @@ impl View<'_> {
         self.by_ref().is_zero(disk, offset, len)
     }
 
-    fn by_ref(&self) -> ViewRef<'_> {
+    fn by_ref(&self) -> ViewRef<'_, D> {
         ViewRef {
             group: self.group,
             overlays: &self.overlays,
@@ -1405,12 +1472,12 @@ impl View<'_> {
     }
 }
 
-impl ViewRef<'_> {
+impl<D: LogDir> ViewRef<'_, D> {
     fn read(&self, disk: u32, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
         self.group.check_extent(disk, offset, buf.len() as u64)?;
         self.group
             .read_with(self.overlays, disk, offset, buf)
-            .map_err(io_err("reading", &self.group.dir))
+            .map_err(io_err("reading", &self.group.path))
     }
 
     fn is_zero(&self, disk: u32, offset: u64, len: u64) -> bool {
@@ -1425,7 +1492,7 @@ impl ViewRef<'_> {
             .unwrap_or_default();
         let mut pos = offset;
         for p in pieces {
-            if p.start > pos && !image::is_hole(image, pos, p.start - pos) {
+            if p.start > pos && !image.is_hole(pos, p.start - pos) {
                 return false;
             }
             if matches!(p.source, Source::Journal(_)) {
@@ -1433,7 +1500,7 @@ impl ViewRef<'_> {
             }
             pos = p.end;
         }
-        pos >= end || image::is_hole(image, pos, end - pos)
+        pos >= end || image.is_hole(pos, end - pos)
     }
 }
 
@@ -1538,7 +1605,7 @@ mod tests {
             ));
             assert!(read_point(&g, None) == expected);
             let mut base = vec![0u8; 65536];
-            g.images[&0].read_exact_at(&mut base, 0).unwrap();
+            journal::read_exact_at(&g.images[&0], &mut base, 0).unwrap();
             assert!(base == states[1].1, "the image holds the folded point");
             let p = g.position();
             drop(g);

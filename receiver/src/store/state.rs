@@ -3,10 +3,8 @@
 //! in the [store module](super).
 
 use super::overlay::RangeSet;
-use std::fs::File;
-use std::io::{self, Read};
-use std::path::Path;
-use tidemark_durable::{replace, Durability, FsDir};
+use std::io;
+use tidemark_durable::{replace, Durability, LogDir, LogFile};
 use tidemark_names::Name;
 
 const MAGIC: [u8; 4] = *b"TMRS";
@@ -302,35 +300,32 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Reads the file at `path`: `Ok(None)` if it does not exist.
-pub(crate) fn read_file(path: &Path) -> io::Result<Option<Vec<u8>>> {
-    let mut f = match File::open(path) {
+/// Reads the state file `name` of `dir`: `Ok(None)` if it does not exist.
+/// Only its first [`MAX_STATE_FILE`] bytes are read: a longer one is
+/// damaged and fails its checksum.
+pub(crate) fn read_file<D: LogDir>(dir: &D, name: &str) -> io::Result<Option<Vec<u8>>> {
+    let file = match dir.open(name, false) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    let mut out = Vec::new();
-    Read::take(&mut f, MAX_STATE_FILE).read_to_end(&mut out)?;
+    let mut out = vec![0u8; file.size()?.min(MAX_STATE_FILE) as usize];
+    let n = file.read_full_at(&mut out, 0)?;
+    out.truncate(n);
     Ok(Some(out))
 }
 
-/// Replaces `dir/name` with `bytes` atomically and durably: write
+/// Replaces `name` of `dir` with `bytes` atomically and durably: write
 /// `name.tmp`, fdatasync, rename over `name`, fsync the directory.
-pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
-    let fs_dir = FsDir::existing(dir)?;
+pub(crate) fn write_atomic<D: LogDir>(dir: &D, name: &str, bytes: &[u8]) -> io::Result<()> {
     replace(
-        &fs_dir,
+        dir,
         &format!("{name}.tmp"),
         name,
         bytes,
         Durability::Durable,
     )?;
     Ok(())
-}
-
-/// fsyncs a directory, so created and renamed entries are durable.
-pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]

@@ -1,0 +1,404 @@
+//! The replica store as the receiver and the tools see it: the
+//! [`ReplicaStore`] trait over a group's store, [`PointReader`] over its
+//! disks as of one point, and [`StoreEngine`], where the groups' stores
+//! live. The receiver's daemon, its wire adapter
+//! ([`StoreReplica`](crate::replica::StoreReplica)) and the commands that
+//! read points and export them talk to these traits only; the local store
+//! ([`ReplicaGroup`] on a directory, engine [`LocalEngine`]) is one engine.
+//!
+//! The traits are shaped so that an engine on a distributed block store
+//! (RBD images and snapshots, say) maps onto them without a translation
+//! layer:
+//!
+//! - a disk ([`DiskSpec`]) is one block image of the disk's size;
+//! - a recovery point ([`RecoveryPoint`]) is a snapshot of every image of
+//!   the group taken at the barrier or marker: [`ReplicaStore::points`]
+//!   lists them, [`ReplicaStore::reader`] reads the images as of one
+//!   (`None`: the heads);
+//! - a batch of records and chunks is applied to the heads, and
+//!   [`ReplicaStore::commit`] makes it durable together with the position
+//!   the shipper resumes from (an engine keeps that position where it
+//!   commits the data, so neither can survive without the other);
+//! - retention ([`Retention`], [`ReplicaStore::apply_retention`]) removes
+//!   the oldest snapshots, never one that is pinned
+//!   ([`ReplicaStore::pinned`]: a protected snapshot) nor the newest;
+//! - resync extents are part of the position
+//!   ([`GroupState::Resyncing`](super::GroupState)) and are compared by
+//!   digests of the heads ([`ReplicaStore::digests`]).
+
+use std::fmt::Debug;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tidemark_changelog::Record;
+use tidemark_durable::LogDir;
+use tidemark_names::Name;
+
+use super::{
+    Applied, ChunkRef, DiskSpec, FoldReport, Position, Purpose, RecoveryPoint, ReplicaGroup,
+    Retention, SharedView, StoreError, View,
+};
+
+/// One consistency group's replica store, whatever engine keeps it. Every
+/// method has the meaning the local store documents on its method of the
+/// same name ([`ReplicaGroup`]); the apply rules and the durability rule
+/// are the same for every engine (see the [store module](super)).
+pub trait ReplicaStore: Send + Sync + Debug {
+    /// The position as of the last commit: what the shipper resumes from.
+    fn position(&self) -> Position;
+    /// Makes sure the group has these disks (new ones start empty,
+    /// durably); a known disk may change neither size nor name.
+    fn ensure_disks(&mut self, disks: &[DiskSpec]) -> Result<(), StoreError>;
+    /// Applies the next record of the log, or ignores a duplicate.
+    fn apply_record(&mut self, rec: &Record) -> Result<Applied, StoreError>;
+    /// Applies an initial-sync or resync chunk.
+    fn apply_chunk(
+        &mut self,
+        disk: u32,
+        offset: u64,
+        data: ChunkRef<'_>,
+        purpose: Purpose,
+    ) -> Result<(), StoreError>;
+    /// BLAKE3 of each `block_size` block of an extent as the disk reads
+    /// now (uncommitted changes included).
+    fn digests(
+        &self,
+        disk: u32,
+        offset: u64,
+        length: u64,
+        block_size: u32,
+    ) -> Result<Vec<[u8; 32]>, StoreError>;
+    /// Marks an extent as resynced.
+    fn resync_done(&mut self, disk: u32, offset: u64, length: u64) -> Result<(), StoreError>;
+    /// Makes everything applied so far durable, with its position.
+    fn commit(&mut self) -> Result<Position, StoreError>;
+    /// Makes a new, empty group hold these disks from existing images
+    /// (failback) and waits for a resync of every byte of them.
+    fn adopt(&mut self, disks: &[(DiskSpec, PathBuf)]) -> Result<(), StoreError>;
+
+    /// The group's disks as last committed, by id.
+    fn disk_specs(&self) -> Vec<DiskSpec>;
+    /// The recovery points, oldest first.
+    fn points(&self) -> Vec<RecoveryPoint>;
+    /// The disks as of the recovery point `seq`, or (`None`) as of
+    /// everything applied.
+    fn reader(&self, seq: Option<u64>) -> Result<Box<dyn PointReader + '_>, StoreError>;
+    /// The disks as of the recovery point `seq`, for a server that reads
+    /// them from many threads while it holds a share of the store.
+    fn shared_reader(self: Arc<Self>, seq: u64) -> Result<Arc<dyn PointReader>, StoreError>;
+    /// The last barrier as of the last commit: (seq, timestamp in ns).
+    fn last_barrier(&self) -> Option<(u64, u64)>;
+    /// Bytes the history behind the recovery points takes.
+    fn history_bytes(&self) -> u64;
+
+    /// Sets the retention of recovery points (applied at each commit).
+    fn set_retention(&mut self, retention: Retention);
+    /// Drops the points retention no longer keeps.
+    fn apply_retention(
+        &mut self,
+        now_ns: u64,
+        force: bool,
+    ) -> Result<Option<FoldReport>, StoreError>;
+    /// The point a reader has pinned (a test failover, a planned
+    /// failover's final barrier): retention drops neither it nor any later
+    /// point while the pin lasts.
+    fn pinned(&self) -> Option<u64>;
+}
+
+/// The disks of a group as of one point.
+pub trait PointReader: Send + Sync {
+    /// Reads `buf.len()` bytes at `offset` of `disk`.
+    fn read(&self, disk: u32, offset: u64, buf: &mut [u8]) -> Result<(), StoreError>;
+    /// Whether `offset..offset+len` of `disk` surely reads as zeroes
+    /// without reading it; `false` means unknown.
+    fn is_zero(&self, disk: u32, offset: u64, len: u64) -> bool;
+}
+
+/// Where the replica stores of the groups live.
+pub trait StoreEngine: Send + Sync + Debug {
+    /// Opens the store of `host`'s `group` for writing by this process
+    /// alone, creating it on first use and recovering it after a crash.
+    fn open(&self, host: &Name, group: &Name) -> Result<Box<dyn ReplicaStore>, StoreError>;
+    /// Opens an existing store to read its points while a receiver may
+    /// write it; every change fails.
+    fn open_read_only(
+        &self,
+        host: &Name,
+        group: &Name,
+    ) -> Result<Arc<dyn ReplicaStore>, StoreError>;
+    /// Whether a store of `host`'s `group` exists.
+    fn exists(&self, host: &Name, group: &Name) -> bool;
+    /// Where the store of `host`'s `group` is, for messages.
+    fn describe(&self, host: &Name, group: &Name) -> String;
+}
+
+/// The local engine: each group's store is a [`ReplicaGroup`] in its own
+/// directory, `data-dir/<host>/<group>/`.
+#[derive(Debug, Clone)]
+pub struct LocalEngine {
+    data_dir: PathBuf,
+}
+
+impl LocalEngine {
+    /// The engine of the receiver whose data directory is `data_dir`.
+    pub fn new(data_dir: &Path) -> LocalEngine {
+        LocalEngine {
+            data_dir: data_dir.to_path_buf(),
+        }
+    }
+
+    /// The directory of a host's group: names are single path components
+    /// by their rule, so the directory is always inside the data
+    /// directory.
+    pub fn group_dir(&self, host: &Name, group: &Name) -> PathBuf {
+        self.data_dir.join(host).join(group)
+    }
+
+    /// Opens the store in the group directory `dir` read-only, for tools
+    /// that find groups by listing the data directory.
+    pub fn open_dir_read_only(dir: &Path) -> Result<Arc<dyn ReplicaStore>, StoreError> {
+        Ok(Arc::new(ReplicaGroup::open_read_only(dir)?))
+    }
+}
+
+impl StoreEngine for LocalEngine {
+    fn open(&self, host: &Name, group: &Name) -> Result<Box<dyn ReplicaStore>, StoreError> {
+        Ok(Box::new(ReplicaGroup::open(&self.group_dir(host, group))?))
+    }
+
+    fn open_read_only(
+        &self,
+        host: &Name,
+        group: &Name,
+    ) -> Result<Arc<dyn ReplicaStore>, StoreError> {
+        LocalEngine::open_dir_read_only(&self.group_dir(host, group))
+    }
+
+    fn exists(&self, host: &Name, group: &Name) -> bool {
+        self.group_dir(host, group).join(super::STATE_FILE).exists()
+    }
+
+    fn describe(&self, host: &Name, group: &Name) -> String {
+        self.group_dir(host, group).display().to_string()
+    }
+}
+
+impl<D: LogDir + Debug + 'static> ReplicaStore for ReplicaGroup<D>
+where
+    D::File: Debug,
+{
+    fn position(&self) -> Position {
+        ReplicaGroup::position(self)
+    }
+
+    fn ensure_disks(&mut self, disks: &[DiskSpec]) -> Result<(), StoreError> {
+        ReplicaGroup::ensure_disks(self, disks)
+    }
+
+    fn apply_record(&mut self, rec: &Record) -> Result<Applied, StoreError> {
+        ReplicaGroup::apply_record(self, rec)
+    }
+
+    fn apply_chunk(
+        &mut self,
+        disk: u32,
+        offset: u64,
+        data: ChunkRef<'_>,
+        purpose: Purpose,
+    ) -> Result<(), StoreError> {
+        ReplicaGroup::apply_chunk(self, disk, offset, data, purpose)
+    }
+
+    fn digests(
+        &self,
+        disk: u32,
+        offset: u64,
+        length: u64,
+        block_size: u32,
+    ) -> Result<Vec<[u8; 32]>, StoreError> {
+        ReplicaGroup::digests(self, disk, offset, length, block_size)
+    }
+
+    fn resync_done(&mut self, disk: u32, offset: u64, length: u64) -> Result<(), StoreError> {
+        ReplicaGroup::resync_done(self, disk, offset, length)
+    }
+
+    fn commit(&mut self) -> Result<Position, StoreError> {
+        ReplicaGroup::commit(self)
+    }
+
+    fn adopt(&mut self, disks: &[(DiskSpec, PathBuf)]) -> Result<(), StoreError> {
+        ReplicaGroup::adopt(self, disks)
+    }
+
+    fn disk_specs(&self) -> Vec<DiskSpec> {
+        ReplicaGroup::disk_specs(self)
+    }
+
+    fn points(&self) -> Vec<RecoveryPoint> {
+        ReplicaGroup::points(self)
+    }
+
+    fn reader(&self, seq: Option<u64>) -> Result<Box<dyn PointReader + '_>, StoreError> {
+        Ok(Box::new(self.view(seq)?))
+    }
+
+    fn shared_reader(self: Arc<Self>, seq: u64) -> Result<Arc<dyn PointReader>, StoreError> {
+        Ok(Arc::new(SharedView::new(self, seq)?))
+    }
+
+    fn last_barrier(&self) -> Option<(u64, u64)> {
+        ReplicaGroup::last_barrier(self)
+    }
+
+    fn history_bytes(&self) -> u64 {
+        ReplicaGroup::history_bytes(self)
+    }
+
+    fn set_retention(&mut self, retention: Retention) {
+        ReplicaGroup::set_retention(self, retention)
+    }
+
+    fn apply_retention(
+        &mut self,
+        now_ns: u64,
+        force: bool,
+    ) -> Result<Option<FoldReport>, StoreError> {
+        ReplicaGroup::apply_retention(self, now_ns, force)
+    }
+
+    fn pinned(&self) -> Option<u64> {
+        ReplicaGroup::pinned(self)
+    }
+}
+
+impl<D: LogDir> PointReader for View<'_, D> {
+    fn read(&self, disk: u32, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        View::read(self, disk, offset, buf)
+    }
+
+    fn is_zero(&self, disk: u32, offset: u64, len: u64) -> bool {
+        View::is_zero(self, disk, offset, len)
+    }
+}
+
+impl<D: LogDir> PointReader for SharedView<D> {
+    fn read(&self, disk: u32, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        SharedView::read(self, disk, offset, buf)
+    }
+
+    fn is_zero(&self, disk: u32, offset: u64, len: u64) -> bool {
+        SharedView::is_zero(self, disk, offset, len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replica::StoreReplica;
+    use tidemark_changelog::Entry;
+    use tidemark_durable::SimDir;
+    use tidemark_wire::{ChunkData, ChunkPurpose, DiskInfo, Replica};
+
+    fn record(entry: &Entry<'_>, seq: u64) -> Record {
+        Record::decode(&entry.encode(seq, 1)).unwrap()
+    }
+
+    /// The wire adapter takes any store: here one on a simulated
+    /// directory, the way another engine would plug in. What it applied
+    /// reads back through the trait at the point it made.
+    #[test]
+    fn the_wire_adapter_replicates_into_any_store() {
+        let store = ReplicaGroup::open_on(SimDir::new(), SimDir::new()).unwrap();
+        let mut replica = StoreReplica::new(Box::new(store));
+        replica
+            .ensure_disks(&[DiskInfo {
+                id: 0,
+                name: Name::from_static("data"),
+                size: 8192,
+            }])
+            .unwrap();
+        replica
+            .apply_chunk(0, 0, ChunkPurpose::InitialSync, &ChunkData::Zero(8192))
+            .unwrap();
+        replica
+            .apply_record(&record(&Entry::write(0, 100, &[9u8; 50], 0), 1))
+            .unwrap();
+        replica
+            .apply_record(&record(&Entry::barrier(7), 2))
+            .unwrap();
+        assert_eq!(replica.commit().unwrap().durable_seq, 2);
+        replica
+            .apply_record(&record(&Entry::write(0, 100, &[1u8; 50], 0), 3))
+            .unwrap();
+        replica.commit().unwrap();
+
+        let store = replica.group();
+        let points: Vec<u64> = store.points().iter().map(|p| p.seq).collect();
+        assert_eq!(points, [2]);
+        let mut buf = vec![0u8; 200];
+        store.reader(Some(2)).unwrap().read(0, 0, &mut buf).unwrap();
+        assert!(buf[100..150].iter().all(|b| *b == 9) && buf[..100].iter().all(|b| *b == 0));
+        store.reader(None).unwrap().read(0, 0, &mut buf).unwrap();
+        assert!(buf[100..150].iter().all(|b| *b == 1));
+        assert!(matches!(
+            store.reader(Some(3)),
+            Err(StoreError::NoSuchPoint(3))
+        ));
+    }
+
+    /// The local engine keeps each group in `data-dir/<host>/<group>`: one
+    /// writer, any number of readers, and a shared reader outlives the
+    /// handle it came from.
+    #[test]
+    fn the_local_engine_opens_groups_by_host_and_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let engine = LocalEngine::new(tmp.path());
+        let (host, group) = (Name::from_static("h1"), Name::from_static("g"));
+        assert!(!engine.exists(&host, &group));
+        assert!(matches!(
+            engine.open_read_only(&host, &group),
+            Err(StoreError::Damaged { .. })
+        ));
+        let mut store = engine.open(&host, &group).unwrap();
+        assert!(engine.exists(&host, &group));
+        assert_eq!(
+            engine.describe(&host, &group),
+            tmp.path().join("h1/g").display().to_string()
+        );
+        assert!(matches!(
+            engine.open(&host, &group),
+            Err(StoreError::Locked(_))
+        ));
+        store
+            .ensure_disks(&[DiskSpec {
+                id: 0,
+                name: Name::from_static("data"),
+                size: 4096,
+            }])
+            .unwrap();
+        store
+            .apply_chunk(0, 0, ChunkRef::Data(&[5u8; 4096]), Purpose::InitialSync)
+            .unwrap();
+        store.apply_record(&record(&Entry::barrier(1), 1)).unwrap();
+        store.commit().unwrap();
+        assert_eq!(
+            store.points().len(),
+            1,
+            "the barrier ending the sync is a point"
+        );
+
+        let reader = engine
+            .open_read_only(&host, &group)
+            .unwrap()
+            .shared_reader(1)
+            .unwrap();
+        let mut buf = [0u8; 16];
+        reader.read(0, 4000, &mut buf).unwrap();
+        assert_eq!(buf, [5u8; 16]);
+        assert!(store
+            .as_mut()
+            .apply_record(&record(&Entry::barrier(2), 2))
+            .is_ok());
+    }
+}
