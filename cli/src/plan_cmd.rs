@@ -391,7 +391,7 @@ impl Runner<'_> {
             &env,
             started + self.plan.hook_timeout.get(),
         )
-        .map_err(|why| anyhow::anyhow!("{kind}-hook `{hook}` failed: {why}"))?;
+        .with_context(|| format!("{kind}-hook `{hook}` failed"))?;
         println!(
             "  {kind}-hook done ({:.1}s)",
             started.elapsed().as_secs_f64()

@@ -189,7 +189,7 @@ fn scheduled_marks(path: &Path, control: PathBuf) -> Result<Option<impl FnOnce()
             std::thread::sleep(every.get());
             let result = quiesce.run(|left| {
                 let label = tidemark_names::Label::new("scheduled").expect("a valid label");
-                tidemark_control::mark(&control, &label, true, left).map_err(|e| e.to_string())
+                tidemark_control::mark(&control, &label, true, left)
             });
             match result {
                 Ok(r) => tracing::info!(seq = r.seq, "scheduled application-consistent point"),
@@ -491,15 +491,11 @@ pub(crate) fn mark(a: MarkArgs) -> Result<ExitCode> {
         .clone()
         .or_else(|| config.as_ref().map(|c| c.control_socket.clone()))
         .unwrap_or_else(|| PathBuf::from("/run/tidemark/tracker.ctl"));
-    let insert = |app: bool, within: std::time::Duration| -> Result<u64, String> {
-        tidemark_control::mark(&socket, &a.label, app, within).map_err(|e| match e {
-            // The tracker's own words, as before.
-            tidemark_control::ControlError::Refused(why) => why,
-            e => e.to_string(),
-        })
+    let insert = |app: bool, within: std::time::Duration| {
+        tidemark_control::mark(&socket, &a.label, app, within)
     };
     if !a.app_consistent {
-        let seq = insert(false, std::time::Duration::from_secs(60)).map_err(anyhow::Error::msg)?;
+        let seq = insert(false, std::time::Duration::from_secs(60))?;
         println!("marker {:?} at sequence number {seq}", a.label);
         return Ok(ExitCode::SUCCESS);
     }

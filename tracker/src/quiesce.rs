@@ -34,7 +34,8 @@ pub enum QuiesceError {
         /// The command.
         hook: String,
         /// Its exit status or the error running it.
-        reason: String,
+        #[source]
+        reason: HookError,
     },
     /// A filesystem could not be frozen; the others were thawed.
     #[error("cannot freeze {path}: {source}")]
@@ -52,7 +53,24 @@ pub enum QuiesceError {
     TimedOut(Duration),
     /// Inserting the marker failed (everything was thawed).
     #[error("inserting the marker: {0}")]
-    Marker(String),
+    Marker(#[source] tidemark_control::ControlError),
+}
+
+/// How a hook ended when it did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    /// It could not be started.
+    #[error("{0}")]
+    Spawn(#[source] std::io::Error),
+    /// It exited unsuccessfully.
+    #[error("{0}")]
+    Failed(std::process::ExitStatus),
+    /// It ran past its deadline and was killed with what it started.
+    #[error("killed at the deadline")]
+    Killed,
+    /// Waiting for it failed.
+    #[error("{0}")]
+    Wait(#[source] std::io::Error),
 }
 
 /// What a successful quiesced mark did.
@@ -103,7 +121,7 @@ fn thaw_all(frozen: &mut Frozen) {
 
 /// Runs `sh -c hook` until `deadline`; kills it then, with everything it
 /// started (its own process group).
-fn run_hook(hook: &str, deadline: Instant) -> Result<(), String> {
+fn run_hook(hook: &str, deadline: Instant) -> Result<(), HookError> {
     run_hook_with_env(hook, &[], deadline)
 }
 
@@ -114,7 +132,7 @@ pub fn run_hook_with_env(
     hook: &str,
     env: &[(String, String)],
     deadline: Instant,
-) -> Result<(), String> {
+) -> Result<(), HookError> {
     use std::os::unix::process::CommandExt;
     let mut child: Child = Command::new("sh")
         .arg("-c")
@@ -123,20 +141,20 @@ pub fn run_hook_with_env(
         .stdin(Stdio::null())
         .process_group(0)
         .spawn()
-        .map_err(|e| e.to_string())?;
+        .map_err(HookError::Spawn)?;
     loop {
         match child.try_wait() {
             Ok(Some(status)) if status.success() => return Ok(()),
-            Ok(Some(status)) => return Err(status.to_string()),
+            Ok(Some(status)) => return Err(HookError::Failed(status)),
             Ok(None) if Instant::now() >= deadline => {
                 // SAFETY: kill(2) on the hook's process group (its pid, as
                 // it leads the group); no memory is passed.
                 unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
                 let _ = child.wait();
-                return Err("killed at the deadline".into());
+                return Err(HookError::Killed);
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(HookError::Wait(e)),
         }
     }
 }
@@ -147,7 +165,7 @@ impl Quiesce {
     /// thaw, post-hooks.
     pub fn run(
         &self,
-        insert_marker: impl FnOnce(Duration) -> Result<u64, String>,
+        insert_marker: impl FnOnce(Duration) -> Result<u64, tidemark_control::ControlError>,
     ) -> Result<QuiesceReport, QuiesceError> {
         let started = Instant::now();
         let deadline = started + self.timeout;
@@ -170,7 +188,7 @@ impl Quiesce {
     fn quiesced(
         &self,
         deadline: Instant,
-        insert_marker: impl FnOnce(Duration) -> Result<u64, String>,
+        insert_marker: impl FnOnce(Duration) -> Result<u64, tidemark_control::ControlError>,
     ) -> Result<(u64, Duration), QuiesceError> {
         for hook in &self.pre_hooks {
             run_hook(hook, deadline).map_err(|reason| {
@@ -241,20 +259,19 @@ impl Quiesce {
             }
         }
         let left = deadline.saturating_duration_since(Instant::now());
-        let marker = if left.is_zero() {
-            Err("no time left".to_string())
-        } else {
-            insert_marker(left)
-        };
+        // No time left: no marker (the deadline check below says so).
+        let marker = (!left.is_zero()).then(|| insert_marker(left));
         let frozen_for = frozen_at.elapsed();
         let expired = finish(&state);
         let _ = watchdog.join();
         if expired || Instant::now() > deadline {
             return Err(QuiesceError::TimedOut(self.timeout));
         }
-        marker
-            .map(|seq| (seq, frozen_for))
-            .map_err(QuiesceError::Marker)
+        match marker {
+            Some(Ok(seq)) => Ok((seq, frozen_for)),
+            Some(Err(e)) => Err(QuiesceError::Marker(e)),
+            None => Err(QuiesceError::TimedOut(self.timeout)),
+        }
     }
 }
 
