@@ -242,6 +242,19 @@ impl DeviceIo {
     }
 }
 
+/// Watches a queue's waker on the ring: one CQE with `user_data` once it
+/// is written (re-arm after each).
+pub(crate) fn arm_waker(ring: &mut IoUring, waker: &crate::queue::QueueWaker, user_data: u64) {
+    use std::os::fd::AsFd;
+    let fd = waker.as_fd().as_raw_fd();
+    push(
+        ring,
+        &opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            .build()
+            .user_data(user_data),
+    );
+}
+
 /// `(user_data, result)` of every CQE the ring holds, taken off it.
 pub(crate) fn drain_completions(ring: &mut IoUring) -> Vec<(u64, i32)> {
     ring.completion()

@@ -34,7 +34,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -49,7 +49,7 @@ use crate::nbd::transmission::{
     SIMPLE_REPLY_LEN,
 };
 use crate::queue::{Op, Queue, QueueWaker, Request, Wakers};
-use crate::ring::{drain_completions, push, DeviceIo, DEVICE_TAG, TAG_MASK};
+use crate::ring::{arm_waker, drain_completions, push, DeviceIo, DEVICE_TAG, TAG_MASK};
 use crate::storage::AlignedBuf;
 
 use super::listener::Stream;
@@ -1023,13 +1023,7 @@ impl Conn<'_> {
             self.poll_out = true;
         }
         if !self.wake_armed {
-            let fd = self.waker.as_fd().as_raw_fd();
-            push(
-                &mut self.ring,
-                &opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
-                    .build()
-                    .user_data(WAKE),
-            );
+            arm_waker(&mut self.ring, &self.waker, WAKE);
             self.wake_armed = true;
         }
         // More to do without waiting: the socket has data we may read, or

@@ -43,7 +43,7 @@
 //! never to two at once.
 
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
@@ -56,7 +56,7 @@ use io_uring::{opcode, types, IoUring};
 use super::sys::{self, io_flags, op, IoCmd, IoDesc};
 use crate::nbd::constants::Errno;
 use crate::queue::{Op, Queue as QueueCore, QueueWaker, Request};
-use crate::ring::{drain_completions, push, DeviceIo, DEVICE_TAG, TAG_MASK};
+use crate::ring::{arm_waker, drain_completions, push, DeviceIo, DEVICE_TAG, TAG_MASK};
 use crate::server::{build_ring, Buffers, DataBudget, Frontend, FLOOR_BYTES};
 use crate::storage::AlignedBuf;
 
@@ -444,13 +444,7 @@ impl QueueLoop {
                 return Ok(self.end);
             }
             if !self.wake_armed {
-                let fd = self.waker.as_fd().as_raw_fd();
-                push(
-                    &mut self.ring,
-                    &opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
-                        .build()
-                        .user_data(WAKE),
-                );
+                arm_waker(&mut self.ring, &self.waker, WAKE);
                 self.wake_armed = true;
             }
             match self.ring.submit_and_wait(1) {
