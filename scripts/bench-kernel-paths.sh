@@ -17,6 +17,12 @@
 # The guest runs under TCG (software CPU emulation, sharing the host's
 # cores with whatever else runs): absolute figures are meaningless, the
 # ratios to dm-linear are the result (above 1: faster than dm-linear).
+# Also printed: the tracker process's CPU time per request (user + system
+# from /proc/PID/stat over each fio run) on the nbd and ublk paths of the
+# same run, the fairer comparison of the two under TCG, where CPU per
+# request dominates. The ublk figure includes the driver's delivery work
+# (task work of the tracker's queue threads); the nbd figure does not
+# include the kernel nbd client's socket sends.
 #
 # Usage: scripts/bench-kernel-paths.sh   (as root, from anywhere)
 # Environment:
@@ -127,6 +133,10 @@ awk '
 		for (i = 4; i <= NF; i++) { split($i, kv, "="); g[kv[1]] = kv[2] }
 		lat[g["workload"] SUBSEP g["path"]] = g["write-latency-ms"]
 	}
+	/^TIDEMARK-VM-INFO bench cpu / {
+		for (i = 4; i <= NF; i++) { split($i, kv, "="); c[kv[1]] = kv[2] }
+		cpu[c["workload"] SUBSEP c["path"]] = c["cpu-us-per-request"]
+	}
 	/^TIDEMARK-VM-INFO bench result / {
 		for (i = 4; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
 		k = f["workload"] SUBSEP f["path"]
@@ -150,6 +160,12 @@ awk '
 			printf "%s dm-linear %d ms/%d MB, nbd %d ms/%d MB, ublk %d ms/%d MB%s", w,
 				ms[w SUBSEP "dm-linear"], mb[w SUBSEP "dm-linear"], ms[w SUBSEP "nbd"], mb[w SUBSEP "nbd"],
 				ms[w SUBSEP "ublk"], mb[w SUBSEP "ublk"], i < n ? "; " : "\n"
+		}
+		printf "tracker CPU per request (user + system of the tracker process over the run, /proc/PID/stat):"
+		for (i = 1; i <= n; i++) {
+			w = order[i]
+			printf " %s nbd %s us, ublk %s us%s", w, ((w, "nbd") in cpu) ? cpu[w, "nbd"] : "n/a",
+				((w, "ublk") in cpu) ? cpu[w, "ublk"] : "n/a", i < n ? ";" : "\n"
 		}
 		printf "tracker write latency (backing write + log append, its metrics), mean per write:"
 		for (i = 1; i <= n; i++) {

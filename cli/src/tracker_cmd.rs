@@ -247,6 +247,8 @@ fn settings_from_config(path: &Path) -> Result<TrackerSettings> {
             export: u.export.clone(),
             dev_id: u.id,
             queue_depth: u.queue_depth,
+            queues: u.queues,
+            user_copy: u.user_copy,
             keep_device: u.keep_device,
         }),
     })
@@ -370,6 +372,8 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
             export: None,
             dev_id: None,
             queue_depth: defaults.queue_depth,
+            queues: defaults.queues,
+            user_copy: defaults.user_copy,
             keep_device: false,
         });
     }

@@ -55,23 +55,32 @@ pub(crate) fn run(cmd: UblkCommand) -> Result<ExitCode> {
                     "state": state,
                     "pid": info.ublksrv_pid,
                     "size": size,
+                    "queues": info.nr_hw_queues,
                     "queue_depth": info.queue_depth,
+                    "user_copy": info.flags & tidemark_tracker::ublk::sys::flags::USER_COPY != 0,
                 }));
             }
             if a.json {
                 println!("{}", serde_json::Value::Array(rows));
             } else {
                 println!(
-                    "{:<14} {:<9} {:>8} {:>14}",
-                    "DEVICE", "STATE", "PID", "SIZE"
+                    "{:<14} {:<9} {:>8} {:>14} {:>6} {:>5} {:<6}",
+                    "DEVICE", "STATE", "PID", "SIZE", "QUEUES", "DEPTH", "COPY"
                 );
                 for r in rows {
                     println!(
-                        "{:<14} {:<9} {:>8} {:>14}",
+                        "{:<14} {:<9} {:>8} {:>14} {:>6} {:>5} {:<6}",
                         r["device"].as_str().unwrap_or(""),
                         r["state"].as_str().unwrap_or(""),
                         r["pid"],
-                        r["size"]
+                        r["size"],
+                        r["queues"],
+                        r["queue_depth"],
+                        if r["user_copy"].as_bool().unwrap_or(false) {
+                            "user"
+                        } else {
+                            "driver"
+                        }
                     );
                 }
             }

@@ -186,8 +186,18 @@ pub struct UblkConfig {
     /// Use exactly `/dev/ublkb<id>`. Default: the kernel's choice.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<u32>,
-    /// Requests in flight, 1 to 4096. Default: `64`.
+    /// Requests in flight per queue, 1 to 4096. Default: `64`.
     pub queue_depth: u16,
+    /// Hardware queues, 1 to 4096; each is served by its own thread,
+    /// pinned to the CPUs whose requests the kernel sends it. Default: one
+    /// per CPU the tracker may run on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queues: Option<u16>,
+    /// Copy request data with the driver's user copy (`UBLK_F_USER_COPY`,
+    /// Linux 6.5+) when it has it: buffers are taken per request from the
+    /// tracker's data budget. `false`: the driver copies into fixed per-tag
+    /// buffers. Default: `true`.
+    pub user_copy: bool,
     /// On SIGTERM leave the device, quiesced, for the next tracker to
     /// take over, instead of removing it. Default: `false`.
     pub keep_device: bool,
@@ -199,6 +209,8 @@ impl Default for UblkConfig {
             export: None,
             id: None,
             queue_depth: 64,
+            queues: None,
+            user_copy: true,
             keep_device: false,
         }
     }
@@ -513,6 +525,12 @@ impl TrackerConfig {
             return Err(ConfigError::invalid(
                 here.key("queue-depth"),
                 "queue-depth must be from 1 to 4096 (the kernel's limit)",
+            ));
+        }
+        if ublk.queues.is_some_and(|q| !(1..=4096).contains(&q)) {
+            return Err(ConfigError::invalid(
+                here.key("queues"),
+                "queues must be from 1 to 4096 (the kernel's limit); leave it unset for one per CPU",
             ));
         }
         if let Some(attach) = &self.attach {

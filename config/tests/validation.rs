@@ -432,6 +432,12 @@ fn tracker_ublk_names_a_disk_a_sane_depth_and_not_the_attached_one() {
         "tracker.ublk.queue-depth",
         "from 1 to 4096",
     );
+    rejects(
+        &format!("[tracker]\n[tracker.ublk]\nqueues = 0\n{disks}"),
+        3,
+        "tracker.ublk.queues",
+        "from 1 to 4096",
+    );
     // Both default to the first disk: one kernel device per disk.
     rejects(
         &format!("[tracker]\n[tracker.attach]\n[tracker.ublk]\n{disks}"),
@@ -443,7 +449,7 @@ fn tracker_ublk_names_a_disk_a_sane_depth_and_not_the_attached_one() {
         "[tracker]\n[tracker.attach]\n[tracker.ublk]\nexport = \"b\"\n{disks}"
     ));
     accepts(&format!(
-        "[tracker]\n[tracker.ublk]\nexport = \"a\"\nid = 2\nqueue-depth = 128\nkeep-device = true\n{disks}"
+        "[tracker]\n[tracker.ublk]\nexport = \"a\"\nid = 2\nqueue-depth = 128\nqueues = 4\nuser-copy = false\nkeep-device = true\n{disks}"
     ));
     accepts(&format!("[tracker]\n[tracker.ublk]\n{disks}"));
 }

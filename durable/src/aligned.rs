@@ -59,6 +59,24 @@ impl AlignedBuf {
     pub fn align(&self) -> usize {
         self.layout.align()
     }
+
+    /// The most bytes the buffer can hold ([`set_len`](Self::set_len)).
+    pub fn capacity(&self) -> usize {
+        self.layout.size()
+    }
+
+    /// Makes the buffer `len` bytes long, within its capacity (a fixed
+    /// buffer lent out for a shorter request). False, and unchanged, when
+    /// `len` exceeds the capacity.
+    pub fn set_len(&mut self, len: usize) -> bool {
+        if len > self.capacity() {
+            return false;
+        }
+        // Every byte up to the capacity was zeroed at allocation, so the
+        // longer slice is initialised too.
+        self.len = len;
+        true
+    }
 }
 
 impl Deref for AlignedBuf {
@@ -98,6 +116,18 @@ impl std::fmt::Debug for AlignedBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_buffer_shortens_and_lengthens_within_its_capacity() {
+        let mut buf = AlignedBuf::page_aligned(8192);
+        buf[8191] = 7;
+        assert!(buf.set_len(4096));
+        assert_eq!(buf.len(), 4096);
+        assert!(!buf.set_len(8193));
+        assert_eq!(buf.len(), 4096);
+        assert!(buf.set_len(buf.capacity()));
+        assert_eq!((buf.len(), buf[8191]), (8192, 7));
+    }
 
     #[test]
     fn aligned_buf_is_aligned_and_zeroed() {

@@ -42,6 +42,10 @@
 #   TIDEMARK-VM-INFO bench tracker path=P workload=W writes=N write-latency-ms=X
 #                                        the tracker's mean write latency
 #                                        (its metrics) on path P
+#   TIDEMARK-VM-INFO bench cpu path=P workload=W requests=N cpu-ms=C cpu-us-per-request=X
+#                                        the tracker process's CPU time
+#                                        (user + system, /proc/PID/stat)
+#                                        over the fio run, per request
 #   TIDEMARK-VM-INFO ...                 other facts (devices, log sizes)
 #   TIDEMARK-VM-PASS | TIDEMARK-VM-FAIL: reason
 
@@ -85,6 +89,7 @@ run_fio() {
         dm-linear) limit="--time_based" ;;
         *) limit="--io_size=${IO_CAP_MB}M" ;;
     esac
+    cpu_before=$(tracker_cpu_ticks)
     # shellcheck disable=SC2086
     fio --name="$path-$workload" --filename="$dev" $args --ioengine=libaio --direct=1 \
         --size="${DISK_MB}M" $limit --runtime="$RUNTIME" \
@@ -98,6 +103,27 @@ run_fio() {
     set -- $(echo "$line" | awk -F';' '{ printf "%d %.1f %d %.0f\n", $49, $48 / 1024, $50, $47 / 1024 }')
     info "bench result path=$path workload=$workload iops=$1 mbps=$2 runtime-ms=$3 written-mb=$4"
     echo "$1 $2" > "$dir/$path.$workload"
+    if [ -n "$cpu_before" ]; then
+        cpu_after=$(tracker_cpu_ticks)
+        case $workload in randwrite-4k) kib=4 ;; *) kib=1024 ;; esac
+        # Requests: what fio wrote over the request size.
+        echo "$line" | awk -F';' -v b="$cpu_before" -v a="$cpu_after" -v kib="$kib" \
+            -v p="$path" -v w="$workload" '{
+                n = int($47 / kib); ms = (a - b) * 10
+                printf "TIDEMARK-VM-INFO bench cpu path=%s workload=%s requests=%d cpu-ms=%d cpu-us-per-request=%.1f\n",
+                    p, w, n, ms, (n > 0 ? ms * 1000 / n : 0) }'
+    fi
+}
+
+# The tracker's user + system CPU time so far, in clock ticks (USER_HZ,
+# 100 a second on x86 Linux): fields 14 and 15 of /proc/PID/stat (its
+# name, field 2, has no spaces). Empty when no tracker runs. The ublk
+# driver's request delivery runs as task work of the tracker's queue
+# threads and counts here; the kernel nbd client's socket sends run in the
+# submitting task and its workers, not in the tracker.
+tracker_cpu_ticks() {
+    [ -n "$tracker" ] && [ -r "/proc/$tracker/stat" ] || return 0
+    awk '{ print $14 + $15 }' "/proc/$tracker/stat"
 }
 
 # Starts a tracker with a fresh log over the disk, serving it through $1

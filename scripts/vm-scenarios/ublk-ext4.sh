@@ -9,7 +9,10 @@
 # user recovery). No write may fail and the kernel may log no I/O error.
 # Then: e2fsck, a plain SIGTERM removes the device, the log verifies, holds
 # barriers (the kernel's FLUSH and FUA), and replays onto a blank image to
-# the very bytes of the backing image.
+# the very bytes of the backing image. The device has one queue per CPU,
+# each served by a thread pinned where the driver wants it, with user copy;
+# last, a tracker with `user-copy = false` serves a new device through
+# per-tag buffers, and what it wrote reads back and replays.
 #
 # Environment (from `scripts/kernel-vm.sh run ... --env`), all optional:
 #   DISK_MB         size of the protected disk (default 64)
@@ -41,6 +44,28 @@ start_tracker() {
     dev=$(echo "$ublk_line" | cut -d' ' -f2)
 }
 
+# check_queues NAME LOG USER_COPY: the device has one hardware queue per
+# CPU, each served by a tracker thread pinned to the CPUs the driver maps
+# to it (not to all of them), and the tracker used (or not) user copy.
+check_queues() {
+    cpus=$(grep -c ^processor /proc/cpuinfo)
+    queues=$(ls "/sys/block/$1/mq" | wc -l)
+    echo "TIDEMARK-VM-INFO $1: $queues hardware queues for $cpus CPUs"
+    [ "$queues" = "$cpus" ] || fail "$1 has $queues queues for $cpus CPUs"
+    threads=0
+    for task in /proc/$tracker/task/*; do
+        case $(cat "$task/comm") in ublk*-q*) ;; *) continue ;; esac
+        threads=$((threads + 1))
+        allowed=$(sed -n 's/^Cpus_allowed_list:[[:space:]]*//p' "$task/status")
+        echo "TIDEMARK-VM-INFO queue thread $(cat "$task/comm") runs on CPUs $allowed"
+        if [ "$cpus" -gt 1 ] && [ "$allowed" = "0-$((cpus - 1))" ]; then
+            fail "queue thread $(cat "$task/comm") is not pinned"
+        fi
+    done
+    [ "$threads" = "$queues" ] || fail "$threads queue threads for $queues queues"
+    grep -q "user_copy=$3" "$dir/$2.err" || fail "the tracker did not start with user_copy=$3"
+}
+
 [ -e /dev/ublk-control ] || fail "no /dev/ublk-control: the ublk_drv module is not loaded"
 mkdir -p "$dir" || fail "mkdir $dir"
 truncate -s "${DISK_MB}M" "$dir/disk.img" || fail "truncate"
@@ -62,6 +87,7 @@ echo "TIDEMARK-VM-INFO $name size=$(($(cat /sys/block/$name/size) * 512))" \
 [ "$(cat $q/logical_block_size)" = 4096 ] || fail "block size is not 4096"
 [ "$(cat $q/fua)" = 1 ] || fail "$dev does not take FUA writes"
 tidemark ublk list | sed 's/^/TIDEMARK-VM-INFO ublk list: /'
+check_queues "$name" tracker1 true
 
 mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$dev" || fail "mkfs.ext4 failed"
 mount -t ext4 "$dev" "$mnt" || fail "mount failed"
@@ -150,6 +176,29 @@ case $result in *" errors=0 "*) ;; *) fail "writes failed: $result" ;; esac
 log_replays_to "$dir/disk.img"
 barriers=$(tidemark log dump "$dir/log" | grep -c -i "barrier")
 [ "$barriers" -gt 0 ] || fail "no barrier in the log"
+
+# 5. The driver-copy path (user-copy = false: per-tag buffers), on a new
+# device: data written through it reads back, and reaches the log.
+write_tracker_toml "$dir/disk.img" 384MiB "
+[tracker.ublk]
+user-copy = false
+queue-depth = 16
+"
+start_tracker
+case $ublk_line in "ublk /dev/ublkb"*" (new device)") ;; *) fail "driver copy: unexpected: $ublk_line" ;; esac
+name=${dev#/dev/}
+check_queues "$name" "tracker$n" false
+dd if=/dev/urandom of="$dir/pattern" bs=1M count=4 2>/dev/null || fail "pattern"
+dd if="$dir/pattern" of="$dev" bs=1M seek=8 conv=fsync 2>/dev/null || fail "driver copy: write"
+echo 3 > /proc/sys/vm/drop_caches
+dd if="$dev" of="$dir/readback" bs=1M skip=8 count=4 2>/dev/null || fail "driver copy: read"
+cmp "$dir/pattern" "$dir/readback" || fail "driver copy: the data read back differs"
+kill -TERM "$tracker"
+wait "$tracker"
+rc=$?
+[ $rc -eq 0 ] || fail "the driver-copy tracker exited with status $rc on SIGTERM"
+tracker=""
+log_replays_to "$dir/disk.img"
 
 echo "TIDEMARK-VM-RESULT restart-gap-kill-ms=$gap_kill restart-gap-term-ms=$gap_term restart-gap-busy-ms=$gap_busy io-errors=$io_errors barriers=$barriers $result"
 echo "TIDEMARK-VM-PASS"

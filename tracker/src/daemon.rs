@@ -3,11 +3,10 @@
 //! or SIGINT stops accepting, drains, writes a final barrier and exits
 //! clean.
 
-use crate::backend::Backend;
 use crate::control::ControlSocket;
 use crate::group::{Group, GroupDisk, GroupOptions, OpenReport};
 use crate::kernel_attach::{backend_identifier, AttachError, AttachOptions, KernelAttachment};
-use crate::server::{Frontend, Server, ServerOptions};
+use crate::server::{DataBudget, Frontend, Server, ServerOptions, DEFAULT_DATA_BUDGET};
 use crate::storage::{open_backing, BackingOptions, CacheMode, EngineKind};
 use crate::ublk::{UblkDevice, UblkOptions};
 use nix::sys::signal::{SigSet, Signal};
@@ -84,8 +83,12 @@ pub struct UblkSettings {
     pub export: Option<String>,
     /// `Some(n)`: exactly `/dev/ublkbN`; `None`: the driver's choice.
     pub dev_id: Option<u32>,
-    /// Requests in flight.
+    /// Requests in flight per queue.
     pub queue_depth: u16,
+    /// Hardware queues; `None`: one per CPU.
+    pub queues: Option<u16>,
+    /// Use the driver's user copy when it has it.
+    pub user_copy: bool,
     /// On SIGTERM leave the device, quiesced, for the next tracker.
     pub keep_device: bool,
 }
@@ -516,8 +519,12 @@ pub fn run(
     let group = Arc::new(group);
     // Everything that can still refuse the start comes before the group is
     // marked running: a refused start leaves the state file saying stopped.
+    // One data budget for every frontend: the NBD sockets and the ublk
+    // queues together bound the tracker's memory.
+    let budget = DataBudget::new(DEFAULT_DATA_BUDGET);
     let server_options = ServerOptions {
         socket_group,
+        budget: Arc::clone(&budget),
         ..ServerOptions::default()
     };
     let server = Server::bind_unix(&settings.socket, server_options).map_err(|source| {
@@ -527,17 +534,23 @@ pub fn run(
             source,
         }
     })?;
-    let tcp =
-        match settings.tcp_listen {
-            Some(addr) => Some(Server::bind_tcp(addr, ServerOptions::default()).map_err(
-                |source| DaemonError::Socket {
-                    what: "NBD TCP listener",
-                    path: PathBuf::from(addr.to_string()),
-                    source,
+    let tcp = match settings.tcp_listen {
+        Some(addr) => Some(
+            Server::bind_tcp(
+                addr,
+                ServerOptions {
+                    budget: Arc::clone(&budget),
+                    ..ServerOptions::default()
                 },
-            )?),
-            None => None,
-        };
+            )
+            .map_err(|source| DaemonError::Socket {
+                what: "NBD TCP listener",
+                path: PathBuf::from(addr.to_string()),
+                source,
+            })?,
+        ),
+        None => None,
+    };
     // Serves at once, but refuses markers and resyncs until the group runs.
     let control = ControlSocket::start(
         &settings.control_socket,
@@ -600,7 +613,7 @@ pub fn run(
         None => None,
     };
     let ublk = match &settings.ublk {
-        Some(ublk) => match start_ublk(&settings, ublk, &group) {
+        Some(ublk) => match start_ublk(&settings, ublk, &group, use_ring, &budget) {
             Ok(device) => Some(device),
             Err(e) => {
                 if let Some(attachment) = attachment {
@@ -809,6 +822,8 @@ fn start_ublk(
     settings: &TrackerSettings,
     ublk: &UblkSettings,
     group: &Arc<Group>,
+    use_ring: bool,
+    budget: &Arc<DataBudget>,
 ) -> Result<UblkDevice, DaemonError> {
     let index = match &ublk.export {
         Some(export) => settings
@@ -828,11 +843,12 @@ fn start_ublk(
         size,
         dev_id: ublk.dev_id,
         queue_depth: ublk.queue_depth,
-        // As many backend calls at once as the NBD server makes.
-        workers: 8,
+        queues: ublk.queues,
+        user_copy: ublk.user_copy,
     };
-    let backend: Arc<dyn Backend> = group.clone();
-    UblkDevice::start(backend, &options).map_err(DaemonError::Ublk)
+    // The same write path as an NBD connection's, one core per queue.
+    let frontend = Arc::new(Frontend::group(Arc::clone(group), use_ring));
+    UblkDevice::start(frontend, Arc::clone(budget), &options).map_err(DaemonError::Ublk)
 }
 
 /// Attaches (or re-adopts) the kernel device for `attach`.

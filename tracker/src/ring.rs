@@ -24,7 +24,7 @@ use std::sync::Arc;
 use io_uring::{opcode, squeue, types, IoUring};
 
 use crate::nbd::constants::Errno;
-use crate::queue::{Io, IoKind};
+use crate::queue::{Io, IoKind, Queue};
 use crate::storage::{AlignedBuf, BlockDevice, StorageError};
 
 /// How often one I/O may come back with `EINTR`/`EAGAIN` before it fails.
@@ -204,6 +204,62 @@ impl DeviceIo {
         }
         Some((flight.io.token, outcome, flight.io.buf))
     }
+}
+
+impl DeviceIo {
+    /// Starts every device I/O `core` asks for; what is performed at once
+    /// goes straight back to it. Whether there was any.
+    pub(crate) fn start_all(
+        &mut self,
+        ring: &mut IoUring,
+        core: &mut dyn Queue,
+        now: std::time::Instant,
+    ) -> bool {
+        let mut any = false;
+        while let Some(io) = core.poll_io() {
+            any = true;
+            if let Some((token, result, buf)) = self.start(ring, io) {
+                core.handle_io(token, result, buf, now);
+            }
+        }
+        any
+    }
+
+    /// A device CQE (`user_data` tagged [`DEVICE_TAG`]): its I/O's
+    /// completion, once final, goes to `core`.
+    pub(crate) fn complete_into(
+        &mut self,
+        ring: &mut IoUring,
+        user_data: u64,
+        result: i32,
+        core: &mut dyn Queue,
+        now: std::time::Instant,
+    ) {
+        let index = (user_data & !TAG_MASK) as usize;
+        if let Some((token, outcome, buf)) = self.complete(ring, index, result) {
+            core.handle_io(token, outcome, buf, now);
+        }
+    }
+}
+
+/// Watches a queue's waker on the ring: one CQE with `user_data` once it
+/// is written (re-arm after each).
+pub(crate) fn arm_waker(ring: &mut IoUring, waker: &crate::queue::QueueWaker, user_data: u64) {
+    use std::os::fd::AsFd;
+    let fd = waker.as_fd().as_raw_fd();
+    push(
+        ring,
+        &opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            .build()
+            .user_data(user_data),
+    );
+}
+
+/// `(user_data, result)` of every CQE the ring holds, taken off it.
+pub(crate) fn drain_completions(ring: &mut IoUring) -> Vec<(u64, i32)> {
+    ring.completion()
+        .map(|c| (c.user_data(), c.result()))
+        .collect()
 }
 
 /// Performs `io` through the synchronous interface.

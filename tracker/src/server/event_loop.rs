@@ -34,7 +34,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -49,7 +49,7 @@ use crate::nbd::transmission::{
     SIMPLE_REPLY_LEN,
 };
 use crate::queue::{Op, Queue, QueueWaker, Request, Wakers};
-use crate::ring::{push, DeviceIo, DEVICE_TAG, TAG_MASK};
+use crate::ring::{arm_waker, drain_completions, push, DeviceIo, DEVICE_TAG, TAG_MASK};
 use crate::storage::AlignedBuf;
 
 use super::listener::Stream;
@@ -133,6 +133,13 @@ impl DataBudget {
                 Err(now) => in_use = now,
             }
         }
+    }
+
+    /// Takes `bytes` whatever is in use: memory held for as long as its
+    /// owner lives, which sized it within the limit (a ublk device's fixed
+    /// tag buffers). Given back with [`give`](Self::give).
+    pub fn reserve(&self, bytes: u64) {
+        self.in_use.fetch_add(bytes, Ordering::SeqCst);
     }
 
     /// Gives `bytes` back, waking whoever waits for them.
@@ -258,25 +265,36 @@ impl OutReply {
     }
 }
 
-/// Data buffers of one connection, reused by size (up to 1 MiB).
-#[derive(Default)]
-struct Buffers {
+/// Data buffers of one loop (an NBD connection, a ublk queue), reused by
+/// size: at most `keep` of up to `keep_size` bytes stay for reuse, so
+/// what a loop holds idle is bounded.
+pub(crate) struct Buffers {
     free: Vec<AlignedBuf>,
+    keep: usize,
+    keep_size: usize,
 }
 
 impl Buffers {
-    const KEEP: usize = 32;
-    const KEEP_SIZE: usize = 1 << 20;
+    /// A connection's: 32 buffers of up to 1 MiB.
+    pub(crate) const CONNECTION: (usize, usize) = (32, 1 << 20);
 
-    fn take(&mut self, len: usize) -> AlignedBuf {
+    pub(crate) fn new((keep, keep_size): (usize, usize)) -> Buffers {
+        Buffers {
+            free: Vec::new(),
+            keep,
+            keep_size,
+        }
+    }
+
+    pub(crate) fn take(&mut self, len: usize) -> AlignedBuf {
         if let Some(i) = self.free.iter().position(|b| b.len() == len) {
             return self.free.swap_remove(i);
         }
         AlignedBuf::page_aligned(len)
     }
 
-    fn give(&mut self, buf: AlignedBuf) {
-        if buf.len() <= Self::KEEP_SIZE && self.free.len() < Self::KEEP {
+    pub(crate) fn give(&mut self, buf: AlignedBuf) {
+        if buf.len() <= self.keep_size && self.free.len() < self.keep {
             self.free.push(buf);
         }
     }
@@ -366,7 +384,7 @@ pub(crate) fn run(
         owed_bytes: 0,
         tx: VecDeque::new(),
         tx_stalled: None,
-        buffers: Buffers::default(),
+        buffers: Buffers::new(Buffers::CONNECTION),
         reading: true,
         readable: true,
         writable: true,
@@ -462,13 +480,7 @@ impl Conn<'_> {
     /// reply list, until the queue has nothing more to give.
     fn pump(&mut self, now: Instant) {
         loop {
-            let mut moved = false;
-            while let Some(io) = self.queue.poll_io() {
-                moved = true;
-                if let Some((token, result, buf)) = self.dev.start(&mut self.ring, io) {
-                    self.queue.handle_io(token, result, buf, now);
-                }
-            }
+            let mut moved = self.dev.start_all(&mut self.ring, &mut *self.queue, now);
             while let Some(reply) = self.queue.poll_reply() {
                 moved = true;
                 self.reply(reply.id, reply.result, reply.buf);
@@ -1011,13 +1023,7 @@ impl Conn<'_> {
             self.poll_out = true;
         }
         if !self.wake_armed {
-            let fd = self.waker.as_fd().as_raw_fd();
-            push(
-                &mut self.ring,
-                &opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
-                    .build()
-                    .user_data(WAKE),
-            );
+            arm_waker(&mut self.ring, &self.waker, WAKE);
             self.wake_armed = true;
         }
         // More to do without waiting: the socket has data we may read, or
@@ -1056,20 +1062,11 @@ impl Conn<'_> {
     /// Handles every completion the ring holds.
     fn reap(&mut self, _before: Instant) {
         let now = Instant::now();
-        let cqes: Vec<(u64, i32)> = self
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
-        for (data, result) in cqes {
+        for (data, result) in drain_completions(&mut self.ring) {
             match data & TAG_MASK {
                 DEVICE_TAG => {
-                    let index = (data & !TAG_MASK) as usize;
-                    if let Some((token, outcome, buf)) =
-                        self.dev.complete(&mut self.ring, index, result)
-                    {
-                        self.queue.handle_io(token, outcome, buf, now);
-                    }
+                    self.dev
+                        .complete_into(&mut self.ring, data, result, &mut *self.queue, now);
                 }
                 SOCKET_IN => {
                     self.poll_in = false;

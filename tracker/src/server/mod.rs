@@ -88,6 +88,7 @@ use crate::queue::{BlockingPool, Queue, QueueWaker};
 use crate::storage::BlockDevice;
 use crate::write_path::GroupQueue;
 
+pub(crate) use event_loop::{build_ring, Buffers};
 pub use event_loop::{DataBudget, FLOOR_BYTES, FLOOR_RESERVE};
 pub use listener::ListenAddr;
 

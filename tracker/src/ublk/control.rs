@@ -77,6 +77,24 @@ impl Control {
         Ok(u64::from_le_bytes(out))
     }
 
+    /// The CPUs whose requests queue `queue` of the device receives (the
+    /// block layer's mapping, known once the device is added).
+    pub fn queue_affinity(&mut self, dev_id: u32, queue: u16) -> std::io::Result<Vec<usize>> {
+        // A bitmap of up to 4096 CPUs, in whole longs as the driver wants.
+        let mut mask = [0u8; 512];
+        self.command(
+            sys::cmd::GET_QUEUE_AFFINITY,
+            CtrlCmd {
+                dev_id,
+                queue_id: u16::MAX,
+                len: mask.len() as u16,
+                addr: mask.as_mut_ptr() as u64,
+                data: u64::from(queue),
+            },
+        )?;
+        Ok(cpus_of(&mask))
+    }
+
     /// Creates a device; `info.dev_id` `u32::MAX` lets the driver choose.
     /// Returns what the driver made of it (its id, the flags it granted).
     pub fn add(&mut self, info: &DevInfo) -> std::io::Result<DevInfo> {
@@ -161,6 +179,13 @@ impl Control {
     }
 }
 
+/// The CPU numbers set in a little-endian CPU bitmap.
+fn cpus_of(mask: &[u8]) -> Vec<usize> {
+    (0..mask.len() * 8)
+        .filter(|cpu| mask[cpu / 8] & (1 << (cpu % 8)) != 0)
+        .collect()
+}
+
 fn device_cmd(dev_id: u32, len: usize, addr: u64) -> CtrlCmd {
     CtrlCmd {
         dev_id,
@@ -168,5 +193,19 @@ fn device_cmd(dev_id: u32, len: usize, addr: u64) -> CtrlCmd {
         len: len as u16,
         addr,
         data: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cpu_bitmap_reads_as_its_cpu_numbers() {
+        let mut mask = [0u8; 16];
+        mask[0] = 0b0000_0101;
+        mask[9] = 0b1000_0000;
+        assert_eq!(cpus_of(&mask), [0, 2, 79]);
+        assert!(cpus_of(&[0u8; 8]).is_empty());
     }
 }

@@ -10,19 +10,30 @@
 //! `URING_CMD`s. libublk generates its bindings with bindgen at build
 //! time, which needs libclang on every build machine (the same reason the
 //! device-mapper code uses the ioctls directly), and brings its own
-//! executor and queue model; the tracker's backend is synchronous and its
-//! recovery rules (below) are its own. Written here it is ~1,800 lines
-//! with its unit tests, against the kernel's uapi header, and tested in a
-//! real kernel.
+//! executor and queue model; the tracker drives its own sans-IO queue core
+//! on the queue's ring, and its recovery rules (below) are its own.
+//! Written here it is ~2,000 lines with its unit tests, against the
+//! kernel's uapi header, and tested in a real kernel.
 //!
 //! # Starting
 //!
-//! `ADD_DEV` (one queue, `queue-depth` tags, 1 MiB requests; the
-//! tracker's identity of the device — a hash of `tidemark:<group>:<export>`
-//! — in the driver's free `ublksrv_flags` field), `SET_PARAMS` (size, 4 KiB
-//! blocks, volatile cache + FUA so the kernel sends FLUSH and FUA, discard
-//! and write-zeroes), the queue thread fetches every tag, `START_DEV`
-//! creates `/dev/ublkbN`.
+//! `ADD_DEV` (`queues` hardware queues, by default one per CPU;
+//! `queue-depth` tags each; 1 MiB requests; user copy when the driver has
+//! it; the tracker's identity of the device — a hash of
+//! `tidemark:<group>:<export>` — in the driver's free `ublksrv_flags`
+//! field), `SET_PARAMS` (size, 4 KiB blocks, volatile cache + FUA so the
+//! kernel sends FLUSH and FUA, discard and write-zeroes), then per queue
+//! `GET_QUEUE_AFFINITY` and a queue thread pinned to those CPUs that
+//! fetches every tag (the `queue` module), and `START_DEV` creates `/dev/ublkbN`.
+//!
+//! # Memory
+//!
+//! Request data is bounded by the tracker's data budget, shared with the
+//! NBD connections: under user copy each request takes its buffer from it
+//! (and waits while it is spent); under driver copy the tags' fixed
+//! buffers are sized so that all of them together take at most half of the
+//! budget (smaller requests on many queues, at least 4 KiB), and are
+//! reserved from it while the device is served.
 //!
 //! # User recovery
 //!
@@ -31,8 +42,10 @@
 //! tracker dies (or stops with `keep-device`) the driver quiesces the
 //! device, holds new I/O, and re-issues the requests the tracker had not
 //! completed. The next tracker finds its device by the identity above,
-//! checks its size, and takes it over with `START_USER_RECOVERY`, fetches,
-//! `END_USER_RECOVERY`: the held I/O goes on and nothing fails. A request
+//! checks its size, and takes it over with `START_USER_RECOVERY`, a fetch
+//! of every tag on every queue (the kept device's queue count, depth,
+//! request size and copy mode), `END_USER_RECOVERY`: the held I/O goes on
+//! and nothing fails. A request
 //! performed twice (written and logged, then re-issued because its
 //! completion never reached the driver) is harmless: the log holds the
 //! same write twice, in order.
@@ -42,23 +55,26 @@
 //! [`UblkDevice::remove`]: `STOP_DEV` (the driver completes what is in
 //! flight, removes `/dev/ublkbN` and aborts the fetches), the queue ends,
 //! `DEL_DEV`. The daemon keeps a device that is in use (mounted) instead of
-//! removing it under its user. [`UblkDevice::keep`]: the queue finishes what its workers hold
-//! and closes; the device stays, quiesced, for the next tracker.
+//! removing it under its user. [`UblkDevice::keep`]: every queue finishes
+//! what its core holds and closes; the device stays, quiesced, for the
+//! next tracker.
 
 pub mod control;
 mod queue;
 pub mod sys;
 
+use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::backend::Backend;
+use crate::server::{DataBudget, Frontend};
 use control::Control;
-use queue::{Queue, QueueSpec};
+use queue::{Queue, QueueEnd, QueueSpec, Shared};
 use sys::DevInfo;
 
-/// Bytes per request (and per tag buffer).
+/// The largest request (under user copy; under driver copy the tags'
+/// buffers may make it smaller, see [`driver_copy_bytes`]).
 pub const MAX_IO_BYTES: u32 = 1 << 20;
 
 /// The block size the device gets.
@@ -73,17 +89,38 @@ const RECOVERY_PATIENCE: Duration = Duration::from_secs(5);
 pub struct UblkOptions {
     /// `tidemark:<group>:<export>`: who the device belongs to.
     pub identity: String,
-    /// The backend's disk id.
+    /// The disk's index in the group.
     pub disk: u32,
     /// The disk's size in bytes.
     pub size: u64,
     /// `Some(n)`: exactly `/dev/ublkbN`; `None`: the driver's choice (or
     /// the device a previous tracker left).
     pub dev_id: Option<u32>,
-    /// Tags (requests in flight).
+    /// Tags (requests in flight) per queue.
     pub queue_depth: u16,
-    /// Threads performing requests.
-    pub workers: usize,
+    /// Hardware queues; `None`: one per CPU. A kept device keeps its own.
+    pub queues: Option<u16>,
+    /// Use the driver's user copy when it has it (see the module documentation); `false`:
+    /// the driver copies into per-tag buffers.
+    pub user_copy: bool,
+}
+
+/// The number of CPUs the tracker may run on: the default queue count.
+pub fn cpu_count() -> u16 {
+    std::thread::available_parallelism()
+        .map_or(1, |n| u16::try_from(n.get()).unwrap_or(sys::MAX_QUEUES))
+        .clamp(1, sys::MAX_QUEUES)
+}
+
+/// The size of each tag's buffer under driver copy: all of them together
+/// (`queues` × `depth`) within half of the data budget, a power of two
+/// from [`BLOCK_SIZE`] to [`MAX_IO_BYTES`].
+pub fn driver_copy_bytes(budget: u64, queues: u16, depth: u16) -> u32 {
+    let tags = u64::from(queues).max(1) * u64::from(depth).max(1);
+    let share = (budget / 2 / tags).clamp(BLOCK_SIZE, u64::from(MAX_IO_BYTES));
+    // The largest power of two not above the share.
+    let bytes = 1u64 << (63 - share.leading_zeros());
+    bytes as u32
 }
 
 /// Why the ublk device could not be set up, recovered or removed.
@@ -166,13 +203,44 @@ pub struct UblkDevice {
     dev_id: u32,
     recovered: bool,
     recoverable: bool,
+    user_copy: bool,
     control: Control,
-    queue: Queue,
+    queues: Vec<Queue>,
+    budget: Arc<DataBudget>,
+    /// Budget bytes reserved for the tags' fixed buffers (driver copy).
+    reserved: u64,
+}
+
+/// How the queues of one device are made.
+struct Layout {
+    queues: u16,
+    depth: u16,
+    max_bytes: u32,
+    user_copy: bool,
+}
+
+impl Layout {
+    fn log(&self, dev_id: u32, what: &str) {
+        tracing::info!(
+            device = %format!("/dev/ublkb{dev_id}"),
+            queues = self.queues,
+            depth = self.depth,
+            max_request = self.max_bytes,
+            user_copy = self.user_copy,
+            "{what}"
+        );
+    }
 }
 
 impl UblkDevice {
     /// Creates the device, or takes over the one a previous tracker left.
-    pub fn start(backend: Arc<dyn Backend>, options: &UblkOptions) -> Result<Self, UblkError> {
+    /// Its queues perform requests through `frontend`'s queue cores, with
+    /// request data within `budget`.
+    pub fn start(
+        frontend: Arc<Frontend>,
+        budget: Arc<DataBudget>,
+        options: &UblkOptions,
+    ) -> Result<Self, UblkError> {
         if options.size % BLOCK_SIZE != 0 || options.size == 0 {
             return Err(UblkError::Unaligned { size: options.size });
         }
@@ -182,29 +250,20 @@ impl UblkDevice {
         })?;
         let tag = identity_tag(&options.identity);
         if let Some(found) = find_device(&mut control, tag, options.dev_id)? {
-            return Self::recover(control, backend, options, found);
+            return Self::recover(control, frontend, budget, options, found);
         }
-        Self::create(control, backend, options, tag)
-    }
-
-    fn queue_spec(dev_id: u32, options: &UblkOptions) -> QueueSpec {
-        QueueSpec {
-            dev_id,
-            depth: options.queue_depth,
-            buf_bytes: MAX_IO_BYTES as usize,
-            disk: options.disk,
-            size: options.size,
-            workers: options.workers,
-        }
+        Self::create(control, frontend, budget, options, tag)
     }
 
     fn create(
         mut control: Control,
-        backend: Arc<dyn Backend>,
+        frontend: Arc<Frontend>,
+        budget: Arc<DataBudget>,
         options: &UblkOptions,
         tag: u64,
     ) -> Result<Self, UblkError> {
-        // Older drivers lack GET_FEATURES; they lack recovery-reissue too.
+        // Older drivers lack GET_FEATURES; they lack recovery-reissue and
+        // user copy too.
         let features = control.features().unwrap_or(0);
         let recovery = sys::flags::USER_RECOVERY | sys::flags::USER_RECOVERY_REISSUE;
         let recoverable = features & recovery == recovery;
@@ -214,13 +273,25 @@ impl UblkDevice {
                 "the ublk driver lacks user recovery: a tracker restart will fail the device's I/O"
             );
         }
+        let user_copy = options.user_copy && features & sys::flags::USER_COPY != 0;
+        let queues = options
+            .queues
+            .unwrap_or_else(cpu_count)
+            .clamp(1, sys::MAX_QUEUES);
+        let max_bytes = if user_copy {
+            MAX_IO_BYTES
+        } else {
+            driver_copy_bytes(budget.limit(), queues, options.queue_depth)
+        };
         let asked = DevInfo {
-            nr_hw_queues: 1,
+            nr_hw_queues: queues,
             queue_depth: options.queue_depth,
-            max_io_buf_bytes: MAX_IO_BYTES,
+            max_io_buf_bytes: max_bytes,
             dev_id: options.dev_id.unwrap_or(u32::MAX),
             ublksrv_pid: -1,
-            flags: sys::flags::CMD_IOCTL_ENCODE | if recoverable { recovery } else { 0 },
+            flags: sys::flags::CMD_IOCTL_ENCODE
+                | if recoverable { recovery } else { 0 }
+                | if user_copy { sys::flags::USER_COPY } else { 0 },
             ublksrv_flags: tag,
             ..DevInfo::default()
         };
@@ -231,8 +302,15 @@ impl UblkDevice {
             _ => kernel("adding a device")(e),
         })?;
         let dev_id = info.dev_id;
+        // What the driver granted (it holds the queues to the CPUs it has).
+        let layout = Layout {
+            queues: info.nr_hw_queues.max(1),
+            depth: info.queue_depth,
+            max_bytes: info.max_io_buf_bytes.min(max_bytes),
+            user_copy: info.flags & sys::flags::USER_COPY != 0,
+        };
         let setup = (|| {
-            let sectors_per_io = MAX_IO_BYTES >> 9;
+            let sectors_per_io = layout.max_bytes >> 9;
             control
                 .set_params(
                     dev_id,
@@ -252,21 +330,29 @@ impl UblkDevice {
                     },
                 )
                 .map_err(kernel("setting the device's parameters"))?;
-            let queue = Queue::start(backend, Self::queue_spec(dev_id, options))
-                .map_err(kernel(format!("starting queue 0 of /dev/ublkc{dev_id}")))?;
-            control
-                .start(dev_id, std::process::id() as i32)
-                .map_err(kernel(format!("starting /dev/ublkb{dev_id}")))?;
-            Ok(queue)
+            let (queues, reserved) =
+                start_queues(&mut control, dev_id, &frontend, &budget, options, &layout)?;
+            if let Err(e) = control.start(dev_id, std::process::id() as i32) {
+                drop(queues);
+                budget.give(reserved);
+                return Err(kernel(format!("starting /dev/ublkb{dev_id}"))(e));
+            }
+            Ok((queues, reserved))
         })();
         match setup {
-            Ok(queue) => Ok(Self {
-                dev_id,
-                recovered: false,
-                recoverable,
-                control,
-                queue,
-            }),
+            Ok((queues, reserved)) => {
+                layout.log(dev_id, "ublk device started");
+                Ok(Self {
+                    dev_id,
+                    recovered: false,
+                    recoverable,
+                    user_copy: layout.user_copy,
+                    control,
+                    queues,
+                    budget,
+                    reserved,
+                })
+            }
             Err(e) => {
                 // Nothing half made stays behind.
                 let _ = control.delete(dev_id);
@@ -277,7 +363,8 @@ impl UblkDevice {
 
     fn recover(
         mut control: Control,
-        backend: Arc<dyn Backend>,
+        frontend: Arc<Frontend>,
+        budget: Arc<DataBudget>,
         options: &UblkOptions,
         found: DevInfo,
     ) -> Result<Self, UblkError> {
@@ -292,11 +379,21 @@ impl UblkDevice {
                 disk: options.size,
             });
         }
-        if found.queue_depth != options.queue_depth {
+        // The kept device keeps what it was made with.
+        let layout = Layout {
+            queues: found.nr_hw_queues.max(1),
+            depth: found.queue_depth,
+            max_bytes: found.max_io_buf_bytes.min(MAX_IO_BYTES),
+            user_copy: found.flags & sys::flags::USER_COPY != 0,
+        };
+        if layout.depth != options.queue_depth || options.queues.is_some_and(|q| q != layout.queues)
+        {
             tracing::info!(
-                kept = found.queue_depth,
-                configured = options.queue_depth,
-                "the kept device keeps its queue depth"
+                kept_depth = layout.depth,
+                kept_queues = layout.queues,
+                configured_depth = options.queue_depth,
+                configured_queues = ?options.queues,
+                "the kept device keeps its queues and depth"
             );
         }
         // The driver accepts the takeover once the old server's char
@@ -315,21 +412,22 @@ impl UblkDevice {
                 }
             }
         }
-        let spec = QueueSpec {
-            depth: found.queue_depth,
-            ..Self::queue_spec(dev_id, options)
-        };
-        let queue = Queue::start(backend, spec)
-            .map_err(kernel(format!("starting queue 0 of /dev/ublkc{dev_id}")))?;
-        control
-            .end_recovery(dev_id, std::process::id() as i32)
-            .map_err(kernel(format!("ending the recovery of /dev/ublkb{dev_id}")))?;
+        let (queues, reserved) =
+            start_queues(&mut control, dev_id, &frontend, &budget, options, &layout)?;
+        if let Err(e) = control.end_recovery(dev_id, std::process::id() as i32) {
+            budget.give(reserved);
+            return Err(kernel(format!("ending the recovery of /dev/ublkb{dev_id}"))(e));
+        }
+        layout.log(dev_id, "ublk device taken over");
         Ok(Self {
             dev_id,
             recovered: true,
             recoverable: true,
+            user_copy: layout.user_copy,
             control,
-            queue,
+            queues,
+            budget,
+            reserved,
         })
     }
 
@@ -353,6 +451,16 @@ impl UblkDevice {
         self.recoverable
     }
 
+    /// The device's hardware queues (one thread each).
+    pub fn queue_count(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// Whether request data goes through the driver's user copy.
+    pub fn user_copy(&self) -> bool {
+        self.user_copy
+    }
+
     /// Whether something holds the block device exclusively (a mounted
     /// filesystem, a device-mapper table, a RAID member): removing it then
     /// would fail that user's I/O.
@@ -367,15 +475,17 @@ impl UblkDevice {
 
     /// Stops serving and leaves the device, quiesced, for the next tracker.
     /// Without driver support for recovery the device is removed instead.
-    pub fn keep(self) -> Result<(), UblkError> {
+    pub fn keep(mut self) -> Result<(), UblkError> {
         if !self.recoverable {
             tracing::warn!("the ublk driver cannot keep a device without its server: removing it");
             return self.remove();
         }
+        for queue in &self.queues {
+            queue.ask_to_leave();
+        }
         let end = self
-            .queue
-            .leave()
-            .map_err(kernel("closing the device's queue"))?;
+            .join_queues()
+            .map_err(kernel("closing the device's queues"))?;
         tracing::info!(
             device = %format!("/dev/ublkb{}", self.dev_id),
             completed = end.completed,
@@ -392,14 +502,119 @@ impl UblkDevice {
             .stop(dev_id)
             .map_err(kernel(format!("stopping /dev/ublkb{dev_id}")))?;
         let end = self
-            .queue
-            .join()
-            .map_err(kernel("ending the device's queue"))?;
+            .join_queues()
+            .map_err(kernel("ending the device's queues"))?;
         self.control
             .delete(dev_id)
             .map_err(kernel(format!("deleting ublk device {dev_id}")))?;
         tracing::info!(device = %format!("/dev/ublkb{dev_id}"), completed = end.completed, "ublk device removed");
         Ok(())
+    }
+
+    /// Waits for every queue to end; the first error, after all ended.
+    fn join_queues(&mut self) -> std::io::Result<QueueEnd> {
+        let mut total = QueueEnd::default();
+        let mut first_error = None;
+        for queue in self.queues.drain(..) {
+            match queue.join() {
+                Ok(end) => total += end,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(total), Err)
+    }
+}
+
+impl Drop for UblkDevice {
+    fn drop(&mut self) {
+        // Queues still running (a start that failed half way) end first.
+        for queue in &self.queues {
+            queue.ask_to_leave();
+        }
+        let _ = self.join_queues();
+        self.budget.give(std::mem::take(&mut self.reserved));
+    }
+}
+
+/// Starts every queue of the device, each pinned where the driver maps its
+/// CPUs; returns them and the budget reserved for driver-copy buffers.
+fn start_queues(
+    control: &mut Control,
+    dev_id: u32,
+    frontend: &Arc<Frontend>,
+    budget: &Arc<DataBudget>,
+    options: &UblkOptions,
+    layout: &Layout,
+) -> Result<(Vec<Queue>, u64), UblkError> {
+    let char_dev =
+        Arc::new(open_char_device(dev_id).map_err(kernel(format!("opening /dev/ublkc{dev_id}")))?);
+    let reserved = if layout.user_copy {
+        0
+    } else {
+        let bytes =
+            u64::from(layout.queues) * u64::from(layout.depth) * u64::from(layout.max_bytes);
+        budget.reserve(bytes);
+        bytes
+    };
+    let shared = Shared {
+        char_dev,
+        frontend: Arc::clone(frontend),
+        budget: Arc::clone(budget),
+    };
+    let mut queues = Vec::with_capacity(usize::from(layout.queues));
+    for q in 0..layout.queues {
+        let cpus = control.queue_affinity(dev_id, q).unwrap_or_else(|error| {
+            tracing::debug!(queue = q, %error, "no CPU affinity from the ublk driver: the queue runs unpinned");
+            Vec::new()
+        });
+        let spec = QueueSpec {
+            dev_id,
+            queue: q,
+            depth: layout.depth,
+            disk: options.disk,
+            size: options.size,
+            max_bytes: layout.max_bytes,
+            user_copy: layout.user_copy,
+            cpus,
+        };
+        match Queue::start(shared.clone(), spec) {
+            Ok(queue) => queues.push(queue),
+            Err(e) => {
+                for queue in &queues {
+                    queue.ask_to_leave();
+                }
+                drop(queues);
+                budget.give(reserved);
+                return Err(kernel(format!("starting queue {q} of /dev/ublkc{dev_id}"))(
+                    e,
+                ));
+            }
+        }
+    }
+    Ok((queues, reserved))
+}
+
+/// Opens `/dev/ublkcN`, waiting a moment for devtmpfs/udev to create it.
+fn open_char_device(dev_id: u32) -> std::io::Result<File> {
+    let path = format!("/dev/ublkc{dev_id}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+        {
+            Ok(f) => return Ok(f),
+            Err(e)
+                if Instant::now() < deadline
+                    && matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EBUSY)) =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(std::io::Error::new(e.kind(), format!("{path}: {e}"))),
+        }
     }
 }
 
@@ -474,6 +689,27 @@ fn process_alive(pid: i32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn driver_copy_buffers_stay_within_half_the_budget() {
+        // 64 MiB budget, 2 queues of 64 tags: 256 KiB each, 32 MiB in all.
+        assert_eq!(driver_copy_bytes(64 << 20, 2, 64), 256 << 10);
+        // Few tags: capped at the largest request.
+        assert_eq!(driver_copy_bytes(64 << 20, 1, 4), MAX_IO_BYTES);
+        // A share that is no power of two is rounded down.
+        assert_eq!(driver_copy_bytes(3 << 20, 1, 1), MAX_IO_BYTES);
+        assert_eq!(driver_copy_bytes(80 << 20, 3, 64), 128 << 10);
+        // Many queues: never below a block.
+        assert_eq!(driver_copy_bytes(64 << 20, 4096, 4096), BLOCK_SIZE as u32);
+        for (queues, depth) in [(1, 1), (2, 64), (16, 128), (64, 256)] {
+            let per = driver_copy_bytes(64 << 20, queues, depth);
+            let total = u64::from(per) * u64::from(queues) * u64::from(depth);
+            assert!(
+                total <= 32 << 20 || per == BLOCK_SIZE as u32,
+                "{queues}×{depth}"
+            );
+        }
+    }
 
     #[test]
     fn identity_tags_are_stable_distinct_and_never_zero() {

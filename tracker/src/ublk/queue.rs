@@ -1,51 +1,237 @@
-//! One ublk queue: the thread that owns its io_uring on `/dev/ublkcN`, the
-//! tag buffers, and the workers that perform requests on the backend.
+//! One ublk queue: a thread, pinned to the CPUs whose requests the queue
+//! receives, running ONE io_uring that carries both the queue's ublk
+//! commands on `/dev/ublkcN` and the backing-device I/O of its queue core
+//! (the group's write path, [`crate::queue::Queue`]) — the same shape as an
+//! NBD connection's event loop, with no hand-off to another thread per
+//! request.
 //!
-//! The driver binds a queue to the thread that fetched its tags: it runs
-//! the delivery of requests (copying a write's data into the tag's buffer)
-//! as task work of that thread, and accepts commits only from it. So one
-//! thread does nothing but ring work: it submits `FETCH_REQ` for every tag,
-//! hands each delivered request to a worker, and submits `COMMIT_AND_FETCH_REQ`
-//! with the result a worker reports (through a channel and an eventfd the
-//! ring also waits on). Workers call the backend synchronously, several at
-//! once, like the NBD server's workers.
+//! ```text
+//!  driver ──FETCH completes──► descriptor ──► Request ──► queue core
+//!    ▲      (a request)           │ user copy:             │  ▲
+//!    │                            │ pread /dev/ublkcN      │  │ handle_io
+//!    │                            ▼                poll_io ▼  │
+//!    └──COMMIT_AND_FETCH◄── result ◄──poll_reply──   ring (device I/O)
+//!         (user copy, reads: pwrite /dev/ublkcN first)
+//!                                                 ▲
+//!                      waker (eventfd) ───────────┘ handle_wake: parked
+//!                                                   requests, budget, leave
+//! ```
 //!
-//! A tag's buffer belongs to the driver between a fetch and the request's
-//! delivery, to the worker performing the request until it reports, and to
-//! the driver again from the commit: never to two at once.
+//! The driver binds a queue to the thread that fetched its tags: it
+//! delivers requests as task work of that thread and accepts commits only
+//! from it, which is why one thread owns the ring, the commands and the
+//! core together.
+//!
+//! # Request data
+//!
+//! - **User copy** (`UBLK_F_USER_COPY`, when the driver has it): the tag has
+//!   no buffer. A delivered write's data is read from `/dev/ublkcN` at the
+//!   tag's offset ([`sys::user_copy_offset`]) straight into the buffer the
+//!   request travels in; a read's data is written there before the commit.
+//!   Buffers are taken per request from the tracker's data budget (shared
+//!   with the NBD connections): a request that finds it spent waits, in
+//!   order, until bytes come back, so per-CPU queues do not multiply memory.
+//! - **Driver copy** (older drivers): each tag owns a fixed buffer whose
+//!   address the fetch hands the driver, which copies a write's data into
+//!   it before delivery and a read's data out of it at the commit. The
+//!   buffer is lent to the request (its length set to the request's) and
+//!   comes back with the reply; their total is reserved from the budget for
+//!   the device's life (see the [parent module](super)).
+//!
+//! A tag belongs to the driver between a (commit-and-)fetch and the
+//! delivery of its next request, then to this thread until it commits:
+//! never to two at once.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use io_uring::{opcode, types, IoUring};
 
 use super::sys::{self, io_flags, op, IoCmd, IoDesc};
-use crate::backend::Backend;
 use crate::nbd::constants::Errno;
+use crate::queue::{Op, Queue as QueueCore, QueueWaker, Request};
+use crate::ring::{arm_waker, drain_completions, push, DeviceIo, DEVICE_TAG, TAG_MASK};
+use crate::server::{build_ring, Buffers, DataBudget, Frontend, FLOOR_BYTES};
 use crate::storage::AlignedBuf;
 
-/// The user data of the eventfd read; tags are below it.
-const WAKE: u64 = u64::MAX;
+/// `user_data` of a ublk command (the low bits are its tag).
+const COMMAND: u64 = 1 << 56;
+/// `user_data` of the waker's poll.
+const WAKE: u64 = 2 << 56;
+
+/// Buffers a user-copy queue keeps for reuse: what it holds idle is at
+/// most 16 × 128 KiB, whatever its depth.
+const KEEP_BUFFERS: (usize, usize) = (16, 128 << 10);
 
 /// What a queue serves.
 pub(crate) struct QueueSpec {
     /// The device number N (`/dev/ublkcN`).
     pub dev_id: u32,
+    /// The queue's number.
+    pub queue: u16,
     /// Tags.
     pub depth: u16,
-    /// Bytes per tag buffer (the largest request).
-    pub buf_bytes: usize,
-    /// The backend's disk id.
+    /// The disk (its index in the group).
     pub disk: u32,
     /// The disk's size, bytes.
     pub size: u64,
-    /// Worker threads.
-    pub workers: usize,
+    /// The largest request, bytes (each tag's buffer in driver copy).
+    pub max_bytes: u32,
+    /// Request data through `pread`/`pwrite` on the char device (module
+    /// doc); `false`: through the tags' fixed buffers.
+    pub user_copy: bool,
+    /// Run on these CPUs (what the driver maps to the queue); empty: where
+    /// the scheduler likes.
+    pub cpus: Vec<usize>,
+}
+
+/// What every queue of a device shares.
+#[derive(Clone)]
+pub(crate) struct Shared {
+    /// `/dev/ublkcN`, open once for the device (the driver allows one open).
+    pub char_dev: Arc<File>,
+    /// The queue cores and the backing devices.
+    pub frontend: Arc<Frontend>,
+    /// The tracker's data budget (user copy takes request buffers from it).
+    pub budget: Arc<DataBudget>,
+}
+
+/// A running queue.
+pub(crate) struct Queue {
+    leave: Arc<AtomicBool>,
+    waker: Arc<QueueWaker>,
+    thread: Option<JoinHandle<std::io::Result<QueueEnd>>>,
+}
+
+/// What a queue did before it ended.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct QueueEnd {
+    /// Requests completed.
+    pub completed: u64,
+    /// Requests delivered but left unserved for the next server (the
+    /// driver re-issues them).
+    pub left: u64,
+}
+
+impl std::ops::AddAssign for QueueEnd {
+    fn add_assign(&mut self, other: QueueEnd) {
+        self.completed += other.completed;
+        self.left += other.left;
+    }
+}
+
+impl Queue {
+    /// Starts the queue's thread and returns once it has fetched every tag
+    /// (the driver may now start the device or end a recovery).
+    pub(crate) fn start(shared: Shared, spec: QueueSpec) -> std::io::Result<Self> {
+        let waker = QueueWaker::new()?;
+        let leave = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = sync_channel(1);
+        let thread = {
+            let (waker, leave) = (waker.clone(), leave.clone());
+            std::thread::Builder::new()
+                .name(format!("ublk{}-q{}", spec.dev_id, spec.queue))
+                .spawn(move || {
+                    pin(&spec);
+                    match QueueLoop::new(shared, spec, waker) {
+                        Ok(queue) => queue.run(&leave, ready_tx),
+                        Err(e) => {
+                            let _ =
+                                ready_tx.send(Err(std::io::Error::new(e.kind(), e.to_string())));
+                            Err(e)
+                        }
+                    }
+                })?
+        };
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(Self {
+                leave,
+                waker,
+                thread: Some(thread),
+            }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            Err(_) => match thread.join() {
+                Ok(Err(e)) => Err(e),
+                _ => Err(std::io::Error::other("the ublk queue thread ended early")),
+            },
+        }
+    }
+
+    /// Asks the queue to stop serving, without waiting: requests in the
+    /// queue core are completed, the rest stay with the driver for the
+    /// next server. Several queues then wind down together; [`join`](Self::join)
+    /// returns once the ring is closed.
+    pub(crate) fn ask_to_leave(&self) {
+        self.leave.store(true, Ordering::SeqCst);
+        self.waker.wake();
+    }
+
+    /// Waits for the queue to end by itself (every tag aborted by the
+    /// driver: the device was stopped), or after [`ask_to_leave`](Self::ask_to_leave).
+    pub(crate) fn join(mut self) -> std::io::Result<QueueEnd> {
+        self.thread.take().map_or(Ok(QueueEnd::default()), |t| {
+            t.join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("ublk queue thread panicked")))
+        })
+    }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            self.ask_to_leave();
+            let _ = t.join();
+        }
+    }
+}
+
+/// Pins the calling thread to the queue's CPUs, where the driver runs the
+/// queue's requests (their task work, their data copies). Without a mask,
+/// or when the kernel refuses it, the thread runs unpinned.
+fn pin(spec: &QueueSpec) {
+    if spec.cpus.is_empty() {
+        tracing::debug!(
+            queue = spec.queue,
+            "no CPU mask for the ublk queue: not pinned"
+        );
+        return;
+    }
+    // SAFETY: an all-zero cpu_set_t is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &cpu in &spec.cpus {
+        if cpu >= libc::CPU_SETSIZE as usize {
+            tracing::debug!(
+                queue = spec.queue,
+                cpu,
+                "a CPU beyond the affinity mask's size"
+            );
+            continue;
+        }
+        // SAFETY: cpu is below CPU_SETSIZE, checked above.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    // SAFETY: pid 0 is the calling thread; the set lives across the call
+    // and its size is passed with it.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+    if rc != 0 {
+        let error = std::io::Error::last_os_error();
+        tracing::debug!(queue = spec.queue, %error, cpus = ?spec.cpus, "pinning the ublk queue failed: not pinned");
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf takes a constant only.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(n).unwrap_or(4096)
 }
 
 /// The driver's descriptor array of the queue, mapped read-only.
@@ -53,12 +239,6 @@ struct Mapping {
     base: *mut u8,
     len: usize,
 }
-
-// SAFETY: read-only memory the driver writes; a descriptor is read only by
-// the queue thread, while it owns the tag (module doc).
-unsafe impl Send for Mapping {}
-// SAFETY: as above.
-unsafe impl Sync for Mapping {}
 
 impl Mapping {
     fn descriptors(file: &File, offset: i64, len: usize) -> std::io::Result<Self> {
@@ -92,251 +272,114 @@ impl Drop for Mapping {
     }
 }
 
-/// The tag buffers: one page-aligned allocation, `per_tag` bytes a tag.
-struct Buffers {
-    /// Owns the memory; touched only through `base` (module doc).
-    _memory: AlignedBuf,
-    base: *mut u8,
-    per_tag: usize,
+/// Where a tag is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TagState {
+    /// A fetch (or commit-and-fetch) is with the driver.
+    Driver,
+    /// Delivered; waits for data budget (user copy).
+    Budget,
+    /// Its request is in the queue core.
+    Core,
+    /// Delivered while the queue was leaving: left for the next server.
+    Left,
+    /// The driver ended it (the device is stopping).
+    Aborted,
 }
 
-// SAFETY: plain memory owned by `_memory`; who may touch which tag's part
-// when is the tag ownership protocol of the module doc.
-unsafe impl Send for Buffers {}
-// SAFETY: as above.
-unsafe impl Sync for Buffers {}
-
-impl Buffers {
-    fn new(tags: u16, per_tag: usize) -> Self {
-        let mut memory = AlignedBuf::page_aligned(usize::from(tags) * per_tag);
-        let base = memory.as_mut_ptr();
-        Self {
-            _memory: memory,
-            base,
-            per_tag,
-        }
-    }
-
-    fn address(&self, tag: u16) -> u64 {
-        self.base as u64 + u64::from(tag) * self.per_tag as u64
-    }
-
-    /// The tag's buffer.
-    ///
-    /// # Safety
-    /// Only the current owner of the tag (module doc) may call this, and
-    /// only while it owns the tag.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn tag(&self, tag: u16) -> &mut [u8] {
-        // SAFETY: in bounds (tag < depth); exclusive by the caller's
-        // ownership of the tag.
-        unsafe {
-            std::slice::from_raw_parts_mut(
-                self.base.add(usize::from(tag) * self.per_tag),
-                self.per_tag,
-            )
-        }
-    }
-}
-
-/// A request handed to a worker.
-struct Job {
-    tag: u16,
+struct Tag {
+    state: TagState,
     desc: IoDesc,
-}
-
-/// A running queue.
-pub(crate) struct Queue {
-    leave: Arc<AtomicBool>,
-    wake: Arc<OwnedFd>,
-    thread: Option<JoinHandle<std::io::Result<QueueEnd>>>,
-}
-
-/// What a queue did before it ended.
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct QueueEnd {
-    /// Requests completed.
-    pub completed: u64,
-    /// Requests delivered but left unserved for the next server (the
-    /// driver re-issues them).
-    pub left: u64,
-}
-
-impl Queue {
-    /// Opens the char device, maps the descriptors, starts the queue thread
-    /// and returns once it has fetched every tag (the driver may now start
-    /// the device or end a recovery).
-    pub(crate) fn start(backend: Arc<dyn Backend>, spec: QueueSpec) -> std::io::Result<Self> {
-        let char_dev = open_char_device(spec.dev_id)?;
-        let page = page_size();
-        let descriptors = Mapping::descriptors(
-            &char_dev,
-            sys::descriptors_offset(0, page),
-            sys::descriptors_len(spec.depth, page),
-        )?;
-        let buffers = Arc::new(Buffers::new(spec.depth, spec.buf_bytes));
-        // SAFETY: eventfd takes flags only; the result is checked.
-        let wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if wake < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: a fresh descriptor we own.
-        let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(wake) });
-        let leave = Arc::new(AtomicBool::new(false));
-        let (ready_tx, ready_rx) = channel();
-        let thread = {
-            let (wake, leave) = (wake.clone(), leave.clone());
-            std::thread::Builder::new()
-                .name(format!("ublk{}-queue", spec.dev_id))
-                .spawn(move || {
-                    let ring = QueueRing::new(char_dev, descriptors, buffers, wake, spec)?;
-                    ring.run(backend, leave, ready_tx)
-                })?
-        };
-        match ready_rx.recv() {
-            Ok(Ok(())) => Ok(Self {
-                leave,
-                wake,
-                thread: Some(thread),
-            }),
-            Ok(Err(e)) => {
-                let _ = thread.join();
-                Err(e)
-            }
-            Err(_) => match thread.join() {
-                Ok(Err(e)) => Err(e),
-                _ => Err(std::io::Error::other("the ublk queue thread ended early")),
-            },
-        }
-    }
-
-    /// Waits for the queue to end by itself (every tag aborted by the
-    /// driver: the device was stopped).
-    pub(crate) fn join(mut self) -> std::io::Result<QueueEnd> {
-        self.thread.take().map_or(Ok(QueueEnd::default()), |t| {
-            t.join()
-                .unwrap_or_else(|_| Err(std::io::Error::other("ublk queue thread panicked")))
-        })
-    }
-
-    /// Stops serving: requests workers hold are completed, the rest stay
-    /// with the driver for the next server. Returns when the ring is closed.
-    pub(crate) fn leave(self) -> std::io::Result<QueueEnd> {
-        self.leave.store(true, Ordering::SeqCst);
-        signal(&self.wake);
-        self.join()
-    }
-}
-
-impl Drop for Queue {
-    fn drop(&mut self) {
-        if let Some(t) = self.thread.take() {
-            self.leave.store(true, Ordering::SeqCst);
-            signal(&self.wake);
-            let _ = t.join();
-        }
-    }
-}
-
-fn signal(fd: &OwnedFd) {
-    let one = 1u64.to_ne_bytes();
-    // SAFETY: writes 8 bytes from a live buffer to our eventfd.
-    unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
-}
-
-fn page_size() -> usize {
-    // SAFETY: sysconf takes a constant only.
-    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    usize::try_from(n).unwrap_or(4096)
-}
-
-/// Opens `/dev/ublkcN`, waiting a moment for devtmpfs/udev to create it.
-fn open_char_device(dev_id: u32) -> std::io::Result<File> {
-    let path = format!("/dev/ublkc{dev_id}");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        match std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-        {
-            Ok(f) => return Ok(f),
-            Err(e)
-                if std::time::Instant::now() < deadline
-                    && matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EBUSY)) =>
-            {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            Err(e) => return Err(std::io::Error::new(e.kind(), format!("{path}: {e}"))),
-        }
-    }
+    /// What the request asks (valid from delivery to commit).
+    op: Op,
+    /// Bytes of data it carries.
+    data: u32,
+    /// Budget bytes it holds.
+    budget: u64,
+    /// Driver copy: the tag's fixed buffer, while the tag is not lent out.
+    fixed: Option<AlignedBuf>,
 }
 
 /// The queue thread's state.
-struct QueueRing {
+struct QueueLoop {
     ring: IoUring,
-    char_dev: File,
-    descriptors: Mapping,
-    buffers: Arc<Buffers>,
-    wake: Arc<OwnedFd>,
-    wake_buf: Box<[u8; 8]>,
+    shared: Shared,
     spec: QueueSpec,
+    descriptors: Mapping,
+    core: Box<dyn QueueCore>,
+    waker: Arc<QueueWaker>,
+    dev: DeviceIo,
+    tags: Vec<Tag>,
+    /// Tags waiting for data budget, in delivery order.
+    waiting: std::collections::VecDeque<u16>,
+    buffers: Buffers,
+    /// Budget bytes the queue's requests hold.
+    held: u64,
+    wake_armed: bool,
+    end: QueueEnd,
 }
 
-impl QueueRing {
-    fn new(
-        char_dev: File,
-        descriptors: Mapping,
-        buffers: Arc<Buffers>,
-        wake: Arc<OwnedFd>,
-        spec: QueueSpec,
-    ) -> std::io::Result<Self> {
-        let entries = (u32::from(spec.depth) + 1).next_power_of_two();
+impl QueueLoop {
+    fn new(shared: Shared, spec: QueueSpec, waker: Arc<QueueWaker>) -> std::io::Result<Self> {
+        let page = page_size();
+        let descriptors = Mapping::descriptors(
+            &shared.char_dev,
+            sys::descriptors_offset(spec.queue, page),
+            sys::descriptors_len(spec.depth, page),
+        )?;
+        let entries = (2 * u32::from(spec.depth) + 8).next_power_of_two();
+        let ring = build_ring(entries)?;
+        shared.budget.register(&waker);
+        let core = (shared.frontend.queues)(&waker, Instant::now());
+        let dev = DeviceIo::new(shared.frontend.devices.clone(), shared.frontend.use_ring);
+        let tags = (0..spec.depth)
+            .map(|_| Tag {
+                state: TagState::Driver,
+                desc: IoDesc {
+                    op_flags: 0,
+                    nr_sectors: 0,
+                    start_sector: 0,
+                },
+                op: Op::Flush,
+                data: 0,
+                budget: 0,
+                fixed: (!spec.user_copy).then(|| AlignedBuf::page_aligned(spec.max_bytes as usize)),
+            })
+            .collect();
         Ok(Self {
-            ring: IoUring::builder().build(entries * 2)?,
-            char_dev,
-            descriptors,
-            buffers,
-            wake,
-            wake_buf: Box::new([0u8; 8]),
+            ring,
+            shared,
             spec,
+            descriptors,
+            core,
+            waker,
+            dev,
+            tags,
+            waiting: std::collections::VecDeque::new(),
+            buffers: Buffers::new(KEEP_BUFFERS),
+            held: 0,
+            wake_armed: false,
+            end: QueueEnd::default(),
         })
     }
 
-    fn push(&mut self, entry: io_uring::squeue::Entry) -> std::io::Result<()> {
-        loop {
-            // SAFETY: every buffer an entry refers to (tag buffers, the
-            // eventfd buffer) lives as long as the ring.
-            let pushed = unsafe { self.ring.submission().push(&entry).is_ok() };
-            if pushed {
-                return Ok(());
-            }
-            self.ring.submit()?;
-        }
-    }
-
-    fn io_command(&self, op: u32, tag: u16, result: i32) -> io_uring::squeue::Entry {
+    /// A fetch or commit-and-fetch of `tag`, with `result` for a commit.
+    fn command(&self, op: u32, tag: u16, result: i32) -> io_uring::squeue::Entry {
+        // Under user copy the driver wants no buffer address.
+        let addr = self.tags[usize::from(tag)]
+            .fixed
+            .as_ref()
+            .map_or(0, |b| b.as_ptr() as u64);
         let cmd = IoCmd {
-            queue: 0,
+            queue: self.spec.queue,
             tag,
             result,
-            addr: self.buffers.address(tag),
+            addr,
         };
-        opcode::UringCmd16::new(types::Fd(self.char_dev.as_raw_fd()), op)
+        opcode::UringCmd16::new(types::Fd(self.shared.char_dev.as_raw_fd()), op)
             .cmd(cmd.encode())
             .build()
-            .user_data(u64::from(tag))
-    }
-
-    fn arm_wake(&mut self) -> std::io::Result<()> {
-        let entry = opcode::Read::new(
-            types::Fd(self.wake.as_raw_fd()),
-            self.wake_buf.as_mut_ptr(),
-            8,
-        )
-        .build()
-        .user_data(WAKE);
-        self.push(entry)
+            .user_data(COMMAND | u64::from(tag))
     }
 
     fn descriptor(&self, tag: u16) -> IoDesc {
@@ -354,38 +397,14 @@ impl QueueRing {
 
     fn run(
         mut self,
-        backend: Arc<dyn Backend>,
-        leave: Arc<AtomicBool>,
-        ready: Sender<std::io::Result<()>>,
+        leave: &AtomicBool,
+        ready: SyncSender<std::io::Result<()>>,
     ) -> std::io::Result<QueueEnd> {
-        let (job_tx, job_rx) = channel::<Job>();
-        let (done_tx, done_rx) = channel::<(u16, i32)>();
-        let job_rx = Arc::new(Mutex::new(job_rx));
-        let mut workers = Vec::new();
-        for i in 0..self.spec.workers.max(1) {
-            let (jobs, done) = (job_rx.clone(), done_tx.clone());
-            let (backend, buffers, wake) =
-                (backend.clone(), self.buffers.clone(), self.wake.clone());
-            let (disk, size) = (self.spec.disk, self.spec.size);
-            let spawned = std::thread::Builder::new()
-                .name(format!("ublk{}-w{i}", self.spec.dev_id))
-                .spawn(move || worker(&*backend, disk, size, &buffers, &jobs, &done, &wake));
-            match spawned {
-                Ok(t) => workers.push(t),
-                Err(e) => {
-                    let _ = ready.send(Err(std::io::Error::new(e.kind(), e.to_string())));
-                    return Err(e);
-                }
-            }
-        }
-        drop(done_tx);
-
         let setup = (|| {
             for tag in 0..self.spec.depth {
-                let fetch = self.io_command(sys::io::FETCH_REQ, tag, 0);
-                self.push(fetch)?;
+                let fetch = self.command(sys::io::FETCH_REQ, tag, 0);
+                push(&mut self.ring, &fetch);
             }
-            self.arm_wake()?;
             self.ring.submit()?;
             // A fetch the driver refused completes at once with an error.
             if let Some(cqe) = self.ring.completion().find(|c| c.result() < 0) {
@@ -393,131 +412,324 @@ impl QueueRing {
             }
             Ok(())
         })();
-        let setup_failed = setup.is_err();
+        let failed = setup.as_ref().err().map(|e| e.raw_os_error());
         let _ = ready.send(setup);
-        let result = if setup_failed {
-            Err(std::io::Error::other(
-                "fetching the ublk queue's tags failed",
-            ))
-        } else {
-            self.serve(&job_tx, &done_rx, &leave)
-        };
-        drop(job_tx);
-        for w in workers {
-            let _ = w.join();
+        if let Some(code) = failed {
+            return Err(code.map_or_else(
+                || std::io::Error::other("fetching the ublk queue's tags failed"),
+                std::io::Error::from_raw_os_error,
+            ));
         }
-        result
+        self.serve(leave)
     }
 
-    fn serve(
-        &mut self,
-        jobs: &Sender<Job>,
-        done: &Receiver<(u16, i32)>,
-        leave: &AtomicBool,
-    ) -> std::io::Result<QueueEnd> {
-        let depth = usize::from(self.spec.depth);
-        let mut end = QueueEnd::default();
-        let mut in_workers = 0usize;
-        let mut aborted = 0usize;
-        // Delivered while leaving: not performed, left for the next server.
-        let mut held = 0usize;
+    fn serve(&mut self, leave: &AtomicBool) -> std::io::Result<QueueEnd> {
         loop {
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(e) => return Err(e),
-            }
             let leaving = leave.load(Ordering::SeqCst);
-            let cqes: Vec<(u64, i32)> = self
-                .ring
-                .completion()
-                .map(|c| (c.user_data(), c.result()))
-                .collect();
-            for (data, res) in cqes {
-                if data == WAKE {
-                    self.arm_wake()?;
-                    continue;
-                }
-                let tag = data as u16;
-                if res == sys::IO_RES_OK {
-                    if leaving {
-                        held += 1;
-                        continue;
-                    }
-                    let desc = self.descriptor(tag);
-                    in_workers += 1;
-                    if jobs.send(Job { tag, desc }).is_err() {
-                        return Err(std::io::Error::other("ublk workers are gone"));
-                    }
-                } else {
-                    // UBLK_IO_RES_ABORT: the device is going away; any
-                    // other error means the same for this tag.
-                    if res != sys::IO_RES_ABORT {
-                        tracing::warn!(tag, error = %std::io::Error::from_raw_os_error(-res), "ublk fetch failed");
-                    }
-                    aborted += 1;
+            if leaving {
+                // Not started yet: left for the next server.
+                for tag in std::mem::take(&mut self.waiting) {
+                    self.tags[usize::from(tag)].state = TagState::Left;
+                    self.end.left += 1;
                 }
             }
-            while let Ok((tag, result)) = done.try_recv() {
-                in_workers -= 1;
-                end.completed += 1;
-                let commit = self.io_command(sys::io::COMMIT_AND_FETCH_REQ, tag, result);
-                self.push(commit)?;
-            }
-            if in_workers == 0 && leaving {
+            self.pump();
+            let quiet = self.core.in_flight() == 0 && self.dev.in_flight() == 0;
+            if quiet && leaving {
                 // The last commits reach the driver before the ring closes.
                 self.ring.submit()?;
-                end.left = held as u64;
-                return Ok(end);
+                return Ok(self.end);
             }
-            if in_workers == 0 && aborted >= depth {
-                return Ok(end);
+            if quiet && self.tags.iter().all(|t| t.state == TagState::Aborted) {
+                return Ok(self.end);
+            }
+            if !self.wake_armed {
+                arm_waker(&mut self.ring, &self.waker, WAKE);
+                self.wake_armed = true;
+            }
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {}
+                Err(e) => return Err(e),
+            }
+            self.reap(leave.load(Ordering::SeqCst));
+        }
+    }
+
+    /// Handles every completion the ring holds.
+    fn reap(&mut self, leaving: bool) {
+        let now = Instant::now();
+        for (data, result) in drain_completions(&mut self.ring) {
+            match data & TAG_MASK {
+                DEVICE_TAG => {
+                    self.dev
+                        .complete_into(&mut self.ring, data, result, &mut *self.core, now);
+                }
+                COMMAND => self.delivered((data & 0xffff) as u16, result, leaving, now),
+                WAKE => {
+                    self.wake_armed = false;
+                    self.waker.reset();
+                    self.core.handle_wake(now);
+                    self.admit_waiting(now);
+                }
+                _ => tracing::error!(data, "a ublk queue completion for nothing"),
             }
         }
+    }
+
+    /// A fetch of `tag` completed: a request, or the tag's end.
+    fn delivered(&mut self, tag: u16, result: i32, leaving: bool, now: Instant) {
+        let Some(slot) = self.tags.get_mut(usize::from(tag)) else {
+            tracing::error!(tag, "the driver completed a tag the queue does not have");
+            return;
+        };
+        if result != sys::IO_RES_OK {
+            // UBLK_IO_RES_ABORT: the device is going away; any other error
+            // means the same for this tag.
+            if result != sys::IO_RES_ABORT {
+                tracing::warn!(tag, error = %std::io::Error::from_raw_os_error(-result), "ublk fetch failed");
+            }
+            slot.state = TagState::Aborted;
+            return;
+        }
+        if leaving {
+            slot.state = TagState::Left;
+            self.end.left += 1;
+            return;
+        }
+        let desc = self.descriptor(tag);
+        match request_of(&desc, self.spec.size, self.spec.max_bytes) {
+            Err(errno) => {
+                log_failure(tag, &desc, errno);
+                self.commit(tag, for_the_driver(errno));
+            }
+            Ok((op, data)) => {
+                let slot = &mut self.tags[usize::from(tag)];
+                (slot.desc, slot.op, slot.data) = (desc, op, data);
+                if self.spec.user_copy && data > 0 {
+                    slot.state = TagState::Budget;
+                    self.waiting.push_back(tag);
+                    self.admit_waiting(now);
+                } else {
+                    self.begin(tag, now);
+                }
+            }
+        }
+    }
+
+    /// Starts the requests waiting for budget, in order, while it lasts.
+    fn admit_waiting(&mut self, now: Instant) {
+        while let Some(&tag) = self.waiting.front() {
+            let bytes = u64::from(self.tags[usize::from(tag)].data);
+            if !self.take_budget(bytes) {
+                return;
+            }
+            self.waiting.pop_front();
+            self.tags[usize::from(tag)].budget = bytes;
+            self.held += bytes;
+            self.begin(tag, now);
+        }
+    }
+
+    /// Takes `bytes` of the data budget, as an NBD connection does: a
+    /// queue holding none may go past a spent budget by one request of up
+    /// to [`FLOOR_BYTES`], from the reserve; otherwise it waits (parked on
+    /// the budget's waiters).
+    fn take_budget(&mut self, bytes: u64) -> bool {
+        let budget = &self.shared.budget;
+        if budget.try_take(bytes) {
+            return true;
+        }
+        if self.held == 0 && bytes <= FLOOR_BYTES && budget.try_take_reserve(bytes) {
+            return true;
+        }
+        budget.park(&self.waker);
+        budget.try_take(bytes)
+    }
+
+    /// Hands a delivered request to the queue core, with its data.
+    fn begin(&mut self, tag: u16, now: Instant) {
+        let slot = &mut self.tags[usize::from(tag)];
+        let (op, len) = (slot.op, slot.data as usize);
+        let buf = match op {
+            Op::Read { .. } | Op::Write { .. } => {
+                let buf = match slot.fixed.take() {
+                    Some(mut fixed) => {
+                        // Within capacity: `request_of` bounds it by max_bytes.
+                        fixed.set_len(len);
+                        fixed
+                    }
+                    None => self.buffers.take(len),
+                };
+                Some(buf)
+            }
+            _ => None,
+        };
+        let mut buf = buf;
+        if let (Op::Write { .. }, true, Some(data)) = (op, self.spec.user_copy, buf.as_mut()) {
+            let at = sys::user_copy_offset(self.spec.queue, tag);
+            if let Err(error) = self.shared.char_dev.read_exact_at(data, at) {
+                tracing::warn!(tag, %error, "reading a write's data from the ublk device failed");
+                self.finish(tag, Err(Errno::Io), buf);
+                return;
+            }
+        }
+        self.tags[usize::from(tag)].state = TagState::Core;
+        self.core.handle_request(
+            Request {
+                id: u64::from(tag),
+                disk: self.spec.disk,
+                op,
+                buf,
+            },
+            now,
+        );
+    }
+
+    /// Moves device I/O and replies between the core and the ring until
+    /// the core has nothing more to give.
+    fn pump(&mut self) {
+        let now = Instant::now();
+        loop {
+            let mut moved = self.dev.start_all(&mut self.ring, &mut *self.core, now);
+            while let Some(reply) = self.core.poll_reply() {
+                moved = true;
+                let tag = reply.id as u16;
+                if usize::from(tag) >= self.tags.len() || reply.id > u64::from(u16::MAX) {
+                    tracing::error!(id = reply.id, "a ublk reply for no tag");
+                    continue;
+                }
+                self.finish(tag, reply.result, reply.buf);
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    /// Completes a request: its data back to the driver (user copy reads),
+    /// its buffer and budget back, its result committed.
+    fn finish(&mut self, tag: u16, result: Result<(), Errno>, buf: Option<AlignedBuf>) {
+        let slot = &self.tags[usize::from(tag)];
+        let (op, desc) = (slot.op, slot.desc);
+        let mut outcome = driver_result(&op, slot.data, result);
+        if let (Op::Read { .. }, true, Some(data)) = (op, self.spec.user_copy, buf.as_ref()) {
+            if outcome > 0 {
+                let at = sys::user_copy_offset(self.spec.queue, tag);
+                if let Err(error) = self.shared.char_dev.write_all_at(data, at) {
+                    tracing::warn!(tag, %error, "handing a read's data to the ublk device failed");
+                    outcome = -libc::EIO;
+                }
+            }
+        }
+        if outcome < 0 {
+            log_failure(tag, &desc, outcome);
+        }
+        let slot = &mut self.tags[usize::from(tag)];
+        let bytes = std::mem::take(&mut slot.budget);
+        if self.spec.user_copy {
+            if let Some(buf) = buf {
+                self.buffers.give(buf);
+            }
+        } else {
+            // The tag's fixed buffer comes back whole (a core that lost it
+            // costs one allocation, never a tag without a buffer).
+            let mut fixed =
+                buf.unwrap_or_else(|| AlignedBuf::page_aligned(self.spec.max_bytes as usize));
+            fixed.set_len(fixed.capacity());
+            slot.fixed = Some(fixed);
+        }
+        self.held -= bytes;
+        self.shared.budget.give(bytes);
+        self.end.completed += 1;
+        self.commit(tag, for_the_driver(outcome));
+    }
+
+    fn commit(&mut self, tag: u16, result: i32) {
+        self.tags[usize::from(tag)].state = TagState::Driver;
+        let entry = self.command(sys::io::COMMIT_AND_FETCH_REQ, tag, result);
+        push(&mut self.ring, &entry);
     }
 }
 
-/// A worker: performs jobs until the queue closes.
-fn worker(
-    backend: &dyn Backend,
-    disk: u32,
-    size: u64,
-    buffers: &Buffers,
-    jobs: &Mutex<Receiver<Job>>,
-    done: &Sender<(u16, i32)>,
-    wake: &OwnedFd,
-) {
-    loop {
-        let job = match jobs.lock() {
-            Ok(rx) => rx.recv(),
-            Err(_) => return,
-        };
-        let Ok(job) = job else { return };
-        // SAFETY: the queue thread handed us this tag; we own it until we
-        // report (module doc).
-        let buf = unsafe { buffers.tag(job.tag) };
-        let result = catch_unwind(AssertUnwindSafe(|| {
-            perform(backend, disk, size, &job.desc, buf)
-        }))
-        .unwrap_or_else(|_| {
-            tracing::error!(tag = job.tag, "the backend panicked on a ublk request");
-            -libc::EIO
-        });
-        if result < 0 {
-            tracing::warn!(
-                tag = job.tag,
-                op = job.desc.op(),
-                flags = job.desc.op_flags >> 8,
-                sector = job.desc.start_sector,
-                sectors = job.desc.nr_sectors,
-                error = %std::io::Error::from_raw_os_error(-result),
-                "ublk request failed"
-            );
+impl Drop for QueueLoop {
+    fn drop(&mut self) {
+        // Device I/O the kernel still works on points into buffers this
+        // loop owns: wait it out before they go (ring.rs, buffer lifetime).
+        while self.dev.in_flight() > 0 {
+            if self.ring.submit_and_wait(1).is_err() {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            for (data, result) in drain_completions(&mut self.ring) {
+                if data & TAG_MASK == DEVICE_TAG {
+                    let _ = self
+                        .dev
+                        .complete(&mut self.ring, (data & !TAG_MASK) as usize, result);
+                }
+            }
         }
-        if done.send((job.tag, for_the_driver(result))).is_err() {
-            return;
-        }
-        signal(wake);
+        // Budget still held (a request abandoned with the ring) goes back.
+        self.shared.budget.give(self.held);
+    }
+}
+
+fn log_failure(tag: u16, desc: &IoDesc, errno: i32) {
+    tracing::warn!(
+        tag,
+        op = desc.op(),
+        flags = desc.op_flags >> 8,
+        sector = desc.start_sector,
+        sectors = desc.nr_sectors,
+        error = %std::io::Error::from_raw_os_error(-errno),
+        "ublk request failed"
+    );
+}
+
+/// What a delivered request asks, checked against the disk (`size` bytes)
+/// and the largest request: the queue core's operation and the bytes of
+/// data it carries (reads and writes), or the negative errno the driver
+/// is told.
+fn request_of(desc: &IoDesc, size: u64, max_bytes: u32) -> Result<(Op, u32), i32> {
+    if desc.op() == op::FLUSH {
+        // A flush has no range (its sector reads as all ones).
+        return Ok((Op::Flush, 0));
+    }
+    let offset = desc.start_sector.saturating_mul(512);
+    let len = u64::from(desc.nr_sectors) << 9;
+    if offset.checked_add(len).is_none_or(|end| end > size) {
+        return Err(-libc::EINVAL);
+    }
+    let fua = desc.has(io_flags::FUA);
+    let data = || {
+        u32::try_from(len)
+            .ok()
+            .filter(|&n| n <= max_bytes)
+            .ok_or(-libc::EINVAL)
+    };
+    match desc.op() {
+        op::READ => data().map(|n| (Op::Read { offset, len: n }, n)),
+        op::WRITE => data().map(|n| (Op::Write { offset, fua }, n)),
+        op::DISCARD => Ok((Op::Trim { offset, len, fua }, 0)),
+        op::WRITE_ZEROES => Ok((
+            Op::WriteZeroes {
+                offset,
+                len,
+                no_hole: desc.has(io_flags::NOUNMAP),
+                fua,
+            },
+            0,
+        )),
+        _ => Err(-libc::EOPNOTSUPP),
+    }
+}
+
+/// The driver's result of a finished request: its bytes for reads and
+/// writes, 0 for the rest, or a negative errno.
+fn driver_result(op: &Op, data: u32, result: Result<(), Errno>) -> i32 {
+    match (result, op) {
+        (Err(errno), _) => -(errno.code() as i32),
+        (Ok(()), Op::Read { .. } | Op::Write { .. }) => data as i32,
+        (Ok(()), _) => 0,
     }
 }
 
@@ -532,48 +744,14 @@ fn for_the_driver(result: i32) -> i32 {
     }
 }
 
-/// Performs one request; the driver's result: bytes for reads and writes,
-/// 0 for the rest, or a negative errno.
-fn perform(backend: &dyn Backend, disk: u32, size: u64, desc: &IoDesc, buf: &mut [u8]) -> i32 {
-    if desc.op() == op::FLUSH {
-        // A flush has no range (its sector reads as all ones).
-        return backend
-            .flush(disk)
-            .map_or_else(|e| -(e.code() as i32), |()| 0);
-    }
-    let offset = desc.start_sector.saturating_mul(512);
-    let len = u64::from(desc.nr_sectors) << 9;
-    if offset.checked_add(len).is_none_or(|end| end > size) {
-        return -libc::EINVAL;
-    }
-    let fua = desc.has(io_flags::FUA);
-    let errno = |e: Errno| -(e.code() as i32);
-    let data_len = match usize::try_from(len) {
-        Ok(n) if n <= buf.len() => n,
-        _ if matches!(desc.op(), op::READ | op::WRITE) => return -libc::EINVAL,
-        _ => 0,
-    };
-    let outcome = match desc.op() {
-        op::READ => backend
-            .read(disk, offset, &mut buf[..data_len])
-            .map(|()| data_len as i32),
-        op::WRITE => backend
-            .write(disk, offset, &buf[..data_len], fua)
-            .map(|()| data_len as i32),
-        op::DISCARD => backend.trim(disk, offset, len, fua).map(|()| 0),
-        op::WRITE_ZEROES => backend
-            .write_zeroes(disk, offset, len, desc.has(io_flags::NOUNMAP), fua)
-            .map(|()| 0),
-        _ => return -libc::EOPNOTSUPP,
-    };
-    outcome.unwrap_or_else(errno)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::Backend;
     use crate::nbd::export::ExportInfo;
     use crate::nbd::transmission::Extent;
+    use crate::queue::BlockingPool;
+    use std::sync::Mutex;
 
     /// Records what it was asked, fails reads past 1 MiB.
     #[derive(Default)]
@@ -644,43 +822,57 @@ mod tests {
         }
     }
 
+    const SIZE: u64 = 4 << 20;
+    const MAX: u32 = 64 << 10;
+
+    /// What the queue does with one delivered request, minus the ring: map
+    /// it, run it through a queue core over `backend`, and return what the
+    /// driver is told and the request's buffer.
+    fn serve(backend: &Arc<Recorder>, d: IoDesc) -> (i32, Option<AlignedBuf>) {
+        let (op, data) = match request_of(&d, SIZE, MAX) {
+            Ok(mapped) => mapped,
+            Err(errno) => return (for_the_driver(errno), None),
+        };
+        let backend: Arc<dyn Backend> = backend.clone();
+        let pool = BlockingPool::start(backend, 1).unwrap();
+        let waker = QueueWaker::new().unwrap();
+        let mut core = pool.queue(&waker);
+        let buf = matches!(op, Op::Read { .. } | Op::Write { .. })
+            .then(|| AlignedBuf::page_aligned(data as usize));
+        core.handle_request(
+            Request {
+                id: 7,
+                disk: 0,
+                op,
+                buf,
+            },
+            Instant::now(),
+        );
+        loop {
+            core.handle_wake(Instant::now());
+            if let Some(reply) = core.poll_reply() {
+                assert_eq!(reply.id, 7);
+                let result = driver_result(&op, data, reply.result);
+                return (for_the_driver(result), reply.buf);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
     #[test]
     fn requests_map_onto_the_backend_with_the_driver_s_results() {
-        let b = Recorder::default();
-        let size = 4 << 20;
-        let mut buf = vec![0u8; 64 << 10];
-        assert_eq!(
-            perform(&b, 0, size, &desc(op::READ, 0, 8, 8), &mut buf),
-            4096
-        );
-        assert!(buf[..4096].iter().all(|&x| x == 0xab));
-        assert_eq!(
-            perform(
-                &b,
-                0,
-                size,
-                &desc(op::WRITE, io_flags::FUA, 16, 16),
-                &mut buf
-            ),
-            8192
-        );
+        let b = Arc::new(Recorder::default());
+        let (result, buf) = serve(&b, desc(op::READ, 0, 8, 8));
+        assert_eq!(result, 4096);
+        let buf = buf.expect("a read's buffer comes back");
+        assert_eq!(buf.len(), 4096);
+        assert!(buf.iter().all(|&x| x == 0xab));
+        assert_eq!(serve(&b, desc(op::WRITE, io_flags::FUA, 16, 16)).0, 8192);
         // The block layer's flush has no range: its sector is all ones.
+        assert_eq!(serve(&b, desc(op::FLUSH, 0, u64::MAX, 0)).0, 0);
+        assert_eq!(serve(&b, desc(op::DISCARD, 0, 0, 2048)).0, 0);
         assert_eq!(
-            perform(&b, 0, size, &desc(op::FLUSH, 0, u64::MAX, 0), &mut buf),
-            0
-        );
-        assert_eq!(
-            perform(&b, 0, size, &desc(op::DISCARD, 0, 0, 2048), &mut buf),
-            0
-        );
-        assert_eq!(
-            perform(
-                &b,
-                0,
-                size,
-                &desc(op::WRITE_ZEROES, io_flags::NOUNMAP, 0, 4096),
-                &mut buf
-            ),
+            serve(&b, desc(op::WRITE_ZEROES, io_flags::NOUNMAP, 0, 4096)).0,
             0
         );
         assert_eq!(
@@ -697,44 +889,37 @@ mod tests {
 
     #[test]
     fn bad_requests_get_errors_and_never_reach_the_backend() {
-        let b = Recorder::default();
-        let size = 4 << 20;
-        let mut buf = vec![0u8; 64 << 10];
+        let b = Arc::new(Recorder::default());
         // Past the end of the disk.
+        assert_eq!(serve(&b, desc(op::WRITE, 0, SIZE / 512, 8)).0, -libc::EIO);
         assert_eq!(
-            perform(
-                &b,
-                0,
-                size,
-                &desc(op::WRITE, 0, (4 << 20) / 512, 8),
-                &mut buf
-            ),
-            -libc::EINVAL
+            request_of(&desc(op::WRITE, 0, SIZE / 512, 8), SIZE, MAX).err(),
+            Some(-libc::EINVAL)
         );
-        // Longer than the tag's buffer.
+        // A sector number whose byte offset overflows.
         assert_eq!(
-            perform(&b, 0, size, &desc(op::READ, 0, 0, 256), &mut buf),
-            -libc::EINVAL
+            request_of(&desc(op::DISCARD, 0, u64::MAX / 256, 8), SIZE, MAX).err(),
+            Some(-libc::EINVAL)
+        );
+        // Longer than the largest request.
+        assert_eq!(
+            request_of(&desc(op::READ, 0, 0, MAX / 512 + 8), SIZE, MAX).err(),
+            Some(-libc::EINVAL)
         );
         // An operation the tracker does not serve (zone append).
-        assert_eq!(
-            perform(&b, 0, size, &desc(13, 0, 0, 8), &mut buf),
-            -libc::EOPNOTSUPP
-        );
+        assert_eq!(serve(&b, desc(13, 0, 0, 8)).0, -libc::EOPNOTSUPP);
         assert!(b.calls.lock().unwrap().is_empty());
         assert_eq!(for_the_driver(-libc::EINVAL), -libc::EIO);
         assert_eq!(for_the_driver(-libc::ENOSPC), -libc::ENOSPC);
         assert_eq!(for_the_driver(4096), 4096);
         // A backend error reaches the driver as its errno.
         assert_eq!(
-            perform(
-                &b,
-                0,
-                size,
-                &desc(op::READ, 0, (1 << 20) / 512, 8),
-                &mut buf
-            ),
+            serve(&b, desc(op::READ, 0, (1 << 20) / 512, 8)).0,
             -libc::EIO
+        );
+        assert_eq!(
+            driver_result(&Op::Flush, 0, Err(Errno::NoSpc)),
+            -libc::ENOSPC
         );
     }
 }

@@ -29,6 +29,9 @@ pub const PARAMS_LEN: usize = 112;
 pub mod cmd {
     use super::{ioc, CTRL_CMD_LEN, IOC_READ, IOC_READ_WRITE};
     const N: u32 = CTRL_CMD_LEN as u32;
+    /// The CPUs whose requests a queue receives (`data[0]`: the queue; the
+    /// answer: a CPU bitmap).
+    pub const GET_QUEUE_AFFINITY: u32 = ioc(IOC_READ, 0x01, N);
     /// Device information of one device.
     pub const GET_DEV_INFO: u32 = ioc(IOC_READ, 0x02, N);
     /// Creates a device (its char device `/dev/ublkcN`).
@@ -76,6 +79,10 @@ pub mod flags {
     pub const USER_RECOVERY_REISSUE: u64 = 1 << 4;
     /// Commands are ioctl-encoded.
     pub const CMD_IOCTL_ENCODE: u64 = 1 << 6;
+    /// The server copies request data itself, with `pread`/`pwrite` on
+    /// `/dev/ublkcN` at [`user_copy_offset`](super::user_copy_offset),
+    /// instead of the driver copying into per-tag buffers.
+    pub const USER_COPY: u64 = 1 << 7;
 }
 
 /// Device states (`UBLK_S_DEV_*`).
@@ -140,6 +147,26 @@ pub fn descriptors_offset(queue: u16, page_size: usize) -> i64 {
 pub fn descriptors_len(depth: u16, page_size: usize) -> usize {
     round_up(usize::from(depth) * IO_DESC_LEN, page_size)
 }
+
+/// Where a tag's request data sits in `/dev/ublkcN` for `pread`/`pwrite`
+/// under [`flags::USER_COPY`] (`ublk_pos` of the uapi header):
+///
+/// ```text
+///  bit 63      53 52     41 40      25 24        0
+///  ┌───────────┬──────────┬──────────┬───────────┐
+///  │ 0         │ queue    │ tag      │ byte in   │   + 0x8000_0000
+///  │           │ 12 bits  │ 16 bits  │ request   │     (UBLKSRV_IO_BUF_OFFSET)
+///  └───────────┴──────────┴──────────┴───────────┘
+/// ```
+pub fn user_copy_offset(queue: u16, tag: u16) -> u64 {
+    const IO_BUF_OFFSET: u64 = 0x8000_0000;
+    const TAG_SHIFT: u32 = 25;
+    const QUEUE_SHIFT: u32 = TAG_SHIFT + 16;
+    IO_BUF_OFFSET + (u64::from(queue) << QUEUE_SHIFT) + (u64::from(tag) << TAG_SHIFT)
+}
+
+/// Most queues of a device (`UBLK_MAX_NR_QUEUES`).
+pub const MAX_QUEUES: u16 = 4096;
 
 fn round_up(n: usize, to: usize) -> usize {
     n.div_ceil(to) * to
@@ -366,6 +393,19 @@ mod tests {
         assert_eq!(cmd::ADD_DEV, 0xc020_7504);
         assert_eq!(cmd::GET_DEV_INFO, 0x8020_7502);
         assert_eq!(cmd::GET_FEATURES, 0x8020_7513);
+        assert_eq!(cmd::GET_QUEUE_AFFINITY, 0x8020_7501);
+    }
+
+    #[test]
+    fn user_copy_offsets_name_the_queue_and_the_tag() {
+        // ublk_pos(q, tag, 0) of the uapi header.
+        assert_eq!(user_copy_offset(0, 0), 0x8000_0000);
+        assert_eq!(user_copy_offset(0, 1), 0x8000_0000 + (1 << 25));
+        assert_eq!(user_copy_offset(1, 0), 0x8000_0000 + (1 << 41));
+        assert_eq!(
+            user_copy_offset(3, 4095),
+            0x8000_0000 + (3 << 41) + (4095 << 25)
+        );
     }
 
     #[test]
