@@ -121,7 +121,7 @@ fn request_of(client: &mut RawClient, cookie: u64, req: &Req) {
             let flags = if *fua {
                 CommandFlags::FUA
             } else {
-                CommandFlags::EMPTY
+                CommandFlags::empty()
             };
             client.request(
                 CommandType::Write.code(),
@@ -134,7 +134,7 @@ fn request_of(client: &mut RawClient, cookie: u64, req: &Req) {
         }
         Req::Trim { offset, len } => client.request(
             CommandType::Trim.code(),
-            CommandFlags::EMPTY,
+            CommandFlags::empty(),
             cookie,
             *offset,
             *len,
@@ -148,7 +148,7 @@ fn request_of(client: &mut RawClient, cookie: u64, req: &Req) {
             let flags = if *no_hole {
                 CommandFlags::NO_HOLE
             } else {
-                CommandFlags::EMPTY
+                CommandFlags::empty()
             };
             client.request(
                 CommandType::WriteZeroes.code(),
@@ -161,7 +161,7 @@ fn request_of(client: &mut RawClient, cookie: u64, req: &Req) {
         }
         Req::Flush => client.request(
             CommandType::Flush.code(),
-            CommandFlags::EMPTY,
+            CommandFlags::empty(),
             cookie,
             0,
             0,

@@ -173,7 +173,7 @@ impl Backend for MemoryBackend {
         self.range(disk, offset, u64::from(length))?;
         Ok(vec![Extent {
             length,
-            status: ExtentStatus::EMPTY,
+            status: ExtentStatus::empty(),
         }])
     }
 }
@@ -393,7 +393,7 @@ impl RawClient {
     pub fn write(&mut self, cookie: u64, offset: u64, data: &[u8]) {
         self.request(
             CommandType::Write.code(),
-            CommandFlags::EMPTY,
+            CommandFlags::empty(),
             cookie,
             offset,
             data.len() as u32,
@@ -404,7 +404,7 @@ impl RawClient {
     pub fn read(&mut self, cookie: u64, offset: u64, length: u32) {
         self.request(
             CommandType::Read.code(),
-            CommandFlags::EMPTY,
+            CommandFlags::empty(),
             cookie,
             offset,
             length,
@@ -492,7 +492,14 @@ impl Bystander {
                 assert_eq!(client.read_bytes(4096), data, "bystander data");
                 rounds += 1;
             }
-            client.request(CommandType::Disc.code(), CommandFlags::EMPTY, 0, 0, 0, &[]);
+            client.request(
+                CommandType::Disc.code(),
+                CommandFlags::empty(),
+                0,
+                0,
+                0,
+                &[],
+            );
             assert!(client.closed_by_server(), "bystander disconnect");
             rounds
         });
