@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
 use tidemark_tracker::backend::Backend;
 use tidemark_tracker::nbd::constants::{
     CommandFlags, CommandType, Errno, ExtentStatus, OptionCode, TransmissionFlags,
@@ -223,31 +225,9 @@ impl TestServer {
 
 /// A deterministic pseudo-random byte pattern.
 pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut rng = XorShift(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        out.extend_from_slice(&rng.next().to_le_bytes());
-    }
-    out.truncate(len);
+    let mut out = vec![0; len];
+    StdRng::seed_from_u64(seed).fill_bytes(&mut out);
     out
-}
-
-/// A tiny deterministic generator (xorshift); the seed must not be 0.
-pub struct XorShift(pub u64);
-
-impl XorShift {
-    /// The next number.
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    /// A number below `n`.
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 /// A reply as a raw client sees it.
