@@ -33,6 +33,9 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
+
+use rand::rngs::SmallRng;
+use rand::{RngCore, SeedableRng};
 use tidemark_changelog::record::HEADER_LEN;
 use tidemark_changelog::{now_ns, ChangeLog, Entry, FsDir, LogOptions, RecoveryPolicy};
 
@@ -154,18 +157,11 @@ fn default_dir() -> PathBuf {
     }
 }
 
-/// Incompressible payload, generated once (xorshift64*), so that nothing
+/// Incompressible payload, generated once (seeded), so that nothing
 /// between the log and the disk can cheat on all-zero pages.
 fn random_bytes(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
-    out.truncate(len);
+    let mut out = vec![0; len];
+    SmallRng::seed_from_u64(1).fill_bytes(&mut out);
     out
 }
 

@@ -5,6 +5,8 @@
 //!
 //! Usage: `record_workload LOG_DIR SOURCE_IMAGE [SIZE_MIB]`
 
+use rand::rngs::SmallRng;
+use rand::{RngCore, SeedableRng};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use tidemark_changelog::{now_ns, ChangeLog, Entry, FsDir, LogOptions, RecoveryPolicy};
@@ -25,13 +27,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     let image = File::create(&args[2])?;
     image.set_len(size)?;
-    let mut x = 0x5eed_u64;
-    let mut rand = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let mut rng = SmallRng::seed_from_u64(0x5eed);
+    let mut rand = move || rng.next_u64();
     let (mut writes, mut barriers, mut bytes) = (0u64, 0u64, 0u64);
     for i in 0..4000u64 {
         let block = 4096 * (1 + rand() % 16);

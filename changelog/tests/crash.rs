@@ -20,6 +20,8 @@
 //! and after a clean stop a bit flipped at every byte of the newest
 //! segment, a zeroed page, a file cut at every record boundary.
 
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
 use std::collections::BTreeMap;
 use tidemark_changelog::segment::SEGMENT_HEADER_LEN;
 use tidemark_changelog::storage::SimFileState;
@@ -80,13 +82,8 @@ impl Owned {
 }
 
 fn workload(seed: u64, ops: usize) -> Vec<Op> {
-    let mut x = seed;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut next = move || rng.next_u64();
     (0..ops)
         .map(|i| match next() % 16 {
             0..=8 => {

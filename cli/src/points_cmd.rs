@@ -163,16 +163,6 @@ pub(crate) fn kind(p: &RecoveryPoint) -> &'static str {
     }
 }
 
-fn age(now_ns: u64, ts: u64) -> String {
-    let s = now_ns.saturating_sub(ts) / 1_000_000_000;
-    match s {
-        0..=119 => format!("{s}s"),
-        120..=7199 => format!("{}m", s / 60),
-        7200..=172_799 => format!("{}h", s / 3600),
-        _ => format!("{}d", s / 86_400),
-    }
-}
-
 pub(crate) fn points(a: PointsArgs) -> Result<ExitCode> {
     a.replica.dir()?;
     let group = a.replica.open_read_only()?;
@@ -219,7 +209,7 @@ pub(crate) fn points(a: PointsArgs) -> Result<ExitCode> {
             "{:>12}  {:<24}  {:>6}  {:<16}  {}",
             p.seq,
             timefmt::utc(p.timestamp_ns),
-            age(now, p.timestamp_ns),
+            timefmt::age(now.saturating_sub(p.timestamp_ns) / 1_000_000_000),
             kind(p),
             p.label
         );

@@ -511,23 +511,12 @@ fn fmt_rate(bytes_per_sec: u64) -> String {
     format!("{}/s", fmt_bytes(bytes_per_sec))
 }
 
-/// An age in the coarsest unit that still reads well: `45s`, `12m`, `5h`,
-/// `3d` (as `tidemark points` shows ages).
-fn fmt_age(secs: u64) -> String {
-    match secs {
-        0..=119 => format!("{secs}s"),
-        120..=7199 => format!("{}m", secs / 60),
-        7200..=172_799 => format!("{}h", secs / 3600),
-        _ => format!("{}d", secs / 86_400),
-    }
-}
-
 /// A replication lag: tenths of a second while it is small.
 fn fmt_lag(secs: f64) -> String {
     if secs < 10.0 {
         format!("{secs:.1}s")
     } else {
-        fmt_age(secs as u64)
+        timefmt::age(secs as u64)
     }
 }
 
@@ -618,7 +607,7 @@ fn shipper_summary(s: &ShipperStatus, now_ns: u64) -> String {
         state_name(s.state),
         s.durable_seq,
         s.log_seq,
-        fmt_age(written)
+        timefmt::age(written)
     )
 }
 
@@ -668,7 +657,7 @@ fn screen(snap: &Snapshot, rows: &[DiskRow]) -> String {
 fn point_age(p: Point, now_ns: u64) -> String {
     format!(
         "{} ago",
-        fmt_age(now_ns.saturating_sub(p.timestamp_ns) / 1_000_000_000)
+        timefmt::age(now_ns.saturating_sub(p.timestamp_ns) / 1_000_000_000)
     )
 }
 
@@ -1209,17 +1198,12 @@ mod tests {
     }
 
     #[test]
-    fn sizes_rates_ages_and_times_read_well() {
+    fn sizes_rates_lags_and_times_read_well() {
         assert_eq!(fmt_bytes(512), "512 B");
         assert_eq!(fmt_bytes(3 << 20 | 200 << 10), "3.2 MiB");
         assert_eq!(fmt_bytes(8 << 30), "8.0 GiB");
         assert_eq!(fmt_rate(120 << 20), "120 MiB/s");
         assert_eq!(fmt_rate(0), "0 B/s");
-        assert_eq!(fmt_age(0), "0s");
-        assert_eq!(fmt_age(119), "119s");
-        assert_eq!(fmt_age(600), "10m");
-        assert_eq!(fmt_age(5 * 3600), "5h");
-        assert_eq!(fmt_age(3 * 86_400), "3d");
         assert_eq!(fmt_lag(0.0), "0.0s");
         assert_eq!(fmt_lag(2.46), "2.5s");
         assert_eq!(fmt_lag(600.0), "10m");

@@ -233,7 +233,7 @@ impl Backend for TestBackend {
     fn block_status(&self, _disk: u32, _offset: u64, length: u32) -> Result<Vec<Extent>, Errno> {
         Ok(vec![Extent {
             length,
-            status: ExtentStatus::EMPTY,
+            status: ExtentStatus::empty(),
         }])
     }
 }

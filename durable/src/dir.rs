@@ -15,7 +15,6 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -287,21 +286,18 @@ impl LogFile for FsFile {
 
     fn allocate(&self, len: u64) -> io::Result<()> {
         let len = i64::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        // SAFETY: fallocate on a valid, owned descriptor; no memory is passed.
-        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, 0, len) };
-        if rc == 0 {
-            return Ok(());
-        }
-        let err = io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
+        match nix::fcntl::fallocate(&self.file, nix::fcntl::FallocateFlags::empty(), 0, len) {
+            Ok(()) => Ok(()),
             // Filesystems without fallocate (tmpfs before 3.5, some FUSE):
             // a sparse length is the best that can be had.
-            if self.size()? < len as u64 {
-                self.file.set_len(len as u64)?;
+            Err(nix::errno::Errno::EOPNOTSUPP) => {
+                if self.size()? < len as u64 {
+                    self.file.set_len(len as u64)?;
+                }
+                Ok(())
             }
-            return Ok(());
+            Err(e) => Err(e.into()),
         }
-        Err(err)
     }
 
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -312,17 +308,9 @@ impl LogFile for FsFile {
         crate::zero::zero_range(&self.file, offset, len, crate::zero::Zeroes::Hole)
     }
 
-    /// Per `SEEK_DATA`: a hole if the next data starts at or after the
-    /// range's end, or there is none (`ENXIO`). It moves the file offset,
-    /// which nothing here uses (positioned I/O only).
+    /// Per `SEEK_DATA` ([`crate::zero::is_hole`]).
     fn is_hole(&self, offset: u64, len: u64) -> bool {
-        let Ok(at) = i64::try_from(offset) else {
-            return false;
-        };
-        match nix::unistd::lseek(&self.file, at, nix::unistd::Whence::SeekData) {
-            Ok(data) => data as u64 >= offset.saturating_add(len),
-            Err(e) => e == nix::errno::Errno::ENXIO,
-        }
+        crate::zero::is_hole(&self.file, offset, len)
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {

@@ -4,7 +4,9 @@
 //! (`EOPNOTSUPP`: tmpfs before 3.5, some FUSE and network filesystems)
 //! zeroes written over the range. Every caller (the log's preallocated
 //! tail, a replayed image, a replica image, a test failover's scratch file)
-//! gets the same bytes either way; only the space used differs.
+//! gets the same bytes either way; only the space used differs. The other
+//! way round, [`is_hole`] says whether a range has no data at all
+//! (`SEEK_DATA`), so a reader can skip it.
 
 use std::fs::File;
 use std::io;
@@ -12,6 +14,7 @@ use std::os::unix::fs::FileExt;
 
 use nix::errno::Errno;
 use nix::fcntl::{fallocate, FallocateFlags};
+use nix::unistd::{lseek, Whence};
 
 /// What the zeroed range should become.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +68,21 @@ pub fn write_zeroes(file: &File, offset: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Whether `offset..offset+len` of `file` has no allocated data: the next
+/// data (`SEEK_DATA`) starts at or after the range's end, or there is none
+/// (`ENXIO`). A block device has no holes; any other error answers no too,
+/// so a reader reads the range. It moves the file offset, which positioned
+/// I/O ignores.
+pub fn is_hole(file: &File, offset: u64, len: u64) -> bool {
+    let Ok(at) = i64::try_from(offset) else {
+        return false;
+    };
+    match lseek(file, at, Whence::SeekData) {
+        Ok(data) => data as u64 >= offset.saturating_add(len),
+        Err(e) => e == Errno::ENXIO,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,6 +129,24 @@ mod tests {
         want[5..5 + 2 * ZERO_CHUNK as usize + 3].fill(0);
         assert_eq!(content(&file), want);
         assert!(write_zeroes(&file, u64::MAX, 2).is_err());
+    }
+
+    #[test]
+    fn a_hole_is_a_range_without_data() {
+        let file = tempfile::tempfile().unwrap();
+        file.write_all_at(&[1; 4096], 64 << 10).unwrap();
+        file.set_len(256 << 10).unwrap();
+        assert!(!is_hole(&file, 64 << 10, 4096));
+        assert!(!is_hole(&file, 60 << 10, 8 << 10));
+        // Past the data, and past the end: nothing there.
+        assert!(!is_hole(&file, 0, u64::MAX));
+        assert!(!is_hole(&file, u64::MAX, 1));
+        if is_hole(&file, 0, 64 << 10) {
+            // A filesystem that reports holes (not all do: then every
+            // range has data, the safe answer).
+            assert!(is_hole(&file, 128 << 10, 128 << 10));
+            assert!(is_hole(&file, 1 << 30, 4096));
+        }
     }
 
     #[test]

@@ -9,6 +9,9 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use rand::rngs::SmallRng;
+use rand::{RngCore, SeedableRng};
 use tidemark_net::{endpoint, pki, tls};
 
 const CHUNK: usize = 1 << 20;
@@ -161,13 +164,7 @@ async fn run(
 
 fn bytes_of(len: usize) -> Vec<u8> {
     // Pseudo-random, so nothing on the path can shortcut on zeroes.
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
+    let mut out = vec![0; len];
+    SmallRng::seed_from_u64(1).fill_bytes(&mut out);
+    out
 }

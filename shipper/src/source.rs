@@ -6,7 +6,6 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use tidemark_durable::aligned::AlignedBuf;
 
@@ -66,17 +65,7 @@ impl SourceDisk {
     /// Whether `offset..offset+len` has no allocated data (image files
     /// with holes; block devices always answer no).
     fn is_hole(&self, offset: u64, len: u64) -> bool {
-        let Ok(off) = libc::off_t::try_from(offset) else {
-            return false;
-        };
-        // SAFETY: lseek on an owned descriptor; no memory is passed. The
-        // file position is not used by the positional reads below.
-        let next = unsafe { libc::lseek(self.file.as_raw_fd(), off, libc::SEEK_DATA) };
-        if next < 0 {
-            // ENXIO: no data after offset at all.
-            return io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
-        }
-        next as u64 >= offset.saturating_add(len)
+        tidemark_durable::zero::is_hole(&self.file, offset, len)
     }
 
     /// Reads `offset..offset+len` (clipped to the disk's size).

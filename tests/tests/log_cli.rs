@@ -1,5 +1,7 @@
 //! `tidemark log check | dump | replay` on real log directories.
 
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
@@ -174,11 +176,9 @@ fn mixed_log(dir: &Path) -> Vec<[Vec<u8>; 2]> {
     let size = 256 << 10;
     let mut model = [vec![0u8; size], vec![0u8; size]];
     let mut at_barrier = Vec::new();
-    let mut x = 0x1234_5678_9abc_def0u64;
+    let mut rng = StdRng::seed_from_u64(0x1234_5678_9abc_def0);
     for i in 0..300u64 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
+        let x = rng.next_u64();
         let disk = (x % 2) as usize;
         let offset = (x >> 8) % (size as u64 - 8192);
         let len = 1 + (x >> 32) % 8192;

@@ -14,6 +14,8 @@
 //! `TIDEMARK_CRASH_SEED=<hex>` replays a schedule (the timing still
 //! varies). A failing run keeps its directory and says where.
 
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -42,22 +44,6 @@ const MAX_WRITTEN: u64 = 128 << 20;
 /// delays count-based folds; space-based ones run at once, and the first
 /// commit after a restart folds whatever is due).
 const RETENTION: &str = "[receiver.retention]\nmax-points = 5\nmax-space = \"1MiB\"\n";
-
-/// xorshift64*: a small seeded PRNG.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// The fields of the store's state file this test looks at (the layout is
 /// documented in receiver/src/store/mod.rs).
@@ -221,19 +207,19 @@ fn failover_cmd(replicas: &Path, seq: u64, to: &Path) -> Command {
 /// Writes random extents (data, zeroes, discards) with a flush after each
 /// batch, until `stop` or [`MAX_WRITTEN`]; returns (batches, bytes).
 fn writer(uri: String, seed: u64, stop: Arc<AtomicBool>) -> (u64, u64) {
-    let mut rng = Rng(seed ^ 0x9e37_79b9_7f4a_7c15);
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15);
     let (mut batches, mut written) = (0u64, 0u64);
     while !stop.load(Ordering::Relaxed) && written < MAX_WRITTEN {
         let mut cmds = Vec::new();
-        for _ in 0..2 + rng.below(7) {
+        for _ in 0..2 + rng.random_range(0..7) {
             // Up to 128 KiB, mostly short.
-            let longest = 256 >> rng.below(3);
-            let len = 512 * (1 + rng.below(longest));
-            let offset = 512 * rng.below((SIZE - len) / 512 + 1);
-            cmds.push(match rng.below(10) {
+            let longest = 256 >> rng.random_range(0..3);
+            let len = 512 * (1 + rng.random_range(0..longest));
+            let offset = 512 * rng.random_range(0..(SIZE - len) / 512 + 1);
+            cmds.push(match rng.random_range(0..10) {
                 0 => format!("write -z {offset} {len}"),
                 1 => format!("discard {offset} {len}"),
-                _ => format!("write -P {} {offset} {len}", 1 + rng.below(255)),
+                _ => format!("write -P {} {offset} {len}", 1 + rng.random_range(0..255)),
             });
             written += len;
         }
@@ -241,7 +227,7 @@ fn writer(uri: String, seed: u64, stop: Arc<AtomicBool>) -> (u64, u64) {
         let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
         qemu_io(&uri, &cmds);
         batches += 1;
-        std::thread::sleep(Duration::from_millis(20 + rng.below(60)));
+        std::thread::sleep(Duration::from_millis(20 + rng.random_range(0..60)));
     }
     (batches, written)
 }
@@ -341,7 +327,7 @@ fn sigkilled_receiver_reopens_consistent_with_every_point_correct() {
         .and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok())
         .unwrap_or(DEFAULT_SEED);
     eprintln!("{TEST}: seed {seed:#x} (TIDEMARK_CRASH_SEED=<hex> replays a schedule)");
-    let mut rng = Rng(seed);
+    let mut rng = StdRng::seed_from_u64(seed);
 
     let tmp = KeepOnPanic(Some(tempfile::tempdir().unwrap()));
     let dir = tmp.0.as_ref().unwrap().path();
@@ -407,7 +393,7 @@ fn sigkilled_receiver_reopens_consistent_with_every_point_correct() {
         };
         wait_session(&receiver_log);
         let moment = [Moment::Random, Moment::Apply, Moment::Fold][(kill - 1) % 3];
-        let delay = 50 + rng.below(if moment == Moment::Random { 651 } else { 201 });
+        let delay = 50 + rng.random_range(0..if moment == Moment::Random { 651 } else { 201 });
         std::thread::sleep(Duration::from_millis(delay));
         let came = wait_for(&group_dir, moment);
         running.kill();

@@ -4,6 +4,8 @@
 //! either side, log overflow repaired by a checksum resync, refused hosts,
 //! and a failover whose images must equal the source byte for byte.
 
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -362,15 +364,8 @@ fn the_bandwidth_limit_paces_what_goes_on_the_wire() {
     let f = fs::File::create(&image).unwrap();
     f.set_len(SIZE).unwrap();
     // 8 MiB that zstd cannot shrink: the initial sync must send it all.
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    let noise: Vec<u8> = (0..8usize << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let mut noise = vec![0u8; 8 << 20];
+    StdRng::seed_from_u64(1).fill_bytes(&mut noise);
     f.write_all_at(&noise, 16 << 20).unwrap();
     f.sync_all().unwrap();
     let port = free_port();

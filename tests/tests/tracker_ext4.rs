@@ -8,6 +8,8 @@
 //! kernel would on mount after a crash at that point. (Barriers inside
 //! mkfs itself come before there is a filesystem to check.)
 
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -80,14 +82,12 @@ fn attach(dir: &Path, uri: &str, connections: &str) -> Mounted {
 /// Creates, changes and removes files with syncs in between, like an
 /// application would.
 fn churn(root: &Path) {
-    let mut x = 0x1234_5678u64;
+    let mut rng = StdRng::seed_from_u64(0x1234_5678);
     for round in 0..4 {
         let dir = root.join(format!("round{round}"));
         fs::create_dir_all(&dir).unwrap();
         for i in 0..60 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
+            let x: u64 = rng.random();
             let len = (x % (256 << 10)) as usize;
             let data: Vec<u8> = (0..len).map(|j| (j as u64 ^ x) as u8).collect();
             fs::write(dir.join(format!("f{i}")), data).unwrap();

@@ -7,6 +7,9 @@
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use rand::rngs::SmallRng;
+use rand::{Rng, RngCore, SeedableRng};
 use tidemark_tracker::storage::{
     AlignedBuf, BackingOptions, BlockDevice, DirectIo, EngineKind, SyncEngine, UringEngine,
 };
@@ -15,29 +18,18 @@ const SIZE: u64 = 256 << 20;
 const BLOCK: usize = 4096;
 const RUN: Duration = Duration::from_secs(2);
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 fn load(dev: &Arc<dyn BlockDevice>, threads: u64, write: bool) -> f64 {
     let start = Instant::now();
     let handles: Vec<_> = (0..threads)
         .map(|t| {
             let dev = Arc::clone(dev);
             std::thread::spawn(move || {
-                let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (t + 1));
+                let mut rng = SmallRng::seed_from_u64(t + 1);
                 let mut buf = AlignedBuf::page_aligned(BLOCK);
-                buf.iter_mut().for_each(|b| *b = rng.next() as u8);
+                rng.fill_bytes(&mut buf);
                 let mut ops = 0u64;
                 while start.elapsed() < RUN {
-                    let offset = (rng.next() % (SIZE / BLOCK as u64)) * BLOCK as u64;
+                    let offset = rng.random_range(0..SIZE / BLOCK as u64) * BLOCK as u64;
                     if write {
                         dev.write_at(&buf, offset).expect("write");
                     } else {
@@ -63,8 +55,8 @@ fn main() {
     {
         // Real data, so reads reach the disk rather than a hole.
         let file = std::fs::File::create(&path).expect("create");
-        let mut rng = Rng(9);
-        let chunk: Vec<u8> = (0..1 << 20).map(|_| rng.next() as u8).collect();
+        let mut chunk = vec![0u8; 1 << 20];
+        SmallRng::seed_from_u64(9).fill_bytes(&mut chunk);
         for i in 0..SIZE >> 20 {
             std::os::unix::fs::FileExt::write_all_at(&file, &chunk, i << 20).expect("fill");
         }

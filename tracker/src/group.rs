@@ -1432,7 +1432,7 @@ impl Backend for Group {
         self.disk(disk)?;
         Ok(vec![Extent {
             length,
-            status: ExtentStatus::EMPTY,
+            status: ExtentStatus::empty(),
         }])
     }
 }

@@ -2,6 +2,8 @@
 //! replay equals the device, bitmap mode on overflow, generations and
 //! resync-needed extents after an unclean stop.
 
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use std::path::Path;
 use std::sync::Arc;
 use tidemark_changelog::replay::{apply, MemoryImage, ReplaySummary};
@@ -84,11 +86,9 @@ fn concurrent_overlapping_writers_give_a_log_that_replays_to_the_device() {
         .map(|t| {
             let group = group.clone();
             std::thread::spawn(move || {
-                let mut x = (0x9e37_79b9 ^ (t << 32)) | 1;
+                let mut rng = StdRng::seed_from_u64(t);
                 for i in 0..400u64 {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
+                    let x: u64 = rng.random();
                     let disk = (x % 2) as u32;
                     // A small hot region so that writes overlap constantly.
                     let offset = (x >> 8) % (256 << 10);

@@ -174,12 +174,12 @@ fn refused_requests_get_errors_and_the_connection_goes_on() {
     assert_eq!(size, 4 * MIB as u64);
 
     // Unknown command type.
-    client.request(99, CommandFlags::EMPTY, 1, 0, 512, &[]);
+    client.request(99, CommandFlags::empty(), 1, 0, 512, &[]);
     assert_eq!(client.expect_simple(1), EINVAL);
     // Unknown command flag.
     client.request(
         CommandType::Read.code(),
-        CommandFlags::from_bits(0x8000),
+        CommandFlags::from_bits_retain(0x8000),
         2,
         0,
         512,
@@ -204,19 +204,26 @@ fn refused_requests_get_errors_and_the_connection_goes_on() {
     // Trim and write-zeroes out of range, flush with a range.
     client.request(
         CommandType::Trim.code(),
-        CommandFlags::EMPTY,
+        CommandFlags::empty(),
         7,
         size,
         1,
         &[],
     );
     assert_eq!(client.expect_simple(7), EINVAL);
-    client.request(CommandType::Flush.code(), CommandFlags::EMPTY, 8, 1, 0, &[]);
+    client.request(
+        CommandType::Flush.code(),
+        CommandFlags::empty(),
+        8,
+        1,
+        0,
+        &[],
+    );
     assert_eq!(client.expect_simple(8), EINVAL);
     // Block status without a negotiated context.
     client.request(
         CommandType::BlockStatus.code(),
-        CommandFlags::EMPTY,
+        CommandFlags::empty(),
         9,
         0,
         512,
@@ -243,7 +250,7 @@ fn refused_requests_get_errors_and_the_connection_goes_on() {
     // A write too large to skip (beyond 32 MiB): error, then closed.
     client.request(
         CommandType::Write.code(),
-        CommandFlags::EMPTY,
+        CommandFlags::empty(),
         13,
         0,
         64 * MIB as u32,
@@ -269,7 +276,7 @@ fn garbage_and_short_payloads_in_transmission_never_reach_the_backend() {
     // A write whose payload stops short, then the client closes.
     let (mut short, _, _) = RawClient::go(&server.socket, "disk", false);
     let header = tidemark_tracker::nbd::transmission::RequestHeader {
-        flags: CommandFlags::EMPTY,
+        flags: CommandFlags::empty(),
         kind: CommandType::Write.code(),
         cookie: 1,
         offset: 2 * MIB as u64,
@@ -336,7 +343,7 @@ fn structured_replies_carry_data_errors_and_block_status() {
     // Block status answers for context 1 (base:allocation), all data.
     client.request(
         CommandType::BlockStatus.code(),
-        CommandFlags::EMPTY,
+        CommandFlags::empty(),
         3,
         4096,
         65536,
@@ -421,7 +428,14 @@ fn disconnect_waits_for_replies_in_flight() {
     for cookie in 0..8u64 {
         client.write(cookie, cookie * 4096, &[cookie as u8 + 1; 4096]);
     }
-    client.request(CommandType::Disc.code(), CommandFlags::EMPTY, 99, 0, 0, &[]);
+    client.request(
+        CommandType::Disc.code(),
+        CommandFlags::empty(),
+        99,
+        0,
+        0,
+        &[],
+    );
     let mut replied = Vec::new();
     for _ in 0..8 {
         let Reply::Simple { error, cookie } = client.read_reply() else {
@@ -517,7 +531,7 @@ fn shutdown_with_a_writing_client_keeps_every_acknowledged_write() {
         for cookie in 0..2048u64 {
             let data = pseudo_random(4096, cookie + 1);
             let header = tidemark_tracker::nbd::transmission::RequestHeader {
-                flags: CommandFlags::EMPTY,
+                flags: CommandFlags::empty(),
                 kind: CommandType::Write.code(),
                 cookie,
                 offset: cookie * 4096,
@@ -661,8 +675,15 @@ fn a_refusal_right_before_disconnect_still_gets_its_reply() {
     for cookie in 0..4u64 {
         client.write(cookie, cookie * 512, &[7; 512]);
     }
-    client.request(99, CommandFlags::EMPTY, 42, 0, 512, &[]);
-    client.request(CommandType::Disc.code(), CommandFlags::EMPTY, 43, 0, 0, &[]);
+    client.request(99, CommandFlags::empty(), 42, 0, 512, &[]);
+    client.request(
+        CommandType::Disc.code(),
+        CommandFlags::empty(),
+        43,
+        0,
+        0,
+        &[],
+    );
     let mut replies = Vec::new();
     for _ in 0..5 {
         let Reply::Simple { error, cookie } = client.read_reply() else {

@@ -15,7 +15,9 @@ mod server_support;
 use std::path::Path;
 use std::sync::Arc;
 
-use server_support::{pseudo_random, RawClient, Reply, XorShift};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use server_support::{pseudo_random, RawClient, Reply};
 use tidemark_changelog::replay::{apply, ReplaySummary, ReplayTarget};
 use tidemark_changelog::{FsDir, Kind, LogOptions, LogReader, Record};
 use tidemark_tracker::backend::Backend;
@@ -49,22 +51,22 @@ enum Req {
 /// Random requests over a small part of the disk (so they overlap), of
 /// 512-byte-aligned sizes up to 64 KiB; some unaligned to the 4 KiB block.
 fn workload(seed: u64, count: usize) -> Vec<Req> {
-    let mut rng = XorShift(seed | 1);
+    let mut rng = StdRng::seed_from_u64(seed);
     (0..count)
         .map(|i| {
-            let offset = rng.below(2 << 20) / 512 * 512;
-            let len = (1 + rng.below(128)) as u32 * 512;
-            match rng.below(20) {
+            let offset = rng.random_range(0..2 << 20) / 512 * 512;
+            let len = (1 + rng.random_range(0..128)) as u32 * 512;
+            match rng.random_range(0..20) {
                 0..=12 => Req::Write {
                     offset,
                     data: pseudo_random(len as usize, seed ^ (i as u64) << 20),
-                    fua: rng.below(8) == 0,
+                    fua: rng.random_range(0..8) == 0,
                 },
                 13 | 14 => Req::Trim { offset, len },
                 15 | 16 => Req::Zeroes {
                     offset,
                     len,
-                    no_hole: rng.below(2) == 0,
+                    no_hole: rng.random_range(0..2) == 0,
                 },
                 _ => Req::Flush,
             }
@@ -121,7 +123,7 @@ fn request_of(client: &mut RawClient, cookie: u64, req: &Req) {
             let flags = if *fua {
                 CommandFlags::FUA
             } else {
-                CommandFlags::EMPTY
+                CommandFlags::empty()
             };
             client.request(
                 CommandType::Write.code(),
@@ -134,7 +136,7 @@ fn request_of(client: &mut RawClient, cookie: u64, req: &Req) {
         }
         Req::Trim { offset, len } => client.request(
             CommandType::Trim.code(),
-            CommandFlags::EMPTY,
+            CommandFlags::empty(),
             cookie,
             *offset,
             *len,
@@ -148,7 +150,7 @@ fn request_of(client: &mut RawClient, cookie: u64, req: &Req) {
             let flags = if *no_hole {
                 CommandFlags::NO_HOLE
             } else {
-                CommandFlags::EMPTY
+                CommandFlags::empty()
             };
             client.request(
                 CommandType::WriteZeroes.code(),
@@ -161,7 +163,7 @@ fn request_of(client: &mut RawClient, cookie: u64, req: &Req) {
         }
         Req::Flush => client.request(
             CommandType::Flush.code(),
-            CommandFlags::EMPTY,
+            CommandFlags::empty(),
             cookie,
             0,
             0,

@@ -2,25 +2,24 @@
 //! writes of mixed data) with and without compression, on one core.
 //! `cargo run --release -p tidemark-wire --example codec_throughput`
 
+use rand::rngs::SmallRng;
+use rand::{RngCore, SeedableRng};
 use std::time::Instant;
 use tidemark_changelog::record::Entry;
 use tidemark_wire::{Compression, Message, MessageDecoder, RecordBatch};
 
 fn main() {
-    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut rng = SmallRng::seed_from_u64(1);
     let mut block = |i: u64| -> Vec<u8> {
         match i % 4 {
             0 => vec![0; 4096],
             1 => b"tidemark replicates a change log; ".repeat(121)[..4096].to_vec(),
             2 => (0..4096u32).map(|j| (j % 251) as u8).collect(),
-            _ => (0..4096)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect(),
+            _ => {
+                let mut random = vec![0; 4096];
+                rng.fill_bytes(&mut random);
+                random
+            }
         }
     };
     let records: Vec<Vec<u8>> = (0..256u64)

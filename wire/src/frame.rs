@@ -496,6 +496,8 @@ impl FrameDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::rngs::StdRng;
+    use rand::{RngCore, SeedableRng};
 
     #[test]
     fn small_and_random_bodies_go_raw_repetitive_ones_compressed() {
@@ -516,15 +518,8 @@ mod tests {
         .unwrap();
         assert_eq!(zeros[7], FLAG_ZSTD);
         assert!(zeros.len() < 200);
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let random: Vec<u8> = (0..8192)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let mut random = vec![0u8; 8192];
+        StdRng::seed_from_u64(1).fill_bytes(&mut random);
         let raw = encode_frame(
             PROTOCOL_VERSION,
             MessageType::Records,

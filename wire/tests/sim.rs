@@ -23,6 +23,8 @@
 //! version-1 frame, as that release did). Every frame of a session must be
 //! of the version the session agreed on.
 
+use rand::rngs::StdRng;
+use rand::{Rng as _, RngCore, SeedableRng};
 use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 use tidemark_changelog::record::{Entry, Kind, Record};
@@ -42,17 +44,20 @@ const HOST: &str = "db1";
 const SIZES: [u64; 2] = [32 << 10, 24 << 10];
 const CHUNK: u64 = 8 << 10;
 
-struct Rng(u64);
+/// The seeded generator every choice of a run comes from, so a seed
+/// replays the run exactly.
+struct Rng(StdRng);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
+    fn seeded(seed: u64) -> Rng {
+        Rng(StdRng::seed_from_u64(seed))
     }
+    fn next(&mut self) -> u64 {
+        self.0.next_u64()
+    }
+    /// Uniform in `0..n`, or 0 if `n` is 0.
     fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+        self.0.random_range(0..n.max(1))
     }
     /// True with probability `per_mille` / 1000.
     fn chance(&mut self, per_mille: u64) -> bool {
@@ -674,7 +679,7 @@ fn converged(replica: &MemReplica<'_>, source: &Source) -> bool {
 }
 
 fn run(seed: u64) -> Stats {
-    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let mut rng = Rng::seeded(seed);
     let source = Source::build(&mut rng);
     let mut replica = MemReplica::new(&source);
     let mut daemon = ShipperDaemon::default();

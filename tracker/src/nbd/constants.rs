@@ -5,7 +5,7 @@
 //! Everything on the NBD wire is big-endian, and flag bits are numbered from
 //! the least significant bit of the big-endian value. Codes that the peer
 //! sends are typed enums with a fallible `from_code`, so an unknown value is
-//! something to reject, never a panic. Flag fields are small newtypes over
+//! something to reject, never a panic. Flag fields are `bitflags` types over
 //! the wire integer: unknown bits survive decoding so that the validator can
 //! name them in its error.
 //!
@@ -14,7 +14,6 @@
 
 use std::fmt;
 use std::io;
-use std::ops::BitOr;
 
 /// `NBDMAGIC`: the first 8 bytes the server sends.
 pub const NBD_MAGIC: u64 = 0x4e42_444d_4147_4943;
@@ -43,99 +42,26 @@ pub const MAX_STRING_LEN: usize = 4096;
 /// `base:` namespace defines it.
 pub const BASE_ALLOCATION: &str = "base:allocation";
 
-/// Defines a flag-field newtype: the wire integer plus named bits.
+/// Defines a flag field with [`bitflags`]: the wire integer with named bits.
+/// Decode with `from_bits_retain`, so that unknown bits survive for the
+/// validator to name (`all().contains(flags)` says there are none). `Debug`
+/// names the known bits and shows the rest in hex: `CommandFlags(FUA |
+/// 0x8000)`, and `ReplyFlags()` when none is set.
 macro_rules! flag_set {
     (
         $(#[$meta:meta])*
-        $name:ident($bits:ty) {
-            $( $(#[$flag_meta:meta])* $flag:ident = $value:expr; )*
-        }
+        $name:ident($bits:ty) { $($flags:tt)* }
     ) => {
-        $(#[$meta])*
-        #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
-        pub struct $name($bits);
-
-        impl $name {
-            $( $(#[$flag_meta])* pub const $flag: Self = Self($value); )*
-
-            /// No bit set.
-            pub const EMPTY: Self = Self(0);
-
-            /// Every bit the protocol defines for this field.
-            pub const KNOWN: Self = Self(0 $(| $value)*);
-
-            const NAMES: &'static [(&'static str, $bits)] = &[$((stringify!($flag), $value)),*];
-
-            /// The field exactly as it is on the wire, unknown bits included.
-            pub const fn from_bits(bits: $bits) -> Self {
-                Self(bits)
-            }
-
-            /// The wire value.
-            pub const fn bits(self) -> $bits {
-                self.0
-            }
-
-            /// Whether every bit of `other` is set in `self`.
-            pub const fn contains(self, other: Self) -> bool {
-                self.0 & other.0 == other.0
-            }
-
-            /// Both sets of bits.
-            pub const fn union(self, other: Self) -> Self {
-                Self(self.0 | other.0)
-            }
-
-            /// The bits of `self` that are also in `other`.
-            pub const fn intersection(self, other: Self) -> Self {
-                Self(self.0 & other.0)
-            }
-
-            /// The bits of `self` that are not in `other`.
-            pub const fn difference(self, other: Self) -> Self {
-                Self(self.0 & !other.0)
-            }
-
-            /// The bits of `self` the protocol does not define.
-            pub const fn unknown(self) -> Self {
-                self.difference(Self::KNOWN)
-            }
-
-            /// Whether no bit is set.
-            pub const fn is_empty(self) -> bool {
-                self.0 == 0
-            }
-        }
-
-        impl BitOr for $name {
-            type Output = Self;
-
-            fn bitor(self, rhs: Self) -> Self {
-                self.union(rhs)
-            }
+        bitflags::bitflags! {
+            $(#[$meta])*
+            #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+            pub struct $name: $bits { $($flags)* }
         }
 
         impl fmt::Debug for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "{}(", stringify!($name))?;
-                let mut rest = self.0;
-                let mut first = true;
-                for &(name, bit) in Self::NAMES {
-                    if rest & bit != 0 {
-                        if !first {
-                            f.write_str(" | ")?;
-                        }
-                        f.write_str(name)?;
-                        rest &= !bit;
-                        first = false;
-                    }
-                }
-                if rest != 0 {
-                    if !first {
-                        f.write_str(" | ")?;
-                    }
-                    write!(f, "{rest:#x}")?;
-                }
+                f.write_str(concat!(stringify!($name), "("))?;
+                bitflags::parser::to_writer(self, &mut *f)?;
                 f.write_str(")")
             }
         }
@@ -179,10 +105,10 @@ flag_set! {
     /// Handshake flags: 16 bits the server sends in its greeting.
     HandshakeFlags(u16) {
         /// `NBD_FLAG_FIXED_NEWSTYLE`: the server speaks fixed newstyle.
-        FIXED_NEWSTYLE = 1 << 0;
+        const FIXED_NEWSTYLE = 1 << 0;
         /// `NBD_FLAG_NO_ZEROES`: the server can omit the 124 zero bytes after
         /// an `NBD_OPT_EXPORT_NAME` reply.
-        NO_ZEROES = 1 << 1;
+        const NO_ZEROES = 1 << 1;
     }
 }
 
@@ -190,10 +116,10 @@ flag_set! {
     /// Client flags: 32 bits the client sends in reply to the greeting.
     ClientFlags(u32) {
         /// `NBD_FLAG_C_FIXED_NEWSTYLE`: the client speaks fixed newstyle.
-        FIXED_NEWSTYLE = 1 << 0;
+        const FIXED_NEWSTYLE = 1 << 0;
         /// `NBD_FLAG_C_NO_ZEROES`: omit the 124 zero bytes after an
         /// `NBD_OPT_EXPORT_NAME` reply.
-        NO_ZEROES = 1 << 1;
+        const NO_ZEROES = 1 << 1;
     }
 }
 
@@ -201,35 +127,35 @@ flag_set! {
     /// Transmission flags: 16 bits per export, sent when the client picks it.
     TransmissionFlags(u16) {
         /// `NBD_FLAG_HAS_FLAGS`: always set.
-        HAS_FLAGS = 1 << 0;
+        const HAS_FLAGS = 1 << 0;
         /// `NBD_FLAG_READ_ONLY`: writes, trims and write-zeroes fail with `EPERM`.
-        READ_ONLY = 1 << 1;
+        const READ_ONLY = 1 << 1;
         /// `NBD_FLAG_SEND_FLUSH`: the server accepts `NBD_CMD_FLUSH`.
-        SEND_FLUSH = 1 << 2;
+        const SEND_FLUSH = 1 << 2;
         /// `NBD_FLAG_SEND_FUA`: the server honours `NBD_CMD_FLAG_FUA`.
-        SEND_FUA = 1 << 3;
+        const SEND_FUA = 1 << 3;
         /// `NBD_FLAG_ROTATIONAL`: the export behaves like a spinning disk.
-        ROTATIONAL = 1 << 4;
+        const ROTATIONAL = 1 << 4;
         /// `NBD_FLAG_SEND_TRIM`: the server accepts `NBD_CMD_TRIM`.
-        SEND_TRIM = 1 << 5;
+        const SEND_TRIM = 1 << 5;
         /// `NBD_FLAG_SEND_WRITE_ZEROES`: the server accepts
         /// `NBD_CMD_WRITE_ZEROES` and `NBD_CMD_FLAG_NO_HOLE`.
-        SEND_WRITE_ZEROES = 1 << 6;
+        const SEND_WRITE_ZEROES = 1 << 6;
         /// `NBD_FLAG_SEND_DF`: reads accept `NBD_CMD_FLAG_DF`; only with
         /// structured replies.
-        SEND_DF = 1 << 7;
+        const SEND_DF = 1 << 7;
         /// `NBD_FLAG_CAN_MULTI_CONN`: flushes are visible across connections.
-        CAN_MULTI_CONN = 1 << 8;
+        const CAN_MULTI_CONN = 1 << 8;
         /// `NBD_FLAG_SEND_RESIZE`: experimental `RESIZE` extension.
-        SEND_RESIZE = 1 << 9;
+        const SEND_RESIZE = 1 << 9;
         /// `NBD_FLAG_SEND_CACHE`: the server understands `NBD_CMD_CACHE`.
-        SEND_CACHE = 1 << 10;
+        const SEND_CACHE = 1 << 10;
         /// `NBD_FLAG_SEND_FAST_ZERO`: write-zeroes accepts
         /// `NBD_CMD_FLAG_FAST_ZERO`.
-        SEND_FAST_ZERO = 1 << 11;
+        const SEND_FAST_ZERO = 1 << 11;
         /// `NBD_FLAG_BLOCK_STAT_PAYLOAD`: block-status requests may carry a
         /// payload; only with extended headers.
-        BLOCK_STATUS_PAYLOAD = 1 << 12;
+        const BLOCK_STATUS_PAYLOAD = 1 << 12;
     }
 }
 
@@ -237,18 +163,18 @@ flag_set! {
     /// Command flags: 16 bits in every transmission-phase request.
     CommandFlags(u16) {
         /// `NBD_CMD_FLAG_FUA`: persist this command's writes before replying.
-        FUA = 1 << 0;
+        const FUA = 1 << 0;
         /// `NBD_CMD_FLAG_NO_HOLE`: write-zeroes must allocate, not punch.
-        NO_HOLE = 1 << 1;
+        const NO_HOLE = 1 << 1;
         /// `NBD_CMD_FLAG_DF`: reply to this read with at most one content chunk.
-        DF = 1 << 2;
+        const DF = 1 << 2;
         /// `NBD_CMD_FLAG_REQ_ONE`: block status with one extent per context.
-        REQ_ONE = 1 << 3;
+        const REQ_ONE = 1 << 3;
         /// `NBD_CMD_FLAG_FAST_ZERO`: fail write-zeroes with `ENOTSUP` unless
         /// it is faster than writing.
-        FAST_ZERO = 1 << 4;
+        const FAST_ZERO = 1 << 4;
         /// `NBD_CMD_FLAG_PAYLOAD_LEN`: only with extended headers.
-        PAYLOAD_LEN = 1 << 5;
+        const PAYLOAD_LEN = 1 << 5;
     }
 }
 
@@ -256,7 +182,7 @@ flag_set! {
     /// Structured reply flags: 16 bits in every structured reply chunk.
     ReplyFlags(u16) {
         /// `NBD_REPLY_FLAG_DONE`: the last chunk of this reply.
-        DONE = 1 << 0;
+        const DONE = 1 << 0;
     }
 }
 
@@ -265,9 +191,9 @@ flag_set! {
     /// context. Zero ("allocated, contents unknown") is always a safe answer.
     ExtentStatus(u32) {
         /// `NBD_STATE_HOLE`: the extent is not allocated.
-        HOLE = 1 << 0;
+        const HOLE = 1 << 0;
         /// `NBD_STATE_ZERO`: the extent reads as zeroes.
-        ZERO = 1 << 1;
+        const ZERO = 1 << 1;
     }
 }
 
@@ -477,12 +403,74 @@ mod tests {
 
     #[test]
     fn flag_sets_keep_unknown_bits_and_name_known_ones() {
-        let flags = CommandFlags::from_bits(0x8001);
+        let flags = CommandFlags::from_bits_retain(0x8001);
         assert!(flags.contains(CommandFlags::FUA));
-        assert_eq!(flags.unknown().bits(), 0x8000);
+        assert!(!CommandFlags::all().contains(flags));
+        assert_eq!(flags.bits(), 0x8001);
+        assert_eq!(flags.difference(CommandFlags::all()).bits(), 0x8000);
         assert_eq!(format!("{flags:?}"), "CommandFlags(FUA | 0x8000)");
-        assert_eq!(format!("{:?}", ReplyFlags::EMPTY), "ReplyFlags()");
-        assert_eq!(TransmissionFlags::KNOWN.bits(), 0x1fff);
+        assert_eq!(
+            format!(
+                "{:?}",
+                TransmissionFlags::HAS_FLAGS | TransmissionFlags::SEND_DF
+            ),
+            "TransmissionFlags(HAS_FLAGS | SEND_DF)"
+        );
+        assert_eq!(format!("{:?}", ReplyFlags::empty()), "ReplyFlags()");
+        assert_eq!(
+            format!("{:?}", ExtentStatus::from_bits_retain(4)),
+            "ExtentStatus(0x4)"
+        );
+    }
+
+    /// Every flag of a field, by name, with its wire value.
+    fn named<F: bitflags::Flags>() -> Vec<(&'static str, u64)>
+    where
+        F::Bits: Into<u64>,
+    {
+        F::FLAGS
+            .iter()
+            .map(|f| (f.name(), f.value().bits().into()))
+            .collect()
+    }
+
+    /// The flag values are on the wire: each bit as `doc/proto.md` numbers it.
+    #[test]
+    fn flag_bits_are_the_protocols() {
+        let both = [("FIXED_NEWSTYLE", 1), ("NO_ZEROES", 2)];
+        assert_eq!(named::<HandshakeFlags>(), both);
+        assert_eq!(named::<ClientFlags>(), both);
+        assert_eq!(
+            named::<TransmissionFlags>(),
+            [
+                ("HAS_FLAGS", 1 << 0),
+                ("READ_ONLY", 1 << 1),
+                ("SEND_FLUSH", 1 << 2),
+                ("SEND_FUA", 1 << 3),
+                ("ROTATIONAL", 1 << 4),
+                ("SEND_TRIM", 1 << 5),
+                ("SEND_WRITE_ZEROES", 1 << 6),
+                ("SEND_DF", 1 << 7),
+                ("CAN_MULTI_CONN", 1 << 8),
+                ("SEND_RESIZE", 1 << 9),
+                ("SEND_CACHE", 1 << 10),
+                ("SEND_FAST_ZERO", 1 << 11),
+                ("BLOCK_STATUS_PAYLOAD", 1 << 12),
+            ]
+        );
+        assert_eq!(
+            named::<CommandFlags>(),
+            [
+                ("FUA", 1 << 0),
+                ("NO_HOLE", 1 << 1),
+                ("DF", 1 << 2),
+                ("REQ_ONE", 1 << 3),
+                ("FAST_ZERO", 1 << 4),
+                ("PAYLOAD_LEN", 1 << 5),
+            ]
+        );
+        assert_eq!(named::<ReplyFlags>(), [("DONE", 1)]);
+        assert_eq!(named::<ExtentStatus>(), [("HOLE", 1), ("ZERO", 2)]);
     }
 
     #[test]

@@ -173,10 +173,10 @@ impl ClientFlags {
     /// not advertise is an error: the protocol requires dropping the
     /// connection.
     pub fn decode(bytes: &[u8; CLIENT_FLAGS_LEN]) -> Result<Self, HandshakeError> {
-        let flags = Self::from_bits(u32::from_be_bytes(*bytes));
+        let flags = Self::from_bits_retain(u32::from_be_bytes(*bytes));
         // Every known client flag answers a handshake flag the tracker
         // advertises, so "not advertised" is the same as "unknown".
-        if flags.unknown().is_empty() {
+        if Self::all().contains(flags) {
             Ok(flags)
         } else {
             Err(HandshakeError::UnknownClientFlags {
@@ -978,7 +978,7 @@ mod tests {
         for bits in 0..4u32 {
             assert_eq!(
                 ClientFlags::decode(&bits.to_be_bytes()),
-                Ok(ClientFlags::from_bits(bits))
+                Ok(ClientFlags::from_bits_retain(bits))
             );
         }
         assert_eq!(
@@ -1022,7 +1022,7 @@ mod tests {
             went(fresh().handle_option(code(OptionCode::ExportName), b"data", &catalog()));
         assert_eq!(reply.len(), 10);
         assert_eq!(&reply[..8], &(1u64 << 30).to_be_bytes());
-        let flags = TransmissionFlags::from_bits(u16::from_be_bytes([reply[8], reply[9]]));
+        let flags = TransmissionFlags::from_bits_retain(u16::from_be_bytes([reply[8], reply[9]]));
         assert_eq!(flags, session.export.flags);
         assert!(flags.contains(TransmissionFlags::HAS_FLAGS | TransmissionFlags::SEND_FLUSH));
         // No structured replies were negotiated, so DF must not be offered.
@@ -1036,7 +1036,7 @@ mod tests {
         assert_eq!(reply.len(), 10 + EXPORT_NAME_PADDING);
         assert!(reply[10..].iter().all(|&b| b == 0));
         // Extension bits the tracker does not implement are never offered.
-        let flags = TransmissionFlags::from_bits(u16::from_be_bytes([reply[8], reply[9]]));
+        let flags = TransmissionFlags::from_bits_retain(u16::from_be_bytes([reply[8], reply[9]]));
         assert_eq!(
             flags,
             TransmissionFlags::HAS_FLAGS | TransmissionFlags::READ_ONLY
@@ -1412,12 +1412,12 @@ mod tests {
 
     #[test]
     fn a_client_without_fixed_newstyle_may_only_send_export_name() {
-        let options = options_with(ClientFlags::EMPTY);
+        let options = options_with(ClientFlags::empty());
         assert!(matches!(
             options.handle_option(code(OptionCode::List), &[], &catalog()),
             OptionOutcome::Close(HandshakeError::RequiresFixedNewstyle { option: 3 })
         ));
-        let (_, reply) = went(options_with(ClientFlags::EMPTY).handle_option(
+        let (_, reply) = went(options_with(ClientFlags::empty()).handle_option(
             code(OptionCode::ExportName),
             b"data",
             &catalog(),
@@ -1486,7 +1486,7 @@ mod tests {
     }
 
     fn prepare(client_bits: u32, structured_replies: bool) -> Options {
-        let mut options = options_with(ClientFlags::from_bits(client_bits));
+        let mut options = options_with(ClientFlags::from_bits_retain(client_bits));
         options.structured_replies = structured_replies;
         options
     }
@@ -1606,7 +1606,7 @@ mod tests {
                 0..40,
             ),
         ) {
-            let mut options = options_with(ClientFlags::from_bits(client));
+            let mut options = options_with(ClientFlags::from_bits_retain(client));
             for (option, payload) in steps {
                 let outcome = options.handle_option(option, &payload, &catalog());
                 check_outcome(option, &outcome)?;

@@ -74,7 +74,7 @@
 //!
 //! // Transmission: read 28-byte request headers, validate, act, reply.
 //! let wire = RequestHeader {
-//!     flags: CommandFlags::EMPTY,
+//!     flags: CommandFlags::empty(),
 //!     kind: CommandType::Read.code(),
 //!     cookie: 7,
 //!     offset: 4096,

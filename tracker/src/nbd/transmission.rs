@@ -353,7 +353,7 @@ impl RequestHeader {
             return Err(FramingError::BadMagic { magic });
         }
         Ok(Self {
-            flags: CommandFlags::from_bits(fields.u16_at::<4>()),
+            flags: CommandFlags::from_bits_retain(fields.u16_at::<4>()),
             kind: fields.u16_at::<6>(),
             cookie: fields.u64_at::<8>(),
             offset: fields.u64_at::<16>(),
@@ -547,11 +547,11 @@ impl RequestHeader {
 
 /// The command flags a command may carry on this export.
 fn allowed_flags(command: CommandType, offered: TransmissionFlags) -> CommandFlags {
-    let mut allowed = CommandFlags::EMPTY;
+    let mut allowed = CommandFlags::empty();
     // FUA is valid on every command once advertised, even where it means
     // nothing (clients are known to set it on reads).
     if offered.contains(TransmissionFlags::SEND_FUA) {
-        allowed = allowed | CommandFlags::FUA;
+        allowed |= CommandFlags::FUA;
     }
     match command {
         CommandType::Read if offered.contains(TransmissionFlags::SEND_DF) => {
@@ -629,7 +629,7 @@ pub fn encode_chunk_header(
     let flags = if done {
         ReplyFlags::DONE
     } else {
-        ReplyFlags::EMPTY
+        ReplyFlags::empty()
     };
     let mut fields = Fields::zeroed();
     fields.set_u32_at::<0>(STRUCTURED_REPLY_MAGIC);
@@ -852,11 +852,11 @@ mod tests {
                 },
             ),
             (
-                request(CommandType::Flush, CommandFlags::EMPTY, 0, 0),
+                request(CommandType::Flush, CommandFlags::empty(), 0, 0),
                 Command::Flush,
             ),
             (
-                request(CommandType::Trim, CommandFlags::EMPTY, 512, 1 << 29),
+                request(CommandType::Trim, CommandFlags::empty(), 512, 1 << 29),
                 Command::Trim {
                     offset: 512,
                     length: 1 << 29,
@@ -864,7 +864,7 @@ mod tests {
                 },
             ),
             (
-                request(CommandType::Cache, CommandFlags::EMPTY, 0, 512),
+                request(CommandType::Cache, CommandFlags::empty(), 0, 512),
                 Command::Cache {
                     offset: 0,
                     length: 512,
@@ -903,13 +903,23 @@ mod tests {
     #[test]
     fn the_last_byte_of_the_export_is_in_range() {
         let session = full();
-        let header = request(CommandType::Read, CommandFlags::EMPTY, (1 << 30) - 512, 512);
+        let header = request(
+            CommandType::Read,
+            CommandFlags::empty(),
+            (1 << 30) - 512,
+            512,
+        );
         assert!(header.validate(&session).is_ok());
     }
 
     #[test]
     fn disconnect_is_never_refused() {
-        let header = request(CommandType::Disc, CommandFlags::from_bits(0xffff), 7, 9);
+        let header = request(
+            CommandType::Disc,
+            CommandFlags::from_bits_retain(0xffff),
+            7,
+            9,
+        );
         assert_eq!(header.validate(&full()), Ok(Command::Disconnect));
     }
 
@@ -917,7 +927,7 @@ mod tests {
     fn unknown_commands_are_invalid() {
         let header = RequestHeader {
             kind: 8,
-            ..request(CommandType::Read, CommandFlags::EMPTY, 0, 512)
+            ..request(CommandType::Read, CommandFlags::empty(), 0, 512)
         };
         assert_eq!(
             refusal(header, &full()),
@@ -931,18 +941,18 @@ mod tests {
 
     #[test]
     fn commands_that_were_not_offered_are_invalid() {
-        let bare = session_with(TransmissionFlags::EMPTY, None);
+        let bare = session_with(TransmissionFlags::empty(), None);
         for kind in [
             CommandType::Flush,
             CommandType::Trim,
             CommandType::WriteZeroes,
         ] {
-            let (reason, errno, _) = refusal(request(kind, CommandFlags::EMPTY, 0, 512), &bare);
+            let (reason, errno, _) = refusal(request(kind, CommandFlags::empty(), 0, 512), &bare);
             assert_eq!(reason, RequestError::NotOffered { command: kind });
             assert_eq!(errno, Errno::Inval);
         }
         // Cache is accepted unadvertised: clients send it regardless.
-        let cache = request(CommandType::Cache, CommandFlags::EMPTY, 0, 512);
+        let cache = request(CommandType::Cache, CommandFlags::empty(), 0, 512);
         assert!(cache.validate(&bare).is_ok());
     }
 
@@ -958,7 +968,7 @@ mod tests {
             (CommandType::Write, CommandFlags::PAYLOAD_LEN, &session),
             (
                 CommandType::Write,
-                CommandFlags::from_bits(0x8000),
+                CommandFlags::from_bits_retain(0x8000),
                 &session,
             ),
             (CommandType::Read, CommandFlags::FUA, &bare),
@@ -1005,7 +1015,7 @@ mod tests {
             CommandType::WriteZeroes,
         ] {
             let (reason, errno, recovery) =
-                refusal(request(kind, CommandFlags::EMPTY, 0, 4096), &read_only);
+                refusal(request(kind, CommandFlags::empty(), 0, 4096), &read_only);
             assert_eq!(reason, RequestError::ReadOnly { command: kind });
             assert_eq!(errno, Errno::Perm);
             let expected = if kind == CommandType::Write {
@@ -1015,7 +1025,7 @@ mod tests {
             };
             assert_eq!(recovery, expected);
         }
-        assert!(request(CommandType::Read, CommandFlags::EMPTY, 0, 4096)
+        assert!(request(CommandType::Read, CommandFlags::empty(), 0, 4096)
             .validate(&read_only)
             .is_ok());
     }
@@ -1023,7 +1033,7 @@ mod tests {
     #[test]
     fn flush_must_not_carry_a_range() {
         let (reason, errno, _) = refusal(
-            request(CommandType::Flush, CommandFlags::EMPTY, 0, 512),
+            request(CommandType::Flush, CommandFlags::empty(), 0, 512),
             &full(),
         );
         assert_eq!(
@@ -1047,7 +1057,7 @@ mod tests {
             CommandType::BlockStatus,
         ] {
             let (reason, errno, recovery) =
-                refusal(request(kind, CommandFlags::EMPTY, 0, 0), &full());
+                refusal(request(kind, CommandFlags::empty(), 0, 0), &full());
             assert_eq!(reason, RequestError::ZeroLength { command: kind });
             assert_eq!((errno, recovery), (Errno::Inval, Recovery::Reply));
         }
@@ -1057,7 +1067,7 @@ mod tests {
     fn misaligned_requests_are_invalid() {
         for (offset, length) in [(1, 512), (0, 513), (4095, 4096)] {
             let (reason, errno, recovery) = refusal(
-                request(CommandType::Write, CommandFlags::EMPTY, offset, length),
+                request(CommandType::Write, CommandFlags::empty(), offset, length),
                 &full(),
             );
             assert_eq!(
@@ -1090,7 +1100,7 @@ mod tests {
                     },
                 ),
                 (
-                    request(CommandType::WriteZeroes, CommandFlags::EMPTY, 0, length),
+                    request(CommandType::WriteZeroes, CommandFlags::empty(), 0, length),
                     Command::WriteZeroes {
                         offset: 0,
                         length,
@@ -1100,7 +1110,7 @@ mod tests {
                     },
                 ),
                 (
-                    request(CommandType::Read, CommandFlags::EMPTY, 0, length),
+                    request(CommandType::Read, CommandFlags::empty(), 0, length),
                     Command::Read {
                         offset: 0,
                         length,
@@ -1108,7 +1118,7 @@ mod tests {
                     },
                 ),
                 (
-                    request(CommandType::Cache, CommandFlags::EMPTY, 0, length),
+                    request(CommandType::Cache, CommandFlags::empty(), 0, length),
                     Command::Cache { offset: 0, length },
                 ),
             ];
@@ -1128,7 +1138,7 @@ mod tests {
             (large, 64 * MIB + 512, 64 * MIB),
         ] {
             // Up to an announced maximum above 32 MiB is accepted.
-            assert!(request(CommandType::Read, CommandFlags::EMPTY, 0, limit)
+            assert!(request(CommandType::Read, CommandFlags::empty(), 0, limit)
                 .validate(&session)
                 .is_ok());
             for kind in [
@@ -1138,7 +1148,7 @@ mod tests {
                 CommandType::WriteZeroes,
             ] {
                 let (reason, errno, _) =
-                    refusal(request(kind, CommandFlags::EMPTY, 0, length), &session);
+                    refusal(request(kind, CommandFlags::empty(), 0, length), &session);
                 assert_eq!(
                     reason,
                     RequestError::TooLarge {
@@ -1152,7 +1162,7 @@ mod tests {
         }
         // Trim and fast-zero write-zeroes stay unbounded.
         for header in [
-            request(CommandType::Trim, CommandFlags::EMPTY, 0, 64 * MIB),
+            request(CommandType::Trim, CommandFlags::empty(), 0, 64 * MIB),
             request(
                 CommandType::WriteZeroes,
                 CommandFlags::FAST_ZERO,
@@ -1167,7 +1177,7 @@ mod tests {
     #[test]
     fn an_oversized_write_payload_is_dropped_or_ends_the_connection() {
         // Past the end of the 1 GiB export, so refused at any length.
-        let header = |length| request(CommandType::Write, CommandFlags::EMPTY, 1 << 30, length);
+        let header = |length| request(CommandType::Write, CommandFlags::empty(), 1 << 30, length);
         assert_eq!(
             refusal(header(WRITE_DISCARD_LIMIT), &full()).2,
             Recovery::DiscardThenReply {
@@ -1195,7 +1205,7 @@ mod tests {
         ] {
             for offset in [size, size - 512 * 1023, u64::MAX - 511] {
                 let (reason, actual, _) = refusal(
-                    request(kind, CommandFlags::EMPTY, offset, 1024 * 512),
+                    request(kind, CommandFlags::empty(), offset, 1024 * 512),
                     &session,
                 );
                 assert!(
@@ -1209,9 +1219,9 @@ mod tests {
 
     #[test]
     fn block_status_needs_a_selected_context() {
-        let session = session_with(TransmissionFlags::EMPTY, None);
+        let session = session_with(TransmissionFlags::empty(), None);
         let (reason, errno, _) = refusal(
-            request(CommandType::BlockStatus, CommandFlags::EMPTY, 0, 512),
+            request(CommandType::BlockStatus, CommandFlags::empty(), 0, 512),
             &session,
         );
         assert_eq!((reason, errno), (RequestError::NoMetaContext, Errno::Inval));
@@ -1229,7 +1239,7 @@ mod tests {
             RequestError::CannotAvoidFragmenting { length: u32::MAX }
         );
         assert_eq!(errno, Errno::Overflow);
-        assert!(read(CommandFlags::EMPTY).validate(&session).is_ok());
+        assert!(read(CommandFlags::empty()).validate(&session).is_ok());
     }
 
     #[test]
@@ -1302,7 +1312,7 @@ mod tests {
         let extents = [
             Extent {
                 length: 4096,
-                status: ExtentStatus::EMPTY,
+                status: ExtentStatus::empty(),
             },
             Extent {
                 length: 8192,
@@ -1371,7 +1381,7 @@ mod tests {
                     name: "p".into(),
                     description: String::new(),
                     size,
-                    flags: TransmissionFlags::from_bits(flags),
+                    flags: TransmissionFlags::from_bits_retain(flags),
                     block_sizes,
                 },
                 structured_replies,
@@ -1403,7 +1413,7 @@ mod tests {
         let kind = prop_oneof![4 => 0u16..8, 1 => any::<u16>()];
         (flags, kind, any::<u64>(), offset, length).prop_map(
             |(flags, kind, cookie, offset, length)| RequestHeader {
-                flags: CommandFlags::from_bits(flags),
+                flags: CommandFlags::from_bits_retain(flags),
                 kind,
                 cookie,
                 offset,
@@ -1453,7 +1463,7 @@ mod tests {
                     let min = export.block_sizes.min();
                     prop_assert_eq!(offset % u64::from(min), 0);
                     prop_assert_eq!(length % min, 0);
-                    prop_assert!(header.flags.unknown().is_empty());
+                    prop_assert!(CommandFlags::all().contains(header.flags));
                     prop_assert!(!header.flags.contains(CommandFlags::PAYLOAD_LEN));
                     match command {
                         Command::Read { .. } | Command::Write { .. } | Command::Cache { .. } => {
@@ -1500,7 +1510,7 @@ mod tests {
         ) {
             let extents: Vec<Extent> = extents
                 .into_iter()
-                .map(|(length, status)| Extent { length, status: ExtentStatus::from_bits(status) })
+                .map(|(length, status)| Extent { length, status: ExtentStatus::from_bits_retain(status) })
                 .collect();
             let mut out = Vec::new();
             encode_block_status(cookie, 1, &extents, true, &mut out).unwrap();

@@ -241,7 +241,7 @@ pub(crate) fn advertised(
             .flags
             .intersection(TransmissionFlags::READ_ONLY | TransmissionFlags::ROTATIONAL);
     if multi_conn {
-        flags = flags | TransmissionFlags::CAN_MULTI_CONN;
+        flags |= TransmissionFlags::CAN_MULTI_CONN;
     }
     export.flags = flags;
     export.block_sizes = merged_block_sizes(export.block_sizes, limits);

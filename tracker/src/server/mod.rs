@@ -276,7 +276,7 @@ pub(crate) fn clip_extents(extents: Vec<Extent>, length: u32, req_one: bool) -> 
     if clipped.is_empty() {
         clipped.push(Extent {
             length,
-            status: ExtentStatus::EMPTY,
+            status: ExtentStatus::empty(),
         });
     }
     clipped

@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
 use tidemark_tracker::backend::Backend;
 use tidemark_tracker::nbd::constants::{
     CommandFlags, CommandType, Errno, ExtentStatus, OptionCode, TransmissionFlags,
@@ -173,7 +175,7 @@ impl Backend for MemoryBackend {
         self.range(disk, offset, u64::from(length))?;
         Ok(vec![Extent {
             length,
-            status: ExtentStatus::EMPTY,
+            status: ExtentStatus::empty(),
         }])
     }
 }
@@ -223,31 +225,9 @@ impl TestServer {
 
 /// A deterministic pseudo-random byte pattern.
 pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut rng = XorShift(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        out.extend_from_slice(&rng.next().to_le_bytes());
-    }
-    out.truncate(len);
+    let mut out = vec![0; len];
+    StdRng::seed_from_u64(seed).fill_bytes(&mut out);
     out
-}
-
-/// A tiny deterministic generator (xorshift); the seed must not be 0.
-pub struct XorShift(pub u64);
-
-impl XorShift {
-    /// The next number.
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    /// A number below `n`.
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 /// A reply as a raw client sees it.
@@ -393,7 +373,7 @@ impl RawClient {
     pub fn write(&mut self, cookie: u64, offset: u64, data: &[u8]) {
         self.request(
             CommandType::Write.code(),
-            CommandFlags::EMPTY,
+            CommandFlags::empty(),
             cookie,
             offset,
             data.len() as u32,
@@ -404,7 +384,7 @@ impl RawClient {
     pub fn read(&mut self, cookie: u64, offset: u64, length: u32) {
         self.request(
             CommandType::Read.code(),
-            CommandFlags::EMPTY,
+            CommandFlags::empty(),
             cookie,
             offset,
             length,
@@ -492,7 +472,14 @@ impl Bystander {
                 assert_eq!(client.read_bytes(4096), data, "bystander data");
                 rounds += 1;
             }
-            client.request(CommandType::Disc.code(), CommandFlags::EMPTY, 0, 0, 0, &[]);
+            client.request(
+                CommandType::Disc.code(),
+                CommandFlags::empty(),
+                0,
+                0,
+                0,
+                &[],
+            );
             assert!(client.closed_by_server(), "bystander disconnect");
             rounds
         });

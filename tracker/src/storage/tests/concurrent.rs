@@ -7,7 +7,10 @@
 use std::sync::Arc;
 use std::thread;
 
-use super::{image, options, Rng};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::{image, options};
 use crate::storage::{BlockDevice, DirectIo, SyncEngine, UringEngine};
 
 const THREADS: u64 = 8;
@@ -26,25 +29,25 @@ fn hammer(dev: Arc<dyn BlockDevice>, initial: &[u8]) -> Vec<u8> {
             let (start, len) = region(t);
             let mut model = initial[start as usize..(start + len) as usize].to_vec();
             thread::spawn(move || {
-                let mut rng = Rng::new(1000 + t);
+                let mut rng = StdRng::seed_from_u64(1000 + t);
                 let mut buf = vec![0u8; 64 << 10];
                 for round in 0..ROUNDS {
                     // Half the requests hug a region boundary, where the
                     // block is shared with the neighbour.
-                    let (at, n) = match rng.below(4) {
-                        0 => (rng.below(600), 1 + rng.below(600)),
+                    let (at, n) = match rng.random_range(0..4) {
+                        0 => (rng.random_range(0..600), 1 + rng.random_range(0..600)),
                         1 => {
-                            let n = 1 + rng.below(600);
-                            (len - n - rng.below(600 - n + 1).min(len - n), n)
+                            let n = 1 + rng.random_range(0..600);
+                            (len - n - rng.random_range(0..600 - n + 1).min(len - n), n)
                         }
                         _ => {
-                            let at = rng.below(len);
-                            (at, 1 + rng.below((len - at).min(64 << 10)))
+                            let at = rng.random_range(0..len);
+                            (at, 1 + rng.random_range(0..(len - at).min(64 << 10)))
                         }
                     };
                     let offset = start + at;
                     let range = at as usize..(at + n) as usize;
-                    match rng.below(10) {
+                    match rng.random_range(0..10) {
                         0 => {
                             dev.write_zeroes(offset, n).unwrap();
                             model[range].fill(0);

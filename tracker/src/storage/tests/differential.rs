@@ -12,7 +12,10 @@
 
 use proptest::prelude::*;
 
-use super::{image, options, strict, Rng};
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
+
+use super::{image, options, strict};
 use crate::storage::{
     AlignedBuf, BlockDevice, DirectIo, MemoryDevice, StorageError, SyncEngine, UringEngine,
 };
@@ -145,7 +148,7 @@ fn run(
                 seed,
             } => {
                 let data = &mut arena[misalign..misalign + len as usize];
-                Rng::new(seed).fill(data);
+                StdRng::seed_from_u64(seed).fill_bytes(data);
                 let ok = in_range(offset, len);
                 for (name, dev) in devices {
                     agree(name, &dev.write_at(data, offset), ok, 28, action);

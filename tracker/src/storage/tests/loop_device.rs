@@ -4,7 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::{image, options, Rng};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::{image, options};
 use crate::storage::{
     open_backing, BackingKind, BackingOptions, BlockDevice, DirectIo, EngineKind, SyncEngine,
     UringEngine,
@@ -43,7 +46,7 @@ impl Drop for LoopDevice {
 }
 
 fn exercise(dev: &dyn BlockDevice, model: &mut [u8], seed: u64) {
-    let mut rng = Rng::new(seed);
+    let mut rng = StdRng::seed_from_u64(seed);
     let size = model.len() as u64;
     let mut buf = vec![0u8; 300 << 10];
     // Aligned, unaligned, and end-of-device shapes.

@@ -10,42 +10,16 @@ mod strict;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
+
 use super::*;
-
-/// A small deterministic generator (xorshift64*), so tests need no RNG crate
-/// and failures replay exactly.
-pub(super) struct Rng(u64);
-
-impl Rng {
-    pub(super) fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    pub(super) fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// Uniform in `0..bound` (`bound` > 0), close enough for tests.
-    pub(super) fn below(&mut self, bound: u64) -> u64 {
-        self.next() % bound
-    }
-
-    pub(super) fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let word = self.next().to_le_bytes();
-            chunk.copy_from_slice(&word[..chunk.len()]);
-        }
-    }
-}
 
 /// Creates `name` in `dir`, `size` bytes of a pattern derived from `seed`,
 /// and returns its path and contents.
 pub(super) fn image(dir: &Path, name: &str, size: usize, seed: u64) -> (PathBuf, Vec<u8>) {
     let mut bytes = vec![0; size];
-    Rng::new(seed).fill(&mut bytes);
+    StdRng::seed_from_u64(seed).fill_bytes(&mut bytes);
     let path = dir.join(name);
     std::fs::write(&path, &bytes).expect("write test image");
     (path, bytes)
