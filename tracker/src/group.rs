@@ -11,19 +11,20 @@
 //! 2. its extent is made hot in the activity map, durably, before anything
 //!    is issued (invariant 4; the committer writes and syncs the map, every
 //!    write waiting at the time shares one fdatasync);
-//! 3. the backing device is written;
-//! 4. once the device write completed, the record is copied into the log's
-//!    buffer (data mode: the sequence number is taken here, in the short
-//!    critical section of the log), or the extent set in the dirty bitmap
-//!    (bitmap mode: the log is full or failed);
-//! 5. the range is unlocked and the write acknowledged. Its sequence number
-//!    was taken after every write acknowledged before it was submitted
-//!    (invariant 2).
+//! 3. the record is copied into the log's buffer (data mode: the sequence
+//!    number is taken here, in the short critical section of the log), or
+//!    the extent set in the dirty bitmap (bitmap mode: the log is full or
+//!    failed), and the backing device write is submitted at once: the two
+//!    are under way together (invariant 1);
+//! 4. once the device write completed, the range is unlocked and the write
+//!    acknowledged. Its sequence number was taken after every write
+//!    acknowledged before it was submitted (invariant 2).
 //!
-//! **A record is appended only for a write the device completed.** A failed
-//! backing write leaves no record, is answered with its error, and its
-//! extent stays hot (never cooled), so a resync after a crash re-reads it:
-//! the log never claims data the source does not hold.
+//! **A failed backing write is followed by a resync-needed record** of its
+//! range, is answered with its error, and its extent stays hot (never
+//! cooled), so a resync after a crash re-reads it too: a failed write
+//! leaves its range undefined on any disk, and the replica takes that
+//! range from what the source really holds (see [`crate::write_path`]).
 //!
 //! The committer ([`crate::commit`]) writes the log's buffer out in large
 //! writes and makes it durable for barriers; see there for the crash rule
@@ -694,7 +695,7 @@ impl Group {
         }
     }
 
-    /// Records a change the device completed: a log record in data mode
+    /// Records a change about to be applied to the device: a log record in data mode
     /// (copied into the log's buffer; a payload larger than one record
     /// becomes consecutive records), dirty bits in bitmap mode.
     pub(crate) fn record(&self, disk: u32, entry: &Entry<'_>) -> Recorded {
@@ -1120,8 +1121,23 @@ impl Group {
         self.disks.iter().map(|d| d.disk.name.clone()).collect()
     }
 
+    /// [`record`](Self::record), waiting on the calling thread while the
+    /// log's buffer is full. Returns the sequence number (0 in bitmap mode).
+    fn record_blocking(&self, disk: u32, entry: &Entry<'_>) -> u64 {
+        loop {
+            match self.record(disk, entry) {
+                Recorded::Logged(seq) => return seq,
+                Recorded::Dirty => return 0,
+                Recorded::NoRoom => {
+                    self.committer.nudge();
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                }
+            }
+        }
+    }
+
     /// One tracked modification on the calling thread, blocking: lock,
-    /// mark hot, apply, record, release (the synchronous engine; the event
+    /// mark hot, record, apply, release (the synchronous engine; the event
     /// loops do the same steps without blocking, in `write_path`).
     fn modify(
         &self,
@@ -1146,24 +1162,20 @@ impl Group {
                     return Err(Errno::Io);
                 }
             }
+            // Recorded first, then applied: the order of the event loops
+            // (see `write_path`, which also says why a failed device write
+            // is followed by a resync-needed record).
+            let seq = self.record_blocking(disk, &entry);
             if let Err(e) = apply(d.disk.device.as_ref()) {
-                // Nothing was recorded: the write failed and is reported so.
-                // The extent stays hot, so a resync re-reads it after a crash.
+                let compensation = Entry::resync_needed(disk, offset, len, now_ns());
+                self.record_blocking(disk, &compensation);
+                // The extent stays hot, so a crash before the compensation
+                // is durable re-reads it too.
                 self.release_hot(disk, offset, len, u64::MAX);
                 drop(range);
                 self.wake_parked();
                 return Err(errno_of(&e));
             }
-            let seq = loop {
-                match self.record(disk, &entry) {
-                    Recorded::Logged(seq) => break seq,
-                    Recorded::Dirty => break 0,
-                    Recorded::NoRoom => {
-                        self.committer.nudge();
-                        std::thread::sleep(std::time::Duration::from_micros(200));
-                    }
-                }
-            };
             self.release_hot(disk, offset, len, seq);
             drop(range);
             // Event-loop requests may be parked on this range.

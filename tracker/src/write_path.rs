@@ -7,16 +7,37 @@
 //! A modifying request (write, write-zeroes, trim) goes through:
 //!
 //! ```text
-//!  Range ──► Map ──► Device ──► Record ──► (FUA: Barrier) ──► reply
+//!  Range ──► Map ──► Record ──► Device ──► (FUA: Barrier) ──► reply
 //!   │         │        │          │
-//!   │ parked  │parked  │ I/O on   │ parked while the log's buffer is
-//!   │ while an│ until  │ the      │ full; the record is copied into it
-//!   │ overlap-│ the    │ shell's  │ only once the device write completed
-//!   │ ping    │ activ- │ ring     │ (a failed write is answered with its
-//!   │ range is│ ity map│          │ error and leaves no record)
-//!   │ held    │ is     │          │
-//!   ▼ (inv. 6)│ durable│          ▼
+//!   │ parked  │parked  │ parked   │ I/O on the shell's ring; the record
+//!   │ while an│ until  │ while the│ is already in the log's buffer, which
+//!   │ overlap-│ the    │ log's    │ the committer writes out in groups
+//!   │ ping    │ activ- │ buffer is│ meanwhile: the reply waits only for
+//!   │ range is│ ity map│ full     │ the device (and, with FUA, the
+//!   ▼ held    │ is     ▼          ▼ barrier)
+//!   (inv. 6)  │ durable
 //! ```
+//!
+//! The log append and the device write are thus under way together
+//! (DESIGN invariant 1): appending is a copy into the log's buffer, with
+//! its CRC, taken just before the device I/O is handed to the shell, and
+//! nothing waits for one before starting the other. The sequence number
+//! is taken before the device I/O is submitted, so a write acknowledged
+//! before another was submitted has the smaller one (invariant 2); the
+//! range lock spans both (invariant 6).
+//!
+//! **A device write that fails after its record was appended** is
+//! answered with its error, and a resync-needed record for its range
+//! follows it in the log (stage `Compensate`, which parks while the log's
+//! buffer is full; in bitmap mode the range's dirty bits do the same). A
+//! failed write leaves its range undefined on any disk (the device may
+//! have written part of it), so the replica must take the range from what
+//! the source disk really holds, not from the record: the shipper's
+//! checksum resync of a resync-needed range does exactly that. Like a
+//! write in flight at a crash, the failed write may show in a point taken
+//! while it was in flight; from the resync-needed record on, replica and
+//! source agree again. The range also stays hot in the activity map, so
+//! a crash before the compensation is durable re-reads it too.
 //!
 //! A FLUSH (or the FUA part of a write) is a barrier: the barrier record
 //! goes into the log and the committer is asked for it to be durable; the
@@ -61,6 +82,9 @@ struct Slot {
     id: u64,
     disk: u32,
     op: Op,
+    /// The request's range ([`GroupQueue::extent`]).
+    offset: u64,
+    len: u64,
     buf: Option<AlignedBuf>,
     started: Instant,
     /// Wall clock at arrival, ns since the epoch: the record's timestamp.
@@ -75,10 +99,14 @@ enum Stage {
     Range,
     /// Parked until the activity map is durable up to the ticket.
     Map(u64),
-    /// Its device I/O is in flight.
-    Device,
-    /// Parked until the log's buffer has room.
+    /// Parked until the log's buffer has room for its record.
     Record,
+    /// Its record is in (sequence number `seq`; 0 in bitmap mode) and its
+    /// device I/O in flight.
+    Device { seq: u64 },
+    /// Its device I/O failed: parked until the log's buffer has room for
+    /// the resync-needed record of its range; then answered `errno`.
+    Compensate { errno: Errno },
     /// A read in flight.
     Read,
     /// A barrier: the device flush `epoch` and the log (or dirty bitmap).
@@ -145,7 +173,8 @@ impl GroupQueue {
         }
     }
 
-    /// The range of a modifying request.
+    /// The range of a request (a write's length is its buffer's, which the
+    /// shell holds while the write is in flight: it is taken on arrival).
     fn extent(op: &Op, buf: Option<&AlignedBuf>) -> (u64, u64) {
         match *op {
             Op::Write { offset, .. } => (offset, buf.map_or(0, |b| b.len() as u64)),
@@ -160,7 +189,7 @@ impl GroupQueue {
         loop {
             let slot = self.slot(token);
             let (disk, op, stage) = (slot.disk, slot.op, slot.stage);
-            let (offset, len) = Self::extent(&op, slot.buf.as_ref());
+            let (offset, len) = (slot.offset, slot.len);
             match stage {
                 Stage::Range => {
                     let Some(ticket) = self.group.try_lock_range(disk, offset, len) else {
@@ -168,15 +197,11 @@ impl GroupQueue {
                     };
                     let next = match self.group.mark_hot(disk, offset, len) {
                         Some(map_ticket) => Stage::Map(map_ticket),
-                        None => Stage::Device,
+                        None => Stage::Record,
                     };
                     let slot = self.slot(token);
                     slot.range = Some(ticket);
                     slot.stage = next;
-                    if matches!(next, Stage::Device) {
-                        self.issue(token);
-                        return Progress::Moved;
-                    }
                 }
                 Stage::Map(ticket) => match self.group.maps_ready(ticket) {
                     None => return Progress::Blocked,
@@ -186,11 +211,7 @@ impl GroupQueue {
                         self.answer(token, Err(errno));
                         return Progress::Moved;
                     }
-                    Some(Ok(())) => {
-                        self.slot(token).stage = Stage::Device;
-                        self.issue(token);
-                        return Progress::Moved;
-                    }
+                    Some(Ok(())) => self.slot(token).stage = Stage::Record,
                 },
                 Stage::Record => {
                     let Some(slot) = self.slots.get(token).and_then(Option::as_ref) else {
@@ -217,21 +238,21 @@ impl GroupQueue {
                         Recorded::Dirty => 0,
                         Recorded::NoRoom => return Progress::Blocked,
                     };
-                    self.release(token, seq);
-                    let slot = self.slot(token);
-                    let bytes = match op {
-                        Op::Write { .. } => len,
-                        _ => 0,
-                    };
-                    let (started, fua) = (slot.started, op_fua(&op));
-                    if fua {
-                        self.start_barrier(token);
-                        // The write's own part is done; its latency counts
-                        // the barrier too, below, when it is answered.
-                        continue;
+                    // The record is in the log's buffer: the device write
+                    // goes out now, beside the log's write-out.
+                    self.slot(token).stage = Stage::Device { seq };
+                    self.issue(token);
+                    return Progress::Moved;
+                }
+                Stage::Compensate { errno } => {
+                    let entry = Entry::resync_needed(disk, offset, len, self.wall_ns(now));
+                    if let Recorded::NoRoom = self.group.record(disk, &entry) {
+                        return Progress::Blocked;
                     }
-                    self.group.count_write(started, now, bytes);
-                    self.answer(token, Ok(()));
+                    // The extent stays hot (never cooled), so a crash
+                    // before the compensation is durable re-reads it too.
+                    self.release(token, u64::MAX);
+                    self.answer(token, Err(errno));
                     return Progress::Moved;
                 }
                 Stage::Barrier {
@@ -270,7 +291,7 @@ impl GroupQueue {
                     self.answer(token, outcome);
                     return Progress::Moved;
                 }
-                Stage::Device | Stage::Read => return Progress::Moved,
+                Stage::Device { .. } | Stage::Read => return Progress::Moved,
             }
         }
     }
@@ -291,6 +312,30 @@ impl GroupQueue {
             kind,
             buf,
         });
+    }
+
+    /// A modification's device I/O completed and its record (sequence
+    /// number `seq`) is in: it is answered, or with FUA its barrier starts.
+    fn written(&mut self, token: usize, seq: u64, now: Instant) {
+        self.release(token, seq);
+        let slot = self.slot(token);
+        let (op, started) = (slot.op, slot.started);
+        if op_fua(&op) {
+            // The write's own part is done; its latency counts the barrier
+            // too, when the barrier answers it.
+            self.start_barrier(token);
+            if let Progress::Blocked = self.advance(token, now) {
+                self.parked.push_back(token);
+                self.retry_parked(now);
+            }
+            return;
+        }
+        let bytes = match op {
+            Op::Write { .. } => self.slot(token).len,
+            _ => 0,
+        };
+        self.group.count_write(started, now, bytes);
+        self.answer(token, Ok(()));
     }
 
     /// Starts the barrier of a FLUSH or of a FUA modification whose record
@@ -315,8 +360,8 @@ impl GroupQueue {
     /// [`Group::release_hot`].
     fn release(&mut self, token: usize, seq: u64) {
         let slot = self.slot(token);
-        let (disk, op) = (slot.disk, slot.op);
-        let (offset, len) = Self::extent(&op, slot.buf.as_ref());
+        let disk = slot.disk;
+        let (offset, len) = (slot.offset, slot.len);
         let range = slot.range.take();
         self.group.release_hot(disk, offset, len, seq);
         if let Some(ticket) = range {
@@ -373,10 +418,13 @@ impl Queue for GroupQueue {
             Op::Flush => Stage::Range, // replaced by the barrier below
             Op::Write { .. } | Op::WriteZeroes { .. } | Op::Trim { .. } => Stage::Range,
         };
+        let (offset, len) = Self::extent(&op, buf.as_ref());
         let slot = Slot {
             id,
             disk,
             op,
+            offset,
+            len,
             buf,
             started: now,
             timestamp_ns: self.wall_ns(now),
@@ -440,16 +488,10 @@ impl Queue for GroupQueue {
         }
         match slot.stage {
             Stage::Read => self.answer(token, result),
-            Stage::Device => match result {
+            Stage::Device { seq } => match result {
+                Ok(()) => self.written(token, seq, now),
                 Err(errno) => {
-                    // Nothing was recorded: the write failed and is
-                    // reported so. The extent stays hot, so a resync
-                    // re-reads it after a crash.
-                    self.release(token, u64::MAX);
-                    self.answer(token, Err(errno));
-                }
-                Ok(()) => {
-                    self.slot(token).stage = Stage::Record;
+                    self.slot(token).stage = Stage::Compensate { errno };
                     if let Progress::Blocked = self.advance(token, now) {
                         self.parked.push_back(token);
                         self.retry_parked(now);
@@ -467,7 +509,7 @@ impl Queue for GroupQueue {
                     self.retry_parked(now);
                 }
             }
-            Stage::Range | Stage::Map(_) | Stage::Record => {
+            Stage::Range | Stage::Map(_) | Stage::Record | Stage::Compensate { .. } => {
                 tracing::error!(token, "I/O completion for a request not waiting for one");
             }
         }

@@ -8,12 +8,17 @@
 //! - one connection's random requests, performed by the event loop and,
 //!   one by one, by the synchronous engine (the group's blocking
 //!   `Backend`, the oracle) on a second group, give the same image and the
-//!   same records.
+//!   same records;
+//! - the queue core itself, driven by the test as its shell: a write's
+//!   record is taken before its device write completes, and a device
+//!   write that fails is answered with its error and followed by a
+//!   resync-needed record of its range.
 
 mod server_support;
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Instant;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -22,9 +27,13 @@ use tidemark_changelog::replay::{apply, ReplaySummary, ReplayTarget};
 use tidemark_changelog::{FsDir, Kind, LogOptions, LogReader, Record};
 use tidemark_tracker::backend::Backend;
 use tidemark_tracker::group::{Group, GroupDisk, GroupOptions};
-use tidemark_tracker::nbd::constants::{CommandFlags, CommandType};
+use tidemark_tracker::nbd::constants::{CommandFlags, CommandType, Errno};
+use tidemark_tracker::queue::{Io, IoKind, Op, Queue, QueueWaker, Request};
 use tidemark_tracker::server::{Frontend, Server, ServerOptions};
-use tidemark_tracker::storage::{open_backing, BackingOptions, BlockDevice, DirectIo, EngineKind};
+use tidemark_tracker::storage::{
+    open_backing, AlignedBuf, BackingOptions, BlockDevice, DirectIo, EngineKind,
+};
+use tidemark_tracker::write_path::GroupQueue;
 
 const DISK: u64 = 8 << 20;
 
@@ -395,4 +404,99 @@ fn the_event_loop_changes_nothing_before_the_group_runs() {
         .unwrap()
         .iter()
         .all(|&b| b == 0));
+}
+
+/// The queue core of a running group, driven directly (no socket, no
+/// ring): the test plays the shell.
+fn core_of(group: &Arc<Group>) -> GroupQueue {
+    GroupQueue::new(
+        Arc::clone(group),
+        QueueWaker::new().unwrap(),
+        Instant::now(),
+    )
+}
+
+/// The next device I/O of `core`, playing the shell's wait for the queue's
+/// waker (a request parks, e.g., until the activity map is durable).
+fn next_io(core: &mut GroupQueue) -> Io {
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Some(io) = core.poll_io() {
+            return io;
+        }
+        assert!(Instant::now() < deadline, "no device I/O came out");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        core.handle_wake(Instant::now());
+    }
+}
+
+fn write_request(id: u64, offset: u64, byte: u8, len: usize) -> Request {
+    let mut buf = AlignedBuf::page_aligned(len);
+    buf.fill(byte);
+    Request {
+        id,
+        disk: 0,
+        op: Op::Write { offset, fua: false },
+        buf: Some(buf),
+    }
+}
+
+#[test]
+fn a_write_is_recorded_before_its_device_write_completes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let group = open_group(tmp.path(), DirectIo::Off);
+    let mut core = core_of(&group);
+    let before = group.status().next_seq;
+    core.handle_request(write_request(1, 8192, 0xa5, 4096), Instant::now());
+    let io = next_io(&mut core);
+    assert!(matches!(io.kind, IoKind::Write { offset: 8192 }), "{io:?}");
+    // The record took its sequence number before the device I/O went out:
+    // the log append and the device write are under way together.
+    assert_eq!(group.status().next_seq, before + 1);
+    assert!(
+        core.poll_reply().is_none(),
+        "answered before the device wrote"
+    );
+    core.handle_io(io.token, Ok(()), io.buf, Instant::now());
+    let reply = core.poll_reply().expect("answered once the device wrote");
+    assert_eq!((reply.id, reply.result), (1, Ok(())));
+    assert_eq!(core.in_flight(), 0);
+}
+
+#[test]
+fn a_failed_device_write_is_answered_with_its_error_and_its_range_marked_resync_needed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let group = open_group(tmp.path(), DirectIo::Off);
+    let mut core = core_of(&group);
+    core.handle_request(write_request(1, 1 << 20, 0x5a, 8192), Instant::now());
+    let io = next_io(&mut core);
+    core.handle_io(io.token, Err(Errno::Io), io.buf, Instant::now());
+    let reply = core.poll_reply().expect("the failure is answered");
+    assert_eq!((reply.id, reply.result), (1, Err(Errno::Io)));
+    assert_eq!(core.in_flight(), 0);
+    // The range is free again: a later write to it goes through.
+    core.handle_request(write_request(2, 1 << 20, 0x11, 4096), Instant::now());
+    let io = next_io(&mut core);
+    core.handle_io(io.token, Ok(()), io.buf, Instant::now());
+    assert_eq!(core.poll_reply().unwrap().result, Ok(()));
+    Backend::flush(&*group, 0).unwrap();
+    // The failed write's extent never cools: a crash before the
+    // compensation is durable re-reads it too.
+    assert_eq!(group.status().hot_extents, vec![1]);
+    drop(core);
+    group.close_clean().unwrap();
+    let kinds: Vec<_> = records(&tmp.path().join("log"))
+        .iter()
+        .map(|r| (r.header.kind, r.header.offset, r.header.length))
+        .collect();
+    // (The clean stop's own barrier follows.)
+    assert_eq!(
+        kinds[..4],
+        [
+            (Kind::Write, 1 << 20, 8192),
+            (Kind::ResyncNeeded, 1 << 20, 8192),
+            (Kind::Write, 1 << 20, 4096),
+            (Kind::Barrier, 0, 0),
+        ]
+    );
 }
