@@ -1058,6 +1058,7 @@ mod tests {
             rpo_target_seconds: 300.0,
             protocol_version: Some(2),
             receiver_software: None,
+            peer_timeouts_total: 0,
         }
     }
 

@@ -41,6 +41,7 @@
 
 mod address;
 mod error;
+mod liveness;
 pub mod plan;
 pub mod receiver;
 mod rules;
@@ -60,6 +61,7 @@ use toml::de::DeTable;
 
 pub use address::HostPort;
 pub use error::{ConfigError, FieldPath, SourceLocation, ValueError};
+pub use liveness::LivenessConfig;
 pub use plan::{GroupRef, PlanConfig, PlanStep};
 pub use receiver::{HostEntry, ReceiverConfig, RetentionConfig, ServerTlsConfig};
 pub use schedule::{TimeOfDay, TimeWindow};

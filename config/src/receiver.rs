@@ -10,7 +10,7 @@ use tidemark_names::Name;
 
 use crate::error::{ConfigError, FieldPath};
 use crate::rules;
-use crate::{ByteSize, Duration};
+use crate::{ByteSize, Duration, LivenessConfig};
 
 /// Configuration of `tidemark-receiver`, the `[receiver]` table.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,6 +47,11 @@ pub struct ReceiverConfig {
     /// Default: 24 hours, at most 100000 points, no space limit.
     pub retention: RetentionConfig,
 
+    /// How fast a dead shipper is noticed, the `[receiver.liveness]`
+    /// table. Default: a keep-alive every second, dead after 4 s of
+    /// silence.
+    pub liveness: LivenessConfig,
+
     /// Enrolled protected hosts, one `[[receiver.host]]` table each.
     /// Default: none (hosts can be enrolled at run time with the CLI).
     #[serde(rename = "host", deserialize_with = "host_tables")]
@@ -66,6 +71,7 @@ impl Default for ReceiverConfig {
             control_socket: PathBuf::from("/run/tidemark/receiver.ctl"),
             tls: ServerTlsConfig::default(),
             retention: RetentionConfig::default(),
+            liveness: LivenessConfig::default(),
             hosts: Vec::new(),
         }
     }
@@ -180,6 +186,8 @@ impl ReceiverConfig {
         ] {
             rules::check_path(path).map_err(|m| invalid(tls.key(key), m))?;
         }
+
+        self.liveness.validate(&at.key("liveness"))?;
 
         let retention = at.key("retention");
         if self.retention.window.get().is_zero() {

@@ -9,7 +9,7 @@ use tidemark_names::Name;
 
 use crate::error::{ConfigError, FieldPath};
 use crate::rules;
-use crate::{ByteSize, Duration, HostPort, TimeWindow};
+use crate::{ByteSize, Duration, HostPort, LivenessConfig, TimeWindow};
 
 /// zstd levels the shipper accepts: the fast negative levels up to the
 /// strongest regular level.
@@ -110,6 +110,12 @@ pub struct ShipperConfig {
     /// `[shipper.retry]` table. Default: 1s doubling up to 60s, 20% jitter.
     #[serde(default)]
     pub retry: RetryConfig,
+
+    /// How fast a dead receiver is noticed, the `[shipper.liveness]`
+    /// table. Default: a keep-alive every second, dead after 4 s of
+    /// silence.
+    #[serde(default)]
+    pub liveness: LivenessConfig,
 }
 
 fn default_consistency_group() -> Name {
@@ -172,6 +178,7 @@ impl ShipperConfig {
             tls: ClientTlsConfig::default(),
             bandwidth: BandwidthConfig::default(),
             retry: RetryConfig::default(),
+            liveness: LivenessConfig::default(),
         }
     }
 
@@ -208,6 +215,7 @@ impl ShipperConfig {
         self.tls.validate(&at.key("tls"))?;
         self.bandwidth.validate(&at.key("bandwidth"))?;
         self.retry.validate(&at.key("retry"))?;
+        self.liveness.validate(&at.key("liveness"))?;
         Ok(())
     }
 }

@@ -21,12 +21,17 @@ pub const STREAM_RECEIVE_WINDOW: u32 = 16 << 20;
 pub const CONNECTION_RECEIVE_WINDOW: u32 = 32 << 20;
 /// Bytes a sender may have unacknowledged across all streams.
 pub const SEND_WINDOW: u64 = 32 << 20;
-/// Keep-alive interval: keeps NAT and firewall state alive and notices a dead
-/// path well before the idle timeout.
-pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
-/// A connection with no traffic (not even keep-alives) for this long is dead.
-pub const IDLE_TIMEOUT: Duration = Duration::from_millis(IDLE_TIMEOUT_MS as u64);
-const IDLE_TIMEOUT_MS: u32 = 30_000;
+/// Keep-alive interval by default: keeps NAT and firewall state alive and
+/// lets a peer that hears nothing tell a dead connection from a quiet one
+/// (the `keep-alive` of the `[shipper.liveness]` / `[receiver.liveness]`
+/// tables, which override it).
+pub const KEEP_ALIVE: Duration = Duration::from_secs(1);
+/// By default, a connection with no traffic from the peer (not even
+/// keep-alives) for this long is dead: a killed, frozen or unreachable
+/// peer is noticed within it (the tables' `peer-timeout`). Four keep-alive
+/// intervals: with one packet in three lost, a live link still gets
+/// several packets through in every window.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// UDP socket buffer size requested for each direction. Linux caps it at
 /// `net.core.rmem_max` / `net.core.wmem_max`.
 pub const UDP_BUFFER_BYTES: usize = 8 << 20;
@@ -76,15 +81,25 @@ impl SocketBuffers {
 /// [`KEEP_ALIVE`] and idle timeout [`IDLE_TIMEOUT`]. Everything else is
 /// quinn's default (Cubic, GSO on, MTU discovery on).
 pub fn transport_config() -> quinn::TransportConfig {
+    transport_config_with(KEEP_ALIVE, IDLE_TIMEOUT)
+}
+
+/// [`transport_config`] with the keep-alive interval and the idle timeout
+/// configured (the two ends agree on the shorter idle timeout). An idle
+/// timeout beyond QUIC's range (2^62 ms) is taken as that maximum.
+pub fn transport_config_with(
+    keep_alive: Duration,
+    idle_timeout: Duration,
+) -> quinn::TransportConfig {
     let mut config = quinn::TransportConfig::default();
+    let idle = quinn::IdleTimeout::try_from(idle_timeout)
+        .unwrap_or_else(|_| quinn::IdleTimeout::from(quinn::VarInt::MAX));
     config
         .stream_receive_window(quinn::VarInt::from_u32(STREAM_RECEIVE_WINDOW))
         .receive_window(quinn::VarInt::from_u32(CONNECTION_RECEIVE_WINDOW))
         .send_window(SEND_WINDOW)
-        .keep_alive_interval(Some(KEEP_ALIVE))
-        .max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
-            IDLE_TIMEOUT_MS,
-        ))));
+        .keep_alive_interval(Some(keep_alive))
+        .max_idle_timeout(Some(idle));
     config
 }
 

@@ -13,6 +13,8 @@ pub mod endpoint;
 pub mod pki;
 pub mod tls;
 
-pub use endpoint::{client_endpoint, server_endpoint, transport_config, SocketBuffers};
+pub use endpoint::{
+    client_endpoint, server_endpoint, transport_config, transport_config_with, SocketBuffers,
+};
 pub use pki::{host_request, init_receiver, sign_host, PkiError};
 pub use tls::{client_config, peer_host, server_config, ALPN};

@@ -59,6 +59,11 @@ struct Server {
     revoked: HashSet<Name>,
     groups: Groups,
     stats: Mutex<HashMap<GroupKey, Arc<GroupStats>>>,
+    /// Connections per host that ended because the shipper fell silent
+    /// for the peer timeout (killed, frozen, unreachable).
+    peer_timeouts: Mutex<std::collections::BTreeMap<Name, u64>>,
+    /// The peer timeout, for what is logged.
+    peer_timeout: Duration,
 }
 
 /// Counters of one host's group since the receiver started.
@@ -116,8 +121,21 @@ struct GroupSample {
 
 /// The receiver's metrics from one sample per group and the time now
 /// (ns since the Unix epoch).
-fn collect_metrics(samples: &[GroupSample], now_ns: u64) -> Exposition {
+fn collect_metrics(
+    samples: &[GroupSample],
+    peer_timeouts: &[(String, u64)],
+    now_ns: u64,
+) -> Exposition {
     let mut e = Exposition::new();
+    for (host, count) in peer_timeouts {
+        e.counter(
+            "tidemark_receiver_peer_timeouts",
+            "Connections of the host that ended because its shipper sent nothing for the peer timeout ([receiver.liveness]).",
+            None,
+            &labels(&[("host", host)]),
+            *count,
+        );
+    }
     for s in samples {
         let g = labels(&[("host", &s.host), ("group", &s.group)]);
         e.gauge(
@@ -276,8 +294,12 @@ pub async fn run(
     // session opens one, too late to keep a second receiver from serving.
     let _lock = tidemark_changelog::DirLock::acquire(&cfg.data_dir, LOCK_FILE, "receiver")
         .map_err(|e| ReceiverFatal::Setup(e.to_string()))?;
-    let server_cfg = tidemark_net::server_config(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)
+    let mut server_cfg = tidemark_net::server_config(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)
         .map_err(|e| ReceiverFatal::Setup(format!("TLS: {e}")))?;
+    server_cfg.transport_config(Arc::new(tidemark_net::transport_config_with(
+        cfg.liveness.keep_alive.get(),
+        cfg.liveness.peer_timeout.get(),
+    )));
     let (endpoint, _buffers) = tidemark_net::server_endpoint(cfg.listen, server_cfg)
         .map_err(|e| ReceiverFatal::Setup(format!("listening on {}: {e}", cfg.listen)))?;
     let addr = endpoint
@@ -300,12 +322,19 @@ pub async fn run(
             .collect(),
         groups: Arc::new(Mutex::new(HashMap::new())),
         stats: Mutex::new(HashMap::new()),
+        peer_timeouts: Mutex::new(std::collections::BTreeMap::new()),
+        peer_timeout: cfg.liveness.peer_timeout.get(),
     });
     let metrics = match metrics_listen {
         Some(maddr) => {
             let srv = server.clone();
-            let render: tidemark_metrics::Render =
-                Arc::new(move || collect_metrics(&srv.samples(), tidemark_changelog::now_ns()));
+            let render: tidemark_metrics::Render = Arc::new(move || {
+                collect_metrics(
+                    &srv.samples(),
+                    &srv.peer_timeout_counts(),
+                    tidemark_changelog::now_ns(),
+                )
+            });
             match MetricsServer::bind(maddr, render).await {
                 Ok(m) => Some(m),
                 Err(e) => {
@@ -388,14 +417,43 @@ impl Server {
             let (send, recv) = match conn.accept_bi().await {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::info!(%host, reason = %e, "connection ended");
+                    if !self.noticed_silence(&host, &conn) {
+                        tracing::info!(%host, reason = %e, "connection ended");
+                    }
                     return;
                 }
             };
             if let Err(e) = self.session(&host, send, recv).await {
+                if self.noticed_silence(&host, &conn) {
+                    return;
+                }
                 tracing::warn!(%host, error = %e, "session ended");
             }
         }
+    }
+
+    /// Whether `conn` ended because the shipper fell silent for the peer
+    /// timeout; if so it is counted and said once, in words an admin acts
+    /// on.
+    fn noticed_silence(&self, host: &Name, conn: &quinn::Connection) -> bool {
+        if !matches!(conn.close_reason(), Some(quinn::ConnectionError::TimedOut)) {
+            return false;
+        }
+        *lock(&self.peer_timeouts).entry(host.clone()).or_default() += 1;
+        tracing::warn!(
+            %host,
+            peer_timeout = ?self.peer_timeout,
+            "the shipper stopped answering (killed, frozen or unreachable); its connection is closed, it reconnects when it is back"
+        );
+        true
+    }
+
+    /// [`Server::peer_timeouts`] as metric samples.
+    fn peer_timeout_counts(&self) -> Vec<(String, u64)> {
+        lock(&self.peer_timeouts)
+            .iter()
+            .map(|(host, n)| (host.to_string(), *n))
+            .collect()
     }
 
     /// Opens (or finds open) the store of a host's group.
@@ -639,8 +697,8 @@ mod tests {
             bytes: 4096,
             sessions: 1,
         }];
-        let t =
-            collect_metrics(&samples, 4_000_000_000).render(tidemark_metrics::Format::OpenMetrics);
+        let t = collect_metrics(&samples, &[("db1".into(), 2)], 4_000_000_000)
+            .render(tidemark_metrics::Format::OpenMetrics);
         for want in [
             "tidemark_receiver_durable_sequence{host=\"db1\",group=\"g\"} 42.0\n",
             "tidemark_receiver_applied_records_total{host=\"db1\",group=\"g\"} 40\n",
@@ -653,6 +711,7 @@ mod tests {
             "tidemark_receiver_group_state{host=\"db1\",group=\"g\",state=\"consistent\"} 1.0\n",
             "tidemark_receiver_group_state{host=\"db1\",group=\"g\",state=\"resyncing\"} 0.0\n",
             "tidemark_receiver_sessions{host=\"db1\",group=\"g\"} 1.0\n",
+            "tidemark_receiver_peer_timeouts_total{host=\"db1\"} 2\n",
         ] {
             assert!(t.contains(want), "missing {want:?} in\n{t}");
         }
@@ -661,7 +720,8 @@ mod tests {
             last_barrier_ns: None,
             ..samples[0].clone()
         }];
-        let t = collect_metrics(&none, 4_000_000_000).render(tidemark_metrics::Format::OpenMetrics);
+        let t = collect_metrics(&none, &[], 4_000_000_000)
+            .render(tidemark_metrics::Format::OpenMetrics);
         assert!(!t.contains("last_barrier_age_seconds{"), "{t}");
     }
 }

@@ -98,6 +98,15 @@ pub enum SessionError {
         /// The connection's end.
         source: quinn::ConnectionError,
     },
+    /// The receiver sent nothing for the peer timeout.
+    #[error(
+        "{context}: the receiver stopped answering (nothing heard for the peer timeout, \
+         [shipper.liveness]): it is down, frozen or unreachable"
+    )]
+    PeerSilent {
+        /// What was being done.
+        context: &'static str,
+    },
     /// The connection was lost.
     #[error("{context}: {source}")]
     Connection {
@@ -182,6 +191,7 @@ impl SessionError {
             | SessionError::UnknownDisk(_)
             | SessionError::Cursor(_) => ErrorClass::Permanent,
             SessionError::Connection { .. }
+            | SessionError::PeerSilent { .. }
             | SessionError::Connect { .. }
             | SessionError::Write(_)
             | SessionError::Read(_)
@@ -240,6 +250,7 @@ fn connection_end(source: quinn::ConnectionError, context: &'static str) -> Sess
         {
             SessionError::HostRefused { context, source }
         }
+        C::TimedOut => SessionError::PeerSilent { context },
         _ => SessionError::Connection { context, source },
     }
 }
@@ -377,6 +388,13 @@ fn collect_metrics(s: &ShipperStatus, lag: HistogramSnapshot, now_ns: u64) -> Ex
         &g,
         s.retries_total,
     );
+    e.counter(
+        "tidemark_shipper_peer_timeouts",
+        "Connections that ended because the receiver sent nothing for the peer timeout ([shipper.liveness]).",
+        None,
+        &g,
+        s.peer_timeouts_total,
+    );
     let class = s.last_error_class.map_or("none", FailureClass::name);
     let mut l = g.clone();
     l.push(("class".to_string(), class.to_string()));
@@ -455,8 +473,12 @@ pub async fn run(
     // until the shipper returns.
     let _lock = DirLock::acquire(&cfg.log_dir, LOCK_FILE, "shipper")
         .map_err(|e| ShipperFatal::Setup(e.to_string()))?;
-    let client = tidemark_net::client_config(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)
+    let mut client = tidemark_net::client_config(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)
         .map_err(|e| ShipperFatal::Setup(format!("TLS: {e}")))?;
+    client.transport_config(Arc::new(tidemark_net::transport_config_with(
+        cfg.liveness.keep_alive.get(),
+        cfg.liveness.peer_timeout.get(),
+    )));
     let addr = resolve(&cfg)?;
     let bind: SocketAddr = if addr.is_ipv6() {
         "[::]:0".parse().expect("literal address")
@@ -515,6 +537,7 @@ pub async fn run(
         rpo_target_seconds: cfg.rpo_target.get().as_secs_f64(),
         protocol_version: None,
         receiver_software: None,
+        peer_timeouts_total: 0,
     };
     let metrics = Arc::new(ShipperMetrics {
         snapshot: std::sync::Mutex::new(status.clone()),
@@ -574,6 +597,9 @@ pub async fn run(
             }
             SessionEnd::Failed(e) => {
                 let reason = e.to_string();
+                if matches!(e, SessionError::PeerSilent { .. }) {
+                    shared.status.peer_timeouts_total += 1;
+                }
                 let delay = backoff.next_delay(rand::random::<f64>());
                 shared.status.state = State::Connecting;
                 shared.status.protocol_version = None;
@@ -1120,6 +1146,7 @@ mod tests {
             rpo_target_seconds: 300.0,
             protocol_version: Some(2),
             receiver_software: None,
+            peer_timeouts_total: 3,
         };
         let lag = Histogram::new(&[1.0]).snapshot();
         let t = collect_metrics(&status, lag, 3_000_000_000)
@@ -1133,6 +1160,7 @@ mod tests {
             "tidemark_shipper_record_bytes_total{host=\"db1\",group=\"g\"} 250\n",
             "tidemark_shipper_initial_sync_done_bytes{host=\"db1\",group=\"g\",disk=\"vda\"} 4096.0\n",
             "tidemark_shipper_retries_total{host=\"db1\",group=\"g\"} 2\n",
+            "tidemark_shipper_peer_timeouts_total{host=\"db1\",group=\"g\"} 3\n",
             "tidemark_shipper_last_error_info{host=\"db1\",group=\"g\",class=\"transient\"} 1",
         ] {
             assert!(t.contains(want), "missing {want:?} in\n{t}");

@@ -155,6 +155,11 @@ pub struct ShipperStatus {
     /// `None` while not connected or not named.
     #[serde(default)]
     pub receiver_software: Option<String>,
+    /// Connections since start that ended because the receiver sent
+    /// nothing for the peer timeout (`[shipper.liveness]`): killed,
+    /// frozen or unreachable.
+    #[serde(default)]
+    pub peer_timeouts_total: u64,
 }
 
 impl ShipperStatus {
@@ -281,6 +286,7 @@ mod tests {
             rpo_target_seconds: 300.0,
             protocol_version: Some(2),
             receiver_software: Some("0.1.0".into()),
+            peer_timeouts_total: 0,
         }
     }
 

@@ -382,7 +382,7 @@ fn sigkilled_receiver_reopens_consistent_with_every_point_correct() {
             None => {
                 let r = start_receiver_with(&replicas, dir, &rpki, port, RETENTION);
                 // A SIGKILLed receiver closes nothing: the old shipper would
-                // notice only at the QUIC idle timeout (30 s). A new one
+                // notice only at the peer timeout (4 s). A new one
                 // connects at once.
                 if let Some(s) = shipper.take() {
                     assert!(s.stop().success());
