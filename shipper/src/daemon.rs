@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use crate::policy::{local_minute_of_day, Backoff, Bandwidth};
 use crate::source::{ChunkContent, SourceDisk};
-use crate::status::{write_status, DiskProgress, ErrorClass as FailureClass, ShipperStatus, State};
+use crate::status::{write_status, DiskProgress, ShipperStatus, State};
 use crate::tail::{first_record_from, newest_generation, LogTail, TailError};
 use tidemark_metrics::{labels, Exposition, Histogram, HistogramSnapshot, MetricsServer, Unit};
 
@@ -377,7 +377,7 @@ fn collect_metrics(s: &ShipperStatus, lag: HistogramSnapshot, now_ns: u64) -> Ex
         &g,
         s.retries_total,
     );
-    let class = s.last_error_class.map_or("none", FailureClass::name);
+    let class = s.last_error_class.map_or("none", ErrorClass::name);
     let mut l = g.clone();
     l.push(("class".to_string(), class.to_string()));
     e.info(
@@ -568,7 +568,7 @@ pub async fn run(
                 tracing::error!(%reason, "permanent failure: replication stops, the group is critical");
                 shared.status.state = State::Critical;
                 shared.status.reason = Some(reason);
-                shared.status.last_error_class = Some(FailureClass::Permanent);
+                shared.status.last_error_class = Some(ErrorClass::Permanent);
                 shared.publish(true);
                 return Err(ShipperFatal::Critical(e));
             }
@@ -580,7 +580,7 @@ pub async fn run(
                 shared.status.receiver_software = None;
                 shared.status.retries = backoff.attempts();
                 shared.status.retries_total += 1;
-                shared.status.last_error_class = Some(FailureClass::Transient);
+                shared.status.last_error_class = Some(ErrorClass::Transient);
                 shared.status.reason = Some(reason.clone());
                 shared.publish(true);
                 tracing::warn!(%reason, retry_in = ?delay, attempt = backoff.attempts(), "transient failure; reconnecting");
@@ -1115,7 +1115,7 @@ mod tests {
             resync_bytes_sent: 0,
             updated_unix: 0,
             retries_total: 2,
-            last_error_class: Some(FailureClass::Transient),
+            last_error_class: Some(ErrorClass::Transient),
             oldest_unacked_ns: Some(1_000_000_000),
             rpo_target_seconds: 300.0,
             protocol_version: Some(2),

@@ -260,13 +260,26 @@ impl fmt::Debug for ChunkData {
     }
 }
 
-/// Whether retrying can help.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// Whether retrying can help: the class an error message carries, and the
+/// class of the shipper's last failure in its status file (as `transient`
+/// or `permanent`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum ErrorClass {
     /// Retry with backoff (network, busy, disk full, damaged frame).
     Transient,
     /// Stop and mark the disks critical until an admin acts.
     Permanent,
+}
+
+impl ErrorClass {
+    /// `transient` or `permanent`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorClass::Transient => "transient",
+            ErrorClass::Permanent => "permanent",
+        }
+    }
 }
 
 /// What went wrong, for the peer's status and metrics.
