@@ -9,6 +9,7 @@
 //!   overflow.
 //! - [`reader`]: reading in order and tailing without polling.
 //! - [`cursor`]: the receiver's durable position, which frees segments.
+//! - [`disk`]: a byte range of a disk ([`Extent`]).
 //! - [`sources`]: the group's disks (name, size, path) for the shipper.
 //! - [`check`](mod@check) and [`replay`]: the inspection tools' logic.
 //! - [`storage`] and [`lock`]: the storage seam the log runs on, from
@@ -17,6 +18,7 @@
 
 pub mod check;
 pub mod cursor;
+pub mod disk;
 pub mod log;
 pub mod reader;
 pub mod record;
@@ -30,6 +32,7 @@ pub use tidemark_durable::lock;
 
 pub use check::{check, CheckReport};
 pub use cursor::{read_cursor, write_cursor};
+pub use disk::Extent;
 pub use lock::{DirLock, LockError};
 pub use log::{
     AppendError, ChangeLog, Cut, LogDamage, LogIo, LogOptions, OpenError, Recovery, RecoveryPolicy,

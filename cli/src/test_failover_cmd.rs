@@ -34,7 +34,7 @@ use tidemark_receiver::store::{DiskSpec, LocalEngine, PointReader, PIN_FILE, TES
 use tidemark_tracker::backend::Backend;
 use tidemark_tracker::nbd::constants::{Errno, ExtentStatus, TransmissionFlags};
 use tidemark_tracker::nbd::export::ExportInfo;
-use tidemark_tracker::nbd::transmission::Extent;
+use tidemark_tracker::nbd::transmission::BlockStatusExtent;
 use tidemark_tracker::server::{Server, ServerOptions, DEFAULT_BLOCK_SIZES};
 
 /// `tidemark test-failover`.
@@ -230,8 +230,8 @@ impl Backend for TestBackend {
         s.file.sync_data().map_err(io)
     }
 
-    fn block_status(&self, _disk: u32, _offset: u64, length: u32) -> Result<Vec<Extent>, Errno> {
-        Ok(vec![Extent {
+    fn block_status(&self, _disk: u32, _offset: u64, length: u32) -> Result<Vec<BlockStatusExtent>, Errno> {
+        Ok(vec![BlockStatusExtent {
             length,
             status: ExtentStatus::empty(),
         }])

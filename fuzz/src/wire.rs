@@ -421,7 +421,7 @@ fn receiver_messages() -> Vec<Message> {
                 id: 0,
                 synced: 4096,
             }],
-            resyncing: vec![tidemark_wire::ResyncExtent {
+            resyncing: vec![tidemark_wire::Extent {
                 disk: 1,
                 offset: 0,
                 length: 512,

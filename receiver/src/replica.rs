@@ -6,7 +6,7 @@
 use tidemark_changelog::Record;
 use tidemark_wire::{
     ChunkData, ChunkPurpose, DiskInfo, DiskSync, ErrorClass, ErrorCode, Position, Replica,
-    ReplicaError, ResyncExtent,
+    ReplicaError,
 };
 
 use crate::store::{ChunkRef, DiskSpec, Purpose, ReplicaStore, StoreError};
@@ -91,14 +91,7 @@ fn position(p: crate::store::Position) -> Position {
             })
             .collect(),
         resyncing: match &p.state {
-            crate::store::GroupState::Resyncing { pending } => pending
-                .iter()
-                .map(|e| ResyncExtent {
-                    disk: e.disk,
-                    offset: e.offset,
-                    length: e.length,
-                })
-                .collect(),
+            crate::store::GroupState::Resyncing { pending } => pending.clone(),
             _ => Vec::new(),
         },
     }

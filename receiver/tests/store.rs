@@ -8,10 +8,10 @@ use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::Path;
 use tidemark_changelog::replay::{replay, MemoryImage, StopAt};
-use tidemark_changelog::{ChangeLog, Entry, LogOptions, Record, SimDir};
+use tidemark_changelog::{ChangeLog, Entry, Extent, LogOptions, Record, SimDir};
 use tidemark_names::Name;
 use tidemark_receiver::store::{
-    Applied, ChunkRef, DiskSpec, Extent, GroupState, Purpose, ReplicaGroup, Retention, StoreError,
+    Applied, ChunkRef, DiskSpec, GroupState, Purpose, ReplicaGroup, Retention, StoreError,
 };
 
 const SIZES: [u64; 2] = [64 << 10, (48 << 10) + 100];

@@ -41,14 +41,17 @@ pub use frame::{
 };
 pub use message::{
     BatchError, ChunkData, ChunkPurpose, DiskInfo, DiskSync, ErrorClass, ErrorCode, Message,
-    MessageDecoder, MessageType, Received, RecordBatch, RecordId, ResyncExtent, SOFTWARE,
+    MessageDecoder, MessageType, Received, RecordBatch, RecordId, SOFTWARE,
 };
 pub use receiver::{
     DrainOutcome, ExpectHello, Position, ReceiverConfig, ReceiverError, Receiving, Replica,
     ReplicaError,
 };
 pub use shipper::{
-    block_digests, differing_blocks, AwaitingWelcome, DigestReply, DigestRequestInfo, Extent,
+    block_digests, differing_blocks, AwaitingWelcome, DigestReply, DigestRequestInfo,
     HelloInfo, Resume, ShipperConfig, ShipperError, ShipperEvent, Shipping,
 };
+/// The one byte-range type of the workspace; the wire encodes its fields
+/// (see [`message`]).
+pub use tidemark_changelog::Extent;
 pub use shipper_core::{CoreConfig, CoreEvent, CoreStatus, DiskStatus, Need, Phase, ShipperCore};

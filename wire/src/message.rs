@@ -63,6 +63,7 @@ use crate::frame::{
 use std::fmt;
 use thiserror::Error;
 use tidemark_changelog::record::{self, Header, Record, HEADER_LEN};
+use tidemark_changelog::Extent;
 use tidemark_names::Name;
 
 /// The longest `str8` field, in bytes (names are shorter still:
@@ -197,17 +198,6 @@ pub struct DiskInfo {
 
 /// Most resync-needed extents a Welcome lists.
 pub const MAX_RESYNC_EXTENTS: usize = 1 << 20;
-
-/// An extent of a disk that waits for a checksum resync.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ResyncExtent {
-    /// Disk id.
-    pub disk: u32,
-    /// First byte.
-    pub offset: u64,
-    /// Bytes.
-    pub length: u64,
-}
 
 /// How far the initial sync of a disk has come at the replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -624,7 +614,7 @@ pub enum Message {
         disks: Vec<DiskSync>,
         /// Resync-needed extents the replica still waits for (their records
         /// are durable, so a restarted shipper learns them only here).
-        resyncing: Vec<ResyncExtent>,
+        resyncing: Vec<Extent>,
         /// (Version 2 on; empty when absent.) The receiver's release.
         software: String,
     },
@@ -1036,7 +1026,7 @@ fn decode_fields(msg_type: MessageType, version: u16, body: &[u8]) -> Result<Mes
                 let n = r.count("resync extent count", 20, MAX_RESYNC_EXTENTS)?;
                 let mut resyncing = Vec::with_capacity(n);
                 for _ in 0..n {
-                    resyncing.push(ResyncExtent {
+                    resyncing.push(Extent {
                         disk: r.u32("resync disk")?,
                         offset: r.u64("resync offset")?,
                         length: r.u64("resync length")?,

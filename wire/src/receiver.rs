@@ -31,11 +31,12 @@
 use crate::frame::{Compression, DecodeError, EncodeError, Versions, MIN_PROTOCOL_VERSION};
 use crate::message::{
     digest_count, ChunkData, ChunkPurpose, DiskInfo, DiskSync, ErrorClass, ErrorCode, Message,
-    Received, RecordId, ResyncExtent, MAX_DISKS, SOFTWARE,
+    Received, RecordId, MAX_DISKS, SOFTWARE,
 };
 use std::collections::HashSet;
 use thiserror::Error;
 use tidemark_changelog::record::{Record, GROUP_DISK};
+use tidemark_changelog::Extent;
 use tidemark_names::Name;
 
 /// What the replica holds durably (or, between commits, has applied).
@@ -48,7 +49,7 @@ pub struct Position {
     /// Initial-sync state of every disk.
     pub disks: Vec<DiskSync>,
     /// Resync-needed extents still waiting for a resync.
-    pub resyncing: Vec<ResyncExtent>,
+    pub resyncing: Vec<Extent>,
 }
 
 /// A replica store failure, with what to tell the shipper.

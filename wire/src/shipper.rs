@@ -20,10 +20,11 @@
 use crate::frame::{Compression, EncodeError, Versions};
 use crate::message::{
     digest_count, ChunkData, ChunkPurpose, DiskInfo, DiskSync, ErrorClass, ErrorCode, Message,
-    Received, RecordBatch, RecordId, ResyncExtent, SOFTWARE,
+    Received, RecordBatch, RecordId, SOFTWARE,
 };
 use std::collections::VecDeque;
 use thiserror::Error;
+use tidemark_changelog::Extent;
 use tidemark_names::Name;
 
 /// Tuning of a shipper session.
@@ -182,7 +183,7 @@ pub struct Resume {
     pub disks: Vec<DiskSync>,
     /// Resync-needed extents the replica still waits for: compare them
     /// (their records are already durable and will not be sent again).
-    pub resyncing: Vec<ResyncExtent>,
+    pub resyncing: Vec<Extent>,
     /// The protocol version of the session.
     pub version: u16,
     /// The receiver's release, as its welcome named it (empty before
@@ -744,15 +745,6 @@ fn truncate(s: &str, max: usize) -> String {
     s[..end].to_string()
 }
 
-/// An extent of a disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Extent {
-    /// First byte.
-    pub offset: u64,
-    /// Bytes.
-    pub length: u64,
-}
-
 /// BLAKE3 digest of each `block_size` block of `data` (the last may be
 /// short); what both ends compute for a digest request.
 pub fn block_digests(data: &[u8], block_size: u32) -> Vec<[u8; 32]> {
@@ -785,6 +777,7 @@ pub fn differing_blocks(
         match out.last_mut() {
             Some(e) if e.offset + e.length == start => e.length += length,
             _ => out.push(Extent {
+                disk: request.disk,
                 offset: start,
                 length,
             }),
@@ -883,6 +876,7 @@ mod tests {
         assert_eq!(
             differing_blocks(&req, &a, &b).unwrap(),
             [Extent {
+                disk: 0,
                 offset: 1000 + 4096,
                 length: 10_000 - 4096
             }]

@@ -35,13 +35,14 @@
 
 use crate::message::{ChunkData, ChunkPurpose, DiskSync, Received, RecordBatch, RecordId};
 use crate::shipper::{
-    block_digests, differing_blocks, AwaitingWelcome, DigestReply, Extent, HelloInfo, Resume,
+    block_digests, differing_blocks, AwaitingWelcome, DigestReply, HelloInfo, Resume,
     ShipperConfig, ShipperError, ShipperEvent, Shipping,
 };
 use crate::ErrorClass;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 use tidemark_changelog::record::{Header, Kind};
+use tidemark_changelog::Extent;
 
 /// Block size of the second, fine comparison of a coarse block that
 /// differs: only the 4 KiB blocks that differ travel.
@@ -908,6 +909,7 @@ impl ShipperCore {
                 let end = req.offset + req.length;
                 let mut at = req.offset;
                 for e in differ.iter().chain(std::iter::once(&Extent {
+                    disk: req.disk,
                     offset: end,
                     length: 0,
                 })) {

@@ -111,7 +111,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
                     disks,
                     resyncing: ext
                         .into_iter()
-                        .map(|(disk, offset, length)| tidemark_wire::ResyncExtent {
+                        .map(|(disk, offset, length)| tidemark_wire::Extent {
                             disk,
                             offset,
                             length

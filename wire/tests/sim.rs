@@ -234,7 +234,7 @@ impl MemReplica<'_> {
             .committed
             .2
             .iter()
-            .map(|&(disk, offset, length)| tidemark_wire::ResyncExtent {
+            .map(|&(disk, offset, length)| tidemark_wire::Extent {
                 disk,
                 offset,
                 length,

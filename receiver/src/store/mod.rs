@@ -218,7 +218,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use tidemark_changelog::record::{Kind, Record, FLAG_APP_CONSISTENT, FLAG_NO_HOLE};
 use tidemark_changelog::replay::{self, ReplaySummary};
-use tidemark_changelog::{create_private_dir_all, DirLock, LockError};
+use tidemark_changelog::{create_private_dir_all, DirLock, Extent, LockError};
 use tidemark_durable::{FsDir, LogDir, LogFile};
 use tidemark_names::Name;
 
@@ -276,17 +276,6 @@ pub enum GroupState {
         /// The extents still to resync, sorted by disk and offset.
         pending: Vec<Extent>,
     },
-}
-
-/// A byte range of one disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Extent {
-    /// Disk id.
-    pub disk: u32,
-    /// First byte.
-    pub offset: u64,
-    /// Bytes.
-    pub length: u64,
 }
 
 /// What [`ReplicaGroup::apply_record`] did with a record.
