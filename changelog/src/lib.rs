@@ -9,8 +9,10 @@
 //!   overflow.
 //! - [`reader`]: reading in order and tailing without polling.
 //! - [`cursor`]: the receiver's durable position, which frees segments.
-//! - [`disk`]: a byte range of a disk ([`Extent`]).
-//! - [`sources`]: the group's disks (name, size, path) for the shipper.
+//! - [`disk`]: a disk of the group ([`Disk`]) and a byte range of one
+//!   ([`Extent`]).
+//! - [`sources`]: the group's disks and their backing paths, for the
+//!   shipper.
 //! - [`check`](mod@check) and [`replay`]: the inspection tools' logic.
 //! - [`storage`] and [`lock`]: the storage seam the log runs on, from
 //!   `tidemark-durable` (re-exported under the names this crate always
@@ -32,7 +34,7 @@ pub use tidemark_durable::lock;
 
 pub use check::{check, CheckReport};
 pub use cursor::{read_cursor, write_cursor};
-pub use disk::Extent;
+pub use disk::{Disk, Extent};
 pub use lock::{DirLock, LockError};
 pub use log::{
     AppendError, ChangeLog, Cut, LogDamage, LogIo, LogOptions, OpenError, Recovery, RecoveryPolicy,

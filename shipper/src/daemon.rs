@@ -26,8 +26,8 @@ use tidemark_config::ShipperConfig;
 use tidemark_wire::shipper::{HelloInfo, ShipperConfig as SessionConfig};
 use tidemark_wire::shipper_core::{CoreConfig, CoreEvent, Need, Phase, ShipperCore};
 use tidemark_wire::{
-    BatchError, ChunkData, ChunkPurpose, Compression, DecodeError, DiskInfo, ErrorClass,
-    MessageDecoder, Received, RecordBatch, RecordId, ShipperError, Versions,
+    BatchError, ChunkData, ChunkPurpose, Compression, DecodeError, ErrorClass, MessageDecoder,
+    Received, RecordBatch, RecordId, ShipperError, Versions,
 };
 use tokio::sync::{mpsc, watch, Notify};
 
@@ -631,14 +631,7 @@ async fn session(
         host: shared.cfg.host.clone(),
         group: shared.cfg.consistency_group.clone(),
         generation,
-        disks: sources
-            .iter()
-            .map(|s| DiskInfo {
-                id: s.id,
-                name: s.name.clone(),
-                size: s.size,
-            })
-            .collect(),
+        disks: sources.iter().map(|s| s.disk.clone()).collect(),
     };
     // Every session offers every version this shipper speaks first: a
     // receiver upgraded since the last one is then spoken to in its newest.
@@ -1003,11 +996,11 @@ impl Connection<'_> {
                 length,
                 purpose,
             } => {
-                let Some(src) = self.sources.iter().find(|d| d.id == disk) else {
+                let Some(src) = self.sources.iter().find(|d| d.disk.id == disk) else {
                     return Err(SessionError::UnknownDisk(disk));
                 };
                 let fail = |source| SessionError::Disk {
-                    name: src.name.clone(),
+                    name: src.disk.name.clone(),
                     path: src.path.display().to_string(),
                     offset,
                     source,
@@ -1015,7 +1008,7 @@ impl Connection<'_> {
                 let data = match purpose {
                     ChunkPurpose::InitialSync => {
                         if !self.opened.iter().any(|(id, _)| *id == disk) {
-                            let d = SourceDisk::open(&src.path, src.size).map_err(fail)?;
+                            let d = SourceDisk::open(&src.path, src.disk.size).map_err(fail)?;
                             self.opened.push((disk, d));
                         }
                         let (_, source) = self
@@ -1035,7 +1028,7 @@ impl Connection<'_> {
                     // written to the disk.
                     ChunkPurpose::Resync => ChunkData::Data(
                         tokio::task::block_in_place(|| {
-                            SourceDisk::open(&src.path, src.size)
+                            SourceDisk::open(&src.path, src.disk.size)
                                 .and_then(|d| d.read(offset, length))
                         })
                         .map_err(fail)?,
@@ -1071,7 +1064,7 @@ impl Connection<'_> {
                 .iter()
                 .zip(&c.disks)
                 .map(|(src, d)| DiskProgress {
-                    name: src.name.to_string(),
+                    name: src.disk.name.to_string(),
                     size: d.size,
                     synced: d.synced,
                     data_bytes: d.data_bytes,

@@ -63,7 +63,7 @@ use crate::frame::{
 use std::fmt;
 use thiserror::Error;
 use tidemark_changelog::record::{self, Header, Record, HEADER_LEN};
-use tidemark_changelog::Extent;
+use tidemark_changelog::{Disk, Extent};
 use tidemark_names::Name;
 
 /// The longest `str8` field, in bytes (names are shorter still:
@@ -183,17 +183,6 @@ impl MessageType {
             MessageType::Drained => "drained",
         }
     }
-}
-
-/// A protected disk as the shipper announces it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DiskInfo {
-    /// Disk id within the group (as in the log's records).
-    pub id: u32,
-    /// The disk's name, e.g. "data".
-    pub name: Name,
-    /// Size in bytes.
-    pub size: u64,
 }
 
 /// Most resync-needed extents a Welcome lists.
@@ -597,7 +586,7 @@ pub enum Message {
         /// The tracker generation the host is at.
         generation: u32,
         /// The group's disks.
-        disks: Vec<DiskInfo>,
+        disks: Vec<Disk>,
         /// (Version 2 on; 1 when absent.) The oldest protocol version the
         /// shipper offers; the newest is the version of the hello's frame.
         min_version: u16,
@@ -989,7 +978,7 @@ fn decode_fields(msg_type: MessageType, version: u16, body: &[u8]) -> Result<Mes
                 let n = r.count("disk count", 4 + 1 + 8, MAX_DISKS)?;
                 let mut disks = Vec::with_capacity(n);
                 for _ in 0..n {
-                    disks.push(DiskInfo {
+                    disks.push(Disk {
                         id: r.u32("disk id")?,
                         name: r.name("disk name")?,
                         size: r.u64("disk size")?,

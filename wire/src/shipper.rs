@@ -19,12 +19,12 @@
 
 use crate::frame::{Compression, EncodeError, Versions};
 use crate::message::{
-    digest_count, ChunkData, ChunkPurpose, DiskInfo, DiskSync, ErrorClass, ErrorCode, Message,
-    Received, RecordBatch, RecordId, SOFTWARE,
+    digest_count, ChunkData, ChunkPurpose, DiskSync, ErrorClass, ErrorCode, Message, Received,
+    RecordBatch, RecordId, SOFTWARE,
 };
 use std::collections::VecDeque;
 use thiserror::Error;
-use tidemark_changelog::Extent;
+use tidemark_changelog::{Disk, Extent};
 use tidemark_names::Name;
 
 /// Tuning of a shipper session.
@@ -60,7 +60,7 @@ pub struct HelloInfo {
     /// The tracker generation of the log's newest records.
     pub generation: u32,
     /// The group's disks.
-    pub disks: Vec<DiskInfo>,
+    pub disks: Vec<Disk>,
 }
 
 /// Why a shipper session ended.
@@ -440,7 +440,7 @@ pub struct Shipping {
     config: ShipperConfig,
     /// The protocol version of the session: every frame is of it.
     version: u16,
-    disks: Vec<DiskInfo>,
+    disks: Vec<Disk>,
     durable: RecordId,
     /// The last record sent; `None` while a fresh replica has none.
     last_sent: Option<RecordId>,
@@ -497,7 +497,7 @@ impl Shipping {
         self.in_flight_bytes += frame.len() as u64;
     }
 
-    fn disk(&self, id: u32) -> Result<&DiskInfo, ShipperError> {
+    fn disk(&self, id: u32) -> Result<&Disk, ShipperError> {
         self.disks
             .iter()
             .find(|d| d.id == id)
@@ -795,7 +795,7 @@ mod tests {
             host: Name::from_static("h"),
             group: Name::from_static("g"),
             generation: 2,
-            disks: vec![DiskInfo {
+            disks: vec![Disk {
                 id: 0,
                 name: Name::from_static("d"),
                 size: 1 << 20,

@@ -1026,8 +1026,9 @@ impl ShipperCore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::{DiskInfo, Message, MessageDecoder};
+    use crate::message::{Message, MessageDecoder};
     use tidemark_changelog::record::Entry;
+    use tidemark_changelog::Disk;
 
     const SIZE: u64 = 16 << 10;
 
@@ -1036,7 +1037,7 @@ mod tests {
             host: tidemark_names::Name::from_static("h"),
             group: tidemark_names::Name::from_static("g"),
             generation: 1,
-            disks: vec![DiskInfo {
+            disks: vec![Disk {
                 id: 0,
                 name: tidemark_names::Name::from_static("d"),
                 size: SIZE,
