@@ -11,6 +11,7 @@
 //! - [`cursor`]: the receiver's durable position, which frees segments.
 //! - [`disk`]: a disk of the group ([`Disk`]) and a byte range of one
 //!   ([`Extent`]).
+//! - [`ids`]: the typed ids every record carries ([`DiskId`], [`Seq`]).
 //! - [`sources`]: the group's disks and their backing paths, for the
 //!   shipper.
 //! - [`check`](mod@check) and [`replay`]: the inspection tools' logic.
@@ -21,6 +22,7 @@
 pub mod check;
 pub mod cursor;
 pub mod disk;
+pub mod ids;
 pub mod log;
 pub mod reader;
 pub mod record;
@@ -35,6 +37,7 @@ pub use tidemark_durable::lock;
 pub use check::{check, CheckReport};
 pub use cursor::{read_cursor, write_cursor};
 pub use disk::{Disk, Extent};
+pub use ids::{DiskId, Seq};
 pub use lock::{DirLock, LockError};
 pub use log::{
     AppendError, ChangeLog, Cut, LogDamage, LogIo, LogOptions, OpenError, Recovery, RecoveryPolicy,
