@@ -9,7 +9,11 @@
 //!   overflow.
 //! - [`reader`]: reading in order and tailing without polling.
 //! - [`cursor`]: the receiver's durable position, which frees segments.
-//! - [`sources`]: the group's disks (name, size, path) for the shipper.
+//! - [`disk`]: a disk of the group ([`Disk`]) and a byte range of one
+//!   ([`Extent`]).
+//! - [`ids`]: the typed ids every record carries ([`DiskId`], [`Seq`]).
+//! - [`sources`]: the group's disks and their backing paths, for the
+//!   shipper.
 //! - [`check`](mod@check) and [`replay`]: the inspection tools' logic.
 //! - [`storage`] and [`lock`]: the storage seam the log runs on, from
 //!   `tidemark-durable` (re-exported under the names this crate always
@@ -17,6 +21,8 @@
 
 pub mod check;
 pub mod cursor;
+pub mod disk;
+pub mod ids;
 pub mod log;
 pub mod reader;
 pub mod record;
@@ -30,6 +36,8 @@ pub use tidemark_durable::lock;
 
 pub use check::{check, CheckReport};
 pub use cursor::{read_cursor, write_cursor};
+pub use disk::{Disk, Extent};
+pub use ids::{DiskId, Seq};
 pub use lock::{DirLock, LockError};
 pub use log::{
     AppendError, ChangeLog, Cut, LogDamage, LogIo, LogOptions, OpenError, Recovery, RecoveryPolicy,

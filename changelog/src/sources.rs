@@ -18,6 +18,7 @@
 //! Version 1 (the first line) is the only version so far; a file of another
 //! version reads as damaged.
 
+use crate::disk::Disk;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -27,15 +28,11 @@ const FILE: &str = "disks";
 const TMP: &str = "disks.tmp";
 const HEADER: &str = "tidemark-disks 1";
 
-/// One disk of the group.
+/// One disk of the group and where the tracker reads and writes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskSource {
-    /// Its id in the log's records.
-    pub id: u32,
-    /// Its name (the receiver files the replica under it).
-    pub name: Name,
-    /// Its size in bytes.
-    pub size: u64,
+    /// The disk (id, name, size).
+    pub disk: Disk,
     /// The backing block device or image file the tracker serves.
     pub path: PathBuf,
 }
@@ -103,9 +100,7 @@ pub fn read_sources(dir: &Path) -> Result<Option<Vec<DiskSource>>, SourcesError>
             .map_err(|_| damaged(format!("bad size in {line:?}")))?;
         let name = Name::new(name).map_err(|e| damaged(format!("disk {id}: {e}")))?;
         disks.push(DiskSource {
-            id,
-            name,
-            size,
+            disk: Disk { id, name, size },
             path: PathBuf::from(p),
         });
     }
@@ -122,7 +117,10 @@ pub fn write_sources(dir: &Path, disks: &[DiskSource]) -> Result<(), SourcesErro
             .to_str()
             .filter(|p| !p.contains(['\n', '\r']))
             .ok_or_else(|| SourcesError::BadPath(d.path.clone()))?;
-        body.push_str(&format!("{} {} {} {path}\n", d.id, d.size, d.name));
+        body.push_str(&format!(
+            "{} {} {} {path}\n",
+            d.disk.id, d.disk.size, d.disk.name
+        ));
     }
     crate::sealed::write_atomic(dir, TMP, FILE, &crate::sealed::seal(&body))
         .map_err(|(path, source)| SourcesError::Io { path, source })
@@ -142,7 +140,10 @@ mod tests {
             let disks: Vec<DiskSource> = disks
                 .into_iter()
                 .enumerate()
-                .map(|(id, (name, size, path))| DiskSource { id: id as u32, name: Name::new(name).unwrap(), size, path: path.into() })
+                .map(|(id, (name, size, path))| DiskSource {
+                    disk: Disk { id: id as u32, name: Name::new(name).unwrap(), size },
+                    path: path.into(),
+                })
                 .collect();
             match write_sources(dir.path(), &disks) {
                 Ok(()) => prop_assert_eq!(read_sources(dir.path()).unwrap(), Some(disks)),
@@ -169,15 +170,19 @@ mod tests {
         assert!(read_sources(dir.path()).unwrap().is_none());
         let disks = vec![
             DiskSource {
-                id: 0,
-                name: Name::new("data").unwrap(),
-                size: 1 << 30,
+                disk: Disk {
+                    id: 0,
+                    name: Name::new("data").unwrap(),
+                    size: 1 << 30,
+                },
                 path: "/dev/sdb".into(),
             },
             DiskSource {
-                id: 1,
-                name: Name::new("wal").unwrap(),
-                size: 4096,
+                disk: Disk {
+                    id: 1,
+                    name: Name::new("wal").unwrap(),
+                    size: 4096,
+                },
                 path: "/srv/a b/wal.raw".into(),
             },
         ];
@@ -214,9 +219,11 @@ mod tests {
             Path::new(not_utf8),
         ] {
             let disk = [DiskSource {
-                id: 0,
-                name: Name::from_static("data"),
-                size: 1,
+                disk: Disk {
+                    id: 0,
+                    name: Name::from_static("data"),
+                    size: 1,
+                },
                 path: path.to_path_buf(),
             }];
             assert!(

@@ -266,7 +266,10 @@ fn a_log_of_the_version_1_formats_is_read_in_place_and_continued() {
     );
     assert_eq!(read_cursor(&dir).unwrap(), 11);
     let disks = read_sources(tmp.path()).unwrap().unwrap();
-    assert_eq!((disks[0].name.as_str(), disks[0].size), ("disk", 1 << 20));
+    assert_eq!(
+        (disks[0].disk.name.as_str(), disks[0].disk.size),
+        ("disk", 1 << 20)
+    );
     let mut reader = LogReader::new(dir.clone(), 0);
     let mut old = BTreeMap::new();
     while let Some(r) = reader.next_record().unwrap() {

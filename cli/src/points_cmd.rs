@@ -79,7 +79,7 @@ pub(crate) struct AdoptArgs {
 }
 
 pub(crate) fn adopt(a: AdoptArgs) -> Result<ExitCode> {
-    use tidemark_receiver::store::DiskSpec;
+    use tidemark_receiver::store::Disk;
     let dir = tidemark_receiver::daemon::group_dir(&a.data_dir, &a.host, &a.group);
     if dir.join("state").exists() {
         bail!(
@@ -100,7 +100,7 @@ pub(crate) fn adopt(a: AdoptArgs) -> Result<ExitCode> {
             .with_context(|| format!("reading {}", image.display()))?
             .len();
         disks.push((
-            DiskSpec {
+            Disk {
                 id: id as u32,
                 name,
                 size,
@@ -330,7 +330,7 @@ fn write_images(
             format!(" {:?}", point.label)
         }
     );
-    for d in group.disk_specs() {
+    for d in group.disks() {
         let (dst, in_place) = match &target {
             Target::Dir(dir) => (dir.join(format!("{}.img", d.name)), false),
             Target::InPlace(path) => (path.clone(), true),
@@ -457,7 +457,7 @@ impl Target {
         if meta.is_dir() {
             return Ok(Target::Dir(to.to_path_buf()));
         }
-        let disks = group.disk_specs();
+        let disks = group.disks();
         let [disk] = disks.as_slice() else {
             bail!(
                 "{} is not a directory, and the group has {} disks: give a directory",

@@ -30,11 +30,11 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use tidemark_changelog::{DirLock, LockError};
 use tidemark_durable::{zero_range, Zeroes};
-use tidemark_receiver::store::{DiskSpec, LocalEngine, PointReader, PIN_FILE, TEST_FAILOVER_DIR};
+use tidemark_receiver::store::{Disk, LocalEngine, PointReader, PIN_FILE, TEST_FAILOVER_DIR};
 use tidemark_tracker::backend::Backend;
 use tidemark_tracker::nbd::constants::{Errno, ExtentStatus, TransmissionFlags};
 use tidemark_tracker::nbd::export::ExportInfo;
-use tidemark_tracker::nbd::transmission::Extent;
+use tidemark_tracker::nbd::transmission::BlockStatusExtent;
 use tidemark_tracker::server::{Server, ServerOptions, DEFAULT_BLOCK_SIZES};
 
 /// `tidemark test-failover`.
@@ -90,7 +90,7 @@ struct Scratch {
 /// The point plus the scratch files, as an NBD backend.
 struct TestBackend {
     view: Arc<dyn PointReader>,
-    disks: Vec<DiskSpec>,
+    disks: Vec<Disk>,
     scratch: Vec<Scratch>,
 }
 
@@ -99,7 +99,7 @@ fn io(e: std::io::Error) -> Errno {
 }
 
 impl TestBackend {
-    fn disk(&self, index: u32) -> Result<(&DiskSpec, &Scratch), Errno> {
+    fn disk(&self, index: u32) -> Result<(&Disk, &Scratch), Errno> {
         let i = index as usize;
         match (self.disks.get(i), self.scratch.get(i)) {
             (Some(d), Some(s)) => Ok((d, s)),
@@ -107,7 +107,7 @@ impl TestBackend {
         }
     }
 
-    fn read_point(&self, disk: &DiskSpec, offset: u64, buf: &mut [u8]) -> Result<(), Errno> {
+    fn read_point(&self, disk: &Disk, offset: u64, buf: &mut [u8]) -> Result<(), Errno> {
         self.view.read(disk.id, offset, buf).map_err(|e| {
             tracing::warn!(disk = %disk.name, offset, error = %e, "reading the point");
             Errno::Io
@@ -230,8 +230,13 @@ impl Backend for TestBackend {
         s.file.sync_data().map_err(io)
     }
 
-    fn block_status(&self, _disk: u32, _offset: u64, length: u32) -> Result<Vec<Extent>, Errno> {
-        Ok(vec![Extent {
+    fn block_status(
+        &self,
+        _disk: u32,
+        _offset: u64,
+        length: u32,
+    ) -> Result<Vec<BlockStatusExtent>, Errno> {
+        Ok(vec![BlockStatusExtent {
             length,
             status: ExtentStatus::empty(),
         }])
@@ -327,7 +332,7 @@ fn serve(a: &StartArgs, group_dir: &Path, dir: &Path, signals: &SigSet) -> Resul
     };
     pin(dir, chosen.seq)?;
     let group = LocalEngine::open_dir_read_only(group_dir)?;
-    let disks = group.disk_specs();
+    let disks = group.disks();
     let view = group.shared_reader(chosen.seq).with_context(|| {
         format!(
             "the point at sequence {} was folded before it could be pinned; choose another",

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use tidemark_changelog::LogOptions;
 use tidemark_config::ByteSize;
 use tidemark_names::{Label, Name};
-use tidemark_tracker::daemon::{DiskSpec, KernelAttachSettings, TrackerSettings, UblkSettings};
+use tidemark_tracker::daemon::{DiskSettings, KernelAttachSettings, TrackerSettings, UblkSettings};
 use tidemark_tracker::quiesce::Quiesce;
 use tidemark_tracker::storage::{BackingOptions, CacheMode, EngineKind};
 
@@ -211,7 +211,7 @@ fn settings_from_config(path: &Path) -> Result<TrackerSettings> {
         disks: t
             .disks
             .iter()
-            .map(|d| DiskSpec {
+            .map(|d| DiskSettings {
                 name: d.name.clone(),
                 export: d.effective_export_name().to_string(),
                 path: d.path.clone(),
@@ -285,7 +285,7 @@ fn settings_from_flags(a: &ServeArgs) -> Result<TrackerSettings> {
                 Some(name) => name.clone(),
                 None => default_disk_name(path, i)?,
             };
-            Ok(DiskSpec {
+            Ok(DiskSettings {
                 export: name.to_string(),
                 name,
                 path: path.clone(),

@@ -18,8 +18,8 @@ use tidemark_tracker::nbd::handshake::{
     OPTION_HEADER_LEN, OPTION_REPLY_HEADER_LEN,
 };
 use tidemark_tracker::nbd::transmission::{
-    encode_block_status, encode_error_chunk, encode_offset_data_header, Command, ErrorReply,
-    Extent, Recovery, RequestHeader, CHUNK_HEADER_LEN, ERROR_CHUNK_LEN, MAX_OFFSET_DATA_LEN,
+    encode_block_status, encode_error_chunk, encode_offset_data_header, BlockStatusExtent, Command,
+    ErrorReply, Recovery, RequestHeader, CHUNK_HEADER_LEN, ERROR_CHUNK_LEN, MAX_OFFSET_DATA_LEN,
     REQUEST_HEADER_LEN, SIMPLE_REPLY_LEN,
 };
 
@@ -349,12 +349,12 @@ fn check_accepted(session: &Negotiated, request: &RequestHeader, command: Comman
             // The backend's answer, clipped as the worker does: one or two
             // extents covering the request.
             let half = length / 2;
-            let mut extents = vec![Extent {
+            let mut extents = vec![BlockStatusExtent {
                 length: length - half,
                 status: ExtentStatus::HOLE | ExtentStatus::ZERO,
             }];
             if half > 0 && !req_one {
-                extents.push(Extent {
+                extents.push(BlockStatusExtent {
                     length: half,
                     status: ExtentStatus::empty(),
                 });

@@ -16,7 +16,7 @@ use tidemark_names::Name;
 use tidemark_receiver::store::fuzzing::{
     journal_header_round_trip, state_round_trip, JOURNAL_HEADER_LEN,
 };
-use tidemark_receiver::store::{ChunkRef, DiskSpec, Purpose, ReplicaGroup, Retention};
+use tidemark_receiver::store::{ChunkRef, Disk, Purpose, ReplicaGroup, Retention};
 
 /// A state file (mode bit 0 clear) or a journal entry header (set): `data`
 /// is a mode byte (bit 1: repair the checksum), then the bytes.
@@ -132,7 +132,7 @@ fn read_points(group: &ReplicaGroup) {
         group.history_bytes(),
         group.last_barrier(),
     );
-    let disks = group.disk_specs();
+    let disks = group.disks();
     let points = group.points();
     let seqs = points.iter().map(|p| Some(p.seq)).take(4).chain([None]);
     for seq in seqs {
@@ -197,12 +197,12 @@ fn group_seed(name: &str, build: impl FnOnce(&mut ReplicaGroup)) -> Vec<u8> {
 /// points in a journal of several segments, and resyncing.
 pub fn group_seeds() -> Vec<(&'static str, Vec<u8>)> {
     let disks = [
-        DiskSpec {
+        Disk {
             id: 0,
             name: Name::from_static("data"),
             size: 16 << 10,
         },
-        DiskSpec {
+        Disk {
             id: 1,
             name: Name::from_static("logs"),
             size: 8 << 10,

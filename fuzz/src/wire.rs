@@ -17,7 +17,7 @@ use tidemark_wire::frame::{encode_frame, Frame, MIN_PROTOCOL_VERSION, PROTOCOL_V
 use tidemark_wire::message::{digest_count, Received};
 use tidemark_wire::receiver::{ExpectHello, Position, ReceiverConfig, ReceiverError, Receiving};
 use tidemark_wire::{
-    ChunkData, ChunkPurpose, Compression, DecodeError, DiskInfo, DiskSync, ErrorClass, ErrorCode,
+    ChunkData, ChunkPurpose, Compression, DecodeError, Disk, DiskSync, ErrorClass, ErrorCode,
     FrameDecoder, Message, MessageDecoder, MessageType, RecordBatch, RecordId, Replica,
     ReplicaError,
 };
@@ -174,7 +174,7 @@ impl Replica for CheckingReplica {
         }
     }
 
-    fn ensure_disks(&mut self, disks: &[DiskInfo]) -> Result<(), ReplicaError> {
+    fn ensure_disks(&mut self, disks: &[Disk]) -> Result<(), ReplicaError> {
         for d in disks {
             if *self.sizes.entry(d.id).or_insert(d.size) != d.size {
                 return Err(ReplicaError {
@@ -353,7 +353,7 @@ fn records(seq: u64, generation: u32) -> RecordBatch {
 /// A whole session as a shipper sends it: hello, initial sync, records,
 /// a resync by digests, a drain.
 fn session_messages() -> Vec<Message> {
-    let disk = |id, name: &'static str, size| DiskInfo {
+    let disk = |id, name: &'static str, size| Disk {
         id,
         name: Name::from_static(name),
         size,
@@ -421,7 +421,7 @@ fn receiver_messages() -> Vec<Message> {
                 id: 0,
                 synced: 4096,
             }],
-            resyncing: vec![tidemark_wire::ResyncExtent {
+            resyncing: vec![tidemark_wire::Extent {
                 disk: 1,
                 offset: 0,
                 length: 512,

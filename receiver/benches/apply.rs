@@ -12,7 +12,7 @@
 
 use std::time::{Duration, Instant};
 use tidemark_changelog::{Entry, Record};
-use tidemark_receiver::store::{ChunkRef, DiskSpec, Purpose, ReplicaGroup, Retention};
+use tidemark_receiver::store::{ChunkRef, Disk, Purpose, ReplicaGroup, Retention};
 
 const DISK: u64 = 256 << 20;
 const WRITE: usize = 64 << 10;
@@ -30,7 +30,7 @@ fn main() {
         window: Duration::MAX,
         ..Retention::default()
     });
-    g.ensure_disks(&[DiskSpec {
+    g.ensure_disks(&[Disk {
         id: 0,
         name: tidemark_names::Name::from_static("bench"),
         size: DISK,

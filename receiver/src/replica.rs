@@ -5,11 +5,10 @@
 
 use tidemark_changelog::Record;
 use tidemark_wire::{
-    ChunkData, ChunkPurpose, DiskInfo, DiskSync, ErrorClass, ErrorCode, Position, Replica,
-    ReplicaError, ResyncExtent,
+    ChunkData, ChunkPurpose, Disk, DiskSync, ErrorClass, ErrorCode, Position, Replica, ReplicaError,
 };
 
-use crate::store::{ChunkRef, DiskSpec, Purpose, ReplicaStore, StoreError};
+use crate::store::{ChunkRef, Purpose, ReplicaStore, StoreError};
 
 /// One group's store, with the session lease that fences old connections.
 #[derive(Debug)]
@@ -58,7 +57,7 @@ pub fn classify(e: &StoreError) -> (ErrorClass, ErrorCode) {
     match e {
         StoreError::SequenceGap { .. } => (Permanent, ErrorCode::SequenceGap),
         StoreError::UnknownDisk(_) => (Permanent, ErrorCode::UnknownDisk),
-        StoreError::DiskSpec { .. } | StoreError::AddWhileResyncing(_) => {
+        StoreError::BadDisk { .. } | StoreError::AddWhileResyncing(_) => {
             (Permanent, ErrorCode::UnknownDisk)
         }
         StoreError::OutOfRange { .. }
@@ -91,14 +90,7 @@ fn position(p: crate::store::Position) -> Position {
             })
             .collect(),
         resyncing: match &p.state {
-            crate::store::GroupState::Resyncing { pending } => pending
-                .iter()
-                .map(|e| ResyncExtent {
-                    disk: e.disk,
-                    offset: e.offset,
-                    length: e.length,
-                })
-                .collect(),
+            crate::store::GroupState::Resyncing { pending } => pending.clone(),
             _ => Vec::new(),
         },
     }
@@ -109,16 +101,8 @@ impl Replica for StoreReplica {
         position(self.group.position())
     }
 
-    fn ensure_disks(&mut self, disks: &[DiskInfo]) -> Result<(), ReplicaError> {
-        let specs: Vec<DiskSpec> = disks
-            .iter()
-            .map(|d| DiskSpec {
-                id: d.id,
-                name: d.name.clone(),
-                size: d.size,
-            })
-            .collect();
-        self.group.ensure_disks(&specs).map_err(|e| self.map(e))
+    fn ensure_disks(&mut self, disks: &[Disk]) -> Result<(), ReplicaError> {
+        self.group.ensure_disks(disks).map_err(|e| self.map(e))
     }
 
     fn apply_record(&mut self, record: &Record) -> Result<(), ReplicaError> {

@@ -8,19 +8,19 @@ use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::Path;
 use tidemark_changelog::replay::{replay, MemoryImage, StopAt};
-use tidemark_changelog::{ChangeLog, Entry, LogOptions, Record, SimDir};
+use tidemark_changelog::{ChangeLog, Entry, Extent, LogOptions, Record, SimDir};
 use tidemark_names::Name;
 use tidemark_receiver::store::{
-    Applied, ChunkRef, DiskSpec, Extent, GroupState, Purpose, ReplicaGroup, Retention, StoreError,
+    Applied, ChunkRef, Disk, GroupState, Purpose, ReplicaGroup, Retention, StoreError,
 };
 
 const SIZES: [u64; 2] = [64 << 10, (48 << 10) + 100];
 
-fn specs() -> Vec<DiskSpec> {
+fn specs() -> Vec<Disk> {
     SIZES
         .iter()
         .enumerate()
-        .map(|(i, s)| DiskSpec {
+        .map(|(i, s)| Disk {
             id: i as u32 * 3 + 1,
             name: Name::new(format!("disk{i}")).unwrap(),
             size: *s,
@@ -233,7 +233,7 @@ fn points_read_exactly_through_the_holes_of_the_image() {
         window: std::time::Duration::MAX,
         ..Retention::default()
     });
-    g.ensure_disks(&[DiskSpec {
+    g.ensure_disks(&[Disk {
         id: 0,
         name: Name::from_static("sparse"),
         size: SIZE,
@@ -397,24 +397,24 @@ fn ensure_disks_refuses_changed_disks_and_keeps_known_ones() {
     bigger[0].size += 512;
     assert!(matches!(
         g.ensure_disks(&bigger),
-        Err(StoreError::DiskSpec { disk: 1, .. })
+        Err(StoreError::BadDisk { disk: 1, .. })
     ));
     let mut renamed = specs();
     renamed[1].name = Name::from_static("other");
     assert!(matches!(
         g.ensure_disks(&renamed),
-        Err(StoreError::DiskSpec { disk: 4, .. })
+        Err(StoreError::BadDisk { disk: 4, .. })
     ));
     let twice = vec![specs()[0].clone(), specs()[0].clone()];
     assert!(matches!(
         g.ensure_disks(&twice),
-        Err(StoreError::DiskSpec { .. })
+        Err(StoreError::BadDisk { .. })
     ));
     // ensure_disks is durable by itself.
     drop(g);
     let g = ReplicaGroup::open(dir.path()).unwrap();
     assert_eq!(g.position().disks.len(), 2);
-    assert!(g.disk_specs().iter().all(|d| d.id != 7));
+    assert!(g.disks().iter().all(|d| d.id != 7));
 }
 
 #[test]

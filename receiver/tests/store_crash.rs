@@ -24,18 +24,18 @@ use tidemark_durable::dir::SimFileState;
 use tidemark_durable::{LogDir, SimDir};
 use tidemark_names::Name;
 use tidemark_receiver::store::{
-    Applied, ChunkRef, DiskSpec, GroupState, Position, Purpose, ReplicaGroup, Retention,
-    StoreError, PIN_FILE,
+    Applied, ChunkRef, Disk, GroupState, Position, Purpose, ReplicaGroup, Retention, StoreError,
+    PIN_FILE,
 };
 
 const SIZES: [u64; 3] = [16 << 10, 8 << 10, (12 << 10) + 512];
 const SECTOR: u64 = 512;
 
-fn specs() -> Vec<DiskSpec> {
+fn specs() -> Vec<Disk> {
     SIZES
         .iter()
         .enumerate()
-        .map(|(i, size)| DiskSpec {
+        .map(|(i, size)| Disk {
             id: i as u32,
             name: Name::new(format!("disk{i}")).unwrap(),
             size: *size,

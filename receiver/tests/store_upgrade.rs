@@ -24,7 +24,7 @@ use std::fs;
 use std::path::Path;
 use tidemark_changelog::record::{Entry, Record};
 use tidemark_receiver::store::{
-    ChunkRef, DiskSpec, GroupState, Purpose, ReplicaGroup, Retention, PIN_FILE, TEST_FAILOVER_DIR,
+    ChunkRef, Disk, GroupState, Purpose, ReplicaGroup, Retention, PIN_FILE, TEST_FAILOVER_DIR,
 };
 
 const FIXTURE: &str = "tests/fixtures/store-a8c0b28";
@@ -55,7 +55,7 @@ fn describe(g: &ReplicaGroup) -> String {
         }
     };
     writeln!(out, "position {} {} {state}", p.durable_seq, p.generation).unwrap();
-    for (spec, sync) in g.disk_specs().iter().zip(&p.disks) {
+    for (spec, sync) in g.disks().iter().zip(&p.disks) {
         writeln!(
             out,
             "disk {} {} {} synced {}",
@@ -76,7 +76,7 @@ fn describe(g: &ReplicaGroup) -> String {
     }
     for seq in views {
         let view = g.view(seq).unwrap();
-        for spec in g.disk_specs() {
+        for spec in g.disks() {
             let mut buf = vec![0u8; spec.size as usize];
             view.read(spec.id, 0, &mut buf).unwrap();
             let at = seq.map_or("latest".to_string(), |s| s.to_string());
@@ -106,12 +106,12 @@ fn build(dir: &Path) {
         fold_interval: std::time::Duration::ZERO,
     });
     g.ensure_disks(&[
-        DiskSpec {
+        Disk {
             id: 0,
             name: tidemark_names::Name::from_static("vda"),
             size: 64 << 10,
         },
-        DiskSpec {
+        Disk {
             id: 3,
             name: tidemark_names::Name::from_static("wal"),
             size: 32 << 10,

@@ -26,14 +26,14 @@ use tidemark_config::ShipperConfig;
 use tidemark_wire::shipper::{HelloInfo, ShipperConfig as SessionConfig};
 use tidemark_wire::shipper_core::{CoreConfig, CoreEvent, Need, Phase, ShipperCore};
 use tidemark_wire::{
-    BatchError, ChunkData, ChunkPurpose, Compression, DecodeError, DiskInfo, ErrorClass,
-    MessageDecoder, Received, RecordBatch, RecordId, ShipperError, Versions,
+    BatchError, ChunkData, ChunkPurpose, Compression, DecodeError, ErrorClass, MessageDecoder,
+    Received, RecordBatch, RecordId, ShipperError, Versions,
 };
 use tokio::sync::{mpsc, watch, Notify};
 
 use crate::policy::{local_minute_of_day, Backoff, Bandwidth};
 use crate::source::{ChunkContent, SourceDisk};
-use crate::status::{write_status, DiskProgress, ErrorClass as FailureClass, ShipperStatus, State};
+use crate::status::{write_status, DiskProgress, ShipperStatus, State};
 use crate::tail::{first_record_from, newest_generation, LogTail, TailError};
 use tidemark_metrics::{labels, Exposition, Histogram, HistogramSnapshot, MetricsServer, Unit};
 
@@ -395,7 +395,7 @@ fn collect_metrics(s: &ShipperStatus, lag: HistogramSnapshot, now_ns: u64) -> Ex
         &g,
         s.peer_timeouts_total,
     );
-    let class = s.last_error_class.map_or("none", FailureClass::name);
+    let class = s.last_error_class.map_or("none", ErrorClass::name);
     let mut l = g.clone();
     l.push(("class".to_string(), class.to_string()));
     e.info(
@@ -591,7 +591,7 @@ pub async fn run(
                 tracing::error!(%reason, "permanent failure: replication stops, the group is critical");
                 shared.status.state = State::Critical;
                 shared.status.reason = Some(reason);
-                shared.status.last_error_class = Some(FailureClass::Permanent);
+                shared.status.last_error_class = Some(ErrorClass::Permanent);
                 shared.publish(true);
                 return Err(ShipperFatal::Critical(e));
             }
@@ -606,7 +606,7 @@ pub async fn run(
                 shared.status.receiver_software = None;
                 shared.status.retries = backoff.attempts();
                 shared.status.retries_total += 1;
-                shared.status.last_error_class = Some(FailureClass::Transient);
+                shared.status.last_error_class = Some(ErrorClass::Transient);
                 shared.status.reason = Some(reason.clone());
                 shared.publish(true);
                 tracing::warn!(%reason, retry_in = ?delay, attempt = backoff.attempts(), "transient failure; reconnecting");
@@ -657,14 +657,7 @@ async fn session(
         host: shared.cfg.host.clone(),
         group: shared.cfg.consistency_group.clone(),
         generation,
-        disks: sources
-            .iter()
-            .map(|s| DiskInfo {
-                id: s.id,
-                name: s.name.clone(),
-                size: s.size,
-            })
-            .collect(),
+        disks: sources.iter().map(|s| s.disk.clone()).collect(),
     };
     // Every session offers every version this shipper speaks first: a
     // receiver upgraded since the last one is then spoken to in its newest.
@@ -1029,11 +1022,11 @@ impl Connection<'_> {
                 length,
                 purpose,
             } => {
-                let Some(src) = self.sources.iter().find(|d| d.id == disk) else {
+                let Some(src) = self.sources.iter().find(|d| d.disk.id == disk) else {
                     return Err(SessionError::UnknownDisk(disk));
                 };
                 let fail = |source| SessionError::Disk {
-                    name: src.name.clone(),
+                    name: src.disk.name.clone(),
                     path: src.path.display().to_string(),
                     offset,
                     source,
@@ -1041,7 +1034,7 @@ impl Connection<'_> {
                 let data = match purpose {
                     ChunkPurpose::InitialSync => {
                         if !self.opened.iter().any(|(id, _)| *id == disk) {
-                            let d = SourceDisk::open(&src.path, src.size).map_err(fail)?;
+                            let d = SourceDisk::open(&src.path, src.disk.size).map_err(fail)?;
                             self.opened.push((disk, d));
                         }
                         let (_, source) = self
@@ -1061,7 +1054,7 @@ impl Connection<'_> {
                     // written to the disk.
                     ChunkPurpose::Resync => ChunkData::Data(
                         tokio::task::block_in_place(|| {
-                            SourceDisk::open(&src.path, src.size)
+                            SourceDisk::open(&src.path, src.disk.size)
                                 .and_then(|d| d.read(offset, length))
                         })
                         .map_err(fail)?,
@@ -1097,7 +1090,7 @@ impl Connection<'_> {
                 .iter()
                 .zip(&c.disks)
                 .map(|(src, d)| DiskProgress {
-                    name: src.name.to_string(),
+                    name: src.disk.name.to_string(),
                     size: d.size,
                     synced: d.synced,
                     data_bytes: d.data_bytes,
@@ -1141,7 +1134,7 @@ mod tests {
             resync_bytes_sent: 0,
             updated_unix: 0,
             retries_total: 2,
-            last_error_class: Some(FailureClass::Transient),
+            last_error_class: Some(ErrorClass::Transient),
             oldest_unacked_ns: Some(1_000_000_000),
             rpo_target_seconds: 300.0,
             protocol_version: Some(2),

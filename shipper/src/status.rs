@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use tidemark_durable::{replace, Durability, FsDir};
 
 use serde::{Deserialize, Serialize};
+use tidemark_wire::ErrorClass;
 
 const FILE: &str = "shipper.status";
 const TMP: &str = "shipper.status.tmp";
@@ -54,26 +55,6 @@ impl State {
             State::Protected => "protected",
             State::Resyncing => "resyncing",
             State::Critical => "critical",
-        }
-    }
-}
-
-/// The class of the last failure, for status and metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ErrorClass {
-    /// Retried with backoff (network, receiver busy, disk full).
-    Transient,
-    /// Replication stopped; needs an admin.
-    Permanent,
-}
-
-impl ErrorClass {
-    /// `transient` or `permanent`.
-    pub fn name(self) -> &'static str {
-        match self {
-            ErrorClass::Transient => "transient",
-            ErrorClass::Permanent => "permanent",
         }
     }
 }

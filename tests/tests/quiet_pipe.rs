@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use tidemark_changelog::{Entry, Record};
 use tidemark_e2e::tidemark;
 use tidemark_names::Name;
-use tidemark_receiver::store::{ChunkRef, DiskSpec, GroupState, Purpose, ReplicaGroup};
+use tidemark_receiver::store::{ChunkRef, Disk, GroupState, Purpose, ReplicaGroup};
 
 const DISK: u64 = 64 << 10;
 
@@ -19,7 +19,7 @@ fn replica_with_points(data_dir: &Path) {
     let dir = data_dir.join("db1").join("default");
     fs::create_dir_all(&dir).unwrap();
     let mut g = ReplicaGroup::open(&dir).unwrap();
-    g.ensure_disks(&[DiskSpec {
+    g.ensure_disks(&[Disk {
         id: 0,
         name: Name::from_static("disk"),
         size: DISK,

@@ -11,7 +11,7 @@
 
 use crate::nbd::constants::Errno;
 use crate::nbd::export::ExportInfo;
-use crate::nbd::transmission::Extent;
+use crate::nbd::transmission::BlockStatusExtent;
 
 /// Everything the NBD server needs from the disks it serves.
 pub trait Backend: Send + Sync + 'static {
@@ -50,5 +50,10 @@ pub trait Backend: Send + Sync + 'static {
     /// Allocation status (`base:allocation`) of `offset..offset+length`:
     /// extents in order, covering at least the first byte. Reporting the
     /// whole range as allocated data is always correct.
-    fn block_status(&self, disk: u32, offset: u64, length: u32) -> Result<Vec<Extent>, Errno>;
+    fn block_status(
+        &self,
+        disk: u32,
+        offset: u64,
+        length: u32,
+    ) -> Result<Vec<BlockStatusExtent>, Errno>;
 }

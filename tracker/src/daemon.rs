@@ -14,15 +14,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tidemark_changelog::LogOptions;
 use tidemark_changelog::{
-    create_private_dir_all, read_cursor, read_sources, write_sources, DirLock, DiskSource, FsDir,
-    LockError,
+    create_private_dir_all, read_cursor, read_sources, write_sources, DirLock, Disk, DiskSource,
+    FsDir, LockError,
 };
 use tidemark_metrics::{labels, Exposition, MetricsThread, Unit};
 use tidemark_names::Name;
 
-/// One disk to protect.
+/// How one disk is protected, from the config or flags: what it is
+/// served as and where it lives. Its id is its place in
+/// [`TrackerSettings::disks`]; its size is its backing's.
 #[derive(Debug, Clone)]
-pub struct DiskSpec {
+pub struct DiskSettings {
     /// Its name: the receiver files its replica under it.
     pub name: Name,
     /// Its NBD export name.
@@ -39,7 +41,7 @@ pub struct TrackerSettings {
     /// Consistency group name.
     pub group: Name,
     /// The disks, in id order.
-    pub disks: Vec<DiskSpec>,
+    pub disks: Vec<DiskSettings>,
     /// Change log directory.
     pub log_dir: PathBuf,
     /// Log sizes.
@@ -509,9 +511,11 @@ pub fn run(
         .zip(group.disk_sizes())
         .enumerate()
         .map(|(id, (spec, size))| DiskSource {
-            id: id as u32,
-            name: spec.name.clone(),
-            size,
+            disk: Disk {
+                id: id as u32,
+                name: spec.name.clone(),
+                size,
+            },
             path: std::fs::canonicalize(&spec.path).unwrap_or_else(|_| spec.path.clone()),
         })
         .collect();
@@ -727,7 +731,7 @@ fn resolve_group(name: &str) -> Result<u32, DaemonError> {
 
 /// Refuses two disks with one name: they would be one export, and share
 /// one activity map and one dirty bitmap (files named after the disk).
-fn check_names(disks: &[DiskSpec]) -> Result<(), DaemonError> {
+fn check_names(disks: &[DiskSettings]) -> Result<(), DaemonError> {
     for (i, disk) in disks.iter().enumerate() {
         if let Some(first) = disks[..i].iter().find(|d| d.name == disk.name) {
             return Err(DaemonError::DuplicateName {
@@ -765,8 +769,8 @@ impl DiskIdentity {
 /// Refuses one file or device given twice (the same path, another path to
 /// it, another device node of it). Called once every disk has opened, so
 /// each path can be looked at.
-fn check_distinct_disks(disks: &[DiskSpec]) -> Result<(), DaemonError> {
-    let mut seen: Vec<(DiskIdentity, &DiskSpec)> = Vec::new();
+fn check_distinct_disks(disks: &[DiskSettings]) -> Result<(), DaemonError> {
+    let mut seen: Vec<(DiskIdentity, &DiskSettings)> = Vec::new();
     for disk in disks {
         let identity = DiskIdentity::of(&disk.path).map_err(|source| DaemonError::Backing {
             name: disk.name.clone(),
@@ -791,17 +795,21 @@ fn check_distinct_disks(disks: &[DiskSpec]) -> Result<(), DaemonError> {
 /// Refuses a disk smaller than the size the log directory records for it
 /// (by id, when the name there is the same): the log's records and the
 /// replica reach beyond its end, and the replica keeps the recorded size.
-fn check_no_shrink(log_dir: &Path, disks: &[DiskSpec], sizes: &[u64]) -> Result<(), DaemonError> {
+fn check_no_shrink(
+    log_dir: &Path,
+    disks: &[DiskSettings],
+    sizes: &[u64],
+) -> Result<(), DaemonError> {
     let Some(recorded) = read_sources(log_dir).map_err(DaemonError::Sources)? else {
         return Ok(());
     };
     for ((disk, &size), was) in disks.iter().zip(sizes).zip(&recorded) {
-        if was.name == disk.name && size < was.size {
+        if was.disk.name == disk.name && size < was.disk.size {
             return Err(DaemonError::Shrunk {
                 name: disk.name.clone(),
                 path: disk.path.clone(),
                 size,
-                recorded: was.size,
+                recorded: was.disk.size,
             });
         }
     }

@@ -49,7 +49,7 @@ use crate::commit::{CommitFailed, Committer, LogStep, LOG_BUFFER_LIMIT, WRITE_OU
 use crate::lock_order::{Level, Ordered, OrderedGuard};
 use crate::nbd::constants::{Errno, ExtentStatus, TransmissionFlags};
 use crate::nbd::export::{BlockSizes, ExportInfo};
-use crate::nbd::transmission::Extent;
+use crate::nbd::transmission::BlockStatusExtent;
 use crate::queue::{QueueWaker, Wakers};
 use crate::range_lock::{RangeLock, RangeTicket};
 use crate::state::{BitmapCause, DiskOrderError, FullAt, GroupState, StateError};
@@ -1440,9 +1440,14 @@ impl Backend for Group {
         self.barrier(disk)
     }
 
-    fn block_status(&self, disk: u32, _offset: u64, length: u32) -> Result<Vec<Extent>, Errno> {
+    fn block_status(
+        &self,
+        disk: u32,
+        _offset: u64,
+        length: u32,
+    ) -> Result<Vec<BlockStatusExtent>, Errno> {
         self.disk(disk)?;
-        Ok(vec![Extent {
+        Ok(vec![BlockStatusExtent {
             length,
             status: ExtentStatus::empty(),
         }])

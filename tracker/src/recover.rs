@@ -77,7 +77,7 @@ pub fn recover_damaged_log(log_dir: &Path) -> Result<Option<RecoverReport>, Reco
         None => GroupState::fresh(
             &sources
                 .iter()
-                .map(|d| d.name.to_string())
+                .map(|d| d.disk.name.to_string())
                 .collect::<Vec<_>>(),
         ),
     };
@@ -94,7 +94,7 @@ pub fn recover_damaged_log(log_dir: &Path) -> Result<Option<RecoverReport>, Reco
     log.begin_generation(generation, first_seq, now)
         .map_err(RecoverError::Append)?;
     let mut resync_needed = Vec::new();
-    for disk in sources.iter().filter(|d| d.size > 0) {
+    for disk in sources.iter().map(|s| &s.disk).filter(|d| d.size > 0) {
         log.append(&Entry::resync_needed(disk.id, 0, disk.size, now))
             .map_err(RecoverError::Append)?;
         resync_needed.push((disk.id, disk.size));

@@ -507,7 +507,7 @@ fn a_hot_extent_cools_only_once_a_durable_barrier_covers_its_write() {
 #[test]
 fn a_damaged_log_is_refused_until_it_is_recovered_in_a_new_generation() {
     use tidemark_changelog::segment::{parse_segment_name, segment_name};
-    use tidemark_changelog::{write_sources, DiskSource, OpenError};
+    use tidemark_changelog::{write_sources, Disk, DiskSource, OpenError};
     use tidemark_tracker::group::GroupError;
 
     let tmp = tempfile::tempdir().unwrap();
@@ -528,9 +528,11 @@ fn a_damaged_log_is_refused_until_it_is_recovered_in_a_new_generation() {
     drop(group);
     let sources: Vec<DiskSource> = (0..2)
         .map(|id| DiskSource {
-            id,
-            name: tidemark_names::Name::new(format!("disk{id}")).unwrap(),
-            size: DISK,
+            disk: Disk {
+                id,
+                name: tidemark_names::Name::new(format!("disk{id}")).unwrap(),
+                size: DISK,
+            },
             path: format!("/dev/null/{id}").into(),
         })
         .collect();

@@ -40,15 +40,19 @@ pub use frame::{
     MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 pub use message::{
-    BatchError, ChunkData, ChunkPurpose, DiskInfo, DiskSync, ErrorClass, ErrorCode, Message,
-    MessageDecoder, MessageType, Received, RecordBatch, RecordId, ResyncExtent, SOFTWARE,
+    BatchError, ChunkData, ChunkPurpose, DiskSync, ErrorClass, ErrorCode, Message, MessageDecoder,
+    MessageType, Received, RecordBatch, RecordId, SOFTWARE,
 };
 pub use receiver::{
     DrainOutcome, ExpectHello, Position, ReceiverConfig, ReceiverError, Receiving, Replica,
     ReplicaError,
 };
 pub use shipper::{
-    block_digests, differing_blocks, AwaitingWelcome, DigestReply, DigestRequestInfo, Extent,
-    HelloInfo, Resume, ShipperConfig, ShipperError, ShipperEvent, Shipping,
+    block_digests, differing_blocks, AwaitingWelcome, DigestReply, DigestRequestInfo, HelloInfo,
+    Resume, ShipperConfig, ShipperError, ShipperEvent, Shipping,
 };
 pub use shipper_core::{CoreConfig, CoreEvent, CoreStatus, DiskStatus, Need, Phase, ShipperCore};
+/// A disk of the group and a byte range of one, as the change log's crate
+/// defines them for every crate; the wire encodes their fields (see
+/// [`message`]).
+pub use tidemark_changelog::{Disk, Extent};

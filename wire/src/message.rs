@@ -63,6 +63,7 @@ use crate::frame::{
 use std::fmt;
 use thiserror::Error;
 use tidemark_changelog::record::{self, Header, Record, HEADER_LEN};
+use tidemark_changelog::{Disk, Extent};
 use tidemark_names::Name;
 
 /// The longest `str8` field, in bytes (names are shorter still:
@@ -184,30 +185,8 @@ impl MessageType {
     }
 }
 
-/// A protected disk as the shipper announces it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DiskInfo {
-    /// Disk id within the group (as in the log's records).
-    pub id: u32,
-    /// The disk's name, e.g. "data".
-    pub name: Name,
-    /// Size in bytes.
-    pub size: u64,
-}
-
 /// Most resync-needed extents a Welcome lists.
 pub const MAX_RESYNC_EXTENTS: usize = 1 << 20;
-
-/// An extent of a disk that waits for a checksum resync.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ResyncExtent {
-    /// Disk id.
-    pub disk: u32,
-    /// First byte.
-    pub offset: u64,
-    /// Bytes.
-    pub length: u64,
-}
 
 /// How far the initial sync of a disk has come at the replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -260,13 +239,26 @@ impl fmt::Debug for ChunkData {
     }
 }
 
-/// Whether retrying can help.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// Whether retrying can help: the class an error message carries, and the
+/// class of the shipper's last failure in its status file (as `transient`
+/// or `permanent`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum ErrorClass {
     /// Retry with backoff (network, busy, disk full, damaged frame).
     Transient,
     /// Stop and mark the disks critical until an admin acts.
     Permanent,
+}
+
+impl ErrorClass {
+    /// `transient` or `permanent`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorClass::Transient => "transient",
+            ErrorClass::Permanent => "permanent",
+        }
+    }
 }
 
 /// What went wrong, for the peer's status and metrics.
@@ -594,7 +586,7 @@ pub enum Message {
         /// The tracker generation the host is at.
         generation: u32,
         /// The group's disks.
-        disks: Vec<DiskInfo>,
+        disks: Vec<Disk>,
         /// (Version 2 on; 1 when absent.) The oldest protocol version the
         /// shipper offers; the newest is the version of the hello's frame.
         min_version: u16,
@@ -611,7 +603,7 @@ pub enum Message {
         disks: Vec<DiskSync>,
         /// Resync-needed extents the replica still waits for (their records
         /// are durable, so a restarted shipper learns them only here).
-        resyncing: Vec<ResyncExtent>,
+        resyncing: Vec<Extent>,
         /// (Version 2 on; empty when absent.) The receiver's release.
         software: String,
     },
@@ -986,7 +978,7 @@ fn decode_fields(msg_type: MessageType, version: u16, body: &[u8]) -> Result<Mes
                 let n = r.count("disk count", 4 + 1 + 8, MAX_DISKS)?;
                 let mut disks = Vec::with_capacity(n);
                 for _ in 0..n {
-                    disks.push(DiskInfo {
+                    disks.push(Disk {
                         id: r.u32("disk id")?,
                         name: r.name("disk name")?,
                         size: r.u64("disk size")?,
@@ -1023,7 +1015,7 @@ fn decode_fields(msg_type: MessageType, version: u16, body: &[u8]) -> Result<Mes
                 let n = r.count("resync extent count", 20, MAX_RESYNC_EXTENTS)?;
                 let mut resyncing = Vec::with_capacity(n);
                 for _ in 0..n {
-                    resyncing.push(ResyncExtent {
+                    resyncing.push(Extent {
                         disk: r.u32("resync disk")?,
                         offset: r.u64("resync offset")?,
                         length: r.u64("resync length")?,

@@ -30,12 +30,13 @@
 
 use crate::frame::{Compression, DecodeError, EncodeError, Versions, MIN_PROTOCOL_VERSION};
 use crate::message::{
-    digest_count, ChunkData, ChunkPurpose, DiskInfo, DiskSync, ErrorClass, ErrorCode, Message,
-    Received, RecordId, ResyncExtent, MAX_DISKS, SOFTWARE,
+    digest_count, ChunkData, ChunkPurpose, DiskSync, ErrorClass, ErrorCode, Message, Received,
+    RecordId, MAX_DISKS, SOFTWARE,
 };
 use std::collections::HashSet;
 use thiserror::Error;
 use tidemark_changelog::record::{Record, GROUP_DISK};
+use tidemark_changelog::{Disk, Extent};
 use tidemark_names::Name;
 
 /// What the replica holds durably (or, between commits, has applied).
@@ -48,7 +49,7 @@ pub struct Position {
     /// Initial-sync state of every disk.
     pub disks: Vec<DiskSync>,
     /// Resync-needed extents still waiting for a resync.
-    pub resyncing: Vec<ResyncExtent>,
+    pub resyncing: Vec<Extent>,
 }
 
 /// A replica store failure, with what to tell the shipper.
@@ -68,7 +69,7 @@ pub trait Replica {
     /// The durable position.
     fn position(&self) -> Position;
     /// Creates the disks it does not hold yet; refuses disks that changed.
-    fn ensure_disks(&mut self, disks: &[DiskInfo]) -> Result<(), ReplicaError>;
+    fn ensure_disks(&mut self, disks: &[Disk]) -> Result<(), ReplicaError>;
     /// Applies one verified record (in sequence order; barriers and markers
     /// included, they are the recovery points).
     fn apply_record(&mut self, record: &Record) -> Result<(), ReplicaError>;
@@ -358,7 +359,7 @@ impl ExpectHello {
         self,
         host: Name,
         generation: u32,
-        disks: Vec<DiskInfo>,
+        disks: Vec<Disk>,
         version: u16,
         shipper_software: String,
         replica: &mut R,
@@ -461,7 +462,7 @@ pub struct Receiving {
     /// The last record applied (seq 0: none ever).
     applied: RecordId,
     /// Each disk and where its initial sync stands (applied, not durable).
-    disks: Vec<(DiskInfo, u64)>,
+    disks: Vec<(Disk, u64)>,
     frames: u64,
     acked_frames: u64,
     dirty: bool,

@@ -19,11 +19,12 @@
 
 use crate::frame::{Compression, EncodeError, Versions};
 use crate::message::{
-    digest_count, ChunkData, ChunkPurpose, DiskInfo, DiskSync, ErrorClass, ErrorCode, Message,
-    Received, RecordBatch, RecordId, ResyncExtent, SOFTWARE,
+    digest_count, ChunkData, ChunkPurpose, DiskSync, ErrorClass, ErrorCode, Message, Received,
+    RecordBatch, RecordId, SOFTWARE,
 };
 use std::collections::VecDeque;
 use thiserror::Error;
+use tidemark_changelog::{Disk, Extent};
 use tidemark_names::Name;
 
 /// Tuning of a shipper session.
@@ -59,7 +60,7 @@ pub struct HelloInfo {
     /// The tracker generation of the log's newest records.
     pub generation: u32,
     /// The group's disks.
-    pub disks: Vec<DiskInfo>,
+    pub disks: Vec<Disk>,
 }
 
 /// Why a shipper session ended.
@@ -182,7 +183,7 @@ pub struct Resume {
     pub disks: Vec<DiskSync>,
     /// Resync-needed extents the replica still waits for: compare them
     /// (their records are already durable and will not be sent again).
-    pub resyncing: Vec<ResyncExtent>,
+    pub resyncing: Vec<Extent>,
     /// The protocol version of the session.
     pub version: u16,
     /// The receiver's release, as its welcome named it (empty before
@@ -439,7 +440,7 @@ pub struct Shipping {
     config: ShipperConfig,
     /// The protocol version of the session: every frame is of it.
     version: u16,
-    disks: Vec<DiskInfo>,
+    disks: Vec<Disk>,
     durable: RecordId,
     /// The last record sent; `None` while a fresh replica has none.
     last_sent: Option<RecordId>,
@@ -496,7 +497,7 @@ impl Shipping {
         self.in_flight_bytes += frame.len() as u64;
     }
 
-    fn disk(&self, id: u32) -> Result<&DiskInfo, ShipperError> {
+    fn disk(&self, id: u32) -> Result<&Disk, ShipperError> {
         self.disks
             .iter()
             .find(|d| d.id == id)
@@ -744,15 +745,6 @@ fn truncate(s: &str, max: usize) -> String {
     s[..end].to_string()
 }
 
-/// An extent of a disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Extent {
-    /// First byte.
-    pub offset: u64,
-    /// Bytes.
-    pub length: u64,
-}
-
 /// BLAKE3 digest of each `block_size` block of `data` (the last may be
 /// short); what both ends compute for a digest request.
 pub fn block_digests(data: &[u8], block_size: u32) -> Vec<[u8; 32]> {
@@ -785,6 +777,7 @@ pub fn differing_blocks(
         match out.last_mut() {
             Some(e) if e.offset + e.length == start => e.length += length,
             _ => out.push(Extent {
+                disk: request.disk,
                 offset: start,
                 length,
             }),
@@ -802,7 +795,7 @@ mod tests {
             host: Name::from_static("h"),
             group: Name::from_static("g"),
             generation: 2,
-            disks: vec![DiskInfo {
+            disks: vec![Disk {
                 id: 0,
                 name: Name::from_static("d"),
                 size: 1 << 20,
@@ -883,6 +876,7 @@ mod tests {
         assert_eq!(
             differing_blocks(&req, &a, &b).unwrap(),
             [Extent {
+                disk: 0,
                 offset: 1000 + 4096,
                 length: 10_000 - 4096
             }]

@@ -35,13 +35,14 @@
 
 use crate::message::{ChunkData, ChunkPurpose, DiskSync, Received, RecordBatch, RecordId};
 use crate::shipper::{
-    block_digests, differing_blocks, AwaitingWelcome, DigestReply, Extent, HelloInfo, Resume,
+    block_digests, differing_blocks, AwaitingWelcome, DigestReply, HelloInfo, Resume,
     ShipperConfig, ShipperError, ShipperEvent, Shipping,
 };
 use crate::ErrorClass;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 use tidemark_changelog::record::{Header, Kind};
+use tidemark_changelog::Extent;
 
 /// Block size of the second, fine comparison of a coarse block that
 /// differs: only the 4 KiB blocks that differ travel.
@@ -908,6 +909,7 @@ impl ShipperCore {
                 let end = req.offset + req.length;
                 let mut at = req.offset;
                 for e in differ.iter().chain(std::iter::once(&Extent {
+                    disk: req.disk,
                     offset: end,
                     length: 0,
                 })) {
@@ -1024,8 +1026,9 @@ impl ShipperCore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::{DiskInfo, Message, MessageDecoder};
+    use crate::message::{Message, MessageDecoder};
     use tidemark_changelog::record::Entry;
+    use tidemark_changelog::Disk;
 
     const SIZE: u64 = 16 << 10;
 
@@ -1034,7 +1037,7 @@ mod tests {
             host: tidemark_names::Name::from_static("h"),
             group: tidemark_names::Name::from_static("g"),
             generation: 1,
-            disks: vec![DiskInfo {
+            disks: vec![Disk {
                 id: 0,
                 name: tidemark_names::Name::from_static("d"),
                 size: SIZE,

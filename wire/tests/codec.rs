@@ -6,7 +6,7 @@ use tidemark_changelog::record::Entry;
 use tidemark_names::Name;
 use tidemark_wire::frame::{FRAME_HEADER_LEN, MAX_FRAME_BODY};
 use tidemark_wire::{
-    ChunkData, ChunkPurpose, Compression, DiskInfo, DiskSync, ErrorClass, ErrorCode, Message,
+    ChunkData, ChunkPurpose, Compression, Disk, DiskSync, ErrorClass, ErrorCode, Message,
     MessageDecoder, RecordBatch, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 
@@ -22,9 +22,9 @@ fn arb_software() -> impl Strategy<Value = String> {
     ]
 }
 
-fn arb_disks() -> impl Strategy<Value = Vec<DiskInfo>> {
+fn arb_disks() -> impl Strategy<Value = Vec<Disk>> {
     proptest::collection::vec(
-        (any::<u32>(), arb_name(), any::<u64>()).prop_map(|(id, name, size)| DiskInfo {
+        (any::<u32>(), arb_name(), any::<u64>()).prop_map(|(id, name, size)| Disk {
             id,
             name,
             size,
@@ -111,7 +111,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
                     disks,
                     resyncing: ext
                         .into_iter()
-                        .map(|(disk, offset, length)| tidemark_wire::ResyncExtent {
+                        .map(|(disk, offset, length)| tidemark_wire::Extent {
                             disk,
                             offset,
                             length
@@ -457,7 +457,7 @@ fn hello_v2() -> Message {
         host: Name::from_static("db1"),
         group: Name::from_static("g"),
         generation: 3,
-        disks: vec![DiskInfo {
+        disks: vec![Disk {
             id: 0,
             name: Name::from_static("vda"),
             size: 1 << 30,

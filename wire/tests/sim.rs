@@ -35,9 +35,9 @@ use tidemark_wire::shipper::{
 };
 use tidemark_wire::shipper_core::{CoreConfig, CoreEvent, Need, ShipperCore};
 use tidemark_wire::{
-    encode_frame, ChunkData, ChunkPurpose, Compression, DecodeError, DiskInfo, DiskSync,
-    ErrorClass, ErrorCode, Message, MessageDecoder, MessageType, Received, RecordBatch, RecordId,
-    Replica, ReplicaError, Versions, PROTOCOL_VERSION,
+    encode_frame, ChunkData, ChunkPurpose, Compression, DecodeError, Disk, DiskSync, ErrorClass,
+    ErrorCode, Message, MessageDecoder, MessageType, Received, RecordBatch, RecordId, Replica,
+    ReplicaError, Versions, PROTOCOL_VERSION,
 };
 
 const HOST: &str = "db1";
@@ -234,7 +234,7 @@ impl MemReplica<'_> {
             .committed
             .2
             .iter()
-            .map(|&(disk, offset, length)| tidemark_wire::ResyncExtent {
+            .map(|&(disk, offset, length)| tidemark_wire::Extent {
                 disk,
                 offset,
                 length,
@@ -249,7 +249,7 @@ impl Replica for MemReplica<'_> {
         self.committed_position()
     }
 
-    fn ensure_disks(&mut self, disks: &[DiskInfo]) -> Result<(), ReplicaError> {
+    fn ensure_disks(&mut self, disks: &[Disk]) -> Result<(), ReplicaError> {
         for d in disks {
             match self.sizes.get(d.id as usize) {
                 Some(&s) if s == d.size => {}
@@ -499,7 +499,7 @@ fn hello() -> HelloInfo {
         disks: SIZES
             .iter()
             .enumerate()
-            .map(|(i, &size)| DiskInfo {
+            .map(|(i, &size)| Disk {
                 id: i as u32,
                 name: Name::new(format!("disk{i}")).unwrap(),
                 size,

@@ -10,7 +10,7 @@
 //! (RBD images and snapshots, say) maps onto them without a translation
 //! layer:
 //!
-//! - a disk ([`DiskSpec`]) is one block image of the disk's size;
+//! - a disk ([`Disk`]) is one block image of the disk's size;
 //! - a recovery point ([`RecoveryPoint`]) is a snapshot of every image of
 //!   the group taken at the barrier or marker: [`ReplicaStore::points`]
 //!   lists them, [`ReplicaStore::reader`] reads the images as of one
@@ -35,8 +35,8 @@ use tidemark_durable::LogDir;
 use tidemark_names::Name;
 
 use super::{
-    Applied, ChunkRef, DiskSpec, FoldReport, Position, Purpose, RecoveryPoint, ReplicaGroup,
-    Retention, SharedView, StoreError, View,
+    Applied, ChunkRef, Disk, FoldReport, Position, Purpose, RecoveryPoint, ReplicaGroup, Retention,
+    SharedView, StoreError, View,
 };
 
 /// One consistency group's replica store, whatever engine keeps it. Every
@@ -48,7 +48,7 @@ pub trait ReplicaStore: Send + Sync + Debug {
     fn position(&self) -> Position;
     /// Makes sure the group has these disks (new ones start empty,
     /// durably); a known disk may change neither size nor name.
-    fn ensure_disks(&mut self, disks: &[DiskSpec]) -> Result<(), StoreError>;
+    fn ensure_disks(&mut self, disks: &[Disk]) -> Result<(), StoreError>;
     /// Applies the next record of the log, or ignores a duplicate.
     fn apply_record(&mut self, rec: &Record) -> Result<Applied, StoreError>;
     /// Applies an initial-sync or resync chunk.
@@ -74,10 +74,10 @@ pub trait ReplicaStore: Send + Sync + Debug {
     fn commit(&mut self) -> Result<Position, StoreError>;
     /// Makes a new, empty group hold these disks from existing images
     /// (failback) and waits for a resync of every byte of them.
-    fn adopt(&mut self, disks: &[(DiskSpec, PathBuf)]) -> Result<(), StoreError>;
+    fn adopt(&mut self, disks: &[(Disk, PathBuf)]) -> Result<(), StoreError>;
 
     /// The group's disks as last committed, by id.
-    fn disk_specs(&self) -> Vec<DiskSpec>;
+    fn disks(&self) -> Vec<Disk>;
     /// The recovery points, oldest first.
     fn points(&self) -> Vec<RecoveryPoint>;
     /// The disks as of the recovery point `seq`, or (`None`) as of
@@ -191,7 +191,7 @@ where
         ReplicaGroup::position(self)
     }
 
-    fn ensure_disks(&mut self, disks: &[DiskSpec]) -> Result<(), StoreError> {
+    fn ensure_disks(&mut self, disks: &[Disk]) -> Result<(), StoreError> {
         ReplicaGroup::ensure_disks(self, disks)
     }
 
@@ -227,12 +227,12 @@ where
         ReplicaGroup::commit(self)
     }
 
-    fn adopt(&mut self, disks: &[(DiskSpec, PathBuf)]) -> Result<(), StoreError> {
+    fn adopt(&mut self, disks: &[(Disk, PathBuf)]) -> Result<(), StoreError> {
         ReplicaGroup::adopt(self, disks)
     }
 
-    fn disk_specs(&self) -> Vec<DiskSpec> {
-        ReplicaGroup::disk_specs(self)
+    fn disks(&self) -> Vec<Disk> {
+        ReplicaGroup::disks(self)
     }
 
     fn points(&self) -> Vec<RecoveryPoint> {
@@ -298,7 +298,7 @@ mod tests {
     use crate::replica::StoreReplica;
     use tidemark_changelog::Entry;
     use tidemark_durable::SimDir;
-    use tidemark_wire::{ChunkData, ChunkPurpose, DiskInfo, Replica};
+    use tidemark_wire::{ChunkData, ChunkPurpose, Disk, Replica};
 
     fn record(entry: &Entry<'_>, seq: u64) -> Record {
         Record::decode(&entry.encode(seq, 1)).unwrap()
@@ -312,7 +312,7 @@ mod tests {
         let store = ReplicaGroup::open_on(SimDir::new(), SimDir::new()).unwrap();
         let mut replica = StoreReplica::new(Box::new(store));
         replica
-            .ensure_disks(&[DiskInfo {
+            .ensure_disks(&[Disk {
                 id: 0,
                 name: Name::from_static("data"),
                 size: 8192,
@@ -371,7 +371,7 @@ mod tests {
             Err(StoreError::Locked(_))
         ));
         store
-            .ensure_disks(&[DiskSpec {
+            .ensure_disks(&[Disk {
                 id: 0,
                 name: Name::from_static("data"),
                 size: 4096,

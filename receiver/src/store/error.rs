@@ -67,10 +67,10 @@ pub enum StoreError {
     /// Caller: digests were asked with a block size of zero.
     #[error("block size must be non-zero")]
     InvalidBlockSize,
-    /// Configuration: a disk spec is invalid (duplicate id or name, name
+    /// Configuration: a disk is invalid (duplicate id or name, name
     /// too long) or a known disk changed its size or name.
     #[error("disk {disk}: {reason}")]
-    DiskSpec {
+    BadDisk {
         /// The disk id.
         disk: u32,
         /// What is wrong.

@@ -182,6 +182,9 @@ mod state;
 
 pub use engine::{LocalEngine, PointReader, ReplicaStore, StoreEngine};
 pub use error::StoreError;
+/// A disk of the group (id, name, size), as the shipper announces it; the
+/// store keeps one image of each.
+pub use tidemark_changelog::Disk;
 
 /// The store's pure codecs, private otherwise, for the fuzz targets
 /// (`fuzz/`): nothing else may use them.
@@ -212,15 +215,14 @@ pub mod fuzzing {
 
 use journal::{Journal, Journaled};
 use overlay::{Overlay, Source};
-use state::{Disk, Meta, Mode, StateFile};
+use state::{DiskState, Meta, Mode, StateFile};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use tidemark_changelog::record::{Kind, Record, FLAG_APP_CONSISTENT, FLAG_NO_HOLE};
 use tidemark_changelog::replay::{self, ReplaySummary};
-use tidemark_changelog::{create_private_dir_all, DirLock, LockError};
+use tidemark_changelog::{create_private_dir_all, DirLock, Extent, LockError};
 use tidemark_durable::{FsDir, LogDir, LogFile};
-use tidemark_names::Name;
 
 const STATE_FILE: &str = "state";
 const LOCK_FILE: &str = "lock";
@@ -228,18 +230,6 @@ const IO_BUF: usize = 1 << 20;
 /// Reads of an image range this long or longer first ask whether it is a
 /// hole (one `lseek`); shorter ones just read it.
 const HOLE_CHECK_MIN: u64 = 64 << 10;
-
-/// A disk of the group, as the shipper announces it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DiskSpec {
-    /// Disk id within the group (the `disk` of its records).
-    pub id: u32,
-    /// The disk's name on the protected host; failover makes
-    /// `DIR/NAME.img` of it.
-    pub name: Name,
-    /// Size in bytes.
-    pub size: u64,
-}
 
 /// The group's committed position: what the shipper resumes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -276,17 +266,6 @@ pub enum GroupState {
         /// The extents still to resync, sorted by disk and offset.
         pending: Vec<Extent>,
     },
-}
-
-/// A byte range of one disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Extent {
-    /// Disk id.
-    pub disk: u32,
-    /// First byte.
-    pub offset: u64,
-    /// Bytes.
-    pub length: u64,
 }
 
 /// What [`ReplicaGroup::apply_record`] did with a record.
@@ -458,8 +437,8 @@ impl<D: LogDir> SharedView<D> {
     }
 
     /// The group's disks.
-    pub fn disk_specs(&self) -> Vec<DiskSpec> {
-        self.group.disk_specs()
+    pub fn disks(&self) -> Vec<Disk> {
+        self.group.disks()
     }
 
     fn view(&self) -> ViewRef<'_, D> {
@@ -811,12 +790,12 @@ impl<D: LogDir> ReplicaGroup<D> {
     /// consistent group back into initial sync (its recovery points are
     /// folded first: none of them holds the new disk); a resyncing group
     /// refuses new disks.
-    pub fn ensure_disks(&mut self, disks: &[DiskSpec]) -> Result<(), StoreError> {
+    pub fn ensure_disks(&mut self, disks: &[Disk]) -> Result<(), StoreError> {
         self.check_poisoned()?;
         let mut seen = BTreeSet::new();
         let mut new = Vec::new();
         for spec in disks {
-            let bad = |reason: String| StoreError::DiskSpec {
+            let bad = |reason: String| StoreError::BadDisk {
                 disk: spec.id,
                 reason,
             };
@@ -869,7 +848,7 @@ impl<D: LogDir> ReplicaGroup<D> {
         self.poison_on(synced.map_err(io_err("syncing", &self.path)))?;
         for meta in [&mut self.cur, &mut self.durable] {
             for spec in &new {
-                meta.disks.push(Disk {
+                meta.disks.push(DiskState {
                     id: spec.id,
                     name: spec.name.clone(),
                     size: spec.size,
@@ -892,22 +871,22 @@ impl<D: LogDir> ReplicaGroup<D> {
     /// disks are compared with the failed-over ones and only blocks that
     /// differ travel. `disks` pairs each disk with its image, whose size
     /// must be the disk's.
-    pub fn adopt(&mut self, disks: &[(DiskSpec, PathBuf)]) -> Result<(), StoreError> {
+    pub fn adopt(&mut self, disks: &[(Disk, PathBuf)]) -> Result<(), StoreError> {
         self.check_poisoned()?;
         if !self.durable.disks.is_empty() || self.durable.seq != 0 || self.dirty {
-            return Err(StoreError::DiskSpec {
+            return Err(StoreError::BadDisk {
                 disk: disks.first().map_or(0, |(d, _)| d.id),
                 reason: "only a new, empty replica group can adopt images".into(),
             });
         }
-        let specs: Vec<DiskSpec> = disks.iter().map(|(d, _)| d.clone()).collect();
+        let specs: Vec<Disk> = disks.iter().map(|(d, _)| d.clone()).collect();
         self.ensure_disks(&specs)?;
         for (spec, source) in disks {
             let len = std::fs::metadata(source)
                 .map_err(io_err("reading the size of", source))?
                 .len();
             if len != spec.size {
-                return Err(StoreError::DiskSpec {
+                return Err(StoreError::BadDisk {
                     disk: spec.id,
                     reason: format!(
                         "{} is {len} bytes, the disk {} bytes",
@@ -1351,11 +1330,11 @@ impl<D: LogDir> ReplicaGroup<D> {
     }
 
     /// The group's disks as last committed, by id.
-    pub fn disk_specs(&self) -> Vec<DiskSpec> {
+    pub fn disks(&self) -> Vec<Disk> {
         self.durable
             .disks
             .iter()
-            .map(|d| DiskSpec {
+            .map(|d| Disk {
                 id: d.id,
                 name: d.name.clone(),
                 size: d.size,
@@ -1508,6 +1487,7 @@ impl<D: LogDir> ViewRef<'_, D> {
 mod tests {
     use super::*;
     use tidemark_changelog::Entry;
+    use tidemark_names::Name;
 
     fn rec(entry: &Entry<'_>, seq: u64) -> Record {
         Record::decode(&entry.encode(seq, 0)).unwrap()
@@ -1515,7 +1495,7 @@ mod tests {
 
     fn one_disk_group(dir: &Path) -> ReplicaGroup {
         let mut g = ReplicaGroup::open(dir).unwrap();
-        g.ensure_disks(&[DiskSpec {
+        g.ensure_disks(&[Disk {
             id: 0,
             name: Name::from_static("a"),
             size: 65536,

@@ -36,7 +36,7 @@ pub(crate) enum Mode {
 
 /// One disk as the group knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Disk {
+pub(crate) struct DiskState {
     pub(crate) id: u32,
     pub(crate) name: Name,
     pub(crate) size: u64,
@@ -54,7 +54,7 @@ pub(crate) struct Meta {
     pub(crate) seq: u64,
     pub(crate) generation: u32,
     /// Sorted by id.
-    pub(crate) disks: Vec<Disk>,
+    pub(crate) disks: Vec<DiskState>,
     pub(crate) mode: Mode,
     pub(crate) last_barrier: Option<(u64, u64)>,
 }
@@ -71,11 +71,11 @@ impl Meta {
         }
     }
 
-    pub(crate) fn disk(&self, id: u32) -> Option<&Disk> {
+    pub(crate) fn disk(&self, id: u32) -> Option<&DiskState> {
         self.disks.iter().find(|d| d.id == id)
     }
 
-    pub(crate) fn disk_mut(&mut self, id: u32) -> Option<&mut Disk> {
+    pub(crate) fn disk_mut(&mut self, id: u32) -> Option<&mut DiskState> {
         self.disks.iter_mut().find(|d| d.id == id)
     }
 }
@@ -197,7 +197,7 @@ impl StateFile {
         let journal_start = r.u64()?;
         let journal_end = r.u64()?;
         let fold_to = r.u64()?;
-        let mut disks: Vec<Disk> = Vec::new();
+        let mut disks: Vec<DiskState> = Vec::new();
         for _ in 0..ndisks {
             let id = r.u32()?;
             let name_len = r.u32()? as usize;
@@ -226,7 +226,7 @@ impl StateFile {
                 }
                 pending.add(s, e);
             }
-            disks.push(Disk {
+            disks.push(DiskState {
                 id,
                 name,
                 size,
@@ -342,14 +342,14 @@ mod tests {
                 seq: 77,
                 generation: 3,
                 disks: vec![
-                    Disk {
+                    DiskState {
                         id: 0,
                         name: Name::from_static("sda"),
                         size: 1 << 20,
                         synced: 1 << 20,
                         pending,
                     },
-                    Disk {
+                    DiskState {
                         id: 5,
                         name: Name::from_static("wal-1"),
                         size: 65536,

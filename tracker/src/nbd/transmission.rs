@@ -601,7 +601,7 @@ pub enum ReplyEncodeError {
 
 /// One extent of a `BLOCK_STATUS` chunk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Extent {
+pub struct BlockStatusExtent {
     /// Length in bytes; nonzero.
     pub length: u32,
     /// Allocation status; zero is always a safe answer.
@@ -702,7 +702,7 @@ pub fn encode_error_chunk(cookie: u64, errno: Errno, message: &str, done: bool, 
 pub fn encode_block_status(
     cookie: u64,
     context: u32,
-    extents: &[Extent],
+    extents: &[BlockStatusExtent],
     done: bool,
     out: &mut Vec<u8>,
 ) -> Result<(), ReplyEncodeError> {
@@ -1310,11 +1310,11 @@ mod tests {
     fn block_status_chunk_lists_extents() {
         let mut out = Vec::new();
         let extents = [
-            Extent {
+            BlockStatusExtent {
                 length: 4096,
                 status: ExtentStatus::empty(),
             },
-            Extent {
+            BlockStatusExtent {
                 length: 8192,
                 status: ExtentStatus::HOLE | ExtentStatus::ZERO,
             },
@@ -1333,7 +1333,7 @@ mod tests {
         );
         let zero = [
             extents[0],
-            Extent {
+            BlockStatusExtent {
                 length: 0,
                 ..extents[0]
             },
@@ -1508,9 +1508,9 @@ mod tests {
             extents in proptest::collection::vec((1u32.., any::<u32>()), 1..40),
             cookie in any::<u64>(),
         ) {
-            let extents: Vec<Extent> = extents
+            let extents: Vec<BlockStatusExtent> = extents
                 .into_iter()
-                .map(|(length, status)| Extent { length, status: ExtentStatus::from_bits_retain(status) })
+                .map(|(length, status)| BlockStatusExtent { length, status: ExtentStatus::from_bits_retain(status) })
                 .collect();
             let mut out = Vec::new();
             encode_block_status(cookie, 1, &extents, true, &mut out).unwrap();

@@ -83,7 +83,7 @@ use crate::backend::Backend;
 use crate::group::Group;
 use crate::nbd::constants::ExtentStatus;
 use crate::nbd::export::BlockSizes;
-use crate::nbd::transmission::Extent;
+use crate::nbd::transmission::BlockStatusExtent;
 use crate::queue::{BlockingPool, Queue, QueueWaker};
 use crate::storage::BlockDevice;
 use crate::write_path::GroupQueue;
@@ -256,7 +256,11 @@ impl Frontend {
 /// Holds a backend's block-status answer to what the protocol allows: no
 /// zero-length extents, not past the requested range, one extent with
 /// `REQ_ONE`. An empty answer becomes "all data", which is always correct.
-pub(crate) fn clip_extents(extents: Vec<Extent>, length: u32, req_one: bool) -> Vec<Extent> {
+pub(crate) fn clip_extents(
+    extents: Vec<BlockStatusExtent>,
+    length: u32,
+    req_one: bool,
+) -> Vec<BlockStatusExtent> {
     let mut left = length;
     let mut clipped = Vec::with_capacity(extents.len().min(if req_one { 1 } else { 1024 }));
     for extent in extents {
@@ -267,14 +271,14 @@ pub(crate) fn clip_extents(extents: Vec<Extent>, length: u32, req_one: bool) -> 
             continue;
         }
         let take = extent.length.min(left);
-        clipped.push(Extent {
+        clipped.push(BlockStatusExtent {
             length: take,
             status: extent.status,
         });
         left -= take;
     }
     if clipped.is_empty() {
-        clipped.push(Extent {
+        clipped.push(BlockStatusExtent {
             length,
             status: ExtentStatus::empty(),
         });

@@ -749,7 +749,7 @@ mod tests {
     use super::*;
     use crate::backend::Backend;
     use crate::nbd::export::ExportInfo;
-    use crate::nbd::transmission::Extent;
+    use crate::nbd::transmission::BlockStatusExtent;
     use crate::queue::BlockingPool;
     use std::sync::Mutex;
 
@@ -809,7 +809,7 @@ mod tests {
             self.calls.lock().unwrap().push("flush".into());
             Ok(())
         }
-        fn block_status(&self, _: u32, _: u64, _: u32) -> Result<Vec<Extent>, Errno> {
+        fn block_status(&self, _: u32, _: u64, _: u32) -> Result<Vec<BlockStatusExtent>, Errno> {
             Ok(Vec::new())
         }
     }

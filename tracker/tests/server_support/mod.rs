@@ -21,7 +21,7 @@ use tidemark_tracker::nbd::constants::{
 };
 use tidemark_tracker::nbd::export::{BlockSizes, ExportInfo, UNLIMITED_MAX_BLOCK};
 use tidemark_tracker::nbd::handshake::OptionHeader;
-use tidemark_tracker::nbd::transmission::{Extent, RequestHeader};
+use tidemark_tracker::nbd::transmission::{BlockStatusExtent, RequestHeader};
 use tidemark_tracker::server::{Server, ServerHandle, ServerOptions};
 
 pub const KIB: usize = 1 << 10;
@@ -171,9 +171,14 @@ impl Backend for MemoryBackend {
         Ok(())
     }
 
-    fn block_status(&self, disk: u32, offset: u64, length: u32) -> Result<Vec<Extent>, Errno> {
+    fn block_status(
+        &self,
+        disk: u32,
+        offset: u64,
+        length: u32,
+    ) -> Result<Vec<BlockStatusExtent>, Errno> {
         self.range(disk, offset, u64::from(length))?;
-        Ok(vec![Extent {
+        Ok(vec![BlockStatusExtent {
             length,
             status: ExtentStatus::empty(),
         }])

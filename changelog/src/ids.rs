@@ -1,0 +1,120 @@
+//! The two numbers every record carries and every crate passes around:
+//! which disk of the group ([`DiskId`]) and where in the log ([`Seq`]).
+//! Each is a newtype so that one cannot be passed for the other, or for an
+//! offset or a length. Formats are unchanged by them: every codec (the
+//! record header, the cursor, the wire's messages, the replica store's
+//! state file) writes the inner integer exactly as before, and serde
+//! (status files, `--json`) writes the bare number.
+
+use std::fmt;
+
+/// The conversions to and from the inner integer, and `Display` as that
+/// integer, of an id newtype.
+macro_rules! integer_id {
+    ($id:ident, $int:ty) => {
+        impl From<$int> for $id {
+            fn from(value: $int) -> $id {
+                $id(value)
+            }
+        }
+
+        impl From<$id> for $int {
+            fn from(id: $id) -> $int {
+                id.0
+            }
+        }
+
+        impl fmt::Display for $id {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Display::fmt(&self.0, f)
+            }
+        }
+    };
+}
+
+integer_id!(DiskId, u32);
+integer_id!(Seq, u64);
+
+/// A disk's id within its consistency group: its place in the tracker's
+/// disk list, the `disk` field of its records. [`DiskId::GROUP`] (all ones)
+/// stands for the whole group in barrier and marker records.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(transparent)]
+pub struct DiskId(pub u32);
+
+impl DiskId {
+    /// The `disk` of records that concern the whole group (barrier,
+    /// marker).
+    pub const GROUP: DiskId = DiskId(crate::record::GROUP_DISK);
+
+    /// The id as the formats write it.
+    pub const fn get(self) -> u32 {
+        self.0
+    }
+
+    /// The id as an index into the group's disk list.
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+/// A record's sequence number: strictly increasing across the log, never
+/// reused (see [`crate::record`]). 0 stands for "before the first record"
+/// (an empty cursor, a receiver that holds nothing).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(transparent)]
+pub struct Seq(pub u64);
+
+impl Seq {
+    /// Before the first record.
+    pub const ZERO: Seq = Seq(0);
+
+    /// The number as the formats write it.
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+
+    /// The sequence number after this one. Sequence numbers read from disk
+    /// are bounded by [`crate::record::MAX_SEQ`], far below `u64::MAX`, so
+    /// this never overflows for a number that was accepted.
+    pub const fn next(self) -> Seq {
+        Seq(self.0 + 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Status files and `--json` output keep the bare numbers they always
+    /// had.
+    #[test]
+    fn serde_writes_the_bare_number() {
+        assert_eq!(serde_json::to_string(&Seq(42)).unwrap(), "42");
+        assert_eq!(serde_json::to_string(&DiskId(3)).unwrap(), "3");
+        assert_eq!(serde_json::from_str::<Seq>("42").unwrap(), Seq(42));
+        assert_eq!(serde_json::from_str::<DiskId>("7").unwrap(), DiskId(7));
+    }
+
+    #[test]
+    fn display_order_and_group() {
+        assert_eq!(format!("{} {}", Seq(9), DiskId(1)), "9 1");
+        assert!(Seq(1) < Seq(2) && Seq(2).next() == Seq(3));
+        assert_eq!(DiskId::GROUP.get(), u32::MAX);
+        assert!(DiskId(0) < DiskId::GROUP);
+    }
+}
