@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 use tidemark_names::Name;
+use tidemark_receiver::pin::PinLock;
 use tidemark_receiver::store::{
     GroupState, LocalEngine, PointReader, RecoveryPoint, ReplicaStore, StoreEngine,
 };
@@ -373,12 +374,11 @@ fn planned_failover(a: &FailoverArgs) -> Result<ExitCode> {
         "drained: the protected host is stopped; every record up to sequence {seq} is durable here"
     );
 
-    // The final barrier is the newest point. Pin it (as a test failover
-    // does, and under the same lock) so retention cannot fold it while the
-    // images are written.
-    let test_dir = dir.join(tidemark_receiver::store::TEST_FAILOVER_DIR);
-    let _lock = crate::test_failover_cmd::lock(&test_dir)?;
-    let pin = crate::test_failover_cmd::pin(&test_dir, seq)?;
+    // The final barrier is the newest point. Pin it (under the pin's
+    // lock, so no test failover runs meanwhile) so retention cannot fold
+    // it while the images are written.
+    let lock = PinLock::acquire(&dir)?;
+    lock.pin(seq)?;
     let written = (|| {
         let group = a.replica.open_read_only()?;
         if group.position().state != GroupState::Consistent {
@@ -394,9 +394,9 @@ fn planned_failover(a: &FailoverArgs) -> Result<ExitCode> {
         let view = group.reader(Some(seq))?;
         write_images(a, group.as_ref(), point, view.as_ref())
     })();
-    let unpinned = std::fs::remove_file(&pin);
+    let unpinned = lock.unpin();
     written?;
-    unpinned.with_context(|| format!("removing {}", pin.display()))?;
+    unpinned?;
     println!("planned failover complete: nothing was lost (the source stopped at sequence {seq})");
     Ok(ExitCode::SUCCESS)
 }
