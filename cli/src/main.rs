@@ -23,13 +23,20 @@ macro_rules! print {
 }
 
 mod config_cmd;
-mod docs_cmd;
+mod daemon_args;
+mod drain_cmd;
+mod failback_cmd;
+mod failover_cmd;
+mod generate_docs_cmd;
+mod host_cmd;
 mod log_cmd;
-mod pki_cmd;
+mod mark_cmd;
 mod plan_cmd;
 mod points_cmd;
 mod protect_cmd;
-mod replication_cmd;
+mod receiver_cmd;
+mod reprotect_cmd;
+mod shipper_cmd;
 mod status_cmd;
 mod stdout;
 mod test_failover_cmd;
@@ -62,38 +69,38 @@ enum Command {
     Tracker(tracker_cmd::TrackerCommand),
     /// Set up and administer the receiver (replica site).
     #[command(subcommand)]
-    Receiver(pki_cmd::ReceiverCommand),
+    Receiver(receiver_cmd::ReceiverCommand),
     /// Enrol this protected host with a receiver.
     #[command(subcommand)]
-    Host(pki_cmd::HostCommand),
+    Host(host_cmd::HostCommand),
     /// Run the shipper (drains the change log to the receiver) and ask it
     /// how replication goes.
     #[command(subcommand)]
-    Shipper(replication_cmd::ShipperCommand),
+    Shipper(shipper_cmd::ShipperCommand),
     /// Take over a replica: write its disks, as of a recovery point
     /// (default: the newest), into image files (the receiver must be
     /// stopped); with --planned, first drain the protected host through
     /// the running receiver so nothing is lost.
-    Failover(points_cmd::FailoverArgs),
+    Failover(failover_cmd::FailoverArgs),
     /// Replicate in reverse after a failover (on the original site): the
     /// old primary's disks become the replica of the host now running the
     /// failed-over ones, and only blocks that differ will travel (the same
     /// as `tidemark receiver adopt`).
-    Reprotect(points_cmd::AdoptArgs),
+    Reprotect(reprotect_cmd::AdoptArgs),
     /// After a reprotect (on the original site, receiver running): drain
     /// the replica site's host and write its disks back onto the original
     /// primary's, losing nothing.
-    Failback(points_cmd::FailbackArgs),
+    Failback(failback_cmd::FailbackArgs),
     /// List the recovery points a receiver keeps for a host's group (works
     /// while the receiver runs).
     Points(points_cmd::PointsArgs),
     /// Insert a labelled marker on this protected host: a named recovery
     /// point, application-consistent with --app-consistent (hooks and
     /// filesystem freeze around it).
-    Mark(tracker_cmd::MarkArgs),
+    Mark(mark_cmd::MarkArgs),
     /// The protected host's half of a planned failover: stop the tracker
     /// (final barrier) and wait until the receiver has every record.
-    Drain(tracker_cmd::DrainArgs),
+    Drain(drain_cmd::DrainArgs),
     /// Serve a recovery point over NBD on the replica site, read-write
     /// with the writes discarded afterwards, while replication goes on.
     #[command(subcommand)]
@@ -121,7 +128,7 @@ enum Command {
     Ublk(ublk_cmd::UblkCommand),
     /// Write the man pages and shell completions (for packaging).
     #[command(hide = true)]
-    GenerateDocs(docs_cmd::GenerateDocsArgs),
+    GenerateDocs(generate_docs_cmd::GenerateDocsArgs),
 }
 
 fn main() -> ExitCode {
@@ -141,15 +148,15 @@ fn main() -> ExitCode {
         Command::Log(cmd) => log_cmd::run(cmd),
         Command::Config(cmd) => config_cmd::run(cmd),
         Command::Tracker(cmd) => tracker_cmd::run(cmd),
-        Command::Receiver(cmd) => pki_cmd::run_receiver(cmd),
-        Command::Host(cmd) => pki_cmd::run_host(cmd),
-        Command::Shipper(cmd) => replication_cmd::run_shipper(cmd),
-        Command::Failover(a) => points_cmd::failover(a),
+        Command::Receiver(cmd) => receiver_cmd::run_receiver(cmd),
+        Command::Host(cmd) => host_cmd::run_host(cmd),
+        Command::Shipper(cmd) => shipper_cmd::run_shipper(cmd),
+        Command::Failover(a) => failover_cmd::failover(a),
         Command::Points(a) => points_cmd::points(a),
-        Command::Reprotect(a) => points_cmd::adopt(a),
-        Command::Failback(a) => points_cmd::failback(a),
-        Command::Mark(a) => tracker_cmd::mark(a),
-        Command::Drain(a) => tracker_cmd::drain(a),
+        Command::Reprotect(a) => reprotect_cmd::adopt(a),
+        Command::Failback(a) => failback_cmd::failback(a),
+        Command::Mark(a) => mark_cmd::mark(a),
+        Command::Drain(a) => drain_cmd::drain(a),
         Command::TestFailover(cmd) => test_failover_cmd::run(cmd),
         Command::Plan(cmd) => plan_cmd::run(cmd),
         Command::Status(a) => status_cmd::run(a),
@@ -157,7 +164,7 @@ fn main() -> ExitCode {
         Command::Splice(cmd) => protect_cmd::run(cmd),
         Command::Unprotect(a) => protect_cmd::unprotect(a),
         Command::Ublk(cmd) => ublk_cmd::run(cmd),
-        Command::GenerateDocs(a) => docs_cmd::run(a, Cli::command()),
+        Command::GenerateDocs(a) => generate_docs_cmd::run(a, Cli::command()),
     };
     // Output that could not be written (other than to a reader that went
     // away) fails a command that otherwise succeeded.

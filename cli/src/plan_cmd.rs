@@ -31,7 +31,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 use tidemark_config::{GroupRef, PlanConfig, PlanStep};
-use tidemark_receiver::store::{GroupState, LocalEngine, StoreEngine};
+use tidemark_receiver::store::{GroupState, LocalEngine, StoreEngine, StoreError};
 
 /// `tidemark plan ...`.
 #[derive(Debug, Subcommand)]
@@ -146,18 +146,26 @@ fn shell_words(argv: &[OsString]) -> String {
         .join(" ")
 }
 
+/// Why a group of a plan has no replica to take over.
+#[derive(Debug, thiserror::Error)]
+enum NoReplica {
+    /// No store of the group exists.
+    #[error("no replica under {0}")]
+    Missing(String),
+    /// The store is there but cannot be read.
+    #[error("unreadable")]
+    Unreadable(#[source] StoreError),
+}
+
 /// One line on a group's replica, or why there is none to take over.
-fn replica_state(plan: &PlanConfig, g: &GroupRef) -> Result<String, String> {
+fn replica_state(plan: &PlanConfig, g: &GroupRef) -> Result<String, NoReplica> {
     let engine = LocalEngine::new(&plan.data_dir);
     if !engine.exists(&g.host, &g.group) {
-        return Err(format!(
-            "no replica under {}",
-            engine.describe(&g.host, &g.group)
-        ));
+        return Err(NoReplica::Missing(engine.describe(&g.host, &g.group)));
     }
     let group = engine
         .open_read_only(&g.host, &g.group)
-        .map_err(|e| format!("unreadable: {e}"))?;
+        .map_err(NoReplica::Unreadable)?;
     let state = match group.position().state {
         GroupState::InitialSync => "initial sync (no recovery point yet)".to_string(),
         GroupState::Consistent => "consistent".to_string(),
@@ -201,7 +209,7 @@ fn run_plan(a: &RunArgs) -> Result<ExitCode> {
     for g in plan.steps.iter().flat_map(|s| &s.groups) {
         match replica_state(&plan, g) {
             Ok(line) => states.push((g.clone(), line)),
-            Err(why) => missing.push(format!("{g}: {why}")),
+            Err(why) => missing.push(format!("{g}: {:#}", anyhow::Error::from(why))),
         }
     }
     if a.dry_run {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tidemark_changelog::LogOptions;
 use tidemark_config::ByteSize;
-use tidemark_names::{Label, Name};
+use tidemark_names::Name;
 use tidemark_tracker::daemon::{DiskSettings, KernelAttachSettings, TrackerSettings, UblkSettings};
 use tidemark_tracker::quiesce::Quiesce;
 use tidemark_tracker::storage::{BackingOptions, CacheMode, EngineKind};
@@ -20,7 +20,7 @@ pub(crate) enum TrackerCommand {
     /// Ask a running tracker for its status.
     Status(ControlArgs),
     /// Insert a labelled marker (a named recovery point) and a barrier.
-    Mark(MarkArgs),
+    Mark(crate::mark_cmd::MarkArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -124,44 +124,11 @@ pub(crate) struct ControlArgs {
     json: bool,
 }
 
-#[derive(Debug, Args)]
-pub(crate) struct MarkArgs {
-    /// The marker's label: one word (no white space or control
-    /// characters), at most 1024 bytes.
-    label: Label,
-    /// Quiesce first: run the pre-hooks, freeze the filesystems, insert
-    /// the marker, thaw, run the post-hooks (from the config's
-    /// `[tracker.app-consistent]` table and the options below), all within
-    /// the timeout.
-    #[arg(long)]
-    app_consistent: bool,
-    /// The tracker config: its control socket and `[tracker.app-consistent]`.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// The tracker's control socket (default: the config's, else
-    /// /run/tidemark/tracker.ctl).
-    #[arg(long)]
-    control_socket: Option<PathBuf>,
-    /// Also freeze this mount point (repeat for several).
-    #[arg(long, value_name = "MOUNT_POINT")]
-    freeze: Vec<PathBuf>,
-    /// Also run this shell command before freezing (repeat for several).
-    #[arg(long, value_name = "COMMAND")]
-    pre_hook: Vec<String>,
-    /// Also run this shell command after thawing (repeat for several).
-    #[arg(long, value_name = "COMMAND")]
-    post_hook: Vec<String>,
-    /// Most time the pre-hooks and the freeze may take (default: the
-    /// config's, else 30s).
-    #[arg(long, value_parser = tidemark_config::parse_duration)]
-    timeout: Option<std::time::Duration>,
-}
-
 pub(crate) fn run(cmd: TrackerCommand) -> Result<ExitCode> {
     match cmd {
         TrackerCommand::Serve(a) => serve(a),
         TrackerCommand::Status(a) => status(a),
-        TrackerCommand::Mark(a) => mark(a),
+        TrackerCommand::Mark(a) => crate::mark_cmd::mark(a),
     }
 }
 
@@ -475,156 +442,4 @@ fn status(a: ControlArgs) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
-}
-
-pub(crate) fn mark(a: MarkArgs) -> Result<ExitCode> {
-    let config = match &a.config {
-        Some(path) => {
-            let loaded = tidemark_config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
-            Some(
-                loaded
-                    .require_tracker()
-                    .map_err(|e| anyhow::anyhow!("{e}"))?
-                    .clone(),
-            )
-        }
-        None => None,
-    };
-    let socket = a
-        .control_socket
-        .clone()
-        .or_else(|| config.as_ref().map(|c| c.control_socket.clone()))
-        .unwrap_or_else(|| PathBuf::from("/run/tidemark/tracker.ctl"));
-    let insert = |app: bool, within: std::time::Duration| {
-        tidemark_control::mark(&socket, &a.label, app, within)
-    };
-    if !a.app_consistent {
-        let seq = insert(false, std::time::Duration::from_secs(60))?;
-        println!("marker {:?} at sequence number {seq}", a.label);
-        return Ok(ExitCode::SUCCESS);
-    }
-    let table = config.map(|c| c.app_consistent).unwrap_or_default();
-    let quiesce = Quiesce {
-        freeze: table.freeze.into_iter().chain(a.freeze.clone()).collect(),
-        pre_hooks: table
-            .pre_hooks
-            .into_iter()
-            .chain(a.pre_hook.clone())
-            .collect(),
-        post_hooks: table
-            .post_hooks
-            .into_iter()
-            .chain(a.post_hook.clone())
-            .collect(),
-        timeout: a.timeout.unwrap_or(table.timeout.get()),
-    };
-    let report = quiesce
-        .run(|left| insert(true, left))
-        .map_err(|e| anyhow::anyhow!("no application-consistent point: {e}"))?;
-    println!(
-        "application-consistent marker {:?} at sequence number {} ({} filesystems frozen for {} ms)",
-        a.label,
-        report.seq,
-        quiesce.freeze.len(),
-        report.frozen_for.as_millis()
-    );
-    for failure in &report.post_hook_failures {
-        eprintln!("tidemark: warning: post-hook failed: {failure}");
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-/// `tidemark drain`: the protected host's half of a planned failover.
-#[derive(Debug, Args)]
-pub(crate) struct DrainArgs {
-    /// The tracker config (its control socket and log directory).
-    #[arg(long, conflicts_with_all = ["control_socket", "log_dir"])]
-    config: Option<PathBuf>,
-    /// The tracker's control socket.
-    #[arg(long, default_value = "/run/tidemark/tracker.ctl")]
-    control_socket: PathBuf,
-    /// The change log directory (where the shipper's status is).
-    #[arg(long, default_value = "/var/lib/tidemark/log")]
-    log_dir: PathBuf,
-    /// Most time to wait for the shipper to deliver everything.
-    #[arg(long, default_value = "10m", value_parser = tidemark_config::parse_duration)]
-    timeout: std::time::Duration,
-}
-
-/// Stops the tracker (no new writes; requests in flight finish; a final
-/// barrier) and waits until the shipper has made every record durable at
-/// the receiver: the final barrier is then the newest recovery point, and
-/// failing over to it loses nothing.
-pub(crate) fn drain(a: DrainArgs) -> Result<ExitCode> {
-    use std::time::{Duration, Instant};
-    let (control, log_dir) = match &a.config {
-        Some(path) => {
-            let loaded = tidemark_config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let t = loaded
-                .require_tracker()
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            (t.control_socket.clone(), t.log_dir.clone())
-        }
-        None => (a.control_socket.clone(), a.log_dir.clone()),
-    };
-    let deadline = Instant::now() + a.timeout;
-    println!(
-        "stopping the tracker: no new writes; requests in flight finish, then a final barrier"
-    );
-    match tidemark_control::stop_tracker(&control, a.timeout)? {
-        tidemark_control::Stopped::Now => println!("tracker stopped"),
-        tidemark_control::Stopped::NotRunning => println!(
-            "no tracker answers on {}; draining what its log holds",
-            control.display()
-        ),
-    }
-    let dir = tidemark_changelog::FsDir::existing(&log_dir)
-        .with_context(|| format!("opening the log {}", log_dir.display()))?;
-    let report = tidemark_changelog::check(&dir)
-        .with_context(|| format!("reading the log {}", log_dir.display()))?;
-    if !report.is_clean() {
-        bail!(
-            "the log {} is damaged: run `tidemark log check` on it",
-            log_dir.display()
-        );
-    }
-    let last = report.last_seq.unwrap_or(0);
-    let mut next_report = Instant::now();
-    loop {
-        let status = tidemark_shipper::status::read_status(&log_dir)?;
-        if status.state == tidemark_shipper::status::State::Critical {
-            bail!(
-                "the shipper is critical: {}",
-                status.reason.as_deref().unwrap_or("no reason given")
-            );
-        }
-        if status.durable_seq >= last && status.state == tidemark_shipper::status::State::Protected
-        {
-            println!(
-                "drained: every record up to sequence {last} (the final barrier) is durable at the receiver"
-            );
-            println!(
-                "on the replica site: tidemark failover --data-dir DIR --host {} --group {} --point {last} --to DIR",
-                status.host, status.group
-            );
-            return Ok(ExitCode::SUCCESS);
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "the shipper has {} of {last} durable after {:?} (state {}); the tracker stays stopped",
-                status.durable_seq,
-                a.timeout,
-                status.state.name()
-            );
-        }
-        if Instant::now() >= next_report {
-            println!(
-                "waiting for the shipper: durable at the receiver {} of {last} ({})",
-                status.durable_seq,
-                status.state.name()
-            );
-            next_report = Instant::now() + Duration::from_secs(5);
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }

@@ -427,7 +427,7 @@ impl Server {
                 if self.noticed_silence(&host, &conn) {
                     return;
                 }
-                tracing::warn!(%host, error = %e, "session ended");
+                tracing::warn!(%host, error = %error_chain(&e), "session ended");
             }
         }
     }
@@ -488,7 +488,7 @@ impl Server {
         host: &Name,
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
-    ) -> Result<(), String> {
+    ) -> Result<(), SessionEnded> {
         let mut decoder = MessageDecoder::new();
         let mut buf = vec![0u8; 256 << 10];
         // The Hello.
@@ -505,9 +505,9 @@ impl Server {
             }
             let n = tokio::time::timeout(Duration::from_secs(30), recv.read(&mut buf))
                 .await
-                .map_err(|_| "no hello within 30 s".to_string())?
-                .map_err(|e| e.to_string())?
-                .ok_or("the stream ended before the hello")?;
+                .map_err(|_| SessionEnded::NoHello)?
+                .map_err(SessionEnded::Read)?
+                .ok_or(SessionEnded::EndedBeforeHello)?;
             decoder.feed(&buf[..n]);
         };
         // The Hello's names decoded as names: none of them can leave the
@@ -549,7 +549,9 @@ impl Server {
             Ok(x) => x,
             Err(e) => return refuse(&mut send, e).await,
         };
-        send.write_all(&welcome).await.map_err(|e| e.to_string())?;
+        send.write_all(&welcome)
+            .await
+            .map_err(SessionEnded::Write)?;
         tracing::info!(
             %host,
             group = %group_name,
@@ -591,7 +593,7 @@ impl Server {
                             stats.bytes.fetch_add(bytes, Ordering::Relaxed);
                         }
                         for f in frames {
-                            send.write_all(&f).await.map_err(|e| e.to_string())?;
+                            send.write_all(&f).await.map_err(SessionEnded::Write)?;
                         }
                     }
                     Err(e) => return refuse(&mut send, e).await,
@@ -604,7 +606,7 @@ impl Server {
             match idle {
                 Ok(frames) => {
                     for f in frames {
-                        send.write_all(&f).await.map_err(|e| e.to_string())?;
+                        send.write_all(&f).await.map_err(SessionEnded::Write)?;
                     }
                 }
                 Err(e) => return refuse(&mut send, e).await,
@@ -613,14 +615,14 @@ impl Server {
                 read = recv.read(&mut buf) => match read {
                     Ok(Some(n)) => decoder.feed(&buf[..n]),
                     Ok(None) => return Ok(()),
-                    Err(e) => return Err(e.to_string()),
+                    Err(e) => return Err(SessionEnded::Read(e)),
                 },
                 // Look for a drain request now and then, not at every read.
                 _ = drain_poll.tick() => match drain::read_request(&dir) {
                     Ok(Some(id)) if drain_sent != Some(id) => {
                         tracing::info!(%host, group = %group_name, id, "asking the shipper to drain the group (planned failover)");
                         match receiving.request_drain(id) {
-                            Ok(f) => send.write_all(&f).await.map_err(|e| e.to_string())?,
+                            Ok(f) => send.write_all(&f).await.map_err(SessionEnded::Write)?,
                             Err(e) => return refuse(&mut send, e).await,
                         }
                         drain_sent = Some(id);
@@ -665,16 +667,36 @@ fn report_drained(dir: &Path, host: &str, group: &str, outcome: tidemark_wire::D
     }
 }
 
+/// Why a session with a shipper ended before its stream did.
+#[derive(Debug, thiserror::Error)]
+enum SessionEnded {
+    /// The shipper sent no hello within 30 s of opening the stream.
+    #[error("no hello within 30 s")]
+    NoHello,
+    /// The shipper closed the stream before its hello.
+    #[error("the stream ended before the hello")]
+    EndedBeforeHello,
+    /// The stream could not be read (the network or the peer).
+    #[error("reading from the shipper")]
+    Read(#[source] quinn::ReadError),
+    /// The stream could not be written (the network or the peer).
+    #[error("writing to the shipper")]
+    Write(#[source] quinn::WriteError),
+    /// This receiver refused the session, and told the shipper why.
+    #[error(transparent)]
+    Refused(ReceiverError),
+}
+
 /// Sends the error to the shipper (in a protocol version it reads) and
 /// ends the session.
-async fn refuse(send: &mut quinn::SendStream, err: ReceiverError) -> Result<(), String> {
+async fn refuse(send: &mut quinn::SendStream, err: ReceiverError) -> Result<(), SessionEnded> {
     if let Some(frame) = err.to_frame() {
         let _ = send.write_all(&frame).await;
     }
     let _ = send.finish();
     // Give the frame a moment to leave before the stream is dropped.
     let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
-    Err(err.to_string())
+    Err(SessionEnded::Refused(err))
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use tidemark_changelog::sealed::{seal, unseal, write_atomic};
+pub use tidemark_wire::DrainRefused;
 
 /// The request's file name in the group directory.
 pub const REQUEST: &str = "drain.request";
@@ -32,7 +33,7 @@ pub struct DrainResult {
     pub id: u64,
     /// The last record of the stopped tracker, durable at the replica; or
     /// why the group could not be drained.
-    pub result: Result<u64, String>,
+    pub result: Result<u64, DrainRefused>,
 }
 
 fn write(group_dir: &Path, name: &str, body: &str) -> io::Result<()> {
@@ -94,7 +95,11 @@ pub fn read_request(group_dir: &Path) -> io::Result<Option<u64>> {
 pub fn write_result(group_dir: &Path, result: &DrainResult) -> io::Result<()> {
     let body = match &result.result {
         Ok(seq) => format!("id {}\nlast-seq {seq}\n", result.id),
-        Err(why) => format!("id {}\nerror {}\n", result.id, why.replace('\n', " ")),
+        Err(why) => format!(
+            "id {}\nerror {}\n",
+            result.id,
+            why.reason.replace('\n', " ")
+        ),
     };
     write(group_dir, RESULT, &body)
 }
@@ -112,7 +117,9 @@ pub fn read_result(group_dir: &Path) -> io::Result<Option<DrainResult>> {
             Ok(seq) => Ok(seq),
             Err(_) => return Ok(None),
         },
-        (None, Some(why)) => Err(why.to_string()),
+        (None, Some(why)) => Err(DrainRefused {
+            reason: why.to_string(),
+        }),
         _ => return Ok(None),
     };
     Ok(Some(DrainResult { id, result }))
@@ -151,12 +158,16 @@ mod tests {
         assert_eq!(read_result(d).unwrap(), Some(ok));
         let failed = DrainResult {
             id: 8,
-            result: Err("the tracker refused:\nbusy".into()),
+            result: Err(DrainRefused {
+                reason: "the tracker refused:\nbusy".into(),
+            }),
         };
         write_result(d, &failed).unwrap();
         assert_eq!(
             read_result(d).unwrap().unwrap().result,
-            Err("the tracker refused: busy".to_string())
+            Err(DrainRefused {
+                reason: "the tracker refused: busy".to_string()
+            })
         );
         // A flipped byte: no answer rather than a wrong one.
         let path = d.join(RESULT);

@@ -5,12 +5,18 @@
 //! - [`daemon`]: the QUIC server: authenticated hosts, their groups,
 //!   the protocol session per connection.
 //! - [`drain`]: the drain request and answer files of a planned failover.
+//! - [`pin`]: the pin that keeps a recovery point from retention while
+//!   a test failover or a planned failover reads it.
 //! - [`replica`]: the store as the protocol sees it.
 //! - [`store`]: the replica store of one consistency group: ordered,
 //!   idempotent apply of change-log records, initial sync and checksum
 //!   resync, crash recovery.
+//! - [`test_failover`]: a recovery point made writable by copy-on-write
+//!   scratch files, for a test failover to serve.
 
 pub mod daemon;
 pub mod drain;
+pub mod pin;
 pub mod replica;
 pub mod store;
+pub mod test_failover;

@@ -23,9 +23,9 @@ use tidemark_changelog::{Entry, Record};
 use tidemark_durable::dir::SimFileState;
 use tidemark_durable::{LogDir, SimDir};
 use tidemark_names::Name;
+use tidemark_receiver::pin::PIN_FILE;
 use tidemark_receiver::store::{
     Applied, ChunkRef, Disk, GroupState, Position, Purpose, ReplicaGroup, Retention, StoreError,
-    PIN_FILE,
 };
 
 const SIZES: [u64; 3] = [16 << 10, 8 << 10, (12 << 10) + 512];

@@ -23,9 +23,8 @@ use std::fmt::Write as _;
 use std::fs;
 use std::path::Path;
 use tidemark_changelog::record::{Entry, Record};
-use tidemark_receiver::store::{
-    ChunkRef, Disk, GroupState, Purpose, ReplicaGroup, Retention, PIN_FILE, TEST_FAILOVER_DIR,
-};
+use tidemark_receiver::pin::{PIN_FILE, TEST_FAILOVER_DIR};
+use tidemark_receiver::store::{ChunkRef, Disk, GroupState, Purpose, ReplicaGroup, Retention};
 
 const FIXTURE: &str = "tests/fixtures/store-a8c0b28";
 

@@ -769,6 +769,37 @@ struct Counters {
 }
 
 /// A drain's tracker stop, running on a blocking thread.
+/// Why the protected host cannot drain its group for a planned failover.
+/// The receiver is told [`DrainError::reason`], as text in the `error`
+/// field of the `drained` message.
+#[derive(Debug, thiserror::Error)]
+enum DrainError {
+    /// The tracker would not stop (or could not be asked).
+    #[error(transparent)]
+    Stop(tidemark_control::ControlError),
+    /// The task that stopped it failed.
+    #[error("stopping the tracker")]
+    Stopping(#[source] tokio::task::JoinError),
+    /// The log could not be read after the tracker stopped (local disk).
+    #[error("reading the log after the tracker stopped")]
+    Check(#[source] std::io::Error),
+    /// The log does not verify: what is past the damage cannot be shipped.
+    #[error("the log is damaged: run `tidemark log check` on it")]
+    Damaged,
+}
+
+impl DrainError {
+    /// The reason sent to the receiver: the error and its direct cause,
+    /// one line, as the receiver's admin reads it.
+    fn reason(&self) -> String {
+        match self {
+            DrainError::Stopping(e) => format!("{self}: {e}"),
+            DrainError::Check(e) => format!("{self}: {e}"),
+            DrainError::Stop(_) | DrainError::Damaged => self.to_string(),
+        }
+    }
+}
+
 type TrackerStop =
     tokio::task::JoinHandle<Result<tidemark_control::Stopped, tidemark_control::ControlError>>;
 
@@ -856,6 +887,7 @@ impl Connection<'_> {
             if self.drain.as_ref().is_some_and(|(_, h)| h.is_finished()) {
                 let (id, handle) = self.drain.take().expect("checked above");
                 let last = self.drained(handle).await;
+                let last = last.map_err(|e| e.reason());
                 match &last {
                     Ok(seq) => {
                         tracing::info!(id, last_seq = seq, "tracker stopped; shipping what is left")
@@ -968,21 +1000,19 @@ impl Connection<'_> {
 
     /// The stopped tracker's last record (`Err`: why the group cannot be
     /// drained, told to the receiver).
-    async fn drained(&mut self, handle: TrackerStop) -> Result<u64, String> {
-        let stopped = match handle.await {
-            Ok(r) => r.map_err(|e| e.to_string()),
-            Err(e) => Err(format!("stopping the tracker: {e}")),
+    async fn drained(&mut self, handle: TrackerStop) -> Result<u64, DrainError> {
+        let how = match handle.await {
+            Ok(r) => r.map_err(DrainError::Stop)?,
+            Err(e) => return Err(DrainError::Stopping(e)),
         };
-        stopped.and_then(|how| {
-            let dir = self.shared.dir.clone();
-            let report = tokio::task::block_in_place(|| tidemark_changelog::check(&dir))
-                .map_err(|e| format!("reading the log after the tracker stopped: {e}"))?;
-            if !report.is_clean() {
-                return Err("the log is damaged: run `tidemark log check` on it".to_string());
-            }
-            tracing::info!(?how, "tracker stopped");
-            Ok(report.last_seq.unwrap_or(0))
-        })
+        let dir = self.shared.dir.clone();
+        let report = tokio::task::block_in_place(|| tidemark_changelog::check(&dir))
+            .map_err(DrainError::Check)?;
+        if !report.is_clean() {
+            return Err(DrainError::Damaged);
+        }
+        tracing::info!(?how, "tracker stopped");
+        Ok(report.last_seq.unwrap_or(0))
     }
 
     /// Reads what the core needs and hands it over.

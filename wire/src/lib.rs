@@ -44,8 +44,8 @@ pub use message::{
     MessageType, Received, RecordBatch, RecordId, SOFTWARE,
 };
 pub use receiver::{
-    DrainOutcome, ExpectHello, Position, ReceiverConfig, ReceiverError, Receiving, Replica,
-    ReplicaError,
+    DrainOutcome, DrainRefused, ExpectHello, Position, ReceiverConfig, ReceiverError, Receiving,
+    Replica, ReplicaError,
 };
 pub use shipper::{
     block_digests, differing_blocks, AwaitingWelcome, DigestReply, DigestRequestInfo, HelloInfo,

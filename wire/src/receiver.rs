@@ -447,7 +447,17 @@ pub struct DrainOutcome {
     pub id: u64,
     /// The last record, applied and durable before this outcome was
     /// reported; or why the group could not be drained.
-    pub result: Result<u64, String>,
+    pub result: Result<u64, DrainRefused>,
+}
+
+/// The protected host could not drain its group (the tracker would not
+/// stop, its log is damaged): the reason as its shipper wrote it in the
+/// `error` field of [`Message::Drained`], one line of text for the admin.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct DrainRefused {
+    /// The shipper's reason, as sent.
+    pub reason: String,
 }
 
 /// A session past the Hello.
@@ -680,7 +690,7 @@ impl Receiving {
                     self.commit(replica, &mut out)?;
                     Ok(last_seq)
                 } else {
-                    Err(error)
+                    Err(DrainRefused { reason: error })
                 };
                 self.drained = Some(DrainOutcome { id, result });
             }

@@ -29,7 +29,9 @@ use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 use tidemark_changelog::record::{Entry, Kind, Record};
 use tidemark_names::Name;
-use tidemark_wire::receiver::{ExpectHello, Position, ReceiverConfig, ReceiverError, Receiving};
+use tidemark_wire::receiver::{
+    DrainRefused, ExpectHello, Position, ReceiverConfig, ReceiverError, Receiving,
+};
 use tidemark_wire::shipper::{
     block_digests, AwaitingWelcome, HelloInfo, ShipperConfig, ShipperError,
 };
@@ -1296,7 +1298,9 @@ fn a_drain_is_reported_only_when_every_record_before_it_is_applied() {
     s.handle_message(v(failed), &mut replica).unwrap();
     assert_eq!(
         s.take_drained().unwrap().result,
-        Err("the tracker refused to stop".to_string())
+        Err(DrainRefused {
+            reason: "the tracker refused to stop".to_string()
+        })
     );
 }
 

@@ -217,6 +217,58 @@ pub(crate) struct Journal<D: LogDir = FsDir> {
     pub(crate) last_commit: Option<(u64, u32)>,
 }
 
+/// Why the journal's committed history does not verify: its files were
+/// damaged or changed behind the store's back.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum JournalDamage {
+    /// A segment the history runs through is not there.
+    #[error("segment {0} is missing")]
+    Missing(String),
+    /// A segment is shorter than the history committed in it.
+    #[error("{segment} is {len} bytes, {committed} are committed")]
+    Short {
+        /// The segment's file name.
+        segment: String,
+        /// Its length.
+        len: u64,
+        /// The bytes of history committed in it.
+        committed: u64,
+    },
+    /// An entry of a segment does not verify.
+    #[error("{segment}: {entry}")]
+    Entry {
+        /// The segment's file name.
+        segment: String,
+        /// What is wrong.
+        entry: EntryDamage,
+    },
+}
+
+/// What is wrong with the history in one segment.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum EntryDamage {
+    /// The entry at this offset runs past the committed end.
+    #[error("entry at {0} is cut short")]
+    CutShort(u64),
+    /// The entry's header does not decode.
+    #[error("entry at {at}: {reason}")]
+    Header {
+        /// The entry's offset in the segment.
+        at: u64,
+        /// Why it does not decode.
+        reason: &'static str,
+    },
+    /// The entry's checksum does not match its bytes.
+    #[error("entry at {0} fails its checksum")]
+    Checksum(u64),
+    /// A point's label is not UTF-8.
+    #[error("entry at {0}: a label that is not UTF-8")]
+    Label(u64),
+    /// The history ends in something other than a commit mark.
+    #[error("the committed history does not end in a commit mark")]
+    NoCommit,
+}
+
 /// Opens a segment for writing; `create` creates it (0600, empty) where it
 /// is missing, an existing one is never truncated.
 fn open_segment<D: LogDir>(dir: &D, segment: u32, create: bool) -> io::Result<D::File> {
@@ -240,7 +292,7 @@ impl<D: LogDir> Journal<D> {
     /// Opens the journal of `dir` whose committed history is
     /// `start..end`: reads and verifies every entry of it, cuts off
     /// anything after `end` (an uncommitted tail) and removes segments
-    /// wholly before `start` or after `end`. `Ok(Err(reason))` if the
+    /// wholly before `start` or after `end`. `Ok(Err(damage))` if the
     /// committed history does not verify.
     /// `read_only` changes no file (the group may be open for writing
     /// elsewhere): the tail is ignored instead of cut off.
@@ -249,7 +301,7 @@ impl<D: LogDir> Journal<D> {
         start: u64,
         end: u64,
         read_only: bool,
-    ) -> io::Result<Result<Journal<D>, String>> {
+    ) -> io::Result<Result<Journal<D>, JournalDamage>> {
         let first = segment_of(start);
         let last = segment_of(end);
         // Leftovers: segments a fold had freed, or a roll had begun.
@@ -288,25 +340,29 @@ impl<D: LogDir> Journal<D> {
                     if read_only && seg == last && offset_of(end) == 0 {
                         continue;
                     }
-                    return Ok(Err(format!("segment {} is missing", segment_name(seg))));
+                    return Ok(Err(JournalDamage::Missing(segment_name(seg))));
                 }
                 Err(e) => return Err(e),
             };
             let len = file.size()?;
             let to = if seg == last { offset_of(end) } else { len };
             if len < to {
-                return Ok(Err(format!(
-                    "{} is {len} bytes, {to} are committed",
-                    segment_name(seg)
-                )));
+                return Ok(Err(JournalDamage::Short {
+                    segment: segment_name(seg),
+                    len,
+                    committed: to,
+                }));
             }
             if seg == last && len > to && !read_only {
                 file.set_len(to)?;
                 file.sync_data()?;
             }
             j.segments.insert(seg, file);
-            if let Err(reason) = j.scan(seg, from, to)? {
-                return Ok(Err(format!("{}: {reason}", segment_name(seg))));
+            if let Err(entry) = j.scan(seg, from, to)? {
+                return Ok(Err(JournalDamage::Entry {
+                    segment: segment_name(seg),
+                    entry,
+                }));
             }
         }
         j.end = end;
@@ -314,24 +370,24 @@ impl<D: LogDir> Journal<D> {
     }
 
     /// Reads and verifies the entries of `segment` from `from` to `to`.
-    fn scan(&mut self, segment: u32, from: u64, to: u64) -> io::Result<Result<(), String>> {
+    fn scan(&mut self, segment: u32, from: u64, to: u64) -> io::Result<Result<(), EntryDamage>> {
         let file = self.segments[&segment].try_clone()?;
         let mut at = from;
         let mut buf = vec![0u8; 1 << 20];
         let mut ends_in_commit = from == to;
         while at < to {
             if to - at < HEADER_LEN as u64 {
-                return Ok(Err(format!("entry at {at} is cut short")));
+                return Ok(Err(EntryDamage::CutShort(at)));
             }
             let mut h = [0u8; HEADER_LEN];
             read_exact_at(&file, &mut h, at)?;
             let (entry, payload_len, crc) = match Entry::decode_header(&h) {
                 Ok(v) => v,
-                Err(e) => return Ok(Err(format!("entry at {at}: {e}"))),
+                Err(reason) => return Ok(Err(EntryDamage::Header { at, reason })),
             };
             let payload_at = at + HEADER_LEN as u64;
             if to - payload_at < payload_len as u64 {
-                return Ok(Err(format!("entry at {at} is cut short")));
+                return Ok(Err(EntryDamage::CutShort(at)));
             }
             let mut computed = crc32c::crc32c(&h[..CRC_AT]);
             let mut label = Vec::new();
@@ -346,7 +402,7 @@ impl<D: LogDir> Journal<D> {
                 done += n;
             }
             if computed != crc {
-                return Ok(Err(format!("entry at {at} fails its checksum")));
+                return Ok(Err(EntryDamage::Checksum(at)));
             }
             let end = payload_at + payload_len as u64;
             let source_at = position(segment, payload_at);
@@ -368,7 +424,7 @@ impl<D: LogDir> Journal<D> {
                     app_consistent,
                 } => {
                     let Ok(label) = String::from_utf8(label) else {
-                        return Ok(Err(format!("entry at {at}: a label that is not UTF-8")));
+                        return Ok(Err(EntryDamage::Label(at)));
                     };
                     self.points.push(PointEntry {
                         pos: end_pos,
@@ -383,9 +439,7 @@ impl<D: LogDir> Journal<D> {
             at = end;
         }
         if !ends_in_commit {
-            return Ok(Err(
-                "the committed history does not end in a commit mark".into()
-            ));
+            return Ok(Err(EntryDamage::NoCommit));
         }
         Ok(Ok(()))
     }
@@ -696,6 +750,56 @@ mod tests {
             );
             assert_eq!(reopened.end, end);
         }
+    }
+
+    /// Damage to the committed history is named by what it is, with the
+    /// segment and the entry's offset, and reads as it always did.
+    #[test]
+    fn damage_to_the_committed_history_is_typed_and_named() {
+        use tidemark_durable::SimDir;
+        let dir = SimDir::new();
+        let mut j = Journal::open(dir.clone(), 0, 0, false).unwrap().unwrap();
+        j.write(0, 0, &[7u8; 100]).unwrap();
+        j.commit(1, 1, 1 << 20).unwrap();
+        let end = j.end;
+        drop(j);
+        let damaged = |edit: &dyn Fn(&mut Vec<u8>)| {
+            let mut files = dir.files();
+            edit(files.get_mut(&segment_name(0)).unwrap());
+            Journal::open(SimDir::from_files(files), 0, end, true)
+                .unwrap()
+                .err()
+                .unwrap()
+        };
+        let flipped = damaged(&|seg| seg[HEADER_LEN + 10] ^= 1);
+        assert_eq!(
+            flipped,
+            JournalDamage::Entry {
+                segment: "journal.00000000".into(),
+                entry: EntryDamage::Checksum(0)
+            }
+        );
+        assert_eq!(
+            flipped.to_string(),
+            "journal.00000000: entry at 0 fails its checksum"
+        );
+        let short = damaged(&|seg| seg.truncate(HEADER_LEN));
+        assert_eq!(
+            short.to_string(),
+            format!("journal.00000000 is {HEADER_LEN} bytes, {end} are committed")
+        );
+        let no_magic = damaged(&|seg| seg[0] ^= 0xff);
+        assert_eq!(
+            no_magic.to_string(),
+            "journal.00000000: entry at 0: no journal magic"
+        );
+        let mut files = dir.files();
+        files.remove(&segment_name(0));
+        let missing = Journal::open(SimDir::from_files(files), 0, end, true)
+            .unwrap()
+            .err()
+            .unwrap();
+        assert_eq!(missing, JournalDamage::Missing("journal.00000000".into()));
     }
 
     #[test]

@@ -544,25 +544,6 @@ fn apply_overlays<D: LogDir>(
     Ok(())
 }
 
-/// The directory of a running test failover in a group directory: its
-/// pin (the point it reads, never folded while the file exists) and its
-/// scratch files.
-pub const TEST_FAILOVER_DIR: &str = "test-failover";
-/// The pin file in [`TEST_FAILOVER_DIR`]: the pinned point's sequence
-/// number, in decimal.
-pub const PIN_FILE: &str = "pin";
-
-/// The sequence number pinned by a test failover, whose directory is
-/// `test_failover`.
-fn read_pin<D: LogDir>(test_failover: &D) -> Option<u64> {
-    let file = test_failover.open(PIN_FILE, false).ok()?;
-    // A sequence number in decimal and a newline: anything much longer is
-    // no pin this store reads.
-    let mut buf = vec![0u8; file.size().ok()?.min(4096) as usize];
-    let n = file.read_full_at(&mut buf, 0).ok()?;
-    std::str::from_utf8(&buf[..n]).ok()?.trim().parse().ok()
-}
-
 /// Copies `source` into `image` (same size), leaving zero ranges as
 /// holes, and syncs it. The source is an image outside the store (the
 /// failed-over disk of a failback): only read.
@@ -600,7 +581,7 @@ impl ReplicaGroup {
     /// same time may fold a point while it is read: its segments go (reads
     /// fail with an I/O error) and the images change under it (reads may
     /// return the fold's newer data). A reader that must read a point
-    /// right pins it first (see [`PIN_FILE`]), as a test failover and a
+    /// right pins it first (see [`crate::pin`]), as a test failover and a
     /// planned failover do; listing points needs no pin.
     pub fn open_read_only(dir: &Path) -> Result<ReplicaGroup, StoreError> {
         Self::open_mode(dir, true)
@@ -617,7 +598,7 @@ impl ReplicaGroup {
             })?;
             Some(lock)
         };
-        let test_failover = FsDir::at(&dir.join(TEST_FAILOVER_DIR));
+        let test_failover = FsDir::at(&dir.join(crate::pin::TEST_FAILOVER_DIR));
         ReplicaGroup::open_with(FsDir::at(dir), test_failover, lock, read_only)
     }
 }
@@ -1295,9 +1276,9 @@ impl<D: LogDir> ReplicaGroup<D> {
     }
 
     /// The point a running test failover (or a planned failover writing
-    /// its images) has pinned: see [`PIN_FILE`].
+    /// its images) has pinned: see [`crate::pin`].
     pub fn pinned(&self) -> Option<u64> {
-        read_pin(&self.test_failover)
+        crate::pin::read(&self.test_failover)
     }
 
     /// Bytes the history behind the recovery points takes.
@@ -1486,6 +1467,7 @@ impl<D: LogDir> ViewRef<'_, D> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pin::{PIN_FILE, TEST_FAILOVER_DIR};
     use tidemark_changelog::Entry;
     use tidemark_names::Name;
 

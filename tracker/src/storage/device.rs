@@ -272,7 +272,7 @@ pub(crate) fn open_and_probe(
         Err(reason) if options.direct_io == DirectIo::Required => {
             return Err(StorageError::DirectIoUnavailable {
                 path: path.to_path_buf(),
-                reason,
+                reason: reason.to_string(),
             });
         }
         Err(reason) => {
@@ -286,6 +286,32 @@ pub(crate) fn open_and_probe(
     Ok(opened)
 }
 
+/// Why O_DIRECT cannot be used on a backing file (it then stays buffered).
+/// The cause is part of the message: the reason travels as text in
+/// [`StorageError::DirectIoUnavailable`] and in a warning.
+#[derive(Debug, thiserror::Error)]
+enum NoDirectIo {
+    /// The filesystem said it cannot (statx).
+    #[error("the filesystem does not support O_DIRECT on this file")]
+    Unsupported,
+    /// The alignment it asks for is not one the tracker can use.
+    #[error("unusable direct I/O alignment (offset {align}, memory {mem})")]
+    Alignment { align: u64, mem: u64 },
+    /// The last block could not be written without growing the file.
+    #[error("size {size} is not a multiple of the direct I/O alignment {align}")]
+    Size { size: u64, align: u64 },
+    /// The file's flags could not be read.
+    #[error("F_GETFL: {0}")]
+    GetFlags(nix::Error),
+    /// The kernel refused to set O_DIRECT (tmpfs before 6.6, some FUSE
+    /// and network filesystems).
+    #[error("the kernel refused O_DIRECT: {0}")]
+    Refused(nix::Error),
+    /// The aligned probe read failed.
+    #[error("an aligned O_DIRECT probe read failed: {0}")]
+    Probe(io::Error),
+}
+
 /// Switches O_DIRECT on and proves it with an aligned read of the first block.
 /// Returns the offset and memory alignment, or why it cannot be used (the
 /// file is then left buffered).
@@ -295,31 +321,24 @@ fn enable_direct_io(
     size: u64,
     fallback_align: u64,
     dio: &DioSupport,
-) -> Result<(u64, u64), String> {
+) -> Result<(u64, u64), NoDirectIo> {
     let (align, mem) = match (kind, dio) {
-        (_, DioSupport::Unsupported) => {
-            return Err("the filesystem does not support O_DIRECT on this file".into())
-        }
+        (_, DioSupport::Unsupported) => return Err(NoDirectIo::Unsupported),
         (_, DioSupport::Aligned { offset, mem }) => (*offset, *mem),
         (_, DioSupport::Unknown) => (fallback_align, fallback_align),
     };
     if !align.is_power_of_two() || align > MAX_DIRECT_ALIGN || !mem.is_power_of_two() {
-        return Err(format!(
-            "unusable direct I/O alignment (offset {align}, memory {mem})"
-        ));
+        return Err(NoDirectIo::Alignment { align, mem });
     }
     // A file whose size is not a multiple of the alignment cannot be written
     // at its last block with O_DIRECT without growing it.
     if size % align != 0 {
-        return Err(format!(
-            "size {size} is not a multiple of the direct I/O alignment {align}"
-        ));
+        return Err(NoDirectIo::Size { size, align });
     }
-    let flags = fcntl(file.as_fd(), FcntlArg::F_GETFL).map_err(|e| format!("F_GETFL: {e}"))?;
+    let flags = fcntl(file.as_fd(), FcntlArg::F_GETFL).map_err(NoDirectIo::GetFlags)?;
     let direct = OFlag::from_bits_retain(flags) | OFlag::O_DIRECT;
     // tmpfs before Linux 6.6, some FUSE and network filesystems refuse here.
-    fcntl(file.as_fd(), FcntlArg::F_SETFL(direct))
-        .map_err(|e| format!("the kernel refused O_DIRECT: {e}"))?;
+    fcntl(file.as_fd(), FcntlArg::F_SETFL(direct)).map_err(NoDirectIo::Refused)?;
     if size >= align {
         let mut probe = AlignedBuf::zeroed(align as usize, max(mem as usize, 512));
         let probed = loop {
@@ -333,7 +352,7 @@ fn enable_direct_io(
                 file.as_fd(),
                 FcntlArg::F_SETFL(OFlag::from_bits_retain(flags)),
             );
-            return Err(format!("an aligned O_DIRECT probe read failed: {e}"));
+            return Err(NoDirectIo::Probe(e));
         }
     }
     Ok((align, mem))

@@ -1,14 +1,16 @@
-//! `tidemark shipper …`, `tidemark receiver serve` and `tidemark failover`:
-//! run the replication daemons and take a replica over.
+//! `tidemark shipper run|status`: run the shipper, and ask it how
+//! replication goes.
 
+use crate::daemon_args::{
+    metrics_address, path_str, print_metrics_address, runtime, stop_on_signals, synthesize,
+};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
-use tidemark_config::{ReceiverConfig, ShipperConfig};
+use tidemark_config::ShipperConfig;
 use tidemark_names::Name;
-use tokio::sync::watch;
 
 /// Run the shipper and ask it how replication goes.
 #[derive(Debug, Subcommand)]
@@ -65,68 +67,6 @@ pub(crate) struct ShipperStatusArgs {
     json: bool,
 }
 
-/// `tidemark receiver serve`.
-#[derive(Debug, Args)]
-pub(crate) struct ReceiverServeArgs {
-    /// A config file with a `[receiver]` table. Alternatively give
-    /// --listen, --data-dir and --pki-dir.
-    #[arg(long, conflicts_with_all = ["listen", "data_dir", "pki_dir"])]
-    config: Option<PathBuf>,
-    /// UDP address for QUIC ("0.0.0.0:7480"; port 0 picks one, printed).
-    #[arg(long, requires_all = ["data_dir", "pki_dir"])]
-    listen: Option<String>,
-    /// Where replicas live (one directory per host and group).
-    #[arg(long)]
-    data_dir: Option<PathBuf>,
-    /// Directory written by `tidemark receiver init`.
-    #[arg(long)]
-    pki_dir: Option<PathBuf>,
-    /// Serve Prometheus metrics on http://ADDR/metrics (port 0 picks one;
-    /// the address is printed). Overrides `metrics-listen` of a config
-    /// file; without either, the one-line form serves no metrics.
-    #[arg(long, value_name = "ADDR")]
-    metrics_listen: Option<std::net::SocketAddr>,
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
-}
-
-/// A watch that turns true on SIGTERM or SIGINT.
-fn stop_on_signals() -> Result<watch::Receiver<bool>> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (tx, rx) = watch::channel(false);
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        tracing::info!("stopping");
-        let _ = tx.send(true);
-    });
-    Ok(rx)
-}
-
-/// Builds a config table from flags and runs it through the same parser
-/// and checks as a config file.
-fn synthesize(table: &str, values: toml::Table) -> Result<tidemark_config::LoadedConfig> {
-    let mut root = toml::Table::new();
-    root.insert(table.to_string(), toml::Value::Table(values));
-    let text = toml::to_string(&root).context("building the configuration")?;
-    tidemark_config::parse_str(&text, Path::new("<command line>"))
-        .map_err(|e| anyhow::anyhow!("{e}"))
-}
-
-fn path_str(p: &Path) -> toml::Value {
-    toml::Value::String(p.display().to_string())
-}
-
 fn shipper_config(a: &ShipperRunArgs) -> Result<ShipperConfig> {
     let loaded = match &a.config {
         Some(path) => tidemark_config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?,
@@ -167,35 +107,6 @@ fn shipper_config(a: &ShipperRunArgs) -> Result<ShipperConfig> {
     loaded
         .shipper
         .context("the configuration has no [shipper] table")
-}
-
-fn receiver_config(a: &ReceiverServeArgs) -> Result<ReceiverConfig> {
-    let loaded = match &a.config {
-        Some(path) => tidemark_config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?,
-        None => {
-            let (Some(listen), Some(data_dir), Some(pki)) = (&a.listen, &a.data_dir, &a.pki_dir)
-            else {
-                bail!("give --config FILE, or --listen, --data-dir and --pki-dir");
-            };
-            let mut t = toml::Table::new();
-            t.insert("listen".into(), toml::Value::String(listen.clone()));
-            t.insert("data-dir".into(), path_str(data_dir));
-            t.insert(
-                "control-socket".into(),
-                path_str(&data_dir.join("receiver.ctl")),
-            );
-            let mut tls = toml::Table::new();
-            tls.insert("ca".into(), path_str(&pki.join("ca.crt")));
-            tls.insert("ca-key".into(), path_str(&pki.join("ca.key")));
-            tls.insert("cert".into(), path_str(&pki.join("receiver.crt")));
-            tls.insert("key".into(), path_str(&pki.join("receiver.key")));
-            t.insert("tls".into(), toml::Value::Table(tls));
-            synthesize("receiver", t)?
-        }
-    };
-    loaded
-        .receiver
-        .context("the configuration has no [receiver] table")
 }
 
 pub(crate) fn run_shipper(cmd: ShipperCommand) -> Result<ExitCode> {
@@ -288,43 +199,4 @@ pub(crate) fn run_shipper(cmd: ShipperCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-/// Where to serve metrics: the flag, else a config file's address; the
-/// one-line form without the flag serves none (several daemons started
-/// from flags on one machine would fight over the default port).
-fn metrics_address(
-    flag: Option<std::net::SocketAddr>,
-    from_file: bool,
-    configured: std::net::SocketAddr,
-) -> Option<std::net::SocketAddr> {
-    flag.or(from_file.then_some(configured))
-}
-
-/// Prints the metrics endpoint on stdout (after the daemon's first line).
-fn print_metrics_address(addr: Option<std::net::SocketAddr>) {
-    // A reader that stopped after the first line must not kill the
-    // daemon: a closed stdout is ignored.
-    if let Some(addr) = addr {
-        let _ = writeln!(std::io::stdout(), "metrics on http://{addr}/metrics");
-        let _ = std::io::stdout().flush();
-    }
-}
-
-pub(crate) fn receiver_serve(a: ReceiverServeArgs) -> Result<ExitCode> {
-    let cfg = receiver_config(&a)?;
-    let metrics_listen = metrics_address(a.metrics_listen, a.config.is_some(), cfg.metrics_listen);
-    let rt = runtime()?;
-    rt.block_on(async {
-        let stop = stop_on_signals()?;
-        tidemark_receiver::daemon::run(cfg, metrics_listen, stop, |addr, metrics| {
-            println!("receiver ready on {addr}");
-            print_metrics_address(metrics);
-            let _ = std::io::stdout().flush();
-            crate::notify_ready();
-        })
-        .await?;
-        anyhow::Ok(())
-    })?;
-    Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,363 @@
+//! `tidemark failover`: take a replica over, writing its disks as of a
+//! recovery point into images, a block device or the original primary's
+//! disk. `--planned` first drains the protected host through the running
+//! receiver (the drain request of [`tidemark_receiver::drain`]) and pins
+//! the final barrier ([`tidemark_receiver::pin`]) while it is written, so
+//! nothing is lost.
+
+use crate::points_cmd::{choose, kind, ReplicaArgs};
+use crate::timefmt;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+use tidemark_receiver::pin::PinLock;
+use tidemark_receiver::store::{
+    GroupState, LocalEngine, PointReader, RecoveryPoint, ReplicaStore, StoreEngine,
+};
+
+/// `tidemark failover`.
+#[derive(Debug, Args)]
+pub(crate) struct FailoverArgs {
+    #[command(flatten)]
+    pub(crate) replica: ReplicaArgs,
+    /// The recovery point: `latest`, a sequence number, a time (RFC 3339,
+    /// e.g. 2026-11-23T10:00:00Z: the newest point at or before it) or a
+    /// marker's label (its newest point).
+    #[arg(long, default_value = "latest")]
+    pub(crate) point: String,
+    /// Where the disks go: a directory (one sparse `<disk>.img` per disk,
+    /// created), or, for a group of one disk, a block device or an
+    /// existing image file of the disk's size, overwritten in place (e.g.
+    /// the original primary's disk, for a failback).
+    #[arg(long)]
+    pub(crate) to: PathBuf,
+    /// A planned failover, with the receiver running: ask the protected
+    /// host (through its shipper) to stop its tracker and deliver every
+    /// record, then fail over to that final barrier: nothing is lost.
+    #[arg(long, conflicts_with = "point")]
+    pub(crate) planned: bool,
+    /// With --planned: most time to wait for the protected host to drain.
+    #[arg(long, default_value = "10m", value_parser = tidemark_config::parse_duration)]
+    pub(crate) timeout: std::time::Duration,
+}
+
+pub(crate) fn failover(a: FailoverArgs) -> Result<ExitCode> {
+    if a.planned {
+        return planned_failover(&a);
+    }
+    let dir = a.replica.dir()?;
+    let group = a
+        .replica
+        .engine()
+        .open(&a.replica.host, &a.replica.group)
+        .with_context(|| {
+            format!(
+                "opening the replica {} (a running receiver holds it: stop it first)",
+                dir.display()
+            )
+        })?;
+    let points = group.points();
+    let point = choose(&points, &a.point)?;
+    let view = group.reader(Some(point.seq))?;
+    write_images(&a, group.as_ref(), point, view.as_ref())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes every disk of `group` as `view` (at `point`) reads it into
+/// `a.to`.
+fn write_images(
+    a: &FailoverArgs,
+    group: &dyn ReplicaStore,
+    point: &RecoveryPoint,
+    view: &dyn PointReader,
+) -> Result<()> {
+    let target = Target::of(&a.to, group)?;
+    println!(
+        "failing over {}/{} to the recovery point at sequence {} ({}, {}{})",
+        a.replica.host,
+        a.replica.group,
+        point.seq,
+        timefmt::utc(point.timestamp_ns),
+        kind(point),
+        if point.label.is_empty() {
+            String::new()
+        } else {
+            format!(" {:?}", point.label)
+        }
+    );
+    for d in group.disks() {
+        let (dst, in_place) = match &target {
+            Target::Dir(dir) => (dir.join(format!("{}.img", d.name)), false),
+            Target::InPlace(path) => (path.clone(), true),
+        };
+        let copied = materialise(view, d.id, d.size, &dst, &d.name, in_place)?;
+        println!(
+            "  {} → {} ({} bytes, {} bytes of data)",
+            d.name,
+            dst.display(),
+            d.size,
+            copied
+        );
+    }
+    Ok(())
+}
+
+/// A planned failover: the drain request goes to the receiver, which
+/// passes it to the host's shipper; the shipper stops the tracker (a final
+/// barrier) and delivers every record; then the images are written as of
+/// that barrier while the receiver keeps running.
+fn planned_failover(a: &FailoverArgs) -> Result<ExitCode> {
+    use tidemark_receiver::drain;
+    let dir = a.replica.dir()?;
+    let id = (tidemark_changelog::now_ns() ^ u64::from(std::process::id()) << 32).max(1);
+    drain::clear(&dir)
+        .with_context(|| format!("clearing an old drain request in {}", dir.display()))?;
+    drain::write_request(&dir, id)
+        .with_context(|| format!("leaving the drain request in {}", dir.display()))?;
+    println!(
+        "planned failover of {}/{}: asking the protected host to stop its tracker and deliver every record (request {id})",
+        a.replica.host, a.replica.group
+    );
+    let answer = wait_drained(&dir, id, a.timeout);
+    // Never leave a request behind: it would stop the tracker whenever
+    // the host's shipper next connects.
+    let cleared = drain::clear(&dir);
+    let seq = answer?;
+    cleared.with_context(|| format!("removing the drain request in {}", dir.display()))?;
+    println!(
+        "drained: the protected host is stopped; every record up to sequence {seq} is durable here"
+    );
+
+    // The final barrier is the newest point. Pin it (under the pin's
+    // lock, so no test failover runs meanwhile) so retention cannot fold
+    // it while the images are written.
+    let lock = PinLock::acquire(&dir)?;
+    lock.pin(seq)?;
+    let written = (|| {
+        let group = a.replica.open_read_only()?;
+        if group.position().state != GroupState::Consistent {
+            bail!("the replica is not consistent after the drain; fail over to an earlier point with --point");
+        }
+        let points = group.points();
+        let Some(point) = points.iter().find(|p| p.seq == seq) else {
+            bail!("no recovery point at sequence {seq}, the final barrier, in the replica");
+        };
+        if points.last().map(|p| p.seq) != Some(seq) {
+            bail!("the replica holds points newer than the final barrier {seq}: the host is still writing");
+        }
+        let view = group.reader(Some(seq))?;
+        write_images(a, group.as_ref(), point, view.as_ref())
+    })();
+    let unpinned = lock.unpin();
+    written?;
+    unpinned?;
+    println!("planned failover complete: nothing was lost (the source stopped at sequence {seq})");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Waits for the answer to drain request `id`, with a line now and then.
+fn wait_drained(dir: &Path, id: u64, timeout: std::time::Duration) -> Result<u64> {
+    let started = Instant::now();
+    let mut next_report = started + std::time::Duration::from_secs(10);
+    loop {
+        match tidemark_receiver::drain::read_result(dir)? {
+            Some(r) if r.id == id => {
+                return r
+                    .result
+                    .map_err(|why| anyhow::anyhow!("the protected host could not drain: {why}"))
+            }
+            _ => {}
+        }
+        let now = Instant::now();
+        if now > started + timeout {
+            bail!(
+                "no answer from the protected host within {timeout:?}: is the receiver running and the host's shipper connected (`tidemark status`)? The request is withdrawn."
+            );
+        }
+        if now >= next_report {
+            let at = LocalEngine::open_dir_read_only(dir)
+                .map(|g| g.position().durable_seq)
+                .unwrap_or(0);
+            println!(
+                "  waiting for the protected host to drain ({}s; the replica is at sequence {at})",
+                started.elapsed().as_secs()
+            );
+            next_report = now + std::time::Duration::from_secs(10);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Where a failover writes the disks.
+enum Target {
+    /// A directory: one new sparse image per disk.
+    Dir(PathBuf),
+    /// The one disk's block device or image file, overwritten in place.
+    InPlace(PathBuf),
+}
+
+impl Target {
+    fn of(to: &Path, group: &dyn ReplicaStore) -> Result<Target> {
+        use std::os::unix::fs::FileTypeExt;
+        let meta = match std::fs::metadata(to) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                tidemark_changelog::create_private_dir_all(to)
+                    .with_context(|| format!("creating {}", to.display()))?;
+                return Ok(Target::Dir(to.to_path_buf()));
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", to.display())),
+        };
+        if meta.is_dir() {
+            return Ok(Target::Dir(to.to_path_buf()));
+        }
+        let disks = group.disks();
+        let [disk] = disks.as_slice() else {
+            bail!(
+                "{} is not a directory, and the group has {} disks: give a directory",
+                to.display(),
+                disks.len()
+            );
+        };
+        if !meta.file_type().is_block_device() && !meta.is_file() {
+            bail!(
+                "{} is neither a directory, a block device nor a file",
+                to.display()
+            );
+        }
+        let size = tidemark_tracker::storage::backing_size(to)
+            .with_context(|| format!("reading the size of {}", to.display()))?;
+        if size != disk.size {
+            bail!(
+                "{} holds {size} bytes, the disk {} holds {}: they must be the same size",
+                to.display(),
+                disk.name,
+                disk.size
+            );
+        }
+        Ok(Target::InPlace(to.to_path_buf()))
+    }
+}
+
+/// Progress of writing one disk: a bar with rate and ETA on a terminal,
+/// a line per 10 % otherwise.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    name: String,
+    size: u64,
+    next_report: u64,
+    started: Instant,
+}
+
+impl Progress {
+    fn new(name: &str, size: u64) -> Progress {
+        use std::io::IsTerminal;
+        let bar = std::io::stdout().is_terminal().then(|| {
+            let style = indicatif::ProgressStyle::with_template(
+                "  {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+            )
+            .expect("a valid template")
+            .progress_chars("=> ");
+            indicatif::ProgressBar::new(size)
+                .with_style(style)
+                .with_message(name.to_string())
+        });
+        Progress {
+            bar,
+            name: name.to_string(),
+            size,
+            next_report: size / 10,
+            started: Instant::now(),
+        }
+    }
+
+    fn at(&mut self, at: u64) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(at);
+        } else if at >= self.next_report && at < self.size {
+            println!(
+                "  {}: {}% ({} MiB/s)",
+                self.name,
+                at * 100 / self.size,
+                (at as f64 / 1048576.0 / self.started.elapsed().as_secs_f64().max(1e-3)) as u64
+            );
+            self.next_report = at + self.size / 10;
+        }
+    }
+
+    fn done(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// Writes `disk` as `view` reads it into `dst`, with progress. A new image
+/// is created sparse (zero ranges stay holes); in place (an existing
+/// device or file), zero ranges are written as zeroes. Returns the bytes
+/// of data written.
+fn materialise(
+    view: &dyn PointReader,
+    disk: u32,
+    size: u64,
+    dst: &Path,
+    name: &str,
+    in_place: bool,
+) -> Result<u64> {
+    const CHUNK: u64 = 4 << 20;
+    let output = if in_place {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(dst)
+            .with_context(|| format!("opening {}", dst.display()))?
+    } else {
+        // A copy of a protected disk: as private as its replica.
+        let f = tidemark_changelog::private_file()
+            .write(true)
+            .create_new(true)
+            .open(dst)
+            .with_context(|| format!("creating {} (it must not exist)", dst.display()))?;
+        f.set_len(size)?;
+        f
+    };
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut written = 0u64;
+    let mut at = 0u64;
+    let mut progress = Progress::new(name, size);
+    while at < size {
+        let n = (size - at).min(CHUNK);
+        let chunk = &mut buf[..n as usize];
+        if !view.is_zero(disk, at, n) {
+            view.read(disk, at, chunk)?;
+        } else if in_place {
+            chunk.fill(0);
+        } else {
+            at += n;
+            progress.at(at);
+            continue;
+        }
+        // Write the 64 KiB pieces that hold data; zero pieces of a new
+        // image stay holes.
+        for (i, piece) in chunk.chunks(64 << 10).enumerate() {
+            let data = piece.iter().any(|b| *b != 0);
+            if data || in_place {
+                output
+                    .write_all_at(piece, at + (i as u64) * (64 << 10))
+                    .with_context(|| format!("writing {}", dst.display()))?;
+            }
+            if data {
+                written += piece.len() as u64;
+            }
+        }
+        at += n;
+        progress.at(at);
+    }
+    progress.done();
+    output
+        .sync_all()
+        .with_context(|| format!("syncing {}", dst.display()))?;
+    Ok(written)
+}

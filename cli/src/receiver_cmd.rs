@@ -1,0 +1,170 @@
+//! `tidemark receiver init|sign|adopt|serve`: the receiver's CA and the
+//! hosts' certificates (see `tidemark_net::pki`), adopting existing disks
+//! as a replica (the same as `tidemark reprotect`), and running the
+//! receiver.
+
+use crate::daemon_args::{
+    metrics_address, path_str, print_metrics_address, runtime, stop_on_signals, synthesize,
+};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tidemark_config::ReceiverConfig;
+use tidemark_names::Name;
+use tidemark_net::pki;
+
+/// Run and administer the receiver (replica site).
+#[derive(Debug, Subcommand)]
+pub(crate) enum ReceiverCommand {
+    /// Failback, step one: make a new replica of a host from existing disk
+    /// images (the original primary's disks), to be compared block by
+    /// block with the host's disks when its shipper connects.
+    Adopt(crate::reprotect_cmd::AdoptArgs),
+    /// Create the receiver's CA and server certificate in --pki-dir.
+    Init(InitArgs),
+    /// Issue a client certificate for a protected host from its request.
+    Sign(SignArgs),
+    /// Accept shippers over QUIC and apply their logs to the replicas
+    /// (runs until SIGTERM).
+    Serve(ReceiverServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct InitArgs {
+    /// Directory for ca.crt, ca.key, receiver.crt, receiver.key (created, mode 0700).
+    #[arg(long)]
+    pki_dir: PathBuf,
+    /// The name shippers dial; it goes into the receiver certificate's SAN.
+    #[arg(long, default_value = pki::DEFAULT_SERVER_NAME)]
+    server_name: Name,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct SignArgs {
+    /// The receiver's PKI directory (from `tidemark receiver init`).
+    #[arg(long)]
+    pki_dir: PathBuf,
+    /// The host you mean to enrol; the request must name exactly this host.
+    #[arg(long)]
+    host: Name,
+    /// The host's request (host.csr from `tidemark host request`).
+    #[arg(long)]
+    csr: PathBuf,
+    /// Where to write the host certificate (must not exist).
+    #[arg(long)]
+    out: PathBuf,
+    /// Validity of the certificate in days.
+    #[arg(long, default_value_t = pki::DEFAULT_HOST_VALIDITY_DAYS)]
+    days: u32,
+}
+
+pub(crate) fn run_receiver(cmd: ReceiverCommand) -> Result<ExitCode> {
+    match cmd {
+        ReceiverCommand::Serve(a) => receiver_serve(a),
+        ReceiverCommand::Adopt(a) => crate::reprotect_cmd::adopt(a),
+        ReceiverCommand::Init(a) => {
+            let created = pki::init_receiver(&a.pki_dir, &a.server_name)?;
+            println!(
+                "created {} ({})",
+                created.ca_cert.display(),
+                created.ca_name
+            );
+            println!("created {}", created.ca_key.display());
+            println!(
+                "created {} (server name {})",
+                created.server_cert.display(),
+                created.server_name
+            );
+            println!("created {}", created.server_key.display());
+            println!("keep ca.key secret; hosts need ca.crt");
+            Ok(ExitCode::SUCCESS)
+        }
+        ReceiverCommand::Sign(a) => {
+            let csr = std::fs::read_to_string(&a.csr)
+                .with_context(|| format!("reading {}", a.csr.display()))?;
+            let cert = pki::sign_host(&a.pki_dir, &csr, &a.host, a.days)?;
+            pki::write_new_file(&a.out, cert.as_bytes(), 0o644)?;
+            println!("signed {} for {} days: {}", a.host, a.days, a.out.display());
+            println!(
+                "copy {} and {} to the host's PKI directory (as {} and {})",
+                a.out.display(),
+                a.pki_dir.join(pki::CA_CERT_FILE).display(),
+                pki::HOST_CERT_FILE,
+                pki::CA_CERT_FILE
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `tidemark receiver serve`.
+#[derive(Debug, Args)]
+pub(crate) struct ReceiverServeArgs {
+    /// A config file with a `[receiver]` table. Alternatively give
+    /// --listen, --data-dir and --pki-dir.
+    #[arg(long, conflicts_with_all = ["listen", "data_dir", "pki_dir"])]
+    config: Option<PathBuf>,
+    /// UDP address for QUIC ("0.0.0.0:7480"; port 0 picks one, printed).
+    #[arg(long, requires_all = ["data_dir", "pki_dir"])]
+    listen: Option<String>,
+    /// Where replicas live (one directory per host and group).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Directory written by `tidemark receiver init`.
+    #[arg(long)]
+    pki_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics on http://ADDR/metrics (port 0 picks one;
+    /// the address is printed). Overrides `metrics-listen` of a config
+    /// file; without either, the one-line form serves no metrics.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
+}
+
+fn receiver_config(a: &ReceiverServeArgs) -> Result<ReceiverConfig> {
+    let loaded = match &a.config {
+        Some(path) => tidemark_config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?,
+        None => {
+            let (Some(listen), Some(data_dir), Some(pki)) = (&a.listen, &a.data_dir, &a.pki_dir)
+            else {
+                bail!("give --config FILE, or --listen, --data-dir and --pki-dir");
+            };
+            let mut t = toml::Table::new();
+            t.insert("listen".into(), toml::Value::String(listen.clone()));
+            t.insert("data-dir".into(), path_str(data_dir));
+            t.insert(
+                "control-socket".into(),
+                path_str(&data_dir.join("receiver.ctl")),
+            );
+            let mut tls = toml::Table::new();
+            tls.insert("ca".into(), path_str(&pki.join("ca.crt")));
+            tls.insert("ca-key".into(), path_str(&pki.join("ca.key")));
+            tls.insert("cert".into(), path_str(&pki.join("receiver.crt")));
+            tls.insert("key".into(), path_str(&pki.join("receiver.key")));
+            t.insert("tls".into(), toml::Value::Table(tls));
+            synthesize("receiver", t)?
+        }
+    };
+    loaded
+        .receiver
+        .context("the configuration has no [receiver] table")
+}
+
+pub(crate) fn receiver_serve(a: ReceiverServeArgs) -> Result<ExitCode> {
+    let cfg = receiver_config(&a)?;
+    let metrics_listen = metrics_address(a.metrics_listen, a.config.is_some(), cfg.metrics_listen);
+    let rt = runtime()?;
+    rt.block_on(async {
+        let stop = stop_on_signals()?;
+        tidemark_receiver::daemon::run(cfg, metrics_listen, stop, |addr, metrics| {
+            println!("receiver ready on {addr}");
+            print_metrics_address(metrics);
+            let _ = std::io::stdout().flush();
+            crate::notify_ready();
+        })
+        .await?;
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
