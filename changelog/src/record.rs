@@ -1026,10 +1026,7 @@ mod tests {
     fn the_header_has_the_documented_layout() {
         let fields = "544d5243020100000900000000000000e8030000000000000200000005000000\
                       0010000000000000040000000000000004000000";
-        let mut expected: Vec<u8> = (0..fields.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&fields[i..i + 2], 16).unwrap())
-            .collect();
+        let mut expected = crate::from_hex(fields);
         let payload = b"abcd";
         let crc = crc32c::crc32c_append(crc32c::crc32c(&expected), payload);
         expected.extend_from_slice(&crc.to_le_bytes());

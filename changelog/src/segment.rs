@@ -539,10 +539,7 @@ mod tests {
     fn the_header_has_the_documented_layout() {
         let fields = "544d4c4f47534547010000000300000007000000000000006400000000000000\
                       00001000000000002b02000000000000000000000000000000000000";
-        let mut expected: Vec<u8> = (0..fields.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&fields[i..i + 2], 16).unwrap())
-            .collect();
+        let mut expected = crate::from_hex(fields);
         expected.extend_from_slice(&crc32c::crc32c(&expected).to_le_bytes());
         let header = SegmentHeader {
             generation: 3,
