@@ -775,7 +775,10 @@ mod tests {
                     no_hole: true,
                 },
                 b"".as_slice(),
-                "544d4a450102020003000000000000000010000000000000002000000000000000000000",
+                b"\x54\x4d\x4a\x45\x01\x02\x02\x00\x03\x00\x00\x00\x00\x00\x00\x00\
+                 \x00\x10\x00\x00\x00\x00\x00\x00\x00\x20\x00\x00\x00\x00\x00\x00\
+                 \x00\x00\x00\x00"
+                    .as_slice(),
             ),
             (
                 Entry::Point {
@@ -784,11 +787,14 @@ mod tests {
                     app_consistent: true,
                 },
                 b"hello".as_slice(),
-                "544d4a45010400000100000005000000070000000000000015cd5b070000000000000000",
+                b"\x54\x4d\x4a\x45\x01\x04\x00\x00\x01\x00\x00\x00\x05\x00\x00\x00\
+                 \x07\x00\x00\x00\x00\x00\x00\x00\x15\xcd\x5b\x07\x00\x00\x00\x00\
+                 \x00\x00\x00\x00"
+                    .as_slice(),
             ),
         ];
         for (entry, payload, fields) in cases {
-            let mut expected = super::super::state::from_hex(fields);
+            let mut expected = fields.to_vec();
             let crc = crc32c::crc32c_append(crc32c::crc32c(&expected), payload);
             expected.extend_from_slice(&crc.to_le_bytes());
             assert_eq!(

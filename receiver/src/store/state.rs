@@ -372,16 +372,6 @@ pub(crate) fn write_atomic<D: LogDir>(dir: &D, name: &str, bytes: &[u8]) -> io::
     Ok(())
 }
 
-/// The bytes hex digits stand for: tests pin the store's formats byte for
-/// byte with it.
-#[cfg(test)]
-pub(crate) fn from_hex(digits: &str) -> Vec<u8> {
-    (0..digits.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&digits[i..i + 2], 16).expect("hex digits"))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -436,17 +426,18 @@ mod tests {
     /// reads the old one, and the decoder reads them back.
     #[test]
     fn the_layout_is_the_documented_one() {
-        let body = [
-            "544d5253020002024d0000000000000003000000020000004600000000000000",
-            "40e20100000000006400000000000000a00f0000000000000000000000000000",
-            "0000000003000000000010000000000000001000000000000200000073646100",
-            "1000000000000000200000000000001027000000000000204e00000000000005",
-            "00000005000000000001000000000000020000000000000000000077616c2d31",
-        ]
-        .concat();
-        let body = from_hex(&body);
-        let mut expected = body.clone();
-        expected.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+        let body: &[u8] = b"\x54\x4d\x52\x53\x02\x00\x02\x02\x4d\x00\x00\x00\x00\x00\x00\x00\
+            \x03\x00\x00\x00\x02\x00\x00\x00\x46\x00\x00\x00\x00\x00\x00\x00\
+            \x40\xe2\x01\x00\x00\x00\x00\x00\x64\x00\x00\x00\x00\x00\x00\x00\
+            \xa0\x0f\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\
+            \x00\x00\x00\x00\x03\x00\x00\x00\x00\x00\x10\x00\x00\x00\x00\x00\
+            \x00\x00\x10\x00\x00\x00\x00\x00\x02\x00\x00\x00\x73\x64\x61\x00\
+            \x10\x00\x00\x00\x00\x00\x00\x00\x20\x00\x00\x00\x00\x00\x00\x10\
+            \x27\x00\x00\x00\x00\x00\x00\x20\x4e\x00\x00\x00\x00\x00\x00\x05\
+            \x00\x00\x00\x05\x00\x00\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\
+            \x02\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x77\x61\x6c\x2d\x31";
+        let mut expected = body.to_vec();
+        expected.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
         assert_eq!(sample().encode(), expected);
         assert_eq!(StateFile::decode(&expected), Ok(sample()));
     }
