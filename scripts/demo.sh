@@ -103,7 +103,9 @@ wait_caught_up
 echo "==> the recovery points the receiver keeps (one per barrier and marker since the sync)"
 "$bin" points --data-dir "$work/replicas" --host "$host" > "$work/points.out"
 sed 's/^/    /' "$work/points.out" | tail -n 6
-grep -q "after-sync" "$work/points.out" || { echo "FAIL: the receiver lists no point 'after-sync'"; exit 1; }
+"$bin" points --data-dir "$work/replicas" --host "$host" --json |
+    python3 -c 'import json,sys; sys.exit(0 if any(json.loads(l)["label"] == "after-sync" for l in sys.stdin) else 1)' ||
+    { echo "FAIL: the receiver lists no point 'after-sync'"; exit 1; }
 kill -TERM "$shipper_pid"; wait "$shipper_pid"
 kill -TERM "${pids[0]}"; wait "${pids[0]}"
 pids=()

@@ -6,7 +6,8 @@
 #
 #   scripts/kernel-vm.sh install
 #       qemu-system-x86 (from bookworm-backports), busybox-static, kmod,
-#       nbd-client and the host tools copied into the guest. Idempotent.
+#       nbd-client and the host tools copied into the guest (jq among them:
+#       scenarios read the CLI's --json). Idempotent.
 #   scripts/kernel-vm.sh kernel
 #       Downloads bookworm-backports' cloud kernel and unpacks it into the
 #       cache (${TIDEMARK_VM_CACHE:-target/kernel-vm}); prints its folder.
@@ -36,7 +37,7 @@ modules=(virtio_pci virtio_net nbd loop dm-mod dm-log-writes dm-era dm-snapshot
          dm-delay dm-flakey ublk_drv sch_netem ext4 crc32c_generic)
 # Host tools copied into the guest with their libraries: busybox's mke2fs
 # and tc are too limited, so the real ones are called in the guest.
-guest_tools=(mke2fs mkfs.ext4 e2fsck fsck.ext4 debugfs dmsetup nbd-client tc)
+guest_tools=(mke2fs mkfs.ext4 e2fsck fsck.ext4 debugfs dmsetup nbd-client tc jq)
 
 die() { echo "kernel-vm: $*" >&2; exit 2; }
 note() { echo "kernel-vm: $*" >&2; }
@@ -88,7 +89,7 @@ cmd_install() {
     # replace the preinstalled qemu-utils 10.x (the packages conflict).
     installed qemu-system-x86 || missing+=(qemu-system-x86)
     local plain=()
-    for pkg in busybox-static kmod nbd-client e2fsprogs dmsetup iproute2; do
+    for pkg in busybox-static kmod nbd-client e2fsprogs dmsetup iproute2 jq; do
         installed "$pkg" || plain+=("$pkg")
     done
     if [ ${#missing[@]} -eq 0 ] && [ ${#plain[@]} -eq 0 ]; then

@@ -22,11 +22,14 @@ use crate::record::MAX_SEQ;
 use crate::storage::{LogDir, LogFile};
 use std::io;
 use tidemark_durable::{replace, Durability};
+use zerocopy::little_endian::{U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// The cursor's file name.
 pub const CURSOR_FILE: &str = "cursor";
 const CURSOR_TMP: &str = "cursor.tmp";
 const CURSOR_MAGIC: [u8; 4] = *b"TMCU";
+const CURSOR_VERSION: u32 = 1;
 const CURSOR_LEN: usize = 24;
 
 /// Why the cursor could not be read or written.
@@ -49,27 +52,43 @@ pub enum CursorError {
     },
 }
 
+/// The cursor file exactly as it lies on disk: the module's diagram, field for
+/// field, little-endian, without padding and at any alignment.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct RawCursor {
+    magic: [u8; 4],
+    version: U32,
+    seq: U64,
+    reserved: [u8; 4],
+    crc: U32,
+}
+
+const _: () = assert!(size_of::<RawCursor>() == CURSOR_LEN);
+const CRC_AT: usize = std::mem::offset_of!(RawCursor, crc);
+
 fn encode(seq: u64) -> [u8; CURSOR_LEN] {
-    let mut b = [0u8; CURSOR_LEN];
-    b[0..4].copy_from_slice(&CURSOR_MAGIC);
-    b[4..8].copy_from_slice(&1u32.to_le_bytes());
-    b[8..16].copy_from_slice(&seq.to_le_bytes());
-    let crc = crc32c::crc32c(&b[..20]);
-    b[20..24].copy_from_slice(&crc.to_le_bytes());
-    b
+    let mut c = RawCursor {
+        magic: CURSOR_MAGIC,
+        version: CURSOR_VERSION.into(),
+        seq: seq.into(),
+        reserved: [0; 4],
+        crc: U32::ZERO,
+    };
+    c.crc = crc32c::crc32c(&c.as_bytes()[..CRC_AT]).into();
+    zerocopy::transmute!(c)
 }
 
 fn decode(b: &[u8]) -> Option<u64> {
-    if b.len() != CURSOR_LEN || b[0..4] != CURSOR_MAGIC || b[4..8] != 1u32.to_le_bytes() {
+    let c = RawCursor::ref_from_bytes(b).ok()?;
+    if c.magic != CURSOR_MAGIC || c.version.get() != CURSOR_VERSION {
         return None;
     }
-    if crc32c::crc32c(&b[..20]).to_le_bytes() != b[20..24] {
+    if crc32c::crc32c(&c.as_bytes()[..CRC_AT]) != c.crc.get() {
         return None;
     }
-    let mut v = [0u8; 8];
-    v.copy_from_slice(&b[8..16]);
     // A log never gets there: counting on from it would overflow.
-    Some(u64::from_le_bytes(v)).filter(|seq| *seq <= MAX_SEQ)
+    Some(c.seq.get()).filter(|seq| *seq <= MAX_SEQ)
 }
 
 /// Reads the cursor; 0 (nothing acknowledged) when there is none yet.

@@ -64,6 +64,8 @@
 //! ([`DecodeError::UnsupportedVersion`]) rather than guess.
 
 use thiserror::Error;
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// Bytes of a record header.
 pub const HEADER_LEN: usize = 56;
@@ -318,6 +320,60 @@ impl<'a> Entry<'a> {
     }
 }
 
+/// A record header exactly as it lies on disk: the module's diagram, field for
+/// field, little-endian, without padding and at any alignment, so bytes read
+/// from a file or a socket are viewed in place and never misread.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct RawHeader {
+    magic: [u8; 4],
+    version: u8,
+    kind: u8,
+    flags: U16,
+    seq: U64,
+    timestamp_ns: U64,
+    generation: U32,
+    disk: U32,
+    offset: U64,
+    length: U64,
+    payload_len: U32,
+    crc: U32,
+}
+
+const _: () = assert!(size_of::<RawHeader>() == HEADER_LEN);
+const _: () = assert!(std::mem::offset_of!(RawHeader, crc) == CRC_AT);
+
+/// The header of `entry` as a record of format `version`.
+fn raw_header(
+    version: u8,
+    entry: &Entry<'_>,
+    seq: u64,
+    generation: u32,
+    payload_crc: u32,
+) -> RawHeader {
+    let mut h = RawHeader {
+        magic: RECORD_MAGIC,
+        version,
+        kind: entry.kind.code(),
+        flags: entry.flags.into(),
+        seq: seq.into(),
+        timestamp_ns: entry.timestamp_ns.into(),
+        generation: generation.into(),
+        disk: entry.disk.into(),
+        offset: entry.offset.into(),
+        length: entry.length.into(),
+        payload_len: (entry.payload.len() as u32).into(),
+        crc: U32::ZERO,
+    };
+    let crc = crc32c_combine(
+        crc32c::crc32c(&h.as_bytes()[..CRC_AT]),
+        payload_crc,
+        entry.payload.len(),
+    );
+    h.crc = crc.into();
+    h
+}
+
 /// The header bytes of `entry` as a record of format `version`.
 fn encode_header(
     version: u8,
@@ -326,25 +382,7 @@ fn encode_header(
     generation: u32,
     payload_crc: u32,
 ) -> [u8; HEADER_LEN] {
-    let mut h = [0u8; HEADER_LEN];
-    h[0..4].copy_from_slice(&RECORD_MAGIC);
-    h[4] = version;
-    h[5] = entry.kind.code();
-    h[6..8].copy_from_slice(&entry.flags.to_le_bytes());
-    h[8..16].copy_from_slice(&seq.to_le_bytes());
-    h[16..24].copy_from_slice(&entry.timestamp_ns.to_le_bytes());
-    h[24..28].copy_from_slice(&generation.to_le_bytes());
-    h[28..32].copy_from_slice(&entry.disk.to_le_bytes());
-    h[32..40].copy_from_slice(&entry.offset.to_le_bytes());
-    h[40..48].copy_from_slice(&entry.length.to_le_bytes());
-    h[48..52].copy_from_slice(&(entry.payload.len() as u32).to_le_bytes());
-    let crc = crc32c_combine(
-        crc32c::crc32c(&h[..CRC_AT]),
-        payload_crc,
-        entry.payload.len(),
-    );
-    h[CRC_AT..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
-    h
+    zerocopy::transmute!(raw_header(version, entry, seq, generation, payload_crc))
 }
 
 /// A decoded record header: everything but the payload.
@@ -383,37 +421,34 @@ impl Header {
     /// Decodes and structurally checks a header. The CRC can only be checked
     /// with the payload, by [`Header::verify`].
     pub fn decode(bytes: &[u8]) -> Result<Header, DecodeError> {
-        let h: &[u8; HEADER_LEN] = bytes
-            .get(..HEADER_LEN)
-            .and_then(|b| b.try_into().ok())
-            .ok_or(DecodeError::Truncated {
-                needed: HEADER_LEN,
-                available: bytes.len(),
-            })?;
-        if h[0..4] != RECORD_MAGIC {
+        let (h, _) = RawHeader::ref_from_prefix(bytes).map_err(|_| DecodeError::Truncated {
+            needed: HEADER_LEN,
+            available: bytes.len(),
+        })?;
+        if h.magic != RECORD_MAGIC {
             return Err(DecodeError::BadMagic);
         }
-        let version = h[4];
+        let version = h.version;
         if !(MIN_RECORD_VERSION..=RECORD_VERSION).contains(&version) {
             return Err(DecodeError::UnsupportedVersion(version));
         }
-        let kind = Kind::from_code(h[5]).ok_or(DecodeError::UnknownKind(h[5]))?;
-        let payload_len = le_u32(h, 48);
+        let kind = Kind::from_code(h.kind).ok_or(DecodeError::UnknownKind(h.kind))?;
+        let payload_len = h.payload_len.get();
         if payload_len > MAX_PAYLOAD {
             return Err(DecodeError::PayloadTooLarge(payload_len));
         }
         Ok(Header {
             version,
             kind,
-            flags: u16::from_le_bytes([h[6], h[7]]),
-            seq: le_u64(h, 8),
-            timestamp_ns: le_u64(h, 16),
-            generation: le_u32(h, 24),
-            disk: le_u32(h, 28),
-            offset: le_u64(h, 32),
-            length: le_u64(h, 40),
+            flags: h.flags.get(),
+            seq: h.seq.get(),
+            timestamp_ns: h.timestamp_ns.get(),
+            generation: h.generation.get(),
+            disk: h.disk.get(),
+            offset: h.offset.get(),
+            length: h.length.get(),
             payload_len,
-            crc: le_u32(h, CRC_AT),
+            crc: h.crc.get(),
         })
     }
 
@@ -501,9 +536,7 @@ impl Record {
             self.header.offset = 0;
         }
         self.header.version = version;
-        let h = self.encode_header();
-        self.header.crc =
-            u32::from_le_bytes([h[CRC_AT], h[CRC_AT + 1], h[CRC_AT + 2], h[CRC_AT + 3]]);
+        self.header.crc = self.computed_crc();
         Ok(self)
     }
 
@@ -528,8 +561,18 @@ impl Record {
     /// The record's header bytes, of its own format version, with the
     /// checksum of its fields and payload as they are now.
     pub fn encode_header(&self) -> [u8; HEADER_LEN] {
+        zerocopy::transmute!(self.raw_header())
+    }
+
+    /// The checksum of the record's fields and payload as they are now:
+    /// `header.crc` unless something changed since the record verified.
+    pub fn computed_crc(&self) -> u32 {
+        self.raw_header().crc.get()
+    }
+
+    fn raw_header(&self) -> RawHeader {
         let entry = self.as_entry();
-        encode_header(
+        raw_header(
             self.header.version,
             &entry,
             self.header.seq,
@@ -723,16 +766,6 @@ fn crc32c_combine(crc_a: u32, crc_b: u32, len_b: usize) -> u32 {
         k += 1;
     }
     multiply_mod_poly(shift, crc_a) ^ crc_b
-}
-
-fn le_u32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn le_u64(b: &[u8], at: usize) -> u64 {
-    let mut v = [0u8; 8];
-    v.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(v)
 }
 
 #[cfg(test)]
@@ -986,6 +1019,25 @@ mod tests {
             Record::decode(&bytes),
             Err(DecodeError::UnsupportedVersion(0))
         );
+    }
+
+    /// A version-2 header byte for byte as the module's diagram draws it.
+    #[test]
+    fn the_header_has_the_documented_layout() {
+        let fields = "544d5243020100000900000000000000e8030000000000000200000005000000\
+                      0010000000000000040000000000000004000000";
+        let mut expected = crate::from_hex(fields);
+        let payload = b"abcd";
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&expected), payload);
+        expected.extend_from_slice(&crc.to_le_bytes());
+        let entry = Entry::write(5, 4096, payload, 1000);
+        assert_eq!(entry.encode_header(9, 2).as_slice(), expected);
+        let header = Header::decode(&expected).unwrap();
+        assert_eq!(
+            (header.kind, header.seq, header.generation, header.crc),
+            (Kind::Write, 9, 2, crc)
+        );
+        assert_eq!(header.verify(&expected, payload), Ok(()));
     }
 
     #[test]

@@ -42,6 +42,8 @@
 use crate::record::{DecodeError, Header, HEADER_LEN, MAX_SEQ, RECORD_MAGIC};
 use crate::storage::{LogDir, LogFile};
 use std::io;
+use zerocopy::little_endian::{U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// Bytes of a segment header; records start here.
 pub const SEGMENT_HEADER_LEN: u64 = 64;
@@ -116,59 +118,73 @@ pub enum SegmentHeaderError {
     FirstSeqOutOfRange(u64),
 }
 
+/// A segment header exactly as it lies on disk: the module's diagram, field
+/// for field, little-endian, without padding and at any alignment.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct RawSegmentHeader {
+    magic: [u8; 8],
+    version: U32,
+    generation: U32,
+    index: U64,
+    first_seq: U64,
+    segment_size: U64,
+    created_ns: U64,
+    reserved: [u8; 12],
+    crc: U32,
+}
+
+const _: () = assert!(size_of::<RawSegmentHeader>() == SEGMENT_HEADER_LEN as usize);
+const CRC_AT: usize = std::mem::offset_of!(RawSegmentHeader, crc);
+
 impl SegmentHeader {
     /// Encodes the header.
     pub fn encode(&self) -> [u8; SEGMENT_HEADER_LEN as usize] {
-        let mut h = [0u8; SEGMENT_HEADER_LEN as usize];
-        h[0..8].copy_from_slice(&SEGMENT_MAGIC);
-        h[8..12].copy_from_slice(&SEGMENT_VERSION.to_le_bytes());
-        h[12..16].copy_from_slice(&self.generation.to_le_bytes());
-        h[16..24].copy_from_slice(&self.index.to_le_bytes());
-        h[24..32].copy_from_slice(&self.first_seq.to_le_bytes());
-        h[32..40].copy_from_slice(&self.segment_size.to_le_bytes());
-        h[40..48].copy_from_slice(&self.created_ns.to_le_bytes());
-        let crc = crc32c::crc32c(&h[..60]);
-        h[60..64].copy_from_slice(&crc.to_le_bytes());
-        h
+        let mut h = RawSegmentHeader {
+            magic: SEGMENT_MAGIC,
+            version: SEGMENT_VERSION.into(),
+            generation: self.generation.into(),
+            index: self.index.into(),
+            first_seq: self.first_seq.into(),
+            segment_size: self.segment_size.into(),
+            created_ns: self.created_ns.into(),
+            reserved: [0; 12],
+            crc: U32::ZERO,
+        };
+        h.crc = crc32c::crc32c(&h.as_bytes()[..CRC_AT]).into();
+        zerocopy::transmute!(h)
     }
 
     /// Decodes and verifies a header.
     pub fn decode(bytes: &[u8]) -> Result<SegmentHeader, SegmentHeaderError> {
-        let h = bytes
-            .get(..SEGMENT_HEADER_LEN as usize)
-            .ok_or(SegmentHeaderError::Truncated)?;
-        if h.iter().all(|b| *b == 0) {
+        let (h, _) =
+            RawSegmentHeader::ref_from_prefix(bytes).map_err(|_| SegmentHeaderError::Truncated)?;
+        if h.as_bytes().iter().all(|b| *b == 0) {
             return Err(SegmentHeaderError::Blank);
         }
-        if h[0..8] != SEGMENT_MAGIC {
+        if h.magic != SEGMENT_MAGIC {
             return Err(SegmentHeaderError::BadMagic);
         }
-        let u32_at = |at: usize| u32::from_le_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]);
-        let u64_at = |at: usize| {
-            let mut v = [0u8; 8];
-            v.copy_from_slice(&h[at..at + 8]);
-            u64::from_le_bytes(v)
-        };
-        let version = u32_at(8);
+        let version = h.version.get();
         if version != SEGMENT_VERSION {
             return Err(SegmentHeaderError::UnsupportedVersion(version));
         }
-        if crc32c::crc32c(&h[..60]) != u32_at(60) {
+        if crc32c::crc32c(&h.as_bytes()[..CRC_AT]) != h.crc.get() {
             return Err(SegmentHeaderError::ChecksumMismatch);
         }
-        if h[48..60].iter().any(|b| *b != 0) {
+        if h.reserved.iter().any(|b| *b != 0) {
             return Err(SegmentHeaderError::ReservedNotZero);
         }
-        let first_seq = u64_at(24);
+        let first_seq = h.first_seq.get();
         if first_seq == 0 || first_seq > MAX_SEQ {
             return Err(SegmentHeaderError::FirstSeqOutOfRange(first_seq));
         }
         Ok(SegmentHeader {
-            generation: u32_at(12),
-            index: u64_at(16),
+            generation: h.generation.get(),
+            index: h.index.get(),
             first_seq,
-            segment_size: u64_at(32),
-            created_ns: u64_at(40),
+            segment_size: h.segment_size.get(),
+            created_ns: h.created_ns.get(),
         })
     }
 }
@@ -516,6 +532,24 @@ mod tests {
             SegmentHeader::decode(&h),
             Err(SegmentHeaderError::ReservedNotZero)
         );
+    }
+
+    /// A header byte for byte as the module's diagram draws it.
+    #[test]
+    fn the_header_has_the_documented_layout() {
+        let fields = "544d4c4f47534547010000000300000007000000000000006400000000000000\
+                      00001000000000002b02000000000000000000000000000000000000";
+        let mut expected = crate::from_hex(fields);
+        expected.extend_from_slice(&crc32c::crc32c(&expected).to_le_bytes());
+        let header = SegmentHeader {
+            generation: 3,
+            index: 7,
+            first_seq: 100,
+            segment_size: 1 << 20,
+            created_ns: 555,
+        };
+        assert_eq!(header.encode().as_slice(), expected);
+        assert_eq!(SegmentHeader::decode(&expected), Ok(header));
     }
 
     proptest! {

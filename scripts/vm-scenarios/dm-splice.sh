@@ -54,7 +54,7 @@ fail() {
 info() { echo "TIDEMARK-VM-INFO $*"; }
 
 # Milliseconds the map was suspended, from `tidemark splice ... --json`.
-suspended_ms() { sed -n 's/.*"suspended_ms":\([0-9.]*\).*/\1/p' "$1"; }
+suspended_ms() { jq -r '.suspended_ms // empty' "$1"; }
 
 # The live table's device, e.g. 43:0 (single linear target).
 table_device() { dmsetup table "tidemark-$name" | awk '{ print $4 }'; }
@@ -206,7 +206,7 @@ tidemark splice stop "$name" --control-socket "$ctl" --json > "$work/out1.json" 
 copy_disk "$work/at-splice-out.img"
 /usr/local/bin/fsfreeze --unfreeze "$mnt" || fail "fsfreeze -u"
 [ "$(table_device)" = "$disk_dev" ] || fail "after splice stop the table is $(dmsetup table "tidemark-$name")"
-until_seq=$(sed -n 's/.*"resync_seq":\([0-9]*\).*/\1/p' "$work/out1.json")
+until_seq=$(jq -r '.resync_seq // empty' "$work/out1.json")
 [ -n "$until_seq" ] || fail "splice stop recorded no resync in the log: $(cat "$work/out1.json")"
 info "window1 splice-in-frozen-ms=$(suspended_ms "$work/in1.json") splice-out-frozen-ms=$(suspended_ms "$work/out1.json") device-writes=$((w1 - w0)) log-until-seq=$until_seq"
 
@@ -275,12 +275,11 @@ tidemark log check "$work/log" > "$work/check" || { cat "$work/check"; fail "log
 cmp -s "$work/at-splice-in.img" "$work/at-splice-out.img" &&
     fail "the disk did not change while spliced in window 1"
 # Each of the four splices recorded the whole disk as resync-needed.
-resyncs=$(tidemark log dump --json "$work/log" | grep -c '"kind":"resync-needed"')
+resyncs=$(tidemark log dump --json "$work/log" | jq -s 'map(select(.kind == "resync-needed")) | length')
 [ "$resyncs" -eq 4 ] || fail "$resyncs whole-disk resync-needed records in the log, not 4"
-tidemark log replay "$work/log" --onto "$work/at-splice-in.img" --until "$until_seq" > "$work/replay" 2>/dev/null ||
+tidemark log replay "$work/log" --onto "$work/at-splice-in.img" --until "$until_seq" --json > "$work/replay" 2>/dev/null ||
     fail "log replay"
-applied=$(sed -n 's/.* \([0-9]*\) records applied (\([0-9]*\) bytes).*/\1 \2/p' "$work/replay")
-set -- $applied
+set -- $(jq -r '"\(.applied) \(.bytes)"' "$work/replay")
 [ "${1:-0}" -gt 0 ] || fail "the log of window 1 holds no write: $(cat "$work/replay")"
 info "log resync-needed=$resyncs window1-records-applied=$1 window1-bytes=$2"
 cmp "$work/at-splice-in.img" "$work/at-splice-out.img" > "$work/cmp" 2>&1 ||

@@ -242,10 +242,10 @@ for m in $marks; do
     truncate -s "${DISK_MB}M" "$dir/witness.img" "$dir/ours.img"
     log-writes-replay "$dir/witness.log" $zeroes --onto "$dir/witness.img" --until-mark "$m" \
         > "$dir/w.out" 2> "$dir/w.err" || fail "witness replay to $m: $(cat "$dir/w.err")"
-    tidemark log replay "$dir/log" --label "$m" --onto "$dir/ours.img" \
+    tidemark log replay "$dir/log" --label "$m" --onto "$dir/ours.img" --json \
         > "$dir/t.out" 2> "$dir/t.err" || fail "tidemark log replay --label $m: $(cat "$dir/t.err")"
     w=$(cat "$dir/w.out")
-    ours=$(sed -n 's/.* \([0-9]*\) records applied (\([0-9]*\) bytes).*/records=\1 bytes=\2/p' "$dir/t.out")
+    ours=$(jq -r '"records=\(.applied) bytes=\(.bytes)"' "$dir/t.out")
     compared=$((compared + 1))
     # Every byte written or discarded reached both logs once: the same
     # count, once ours is cleared of the probe (written, then discarded,

@@ -85,17 +85,15 @@ expect_inactive() {
     done
 }
 
-# The number after "KEY": in the first JSON line that has it.
-json_number() { sed -n "s/.*\"$1\": *\([0-9][0-9]*\).*/\1/p" | head -n 1; }
-
 # Waits until the receiver has made the whole change log durable.
 wait_caught_up() {
-    local last durable status i
+    local last durable state status i
     for i in $(seq 600); do
-        last=$(tidemark log check --json /var/lib/tidemark/log | json_number last_seq)
+        last=$(tidemark log check --json /var/lib/tidemark/log | jq -r '.last_seq // empty')
         status=$(tidemark shipper status --json --log-dir /var/lib/tidemark/log 2>/dev/null)
-        durable=$(printf '%s\n' "$status" | json_number durable_seq)
-        if [ -n "$last" ] && [ "$durable" = "$last" ] && printf '%s\n' "$status" | grep -q '"state": *"protected"'; then
+        durable=$(printf '%s\n' "$status" | jq -r '.durable_seq // empty' 2>/dev/null)
+        state=$(printf '%s\n' "$status" | jq -r '.state // empty' 2>/dev/null)
+        if [ -n "$last" ] && [ "$durable" = "$last" ] && [ "$state" = protected ]; then
             return 0
         fi
         sleep 0.5
@@ -209,7 +207,8 @@ step "6. Take application-consistent points"
 line='tidemark mark nightly --app-consistent --config /etc/tidemark/tracker.toml --freeze /srv/db --timeout 30s'
 guide "$line"
 wait_caught_up
-tidemark points --data-dir "$replicas" --host "$host" | grep -q nightly || fail "no point named nightly at the receiver"
+tidemark points --data-dir "$replicas" --host "$host" --json | jq -e -s 'any(.label == "nightly")' > /dev/null ||
+    fail "no point named nightly at the receiver"
 ok "$line"
 
 step "7. Test a failover"

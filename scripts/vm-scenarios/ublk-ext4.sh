@@ -174,7 +174,7 @@ case $result in *" errors=0 "*) ;; *) fail "writes failed: $result" ;; esac
 
 # 4. The log verifies, holds the barriers, replays to the served image.
 log_replays_to "$dir/disk.img"
-barriers=$(tidemark log dump "$dir/log" | grep -c -i "barrier")
+barriers=$(tidemark log dump --json "$dir/log" | jq -s 'map(select(.kind == "barrier")) | length')
 [ "$barriers" -gt 0 ] || fail "no barrier in the log"
 
 # 5. The driver-copy path (user-copy = false: per-tag buffers), on a new

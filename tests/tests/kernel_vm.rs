@@ -460,6 +460,7 @@ fn live_splice(test: &str, frontend: &str, frontend_tools: &[&str]) {
         "modprobe",
         "losetup",
         "fsfreeze",
+        "jq",
     ];
     let tools: Vec<&str> = base.iter().chain(frontend_tools).copied().collect();
     if !guest_can_run(test, &tools) {
@@ -604,6 +605,7 @@ fn dm_log_writes_witness_agrees_with_our_log_at_every_mark() {
         "dmsetup",
         "losetup",
         "fsfreeze",
+        "jq",
     ];
     if !guest_can_run(WITNESS_TEST, &tools) {
         return;
@@ -705,7 +707,7 @@ const UBLK_TEST: &str = "ublk_serves_ext4_and_survives_tracker_restarts";
 /// replays to the image).
 #[test]
 fn ublk_serves_ext4_and_survives_tracker_restarts() {
-    let tools = ["qemu-system-x86_64", "busybox", "mkfs.ext4", "e2fsck"];
+    let tools = ["qemu-system-x86_64", "busybox", "mkfs.ext4", "e2fsck", "jq"];
     if !guest_can_run(UBLK_TEST, &tools) {
         return;
     }

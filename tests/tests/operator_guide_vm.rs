@@ -22,8 +22,9 @@ use tidemark_e2e::{require_kernel, require_tool};
 const TEST: &str = "the_operator_guide_runs_on_debian_with_systemd";
 
 /// What the guest needs on top of a minbase bookworm: systemd as init,
-/// udev for /dev/disk/by-id, and the tools the guide calls.
-const GUEST_PACKAGES: [&str; 7] = [
+/// udev for /dev/disk/by-id, the tools the guide calls, and jq for the
+/// scenario to read the CLI's `--json`.
+const GUEST_PACKAGES: [&str; 8] = [
     "systemd-sysv",
     "udev",
     "kmod",
@@ -31,6 +32,7 @@ const GUEST_PACKAGES: [&str; 7] = [
     "curl",
     "e2fsprogs",
     "procps",
+    "jq",
 ];
 
 /// Guide lines this test does not run, with the test that runs them.

@@ -34,8 +34,11 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use zerocopy::little_endian::{U32, U64};
+use zerocopy::{Immutable, IntoBytes, Unaligned};
 
 const MAGIC: [u8; 8] = *b"TMBITMAP";
+const VERSION: u32 = 1;
 const BITS_AT: u64 = 4096;
 
 /// Why a bitmap file could not be used.
@@ -112,9 +115,9 @@ impl PersistentBitmap {
             nbits,
             unwritten: BTreeSet::new(),
         };
-        let mut found = [0u8; 64];
+        let mut found = [0u8; HEADER_LEN];
         let n = read_full(&bitmap.file, &mut found, 0).map_err(io_err)?;
-        let opened = if existed && n == 64 && found == header {
+        let opened = if existed && n == HEADER_LEN && found == header {
             read_full(&bitmap.file, &mut bitmap.bits, BITS_AT).map_err(io_err)?;
             Opened::Loaded
         } else if existed && n > 0 {
@@ -280,15 +283,38 @@ impl BitmapWriter {
     }
 }
 
-fn encode_header(granularity: u64, nbits: u64) -> [u8; 64] {
-    let mut h = [0u8; 64];
-    h[0..8].copy_from_slice(&MAGIC);
-    h[8..12].copy_from_slice(&1u32.to_le_bytes());
-    h[16..24].copy_from_slice(&granularity.to_le_bytes());
-    h[24..32].copy_from_slice(&nbits.to_le_bytes());
-    let crc = crc32c::crc32c(&h[..60]);
-    h[60..64].copy_from_slice(&crc.to_le_bytes());
-    h
+/// A bitmap file's header exactly as it lies on disk: the module's diagram,
+/// field for field, little-endian, without padding and at any alignment.
+#[derive(IntoBytes, Immutable, Unaligned)]
+#[repr(C)]
+struct RawHeader {
+    magic: [u8; 8],
+    version: U32,
+    reserved: [u8; 4],
+    granularity: U64,
+    bits: U64,
+    reserved_tail: [u8; 28],
+    crc: U32,
+}
+
+const HEADER_LEN: usize = size_of::<RawHeader>();
+const _: () = assert!(HEADER_LEN == 64);
+const CRC_AT: usize = std::mem::offset_of!(RawHeader, crc);
+
+/// The one header a bitmap of this geometry may have: a file is loaded
+/// only if its header is exactly this.
+fn encode_header(granularity: u64, nbits: u64) -> [u8; HEADER_LEN] {
+    let mut h = RawHeader {
+        magic: MAGIC,
+        version: VERSION.into(),
+        reserved: [0; 4],
+        granularity: granularity.into(),
+        bits: nbits.into(),
+        reserved_tail: [0; 28],
+        crc: U32::ZERO,
+    };
+    h.crc = crc32c::crc32c(&h.as_bytes()[..CRC_AT]).into();
+    zerocopy::transmute!(h)
 }
 
 fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {

@@ -84,6 +84,8 @@
 use crate::message::MessageType;
 use std::io;
 use thiserror::Error;
+use zerocopy::little_endian::{U16, U32};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// First bytes of every frame.
 pub const FRAME_MAGIC: [u8; 4] = *b"TMWF";
@@ -102,7 +104,7 @@ pub const FLAG_ZSTD: u8 = 1 << 0;
 /// compressor's setup.
 pub const COMPRESS_MIN_BODY: usize = 512;
 
-const CRC_AT: usize = 16;
+const CRC_AT: usize = std::mem::offset_of!(RawFrameHeader, crc);
 
 /// How bodies are compressed on encode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -338,15 +340,18 @@ pub fn encode_frame(
     };
     // wire.len() <= body.len() <= MAX_FRAME_BODY, so this cannot truncate.
     let wire_len = wire.len() as u32;
+    let mut header = RawFrameHeader {
+        magic: FRAME_MAGIC,
+        version: version.into(),
+        msg_type: msg_type.code(),
+        flags,
+        wire_len: wire_len.into(),
+        raw_len: raw_len.into(),
+        crc: U32::ZERO,
+    };
+    header.crc = crc32c::crc32c_append(crc32c::crc32c(&header.as_bytes()[..CRC_AT]), wire).into();
     let mut out = Vec::with_capacity(FRAME_HEADER_LEN + wire.len());
-    out.extend_from_slice(&FRAME_MAGIC);
-    out.extend_from_slice(&version.to_le_bytes());
-    out.push(msg_type.code());
-    out.push(flags);
-    out.extend_from_slice(&wire_len.to_le_bytes());
-    out.extend_from_slice(&raw_len.to_le_bytes());
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&out[..CRC_AT]), wire);
-    out.extend_from_slice(&crc.to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
     out.extend_from_slice(wire);
     Ok(out)
 }
@@ -360,29 +365,43 @@ struct FrameHeader {
     crc: u32,
 }
 
-fn le_u32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+/// A frame header exactly as it travels: the module's diagram, field for
+/// field, little-endian, without padding and at any alignment.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct RawFrameHeader {
+    magic: [u8; 4],
+    version: U16,
+    msg_type: u8,
+    flags: u8,
+    wire_len: U32,
+    raw_len: U32,
+    crc: U32,
 }
+
+const _: () = assert!(size_of::<RawFrameHeader>() == FRAME_HEADER_LEN);
 
 /// Checks a header as far as it can be checked without the body, so
 /// garbage is refused before the decoder waits for (or allocates) a body.
 fn parse_header(h: &[u8; FRAME_HEADER_LEN]) -> Result<FrameHeader, DecodeError> {
-    if h[0..4] != FRAME_MAGIC {
-        return Err(DecodeError::BadMagic(h[0..4].to_vec()));
+    let h: &RawFrameHeader = zerocopy::transmute_ref!(h);
+    if h.magic != FRAME_MAGIC {
+        return Err(DecodeError::BadMagic(h.magic.to_vec()));
     }
     // Any version is read this far (the header is the same in all): the
     // receiver must be able to answer a hello newer than itself.
-    let version = u16::from_le_bytes([h[4], h[5]]);
+    let version = h.version.get();
     if version == 0 {
         return Err(DecodeError::UnsupportedVersion(version));
     }
-    let msg_type = MessageType::from_code(h[6]).ok_or(DecodeError::UnknownType(h[6]))?;
-    let flags = h[7];
+    let msg_type =
+        MessageType::from_code(h.msg_type).ok_or(DecodeError::UnknownType(h.msg_type))?;
+    let flags = h.flags;
     if flags & !FLAG_ZSTD != 0 {
         return Err(DecodeError::UnknownFlags(flags));
     }
-    let wire_len = le_u32(h, 8);
-    let raw_len = le_u32(h, 12);
+    let wire_len = h.wire_len.get();
+    let raw_len = h.raw_len.get();
     for (field, len) in [("wire length", wire_len), ("raw length", raw_len)] {
         if len > MAX_FRAME_BODY {
             return Err(DecodeError::TooLarge { field, len });
@@ -400,7 +419,7 @@ fn parse_header(h: &[u8; FRAME_HEADER_LEN]) -> Result<FrameHeader, DecodeError> 
         flags,
         wire_len,
         raw_len,
-        crc: le_u32(h, CRC_AT),
+        crc: h.crc.get(),
     })
 }
 

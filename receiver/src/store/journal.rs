@@ -14,6 +14,8 @@ use std::collections::BTreeMap;
 use std::io;
 use tidemark_changelog::replay::ReplayTarget;
 use tidemark_durable::{FsDir, LogDir, LogFile};
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 const MAGIC: [u8; 4] = *b"TMJE";
 const VERSION: u8 = 1;
@@ -25,10 +27,30 @@ pub(crate) const MAX_PAYLOAD: usize = 64 << 20;
 pub(crate) const MAX_LABEL: usize = tidemark_changelog::record::MAX_LABEL;
 const FLAG_NO_HOLE: u16 = 1 << 1;
 const FLAG_APP_CONSISTENT: u32 = 1 << 0;
-const CRC_AT: usize = 36;
+const CRC_AT: usize = std::mem::offset_of!(RawEntryHeader, crc);
 /// Bits of a position that are the offset within its segment.
 pub(crate) const OFFSET_BITS: u32 = 40;
 const OFFSET_MASK: u64 = (1 << OFFSET_BITS) - 1;
+
+/// A journal entry header exactly as it lies on disk (the diagram in the
+/// [store module](super)), field for field, little-endian, without padding
+/// and at any alignment.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct RawEntryHeader {
+    magic: [u8; 4],
+    version: u8,
+    kind: u8,
+    flags: U16,
+    disk: U32,
+    payload_len: U32,
+    offset: U64,
+    length: U64,
+    reserved: [u8; 4],
+    crc: U32,
+}
+
+const _: () = assert!(size_of::<RawEntryHeader>() == HEADER_LEN);
 
 /// The position of `offset` in `segment`.
 pub(crate) fn position(segment: u32, offset: u64) -> u64 {
@@ -101,50 +123,47 @@ impl Entry {
                 timestamp_ns,
             ),
         };
-        let mut h = [0u8; HEADER_LEN];
-        h[0..4].copy_from_slice(&MAGIC);
-        h[4] = VERSION;
-        h[5] = kind;
-        h[6..8].copy_from_slice(&flags.to_le_bytes());
-        h[8..12].copy_from_slice(&disk.to_le_bytes());
-        h[12..16].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-        h[16..24].copy_from_slice(&offset.to_le_bytes());
-        h[24..32].copy_from_slice(&length.to_le_bytes());
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&h[..CRC_AT]), payload);
-        h[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
-        h
+        let mut h = RawEntryHeader {
+            magic: MAGIC,
+            version: VERSION,
+            kind,
+            flags: flags.into(),
+            disk: disk.into(),
+            payload_len: (payload.len() as u32).into(),
+            offset: offset.into(),
+            length: length.into(),
+            reserved: [0; 4],
+            crc: U32::ZERO,
+        };
+        h.crc = crc32c::crc32c_append(crc32c::crc32c(&h.as_bytes()[..CRC_AT]), payload).into();
+        zerocopy::transmute!(h)
     }
 
     /// Decodes a header: the entry, its payload length and the checksum it
     /// claims. `Err` says what is wrong; nothing panics.
     pub(crate) fn decode_header(h: &[u8; HEADER_LEN]) -> Result<(Entry, usize, u32), &'static str> {
-        if h[0..4] != MAGIC {
+        let h: &RawEntryHeader = zerocopy::transmute_ref!(h);
+        if h.magic != MAGIC {
             return Err("no journal magic");
         }
-        if h[4] != VERSION {
+        if h.version != VERSION {
             return Err("unsupported journal version");
         }
-        let u32_at = |at: usize| u32::from_le_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]);
-        let u64_at = |at: usize| {
-            let mut v = [0u8; 8];
-            v.copy_from_slice(&h[at..at + 8]);
-            u64::from_le_bytes(v)
-        };
-        let flags = u16::from_le_bytes([h[6], h[7]]);
-        let disk = u32_at(8);
-        let payload_len = u32_at(12) as usize;
-        let offset = u64_at(16);
-        let length = u64_at(24);
-        if u32_at(32) != 0 {
+        let flags = h.flags.get();
+        let disk = h.disk.get();
+        let payload_len = h.payload_len.get() as usize;
+        let offset = h.offset.get();
+        let length = h.length.get();
+        if h.reserved != [0; 4] {
             return Err("reserved bytes set");
         }
         if payload_len > MAX_PAYLOAD {
             return Err("payload too large");
         }
-        if h[5] != 4 && offset.checked_add(length).is_none() {
+        if h.kind != 4 && offset.checked_add(length).is_none() {
             return Err("extent overflows");
         }
-        let entry = match (h[5], flags) {
+        let entry = match (h.kind, flags) {
             (1, 0) if payload_len as u64 == length && length > 0 => Entry::Data {
                 disk,
                 offset,
@@ -169,7 +188,7 @@ impl Entry {
             }
             _ => return Err("inconsistent journal entry"),
         };
-        Ok((entry, payload_len, u32_at(CRC_AT)))
+        Ok((entry, payload_len, h.crc.get()))
     }
 }
 
@@ -843,6 +862,55 @@ mod tests {
             let (d, len, crc) = Entry::decode_header(&h).unwrap();
             assert_eq!((d, len), (e, p.len()));
             assert_eq!(crc, crc32c::crc32c_append(crc32c::crc32c(&h[..CRC_AT]), p));
+        }
+    }
+
+    /// Entry headers byte for byte as the store module's diagram draws
+    /// them: journals written by earlier releases stay readable, and this
+    /// release writes what they read.
+    #[test]
+    fn headers_have_the_documented_layout() {
+        let cases = [
+            (
+                Entry::Zero {
+                    disk: 3,
+                    offset: 4096,
+                    len: 8192,
+                    no_hole: true,
+                },
+                b"".as_slice(),
+                b"\x54\x4d\x4a\x45\x01\x02\x02\x00\x03\x00\x00\x00\x00\x00\x00\x00\
+                 \x00\x10\x00\x00\x00\x00\x00\x00\x00\x20\x00\x00\x00\x00\x00\x00\
+                 \x00\x00\x00\x00"
+                    .as_slice(),
+            ),
+            (
+                Entry::Point {
+                    seq: 7,
+                    timestamp_ns: 123_456_789,
+                    app_consistent: true,
+                },
+                b"hello".as_slice(),
+                b"\x54\x4d\x4a\x45\x01\x04\x00\x00\x01\x00\x00\x00\x05\x00\x00\x00\
+                 \x07\x00\x00\x00\x00\x00\x00\x00\x15\xcd\x5b\x07\x00\x00\x00\x00\
+                 \x00\x00\x00\x00"
+                    .as_slice(),
+            ),
+        ];
+        for (entry, payload, fields) in cases {
+            let mut expected = fields.to_vec();
+            let crc = crc32c::crc32c_append(crc32c::crc32c(&expected), payload);
+            expected.extend_from_slice(&crc.to_le_bytes());
+            assert_eq!(
+                entry.encode_header(payload).as_slice(),
+                expected,
+                "{entry:?}"
+            );
+            let header: [u8; HEADER_LEN] = expected.try_into().unwrap();
+            assert_eq!(
+                Entry::decode_header(&header),
+                Ok((entry, payload.len(), crc))
+            );
         }
     }
 

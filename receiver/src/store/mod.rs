@@ -933,8 +933,7 @@ impl<D: LogDir> ReplicaGroup<D> {
         rec.as_entry()
             .validate()
             .map_err(|source| StoreError::InvalidRecord { seq: h.seq, source })?;
-        let reencoded = rec.encode_header();
-        if reencoded[52..56] != h.crc.to_le_bytes() {
+        if rec.computed_crc() != h.crc {
             return Err(StoreError::ChecksumMismatch { seq: h.seq });
         }
         if !matches!(h.kind, Kind::Barrier | Kind::Marker) {

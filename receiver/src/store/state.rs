@@ -6,6 +6,8 @@ use super::overlay::RangeSet;
 use std::io;
 use tidemark_durable::{replace, Durability, LogDir, LogFile};
 use tidemark_names::Name;
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 const MAGIC: [u8; 4] = *b"TMRS";
 /// The version this release writes (the store's version: see the [store
@@ -13,13 +15,56 @@ const MAGIC: [u8; 4] = *b"TMRS";
 pub(crate) const VERSION: u16 = 2;
 /// The oldest version this release reads.
 pub(crate) const OLDEST_VERSION: u16 = 2;
-const FIXED_LEN: usize = 64;
+const FIXED_LEN: usize = size_of::<RawFixed>();
 const FLAG_REDO: u8 = 1 << 0;
 const FLAG_BARRIER: u8 = 1 << 1;
 /// The longest disk name, in bytes.
 pub(crate) const MAX_NAME: usize = 1024;
 /// A state file larger than this is damaged, not read.
 const MAX_STATE_FILE: u64 = 64 << 20;
+
+/// The fixed part at the start of a version-2 state file exactly as it
+/// lies on disk (offsets 0..64 of the diagram in the [store
+/// module](super)), little-endian, without padding and at any alignment.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct RawFixed {
+    magic: [u8; 4],
+    version: U16,
+    mode: u8,
+    flags: u8,
+    seq: U64,
+    generation: U32,
+    disk_count: U32,
+    barrier_seq: U64,
+    barrier_ts: U64,
+    journal_start: U64,
+    journal_end: U64,
+    fold_to: U64,
+}
+
+/// The fixed part of one disk, before its name and pending extents.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct RawDisk {
+    id: U32,
+    name_len: U32,
+    size: U64,
+    synced: U64,
+    pending_count: U32,
+}
+
+/// One pending extent of a disk.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct RawExtent {
+    start: U64,
+    end: U64,
+}
+
+const _: () = assert!(FIXED_LEN == 64);
+const _: () = assert!(size_of::<RawDisk>() == 28);
+const _: () = assert!(size_of::<RawExtent>() == 16);
 
 /// What the group is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,13 +144,6 @@ impl StateFile {
     pub(crate) fn encode(&self) -> Vec<u8> {
         let m = &self.meta;
         let mut b = Vec::with_capacity(FIXED_LEN + 64 * m.disks.len());
-        b.extend_from_slice(&MAGIC);
-        b.extend_from_slice(&VERSION.to_le_bytes());
-        b.push(match m.mode {
-            Mode::InitialSync => 0,
-            Mode::Consistent => 1,
-            Mode::Resyncing => 2,
-        });
         let mut flags = 0;
         if self.fold_to.is_some() {
             flags |= FLAG_REDO;
@@ -113,27 +151,43 @@ impl StateFile {
         if m.last_barrier.is_some() {
             flags |= FLAG_BARRIER;
         }
-        b.push(flags);
-        b.extend_from_slice(&m.seq.to_le_bytes());
-        b.extend_from_slice(&m.generation.to_le_bytes());
-        b.extend_from_slice(&(m.disks.len() as u32).to_le_bytes());
-        let (bs, bt) = m.last_barrier.unwrap_or((0, 0));
-        b.extend_from_slice(&bs.to_le_bytes());
-        b.extend_from_slice(&bt.to_le_bytes());
-        b.extend_from_slice(&self.journal_start.to_le_bytes());
-        b.extend_from_slice(&self.journal_end.to_le_bytes());
-        b.extend_from_slice(&self.fold_to.unwrap_or(0).to_le_bytes());
+        let (barrier_seq, barrier_ts) = m.last_barrier.unwrap_or((0, 0));
+        let fixed = RawFixed {
+            magic: MAGIC,
+            version: VERSION.into(),
+            mode: match m.mode {
+                Mode::InitialSync => 0,
+                Mode::Consistent => 1,
+                Mode::Resyncing => 2,
+            },
+            flags,
+            seq: m.seq.into(),
+            generation: m.generation.into(),
+            disk_count: (m.disks.len() as u32).into(),
+            barrier_seq: barrier_seq.into(),
+            barrier_ts: barrier_ts.into(),
+            journal_start: self.journal_start.into(),
+            journal_end: self.journal_end.into(),
+            fold_to: self.fold_to.unwrap_or(0).into(),
+        };
+        b.extend_from_slice(fixed.as_bytes());
         for d in &m.disks {
             let pending: Vec<(u64, u64)> = d.pending.iter().collect();
-            b.extend_from_slice(&d.id.to_le_bytes());
-            b.extend_from_slice(&(d.name.len() as u32).to_le_bytes());
-            b.extend_from_slice(&d.size.to_le_bytes());
-            b.extend_from_slice(&d.synced.to_le_bytes());
-            b.extend_from_slice(&(pending.len() as u32).to_le_bytes());
+            let disk = RawDisk {
+                id: d.id.into(),
+                name_len: (d.name.len() as u32).into(),
+                size: d.size.into(),
+                synced: d.synced.into(),
+                pending_count: (pending.len() as u32).into(),
+            };
+            b.extend_from_slice(disk.as_bytes());
             b.extend_from_slice(d.name.as_bytes());
-            for (s, e) in pending {
-                b.extend_from_slice(&s.to_le_bytes());
-                b.extend_from_slice(&e.to_le_bytes());
+            for (start, end) in pending {
+                let extent = RawExtent {
+                    start: start.into(),
+                    end: end.into(),
+                };
+                b.extend_from_slice(extent.as_bytes());
             }
         }
         let crc = crc32c::crc32c(&b);
@@ -174,36 +228,33 @@ impl StateFile {
             return Err("checksum mismatch");
         }
         let mut r = Reader { b: body, at: 0 };
-        if r.bytes(4)? != MAGIC {
+        let fixed: &RawFixed = r.take()?;
+        if fixed.magic != MAGIC {
             return Err("no state magic");
         }
-        if r.u16()? != 2 {
+        if fixed.version.get() != 2 {
             return Err("not version 2");
         }
-        let mode = match r.u8()? {
+        let mode = match fixed.mode {
             0 => Mode::InitialSync,
             1 => Mode::Consistent,
             2 => Mode::Resyncing,
             _ => return Err("unknown mode"),
         };
-        let flags = r.u8()?;
+        let flags = fixed.flags;
         if flags & !(FLAG_REDO | FLAG_BARRIER) != 0 {
             return Err("unknown flags");
         }
-        let seq = r.u64()?;
-        let generation = r.u32()?;
-        let ndisks = r.u32()?;
-        let barrier = (r.u64()?, r.u64()?);
-        let journal_start = r.u64()?;
-        let journal_end = r.u64()?;
-        let fold_to = r.u64()?;
+        let barrier = (fixed.barrier_seq.get(), fixed.barrier_ts.get());
+        let journal_start = fixed.journal_start.get();
+        let journal_end = fixed.journal_end.get();
         let mut disks: Vec<DiskState> = Vec::new();
-        for _ in 0..ndisks {
-            let id = r.u32()?;
-            let name_len = r.u32()? as usize;
-            let size = r.u64()?;
-            let synced = r.u64()?;
-            let npending = r.u32()?;
+        for _ in 0..fixed.disk_count.get() {
+            let disk: &RawDisk = r.take()?;
+            let id = disk.id.get();
+            let name_len = disk.name_len.get() as usize;
+            let size = disk.size.get();
+            let synced = disk.synced.get();
             if name_len > MAX_NAME {
                 return Err("disk name too long");
             }
@@ -219,8 +270,9 @@ impl StateFile {
                 return Err("disks not sorted by id");
             }
             let mut pending = RangeSet::default();
-            for _ in 0..npending {
-                let (s, e) = (r.u64()?, r.u64()?);
+            for _ in 0..disk.pending_count.get() {
+                let extent: &RawExtent = r.take()?;
+                let (s, e) = (extent.start.get(), extent.end.get());
                 if s >= e || e > size {
                     return Err("pending extent outside its disk");
                 }
@@ -237,7 +289,7 @@ impl StateFile {
         if r.at != body.len() {
             return Err("trailing bytes");
         }
-        let fold_to = (flags & FLAG_REDO != 0).then_some(fold_to);
+        let fold_to = (flags & FLAG_REDO != 0).then_some(fixed.fold_to.get());
         if journal_start > journal_end {
             return Err("the history starts after its end");
         }
@@ -246,8 +298,8 @@ impl StateFile {
         }
         Ok(StateFile {
             meta: Meta {
-                seq,
-                generation,
+                seq: fixed.seq.get(),
+                generation: fixed.generation.get(),
                 disks,
                 mode,
                 last_barrier: (flags & FLAG_BARRIER != 0).then_some(barrier),
@@ -280,23 +332,15 @@ impl<'a> Reader<'a> {
         self.at = end;
         Ok(s)
     }
-    fn u8(&mut self) -> Result<u8, &'static str> {
-        Ok(self.bytes(1)?[0])
-    }
-    fn u16(&mut self) -> Result<u16, &'static str> {
-        let mut v = [0u8; 2];
-        v.copy_from_slice(self.bytes(2)?);
-        Ok(u16::from_le_bytes(v))
-    }
-    fn u32(&mut self) -> Result<u32, &'static str> {
-        let mut v = [0u8; 4];
-        v.copy_from_slice(self.bytes(4)?);
-        Ok(u32::from_le_bytes(v))
-    }
-    fn u64(&mut self) -> Result<u64, &'static str> {
-        let mut v = [0u8; 8];
-        v.copy_from_slice(self.bytes(8)?);
-        Ok(u64::from_le_bytes(v))
+    /// The next `T` (a fixed-layout part), `Err("truncated")` if the bytes
+    /// end first.
+    fn take<T: FromBytes + KnownLayout + Immutable + Unaligned>(
+        &mut self,
+    ) -> Result<&'a T, &'static str> {
+        let rest = self.b.get(self.at..).ok_or("truncated")?;
+        let (t, _) = T::ref_from_prefix(rest).map_err(|_| "truncated")?;
+        self.at += size_of::<T>();
+        Ok(t)
     }
 }
 
@@ -375,6 +419,27 @@ mod tests {
         t.meta.last_barrier = None;
         t.meta.mode = Mode::Consistent;
         assert_eq!(StateFile::decode(&t.encode()), Ok(t));
+    }
+
+    /// The bytes of a state file, field by field as the store module's
+    /// diagram draws them: the encoding never changes under a release that
+    /// reads the old one, and the decoder reads them back.
+    #[test]
+    fn the_layout_is_the_documented_one() {
+        let body: &[u8] = b"\x54\x4d\x52\x53\x02\x00\x02\x02\x4d\x00\x00\x00\x00\x00\x00\x00\
+            \x03\x00\x00\x00\x02\x00\x00\x00\x46\x00\x00\x00\x00\x00\x00\x00\
+            \x40\xe2\x01\x00\x00\x00\x00\x00\x64\x00\x00\x00\x00\x00\x00\x00\
+            \xa0\x0f\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\
+            \x00\x00\x00\x00\x03\x00\x00\x00\x00\x00\x10\x00\x00\x00\x00\x00\
+            \x00\x00\x10\x00\x00\x00\x00\x00\x02\x00\x00\x00\x73\x64\x61\x00\
+            \x10\x00\x00\x00\x00\x00\x00\x00\x20\x00\x00\x00\x00\x00\x00\x10\
+            \x27\x00\x00\x00\x00\x00\x00\x20\x4e\x00\x00\x00\x00\x00\x00\x05\
+            \x00\x00\x00\x05\x00\x00\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\
+            \x02\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x77\x61\x6c\x2d\x31";
+        let mut expected = body.to_vec();
+        expected.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
+        assert_eq!(sample().encode(), expected);
+        assert_eq!(StateFile::decode(&expected), Ok(sample()));
     }
 
     /// A state whose disk name would make a path outside a failover's

@@ -72,6 +72,7 @@ impl Control {
                 len: 8,
                 addr: out.as_mut_ptr() as u64,
                 data: 0,
+                ..CtrlCmd::default()
             },
         )?;
         Ok(u64::from_le_bytes(out))
@@ -90,6 +91,7 @@ impl Control {
                 len: mask.len() as u16,
                 addr: mask.as_mut_ptr() as u64,
                 data: u64::from(queue),
+                ..CtrlCmd::default()
             },
         )?;
         Ok(cpus_of(&mask))
@@ -107,6 +109,7 @@ impl Control {
                 len: sys::DEV_INFO_LEN as u16,
                 addr: buf.as_mut_ptr() as u64,
                 data: 0,
+                ..CtrlCmd::default()
             },
         )?;
         Ok(DevInfo::decode(&buf))
@@ -134,8 +137,8 @@ impl Control {
 
     /// The device's size in bytes, from its parameters.
     pub fn size(&mut self, dev_id: u32) -> std::io::Result<u64> {
-        let mut buf = [0u8; sys::PARAMS_LEN];
-        buf[0..4].copy_from_slice(&(sys::PARAMS_LEN as u32).to_le_bytes());
+        // The driver fills in what it has, up to the length we give.
+        let mut buf = Params::default().encode();
         self.command(
             sys::cmd::GET_PARAMS,
             device_cmd(dev_id, buf.len(), buf.as_mut_ptr() as u64),
@@ -193,6 +196,7 @@ fn device_cmd(dev_id: u32, len: usize, addr: u64) -> CtrlCmd {
         len: len as u16,
         addr,
         data: 0,
+        ..CtrlCmd::default()
     }
 }
 

@@ -52,6 +52,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use io_uring::{opcode, types, IoUring};
+use zerocopy::FromZeros;
 
 use super::sys::{self, io_flags, op, IoCmd, IoDesc};
 use crate::nbd::constants::Errno;
@@ -335,11 +336,7 @@ impl QueueLoop {
         let tags = (0..spec.depth)
             .map(|_| Tag {
                 state: TagState::Driver,
-                desc: IoDesc {
-                    op_flags: 0,
-                    nr_sectors: 0,
-                    start_sector: 0,
-                },
+                desc: IoDesc::new_zeroed(),
                 op: Op::Flush,
                 data: 0,
                 budget: 0,
@@ -384,14 +381,18 @@ impl QueueLoop {
 
     fn descriptor(&self, tag: u16) -> IoDesc {
         let at = usize::from(tag) * sys::IO_DESC_LEN;
-        let mut raw = [0u8; sys::IO_DESC_LEN];
-        for (i, b) in raw.iter_mut().enumerate() {
-            // SAFETY: in bounds of the mapped array (tag < depth); the
-            // driver wrote this descriptor before delivering the tag to us
-            // and does not touch it until we commit. Volatile: the kernel
-            // writes it.
-            *b = unsafe { std::ptr::read_volatile(self.descriptors.base.add(at + i)) };
-        }
+        // SAFETY: in bounds of the mapped array (tag < depth); the driver
+        // wrote this descriptor before delivering the tag to us and does
+        // not touch it until we commit. Read as bytes (no alignment to
+        // keep), volatile because the kernel writes them.
+        let raw = unsafe {
+            std::ptr::read_volatile(
+                self.descriptors
+                    .base
+                    .add(at)
+                    .cast::<[u8; sys::IO_DESC_LEN]>(),
+            )
+        };
         IoDesc::decode(&raw)
     }
 
@@ -819,6 +820,7 @@ mod tests {
             op_flags: u32::from(op) | flags,
             nr_sectors,
             start_sector,
+            addr: 0,
         }
     }
 

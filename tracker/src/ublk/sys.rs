@@ -1,8 +1,12 @@
 //! The ublk driver's user ABI (`include/uapi/linux/ublk_cmd.h`): command
 //! numbers, flags and the structures exchanged through io_uring commands
-//! and the mmapped descriptor array, encoded by hand in the kernel's
-//! (little-endian, x86-64 and arm64) layout so that no binding generator is
-//! needed at build time.
+//! and the mmapped descriptor array. Each structure is a `#[repr(C)]` copy
+//! of the kernel's, field for field with its padding spelled out, so that
+//! zerocopy turns it into the kernel's bytes and back (native byte order,
+//! as the kernel reads them) and no binding generator is needed at build
+//! time; a compile-time check pins every size.
+
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// The control device every ublk command starts from.
 pub const CONTROL_DEVICE: &str = "/dev/ublk-control";
@@ -24,6 +28,12 @@ pub const DEV_INFO_LEN: usize = 64;
 pub const IO_DESC_LEN: usize = 24;
 /// Size of `struct ublk_params` (with its trailing padding).
 pub const PARAMS_LEN: usize = 112;
+
+const _: () = assert!(size_of::<CtrlCmd>() == CTRL_CMD_LEN);
+const _: () = assert!(size_of::<IoCmd>() == IO_CMD_LEN);
+const _: () = assert!(size_of::<DevInfo>() == DEV_INFO_LEN);
+const _: () = assert!(size_of::<IoDesc>() == IO_DESC_LEN);
+const _: () = assert!(size_of::<RawParams>() == PARAMS_LEN);
 
 /// Control commands, ioctl-encoded (`UBLK_U_CMD_*`).
 pub mod cmd {
@@ -174,7 +184,8 @@ fn round_up(n: usize, to: usize) -> usize {
 
 /// `struct ublksrv_ctrl_cmd`, placed at the start of a 128-byte SQE's
 /// command area.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
 pub struct CtrlCmd {
     /// The device (`u32::MAX`: let the driver choose, for ADD_DEV).
     pub dev_id: u32,
@@ -186,23 +197,29 @@ pub struct CtrlCmd {
     pub addr: u64,
     /// Inline data (the server's pid for START_DEV, END_USER_RECOVERY).
     pub data: u64,
+    /// Length of the device path for unprivileged devices: 0, the tracker
+    /// runs privileged.
+    pub dev_path_len: u16,
+    /// Zero.
+    pub pad: u16,
+    /// Zero.
+    pub reserved: u32,
 }
 
 impl CtrlCmd {
-    /// The 80-byte command area of the SQE.
+    /// The 80-byte command area of the SQE: the command, then zeroes.
     pub fn encode(&self) -> [u8; 80] {
         let mut b = [0u8; 80];
-        b[0..4].copy_from_slice(&self.dev_id.to_le_bytes());
-        b[4..6].copy_from_slice(&self.queue_id.to_le_bytes());
-        b[6..8].copy_from_slice(&self.len.to_le_bytes());
-        b[8..16].copy_from_slice(&self.addr.to_le_bytes());
-        b[16..24].copy_from_slice(&self.data.to_le_bytes());
+        b[..CTRL_CMD_LEN].copy_from_slice(self.as_bytes());
         b
     }
 }
 
 /// `struct ublksrv_io_cmd`, the 16-byte command area of a plain SQE.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
+#[repr(C)]
 pub struct IoCmd {
     /// The queue.
     pub queue: u16,
@@ -216,18 +233,16 @@ pub struct IoCmd {
 
 impl IoCmd {
     /// The command area.
-    pub fn encode(&self) -> [u8; 16] {
-        let mut b = [0u8; 16];
-        b[0..2].copy_from_slice(&self.queue.to_le_bytes());
-        b[2..4].copy_from_slice(&self.tag.to_le_bytes());
-        b[4..8].copy_from_slice(&self.result.to_le_bytes());
-        b[8..16].copy_from_slice(&self.addr.to_le_bytes());
-        b
+    pub fn encode(&self) -> [u8; IO_CMD_LEN] {
+        zerocopy::transmute!(*self)
     }
 }
 
 /// `struct ublksrv_ctrl_dev_info`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
+#[repr(C)]
 pub struct DevInfo {
     /// Queues.
     pub nr_hw_queues: u16,
@@ -235,53 +250,40 @@ pub struct DevInfo {
     pub queue_depth: u16,
     /// `state::*`.
     pub state: u16,
+    /// Zero.
+    pub pad0: u16,
     /// Largest request, bytes (also each tag's buffer size).
     pub max_io_buf_bytes: u32,
     /// The device number N of `/dev/ublkcN`, `/dev/ublkbN`.
     pub dev_id: u32,
     /// The serving process (-1: none).
     pub ublksrv_pid: i32,
+    /// Zero.
+    pub pad1: u32,
     /// `flags::*`.
     pub flags: u64,
     /// Free for the server's own use; the driver keeps it. The tracker
     /// stores its identity of the device here.
     pub ublksrv_flags: u64,
+    /// The uid of the process that added the device (the driver fills it).
+    pub owner_uid: u32,
+    /// Its gid (the driver fills it).
+    pub owner_gid: u32,
+    /// Zero.
+    pub reserved1: u64,
+    /// Zero.
+    pub reserved2: u64,
 }
 
 impl DevInfo {
     /// The kernel's 64 bytes.
     pub fn encode(&self) -> [u8; DEV_INFO_LEN] {
-        let mut b = [0u8; DEV_INFO_LEN];
-        b[0..2].copy_from_slice(&self.nr_hw_queues.to_le_bytes());
-        b[2..4].copy_from_slice(&self.queue_depth.to_le_bytes());
-        b[4..6].copy_from_slice(&self.state.to_le_bytes());
-        b[8..12].copy_from_slice(&self.max_io_buf_bytes.to_le_bytes());
-        b[12..16].copy_from_slice(&self.dev_id.to_le_bytes());
-        b[16..20].copy_from_slice(&self.ublksrv_pid.to_le_bytes());
-        b[24..32].copy_from_slice(&self.flags.to_le_bytes());
-        b[32..40].copy_from_slice(&self.ublksrv_flags.to_le_bytes());
-        b
+        zerocopy::transmute!(*self)
     }
 
     /// From the kernel's 64 bytes.
     pub fn decode(b: &[u8; DEV_INFO_LEN]) -> Self {
-        let u16_at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
-        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-        let u64_at = |i: usize| {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&b[i..i + 8]);
-            u64::from_le_bytes(w)
-        };
-        Self {
-            nr_hw_queues: u16_at(0),
-            queue_depth: u16_at(2),
-            state: u16_at(4),
-            max_io_buf_bytes: u32_at(8),
-            dev_id: u32_at(12),
-            ublksrv_pid: u32_at(16) as i32,
-            flags: u64_at(24),
-            ublksrv_flags: u64_at(32),
-        }
+        zerocopy::transmute!(*b)
     }
 }
 
@@ -315,39 +317,71 @@ pub struct Params {
     pub max_discard_segments: u16,
 }
 
+/// `struct ublk_params` as the kernel lays it out: `len` and `types`,
+/// `struct ublk_param_basic` at 8, `struct ublk_param_discard` at 40, and
+/// the parts the tracker does not set (devt, zoned, the trailing padding)
+/// as zeroes.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+struct RawParams {
+    len: u32,
+    types: u32,
+    // struct ublk_param_basic
+    attrs: u32,
+    logical_bs_shift: u8,
+    physical_bs_shift: u8,
+    io_opt_shift: u8,
+    io_min_shift: u8,
+    max_sectors: u32,
+    chunk_sectors: u32,
+    dev_sectors: u64,
+    virt_boundary_mask: u64,
+    // struct ublk_param_discard
+    discard_alignment: u32,
+    discard_granularity: u32,
+    max_discard_sectors: u32,
+    max_write_zeroes_sectors: u32,
+    max_discard_segments: u16,
+    discard_reserved: u16,
+    // struct ublk_param_devt, struct ublk_param_zoned, padding
+    unset: [u8; 52],
+}
+
 impl Params {
     /// The kernel's layout: len, types, basic at 8, discard at 40.
     pub fn encode(&self) -> [u8; PARAMS_LEN] {
-        let mut b = [0u8; PARAMS_LEN];
-        b[0..4].copy_from_slice(&(PARAMS_LEN as u32).to_le_bytes());
-        b[4..8].copy_from_slice(&self.types.to_le_bytes());
-        b[8..12].copy_from_slice(&self.attrs.to_le_bytes());
-        b[12] = self.logical_bs_shift;
-        b[13] = self.physical_bs_shift;
-        b[14] = self.io_opt_shift;
-        b[15] = self.io_min_shift;
-        b[16..20].copy_from_slice(&self.max_sectors.to_le_bytes());
-        // chunk_sectors (20..24) stays 0.
-        b[24..32].copy_from_slice(&self.dev_sectors.to_le_bytes());
-        // virt_boundary_mask (32..40) stays 0.
-        // discard_alignment (40..44) stays 0.
-        b[44..48].copy_from_slice(&self.discard_granularity.to_le_bytes());
-        b[48..52].copy_from_slice(&self.max_discard_sectors.to_le_bytes());
-        b[52..56].copy_from_slice(&self.max_write_zeroes_sectors.to_le_bytes());
-        b[56..58].copy_from_slice(&self.max_discard_segments.to_le_bytes());
-        b
+        zerocopy::transmute!(RawParams {
+            len: PARAMS_LEN as u32,
+            types: self.types,
+            attrs: self.attrs,
+            logical_bs_shift: self.logical_bs_shift,
+            physical_bs_shift: self.physical_bs_shift,
+            io_opt_shift: self.io_opt_shift,
+            io_min_shift: self.io_min_shift,
+            max_sectors: self.max_sectors,
+            chunk_sectors: 0,
+            dev_sectors: self.dev_sectors,
+            virt_boundary_mask: 0,
+            discard_alignment: 0,
+            discard_granularity: self.discard_granularity,
+            max_discard_sectors: self.max_discard_sectors,
+            max_write_zeroes_sectors: self.max_write_zeroes_sectors,
+            max_discard_segments: self.max_discard_segments,
+            discard_reserved: 0,
+            unset: [0; 52],
+        })
     }
 
     /// The device size in sectors out of a GET_PARAMS answer.
     pub fn decode_dev_sectors(b: &[u8; PARAMS_LEN]) -> u64 {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(&b[24..32]);
-        u64::from_le_bytes(w)
+        let raw: RawParams = zerocopy::transmute!(*b);
+        raw.dev_sectors
     }
 }
 
 /// `struct ublksrv_io_desc`: what the driver asks of one tag.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
 pub struct IoDesc {
     /// `op::*` in the low byte, `io_flags::*` above.
     pub op_flags: u32,
@@ -355,18 +389,15 @@ pub struct IoDesc {
     pub nr_sectors: u32,
     /// Start, sectors.
     pub start_sector: u64,
+    /// The tag's buffer in the server (unused under
+    /// [`flags::USER_COPY`]).
+    pub addr: u64,
 }
 
 impl IoDesc {
     /// From the descriptor's 24 bytes.
     pub fn decode(b: &[u8; IO_DESC_LEN]) -> Self {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(&b[8..16]);
-        Self {
-            op_flags: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-            nr_sectors: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
-            start_sector: u64::from_le_bytes(w),
-        }
+        zerocopy::transmute!(*b)
     }
 
     /// The operation.
@@ -416,6 +447,7 @@ mod tests {
             len: 64,
             addr: 0x1122_3344_5566_7788,
             data: 99,
+            ..CtrlCmd::default()
         }
         .encode();
         assert_eq!(&c[0..4], &7u32.to_le_bytes());
@@ -433,16 +465,55 @@ mod tests {
             ublksrv_pid: -1,
             flags: flags::USER_RECOVERY,
             ublksrv_flags: 0xdead_beef_0bad_cafe,
+            ..DevInfo::default()
         };
         assert_eq!(DevInfo::decode(&info.encode()), info);
+        let b = info.encode();
+        assert_eq!(&b[0..6], &[1, 0, 64, 0, 2, 0]);
+        assert_eq!(&b[8..12], &(1u32 << 20).to_le_bytes());
+        assert_eq!(&b[12..20], &[3, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]);
+        assert_eq!(&b[24..32], &flags::USER_RECOVERY.to_le_bytes());
+        assert_eq!(&b[32..40], &0xdead_beef_0bad_cafe_u64.to_le_bytes());
+        assert!(b[40..].iter().all(|&b| b == 0));
+
+        let io = IoCmd {
+            queue: 2,
+            tag: 9,
+            result: -5,
+            addr: 0x1000,
+        }
+        .encode();
+        assert_eq!(&io[0..8], &[2, 0, 9, 0, 0xfb, 0xff, 0xff, 0xff]);
+        assert_eq!(&io[8..16], &0x1000u64.to_le_bytes());
 
         let p = Params {
             types: param_type::BASIC,
+            attrs: attr::FUA,
+            logical_bs_shift: 12,
+            physical_bs_shift: 13,
+            io_opt_shift: 14,
+            io_min_shift: 15,
+            max_sectors: 256,
             dev_sectors: 1 << 21,
-            ..Params::default()
+            discard_granularity: 4096,
+            max_discard_sectors: 512,
+            max_write_zeroes_sectors: 1024,
+            max_discard_segments: 1,
         }
         .encode();
         assert_eq!(&p[0..4], &(PARAMS_LEN as u32).to_le_bytes());
+        assert_eq!(&p[4..8], &param_type::BASIC.to_le_bytes());
+        assert_eq!(&p[8..12], &attr::FUA.to_le_bytes());
+        assert_eq!(&p[12..16], &[12, 13, 14, 15]);
+        assert_eq!(&p[16..20], &256u32.to_le_bytes());
+        assert_eq!(&p[24..32], &(1u64 << 21).to_le_bytes());
+        assert_eq!(&p[44..48], &4096u32.to_le_bytes());
+        assert_eq!(&p[48..52], &512u32.to_le_bytes());
+        assert_eq!(&p[52..56], &1024u32.to_le_bytes());
+        assert_eq!(&p[56..58], &1u16.to_le_bytes());
+        for zero in [20..24, 32..44, 58..PARAMS_LEN] {
+            assert!(p[zero.clone()].iter().all(|&b| b == 0), "{zero:?}");
+        }
         assert_eq!(Params::decode_dev_sectors(&p), 1 << 21);
 
         let mut d = [0u8; IO_DESC_LEN];
