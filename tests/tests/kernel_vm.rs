@@ -549,6 +549,7 @@ fn the_tracker_attaches_the_kernel_nbd_client_and_survives_restarts() {
         "modprobe",
         "mkfs.ext4",
         "e2fsck",
+        "jq",
     ];
     if !guest_can_run(NETLINK_TEST, &tools) {
         return;
