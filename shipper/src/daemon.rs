@@ -26,8 +26,8 @@ use tidemark_config::ShipperConfig;
 use tidemark_wire::shipper::{HelloInfo, ShipperConfig as SessionConfig};
 use tidemark_wire::shipper_core::{CoreConfig, CoreEvent, Need, Phase, ShipperCore};
 use tidemark_wire::{
-    BatchError, ChunkData, ChunkPurpose, Compression, DecodeError, ErrorClass, MessageDecoder,
-    Received, RecordBatch, RecordId, ShipperError, Versions,
+    BatchError, ChunkData, ChunkPurpose, Compression, DecodeError, DrainRefused, ErrorClass,
+    MessageDecoder, Received, RecordBatch, RecordId, ShipperError, Versions,
 };
 use tokio::sync::{mpsc, watch, Notify};
 
@@ -887,14 +887,14 @@ impl Connection<'_> {
             if self.drain.as_ref().is_some_and(|(_, h)| h.is_finished()) {
                 let (id, handle) = self.drain.take().expect("checked above");
                 let last = self.drained(handle).await;
-                let last = last.map_err(|e| e.reason());
+                let last = last.map_err(|e| DrainRefused { reason: e.reason() });
                 match &last {
                     Ok(seq) => {
                         tracing::info!(id, last_seq = seq, "tracker stopped; shipping what is left")
                     }
                     Err(why) => tracing::warn!(reason = %why, "cannot drain the group"),
                 }
-                core.handle_drain_ready(id, last.as_ref().copied().map_err(String::as_str));
+                core.handle_drain_ready(id, last.as_ref().copied());
                 continue;
             }
             // Everything the receiver said so far, before deciding.

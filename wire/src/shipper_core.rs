@@ -34,6 +34,7 @@
 //! chunk sent is not yet a chunk held.
 
 use crate::message::{ChunkData, ChunkPurpose, DiskSync, Received, RecordBatch, RecordId};
+use crate::receiver::DrainRefused;
 use crate::shipper::{
     block_digests, differing_blocks, AwaitingWelcome, DigestReply, HelloInfo, Resume,
     ShipperConfig, ShipperError, ShipperEvent, Shipping,
@@ -617,8 +618,9 @@ impl ShipperCore {
     }
 
     /// The tracker stopped for a drain: its log ends at `last_seq`
-    /// (`Err`: why the group cannot be drained; replication goes on).
-    pub fn handle_drain_ready(&mut self, id: u64, last_seq: Result<u64, &str>) {
+    /// (`Err`: why the group cannot be drained, sent to the receiver as
+    /// is; replication goes on).
+    pub fn handle_drain_ready(&mut self, id: u64, last_seq: Result<u64, &DrainRefused>) {
         if self.drain.is_none_or(|d| d.id != id) {
             return;
         }
@@ -632,7 +634,7 @@ impl ShipperCore {
             Err(why) => {
                 self.drain = None;
                 if let State::Shipping(s) = &mut self.state {
-                    match s.send_drained(id, 0, why) {
+                    match s.send_drained(id, 0, &why.reason) {
                         Ok(f) => self.queue(f),
                         Err(e) => self.fail(e),
                     }
@@ -1310,6 +1312,30 @@ mod tests {
                 }
             ]
         ));
+    }
+
+    #[test]
+    fn a_drain_the_host_cannot_do_is_refused_with_its_reason_and_shipping_goes_on() {
+        let t = Instant::now();
+        let mut c = connected(t, SIZE);
+        c.handle_message(v(Message::DrainRequest { id: 4 }), t);
+        assert!(matches!(
+            c.poll_event(),
+            Some(CoreEvent::DrainRequested { id: 4 })
+        ));
+        let refused = DrainRefused {
+            reason: "the tracker did not stop".into(),
+        };
+        c.handle_drain_ready(4, Err(&refused));
+        let frames = sent(&mut c);
+        assert!(
+            matches!(
+                &frames[..],
+                [Message::Drained { id: 4, last_seq: 0, error }] if error == "the tracker did not stop"
+            ),
+            "{frames:?}"
+        );
+        assert!(!c.is_ended(), "replication goes on");
     }
 
     #[test]
