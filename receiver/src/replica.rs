@@ -5,7 +5,7 @@
 
 use tidemark_changelog::Record;
 use tidemark_wire::{
-    ChunkData, ChunkPurpose, Disk, DiskSync, ErrorClass, ErrorCode, Position, Replica, ReplicaError,
+    ChunkData, ChunkPurpose, Disk, ErrorClass, ErrorCode, Position, Replica, ReplicaError,
 };
 
 use crate::store::{ChunkRef, Purpose, ReplicaStore, StoreError};
@@ -81,14 +81,7 @@ fn position(p: crate::store::Position) -> Position {
     Position {
         durable_seq: p.durable_seq,
         generation: p.generation,
-        disks: p
-            .disks
-            .iter()
-            .map(|d| DiskSync {
-                id: d.id,
-                synced: d.synced,
-            })
-            .collect(),
+        disks: p.disks,
         resyncing: match &p.state {
             crate::store::GroupState::Resyncing { pending } => pending.clone(),
             _ => Vec::new(),

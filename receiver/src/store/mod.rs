@@ -223,6 +223,9 @@ use tidemark_changelog::record::{Kind, Record, FLAG_APP_CONSISTENT, FLAG_NO_HOLE
 use tidemark_changelog::replay::{self, ReplaySummary};
 use tidemark_changelog::{create_private_dir_all, DirLock, Extent, LockError};
 use tidemark_durable::{FsDir, LogDir, LogFile};
+/// Initial-sync progress of one disk: the wire's type, which says it to
+/// the shipper.
+pub use tidemark_wire::DiskSync;
 
 const STATE_FILE: &str = "state";
 const LOCK_FILE: &str = "lock";
@@ -242,15 +245,6 @@ pub struct Position {
     pub disks: Vec<DiskSync>,
     /// What the group is doing.
     pub state: GroupState,
-}
-
-/// Initial-sync progress of one disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DiskSync {
-    /// Disk id.
-    pub id: u32,
-    /// The initial sync has copied everything below this byte offset.
-    pub synced: u64,
 }
 
 /// What the group is doing.
