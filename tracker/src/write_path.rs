@@ -322,12 +322,9 @@ impl GroupQueue {
         let (op, started) = (slot.op, slot.started);
         if op_fua(&op) {
             // The write's own part is done; its latency counts the barrier
-            // too, when the barrier answers it.
+            // too, when the barrier answers it (its device flush is in
+            // flight now: nothing else to try before it completes).
             self.start_barrier(token);
-            if let Progress::Blocked = self.advance(token, now) {
-                self.parked.push_back(token);
-                self.retry_parked(now);
-            }
             return;
         }
         let bytes = match op {
@@ -366,6 +363,15 @@ impl GroupQueue {
         self.group.release_hot(disk, offset, len, seq);
         if let Some(ticket) = range {
             self.group.unlock_range(disk, ticket);
+        }
+    }
+
+    /// Moves a request on; if it now waits on the group, parks it behind
+    /// the others (and tries those again, in order).
+    fn advance_or_park(&mut self, token: usize, now: Instant) {
+        if let Progress::Blocked = self.advance(token, now) {
+            self.parked.push_back(token);
+            self.retry_parked(now);
         }
     }
 
@@ -459,10 +465,7 @@ impl Queue for GroupQueue {
                 // Requests already parked go first: a later one must not
                 // overtake an earlier one of the same queue forever.
                 if self.parked.is_empty() {
-                    if let Progress::Blocked = self.advance(token, now) {
-                        self.parked.push_back(token);
-                        self.retry_parked(now);
-                    }
+                    self.advance_or_park(token, now);
                 } else {
                     self.parked.push_back(token);
                     self.retry_parked(now);
@@ -492,10 +495,7 @@ impl Queue for GroupQueue {
                 Ok(()) => self.written(token, seq, now),
                 Err(errno) => {
                     self.slot(token).stage = Stage::Compensate { errno };
-                    if let Progress::Blocked = self.advance(token, now) {
-                        self.parked.push_back(token);
-                        self.retry_parked(now);
-                    }
+                    self.advance_or_park(token, now);
                 }
             },
             Stage::Barrier { epoch, wait, .. } => {
@@ -504,10 +504,7 @@ impl Queue for GroupQueue {
                     wait,
                     flushed: Some(result),
                 };
-                if let Progress::Blocked = self.advance(token, now) {
-                    self.parked.push_back(token);
-                    self.retry_parked(now);
-                }
+                self.advance_or_park(token, now);
             }
             Stage::Range | Stage::Map(_) | Stage::Record | Stage::Compensate { .. } => {
                 tracing::error!(token, "I/O completion for a request not waiting for one");
