@@ -98,12 +98,15 @@ pub enum SessionError {
         /// The connection's end.
         source: quinn::ConnectionError,
     },
-    /// The receiver sent nothing for the peer timeout.
+    /// The connection's idle timeout fired: the receiver sent nothing at
+    /// all, not even keep-alives, for the peer timeout
+    /// (`[shipper.liveness]`). Not the core's `ShipperError::PeerSilent`,
+    /// a live connection whose receiver leaves frames unanswered.
     #[error(
         "{context}: the receiver stopped answering (nothing heard for the peer timeout, \
          [shipper.liveness]): it is down, frozen or unreachable"
     )]
-    PeerSilent {
+    PeerTimedOut {
         /// What was being done.
         context: &'static str,
     },
@@ -191,7 +194,7 @@ impl SessionError {
             | SessionError::UnknownDisk(_)
             | SessionError::Cursor(_) => ErrorClass::Permanent,
             SessionError::Connection { .. }
-            | SessionError::PeerSilent { .. }
+            | SessionError::PeerTimedOut { .. }
             | SessionError::Connect { .. }
             | SessionError::Write(_)
             | SessionError::Read(_)
@@ -250,7 +253,7 @@ fn connection_end(source: quinn::ConnectionError, context: &'static str) -> Sess
         {
             SessionError::HostRefused { context, source }
         }
-        C::TimedOut => SessionError::PeerSilent { context },
+        C::TimedOut => SessionError::PeerTimedOut { context },
         _ => SessionError::Connection { context, source },
     }
 }
@@ -597,7 +600,7 @@ pub async fn run(
             }
             SessionEnd::Failed(e) => {
                 let reason = e.to_string();
-                if matches!(e, SessionError::PeerSilent { .. }) {
+                if matches!(e, SessionError::PeerTimedOut { .. }) {
                     shared.status.peer_timeouts_total += 1;
                 }
                 let delay = backoff.next_delay(rand::random::<f64>());
