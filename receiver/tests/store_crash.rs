@@ -240,11 +240,15 @@ fn workload(seed: u64, steady_ops: usize) -> Workload {
     }
 }
 
-/// Opens the group on `dir` with the small segments and tight retention
-/// the test wants folds and segment removals from (neither is persisted).
+/// Opens the group on `dir` with the small segments, frequent journal
+/// indexes and tight retention the test wants folds, segment removals and
+/// index writes from (none of them is persisted).
 fn open(dir: &SimDir, test_failover: &SimDir) -> Result<ReplicaGroup<SimDir>, StoreError> {
     let mut g = ReplicaGroup::open_on(dir.clone(), test_failover.clone())?;
     g.set_segment_size(2048);
+    // A journal index every 1 KiB of history: crashes hit its writes, and
+    // reopening uses it.
+    g.set_index_interval(1024);
     g.set_retention(Retention {
         window: std::time::Duration::MAX,
         max_points: 3,
@@ -550,6 +554,10 @@ fn power_cut_at_every_sync_point(seed: u64, steady_ops: usize) {
     let probe_dir = SimDir::new();
     let probe = run(&probe_dir, &w.ops);
     assert!(probe.crashed_at.is_none(), "the probe run failed");
+    assert!(
+        probe_dir.files().contains_key("journal-index"),
+        "the workload writes a journal index, so cuts hit its writes and reopens use it"
+    );
     // The probe itself ends right.
     let g = open(&probe_dir, &SimDir::new()).unwrap();
     let points = check_points("probe", &g, &w);

@@ -9,6 +9,7 @@
 //! *position* names a byte of it: `segment << 40 | offset`. A segment is
 //! only ever appended to; folding frees whole segments.
 
+use super::index::{Checkpoint, INDEX_FILE};
 use super::overlay::{Overlay, Source};
 use std::collections::BTreeMap;
 use std::io;
@@ -234,6 +235,11 @@ pub(crate) struct Journal<D: LogDir = FsDir> {
     pub(crate) overlays: BTreeMap<u32, Overlay>,
     /// The last commit mark seen: (seq, generation).
     pub(crate) last_commit: Option<(u64, u32)>,
+    /// Where that commit mark's header is.
+    mark_at: Option<u64>,
+    /// How far the history was known without reading it at open: the
+    /// index's end when one was used, else the history's start.
+    pub(crate) indexed_to: u64,
 }
 
 /// Why the journal's committed history does not verify: its files were
@@ -345,9 +351,32 @@ impl<D: LogDir> Journal<D> {
             points: Vec::new(),
             overlays: BTreeMap::new(),
             last_commit: None,
+            mark_at: None,
+            indexed_to: start,
         };
-        for seg in first..=last {
-            let from = if seg == first { offset_of(start) } else { 0 };
+        let index = match super::state::read_file(&j.dir, INDEX_FILE) {
+            Ok(Some(bytes)) => Checkpoint::decode(&bytes)
+                .inspect_err(|reason| {
+                    tracing::warn!(dir = %j.dir.describe(), %reason, "the journal index is unusable: reading the whole history");
+                })
+                .ok(),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(dir = %j.dir.describe(), error = %e, "reading the journal index: reading the whole history");
+                None
+            }
+        };
+        let resume = match index {
+            Some(index) => j.load_index(index, end, read_only)?,
+            None => None,
+        };
+        let scan_from = resume.unwrap_or(start);
+        for seg in segment_of(scan_from)..=last {
+            let from = if seg == segment_of(scan_from) {
+                offset_of(scan_from)
+            } else {
+                0
+            };
             let opened = if read_only {
                 j.dir.open(&segment_name(seg), false)
             } else {
@@ -386,6 +415,114 @@ impl<D: LogDir> Journal<D> {
         }
         j.end = end;
         Ok(Ok(j))
+    }
+
+    /// Takes the history `start..index.covered` from `index` if it matches
+    /// this journal (see [`super::index`]): the same history start or an
+    /// older one, the segments it covers whole and of the lengths it
+    /// names, and its commit mark where it says. Returns the position to
+    /// read on from, or `None` (nothing taken) if the index does not
+    /// match.
+    fn load_index(
+        &mut self,
+        index: Checkpoint,
+        end: u64,
+        read_only: bool,
+    ) -> io::Result<Option<u64>> {
+        let (start, covered) = (self.start, index.covered);
+        let unusable = |reason: &str| {
+            tracing::warn!(dir = %self.dir.describe(), reason, "the journal index does not match the journal: reading the whole history");
+            Ok(None)
+        };
+        if !(index.start <= start && start <= covered && covered <= end) {
+            // Written before a fold that went past it, or for another
+            // history: not a fault.
+            return Ok(None);
+        }
+        let mut opened = BTreeMap::new();
+        for seg in segment_of(start)..segment_of(covered) {
+            let Some(&(_, len)) = index.segments.iter().find(|(s, _)| *s == seg) else {
+                return unusable("a segment of the history is not in the index");
+            };
+            let file = match self.dir.open(&segment_name(seg), !read_only) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return unusable("a segment it covers is missing")
+                }
+                Err(e) => return Err(e),
+            };
+            if file.size()? != len {
+                return unusable("a segment it covers has another length");
+            }
+            opened.insert(seg, file);
+        }
+        let mark = self
+            .dir
+            .open(&segment_name(segment_of(index.mark_at)), false);
+        let mut h = [0u8; HEADER_LEN];
+        let read = match mark {
+            Ok(f) => read_exact_at(&f, &mut h, offset_of(index.mark_at)),
+            Err(e) => Err(e),
+        };
+        let (seq, generation) = index.last_commit;
+        let is_mark = read.is_ok()
+            && matches!(
+                Entry::decode_header(&h),
+                Ok((Entry::Commit { seq: s, generation: g }, 0, crc))
+                    if s == seq && g == generation && crc == crc32c::crc32c(&h[..CRC_AT])
+            );
+        if !is_mark {
+            return unusable("no commit mark where it names one");
+        }
+        self.segments = opened;
+        self.changes = index.changes;
+        self.changes.retain(|c| c.end > start);
+        self.points = index.points;
+        self.points.retain(|p| p.pos > start);
+        self.last_commit = Some(index.last_commit);
+        self.mark_at = Some(index.mark_at);
+        self.indexed_to = covered;
+        self.rebuild_overlays();
+        Ok(Some(covered))
+    }
+
+    /// Writes the index of the history as far as it is committed: the
+    /// journal must end just after its last commit mark (as it does after
+    /// [`Journal::commit`]). Replaced atomically and durably; returns its
+    /// size. Nothing depends on it: a failure leaves the old index, which
+    /// opening ignores or uses as far as it goes.
+    pub(crate) fn write_index(&mut self) -> io::Result<u64> {
+        let (Some(mark_at), Some(last_commit)) = (self.mark_at, self.last_commit) else {
+            return Ok(0);
+        };
+        if self.end <= self.start || mark_at < self.start {
+            return Ok(0);
+        }
+        let mut segments = Vec::new();
+        for (&seg, file) in self
+            .segments
+            .range(segment_of(self.start)..=segment_of(self.end))
+        {
+            let len = if seg == segment_of(self.end) {
+                offset_of(self.end)
+            } else {
+                file.size()?
+            };
+            segments.push((seg, len));
+        }
+        let index = Checkpoint {
+            start: self.start,
+            covered: self.end,
+            mark_at,
+            last_commit,
+            segments,
+            changes: self.changes.clone(),
+            points: self.points.clone(),
+        };
+        let bytes = index.encode();
+        super::state::write_atomic(&self.dir, INDEX_FILE, &bytes)?;
+        self.indexed_to = self.end;
+        Ok(bytes.len() as u64)
     }
 
     /// Reads and verifies the entries of `segment` from `from` to `to`.
@@ -436,7 +573,10 @@ impl<D: LogDir> Journal<D> {
                     len,
                     no_hole,
                 } => self.record(end_pos, disk, offset, len, Source::Zero { no_hole }),
-                Entry::Commit { seq, generation } => self.last_commit = Some((seq, generation)),
+                Entry::Commit { seq, generation } => {
+                    self.last_commit = Some((seq, generation));
+                    self.mark_at = Some(position(segment, at));
+                }
                 Entry::Point {
                     seq,
                     timestamp_ns,
@@ -568,8 +708,10 @@ impl<D: LogDir> Journal<D> {
         generation: u32,
         segment_size: u64,
     ) -> io::Result<()> {
+        let mark_at = self.end;
         self.append(&Entry::Commit { seq, generation }, &[])?;
         self.last_commit = Some((seq, generation));
+        self.mark_at = Some(mark_at);
         let segment = segment_of(self.end);
         if let Some(f) = self.segments.get(&segment) {
             f.sync_data()?;
@@ -645,6 +787,12 @@ impl<D: LogDir> Journal<D> {
 
     /// Bytes the history's segments take (their lengths).
     pub(crate) fn bytes(&self) -> u64 {
+        self.bytes_since(self.start)
+    }
+
+    /// Bytes of the history from position `from` (at or after its start)
+    /// to its end.
+    pub(crate) fn bytes_since(&self, from: u64) -> u64 {
         let mut total = 0;
         for (seg, _) in self.segments.iter() {
             let len = if *seg == segment_of(self.end) {
@@ -652,12 +800,15 @@ impl<D: LogDir> Journal<D> {
             } else {
                 self.segments[seg].size().unwrap_or(0)
             };
-            let from = if *seg == segment_of(self.start) {
-                offset_of(self.start)
+            if *seg < segment_of(from) {
+                continue;
+            }
+            let skip = if *seg == segment_of(from) {
+                offset_of(from)
             } else {
                 0
             };
-            total += len.saturating_sub(from);
+            total += len.saturating_sub(skip);
         }
         total
     }
@@ -769,6 +920,118 @@ mod tests {
             );
             assert_eq!(reopened.end, end);
         }
+    }
+
+    /// A journal with history in three segments, committed after every
+    /// batch; returns the committed ends.
+    fn three_segments(
+        dir: &tidemark_durable::SimDir,
+    ) -> (Journal<tidemark_durable::SimDir>, Vec<u64>) {
+        let mut j = Journal::open(dir.clone(), 0, 0, false).unwrap().unwrap();
+        let mut ends = Vec::new();
+        for batch in 0..9u64 {
+            j.write(0, batch * 512, &[batch as u8 + 1; 100]).unwrap();
+            j.zero(1, batch * 4096, 4096, batch % 2 == 0).unwrap();
+            j.point(batch + 1, 1000 + batch, batch == 3, "p").unwrap();
+            j.commit(batch + 1, 1, 300).unwrap();
+            ends.push(j.end);
+        }
+        (j, ends)
+    }
+
+    /// An open that finds an index matching the journal takes the history
+    /// up to it from the index and reads only what follows (`indexed_to`),
+    /// and holds exactly what an open that reads everything holds: with
+    /// history after the index, from a later start (a fold), read-only or
+    /// not. An index a fold went past, or that does not match the journal,
+    /// is ignored and the whole history read.
+    #[test]
+    fn an_open_with_the_index_reads_only_the_history_after_it() {
+        use tidemark_durable::SimDir;
+        let dir = SimDir::new();
+        let (j, ends) = three_segments(&dir);
+        drop(j);
+        assert!(segment_of(ends[3]) > 0 && segment_of(ends[8]) > segment_of(ends[3]));
+        // The index as the writer wrote it at the fourth commit.
+        let mut early = Journal::open(
+            SimDir::from_files(files_at_end(&dir, ends[3])),
+            0,
+            ends[3],
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(early.write_index().unwrap() > 0);
+        let index = early.dir.files()[INDEX_FILE].clone();
+        let without = dir.files();
+        let mut with = without.clone();
+        with.insert(INDEX_FILE.into(), index.clone());
+        let end = *ends.last().unwrap();
+        for (start, read_only) in [(0, true), (0, false), (ends[1], true), (ends[3], false)] {
+            let used = Journal::open(SimDir::from_files(with.clone()), start, end, read_only)
+                .unwrap()
+                .unwrap();
+            assert_eq!(used.indexed_to, ends[3], "start {start}");
+            let reference = Journal::open(SimDir::from_files(without.clone()), start, end, true)
+                .unwrap()
+                .unwrap();
+            assert_eq!(reference.indexed_to, start);
+            assert_eq!(contents(&used), contents(&reference), "start {start}");
+            assert_eq!(used.overlays, reference.overlays, "start {start}");
+            assert_eq!(used.last_commit, reference.last_commit);
+        }
+        // A fold past the index: not used.
+        let past = Journal::open(SimDir::from_files(with.clone()), ends[4], end, true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(past.indexed_to, ends[4]);
+        // A covered segment of another length, a commit mark that is not
+        // there, a damaged index: not used, the history is read.
+        let mut longer = with.clone();
+        longer.get_mut(&segment_name(0)).unwrap().push(0);
+        let mut no_mark = with.clone();
+        let at = offset_of(Checkpoint::decode(&index).unwrap().mark_at) as usize;
+        no_mark
+            .get_mut(&segment_name(segment_of(
+                Checkpoint::decode(&index).unwrap().mark_at,
+            )))
+            .unwrap()[at + 16] ^= 1;
+        let mut damaged = with.clone();
+        damaged.get_mut(INDEX_FILE).unwrap()[70] ^= 1;
+        let j = Journal::open(SimDir::from_files(damaged), 0, end, true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(j.indexed_to, 0);
+        assert_eq!(
+            contents(&j),
+            contents(
+                &Journal::open(SimDir::from_files(without), 0, end, true)
+                    .unwrap()
+                    .unwrap()
+            )
+        );
+        // The segment's extra byte and the mark's bytes are history too:
+        // reading it all finds the damage, which the index would have hidden.
+        for files in [longer, no_mark] {
+            assert!(Journal::open(SimDir::from_files(files), 0, end, true)
+                .unwrap()
+                .is_err());
+        }
+    }
+
+    /// The files of `dir`'s journal as they were when the history ended at
+    /// `end`: later segments gone, the last one cut there.
+    fn files_at_end(dir: &tidemark_durable::SimDir, end: u64) -> BTreeMap<String, Vec<u8>> {
+        let mut files = dir.files();
+        files.retain(|name, _| {
+            name.strip_prefix("journal.")
+                .and_then(|h| u32::from_str_radix(h, 16).ok())
+                .is_none_or(|seg| seg <= segment_of(end))
+        });
+        if let Some(last) = files.get_mut(&segment_name(segment_of(end))) {
+            last.truncate(offset_of(end) as usize);
+        }
+        files
     }
 
     /// Damage to the committed history is named by what it is, with the

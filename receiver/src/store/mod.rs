@@ -68,6 +68,8 @@
 //!  disk-<id>.img      one sparse image per disk, exactly the disk's size
 //!  journal.SSSSSSSS   journal segments (hex number); a position in the
 //!                     journal is segment << 40 | offset in the segment
+//!  journal-index      what the history holds up to a commit mark (below),
+//!                     replaced atomically like the state file
 //!  lock               flock(2)ed by the process that has the group open
 //!                     (its pid inside)
 //!  test-failover/pin  the point a running test failover reads (decimal
@@ -80,8 +82,9 @@
 //! ```
 //!
 //! The index of which journal bytes override which image ranges
-//! (`overlay`) lives in memory only: it is rebuilt from the journal at
-//! every open.
+//! (`overlay`) lives in memory: it is rebuilt at every open from the
+//! journal index and the history written after it (or from the whole
+//! history where the journal index is missing or does not match).
 //!
 //! # Versions
 //!
@@ -106,6 +109,9 @@
 //!   test-failover`, which during an upgrade may be of different releases:
 //!   a receiver that could not read it would fold the point the test
 //!   reads. So its format never changes: a new one takes a new file name;
+//! - the journal index has its own version byte (1): it is a cache, and
+//!   one of a version this release does not know is ignored (the history
+//!   is read instead), as is any index an older release leaves behind;
 //! - a test failover's scratch files are read only by the process that
 //!   writes them, and removed when it ends;
 //! - drain files are key-value lines: a reader ignores keys it does not
@@ -165,6 +171,48 @@
 //!      40    … payload      data, or the point's label (UTF-8)
 //! ```
 //!
+//! # Journal index
+//!
+//! Reading a long history at every open (every entry, checksums and all)
+//! takes seconds per GiB; the journal index (`index` module) lets an open
+//! read only what was written after it. The writer writes it after a
+//! commit once the history has grown by the index interval (default
+//! 64 MiB, or four times the index's own size if that is more) since the
+//! last one, and at an open that had to read that much. An open uses it
+//! if it matches the journal: its history starts at or before the state
+//! file's start and ends (`covered`) at or before the committed end; every
+//! segment it covers but the last is there with the length it names; and
+//! a commit mark with its sequence number and generation lies at
+//! `mark-at`. Otherwise it is ignored, never an error: the history is read
+//! from its start, and damage there is reported as it always was. The
+//! writer checked every entry up to `covered` when it wrote or read it;
+//! entries before `covered` are not checked again at an open that uses
+//! the index. All integers little-endian.
+//!
+//! ```text
+//!  offset size field
+//!       0    4 magic        "TMJI"
+//!       4    1 version      1
+//!       5    3 reserved     zero
+//!       8    8 start        journal position where the history started
+//!      16    8 covered      position just past the last commit mark indexed
+//!      24    8 mark-at      position of that commit mark's header
+//!      32    8 commit-seq   its sequence number
+//!      40    4 commit-gen   its generation
+//!      44    4 segment-count s
+//!      48    8 change-count n
+//!      56    8 point-count  p
+//!      64    … s segments, each: 4 number, 8 length (as far as covered)
+//!            … n changes in journal order, each: 8 end (position just
+//!                 past its entry), 4 disk, 1 kind (1 journal bytes, 2
+//!                 zeroes, 3 zeroes kept allocated), 8 start, 8 end on
+//!                 the disk, 8 position of its bytes (kind 1; else 0)
+//!            … p points in journal order, each: 8 position (just past
+//!                 its entry), 8 sequence number, 8 timestamp, 1
+//!                 app-consistent (0 or 1), 2 label-len (<= 1024), label
+//!    end-4   4 crc32c       over every byte before it
+//! ```
+//!
 //! # Durability
 //!
 //! [`ReplicaGroup::commit`] fdatasyncs the images written in place (initial
@@ -176,6 +224,7 @@
 mod engine;
 mod error;
 mod image;
+mod index;
 mod journal;
 mod overlay;
 mod state;
@@ -379,6 +428,10 @@ pub struct ReplicaGroup<D: LogDir = FsDir> {
     retention: Retention,
     segment_size: u64,
     last_fold: Option<std::time::Instant>,
+    /// History bytes after which the journal index is written again.
+    index_interval: u64,
+    /// The size of the index last written.
+    index_bytes: u64,
 }
 
 /// The disks of a group as of one recovery point (or the newest state).
@@ -561,6 +614,10 @@ fn copy_sparse<F: LogFile>(source: &Path, image: &F) -> io::Result<()> {
 /// The default size at which the journal begins a new segment.
 pub const DEFAULT_SEGMENT_SIZE: u64 = 256 << 20;
 
+/// The default history bytes between two writes of the journal index: at
+/// most this much history is read at open besides the index.
+pub const DEFAULT_INDEX_INTERVAL: u64 = 64 << 20;
+
 impl ReplicaGroup {
     /// Opens the group in `dir`, creating it on first use, and recovers it
     /// after a crash: an uncommitted journal tail is cut off, a fold that
@@ -728,7 +785,7 @@ impl<D: LogDir> ReplicaGroup<D> {
         }
         debug_assert_eq!(journal.start, start);
 
-        Ok(ReplicaGroup {
+        let mut group = ReplicaGroup {
             dir,
             path,
             test_failover,
@@ -745,12 +802,45 @@ impl<D: LogDir> ReplicaGroup<D> {
             retention: Retention::default(),
             segment_size: DEFAULT_SEGMENT_SIZE,
             last_fold: None,
-        })
+            index_interval: DEFAULT_INDEX_INTERVAL,
+            index_bytes: 0,
+        };
+        // What this open had to read, the next one need not.
+        if !read_only && history {
+            group.index_if_due(true)?;
+        }
+        Ok(group)
     }
 
     /// Sets the retention of recovery points (applied at each commit).
     pub fn set_retention(&mut self, retention: Retention) {
         self.retention = retention;
+    }
+
+    /// Sets the history bytes after which the journal index is written
+    /// again (tests use small ones).
+    pub fn set_index_interval(&mut self, bytes: u64) {
+        self.index_interval = bytes.max(1);
+    }
+
+    /// Writes the journal index if the history written since the last one
+    /// has reached the interval (or, `at_open`, if opening read that much
+    /// of it). The index only saves reading at the next open, but an I/O
+    /// error writing it poisons the group as any other does: the
+    /// directory's storage is failing, and nothing is retried on it.
+    fn index_if_due(&mut self, at_open: bool) -> Result<(), StoreError> {
+        let since = self.journal.indexed_to.max(self.journal.start);
+        let due = self.index_interval.max(self.index_bytes.saturating_mul(4));
+        let pending = self.journal.bytes_since(since);
+        if pending < if at_open { self.index_interval } else { due } {
+            return Ok(());
+        }
+        let written = self
+            .journal
+            .write_index()
+            .map_err(io_err("writing the journal index in", &self.path));
+        self.index_bytes = self.poison_on(written)?;
+        Ok(())
     }
 
     /// Sets the size at which the journal begins a new segment (tests use
@@ -1131,6 +1221,9 @@ impl<D: LogDir> ReplicaGroup<D> {
         self.cur = meta.clone();
         self.durable = meta;
         self.dirty = false;
+        if self.cur.mode != Mode::InitialSync {
+            self.index_if_due(false)?;
+        }
         self.apply_retention(tidemark_changelog::now_ns(), false)?;
         Ok(self.position())
     }
