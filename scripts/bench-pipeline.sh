@@ -111,12 +111,6 @@ BENCH_NAME=bench-pipeline
 # shellcheck source=scripts/lib/bench-common.sh
 source scripts/lib/bench-common.sh
 
-bytes() { # SIZE → bytes ("64k", "1GiB", "4096")
-	local s=${1%B}
-	numfmt --from=iec-i "$s" 2>/dev/null || numfmt --from=iec "${s^^}" 2>/dev/null ||
-		die "cannot parse size '$1'"
-}
-
 for v in RUNTIME IODEPTH DRAIN_TIMEOUT; do
 	[[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive whole number, not '${!v}'"
 done
@@ -138,15 +132,7 @@ BS_BYTES="$(bytes "$BS")"
 ensure_commands fio:fio nbdinfo:libnbd-bin curl:curl python3:python3 numfmt:coreutils
 fio --enghelp 2>/dev/null | grep -qw nbd || die "this fio ($(fio --version)) has no nbd engine"
 
-if [ -n "${TIDEMARK_BIN:-}" ]; then
-	BIN="$TIDEMARK_BIN"
-else
-	command -v cargo >/dev/null || die "cargo is not installed (install Rust with rustup), or set TIDEMARK_BIN"
-	note "building tidemark (release)"
-	cargo build --release -q -p tidemark
-	BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/tidemark"
-fi
-[ -x "$BIN" ] || die "no tidemark binary at $BIN"
+tidemark_binary
 BINS=("after=$BIN")
 if [ -n "${TIDEMARK_BIN_BEFORE:-}" ]; then
 	[ -x "$TIDEMARK_BIN_BEFORE" ] || die "no tidemark binary at $TIDEMARK_BIN_BEFORE"
@@ -166,23 +152,6 @@ SOCK="$SOCKDIR/tracker.sock"
 URI="nbd+unix:///disk?socket=$SOCK"
 CLK_TCK="$(getconf CLK_TCK)"
 PIDS=()
-
-# Stops a process this script started: SIGTERM, then SIGKILL after 60 s.
-stop_pid() {
-	local pid=$1 keep=() p
-	kill -TERM "$pid" 2>/dev/null || true
-	for _ in $(seq 600); do
-		kill -0 "$pid" 2>/dev/null || break
-		sleep 0.1
-	done
-	if kill -0 "$pid" 2>/dev/null; then
-		note "process $pid did not stop in 60 s; killing it"
-		kill -KILL "$pid" 2>/dev/null || true
-	fi
-	wait "$pid" 2>/dev/null || true
-	for p in "${PIDS[@]}"; do [ "$p" = "$pid" ] || keep+=("$p"); done
-	PIDS=("${keep[@]}")
-}
 
 cleanup() {
 	local pid
