@@ -66,12 +66,17 @@ def lag_buckets(metrics):
     return sorted(out)
 
 
-def quantile(q, buckets):
+def quantile(q, buckets, seen_max=None):
     """histogram_quantile as Prometheus computes it: linear within the
-    bucket, the lower bound of the first bucket 0; None without data."""
+    bucket, the lower bound of the first bucket 0; None without data. One
+    difference: in the highest bucket that holds observations the values
+    are spread up to SEEN_MAX (the largest lag polled) instead of the
+    bucket's bound when that lies inside it, so a p99 in a wide bucket
+    (10 to 30 s) is not read as near its top when no lag came near it."""
     if not buckets or buckets[-1][1] <= 0:
         return None
-    rank = q * buckets[-1][1]
+    total = buckets[-1][1]
+    rank = q * total
     prev_le, prev_c = 0.0, 0.0
     for le, c in buckets:
         if c >= rank:
@@ -79,6 +84,8 @@ def quantile(q, buckets):
                 return prev_le
             if c == prev_c:
                 return le
+            if c == total and seen_max is not None and prev_le < seen_max < le:
+                le = seen_max
             return prev_le + (le - prev_le) * (rank - prev_c) / (c - prev_c)
         prev_le, prev_c = le, c
     return prev_le
@@ -167,8 +174,8 @@ def main():
                 rate=rate,
                 achieved=achieved,
                 mib=mib,
-                p50=quantile(0.5, diff),
-                p99=quantile(0.99, diff),
+                p50=quantile(0.5, diff, max(lags, default=None)),
+                p99=quantile(0.99, diff, max(lags, default=None)),
                 max=max(lags) if lags else None,
                 top=top,
                 acks=int(acks),

@@ -21,7 +21,10 @@
 #      lag p50/p99         from the shipper's tidemark_shipper_acked_lag_seconds
 #                          histogram, diffed before/after the row (so only its
 #                          own observations count), interpolated within the
-#                          bucket as Prometheus' histogram_quantile does. The
+#                          bucket as Prometheus' histogram_quantile does
+#                          (but within the highest bucket that holds
+#                          observations, only up to the largest lag polled,
+#                          see max, when that is inside the bucket). The
 #                          shipper observes one value per acknowledgement that
 #                          advanced the durable position: the age of the
 #                          oldest record that acknowledgement made durable
