@@ -285,12 +285,7 @@ bench() {
 	BIN=$2
 	mkdir -p "$dir"
 	rm -rf "$PKI"
-	mkdir -p "$PKI"
-	"$BIN" receiver init --pki-dir "$PKI/receiver" >/dev/null
-	"$BIN" host request --host "$HOST" --pki-dir "$PKI/host" >/dev/null
-	"$BIN" receiver sign --pki-dir "$PKI/receiver" --host "$HOST" \
-		--csr "$PKI/host/host.csr" --out "$PKI/host/host.crt" >/dev/null
-	cp "$PKI/receiver/ca.crt" "$PKI/host/ca.crt"
+	enrol "$PKI" "$HOST"
 
 	note "$label: a $DISK_SIZE disk of zeros"
 	dd if=/dev/zero of="$dir/source.img" bs=1M count=$((DISK_BYTES >> 20)) conv=fsync status=none

@@ -258,12 +258,7 @@ median() { # numbers on stdin → "median min max"
 }
 
 PKI="$WORK/pki"
-mkdir -p "$PKI"
-"$BIN" receiver init --pki-dir "$PKI/receiver" >/dev/null
-"$BIN" host request --host "$HOST" --pki-dir "$PKI/host" >/dev/null
-"$BIN" receiver sign --pki-dir "$PKI/receiver" --host "$HOST" \
-	--csr "$PKI/host/host.csr" --out "$PKI/host/host.crt" >/dev/null
-cp "$PKI/receiver/ca.crt" "$PKI/host/ca.crt"
+enrol "$PKI" "$HOST"
 
 # setup SIZE DIR: a replica group of a SIZE disk in DIR/replicas, through
 # the real pipeline; sets SETUP_POINTS (recovery points) and SETUP_HISTORY

@@ -82,3 +82,15 @@ stop_pid() { # PID
 	wait "$pid" 2>/dev/null || true
 	forget_pid "$pid"
 }
+
+# Enrols HOST with a new receiver CA in DIR, as an admin would: DIR/receiver
+# is the receiver's PKI directory, DIR/host the host's (with ca.crt).
+enrol() { # DIR HOST
+	local dir=$1 host=$2
+	mkdir -p "$dir"
+	"$BIN" receiver init --pki-dir "$dir/receiver" >/dev/null
+	"$BIN" host request --host "$host" --pki-dir "$dir/host" >/dev/null
+	"$BIN" receiver sign --pki-dir "$dir/receiver" --host "$host" \
+		--csr "$dir/host/host.csr" --out "$dir/host/host.crt" >/dev/null
+	cp "$dir/receiver/ca.crt" "$dir/host/ca.crt"
+}
