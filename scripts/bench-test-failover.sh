@@ -105,11 +105,6 @@ BENCH_NAME=bench-test-failover
 # shellcheck source=scripts/lib/bench-common.sh
 source scripts/lib/bench-common.sh
 
-bytes() { # SIZE → bytes
-	numfmt --from=iec-i "${1%B}" 2>/dev/null || numfmt --from=iec "${1%B}" 2>/dev/null ||
-		die "cannot parse size '$1'"
-}
-
 for v in REPEATS RUNTIME; do
 	[[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive whole number, not '${!v}'"
 done
@@ -131,15 +126,7 @@ ensure_commands fio:fio qemu-nbd:qemu-utils nbdkit:nbdkit nbdinfo:libnbd-bin \
 	nbdcopy:libnbd-bin python3:python3 numfmt:coreutils
 fio --enghelp 2>/dev/null | grep -qw nbd || die "this fio ($(fio --version)) has no nbd engine"
 
-if [ -n "${TIDEMARK_BIN:-}" ]; then
-	BIN="$TIDEMARK_BIN"
-else
-	command -v cargo >/dev/null || die "cargo is not installed (install Rust with rustup), or set TIDEMARK_BIN"
-	note "building tidemark (release)"
-	cargo build --release -q -p tidemark
-	BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/tidemark"
-fi
-[ -x "$BIN" ] || die "no tidemark binary at $BIN"
+tidemark_binary
 
 DATA_BYTES="$(bytes "$DATA_SIZE")"
 WRITE_N="$(bytes "$WRITE_BYTES")"
@@ -167,21 +154,6 @@ WORK="$(mktemp -d "$BASE/tf.XXXXXX")"
 SOCKDIR="$(mktemp -d /tmp/tmtf.XXXXXX)"
 PIDS=()
 
-# Stops a process this script started: SIGTERM, then SIGKILL after 60 s.
-stop_pid() {
-	local pid=$1 i
-	kill -TERM "$pid" 2>/dev/null || true
-	for i in $(seq 600); do
-		kill -0 "$pid" 2>/dev/null || break
-		sleep 0.1
-	done
-	if kill -0 "$pid" 2>/dev/null; then
-		note "process $pid did not stop in 60 s; killing it"
-		kill -KILL "$pid" 2>/dev/null || true
-	fi
-	wait "$pid" 2>/dev/null || true
-}
-
 cleanup() {
 	local pid
 	for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
@@ -194,12 +166,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-forget_pid() {
-	local keep=() p
-	for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
-	PIDS=("${keep[@]}")
-}
 
 # wait_line FILE PREFIX PID: waits until FILE has a line starting with
 # PREFIX (the process PID still running), 60 s at most.
@@ -292,12 +258,7 @@ median() { # numbers on stdin → "median min max"
 }
 
 PKI="$WORK/pki"
-mkdir -p "$PKI"
-"$BIN" receiver init --pki-dir "$PKI/receiver" >/dev/null
-"$BIN" host request --host "$HOST" --pki-dir "$PKI/host" >/dev/null
-"$BIN" receiver sign --pki-dir "$PKI/receiver" --host "$HOST" \
-	--csr "$PKI/host/host.csr" --out "$PKI/host/host.crt" >/dev/null
-cp "$PKI/receiver/ca.crt" "$PKI/host/ca.crt"
+enrol "$PKI" "$HOST"
 
 # setup SIZE DIR: a replica group of a SIZE disk in DIR/replicas, through
 # the real pipeline; sets SETUP_POINTS (recovery points) and SETUP_HISTORY

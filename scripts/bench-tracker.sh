@@ -76,7 +76,8 @@
 #                             target/bench-tmp): picks the filesystem
 #   TIDEMARK_BENCH_SIZE=SIZE  image size (default 2GiB)
 #   TIDEMARK_BIN=PATH         a built tidemark binary (default: cargo build
-#                             --release -p tidemark, then target/release)
+#                             --release -p tidemark, then
+#                             ${CARGO_TARGET_DIR:-target}/release)
 #   RUNTIME=S RAMP=S          measured seconds and warm-up seconds per run
 #                             (default 7 and 2)
 #   SERVERS="…"               subset/order of the servers above
@@ -138,15 +139,7 @@ fi
 REPORT_PY="$ROOT/scripts/bench-tracker-report.py"
 [ -f "$REPORT_PY" ] || die "missing $REPORT_PY"
 
-if [ -n "${TIDEMARK_BIN:-}" ]; then
-	BIN="$TIDEMARK_BIN"
-else
-	command -v cargo >/dev/null || die "cargo is not installed (install Rust with rustup), or set TIDEMARK_BIN"
-	note "building tidemark (release)"
-	cargo build --release -q -p tidemark
-	BIN="$ROOT/target/release/tidemark"
-fi
-[ -x "$BIN" ] || die "no tidemark binary at $BIN"
+tidemark_binary
 
 to_bytes() {
 	numfmt --from=iec-i "${1%B}" 2>/dev/null || numfmt --from=iec "${1%B}"
@@ -163,6 +156,7 @@ IMG="$WORK/image.raw"
 SOCK="$SOCKDIR/nbd.sock"
 URI="nbd+unix:///disk?socket=$SOCK"
 SERVER_PID=""
+PIDS=()
 FUSE_PID=""
 LOOPDEV=""
 CLK_TCK="$(getconf CLK_TCK)"
@@ -180,19 +174,7 @@ LOG_LIMIT=$(((avail - SIZE_BYTES * 2 - (2 << 30)) / (64 << 20) * (64 << 20)))
 
 stop_server() {
 	[ -n "$SERVER_PID" ] || return 0
-	if kill -0 "$SERVER_PID" 2>/dev/null; then
-		kill -TERM "$SERVER_PID" 2>/dev/null || true
-		local i
-		for i in $(seq 600); do
-			kill -0 "$SERVER_PID" 2>/dev/null || break
-			sleep 0.1
-		done
-		if kill -0 "$SERVER_PID" 2>/dev/null; then
-			note "server $SERVER_PID did not stop in 60 s; killing it"
-			kill -KILL "$SERVER_PID" 2>/dev/null || true
-		fi
-	fi
-	wait "$SERVER_PID" 2>/dev/null || true
+	stop_pid "$SERVER_PID"
 	SERVER_PID=""
 	rm -f "$SOCK" "$SOCK.ctl"
 }

@@ -16,10 +16,14 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     2.5, 10.0,
 ];
 
-/// Bucket bounds (seconds) for replication lag (the RPO achieved): 10 ms
-/// to one day.
+/// Bucket bounds (seconds) for replication lag (the RPO achieved): 1 ms
+/// to one day. Dense from 100 ms to 2.5 s, no bound more than 1.5× the one
+/// below it there, so a quantile near one second (the figure a replica
+/// that keeps up is judged by) reads to within a quarter of a second; a
+/// replica on loopback lags by milliseconds, hence the low end.
 pub const LAG_BUCKETS: &[f64] = &[
-    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 86400.0,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.25, 1.5,
+    2.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 86400.0,
 ];
 
 /// A lock-free histogram of durations.
@@ -137,6 +141,22 @@ mod tests {
             (s.sum - (0.001 + 0.001001 + 0.05 + 3.0)).abs() < 1e-9,
             "{s:?}"
         );
+    }
+
+    #[test]
+    fn lag_buckets_resolve_milliseconds_and_the_second_around_one() {
+        assert!(LAG_BUCKETS.windows(2).all(|w| w[0] < w[1]), "ascending");
+        assert!(LAG_BUCKETS[0] <= 0.001, "a loopback replica lags by ms");
+        assert_eq!(LAG_BUCKETS.last(), Some(&86400.0), "up to a day");
+        for w in LAG_BUCKETS.windows(2) {
+            let (lo, hi) = (w[0], w[1]);
+            if hi <= 0.1 {
+                assert!(hi / lo <= 2.5, "{lo}..{hi} too coarse below 100 ms");
+            } else if hi <= 2.5 {
+                assert!(hi / lo <= 1.5, "{lo}..{hi} too coarse around 1 s");
+            }
+        }
+        assert!(LAG_BUCKETS.contains(&1.0), "p99 < 1 s is read at a bound");
     }
 
     #[test]

@@ -37,3 +37,60 @@ drop_caches() {
 	[ "$DROP_CACHES" = 1 ] && echo 3 >/proc/sys/vm/drop_caches
 	return 0
 }
+
+# A size as people write it ("64k", "1GiB", "4096") in bytes.
+bytes() { # SIZE
+	local s=${1%B}
+	numfmt --from=iec-i "$s" 2>/dev/null || numfmt --from=iec "${s^^}" 2>/dev/null ||
+		die "cannot parse size '$1'"
+}
+
+# Sets BIN to the tidemark binary to measure: TIDEMARK_BIN, else a release
+# build of this checkout (the caller is at its root).
+tidemark_binary() {
+	if [ -n "${TIDEMARK_BIN:-}" ]; then
+		BIN="$TIDEMARK_BIN"
+	else
+		command -v cargo >/dev/null || die "cargo is not installed (install Rust with rustup), or set TIDEMARK_BIN"
+		note "building tidemark (release)"
+		cargo build --release -q -p tidemark
+		BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/tidemark"
+	fi
+	[ -x "$BIN" ] || die "no tidemark binary at $BIN"
+}
+
+# The caller's PIDS array lists the processes it started and must stop.
+forget_pid() { # PID
+	local keep=() p
+	for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
+	PIDS=("${keep[@]}")
+}
+
+# Stops a process the script started: SIGTERM, then SIGKILL after 60 s;
+# it leaves PIDS.
+stop_pid() { # PID
+	local pid=$1
+	kill -TERM "$pid" 2>/dev/null || true
+	for _ in $(seq 600); do
+		kill -0 "$pid" 2>/dev/null || break
+		sleep 0.1
+	done
+	if kill -0 "$pid" 2>/dev/null; then
+		note "process $pid did not stop in 60 s; killing it"
+		kill -KILL "$pid" 2>/dev/null || true
+	fi
+	wait "$pid" 2>/dev/null || true
+	forget_pid "$pid"
+}
+
+# Enrols HOST with a new receiver CA in DIR, as an admin would: DIR/receiver
+# is the receiver's PKI directory, DIR/host the host's (with ca.crt).
+enrol() { # DIR HOST
+	local dir=$1 host=$2
+	mkdir -p "$dir"
+	"$BIN" receiver init --pki-dir "$dir/receiver" >/dev/null
+	"$BIN" host request --host "$host" --pki-dir "$dir/host" >/dev/null
+	"$BIN" receiver sign --pki-dir "$dir/receiver" --host "$host" \
+		--csr "$dir/host/host.csr" --out "$dir/host/host.crt" >/dev/null
+	cp "$dir/receiver/ca.crt" "$dir/host/ca.crt"
+}
