@@ -10,7 +10,7 @@
 #     it into the replica's base image (disk-<id>.img of the group);
 #   - then, through the tracker's NBD socket (fio's nbd engine), WRITE_BYTES
 #     (default 256 MiB) of random 4 KiB writes into the data region, 32 in
-#     flight, with fio's --fsync=256, and SPREAD_BYTES (default 128 MiB) of
+#     flight, with fio's --fsync=WRITE_FSYNC (default 256), and SPREAD_BYTES (default 128 MiB) of
 #     1 MiB writes at random offsets of the whole disk, 8 in flight, with
 #     --fsync=8: every FLUSH is a barrier, every barrier a recovery point in
 #     the receiver's journal (with requests in flight fio FLUSHes more often
@@ -70,6 +70,8 @@
 #   DATA_SIZE=1GiB           the filled region, read by the workloads
 #   WRITE_BYTES=256MiB       random 4 KiB writes through the tracker
 #   SPREAD_BYTES=128MiB      1 MiB writes spread over the whole disk
+#   WRITE_FSYNC=256          random writes between FLUSHes (fewer: more
+#                            recovery points in the same history)
 #   REPEATS=5                starts timed per size and server
 #   RUNTIME=10               seconds per time-based read run
 #   CACHES="cold warm"       cache states for the read runs (empty: time
@@ -90,6 +92,7 @@ SIZES="${SIZES:-1GiB 10GiB}"
 DATA_SIZE="${DATA_SIZE:-1GiB}"
 WRITE_BYTES="${WRITE_BYTES:-256MiB}"
 SPREAD_BYTES="${SPREAD_BYTES:-128MiB}"
+WRITE_FSYNC="${WRITE_FSYNC:-256}"
 REPEATS="${REPEATS:-5}"
 RUNTIME="${RUNTIME:-10}"
 CACHES="${CACHES-cold warm}"
@@ -105,7 +108,7 @@ BENCH_NAME=bench-test-failover
 # shellcheck source=scripts/lib/bench-common.sh
 source scripts/lib/bench-common.sh
 
-for v in REPEATS RUNTIME; do
+for v in REPEATS RUNTIME WRITE_FSYNC; do
 	[[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive whole number, not '${!v}'"
 done
 [ "$(id -u)" -eq 0 ] || [ "$DROP_CACHES" = 0 ] ||
@@ -294,7 +297,7 @@ setup() {
 	wait_caught_up "$dir/log"
 
 	fio --name=rand4k --ioengine=nbd --uri="$turi" --rw=randwrite --bs=4k --iodepth=32 \
-		--offset=0 --size="$data" --io_size="$WRITE_N" --fsync=256 --randrepeat=0 \
+		--offset=0 --size="$data" --io_size="$WRITE_N" --fsync="$WRITE_FSYNC" --randrepeat=0 \
 		--output-format=json --output="$dir/write-rand.json" >/dev/null 2>"$dir/write.err" ||
 		{ cat "$dir/write.err" >&2; die "writing through the tracker failed"; }
 	fio --name=spread1m --ioengine=nbd --uri="$turi" --rw=randwrite --bs=1m --iodepth=8 \
@@ -371,7 +374,7 @@ kernel $(uname -r), $(nproc) CPUs, $(($(awk '/MemTotal/ {print $2}' /proc/meminf
 tidemark $BIN
 directory $BASE ($(stat -f -c %T "$BASE") on $(df -P "$BASE" | awk 'NR==2 {print $1}'))
 disks: $SIZES, sparse; the first $DATA_SIZE filled before protection (initial sync → base image);
-  then through the tracker: $WRITE_BYTES random 4 KiB writes (qd32, fio --fsync=256) into it and
+  then through the tracker: $WRITE_BYTES random 4 KiB writes (qd32, fio --fsync=$WRITE_FSYNC) into it and
   $SPREAD_BYTES of 1 MiB writes over the whole disk (qd8, --fsync=8) → journal + recovery points
 page cache: $([ "$DROP_CACHES" = 1 ] && echo "synced and dropped before every start and cold run" || echo "never dropped (DROP_CACHES=0)")
 load average before: $(cut -d' ' -f1-3 /proc/loadavg)

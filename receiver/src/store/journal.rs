@@ -737,6 +737,11 @@ impl<D: LogDir> Journal<D> {
 
     /// Per disk, the overlay of the changes before `pos`.
     pub(crate) fn overlays_before(&self, pos: u64) -> BTreeMap<u32, Overlay> {
+        // The newest point, typically: every change is before it, and the
+        // newest state's overlay is already built.
+        if self.changes.last().is_none_or(|c| c.end <= pos) {
+            return self.overlays.clone();
+        }
         let mut out: BTreeMap<u32, Overlay> = BTreeMap::new();
         for c in self.changes.iter().take_while(|c| c.end <= pos) {
             out.entry(c.disk)
