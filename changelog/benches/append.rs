@@ -37,7 +37,7 @@ use std::time::Instant;
 use rand::rngs::SmallRng;
 use rand::{RngCore, SeedableRng};
 use tidemark_changelog::record::HEADER_LEN;
-use tidemark_changelog::{now_ns, ChangeLog, Entry, FsDir, LogOptions, RecoveryPolicy};
+use tidemark_changelog::{now_ns, ChangeLog, DiskId, Entry, FsDir, LogOptions, RecoveryPolicy};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -232,7 +232,7 @@ fn run_case(
     for i in 0..records {
         let shift = (i as usize % 512) * 8;
         let payload = &pool[shift..shift + size];
-        log.append(&Entry::write(0, i * record_size, payload, now_ns()))
+        log.append(&Entry::write(DiskId(0), i * record_size, payload, now_ns()))
             .map_err(err)?;
         if (i + 1) % barrier_every == 0 {
             log.barrier(now_ns()).map_err(err)?;

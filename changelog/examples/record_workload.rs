@@ -9,7 +9,7 @@ use rand::rngs::SmallRng;
 use rand::{RngCore, SeedableRng};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use tidemark_changelog::{now_ns, ChangeLog, Entry, FsDir, LogOptions, RecoveryPolicy};
+use tidemark_changelog::{now_ns, ChangeLog, DiskId, Entry, FsDir, LogOptions, RecoveryPolicy};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
@@ -36,18 +36,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let len = block.min(size - offset);
         match rand() % 20 {
             0 => {
-                log.append(&Entry::trim(0, offset, len, now_ns()))?;
+                log.append(&Entry::trim(DiskId(0), offset, len, now_ns()))?;
                 image.write_all_at(&vec![0u8; len as usize], offset)?;
             }
             1 => {
-                log.append(&Entry::write_zeroes(0, offset, len, false, now_ns()))?;
+                log.append(&Entry::write_zeroes(
+                    DiskId(0),
+                    offset,
+                    len,
+                    false,
+                    now_ns(),
+                ))?;
                 image.write_all_at(&vec![0u8; len as usize], offset)?;
             }
             _ => {
                 let data: Vec<u8> = (0..len)
                     .map(|j| (j as u8).wrapping_mul(31) ^ (i as u8))
                     .collect();
-                log.append(&Entry::write(0, offset, &data, now_ns()))?;
+                log.append(&Entry::write(DiskId(0), offset, &data, now_ns()))?;
                 image.write_all_at(&data, offset)?;
                 writes += 1;
                 bytes += len;

@@ -7,6 +7,7 @@
 //! [`crate::log`]'s recovery.
 
 use crate::cursor::read_cursor;
+use crate::ids::Seq;
 use crate::record::Kind;
 use crate::segment::{
     first_nonzero, is_unfinished_roll, read_segment_header, segment_indices, segment_name, Damage,
@@ -24,11 +25,11 @@ pub struct SegmentSummary {
     /// Its generation.
     pub generation: u32,
     /// Sequence number its first record must have.
-    pub first_seq: u64,
+    pub first_seq: Seq,
     /// Valid records in it.
     pub records: u64,
     /// The last valid record's sequence number.
-    pub last_seq: Option<u64>,
+    pub last_seq: Option<Seq>,
     /// Byte offset where its valid records end.
     pub end_offset: u64,
 }
@@ -41,7 +42,7 @@ pub struct Problem {
     /// Byte offset in it.
     pub offset: u64,
     /// The last record that verified before this point, in the whole log.
-    pub last_valid_seq: Option<u64>,
+    pub last_valid_seq: Option<Seq>,
     /// What is wrong.
     pub reason: String,
 }
@@ -58,13 +59,13 @@ pub struct CheckReport {
     /// Of which markers.
     pub markers: u64,
     /// The oldest record's sequence number.
-    pub first_seq: Option<u64>,
+    pub first_seq: Option<Seq>,
     /// The newest valid record's sequence number.
-    pub last_seq: Option<u64>,
+    pub last_seq: Option<Seq>,
     /// The durable watermark of the newest segment: the highest
     /// durable-upto of its barriers, at least the end of the sealed
     /// segments. Damage at or below it was durable.
-    pub durable_upto: Option<u64>,
+    pub durable_upto: Option<Seq>,
     /// Things that are not a problem but an admin should know.
     pub notes: Vec<String>,
     /// Damage; empty when the log is valid.
@@ -156,7 +157,7 @@ fn check_pass<D: LogDir>(dir: &D) -> io::Result<Pass> {
     let cursor = read_cursor(dir).map_err(io::Error::other)?;
     let indices = segment_indices(dir)?;
     let Some(&first) = indices.first() else {
-        if cursor > 0 {
+        if cursor > Seq::ZERO {
             report.problems.push(Problem {
                 segment: String::new(),
                 offset: 0,
@@ -176,7 +177,7 @@ fn check_pass<D: LogDir>(dir: &D) -> io::Result<Pass> {
     };
     let mut payload = Vec::new();
     // (index, first sequence number, generation, next expected seq)
-    let mut prev: Option<(u64, u64, u32, u64)> = None;
+    let mut prev: Option<(u64, Seq, u32, Seq)> = None;
     let count = indices.len();
     'segments: for (i, index) in indices.into_iter().enumerate() {
         let name = segment_name(index);
@@ -284,8 +285,8 @@ fn check_pass<D: LogDir>(dir: &D) -> io::Result<Pass> {
             end_offset: 0,
         };
         // Everything before the newest segment is durable; a barrier says
-        // how far the newest one is.
-        let mut durable_upto = header.first_seq - 1;
+        // how far the newest one is. (A segment never starts at 0.)
+        let mut durable_upto = header.first_seq.prev().unwrap_or(Seq::ZERO);
         // The tail's last reading that did not verify, and how many.
         let mut unsettled: Option<Damage> = None;
         let mut tail_reads = 0;
@@ -306,7 +307,8 @@ fn check_pass<D: LogDir>(dir: &D) -> io::Result<Pass> {
                     report.records += 1;
                     report.first_seq.get_or_insert(located.header.seq);
                     report.last_seq = Some(located.header.seq);
-                    durable_upto = durable_upto.max(located.header.durable_upto().unwrap_or(0));
+                    durable_upto =
+                        durable_upto.max(located.header.durable_upto().unwrap_or(Seq::ZERO));
                     match located.header.kind {
                         Kind::Barrier => report.barriers += 1,
                         Kind::Marker => report.markers += 1,
@@ -376,7 +378,7 @@ fn check_pass<D: LogDir>(dir: &D) -> io::Result<Pass> {
                 last_valid_seq: report.last_seq,
                 reason: format!(
                     "the shipper's cursor is at {cursor}, past the last record {}: records the receiver holds are missing",
-                    next - 1
+                    next.prev().unwrap_or(Seq::ZERO)
                 ),
             });
         }

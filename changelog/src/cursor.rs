@@ -18,6 +18,7 @@
 //! Version 1 is the only version so far; a cursor of another version reads
 //! as damaged, never as a position.
 
+use crate::ids::Seq;
 use crate::record::MAX_SEQ;
 use crate::storage::{LogDir, LogFile};
 use std::io;
@@ -67,11 +68,11 @@ struct RawCursor {
 const _: () = assert!(size_of::<RawCursor>() == CURSOR_LEN);
 const CRC_AT: usize = std::mem::offset_of!(RawCursor, crc);
 
-fn encode(seq: u64) -> [u8; CURSOR_LEN] {
+fn encode(seq: Seq) -> [u8; CURSOR_LEN] {
     let mut c = RawCursor {
         magic: CURSOR_MAGIC,
         version: CURSOR_VERSION.into(),
-        seq: seq.into(),
+        seq: seq.get().into(),
         reserved: [0; 4],
         crc: U32::ZERO,
     };
@@ -79,7 +80,7 @@ fn encode(seq: u64) -> [u8; CURSOR_LEN] {
     zerocopy::transmute!(c)
 }
 
-fn decode(b: &[u8]) -> Option<u64> {
+fn decode(b: &[u8]) -> Option<Seq> {
     let c = RawCursor::ref_from_bytes(b).ok()?;
     if c.magic != CURSOR_MAGIC || c.version.get() != CURSOR_VERSION {
         return None;
@@ -88,18 +89,18 @@ fn decode(b: &[u8]) -> Option<u64> {
         return None;
     }
     // A log never gets there: counting on from it would overflow.
-    Some(c.seq.get()).filter(|seq| *seq <= MAX_SEQ)
+    Some(c.seq.get()).filter(|seq| *seq <= MAX_SEQ).map(Seq)
 }
 
 /// Reads the cursor; 0 (nothing acknowledged) when there is none yet.
-pub fn read_cursor<D: LogDir>(dir: &D) -> Result<u64, CursorError> {
+pub fn read_cursor<D: LogDir>(dir: &D) -> Result<Seq, CursorError> {
     let io_err = |source| CursorError::Io {
         dir: dir.describe(),
         source,
     };
     let file = match dir.open(CURSOR_FILE, false) {
         Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Seq::ZERO),
         Err(e) => return Err(io_err(e)),
     };
     let mut buf = [0u8; CURSOR_LEN + 1];
@@ -110,7 +111,7 @@ pub fn read_cursor<D: LogDir>(dir: &D) -> Result<u64, CursorError> {
 }
 
 /// Replaces the cursor with `seq`, durably and atomically.
-pub fn write_cursor<D: LogDir>(dir: &D, seq: u64) -> Result<(), CursorError> {
+pub fn write_cursor<D: LogDir>(dir: &D, seq: Seq) -> Result<(), CursorError> {
     replace(
         dir,
         CURSOR_TMP,
@@ -132,11 +133,11 @@ mod tests {
     #[test]
     fn missing_cursor_reads_zero_and_writes_round_trip() {
         let dir = SimDir::new();
-        assert_eq!(read_cursor(&dir).unwrap(), 0);
-        write_cursor(&dir, 17).unwrap();
-        assert_eq!(read_cursor(&dir).unwrap(), 17);
-        write_cursor(&dir, 18).unwrap();
-        assert_eq!(read_cursor(&dir).unwrap(), 18);
+        assert_eq!(read_cursor(&dir).unwrap(), Seq(0));
+        write_cursor(&dir, Seq(17)).unwrap();
+        assert_eq!(read_cursor(&dir).unwrap(), Seq(17));
+        write_cursor(&dir, Seq(18)).unwrap();
+        assert_eq!(read_cursor(&dir).unwrap(), Seq(18));
     }
 
     #[test]
@@ -146,13 +147,13 @@ mod tests {
             .join(CURSOR_FILE);
         let mut files = std::collections::BTreeMap::new();
         files.insert(CURSOR_FILE.to_string(), std::fs::read(fixture).unwrap());
-        assert_eq!(read_cursor(&SimDir::from_files(files)).unwrap(), 11);
+        assert_eq!(read_cursor(&SimDir::from_files(files)).unwrap(), Seq(11));
     }
 
     #[test]
     fn damaged_cursor_is_an_error() {
         let dir = SimDir::new();
-        write_cursor(&dir, 5).unwrap();
+        write_cursor(&dir, Seq(5)).unwrap();
         let mut bytes = dir.files()[CURSOR_FILE].clone();
         bytes[9] ^= 1;
         dir.put(CURSOR_FILE, bytes);

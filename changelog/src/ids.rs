@@ -8,8 +8,10 @@
 
 use std::fmt;
 
-/// The conversions to and from the inner integer, and `Display` as that
-/// integer, of an id newtype.
+/// The conversions to and from the inner integer, and `Display` and `Debug`
+/// as that integer, of an id newtype. `Debug` too is the bare number so that
+/// messages and logs that print an `Option<Seq>` or a struct with `{:?}`
+/// read exactly as they did when the fields were integers.
 macro_rules! integer_id {
     ($id:ident, $int:ty) => {
         impl From<$int> for $id {
@@ -29,6 +31,12 @@ macro_rules! integer_id {
                 fmt::Display::fmt(&self.0, f)
             }
         }
+
+        impl fmt::Debug for $id {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(&self.0, f)
+            }
+        }
     };
 }
 
@@ -39,7 +47,7 @@ integer_id!(Seq, u64);
 /// disk list, the `disk` field of its records. [`DiskId::GROUP`] (all ones)
 /// stands for the whole group in barrier and marker records.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
 )]
 #[serde(transparent)]
 pub struct DiskId(pub u32);
@@ -64,17 +72,7 @@ impl DiskId {
 /// reused (see [`crate::record`]). 0 stands for "before the first record"
 /// (an empty cursor, a receiver that holds nothing).
 #[derive(
-    Debug,
-    Clone,
-    Copy,
-    Default,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Hash,
-    serde::Serialize,
-    serde::Deserialize,
+    Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
 )]
 #[serde(transparent)]
 pub struct Seq(pub u64);
@@ -93,6 +91,37 @@ impl Seq {
     /// this never overflows for a number that was accepted.
     pub const fn next(self) -> Seq {
         Seq(self.0 + 1)
+    }
+
+    /// The sequence number before this one; `None` before the first
+    /// record.
+    pub const fn prev(self) -> Option<Seq> {
+        match self.0.checked_sub(1) {
+            Some(n) => Some(Seq(n)),
+            None => None,
+        }
+    }
+
+    /// The sequence number before this one, [`Seq::ZERO`] for
+    /// [`Seq::ZERO`]: the last record before the one numbered `self`,
+    /// where 0 stands for none.
+    pub const fn saturating_prev(self) -> Seq {
+        Seq(self.0.saturating_sub(1))
+    }
+
+    /// How many sequence numbers `self` lies after `earlier` (0 when they
+    /// are equal); `None` when `self` comes first.
+    pub const fn since(self, earlier: Seq) -> Option<u64> {
+        self.0.checked_sub(earlier.0)
+    }
+
+    /// The sequence number `count` after this one; `None` if that does not
+    /// fit.
+    pub const fn checked_add(self, count: u64) -> Option<Seq> {
+        match self.0.checked_add(count) {
+            Some(n) => Some(Seq(n)),
+            None => None,
+        }
     }
 }
 
@@ -113,8 +142,22 @@ mod tests {
     #[test]
     fn display_order_and_group() {
         assert_eq!(format!("{} {}", Seq(9), DiskId(1)), "9 1");
+        assert_eq!(format!("{:?} {:?}", Some(Seq(9)), DiskId(1)), "Some(9) 1");
         assert!(Seq(1) < Seq(2) && Seq(2).next() == Seq(3));
         assert_eq!(DiskId::GROUP.get(), u32::MAX);
         assert!(DiskId(0) < DiskId::GROUP);
+    }
+
+    #[test]
+    fn seq_distance_and_neighbours() {
+        assert_eq!(Seq(5).prev(), Some(Seq(4)));
+        assert_eq!(Seq::ZERO.prev(), None);
+        assert_eq!(Seq(5).saturating_prev(), Seq(4));
+        assert_eq!(Seq::ZERO.saturating_prev(), Seq::ZERO);
+        assert_eq!(Seq(7).since(Seq(3)), Some(4));
+        assert_eq!(Seq(3).since(Seq(3)), Some(0));
+        assert_eq!(Seq(3).since(Seq(7)), None);
+        assert_eq!(Seq(3).checked_add(4), Some(Seq(7)));
+        assert_eq!(Seq(u64::MAX).checked_add(1), None);
     }
 }

@@ -83,6 +83,7 @@
 //! twice.
 
 use crate::cursor::{read_cursor, CursorError};
+use crate::ids::Seq;
 use crate::record::{DecodeError, Entry, Kind, HEADER_LEN};
 use crate::segment::{
     is_unfinished_roll, read_segment_header, scan_beyond, segment_indices, segment_name, Damage,
@@ -123,7 +124,7 @@ pub enum RecoveryPolicy {
     /// before it lost records.
     CleanStop {
         /// The last durable record at the clean stop.
-        last_seq: Option<u64>,
+        last_seq: Option<Seq>,
     },
     /// It may have crashed: a torn tail above the durable watermark may be
     /// cut.
@@ -133,7 +134,7 @@ pub enum RecoveryPolicy {
     CutDamage {
         /// The last durable record at the clean stop, if the last run
         /// stopped cleanly and recorded it.
-        last_seq: Option<u64>,
+        last_seq: Option<Seq>,
     },
 }
 
@@ -162,9 +163,9 @@ pub enum LogDamage {
     )]
     FirstSeq {
         /// What had to come next.
-        expected: u64,
+        expected: Seq,
         /// What the header says.
-        found: u64,
+        found: Seq,
     },
     /// A record does not verify.
     #[error("{0}")]
@@ -176,7 +177,7 @@ pub enum LogDamage {
         /// What is wrong with the record.
         damage: Damage,
         /// The highest durable-upto of the segment's barriers.
-        durable_upto: u64,
+        durable_upto: Seq,
     },
     /// The file is shorter than its segment size: it was cut.
     #[error("the file is {len} bytes, shorter than its segment size of {size}")]
@@ -190,18 +191,18 @@ pub enum LogDamage {
     #[error("the log ends after sequence number {last}, but it stopped cleanly after {expected}: records are missing at its end")]
     EndsEarly {
         /// The last record in the log (0: none).
-        last: u64,
+        last: Seq,
         /// The last record at the clean stop.
-        expected: u64,
+        expected: Seq,
     },
     /// The shipper's cursor is past the last record: records the receiver
     /// holds are missing from the log.
     #[error("the shipper's cursor is at {cursor}, past the last record {last}: records the receiver holds are missing")]
     CursorAhead {
         /// The cursor.
-        cursor: u64,
+        cursor: Seq,
         /// The last record in the log (0: none).
-        last: u64,
+        last: Seq,
     },
 }
 
@@ -223,7 +224,7 @@ pub enum OpenError {
         /// Byte offset of the damage within it.
         offset: u64,
         /// The last record that verified before the damage, if known.
-        last_valid_seq: Option<u64>,
+        last_valid_seq: Option<Seq>,
         /// What is wrong.
         damage: LogDamage,
     },
@@ -243,7 +244,7 @@ pub enum OpenError {
     },
 }
 
-fn last_valid(seq: Option<u64>) -> String {
+fn last_valid(seq: Option<Seq>) -> String {
     seq.map(|s| format!(" (last valid sequence number {s})"))
         .unwrap_or_default()
 }
@@ -303,9 +304,9 @@ pub struct Recovery {
     /// Segments in the log.
     pub segments: usize,
     /// Sequence number of the oldest record still in the log.
-    pub first_seq: u64,
+    pub first_seq: Seq,
     /// The newest record, if any.
-    pub last_seq: Option<u64>,
+    pub last_seq: Option<Seq>,
     /// The generation of the newest segment.
     pub generation: u32,
     /// Records cut off, if any (see the module documentation).
@@ -314,14 +315,14 @@ pub struct Recovery {
     pub removed_incomplete_segment: Option<String>,
     /// The highest durable-upto of the newest segment's barriers (at least
     /// the end of the sealed segments).
-    pub durable_upto: u64,
+    pub durable_upto: Seq,
     /// Records the shipper's cursor has passed that the log no longer
     /// holds (after a power cut; see the module documentation).
     pub lost_acknowledged: u64,
     /// The highest sequence number a reader could have seen before the
     /// stop: records after the recovered tail may have been read while not
     /// yet durable. A new generation must start above it.
-    pub max_exposed_seq: u64,
+    pub max_exposed_seq: Seq,
 }
 
 impl Recovery {
@@ -341,7 +342,7 @@ pub struct Cut {
     /// Byte offset where its valid records end.
     pub offset: u64,
     /// The sequence number the first record cut had (or would have had).
-    pub first_seq: u64,
+    pub first_seq: Seq,
     /// What was there instead of a valid record.
     pub damage: LogDamage,
     /// Records after the damage that verified and were cut with it.
@@ -355,7 +356,7 @@ pub struct Cut {
 #[derive(Debug, Clone, Copy)]
 struct Sealed {
     index: u64,
-    first_seq: u64,
+    first_seq: Seq,
 }
 
 /// The change log, appending side.
@@ -366,13 +367,13 @@ pub struct ChangeLog<D: LogDir> {
     active: D::File,
     active_header: SegmentHeader,
     write_pos: u64,
-    next_seq: u64,
-    durable_seq: u64,
+    next_seq: Seq,
+    durable_seq: Seq,
     /// Barriers appended but not yet durable: (seq, durable-upto).
-    unsynced_barriers: VecDeque<(u64, u64)>,
+    unsynced_barriers: VecDeque<(Seq, Seq)>,
     /// The durable-upto of the newest durable barrier (or the end of the
     /// sealed segments, if higher).
-    durable_watermark: u64,
+    durable_watermark: Seq,
     /// Recovery cut records: no record until a new generation begins.
     generation_required: bool,
     dirty: bool,
@@ -385,7 +386,7 @@ pub struct ChangeLog<D: LogDir> {
 struct Found {
     segment: String,
     offset: u64,
-    last_valid_seq: Option<u64>,
+    last_valid_seq: Option<Seq>,
     damage: LogDamage,
 }
 
@@ -508,7 +509,7 @@ impl Walk {
                 n => {
                     let p = indices[n - 2];
                     let (_, header) = Self::open_segment(dir, &segment_name(p))?;
-                    Some((p, header.map_or(0, |h| h.first_seq)))
+                    Some((p, header.map_or(Seq::ZERO, |h| h.first_seq)))
                 }
             };
             let (file, header) = Self::open_segment(dir, &name)?;
@@ -569,7 +570,7 @@ impl Walk {
         let scan = matches!(self.policy, RecoveryPolicy::CutDamage { .. });
         let mut sealed: VecDeque<Sealed> = VecDeque::new();
         // Where the previous segment's records ended: (generation, next seq).
-        let mut prev_end: Option<(u32, u64)> = None;
+        let mut prev_end: Option<(u32, Seq)> = None;
         let mut last_valid_seq = None;
         let mut payload = Vec::new();
         let count = indices.len();
@@ -596,7 +597,7 @@ impl Walk {
                     }
                     (None, Some(prev)) if h.first_seq <= prev.first_seq => {
                         Some(LogDamage::FirstSeq {
-                            expected: prev.first_seq + 1,
+                            expected: prev.first_seq.next(),
                             found: h.first_seq,
                         })
                     }
@@ -674,10 +675,10 @@ struct ActiveScan {
     /// Where its valid records end.
     write_pos: u64,
     /// The sequence number the next record gets.
-    next_seq: u64,
+    next_seq: Seq,
     /// The highest durable-upto of its barriers, before or after the
     /// damage, at least the end of the sealed segments.
-    durable_upto: u64,
+    durable_upto: Seq,
     /// What ends its valid records, if not zeroes to the end of the file.
     damage: Option<LogDamage>,
     /// Records that verify after the damage.
@@ -696,7 +697,10 @@ fn scan_active(
     let mut scan = ActiveScan {
         write_pos: cursor.position(),
         next_seq: cursor.next_seq(),
-        durable_upto: (header.first_seq - 1).max(found_upto.unwrap_or(0)),
+        durable_upto: header
+            .first_seq
+            .saturating_prev()
+            .max(found_upto.unwrap_or(Seq::ZERO)),
         damage: None,
         records_after: 0,
     };
@@ -714,7 +718,9 @@ fn scan_active(
         ScanEnd::Damaged { reason } => {
             let beyond = scan_beyond(file, header, scan.write_pos + 1, scan.next_seq)?;
             scan.records_after = beyond.records;
-            scan.durable_upto = scan.durable_upto.max(beyond.durable_upto.unwrap_or(0));
+            scan.durable_upto = scan
+                .durable_upto
+                .max(beyond.durable_upto.unwrap_or(Seq::ZERO));
             scan.damage = Some(LogDamage::Record(reason));
         }
         ScanEnd::Clean => {}
@@ -742,8 +748,8 @@ fn capacity(segment_size: u64) -> u64 {
 /// A bound on every sequence number the segment files in `indices` can
 /// have held: each readable header's first sequence number plus the
 /// capacity of it and of every later file.
-fn exposure_bound<D: LogDir>(dir: &D, indices: &[u64], segment_size: u64) -> io::Result<u64> {
-    let mut bound = 0;
+fn exposure_bound<D: LogDir>(dir: &D, indices: &[u64], segment_size: u64) -> io::Result<Seq> {
+    let mut bound = Seq::ZERO;
     for (pos, &index) in indices.iter().enumerate() {
         let file = match dir.open(&segment_name(index), false) {
             Ok(f) => f,
@@ -752,11 +758,11 @@ fn exposure_bound<D: LogDir>(dir: &D, indices: &[u64], segment_size: u64) -> io:
         };
         if let Ok(h) = read_segment_header(&file)? {
             let files = (indices.len() - pos) as u64;
-            bound = bound.max(
-                h.first_seq
-                    .saturating_sub(1)
-                    .saturating_add(capacity(segment_size).saturating_mul(files)),
-            );
+            bound = bound.max(Seq(h
+                .first_seq
+                .saturating_prev()
+                .get()
+                .saturating_add(capacity(segment_size).saturating_mul(files))));
         }
     }
     Ok(bound)
@@ -831,7 +837,7 @@ impl<D: LogDir> ChangeLog<D> {
                 let header = SegmentHeader {
                     generation: 0,
                     index: listed.last().map_or(1, |&i| i + 1),
-                    first_seq: cursor + 1,
+                    first_seq: cursor.next(),
                     segment_size: opts.segment_size,
                     created_ns: now_ns,
                 };
@@ -840,11 +846,13 @@ impl<D: LogDir> ChangeLog<D> {
         };
         let durable_upto = existing
             .as_ref()
-            .map_or(active_header.first_seq - 1, |e| e.3.durable_upto);
+            .map_or(active_header.first_seq.saturating_prev(), |e| {
+                e.3.durable_upto
+            });
         let first_seq = sealed
             .front()
             .map_or(active_header.first_seq, |s| s.first_seq);
-        let last = next_seq - 1;
+        let last = next_seq.saturating_prev();
         let last_seq = (next_seq > first_seq).then_some(last);
         let refuse = |segment: String, offset, last_valid_seq, damage| OpenError::Damaged {
             dir: dir.describe(),
@@ -878,9 +886,7 @@ impl<D: LogDir> ChangeLog<D> {
                     return Err(refuse(
                         name.clone(),
                         scan.write_pos,
-                        scan.next_seq
-                            .checked_sub(1)
-                            .filter(|s| *s >= header.first_seq),
+                        scan.next_seq.prev().filter(|s| *s >= header.first_seq),
                         damage,
                     ));
                 }
@@ -958,9 +964,9 @@ impl<D: LogDir> ChangeLog<D> {
         }
         if let Some(cut) = &mut cut {
             cut.kept_aside = std::mem::take(&mut walk.kept_aside);
-            cut.acknowledged = (cursor + 1).saturating_sub(cut.first_seq);
+            cut.acknowledged = cursor.next().since(cut.first_seq).unwrap_or(0);
         }
-        let lost_acknowledged = cursor.saturating_sub(last);
+        let lost_acknowledged = cursor.since(last).unwrap_or(0);
         let room = (opts.segment_size - write_pos) / HEADER_LEN as u64;
         let mut log = ChangeLog {
             dir,
@@ -987,7 +993,7 @@ impl<D: LogDir> ChangeLog<D> {
             removed_incomplete_segment: unfinished,
             durable_upto,
             lost_acknowledged,
-            max_exposed_seq: (last + room).max(bound).max(cursor),
+            max_exposed_seq: Seq(last.get() + room).max(bound).max(cursor),
         };
         log.generation_required = recovery.new_generation_required();
         Ok((log, recovery))
@@ -1001,7 +1007,7 @@ impl<D: LogDir> ChangeLog<D> {
     /// detached I/O ([`take_io`](Self::take_io)) writes it. Either way it
     /// is durable only after a later sync. A barrier gets the log's
     /// durable watermark as its durable-upto (whatever its `offset` says).
-    pub fn append(&mut self, entry: &Entry<'_>) -> Result<u64, AppendError> {
+    pub fn append(&mut self, entry: &Entry<'_>) -> Result<Seq, AppendError> {
         let payload_crc = entry.payload_crc();
         self.append_with_crc(entry, payload_crc)
     }
@@ -1013,7 +1019,7 @@ impl<D: LogDir> ChangeLog<D> {
         &mut self,
         entry: &Entry<'_>,
         payload_crc: u32,
-    ) -> Result<u64, AppendError> {
+    ) -> Result<Seq, AppendError> {
         if self.poisoned {
             return Err(AppendError::Poisoned);
         }
@@ -1023,7 +1029,7 @@ impl<D: LogDir> ChangeLog<D> {
         let barrier;
         let entry = if entry.kind == Kind::Barrier {
             barrier = Entry {
-                offset: self.durable_seq,
+                offset: self.durable_seq.get(),
                 ..*entry
             };
             &barrier
@@ -1056,9 +1062,9 @@ impl<D: LogDir> ChangeLog<D> {
         out.buffer.extend_from_slice(entry.payload);
         out.buffer_last_seq = seq;
         self.write_pos += len as u64;
-        self.next_seq += 1;
+        self.next_seq = self.next_seq.next();
         if entry.kind == Kind::Barrier {
-            self.unsynced_barriers.push_back((seq, entry.offset));
+            self.unsynced_barriers.push_back((seq, Seq(entry.offset)));
         }
         if !self.pending.buffered {
             self.write_out()?;
@@ -1084,7 +1090,7 @@ impl<D: LogDir> ChangeLog<D> {
 
     /// Everything up to `durable` is durable now: so are the barriers
     /// among it, and the watermark they carry.
-    fn made_durable(&mut self, durable: u64) {
+    fn made_durable(&mut self, durable: Seq) {
         self.durable_seq = self.durable_seq.max(durable);
         while let Some(&(seq, upto)) = self.unsynced_barriers.front() {
             if seq > self.durable_seq {
@@ -1097,8 +1103,8 @@ impl<D: LogDir> ChangeLog<D> {
 
     /// Makes every record appended so far durable with one fdatasync;
     /// returns the highest durable sequence number.
-    pub fn sync(&mut self) -> Result<u64, AppendError> {
-        let target = self.next_seq - 1;
+    pub fn sync(&mut self) -> Result<Seq, AppendError> {
+        let target = self.next_seq.saturating_prev();
         self.run_inline(Some(target), true)?;
         Ok(self.durable_seq)
     }
@@ -1106,7 +1112,7 @@ impl<D: LogDir> ChangeLog<D> {
     /// Runs the log's pending I/O on the calling thread, holding `&mut
     /// self`, until nothing [`take_io`](Self::take_io) would hand out is
     /// left.
-    fn run_inline(&mut self, sync_target: Option<u64>, write_out: bool) -> Result<(), AppendError> {
+    fn run_inline(&mut self, sync_target: Option<Seq>, write_out: bool) -> Result<(), AppendError> {
         if self.poisoned {
             return Err(AppendError::Poisoned);
         }
@@ -1121,7 +1127,7 @@ impl<D: LogDir> ChangeLog<D> {
     }
 
     /// Appends a barrier and makes it, and everything before it, durable.
-    pub fn barrier(&mut self, timestamp_ns: u64) -> Result<u64, AppendError> {
+    pub fn barrier(&mut self, timestamp_ns: u64) -> Result<Seq, AppendError> {
         let seq = self.append(&Entry::barrier(timestamp_ns))?;
         self.sync()?;
         Ok(seq)
@@ -1142,12 +1148,12 @@ impl<D: LogDir> ChangeLog<D> {
     ///   fdatasynced) and its successor created, in order, before a record
     ///   goes into the successor: only the newest segment can hold a torn
     ///   tail.
-    pub fn take_io(&mut self, sync_target: Option<u64>, write_out: bool) -> Option<LogIo<D>> {
+    pub fn take_io(&mut self, sync_target: Option<Seq>, write_out: bool) -> Option<LogIo<D>> {
         if self.poisoned || self.pending.in_flight {
             return None;
         }
         let written = self.written_seq();
-        let target = sync_target.map(|t| t.min(self.next_seq - 1));
+        let target = sync_target.map(|t| t.min(self.next_seq.saturating_prev()));
         let op = if target.is_some_and(|t| t <= written && t > self.durable_seq) {
             match self.active.try_clone() {
                 Ok(file) => IoOp::Sync {
@@ -1282,7 +1288,9 @@ impl<D: LogDir> ChangeLog<D> {
                 // the sealed segment: its records count as durable as if a
                 // barrier said so. (Not before: until the roll is done the
                 // sealed segment is the newest on disk.)
-                self.durable_watermark = self.durable_watermark.max(header.first_seq - 1);
+                self.durable_watermark = self
+                    .durable_watermark
+                    .max(header.first_seq.saturating_prev());
             }
         }
         Ok(())
@@ -1301,7 +1309,7 @@ impl<D: LogDir> ChangeLog<D> {
     }
 
     /// The highest sequence number written to its segment file.
-    pub fn written_seq(&self) -> u64 {
+    pub fn written_seq(&self) -> Seq {
         self.pending.written_seq.max(self.durable_seq)
     }
 
@@ -1313,7 +1321,7 @@ impl<D: LogDir> ChangeLog<D> {
     pub fn begin_generation(
         &mut self,
         generation: u32,
-        first_seq: u64,
+        first_seq: Seq,
         now_ns: u64,
     ) -> Result<(), AppendError> {
         if self.poisoned {
@@ -1347,9 +1355,9 @@ impl<D: LogDir> ChangeLog<D> {
         self.next_seq = first_seq;
         // Nothing exists between the old records and `first_seq`; every
         // old record is in a synced segment.
-        self.durable_seq = first_seq - 1;
-        self.pending.written_seq = first_seq - 1;
-        self.durable_watermark = self.durable_watermark.max(first_seq - 1);
+        self.durable_seq = first_seq.saturating_prev();
+        self.pending.written_seq = first_seq.saturating_prev();
+        self.durable_watermark = self.durable_watermark.max(first_seq.saturating_prev());
         self.generation_required = false;
         Ok(())
     }
@@ -1399,7 +1407,7 @@ impl<D: LogDir> ChangeLog<D> {
     /// How many of the oldest sealed segments hold only records at or
     /// below `cursor`, and are sealed on disk too (a roll queued behind
     /// buffered records has not sealed its segment yet).
-    fn recyclable(&self, cursor: u64) -> usize {
+    fn recyclable(&self, cursor: Seq) -> usize {
         let next_firsts = self
             .sealed
             .iter()
@@ -1410,7 +1418,7 @@ impl<D: LogDir> ChangeLog<D> {
         next_firsts
             .zip(&self.sealed)
             .take_while(|(next_first, sealed)| {
-                next_first - 1 <= cursor && sealed.index < self.pending.file_index
+                next_first.saturating_prev() <= cursor && sealed.index < self.pending.file_index
             })
             .count()
     }
@@ -1425,12 +1433,12 @@ impl<D: LogDir> ChangeLog<D> {
     }
 
     /// The sequence number the next record will get.
-    pub fn next_seq(&self) -> u64 {
+    pub fn next_seq(&self) -> Seq {
         self.next_seq
     }
 
     /// The highest sequence number known durable.
-    pub fn durable_seq(&self) -> u64 {
+    pub fn durable_seq(&self) -> Seq {
         self.durable_seq
     }
 
@@ -1439,7 +1447,7 @@ impl<D: LogDir> ChangeLog<D> {
     /// a crash never cuts a record at or below it, and may cut any above it:
     /// whoever must be able to redo lost records (the tracker, through its
     /// activity map) may forget only those at or below it.
-    pub fn durable_watermark(&self) -> u64 {
+    pub fn durable_watermark(&self) -> Seq {
         self.durable_watermark
     }
 
@@ -1496,7 +1504,7 @@ struct Pending {
     /// Encoded records of the active segment, from `buffer_at` on.
     buffer: Vec<u8>,
     buffer_at: u64,
-    buffer_last_seq: u64,
+    buffer_last_seq: Seq,
     /// Batches of earlier segments and the rolls between them, in order.
     queue: VecDeque<Queued>,
     queued_bytes: usize,
@@ -1508,7 +1516,7 @@ struct Pending {
     file_index: u64,
     /// The highest sequence number written to its file (see
     /// [`ChangeLog::written_seq`]).
-    written_seq: u64,
+    written_seq: Seq,
     /// An I/O handed out by `take_io` has not been completed.
     in_flight: bool,
     in_flight_bytes: usize,
@@ -1520,13 +1528,13 @@ impl Pending {
         Pending {
             buffer: Vec::new(),
             buffer_at: SEGMENT_HEADER_LEN,
-            buffer_last_seq: 0,
+            buffer_last_seq: Seq::ZERO,
             queue: VecDeque::new(),
             queued_bytes: 0,
             spare: Vec::new(),
             buffered: false,
             file_index,
-            written_seq: 0,
+            written_seq: Seq::ZERO,
             in_flight: false,
             in_flight_bytes: 0,
         }
@@ -1540,7 +1548,7 @@ enum Queued {
         index: u64,
         offset: u64,
         data: Vec<u8>,
-        last_seq: u64,
+        last_seq: Seq,
     },
     /// Seal the newest segment on disk, create `header`'s (renaming the
     /// segment `reuse` if given).
@@ -1562,11 +1570,11 @@ enum IoOp<D: LogDir> {
         file: D::File,
         offset: u64,
         data: Vec<u8>,
-        last_seq: u64,
+        last_seq: Seq,
     },
     Sync {
         file: D::File,
-        upto: u64,
+        upto: Seq,
     },
     Roll {
         dir: D,
@@ -1602,7 +1610,7 @@ impl<D: LogDir> LogIo<D> {
     }
 
     /// The sequence number this I/O makes durable, if it is a sync.
-    pub fn syncs_upto(&self) -> Option<u64> {
+    pub fn syncs_upto(&self) -> Option<Seq> {
         match &self.op {
             IoOp::Sync { upto, .. } => Some(*upto),
             _ => None,

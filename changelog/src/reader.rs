@@ -2,6 +2,7 @@
 //! walk the inspection tools use. A reader never writes; it runs beside the
 //! appender (another process) and sees records as soon as they are written.
 
+use crate::ids::Seq;
 use crate::record::Record;
 use crate::segment::{read_segment_header, segment_indices, segment_name, Damage, SegmentCursor};
 use crate::storage::{FsDir, LogDir};
@@ -18,9 +19,9 @@ pub enum ReadError {
     #[error("records from {wanted} were recycled; the oldest in the log is {oldest}")]
     Recycled {
         /// The first sequence number asked for.
-        wanted: u64,
+        wanted: Seq,
         /// The oldest one still there.
-        oldest: u64,
+        oldest: Seq,
     },
     /// A sealed segment is damaged: records that were acknowledged are gone.
     #[error("segment {segment} is damaged at byte {offset} (last valid sequence number {last_valid_seq:?}): {damage}")]
@@ -30,7 +31,7 @@ pub enum ReadError {
         /// Byte offset of the damage within it.
         offset: u64,
         /// The last record that verified before the damage.
-        last_valid_seq: Option<u64>,
+        last_valid_seq: Option<Seq>,
         /// What is wrong.
         damage: Damage,
     },
@@ -40,9 +41,9 @@ pub enum ReadError {
         /// The segment file.
         segment: String,
         /// The sequence number that should have come.
-        expected: u64,
+        expected: Seq,
         /// The first one the segment has.
-        found: u64,
+        found: Seq,
     },
     /// The local disk failed.
     #[error("reading {what}")]
@@ -67,7 +68,7 @@ struct OpenSegment<F> {
 /// call it again later (see [`LogWatcher`] to wait without polling).
 pub struct LogReader<D: LogDir> {
     dir: D,
-    next_seq: u64,
+    next_seq: Seq,
     current: Option<OpenSegment<D::File>>,
     payload: Vec<u8>,
 }
@@ -76,7 +77,7 @@ impl<D: LogDir> LogReader<D> {
     /// A reader whose first record will be the one with sequence number
     /// `from_seq` (or the first after it, across a generation change);
     /// `from_seq == 0` starts at the oldest record still in the log.
-    pub fn new(dir: D, from_seq: u64) -> LogReader<D> {
+    pub fn new(dir: D, from_seq: Seq) -> LogReader<D> {
         LogReader {
             dir,
             next_seq: from_seq,
@@ -86,7 +87,7 @@ impl<D: LogDir> LogReader<D> {
     }
 
     /// The sequence number the next record must have (at least).
-    pub fn next_seq(&self) -> u64 {
+    pub fn next_seq(&self) -> Seq {
         self.next_seq
     }
 
@@ -129,7 +130,7 @@ impl<D: LogDir> LogReader<D> {
             return Ok(false);
         };
         let oldest = seg.cursor.segment().first_seq;
-        if self.next_seq != 0 && oldest > self.next_seq {
+        if self.next_seq != Seq::ZERO && oldest > self.next_seq {
             return Err(ReadError::Recycled {
                 wanted: self.next_seq,
                 oldest,
@@ -158,7 +159,7 @@ impl<D: LogDir> LogReader<D> {
                     if located.header.seq < self.next_seq {
                         continue;
                     }
-                    self.next_seq = located.header.seq + 1;
+                    self.next_seq = located.header.seq.next();
                     return Ok(Some(Record {
                         header: located.header,
                         payload: std::mem::take(&mut self.payload),
@@ -203,7 +204,7 @@ impl<D: LogDir> LogReader<D> {
                     segment: seg.name.clone(),
                     offset: seg.cursor.position(),
                     last_valid_seq: expected
-                        .checked_sub(1)
+                        .prev()
                         .filter(|s| *s >= seg.cursor.segment().first_seq),
                     damage,
                 });

@@ -63,6 +63,7 @@
 //! adds fields or kinds; readers refuse versions above theirs by name
 //! ([`DecodeError::UnsupportedVersion`]) rather than guess.
 
+use crate::ids::{DiskId, Seq};
 use thiserror::Error;
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
@@ -159,8 +160,9 @@ pub struct Entry<'a> {
     pub kind: Kind,
     /// Kind-specific flags (`FLAG_*`).
     pub flags: u16,
-    /// Disk id within the group ([`GROUP_DISK`] for barriers and markers).
-    pub disk: u32,
+    /// Disk id within the group ([`DiskId::GROUP`] for barriers and
+    /// markers).
+    pub disk: DiskId,
     /// Byte offset on the disk.
     pub offset: u64,
     /// Bytes of the disk covered.
@@ -171,13 +173,16 @@ pub struct Entry<'a> {
     pub payload: &'a [u8],
 }
 
+// The constructors take the disk, and `encode` the sequence number, as
+// anything that converts: a `DiskId`/`Seq`, or the bare integer the format
+// writes, as tests and fixtures spell them.
 impl<'a> Entry<'a> {
     /// A write of `data` at `offset` on `disk`.
-    pub fn write(disk: u32, offset: u64, data: &'a [u8], timestamp_ns: u64) -> Self {
+    pub fn write(disk: impl Into<DiskId>, offset: u64, data: &'a [u8], timestamp_ns: u64) -> Self {
         Entry {
             kind: Kind::Write,
             flags: 0,
-            disk,
+            disk: disk.into(),
             offset,
             length: data.len() as u64,
             timestamp_ns,
@@ -187,7 +192,7 @@ impl<'a> Entry<'a> {
 
     /// An extent of `disk` that reads as zeroes afterwards.
     pub fn write_zeroes(
-        disk: u32,
+        disk: impl Into<DiskId>,
         offset: u64,
         length: u64,
         no_hole: bool,
@@ -196,7 +201,7 @@ impl<'a> Entry<'a> {
         Entry {
             kind: Kind::WriteZeroes,
             flags: if no_hole { FLAG_NO_HOLE } else { 0 },
-            disk,
+            disk: disk.into(),
             offset,
             length,
             timestamp_ns,
@@ -205,11 +210,11 @@ impl<'a> Entry<'a> {
     }
 
     /// A discarded extent of `disk`.
-    pub fn trim(disk: u32, offset: u64, length: u64, timestamp_ns: u64) -> Self {
+    pub fn trim(disk: impl Into<DiskId>, offset: u64, length: u64, timestamp_ns: u64) -> Self {
         Entry {
             kind: Kind::Trim,
             flags: 0,
-            disk,
+            disk: disk.into(),
             offset,
             length,
             timestamp_ns,
@@ -222,7 +227,7 @@ impl<'a> Entry<'a> {
         Entry {
             kind: Kind::Barrier,
             flags: 0,
-            disk: GROUP_DISK,
+            disk: DiskId::GROUP,
             offset: 0,
             length: 0,
             timestamp_ns,
@@ -239,7 +244,7 @@ impl<'a> Entry<'a> {
             } else {
                 0
             },
-            disk: GROUP_DISK,
+            disk: DiskId::GROUP,
             offset: 0,
             length: 0,
             timestamp_ns,
@@ -248,11 +253,16 @@ impl<'a> Entry<'a> {
     }
 
     /// An extent of `disk` that must be re-read from the source.
-    pub fn resync_needed(disk: u32, offset: u64, length: u64, timestamp_ns: u64) -> Self {
+    pub fn resync_needed(
+        disk: impl Into<DiskId>,
+        offset: u64,
+        length: u64,
+        timestamp_ns: u64,
+    ) -> Self {
         Entry {
             kind: Kind::ResyncNeeded,
             flags: 0,
-            disk,
+            disk: disk.into(),
             offset,
             length,
             timestamp_ns,
@@ -286,8 +296,8 @@ impl<'a> Entry<'a> {
     /// version, with its sequence number and generation; the CRC covers
     /// `self.payload`, which follows the header. (A barrier's offset is its
     /// durable-upto: the log fills it in.)
-    pub fn encode_header(&self, seq: u64, generation: u32) -> [u8; HEADER_LEN] {
-        self.encode_header_with(seq, generation, self.payload_crc())
+    pub fn encode_header(&self, seq: impl Into<Seq>, generation: u32) -> [u8; HEADER_LEN] {
+        self.encode_header_with(seq.into(), generation, self.payload_crc())
     }
 
     /// The CRC32C of the payload alone: computed once, outside any lock,
@@ -304,7 +314,7 @@ impl<'a> Entry<'a> {
     /// payload as for an empty one.
     pub fn encode_header_with(
         &self,
-        seq: u64,
+        seq: Seq,
         generation: u32,
         payload_crc: u32,
     ) -> [u8; HEADER_LEN] {
@@ -312,7 +322,7 @@ impl<'a> Entry<'a> {
     }
 
     /// Encodes header and payload into one buffer.
-    pub fn encode(&self, seq: u64, generation: u32) -> Vec<u8> {
+    pub fn encode(&self, seq: impl Into<Seq>, generation: u32) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.encoded_len());
         out.extend_from_slice(&self.encode_header(seq, generation));
         out.extend_from_slice(self.payload);
@@ -347,7 +357,7 @@ const _: () = assert!(std::mem::offset_of!(RawHeader, crc) == CRC_AT);
 fn raw_header(
     version: u8,
     entry: &Entry<'_>,
-    seq: u64,
+    seq: Seq,
     generation: u32,
     payload_crc: u32,
 ) -> RawHeader {
@@ -356,10 +366,10 @@ fn raw_header(
         version,
         kind: entry.kind.code(),
         flags: entry.flags.into(),
-        seq: seq.into(),
+        seq: seq.get().into(),
         timestamp_ns: entry.timestamp_ns.into(),
         generation: generation.into(),
-        disk: entry.disk.into(),
+        disk: entry.disk.get().into(),
         offset: entry.offset.into(),
         length: entry.length.into(),
         payload_len: (entry.payload.len() as u32).into(),
@@ -378,7 +388,7 @@ fn raw_header(
 fn encode_header(
     version: u8,
     entry: &Entry<'_>,
-    seq: u64,
+    seq: Seq,
     generation: u32,
     payload_crc: u32,
 ) -> [u8; HEADER_LEN] {
@@ -395,13 +405,13 @@ pub struct Header {
     /// Kind-specific flags.
     pub flags: u16,
     /// Sequence number.
-    pub seq: u64,
+    pub seq: Seq,
     /// Wall clock, nanoseconds since the Unix epoch.
     pub timestamp_ns: u64,
     /// Tracker generation.
     pub generation: u32,
     /// Disk id within the group.
-    pub disk: u32,
+    pub disk: DiskId,
     /// Byte offset on the disk.
     pub offset: u64,
     /// Bytes of the disk covered.
@@ -441,10 +451,10 @@ impl Header {
             version,
             kind,
             flags: h.flags.get(),
-            seq: h.seq.get(),
+            seq: Seq(h.seq.get()),
             timestamp_ns: h.timestamp_ns.get(),
             generation: h.generation.get(),
-            disk: h.disk.get(),
+            disk: DiskId(h.disk.get()),
             offset: h.offset.get(),
             length: h.length.get(),
             payload_len,
@@ -478,7 +488,7 @@ impl Header {
             self.payload_len,
             payload,
         )?;
-        if self.kind == Kind::Barrier && self.offset >= self.seq && self.offset != 0 {
+        if self.kind == Kind::Barrier && self.offset >= self.seq.get() && self.offset != 0 {
             return Err(DecodeError::Inconsistent {
                 kind: self.kind.name(),
                 reason: "durable-upto must lie below the barrier's own sequence number",
@@ -490,8 +500,8 @@ impl Header {
     /// A barrier's durable-upto: every record at or below it had been made
     /// durable before the barrier was appended. `None` for other kinds and
     /// for version-1 barriers, which do not record it.
-    pub fn durable_upto(&self) -> Option<u64> {
-        (self.kind == Kind::Barrier && self.version >= 2).then_some(self.offset)
+    pub fn durable_upto(&self) -> Option<Seq> {
+        (self.kind == Kind::Barrier && self.version >= 2).then_some(Seq(self.offset))
     }
 }
 
@@ -642,7 +652,7 @@ fn check_semantics(
     version: u8,
     kind: Kind,
     flags: u16,
-    disk: u32,
+    disk: DiskId,
     offset: u64,
     length: u64,
     payload_len: u32,
@@ -676,7 +686,7 @@ fn check_semantics(
             if length == 0 || length != u64::from(payload_len) {
                 return bad("length must equal the payload length and be non-zero");
             }
-            if disk == GROUP_DISK {
+            if disk == DiskId::GROUP {
                 return bad("a write needs a disk");
             }
         }
@@ -684,12 +694,12 @@ fn check_semantics(
             if payload_len != 0 || length == 0 {
                 return bad("needs a non-zero length and no payload");
             }
-            if disk == GROUP_DISK {
+            if disk == DiskId::GROUP {
                 return bad("needs a disk");
             }
         }
         Kind::Barrier => {
-            if payload_len != 0 || length != 0 || disk != GROUP_DISK {
+            if payload_len != 0 || length != 0 || disk != DiskId::GROUP {
                 return bad("a barrier carries no extent and no payload");
             }
             if version < 2 && offset != 0 {
@@ -697,7 +707,7 @@ fn check_semantics(
             }
         }
         Kind::Marker => {
-            if length != 0 || offset != 0 || disk != GROUP_DISK {
+            if length != 0 || offset != 0 || disk != DiskId::GROUP {
                 return bad("a marker carries no extent");
             }
             // What earlier releases wrote is read as they wrote it; the
@@ -783,18 +793,18 @@ mod tests {
         assert!(tidemark_names::Label::check("nightly").is_ok());
         for bad in ["", "a b", "\x1b[2Jcleared", "a\nb"] {
             assert!(tidemark_names::Label::check(bad).is_err(), "{bad:?}");
-            let read = Record::decode(&Entry::marker(bad, false, 1).encode(7, 1)).unwrap();
+            let read = Record::decode(&Entry::marker(bad, false, 1).encode(Seq(7), 1)).unwrap();
             assert_eq!(read.label(), Some(bad));
         }
         let long = "l".repeat(MAX_LABEL + 1);
         assert!(tidemark_names::Label::check(&long).is_err());
         assert!(matches!(
-            Record::decode(&Entry::marker(&long, false, 1).encode(7, 1)),
+            Record::decode(&Entry::marker(&long, false, 1).encode(Seq(7), 1)),
             Err(DecodeError::Inconsistent { .. })
         ));
     }
 
-    fn arb_entry() -> impl Strategy<Value = (Kind, u16, u32, u64, u64, u64, Vec<u8>)> {
+    fn arb_entry() -> impl Strategy<Value = (Kind, u16, DiskId, u64, u64, u64, Vec<u8>)> {
         prop_oneof![
             (
                 0u32..8,
@@ -802,7 +812,15 @@ mod tests {
                 proptest::collection::vec(any::<u8>(), 1..2048),
                 any::<u64>()
             )
-                .prop_map(|(d, o, p, t)| (Kind::Write, 0, d, o, p.len() as u64, t, p)),
+                .prop_map(|(d, o, p, t)| (
+                    Kind::Write,
+                    0,
+                    DiskId(d),
+                    o,
+                    p.len() as u64,
+                    t,
+                    p
+                )),
             (
                 0u32..8,
                 0u64..1 << 40,
@@ -813,7 +831,7 @@ mod tests {
                 .prop_map(|(d, o, l, nh, t)| (
                     Kind::WriteZeroes,
                     if nh { FLAG_NO_HOLE } else { 0 },
-                    d,
+                    DiskId(d),
                     o,
                     l,
                     t,
@@ -822,17 +840,17 @@ mod tests {
             (0u32..8, 0u64..1 << 40, 1u64..1 << 30, any::<u64>()).prop_map(|(d, o, l, t)| (
                 Kind::Trim,
                 0,
-                d,
+                DiskId(d),
                 o,
                 l,
                 t,
                 vec![]
             )),
-            any::<u64>().prop_map(|t| (Kind::Barrier, 0, GROUP_DISK, 0, 0, t, vec![])),
+            any::<u64>().prop_map(|t| (Kind::Barrier, 0, DiskId::GROUP, 0, 0, t, vec![])),
             ("[a-z0-9._-]{1,40}", any::<bool>(), any::<u64>()).prop_map(|(l, a, t)| (
                 Kind::Marker,
                 if a { FLAG_APP_CONSISTENT } else { 0 },
-                GROUP_DISK,
+                DiskId::GROUP,
                 0,
                 0,
                 t,
@@ -846,9 +864,9 @@ mod tests {
         fn round_trip((kind, flags, disk, offset, length, ts, payload) in arb_entry(), seq in any::<u64>(), generation in any::<u32>()) {
             let e = Entry { kind, flags, disk, offset, length, timestamp_ns: ts, payload: &payload };
             prop_assert!(e.validate().is_ok());
-            let bytes = e.encode(seq, generation);
+            let bytes = e.encode(Seq(seq), generation);
             let r = Record::decode(&bytes).unwrap();
-            prop_assert_eq!(r.header.seq, seq);
+            prop_assert_eq!(r.header.seq, Seq(seq));
             prop_assert_eq!(r.header.generation, generation);
             prop_assert_eq!(r.as_entry(), e);
         }
@@ -856,7 +874,7 @@ mod tests {
         #[test]
         fn a_combined_crc_equals_the_crc_of_header_then_payload((kind, flags, disk, offset, length, ts, payload) in arb_entry(), seq in any::<u64>()) {
             let e = Entry { kind, flags, disk, offset, length, timestamp_ns: ts, payload: &payload };
-            let h = e.encode_header(seq, 3);
+            let h = e.encode_header(Seq(seq), 3);
             let whole = crc32c::crc32c_append(crc32c::crc32c(&h[..CRC_AT]), &payload);
             prop_assert_eq!(&h[CRC_AT..], &whole.to_le_bytes()[..]);
         }
@@ -885,7 +903,7 @@ mod tests {
         #[test]
         fn any_single_bit_flip_is_detected((kind, flags, disk, offset, length, ts, payload) in arb_entry(), bit in any::<proptest::sample::Index>()) {
             let e = Entry { kind, flags, disk, offset, length, timestamp_ns: ts, payload: &payload };
-            let mut bytes = e.encode(7, 1);
+            let mut bytes = e.encode(Seq(7), 1);
             let bit = bit.index(bytes.len() * 8);
             bytes[bit / 8] ^= 1 << (bit % 8);
             prop_assert!(Record::decode(&bytes).is_err());
@@ -896,28 +914,28 @@ mod tests {
     fn inconsistent_records_are_refused() {
         let e = Entry {
             length: 5,
-            ..Entry::write(0, 0, b"abc", 0)
+            ..Entry::write(DiskId(0), 0, b"abc", 0)
         };
         assert!(matches!(
             e.validate(),
             Err(DecodeError::Inconsistent { .. })
         ));
-        let bytes = e.encode(1, 0);
+        let bytes = e.encode(Seq(1), 0);
         assert!(matches!(
             Record::decode(&bytes),
             Err(DecodeError::Inconsistent { .. })
         ));
-        assert!(Entry::trim(0, u64::MAX, 2, 0).validate().is_err());
+        assert!(Entry::trim(DiskId(0), u64::MAX, 2, 0).validate().is_err());
         assert!(Entry::marker(&"x".repeat(2000), false, 0)
             .validate()
             .is_err());
-        assert!(Entry::write(GROUP_DISK, 0, b"a", 0).validate().is_err());
+        assert!(Entry::write(DiskId::GROUP, 0, b"a", 0).validate().is_err());
     }
 
     /// A version-1 encoder as the version-1 code had it: the same layout,
     /// version byte 1, a barrier's offset 0.
     fn encode_v1(e: &Entry<'_>, seq: u64, generation: u32) -> Vec<u8> {
-        let mut bytes = e.encode(seq, generation);
+        let mut bytes = e.encode(Seq(seq), generation);
         bytes[4] = 1;
         let crc = crc32c::crc32c_append(crc32c::crc32c(&bytes[..CRC_AT]), e.payload);
         bytes[CRC_AT..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
@@ -928,12 +946,12 @@ mod tests {
     fn version_1_records_are_read_and_keep_their_bytes() {
         let data = [5u8; 300];
         let entries = [
-            Entry::write(2, 4096, &data, 11),
-            Entry::write_zeroes(0, 0, 8192, true, 12),
-            Entry::trim(1, 512, 512, 13),
+            Entry::write(DiskId(2), 4096, &data, 11),
+            Entry::write_zeroes(DiskId(0), 0, 8192, true, 12),
+            Entry::trim(DiskId(1), 512, 512, 13),
             Entry::barrier(14),
             Entry::marker("before-upgrade", true, 15),
-            Entry::resync_needed(0, 0, 1 << 20, 16),
+            Entry::resync_needed(DiskId(0), 0, 1 << 20, 16),
         ];
         for (i, e) in entries.iter().enumerate() {
             let bytes = encode_v1(e, 100 + i as u64, 3);
@@ -958,7 +976,7 @@ mod tests {
                 offset: 41,
                 ..Entry::barrier(7)
             }
-            .encode(42, 3),
+            .encode(Seq(42), 3),
         )
         .unwrap();
         let converted = barrier.clone().in_version(1).unwrap();
@@ -966,11 +984,12 @@ mod tests {
         assert_eq!(v1, converted, "the checksum follows the new header");
         assert_eq!(
             (v1.header.version, v1.header.durable_upto(), v1.header.seq),
-            (1, None, 42)
+            (1, None, Seq(42))
         );
         assert_eq!(v1.header.generation, 3);
         let payload = [5u8; 512];
-        let write = Record::decode(&Entry::write(1, 4096, &payload, 9).encode(43, 3)).unwrap();
+        let write =
+            Record::decode(&Entry::write(DiskId(1), 4096, &payload, 9).encode(Seq(43), 3)).unwrap();
         let w1 = Record::decode(&write.clone().in_version(1).unwrap().encode()).unwrap();
         assert_eq!(
             (w1.header.version, w1.header.offset, &w1.payload[..]),
@@ -991,12 +1010,15 @@ mod tests {
             ..Entry::barrier(7)
         };
         assert!(e.validate().is_ok());
-        let r = Record::decode(&e.encode(42, 0)).unwrap();
-        assert_eq!((r.header.version, r.header.durable_upto()), (2, Some(41)));
-        assert_eq!(r.encode(), e.encode(42, 0));
+        let r = Record::decode(&e.encode(Seq(42), 0)).unwrap();
+        assert_eq!(
+            (r.header.version, r.header.durable_upto()),
+            (2, Some(Seq(41)))
+        );
+        assert_eq!(r.encode(), e.encode(Seq(42), 0));
         // At or above its own sequence number it means nothing: refused.
         assert!(matches!(
-            Record::decode(&e.encode(41, 0)),
+            Record::decode(&e.encode(Seq(41), 0)),
             Err(DecodeError::Inconsistent { .. })
         ));
         // A version-1 barrier never had one.
@@ -1008,7 +1030,7 @@ mod tests {
 
     #[test]
     fn a_newer_version_is_refused_by_number() {
-        let mut bytes = Entry::barrier(1).encode(1, 0);
+        let mut bytes = Entry::barrier(1).encode(Seq(1), 0);
         bytes[4] = RECORD_VERSION + 1;
         assert_eq!(
             Record::decode(&bytes),
@@ -1030,19 +1052,19 @@ mod tests {
         let payload = b"abcd";
         let crc = crc32c::crc32c_append(crc32c::crc32c(&expected), payload);
         expected.extend_from_slice(&crc.to_le_bytes());
-        let entry = Entry::write(5, 4096, payload, 1000);
-        assert_eq!(entry.encode_header(9, 2).as_slice(), expected);
+        let entry = Entry::write(DiskId(5), 4096, payload, 1000);
+        assert_eq!(entry.encode_header(Seq(9), 2).as_slice(), expected);
         let header = Header::decode(&expected).unwrap();
         assert_eq!(
             (header.kind, header.seq, header.generation, header.crc),
-            (Kind::Write, 9, 2, crc)
+            (Kind::Write, Seq(9), 2, crc)
         );
         assert_eq!(header.verify(&expected, payload), Ok(()));
     }
 
     #[test]
     fn truncation_is_typed() {
-        let bytes = Entry::write(1, 4096, &[7u8; 100], 0).encode(1, 0);
+        let bytes = Entry::write(DiskId(1), 4096, &[7u8; 100], 0).encode(Seq(1), 0);
         for cut in 0..bytes.len() {
             assert!(matches!(
                 Record::decode(&bytes[..cut]),

@@ -8,6 +8,7 @@
 //! in which case it says where it stopped ([`ReplaySummary::stopped_early`]).
 
 use crate::check::{check, Problem};
+use crate::ids::{DiskId, Seq};
 use crate::reader::{LogReader, ReadError};
 use crate::record::{Kind, Record};
 use crate::storage::LogDir;
@@ -23,7 +24,7 @@ pub enum StopAt {
     /// After the last record in the log.
     End,
     /// After the record with this sequence number.
-    Seq(u64),
+    Seq(Seq),
     /// After the n-th barrier (1-based) of the log.
     Barrier(u64),
     /// After the first marker with this label.
@@ -51,7 +52,7 @@ pub enum ReplayError {
     Image(#[source] io::Error),
 }
 
-fn last_valid(seq: Option<u64>) -> String {
+fn last_valid(seq: Option<Seq>) -> String {
     match seq {
         Some(s) => format!("the last valid record is {s}"),
         None => "no record before it verifies".into(),
@@ -140,9 +141,9 @@ impl ReplayTarget for ImageFile {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ReplaySummary {
     /// The first record read.
-    pub first_seq: Option<u64>,
+    pub first_seq: Option<Seq>,
     /// The last record applied (the stop point).
-    pub last_seq: Option<u64>,
+    pub last_seq: Option<Seq>,
     /// Records applied to the image (writes, zeroes, trims of the disk).
     pub applied: u64,
     /// Bytes written or zeroed.
@@ -165,9 +166,9 @@ pub struct ReplaySummary {
 pub fn resolve_stop<D: LogDir>(
     dir: D,
     stop: &StopAt,
-    valid_until: Option<u64>,
-) -> Result<u64, ReplayError> {
-    let mut reader = LogReader::new(dir, 0);
+    valid_until: Option<Seq>,
+) -> Result<Seq, ReplayError> {
+    let mut reader = LogReader::new(dir, Seq::ZERO);
     let mut barriers = 0;
     let mut last = None;
     while let Some(record) = reader.next_record()? {
@@ -209,7 +210,7 @@ pub fn resolve_stop<D: LogDir>(
 /// Applies one record of `disk` to `target`, updating `summary`.
 pub fn apply(
     record: &Record,
-    disk: u32,
+    disk: DiskId,
     target: &mut impl ReplayTarget,
     summary: &mut ReplaySummary,
 ) -> io::Result<()> {
@@ -242,14 +243,16 @@ pub fn apply(
 /// (to the stop point, if it lies among them) and says where it stopped.
 pub fn replay<D: LogDir + Clone>(
     dir: D,
-    disk: u32,
+    disk: DiskId,
     stop: &StopAt,
     accept_prefix: bool,
     target: &mut impl ReplayTarget,
 ) -> Result<ReplaySummary, ReplayError> {
     let report = check(&dir).map_err(ReplayError::Check)?;
     let problem = report.problems.into_iter().next();
-    let valid_until = problem.as_ref().map(|p| p.last_valid_seq.unwrap_or(0));
+    let valid_until = problem
+        .as_ref()
+        .map(|p| p.last_valid_seq.unwrap_or(Seq::ZERO));
     let (until, stopped_early) = match (resolve_stop(dir.clone(), stop, valid_until), problem) {
         // The stop point lies past the damage (or nothing valid is left).
         (Err(ReplayError::StopNotFound(_)), Some(p)) => {
@@ -269,7 +272,7 @@ pub fn replay<D: LogDir + Clone>(
         stopped_early,
         ..ReplaySummary::default()
     };
-    let mut reader = LogReader::new(dir, 0);
+    let mut reader = LogReader::new(dir, Seq::ZERO);
     while let Some(record) = reader.next_record()? {
         if record.header.seq > until {
             break;

@@ -39,6 +39,7 @@
 //! ([`SegmentHeaderError::UnsupportedVersion`]), and the appender never
 //! removes or rewrites such a segment.
 
+use crate::ids::Seq;
 use crate::record::{DecodeError, Header, HEADER_LEN, MAX_SEQ, RECORD_MAGIC};
 use crate::storage::{LogDir, LogFile};
 use std::io;
@@ -83,7 +84,7 @@ pub struct SegmentHeader {
     /// The segment's index.
     pub index: u64,
     /// Sequence number of its first record.
-    pub first_seq: u64,
+    pub first_seq: Seq,
     /// Its preallocated size.
     pub segment_size: u64,
     /// When it was created, ns since the Unix epoch.
@@ -145,7 +146,7 @@ impl SegmentHeader {
             version: SEGMENT_VERSION.into(),
             generation: self.generation.into(),
             index: self.index.into(),
-            first_seq: self.first_seq.into(),
+            first_seq: self.first_seq.get().into(),
             segment_size: self.segment_size.into(),
             created_ns: self.created_ns.into(),
             reserved: [0; 12],
@@ -182,7 +183,7 @@ impl SegmentHeader {
         Ok(SegmentHeader {
             generation: h.generation.get(),
             index: h.index.get(),
-            first_seq,
+            first_seq: Seq(first_seq),
             segment_size: h.segment_size.get(),
             created_ns: h.created_ns.get(),
         })
@@ -211,14 +212,14 @@ pub fn read_segment_header(
 pub fn is_unfinished_roll<D: LogDir>(
     dir: &D,
     index: u64,
-    prev: Option<(u64, u64)>,
+    prev: Option<(u64, Seq)>,
     file: &D::File,
     header: &Result<SegmentHeader, SegmentHeaderError>,
 ) -> io::Result<bool> {
     if prev.is_some_and(|(p, _)| p + 1 != index) {
         return Ok(false);
     }
-    let older_than_prev = |seq: u64| prev.is_none_or(|(_, first)| seq < first);
+    let older_than_prev = |seq: Seq| prev.is_none_or(|(_, first)| seq < first);
     match header {
         Ok(h) => {
             let old_name_gone = match dir.open(&segment_name(h.index), false) {
@@ -275,9 +276,9 @@ pub struct Beyond {
     /// damaged record's sequence number on.
     pub records: u64,
     /// The highest sequence number among them.
-    pub last_seq: Option<u64>,
+    pub last_seq: Option<Seq>,
     /// The highest durable-upto of the barriers among them.
-    pub durable_upto: Option<u64>,
+    pub durable_upto: Option<Seq>,
 }
 
 /// Searches `file` from `from` for records of segment `header` numbered at
@@ -286,7 +287,7 @@ pub fn scan_beyond(
     file: &impl LogFile,
     header: &SegmentHeader,
     from: u64,
-    min_seq: u64,
+    min_seq: Seq,
 ) -> io::Result<Beyond> {
     const CHUNK: usize = 1 << 20;
     let mut found = Beyond::default();
@@ -351,9 +352,9 @@ pub enum Damage {
     #[error("sequence number {found} where {expected} was expected")]
     OutOfSequence {
         /// The sequence number that had to come next.
-        expected: u64,
+        expected: Seq,
         /// The one found.
-        found: u64,
+        found: Seq,
     },
     /// A valid record of another generation than its segment's.
     #[error("generation {found} in a segment of generation {expected}")]
@@ -385,7 +386,7 @@ pub struct Located {
 pub struct SegmentCursor {
     header: SegmentHeader,
     pos: u64,
-    next_seq: u64,
+    next_seq: Seq,
     header_buf: [u8; HEADER_LEN],
 }
 
@@ -411,7 +412,7 @@ impl SegmentCursor {
     }
 
     /// Sequence number the next record must have.
-    pub fn next_seq(&self) -> u64 {
+    pub fn next_seq(&self) -> Seq {
         self.next_seq
     }
 
@@ -462,7 +463,7 @@ impl SegmentCursor {
         }
         let at = self.pos;
         self.pos += header.record_len() as u64;
-        self.next_seq += 1;
+        self.next_seq = self.next_seq.next();
         Ok(Ok(Some(Located { header, at })))
     }
 
@@ -486,7 +487,7 @@ impl SegmentCursor {
     /// Reads records to the end (see [`SegmentCursor::next_settled`]);
     /// returns how the segment ends and the highest durable-upto of the
     /// barriers read.
-    pub fn scan_to_end(&mut self, file: &impl LogFile) -> io::Result<(ScanEnd, Option<u64>)> {
+    pub fn scan_to_end(&mut self, file: &impl LogFile) -> io::Result<(ScanEnd, Option<Seq>)> {
         let mut payload = Vec::new();
         let mut durable_upto = None;
         loop {
@@ -520,7 +521,7 @@ mod tests {
         let mut h = SegmentHeader {
             generation: 3,
             index: 7,
-            first_seq: 42,
+            first_seq: Seq(42),
             segment_size: 4096,
             created_ns: 1,
         }
@@ -544,7 +545,7 @@ mod tests {
         let header = SegmentHeader {
             generation: 3,
             index: 7,
-            first_seq: 100,
+            first_seq: Seq(100),
             segment_size: 1 << 20,
             created_ns: 555,
         };
@@ -555,7 +556,7 @@ mod tests {
     proptest! {
         #[test]
         fn header_round_trip(generation in any::<u32>(), index in any::<u64>(), first_seq in 1..=MAX_SEQ, size in any::<u64>(), created in any::<u64>()) {
-            let h = SegmentHeader { generation, index, first_seq, segment_size: size, created_ns: created };
+            let h = SegmentHeader { generation, index, first_seq: Seq(first_seq), segment_size: size, created_ns: created };
             prop_assert_eq!(SegmentHeader::decode(&h.encode()), Ok(h));
         }
 

@@ -6,8 +6,8 @@ use proptest::prelude::*;
 use std::collections::BTreeMap;
 use tidemark_changelog::segment::{segment_name, SegmentHeader};
 use tidemark_changelog::{
-    check, read_cursor, write_cursor, ChangeLog, Entry, LogOptions, LogReader, OpenError,
-    RecoveryPolicy, SimDir,
+    check, read_cursor, write_cursor, ChangeLog, DiskId, Entry, LogOptions, LogReader, OpenError,
+    RecoveryPolicy, Seq, SimDir,
 };
 
 const OPTS: LogOptions = LogOptions {
@@ -17,7 +17,7 @@ const OPTS: LogOptions = LogOptions {
 
 fn exercise(dir: SimDir) {
     let _ = check(&dir);
-    let mut reader = LogReader::new(dir.clone(), 0);
+    let mut reader = LogReader::new(dir.clone(), Seq::ZERO);
     for _ in 0..200 {
         match reader.next_record() {
             Ok(Some(_)) => {}
@@ -28,7 +28,7 @@ fn exercise(dir: SimDir) {
         // Whatever recovery kept, the log is usable and clean afterwards
         // (in a new generation, if it cut anything).
         if recovery.new_generation_required() {
-            log.begin_generation(recovery.generation + 1, recovery.max_exposed_seq + 1, 1)
+            log.begin_generation(recovery.generation + 1, recovery.max_exposed_seq.next(), 1)
                 .unwrap();
         }
         log.barrier(1).unwrap();
@@ -40,7 +40,7 @@ fn valid_header(index: u64) -> Vec<u8> {
     SegmentHeader {
         generation: 0,
         index,
-        first_seq: 1,
+        first_seq: Seq(1),
         segment_size: 4096,
         created_ns: 0,
     }
@@ -55,14 +55,14 @@ fn segment_from(first_seq: u64, records: u64) -> Vec<u8> {
     let mut content = SegmentHeader {
         generation: 0,
         index: 1,
-        first_seq,
+        first_seq: Seq(first_seq),
         segment_size: 4096,
         created_ns: 0,
     }
     .encode()
     .to_vec();
     for i in 0..records {
-        content.extend(Entry::barrier(0).encode(first_seq.wrapping_add(i), 0));
+        content.extend(Entry::barrier(0).encode(Seq(first_seq.wrapping_add(i)), 0));
     }
     content.resize(4096, 0);
     content
@@ -80,7 +80,7 @@ fn sequence_numbers_at_the_ends_of_their_range_never_panic() {
         exercise(SimDir::from_files(files));
     }
     let dir = SimDir::new();
-    write_cursor(&dir, u64::MAX).unwrap();
+    write_cursor(&dir, Seq(u64::MAX)).unwrap();
     exercise(dir);
 }
 
@@ -105,7 +105,7 @@ proptest! {
     fn valid_records_then_garbage(n in 1usize..20, garbage in proptest::collection::vec(any::<u8>(), 1..300)) {
         let mut content = valid_header(1);
         for i in 0..n {
-            content.extend(Entry::write(0, i as u64 * 512, &[i as u8 + 1; 100], 0).encode(i as u64 + 1, 0));
+            content.extend(Entry::write(DiskId(0), i as u64 * 512, &[i as u8 + 1; 100], 0).encode(Seq(i as u64 + 1), 0));
         }
         content.extend(garbage);
         // A segment file cut short is damage, never a tail to cut.
@@ -125,7 +125,7 @@ proptest! {
         files.insert(segment_name(1), content);
         let dir = SimDir::from_files(files);
         let (_, recovery) = ChangeLog::open(dir.clone(), OPTS, RecoveryPolicy::Crash, 0).unwrap();
-        prop_assert!(recovery.last_seq.unwrap_or(0) >= n as u64);
+        prop_assert!(recovery.last_seq.unwrap_or(Seq::ZERO) >= Seq(n as u64));
         exercise(dir);
     }
 

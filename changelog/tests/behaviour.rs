@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 use tidemark_changelog::segment::segment_name;
 use tidemark_changelog::{
-    read_cursor, write_cursor, AppendError, ChangeLog, Entry, FsDir, LogDamage, LogDir, LogOptions,
-    LogReader, LogWatcher, OpenError, ReadError, RecoveryPolicy, SimDir,
+    read_cursor, write_cursor, AppendError, ChangeLog, DiskId, Entry, FsDir, LogDamage, LogDir,
+    LogOptions, LogReader, LogWatcher, OpenError, ReadError, RecoveryPolicy, Seq, SimDir,
 };
 
 /// Every test here stops its log cleanly before reopening it.
@@ -33,7 +33,7 @@ fn a_full_log_reports_overflow_and_writes_nothing() {
     let data = vec![1u8; 1000];
     let mut appended = 0;
     let err = loop {
-        match log.append(&Entry::write(0, 0, &data, 0)) {
+        match log.append(&Entry::write(DiskId(0), 0, &data, 0)) {
             Ok(_) => appended += 1,
             Err(e) => break e,
         }
@@ -47,7 +47,7 @@ fn a_full_log_reports_overflow_and_writes_nothing() {
     assert_eq!(appended, 28);
     let next = log.next_seq();
     assert!(matches!(
-        log.append(&Entry::write(0, 0, &data, 0)),
+        log.append(&Entry::write(DiskId(0), 0, &data, 0)),
         Err(AppendError::Overflow { .. })
     ));
     assert_eq!(
@@ -64,36 +64,38 @@ fn acknowledged_segments_are_recycled_and_the_log_goes_on() {
     let dir = SimDir::new();
     let (mut log, _) = ChangeLog::open(dir.clone(), OPTS, CLEAN, 0).unwrap();
     let data = vec![2u8; 1000];
-    let mut seq = 0;
+    let mut seq = Seq::ZERO;
     for round in 0..20 {
         for _ in 0..7 {
-            seq = log.append(&Entry::write(0, round, &data, 0)).unwrap();
+            seq = log
+                .append(&Entry::write(DiskId(0), round, &data, 0))
+                .unwrap();
         }
         log.sync().unwrap();
         // The receiver keeps up: everything is acknowledged.
         write_cursor(&dir, seq).unwrap();
         assert!(segments(&dir) <= 4);
     }
-    assert_eq!(seq, 140);
-    assert_eq!(read_cursor(&dir).unwrap(), 140);
+    assert_eq!(seq, Seq(140));
+    assert_eq!(read_cursor(&dir).unwrap(), Seq(140));
     // The reader sees only what was not yet recycled, and refuses to
     // pretend recycled records exist.
     assert!(matches!(
-        LogReader::new(dir.clone(), 1).next_record(),
-        Err(ReadError::Recycled { wanted: 1, .. })
+        LogReader::new(dir.clone(), Seq(1)).next_record(),
+        Err(ReadError::Recycled { wanted: Seq(1), .. })
     ));
-    let mut reader = LogReader::new(dir.clone(), 0);
+    let mut reader = LogReader::new(dir.clone(), Seq::ZERO);
     let first = reader.next_record().unwrap().unwrap().header.seq;
     assert!(
-        first > 100,
+        first > Seq(100),
         "old segments were recycled (oldest is {first})"
     );
     let mut last = first;
     while let Some(r) = reader.next_record().unwrap() {
-        assert_eq!(r.header.seq, last + 1);
+        assert_eq!(r.header.seq, last.next());
         last = r.header.seq;
     }
-    assert_eq!(last, 140);
+    assert_eq!(last, Seq(140));
 }
 
 #[test]
@@ -101,27 +103,27 @@ fn a_new_generation_continues_strictly_upward() {
     let dir = SimDir::new();
     let (mut log, _) = ChangeLog::open(dir.clone(), OPTS, CLEAN, 0).unwrap();
     for i in 0..5 {
-        log.append(&Entry::write(0, i, b"abc", 0)).unwrap();
+        log.append(&Entry::write(DiskId(0), i, b"abc", 0)).unwrap();
     }
     log.barrier(0).unwrap();
     drop(log);
     let (mut log, recovery) = ChangeLog::open(dir.clone(), OPTS, CLEAN, 0).unwrap();
-    assert_eq!(recovery.last_seq, Some(6));
-    assert!(recovery.max_exposed_seq >= 6);
-    log.begin_generation(1, recovery.max_exposed_seq + 1, 0)
+    assert_eq!(recovery.last_seq, Some(Seq(6)));
+    assert!(recovery.max_exposed_seq >= Seq(6));
+    log.begin_generation(1, recovery.max_exposed_seq.next(), 0)
         .unwrap();
-    let seq = log.append(&Entry::write(0, 0, b"new", 0)).unwrap();
-    assert_eq!(seq, recovery.max_exposed_seq + 1);
+    let seq = log.append(&Entry::write(DiskId(0), 0, b"new", 0)).unwrap();
+    assert_eq!(seq, recovery.max_exposed_seq.next());
     log.barrier(0).unwrap();
     drop(log);
     let (_, recovery) = ChangeLog::open(dir.clone(), OPTS, CLEAN, 0).unwrap();
     assert_eq!(recovery.generation, 1);
-    let mut reader = LogReader::new(dir.clone(), 0);
-    let seqs: Vec<(u64, u32)> = std::iter::from_fn(|| reader.next_record().unwrap())
+    let mut reader = LogReader::new(dir.clone(), Seq::ZERO);
+    let seqs: Vec<(Seq, u32)> = std::iter::from_fn(|| reader.next_record().unwrap())
         .map(|r| (r.header.seq, r.header.generation))
         .collect();
     assert_eq!(seqs.len(), 8);
-    assert_eq!(seqs[5], (6, 0));
+    assert_eq!(seqs[5], (Seq(6), 0));
     assert_eq!(seqs[6], (seq, 1));
     assert!(tidemark_changelog::check(&dir).unwrap().is_clean());
 }
@@ -143,7 +145,8 @@ fn a_missing_sealed_segment_refuses_to_open() {
     let dir = SimDir::new();
     let (mut log, _) = ChangeLog::open(dir.clone(), OPTS, CLEAN, 0).unwrap();
     for _ in 0..20 {
-        log.append(&Entry::write(0, 0, &[3u8; 1000], 0)).unwrap();
+        log.append(&Entry::write(DiskId(0), 0, &[3u8; 1000], 0))
+            .unwrap();
     }
     log.sync().unwrap();
     drop(log);
@@ -172,7 +175,7 @@ fn a_tailing_reader_in_another_thread_wakes_on_new_records() {
     let total = 200u64;
     let reader = std::thread::spawn(move || {
         let watcher = LogWatcher::new(&reader_dir).unwrap();
-        let mut reader = LogReader::new(reader_dir.clone(), 1);
+        let mut reader = LogReader::new(reader_dir.clone(), Seq(1));
         let mut got = Vec::new();
         let mut wakeups = 0;
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -186,7 +189,7 @@ fn a_tailing_reader_in_another_thread_wakes_on_new_records() {
                 Some(r) => {
                     got.push(r.header.seq);
                     // The receiver acknowledges every 10 records.
-                    if r.header.seq % 10 == 0 {
+                    if r.header.seq.get() % 10 == 0 {
                         write_cursor(&reader_dir, r.header.seq).unwrap();
                     }
                 }
@@ -201,7 +204,7 @@ fn a_tailing_reader_in_another_thread_wakes_on_new_records() {
     for i in 0..total {
         let data = vec![i as u8; 700];
         loop {
-            match log.append(&Entry::write(0, i * 512, &data, 0)) {
+            match log.append(&Entry::write(DiskId(0), i * 512, &data, 0)) {
                 Ok(_) => break,
                 // The reader acknowledges behind us; wait for it to catch up.
                 Err(AppendError::Overflow { .. }) => std::thread::sleep(Duration::from_millis(2)),
@@ -215,7 +218,7 @@ fn a_tailing_reader_in_another_thread_wakes_on_new_records() {
     let (got, wakeups) = reader.join().unwrap();
     assert_eq!(
         got,
-        (1..=total).collect::<Vec<_>>(),
+        (1..=total).map(Seq).collect::<Vec<_>>(),
         "every record once, in order"
     );
     assert!(
@@ -241,9 +244,11 @@ fn a_check_beside_a_running_appender_finds_the_log_clean() {
             let data = vec![7u8; 1500];
             let mut rounds = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let seq = log.append(&Entry::write(0, rounds, &data, 0)).unwrap();
-                if seq % 3 == 0 {
-                    log.barrier(seq).unwrap();
+                let seq = log
+                    .append(&Entry::write(DiskId(0), rounds, &data, 0))
+                    .unwrap();
+                if seq.get() % 3 == 0 {
+                    log.barrier(seq.get()).unwrap();
                     log.sync().unwrap();
                     write_cursor(&dir, log.durable_seq()).unwrap();
                 }
@@ -255,12 +260,12 @@ fn a_check_beside_a_running_appender_finds_the_log_clean() {
     // Checks go on for at least 3 s and until the appender has done enough
     // to prove something: on a loaded machine fdatasync is slow, and a
     // fixed window could end before many segments were recycled.
-    let appended = |dir: &FsDir| read_cursor(dir).unwrap_or(0);
+    let appended = |dir: &FsDir| read_cursor(dir).unwrap_or(Seq::ZERO);
     let started = Instant::now();
     let mut checks = 0;
-    let mut last_seen = 0;
+    let mut last_seen = Seq::ZERO;
     while started.elapsed() < Duration::from_secs(3)
-        || (appended(&dir) < 1500 && started.elapsed() < Duration::from_secs(120))
+        || (appended(&dir) < Seq(1500) && started.elapsed() < Duration::from_secs(120))
     {
         let report = tidemark_changelog::check(&dir)
             .unwrap_or_else(|e| panic!("check {checks} failed on a live log: {e}"));
@@ -274,7 +279,7 @@ fn a_check_beside_a_running_appender_finds_the_log_clean() {
         // second time (once in ~20 runs on a loaded machine, a clean end
         // found where the earlier check read a record): not damage, so
         // only the furthest is kept.
-        last_seen = last_seen.max(report.last_seq.unwrap_or(0));
+        last_seen = last_seen.max(report.last_seq.unwrap_or(Seq::ZERO));
         checks += 1;
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -284,7 +289,7 @@ fn a_check_beside_a_running_appender_finds_the_log_clean() {
         "too little happened to prove anything: {rounds} appends, {checks} checks"
     );
     // Many segments were recycled during the checks.
-    assert!(last_seen > 100, "{last_seen}");
+    assert!(last_seen > Seq(100), "{last_seen}");
 }
 
 /// Buffered, with the sync detached the way the tracker's committer runs
@@ -297,13 +302,13 @@ fn a_detached_sync_moves_the_watermark_only_when_it_completes() {
     let dir = SimDir::new();
     let (mut log, _) = ChangeLog::open(dir.clone(), OPTS, CLEAN, 0).unwrap();
     log.set_buffered(true);
-    let run = |log: &mut ChangeLog<SimDir>, target: u64| {
+    let run = |log: &mut ChangeLog<SimDir>, target: Seq| {
         while let Some(mut io) = log.take_io(Some(target), false) {
             let result = io.run();
             log.complete_io(io, result).unwrap();
         }
     };
-    let write = log.append(&Entry::write(0, 0, b"abc", 1)).unwrap();
+    let write = log.append(&Entry::write(DiskId(0), 0, b"abc", 1)).unwrap();
     let b1 = log.append(&Entry::barrier(2)).unwrap();
     // The batch is written; the sync for b1 is taken and left in flight.
     let mut io = log.take_io(Some(b1), false).unwrap();
@@ -313,28 +318,37 @@ fn a_detached_sync_moves_the_watermark_only_when_it_completes() {
     let mut sync = log.take_io(Some(b1), false).unwrap();
     assert_eq!(sync.syncs_upto(), Some(b1));
     let b2 = log.append(&Entry::barrier(3)).unwrap();
-    assert_eq!((log.durable_seq(), log.durable_watermark()), (0, 0));
+    assert_eq!(
+        (log.durable_seq(), log.durable_watermark()),
+        (Seq::ZERO, Seq::ZERO)
+    );
     let result = sync.run();
     log.complete_io(sync, result).unwrap();
     // b1 is durable, and with it its durable-upto: nothing (0).
-    assert_eq!((log.durable_seq(), log.durable_watermark()), (b1, 0));
+    assert_eq!(
+        (log.durable_seq(), log.durable_watermark()),
+        (b1, Seq::ZERO)
+    );
     run(&mut log, b2);
-    assert_eq!((log.durable_seq(), log.durable_watermark()), (b2, 0));
+    assert_eq!(
+        (log.durable_seq(), log.durable_watermark()),
+        (b2, Seq::ZERO)
+    );
     // Appended after b2's sync completed, b3 says b2 was durable; once b3
     // is durable the watermark covers the write.
     let b3 = log.append(&Entry::barrier(4)).unwrap();
-    assert_eq!(log.durable_watermark(), 0);
+    assert_eq!(log.durable_watermark(), Seq::ZERO);
     run(&mut log, b3);
     assert_eq!((log.durable_seq(), log.durable_watermark()), (b3, b2));
     assert!(log.durable_watermark() >= write);
-    let mut reader = LogReader::new(dir.clone(), 0);
+    let mut reader = LogReader::new(dir.clone(), Seq::ZERO);
     let mut uptos = Vec::new();
     while let Some(record) = reader.next_record().unwrap() {
         if let Some(upto) = record.header.durable_upto() {
             uptos.push((record.header.seq, upto));
         }
     }
-    assert_eq!(uptos, vec![(b1, 0), (b2, 0), (b3, b2)]);
+    assert_eq!(uptos, vec![(b1, Seq::ZERO), (b2, Seq::ZERO), (b3, b2)]);
 }
 
 /// Buffered: a segment filled up is sealed only when its roll's I/O has
@@ -346,16 +360,18 @@ fn a_buffered_roll_raises_the_watermark_only_once_the_successor_exists() {
     let (mut log, _) = ChangeLog::open(dir.clone(), OPTS, CLEAN, 0).unwrap();
     log.set_buffered(true);
     let payload = vec![7u8; 1000];
-    let mut last = 0;
+    let mut last = Seq::ZERO;
     while segments(&dir) == 1 && log.bytes_in_use() == SEG {
-        last = log.append(&Entry::write(0, 0, &payload, 1)).unwrap();
+        last = log
+            .append(&Entry::write(DiskId(0), 0, &payload, 1))
+            .unwrap();
     }
     // The roll is decided (a second segment is in use) but not run.
     assert_eq!(log.bytes_in_use(), 2 * SEG);
     assert_eq!(segments(&dir), 1, "the roll's files follow with its I/O");
-    assert_eq!(log.durable_watermark(), 0);
+    assert_eq!(log.durable_watermark(), Seq::ZERO);
     log.write_out().unwrap();
     assert_eq!(segments(&dir), 2);
     // Every record but the last (the first of the new segment) is sealed.
-    assert_eq!(log.durable_watermark(), last - 1);
+    assert_eq!(log.durable_watermark(), last.saturating_prev());
 }

@@ -26,8 +26,8 @@ use std::collections::BTreeMap;
 use tidemark_changelog::segment::SEGMENT_HEADER_LEN;
 use tidemark_changelog::storage::SimFileState;
 use tidemark_changelog::{
-    check, write_cursor, ChangeLog, Entry, Kind, LogIo, LogOptions, LogReader, OpenError,
-    RecoveryPolicy, SimDir,
+    check, write_cursor, ChangeLog, DiskId, Entry, Kind, LogIo, LogOptions, LogReader, OpenError,
+    RecoveryPolicy, Seq, SimDir,
 };
 
 const OPTS: LogOptions = LogOptions {
@@ -38,12 +38,12 @@ const OPTS: LogOptions = LogOptions {
 #[derive(Debug, Clone)]
 enum Op {
     Write {
-        disk: u32,
+        disk: DiskId,
         offset: u64,
         data: Vec<u8>,
     },
     Trim {
-        disk: u32,
+        disk: DiskId,
         offset: u64,
         length: u64,
     },
@@ -60,7 +60,7 @@ enum Op {
 struct Owned {
     kind: Kind,
     flags: u16,
-    disk: u32,
+    disk: DiskId,
     offset: u64,
     length: u64,
     payload: Vec<u8>,
@@ -90,13 +90,13 @@ fn workload(seed: u64, ops: usize) -> Vec<Op> {
                 let len = 1 + (next() % 400) as usize;
                 let fill = (i % 251) as u8;
                 Op::Write {
-                    disk: (next() % 2) as u32,
+                    disk: DiskId((next() % 2) as u32),
                     offset: (next() % 64) * 512,
                     data: (0..len).map(|j| fill.wrapping_add(j as u8)).collect(),
                 }
             }
             9 => Op::Trim {
-                disk: 0,
+                disk: DiskId(0),
                 offset: (next() % 64) * 512,
                 length: 4096,
             },
@@ -110,10 +110,10 @@ fn workload(seed: u64, ops: usize) -> Vec<Op> {
 
 /// What one run appended and what it was told was durable.
 struct Run {
-    appended: BTreeMap<u64, Owned>,
+    appended: BTreeMap<Seq, Owned>,
     /// Each barrier's durable-upto: the log's durable seq at its append.
-    durable_upto: BTreeMap<u64, u64>,
-    acked_durable: u64,
+    durable_upto: BTreeMap<Seq, Seq>,
+    acked_durable: Seq,
     crashed: bool,
 }
 
@@ -121,7 +121,7 @@ fn run(dir: &SimDir, ops: &[Op], buffered: bool) -> Run {
     let mut out = Run {
         appended: BTreeMap::new(),
         durable_upto: BTreeMap::new(),
-        acked_durable: 0,
+        acked_durable: Seq::ZERO,
         crashed: false,
     };
     let fresh = RecoveryPolicy::CleanStop { last_seq: None };
@@ -138,7 +138,7 @@ fn run(dir: &SimDir, ops: &[Op], buffered: bool) -> Run {
             log.complete_io(io, result)
         })
     };
-    let mut last_barrier = 0;
+    let mut last_barrier = Seq::ZERO;
     for (i, op) in ops.iter().enumerate() {
         let ts = i as u64;
         let entry = match op {
@@ -271,13 +271,13 @@ fn verify_recovery(what: &str, state: BTreeMap<String, Vec<u8>>, run: &Run) {
     let report = check(&dir).unwrap();
     for p in &report.problems {
         assert!(
-            p.last_valid_seq.unwrap_or(0) >= run.acked_durable,
+            p.last_valid_seq.unwrap_or(Seq::ZERO) >= run.acked_durable,
             "{what}: damage reported before the durable point: {p:?}"
         );
     }
     let (mut log, recovery) = ChangeLog::open(dir.clone(), OPTS, RecoveryPolicy::Crash, 99)
         .unwrap_or_else(|e| panic!("{what}: reopen failed: {e}"));
-    let mut reader = LogReader::new(dir.clone(), 0);
+    let mut reader = LogReader::new(dir.clone(), Seq::ZERO);
     let mut seen = Vec::new();
     while let Some(record) = reader
         .next_record()
@@ -303,9 +303,12 @@ fn verify_recovery(what: &str, state: BTreeMap<String, Vec<u8>>, run: &Run) {
         seen.push(seq);
     }
     for pair in seen.windows(2) {
-        assert_eq!(pair[1], pair[0] + 1, "{what}: gap in recovered records");
+        assert_eq!(pair[1], pair[0].next(), "{what}: gap in recovered records");
     }
-    let last = seen.last().copied().unwrap_or(recovery.first_seq - 1);
+    let last = seen
+        .last()
+        .copied()
+        .unwrap_or(recovery.first_seq.saturating_prev());
     assert!(
         last >= run.acked_durable,
         "{what}: lost acknowledged records: recovered up to {last}, acknowledged {}",
@@ -328,18 +331,27 @@ fn verify_recovery(what: &str, state: BTreeMap<String, Vec<u8>>, run: &Run) {
             "{what}: records were cut, yet the log takes records in the old generation"
         );
     }
-    let ever = run.appended.keys().next_back().copied().unwrap_or(0);
+    let ever = run
+        .appended
+        .keys()
+        .next_back()
+        .copied()
+        .unwrap_or(Seq::ZERO);
     assert!(
         recovery.max_exposed_seq >= ever,
         "{what}: sequence number {ever} was appended, but only {} is said exposed",
         recovery.max_exposed_seq
     );
-    log.begin_generation(recovery.generation + 1, recovery.max_exposed_seq + 1, 100)
-        .unwrap();
+    log.begin_generation(
+        recovery.generation + 1,
+        recovery.max_exposed_seq.next(),
+        100,
+    )
+    .unwrap();
     let seq = log.barrier(100).unwrap();
     assert_eq!(
         seq,
-        recovery.max_exposed_seq + 1,
+        recovery.max_exposed_seq.next(),
         "{what}: next sequence number"
     );
     let mut reader = LogReader::new(dir.clone(), seq);
@@ -405,7 +417,7 @@ fn crash_at_every_sync_point_buffered_seed_2() {
 
 /// The workload's log after a clean stop (a final barrier, synced): its
 /// files, the newest segment's name and the last sequence number.
-fn cleanly_stopped(seed: u64, buffered: bool) -> (BTreeMap<String, Vec<u8>>, String, u64) {
+fn cleanly_stopped(seed: u64, buffered: bool) -> (BTreeMap<String, Vec<u8>>, String, Seq) {
     let dir = SimDir::new();
     let r = run(&dir, &workload(seed, 140), buffered);
     assert!(!r.crashed);
@@ -517,7 +529,7 @@ fn damage_after_a_crash_is_refused_at_or_below_the_watermark(buffered: bool) {
     let watermark = report.durable_upto.unwrap();
     assert_eq!(
         watermark,
-        last - 1,
+        last.saturating_prev(),
         "the final barrier covers every record before it"
     );
     // The final barrier (56 bytes) is the only record above the watermark.
@@ -546,9 +558,9 @@ fn damage_after_a_crash_is_refused_at_or_below_the_watermark(buffered: bool) {
             (cut.segment.as_str(), cut.offset, cut.first_seq),
             (newest.as_str(), barrier_at as u64, last)
         );
-        assert_eq!(recovery.last_seq, Some(last - 1));
+        assert_eq!(recovery.last_seq, Some(last.saturating_prev()));
         assert!(recovery.max_exposed_seq >= last);
-        log.begin_generation(recovery.generation + 1, recovery.max_exposed_seq + 1, 6)
+        log.begin_generation(recovery.generation + 1, recovery.max_exposed_seq.next(), 6)
             .unwrap();
         assert!(
             log.barrier(7).unwrap() > last,

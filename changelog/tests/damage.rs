@@ -9,8 +9,8 @@ use std::path::Path;
 use tidemark_changelog::record::Kind;
 use tidemark_changelog::segment::{segment_name, SEGMENT_HEADER_LEN};
 use tidemark_changelog::{
-    check, read_cursor, read_sources, write_cursor, AppendError, ChangeLog, Entry, FsDir,
-    LogDamage, LogDir, LogOptions, LogReader, OpenError, RecoveryPolicy, SimDir,
+    check, read_cursor, read_sources, write_cursor, AppendError, ChangeLog, DiskId, Entry, FsDir,
+    LogDamage, LogDir, LogOptions, LogReader, OpenError, RecoveryPolicy, Seq, SimDir,
 };
 
 const SEG: u64 = 4096;
@@ -21,11 +21,16 @@ const OPTS: LogOptions = LogOptions {
 const CLEAN: RecoveryPolicy = RecoveryPolicy::CleanStop { last_seq: None };
 
 /// A log of a few segments, stopped cleanly; returns the last seq.
-fn log_of(dir: &SimDir, records: usize) -> u64 {
+fn log_of(dir: &SimDir, records: usize) -> Seq {
     let (mut log, _) = ChangeLog::open(dir.clone(), OPTS, CLEAN, 1).unwrap();
     for i in 0..records {
-        log.append(&Entry::write(0, i as u64 * 512, &[i as u8; 500], i as u64))
-            .unwrap();
+        log.append(&Entry::write(
+            DiskId(0),
+            i as u64 * 512,
+            &[i as u8; 500],
+            i as u64,
+        ))
+        .unwrap();
         if i % 3 == 2 {
             log.barrier(i as u64).unwrap();
         }
@@ -128,7 +133,7 @@ fn an_unfinished_roll_is_removed_but_records_after_a_blank_header_are_damage() {
 
     // A blank header with a record after it is not a roll that stopped.
     let mut bytes = vec![0u8; SEG as usize];
-    let record = Entry::write(0, 0, b"data", 1).encode(last + 1, 0);
+    let record = Entry::write(DiskId(0), 0, b"data", 1).encode(last.next(), 0);
     bytes[SEGMENT_HEADER_LEN as usize..][..record.len()].copy_from_slice(&record);
     dir.put(&next, bytes);
     let (segment, _, damage) =
@@ -143,12 +148,12 @@ fn an_unfinished_roll_is_removed_but_records_after_a_blank_header_are_damage() {
 fn a_cursor_past_the_log_is_damage_after_a_clean_stop_and_a_new_generation_after_a_crash() {
     let dir = SimDir::new();
     let last = log_of(&dir, 10);
-    write_cursor(&dir, last + 5).unwrap();
+    write_cursor(&dir, Seq(last.get() + 5)).unwrap();
     let (_, _, damage) = damaged(ChangeLog::open(dir.clone(), OPTS, CLEAN, 2));
     assert_eq!(
         damage,
         LogDamage::CursorAhead {
-            cursor: last + 5,
+            cursor: Seq(last.get() + 5),
             last
         }
     );
@@ -156,14 +161,14 @@ fn a_cursor_past_the_log_is_damage_after_a_clean_stop_and_a_new_generation_after
     // After a power cut the receiver may hold records the log lost.
     let (mut log, recovery) = ChangeLog::open(dir.clone(), OPTS, RecoveryPolicy::Crash, 2).unwrap();
     assert_eq!(recovery.lost_acknowledged, 5);
-    assert!(recovery.max_exposed_seq >= last + 5);
+    assert!(recovery.max_exposed_seq >= Seq(last.get() + 5));
     assert!(matches!(
         log.append(&Entry::barrier(3)),
         Err(AppendError::NewGenerationRequired)
     ));
-    log.begin_generation(1, recovery.max_exposed_seq + 1, 3)
+    log.begin_generation(1, recovery.max_exposed_seq.next(), 3)
         .unwrap();
-    assert!(log.barrier(4).unwrap() > last + 5);
+    assert!(log.barrier(4).unwrap() > Seq(last.get() + 5));
 }
 
 #[test]
@@ -217,16 +222,18 @@ fn cutting_damage_keeps_the_damaged_files_aside_and_never_reuses_a_sequence_numb
         Err(AppendError::NewGenerationRequired)
     ));
     assert!(recovery.max_exposed_seq >= last);
-    log.begin_generation(recovery.generation + 1, recovery.max_exposed_seq + 1, 3)
+    log.begin_generation(recovery.generation + 1, recovery.max_exposed_seq.next(), 3)
         .unwrap();
-    let seq = log.append(&Entry::resync_needed(0, 0, 1 << 20, 3)).unwrap();
+    let seq = log
+        .append(&Entry::resync_needed(DiskId(0), 0, 1 << 20, 3))
+        .unwrap();
     assert!(seq > last);
     log.barrier(4).unwrap();
     drop(log);
     // The log reads across the generation change, and checks clean.
     let report = check(&dir).unwrap();
     assert!(report.is_clean(), "{:?}", report.problems);
-    let mut reader = LogReader::new(dir.clone(), 0);
+    let mut reader = LogReader::new(dir.clone(), Seq::ZERO);
     let mut seqs = Vec::new();
     while let Some(r) = reader.next_record().unwrap() {
         seqs.push(r.header.seq);
@@ -264,13 +271,13 @@ fn a_log_of_the_version_1_formats_is_read_in_place_and_continued() {
         ),
         (3, 20, 12, 1)
     );
-    assert_eq!(read_cursor(&dir).unwrap(), 11);
+    assert_eq!(read_cursor(&dir).unwrap(), Seq(11));
     let disks = read_sources(tmp.path()).unwrap().unwrap();
     assert_eq!(
         (disks[0].disk.name.as_str(), disks[0].disk.size),
         ("disk", 1 << 20)
     );
-    let mut reader = LogReader::new(dir.clone(), 0);
+    let mut reader = LogReader::new(dir.clone(), Seq::ZERO);
     let mut old = BTreeMap::new();
     while let Some(r) = reader.next_record().unwrap() {
         assert_eq!(r.header.version, 1);
@@ -278,7 +285,7 @@ fn a_log_of_the_version_1_formats_is_read_in_place_and_continued() {
         old.insert(r.header.seq, r);
     }
     assert_eq!(old.len(), 20);
-    assert_eq!(old[&18].label(), Some("before-upgrade"));
+    assert_eq!(old[&Seq(18)].label(), Some("before-upgrade"));
 
     let opts = LogOptions {
         segment_size: 4096,
@@ -291,15 +298,15 @@ fn a_log_of_the_version_1_formats_is_read_in_place_and_continued() {
         7,
     )
     .unwrap();
-    assert_eq!(recovery.last_seq, Some(20));
+    assert_eq!(recovery.last_seq, Some(Seq(20)));
     assert!(recovery.cut.is_none());
-    log.append(&Entry::write(0, 0, b"after the upgrade", 8))
+    log.append(&Entry::write(DiskId(0), 0, b"after the upgrade", 8))
         .unwrap();
     let barrier = log.barrier(9).unwrap();
     drop(log);
     let report = check(&dir).unwrap();
     assert!(report.is_clean(), "{:?}", report.problems);
-    let mut reader = LogReader::new(dir, 0);
+    let mut reader = LogReader::new(dir, Seq::ZERO);
     let mut all = Vec::new();
     while let Some(r) = reader.next_record().unwrap() {
         all.push(r);
@@ -318,5 +325,5 @@ fn a_log_of_the_version_1_formats_is_read_in_place_and_continued() {
         (b.header.seq, b.header.version, b.header.kind),
         (barrier, 2, Kind::Barrier)
     );
-    assert_eq!(b.header.durable_upto(), Some(20));
+    assert_eq!(b.header.durable_upto(), Some(Seq(20)));
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tidemark_changelog::record::FLAG_APP_CONSISTENT;
 use tidemark_changelog::replay::{replay, ImageFile, ReplayError, StopAt};
-use tidemark_changelog::{check, FsDir, Kind, LogReader, Record};
+use tidemark_changelog::{check, DiskId, FsDir, Kind, LogReader, Record, Seq};
 
 use crate::timefmt::utc;
 
@@ -99,16 +99,16 @@ fn open_dir(path: &Path) -> Result<FsDir> {
 
 #[derive(Serialize)]
 struct RecordJson<'a> {
-    seq: u64,
+    seq: Seq,
     generation: u32,
     timestamp_ns: u64,
     kind: Kind,
     #[serde(skip_serializing_if = "Option::is_none")]
-    disk: Option<u32>,
+    disk: Option<DiskId>,
     offset: u64,
     length: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
-    durable_upto: Option<u64>,
+    durable_upto: Option<Seq>,
     #[serde(skip_serializing_if = "Option::is_none")]
     label: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -138,7 +138,7 @@ fn record_json(r: &Record) -> RecordJson<'_> {
 
 fn dump(a: DumpArgs) -> Result<ExitCode> {
     let dir = open_dir(&a.dir)?;
-    let mut reader = LogReader::new(dir, a.from);
+    let mut reader = LogReader::new(dir, Seq(a.from));
     let mut out = std::io::stdout().lock();
     use std::io::Write;
     if !a.json {
@@ -247,7 +247,7 @@ fn check_cmd(a: CheckArgs) -> Result<ExitCode> {
 fn replay_cmd(a: ReplayArgs) -> Result<ExitCode> {
     let dir = open_dir(&a.dir)?;
     let stop = match (a.until, a.barrier, a.label) {
-        (Some(s), _, _) => StopAt::Seq(s),
+        (Some(s), _, _) => StopAt::Seq(Seq(s)),
         (_, Some(0), _) => bail!("--barrier counts from 1"),
         (_, Some(n), _) => StopAt::Barrier(n),
         (_, _, Some(l)) => StopAt::Label(l),
@@ -262,7 +262,7 @@ fn replay_cmd(a: ReplayArgs) -> Result<ExitCode> {
         .open(&a.onto)
         .with_context(|| format!("cannot open image {}", a.onto.display()))?;
     let mut image = ImageFile::new(file);
-    let summary = match replay(dir, a.disk, &stop, a.accept_prefix, &mut image) {
+    let summary = match replay(dir, DiskId(a.disk), &stop, a.accept_prefix, &mut image) {
         Ok(s) => s,
         Err(e @ ReplayError::Damaged(_)) => {
             bail!("{e}\n(give --accept-prefix to replay the valid records before the damage)")
@@ -276,17 +276,17 @@ fn replay_cmd(a: ReplayArgs) -> Result<ExitCode> {
             "replayed disk {} onto {}: sequence numbers {}..={}, {} records applied ({} bytes), {} barriers passed, {} records of other disks skipped",
             a.disk,
             a.onto.display(),
-            summary.first_seq.unwrap_or(0),
-            summary.last_seq.unwrap_or(0),
+            summary.first_seq.unwrap_or(Seq::ZERO),
+            summary.last_seq.unwrap_or(Seq::ZERO),
             summary.applied,
             summary.bytes,
             summary.barriers,
             summary.other_disks
         );
-        if summary.first_seq.is_some_and(|f| f > 1) {
+        if summary.first_seq.is_some_and(|f| f > Seq(1)) {
             println!(
                 "note: the log starts at sequence number {}; the image must already hold the state before it",
-                summary.first_seq.unwrap_or(0)
+                summary.first_seq.unwrap_or(Seq::ZERO)
             );
         }
     }

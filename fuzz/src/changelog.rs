@@ -15,7 +15,8 @@ use tidemark_changelog::record::{Entry, Header, Record, RECORD_VERSION};
 use tidemark_changelog::replay::{self, ReplayTarget, StopAt};
 use tidemark_changelog::segment::{segment_name, SegmentHeader, SEGMENT_HEADER_LEN};
 use tidemark_changelog::{
-    check, read_cursor, write_cursor, ChangeLog, LogOptions, LogReader, RecoveryPolicy, SimDir,
+    check, read_cursor, write_cursor, ChangeLog, DiskId, LogOptions, LogReader, RecoveryPolicy, Seq,
+    SimDir,
 };
 
 /// Small segments, so a fuzz input holds several.
@@ -94,7 +95,7 @@ fn file_name(input: &mut Input) -> String {
 pub fn directory(data: &[u8]) {
     let mut input = Input::new(data);
     let mode = input.u8();
-    let from_seq = input.u64();
+    let from_seq = Seq(input.u64());
     let mut files = BTreeMap::new();
     for _ in 0..input.u8() % 8 {
         let name = file_name(&mut input);
@@ -118,7 +119,7 @@ pub fn directory(data: &[u8]) {
     read_all(&dir, from_seq);
     let _ = replay::replay(
         dir.clone(),
-        0,
+        DiskId(0),
         &StopAt::End,
         mode & 16 != 0,
         &mut SparseImage,
@@ -140,7 +141,7 @@ pub fn directory(data: &[u8]) {
             if recovery.new_generation_required() {
                 log.begin_generation(
                     log.generation() + 1,
-                    (recovery.max_exposed_seq + 1).max(log.next_seq()),
+                    recovery.max_exposed_seq.next().max(log.next_seq()),
                     2,
                 )
                 .expect("a new generation after a cut");
@@ -150,22 +151,22 @@ pub fn directory(data: &[u8]) {
             log.barrier(3).expect("barrier after recovery");
             let report = check(&dir).expect("check after recovery");
             assert!(report.is_clean(), "recovered log not clean: {report:?}");
-            read_all(&dir, 0);
+            read_all(&dir, Seq::ZERO);
         }
         Err(error) => drop(error.to_string()),
     }
 }
 
 /// Reads every record from `from_seq` on: in sequence order, each once.
-fn read_all(dir: &SimDir, from_seq: u64) {
+fn read_all(dir: &SimDir, from_seq: Seq) {
     let mut reader = LogReader::new(dir.clone(), from_seq);
-    let mut last: Option<u64> = None;
+    let mut last: Option<Seq> = None;
     for _ in 0..10_000 {
         match reader.next_record() {
             Ok(Some(record)) => {
                 let seq = record.header.seq;
                 assert!(last.is_none_or(|last| seq > last), "{seq} after {last:?}");
-                assert!(from_seq == 0 || seq >= from_seq);
+                assert!(from_seq == Seq::ZERO || seq >= from_seq);
                 last = Some(seq);
             }
             Ok(None) => return,
@@ -180,7 +181,7 @@ pub fn record_seeds() -> Vec<(&'static str, Vec<u8>)> {
     let header = SegmentHeader {
         generation: 3,
         index: 7,
-        first_seq: 42,
+        first_seq: Seq(42),
         segment_size: 64 << 20,
         created_ns: 1_700_000_000_000_000_000,
     };
@@ -210,10 +211,10 @@ pub fn record_seeds() -> Vec<(&'static str, Vec<u8>)> {
 
 /// Serializes a simulated directory as [`directory`] reads it, segment
 /// files without their trailing zeroes (padded back by mode bit 1).
-fn directory_seed(dir: &SimDir, from_seq: u64) -> Vec<u8> {
+fn directory_seed(dir: &SimDir, from_seq: Seq) -> Vec<u8> {
     let files = dir.files();
     let mut out = Output::new();
-    out.u8(3).u64(from_seq).u8(files.len() as u8);
+    out.u8(3).u64(from_seq.get()).u8(files.len() as u8);
     for (name, mut content) in files {
         match tidemark_changelog::segment::parse_segment_name(&name) {
             Some(index) if index < 0xf0 => out.u8(index as u8),
@@ -253,7 +254,7 @@ pub fn directory_seeds() -> Vec<(&'static str, Vec<u8>)> {
     };
     let (one, _) = write_log(8);
     let (several, log) = write_log(40);
-    write_cursor(&several, log.durable_seq() / 2).expect("cursor");
+    write_cursor(&several, Seq(log.durable_seq().get() / 2)).expect("cursor");
     let (torn, _) = write_log(12);
     let files = torn.files();
     let (newest, content) = files.iter().next_back().expect("a segment");
@@ -263,8 +264,8 @@ pub fn directory_seeds() -> Vec<(&'static str, Vec<u8>)> {
     content.resize(OPTIONS.segment_size as usize, 0);
     torn.put(newest, content);
     vec![
-        ("one-segment", directory_seed(&one, 0)),
-        ("several-segments", directory_seed(&several, 20)),
-        ("torn-tail", directory_seed(&torn, 0)),
+        ("one-segment", directory_seed(&one, Seq::ZERO)),
+        ("several-segments", directory_seed(&several, Seq(20))),
+        ("torn-tail", directory_seed(&torn, Seq::ZERO)),
     ]
 }

@@ -11,7 +11,8 @@
 use crate::checksums::{fix_frames, fix_records};
 use crate::input::{Input, Output};
 use std::collections::BTreeMap;
-use tidemark_changelog::record::{Entry, Record, GROUP_DISK};
+use tidemark_changelog::record::{Entry, Record};
+use tidemark_changelog::DiskId;
 use tidemark_names::Name;
 use tidemark_wire::frame::{encode_frame, Frame, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use tidemark_wire::message::{digest_count, Received};
@@ -191,14 +192,14 @@ impl Replica for CheckingReplica {
     fn apply_record(&mut self, record: &Record) -> Result<(), ReplicaError> {
         let h = &record.header;
         let id = RecordId {
-            seq: h.seq,
+            seq: h.seq.get(),
             generation: h.generation,
         };
         if let Some(prev) = self.applied {
             assert!(id.follows(prev), "{id:?} applied after {prev:?}");
         }
-        if h.disk != GROUP_DISK {
-            self.check_extent(h.disk, h.offset, h.length);
+        if h.disk != DiskId::GROUP {
+            self.check_extent(h.disk.get(), h.offset, h.length);
         }
         self.applied = Some(id);
         Ok(())

@@ -95,10 +95,10 @@ impl Model {
         let (o, l) = (h.offset as usize, h.length as usize);
         match h.kind {
             tidemark_changelog::Kind::Write => {
-                self.disks[Self::index(h.disk)][o..o + l].copy_from_slice(&r.payload)
+                self.disks[Self::index(h.disk.get())][o..o + l].copy_from_slice(&r.payload)
             }
             tidemark_changelog::Kind::WriteZeroes | tidemark_changelog::Kind::Trim => {
-                self.disks[Self::index(h.disk)][o..o + l].fill(0)
+                self.disks[Self::index(h.disk.get())][o..o + l].fill(0)
             }
             _ => {}
         }
@@ -857,13 +857,13 @@ proptest! {
                 LogOp::Marker(app) => Entry::marker("m", *app, 1),
                 LogOp::NewGeneration(skip) => {
                     generation += 1;
-                    let first = log.next_seq() + skip;
+                    let first = log.next_seq().checked_add(*skip).unwrap();
                     log.begin_generation(generation, first, 0).unwrap();
                     continue;
                 }
             };
             let seq = log.append(&entry).unwrap();
-            let rec = record(&entry, seq, generation);
+            let rec = record(&entry, seq.get(), generation);
             model.apply(&rec);
             prop_assert_eq!(g.apply_record(&rec).unwrap(), Applied::Done);
         }
@@ -871,7 +871,7 @@ proptest! {
         g.commit().unwrap();
         for (i, size) in SIZES.iter().enumerate() {
             let mut target = MemoryImage(vec![0u8; *size as usize]);
-            match replay(logdir.clone(), disk_id(i), &StopAt::End, false, &mut target) {
+            match replay(logdir.clone(), tidemark_changelog::DiskId(disk_id(i)), &StopAt::End, false, &mut target) {
                 Ok(_) => {}
                 // Only generation changes, no record at all.
                 Err(e) => prop_assert!(ops.iter().all(|o| matches!(o, LogOp::NewGeneration(_))), "{e}"),
@@ -947,7 +947,7 @@ impl Shipper {
             tidemark_changelog::Kind::Barrier | tidemark_changelog::Kind::Marker
         ) {
             self.snapshots
-                .insert(rec.header.seq, self.source.disks.clone());
+                .insert(rec.header.seq.get(), self.source.disks.clone());
         }
         self.log.push(rec.clone());
         self.deliver(g, &rec);
@@ -957,12 +957,12 @@ impl Shipper {
     fn deliver(&mut self, g: &mut ReplicaGroup, rec: &Record) {
         let h = &rec.header;
         if h.kind == tidemark_changelog::Kind::ResyncNeeded {
-            let d = Model::index(h.disk);
+            let d = Model::index(h.disk.get());
             if !self.initial_done {
                 self.cursor[d] = self.cursor[d].min(h.offset);
             } else {
                 if self.frozen.is_none() {
-                    self.frozen = Some(h.seq);
+                    self.frozen = Some(h.seq.get());
                 }
                 self.resyncing = true;
                 self.pending[d][h.offset as usize..(h.offset + h.length) as usize].fill(true);
@@ -1014,7 +1014,10 @@ impl Shipper {
 
     fn commit(&mut self, g: &mut ReplicaGroup, dir: &Path) {
         let p = g.commit().unwrap();
-        assert_eq!(p.durable_seq, self.log.last().map_or(0, |r| r.header.seq));
+        assert_eq!(
+            p.durable_seq,
+            self.log.last().map_or(0, |r| r.header.seq.get())
+        );
         if self.resyncing && !self.outstanding() {
             assert_eq!(p.state, GroupState::Consistent);
             self.resyncing = false;
@@ -1130,7 +1133,7 @@ fn crash(
     let refeed: Vec<Record> = sh
         .log
         .iter()
-        .filter(|r| r.header.seq > p.durable_seq)
+        .filter(|r| r.header.seq.get() > p.durable_seq)
         .cloned()
         .collect();
     for r in &refeed {

@@ -95,10 +95,10 @@ impl Source {
         let (o, l) = (h.offset as usize, h.length as usize);
         match h.kind {
             tidemark_changelog::Kind::Write => {
-                self.disks[h.disk as usize][o..o + l].copy_from_slice(&rec.payload)
+                self.disks[h.disk.index()][o..o + l].copy_from_slice(&rec.payload)
             }
             tidemark_changelog::Kind::WriteZeroes | tidemark_changelog::Kind::Trim => {
-                self.disks[h.disk as usize][o..o + l].fill(0)
+                self.disks[h.disk.index()][o..o + l].fill(0)
             }
             _ => {}
         }
@@ -526,7 +526,7 @@ fn verify(
                     .unwrap_or_else(|e| panic!("{what}: {e}")),
                 Applied::Duplicate,
                 "{what}: seq {} applied twice",
-                rec.header.seq
+                rec.header.seq.get()
             );
         }
     }

@@ -21,7 +21,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tidemark_changelog::{read_sources, write_cursor, DirLock, FsDir, LogWatcher};
+use tidemark_changelog::{read_sources, write_cursor, DirLock, FsDir, LogWatcher, Seq};
 use tidemark_config::ShipperConfig;
 use tidemark_wire::shipper::{HelloInfo, ShipperConfig as SessionConfig};
 use tidemark_wire::shipper_core::{CoreConfig, CoreEvent, Need, Phase, ShipperCore};
@@ -490,7 +490,7 @@ pub async fn run(
     };
     let (endpoint, _buffers) = tidemark_net::client_endpoint(bind)
         .map_err(|e| ShipperFatal::Setup(format!("QUIC endpoint: {e}")))?;
-    let cursor = tidemark_changelog::read_cursor(&dir).unwrap_or(0);
+    let cursor = tidemark_changelog::read_cursor(&dir).map_or(0, Seq::get);
 
     // Wakes the sending loop when the log directory changes.
     let log_changed = Arc::new(Notify::new());
@@ -973,7 +973,7 @@ impl Connection<'_> {
             } => {
                 if durable.seq > shared.cursor {
                     let dir = shared.dir.clone();
-                    tokio::task::block_in_place(|| write_cursor(&dir, durable.seq))
+                    tokio::task::block_in_place(|| write_cursor(&dir, Seq(durable.seq)))
                         .map_err(SessionError::Cursor)?;
                     shared.cursor = durable.seq;
                 }
@@ -1015,7 +1015,7 @@ impl Connection<'_> {
             return Err(DrainError::Damaged);
         }
         tracing::info!(?how, "tracker stopped");
-        Ok(report.last_seq.unwrap_or(0))
+        Ok(report.last_seq.map_or(0, Seq::get))
     }
 
     /// Reads what the core needs and hands it over.

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use tidemark_changelog::{FsDir, Kind, LogReader, LogWatcher, ReadError};
+use tidemark_changelog::{FsDir, Kind, LogReader, LogWatcher, ReadError, Seq};
 
 /// A run of consecutive records, each encoded exactly as in the log.
 #[derive(Debug, Clone, Default)]
@@ -41,14 +41,14 @@ pub enum TailError {
 /// The first record the log in `dir` holds at or after `from_seq` (0: its
 /// oldest), as (sequence number, generation); `None` if there is none yet.
 pub fn first_record_from(dir: &FsDir, from_seq: u64) -> Result<Option<(u64, u32)>, ReadError> {
-    let mut reader = LogReader::new(dir.clone(), from_seq);
+    let mut reader = LogReader::new(dir.clone(), Seq(from_seq));
     match reader.next_record() {
-        Ok(r) => Ok(r.map(|r| (r.header.seq, r.header.generation))),
+        Ok(r) => Ok(r.map(|r| (r.header.seq.get(), r.header.generation))),
         Err(ReadError::Recycled { oldest, .. }) => {
             let mut reader = LogReader::new(dir.clone(), oldest);
             Ok(reader
                 .next_record()?
-                .map(|r| (r.header.seq, r.header.generation)))
+                .map(|r| (r.header.seq.get(), r.header.generation)))
         }
         Err(e) => Err(e),
     }
@@ -98,7 +98,7 @@ impl LogTail {
         let dir = FsDir::existing(path).map_err(watch_err)?;
         let watcher = LogWatcher::new(&dir).map_err(watch_err)?;
         Ok(LogTail {
-            reader: LogReader::new(dir.clone(), from_seq),
+            reader: LogReader::new(dir.clone(), Seq(from_seq)),
             dir,
             watcher,
             last_seq: from_seq.saturating_sub(1),
@@ -130,17 +130,17 @@ impl LogTail {
                 Some(rec) => {
                     let h = &rec.header;
                     if batch.records == 0 {
-                        batch.first_seq = h.seq;
+                        batch.first_seq = h.seq.get();
                     }
                     if h.kind == Kind::ResyncNeeded {
-                        batch.resync_needed.push((h.disk, h.offset, h.length));
+                        batch.resync_needed.push((h.disk.get(), h.offset, h.length));
                     }
                     // The record as written, in its own format version:
                     // its checksum travels unchanged.
                     batch.bytes.extend_from_slice(&rec.encode());
-                    batch.last_seq = h.seq;
+                    batch.last_seq = h.seq.get();
                     batch.records += 1;
-                    self.last_seq = h.seq;
+                    self.last_seq = h.seq.get();
                     if batch.bytes.len() >= max_bytes {
                         return Ok(Some(batch));
                     }
@@ -195,7 +195,7 @@ mod tests {
         assert_eq!(b.resync_needed, vec![(0, 0, 1 << 20)]);
         // The bytes are the log's own records.
         let first = Record::decode(&b.bytes).unwrap();
-        assert_eq!(first.header.seq, 4);
+        assert_eq!(first.header.seq, Seq(4));
         assert_eq!(first.payload, vec![3u8; 4096]);
         assert!(tail
             .next_batch(1 << 20, Duration::from_millis(50))

@@ -26,17 +26,17 @@ fn small_log(dir: &Path) -> BTreeMap<u64, u64> {
         let e = Entry::write(0, (i as u64) * 512, p, 10 + i as u64);
         let seq = log.append(&e).unwrap();
         at += e.encoded_len() as u64;
-        ends.insert(seq, at);
+        ends.insert(seq.get(), at);
         if i % 2 == 1 {
             let seq = log.barrier(20 + i as u64).unwrap();
             at += 56;
-            ends.insert(seq, at);
+            ends.insert(seq.get(), at);
         }
     }
     let label = Entry::marker("before-upgrade", true, 99);
     let seq = log.append(&label).unwrap();
     at += label.encoded_len() as u64;
-    ends.insert(seq, at);
+    ends.insert(seq.get(), at);
     log.sync().unwrap();
     ends
 }

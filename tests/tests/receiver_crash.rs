@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tidemark_changelog::replay::{apply, MemoryImage, ReplaySummary};
-use tidemark_changelog::{FsDir, Kind, LogReader, Record};
+use tidemark_changelog::{DiskId, FsDir, Kind, LogReader, Record, Seq};
 use tidemark_e2e::replication::{
     enroll, free_port, run_ok, start_receiver_with, start_shipper_configured, wait_caught_up,
     Daemon, HOST,
@@ -105,12 +105,12 @@ fn replay_to(
                 None => panic!("the change log ends before sequence {seq}"),
             },
         };
-        if record.header.seq > seq {
+        if record.header.seq.get() > seq {
             *pending = Some(record);
             return;
         }
-        apply(&record, 0, image, &mut summary).unwrap();
-        if record.header.seq == seq {
+        apply(&record, DiskId(0), image, &mut summary).unwrap();
+        if record.header.seq.get() == seq {
             return;
         }
     }
@@ -136,7 +136,10 @@ impl Reference {
             "{what}: point {oldest} is listed, but an older listing's oldest point was {}: a folded point came back",
             self.base_seq
         );
-        let mut reader = LogReader::new(FsDir::existing(&self.log_dir).unwrap(), self.base_seq + 1);
+        let mut reader = LogReader::new(
+            FsDir::existing(&self.log_dir).unwrap(),
+            Seq(self.base_seq + 1),
+        );
         let mut pending = None;
         if oldest > self.base_seq {
             replay_to(&mut reader, &mut pending, oldest, &mut self.base);
@@ -582,9 +585,9 @@ fn sigkilled_receiver_reopens_consistent_with_every_point_correct() {
     // Folds really happened: the barriers in the log far outnumber the
     // points kept, and the oldest point moved on.
     let mut barriers = 0;
-    let mut reader = LogReader::new(FsDir::existing(&log_dir).unwrap(), 0);
+    let mut reader = LogReader::new(FsDir::existing(&log_dir).unwrap(), Seq::ZERO);
     let first = reader.next_record().unwrap().expect("a record");
-    assert_eq!(first.header.seq, 1, "the log kept every record");
+    assert_eq!(first.header.seq.get(), 1, "the log kept every record");
     let mut next = Some(first);
     while let Some(r) = next {
         barriers += usize::from(r.header.kind == Kind::Barrier);

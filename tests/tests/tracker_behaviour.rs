@@ -9,7 +9,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
-use tidemark_changelog::{FsDir, Kind, LogReader};
+use tidemark_changelog::{FsDir, Kind, LogReader, Seq};
 use tidemark_e2e::{require_tool, tidemark, TrackerProcess};
 
 const SIZE: u64 = 16 << 20;
@@ -76,7 +76,7 @@ fn simple_reply(s: &mut UnixStream) -> (u64, u32) {
 }
 
 fn writes_in_log(log_dir: &Path) -> usize {
-    let mut reader = LogReader::new(FsDir::existing(log_dir).unwrap(), 0);
+    let mut reader = LogReader::new(FsDir::existing(log_dir).unwrap(), Seq::ZERO);
     std::iter::from_fn(|| reader.next_record().unwrap())
         .filter(|r| matches!(r.header.kind, Kind::Write | Kind::Trim | Kind::WriteZeroes))
         .count()
@@ -326,10 +326,10 @@ fn a_config_file_serves_two_disks_in_one_group_over_unix_and_tcp() {
     .unwrap();
     assert!(child.wait().unwrap().success());
     // One ordered log for the group: both disks' writes, in order.
-    let mut reader = LogReader::new(FsDir::existing(&tmp.path().join("log")).unwrap(), 0);
+    let mut reader = LogReader::new(FsDir::existing(&tmp.path().join("log")).unwrap(), Seq::ZERO);
     let disks: Vec<u32> = std::iter::from_fn(|| reader.next_record().unwrap())
         .filter(|r| r.header.kind == Kind::Write)
-        .map(|r| r.header.disk)
+        .map(|r| r.header.disk.get())
         .collect();
     assert_eq!(disks, vec![0, 1, 0]);
     assert!(fs::read(&wal).unwrap()[..65536].iter().all(|b| *b == 0x22));
@@ -370,7 +370,7 @@ fn a_scheduled_app_consistent_point_is_taken_by_the_tracker_itself() {
     let log = tmp.path().join("log");
     let scheduled = loop {
         let found = FsDir::existing(&log).ok().and_then(|dir| {
-            let mut reader = LogReader::new(dir, 0);
+            let mut reader = LogReader::new(dir, Seq::ZERO);
             std::iter::from_fn(|| reader.next_record().ok().flatten())
                 .find(|r| r.header.kind == Kind::Marker && r.label() == Some("scheduled"))
         });
@@ -474,9 +474,9 @@ fn a_log_of_the_version_1_tracker_is_continued_in_place() {
         fs::copy(e.path(), log.join(e.file_name())).unwrap();
     }
     let old: std::collections::BTreeMap<u64, Vec<u8>> = {
-        let mut reader = LogReader::new(FsDir::existing(&log).unwrap(), 0);
+        let mut reader = LogReader::new(FsDir::existing(&log).unwrap(), Seq::ZERO);
         std::iter::from_fn(|| reader.next_record().unwrap())
-            .map(|r| (r.header.seq, r.encode()))
+            .map(|r| (r.header.seq.get(), r.encode()))
             .collect()
     };
     assert_eq!(old.len(), 20);
@@ -491,32 +491,35 @@ fn a_log_of_the_version_1_tracker_is_continued_in_place() {
     tidemark_e2e::qemu_io(tracker.uri(), &["write -P 7 0 2048", "flush"]);
     assert!(tracker.stop());
     tidemark_e2e::run(tidemark().args(["log", "check"]).arg(&log));
-    let mut reader = LogReader::new(FsDir::existing(&log).unwrap(), 0);
+    let mut reader = LogReader::new(FsDir::existing(&log).unwrap(), Seq::ZERO);
     let all: Vec<_> = std::iter::from_fn(|| reader.next_record().unwrap()).collect();
     // (Segments wholly at or below the cursor, 11, may have been recycled.)
-    let kept = all.iter().take_while(|r| r.header.seq <= 20);
+    let kept = all.iter().take_while(|r| r.header.seq.get() <= 20);
     for r in kept {
         assert_eq!(
             r.encode(),
-            old[&r.header.seq],
+            old[&r.header.seq.get()],
             "record {} changed",
-            r.header.seq
+            r.header.seq.get()
         );
     }
     assert!(
-        all.iter().any(|r| r.header.seq == 20),
+        all.iter().any(|r| r.header.seq.get() == 20),
         "the old records are kept"
     );
-    let new: Vec<_> = all.iter().filter(|r| r.header.seq > 20).collect();
+    let new: Vec<_> = all.iter().filter(|r| r.header.seq.get() > 20).collect();
     assert!(new.iter().any(|r| r.header.kind == Kind::Write));
     assert!(new
         .iter()
         .all(|r| r.header.version == 2 && r.header.generation == 0));
-    assert_eq!(new[0].header.seq, 21);
+    assert_eq!(new[0].header.seq.get(), 21);
     let state = fs::read_to_string(log.join("tracker.state")).unwrap();
     assert!(state.starts_with("tidemark-tracker-state 2\n"), "{state}");
     assert!(
-        state.contains(&format!("\nlast-seq {}\n", all.last().unwrap().header.seq)),
+        state.contains(&format!(
+            "\nlast-seq {}\n",
+            all.last().unwrap().header.seq.get()
+        )),
         "{state}"
     );
 }

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tidemark_changelog::segment::segment_name;
-use tidemark_changelog::{FsDir, Kind, LogReader};
+use tidemark_changelog::{FsDir, Kind, LogReader, Seq};
 use tidemark_e2e::{qemu_io, require_tool, run, tidemark, TrackerProcess};
 
 const SIZE: u64 = 64 << 20;
@@ -112,7 +112,7 @@ fn sigkill_mid_workload_loses_nothing_acknowledged() {
     let mut logged: BTreeMap<u64, u8> = BTreeMap::new();
     let mut resync: Vec<(u64, u64)> = Vec::new();
     let mut generations = std::collections::BTreeSet::new();
-    let mut reader = LogReader::new(FsDir::existing(&log_dir).unwrap(), 0);
+    let mut reader = LogReader::new(FsDir::existing(&log_dir).unwrap(), Seq::ZERO);
     while let Some(r) = reader.next_record().unwrap() {
         generations.insert(r.header.generation);
         match r.header.kind {
@@ -195,10 +195,10 @@ fn newest_segment(log: &Path) -> u64 {
 }
 
 fn last_seq(log: &Path) -> u64 {
-    let mut reader = LogReader::new(FsDir::existing(log).unwrap(), 0);
+    let mut reader = LogReader::new(FsDir::existing(log).unwrap(), Seq::ZERO);
     let mut last = 0;
     while let Some(r) = reader.next_record().unwrap() {
-        last = r.header.seq;
+        last = r.header.seq.get();
     }
     last
 }
@@ -390,18 +390,18 @@ fn log_recover_starts_a_new_generation_above_every_sequence_number_with_the_disk
     qemu_io(tracker.uri(), &["write -P 99 0 4096", "flush"]);
     assert!(tracker.stop());
     run(tidemark().args(["log", "check"]).arg(&log));
-    let mut reader = LogReader::new(FsDir::existing(&log).unwrap(), 0);
+    let mut reader = LogReader::new(FsDir::existing(&log).unwrap(), Seq::ZERO);
     let mut seen = std::collections::BTreeSet::new();
     let mut whole_disk = false;
     let mut after = Vec::new();
     while let Some(r) = reader.next_record().unwrap() {
         assert!(
-            seen.insert(r.header.seq),
+            seen.insert(r.header.seq.get()),
             "sequence number {} twice",
-            r.header.seq
+            r.header.seq.get()
         );
         if r.header.generation > 0 {
-            after.push(r.header.seq);
+            after.push(r.header.seq.get());
             if r.header.kind == Kind::ResyncNeeded
                 && r.header.offset == 0
                 && r.header.length == SIZE

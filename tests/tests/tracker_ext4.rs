@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tidemark_changelog::replay::{apply, ImageFile, ReplaySummary};
-use tidemark_changelog::{FsDir, Kind, LogReader};
+use tidemark_changelog::{DiskId, FsDir, Kind, LogReader, Seq};
 use tidemark_e2e::{require_tool, run, tidemark, TrackerProcess};
 
 const SIZE: u64 = 256 << 20;
@@ -165,10 +165,10 @@ fn ext4_through_the_tracker(connections: &str, test: &str) {
     file.set_len(SIZE).unwrap();
     let mut target = ImageFile::new(file);
     let mut summary = ReplaySummary::default();
-    let mut reader = LogReader::new(FsDir::existing(&log_dir).unwrap(), 0);
+    let mut reader = LogReader::new(FsDir::existing(&log_dir).unwrap(), Seq::ZERO);
     let (mut after_mkfs, mut checked) = (false, 0);
     while let Some(record) = reader.next_record().unwrap() {
-        apply(&record, 0, &mut target, &mut summary).unwrap();
+        apply(&record, DiskId(0), &mut target, &mut summary).unwrap();
         if record.label() == Some("mkfs-done") {
             after_mkfs = true;
         }
@@ -189,7 +189,7 @@ fn ext4_through_the_tracker(connections: &str, test: &str) {
         assert!(
             matches!(status.status.code(), Some(0 | 1)),
             "journal replay at barrier seq {} failed: {}",
-            record.header.seq,
+            record.header.seq.get(),
             String::from_utf8_lossy(&status.stdout)
         );
         let out = Command::new("e2fsck")
@@ -200,7 +200,7 @@ fn ext4_through_the_tracker(connections: &str, test: &str) {
         assert!(
             out.status.success(),
             "the filesystem at barrier seq {} is not consistent:\n{}",
-            record.header.seq,
+            record.header.seq.get(),
             String::from_utf8_lossy(&out.stdout)
         );
         checked += 1;
@@ -348,13 +348,13 @@ fn every_recovery_point_of_an_ext4_workload_is_a_consistent_filesystem() {
     file.set_len(POINTS_SIZE).unwrap();
     let mut target = ImageFile::new(file);
     let mut summary = ReplaySummary::default();
-    let mut reader = LogReader::new(FsDir::existing(&reference).unwrap(), 0);
+    let mut reader = LogReader::new(FsDir::existing(&reference).unwrap(), Seq::ZERO);
     let mut next = reader.next_record().unwrap();
     let check = dir.join("point.img");
     let (mut compared, mut fscked) = (0, 0);
     for point in &points {
-        while let Some(record) = next.take_if(|r| r.header.seq <= point.seq) {
-            apply(&record, 0, &mut target, &mut summary).unwrap();
+        while let Some(record) = next.take_if(|r| r.header.seq.get() <= point.seq) {
+            apply(&record, DiskId(0), &mut target, &mut summary).unwrap();
             next = reader.next_record().unwrap();
         }
         let view = group.view(Some(point.seq)).unwrap();

@@ -359,7 +359,7 @@ fn collect_metrics(group: &Group, name: &str, host: &str, log_dir: &Path) -> Exp
     let cursor = FsDir::existing(log_dir)
         .ok()
         .and_then(|d| read_cursor(&d).ok())
-        .unwrap_or(0);
+        .map_or(0, |c| c.get());
     e.gauge(
         "tidemark_tracker_pending_records",
         "Log records not yet durable at the replica site (newest sequence number minus the shipper's cursor).",

@@ -59,6 +59,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use tidemark_changelog::{
     now_ns, AppendError, ChangeLog, Entry, FsDir, LogOptions, OpenError, Recovery, RecoveryPolicy,
+    Seq,
 };
 use tidemark_config::ByteSize;
 use tidemark_metrics::{Histogram, HistogramSnapshot, LATENCY_BUCKETS};
@@ -402,7 +403,7 @@ impl Group {
             RecoveryPolicy::Crash
         } else {
             RecoveryPolicy::CleanStop {
-                last_seq: state.last_seq,
+                last_seq: state.last_seq.map(Seq),
             }
         };
         let (mut log, recovery) = ChangeLog::open(dir, opts.log, policy, now_ns())?;
@@ -410,7 +411,7 @@ impl Group {
             tracing::warn!(
                 segment = %cut.segment,
                 offset = cut.offset,
-                first_cut = cut.first_seq,
+                first_cut = cut.first_seq.get(),
                 records_after = cut.records_after,
                 acknowledged = cut.acknowledged,
                 damage = %cut.damage,
@@ -468,16 +469,16 @@ impl Group {
         // A generation recorded in the state file but not yet begun in the
         // log (the log was full): begun when data mode returns.
         let mut pending_generation = (state.generation > recovery.generation)
-            .then_some((state.generation, recovery.max_exposed_seq + 1));
+            .then_some((state.generation, recovery.max_exposed_seq.next().get()));
         if unclean {
             generation += 1;
-            match log.begin_generation(generation, recovery.max_exposed_seq + 1, now_ns()) {
+            match log.begin_generation(generation, recovery.max_exposed_seq.next(), now_ns()) {
                 Ok(()) => {}
                 // No room even for a new segment: the log takes no data now.
                 // The generation is recorded in the state file and begun
                 // in the log when data mode returns.
                 Err(AppendError::Overflow { .. }) => {
-                    pending_generation = Some((generation, recovery.max_exposed_seq + 1));
+                    pending_generation = Some((generation, recovery.max_exposed_seq.next().get()));
                     if mode == TrackingMode::Data {
                         mode = TrackingMode::Bitmap {
                             cause: BitmapCause::LogFull(FullAt::Restart),
@@ -547,7 +548,7 @@ impl Group {
 
         let block_sizes = BlockSizes::new(1, 4096, opts.max_block)
             .map_err(|e| GroupError::Config(format!("max block size {}: {e}", opts.max_block)))?;
-        let durable = log.durable_seq();
+        let durable = log.durable_seq().get();
         let report = OpenReport {
             recovery,
             unclean,
@@ -726,7 +727,7 @@ impl Group {
                         // nothing can come between them, and a barrier
                         // never splits them.
                         entry.payload.chunks(max).zip(&crcs).enumerate().try_fold(
-                            0,
+                            Seq::ZERO,
                             |_, (i, (chunk, &crc))| {
                                 let offset = entry.offset + (i * max) as u64;
                                 log.append_with_crc(
@@ -745,7 +746,7 @@ impl Group {
                         if before < WRITE_OUT_BYTES && after >= WRITE_OUT_BYTES {
                             self.committer.nudge();
                         }
-                        return Recorded::Logged(seq);
+                        return Recorded::Logged(seq.get());
                     }
                     Err(e) => {
                         t.enter_bitmap_mode(&e);
@@ -786,8 +787,8 @@ impl Group {
             };
             match appended {
                 Ok(seq) => {
-                    self.committer.want_durable(seq);
-                    return BarrierWait::Log(seq);
+                    self.committer.want_durable(seq.get());
+                    return BarrierWait::Log(seq.get());
                 }
                 Err(e) => t.enter_bitmap_mode(&e),
             }
@@ -878,7 +879,7 @@ impl Group {
         let now = now_ns();
         let mut pending = lock(&self.pending_generation);
         if let Some((generation, first_seq)) = *pending {
-            let first_seq = first_seq.max(log.next_seq());
+            let first_seq = Seq(first_seq).max(log.next_seq());
             match log.begin_generation(generation, first_seq, now) {
                 Ok(()) => *pending = None,
                 Err(AppendError::Overflow { .. }) => return Ok(None),
@@ -906,7 +907,7 @@ impl Group {
             Err(AppendError::Overflow { .. }) => return Ok(None),
             Err(e) => return Err(ResumeError::Sync(e)),
         }
-        self.committer.note_durable(log.durable_seq());
+        self.committer.note_durable(log.durable_seq().get());
         drop(log);
         for bits in &mut maps.dirty {
             bits.clear_all();
@@ -970,9 +971,9 @@ impl Group {
             (seq, barrier)
         };
         self.committer
-            .wait_durable(barrier)
+            .wait_durable(barrier.get())
             .map_err(|_| MarkerError::NotDurable)?;
-        Ok(seq)
+        Ok(seq.get())
     }
 
     /// A final barrier on every disk, then a clean stop recorded: the next
@@ -1008,7 +1009,7 @@ impl Group {
         let last_seq = lock(&t.log).durable_seq();
         let mut state = lock(&t.state);
         state.running = false;
-        state.last_seq = Some(last_seq);
+        state.last_seq = Some(last_seq.get());
         Ok(state.save_in_place()?)
     }
 
@@ -1018,8 +1019,8 @@ impl Group {
         let (next_seq, durable_seq, log_bytes, log_limit, generation) = {
             let log = lock(&t.log);
             (
-                log.next_seq(),
-                log.durable_seq(),
+                log.next_seq().get(),
+                log.durable_seq().get(),
                 log.bytes_in_use(),
                 log.options().size_limit,
                 log.generation(),
@@ -1095,8 +1096,8 @@ impl Group {
             };
             match appended {
                 Ok((seq, barrier)) => {
-                    if self.committer.wait_durable(barrier).is_ok() {
-                        return Ok(Some(seq));
+                    if self.committer.wait_durable(barrier.get()).is_ok() {
+                        return Ok(Some(seq.get()));
                     }
                     // The log failed meanwhile: the dirty bitmap holds it.
                 }
@@ -1205,7 +1206,7 @@ impl Tracking {
     pub(crate) fn log_step(&self, sync_target: Option<u64>) -> LogStep {
         let (io, durable_before) = {
             let mut log = lock(&self.log);
-            (log.take_io(sync_target, true), log.durable_seq())
+            (log.take_io(sync_target.map(Seq), true), log.durable_seq())
         };
         let Some(mut io) = io else {
             return LogStep::Idle;
@@ -1218,7 +1219,10 @@ impl Tracking {
         let (durable, watermark) = (log.durable_seq(), log.durable_watermark());
         drop(log);
         match outcome {
-            Ok(()) if durable > durable_before => LogStep::Synced { durable, watermark },
+            Ok(()) if durable > durable_before => LogStep::Synced {
+                durable: durable.get(),
+                watermark: watermark.get(),
+            },
             Ok(()) => LogStep::Wrote,
             Err(e) => {
                 self.log_failed(&e);

@@ -16,7 +16,7 @@ use tidemark_changelog::segment::{read_segment_header, segment_indices, segment_
 use tidemark_changelog::sources::SourcesError;
 use tidemark_changelog::{
     now_ns, read_sources, AppendError, ChangeLog, Cut, Entry, FsDir, LogDir, LogOptions, OpenError,
-    RecoveryPolicy,
+    RecoveryPolicy, Seq,
 };
 
 /// Why the log could not be recovered.
@@ -82,7 +82,7 @@ pub fn recover_damaged_log(log_dir: &Path) -> Result<Option<RecoverReport>, Reco
         ),
     };
     let opts = options_of(&dir)?;
-    let last_seq = state.last_seq.filter(|_| !state.running);
+    let last_seq = state.last_seq.filter(|_| !state.running).map(Seq);
     let now = now_ns();
     let (mut log, recovery) =
         ChangeLog::open(dir, opts, RecoveryPolicy::CutDamage { last_seq }, now)?;
@@ -90,7 +90,7 @@ pub fn recover_damaged_log(log_dir: &Path) -> Result<Option<RecoverReport>, Reco
         return Ok(None);
     }
     let generation = state.generation.max(recovery.generation) + 1;
-    let first_seq = recovery.max_exposed_seq + 1;
+    let first_seq = recovery.max_exposed_seq.next();
     log.begin_generation(generation, first_seq, now)
         .map_err(RecoverError::Append)?;
     let mut resync_needed = Vec::new();
@@ -102,14 +102,14 @@ pub fn recover_damaged_log(log_dir: &Path) -> Result<Option<RecoverReport>, Reco
     log.barrier(now).map_err(RecoverError::Append)?;
     state.generation = generation;
     if !state.running {
-        state.last_seq = Some(log.durable_seq());
+        state.last_seq = Some(log.durable_seq().get());
     }
     state.save(log_dir)?;
     Ok(Some(RecoverReport {
         cut: recovery.cut,
         lost_acknowledged: recovery.lost_acknowledged,
         generation,
-        first_seq,
+        first_seq: first_seq.get(),
         resync_needed,
     }))
 }

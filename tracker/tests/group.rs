@@ -7,7 +7,7 @@ use rand::{Rng, SeedableRng};
 use std::path::Path;
 use std::sync::Arc;
 use tidemark_changelog::replay::{apply, MemoryImage, ReplaySummary};
-use tidemark_changelog::{FsDir, Kind, LogOptions, LogReader, Record};
+use tidemark_changelog::{FsDir, Kind, LogOptions, LogReader, Record, Seq};
 use tidemark_tracker::backend::Backend;
 use tidemark_tracker::group::{Group, GroupDisk, GroupOptions, TrackingMode};
 use tidemark_tracker::state::{BitmapCause, FullAt};
@@ -59,7 +59,7 @@ fn group_disks(devs: &[Arc<MemoryDevice>]) -> Vec<GroupDisk> {
 }
 
 fn records(dir: &Path) -> Vec<Record> {
-    let mut reader = LogReader::new(FsDir::existing(dir).unwrap(), 0);
+    let mut reader = LogReader::new(FsDir::existing(dir).unwrap(), Seq::ZERO);
     std::iter::from_fn(|| reader.next_record().unwrap()).collect()
 }
 
@@ -67,7 +67,7 @@ fn replay(dir: &Path, disk: u32) -> (Vec<u8>, ReplaySummary) {
     let mut image = MemoryImage(vec![0; DISK as usize]);
     let mut summary = ReplaySummary::default();
     for r in records(dir) {
-        apply(&r, disk, &mut image, &mut summary).unwrap();
+        apply(&r, disk.into(), &mut image, &mut summary).unwrap();
     }
     (image.0, summary)
 }
@@ -125,7 +125,7 @@ fn concurrent_overlapping_writers_give_a_log_that_replays_to_the_device() {
     let recs = records(tmp.path());
     assert!(recs
         .windows(2)
-        .all(|w| w[1].header.seq == w[0].header.seq + 1));
+        .all(|w| w[1].header.seq.get() == w[0].header.seq.get() + 1));
     assert_eq!(recs.last().unwrap().header.kind, Kind::Barrier);
 }
 
@@ -218,12 +218,12 @@ fn an_unclean_stop_starts_a_new_generation_and_records_hot_extents() {
     let old_last = recs
         .iter()
         .filter(|r| r.header.generation == 0)
-        .map(|r| r.header.seq)
+        .map(|r| r.header.seq.get())
         .max()
         .unwrap();
     assert!(
-        new_gen[0].header.seq > report.recovery.max_exposed_seq
-            && report.recovery.max_exposed_seq >= old_last,
+        new_gen[0].header.seq.get() > report.recovery.max_exposed_seq.get()
+            && report.recovery.max_exposed_seq.get() >= old_last,
         "the new generation starts above anything a reader could have seen"
     );
     assert_eq!(group.status().hot_extents, vec![0, 0]);
@@ -313,7 +313,7 @@ fn resync_all_records_every_byte_after_a_clean_stop() {
     let resync: Vec<_> = recs
         .iter()
         .filter(|r| r.header.kind == Kind::ResyncNeeded)
-        .map(|r| (r.header.disk, r.header.offset, r.header.length))
+        .map(|r| (r.header.disk.get(), r.header.offset, r.header.length))
         .collect();
     assert_eq!(resync, vec![(0, 0, DISK), (1, 0, DISK / 2)]);
     group.close_clean().unwrap();
@@ -346,10 +346,10 @@ fn a_marker_is_followed_by_a_durable_barrier() {
         .marker(&tidemark_names::Label::new("nightly").unwrap(), true)
         .unwrap();
     let recs = records(tmp.path());
-    assert_eq!(recs[1].header.seq, seq);
+    assert_eq!(recs[1].header.seq.get(), seq);
     assert_eq!(recs[1].label(), Some("nightly"));
     assert_eq!(recs[2].header.kind, Kind::Barrier);
-    assert_eq!(group.status().durable_seq, recs[2].header.seq);
+    assert_eq!(group.status().durable_seq, recs[2].header.seq.get());
 }
 
 #[test]
@@ -369,7 +369,7 @@ fn a_write_larger_than_a_segment_is_split_into_consecutive_records() {
     assert_eq!(writes.len(), 4);
     assert!(writes
         .windows(2)
-        .all(|w| w[1].header.seq == w[0].header.seq + 1
+        .all(|w| w[1].header.seq.get() == w[0].header.seq.get() + 1
             && w[1].header.offset == w[0].header.offset + w[0].header.length));
     let (image, _) = replay(tmp.path(), 0);
     assert!(image == devs[0].snapshot());
@@ -394,8 +394,8 @@ fn bitmap_mode_returns_to_data_mode_with_resync_needed_records_once_the_log_has_
 
     // The receiver has everything: the cursor frees every segment.
     let dir = FsDir::existing(tmp.path()).unwrap();
-    let last = records(tmp.path()).last().unwrap().header.seq;
-    tidemark_changelog::write_cursor(&dir, last).unwrap();
+    let last = records(tmp.path()).last().unwrap().header.seq.get();
+    tidemark_changelog::write_cursor(&dir, Seq(last)).unwrap();
     let extents = group
         .try_resume_data_mode()
         .unwrap()
@@ -407,7 +407,7 @@ fn bitmap_mode_returns_to_data_mode_with_resync_needed_records_once_the_log_has_
 
     let after: Vec<Record> = records(tmp.path())
         .into_iter()
-        .filter(|r| r.header.seq > last)
+        .filter(|r| r.header.seq.get() > last)
         .collect();
     let resync: Vec<(u64, u64)> = after
         .iter()
@@ -453,10 +453,10 @@ fn a_spliced_out_disk_is_recorded_whole_as_resync_needed_on_request() {
     assert!(group.record_resync_all("disk9").is_err());
     group.flush(1).unwrap();
     let recs = records(tmp.path());
-    let at = recs.iter().position(|r| r.header.seq == seq).unwrap();
+    let at = recs.iter().position(|r| r.header.seq.get() == seq).unwrap();
     let r = &recs[at].header;
     assert_eq!(
-        (r.kind, r.disk, r.offset, r.length),
+        (r.kind, r.disk.get(), r.offset, r.length),
         (Kind::ResyncNeeded, 1, 0, DISK / 2)
     );
     // Durable at once, behind a barrier, before the writes that follow.
@@ -537,7 +537,7 @@ fn a_damaged_log_is_refused_until_it_is_recovered_in_a_new_generation() {
         })
         .collect();
     write_sources(tmp.path(), &sources).unwrap();
-    let last = records(tmp.path()).last().unwrap().header.seq;
+    let last = records(tmp.path()).last().unwrap().header.seq.get();
     let newest = std::fs::read_dir(tmp.path())
         .unwrap()
         .filter_map(|e| parse_segment_name(e.unwrap().file_name().to_str()?))
@@ -596,11 +596,11 @@ fn a_damaged_log_is_refused_until_it_is_recovered_in_a_new_generation() {
         .iter()
         .filter(|r| r.header.generation == report.generation)
         .collect();
-    assert!(new.iter().all(|r| r.header.seq > last));
+    assert!(new.iter().all(|r| r.header.seq.get() > last));
     assert_eq!(
         new.iter()
             .filter(|r| r.header.kind == Kind::ResyncNeeded)
-            .map(|r| (r.header.disk, r.header.offset, r.header.length))
+            .map(|r| (r.header.disk.get(), r.header.offset, r.header.length))
             .collect::<Vec<_>>(),
         vec![(0, 0, DISK), (1, 0, DISK)]
     );

@@ -24,7 +24,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use server_support::{pseudo_random, RawClient, Reply};
 use tidemark_changelog::replay::{apply, ReplaySummary, ReplayTarget};
-use tidemark_changelog::{FsDir, Kind, LogOptions, LogReader, Record};
+use tidemark_changelog::{DiskId, FsDir, Kind, LogOptions, LogReader, Record, Seq};
 use tidemark_tracker::backend::Backend;
 use tidemark_tracker::group::{Group, GroupDisk, GroupOptions};
 use tidemark_tracker::nbd::constants::{CommandFlags, CommandType, Errno};
@@ -224,7 +224,7 @@ impl ReplayTarget for SyncImage {
 }
 
 fn records(log_dir: &Path) -> Vec<Record> {
-    let mut reader = LogReader::new(FsDir::existing(log_dir).unwrap(), 0);
+    let mut reader = LogReader::new(FsDir::existing(log_dir).unwrap(), Seq::ZERO);
     std::iter::from_fn(|| reader.next_record().unwrap()).collect()
 }
 
@@ -247,7 +247,7 @@ fn replayed(dir: &Path, log_dir: &Path) -> Vec<u8> {
     let mut target = SyncImage(device);
     let mut summary = ReplaySummary::default();
     for record in records(log_dir) {
-        apply(&record, 0, &mut target, &mut summary).unwrap();
+        apply(&record, DiskId(0), &mut target, &mut summary).unwrap();
     }
     target.flush().unwrap();
     std::fs::read(&blank).unwrap()

@@ -445,7 +445,7 @@ impl RecordBatch {
 
     fn note(&mut self, header: Header) -> Result<(), BatchError> {
         let id = RecordId {
-            seq: header.seq,
+            seq: header.seq.get(),
             generation: header.generation,
         };
         if let Some(prev) = self.last {
@@ -549,7 +549,7 @@ impl Iterator for BatchRecords<'_> {
             .map_err(|source| BatchError::Record { index, source })
             .and_then(|r| {
                 let id = RecordId {
-                    seq: r.header.seq,
+                    seq: r.header.seq.get(),
                     generation: r.header.generation,
                 };
                 match self.last {
@@ -1396,7 +1396,10 @@ mod tests {
             })
         );
         assert_eq!(batch.len(), 3);
-        let seqs: Vec<u64> = batch.records().map(|r| r.unwrap().header.seq).collect();
+        let seqs: Vec<u64> = batch
+            .records()
+            .map(|r| r.unwrap().header.seq.get())
+            .collect();
         assert_eq!(seqs, [5, 6, 100]);
 
         assert!(matches!(

@@ -35,7 +35,8 @@ use crate::message::{
 };
 use std::collections::HashSet;
 use thiserror::Error;
-use tidemark_changelog::record::{Record, GROUP_DISK};
+use tidemark_changelog::record::Record;
+use tidemark_changelog::DiskId;
 use tidemark_changelog::{Disk, Extent};
 use tidemark_names::Name;
 
@@ -557,7 +558,7 @@ impl Receiving {
                     })?;
                     let h = &record.header;
                     let id = RecordId {
-                        seq: h.seq,
+                        seq: h.seq.get(),
                         generation: h.generation,
                     };
                     if id.seq <= next.seq {
@@ -580,8 +581,8 @@ impl Receiving {
                             format!("record {id:?} cannot follow {next:?}"),
                         ));
                     }
-                    if h.disk != GROUP_DISK {
-                        self.check_extent(h.disk, h.offset, h.length)?;
+                    if h.disk != DiskId::GROUP {
+                        self.check_extent(h.disk.get(), h.offset, h.length)?;
                     }
                     next = id;
                     fresh.push(record);
@@ -596,12 +597,12 @@ impl Receiving {
                     if h.kind == tidemark_changelog::Kind::ResyncNeeded
                         && self.disks.iter().any(|(d, s)| *s < d.size)
                     {
-                        if let Some(d) = self.disks.iter_mut().find(|(d, _)| d.id == h.disk) {
+                        if let Some(d) = self.disks.iter_mut().find(|(d, _)| d.id == h.disk.get()) {
                             d.1 = d.1.min(h.offset);
                         }
                     }
                     self.applied = RecordId {
-                        seq: record.header.seq,
+                        seq: record.header.seq.get(),
                         generation: record.header.generation,
                     };
                     self.dirty = true;

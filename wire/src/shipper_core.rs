@@ -787,21 +787,25 @@ impl ShipperCore {
             if first {
                 // A batch sent again after a reconnect replaces what was
                 // noted from its first record on.
-                while self.unacked.back().is_some_and(|&(seq, _)| seq >= h.seq) {
+                while self
+                    .unacked
+                    .back()
+                    .is_some_and(|&(seq, _)| seq >= h.seq.get())
+                {
                     self.unacked.pop_back();
                 }
                 first = false;
             }
-            self.unacked.push_back((h.seq, h.timestamp_ns));
+            self.unacked.push_back((h.seq.get(), h.timestamp_ns));
             if h.kind == Kind::ResyncNeeded {
                 // While the group's initial sync runs, the receiver copies
                 // a resync-needed extent again with the initial sync (it has
                 // no consistent state to protect yet): the disk's sync
                 // position goes back to the extent. Afterwards the extent
                 // is compared by digests.
-                match self.disks.iter_mut().find(|d| d.id == h.disk) {
+                match self.disks.iter_mut().find(|d| d.id == h.disk.get()) {
                     Some(d) if initial_sync => d.next = d.next.min(h.offset),
-                    _ => self.push_resync(h.disk, h.offset, h.length),
+                    _ => self.push_resync(h.disk.get(), h.offset, h.length),
                 }
             }
             at += h.record_len().max(1);

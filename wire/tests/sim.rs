@@ -155,7 +155,7 @@ impl Source {
 
     fn push(&mut self, e: Entry<'_>, seq: u64, generation: u32, disks: &mut Disks) {
         let bytes = e.encode(seq, generation);
-        let d = e.disk as usize;
+        let d = e.disk.index();
         let (o, l) = (e.offset as usize, e.length as usize);
         match e.kind {
             Kind::Write => disks[d][o..o + l].copy_from_slice(e.payload),
@@ -282,16 +282,21 @@ impl Replica for MemReplica<'_> {
         let h = &record.header;
         // In order, once per commit interval, and exactly the source's bytes.
         assert!(
-            h.seq > self.work.1.durable_seq,
+            h.seq.get() > self.work.1.durable_seq,
             "record {} out of order",
             h.seq
         );
         assert!(
-            self.applied_since_commit.insert(h.seq),
+            self.applied_since_commit.insert(h.seq.get()),
             "record {} twice",
             h.seq
         );
-        let i = self.source.ids.iter().position(|r| r.seq == h.seq).unwrap();
+        let i = self
+            .source
+            .ids
+            .iter()
+            .position(|r| r.seq == h.seq.get())
+            .unwrap();
         // A version-1 session carries the source's record in version 1.
         let original = Record::decode(&self.source.records[i])
             .unwrap()
@@ -306,7 +311,7 @@ impl Replica for MemReplica<'_> {
         );
         self.record_applies += 1;
         let disks = &mut self.work.0;
-        let (d, o, l) = (h.disk as usize, h.offset as usize, h.length as usize);
+        let (d, o, l) = (h.disk.index(), h.offset as usize, h.length as usize);
         match h.kind {
             Kind::Write => disks[d][o..o + l].copy_from_slice(&record.payload),
             Kind::WriteZeroes | Kind::Trim => disks[d][o..o + l].fill(0),
@@ -322,16 +327,16 @@ impl Replica for MemReplica<'_> {
                     .zip(&self.sizes)
                     .any(|(d, s)| d.synced < *s);
                 if initial_sync {
-                    let d = self.synced(h.disk);
+                    let d = self.synced(h.disk.get());
                     *d = (*d).min(h.offset);
                     self.rewound = true;
                 } else {
-                    self.work.2.insert((h.disk, h.offset, h.length));
+                    self.work.2.insert((h.disk.get(), h.offset, h.length));
                 }
             }
             Kind::Barrier | Kind::Marker => {}
         }
-        self.work.1.durable_seq = h.seq;
+        self.work.1.durable_seq = h.seq.get();
         self.work.1.generation = h.generation;
         Ok(())
     }

@@ -991,7 +991,9 @@ impl<D: LogDir> ReplicaGroup<D> {
     pub fn apply_record(&mut self, rec: &Record) -> Result<Applied, StoreError> {
         self.check_poisoned()?;
         let h = &rec.header;
-        if h.seq <= self.cur.seq {
+        // The store keeps the integers the formats write.
+        let (seq, disk_id) = (h.seq.get(), h.disk.get());
+        if seq <= self.cur.seq {
             // A newer generation never reuses a sequence number: the
             // records it would replace are not the source's any more, and
             // skipping it as a duplicate would keep them silently.
@@ -999,29 +1001,29 @@ impl<D: LogDir> ReplicaGroup<D> {
                 return Err(StoreError::SequenceGap {
                     expected: self.cur.seq + 1,
                     generation: self.cur.generation,
-                    got: h.seq,
+                    got: seq,
                     got_generation: h.generation,
                 });
             }
             return Ok(Applied::Duplicate);
         }
-        let next_in_generation = h.generation == self.cur.generation && h.seq == self.cur.seq + 1;
+        let next_in_generation = h.generation == self.cur.generation && seq == self.cur.seq + 1;
         if !next_in_generation && h.generation <= self.cur.generation {
             return Err(StoreError::SequenceGap {
                 expected: self.cur.seq + 1,
                 generation: self.cur.generation,
-                got: h.seq,
+                got: seq,
                 got_generation: h.generation,
             });
         }
         rec.as_entry()
             .validate()
-            .map_err(|source| StoreError::InvalidRecord { seq: h.seq, source })?;
+            .map_err(|source| StoreError::InvalidRecord { seq, source })?;
         if rec.computed_crc() != h.crc {
-            return Err(StoreError::ChecksumMismatch { seq: h.seq });
+            return Err(StoreError::ChecksumMismatch { seq });
         }
         if !matches!(h.kind, Kind::Barrier | Kind::Marker) {
-            self.check_extent(h.disk, h.offset, h.length)?;
+            self.check_extent(disk_id, h.offset, h.length)?;
         }
         let no_hole = h.flags & FLAG_NO_HOLE != 0;
         let mut summary = ReplaySummary::default();
@@ -1029,7 +1031,7 @@ impl<D: LogDir> ReplicaGroup<D> {
         match h.kind {
             Kind::Barrier | Kind::Marker => {
                 if h.kind == Kind::Barrier {
-                    self.cur.last_barrier = Some((h.seq, h.timestamp_ns));
+                    self.cur.last_barrier = Some((seq, h.timestamp_ns));
                 }
                 // Only a consistent group's barriers are recovery points:
                 // during an initial sync or a resync no consistent state
@@ -1037,14 +1039,14 @@ impl<D: LogDir> ReplicaGroup<D> {
                 if self.cur.mode == Mode::Consistent {
                     let app = h.flags & FLAG_APP_CONSISTENT != 0;
                     let label = rec.label().unwrap_or_default();
-                    let written = self.journal.point(h.seq, h.timestamp_ns, app, label);
+                    let written = self.journal.point(seq, h.timestamp_ns, app, label);
                     self.poison_on(written.map_err(io_err("journaling a point in", &path)))?;
                 }
             }
             Kind::ResyncNeeded => {
                 let mode = self.cur.mode;
-                let Some(disk) = self.cur.disk_mut(h.disk) else {
-                    return Err(StoreError::UnknownDisk(h.disk));
+                let Some(disk) = self.cur.disk_mut(disk_id) else {
+                    return Err(StoreError::UnknownDisk(disk_id));
                 };
                 match mode {
                     Mode::InitialSync => disk.synced = disk.synced.min(h.offset),
@@ -1056,16 +1058,16 @@ impl<D: LogDir> ReplicaGroup<D> {
             }
             Kind::Write | Kind::WriteZeroes | Kind::Trim => {
                 let result = if self.cur.mode == Mode::InitialSync {
-                    let Some(file) = self.images.get(&h.disk) else {
-                        return Err(StoreError::UnknownDisk(h.disk));
+                    let Some(file) = self.images.get(&disk_id) else {
+                        return Err(StoreError::UnknownDisk(disk_id));
                     };
-                    self.touched.insert(h.disk);
+                    self.touched.insert(disk_id);
                     let mut target = image::InPlace { file, no_hole };
                     replay::apply(rec, h.disk, &mut target, &mut summary)
                 } else {
                     let mut target = Journaled {
                         journal: &mut self.journal,
-                        disk: h.disk,
+                        disk: disk_id,
                         no_hole,
                     };
                     replay::apply(rec, h.disk, &mut target, &mut summary)
@@ -1073,7 +1075,7 @@ impl<D: LogDir> ReplicaGroup<D> {
                 self.poison_on(result.map_err(io_err("applying a record in", &path)))?;
             }
         }
-        self.cur.seq = h.seq;
+        self.cur.seq = seq;
         self.cur.generation = h.generation;
         self.dirty = true;
         Ok(Applied::Done)
