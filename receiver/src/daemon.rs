@@ -602,14 +602,21 @@ impl Server {
                     report_drained(&dir, host, &group_name, outcome);
                 }
             }
-            let idle = tokio::task::block_in_place(|| receiving.handle_idle(&mut *lock(&replica)));
-            match idle {
-                Ok(frames) => {
-                    for f in frames {
-                        send.write_all(&f).await.map_err(SessionEnded::Write)?;
+            // Idle means nothing buffered at all: a part of a message
+            // means the rest is on its way, and committing before it would
+            // sync once per frame (an initial sync's 1 MiB chunks arrive in
+            // several reads each).
+            if decoder.buffered() == 0 {
+                let idle =
+                    tokio::task::block_in_place(|| receiving.handle_idle(&mut *lock(&replica)));
+                match idle {
+                    Ok(frames) => {
+                        for f in frames {
+                            send.write_all(&f).await.map_err(SessionEnded::Write)?;
+                        }
                     }
+                    Err(e) => return refuse(&mut send, e).await,
                 }
-                Err(e) => return refuse(&mut send, e).await,
             }
             tokio::select! {
                 read = recv.read(&mut buf) => match read {

@@ -20,8 +20,9 @@
 //!   come in offset order without holes.
 //!
 //! Commit policy: after every Records batch, after `commit_bytes` of chunk
-//! data, and when the daemon reports its input idle; each commit is
-//! followed by an Ack carrying the durable position.
+//! data, and when the daemon reports its input idle (nothing buffered, not
+//! even a part of a message); each commit is followed by an Ack carrying
+//! the durable position.
 //!
 //! Sessions are fenced: starting one takes a new lease from the replica, and
 //! a session whose lease is no longer current refuses every frame. A stale
@@ -716,8 +717,9 @@ impl Receiving {
         Ok(out)
     }
 
-    /// The daemon has no more input buffered: commit what is applied and
-    /// acknowledge it (returns the Ack, if there is anything to say).
+    /// The daemon has no more input buffered, no message and no part of
+    /// one (a part means the rest is on its way): commit what is applied
+    /// and acknowledge it (returns the Ack, if there is anything to say).
     pub fn handle_idle<R: Replica>(
         &mut self,
         replica: &mut R,
