@@ -2,9 +2,8 @@
 //! it serves, in storage terms: disks ([`ServedDisk`], holding the shared
 //! [`Disk`]), addressed by [`DiskId`], byte ranges, a storage error
 //! ([`BackendError`]) and the allocation of a range ([`Allocation`]). The
-//! frontends translate: the NBD shell maps an error to its `Errno` and an
-//! allocation to `base:allocation` flags, the ublk queue an error to a
-//! negative errno. The tracker's consistency group is the real backend; a
+//! NBD shell translates: an error to its `Errno`, an allocation to
+//! `base:allocation` flags. The tracker's consistency group is the real backend; a
 //! test failover's overlay and tests' in-memory disks are others.
 //!
 //! Requests reaching a backend are already validated (in range, within the
@@ -38,10 +37,9 @@ pub struct ServedDisk {
     pub block_sizes: BlockSizes,
 }
 
-/// Why a backend could not perform a request. The frontend tells its
-/// client through one mapping each: NBD's `Errno`
-/// ([`crate::nbd::constants::Errno::of_backend`]) and the ublk driver's
-/// negative errno ([`crate::ublk::queue`]).
+/// Why a backend could not perform a request. The NBD shell tells its
+/// client through one mapping,
+/// [`Errno::of_backend`](crate::nbd::constants::Errno::of_backend).
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     /// No disk with this id (the client's mistake).
