@@ -45,6 +45,13 @@
 #      randread-4k-qd32 4 KiB random reads, 32 in flight, data region
 #      seq-1m-disk      1 MiB reads, 8 in flight, one pass over the whole
 #                       disk (mostly holes on the larger sizes)
+#      copy-disk        a whole-disk copy as backup and migration tools
+#                       make it: `nbdcopy URI null:`, which asks block
+#                       status and reads only what is not a hole (MB/s of
+#                       the disk's size). Its peers serve the point itself,
+#                       made into a sparse image file once (nbdcopy from
+#                       the point, untimed): the same bytes, the same
+#                       holes; "file" is nbdcopy reading that image file
 #    in two cache states:
 #      cold  page cache synced and dropped before the run; seq-1m-qd8 and
 #            seq-1m-disk read their range once (size based), the random
@@ -96,7 +103,7 @@ WRITE_FSYNC="${WRITE_FSYNC:-256}"
 REPEATS="${REPEATS:-5}"
 RUNTIME="${RUNTIME:-10}"
 CACHES="${CACHES-cold warm}"
-WORKLOADS="${WORKLOADS:-seq-1m-qd8 randread-4k-qd1 randread-4k-qd32 seq-1m-disk}"
+WORKLOADS="${WORKLOADS:-seq-1m-qd8 randread-4k-qd1 randread-4k-qd32 seq-1m-disk copy-disk}"
 PEERS="${PEERS:-qemu-nbd nbdkit}"
 DROP_CACHES="${DROP_CACHES:-1}"
 VERIFY="${VERIFY:-1}"
@@ -120,7 +127,7 @@ for peer in $PEERS; do
 	case "$peer" in qemu-nbd | nbdkit) ;; *) die "PEERS: unknown server '$peer' (qemu-nbd, nbdkit)" ;; esac
 done
 for wl in $WORKLOADS; do
-	case "$wl" in seq-1m-qd8 | randread-4k-qd1 | randread-4k-qd32 | seq-1m-disk) ;;
+	case "$wl" in seq-1m-qd8 | randread-4k-qd1 | randread-4k-qd32 | seq-1m-disk | copy-disk) ;;
 	*) die "WORKLOADS: unknown workload '$wl'" ;;
 	esac
 done
@@ -221,10 +228,10 @@ start_server() {
 		;;
 	qemu-nbd)
 		qemu-nbd -r -f raw -x disk -k "$sock" -t --cache=writeback --aio=threads \
-			"$(base_image "$group")" >"$logbase.out" 2>"$logbase.err" &
+			"${PEER_IMAGE:-$(base_image "$group")}" >"$logbase.out" 2>"$logbase.err" &
 		;;
 	nbdkit)
-		nbdkit -f -r -U "$sock" file "$(base_image "$group")" >"$logbase.out" 2>"$logbase.err" &
+		nbdkit -f -r -U "$sock" file "${PEER_IMAGE:-$(base_image "$group")}" >"$logbase.out" 2>"$logbase.err" &
 		;;
 	*) die "unknown server $kind" ;;
 	esac
@@ -346,6 +353,17 @@ fio_args() {
 	esac
 }
 
+# copy_disk SOURCE OUT SIZE_BYTES: times `nbdcopy SOURCE null:` and writes
+# fio-like JSON (the disk's size over the wall time) to OUT for figure().
+copy_disk() {
+	local src=$1 out=$2 sb=$3 t0
+	now_us
+	t0=$NOW
+	nbdcopy "$src" null: 2>"$out.err" || { cat "$out.err" >&2; die "nbdcopy from $src failed"; }
+	now_us
+	echo "{\"jobs\": [{\"read\": {\"iops\": 0, \"bw_bytes\": $((sb * 1000000 / (NOW - t0)))}}]}" >"$out"
+}
+
 # figure JSON WORKLOAD: MB/s for sequential workloads, IOPS for random ones.
 figure() {
 	python3 - "$1" "$2" <<'EOF'
@@ -416,6 +434,17 @@ dir="$WORK/$LARGEST"
 group="$dir/replicas/$HOST/default"
 sb="$(bytes "$LARGEST")"
 img="$(base_image "$group")"
+POINT_IMAGE=""
+if [[ " $WORKLOADS " == *" copy-disk "* ]] && [ -n "$CACHES" ]; then
+	# The point as a sparse image file, for the peers of copy-disk.
+	note "$LARGEST: copying the point into an image file for the copy-disk peers"
+	POINT_IMAGE="$dir/point.img"
+	start_server point "$group" "$SOCKDIR/read.sock" "$dir/point-image"
+	nbdcopy "nbd+unix:///disk?socket=$SOCKDIR/read.sock" "$POINT_IMAGE" ||
+		die "copying the point into $POINT_IMAGE failed"
+	stop_server
+	note "$LARGEST: the point's image file holds $(($(stat -c %b "$POINT_IMAGE") * 512 >> 20)) MiB of data"
+fi
 declare -A FIG
 for cache in $CACHES; do
 	for wl in $WORKLOADS; do
@@ -424,7 +453,15 @@ for cache in $CACHES; do
 			out="$dir/read-$cache-$wl-$side.json"
 			note "$LARGEST reads: $wl, $cache cache, $side"
 			if [ "$cache" = cold ]; then drop_caches; else warm_up "$group" "$sb"; fi
-			if [ "$side" = file ]; then
+			if [ "$wl" = copy-disk ]; then
+				if [ "$side" = file ]; then
+					copy_disk "$POINT_IMAGE" "$out" "$sb"
+				else
+					PEER_IMAGE="$POINT_IMAGE" start_server "$side" "$group" "$SOCKDIR/read.sock" "$dir/read-$cache-$wl-$side"
+					copy_disk "nbd+unix:///disk?socket=$SOCKDIR/read.sock" "$out" "$sb"
+					stop_server
+				fi
+			elif [ "$side" = file ]; then
 				# --invalidate=0: fio would drop the file's cached pages.
 				fio --name="$wl" --filename="$img" --readonly --ioengine=io_uring --direct=0 --invalidate=0 \
 					"${args[@]}" --output-format=json --output="$out" >/dev/null 2>"$out.err" ||
@@ -461,7 +498,8 @@ for size in "${SIZE_LIST[@]}"; do
 done
 [ -n "$CACHES" ] || exit 0
 echo
-echo "Reads on the $LARGEST disk: MB/s for seq-*, IOPS for randread-*; the peers read the base image"
+echo "Reads on the $LARGEST disk: MB/s for seq-* and copy-disk, IOPS for randread-*; the peers read the"
+echo "base image, except for copy-disk (the point made into an image file)"
 echo "(ratio: point / peer, above 1 the point is faster)"
 line="$(printf '%-5s %-16s %8s' cache workload point)"
 for peer in $PEERS file; do

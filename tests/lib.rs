@@ -304,6 +304,27 @@ impl Drop for TrackerProcess {
     }
 }
 
+/// `nbdinfo --map` of `uri`: (offset, length, type) of each extent, type
+/// 0 for data and 3 for a hole that reads as zeroes.
+pub fn nbdinfo_map(uri: &str) -> Vec<(u64, u64, u64)> {
+    let out = Command::new("nbdinfo")
+        .args(["--map", "--json", uri])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let map: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let field = |e: &serde_json::Value, name| e[name].as_u64().expect("a number");
+    map.as_array()
+        .expect("a list of extents")
+        .iter()
+        .map(|e| (field(e, "offset"), field(e, "length"), field(e, "type")))
+        .collect()
+}
+
 /// Runs `qemu-io -f raw` with these `-c` commands on `target` (an NBD URI
 /// or an image file) and asserts that every one succeeded.
 pub fn qemu_io(target: impl AsRef<std::ffi::OsStr>, cmds: &[&str]) {

@@ -13,13 +13,11 @@ use nix::sys::signal::{SigSet, Signal};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use tidemark_changelog::DiskId;
 use tidemark_receiver::pin::{PinLock, TEST_FAILOVER_DIR};
 use tidemark_receiver::store::{LocalEngine, RecoveryPoint};
 use tidemark_receiver::test_failover::{CowOverlay, OverlayError, TestFailover};
-use tidemark_tracker::backend::Backend;
-use tidemark_tracker::nbd::constants::{Errno, ExtentStatus, TransmissionFlags};
-use tidemark_tracker::nbd::export::ExportInfo;
-use tidemark_tracker::nbd::transmission::BlockStatusExtent;
+use tidemark_tracker::backend::{from_runs, Allocation, Backend, BackendError, ServedDisk};
 use tidemark_tracker::server::{Server, ServerOptions, DEFAULT_BLOCK_SIZES};
 
 /// `tidemark test-failover`.
@@ -61,35 +59,30 @@ pub(crate) fn run(cmd: TestFailoverCommand) -> Result<ExitCode> {
     }
 }
 
-/// The test failover's overlay as an NBD backend.
+/// The test failover's overlay as a backend the NBD server serves.
 struct NbdExport(Arc<CowOverlay>);
 
-fn errno(e: OverlayError) -> Errno {
+fn backend_error(e: OverlayError) -> BackendError {
     match e {
-        OverlayError::NoSuchDisk(_) => Errno::Inval,
+        OverlayError::NoSuchDisk(id) => BackendError::NoSuchDisk(DiskId(id)),
         OverlayError::Point(e) => {
             tracing::warn!(error = %e, "reading the point");
-            Errno::Io
+            BackendError::Io(std::io::Error::other(e))
         }
-        OverlayError::Scratch(e) => Errno::from_io_error(&e),
+        OverlayError::Scratch(e) => BackendError::from(e),
     }
 }
 
 impl Backend for NbdExport {
-    fn exports(&self) -> Vec<ExportInfo> {
+    fn disks(&self) -> Vec<ServedDisk> {
         self.0
             .disks()
             .iter()
-            .map(|d| ExportInfo {
-                name: d.name.to_string(),
+            .map(|d| ServedDisk {
+                disk: d.clone(),
+                export: d.name.to_string(),
                 description: format!("tidemark test failover of disk {}", d.name),
-                size: d.size,
-                flags: TransmissionFlags::HAS_FLAGS
-                    | TransmissionFlags::SEND_FLUSH
-                    | TransmissionFlags::SEND_FUA
-                    | TransmissionFlags::SEND_TRIM
-                    | TransmissionFlags::SEND_WRITE_ZEROES
-                    | TransmissionFlags::CAN_MULTI_CONN,
+                read_only: false,
                 block_sizes: DEFAULT_BLOCK_SIZES,
             })
             .collect()
@@ -100,43 +93,56 @@ impl Backend for NbdExport {
         true
     }
 
-    fn read(&self, disk: u32, offset: u64, buf: &mut [u8]) -> Result<(), Errno> {
-        self.0.read(disk, offset, buf).map_err(errno)
+    fn read(&self, disk: DiskId, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
+        self.0.read(disk.get(), offset, buf).map_err(backend_error)
     }
 
-    fn write(&self, disk: u32, offset: u64, data: &[u8], _fua: bool) -> Result<(), Errno> {
-        self.0.write(disk, offset, data).map_err(errno)
+    fn write(
+        &self,
+        disk: DiskId,
+        offset: u64,
+        data: &[u8],
+        _fua: bool,
+    ) -> Result<(), BackendError> {
+        self.0
+            .write(disk.get(), offset, data)
+            .map_err(backend_error)
     }
 
     fn write_zeroes(
         &self,
-        disk: u32,
+        disk: DiskId,
         offset: u64,
         length: u64,
         _no_hole: bool,
         _fua: bool,
-    ) -> Result<(), Errno> {
-        self.0.write_zeroes(disk, offset, length).map_err(errno)
+    ) -> Result<(), BackendError> {
+        self.0
+            .write_zeroes(disk.get(), offset, length)
+            .map_err(backend_error)
     }
 
-    fn trim(&self, disk: u32, offset: u64, length: u64, _fua: bool) -> Result<(), Errno> {
-        self.0.write_zeroes(disk, offset, length).map_err(errno)
+    fn trim(&self, disk: DiskId, offset: u64, length: u64, _fua: bool) -> Result<(), BackendError> {
+        self.0
+            .write_zeroes(disk.get(), offset, length)
+            .map_err(backend_error)
     }
 
-    fn flush(&self, disk: u32) -> Result<(), Errno> {
-        self.0.flush(disk).map_err(errno)
+    fn flush(&self, disk: DiskId) -> Result<(), BackendError> {
+        self.0.flush(disk.get()).map_err(backend_error)
     }
 
-    fn block_status(
+    fn allocation(
         &self,
-        _disk: u32,
-        _offset: u64,
-        length: u32,
-    ) -> Result<Vec<BlockStatusExtent>, Errno> {
-        Ok(vec![BlockStatusExtent {
-            length,
-            status: ExtentStatus::empty(),
-        }])
+        disk: DiskId,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<Allocation>, BackendError> {
+        let runs = self
+            .0
+            .allocation(disk.get(), offset, length)
+            .map_err(backend_error)?;
+        Ok(from_runs(disk, runs))
     }
 }
 

@@ -23,4 +23,4 @@ pub mod zero;
 pub use dir::{create_private_dir_all, private_file, FsDir, LogDir, LogFile, SimDir};
 pub use lock::{DirLock, LockError};
 pub use replace::{replace, Durability, ReplaceError};
-pub use zero::{zero_range, Zeroes};
+pub use zero::{allocation_runs, zero_range, AllocationRun, Zeroes};

@@ -10,6 +10,7 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 
 use nix::errno::Errno;
@@ -83,6 +84,65 @@ pub fn is_hole(file: &File, offset: u64, len: u64) -> bool {
     }
 }
 
+/// A run of a file that [`allocation_runs`] found: data, or a hole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllocationRun {
+    /// First byte.
+    pub offset: u64,
+    /// Bytes; never zero.
+    pub length: u64,
+    /// Allocated data (`true`) or a hole, which reads as zeroes.
+    pub data: bool,
+}
+
+/// The data and holes of `offset..offset+len` of the file `fd`, in order
+/// from `offset`, at most `max_runs` of them (the last one may end before
+/// the range does), found with `SEEK_DATA`/`SEEK_HOLE`. Past the end of
+/// the file is a hole. A filesystem that does not know holes reports
+/// everything as data, which is always correct. The file offset moves;
+/// positioned I/O ignores it.
+pub fn allocation_runs(
+    fd: impl AsFd,
+    offset: u64,
+    len: u64,
+    max_runs: usize,
+) -> io::Result<Vec<AllocationRun>> {
+    let fd = fd.as_fd();
+    let end = offset.checked_add(len).ok_or(io::ErrorKind::InvalidInput)?;
+    let seek = |at: u64, whence: Whence| -> io::Result<Option<u64>> {
+        let at = i64::try_from(at).map_err(|_| io::ErrorKind::InvalidInput)?;
+        match lseek(fd, at, whence) {
+            Ok(pos) => Ok(Some(pos as u64)),
+            // No data at or after `at` (SEEK_DATA), or `at` is past the end.
+            Err(Errno::ENXIO) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    };
+    let mut runs = Vec::new();
+    let mut at = offset;
+    while at < end && runs.len() < max_runs.max(1) {
+        let data_at = seek(at, Whence::SeekData)?.unwrap_or(end).min(end);
+        let (stop, data) = if data_at > at {
+            (data_at, false)
+        } else {
+            // Every file ends in a virtual hole, so SEEK_HOLE finds one.
+            (
+                seek(at, Whence::SeekHole)?
+                    .unwrap_or(end)
+                    .clamp(at + 1, end),
+                true,
+            )
+        };
+        runs.push(AllocationRun {
+            offset: at,
+            length: stop - at,
+            data,
+        });
+        at = stop;
+    }
+    Ok(runs)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,6 +158,43 @@ mod tests {
         let mut out = vec![0u8; file.metadata().unwrap().len() as usize];
         file.read_exact_at(&mut out, 0).unwrap();
         out
+    }
+
+    /// A sparse file reports its holes and its data where they are; a
+    /// range written later is data; past the end is a hole.
+    #[test]
+    fn allocation_runs_find_holes_and_data() {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(1 << 20).unwrap();
+        file.write_all_at(&[7u8; 65536], 256 << 10).unwrap();
+        let runs = allocation_runs(&file, 0, 1 << 20, 16).unwrap();
+        if runs.len() == 1 {
+            // A filesystem without holes: all data, which is correct.
+            assert!(runs[0].data && runs[0].length == 1 << 20);
+            eprintln!("this filesystem reports no holes; hole detection not checked");
+            return;
+        }
+        let data: Vec<_> = runs.iter().filter(|r| r.data).collect();
+        assert_eq!(data.len(), 1, "{runs:?}");
+        assert!(data[0].offset <= 256 << 10);
+        assert!(data[0].offset + data[0].length >= 320 << 10);
+        assert!(!runs[0].data && runs[0].offset == 0, "{runs:?}");
+        let covered: u64 = runs.iter().map(|r| r.length).sum();
+        assert_eq!(covered, 1 << 20);
+
+        file.write_all_at(&[1u8; 4096], 0).unwrap();
+        let runs = allocation_runs(&file, 0, 4096, 16).unwrap();
+        assert_eq!(
+            runs,
+            [AllocationRun {
+                offset: 0,
+                length: 4096,
+                data: true
+            }]
+        );
+        let past = allocation_runs(&file, 1 << 20, 4096, 16).unwrap();
+        assert!(past.iter().all(|r| !r.data), "{past:?}");
+        assert_eq!(allocation_runs(&file, 0, 1 << 20, 2).unwrap().len(), 2);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use tidemark_durable::{private_file, zero_range, Zeroes};
+use tidemark_durable::{private_file, zero_range, AllocationRun, Zeroes};
 
 use crate::pin::{PinError, PinLock};
 use crate::store::{Disk, LocalEngine, PointReader, StoreError};
@@ -31,6 +31,13 @@ use crate::store::{Disk, LocalEngine, PointReader, StoreError};
 /// The copy-on-write block: a write that covers a block only in part
 /// first copies the rest of the block from the point.
 pub const BLOCK: u64 = 4096;
+
+/// The smallest run [`CowOverlay::allocation`] splits data down to.
+pub const ALLOCATION_GRAIN: u64 = 64 << 10;
+
+/// The most bytes one [`CowOverlay::allocation`] answer covers: a client
+/// asks again from where it ends.
+pub const MAX_ALLOCATION_SCAN: u64 = 1 << 30;
 
 /// Why a test failover could not start or end.
 #[derive(Debug, thiserror::Error)]
@@ -250,6 +257,58 @@ impl CowOverlay {
         s.file.sync_data().map_err(OverlayError::Scratch)
     }
 
+    /// What `offset..offset+len` of disk `index` holds, in runs from
+    /// `offset` (at most [`MAX_ALLOCATION_SCAN`] bytes of it): data where
+    /// the test wrote or the point may hold bytes, a hole where the test
+    /// wrote nothing and the point surely reads as zeroes (a hole of the
+    /// replica image, zeroes in the point's journal; see
+    /// [`PointReader::is_zero`]). Runs are found by halving: a range that
+    /// is all hole costs one question, data is resolved to
+    /// [`ALLOCATION_GRAIN`].
+    ///
+    /// The scratch's block map is held meanwhile, so a write the test
+    /// acknowledged before (its bits are set once its bytes are in the
+    /// scratch) is data here; the point never changes.
+    pub fn allocation(
+        &self,
+        index: u32,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<AllocationRun>, OverlayError> {
+        let (disk, s) = self.disk(index)?;
+        let end = offset
+            .saturating_add(len.min(MAX_ALLOCATION_SCAN))
+            .min(s.size);
+        let written = s.written.lock().unwrap_or_else(|e| e.into_inner());
+        let mut runs: Vec<AllocationRun> = Vec::new();
+        // Ranges still to classify, the next one on top.
+        let mut todo = vec![(offset, end)];
+        while let Some((start, stop)) = todo.pop() {
+            if start >= stop {
+                continue;
+            }
+            let untouched = !any_bit(&written, start / BLOCK, (stop - 1) / BLOCK);
+            let hole = untouched && self.view.is_zero(disk.id, start, stop - start);
+            if !hole && stop - start > ALLOCATION_GRAIN {
+                let half = start + (stop - start) / 2;
+                let mid =
+                    (half / ALLOCATION_GRAIN).max(start / ALLOCATION_GRAIN + 1) * ALLOCATION_GRAIN;
+                todo.push((mid.min(stop), stop));
+                todo.push((start, mid.min(stop)));
+                continue;
+            }
+            match runs.last_mut() {
+                Some(last) if last.data != hole => last.length += stop - start,
+                _ => runs.push(AllocationRun {
+                    offset: start,
+                    length: stop - start,
+                    data: !hole,
+                }),
+            }
+        }
+        Ok(runs)
+    }
+
     /// Changes `offset..offset+len` in the scratch: `data` (or zeroes).
     /// Blocks the change covers only in part are first copied from the
     /// point.
@@ -289,6 +348,10 @@ impl CowOverlay {
 
 fn bit(bits: &[u64], b: u64) -> bool {
     bits[(b / 64) as usize] & (1 << (b % 64)) != 0
+}
+
+fn any_bit(bits: &[u64], first: u64, last: u64) -> bool {
+    (first..=last).any(|b| bit(bits, b))
 }
 
 fn set_bits(bits: &mut [u64], first: u64, last: u64) {
@@ -397,6 +460,86 @@ mod tests {
         drop(o);
         test.end().unwrap();
         assert!(!dir.path().join(TEST_FAILOVER_DIR).exists());
+    }
+
+    /// The runs of an allocation answer as (offset, length, data).
+    fn runs(o: &CowOverlay, offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
+        let runs = o.allocation(0, offset, len).unwrap();
+        runs.iter().map(|r| (r.offset, r.length, r.data)).collect()
+    }
+
+    /// A point whose image has holes (a sparse initial sync) and whose
+    /// journal trimmed a range: both are holes of the point; data of the
+    /// image or the journal is data; the test's own writes are data, even
+    /// over a hole.
+    #[test]
+    fn allocation_reports_the_points_holes_and_the_tests_writes() {
+        const BIG: u64 = 1 << 20;
+        const G: u64 = ALLOCATION_GRAIN;
+        let dir = tempfile::tempdir().unwrap();
+        let mut g = ReplicaGroup::open(dir.path()).unwrap();
+        g.ensure_disks(&[Disk {
+            id: 0,
+            name: Name::from_static("a"),
+            size: BIG,
+        }])
+        .unwrap();
+        // Data in the first 4 grains, zeroes (not sent as data) after.
+        let data = vec![5u8; (4 * G) as usize];
+        g.apply_chunk(0, 0, ChunkRef::Data(&data), Purpose::InitialSync)
+            .unwrap();
+        g.apply_chunk(0, 4 * G, ChunkRef::Zero(BIG - 4 * G), Purpose::InitialSync)
+            .unwrap();
+        g.commit().unwrap();
+        let rec = |e: &Entry<'_>, seq| Record::decode(&e.encode(seq, 0)).unwrap();
+        // The journal trims grain 1 and writes grain 8.
+        g.apply_record(&rec(&Entry::trim(0, G, G, 0), 1)).unwrap();
+        g.apply_record(&rec(&Entry::write(0, 8 * G, &data[..G as usize], 0), 2))
+            .unwrap();
+        g.apply_record(&rec(&Entry::barrier(3), 3)).unwrap();
+        g.commit().unwrap();
+
+        let lock = PinLock::acquire(dir.path()).unwrap();
+        let test = TestFailover::start(dir.path(), lock, 3).unwrap();
+        let o = test.overlay();
+        let holes_known = runs(&o, 4 * G, 4 * G) == [(4 * G, 4 * G, false)];
+        if !holes_known {
+            // The filesystem of the temporary directory reports no holes:
+            // everything is data, which is correct.
+            assert!(runs(&o, 0, BIG).iter().all(|r| r.2));
+            eprintln!("this filesystem reports no holes; hole detection not checked");
+            return;
+        }
+        assert_eq!(
+            runs(&o, 0, BIG),
+            [
+                (0, G, true),
+                (G, G, false),
+                (2 * G, 2 * G, true),
+                (4 * G, 4 * G, false),
+                (8 * G, G, true),
+                (9 * G, BIG - 9 * G, false),
+            ]
+        );
+        // A write of the test over a hole makes its grain data.
+        o.write(0, 12 * G + 100, &[1u8; 10]).unwrap();
+        assert_eq!(
+            runs(&o, 10 * G, 4 * G),
+            [
+                (10 * G, 2 * G, false),
+                (12 * G, G, true),
+                (13 * G, G, false)
+            ]
+        );
+        // Every run lies within the question, and past the disk is nothing.
+        assert_eq!(runs(&o, 9 * G, G), [(9 * G, G, false)]);
+        assert!(runs(&o, BIG, 4096).is_empty());
+        assert!(matches!(
+            o.allocation(1, 0, 1),
+            Err(OverlayError::NoSuchDisk(1))
+        ));
+        drop(o);
+        test.end().unwrap();
     }
 
     #[test]

@@ -15,7 +15,7 @@ use tidemark_e2e::replication::{
     enroll, failover_and_compare_with, free_port, newest_point, run_ok, shipper_status,
     start_receiver, start_shipper, start_test_failover, wait_caught_up, HOST,
 };
-use tidemark_e2e::{qemu_io, require_tool, tidemark, tidemark_bin, TrackerProcess};
+use tidemark_e2e::{nbdinfo_map, qemu_io, require_tool, tidemark, tidemark_bin, TrackerProcess};
 
 const SIZE: u64 = 64 << 20;
 
@@ -419,7 +419,10 @@ fn catch_up_times(dir: &Path, log_dir: &Path, uri: &str, rounds: u8) -> Vec<Dura
 #[test]
 fn a_test_failover_serves_a_point_read_write_while_replication_goes_on() {
     let test = "a_test_failover_serves_a_point_read_write_while_replication_goes_on";
-    if !require_tool("qemu-io", test) || !require_tool("nbdcopy", test) {
+    if !["qemu-io", "nbdcopy", "nbdinfo"]
+        .iter()
+        .all(|tool| require_tool(tool, test))
+    {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -459,6 +462,22 @@ fn a_test_failover_serves_a_point_read_write_while_replication_goes_on() {
         fs::read(&copy).unwrap() == reference,
         "the test failover does not serve the point"
     );
+    // Block status tells the point's holes from its data: what the source
+    // wrote is data, and the untouched rest reads as holes (the replica
+    // image is sparse), so copying tools skip it.
+    let map = nbdinfo_map(&test_uri);
+    let kind_at = |at: u64| {
+        map.iter()
+            .find(|e| e.0 <= at && at < e.0 + e.1)
+            .map(|e| e.2)
+    };
+    const MIB: u64 = 1 << 20;
+    for at in [0, 3 * MIB, 20 * MIB, 21 * MIB - 1] {
+        assert_eq!(kind_at(at), Some(0), "{at} is data: {map:?}");
+    }
+    for at in [4 * MIB, 10 * MIB, 21 * MIB, SIZE - 1] {
+        assert_eq!(kind_at(at), Some(3), "{at} is a hole: {map:?}");
+    }
     // The test writes (unaligned too), and reads its own writes back.
     qemu_io(
         &test_uri,

@@ -6,7 +6,7 @@
 use std::fs;
 use std::path::Path;
 use std::process::Command;
-use tidemark_e2e::{require_tool, tidemark, TrackerProcess};
+use tidemark_e2e::{nbdinfo_map, require_tool, tidemark, TrackerProcess};
 
 const SIZE: u64 = 64 << 20;
 
@@ -174,6 +174,44 @@ fn nbdinfo_sees_what_the_tracker_advertises() {
         String::from_utf8_lossy(&out.stdout)
     );
     assert!(tracker.stop());
+}
+
+/// Block status tells the truth on an image file: the blank image is one
+/// hole, a written range is data (right after the write is acknowledged),
+/// a trimmed one a hole again; copying tools can skip the holes.
+#[test]
+fn nbdinfo_maps_the_holes_and_data_of_an_image() {
+    let test = "nbdinfo_maps_the_holes_and_data_of_an_image";
+    if !require_tool("nbdinfo", test) || !require_tool("qemu-io", test) {
+        return;
+    }
+    const MIB: u64 = 1 << 20;
+    let tmp = tempfile::tempdir().unwrap();
+    let image = tmp.path().join("disk.img");
+    blank_image(&image, SIZE);
+    let tracker = TrackerProcess::start(tmp.path(), &image, &[]);
+    let uri = tracker.uri();
+    assert_eq!(nbdinfo_map(&uri), [(0, SIZE, 3)]);
+    qemu_io(&uri, &["write -P 0x11 4M 2M", "write -P 0x12 40M 1M"]);
+    let map = nbdinfo_map(&uri);
+    assert_eq!(
+        map,
+        [
+            (0, 4 * MIB, 3),
+            (4 * MIB, 2 * MIB, 0),
+            (6 * MIB, 34 * MIB, 3),
+            (40 * MIB, MIB, 0),
+            (41 * MIB, SIZE - 41 * MIB, 3),
+        ]
+    );
+    qemu_io(&uri, &["discard 4M 1M", "flush"]);
+    let map = nbdinfo_map(&uri);
+    assert_eq!(
+        map[..3],
+        [(0, 5 * MIB, 3), (5 * MIB, MIB, 0), (6 * MIB, 34 * MIB, 3)],
+        "{map:?}"
+    );
+    stop_check_and_replay(tracker, tmp.path(), &image);
 }
 
 fn nbdcopy_round_trip(connections: &str) {

@@ -43,23 +43,23 @@
 //! watermark, which is why an extent cools only once the watermark covers
 //! its writes.
 
-use crate::backend::Backend;
+use crate::backend::{all_data, from_runs, Allocation, Backend, BackendError, ServedDisk};
 use crate::bitmap::{BitmapError, PersistentBitmap};
 use crate::commit::{CommitFailed, Committer, LogStep, LOG_BUFFER_LIMIT, WRITE_OUT_BYTES};
 use crate::lock_order::{Level, Ordered, OrderedGuard};
-use crate::nbd::constants::{Errno, ExtentStatus, TransmissionFlags};
-use crate::nbd::export::{BlockSizes, ExportInfo};
-use crate::nbd::transmission::BlockStatusExtent;
+use crate::nbd::constants::Errno;
+use crate::nbd::export::BlockSizes;
 use crate::queue::{QueueWaker, Wakers};
 use crate::range_lock::{RangeLock, RangeTicket};
 use crate::state::{BitmapCause, DiskOrderError, FullAt, GroupState, StateError};
 use crate::storage::BlockDevice;
+use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use tidemark_changelog::{
-    now_ns, AppendError, ChangeLog, Entry, FsDir, LogOptions, OpenError, Recovery, RecoveryPolicy,
-    Seq,
+    now_ns, AppendError, ChangeLog, DiskId, Entry, FsDir, LogOptions, OpenError, Recovery,
+    RecoveryPolicy, Seq,
 };
 use tidemark_config::ByteSize;
 use tidemark_metrics::{Histogram, HistogramSnapshot, LATENCY_BUCKETS};
@@ -1148,10 +1148,11 @@ impl Group {
         fua: bool,
         apply: impl FnOnce(&dyn BlockDevice) -> Result<(), crate::storage::StorageError>,
         entry: Entry<'_>,
-    ) -> Result<(), Errno> {
+    ) -> Result<(), BackendError> {
         let started = Instant::now();
-        self.check_running()?;
-        let d = self.disk(disk)?;
+        self.check_running()
+            .map_err(|_| BackendError::Unavailable)?;
+        let d = self.served(DiskId(disk))?;
         {
             let range = d.locks.lock(offset, len);
             if let Some(ticket) = self.mark_hot(disk, offset, len) {
@@ -1160,7 +1161,9 @@ impl Group {
                     self.release_hot(disk, offset, len, u64::MAX);
                     drop(range);
                     self.wake_parked();
-                    return Err(Errno::Io);
+                    return Err(BackendError::Io(io::Error::other(
+                        "persisting the activity map failed",
+                    )));
                 }
             }
             // Recorded first, then applied: the order of the event loops
@@ -1175,7 +1178,7 @@ impl Group {
                 self.release_hot(disk, offset, len, u64::MAX);
                 drop(range);
                 self.wake_parked();
-                return Err(errno_of(&e));
+                return Err(BackendError::Device(e));
             }
             self.release_hot(disk, offset, len, seq);
             drop(range);
@@ -1183,7 +1186,7 @@ impl Group {
             self.wake_parked();
         }
         if fua {
-            self.barrier(disk)?;
+            self.barrier(disk).map_err(backend_error)?;
         }
         let bytes = if entry.kind == tidemark_changelog::Kind::Write {
             len
@@ -1368,19 +1371,19 @@ impl Tracking {
 }
 
 impl Backend for Group {
-    fn exports(&self) -> Vec<ExportInfo> {
+    fn disks(&self) -> Vec<ServedDisk> {
         self.disks
             .iter()
-            .map(|d| ExportInfo {
-                name: d.disk.export.clone(),
+            .zip(0u32..)
+            .map(|(d, id)| ServedDisk {
+                disk: tidemark_changelog::Disk {
+                    id,
+                    name: d.disk.name.clone(),
+                    size: d.size,
+                },
+                export: d.disk.export.clone(),
                 description: format!("tidemark protected disk {}", d.disk.name),
-                size: d.size,
-                flags: TransmissionFlags::HAS_FLAGS
-                    | TransmissionFlags::SEND_FLUSH
-                    | TransmissionFlags::SEND_FUA
-                    | TransmissionFlags::SEND_TRIM
-                    | TransmissionFlags::SEND_WRITE_ZEROES
-                    | TransmissionFlags::CAN_MULTI_CONN,
+                read_only: false,
                 block_sizes: self.block_sizes,
             })
             .collect()
@@ -1392,12 +1395,13 @@ impl Backend for Group {
         true
     }
 
-    fn read(&self, disk: u32, offset: u64, buf: &mut [u8]) -> Result<(), Errno> {
-        let d = self.disk(disk)?;
-        d.disk.device.read_at(buf, offset).map_err(|e| errno_of(&e))
+    fn read(&self, disk: DiskId, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
+        let d = self.served(disk)?;
+        Ok(d.disk.device.read_at(buf, offset)?)
     }
 
-    fn write(&self, disk: u32, offset: u64, data: &[u8], fua: bool) -> Result<(), Errno> {
+    fn write(&self, disk: DiskId, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError> {
+        let disk = disk.get();
         let entry = Entry::write(disk, offset, data, now_ns());
         self.modify(
             disk,
@@ -1411,12 +1415,13 @@ impl Backend for Group {
 
     fn write_zeroes(
         &self,
-        disk: u32,
+        disk: DiskId,
         offset: u64,
         length: u64,
         no_hole: bool,
         fua: bool,
-    ) -> Result<(), Errno> {
+    ) -> Result<(), BackendError> {
+        let disk = disk.get();
         let entry = Entry::write_zeroes(disk, offset, length, no_hole, now_ns());
         self.modify(
             disk,
@@ -1428,7 +1433,8 @@ impl Backend for Group {
         )
     }
 
-    fn trim(&self, disk: u32, offset: u64, length: u64, fua: bool) -> Result<(), Errno> {
+    fn trim(&self, disk: DiskId, offset: u64, length: u64, fua: bool) -> Result<(), BackendError> {
+        let disk = disk.get();
         let entry = Entry::trim(disk, offset, length, now_ns());
         self.modify(
             disk,
@@ -1440,20 +1446,66 @@ impl Backend for Group {
         )
     }
 
-    fn flush(&self, disk: u32) -> Result<(), Errno> {
-        self.barrier(disk)
+    fn flush(&self, disk: DiskId) -> Result<(), BackendError> {
+        self.served(disk)?;
+        self.barrier(disk.get()).map_err(backend_error)
     }
 
-    fn block_status(
+    /// Holes of an image file, found with `SEEK_DATA`/`SEEK_HOLE`
+    /// ([`tidemark_durable::allocation_runs`]); a block device (or memory)
+    /// is all data: the kernel reports no holes in a block device, and
+    /// nothing cheaper than reading tells which of its ranges read as
+    /// zeroes.
+    ///
+    /// Writes in flight need no range lock here. The rule relied on: a
+    /// write, write-zeroes or trim is acknowledged only after its device
+    /// operation completed (DESIGN invariant 1), and a completed `pwrite`
+    /// (buffered or direct) or `fallocate` is visible to `lseek` at once.
+    /// So every change acknowledged before this call is reported as it is;
+    /// a change still in flight may be reported before or after, exactly
+    /// as a read racing it may return either bytes.
+    fn allocation(
         &self,
-        disk: u32,
-        _offset: u64,
-        length: u32,
-    ) -> Result<Vec<BlockStatusExtent>, Errno> {
-        self.disk(disk)?;
-        Ok(vec![BlockStatusExtent {
-            length,
-            status: ExtentStatus::empty(),
-        }])
+        disk: DiskId,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<Allocation>, BackendError> {
+        let d = self.served(disk)?;
+        let device = d.disk.device.as_ref();
+        let raw = device.raw_access().filter(|_| device.supports_holes());
+        let Some(raw) = raw else {
+            return Ok(all_data(disk, offset, length));
+        };
+        let runs = tidemark_durable::allocation_runs(raw.fd, offset, length, MAX_ALLOCATION_RUNS)
+            .map_err(BackendError::Io)?;
+        Ok(from_runs(disk, runs))
+    }
+}
+
+/// Most runs one allocation answer reports: a client asks again from where
+/// the answer ends, and one `lseek` pair per run keeps a fragmented file's
+/// answer short.
+const MAX_ALLOCATION_RUNS: usize = 1024;
+
+/// The group's synchronous engine reports NBD's errno internally (the
+/// event loops' queue core shares it); as a backend it speaks storage.
+fn backend_error(errno: Errno) -> BackendError {
+    match errno {
+        Errno::NoSpc => BackendError::NoSpace(io::Error::from(io::ErrorKind::StorageFull)),
+        Errno::Perm => BackendError::ReadOnly,
+        Errno::Inval => BackendError::OutOfRange {
+            offset: 0,
+            length: 0,
+        },
+        _ => BackendError::Io(io::Error::other(format!("{errno:?}"))),
+    }
+}
+
+impl Group {
+    /// The disk `disk` as a backend request names it.
+    fn served(&self, disk: DiskId) -> Result<&DiskState, BackendError> {
+        self.disks
+            .get(disk.index())
+            .ok_or(BackendError::NoSuchDisk(disk))
     }
 }

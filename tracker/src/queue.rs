@@ -33,8 +33,9 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
+use tidemark_changelog::DiskId;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, BackendError};
 use crate::nbd::constants::Errno;
 use crate::storage::AlignedBuf;
 
@@ -360,15 +361,16 @@ impl Drop for BlockingPool {
 /// costs one EIO reply, not the thread.
 fn perform(backend: &dyn Backend, request: Request) -> Reply {
     let Request { id, disk, op, buf } = request;
+    let disk = DiskId(disk);
     let mut buf = buf;
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match op {
         Op::Read { offset, .. } => match buf.as_deref_mut() {
             Some(data) => backend.read(disk, offset, data),
-            None => Err(Errno::Inval),
+            None => Err(BackendError::OutOfRange { offset, length: 0 }),
         },
         Op::Write { offset, fua } => match buf.as_deref() {
             Some(data) => backend.write(disk, offset, data, fua),
-            None => Err(Errno::Inval),
+            None => Err(BackendError::OutOfRange { offset, length: 0 }),
         },
         Op::WriteZeroes {
             offset,
@@ -381,7 +383,11 @@ fn perform(backend: &dyn Backend, request: Request) -> Reply {
     }))
     .unwrap_or_else(|_| {
         tracing::error!(?op, "backend panicked; replying EIO");
-        Err(Errno::Io)
+        Err(BackendError::Unavailable)
+    })
+    .map_err(|error| {
+        tracing::debug!(?op, ?error, "backend refused a request");
+        Errno::of_backend(&error)
     });
     Reply { id, result, buf }
 }

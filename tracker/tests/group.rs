@@ -7,7 +7,7 @@ use rand::{Rng, SeedableRng};
 use std::path::Path;
 use std::sync::Arc;
 use tidemark_changelog::replay::{apply, MemoryImage, ReplaySummary};
-use tidemark_changelog::{FsDir, Kind, LogOptions, LogReader, Record, Seq};
+use tidemark_changelog::{DiskId, FsDir, Kind, LogOptions, LogReader, Record, Seq};
 use tidemark_tracker::backend::Backend;
 use tidemark_tracker::group::{Group, GroupDisk, GroupOptions, TrackingMode};
 use tidemark_tracker::state::{BitmapCause, FullAt};
@@ -95,11 +95,13 @@ fn concurrent_overlapping_writers_give_a_log_that_replays_to_the_device() {
                     let len = 1 + (x >> 40) % 20000;
                     let data = vec![(t * 40 + i % 40) as u8; len as usize];
                     match (x >> 60) % 8 {
-                        0 => group.trim(disk, offset, len, false).unwrap(),
-                        1 => group.write_zeroes(disk, offset, len, true, false).unwrap(),
-                        2 => group.flush(disk).unwrap(),
-                        3 => group.write(disk, offset, &data, true).unwrap(),
-                        _ => group.write(disk, offset, &data, false).unwrap(),
+                        0 => group.trim(DiskId(disk), offset, len, false).unwrap(),
+                        1 => group
+                            .write_zeroes(DiskId(disk), offset, len, true, false)
+                            .unwrap(),
+                        2 => group.flush(DiskId(disk)).unwrap(),
+                        3 => group.write(DiskId(disk), offset, &data, true).unwrap(),
+                        _ => group.write(DiskId(disk), offset, &data, false).unwrap(),
                     }
                 }
             })
@@ -108,7 +110,7 @@ fn concurrent_overlapping_writers_give_a_log_that_replays_to_the_device() {
     for t in threads {
         t.join().unwrap();
     }
-    group.flush(0).unwrap();
+    group.flush(DiskId(0)).unwrap();
     for (id, dev) in devs.iter().enumerate() {
         let (image, summary) = replay(tmp.path(), id as u32);
         assert!(summary.applied > 300, "disk {id}: {summary:?}");
@@ -135,10 +137,12 @@ fn an_acknowledged_write_precedes_every_later_one_in_the_log() {
     let devs = [Arc::new(MemoryDevice::new(DISK))];
     let (group, _) = open(tmp.path(), &devs, 64 << 20);
     for i in 0..100u64 {
-        group.write(0, i * 4096, &[i as u8; 4096], false).unwrap();
+        group
+            .write(DiskId(0), i * 4096, &[i as u8; 4096], false)
+            .unwrap();
     }
     // Records reach the segment files when the log's buffer is written out.
-    group.flush(0).unwrap();
+    group.flush(DiskId(0)).unwrap();
     let offsets: Vec<u64> = records(tmp.path())
         .iter()
         .filter(|r| r.header.kind == Kind::Write)
@@ -155,7 +159,7 @@ fn a_full_log_switches_to_bitmap_mode_without_failing_writes() {
     let data = vec![5u8; 64 << 10];
     for i in 0..64u64 {
         group
-            .write(0, (i * (64 << 10)) % DISK, &data, false)
+            .write(DiskId(0), (i * (64 << 10)) % DISK, &data, false)
             .unwrap();
     }
     let status = group.status();
@@ -167,7 +171,7 @@ fn a_full_log_switches_to_bitmap_mode_without_failing_writes() {
         other => panic!("still {other:?}"),
     }
     assert!(status.dirty_extents[0] > 0);
-    group.flush(0).unwrap();
+    group.flush(DiskId(0)).unwrap();
     assert!(status.log_bytes <= 2 << 20);
     // Every write landed on the device even though the log was full.
     let snap = devs[0].snapshot();
@@ -186,10 +190,12 @@ fn an_unclean_stop_starts_a_new_generation_and_records_hot_extents() {
         Arc::new(MemoryDevice::new(DISK)),
     ];
     let (group, _) = open(tmp.path(), &devs, 64 << 20);
-    group.write(0, 0, &[1; 4096], false).unwrap();
-    group.flush(0).unwrap();
-    group.write(0, 3 << 20, &[2; 4096], false).unwrap();
-    group.write(1, (5 << 20) + 10, &[3; 100], false).unwrap();
+    group.write(DiskId(0), 0, &[1; 4096], false).unwrap();
+    group.flush(DiskId(0)).unwrap();
+    group.write(DiskId(0), 3 << 20, &[2; 4096], false).unwrap();
+    group
+        .write(DiskId(1), (5 << 20) + 10, &[3; 100], false)
+        .unwrap();
     let before = group.status();
     assert_eq!(before.hot_extents, vec![2, 1]);
     // Crash: no clean close.
@@ -240,7 +246,7 @@ fn a_group_that_never_ran_stops_clean_and_takes_no_write_before_it_runs() {
     let tmp = tempfile::tempdir().unwrap();
     let devs = [Arc::new(MemoryDevice::new(DISK))];
     let (group, _) = open(tmp.path(), &devs, 64 << 20);
-    group.write(0, 0, &[1; 4096], false).unwrap();
+    group.write(DiskId(0), 0, &[1; 4096], false).unwrap();
     // Crash with a hot extent: the next open is unclean...
     drop(group);
     let (group, report) = Group::open(group_disks(&devs), options(tmp.path(), 64 << 20)).unwrap();
@@ -248,8 +254,8 @@ fn a_group_that_never_ran_stops_clean_and_takes_no_write_before_it_runs() {
     assert_eq!(report.generation, 1);
     // ... but the start is refused before it runs (a socket could not be
     // bound): nothing may be written, and the stop counts as clean.
-    assert!(group.write(0, 0, &[2; 4096], false).is_err());
-    assert!(group.flush(0).is_err());
+    assert!(group.write(DiskId(0), 0, &[2; 4096], false).is_err());
+    assert!(group.flush(DiskId(0)).is_err());
     assert!(group
         .marker(&tidemark_names::Label::new("early").unwrap(), false)
         .is_err());
@@ -299,7 +305,7 @@ fn resync_all_records_every_byte_after_a_clean_stop() {
         Arc::new(MemoryDevice::new(DISK / 2)),
     ];
     let (group, _) = open(tmp.path(), &devs, 64 << 20);
-    group.write(0, 0, &[1; 4096], false).unwrap();
+    group.write(DiskId(0), 0, &[1; 4096], false).unwrap();
     group.close_clean().unwrap();
     drop(group);
     // Written behind the tracker's back (a failback in place), then:
@@ -324,11 +330,13 @@ fn trim_and_write_zeroes_read_as_zeroes_on_the_device_and_in_replay() {
     let tmp = tempfile::tempdir().unwrap();
     let devs = [Arc::new(MemoryDevice::new(DISK))];
     let (group, _) = open(tmp.path(), &devs, 64 << 20);
-    group.write(0, 0, &[9; 65536], false).unwrap();
-    group.trim(0, 4096, 8192, false).unwrap();
-    group.write_zeroes(0, 20000, 1000, false, true).unwrap();
+    group.write(DiskId(0), 0, &[9; 65536], false).unwrap();
+    group.trim(DiskId(0), 4096, 8192, false).unwrap();
+    group
+        .write_zeroes(DiskId(0), 20000, 1000, false, true)
+        .unwrap();
     let mut buf = vec![1u8; 65536];
-    group.read(0, 0, &mut buf).unwrap();
+    group.read(DiskId(0), 0, &mut buf).unwrap();
     assert!(buf[4096..12288].iter().all(|b| *b == 0));
     assert!(buf[20000..21000].iter().all(|b| *b == 0));
     assert!(buf[..4096].iter().all(|b| *b == 9));
@@ -341,7 +349,7 @@ fn a_marker_is_followed_by_a_durable_barrier() {
     let tmp = tempfile::tempdir().unwrap();
     let devs = [Arc::new(MemoryDevice::new(DISK))];
     let (group, _) = open(tmp.path(), &devs, 64 << 20);
-    group.write(0, 0, &[1; 512], false).unwrap();
+    group.write(DiskId(0), 0, &[1; 512], false).unwrap();
     let seq = group
         .marker(&tidemark_names::Label::new("nightly").unwrap(), true)
         .unwrap();
@@ -359,7 +367,7 @@ fn a_write_larger_than_a_segment_is_split_into_consecutive_records() {
     let (group, _) = open(tmp.path(), &devs, 64 << 20);
     // Segments are 1 MiB: a 3 MiB write needs four records.
     let data: Vec<u8> = (0..3 << 20).map(|i: u32| (i / 4096) as u8).collect();
-    group.write(0, 4096, &data, true).unwrap();
+    group.write(DiskId(0), 4096, &data, true).unwrap();
     assert_eq!(group.status().mode, TrackingMode::Data);
     let recs = records(tmp.path());
     let writes: Vec<&Record> = recs
@@ -382,12 +390,18 @@ fn bitmap_mode_returns_to_data_mode_with_resync_needed_records_once_the_log_has_
     let (group, _) = open(tmp.path(), &devs, 2 << 20);
     let data = vec![5u8; 64 << 10];
     for i in 0..64u64 {
-        group.write(0, i * (64 << 10), &data, false).unwrap();
+        group
+            .write(DiskId(0), i * (64 << 10), &data, false)
+            .unwrap();
     }
     assert_eq!(group.status().mode.name(), "bitmap");
     // Writes in bitmap mode: the extents at 5 MiB and 7 MiB become dirty.
-    group.write(0, 5 << 20, &[7u8; 4096], false).unwrap();
-    group.write(0, 7 << 20, &[8u8; 4096], false).unwrap();
+    group
+        .write(DiskId(0), 5 << 20, &[7u8; 4096], false)
+        .unwrap();
+    group
+        .write(DiskId(0), 7 << 20, &[8u8; 4096], false)
+        .unwrap();
     // The log is still full: nothing changes.
     assert_eq!(group.try_resume_data_mode().unwrap(), None);
     assert_eq!(group.status().mode.name(), "bitmap");
@@ -422,8 +436,8 @@ fn bitmap_mode_returns_to_data_mode_with_resync_needed_records_once_the_log_has_
     }
     assert_eq!(after.last().unwrap().header.kind, Kind::Barrier);
     // Data mode again: the next write is logged.
-    group.write(0, 0, &[9u8; 4096], false).unwrap();
-    group.flush(0).unwrap();
+    group.write(DiskId(0), 0, &[9u8; 4096], false).unwrap();
+    group.flush(DiskId(0)).unwrap();
     let newest = records(tmp.path())
         .into_iter()
         .rfind(|r| r.header.kind != Kind::Barrier)
@@ -444,14 +458,14 @@ fn a_spliced_out_disk_is_recorded_whole_as_resync_needed_on_request() {
         Arc::new(MemoryDevice::new(DISK / 2)),
     ];
     let (group, _) = open(tmp.path(), &devs, 64 << 20);
-    group.write(0, 0, &[1; 4096], false).unwrap();
+    group.write(DiskId(0), 0, &[1; 4096], false).unwrap();
     let seq = group
         .record_resync_all("disk1")
         .unwrap()
         .expect("data mode");
-    group.write(1, 4096, &[2; 4096], false).unwrap();
+    group.write(DiskId(1), 4096, &[2; 4096], false).unwrap();
     assert!(group.record_resync_all("disk9").is_err());
-    group.flush(1).unwrap();
+    group.flush(DiskId(1)).unwrap();
     let recs = records(tmp.path());
     let at = recs.iter().position(|r| r.header.seq.get() == seq).unwrap();
     let r = &recs[at].header;
@@ -473,7 +487,9 @@ fn in_bitmap_mode_a_spliced_out_disk_is_dirty_everywhere() {
     let (group, _) = open(tmp.path(), &devs, 2 << 20);
     let data = vec![5u8; 64 << 10];
     for i in 0..64u64 {
-        group.write(0, i * (64 << 10), &data, false).unwrap();
+        group
+            .write(DiskId(0), i * (64 << 10), &data, false)
+            .unwrap();
     }
     assert!(matches!(group.status().mode, TrackingMode::Bitmap { .. }));
     assert_eq!(group.record_resync_all("disk0").unwrap(), None);
@@ -487,16 +503,16 @@ fn a_hot_extent_cools_only_once_a_durable_barrier_covers_its_write() {
     let tmp = tempfile::tempdir().unwrap();
     let devs = [Arc::new(MemoryDevice::new(DISK))];
     let (group, _) = open(tmp.path(), &devs, 64 << 20);
-    group.write(0, 0, &[1; 4096], false).unwrap();
+    group.write(DiskId(0), 0, &[1; 4096], false).unwrap();
     // Cooling runs at most once a second.
     std::thread::sleep(std::time::Duration::from_millis(1100));
-    group.flush(0).unwrap();
+    group.flush(DiskId(0)).unwrap();
     // The write is durable now, but the log's watermark on disk (the
     // flush's barrier says what was durable before it) does not cover it
     // yet: a crash recovery could still cut it, so its extent stays hot.
     assert_eq!(group.status().hot_extents, vec![1]);
     std::thread::sleep(std::time::Duration::from_millis(1100));
-    group.flush(0).unwrap();
+    group.flush(DiskId(0)).unwrap();
     assert_eq!(group.status().hot_extents, vec![0]);
 }
 
@@ -518,10 +534,10 @@ fn a_damaged_log_is_refused_until_it_is_recovered_in_a_new_generation() {
     let (group, _) = open(tmp.path(), &devs, 64 << 20);
     for i in 0..20u64 {
         group
-            .write((i % 2) as u32, i * 4096, &[i as u8; 4096], false)
+            .write(DiskId((i % 2) as u32), i * 4096, &[i as u8; 4096], false)
             .unwrap();
         if i % 4 == 3 {
-            group.flush(0).unwrap();
+            group.flush(DiskId(0)).unwrap();
         }
     }
     group.close_clean().unwrap();
@@ -589,7 +605,7 @@ fn a_damaged_log_is_refused_until_it_is_recovered_in_a_new_generation() {
     let (group, open_report) = open(tmp.path(), &devs, 64 << 20);
     assert!(!open_report.unclean);
     assert_eq!(open_report.generation, report.generation);
-    group.write(0, 0, &[9; 4096], false).unwrap();
+    group.write(DiskId(0), 0, &[9; 4096], false).unwrap();
     group.close_clean().unwrap();
     let recs = records(tmp.path());
     let new: Vec<&Record> = recs
@@ -619,7 +635,9 @@ fn a_log_that_ends_before_the_clean_stop_is_refused() {
     };
     let (group, _) = open_with(&devs, opts(tmp.path()));
     for i in 0..40u64 {
-        group.write(0, i * 8192, &[i as u8; 8192], false).unwrap();
+        group
+            .write(DiskId(0), i * 8192, &[i as u8; 8192], false)
+            .unwrap();
     }
     group.close_clean().unwrap();
     drop(group);
@@ -694,11 +712,11 @@ fn a_failed_device_write_is_followed_by_a_resync_needed_record_of_its_range() {
     }];
     let (group, _) = Group::open(disks, options(tmp.path(), 64 << 20)).unwrap();
     group.mark_running().unwrap();
-    assert!(group.write(0, 4096, &[9; 4096], false).is_err());
+    assert!(group.write(DiskId(0), 4096, &[9; 4096], false).is_err());
     dev.failing
         .store(false, std::sync::atomic::Ordering::SeqCst);
-    group.write(0, 4096, &[7; 4096], false).unwrap();
-    group.flush(0).unwrap();
+    group.write(DiskId(0), 4096, &[7; 4096], false).unwrap();
+    group.flush(DiskId(0)).unwrap();
     // Never cooled: a crash before the compensation is durable re-reads it.
     assert_eq!(group.status().hot_extents, vec![1]);
     group.close_clean().unwrap();

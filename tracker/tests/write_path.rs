@@ -328,14 +328,14 @@ fn one_connection_through_the_event_loop_equals_the_synchronous_engine() {
     let sync = open_group(oracle.path(), DirectIo::Off);
     for req in &reqs {
         match req {
-            Req::Write { offset, data, fua } => sync.write(0, *offset, data, *fua),
-            Req::Trim { offset, len } => sync.trim(0, *offset, u64::from(*len), false),
+            Req::Write { offset, data, fua } => sync.write(DiskId(0), *offset, data, *fua),
+            Req::Trim { offset, len } => sync.trim(DiskId(0), *offset, u64::from(*len), false),
             Req::Zeroes {
                 offset,
                 len,
                 no_hole,
-            } => sync.write_zeroes(0, *offset, u64::from(*len), *no_hole, false),
-            Req::Flush => sync.flush(0),
+            } => sync.write_zeroes(DiskId(0), *offset, u64::from(*len), *no_hole, false),
+            Req::Flush => sync.flush(DiskId(0)),
         }
         .unwrap();
     }
@@ -479,7 +479,7 @@ fn a_failed_device_write_is_answered_with_its_error_and_its_range_marked_resync_
     let io = next_io(&mut core);
     core.handle_io(io.token, Ok(()), io.buf, Instant::now());
     assert_eq!(core.poll_reply().unwrap().result, Ok(()));
-    Backend::flush(&*group, 0).unwrap();
+    Backend::flush(&*group, DiskId(0)).unwrap();
     // The failed write's extent never cools: a crash before the
     // compensation is durable re-reads it too.
     assert_eq!(group.status().hot_extents, vec![1]);

@@ -15,6 +15,8 @@
 use std::fmt;
 use std::io;
 
+use crate::backend::BackendError;
+
 /// `NBDMAGIC`: the first 8 bytes the server sends.
 pub const NBD_MAGIC: u64 = 0x4e42_444d_4147_4943;
 
@@ -369,6 +371,23 @@ impl Errno {
             _ => Self::Io,
         }
     }
+
+    /// The value the client is told when a backend fails a request: the
+    /// one mapping from storage errors to NBD's. A range outside the disk
+    /// is `EINVAL` (the transmission validator refuses those before a
+    /// backend sees them, so only a backend that knows better says so),
+    /// a full disk `ENOSPC`, a read-only disk `EPERM`; device and other
+    /// I/O errors by their cause ([`from_io_error`](Self::from_io_error)).
+    pub fn of_backend(error: &BackendError) -> Self {
+        match error {
+            BackendError::NoSuchDisk(_) | BackendError::OutOfRange { .. } => Self::Inval,
+            BackendError::NoSpace(_) => Self::NoSpc,
+            BackendError::ReadOnly => Self::Perm,
+            BackendError::Unavailable => Self::Io,
+            BackendError::Device(e) => Self::from_code(e.errno()).unwrap_or(Self::Io),
+            BackendError::Io(e) => Self::from_io_error(e),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -471,6 +490,28 @@ mod tests {
         );
         assert_eq!(named::<ReplyFlags>(), [("DONE", 1)]);
         assert_eq!(named::<ExtentStatus>(), [("HOLE", 1), ("ZERO", 2)]);
+    }
+
+    #[test]
+    fn backend_errors_map_to_the_values_the_protocol_asks_for() {
+        use tidemark_changelog::DiskId;
+        let of = |e: BackendError| Errno::of_backend(&e);
+        assert_eq!(of(BackendError::NoSuchDisk(DiskId(3))), Errno::Inval);
+        let out = BackendError::OutOfRange {
+            offset: 1,
+            length: 2,
+        };
+        assert_eq!(of(out), Errno::Inval);
+        let full = io::Error::from(io::ErrorKind::StorageFull);
+        assert_eq!(of(BackendError::NoSpace(full)), Errno::NoSpc);
+        assert_eq!(of(BackendError::ReadOnly), Errno::Perm);
+        assert_eq!(of(BackendError::Unavailable), Errno::Io);
+        let device = crate::storage::StorageError::Poisoned;
+        assert_eq!(of(BackendError::Device(device)), Errno::Io);
+        let eof = io::Error::from(io::ErrorKind::UnexpectedEof);
+        assert_eq!(of(BackendError::Io(eof)), Errno::Io);
+        let quota = io::Error::from(io::ErrorKind::QuotaExceeded);
+        assert_eq!(of(BackendError::from(quota)), Errno::NoSpc);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, ServedDisk};
 use crate::nbd::constants::TransmissionFlags;
 use crate::nbd::export::{BlockSizes, ExportCatalog, ExportInfo};
 use crate::nbd::handshake::{
@@ -177,9 +177,9 @@ impl Catalog {
     fn new(backend: &dyn Backend, options: &ServerOptions) -> Self {
         let multi_conn = backend.multi_conn_safe();
         let exports = backend
-            .exports()
+            .disks()
             .into_iter()
-            .map(|export| advertised(export, multi_conn, options.block_sizes))
+            .map(|disk| advertised(export_of(disk), multi_conn, options.block_sizes))
             .collect();
         Self {
             exports,
@@ -216,6 +216,22 @@ impl ExportCatalog for Catalog {
             (None, [only]) => Some(only.clone()),
             (None, _) => None,
         }
+    }
+}
+
+/// A backend's disk as an NBD export, before [`advertised`] adds what this
+/// server offers.
+fn export_of(served: ServedDisk) -> ExportInfo {
+    let mut flags = TransmissionFlags::HAS_FLAGS;
+    if served.read_only {
+        flags |= TransmissionFlags::READ_ONLY;
+    }
+    ExportInfo {
+        name: served.export,
+        description: served.description,
+        size: served.disk.size,
+        flags,
+        block_sizes: served.block_sizes,
     }
 }
 

@@ -40,6 +40,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types, IoUring};
+use tidemark_changelog::DiskId;
 
 use crate::nbd::constants::Errno;
 use crate::nbd::handshake::Negotiated;
@@ -800,9 +801,13 @@ impl Conn<'_> {
                 context,
                 req_one,
             } => {
-                let reply = match self.frontend.backend.block_status(disk, offset, length) {
-                    Ok(extents) => {
-                        let extents = super::clip_extents(extents, length, req_one);
+                let asked =
+                    self.frontend
+                        .backend
+                        .allocation(DiskId(disk), offset, u64::from(length));
+                let reply = match asked {
+                    Ok(runs) => {
+                        let extents = super::block_status_extents(&runs, offset, length, req_one);
                         let mut out = Vec::with_capacity(24 + 8 * extents.len());
                         match encode_block_status(header.cookie, context, &extents, true, &mut out)
                         {
@@ -813,7 +818,10 @@ impl Conn<'_> {
                             }
                         }
                     }
-                    Err(errno) => self.error_reply(header.cookie, errno, 0),
+                    Err(error) => {
+                        tracing::warn!(conn = self.id, error = ?error, "block status failed");
+                        self.error_reply(header.cookie, Errno::of_backend(&error), 0)
+                    }
                 };
                 self.tx.push_back(reply);
             }

@@ -51,7 +51,7 @@
 //!
 //! # What is offered
 //!
-//! Exports are the backend's ([`Backend::exports`], asked at every
+//! Exports are the backend's ([`Backend::disks`], asked at every
 //! handshake; the disk id is the index in that list), with flush, FUA,
 //! trim, write-zeroes and DF offered, `CAN_MULTI_CONN` only when
 //! [`Backend::multi_conn_safe`], and block sizes the stricter of the
@@ -79,7 +79,7 @@ use std::time::Duration;
 use nix::errno::Errno as SysErrno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
-use crate::backend::Backend;
+use crate::backend::{Allocation, AllocationKind, Backend};
 use crate::group::Group;
 use crate::nbd::constants::ExtentStatus;
 use crate::nbd::export::BlockSizes;
@@ -253,37 +253,57 @@ impl Frontend {
     }
 }
 
-/// Holds a backend's block-status answer to what the protocol allows: no
-/// zero-length extents, not past the requested range, one extent with
-/// `REQ_ONE`. An empty answer becomes "all data", which is always correct.
-pub(crate) fn clip_extents(
-    extents: Vec<BlockStatusExtent>,
+/// A backend's allocation of `offset..offset+length` as `base:allocation`
+/// extents, held to what the protocol allows: in order from `offset`, no
+/// zero-length extents, none past the requested range, one with `REQ_ONE`;
+/// neighbours with the same status merged. A hole reads as zeroes
+/// (`HOLE | ZERO`), allocated zeroes are `ZERO`, data is no flag. A run
+/// that leaves a gap or goes backwards ends the answer there; an empty
+/// answer becomes "all data", which is always correct.
+pub(crate) fn block_status_extents(
+    runs: &[Allocation],
+    offset: u64,
     length: u32,
     req_one: bool,
 ) -> Vec<BlockStatusExtent> {
-    let mut left = length;
-    let mut clipped = Vec::with_capacity(extents.len().min(if req_one { 1 } else { 1024 }));
-    for extent in extents {
-        if left == 0 || (req_one && !clipped.is_empty()) {
-            break;
-        }
-        if extent.length == 0 {
+    let end = offset + u64::from(length);
+    let mut at = offset;
+    let mut extents: Vec<BlockStatusExtent> = Vec::new();
+    for run in runs {
+        let (start, stop) = (
+            run.extent.offset,
+            run.extent.offset.saturating_add(run.extent.length),
+        );
+        if stop <= at {
             continue;
         }
-        let take = extent.length.min(left);
-        clipped.push(BlockStatusExtent {
-            length: take,
-            status: extent.status,
-        });
-        left -= take;
+        if start > at || at >= end {
+            break;
+        }
+        let take = (stop.min(end) - at) as u32;
+        let status = match run.kind {
+            AllocationKind::Data => ExtentStatus::empty(),
+            AllocationKind::Zero => ExtentStatus::ZERO,
+            AllocationKind::Hole => ExtentStatus::HOLE | ExtentStatus::ZERO,
+        };
+        let started = !extents.is_empty();
+        match extents.last_mut() {
+            Some(last) if last.status == status => last.length += take,
+            _ if req_one && started => break,
+            _ => extents.push(BlockStatusExtent {
+                length: take,
+                status,
+            }),
+        }
+        at += u64::from(take);
     }
-    if clipped.is_empty() {
-        clipped.push(BlockStatusExtent {
+    if extents.is_empty() {
+        extents.push(BlockStatusExtent {
             length,
             status: ExtentStatus::empty(),
         });
     }
-    clipped
+    extents
 }
 
 impl Shared {
@@ -750,5 +770,73 @@ fn admit(
             });
         }
         Err(error) => tracing::warn!(%error, "cannot start a thread for a new NBD connection"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidemark_changelog::Extent;
+
+    fn run(offset: u64, length: u64, kind: AllocationKind) -> Allocation {
+        Allocation {
+            extent: Extent {
+                disk: 0,
+                offset,
+                length,
+            },
+            kind,
+        }
+    }
+
+    fn flags(extents: &[BlockStatusExtent]) -> Vec<(u32, u32)> {
+        extents
+            .iter()
+            .map(|e| (e.length, e.status.bits()))
+            .collect()
+    }
+
+    /// Holes are HOLE|ZERO, allocated zeroes ZERO, data no flag; runs are
+    /// clipped to the request, neighbours of one status merged.
+    #[test]
+    fn allocation_becomes_base_allocation_extents() {
+        let runs = [
+            run(0, 4096, AllocationKind::Data),
+            run(4096, 4096, AllocationKind::Hole),
+            run(8192, 4096, AllocationKind::Hole),
+            run(12288, 4096, AllocationKind::Zero),
+            run(16384, 1 << 20, AllocationKind::Data),
+        ];
+        let hole_zero = (ExtentStatus::HOLE | ExtentStatus::ZERO).bits();
+        let zero = ExtentStatus::ZERO.bits();
+        assert_eq!(
+            flags(&block_status_extents(&runs, 2048, 20480, false)),
+            [(2048, 0), (8192, hole_zero), (4096, zero), (6144, 0)]
+        );
+        assert_eq!(
+            flags(&block_status_extents(&runs, 4096, 20480, true)),
+            [(8192, hole_zero)]
+        );
+    }
+
+    /// What the protocol forbids never reaches the client: an empty answer
+    /// or one that starts late is "all data", a gap ends the answer.
+    #[test]
+    fn a_bad_answer_is_cut_or_becomes_data() {
+        assert_eq!(flags(&block_status_extents(&[], 0, 512, false)), [(512, 0)]);
+        let late = [run(4096, 4096, AllocationKind::Hole)];
+        assert_eq!(
+            flags(&block_status_extents(&late, 0, 8192, false)),
+            [(8192, 0)]
+        );
+        let gap = [
+            run(0, 4096, AllocationKind::Hole),
+            run(8192, 4096, AllocationKind::Data),
+        ];
+        let hole_zero = (ExtentStatus::HOLE | ExtentStatus::ZERO).bits();
+        assert_eq!(
+            flags(&block_status_extents(&gap, 0, 12288, false)),
+            [(4096, hole_zero)]
+        );
     }
 }

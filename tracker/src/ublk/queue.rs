@@ -748,11 +748,10 @@ fn for_the_driver(result: i32) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::Backend;
-    use crate::nbd::export::ExportInfo;
-    use crate::nbd::transmission::BlockStatusExtent;
+    use crate::backend::{Allocation, Backend, BackendError, ServedDisk};
     use crate::queue::BlockingPool;
     use std::sync::Mutex;
+    use tidemark_changelog::DiskId;
 
     /// Records what it was asked, fails reads past 1 MiB.
     #[derive(Default)]
@@ -761,15 +760,15 @@ mod tests {
     }
 
     impl Backend for Recorder {
-        fn exports(&self) -> Vec<ExportInfo> {
+        fn disks(&self) -> Vec<ServedDisk> {
             Vec::new()
         }
         fn multi_conn_safe(&self) -> bool {
             true
         }
-        fn read(&self, _: u32, offset: u64, buf: &mut [u8]) -> Result<(), Errno> {
+        fn read(&self, _: DiskId, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
             if offset >= 1 << 20 {
-                return Err(Errno::Io);
+                return Err(BackendError::Io(std::io::Error::other("past 1 MiB")));
             }
             buf.fill(0xab);
             self.calls
@@ -778,7 +777,13 @@ mod tests {
                 .push(format!("read {offset} {}", buf.len()));
             Ok(())
         }
-        fn write(&self, _: u32, offset: u64, data: &[u8], fua: bool) -> Result<(), Errno> {
+        fn write(
+            &self,
+            _: DiskId,
+            offset: u64,
+            data: &[u8],
+            fua: bool,
+        ) -> Result<(), BackendError> {
             self.calls
                 .lock()
                 .unwrap()
@@ -787,30 +792,30 @@ mod tests {
         }
         fn write_zeroes(
             &self,
-            _: u32,
+            _: DiskId,
             o: u64,
             l: u64,
             no_hole: bool,
             fua: bool,
-        ) -> Result<(), Errno> {
+        ) -> Result<(), BackendError> {
             self.calls
                 .lock()
                 .unwrap()
                 .push(format!("zeroes {o} {l} no_hole={no_hole} fua={fua}"));
             Ok(())
         }
-        fn trim(&self, _: u32, o: u64, l: u64, fua: bool) -> Result<(), Errno> {
+        fn trim(&self, _: DiskId, o: u64, l: u64, fua: bool) -> Result<(), BackendError> {
             self.calls
                 .lock()
                 .unwrap()
                 .push(format!("trim {o} {l} fua={fua}"));
             Ok(())
         }
-        fn flush(&self, _: u32) -> Result<(), Errno> {
+        fn flush(&self, _: DiskId) -> Result<(), BackendError> {
             self.calls.lock().unwrap().push("flush".into());
             Ok(())
         }
-        fn block_status(&self, _: u32, _: u64, _: u32) -> Result<Vec<BlockStatusExtent>, Errno> {
+        fn allocation(&self, _: DiskId, _: u64, _: u64) -> Result<Vec<Allocation>, BackendError> {
             Ok(Vec::new())
         }
     }

@@ -15,13 +15,13 @@ use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
-use tidemark_tracker::backend::Backend;
-use tidemark_tracker::nbd::constants::{
-    CommandFlags, CommandType, Errno, ExtentStatus, OptionCode, TransmissionFlags,
-};
-use tidemark_tracker::nbd::export::{BlockSizes, ExportInfo, UNLIMITED_MAX_BLOCK};
+use tidemark_changelog::{Disk, DiskId};
+use tidemark_names::Name;
+use tidemark_tracker::backend::{all_data, Allocation, Backend, BackendError, ServedDisk};
+use tidemark_tracker::nbd::constants::{CommandFlags, CommandType, OptionCode};
+use tidemark_tracker::nbd::export::{BlockSizes, UNLIMITED_MAX_BLOCK};
 use tidemark_tracker::nbd::handshake::OptionHeader;
-use tidemark_tracker::nbd::transmission::{BlockStatusExtent, RequestHeader};
+use tidemark_tracker::nbd::transmission::RequestHeader;
 use tidemark_tracker::server::{Server, ServerHandle, ServerOptions};
 
 pub const KIB: usize = 1 << 10;
@@ -98,29 +98,38 @@ impl MemoryBackend {
 
     fn range(
         &self,
-        disk: u32,
+        disk: DiskId,
         offset: u64,
         len: u64,
-    ) -> Result<(&MemoryDisk, std::ops::Range<usize>), Errno> {
-        let disk = self.disks.get(disk as usize).ok_or(Errno::Inval)?;
+    ) -> Result<(&MemoryDisk, std::ops::Range<usize>), BackendError> {
+        let found = self.disks.get(disk.index());
+        let disk = found.ok_or(BackendError::NoSuchDisk(disk))?;
         let size = disk.data.lock().unwrap().len() as u64;
-        let end = offset.checked_add(len).ok_or(Errno::Inval)?;
-        if end > size {
-            return Err(Errno::Inval);
+        let out = BackendError::OutOfRange {
+            offset,
+            length: len,
+        };
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok((disk, offset as usize..end as usize)),
+            _ => Err(out),
         }
-        Ok((disk, offset as usize..end as usize))
     }
 }
 
 impl Backend for MemoryBackend {
-    fn exports(&self) -> Vec<ExportInfo> {
+    fn disks(&self) -> Vec<ServedDisk> {
         self.disks
             .iter()
-            .map(|disk| ExportInfo {
-                name: disk.name.clone(),
+            .zip(0u32..)
+            .map(|(disk, id)| ServedDisk {
+                disk: Disk {
+                    id,
+                    name: Name::new(disk.name.as_str()).expect("test disk names are valid"),
+                    size: disk.data.lock().unwrap().len() as u64,
+                },
+                export: disk.name.clone(),
                 description: format!("in-memory disk {}", disk.name),
-                size: disk.data.lock().unwrap().len() as u64,
-                flags: TransmissionFlags::HAS_FLAGS,
+                read_only: false,
                 block_sizes: BlockSizes::new(1, 512, UNLIMITED_MAX_BLOCK).unwrap(),
             })
             .collect()
@@ -130,14 +139,20 @@ impl Backend for MemoryBackend {
         self.multi_conn
     }
 
-    fn read(&self, disk: u32, offset: u64, buf: &mut [u8]) -> Result<(), Errno> {
+    fn read(&self, disk: DiskId, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
         std::thread::sleep(self.read_delay);
         let (disk, range) = self.range(disk, offset, buf.len() as u64)?;
         buf.copy_from_slice(&disk.data.lock().unwrap()[range]);
         Ok(())
     }
 
-    fn write(&self, disk: u32, offset: u64, data: &[u8], _fua: bool) -> Result<(), Errno> {
+    fn write(
+        &self,
+        disk: DiskId,
+        offset: u64,
+        data: &[u8],
+        _fua: bool,
+    ) -> Result<(), BackendError> {
         std::thread::sleep(self.write_delay);
         let (disk, range) = self.range(disk, offset, data.len() as u64)?;
         disk.data.lock().unwrap()[range].copy_from_slice(data);
@@ -147,41 +162,38 @@ impl Backend for MemoryBackend {
 
     fn write_zeroes(
         &self,
-        disk: u32,
+        disk: DiskId,
         offset: u64,
         length: u64,
         _no_hole: bool,
         _fua: bool,
-    ) -> Result<(), Errno> {
+    ) -> Result<(), BackendError> {
         let (disk, range) = self.range(disk, offset, length)?;
         disk.data.lock().unwrap()[range].fill(0);
         self.zeroes.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 
-    fn trim(&self, disk: u32, offset: u64, length: u64, _fua: bool) -> Result<(), Errno> {
+    fn trim(&self, disk: DiskId, offset: u64, length: u64, _fua: bool) -> Result<(), BackendError> {
         let (disk, range) = self.range(disk, offset, length)?;
         disk.data.lock().unwrap()[range].fill(0);
         self.trims.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 
-    fn flush(&self, _disk: u32) -> Result<(), Errno> {
+    fn flush(&self, _disk: DiskId) -> Result<(), BackendError> {
         self.flushes.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 
-    fn block_status(
+    fn allocation(
         &self,
-        disk: u32,
+        disk: DiskId,
         offset: u64,
-        length: u32,
-    ) -> Result<Vec<BlockStatusExtent>, Errno> {
-        self.range(disk, offset, u64::from(length))?;
-        Ok(vec![BlockStatusExtent {
-            length,
-            status: ExtentStatus::empty(),
-        }])
+        length: u64,
+    ) -> Result<Vec<Allocation>, BackendError> {
+        self.range(disk, offset, length)?;
+        Ok(all_data(disk, offset, length))
     }
 }
 
