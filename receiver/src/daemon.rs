@@ -566,6 +566,8 @@ impl Server {
         // The drain request passed on to this connection's shipper.
         let mut drain_sent = None;
         let mut drain_poll = tokio::time::interval(DRAIN_POLL);
+        // Bytes read since the last idle commit.
+        let mut gathered = 0usize;
         drain_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // Apply every complete message, then commit and acknowledge
@@ -602,11 +604,32 @@ impl Server {
                     report_drained(&dir, host, &group_name, outcome);
                 }
             }
+            // Group commit: what arrived while the last commit ran (or
+            // while these messages were applied) is applied first, so one
+            // commit covers all of it. A zero timeout polls the read once
+            // and gives up at once when nothing is there (the read is
+            // cancel-safe: nothing is lost when it is dropped).
+            let mut ended = false;
+            if let Ok(read) = tokio::time::timeout(Duration::ZERO, recv.read(&mut buf)).await {
+                match read {
+                    Ok(Some(n)) => {
+                        decoder.feed(&buf[..n]);
+                        gathered += n;
+                        if gathered < GROUP_COMMIT_MAX {
+                            continue;
+                        }
+                    }
+                    Ok(None) => ended = true,
+                    Err(e) => return Err(SessionEnded::Read(e)),
+                }
+            }
+            gathered = 0;
             // Idle means nothing buffered at all: a part of a message
             // means the rest is on its way, and committing before it would
             // sync once per frame (an initial sync's 1 MiB chunks arrive in
-            // several reads each).
-            if decoder.buffered() == 0 {
+            // several reads each). The session's own limits commit a long
+            // stream that never pauses between messages.
+            if decoder.buffered() == 0 || ended {
                 let idle =
                     tokio::task::block_in_place(|| receiving.handle_idle(&mut *lock(&replica)));
                 match idle {
@@ -617,6 +640,9 @@ impl Server {
                     }
                     Err(e) => return refuse(&mut send, e).await,
                 }
+            }
+            if ended {
+                return Ok(());
             }
             tokio::select! {
                 read = recv.read(&mut buf) => match read {
@@ -643,6 +669,12 @@ impl Server {
         }
     }
 }
+
+/// Bytes read into one group commit at most: a steady stream is still
+/// committed and acknowledged every so often, and the loop still looks for
+/// drain requests (the session's own bound on uncommitted records, 16 MiB
+/// by default, commits within a group too).
+const GROUP_COMMIT_MAX: usize = 16 << 20;
 
 /// How often a connected group's directory is checked for a drain request.
 const DRAIN_POLL: Duration = Duration::from_millis(500);

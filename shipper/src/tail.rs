@@ -6,6 +6,10 @@ use std::time::{Duration, Instant};
 
 use tidemark_changelog::{FsDir, Kind, LogReader, LogWatcher, ReadError, Seq};
 
+/// The most a batch reserves up front (a larger `max_bytes` grows the
+/// batch as records come).
+const BATCH_RESERVE_MAX: usize = 8 << 20;
+
 /// A run of consecutive records, each encoded exactly as in the log.
 #[derive(Debug, Clone, Default)]
 pub struct Batch {
@@ -137,7 +141,15 @@ impl LogTail {
                     }
                     // The record as written, in its own format version:
                     // its checksum travels unchanged.
-                    batch.bytes.extend_from_slice(&rec.encode());
+                    // Straight into the batch, which is sized once for a
+                    // whole batch: no copy per record, no regrowth.
+                    if batch.bytes.capacity() == 0 {
+                        batch
+                            .bytes
+                            .reserve(max_bytes.min(BATCH_RESERVE_MAX) + h.record_len());
+                    }
+                    batch.bytes.extend_from_slice(&rec.encode_header());
+                    batch.bytes.extend_from_slice(&rec.payload);
                     batch.last_seq = h.seq.get();
                     batch.records += 1;
                     self.last_seq = h.seq.get();

@@ -736,24 +736,29 @@ impl Message {
     /// in it or this code does not speak it (the hello and the error also
     /// in the older versions their layout covers).
     pub fn encode(&self, version: u16, compression: Compression) -> Result<Vec<u8>, EncodeError> {
+        if let Message::Records(batch) = self {
+            return Message::encode_records(batch, version, compression);
+        }
         let body = self.encode_body(version)?;
         encode_frame(version, self.msg_type(), &body, compression)
     }
 
+    /// Encodes a Records frame straight from `batch` (see
+    /// [`Message::encode`]): the batch's bytes are the body, so they are
+    /// read once by the compressor or copied once into the frame, never
+    /// cloned into a message first (the shipper's hot path).
+    pub fn encode_records(
+        batch: &RecordBatch,
+        version: u16,
+        compression: Compression,
+    ) -> Result<Vec<u8>, EncodeError> {
+        check_spoken(MessageType::Records, version)?;
+        encode_frame(version, MessageType::Records, batch.as_bytes(), compression)
+    }
+
     /// Encodes the body alone, in protocol `version` (see [`Message::encode`]).
     pub fn encode_body(&self, version: u16) -> Result<Vec<u8>, EncodeError> {
-        let msg_type = self.msg_type();
-        let spoken = if msg_type.layout_is_frozen() {
-            (1..=PROTOCOL_VERSION).contains(&version)
-        } else {
-            (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version)
-        };
-        if !spoken || version < msg_type.since() {
-            return Err(EncodeError::NotInVersion {
-                msg: msg_type.name(),
-                version,
-            });
-        }
+        check_spoken(self.msg_type(), version)?;
         let mut w = Writer(Vec::new());
         match self {
             Message::Hello {
@@ -1181,6 +1186,24 @@ pub fn digest_count(offset: u64, length: u64, block_size: u32) -> Result<u64, &'
         return Err("too many blocks for one request");
     }
     Ok(n)
+}
+
+/// Whether `msg_type` exists in protocol `version` and this code speaks
+/// that version (the hello and the error also in the older versions their
+/// layout covers).
+fn check_spoken(msg_type: MessageType, version: u16) -> Result<(), EncodeError> {
+    let spoken = if msg_type.layout_is_frozen() {
+        (1..=PROTOCOL_VERSION).contains(&version)
+    } else {
+        (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version)
+    };
+    if !spoken || version < msg_type.since() {
+        return Err(EncodeError::NotInVersion {
+            msg: msg_type.name(),
+            version,
+        });
+    }
+    Ok(())
 }
 
 struct Writer(Vec<u8>);

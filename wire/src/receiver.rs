@@ -19,10 +19,15 @@
 //!   (`after_seq` == last applied record). Initial-sync chunks of a disk must
 //!   come in offset order without holes.
 //!
-//! Commit policy: after every Records batch, after `commit_bytes` of chunk
-//! data, and when the daemon reports its input idle (nothing buffered, not
-//! even a part of a message); each commit is followed by an Ack carrying
-//! the durable position.
+//! Commit policy (group commit): when the daemon reports its input idle
+//! (nothing buffered, not even a part of a message), after
+//! `commit_record_bytes` of records or `commit_bytes` of chunk data
+//! applied since the last commit, and before a drain is reported; each
+//! commit is followed by an Ack carrying the durable position. Records are
+//! not committed batch by batch: the daemon applies everything that arrived
+//! while the last commit ran and then commits it all with one set of syncs,
+//! so a burst of batches costs one commit, not one each. An Ack still only
+//! ever names what a commit made durable.
 //!
 //! Sessions are fenced: starting one takes a new lease from the replica, and
 //! a session whose lease is no longer current refuses every frame. A stale
@@ -113,6 +118,11 @@ pub struct ReceiverConfig {
     pub compression: Compression,
     /// Chunk bytes applied before a commit. Default 64 MiB.
     pub commit_bytes: u64,
+    /// Record bytes applied before a commit even if more input is waiting.
+    /// It bounds how long a steady stream goes unacknowledged, and stays
+    /// well below the shipper's in-flight window (64 MiB by default) so the
+    /// shipper never stalls waiting for an Ack. Default 16 MiB.
+    pub commit_record_bytes: u64,
     /// The protocol versions served. Default [`Versions::SUPPORTED`]
     /// (tests narrow it to play an older or newer receiver).
     pub versions: Versions,
@@ -125,6 +135,7 @@ impl ReceiverConfig {
             authenticated_host: host.clone(),
             compression: Compression::None,
             commit_bytes: 64 << 20,
+            commit_record_bytes: 16 << 20,
             versions: Versions::SUPPORTED,
         }
     }
@@ -436,6 +447,7 @@ impl ExpectHello {
             acked_frames: 0,
             dirty: false,
             uncommitted_bytes: 0,
+            uncommitted_record_bytes: 0,
             drained: None,
         };
         Ok((session, welcome))
@@ -479,6 +491,7 @@ pub struct Receiving {
     acked_frames: u64,
     dirty: bool,
     uncommitted_bytes: u64,
+    uncommitted_record_bytes: u64,
     drained: Option<DrainOutcome>,
 }
 
@@ -608,7 +621,14 @@ impl Receiving {
                     };
                     self.dirty = true;
                 }
-                self.commit(replica, &mut out)?;
+                // Committed when the input runs dry (handle_idle) or the
+                // bound is reached, together with the batches after it.
+                self.uncommitted_record_bytes = self
+                    .uncommitted_record_bytes
+                    .saturating_add(batch.byte_len() as u64);
+                if self.uncommitted_record_bytes >= self.config.commit_record_bytes {
+                    self.commit(replica, &mut out)?;
+                }
             }
             Message::Chunk {
                 disk,
@@ -753,6 +773,7 @@ impl Receiving {
         };
         self.dirty = false;
         self.uncommitted_bytes = 0;
+        self.uncommitted_record_bytes = 0;
         self.acked_frames = self.frames;
         out.push(
             Message::Ack {

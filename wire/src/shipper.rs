@@ -528,14 +528,16 @@ impl Shipping {
         }
         // Version 1 of the protocol carries version-1 records only: its
         // receivers refuse newer ones.
+        let converted;
         let batch = if self.version < 2 {
-            batch
+            converted = batch
                 .in_record_version(1)
-                .map_err(|e| ShipperError::Usage(format!("a record for a version-1 peer: {e}")))?
+                .map_err(|e| ShipperError::Usage(format!("a record for a version-1 peer: {e}")))?;
+            &converted
         } else {
-            batch.clone()
+            batch
         };
-        let frame = Message::Records(batch).encode(self.version, self.config.compression)?;
+        let frame = Message::encode_records(batch, self.version, self.config.compression)?;
         self.last_sent = Some(last);
         self.track(&frame);
         Ok(frame)

@@ -1032,9 +1032,10 @@ fn a_true_gap_is_a_permanent_sequence_gap() {
     let batch =
         RecordBatch::from_records([&record(1, 1)[..], &record(2, 1)[..], &record(3, 1)[..]])
             .unwrap();
-    let acks = s
-        .handle_message(v(Message::Records(batch.clone())), &mut replica)
+    s.handle_message(v(Message::Records(batch.clone())), &mut replica)
         .unwrap();
+    // Committed (and acknowledged) once the input runs dry.
+    let acks = s.handle_idle(&mut replica).unwrap();
     assert_eq!(acks.len(), 1);
     assert_eq!(replica.committed.1.durable_seq, 3);
     // A resent batch is a duplicate, not an error, and applies nothing.
@@ -1081,6 +1082,7 @@ fn a_generation_that_reuses_applied_sequence_numbers_is_refused() {
     let batch = RecordBatch::from_records([&record(1, 1)[..], &record(2, 1)[..], &v1[..]]).unwrap();
     s.handle_message(v(Message::Records(batch)), &mut replica)
         .unwrap();
+    s.handle_idle(&mut replica).unwrap();
     assert_eq!(replica.committed.1.durable_seq, 3);
     for reused in [2, 3] {
         let batch = RecordBatch::from_records([&record(reused, 2)[..]]).unwrap();
@@ -1098,6 +1100,7 @@ fn a_generation_that_reuses_applied_sequence_numbers_is_refused() {
     let batch = RecordBatch::from_records([&record(10, 2)[..]]).unwrap();
     s.handle_message(v(Message::Records(batch)), &mut replica)
         .unwrap();
+    s.handle_idle(&mut replica).unwrap();
     assert_eq!(
         (
             replica.committed.1.durable_seq,
@@ -1258,6 +1261,71 @@ fn a_chunk_at_the_wrong_position_is_refused() {
         s.handle_message(v(m), &mut replica).unwrap_err().code(),
         ErrorCode::UnknownDisk
     );
+}
+
+/// The durable record an Ack frame names.
+fn acked_seq(frame: &[u8]) -> u64 {
+    match decode_one(frame).message {
+        Message::Ack { durable_seq, .. } => durable_seq,
+        other => panic!("expected an ack, got {other:?}"),
+    }
+}
+
+#[test]
+fn record_batches_arriving_together_cost_one_commit() {
+    let source = tiny_source();
+    let mut replica = MemReplica::new(&source);
+    let mut s = session(&mut replica);
+    let commits = replica.commits;
+    for seq in 1..=3 {
+        let batch = RecordBatch::from_records([&record(seq, 1)[..]]).unwrap();
+        let out = s
+            .handle_message(v(Message::Records(batch)), &mut replica)
+            .unwrap();
+        assert!(out.is_empty(), "no Ack before a commit: {out:?}");
+    }
+    assert_eq!(replica.commits, commits, "applied, not committed yet");
+    // The input ran dry: one commit for the three batches, one Ack naming
+    // the last of them.
+    let acks = s.handle_idle(&mut replica).unwrap();
+    assert_eq!(replica.commits, commits + 1);
+    assert_eq!(acks.len(), 1);
+    assert_eq!(acked_seq(&acks[0]), 3);
+    // Nothing new: no commit, no Ack.
+    assert!(s.handle_idle(&mut replica).unwrap().is_empty());
+    assert_eq!(replica.commits, commits + 1);
+}
+
+#[test]
+fn a_steady_stream_of_records_is_committed_every_commit_record_bytes() {
+    let source = tiny_source();
+    let mut replica = MemReplica::new(&source);
+    let one = RecordBatch::from_records([&record(1, 1)[..]]).unwrap();
+    let mut config = ReceiverConfig::new(&Name::from_static(HOST));
+    // Two batches' worth: every second batch commits, without waiting for
+    // the input to run dry.
+    config.commit_record_bytes = 2 * one.byte_len() as u64;
+    let mut s = ExpectHello::new(config)
+        .handle_message(v(hello_from(HOST, 1)), &mut replica)
+        .unwrap()
+        .0;
+    let commits = replica.commits;
+    let mut acked = Vec::new();
+    for seq in 1..=3 {
+        let batch = RecordBatch::from_records([&record(seq, 1)[..]]).unwrap();
+        for ack in s
+            .handle_message(v(Message::Records(batch)), &mut replica)
+            .unwrap()
+        {
+            acked.push(acked_seq(&ack));
+        }
+    }
+    assert_eq!(acked, [2]);
+    assert_eq!(replica.commits, commits + 1);
+    // The rest when the input runs dry.
+    let last = s.handle_idle(&mut replica).unwrap();
+    assert_eq!(acked_seq(&last[0]), 3);
+    assert_eq!(replica.commits, commits + 2);
 }
 
 #[test]
