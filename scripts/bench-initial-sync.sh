@@ -74,30 +74,8 @@ if [ -n "${TIDEMARK_BIN_BEFORE:-}" ]; then
 	BINS+=("before=$TIDEMARK_BIN_BEFORE")
 fi
 
-mkdir -p "$BASE"
-BASE="$(cd "$BASE" && pwd)"
 # The source's data, one copy (nbdcopy's or a replica's) at a time, logs.
-need=$((2 * DATA_BYTES + (1 << 30)))
-avail=$(($(df -P -B1 "$BASE" | awk 'NR==2 {print $4}')))
-[ "$avail" -ge "$need" ] || die "$BASE has $((avail >> 20)) MiB free; needs about $((need >> 20)) MiB"
-
-WORK="$(mktemp -d "$BASE/isync.XXXXXX")"
-# Unix socket paths are limited to 108 bytes: sockets go to a short path.
-SOCKDIR="$(mktemp -d /tmp/tmisync.XXXXXX)"
-PIDS=()
-
-cleanup() {
-	local pid
-	for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
-	rm -rf "$SOCKDIR"
-	if [ "$KEEP" = 1 ]; then
-		note "kept $WORK"
-	else
-		rm -rf "$WORK"
-	fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+bench_workspace isync $((2 * DATA_BYTES + (1 << 30)))
 
 now_s() { # seconds since the epoch, with microseconds
 	echo "$EPOCHREALTIME"
@@ -163,21 +141,13 @@ sync_with() { # LABEL BINARY
 		--pki-dir "$PKI/receiver" >"$dir/receiver.out" 2>"$dir/receiver.err" &
 	rpid=$!
 	PIDS+=("$rpid")
-	for _ in $(seq 600); do
-		grep -q "^receiver ready on" "$dir/receiver.out" 2>/dev/null && break
-		sleep 0.1
-	done
+	wait_line "$dir/receiver.out" "receiver ready on" "$rpid"
 	addr="$(sed -n 's/^receiver ready on //p' "$dir/receiver.out")"
-	[ -n "$addr" ] || { cat "$dir/receiver.err" >&2; die "$label: the receiver did not start"; }
 	TIDEMARK_LOG=warn "$BIN" tracker serve --image "$SRC" --name disk \
 		--socket "$SOCKDIR/tracker.sock" --log-dir "$dir/log" >"$dir/tracker.out" 2>"$dir/tracker.err" &
 	tpid=$!
 	PIDS+=("$tpid")
-	for _ in $(seq 600); do
-		grep -q "^tracker ready" "$dir/tracker.out" 2>/dev/null && break
-		sleep 0.1
-	done
-	grep -q "^tracker ready" "$dir/tracker.out" || { cat "$dir/tracker.err" >&2; die "$label: the tracker did not start"; }
+	wait_line "$dir/tracker.out" "tracker ready" "$tpid"
 	drop_caches
 	note "$label: initial sync of $SIZE"
 	t0="$(now_s)"

@@ -146,8 +146,6 @@ for s in $SIZES; do SIZE_LIST+=("$s"); done
 [ "${#SIZE_LIST[@]}" -gt 0 ] || die "SIZES is empty"
 LARGEST="${SIZE_LIST[${#SIZE_LIST[@]} - 1]}"
 
-mkdir -p "$BASE"
-BASE="$(cd "$BASE" && pwd)"
 need=0
 for s in "${SIZE_LIST[@]}"; do
 	sb="$(bytes "$s")"
@@ -156,39 +154,7 @@ for s in "${SIZE_LIST[@]}"; do
 	n=$((2 * data + 2 * (WRITE_N + SPREAD_N) + (1 << 30)))
 	[ "$n" -gt "$need" ] && need=$n
 done
-avail=$(($(df -P -B1 "$BASE" | awk 'NR==2 {print $4}')))
-[ "$avail" -ge "$need" ] || die "$BASE has $((avail >> 20)) MiB free; needs about $((need >> 20)) MiB"
-
-WORK="$(mktemp -d "$BASE/tf.XXXXXX")"
-# Unix socket paths are limited to 108 bytes: sockets go to a short path.
-SOCKDIR="$(mktemp -d /tmp/tmtf.XXXXXX)"
-PIDS=()
-
-cleanup() {
-	local pid
-	for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
-	rm -rf "$SOCKDIR"
-	if [ "$KEEP" = 1 ]; then
-		note "kept $WORK"
-	else
-		rm -rf "$WORK"
-	fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# wait_line FILE PREFIX PID: waits until FILE has a line starting with
-# PREFIX (the process PID still running), 60 s at most.
-wait_line() {
-	local file=$1 prefix=$2 pid=$3 i
-	for i in $(seq 600); do
-		grep -q "^$prefix" "$file" 2>/dev/null && return 0
-		kill -0 "$pid" 2>/dev/null || break
-		sleep 0.1
-	done
-	cat "${file%.out}.err" >&2 2>/dev/null || true
-	die "no '$prefix' from pid $pid (see ${file%.out}.err)"
-}
+bench_workspace tf "$need"
 
 # Waits until the receiver has made the whole log durable and the shipper
 # says protected.

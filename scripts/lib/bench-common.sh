@@ -94,3 +94,44 @@ enrol() { # DIR HOST
 		--csr "$dir/host/host.csr" --out "$dir/host/host.crt" >/dev/null
 	cp "$dir/receiver/ca.crt" "$dir/host/ca.crt"
 }
+
+# bench_workspace PREFIX NEED_BYTES: checks that $BASE (made absolute) has
+# NEED_BYTES free; makes WORK under it and SOCKDIR under /tmp (unix socket
+# paths are limited to 108 bytes); at exit stops every process in PIDS and
+# removes both (KEEP=1 keeps WORK).
+bench_workspace() {
+	local prefix=$1 need=$2 avail
+	mkdir -p "$BASE"
+	BASE="$(cd "$BASE" && pwd)"
+	avail=$(($(df -P -B1 "$BASE" | awk 'NR==2 {print $4}')))
+	[ "$avail" -ge "$need" ] || die "$BASE has $((avail >> 20)) MiB free; needs about $((need >> 20)) MiB"
+	WORK="$(mktemp -d "$BASE/$prefix.XXXXXX")"
+	SOCKDIR="$(mktemp -d "/tmp/tm$prefix.XXXXXX")"
+	PIDS=()
+	trap bench_cleanup EXIT
+	trap 'exit 130' INT TERM
+}
+
+bench_cleanup() {
+	local pid
+	for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
+	rm -rf "$SOCKDIR"
+	if [ "${KEEP:-0}" = 1 ]; then
+		note "kept $WORK"
+	else
+		rm -rf "$WORK"
+	fi
+}
+
+# wait_line FILE PREFIX PID: waits until FILE has a line starting with
+# PREFIX (the process PID still running), 60 s at most.
+wait_line() {
+	local file=$1 prefix=$2 pid=$3
+	for _ in $(seq 600); do
+		grep -q "^$prefix" "$file" 2>/dev/null && return 0
+		kill -0 "$pid" 2>/dev/null || break
+		sleep 0.1
+	done
+	cat "${file%.out}.err" >&2 2>/dev/null || true
+	die "no '$prefix' from pid $pid (see ${file%.out}.err)"
+}
