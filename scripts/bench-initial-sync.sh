@@ -137,17 +137,10 @@ sync_with() { # LABEL BINARY
 	rm -rf "$PKI"
 	enrol "$PKI" "$HOST"
 	mkdir -p "$dir"
-	TIDEMARK_LOG=warn "$BIN" receiver serve --listen 127.0.0.1:0 --data-dir "$dir/replicas" \
-		--pki-dir "$PKI/receiver" >"$dir/receiver.out" 2>"$dir/receiver.err" &
-	rpid=$!
-	PIDS+=("$rpid")
-	wait_line "$dir/receiver.out" "receiver ready on" "$rpid"
-	addr="$(sed -n 's/^receiver ready on //p' "$dir/receiver.out")"
-	TIDEMARK_LOG=warn "$BIN" tracker serve --image "$SRC" --name disk \
-		--socket "$SOCKDIR/tracker.sock" --log-dir "$dir/log" >"$dir/tracker.out" 2>"$dir/tracker.err" &
-	tpid=$!
-	PIDS+=("$tpid")
-	wait_line "$dir/tracker.out" "tracker ready" "$tpid"
+	start_receiver "$dir"
+	rpid=$RECEIVER_PID addr=$RECEIVER_ADDR
+	start_tracker "$SRC" "$dir"
+	tpid=$TRACKER_PID
 	drop_caches
 	note "$label: initial sync of $SIZE"
 	t0="$(now_s)"

@@ -249,18 +249,10 @@ setup() {
 		--ioengine=libaio --direct=1 --size="$data" --output-format=json \
 		--output="$dir/fill.json" >/dev/null 2>"$dir/fill.err" || { cat "$dir/fill.err" >&2; die "filling the image failed"; }
 
-	TIDEMARK_LOG=warn "$BIN" receiver serve --listen 127.0.0.1:0 --data-dir "$dir/replicas" \
-		--pki-dir "$PKI/receiver" >"$dir/receiver.out" 2>"$dir/receiver.err" &
-	rpid=$!
-	PIDS+=("$rpid")
-	wait_line "$dir/receiver.out" "receiver ready on" "$rpid"
-	addr="$(sed -n 's/^receiver ready on //p' "$dir/receiver.out")"
-
-	TIDEMARK_LOG=warn "$BIN" tracker serve --image "$dir/source.img" --name disk \
-		--socket "$SOCKDIR/tracker.sock" --log-dir "$dir/log" >"$dir/tracker.out" 2>"$dir/tracker.err" &
-	tpid=$!
-	PIDS+=("$tpid")
-	wait_line "$dir/tracker.out" "tracker ready" "$tpid"
+	start_receiver "$dir"
+	rpid=$RECEIVER_PID addr=$RECEIVER_ADDR
+	start_tracker "$dir/source.img" "$dir"
+	tpid=$TRACKER_PID
 	turi="nbd+unix:///disk?socket=$SOCKDIR/tracker.sock"
 
 	TIDEMARK_LOG=warn "$BIN" shipper run --log-dir "$dir/log" --receiver "$addr" --host "$HOST" \

@@ -135,3 +135,28 @@ wait_line() {
 	cat "${file%.out}.err" >&2 2>/dev/null || true
 	die "no '$prefix' from pid $pid (see ${file%.out}.err)"
 }
+
+# start_receiver DIR: a receiver on a free loopback port with its replicas
+# in DIR/replicas, enrolled by `enrol "$PKI"`; sets RECEIVER_PID and
+# RECEIVER_ADDR once it is ready.
+start_receiver() {
+	local dir=$1
+	TIDEMARK_LOG=warn "$BIN" receiver serve --listen 127.0.0.1:0 --data-dir "$dir/replicas" \
+		--pki-dir "$PKI/receiver" >"$dir/receiver.out" 2>"$dir/receiver.err" &
+	RECEIVER_PID=$!
+	PIDS+=("$RECEIVER_PID")
+	wait_line "$dir/receiver.out" "receiver ready on" "$RECEIVER_PID"
+	RECEIVER_ADDR="$(sed -n 's/^receiver ready on //p' "$dir/receiver.out")"
+}
+
+# start_tracker IMAGE DIR: the tracker serving IMAGE as export "disk" on
+# $SOCKDIR/tracker.sock, its log in DIR/log; sets TRACKER_PID once it is
+# ready.
+start_tracker() {
+	local image=$1 dir=$2
+	TIDEMARK_LOG=warn "$BIN" tracker serve --image "$image" --name disk \
+		--socket "$SOCKDIR/tracker.sock" --log-dir "$dir/log" >"$dir/tracker.out" 2>"$dir/tracker.err" &
+	TRACKER_PID=$!
+	PIDS+=("$TRACKER_PID")
+	wait_line "$dir/tracker.out" "tracker ready" "$TRACKER_PID"
+}
