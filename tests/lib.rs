@@ -101,14 +101,25 @@ pub fn require_kernel(test: &str) -> bool {
 
 /// Runs `cmd`, asserts success, returns stdout and stderr together.
 pub fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    let text = format!(
+    let out = output_ok(cmd);
+    format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Runs `cmd` and asserts success (the failure names the command and
+/// shows what it printed); returns its output, stdout kept apart.
+pub fn output_ok(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
-    text
+    out
 }
 
 /// Runs `cmd`, a daemon that must refuse to start, and returns what it
@@ -307,15 +318,7 @@ impl Drop for TrackerProcess {
 /// `nbdinfo --map` of `uri`: (offset, length, type) of each extent, type
 /// 0 for data and 3 for a hole that reads as zeroes.
 pub fn nbdinfo_map(uri: &str) -> Vec<(u64, u64, u64)> {
-    let out = Command::new("nbdinfo")
-        .args(["--map", "--json", uri])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = output_ok(Command::new("nbdinfo").args(["--map", "--json", uri]));
     let map: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let field = |e: &serde_json::Value, name| e[name].as_u64().expect("a number");
     map.as_array()
