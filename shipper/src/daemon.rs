@@ -313,7 +313,7 @@ fn collect_metrics(s: &ShipperStatus, lag: HistogramSnapshot, now_ns: u64) -> Ex
     );
     e.histogram(
         "tidemark_shipper_acked_lag",
-        "Replication lag sampled at each acknowledgement that advanced the durable position: the RPO achieved.",
+        "Replication lag of each record when the receiver acknowledged it durable: the RPO achieved.",
         Some(Unit::Seconds),
         &g,
         lag,
@@ -967,18 +967,17 @@ impl Connection<'_> {
                     );
                 }
             }
-            CoreEvent::CursorAdvanced {
-                durable,
-                oldest_acked_ns,
-            } => {
+            CoreEvent::CursorAdvanced { durable, acked_ns } => {
                 if durable.seq > shared.cursor {
                     let dir = shared.dir.clone();
                     tokio::task::block_in_place(|| write_cursor(&dir, Seq(durable.seq)))
                         .map_err(SessionError::Cursor)?;
                     shared.cursor = durable.seq;
                 }
-                if let Some(ts) = oldest_acked_ns {
-                    let now = tidemark_changelog::now_ns();
+                // One observation per record made durable: the histogram's
+                // quantiles are over records, as the RPO is.
+                let now = tidemark_changelog::now_ns();
+                for ts in acked_ns {
                     shared.metrics.lag.observe_ns(now.saturating_sub(ts));
                 }
             }
