@@ -1675,14 +1675,26 @@ mod tests {
             panic!("an intact frame decodes");
         };
         assert_eq!(got.as_bytes(), batch.as_bytes());
+        // Refused as damage on the way, by the message decoder and by the
+        // frame decoder alone.
+        let damage_on_the_way = |bytes: &[u8]| {
+            let err = decode(bytes).unwrap_err();
+            assert!(
+                matches!(err, DecodeError::ChecksumMismatch { .. }),
+                "{err:?}"
+            );
+            let mut d = FrameDecoder::new();
+            d.feed(bytes);
+            let err = d.next_frame().unwrap_err();
+            assert!(
+                matches!(err, DecodeError::ChecksumMismatch { .. }),
+                "{err:?}"
+            );
+        };
         // A payload byte changed on the way: the frame's checksum says so.
         let mut damaged = frame.clone();
         damaged[payload_at] ^= 1;
-        let err = decode(&damaged).unwrap_err();
-        assert!(
-            matches!(err, DecodeError::ChecksumMismatch { .. }),
-            "{err:?}"
-        );
+        damage_on_the_way(&damaged);
         // The same with the frame's checksum made to match (the record was
         // damaged before it was framed): the record's own checksum says so.
         let crc_at = 16;
@@ -1707,29 +1719,12 @@ mod tests {
         // (the header changed on the way): refused by the combined check.
         let mut header_hit = frame.clone();
         header_hit[crc_at] ^= 0x40;
-        let err = decode(&header_hit).unwrap_err();
-        assert!(
-            matches!(err, DecodeError::ChecksumMismatch { .. }),
-            "{err:?}"
-        );
-        // A frame the batch cannot even take apart, damaged in its last
-        // byte as well: the frame's checksum speaks first.
+        damage_on_the_way(&header_hit);
+        // A body the batch cannot even take apart (its first record's
+        // magic hit): the frame's checksum speaks first.
         let mut cut = frame.clone();
         cut[FRAME_HEADER_LEN] = b'X';
-        let err = decode(&cut).unwrap_err();
-        assert!(
-            matches!(err, DecodeError::ChecksumMismatch { .. }),
-            "{err:?}"
-        );
-        // The frame decoder alone refuses all of these too.
-        for bad in [&header_hit, &cut] {
-            let mut d = FrameDecoder::new();
-            d.feed(bad);
-            assert!(matches!(
-                d.next_frame(),
-                Err(DecodeError::ChecksumMismatch { .. })
-            ));
-        }
+        damage_on_the_way(&cut);
     }
 
     #[test]
