@@ -199,7 +199,7 @@ def main():
     print()
     head = (
         f"{'bin':<6} {'offered':>7} {'achieved':>8} {'lag p50':>7} {'p99':>6} {'max':>6} {'max<=':>6} "
-        f"{'acks':>6} {'CPU ms/MiB trk/shp/rcv':>23} {'RSS MiB trk/shp/rcv':>19} "
+        f"{'obs':>6} {'CPU ms/MiB trk/shp/rcv':>23} {'RSS MiB trk/shp/rcv':>19} "
         f"{'wire MiB':>8} {'lo MiB':>7} {'written':>7} {'drain s':>7}"
     )
     print("pipeline (MiB/s; lag in s; wire = shipper frames; lo = loopback bytes):")

@@ -25,13 +25,13 @@
 #                          (but within the highest bucket that holds
 #                          observations, only up to the largest lag polled,
 #                          see max, when that is inside the bucket). The
-#                          shipper observes one value per acknowledgement that
-#                          advanced the durable position: the age of the
-#                          oldest record that acknowledgement made durable
-#                          (from the tracker taking the write to the shipper
-#                          reading the receiver's Ack), so a quantile is over
-#                          acknowledgements, each at its worst record; acks
-#                          is how many there were
+#                          shipper observes one value per record an
+#                          acknowledgement made durable: its age from the
+#                          tracker taking the write to the shipper reading
+#                          the receiver's Ack, so a quantile is over records
+#                          (a release before this one observed one value per
+#                          acknowledgement, its oldest record's age); obs is
+#                          how many observations there were
 #      lag max             the largest tidemark_shipper_lag_seconds gauge (age
 #                          of the oldest record not yet durable) seen polling
 #                          the shipper's /metrics every POLL seconds (or

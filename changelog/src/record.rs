@@ -478,6 +478,77 @@ impl Header {
                 computed,
             });
         }
+        self.check_rules(payload)
+    }
+
+    /// Verifies like [`verify`](Self::verify), reading the payload once,
+    /// and returns the CRC32C of the record's whole bytes as they lie
+    /// (all 56 header bytes, the stored checksum among them, then the
+    /// payload): what a checksum over a run of records, as a frame's on
+    /// the wire, is made of (combined with [`crc32c_combine`]), without
+    /// a second pass over the payload.
+    pub fn verify_bytes_crc(
+        &self,
+        header_bytes: &[u8],
+        payload: &[u8],
+    ) -> Result<u32, DecodeError> {
+        if payload.len() != self.payload_len as usize || header_bytes.len() < HEADER_LEN {
+            return Err(DecodeError::Truncated {
+                needed: self.record_len(),
+                available: header_bytes.len().min(HEADER_LEN) + payload.len(),
+            });
+        }
+        // crc(A ‖ P) = crc(A)·x^(8·|P|) ⊕ crc(P), for the record's own
+        // checksum (A: bytes 0..52) and for its bytes (A: bytes 0..56).
+        let payload_crc = crc32c::crc32c(payload);
+        let shift = x_pow_8n(payload.len());
+        let fields = crc32c::crc32c(&header_bytes[..CRC_AT]);
+        let computed = multiply_mod_poly(shift, fields) ^ payload_crc;
+        if computed != self.crc {
+            return Err(DecodeError::ChecksumMismatch {
+                stored: self.crc,
+                computed,
+            });
+        }
+        self.check_rules(payload)?;
+        let header = crc32c::crc32c_append(fields, &header_bytes[CRC_AT..HEADER_LEN]);
+        Ok(multiply_mod_poly(shift, header) ^ payload_crc)
+    }
+
+    /// The CRC32C of the record's whole bytes (as
+    /// [`verify_bytes_crc`](Self::verify_bytes_crc) returns it) from its
+    /// stored checksum, without reading the payload: for a record already
+    /// verified, as the log reader verifies every record it returns.
+    /// `header_bytes`: the 56 bytes this header was decoded from.
+    pub fn bytes_crc(&self, header_bytes: &[u8; HEADER_LEN]) -> u32 {
+        // stored = crc(A52)·s ⊕ crc(P) and bytes = crc(A56)·s ⊕ crc(P), so
+        // bytes = stored ⊕ (crc(A52) ⊕ crc(A56))·s.
+        let fields = crc32c::crc32c(&header_bytes[..CRC_AT]);
+        let header = crc32c::crc32c_append(fields, &header_bytes[CRC_AT..]);
+        self.crc ^ multiply_mod_poly(x_pow_8n(self.payload_len as usize), fields ^ header)
+    }
+
+    /// The 56 header bytes as they lie in the record, the stored checksum
+    /// included (not computed anew, unlike [`Record::encode_header`]).
+    pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
+        zerocopy::transmute!(RawHeader {
+            magic: RECORD_MAGIC,
+            version: self.version,
+            kind: self.kind.code(),
+            flags: self.flags.into(),
+            seq: self.seq.get().into(),
+            timestamp_ns: self.timestamp_ns.into(),
+            generation: self.generation.into(),
+            disk: self.disk.get().into(),
+            offset: self.offset.into(),
+            length: self.length.into(),
+            payload_len: self.payload_len.into(),
+            crc: self.crc.into(),
+        })
+    }
+
+    /// The kind's rules, once the checksum held.
+    fn check_rules(&self, payload: &[u8]) -> Result<(), DecodeError> {
         check_semantics(
             self.version,
             self.kind,
@@ -764,9 +835,15 @@ const X_POW_2K: [u32; 32] = {
 /// 32 MiB payload cost the same few hundred nanoseconds at most — unlike
 /// the matrix method of the crc32c crate, which squares a 32×32 matrix per
 /// bit of the length.
-fn crc32c_combine(crc_a: u32, crc_b: u32, len_b: usize) -> u32 {
+pub fn crc32c_combine(crc_a: u32, crc_b: u32, len_b: usize) -> u32 {
+    multiply_mod_poly(x_pow_8n(len_b), crc_a) ^ crc_b
+}
+
+/// `x^(8n)` modulo the CRC32C polynomial: what appending `n` bytes
+/// multiplies a CRC by.
+fn x_pow_8n(n: usize) -> u32 {
     let mut shift = 1u32 << 31; // x^0
-    let mut n = len_b as u64;
+    let mut n = n as u64;
     let mut k = 3; // 8 bits per byte: x^(8n) = x^(n · 2^3)
     while n != 0 {
         if n & 1 != 0 {
@@ -775,7 +852,7 @@ fn crc32c_combine(crc_a: u32, crc_b: u32, len_b: usize) -> u32 {
         n >>= 1;
         k += 1;
     }
-    multiply_mod_poly(shift, crc_a) ^ crc_b
+    shift
 }
 
 #[cfg(test)]
@@ -887,6 +964,18 @@ mod tests {
         }
 
         #[test]
+        fn the_bytes_crc_is_the_crc_of_the_whole_record_read_once_or_not_at_all((kind, flags, disk, offset, length, ts, payload) in arb_entry(), seq in 1u64..1 << 40) {
+            let e = Entry { kind, flags, disk, offset, length, timestamp_ns: ts, payload: &payload };
+            let bytes = e.encode(Seq(seq), 3);
+            let whole = crc32c::crc32c(&bytes);
+            let h = Header::decode(&bytes).unwrap();
+            prop_assert_eq!(h.verify_bytes_crc(&bytes, &bytes[HEADER_LEN..]), Ok(whole));
+            let hb: [u8; HEADER_LEN] = bytes[..HEADER_LEN].try_into().unwrap();
+            prop_assert_eq!(h.bytes_crc(&hb), whole);
+            prop_assert_eq!(h.to_bytes(), hb);
+        }
+
+        #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = Record::decode(&bytes);
             let _ = Header::decode(&bytes);
@@ -907,6 +996,9 @@ mod tests {
             let bit = bit.index(bytes.len() * 8);
             bytes[bit / 8] ^= 1 << (bit % 8);
             prop_assert!(Record::decode(&bytes).is_err());
+            let refused = Header::decode(&bytes)
+                .and_then(|h| h.verify_bytes_crc(&bytes, bytes.get(HEADER_LEN..).unwrap_or_default()));
+            prop_assert!(refused.is_err());
         }
     }
 

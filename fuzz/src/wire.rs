@@ -105,7 +105,7 @@ pub fn message(data: &[u8]) {
     let frame = Frame {
         version,
         msg_type,
-        body: body.clone(),
+        body: body.clone().into(),
     };
     let msg = match Message::decode(frame) {
         Ok(msg) => msg,

@@ -490,7 +490,6 @@ impl Server {
         mut recv: quinn::RecvStream,
     ) -> Result<(), SessionEnded> {
         let mut decoder = MessageDecoder::new();
-        let mut buf = vec![0u8; 256 << 10];
         // The Hello.
         let hello = loop {
             match decoder.next_message() {
@@ -503,12 +502,11 @@ impl Server {
                     return refuse(&mut send, err).await;
                 }
             }
-            let n = tokio::time::timeout(Duration::from_secs(30), recv.read(&mut buf))
+            tokio::time::timeout(Duration::from_secs(30), read_into(&mut recv, &mut decoder))
                 .await
                 .map_err(|_| SessionEnded::NoHello)?
                 .map_err(SessionEnded::Read)?
                 .ok_or(SessionEnded::EndedBeforeHello)?;
-            decoder.feed(&buf[..n]);
         };
         // The Hello's names decoded as names: none of them can leave the
         // host's directory.
@@ -610,10 +608,11 @@ impl Server {
             // and gives up at once when nothing is there (the read is
             // cancel-safe: nothing is lost when it is dropped).
             let mut ended = false;
-            if let Ok(read) = tokio::time::timeout(Duration::ZERO, recv.read(&mut buf)).await {
+            if let Ok(read) =
+                tokio::time::timeout(Duration::ZERO, read_into(&mut recv, &mut decoder)).await
+            {
                 match read {
                     Ok(Some(n)) => {
-                        decoder.feed(&buf[..n]);
                         gathered += n;
                         if gathered < GROUP_COMMIT_MAX {
                             continue;
@@ -645,8 +644,8 @@ impl Server {
                 return Ok(());
             }
             tokio::select! {
-                read = recv.read(&mut buf) => match read {
-                    Ok(Some(n)) => decoder.feed(&buf[..n]),
+                read = read_into(&mut recv, &mut decoder) => match read {
+                    Ok(Some(_)) => {}
                     Ok(None) => return Ok(()),
                     Err(e) => return Err(SessionEnded::Read(e)),
                 },
@@ -669,6 +668,24 @@ impl Server {
         }
     }
 }
+
+/// Feeds the decoder what the stream has next, straight from quinn's
+/// buffer (no copy into a read buffer first): the bytes fed, `None` when
+/// the stream ended. Cancel-safe, as `read_chunk` is: nothing is awaited
+/// once bytes are taken.
+async fn read_into(
+    recv: &mut quinn::RecvStream,
+    decoder: &mut MessageDecoder,
+) -> Result<Option<usize>, quinn::ReadError> {
+    let chunk = recv.read_chunk(READ_MAX, true).await?;
+    Ok(chunk.map(|c| {
+        decoder.feed(&c.bytes);
+        c.bytes.len()
+    }))
+}
+
+/// The most one read takes from the stream.
+const READ_MAX: usize = 1 << 20;
 
 /// Bytes read into one group commit at most: a steady stream is still
 /// committed and acknowledged every so often, and the loop still looks for

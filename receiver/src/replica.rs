@@ -99,8 +99,10 @@ impl Replica for StoreReplica {
     }
 
     fn apply_record(&mut self, record: &Record) -> Result<(), ReplicaError> {
+        // The session hands over records of a verified batch (the trait's
+        // contract): their checksums held against the bytes received.
         self.group
-            .apply_record(record)
+            .apply_verified_record(record)
             .map(|_| ())
             .map_err(|e| self.map(e))
     }

@@ -480,11 +480,16 @@ fn bad_records_get_typed_errors_and_change_nothing() {
         g.apply_record(&tampered),
         Err(StoreError::ChecksumMismatch { seq: 3 })
     ));
-    // A record whose fields contradict its kind.
+    // A record whose fields contradict its kind, also when its checksum
+    // was verified on arrival (the fields are checked all the same).
     let mut inconsistent = record(&Entry::write(d0, 0, &data, 0), 3, 4);
     inconsistent.header.length = 50;
     assert!(matches!(
         g.apply_record(&inconsistent),
+        Err(StoreError::InvalidRecord { seq: 3, .. })
+    ));
+    assert!(matches!(
+        g.apply_verified_record(&inconsistent),
         Err(StoreError::InvalidRecord { seq: 3, .. })
     ));
     // Chunks and digests are checked too.

@@ -26,8 +26,8 @@ use tidemark_config::ShipperConfig;
 use tidemark_wire::shipper::{HelloInfo, ShipperConfig as SessionConfig};
 use tidemark_wire::shipper_core::{CoreConfig, CoreEvent, Need, Phase, ShipperCore};
 use tidemark_wire::{
-    BatchError, ChunkData, ChunkPurpose, Compression, DecodeError, DrainRefused, ErrorClass,
-    MessageDecoder, Received, RecordBatch, RecordId, ShipperError, Versions,
+    ChunkData, ChunkPurpose, Compression, DecodeError, DrainRefused, ErrorClass, MessageDecoder,
+    Received, RecordId, ShipperError, Versions,
 };
 use tokio::sync::{mpsc, watch, Notify};
 
@@ -156,9 +156,6 @@ pub enum SessionError {
     /// The log tail could not be opened or read.
     #[error(transparent)]
     Tail(#[from] TailError),
-    /// The log holds a record that does not verify.
-    #[error("the change log holds a bad record: {0}")]
-    BadRecord(#[source] BatchError),
     /// A disk the core asked for is not in the disks file.
     #[error("disk {0} is not in the disks file")]
     UnknownDisk(u32),
@@ -190,7 +187,6 @@ impl SessionError {
             | SessionError::HostRefused { .. }
             | SessionError::Log(_)
             | SessionError::Tail(_)
-            | SessionError::BadRecord(_)
             | SessionError::UnknownDisk(_)
             | SessionError::Cursor(_) => ErrorClass::Permanent,
             SessionError::Connection { .. }
@@ -313,7 +309,7 @@ fn collect_metrics(s: &ShipperStatus, lag: HistogramSnapshot, now_ns: u64) -> Ex
     );
     e.histogram(
         "tidemark_shipper_acked_lag",
-        "Replication lag sampled at each acknowledgement that advanced the durable position: the RPO achieved.",
+        "Replication lag of each record when the receiver acknowledged it durable: the RPO achieved.",
         Some(Unit::Seconds),
         &g,
         lag,
@@ -629,7 +625,7 @@ pub async fn run(
 async fn send_frame(
     shared: &mut Shared,
     send: &mut quinn::SendStream,
-    frame: &[u8],
+    frame: Vec<u8>,
 ) -> Result<(), SessionError> {
     let wait = shared
         .bandwidth
@@ -637,8 +633,10 @@ async fn send_frame(
     if !wait.is_zero() {
         tokio::time::sleep(wait).await;
     }
-    send.write_all(frame).await.map_err(write_end)?;
-    shared.status.wire_bytes += frame.len() as u64;
+    let len = frame.len() as u64;
+    // Handed over as it is: quinn keeps the buffer rather than copying it.
+    send.write_chunk(frame.into()).await.map_err(write_end)?;
+    shared.status.wire_bytes += len;
     Ok(())
 }
 
@@ -857,7 +855,7 @@ impl Connection<'_> {
         let mut stop_sent = false;
         loop {
             while let Some(frame) = core.poll_transmit() {
-                if let Err(e) = send_frame(self.shared, &mut send, &frame).await {
+                if let Err(e) = send_frame(self.shared, &mut send, frame).await {
                     return e.into();
                 }
             }
@@ -967,18 +965,17 @@ impl Connection<'_> {
                     );
                 }
             }
-            CoreEvent::CursorAdvanced {
-                durable,
-                oldest_acked_ns,
-            } => {
+            CoreEvent::CursorAdvanced { durable, acked_ns } => {
                 if durable.seq > shared.cursor {
                     let dir = shared.dir.clone();
                     tokio::task::block_in_place(|| write_cursor(&dir, Seq(durable.seq)))
                         .map_err(SessionError::Cursor)?;
                     shared.cursor = durable.seq;
                 }
-                if let Some(ts) = oldest_acked_ns {
-                    let now = tidemark_changelog::now_ns();
+                // One observation per record made durable: the histogram's
+                // quantiles are over records, as the RPO is.
+                let now = tidemark_changelog::now_ns();
+                for ts in acked_ns {
                     shared.metrics.lag.observe_ns(now.saturating_sub(ts));
                 }
             }
@@ -1038,15 +1035,10 @@ impl Connection<'_> {
                 };
                 let batch =
                     tokio::task::block_in_place(|| tail.next_batch(max_bytes, Duration::ZERO))?;
-                let records = match batch {
-                    Some(b) => {
-                        let r =
-                            RecordBatch::from_bytes(b.bytes).map_err(SessionError::BadRecord)?;
-                        self.shared.status.record_bytes += r.byte_len() as u64;
-                        Some(r)
-                    }
-                    None => None,
-                };
+                let records = batch.map(|b| b.batch);
+                if let Some(r) = &records {
+                    self.shared.status.record_bytes += r.byte_len() as u64;
+                }
                 core.handle_log_batch(records, Instant::now());
             }
             Need::Chunk {

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tidemark_changelog::{FsDir, Kind, LogReader, LogWatcher, ReadError, Seq};
+use tidemark_wire::{BatchError, RecordBatch};
 
 /// The most a batch reserves up front (a larger `max_bytes` grows the
 /// batch as records come).
@@ -13,8 +14,8 @@ const BATCH_RESERVE_MAX: usize = 8 << 20;
 /// A run of consecutive records, each encoded exactly as in the log.
 #[derive(Debug, Clone, Default)]
 pub struct Batch {
-    /// The encoded records, back to back.
-    pub bytes: Vec<u8>,
+    /// The records, each encoded exactly as in the log.
+    pub batch: RecordBatch,
     /// Sequence number of the first record.
     pub first_seq: u64,
     /// Sequence number of the last record.
@@ -40,6 +41,9 @@ pub enum TailError {
         #[source]
         source: std::io::Error,
     },
+    /// A record read from the log cannot follow the one before it.
+    #[error("the change log holds a bad record: {0}")]
+    BadRecord(#[source] BatchError),
 }
 
 /// The first record the log in `dir` holds at or after `from_seq` (0: its
@@ -140,20 +144,23 @@ impl LogTail {
                         batch.resync_needed.push((h.disk.get(), h.offset, h.length));
                     }
                     // The record as written, in its own format version:
-                    // its checksum travels unchanged.
-                    // Straight into the batch, which is sized once for a
-                    // whole batch: no copy per record, no regrowth.
-                    if batch.bytes.capacity() == 0 {
-                        batch
-                            .bytes
-                            .reserve(max_bytes.min(BATCH_RESERVE_MAX) + h.record_len());
+                    // its checksum travels unchanged, and is not computed
+                    // again (the reader verified it). Straight into the
+                    // batch, which is sized once for a whole batch: no
+                    // regrowth.
+                    if batch.records == 0 {
+                        batch.batch = RecordBatch::with_capacity(
+                            max_bytes.min(BATCH_RESERVE_MAX) + h.record_len(),
+                        );
                     }
-                    batch.bytes.extend_from_slice(&rec.encode_header());
-                    batch.bytes.extend_from_slice(&rec.payload);
+                    batch
+                        .batch
+                        .push_verified(h, &rec.payload)
+                        .map_err(TailError::BadRecord)?;
                     batch.last_seq = h.seq.get();
                     batch.records += 1;
                     self.last_seq = h.seq.get();
-                    if batch.bytes.len() >= max_bytes {
+                    if batch.batch.byte_len() >= max_bytes {
                         return Ok(Some(batch));
                     }
                 }
@@ -206,7 +213,7 @@ mod tests {
         assert_eq!((b.first_seq, b.last_seq, b.records), (4, 12, 9));
         assert_eq!(b.resync_needed, vec![(0, 0, 1 << 20)]);
         // The bytes are the log's own records.
-        let first = Record::decode(&b.bytes).unwrap();
+        let first = Record::decode(b.batch.as_bytes()).unwrap();
         assert_eq!(first.header.seq, Seq(4));
         assert_eq!(first.payload, vec![3u8; 4096]);
         assert!(tail

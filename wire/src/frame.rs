@@ -27,7 +27,11 @@
 //! is checked before decompression: a corrupted frame is never decoded,
 //! let alone applied. The record batches inside keep their own per-record
 //! CRC32C from the log, which is the end-to-end check; the frame CRC guards
-//! the envelope and the fields around them.
+//! the envelope and the fields around them. For a raw `records` frame both
+//! are checked in one pass over its bytes: the frame's CRC is combined from
+//! the records' (CRC32C of a concatenation from the CRC32Cs of its parts),
+//! and the shipper makes it likewise from the checksums the log stored, so
+//! a record's bytes are read once for checksums on each side.
 //!
 //! # Versions
 //!
@@ -82,8 +86,10 @@
 //! that version carries.
 
 use crate::message::MessageType;
+use bytes::{Bytes, BytesMut};
 use std::io;
 use thiserror::Error;
+use tidemark_changelog::record::crc32c_combine;
 use zerocopy::little_endian::{U16, U32};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
@@ -173,8 +179,9 @@ pub struct Frame {
     pub version: u16,
     /// What the body is.
     pub msg_type: MessageType,
-    /// The body, decompressed.
-    pub body: Vec<u8>,
+    /// The body, decompressed: a slice of the bytes received when it was
+    /// sent raw (no copy).
+    pub body: Bytes,
 }
 
 /// Why a message could not be encoded. Always the local side's fault.
@@ -330,6 +337,19 @@ pub fn encode_frame(
     body: &[u8],
     compression: Compression,
 ) -> Result<Vec<u8>, EncodeError> {
+    encode_frame_with_crc(version, msg_type, body, None, compression)
+}
+
+/// [`encode_frame`] given the body's CRC32C if the caller knows it
+/// already (a record batch does, from its records' own checksums): a body
+/// sent raw is then not read again for the frame's checksum.
+pub(crate) fn encode_frame_with_crc(
+    version: u16,
+    msg_type: MessageType,
+    body: &[u8],
+    body_crc: Option<u32>,
+    compression: Compression,
+) -> Result<Vec<u8>, EncodeError> {
     let raw_len = u32::try_from(body.len())
         .ok()
         .filter(|&l| l <= MAX_FRAME_BODY)
@@ -344,9 +364,9 @@ pub fn encode_frame(
         .filter(|&level| worth_compressing(body, level))
         .and_then(|level| zstd::bulk::compress(body, level).ok())
         .filter(|c| c.len() < body.len());
-    let (flags, wire): (u8, &[u8]) = match &compressed {
-        Some(c) => (FLAG_ZSTD, c),
-        None => (0, body),
+    let (flags, wire, wire_crc): (u8, &[u8], _) = match &compressed {
+        Some(c) => (FLAG_ZSTD, c, None),
+        None => (0, body, body_crc),
     };
     // wire.len() <= body.len() <= MAX_FRAME_BODY, so this cannot truncate.
     let wire_len = wire.len() as u32;
@@ -359,7 +379,12 @@ pub fn encode_frame(
         raw_len: raw_len.into(),
         crc: U32::ZERO,
     };
-    header.crc = crc32c::crc32c_append(crc32c::crc32c(&header.as_bytes()[..CRC_AT]), wire).into();
+    let seed = crc32c::crc32c(&header.as_bytes()[..CRC_AT]);
+    header.crc = match wire_crc {
+        Some(c) => crc32c_combine(seed, c, wire.len()),
+        None => crc32c::crc32c_append(seed, wire),
+    }
+    .into();
     let mut out = Vec::with_capacity(FRAME_HEADER_LEN + wire.len());
     out.extend_from_slice(header.as_bytes());
     out.extend_from_slice(wire);
@@ -454,14 +479,84 @@ fn parse_header(h: &[u8; FRAME_HEADER_LEN]) -> Result<FrameHeader, DecodeError> 
     })
 }
 
+/// A frame split off the stream whose checksum is not checked yet: what
+/// [`FrameDecoder::next_frame`] checks, or what a Records frame's batch
+/// checks in the same pass as its records' own checksums
+/// ([`crate::MessageDecoder`]).
+pub(crate) struct UncheckedFrame {
+    pub(crate) version: u16,
+    pub(crate) msg_type: MessageType,
+    /// Whether the body is zstd compressed.
+    pub(crate) compressed: bool,
+    raw_len: u32,
+    /// The CRC32C of header bytes 0..16: the frame's checksum goes on
+    /// over the wire body from there.
+    pub(crate) crc_seed: u32,
+    /// The checksum the header carries.
+    pub(crate) stored_crc: u32,
+    /// The body as received.
+    pub(crate) wire: Bytes,
+}
+
+impl UncheckedFrame {
+    /// The frame's checksum, given the CRC32C of its wire body.
+    pub(crate) fn frame_crc(&self, body_crc: u32) -> u32 {
+        crc32c_combine(self.crc_seed, body_crc, self.wire.len())
+    }
+
+    /// `Err` unless `computed` (the frame's checksum over the bytes
+    /// received) is the stored one.
+    pub(crate) fn verify_crc(&self, computed: u32) -> Result<(), DecodeError> {
+        if computed == self.stored_crc {
+            Ok(())
+        } else {
+            Err(DecodeError::ChecksumMismatch {
+                stored: self.stored_crc,
+                computed,
+            })
+        }
+    }
+
+    /// Checks the checksum over the whole body, then decompresses it.
+    pub(crate) fn check(self) -> Result<Frame, DecodeError> {
+        self.verify_crc(crc32c::crc32c_append(self.crc_seed, &self.wire))?;
+        let body = if self.compressed {
+            let body = zstd::bulk::decompress(&self.wire, self.raw_len as usize)
+                .map_err(DecodeError::Decompress)?;
+            if body.len() != self.raw_len as usize {
+                return Err(DecodeError::LengthMismatch {
+                    announced: self.raw_len,
+                    actual: body.len(),
+                });
+            }
+            Bytes::from(body)
+        } else {
+            self.wire
+        };
+        Ok(Frame {
+            version: self.version,
+            msg_type: self.msg_type,
+            body,
+        })
+    }
+}
+
+/// Bytes the decoder's buffer grows by when it is full: a new buffer is
+/// taken (the old one lives on in the bodies handed out, which are slices
+/// of it) and only the unfinished frame at its end moves over, so a large
+/// step keeps that copy a small share of the bytes received.
+const BUFFER_STEP: usize = 16 << 20;
+
 /// Splits a byte stream into frames: feed it whatever the stream delivered,
 /// pull frames until it says it needs more. After the first error the
 /// decoder stays failed: a stream that lost framing cannot be trusted again,
 /// the connection must be closed.
+///
+/// Bodies are slices of the buffer the bytes were fed into: a raw body is
+/// never copied after `feed`.
 #[derive(Debug, Default)]
 pub struct FrameDecoder {
-    buf: Vec<u8>,
-    start: usize,
+    buf: BytesMut,
     failed: bool,
 }
 
@@ -473,32 +568,43 @@ impl FrameDecoder {
 
     /// Appends bytes received from the stream.
     pub fn feed(&mut self, bytes: &[u8]) {
-        if self.start > 0 && self.start >= self.buf.len() / 2 {
-            self.buf.drain(..self.start);
-            self.start = 0;
+        if self.buf.capacity() - self.buf.len() < bytes.len() {
+            self.buf.reserve(bytes.len().max(BUFFER_STEP));
         }
         self.buf.extend_from_slice(bytes);
     }
 
     /// Bytes received but not yet returned as a frame.
     pub fn buffered(&self) -> usize {
-        self.buf.len() - self.start
+        self.buf.len()
     }
 
     /// The next complete frame, `Ok(None)` if more bytes are needed.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, DecodeError> {
-        if self.failed {
-            return Err(DecodeError::Failed);
-        }
-        let result = self.decode_one();
+        let result = self
+            .next_unchecked()
+            .and_then(|f| f.map(UncheckedFrame::check).transpose());
         if result.is_err() {
             self.failed = true;
         }
         result
     }
 
-    fn decode_one(&mut self) -> Result<Option<Frame>, DecodeError> {
-        let avail = &self.buf[self.start..];
+    /// The next complete frame, its checksum not checked yet (the caller
+    /// must, and must fail the stream if it does not hold).
+    pub(crate) fn next_unchecked(&mut self) -> Result<Option<UncheckedFrame>, DecodeError> {
+        if self.failed {
+            return Err(DecodeError::Failed);
+        }
+        let result = self.split_one();
+        if result.is_err() {
+            self.failed = true;
+        }
+        result
+    }
+
+    fn split_one(&mut self) -> Result<Option<UncheckedFrame>, DecodeError> {
+        let avail = &self.buf[..];
         let magic_seen = avail.len().min(FRAME_MAGIC.len());
         if avail[..magic_seen] != FRAME_MAGIC[..magic_seen] {
             return Err(DecodeError::BadMagic(avail[..magic_seen].to_vec()));
@@ -510,35 +616,21 @@ impl FrameDecoder {
             return Ok(None);
         };
         let header = parse_header(h)?;
+        let crc_seed = crc32c::crc32c(&h[..CRC_AT]);
         let end = FRAME_HEADER_LEN + header.wire_len as usize;
-        let Some(wire) = avail.get(FRAME_HEADER_LEN..end) else {
+        if avail.len() < end {
             return Ok(None);
-        };
-        let computed = crc32c::crc32c_append(crc32c::crc32c(&h[..CRC_AT]), wire);
-        if computed != header.crc {
-            return Err(DecodeError::ChecksumMismatch {
-                stored: header.crc,
-                computed,
-            });
         }
-        let body = if header.flags & FLAG_ZSTD != 0 {
-            let body = zstd::bulk::decompress(wire, header.raw_len as usize)
-                .map_err(DecodeError::Decompress)?;
-            if body.len() != header.raw_len as usize {
-                return Err(DecodeError::LengthMismatch {
-                    announced: header.raw_len,
-                    actual: body.len(),
-                });
-            }
-            body
-        } else {
-            wire.to_vec()
-        };
-        self.start += end;
-        Ok(Some(Frame {
+        let mut frame = self.buf.split_to(end);
+        let wire = frame.split_off(FRAME_HEADER_LEN).freeze();
+        Ok(Some(UncheckedFrame {
             version: header.version,
             msg_type: header.msg_type,
-            body,
+            compressed: header.flags & FLAG_ZSTD != 0,
+            raw_len: header.raw_len,
+            crc_seed,
+            stored_crc: header.crc,
+            wire,
         }))
     }
 }

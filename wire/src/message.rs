@@ -57,12 +57,13 @@
 //! control releases in-flight bytes by it.
 
 use crate::frame::{
-    encode_frame, Compression, DecodeError, EncodeError, Frame, FrameDecoder, MAX_FRAME_BODY,
-    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    encode_frame, encode_frame_with_crc, Compression, DecodeError, EncodeError, Frame,
+    FrameDecoder, UncheckedFrame, MAX_FRAME_BODY, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
+use bytes::Bytes;
 use std::fmt;
 use thiserror::Error;
-use tidemark_changelog::record::{self, Header, Record, HEADER_LEN};
+use tidemark_changelog::record::{self, crc32c_combine, Header, Record, HEADER_LEN};
 use tidemark_changelog::{Disk, Extent};
 use tidemark_names::Name;
 
@@ -373,13 +374,63 @@ impl BatchError {
 
 /// Consecutive change-log records, each byte-for-byte as in the log, so the
 /// log's own per-record CRC32C checks them end to end. A batch only exists
-/// verified: every constructor checks every record and their order.
+/// verified: every constructor checks every record and their order (but
+/// [`push_verified`](Self::push_verified), for records their reader has
+/// verified). It knows the CRC32C of its bytes, combined from its records'
+/// own checksums, so a frame carrying it raw is checksummed without
+/// reading them again.
 #[derive(Clone, PartialEq, Eq, Default)]
 pub struct RecordBatch {
-    bytes: Vec<u8>,
+    bytes: BatchBytes,
+    /// CRC32C of the bytes.
+    crc: u32,
     count: u32,
     first: Option<RecordId>,
     last: Option<RecordId>,
+}
+
+/// A batch's bytes: being built on the sending side, or a slice of the
+/// bytes received (never copied).
+#[derive(Clone)]
+enum BatchBytes {
+    Built(Vec<u8>),
+    Received(Bytes),
+}
+
+/// The same bytes are the same batch, however they came.
+impl PartialEq for BatchBytes {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for BatchBytes {}
+
+impl Default for BatchBytes {
+    fn default() -> Self {
+        BatchBytes::Built(Vec::new())
+    }
+}
+
+impl BatchBytes {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            BatchBytes::Built(v) => v,
+            BatchBytes::Received(b) => b,
+        }
+    }
+
+    /// The bytes to append to (a received batch is copied once, the first
+    /// time: nothing appends to one on the hot paths).
+    fn appendable(&mut self) -> &mut Vec<u8> {
+        if let BatchBytes::Received(b) = self {
+            *self = BatchBytes::Built(b.to_vec());
+        }
+        match self {
+            BatchBytes::Built(v) => v,
+            BatchBytes::Received(_) => unreachable!("made a Vec above"),
+        }
+    }
 }
 
 impl fmt::Debug for RecordBatch {
@@ -388,7 +439,7 @@ impl fmt::Debug for RecordBatch {
             .field("count", &self.count)
             .field("first", &self.first)
             .field("last", &self.last)
-            .field("bytes", &self.bytes.len())
+            .field("bytes", &self.byte_len())
             .finish()
     }
 }
@@ -399,20 +450,60 @@ impl RecordBatch {
         RecordBatch::default()
     }
 
+    /// An empty batch with room for `bytes` of records.
+    pub fn with_capacity(bytes: usize) -> RecordBatch {
+        RecordBatch {
+            bytes: BatchBytes::Built(Vec::with_capacity(bytes.min(MAX_FRAME_BODY as usize))),
+            ..RecordBatch::default()
+        }
+    }
+
     /// Appends one encoded record (exactly one, as read from the log),
     /// verifying it and that it follows the previous one.
     pub fn push(&mut self, encoded: &[u8]) -> Result<(), BatchError> {
-        let header = verify_one(encoded, self.count)?;
+        let (header, crc) = verify_one(encoded, self.count)?;
         if header.record_len() != encoded.len() {
             return Err(BatchError::TrailingBytes(
                 encoded.len() - header.record_len(),
             ));
         }
-        if self.bytes.len() + encoded.len() > MAX_FRAME_BODY as usize {
+        self.append(header, crc, &encoded[..HEADER_LEN], &encoded[HEADER_LEN..])
+    }
+
+    /// Appends one record that its reader has verified already, as the
+    /// log reader verifies every record it returns: its checksum is not
+    /// computed again (the bytes' CRC32C is derived from the stored one),
+    /// only its order is checked. The header is written as decoded, the
+    /// stored checksum included, so a record that did not verify goes out
+    /// as it was and the receiver refuses it.
+    pub fn push_verified(&mut self, header: &Header, payload: &[u8]) -> Result<(), BatchError> {
+        if payload.len() != header.payload_len as usize {
+            return Err(BatchError::Record {
+                index: self.count,
+                source: record::DecodeError::Truncated {
+                    needed: header.record_len(),
+                    available: HEADER_LEN + payload.len(),
+                },
+            });
+        }
+        let bytes = header.to_bytes();
+        self.append(*header, header.bytes_crc(&bytes), &bytes, payload)
+    }
+
+    fn append(
+        &mut self,
+        header: Header,
+        crc: u32,
+        header_bytes: &[u8],
+        payload: &[u8],
+    ) -> Result<(), BatchError> {
+        if self.byte_len() + header.record_len() > MAX_FRAME_BODY as usize {
             return Err(BatchError::Full);
         }
-        self.note(header)?;
-        self.bytes.extend_from_slice(encoded);
+        self.note(header, crc)?;
+        let bytes = self.bytes.appendable();
+        bytes.extend_from_slice(header_bytes);
+        bytes.extend_from_slice(payload);
         Ok(())
     }
 
@@ -428,22 +519,61 @@ impl RecordBatch {
     }
 
     /// Verifies concatenated records received from the peer.
-    pub fn from_bytes(bytes: Vec<u8>) -> Result<RecordBatch, BatchError> {
+    pub fn from_bytes(bytes: impl Into<Bytes>) -> Result<RecordBatch, BatchError> {
+        let bytes = bytes.into();
         if bytes.len() > MAX_FRAME_BODY as usize {
             return Err(BatchError::Full);
         }
         let mut batch = RecordBatch::new();
         let mut at = 0;
         while at < bytes.len() {
-            let header = verify_one(&bytes[at..], batch.count)?;
-            batch.note(header)?;
+            let (header, crc) = verify_one(&bytes[at..], batch.count)?;
+            batch.note(header, crc)?;
             at += header.record_len();
         }
-        batch.bytes = bytes;
+        batch.bytes = BatchBytes::Received(bytes);
         Ok(batch)
     }
 
-    fn note(&mut self, header: Header) -> Result<(), BatchError> {
+    /// The batch a raw Records frame carries, its records' checksums and
+    /// the frame's checked in one pass over the bytes: the frame's
+    /// checksum is combined from the records' (each byte is read once).
+    /// What is refused is refused as [`FrameDecoder::next_frame`] and
+    /// [`RecordBatch::from_bytes`] after it would: damage the frame's
+    /// checksum sees is [`DecodeError::ChecksumMismatch`], whatever a
+    /// record's check found first.
+    fn from_raw_frame(frame: UncheckedFrame) -> Result<RecordBatch, DecodeError> {
+        let body = &frame.wire;
+        let mut batch = RecordBatch::new();
+        let mut at = 0;
+        let mut failed = None;
+        while at < body.len() {
+            match verify_one(&body[at..], batch.count)
+                .and_then(|(h, crc)| batch.note(h, crc).map(|()| h))
+            {
+                Ok(header) => at += header.record_len(),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        match failed {
+            None => {
+                frame.verify_crc(frame.frame_crc(batch.crc))?;
+                batch.bytes = BatchBytes::Received(frame.wire);
+                Ok(batch)
+            }
+            Some(e) => {
+                // Which came first, damage on the way or records wrong as
+                // sent: the frame's checksum over the whole body says.
+                frame.verify_crc(crc32c::crc32c_append(frame.crc_seed, body))?;
+                Err(DecodeError::Batch(e))
+            }
+        }
+    }
+
+    fn note(&mut self, header: Header, crc: u32) -> Result<(), BatchError> {
         let id = RecordId {
             seq: header.seq.get(),
             generation: header.generation,
@@ -456,6 +586,7 @@ impl RecordBatch {
         self.first.get_or_insert(id);
         self.last = Some(id);
         self.count += 1;
+        self.crc = crc32c_combine(self.crc, crc, header.record_len());
         Ok(())
     }
 
@@ -481,12 +612,12 @@ impl RecordBatch {
 
     /// Bytes of the encoded records.
     pub fn byte_len(&self) -> usize {
-        self.bytes.len()
+        self.as_bytes().len()
     }
 
     /// The encoded records, back to back.
     pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes
+        self.bytes.as_slice()
     }
 
     /// This batch with every record in format `version` or older (see
@@ -506,17 +637,20 @@ impl RecordBatch {
         Ok(if changed { out } else { self.clone() })
     }
 
-    /// The records, decoded and verified again one by one.
+    /// The records, decoded one by one. They are not verified again: the
+    /// batch only exists verified (its bytes never change after).
     pub fn records(&self) -> BatchRecords<'_> {
         BatchRecords {
-            bytes: &self.bytes,
+            bytes: self.as_bytes(),
             index: 0,
             last: None,
         }
     }
 }
 
-fn verify_one(bytes: &[u8], index: u32) -> Result<Header, BatchError> {
+/// Verifies one record at the start of `bytes`: its header and the CRC32C
+/// of its bytes.
+fn verify_one(bytes: &[u8], index: u32) -> Result<(Header, u32), BatchError> {
     let fail = |source| BatchError::Record { index, source };
     let header = Header::decode(bytes).map_err(fail)?;
     let payload =
@@ -526,8 +660,8 @@ fn verify_one(bytes: &[u8], index: u32) -> Result<Header, BatchError> {
                 needed: header.record_len(),
                 available: bytes.len(),
             }))?;
-    header.verify(bytes, payload).map_err(fail)?;
-    Ok(header)
+    let crc = header.verify_bytes_crc(bytes, payload).map_err(fail)?;
+    Ok((header, crc))
 }
 
 /// Iterator over a batch's records; see [`RecordBatch::records`].
@@ -545,7 +679,22 @@ impl Iterator for BatchRecords<'_> {
             return None;
         }
         let index = self.index;
-        let result = Record::decode(self.bytes)
+        // The batch verified every record and their order when it was
+        // made; this only takes them apart (the checks that cost nothing
+        // stay, so a broken invariant is an error, not a wrong record).
+        let result = Header::decode(self.bytes)
+            .and_then(|header| {
+                let payload = self.bytes.get(HEADER_LEN..header.record_len()).ok_or(
+                    record::DecodeError::Truncated {
+                        needed: header.record_len(),
+                        available: self.bytes.len(),
+                    },
+                )?;
+                Ok(Record {
+                    header,
+                    payload: payload.to_vec(),
+                })
+            })
             .map_err(|source| BatchError::Record { index, source })
             .and_then(|r| {
                 let id = RecordId {
@@ -753,7 +902,13 @@ impl Message {
         compression: Compression,
     ) -> Result<Vec<u8>, EncodeError> {
         check_spoken(MessageType::Records, version)?;
-        encode_frame(version, MessageType::Records, batch.as_bytes(), compression)
+        encode_frame_with_crc(
+            version,
+            MessageType::Records,
+            batch.as_bytes(),
+            Some(batch.crc),
+            compression,
+        )
     }
 
     /// Encodes the body alone, in protocol `version` (see [`Message::encode`]).
@@ -950,7 +1105,19 @@ impl Message {
     /// (whose fields of the versions known here are read, the newer ones
     /// after them ignored) and an error (the same in every version).
     pub fn decode(frame: Frame) -> Result<Message, DecodeError> {
-        let (version, msg_type) = (frame.version, frame.msg_type);
+        Message::check_decodable(frame.msg_type, frame.version)?;
+        match frame.msg_type {
+            // The batch keeps the body as it is: no copy of the records.
+            MessageType::Records => RecordBatch::from_bytes(frame.body)
+                .map(Message::Records)
+                .map_err(DecodeError::Batch),
+            msg_type => decode_fields(msg_type, frame.version, &frame.body),
+        }
+    }
+
+    /// Whether a body of `msg_type` in a frame of `version` can be
+    /// decoded here (see [`Message::decode`]).
+    fn check_decodable(msg_type: MessageType, version: u16) -> Result<(), DecodeError> {
         if !msg_type.layout_is_frozen()
             && !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version)
         {
@@ -962,13 +1129,7 @@ impl Message {
                 version,
             });
         }
-        match msg_type {
-            // The batch keeps the body as it is: no copy of the records.
-            MessageType::Records => RecordBatch::from_bytes(frame.body)
-                .map(Message::Records)
-                .map_err(DecodeError::Batch),
-            msg_type => decode_fields(msg_type, version, &frame.body),
-        }
+        Ok(())
     }
 }
 
@@ -1383,12 +1544,32 @@ impl MessageDecoder {
         if self.failed {
             return Err(DecodeError::Failed);
         }
-        let result = match self.frames.next_frame() {
+        let result = match self.frames.next_unchecked() {
+            // A raw batch of records: its checksums and the frame's in one
+            // pass over its bytes.
+            Ok(Some(frame)) if frame.msg_type == MessageType::Records && !frame.compressed => {
+                let version = frame.version;
+                match Message::check_decodable(frame.msg_type, version) {
+                    // Damage first, as for any frame.
+                    Err(e) => frame.check().and(Err(e)),
+                    Ok(()) => RecordBatch::from_raw_frame(frame),
+                }
+                .map(|batch| {
+                    Some(Received {
+                        version,
+                        message: Message::Records(batch),
+                    })
+                })
+            }
             Ok(Some(frame)) => {
                 let version = frame.version;
-                Message::decode(frame).map(|message| Some(Received { version, message }))
+                frame
+                    .check()
+                    .and_then(Message::decode)
+                    .map(|message| Some(Received { version, message }))
             }
-            other => other.map(|_| None),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
         };
         if result.is_err() {
             self.failed = true;
@@ -1400,6 +1581,7 @@ impl MessageDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::frame::FRAME_HEADER_LEN;
     use tidemark_changelog::record::Entry;
 
     fn rec(seq: u64, generation: u32) -> Vec<u8> {
@@ -1451,6 +1633,100 @@ mod tests {
         assert!(RecordBatch::from_bytes(two).is_ok());
     }
 
+    /// A raw Records frame: the records' checksums and the frame's are
+    /// checked in one pass (the frame's combined from the records'); what
+    /// is damaged is refused there, before anything is applied, as the
+    /// frame decoder and the batch's own checks would refuse it.
+    #[test]
+    fn a_damaged_records_frame_is_refused_in_the_one_pass() {
+        let batch = RecordBatch::from_records([&rec(5, 1)[..], &rec(6, 1)[..]]).unwrap();
+        let frame = Message::encode_records(&batch, PROTOCOL_VERSION, Compression::None).unwrap();
+        // The frame's checksum made from the records' is the one over its
+        // bytes: the frame is byte for byte what encode_frame makes.
+        assert_eq!(
+            frame,
+            encode_frame(
+                PROTOCOL_VERSION,
+                MessageType::Records,
+                batch.as_bytes(),
+                Compression::None
+            )
+            .unwrap()
+        );
+        let payload_at = FRAME_HEADER_LEN + HEADER_LEN + 10;
+        let decode = |bytes: &[u8]| {
+            let mut d = MessageDecoder::new();
+            d.feed(bytes);
+            let first = d.next_message();
+            // The stream is done with either way: nothing after a frame,
+            // or failed for good.
+            let next = d.next_message();
+            assert!(matches!(
+                (&first, next),
+                (Ok(_), Ok(None)) | (Err(_), Err(DecodeError::Failed))
+            ));
+            first
+        };
+        let Ok(Some(Received {
+            message: Message::Records(got),
+            ..
+        })) = decode(&frame)
+        else {
+            panic!("an intact frame decodes");
+        };
+        assert_eq!(got.as_bytes(), batch.as_bytes());
+        // Refused as damage on the way, by the message decoder and by the
+        // frame decoder alone.
+        let damage_on_the_way = |bytes: &[u8]| {
+            let err = decode(bytes).unwrap_err();
+            assert!(
+                matches!(err, DecodeError::ChecksumMismatch { .. }),
+                "{err:?}"
+            );
+            let mut d = FrameDecoder::new();
+            d.feed(bytes);
+            let err = d.next_frame().unwrap_err();
+            assert!(
+                matches!(err, DecodeError::ChecksumMismatch { .. }),
+                "{err:?}"
+            );
+        };
+        // A payload byte changed on the way: the frame's checksum says so.
+        let mut damaged = frame.clone();
+        damaged[payload_at] ^= 1;
+        damage_on_the_way(&damaged);
+        // The same with the frame's checksum made to match (the record was
+        // damaged before it was framed): the record's own checksum says so.
+        let crc_at = 16;
+        let refreshed = crc32c::crc32c_append(
+            crc32c::crc32c(&damaged[..crc_at]),
+            &damaged[FRAME_HEADER_LEN..],
+        );
+        damaged[crc_at..FRAME_HEADER_LEN].copy_from_slice(&refreshed.to_le_bytes());
+        let err = decode(&damaged).unwrap_err();
+        assert!(err.is_corruption(), "{err:?}");
+        assert!(
+            matches!(
+                &err,
+                DecodeError::Batch(BatchError::Record {
+                    index: 0,
+                    source: record::DecodeError::ChecksumMismatch { .. }
+                })
+            ),
+            "{err:?}"
+        );
+        // Intact records under a frame checksum that does not match them
+        // (the header changed on the way): refused by the combined check.
+        let mut header_hit = frame.clone();
+        header_hit[crc_at] ^= 0x40;
+        damage_on_the_way(&header_hit);
+        // A body the batch cannot even take apart (its first record's
+        // magic hit): the frame's checksum speaks first.
+        let mut cut = frame.clone();
+        cut[FRAME_HEADER_LEN] = b'X';
+        damage_on_the_way(&cut);
+    }
+
     #[test]
     fn error_text_is_cut_at_a_char_boundary() {
         let m = Message::error(ErrorClass::Transient, ErrorCode::Busy, &"é".repeat(3000));
@@ -1466,7 +1742,7 @@ mod tests {
         Message::decode(Frame {
             version: PROTOCOL_VERSION,
             msg_type,
-            body,
+            body: body.into(),
         })
     }
 
@@ -1526,7 +1802,7 @@ mod tests {
         let frame = Frame {
             version: PROTOCOL_VERSION,
             msg_type: MessageType::Welcome,
-            body,
+            body: body.into(),
         };
         assert!(matches!(
             Message::decode(frame),

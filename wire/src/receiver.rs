@@ -78,7 +78,10 @@ pub trait Replica {
     /// Creates the disks it does not hold yet; refuses disks that changed.
     fn ensure_disks(&mut self, disks: &[Disk]) -> Result<(), ReplicaError>;
     /// Applies one verified record (in sequence order; barriers and markers
-    /// included, they are the recovery points).
+    /// included, they are the recovery points). The session takes records
+    /// from a [`crate::RecordBatch`] only, whose every record's checksum
+    /// held against the bytes received: an implementation need not read
+    /// the payload again to check it.
     fn apply_record(&mut self, record: &Record) -> Result<(), ReplicaError>;
     /// Applies disk data at `offset`.
     fn apply_chunk(

@@ -197,9 +197,11 @@ pub enum CoreEvent {
     CursorAdvanced {
         /// The durable record.
         durable: RecordId,
-        /// Timestamp (ns) of the oldest record this Ack made durable (the
-        /// lag it had), if any.
-        oldest_acked_ns: Option<u64>,
+        /// Timestamps (ns) of the records this Ack made durable, oldest
+        /// first: the lag of each is one observation (an Ack covers
+        /// thousands of records at high rates; its oldest alone would
+        /// understate how many records waited that long).
+        acked_ns: Vec<u64>,
     },
     /// The replica site asks for a planned failover: stop the tracker,
     /// then call [`ShipperCore::handle_drain_ready`].
@@ -583,18 +585,14 @@ impl ShipperCore {
         match ev {
             ShipperEvent::Acked { durable, disks, .. } => {
                 self.acked(&disks, now);
-                let oldest = self
+                let done = self
                     .unacked
-                    .front()
-                    .filter(|&&(seq, _)| seq <= durable.seq)
-                    .map(|&(_, ts)| ts);
-                while self.unacked.front().is_some_and(|&(s, _)| s <= durable.seq) {
-                    self.unacked.pop_front();
-                }
-                self.events.push_back(CoreEvent::CursorAdvanced {
-                    durable,
-                    oldest_acked_ns: oldest,
-                });
+                    .iter()
+                    .take_while(|&&(seq, _)| seq <= durable.seq)
+                    .count();
+                let acked_ns = self.unacked.drain(..done).map(|(_, ts)| ts).collect();
+                self.events
+                    .push_back(CoreEvent::CursorAdvanced { durable, acked_ns });
                 self.check_stopped();
             }
             ShipperEvent::Digests(reply) => self.replies.push_back(reply),
@@ -1283,10 +1281,31 @@ mod tests {
             c.poll_event(),
             Some(CoreEvent::CursorAdvanced {
                 durable: RecordId { seq: 2, .. },
-                oldest_acked_ns: Some(7)
+                ..
             })
         ));
         assert!(matches!(c.poll_event(), Some(CoreEvent::Stopped)));
+    }
+
+    #[test]
+    fn an_ack_names_the_timestamp_of_every_record_it_made_durable() {
+        let t = Instant::now();
+        let mut c = connected(t, SIZE);
+        assert!(matches!(c.poll_need(), Some(Need::LogBatch { .. })));
+        let entries: Vec<_> = (1..=5).map(|s| (s, Entry::barrier(100 + s))).collect();
+        c.handle_log_batch(Some(batch(&entries)), t);
+        let acked = |c: &mut ShipperCore| match c.poll_event() {
+            Some(CoreEvent::CursorAdvanced { acked_ns, .. }) => acked_ns,
+            other => panic!("{other:?}"),
+        };
+        // One lag observation per record, not one per Ack.
+        c.handle_message(ack(3, 1, SIZE), t);
+        assert_eq!(acked(&mut c), [101, 102, 103]);
+        // An Ack repeating the durable position names no record again.
+        c.handle_message(ack(3, 1, SIZE), t);
+        assert_eq!(acked(&mut c), Vec::<u64>::new());
+        c.handle_message(ack(5, 1, SIZE), t);
+        assert_eq!(acked(&mut c), [104, 105]);
     }
 
     #[test]

@@ -51,6 +51,13 @@ pub trait ReplicaStore: Send + Sync + Debug {
     fn ensure_disks(&mut self, disks: &[Disk]) -> Result<(), StoreError>;
     /// Applies the next record of the log, or ignores a duplicate.
     fn apply_record(&mut self, rec: &Record) -> Result<Applied, StoreError>;
+    /// [`apply_record`](Self::apply_record) for a record whose checksum
+    /// was verified against the bytes received (a `tidemark_wire`
+    /// record batch verifies every record it holds): an engine need not
+    /// read the payload again for it.
+    fn apply_verified_record(&mut self, rec: &Record) -> Result<Applied, StoreError> {
+        self.apply_record(rec)
+    }
     /// Applies an initial-sync or resync chunk.
     fn apply_chunk(
         &mut self,
@@ -197,6 +204,10 @@ where
 
     fn apply_record(&mut self, rec: &Record) -> Result<Applied, StoreError> {
         ReplicaGroup::apply_record(self, rec)
+    }
+
+    fn apply_verified_record(&mut self, rec: &Record) -> Result<Applied, StoreError> {
+        ReplicaGroup::apply_verified_record(self, rec)
     }
 
     fn apply_chunk(
