@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tidemark_config::ReceiverConfig;
+use tidemark_wire::receiver::Receiving;
 use tidemark_wire::{
     ErrorClass, ErrorCode, ExpectHello, Message, MessageDecoder, ReceiverConfig as SessionConfig,
     ReceiverError,
@@ -568,6 +569,9 @@ impl Server {
         let mut drain_poll = tokio::time::interval(DRAIN_POLL);
         // Bytes read since the last idle commit.
         let mut gathered = 0usize;
+        // The shipper ended the stream (seen while a commit ran): what is
+        // buffered is applied and committed, then the session ends.
+        let mut eof = false;
         drain_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // Apply every complete message, then commit and acknowledge
@@ -585,9 +589,26 @@ impl Server {
                     Message::Records(batch) => Some((batch.len() as u64, batch.byte_len() as u64)),
                     _ => None,
                 };
-                let out = tokio::task::block_in_place(|| {
-                    receiving.handle_message(msg, &mut *lock(&replica))
-                });
+                let out = if matches!(msg.message, Message::Chunk { .. }) {
+                    // A chunk may fill a commit: its syncs run while the
+                    // stream goes on being read.
+                    let (back, out, read) = apply_while_reading(
+                        receiving,
+                        &replica,
+                        move |s, r| s.handle_message(msg, r),
+                        (&mut recv, &mut decoder, &mut buf),
+                        eof,
+                    )
+                    .await?;
+                    receiving = back;
+                    eof |= read.ended;
+                    gathered += read.bytes;
+                    out
+                } else {
+                    tokio::task::block_in_place(|| {
+                        receiving.handle_message(msg, &mut *lock(&replica))
+                    })
+                };
                 match out {
                     Ok(frames) => {
                         if let Some((records, bytes)) = counted {
@@ -609,8 +630,15 @@ impl Server {
             // commit covers all of it. A zero timeout polls the read once
             // and gives up at once when nothing is there (the read is
             // cancel-safe: nothing is lost when it is dropped).
-            let mut ended = false;
-            if let Ok(read) = tokio::time::timeout(Duration::ZERO, recv.read(&mut buf)).await {
+            let mut ended = eof;
+            let polled = if eof {
+                None
+            } else {
+                tokio::time::timeout(Duration::ZERO, recv.read(&mut buf))
+                    .await
+                    .ok()
+            };
+            if let Some(read) = polled {
                 match read {
                     Ok(Some(n)) => {
                         decoder.feed(&buf[..n]);
@@ -629,9 +657,21 @@ impl Server {
             // sync once per frame (an initial sync's 1 MiB chunks arrive in
             // several reads each). The session's own limits commit a long
             // stream that never pauses between messages.
+            let mut read_meanwhile = false;
             if decoder.buffered() == 0 || ended {
-                let idle =
-                    tokio::task::block_in_place(|| receiving.handle_idle(&mut *lock(&replica)));
+                // The commit's syncs run while the stream goes on being
+                // read: the shipper keeps sending meanwhile.
+                let (back, idle, read) = apply_while_reading(
+                    receiving,
+                    &replica,
+                    |s, r| s.handle_idle(r),
+                    (&mut recv, &mut decoder, &mut buf),
+                    ended,
+                )
+                .await?;
+                receiving = back;
+                eof |= read.ended;
+                read_meanwhile = read.bytes > 0;
                 match idle {
                     Ok(frames) => {
                         for f in frames {
@@ -643,6 +683,10 @@ impl Server {
             }
             if ended {
                 return Ok(());
+            }
+            if eof || read_meanwhile {
+                // What came while the commit ran is applied first.
+                continue;
             }
             tokio::select! {
                 read = recv.read(&mut buf) => match read {
@@ -669,6 +713,86 @@ impl Server {
         }
     }
 }
+
+/// The shipper's stream as [`read_while`] reads it (a test's
+/// stream in the unit tests).
+trait ReadSome {
+    /// Reads what has arrived into `buf` (`None`: the stream ended).
+    /// Cancel-safe: nothing is lost when the future is dropped.
+    async fn read_some(&mut self, buf: &mut [u8]) -> Result<Option<usize>, quinn::ReadError>;
+}
+
+impl ReadSome for quinn::RecvStream {
+    async fn read_some(&mut self, buf: &mut [u8]) -> Result<Option<usize>, quinn::ReadError> {
+        self.read(buf).await
+    }
+}
+
+/// What [`read_while`] read while the work ran.
+struct ReadMeanwhile {
+    /// Bytes fed to the decoder.
+    bytes: usize,
+    /// The shipper ended the stream.
+    ended: bool,
+}
+
+/// Runs `work` on the session and its replica (applying a message,
+/// committing: the store's syncs) on a blocking thread; see
+/// [`read_while`]. Returns the session, the work's result and what was
+/// read meanwhile.
+async fn apply_while_reading<T: Send + 'static>(
+    mut session: Receiving,
+    replica: &Arc<Mutex<StoreReplica>>,
+    work: impl FnOnce(&mut Receiving, &mut StoreReplica) -> T + Send + 'static,
+    input: (&mut quinn::RecvStream, &mut MessageDecoder, &mut [u8]),
+    ended: bool,
+) -> Result<(Receiving, T, ReadMeanwhile), SessionEnded> {
+    let replica = Arc::clone(replica);
+    let work = move || {
+        let out = work(&mut session, &mut lock(&replica));
+        (session, out)
+    };
+    let ((session, out), read) = read_while(work, input.0, input.1, input.2, ended).await?;
+    Ok((session, out, read))
+}
+
+/// Runs `work` on a blocking thread and, while it runs, reads what the
+/// shipper sends into `decoder`, up to [`READ_WHILE_APPLYING_MAX`] bytes.
+/// A commit's fdatasync then no longer stops the stream: QUIC's
+/// flow-control window stays open and the shipper goes on sending while
+/// the receiver syncs. Nothing read is applied before the work is done,
+/// and an Ack is still only what the work's commit made durable.
+async fn read_while<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+    recv: &mut impl ReadSome,
+    decoder: &mut MessageDecoder,
+    buf: &mut [u8],
+    ended: bool,
+) -> Result<(T, ReadMeanwhile), SessionEnded> {
+    let mut work = tokio::task::spawn_blocking(work);
+    let mut read = ReadMeanwhile { bytes: 0, ended };
+    loop {
+        let reading = !read.ended && read.bytes < READ_WHILE_APPLYING_MAX;
+        tokio::select! {
+            done = &mut work => {
+                return Ok((done.map_err(SessionEnded::Apply)?, read));
+            }
+            // Cancel-safe: nothing is lost when the work ends first.
+            r = recv.read_some(buf), if reading => match r {
+                Ok(Some(n)) => {
+                    decoder.feed(&buf[..n]);
+                    read.bytes += n;
+                }
+                Ok(None) => read.ended = true,
+                Err(e) => return Err(SessionEnded::Read(e)),
+            },
+        }
+    }
+}
+
+/// Bytes read while a commit runs, at most: the shipper's in-flight
+/// window (64 MiB by default) bounds what it sends before the Ack anyway.
+const READ_WHILE_APPLYING_MAX: usize = 64 << 20;
 
 /// Bytes read into one group commit at most: a steady stream is still
 /// committed and acknowledged every so often, and the loop still looks for
@@ -724,6 +848,9 @@ enum SessionEnded {
     /// This receiver refused the session, and told the shipper why.
     #[error(transparent)]
     Refused(ReceiverError),
+    /// The thread applying a message or committing failed (panicked).
+    #[error("applying on a blocking thread")]
+    Apply(#[source] tokio::task::JoinError),
 }
 
 /// Sends the error to the shipper (in a protocol version it reads) and
@@ -784,5 +911,65 @@ mod tests {
         let t = collect_metrics(&none, &[], 4_000_000_000)
             .render(tidemark_metrics::Format::OpenMetrics);
         assert!(!t.contains("last_barrier_age_seconds{"), "{t}");
+    }
+
+    /// A stream whose bytes come from a channel; it notes each read.
+    struct Fed {
+        rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+        delivered: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl ReadSome for Fed {
+        async fn read_some(&mut self, buf: &mut [u8]) -> Result<Option<usize>, quinn::ReadError> {
+            let Some(bytes) = self.rx.recv().await else {
+                return Ok(None);
+            };
+            buf[..bytes.len()].copy_from_slice(&bytes);
+            self.delivered.fetch_add(bytes.len(), Ordering::SeqCst);
+            Ok(Some(bytes.len()))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_stream_is_read_while_a_commit_runs_and_only_buffered() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let delivered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut stream = Fed {
+            rx,
+            delivered: delivered.clone(),
+        };
+        let frame = Message::DrainRequest { id: 7 }
+            .encode(1, tidemark_wire::Compression::None)
+            .unwrap();
+        tx.send(frame[..5].to_vec()).unwrap();
+        tx.send(frame[5..].to_vec()).unwrap();
+        let mut decoder = MessageDecoder::new();
+        let mut buf = vec![0u8; 1024];
+        // The work (a commit's syncs) ends only once the stream was read
+        // while it ran, or gives up after 10 s.
+        let seen = delivered.clone();
+        let len = frame.len();
+        let work = move || {
+            let start = std::time::Instant::now();
+            while seen.load(Ordering::SeqCst) < len {
+                if start.elapsed() > Duration::from_secs(10) {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            true
+        };
+        let (overlapped, read) = read_while(work, &mut stream, &mut decoder, &mut buf, false)
+            .await
+            .unwrap();
+        assert!(overlapped, "the stream was not read while the work ran");
+        assert_eq!(read.bytes, len);
+        assert!(!read.ended);
+        // Read, not applied: the message waits in the decoder.
+        assert_eq!(decoder.buffered(), len);
+        assert!(matches!(
+            decoder.next_message().unwrap().map(|m| m.message),
+            Some(Message::DrainRequest { id: 7 })
+        ));
     }
 }
