@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tidemark_config::ReceiverConfig;
+use tidemark_wire::receiver::Receiving;
 use tidemark_wire::{
     ErrorClass, ErrorCode, ExpectHello, Message, MessageDecoder, ReceiverConfig as SessionConfig,
     ReceiverError,
@@ -502,7 +503,7 @@ impl Server {
                     return refuse(&mut send, err).await;
                 }
             }
-            tokio::time::timeout(Duration::from_secs(30), read_into(&mut recv, &mut decoder))
+            tokio::time::timeout(Duration::from_secs(30), recv.read_some(&mut decoder))
                 .await
                 .map_err(|_| SessionEnded::NoHello)?
                 .map_err(SessionEnded::Read)?
@@ -566,6 +567,9 @@ impl Server {
         let mut drain_poll = tokio::time::interval(DRAIN_POLL);
         // Bytes read since the last idle commit.
         let mut gathered = 0usize;
+        // The shipper ended the stream (seen while a commit ran): what is
+        // buffered is applied and committed, then the session ends.
+        let mut eof = false;
         drain_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // Apply every complete message, then commit and acknowledge
@@ -583,9 +587,26 @@ impl Server {
                     Message::Records(batch) => Some((batch.len() as u64, batch.byte_len() as u64)),
                     _ => None,
                 };
-                let out = tokio::task::block_in_place(|| {
-                    receiving.handle_message(msg, &mut *lock(&replica))
-                });
+                let out = if matches!(msg.message, Message::Chunk { .. }) {
+                    // A chunk may fill a commit: its syncs run while the
+                    // stream goes on being read.
+                    let (back, out, read) = apply_while_reading(
+                        receiving,
+                        &replica,
+                        move |s, r| s.handle_message(msg, r),
+                        (&mut recv, &mut decoder),
+                        eof,
+                    )
+                    .await?;
+                    receiving = back;
+                    eof |= read.ended;
+                    gathered += read.bytes;
+                    out
+                } else {
+                    tokio::task::block_in_place(|| {
+                        receiving.handle_message(msg, &mut *lock(&replica))
+                    })
+                };
                 match out {
                     Ok(frames) => {
                         if let Some((records, bytes)) = counted {
@@ -607,10 +628,15 @@ impl Server {
             // commit covers all of it. A zero timeout polls the read once
             // and gives up at once when nothing is there (the read is
             // cancel-safe: nothing is lost when it is dropped).
-            let mut ended = false;
-            if let Ok(read) =
-                tokio::time::timeout(Duration::ZERO, read_into(&mut recv, &mut decoder)).await
-            {
+            let mut ended = eof;
+            let polled = if eof {
+                None
+            } else {
+                tokio::time::timeout(Duration::ZERO, recv.read_some(&mut decoder))
+                    .await
+                    .ok()
+            };
+            if let Some(read) = polled {
                 match read {
                     Ok(Some(n)) => {
                         gathered += n;
@@ -628,9 +654,21 @@ impl Server {
             // sync once per frame (an initial sync's 1 MiB chunks arrive in
             // several reads each). The session's own limits commit a long
             // stream that never pauses between messages.
+            let mut read_meanwhile = false;
             if decoder.buffered() == 0 || ended {
-                let idle =
-                    tokio::task::block_in_place(|| receiving.handle_idle(&mut *lock(&replica)));
+                // The commit's syncs run while the stream goes on being
+                // read: the shipper keeps sending meanwhile.
+                let (back, idle, read) = apply_while_reading(
+                    receiving,
+                    &replica,
+                    |s, r| s.handle_idle(r),
+                    (&mut recv, &mut decoder),
+                    ended,
+                )
+                .await?;
+                receiving = back;
+                eof |= read.ended;
+                read_meanwhile = read.bytes > 0;
                 match idle {
                     Ok(frames) => {
                         for f in frames {
@@ -643,8 +681,12 @@ impl Server {
             if ended {
                 return Ok(());
             }
+            if eof || read_meanwhile {
+                // What came while the commit ran is applied first.
+                continue;
+            }
             tokio::select! {
-                read = read_into(&mut recv, &mut decoder) => match read {
+                read = recv.read_some(&mut decoder) => match read {
                     Ok(Some(_)) => {}
                     Ok(None) => return Ok(()),
                     Err(e) => return Err(SessionEnded::Read(e)),
@@ -669,23 +711,98 @@ impl Server {
     }
 }
 
-/// Feeds the decoder what the stream has next, straight from quinn's
-/// buffer (no copy into a read buffer first): the bytes fed, `None` when
-/// the stream ended. Cancel-safe, as `read_chunk` is: nothing is awaited
-/// once bytes are taken.
-async fn read_into(
-    recv: &mut quinn::RecvStream,
-    decoder: &mut MessageDecoder,
-) -> Result<Option<usize>, quinn::ReadError> {
-    let chunk = recv.read_chunk(READ_MAX, true).await?;
-    Ok(chunk.map(|c| {
-        decoder.feed(&c.bytes);
-        c.bytes.len()
-    }))
+/// The shipper's stream as [`read_while`] reads it (a test's
+/// stream in the unit tests).
+trait ReadSome {
+    /// Feeds `decoder` what has arrived: the bytes fed, `None` when the
+    /// stream ended. Cancel-safe: nothing is lost when the future is
+    /// dropped.
+    async fn read_some(
+        &mut self,
+        decoder: &mut MessageDecoder,
+    ) -> Result<Option<usize>, quinn::ReadError>;
+}
+
+impl ReadSome for quinn::RecvStream {
+    /// Straight from quinn's buffer (no copy into a read buffer first);
+    /// cancel-safe, as `read_chunk` is: nothing is awaited once bytes are
+    /// taken.
+    async fn read_some(
+        &mut self,
+        decoder: &mut MessageDecoder,
+    ) -> Result<Option<usize>, quinn::ReadError> {
+        let chunk = self.read_chunk(READ_MAX, true).await?;
+        Ok(chunk.map(|c| {
+            decoder.feed(&c.bytes);
+            c.bytes.len()
+        }))
+    }
 }
 
 /// The most one read takes from the stream.
 const READ_MAX: usize = 1 << 20;
+
+/// What [`read_while`] read while the work ran.
+struct ReadMeanwhile {
+    /// Bytes fed to the decoder.
+    bytes: usize,
+    /// The shipper ended the stream.
+    ended: bool,
+}
+
+/// Runs `work` on the session and its replica (applying a message,
+/// committing: the store's syncs) on a blocking thread; see
+/// [`read_while`]. Returns the session, the work's result and what was
+/// read meanwhile.
+async fn apply_while_reading<T: Send + 'static>(
+    mut session: Receiving,
+    replica: &Arc<Mutex<StoreReplica>>,
+    work: impl FnOnce(&mut Receiving, &mut StoreReplica) -> T + Send + 'static,
+    input: (&mut quinn::RecvStream, &mut MessageDecoder),
+    ended: bool,
+) -> Result<(Receiving, T, ReadMeanwhile), SessionEnded> {
+    let replica = Arc::clone(replica);
+    let work = move || {
+        let out = work(&mut session, &mut lock(&replica));
+        (session, out)
+    };
+    let ((session, out), read) = read_while(work, input.0, input.1, ended).await?;
+    Ok((session, out, read))
+}
+
+/// Runs `work` on a blocking thread and, while it runs, reads what the
+/// shipper sends into `decoder`, up to [`READ_WHILE_APPLYING_MAX`] bytes.
+/// A commit's fdatasync then no longer stops the stream: QUIC's
+/// flow-control window stays open and the shipper goes on sending while
+/// the receiver syncs. Nothing read is applied before the work is done,
+/// and an Ack is still only what the work's commit made durable.
+async fn read_while<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+    recv: &mut impl ReadSome,
+    decoder: &mut MessageDecoder,
+    ended: bool,
+) -> Result<(T, ReadMeanwhile), SessionEnded> {
+    let mut work = tokio::task::spawn_blocking(work);
+    let mut read = ReadMeanwhile { bytes: 0, ended };
+    loop {
+        let reading = !read.ended && read.bytes < READ_WHILE_APPLYING_MAX;
+        tokio::select! {
+            done = &mut work => {
+                return Ok((done.map_err(SessionEnded::Apply)?, read));
+            }
+            // Cancel-safe: nothing is lost when the work ends first.
+            r = recv.read_some(decoder), if reading => match r {
+                Ok(Some(n)) => read.bytes += n,
+                Ok(None) => read.ended = true,
+                Err(e) => return Err(SessionEnded::Read(e)),
+            },
+        }
+    }
+}
+
+/// Bytes read while a commit runs, at most: the shipper's in-flight
+/// window (64 MiB by default) bounds what it sends before the Ack anyway.
+const READ_WHILE_APPLYING_MAX: usize = 64 << 20;
 
 /// Bytes read into one group commit at most: a steady stream is still
 /// committed and acknowledged every so often, and the loop still looks for
@@ -741,6 +858,9 @@ enum SessionEnded {
     /// This receiver refused the session, and told the shipper why.
     #[error(transparent)]
     Refused(ReceiverError),
+    /// The thread applying a message or committing failed (panicked).
+    #[error("applying on a blocking thread")]
+    Apply(#[source] tokio::task::JoinError),
 }
 
 /// Sends the error to the shipper (in a protocol version it reads) and
@@ -801,5 +921,67 @@ mod tests {
         let t = collect_metrics(&none, &[], 4_000_000_000)
             .render(tidemark_metrics::Format::OpenMetrics);
         assert!(!t.contains("last_barrier_age_seconds{"), "{t}");
+    }
+
+    /// A stream whose bytes come from a channel; it notes each read.
+    struct Fed {
+        rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+        delivered: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl ReadSome for Fed {
+        async fn read_some(
+            &mut self,
+            decoder: &mut MessageDecoder,
+        ) -> Result<Option<usize>, quinn::ReadError> {
+            let Some(bytes) = self.rx.recv().await else {
+                return Ok(None);
+            };
+            decoder.feed(&bytes);
+            self.delivered.fetch_add(bytes.len(), Ordering::SeqCst);
+            Ok(Some(bytes.len()))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_stream_is_read_while_a_commit_runs_and_only_buffered() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let delivered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut stream = Fed {
+            rx,
+            delivered: delivered.clone(),
+        };
+        let frame = Message::DrainRequest { id: 7 }
+            .encode(1, tidemark_wire::Compression::None)
+            .unwrap();
+        tx.send(frame[..5].to_vec()).unwrap();
+        tx.send(frame[5..].to_vec()).unwrap();
+        let mut decoder = MessageDecoder::new();
+        // The work (a commit's syncs) ends only once the stream was read
+        // while it ran, or gives up after 10 s.
+        let seen = delivered.clone();
+        let len = frame.len();
+        let work = move || {
+            let start = std::time::Instant::now();
+            while seen.load(Ordering::SeqCst) < len {
+                if start.elapsed() > Duration::from_secs(10) {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            true
+        };
+        let (overlapped, read) = read_while(work, &mut stream, &mut decoder, false)
+            .await
+            .unwrap();
+        assert!(overlapped, "the stream was not read while the work ran");
+        assert_eq!(read.bytes, len);
+        assert!(!read.ended);
+        // Read, not applied: the message waits in the decoder.
+        assert_eq!(decoder.buffered(), len);
+        assert!(matches!(
+            decoder.next_message().unwrap().map(|m| m.message),
+            Some(Message::DrainRequest { id: 7 })
+        ));
     }
 }

@@ -17,6 +17,7 @@
 //! permanent ones end the daemon with the state `critical` and the reason
 //! in `shipper.status`.
 
+use std::collections::VecDeque;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -174,6 +175,16 @@ pub enum SessionError {
     /// The log cursor could not be written.
     #[error("writing the log cursor: {0}")]
     Cursor(#[source] tidemark_changelog::cursor::CursorError),
+    /// The thread reading a disk ahead failed (panicked or was cancelled).
+    #[error("reading disk {disk} at {offset} ahead: {source}")]
+    ReadAhead {
+        /// Disk id.
+        disk: u32,
+        /// Where.
+        offset: u64,
+        /// Why.
+        source: tokio::task::JoinError,
+    },
 }
 
 impl SessionError {
@@ -200,7 +211,8 @@ impl SessionError {
             | SessionError::TrackerNotStarted
             | SessionError::Sources(_)
             | SessionError::Generation(_)
-            | SessionError::Disk { .. } => ErrorClass::Transient,
+            | SessionError::Disk { .. }
+            | SessionError::ReadAhead { .. } => ErrorClass::Transient,
         }
     }
 }
@@ -689,6 +701,7 @@ async fn session(
             shared: &mut *shared,
             sources: &sources,
             opened: Vec::new(),
+            reads: VecDeque::new(),
             tail: None,
             drain: None,
             base: Counters::default(),
@@ -760,6 +773,33 @@ fn spawn_reader(mut recv: quinn::RecvStream) -> mpsc::Receiver<Result<Received, 
     rx
 }
 
+/// The answer of the oldest read ahead, when it is done (the caller then
+/// removes it from `reads`; with none, never).
+async fn oldest_read(
+    reads: &mut VecDeque<ReadAhead>,
+) -> Result<Result<ChunkData, SessionError>, tokio::task::JoinError> {
+    match reads.front_mut() {
+        Some(r) => (&mut r.read).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Hands a finished read ahead to the core.
+fn answer_read(
+    core: &mut ShipperCore,
+    disk: u32,
+    offset: u64,
+    read: Result<Result<ChunkData, SessionError>, tokio::task::JoinError>,
+) -> Result<(), SessionError> {
+    let data = read.map_err(|source| SessionError::ReadAhead {
+        disk,
+        offset,
+        source,
+    })??;
+    core.handle_chunk(data);
+    Ok(())
+}
+
 /// The status counters that add up across sessions, as they stood when
 /// this session began (the core counts from zero in each).
 #[derive(Default, Clone, Copy)]
@@ -804,12 +844,23 @@ impl DrainError {
 type TrackerStop =
     tokio::task::JoinHandle<Result<tidemark_control::Stopped, tidemark_control::ControlError>>;
 
+/// An initial-sync chunk read ahead on a blocking thread, so the next
+/// chunks are read while this one is compressed and sent.
+struct ReadAhead {
+    disk: u32,
+    offset: u64,
+    read: tokio::task::JoinHandle<Result<ChunkData, SessionError>>,
+}
+
 /// The IO side of one connection: what the core asks for is read here.
 struct Connection<'a> {
     shared: &'a mut Shared,
     sources: &'a [tidemark_changelog::DiskSource],
     /// Disks opened for the initial sync, by id.
-    opened: Vec<(u32, SourceDisk)>,
+    opened: Vec<(u32, Arc<SourceDisk>)>,
+    /// Initial-sync chunks being read on blocking threads, in the order
+    /// the core asked for them (it takes the answers in that order).
+    reads: VecDeque<ReadAhead>,
     tail: Option<LogTail>,
     /// A drain the receiver asked for: its id and the tracker's stop.
     drain: Option<(u64, TrackerStop)>,
@@ -910,6 +961,14 @@ impl Connection<'_> {
                     return SessionError::ReaderEnded.into()
                 }
             }
+            if self.reads.front().is_some_and(|r| r.read.is_finished()) {
+                let r = self.reads.pop_front().expect("checked above");
+                let read = r.read.await;
+                if let Err(e) = answer_read(&mut core, r.disk, r.offset, read) {
+                    return e.into();
+                }
+                continue;
+            }
             if let Some(need) = core.poll_need() {
                 if let Err(e) = self.serve(&mut core, need) {
                     return e.into();
@@ -930,6 +989,13 @@ impl Connection<'_> {
                     None => return SessionError::ReaderEnded.into(),
                 },
                 _ = self.shared.log_changed.notified() => core.handle_log_changed(),
+                // The oldest read ahead, answered as soon as it is done.
+                read = oldest_read(&mut self.reads), if !self.reads.is_empty() => {
+                    let r = self.reads.pop_front().expect("a read finished");
+                    if let Err(e) = answer_read(&mut core, r.disk, r.offset, read) {
+                        return e.into();
+                    }
+                }
                 _ = stop.changed(), if !stop_sent => {}
                 _ = tokio::time::sleep(deadline) => {}
             }
@@ -1057,22 +1123,34 @@ impl Connection<'_> {
                     source,
                 };
                 let data = match purpose {
+                    // Read on a blocking thread; the core gets it in the
+                    // order asked for (see `answer_read`).
                     ChunkPurpose::InitialSync => {
                         if !self.opened.iter().any(|(id, _)| *id == disk) {
                             let d = SourceDisk::open(&src.path, src.disk.size).map_err(fail)?;
-                            self.opened.push((disk, d));
+                            self.opened.push((disk, Arc::new(d)));
                         }
                         let (_, source) = self
                             .opened
                             .iter()
                             .find(|(id, _)| *id == disk)
                             .expect("opened above");
-                        match tokio::task::block_in_place(|| source.chunk(offset, length))
-                            .map_err(fail)?
-                        {
-                            ChunkContent::Zero(n) => ChunkData::Zero(n),
-                            ChunkContent::Data(d) => ChunkData::Data(d),
-                        }
+                        let source = Arc::clone(source);
+                        let (name, path) = (src.disk.name.clone(), src.path.clone());
+                        let read = tokio::task::spawn_blocking(move || {
+                            match source.chunk(offset, length) {
+                                Ok(ChunkContent::Zero(n)) => Ok(ChunkData::Zero(n)),
+                                Ok(ChunkContent::Data(d)) => Ok(ChunkData::Data(d)),
+                                Err(source) => Err(SessionError::Disk {
+                                    name,
+                                    path: path.display().to_string(),
+                                    offset,
+                                    source,
+                                }),
+                            }
+                        });
+                        self.reads.push_back(ReadAhead { disk, offset, read });
+                        return Ok(());
                     }
                     // Read once: the digests and the blocks sent come from
                     // the same bytes, read after everything sent so far was

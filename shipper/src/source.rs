@@ -3,6 +3,7 @@
 //! O_DIRECT, so the page cache would be a second, possibly stale, copy), and
 //! telling zero or unallocated ranges apart so they are not sent as data.
 
+use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -10,6 +11,18 @@ use std::path::{Path, PathBuf};
 use tidemark_durable::aligned::AlignedBuf;
 
 const ALIGN: usize = 4096;
+
+/// Largest aligned buffer a thread keeps for its next O_DIRECT read.
+const KEEP_SCRATCH: usize = 4 << 20;
+
+thread_local! {
+    /// The aligned buffer of this thread's last O_DIRECT read, reused by
+    /// the next: a new one costs a page fault and a clear per 4 KiB page,
+    /// more than the read's copy out of it (chunks are read ahead on a
+    /// pool of threads, so the allocator returns freed buffers to the
+    /// system rather than to the next read).
+    static SCRATCH: RefCell<Option<AlignedBuf>> = const { RefCell::new(None) };
+}
 
 /// What a chunk of the disk holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,7 +96,13 @@ impl SourceDisk {
             let lead = (offset % ALIGN as u64) as usize;
             let start = offset - lead as u64;
             let span = lead + want;
-            let mut buf = AlignedBuf::zeroed(span.div_ceil(ALIGN) * ALIGN, ALIGN);
+            let size = span.div_ceil(ALIGN) * ALIGN;
+            // Bytes of an earlier read in a kept buffer are overwritten or
+            // never looked at: only the `span` bytes read are copied out.
+            let mut buf = SCRATCH
+                .with(|s| s.borrow_mut().take())
+                .and_then(|mut b| b.set_len(size).then_some(b))
+                .unwrap_or_else(|| AlignedBuf::zeroed(size, ALIGN));
             let b = &mut buf[..];
             let mut done = 0usize;
             while done < span {
@@ -106,6 +125,9 @@ impl SourceDisk {
                 ));
             }
             out.copy_from_slice(&b[lead..span]);
+            if buf.capacity() <= KEEP_SCRATCH {
+                SCRATCH.with(|s| *s.borrow_mut() = Some(buf));
+            }
         } else {
             self.file.read_exact_at(&mut out, offset)?;
         }
@@ -195,5 +217,25 @@ mod tests {
         assert_eq!(d.read(0, 1 << 20).unwrap(), data);
         assert_eq!(d.read(4096, 100).unwrap(), data[4096..4196]);
         assert_eq!(d.read(5, 10).unwrap(), data[5..15]);
+    }
+
+    #[test]
+    fn a_reused_read_buffer_gives_only_the_bytes_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("reuse.raw");
+        let size = 3usize << 20;
+        let data: Vec<u8> = (0..size as u32).map(|i| (i % 253) as u8 ^ 0x5a).collect();
+        std::fs::write(&path, &data).unwrap();
+        let d = SourceDisk::open(&path, size as u64).unwrap();
+        // A large read, then smaller and unaligned ones in the buffer it
+        // left behind, then a larger one than it.
+        assert_eq!(d.read(1 << 20, 1 << 20).unwrap(), data[1 << 20..2 << 20]);
+        assert_eq!(d.read(4099, 777).unwrap(), data[4099..4876]);
+        assert_eq!(d.read(0, 8192).unwrap(), data[..8192]);
+        assert_eq!(
+            d.read(100, (2 << 20) + 5).unwrap(),
+            data[100..(2 << 20) + 105]
+        );
+        assert_eq!(d.read((3 << 20) - 10, 100).unwrap(), data[(3 << 20) - 10..]);
     }
 }

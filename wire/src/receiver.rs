@@ -119,7 +119,9 @@ pub struct ReceiverConfig {
     /// Body compression of what the receiver sends. Default none (acks and
     /// errors are small; digests do not compress).
     pub compression: Compression,
-    /// Chunk bytes applied before a commit. Default 64 MiB.
+    /// Chunk bytes applied before a commit. Default 32 MiB: half the
+    /// shipper's in-flight window (64 MiB by default), so the shipper can
+    /// go on sending the next half while this commit syncs.
     pub commit_bytes: u64,
     /// Record bytes applied before a commit even if more input is waiting.
     /// It bounds how long a steady stream goes unacknowledged, and stays
@@ -137,7 +139,7 @@ impl ReceiverConfig {
         ReceiverConfig {
             authenticated_host: host.clone(),
             compression: Compression::None,
-            commit_bytes: 64 << 20,
+            commit_bytes: 32 << 20,
             commit_record_bytes: 16 << 20,
             versions: Versions::SUPPORTED,
         }

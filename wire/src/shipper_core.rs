@@ -29,6 +29,17 @@
 //! 5. else nothing until the log changes, the receiver speaks, or
 //!    [`CoreConfig::idle_poll`] passes.
 //!
+//! Initial-sync chunks are read ahead: up to [`CoreConfig::read_ahead`] of
+//! them are asked for before the first is answered, so the caller can
+//! read the next while the last is compressed and sent. They are answered
+//! in the order asked. Every one of them is asked for while the log is
+//! drained to the last record sent and nothing else is sent until they are
+//! answered: records the log hands over meanwhile wait behind them (a
+//! chunk read before a write must not be applied after that write's
+//! record), and so does the rewind of a resync-needed record among them.
+//! The chunks read ahead are therefore sent, and applied, before the
+//! record that rewinds their disk, exactly where they were read.
+//!
 //! The group is protected only once the receiver has *acknowledged* every
 //! disk's initial sync to its end and no extent waits for a resync: a
 //! chunk sent is not yet a chunk held.
@@ -63,6 +74,10 @@ pub struct CoreConfig {
     /// Bytes of one initial-sync chunk (also the coarse block size of a
     /// resync comparison).
     pub chunk_bytes: u64,
+    /// Initial-sync chunks asked for and not answered yet, at most (at
+    /// least 1). Chunks answered are sent even when the window filled up
+    /// meanwhile: it can be exceeded by this many chunks.
+    pub read_ahead: usize,
     /// How long to wait for the Welcome.
     pub welcome_timeout: Duration,
     /// A receiver silent this long while frames are in flight is taken for
@@ -80,6 +95,7 @@ impl Default for CoreConfig {
             session: ShipperConfig::default(),
             batch_bytes: 1 << 20,
             chunk_bytes: 1 << 20,
+            read_ahead: 4,
             welcome_timeout: Duration::from_secs(30),
             peer_timeout: Duration::from_secs(120),
             idle_poll: Duration::from_secs(1),
@@ -88,8 +104,10 @@ impl Default for CoreConfig {
     }
 }
 
-/// What the core needs the caller to read. At most one is outstanding:
-/// answer it before asking again.
+/// What the core needs the caller to read. At most one log or resync
+/// need is outstanding (answer it before asking again); initial-sync
+/// chunks are asked for ahead, up to [`CoreConfig::read_ahead`], each once,
+/// and answered in the order asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Need {
     /// The first record the log holds with a sequence number above `after`
@@ -144,7 +162,7 @@ pub struct DiskStatus {
     pub size: u64,
     /// Bytes the receiver acknowledged holding.
     pub synced: u64,
-    /// Next byte to send.
+    /// Next byte to send (chunks read ahead are not sent yet).
     pub sent: u64,
     /// Bytes sent as data (not as zero ranges) in this session.
     pub data_bytes: u64,
@@ -226,14 +244,24 @@ pub enum CoreEvent {
 struct SyncCursor {
     id: u32,
     size: u64,
-    /// Next byte to send.
+    /// Next byte to ask for.
     next: u64,
+    /// Next byte to send: `next` less the chunks read ahead.
+    sent: u64,
     /// Acknowledged by the receiver.
     acked: u64,
     /// (acked, when) as the session started: the rate's base.
     base: Option<(u64, Instant)>,
     /// Bytes sent as data (not as zero ranges) in this session.
     data_bytes: u64,
+}
+
+/// An initial-sync chunk asked for and not answered yet.
+#[derive(Debug, Clone, Copy)]
+struct Ahead {
+    disk: u32,
+    offset: u64,
+    length: u64,
 }
 
 /// An extent to compare by digests of `block_size` blocks.
@@ -274,6 +302,11 @@ pub struct ShipperCore {
     transmit: VecDeque<Vec<u8>>,
     events: VecDeque<CoreEvent>,
     outstanding: Option<Need>,
+    /// Initial-sync chunks asked for and not answered, in the order asked.
+    ahead: VecDeque<Ahead>,
+    /// Records the log handed over while chunks were read ahead: sent
+    /// after those chunks.
+    held: Option<RecordBatch>,
     /// The log returned nothing since the last action: try the rest.
     log_drained: bool,
     /// When the log is asked again without a notification.
@@ -318,6 +351,7 @@ impl ShipperCore {
                 id: d.id,
                 size: d.size,
                 next: 0,
+                sent: 0,
                 acked: 0,
                 base: None,
                 data_bytes: 0,
@@ -336,6 +370,8 @@ impl ShipperCore {
             transmit: VecDeque::new(),
             events: VecDeque::new(),
             outstanding: None,
+            ahead: VecDeque::new(),
+            held: None,
             log_drained: false,
             next_poll: None,
             last_heard: now,
@@ -398,7 +434,7 @@ impl ShipperCore {
             self.queue(f);
         }
         self.state = State::Ended;
-        self.outstanding = None;
+        self.forget_needs();
         self.events.push_back(match e.class() {
             ErrorClass::Permanent => CoreEvent::Critical(e),
             ErrorClass::Transient => CoreEvent::Retry(e),
@@ -485,16 +521,25 @@ impl ShipperCore {
                 if self.stopping.is_none() {
                     self.stopping = Some(now + self.config.stop_grace);
                 }
-                self.outstanding = None;
+                self.forget_needs();
                 self.check_stopped();
             }
             State::Awaiting { .. } => self.end_stopped(),
         }
     }
 
+    /// No need is answered any more: answers to those asked are ignored,
+    /// and records held behind chunks read ahead are not sent (the next
+    /// session sends them again from the durable record).
+    fn forget_needs(&mut self) {
+        self.outstanding = None;
+        self.ahead.clear();
+        self.held = None;
+    }
+
     fn end_stopped(&mut self) {
         self.state = State::Ended;
-        self.outstanding = None;
+        self.forget_needs();
         self.events.push_back(CoreEvent::Stopped);
     }
 
@@ -568,6 +613,7 @@ impl ShipperCore {
                         .find(|s| s.id == d.id)
                         .map_or(0, |s| s.synced);
                     d.next = synced;
+                    d.sent = synced;
                     d.acked = synced;
                     d.base = Some((synced, now));
                 }
@@ -646,6 +692,8 @@ impl ShipperCore {
         self.resync.is_empty()
             && self.replies.is_empty()
             && self.reading.is_none()
+            && self.ahead.is_empty()
+            && self.held.is_none()
             && self.pending_digests() == 0
             && self.disks.iter().all(|d| d.next >= d.size)
     }
@@ -681,7 +729,8 @@ impl ShipperCore {
     }
 
     /// What to read next, if anything (see the module documentation for
-    /// the order). Returns the outstanding need again until it is answered.
+    /// the order). Returns the outstanding log or resync need again until
+    /// it is answered; each initial-sync chunk read ahead is returned once.
     pub fn poll_need(&mut self) -> Option<Need> {
         if let Some(n) = self.outstanding {
             return Some(n);
@@ -695,26 +744,42 @@ impl ShipperCore {
         };
         let can_send = s.can_send();
         let pending_digests = s.pending_digests();
-        if let Some(reply) = self.replies.pop_front() {
-            let r = reply.request;
-            self.reading = Some(reply);
-            return self.ask(Need::Chunk {
-                disk: r.disk,
-                offset: r.offset,
-                length: r.length,
-                purpose: ChunkPurpose::Resync,
-            });
+        // Anything else waits for the chunks read ahead: it goes after them.
+        let reading_ahead = !self.ahead.is_empty();
+        if !reading_ahead {
+            if let Some(reply) = self.replies.pop_front() {
+                let r = reply.request;
+                self.reading = Some(reply);
+                return self.ask(Need::Chunk {
+                    disk: r.disk,
+                    offset: r.offset,
+                    length: r.length,
+                    purpose: ChunkPurpose::Resync,
+                });
+            }
         }
         if !can_send {
             return None;
+        }
+        if self.held.is_some() {
+            if reading_ahead {
+                return None;
+            }
+            let batch = self.held.take().expect("checked above");
+            self.send_batch(batch);
+            self.log_drained = false;
+            return self.poll_need();
         }
         if !self.log_drained {
             return self.ask(Need::LogBatch {
                 max_bytes: self.config.batch_bytes,
             });
         }
-        if pending_digests == 0 {
+        if pending_digests == 0 && !reading_ahead {
             if let Some(c) = self.resync.pop_front() {
+                let State::Shipping(s) = &mut self.state else {
+                    return None;
+                };
                 match s.send_digest_request(c.disk, c.offset, c.length, c.block_size) {
                     Ok(f) => self.queue(f),
                     Err(e) => {
@@ -726,11 +791,21 @@ impl ShipperCore {
                 return self.poll_need();
             }
         }
-        if let Some(d) = self.disks.iter().find(|d| d.next < d.size) {
-            let length = self.config.chunk_bytes.max(1).min(d.size - d.next);
-            return self.ask(Need::Chunk {
+        if self.ahead.len() >= self.config.read_ahead.max(1) {
+            return None;
+        }
+        let chunk_bytes = self.config.chunk_bytes.max(1);
+        if let Some(d) = self.disks.iter_mut().find(|d| d.next < d.size) {
+            let length = chunk_bytes.min(d.size - d.next);
+            self.ahead.push_back(Ahead {
                 disk: d.id,
                 offset: d.next,
+                length,
+            });
+            d.next += length;
+            return Some(Need::Chunk {
+                disk: d.id,
+                offset: d.next - length,
                 length,
                 purpose: ChunkPurpose::InitialSync,
             });
@@ -764,6 +839,16 @@ impl ShipperCore {
             self.arm_idle(now);
             return;
         };
+        if self.ahead.is_empty() {
+            self.send_batch(batch);
+        } else {
+            self.held = Some(batch);
+        }
+    }
+
+    /// Sends records, in order after everything sent so far, and acts on
+    /// their resync-needed records.
+    fn send_batch(&mut self, batch: RecordBatch) {
         let State::Shipping(s) = &mut self.state else {
             return;
         };
@@ -802,7 +887,10 @@ impl ShipperCore {
                 // position goes back to the extent. Afterwards the extent
                 // is compared by digests.
                 match self.disks.iter_mut().find(|d| d.id == h.disk.get()) {
-                    Some(d) if initial_sync => d.next = d.next.min(h.offset),
+                    Some(d) if initial_sync => {
+                        d.next = d.next.min(h.offset);
+                        d.sent = d.sent.min(h.offset);
+                    }
                     _ => self.push_resync(h.disk.get(), h.offset, h.length),
                 }
             }
@@ -830,18 +918,26 @@ impl ShipperCore {
     }
 
     /// The answer to [`Need::Chunk`]: the disk's bytes of that extent, read
-    /// now (for a resync comparison, [`ChunkData::Zero`] stands for zeroes).
+    /// since it was asked for (for a resync comparison, [`ChunkData::Zero`]
+    /// stands for zeroes). It answers the outstanding resync need, else the
+    /// oldest initial-sync chunk asked for; with none, it is ignored (the
+    /// session stopped or ended since).
     pub fn handle_chunk(&mut self, data: ChunkData) {
-        let Some(Need::Chunk {
-            disk,
-            offset,
-            length,
-            purpose,
-        }) = self.outstanding
-        else {
-            return;
+        let (disk, offset, length, purpose) = match self.outstanding {
+            Some(Need::Chunk {
+                disk,
+                offset,
+                length,
+                purpose,
+            }) => {
+                self.outstanding = None;
+                (disk, offset, length, purpose)
+            }
+            _ => match self.ahead.pop_front() {
+                Some(a) => (a.disk, a.offset, a.length, ChunkPurpose::InitialSync),
+                None => return,
+            },
         };
-        self.outstanding = None;
         if data.len() != length {
             return self.fail(ShipperError::Usage(format!(
                 "{} bytes read for a need of {length} bytes of disk {disk} at {offset}",
@@ -864,11 +960,9 @@ impl ShipperCore {
                     Err(e) => return self.fail(e),
                 }
                 if let Some(d) = self.disks.iter_mut().find(|d| d.id == disk) {
-                    // A rewind while the chunk was read moved `next` back:
-                    // keep the earlier position.
-                    if d.next == offset {
-                        d.next = offset + length;
-                    }
+                    // No rewind happens while chunks are read ahead: they
+                    // are sent in the order asked, each after the last.
+                    d.sent = offset + length;
                 }
                 self.log_drained = false;
             }
@@ -989,7 +1083,7 @@ impl ShipperCore {
                     id: d.id,
                     size: d.size,
                     synced: d.acked,
-                    sent: d.next,
+                    sent: d.sent,
                     data_bytes: d.data_bytes,
                     rate_bytes_per_sec: rate,
                     eta_seconds: eta,
@@ -1037,6 +1131,16 @@ mod tests {
     const SIZE: u64 = 16 << 10;
 
     fn core(now: Instant) -> ShipperCore {
+        core_with(
+            now,
+            CoreConfig {
+                chunk_bytes: 8 << 10,
+                ..CoreConfig::default()
+            },
+        )
+    }
+
+    fn core_with(now: Instant, config: CoreConfig) -> ShipperCore {
         let hello = HelloInfo {
             host: tidemark_names::Name::from_static("h"),
             group: tidemark_names::Name::from_static("g"),
@@ -1046,10 +1150,6 @@ mod tests {
                 name: tidemark_names::Name::from_static("d"),
                 size: SIZE,
             }],
-        };
-        let config = CoreConfig {
-            chunk_bytes: 8 << 10,
-            ..CoreConfig::default()
         };
         ShipperCore::new(hello, config, now).unwrap()
     }
@@ -1093,7 +1193,10 @@ mod tests {
 
     /// A core past the Welcome of a fresh replica whose log holds record 1.
     fn connected(now: Instant, synced: u64) -> ShipperCore {
-        let mut c = core(now);
+        connected_with(core(now), now, synced)
+    }
+
+    fn connected_with(mut c: ShipperCore, now: Instant, synced: u64) -> ShipperCore {
         assert!(matches!(sent(&mut c)[..], [Message::Hello { .. }]));
         assert_eq!(c.poll_need(), None, "nothing before the welcome");
         c.handle_message(welcome(0, synced), now);
@@ -1130,7 +1233,6 @@ mod tests {
                 purpose: ChunkPurpose::InitialSync
             })
         );
-        assert_eq!(c.poll_need(), need, "asked again until answered");
         c.handle_chunk(ChunkData::Zero(8 << 10));
         assert!(matches!(
             sent(&mut c)[..],
@@ -1448,5 +1550,157 @@ mod tests {
         let st = c.status(t);
         assert_eq!((st.resync_blocks_compared, st.resync_blocks_sent), (1, 1));
         assert_eq!(st.phase, Phase::Protected);
+    }
+
+    /// A core of 4 KiB chunks reading 3 ahead, past the Welcome of a fresh
+    /// replica, its log drained after record 1.
+    fn reading_ahead(t: Instant) -> ShipperCore {
+        let config = CoreConfig {
+            chunk_bytes: 4 << 10,
+            read_ahead: 3,
+            ..CoreConfig::default()
+        };
+        let mut c = connected_with(core_with(t, config), t, 0);
+        assert!(matches!(c.poll_need(), Some(Need::LogBatch { .. })));
+        c.handle_log_batch(Some(batch(&[(1, Entry::barrier(5))])), t);
+        assert!(matches!(sent(&mut c)[..], [Message::Records(_)]));
+        assert!(matches!(c.poll_need(), Some(Need::LogBatch { .. })));
+        c.handle_log_batch(None, t);
+        c
+    }
+
+    fn sync_chunk(offset: u64) -> Option<Need> {
+        Some(Need::Chunk {
+            disk: 0,
+            offset,
+            length: 4 << 10,
+            purpose: ChunkPurpose::InitialSync,
+        })
+    }
+
+    /// The core asks for initial-sync chunks at these offsets, one after
+    /// the other, before any is answered.
+    fn asked_ahead(c: &mut ShipperCore, offsets: &[u64]) {
+        for &offset in offsets {
+            assert_eq!(c.poll_need(), sync_chunk(offset));
+        }
+    }
+
+    #[test]
+    fn initial_sync_chunks_are_asked_for_ahead_and_sent_in_order() {
+        let t = Instant::now();
+        let mut c = reading_ahead(t);
+        // Three chunks asked for at once, each once; then the window of
+        // reads is full.
+        asked_ahead(&mut c, &[0, 4096, 8192]);
+        assert_eq!(c.poll_need(), None, "three chunks read ahead at most");
+        assert_eq!(c.status(t).disks[0].sent, 0, "asked for is not sent");
+        c.handle_chunk(ChunkData::Data(vec![1; 4096]));
+        assert!(matches!(
+            sent(&mut c)[..],
+            [Message::Chunk {
+                offset: 0,
+                after_seq: 1,
+                ..
+            }]
+        ));
+        assert_eq!(c.status(t).disks[0].sent, 4096);
+        // The log is looked at before the next chunk is asked for.
+        assert!(matches!(c.poll_need(), Some(Need::LogBatch { .. })));
+        c.handle_log_batch(None, t);
+        assert_eq!(c.poll_need(), sync_chunk(12288));
+        assert_eq!(c.poll_need(), None);
+        for _ in 0..3 {
+            c.handle_chunk(ChunkData::Zero(4096));
+        }
+        let offsets: Vec<u64> = sent(&mut c)
+            .iter()
+            .map(|m| match m {
+                Message::Chunk { offset, .. } => *offset,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(offsets, [4096, 8192, 12288]);
+        assert_eq!(c.status(t).disks[0].sent, SIZE);
+        // An answer nobody asked for is ignored.
+        c.handle_chunk(ChunkData::Zero(4096));
+        assert!(sent(&mut c).is_empty());
+    }
+
+    #[test]
+    fn records_and_a_rewind_read_while_chunks_are_read_ahead_wait_behind_them() {
+        let t = Instant::now();
+        let mut c = reading_ahead(t);
+        asked_ahead(&mut c, &[0, 4096, 8192]);
+        c.handle_chunk(ChunkData::Zero(4096));
+        assert_eq!(sent(&mut c).len(), 1);
+        // A write and a resync-needed record of the start of the disk
+        // arrive while two chunks are still being read: they may have been
+        // read before the write, so the records wait behind them.
+        assert!(matches!(c.poll_need(), Some(Need::LogBatch { .. })));
+        c.handle_log_batch(
+            Some(batch(&[
+                (2, Entry::write(0, 4096, &[9; 512], 6)),
+                (3, Entry::resync_needed(0, 0, 4096, 7)),
+            ])),
+            t,
+        );
+        assert_eq!(c.poll_need(), None, "nothing before the chunks read ahead");
+        assert!(sent(&mut c).is_empty());
+        assert_eq!(c.status(t).sent_seq, 1);
+        c.handle_chunk(ChunkData::Zero(4096));
+        c.handle_chunk(ChunkData::Data(vec![1; 4096]));
+        // The chunks go where they were read (after record 1), then the
+        // records, whose rewind takes effect only now.
+        assert_eq!(c.status(t).disks[0].sent, 12288, "not rewound yet");
+        assert_eq!(c.poll_need(), Some(Need::LogBatch { max_bytes: 1 << 20 }));
+        let frames = sent(&mut c);
+        assert!(
+            matches!(
+                &frames[..],
+                [
+                    Message::Chunk {
+                        offset: 4096,
+                        after_seq: 1,
+                        ..
+                    },
+                    Message::Chunk {
+                        offset: 8192,
+                        after_seq: 1,
+                        ..
+                    },
+                    Message::Records(_),
+                ]
+            ),
+            "{frames:?}"
+        );
+        assert_eq!(c.status(t).disks[0].sent, 0, "rewound to the extent");
+        c.handle_log_batch(None, t);
+        // The chunks read before the rewind are not taken for the current
+        // data: the disk is read again from the extent on.
+        asked_ahead(&mut c, &[0, 4096]);
+        c.handle_chunk(ChunkData::Data(vec![2; 4096]));
+        assert!(matches!(
+            sent(&mut c)[..],
+            [Message::Chunk {
+                offset: 0,
+                after_seq: 3,
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn a_stop_forgets_the_chunks_read_ahead() {
+        let t = Instant::now();
+        let mut c = reading_ahead(t);
+        asked_ahead(&mut c, &[0, 4096]);
+        c.stop(t);
+        assert_eq!(c.poll_need(), None, "no new work while stopping");
+        c.handle_chunk(ChunkData::Zero(4096));
+        assert!(
+            sent(&mut c).is_empty(),
+            "an answer after the stop is ignored"
+        );
     }
 }

@@ -431,6 +431,9 @@ struct ShipperConn {
     core: ShipperCore,
     /// Index in the source's records of the next record to hand over.
     next_index: usize,
+    /// Initial-sync chunks read ahead, not handed over yet, in the order
+    /// asked for (the disk as it was when each was asked for).
+    reads: VecDeque<ChunkData>,
 }
 
 enum ReceiverSide {
@@ -537,6 +540,7 @@ fn connect(stats: &mut Stats, daemon: &mut ShipperDaemon, rng: &mut Rng, now: In
         },
         // Random sync chunks; above 4 KiB they are coarse resync blocks too.
         chunk_bytes: 1 + rng.below(CHUNK),
+        read_ahead: 1 + rng.below(4) as usize,
         // A stalled stream (a damaged length field, a dead peer) times out.
         welcome_timeout: STEP * 20,
         peer_timeout: STEP * 20,
@@ -558,6 +562,7 @@ fn connect(stats: &mut Stats, daemon: &mut ShipperDaemon, rng: &mut Rng, now: In
         shipper: ShipperConn {
             core,
             next_index: 0,
+            reads: VecDeque::new(),
         },
         receiver: Some(ReceiverSide::Hello(ExpectHello::new(rc))),
         legacy,
@@ -574,8 +579,10 @@ fn first_after(source: &Source, seq: u64) -> Option<RecordId> {
 }
 
 /// Answers the core's next need as the daemon does (the log hands over a
-/// random number of the first `available` records; disks are read as they are after the last
-/// record sent), then takes its frames. Returns whether it did anything.
+/// random number of the first `available` records; disks are read as they
+/// are after the last record sent; initial-sync chunks are read ahead and
+/// handed over later, in order, while the log goes on growing), then takes
+/// its frames. Returns whether it did anything.
 fn shipper_step(
     c: &mut ShipperConn,
     source: &Source,
@@ -585,7 +592,19 @@ fn shipper_step(
     out: &mut VecDeque<Vec<u8>>,
 ) -> bool {
     let mut acted = false;
-    if let Some(need) = c.core.poll_need() {
+    // A read ahead ends now and then, and whenever nothing else is asked.
+    let need = if rng.chance(300) {
+        None
+    } else {
+        c.core.poll_need()
+    };
+    if need.is_none() {
+        if let Some(data) = c.reads.pop_front() {
+            acted = true;
+            c.core.handle_chunk(data);
+        }
+    }
+    if let Some(need) = need {
         acted = true;
         match need {
             Need::FirstRecordAfter { after } => {
@@ -618,7 +637,15 @@ fn shipper_step(
                 } else {
                     ChunkData::Data(bytes.to_vec())
                 };
-                c.core.handle_chunk(data);
+                if purpose == ChunkPurpose::InitialSync {
+                    c.reads.push_back(data);
+                } else {
+                    assert!(
+                        c.reads.is_empty(),
+                        "a resync read while chunks are read ahead"
+                    );
+                    c.core.handle_chunk(data);
+                }
             }
         }
     }
