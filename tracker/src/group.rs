@@ -47,7 +47,6 @@ use crate::backend::{all_data, from_runs, Allocation, Backend, BackendError, Ser
 use crate::bitmap::{BitmapError, PersistentBitmap};
 use crate::commit::{CommitFailed, Committer, LogStep, LOG_BUFFER_LIMIT, WRITE_OUT_BYTES};
 use crate::lock_order::{Level, Ordered, OrderedGuard};
-use crate::nbd::constants::Errno;
 use crate::nbd::export::BlockSizes;
 use crate::queue::{QueueWaker, Wakers};
 use crate::range_lock::{RangeLock, RangeTicket};
@@ -170,8 +169,8 @@ pub enum MarkerError {
 #[derive(Debug, thiserror::Error)]
 pub enum CloseError {
     /// A final barrier failed.
-    #[error("final barrier: {0:?}")]
-    Barrier(Errno),
+    #[error("final barrier: {0}")]
+    Barrier(#[source] BackendError),
     /// The maps could not be written.
     #[error(transparent)]
     Maps(#[from] BitmapError),
@@ -370,10 +369,6 @@ pub struct Group {
 /// Takes one of the group's locks, in the order of [`crate::lock_order`].
 fn lock<T>(m: &Ordered<T>) -> OrderedGuard<'_, T> {
     m.lock()
-}
-
-fn errno_of(error: &crate::storage::StorageError) -> Errno {
-    Errno::from_code(error.errno()).unwrap_or(Errno::Io)
 }
 
 impl Group {
@@ -601,17 +596,19 @@ impl Group {
     }
 
     /// Refuses a change before [`mark_running`](Self::mark_running).
-    pub(crate) fn check_running(&self) -> Result<(), Errno> {
+    pub(crate) fn check_running(&self) -> Result<(), BackendError> {
         if self.running.load(Ordering::Acquire) {
             Ok(())
         } else {
             tracing::error!("a change reached the group before it was marked running; refused");
-            Err(Errno::Io)
+            Err(BackendError::Unavailable)
         }
     }
 
-    pub(crate) fn disk(&self, disk: u32) -> Result<&DiskState, Errno> {
-        self.disks.get(disk as usize).ok_or(Errno::Inval)
+    pub(crate) fn disk(&self, disk: u32) -> Result<&DiskState, BackendError> {
+        self.disks
+            .get(disk as usize)
+            .ok_or(BackendError::NoSuchDisk(DiskId(disk)))
     }
 
     /// The backing device of `disk`.
@@ -669,9 +666,9 @@ impl Group {
 
     /// Whether the activity map is persisted up to `ticket`: `None` while
     /// not yet, `Some(Err)` if persisting it failed.
-    pub(crate) fn maps_ready(&self, ticket: u64) -> Option<Result<(), Errno>> {
+    pub(crate) fn maps_ready(&self, ticket: u64) -> Option<Result<(), BackendError>> {
         if self.committer.maps_broken() {
-            Some(Err(Errno::Io))
+            Some(Err(BackendError::Unavailable))
         } else if self.committer.maps_done() >= ticket {
             Some(Ok(()))
         } else {
@@ -799,7 +796,7 @@ impl Group {
     /// Whether a barrier's log or bitmap part is done: `None` while not,
     /// `Some(Err)` if it failed. A log that failed meanwhile makes it wait
     /// for the dirty bitmap instead (the wait is updated).
-    pub(crate) fn barrier_ready(&self, wait: &mut BarrierWait) -> Option<Result<(), Errno>> {
+    pub(crate) fn barrier_ready(&self, wait: &mut BarrierWait) -> Option<Result<(), BackendError>> {
         match *wait {
             BarrierWait::Log(seq) => {
                 if self.committer.durable() >= seq {
@@ -813,7 +810,7 @@ impl Group {
             }
             BarrierWait::Dirty(ticket) => {
                 if self.committer.maps_broken() {
-                    Some(Err(Errno::Io))
+                    Some(Err(BackendError::Unavailable))
                 } else if self.committer.dirty_done() >= ticket {
                     Some(Ok(()))
                 } else {
@@ -927,11 +924,11 @@ impl Group {
 
     /// A barrier for the group that blocks the calling thread; flushes
     /// `disk`'s backing device beside the log's group commit.
-    fn barrier(&self, disk: u32) -> Result<(), Errno> {
+    fn barrier(&self, disk: u32) -> Result<(), BackendError> {
         self.check_running()?;
         let d = self.disk(disk)?;
         let (epoch, mut wait) = self.begin_barrier(disk);
-        d.disk.device.flush().map_err(|e| errno_of(&e))?;
+        d.disk.device.flush()?;
         loop {
             match wait {
                 BarrierWait::Log(seq) => match self.committer.wait_durable(seq) {
@@ -939,10 +936,12 @@ impl Group {
                     Err(CommitFailed::Log) => {
                         wait = BarrierWait::Dirty(self.committer.want_dirty());
                     }
-                    Err(CommitFailed::Maps) => return Err(Errno::Io),
+                    Err(CommitFailed::Maps) => return Err(BackendError::Unavailable),
                 },
                 BarrierWait::Dirty(ticket) => {
-                    self.committer.wait_dirty(ticket).map_err(|_| Errno::Io)?;
+                    self.committer
+                        .wait_dirty(ticket)
+                        .map_err(|_| BackendError::Unavailable)?;
                     break;
                 }
             }
@@ -1186,7 +1185,7 @@ impl Group {
             self.wake_parked();
         }
         if fua {
-            self.barrier(disk).map_err(backend_error)?;
+            self.barrier(disk)?;
         }
         let bytes = if entry.kind == tidemark_changelog::Kind::Write {
             len
@@ -1448,7 +1447,7 @@ impl Backend for Group {
 
     fn flush(&self, disk: DiskId) -> Result<(), BackendError> {
         self.served(disk)?;
-        self.barrier(disk.get()).map_err(backend_error)
+        self.barrier(disk.get())
     }
 
     /// Holes of an image file, found with `SEEK_DATA`/`SEEK_HOLE`
@@ -1486,20 +1485,6 @@ impl Backend for Group {
 /// the answer ends, and one `lseek` pair per run keeps a fragmented file's
 /// answer short.
 const MAX_ALLOCATION_RUNS: usize = 1024;
-
-/// The group's synchronous engine reports NBD's errno internally (the
-/// event loops' queue core shares it); as a backend it speaks storage.
-fn backend_error(errno: Errno) -> BackendError {
-    match errno {
-        Errno::NoSpc => BackendError::NoSpace(io::Error::from(io::ErrorKind::StorageFull)),
-        Errno::Perm => BackendError::ReadOnly,
-        Errno::Inval => BackendError::OutOfRange {
-            offset: 0,
-            length: 0,
-        },
-        _ => BackendError::Io(io::Error::other(format!("{errno:?}"))),
-    }
-}
 
 impl Group {
     /// The disk `disk` as a backend request names it.

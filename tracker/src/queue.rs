@@ -36,7 +36,6 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use tidemark_changelog::DiskId;
 
 use crate::backend::{Backend, BackendError};
-use crate::nbd::constants::Errno;
 use crate::storage::AlignedBuf;
 
 /// What a request asks for, already validated against the disk (in
@@ -102,8 +101,9 @@ pub struct Request {
 pub struct Reply {
     /// [`Request::id`].
     pub id: u64,
-    /// Success, or the error the client is told.
-    pub result: Result<(), Errno>,
+    /// Success, or why the request failed (each shell tells its client
+    /// in its own terms).
+    pub result: Result<(), BackendError>,
     /// The request's buffer, handed back (a read's data on success).
     pub buf: Option<AlignedBuf>,
 }
@@ -162,7 +162,7 @@ pub trait Queue: Send {
     fn handle_io(
         &mut self,
         token: u64,
-        result: Result<(), Errno>,
+        result: Result<(), BackendError>,
         buf: Option<AlignedBuf>,
         now: Instant,
     );
@@ -385,10 +385,7 @@ fn perform(backend: &dyn Backend, request: Request) -> Reply {
         tracing::error!(?op, "backend panicked; replying EIO");
         Err(BackendError::Unavailable)
     })
-    .map_err(|error| {
-        tracing::debug!(?op, ?error, "backend refused a request");
-        Errno::of_backend(&error)
-    });
+    .inspect_err(|error| tracing::debug!(?op, ?error, "backend refused a request"));
     Reply { id, result, buf }
 }
 
@@ -407,13 +404,20 @@ impl Queue for BlockingQueue {
             // The pool is gone (the server is stopping): answer at once.
             Err(Job { request, .. }) => self.replies.push_back(Reply {
                 id: request.id,
-                result: Err(Errno::Io),
+                result: Err(BackendError::Unavailable),
                 buf: request.buf,
             }),
         }
     }
 
-    fn handle_io(&mut self, _: u64, _: Result<(), Errno>, _: Option<AlignedBuf>, _: Instant) {}
+    fn handle_io(
+        &mut self,
+        _: u64,
+        _: Result<(), BackendError>,
+        _: Option<AlignedBuf>,
+        _: Instant,
+    ) {
+    }
 
     fn handle_wake(&mut self, _now: Instant) {
         let mut inbox = self.inbox.replies.lock().unwrap_or_else(|e| e.into_inner());

@@ -55,8 +55,8 @@ use std::time::{Duration, Instant};
 
 use tidemark_changelog::Entry;
 
+use crate::backend::BackendError;
 use crate::group::{BarrierWait, Group, Recorded};
-use crate::nbd::constants::Errno;
 use crate::queue::{Io, IoKind, Op, Queue, QueueWaker, Reply, Request};
 use crate::range_lock::RangeTicket;
 use crate::storage::AlignedBuf;
@@ -91,6 +91,9 @@ struct Slot {
     timestamp_ns: u64,
     stage: Stage,
     range: Option<RangeTicket>,
+    /// Why its device I/O (a modification, or a barrier's flush) failed:
+    /// the answer once the stage allows one.
+    failed: Option<BackendError>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -105,16 +108,17 @@ enum Stage {
     /// device I/O in flight.
     Device { seq: u64 },
     /// Its device I/O failed: parked until the log's buffer has room for
-    /// the resync-needed record of its range; then answered `errno`.
-    Compensate { errno: Errno },
+    /// the resync-needed record of its range; then answered with the
+    /// failure ([`Slot::failed`]).
+    Compensate,
     /// A read in flight.
     Read,
     /// A barrier: the device flush `epoch` and the log (or dirty bitmap).
     Barrier {
         epoch: u64,
         wait: BarrierWait,
-        /// The device flush's outcome, once it completed.
-        flushed: Option<Result<(), Errno>>,
+        /// The device flush completed (a failure is [`Slot::failed`]).
+        flushed: bool,
     },
 }
 
@@ -161,7 +165,7 @@ impl GroupQueue {
     }
 
     /// Answers and frees a slot.
-    fn answer(&mut self, token: usize, result: Result<(), Errno>) {
+    fn answer(&mut self, token: usize, result: Result<(), BackendError>) {
         if let Some(slot) = self.slots.get_mut(token).and_then(Option::take) {
             self.free.push(token);
             self.in_flight -= 1;
@@ -205,10 +209,10 @@ impl GroupQueue {
                 }
                 Stage::Map(ticket) => match self.group.maps_ready(ticket) {
                     None => return Progress::Blocked,
-                    Some(Err(errno)) => {
+                    Some(Err(error)) => {
                         tracing::error!("persisting the activity map failed; failing the write");
                         self.release(token, u64::MAX);
-                        self.answer(token, Err(errno));
+                        self.answer(token, Err(error));
                         return Progress::Moved;
                     }
                     Some(Ok(())) => self.slot(token).stage = Stage::Record,
@@ -244,7 +248,7 @@ impl GroupQueue {
                     self.issue(token);
                     return Progress::Moved;
                 }
-                Stage::Compensate { errno } => {
+                Stage::Compensate => {
                     let entry = Entry::resync_needed(disk, offset, len, self.wall_ns(now));
                     if let Recorded::NoRoom = self.group.record(disk, &entry) {
                         return Progress::Blocked;
@@ -252,7 +256,8 @@ impl GroupQueue {
                     // The extent stays hot (never cooled), so a crash
                     // before the compensation is durable re-reads it too.
                     self.release(token, u64::MAX);
-                    self.answer(token, Err(errno));
+                    let failed = self.slot(token).failed.take();
+                    self.answer(token, Err(failed.unwrap_or(BackendError::Unavailable)));
                     return Progress::Moved;
                 }
                 Stage::Barrier {
@@ -268,13 +273,13 @@ impl GroupQueue {
                     };
                     // The device flush is this queue's I/O: nothing is
                     // answered while it is in flight.
-                    let Some(flushed) = flushed else {
+                    if !flushed {
                         return Progress::Moved;
-                    };
-                    let outcome = match (flushed, ready) {
-                        (Err(errno), _) | (Ok(()), Some(Err(errno))) => Err(errno),
-                        (Ok(()), Some(Ok(()))) => Ok(()),
-                        (Ok(()), None) => return Progress::Blocked,
+                    }
+                    let outcome = match (self.slot(token).failed.take(), ready) {
+                        (Some(error), _) | (None, Some(Err(error))) => Err(error),
+                        (None, Some(Ok(()))) => Ok(()),
+                        (None, None) => return Progress::Blocked,
                     };
                     if outcome.is_ok() {
                         self.group.end_barrier(disk, epoch);
@@ -343,7 +348,7 @@ impl GroupQueue {
         self.slot(token).stage = Stage::Barrier {
             epoch,
             wait,
-            flushed: None,
+            flushed: false,
         };
         self.ios.push_back(Io {
             token: token as u64,
@@ -411,10 +416,10 @@ impl Queue for GroupQueue {
                 .err()
                 .or_else(|| self.group.check_running().err()),
         };
-        if let Some(errno) = refused {
+        if let Some(error) = refused {
             self.replies.push_back(Reply {
                 id,
-                result: Err(errno),
+                result: Err(error),
                 buf,
             });
             return;
@@ -436,6 +441,7 @@ impl Queue for GroupQueue {
             timestamp_ns: self.wall_ns(now),
             stage,
             range: None,
+            failed: None,
         };
         let token = match self.free.pop() {
             Some(token) => {
@@ -477,7 +483,7 @@ impl Queue for GroupQueue {
     fn handle_io(
         &mut self,
         token: u64,
-        result: Result<(), Errno>,
+        result: Result<(), BackendError>,
         buf: Option<AlignedBuf>,
         now: Instant,
     ) {
@@ -493,8 +499,10 @@ impl Queue for GroupQueue {
             Stage::Read => self.answer(token, result),
             Stage::Device { seq } => match result {
                 Ok(()) => self.written(token, seq, now),
-                Err(errno) => {
-                    self.slot(token).stage = Stage::Compensate { errno };
+                Err(error) => {
+                    let slot = self.slot(token);
+                    slot.failed = Some(error);
+                    slot.stage = Stage::Compensate;
                     self.advance_or_park(token, now);
                 }
             },
@@ -502,11 +510,12 @@ impl Queue for GroupQueue {
                 slot.stage = Stage::Barrier {
                     epoch,
                     wait,
-                    flushed: Some(result),
+                    flushed: true,
                 };
+                slot.failed = result.err();
                 self.advance_or_park(token, now);
             }
-            Stage::Range | Stage::Map(_) | Stage::Record | Stage::Compensate { .. } => {
+            Stage::Range | Stage::Map(_) | Stage::Record | Stage::Compensate => {
                 tracing::error!(token, "I/O completion for a request not waiting for one");
             }
         }

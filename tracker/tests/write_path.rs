@@ -25,13 +25,14 @@ use rand::{Rng, SeedableRng};
 use server_support::{pseudo_random, RawClient, Reply};
 use tidemark_changelog::replay::{apply, ReplaySummary, ReplayTarget};
 use tidemark_changelog::{DiskId, FsDir, Kind, LogOptions, LogReader, Record, Seq};
-use tidemark_tracker::backend::Backend;
+use tidemark_tracker::backend::{Backend, BackendError};
 use tidemark_tracker::group::{Group, GroupDisk, GroupOptions};
 use tidemark_tracker::nbd::constants::{CommandFlags, CommandType, Errno};
 use tidemark_tracker::queue::{Io, IoKind, Op, Queue, QueueWaker, Request};
 use tidemark_tracker::server::{Frontend, Server, ServerOptions};
 use tidemark_tracker::storage::{
-    open_backing, AlignedBuf, BackingOptions, BlockDevice, DirectIo, EngineKind,
+    open_backing, AlignedBuf, BackingOptions, BlockDevice, DirectIo, EngineKind, MemoryDevice,
+    StorageError,
 };
 use tidemark_tracker::write_path::GroupQueue;
 
@@ -105,6 +106,11 @@ fn open_group_not_running(dir: &Path, direct: DirectIo) -> Arc<Group> {
         },
     )
     .unwrap();
+    group_on(dir, device)
+}
+
+/// A group of one disk on `device`, not running yet.
+fn group_on(dir: &Path, device: Arc<dyn BlockDevice>) -> Arc<Group> {
     let (group, _) = Group::open(
         vec![GroupDisk {
             name: tidemark_names::Name::new("disk".to_string()).unwrap(),
@@ -389,7 +395,8 @@ fn the_event_loop_changes_nothing_before_the_group_runs() {
     for (cookie, req) in reqs.iter().enumerate() {
         request_of(&mut client, cookie as u64, req);
         match client.read_reply() {
-            Reply::Simple { error, .. } => assert_ne!(error, 0, "{req:?} was served"),
+            // EIO: the group is not serving changes yet.
+            Reply::Simple { error, .. } => assert_eq!(error, 5, "{req:?}"),
             other => panic!("unexpected reply {other:?}"),
         }
     }
@@ -404,6 +411,90 @@ fn the_event_loop_changes_nothing_before_the_group_runs() {
         .unwrap()
         .iter()
         .all(|&b| b == 0));
+}
+
+/// A memory device whose writes and flushes fail with the kernel's
+/// `errno`.
+struct FailingDevice {
+    inner: MemoryDevice,
+    errno: i32,
+}
+
+impl BlockDevice for FailingDevice {
+    fn info(&self) -> &tidemark_tracker::storage::BackingInfo {
+        self.inner.info()
+    }
+    fn supports_holes(&self) -> bool {
+        self.inner.supports_holes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), StorageError> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, data: &[u8], offset: u64) -> Result<(), StorageError> {
+        Err(StorageError::Io {
+            op: tidemark_tracker::storage::Op::Write,
+            offset,
+            len: data.len() as u64,
+            source: std::io::Error::from_raw_os_error(self.errno),
+        })
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), StorageError> {
+        self.inner.write_zeroes(offset, len)
+    }
+    fn trim(&self, offset: u64, len: u64) -> Result<(), StorageError> {
+        self.inner.trim(offset, len)
+    }
+    fn flush(&self) -> Result<(), StorageError> {
+        Err(StorageError::Flush {
+            source: std::io::Error::from_raw_os_error(self.errno),
+        })
+    }
+}
+
+/// What the backing device says reaches the NBD client as the protocol's
+/// error value: a full disk (or quota) `ENOSPC`, a read-only one `EPERM`,
+/// anything else `EIO`; for a write and for a flush alike.
+#[test]
+fn a_device_error_reaches_the_nbd_client_as_its_errno() {
+    for (errno, told) in [
+        (libc::ENOSPC, 28),
+        (libc::EDQUOT, 28),
+        (libc::EROFS, 1),
+        (libc::ENOMEM, 12),
+        (libc::EIO, 5),
+        (libc::EINVAL, 5),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let device = Arc::new(FailingDevice {
+            inner: MemoryDevice::new(DISK),
+            errno,
+        });
+        let group = group_on(tmp.path(), device);
+        group.mark_running().unwrap();
+        let socket = tmp.path().join("nbd.sock");
+        let server = Server::bind_unix(&socket, ServerOptions::default()).unwrap();
+        let handle = server.serve_frontend(Frontend::group(group.clone(), true));
+        let (mut client, _, _) = RawClient::go(&socket, "disk", false);
+        let reqs = [
+            Req::Write {
+                offset: 4096,
+                data: vec![7; 4096],
+                fua: false,
+            },
+            Req::Flush,
+        ];
+        for (cookie, req) in reqs.iter().enumerate() {
+            request_of(&mut client, cookie as u64, req);
+            match client.read_reply() {
+                Reply::Simple { error, .. } => {
+                    assert_eq!(error, told, "{req:?} failing with errno {errno}")
+                }
+                other => panic!("unexpected reply {other:?}"),
+            }
+        }
+        drop(client);
+        handle.shutdown();
+    }
 }
 
 /// The queue core of a running group, driven directly (no socket, no
@@ -459,7 +550,8 @@ fn a_write_is_recorded_before_its_device_write_completes() {
     );
     core.handle_io(io.token, Ok(()), io.buf, Instant::now());
     let reply = core.poll_reply().expect("answered once the device wrote");
-    assert_eq!((reply.id, reply.result), (1, Ok(())));
+    assert_eq!(reply.id, 1);
+    reply.result.unwrap();
     assert_eq!(core.in_flight(), 0);
 }
 
@@ -470,15 +562,25 @@ fn a_failed_device_write_is_answered_with_its_error_and_its_range_marked_resync_
     let mut core = core_of(&group);
     core.handle_request(write_request(1, 1 << 20, 0x5a, 8192), Instant::now());
     let io = next_io(&mut core);
-    core.handle_io(io.token, Err(Errno::Io), io.buf, Instant::now());
+    let full = BackendError::Device(StorageError::Io {
+        op: tidemark_tracker::storage::Op::Write,
+        offset: 1 << 20,
+        len: 8192,
+        source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+    });
+    core.handle_io(io.token, Err(full), io.buf, Instant::now());
     let reply = core.poll_reply().expect("the failure is answered");
-    assert_eq!((reply.id, reply.result), (1, Err(Errno::Io)));
+    assert_eq!(reply.id, 1);
+    // The device's own error, not a generic one: a full disk is ENOSPC to
+    // an NBD client.
+    let told = reply.result.map_err(|error| Errno::of_backend(&error));
+    assert_eq!(told, Err(Errno::NoSpc));
     assert_eq!(core.in_flight(), 0);
     // The range is free again: a later write to it goes through.
     core.handle_request(write_request(2, 1 << 20, 0x11, 4096), Instant::now());
     let io = next_io(&mut core);
     core.handle_io(io.token, Ok(()), io.buf, Instant::now());
-    assert_eq!(core.poll_reply().unwrap().result, Ok(()));
+    core.poll_reply().unwrap().result.unwrap();
     Backend::flush(&*group, DiskId(0)).unwrap();
     // The failed write's extent never cools: a crash before the
     // compensation is durable re-reads it too.

@@ -42,6 +42,7 @@ use std::time::{Duration, Instant};
 use io_uring::{opcode, types, IoUring};
 use tidemark_changelog::DiskId;
 
+use crate::backend::BackendError;
 use crate::nbd::constants::Errno;
 use crate::nbd::handshake::Negotiated;
 use crate::nbd::transmission::{
@@ -493,7 +494,7 @@ impl Conn<'_> {
     }
 
     /// Turns a finished request into its NBD reply.
-    fn reply(&mut self, id: u64, result: Result<(), Errno>, buf: Option<AlignedBuf>) {
+    fn reply(&mut self, id: u64, result: Result<(), BackendError>, buf: Option<AlignedBuf>) {
         let index = id as usize;
         let Some(owed) = self.owed.get_mut(index).and_then(Option::take) else {
             tracing::error!(conn = self.id, id, "a reply for no request");
@@ -535,11 +536,11 @@ impl Conn<'_> {
                     owed.bytes,
                 )
             }
-            (Err(errno), _, buf) => {
+            (Err(error), _, buf) => {
                 if let Some(buf) = buf {
                     self.buffers.give(buf);
                 }
-                self.error_reply(owed.cookie, errno, owed.bytes)
+                self.error_reply(owed.cookie, Errno::of_backend(&error), owed.bytes)
             }
         };
         self.tx.push_back(out);
