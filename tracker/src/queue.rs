@@ -88,7 +88,7 @@ pub struct Request {
     /// slot, a ublk tag).
     pub id: u64,
     /// The disk (index in the backend's exports).
-    pub disk: u32,
+    pub disk: DiskId,
     /// What to do.
     pub op: Op,
     /// A write's data (exactly its length), or the buffer a read fills
@@ -146,7 +146,7 @@ pub struct Io {
     /// Hand it back with the result to [`Queue::handle_io`].
     pub token: u64,
     /// The disk.
-    pub disk: u32,
+    pub disk: DiskId,
     /// What to do.
     pub kind: IoKind,
     /// The data buffer of a read or write (owned by the shell, and by the
@@ -361,7 +361,6 @@ impl Drop for BlockingPool {
 /// costs one EIO reply, not the thread.
 fn perform(backend: &dyn Backend, request: Request) -> Reply {
     let Request { id, disk, op, buf } = request;
-    let disk = DiskId(disk);
     let mut buf = buf;
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match op {
         Op::Read { offset, .. } => match buf.as_deref_mut() {

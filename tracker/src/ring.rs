@@ -23,8 +23,6 @@ use std::sync::Arc;
 
 use io_uring::{opcode, squeue, types, IoUring};
 
-use tidemark_changelog::DiskId;
-
 use crate::backend::BackendError;
 use crate::queue::{Io, IoKind, Queue};
 use crate::storage::{AlignedBuf, BlockDevice, StorageError};
@@ -97,8 +95,8 @@ impl DeviceIo {
     /// Starts `io`: on the ring, or at once (its completion is then
     /// returned).
     pub(crate) fn start(&mut self, ring: &mut IoUring, mut io: Io) -> Option<Completion> {
-        let Some(device) = self.devices.get(io.disk as usize).cloned() else {
-            let error = BackendError::NoSuchDisk(DiskId(io.disk));
+        let Some(device) = self.devices.get(io.disk.index()).cloned() else {
+            let error = BackendError::NoSuchDisk(io.disk);
             return Some((io.token, Err(error), io.buf));
         };
         let ring_can = self.use_ring
@@ -141,7 +139,7 @@ impl DeviceIo {
         let Some(flight) = self.slots[index].as_mut() else {
             return;
         };
-        let device = &self.devices[flight.io.disk as usize];
+        let device = &self.devices[flight.io.disk.index()];
         let Some(raw) = device.raw_access() else {
             return;
         };
@@ -213,7 +211,7 @@ impl DeviceIo {
         let flight = self.slots[index].take()?;
         self.free.push(index);
         if let (IoKind::Flush, Err(_)) = (&flight.io.kind, &outcome) {
-            if let Some(raw) = self.devices[flight.io.disk as usize].raw_access() {
+            if let Some(raw) = self.devices[flight.io.disk.index()].raw_access() {
                 raw.flush_failed(&std::io::Error::from_raw_os_error(-result));
             }
         }
@@ -315,11 +313,12 @@ pub(crate) fn push(ring: &mut IoUring, entry: &squeue::Entry) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tidemark_changelog::DiskId;
 
     fn io(kind: IoKind) -> Io {
         Io {
             token: 7,
-            disk: 0,
+            disk: DiskId(0),
             kind,
             buf: Some(AlignedBuf::page_aligned(4096)),
         }

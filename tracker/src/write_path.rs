@@ -53,10 +53,10 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tidemark_changelog::Entry;
+use tidemark_changelog::{DiskId, Entry, Seq};
 
 use crate::backend::BackendError;
-use crate::group::{BarrierWait, Group, Recorded};
+use crate::group::{BarrierWait, Group, Recorded, NEVER_COOLS};
 use crate::queue::{Io, IoKind, Op, Queue, QueueWaker, Reply, Request};
 use crate::range_lock::RangeTicket;
 use crate::storage::AlignedBuf;
@@ -80,7 +80,7 @@ pub struct GroupQueue {
 
 struct Slot {
     id: u64,
-    disk: u32,
+    disk: DiskId,
     op: Op,
     /// The request's range ([`GroupQueue::extent`]).
     offset: u64,
@@ -104,9 +104,9 @@ enum Stage {
     Map(u64),
     /// Parked until the log's buffer has room for its record.
     Record,
-    /// Its record is in (sequence number `seq`; 0 in bitmap mode) and its
-    /// device I/O in flight.
-    Device { seq: u64 },
+    /// Its record is in (sequence number `seq`; [`Seq::ZERO`] in bitmap
+    /// mode) and its device I/O in flight.
+    Device { seq: Seq },
     /// Its device I/O failed: parked until the log's buffer has room for
     /// the resync-needed record of its range; then answered with the
     /// failure ([`Slot::failed`]).
@@ -211,7 +211,7 @@ impl GroupQueue {
                     None => return Progress::Blocked,
                     Some(Err(error)) => {
                         tracing::error!("persisting the activity map failed; failing the write");
-                        self.release(token, u64::MAX);
+                        self.release(token, NEVER_COOLS);
                         self.answer(token, Err(error));
                         return Progress::Moved;
                     }
@@ -239,7 +239,7 @@ impl GroupQueue {
                     };
                     let seq = match self.group.record(disk, &entry) {
                         Recorded::Logged(seq) => seq,
-                        Recorded::Dirty => 0,
+                        Recorded::Dirty => Seq::ZERO,
                         Recorded::NoRoom => return Progress::Blocked,
                     };
                     // The record is in the log's buffer: the device write
@@ -255,7 +255,7 @@ impl GroupQueue {
                     }
                     // The extent stays hot (never cooled), so a crash
                     // before the compensation is durable re-reads it too.
-                    self.release(token, u64::MAX);
+                    self.release(token, NEVER_COOLS);
                     let failed = self.slot(token).failed.take();
                     self.answer(token, Err(failed.unwrap_or(BackendError::Unavailable)));
                     return Progress::Moved;
@@ -321,7 +321,7 @@ impl GroupQueue {
 
     /// A modification's device I/O completed and its record (sequence
     /// number `seq`) is in: it is answered, or with FUA its barrier starts.
-    fn written(&mut self, token: usize, seq: u64, now: Instant) {
+    fn written(&mut self, token: usize, seq: Seq, now: Instant) {
         self.release(token, seq);
         let slot = self.slot(token);
         let (op, started) = (slot.op, slot.started);
@@ -360,7 +360,7 @@ impl GroupQueue {
 
     /// Lets go of a modification's range and extents; `seq` as for
     /// [`Group::release_hot`].
-    fn release(&mut self, token: usize, seq: u64) {
+    fn release(&mut self, token: usize, seq: Seq) {
         let slot = self.slot(token);
         let disk = slot.disk;
         let (offset, len) = (slot.offset, slot.len);

@@ -63,11 +63,11 @@ fn records(dir: &Path) -> Vec<Record> {
     std::iter::from_fn(|| reader.next_record().unwrap()).collect()
 }
 
-fn replay(dir: &Path, disk: u32) -> (Vec<u8>, ReplaySummary) {
+fn replay(dir: &Path, disk: DiskId) -> (Vec<u8>, ReplaySummary) {
     let mut image = MemoryImage(vec![0; DISK as usize]);
     let mut summary = ReplaySummary::default();
     for r in records(dir) {
-        apply(&r, disk.into(), &mut image, &mut summary).unwrap();
+        apply(&r, disk, &mut image, &mut summary).unwrap();
     }
     (image.0, summary)
 }
@@ -112,7 +112,7 @@ fn concurrent_overlapping_writers_give_a_log_that_replays_to_the_device() {
     }
     group.flush(DiskId(0)).unwrap();
     for (id, dev) in devs.iter().enumerate() {
-        let (image, summary) = replay(tmp.path(), id as u32);
+        let (image, summary) = replay(tmp.path(), DiskId(id as u32));
         assert!(summary.applied > 300, "disk {id}: {summary:?}");
         assert!(
             image == dev.snapshot(),
@@ -121,13 +121,13 @@ fn concurrent_overlapping_writers_give_a_log_that_replays_to_the_device() {
     }
     let status = group.status();
     assert_eq!(status.mode, TrackingMode::Data);
-    assert_eq!(status.durable_seq, status.next_seq - 1);
+    assert_eq!(status.durable_seq.next(), status.next_seq);
     assert!(status.barriers > 100);
     // Sequence numbers are gap-free and the last record is a barrier.
     let recs = records(tmp.path());
     assert!(recs
         .windows(2)
-        .all(|w| w[1].header.seq.get() == w[0].header.seq.get() + 1));
+        .all(|w| w[1].header.seq == w[0].header.seq.next()));
     assert_eq!(recs.last().unwrap().header.kind, Kind::Barrier);
 }
 
@@ -206,9 +206,9 @@ fn an_unclean_stop_starts_a_new_generation_and_records_hot_extents() {
     assert_eq!(
         report.resync_needed,
         vec![
-            (0, 0, 1 << 20),
-            (0, 3 << 20, 1 << 20),
-            (1, 5 << 20, 1 << 20)
+            (DiskId(0), 0, 1 << 20),
+            (DiskId(0), 3 << 20, 1 << 20),
+            (DiskId(1), 5 << 20, 1 << 20)
         ]
     );
     let recs = records(tmp.path());
@@ -224,12 +224,12 @@ fn an_unclean_stop_starts_a_new_generation_and_records_hot_extents() {
     let old_last = recs
         .iter()
         .filter(|r| r.header.generation == 0)
-        .map(|r| r.header.seq.get())
+        .map(|r| r.header.seq)
         .max()
         .unwrap();
     assert!(
-        new_gen[0].header.seq.get() > report.recovery.max_exposed_seq.get()
-            && report.recovery.max_exposed_seq.get() >= old_last,
+        new_gen[0].header.seq > report.recovery.max_exposed_seq
+            && report.recovery.max_exposed_seq >= old_last,
         "the new generation starts above anything a reader could have seen"
     );
     assert_eq!(group.status().hot_extents, vec![0, 0]);
@@ -314,7 +314,10 @@ fn resync_all_records_every_byte_after_a_clean_stop() {
     let (group, report) = open_with(&devs, opts);
     assert!(report.unclean);
     assert_eq!(report.generation, 1);
-    assert_eq!(report.resync_needed, vec![(0, 0, DISK), (1, 0, DISK / 2)]);
+    assert_eq!(
+        report.resync_needed,
+        vec![(DiskId(0), 0, DISK), (DiskId(1), 0, DISK / 2)]
+    );
     let recs = records(tmp.path());
     let resync: Vec<_> = recs
         .iter()
@@ -340,7 +343,7 @@ fn trim_and_write_zeroes_read_as_zeroes_on_the_device_and_in_replay() {
     assert!(buf[4096..12288].iter().all(|b| *b == 0));
     assert!(buf[20000..21000].iter().all(|b| *b == 0));
     assert!(buf[..4096].iter().all(|b| *b == 9));
-    let (image, _) = replay(tmp.path(), 0);
+    let (image, _) = replay(tmp.path(), DiskId(0));
     assert_eq!(&image[..65536], &buf[..]);
 }
 
@@ -354,10 +357,10 @@ fn a_marker_is_followed_by_a_durable_barrier() {
         .marker(&tidemark_names::Label::new("nightly").unwrap(), true)
         .unwrap();
     let recs = records(tmp.path());
-    assert_eq!(recs[1].header.seq.get(), seq);
+    assert_eq!(recs[1].header.seq, seq);
     assert_eq!(recs[1].label(), Some("nightly"));
     assert_eq!(recs[2].header.kind, Kind::Barrier);
-    assert_eq!(group.status().durable_seq, recs[2].header.seq.get());
+    assert_eq!(group.status().durable_seq, recs[2].header.seq);
 }
 
 #[test]
@@ -377,9 +380,9 @@ fn a_write_larger_than_a_segment_is_split_into_consecutive_records() {
     assert_eq!(writes.len(), 4);
     assert!(writes
         .windows(2)
-        .all(|w| w[1].header.seq.get() == w[0].header.seq.get() + 1
+        .all(|w| w[1].header.seq == w[0].header.seq.next()
             && w[1].header.offset == w[0].header.offset + w[0].header.length));
-    let (image, _) = replay(tmp.path(), 0);
+    let (image, _) = replay(tmp.path(), DiskId(0));
     assert!(image == devs[0].snapshot());
 }
 
@@ -408,8 +411,8 @@ fn bitmap_mode_returns_to_data_mode_with_resync_needed_records_once_the_log_has_
 
     // The receiver has everything: the cursor frees every segment.
     let dir = FsDir::existing(tmp.path()).unwrap();
-    let last = records(tmp.path()).last().unwrap().header.seq.get();
-    tidemark_changelog::write_cursor(&dir, Seq(last)).unwrap();
+    let last = records(tmp.path()).last().unwrap().header.seq;
+    tidemark_changelog::write_cursor(&dir, last).unwrap();
     let extents = group
         .try_resume_data_mode()
         .unwrap()
@@ -421,7 +424,7 @@ fn bitmap_mode_returns_to_data_mode_with_resync_needed_records_once_the_log_has_
 
     let after: Vec<Record> = records(tmp.path())
         .into_iter()
-        .filter(|r| r.header.seq.get() > last)
+        .filter(|r| r.header.seq > last)
         .collect();
     let resync: Vec<(u64, u64)> = after
         .iter()
@@ -467,7 +470,7 @@ fn a_spliced_out_disk_is_recorded_whole_as_resync_needed_on_request() {
     assert!(group.record_resync_all("disk9").is_err());
     group.flush(DiskId(1)).unwrap();
     let recs = records(tmp.path());
-    let at = recs.iter().position(|r| r.header.seq.get() == seq).unwrap();
+    let at = recs.iter().position(|r| r.header.seq == seq).unwrap();
     let r = &recs[at].header;
     assert_eq!(
         (r.kind, r.disk.get(), r.offset, r.length),
@@ -553,7 +556,7 @@ fn a_damaged_log_is_refused_until_it_is_recovered_in_a_new_generation() {
         })
         .collect();
     write_sources(tmp.path(), &sources).unwrap();
-    let last = records(tmp.path()).last().unwrap().header.seq.get();
+    let last = records(tmp.path()).last().unwrap().header.seq;
     let newest = std::fs::read_dir(tmp.path())
         .unwrap()
         .filter_map(|e| parse_segment_name(e.unwrap().file_name().to_str()?))
@@ -612,7 +615,7 @@ fn a_damaged_log_is_refused_until_it_is_recovered_in_a_new_generation() {
         .iter()
         .filter(|r| r.header.generation == report.generation)
         .collect();
-    assert!(new.iter().all(|r| r.header.seq.get() > last));
+    assert!(new.iter().all(|r| r.header.seq > last));
     assert_eq!(
         new.iter()
             .filter(|r| r.header.kind == Kind::ResyncNeeded)

@@ -526,7 +526,7 @@ fn write_request(id: u64, offset: u64, byte: u8, len: usize) -> Request {
     buf.fill(byte);
     Request {
         id,
-        disk: 0,
+        disk: DiskId(0),
         op: Op::Write { offset, fua: false },
         buf: Some(buf),
     }
@@ -543,7 +543,7 @@ fn a_write_is_recorded_before_its_device_write_completes() {
     assert!(matches!(io.kind, IoKind::Write { offset: 8192 }), "{io:?}");
     // The record took its sequence number before the device I/O went out:
     // the log append and the device write are under way together.
-    assert_eq!(group.status().next_seq, before + 1);
+    assert_eq!(group.status().next_seq, before.next());
     assert!(
         core.poll_reply().is_none(),
         "answered before the device wrote"

@@ -308,7 +308,7 @@ struct Conn<'a> {
     stream: &'a Stream,
     fd: i32,
     session: &'a Negotiated,
-    disk: u32,
+    disk: DiskId,
     frontend: &'a Frontend,
     shared: &'a Shared,
     ring: IoUring,
@@ -347,7 +347,7 @@ pub(crate) fn run(
     id: u64,
     stream: &Stream,
     session: &Negotiated,
-    disk: u32,
+    disk: DiskId,
     frontend: &Frontend,
     shared: &Shared,
 ) -> LoopEnd {
@@ -802,10 +802,10 @@ impl Conn<'_> {
                 context,
                 req_one,
             } => {
-                let asked =
-                    self.frontend
-                        .backend
-                        .allocation(DiskId(disk), offset, u64::from(length));
+                let asked = self
+                    .frontend
+                    .backend
+                    .allocation(disk, offset, u64::from(length));
                 let reply = match asked {
                     Ok(runs) => {
                         let extents = super::block_status_extents(&runs, offset, length, req_one);

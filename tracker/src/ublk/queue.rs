@@ -52,6 +52,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use io_uring::{opcode, types, IoUring};
+use tidemark_changelog::DiskId;
 use zerocopy::FromZeros;
 
 use super::sys::{self, io_flags, op, IoCmd, IoDesc};
@@ -79,7 +80,7 @@ pub(crate) struct QueueSpec {
     /// Tags.
     pub depth: u16,
     /// The disk (its index in the group).
-    pub disk: u32,
+    pub disk: DiskId,
     /// The disk's size, bytes.
     pub size: u64,
     /// The largest request, bytes (each tag's buffer in driver copy).
@@ -866,7 +867,7 @@ mod tests {
         core.handle_request(
             Request {
                 id: 7,
-                disk: 0,
+                disk: DiskId(0),
                 op,
                 buf,
             },
