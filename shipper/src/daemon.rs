@@ -897,7 +897,7 @@ impl Connection<'_> {
                     }
                     Err(why) => tracing::warn!(reason = %why, "cannot drain the group"),
                 }
-                core.handle_drain_ready(id, last.as_ref().copied());
+                core.handle_drain_ready(id, last.as_ref().copied().map(Seq));
                 continue;
             }
             // Everything the receiver said so far, before deciding.
@@ -949,8 +949,8 @@ impl Connection<'_> {
                 shared.status.reason = None;
                 tracing::info!(
                     receiver = %shared.addr,
-                    durable = resume.durable.seq,
-                    from = resume.from_seq,
+                    durable = resume.durable.seq.get(),
+                    from = resume.from_seq.get(),
                     protocol = resume.version,
                     receiver_software = %resume.receiver_software,
                     "connected; shipping"
@@ -958,8 +958,8 @@ impl Connection<'_> {
                 shared.status.protocol_version = Some(resume.version);
                 shared.status.receiver_software =
                     Some(resume.receiver_software.clone()).filter(|s| !s.is_empty());
-                shared.status.durable_seq = resume.durable.seq;
-                self.tail = Some(LogTail::open(shared.dir.path(), resume.from_seq)?);
+                shared.status.durable_seq = resume.durable.seq.get();
+                self.tail = Some(LogTail::open(shared.dir.path(), resume.from_seq.get())?);
                 if !resume.resyncing.is_empty() {
                     tracing::info!(
                         extents = resume.resyncing.len(),
@@ -971,11 +971,11 @@ impl Connection<'_> {
                 durable,
                 oldest_acked_ns,
             } => {
-                if durable.seq > shared.cursor {
+                if durable.seq.get() > shared.cursor {
                     let dir = shared.dir.clone();
-                    tokio::task::block_in_place(|| write_cursor(&dir, Seq(durable.seq)))
+                    tokio::task::block_in_place(|| write_cursor(&dir, durable.seq))
                         .map_err(SessionError::Cursor)?;
-                    shared.cursor = durable.seq;
+                    shared.cursor = durable.seq.get();
                 }
                 if let Some(ts) = oldest_acked_ns {
                     let now = tidemark_changelog::now_ns();
@@ -1022,12 +1022,19 @@ impl Connection<'_> {
     fn serve(&mut self, core: &mut ShipperCore, need: Need) -> Result<(), SessionError> {
         match need {
             Need::FirstRecordAfter { after } => {
-                let from = if after == 0 { 0 } else { after + 1 };
+                let from = if after == Seq::ZERO {
+                    0
+                } else {
+                    after.next().get()
+                };
                 let dir = self.shared.dir.clone();
                 let first = tokio::task::block_in_place(|| first_record_from(&dir, from))
                     .map_err(|e| SessionError::Log(Box::new(e)))?;
                 core.handle_first_record(
-                    first.map(|(seq, generation)| RecordId { seq, generation }),
+                    first.map(|(seq, generation)| RecordId {
+                        seq: Seq(seq),
+                        generation,
+                    }),
                     Instant::now(),
                 );
             }
@@ -1055,6 +1062,7 @@ impl Connection<'_> {
                 length,
                 purpose,
             } => {
+                let disk = disk.get();
                 let Some(src) = self.sources.iter().find(|d| d.disk.id == disk) else {
                     return Err(SessionError::UnknownDisk(disk));
                 };
@@ -1111,9 +1119,9 @@ impl Connection<'_> {
             Phase::Protected => Some(State::Protected),
         } {
             s.state = state;
-            s.durable_seq = c.durable_seq;
-            s.sent_seq = c.sent_seq;
-            s.log_seq = s.log_seq.max(c.log_seq);
+            s.durable_seq = c.durable_seq.get();
+            s.sent_seq = c.sent_seq.get();
+            s.log_seq = s.log_seq.max(c.log_seq.get());
             s.oldest_unacked_ns = c.oldest_unacked_ns;
             s.resync_blocks_compared = self.base.resync_blocks_compared + c.resync_blocks_compared;
             s.resync_blocks_sent = self.base.resync_blocks_sent + c.resync_blocks_sent;
