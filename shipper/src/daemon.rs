@@ -330,7 +330,7 @@ fn collect_metrics(s: &ShipperStatus, lag: HistogramSnapshot, now_ns: u64) -> Ex
         "Highest sequence number the receiver has made durable.",
         None,
         &g,
-        s.durable_seq as f64,
+        s.durable_seq.get() as f64,
     );
     e.counter(
         "tidemark_shipper_wire",
@@ -419,7 +419,7 @@ struct Shared {
     status: ShipperStatus,
     last_status: Instant,
     bandwidth: Bandwidth,
-    cursor: u64,
+    cursor: Seq,
     log_changed: Arc<Notify>,
     metrics: Arc<ShipperMetrics>,
 }
@@ -490,7 +490,7 @@ pub async fn run(
     };
     let (endpoint, _buffers) = tidemark_net::client_endpoint(bind)
         .map_err(|e| ShipperFatal::Setup(format!("QUIC endpoint: {e}")))?;
-    let cursor = tidemark_changelog::read_cursor(&dir).map_or(0, Seq::get);
+    let cursor = tidemark_changelog::read_cursor(&dir).unwrap_or(Seq::ZERO);
 
     // Wakes the sending loop when the log directory changes.
     let log_changed = Arc::new(Notify::new());
@@ -893,11 +893,15 @@ impl Connection<'_> {
                 let last = last.map_err(|e| DrainRefused { reason: e.reason() });
                 match &last {
                     Ok(seq) => {
-                        tracing::info!(id, last_seq = seq, "tracker stopped; shipping what is left")
+                        tracing::info!(
+                            id,
+                            last_seq = seq.get(),
+                            "tracker stopped; shipping what is left"
+                        )
                     }
                     Err(why) => tracing::warn!(reason = %why, "cannot drain the group"),
                 }
-                core.handle_drain_ready(id, last.as_ref().copied().map(Seq));
+                core.handle_drain_ready(id, last.as_ref().copied());
                 continue;
             }
             // Everything the receiver said so far, before deciding.
@@ -958,8 +962,8 @@ impl Connection<'_> {
                 shared.status.protocol_version = Some(resume.version);
                 shared.status.receiver_software =
                     Some(resume.receiver_software.clone()).filter(|s| !s.is_empty());
-                shared.status.durable_seq = resume.durable.seq.get();
-                self.tail = Some(LogTail::open(shared.dir.path(), resume.from_seq.get())?);
+                shared.status.durable_seq = resume.durable.seq;
+                self.tail = Some(LogTail::open(shared.dir.path(), resume.from_seq)?);
                 if !resume.resyncing.is_empty() {
                     tracing::info!(
                         extents = resume.resyncing.len(),
@@ -971,11 +975,11 @@ impl Connection<'_> {
                 durable,
                 oldest_acked_ns,
             } => {
-                if durable.seq.get() > shared.cursor {
+                if durable.seq > shared.cursor {
                     let dir = shared.dir.clone();
                     tokio::task::block_in_place(|| write_cursor(&dir, durable.seq))
                         .map_err(SessionError::Cursor)?;
-                    shared.cursor = durable.seq.get();
+                    shared.cursor = durable.seq;
                 }
                 if let Some(ts) = oldest_acked_ns {
                     let now = tidemark_changelog::now_ns();
@@ -1003,7 +1007,7 @@ impl Connection<'_> {
 
     /// The stopped tracker's last record (`Err`: why the group cannot be
     /// drained, told to the receiver).
-    async fn drained(&mut self, handle: TrackerStop) -> Result<u64, DrainError> {
+    async fn drained(&mut self, handle: TrackerStop) -> Result<Seq, DrainError> {
         let how = match handle.await {
             Ok(r) => r.map_err(DrainError::Stop)?,
             Err(e) => return Err(DrainError::Stopping(e)),
@@ -1015,7 +1019,7 @@ impl Connection<'_> {
             return Err(DrainError::Damaged);
         }
         tracing::info!(?how, "tracker stopped");
-        Ok(report.last_seq.map_or(0, Seq::get))
+        Ok(report.last_seq.unwrap_or(Seq::ZERO))
     }
 
     /// Reads what the core needs and hands it over.
@@ -1023,18 +1027,15 @@ impl Connection<'_> {
         match need {
             Need::FirstRecordAfter { after } => {
                 let from = if after == Seq::ZERO {
-                    0
+                    Seq::ZERO
                 } else {
-                    after.next().get()
+                    after.next()
                 };
                 let dir = self.shared.dir.clone();
                 let first = tokio::task::block_in_place(|| first_record_from(&dir, from))
                     .map_err(|e| SessionError::Log(Box::new(e)))?;
                 core.handle_first_record(
-                    first.map(|(seq, generation)| RecordId {
-                        seq: Seq(seq),
-                        generation,
-                    }),
+                    first.map(|(seq, generation)| RecordId { seq, generation }),
                     Instant::now(),
                 );
             }
@@ -1119,9 +1120,9 @@ impl Connection<'_> {
             Phase::Protected => Some(State::Protected),
         } {
             s.state = state;
-            s.durable_seq = c.durable_seq.get();
-            s.sent_seq = c.sent_seq.get();
-            s.log_seq = s.log_seq.max(c.log_seq.get());
+            s.durable_seq = c.durable_seq;
+            s.sent_seq = c.sent_seq;
+            s.log_seq = s.log_seq.max(c.log_seq);
             s.oldest_unacked_ns = c.oldest_unacked_ns;
             s.resync_blocks_compared = self.base.resync_blocks_compared + c.resync_blocks_compared;
             s.resync_blocks_sent = self.base.resync_blocks_sent + c.resync_blocks_sent;
@@ -1156,9 +1157,9 @@ mod tests {
             group: "g".into(),
             state: State::Protected,
             reason: None,
-            durable_seq: 7,
-            sent_seq: 9,
-            log_seq: 9,
+            durable_seq: Seq(7),
+            sent_seq: Seq(9),
+            log_seq: Seq(9),
             retries: 0,
             wire_bytes: 100,
             record_bytes: 250,
