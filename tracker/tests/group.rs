@@ -2,6 +2,9 @@
 //! replay equals the device, bitmap mode on overflow, generations and
 //! resync-needed extents after an unclean stop.
 
+mod failing_device;
+
+use failing_device::FailingDevice;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::path::Path;
@@ -11,7 +14,7 @@ use tidemark_changelog::{DiskId, FsDir, Kind, LogOptions, LogReader, Record, Seq
 use tidemark_tracker::backend::Backend;
 use tidemark_tracker::group::{Group, GroupDisk, GroupOptions, TrackingMode};
 use tidemark_tracker::state::{BitmapCause, FullAt};
-use tidemark_tracker::storage::{BlockDevice, MemoryDevice, StorageError};
+use tidemark_tracker::storage::{BlockDevice, MemoryDevice};
 
 const DISK: u64 = 8 << 20;
 
@@ -663,51 +666,10 @@ fn a_log_that_ends_before_the_clean_stop_is_refused() {
     );
 }
 
-/// A memory device whose writes fail while `failing` is set.
-struct FailingWrites {
-    inner: MemoryDevice,
-    failing: std::sync::atomic::AtomicBool,
-}
-
-impl BlockDevice for FailingWrites {
-    fn info(&self) -> &tidemark_tracker::storage::BackingInfo {
-        self.inner.info()
-    }
-    fn supports_holes(&self) -> bool {
-        self.inner.supports_holes()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), StorageError> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, data: &[u8], offset: u64) -> Result<(), StorageError> {
-        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(StorageError::Io {
-                op: tidemark_tracker::storage::Op::Write,
-                offset,
-                len: data.len() as u64,
-                source: std::io::Error::from_raw_os_error(5), // EIO
-            });
-        }
-        self.inner.write_at(data, offset)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), StorageError> {
-        self.inner.write_zeroes(offset, len)
-    }
-    fn trim(&self, offset: u64, len: u64) -> Result<(), StorageError> {
-        self.inner.trim(offset, len)
-    }
-    fn flush(&self) -> Result<(), StorageError> {
-        self.inner.flush()
-    }
-}
-
 #[test]
 fn a_failed_device_write_is_followed_by_a_resync_needed_record_of_its_range() {
     let tmp = tempfile::tempdir().unwrap();
-    let dev = Arc::new(FailingWrites {
-        inner: MemoryDevice::new(DISK),
-        failing: true.into(),
-    });
+    let dev = Arc::new(FailingDevice::new(DISK, libc::EIO));
     let disks = vec![GroupDisk {
         name: tidemark_names::Name::new("disk0".to_string()).unwrap(),
         export: "disk0".to_string(),
@@ -716,8 +678,7 @@ fn a_failed_device_write_is_followed_by_a_resync_needed_record_of_its_range() {
     let (group, _) = Group::open(disks, options(tmp.path(), 64 << 20)).unwrap();
     group.mark_running().unwrap();
     assert!(group.write(DiskId(0), 4096, &[9; 4096], false).is_err());
-    dev.failing
-        .store(false, std::sync::atomic::Ordering::SeqCst);
+    dev.errno.store(0, std::sync::atomic::Ordering::SeqCst);
     group.write(DiskId(0), 4096, &[7; 4096], false).unwrap();
     group.flush(DiskId(0)).unwrap();
     // Never cooled: a crash before the compensation is durable re-reads it.

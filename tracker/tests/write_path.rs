@@ -14,12 +14,14 @@
 //!   write that fails is answered with its error and followed by a
 //!   resync-needed record of its range.
 
+mod failing_device;
 mod server_support;
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
+use failing_device::FailingDevice;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use server_support::{pseudo_random, RawClient, Reply};
@@ -31,8 +33,7 @@ use tidemark_tracker::nbd::constants::{CommandFlags, CommandType, Errno};
 use tidemark_tracker::queue::{Io, IoKind, Op, Queue, QueueWaker, Request};
 use tidemark_tracker::server::{Frontend, Server, ServerOptions};
 use tidemark_tracker::storage::{
-    open_backing, AlignedBuf, BackingOptions, BlockDevice, DirectIo, EngineKind, MemoryDevice,
-    StorageError,
+    open_backing, AlignedBuf, BackingOptions, BlockDevice, DirectIo, EngineKind, StorageError,
 };
 use tidemark_tracker::write_path::GroupQueue;
 
@@ -376,10 +377,6 @@ fn one_connection_through_the_event_loop_equals_the_synchronous_engine() {
 fn the_event_loop_changes_nothing_before_the_group_runs() {
     let tmp = tempfile::tempdir().unwrap();
     let group = open_group_not_running(tmp.path(), DirectIo::Auto);
-    let socket = tmp.path().join("nbd.sock");
-    let server = Server::bind_unix(&socket, ServerOptions::default()).unwrap();
-    let handle = server.serve_frontend(Frontend::group(group.clone(), true));
-    let (mut client, _, _) = RawClient::go(&socket, "disk", false);
     let reqs = [
         Req::Write {
             offset: 0,
@@ -392,16 +389,8 @@ fn the_event_loop_changes_nothing_before_the_group_runs() {
         },
         Req::Flush,
     ];
-    for (cookie, req) in reqs.iter().enumerate() {
-        request_of(&mut client, cookie as u64, req);
-        match client.read_reply() {
-            // EIO: the group is not serving changes yet.
-            Reply::Simple { error, .. } => assert_eq!(error, 5, "{req:?}"),
-            other => panic!("unexpected reply {other:?}"),
-        }
-    }
-    drop(client);
-    handle.shutdown();
+    // EIO: the group is not serving changes yet.
+    assert_eq!(errors_of(&group, tmp.path(), &reqs), [5, 5, 5]);
     group.close_clean().unwrap();
     assert!(
         records(&tmp.path().join("log")).is_empty(),
@@ -411,44 +400,6 @@ fn the_event_loop_changes_nothing_before_the_group_runs() {
         .unwrap()
         .iter()
         .all(|&b| b == 0));
-}
-
-/// A memory device whose writes and flushes fail with the kernel's
-/// `errno`.
-struct FailingDevice {
-    inner: MemoryDevice,
-    errno: i32,
-}
-
-impl BlockDevice for FailingDevice {
-    fn info(&self) -> &tidemark_tracker::storage::BackingInfo {
-        self.inner.info()
-    }
-    fn supports_holes(&self) -> bool {
-        self.inner.supports_holes()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), StorageError> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, data: &[u8], offset: u64) -> Result<(), StorageError> {
-        Err(StorageError::Io {
-            op: tidemark_tracker::storage::Op::Write,
-            offset,
-            len: data.len() as u64,
-            source: std::io::Error::from_raw_os_error(self.errno),
-        })
-    }
-    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), StorageError> {
-        self.inner.write_zeroes(offset, len)
-    }
-    fn trim(&self, offset: u64, len: u64) -> Result<(), StorageError> {
-        self.inner.trim(offset, len)
-    }
-    fn flush(&self) -> Result<(), StorageError> {
-        Err(StorageError::Flush {
-            source: std::io::Error::from_raw_os_error(self.errno),
-        })
-    }
 }
 
 /// What the backing device says reaches the NBD client as the protocol's
@@ -465,16 +416,8 @@ fn a_device_error_reaches_the_nbd_client_as_its_errno() {
         (libc::EINVAL, 5),
     ] {
         let tmp = tempfile::tempdir().unwrap();
-        let device = Arc::new(FailingDevice {
-            inner: MemoryDevice::new(DISK),
-            errno,
-        });
-        let group = group_on(tmp.path(), device);
+        let group = group_on(tmp.path(), Arc::new(FailingDevice::new(DISK, errno)));
         group.mark_running().unwrap();
-        let socket = tmp.path().join("nbd.sock");
-        let server = Server::bind_unix(&socket, ServerOptions::default()).unwrap();
-        let handle = server.serve_frontend(Frontend::group(group.clone(), true));
-        let (mut client, _, _) = RawClient::go(&socket, "disk", false);
         let reqs = [
             Req::Write {
                 offset: 4096,
@@ -483,18 +426,32 @@ fn a_device_error_reaches_the_nbd_client_as_its_errno() {
             },
             Req::Flush,
         ];
-        for (cookie, req) in reqs.iter().enumerate() {
+        let errors = errors_of(&group, tmp.path(), &reqs);
+        assert_eq!(errors, [told, told], "failing with errno {errno}");
+    }
+}
+
+/// The NBD error value of each of `reqs` (0: served), sent one after
+/// another on a connection to `group` served on a socket in `dir`.
+fn errors_of(group: &Arc<Group>, dir: &Path, reqs: &[Req]) -> Vec<u32> {
+    let socket = dir.join("nbd.sock");
+    let server = Server::bind_unix(&socket, ServerOptions::default()).unwrap();
+    let handle = server.serve_frontend(Frontend::group(group.clone(), true));
+    let (mut client, _, _) = RawClient::go(&socket, "disk", false);
+    let errors = reqs
+        .iter()
+        .enumerate()
+        .map(|(cookie, req)| {
             request_of(&mut client, cookie as u64, req);
             match client.read_reply() {
-                Reply::Simple { error, .. } => {
-                    assert_eq!(error, told, "{req:?} failing with errno {errno}")
-                }
+                Reply::Simple { error, .. } => error,
                 other => panic!("unexpected reply {other:?}"),
             }
-        }
-        drop(client);
-        handle.shutdown();
-    }
+        })
+        .collect();
+    drop(client);
+    handle.shutdown();
+    errors
 }
 
 /// The queue core of a running group, driven directly (no socket, no
