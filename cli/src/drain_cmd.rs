@@ -59,7 +59,7 @@ pub(crate) fn drain(a: DrainArgs) -> Result<ExitCode> {
             log_dir.display()
         );
     }
-    let last = report.last_seq.map_or(0, |s| s.get());
+    let last = report.last_seq.unwrap_or(tidemark_changelog::Seq::ZERO);
     let mut next_report = Instant::now();
     loop {
         let status = tidemark_shipper::status::read_status(&log_dir)?;

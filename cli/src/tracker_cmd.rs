@@ -5,7 +5,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use tidemark_changelog::LogOptions;
+use tidemark_changelog::{LogOptions, Seq};
 use tidemark_config::ByteSize;
 use tidemark_names::Name;
 use tidemark_tracker::daemon::{DiskSettings, KernelAttachSettings, TrackerSettings, UblkSettings};
@@ -156,10 +156,12 @@ fn scheduled_marks(path: &Path, control: PathBuf) -> Result<Option<impl FnOnce()
             std::thread::sleep(every.get());
             let result = quiesce.run(|left| {
                 let label = tidemark_names::Label::new("scheduled").expect("a valid label");
-                tidemark_control::mark(&control, &label, true, left)
+                tidemark_control::mark(&control, &label, true, left).map(Seq)
             });
             match result {
-                Ok(r) => tracing::info!(seq = r.seq, "scheduled application-consistent point"),
+                Ok(r) => {
+                    tracing::info!(seq = r.seq.get(), "scheduled application-consistent point")
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "scheduled application-consistent point failed")
                 }

@@ -12,7 +12,7 @@ use crate::checksums::{fix_frames, fix_records};
 use crate::input::{Input, Output};
 use std::collections::BTreeMap;
 use tidemark_changelog::record::{Entry, Record};
-use tidemark_changelog::DiskId;
+use tidemark_changelog::{DiskId, Seq};
 use tidemark_names::Name;
 use tidemark_wire::frame::{encode_frame, Frame, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use tidemark_wire::message::{digest_count, Received};
@@ -160,7 +160,7 @@ impl CheckingReplica {
 impl Replica for CheckingReplica {
     fn position(&self) -> Position {
         let durable = self.durable.unwrap_or(RecordId {
-            seq: 0,
+            seq: Seq::ZERO,
             generation: 0,
         });
         Position {
@@ -169,7 +169,10 @@ impl Replica for CheckingReplica {
             disks: self
                 .synced
                 .iter()
-                .map(|(&id, &synced)| DiskSync { id, synced })
+                .map(|(&id, &synced)| DiskSync {
+                    id: DiskId(id),
+                    synced,
+                })
                 .collect(),
             resyncing: Vec::new(),
         }
@@ -192,7 +195,7 @@ impl Replica for CheckingReplica {
     fn apply_record(&mut self, record: &Record) -> Result<(), ReplicaError> {
         let h = &record.header;
         let id = RecordId {
-            seq: h.seq.get(),
+            seq: h.seq,
             generation: h.generation,
         };
         if let Some(prev) = self.applied {
@@ -207,11 +210,12 @@ impl Replica for CheckingReplica {
 
     fn apply_chunk(
         &mut self,
-        disk: u32,
+        disk: DiskId,
         offset: u64,
         purpose: ChunkPurpose,
         data: &ChunkData,
     ) -> Result<(), ReplicaError> {
+        let disk = disk.get();
         self.check_extent(disk, offset, data.len());
         if purpose == ChunkPurpose::InitialSync {
             self.synced.insert(disk, offset + data.len());
@@ -221,18 +225,18 @@ impl Replica for CheckingReplica {
 
     fn digests(
         &mut self,
-        disk: u32,
+        disk: DiskId,
         offset: u64,
         length: u64,
         block_size: u32,
     ) -> Result<Vec<[u8; 32]>, ReplicaError> {
-        self.check_extent(disk, offset, length);
+        self.check_extent(disk.get(), offset, length);
         let n = digest_count(offset, length, block_size).expect("a valid digest request");
         Ok(vec![[0; 32]; n as usize])
     }
 
-    fn resync_done(&mut self, disk: u32, offset: u64, length: u64) -> Result<(), ReplicaError> {
-        self.check_extent(disk, offset, length);
+    fn resync_done(&mut self, disk: DiskId, offset: u64, length: u64) -> Result<(), ReplicaError> {
+        self.check_extent(disk.get(), offset, length);
         Ok(())
     }
 
@@ -271,7 +275,7 @@ pub fn receiver(data: &[u8]) {
     let mut input = Input::new(data);
     let mode = input.u8();
     let start = RecordId {
-        seq: input.u64(),
+        seq: Seq(input.u64()),
         generation: input.u32(),
     };
     let mut stream = input.rest().to_vec();
@@ -284,8 +288,8 @@ pub fn receiver(data: &[u8]) {
         config.commit_bytes = 1;
     }
     let mut replica = CheckingReplica {
-        durable: (start.seq != 0).then_some(start),
-        applied: (start.seq != 0).then_some(start),
+        durable: (start.seq != Seq::ZERO).then_some(start),
+        applied: (start.seq != Seq::ZERO).then_some(start),
         ..CheckingReplica::default()
     };
     let mut decoder = MessageDecoder::new();
@@ -371,35 +375,35 @@ fn session_messages() -> Vec<Message> {
             software: "fuzz".into(),
         },
         Message::Chunk {
-            disk: 0,
+            disk: DiskId(0),
             offset: 0,
-            after_seq: 0,
+            after_seq: Seq(0),
             purpose: ChunkPurpose::InitialSync,
             data: ChunkData::Data(vec![7; 4096]),
         },
         Message::Chunk {
-            disk: 0,
+            disk: DiskId(0),
             offset: 4096,
-            after_seq: 0,
+            after_seq: Seq(0),
             purpose: ChunkPurpose::InitialSync,
             data: ChunkData::Zero(60 << 10),
         },
         Message::Records(batch),
         Message::DigestRequest {
-            disk: 1,
+            disk: DiskId(1),
             offset: 0,
             length: 4096,
             block_size: 1024,
         },
         Message::Chunk {
-            disk: 1,
+            disk: DiskId(1),
             offset: 1024,
             after_seq: last,
             purpose: ChunkPurpose::Resync,
             data: ChunkData::Data(vec![9; 2048]),
         },
         Message::ResyncDone {
-            disk: 1,
+            disk: DiskId(1),
             offset: 1024,
             length: 2048,
             after_seq: last,
@@ -416,10 +420,10 @@ fn session_messages() -> Vec<Message> {
 fn receiver_messages() -> Vec<Message> {
     vec![
         Message::Welcome {
-            durable_seq: 6,
+            durable_seq: Seq(6),
             generation: 1,
             disks: vec![DiskSync {
-                id: 0,
+                id: DiskId(0),
                 synced: 4096,
             }],
             resyncing: vec![tidemark_wire::Extent {
@@ -430,13 +434,16 @@ fn receiver_messages() -> Vec<Message> {
             software: "fuzz".into(),
         },
         Message::Ack {
-            durable_seq: 6,
+            durable_seq: Seq(6),
             generation: 1,
             frames: 3,
-            disks: vec![DiskSync { id: 1, synced: 0 }],
+            disks: vec![DiskSync {
+                id: DiskId(1),
+                synced: 0,
+            }],
         },
         Message::Digests {
-            disk: 1,
+            disk: DiskId(1),
             offset: 0,
             block_size: 1024,
             digests: vec![[3; 32]; 4],

@@ -818,7 +818,7 @@ const DRAIN_POLL: Duration = Duration::from_millis(500);
 fn report_drained(dir: &Path, host: &str, group: &str, outcome: tidemark_wire::DrainOutcome) {
     match &outcome.result {
         Ok(seq) => {
-            tracing::info!(%host, %group, id = outcome.id, last_seq = seq, "group drained: the source is stopped and every record is durable")
+            tracing::info!(%host, %group, id = outcome.id, last_seq = seq.get(), "group drained: the source is stopped and every record is durable")
         }
         Err(why) => {
             tracing::warn!(%host, %group, id = outcome.id, reason = %why, "the group could not be drained")
@@ -826,7 +826,7 @@ fn report_drained(dir: &Path, host: &str, group: &str, outcome: tidemark_wire::D
     }
     let result = drain::DrainResult {
         id: outcome.id,
-        result: outcome.result,
+        result: outcome.result.map(tidemark_changelog::Seq::get),
     };
     let written = tokio::task::block_in_place(|| {
         drain::write_result(dir, &result)?;

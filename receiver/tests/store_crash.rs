@@ -494,12 +494,12 @@ fn verify(
     let source = &w.source[p.durable_seq as usize];
     let has_consistent_state = !matches!(p.state, GroupState::InitialSync);
     for d in p.disks.iter().filter(|_| has_consistent_state) {
-        let disk = d.id as usize;
+        let disk = d.id.index();
         let now = read_disk(&g, None, disk);
         for (i, byte) in now.iter().enumerate() {
             let waits = pending
                 .iter()
-                .any(|&(pd, s, e)| pd == d.id && (s..e).contains(&(i as u64)));
+                .any(|&(pd, s, e)| pd == d.id.get() && (s..e).contains(&(i as u64)));
             assert!(
                 waits || *byte == source[disk][i],
                 "{what}: disk {disk} byte {i} is not the source's at seq {}",

@@ -338,7 +338,7 @@ fn collect_metrics(s: &ShipperStatus, lag: HistogramSnapshot, now_ns: u64) -> Ex
         "Highest sequence number the receiver has made durable.",
         None,
         &g,
-        s.durable_seq as f64,
+        s.durable_seq.get() as f64,
     );
     e.counter(
         "tidemark_shipper_wire",
@@ -427,7 +427,7 @@ struct Shared {
     status: ShipperStatus,
     last_status: Instant,
     bandwidth: Bandwidth,
-    cursor: u64,
+    cursor: Seq,
     log_changed: Arc<Notify>,
     metrics: Arc<ShipperMetrics>,
 }
@@ -498,7 +498,7 @@ pub async fn run(
     };
     let (endpoint, _buffers) = tidemark_net::client_endpoint(bind)
         .map_err(|e| ShipperFatal::Setup(format!("QUIC endpoint: {e}")))?;
-    let cursor = tidemark_changelog::read_cursor(&dir).map_or(0, Seq::get);
+    let cursor = tidemark_changelog::read_cursor(&dir).unwrap_or(Seq::ZERO);
 
     // Wakes the sending loop when the log directory changes.
     let log_changed = Arc::new(Notify::new());
@@ -942,7 +942,11 @@ impl Connection<'_> {
                 let last = last.map_err(|e| DrainRefused { reason: e.reason() });
                 match &last {
                     Ok(seq) => {
-                        tracing::info!(id, last_seq = seq, "tracker stopped; shipping what is left")
+                        tracing::info!(
+                            id,
+                            last_seq = seq.get(),
+                            "tracker stopped; shipping what is left"
+                        )
                     }
                     Err(why) => tracing::warn!(reason = %why, "cannot drain the group"),
                 }
@@ -1013,8 +1017,8 @@ impl Connection<'_> {
                 shared.status.reason = None;
                 tracing::info!(
                     receiver = %shared.addr,
-                    durable = resume.durable.seq,
-                    from = resume.from_seq,
+                    durable = resume.durable.seq.get(),
+                    from = resume.from_seq.get(),
                     protocol = resume.version,
                     receiver_software = %resume.receiver_software,
                     "connected; shipping"
@@ -1034,7 +1038,7 @@ impl Connection<'_> {
             CoreEvent::CursorAdvanced { durable, acked_ns } => {
                 if durable.seq > shared.cursor {
                     let dir = shared.dir.clone();
-                    tokio::task::block_in_place(|| write_cursor(&dir, Seq(durable.seq)))
+                    tokio::task::block_in_place(|| write_cursor(&dir, durable.seq))
                         .map_err(SessionError::Cursor)?;
                     shared.cursor = durable.seq;
                 }
@@ -1066,7 +1070,7 @@ impl Connection<'_> {
 
     /// The stopped tracker's last record (`Err`: why the group cannot be
     /// drained, told to the receiver).
-    async fn drained(&mut self, handle: TrackerStop) -> Result<u64, DrainError> {
+    async fn drained(&mut self, handle: TrackerStop) -> Result<Seq, DrainError> {
         let how = match handle.await {
             Ok(r) => r.map_err(DrainError::Stop)?,
             Err(e) => return Err(DrainError::Stopping(e)),
@@ -1078,14 +1082,18 @@ impl Connection<'_> {
             return Err(DrainError::Damaged);
         }
         tracing::info!(?how, "tracker stopped");
-        Ok(report.last_seq.map_or(0, Seq::get))
+        Ok(report.last_seq.unwrap_or(Seq::ZERO))
     }
 
     /// Reads what the core needs and hands it over.
     fn serve(&mut self, core: &mut ShipperCore, need: Need) -> Result<(), SessionError> {
         match need {
             Need::FirstRecordAfter { after } => {
-                let from = if after == 0 { 0 } else { after + 1 };
+                let from = if after == Seq::ZERO {
+                    Seq::ZERO
+                } else {
+                    after.next()
+                };
                 let dir = self.shared.dir.clone();
                 let first = tokio::task::block_in_place(|| first_record_from(&dir, from))
                     .map_err(|e| SessionError::Log(Box::new(e)))?;
@@ -1113,6 +1121,7 @@ impl Connection<'_> {
                 length,
                 purpose,
             } => {
+                let disk = disk.get();
                 let Some(src) = self.sources.iter().find(|d| d.disk.id == disk) else {
                     return Err(SessionError::UnknownDisk(disk));
                 };
@@ -1218,9 +1227,9 @@ mod tests {
             group: "g".into(),
             state: State::Protected,
             reason: None,
-            durable_seq: 7,
-            sent_seq: 9,
-            log_seq: 9,
+            durable_seq: Seq(7),
+            sent_seq: Seq(9),
+            log_seq: Seq(9),
             retries: 0,
             wire_bytes: 100,
             record_bytes: 250,

@@ -16,6 +16,7 @@
 //! newer format, naming both.
 
 use std::path::{Path, PathBuf};
+use tidemark_changelog::Seq;
 use tidemark_durable::{replace, Durability, FsDir};
 
 use serde::{Deserialize, Serialize};
@@ -91,11 +92,11 @@ pub struct ShipperStatus {
     /// Why the state is critical, or the last transient error.
     pub reason: Option<String>,
     /// Highest sequence number the receiver has made durable.
-    pub durable_seq: u64,
+    pub durable_seq: Seq,
     /// Highest sequence number sent.
-    pub sent_seq: u64,
+    pub sent_seq: Seq,
     /// Highest sequence number seen in the log.
-    pub log_seq: u64,
+    pub log_seq: Seq,
     /// Reconnect attempts since the last successful connection.
     pub retries: u32,
     /// Bytes sent on the wire since start (after compression).
@@ -147,7 +148,7 @@ impl ShipperStatus {
     /// Records the shipper holds that the receiver has not made durable
     /// (newest in the log minus durable).
     pub fn pending_records(&self) -> u64 {
-        self.log_seq.saturating_sub(self.durable_seq)
+        self.log_seq.since(self.durable_seq).unwrap_or(0)
     }
 
     /// The replication lag at `now_ns`: the age of the oldest record not yet
@@ -250,9 +251,9 @@ mod tests {
             group: "g".into(),
             state: State::Protected,
             reason: None,
-            durable_seq: 10,
-            sent_seq: 12,
-            log_seq: 15,
+            durable_seq: Seq(10),
+            sent_seq: Seq(12),
+            log_seq: Seq(15),
             retries: 0,
             wire_bytes: 0,
             record_bytes: 0,
@@ -280,7 +281,7 @@ mod tests {
         // A record stamped later than now (clock step) is not negative lag.
         assert_eq!(s.lag_seconds(1_000_000_000), 0.0);
         assert_eq!(s.pending_records(), 5);
-        s.durable_seq = 20;
+        s.durable_seq = Seq(20);
         assert_eq!(s.pending_records(), 0);
     }
 
@@ -319,7 +320,7 @@ mod tests {
     #[test]
     fn the_previous_release_s_status_reads_and_a_newer_format_is_refused() {
         let s = parse_status(PREVIOUS_RELEASE.as_bytes()).unwrap();
-        assert_eq!((s.format, s.durable_seq), (1, 1225));
+        assert_eq!((s.format, s.durable_seq), (1, Seq(1225)));
         assert_eq!((s.protocol_version, s.receiver_software), (None, None));
         // What this code writes reads back.
         let written = serde_json::to_vec(&status()).unwrap();

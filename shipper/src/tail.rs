@@ -17,9 +17,9 @@ pub struct Batch {
     /// The records, each encoded exactly as in the log.
     pub batch: RecordBatch,
     /// Sequence number of the first record.
-    pub first_seq: u64,
+    pub first_seq: Seq,
     /// Sequence number of the last record.
-    pub last_seq: u64,
+    pub last_seq: Seq,
     /// Number of records.
     pub records: usize,
     /// Resync-needed extents among them: (disk, offset, length).
@@ -48,15 +48,15 @@ pub enum TailError {
 
 /// The first record the log in `dir` holds at or after `from_seq` (0: its
 /// oldest), as (sequence number, generation); `None` if there is none yet.
-pub fn first_record_from(dir: &FsDir, from_seq: u64) -> Result<Option<(u64, u32)>, ReadError> {
-    let mut reader = LogReader::new(dir.clone(), Seq(from_seq));
+pub fn first_record_from(dir: &FsDir, from_seq: Seq) -> Result<Option<(Seq, u32)>, ReadError> {
+    let mut reader = LogReader::new(dir.clone(), from_seq);
     match reader.next_record() {
-        Ok(r) => Ok(r.map(|r| (r.header.seq.get(), r.header.generation))),
+        Ok(r) => Ok(r.map(|r| (r.header.seq, r.header.generation))),
         Err(ReadError::Recycled { oldest, .. }) => {
             let mut reader = LogReader::new(dir.clone(), oldest);
             Ok(reader
                 .next_record()?
-                .map(|r| (r.header.seq.get(), r.header.generation)))
+                .map(|r| (r.header.seq, r.header.generation)))
         }
         Err(e) => Err(e),
     }
@@ -91,14 +91,14 @@ pub struct LogTail {
     reader: LogReader<FsDir>,
     watcher: LogWatcher,
     /// The last record read (sequence number), 0 before the first.
-    last_seq: u64,
+    last_seq: Seq,
 }
 
 impl LogTail {
     /// Tails the log in `path` from record `from_seq` on (or the first
     /// after it, across a generation change); 0: from the oldest record in
     /// the log.
-    pub fn open(path: &Path, from_seq: u64) -> Result<LogTail, TailError> {
+    pub fn open(path: &Path, from_seq: Seq) -> Result<LogTail, TailError> {
         let watch_err = |source| TailError::Watch {
             path: path.display().to_string(),
             source,
@@ -106,10 +106,10 @@ impl LogTail {
         let dir = FsDir::existing(path).map_err(watch_err)?;
         let watcher = LogWatcher::new(&dir).map_err(watch_err)?;
         Ok(LogTail {
-            reader: LogReader::new(dir.clone(), Seq(from_seq)),
+            reader: LogReader::new(dir.clone(), from_seq),
             dir,
             watcher,
-            last_seq: from_seq.saturating_sub(1),
+            last_seq: from_seq.saturating_prev(),
         })
     }
 
@@ -119,7 +119,7 @@ impl LogTail {
     }
 
     /// The last record handed out.
-    pub fn last_seq(&self) -> u64 {
+    pub fn last_seq(&self) -> Seq {
         self.last_seq
     }
 
@@ -138,7 +138,7 @@ impl LogTail {
                 Some(rec) => {
                     let h = &rec.header;
                     if batch.records == 0 {
-                        batch.first_seq = h.seq.get();
+                        batch.first_seq = h.seq;
                     }
                     if h.kind == Kind::ResyncNeeded {
                         batch.resync_needed.push((h.disk.get(), h.offset, h.length));
@@ -157,9 +157,9 @@ impl LogTail {
                         .batch
                         .push_verified(h, &rec.payload)
                         .map_err(TailError::BadRecord)?;
-                    batch.last_seq = h.seq.get();
+                    batch.last_seq = h.seq;
                     batch.records += 1;
-                    self.last_seq = h.seq.get();
+                    self.last_seq = h.seq;
                     if batch.batch.byte_len() >= max_bytes {
                         return Ok(Some(batch));
                     }
@@ -203,14 +203,14 @@ mod tests {
         }
         log.append(&Entry::resync_needed(0, 0, 1 << 20, 1)).unwrap();
         log.barrier(1).unwrap();
-        let mut tail = LogTail::open(tmp.path(), 0).unwrap();
+        let mut tail = LogTail::open(tmp.path(), Seq::ZERO).unwrap();
         let b = tail
             .next_batch(3 * (4096 + 56), Duration::ZERO)
             .unwrap()
             .unwrap();
-        assert_eq!((b.first_seq, b.last_seq, b.records), (1, 3, 3));
+        assert_eq!((b.first_seq, b.last_seq, b.records), (Seq(1), Seq(3), 3));
         let b = tail.next_batch(1 << 20, Duration::ZERO).unwrap().unwrap();
-        assert_eq!((b.first_seq, b.last_seq, b.records), (4, 12, 9));
+        assert_eq!((b.first_seq, b.last_seq, b.records), (Seq(4), Seq(12), 9));
         assert_eq!(b.resync_needed, vec![(0, 0, 1 << 20)]);
         // The bytes are the log's own records.
         let first = Record::decode(b.batch.as_bytes()).unwrap();
@@ -230,11 +230,11 @@ mod tests {
             .next_batch(1 << 20, Duration::from_secs(10))
             .unwrap()
             .unwrap();
-        assert_eq!(b.first_seq, 13);
+        assert_eq!(b.first_seq, Seq(13));
         writer.join().unwrap();
         // Reopening at a sequence number starts there.
-        let mut again = LogTail::open(tmp.path(), 12).unwrap();
+        let mut again = LogTail::open(tmp.path(), Seq(12)).unwrap();
         let b = again.next_batch(1 << 20, Duration::ZERO).unwrap().unwrap();
-        assert_eq!(b.first_seq, 12);
+        assert_eq!(b.first_seq, Seq(12));
     }
 }

@@ -9,6 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+use tidemark_changelog::{DiskId, Seq};
 use tidemark_e2e::replication::{enroll, free_port, shipper_status, start_shipper};
 use tidemark_e2e::TrackerProcess;
 use tidemark_wire::{
@@ -75,9 +76,12 @@ fn lagging_receiver(
                         version = v.min(PROTOCOL_VERSION);
                         frames = 0;
                         let welcome = Message::Welcome {
-                            durable_seq: 0,
+                            durable_seq: Seq(0),
                             generation,
-                            disks: vec![DiskSync { id: 0, synced: 0 }],
+                            disks: vec![DiskSync {
+                                id: DiskId(0),
+                                synced: 0,
+                            }],
                             resyncing: vec![],
                             software: "0.0.0-test".into(),
                         };
@@ -115,12 +119,12 @@ fn lagging_receiver(
                     if go.is_err() {
                         return; // the test failed before it let the Ack go
                     }
-                    let durable = last.unwrap_or(RecordId { seq: 0, generation });
+                    let durable = last.unwrap_or(RecordId { seq: Seq::ZERO, generation });
                     let message = Message::Ack {
                         durable_seq: durable.seq,
                         generation: durable.generation,
                         frames,
-                        disks: vec![DiskSync { id: 0, synced }],
+                        disks: vec![DiskSync { id: DiskId(0), synced }],
                     };
                     send.write_all(&message.encode(version, Compression::None).unwrap())
                         .await

@@ -3,7 +3,7 @@
 //! [`Disk`]), addressed by [`DiskId`], byte ranges, a storage error
 //! ([`BackendError`]) and the allocation of a range ([`Allocation`]). The
 //! NBD shell translates: an error to its `Errno`, an allocation to
-//! `base:allocation` flags. The tracker's consistency group is the real backend; a
+//! `base:allocation` flags; the ublk shell an error to a negative errno. The tracker's consistency group is the real backend; a
 //! test failover's overlay and tests' in-memory disks are others.
 //!
 //! Requests reaching a backend are already validated (in range, within the
@@ -37,9 +37,11 @@ pub struct ServedDisk {
     pub block_sizes: BlockSizes,
 }
 
-/// Why a backend could not perform a request. The NBD shell tells its
-/// client through one mapping,
-/// [`Errno::of_backend`](crate::nbd::constants::Errno::of_backend).
+/// Why a backend could not perform a request; the queue core
+/// ([`crate::queue`]) carries it to the shell, which tells its client
+/// through one mapping: the NBD shell
+/// [`Errno::of_backend`](crate::nbd::constants::Errno::of_backend), the
+/// ublk shell a negative errno (`errno_of` in its queue).
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     /// No disk with this id (the client's mistake).

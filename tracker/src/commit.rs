@@ -48,6 +48,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use tidemark_changelog::Seq;
+
 use crate::group::Tracking;
 
 /// The buffered size at which the log is written out at once.
@@ -68,7 +70,7 @@ const LOG_IOS_PER_ROUND: usize = 8;
 #[derive(Debug, Default)]
 struct Wanted {
     /// Make the log durable up to this sequence number.
-    sync: u64,
+    sync: Seq,
     /// Persist the activity maps: the highest ticket handed out.
     maps: u64,
     /// Persist the dirty bitmaps: the highest ticket handed out.
@@ -93,6 +95,13 @@ pub(crate) struct CommitShared {
     maps_broken: AtomicBool,
 }
 
+impl CommitShared {
+    /// The highest sequence number durable in the log.
+    fn durable(&self) -> Seq {
+        Seq(self.durable.load(Ordering::SeqCst))
+    }
+}
+
 /// Why a wait for the committer ended without what was asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum CommitFailed {
@@ -115,12 +124,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Committer {
     /// Starts the committer of `tracking`, whose log is durable up to
     /// `durable`.
-    pub(crate) fn start(tracking: Arc<Tracking>, durable: u64) -> std::io::Result<Committer> {
+    pub(crate) fn start(tracking: Arc<Tracking>, durable: Seq) -> std::io::Result<Committer> {
         let shared = Arc::new(CommitShared {
             wanted: Mutex::new(Wanted::default()),
             work: Condvar::new(),
             done: Condvar::new(),
-            durable: AtomicU64::new(durable),
+            durable: AtomicU64::new(durable.get()),
             maps_done: AtomicU64::new(0),
             dirty_done: AtomicU64::new(0),
             log_broken: AtomicBool::new(false),
@@ -153,14 +162,14 @@ impl Committer {
     }
 
     /// The highest sequence number durable in the log.
-    pub(crate) fn durable(&self) -> u64 {
-        self.shared.durable.load(Ordering::SeqCst)
+    pub(crate) fn durable(&self) -> Seq {
+        self.shared.durable()
     }
 
     /// The log was made durable up to `seq` by someone else (a synchronous
     /// step of the group's control plane, with the committer idle).
-    pub(crate) fn note_durable(&self, seq: u64) {
-        self.shared.durable.fetch_max(seq, Ordering::SeqCst);
+    pub(crate) fn note_durable(&self, seq: Seq) {
+        self.shared.durable.fetch_max(seq.get(), Ordering::SeqCst);
         drop(lock(&self.shared.wanted));
         self.shared.done.notify_all();
     }
@@ -176,7 +185,7 @@ impl Committer {
     }
 
     /// Asks for the log to be durable up to `seq`; see [`durable`](Self::durable).
-    pub(crate) fn want_durable(&self, seq: u64) {
+    pub(crate) fn want_durable(&self, seq: Seq) {
         if self.durable() >= seq {
             return;
         }
@@ -227,10 +236,10 @@ impl Committer {
     }
 
     /// Waits until the log is durable up to `seq`.
-    pub(crate) fn wait_durable(&self, seq: u64) -> Result<(), CommitFailed> {
+    pub(crate) fn wait_durable(&self, seq: Seq) -> Result<(), CommitFailed> {
         self.want_durable(seq);
         self.wait_for(|s| {
-            if s.durable.load(Ordering::SeqCst) >= seq {
+            if s.durable() >= seq {
                 Some(Ok(()))
             } else if s.log_broken.load(Ordering::SeqCst) {
                 Some(Err(CommitFailed::Log))
@@ -311,7 +320,7 @@ fn run(shared: &CommitShared, tracking: &Tracking) {
                 };
                 let work = wanted.write_out
                     || unwritten >= WRITE_OUT_BYTES
-                    || (wanted.sync > shared.durable.load(Ordering::SeqCst)
+                    || (wanted.sync > shared.durable()
                         && !shared.log_broken.load(Ordering::SeqCst))
                     || wanted.maps > shared.maps_done.load(Ordering::SeqCst)
                     || wanted.dirty > shared.dirty_done.load(Ordering::SeqCst);
@@ -355,7 +364,7 @@ fn run(shared: &CommitShared, tracking: &Tracking) {
             shared.dirty_done.fetch_max(dirty, Ordering::SeqCst);
             announce(shared, tracking);
         }
-        let target = (sync > shared.durable.load(Ordering::SeqCst)).then_some(sync);
+        let target = (sync > shared.durable()).then_some(sync);
         for _ in 0..LOG_IOS_PER_ROUND {
             match tracking.log_step(target) {
                 LogStep::Idle => break,
@@ -368,7 +377,7 @@ fn run(shared: &CommitShared, tracking: &Tracking) {
                         last_cool = Instant::now();
                         tracking.cool(watermark);
                     }
-                    shared.durable.fetch_max(durable, Ordering::SeqCst);
+                    shared.durable.fetch_max(durable.get(), Ordering::SeqCst);
                     announce(shared, tracking);
                 }
                 LogStep::Failed => {
@@ -399,10 +408,10 @@ pub(crate) enum LogStep {
     /// The log is durable up to this sequence number.
     Synced {
         /// The log's durable sequence number.
-        durable: u64,
+        durable: Seq,
         /// Its durable watermark: records at or below it survive any
         /// crash recovery.
-        watermark: u64,
+        watermark: Seq,
     },
     /// The log failed; the group switched to bitmap mode.
     Failed,

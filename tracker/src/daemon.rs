@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tidemark_changelog::LogOptions;
 use tidemark_changelog::{
-    create_private_dir_all, read_cursor, read_sources, write_sources, DirLock, Disk, DiskSource,
-    FsDir, LockError,
+    create_private_dir_all, read_cursor, read_sources, write_sources, DirLock, Disk, DiskId,
+    DiskSource, FsDir, LockError, Seq,
 };
 use tidemark_metrics::{labels, Exposition, MetricsThread, Unit};
 use tidemark_names::Name;
@@ -359,7 +359,7 @@ fn collect_metrics(group: &Group, name: &str, host: &str, log_dir: &Path) -> Exp
     let cursor = FsDir::existing(log_dir)
         .ok()
         .and_then(|d| read_cursor(&d).ok())
-        .map_or(0, |c| c.get());
+        .unwrap_or(Seq::ZERO);
     e.gauge(
         "tidemark_tracker_pending_records",
         "Log records not yet durable at the replica site (newest sequence number minus the shipper's cursor).",
@@ -414,10 +414,10 @@ fn fill_ratio(bytes: u64, limit: u64) -> f64 {
     }
 }
 
-/// Records after the cursor: sequence numbers start at 1, so the newest
-/// record is `next_seq - 1`.
-fn pending_records(next_seq: u64, cursor: u64) -> u64 {
-    next_seq.saturating_sub(1).saturating_sub(cursor)
+/// Records after the cursor: the newest record is the one before
+/// `next_seq` (none before the first).
+fn pending_records(next_seq: Seq, cursor: Seq) -> u64 {
+    next_seq.saturating_prev().since(cursor).unwrap_or(0)
 }
 
 /// Runs the tracker until SIGTERM or SIGINT. `ready` is called once the
@@ -847,7 +847,7 @@ fn start_ublk(
     let size = group.disk_sizes()[index];
     let options = UblkOptions {
         identity: backend_identifier(&settings.group, export),
-        disk: index as u32,
+        disk: DiskId(index as u32),
         size,
         dev_id: ublk.dev_id,
         queue_depth: ublk.queue_depth,
@@ -892,12 +892,13 @@ mod tests {
     fn fill_ratio_and_pending_records_stay_sane() {
         assert_eq!(fill_ratio(0, 0), 0.0);
         assert_eq!(fill_ratio(1 << 20, 4 << 20), 0.25);
-        assert_eq!(pending_records(1, 0), 0, "an empty log has nothing pending");
-        assert_eq!(pending_records(11, 4), 6);
-        assert_eq!(pending_records(11, 10), 0);
+        let p = |next: u64, cursor: u64| pending_records(Seq(next), Seq(cursor));
+        assert_eq!(p(1, 0), 0, "an empty log has nothing pending");
+        assert_eq!(p(11, 4), 6);
+        assert_eq!(p(11, 10), 0);
         // A cursor ahead of the log (a new generation began after it was
         // read) is not a negative backlog.
-        assert_eq!(pending_records(5, 100), 0);
-        assert_eq!(pending_records(0, 0), 0);
+        assert_eq!(p(5, 100), 0);
+        assert_eq!(p(0, 0), 0);
     }
 }

@@ -47,7 +47,6 @@ use crate::backend::{all_data, from_runs, Allocation, Backend, BackendError, Ser
 use crate::bitmap::{BitmapError, PersistentBitmap};
 use crate::commit::{CommitFailed, Committer, LogStep, LOG_BUFFER_LIMIT, WRITE_OUT_BYTES};
 use crate::lock_order::{Level, Ordered, OrderedGuard};
-use crate::nbd::constants::Errno;
 use crate::nbd::export::BlockSizes;
 use crate::queue::{QueueWaker, Wakers};
 use crate::range_lock::{RangeLock, RangeTicket};
@@ -170,8 +169,8 @@ pub enum MarkerError {
 #[derive(Debug, thiserror::Error)]
 pub enum CloseError {
     /// A final barrier failed.
-    #[error("final barrier: {0:?}")]
-    Barrier(Errno),
+    #[error("final barrier: {0}")]
+    Barrier(#[source] BackendError),
     /// The maps could not be written.
     #[error(transparent)]
     Maps(#[from] BitmapError),
@@ -234,7 +233,7 @@ pub struct OpenReport {
     pub generation: u32,
     /// Extents recorded as resync-needed because of an unclean stop:
     /// (disk, offset, length).
-    pub resync_needed: Vec<(u32, u64, u64)>,
+    pub resync_needed: Vec<(DiskId, u64, u64)>,
 }
 
 /// A point-in-time view for `status`.
@@ -245,9 +244,9 @@ pub struct GroupStatus {
     /// Current generation.
     pub generation: u32,
     /// Next sequence number to be assigned.
-    pub next_seq: u64,
+    pub next_seq: Seq,
     /// Highest sequence number durable in the log.
-    pub durable_seq: u64,
+    pub durable_seq: Seq,
     /// Bytes the log's segments occupy.
     pub log_bytes: u64,
     /// The log's size limit.
@@ -275,7 +274,7 @@ pub(crate) struct DiskState {
 struct Activity {
     map: PersistentBitmap,
     inflight: Vec<u32>,
-    last_seq: Vec<u64>,
+    last_seq: Vec<Seq>,
     /// Device flushes started when the extent's last write completed: a
     /// flush started after it (a larger start number) covers that write.
     epoch: Vec<u64>,
@@ -331,7 +330,7 @@ pub(crate) struct Tracking {
 pub(crate) enum Recorded {
     /// Appended to the log with this sequence number (the last one if the
     /// write was split into several records).
-    Logged(u64),
+    Logged(Seq),
     /// Set in the dirty bitmap (bitmap mode).
     Dirty,
     /// The log's buffer is full: try again once the committer wrote it
@@ -339,11 +338,15 @@ pub(crate) enum Recorded {
     NoRoom,
 }
 
+/// The sequence number [`Group::release_hot`] is given for a write that
+/// failed: above any real one, so its extent never cools.
+pub(crate) const NEVER_COOLS: Seq = Seq(u64::MAX);
+
 /// What a barrier waits for besides the device's flush.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum BarrierWait {
     /// The log durable up to this barrier record.
-    Log(u64),
+    Log(Seq),
     /// The dirty bitmap persisted up to this ticket (bitmap mode).
     Dirty(u64),
 }
@@ -355,7 +358,7 @@ pub struct Group {
     pub(crate) committer: Committer,
     /// A new generation (number, first sequence number) to begin in the log
     /// when data mode returns.
-    pending_generation: Ordered<Option<(u32, u64)>>,
+    pending_generation: Ordered<Option<(u32, Seq)>>,
     /// The state file says "running": only then may anything be appended
     /// (see [`Group::mark_running`]).
     running: AtomicBool,
@@ -370,10 +373,6 @@ pub struct Group {
 /// Takes one of the group's locks, in the order of [`crate::lock_order`].
 fn lock<T>(m: &Ordered<T>) -> OrderedGuard<'_, T> {
     m.lock()
-}
-
-fn errno_of(error: &crate::storage::StorageError) -> Errno {
-    Errno::from_code(error.errno()).unwrap_or(Errno::Io)
 }
 
 impl Group {
@@ -403,7 +402,7 @@ impl Group {
             RecoveryPolicy::Crash
         } else {
             RecoveryPolicy::CleanStop {
-                last_seq: state.last_seq.map(Seq),
+                last_seq: state.last_seq,
             }
         };
         let (mut log, recovery) = ChangeLog::open(dir, opts.log, policy, now_ns())?;
@@ -440,7 +439,7 @@ impl Group {
             activity.push(Activity {
                 map,
                 inflight: vec![0; n],
-                last_seq: vec![0; n],
+                last_seq: vec![Seq::ZERO; n],
                 epoch: vec![0; n],
                 durable,
             });
@@ -469,7 +468,7 @@ impl Group {
         // A generation recorded in the state file but not yet begun in the
         // log (the log was full): begun when data mode returns.
         let mut pending_generation = (state.generation > recovery.generation)
-            .then_some((state.generation, recovery.max_exposed_seq.next().get()));
+            .then_some((state.generation, recovery.max_exposed_seq.next()));
         if unclean {
             generation += 1;
             match log.begin_generation(generation, recovery.max_exposed_seq.next(), now_ns()) {
@@ -478,7 +477,7 @@ impl Group {
                 // The generation is recorded in the state file and begun
                 // in the log when data mode returns.
                 Err(AppendError::Overflow { .. }) => {
-                    pending_generation = Some((generation, recovery.max_exposed_seq.next().get()));
+                    pending_generation = Some((generation, recovery.max_exposed_seq.next()));
                     if mode == TrackingMode::Data {
                         mode = TrackingMode::Bitmap {
                             cause: BitmapCause::LogFull(FullAt::Restart),
@@ -490,12 +489,12 @@ impl Group {
             for (id, (act, disk)) in activity.iter().zip(&states).enumerate() {
                 if opts.resync_all {
                     if disk.size > 0 {
-                        resync_needed.push((id as u32, 0, disk.size));
+                        resync_needed.push((DiskId(id as u32), 0, disk.size));
                     }
                     continue;
                 }
                 for (offset, length) in act.map.ranges(disk.size) {
-                    resync_needed.push((id as u32, offset, length));
+                    resync_needed.push((DiskId(id as u32), offset, length));
                 }
             }
             if mode == TrackingMode::Data {
@@ -517,7 +516,7 @@ impl Group {
             }
             if let TrackingMode::Bitmap { .. } = mode {
                 for &(disk, offset, length) in &resync_needed {
-                    let bits = &mut dirty[disk as usize];
+                    let bits = &mut dirty[disk.index()];
                     for i in bits.extents(offset, length) {
                         bits.set(i);
                     }
@@ -548,7 +547,7 @@ impl Group {
 
         let block_sizes = BlockSizes::new(1, 4096, opts.max_block)
             .map_err(|e| GroupError::Config(format!("max block size {}: {e}", opts.max_block)))?;
-        let durable = log.durable_seq().get();
+        let durable = log.durable_seq();
         let report = OpenReport {
             recovery,
             unclean,
@@ -601,22 +600,24 @@ impl Group {
     }
 
     /// Refuses a change before [`mark_running`](Self::mark_running).
-    pub(crate) fn check_running(&self) -> Result<(), Errno> {
+    pub(crate) fn check_running(&self) -> Result<(), BackendError> {
         if self.running.load(Ordering::Acquire) {
             Ok(())
         } else {
             tracing::error!("a change reached the group before it was marked running; refused");
-            Err(Errno::Io)
+            Err(BackendError::Unavailable)
         }
     }
 
-    pub(crate) fn disk(&self, disk: u32) -> Result<&DiskState, Errno> {
-        self.disks.get(disk as usize).ok_or(Errno::Inval)
+    pub(crate) fn disk(&self, disk: DiskId) -> Result<&DiskState, BackendError> {
+        self.disks
+            .get(disk.index())
+            .ok_or(BackendError::NoSuchDisk(disk))
     }
 
     /// The backing device of `disk`.
-    pub fn device(&self, disk: u32) -> Option<&Arc<dyn BlockDevice>> {
-        self.disks.get(disk as usize).map(|d| &d.disk.device)
+    pub fn device(&self, disk: DiskId) -> Option<&Arc<dyn BlockDevice>> {
+        self.disks.get(disk.index()).map(|d| &d.disk.device)
     }
 
     /// Lets `waker`'s queue park requests on the group.
@@ -637,13 +638,18 @@ impl Group {
 
     /// Takes a byte range of `disk` if no request in flight holds an
     /// overlapping one (invariant 6).
-    pub(crate) fn try_lock_range(&self, disk: u32, offset: u64, len: u64) -> Option<RangeTicket> {
-        self.disks[disk as usize].locks.try_lock(offset, len)
+    pub(crate) fn try_lock_range(
+        &self,
+        disk: DiskId,
+        offset: u64,
+        len: u64,
+    ) -> Option<RangeTicket> {
+        self.disks[disk.index()].locks.try_lock(offset, len)
     }
 
     /// Gives a range back, waking the requests parked on a range.
-    pub(crate) fn unlock_range(&self, disk: u32, ticket: RangeTicket) {
-        if self.disks[disk as usize].locks.unlock(ticket) {
+    pub(crate) fn unlock_range(&self, disk: DiskId, ticket: RangeTicket) {
+        if self.disks[disk.index()].locks.unlock(ticket) {
             self.wake_parked();
         }
     }
@@ -652,10 +658,10 @@ impl Group {
     /// in flight on them. `Some(ticket)`: some extent is not durably hot
     /// yet, and the write may be issued only once the committer persisted
     /// the activity map up to `ticket` ([`Self::maps_ready`]).
-    pub(crate) fn mark_hot(&self, disk: u32, offset: u64, len: u64) -> Option<u64> {
+    pub(crate) fn mark_hot(&self, disk: DiskId, offset: u64, len: u64) -> Option<u64> {
         let needs_persist = {
             let mut maps = lock(&self.tracking.maps);
-            let act = &mut maps.activity[disk as usize];
+            let act = &mut maps.activity[disk.index()];
             let mut needs = false;
             for i in act.map.extents(offset, len) {
                 act.inflight[i as usize] += 1;
@@ -669,9 +675,9 @@ impl Group {
 
     /// Whether the activity map is persisted up to `ticket`: `None` while
     /// not yet, `Some(Err)` if persisting it failed.
-    pub(crate) fn maps_ready(&self, ticket: u64) -> Option<Result<(), Errno>> {
+    pub(crate) fn maps_ready(&self, ticket: u64) -> Option<Result<(), BackendError>> {
         if self.committer.maps_broken() {
-            Some(Err(Errno::Io))
+            Some(Err(BackendError::Unavailable))
         } else if self.committer.maps_done() >= ticket {
             Some(Ok(()))
         } else {
@@ -680,14 +686,14 @@ impl Group {
     }
 
     /// Counts a request off its extents; `seq` is its record's sequence
-    /// number (0 in bitmap mode, `u64::MAX` for a write that failed: its
-    /// extent is then never cooled).
-    pub(crate) fn release_hot(&self, disk: u32, offset: u64, len: u64, seq: u64) {
-        let epoch = self.tracking.flushes[disk as usize]
+    /// number ([`Seq::ZERO`] in bitmap mode, [`NEVER_COOLS`] for a write
+    /// that failed: its extent is then never cooled).
+    pub(crate) fn release_hot(&self, disk: DiskId, offset: u64, len: u64, seq: Seq) {
+        let epoch = self.tracking.flushes[disk.index()]
             .started
             .load(Ordering::SeqCst);
         let mut maps = lock(&self.tracking.maps);
-        let act = &mut maps.activity[disk as usize];
+        let act = &mut maps.activity[disk.index()];
         for i in act.map.extents(offset, len) {
             let u = i as usize;
             act.inflight[u] -= 1;
@@ -699,7 +705,7 @@ impl Group {
     /// Records a change about to be applied to the device: a log record in data mode
     /// (copied into the log's buffer; a payload larger than one record
     /// becomes consecutive records), dirty bits in bitmap mode.
-    pub(crate) fn record(&self, disk: u32, entry: &Entry<'_>) -> Recorded {
+    pub(crate) fn record(&self, disk: DiskId, entry: &Entry<'_>) -> Recorded {
         let t = &*self.tracking;
         loop {
             let mode = lock(&t.mode);
@@ -746,7 +752,7 @@ impl Group {
                         if before < WRITE_OUT_BYTES && after >= WRITE_OUT_BYTES {
                             self.committer.nudge();
                         }
-                        return Recorded::Logged(seq.get());
+                        return Recorded::Logged(seq);
                     }
                     Err(e) => {
                         t.enter_bitmap_mode(&e);
@@ -758,7 +764,7 @@ impl Group {
             // data mode (which takes the bits under the same lock) cannot
             // miss them.
             let mut maps = lock(&t.maps);
-            let bits = &mut maps.dirty[disk as usize];
+            let bits = &mut maps.dirty[disk.index()];
             for i in bits.extents(entry.offset, entry.length) {
                 bits.set(i);
             }
@@ -771,8 +777,8 @@ impl Group {
     /// bitmap (bitmap mode). Returns the device flush's number (flush the
     /// device, then [`end_barrier`](Self::end_barrier)) and what else to
     /// wait for ([`barrier_ready`](Self::barrier_ready)).
-    pub(crate) fn begin_barrier(&self, disk: u32) -> (u64, BarrierWait) {
-        let epoch = self.tracking.flushes[disk as usize].start();
+    pub(crate) fn begin_barrier(&self, disk: DiskId) -> (u64, BarrierWait) {
+        let epoch = self.tracking.flushes[disk.index()].start();
         (epoch, self.barrier_wait())
     }
 
@@ -787,8 +793,8 @@ impl Group {
             };
             match appended {
                 Ok(seq) => {
-                    self.committer.want_durable(seq.get());
-                    return BarrierWait::Log(seq.get());
+                    self.committer.want_durable(seq);
+                    return BarrierWait::Log(seq);
                 }
                 Err(e) => t.enter_bitmap_mode(&e),
             }
@@ -799,7 +805,7 @@ impl Group {
     /// Whether a barrier's log or bitmap part is done: `None` while not,
     /// `Some(Err)` if it failed. A log that failed meanwhile makes it wait
     /// for the dirty bitmap instead (the wait is updated).
-    pub(crate) fn barrier_ready(&self, wait: &mut BarrierWait) -> Option<Result<(), Errno>> {
+    pub(crate) fn barrier_ready(&self, wait: &mut BarrierWait) -> Option<Result<(), BackendError>> {
         match *wait {
             BarrierWait::Log(seq) => {
                 if self.committer.durable() >= seq {
@@ -813,7 +819,7 @@ impl Group {
             }
             BarrierWait::Dirty(ticket) => {
                 if self.committer.maps_broken() {
-                    Some(Err(Errno::Io))
+                    Some(Err(BackendError::Unavailable))
                 } else if self.committer.dirty_done() >= ticket {
                     Some(Ok(()))
                 } else {
@@ -824,8 +830,8 @@ impl Group {
     }
 
     /// Ends a barrier whose device flush `epoch` succeeded.
-    pub(crate) fn end_barrier(&self, disk: u32, epoch: u64) {
-        self.tracking.flushes[disk as usize].done(epoch);
+    pub(crate) fn end_barrier(&self, disk: DiskId, epoch: u64) {
+        self.tracking.flushes[disk.index()].done(epoch);
         self.barriers.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -879,7 +885,7 @@ impl Group {
         let now = now_ns();
         let mut pending = lock(&self.pending_generation);
         if let Some((generation, first_seq)) = *pending {
-            let first_seq = Seq(first_seq).max(log.next_seq());
+            let first_seq = first_seq.max(log.next_seq());
             match log.begin_generation(generation, first_seq, now) {
                 Ok(()) => *pending = None,
                 Err(AppendError::Overflow { .. }) => return Ok(None),
@@ -890,7 +896,7 @@ impl Group {
         let mut extents = Vec::new();
         for (id, (bits, disk)) in maps.dirty.iter().zip(&self.disks).enumerate() {
             for (offset, length) in bits.ranges(disk.size) {
-                extents.push((id as u32, offset, length));
+                extents.push((DiskId(id as u32), offset, length));
             }
         }
         for &(disk, offset, length) in &extents {
@@ -907,7 +913,7 @@ impl Group {
             Err(AppendError::Overflow { .. }) => return Ok(None),
             Err(e) => return Err(ResumeError::Sync(e)),
         }
-        self.committer.note_durable(log.durable_seq().get());
+        self.committer.note_durable(log.durable_seq());
         drop(log);
         for bits in &mut maps.dirty {
             bits.clear_all();
@@ -927,11 +933,11 @@ impl Group {
 
     /// A barrier for the group that blocks the calling thread; flushes
     /// `disk`'s backing device beside the log's group commit.
-    fn barrier(&self, disk: u32) -> Result<(), Errno> {
+    fn barrier(&self, disk: DiskId) -> Result<(), BackendError> {
         self.check_running()?;
         let d = self.disk(disk)?;
         let (epoch, mut wait) = self.begin_barrier(disk);
-        d.disk.device.flush().map_err(|e| errno_of(&e))?;
+        d.disk.device.flush()?;
         loop {
             match wait {
                 BarrierWait::Log(seq) => match self.committer.wait_durable(seq) {
@@ -939,10 +945,12 @@ impl Group {
                     Err(CommitFailed::Log) => {
                         wait = BarrierWait::Dirty(self.committer.want_dirty());
                     }
-                    Err(CommitFailed::Maps) => return Err(Errno::Io),
+                    Err(CommitFailed::Maps) => return Err(BackendError::Unavailable),
                 },
                 BarrierWait::Dirty(ticket) => {
-                    self.committer.wait_dirty(ticket).map_err(|_| Errno::Io)?;
+                    self.committer
+                        .wait_dirty(ticket)
+                        .map_err(|_| BackendError::Unavailable)?;
                     break;
                 }
             }
@@ -953,7 +961,7 @@ impl Group {
 
     /// Inserts a labelled marker followed by a barrier; returns the
     /// marker's sequence number.
-    pub fn marker(&self, label: &Label, app_consistent: bool) -> Result<u64, MarkerError> {
+    pub fn marker(&self, label: &Label, app_consistent: bool) -> Result<Seq, MarkerError> {
         self.check_running().map_err(|_| MarkerError::Starting)?;
         let t = &*self.tracking;
         if !matches!(*lock(&t.mode), TrackingMode::Data) {
@@ -971,9 +979,9 @@ impl Group {
             (seq, barrier)
         };
         self.committer
-            .wait_durable(barrier.get())
+            .wait_durable(barrier)
             .map_err(|_| MarkerError::NotDurable)?;
-        Ok(seq.get())
+        Ok(seq)
     }
 
     /// A final barrier on every disk, then a clean stop recorded: the next
@@ -986,7 +994,7 @@ impl Group {
             return Ok(());
         }
         for id in 0..self.disks.len() as u32 {
-            self.barrier(id).map_err(CloseError::Barrier)?;
+            self.barrier(DiskId(id)).map_err(CloseError::Barrier)?;
         }
         self.committer.stop();
         let t = &*self.tracking;
@@ -1009,7 +1017,7 @@ impl Group {
         let last_seq = lock(&t.log).durable_seq();
         let mut state = lock(&t.state);
         state.running = false;
-        state.last_seq = Some(last_seq.get());
+        state.last_seq = Some(last_seq);
         Ok(state.save_in_place()?)
     }
 
@@ -1019,8 +1027,8 @@ impl Group {
         let (next_seq, durable_seq, log_bytes, log_limit, generation) = {
             let log = lock(&t.log);
             (
-                log.next_seq().get(),
-                log.durable_seq().get(),
+                log.next_seq(),
+                log.durable_seq(),
                 log.bytes_in_use(),
                 log.options().size_limit,
                 log.generation(),
@@ -1072,7 +1080,7 @@ impl Group {
     /// through the tracker after this call are logged as usual, so a resync
     /// that reads the disk after this point sees every untracked write.
     /// Returns the record's sequence number in data mode.
-    pub fn record_resync_all(&self, name: &str) -> Result<Option<u64>, ResyncAllError> {
+    pub fn record_resync_all(&self, name: &str) -> Result<Option<Seq>, ResyncAllError> {
         self.check_running().map_err(|_| ResyncAllError::Starting)?;
         let t = &*self.tracking;
         let id = self
@@ -1096,8 +1104,8 @@ impl Group {
             };
             match appended {
                 Ok((seq, barrier)) => {
-                    if self.committer.wait_durable(barrier.get()).is_ok() {
-                        return Ok(Some(seq.get()));
+                    if self.committer.wait_durable(barrier).is_ok() {
+                        return Ok(Some(seq));
                     }
                     // The log failed meanwhile: the dirty bitmap holds it.
                 }
@@ -1123,12 +1131,13 @@ impl Group {
     }
 
     /// [`record`](Self::record), waiting on the calling thread while the
-    /// log's buffer is full. Returns the sequence number (0 in bitmap mode).
-    fn record_blocking(&self, disk: u32, entry: &Entry<'_>) -> u64 {
+    /// log's buffer is full. Returns the sequence number ([`Seq::ZERO`] in
+    /// bitmap mode).
+    fn record_blocking(&self, disk: DiskId, entry: &Entry<'_>) -> Seq {
         loop {
             match self.record(disk, entry) {
                 Recorded::Logged(seq) => return seq,
-                Recorded::Dirty => return 0,
+                Recorded::Dirty => return Seq::ZERO,
                 Recorded::NoRoom => {
                     self.committer.nudge();
                     std::thread::sleep(std::time::Duration::from_micros(200));
@@ -1142,7 +1151,7 @@ impl Group {
     /// loops do the same steps without blocking, in `write_path`).
     fn modify(
         &self,
-        disk: u32,
+        disk: DiskId,
         offset: u64,
         len: u64,
         fua: bool,
@@ -1152,13 +1161,13 @@ impl Group {
         let started = Instant::now();
         self.check_running()
             .map_err(|_| BackendError::Unavailable)?;
-        let d = self.served(DiskId(disk))?;
+        let d = self.served(disk)?;
         {
             let range = d.locks.lock(offset, len);
             if let Some(ticket) = self.mark_hot(disk, offset, len) {
                 if self.committer.wait_maps(ticket).is_err() {
                     tracing::error!("persisting the activity map failed; failing the write");
-                    self.release_hot(disk, offset, len, u64::MAX);
+                    self.release_hot(disk, offset, len, NEVER_COOLS);
                     drop(range);
                     self.wake_parked();
                     return Err(BackendError::Io(io::Error::other(
@@ -1175,7 +1184,7 @@ impl Group {
                 self.record_blocking(disk, &compensation);
                 // The extent stays hot, so a crash before the compensation
                 // is durable re-reads it too.
-                self.release_hot(disk, offset, len, u64::MAX);
+                self.release_hot(disk, offset, len, NEVER_COOLS);
                 drop(range);
                 self.wake_parked();
                 return Err(BackendError::Device(e));
@@ -1186,7 +1195,7 @@ impl Group {
             self.wake_parked();
         }
         if fua {
-            self.barrier(disk).map_err(backend_error)?;
+            self.barrier(disk)?;
         }
         let bytes = if entry.kind == tidemark_changelog::Kind::Write {
             len
@@ -1206,10 +1215,10 @@ impl Tracking {
 
     /// One step of the log's I/O for the committer: takes it under the
     /// log's lock, runs it without.
-    pub(crate) fn log_step(&self, sync_target: Option<u64>) -> LogStep {
+    pub(crate) fn log_step(&self, sync_target: Option<Seq>) -> LogStep {
         let (io, durable_before) = {
             let mut log = lock(&self.log);
-            (log.take_io(sync_target.map(Seq), true), log.durable_seq())
+            (log.take_io(sync_target, true), log.durable_seq())
         };
         let Some(mut io) = io else {
             return LogStep::Idle;
@@ -1222,10 +1231,7 @@ impl Tracking {
         let (durable, watermark) = (log.durable_seq(), log.durable_watermark());
         drop(log);
         match outcome {
-            Ok(()) if durable > durable_before => LogStep::Synced {
-                durable: durable.get(),
-                watermark: watermark.get(),
-            },
+            Ok(()) if durable > durable_before => LogStep::Synced { durable, watermark },
             Ok(()) => LogStep::Wrote,
             Err(e) => {
                 self.log_failed(&e);
@@ -1349,7 +1355,7 @@ impl Tracking {
     /// device (a flush started after the write completed has finished),
     /// and none is in flight. Lazy: the cleared bits reach the disk with
     /// the next map write; a stale set bit only costs a resync.
-    pub(crate) fn cool(&self, watermark: u64) {
+    pub(crate) fn cool(&self, watermark: Seq) {
         if !matches!(*lock(&self.mode), TrackingMode::Data) {
             return;
         }
@@ -1401,7 +1407,6 @@ impl Backend for Group {
     }
 
     fn write(&self, disk: DiskId, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError> {
-        let disk = disk.get();
         let entry = Entry::write(disk, offset, data, now_ns());
         self.modify(
             disk,
@@ -1421,7 +1426,6 @@ impl Backend for Group {
         no_hole: bool,
         fua: bool,
     ) -> Result<(), BackendError> {
-        let disk = disk.get();
         let entry = Entry::write_zeroes(disk, offset, length, no_hole, now_ns());
         self.modify(
             disk,
@@ -1434,7 +1438,6 @@ impl Backend for Group {
     }
 
     fn trim(&self, disk: DiskId, offset: u64, length: u64, fua: bool) -> Result<(), BackendError> {
-        let disk = disk.get();
         let entry = Entry::trim(disk, offset, length, now_ns());
         self.modify(
             disk,
@@ -1448,7 +1451,7 @@ impl Backend for Group {
 
     fn flush(&self, disk: DiskId) -> Result<(), BackendError> {
         self.served(disk)?;
-        self.barrier(disk.get()).map_err(backend_error)
+        self.barrier(disk)
     }
 
     /// Holes of an image file, found with `SEEK_DATA`/`SEEK_HOLE`
@@ -1486,20 +1489,6 @@ impl Backend for Group {
 /// the answer ends, and one `lseek` pair per run keeps a fragmented file's
 /// answer short.
 const MAX_ALLOCATION_RUNS: usize = 1024;
-
-/// The group's synchronous engine reports NBD's errno internally (the
-/// event loops' queue core shares it); as a backend it speaks storage.
-fn backend_error(errno: Errno) -> BackendError {
-    match errno {
-        Errno::NoSpc => BackendError::NoSpace(io::Error::from(io::ErrorKind::StorageFull)),
-        Errno::Perm => BackendError::ReadOnly,
-        Errno::Inval => BackendError::OutOfRange {
-            offset: 0,
-            length: 0,
-        },
-        _ => BackendError::Io(io::Error::other(format!("{errno:?}"))),
-    }
-}
 
 impl Group {
     /// The disk `disk` as a backend request names it.

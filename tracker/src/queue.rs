@@ -36,7 +36,6 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use tidemark_changelog::DiskId;
 
 use crate::backend::{Backend, BackendError};
-use crate::nbd::constants::Errno;
 use crate::storage::AlignedBuf;
 
 /// What a request asks for, already validated against the disk (in
@@ -89,7 +88,7 @@ pub struct Request {
     /// slot, a ublk tag).
     pub id: u64,
     /// The disk (index in the backend's exports).
-    pub disk: u32,
+    pub disk: DiskId,
     /// What to do.
     pub op: Op,
     /// A write's data (exactly its length), or the buffer a read fills
@@ -102,8 +101,9 @@ pub struct Request {
 pub struct Reply {
     /// [`Request::id`].
     pub id: u64,
-    /// Success, or the error the client is told.
-    pub result: Result<(), Errno>,
+    /// Success, or why the request failed (each shell tells its client
+    /// in its own terms).
+    pub result: Result<(), BackendError>,
     /// The request's buffer, handed back (a read's data on success).
     pub buf: Option<AlignedBuf>,
 }
@@ -146,7 +146,7 @@ pub struct Io {
     /// Hand it back with the result to [`Queue::handle_io`].
     pub token: u64,
     /// The disk.
-    pub disk: u32,
+    pub disk: DiskId,
     /// What to do.
     pub kind: IoKind,
     /// The data buffer of a read or write (owned by the shell, and by the
@@ -162,7 +162,7 @@ pub trait Queue: Send {
     fn handle_io(
         &mut self,
         token: u64,
-        result: Result<(), Errno>,
+        result: Result<(), BackendError>,
         buf: Option<AlignedBuf>,
         now: Instant,
     );
@@ -361,7 +361,6 @@ impl Drop for BlockingPool {
 /// costs one EIO reply, not the thread.
 fn perform(backend: &dyn Backend, request: Request) -> Reply {
     let Request { id, disk, op, buf } = request;
-    let disk = DiskId(disk);
     let mut buf = buf;
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match op {
         Op::Read { offset, .. } => match buf.as_deref_mut() {
@@ -385,10 +384,7 @@ fn perform(backend: &dyn Backend, request: Request) -> Reply {
         tracing::error!(?op, "backend panicked; replying EIO");
         Err(BackendError::Unavailable)
     })
-    .map_err(|error| {
-        tracing::debug!(?op, ?error, "backend refused a request");
-        Errno::of_backend(&error)
-    });
+    .inspect_err(|error| tracing::debug!(?op, ?error, "backend refused a request"));
     Reply { id, result, buf }
 }
 
@@ -407,13 +403,20 @@ impl Queue for BlockingQueue {
             // The pool is gone (the server is stopping): answer at once.
             Err(Job { request, .. }) => self.replies.push_back(Reply {
                 id: request.id,
-                result: Err(Errno::Io),
+                result: Err(BackendError::Unavailable),
                 buf: request.buf,
             }),
         }
     }
 
-    fn handle_io(&mut self, _: u64, _: Result<(), Errno>, _: Option<AlignedBuf>, _: Instant) {}
+    fn handle_io(
+        &mut self,
+        _: u64,
+        _: Result<(), BackendError>,
+        _: Option<AlignedBuf>,
+        _: Instant,
+    ) {
+    }
 
     fn handle_wake(&mut self, _now: Instant) {
         let mut inbox = self.inbox.replies.lock().unwrap_or_else(|e| e.into_inner());

@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use thiserror::Error;
+use tidemark_changelog::Seq;
 
 /// What to quiesce for an application-consistent point.
 #[derive(Debug, Clone, Default)]
@@ -77,7 +78,7 @@ pub enum HookError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QuiesceReport {
     /// The marker's sequence number.
-    pub seq: u64,
+    pub seq: Seq,
     /// How long the filesystems were frozen.
     pub frozen_for: Duration,
     /// Post-hooks that failed (the point is taken all the same).
@@ -165,7 +166,7 @@ impl Quiesce {
     /// thaw, post-hooks.
     pub fn run(
         &self,
-        insert_marker: impl FnOnce(Duration) -> Result<u64, tidemark_control::ControlError>,
+        insert_marker: impl FnOnce(Duration) -> Result<Seq, tidemark_control::ControlError>,
     ) -> Result<QuiesceReport, QuiesceError> {
         let started = Instant::now();
         let deadline = started + self.timeout;
@@ -188,8 +189,8 @@ impl Quiesce {
     fn quiesced(
         &self,
         deadline: Instant,
-        insert_marker: impl FnOnce(Duration) -> Result<u64, tidemark_control::ControlError>,
-    ) -> Result<(u64, Duration), QuiesceError> {
+        insert_marker: impl FnOnce(Duration) -> Result<Seq, tidemark_control::ControlError>,
+    ) -> Result<(Seq, Duration), QuiesceError> {
         for hook in &self.pre_hooks {
             run_hook(hook, deadline).map_err(|reason| {
                 if Instant::now() >= deadline {
@@ -301,10 +302,10 @@ mod tests {
                     std::fs::read_to_string(&log).unwrap_or_default() + "marker\n",
                 )
                 .unwrap();
-                Ok(42)
+                Ok(Seq(42))
             })
             .unwrap();
-        assert_eq!(report.seq, 42);
+        assert_eq!(report.seq, Seq(42));
         assert!(report.post_hook_failures.is_empty());
         assert_eq!(
             std::fs::read_to_string(&log).unwrap(),
@@ -340,7 +341,7 @@ mod tests {
             .run(|left| {
                 assert!(left <= Duration::from_millis(200));
                 std::thread::sleep(Duration::from_millis(400));
-                Ok(7)
+                Ok(Seq(7))
             })
             .unwrap_err();
         assert!(matches!(err, QuiesceError::TimedOut(_)), "{err}");

@@ -56,7 +56,7 @@ pub struct RecoverReport {
     /// The new generation.
     pub generation: u32,
     /// Its first sequence number.
-    pub first_seq: u64,
+    pub first_seq: Seq,
     /// Disks recorded resync-needed in full: (id, size).
     pub resync_needed: Vec<(u32, u64)>,
 }
@@ -82,7 +82,7 @@ pub fn recover_damaged_log(log_dir: &Path) -> Result<Option<RecoverReport>, Reco
         ),
     };
     let opts = options_of(&dir)?;
-    let last_seq = state.last_seq.filter(|_| !state.running).map(Seq);
+    let last_seq = state.last_seq.filter(|_| !state.running);
     let now = now_ns();
     let (mut log, recovery) =
         ChangeLog::open(dir, opts, RecoveryPolicy::CutDamage { last_seq }, now)?;
@@ -102,14 +102,14 @@ pub fn recover_damaged_log(log_dir: &Path) -> Result<Option<RecoverReport>, Reco
     log.barrier(now).map_err(RecoverError::Append)?;
     state.generation = generation;
     if !state.running {
-        state.last_seq = Some(log.durable_seq().get());
+        state.last_seq = Some(log.durable_seq());
     }
     state.save(log_dir)?;
     Ok(Some(RecoverReport {
         cut: recovery.cut,
         lost_acknowledged: recovery.lost_acknowledged,
         generation,
-        first_seq: first_seq.get(),
+        first_seq,
         resync_needed,
     }))
 }

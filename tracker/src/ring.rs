@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use io_uring::{opcode, squeue, types, IoUring};
 
-use crate::nbd::constants::Errno;
+use crate::backend::BackendError;
 use crate::queue::{Io, IoKind, Queue};
 use crate::storage::{AlignedBuf, BlockDevice, StorageError};
 
@@ -36,7 +36,7 @@ pub(crate) const DEVICE_TAG: u64 = 0;
 pub(crate) const TAG_MASK: u64 = 0xff << 56;
 
 /// A finished device I/O: the queue's token, the outcome, the buffer.
-pub(crate) type Completion = (u64, Result<(), Errno>, Option<AlignedBuf>);
+pub(crate) type Completion = (u64, Result<(), BackendError>, Option<AlignedBuf>);
 
 struct InFlight {
     io: Io,
@@ -55,15 +55,25 @@ pub(crate) struct DeviceIo {
     use_ring: bool,
 }
 
-fn errno_of(error: &StorageError) -> Errno {
-    Errno::from_code(error.errno()).unwrap_or(Errno::Io)
-}
-
-fn errno_from_raw(code: i32) -> Errno {
-    u32::try_from(code)
-        .ok()
-        .and_then(Errno::from_code)
-        .unwrap_or(Errno::Io)
+/// The error of a ring I/O that failed with `source`: what the
+/// synchronous engine reports for the same failure, so that a client is
+/// told the same whichever engine performed the I/O.
+fn ring_error(io: &Io, source: std::io::Error) -> BackendError {
+    use crate::storage::Op;
+    let len = io.buf.as_ref().map_or(0, |b| b.len()) as u64;
+    let (op, offset) = match io.kind {
+        IoKind::Read { offset } => (Op::Read, offset),
+        IoKind::Write { offset } => (Op::Write, offset),
+        IoKind::WriteZeroes { offset, .. } => (Op::WriteZeroes, offset),
+        IoKind::Trim { offset, .. } => (Op::Trim, offset),
+        IoKind::Flush => return BackendError::Device(StorageError::Flush { source }),
+    };
+    BackendError::Device(StorageError::Io {
+        op,
+        offset,
+        len,
+        source,
+    })
 }
 
 impl DeviceIo {
@@ -85,8 +95,9 @@ impl DeviceIo {
     /// Starts `io`: on the ring, or at once (its completion is then
     /// returned).
     pub(crate) fn start(&mut self, ring: &mut IoUring, mut io: Io) -> Option<Completion> {
-        let Some(device) = self.devices.get(io.disk as usize).cloned() else {
-            return Some((io.token, Err(Errno::Inval), io.buf));
+        let Some(device) = self.devices.get(io.disk.index()).cloned() else {
+            let error = BackendError::NoSuchDisk(io.disk);
+            return Some((io.token, Err(error), io.buf));
         };
         let ring_can = self.use_ring
             && device
@@ -128,7 +139,7 @@ impl DeviceIo {
         let Some(flight) = self.slots[index].as_mut() else {
             return;
         };
-        let device = &self.devices[flight.io.disk as usize];
+        let device = &self.devices[flight.io.disk.index()];
         let Some(raw) = device.raw_access() else {
             return;
         };
@@ -174,7 +185,8 @@ impl DeviceIo {
                 flight.retries += 1;
                 None
             } else {
-                Some(Err(errno_from_raw(errno)))
+                let source = std::io::Error::from_raw_os_error(errno);
+                Some(Err(ring_error(&flight.io, source)))
             }
         } else {
             match flight.io.kind {
@@ -182,7 +194,8 @@ impl DeviceIo {
                     let n = result as usize;
                     if n == 0 {
                         // End of file or a device that takes nothing.
-                        Some(Err(Errno::Io))
+                        let source = std::io::ErrorKind::UnexpectedEof.into();
+                        Some(Err(ring_error(&flight.io, source)))
                     } else {
                         flight.done += n;
                         (flight.done >= len).then_some(Ok(()))
@@ -198,7 +211,7 @@ impl DeviceIo {
         let flight = self.slots[index].take()?;
         self.free.push(index);
         if let (IoKind::Flush, Err(_)) = (&flight.io.kind, &outcome) {
-            if let Some(raw) = self.devices[flight.io.disk as usize].raw_access() {
+            if let Some(raw) = self.devices[flight.io.disk.index()].raw_access() {
                 raw.flush_failed(&std::io::Error::from_raw_os_error(-result));
             }
         }
@@ -263,16 +276,21 @@ pub(crate) fn drain_completions(ring: &mut IoUring) -> Vec<(u64, i32)> {
 }
 
 /// Performs `io` through the synchronous interface.
-fn perform(device: &dyn BlockDevice, io: &mut Io) -> Result<(), Errno> {
+fn perform(device: &dyn BlockDevice, io: &mut Io) -> Result<(), BackendError> {
     let outcome = match (&io.kind, io.buf.as_mut()) {
         (IoKind::Read { offset }, Some(buf)) => device.read_at(buf, *offset),
         (IoKind::Write { offset }, Some(buf)) => device.write_at(buf, *offset),
-        (IoKind::Read { .. } | IoKind::Write { .. }, None) => return Err(Errno::Inval),
+        (IoKind::Read { offset } | IoKind::Write { offset }, None) => {
+            return Err(BackendError::OutOfRange {
+                offset: *offset,
+                length: 0,
+            })
+        }
         (IoKind::WriteZeroes { offset, len }, _) => device.write_zeroes(*offset, *len),
         (IoKind::Trim { offset, len }, _) => device.trim(*offset, *len),
         (IoKind::Flush, _) => device.flush(),
     };
-    outcome.map_err(|e| errno_of(&e))
+    Ok(outcome?)
 }
 
 /// Pushes an SQE, making room by submitting if the queue is full.
@@ -289,5 +307,59 @@ pub(crate) fn push(ring: &mut IoUring, entry: &squeue::Entry) {
             tracing::warn!(%error, "io_uring submit failed while the queue was full");
             std::thread::sleep(std::time::Duration::from_micros(100));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidemark_changelog::DiskId;
+
+    fn io(kind: IoKind) -> Io {
+        Io {
+            token: 7,
+            disk: DiskId(0),
+            kind,
+            buf: Some(AlignedBuf::page_aligned(4096)),
+        }
+    }
+
+    /// A ring I/O that fails is reported as the synchronous engine reports
+    /// the same failure: by the kernel's errno, so both tell a client the
+    /// same.
+    #[test]
+    fn a_failed_ring_io_is_the_synchronous_engines_error() {
+        let raw = std::io::Error::from_raw_os_error;
+        let write = ring_error(&io(IoKind::Write { offset: 8192 }), raw(libc::EDQUOT));
+        assert!(
+            matches!(
+                &write,
+                BackendError::Device(StorageError::Io {
+                    op: crate::storage::Op::Write,
+                    offset: 8192,
+                    len: 4096,
+                    ..
+                })
+            ),
+            "{write:?}"
+        );
+        let errno = |e: &BackendError| match e {
+            BackendError::Device(e) => e.errno(),
+            other => panic!("not a device error: {other:?}"),
+        };
+        assert_eq!(errno(&write) as i32, libc::ENOSPC);
+        let read = ring_error(&io(IoKind::Read { offset: 0 }), raw(libc::EINVAL));
+        assert_eq!(errno(&read) as i32, libc::EIO);
+        let eof = ring_error(
+            &io(IoKind::Read { offset: 0 }),
+            std::io::ErrorKind::UnexpectedEof.into(),
+        );
+        assert_eq!(errno(&eof) as i32, libc::EIO);
+        let flush = ring_error(&io(IoKind::Flush), raw(libc::ENOSPC));
+        assert!(
+            matches!(&flush, BackendError::Device(StorageError::Flush { .. })),
+            "{flush:?}"
+        );
+        assert_eq!(errno(&flush) as i32, libc::ENOSPC);
     }
 }

@@ -37,6 +37,8 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use tidemark_changelog::Seq;
+
 const FILE: &str = "tracker.state";
 const TMP: &str = "tracker.state.tmp";
 const MAGIC: &str = "tidemark-tracker-state";
@@ -178,7 +180,7 @@ pub struct GroupState {
     pub running: bool,
     /// The last durable record of the log at a clean stop (not while
     /// running, and not recorded by version 1).
-    pub last_seq: Option<u64>,
+    pub last_seq: Option<Seq>,
     /// Bitmap mode, with its cause.
     pub bitmap: Option<BitmapCause>,
     /// Disk names by id.
@@ -256,7 +258,8 @@ impl GroupState {
                 }
                 "running" => state.running = value == "1",
                 "last-seq" => {
-                    state.last_seq = Some(value.parse().map_err(|_| damaged("bad last-seq"))?)
+                    state.last_seq =
+                        Some(Seq(value.parse().map_err(|_| damaged("bad last-seq"))?))
                 }
                 "bitmap-reason" => state.bitmap = Some(BitmapCause::from_text(value)),
                 "disk" => state.disks.push(value.to_string()),
@@ -397,7 +400,7 @@ mod tests {
         let mut s = GroupState::fresh(&["data".into(), "wal".into()]);
         s.generation = 4;
         s.running = false;
-        s.last_seq = Some(77);
+        s.last_seq = Some(Seq(77));
         s.bitmap = Some(BitmapCause::LogFull(FullAt::Append { limit: 1 << 30 }));
         s.save(dir.path()).unwrap();
         let loaded = GroupState::load(dir.path()).unwrap().unwrap();
@@ -431,7 +434,7 @@ mod tests {
             (0, false, None, None)
         );
         assert_eq!(s.disks, ["disk"]);
-        s.last_seq = Some(20);
+        s.last_seq = Some(Seq(20));
         s.save_in_place().unwrap();
         let v2 = fs::read_to_string(dir.path().join(FILE)).unwrap();
         assert!(v2.starts_with("tidemark-tracker-state 2\n"), "{v2}");

@@ -53,10 +53,10 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tidemark_changelog::Entry;
+use tidemark_changelog::{DiskId, Entry, Seq};
 
-use crate::group::{BarrierWait, Group, Recorded};
-use crate::nbd::constants::Errno;
+use crate::backend::BackendError;
+use crate::group::{BarrierWait, Group, Recorded, NEVER_COOLS};
 use crate::queue::{Io, IoKind, Op, Queue, QueueWaker, Reply, Request};
 use crate::range_lock::RangeTicket;
 use crate::storage::AlignedBuf;
@@ -80,7 +80,7 @@ pub struct GroupQueue {
 
 struct Slot {
     id: u64,
-    disk: u32,
+    disk: DiskId,
     op: Op,
     /// The request's range ([`GroupQueue::extent`]).
     offset: u64,
@@ -91,6 +91,9 @@ struct Slot {
     timestamp_ns: u64,
     stage: Stage,
     range: Option<RangeTicket>,
+    /// Why its device I/O (a modification, or a barrier's flush) failed:
+    /// the answer once the stage allows one.
+    failed: Option<BackendError>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -101,20 +104,21 @@ enum Stage {
     Map(u64),
     /// Parked until the log's buffer has room for its record.
     Record,
-    /// Its record is in (sequence number `seq`; 0 in bitmap mode) and its
-    /// device I/O in flight.
-    Device { seq: u64 },
+    /// Its record is in (sequence number `seq`; [`Seq::ZERO`] in bitmap
+    /// mode) and its device I/O in flight.
+    Device { seq: Seq },
     /// Its device I/O failed: parked until the log's buffer has room for
-    /// the resync-needed record of its range; then answered `errno`.
-    Compensate { errno: Errno },
+    /// the resync-needed record of its range; then answered with the
+    /// failure ([`Slot::failed`]).
+    Compensate,
     /// A read in flight.
     Read,
     /// A barrier: the device flush `epoch` and the log (or dirty bitmap).
     Barrier {
         epoch: u64,
         wait: BarrierWait,
-        /// The device flush's outcome, once it completed.
-        flushed: Option<Result<(), Errno>>,
+        /// The device flush completed (a failure is [`Slot::failed`]).
+        flushed: bool,
     },
 }
 
@@ -161,7 +165,7 @@ impl GroupQueue {
     }
 
     /// Answers and frees a slot.
-    fn answer(&mut self, token: usize, result: Result<(), Errno>) {
+    fn answer(&mut self, token: usize, result: Result<(), BackendError>) {
         if let Some(slot) = self.slots.get_mut(token).and_then(Option::take) {
             self.free.push(token);
             self.in_flight -= 1;
@@ -205,10 +209,10 @@ impl GroupQueue {
                 }
                 Stage::Map(ticket) => match self.group.maps_ready(ticket) {
                     None => return Progress::Blocked,
-                    Some(Err(errno)) => {
+                    Some(Err(error)) => {
                         tracing::error!("persisting the activity map failed; failing the write");
-                        self.release(token, u64::MAX);
-                        self.answer(token, Err(errno));
+                        self.release(token, NEVER_COOLS);
+                        self.answer(token, Err(error));
                         return Progress::Moved;
                     }
                     Some(Ok(())) => self.slot(token).stage = Stage::Record,
@@ -235,7 +239,7 @@ impl GroupQueue {
                     };
                     let seq = match self.group.record(disk, &entry) {
                         Recorded::Logged(seq) => seq,
-                        Recorded::Dirty => 0,
+                        Recorded::Dirty => Seq::ZERO,
                         Recorded::NoRoom => return Progress::Blocked,
                     };
                     // The record is in the log's buffer: the device write
@@ -244,15 +248,16 @@ impl GroupQueue {
                     self.issue(token);
                     return Progress::Moved;
                 }
-                Stage::Compensate { errno } => {
+                Stage::Compensate => {
                     let entry = Entry::resync_needed(disk, offset, len, self.wall_ns(now));
                     if let Recorded::NoRoom = self.group.record(disk, &entry) {
                         return Progress::Blocked;
                     }
                     // The extent stays hot (never cooled), so a crash
                     // before the compensation is durable re-reads it too.
-                    self.release(token, u64::MAX);
-                    self.answer(token, Err(errno));
+                    self.release(token, NEVER_COOLS);
+                    let failed = self.slot(token).failed.take();
+                    self.answer(token, Err(failed.unwrap_or(BackendError::Unavailable)));
                     return Progress::Moved;
                 }
                 Stage::Barrier {
@@ -268,13 +273,13 @@ impl GroupQueue {
                     };
                     // The device flush is this queue's I/O: nothing is
                     // answered while it is in flight.
-                    let Some(flushed) = flushed else {
+                    if !flushed {
                         return Progress::Moved;
-                    };
-                    let outcome = match (flushed, ready) {
-                        (Err(errno), _) | (Ok(()), Some(Err(errno))) => Err(errno),
-                        (Ok(()), Some(Ok(()))) => Ok(()),
-                        (Ok(()), None) => return Progress::Blocked,
+                    }
+                    let outcome = match (self.slot(token).failed.take(), ready) {
+                        (Some(error), _) | (None, Some(Err(error))) => Err(error),
+                        (None, Some(Ok(()))) => Ok(()),
+                        (None, None) => return Progress::Blocked,
                     };
                     if outcome.is_ok() {
                         self.group.end_barrier(disk, epoch);
@@ -316,7 +321,7 @@ impl GroupQueue {
 
     /// A modification's device I/O completed and its record (sequence
     /// number `seq`) is in: it is answered, or with FUA its barrier starts.
-    fn written(&mut self, token: usize, seq: u64, now: Instant) {
+    fn written(&mut self, token: usize, seq: Seq, now: Instant) {
         self.release(token, seq);
         let slot = self.slot(token);
         let (op, started) = (slot.op, slot.started);
@@ -343,7 +348,7 @@ impl GroupQueue {
         self.slot(token).stage = Stage::Barrier {
             epoch,
             wait,
-            flushed: None,
+            flushed: false,
         };
         self.ios.push_back(Io {
             token: token as u64,
@@ -355,7 +360,7 @@ impl GroupQueue {
 
     /// Lets go of a modification's range and extents; `seq` as for
     /// [`Group::release_hot`].
-    fn release(&mut self, token: usize, seq: u64) {
+    fn release(&mut self, token: usize, seq: Seq) {
         let slot = self.slot(token);
         let disk = slot.disk;
         let (offset, len) = (slot.offset, slot.len);
@@ -411,10 +416,10 @@ impl Queue for GroupQueue {
                 .err()
                 .or_else(|| self.group.check_running().err()),
         };
-        if let Some(errno) = refused {
+        if let Some(error) = refused {
             self.replies.push_back(Reply {
                 id,
-                result: Err(errno),
+                result: Err(error),
                 buf,
             });
             return;
@@ -436,6 +441,7 @@ impl Queue for GroupQueue {
             timestamp_ns: self.wall_ns(now),
             stage,
             range: None,
+            failed: None,
         };
         let token = match self.free.pop() {
             Some(token) => {
@@ -477,7 +483,7 @@ impl Queue for GroupQueue {
     fn handle_io(
         &mut self,
         token: u64,
-        result: Result<(), Errno>,
+        result: Result<(), BackendError>,
         buf: Option<AlignedBuf>,
         now: Instant,
     ) {
@@ -493,8 +499,10 @@ impl Queue for GroupQueue {
             Stage::Read => self.answer(token, result),
             Stage::Device { seq } => match result {
                 Ok(()) => self.written(token, seq, now),
-                Err(errno) => {
-                    self.slot(token).stage = Stage::Compensate { errno };
+                Err(error) => {
+                    let slot = self.slot(token);
+                    slot.failed = Some(error);
+                    slot.stage = Stage::Compensate;
                     self.advance_or_park(token, now);
                 }
             },
@@ -502,11 +510,12 @@ impl Queue for GroupQueue {
                 slot.stage = Stage::Barrier {
                     epoch,
                     wait,
-                    flushed: Some(result),
+                    flushed: true,
                 };
+                slot.failed = result.err();
                 self.advance_or_park(token, now);
             }
-            Stage::Range | Stage::Map(_) | Stage::Record | Stage::Compensate { .. } => {
+            Stage::Range | Stage::Map(_) | Stage::Record | Stage::Compensate => {
                 tracing::error!(token, "I/O completion for a request not waiting for one");
             }
         }

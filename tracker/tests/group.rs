@@ -2,6 +2,9 @@
 //! replay equals the device, bitmap mode on overflow, generations and
 //! resync-needed extents after an unclean stop.
 
+mod failing_device;
+
+use failing_device::FailingDevice;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::path::Path;
@@ -11,7 +14,7 @@ use tidemark_changelog::{DiskId, FsDir, Kind, LogOptions, LogReader, Record, Seq
 use tidemark_tracker::backend::Backend;
 use tidemark_tracker::group::{Group, GroupDisk, GroupOptions, TrackingMode};
 use tidemark_tracker::state::{BitmapCause, FullAt};
-use tidemark_tracker::storage::{BlockDevice, MemoryDevice, StorageError};
+use tidemark_tracker::storage::{BlockDevice, MemoryDevice};
 
 const DISK: u64 = 8 << 20;
 
@@ -63,11 +66,11 @@ fn records(dir: &Path) -> Vec<Record> {
     std::iter::from_fn(|| reader.next_record().unwrap()).collect()
 }
 
-fn replay(dir: &Path, disk: u32) -> (Vec<u8>, ReplaySummary) {
+fn replay(dir: &Path, disk: DiskId) -> (Vec<u8>, ReplaySummary) {
     let mut image = MemoryImage(vec![0; DISK as usize]);
     let mut summary = ReplaySummary::default();
     for r in records(dir) {
-        apply(&r, disk.into(), &mut image, &mut summary).unwrap();
+        apply(&r, disk, &mut image, &mut summary).unwrap();
     }
     (image.0, summary)
 }
@@ -112,7 +115,7 @@ fn concurrent_overlapping_writers_give_a_log_that_replays_to_the_device() {
     }
     group.flush(DiskId(0)).unwrap();
     for (id, dev) in devs.iter().enumerate() {
-        let (image, summary) = replay(tmp.path(), id as u32);
+        let (image, summary) = replay(tmp.path(), DiskId(id as u32));
         assert!(summary.applied > 300, "disk {id}: {summary:?}");
         assert!(
             image == dev.snapshot(),
@@ -121,13 +124,13 @@ fn concurrent_overlapping_writers_give_a_log_that_replays_to_the_device() {
     }
     let status = group.status();
     assert_eq!(status.mode, TrackingMode::Data);
-    assert_eq!(status.durable_seq, status.next_seq - 1);
+    assert_eq!(status.durable_seq.next(), status.next_seq);
     assert!(status.barriers > 100);
     // Sequence numbers are gap-free and the last record is a barrier.
     let recs = records(tmp.path());
     assert!(recs
         .windows(2)
-        .all(|w| w[1].header.seq.get() == w[0].header.seq.get() + 1));
+        .all(|w| w[1].header.seq == w[0].header.seq.next()));
     assert_eq!(recs.last().unwrap().header.kind, Kind::Barrier);
 }
 
@@ -206,9 +209,9 @@ fn an_unclean_stop_starts_a_new_generation_and_records_hot_extents() {
     assert_eq!(
         report.resync_needed,
         vec![
-            (0, 0, 1 << 20),
-            (0, 3 << 20, 1 << 20),
-            (1, 5 << 20, 1 << 20)
+            (DiskId(0), 0, 1 << 20),
+            (DiskId(0), 3 << 20, 1 << 20),
+            (DiskId(1), 5 << 20, 1 << 20)
         ]
     );
     let recs = records(tmp.path());
@@ -224,12 +227,12 @@ fn an_unclean_stop_starts_a_new_generation_and_records_hot_extents() {
     let old_last = recs
         .iter()
         .filter(|r| r.header.generation == 0)
-        .map(|r| r.header.seq.get())
+        .map(|r| r.header.seq)
         .max()
         .unwrap();
     assert!(
-        new_gen[0].header.seq.get() > report.recovery.max_exposed_seq.get()
-            && report.recovery.max_exposed_seq.get() >= old_last,
+        new_gen[0].header.seq > report.recovery.max_exposed_seq
+            && report.recovery.max_exposed_seq >= old_last,
         "the new generation starts above anything a reader could have seen"
     );
     assert_eq!(group.status().hot_extents, vec![0, 0]);
@@ -314,7 +317,10 @@ fn resync_all_records_every_byte_after_a_clean_stop() {
     let (group, report) = open_with(&devs, opts);
     assert!(report.unclean);
     assert_eq!(report.generation, 1);
-    assert_eq!(report.resync_needed, vec![(0, 0, DISK), (1, 0, DISK / 2)]);
+    assert_eq!(
+        report.resync_needed,
+        vec![(DiskId(0), 0, DISK), (DiskId(1), 0, DISK / 2)]
+    );
     let recs = records(tmp.path());
     let resync: Vec<_> = recs
         .iter()
@@ -340,7 +346,7 @@ fn trim_and_write_zeroes_read_as_zeroes_on_the_device_and_in_replay() {
     assert!(buf[4096..12288].iter().all(|b| *b == 0));
     assert!(buf[20000..21000].iter().all(|b| *b == 0));
     assert!(buf[..4096].iter().all(|b| *b == 9));
-    let (image, _) = replay(tmp.path(), 0);
+    let (image, _) = replay(tmp.path(), DiskId(0));
     assert_eq!(&image[..65536], &buf[..]);
 }
 
@@ -354,10 +360,10 @@ fn a_marker_is_followed_by_a_durable_barrier() {
         .marker(&tidemark_names::Label::new("nightly").unwrap(), true)
         .unwrap();
     let recs = records(tmp.path());
-    assert_eq!(recs[1].header.seq.get(), seq);
+    assert_eq!(recs[1].header.seq, seq);
     assert_eq!(recs[1].label(), Some("nightly"));
     assert_eq!(recs[2].header.kind, Kind::Barrier);
-    assert_eq!(group.status().durable_seq, recs[2].header.seq.get());
+    assert_eq!(group.status().durable_seq, recs[2].header.seq);
 }
 
 #[test]
@@ -377,9 +383,9 @@ fn a_write_larger_than_a_segment_is_split_into_consecutive_records() {
     assert_eq!(writes.len(), 4);
     assert!(writes
         .windows(2)
-        .all(|w| w[1].header.seq.get() == w[0].header.seq.get() + 1
+        .all(|w| w[1].header.seq == w[0].header.seq.next()
             && w[1].header.offset == w[0].header.offset + w[0].header.length));
-    let (image, _) = replay(tmp.path(), 0);
+    let (image, _) = replay(tmp.path(), DiskId(0));
     assert!(image == devs[0].snapshot());
 }
 
@@ -408,8 +414,8 @@ fn bitmap_mode_returns_to_data_mode_with_resync_needed_records_once_the_log_has_
 
     // The receiver has everything: the cursor frees every segment.
     let dir = FsDir::existing(tmp.path()).unwrap();
-    let last = records(tmp.path()).last().unwrap().header.seq.get();
-    tidemark_changelog::write_cursor(&dir, Seq(last)).unwrap();
+    let last = records(tmp.path()).last().unwrap().header.seq;
+    tidemark_changelog::write_cursor(&dir, last).unwrap();
     let extents = group
         .try_resume_data_mode()
         .unwrap()
@@ -421,7 +427,7 @@ fn bitmap_mode_returns_to_data_mode_with_resync_needed_records_once_the_log_has_
 
     let after: Vec<Record> = records(tmp.path())
         .into_iter()
-        .filter(|r| r.header.seq.get() > last)
+        .filter(|r| r.header.seq > last)
         .collect();
     let resync: Vec<(u64, u64)> = after
         .iter()
@@ -467,7 +473,7 @@ fn a_spliced_out_disk_is_recorded_whole_as_resync_needed_on_request() {
     assert!(group.record_resync_all("disk9").is_err());
     group.flush(DiskId(1)).unwrap();
     let recs = records(tmp.path());
-    let at = recs.iter().position(|r| r.header.seq.get() == seq).unwrap();
+    let at = recs.iter().position(|r| r.header.seq == seq).unwrap();
     let r = &recs[at].header;
     assert_eq!(
         (r.kind, r.disk.get(), r.offset, r.length),
@@ -553,7 +559,7 @@ fn a_damaged_log_is_refused_until_it_is_recovered_in_a_new_generation() {
         })
         .collect();
     write_sources(tmp.path(), &sources).unwrap();
-    let last = records(tmp.path()).last().unwrap().header.seq.get();
+    let last = records(tmp.path()).last().unwrap().header.seq;
     let newest = std::fs::read_dir(tmp.path())
         .unwrap()
         .filter_map(|e| parse_segment_name(e.unwrap().file_name().to_str()?))
@@ -612,7 +618,7 @@ fn a_damaged_log_is_refused_until_it_is_recovered_in_a_new_generation() {
         .iter()
         .filter(|r| r.header.generation == report.generation)
         .collect();
-    assert!(new.iter().all(|r| r.header.seq.get() > last));
+    assert!(new.iter().all(|r| r.header.seq > last));
     assert_eq!(
         new.iter()
             .filter(|r| r.header.kind == Kind::ResyncNeeded)
@@ -660,51 +666,10 @@ fn a_log_that_ends_before_the_clean_stop_is_refused() {
     );
 }
 
-/// A memory device whose writes fail while `failing` is set.
-struct FailingWrites {
-    inner: MemoryDevice,
-    failing: std::sync::atomic::AtomicBool,
-}
-
-impl BlockDevice for FailingWrites {
-    fn info(&self) -> &tidemark_tracker::storage::BackingInfo {
-        self.inner.info()
-    }
-    fn supports_holes(&self) -> bool {
-        self.inner.supports_holes()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), StorageError> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, data: &[u8], offset: u64) -> Result<(), StorageError> {
-        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(StorageError::Io {
-                op: tidemark_tracker::storage::Op::Write,
-                offset,
-                len: data.len() as u64,
-                source: std::io::Error::from_raw_os_error(5), // EIO
-            });
-        }
-        self.inner.write_at(data, offset)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), StorageError> {
-        self.inner.write_zeroes(offset, len)
-    }
-    fn trim(&self, offset: u64, len: u64) -> Result<(), StorageError> {
-        self.inner.trim(offset, len)
-    }
-    fn flush(&self) -> Result<(), StorageError> {
-        self.inner.flush()
-    }
-}
-
 #[test]
 fn a_failed_device_write_is_followed_by_a_resync_needed_record_of_its_range() {
     let tmp = tempfile::tempdir().unwrap();
-    let dev = Arc::new(FailingWrites {
-        inner: MemoryDevice::new(DISK),
-        failing: true.into(),
-    });
+    let dev = Arc::new(FailingDevice::new(DISK, libc::EIO));
     let disks = vec![GroupDisk {
         name: tidemark_names::Name::new("disk0".to_string()).unwrap(),
         export: "disk0".to_string(),
@@ -713,8 +678,7 @@ fn a_failed_device_write_is_followed_by_a_resync_needed_record_of_its_range() {
     let (group, _) = Group::open(disks, options(tmp.path(), 64 << 20)).unwrap();
     group.mark_running().unwrap();
     assert!(group.write(DiskId(0), 4096, &[9; 4096], false).is_err());
-    dev.failing
-        .store(false, std::sync::atomic::Ordering::SeqCst);
+    dev.errno.store(0, std::sync::atomic::Ordering::SeqCst);
     group.write(DiskId(0), 4096, &[7; 4096], false).unwrap();
     group.flush(DiskId(0)).unwrap();
     // Never cooled: a crash before the compensation is durable re-reads it.

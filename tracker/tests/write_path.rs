@@ -14,24 +14,26 @@
 //!   write that fails is answered with its error and followed by a
 //!   resync-needed record of its range.
 
+mod failing_device;
 mod server_support;
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
+use failing_device::FailingDevice;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use server_support::{pseudo_random, RawClient, Reply};
 use tidemark_changelog::replay::{apply, ReplaySummary, ReplayTarget};
 use tidemark_changelog::{DiskId, FsDir, Kind, LogOptions, LogReader, Record, Seq};
-use tidemark_tracker::backend::Backend;
+use tidemark_tracker::backend::{Backend, BackendError};
 use tidemark_tracker::group::{Group, GroupDisk, GroupOptions};
 use tidemark_tracker::nbd::constants::{CommandFlags, CommandType, Errno};
 use tidemark_tracker::queue::{Io, IoKind, Op, Queue, QueueWaker, Request};
 use tidemark_tracker::server::{Frontend, Server, ServerOptions};
 use tidemark_tracker::storage::{
-    open_backing, AlignedBuf, BackingOptions, BlockDevice, DirectIo, EngineKind,
+    open_backing, AlignedBuf, BackingOptions, BlockDevice, DirectIo, EngineKind, StorageError,
 };
 use tidemark_tracker::write_path::GroupQueue;
 
@@ -105,6 +107,11 @@ fn open_group_not_running(dir: &Path, direct: DirectIo) -> Arc<Group> {
         },
     )
     .unwrap();
+    group_on(dir, device)
+}
+
+/// A group of one disk on `device`, not running yet.
+fn group_on(dir: &Path, device: Arc<dyn BlockDevice>) -> Arc<Group> {
     let (group, _) = Group::open(
         vec![GroupDisk {
             name: tidemark_names::Name::new("disk".to_string()).unwrap(),
@@ -370,10 +377,6 @@ fn one_connection_through_the_event_loop_equals_the_synchronous_engine() {
 fn the_event_loop_changes_nothing_before_the_group_runs() {
     let tmp = tempfile::tempdir().unwrap();
     let group = open_group_not_running(tmp.path(), DirectIo::Auto);
-    let socket = tmp.path().join("nbd.sock");
-    let server = Server::bind_unix(&socket, ServerOptions::default()).unwrap();
-    let handle = server.serve_frontend(Frontend::group(group.clone(), true));
-    let (mut client, _, _) = RawClient::go(&socket, "disk", false);
     let reqs = [
         Req::Write {
             offset: 0,
@@ -386,15 +389,8 @@ fn the_event_loop_changes_nothing_before_the_group_runs() {
         },
         Req::Flush,
     ];
-    for (cookie, req) in reqs.iter().enumerate() {
-        request_of(&mut client, cookie as u64, req);
-        match client.read_reply() {
-            Reply::Simple { error, .. } => assert_ne!(error, 0, "{req:?} was served"),
-            other => panic!("unexpected reply {other:?}"),
-        }
-    }
-    drop(client);
-    handle.shutdown();
+    // EIO: the group is not serving changes yet.
+    assert_eq!(errors_of(&group, tmp.path(), &reqs), [5, 5, 5]);
     group.close_clean().unwrap();
     assert!(
         records(&tmp.path().join("log")).is_empty(),
@@ -404,6 +400,58 @@ fn the_event_loop_changes_nothing_before_the_group_runs() {
         .unwrap()
         .iter()
         .all(|&b| b == 0));
+}
+
+/// What the backing device says reaches the NBD client as the protocol's
+/// error value: a full disk (or quota) `ENOSPC`, a read-only one `EPERM`,
+/// anything else `EIO`; for a write and for a flush alike.
+#[test]
+fn a_device_error_reaches_the_nbd_client_as_its_errno() {
+    for (errno, told) in [
+        (libc::ENOSPC, 28),
+        (libc::EDQUOT, 28),
+        (libc::EROFS, 1),
+        (libc::ENOMEM, 12),
+        (libc::EIO, 5),
+        (libc::EINVAL, 5),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let group = group_on(tmp.path(), Arc::new(FailingDevice::new(DISK, errno)));
+        group.mark_running().unwrap();
+        let reqs = [
+            Req::Write {
+                offset: 4096,
+                data: vec![7; 4096],
+                fua: false,
+            },
+            Req::Flush,
+        ];
+        let errors = errors_of(&group, tmp.path(), &reqs);
+        assert_eq!(errors, [told, told], "failing with errno {errno}");
+    }
+}
+
+/// The NBD error value of each of `reqs` (0: served), sent one after
+/// another on a connection to `group` served on a socket in `dir`.
+fn errors_of(group: &Arc<Group>, dir: &Path, reqs: &[Req]) -> Vec<u32> {
+    let socket = dir.join("nbd.sock");
+    let server = Server::bind_unix(&socket, ServerOptions::default()).unwrap();
+    let handle = server.serve_frontend(Frontend::group(group.clone(), true));
+    let (mut client, _, _) = RawClient::go(&socket, "disk", false);
+    let errors = reqs
+        .iter()
+        .enumerate()
+        .map(|(cookie, req)| {
+            request_of(&mut client, cookie as u64, req);
+            match client.read_reply() {
+                Reply::Simple { error, .. } => error,
+                other => panic!("unexpected reply {other:?}"),
+            }
+        })
+        .collect();
+    drop(client);
+    handle.shutdown();
+    errors
 }
 
 /// The queue core of a running group, driven directly (no socket, no
@@ -435,7 +483,7 @@ fn write_request(id: u64, offset: u64, byte: u8, len: usize) -> Request {
     buf.fill(byte);
     Request {
         id,
-        disk: 0,
+        disk: DiskId(0),
         op: Op::Write { offset, fua: false },
         buf: Some(buf),
     }
@@ -452,14 +500,15 @@ fn a_write_is_recorded_before_its_device_write_completes() {
     assert!(matches!(io.kind, IoKind::Write { offset: 8192 }), "{io:?}");
     // The record took its sequence number before the device I/O went out:
     // the log append and the device write are under way together.
-    assert_eq!(group.status().next_seq, before + 1);
+    assert_eq!(group.status().next_seq, before.next());
     assert!(
         core.poll_reply().is_none(),
         "answered before the device wrote"
     );
     core.handle_io(io.token, Ok(()), io.buf, Instant::now());
     let reply = core.poll_reply().expect("answered once the device wrote");
-    assert_eq!((reply.id, reply.result), (1, Ok(())));
+    assert_eq!(reply.id, 1);
+    reply.result.unwrap();
     assert_eq!(core.in_flight(), 0);
 }
 
@@ -470,15 +519,25 @@ fn a_failed_device_write_is_answered_with_its_error_and_its_range_marked_resync_
     let mut core = core_of(&group);
     core.handle_request(write_request(1, 1 << 20, 0x5a, 8192), Instant::now());
     let io = next_io(&mut core);
-    core.handle_io(io.token, Err(Errno::Io), io.buf, Instant::now());
+    let full = BackendError::Device(StorageError::Io {
+        op: tidemark_tracker::storage::Op::Write,
+        offset: 1 << 20,
+        len: 8192,
+        source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+    });
+    core.handle_io(io.token, Err(full), io.buf, Instant::now());
     let reply = core.poll_reply().expect("the failure is answered");
-    assert_eq!((reply.id, reply.result), (1, Err(Errno::Io)));
+    assert_eq!(reply.id, 1);
+    // The device's own error, not a generic one: a full disk is ENOSPC to
+    // an NBD client.
+    let told = reply.result.map_err(|error| Errno::of_backend(&error));
+    assert_eq!(told, Err(Errno::NoSpc));
     assert_eq!(core.in_flight(), 0);
     // The range is free again: a later write to it goes through.
     core.handle_request(write_request(2, 1 << 20, 0x11, 4096), Instant::now());
     let io = next_io(&mut core);
     core.handle_io(io.token, Ok(()), io.buf, Instant::now());
-    assert_eq!(core.poll_reply().unwrap().result, Ok(()));
+    core.poll_reply().unwrap().result.unwrap();
     Backend::flush(&*group, DiskId(0)).unwrap();
     // The failed write's extent never cools: a crash before the
     // compensation is durable re-reads it too.

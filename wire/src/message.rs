@@ -64,7 +64,7 @@ use bytes::Bytes;
 use std::fmt;
 use thiserror::Error;
 use tidemark_changelog::record::{self, crc32c_combine, Header, Record, HEADER_LEN};
-use tidemark_changelog::{Disk, Extent};
+use tidemark_changelog::{Disk, DiskId, Extent, Seq};
 use tidemark_names::Name;
 
 /// The longest `str8` field, in bytes (names are shorter still:
@@ -193,7 +193,7 @@ pub const MAX_RESYNC_EXTENTS: usize = 1 << 20;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DiskSync {
     /// Disk id.
-    pub id: u32,
+    pub id: DiskId,
     /// Initial sync is done below this byte offset (== size: complete).
     pub synced: u64,
 }
@@ -316,7 +316,7 @@ impl ErrorCode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RecordId {
     /// Sequence number.
-    pub seq: u64,
+    pub seq: Seq,
     /// Tracker generation.
     pub generation: u32,
 }
@@ -575,7 +575,7 @@ impl RecordBatch {
 
     fn note(&mut self, header: Header, crc: u32) -> Result<(), BatchError> {
         let id = RecordId {
-            seq: header.seq.get(),
+            seq: header.seq,
             generation: header.generation,
         };
         if let Some(prev) = self.last {
@@ -698,7 +698,7 @@ impl Iterator for BatchRecords<'_> {
             .map_err(|source| BatchError::Record { index, source })
             .and_then(|r| {
                 let id = RecordId {
-                    seq: r.header.seq.get(),
+                    seq: r.header.seq,
                     generation: r.header.generation,
                 };
                 match self.last {
@@ -745,7 +745,7 @@ pub enum Message {
     /// Receiver → shipper: where to resume.
     Welcome {
         /// Every record up to this one is durable at the replica (0: none).
-        durable_seq: u64,
+        durable_seq: Seq,
         /// The generation of that record.
         generation: u32,
         /// How far each disk's initial sync has come.
@@ -762,11 +762,11 @@ pub enum Message {
     /// before the next one.
     Chunk {
         /// Disk id.
-        disk: u32,
+        disk: DiskId,
         /// Byte offset on the disk.
         offset: u64,
         /// The last record the receiver must have applied before this chunk.
-        after_seq: u64,
+        after_seq: Seq,
         /// Initial sync or resync.
         purpose: ChunkPurpose,
         /// The bytes, or a zero range.
@@ -775,7 +775,7 @@ pub enum Message {
     /// Shipper → receiver: send the digests of these blocks of the replica.
     DigestRequest {
         /// Disk id.
-        disk: u32,
+        disk: DiskId,
         /// First byte (a multiple of the block size is usual, not required).
         offset: u64,
         /// Bytes to cover; the last block may be short.
@@ -786,7 +786,7 @@ pub enum Message {
     /// Receiver → shipper: one BLAKE3 digest per block of the request.
     Digests {
         /// Disk id.
-        disk: u32,
+        disk: DiskId,
         /// First byte.
         offset: u64,
         /// Block size.
@@ -797,19 +797,19 @@ pub enum Message {
     /// Shipper → receiver: a resync-needed extent is in sync as of `after_seq`.
     ResyncDone {
         /// Disk id.
-        disk: u32,
+        disk: DiskId,
         /// First byte.
         offset: u64,
         /// Bytes.
         length: u64,
         /// The last record the receiver must have applied.
-        after_seq: u64,
+        after_seq: Seq,
     },
     /// Receiver → shipper: everything up to `durable_seq`, and these sync
     /// positions, is durable at the replica.
     Ack {
         /// The highest durable record (0: none).
-        durable_seq: u64,
+        durable_seq: Seq,
         /// Its generation.
         generation: u32,
         /// Frames consumed on this connection (flow control).
@@ -838,7 +838,7 @@ pub enum Message {
         id: u64,
         /// The last record of the stopped tracker's log (valid when `error`
         /// is empty); every record up to it precedes this message.
-        last_seq: u64,
+        last_seq: Seq,
         /// Why the group could not be drained; empty when it was.
         error: String,
     },
@@ -951,7 +951,7 @@ impl Message {
                 resyncing,
                 software,
             } => {
-                w.u64(*durable_seq);
+                w.seq(*durable_seq);
                 w.u32(*generation);
                 w.syncs(disks)?;
                 w.count("resync extents", resyncing.len(), MAX_RESYNC_EXTENTS)?;
@@ -984,9 +984,9 @@ impl Message {
                         reason: "offset + length overflows",
                     });
                 }
-                w.u32(*disk);
+                w.disk(*disk);
                 w.u64(*offset);
-                w.u64(*after_seq);
+                w.seq(*after_seq);
                 w.u8(match purpose {
                     ChunkPurpose::InitialSync => 0,
                     ChunkPurpose::Resync => 1,
@@ -1014,7 +1014,7 @@ impl Message {
                         reason,
                     }
                 })?;
-                w.u32(*disk);
+                w.disk(*disk);
                 w.u64(*offset);
                 w.u64(*length);
                 w.u32(*block_size);
@@ -1025,7 +1025,7 @@ impl Message {
                 block_size,
                 digests,
             } => {
-                w.u32(*disk);
+                w.disk(*disk);
                 w.u64(*offset);
                 w.u32(*block_size);
                 w.count("digests", digests.len(), MAX_DIGESTS as usize)?;
@@ -1039,10 +1039,10 @@ impl Message {
                 length,
                 after_seq,
             } => {
-                w.u32(*disk);
+                w.disk(*disk);
                 w.u64(*offset);
                 w.u64(*length);
-                w.u64(*after_seq);
+                w.seq(*after_seq);
             }
             Message::Ack {
                 durable_seq,
@@ -1050,7 +1050,7 @@ impl Message {
                 frames,
                 disks,
             } => {
-                w.u64(*durable_seq);
+                w.seq(*durable_seq);
                 w.u32(*generation);
                 w.u64(*frames);
                 w.syncs(disks)?;
@@ -1082,7 +1082,7 @@ impl Message {
                 error,
             } => {
                 w.u64(*id);
-                w.u64(*last_seq);
+                w.seq(*last_seq);
                 if error.len() > MAX_ERROR_MESSAGE {
                     return Err(EncodeError::FieldTooLong {
                         field: "drain error",
@@ -1175,7 +1175,7 @@ fn decode_fields(msg_type: MessageType, version: u16, body: &[u8]) -> Result<Mes
                 }
             }
             MessageType::Welcome => {
-                let durable_seq = r.u64("durable seq")?;
+                let durable_seq = r.seq("durable seq")?;
                 let generation = r.u32("generation")?;
                 let disks = r.syncs()?;
                 let n = r.count("resync extent count", 20, MAX_RESYNC_EXTENTS)?;
@@ -1204,9 +1204,9 @@ fn decode_fields(msg_type: MessageType, version: u16, body: &[u8]) -> Result<Mes
                 return Err(invalid("message type", "records have no fixed fields"))
             }
             MessageType::Chunk => {
-                let disk = r.u32("disk")?;
+                let disk = r.disk("disk")?;
                 let offset = r.u64("offset")?;
-                let after_seq = r.u64("after seq")?;
+                let after_seq = r.seq("after seq")?;
                 let purpose = match r.u8("purpose")? {
                     0 => ChunkPurpose::InitialSync,
                     1 => ChunkPurpose::Resync,
@@ -1232,7 +1232,7 @@ fn decode_fields(msg_type: MessageType, version: u16, body: &[u8]) -> Result<Mes
                 }
             }
             MessageType::DigestRequest => {
-                let disk = r.u32("disk")?;
+                let disk = r.disk("disk")?;
                 let offset = r.u64("offset")?;
                 let length = r.u64("length")?;
                 let block_size = r.u32("block size")?;
@@ -1246,7 +1246,7 @@ fn decode_fields(msg_type: MessageType, version: u16, body: &[u8]) -> Result<Mes
                 }
             }
             MessageType::Digests => {
-                let disk = r.u32("disk")?;
+                let disk = r.disk("disk")?;
                 let offset = r.u64("offset")?;
                 let block_size = r.u32("block size")?;
                 let n = r.count("digest count", 32, MAX_DIGESTS as usize)?;
@@ -1262,7 +1262,7 @@ fn decode_fields(msg_type: MessageType, version: u16, body: &[u8]) -> Result<Mes
                 }
             }
             MessageType::ResyncDone => {
-                let disk = r.u32("disk")?;
+                let disk = r.disk("disk")?;
                 let offset = r.u64("offset")?;
                 let length = r.u64("length")?;
                 if length == 0 || offset.checked_add(length).is_none() {
@@ -1272,11 +1272,11 @@ fn decode_fields(msg_type: MessageType, version: u16, body: &[u8]) -> Result<Mes
                     disk,
                     offset,
                     length,
-                    after_seq: r.u64("after seq")?,
+                    after_seq: r.seq("after seq")?,
                 }
             }
             MessageType::Ack => Message::Ack {
-                durable_seq: r.u64("durable seq")?,
+                durable_seq: r.seq("durable seq")?,
                 generation: r.u32("generation")?,
                 frames: r.u64("frames")?,
                 disks: r.syncs()?,
@@ -1303,7 +1303,7 @@ fn decode_fields(msg_type: MessageType, version: u16, body: &[u8]) -> Result<Mes
             MessageType::DrainRequest => Message::DrainRequest { id: r.u64("id")? },
             MessageType::Drained => {
                 let id = r.u64("id")?;
-                let last_seq = r.u64("last seq")?;
+                let last_seq = r.seq("last seq")?;
                 let len = r.u16("error length")? as usize;
                 if len > MAX_ERROR_MESSAGE {
                     return Err(invalid("drain error", "longer than 4 KiB"));
@@ -1382,6 +1382,12 @@ impl Writer {
     fn u64(&mut self, v: u64) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
+    fn seq(&mut self, seq: Seq) {
+        self.u64(seq.get());
+    }
+    fn disk(&mut self, disk: DiskId) {
+        self.u32(disk.get());
+    }
     fn str8(&mut self, field: &'static str, s: &str) -> Result<(), EncodeError> {
         if s.len() > MAX_NAME {
             return Err(EncodeError::FieldTooLong {
@@ -1404,7 +1410,7 @@ impl Writer {
     fn syncs(&mut self, disks: &[DiskSync]) -> Result<(), EncodeError> {
         self.count("disks", disks.len(), MAX_DISKS)?;
         for d in disks {
-            self.u32(d.id);
+            self.disk(d.id);
             self.u64(d.synced);
         }
         Ok(())
@@ -1446,6 +1452,12 @@ impl<'a> Reader<'a> {
     }
     fn u64(&mut self, field: &'static str) -> Result<u64, DecodeError> {
         Ok(u64::from_le_bytes(self.array(field)?))
+    }
+    fn seq(&mut self, field: &'static str) -> Result<Seq, DecodeError> {
+        self.u64(field).map(Seq)
+    }
+    fn disk(&mut self, field: &'static str) -> Result<DiskId, DecodeError> {
+        self.u32(field).map(DiskId)
     }
     fn utf8(&mut self, field: &'static str, len: usize) -> Result<String, DecodeError> {
         let s = self.take(field, len)?;
@@ -1489,7 +1501,7 @@ impl<'a> Reader<'a> {
         let mut v = Vec::with_capacity(n);
         for _ in 0..n {
             v.push(DiskSync {
-                id: self.u32("disk id")?,
+                id: self.disk("disk id")?,
                 synced: self.u64("synced")?,
             });
         }
@@ -1592,11 +1604,11 @@ mod tests {
     fn batches_verify_order_and_checksums() {
         let (a, b, c) = (rec(5, 1), rec(6, 1), rec(100, 2));
         let batch = RecordBatch::from_records([&a[..], &b[..], &c[..]]).unwrap();
-        assert_eq!(batch.first().map(|r| r.seq), Some(5));
+        assert_eq!(batch.first().map(|r| r.seq), Some(Seq(5)));
         assert_eq!(
             batch.last(),
             Some(RecordId {
-                seq: 100,
+                seq: Seq(100),
                 generation: 2
             })
         );

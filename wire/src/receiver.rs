@@ -42,15 +42,14 @@ use crate::message::{
 use std::collections::HashSet;
 use thiserror::Error;
 use tidemark_changelog::record::Record;
-use tidemark_changelog::DiskId;
-use tidemark_changelog::{Disk, Extent};
+use tidemark_changelog::{Disk, DiskId, Extent, Seq};
 use tidemark_names::Name;
 
 /// What the replica holds durably (or, between commits, has applied).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Position {
     /// The last durable record (0: none).
-    pub durable_seq: u64,
+    pub durable_seq: Seq,
     /// Its generation.
     pub generation: u32,
     /// Initial-sync state of every disk.
@@ -86,7 +85,7 @@ pub trait Replica {
     /// Applies disk data at `offset`.
     fn apply_chunk(
         &mut self,
-        disk: u32,
+        disk: DiskId,
         offset: u64,
         purpose: ChunkPurpose,
         data: &ChunkData,
@@ -95,13 +94,13 @@ pub trait Replica {
     /// [`crate::shipper::block_digests`]).
     fn digests(
         &mut self,
-        disk: u32,
+        disk: DiskId,
         offset: u64,
         length: u64,
         block_size: u32,
     ) -> Result<Vec<[u8; 32]>, ReplicaError>;
     /// A resync-needed extent is now in sync with the source.
-    fn resync_done(&mut self, disk: u32, offset: u64, length: u64) -> Result<(), ReplicaError>;
+    fn resync_done(&mut self, disk: DiskId, offset: u64, length: u64) -> Result<(), ReplicaError>;
     /// Makes everything applied durable and returns the durable position.
     fn commit(&mut self) -> Result<Position, ReplicaError>;
     /// Starts a session: returns a new lease, after which the leases of
@@ -420,7 +419,7 @@ impl ExpectHello {
             let s = position
                 .disks
                 .iter()
-                .find(|s| s.id == d.id)
+                .find(|s| s.id == DiskId(d.id))
                 .map_or(0, |s| s.synced);
             synced.push((d.clone(), s));
         }
@@ -430,7 +429,7 @@ impl ExpectHello {
             disks: synced
                 .iter()
                 .map(|(d, s)| DiskSync {
-                    id: d.id,
+                    id: DiskId(d.id),
                     synced: *s,
                 })
                 .collect(),
@@ -466,7 +465,7 @@ pub struct DrainOutcome {
     pub id: u64,
     /// The last record, applied and durable before this outcome was
     /// reported; or why the group could not be drained.
-    pub result: Result<u64, DrainRefused>,
+    pub result: Result<Seq, DrainRefused>,
 }
 
 /// The protected host could not drain its group (the tracker would not
@@ -577,7 +576,7 @@ impl Receiving {
                     })?;
                     let h = &record.header;
                     let id = RecordId {
-                        seq: h.seq.get(),
+                        seq: h.seq,
                         generation: h.generation,
                     };
                     if id.seq <= next.seq {
@@ -593,7 +592,7 @@ impl Receiving {
                         }
                         continue; // a duplicate of a resumed stream
                     }
-                    if next.seq != 0 && !id.follows(next) {
+                    if next.seq != Seq::ZERO && !id.follows(next) {
                         return Err(ReceiverError::refuse(
                             ErrorClass::Permanent,
                             ErrorCode::SequenceGap,
@@ -601,7 +600,7 @@ impl Receiving {
                         ));
                     }
                     if h.disk != DiskId::GROUP {
-                        self.check_extent(h.disk.get(), h.offset, h.length)?;
+                        self.check_extent(h.disk, h.offset, h.length)?;
                     }
                     next = id;
                     fresh.push(record);
@@ -621,7 +620,7 @@ impl Receiving {
                         }
                     }
                     self.applied = RecordId {
-                        seq: record.header.seq.get(),
+                        seq: record.header.seq,
                         generation: record.header.generation,
                     };
                     self.dirty = true;
@@ -652,7 +651,7 @@ impl Receiving {
                 }
                 replica.apply_chunk(disk, offset, purpose, &data)?;
                 if purpose == ChunkPurpose::InitialSync {
-                    if let Some(d) = self.disks.iter_mut().find(|(d, _)| d.id == disk) {
+                    if let Some(d) = self.disks.iter_mut().find(|(d, _)| DiskId(d.id) == disk) {
                         d.1 = offset + length;
                     }
                 }
@@ -792,7 +791,7 @@ impl Receiving {
         Ok(())
     }
 
-    fn check_position(&self, what: &str, after_seq: u64) -> Result<(), ReceiverError> {
+    fn check_position(&self, what: &str, after_seq: Seq) -> Result<(), ReceiverError> {
         if after_seq != self.applied.seq {
             return Err(ReceiverError::protocol(format!(
                 "{what} for after record {after_seq}, the replica is at {}",
@@ -803,8 +802,8 @@ impl Receiving {
     }
 
     /// Checks an extent against the disk; returns the disk's synced offset.
-    fn check_extent(&self, disk: u32, offset: u64, length: u64) -> Result<u64, ReceiverError> {
-        let Some((info, synced)) = self.disks.iter().find(|(d, _)| d.id == disk) else {
+    fn check_extent(&self, disk: DiskId, offset: u64, length: u64) -> Result<u64, ReceiverError> {
+        let Some((info, synced)) = self.disks.iter().find(|(d, _)| DiskId(d.id) == disk) else {
             return Err(ReceiverError::refuse(
                 ErrorClass::Permanent,
                 ErrorCode::UnknownDisk,

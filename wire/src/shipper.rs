@@ -24,7 +24,7 @@ use crate::message::{
 };
 use std::collections::VecDeque;
 use thiserror::Error;
-use tidemark_changelog::{Disk, Extent};
+use tidemark_changelog::{Disk, DiskId, Extent, Seq};
 use tidemark_names::Name;
 
 /// Tuning of a shipper session.
@@ -176,7 +176,7 @@ impl ShipperError {
 pub struct Resume {
     /// Read the log from this sequence number on (0: from its oldest record,
     /// for a replica that holds no record yet).
-    pub from_seq: u64,
+    pub from_seq: Seq,
     /// The replica's durable record (seq 0: none).
     pub durable: RecordId,
     /// Resume each disk's initial sync at `synced` (== size: done).
@@ -231,7 +231,7 @@ impl AwaitingWelcome {
     pub fn handle_message(
         self,
         received: Received,
-        first_after: impl FnOnce(u64) -> Option<RecordId>,
+        first_after: impl FnOnce(Seq) -> Option<RecordId>,
     ) -> Result<(Shipping, Resume), ShipperError> {
         let offered = self.config.versions;
         let version = received.version;
@@ -300,7 +300,7 @@ impl AwaitingWelcome {
             });
         }
         for d in &self.hello.disks {
-            match disks.iter().find(|s| s.id == d.id) {
+            match disks.iter().find(|s| s.id == DiskId(d.id)) {
                 Some(s) if s.synced <= d.size => {}
                 Some(s) => {
                     return Err(ShipperError::Protocol(format!(
@@ -320,13 +320,13 @@ impl AwaitingWelcome {
             seq: durable_seq,
             generation,
         };
-        let from_seq = if durable_seq == 0 {
+        let from_seq = if durable_seq == Seq::ZERO {
             // The replica holds no record: initial sync copies what earlier
             // records did, so the stream may start at any record.
-            first_after(0).map_or(0, |r| r.seq)
+            first_after(Seq::ZERO).map_or(Seq::ZERO, |r| r.seq)
         } else {
             match first_after(durable_seq) {
-                None => durable_seq.saturating_add(1),
+                None => durable_seq.next(),
                 Some(next) if next.seq <= durable_seq => {
                     return Err(ShipperError::Usage(format!(
                         "the log lookup after {durable_seq} returned {}",
@@ -349,7 +349,7 @@ impl AwaitingWelcome {
                         reason: format!(
                             "the replica needs record {} but the log continues at {} \
                              (same generation {}): the records between are gone, a resync is needed",
-                            durable_seq.saturating_add(1),
+                            durable_seq.next(),
                             next.seq,
                             next.generation
                         ),
@@ -362,7 +362,7 @@ impl AwaitingWelcome {
             version,
             disks: self.hello.disks,
             durable,
-            last_sent: (durable_seq != 0).then_some(durable),
+            last_sent: (durable_seq != Seq::ZERO).then_some(durable),
             frames_sent: 0,
             frames_acked: 0,
             in_flight: VecDeque::new(),
@@ -387,7 +387,7 @@ impl AwaitingWelcome {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DigestRequestInfo {
     /// Disk id.
-    pub disk: u32,
+    pub disk: DiskId,
     /// First byte.
     pub offset: u64,
     /// Bytes covered.
@@ -395,7 +395,7 @@ pub struct DigestRequestInfo {
     /// Block size.
     pub block_size: u32,
     /// The record the receiver had applied when it computed the digests.
-    pub after_seq: u64,
+    pub after_seq: Seq,
 }
 
 /// The receiver's digests, paired with the request they answer.
@@ -475,8 +475,8 @@ impl Shipping {
     }
 
     /// The last record sent (chunks sent now go after it).
-    pub fn last_sent_seq(&self) -> u64 {
-        self.last_sent.map_or(0, |r| r.seq)
+    pub fn last_sent_seq(&self) -> Seq {
+        self.last_sent.map_or(Seq::ZERO, |r| r.seq)
     }
 
     /// Frames sent in this session so far (the last one sent is number
@@ -497,14 +497,14 @@ impl Shipping {
         self.in_flight_bytes += frame.len() as u64;
     }
 
-    fn disk(&self, id: u32) -> Result<&Disk, ShipperError> {
+    fn disk(&self, id: DiskId) -> Result<&Disk, ShipperError> {
         self.disks
             .iter()
-            .find(|d| d.id == id)
+            .find(|d| DiskId(d.id) == id)
             .ok_or_else(|| ShipperError::Usage(format!("disk {id} is not in the hello")))
     }
 
-    fn check_extent(&self, disk: u32, offset: u64, length: u64) -> Result<(), ShipperError> {
+    fn check_extent(&self, disk: DiskId, offset: u64, length: u64) -> Result<(), ShipperError> {
         let size = self.disk(disk)?.size;
         match offset.checked_add(length) {
             Some(end) if end <= size && length > 0 => Ok(()),
@@ -547,7 +547,7 @@ impl Shipping {
     /// written (so it goes between that record and the next).
     pub fn send_chunk(
         &mut self,
-        disk: u32,
+        disk: DiskId,
         offset: u64,
         purpose: ChunkPurpose,
         data: ChunkData,
@@ -570,7 +570,7 @@ impl Shipping {
     /// digests of the extent as of [`DigestRequestInfo::after_seq`].
     pub fn send_digest_request(
         &mut self,
-        disk: u32,
+        disk: DiskId,
         offset: u64,
         length: u64,
         block_size: u32,
@@ -598,7 +598,7 @@ impl Shipping {
     /// sent as resync chunks).
     pub fn send_resync_done(
         &mut self,
-        disk: u32,
+        disk: DiskId,
         offset: u64,
         length: u64,
     ) -> Result<Vec<u8>, ShipperError> {
@@ -620,7 +620,7 @@ impl Shipping {
     pub fn send_drained(
         &mut self,
         id: u64,
-        last_seq: u64,
+        last_seq: Seq,
         error: &str,
     ) -> Result<Vec<u8>, ShipperError> {
         if error.is_empty() && last_seq != self.last_sent_seq() {
@@ -779,7 +779,7 @@ pub fn differing_blocks(
         match out.last_mut() {
             Some(e) if e.offset + e.length == start => e.length += length,
             _ => out.push(Extent {
-                disk: request.disk,
+                disk: request.disk.get(),
                 offset: start,
                 length,
             }),
@@ -807,10 +807,10 @@ mod tests {
 
     fn welcome(durable_seq: u64, generation: u32) -> Message {
         Message::Welcome {
-            durable_seq,
+            durable_seq: Seq(durable_seq),
             generation,
             disks: vec![DiskSync {
-                id: 0,
+                id: DiskId(0),
                 synced: 4096,
             }],
             resyncing: Vec::new(),
@@ -822,22 +822,31 @@ mod tests {
         let (s, _) = AwaitingWelcome::start(hello(), ShipperConfig::default()).unwrap();
         let msg = Received::new(crate::frame::PROTOCOL_VERSION, msg);
         s.handle_message(msg, |_| {
-            next.map(|(seq, generation)| RecordId { seq, generation })
+            next.map(|(seq, generation)| RecordId {
+                seq: Seq(seq),
+                generation,
+            })
         })
         .map(|(_, r)| r)
     }
 
     #[test]
     fn resume_decisions() {
-        assert_eq!(resume(welcome(10, 1), Some((11, 1))).unwrap().from_seq, 11);
-        assert_eq!(resume(welcome(10, 1), None).unwrap().from_seq, 11);
+        assert_eq!(
+            resume(welcome(10, 1), Some((11, 1))).unwrap().from_seq,
+            Seq(11)
+        );
+        assert_eq!(resume(welcome(10, 1), None).unwrap().from_seq, Seq(11));
         // A generation boundary explains the jump.
         assert_eq!(
             resume(welcome(10, 1), Some((5000, 2))).unwrap().from_seq,
-            5000
+            Seq(5000)
         );
         // Fresh replica: from the oldest record.
-        assert_eq!(resume(welcome(0, 0), Some((77, 1))).unwrap().from_seq, 77);
+        assert_eq!(
+            resume(welcome(0, 0), Some((77, 1))).unwrap().from_seq,
+            Seq(77)
+        );
         // Recycled records of the same generation.
         let e = resume(welcome(10, 1), Some((20, 1))).unwrap_err();
         assert_eq!(e.class(), ErrorClass::Permanent);
@@ -865,11 +874,11 @@ mod tests {
     #[test]
     fn differing_blocks_merges_and_shortens_the_last() {
         let req = DigestRequestInfo {
-            disk: 0,
+            disk: DiskId(0),
             offset: 1000,
             length: 10_000,
             block_size: 4096,
-            after_seq: 0,
+            after_seq: Seq(0),
         };
         let a = [[0u8; 32]; 3];
         let mut b = a;

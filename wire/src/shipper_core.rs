@@ -54,7 +54,7 @@ use crate::ErrorClass;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 use tidemark_changelog::record::{Header, Kind};
-use tidemark_changelog::Extent;
+use tidemark_changelog::{DiskId, Extent, Seq};
 
 /// Block size of the second, fine comparison of a coarse block that
 /// differs: only the 4 KiB blocks that differ travel.
@@ -114,7 +114,7 @@ pub enum Need {
     /// (for 0: its oldest): answer with [`ShipperCore::handle_first_record`].
     FirstRecordAfter {
         /// The replica's durable record.
-        after: u64,
+        after: Seq,
     },
     /// The log's next records after the last one handed over (the first
     /// time: from [`CoreEvent::Connected`]'s `from_seq`), at most
@@ -129,7 +129,7 @@ pub enum Need {
     /// zeroes).
     Chunk {
         /// Disk id.
-        disk: u32,
+        disk: DiskId,
         /// First byte.
         offset: u64,
         /// Bytes.
@@ -157,7 +157,7 @@ pub enum Phase {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DiskStatus {
     /// Disk id.
-    pub id: u32,
+    pub id: DiskId,
     /// Disk size.
     pub size: u64,
     /// Bytes the receiver acknowledged holding.
@@ -181,11 +181,11 @@ pub struct CoreStatus {
     /// The session's protocol version, once agreed.
     pub version: Option<u16>,
     /// The replica's durable record.
-    pub durable_seq: u64,
+    pub durable_seq: Seq,
     /// The last record sent.
-    pub sent_seq: u64,
+    pub sent_seq: Seq,
     /// The newest record the log handed over.
-    pub log_seq: u64,
+    pub log_seq: Seq,
     /// Each disk's initial sync.
     pub disks: Vec<DiskStatus>,
     /// Bytes of frames handed to [`ShipperCore::poll_transmit`].
@@ -242,7 +242,7 @@ pub enum CoreEvent {
 /// One initial-sync cursor.
 #[derive(Debug, Clone, Copy)]
 struct SyncCursor {
-    id: u32,
+    id: DiskId,
     size: u64,
     /// Next byte to ask for.
     next: u64,
@@ -259,7 +259,7 @@ struct SyncCursor {
 /// An initial-sync chunk asked for and not answered yet.
 #[derive(Debug, Clone, Copy)]
 struct Ahead {
-    disk: u32,
+    disk: DiskId,
     offset: u64,
     length: u64,
 }
@@ -267,7 +267,7 @@ struct Ahead {
 /// An extent to compare by digests of `block_size` blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Compare {
-    disk: u32,
+    disk: DiskId,
     offset: u64,
     length: u64,
     block_size: u32,
@@ -287,7 +287,7 @@ enum State {
 struct Drain {
     id: u64,
     /// The stopped tracker's last record, once known.
-    last_seq: Option<u64>,
+    last_seq: Option<Seq>,
 }
 
 /// The shipper's end of one connection, with every decision the daemon
@@ -326,8 +326,8 @@ pub struct ShipperCore {
     reading: Option<DigestReply>,
     drain: Option<Drain>,
     /// (seq, timestamp ns) of records sent, not yet durable.
-    unacked: VecDeque<(u64, u64)>,
-    log_seq: u64,
+    unacked: VecDeque<(Seq, u64)>,
+    log_seq: Seq,
     wire_bytes: u64,
     record_bytes: u64,
     sync_data_bytes: u64,
@@ -348,7 +348,7 @@ impl ShipperCore {
             .disks
             .iter()
             .map(|d| SyncCursor {
-                id: d.id,
+                id: DiskId(d.id),
                 size: d.size,
                 next: 0,
                 sent: 0,
@@ -382,7 +382,7 @@ impl ShipperCore {
             reading: None,
             drain: None,
             unacked: VecDeque::new(),
-            log_seq: 0,
+            log_seq: Seq::ZERO,
             wire_bytes: 0,
             record_bytes: 0,
             sync_data_bytes: 0,
@@ -573,7 +573,7 @@ impl ShipperCore {
                 };
                 *welcome = Some(Box::new(received));
                 self.outstanding = Some(Need::FirstRecordAfter {
-                    after: after.unwrap_or(0),
+                    after: after.unwrap_or(Seq::ZERO),
                 });
                 // A refusal needs no lookup: decide at once.
                 if after.is_none() {
@@ -619,7 +619,7 @@ impl ShipperCore {
                 }
                 self.log_seq = resume.durable.seq;
                 for e in &resume.resyncing {
-                    self.push_resync(e.disk, e.offset, e.length);
+                    self.push_resync(DiskId(e.disk), e.offset, e.length);
                 }
                 self.events.push_back(CoreEvent::Connected(resume));
             }
@@ -664,7 +664,7 @@ impl ShipperCore {
     /// The tracker stopped for a drain: its log ends at `last_seq`
     /// (`Err`: why the group cannot be drained, sent to the receiver as
     /// is; replication goes on).
-    pub fn handle_drain_ready(&mut self, id: u64, last_seq: Result<u64, &DrainRefused>) {
+    pub fn handle_drain_ready(&mut self, id: u64, last_seq: Result<Seq, &DrainRefused>) {
         if self.drain.is_none_or(|d| d.id != id) {
             return;
         }
@@ -678,7 +678,7 @@ impl ShipperCore {
             Err(why) => {
                 self.drain = None;
                 if let State::Shipping(s) = &mut self.state {
-                    match s.send_drained(id, 0, &why.reason) {
+                    match s.send_drained(id, Seq::ZERO, &why.reason) {
                         Ok(f) => self.queue(f),
                         Err(e) => self.fail(e),
                     }
@@ -858,7 +858,7 @@ impl ShipperCore {
         };
         self.queue(frame);
         self.record_bytes += batch.byte_len() as u64;
-        self.log_seq = self.log_seq.max(batch.last().map_or(0, |r| r.seq));
+        self.log_seq = self.log_seq.max(batch.last().map_or(Seq::ZERO, |r| r.seq));
         let initial_sync = self.disks.iter().any(|d| d.next < d.size);
         let mut at = 0;
         let bytes = batch.as_bytes();
@@ -870,28 +870,24 @@ impl ShipperCore {
             if first {
                 // A batch sent again after a reconnect replaces what was
                 // noted from its first record on.
-                while self
-                    .unacked
-                    .back()
-                    .is_some_and(|&(seq, _)| seq >= h.seq.get())
-                {
+                while self.unacked.back().is_some_and(|&(seq, _)| seq >= h.seq) {
                     self.unacked.pop_back();
                 }
                 first = false;
             }
-            self.unacked.push_back((h.seq.get(), h.timestamp_ns));
+            self.unacked.push_back((h.seq, h.timestamp_ns));
             if h.kind == Kind::ResyncNeeded {
                 // While the group's initial sync runs, the receiver copies
                 // a resync-needed extent again with the initial sync (it has
                 // no consistent state to protect yet): the disk's sync
                 // position goes back to the extent. Afterwards the extent
                 // is compared by digests.
-                match self.disks.iter_mut().find(|d| d.id == h.disk.get()) {
+                match self.disks.iter_mut().find(|d| d.id == h.disk) {
                     Some(d) if initial_sync => {
                         d.next = d.next.min(h.offset);
                         d.sent = d.sent.min(h.offset);
                     }
-                    _ => self.push_resync(h.disk.get(), h.offset, h.length),
+                    _ => self.push_resync(h.disk, h.offset, h.length),
                 }
             }
             at += h.record_len().max(1);
@@ -900,7 +896,7 @@ impl ShipperCore {
 
     /// Queues an extent, in pieces one digest request can cover, compared
     /// first in coarse blocks of the chunk size.
-    fn push_resync(&mut self, disk: u32, offset: u64, length: u64) {
+    fn push_resync(&mut self, disk: DiskId, offset: u64, length: u64) {
         let block_size =
             u32::try_from(self.config.chunk_bytes.max(u64::from(FINE_BLOCK))).unwrap_or(1 << 20);
         let mut at = offset;
@@ -1007,7 +1003,7 @@ impl ShipperCore {
                 let end = req.offset + req.length;
                 let mut at = req.offset;
                 for e in differ.iter().chain(std::iter::once(&Extent {
-                    disk: req.disk,
+                    disk: req.disk.get(),
                     offset: end,
                     length: 0,
                 })) {
@@ -1060,7 +1056,7 @@ impl ShipperCore {
     pub fn status(&self, now: Instant) -> CoreStatus {
         let (version, durable_seq, sent_seq) = match &self.state {
             State::Shipping(s) => (Some(s.version()), s.durable().seq, s.last_sent_seq()),
-            _ => (None, 0, 0),
+            _ => (None, Seq::ZERO, Seq::ZERO),
         };
         let disks = self
             .disks
@@ -1160,9 +1156,12 @@ mod tests {
 
     fn welcome(durable_seq: u64, synced: u64) -> Received {
         v(Message::Welcome {
-            durable_seq,
+            durable_seq: Seq(durable_seq),
             generation: 1,
-            disks: vec![DiskSync { id: 0, synced }],
+            disks: vec![DiskSync {
+                id: DiskId(0),
+                synced,
+            }],
             resyncing: Vec::new(),
             software: String::new(),
         })
@@ -1170,10 +1169,13 @@ mod tests {
 
     fn ack(durable_seq: u64, frames: u64, synced: u64) -> Received {
         v(Message::Ack {
-            durable_seq,
+            durable_seq: Seq(durable_seq),
             generation: 1,
             frames,
-            disks: vec![DiskSync { id: 0, synced }],
+            disks: vec![DiskSync {
+                id: DiskId(0),
+                synced,
+            }],
         })
     }
 
@@ -1200,15 +1202,18 @@ mod tests {
         assert!(matches!(sent(&mut c)[..], [Message::Hello { .. }]));
         assert_eq!(c.poll_need(), None, "nothing before the welcome");
         c.handle_message(welcome(0, synced), now);
-        assert_eq!(c.poll_need(), Some(Need::FirstRecordAfter { after: 0 }));
+        assert_eq!(
+            c.poll_need(),
+            Some(Need::FirstRecordAfter { after: Seq(0) })
+        );
         c.handle_first_record(
             Some(RecordId {
-                seq: 1,
+                seq: Seq(1),
                 generation: 1,
             }),
             now,
         );
-        assert!(matches!(c.poll_event(), Some(CoreEvent::Connected(r)) if r.from_seq == 1));
+        assert!(matches!(c.poll_event(), Some(CoreEvent::Connected(r)) if r.from_seq == Seq(1)));
         c
     }
 
@@ -1227,7 +1232,7 @@ mod tests {
         assert_eq!(
             need,
             Some(Need::Chunk {
-                disk: 0,
+                disk: DiskId(0),
                 offset: 0,
                 length: 8 << 10,
                 purpose: ChunkPurpose::InitialSync
@@ -1238,7 +1243,7 @@ mod tests {
             sent(&mut c)[..],
             [Message::Chunk {
                 offset: 0,
-                after_seq: 1,
+                after_seq: Seq(1),
                 ..
             }]
         ));
@@ -1348,10 +1353,13 @@ mod tests {
         let mut c = core(t);
         sent(&mut c);
         c.handle_message(welcome(10, SIZE), t);
-        assert_eq!(c.poll_need(), Some(Need::FirstRecordAfter { after: 10 }));
+        assert_eq!(
+            c.poll_need(),
+            Some(Need::FirstRecordAfter { after: Seq(10) })
+        );
         c.handle_first_record(
             Some(RecordId {
-                seq: 20,
+                seq: Seq(20),
                 generation: 1,
             }),
             t,
@@ -1382,7 +1390,7 @@ mod tests {
         assert!(matches!(
             c.poll_event(),
             Some(CoreEvent::CursorAdvanced {
-                durable: RecordId { seq: 2, .. },
+                durable: RecordId { seq: Seq(2), .. },
                 ..
             })
         ));
@@ -1419,7 +1427,7 @@ mod tests {
             c.poll_event(),
             Some(CoreEvent::DrainRequested { id: 9 })
         ));
-        c.handle_drain_ready(9, Ok(1));
+        c.handle_drain_ready(9, Ok(Seq(1)));
         assert!(matches!(c.poll_need(), Some(Need::LogBatch { .. })));
         assert!(sent(&mut c).is_empty(), "record 1 is not sent yet");
         c.handle_log_batch(Some(batch(&[(1, Entry::barrier(5))])), t);
@@ -1432,7 +1440,7 @@ mod tests {
                 Message::Records(_),
                 Message::Drained {
                     id: 9,
-                    last_seq: 1,
+                    last_seq: Seq(1),
                     ..
                 }
             ]
@@ -1456,7 +1464,7 @@ mod tests {
         assert!(
             matches!(
                 &frames[..],
-                [Message::Drained { id: 4, last_seq: 0, error }] if error == "the tracker did not stop"
+                [Message::Drained { id: 4, last_seq: Seq(0), error }] if error == "the tracker did not stop"
             ),
             "{frames:?}"
         );
@@ -1495,7 +1503,7 @@ mod tests {
         // in 4 KiB blocks.
         let digests = |block: u32, data: &[u8]| {
             v(Message::Digests {
-                disk: 0,
+                disk: DiskId(0),
                 offset: 0,
                 block_size: block,
                 digests: block_digests(data, block),
@@ -1507,7 +1515,7 @@ mod tests {
         assert_eq!(
             c.poll_need(),
             Some(Need::Chunk {
-                disk: 0,
+                disk: DiskId(0),
                 offset: 0,
                 length: 8192,
                 purpose: ChunkPurpose::Resync
@@ -1571,7 +1579,7 @@ mod tests {
 
     fn sync_chunk(offset: u64) -> Option<Need> {
         Some(Need::Chunk {
-            disk: 0,
+            disk: DiskId(0),
             offset,
             length: 4 << 10,
             purpose: ChunkPurpose::InitialSync,
@@ -1600,7 +1608,7 @@ mod tests {
             sent(&mut c)[..],
             [Message::Chunk {
                 offset: 0,
-                after_seq: 1,
+                after_seq: Seq(1),
                 ..
             }]
         ));
@@ -1647,7 +1655,7 @@ mod tests {
         );
         assert_eq!(c.poll_need(), None, "nothing before the chunks read ahead");
         assert!(sent(&mut c).is_empty());
-        assert_eq!(c.status(t).sent_seq, 1);
+        assert_eq!(c.status(t).sent_seq, Seq(1));
         c.handle_chunk(ChunkData::Zero(4096));
         c.handle_chunk(ChunkData::Data(vec![1; 4096]));
         // The chunks go where they were read (after record 1), then the
@@ -1661,12 +1669,12 @@ mod tests {
                 [
                     Message::Chunk {
                         offset: 4096,
-                        after_seq: 1,
+                        after_seq: Seq(1),
                         ..
                     },
                     Message::Chunk {
                         offset: 8192,
-                        after_seq: 1,
+                        after_seq: Seq(1),
                         ..
                     },
                     Message::Records(_),
@@ -1684,7 +1692,7 @@ mod tests {
             sent(&mut c)[..],
             [Message::Chunk {
                 offset: 0,
-                after_seq: 3,
+                after_seq: Seq(3),
                 ..
             }]
         ));

@@ -3,6 +3,7 @@
 
 use proptest::prelude::*;
 use tidemark_changelog::record::Entry;
+use tidemark_changelog::{DiskId, Seq};
 use tidemark_names::Name;
 use tidemark_wire::frame::{FRAME_HEADER_LEN, MAX_FRAME_BODY};
 use tidemark_wire::{
@@ -35,7 +36,10 @@ fn arb_disks() -> impl Strategy<Value = Vec<Disk>> {
 
 fn arb_syncs() -> impl Strategy<Value = Vec<DiskSync>> {
     proptest::collection::vec(
-        (any::<u32>(), any::<u64>()).prop_map(|(id, synced)| DiskSync { id, synced }),
+        (any::<u32>(), any::<u64>()).prop_map(|(id, synced)| DiskSync {
+            id: DiskId(id),
+            synced,
+        }),
         0..5,
     )
 }
@@ -106,7 +110,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
         )
             .prop_map(
                 |(durable_seq, generation, disks, ext, software)| Message::Welcome {
-                    durable_seq,
+                    durable_seq: Seq(durable_seq),
                     generation,
                     disks,
                     resyncing: ext
@@ -132,9 +136,9 @@ fn arb_message() -> impl Strategy<Value = Message> {
             ]
         )
             .prop_map(|(disk, offset, after_seq, resync, data)| Message::Chunk {
-                disk,
+                disk: DiskId(disk),
                 offset,
-                after_seq,
+                after_seq: Seq(after_seq),
                 purpose: if resync {
                     ChunkPurpose::Resync
                 } else {
@@ -144,7 +148,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
             }),
         (any::<u32>(), 0u64..1 << 50, 1u64..1 << 30, 4096u32..1 << 20).prop_map(
             |(disk, offset, length, block_size)| Message::DigestRequest {
-                disk,
+                disk: DiskId(disk),
                 offset,
                 length,
                 block_size,
@@ -157,22 +161,22 @@ fn arb_message() -> impl Strategy<Value = Message> {
             proptest::collection::vec(any::<[u8; 32]>(), 0..40)
         )
             .prop_map(|(disk, offset, block_size, digests)| Message::Digests {
-                disk,
+                disk: DiskId(disk),
                 offset,
                 block_size,
                 digests,
             }),
         (any::<u32>(), 0u64..1 << 50, 1u64..1 << 40, any::<u64>()).prop_map(
             |(disk, offset, length, after_seq)| Message::ResyncDone {
-                disk,
+                disk: DiskId(disk),
                 offset,
                 length,
-                after_seq,
+                after_seq: Seq(after_seq),
             }
         ),
         (any::<u64>(), any::<u32>(), any::<u64>(), arb_syncs()).prop_map(
             |(durable_seq, generation, frames, disks)| Message::Ack {
-                durable_seq,
+                durable_seq: Seq(durable_seq),
                 generation,
                 frames,
                 disks,
@@ -200,7 +204,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
         (any::<u64>(), any::<u64>(), "\\PC{0,100}").prop_map(|(id, last_seq, error)| {
             Message::Drained {
                 id,
-                last_seq,
+                last_seq: Seq(last_seq),
                 error,
             }
         }),
@@ -490,7 +494,7 @@ fn a_newer_hello_is_read_for_what_this_version_knows() {
     assert_eq!(d.next_message().unwrap().unwrap().message, err);
 
     let ack = Message::Ack {
-        durable_seq: 1,
+        durable_seq: Seq(1),
         generation: 1,
         frames: 1,
         disks: Vec::new(),
@@ -517,7 +521,7 @@ fn a_newer_hello_is_read_for_what_this_version_knows() {
 #[test]
 fn messages_are_encoded_only_in_versions_that_have_them() {
     let ack = Message::Ack {
-        durable_seq: 1,
+        durable_seq: Seq(1),
         generation: 1,
         frames: 1,
         disks: Vec::new(),

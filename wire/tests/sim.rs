@@ -28,6 +28,7 @@ use rand::{Rng as _, RngCore, SeedableRng};
 use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 use tidemark_changelog::record::{Entry, Kind, Record};
+use tidemark_changelog::{DiskId, Seq};
 use tidemark_names::Name;
 use tidemark_wire::receiver::{
     DrainRefused, ExpectHello, Position, ReceiverConfig, ReceiverError, Receiving,
@@ -163,12 +164,15 @@ impl Source {
             _ => {}
         }
         self.records.push(bytes);
-        self.ids.push(RecordId { seq, generation });
+        self.ids.push(RecordId {
+            seq: Seq(seq),
+            generation,
+        });
         self.images.push(disks.clone());
     }
 
     /// The disks right after record `seq` (0: before the first).
-    fn image_at(&self, seq: u64) -> &Disks {
+    fn image_at(&self, seq: Seq) -> &Disks {
         &self.images[self.ids.partition_point(|r| r.seq <= seq)]
     }
 
@@ -215,7 +219,7 @@ impl<'a> MemReplica<'a> {
         self.rewound = false;
     }
 
-    fn synced(&mut self, disk: u32) -> &mut u64 {
+    fn synced(&mut self, disk: DiskId) -> &mut u64 {
         &mut self
             .work
             .1
@@ -268,7 +272,7 @@ impl Replica for MemReplica<'_> {
                     for state in [&mut self.work, &mut self.committed] {
                         state.0.push(vec![0; d.size as usize]);
                         state.1.disks.push(DiskSync {
-                            id: d.id,
+                            id: DiskId(d.id),
                             synced: 0,
                         });
                     }
@@ -282,7 +286,7 @@ impl Replica for MemReplica<'_> {
         let h = &record.header;
         // In order, once per commit interval, and exactly the source's bytes.
         assert!(
-            h.seq.get() > self.work.1.durable_seq,
+            h.seq > self.work.1.durable_seq,
             "record {} out of order",
             h.seq
         );
@@ -291,12 +295,7 @@ impl Replica for MemReplica<'_> {
             "record {} twice",
             h.seq
         );
-        let i = self
-            .source
-            .ids
-            .iter()
-            .position(|r| r.seq == h.seq.get())
-            .unwrap();
+        let i = self.source.ids.iter().position(|r| r.seq == h.seq).unwrap();
         // A version-1 session carries the source's record in version 1.
         let original = Record::decode(&self.source.records[i])
             .unwrap()
@@ -327,7 +326,7 @@ impl Replica for MemReplica<'_> {
                     .zip(&self.sizes)
                     .any(|(d, s)| d.synced < *s);
                 if initial_sync {
-                    let d = self.synced(h.disk.get());
+                    let d = self.synced(h.disk);
                     *d = (*d).min(h.offset);
                     self.rewound = true;
                 } else {
@@ -336,14 +335,14 @@ impl Replica for MemReplica<'_> {
             }
             Kind::Barrier | Kind::Marker => {}
         }
-        self.work.1.durable_seq = h.seq.get();
+        self.work.1.durable_seq = h.seq;
         self.work.1.generation = h.generation;
         Ok(())
     }
 
     fn apply_chunk(
         &mut self,
-        disk: u32,
+        disk: DiskId,
         offset: u64,
         purpose: ChunkPurpose,
         data: &ChunkData,
@@ -356,12 +355,12 @@ impl Replica for MemReplica<'_> {
                 ChunkData::Data(d) => d.clone(),
                 ChunkData::Zero(n) => vec![0; *n as usize],
             },
-            self.source.image_at(at)[disk as usize][o..o + l],
+            self.source.image_at(at)[disk.index()][o..o + l],
             "chunk of disk {disk} at {offset} differs from the source"
         );
         match data {
-            ChunkData::Data(d) => self.work.0[disk as usize][o..o + l].copy_from_slice(d),
-            ChunkData::Zero(_) => self.work.0[disk as usize][o..o + l].fill(0),
+            ChunkData::Data(d) => self.work.0[disk.index()][o..o + l].copy_from_slice(d),
+            ChunkData::Zero(_) => self.work.0[disk.index()][o..o + l].fill(0),
         }
         if purpose == ChunkPurpose::InitialSync {
             *self.synced(disk) = offset + data.len();
@@ -371,20 +370,20 @@ impl Replica for MemReplica<'_> {
 
     fn digests(
         &mut self,
-        disk: u32,
+        disk: DiskId,
         offset: u64,
         length: u64,
         block_size: u32,
     ) -> Result<Vec<[u8; 32]>, ReplicaError> {
-        let d = &self.work.0[disk as usize];
+        let d = &self.work.0[disk.index()];
         Ok(block_digests(
             &d[offset as usize..(offset + length) as usize],
             block_size,
         ))
     }
 
-    fn resync_done(&mut self, disk: u32, offset: u64, length: u64) -> Result<(), ReplicaError> {
-        self.work.2.remove(&(disk, offset, length));
+    fn resync_done(&mut self, disk: DiskId, offset: u64, length: u64) -> Result<(), ReplicaError> {
+        self.work.2.remove(&(disk.get(), offset, length));
         Ok(())
     }
 
@@ -574,7 +573,7 @@ fn connect(stats: &mut Stats, daemon: &mut ShipperDaemon, rng: &mut Rng, now: In
     }
 }
 
-fn first_after(source: &Source, seq: u64) -> Option<RecordId> {
+fn first_after(source: &Source, seq: Seq) -> Option<RecordId> {
     source.ids.iter().copied().find(|r| r.seq > seq)
 }
 
@@ -629,7 +628,7 @@ fn shipper_step(
                 purpose,
             } => {
                 let sent = c.core.status(now).sent_seq;
-                let img = &source.image_at(sent)[disk as usize];
+                let img = &source.image_at(sent)[disk.index()];
                 let bytes = &img[offset as usize..(offset + length) as usize];
                 let data = if purpose == ChunkPurpose::InitialSync && bytes.iter().all(|&b| b == 0)
                 {
@@ -720,7 +719,7 @@ fn run(seed: u64) -> Stats {
     let mut stats = Stats::default();
     let mut conn: Option<Conn> = None;
     let mut stale: Vec<Stale> = Vec::new();
-    let mut max_durable = 0;
+    let mut max_durable = Seq::ZERO;
     // The virtual clock every instant the shipper core sees comes from.
     let mut now = Instant::now();
     // The tracker appends a record every `pace` steps: the initial sync
@@ -1064,7 +1063,7 @@ fn a_true_gap_is_a_permanent_sequence_gap() {
     // Committed (and acknowledged) once the input runs dry.
     let acks = s.handle_idle(&mut replica).unwrap();
     assert_eq!(acks.len(), 1);
-    assert_eq!(replica.committed.1.durable_seq, 3);
+    assert_eq!(replica.committed.1.durable_seq, Seq(3));
     // A resent batch is a duplicate, not an error, and applies nothing.
     let applies = replica.record_applies;
     s.handle_message(v(Message::Records(batch)), &mut replica)
@@ -1078,7 +1077,7 @@ fn a_true_gap_is_a_permanent_sequence_gap() {
         (e.class(), e.code()),
         (ErrorClass::Permanent, ErrorCode::SequenceGap)
     );
-    assert_eq!(replica.committed.1.durable_seq, 3);
+    assert_eq!(replica.committed.1.durable_seq, Seq(3));
     assert!(matches!(e.to_message(), Some(Message::Error { .. })));
 }
 
@@ -1110,7 +1109,7 @@ fn a_generation_that_reuses_applied_sequence_numbers_is_refused() {
     s.handle_message(v(Message::Records(batch)), &mut replica)
         .unwrap();
     s.handle_idle(&mut replica).unwrap();
-    assert_eq!(replica.committed.1.durable_seq, 3);
+    assert_eq!(replica.committed.1.durable_seq, Seq(3));
     for reused in [2, 3] {
         let batch = RecordBatch::from_records([&record(reused, 2)[..]]).unwrap();
         let e = s
@@ -1121,7 +1120,7 @@ fn a_generation_that_reuses_applied_sequence_numbers_is_refused() {
             (ErrorClass::Permanent, ErrorCode::SequenceGap),
             "seq {reused} of generation 2"
         );
-        assert_eq!(replica.committed.1.durable_seq, 3);
+        assert_eq!(replica.committed.1.durable_seq, Seq(3));
         s = session(&mut replica);
     }
     let batch = RecordBatch::from_records([&record(10, 2)[..]]).unwrap();
@@ -1133,7 +1132,7 @@ fn a_generation_that_reuses_applied_sequence_numbers_is_refused() {
             replica.committed.1.durable_seq,
             replica.committed.1.generation
         ),
-        (10, 2)
+        (Seq(10), 2)
     );
 }
 
@@ -1253,16 +1252,16 @@ fn a_chunk_at_the_wrong_position_is_refused() {
     let mut replica = MemReplica::new(&source);
     let mut s = session(&mut replica);
     let chunk = |after_seq, offset| Message::Chunk {
-        disk: 0,
+        disk: DiskId(0),
         offset,
         after_seq,
         purpose: ChunkPurpose::InitialSync,
         data: ChunkData::Zero(4096),
     };
-    assert!(s.handle_message(v(chunk(0, 0)), &mut replica).is_ok());
+    assert!(s.handle_message(v(chunk(Seq(0), 0)), &mut replica).is_ok());
     // Not after the last applied record.
     assert_eq!(
-        s.handle_message(v(chunk(7, 4096)), &mut replica)
+        s.handle_message(v(chunk(Seq(7), 4096)), &mut replica)
             .unwrap_err()
             .code(),
         ErrorCode::Protocol
@@ -1270,16 +1269,16 @@ fn a_chunk_at_the_wrong_position_is_refused() {
     let mut s = session(&mut replica);
     // A hole in the initial sync.
     assert_eq!(
-        s.handle_message(v(chunk(0, 12288)), &mut replica)
+        s.handle_message(v(chunk(Seq(0), 12288)), &mut replica)
             .unwrap_err()
             .code(),
         ErrorCode::Protocol
     );
     // Unknown disk.
     let m = Message::Chunk {
-        disk: 9,
+        disk: DiskId(9),
         offset: 0,
-        after_seq: 0,
+        after_seq: Seq(0),
         purpose: ChunkPurpose::Resync,
         data: ChunkData::Zero(1),
     };
@@ -1291,7 +1290,7 @@ fn a_chunk_at_the_wrong_position_is_refused() {
 }
 
 /// The durable record an Ack frame names.
-fn acked_seq(frame: &[u8]) -> u64 {
+fn acked_seq(frame: &[u8]) -> Seq {
     match decode_one(frame).message {
         Message::Ack { durable_seq, .. } => durable_seq,
         other => panic!("expected an ack, got {other:?}"),
@@ -1317,7 +1316,7 @@ fn record_batches_arriving_together_cost_one_commit() {
     let acks = s.handle_idle(&mut replica).unwrap();
     assert_eq!(replica.commits, commits + 1);
     assert_eq!(acks.len(), 1);
-    assert_eq!(acked_seq(&acks[0]), 3);
+    assert_eq!(acked_seq(&acks[0]), Seq(3));
     // Nothing new: no commit, no Ack.
     assert!(s.handle_idle(&mut replica).unwrap().is_empty());
     assert_eq!(replica.commits, commits + 1);
@@ -1347,11 +1346,11 @@ fn a_steady_stream_of_records_is_committed_every_commit_record_bytes() {
             acked.push(acked_seq(&ack));
         }
     }
-    assert_eq!(acked, [2]);
+    assert_eq!(acked, [Seq(2)]);
     assert_eq!(replica.commits, commits + 1);
     // The rest when the input runs dry.
     let last = s.handle_idle(&mut replica).unwrap();
-    assert_eq!(acked_seq(&last[0]), 3);
+    assert_eq!(acked_seq(&last[0]), Seq(3));
     assert_eq!(replica.commits, commits + 2);
 }
 
@@ -1369,7 +1368,7 @@ fn a_drain_is_reported_only_when_every_record_before_it_is_applied() {
     // A drain claimed past what was applied is a protocol error.
     let early = Message::Drained {
         id: 42,
-        last_seq: 3,
+        last_seq: Seq(3),
         error: String::new(),
     };
     assert_eq!(
@@ -1380,19 +1379,19 @@ fn a_drain_is_reported_only_when_every_record_before_it_is_applied() {
     let commits = replica.commits;
     let drained = Message::Drained {
         id: 42,
-        last_seq: 2,
+        last_seq: Seq(2),
         error: String::new(),
     };
     let acks = s.handle_message(v(drained), &mut replica).unwrap();
     assert_eq!(acks.len(), 1, "acknowledged");
     assert!(replica.commits > commits, "durable before it is reported");
     let outcome = s.take_drained().unwrap();
-    assert_eq!((outcome.id, outcome.result), (42, Ok(2)));
+    assert_eq!((outcome.id, outcome.result), (42, Ok(Seq(2))));
     assert_eq!(s.take_drained(), None);
     // A failed drain is reported with its reason, and the session goes on.
     let failed = Message::Drained {
         id: 43,
-        last_seq: 0,
+        last_seq: Seq(0),
         error: "the tracker refused to stop".into(),
     };
     s.handle_message(v(failed), &mut replica).unwrap();
@@ -1457,9 +1456,9 @@ fn an_older_shipper_is_served_in_its_version() {
             Received::new(
                 1,
                 Message::Chunk {
-                    disk: 0,
+                    disk: DiskId(0),
                     offset: 0,
-                    after_seq: 0,
+                    after_seq: Seq(0),
                     purpose: ChunkPurpose::InitialSync,
                     data: ChunkData::Zero(4096),
                 },
@@ -1532,7 +1531,10 @@ fn a_newer_shipper_goes_on_in_version_1_with_a_receiver_of_the_previous_release(
     else {
         unreachable!()
     };
-    disks.push(DiskSync { id: 5, synced: 0 });
+    disks.push(DiskSync {
+        id: DiskId(5),
+        synced: 0,
+    });
     let welcome = Message::Welcome {
         durable_seq,
         generation,
@@ -1632,9 +1634,18 @@ fn a_welcome_outside_the_offer_is_refused() {
         Received::new(
             version,
             Message::Welcome {
-                durable_seq: 0,
+                durable_seq: Seq(0),
                 generation: 0,
-                disks: vec![DiskSync { id: 0, synced: 0 }, DiskSync { id: 1, synced: 0 }],
+                disks: vec![
+                    DiskSync {
+                        id: DiskId(0),
+                        synced: 0,
+                    },
+                    DiskSync {
+                        id: DiskId(1),
+                        synced: 0,
+                    },
+                ],
                 resyncing: Vec::new(),
                 software: String::new(),
             },

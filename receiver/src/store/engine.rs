@@ -307,7 +307,7 @@ impl<D: LogDir> PointReader for SharedView<D> {
 mod tests {
     use super::*;
     use crate::replica::StoreReplica;
-    use tidemark_changelog::Entry;
+    use tidemark_changelog::{DiskId, Entry, Seq};
     use tidemark_durable::SimDir;
     use tidemark_wire::{ChunkData, ChunkPurpose, Disk, Replica};
 
@@ -330,7 +330,12 @@ mod tests {
             }])
             .unwrap();
         replica
-            .apply_chunk(0, 0, ChunkPurpose::InitialSync, &ChunkData::Zero(8192))
+            .apply_chunk(
+                DiskId(0),
+                0,
+                ChunkPurpose::InitialSync,
+                &ChunkData::Zero(8192),
+            )
             .unwrap();
         replica
             .apply_record(&record(&Entry::write(0, 100, &[9u8; 50], 0), 1))
@@ -338,7 +343,7 @@ mod tests {
         replica
             .apply_record(&record(&Entry::barrier(7), 2))
             .unwrap();
-        assert_eq!(replica.commit().unwrap().durable_seq, 2);
+        assert_eq!(replica.commit().unwrap().durable_seq, Seq(2));
         replica
             .apply_record(&record(&Entry::write(0, 100, &[1u8; 50], 0), 3))
             .unwrap();

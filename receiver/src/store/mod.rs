@@ -270,7 +270,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use tidemark_changelog::record::{Kind, Record, FLAG_APP_CONSISTENT, FLAG_NO_HOLE};
 use tidemark_changelog::replay::{self, ReplaySummary};
-use tidemark_changelog::{create_private_dir_all, DirLock, Extent, LockError};
+use tidemark_changelog::{create_private_dir_all, DirLock, DiskId, Extent, LockError};
 use tidemark_durable::{FsDir, LogDir, LogFile};
 /// Initial-sync progress of one disk: the wire's type, which says it to
 /// the shipper.
@@ -532,7 +532,7 @@ fn position_of(meta: &Meta) -> Position {
             .disks
             .iter()
             .map(|d| DiskSync {
-                id: d.id,
+                id: DiskId(d.id),
                 synced: d.synced,
             })
             .collect(),

@@ -11,6 +11,8 @@ use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use tidemark_changelog::DiskId;
+
 use crate::backend::{Backend, ServedDisk};
 use crate::nbd::constants::TransmissionFlags;
 use crate::nbd::export::{BlockSizes, ExportCatalog, ExportInfo};
@@ -84,7 +86,7 @@ pub(crate) fn session_without_handshake(
     backend: &dyn Backend,
     options: &ServerOptions,
     export: &str,
-) -> Option<(Negotiated, u32)> {
+) -> Option<(Negotiated, DiskId)> {
     let catalog = Catalog::new(backend, options);
     let disk = catalog.disk_of(export)?;
     let info = catalog.lookup(export)?;
@@ -97,7 +99,7 @@ pub(crate) fn run_negotiated(
     id: u64,
     stream: Stream,
     session: Negotiated,
-    disk: u32,
+    disk: DiskId,
     frontend: &Frontend,
     shared: &Shared,
 ) {
@@ -135,7 +137,7 @@ fn serve(
     id: u64,
     stream: Stream,
     session: Negotiated,
-    disk: u32,
+    disk: DiskId,
     frontend: &Frontend,
     shared: &Shared,
 ) {
@@ -188,9 +190,9 @@ impl Catalog {
     }
 
     /// The disk id of an export: its index in the backend's list.
-    fn disk_of(&self, name: &str) -> Option<u32> {
+    fn disk_of(&self, name: &str) -> Option<DiskId> {
         let index = self.exports.iter().position(|export| export.name == name)?;
-        u32::try_from(index).ok()
+        u32::try_from(index).ok().map(DiskId)
     }
 }
 
@@ -287,7 +289,7 @@ fn handshake(
     backend: &dyn Backend,
     options: &ServerOptions,
     handshaken: &AtomicBool,
-) -> Result<(Negotiated, u32), Ended> {
+) -> Result<(Negotiated, DiskId), Ended> {
     let deadline = Instant::now() + options.handshake_timeout;
     let catalog = Catalog::new(backend, options);
     let start = AwaitClientFlags::new();

@@ -42,6 +42,7 @@ use std::time::{Duration, Instant};
 use io_uring::{opcode, types, IoUring};
 use tidemark_changelog::DiskId;
 
+use crate::backend::BackendError;
 use crate::nbd::constants::Errno;
 use crate::nbd::handshake::Negotiated;
 use crate::nbd::transmission::{
@@ -307,7 +308,7 @@ struct Conn<'a> {
     stream: &'a Stream,
     fd: i32,
     session: &'a Negotiated,
-    disk: u32,
+    disk: DiskId,
     frontend: &'a Frontend,
     shared: &'a Shared,
     ring: IoUring,
@@ -346,7 +347,7 @@ pub(crate) fn run(
     id: u64,
     stream: &Stream,
     session: &Negotiated,
-    disk: u32,
+    disk: DiskId,
     frontend: &Frontend,
     shared: &Shared,
 ) -> LoopEnd {
@@ -493,7 +494,7 @@ impl Conn<'_> {
     }
 
     /// Turns a finished request into its NBD reply.
-    fn reply(&mut self, id: u64, result: Result<(), Errno>, buf: Option<AlignedBuf>) {
+    fn reply(&mut self, id: u64, result: Result<(), BackendError>, buf: Option<AlignedBuf>) {
         let index = id as usize;
         let Some(owed) = self.owed.get_mut(index).and_then(Option::take) else {
             tracing::error!(conn = self.id, id, "a reply for no request");
@@ -535,11 +536,11 @@ impl Conn<'_> {
                     owed.bytes,
                 )
             }
-            (Err(errno), _, buf) => {
+            (Err(error), _, buf) => {
                 if let Some(buf) = buf {
                     self.buffers.give(buf);
                 }
-                self.error_reply(owed.cookie, errno, owed.bytes)
+                self.error_reply(owed.cookie, Errno::of_backend(&error), owed.bytes)
             }
         };
         self.tx.push_back(out);
@@ -801,10 +802,10 @@ impl Conn<'_> {
                 context,
                 req_one,
             } => {
-                let asked =
-                    self.frontend
-                        .backend
-                        .allocation(DiskId(disk), offset, u64::from(length));
+                let asked = self
+                    .frontend
+                    .backend
+                    .allocation(disk, offset, u64::from(length));
                 let reply = match asked {
                     Ok(runs) => {
                         let extents = super::block_status_extents(&runs, offset, length, req_one);

@@ -78,6 +78,7 @@ use std::time::Duration;
 
 use nix::errno::Errno as SysErrno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use tidemark_changelog::DiskId;
 
 use crate::backend::{Allocation, AllocationKind, Backend};
 use crate::group::Group;
@@ -239,7 +240,7 @@ impl Frontend {
     /// otherwise through the synchronous engine on the connection's thread.
     pub fn group(group: Arc<Group>, use_ring: bool) -> Frontend {
         let devices = (0..group.disk_sizes().len() as u32)
-            .filter_map(|disk| group.device(disk).cloned())
+            .filter_map(|disk| group.device(DiskId(disk)).cloned())
             .collect();
         let backend: Arc<dyn Backend> = group.clone();
         Frontend {

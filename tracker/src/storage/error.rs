@@ -1,5 +1,6 @@
 //! The one error type of the storage layer, and its mapping to the errno
-//! values the NBD protocol carries back to the kernel.
+//! a frontend tells its client (the NBD protocol's error values are the
+//! same numbers as Linux's errno for every value given here).
 
 use std::fmt;
 use std::io;
@@ -40,16 +41,6 @@ impl fmt::Display for Op {
             Op::Flush => "flush",
         })
     }
-}
-
-/// NBD error numbers (the protocol fixes these values, whatever the host's
-/// errno numbering).
-mod nbd_errno {
-    pub(super) const EPERM: u32 = 1;
-    pub(super) const EIO: u32 = 5;
-    pub(super) const ENOMEM: u32 = 12;
-    pub(super) const EINVAL: u32 = 22;
-    pub(super) const ENOSPC: u32 = 28;
 }
 
 /// Everything that can go wrong between the tracker and its backing device.
@@ -156,7 +147,9 @@ pub enum StorageError {
 }
 
 impl StorageError {
-    /// The error number to send to the NBD client for this error.
+    /// The errno a frontend tells its client for this error: one of
+    /// `EPERM`, `EIO`, `ENOMEM`, `EINVAL`, `ENOSPC` (Linux's numbers, which
+    /// the NBD protocol's error values share).
     ///
     /// Follows the NBD protocol's advice: a write past the end is `ENOSPC`, any
     /// other out-of-range request `EINVAL`; a refused write is `EPERM`. Kernel
@@ -167,27 +160,27 @@ impl StorageError {
     pub fn errno(&self) -> u32 {
         match self {
             StorageError::OutOfRange { op, .. } => match op {
-                Op::Write | Op::WriteZeroes => nbd_errno::ENOSPC,
-                Op::Read | Op::Trim | Op::Flush => nbd_errno::EINVAL,
+                Op::Write | Op::WriteZeroes => libc::ENOSPC as u32,
+                Op::Read | Op::Trim | Op::Flush => libc::EINVAL as u32,
             },
-            StorageError::ReadOnly { .. } => nbd_errno::EPERM,
+            StorageError::ReadOnly { .. } => libc::EPERM as u32,
             StorageError::Io { source, .. }
             | StorageError::Flush { source }
             | StorageError::Open { source, .. }
             | StorageError::EngineUnavailable { source } => errno_of(source),
             StorageError::UnsupportedKind { .. }
             | StorageError::DirectIoUnavailable { .. }
-            | StorageError::Poisoned => nbd_errno::EIO,
+            | StorageError::Poisoned => libc::EIO as u32,
         }
     }
 }
 
 fn errno_of(error: &io::Error) -> u32 {
     match error.raw_os_error() {
-        Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => nbd_errno::ENOSPC,
-        Some(libc::EPERM | libc::EACCES | libc::EROFS) => nbd_errno::EPERM,
-        Some(libc::ENOMEM) => nbd_errno::ENOMEM,
-        _ => nbd_errno::EIO,
+        Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => libc::ENOSPC as u32,
+        Some(libc::EPERM | libc::EACCES | libc::EROFS) => libc::EPERM as u32,
+        Some(libc::ENOMEM) => libc::ENOMEM as u32,
+        _ => libc::EIO as u32,
     }
 }
 

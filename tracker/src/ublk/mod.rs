@@ -68,6 +68,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tidemark_changelog::DiskId;
+
 use crate::server::{DataBudget, Frontend};
 use control::Control;
 use queue::{Queue, QueueEnd, QueueSpec, Shared};
@@ -90,7 +92,7 @@ pub struct UblkOptions {
     /// `tidemark:<group>:<export>`: who the device belongs to.
     pub identity: String,
     /// The disk's index in the group.
-    pub disk: u32,
+    pub disk: DiskId,
     /// The disk's size in bytes.
     pub size: u64,
     /// `Some(n)`: exactly `/dev/ublkbN`; `None`: the driver's choice (or

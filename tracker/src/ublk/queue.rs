@@ -52,10 +52,11 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use io_uring::{opcode, types, IoUring};
+use tidemark_changelog::DiskId;
 use zerocopy::FromZeros;
 
 use super::sys::{self, io_flags, op, IoCmd, IoDesc};
-use crate::nbd::constants::Errno;
+use crate::backend::BackendError;
 use crate::queue::{Op, Queue as QueueCore, QueueWaker, Request};
 use crate::ring::{arm_waker, drain_completions, push, DeviceIo, DEVICE_TAG, TAG_MASK};
 use crate::server::{build_ring, Buffers, DataBudget, Frontend, FLOOR_BYTES};
@@ -79,7 +80,7 @@ pub(crate) struct QueueSpec {
     /// Tags.
     pub depth: u16,
     /// The disk (its index in the group).
-    pub disk: u32,
+    pub disk: DiskId,
     /// The disk's size, bytes.
     pub size: u64,
     /// The largest request, bytes (each tag's buffer in driver copy).
@@ -571,7 +572,7 @@ impl QueueLoop {
             let at = sys::user_copy_offset(self.spec.queue, tag);
             if let Err(error) = self.shared.char_dev.read_exact_at(data, at) {
                 tracing::warn!(tag, %error, "reading a write's data from the ublk device failed");
-                self.finish(tag, Err(Errno::Io), buf);
+                self.finish(tag, Err(BackendError::Io(error)), buf);
                 return;
             }
         }
@@ -610,7 +611,7 @@ impl QueueLoop {
 
     /// Completes a request: its data back to the driver (user copy reads),
     /// its buffer and budget back, its result committed.
-    fn finish(&mut self, tag: u16, result: Result<(), Errno>, buf: Option<AlignedBuf>) {
+    fn finish(&mut self, tag: u16, result: Result<(), BackendError>, buf: Option<AlignedBuf>) {
         let slot = &self.tags[usize::from(tag)];
         let (op, desc) = (slot.op, slot.desc);
         let mut outcome = driver_result(&op, slot.data, result);
@@ -726,11 +727,28 @@ fn request_of(desc: &IoDesc, size: u64, max_bytes: u32) -> Result<(Op, u32), i32
 
 /// The driver's result of a finished request: its bytes for reads and
 /// writes, 0 for the rest, or a negative errno.
-fn driver_result(op: &Op, data: u32, result: Result<(), Errno>) -> i32 {
+fn driver_result(op: &Op, data: u32, result: Result<(), BackendError>) -> i32 {
     match (result, op) {
-        (Err(errno), _) => -(errno.code() as i32),
+        (Err(error), _) => errno_of(&error),
         (Ok(()), Op::Read { .. } | Op::Write { .. }) => data as i32,
         (Ok(()), _) => 0,
+    }
+}
+
+/// The negative errno of a failed request: the one mapping from storage
+/// errors to the kernel's ([`for_the_driver`] then keeps those the block
+/// layer knows). A request the core refused as outside the disk is
+/// `EINVAL`, a full disk `ENOSPC`, a read-only disk `EPERM`, a group that
+/// stopped serving changes `EIO`; a device or other I/O error keeps the
+/// kernel's errno.
+fn errno_of(error: &BackendError) -> i32 {
+    -match error {
+        BackendError::NoSuchDisk(_) | BackendError::OutOfRange { .. } => libc::EINVAL,
+        BackendError::NoSpace(_) => libc::ENOSPC,
+        BackendError::ReadOnly => libc::EPERM,
+        BackendError::Unavailable => libc::EIO,
+        BackendError::Device(error) => error.errno() as i32,
+        BackendError::Io(error) => error.raw_os_error().filter(|&e| e > 0).unwrap_or(libc::EIO),
     }
 }
 
@@ -849,7 +867,7 @@ mod tests {
         core.handle_request(
             Request {
                 id: 7,
-                disk: 0,
+                disk: DiskId(0),
                 op,
                 buf,
             },
@@ -925,8 +943,70 @@ mod tests {
             -libc::EIO
         );
         assert_eq!(
-            driver_result(&Op::Flush, 0, Err(Errno::NoSpc)),
+            driver_result(&Op::Flush, 0, Err(BackendError::NoSpace(full()))),
             -libc::ENOSPC
         );
+    }
+
+    fn full() -> std::io::Error {
+        std::io::ErrorKind::StorageFull.into()
+    }
+
+    /// Every storage error reaches the driver as an errno, and as one the
+    /// block layer knows once narrowed.
+    #[test]
+    fn backend_errors_become_negative_errnos() {
+        use crate::storage::{Op as StorageOp, StorageError};
+        let raw = std::io::Error::from_raw_os_error;
+        let device = |errno| {
+            BackendError::Device(StorageError::Io {
+                op: StorageOp::Write,
+                offset: 0,
+                len: 4096,
+                source: raw(errno),
+            })
+        };
+        let cases = [
+            (
+                BackendError::NoSuchDisk(DiskId(2)),
+                -libc::EINVAL,
+                -libc::EIO,
+            ),
+            (
+                BackendError::OutOfRange {
+                    offset: 0,
+                    length: 1,
+                },
+                -libc::EINVAL,
+                -libc::EIO,
+            ),
+            (BackendError::NoSpace(full()), -libc::ENOSPC, -libc::ENOSPC),
+            (BackendError::ReadOnly, -libc::EPERM, -libc::EIO),
+            (BackendError::Unavailable, -libc::EIO, -libc::EIO),
+            (device(libc::ENOSPC), -libc::ENOSPC, -libc::ENOSPC),
+            (device(libc::EDQUOT), -libc::ENOSPC, -libc::ENOSPC),
+            (device(libc::ENOMEM), -libc::ENOMEM, -libc::ENOMEM),
+            (device(libc::EIO), -libc::EIO, -libc::EIO),
+            (
+                BackendError::Device(StorageError::Poisoned),
+                -libc::EIO,
+                -libc::EIO,
+            ),
+            (
+                BackendError::Io(raw(libc::ENOSPC)),
+                -libc::ENOSPC,
+                -libc::ENOSPC,
+            ),
+            (BackendError::Io(raw(libc::EBADF)), -libc::EBADF, -libc::EIO),
+            (
+                BackendError::Io(std::io::Error::other("no errno")),
+                -libc::EIO,
+                -libc::EIO,
+            ),
+        ];
+        for (error, errno, told) in cases {
+            assert_eq!(errno_of(&error), errno, "{error:?}");
+            assert_eq!(for_the_driver(errno_of(&error)), told, "{error:?}");
+        }
     }
 }
