@@ -6,6 +6,7 @@
 //! Formats that carry one encode its fields themselves, in their own
 //! layout.
 
+use crate::DiskId;
 use tidemark_names::Name;
 
 /// A disk of the group as both sites know it: what the shipper announces
@@ -13,7 +14,7 @@ use tidemark_names::Name;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Disk {
     /// Its id within the group (the `disk` of its records).
-    pub id: u32,
+    pub id: DiskId,
     /// Its name on the protected host: the receiver files the replica under
     /// it (failover makes `DIR/NAME.img` of it).
     pub name: Name,
@@ -25,7 +26,7 @@ pub struct Disk {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Extent {
     /// The disk's id (the `disk` of its records).
-    pub disk: u32,
+    pub disk: DiskId,
     /// First byte.
     pub offset: u64,
     /// Bytes.

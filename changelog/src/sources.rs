@@ -19,6 +19,7 @@
 //! version reads as damaged.
 
 use crate::disk::Disk;
+use crate::DiskId;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -100,7 +101,11 @@ pub fn read_sources(dir: &Path) -> Result<Option<Vec<DiskSource>>, SourcesError>
             .map_err(|_| damaged(format!("bad size in {line:?}")))?;
         let name = Name::new(name).map_err(|e| damaged(format!("disk {id}: {e}")))?;
         disks.push(DiskSource {
-            disk: Disk { id, name, size },
+            disk: Disk {
+                id: DiskId(id),
+                name,
+                size,
+            },
             path: PathBuf::from(p),
         });
     }
@@ -141,7 +146,7 @@ mod tests {
                 .into_iter()
                 .enumerate()
                 .map(|(id, (name, size, path))| DiskSource {
-                    disk: Disk { id: id as u32, name: Name::new(name).unwrap(), size },
+                    disk: Disk { id: DiskId(id as u32), name: Name::new(name).unwrap(), size },
                     path: path.into(),
                 })
                 .collect();
@@ -171,7 +176,7 @@ mod tests {
         let disks = vec![
             DiskSource {
                 disk: Disk {
-                    id: 0,
+                    id: DiskId(0),
                     name: Name::new("data").unwrap(),
                     size: 1 << 30,
                 },
@@ -179,7 +184,7 @@ mod tests {
             },
             DiskSource {
                 disk: Disk {
-                    id: 1,
+                    id: DiskId(1),
                     name: Name::new("wal").unwrap(),
                     size: 4096,
                 },
@@ -220,7 +225,7 @@ mod tests {
         ] {
             let disk = [DiskSource {
                 disk: Disk {
-                    id: 0,
+                    id: DiskId(0),
                     name: Name::from_static("data"),
                     size: 1,
                 },

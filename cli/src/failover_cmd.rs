@@ -13,6 +13,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
+use tidemark_changelog::{DiskId, Seq};
 use tidemark_receiver::pin::PinLock;
 use tidemark_receiver::store::{
     GroupState, LocalEngine, PointReader, RecoveryPoint, ReplicaStore, StoreEngine,
@@ -125,7 +126,7 @@ fn planned_failover(a: &FailoverArgs) -> Result<ExitCode> {
     // Never leave a request behind: it would stop the tracker whenever
     // the host's shipper next connects.
     let cleared = drain::clear(&dir);
-    let seq = answer?;
+    let seq = Seq(answer?);
     cleared.with_context(|| format!("removing the drain request in {}", dir.display()))?;
     println!(
         "drained: the protected host is stopped; every record up to sequence {seq} is durable here"
@@ -180,7 +181,7 @@ fn wait_drained(dir: &Path, id: u64, timeout: std::time::Duration) -> Result<u64
         if now >= next_report {
             let at = LocalEngine::open_dir_read_only(dir)
                 .map(|g| g.position().durable_seq)
-                .unwrap_or(0);
+                .unwrap_or(Seq(0));
             println!(
                 "  waiting for the protected host to drain ({}s; the replica is at sequence {at})",
                 started.elapsed().as_secs()
@@ -301,7 +302,7 @@ impl Progress {
 /// of data written.
 fn materialise(
     view: &dyn PointReader,
-    disk: u32,
+    disk: DiskId,
     size: u64,
     dst: &Path,
     name: &str,

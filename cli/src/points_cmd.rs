@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use tidemark_changelog::Seq;
 use tidemark_names::Name;
 use tidemark_receiver::store::{GroupState, LocalEngine, RecoveryPoint, ReplicaStore, StoreEngine};
 
@@ -137,7 +138,7 @@ pub(crate) fn choose<'p>(points: &'p [RecoveryPoint], spec: &str) -> Result<&'p 
         return Ok(newest);
     }
     if let Ok(seq) = spec.parse::<u64>() {
-        return points.iter().find(|p| p.seq == seq).with_context(|| {
+        return points.iter().find(|p| p.seq == Seq(seq)).with_context(|| {
             format!("no recovery point at sequence {seq} (see `tidemark points`)")
         });
     }
@@ -172,7 +173,7 @@ mod tests {
 
     fn p(seq: u64, ts: u64, label: &str) -> RecoveryPoint {
         RecoveryPoint {
-            seq,
+            seq: Seq(seq),
             timestamp_ns: ts,
             app_consistent: false,
             label: label.into(),
@@ -187,12 +188,15 @@ mod tests {
             p(20, 1_795_425_060 * s, "pre-upgrade"),
             p(30, 1_795_425_120 * s, ""),
         ];
-        assert_eq!(choose(&points, "latest").unwrap().seq, 30);
-        assert_eq!(choose(&points, "20").unwrap().seq, 20);
+        assert_eq!(choose(&points, "latest").unwrap().seq, Seq(30));
+        assert_eq!(choose(&points, "20").unwrap().seq, Seq(20));
         assert!(choose(&points, "21").is_err());
-        assert_eq!(choose(&points, "pre-upgrade").unwrap().seq, 20);
+        assert_eq!(choose(&points, "pre-upgrade").unwrap().seq, Seq(20));
         // 1_795_425_090 s = 2026-11-23T09:11:30Z: the point before it.
-        assert_eq!(choose(&points, "2026-11-23T09:11:30Z").unwrap().seq, 20);
+        assert_eq!(
+            choose(&points, "2026-11-23T09:11:30Z").unwrap().seq,
+            Seq(20)
+        );
         assert!(choose(&points, "2020-01-01T00:00:00Z").is_err());
         assert!(choose(&points, "no-such-label").is_err());
         assert!(choose(&[], "latest").is_err());

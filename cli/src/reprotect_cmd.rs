@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use tidemark_changelog::DiskId;
 use tidemark_names::Name;
 use tidemark_receiver::store::{LocalEngine, StoreEngine};
 
@@ -52,7 +53,7 @@ pub(crate) fn adopt(a: AdoptArgs) -> Result<ExitCode> {
             .len();
         disks.push((
             Disk {
-                id: id as u32,
+                id: DiskId(id as u32),
                 name,
                 size,
             },

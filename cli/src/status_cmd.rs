@@ -403,7 +403,7 @@ fn summarise_replica(host: &str, group: &str, dir: &Path) -> ReplicaSummary {
             };
             summary.points = points.len();
             summary.newest = points.last().map(|p| Point {
-                seq: p.seq,
+                seq: p.seq.get(),
                 timestamp_ns: p.timestamp_ns,
             });
             summary.history_bytes = g.history_bytes();

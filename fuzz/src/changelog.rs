@@ -15,8 +15,8 @@ use tidemark_changelog::record::{Entry, Header, Record, RECORD_VERSION};
 use tidemark_changelog::replay::{self, ReplayTarget, StopAt};
 use tidemark_changelog::segment::{segment_name, SegmentHeader, SEGMENT_HEADER_LEN};
 use tidemark_changelog::{
-    check, read_cursor, write_cursor, ChangeLog, DiskId, LogOptions, LogReader, RecoveryPolicy, Seq,
-    SimDir,
+    check, read_cursor, write_cursor, ChangeLog, DiskId, LogOptions, LogReader, RecoveryPolicy,
+    Seq, SimDir,
 };
 
 /// Small segments, so a fuzz input holds several.

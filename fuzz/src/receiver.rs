@@ -198,12 +198,12 @@ fn group_seed(name: &str, build: impl FnOnce(&mut ReplicaGroup)) -> Vec<u8> {
 pub fn group_seeds() -> Vec<(&'static str, Vec<u8>)> {
     let disks = [
         Disk {
-            id: 0,
+            id: tidemark_changelog::DiskId(0),
             name: Name::from_static("data"),
             size: 16 << 10,
         },
         Disk {
-            id: 1,
+            id: tidemark_changelog::DiskId(1),
             name: Name::from_static("logs"),
             size: 8 << 10,
         },
@@ -211,7 +211,7 @@ pub fn group_seeds() -> Vec<(&'static str, Vec<u8>)> {
     let sync = |group: &mut ReplicaGroup, upto: u64| {
         group.ensure_disks(&disks).expect("disks");
         for disk in &disks {
-            let data = vec![disk.id as u8 + 1; 4096];
+            let data = vec![disk.id.get() as u8 + 1; 4096];
             group
                 .apply_chunk(disk.id, 0, ChunkRef::Data(&data), Purpose::InitialSync)
                 .expect("a chunk");

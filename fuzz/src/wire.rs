@@ -139,15 +139,15 @@ pub fn message(data: &[u8]) {
 /// within a disk of the hello.
 #[derive(Default)]
 struct CheckingReplica {
-    sizes: BTreeMap<u32, u64>,
-    synced: BTreeMap<u32, u64>,
+    sizes: BTreeMap<DiskId, u64>,
+    synced: BTreeMap<DiskId, u64>,
     applied: Option<RecordId>,
     durable: Option<RecordId>,
     lease: u64,
 }
 
 impl CheckingReplica {
-    fn check_extent(&self, disk: u32, offset: u64, length: u64) {
+    fn check_extent(&self, disk: DiskId, offset: u64, length: u64) {
         let size = self.sizes.get(&disk).expect("a disk of the hello");
         assert!(length > 0, "an empty extent");
         assert!(
@@ -169,10 +169,7 @@ impl Replica for CheckingReplica {
             disks: self
                 .synced
                 .iter()
-                .map(|(&id, &synced)| DiskSync {
-                    id: DiskId(id),
-                    synced,
-                })
+                .map(|(&id, &synced)| DiskSync { id, synced })
                 .collect(),
             resyncing: Vec::new(),
         }
@@ -202,7 +199,7 @@ impl Replica for CheckingReplica {
             assert!(id.follows(prev), "{id:?} applied after {prev:?}");
         }
         if h.disk != DiskId::GROUP {
-            self.check_extent(h.disk.get(), h.offset, h.length);
+            self.check_extent(h.disk, h.offset, h.length);
         }
         self.applied = Some(id);
         Ok(())
@@ -215,7 +212,6 @@ impl Replica for CheckingReplica {
         purpose: ChunkPurpose,
         data: &ChunkData,
     ) -> Result<(), ReplicaError> {
-        let disk = disk.get();
         self.check_extent(disk, offset, data.len());
         if purpose == ChunkPurpose::InitialSync {
             self.synced.insert(disk, offset + data.len());
@@ -230,13 +226,13 @@ impl Replica for CheckingReplica {
         length: u64,
         block_size: u32,
     ) -> Result<Vec<[u8; 32]>, ReplicaError> {
-        self.check_extent(disk.get(), offset, length);
+        self.check_extent(disk, offset, length);
         let n = digest_count(offset, length, block_size).expect("a valid digest request");
         Ok(vec![[0; 32]; n as usize])
     }
 
     fn resync_done(&mut self, disk: DiskId, offset: u64, length: u64) -> Result<(), ReplicaError> {
-        self.check_extent(disk.get(), offset, length);
+        self.check_extent(disk, offset, length);
         Ok(())
     }
 
@@ -358,8 +354,8 @@ fn records(seq: u64, generation: u32) -> RecordBatch {
 /// A whole session as a shipper sends it: hello, initial sync, records,
 /// a resync by digests, a drain.
 fn session_messages() -> Vec<Message> {
-    let disk = |id, name: &'static str, size| Disk {
-        id,
+    let disk = |id: u32, name: &'static str, size| Disk {
+        id: DiskId(id),
         name: Name::from_static(name),
         size,
     };
@@ -427,7 +423,7 @@ fn receiver_messages() -> Vec<Message> {
                 synced: 4096,
             }],
             resyncing: vec![tidemark_wire::Extent {
-                disk: 1,
+                disk: DiskId(1),
                 offset: 0,
                 length: 512,
             }],

@@ -11,7 +11,7 @@
 //! `STORE_BENCH_DIR` to measure another filesystem than /tmp).
 
 use std::time::{Duration, Instant};
-use tidemark_changelog::{Entry, Record};
+use tidemark_changelog::{DiskId, Entry, Record};
 use tidemark_receiver::store::{ChunkRef, Disk, Purpose, ReplicaGroup, Retention};
 
 const DISK: u64 = 256 << 20;
@@ -31,7 +31,7 @@ fn main() {
         ..Retention::default()
     });
     g.ensure_disks(&[Disk {
-        id: 0,
+        id: DiskId(0),
         name: tidemark_names::Name::from_static("bench"),
         size: DISK,
     }])
@@ -40,7 +40,7 @@ fn main() {
     let chunk: Vec<u8> = (0..1 << 20).map(|i| (i * 7 % 253) as u8).collect();
     let t = Instant::now();
     for at in (0..DISK).step_by(chunk.len()) {
-        g.apply_chunk(0, at, ChunkRef::Data(&chunk), Purpose::InitialSync)
+        g.apply_chunk(DiskId(0), at, ChunkRef::Data(&chunk), Purpose::InitialSync)
             .unwrap();
     }
     g.commit().unwrap();
@@ -87,7 +87,7 @@ fn main() {
     let built = t.elapsed();
     let mut buf = vec![0u8; 1 << 20];
     for at in (0..DISK).step_by(buf.len()) {
-        view.read(0, at, &mut buf).unwrap();
+        view.read(DiskId(0), at, &mut buf).unwrap();
     }
     println!(
         "read the whole disk as of the oldest point: {:.0} MB/s (view built in {:.1} ms)",
@@ -96,7 +96,7 @@ fn main() {
     );
 
     let t = Instant::now();
-    let digests = g.digests(0, 0, DISK, 1 << 20).unwrap();
+    let digests = g.digests(DiskId(0), 0, DISK, 1 << 20).unwrap();
     println!(
         "digests (BLAKE3, 1 MiB blocks) of the newest state: {:.0} MB/s ({} blocks)",
         mbps(DISK, t.elapsed()),

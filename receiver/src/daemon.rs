@@ -251,7 +251,7 @@ impl Server {
                 GroupSample {
                     host: host.to_string(),
                     group: group.to_string(),
-                    durable_seq: pos.durable_seq,
+                    durable_seq: pos.durable_seq.get(),
                     state: group_state_name(&pos.state),
                     last_barrier_ns: barrier.map(|(_, ts)| ts),
                     points: points.len() as u64,

@@ -33,6 +33,7 @@
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use tidemark_changelog::Seq;
 
 use tidemark_durable::{
     create_private_dir_all, replace, DirLock, Durability, FsDir, LockError, LogDir, LogFile,
@@ -131,7 +132,7 @@ impl PinLock {
 
     /// Pins the point `seq` (replacing the pin there was): retention
     /// keeps it until [`PinLock::unpin`] or [`PinLock::remove_all`].
-    pub fn pin(&self, seq: u64) -> Result<(), PinError> {
+    pub fn pin(&self, seq: Seq) -> Result<(), PinError> {
         write(&FsDir::at(&self.dir), seq).map_err(PinError::Write)?;
         give(&self.dir.join(PIN_FILE), self.group_owner)
     }
@@ -156,7 +157,7 @@ impl PinLock {
 
 /// Writes the pin `seq` into `dir` (its [`TEST_FAILOVER_DIR`]), atomically
 /// and durably.
-fn write<D: LogDir>(dir: &D, seq: u64) -> Result<(), ReplaceError> {
+fn write<D: LogDir>(dir: &D, seq: Seq) -> Result<(), ReplaceError> {
     replace(
         dir,
         PIN_TMP,
@@ -169,13 +170,18 @@ fn write<D: LogDir>(dir: &D, seq: u64) -> Result<(), ReplaceError> {
 /// The point pinned in `test_failover` (a group's [`TEST_FAILOVER_DIR`]),
 /// if any. A pin that cannot be read as a number is no pin: it can only be
 /// a file this module did not write.
-pub fn read<D: LogDir>(test_failover: &D) -> Option<u64> {
+pub fn read<D: LogDir>(test_failover: &D) -> Option<Seq> {
     let file = test_failover.open(PIN_FILE, false).ok()?;
     // A sequence number in decimal (and perhaps a newline): anything much
     // longer is no pin.
     let mut buf = vec![0u8; file.size().ok()?.min(4096) as usize];
     let n = file.read_full_at(&mut buf, 0).ok()?;
-    std::str::from_utf8(&buf[..n]).ok()?.trim().parse().ok()
+    std::str::from_utf8(&buf[..n])
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+        .map(Seq)
 }
 
 /// Gives `path` the group directory's owner, if it is not already its.
@@ -203,8 +209,8 @@ mod tests {
             Err(PinError::Held { pid }) => assert_eq!(pid, Some(std::process::id())),
             other => panic!("{other:?}"),
         }
-        lock.pin(42).unwrap();
-        assert_eq!(read(&dir), Some(42));
+        lock.pin(Seq(42)).unwrap();
+        assert_eq!(read(&dir), Some(Seq(42)));
         // The format: the sequence number in decimal, nothing else.
         let path = group.path().join(TEST_FAILOVER_DIR).join(PIN_FILE);
         assert_eq!(std::fs::read(&path).unwrap(), b"42");
@@ -213,9 +219,9 @@ mod tests {
         lock.unpin().unwrap();
         assert_eq!(read(&dir), None);
         lock.unpin().unwrap();
-        lock.pin(7).unwrap();
-        lock.pin(8).unwrap();
-        assert_eq!(read(&dir), Some(8));
+        lock.pin(Seq(7)).unwrap();
+        lock.pin(Seq(8)).unwrap();
+        assert_eq!(read(&dir), Some(Seq(8)));
         lock.remove_all().unwrap();
         assert!(!group.path().join(TEST_FAILOVER_DIR).exists());
         // The lock went with it: the next holder takes it.
@@ -225,22 +231,22 @@ mod tests {
     #[test]
     fn a_pin_cut_at_any_sync_reads_as_the_old_pin_or_the_new_never_another_number() {
         let probe = SimDir::new();
-        write(&probe, 7).unwrap();
+        write(&probe, Seq(7)).unwrap();
         let before = probe.syncs();
-        write(&probe, 123_456).unwrap();
+        write(&probe, Seq(123_456)).unwrap();
         let syncs = probe.syncs() - before;
         for cut in 1..=syncs + 1 {
             let dir = SimDir::new();
-            write(&dir, 7).unwrap();
+            write(&dir, Seq(7)).unwrap();
             dir.cut_power_at_sync(before + cut);
-            let done = write(&dir, 123_456);
+            let done = write(&dir, Seq(123_456));
             let after = SimDir::from_files(dir.after_power_cut());
             let pinned = read(&after);
             if done.is_ok() {
-                assert_eq!(pinned, Some(123_456), "cut at sync {cut}");
+                assert_eq!(pinned, Some(Seq(123_456)), "cut at sync {cut}");
             } else {
                 assert!(
-                    pinned == Some(7) || pinned == Some(123_456),
+                    pinned == Some(Seq(7)) || pinned == Some(Seq(123_456)),
                     "cut at sync {cut}: {pinned:?}"
                 );
             }
@@ -251,7 +257,7 @@ mod tests {
     fn what_is_not_a_number_is_no_pin() {
         let dir = SimDir::new();
         dir.put(PIN_FILE, b"12\n".to_vec());
-        assert_eq!(read(&dir), Some(12));
+        assert_eq!(read(&dir), Some(Seq(12)));
         dir.put(PIN_FILE, b"1x".to_vec());
         assert_eq!(read(&dir), None);
         dir.put(PIN_FILE, vec![b'1'; 5000]);

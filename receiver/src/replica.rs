@@ -3,7 +3,7 @@
 //! engine, and maps store errors to what the shipper is told (retry or
 //! stop).
 
-use tidemark_changelog::{DiskId, Record, Seq};
+use tidemark_changelog::{DiskId, Record};
 use tidemark_wire::{
     ChunkData, ChunkPurpose, Disk, ErrorClass, ErrorCode, Position, Replica, ReplicaError,
 };
@@ -79,7 +79,7 @@ pub fn classify(e: &StoreError) -> (ErrorClass, ErrorCode) {
 
 fn position(p: crate::store::Position) -> Position {
     Position {
-        durable_seq: Seq(p.durable_seq),
+        durable_seq: p.durable_seq,
         generation: p.generation,
         disks: p.disks,
         resyncing: match &p.state {
@@ -123,7 +123,7 @@ impl Replica for StoreReplica {
             ChunkPurpose::Resync => Purpose::Resync,
         };
         self.group
-            .apply_chunk(disk.get(), offset, chunk, purpose)
+            .apply_chunk(disk, offset, chunk, purpose)
             .map_err(|e| self.map(e))
     }
 
@@ -135,13 +135,13 @@ impl Replica for StoreReplica {
         block_size: u32,
     ) -> Result<Vec<[u8; 32]>, ReplicaError> {
         self.group
-            .digests(disk.get(), offset, length, block_size)
+            .digests(disk, offset, length, block_size)
             .map_err(|e| self.map(e))
     }
 
     fn resync_done(&mut self, disk: DiskId, offset: u64, length: u64) -> Result<(), ReplicaError> {
         self.group
-            .resync_done(disk.get(), offset, length)
+            .resync_done(disk, offset, length)
             .map_err(|e| self.map(e))
     }
 

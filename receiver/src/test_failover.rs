@@ -22,6 +22,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use tidemark_changelog::Seq;
 
 use tidemark_durable::{private_file, zero_range, AllocationRun, Zeroes};
 
@@ -52,7 +53,7 @@ pub enum TestFailoverError {
     #[error("the point at sequence {seq} was folded before it could be pinned; choose another")]
     Folded {
         /// The point.
-        seq: u64,
+        seq: Seq,
         /// Why it could not be opened.
         #[source]
         source: StoreError,
@@ -125,7 +126,7 @@ impl TestFailover {
     pub fn start(
         group_dir: &Path,
         lock: PinLock,
-        seq: u64,
+        seq: Seq,
     ) -> Result<TestFailover, TestFailoverError> {
         match Self::open(group_dir, &lock, seq) {
             Ok(overlay) => Ok(TestFailover {
@@ -141,7 +142,7 @@ impl TestFailover {
         }
     }
 
-    fn open(group_dir: &Path, lock: &PinLock, seq: u64) -> Result<CowOverlay, TestFailoverError> {
+    fn open(group_dir: &Path, lock: &PinLock, seq: Seq) -> Result<CowOverlay, TestFailoverError> {
         // Pin, then open: a fold between choosing the point and pinning
         // it is noticed here, when the point is looked up again.
         lock.pin(seq)?;
@@ -365,6 +366,7 @@ mod tests {
     use super::*;
     use crate::pin::{self, TEST_FAILOVER_DIR};
     use crate::store::{ChunkRef, Purpose, ReplicaGroup, Retention};
+    use tidemark_changelog::DiskId;
     use tidemark_changelog::{Entry, Record};
     use tidemark_durable::FsDir;
     use tidemark_names::Name;
@@ -383,13 +385,13 @@ mod tests {
             fold_interval: std::time::Duration::ZERO,
         });
         g.ensure_disks(&[Disk {
-            id: 0,
+            id: DiskId(0),
             name: Name::from_static("a"),
             size: SIZE,
         }])
         .unwrap();
         g.apply_chunk(
-            0,
+            DiskId(0),
             0,
             ChunkRef::Data(&[3u8; SIZE as usize]),
             Purpose::InitialSync,
@@ -419,10 +421,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let g = group(dir.path());
         let lock = PinLock::acquire(dir.path()).unwrap();
-        let test = TestFailover::start(dir.path(), lock, 2).unwrap();
+        let test = TestFailover::start(dir.path(), lock, Seq(2)).unwrap();
         assert_eq!(
             pin::read(&FsDir::at(&dir.path().join(TEST_FAILOVER_DIR))),
-            Some(2)
+            Some(Seq(2))
         );
         let o = test.overlay();
         assert_eq!(o.disks().len(), 1);
@@ -449,11 +451,14 @@ mod tests {
 
         // The point itself is unchanged, and later points too.
         let mut buf = vec![0u8; SIZE as usize];
-        g.view(Some(2)).unwrap().read(0, 0, &mut buf).unwrap();
-        assert_eq!(buf, vec![3u8; SIZE as usize]);
-        g.view(Some(4))
+        g.view(Some(Seq(2)))
             .unwrap()
-            .read(0, 8192, &mut buf[..4096])
+            .read(DiskId(0), 0, &mut buf)
+            .unwrap();
+        assert_eq!(buf, vec![3u8; SIZE as usize]);
+        g.view(Some(Seq(4)))
+            .unwrap()
+            .read(DiskId(0), 8192, &mut buf[..4096])
             .unwrap();
         assert_eq!(buf[..4096], [9u8; 4096]);
 
@@ -479,17 +484,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut g = ReplicaGroup::open(dir.path()).unwrap();
         g.ensure_disks(&[Disk {
-            id: 0,
+            id: DiskId(0),
             name: Name::from_static("a"),
             size: BIG,
         }])
         .unwrap();
         // Data in the first 4 grains, zeroes (not sent as data) after.
         let data = vec![5u8; (4 * G) as usize];
-        g.apply_chunk(0, 0, ChunkRef::Data(&data), Purpose::InitialSync)
+        g.apply_chunk(DiskId(0), 0, ChunkRef::Data(&data), Purpose::InitialSync)
             .unwrap();
-        g.apply_chunk(0, 4 * G, ChunkRef::Zero(BIG - 4 * G), Purpose::InitialSync)
-            .unwrap();
+        g.apply_chunk(
+            DiskId(0),
+            4 * G,
+            ChunkRef::Zero(BIG - 4 * G),
+            Purpose::InitialSync,
+        )
+        .unwrap();
         g.commit().unwrap();
         let rec = |e: &Entry<'_>, seq| Record::decode(&e.encode(seq, 0)).unwrap();
         // The journal trims grain 1 and writes grain 8.
@@ -500,7 +510,7 @@ mod tests {
         g.commit().unwrap();
 
         let lock = PinLock::acquire(dir.path()).unwrap();
-        let test = TestFailover::start(dir.path(), lock, 3).unwrap();
+        let test = TestFailover::start(dir.path(), lock, Seq(3)).unwrap();
         let o = test.overlay();
         let holes_known = runs(&o, 4 * G, 4 * G) == [(4 * G, 4 * G, false)];
         if !holes_known {
@@ -547,9 +557,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let _g = group(dir.path());
         let lock = PinLock::acquire(dir.path()).unwrap();
-        let err = TestFailover::start(dir.path(), lock, 3).unwrap_err();
+        let err = TestFailover::start(dir.path(), lock, Seq(3)).unwrap_err();
         assert!(
-            matches!(err, TestFailoverError::Folded { seq: 3, .. }),
+            matches!(err, TestFailoverError::Folded { seq: Seq(3), .. }),
             "{err:?}"
         );
         assert!(!dir.path().join(TEST_FAILOVER_DIR).exists());

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::Path;
 use tidemark_changelog::replay::{replay, MemoryImage, StopAt};
-use tidemark_changelog::{ChangeLog, Entry, Extent, LogOptions, Record, SimDir};
+use tidemark_changelog::{ChangeLog, DiskId, Entry, Extent, LogOptions, Record, Seq, SimDir};
 use tidemark_names::Name;
 use tidemark_receiver::store::{
     Applied, ChunkRef, Disk, GroupState, Purpose, ReplicaGroup, Retention, StoreError,
@@ -21,15 +21,15 @@ fn specs() -> Vec<Disk> {
         .iter()
         .enumerate()
         .map(|(i, s)| Disk {
-            id: i as u32 * 3 + 1,
+            id: disk_id(i),
             name: Name::new(format!("disk{i}")).unwrap(),
             size: *s,
         })
         .collect()
 }
 
-fn disk_id(i: usize) -> u32 {
-    i as u32 * 3 + 1
+fn disk_id(i: usize) -> DiskId {
+    DiskId(i as u32 * 3 + 1)
 }
 
 fn record(entry: &Entry<'_>, seq: u64, generation: u32) -> Record {
@@ -37,19 +37,19 @@ fn record(entry: &Entry<'_>, seq: u64, generation: u32) -> Record {
 }
 
 /// `disk` as it reads now (everything applied, committed or not).
-fn image(g: &ReplicaGroup, disk: u32) -> Vec<u8> {
+fn image(g: &ReplicaGroup, disk: DiskId) -> Vec<u8> {
     point_image(g, None, disk)
 }
 
 /// `disk` as of the recovery point `seq` (`None`: now).
-fn point_image(g: &ReplicaGroup, seq: Option<u64>, disk: u32) -> Vec<u8> {
+fn point_image(g: &ReplicaGroup, seq: Option<u64>, disk: DiskId) -> Vec<u8> {
     let size = specs()
         .iter()
         .find(|s| s.id == disk)
         .expect("known disk")
         .size;
     let mut buf = vec![0u8; size as usize];
-    g.view(seq)
+    g.view(seq.map(Seq))
         .expect("a readable point")
         .read(disk, 0, &mut buf)
         .expect("readable");
@@ -86,8 +86,8 @@ impl Model {
         }
     }
 
-    fn index(disk: u32) -> usize {
-        ((disk - 1) / 3) as usize
+    fn index(disk: DiskId) -> usize {
+        ((disk.get() - 1) / 3) as usize
     }
 
     fn apply(&mut self, r: &Record) {
@@ -95,10 +95,10 @@ impl Model {
         let (o, l) = (h.offset as usize, h.length as usize);
         match h.kind {
             tidemark_changelog::Kind::Write => {
-                self.disks[Self::index(h.disk.get())][o..o + l].copy_from_slice(&r.payload)
+                self.disks[Self::index(h.disk)][o..o + l].copy_from_slice(&r.payload)
             }
             tidemark_changelog::Kind::WriteZeroes | tidemark_changelog::Kind::Trim => {
-                self.disks[Self::index(h.disk.get())][o..o + l].fill(0)
+                self.disks[Self::index(h.disk)][o..o + l].fill(0)
             }
             _ => {}
         }
@@ -126,7 +126,7 @@ fn a_new_group_is_in_initial_sync_until_every_disk_is_copied() {
     g.ensure_disks(&specs()).unwrap();
     let p = g.position();
     assert_eq!(p.state, GroupState::InitialSync);
-    assert_eq!(p.durable_seq, 0);
+    assert_eq!(p.durable_seq, Seq(0));
     assert!(p.disks.iter().all(|d| d.synced == 0));
     for (i, size) in SIZES.iter().enumerate() {
         let meta = std::fs::metadata(dir.path().join(format!("disk-{}.img", disk_id(i)))).unwrap();
@@ -191,7 +191,7 @@ fn a_barrier_that_ends_a_sync_becomes_a_point_when_the_group_turns_consistent() 
     g.apply_chunk(d1, 0, ChunkRef::Zero(SIZES[1]), Purpose::InitialSync)
         .unwrap();
     assert_eq!(g.commit().unwrap().state, GroupState::Consistent);
-    let points: Vec<u64> = g.points().iter().map(|p| p.seq).collect();
+    let points: Vec<u64> = g.points().iter().map(|p| p.seq.get()).collect();
     assert_eq!(points, vec![2]);
     assert!(point_image(&g, Some(2), d0)[..4096].iter().all(|b| *b == 3));
 
@@ -211,7 +211,7 @@ fn a_barrier_that_ends_a_sync_becomes_a_point_when_the_group_turns_consistent() 
         .unwrap();
     g.resync_done(d1, 0, 4096).unwrap();
     assert_eq!(g.commit().unwrap().state, GroupState::Consistent);
-    let points: Vec<u64> = g.points().iter().map(|p| p.seq).collect();
+    let points: Vec<u64> = g.points().iter().map(|p| p.seq.get()).collect();
     assert_eq!(points, vec![2, 5]);
     assert!(point_image(&g, Some(5), d1)[..4096].iter().all(|b| *b == 5));
     assert!(point_image(&g, Some(2), d1)[..4096].iter().all(|b| *b == 0));
@@ -234,7 +234,7 @@ fn points_read_exactly_through_the_holes_of_the_image() {
         ..Retention::default()
     });
     g.ensure_disks(&[Disk {
-        id: 0,
+        id: DiskId(0),
         name: Name::from_static("sparse"),
         size: SIZE,
     }])
@@ -252,7 +252,8 @@ fn points_read_exactly_through_the_holes_of_the_image() {
         } else {
             ChunkRef::Zero(64 << 10)
         };
-        g.apply_chunk(0, at, data, Purpose::InitialSync).unwrap();
+        g.apply_chunk(DiskId(0), at, data, Purpose::InitialSync)
+            .unwrap();
         at += 64 << 10;
     }
     assert_eq!(g.commit().unwrap().state, GroupState::Consistent);
@@ -306,10 +307,10 @@ fn points_read_exactly_through_the_holes_of_the_image() {
         ((448 << 10) - 65_536, 65_636),
     ];
     for (seq, state) in &states {
-        let view = g.view(Some(*seq)).unwrap();
+        let view = g.view(Some(Seq(*seq))).unwrap();
         for (at, len) in ranges {
             let mut buf = vec![0xeeu8; len as usize];
-            view.read(0, at, &mut buf).unwrap();
+            view.read(DiskId(0), at, &mut buf).unwrap();
             assert!(
                 buf[..] == state[at as usize..(at + len) as usize],
                 "point {seq}, {len} bytes at {at}"
@@ -364,7 +365,7 @@ fn retention_folds_old_points_and_frees_their_segments() {
     // 64 × 32 KiB were journaled; two points' worth of history is kept.
     let points = g.points();
     assert_eq!(points.len(), 2);
-    assert_eq!(points[1].seq, seq);
+    assert_eq!(points[1].seq.get(), seq);
     assert!(
         g.history_bytes() < (4 * 40) << 10,
         "{} bytes of history",
@@ -397,13 +398,19 @@ fn ensure_disks_refuses_changed_disks_and_keeps_known_ones() {
     bigger[0].size += 512;
     assert!(matches!(
         g.ensure_disks(&bigger),
-        Err(StoreError::BadDisk { disk: 1, .. })
+        Err(StoreError::BadDisk {
+            disk: DiskId(1),
+            ..
+        })
     ));
     let mut renamed = specs();
     renamed[1].name = Name::from_static("other");
     assert!(matches!(
         g.ensure_disks(&renamed),
-        Err(StoreError::BadDisk { disk: 4, .. })
+        Err(StoreError::BadDisk {
+            disk: DiskId(4),
+            ..
+        })
     ));
     let twice = vec![specs()[0].clone(), specs()[0].clone()];
     assert!(matches!(
@@ -414,7 +421,7 @@ fn ensure_disks_refuses_changed_disks_and_keeps_known_ones() {
     drop(g);
     let g = ReplicaGroup::open(dir.path()).unwrap();
     assert_eq!(g.position().disks.len(), 2);
-    assert!(g.disks().iter().all(|d| d.id != 7));
+    assert!(g.disks().iter().all(|d| d.id != DiskId(7)));
 }
 
 #[test]
@@ -445,8 +452,8 @@ fn bad_records_get_typed_errors_and_change_nothing() {
     assert!(matches!(
         g.apply_record(&record(&Entry::write(d0, 0, &data, 0), 3, 0)),
         Err(StoreError::SequenceGap {
-            expected: 2,
-            got: 3,
+            expected: Seq(2),
+            got: Seq(3),
             ..
         })
     ));
@@ -459,7 +466,7 @@ fn bad_records_get_typed_errors_and_change_nothing() {
     // An unknown disk, and extents past the end of the disk.
     assert!(matches!(
         g.apply_record(&record(&Entry::write(99, 0, &data, 0), 3, 4)),
-        Err(StoreError::UnknownDisk(99))
+        Err(StoreError::UnknownDisk(DiskId(99)))
     ));
     assert!(matches!(
         g.apply_record(&record(&Entry::write(d0, SIZES[0] - 99, &data, 0), 3, 4)),
@@ -478,7 +485,7 @@ fn bad_records_get_typed_errors_and_change_nothing() {
     tampered.payload[7] ^= 1;
     assert!(matches!(
         g.apply_record(&tampered),
-        Err(StoreError::ChecksumMismatch { seq: 3 })
+        Err(StoreError::ChecksumMismatch { seq: Seq(3) })
     ));
     // A record whose fields contradict its kind, also when its checksum
     // was verified on arrival (the fields are checked all the same).
@@ -486,11 +493,11 @@ fn bad_records_get_typed_errors_and_change_nothing() {
     inconsistent.header.length = 50;
     assert!(matches!(
         g.apply_record(&inconsistent),
-        Err(StoreError::InvalidRecord { seq: 3, .. })
+        Err(StoreError::InvalidRecord { seq: Seq(3), .. })
     ));
     assert!(matches!(
         g.apply_verified_record(&inconsistent),
-        Err(StoreError::InvalidRecord { seq: 3, .. })
+        Err(StoreError::InvalidRecord { seq: Seq(3), .. })
     ));
     // Chunks and digests are checked too.
     assert!(matches!(
@@ -502,8 +509,8 @@ fn bad_records_get_typed_errors_and_change_nothing() {
         Err(StoreError::InvalidBlockSize)
     ));
     assert!(matches!(
-        g.digests(42, 0, 10, 4096),
-        Err(StoreError::UnknownDisk(42))
+        g.digests(DiskId(42), 0, 10, 4096),
+        Err(StoreError::UnknownDisk(DiskId(42)))
     ));
     assert!(matches!(
         g.digests(d0, u64::MAX, 2, 4096),
@@ -523,8 +530,8 @@ fn bad_records_get_typed_errors_and_change_nothing() {
         Applied::Duplicate
     );
     let p = g.commit().unwrap();
-    assert_eq!((p.durable_seq, p.generation), (3, 4));
-    assert_eq!(g.last_barrier(), Some((2, 5)));
+    assert_eq!((p.durable_seq, p.generation), (Seq(3), 4));
+    assert_eq!(g.last_barrier(), Some((Seq(2), 5)));
     assert_eq!(&image(&g, d0)[..100], &data);
 }
 
@@ -571,7 +578,7 @@ fn after_a_generation_change_the_old_tail_is_in_no_point_and_its_numbers_are_not
     apply(&mut g, Entry::barrier(30), 103, 1).unwrap();
     g.commit().unwrap();
     assert_eq!(
-        g.points().iter().map(|p| p.seq).collect::<Vec<_>>(),
+        g.points().iter().map(|p| p.seq.get()).collect::<Vec<_>>(),
         [2],
         "no point while the resync runs"
     );
@@ -588,7 +595,7 @@ fn after_a_generation_change_the_old_tail_is_in_no_point_and_its_numbers_are_not
     g.resync_done(d0, 0, SIZES[0]).unwrap();
     g.commit().unwrap();
     // (Retention may have folded the old point 2 by now.)
-    let points: Vec<u64> = g.points().iter().map(|p| p.seq).collect();
+    let points: Vec<u64> = g.points().iter().map(|p| p.seq.get()).collect();
     assert!(points.iter().any(|&s| s > 2), "{points:?}");
     for &seq in points.iter().filter(|&&s| s > 2) {
         assert_eq!(
@@ -608,19 +615,19 @@ fn nothing_is_durable_before_commit() {
     g.apply_record(&record(&Entry::barrier(77), 2, 0)).unwrap();
     assert_eq!(
         g.position().durable_seq,
-        0,
+        Seq(0),
         "position is as of the last commit"
     );
     assert_eq!(g.last_barrier(), None);
     drop(g);
     let mut g = ReplicaGroup::open(dir.path()).unwrap();
-    assert_eq!(g.position().durable_seq, 0);
+    assert_eq!(g.position().durable_seq, Seq(0));
     // The shipper re-sends from durable_seq + 1.
     g.apply_record(&record(&Entry::write(1, 0, b"abc", 0), 1, 0))
         .unwrap();
     g.apply_record(&record(&Entry::barrier(77), 2, 0)).unwrap();
-    assert_eq!(g.commit().unwrap().durable_seq, 2);
-    assert_eq!(g.last_barrier(), Some((2, 77)));
+    assert_eq!(g.commit().unwrap().durable_seq, Seq(2));
+    assert_eq!(g.last_barrier(), Some((Seq(2), 77)));
 }
 
 #[test]
@@ -650,7 +657,10 @@ fn a_resync_keeps_the_images_until_it_completes_and_digests_see_the_journal() {
         }
     );
     // The newest recovery point is the barrier before the resync.
-    assert_eq!(g.points().iter().map(|p| p.seq).collect::<Vec<_>>(), [2]);
+    assert_eq!(
+        g.points().iter().map(|p| p.seq.get()).collect::<Vec<_>>(),
+        [2]
+    );
     let img0 = point_image(&g, Some(2), d0);
     assert_eq!(
         img0[..8192],
@@ -712,7 +722,10 @@ fn a_resync_keeps_the_images_until_it_completes_and_digests_see_the_journal() {
     g.apply_record(&record(&Entry::barrier(tidemark_changelog::now_ns()), 6, 0))
         .unwrap();
     g.commit().unwrap();
-    assert_eq!(g.points().iter().map(|p| p.seq).collect::<Vec<_>>(), [2, 6]);
+    assert_eq!(
+        g.points().iter().map(|p| p.seq.get()).collect::<Vec<_>>(),
+        [2, 6]
+    );
     assert_eq!(point_image(&g, Some(6), d1), expect1);
     assert_eq!(
         point_image(&g, Some(2), d0),
@@ -876,7 +889,7 @@ proptest! {
         g.commit().unwrap();
         for (i, size) in SIZES.iter().enumerate() {
             let mut target = MemoryImage(vec![0u8; *size as usize]);
-            match replay(logdir.clone(), tidemark_changelog::DiskId(disk_id(i)), &StopAt::End, false, &mut target) {
+            match replay(logdir.clone(), disk_id(i), &StopAt::End, false, &mut target) {
                 Ok(_) => {}
                 // Only generation changes, no record at all.
                 Err(e) => prop_assert!(ops.iter().all(|o| matches!(o, LogOp::NewGeneration(_))), "{e}"),
@@ -962,7 +975,7 @@ impl Shipper {
     fn deliver(&mut self, g: &mut ReplicaGroup, rec: &Record) {
         let h = &rec.header;
         if h.kind == tidemark_changelog::Kind::ResyncNeeded {
-            let d = Model::index(h.disk.get());
+            let d = Model::index(h.disk);
             if !self.initial_done {
                 self.cursor[d] = self.cursor[d].min(h.offset);
             } else {
@@ -1021,7 +1034,7 @@ impl Shipper {
         let p = g.commit().unwrap();
         assert_eq!(
             p.durable_seq,
-            self.log.last().map_or(0, |r| r.header.seq.get())
+            self.log.last().map_or(Seq(0), |r| r.header.seq)
         );
         if self.resyncing && !self.outstanding() {
             assert_eq!(p.state, GroupState::Consistent);
@@ -1036,7 +1049,7 @@ impl Shipper {
     fn check_frozen(&self, g: &ReplicaGroup) {
         if let (true, Some(f)) = (self.resyncing, self.frozen) {
             assert!(
-                g.points().iter().all(|p| p.seq < f),
+                g.points().iter().all(|p| p.seq.get() < f),
                 "a point during a resync"
             );
             self.check_points(g);
@@ -1047,10 +1060,10 @@ impl Shipper {
     /// its barrier or marker was written.
     fn check_points(&self, g: &ReplicaGroup) {
         for p in g.points() {
-            let expected = &self.snapshots[&p.seq];
+            let expected = &self.snapshots[&p.seq.get()];
             for (i, disk) in expected.iter().enumerate() {
                 assert!(
-                    point_image(g, Some(p.seq), disk_id(i)) == *disk,
+                    point_image(g, Some(p.seq.get()), disk_id(i)) == *disk,
                     "point {} of disk {i} differs from the source then",
                     p.seq
                 );
@@ -1138,7 +1151,7 @@ fn crash(
     let refeed: Vec<Record> = sh
         .log
         .iter()
-        .filter(|r| r.header.seq.get() > p.durable_seq)
+        .filter(|r| r.header.seq > p.durable_seq)
         .cloned()
         .collect();
     for r in &refeed {

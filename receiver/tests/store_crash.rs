@@ -19,7 +19,7 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
-use tidemark_changelog::{Entry, Record};
+use tidemark_changelog::{DiskId, Entry, Record, Seq};
 use tidemark_durable::dir::SimFileState;
 use tidemark_durable::{LogDir, SimDir};
 use tidemark_names::Name;
@@ -36,7 +36,7 @@ fn specs() -> Vec<Disk> {
         .iter()
         .enumerate()
         .map(|(i, size)| Disk {
-            id: i as u32,
+            id: DiskId(i as u32),
             name: Name::new(format!("disk{i}")).unwrap(),
             size: *size,
         })
@@ -283,14 +283,16 @@ fn apply(
                 Some(d) => ChunkRef::Data(d),
                 None => ChunkRef::Zero(*len),
             };
-            g.apply_chunk(*disk, *offset, chunk, *purpose)
+            g.apply_chunk(DiskId(*disk), *offset, chunk, *purpose)
                 .map(|()| None)
         }
         Op::ResyncDone {
             disk,
             offset,
             length,
-        } => g.resync_done(*disk, *offset, *length).map(|()| None),
+        } => g
+            .resync_done(DiskId(*disk), *offset, *length)
+            .map(|()| None),
         Op::Commit => g.commit().map(Some),
     }
 }
@@ -357,9 +359,9 @@ fn run(dir: &SimDir, ops: &[Op]) -> Run {
 
 fn read_disk(g: &ReplicaGroup<SimDir>, seq: Option<u64>, disk: usize) -> Vec<u8> {
     let mut buf = vec![0u8; SIZES[disk] as usize];
-    g.view(seq)
+    g.view(seq.map(Seq))
         .expect("a readable view")
-        .read(disk as u32, 0, &mut buf)
+        .read(DiskId(disk as u32), 0, &mut buf)
         .expect("a readable disk");
     buf
 }
@@ -370,7 +372,7 @@ fn check_points(what: &str, g: &ReplicaGroup<SimDir>, w: &Workload) -> usize {
     for p in &points {
         for disk in 0..SIZES.len() {
             assert!(
-                read_disk(g, Some(p.seq), disk) == w.source[p.seq as usize][disk],
+                read_disk(g, Some(p.seq.get()), disk) == w.source[p.seq.get() as usize][disk],
                 "{what}: point {} of disk {disk} differs from the source",
                 p.seq
             );
@@ -460,7 +462,7 @@ fn verify(
     check_points(what, &g, w);
     if let Some(seq) = pin {
         assert!(
-            g.points().iter().any(|p| p.seq == seq),
+            g.points().iter().any(|p| p.seq.get() == seq),
             "{what}: the pinned point {seq} is gone"
         );
     }
@@ -488,10 +490,10 @@ fn verify(
         GroupState::InitialSync | GroupState::Consistent => Vec::new(),
         GroupState::Resyncing { pending } => pending
             .iter()
-            .map(|e| (e.disk, e.offset, e.offset + e.length))
+            .map(|e| (e.disk.get(), e.offset, e.offset + e.length))
             .collect(),
     };
-    let source = &w.source[p.durable_seq as usize];
+    let source = &w.source[p.durable_seq.get() as usize];
     let has_consistent_state = !matches!(p.state, GroupState::InitialSync);
     for d in p.disks.iter().filter(|_| has_consistent_state) {
         let disk = d.id.index();

@@ -23,6 +23,7 @@ use std::fmt::Write as _;
 use std::fs;
 use std::path::Path;
 use tidemark_changelog::record::{Entry, Record};
+use tidemark_changelog::{DiskId, Seq};
 use tidemark_receiver::pin::{PIN_FILE, TEST_FAILOVER_DIR};
 use tidemark_receiver::store::{ChunkRef, Disk, GroupState, Purpose, ReplicaGroup, Retention};
 
@@ -63,7 +64,7 @@ fn describe(g: &ReplicaGroup) -> String {
         .unwrap();
     }
     writeln!(out, "last-barrier {:?}", g.last_barrier()).unwrap();
-    let mut views: Vec<Option<u64>> = g.points().iter().map(|p| Some(p.seq)).collect();
+    let mut views: Vec<Option<u64>> = g.points().iter().map(|p| Some(p.seq.get())).collect();
     views.push(None);
     for p in g.points() {
         writeln!(
@@ -74,7 +75,7 @@ fn describe(g: &ReplicaGroup) -> String {
         .unwrap();
     }
     for seq in views {
-        let view = g.view(seq).unwrap();
+        let view = g.view(seq.map(Seq)).unwrap();
         for spec in g.disks() {
             let mut buf = vec![0u8; spec.size as usize];
             view.read(spec.id, 0, &mut buf).unwrap();
@@ -106,24 +107,29 @@ fn build(dir: &Path) {
     });
     g.ensure_disks(&[
         Disk {
-            id: 0,
+            id: DiskId(0),
             name: tidemark_names::Name::from_static("vda"),
             size: 64 << 10,
         },
         Disk {
-            id: 3,
+            id: DiskId(3),
             name: tidemark_names::Name::from_static("wal"),
             size: 32 << 10,
         },
     ])
     .unwrap();
     let d0 = pattern(1, 16 << 10);
-    g.apply_chunk(0, 0, ChunkRef::Data(&d0), Purpose::InitialSync)
+    g.apply_chunk(DiskId(0), 0, ChunkRef::Data(&d0), Purpose::InitialSync)
         .unwrap();
-    g.apply_chunk(0, 16 << 10, ChunkRef::Zero(48 << 10), Purpose::InitialSync)
-        .unwrap();
+    g.apply_chunk(
+        DiskId(0),
+        16 << 10,
+        ChunkRef::Zero(48 << 10),
+        Purpose::InitialSync,
+    )
+    .unwrap();
     let d3 = pattern(2, 32 << 10);
-    g.apply_chunk(3, 0, ChunkRef::Data(&d3), Purpose::InitialSync)
+    g.apply_chunk(DiskId(3), 0, ChunkRef::Data(&d3), Purpose::InitialSync)
         .unwrap();
     g.commit().unwrap();
 
@@ -265,7 +271,7 @@ fn a_store_of_the_previous_release_reads_alike_and_replication_goes_on() {
         .unwrap();
     g.resync_done(e.disk, e.offset, e.length).unwrap();
     let points_before = g.points().len();
-    let last = g.position().durable_seq;
+    let last = g.position().durable_seq.get();
     let ts = 1_790_000_100_000_000_000u64;
     g.apply_record(&rec(Entry::write(0, 100, &pattern(77, 500), ts), last + 1))
         .unwrap();
@@ -276,10 +282,10 @@ fn a_store_of_the_previous_release_reads_alike_and_replication_goes_on() {
     let after = describe(&g);
     // The resync ended at the barrier: it is a point again.
     assert_eq!(g.points().len(), points_before + 1, "{after}");
-    let newest = g.points().last().unwrap().seq;
+    let newest = g.points().last().unwrap().seq.get();
     assert_eq!(newest, last + 2);
     let mut buf = vec![0u8; e.length as usize];
-    g.view(Some(newest))
+    g.view(Some(Seq(newest)))
         .unwrap()
         .read(e.disk, e.offset, &mut buf)
         .unwrap();
@@ -295,7 +301,7 @@ fn a_store_of_the_previous_release_reads_alike_and_replication_goes_on() {
         .trim()
         .parse()
         .unwrap();
-    assert!(g.points().iter().any(|p| p.seq == pin), "{after}");
+    assert!(g.points().iter().any(|p| p.seq.get() == pin), "{after}");
     assert_eq!(
         tidemark_receiver::drain::read_request(&dir).unwrap(),
         Some(7)

@@ -22,7 +22,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tidemark_changelog::{read_sources, write_cursor, DirLock, FsDir, LogWatcher, Seq};
+use tidemark_changelog::{read_sources, write_cursor, DirLock, DiskId, FsDir, LogWatcher, Seq};
 use tidemark_config::ShipperConfig;
 use tidemark_wire::shipper::{HelloInfo, ShipperConfig as SessionConfig};
 use tidemark_wire::shipper_core::{CoreConfig, CoreEvent, Need, Phase, ShipperCore};
@@ -159,7 +159,7 @@ pub enum SessionError {
     Tail(#[from] TailError),
     /// A disk the core asked for is not in the disks file.
     #[error("disk {0} is not in the disks file")]
-    UnknownDisk(u32),
+    UnknownDisk(DiskId),
     /// A disk could not be opened or read.
     #[error("reading disk {name} ({path}) at {offset}: {source}")]
     Disk {
@@ -179,7 +179,7 @@ pub enum SessionError {
     #[error("reading disk {disk} at {offset} ahead: {source}")]
     ReadAhead {
         /// Disk id.
-        disk: u32,
+        disk: DiskId,
         /// Where.
         offset: u64,
         /// Why.
@@ -787,7 +787,7 @@ async fn oldest_read(
 /// Hands a finished read ahead to the core.
 fn answer_read(
     core: &mut ShipperCore,
-    disk: u32,
+    disk: DiskId,
     offset: u64,
     read: Result<Result<ChunkData, SessionError>, tokio::task::JoinError>,
 ) -> Result<(), SessionError> {
@@ -847,7 +847,7 @@ type TrackerStop =
 /// An initial-sync chunk read ahead on a blocking thread, so the next
 /// chunks are read while this one is compressed and sent.
 struct ReadAhead {
-    disk: u32,
+    disk: DiskId,
     offset: u64,
     read: tokio::task::JoinHandle<Result<ChunkData, SessionError>>,
 }
@@ -857,7 +857,7 @@ struct Connection<'a> {
     shared: &'a mut Shared,
     sources: &'a [tidemark_changelog::DiskSource],
     /// Disks opened for the initial sync, by id.
-    opened: Vec<(u32, Arc<SourceDisk>)>,
+    opened: Vec<(DiskId, Arc<SourceDisk>)>,
     /// Initial-sync chunks being read on blocking threads, in the order
     /// the core asked for them (it takes the answers in that order).
     reads: VecDeque<ReadAhead>,
@@ -1121,7 +1121,6 @@ impl Connection<'_> {
                 length,
                 purpose,
             } => {
-                let disk = disk.get();
                 let Some(src) = self.sources.iter().find(|d| d.disk.id == disk) else {
                     return Err(SessionError::UnknownDisk(disk));
                 };

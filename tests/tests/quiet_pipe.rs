@@ -20,13 +20,18 @@ fn replica_with_points(data_dir: &Path) {
     fs::create_dir_all(&dir).unwrap();
     let mut g = ReplicaGroup::open(&dir).unwrap();
     g.ensure_disks(&[Disk {
-        id: 0,
+        id: tidemark_changelog::DiskId(0),
         name: Name::from_static("disk"),
         size: DISK,
     }])
     .unwrap();
-    g.apply_chunk(0, 0, ChunkRef::Zero(DISK), Purpose::InitialSync)
-        .unwrap();
+    g.apply_chunk(
+        tidemark_changelog::DiskId(0),
+        0,
+        ChunkRef::Zero(DISK),
+        Purpose::InitialSync,
+    )
+    .unwrap();
     assert_eq!(g.commit().unwrap().state, GroupState::Consistent);
     for seq in 1..=20 {
         let entry = if seq % 5 == 0 {

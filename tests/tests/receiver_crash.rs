@@ -152,12 +152,12 @@ impl Reference {
                 replay_to(&mut reader, &mut pending, seq, &mut state);
             }
             let view = group
-                .view(Some(seq))
+                .view(Some(Seq(seq)))
                 .unwrap_or_else(|e| panic!("{what}: listed point {seq} cannot be read: {e}"));
             let mut at = 0usize;
             while at < SIZE as usize {
                 let n = got.len().min(SIZE as usize - at);
-                view.read(0, at as u64, &mut got[..n])
+                view.read(DiskId(0), at as u64, &mut got[..n])
                     .unwrap_or_else(|e| panic!("{what}: reading point {seq} at {at}: {e}"));
                 let want = &state.0[at..at + n];
                 if want != &got[..n] {
@@ -427,7 +427,7 @@ fn sigkilled_receiver_reopens_consistent_with_every_point_correct() {
         let what = format!("after kill {kill} (seed {seed:#x})");
         let group = ReplicaGroup::open_read_only(&group_dir)
             .unwrap_or_else(|e| panic!("{what}: the store does not open: {e}"));
-        let points: Vec<u64> = group.points().iter().map(|p| p.seq).collect();
+        let points: Vec<u64> = group.points().iter().map(|p| p.seq.get()).collect();
         if let Some(&oldest) = points.first() {
             first_oldest.get_or_insert(oldest);
             for p in previous.iter().filter(|p| **p >= oldest) {
@@ -491,7 +491,7 @@ fn sigkilled_receiver_reopens_consistent_with_every_point_correct() {
             let killed = !child.wait().unwrap().success();
             let still_folding = read_state(&group_dir).unwrap().flags & 1 != 0;
             let group = ReplicaGroup::open_read_only(&group_dir).unwrap();
-            let again: Vec<u64> = group.points().iter().map(|p| p.seq).collect();
+            let again: Vec<u64> = group.points().iter().map(|p| p.seq.get()).collect();
             assert_eq!(
                 again, points,
                 "{what}: the killed failover changed the points"
@@ -550,7 +550,7 @@ fn sigkilled_receiver_reopens_consistent_with_every_point_correct() {
     // last restart, so dozens of points can be left).
     let points = listed_points(&replicas);
     let group = ReplicaGroup::open_read_only(&group_dir).unwrap();
-    let seqs: Vec<u64> = group.points().iter().map(|p| p.seq).collect();
+    let seqs: Vec<u64> = group.points().iter().map(|p| p.seq.get()).collect();
     assert_eq!(points, seqs, "`tidemark points` lists what the store has");
     let mut oldest_content = Vec::new();
     let mut failed_over = 0;
@@ -577,7 +577,11 @@ fn sigkilled_receiver_reopens_consistent_with_every_point_correct() {
     // The newest state is the source disk.
     let source = fs::read(&image).unwrap();
     let mut newest = vec![0u8; SIZE as usize];
-    group.view(None).unwrap().read(0, 0, &mut newest).unwrap();
+    group
+        .view(None)
+        .unwrap()
+        .read(DiskId(0), 0, &mut newest)
+        .unwrap();
     assert!(newest == source, "the newest state differs from the source");
     let history = group.history_bytes();
     drop(group);
@@ -658,12 +662,12 @@ fn sigkilled_receiver_reopens_consistent_with_every_point_correct() {
         "the rerun failover of point {oldest} differs from the reference"
     );
     let group = ReplicaGroup::open(&group_dir).expect("the store opens for writing");
-    let after: Vec<u64> = group.points().iter().map(|p| p.seq).collect();
+    let after: Vec<u64> = group.points().iter().map(|p| p.seq.get()).collect();
     assert_eq!(
         after, points,
         "the store lists the same points after the failovers"
     );
-    assert_eq!(group.position().durable_seq, state.durable_seq);
+    assert_eq!(group.position().durable_seq.get(), state.durable_seq);
     drop(group);
 
     eprintln!(

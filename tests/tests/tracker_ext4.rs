@@ -353,7 +353,7 @@ fn every_recovery_point_of_an_ext4_workload_is_a_consistent_filesystem() {
     let check = dir.join("point.img");
     let (mut compared, mut fscked) = (0, 0);
     for point in &points {
-        while let Some(record) = next.take_if(|r| r.header.seq.get() <= point.seq) {
+        while let Some(record) = next.take_if(|r| r.header.seq <= point.seq) {
             apply(&record, DiskId(0), &mut target, &mut summary).unwrap();
             next = reader.next_record().unwrap();
         }
@@ -367,7 +367,8 @@ fn every_recovery_point_of_an_ext4_workload_is_a_consistent_filesystem() {
         while at < POINTS_SIZE {
             use std::os::unix::fs::FileExt;
             reference.read_exact_at(&mut want, at).unwrap();
-            view.read(0, at, &mut got).unwrap();
+            view.read(tidemark_changelog::DiskId(0), at, &mut got)
+                .unwrap();
             if let Some(i) = want.iter().zip(&got).position(|(a, b)| a != b) {
                 panic!(
                     "point {} differs from the reference replay at byte {}",
@@ -423,7 +424,9 @@ fn every_recovery_point_of_an_ext4_workload_is_a_consistent_filesystem() {
     let newest = group.view(None).unwrap();
     let source = fs::read(&image).unwrap();
     let mut replica = vec![0u8; POINTS_SIZE as usize];
-    newest.read(0, 0, &mut replica).unwrap();
+    newest
+        .read(tidemark_changelog::DiskId(0), 0, &mut replica)
+        .unwrap();
     assert!(
         replica == source,
         "the newest state differs from the source"

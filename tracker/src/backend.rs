@@ -166,7 +166,7 @@ pub trait Backend: Send + Sync + 'static {
 pub fn all_data(disk: DiskId, offset: u64, length: u64) -> Vec<Allocation> {
     vec![Allocation {
         extent: Extent {
-            disk: disk.get(),
+            disk,
             offset,
             length,
         },
@@ -180,7 +180,7 @@ pub fn from_runs(disk: DiskId, runs: Vec<AllocationRun>) -> Vec<Allocation> {
     runs.into_iter()
         .map(|run| Allocation {
             extent: Extent {
-                disk: disk.get(),
+                disk,
                 offset: run.offset,
                 length: run.length,
             },

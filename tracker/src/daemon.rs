@@ -512,7 +512,7 @@ pub fn run(
         .enumerate()
         .map(|(id, (spec, size))| DiskSource {
             disk: Disk {
-                id: id as u32,
+                id: DiskId(id as u32),
                 name: spec.name.clone(),
                 size,
             },

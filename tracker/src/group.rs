@@ -1383,7 +1383,7 @@ impl Backend for Group {
             .zip(0u32..)
             .map(|(d, id)| ServedDisk {
                 disk: tidemark_changelog::Disk {
-                    id,
+                    id: DiskId(id),
                     name: d.disk.name.clone(),
                     size: d.size,
                 },

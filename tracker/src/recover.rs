@@ -14,6 +14,7 @@ use crate::state::{GroupState, StateError};
 use std::path::Path;
 use tidemark_changelog::segment::{read_segment_header, segment_indices, segment_name};
 use tidemark_changelog::sources::SourcesError;
+use tidemark_changelog::DiskId;
 use tidemark_changelog::{
     now_ns, read_sources, AppendError, ChangeLog, Cut, Entry, FsDir, LogDir, LogOptions, OpenError,
     RecoveryPolicy, Seq,
@@ -58,7 +59,7 @@ pub struct RecoverReport {
     /// Its first sequence number.
     pub first_seq: Seq,
     /// Disks recorded resync-needed in full: (id, size).
-    pub resync_needed: Vec<(u32, u64)>,
+    pub resync_needed: Vec<(DiskId, u64)>,
 }
 
 /// Recovers the damaged change log in `log_dir` (see the module

@@ -551,7 +551,7 @@ fn a_damaged_log_is_refused_until_it_is_recovered_in_a_new_generation() {
     let sources: Vec<DiskSource> = (0..2)
         .map(|id| DiskSource {
             disk: Disk {
-                id,
+                id: DiskId(id),
                 name: tidemark_names::Name::new(format!("disk{id}")).unwrap(),
                 size: DISK,
             },
@@ -602,7 +602,10 @@ fn a_damaged_log_is_refused_until_it_is_recovered_in_a_new_generation() {
         "the damaged segment is kept as it was"
     );
     assert!(report.first_seq > last);
-    assert_eq!(report.resync_needed, vec![(0, DISK), (1, DISK)]);
+    assert_eq!(
+        report.resync_needed,
+        vec![(DiskId(0), DISK), (DiskId(1), DISK)]
+    );
     // Nothing more to recover.
     assert!(tidemark_tracker::recover::recover_damaged_log(tmp.path())
         .unwrap()

@@ -929,7 +929,7 @@ impl Message {
                 w.u32(*generation);
                 w.count("disks", disks.len(), MAX_DISKS)?;
                 for d in disks {
-                    w.u32(d.id);
+                    w.u32(d.id.get());
                     w.str8("disk name", &d.name)?;
                     w.u64(d.size);
                 }
@@ -956,7 +956,7 @@ impl Message {
                 w.syncs(disks)?;
                 w.count("resync extents", resyncing.len(), MAX_RESYNC_EXTENTS)?;
                 for e in resyncing {
-                    w.u32(e.disk);
+                    w.u32(e.disk.get());
                     w.u64(e.offset);
                     w.u64(e.length);
                 }
@@ -1145,7 +1145,7 @@ fn decode_fields(msg_type: MessageType, version: u16, body: &[u8]) -> Result<Mes
                 let mut disks = Vec::with_capacity(n);
                 for _ in 0..n {
                     disks.push(Disk {
-                        id: r.u32("disk id")?,
+                        id: DiskId(r.u32("disk id")?),
                         name: r.name("disk name")?,
                         size: r.u64("disk size")?,
                     });
@@ -1182,7 +1182,7 @@ fn decode_fields(msg_type: MessageType, version: u16, body: &[u8]) -> Result<Mes
                 let mut resyncing = Vec::with_capacity(n);
                 for _ in 0..n {
                     resyncing.push(Extent {
-                        disk: r.u32("resync disk")?,
+                        disk: DiskId(r.u32("resync disk")?),
                         offset: r.u64("resync offset")?,
                         length: r.u64("resync length")?,
                     });

@@ -419,7 +419,7 @@ impl ExpectHello {
             let s = position
                 .disks
                 .iter()
-                .find(|s| s.id == DiskId(d.id))
+                .find(|s| s.id == d.id)
                 .map_or(0, |s| s.synced);
             synced.push((d.clone(), s));
         }
@@ -429,7 +429,7 @@ impl ExpectHello {
             disks: synced
                 .iter()
                 .map(|(d, s)| DiskSync {
-                    id: DiskId(d.id),
+                    id: d.id,
                     synced: *s,
                 })
                 .collect(),
@@ -615,7 +615,7 @@ impl Receiving {
                     if h.kind == tidemark_changelog::Kind::ResyncNeeded
                         && self.disks.iter().any(|(d, s)| *s < d.size)
                     {
-                        if let Some(d) = self.disks.iter_mut().find(|(d, _)| d.id == h.disk.get()) {
+                        if let Some(d) = self.disks.iter_mut().find(|(d, _)| d.id == h.disk) {
                             d.1 = d.1.min(h.offset);
                         }
                     }
@@ -651,7 +651,7 @@ impl Receiving {
                 }
                 replica.apply_chunk(disk, offset, purpose, &data)?;
                 if purpose == ChunkPurpose::InitialSync {
-                    if let Some(d) = self.disks.iter_mut().find(|(d, _)| DiskId(d.id) == disk) {
+                    if let Some(d) = self.disks.iter_mut().find(|(d, _)| d.id == disk) {
                         d.1 = offset + length;
                     }
                 }
@@ -803,7 +803,7 @@ impl Receiving {
 
     /// Checks an extent against the disk; returns the disk's synced offset.
     fn check_extent(&self, disk: DiskId, offset: u64, length: u64) -> Result<u64, ReceiverError> {
-        let Some((info, synced)) = self.disks.iter().find(|(d, _)| DiskId(d.id) == disk) else {
+        let Some((info, synced)) = self.disks.iter().find(|(d, _)| d.id == disk) else {
             return Err(ReceiverError::refuse(
                 ErrorClass::Permanent,
                 ErrorCode::UnknownDisk,

@@ -300,7 +300,7 @@ impl AwaitingWelcome {
             });
         }
         for d in &self.hello.disks {
-            match disks.iter().find(|s| s.id == DiskId(d.id)) {
+            match disks.iter().find(|s| s.id == d.id) {
                 Some(s) if s.synced <= d.size => {}
                 Some(s) => {
                     return Err(ShipperError::Protocol(format!(
@@ -500,7 +500,7 @@ impl Shipping {
     fn disk(&self, id: DiskId) -> Result<&Disk, ShipperError> {
         self.disks
             .iter()
-            .find(|d| DiskId(d.id) == id)
+            .find(|d| d.id == id)
             .ok_or_else(|| ShipperError::Usage(format!("disk {id} is not in the hello")))
     }
 
@@ -779,7 +779,7 @@ pub fn differing_blocks(
         match out.last_mut() {
             Some(e) if e.offset + e.length == start => e.length += length,
             _ => out.push(Extent {
-                disk: request.disk.get(),
+                disk: request.disk,
                 offset: start,
                 length,
             }),
@@ -798,7 +798,7 @@ mod tests {
             group: Name::from_static("g"),
             generation: 2,
             disks: vec![Disk {
-                id: 0,
+                id: DiskId(0),
                 name: Name::from_static("d"),
                 size: 1 << 20,
             }],
@@ -887,7 +887,7 @@ mod tests {
         assert_eq!(
             differing_blocks(&req, &a, &b).unwrap(),
             [Extent {
-                disk: 0,
+                disk: DiskId(0),
                 offset: 1000 + 4096,
                 length: 10_000 - 4096
             }]

@@ -348,7 +348,7 @@ impl ShipperCore {
             .disks
             .iter()
             .map(|d| SyncCursor {
-                id: DiskId(d.id),
+                id: d.id,
                 size: d.size,
                 next: 0,
                 sent: 0,
@@ -619,7 +619,7 @@ impl ShipperCore {
                 }
                 self.log_seq = resume.durable.seq;
                 for e in &resume.resyncing {
-                    self.push_resync(DiskId(e.disk), e.offset, e.length);
+                    self.push_resync(e.disk, e.offset, e.length);
                 }
                 self.events.push_back(CoreEvent::Connected(resume));
             }
@@ -1003,7 +1003,7 @@ impl ShipperCore {
                 let end = req.offset + req.length;
                 let mut at = req.offset;
                 for e in differ.iter().chain(std::iter::once(&Extent {
-                    disk: req.disk.get(),
+                    disk: req.disk,
                     offset: end,
                     length: 0,
                 })) {
@@ -1142,7 +1142,7 @@ mod tests {
             group: tidemark_names::Name::from_static("g"),
             generation: 1,
             disks: vec![Disk {
-                id: 0,
+                id: DiskId(0),
                 name: tidemark_names::Name::from_static("d"),
                 size: SIZE,
             }],

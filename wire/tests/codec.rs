@@ -26,7 +26,7 @@ fn arb_software() -> impl Strategy<Value = String> {
 fn arb_disks() -> impl Strategy<Value = Vec<Disk>> {
     proptest::collection::vec(
         (any::<u32>(), arb_name(), any::<u64>()).prop_map(|(id, name, size)| Disk {
-            id,
+            id: DiskId(id),
             name,
             size,
         }),
@@ -116,7 +116,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
                     resyncing: ext
                         .into_iter()
                         .map(|(disk, offset, length)| tidemark_wire::Extent {
-                            disk,
+                            disk: DiskId(disk),
                             offset,
                             length
                         })
@@ -462,7 +462,7 @@ fn hello_v2() -> Message {
         group: Name::from_static("g"),
         generation: 3,
         disks: vec![Disk {
-            id: 0,
+            id: DiskId(0),
             name: Name::from_static("vda"),
             size: 1 << 30,
         }],

@@ -241,7 +241,7 @@ impl MemReplica<'_> {
             .2
             .iter()
             .map(|&(disk, offset, length)| tidemark_wire::Extent {
-                disk,
+                disk: DiskId(disk),
                 offset,
                 length,
             })
@@ -257,7 +257,7 @@ impl Replica for MemReplica<'_> {
 
     fn ensure_disks(&mut self, disks: &[Disk]) -> Result<(), ReplicaError> {
         for d in disks {
-            match self.sizes.get(d.id as usize) {
+            match self.sizes.get(d.id.index()) {
                 Some(&s) if s == d.size => {}
                 Some(_) => {
                     return Err(ReplicaError {
@@ -267,12 +267,12 @@ impl Replica for MemReplica<'_> {
                     })
                 }
                 None => {
-                    assert_eq!(d.id as usize, self.sizes.len());
+                    assert_eq!(d.id.index(), self.sizes.len());
                     self.sizes.push(d.size);
                     for state in [&mut self.work, &mut self.committed] {
                         state.0.push(vec![0; d.size as usize]);
                         state.1.disks.push(DiskSync {
-                            id: DiskId(d.id),
+                            id: d.id,
                             synced: 0,
                         });
                     }
@@ -509,7 +509,7 @@ fn hello() -> HelloInfo {
             .iter()
             .enumerate()
             .map(|(i, &size)| Disk {
-                id: i as u32,
+                id: DiskId(i as u32),
                 name: Name::new(format!("disk{i}")).unwrap(),
                 size,
             })

@@ -30,7 +30,7 @@ use std::fmt::Debug;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tidemark_changelog::Record;
+use tidemark_changelog::{DiskId, Record, Seq};
 use tidemark_durable::LogDir;
 use tidemark_names::Name;
 
@@ -61,7 +61,7 @@ pub trait ReplicaStore: Send + Sync + Debug {
     /// Applies an initial-sync or resync chunk.
     fn apply_chunk(
         &mut self,
-        disk: u32,
+        disk: DiskId,
         offset: u64,
         data: ChunkRef<'_>,
         purpose: Purpose,
@@ -70,13 +70,13 @@ pub trait ReplicaStore: Send + Sync + Debug {
     /// now (uncommitted changes included).
     fn digests(
         &self,
-        disk: u32,
+        disk: DiskId,
         offset: u64,
         length: u64,
         block_size: u32,
     ) -> Result<Vec<[u8; 32]>, StoreError>;
     /// Marks an extent as resynced.
-    fn resync_done(&mut self, disk: u32, offset: u64, length: u64) -> Result<(), StoreError>;
+    fn resync_done(&mut self, disk: DiskId, offset: u64, length: u64) -> Result<(), StoreError>;
     /// Makes everything applied so far durable, with its position.
     fn commit(&mut self) -> Result<Position, StoreError>;
     /// Makes a new, empty group hold these disks from existing images
@@ -89,12 +89,12 @@ pub trait ReplicaStore: Send + Sync + Debug {
     fn points(&self) -> Vec<RecoveryPoint>;
     /// The disks as of the recovery point `seq`, or (`None`) as of
     /// everything applied.
-    fn reader(&self, seq: Option<u64>) -> Result<Box<dyn PointReader + '_>, StoreError>;
+    fn reader(&self, seq: Option<Seq>) -> Result<Box<dyn PointReader + '_>, StoreError>;
     /// The disks as of the recovery point `seq`, for a server that reads
     /// them from many threads while it holds a share of the store.
-    fn shared_reader(self: Arc<Self>, seq: u64) -> Result<Arc<dyn PointReader>, StoreError>;
+    fn shared_reader(self: Arc<Self>, seq: Seq) -> Result<Arc<dyn PointReader>, StoreError>;
     /// The last barrier as of the last commit: (seq, timestamp in ns).
-    fn last_barrier(&self) -> Option<(u64, u64)>;
+    fn last_barrier(&self) -> Option<(Seq, u64)>;
     /// Bytes the history behind the recovery points takes.
     fn history_bytes(&self) -> u64;
 
@@ -109,16 +109,16 @@ pub trait ReplicaStore: Send + Sync + Debug {
     /// The point a reader has pinned (a test failover, a planned
     /// failover's final barrier): retention drops neither it nor any later
     /// point while the pin lasts.
-    fn pinned(&self) -> Option<u64>;
+    fn pinned(&self) -> Option<Seq>;
 }
 
 /// The disks of a group as of one point.
 pub trait PointReader: Send + Sync {
     /// Reads `buf.len()` bytes at `offset` of `disk`.
-    fn read(&self, disk: u32, offset: u64, buf: &mut [u8]) -> Result<(), StoreError>;
+    fn read(&self, disk: DiskId, offset: u64, buf: &mut [u8]) -> Result<(), StoreError>;
     /// Whether `offset..offset+len` of `disk` surely reads as zeroes
     /// without reading it; `false` means unknown.
-    fn is_zero(&self, disk: u32, offset: u64, len: u64) -> bool;
+    fn is_zero(&self, disk: DiskId, offset: u64, len: u64) -> bool;
 }
 
 /// Where the replica stores of the groups live.
@@ -212,7 +212,7 @@ where
 
     fn apply_chunk(
         &mut self,
-        disk: u32,
+        disk: DiskId,
         offset: u64,
         data: ChunkRef<'_>,
         purpose: Purpose,
@@ -222,7 +222,7 @@ where
 
     fn digests(
         &self,
-        disk: u32,
+        disk: DiskId,
         offset: u64,
         length: u64,
         block_size: u32,
@@ -230,7 +230,7 @@ where
         ReplicaGroup::digests(self, disk, offset, length, block_size)
     }
 
-    fn resync_done(&mut self, disk: u32, offset: u64, length: u64) -> Result<(), StoreError> {
+    fn resync_done(&mut self, disk: DiskId, offset: u64, length: u64) -> Result<(), StoreError> {
         ReplicaGroup::resync_done(self, disk, offset, length)
     }
 
@@ -250,15 +250,15 @@ where
         ReplicaGroup::points(self)
     }
 
-    fn reader(&self, seq: Option<u64>) -> Result<Box<dyn PointReader + '_>, StoreError> {
+    fn reader(&self, seq: Option<Seq>) -> Result<Box<dyn PointReader + '_>, StoreError> {
         Ok(Box::new(self.view(seq)?))
     }
 
-    fn shared_reader(self: Arc<Self>, seq: u64) -> Result<Arc<dyn PointReader>, StoreError> {
+    fn shared_reader(self: Arc<Self>, seq: Seq) -> Result<Arc<dyn PointReader>, StoreError> {
         Ok(Arc::new(SharedView::new(self, seq)?))
     }
 
-    fn last_barrier(&self) -> Option<(u64, u64)> {
+    fn last_barrier(&self) -> Option<(Seq, u64)> {
         ReplicaGroup::last_barrier(self)
     }
 
@@ -278,27 +278,27 @@ where
         ReplicaGroup::apply_retention(self, now_ns, force)
     }
 
-    fn pinned(&self) -> Option<u64> {
+    fn pinned(&self) -> Option<Seq> {
         ReplicaGroup::pinned(self)
     }
 }
 
 impl<D: LogDir> PointReader for View<'_, D> {
-    fn read(&self, disk: u32, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+    fn read(&self, disk: DiskId, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
         View::read(self, disk, offset, buf)
     }
 
-    fn is_zero(&self, disk: u32, offset: u64, len: u64) -> bool {
+    fn is_zero(&self, disk: DiskId, offset: u64, len: u64) -> bool {
         View::is_zero(self, disk, offset, len)
     }
 }
 
 impl<D: LogDir> PointReader for SharedView<D> {
-    fn read(&self, disk: u32, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+    fn read(&self, disk: DiskId, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
         SharedView::read(self, disk, offset, buf)
     }
 
-    fn is_zero(&self, disk: u32, offset: u64, len: u64) -> bool {
+    fn is_zero(&self, disk: DiskId, offset: u64, len: u64) -> bool {
         SharedView::is_zero(self, disk, offset, len)
     }
 }
@@ -311,7 +311,7 @@ mod tests {
     use tidemark_durable::SimDir;
     use tidemark_wire::{ChunkData, ChunkPurpose, Disk, Replica};
 
-    fn record(entry: &Entry<'_>, seq: u64) -> Record {
+    fn record(entry: &Entry<'_>, seq: impl Into<Seq>) -> Record {
         Record::decode(&entry.encode(seq, 1)).unwrap()
     }
 
@@ -324,7 +324,7 @@ mod tests {
         let mut replica = StoreReplica::new(Box::new(store));
         replica
             .ensure_disks(&[Disk {
-                id: 0,
+                id: DiskId(0),
                 name: Name::from_static("data"),
                 size: 8192,
             }])
@@ -350,16 +350,24 @@ mod tests {
         replica.commit().unwrap();
 
         let store = replica.group();
-        let points: Vec<u64> = store.points().iter().map(|p| p.seq).collect();
+        let points: Vec<u64> = store.points().iter().map(|p| p.seq.get()).collect();
         assert_eq!(points, [2]);
         let mut buf = vec![0u8; 200];
-        store.reader(Some(2)).unwrap().read(0, 0, &mut buf).unwrap();
+        store
+            .reader(Some(Seq(2)))
+            .unwrap()
+            .read(DiskId(0), 0, &mut buf)
+            .unwrap();
         assert!(buf[100..150].iter().all(|b| *b == 9) && buf[..100].iter().all(|b| *b == 0));
-        store.reader(None).unwrap().read(0, 0, &mut buf).unwrap();
+        store
+            .reader(None)
+            .unwrap()
+            .read(DiskId(0), 0, &mut buf)
+            .unwrap();
         assert!(buf[100..150].iter().all(|b| *b == 1));
         assert!(matches!(
-            store.reader(Some(3)),
-            Err(StoreError::NoSuchPoint(3))
+            store.reader(Some(Seq(3))),
+            Err(StoreError::NoSuchPoint(Seq(3)))
         ));
     }
 
@@ -388,13 +396,18 @@ mod tests {
         ));
         store
             .ensure_disks(&[Disk {
-                id: 0,
+                id: DiskId(0),
                 name: Name::from_static("data"),
                 size: 4096,
             }])
             .unwrap();
         store
-            .apply_chunk(0, 0, ChunkRef::Data(&[5u8; 4096]), Purpose::InitialSync)
+            .apply_chunk(
+                DiskId(0),
+                0,
+                ChunkRef::Data(&[5u8; 4096]),
+                Purpose::InitialSync,
+            )
             .unwrap();
         store.apply_record(&record(&Entry::barrier(1), 1)).unwrap();
         store.commit().unwrap();
@@ -407,10 +420,10 @@ mod tests {
         let reader = engine
             .open_read_only(&host, &group)
             .unwrap()
-            .shared_reader(1)
+            .shared_reader(Seq(1))
             .unwrap();
         let mut buf = [0u8; 16];
-        reader.read(0, 4000, &mut buf).unwrap();
+        reader.read(DiskId(0), 4000, &mut buf).unwrap();
         assert_eq!(buf, [5u8; 16]);
         assert!(store
             .as_mut()

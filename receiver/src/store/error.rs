@@ -3,6 +3,7 @@
 use std::io;
 use std::path::PathBuf;
 use tidemark_changelog::record::DecodeError;
+use tidemark_changelog::{DiskId, Seq};
 
 /// Why a replica-store operation failed. Errors caused by the peer (the
 /// shipper) change nothing; errors of the local disk poison the group (see
@@ -16,22 +17,22 @@ pub enum StoreError {
     #[error("sequence gap: expected seq {expected} (generation {generation}), got seq {got} of generation {got_generation}")]
     SequenceGap {
         /// The sequence number the group expects next.
-        expected: u64,
+        expected: Seq,
         /// The generation of the last applied record.
         generation: u32,
         /// The record's sequence number.
-        got: u64,
+        got: Seq,
         /// The record's generation.
         got_generation: u32,
     },
     /// Peer: the record or chunk names a disk the group does not have.
     #[error("unknown disk {0}")]
-    UnknownDisk(u32),
+    UnknownDisk(DiskId),
     /// Peer: the extent does not lie within the disk.
     #[error("extent {offset}+{length} is outside disk {disk} of {size} bytes")]
     OutOfRange {
         /// The disk.
-        disk: u32,
+        disk: DiskId,
         /// First byte of the extent.
         offset: u64,
         /// Bytes of the extent.
@@ -43,7 +44,7 @@ pub enum StoreError {
     #[error("invalid record seq {seq}")]
     InvalidRecord {
         /// The record's sequence number.
-        seq: u64,
+        seq: Seq,
         /// Which rule it broke.
         #[source]
         source: DecodeError,
@@ -52,7 +53,7 @@ pub enum StoreError {
     #[error("record seq {seq} fails its checksum")]
     ChecksumMismatch {
         /// The record's sequence number.
-        seq: u64,
+        seq: Seq,
     },
     /// Peer: a chunk that does not fit the group's state (an initial-sync
     /// chunk after the initial sync, a resync chunk outside a resync), or
@@ -72,13 +73,13 @@ pub enum StoreError {
     #[error("disk {disk}: {reason}")]
     BadDisk {
         /// The disk id.
-        disk: u32,
+        disk: DiskId,
         /// What is wrong.
         reason: String,
     },
     /// Caller: the group cannot take new disks while it is resyncing.
     #[error("cannot add disk {0} while the group is resyncing")]
-    AddWhileResyncing(u32),
+    AddWhileResyncing(DiskId),
     /// Local disk: a store file exists but does not verify.
     #[error("{path}: damaged ({reason})")]
     Damaged {
@@ -119,7 +120,7 @@ pub enum StoreError {
     },
     /// No recovery point has this sequence number (never one, or folded).
     #[error("no recovery point at sequence {0}")]
-    NoSuchPoint(u64),
+    NoSuchPoint(Seq),
 
     /// A local I/O error happened earlier (possibly an fsync, which is never
     /// retried): the in-memory view can no longer be trusted. Reopen the

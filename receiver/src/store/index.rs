@@ -16,6 +16,7 @@
 
 use super::journal::{Change, PointEntry, MAX_LABEL};
 use super::overlay::Source;
+use tidemark_changelog::{DiskId, Seq};
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
@@ -64,7 +65,7 @@ pub(crate) struct Checkpoint {
     /// `covered`'s when the journal began a new segment after it).
     pub(crate) mark_at: u64,
     /// The commit mark's (sequence number, generation).
-    pub(crate) last_commit: (u64, u32),
+    pub(crate) last_commit: (Seq, u32),
     /// Each segment the history runs through, with its length as far as
     /// the history goes (every segment but `covered`'s is complete).
     pub(crate) segments: Vec<(u32, u64)>,
@@ -93,7 +94,7 @@ impl Checkpoint {
             start: self.start.into(),
             covered: self.covered.into(),
             mark_at: self.mark_at.into(),
-            commit_seq: self.last_commit.0.into(),
+            commit_seq: self.last_commit.0.get().into(),
             commit_generation: self.last_commit.1.into(),
             segment_count: (self.segments.len() as u32).into(),
             change_count: (self.changes.len() as u64).into(),
@@ -111,7 +112,7 @@ impl Checkpoint {
                 Source::Zero { no_hole: true } => (KIND_ZERO_NO_HOLE, 0),
             };
             out.extend_from_slice(&c.end.to_le_bytes());
-            out.extend_from_slice(&c.disk.to_le_bytes());
+            out.extend_from_slice(&c.disk.get().to_le_bytes());
             out.push(kind);
             out.extend_from_slice(&c.start.to_le_bytes());
             out.extend_from_slice(&c.stop.to_le_bytes());
@@ -119,7 +120,7 @@ impl Checkpoint {
         }
         for p in &self.points {
             out.extend_from_slice(&p.pos.to_le_bytes());
-            out.extend_from_slice(&p.seq.to_le_bytes());
+            out.extend_from_slice(&p.seq.get().to_le_bytes());
             out.extend_from_slice(&p.timestamp_ns.to_le_bytes());
             out.push(u8::from(p.app_consistent));
             out.extend_from_slice(&(p.label.len() as u16).to_le_bytes());
@@ -185,7 +186,7 @@ impl Checkpoint {
             last_end = end;
             changes.push(Change {
                 end,
-                disk,
+                disk: DiskId(disk),
                 start: c_start,
                 stop,
                 source,
@@ -215,7 +216,7 @@ impl Checkpoint {
             last_pos = pos;
             points.push(PointEntry {
                 pos,
-                seq,
+                seq: Seq(seq),
                 timestamp_ns,
                 app_consistent,
                 label: label.to_string(),
@@ -228,7 +229,7 @@ impl Checkpoint {
             start,
             covered,
             mark_at,
-            last_commit: (header.commit_seq.get(), header.commit_generation.get()),
+            last_commit: (Seq(header.commit_seq.get()), header.commit_generation.get()),
             segments,
             changes,
             points,
@@ -291,19 +292,19 @@ mod tests {
             start: 100,
             covered: 5000,
             mark_at: 4960,
-            last_commit: (42, 3),
+            last_commit: (Seq(42), 3),
             segments: vec![(0, 5000)],
             changes: vec![
                 Change {
                     end: 200,
-                    disk: 1,
+                    disk: DiskId(1),
                     start: 4096,
                     stop: 8192,
                     source: Source::Journal(140),
                 },
                 Change {
                     end: 300,
-                    disk: 0,
+                    disk: DiskId(0),
                     start: 0,
                     stop: 1 << 30,
                     source: Source::Zero { no_hole: true },
@@ -311,7 +312,7 @@ mod tests {
             ],
             points: vec![PointEntry {
                 pos: 400,
-                seq: 41,
+                seq: Seq(41),
                 timestamp_ns: 123,
                 app_consistent: true,
                 label: "before upgrade".into(),

@@ -14,6 +14,7 @@ use super::overlay::{Overlay, Source};
 use std::collections::BTreeMap;
 use std::io;
 use tidemark_changelog::replay::ReplayTarget;
+use tidemark_changelog::{DiskId, Seq};
 use tidemark_durable::{FsDir, LogDir, LogFile};
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
@@ -77,20 +78,20 @@ pub(crate) fn segment_name(segment: u32) -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Entry {
     /// `len` bytes of payload to write at `offset` of `disk`.
-    Data { disk: u32, offset: u64, len: u64 },
+    Data { disk: DiskId, offset: u64, len: u64 },
     /// `offset..offset+len` of `disk` reads as zeroes.
     Zero {
-        disk: u32,
+        disk: DiskId,
         offset: u64,
         len: u64,
         no_hole: bool,
     },
     /// Everything before this mark is the effect of the records up to `seq`.
-    Commit { seq: u64, generation: u32 },
+    Commit { seq: Seq, generation: u32 },
     /// A recovery point: the barrier or marker `seq`; the payload is the
     /// marker's label (empty for a barrier).
     Point {
-        seq: u64,
+        seq: Seq,
         timestamp_ns: u64,
         app_consistent: bool,
     },
@@ -100,14 +101,20 @@ impl Entry {
     /// The header of this entry with `payload` (whose checksum it carries).
     pub(crate) fn encode_header(&self, payload: &[u8]) -> [u8; HEADER_LEN] {
         let (kind, flags, disk, offset, length) = match *self {
-            Entry::Data { disk, offset, len } => (1u8, 0u16, disk, offset, len),
+            Entry::Data { disk, offset, len } => (1u8, 0u16, disk.get(), offset, len),
             Entry::Zero {
                 disk,
                 offset,
                 len,
                 no_hole,
-            } => (2, if no_hole { FLAG_NO_HOLE } else { 0 }, disk, offset, len),
-            Entry::Commit { seq, generation } => (3, 0, generation, seq, 0),
+            } => (
+                2,
+                if no_hole { FLAG_NO_HOLE } else { 0 },
+                disk.get(),
+                offset,
+                len,
+            ),
+            Entry::Commit { seq, generation } => (3, 0, generation, seq.get(), 0),
             Entry::Point {
                 seq,
                 timestamp_ns,
@@ -120,7 +127,7 @@ impl Entry {
                 } else {
                     0
                 },
-                seq,
+                seq.get(),
                 timestamp_ns,
             ),
         };
@@ -166,23 +173,23 @@ impl Entry {
         }
         let entry = match (h.kind, flags) {
             (1, 0) if payload_len as u64 == length && length > 0 => Entry::Data {
-                disk,
+                disk: DiskId(disk),
                 offset,
                 len: length,
             },
             (2, 0 | FLAG_NO_HOLE) if payload_len == 0 && length > 0 => Entry::Zero {
-                disk,
+                disk: DiskId(disk),
                 offset,
                 len: length,
                 no_hole: flags == FLAG_NO_HOLE,
             },
             (3, 0) if payload_len == 0 && length == 0 => Entry::Commit {
-                seq: offset,
+                seq: Seq(offset),
                 generation: disk,
             },
             (4, 0) if payload_len <= MAX_LABEL && disk & !FLAG_APP_CONSISTENT == 0 => {
                 Entry::Point {
-                    seq: offset,
+                    seq: Seq(offset),
                     timestamp_ns: length,
                     app_consistent: disk & FLAG_APP_CONSISTENT != 0,
                 }
@@ -198,7 +205,7 @@ impl Entry {
 pub(crate) struct Change {
     /// Position just past the entry: a point at or after it includes it.
     pub(crate) end: u64,
-    pub(crate) disk: u32,
+    pub(crate) disk: DiskId,
     pub(crate) start: u64,
     pub(crate) stop: u64,
     pub(crate) source: Source,
@@ -210,7 +217,7 @@ pub(crate) struct PointEntry {
     /// Position just past the point entry: the changes before it are the
     /// point's state.
     pub(crate) pos: u64,
-    pub(crate) seq: u64,
+    pub(crate) seq: Seq,
     pub(crate) timestamp_ns: u64,
     pub(crate) app_consistent: bool,
     pub(crate) label: String,
@@ -232,9 +239,9 @@ pub(crate) struct Journal<D: LogDir = FsDir> {
     /// Every point from `start`, in order.
     pub(crate) points: Vec<PointEntry>,
     /// Per disk, what the newest state reads from the journal.
-    pub(crate) overlays: BTreeMap<u32, Overlay>,
+    pub(crate) overlays: BTreeMap<DiskId, Overlay>,
     /// The last commit mark seen: (seq, generation).
-    pub(crate) last_commit: Option<(u64, u32)>,
+    pub(crate) last_commit: Option<(Seq, u32)>,
     /// Where that commit mark's header is.
     mark_at: Option<u64>,
     /// How far the history was known without reading it at open: the
@@ -603,7 +610,7 @@ impl<D: LogDir> Journal<D> {
         Ok(Ok(()))
     }
 
-    fn record(&mut self, end: u64, disk: u32, start: u64, len: u64, source: Source) {
+    fn record(&mut self, end: u64, disk: DiskId, start: u64, len: u64, source: Source) {
         self.overlays
             .entry(disk)
             .or_default()
@@ -635,7 +642,7 @@ impl<D: LogDir> Journal<D> {
     }
 
     /// Appends `data` for `offset` of `disk`.
-    pub(crate) fn write(&mut self, disk: u32, offset: u64, data: &[u8]) -> io::Result<()> {
+    pub(crate) fn write(&mut self, disk: DiskId, offset: u64, data: &[u8]) -> io::Result<()> {
         let mut at = offset;
         for piece in data.chunks(MAX_PAYLOAD) {
             let len = piece.len() as u64;
@@ -656,7 +663,7 @@ impl<D: LogDir> Journal<D> {
     /// Appends that `offset..offset+len` of `disk` reads as zeroes.
     pub(crate) fn zero(
         &mut self,
-        disk: u32,
+        disk: DiskId,
         offset: u64,
         len: u64,
         no_hole: bool,
@@ -678,7 +685,7 @@ impl<D: LogDir> Journal<D> {
     /// Appends a recovery point.
     pub(crate) fn point(
         &mut self,
-        seq: u64,
+        seq: Seq,
         timestamp_ns: u64,
         app_consistent: bool,
         label: &str,
@@ -704,7 +711,7 @@ impl<D: LogDir> Journal<D> {
     /// current segment has reached `segment_size`, begins the next one.
     pub(crate) fn commit(
         &mut self,
-        seq: u64,
+        seq: Seq,
         generation: u32,
         segment_size: u64,
     ) -> io::Result<()> {
@@ -736,13 +743,13 @@ impl<D: LogDir> Journal<D> {
     }
 
     /// Per disk, the overlay of the changes before `pos`.
-    pub(crate) fn overlays_before(&self, pos: u64) -> BTreeMap<u32, Overlay> {
+    pub(crate) fn overlays_before(&self, pos: u64) -> BTreeMap<DiskId, Overlay> {
         // The newest point, typically: every change is before it, and the
         // newest state's overlay is already built.
         if self.changes.last().is_none_or(|c| c.end <= pos) {
             return self.overlays.clone();
         }
-        let mut out: BTreeMap<u32, Overlay> = BTreeMap::new();
+        let mut out: BTreeMap<DiskId, Overlay> = BTreeMap::new();
         for c in self.changes.iter().take_while(|c| c.end <= pos) {
             out.entry(c.disk)
                 .or_default()
@@ -822,7 +829,7 @@ impl<D: LogDir> Journal<D> {
 /// The journal as `replay::apply` drives it, for one disk.
 pub(crate) struct Journaled<'a, D: LogDir = FsDir> {
     pub(crate) journal: &'a mut Journal<D>,
-    pub(crate) disk: u32,
+    pub(crate) disk: DiskId,
     pub(crate) no_hole: bool,
 }
 
@@ -877,10 +884,10 @@ mod tests {
         fn run(dir: &SimDir, acked: &mut Vec<u64>) -> io::Result<()> {
             let mut j = Journal::open(dir.clone(), 0, 0, false)?.expect("an empty journal");
             for batch in 0..6u64 {
-                j.write(0, batch * 512, &[batch as u8 + 1; 100])?;
-                j.zero(1, batch * 4096, 4096, batch % 2 == 0)?;
-                j.point(batch + 1, 1000 + batch, batch == 3, "p")?;
-                j.commit(batch + 1, 1, SEGMENT)?;
+                j.write(DiskId(0), batch * 512, &[batch as u8 + 1; 100])?;
+                j.zero(DiskId(1), batch * 4096, 4096, batch % 2 == 0)?;
+                j.point(Seq(batch + 1), 1000 + batch, batch == 3, "p")?;
+                j.commit(Seq(batch + 1), 1, SEGMENT)?;
                 replace(
                     dir,
                     "state.tmp",
@@ -935,10 +942,13 @@ mod tests {
         let mut j = Journal::open(dir.clone(), 0, 0, false).unwrap().unwrap();
         let mut ends = Vec::new();
         for batch in 0..9u64 {
-            j.write(0, batch * 512, &[batch as u8 + 1; 100]).unwrap();
-            j.zero(1, batch * 4096, 4096, batch % 2 == 0).unwrap();
-            j.point(batch + 1, 1000 + batch, batch == 3, "p").unwrap();
-            j.commit(batch + 1, 1, 300).unwrap();
+            j.write(DiskId(0), batch * 512, &[batch as u8 + 1; 100])
+                .unwrap();
+            j.zero(DiskId(1), batch * 4096, 4096, batch % 2 == 0)
+                .unwrap();
+            j.point(Seq(batch + 1), 1000 + batch, batch == 3, "p")
+                .unwrap();
+            j.commit(Seq(batch + 1), 1, 300).unwrap();
             ends.push(j.end);
         }
         (j, ends)
@@ -1046,8 +1056,8 @@ mod tests {
         use tidemark_durable::SimDir;
         let dir = SimDir::new();
         let mut j = Journal::open(dir.clone(), 0, 0, false).unwrap().unwrap();
-        j.write(0, 0, &[7u8; 100]).unwrap();
-        j.commit(1, 1, 1 << 20).unwrap();
+        j.write(DiskId(0), 0, &[7u8; 100]).unwrap();
+        j.commit(Seq(1), 1, 1 << 20).unwrap();
         let end = j.end;
         drop(j);
         let damaged = |edit: &dyn Fn(&mut Vec<u8>)| {
@@ -1094,7 +1104,7 @@ mod tests {
         let cases = [
             (
                 Entry::Data {
-                    disk: 3,
+                    disk: DiskId(3),
                     offset: 4096,
                     len: 5,
                 },
@@ -1102,7 +1112,7 @@ mod tests {
             ),
             (
                 Entry::Zero {
-                    disk: 1,
+                    disk: DiskId(1),
                     offset: 0,
                     len: 1 << 30,
                     no_hole: true,
@@ -1111,14 +1121,14 @@ mod tests {
             ),
             (
                 Entry::Commit {
-                    seq: 99,
+                    seq: Seq(99),
                     generation: 2,
                 },
                 b"".as_slice(),
             ),
             (
                 Entry::Point {
-                    seq: 7,
+                    seq: Seq(7),
                     timestamp_ns: u64::MAX,
                     app_consistent: true,
                 },
@@ -1141,7 +1151,7 @@ mod tests {
         let cases = [
             (
                 Entry::Zero {
-                    disk: 3,
+                    disk: DiskId(3),
                     offset: 4096,
                     len: 8192,
                     no_hole: true,
@@ -1154,7 +1164,7 @@ mod tests {
             ),
             (
                 Entry::Point {
-                    seq: 7,
+                    seq: Seq(7),
                     timestamp_ns: 123_456_789,
                     app_consistent: true,
                 },

@@ -270,7 +270,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use tidemark_changelog::record::{Kind, Record, FLAG_APP_CONSISTENT, FLAG_NO_HOLE};
 use tidemark_changelog::replay::{self, ReplaySummary};
-use tidemark_changelog::{create_private_dir_all, DirLock, DiskId, Extent, LockError};
+use tidemark_changelog::{create_private_dir_all, DirLock, DiskId, Extent, LockError, Seq};
 use tidemark_durable::{FsDir, LogDir, LogFile};
 /// Initial-sync progress of one disk: the wire's type, which says it to
 /// the shipper.
@@ -287,7 +287,7 @@ const HOLE_CHECK_MIN: u64 = 64 << 10;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Position {
     /// Every record up to this sequence number is durably applied.
-    pub durable_seq: u64,
+    pub durable_seq: Seq,
     /// The generation of that record.
     pub generation: u32,
     /// Initial-sync progress of each disk, sorted by id.
@@ -377,7 +377,7 @@ impl Default for Retention {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecoveryPoint {
     /// Sequence number of the barrier or marker.
-    pub seq: u64,
+    pub seq: Seq,
     /// When the protected host wrote it, ns since the Unix epoch.
     pub timestamp_ns: u64,
     /// Inserted after the applications were quiesced.
@@ -409,7 +409,7 @@ pub struct ReplicaGroup<D: LogDir = FsDir> {
     /// Holds the lock; released when the group is dropped. `None` for a
     /// group opened read-only, or on a directory the caller owns.
     _lock: Option<DirLock>,
-    images: BTreeMap<u32, D::File>,
+    images: BTreeMap<DiskId, D::File>,
     journal: Journal<D>,
     /// Journal position the state file says the history ends at.
     journal_committed: u64,
@@ -418,7 +418,7 @@ pub struct ReplicaGroup<D: LogDir = FsDir> {
     /// The position as of the last commit.
     durable: Meta,
     /// Images written in place since the last commit.
-    touched: BTreeSet<u32>,
+    touched: BTreeSet<DiskId>,
     /// Something changed since the last commit.
     dirty: bool,
     /// A local I/O error happened; nothing more is done.
@@ -437,7 +437,7 @@ pub struct ReplicaGroup<D: LogDir = FsDir> {
 /// The disks of a group as of one recovery point (or the newest state).
 pub struct View<'a, D: LogDir = FsDir> {
     group: &'a ReplicaGroup<D>,
-    overlays: BTreeMap<u32, Overlay>,
+    overlays: BTreeMap<DiskId, Overlay>,
 }
 
 impl<D: LogDir> std::fmt::Debug for View<'_, D> {
@@ -452,7 +452,7 @@ impl<D: LogDir> std::fmt::Debug for View<'_, D> {
 /// that read a point from many threads.
 pub struct SharedView<D: LogDir = FsDir> {
     group: std::sync::Arc<ReplicaGroup<D>>,
-    overlays: BTreeMap<u32, Overlay>,
+    overlays: BTreeMap<DiskId, Overlay>,
 }
 
 impl<D: LogDir> std::fmt::Debug for SharedView<D> {
@@ -467,19 +467,19 @@ impl<D: LogDir> SharedView<D> {
     /// The disks of `group` as of the recovery point `seq`.
     pub fn new(
         group: std::sync::Arc<ReplicaGroup<D>>,
-        seq: u64,
+        seq: Seq,
     ) -> Result<SharedView<D>, StoreError> {
         let overlays = group.view(Some(seq))?.overlays;
         Ok(SharedView { group, overlays })
     }
 
     /// See [`View::read`].
-    pub fn read(&self, disk: u32, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+    pub fn read(&self, disk: DiskId, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
         self.view().read(disk, offset, buf)
     }
 
     /// See [`View::is_zero`].
-    pub fn is_zero(&self, disk: u32, offset: u64, len: u64) -> bool {
+    pub fn is_zero(&self, disk: DiskId, offset: u64, len: u64) -> bool {
         self.view().is_zero(disk, offset, len)
     }
 
@@ -499,10 +499,10 @@ impl<D: LogDir> SharedView<D> {
 /// What reading a view needs, borrowed.
 struct ViewRef<'a, D: LogDir> {
     group: &'a ReplicaGroup<D>,
-    overlays: &'a BTreeMap<u32, Overlay>,
+    overlays: &'a BTreeMap<DiskId, Overlay>,
 }
 
-fn image_name(id: u32) -> String {
+fn image_name(id: DiskId) -> String {
     format!("disk-{id}.img")
 }
 
@@ -532,7 +532,7 @@ fn position_of(meta: &Meta) -> Position {
             .disks
             .iter()
             .map(|d| DiskSync {
-                id: DiskId(d.id),
+                id: d.id,
                 synced: d.synced,
             })
             .collect(),
@@ -558,9 +558,9 @@ fn position_of(meta: &Meta) -> Position {
 
 /// Writes what `overlays` lay over the images into them and syncs them.
 fn apply_overlays<D: LogDir>(
-    images: &BTreeMap<u32, D::File>,
+    images: &BTreeMap<DiskId, D::File>,
     journal: &Journal<D>,
-    overlays: &BTreeMap<u32, Overlay>,
+    overlays: &BTreeMap<DiskId, Overlay>,
 ) -> io::Result<()> {
     let mut buf = vec![0u8; IO_BUF];
     for (disk, overlay) in overlays {
@@ -938,9 +938,9 @@ impl<D: LogDir> ReplicaGroup<D> {
     /// must be the disk's.
     pub fn adopt(&mut self, disks: &[(Disk, PathBuf)]) -> Result<(), StoreError> {
         self.check_poisoned()?;
-        if !self.durable.disks.is_empty() || self.durable.seq != 0 || self.dirty {
+        if !self.durable.disks.is_empty() || self.durable.seq != Seq(0) || self.dirty {
             return Err(StoreError::BadDisk {
-                disk: disks.first().map_or(0, |(d, _)| d.id),
+                disk: disks.first().map_or(DiskId(0), |(d, _)| d.id),
                 reason: "only a new, empty replica group can adopt images".into(),
             });
         }
@@ -1004,15 +1004,14 @@ impl<D: LogDir> ReplicaGroup<D> {
     fn apply(&mut self, rec: &Record, verify_crc: bool) -> Result<Applied, StoreError> {
         self.check_poisoned()?;
         let h = &rec.header;
-        // The store keeps the integers the formats write.
-        let (seq, disk_id) = (h.seq.get(), h.disk.get());
+        let (seq, disk_id) = (h.seq, h.disk);
         if seq <= self.cur.seq {
             // A newer generation never reuses a sequence number: the
             // records it would replace are not the source's any more, and
             // skipping it as a duplicate would keep them silently.
             if h.generation > self.cur.generation {
                 return Err(StoreError::SequenceGap {
-                    expected: self.cur.seq + 1,
+                    expected: self.cur.seq.next(),
                     generation: self.cur.generation,
                     got: seq,
                     got_generation: h.generation,
@@ -1020,10 +1019,10 @@ impl<D: LogDir> ReplicaGroup<D> {
             }
             return Ok(Applied::Duplicate);
         }
-        let next_in_generation = h.generation == self.cur.generation && seq == self.cur.seq + 1;
+        let next_in_generation = h.generation == self.cur.generation && seq == self.cur.seq.next();
         if !next_in_generation && h.generation <= self.cur.generation {
             return Err(StoreError::SequenceGap {
-                expected: self.cur.seq + 1,
+                expected: self.cur.seq.next(),
                 generation: self.cur.generation,
                 got: seq,
                 got_generation: h.generation,
@@ -1099,7 +1098,7 @@ impl<D: LogDir> ReplicaGroup<D> {
     /// the disk's `synced` offset; a resync chunk goes to the journal.
     pub fn apply_chunk(
         &mut self,
-        disk: u32,
+        disk: DiskId,
         offset: u64,
         data: ChunkRef<'_>,
         purpose: Purpose,
@@ -1158,7 +1157,7 @@ impl<D: LogDir> ReplicaGroup<D> {
     /// uncommitted and journaled changes included.
     pub fn digests(
         &self,
-        disk: u32,
+        disk: DiskId,
         offset: u64,
         length: u64,
         block_size: u32,
@@ -1193,7 +1192,12 @@ impl<D: LogDir> ReplicaGroup<D> {
 
     /// Marks `offset..offset+length` of `disk` as resynced: it no longer
     /// waits (durable at the next commit). Extents not pending are ignored.
-    pub fn resync_done(&mut self, disk: u32, offset: u64, length: u64) -> Result<(), StoreError> {
+    pub fn resync_done(
+        &mut self,
+        disk: DiskId,
+        offset: u64,
+        length: u64,
+    ) -> Result<(), StoreError> {
         self.check_poisoned()?;
         self.check_extent(disk, offset, length)?;
         if let Some(d) = self.cur.disk_mut(disk) {
@@ -1378,7 +1382,7 @@ impl<D: LogDir> ReplicaGroup<D> {
 
     /// The point a running test failover (or a planned failover writing
     /// its images) has pinned: see [`crate::pin`].
-    pub fn pinned(&self) -> Option<u64> {
+    pub fn pinned(&self) -> Option<Seq> {
         crate::pin::read(&self.test_failover)
     }
 
@@ -1389,7 +1393,7 @@ impl<D: LogDir> ReplicaGroup<D> {
 
     /// The disks as of the recovery point `seq`, or (`None`) as of
     /// everything applied so far.
-    pub fn view(&self, seq: Option<u64>) -> Result<View<'_, D>, StoreError> {
+    pub fn view(&self, seq: Option<Seq>) -> Result<View<'_, D>, StoreError> {
         if self.poisoned {
             return Err(StoreError::Poisoned);
         }
@@ -1425,7 +1429,7 @@ impl<D: LogDir> ReplicaGroup<D> {
     }
 
     /// The last barrier as of the last commit: (seq, timestamp in ns).
-    pub fn last_barrier(&self) -> Option<(u64, u64)> {
+    pub fn last_barrier(&self) -> Option<(Seq, u64)> {
         self.durable.last_barrier
     }
 
@@ -1444,7 +1448,7 @@ impl<D: LogDir> ReplicaGroup<D> {
         r
     }
 
-    fn check_extent(&self, disk: u32, offset: u64, length: u64) -> Result<(), StoreError> {
+    fn check_extent(&self, disk: DiskId, offset: u64, length: u64) -> Result<(), StoreError> {
         let d = self.cur.disk(disk).ok_or(StoreError::UnknownDisk(disk))?;
         match offset.checked_add(length) {
             Some(end) if end <= d.size => Ok(()),
@@ -1473,8 +1477,8 @@ impl<D: LogDir> ReplicaGroup<D> {
     /// journal's pieces over the image).
     fn read_with(
         &self,
-        overlays: &BTreeMap<u32, Overlay>,
-        disk: u32,
+        overlays: &BTreeMap<DiskId, Overlay>,
+        disk: DiskId,
         at: u64,
         buf: &mut [u8],
     ) -> io::Result<()> {
@@ -1514,14 +1518,14 @@ impl<D: LogDir> ReplicaGroup<D> {
 
 impl<D: LogDir> View<'_, D> {
     /// Reads `buf.len()` bytes at `offset` of `disk` as of this view.
-    pub fn read(&self, disk: u32, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+    pub fn read(&self, disk: DiskId, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
         self.by_ref().read(disk, offset, buf)
     }
 
     /// Whether `offset..offset+len` of `disk` surely reads as zeroes
     /// without reading it: a hole of the image that no journal data
     /// covers, or journaled zeroes. `false` means "unknown" (read it).
-    pub fn is_zero(&self, disk: u32, offset: u64, len: u64) -> bool {
+    pub fn is_zero(&self, disk: DiskId, offset: u64, len: u64) -> bool {
         self.by_ref().is_zero(disk, offset, len)
     }
 
@@ -1534,14 +1538,14 @@ impl<D: LogDir> View<'_, D> {
 }
 
 impl<D: LogDir> ViewRef<'_, D> {
-    fn read(&self, disk: u32, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+    fn read(&self, disk: DiskId, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
         self.group.check_extent(disk, offset, buf.len() as u64)?;
         self.group
             .read_with(self.overlays, disk, offset, buf)
             .map_err(io_err("reading", &self.group.path))
     }
 
-    fn is_zero(&self, disk: u32, offset: u64, len: u64) -> bool {
+    fn is_zero(&self, disk: DiskId, offset: u64, len: u64) -> bool {
         let Some(image) = self.group.images.get(&disk) else {
             return false;
         };
@@ -1572,27 +1576,32 @@ mod tests {
     use tidemark_changelog::Entry;
     use tidemark_names::Name;
 
-    fn rec(entry: &Entry<'_>, seq: u64) -> Record {
+    fn rec(entry: &Entry<'_>, seq: impl Into<Seq>) -> Record {
         Record::decode(&entry.encode(seq, 0)).unwrap()
     }
 
     fn one_disk_group(dir: &Path) -> ReplicaGroup {
         let mut g = ReplicaGroup::open(dir).unwrap();
         g.ensure_disks(&[Disk {
-            id: 0,
+            id: DiskId(0),
             name: Name::from_static("a"),
             size: 65536,
         }])
         .unwrap();
-        g.apply_chunk(0, 0, ChunkRef::Data(&[3u8; 65536]), Purpose::InitialSync)
-            .unwrap();
+        g.apply_chunk(
+            DiskId(0),
+            0,
+            ChunkRef::Data(&[3u8; 65536]),
+            Purpose::InitialSync,
+        )
+        .unwrap();
         g.commit().unwrap();
         g
     }
 
-    fn read_point(g: &ReplicaGroup, seq: Option<u64>) -> Vec<u8> {
+    fn read_point(g: &ReplicaGroup, seq: Option<Seq>) -> Vec<u8> {
         let mut buf = vec![0u8; 65536];
-        g.view(seq).unwrap().read(0, 0, &mut buf).unwrap();
+        g.view(seq).unwrap().read(DiskId(0), 0, &mut buf).unwrap();
         buf
     }
 
@@ -1632,7 +1641,7 @@ mod tests {
         }
         assert_eq!(g.points().len(), 4);
         for (seq, state) in &states {
-            assert!(read_point(&g, Some(*seq)) == *state, "point {seq}");
+            assert!(read_point(&g, Some(Seq(*seq))) == *state, "point {seq}");
         }
 
         // The first half of a fold to the second point, by hand.
@@ -1640,10 +1649,13 @@ mod tests {
         g.write_state(g.durable.clone(), Some(to)).unwrap();
         let mut partial = BTreeMap::new();
         let mut o = Overlay::default();
-        for p in g.journal.overlays_before(to)[&0].all().take(applied_pieces) {
+        for p in g.journal.overlays_before(to)[&DiskId(0)]
+            .all()
+            .take(applied_pieces)
+        {
             o.insert(p.start, p.end, p.source);
         }
-        partial.insert(0u32, o);
+        partial.insert(DiskId(0), o);
         apply_overlays(&g.images, &g.journal, &partial).unwrap();
         (states, expected)
     }
@@ -1657,18 +1669,18 @@ mod tests {
             let (states, expected) = half_folded_group(dir.path(), applied_pieces);
 
             let g = ReplicaGroup::open(dir.path()).unwrap();
-            let kept: Vec<u64> = g.points().iter().map(|p| p.seq).collect();
+            let kept: Vec<u64> = g.points().iter().map(|p| p.seq.get()).collect();
             assert_eq!(kept, [states[2].0, states[3].0]);
             for (seq, state) in &states[2..] {
-                assert!(read_point(&g, Some(*seq)) == *state, "point {seq}");
+                assert!(read_point(&g, Some(Seq(*seq))) == *state, "point {seq}");
             }
             assert!(matches!(
-                g.view(Some(states[0].0)),
+                g.view(Some(Seq(states[0].0))),
                 Err(StoreError::NoSuchPoint(_))
             ));
             assert!(read_point(&g, None) == expected);
             let mut base = vec![0u8; 65536];
-            journal::read_exact_at(&g.images[&0], &mut base, 0).unwrap();
+            journal::read_exact_at(&g.images[&DiskId(0)], &mut base, 0).unwrap();
             assert!(base == states[1].1, "the image holds the folded point");
             let p = g.position();
             drop(g);
@@ -1691,16 +1703,16 @@ mod tests {
             let state_before = std::fs::read(dir.path().join(STATE_FILE)).unwrap();
 
             let g = ReplicaGroup::open_read_only(dir.path()).unwrap();
-            let kept: Vec<u64> = g.points().iter().map(|p| p.seq).collect();
+            let kept: Vec<u64> = g.points().iter().map(|p| p.seq.get()).collect();
             assert_eq!(kept, [states[2].0, states[3].0]);
             for (seq, state) in &states[2..] {
                 assert!(
-                    read_point(&g, Some(*seq)) == *state,
+                    read_point(&g, Some(Seq(*seq))) == *state,
                     "point {seq} with {applied_pieces} pieces folded"
                 );
             }
             assert!(matches!(
-                g.view(Some(states[1].0)),
+                g.view(Some(Seq(states[1].0))),
                 Err(StoreError::NoSuchPoint(_))
             ));
             assert!(read_point(&g, None) == expected);
@@ -1712,7 +1724,7 @@ mod tests {
             );
             let g = ReplicaGroup::open(dir.path()).unwrap();
             for (seq, state) in &states[2..] {
-                assert!(read_point(&g, Some(*seq)) == *state, "point {seq}");
+                assert!(read_point(&g, Some(Seq(*seq))) == *state, "point {seq}");
             }
         }
     }
@@ -1741,7 +1753,7 @@ mod tests {
             g.apply_record(&rec).unwrap();
             g.commit().unwrap();
         }
-        let seqs = |g: &ReplicaGroup| g.points().iter().map(|p| p.seq).collect::<Vec<_>>();
+        let seqs = |g: &ReplicaGroup| g.points().iter().map(|p| p.seq.get()).collect::<Vec<_>>();
         assert_eq!(seqs(&g), [2, 4, 6], "the pinned point and later ones stay");
         std::fs::remove_file(pin_dir.join(PIN_FILE)).unwrap();
         g.apply_retention(0, true).unwrap();

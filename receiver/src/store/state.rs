@@ -4,6 +4,7 @@
 
 use super::overlay::RangeSet;
 use std::io;
+use tidemark_changelog::{DiskId, Seq};
 use tidemark_durable::{replace, Durability, LogDir, LogFile};
 use tidemark_names::Name;
 use zerocopy::little_endian::{U16, U32, U64};
@@ -82,7 +83,7 @@ pub(crate) enum Mode {
 /// One disk as the group knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct DiskState {
-    pub(crate) id: u32,
+    pub(crate) id: DiskId,
     pub(crate) name: Name,
     pub(crate) size: u64,
     /// The initial sync has copied everything below this offset.
@@ -96,19 +97,19 @@ pub(crate) struct DiskState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Meta {
     /// The last applied (in memory) or committed (on disk) record.
-    pub(crate) seq: u64,
+    pub(crate) seq: Seq,
     pub(crate) generation: u32,
     /// Sorted by id.
     pub(crate) disks: Vec<DiskState>,
     pub(crate) mode: Mode,
-    pub(crate) last_barrier: Option<(u64, u64)>,
+    pub(crate) last_barrier: Option<(Seq, u64)>,
 }
 
 impl Meta {
     /// A group that has seen nothing.
     pub(crate) fn new() -> Meta {
         Meta {
-            seq: 0,
+            seq: Seq(0),
             generation: 0,
             disks: Vec::new(),
             mode: Mode::InitialSync,
@@ -116,11 +117,11 @@ impl Meta {
         }
     }
 
-    pub(crate) fn disk(&self, id: u32) -> Option<&DiskState> {
+    pub(crate) fn disk(&self, id: DiskId) -> Option<&DiskState> {
         self.disks.iter().find(|d| d.id == id)
     }
 
-    pub(crate) fn disk_mut(&mut self, id: u32) -> Option<&mut DiskState> {
+    pub(crate) fn disk_mut(&mut self, id: DiskId) -> Option<&mut DiskState> {
         self.disks.iter_mut().find(|d| d.id == id)
     }
 }
@@ -151,7 +152,7 @@ impl StateFile {
         if m.last_barrier.is_some() {
             flags |= FLAG_BARRIER;
         }
-        let (barrier_seq, barrier_ts) = m.last_barrier.unwrap_or((0, 0));
+        let (barrier_seq, barrier_ts) = m.last_barrier.unwrap_or((Seq(0), 0));
         let fixed = RawFixed {
             magic: MAGIC,
             version: VERSION.into(),
@@ -161,10 +162,10 @@ impl StateFile {
                 Mode::Resyncing => 2,
             },
             flags,
-            seq: m.seq.into(),
+            seq: m.seq.get().into(),
             generation: m.generation.into(),
             disk_count: (m.disks.len() as u32).into(),
-            barrier_seq: barrier_seq.into(),
+            barrier_seq: barrier_seq.get().into(),
             barrier_ts: barrier_ts.into(),
             journal_start: self.journal_start.into(),
             journal_end: self.journal_end.into(),
@@ -174,7 +175,7 @@ impl StateFile {
         for d in &m.disks {
             let pending: Vec<(u64, u64)> = d.pending.iter().collect();
             let disk = RawDisk {
-                id: d.id.into(),
+                id: d.id.get().into(),
                 name_len: (d.name.len() as u32).into(),
                 size: d.size.into(),
                 synced: d.synced.into(),
@@ -245,7 +246,7 @@ impl StateFile {
         if flags & !(FLAG_REDO | FLAG_BARRIER) != 0 {
             return Err("unknown flags");
         }
-        let barrier = (fixed.barrier_seq.get(), fixed.barrier_ts.get());
+        let barrier = (Seq(fixed.barrier_seq.get()), fixed.barrier_ts.get());
         let journal_start = fixed.journal_start.get();
         let journal_end = fixed.journal_end.get();
         let mut disks: Vec<DiskState> = Vec::new();
@@ -266,7 +267,7 @@ impl StateFile {
             if synced > size {
                 return Err("synced beyond the disk size");
             }
-            if disks.last().is_some_and(|d| d.id >= id) {
+            if disks.last().is_some_and(|d| d.id >= DiskId(id)) {
                 return Err("disks not sorted by id");
             }
             let mut pending = RangeSet::default();
@@ -279,7 +280,7 @@ impl StateFile {
                 pending.add(s, e);
             }
             disks.push(DiskState {
-                id,
+                id: DiskId(id),
                 name,
                 size,
                 synced,
@@ -298,7 +299,7 @@ impl StateFile {
         }
         Ok(StateFile {
             meta: Meta {
-                seq: fixed.seq.get(),
+                seq: Seq(fixed.seq.get()),
                 generation: fixed.generation.get(),
                 disks,
                 mode,
@@ -383,18 +384,18 @@ mod tests {
         pending.add(10_000, 20_000);
         StateFile {
             meta: Meta {
-                seq: 77,
+                seq: Seq(77),
                 generation: 3,
                 disks: vec![
                     DiskState {
-                        id: 0,
+                        id: DiskId(0),
                         name: Name::from_static("sda"),
                         size: 1 << 20,
                         synced: 1 << 20,
                         pending,
                     },
                     DiskState {
-                        id: 5,
+                        id: DiskId(5),
                         name: Name::from_static("wal-1"),
                         size: 65536,
                         synced: 512,
@@ -402,7 +403,7 @@ mod tests {
                     },
                 ],
                 mode: Mode::Resyncing,
-                last_barrier: Some((70, 123_456)),
+                last_barrier: Some((Seq(70), 123_456)),
             },
             journal_start: 100,
             journal_end: 4000,

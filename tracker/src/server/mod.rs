@@ -777,12 +777,12 @@ fn admit(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tidemark_changelog::Extent;
+    use tidemark_changelog::{DiskId, Extent};
 
     fn run(offset: u64, length: u64, kind: AllocationKind) -> Allocation {
         Allocation {
             extent: Extent {
-                disk: 0,
+                disk: DiskId(0),
                 offset,
                 length,
             },

@@ -123,7 +123,7 @@ impl Backend for MemoryBackend {
             .zip(0u32..)
             .map(|(disk, id)| ServedDisk {
                 disk: Disk {
-                    id,
+                    id: DiskId(id),
                     name: Name::new(disk.name.as_str()).expect("test disk names are valid"),
                     size: disk.data.lock().unwrap().len() as u64,
                 },
