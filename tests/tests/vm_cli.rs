@@ -413,3 +413,47 @@ fn a_backing_chain_is_refused_unless_every_file_of_it_is_protected() {
     let xml = report["libvirt_xml"].as_str().unwrap();
     assert!(xml.contains("<source protocol='nbd' name='base'>"), "{xml}");
 }
+
+/// The libvirt domain `vm render --libvirt` prints passes libvirt's own
+/// schema (`virt-xml-validate`), for NICs on a bridge and on a network.
+#[test]
+fn the_rendered_libvirt_domain_passes_libvirts_schema() {
+    let test = "the_rendered_libvirt_domain_passes_libvirts_schema";
+    if !require_tool("virt-xml-validate", test) || !require_tool("xmllint", test) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("../vm/tests/golden/web1.toml");
+    let spec = fs::read_to_string(golden).unwrap();
+    for (name, text) in [
+        ("bridges", spec.clone()),
+        (
+            "network",
+            spec.replace("bridge = \"br0\"", "network = \"default\""),
+        ),
+    ] {
+        let path = dir.join(format!("{name}.toml"));
+        fs::write(&path, text).unwrap();
+        let xml = run_ok(
+            tidemark()
+                .args(["vm", "render"])
+                .arg(&path)
+                .arg("--libvirt"),
+        );
+        assert!(xml.contains("<source protocol='nbd' name='root'>"), "{xml}");
+        let file = dir.join(format!("{name}.xml"));
+        fs::write(&file, xml).unwrap();
+        let out = Command::new("virt-xml-validate")
+            .arg(&file)
+            .arg("domain")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: virt-xml-validate refused the domain:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -114,6 +114,11 @@ mod golden {
     /// The spec every golden rendering is made from.
     pub(crate) const SPEC: &str = include_str!("../tests/golden/web1.toml");
 
+    /// `text`, a valid spec, parsed.
+    pub(crate) fn spec(text: &str) -> tidemark_config::VmSpec {
+        tidemark_config::parse_vm_spec(text, Path::new("web1.toml")).unwrap()
+    }
+
     /// The golden file `name` is `rendered`, byte for byte;
     /// `TIDEMARK_BLESS=1` rewrites it after a deliberate change.
     pub(crate) fn golden(name: &str, rendered: &str) {

@@ -193,12 +193,8 @@ fn shell_word(word: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::golden::{golden, SPEC};
+    use crate::golden::{golden, spec, SPEC};
     use std::path::Path;
-
-    fn spec(text: &str) -> VmSpec {
-        tidemark_config::parse_vm_spec(text, Path::new("web1.toml")).unwrap()
-    }
 
     #[test]
     fn the_golden_spec_renders_to_the_golden_qemu_command() {
