@@ -12,7 +12,8 @@ need_apt=()
 for pair in "e2fsck:e2fsprogs" "openssl:openssl" "qemu-io:qemu-utils" "nbdinfo:libnbd-bin" \
             "nbdcopy:libnbd-bin" "nbdfuse:libnbd-bin" "nbdkit:nbdkit" "promtool:prometheus" \
             "fusermount3:fuse3" "losetup:mount" "/usr/lib/python3/dist-packages/nbd.py:python3-libnbd" \
-            "groff:groff-base" "systemd-analyze:systemd" "debootstrap:debootstrap" "rpm:rpm"; do
+            "groff:groff-base" "systemd-analyze:systemd" "debootstrap:debootstrap" "rpm:rpm" \
+            "virt-xml-validate:libvirt-clients" "xmllint:libxml2-utils"; do
     tool=${pair%%:*}; pkg=${pair#*:}
     if [[ $tool == /* ]]; then [ -e "$tool" ] && continue; else command -v "$tool" >/dev/null 2>&1 && continue; fi
     need_apt+=("$pkg")

@@ -51,6 +51,7 @@ mod source_map;
 mod table_list;
 pub mod tracker;
 mod units;
+pub mod vm;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -70,6 +71,7 @@ pub use tracker::{
     AppConsistentConfig, AttachConfig, CacheMode, DiskConfig, TrackerConfig, UblkConfig,
 };
 pub use units::{parse_duration, ByteSize, Duration};
+pub use vm::{ImageFormat, MacAddress, MachineType, NicAttachment, VmDisk, VmNic, VmSpec};
 
 use source_map::{line_column, SourceMap};
 
@@ -313,6 +315,24 @@ pub fn load_plan(path: &Path) -> Result<PlanConfig, ConfigError> {
 pub fn parse_plan(text: &str, origin: &Path) -> Result<PlanConfig, ConfigError> {
     parse_document(text, origin, |document: plan::PlanDocument| {
         document.plan.validate().map(|()| document.plan)
+    })
+}
+
+/// Reads, parses and validates a virtual machine spec (a `[vm]` table
+/// with `[[vm.disk]]` and `[[vm.nic]]` tables, see [`vm`]); errors name
+/// the file, line, column and setting like those of the daemons' files.
+pub fn load_vm_spec(path: &Path) -> Result<VmSpec, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_vm_spec(&text, path)
+}
+
+/// [`load_vm_spec`] on text; `origin` names it in messages.
+pub fn parse_vm_spec(text: &str, origin: &Path) -> Result<VmSpec, ConfigError> {
+    parse_document(text, origin, |document: vm::VmDocument| {
+        document.vm.validate().map(|()| document.vm)
     })
 }
 

@@ -17,6 +17,9 @@ const UNITS: [&str; 3] = [
     "tidemark-receiver.service",
 ];
 const CONFIGS: [&str; 3] = ["tracker", "shipper", "receiver"];
+/// The templated units of one consistency group each (a protected VM's),
+/// the instance being the group: installed, never enabled by a package.
+const TEMPLATES: [&str; 2] = ["tidemark-tracker@.service", "tidemark-shipper@.service"];
 
 /// The top-level subcommands, as `tidemark --help` lists them.
 fn top_level_subcommands() -> Vec<String> {
@@ -167,7 +170,7 @@ fn unit_root(dir: &Path) -> PathBuf {
     run(Command::new("cp").arg("-a").arg(host_units).arg(&system));
     let units = root.join("etc/systemd/system");
     fs::create_dir_all(&units).unwrap();
-    for unit in UNITS {
+    for unit in UNITS.iter().chain(&TEMPLATES) {
         fs::copy(
             workspace().join("packaging/systemd").join(unit),
             units.join(unit),
@@ -194,10 +197,13 @@ fn systemd_units_verify_clean() {
     let root = unit_root(dir.path());
     // verify also runs `man` for every Documentation=man: page; MANPATH
     // points it at the pages in the root.
+    // A template is verified through an instance of it.
+    let instances = TEMPLATES.map(|t| t.replace("@.", "@web1."));
     let out = Command::new("systemd-analyze")
         .arg("verify")
         .arg(format!("--root={}", root.display()))
         .args(UNITS)
+        .args(&instances)
         .env("MANPATH", root.join("usr/share/man"))
         .output()
         .unwrap();
@@ -235,11 +241,38 @@ fn systemd_units_verify_clean() {
         );
         assert!(text.contains(&exec), "{name}: expected {exec:?}");
         assert!(text.contains("\nRestart=on-failure\n"), "{name}");
+        // The group's template (the tracker's and the shipper's) runs the
+        // same daemon on the group's file, with the same settings.
+        let template = name.replace(".service", "@.service");
+        if TEMPLATES.contains(&template.as_str()) {
+            let template_text = unit(&template);
+            let exec = format!(
+                "\nExecStart=/usr/bin/tidemark {daemon} --config /etc/tidemark/groups/%i.toml\n"
+            );
+            assert!(
+                template_text.contains(&exec),
+                "{template}: expected {exec:?}"
+            );
+            assert_eq!(
+                settings(&template_text),
+                settings(&text),
+                "{template}: its [Service] settings differ from {name}'s"
+            );
+        }
         // The default config the packages install there is valid.
         run(tidemark()
             .args(["config", "check"])
             .arg(workspace().join(format!("config/examples/{config}.toml"))));
     }
+}
+
+/// The `[Service]` settings of a unit, but its `ExecStart`.
+fn settings(unit: &str) -> Vec<&str> {
+    unit.lines()
+        .skip_while(|l| *l != "[Service]")
+        .take_while(|l| *l != "[Install]")
+        .filter(|l| !l.starts_with('#') && !l.starts_with("ExecStart="))
+        .collect()
 }
 
 fn in_chroot(root: &Path, args: &[&str]) -> String {
@@ -345,6 +378,13 @@ fn packages_install_run_and_remove() {
     ] {
         assert!(chroot_has(&root, path), "{path} not installed");
     }
+    // Templates installed, and no instance of them enabled.
+    for unit in TEMPLATES {
+        assert!(
+            chroot_has(&root, &format!("/usr/lib/systemd/system/{unit}")),
+            "{unit}"
+        );
+    }
     // Units installed and enabled (not started: there is no systemd here,
     // and the maintainer scripts must not need one).
     for unit in UNITS {
@@ -409,7 +449,7 @@ fn packages_install_run_and_remove() {
         ],
     );
     assert!(!chroot_has(&root, "/usr/bin/tidemark"));
-    for unit in UNITS {
+    for unit in UNITS.iter().chain(&TEMPLATES) {
         assert!(
             !chroot_has(&root, &format!("/usr/lib/systemd/system/{unit}")),
             "{unit}"
@@ -461,7 +501,12 @@ fn packages_install_run_and_remove() {
         "/usr/share/tidemark/prometheus/tidemark-alerts.yml".into(),
         "/usr/share/tidemark/grafana/tidemark-dashboard.json".into(),
     ];
-    expected.extend(UNITS.iter().map(|u| format!("/usr/lib/systemd/system/{u}")));
+    expected.extend(
+        UNITS
+            .iter()
+            .chain(&TEMPLATES)
+            .map(|u| format!("/usr/lib/systemd/system/{u}")),
+    );
     expected.extend(CONFIGS.iter().map(|c| format!("/etc/tidemark/{c}.toml")));
     for page in fs::read_dir(out.join("docs/man")).unwrap() {
         let page = page.unwrap().file_name();

@@ -1,0 +1,188 @@
+//! `tidemark vm`: protect a virtual machine on its hypervisor. The logic is
+//! `tidemark_vm`'s; this module reads the options and prints.
+
+use anyhow::{anyhow, Result};
+use clap::{Args, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use tidemark_config::ByteSize;
+use tidemark_vm::group::{GroupLayout, HostDirs, Protection};
+use tidemark_vm::{libvirt, qemu, DiskSource};
+
+/// `tidemark vm ...`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum VmCommand {
+    /// Configure the VM's consistency group (one per VM): its tracker
+    /// serves each disk image (a qcow2 file raw, qemu layering qcow2 on the
+    /// NBD node), its shipper sends them like the host's other groups.
+    /// Checks qcow2 backing chains; prints the units to enable.
+    Protect(ProtectArgs),
+    /// Print the VM's qemu arguments or libvirt domain XML, its disks on
+    /// the tracker's NBD exports.
+    Render(RenderArgs),
+}
+
+/// Where a host keeps its groups' files (the packages' paths by default).
+#[derive(Debug, Args)]
+struct DirArgs {
+    /// The groups' configuration files (GROUP.toml, read by the units).
+    #[arg(long, default_value = "/etc/tidemark/groups")]
+    config_dir: PathBuf,
+    /// The tracker's and shipper's sockets.
+    #[arg(long, default_value = "/run/tidemark")]
+    run_dir: PathBuf,
+    /// State: the change logs go under STATE/groups/GROUP/log.
+    #[arg(long, default_value = "/var/lib/tidemark")]
+    state_dir: PathBuf,
+    /// systemd's unit directory (the tracker's drop-in for the images).
+    #[arg(long, default_value = "/etc/systemd/system")]
+    unit_dir: PathBuf,
+}
+
+impl DirArgs {
+    fn dirs(&self) -> HostDirs {
+        HostDirs {
+            config_dir: self.config_dir.clone(),
+            run_dir: self.run_dir.clone(),
+            state_dir: self.state_dir.clone(),
+            unit_dir: self.unit_dir.clone(),
+        }
+    }
+}
+
+/// `tidemark vm protect`.
+#[derive(Debug, Args)]
+pub(crate) struct ProtectArgs {
+    /// The VM's spec: a `[vm]` table with `[[vm.disk]]` and `[[vm.nic]]` tables.
+    spec: PathBuf,
+    /// The host's shipper configuration: its identity, receiver and TLS
+    /// are the group's.
+    #[arg(long, default_value = "/etc/tidemark/shipper.toml")]
+    shipper_config: PathBuf,
+    /// The VM's log budget: the most space its change log takes before
+    /// its disks fall back to bitmap mode.
+    #[arg(long, default_value = "8GiB", value_parser = parse_size)]
+    log_size_limit: ByteSize,
+    /// The tracker's metrics on 127.0.0.1:PORT, the shipper's on PORT+1
+    /// (default: a free port each).
+    #[arg(long)]
+    metrics_port: Option<u16>,
+    /// Let this group (libvirt's qemu: libvirt-qemu) use the NBD socket.
+    #[arg(long)]
+    socket_group: Option<String>,
+    /// Extend qcow2 files (sparse) to the most they may grow: the
+    /// tracker's NBD export cannot grow. Stop the VM first.
+    #[arg(long)]
+    grow_images: bool,
+    /// Overwrite the group's configuration if it exists.
+    #[arg(long)]
+    replace: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    dirs: DirArgs,
+}
+
+/// `tidemark vm render`.
+#[derive(Debug, Args)]
+pub(crate) struct RenderArgs {
+    /// The VM's spec.
+    spec: PathBuf,
+    /// qemu command-line arguments (one shell command).
+    #[arg(long, conflicts_with = "libvirt", required_unless_present = "libvirt")]
+    qemu: bool,
+    /// A libvirt domain definition (for `virsh define`).
+    #[arg(long)]
+    libvirt: bool,
+    /// The tracker's sockets (GROUP.nbd.sock in it).
+    #[arg(long, default_value = "/run/tidemark")]
+    run_dir: PathBuf,
+}
+
+fn parse_size(text: &str) -> Result<ByteSize, String> {
+    ByteSize::parse(text).map_err(|e| e.to_string())
+}
+
+pub(crate) fn run(cmd: VmCommand) -> Result<ExitCode> {
+    match cmd {
+        VmCommand::Protect(a) => protect(a),
+        VmCommand::Render(a) => render(a),
+    }
+}
+
+fn protect(a: ProtectArgs) -> Result<ExitCode> {
+    let spec = tidemark_config::load_vm_spec(&a.spec).map_err(|e| anyhow!("{e}"))?;
+    let host = tidemark_config::load(&a.shipper_config).map_err(|e| anyhow!("{e}"))?;
+    let shipper = host.require_shipper().map_err(|e| anyhow!("{e}"))?;
+    let protection = Protection {
+        log_size_limit: a.log_size_limit,
+        metrics_port: a.metrics_port,
+        socket_group: a.socket_group,
+        grow_images: a.grow_images,
+    };
+    let report =
+        tidemark_vm::group::protect(&spec, &a.dirs.dirs(), &protection, shipper, a.replace)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let layout = &report.layout;
+    println!(
+        "VM {}: consistency group {}, {} disks served on {}",
+        report.vm,
+        layout.group,
+        report.disks.len(),
+        layout.socket.display()
+    );
+    println!(
+        "wrote {} (log budget {})",
+        layout.config.display(),
+        report.log_size_limit
+    );
+    for growth in &report.grown {
+        println!(
+            "grew {} from {} to {} bytes (sparse): room for all the qcow2 image may grow",
+            growth.path.display(),
+            growth.from,
+            growth.to
+        );
+    }
+    if let Some(drop_in) = &report.drop_in {
+        println!(
+            "wrote {} (the tracker may write the images)",
+            drop_in.path.display()
+        );
+    }
+    println!("start protecting it:");
+    for command in &report.systemctl {
+        println!("  {command}");
+    }
+    println!("then run the VM on the tracker's exports (not on the image files):");
+    println!("  tidemark vm render {} --qemu", a.spec.display());
+    println!(
+        "  tidemark vm render {} --libvirt > {}.xml && virsh define {}.xml",
+        a.spec.display(),
+        report.vm,
+        report.vm
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn render(a: RenderArgs) -> Result<ExitCode> {
+    let spec = tidemark_config::load_vm_spec(&a.spec).map_err(|e| anyhow!("{e}"))?;
+    let dirs = HostDirs {
+        run_dir: a.run_dir,
+        ..HostDirs::default()
+    };
+    let layout = GroupLayout::new(&dirs, &spec.name);
+    let sources = DiskSource::tracker_exports(&spec, &layout.socket);
+    if a.qemu {
+        let args = qemu::args(&spec, &sources)?;
+        print!("{}", qemu::command_line(&args));
+    } else {
+        print!("{}", libvirt::domain_xml(&spec, &sources)?);
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,201 @@
+//! A VM spec as a libvirt domain definition (`virsh define FILE`).
+//!
+//! Each guest disk is a network disk on the tracker's NBD export, its
+//! format layer named by the driver, and a qcow2 overlay's backing file
+//! its `<backingStore>`, served by the tracker the same way:
+//!
+//! ```xml
+//! <disk type='network' device='disk'>
+//!   <driver name='qemu' type='qcow2' discard='unmap'/>
+//!   <source protocol='nbd' name='root'>
+//!     <host transport='unix' socket='/run/tidemark/web1.nbd.sock'/>
+//!   </source>
+//!   <backingStore type='network'>
+//!     <format type='qcow2'/>
+//!     <source protocol='nbd' name='base'>…</source>
+//!     <backingStore/>
+//!   </backingStore>
+//!   <target dev='vda' bus='virtio'/>
+//!   <serial>root</serial>
+//! </disk>
+//! ```
+//!
+//! The socket must be reachable by libvirt's qemu user: the tracker's
+//! `socket-group` (e.g. `libvirt-qemu`).
+
+use std::fmt::Write;
+
+use tidemark_config::{NicAttachment, VmSpec};
+
+use crate::{check_sources, utf8, DiskSource, RenderError};
+
+/// Text for an XML attribute value in single quotes, or element content.
+fn xml(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '\'' => out.push_str("&apos;"),
+            '"' => out.push_str("&quot;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The guest's name for its `n`-th virtio disk: `vda` … `vdz`, `vdaa` …
+fn target_dev(n: usize) -> String {
+    let mut suffix = Vec::new();
+    let mut n = n + 1;
+    while n > 0 {
+        n -= 1;
+        suffix.push(b'a' + (n % 26) as u8);
+        n /= 26;
+    }
+    suffix.reverse();
+    format!("vd{}", String::from_utf8_lossy(&suffix))
+}
+
+/// `<source …>` of a disk read from `source`, indented by `pad`.
+fn source(out: &mut String, pad: &str, source: &DiskSource) -> Result<(), RenderError> {
+    match source {
+        DiskSource::Nbd { socket, export } => {
+            let _ = writeln!(out, "{pad}<source protocol='nbd' name='{}'>", xml(export));
+            let _ = writeln!(
+                out,
+                "{pad}  <host transport='unix' socket='{}'/>",
+                xml(utf8(socket)?)
+            );
+            let _ = writeln!(out, "{pad}</source>");
+        }
+    }
+    Ok(())
+}
+
+/// The `<backingStore>` chain below disk `index`, indented by `pad`.
+fn backing_chain(
+    out: &mut String,
+    pad: &str,
+    spec: &VmSpec,
+    sources: &[DiskSource],
+    index: usize,
+) -> Result<(), RenderError> {
+    // A validated spec's chains end within as many steps as it has disks.
+    let mut pad = pad.to_owned();
+    let mut next = spec.disks[index]
+        .backing
+        .as_ref()
+        .and_then(|b| spec.disk_index(b));
+    let mut depth = 0;
+    while let Some(j) = next.filter(|_| depth < spec.disks.len()) {
+        let _ = writeln!(out, "{pad}<backingStore type='network'>");
+        let _ = writeln!(out, "{pad}  <format type='{}'/>", spec.disks[j].format);
+        source(out, &format!("{pad}  "), &sources[j])?;
+        pad.push_str("  ");
+        depth += 1;
+        next = spec.disks[j]
+            .backing
+            .as_ref()
+            .and_then(|b| spec.disk_index(b));
+    }
+    // An empty backingStore says the chain ends here: libvirt must not
+    // probe the image for a backing file of its own.
+    let _ = writeln!(out, "{pad}<backingStore/>");
+    for _ in 0..depth {
+        pad.truncate(pad.len() - 2);
+        let _ = writeln!(out, "{pad}</backingStore>");
+    }
+    Ok(())
+}
+
+/// The domain XML of `spec` with disk `i` of the spec read from
+/// `sources[i]` (see [`DiskSource::tracker_exports`]).
+pub fn domain_xml(spec: &VmSpec, sources: &[DiskSource]) -> Result<String, RenderError> {
+    check_sources(spec, sources)?;
+    let mut out = String::new();
+    let _ = writeln!(out, "<domain type='kvm'>");
+    let _ = writeln!(out, "  <name>{}</name>", xml(&spec.name));
+    let _ = writeln!(
+        out,
+        "  <memory unit='KiB'>{}</memory>",
+        spec.memory.as_u64() >> 10
+    );
+    let _ = writeln!(out, "  <vcpu>{}</vcpu>", spec.cpus);
+    let _ = writeln!(out, "  <os>");
+    let _ = writeln!(
+        out,
+        "    <type arch='x86_64' machine='{}'>hvm</type>",
+        xml(spec.machine.as_str())
+    );
+    let _ = writeln!(out, "  </os>");
+    let _ = writeln!(out, "  <features>\n    <acpi/>\n  </features>");
+    let _ = writeln!(out, "  <devices>");
+    for (n, (i, disk)) in spec.guest_disks().enumerate() {
+        let _ = writeln!(out, "    <disk type='network' device='disk'>");
+        let _ = writeln!(
+            out,
+            "      <driver name='qemu' type='{}' discard='unmap'/>",
+            disk.format
+        );
+        source(&mut out, "      ", &sources[i])?;
+        backing_chain(&mut out, "      ", spec, sources, i)?;
+        let _ = writeln!(out, "      <target dev='{}' bus='virtio'/>", target_dev(n));
+        let _ = writeln!(out, "      <serial>{}</serial>", xml(&disk.name));
+        let _ = writeln!(out, "    </disk>");
+    }
+    for nic in &spec.nics {
+        let (kind, attribute, name) = match nic.attachment() {
+            NicAttachment::Bridge(bridge) => ("bridge", "bridge", bridge),
+            NicAttachment::Network(network) => ("network", "network", network),
+        };
+        let _ = writeln!(out, "    <interface type='{kind}'>");
+        let _ = writeln!(out, "      <mac address='{}'/>", nic.mac);
+        let _ = writeln!(out, "      <source {attribute}='{}'/>", xml(name));
+        let _ = writeln!(out, "      <model type='virtio'/>");
+        let _ = writeln!(out, "    </interface>");
+    }
+    let _ = writeln!(out, "  </devices>");
+    let _ = writeln!(out, "</domain>");
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::golden::{golden, spec, SPEC};
+    use std::path::Path;
+
+    #[test]
+    fn the_golden_spec_renders_to_the_golden_domain() {
+        let spec = spec(SPEC);
+        let sources = DiskSource::tracker_exports(&spec, Path::new("/run/tidemark/web1.nbd.sock"));
+        golden("web1.xml", &domain_xml(&spec, &sources).unwrap());
+    }
+
+    #[test]
+    fn a_libvirt_network_is_rendered_and_markup_in_paths_escaped() {
+        let spec = spec(&SPEC.replace("bridge = \"br0\"", "network = \"default\""));
+        let sources = DiskSource::tracker_exports(&spec, Path::new("/run/a'<&>/s"));
+        let xml = domain_xml(&spec, &sources).unwrap();
+        assert!(xml.contains("<interface type='network'>"), "{xml}");
+        assert!(xml.contains("<source network='default'/>"), "{xml}");
+        assert!(
+            xml.contains("socket='/run/a&apos;&lt;&amp;&gt;/s'"),
+            "{xml}"
+        );
+    }
+
+    #[test]
+    fn guest_disks_are_named_like_the_kernel_names_them() {
+        let names: Vec<String> = [0, 1, 25, 26, 27, 51, 52, 701, 702]
+            .into_iter()
+            .map(target_dev)
+            .collect();
+        assert_eq!(
+            names,
+            ["vda", "vdb", "vdz", "vdaa", "vdab", "vdaz", "vdba", "vdzz", "vdaaa"]
+        );
+    }
+}
