@@ -6,7 +6,6 @@ use anyhow::Result;
 use clap::Args;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use tidemark_changelog::Seq;
 use tidemark_names::Label;
 use tidemark_tracker::quiesce::Quiesce;
 
@@ -86,7 +85,7 @@ pub(crate) fn mark(a: MarkArgs) -> Result<ExitCode> {
         timeout: a.timeout.unwrap_or(table.timeout.get()),
     };
     let report = quiesce
-        .run(|left| insert(true, left).map(Seq))
+        .run(|left| insert(true, left))
         .map_err(|e| anyhow::anyhow!("no application-consistent point: {e}"))?;
     println!(
         "application-consistent marker {:?} at sequence number {} ({} filesystems frozen for {} ms)",

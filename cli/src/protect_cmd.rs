@@ -21,6 +21,7 @@ use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
+use tidemark_changelog::Seq;
 use tidemark_names::Name;
 use tidemark_tracker::dm::Control;
 use tidemark_tracker::splice::{self, ProtectOutcome, Route, Swapped};
@@ -177,7 +178,7 @@ fn check_tracker(socket: &Path, disk: &str) -> Result<()> {
 
 /// Asks the tracker to record the whole disk as resync-needed; returns the
 /// record's sequence number (`None`: recorded in its dirty bitmap).
-fn record_resync(socket: &Path, disk: &str) -> Result<Option<u64>> {
+fn record_resync(socket: &Path, disk: &str) -> Result<Option<Seq>> {
     match tidemark_control::resync_all(socket, disk, CONTROL_TIMEOUT) {
         Ok(seq) => Ok(seq),
         Err(e @ tidemark_control::ControlError::Refused(_)) => bail!("{e}"),

@@ -82,7 +82,7 @@ struct ReplicaSummary {
 /// A recovery point, as this screen shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Point {
-    seq: u64,
+    seq: tidemark_changelog::Seq,
     timestamp_ns: u64,
 }
 
@@ -403,7 +403,7 @@ fn summarise_replica(host: &str, group: &str, dir: &Path) -> ReplicaSummary {
             };
             summary.points = points.len();
             summary.newest = points.last().map(|p| Point {
-                seq: p.seq.get(),
+                seq: p.seq,
                 timestamp_ns: p.timestamp_ns,
             });
             summary.history_bytes = g.history_bytes();
@@ -1069,9 +1069,10 @@ mod tests {
             state: "consistent",
             resync_pending: 0,
             points: points.len(),
-            newest: points
-                .last()
-                .map(|&(seq, timestamp_ns)| Point { seq, timestamp_ns }),
+            newest: points.last().map(|&(seq, timestamp_ns)| Point {
+                seq: tidemark_changelog::Seq(seq),
+                timestamp_ns,
+            }),
             history_bytes: 5 << 20,
             error: None,
         }
@@ -1155,7 +1156,7 @@ mod tests {
         assert_eq!(
             d0.newest_point,
             NewestPoint::At(Point {
-                seq: 80,
+                seq: tidemark_changelog::Seq(80),
                 timestamp_ns: NOW - 12 * S
             })
         );

@@ -156,7 +156,7 @@ fn scheduled_marks(path: &Path, control: PathBuf) -> Result<Option<impl FnOnce()
             std::thread::sleep(every.get());
             let result = quiesce.run(|left| {
                 let label = tidemark_names::Label::new("scheduled").expect("a valid label");
-                tidemark_control::mark(&control, &label, true, left).map(Seq)
+                tidemark_control::mark(&control, &label, true, left)
             });
             match result {
                 Ok(r) => {
@@ -430,7 +430,7 @@ fn status(a: ControlArgs) -> Result<ExitCode> {
         s.tracking,
         s.bitmap_reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default(),
         s.generation,
-        s.next_seq.saturating_sub(1),
+        s.next_seq.prev().unwrap_or(Seq::ZERO),
         s.durable_seq,
         s.log_bytes,
         s.log_limit,

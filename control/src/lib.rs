@@ -23,6 +23,7 @@ use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use tidemark_changelog::Seq;
 use tidemark_names::{Label, LabelError};
 
 /// The longest request line the tracker reads.
@@ -138,9 +139,9 @@ pub struct StatusReply {
     /// Current generation.
     pub generation: u32,
     /// Next sequence number.
-    pub next_seq: u64,
+    pub next_seq: Seq,
     /// Highest durable sequence number.
-    pub durable_seq: u64,
+    pub durable_seq: Seq,
     /// Bytes of log segments in use.
     pub log_bytes: u64,
     /// Log size limit.
@@ -284,7 +285,7 @@ pub fn mark(
     label: &Label,
     app_consistent: bool,
     timeout: Duration,
-) -> Result<u64, ControlError> {
+) -> Result<Seq, ControlError> {
     let reply = request(
         path,
         &Request::Mark {
@@ -298,7 +299,7 @@ pub fn mark(
 
 /// Records the whole of `disk` as resync-needed; returns the record's
 /// sequence number (`None`: recorded in the dirty bitmap).
-pub fn resync_all(path: &Path, disk: &str, timeout: Duration) -> Result<Option<u64>, ControlError> {
+pub fn resync_all(path: &Path, disk: &str, timeout: Duration) -> Result<Option<Seq>, ControlError> {
     let reply = request(
         path,
         &Request::ResyncAll {
@@ -437,7 +438,7 @@ mod tests {
         let label = Label::new("nightly").unwrap();
         assert_eq!(
             mark(&path, &label, true, Duration::from_secs(5)).unwrap(),
-            42
+            Seq(42)
         );
         assert_eq!(server.join().unwrap(), "mark --app-consistent nightly\n");
         std::fs::remove_file(&path).unwrap();
