@@ -71,7 +71,9 @@ pub use tracker::{
     AppConsistentConfig, AttachConfig, CacheMode, DiskConfig, TrackerConfig, UblkConfig,
 };
 pub use units::{parse_duration, ByteSize, Duration};
-pub use vm::{ImageFormat, MacAddress, MachineType, NicAttachment, VmDisk, VmNic, VmSpec};
+pub use vm::{
+    ImageFormat, MacAddress, MachineType, NicAttachment, VmDisk, VmNic, VmSpec, VmValueError,
+};
 
 use source_map::{line_column, SourceMap};
 

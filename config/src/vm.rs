@@ -233,9 +233,23 @@ impl MachineType {
     }
 }
 
+/// A VM spec value that breaks its rule, with the text as written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VmValueError {
+    /// Not a machine type qemu could name.
+    #[error(
+        "invalid machine type {0:?}: 1 to 64 of a-z, 0-9, '.', '_' and '-', \
+         starting with a letter (see `qemu-system-x86_64 -machine help`)"
+    )]
+    MachineType(String),
+    /// Not six hex octets separated by colons.
+    #[error("invalid MAC address {0:?}: six hex octets, as 52:54:00:12:34:56")]
+    MacAddress(String),
+}
+
 impl FromStr for MachineType {
-    type Err = String;
-    fn from_str(text: &str) -> Result<Self, String> {
+    type Err = VmValueError;
+    fn from_str(text: &str) -> Result<Self, VmValueError> {
         let ok = (1..=64).contains(&text.len())
             && text.starts_with(|c: char| c.is_ascii_lowercase())
             && text
@@ -244,10 +258,7 @@ impl FromStr for MachineType {
         if ok {
             Ok(Self(text.to_owned()))
         } else {
-            Err(format!(
-                "invalid machine type {text:?}: 1 to 64 of a-z, 0-9, '.', '_' and '-', \
-                 starting with a letter (see `qemu-system-x86_64 -machine help`)"
-            ))
+            Err(VmValueError::MachineType(text.to_owned()))
         }
     }
 }
@@ -279,9 +290,9 @@ impl MacAddress {
 }
 
 impl FromStr for MacAddress {
-    type Err = String;
-    fn from_str(text: &str) -> Result<Self, String> {
-        let bad = || format!("invalid MAC address {text:?}: six hex octets, as 52:54:00:12:34:56");
+    type Err = VmValueError;
+    fn from_str(text: &str) -> Result<Self, VmValueError> {
+        let bad = || VmValueError::MacAddress(text.to_owned());
         let mut octets = [0u8; 6];
         let mut parts = text.split(':');
         for octet in &mut octets {
