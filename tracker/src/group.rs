@@ -55,7 +55,7 @@ use crate::storage::BlockDevice;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tidemark_changelog::{
     now_ns, AppendError, ChangeLog, DiskId, Entry, FsDir, LogOptions, OpenError, Recovery,
     RecoveryPolicy, Seq,
@@ -323,7 +323,15 @@ pub(crate) struct Tracking {
     pub(crate) flushes: Vec<FlushEpochs>,
     /// The event loops' queues that may park requests on the group.
     pub(crate) wakers: Wakers,
+    /// The gate of an open hold (a span point): no modification whose
+    /// record is numbered above it is acknowledged. [`NO_HOLD`] when no
+    /// hold is open. Stored under the log's lock right after the hold's
+    /// marker, so every record numbered after the marker finds it set.
+    hold_after: AtomicU64,
 }
+
+/// [`Tracking::hold_after`] when no hold is open.
+const NO_HOLD: u64 = u64::MAX;
 
 /// Where a change went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -565,6 +573,7 @@ impl Group {
             state: Ordered::new(Level::State, state),
             flushes: (0..disk_count).map(|_| FlushEpochs::default()).collect(),
             wakers: Wakers::default(),
+            hold_after: AtomicU64::new(NO_HOLD),
         });
         let committer = Committer::start(Arc::clone(&tracking), durable).map_err(|e| {
             GroupError::Config(format!("starting the group's committer thread: {e}"))
@@ -984,6 +993,59 @@ impl Group {
         Ok(seq)
     }
 
+    /// Opens a hold for a span point: appends the point's marker and a
+    /// barrier, exactly as [`Group::marker`], and closes the gate behind
+    /// the marker before the log's lock is let go: from then on no
+    /// modification recorded after the marker is acknowledged until
+    /// [`Group::hold_release`] (writes recorded before it are answered as
+    /// usual). Returns the marker's sequence number and generation.
+    ///
+    /// Unlike [`Group::marker`] it does not wait for the marker to be
+    /// durable: the hold is on every member's critical path, and a marker
+    /// a crash loses is never a committed point on the replica site, which
+    /// is what the span's coordinator waits for.
+    pub fn hold_open(
+        &self,
+        label: &Label,
+        app_consistent: bool,
+    ) -> Result<(Seq, u32), MarkerError> {
+        self.check_running().map_err(|_| MarkerError::Starting)?;
+        let t = &*self.tracking;
+        if !matches!(*lock(&t.mode), TrackingMode::Data) {
+            return Err(MarkerError::BitmapMode);
+        }
+        let entry = Entry::marker(label.as_str(), app_consistent, now_ns());
+        entry.validate().map_err(MarkerError::Label)?;
+        let mut log = lock(&t.log);
+        let seq = log.append(&entry).map_err(MarkerError::Append)?;
+        let barrier = log.append(&Entry::barrier(now_ns()));
+        // The marker is in: the gate closes even if the barrier found no
+        // room (the hold is then refused and released by the caller).
+        t.hold_after.store(seq.get(), Ordering::SeqCst);
+        t.unwritten.store(log.unwritten_bytes(), Ordering::SeqCst);
+        let generation = log.generation();
+        drop(log);
+        if let Err(e) = barrier {
+            self.hold_release();
+            return Err(MarkerError::Append(e));
+        }
+        Ok((seq, generation))
+    }
+
+    /// Ends the open hold, if any: the acknowledgements it kept wait no
+    /// longer.
+    pub fn hold_release(&self) {
+        self.tracking.hold_after.store(NO_HOLD, Ordering::SeqCst);
+        self.wake_parked();
+    }
+
+    /// Whether the acknowledgement of a modification recorded as `seq`
+    /// waits for the open hold to end ([`Seq::ZERO`], unlogged, never
+    /// does). One atomic load when no hold is open.
+    pub(crate) fn held_back(&self, seq: Seq) -> bool {
+        seq != Seq::ZERO && seq.get() > self.tracking.hold_after.load(Ordering::SeqCst)
+    }
+
     /// A final barrier on every disk, then a clean stop recorded: the next
     /// open needs no resync. The committer stops; the group takes no more
     /// requests.
@@ -1162,7 +1224,7 @@ impl Group {
         self.check_running()
             .map_err(|_| BackendError::Unavailable)?;
         let d = self.served(disk)?;
-        {
+        let seq = {
             let range = d.locks.lock(offset, len);
             if let Some(ticket) = self.mark_hot(disk, offset, len) {
                 if self.committer.wait_maps(ticket).is_err() {
@@ -1193,9 +1255,16 @@ impl Group {
             drop(range);
             // Event-loop requests may be parked on this range.
             self.wake_parked();
-        }
+            seq
+        };
         if fua {
             self.barrier(disk)?;
+        }
+        // An open hold keeps the acknowledgement (see `write_path`); a hold
+        // always ends by its deadline, and holds are rare: this blocking
+        // path polls rather than parks.
+        while self.held_back(seq) {
+            std::thread::sleep(Duration::from_micros(200));
         }
         let bytes = if entry.kind == tidemark_changelog::Kind::Write {
             len

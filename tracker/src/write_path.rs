@@ -94,6 +94,9 @@ struct Slot {
     /// Why its device I/O (a modification, or a barrier's flush) failed:
     /// the answer once the stage allows one.
     failed: Option<BackendError>,
+    /// A modification's record ([`Seq::ZERO`] until recorded, and in
+    /// bitmap mode): what an open hold's gate compares.
+    seq: Seq,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -107,6 +110,9 @@ enum Stage {
     /// Its record is in (sequence number `seq`; [`Seq::ZERO`] in bitmap
     /// mode) and its device I/O in flight.
     Device { seq: Seq },
+    /// Written (and with FUA, flushed): parked until the open hold lets
+    /// its acknowledgement go ([`Group::held_back`]), then answered.
+    Held { seq: Seq },
     /// Its device I/O failed: parked until the log's buffer has room for
     /// the resync-needed record of its range; then answered with the
     /// failure ([`Slot::failed`]).
@@ -244,7 +250,9 @@ impl GroupQueue {
                     };
                     // The record is in the log's buffer: the device write
                     // goes out now, beside the log's write-out.
-                    self.slot(token).stage = Stage::Device { seq };
+                    let slot = self.slot(token);
+                    slot.stage = Stage::Device { seq };
+                    slot.seq = seq;
                     self.issue(token);
                     return Progress::Moved;
                 }
@@ -284,16 +292,28 @@ impl GroupQueue {
                     if outcome.is_ok() {
                         self.group.end_barrier(disk, epoch);
                         if !matches!(op, Op::Flush) {
-                            let slot = self.slot(token);
-                            let bytes = match op {
-                                Op::Write { .. } => len,
-                                _ => 0,
-                            };
-                            let started = slot.started;
-                            self.group.count_write(started, now, bytes);
+                            // A FUA modification: answered as any other
+                            // once written, through the hold's gate.
+                            let seq = self.slot(token).seq;
+                            self.slot(token).stage = Stage::Held { seq };
+                            continue;
                         }
                     }
                     self.answer(token, outcome);
+                    return Progress::Moved;
+                }
+                Stage::Held { seq } => {
+                    if self.group.held_back(seq) {
+                        return Progress::Blocked;
+                    }
+                    let slot = self.slot(token);
+                    let bytes = match op {
+                        Op::Write { .. } => len,
+                        _ => 0,
+                    };
+                    let started = slot.started;
+                    self.group.count_write(started, now, bytes);
+                    self.answer(token, Ok(()));
                     return Progress::Moved;
                 }
                 Stage::Device { .. } | Stage::Read => return Progress::Moved,
@@ -323,21 +343,17 @@ impl GroupQueue {
     /// number `seq`) is in: it is answered, or with FUA its barrier starts.
     fn written(&mut self, token: usize, seq: Seq, now: Instant) {
         self.release(token, seq);
-        let slot = self.slot(token);
-        let (op, started) = (slot.op, slot.started);
-        if op_fua(&op) {
+        if op_fua(&self.slot(token).op) {
             // The write's own part is done; its latency counts the barrier
             // too, when the barrier answers it (its device flush is in
             // flight now: nothing else to try before it completes).
             self.start_barrier(token);
             return;
         }
-        let bytes = match op {
-            Op::Write { .. } => self.slot(token).len,
-            _ => 0,
-        };
-        self.group.count_write(started, now, bytes);
-        self.answer(token, Ok(()));
+        // Answered now, unless an open hold keeps it (its range and
+        // extents are let go already: a held reply holds no lock).
+        self.slot(token).stage = Stage::Held { seq };
+        self.advance_or_park(token, now);
     }
 
     /// Starts the barrier of a FLUSH or of a FUA modification whose record
@@ -442,6 +458,7 @@ impl Queue for GroupQueue {
             stage,
             range: None,
             failed: None,
+            seq: Seq::ZERO,
         };
         let token = match self.free.pop() {
             Some(token) => {
@@ -515,7 +532,11 @@ impl Queue for GroupQueue {
                 slot.failed = result.err();
                 self.advance_or_park(token, now);
             }
-            Stage::Range | Stage::Map(_) | Stage::Record | Stage::Compensate => {
+            Stage::Range
+            | Stage::Map(_)
+            | Stage::Record
+            | Stage::Compensate
+            | Stage::Held { .. } => {
                 tracing::error!(token, "I/O completion for a request not waiting for one");
             }
         }

@@ -559,3 +559,115 @@ fn a_failed_device_write_is_answered_with_its_error_and_its_range_marked_resync_
         ]
     );
 }
+
+/// Drives `core` for `for_how_long`, as its shell would (wakes, device
+/// I/O completed at once); returns the replies that came out.
+fn pump(core: &mut GroupQueue, for_how_long: std::time::Duration) -> Vec<u64> {
+    let until = Instant::now() + for_how_long;
+    let mut answered = Vec::new();
+    while Instant::now() < until {
+        core.handle_wake(Instant::now());
+        while let Some(io) = core.poll_io() {
+            core.handle_io(io.token, Ok(()), io.buf, Instant::now());
+        }
+        while let Some(reply) = core.poll_reply() {
+            reply.result.unwrap();
+            answered.push(reply.id);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    answered
+}
+
+fn span_label() -> tidemark_names::Label {
+    tidemark_names::Label::new("span-shop-1").unwrap()
+}
+
+#[test]
+fn a_hold_keeps_the_acknowledgements_of_writes_recorded_after_its_marker() {
+    let tmp = tempfile::tempdir().unwrap();
+    let group = open_group(tmp.path(), DirectIo::Off);
+    let mut core = core_of(&group);
+    // A write recorded before the hold, its device write still in flight.
+    core.handle_request(write_request(1, 0, 0x01, 4096), Instant::now());
+    let before = next_io(&mut core);
+    let (marker, _generation) = group.hold_open(&span_label(), false).unwrap();
+    // Recorded after the marker: written, and not answered while held.
+    core.handle_request(write_request(2, 1 << 20, 0x02, 4096), Instant::now());
+    let after = next_io(&mut core);
+    core.handle_io(after.token, Ok(()), after.buf, Instant::now());
+    // A FUA write after the marker: written and flushed, not answered.
+    let mut fua = write_request(3, 2 << 20, 0x03, 4096);
+    fua.op = Op::Write {
+        offset: 2 << 20,
+        fua: true,
+    };
+    core.handle_request(fua, Instant::now());
+    // The write before the marker is answered during the hold.
+    core.handle_io(before.token, Ok(()), before.buf, Instant::now());
+    let during = pump(&mut core, std::time::Duration::from_millis(200));
+    assert_eq!(during, vec![1], "only the write before the marker");
+    assert_eq!(core.in_flight(), 2);
+    group.hold_release();
+    let after_release = pump(&mut core, std::time::Duration::from_millis(200));
+    assert_eq!(after_release.len(), 2, "{after_release:?}");
+    assert!(after_release.contains(&2) && after_release.contains(&3));
+    drop(core);
+    group.close_clean().unwrap();
+    let kinds: Vec<_> = records(&tmp.path().join("log"))
+        .iter()
+        .map(|r| (r.header.seq, r.header.kind))
+        .collect();
+    assert!(kinds.contains(&(marker, Kind::Marker)), "{kinds:?}");
+    let write_seqs: Vec<Seq> = kinds
+        .iter()
+        .filter(|(_, k)| *k == Kind::Write)
+        .map(|(s, _)| *s)
+        .collect();
+    assert!(write_seqs[0] < marker && write_seqs[1] > marker);
+}
+
+#[test]
+fn a_failed_write_is_answered_through_a_hold() {
+    let tmp = tempfile::tempdir().unwrap();
+    let group = open_group(tmp.path(), DirectIo::Off);
+    let mut core = core_of(&group);
+    group.hold_open(&span_label(), false).unwrap();
+    core.handle_request(write_request(1, 0, 0x01, 4096), Instant::now());
+    let io = next_io(&mut core);
+    core.handle_io(
+        io.token,
+        Err(BackendError::Unavailable),
+        io.buf,
+        Instant::now(),
+    );
+    // An error acknowledges no data: a hold never delays it.
+    let reply = core.poll_reply().expect("the failure is answered at once");
+    assert!(reply.result.is_err());
+    group.hold_release();
+}
+
+#[test]
+fn a_hold_keeps_a_blocking_write_until_its_release() {
+    let tmp = tempfile::tempdir().unwrap();
+    let group = open_group(tmp.path(), DirectIo::Off);
+    group.hold_open(&span_label(), false).unwrap();
+    let writer = {
+        let group = Arc::clone(&group);
+        std::thread::spawn(move || Backend::write(&*group, DiskId(0), 0, &[7u8; 4096], false))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    assert!(!writer.is_finished(), "answered while held");
+    group.hold_release();
+    writer.join().unwrap().unwrap();
+}
+
+#[test]
+fn no_hold_before_the_group_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let group = open_group_not_running(tmp.path(), DirectIo::Off);
+    assert!(matches!(
+        group.hold_open(&span_label(), false),
+        Err(tidemark_tracker::group::MarkerError::Starting)
+    ));
+}
