@@ -13,9 +13,6 @@
 //! - [`shipper_core`]: everything the shipper decides for a connection
 //!   (order of work, resync, timeouts, drain, status), as a state machine
 //!   the daemon and the simulation both drive.
-//! - [`hold`]: points that hold across hosts: the hold protocol between a
-//!   span's coordinator and each member's tracker (two cores, the
-//!   protocol written down there).
 //! - [`receiver`]: the receiver's session ([`ExpectHello`] → [`Receiving`])
 //!   driving a [`Replica`].
 //!
@@ -33,7 +30,6 @@
 //! ```
 
 pub mod frame;
-pub mod hold;
 pub mod message;
 pub mod receiver;
 pub mod shipper;

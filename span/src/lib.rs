@@ -1,10 +1,12 @@
 //! Points that hold across hosts ("span points"): the hold protocol
 //! between a span's coordinator (a role of the receiver) and the tracker
 //! of each member (a host's consistency group), as two sans-IO cores in the
-//! manner of [`crate::shipper_core`]: no sockets, no files, no clock of
-//! their own. The caller feeds each core what happened and sends what it
-//! says; every instant comes from the caller, so a simulation drives the
-//! same code with a virtual clock (`wire/tests/hold_sim.rs`).
+//! manner of the shipper's core (`tidemark_wire::ShipperCore`): no
+//! sockets, no files, no clock of their own. The caller feeds each core
+//! what happened and sends what it says; every instant comes from the
+//! caller, so a simulation drives the same code with a virtual clock
+//! (`span/tests/hold_sim.rs`). The tracker runs the participant behind
+//! its control socket, the receiver the coordinator.
 //!
 //! # What a span point guarantees
 //!

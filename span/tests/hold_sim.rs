@@ -1,4 +1,4 @@
-//! Simulation of the hold protocol (`tidemark_wire::hold`): the real
+//! Simulation of the hold protocol (`tidemark_span`): the real
 //! coordinator and three real participants, each participant in front of a
 //! model tracker (a log numbering records, writes acknowledged through the
 //! gate), joined by links with random delay that reset now and then; the
@@ -26,7 +26,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 use tidemark_changelog::Seq;
 use tidemark_names::Label;
-use tidemark_wire::hold::{
+use tidemark_span::{
     Coordinator, CoordinatorConfig, Epoch, HeldOutcome, HoldMessage, Link, Participant,
     ParticipantConfig, PointId, Refusal, RefuseCode, ReleasedHow, Saved, SpanEvent,
 };
@@ -396,7 +396,7 @@ impl Sim {
         match message {
             HoldMessage::Open(open) => {
                 if member.down_until.is_some() {
-                    let reply = tidemark_wire::hold::HeldReply {
+                    let reply = tidemark_span::HeldReply {
                         point: open.point,
                         epoch: open.epoch,
                         outcome: HeldOutcome::Refused {
