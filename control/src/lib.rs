@@ -1,7 +1,7 @@
 //! The tracker's control protocol: the admin plane, apart from the data
 //! plane. The tracker serves it on a unix socket (0600); the CLI and the
 //! shipper are its clients through this crate, so neither links the
-//! tracker. One request line per connection, one JSON reply line:
+//! tracker. One request line per connection (but for a hold session), one JSON reply line:
 //!
 //! ```text
 //! status                      → {"ok":true,"status":{…}}   (StatusReply)
@@ -13,10 +13,15 @@
 //! stop                        → {"ok":true}  then stops as on SIGTERM: no new
 //!                               connections, requests in flight finish, a
 //!                               final barrier (a planned failover's drain)
+//! hold-session                → {"ok":true,"session":"hold"}  the
+//!                               connection stays open for span points'
+//!                               holds (see [`hold`])
 //! anything else               → {"ok":false,"error":"…"}
 //! ```
 //!
 //! A request line is at most [`MAX_REQUEST_LINE`] bytes.
+
+pub mod hold;
 
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, ErrorKind, Write};
@@ -48,13 +53,15 @@ pub enum Request {
     },
     /// Stop as on SIGTERM.
     Stop,
+    /// Turn this connection into a hold session ([`hold`]).
+    HoldSession,
 }
 
 /// A request line that is not one.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
     /// Not a request of this protocol.
-    #[error("unknown request {0:?}; expected `status`, `mark [--app-consistent] LABEL`, `resync-all DISK` or `stop`")]
+    #[error("unknown request {0:?}; expected `status`, `mark [--app-consistent] LABEL`, `resync-all DISK`, `stop` or `hold-session`")]
     Unknown(String),
     /// A marker's label breaks the rule of labels.
     #[error(transparent)]
@@ -79,6 +86,7 @@ impl Request {
                 disk: disk.to_string(),
             }),
             ["stop"] => Ok(Request::Stop),
+            [hold::HOLD_SESSION] => Ok(Request::HoldSession),
             _ => Err(RequestError::Unknown(line.trim().to_string())),
         }
     }
@@ -94,6 +102,7 @@ impl Request {
             Request::Mark { label, .. } => format!("mark {label}"),
             Request::ResyncAll { disk } => format!("resync-all {disk}"),
             Request::Stop => "stop".into(),
+            Request::HoldSession => hold::HOLD_SESSION.into(),
         }
     }
 }
@@ -242,8 +251,14 @@ pub fn request(
     BufReader::new(stream)
         .read_line(&mut reply)
         .map_err(unreachable)?;
+    check_reply(path, &reply)
+}
+
+/// Reads a reply line from the control socket at `path`: its JSON, or
+/// [`ControlError::Refused`] when it says `"ok": false`.
+fn check_reply(path: &Path, reply: &str) -> Result<serde_json::Value, ControlError> {
     let reply: serde_json::Value =
-        serde_json::from_str(&reply).map_err(|e| ControlError::BadReply {
+        serde_json::from_str(reply).map_err(|e| ControlError::BadReply {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
@@ -353,6 +368,7 @@ mod tests {
         for request in [
             Request::Status,
             Request::Stop,
+            Request::HoldSession,
             Request::ResyncAll {
                 disk: "data".into(),
             },

@@ -172,6 +172,35 @@ pub enum RefuseCode {
     Resyncing,
 }
 
+impl RefuseCode {
+    /// Every code, in the order of their numbers on the wire.
+    pub const ALL: [RefuseCode; 6] = [
+        RefuseCode::BitmapMode,
+        RefuseCode::Starting,
+        RefuseCode::Busy,
+        RefuseCode::StaleEpoch,
+        RefuseCode::TrackerUnreachable,
+        RefuseCode::Resyncing,
+    ];
+
+    /// The code's name in text protocols.
+    pub fn name(self) -> &'static str {
+        match self {
+            RefuseCode::BitmapMode => "bitmap-mode",
+            RefuseCode::Starting => "starting",
+            RefuseCode::Busy => "busy",
+            RefuseCode::StaleEpoch => "stale-epoch",
+            RefuseCode::TrackerUnreachable => "tracker-unreachable",
+            RefuseCode::Resyncing => "resyncing",
+        }
+    }
+
+    /// The code named `name`.
+    pub fn from_name(name: &str) -> Option<RefuseCode> {
+        RefuseCode::ALL.into_iter().find(|c| c.name() == name)
+    }
+}
+
 /// End a hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReleaseHold {
@@ -210,6 +239,31 @@ pub enum ReleasedHow {
     /// Abandoned: by the coordinator, a newer coordinator, or the
     /// shipper's hold connection closing.
     Aborted,
+}
+
+impl ReleasedHow {
+    /// Every answer, in the order of their numbers on the wire.
+    pub const ALL: [ReleasedHow; 4] = [
+        ReleasedHow::InTime,
+        ReleasedHow::Expired,
+        ReleasedHow::Unknown,
+        ReleasedHow::Aborted,
+    ];
+
+    /// The answer's name in text protocols.
+    pub fn name(self) -> &'static str {
+        match self {
+            ReleasedHow::InTime => "in-time",
+            ReleasedHow::Expired => "expired",
+            ReleasedHow::Unknown => "unknown",
+            ReleasedHow::Aborted => "aborted",
+        }
+    }
+
+    /// The answer named `name`.
+    pub fn from_name(name: &str) -> Option<ReleasedHow> {
+        ReleasedHow::ALL.into_iter().find(|c| c.name() == name)
+    }
 }
 
 /// Bounds a tracker puts on every hold: the tracker, not the coordinator,

@@ -1,17 +1,22 @@
 //! The tracker's control socket: the server side of the control
 //! protocol (`tidemark_control`, where the requests, the replies and the
-//! client live), on a unix socket (0600), one request per connection.
+//! client live), on a unix socket (0600), one request per connection —
+//! but for the shipper's hold session (span points), which stays open on
+//! a thread of its own and drives the group's hold participant
+//! (`tidemark_span::Participant`).
 
-use crate::group::Group;
+use crate::group::{Group, MarkerError};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tidemark_control::hold::{held_reply, released_reply, HoldRequest};
 use tidemark_control::{
     error_reply, ok_reply, DiskStatus, Request, StatusReply, Tracking, MAX_REQUEST_LINE,
 };
+use tidemark_span::{Participant, ParticipantConfig, Refusal, RefuseCode};
 
 /// Builds the status reply of `group`.
 pub fn status_of(group_name: &str, group: &Group) -> StatusReply {
@@ -65,7 +70,150 @@ pub fn handle_line(line: &str, group_name: &str, group: &Group) -> String {
             Err(e) => error_reply(&e),
         },
         Request::Stop => ok_reply(serde_json::json!({})),
+        Request::HoldSession => error_reply(&"a hold session is the first request of a connection"),
     }
+}
+
+/// The group's one hold participant, shared by the hold sessions (one open
+/// at a time).
+struct Holds {
+    participant: Mutex<Participant>,
+    session_open: AtomicBool,
+}
+
+impl Holds {
+    fn participant(&self) -> std::sync::MutexGuard<'_, Participant> {
+        self.participant
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Opens the group's gate if the participant no longer holds.
+    fn sync_gate(&self, participant: &Participant, group: &Group) {
+        if participant.gate().is_none() {
+            group.hold_release();
+        }
+    }
+
+    /// Answers one line of a hold session.
+    fn handle(&self, line: &str, group: &Group) -> String {
+        let now = Instant::now();
+        match HoldRequest::parse(line) {
+            Err(e) => error_reply(&e),
+            Ok(HoldRequest::Open(open)) => {
+                let mut p = self.participant();
+                let reply = p.open(&open, now, || {
+                    group
+                        .hold_open(&open.label, open.app_consistent)
+                        .map_err(refusal)
+                });
+                self.sync_gate(&p, group);
+                held_reply(&reply)
+            }
+            Ok(HoldRequest::Release(release)) => {
+                let mut p = self.participant();
+                let holding = p.gate().is_some();
+                // The writes the gate kept are counted by the group; a
+                // release that ends nothing reports none.
+                let gated = if holding { group.hold_gated() } else { 0 };
+                let reply = p.release(&release, now, gated);
+                self.sync_gate(&p, group);
+                released_reply(&reply)
+            }
+        }
+    }
+
+    /// Time passed: a hold past its deadline ends.
+    fn tick(&self, group: &Group) {
+        let mut p = self.participant();
+        if p.handle_timeout(Instant::now()) {
+            self.sync_gate(&p, group);
+        }
+    }
+
+    /// The session closed: its hold ends now.
+    fn lost(&self, group: &Group) {
+        let mut p = self.participant();
+        if p.connection_lost(Instant::now()) {
+            self.sync_gate(&p, group);
+        }
+    }
+
+    /// How long a session may wait for its next line.
+    fn wait(&self) -> Duration {
+        match self.participant().poll_timeout() {
+            Some(at) => at
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1)),
+            None => SESSION_IDLE,
+        }
+    }
+}
+
+/// How long a hold session waits for a line when nothing is held, before
+/// it checks whether the tracker stops.
+const SESSION_IDLE: Duration = Duration::from_millis(250);
+
+/// Why a group appended no hold marker, as the coordinator reads it.
+fn refusal(error: MarkerError) -> Refusal {
+    let code = match error {
+        MarkerError::Starting => RefuseCode::Starting,
+        MarkerError::BitmapMode => RefuseCode::BitmapMode,
+        MarkerError::Label(_) | MarkerError::Append(_) | MarkerError::NotDurable => {
+            RefuseCode::Busy
+        }
+    };
+    Refusal {
+        code,
+        reason: error.to_string(),
+    }
+}
+
+/// Serves a hold session until it closes or the tracker stops.
+fn hold_session(stream: UnixStream, stop: &AtomicBool, holds: &Holds, group: &Group) {
+    let result = (|| -> std::io::Result<()> {
+        let mut writer = stream.try_clone()?;
+        writer.write_all(ok_reply(serde_json::json!({"session": "hold"})).as_bytes())?;
+        writer.write_all(b"\n")?;
+        let mut reader = BufReader::new(stream.try_clone()?);
+        let mut line = String::new();
+        while !stop.load(Ordering::SeqCst) {
+            stream.set_read_timeout(Some(holds.wait()))?;
+            // A line cut by the timeout stays in `line` and is completed
+            // by the next read.
+            match std::io::Read::take(&mut reader, MAX_REQUEST_LINE).read_line(&mut line) {
+                Ok(0) => return Ok(()),
+                Ok(_) if !line.ends_with('\n') && line.len() as u64 >= MAX_REQUEST_LINE => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "hold request line too long",
+                    ));
+                }
+                Ok(_) if !line.ends_with('\n') => return Ok(()),
+                Ok(_) => {
+                    let reply = holds.handle(line.trim(), group);
+                    line.clear();
+                    writer.write_all(reply.as_bytes())?;
+                    writer.write_all(b"\n")?;
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    holds.tick(group);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "hold session ended");
+    }
+    holds.lost(group);
+    holds.session_open.store(false, Ordering::SeqCst);
 }
 
 /// A running control socket.
@@ -106,14 +254,31 @@ impl ControlSocket {
     }
 }
 
-fn serve(listener: UnixListener, stop: &AtomicBool, group_name: &str, group: &Group) {
+fn serve(listener: UnixListener, stop: &Arc<AtomicBool>, group_name: &str, group: &Arc<Group>) {
+    let holds = Arc::new(Holds {
+        participant: Mutex::new(Participant::new(ParticipantConfig::default())),
+        session_open: AtomicBool::new(false),
+    });
+    let mut sessions = Vec::new();
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
-            Ok((stream, _)) => {
-                if let Err(e) = answer(stream, group_name, group) {
-                    tracing::debug!(error = %e, "control request failed");
+            Ok((stream, _)) => match answer(stream, group_name, group, &holds) {
+                Ok(Some(stream)) => {
+                    let (stop, session, group) = (stop.clone(), holds.clone(), group.clone());
+                    let spawned = std::thread::Builder::new()
+                        .name("tracker-holds".into())
+                        .spawn(move || hold_session(stream, &stop, &session, &group));
+                    match spawned {
+                        Ok(thread) => sessions.push(thread),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot serve a hold session");
+                            holds.session_open.store(false, Ordering::SeqCst);
+                        }
+                    }
                 }
-            }
+                Ok(None) => {}
+                Err(e) => tracing::debug!(error = %e, "control request failed"),
+            },
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(50))
             }
@@ -122,15 +287,37 @@ fn serve(listener: UnixListener, stop: &AtomicBool, group_name: &str, group: &Gr
                 std::thread::sleep(Duration::from_millis(200));
             }
         }
+        sessions.retain(|t: &std::thread::JoinHandle<()>| !t.is_finished());
+    }
+    for session in sessions {
+        let _ = session.join();
     }
 }
 
-fn answer(stream: UnixStream, group_name: &str, group: &Group) -> std::io::Result<()> {
+/// Answers a connection's request; a hold session's connection is given
+/// back to be served on a thread of its own.
+fn answer(
+    stream: UnixStream,
+    group_name: &str,
+    group: &Group,
+    holds: &Holds,
+) -> std::io::Result<Option<UnixStream>> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut line = String::new();
+    // (A hold session's client waits for the session's reply before it
+    // sends more: nothing after this line is buffered here.)
     BufReader::new(std::io::Read::take(stream.try_clone()?, MAX_REQUEST_LINE))
         .read_line(&mut line)?;
+    if matches!(Request::parse(&line), Ok(Request::HoldSession)) {
+        if holds.session_open.swap(true, Ordering::SeqCst) {
+            let mut stream = stream;
+            stream.write_all(error_reply(&"another hold session is open").as_bytes())?;
+            stream.write_all(b"\n")?;
+            return Ok(None);
+        }
+        return Ok(Some(stream));
+    }
     let reply = handle_line(line.trim(), group_name, group);
     let mut stream = stream;
     stream.write_all(reply.as_bytes())?;
@@ -142,5 +329,5 @@ fn answer(stream: UnixStream, group_name: &str, group: &Group) -> std::io::Resul
         nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGTERM)
             .map_err(std::io::Error::from)?;
     }
-    Ok(())
+    Ok(None)
 }

@@ -53,7 +53,7 @@ use crate::range_lock::{RangeLock, RangeTicket};
 use crate::state::{BitmapCause, DiskOrderError, FullAt, GroupState, StateError};
 use crate::storage::BlockDevice;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tidemark_changelog::{
@@ -328,6 +328,8 @@ pub(crate) struct Tracking {
     /// hold is open. Stored under the log's lock right after the hold's
     /// marker, so every record numbered after the marker finds it set.
     hold_after: AtomicU64,
+    /// Acknowledgements the open (or last) hold kept waiting.
+    hold_gated: AtomicU32,
 }
 
 /// [`Tracking::hold_after`] when no hold is open.
@@ -574,6 +576,7 @@ impl Group {
             flushes: (0..disk_count).map(|_| FlushEpochs::default()).collect(),
             wakers: Wakers::default(),
             hold_after: AtomicU64::new(NO_HOLD),
+            hold_gated: AtomicU32::new(0),
         });
         let committer = Committer::start(Arc::clone(&tracking), durable).map_err(|e| {
             GroupError::Config(format!("starting the group's committer thread: {e}"))
@@ -1021,6 +1024,7 @@ impl Group {
         let barrier = log.append(&Entry::barrier(now_ns()));
         // The marker is in: the gate closes even if the barrier found no
         // room (the hold is then refused and released by the caller).
+        t.hold_gated.store(0, Ordering::SeqCst);
         t.hold_after.store(seq.get(), Ordering::SeqCst);
         t.unwritten.store(log.unwritten_bytes(), Ordering::SeqCst);
         let generation = log.generation();
@@ -1037,6 +1041,16 @@ impl Group {
     pub fn hold_release(&self) {
         self.tracking.hold_after.store(NO_HOLD, Ordering::SeqCst);
         self.wake_parked();
+    }
+
+    /// Acknowledgements the open hold (or the last one) kept waiting.
+    pub fn hold_gated(&self) -> u32 {
+        self.tracking.hold_gated.load(Ordering::SeqCst)
+    }
+
+    /// One more acknowledgement waits for the open hold.
+    pub(crate) fn count_gated(&self) {
+        self.tracking.hold_gated.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Whether the acknowledgement of a modification recorded as `seq`
@@ -1263,8 +1277,11 @@ impl Group {
         // An open hold keeps the acknowledgement (see `write_path`); a hold
         // always ends by its deadline, and holds are rare: this blocking
         // path polls rather than parks.
-        while self.held_back(seq) {
-            std::thread::sleep(Duration::from_micros(200));
+        if self.held_back(seq) {
+            self.count_gated();
+            while self.held_back(seq) {
+                std::thread::sleep(Duration::from_micros(200));
+            }
         }
         let bytes = if entry.kind == tidemark_changelog::Kind::Write {
             len

@@ -112,7 +112,7 @@ enum Stage {
     Device { seq: Seq },
     /// Written (and with FUA, flushed): parked until the open hold lets
     /// its acknowledgement go ([`Group::held_back`]), then answered.
-    Held { seq: Seq },
+    Held { seq: Seq, counted: bool },
     /// Its device I/O failed: parked until the log's buffer has room for
     /// the resync-needed record of its range; then answered with the
     /// failure ([`Slot::failed`]).
@@ -295,15 +295,22 @@ impl GroupQueue {
                             // A FUA modification: answered as any other
                             // once written, through the hold's gate.
                             let seq = self.slot(token).seq;
-                            self.slot(token).stage = Stage::Held { seq };
+                            self.slot(token).stage = Stage::Held {
+                                seq,
+                                counted: false,
+                            };
                             continue;
                         }
                     }
                     self.answer(token, outcome);
                     return Progress::Moved;
                 }
-                Stage::Held { seq } => {
+                Stage::Held { seq, counted } => {
                     if self.group.held_back(seq) {
+                        if !counted {
+                            self.group.count_gated();
+                            self.slot(token).stage = Stage::Held { seq, counted: true };
+                        }
                         return Progress::Blocked;
                     }
                     let slot = self.slot(token);
@@ -352,7 +359,10 @@ impl GroupQueue {
         }
         // Answered now, unless an open hold keeps it (its range and
         // extents are let go already: a held reply holds no lock).
-        self.slot(token).stage = Stage::Held { seq };
+        self.slot(token).stage = Stage::Held {
+            seq,
+            counted: false,
+        };
         self.advance_or_park(token, now);
     }
 

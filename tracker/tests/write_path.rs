@@ -671,3 +671,100 @@ fn no_hold_before_the_group_runs() {
         Err(tidemark_tracker::group::MarkerError::Starting)
     ));
 }
+
+/// A blocking write of the group on a thread of its own.
+fn write_on_thread(group: &Arc<Group>, offset: u64) -> std::thread::JoinHandle<()> {
+    let group = Arc::clone(group);
+    std::thread::spawn(move || {
+        Backend::write(&*group, DiskId(0), offset, &[9u8; 4096], false).unwrap();
+    })
+}
+
+#[test]
+fn holds_over_the_control_socket_end_by_release_by_deadline_and_by_the_session_closing() {
+    use std::time::Duration;
+    use tidemark_control::hold::HoldSession;
+    use tidemark_control::ControlError;
+    use tidemark_span::{Epoch, HeldOutcome, OpenHold, PointId, ReleaseHold, ReleasedHow};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let group = open_group(tmp.path(), DirectIo::Off);
+    let socket = tmp.path().join("control.sock");
+    let control =
+        tidemark_tracker::control::ControlSocket::start(&socket, "g".into(), Arc::clone(&group))
+            .unwrap();
+    let timeout = Duration::from_secs(5);
+    let mut session = HoldSession::connect(&socket, timeout).unwrap();
+    // One hold session at a time.
+    match HoldSession::connect(&socket, timeout) {
+        Err(ControlError::Refused(reason)) => assert!(reason.contains("another hold session")),
+        other => panic!("a second session: {other:?}"),
+    }
+    let open = |point: u64, deadline: Duration| OpenHold {
+        point: PointId(point),
+        epoch: Epoch(1),
+        deadline,
+        app_consistent: false,
+        label: span_label(),
+    };
+    let release = |point: u64| ReleaseHold {
+        point: PointId(point),
+        epoch: Epoch(1),
+        commit: true,
+    };
+
+    // Released by the coordinator.
+    let held = session
+        .open(&open(1, Duration::from_secs(2)), timeout)
+        .unwrap();
+    assert!(matches!(held.outcome, HeldOutcome::Held { .. }), "{held:?}");
+    let writer = write_on_thread(&group, 0);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!writer.is_finished(), "answered while held");
+    let released = session.release(&release(1), timeout).unwrap();
+    assert_eq!(released.how, ReleasedHow::InTime);
+    assert_eq!(released.gated_writes, 1);
+    assert!(released.held >= Duration::from_millis(100));
+    writer.join().unwrap();
+
+    // Released by the tracker's own deadline, with nobody asking.
+    session
+        .open(&open(2, Duration::from_millis(50)), timeout)
+        .unwrap();
+    let writer = write_on_thread(&group, 4096);
+    let started = Instant::now();
+    writer.join().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(1));
+    let released = session.release(&release(2), timeout).unwrap();
+    assert_eq!(released.how, ReleasedHow::Expired);
+
+    // Released by the session closing.
+    session
+        .open(&open(3, Duration::from_secs(2)), timeout)
+        .unwrap();
+    let writer = write_on_thread(&group, 8192);
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(!writer.is_finished(), "answered while held");
+    drop(session);
+    let started = Instant::now();
+    writer.join().unwrap();
+    // Well before the tracker's own deadline (hold_max, 500 ms).
+    assert!(started.elapsed() < Duration::from_millis(300));
+    // And a new session may open.
+    let mut again = HoldSession::connect(&socket, timeout).unwrap();
+    let stale = again
+        .open(
+            &OpenHold {
+                epoch: Epoch(0),
+                ..open(4, Duration::from_secs(1))
+            },
+            timeout,
+        )
+        .unwrap();
+    assert!(
+        matches!(stale.outcome, HeldOutcome::Refused { .. }),
+        "a stale epoch: {stale:?}"
+    );
+    drop(again);
+    control.stop();
+}
