@@ -8,6 +8,9 @@
 //! - [`pin`]: the pin that keeps a recovery point from retention while
 //!   a test failover or a planned failover reads it.
 //! - [`replica`]: the store as the protocol sees it.
+//! - [`span`]: a span's record (points consistent across hosts): what its
+//!   coordinator must find again after a restart, and every round's
+//!   outcome.
 //! - [`store`]: the replica store of one consistency group: ordered,
 //!   idempotent apply of change-log records, initial sync and checksum
 //!   resync, crash recovery.
@@ -18,5 +21,6 @@ pub mod daemon;
 pub mod drain;
 pub mod pin;
 pub mod replica;
+pub mod span;
 pub mod store;
 pub mod test_failover;
