@@ -64,7 +64,9 @@ pub use address::HostPort;
 pub use error::{ConfigError, FieldPath, SourceLocation, ValueError};
 pub use liveness::LivenessConfig;
 pub use plan::{GroupRef, PlanConfig, PlanStep};
-pub use receiver::{HostEntry, ReceiverConfig, RetentionConfig, ServerTlsConfig};
+pub use receiver::{
+    HostEntry, ReceiverConfig, RetentionConfig, ServerTlsConfig, SpanEntry, SpanMember,
+};
 pub use schedule::{TimeOfDay, TimeWindow};
 pub use shipper::{BandwidthConfig, ClientTlsConfig, RetryConfig, ScheduledLimit, ShipperConfig};
 pub use tracker::{

@@ -56,10 +56,105 @@ pub struct ReceiverConfig {
     /// Default: none (hosts can be enrolled at run time with the CLI).
     #[serde(rename = "host", deserialize_with = "host_tables")]
     pub hosts: Vec<HostEntry>,
+
+    /// Spans: recovery points consistent across several hosts' groups,
+    /// one `[[receiver.span]]` table each. This configuration is the
+    /// authority on membership: a host takes part only in the spans named
+    /// here. Default: none.
+    #[serde(
+        rename = "span",
+        deserialize_with = "span_tables",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub spans: Vec<SpanEntry>,
 }
 
 fn host_tables<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<HostEntry>, D::Error> {
     crate::table_list::deserialize(d, "receiver.host")
+}
+
+fn span_tables<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<SpanEntry>, D::Error> {
+    crate::table_list::deserialize(d, "receiver.span")
+}
+
+/// A span, a `[[receiver.span]]` table: consistency groups of several
+/// hosts whose recovery points are taken together, so that they come
+/// back as of the same instant.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "kebab-case",
+    expecting = "a [[receiver.span]] table with `name` and `members`"
+)]
+pub struct SpanEntry {
+    /// The span's name (see [`tidemark_names`]). Required.
+    pub name: Name,
+    /// Its members, each `"HOST/GROUP"`: a host's consistency group. At
+    /// least two; a group is in one span at most. Required.
+    pub members: Vec<SpanMember>,
+    /// How often a span point is taken, e.g. `"15s"`; more than zero.
+    /// Default: `"15s"`.
+    #[serde(default = "SpanEntry::default_interval")]
+    pub interval: Duration,
+    /// How old the newest span point may grow before it is an alert (the
+    /// span's RPO target), e.g. `"1m"`; at least `interval`.
+    /// Default: `"1m"`.
+    #[serde(default = "SpanEntry::default_target")]
+    pub target: Duration,
+}
+
+impl SpanEntry {
+    fn default_interval() -> Duration {
+        Duration::from_secs(15)
+    }
+
+    fn default_target() -> Duration {
+        Duration::from_secs(60)
+    }
+}
+
+/// A member of a span: one host's consistency group, written
+/// `"HOST/GROUP"`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SpanMember {
+    /// The host.
+    pub host: Name,
+    /// Its consistency group.
+    pub group: Name,
+}
+
+impl std::fmt::Display for SpanMember {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.host, self.group)
+    }
+}
+
+impl std::str::FromStr for SpanMember {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (host, group) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?} is not \"HOST/GROUP\""))?;
+        let name = |what: &str, n: &str| Name::new(n).map_err(|e| format!("{s:?}: the {what} {e}"));
+        Ok(SpanMember {
+            host: name("host", host)?,
+            group: name("group", group)?,
+        })
+    }
+}
+
+impl Serialize for SpanMember {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for SpanMember {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 impl Default for ReceiverConfig {
@@ -73,6 +168,7 @@ impl Default for ReceiverConfig {
             retention: RetentionConfig::default(),
             liveness: LivenessConfig::default(),
             hosts: Vec::new(),
+            spans: Vec::new(),
         }
     }
 }
@@ -220,6 +316,52 @@ impl ReceiverConfig {
                     format!(
                         "host name {:?} is already used by receiver.host[{first}]",
                         host.name
+                    ),
+                ));
+            }
+        }
+
+        let mut spans: HashMap<&Name, usize> = HashMap::new();
+        let mut members: HashMap<&SpanMember, usize> = HashMap::new();
+        for (i, span) in self.spans.iter().enumerate() {
+            let here = at.key("span").index(i);
+            if let Some(first) = spans.insert(&span.name, i) {
+                return Err(invalid(
+                    here.key("name"),
+                    format!(
+                        "span name {:?} is already used by receiver.span[{first}]",
+                        span.name
+                    ),
+                ));
+            }
+            if span.members.len() < 2 {
+                return Err(invalid(
+                    here.key("members"),
+                    "a span has at least two members (\"HOST/GROUP\"); one group's points are consistent already".to_owned(),
+                ));
+            }
+            for member in &span.members {
+                if let Some(other) = members.insert(member, i) {
+                    return Err(invalid(
+                        here.key("members"),
+                        format!(
+                            "{member} is a member of receiver.span[{other}] already; a group is in one span at most"
+                        ),
+                    ));
+                }
+            }
+            if span.interval.get().is_zero() {
+                return Err(invalid(
+                    here.key("interval"),
+                    "interval must be more than zero".to_owned(),
+                ));
+            }
+            if span.target.get() < span.interval.get() {
+                return Err(invalid(
+                    here.key("target"),
+                    format!(
+                        "target {} is shorter than the interval {}: every point would be late",
+                        span.target, span.interval
                     ),
                 ));
             }

@@ -737,3 +737,53 @@ fn enrolled_host_names_are_valid_and_unique() {
         "already used by receiver.host[0]",
     );
 }
+
+#[test]
+fn spans_have_valid_unique_names_two_members_or_more_and_a_sane_schedule() {
+    accepts("[[receiver.span]]\nname = \"shop\"\nmembers = [\"web1/default\", \"db1/data\"]\n");
+    rejects_name(
+        "[[receiver.span]]\nname = \"a b\"\nmembers = [\"web1/default\", \"db1/data\"]\n",
+        2,
+        "receiver.span[0].name",
+        "contains ' '",
+    );
+    rejects(
+        "[[receiver.span]]\nname = \"shop\"\nmembers = [\"web1/default\"]\n",
+        3,
+        "receiver.span[0].members",
+        "at least two members",
+    );
+    rejects(
+        "[[receiver.span]]\nname = \"a\"\nmembers = [\"web1/default\", \"db1/data\"]\n\
+         [[receiver.span]]\nname = \"b\"\nmembers = [\"web2/default\", \"db1/data\"]\n",
+        6,
+        "receiver.span[1].members",
+        "db1/data is a member of receiver.span[0] already",
+    );
+    rejects(
+        "[[receiver.span]]\nname = \"a\"\nmembers = [\"w/d\", \"x/d\"]\n\
+         [[receiver.span]]\nname = \"a\"\nmembers = [\"y/d\", \"z/d\"]\n",
+        5,
+        "receiver.span[1].name",
+        "already used by receiver.span[0]",
+    );
+    rejects(
+        "[[receiver.span]]\nname = \"a\"\nmembers = [\"w/d\", \"x/d\"]\ninterval = \"0s\"\n",
+        4,
+        "receiver.span[0].interval",
+        "more than zero",
+    );
+    rejects(
+        "[[receiver.span]]\nname = \"a\"\nmembers = [\"w/d\", \"x/d\"]\ninterval = \"1m\"\ntarget = \"30s\"\n",
+        5,
+        "receiver.span[0].target",
+        "shorter than the interval",
+    );
+    let err = parse_str(
+        "[[receiver.span]]\nname = \"a\"\nmembers = [\"web1\", \"x/d\"]\n",
+        Path::new("t.toml"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("\"web1\" is not \"HOST/GROUP\""), "{err}");
+}
