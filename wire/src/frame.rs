@@ -1,5 +1,6 @@
-//! Frames: the unit the shipper and the receiver exchange on their one QUIC
-//! stream. A frame is a fixed 20-byte header and a body; the body is one
+//! Frames: the unit the shipper and the receiver exchange on their QUIC
+//! streams (the session's, and from version 3 a span points' hold stream
+//! beside it). A frame is a fixed 20-byte header and a body; the body is one
 //! message (see [`crate::message`] for the body layouts), optionally zstd
 //! compressed. All integers are little-endian.
 //!
@@ -8,11 +9,13 @@
 //!  ------ ---- ---------------------------------------------------------------
 //!       0    4 magic        "TMWF" (54 4d 57 46)
 //!       4    2 version      the protocol version the body is written in
-//!                           (see "Versions" below), 1 or 2
+//!                           (see "Versions" below), 1 to 3
 //!       6    1 type         message type: 1 hello, 2 welcome, 3 records,
 //!                           4 chunk, 5 digest-request, 6 digests,
 //!                           7 resync-done, 8 ack, 9 error,
-//!                           10 drain-request, 11 drained
+//!                           10 drain-request, 11 drained,
+//!                           12 hold-open, 13 held, 14 hold-release,
+//!                           15 released
 //!       7    1 flags        bit 0: body is zstd compressed; others must be 0
 //!       8    4 wire-len     bytes of body that follow the header
 //!      12    4 raw-len      bytes of the body once decompressed
@@ -96,7 +99,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 /// First bytes of every frame.
 pub const FRAME_MAGIC: [u8; 4] = *b"TMWF";
 /// The newest protocol version this code speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// The oldest protocol version this code speaks.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// Bytes of a frame header.

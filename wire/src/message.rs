@@ -32,6 +32,19 @@
 //!                           str16 message; the same in every version
 //! 10 drain-request   1      u64 id
 //! 11 drained         1      u64 id, u64 last-seq, str16 error (empty: drained)
+//! 12 hold-open       3      u64 point, u64 epoch, u32 deadline-us, u8 flags
+//!                           (bit 0 app-consistent; others 0), str16 label
+//!                           (the rule of `tidemark_names::Label`)
+//! 13 held            3      u64 point, u64 epoch, u8 outcome, then
+//!                           outcome 0 (held): u64 marker-seq, u32 generation
+//!                           outcome 1 (refused): u8 code (0 bitmap-mode,
+//!                           1 starting, 2 busy, 3 stale-epoch, 4 tracker-
+//!                           unreachable, 5 resyncing), str16 reason
+//! 14 hold-release    3      u64 point, u64 epoch, u8 action (0 abort,
+//!                           1 commit)
+//! 15 released        3      u64 point, u64 epoch, u8 how (0 in-time,
+//!                           1 expired, 2 unknown, 3 aborted), u32 held-us,
+//!                           u32 gated-writes
 //! ```
 //!
 //! `since` is the protocol version that added the message or the fields
@@ -40,7 +53,11 @@
 //! a message type newer than `v` is refused by the encoder and the decoder.
 //! Version 2 added to the hello the oldest version the shipper speaks
 //! (`min-version`; the newest is the hello's frame version) and both sides'
-//! `software` release (e.g. "0.1.0") for logs and status.
+//! `software` release (e.g. "0.1.0") for logs and status. Version 3 added
+//! the hold messages of span points (`tidemark_span` owns their protocol):
+//! they travel on a stream of their own beside the session's, opened by
+//! the receiver once a session of version 3 or later runs, so a hold never
+//! waits behind queued records.
 //!
 //! A planned failover is asked for on the replica site: the receiver sends
 //! `drain-request`; the shipper stops the protected host's tracker (no new
@@ -62,10 +79,15 @@ use crate::frame::{
 };
 use bytes::Bytes;
 use std::fmt;
+use std::time::Duration;
 use thiserror::Error;
 use tidemark_changelog::record::{self, crc32c_combine, Header, Record, HEADER_LEN};
 use tidemark_changelog::{Disk, DiskId, Extent, Seq};
-use tidemark_names::Name;
+use tidemark_names::{Label, Name};
+use tidemark_span::{
+    Epoch, HeldOutcome, HeldReply, HoldMessage, OpenHold, PointId, RefuseCode, ReleaseHold,
+    ReleasedHow, ReleasedReply,
+};
 
 /// The longest `str8` field, in bytes (names are shorter still:
 /// [`tidemark_names::MAX_NAME_LEN`]).
@@ -104,6 +126,14 @@ pub enum MessageType {
     DrainRequest,
     /// [`Message::Drained`].
     Drained,
+    /// [`Message::Hold`] with [`HoldMessage::Open`].
+    HoldOpen,
+    /// [`Message::Hold`] with [`HoldMessage::Held`].
+    Held,
+    /// [`Message::Hold`] with [`HoldMessage::Release`].
+    HoldRelease,
+    /// [`Message::Hold`] with [`HoldMessage::Released`].
+    Released,
 }
 
 impl MessageType {
@@ -121,6 +151,10 @@ impl MessageType {
             MessageType::Error => 9,
             MessageType::DrainRequest => 10,
             MessageType::Drained => 11,
+            MessageType::HoldOpen => 12,
+            MessageType::Held => 13,
+            MessageType::HoldRelease => 14,
+            MessageType::Released => 15,
         }
     }
 
@@ -138,6 +172,10 @@ impl MessageType {
             9 => MessageType::Error,
             10 => MessageType::DrainRequest,
             11 => MessageType::Drained,
+            12 => MessageType::HoldOpen,
+            13 => MessageType::Held,
+            14 => MessageType::HoldRelease,
+            15 => MessageType::Released,
             _ => return None,
         })
     }
@@ -157,6 +195,10 @@ impl MessageType {
             | MessageType::Error
             | MessageType::DrainRequest
             | MessageType::Drained => 1,
+            MessageType::HoldOpen
+            | MessageType::Held
+            | MessageType::HoldRelease
+            | MessageType::Released => 3,
         }
     }
 
@@ -182,6 +224,10 @@ impl MessageType {
             MessageType::Error => "error",
             MessageType::DrainRequest => "drain-request",
             MessageType::Drained => "drained",
+            MessageType::HoldOpen => "hold-open",
+            MessageType::Held => "held",
+            MessageType::HoldRelease => "hold-release",
+            MessageType::Released => "released",
         }
     }
 }
@@ -842,6 +888,10 @@ pub enum Message {
         /// Why the group could not be drained; empty when it was.
         error: String,
     },
+    /// A span point's hold (version 3 on), on the connection's hold
+    /// stream: open and release from the receiver, held and released from
+    /// the shipper, relaying its tracker's answers.
+    Hold(HoldMessage),
 }
 
 fn truncate_utf8(s: &str, max: usize) -> String {
@@ -877,6 +927,10 @@ impl Message {
             Message::Error { .. } => MessageType::Error,
             Message::DrainRequest { .. } => MessageType::DrainRequest,
             Message::Drained { .. } => MessageType::Drained,
+            Message::Hold(HoldMessage::Open(_)) => MessageType::HoldOpen,
+            Message::Hold(HoldMessage::Held(_)) => MessageType::Held,
+            Message::Hold(HoldMessage::Release(_)) => MessageType::HoldRelease,
+            Message::Hold(HoldMessage::Released(_)) => MessageType::Released,
         }
     }
 
@@ -1093,6 +1147,7 @@ impl Message {
                 w.u16(error.len() as u16);
                 w.0.extend_from_slice(error.as_bytes());
             }
+            Message::Hold(hold) => encode_hold(&mut w, hold)?,
         }
         if w.0.len() > MAX_FRAME_BODY as usize {
             return Err(EncodeError::BodyTooLarge(w.0.len()));
@@ -1314,6 +1369,10 @@ fn decode_fields(msg_type: MessageType, version: u16, body: &[u8]) -> Result<Mes
                     error: r.utf8("drain error", len)?,
                 }
             }
+            MessageType::HoldOpen
+            | MessageType::Held
+            | MessageType::HoldRelease
+            | MessageType::Released => Message::Hold(decode_hold(msg_type, &mut r)?),
         };
         let extra = r.b.len() - r.at;
         if extra != 0 {
@@ -1324,6 +1383,133 @@ fn decode_fields(msg_type: MessageType, version: u16, body: &[u8]) -> Result<Mes
         }
         Ok(msg)
     }
+}
+
+/// The longest reason a refused hold carries, in bytes.
+pub const MAX_HOLD_REASON: usize = 4096;
+
+fn encode_hold(w: &mut Writer, hold: &HoldMessage) -> Result<(), EncodeError> {
+    w.u64(hold.point().0);
+    match hold {
+        HoldMessage::Open(o) => {
+            w.u64(o.epoch.0);
+            w.u32(u32::try_from(o.deadline.as_micros()).unwrap_or(u32::MAX));
+            w.u8(u8::from(o.app_consistent));
+            w.str16(
+                "hold label",
+                o.label.as_str(),
+                tidemark_names::MAX_LABEL_LEN,
+            )?;
+        }
+        HoldMessage::Held(h) => {
+            w.u64(h.epoch.0);
+            match &h.outcome {
+                HeldOutcome::Held { marker, generation } => {
+                    w.u8(0);
+                    w.seq(*marker);
+                    w.u32(*generation);
+                }
+                HeldOutcome::Refused { code, reason } => {
+                    w.u8(1);
+                    let code = RefuseCode::ALL
+                        .iter()
+                        .position(|c| c == code)
+                        .expect("every code is in ALL");
+                    w.u8(code as u8);
+                    w.str16("hold refusal", reason, MAX_HOLD_REASON)?;
+                }
+            }
+        }
+        HoldMessage::Release(r) => {
+            w.u64(r.epoch.0);
+            w.u8(u8::from(r.commit));
+        }
+        HoldMessage::Released(r) => {
+            w.u64(r.epoch.0);
+            let how = ReleasedHow::ALL
+                .iter()
+                .position(|h| *h == r.how)
+                .expect("every answer is in ALL");
+            w.u8(how as u8);
+            w.u32(u32::try_from(r.held.as_micros()).unwrap_or(u32::MAX));
+            w.u32(r.gated_writes);
+        }
+    }
+    Ok(())
+}
+
+fn decode_hold(msg_type: MessageType, r: &mut Reader<'_>) -> Result<HoldMessage, DecodeError> {
+    let point = PointId(r.u64("point")?);
+    let epoch = Epoch(r.u64("epoch")?);
+    Ok(match msg_type {
+        MessageType::HoldOpen => {
+            let deadline = Duration::from_micros(u64::from(r.u32("deadline")?));
+            let app_consistent = match r.u8("flags")? {
+                0 => false,
+                1 => true,
+                _ => return Err(invalid("flags", "unknown hold flags")),
+            };
+            let len = r.u16("label length")? as usize;
+            let label = r.utf8("hold label", len)?;
+            let label = Label::new(label).map_err(|_| invalid("hold label", "not a label"))?;
+            HoldMessage::Open(OpenHold {
+                point,
+                epoch,
+                deadline,
+                app_consistent,
+                label,
+            })
+        }
+        MessageType::Held => {
+            let outcome = match r.u8("outcome")? {
+                0 => HeldOutcome::Held {
+                    marker: r.seq("marker")?,
+                    generation: r.u32("generation")?,
+                },
+                1 => {
+                    let code = *RefuseCode::ALL
+                        .get(r.u8("code")? as usize)
+                        .ok_or(invalid("code", "unknown refusal code"))?;
+                    let len = r.u16("reason length")? as usize;
+                    if len > MAX_HOLD_REASON {
+                        return Err(invalid("hold refusal", "longer than 4 KiB"));
+                    }
+                    HeldOutcome::Refused {
+                        code,
+                        reason: r.utf8("hold refusal", len)?,
+                    }
+                }
+                _ => return Err(invalid("outcome", "unknown hold outcome")),
+            };
+            HoldMessage::Held(HeldReply {
+                point,
+                epoch,
+                outcome,
+            })
+        }
+        MessageType::HoldRelease => HoldMessage::Release(ReleaseHold {
+            point,
+            epoch,
+            commit: match r.u8("action")? {
+                0 => false,
+                1 => true,
+                _ => return Err(invalid("action", "unknown release action")),
+            },
+        }),
+        MessageType::Released => {
+            let how = *ReleasedHow::ALL
+                .get(r.u8("how")? as usize)
+                .ok_or(invalid("how", "unknown release answer"))?;
+            HoldMessage::Released(ReleasedReply {
+                point,
+                epoch,
+                how,
+                held: Duration::from_micros(u64::from(r.u32("held")?)),
+                gated_writes: r.u32("gated writes")?,
+            })
+        }
+        other => unreachable!("{} is not a hold message", other.name()),
+    })
 }
 
 fn invalid(field: &'static str, reason: &'static str) -> DecodeError {
@@ -1400,6 +1586,19 @@ impl Writer {
         self.0.extend_from_slice(s.as_bytes());
         Ok(())
     }
+    fn str16(&mut self, field: &'static str, s: &str, max: usize) -> Result<(), EncodeError> {
+        if s.len() > max {
+            return Err(EncodeError::FieldTooLong {
+                field,
+                len: s.len(),
+                max,
+            });
+        }
+        self.u16(s.len() as u16);
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+
     fn count(&mut self, field: &'static str, n: usize, max: usize) -> Result<(), EncodeError> {
         if n > max {
             return Err(EncodeError::FieldTooLong { field, len: n, max });

@@ -5,10 +5,11 @@ use proptest::prelude::*;
 use tidemark_changelog::record::Entry;
 use tidemark_changelog::{DiskId, Seq};
 use tidemark_names::Name;
+use tidemark_span::HoldMessage;
 use tidemark_wire::frame::{FRAME_HEADER_LEN, MAX_FRAME_BODY};
 use tidemark_wire::{
-    ChunkData, ChunkPurpose, Compression, Disk, DiskSync, ErrorClass, ErrorCode, Message,
-    MessageDecoder, RecordBatch, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    ChunkData, ChunkPurpose, Compression, Disk, DiskSync, EncodeError, ErrorClass, ErrorCode,
+    Message, MessageDecoder, RecordBatch, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 
 fn arb_name() -> impl Strategy<Value = Name> {
@@ -208,6 +209,76 @@ fn arb_message() -> impl Strategy<Value = Message> {
                 error,
             }
         }),
+        arb_hold().prop_map(Message::Hold),
+    ]
+}
+
+/// A span point's hold message (protocol version 3 on).
+fn arb_hold() -> impl Strategy<Value = HoldMessage> {
+    use std::time::Duration;
+    use tidemark_span::{
+        Epoch, HeldOutcome, HeldReply, OpenHold, PointId, RefuseCode, ReleaseHold, ReleasedHow,
+        ReleasedReply,
+    };
+    let ids = (any::<u64>(), any::<u64>());
+    prop_oneof![
+        (
+            ids,
+            any::<u32>(),
+            any::<bool>(),
+            "[a-z0-9][a-z0-9.:_-]{0,40}"
+        )
+            .prop_map(|((point, epoch), deadline, app_consistent, label)| {
+                HoldMessage::Open(OpenHold {
+                    point: PointId(point),
+                    epoch: Epoch(epoch),
+                    deadline: Duration::from_micros(u64::from(deadline)),
+                    app_consistent,
+                    label: tidemark_names::Label::new(label).unwrap(),
+                })
+            }),
+        (ids, any::<u64>(), any::<u32>()).prop_map(|((point, epoch), marker, generation)| {
+            HoldMessage::Held(HeldReply {
+                point: PointId(point),
+                epoch: Epoch(epoch),
+                outcome: HeldOutcome::Held {
+                    marker: Seq(marker),
+                    generation,
+                },
+            })
+        }),
+        (ids, 0usize..RefuseCode::ALL.len(), "\\PC{0,100}").prop_map(
+            |((point, epoch), code, reason)| HoldMessage::Held(HeldReply {
+                point: PointId(point),
+                epoch: Epoch(epoch),
+                outcome: HeldOutcome::Refused {
+                    code: RefuseCode::ALL[code],
+                    reason,
+                },
+            })
+        ),
+        (ids, any::<bool>()).prop_map(|((point, epoch), commit)| HoldMessage::Release(
+            ReleaseHold {
+                point: PointId(point),
+                epoch: Epoch(epoch),
+                commit,
+            }
+        )),
+        (
+            ids,
+            0usize..ReleasedHow::ALL.len(),
+            any::<u32>(),
+            any::<u32>()
+        )
+            .prop_map(
+                |((point, epoch), how, held, gated_writes)| HoldMessage::Released(ReleasedReply {
+                    point: PointId(point),
+                    epoch: Epoch(epoch),
+                    how: ReleasedHow::ALL[how],
+                    held: Duration::from_micros(u64::from(held)),
+                    gated_writes,
+                })
+            ),
     ]
 }
 
@@ -381,6 +452,19 @@ proptest! {
         compression in arb_compression(),
         version in MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION,
     ) {
+        if version < msg.msg_type().since() {
+            // Never sent in an older session: the encoder refuses it.
+            let refused = matches!(
+                msg.encode(version, compression),
+                Err(EncodeError::NotInVersion { .. })
+            );
+            prop_assert!(refused, "sent in a session of version {}", version);
+            return Ok(());
+        }
+        if let Message::Hello { min_version, .. } = &msg {
+            // A hello offers versions up to its frame's.
+            prop_assume!(*min_version <= version || version < 2);
+        }
         let frame = msg.encode(version, compression).unwrap();
         prop_assert_eq!(u16::from_le_bytes([frame[4], frame[5]]), version);
         let mut d = MessageDecoder::new();

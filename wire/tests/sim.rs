@@ -1001,7 +1001,7 @@ fn replicas_converge_through_a_hostile_network() {
     // Sessions of either version, and hellos refused by version-1
     // receivers, each many times over.
     assert!(total.sessions[1] > 300, "{total:?}");
-    assert!(total.sessions[2] > 300, "{total:?}");
+    assert!(total.sessions[PROTOCOL_VERSION as usize] > 300, "{total:?}");
     assert!(total.offered_older > 100, "{total:?}");
     // The core's own timeouts ended stalled sessions, and its resync
     // compared coarse blocks and sent fine ones.
