@@ -35,6 +35,7 @@ mod protect_cmd;
 mod receiver_cmd;
 mod reprotect_cmd;
 mod shipper_cmd;
+mod span_cmd;
 mod status_cmd;
 mod stdout;
 mod test_failover_cmd;
@@ -93,6 +94,10 @@ enum Command {
     /// List the recovery points a receiver keeps for a host's group (works
     /// while the receiver runs).
     Points(points_cmd::PointsArgs),
+    /// Spans: consistency groups of several hosts whose recovery points are
+    /// taken together (`[[receiver.span]]` on the replica site).
+    #[command(subcommand)]
+    Span(span_cmd::SpanCommand),
     /// Insert a labelled marker on this protected host: a named recovery
     /// point, application-consistent with --app-consistent (hooks and
     /// filesystem freeze around it).
@@ -157,6 +162,7 @@ fn main() -> ExitCode {
         Command::Shipper(cmd) => shipper_cmd::run_shipper(cmd),
         Command::Failover(a) => failover_cmd::failover(a),
         Command::Points(a) => points_cmd::points(a),
+        Command::Span(c) => span_cmd::run(c),
         Command::Reprotect(a) => reprotect_cmd::adopt(a),
         Command::Failback(a) => failback_cmd::failback(a),
         Command::Mark(a) => mark_cmd::mark(a),
