@@ -268,7 +268,7 @@ use state::{DiskState, Meta, Mode, StateFile};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
-use tidemark_changelog::record::{Kind, Record, FLAG_APP_CONSISTENT, FLAG_NO_HOLE};
+use tidemark_changelog::record::{Kind, Record, RecordRef, FLAG_APP_CONSISTENT, FLAG_NO_HOLE};
 use tidemark_changelog::replay::{self, ReplaySummary};
 use tidemark_changelog::{create_private_dir_all, DirLock, DiskId, Extent, LockError, Seq};
 use tidemark_durable::{FsDir, LogDir, LogFile};
@@ -989,19 +989,20 @@ impl<D: LogDir> ReplicaGroup<D> {
 
     /// Applies the next record of the log (durable at the next commit).
     pub fn apply_record(&mut self, rec: &Record) -> Result<Applied, StoreError> {
-        self.apply(rec, true)
+        self.apply(rec.as_view(), true)
     }
 
     /// [`apply_record`](Self::apply_record) for a record whose checksum
     /// its receiver verified against the bytes that came (a
     /// `tidemark_wire::RecordBatch` verifies every record it holds): the
-    /// payload is not read again for it. Its fields are checked all the
-    /// same.
-    pub fn apply_verified_record(&mut self, rec: &Record) -> Result<Applied, StoreError> {
+    /// payload is not read again for it: neither to check it nor to
+    /// checksum its journal entry, whose checksum is derived from the
+    /// record's. Its fields are checked all the same.
+    pub fn apply_verified_record(&mut self, rec: RecordRef<'_>) -> Result<Applied, StoreError> {
         self.apply(rec, false)
     }
 
-    fn apply(&mut self, rec: &Record, verify_crc: bool) -> Result<Applied, StoreError> {
+    fn apply(&mut self, rec: RecordRef<'_>, verify_crc: bool) -> Result<Applied, StoreError> {
         self.check_poisoned()?;
         let h = &rec.header;
         let (seq, disk_id) = (h.seq, h.disk);
@@ -1077,10 +1078,15 @@ impl<D: LogDir> ReplicaGroup<D> {
                     let mut target = image::InPlace { file, no_hole };
                     replay::apply(rec, h.disk, &mut target, &mut summary)
                 } else {
+                    // The record's checksum held (checked above or by its
+                    // receiver): its payload's is derived from it, and the
+                    // journal entry's from that, without reading the
+                    // payload again.
                     let mut target = Journaled {
                         journal: &mut self.journal,
                         disk: disk_id,
                         no_hole,
+                        payload_crc: Some(h.verified_payload_crc()),
                     };
                     replay::apply(rec, h.disk, &mut target, &mut summary)
                 };
@@ -1758,5 +1764,26 @@ mod tests {
         std::fs::remove_file(pin_dir.join(PIN_FILE)).unwrap();
         g.apply_retention(0, true).unwrap();
         assert_eq!(seqs(&g), [6]);
+    }
+
+    /// A verified record's journal entry is checksummed from the record's
+    /// own checksum, not from its bytes as they lie when written: a
+    /// payload that changed after its check is not journaled as good, the
+    /// history refuses it when it is read.
+    #[test]
+    fn a_payload_changed_after_its_check_is_refused_when_the_history_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut g = one_disk_group(dir.path());
+        let mut r = rec(&Entry::write(0, 0, &[5u8; 4096], 0), 1);
+        r.payload[100] ^= 1;
+        g.apply_verified_record(r.as_view()).unwrap();
+        g.commit().unwrap();
+        drop(g);
+        let _ = std::fs::remove_file(dir.path().join(index::INDEX_FILE));
+        let opened = ReplicaGroup::open(dir.path());
+        assert!(
+            matches!(opened, Err(StoreError::Damaged { .. })),
+            "{opened:?}"
+        );
     }
 }
