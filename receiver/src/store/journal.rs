@@ -771,6 +771,23 @@ impl<D: LogDir> Journal<D> {
         read_exact_at(file, buf, offset_of(pos))
     }
 
+    /// Copies `len` journal bytes at `pos` (a payload position) to
+    /// `to_offset` of `to`, within the kernel where it can (see
+    /// [`LogFile::copy_to`]): what a fold writes into the images.
+    pub(crate) fn copy_to(
+        &self,
+        pos: u64,
+        to: &D::File,
+        to_offset: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        let file = self
+            .segments
+            .get(&segment_of(pos))
+            .ok_or(io::ErrorKind::NotFound)?;
+        file.copy_to(offset_of(pos), to, to_offset, len)
+    }
+
     /// Per disk, the overlay of the changes before `pos`.
     pub(crate) fn overlays_before(&self, pos: u64) -> BTreeMap<DiskId, Overlay> {
         // The newest point, typically: every change is before it, and the
