@@ -47,7 +47,9 @@
 //! The history is the journal from its start to its committed end; the
 //! images hold the state as of the start. Retention ([`Retention`]: age,
 //! count, space) picks the newest point it no longer keeps and *folds* the
-//! history up to it into the images: the state file first records the fold
+//! history up to it into the images (for space, down to a margin below the
+//! limit, so that a busy group does not fold at every commit:
+//! [`space_margin`]): the state file first records the fold
 //! (the points before it are gone from then on), the changes are written
 //! into the images and synced, then the state file moves the history's
 //! start and the journal segments wholly before it are removed. A crash
@@ -355,6 +357,8 @@ pub struct Retention {
     /// At most this many points are kept.
     pub max_points: u64,
     /// The history behind the points may take at most this many bytes.
+    /// When it takes more, the fold goes down to [`space_margin`] below
+    /// it.
     pub max_space: Option<u64>,
     /// Folds run at most this often (unless space runs out): a fold syncs
     /// the images, so it is batched.
@@ -370,6 +374,18 @@ impl Default for Retention {
             fold_interval: std::time::Duration::from_secs(10),
         }
     }
+}
+
+/// How far below `max_space` a fold for space takes the history: a
+/// sixteenth of it. A fold has fixed costs whatever it folds (two state
+/// file replacements, a sync of the images, the overlays of the whole
+/// history rebuilt), so a history kept just under the limit, folded by
+/// the few points each commit adds, paid them at every commit of a busy
+/// group; with the margin one fold covers the commits of a sixteenth of
+/// the history. The points it folds early are the oldest ones, which
+/// space would fold soon anyway.
+pub fn space_margin(max_space: u64) -> u64 {
+    max_space / 16
 }
 
 /// A recovery point: a barrier or marker applied while the group was
@@ -1299,7 +1315,8 @@ impl<D: LogDir> ReplicaGroup<D> {
             let total = self.journal.bytes();
             if total > max {
                 space_short = true;
-                let need = total - max;
+                // Down to a margin below the limit: see `space_margin`.
+                let need = total - max + space_margin(max);
                 while drop < newest
                     && self.history_bytes_between(self.journal.start, points[drop].pos) < need
                 {
@@ -1759,6 +1776,57 @@ mod tests {
         std::fs::remove_file(pin_dir.join(PIN_FILE)).unwrap();
         g.apply_retention(0, true).unwrap();
         assert_eq!(seqs(&g), [6]);
+    }
+
+    /// A fold for space takes the history down to a margin below
+    /// `max_space`: a busy group's commits do not each fold again (a
+    /// fold's fixed costs, at every commit), and the history stays within
+    /// the limit after every commit.
+    #[test]
+    fn a_fold_for_space_leaves_a_margin_so_commits_do_not_each_fold() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut g = one_disk_group(dir.path());
+        g.set_segment_size(4 << 10);
+        const MAX: u64 = 32 << 10;
+        g.set_retention(Retention {
+            window: std::time::Duration::MAX,
+            max_points: u64::MAX,
+            max_space: Some(MAX),
+            fold_interval: std::time::Duration::MAX,
+        });
+        let mut seq = 0u64;
+        let mut folds = 0;
+        let mut commits = 0;
+        let mut oldest = None;
+        for i in 0..400u64 {
+            seq += 1;
+            let at = (i * 512) % 60_000;
+            g.apply_record(&rec(&Entry::write(0, at, &[i as u8; 256], 0), seq))
+                .unwrap();
+            seq += 1;
+            g.apply_record(&rec(&Entry::barrier(seq), seq)).unwrap();
+            g.commit().unwrap();
+            assert!(g.history_bytes() <= MAX, "{} > {MAX}", g.history_bytes());
+            let first = g.points().first().map(|p| p.seq);
+            if g.history_bytes() > MAX / 2 {
+                commits += 1;
+                if first != oldest && oldest.is_some() {
+                    folds += 1;
+                }
+            }
+            oldest = first;
+        }
+        assert!(commits > 100, "the history reached the limit: {commits}");
+        assert!(
+            folds * 4 < commits,
+            "{folds} folds in {commits} commits at the limit"
+        );
+        let (last, at) = (399u64, (399 * 512) % 60_000);
+        let newest = read_point(&g, None);
+        assert_eq!(
+            newest[at as usize..at as usize + 256],
+            [last as u8; 256][..]
+        );
     }
 
     /// A verified record's journal entry is checksummed from the record's
