@@ -377,16 +377,22 @@ impl Default for Retention {
 }
 
 /// How far below `max_space` a fold for space takes the history: a
-/// sixteenth of it. A fold has fixed costs whatever it folds (two state
-/// file replacements, a sync of the images, the overlays of the whole
-/// history rebuilt), so a history kept just under the limit, folded by
-/// the few points each commit adds, paid them at every commit of a busy
-/// group; with the margin one fold covers the commits of a sixteenth of
-/// the history. The points it folds early are the oldest ones, which
+/// sixteenth of it, at most [`SPACE_MARGIN_MAX`]. A fold has fixed costs
+/// whatever it folds (two state file replacements, a sync of the images,
+/// the overlays of the whole history rebuilt), so a history kept just
+/// under the limit, folded by the few points each commit adds, paid them
+/// at every commit of a busy group; with the margin one fold covers
+/// several commits. The points it folds early are the oldest ones, which
 /// space would fold soon anyway.
 pub fn space_margin(max_space: u64) -> u64 {
-    max_space / 16
+    (max_space / 16).min(SPACE_MARGIN_MAX)
 }
+
+/// The largest [`space_margin`]: about one group commit's worth of
+/// writes. A fold's writes and their sync hold up the apply (the stream
+/// is read into memory meanwhile), so a fold stays about as long as a
+/// commit, and the receiver's memory as bounded.
+pub const SPACE_MARGIN_MAX: u64 = 16 << 20;
 
 /// A recovery point: a barrier or marker applied while the group was
 /// consistent. The disks can be read as of it ([`ReplicaGroup::view`]).
@@ -1821,6 +1827,10 @@ mod tests {
             folds * 4 < commits,
             "{folds} folds in {commits} commits at the limit"
         );
+        // A large history's margin stays about a group commit's worth: a
+        // fold holds up the apply for as long as it writes and syncs.
+        assert_eq!(space_margin(64 << 20), 4 << 20);
+        assert_eq!(space_margin(1 << 40), SPACE_MARGIN_MAX);
         let (last, at) = (399u64, (399 * 512) % 60_000);
         let newest = read_point(&g, None);
         assert_eq!(
