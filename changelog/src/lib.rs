@@ -43,7 +43,7 @@ pub use log::{
     AppendError, ChangeLog, Cut, LogDamage, LogIo, LogOptions, OpenError, Recovery, RecoveryPolicy,
 };
 pub use reader::{LogReader, LogWatcher, ReadError};
-pub use record::{Entry, Header, Kind, Record};
+pub use record::{Entry, Header, Kind, Record, RecordRef};
 pub use sources::{read_sources, write_sources, DiskSource};
 pub use storage::{create_private_dir_all, private_file, FsDir, LogDir, LogFile, SimDir};
 

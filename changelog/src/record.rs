@@ -528,6 +528,17 @@ impl Header {
         self.crc ^ multiply_mod_poly(x_pow_8n(self.payload_len as usize), fields ^ header)
     }
 
+    /// The CRC32C of the payload alone, derived from the stored checksum
+    /// without reading the payload. Only for a record that verified (its
+    /// stored checksum is the one of its bytes): what a copy of the
+    /// payload elsewhere is checksummed with, e.g. the receiver's journal
+    /// entry, without a second pass over the bytes.
+    pub fn verified_payload_crc(&self) -> u32 {
+        // stored = crc(A52)·s ⊕ crc(P), so crc(P) = stored ⊕ crc(A52)·s.
+        let fields = crc32c::crc32c(&self.to_bytes()[..CRC_AT]);
+        self.crc ^ multiply_mod_poly(x_pow_8n(self.payload_len as usize), fields)
+    }
+
     /// The 56 header bytes as they lie in the record, the stored checksum
     /// included (not computed anew, unlike [`Record::encode_header`]).
     pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
@@ -623,10 +634,7 @@ impl Record {
 
     /// The marker label, for markers.
     pub fn label(&self) -> Option<&str> {
-        match self.header.kind {
-            Kind::Marker => std::str::from_utf8(&self.payload).ok(),
-            _ => None,
-        }
+        self.as_view().label()
     }
 
     /// The record's bytes exactly as written: header (of the record's own
@@ -648,6 +656,56 @@ impl Record {
     /// The checksum of the record's fields and payload as they are now:
     /// `header.crc` unless something changed since the record verified.
     pub fn computed_crc(&self) -> u32 {
+        self.as_view().computed_crc()
+    }
+
+    fn raw_header(&self) -> RawHeader {
+        self.as_view().raw_header()
+    }
+
+    /// This record as an entry, e.g. to append it to another log.
+    pub fn as_entry(&self) -> Entry<'_> {
+        self.as_view().as_entry()
+    }
+
+    /// This record with its payload borrowed.
+    pub fn as_view(&self) -> RecordRef<'_> {
+        RecordRef {
+            header: self.header,
+            payload: &self.payload,
+        }
+    }
+}
+
+impl<'a> From<&'a Record> for RecordRef<'a> {
+    fn from(r: &'a Record) -> Self {
+        r.as_view()
+    }
+}
+
+/// A whole record whose payload is borrowed: a record of a received
+/// batch, applied straight from the bytes that came, without copying its
+/// payload into a [`Record`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordRef<'a> {
+    /// The header.
+    pub header: Header,
+    /// Write data or marker label.
+    pub payload: &'a [u8],
+}
+
+impl<'a> RecordRef<'a> {
+    /// The marker label, for markers.
+    pub fn label(&self) -> Option<&'a str> {
+        match self.header.kind {
+            Kind::Marker => std::str::from_utf8(self.payload).ok(),
+            _ => None,
+        }
+    }
+
+    /// The checksum of the record's fields and payload as they are:
+    /// `header.crc` unless they do not match.
+    pub fn computed_crc(&self) -> u32 {
         self.raw_header().crc.get()
     }
 
@@ -663,7 +721,7 @@ impl Record {
     }
 
     /// This record as an entry, e.g. to append it to another log.
-    pub fn as_entry(&self) -> Entry<'_> {
+    pub fn as_entry(&self) -> Entry<'a> {
         Entry {
             kind: self.header.kind,
             flags: self.header.flags,
@@ -671,7 +729,15 @@ impl Record {
             offset: self.header.offset,
             length: self.header.length,
             timestamp_ns: self.header.timestamp_ns,
-            payload: &self.payload,
+            payload: self.payload,
+        }
+    }
+
+    /// The record, owning a copy of its payload.
+    pub fn to_record(&self) -> Record {
+        Record {
+            header: self.header,
+            payload: self.payload.to_vec(),
         }
     }
 }
@@ -973,6 +1039,7 @@ mod tests {
             let hb: [u8; HEADER_LEN] = bytes[..HEADER_LEN].try_into().unwrap();
             prop_assert_eq!(h.bytes_crc(&hb), whole);
             prop_assert_eq!(h.to_bytes(), hb);
+            prop_assert_eq!(h.verified_payload_crc(), crc32c::crc32c(&payload));
         }
 
         #[test]

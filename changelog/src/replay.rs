@@ -10,7 +10,7 @@
 use crate::check::{check, Problem};
 use crate::ids::{DiskId, Seq};
 use crate::reader::{LogReader, ReadError};
-use crate::record::{Kind, Record};
+use crate::record::{Kind, RecordRef};
 use crate::storage::LogDir;
 use serde::Serialize;
 use std::fs::File;
@@ -208,12 +208,13 @@ pub fn resolve_stop<D: LogDir>(
 }
 
 /// Applies one record of `disk` to `target`, updating `summary`.
-pub fn apply(
-    record: &Record,
+pub fn apply<'a>(
+    record: impl Into<RecordRef<'a>>,
     disk: DiskId,
     target: &mut impl ReplayTarget,
     summary: &mut ReplaySummary,
 ) -> io::Result<()> {
+    let record = record.into();
     let h = &record.header;
     summary.first_seq.get_or_insert(h.seq);
     summary.last_seq = Some(h.seq);
@@ -222,7 +223,7 @@ pub fn apply(
         Kind::Marker => {}
         _ if h.disk != disk => summary.other_disks += 1,
         Kind::Write => {
-            target.write_at(h.offset, &record.payload)?;
+            target.write_at(h.offset, record.payload)?;
             summary.applied += 1;
             summary.bytes += h.length;
         }

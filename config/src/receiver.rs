@@ -228,8 +228,9 @@ pub struct RetentionConfig {
     /// Default: `100000`.
     pub max_points: u64,
     /// Most space the history behind the recovery points (not the replicas
-    /// themselves) may take per consistency group, e.g. `"500GiB"`.
-    /// Default: not set (limited by `window` and `max-points` only).
+    /// themselves) may take per consistency group, e.g. `"500GiB"`. A
+    /// fold for space goes a sixteenth of it (at most 16 MiB) below, so
+    /// that a busy group does not fold at every commit. Default: not set (limited by `window` and `max-points` only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_space: Option<ByteSize>,
 }

@@ -86,6 +86,18 @@ pub trait LogFile: Send + Sync {
         false
     }
 
+    /// Copies `len` bytes at `offset` of this file to `to_offset` of `to`;
+    /// a file that ends before is `UnexpectedEof`. Through a buffer here;
+    /// a file system's file copies within the kernel, the bytes never
+    /// crossing into the process (`copy_file_range(2)`). Durable as a
+    /// write is: after `to`'s [`sync_data`](LogFile::sync_data).
+    fn copy_to(&self, offset: u64, to: &Self, to_offset: u64, len: u64) -> io::Result<()>
+    where
+        Self: Sized,
+    {
+        copy_through_buffer(self, offset, to, to_offset, len)
+    }
+
     /// Reads exactly `buf.len()` bytes at `offset` or as many as exist;
     /// returns how many were read.
     fn read_full_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
@@ -100,6 +112,27 @@ pub trait LogFile: Send + Sync {
         }
         Ok(done)
     }
+}
+
+/// [`LogFile::copy_to`] by reading into a buffer and writing it out.
+fn copy_through_buffer<F: LogFile>(
+    from: &F,
+    offset: u64,
+    to: &F,
+    to_offset: u64,
+    len: u64,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; len.min(1 << 20) as usize];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        if from.read_full_at(&mut buf[..n], offset + done)? < n {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        to.write_all_at(&[&buf[..n]], to_offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 /// The mode of every file Tidemark creates that holds disk data or state.
@@ -279,6 +312,48 @@ impl LogFile for FsFile {
                 Ok(n) => skip += n,
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => return Err(io::Error::from(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// `copy_file_range(2)`: the kernel copies from page cache to page
+    /// cache (or shares the blocks, where the file system can). Where it
+    /// cannot (another file system, an old kernel) the bytes go through a
+    /// buffer.
+    fn copy_to(&self, offset: u64, to: &FsFile, to_offset: u64, len: u64) -> io::Result<()> {
+        let offset_of =
+            |o: u64| i64::try_from(o).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput));
+        let mut done = 0u64;
+        while done < len {
+            let mut from_at = offset_of(offset + done)?;
+            let mut to_at = offset_of(to_offset + done)?;
+            let n = (len - done).min(1 << 30) as usize;
+            match nix::fcntl::copy_file_range(
+                &self.file,
+                Some(&mut from_at),
+                &to.file,
+                Some(&mut to_at),
+                n,
+            ) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => done += n as u64,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(
+                    nix::errno::Errno::EXDEV
+                    | nix::errno::Errno::ENOSYS
+                    | nix::errno::Errno::EOPNOTSUPP
+                    | nix::errno::Errno::EINVAL,
+                ) => {
+                    return copy_through_buffer(
+                        self,
+                        offset + done,
+                        to,
+                        to_offset + done,
+                        len - done,
+                    )
+                }
+                Err(e) => return Err(e.into()),
             }
         }
         Ok(())
@@ -679,5 +754,31 @@ mod tests {
         std::fs::write(path.join("pin"), b"12\n").unwrap();
         let file = dir.open("pin", false).unwrap();
         assert_eq!(file.size().unwrap(), 3);
+    }
+
+    /// A copy between two files of a directory lands the source's bytes
+    /// at the target's offset (the kernel's copy on a file system, a
+    /// buffer's in the simulation), leaves the rest alone, and a source
+    /// that ends before the range does is an error.
+    #[test]
+    fn a_copy_between_files_lands_the_bytes_and_refuses_a_short_source() {
+        fn check<D: LogDir>(dir: &D) {
+            let source: Vec<u8> = (0..3u32 << 20).map(|i| (i % 251) as u8).collect();
+            let from = dir.create("from").unwrap();
+            from.write_all_at(&[&source], 0).unwrap();
+            let to = dir.create("to").unwrap();
+            to.write_all_at(&[&[9u8; 4 << 20]], 0).unwrap();
+            from.copy_to(12_345, &to, 777, (2 << 20) + 3).unwrap();
+            let mut got = vec![0u8; 4 << 20];
+            assert_eq!(to.read_full_at(&mut got, 0).unwrap(), 4 << 20);
+            let mut want = vec![9u8; 4 << 20];
+            want[777..777 + (2 << 20) + 3].copy_from_slice(&source[12_345..12_345 + (2 << 20) + 3]);
+            assert!(got == want, "{}", dir.describe());
+            let err = from.copy_to((3 << 20) - 10, &to, 0, 20).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        check(&FsDir::existing(tmp.path()).unwrap());
+        check(&SimDir::new());
     }
 }

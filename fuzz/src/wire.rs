@@ -11,7 +11,7 @@
 use crate::checksums::{fix_frames, fix_records};
 use crate::input::{Input, Output};
 use std::collections::BTreeMap;
-use tidemark_changelog::record::{Entry, Record};
+use tidemark_changelog::record::{Entry, RecordRef};
 use tidemark_changelog::{DiskId, Seq};
 use tidemark_names::Name;
 use tidemark_wire::frame::{encode_frame, Frame, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
@@ -189,7 +189,7 @@ impl Replica for CheckingReplica {
         Ok(())
     }
 
-    fn apply_record(&mut self, record: &Record) -> Result<(), ReplicaError> {
+    fn apply_record(&mut self, record: RecordRef<'_>) -> Result<(), ReplicaError> {
         let h = &record.header;
         let id = RecordId {
             seq: h.seq,

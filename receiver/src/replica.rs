@@ -3,7 +3,7 @@
 //! engine, and maps store errors to what the shipper is told (retry or
 //! stop).
 
-use tidemark_changelog::{DiskId, Record};
+use tidemark_changelog::{DiskId, RecordRef};
 use tidemark_wire::{
     ChunkData, ChunkPurpose, Disk, ErrorClass, ErrorCode, Position, Replica, ReplicaError,
 };
@@ -98,7 +98,7 @@ impl Replica for StoreReplica {
         self.group.ensure_disks(disks).map_err(|e| self.map(e))
     }
 
-    fn apply_record(&mut self, record: &Record) -> Result<(), ReplicaError> {
+    fn apply_record(&mut self, record: RecordRef<'_>) -> Result<(), ReplicaError> {
         // The session hands over records of a verified batch (the trait's
         // contract): their checksums held against the bytes received.
         self.group

@@ -496,7 +496,7 @@ fn bad_records_get_typed_errors_and_change_nothing() {
         Err(StoreError::InvalidRecord { seq: Seq(3), .. })
     ));
     assert!(matches!(
-        g.apply_verified_record(&inconsistent),
+        g.apply_verified_record(inconsistent.as_view()),
         Err(StoreError::InvalidRecord { seq: Seq(3), .. })
     ));
     // Chunks and digests are checked too.

@@ -81,7 +81,7 @@ use bytes::Bytes;
 use std::fmt;
 use std::time::Duration;
 use thiserror::Error;
-use tidemark_changelog::record::{self, crc32c_combine, Header, Record, HEADER_LEN};
+use tidemark_changelog::record::{self, crc32c_combine, Header, RecordRef, HEADER_LEN};
 use tidemark_changelog::{Disk, DiskId, Extent, Seq};
 use tidemark_names::{Label, Name};
 use tidemark_span::{
@@ -667,8 +667,8 @@ impl RecordBatch {
     }
 
     /// This batch with every record in format `version` or older (see
-    /// [`Record::in_version`]): what a session of a protocol version whose
-    /// peer reads no newer records carries.
+    /// [`Record::in_version`](record::Record::in_version)): what a session
+    /// of a protocol version whose peer reads no newer records carries.
     pub fn in_record_version(&self, version: u8) -> Result<RecordBatch, BatchError> {
         let mut out = RecordBatch::new();
         let mut changed = false;
@@ -676,6 +676,7 @@ impl RecordBatch {
             let record = record?;
             changed |= record.header.version > version;
             let record = record
+                .to_record()
                 .in_version(version)
                 .map_err(|source| BatchError::Record { index, source })?;
             out.push(&record.encode())?;
@@ -717,8 +718,9 @@ pub struct BatchRecords<'a> {
     last: Option<RecordId>,
 }
 
-impl Iterator for BatchRecords<'_> {
-    type Item = Result<Record, BatchError>;
+impl<'a> Iterator for BatchRecords<'a> {
+    /// A record borrowing its payload from the batch's bytes (no copy).
+    type Item = Result<RecordRef<'a>, BatchError>;
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.bytes.is_empty() {
@@ -736,10 +738,7 @@ impl Iterator for BatchRecords<'_> {
                         available: self.bytes.len(),
                     },
                 )?;
-                Ok(Record {
-                    header,
-                    payload: payload.to_vec(),
-                })
+                Ok(RecordRef { header, payload })
             })
             .map_err(|source| BatchError::Record { index, source })
             .and_then(|r| {

@@ -41,7 +41,7 @@ use crate::message::{
 };
 use std::collections::HashSet;
 use thiserror::Error;
-use tidemark_changelog::record::Record;
+use tidemark_changelog::record::RecordRef;
 use tidemark_changelog::{Disk, DiskId, Extent, Seq};
 use tidemark_names::Name;
 
@@ -80,8 +80,9 @@ pub trait Replica {
     /// included, they are the recovery points). The session takes records
     /// from a [`crate::RecordBatch`] only, whose every record's checksum
     /// held against the bytes received: an implementation need not read
-    /// the payload again to check it.
-    fn apply_record(&mut self, record: &Record) -> Result<(), ReplicaError>;
+    /// the payload again to check it. The payload is borrowed from the
+    /// bytes received (never copied on its way to the replica).
+    fn apply_record(&mut self, record: RecordRef<'_>) -> Result<(), ReplicaError>;
     /// Applies disk data at `offset`.
     fn apply_chunk(
         &mut self,
@@ -606,7 +607,7 @@ impl Receiving {
                     fresh.push(record);
                 }
                 for record in &fresh {
-                    replica.apply_record(record)?;
+                    replica.apply_record(*record)?;
                     // While the group's initial sync runs, a resync-needed
                     // extent is copied again by the initial sync: its disk's
                     // sync position goes back to the extent (the store and

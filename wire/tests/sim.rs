@@ -27,7 +27,7 @@ use rand::rngs::StdRng;
 use rand::{Rng as _, RngCore, SeedableRng};
 use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::time::{Duration, Instant};
-use tidemark_changelog::record::{Entry, Kind, Record};
+use tidemark_changelog::record::{Entry, Kind, Record, RecordRef};
 use tidemark_changelog::{DiskId, Seq};
 use tidemark_names::Name;
 use tidemark_wire::receiver::{
@@ -282,7 +282,7 @@ impl Replica for MemReplica<'_> {
         Ok(())
     }
 
-    fn apply_record(&mut self, record: &Record) -> Result<(), ReplicaError> {
+    fn apply_record(&mut self, record: RecordRef<'_>) -> Result<(), ReplicaError> {
         let h = &record.header;
         // In order, once per commit interval, and exactly the source's bytes.
         assert!(
@@ -302,7 +302,7 @@ impl Replica for MemReplica<'_> {
             .in_version(h.version)
             .unwrap();
         assert!(
-            *record == original,
+            record == original.as_view(),
             "record {} differs from the source: {:?} vs {:?}",
             h.seq,
             record.header,
@@ -312,7 +312,7 @@ impl Replica for MemReplica<'_> {
         let disks = &mut self.work.0;
         let (d, o, l) = (h.disk.index(), h.offset as usize, h.length as usize);
         match h.kind {
-            Kind::Write => disks[d][o..o + l].copy_from_slice(&record.payload),
+            Kind::Write => disks[d][o..o + l].copy_from_slice(record.payload),
             Kind::WriteZeroes | Kind::Trim => disks[d][o..o + l].fill(0),
             // As the replica store does: during the group's initial sync
             // the extent is copied again by it (the disk's sync position

@@ -30,7 +30,7 @@ use std::fmt::Debug;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tidemark_changelog::{DiskId, Record, Seq};
+use tidemark_changelog::{DiskId, Record, RecordRef, Seq};
 use tidemark_durable::LogDir;
 use tidemark_names::Name;
 
@@ -54,9 +54,10 @@ pub trait ReplicaStore: Send + Sync + Debug {
     /// [`apply_record`](Self::apply_record) for a record whose checksum
     /// was verified against the bytes received (a `tidemark_wire`
     /// record batch verifies every record it holds): an engine need not
-    /// read the payload again for it.
-    fn apply_verified_record(&mut self, rec: &Record) -> Result<Applied, StoreError> {
-        self.apply_record(rec)
+    /// read the payload again for it. The payload is borrowed (from the
+    /// bytes received).
+    fn apply_verified_record(&mut self, rec: RecordRef<'_>) -> Result<Applied, StoreError> {
+        self.apply_record(&rec.to_record())
     }
     /// Applies an initial-sync or resync chunk.
     fn apply_chunk(
@@ -206,7 +207,7 @@ where
         ReplicaGroup::apply_record(self, rec)
     }
 
-    fn apply_verified_record(&mut self, rec: &Record) -> Result<Applied, StoreError> {
+    fn apply_verified_record(&mut self, rec: RecordRef<'_>) -> Result<Applied, StoreError> {
         ReplicaGroup::apply_verified_record(self, rec)
     }
 
@@ -338,14 +339,14 @@ mod tests {
             )
             .unwrap();
         replica
-            .apply_record(&record(&Entry::write(0, 100, &[9u8; 50], 0), 1))
+            .apply_record(record(&Entry::write(0, 100, &[9u8; 50], 0), 1).as_view())
             .unwrap();
         replica
-            .apply_record(&record(&Entry::barrier(7), 2))
+            .apply_record(record(&Entry::barrier(7), 2).as_view())
             .unwrap();
         assert_eq!(replica.commit().unwrap().durable_seq, Seq(2));
         replica
-            .apply_record(&record(&Entry::write(0, 100, &[1u8; 50], 0), 3))
+            .apply_record(record(&Entry::write(0, 100, &[1u8; 50], 0), 3).as_view())
             .unwrap();
         replica.commit().unwrap();
 

@@ -13,6 +13,7 @@ use super::index::{Checkpoint, INDEX_FILE};
 use super::overlay::{Overlay, Source};
 use std::collections::BTreeMap;
 use std::io;
+use tidemark_changelog::record::crc32c_combine;
 use tidemark_changelog::replay::ReplayTarget;
 use tidemark_changelog::{DiskId, Seq};
 use tidemark_durable::{FsDir, LogDir, LogFile};
@@ -100,6 +101,14 @@ pub(crate) enum Entry {
 impl Entry {
     /// The header of this entry with `payload` (whose checksum it carries).
     pub(crate) fn encode_header(&self, payload: &[u8]) -> [u8; HEADER_LEN] {
+        self.encode_header_with(payload.len(), crc32c::crc32c(payload))
+    }
+
+    /// [`encode_header`](Self::encode_header) for a payload of `len` bytes
+    /// whose CRC32C is `payload_crc`: the entry's checksum, over its header
+    /// bytes then the payload, is combined from it without reading the
+    /// payload.
+    pub(crate) fn encode_header_with(&self, len: usize, payload_crc: u32) -> [u8; HEADER_LEN] {
         let (kind, flags, disk, offset, length) = match *self {
             Entry::Data { disk, offset, len } => (1u8, 0u16, disk.get(), offset, len),
             Entry::Zero {
@@ -137,13 +146,13 @@ impl Entry {
             kind,
             flags: flags.into(),
             disk: disk.into(),
-            payload_len: (payload.len() as u32).into(),
+            payload_len: (len as u32).into(),
             offset: offset.into(),
             length: length.into(),
             reserved: [0; 4],
             crc: U32::ZERO,
         };
-        h.crc = crc32c::crc32c_append(crc32c::crc32c(&h.as_bytes()[..CRC_AT]), payload).into();
+        h.crc = crc32c_combine(crc32c::crc32c(&h.as_bytes()[..CRC_AT]), payload_crc, len).into();
         zerocopy::transmute!(h)
     }
 
@@ -625,6 +634,11 @@ impl<D: LogDir> Journal<D> {
     }
 
     fn append(&mut self, entry: &Entry, payload: &[u8]) -> io::Result<u64> {
+        self.append_with(entry, payload, crc32c::crc32c(payload))
+    }
+
+    /// [`append`](Self::append) with the payload's CRC32C known.
+    fn append_with(&mut self, entry: &Entry, payload: &[u8], payload_crc: u32) -> io::Result<u64> {
         let segment = segment_of(self.end);
         let offset = offset_of(self.end);
         let file = match self.segments.get(&segment) {
@@ -634,7 +648,7 @@ impl<D: LogDir> Journal<D> {
                 self.segments.entry(segment).or_insert(f)
             }
         };
-        let h = entry.encode_header(payload);
+        let h = entry.encode_header_with(payload.len(), payload_crc);
         file.write_all_at(&[&h, payload], offset)?;
         let payload_at = offset + HEADER_LEN as u64;
         self.end = position(segment, payload_at + payload.len() as u64);
@@ -643,17 +657,32 @@ impl<D: LogDir> Journal<D> {
 
     /// Appends `data` for `offset` of `disk`.
     pub(crate) fn write(&mut self, disk: DiskId, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.write_with(disk, offset, data, None)
+    }
+
+    /// [`write`](Self::write) with the CRC32C of `data` when it is known
+    /// (derived from a verified record's checksum): the entry is written
+    /// straight from `data` and checksummed without reading it.
+    pub(crate) fn write_with(
+        &mut self,
+        disk: DiskId,
+        offset: u64,
+        data: &[u8],
+        crc: Option<u32>,
+    ) -> io::Result<()> {
         let mut at = offset;
         for piece in data.chunks(MAX_PAYLOAD) {
             let len = piece.len() as u64;
-            let payload_at = self.append(
-                &Entry::Data {
-                    disk,
-                    offset: at,
-                    len,
-                },
-                piece,
-            )?;
+            let entry = Entry::Data {
+                disk,
+                offset: at,
+                len,
+            };
+            // The known checksum is of the whole of `data`: one entry.
+            let payload_at = match crc {
+                Some(crc) if piece.len() == data.len() => self.append_with(&entry, piece, crc)?,
+                _ => self.append(&entry, piece)?,
+            };
             self.record(self.end, disk, at, len, Source::Journal(payload_at));
             at += len;
         }
@@ -740,6 +769,23 @@ impl<D: LogDir> Journal<D> {
             .get(&segment_of(pos))
             .ok_or(io::ErrorKind::NotFound)?;
         read_exact_at(file, buf, offset_of(pos))
+    }
+
+    /// Copies `len` journal bytes at `pos` (a payload position) to
+    /// `to_offset` of `to`, within the kernel where it can (see
+    /// [`LogFile::copy_to`]): what a fold writes into the images.
+    pub(crate) fn copy_to(
+        &self,
+        pos: u64,
+        to: &D::File,
+        to_offset: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        let file = self
+            .segments
+            .get(&segment_of(pos))
+            .ok_or(io::ErrorKind::NotFound)?;
+        file.copy_to(offset_of(pos), to, to_offset, len)
     }
 
     /// Per disk, the overlay of the changes before `pos`.
@@ -831,11 +877,16 @@ pub(crate) struct Journaled<'a, D: LogDir = FsDir> {
     pub(crate) journal: &'a mut Journal<D>,
     pub(crate) disk: DiskId,
     pub(crate) no_hole: bool,
+    /// The CRC32C of the record's payload, known from its verified
+    /// checksum: what its write's entry is checksummed with.
+    pub(crate) payload_crc: Option<u32>,
 }
 
 impl<D: LogDir> ReplayTarget for Journaled<'_, D> {
+    /// The record's payload (a write record writes it whole, once).
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.journal.write(self.disk, offset, data)
+        let crc = self.payload_crc.take();
+        self.journal.write_with(self.disk, offset, data, crc)
     }
 
     fn zero(&mut self, offset: u64, len: u64) -> io::Result<()> {

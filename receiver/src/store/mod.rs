@@ -47,7 +47,9 @@
 //! The history is the journal from its start to its committed end; the
 //! images hold the state as of the start. Retention ([`Retention`]: age,
 //! count, space) picks the newest point it no longer keeps and *folds* the
-//! history up to it into the images: the state file first records the fold
+//! history up to it into the images (for space, down to a margin below the
+//! limit, so that a busy group does not fold at every commit:
+//! [`space_margin`]): the state file first records the fold
 //! (the points before it are gone from then on), the changes are written
 //! into the images and synced, then the state file moves the history's
 //! start and the journal segments wholly before it are removed. A crash
@@ -268,7 +270,7 @@ use state::{DiskState, Meta, Mode, StateFile};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
-use tidemark_changelog::record::{Kind, Record, FLAG_APP_CONSISTENT, FLAG_NO_HOLE};
+use tidemark_changelog::record::{Kind, Record, RecordRef, FLAG_APP_CONSISTENT, FLAG_NO_HOLE};
 use tidemark_changelog::replay::{self, ReplaySummary};
 use tidemark_changelog::{create_private_dir_all, DirLock, DiskId, Extent, LockError, Seq};
 use tidemark_durable::{FsDir, LogDir, LogFile};
@@ -355,6 +357,8 @@ pub struct Retention {
     /// At most this many points are kept.
     pub max_points: u64,
     /// The history behind the points may take at most this many bytes.
+    /// When it takes more, the fold goes down to [`space_margin`] below
+    /// it.
     pub max_space: Option<u64>,
     /// Folds run at most this often (unless space runs out): a fold syncs
     /// the images, so it is batched.
@@ -371,6 +375,24 @@ impl Default for Retention {
         }
     }
 }
+
+/// How far below `max_space` a fold for space takes the history: a
+/// sixteenth of it, at most [`SPACE_MARGIN_MAX`]. A fold has fixed costs
+/// whatever it folds (two state file replacements, a sync of the images,
+/// the overlays of the whole history rebuilt), so a history kept just
+/// under the limit, folded by the few points each commit adds, paid them
+/// at every commit of a busy group; with the margin one fold covers
+/// several commits. The points it folds early are the oldest ones, which
+/// space would fold soon anyway.
+pub fn space_margin(max_space: u64) -> u64 {
+    (max_space / 16).min(SPACE_MARGIN_MAX)
+}
+
+/// The largest [`space_margin`]: about one group commit's worth of
+/// writes. A fold's writes and their sync hold up the apply (the stream
+/// is read into memory meanwhile), so a fold stays about as long as a
+/// commit, and the receiver's memory as bounded.
+pub const SPACE_MARGIN_MAX: u64 = 16 << 20;
 
 /// A recovery point: a barrier or marker applied while the group was
 /// consistent. The disks can be read as of it ([`ReplicaGroup::view`]).
@@ -557,12 +579,13 @@ fn position_of(meta: &Meta) -> Position {
 }
 
 /// Writes what `overlays` lay over the images into them and syncs them.
+/// The journal's bytes are copied file to file (in the kernel, on a file
+/// system): they do not pass through the process again.
 fn apply_overlays<D: LogDir>(
     images: &BTreeMap<DiskId, D::File>,
     journal: &Journal<D>,
     overlays: &BTreeMap<DiskId, Overlay>,
 ) -> io::Result<()> {
-    let mut buf = vec![0u8; IO_BUF];
     for (disk, overlay) in overlays {
         let Some(image) = images.get(disk) else {
             return Err(io::Error::new(
@@ -576,13 +599,7 @@ fn apply_overlays<D: LogDir>(
                     image::zero_range(image, piece.start, piece.end - piece.start, no_hole)?
                 }
                 Source::Journal(from) => {
-                    let mut at = piece.start;
-                    while at < piece.end {
-                        let n = (piece.end - at).min(IO_BUF as u64) as usize;
-                        journal.read_at(&mut buf[..n], from + (at - piece.start))?;
-                        image.write_all_at(&[&buf[..n]], at)?;
-                        at += n as u64;
-                    }
+                    journal.copy_to(from, image, piece.start, piece.end - piece.start)?
                 }
             }
         }
@@ -989,19 +1006,20 @@ impl<D: LogDir> ReplicaGroup<D> {
 
     /// Applies the next record of the log (durable at the next commit).
     pub fn apply_record(&mut self, rec: &Record) -> Result<Applied, StoreError> {
-        self.apply(rec, true)
+        self.apply(rec.as_view(), true)
     }
 
     /// [`apply_record`](Self::apply_record) for a record whose checksum
     /// its receiver verified against the bytes that came (a
     /// `tidemark_wire::RecordBatch` verifies every record it holds): the
-    /// payload is not read again for it. Its fields are checked all the
-    /// same.
-    pub fn apply_verified_record(&mut self, rec: &Record) -> Result<Applied, StoreError> {
+    /// payload is not read again for it: neither to check it nor to
+    /// checksum its journal entry, whose checksum is derived from the
+    /// record's. Its fields are checked all the same.
+    pub fn apply_verified_record(&mut self, rec: RecordRef<'_>) -> Result<Applied, StoreError> {
         self.apply(rec, false)
     }
 
-    fn apply(&mut self, rec: &Record, verify_crc: bool) -> Result<Applied, StoreError> {
+    fn apply(&mut self, rec: RecordRef<'_>, verify_crc: bool) -> Result<Applied, StoreError> {
         self.check_poisoned()?;
         let h = &rec.header;
         let (seq, disk_id) = (h.seq, h.disk);
@@ -1077,10 +1095,15 @@ impl<D: LogDir> ReplicaGroup<D> {
                     let mut target = image::InPlace { file, no_hole };
                     replay::apply(rec, h.disk, &mut target, &mut summary)
                 } else {
+                    // The record's checksum held (checked above or by its
+                    // receiver): its payload's is derived from it, and the
+                    // journal entry's from that, without reading the
+                    // payload again.
                     let mut target = Journaled {
                         journal: &mut self.journal,
                         disk: disk_id,
                         no_hole,
+                        payload_crc: Some(h.verified_payload_crc()),
                     };
                     replay::apply(rec, h.disk, &mut target, &mut summary)
                 };
@@ -1298,7 +1321,8 @@ impl<D: LogDir> ReplicaGroup<D> {
             let total = self.journal.bytes();
             if total > max {
                 space_short = true;
-                let need = total - max;
+                // Down to a margin below the limit: see `space_margin`.
+                let need = total - max + space_margin(max);
                 while drop < newest
                     && self.history_bytes_between(self.journal.start, points[drop].pos) < need
                 {
@@ -1758,5 +1782,81 @@ mod tests {
         std::fs::remove_file(pin_dir.join(PIN_FILE)).unwrap();
         g.apply_retention(0, true).unwrap();
         assert_eq!(seqs(&g), [6]);
+    }
+
+    /// A fold for space takes the history down to a margin below
+    /// `max_space`: a busy group's commits do not each fold again (a
+    /// fold's fixed costs, at every commit), and the history stays within
+    /// the limit after every commit.
+    #[test]
+    fn a_fold_for_space_leaves_a_margin_so_commits_do_not_each_fold() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut g = one_disk_group(dir.path());
+        g.set_segment_size(4 << 10);
+        const MAX: u64 = 32 << 10;
+        g.set_retention(Retention {
+            window: std::time::Duration::MAX,
+            max_points: u64::MAX,
+            max_space: Some(MAX),
+            fold_interval: std::time::Duration::MAX,
+        });
+        let mut seq = 0u64;
+        let mut folds = 0;
+        let mut commits = 0;
+        let mut oldest = None;
+        for i in 0..400u64 {
+            seq += 1;
+            let at = (i * 512) % 60_000;
+            g.apply_record(&rec(&Entry::write(0, at, &[i as u8; 256], 0), seq))
+                .unwrap();
+            seq += 1;
+            g.apply_record(&rec(&Entry::barrier(seq), seq)).unwrap();
+            g.commit().unwrap();
+            assert!(g.history_bytes() <= MAX, "{} > {MAX}", g.history_bytes());
+            let first = g.points().first().map(|p| p.seq);
+            if g.history_bytes() > MAX / 2 {
+                commits += 1;
+                if first != oldest && oldest.is_some() {
+                    folds += 1;
+                }
+            }
+            oldest = first;
+        }
+        assert!(commits > 100, "the history reached the limit: {commits}");
+        assert!(
+            folds * 4 < commits,
+            "{folds} folds in {commits} commits at the limit"
+        );
+        // A large history's margin stays about a group commit's worth: a
+        // fold holds up the apply for as long as it writes and syncs.
+        assert_eq!(space_margin(64 << 20), 4 << 20);
+        assert_eq!(space_margin(1 << 40), SPACE_MARGIN_MAX);
+        let (last, at) = (399u64, (399 * 512) % 60_000);
+        let newest = read_point(&g, None);
+        assert_eq!(
+            newest[at as usize..at as usize + 256],
+            [last as u8; 256][..]
+        );
+    }
+
+    /// A verified record's journal entry is checksummed from the record's
+    /// own checksum, not from its bytes as they lie when written: a
+    /// payload that changed after its check is not journaled as good, the
+    /// history refuses it when it is read.
+    #[test]
+    fn a_payload_changed_after_its_check_is_refused_when_the_history_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut g = one_disk_group(dir.path());
+        let mut r = rec(&Entry::write(0, 0, &[5u8; 4096], 0), 1);
+        r.payload[100] ^= 1;
+        g.apply_verified_record(r.as_view()).unwrap();
+        g.commit().unwrap();
+        drop(g);
+        let _ = std::fs::remove_file(dir.path().join(index::INDEX_FILE));
+        let opened = ReplicaGroup::open(dir.path());
+        assert!(
+            matches!(opened, Err(StoreError::Damaged { .. })),
+            "{opened:?}"
+        );
     }
 }
