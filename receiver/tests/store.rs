@@ -172,6 +172,29 @@ fn a_new_group_is_in_initial_sync_until_every_disk_is_copied() {
     assert!(img[4096..].iter().all(|b| *b == 0));
 }
 
+/// An initial-sync chunk's writeback starts as it is applied, while the
+/// next chunks arrive, so the commit's sync waits for little; yet nothing
+/// of it is durable before that sync, and the position a commit names
+/// covers only synced bytes.
+#[test]
+fn an_initial_sync_chunk_starts_its_writeback_when_applied_and_is_durable_at_the_commit() {
+    let dir = SimDir::new();
+    let mut g = ReplicaGroup::open_on(dir.clone(), SimDir::new()).unwrap();
+    g.ensure_disks(&specs()).unwrap();
+    let d0 = disk_id(0);
+    let name = format!("disk-{d0}.img");
+    let first = |files: &BTreeMap<String, Vec<u8>>| files[&name].get(..4096).map(<[u8]>::to_vec);
+    let (syncs, writebacks) = (dir.syncs(), dir.writebacks());
+    g.apply_chunk(d0, 0, ChunkRef::Data(&[7u8; 4096]), Purpose::InitialSync)
+        .unwrap();
+    assert_eq!(dir.writebacks(), writebacks + 1, "started as it is applied");
+    assert_eq!(dir.syncs(), syncs, "no sync before the commit");
+    assert_ne!(first(&dir.after_power_cut()), Some(vec![7u8; 4096]));
+    assert_eq!(g.position().disks[0].synced, 0, "not durable yet");
+    assert_eq!(g.commit().unwrap().disks[0].synced, 4096);
+    assert_eq!(first(&dir.after_power_cut()), Some(vec![7u8; 4096]));
+}
+
 /// A host drained while its group was still syncing: its final barrier
 /// arrived before the sync ended, and becomes a recovery point when the
 /// group turns consistent with nothing applied after it.

@@ -86,9 +86,8 @@ impl SourceDisk {
         let end = offset.saturating_add(len).min(self.size);
         let want = usize::try_from(end.saturating_sub(offset))
             .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        let mut out = vec![0u8; want];
         if want == 0 {
-            return Ok(out);
+            return Ok(Vec::new());
         }
         if self.direct {
             // O_DIRECT wants aligned offsets, lengths and memory: read the
@@ -124,14 +123,17 @@ impl SourceDisk {
                     format!("{} ends before {end}", self.path.display()),
                 ));
             }
-            out.copy_from_slice(&b[lead..span]);
+            // Copied straight out: the chunk's memory is not zeroed first.
+            let out = b[lead..span].to_vec();
             if buf.capacity() <= KEEP_SCRATCH {
                 SCRATCH.with(|s| *s.borrow_mut() = Some(buf));
             }
+            Ok(out)
         } else {
+            let mut out = vec![0u8; want];
             self.file.read_exact_at(&mut out, offset)?;
+            Ok(out)
         }
-        Ok(out)
     }
 
     /// Reads a chunk for sync, telling zero or unallocated ranges apart.

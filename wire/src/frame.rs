@@ -353,26 +353,62 @@ pub(crate) fn encode_frame_with_crc(
     body_crc: Option<u32>,
     compression: Compression,
 ) -> Result<Vec<u8>, EncodeError> {
-    let raw_len = u32::try_from(body.len())
+    encode_frame_from(version, msg_type, (body, &[]), body_crc, compression)
+}
+
+/// [`encode_frame`] of the body `head` followed by `tail` (a chunk's
+/// fields, then its data): a tail sent raw is copied once, into the frame,
+/// never into a body first. Whether to compress is decided on the tail's
+/// sample when it is large (the head is a few bytes of fields).
+pub(crate) fn encode_frame_parts(
+    version: u16,
+    msg_type: MessageType,
+    head: &[u8],
+    tail: &[u8],
+    compression: Compression,
+) -> Result<Vec<u8>, EncodeError> {
+    encode_frame_from(version, msg_type, (head, tail), None, compression)
+}
+
+/// The one frame encoder behind [`encode_frame_with_crc`] and
+/// [`encode_frame_parts`]: the body is `parts.0` then `parts.1`.
+fn encode_frame_from(
+    version: u16,
+    msg_type: MessageType,
+    (head, tail): (&[u8], &[u8]),
+    body_crc: Option<u32>,
+    compression: Compression,
+) -> Result<Vec<u8>, EncodeError> {
+    let body_len = head.len() + tail.len();
+    let raw_len = u32::try_from(body_len)
         .ok()
         .filter(|&l| l <= MAX_FRAME_BODY)
-        .ok_or(EncodeError::BodyTooLarge(body.len()))?;
+        .ok_or(EncodeError::BodyTooLarge(body_len))?;
     let level = match compression {
         Compression::None => None,
         Compression::Fast => Some(1),
         Compression::Zstd(level) => Some(level),
     };
+    // The larger part is sampled: the whole body, or a chunk's data.
+    let sampled = if tail.len() > head.len() { tail } else { head };
     let compressed = level
-        .filter(|_| body.len() > COMPRESS_MIN_BODY)
-        .filter(|&level| worth_compressing(body, level))
-        .and_then(|level| zstd::bulk::compress(body, level).ok())
-        .filter(|c| c.len() < body.len());
-    let (flags, wire, wire_crc): (u8, &[u8], _) = match &compressed {
-        Some(c) => (FLAG_ZSTD, c, None),
-        None => (0, body, body_crc),
+        .filter(|_| body_len > COMPRESS_MIN_BODY)
+        .filter(|&level| worth_compressing(sampled, level))
+        .and_then(|level| {
+            if tail.is_empty() {
+                zstd::bulk::compress(head, level).ok()
+            } else {
+                zstd::bulk::compress(&[head, tail].concat(), level).ok()
+            }
+        })
+        .filter(|c| c.len() < body_len);
+    let (flags, wire, wire_crc): (u8, (&[u8], &[u8]), _) = match &compressed {
+        Some(c) => (FLAG_ZSTD, (c, &[]), None),
+        None => (0, (head, tail), body_crc),
     };
-    // wire.len() <= body.len() <= MAX_FRAME_BODY, so this cannot truncate.
-    let wire_len = wire.len() as u32;
+    let wire_len_usize = wire.0.len() + wire.1.len();
+    // wire_len <= body_len <= MAX_FRAME_BODY, so this cannot truncate.
+    let wire_len = wire_len_usize as u32;
     let mut header = RawFrameHeader {
         magic: FRAME_MAGIC,
         version: version.into(),
@@ -384,13 +420,14 @@ pub(crate) fn encode_frame_with_crc(
     };
     let seed = crc32c::crc32c(&header.as_bytes()[..CRC_AT]);
     header.crc = match wire_crc {
-        Some(c) => crc32c_combine(seed, c, wire.len()),
-        None => crc32c::crc32c_append(seed, wire),
+        Some(c) => crc32c_combine(seed, c, wire_len_usize),
+        None => crc32c::crc32c_append(crc32c::crc32c_append(seed, wire.0), wire.1),
     }
     .into();
-    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + wire.len());
+    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + wire_len_usize);
     out.extend_from_slice(header.as_bytes());
-    out.extend_from_slice(wire);
+    out.extend_from_slice(wire.0);
+    out.extend_from_slice(wire.1);
     Ok(out)
 }
 

@@ -74,7 +74,7 @@
 //! control releases in-flight bytes by it.
 
 use crate::frame::{
-    encode_frame, encode_frame_with_crc, Compression, DecodeError, EncodeError, Frame,
+    encode_frame_parts, encode_frame_with_crc, Compression, DecodeError, EncodeError, Frame,
     FrameDecoder, UncheckedFrame, MAX_FRAME_BODY, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use bytes::Bytes;
@@ -941,8 +941,8 @@ impl Message {
         if let Message::Records(batch) = self {
             return Message::encode_records(batch, version, compression);
         }
-        let body = self.encode_body(version)?;
-        encode_frame(version, self.msg_type(), &body, compression)
+        let (head, data) = self.encode_body_parts(version)?;
+        encode_frame_parts(version, self.msg_type(), &head, data, compression)
     }
 
     /// Encodes a Records frame straight from `batch` (see
@@ -966,7 +966,17 @@ impl Message {
 
     /// Encodes the body alone, in protocol `version` (see [`Message::encode`]).
     pub fn encode_body(&self, version: u16) -> Result<Vec<u8>, EncodeError> {
+        let (mut body, data) = self.encode_body_parts(version)?;
+        body.extend_from_slice(data);
+        Ok(body)
+    }
+
+    /// The body as its fields and the bytes that end it: a chunk's data,
+    /// which [`Message::encode`] copies once, straight into the frame
+    /// (empty for every other message).
+    fn encode_body_parts(&self, version: u16) -> Result<(Vec<u8>, &[u8]), EncodeError> {
         check_spoken(self.msg_type(), version)?;
+        let mut tail: &[u8] = &[];
         let mut w = Writer(Vec::new());
         match self {
             Message::Hello {
@@ -1017,7 +1027,7 @@ impl Message {
                     w.str8("software", software)?;
                 }
             }
-            Message::Records(batch) => return Ok(batch.as_bytes().to_vec()),
+            Message::Records(batch) => return Ok((Vec::new(), batch.as_bytes())),
             Message::Chunk {
                 disk,
                 offset,
@@ -1047,7 +1057,7 @@ impl Message {
                 match data {
                     ChunkData::Data(d) => {
                         w.u8(0);
-                        w.0.extend_from_slice(d);
+                        tail = d;
                     }
                     ChunkData::Zero(n) => {
                         w.u8(1);
@@ -1151,7 +1161,7 @@ impl Message {
         if w.0.len() > MAX_FRAME_BODY as usize {
             return Err(EncodeError::BodyTooLarge(w.0.len()));
         }
-        Ok(w.0)
+        Ok((w.0, tail))
     }
 
     /// Decodes a frame's body, as the frame's version lays it out. A frame
@@ -1791,7 +1801,7 @@ impl MessageDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::FRAME_HEADER_LEN;
+    use crate::frame::{encode_frame, FRAME_HEADER_LEN};
     use tidemark_changelog::record::Entry;
 
     fn rec(seq: u64, generation: u32) -> Vec<u8> {
@@ -1841,6 +1851,35 @@ mod tests {
             Err(BatchError::TrailingBytes(_))
         ));
         assert!(RecordBatch::from_bytes(two).is_ok());
+    }
+
+    /// A chunk's frame, its data copied once straight into it, is byte
+    /// for byte the frame of its whole body, raw (random data) or
+    /// compressed, and decodes to the same chunk.
+    #[test]
+    fn a_chunk_frame_is_the_frame_of_its_whole_body() {
+        let random: Vec<u8> = (0..1u32 << 20)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        for data in [random, vec![7u8; 1 << 20], b"small".to_vec()] {
+            let chunk = Message::Chunk {
+                disk: DiskId(3),
+                offset: 1 << 30,
+                after_seq: Seq(9),
+                purpose: ChunkPurpose::InitialSync,
+                data: ChunkData::Data(data),
+            };
+            for compression in [Compression::None, Compression::Fast] {
+                let frame = chunk.encode(PROTOCOL_VERSION, compression).unwrap();
+                let body = chunk.encode_body(PROTOCOL_VERSION).unwrap();
+                let whole =
+                    encode_frame(PROTOCOL_VERSION, MessageType::Chunk, &body, compression).unwrap();
+                assert_eq!(frame, whole);
+                let mut d = MessageDecoder::new();
+                d.feed(&frame);
+                assert_eq!(d.next_message().unwrap().unwrap().message, chunk);
+            }
+        }
     }
 
     /// A raw Records frame: the records' checksums and the frame's are

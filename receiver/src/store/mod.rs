@@ -218,7 +218,9 @@
 //! # Durability
 //!
 //! [`ReplicaGroup::commit`] fdatasyncs the images written in place (initial
-//! sync), or appends a commit mark to the journal and fdatasyncs it, then
+//! sync: each chunk's writeback is started as it is applied, so the sync
+//! mostly waits for the last ones; only the sync makes them durable), or
+//! appends a commit mark to the journal and fdatasyncs it, then
 //! replaces the state file. Only then is the position durable. Any I/O error
 //! poisons the open group ([`StoreError::Poisoned`]): fsync is never retried,
 //! and reopening recovers to the last committed position.
@@ -1143,7 +1145,12 @@ impl<D: LogDir> ReplicaGroup<D> {
                 };
                 self.touched.insert(disk);
                 let result = match data {
-                    ChunkRef::Data(d) => file.write_all_at(&[d], offset),
+                    // The chunk's writeback starts now, while the next
+                    // chunks arrive: the commit's fdatasync then waits
+                    // for little more than the last of them.
+                    ChunkRef::Data(d) => file
+                        .write_all_at(&[d], offset)
+                        .and_then(|()| file.start_writeback(offset, len)),
                     ChunkRef::Zero(n) => image::zero_range(file, offset, n, false),
                 };
                 self.poison_on(result.map_err(io_err("applying a chunk in", &path)))?;
