@@ -72,7 +72,8 @@ pub use tracker::{
 };
 pub use units::{parse_duration, ByteSize, Duration};
 pub use vm::{
-    ImageFormat, MacAddress, MachineType, NicAttachment, VmDisk, VmNic, VmSpec, VmValueError,
+    DirectKernel, ImageFormat, MacAddress, MachineType, NicAttachment, VmDisk, VmNic, VmSpec,
+    VmValueError,
 };
 
 use source_map::{line_column, SourceMap};
