@@ -13,7 +13,7 @@
 //!   cannot meet production even with production's MAC); or mapped, each
 //!   spec NIC's bridge or libvirt network name translated to a bridge of
 //!   this site ([`NetworkMap`]), a NIC without a mapping refused.
-//! - The console is qemu's first serial port on qemu's stdout; the guest
+//! - The console is qemu's first serial port, written to a file; the guest
 //!   is up when a console line contains the configured text
 //!   ([`UpWatch`]), and the time from start to then is the recovery time.
 //!
@@ -22,7 +22,8 @@
 //!     -blockdev …  -device virtio-blk-pci,…          (as crate::qemu renders)
 //!     -accel kvm -cpu host | -accel tcg,thread=multi -cpu max
 //!     -nic none | -netdev user,id=netN,restrict=on … | -netdev bridge,id=netN,br=LOCAL …
-//!     -nodefaults -no-user-config -display none -monitor none -serial stdio
+//!     -nodefaults -no-user-config -display none -monitor none
+//!     -serial file:CONSOLE -daemonize -pidfile PIDFILE
 //! ```
 
 use std::collections::BTreeMap;
@@ -30,7 +31,9 @@ use std::time::{Duration, Instant};
 
 use tidemark_config::{NicAttachment, VmSpec};
 
-use crate::{qemu, DiskSource, RenderError};
+use std::path::Path;
+
+use crate::{qemu, utf8, DiskSource, RenderError};
 
 /// Why a VM cannot be started on the replica site, or did not come up.
 #[derive(Debug, thiserror::Error)]
@@ -199,30 +202,44 @@ pub fn replica_sources(
         .collect()
 }
 
+/// How and where qemu runs the VM on this site.
+#[derive(Clone, Copy, Debug)]
+pub struct Launch<'a> {
+    /// The accelerator.
+    pub accel: Accel,
+    /// The NICs' networks.
+    pub networks: Networks<'a>,
+    /// The file the guest's serial console is written to.
+    pub console: &'a Path,
+    /// The file qemu writes its process id to: qemu runs in the
+    /// background (`-daemonize`), returning once the VM has started, and
+    /// outlives the command that started it.
+    pub pidfile: &'a Path,
+}
+
 /// The qemu arguments that start `spec` on this site, its disks read
-/// from `sources`, its console on qemu's stdout.
+/// from `sources`.
 pub fn args(
     spec: &VmSpec,
     sources: &[DiskSource],
-    accel: Accel,
-    networks: Networks<'_>,
+    launch: &Launch<'_>,
 ) -> Result<Vec<String>, BootError> {
-    let mut args = match networks {
+    let mut args = match launch.networks {
         Networks::Mapped(map) => qemu::args(&map.apply(spec)?, sources)?,
         Networks::None | Networks::Isolated => {
             let mut args = qemu::machine_and_disks(spec, sources)?;
-            if matches!(networks, Networks::Isolated) {
+            if matches!(launch.networks, Networks::Isolated) {
                 for (i, nic) in spec.nics.iter().enumerate() {
                     qemu::nic_args(&mut args, i, "user,restrict=on", nic);
                 }
             }
-            if spec.nics.is_empty() || matches!(networks, Networks::None) {
+            if spec.nics.is_empty() || matches!(launch.networks, Networks::None) {
                 args.extend(["-nic".into(), "none".into()]);
             }
             args
         }
     };
-    args.extend(accel.args().map(String::from));
+    args.extend(launch.accel.args().map(String::from));
     args.extend(
         [
             "-nodefaults",
@@ -231,11 +248,15 @@ pub fn args(
             "none",
             "-monitor",
             "none",
-            "-serial",
-            "stdio",
         ]
         .map(String::from),
     );
+    // The serial spec takes the rest of its text as the path: no escape.
+    args.push("-serial".into());
+    args.push(format!("file:{}", utf8(launch.console)?));
+    args.push("-daemonize".into());
+    args.push("-pidfile".into());
+    args.push(utf8(launch.pidfile)?.into());
     Ok(args)
 }
 
@@ -313,6 +334,15 @@ mod tests {
     use crate::{libvirt, qemu::command_line};
     use std::path::Path;
 
+    fn launch(accel: Accel, networks: Networks<'_>) -> Launch<'_> {
+        Launch {
+            accel,
+            networks,
+            console: Path::new("/run/tidemark/web1.console"),
+            pidfile: Path::new("/run/tidemark/web1.pid"),
+        }
+    }
+
     fn replica() -> Vec<String> {
         ["root", "base", "data"].map(String::from).to_vec()
     }
@@ -336,10 +366,10 @@ mod tests {
     fn a_test_failover_boots_from_the_exports_on_an_isolated_network() {
         let spec = spec(SPEC);
         let sources = test_failover_sources(&spec);
-        let args = args(&spec, &sources, Accel::Tcg, Networks::Isolated).unwrap();
+        let args = args(&spec, &sources, &launch(Accel::Tcg, Networks::Isolated)).unwrap();
         golden("web1.test-failover.qemu.sh", &command_line(&args));
         assert!(!args.iter().any(|a| a.contains("bridge")), "{args:?}");
-        let none = super::args(&spec, &sources, Accel::Kvm, Networks::None).unwrap();
+        let none = super::args(&spec, &sources, &launch(Accel::Kvm, Networks::None)).unwrap();
         assert!(!none.iter().any(|a| a.contains("netdev")), "{none:?}");
         assert!(none.windows(2).any(|w| w == ["-nic", "none"]), "{none:?}");
         assert!(none.windows(2).any(|w| w == ["-accel", "kvm"]), "{none:?}");
@@ -350,7 +380,7 @@ mod tests {
         let spec = spec(SPEC);
         let sources = failover_sources(&spec);
         let map = NetworkMap::parse(["br0=br-dr0", "br1=br-dr1"]).unwrap();
-        let args = args(&spec, &sources, Accel::Tcg, Networks::Mapped(&map)).unwrap();
+        let args = args(&spec, &sources, &launch(Accel::Tcg, Networks::Mapped(&map))).unwrap();
         golden("web1.failover.qemu.sh", &command_line(&args));
         let xml = libvirt::domain_xml_of(&map.apply(&spec).unwrap(), &sources, "qemu").unwrap();
         golden("web1.failover.xml", &xml);
@@ -361,7 +391,7 @@ mod tests {
         let spec = spec(SPEC);
         let sources = failover_sources(&spec);
         let map = NetworkMap::parse(["br0=br-dr0"]).unwrap();
-        let err = args(&spec, &sources, Accel::Tcg, Networks::Mapped(&map)).unwrap_err();
+        let err = args(&spec, &sources, &launch(Accel::Tcg, Networks::Mapped(&map))).unwrap_err();
         assert!(
             matches!(&err, BootError::UnmappedNetwork { nic: 1, name } if name == "br1"),
             "{err}"

@@ -20,4 +20,6 @@ qemu-system-x86_64 \
     -no-user-config \
     -display none \
     -monitor none \
-    -serial stdio
+    -serial file:/run/tidemark/web1.console \
+    -daemonize \
+    -pidfile /run/tidemark/web1.pid
