@@ -63,7 +63,7 @@ use toml::de::DeTable;
 pub use address::HostPort;
 pub use error::{ConfigError, FieldPath, SourceLocation, ValueError};
 pub use liveness::LivenessConfig;
-pub use plan::{GroupRef, PlanConfig, PlanStep};
+pub use plan::{GroupRef, PlanConfig, PlanStep, StartVm};
 pub use receiver::{HostEntry, ReceiverConfig, RetentionConfig, ServerTlsConfig};
 pub use schedule::{TimeOfDay, TimeWindow};
 pub use shipper::{BandwidthConfig, ClientTlsConfig, RetryConfig, ScheduledLimit, ShipperConfig};
