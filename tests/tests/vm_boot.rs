@@ -4,22 +4,27 @@
 //! under qemu (TCG) on an isolated network,
 //! and says ready once the guest's console shows it is up; replication
 //! goes on meanwhile, and ending the test stops the VM and leaves nothing.
+//! Then `tidemark failover --boot` refuses a NIC whose network has no
+//! mapping before writing anything, and boots the VM from the disk it
+//! wrote (the recovery time measured).
 //!
 //! The guest is the cheapest real one: the kernel of
 //! `scripts/kernel-vm.sh`, the initramfs of `scripts/system-vm.sh`, and a
 //! 32 MiB ext4 root holding busybox and an init that prints a line with a
-//! token written into the image before replication. One boot per run.
+//! token written into the image before replication. Two boots of a few
+//! seconds each.
 
 use std::fs;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
+use tidemark_e2e::replication::HOST;
 use tidemark_e2e::replication::{
     enroll, newest_point, start_receiver, start_shipper, start_test_failover_with, wait_caught_up,
 };
-use tidemark_e2e::{qemu_io, require_kernel, require_tool, run, TrackerProcess};
+use tidemark_e2e::{qemu_io, refused, require_kernel, require_tool, run, tidemark, TrackerProcess};
 
-const TEST: &str = "a_test_failover_boots_the_vm_from_the_point_and_stops_it_at_the_end";
+const TEST: &str = "a_replicated_vm_boots_at_a_test_failover_and_at_a_failover";
 const IMAGE_SIZE: u64 = 32 << 20;
 /// Most time from starting the VM to its up line: TCG on two shared cores.
 const UP_TIMEOUT: &str = "120s";
@@ -77,7 +82,7 @@ fn guest_root(dir: &Path, image: &Path, token: &str) {
 }
 
 #[test]
-fn a_test_failover_boots_the_vm_from_the_point_and_stops_it_at_the_end() {
+fn a_replicated_vm_boots_at_a_test_failover_and_at_a_failover() {
     for tool in ["qemu-system-x86_64", "nbdcopy", "mkfs.ext4", "busybox"] {
         if !require_tool(tool, TEST) {
             return;
@@ -102,14 +107,14 @@ fn a_test_failover_boots_the_vm_from_the_point_and_stops_it_at_the_end() {
     let kernel = kernel.lines().last().expect("the kernel's path").trim();
 
     // The guest's disk is protected and replicated.
-    let (rpki, hpki) = enroll(dir, tidemark_e2e::replication::HOST);
+    let (rpki, hpki) = enroll(dir, HOST);
     let image = dir.join("disk.img");
     fs::File::create(&image)
         .unwrap()
         .set_len(IMAGE_SIZE)
         .unwrap();
     let port = tidemark_e2e::replication::free_port();
-    let _receiver = start_receiver(dir, &rpki, port, None);
+    let receiver = start_receiver(dir, &rpki, port, None);
     let tracker = TrackerProcess::start(dir, &image, &[]);
     let log_dir = tracker.log_dir.clone();
     let uri = tracker.uri();
@@ -119,21 +124,24 @@ fn a_test_failover_boots_the_vm_from_the_point_and_stops_it_at_the_end() {
     wait_caught_up(dir, &log_dir, Duration::from_secs(60));
     let point = newest_point(dir);
 
-    // The VM's spec on the replica site.
+    // The VM's spec on the replica site, and the same VM without its NIC
+    // (this machine has no bridge to map it to).
     let spec = dir.join("vm1.toml");
+    let spec_text = format!(
+        "[vm]\nname = \"vm1\"\ncpus = 1\nmemory = \"256MiB\"\n\n\
+         [vm.kernel]\npath = \"{kernel}\"\ninitrd = \"{}\"\n\
+         append = \"console=ttyS0 panic=-1 quiet tidemark.root=disk\"\n\n\
+         [[vm.disk]]\nname = \"disk\"\npath = \"{}\"\nformat = \"raw\"\n\n",
+        initrd.display(),
+        image.display()
+    );
     fs::write(
         &spec,
-        format!(
-            "[vm]\nname = \"vm1\"\ncpus = 1\nmemory = \"256MiB\"\n\n\
-             [vm.kernel]\npath = \"{kernel}\"\ninitrd = \"{}\"\n\
-             append = \"console=ttyS0 panic=-1 quiet tidemark.root=disk\"\n\n\
-             [[vm.disk]]\nname = \"disk\"\npath = \"{}\"\nformat = \"raw\"\n\n\
-             [[vm.nic]]\nbridge = \"br0\"\nmac = \"52:54:00:12:34:56\"\n",
-            initrd.display(),
-            image.display()
-        ),
+        format!("{spec_text}[[vm.nic]]\nbridge = \"br0\"\nmac = \"52:54:00:12:34:56\"\n"),
     )
     .unwrap();
+    let bare_spec = dir.join("vm1-bare.toml");
+    fs::write(&bare_spec, &spec_text).unwrap();
 
     let started = Instant::now();
     let (test, _, lines) = start_test_failover_with(
@@ -182,4 +190,57 @@ fn a_test_failover_boots_the_vm_from_the_point_and_stops_it_at_the_end() {
     assert!(test.stop().success());
     assert!(gone(pid), "the VM still runs after the test ended");
     assert!(!group_dir.join("test-failover").exists(), "traces left");
+
+    // A failover: a NIC whose network has no mapping is refused before
+    // anything is written.
+    assert!(receiver.stop().success());
+    let to = dir.join("failover");
+    let failover = |spec: &Path| {
+        let mut cmd = tidemark();
+        cmd.args(["failover", "--data-dir"])
+            .arg(dir.join("replicas"))
+            .args(["--host", HOST, "--to"])
+            .arg(&to)
+            .arg("--boot")
+            .arg(spec)
+            .args(["--up-line", &format!("TIDEMARK-VM-UP {token}")])
+            .args(["--up-timeout", UP_TIMEOUT, "--accel", "tcg"]);
+        cmd
+    };
+    let out = refused(&mut failover(&spec));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("vm.nic[0] is on \"br0\", which has no mapping"),
+        "{stderr}"
+    );
+    assert!(!to.exists(), "a refused failover wrote {}", to.display());
+
+    // The VM boots from the failed-over disk; the command's time from
+    // start to the VM up is the recovery time.
+    let started = Instant::now();
+    let out = run(&mut failover(&bare_spec));
+    let rto = started.elapsed();
+    let pid: i32 = fs::read_to_string(to.join("vm1.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let _qemu = QemuGuard(Some(pid));
+    assert!(out.contains("the VM vm1 is up"), "{out}");
+    let console = fs::read_to_string(to.join("vm1.console")).unwrap();
+    assert!(
+        console.contains(&format!("TIDEMARK-VM-UP {token} up")),
+        "{console}"
+    );
+    eprintln!("failover --boot to the VM up (RTO): {rto:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !gone(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(gone(pid), "the failed-over VM did not stop");
 }
