@@ -3,7 +3,8 @@
 //! start --boot` starts the VM from the point's copy-on-write export
 //! under qemu (TCG) on an isolated network,
 //! and says ready once the guest's console shows it is up; replication
-//! goes on meanwhile, and ending the test stops the VM and leaves nothing.
+//! goes on meanwhile, and ending the test stops the VM and leaves nothing
+//! (as `test-failover cleanup` does after a test that was killed).
 //! Then `tidemark failover --boot` refuses a NIC whose network has no
 //! mapping before writing anything, and boots the VM from the disk it
 //! wrote (the recovery time measured).
@@ -11,7 +12,7 @@
 //! The guest is the cheapest real one: the kernel of
 //! `scripts/kernel-vm.sh`, the initramfs of `scripts/system-vm.sh`, and a
 //! 32 MiB ext4 root holding busybox and an init that prints a line with a
-//! token written into the image before replication. Two boots of a few
+//! token written into the image before replication. Three boots of a few
 //! seconds each.
 
 use std::fs;
@@ -144,23 +145,21 @@ fn a_replicated_vm_boots_at_a_test_failover_and_at_a_failover() {
     fs::write(&bare_spec, &spec_text).unwrap();
 
     let started = Instant::now();
-    let (test, _, lines) = start_test_failover_with(
-        dir,
-        point,
-        &[
-            "--boot".as_ref(),
-            spec.as_os_str(),
-            "--up-line".as_ref(),
-            format!("TIDEMARK-VM-UP {token}").as_ref(),
-            "--up-timeout".as_ref(),
-            UP_TIMEOUT.as_ref(),
-            // CI machines' KVM, when there is one, may be nested and
-            // broken: TCG boots everywhere.
-            "--accel".as_ref(),
-            "tcg".as_ref(),
-        ],
-        Duration::from_secs(180),
-    );
+    let up_line = format!("TIDEMARK-VM-UP {token}");
+    let boot_args: [&std::ffi::OsStr; 8] = [
+        "--boot".as_ref(),
+        spec.as_os_str(),
+        "--up-line".as_ref(),
+        up_line.as_ref(),
+        "--up-timeout".as_ref(),
+        UP_TIMEOUT.as_ref(),
+        // CI machines' KVM, when there is one, may be nested and broken:
+        // TCG boots everywhere.
+        "--accel".as_ref(),
+        "tcg".as_ref(),
+    ];
+    let (test, _, lines) =
+        start_test_failover_with(dir, point, &boot_args, Duration::from_secs(180));
     let to_ready = started.elapsed();
     let group_dir = dir.join("replicas/db1.example.test/default");
     let pid: i32 = fs::read_to_string(group_dir.join("test-failover/vm.pid"))
@@ -189,6 +188,25 @@ fn a_replicated_vm_boots_at_a_test_failover_and_at_a_failover() {
     // Ending the test stops the VM and leaves nothing.
     assert!(test.stop().success());
     assert!(gone(pid), "the VM still runs after the test ended");
+    assert!(!group_dir.join("test-failover").exists(), "traces left");
+
+    // A test failover that is killed leaves its VM running; cleanup stops
+    // it and removes the rest.
+    let (test, _, _) = start_test_failover_with(dir, point, &boot_args, Duration::from_secs(180));
+    let pid: i32 = fs::read_to_string(group_dir.join("test-failover/vm.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let _qemu_of_killed_test = QemuGuard(Some(pid));
+    test.kill();
+    assert!(!gone(pid), "the VM should outlive a killed test failover");
+    let out = run(tidemark()
+        .args(["test-failover", "cleanup", "--data-dir"])
+        .arg(dir.join("replicas"))
+        .args(["--host", HOST]));
+    assert!(out.contains("stopped the VM"), "{out}");
+    assert!(gone(pid), "cleanup left the VM running");
     assert!(!group_dir.join("test-failover").exists(), "traces left");
 
     // A failover: a NIC whose network has no mapping is refused before
