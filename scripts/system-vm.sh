@@ -19,6 +19,13 @@
 #       `TIDEMARK-VM-PASS` or `TIDEMARK-VM-FAIL: reason` on the serial
 #       console and powers off; exit status 0 only on PASS. The guest has
 #       no network device: it works on its own loopback.
+#   scripts/system-vm.sh initramfs OUT
+#       Writes the initramfs `boot` uses to OUT and prints the kernel's
+#       path: what a VM spec's [vm.kernel] names to boot a root file system
+#       made by `image` (or any ext4 root on a virtio disk whose serial is
+#       given as tidemark.root=SERIAL on the kernel command line, by
+#       default tidemark-root) directly, e.g. from a test failover's NBD
+#       export.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -61,19 +68,23 @@ while read -r ko params; do
 done < /modules
 mount -t sysfs sysfs /sys
 mkdir -p /newroot
-# The root is the virtio disk with the serial "tidemark-root", wherever
-# it landed among the others.
+# The root is the virtio disk with the serial "tidemark-root" (or the
+# tidemark.root= of the command line), wherever it landed among the others.
+want=tidemark-root
+for word in $(cat /proc/cmdline); do
+    case $word in tidemark.root=*) want=${word#tidemark.root=} ;; esac
+done
 root=""
 for _ in $(seq 50); do
     for serial in /sys/block/vd*/serial; do
-        [ "$(cat "$serial" 2>/dev/null)" = tidemark-root ] || continue
+        [ "$(cat "$serial" 2>/dev/null)" = "$want" ] || continue
         root=${serial%/serial}; root=/dev/${root##*/}
     done
     [ -n "$root" ] && [ -b "$root" ] && break
     sleep 0.1
 done
 if [ -z "$root" ] || ! mount -t ext4 -o rw "$root" /newroot; then
-    echo "TIDEMARK-VM-FAIL: cannot mount the root file system (disk ${root:-with serial tidemark-root not found})"
+    echo "TIDEMARK-VM-FAIL: cannot mount the root file system (disk ${root:-with serial $want not found})"
     cat /proc/partitions
     poweroff -f
 fi
@@ -180,8 +191,22 @@ cmd_boot() {
     return 1
 }
 
+cmd_initramfs() {
+    [ $# -eq 1 ] || die "usage: $0 initramfs OUT"
+    [ -x /bin/busybox ] || die "busybox is not installed (run: scripts/kernel-vm.sh install)"
+    local out=$1 kdir kver tmp
+    kdir=$(kernel_dir)
+    kver=$(basename "$kdir")
+    tmp=$(mktemp -d "${TMPDIR:-/tmp}/tidemark-initramfs.XXXXXX")
+    build_initramfs "$tmp" "$kdir" "$kver"
+    mv "$tmp/initrd.cpio.gz" "$out"
+    rm -rf "$tmp"
+    echo "$kdir/boot/vmlinuz-$kver"
+}
+
 case ${1:-} in
     image) shift; cmd_image "$@" ;;
+    initramfs) shift; cmd_initramfs "$@" ;;
     boot) shift; cmd_boot "$@" ;;
-    *) die "usage: $0 image ROOTDIR IMAGE | boot IMAGE [--disk FILE:SERIAL]... [--timeout SECS] [--console FILE]" ;;
+    *) die "usage: $0 image ROOTDIR IMAGE | initramfs OUT | boot IMAGE [--disk FILE:SERIAL]... [--timeout SECS] [--console FILE]" ;;
 esac

@@ -369,12 +369,26 @@ pub fn wait_caught_up(dir: &Path, log_dir: &Path, timeout: Duration) -> serde_js
 /// Starts `tidemark test-failover start` at `point` and waits until it
 /// serves; returns it and the NBD URI of the disk.
 pub fn start_test_failover(dir: &Path, point: u64) -> (Daemon, String) {
+    let (daemon, uri, _) = start_test_failover_with(dir, point, &[], Duration::from_secs(30));
+    (daemon, uri)
+}
+
+/// [`start_test_failover`] with more `test-failover start` flags (e.g.
+/// `--boot`), waiting at most `timeout` for it to be ready; also returns
+/// the lines it printed until then.
+pub fn start_test_failover_with(
+    dir: &Path,
+    point: u64,
+    extra: &[&std::ffi::OsStr],
+    timeout: Duration,
+) -> (Daemon, String, Vec<String>) {
     let socket = dir.join("test-failover.sock");
     let mut child = tidemark()
         .args(["test-failover", "start", "--data-dir"])
         .arg(dir.join("replicas"))
         .args(["--host", HOST, "--point", &point.to_string(), "--socket"])
         .arg(&socket)
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(fs::File::create(dir.join("test-failover.log")).unwrap())
         .spawn()
@@ -392,9 +406,10 @@ pub fn start_test_failover(dir: &Path, point: u64) -> (Daemon, String) {
     });
     let mut lines = Vec::new();
     loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| panic!("the test failover did not start: {lines:?}"));
+        let line = rx.recv_timeout(timeout).unwrap_or_else(|_| {
+            let log = fs::read_to_string(dir.join("test-failover.log")).unwrap_or_default();
+            panic!("the test failover did not start: {lines:?}\n{log}")
+        });
         let done = line.starts_with("ready");
         lines.push(line);
         if done {
@@ -405,6 +420,7 @@ pub fn start_test_failover(dir: &Path, point: u64) -> (Daemon, String) {
     (
         Daemon::new(child, "test failover"),
         format!("nbd+unix:///disk?socket={}", socket.display()),
+        lines,
     )
 }
 

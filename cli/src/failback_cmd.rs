@@ -3,6 +3,7 @@
 
 use crate::failover_cmd::{failover, FailoverArgs};
 use crate::points_cmd::ReplicaArgs;
+use crate::vm_boot::BootArgs;
 use anyhow::Result;
 use clap::Args;
 use std::path::PathBuf;
@@ -30,6 +31,8 @@ pub(crate) fn failback(a: FailbackArgs) -> Result<ExitCode> {
         to: a.to,
         planned: true,
         timeout: a.timeout,
+        boot: BootArgs::none(),
+        networks: Vec::new(),
     })?;
     println!(
         "failed back: start the original host's tracker with --resync-all (its disks were written \

@@ -3,10 +3,12 @@
 //! disk. `--planned` first drains the protected host through the running
 //! receiver (the drain request of [`tidemark_receiver::drain`]) and pins
 //! the final barrier ([`tidemark_receiver::pin`]) while it is written, so
-//! nothing is lost.
+//! nothing is lost. `--boot` then starts the group's VM from the disks
+//! written (see [`crate::vm_boot`]).
 
 use crate::points_cmd::{choose, kind, ReplicaArgs};
 use crate::timefmt;
+use crate::vm_boot::{self, BootArgs, VmFiles};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::os::unix::fs::FileExt;
@@ -18,6 +20,8 @@ use tidemark_receiver::pin::PinLock;
 use tidemark_receiver::store::{
     GroupState, LocalEngine, PointReader, RecoveryPoint, ReplicaStore, StoreEngine,
 };
+use tidemark_vm::boot::{self, NetworkMap, Networks};
+use tidemark_vm::DiskSource;
 
 /// `tidemark failover`.
 #[derive(Debug, Args)]
@@ -43,6 +47,68 @@ pub(crate) struct FailoverArgs {
     /// With --planned: most time to wait for the protected host to drain.
     #[arg(long, default_value = "10m", value_parser = tidemark_config::parse_duration)]
     pub(crate) timeout: std::time::Duration,
+    /// Start the group's VM from the failed-over disks, its NICs on this
+    /// site's bridges (see --network), and wait until it is up.
+    #[command(flatten)]
+    pub(crate) boot: BootArgs,
+    /// With --boot: the bridge of this site for a network of the VM's
+    /// spec (a NIC's `bridge` or `network`), NAME=BRIDGE, once per
+    /// network. A NIC whose network has no mapping is refused before
+    /// anything is written.
+    #[arg(long = "network", value_name = "NAME=BRIDGE", requires = "boot")]
+    pub(crate) networks: Vec<String>,
+}
+
+/// The VM to start after a failover, checked before anything is written.
+struct VmToBoot {
+    spec: tidemark_config::VmSpec,
+    networks: NetworkMap,
+}
+
+impl VmToBoot {
+    fn of(a: &FailoverArgs) -> Result<Option<VmToBoot>> {
+        let Some(spec) = a.boot.spec()? else {
+            return Ok(None);
+        };
+        let networks = NetworkMap::parse(a.networks.iter().map(String::as_str))?;
+        networks.apply(&spec)?;
+        Ok(Some(VmToBoot { spec, networks }))
+    }
+
+    /// Starts the VM from the disks written, `written` (name, path).
+    fn boot(&self, a: &FailoverArgs, written: &[(String, PathBuf)]) -> Result<()> {
+        let names: Vec<String> = written.iter().map(|(n, _)| n.clone()).collect();
+        let sources = boot::replica_sources(&self.spec, &names, |name| DiskSource::File {
+            path: written
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, p)| p.clone())
+                .unwrap_or_default(),
+        })?;
+        let name = self.spec.name.as_str();
+        let files = match (&a.boot.console, a.to.is_dir()) {
+            (Some(console), _) => VmFiles {
+                console: console.clone(),
+                pidfile: console.with_extension("pid"),
+            },
+            (None, true) => VmFiles {
+                console: a.to.join(format!("{name}.console")),
+                pidfile: a.to.join(format!("{name}.pid")),
+            },
+            (None, false) => {
+                bail!("with --to a device or file, give --console for the VM's console")
+            }
+        };
+        // The VM runs on after this command, in the background.
+        vm_boot::start(
+            &self.spec,
+            &sources,
+            Networks::Mapped(&self.networks),
+            &a.boot,
+            &files,
+        )?;
+        Ok(())
+    }
 }
 
 pub(crate) fn failover(a: FailoverArgs) -> Result<ExitCode> {
@@ -60,21 +126,26 @@ pub(crate) fn failover(a: FailoverArgs) -> Result<ExitCode> {
                 dir.display()
             )
         })?;
+    let vm = VmToBoot::of(&a)?;
     let points = group.points();
     let point = choose(&points, &a.point)?;
     let view = group.reader(Some(point.seq))?;
-    write_images(&a, group.as_ref(), point, view.as_ref())?;
+    let written = write_images(&a, group.as_ref(), point, view.as_ref())?;
+    if let Some(vm) = vm {
+        vm.boot(&a, &written)?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 
 /// Writes every disk of `group` as `view` (at `point`) reads it into
-/// `a.to`.
+/// `a.to`; returns each disk's name and where it went.
 fn write_images(
     a: &FailoverArgs,
     group: &dyn ReplicaStore,
     point: &RecoveryPoint,
     view: &dyn PointReader,
-) -> Result<()> {
+) -> Result<Vec<(String, PathBuf)>> {
+    let mut written = Vec::new();
     let target = Target::of(&a.to, group)?;
     println!(
         "failing over {}/{} to the recovery point at sequence {} ({}, {}{})",
@@ -102,8 +173,9 @@ fn write_images(
             d.size,
             copied
         );
+        written.push((d.name.to_string(), dst));
     }
-    Ok(())
+    Ok(written)
 }
 
 /// A planned failover: the drain request goes to the receiver, which
@@ -113,6 +185,7 @@ fn write_images(
 fn planned_failover(a: &FailoverArgs) -> Result<ExitCode> {
     use tidemark_receiver::drain;
     let dir = a.replica.dir()?;
+    let vm = VmToBoot::of(a)?;
     let id = (tidemark_changelog::now_ns() ^ u64::from(std::process::id()) << 32).max(1);
     drain::clear(&dir)
         .with_context(|| format!("clearing an old drain request in {}", dir.display()))?;
@@ -153,9 +226,12 @@ fn planned_failover(a: &FailoverArgs) -> Result<ExitCode> {
         write_images(a, group.as_ref(), point, view.as_ref())
     })();
     let unpinned = lock.unpin();
-    written?;
+    let written = written?;
     unpinned?;
     println!("planned failover complete: nothing was lost (the source stopped at sequence {seq})");
+    if let Some(vm) = vm {
+        vm.boot(a, &written)?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -42,6 +42,7 @@ mod test_failover_cmd;
 mod timefmt;
 mod tracker_cmd;
 mod ublk_cmd;
+mod vm_boot;
 mod vm_cmd;
 
 use clap::{CommandFactory, Parser, Subcommand};

@@ -33,6 +33,10 @@ use std::time::{Duration, Instant};
 use tidemark_config::{GroupRef, PlanConfig, PlanStep};
 use tidemark_receiver::store::{GroupState, LocalEngine, StoreEngine, StoreError};
 
+/// Most time a test failover takes to serve its point (a VM it starts has
+/// its step's `up-timeout` on top).
+const SERVE_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// `tidemark plan ...`.
 #[derive(Debug, Subcommand)]
 pub(crate) enum PlanCommand {
@@ -86,8 +90,9 @@ pub(crate) fn run(cmd: PlanCommand) -> Result<ExitCode> {
     }
 }
 
-/// The `tidemark` arguments that take over one group in `mode`.
-fn group_command(plan: &PlanConfig, mode: Mode, g: &GroupRef) -> Vec<OsString> {
+/// The `tidemark` arguments that take over one group of `step` in `mode`
+/// (and start its VM if the step says so).
+fn group_command(plan: &PlanConfig, step: &PlanStep, mode: Mode, g: &GroupRef) -> Vec<OsString> {
     let mut argv: Vec<OsString> = Vec::new();
     let mut push = |s: &dyn AsRef<std::ffi::OsStr>| argv.push(s.as_ref().to_owned());
     match mode {
@@ -122,6 +127,20 @@ fn group_command(plan: &PlanConfig, mode: Mode, g: &GroupRef) -> Vec<OsString> {
             push(&plan.point);
             push(&"--to");
             push(&plan.to.join(&g.host).join(&g.group));
+        }
+    }
+    if let Some(vm) = &step.start_vm {
+        push(&"--boot");
+        push(&vm.specs.join(format!("{}.toml", g.group)));
+        push(&"--up-line");
+        push(&vm.up_line);
+        push(&"--up-timeout");
+        push(&vm.up_timeout.to_string());
+        if mode != Mode::Test {
+            for (name, bridge) in &plan.networks {
+                push(&"--network");
+                push(&format!("{name}={bridge}"));
+            }
         }
     }
     argv
@@ -253,7 +272,10 @@ fn print_dry_run(plan: &PlanConfig, mode: Mode, states: &[(GroupRef, String)]) {
             println!("  pre-hook: {h}");
         }
         for g in &step.groups {
-            println!("  {g}: {}", shell_words(&group_command(plan, mode, g)));
+            println!(
+                "  {g}: {}",
+                shell_words(&group_command(plan, step, mode, g))
+            );
             match states.iter().find(|(s, _)| s == g) {
                 Some((_, line)) => println!("    replica: {line}"),
                 None => println!("    replica: MISSING"),
@@ -336,10 +358,15 @@ impl Runner<'_> {
             self.hook("pre", h, step)?;
         }
         for g in &step.groups {
-            let argv = group_command(self.plan, self.mode, g);
+            let argv = group_command(self.plan, step, self.mode, g);
             println!("  {g}: {}", shell_words(&argv));
+            // Serving comes first; a VM then has its own time to come up.
+            let up = step
+                .start_vm
+                .as_ref()
+                .map_or(Duration::ZERO, |vm| vm.up_timeout.get());
             match self.mode {
-                Mode::Test => self.start_test(g, argv)?,
+                Mode::Test => self.start_test(g, argv, SERVE_TIMEOUT + up)?,
                 Mode::Planned | Mode::Unplanned => {
                     let status = Command::new(std::env::current_exe()?)
                         .args(&argv)
@@ -409,7 +436,7 @@ impl Runner<'_> {
 
     /// Starts `tidemark test-failover start` for a group and waits until it
     /// serves.
-    fn start_test(&mut self, g: &GroupRef, argv: Vec<OsString>) -> Result<()> {
+    fn start_test(&mut self, g: &GroupRef, argv: Vec<OsString>, timeout: Duration) -> Result<()> {
         let socket = test_socket(self.plan, g);
         if let Some(dir) = socket.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -435,7 +462,7 @@ impl Runner<'_> {
             socket,
             child,
         });
-        let deadline = Instant::now() + Duration::from_secs(120);
+        let deadline = Instant::now() + timeout;
         loop {
             if rx.recv_timeout(Duration::from_millis(100)).is_ok() {
                 return Ok(());
@@ -445,7 +472,10 @@ impl Runner<'_> {
                 bail!("the test failover of {g} ended before it served ({status})");
             }
             if Instant::now() > deadline {
-                bail!("the test failover of {g} did not serve within 120 s");
+                bail!(
+                    "the test failover of {g} was not ready within {}",
+                    humantime::format_duration(timeout)
+                );
             }
         }
     }
@@ -508,22 +538,47 @@ mod tests {
             Path::new("p.toml"),
         )
         .unwrap();
-        let g = &plan.steps[0].groups[0];
+        let step = &plan.steps[0];
+        let g = &step.groups[0];
         assert_eq!(
-            shell_words(&group_command(&plan, Mode::Planned, g)),
+            shell_words(&group_command(&plan, step, Mode::Planned, g)),
             "tidemark failover --data-dir /r --host db1 --group orders --planned --timeout 10m --to /f/db1/orders"
         );
         assert_eq!(
-            shell_words(&group_command(&plan, Mode::Unplanned, g)),
+            shell_words(&group_command(&plan, step, Mode::Unplanned, g)),
             "tidemark failover --data-dir /r --host db1 --group orders --point latest --to /f/db1/orders"
         );
         assert_eq!(
-            shell_words(&group_command(&plan, Mode::Test, g)),
+            shell_words(&group_command(&plan, step, Mode::Test, g)),
             "tidemark test-failover start --data-dir /r --host db1 --group orders --point latest --socket /run/tidemark/test-failover/db1-orders.sock"
         );
         assert_eq!(
             shell_words(&["a b".into(), "it's".into()]),
             "tidemark 'a b' 'it'\\''s'"
+        );
+    }
+
+    #[test]
+    fn a_step_with_start_vm_boots_each_group_s_vm() {
+        let plan = tidemark_config::parse_plan(
+            "[plan]\ndata-dir = \"/r\"\nto = \"/f\"\n[plan.networks]\nbr0 = \"br-dr0\"\n\
+             [[plan.step]]\nname = \"web\"\ngroups = [\"hv1/web1\"]\n\
+             start-vm = { specs = \"/v\", up-line = \"web1 login:\", up-timeout = \"2m\" }\n",
+            Path::new("p.toml"),
+        )
+        .unwrap();
+        let step = &plan.steps[0];
+        let g = &step.groups[0];
+        assert_eq!(
+            shell_words(&group_command(&plan, step, Mode::Unplanned, g)),
+            "tidemark failover --data-dir /r --host hv1 --group web1 --point latest --to /f/hv1/web1 \
+             --boot /v/web1.toml --up-line 'web1 login:' --up-timeout 2m --network br0=br-dr0"
+        );
+        assert_eq!(
+            shell_words(&group_command(&plan, step, Mode::Test, g)),
+            "tidemark test-failover start --data-dir /r --host hv1 --group web1 --point latest \
+             --socket /run/tidemark/test-failover/hv1-web1.sock \
+             --boot /v/web1.toml --up-line 'web1 login:' --up-timeout 2m"
         );
     }
 }

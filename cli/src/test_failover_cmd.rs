@@ -2,11 +2,14 @@
 //! replica site, read-write, while replication goes on. The point, its
 //! pin and the test's copy-on-write scratch files are the receiver crate's
 //! ([`tidemark_receiver::test_failover`]); this module chooses the point,
-//! serves the overlay over NBD and ends the test on SIGTERM or Ctrl-C.
+//! serves the overlay over NBD, with `--boot` starts the group's VM on it
+//! (isolated, see [`crate::vm_boot`]), and ends the test on SIGTERM or
+//! Ctrl-C, the VM first.
 //! `tidemark test-failover cleanup` removes what a killed test left.
 
 use crate::points_cmd::{choose, kind, ReplicaArgs};
 use crate::timefmt;
+use crate::vm_boot::{self, BootArgs, RunningVm, VmFiles};
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
@@ -14,11 +17,14 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use tidemark_changelog::DiskId;
+use tidemark_config::VmSpec;
 use tidemark_receiver::pin::{PinLock, TEST_FAILOVER_DIR};
-use tidemark_receiver::store::{LocalEngine, RecoveryPoint};
+use tidemark_receiver::store::{Disk, LocalEngine, RecoveryPoint};
 use tidemark_receiver::test_failover::{CowOverlay, OverlayError, TestFailover};
 use tidemark_tracker::backend::{from_runs, Allocation, Backend, BackendError, ServedDisk};
 use tidemark_tracker::server::{Server, ServerOptions, DEFAULT_BLOCK_SIZES};
+use tidemark_vm::boot::{self, Networks};
+use tidemark_vm::DiskSource;
 
 /// `tidemark test-failover`.
 #[derive(Debug, Subcommand)]
@@ -43,6 +49,11 @@ pub(crate) struct StartArgs {
     /// the disks.
     #[arg(long)]
     socket: PathBuf,
+    /// Start the group's VM from the point's exports, on an isolated
+    /// network (each NIC on a network of its own that reaches nothing),
+    /// before saying ready; it is stopped when the test ends.
+    #[command(flatten)]
+    boot: BootArgs,
 }
 
 /// `tidemark test-failover cleanup`.
@@ -156,8 +167,9 @@ fn start(a: StartArgs) -> Result<ExitCode> {
         .context("blocking SIGTERM and SIGINT")?;
 
     let group_dir = a.replica.dir()?;
+    let spec = a.boot.spec()?;
     let lock = PinLock::acquire(&group_dir)?;
-    let result = serve(&a, &group_dir, lock, &signals);
+    let result = serve(&a, spec.as_ref(), &group_dir, lock, &signals);
     let _ = std::fs::remove_file(&a.socket);
     result?;
     println!("test failover ended: its writes are discarded, nothing of it is left");
@@ -166,7 +178,13 @@ fn start(a: StartArgs) -> Result<ExitCode> {
 
 /// Serves the test failover until a signal, then removes every trace of
 /// it (also when it fails).
-fn serve(a: &StartArgs, group_dir: &Path, lock: PinLock, signals: &SigSet) -> Result<()> {
+fn serve(
+    a: &StartArgs,
+    spec: Option<&VmSpec>,
+    group_dir: &Path,
+    lock: PinLock,
+    signals: &SigSet,
+) -> Result<()> {
     let chosen = LocalEngine::open_dir_read_only(group_dir)
         .map_err(anyhow::Error::from)
         .and_then(|group| Ok(choose(&group.points(), &a.point)?.clone()));
@@ -179,7 +197,7 @@ fn serve(a: &StartArgs, group_dir: &Path, lock: PinLock, signals: &SigSet) -> Re
     };
     // On an error, start removes what it made.
     let test = TestFailover::start(group_dir, lock, chosen.seq)?;
-    let served = serve_until_signal(a, &test, &chosen, signals);
+    let served = serve_until_signal(a, spec, group_dir, &test, &chosen, signals);
     let removed = test.end();
     served?;
     removed?;
@@ -188,6 +206,8 @@ fn serve(a: &StartArgs, group_dir: &Path, lock: PinLock, signals: &SigSet) -> Re
 
 fn serve_until_signal(
     a: &StartArgs,
+    spec: Option<&VmSpec>,
+    group_dir: &Path,
     test: &TestFailover,
     chosen: &RecoveryPoint,
     signals: &SigSet,
@@ -215,14 +235,49 @@ fn serve_until_signal(
             a.socket.display()
         );
     }
+    let vm = match spec {
+        Some(spec) => match boot_vm(a, spec, group_dir, &disks) {
+            Ok(vm) => Some(vm),
+            Err(e) => {
+                handle.shutdown();
+                return Err(e);
+            }
+        },
+        None => None,
+    };
     println!("ready; SIGTERM or Ctrl-C ends the test and discards its writes");
     use std::io::Write;
     let _ = std::io::stdout().flush();
     crate::notify_ready();
     let signal = signals.wait().context("waiting for a signal")?;
     tracing::info!(?signal, "ending the test failover");
+    // The VM first: it is the exports' client.
+    let stopped = vm.map(RunningVm::stop).transpose();
     handle.shutdown();
-    Ok(())
+    stopped.map(drop)
+}
+
+/// The test's VM files: in its scratch directory, gone with it (the
+/// console where `--console` says).
+fn test_vm_files(group_dir: &Path, console: Option<&Path>) -> VmFiles {
+    let dir = group_dir.join(TEST_FAILOVER_DIR);
+    VmFiles {
+        console: console.map_or_else(|| dir.join("vm.console"), Path::to_owned),
+        pidfile: dir.join("vm.pid"),
+    }
+}
+
+/// Starts the VM of `spec` on the test's exports, isolated, and waits
+/// until it is up.
+fn boot_vm(a: &StartArgs, spec: &VmSpec, group_dir: &Path, disks: &[Disk]) -> Result<RunningVm> {
+    let names: Vec<String> = disks.iter().map(|d| d.name.to_string()).collect();
+    let socket = std::path::absolute(&a.socket)?;
+    let sources = boot::replica_sources(spec, &names, |export| DiskSource::Nbd {
+        socket: socket.clone(),
+        export: export.to_owned(),
+    })?;
+    let files = test_vm_files(group_dir, a.boot.console.as_deref());
+    vm_boot::start(spec, &sources, Networks::Isolated, &a.boot, &files)
 }
 
 fn cleanup(a: CleanupArgs) -> Result<ExitCode> {
@@ -234,7 +289,11 @@ fn cleanup(a: CleanupArgs) -> Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    PinLock::acquire(&group_dir)?.remove_all()?;
+    let lock = PinLock::acquire(&group_dir)?;
+    if let Some(vm) = RunningVm::of_pidfile(&test_vm_files(&group_dir, None).pidfile) {
+        vm.stop()?;
+    }
+    lock.remove_all()?;
     println!(
         "removed what a test failover of {}/{} left (its pin and scratch files)",
         a.replica.host, a.replica.group

@@ -63,7 +63,7 @@ use toml::de::DeTable;
 pub use address::HostPort;
 pub use error::{ConfigError, FieldPath, SourceLocation, ValueError};
 pub use liveness::LivenessConfig;
-pub use plan::{GroupRef, PlanConfig, PlanStep};
+pub use plan::{GroupRef, PlanConfig, PlanStep, StartVm};
 pub use receiver::{
     HostEntry, ReceiverConfig, RetentionConfig, ServerTlsConfig, SpanEntry, SpanMember,
 };
@@ -74,7 +74,8 @@ pub use tracker::{
 };
 pub use units::{parse_duration, ByteSize, Duration};
 pub use vm::{
-    ImageFormat, MacAddress, MachineType, NicAttachment, VmDisk, VmNic, VmSpec, VmValueError,
+    DirectKernel, ImageFormat, MacAddress, MachineType, NicAttachment, VmDisk, VmNic, VmSpec,
+    VmValueError,
 };
 
 use source_map::{line_column, SourceMap};

@@ -16,6 +16,14 @@
 //! [[plan.step]]
 //! name = "applications"
 //! groups = ["app1.example.com"]
+//!
+//! [[plan.step]]                  # a VM: its group is named after it
+//! name = "web"
+//! groups = ["hv1.example.com/web1"]
+//! start-vm = { specs = "/etc/tidemark/vms", up-line = "login:", up-timeout = "5m" }
+//!
+//! [plan.networks]                # the VMs' networks on this site's bridges
+//! br0 = "br-dr0"
 //! ```
 
 use std::fmt;
@@ -80,6 +88,13 @@ pub struct PlanConfig {
     #[serde(default = "default_drain_timeout")]
     pub drain_timeout: Duration,
 
+    /// The bridge of this site for each network of the VMs' specs (a
+    /// NIC's `bridge` or `network` name), `NAME = "BRIDGE"`, used by the
+    /// steps with `start-vm` at a failover (a test failover's VMs are
+    /// isolated instead). Default: none.
+    #[serde(default)]
+    pub networks: std::collections::BTreeMap<String, String>,
+
     /// The steps, in order, one `[[plan.step]]` table each. Required.
     #[serde(rename = "step", deserialize_with = "step_tables")]
     pub steps: Vec<PlanStep>,
@@ -110,6 +125,39 @@ pub struct PlanStep {
     /// for Enter (end of input aborts the plan). Default: no pause.
     #[serde(default)]
     pub pause: Option<String>,
+
+    /// Start each group's VM once its disks are failed over (or served,
+    /// in a test) and wait until it is up, before the post-hooks; a VM not
+    /// up in time stops the plan. Default: no VM is started.
+    #[serde(default)]
+    pub start_vm: Option<StartVm>,
+}
+
+/// The "start VM, wait until it is up" of a step (see
+/// [`PlanStep::start_vm`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct StartVm {
+    /// The directory of the VM specs: a group's VM is `<specs>/<group>.toml`.
+    /// Required.
+    pub specs: PathBuf,
+
+    /// The VM is up when a line of its serial console contains this.
+    /// Default: `"login:"`.
+    #[serde(default = "default_up_line")]
+    pub up_line: String,
+
+    /// Most time from starting a VM to its up line. Default: `"5m"`.
+    #[serde(default = "default_up_timeout")]
+    pub up_timeout: Duration,
+}
+
+fn default_up_line() -> String {
+    "login:".to_string()
+}
+
+fn default_up_timeout() -> Duration {
+    Duration::from_secs(300)
 }
 
 /// A protected host's consistency group, written `"host"` or
@@ -239,6 +287,23 @@ impl PlanConfig {
                     return Err(invalid(s.key(key), "an empty hook command".into()));
                 }
             }
+            if let Some(vm) = &step.start_vm {
+                let v = s.key("start-vm");
+                rules::check_path(&vm.specs).map_err(|m| invalid(v.key("specs"), m))?;
+                if vm.up_line.trim().is_empty() {
+                    return Err(invalid(
+                        v.key("up-line"),
+                        "up-line must not be empty: every console line would say the VM is up"
+                            .into(),
+                    ));
+                }
+                if vm.up_timeout.get().is_zero() {
+                    return Err(invalid(
+                        v.key("up-timeout"),
+                        "up-timeout must be more than 0s".into(),
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -302,5 +367,34 @@ groups = ["app1"]
         assert!(e.contains("names no group"), "{e}");
         let e = err("[plan]\n[[plan.step]]\nname = \"a\"\ngroups = [\"h\"]\npuase = \"x\"\n");
         assert!(e.contains("unknown field `puase`"), "{e}");
+    }
+
+    #[test]
+    fn a_step_may_start_its_vms_and_wait_until_they_are_up() {
+        let step = "[plan]\n[plan.networks]\nbr0 = \"br-dr0\"\n\
+                    [[plan.step]]\nname = \"web\"\ngroups = [\"hv1/web1\"]\n";
+        let plan = parse_plan(
+            &format!("{step}start-vm = {{ specs = \"/etc/tidemark/vms\" }}\n"),
+            Path::new("p.toml"),
+        )
+        .unwrap();
+        let vm = plan.steps[0].start_vm.as_ref().unwrap();
+        assert_eq!(vm.specs, Path::new("/etc/tidemark/vms"));
+        assert_eq!(vm.up_line, "login:");
+        assert_eq!(vm.up_timeout.get().as_secs(), 300);
+        assert_eq!(plan.networks["br0"], "br-dr0");
+        let err = |line: &str| {
+            parse_plan(&format!("{step}{line}\n"), Path::new("p.toml"))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err("start-vm = { specs = \"/v\", up-line = \" \" }");
+        assert!(e.contains("plan.step[0].start-vm.up-line"), "{e}");
+        let e = err("start-vm = { specs = \"/v\", up-timeout = \"0s\" }");
+        assert!(e.contains("up-timeout must be more than 0s"), "{e}");
+        let e = err("start-vm = { specs = \"/v\", timeout = \"1m\" }");
+        assert!(e.contains("unknown field `timeout`"), "{e}");
+        let e = err("start-vm = { up-line = \"x\" }");
+        assert!(e.contains("missing field `specs`"), "{e}");
     }
 }

@@ -102,6 +102,33 @@ pub struct VmSpec {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub nics: Vec<VmNic>,
+
+    /// Direct kernel boot, a `[vm.kernel]` table: qemu loads the kernel
+    /// and initramfs from host files instead of the guest's boot loader
+    /// (the files must exist on every site that starts the VM: the
+    /// protected host and, for a failover, the replica site). Default:
+    /// none, the guest boots from its disks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<DirectKernel>,
+}
+
+/// Direct kernel boot (see [`VmSpec::kernel`]), the `[vm.kernel]` table.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "kebab-case",
+    expecting = "a [vm.kernel] table with `path` and optionally `initrd` and `append`"
+)]
+pub struct DirectKernel {
+    /// The kernel image, an absolute path. Required.
+    pub path: PathBuf,
+    /// The initramfs, an absolute path. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line, e.g. `"console=ttyS0 root=/dev/vda1"`.
+    /// Default: empty.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub append: String,
 }
 
 fn default_machine() -> MachineType {
@@ -394,7 +421,29 @@ impl VmSpec {
             ));
         }
         self.validate_disks(&at)?;
-        self.validate_nics(&at)
+        self.validate_nics(&at)?;
+        self.validate_kernel(&at)
+    }
+
+    fn validate_kernel(&self, at: &FieldPath) -> Result<(), ConfigError> {
+        let Some(kernel) = &self.kernel else {
+            return Ok(());
+        };
+        let at = at.key("kernel");
+        let files = [
+            ("path", Some(&kernel.path)),
+            ("initrd", kernel.initrd.as_ref()),
+        ];
+        for (key, path) in files {
+            let Some(path) = path else { continue };
+            if !path.is_absolute() || path.to_str().is_none() {
+                return Err(ConfigError::invalid(
+                    at.key(key),
+                    format!("{} is not an absolute UTF-8 path", path.display()),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn validate_disks(&self, at: &FieldPath) -> Result<(), ConfigError> {
@@ -652,6 +701,26 @@ mac = "52:54:00:12:34:56"
         );
         refused("\"br0\"", "\"br,0\"", "vm.nic[0].bridge", "','");
         refused("cpus = 2", "cpus = 2\ncpu = 2", "vm", "unknown field `cpu`");
+        refused(
+            "[[vm.disk]]",
+            "[vm.kernel]\npath = \"vmlinuz\"\n\n[[vm.disk]]",
+            "vm.kernel.path",
+            "not an absolute UTF-8 path",
+        );
+    }
+
+    #[test]
+    fn a_direct_kernel_boot_parses() {
+        let text = GOOD.replacen(
+            "[[vm.disk]]",
+            "[vm.kernel]\npath = \"/boot/vmlinuz\"\nappend = \"console=ttyS0\"\n\n[[vm.disk]]",
+            1,
+        );
+        let kernel = parse(&text).unwrap().kernel.unwrap();
+        assert_eq!(kernel.path, Path::new("/boot/vmlinuz"));
+        assert_eq!(kernel.initrd, None);
+        assert_eq!(kernel.append, "console=ttyS0");
+        assert_eq!(parse(GOOD).unwrap().kernel, None);
     }
 
     #[test]

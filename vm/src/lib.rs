@@ -20,9 +20,15 @@
 //!   `tidemark-shipper@GROUP` units, with the VM's log-size budget, and
 //!   what `tidemark vm protect` reports.
 //!
+//! - [`boot`]: starting the VM on the replica site, from a test
+//!   failover's copy-on-write exports or from the failed-over disks: the
+//!   accelerator, the networks (isolated, or mapped to the site's bridges)
+//!   and knowing when the guest is up.
+//!
 //! Renderings take the spec and, per disk, where its bytes come from
 //! ([`DiskSource`]): on the protected host that is the tracker's export.
 
+pub mod boot;
 pub mod group;
 pub mod libvirt;
 pub mod qcow2;
@@ -42,6 +48,11 @@ pub enum DiskSource {
         socket: PathBuf,
         /// The export's name.
         export: String,
+    },
+    /// A file or block device on this host (a failed-over disk).
+    File {
+        /// The image file or block device.
+        path: PathBuf,
     },
 }
 

@@ -70,8 +70,19 @@ fn source(out: &mut String, pad: &str, source: &DiskSource) -> Result<(), Render
             );
             let _ = writeln!(out, "{pad}</source>");
         }
+        DiskSource::File { path } => {
+            let _ = writeln!(out, "{pad}<source file='{}'/>", xml(utf8(path)?));
+        }
     }
     Ok(())
+}
+
+/// The libvirt disk type of a disk read from `source`.
+fn disk_type(source: &DiskSource) -> &'static str {
+    match source {
+        DiskSource::Nbd { .. } => "network",
+        DiskSource::File { .. } => "file",
+    }
 }
 
 /// The `<backingStore>` chain below disk `index`, indented by `pad`.
@@ -90,7 +101,7 @@ fn backing_chain(
         .and_then(|b| spec.disk_index(b));
     let mut depth = 0;
     while let Some(j) = next.filter(|_| depth < spec.disks.len()) {
-        let _ = writeln!(out, "{pad}<backingStore type='network'>");
+        let _ = writeln!(out, "{pad}<backingStore type='{}'>", disk_type(&sources[j]));
         let _ = writeln!(out, "{pad}  <format type='{}'/>", spec.disks[j].format);
         source(out, &format!("{pad}  "), &sources[j])?;
         pad.push_str("  ");
@@ -113,9 +124,19 @@ fn backing_chain(
 /// The domain XML of `spec` with disk `i` of the spec read from
 /// `sources[i]` (see [`DiskSource::tracker_exports`]).
 pub fn domain_xml(spec: &VmSpec, sources: &[DiskSource]) -> Result<String, RenderError> {
+    domain_xml_of(spec, sources, "kvm")
+}
+
+/// [`domain_xml`] with the domain type `kind`: `kvm`, or `qemu` (TCG)
+/// where the host has no KVM.
+pub fn domain_xml_of(
+    spec: &VmSpec,
+    sources: &[DiskSource],
+    kind: &str,
+) -> Result<String, RenderError> {
     check_sources(spec, sources)?;
     let mut out = String::new();
-    let _ = writeln!(out, "<domain type='kvm'>");
+    let _ = writeln!(out, "<domain type='{kind}'>");
     let _ = writeln!(out, "  <name>{}</name>", xml(&spec.name));
     let _ = writeln!(
         out,
@@ -129,11 +150,24 @@ pub fn domain_xml(spec: &VmSpec, sources: &[DiskSource]) -> Result<String, Rende
         "    <type arch='x86_64' machine='{}'>hvm</type>",
         xml(spec.machine.as_str())
     );
+    if let Some(kernel) = &spec.kernel {
+        let _ = writeln!(out, "    <kernel>{}</kernel>", xml(utf8(&kernel.path)?));
+        if let Some(initrd) = &kernel.initrd {
+            let _ = writeln!(out, "    <initrd>{}</initrd>", xml(utf8(initrd)?));
+        }
+        if !kernel.append.is_empty() {
+            let _ = writeln!(out, "    <cmdline>{}</cmdline>", xml(&kernel.append));
+        }
+    }
     let _ = writeln!(out, "  </os>");
     let _ = writeln!(out, "  <features>\n    <acpi/>\n  </features>");
     let _ = writeln!(out, "  <devices>");
     for (n, (i, disk)) in spec.guest_disks().enumerate() {
-        let _ = writeln!(out, "    <disk type='network' device='disk'>");
+        let _ = writeln!(
+            out,
+            "    <disk type='{}' device='disk'>",
+            disk_type(&sources[i])
+        );
         let _ = writeln!(
             out,
             "      <driver name='qemu' type='{}' discard='unmap'/>",

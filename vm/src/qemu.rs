@@ -7,6 +7,8 @@
 //! raw:    -blockdev driver=nbd,node-name=diskN,discard=unmap,server.type=unix,server.path=SOCK,export=NAME
 //! qcow2:  -blockdev driver=nbd,node-name=diskN-file,discard=unmap,...,export=NAME
 //!         -blockdev {"driver":"qcow2","node-name":"diskN","file":"diskN-file","backing":"diskM"|null,"discard":"unmap"}
+//!         (a failed-over disk, a file on the replica site, reads the same
+//!         with driver=file,filename=PATH in place of the nbd options)
 //! guest:  -device virtio-blk-pci,drive=diskN,serial=NAME
 //! ```
 //!
@@ -19,7 +21,7 @@
 //! file are `read-only=on` instead of `discard=unmap`. Option values are escaped
 //! the way qemu reads them (a `,` doubled).
 
-use tidemark_config::{ImageFormat, NicAttachment, VmSpec};
+use tidemark_config::{ImageFormat, NicAttachment, VmNic, VmSpec};
 
 use crate::{check_sources, utf8, DiskSource, RenderError};
 
@@ -31,7 +33,7 @@ pub fn node_name(index: usize) -> String {
 
 /// A value inside a qemu `-blockdev`/`-device` option list: commas are
 /// doubled, the only escape qemu's option parser knows.
-fn value(text: &str) -> String {
+pub(crate) fn value(text: &str) -> String {
     text.replace(',', ",,")
 }
 
@@ -43,6 +45,10 @@ fn source_node(node: &str, access: &str, source: &DiskSource) -> Result<String, 
             "driver=nbd,node-name={node},{access},server.type=unix,server.path={},export={}",
             value(utf8(socket)?),
             value(export)
+        )),
+        DiskSource::File { path } => Ok(format!(
+            "driver=file,node-name={node},{access},filename={}",
+            value(utf8(path)?)
         )),
     }
 }
@@ -99,6 +105,43 @@ fn disk_nodes(
 /// The arguments that start the VM of `spec` with disk `i` of the spec
 /// read from `sources[i]` (see [`DiskSource::tracker_exports`]).
 pub fn args(spec: &VmSpec, sources: &[DiskSource]) -> Result<Vec<String>, RenderError> {
+    let mut args = machine_and_disks(spec, sources)?;
+    for (i, nic) in spec.nics.iter().enumerate() {
+        let bridge = match nic.attachment() {
+            NicAttachment::Bridge(bridge) => bridge,
+            NicAttachment::Network(network) => {
+                return Err(RenderError::NetworkNeedsLibvirt {
+                    nic: i,
+                    network: network.to_owned(),
+                })
+            }
+        };
+        nic_args(&mut args, i, &format!("bridge,br={}", value(bridge)), nic);
+    }
+    Ok(args)
+}
+
+/// Appends NIC `i` of a spec: a `-netdev` of `backend` (its type and
+/// options, e.g. `bridge,br=br0`) and the guest's virtio device with the
+/// spec's MAC.
+pub(crate) fn nic_args(args: &mut Vec<String>, i: usize, backend: &str, nic: &VmNic) {
+    let (kind, options) = backend.split_once(',').unwrap_or((backend, ""));
+    args.push("-netdev".into());
+    args.push(if options.is_empty() {
+        format!("{kind},id=net{i}")
+    } else {
+        format!("{kind},id=net{i},{options}")
+    });
+    args.push("-device".into());
+    args.push(format!("virtio-net-pci,netdev=net{i},mac={}", nic.mac));
+}
+
+/// The arguments of everything but the NICs: the machine, the direct
+/// kernel boot if any, the disks' nodes and the guest's disk devices.
+pub(crate) fn machine_and_disks(
+    spec: &VmSpec,
+    sources: &[DiskSource],
+) -> Result<Vec<String>, RenderError> {
     check_sources(spec, sources)?;
     let mut args: Vec<String> = vec![
         "-name".into(),
@@ -110,6 +153,18 @@ pub fn args(spec: &VmSpec, sources: &[DiskSource]) -> Result<Vec<String>, Render
         "-m".into(),
         format!("{}M", spec.memory.as_u64() >> 20),
     ];
+    if let Some(kernel) = &spec.kernel {
+        args.push("-kernel".into());
+        args.push(utf8(&kernel.path)?.into());
+        if let Some(initrd) = &kernel.initrd {
+            args.push("-initrd".into());
+            args.push(utf8(initrd)?.into());
+        }
+        if !kernel.append.is_empty() {
+            args.push("-append".into());
+            args.push(kernel.append.clone());
+        }
+    }
     // A node names its backing node, which qemu must know by then: the
     // disks' nodes go out backing files first.
     let mut emitted = vec![false; spec.disks.len()];
@@ -138,21 +193,6 @@ pub fn args(spec: &VmSpec, sources: &[DiskSource]) -> Result<Vec<String>, Render
             node_name(i),
             disk.name
         ));
-    }
-    for (i, nic) in spec.nics.iter().enumerate() {
-        let bridge = match nic.attachment() {
-            NicAttachment::Bridge(bridge) => bridge,
-            NicAttachment::Network(network) => {
-                return Err(RenderError::NetworkNeedsLibvirt {
-                    nic: i,
-                    network: network.to_owned(),
-                })
-            }
-        };
-        args.push("-netdev".into());
-        args.push(format!("bridge,id=net{i},br={}", value(bridge)));
-        args.push("-device".into());
-        args.push(format!("virtio-net-pci,netdev=net{i},mac={}", nic.mac));
     }
     Ok(args)
 }

@@ -1,0 +1,25 @@
+qemu-system-x86_64 \
+    -name web1,process=qemu-web1 \
+    -machine q35 \
+    -smp 2 \
+    -m 2048M \
+    -blockdev driver=file,node-name=disk1-file,read-only=on,filename=/srv/failover/web1/base.img \
+    -blockdev '{"backing":null,"driver":"qcow2","file":"disk1-file","node-name":"disk1","read-only":true}' \
+    -blockdev driver=file,node-name=disk0-file,discard=unmap,filename=/srv/failover/web1/root.img \
+    -blockdev '{"backing":"disk1","discard":"unmap","driver":"qcow2","file":"disk0-file","node-name":"disk0"}' \
+    -blockdev driver=file,node-name=disk2,discard=unmap,filename=/srv/failover/web1/data.img \
+    -device virtio-blk-pci,drive=disk0,id=disk0-dev,serial=root \
+    -device virtio-blk-pci,drive=disk2,id=disk2-dev,serial=data \
+    -netdev bridge,id=net0,br=br-dr0 \
+    -device virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56 \
+    -netdev bridge,id=net1,br=br-dr1 \
+    -device virtio-net-pci,netdev=net1,mac=52:54:00:12:34:57 \
+    -accel tcg,thread=multi \
+    -cpu max \
+    -nodefaults \
+    -no-user-config \
+    -display none \
+    -monitor none \
+    -serial file:/run/tidemark/web1.console \
+    -daemonize \
+    -pidfile /run/tidemark/web1.pid
