@@ -974,22 +974,8 @@ impl Group {
     /// Inserts a labelled marker followed by a barrier; returns the
     /// marker's sequence number.
     pub fn marker(&self, label: &Label, app_consistent: bool) -> Result<Seq, MarkerError> {
-        self.check_running().map_err(|_| MarkerError::Starting)?;
-        let t = &*self.tracking;
-        if !matches!(*lock(&t.mode), TrackingMode::Data) {
-            return Err(MarkerError::BitmapMode);
-        }
-        let entry = Entry::marker(label.as_str(), app_consistent, now_ns());
-        entry.validate().map_err(MarkerError::Label)?;
-        let (seq, barrier) = {
-            let mut log = lock(&t.log);
-            let seq = log.append(&entry).map_err(MarkerError::Append)?;
-            let barrier = log
-                .append(&Entry::barrier(now_ns()))
-                .map_err(MarkerError::Append)?;
-            t.unwritten.store(log.unwritten_bytes(), Ordering::SeqCst);
-            (seq, barrier)
-        };
+        let (seq, barrier, _) = self.append_marker(label, app_consistent, |_| {})?;
+        let barrier = barrier.map_err(MarkerError::Append)?;
         self.committer
             .wait_durable(barrier)
             .map_err(|_| MarkerError::NotDurable)?;
@@ -1012,6 +998,31 @@ impl Group {
         label: &Label,
         app_consistent: bool,
     ) -> Result<(Seq, u32), MarkerError> {
+        let t = &*self.tracking;
+        // The gate closes as soon as the marker is in, even if the barrier
+        // then finds no room (the hold is refused and released below).
+        let (seq, barrier, generation) = self.append_marker(label, app_consistent, |seq| {
+            t.hold_gated.store(0, Ordering::SeqCst);
+            t.hold_after.store(seq.get(), Ordering::SeqCst);
+        })?;
+        if let Err(e) = barrier {
+            self.hold_release();
+            return Err(MarkerError::Append(e));
+        }
+        Ok((seq, generation))
+    }
+
+    /// Appends a labelled marker and a barrier under one hold of the log's
+    /// lock (so they are consecutive); `inside` runs with the marker's
+    /// sequence number before the lock is let go. Returns the marker's
+    /// sequence number, the barrier's (or why it was not appended) and the
+    /// generation.
+    fn append_marker(
+        &self,
+        label: &Label,
+        app_consistent: bool,
+        inside: impl FnOnce(Seq),
+    ) -> Result<(Seq, Result<Seq, AppendError>, u32), MarkerError> {
         self.check_running().map_err(|_| MarkerError::Starting)?;
         let t = &*self.tracking;
         if !matches!(*lock(&t.mode), TrackingMode::Data) {
@@ -1021,19 +1032,10 @@ impl Group {
         entry.validate().map_err(MarkerError::Label)?;
         let mut log = lock(&t.log);
         let seq = log.append(&entry).map_err(MarkerError::Append)?;
+        inside(seq);
         let barrier = log.append(&Entry::barrier(now_ns()));
-        // The marker is in: the gate closes even if the barrier found no
-        // room (the hold is then refused and released by the caller).
-        t.hold_gated.store(0, Ordering::SeqCst);
-        t.hold_after.store(seq.get(), Ordering::SeqCst);
         t.unwritten.store(log.unwritten_bytes(), Ordering::SeqCst);
-        let generation = log.generation();
-        drop(log);
-        if let Err(e) = barrier {
-            self.hold_release();
-            return Err(MarkerError::Append(e));
-        }
-        Ok((seq, generation))
+        Ok((seq, barrier, log.generation()))
     }
 
     /// Ends the open hold, if any: the acknowledgements it kept wait no
