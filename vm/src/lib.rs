@@ -19,6 +19,9 @@
 //!   file for the templated `tidemark-tracker@GROUP` and
 //!   `tidemark-shipper@GROUP` units, with the VM's log-size budget, and
 //!   what `tidemark vm protect` reports.
+//! - [`qga`]: a client of the guest agent (freeze and thaw the guest's
+//!   filesystems for an application-consistent point), on the framing of
+//!   [`qmp`], the client of qemu's monitor.
 //!
 //! Renderings take the spec and, per disk, where its bytes come from
 //! ([`DiskSource`]): on the protected host that is the tracker's export.
@@ -27,6 +30,8 @@ pub mod group;
 pub mod libvirt;
 pub mod qcow2;
 pub mod qemu;
+pub mod qga;
+pub mod qmp;
 
 use std::path::{Path, PathBuf};
 

@@ -8,6 +8,8 @@
 //! qcow2:  -blockdev driver=nbd,node-name=diskN-file,discard=unmap,...,export=NAME
 //!         -blockdev {"driver":"qcow2","node-name":"diskN","file":"diskN-file","backing":"diskM"|null,"discard":"unmap"}
 //! guest:  -device virtio-blk-pci,drive=diskN,serial=NAME
+//! agent:  -chardev socket,id=qga0,path=SOCK,server=on,wait=off -device virtio-serial-pci,id=vser0
+//!         -device virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0
 //! ```
 //!
 //! Node names are taken from the disk's index (qemu's node names allow
@@ -154,6 +156,20 @@ pub fn args(spec: &VmSpec, sources: &[DiskSource]) -> Result<Vec<String>, Render
         args.push("-device".into());
         args.push(format!("virtio-net-pci,netdev=net{i},mac={}", nic.mac));
     }
+    if let Some(socket) = &spec.guest_agent {
+        // qemu listens; the tracker connects to freeze the guest.
+        args.extend([
+            "-chardev".into(),
+            format!(
+                "socket,id=qga0,path={},server=on,wait=off",
+                value(utf8(socket)?)
+            ),
+            "-device".into(),
+            "virtio-serial-pci,id=vser0".into(),
+            "-device".into(),
+            "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0".into(),
+        ]);
+    }
     Ok(args)
 }
 
@@ -213,6 +229,22 @@ mod tests {
             args.iter()
                 .any(|a| a.contains("server.path=/run/a,,b/nbd.sock,")),
             "{args:?}"
+        );
+    }
+
+    #[test]
+    fn a_guest_agent_gets_its_channel() {
+        let spec = spec(&SPEC.replace(
+            "machine = \"q35\"",
+            "machine = \"q35\"\nguest-agent = \"/run/tidemark/web1.qga\"",
+        ));
+        let sources = DiskSource::tracker_exports(&spec, Path::new("/run/s"));
+        let args = args(&spec, &sources).unwrap();
+        let line = args.join(" ");
+        assert!(
+            line.contains("-chardev socket,id=qga0,path=/run/tidemark/web1.qga,server=on,wait=off")
+                && line.ends_with("name=org.qemu.guest_agent.0"),
+            "{line}"
         );
     }
 
