@@ -150,18 +150,26 @@ fn scheduled_marks(path: &Path, control: PathBuf) -> Result<Option<impl FnOnce()
         pre_hooks: table.pre_hooks,
         post_hooks: table.post_hooks,
         timeout: table.timeout.get(),
+        guest_agent: table
+            .guest_agent
+            .map(tidemark_tracker::quiesce::GuestAgentSettings::new),
     };
     Ok(Some(move || {
         std::thread::spawn(move || loop {
             std::thread::sleep(every.get());
-            let result = quiesce.run(|left| {
+            let result = quiesce.run(|left, app| {
                 let label = tidemark_names::Label::new("scheduled").expect("a valid label");
-                tidemark_control::mark(&control, &label, true, left)
+                tidemark_control::mark(&control, &label, app, left)
             });
             match result {
-                Ok(r) => {
+                Ok(r) if r.app_consistent => {
                     tracing::info!(seq = r.seq.get(), "scheduled application-consistent point")
                 }
+                Ok(r) => tracing::warn!(
+                    seq = r.seq.get(),
+                    guest_agent = ?r.guest_agent,
+                    "scheduled point is crash-consistent: no guest agent answered"
+                ),
                 Err(e) => {
                     tracing::error!(error = %e, "scheduled application-consistent point failed")
                 }

@@ -3,11 +3,13 @@
 
 use anyhow::{anyhow, Result};
 use clap::{Args, Subcommand};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use tidemark_config::ByteSize;
 use tidemark_vm::group::{GroupLayout, HostDirs, Protection};
+use tidemark_vm::live::{self, Direction, DiskOutcome, LiveDisk, LiveMove};
 use tidemark_vm::{libvirt, qemu, DiskSource};
 
 /// `tidemark vm ...`.
@@ -21,6 +23,9 @@ pub(crate) enum VmCommand {
     /// Print the VM's qemu arguments or libvirt domain XML, its disks on
     /// the tracker's NBD exports.
     Render(RenderArgs),
+    /// Move a running VM's disks back from the tracker's exports onto
+    /// their files, over its QMP socket, without stopping it.
+    Unprotect(UnprotectArgs),
 }
 
 /// Where a host keeps its groups' files (the packages' paths by default).
@@ -81,8 +86,32 @@ pub(crate) struct ProtectArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Move the running VM's disks onto the group's tracker (already
+    /// serving them) over its QMP socket, without stopping it; writes no
+    /// configuration.
+    #[arg(long, requires = "qmp")]
+    live: bool,
+    /// The running VM's QMP socket (`-qmp unix:PATH,server=on,wait=off`).
+    #[arg(long, value_name = "SOCKET", requires = "live")]
+    qmp: Option<PathBuf>,
     #[command(flatten)]
     dirs: DirArgs,
+}
+
+/// `tidemark vm unprotect`.
+#[derive(Debug, Args)]
+pub(crate) struct UnprotectArgs {
+    /// The VM's spec.
+    spec: PathBuf,
+    /// The running VM's QMP socket.
+    #[arg(long, value_name = "SOCKET")]
+    qmp: PathBuf,
+    /// The tracker's sockets (GROUP.nbd.sock in it).
+    #[arg(long, default_value = "/run/tidemark")]
+    run_dir: PathBuf,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 /// `tidemark vm render`.
@@ -109,10 +138,93 @@ pub(crate) fn run(cmd: VmCommand) -> Result<ExitCode> {
     match cmd {
         VmCommand::Protect(a) => protect(a),
         VmCommand::Render(a) => render(a),
+        VmCommand::Unprotect(a) => {
+            live_move(&a.spec, Direction::Unprotect, &a.qmp, a.run_dir, a.json)
+        }
+    }
+}
+
+/// How long qemu's monitor and the tracker have to answer each command.
+const LIVE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Moves the running VM of `spec_path` onto the tracker's exports or
+/// back (`tidemark_vm::live`), the tracker's sockets in `run_dir`.
+fn live_move(
+    spec_path: &Path,
+    direction: Direction,
+    qmp: &Path,
+    run_dir: PathBuf,
+    json: bool,
+) -> Result<ExitCode> {
+    use std::os::unix::fs::FileTypeExt;
+    let spec = tidemark_config::load_vm_spec(spec_path).map_err(|e| anyhow!("{e}"))?;
+    let dirs = HostDirs {
+        run_dir,
+        ..HostDirs::default()
+    };
+    let layout = GroupLayout::new(&dirs, &spec.name);
+    let disks = LiveDisk::of_spec(&spec, |path| {
+        std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
+    });
+    let core = LiveMove::new(direction, &layout.socket, disks);
+    let control = &layout.control_socket;
+    let report = live::run(qmp, core, LIVE_TIMEOUT, |disk| {
+        tidemark_control::resync_all(control, disk, LIVE_TIMEOUT)
+            .map(drop)
+            .map_err(Into::into)
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        let verb = match direction {
+            Direction::Protect => "onto the tracker",
+            Direction::Unprotect => "back onto its files",
+        };
+        println!(
+            "VM {}: moving its disks {verb} over {}",
+            spec.name,
+            qmp.display()
+        );
+        for disk in &report.disks {
+            let node = disk.node.as_deref().unwrap_or("?");
+            let what = match disk.outcome {
+                DiskOutcome::Moved => format!("moved from {} to {}", disk.from, disk.to),
+                DiskOutcome::AlreadyThere => format!("already on {}", disk.to),
+                DiskOutcome::NotMoved => format!("still on {}", disk.from),
+                DiskOutcome::Unknown => "unknown (the monitor was lost)".to_owned(),
+            };
+            let mut line = format!("  disk {} (node {node}): {what}", disk.disk);
+            if disk.resync_recorded {
+                line.push_str("; recorded as resync-needed");
+            }
+            if let Some(old) = &disk.removed_node {
+                line.push_str(&format!("; old node {old} removed"));
+            }
+            println!("{line}");
+        }
+        for warning in &report.warnings {
+            eprintln!("tidemark: warning: {warning}");
+        }
+    }
+    match &report.error {
+        None => Ok(ExitCode::SUCCESS),
+        Some(error) => {
+            eprintln!("tidemark: the move failed: {error}");
+            Ok(ExitCode::FAILURE)
+        }
     }
 }
 
 fn protect(a: ProtectArgs) -> Result<ExitCode> {
+    if let (true, Some(qmp)) = (a.live, &a.qmp) {
+        return live_move(
+            &a.spec,
+            Direction::Protect,
+            qmp,
+            a.dirs.run_dir.clone(),
+            a.json,
+        );
+    }
     let spec = tidemark_config::load_vm_spec(&a.spec).map_err(|e| anyhow!("{e}"))?;
     let host = tidemark_config::load(&a.shipper_config).map_err(|e| anyhow!("{e}"))?;
     let shipper = host.require_shipper().map_err(|e| anyhow!("{e}"))?;

@@ -296,6 +296,14 @@ pub struct AppConsistentConfig {
     /// (only on request).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub schedule: Option<Duration>,
+    /// A VM's group: the unix socket of the guest agent
+    /// (`qemu-guest-agent`) of the VM whose disks the group holds, an
+    /// absolute path. A mark freezes the guest's filesystems through it
+    /// (`guest-fsfreeze-freeze`, marker, `guest-fsfreeze-thaw`, within
+    /// `timeout`); when no agent answers, the point is crash-consistent
+    /// and the mark says so. Default: not set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_agent: Option<PathBuf>,
 }
 
 impl Default for AppConsistentConfig {
@@ -306,6 +314,7 @@ impl Default for AppConsistentConfig {
             post_hooks: Vec::new(),
             timeout: Duration::from_secs(30),
             schedule: None,
+            guest_agent: None,
         }
     }
 }
@@ -415,6 +424,14 @@ impl TrackerConfig {
                 app.key("schedule"),
                 "schedule must be at least 1m",
             ));
+        }
+        if let Some(path) = &self.app_consistent.guest_agent {
+            if !path.is_absolute() {
+                return Err(ConfigError::invalid(
+                    app.key("guest-agent"),
+                    format!("{} is not an absolute path", path.display()),
+                ));
+            }
         }
         for (i, path) in self.app_consistent.freeze.iter().enumerate() {
             if !path.is_absolute() {

@@ -110,6 +110,15 @@ pub struct VmSpec {
     /// none, the guest boots from its disks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel: Option<DirectKernel>,
+
+    /// The unix socket of the VM's guest agent channel (qemu's
+    /// `org.qemu.guest_agent.0` virtio-serial port, `qemu-guest-agent` in
+    /// the guest), an absolute path. `tidemark vm protect` writes it into
+    /// the group's `[tracker.app-consistent] guest-agent`: application-
+    /// consistent points freeze the guest's filesystems through it.
+    /// Default: not set (points are crash-consistent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_agent: Option<PathBuf>,
 }
 
 /// Direct kernel boot (see [`VmSpec::kernel`]), the `[vm.kernel]` table.
@@ -419,6 +428,14 @@ impl VmSpec {
                     self.memory
                 ),
             ));
+        }
+        if let Some(path) = &self.guest_agent {
+            if !path.is_absolute() {
+                return Err(ConfigError::invalid(
+                    at.key("guest-agent"),
+                    format!("{} is not an absolute path", path.display()),
+                ));
+            }
         }
         self.validate_disks(&at)?;
         self.validate_nics(&at)?;

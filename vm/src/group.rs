@@ -28,8 +28,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use tidemark_config::{
-    ByteSize, CacheMode, ConfigError, DiskConfig, ImageFormat, LoadedConfig, ShipperConfig,
-    TrackerConfig, VmSpec,
+    AppConsistentConfig, ByteSize, CacheMode, ConfigError, DiskConfig, ImageFormat, LoadedConfig,
+    ShipperConfig, TrackerConfig, VmSpec,
 };
 use tidemark_names::Name;
 
@@ -249,6 +249,10 @@ pub fn group_config(
                 },
             })
             .collect(),
+        app_consistent: AppConsistentConfig {
+            guest_agent: spec.guest_agent.clone(),
+            ..AppConsistentConfig::default()
+        },
         ..TrackerConfig::default()
     };
     let mut shipper = host_shipper.clone();

@@ -19,6 +19,12 @@
 //!   file for the templated `tidemark-tracker@GROUP` and
 //!   `tidemark-shipper@GROUP` units, with the VM's log-size budget, and
 //!   what `tidemark vm protect` reports.
+//! - [`live`]: a running VM's disks moved onto the tracker's exports and
+//!   back over QMP (`blockdev-reopen` of each disk's format node), without
+//!   stopping it;
+//! - [`qga`]: a client of the guest agent (freeze and thaw the guest's
+//!   filesystems for an application-consistent point), on the framing of
+//!   [`qmp`], the client of qemu's monitor.
 //!
 //! - [`boot`]: starting the VM on the replica site, from a test
 //!   failover's copy-on-write exports or from the failed-over disks: the
@@ -31,8 +37,11 @@
 pub mod boot;
 pub mod group;
 pub mod libvirt;
+pub mod live;
 pub mod qcow2;
 pub mod qemu;
+pub mod qga;
+pub mod qmp;
 
 use std::path::{Path, PathBuf};
 

@@ -10,6 +10,8 @@
 //!         (a failed-over disk, a file on the replica site, reads the same
 //!         with driver=file,filename=PATH in place of the nbd options)
 //! guest:  -device virtio-blk-pci,drive=diskN,serial=NAME
+//! agent:  -chardev socket,id=qga0,path=SOCK,server=on,wait=off -device virtio-serial-pci,id=vser0
+//!         -device virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0
 //! ```
 //!
 //! Node names are taken from the disk's index (qemu's node names allow
@@ -117,6 +119,20 @@ pub fn args(spec: &VmSpec, sources: &[DiskSource]) -> Result<Vec<String>, Render
             }
         };
         nic_args(&mut args, i, &format!("bridge,br={}", value(bridge)), nic);
+    }
+    if let Some(socket) = &spec.guest_agent {
+        // qemu listens; the tracker connects to freeze the guest.
+        args.extend([
+            "-chardev".into(),
+            format!(
+                "socket,id=qga0,path={},server=on,wait=off",
+                value(utf8(socket)?)
+            ),
+            "-device".into(),
+            "virtio-serial-pci,id=vser0".into(),
+            "-device".into(),
+            "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0".into(),
+        ]);
     }
     Ok(args)
 }
@@ -253,6 +269,22 @@ mod tests {
             args.iter()
                 .any(|a| a.contains("server.path=/run/a,,b/nbd.sock,")),
             "{args:?}"
+        );
+    }
+
+    #[test]
+    fn a_guest_agent_gets_its_channel() {
+        let spec = spec(&SPEC.replace(
+            "machine = \"q35\"",
+            "machine = \"q35\"\nguest-agent = \"/run/tidemark/web1.qga\"",
+        ));
+        let sources = DiskSource::tracker_exports(&spec, Path::new("/run/s"));
+        let args = args(&spec, &sources).unwrap();
+        let line = args.join(" ");
+        assert!(
+            line.contains("-chardev socket,id=qga0,path=/run/tidemark/web1.qga,server=on,wait=off")
+                && line.ends_with("name=org.qemu.guest_agent.0"),
+            "{line}"
         );
     }
 
