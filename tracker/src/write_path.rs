@@ -313,14 +313,7 @@ impl GroupQueue {
                         }
                         return Progress::Blocked;
                     }
-                    let slot = self.slot(token);
-                    let bytes = match op {
-                        Op::Write { .. } => len,
-                        _ => 0,
-                    };
-                    let started = slot.started;
-                    self.group.count_write(started, now, bytes);
-                    self.answer(token, Ok(()));
+                    self.acknowledge(token, now);
                     return Progress::Moved;
                 }
                 Stage::Device { .. } | Stage::Read => return Progress::Moved,
@@ -357,13 +350,30 @@ impl GroupQueue {
             self.start_barrier(token);
             return;
         }
-        // Answered now, unless an open hold keeps it (its range and
-        // extents are let go already: a held reply holds no lock).
+        if !self.group.held_back(seq) {
+            self.acknowledge(token, now);
+            return;
+        }
+        // An open hold keeps its answer (its range and extents are let go
+        // already: a held reply holds no lock).
         self.slot(token).stage = Stage::Held {
             seq,
             counted: false,
         };
         self.advance_or_park(token, now);
+    }
+
+    /// Answers a modification that was written (and, with FUA, flushed),
+    /// counting it.
+    fn acknowledge(&mut self, token: usize, now: Instant) {
+        let slot = self.slot(token);
+        let bytes = match slot.op {
+            Op::Write { .. } => slot.len,
+            _ => 0,
+        };
+        let started = slot.started;
+        self.group.count_write(started, now, bytes);
+        self.answer(token, Ok(()));
     }
 
     /// Starts the barrier of a FLUSH or of a FUA modification whose record
