@@ -65,6 +65,8 @@ struct Server {
     peer_timeouts: Mutex<std::collections::BTreeMap<Name, u64>>,
     /// The peer timeout, for what is logged.
     peer_timeout: Duration,
+    /// The spans' coordinators, by member.
+    spans: crate::coordinate::Spans,
 }
 
 /// Counters of one host's group since the receiver started.
@@ -306,6 +308,10 @@ pub async fn run(
     let addr = endpoint
         .local_addr()
         .map_err(|e| ReceiverFatal::Setup(format!("listening on {}: {e}", cfg.listen)))?;
+    let groups: Groups = Arc::new(Mutex::new(HashMap::new()));
+    let spans =
+        crate::coordinate::Spans::start(&cfg.spans, &cfg.data_dir, groups.clone(), stop.clone())
+            .map_err(|e| ReceiverFatal::Setup(format!("span: {e}")))?;
     let server = Arc::new(Server {
         engine: Box::new(LocalEngine::new(&cfg.data_dir)),
         data_dir: cfg.data_dir.clone(),
@@ -321,10 +327,11 @@ pub async fn run(
             .filter(|h| h.revoked)
             .map(|h| h.name.clone())
             .collect(),
-        groups: Arc::new(Mutex::new(HashMap::new())),
+        groups,
         stats: Mutex::new(HashMap::new()),
         peer_timeouts: Mutex::new(std::collections::BTreeMap::new()),
         peer_timeout: cfg.liveness.peer_timeout.get(),
+        spans,
     });
     let metrics = match metrics_listen {
         Some(maddr) => {
@@ -424,7 +431,7 @@ impl Server {
                     return;
                 }
             };
-            if let Err(e) = self.session(&host, send, recv).await {
+            if let Err(e) = self.session(&host, &conn, send, recv).await {
                 if self.noticed_silence(&host, &conn) {
                     return;
                 }
@@ -487,6 +494,7 @@ impl Server {
     async fn session(
         &self,
         host: &Name,
+        conn: &quinn::Connection,
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) -> Result<(), SessionEnded> {
@@ -558,6 +566,10 @@ impl Server {
             shipper = receiving.shipper_software(),
             "session started"
         );
+        // A span's member: its coordinator holds through this connection.
+        let _span = self
+            .spans
+            .attach(host, &group_name, conn, receiving.version());
         let stats = self.stats(host, &group_name);
         stats.sessions.fetch_add(1, Ordering::Relaxed);
         let _connected = SessionGuard(stats.clone());

@@ -2,6 +2,7 @@
 //! the protected hosts' consistency groups and is the only thing that ever
 //! writes them.
 //!
+//! - `coordinate`: the spans' coordinators, one task per span.
 //! - [`daemon`]: the QUIC server: authenticated hosts, their groups,
 //!   the protocol session per connection.
 //! - [`drain`]: the drain request and answer files of a planned failover.
@@ -17,6 +18,7 @@
 //! - [`test_failover`]: a recovery point made writable by copy-on-write
 //!   scratch files, for a test failover to serve.
 
+mod coordinate;
 pub mod daemon;
 pub mod drain;
 pub mod pin;

@@ -882,6 +882,9 @@ impl Connection<'_> {
         };
         let mut rx = spawn_reader(recv);
         let cfg = &self.shared.cfg;
+        // Span holds come on a stream of their own; they end with the
+        // connection.
+        let _holds = crate::holds::Relay::start(conn.clone(), cfg.tracker_control_socket.clone());
         let config = CoreConfig {
             session: SessionConfig {
                 compression: Compression::Zstd(cfg.compression_level),

@@ -3,12 +3,14 @@
 //! checksum resyncs by reading the disks themselves.
 //!
 //! - [`daemon`]: the process: connection, loop, retries.
+//! - `holds`: the relay of a span coordinator's holds to the tracker.
 //! - [`policy`]: reconnect backoff and the bandwidth limit (pure logic).
 //! - [`source`]: reading the protected disks for sync and resync.
 //! - [`status`]: `shipper.status`, what the shipper is doing.
 //! - [`tail`]: batches of records from the log, waiting without polling.
 
 pub mod daemon;
+mod holds;
 pub mod policy;
 pub mod source;
 pub mod status;

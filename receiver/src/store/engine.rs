@@ -88,6 +88,11 @@ pub trait ReplicaStore: Send + Sync + Debug {
     fn disks(&self) -> Vec<Disk>;
     /// The recovery points, oldest first.
     fn points(&self) -> Vec<RecoveryPoint>;
+    /// The committed recovery point at `seq`, if there is one (a span's
+    /// coordinator asks whether a member's marker is durable).
+    fn point_at(&self, seq: Seq) -> Option<RecoveryPoint> {
+        self.points().into_iter().find(|p| p.seq == seq)
+    }
     /// The disks as of the recovery point `seq`, or (`None`) as of
     /// everything applied.
     fn reader(&self, seq: Option<Seq>) -> Result<Box<dyn PointReader + '_>, StoreError>;
@@ -249,6 +254,10 @@ where
 
     fn points(&self) -> Vec<RecoveryPoint> {
         ReplicaGroup::points(self)
+    }
+
+    fn point_at(&self, seq: Seq) -> Option<RecoveryPoint> {
+        ReplicaGroup::point_at(self, seq)
     }
 
     fn reader(&self, seq: Option<Seq>) -> Result<Box<dyn PointReader + '_>, StoreError> {

@@ -1411,6 +1411,22 @@ impl<D: LogDir> ReplicaGroup<D> {
             .collect()
     }
 
+    /// The committed recovery point at `seq`, if there is one (points are
+    /// in sequence order: a binary search).
+    pub fn point_at(&self, seq: Seq) -> Option<RecoveryPoint> {
+        let points = &self.journal.points;
+        let i = points.partition_point(|p| p.seq < seq);
+        let p = points
+            .get(i)
+            .filter(|p| p.seq == seq && p.pos <= self.journal_committed)?;
+        Some(RecoveryPoint {
+            seq: p.seq,
+            timestamp_ns: p.timestamp_ns,
+            app_consistent: p.app_consistent,
+            label: p.label.clone(),
+        })
+    }
+
     /// The point a running test failover (or a planned failover writing
     /// its images) has pinned: see [`crate::pin`].
     pub fn pinned(&self) -> Option<Seq> {
@@ -1789,6 +1805,30 @@ mod tests {
         std::fs::remove_file(pin_dir.join(PIN_FILE)).unwrap();
         g.apply_retention(0, true).unwrap();
         assert_eq!(seqs(&g), [6]);
+    }
+
+    #[test]
+    fn a_point_is_found_by_its_seq_once_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut g = one_disk_group(dir.path());
+        g.set_retention(Retention {
+            window: std::time::Duration::MAX,
+            ..Retention::default()
+        });
+        g.apply_record(&rec(&Entry::write(0, 0, &[1; 100], 0), 1))
+            .unwrap();
+        g.apply_record(&rec(&Entry::marker("span-shop-1", false, 7), 2))
+            .unwrap();
+        assert!(g.point_at(Seq(2)).is_none(), "not before its commit");
+        g.commit().unwrap();
+        g.apply_record(&rec(&Entry::barrier(9), 3)).unwrap();
+        let p = g.point_at(Seq(2)).expect("the committed marker");
+        assert_eq!((p.seq, p.label.as_str()), (Seq(2), "span-shop-1"));
+        assert!(g.point_at(Seq(1)).is_none(), "a write is no point");
+        assert!(g.point_at(Seq(3)).is_none(), "uncommitted");
+        g.commit().unwrap();
+        assert_eq!(g.point_at(Seq(3)).map(|p| p.seq), Some(Seq(3)));
+        assert!(g.point_at(Seq(4)).is_none());
     }
 
     /// A fold for space takes the history down to a margin below

@@ -1,0 +1,586 @@
+//! The receiver's span coordinators: one task per `[[receiver.span]]`,
+//! the thin shell around `tidemark_span::Coordinator` (whose module
+//! documents the protocol). The task
+//!
+//! - learns each member's link from the sessions: a member's session of
+//!   protocol version 3 or later opens the hold stream beside it on the
+//!   same connection (the shipper relays what comes on it to its tracker:
+//!   the protected host opens no port); an older session is a link that
+//!   cannot hold; the session's end is the link's end;
+//! - starts a round every `interval`, and saves the span's record
+//!   (`crate::span`) whenever the core asks, before it sends what uses it;
+//! - follows each committed point until every member's replica holds its
+//!   marker as a committed recovery point (the marker's sequence number
+//!   and label), by looking at the members' stores;
+//! - records every outcome in the span's record, durably.
+//!
+//! Membership comes from this receiver's configuration only: a session is
+//! a member's when its host (from its certificate) and group (from its
+//! hello) are named in a span. Rounds stop for a member whose link is
+//! down; nothing waits on a member for longer than the core's bounds.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tidemark_changelog::Seq;
+use tidemark_config::SpanEntry;
+use tidemark_names::{Label, Name};
+use tidemark_span::{
+    AbortReason, Coordinator, CoordinatorConfig, HoldMessage, Link, PointId, SpanEvent,
+    StartRefused,
+};
+use tidemark_wire::{Compression, Message, MessageDecoder, PROTOCOL_VERSION};
+use tokio::sync::{mpsc, watch};
+
+use crate::replica::StoreReplica;
+use crate::span::{Outcome, SpanDir, SpanRecord, SpanRecordError};
+
+/// The replica stores open in this receiver, by (host, group).
+pub(crate) type OpenGroups = Arc<Mutex<HashMap<(Name, Name), Arc<Mutex<StoreReplica>>>>>;
+
+/// The first protocol version whose sessions carry holds.
+const HOLDS_SINCE: u16 = 3;
+/// How often committed points are looked for in the members' stores.
+const DURABLE_POLL: Duration = Duration::from_millis(200);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What a span's task hears from the sessions.
+#[derive(Debug)]
+enum Input {
+    /// A member's session started (its link replaces any older one).
+    Up { member: usize, link: HoldLink },
+    /// The link `id` of a member ended.
+    Down { member: usize, id: u64 },
+    /// An answer arrived on the link `id` of a member.
+    Hold {
+        member: usize,
+        id: u64,
+        message: HoldMessage,
+    },
+}
+
+/// A member's connection as its span's task uses it.
+#[derive(Debug)]
+struct HoldLink {
+    id: u64,
+    conn: quinn::Connection,
+    /// The hold stream's sender (`None`: the session is too old to hold).
+    frames: Option<mpsc::UnboundedSender<HoldMessage>>,
+}
+
+impl HoldLink {
+    fn link(&self) -> Link {
+        Link::Up {
+            rtt: self.conn.rtt(),
+            holds: self.frames.is_some(),
+        }
+    }
+}
+
+/// The spans of this receiver, by member.
+#[derive(Debug, Default)]
+pub(crate) struct Spans {
+    members: HashMap<(Name, Name), (mpsc::UnboundedSender<Input>, usize)>,
+    next_link: AtomicU64,
+}
+
+/// A session's place in its span: the link ends when it is dropped.
+#[must_use = "the member's link ends when this is dropped"]
+pub(crate) struct Attached {
+    tx: mpsc::UnboundedSender<Input>,
+    member: usize,
+    id: u64,
+    stream: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        if let Some(stream) = &self.stream {
+            stream.abort();
+        }
+        let _ = self.tx.send(Input::Down {
+            member: self.member,
+            id: self.id,
+        });
+    }
+}
+
+impl Spans {
+    /// Starts a coordinator task for each span of `spans`; they stop when
+    /// `stop` turns true.
+    pub(crate) fn start(
+        spans: &[SpanEntry],
+        data_dir: &std::path::Path,
+        groups: OpenGroups,
+        stop: watch::Receiver<bool>,
+    ) -> Result<Spans, SpanRecordError> {
+        let mut members = HashMap::new();
+        for entry in spans {
+            let dir = SpanDir::open(data_dir, &entry.name)?;
+            let record = dir.load()?;
+            let (tx, rx) = mpsc::unbounded_channel();
+            for (i, m) in entry.members.iter().enumerate() {
+                members.insert((m.host.clone(), m.group.clone()), (tx.clone(), i));
+            }
+            let task = SpanTask::new(entry.clone(), dir, record, groups.clone());
+            tokio::spawn(task.run(rx, stop.clone()));
+        }
+        Ok(Spans {
+            members,
+            next_link: AtomicU64::new(1),
+        })
+    }
+
+    /// A session of `host`'s `group` in protocol `version` started on
+    /// `conn`: if the group is a span's member, its hold stream is opened
+    /// (version 3 on) and the span's task told.
+    pub(crate) fn attach(
+        &self,
+        host: &Name,
+        group: &Name,
+        conn: &quinn::Connection,
+        version: u16,
+    ) -> Option<Attached> {
+        let (tx, member) = self.members.get(&(host.clone(), group.clone()))?;
+        let id = self.next_link.fetch_add(1, Ordering::Relaxed);
+        let (frames, stream) = if version >= HOLDS_SINCE {
+            let (ftx, frx) = mpsc::unbounded_channel();
+            let stream = tokio::spawn(hold_stream(
+                conn.clone(),
+                version.min(PROTOCOL_VERSION),
+                frx,
+                tx.clone(),
+                *member,
+                id,
+            ));
+            (Some(ftx), Some(stream))
+        } else {
+            tracing::warn!(%host, %group, version, "this member's shipper speaks a protocol without span holds: the span takes no points until it is upgraded");
+            (None, None)
+        };
+        let link = HoldLink {
+            id,
+            conn: conn.clone(),
+            frames,
+        };
+        let _ = tx.send(Input::Up {
+            member: *member,
+            link,
+        });
+        Some(Attached {
+            tx: tx.clone(),
+            member: *member,
+            id,
+            stream,
+        })
+    }
+}
+
+/// Runs a member's hold stream: what the task sends goes out in `version`,
+/// what comes back goes to the task; its end is the link's end.
+async fn hold_stream(
+    conn: quinn::Connection,
+    version: u16,
+    mut outgoing: mpsc::UnboundedReceiver<HoldMessage>,
+    task: mpsc::UnboundedSender<Input>,
+    member: usize,
+    id: u64,
+) {
+    let ended = |why: String| {
+        tracing::info!(member, reason = %why, "a span member's hold stream ended");
+        let _ = task.send(Input::Down { member, id });
+    };
+    let (mut send, mut recv) = match conn.open_bi().await {
+        Ok(s) => s,
+        Err(e) => return ended(e.to_string()),
+    };
+    let mut decoder = MessageDecoder::new();
+    let mut buf = vec![0u8; 4096];
+    loop {
+        tokio::select! {
+            out = outgoing.recv() => {
+                let Some(message) = out else { return };
+                let frame = match Message::Hold(message).encode(version, Compression::None) {
+                    Ok(f) => f,
+                    Err(e) => return ended(format!("encoding a hold: {e}")),
+                };
+                if let Err(e) = send.write_all(&frame).await {
+                    return ended(e.to_string());
+                }
+            }
+            read = recv.read(&mut buf) => {
+                match read {
+                    Ok(Some(n)) => decoder.feed(&buf[..n]),
+                    Ok(None) => return ended("closed by the shipper".into()),
+                    Err(e) => return ended(e.to_string()),
+                }
+                loop {
+                    match decoder.next_message() {
+                        Ok(Some(m)) => match m.message {
+                            Message::Hold(message) => {
+                                let _ = task.send(Input::Hold { member, id, message });
+                            }
+                            Message::Error { message, .. } => {
+                                return ended(format!("the shipper refused: {message}"))
+                            }
+                            other => {
+                                return ended(format!(
+                                    "unexpected {} on the hold stream",
+                                    other.msg_type().name()
+                                ))
+                            }
+                        },
+                        Ok(None) => break,
+                        Err(e) => return ended(format!("a bad frame: {e}")),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A committed point being followed until every member's replica holds
+/// its marker.
+#[derive(Debug)]
+struct Following {
+    point: PointId,
+    label: String,
+    markers: Vec<(Seq, u32)>,
+    durable: Vec<bool>,
+    /// Committed before this coordinator started: the core does not know
+    /// it; it is decided here, by `by`.
+    inherited: Option<Instant>,
+}
+
+/// One span's coordinator task.
+struct SpanTask {
+    entry: SpanEntry,
+    members: Vec<(Name, Name)>,
+    dir: SpanDir,
+    record: SpanRecord,
+    core: Coordinator,
+    links: Vec<Option<HoldLink>>,
+    groups: OpenGroups,
+    /// The round running: its point, label and consistency.
+    round: Option<(PointId, Label, bool)>,
+    following: Vec<Following>,
+    next_round: Instant,
+    /// Why the last round could not start (said once until it changes).
+    last_refusal: Option<StartRefused>,
+}
+
+impl SpanTask {
+    fn new(entry: SpanEntry, dir: SpanDir, record: SpanRecord, groups: OpenGroups) -> SpanTask {
+        let members: Vec<(Name, Name)> = entry
+            .members
+            .iter()
+            .map(|m| (m.host.clone(), m.group.clone()))
+            .collect();
+        let now = Instant::now();
+        let core = Coordinator::new(CoordinatorConfig::default(), members.len(), record.saved());
+        let by = now + CoordinatorConfig::default().durable_timeout;
+        let following = record
+            .points
+            .iter()
+            .filter(|p| p.outcome == Outcome::Committed && p.members.len() == members.len())
+            .map(|p| Following {
+                point: PointId(p.point),
+                label: p.label.clone(),
+                markers: p.members.iter().map(|m| (m.marker, m.generation)).collect(),
+                durable: vec![false; members.len()],
+                inherited: Some(by),
+            })
+            .collect();
+        SpanTask {
+            links: (0..members.len()).map(|_| None).collect(),
+            next_round: now + entry.interval.get(),
+            entry,
+            members,
+            dir,
+            record,
+            core,
+            groups,
+            round: None,
+            following,
+            last_refusal: None,
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<Input>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        tracing::info!(span = %self.entry.name, members = self.members.len(), epoch = self.core.epoch().0, "span coordinator started");
+        loop {
+            let now = Instant::now();
+            let mut wake = self.next_round;
+            if let Some(t) = self.core.poll_timeout() {
+                wake = wake.min(t);
+            }
+            if !self.following.is_empty() {
+                wake = wake.min(now + DURABLE_POLL);
+            }
+            tokio::select! {
+                input = rx.recv() => match input {
+                    Some(input) => self.handle(input, Instant::now()),
+                    None => return,
+                },
+                _ = tokio::time::sleep_until(wake.into()) => {}
+                _ = stop.changed() => {
+                    if *stop.borrow() {
+                        return;
+                    }
+                }
+            }
+            let now = Instant::now();
+            self.core.handle_timeout(now);
+            if now >= self.next_round {
+                self.next_round = now + self.entry.interval.get();
+                self.start_round(now);
+            }
+            self.look_for_durable();
+            self.drive(Instant::now());
+        }
+    }
+
+    fn handle(&mut self, input: Input, now: Instant) {
+        match input {
+            Input::Up { member, link } => {
+                self.core.handle_link(member, link.link(), now);
+                self.links[member] = Some(link);
+            }
+            Input::Down { member, id } => {
+                if self.links[member].as_ref().is_some_and(|l| l.id == id) {
+                    self.links[member] = None;
+                    self.core.handle_link(member, Link::Down, now);
+                }
+            }
+            Input::Hold {
+                member,
+                id,
+                message,
+            } => {
+                if self.links[member].as_ref().is_some_and(|l| l.id == id) {
+                    self.core.handle_message(member, message, now);
+                }
+            }
+        }
+    }
+
+    fn start_round(&mut self, now: Instant) {
+        // The round's timing comes from the links' round trips now.
+        for (member, link) in self.links.iter().enumerate() {
+            if let Some(link) = link {
+                self.core.handle_link(member, link.link(), now);
+            }
+        }
+        let point = self.record.next_point.max(1);
+        let label = match Label::new(format!("span-{}-{point}", self.entry.name)) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(span = %self.entry.name, error = %e, "cannot label the span's markers");
+                return;
+            }
+        };
+        match self.core.start_point(false, label.clone(), now) {
+            Ok(id) => {
+                debug_assert_eq!(id.0, point);
+                self.round = Some((id, label, false));
+                self.last_refusal = None;
+            }
+            Err(why) => {
+                if self.last_refusal.as_ref() != Some(&why) {
+                    let why_text = self.refusal_text(&why);
+                    tracing::warn!(span = %self.entry.name, reason = %why_text, "no span point taken");
+                    self.last_refusal = Some(why);
+                }
+            }
+        }
+    }
+
+    fn refusal_text(&self, why: &StartRefused) -> String {
+        let name = |m: usize| {
+            self.members
+                .get(m)
+                .map_or_else(|| format!("member {m}"), |(h, g)| format!("{h}/{g}"))
+        };
+        match why {
+            StartRefused::MemberDown(m) => format!("{} is not connected", name(*m)),
+            StartRefused::MemberTooOld(m) => {
+                format!("{}'s shipper runs a release without span points", name(*m))
+            }
+            other => other.to_string(),
+        }
+    }
+
+    /// Sends what the core says, records what happened.
+    fn drive(&mut self, now: Instant) {
+        loop {
+            let mut progressed = false;
+            while let Some(event) = self.core.poll_event() {
+                progressed = true;
+                self.on_event(event, now);
+            }
+            while let Some((member, message)) = self.core.poll_transmit() {
+                progressed = true;
+                let sent = self.links[member]
+                    .as_ref()
+                    .and_then(|l| l.frames.as_ref())
+                    .is_some_and(|f| f.send(message).is_ok());
+                if !sent {
+                    self.core.handle_link(member, Link::Down, now);
+                }
+            }
+            if !progressed {
+                return;
+            }
+        }
+    }
+
+    fn on_event(&mut self, event: SpanEvent, now: Instant) {
+        let (label, app) = match (&event, &self.round) {
+            (
+                SpanEvent::Committed { point, .. } | SpanEvent::Aborted { point, .. },
+                Some((p, l, a)),
+            ) if p == point => (l.to_string(), *a),
+            _ => (String::new(), false),
+        };
+        match &event {
+            SpanEvent::Save(saved) => {
+                let saved = *saved;
+                if self.persist(&event, &label, app) {
+                    self.core.handle_saved(saved, now);
+                } else {
+                    // Nothing that needed it was sent: a new coordinator
+                    // (a higher epoch) starts from what is saved.
+                    self.restart_core(now);
+                }
+                return;
+            }
+            SpanEvent::Committed { point, markers } => {
+                tracing::info!(span = %self.entry.name, point = point.0, "span point committed; waiting for every member's marker on the replica site");
+                self.following.push(Following {
+                    point: *point,
+                    label: label.clone(),
+                    markers: markers.clone(),
+                    durable: vec![false; markers.len()],
+                    inherited: None,
+                });
+                self.round = None;
+            }
+            SpanEvent::Durable { point } => {
+                tracing::info!(span = %self.entry.name, point = point.0, "span point durable on every member");
+                self.following.retain(|f| f.point != *point);
+            }
+            SpanEvent::Aborted { point, reason } => {
+                tracing::warn!(span = %self.entry.name, point = point.0, reason = %reason, "span point abandoned");
+                self.following.retain(|f| f.point != *point);
+                if self.round.as_ref().is_some_and(|(p, ..)| p == point) {
+                    self.round = None;
+                }
+            }
+        }
+        self.persist(&event, &label, app);
+    }
+
+    /// Applies `event` to the record and writes it; whether it was
+    /// written.
+    fn persist(&mut self, event: &SpanEvent, label: &str, app: bool) -> bool {
+        let mut next = self.record.clone();
+        if !next.apply(
+            event,
+            &self.members,
+            label,
+            app,
+            tidemark_changelog::now_ns(),
+        ) {
+            return true;
+        }
+        match tokio::task::block_in_place(|| self.dir.save(&next)) {
+            Ok(()) => {
+                self.record = next;
+                true
+            }
+            Err(e) => {
+                tracing::error!(span = %self.entry.name, error = %e, "cannot write the span's record");
+                false
+            }
+        }
+    }
+
+    fn restart_core(&mut self, now: Instant) {
+        self.core = Coordinator::new(
+            CoordinatorConfig::default(),
+            self.members.len(),
+            self.record.saved(),
+        );
+        self.round = None;
+        // Points the old core followed are decided here now.
+        let by = now + CoordinatorConfig::default().durable_timeout;
+        for f in &mut self.following {
+            f.inherited.get_or_insert(by);
+        }
+        for (member, link) in self.links.iter().enumerate() {
+            if let Some(link) = link {
+                self.core.handle_link(member, link.link(), now);
+            }
+        }
+    }
+
+    /// Looks in the members' stores for the markers of the points being
+    /// followed; decides inherited ones.
+    fn look_for_durable(&mut self) {
+        if self.following.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut events = Vec::new();
+        for f in &mut self.following {
+            for (member, (host, group)) in self.members.iter().enumerate() {
+                if f.durable[member] {
+                    continue;
+                }
+                let (marker, generation) = f.markers[member];
+                if holds_marker(&self.groups, host, group, marker, &f.label) {
+                    f.durable[member] = true;
+                    if f.inherited.is_none() {
+                        self.core.handle_durable(member, marker, generation);
+                    }
+                }
+            }
+            if let Some(by) = f.inherited {
+                if f.durable.iter().all(|d| *d) {
+                    events.push(SpanEvent::Durable { point: f.point });
+                } else if now >= by {
+                    let member = f.durable.iter().position(|d| !d).unwrap_or(0);
+                    events.push(SpanEvent::Aborted {
+                        point: f.point,
+                        reason: AbortReason::NotDurable(member),
+                    });
+                }
+            }
+        }
+        for event in events {
+            self.on_event(event, now);
+        }
+    }
+}
+
+/// Whether the store of `host`'s `group`, if open here, has a committed
+/// recovery point at `marker` labelled `label`.
+fn holds_marker(groups: &OpenGroups, host: &Name, group: &Name, marker: Seq, label: &str) -> bool {
+    let replica = lock(groups).get(&(host.clone(), group.clone())).cloned();
+    let Some(replica) = replica else { return false };
+    tokio::task::block_in_place(|| {
+        lock(&replica)
+            .group()
+            .point_at(marker)
+            .is_some_and(|p| p.label == label)
+    })
+}
