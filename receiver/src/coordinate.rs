@@ -82,11 +82,35 @@ impl HoldLink {
     }
 }
 
+/// What one scrape reports of one span.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SpanSample {
+    /// The span's name.
+    pub(crate) name: String,
+    /// Its members.
+    pub(crate) members: usize,
+    /// Members whose session is connected and can hold.
+    pub(crate) connected: usize,
+    /// The span's RPO target.
+    pub(crate) target: Duration,
+    /// When the newest span point was taken (ns since the Unix epoch).
+    pub(crate) last_point_ns: Option<u64>,
+    /// When this coordinator started (ns since the Unix epoch).
+    pub(crate) started_ns: u64,
+    /// Rounds since the coordinator started that became span points.
+    pub(crate) durable: u64,
+    /// Rounds since the coordinator started that were abandoned.
+    pub(crate) aborted: u64,
+    /// Rounds due that could not start (a member down or too old).
+    pub(crate) not_started: u64,
+}
+
 /// The spans of this receiver, by member.
 #[derive(Debug, Default)]
 pub(crate) struct Spans {
     members: HashMap<(Name, Name), (mpsc::UnboundedSender<Input>, usize)>,
     next_link: AtomicU64,
+    samples: Vec<Arc<Mutex<SpanSample>>>,
 }
 
 /// A session's place in its span: the link ends when it is dropped.
@@ -120,6 +144,7 @@ impl Spans {
         stop: watch::Receiver<bool>,
     ) -> Result<Spans, SpanRecordError> {
         let mut members = HashMap::new();
+        let mut samples = Vec::new();
         for entry in spans {
             let dir = SpanDir::open(data_dir, &entry.name)?;
             let record = dir.load()?;
@@ -128,12 +153,19 @@ impl Spans {
                 members.insert((m.host.clone(), m.group.clone()), (tx.clone(), i));
             }
             let task = SpanTask::new(entry.clone(), dir, record, groups.clone());
+            samples.push(task.sample.clone());
             tokio::spawn(task.run(rx, stop.clone()));
         }
         Ok(Spans {
             members,
             next_link: AtomicU64::new(1),
+            samples,
         })
+    }
+
+    /// Every span's sample, for the metrics.
+    pub(crate) fn samples(&self) -> Vec<SpanSample> {
+        self.samples.iter().map(|s| lock(s).clone()).collect()
     }
 
     /// A session of `host`'s `group` in protocol `version` started on
@@ -272,6 +304,8 @@ struct SpanTask {
     next_round: Instant,
     /// Why the last round could not start (said once until it changes).
     last_refusal: Option<StartRefused>,
+    /// What the metrics show of this span.
+    sample: Arc<Mutex<SpanSample>>,
 }
 
 impl SpanTask {
@@ -296,7 +330,16 @@ impl SpanTask {
                 inherited: Some(by),
             })
             .collect();
+        let sample = Arc::new(Mutex::new(SpanSample {
+            name: entry.name.to_string(),
+            members: members.len(),
+            target: entry.target.get(),
+            last_point_ns: newest_point_ns(&record),
+            started_ns: tidemark_changelog::now_ns(),
+            ..SpanSample::default()
+        }));
         SpanTask {
+            sample,
             links: (0..members.len()).map(|_| None).collect(),
             next_round: now + entry.interval.get(),
             entry,
@@ -346,7 +389,19 @@ impl SpanTask {
             }
             self.look_for_durable();
             self.drive(Instant::now());
+            self.publish();
         }
+    }
+
+    /// Brings the metrics' sample up to date.
+    fn publish(&self) {
+        let mut sample = lock(&self.sample);
+        sample.connected = self
+            .links
+            .iter()
+            .filter(|l| l.as_ref().is_some_and(|l| l.frames.is_some()))
+            .count();
+        sample.last_point_ns = newest_point_ns(&self.record);
     }
 
     fn handle(&mut self, input: Input, now: Instant) {
@@ -395,6 +450,7 @@ impl SpanTask {
                 self.last_refusal = None;
             }
             Err(why) => {
+                lock(&self.sample).not_started += 1;
                 if self.last_refusal.as_ref() != Some(&why) {
                     let why_text = self.refusal_text(&why);
                     tracing::warn!(span = %self.entry.name, reason = %why_text, "no span point taken");
@@ -476,10 +532,12 @@ impl SpanTask {
             }
             SpanEvent::Durable { point } => {
                 tracing::info!(span = %self.entry.name, point = point.0, "span point durable on every member");
+                lock(&self.sample).durable += 1;
                 self.following.retain(|f| f.point != *point);
             }
             SpanEvent::Aborted { point, reason } => {
                 tracing::warn!(span = %self.entry.name, point = point.0, reason = %reason, "span point abandoned");
+                lock(&self.sample).aborted += 1;
                 self.following.retain(|f| f.point != *point);
                 if self.round.as_ref().is_some_and(|(p, ..)| p == point) {
                     self.round = None;
@@ -570,6 +628,11 @@ impl SpanTask {
             self.on_event(event, now);
         }
     }
+}
+
+/// When the record's newest span point was taken.
+fn newest_point_ns(record: &SpanRecord) -> Option<u64> {
+    record.span_points().map(|p| p.taken_ns).max()
 }
 
 /// Whether the store of `host`'s `group`, if open here, has a committed

@@ -20,6 +20,7 @@ use tidemark_wire::{
 };
 use tokio::sync::watch;
 
+use crate::coordinate::SpanSample;
 use crate::drain;
 use crate::replica::StoreReplica;
 use crate::store::{GroupState, LocalEngine, Retention, StoreEngine};
@@ -126,10 +127,55 @@ struct GroupSample {
 /// (ns since the Unix epoch).
 fn collect_metrics(
     samples: &[GroupSample],
+    spans: &[SpanSample],
     peer_timeouts: &[(String, u64)],
     now_ns: u64,
 ) -> Exposition {
     let mut e = Exposition::new();
+    for s in spans {
+        let l = labels(&[("span", &s.name)]);
+        e.gauge(
+            "tidemark_span_members",
+            "Members of the span (host groups named in its [[receiver.span]]).",
+            None,
+            &l,
+            s.members as f64,
+        );
+        e.gauge(
+            "tidemark_span_members_connected",
+            "Members whose shipper is connected in a protocol that can hold: a span point needs all of them.",
+            None,
+            &l,
+            s.connected as f64,
+        );
+        e.gauge(
+            "tidemark_span_target",
+            "The span's RPO target: how old its newest span point may grow.",
+            Some(Unit::Seconds),
+            &l,
+            s.target.as_secs_f64(),
+        );
+        e.gauge(
+            "tidemark_span_without_point",
+            "How long the span has had no new span point: the age of the newest one, or the time since the receiver started when it has none.",
+            Some(Unit::Seconds),
+            &l,
+            now_ns.saturating_sub(s.last_point_ns.unwrap_or(s.started_ns)) as f64 / 1e9,
+        );
+        for (outcome, n) in [
+            ("span-point", s.durable),
+            ("aborted", s.aborted),
+            ("not-started", s.not_started),
+        ] {
+            e.counter(
+                "tidemark_span_rounds",
+                "The span's rounds since the receiver started, by outcome: a span point, abandoned (a member refused, was late or lost), or not started (a member not connected).",
+                None,
+                &labels(&[("span", &s.name), ("outcome", outcome)]),
+                n,
+            );
+        }
+    }
     for (host, count) in peer_timeouts {
         e.counter(
             "tidemark_receiver_peer_timeouts",
@@ -339,6 +385,7 @@ pub async fn run(
             let render: tidemark_metrics::Render = Arc::new(move || {
                 collect_metrics(
                     &srv.samples(),
+                    &srv.spans.samples(),
                     &srv.peer_timeout_counts(),
                     tidemark_changelog::now_ns(),
                 )
@@ -907,7 +954,7 @@ mod tests {
             bytes: 4096,
             sessions: 1,
         }];
-        let t = collect_metrics(&samples, &[("db1".into(), 2)], 4_000_000_000)
+        let t = collect_metrics(&samples, &[], &[("db1".into(), 2)], 4_000_000_000)
             .render(tidemark_metrics::Format::OpenMetrics);
         for want in [
             "tidemark_receiver_durable_sequence{host=\"db1\",group=\"g\"} 42.0\n",
@@ -930,9 +977,47 @@ mod tests {
             last_barrier_ns: None,
             ..samples[0].clone()
         }];
-        let t = collect_metrics(&none, &[], 4_000_000_000)
+        let t = collect_metrics(&none, &[], &[], 4_000_000_000)
             .render(tidemark_metrics::Format::OpenMetrics);
         assert!(!t.contains("last_barrier_age_seconds{"), "{t}");
+    }
+
+    #[test]
+    fn metrics_show_each_span_with_its_members_and_how_long_it_has_had_no_point() {
+        let spans = [
+            SpanSample {
+                name: "shop".into(),
+                members: 3,
+                connected: 2,
+                target: Duration::from_secs(60),
+                last_point_ns: Some(1_000_000_000),
+                started_ns: 500_000_000,
+                durable: 7,
+                aborted: 2,
+                not_started: 1,
+            },
+            SpanSample {
+                name: "new".into(),
+                members: 2,
+                started_ns: 2_500_000_000,
+                ..SpanSample::default()
+            },
+        ];
+        let t = collect_metrics(&[], &spans, &[], 4_000_000_000)
+            .render(tidemark_metrics::Format::OpenMetrics);
+        for want in [
+            "tidemark_span_members{span=\"shop\"} 3.0\n",
+            "tidemark_span_members_connected{span=\"shop\"} 2.0\n",
+            "tidemark_span_target_seconds{span=\"shop\"} 60.0\n",
+            "tidemark_span_without_point_seconds{span=\"shop\"} 3.0\n",
+            "tidemark_span_rounds_total{span=\"shop\",outcome=\"span-point\"} 7\n",
+            "tidemark_span_rounds_total{span=\"shop\",outcome=\"aborted\"} 2\n",
+            "tidemark_span_rounds_total{span=\"shop\",outcome=\"not-started\"} 1\n",
+            // No point yet: the time since the receiver started.
+            "tidemark_span_without_point_seconds{span=\"new\"} 1.5\n",
+        ] {
+            assert!(t.contains(want), "missing {want:?} in\n{t}");
+        }
     }
 
     /// A stream whose bytes come from a channel; it notes each read.

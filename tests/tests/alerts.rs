@@ -464,12 +464,13 @@ fn as_promql(expr: &str) -> String {
 // Tests.
 
 /// The alerts the rules must define.
-const ALERTS: [&str; 6] = [
+const ALERTS: [&str; 7] = [
     "TidemarkLagAboveRpoTarget",
     "TidemarkDiskCritical",
     "TidemarkReceiverUnreachable",
     "TidemarkLogFilling",
     "TidemarkNoRecentRecoveryPoint",
+    "TidemarkSpanNoConsistentPoint",
     "TidemarkMetricsDown",
 ];
 
