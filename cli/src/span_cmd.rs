@@ -4,12 +4,14 @@
 //! command only reads it.
 
 use crate::timefmt;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use tidemark_names::Name;
+use std::time::{Duration, Instant};
+use tidemark_names::{Label, Name};
 use tidemark_receiver::span::{Outcome, PointEntry, SpanDir};
+use tidemark_receiver::span_take::{self, TakeRequest};
 
 /// `tidemark span …`.
 #[derive(Debug, Subcommand)]
@@ -18,6 +20,27 @@ pub(crate) enum SpanCommand {
     /// member, all consistent as of the same instant (works while the
     /// receiver runs).
     Points(PointsArgs),
+    /// Take a span point now (the receiver must be running with the span
+    /// in its configuration): waits until it is a span point on every
+    /// member, or says why it was abandoned (exit status 1).
+    Take(TakeArgs),
+}
+
+/// `tidemark span take`.
+#[derive(Debug, Args)]
+pub(crate) struct TakeArgs {
+    /// The receiver's data directory.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// The span (a `[[receiver.span]]` name).
+    #[arg(long)]
+    span: Name,
+    /// The label of the members' markers (default `span-SPAN-POINT`).
+    #[arg(long)]
+    label: Option<String>,
+    /// How long to wait for the point.
+    #[arg(long, default_value = "2m", value_parser = tidemark_config::parse_duration)]
+    timeout: std::time::Duration,
 }
 
 /// `tidemark span points`.
@@ -41,6 +64,69 @@ pub(crate) struct PointsArgs {
 pub(crate) fn run(command: SpanCommand) -> Result<ExitCode> {
     match command {
         SpanCommand::Points(a) => points(a),
+        SpanCommand::Take(a) => take(a),
+    }
+}
+
+fn take(a: TakeArgs) -> Result<ExitCode> {
+    let dir = SpanDir::open(&a.data_dir, &a.span).with_context(|| format!("span {}", a.span))?;
+    let id = tidemark_changelog::now_ns();
+    let label = match &a.label {
+        Some(l) => l.clone(),
+        None => {
+            let next = dir.load().map(|r| r.next_point).unwrap_or(1);
+            format!("span-{}-{next}", a.span)
+        }
+    };
+    let label = Label::new(label).context("the label")?;
+    span_take::write_request(dir.path(), &TakeRequest { id, label })
+        .with_context(|| format!("asking for a point of span {}", a.span))?;
+    let deadline = Instant::now() + a.timeout;
+    let wait = |what: &str| -> Result<()> {
+        if Instant::now() >= deadline {
+            bail!(
+                "no answer within {} while waiting {what}: is the receiver running with span {} in its configuration?",
+                humantime::format_duration(a.timeout),
+                a.span
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        Ok(())
+    };
+    let point = loop {
+        match span_take::read_result(dir.path())? {
+            Some(r) if r.id == id => match r.result {
+                Ok(point) => break point,
+                Err(why) => bail!("no span point of {} could start: {why}", a.span),
+            },
+            _ => wait("for the receiver to start the round")?,
+        }
+    };
+    eprintln!("span {}: taking point {point}", a.span);
+    loop {
+        let record = dir.load()?;
+        if let Some(p) = record.points.iter().find(|p| p.point == point) {
+            match p.outcome {
+                Outcome::Durable => {
+                    let members: Vec<String> = p
+                        .members
+                        .iter()
+                        .map(|m| format!("{}/{}@{}", m.host, m.group, m.marker))
+                        .collect();
+                    println!("span point {point} ({}): {}", p.label, members.join(" "));
+                    return Ok(ExitCode::SUCCESS);
+                }
+                Outcome::Aborted => {
+                    eprintln!(
+                        "span point {point} was abandoned: {}",
+                        p.reason.as_deref().unwrap_or("no reason recorded")
+                    );
+                    return Ok(ExitCode::FAILURE);
+                }
+                Outcome::Committed => {}
+            }
+        }
+        wait("for every member's marker to be durable")?;
     }
 }
 

@@ -36,6 +36,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::replica::StoreReplica;
 use crate::span::{Outcome, SpanDir, SpanRecord, SpanRecordError};
+use crate::span_take;
 
 /// The replica stores open in this receiver, by (host, group).
 pub(crate) type OpenGroups = Arc<Mutex<HashMap<(Name, Name), Arc<Mutex<StoreReplica>>>>>;
@@ -44,6 +45,8 @@ pub(crate) type OpenGroups = Arc<Mutex<HashMap<(Name, Name), Arc<Mutex<StoreRepl
 const HOLDS_SINCE: u16 = 3;
 /// How often committed points are looked for in the members' stores.
 const DURABLE_POLL: Duration = Duration::from_millis(200);
+/// How often a request for a point on demand is looked for.
+const TAKE_POLL: Duration = Duration::from_millis(250);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -306,6 +309,8 @@ struct SpanTask {
     last_refusal: Option<StartRefused>,
     /// What the metrics show of this span.
     sample: Arc<Mutex<SpanSample>>,
+    /// The last request for a point on demand that was answered.
+    answered_take: Option<u64>,
 }
 
 impl SpanTask {
@@ -340,6 +345,7 @@ impl SpanTask {
         }));
         SpanTask {
             sample,
+            answered_take: None,
             links: (0..members.len()).map(|_| None).collect(),
             next_round: now + entry.interval.get(),
             entry,
@@ -362,7 +368,7 @@ impl SpanTask {
         tracing::info!(span = %self.entry.name, members = self.members.len(), epoch = self.core.epoch().0, "span coordinator started");
         loop {
             let now = Instant::now();
-            let mut wake = self.next_round;
+            let mut wake = self.next_round.min(now + TAKE_POLL);
             if let Some(t) = self.core.poll_timeout() {
                 wake = wake.min(t);
             }
@@ -385,8 +391,10 @@ impl SpanTask {
             self.core.handle_timeout(now);
             if now >= self.next_round {
                 self.next_round = now + self.entry.interval.get();
-                self.start_round(now);
+                let label = format!("span-{}-{}", self.entry.name, self.record.next_point.max(1));
+                let _ = self.start_round(&label, now);
             }
+            self.look_for_take(now);
             self.look_for_durable();
             self.drive(Instant::now());
             self.publish();
@@ -428,34 +436,69 @@ impl SpanTask {
         }
     }
 
-    fn start_round(&mut self, now: Instant) {
+    /// Starts a round whose markers are labelled `label`: the point's id,
+    /// or why it could not start.
+    fn start_round(&mut self, label: &str, now: Instant) -> Result<PointId, String> {
         // The round's timing comes from the links' round trips now.
         for (member, link) in self.links.iter().enumerate() {
             if let Some(link) = link {
                 self.core.handle_link(member, link.link(), now);
             }
         }
-        let point = self.record.next_point.max(1);
-        let label = match Label::new(format!("span-{}-{point}", self.entry.name)) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(span = %self.entry.name, error = %e, "cannot label the span's markers");
-                return;
-            }
-        };
+        let label = Label::new(label).map_err(|e| {
+            tracing::error!(span = %self.entry.name, error = %e, "cannot label the span's markers");
+            e.to_string()
+        })?;
         match self.core.start_point(false, label.clone(), now) {
             Ok(id) => {
-                debug_assert_eq!(id.0, point);
                 self.round = Some((id, label, false));
                 self.last_refusal = None;
+                Ok(id)
             }
             Err(why) => {
                 lock(&self.sample).not_started += 1;
+                let why_text = self.refusal_text(&why);
                 if self.last_refusal.as_ref() != Some(&why) {
-                    let why_text = self.refusal_text(&why);
                     tracing::warn!(span = %self.entry.name, reason = %why_text, "no span point taken");
                     self.last_refusal = Some(why);
                 }
+                Err(why_text)
+            }
+        }
+    }
+
+    /// A request for a point on demand, once no round runs: starts it and
+    /// answers which point it is, or why none.
+    fn look_for_take(&mut self, now: Instant) {
+        if self.round.is_some() {
+            return;
+        }
+        let dir = self.dir.path().to_path_buf();
+        let request = match span_take::read_request(&dir) {
+            Ok(Some(r)) if self.answered_take != Some(r.id) => r,
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(span = %self.entry.name, error = %e, "cannot read the request for a span point");
+                return;
+            }
+        };
+        if matches!(span_take::read_result(&dir), Ok(Some(r)) if r.id == request.id) {
+            // Answered before a restart.
+            self.answered_take = Some(request.id);
+            return;
+        }
+        let result = self
+            .start_round(request.label.as_str(), now)
+            .map(|point| point.0);
+        tracing::info!(span = %self.entry.name, label = %request.label, ?result, "span point asked for");
+        let answer = span_take::TakeResult {
+            id: request.id,
+            result,
+        };
+        match tokio::task::block_in_place(|| span_take::write_result(&dir, &answer)) {
+            Ok(()) => self.answered_take = Some(request.id),
+            Err(e) => {
+                tracing::warn!(span = %self.entry.name, error = %e, "cannot answer the request for a span point")
             }
         }
     }

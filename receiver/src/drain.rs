@@ -36,7 +36,9 @@ pub struct DrainResult {
     pub result: Result<u64, DrainRefused>,
 }
 
-fn write(group_dir: &Path, name: &str, body: &str) -> io::Result<()> {
+/// Writes `body` sealed into `name` of `group_dir`, atomically, owned by the
+/// directory's owner (also a span's directory).
+pub(crate) fn write(group_dir: &Path, name: &str, body: &str) -> io::Result<()> {
     write_atomic(group_dir, &format!("{name}.tmp"), name, &seal(body)).map_err(|(path, e)| {
         io::Error::new(e.kind(), format!("writing {}: {e}", path.display()))
     })?;
@@ -54,7 +56,7 @@ fn write(group_dir: &Path, name: &str, body: &str) -> io::Result<()> {
 
 /// The lines of a sealed file as (key, value); `None` if it is absent,
 /// torn or damaged.
-fn read(group_dir: &Path, name: &str) -> io::Result<Option<Vec<(String, String)>>> {
+pub(crate) fn read(group_dir: &Path, name: &str) -> io::Result<Option<Vec<(String, String)>>> {
     let text = match std::fs::read_to_string(group_dir.join(name)) {
         Ok(t) => t,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -71,7 +73,8 @@ fn read(group_dir: &Path, name: &str) -> io::Result<Option<Vec<(String, String)>
     ))
 }
 
-fn field<'a>(lines: &'a [(String, String)], key: &str) -> Option<&'a str> {
+/// The value of `key` among `lines`.
+pub(crate) fn field<'a>(lines: &'a [(String, String)], key: &str) -> Option<&'a str> {
     lines
         .iter()
         .find(|(k, _)| k == key)

@@ -12,6 +12,7 @@
 //! - [`span`]: a span's record (points consistent across hosts): what its
 //!   coordinator must find again after a restart, and every round's
 //!   outcome.
+//! - [`span_take`]: a span point on demand: the request and its answer.
 //! - [`store`]: the replica store of one consistency group: ordered,
 //!   idempotent apply of change-log records, initial sync and checksum
 //!   resync, crash recovery.
@@ -24,5 +25,6 @@ pub mod drain;
 pub mod pin;
 pub mod replica;
 pub mod span;
+pub mod span_take;
 pub mod store;
 pub mod test_failover;

@@ -309,6 +309,11 @@ impl SpanDir {
         Ok(SpanDir { dir })
     }
 
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
     /// The span's record (a new span's when there is none yet).
     pub fn load(&self) -> Result<SpanRecord, SpanRecordError> {
         load_from(&FsDir::at(&self.dir), &self.dir.join(RECORD_FILE))

@@ -1,26 +1,35 @@
 //! Span points end to end: three protected hosts, each with its own
 //! tracker, log, shipper and certificate, and one receiver whose
-//! configuration names the span. A writer makes each write depend on an
-//! acknowledged write of the host before it (counter k to host A, once
-//! acknowledged k to host B, once acknowledged k to host C): at every span
-//! point (every one, not a sample), no host's disk as of its marker shows
-//! a k that the host before it does not. Then a member's shipper dies: no
-//! disk stalls beyond the tracker's own hold bound, no point is taken
-//! without it, and points resume when it is back.
+//! configuration names the span; each shipper reaches the receiver through
+//! a UDP proxy of the test's that can delay or cut its member's link. A
+//! writer makes each write depend on an acknowledged write of the host
+//! before it (counter k to host A, once acknowledged k to host B, once
+//! acknowledged k to host C): at every span point (every one, not a
+//! sample), no host's disk as of its marker shows a k that the host before
+//! it does not.
+//!
+//! Phases, each measured (write acknowledgement p50/p99/max, span points
+//! and their interval): no shippers (no holds: the baseline), loopback,
+//! 25 ms one way between every member and the receiver. Faults, with the
+//! writer running: a member's shipper frozen (SIGSTOP), a member's link
+//! cut, a member's shipper killed. In each no write fails, no write waits
+//! much beyond the trackers' own hold bound (500 ms), no point is taken
+//! without the member, the rounds are reported, and points resume.
 
 use std::io::{Read, Write};
+use std::net::{SocketAddr, UdpSocket};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tidemark_changelog::{DiskId, Seq};
 use tidemark_e2e::replication::{enroll, free_port, run_ok, start_receiver_with, Daemon};
 use tidemark_e2e::{tidemark, tidemark_bin, TrackerProcess};
 use tidemark_names::Name;
-use tidemark_receiver::span::{Outcome, SpanDir};
+use tidemark_receiver::span::{Outcome, SpanDir, SpanRecord};
 use tidemark_receiver::store::LocalEngine;
 
 const SIZE: u64 = 16 << 20;
@@ -136,10 +145,15 @@ fn value_at(data: &Path, host: &str, seq: Seq) -> u64 {
     u64::from_le_bytes(buf)
 }
 
-fn durable_points(data: &Path) -> Vec<(u64, Vec<Seq>)> {
-    let dir = SpanDir::open(data, &Name::from_static("shop")).unwrap();
-    dir.load()
+fn record(data: &Path) -> SpanRecord {
+    SpanDir::open(data, &Name::from_static("shop"))
         .unwrap()
+        .load()
+        .unwrap()
+}
+
+fn durable_points(data: &Path) -> Vec<(u64, Vec<Seq>)> {
+    record(data)
         .points
         .iter()
         .filter(|p| p.outcome == Outcome::Durable)
@@ -167,8 +181,141 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p) as usize]
 }
 
+/// A UDP proxy between one shipper and the receiver: every datagram is
+/// delayed by `delay_us` each way, or dropped while `cut`.
+struct Proxy {
+    port: u16,
+    delay_us: Arc<AtomicU64>,
+    cut: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    fn start(target: SocketAddr) -> Proxy {
+        let front = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let back = UdpSocket::bind("127.0.0.1:0").unwrap();
+        back.connect(target).unwrap();
+        let port = front.local_addr().unwrap().port();
+        let delay_us = Arc::new(AtomicU64::new(0));
+        let cut = Arc::new(AtomicBool::new(false));
+        let client: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
+        // Datagrams in arrival order with the instant they are due: the
+        // delay is the same for all, so that order is the due order.
+        let (tx, rx) = mpsc::channel::<(Instant, bool, Vec<u8>)>();
+        {
+            let (front, back, client) = (
+                front.try_clone().unwrap(),
+                back.try_clone().unwrap(),
+                client.clone(),
+            );
+            std::thread::spawn(move || {
+                for (due, to_receiver, data) in rx {
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    if to_receiver {
+                        let _ = back.send(&data);
+                    } else if let Some(c) = *client.lock().unwrap() {
+                        let _ = front.send_to(&data, c);
+                    }
+                }
+            });
+        }
+        for to_receiver in [true, false] {
+            let (front, back, client, tx, delay_us, cut) = (
+                front.try_clone().unwrap(),
+                back.try_clone().unwrap(),
+                client.clone(),
+                tx.clone(),
+                delay_us.clone(),
+                cut.clone(),
+            );
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    let n = if to_receiver {
+                        let Ok((n, from)) = front.recv_from(&mut buf) else {
+                            return;
+                        };
+                        *client.lock().unwrap() = Some(from);
+                        n
+                    } else {
+                        let Ok(n) = back.recv(&mut buf) else { return };
+                        n
+                    };
+                    if cut.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    let due =
+                        Instant::now() + Duration::from_micros(delay_us.load(Ordering::Relaxed));
+                    if tx.send((due, to_receiver, buf[..n].to_vec())).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        Proxy {
+            port,
+            delay_us,
+            cut,
+        }
+    }
+
+    fn set_delay(&self, one_way: Duration) {
+        self.delay_us
+            .store(one_way.as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Every write the writer made: when it was asked, how long its
+/// acknowledgement took, and the host.
+type Writes = Arc<Mutex<Vec<(Instant, Duration, usize)>>>;
+
+/// Acknowledgement times of the writes asked between `from` and `to`.
+fn latencies(writes: &Writes, from: Instant, to: Instant) -> Vec<Duration> {
+    let mut l: Vec<Duration> = writes
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(at, ..)| *at >= from && *at < to)
+        .map(|(_, took, _)| *took)
+        .collect();
+    l.sort();
+    l
+}
+
+/// One line of figures for a phase.
+fn report(phase: &str, writes: &Writes, from: Instant, to: Instant, points: &[u64]) -> Duration {
+    let l = latencies(writes, from, to);
+    assert!(!l.is_empty(), "{phase}: no write was acknowledged");
+    let interval = if points.len() > 1 {
+        let spread = points[points.len() - 1] - points[0];
+        format!("{:.2} s", spread as f64 / 1e9 / (points.len() - 1) as f64)
+    } else {
+        "-".into()
+    };
+    eprintln!(
+        "FIGURES {phase}: {} writes, acknowledgement p50 {:?} p99 {:?} max {:?}; {} span points, interval {interval}",
+        l.len(),
+        percentile(&l, 0.5),
+        percentile(&l, 0.99),
+        l[l.len() - 1],
+        points.len(),
+    );
+    l[l.len() - 1]
+}
+
+/// When each span point newer than `after` was taken (ns since the Unix
+/// epoch), oldest first.
+fn taken_after(data: &Path, after: usize) -> Vec<u64> {
+    record(data)
+        .span_points()
+        .skip(after)
+        .map(|p| p.taken_ns)
+        .collect()
+}
+
 #[test]
-fn span_points_hold_across_three_hosts_and_survive_a_lost_member() {
+fn span_points_hold_across_three_hosts_under_delay_and_faults() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let (rpki, first_pki) = enroll(root, HOSTS[0]);
@@ -192,6 +339,7 @@ fn span_points_hold_across_three_hosts_and_survive_a_lost_member() {
                 .join(", ")
         ),
     );
+    let receiver: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let members: Vec<Member> = pkis
         .into_iter()
         .zip(HOSTS)
@@ -207,35 +355,200 @@ fn span_points_hold_across_three_hosts_and_survive_a_lost_member() {
             Member { dir, pki, tracker }
         })
         .collect();
-    let mut shippers: Vec<Option<Daemon>> = members
-        .iter()
-        .zip(HOSTS)
-        .map(|(m, host)| Some(start_shipper(m, host, port)))
-        .collect();
+    let proxies: Vec<Proxy> = HOSTS.iter().map(|_| Proxy::start(receiver)).collect();
 
     // The causal writer: k on A, acknowledged, then on B, then on C.
     let stop = Arc::new(AtomicBool::new(false));
+    let writes: Writes = Arc::default();
     let sockets: Vec<PathBuf> = members.iter().map(|m| m.tracker.socket.clone()).collect();
     let writer = {
-        let stop = stop.clone();
+        let (stop, writes) = (stop.clone(), writes.clone());
         std::thread::spawn(move || {
             let mut disks: Vec<Nbd> = sockets.iter().map(|s| Nbd::connect(s)).collect();
-            let mut latencies = Vec::new();
             let mut k = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 k += 1;
-                for disk in &mut disks {
-                    latencies.push(disk.write_value(k));
+                for (host, disk) in disks.iter_mut().enumerate() {
+                    let at = Instant::now();
+                    let took = disk.write_value(k);
+                    writes.lock().unwrap().push((at, took, host));
                 }
             }
-            (k, latencies)
+            k
         })
     };
 
-    let points = wait_points(&data, 4, Duration::from_secs(90));
+    // Baseline: no shipper, so no hold.
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    report(
+        "baseline (no shippers, no holds)",
+        &writes,
+        t0,
+        Instant::now(),
+        &[],
+    );
+
+    let mut shippers: Vec<Option<Daemon>> = members
+        .iter()
+        .zip(HOSTS)
+        .zip(&proxies)
+        .map(|((m, host), p)| Some(start_shipper(m, host, p.port)))
+        .collect();
+    wait_points(&data, 0, Duration::from_secs(90));
+
+    // Loopback, then 25 ms each way between every member and the
+    // receiver.
+    for (phase, delay) in [
+        ("loopback", Duration::ZERO),
+        ("25 ms one way", Duration::from_millis(25)),
+    ] {
+        for p in &proxies {
+            p.set_delay(delay);
+        }
+        let before = durable_points(&data).len();
+        let from = Instant::now();
+        wait_points(&data, before + 5, Duration::from_secs(60));
+        let max = report(
+            phase,
+            &writes,
+            from,
+            Instant::now(),
+            &taken_after(&data, before),
+        );
+        assert!(
+            max < Duration::from_secs(2),
+            "{phase}: a write waited {max:?}"
+        );
+    }
+    for p in &proxies {
+        p.set_delay(Duration::ZERO);
+    }
+
+    // A point on demand, with a label of the admin's.
+    let taken = run_ok(
+        tidemark()
+            .args(["span", "take", "--data-dir"])
+            .arg(&data)
+            .args([
+                "--span",
+                "shop",
+                "--label",
+                "before-upgrade",
+                "--timeout",
+                "30s",
+            ]),
+    );
+    assert!(taken.contains("(before-upgrade)"), "{taken}");
+    for host in HOSTS {
+        assert!(taken.contains(&format!("{host}/default@")), "{taken}");
+    }
+
+    // Faults: a member frozen, cut off, killed. No point may be taken
+    // while it is away; the others' writes go on.
+    for fault in ["shipper frozen (SIGSTOP)", "link cut", "shipper killed"] {
+        let member = 1;
+        let before = durable_points(&data).len();
+        let from = Instant::now();
+        match fault {
+            "shipper frozen (SIGSTOP)" => {
+                let pid = shippers[member].as_ref().unwrap().pid();
+                nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+            }
+            "link cut" => proxies[member].cut.store(true, Ordering::Relaxed),
+            _ => shippers[member].take().unwrap().kill(),
+        }
+        let struck_ns = tidemark_changelog::now_ns();
+        std::thread::sleep(Duration::from_millis(4500));
+        let others: Vec<Duration> = {
+            let w = writes.lock().unwrap();
+            w.iter()
+                .filter(|(at, _, host)| *at >= from && *host != member)
+                .map(|(_, took, _)| *took)
+                .collect()
+        };
+        let worst = others.iter().max().copied().unwrap_or_default();
+        assert!(
+            others.len() > 100,
+            "{fault}: the other members' writes stalled ({} writes)",
+            others.len()
+        );
+        match fault {
+            "shipper frozen (SIGSTOP)" => {
+                let pid = shippers[member].as_ref().unwrap().pid();
+                nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+            }
+            "link cut" => proxies[member].cut.store(false, Ordering::Relaxed),
+            _ => {
+                shippers[member] = Some(start_shipper(
+                    &members[member],
+                    HOSTS[member],
+                    proxies[member].port,
+                ))
+            }
+        }
+        let back = Instant::now();
+        let back_ns = tidemark_changelog::now_ns();
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while !record(&data).span_points().any(|p| p.taken_ns > back_ns) {
+            assert!(
+                Instant::now() < deadline,
+                "{fault}: no span point within 90 s after {} was back",
+                HOSTS[member]
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // A round in flight when the fault struck may still commit (a
+        // round lasts well under a second); none may start and commit
+        // while the member is away.
+        let without: Vec<u64> = record(&data)
+            .span_points()
+            .filter(|p| p.taken_ns > struck_ns + 1_000_000_000 && p.taken_ns < back_ns)
+            .map(|p| p.point)
+            .collect();
+        assert!(
+            without.is_empty(),
+            "{fault}: span points {without:?} were taken without {}",
+            HOSTS[member]
+        );
+        let aborted: Vec<String> = record(&data)
+            .points
+            .iter()
+            .filter(|p| p.outcome == Outcome::Aborted && p.taken_ns >= struck_ns)
+            .filter_map(|p| p.reason.clone())
+            .collect();
+        let max = report(
+            fault,
+            &writes,
+            from,
+            Instant::now(),
+            &taken_after(&data, before),
+        );
+        eprintln!(
+            "FIGURES {fault}: the others' worst acknowledgement {worst:?}; points again {:.1} s after the member was back; rounds abandoned: {aborted:?}",
+            back.elapsed().as_secs_f64()
+        );
+        assert!(
+            max < Duration::from_secs(2),
+            "{fault}: a write waited {max:?}"
+        );
+    }
+
+    stop.store(true, Ordering::Relaxed);
+    let rounds = writer.join().unwrap();
+    eprintln!("{rounds} rounds of causal writes, none failed");
+
+    // Every span point, not a sample.
+    let points = durable_points(&data);
     let mut moving = 0;
     for (point, markers) in &points {
-        let label = format!("span-shop-{point}");
+        let entry = record(&data);
+        let label = &entry
+            .points
+            .iter()
+            .find(|p| p.point == *point)
+            .unwrap()
+            .label;
         for (host, marker) in HOSTS.iter().zip(markers) {
             let listed = run_ok(
                 tidemark()
@@ -243,19 +556,22 @@ fn span_points_hold_across_three_hosts_and_survive_a_lost_member() {
                     .arg(&data)
                     .args(["--host", host, "--json"]),
             );
+            let line = listed
+                .lines()
+                .find(|l| l.contains(&format!("\"seq\":{}", marker.get())))
+                .unwrap_or_else(|| {
+                    panic!("{host} lists no point at its marker {marker:?} of span point {point}")
+                });
             assert!(
-                listed.contains(&format!("\"seq\":{}", marker.get()))
-                    || listed.contains(&format!("\"seq\": {}", marker.get())),
-                "{host} lists no point at its marker {marker:?} of span point {point}: {listed}"
+                line.contains(&format!("\"{label}\"")),
+                "{host}: not the marker {label}: {line}"
             );
-            assert!(listed.contains(&label), "{host}: no marker {label}");
         }
         let values: Vec<u64> = HOSTS
             .iter()
             .zip(markers)
             .map(|(host, marker)| value_at(&data, host, *marker))
             .collect();
-        eprintln!("span point {point}: the hosts show {values:?}");
         for i in 1..values.len() {
             assert!(
                 values[i] <= values[i - 1],
@@ -267,42 +583,14 @@ fn span_points_hold_across_three_hosts_and_survive_a_lost_member() {
             moving += 1;
         }
     }
+    eprintln!(
+        "{} span points checked, {moving} with writes inside",
+        points.len()
+    );
     assert!(
-        moving >= 2,
+        moving >= 10,
         "the writer's writes should fall inside the points (only {moving} showed any)"
     );
-
-    // A member's shipper dies: nothing stalls, and no point is taken
-    // without it.
-    shippers[1].take().unwrap().kill();
-    let taken = durable_points(&data).len();
-    std::thread::sleep(Duration::from_secs(4));
-    let without = durable_points(&data).len();
-    assert!(
-        without <= taken + 1,
-        "points were taken without a member: {taken} → {without}"
-    );
-    shippers[1] = Some(start_shipper(&members[1], HOSTS[1], port));
-    let after = wait_points(&data, without + 1, Duration::from_secs(60));
-    eprintln!(
-        "span points: {} before the shipper died, {} after it came back",
-        taken,
-        after.len()
-    );
-
-    stop.store(true, Ordering::Relaxed);
-    let (rounds, mut latencies) = writer.join().unwrap();
-    latencies.sort();
-    let max = *latencies.last().unwrap();
-    eprintln!(
-        "{rounds} rounds of causal writes; acknowledgement p50 {:?}, p99 {:?}, max {:?}",
-        percentile(&latencies, 0.5),
-        percentile(&latencies, 0.99),
-        max
-    );
-    // A tracker never holds an acknowledgement past its own bound (500
-    // ms) plus scheduling on a loaded machine.
-    assert!(max < Duration::from_secs(3), "a write waited {max:?}");
 
     let listed = run_ok(
         tidemark()
@@ -310,14 +598,7 @@ fn span_points_hold_across_three_hosts_and_survive_a_lost_member() {
             .arg(&data)
             .args(["--span", "shop"]),
     );
-    for (point, _) in &after {
+    for (point, _) in &points {
         assert!(listed.contains(&point.to_string()), "{listed}");
     }
-    let every = run_ok(
-        tidemark()
-            .args(["span", "points", "--all", "--data-dir"])
-            .arg(&data)
-            .args(["--span", "shop"]),
-    );
-    eprintln!("every round:\n{every}");
 }
