@@ -41,14 +41,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tidemark_e2e::debian::{bookworm_root, is_root, workspace, SYSTEMD_GUEST_PACKAGES};
-use tidemark_e2e::replication::{
-    enroll, free_port, start_receiver, start_test_failover_with, wait_caught_up, Daemon, HOST,
-};
+use tidemark_e2e::replication::{enroll, free_port, start_receiver, wait_caught_up, Daemon, HOST};
 use tidemark_e2e::{output_ok, require_kernel, require_tool, run, tidemark};
 
 const TEST: &str = "a_debian_guest_on_the_tracker_checks_itself_after_failover";
 /// The VM, which is also its consistency group.
-const VM: &str = "vm1";
+const VM: &str = "web1";
 /// The guest's verdict on its data disk: the line failovers wait for.
 const CHECK_LINE: &str = "TIDEMARK-GUEST-CHECK";
 /// Most time from starting qemu to the guest's verdict: Debian with
@@ -56,6 +54,9 @@ const CHECK_LINE: &str = "TIDEMARK-GUEST-CHECK";
 const UP_TIMEOUT: Duration = Duration::from_secs(300);
 /// Size of the data disk.
 const DATA_DISK: u64 = 64 << 20;
+/// The README's `vm protect` line.
+const PROTECT: &str =
+    "tidemark vm protect /etc/tidemark/vms/web1.toml --log-size-limit 16GiB --grow-images";
 
 /// A process killed (SIGKILL, by its pid) when dropped: a qemu that the
 /// test started or that a failover left running in the background.
@@ -180,16 +181,18 @@ fn points(dir: &Path) -> Vec<(u64, Option<String>)> {
         .collect()
 }
 
-/// Inserts a marker (`tidemark mark LABEL --config GROUP.toml --json`,
-/// plus `extra`), waits until the receiver lists it as a recovery point,
-/// and returns the mark's answer and the point's sequence number.
-fn mark_durable(dir: &Path, config: &Path, label: &str, extra: &[&str]) -> (Value, u64) {
-    let out = output_ok(
-        tidemark()
-            .args(["mark", label, "--json", "--config"])
-            .arg(config)
-            .args(extra),
-    );
+/// A crash-consistent marker `label` in the group of `config`.
+fn mark(config: &Path, label: &str) -> Command {
+    let mut cmd = tidemark();
+    cmd.args(["mark", label, "--json", "--config"]).arg(config);
+    cmd
+}
+
+/// Inserts the marker `label` (`mark`, a `tidemark mark --json`), waits
+/// until the receiver lists it as a recovery point, and returns the
+/// mark's answer and the point's sequence number.
+fn mark_durable(dir: &Path, mut mark: Command, label: &str) -> (Value, u64) {
+    let out = output_ok(&mut mark);
     let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -205,6 +208,76 @@ fn mark_durable(dir: &Path, config: &Path, label: &str, extra: &[&str]) -> (Valu
             fs::read_to_string(dir.join("shipper.log")).unwrap_or_default()
         );
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The README's section on protecting a virtual machine.
+fn readme_vm_section() -> String {
+    let readme = fs::read_to_string(workspace().join("README.md")).unwrap();
+    let start = readme
+        .find("\n## Protecting a virtual machine")
+        .expect("the README has a section on protecting a VM");
+    let section = &readme[start + 1..];
+    section[..section[3..].find("\n## ").map_or(section.len(), |i| i + 3)].to_owned()
+}
+
+/// A command line of the README's section on protecting a VM, to run
+/// here as the admin would: the section must have `line` as written, and
+/// each of its words that `paths` names is replaced by this test's file.
+/// The caller adds what this machine needs (its directories, TCG).
+fn readme_command(line: &str, paths: &[(&str, &Path)]) -> Command {
+    assert!(
+        readme_vm_section().lines().any(|l| l.trim() == line),
+        "the README's section on protecting a VM no longer has `{line}`"
+    );
+    let mut words = line.split_whitespace();
+    assert_eq!(words.next(), Some("tidemark"), "{line}");
+    let mut cmd = tidemark();
+    for word in words {
+        match paths.iter().find(|(from, _)| *from == word) {
+            Some((_, to)) => cmd.arg(to),
+            None => cmd.arg(word),
+        };
+    }
+    cmd
+}
+
+/// Starts a test failover (`cmd`, a `tidemark test-failover start
+/// --boot`, its stderr to `log`) and waits until it says ready; returns
+/// it and the lines it printed until then.
+fn start_booting_test(cmd: &mut Command, log: &Path) -> (Daemon, Vec<String>) {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let test = Daemon::new(child, "test failover");
+    let mut lines = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(UP_TIMEOUT + Duration::from_secs(60))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the test failover did not become ready: {lines:?}\n{}",
+                    fs::read_to_string(log).unwrap_or_default()
+                )
+            });
+        let ready = line.starts_with("ready");
+        lines.push(line);
+        if ready {
+            return (test, lines);
+        }
     }
 }
 
@@ -319,12 +392,12 @@ impl ProductionVm {
     /// The VM of `spec` on the tracker's exports, as `tidemark vm render
     /// --qemu` starts it.
     fn start(dir: &Path, spec: &Path) -> ProductionVm {
-        let rendered = run(tidemark()
-            .args(["vm", "render"])
-            .arg(spec)
-            .arg("--qemu")
-            .arg("--run-dir")
-            .arg(dir.join("run")));
+        let rendered = run(readme_command(
+            "tidemark vm render /etc/tidemark/vms/web1.toml --qemu",
+            &[("/etc/tidemark/vms/web1.toml", spec)],
+        )
+        .arg("--run-dir")
+        .arg(dir.join("run")));
         assert!(rendered.starts_with("qemu-system-x86_64"), "{rendered}");
         Self::launch(dir, "production", rendered.trim_end())
     }
@@ -510,12 +583,10 @@ fn a_debian_guest_on_the_tracker_checks_itself_after_failover() {
     let receiver = start_receiver(dir, &rpki, port, None);
     let shipper_config = host_shipper_config(dir, &hpki, port);
     let out = output_ok(
-        tidemark()
-            .args(["vm", "protect"])
-            .arg(&spec)
+        readme_command(PROTECT, &[("/etc/tidemark/vms/web1.toml", &spec)])
+            .arg("--json")
             .arg("--shipper-config")
             .arg(&shipper_config)
-            .args(["--log-size-limit", "1GiB", "--json"])
             .arg("--config-dir")
             .arg(dir.join("groups"))
             .arg("--run-dir")
@@ -557,7 +628,14 @@ fn a_debian_guest_on_the_tracker_checks_itself_after_failover() {
     wait_ack(&console, 3);
 
     // 1. An application-consistent point through the guest's agent.
-    let (answer, seq) = mark_durable(dir, &config, "app1", &["--app-consistent"]);
+    let (answer, seq) = mark_durable(
+        dir,
+        readme_command(
+            "tidemark mark nightly --app-consistent --config /etc/tidemark/groups/web1.toml --json",
+            &[("/etc/tidemark/groups/web1.toml", &config)],
+        ),
+        "nightly",
+    );
     assert_eq!(answer["app_consistent"], true, "{answer}");
     assert_eq!(answer["guest_agent"], "frozen", "{answer}");
     assert!(
@@ -577,25 +655,26 @@ fn a_debian_guest_on_the_tracker_checks_itself_after_failover() {
     // 2. A test failover boots at a point while production writes and
     // replicates.
     let acked = wait_ack(&console, last_ack(&console) + 3);
-    let (_, point) = mark_durable(dir, &config, "test1", &[]);
+    let (_, point) = mark_durable(dir, mark(&config, "test1"), "test1");
     let before = points(dir);
     let group_dir = dir.join("replicas").join(HOST).join(VM);
-    let boot_args: Vec<std::ffi::OsString> = vec![
-        "--group".into(),
-        VM.into(),
-        "--boot".into(),
-        spec.clone().into(),
-        "--up-line".into(),
-        CHECK_LINE.into(),
-        "--up-timeout".into(),
-        format!("{}s", UP_TIMEOUT.as_secs()).into(),
-        "--accel".into(),
-        "tcg".into(),
-    ];
-    let boot_args: Vec<&std::ffi::OsStr> = boot_args.iter().map(|a| a.as_os_str()).collect();
     let test_started = Instant::now();
-    let (test, _, lines) =
-        start_test_failover_with(dir, point, &boot_args, UP_TIMEOUT + Duration::from_secs(60));
+    let (test, lines) = start_booting_test(
+        readme_command(
+            "tidemark test-failover start --data-dir /var/lib/tidemark/replicas --host hv1.example.com \
+             --group web1 --socket /run/tidemark/web1-test.sock --boot /etc/tidemark/vms/web1.toml \
+             --up-timeout 5m",
+            &[
+                ("/var/lib/tidemark/replicas", &dir.join("replicas")),
+                ("hv1.example.com", Path::new(HOST)),
+                ("/run/tidemark/web1-test.sock", &dir.join("test-failover.sock")),
+                ("/etc/tidemark/vms/web1.toml", &spec),
+            ],
+        )
+        .args(["--point", &point.to_string(), "--up-line", CHECK_LINE])
+        .args(["--accel", "tcg"]),
+        &dir.join("test-failover.log"),
+    );
     let to_ready = test_started.elapsed();
     let pid: i32 = fs::read_to_string(group_dir.join("test-failover/vm.pid"))
         .unwrap()
@@ -613,7 +692,7 @@ fn a_debian_guest_on_the_tracker_checks_itself_after_failover() {
     let records = assert_verdict(&line, acked, "test failover");
     // Replication goes on: production writes, new points become durable.
     let during = wait_ack(&console, last_ack(&console) + 3);
-    let (_, later) = mark_durable(dir, &config, "during-test", &[]);
+    let (_, later) = mark_durable(dir, mark(&config, "during-test"), "during-test");
     assert!(later > point);
     eprintln!(
         "{TEST}: during the test failover production acknowledged record {during}, point {later} durable"
@@ -642,7 +721,7 @@ fn a_debian_guest_on_the_tracker_checks_itself_after_failover() {
     // 3. A failover boots at a point taken after record K was
     // acknowledged, and the guest checks itself.
     let acked = wait_ack(&console, last_ack(&console) + 3);
-    let (_, point) = mark_durable(dir, &config, "failover1", &[]);
+    let (_, point) = mark_durable(dir, mark(&config, "failover1"), "failover1");
     let took = production.shut_down(&agent);
     eprintln!(
         "{TEST}: production shut down cleanly through its agent in {took:?} after record {}",
@@ -653,24 +732,19 @@ fn a_debian_guest_on_the_tracker_checks_itself_after_failover() {
     assert!(receiver.stop().success());
     let to = dir.join("failover");
     let failover_started = Instant::now();
-    let out = run(tidemark()
-        .args(["failover", "--data-dir"])
-        .arg(dir.join("replicas"))
-        .args([
-            "--host",
-            HOST,
-            "--group",
-            VM,
-            "--point",
-            &point.to_string(),
-            "--to",
-        ])
-        .arg(&to)
-        .arg("--boot")
-        .arg(&spec)
-        .args(["--up-line", CHECK_LINE])
-        .args(["--up-timeout", &format!("{}s", UP_TIMEOUT.as_secs())])
-        .args(["--accel", "tcg"]));
+    let out = run(readme_command(
+        "tidemark failover --data-dir /var/lib/tidemark/replicas --host hv1.example.com --group web1 \
+         --to /srv/failover/web1 --boot /etc/tidemark/vms/web1.toml --network br0=br-dr0",
+        &[
+            ("/var/lib/tidemark/replicas", &dir.join("replicas")),
+            ("hv1.example.com", Path::new(HOST)),
+            ("/srv/failover/web1", &to),
+            ("/etc/tidemark/vms/web1.toml", &spec),
+        ],
+    )
+    .args(["--point", &point.to_string(), "--up-line", CHECK_LINE])
+    .args(["--up-timeout", &format!("{}s", UP_TIMEOUT.as_secs())])
+    .args(["--accel", "tcg"]));
     let rto = failover_started.elapsed();
     let pid: i32 = fs::read_to_string(to.join(format!("{VM}.pid")))
         .unwrap()
@@ -726,7 +800,7 @@ fn live_move_while_writing(
     rpki: &Path,
     port: u16,
 ) {
-    const VM2: &str = "vm2";
+    const VM2: &str = "web2";
     let root = dir.join("vm2-root.img");
     run(Command::new("cp")
         .arg("--sparse=always")
@@ -755,12 +829,10 @@ fn live_move_while_writing(
     .unwrap();
     let receiver = start_receiver(dir, rpki, port, None);
     let out = output_ok(
-        tidemark()
-            .args(["vm", "protect"])
-            .arg(&spec)
+        readme_command(PROTECT, &[("/etc/tidemark/vms/web1.toml", &spec)])
+            .arg("--json")
             .arg("--shipper-config")
             .arg(shipper_config)
-            .args(["--log-size-limit", "1GiB", "--json"])
             .arg("--config-dir")
             .arg(dir.join("groups"))
             .arg("--run-dir")
@@ -807,13 +879,16 @@ fn live_move_while_writing(
     let before = wait_ack(&console, 3);
     let moved = Instant::now();
     let out = output_ok(
-        tidemark()
-            .args(["vm", "protect"])
-            .arg(&spec)
-            .args(["--live", "--json", "--qmp"])
-            .arg(&qmp)
-            .arg("--run-dir")
-            .arg(&run_dir),
+        readme_command(
+            "tidemark vm protect /etc/tidemark/vms/web1.toml --live --qmp /run/web1.qmp",
+            &[
+                ("/etc/tidemark/vms/web1.toml", &spec),
+                ("/run/web1.qmp", &qmp),
+            ],
+        )
+        .arg("--json")
+        .arg("--run-dir")
+        .arg(&run_dir),
     );
     let took = moved.elapsed();
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
