@@ -63,6 +63,25 @@ pub fn debian_mirror() -> String {
     "http://deb.debian.org/debian".into()
 }
 
+/// What the Debian guests booted with systemd as PID 1 need on top of a
+/// minbase bookworm, one list so they share one cached root
+/// (`tests/tests/operator_guide_vm.rs`, `tests/tests/vm_guests.rs`):
+/// systemd as init, udev for `/dev/disk/by-id` and the guest agent's
+/// port, the tools the operator guide calls, jq for its scenario to read
+/// the CLI's `--json`, e2fsprogs to check file systems in the guest, and
+/// qemu's guest agent.
+pub const SYSTEMD_GUEST_PACKAGES: [&str; 9] = [
+    "systemd-sysv",
+    "udev",
+    "kmod",
+    "nbd-client",
+    "curl",
+    "e2fsprogs",
+    "procps",
+    "jq",
+    "qemu-guest-agent",
+];
+
 /// A minbase Debian bookworm with the packages `include` on top,
 /// debootstrapped once and cached as a tarball under the target directory
 /// (one per `include` list; delete it to refresh); unpacked fresh into

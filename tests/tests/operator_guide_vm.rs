@@ -16,24 +16,12 @@ use std::os::unix::fs::{symlink, FileExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
-use tidemark_e2e::debian::{bookworm_root, build_packages, is_root, workspace};
+use tidemark_e2e::debian::{
+    bookworm_root, build_packages, is_root, workspace, SYSTEMD_GUEST_PACKAGES,
+};
 use tidemark_e2e::{require_kernel, require_tool};
 
 const TEST: &str = "the_operator_guide_runs_on_debian_with_systemd";
-
-/// What the guest needs on top of a minbase bookworm: systemd as init,
-/// udev for /dev/disk/by-id, the tools the guide calls, and jq for the
-/// scenario to read the CLI's `--json`.
-const GUEST_PACKAGES: [&str; 8] = [
-    "systemd-sysv",
-    "udev",
-    "kmod",
-    "nbd-client",
-    "curl",
-    "e2fsprogs",
-    "procps",
-    "jq",
-];
 
 /// Guide lines this test does not run, with the test that runs them.
 const RUN_ELSEWHERE: [(&str, &str); 6] = [
@@ -177,7 +165,7 @@ fn the_operator_guide_runs_on_debian_with_systemd() {
         .collect();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let root = bookworm_root(dir, &GUEST_PACKAGES);
+    let root = bookworm_root(dir, &SYSTEMD_GUEST_PACKAGES);
     prepare_guest(&root, &debs);
     eprintln!(
         "{TEST}: packages and root ready after {:?}",
