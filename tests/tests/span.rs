@@ -12,7 +12,7 @@
 //! and their interval): no shippers (no holds: the baseline), loopback,
 //! 25 ms one way between every member and the receiver. Faults, with the
 //! writer running: a member's shipper frozen (SIGSTOP), a member's link
-//! cut, a member's shipper killed. In each no write fails, no write waits
+//! cut, a member's shipper killed, the receiver killed. In each no write fails, no write waits
 //! much beyond the trackers' own hold bound (500 ms), no point is taken
 //! without the member, the rounds are reported, and points resume.
 
@@ -325,21 +325,16 @@ fn span_points_hold_across_three_hosts_under_delay_and_faults() {
     }
     let data = root.join("replicas");
     let port = free_port();
-    let _receiver = start_receiver_with(
-        &data,
-        root,
-        &rpki,
-        port,
-        &format!(
-            "[[receiver.span]]\nname = \"shop\"\nmembers = [{}]\ninterval = \"1s\"\n",
-            HOSTS
-                .iter()
-                .map(|h| format!("\"{h}/default\""))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+    let span_config = format!(
+        "[[receiver.span]]\nname = \"shop\"\nmembers = [{}]\ninterval = \"1s\"\n",
+        HOSTS
+            .iter()
+            .map(|h| format!("\"{h}/default\""))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
-    let receiver: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let receiver = start_receiver_with(&data, root, &rpki, port, &span_config);
+    let receiver_addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let members: Vec<Member> = pkis
         .into_iter()
         .zip(HOSTS)
@@ -355,7 +350,7 @@ fn span_points_hold_across_three_hosts_under_delay_and_faults() {
             Member { dir, pki, tracker }
         })
         .collect();
-    let proxies: Vec<Proxy> = HOSTS.iter().map(|_| Proxy::start(receiver)).collect();
+    let proxies: Vec<Proxy> = HOSTS.iter().map(|_| Proxy::start(receiver_addr)).collect();
 
     // The causal writer: k on A, acknowledged, then on B, then on C.
     let stop = Arc::new(AtomicBool::new(false));
@@ -533,6 +528,47 @@ fn span_points_hold_across_three_hosts_under_delay_and_faults() {
             "{fault}: a write waited {max:?}"
         );
     }
+
+    // The receiver (the coordinator) killed and started again: a new
+    // epoch, no point id handed out twice, points resume.
+    let before = record(&data);
+    receiver.kill();
+    std::thread::sleep(Duration::from_secs(1));
+    let _receiver = start_receiver_with(&data, root, &rpki, port, &span_config);
+    let back_ns = tidemark_changelog::now_ns();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !record(&data).span_points().any(|p| p.taken_ns > back_ns) {
+        assert!(
+            Instant::now() < deadline,
+            "no span point within 90 s of the receiver's restart"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let after = record(&data);
+    assert!(
+        after.epoch > before.epoch,
+        "{} → {}",
+        before.epoch,
+        after.epoch
+    );
+    let ids: Vec<u64> = after.points.iter().map(|p| p.point).collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "point ids reused or out of order: {ids:?}"
+    );
+    assert!(
+        after
+            .points
+            .iter()
+            .all(|p| p.outcome != Outcome::Committed || p.taken_ns > back_ns),
+        "a point committed before the restart was left undecided"
+    );
+    eprintln!(
+        "FIGURES receiver killed: epoch {} → {}, points again {:.1} s after its restart",
+        before.epoch,
+        after.epoch,
+        (tidemark_changelog::now_ns() - back_ns) as f64 / 1e9
+    );
 
     stop.store(true, Ordering::Relaxed);
     let rounds = writer.join().unwrap();
