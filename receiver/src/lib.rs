@@ -16,6 +16,8 @@
 //!   resync, crash recovery.
 //! - [`test_failover`]: a recovery point made writable by copy-on-write
 //!   scratch files, for a test failover to serve.
+//! - [`vm_spec`]: the group's VM spec as the protected site sent it, every
+//!   version with the first record it applies to.
 
 pub mod daemon;
 pub mod drain;
@@ -24,3 +26,4 @@ pub mod replica;
 pub mod span;
 pub mod store;
 pub mod test_failover;
+pub mod vm_spec;
