@@ -7,9 +7,11 @@
 //! - [`source`]: reading the protected disks for sync and resync.
 //! - [`status`]: `shipper.status`, what the shipper is doing.
 //! - [`tail`]: batches of records from the log, waiting without polling.
+//! - [`vm_spec`]: when the group's VM spec is sent to the receiver.
 
 pub mod daemon;
 pub mod policy;
 pub mod source;
 pub mod status;
 pub mod tail;
+pub mod vm_spec;
