@@ -2,7 +2,7 @@
 //! protected site sent, each with the first record it applies to, so a
 //! failover to an older recovery point boots the VM as it was defined at
 //! that point. This module is the file's one owner: the receiver adds
-//! versions ([`VmSpecs::keep`]), the CLI reads them ([`VmSpecs::load`]).
+//! versions ([`VmSpecKeeper::keep`]), the CLI reads them ([`VmSpecs::load`]).
 //!
 //! File `vm-spec` in the group's directory, replaced whole, atomically and
 //! durably through the storage seam ([`tidemark_durable::replace()`]: the
