@@ -40,7 +40,7 @@ use tidemark_wire::shipper_core::{CoreConfig, CoreEvent, Need, ShipperCore};
 use tidemark_wire::{
     encode_frame, ChunkData, ChunkPurpose, Compression, DecodeError, Disk, DiskSync, ErrorClass,
     ErrorCode, Message, MessageDecoder, MessageType, Received, RecordBatch, RecordId, Replica,
-    ReplicaError, Versions, VmSpecRefused, VmSpecReply, PROTOCOL_VERSION,
+    ReplicaError, Versions, VmSpecNews, VmSpecRefused, VmSpecReply, PROTOCOL_VERSION,
 };
 
 const HOST: &str = "db1";
@@ -518,7 +518,14 @@ struct Stats {
     /// Coarse resync blocks compared, and fine blocks sent, by the core.
     resync_compared: u64,
     resync_sent: u64,
+    /// VM specs the receiver answered as kept, and sessions too old to
+    /// carry one.
+    vm_specs_kept: u64,
+    vm_specs_not_carried: u64,
 }
+
+/// The VM spec every connection's shipper is given.
+const SIM_SPEC: &str = "[vm]\nname = \"g\"\n";
 
 fn hello() -> HelloInfo {
     HelloInfo {
@@ -567,6 +574,9 @@ fn connect(stats: &mut Stats, daemon: &mut ShipperDaemon, rng: &mut Rng, now: In
         ..CoreConfig::default()
     };
     let mut core = ShipperCore::new(hello(), config, now).unwrap();
+    // Given before the session runs, as the daemon does: sent once it
+    // runs, after the Welcome.
+    core.handle_vm_spec(SIM_SPEC.to_string());
     let mut to_receiver = VecDeque::new();
     while let Some(f) = core.poll_transmit() {
         to_receiver.push_back(f);
@@ -718,9 +728,14 @@ fn shipper_events(
             }
             CoreEvent::Critical(e) => panic!("seed {seed}: permanent error: {e}"),
             CoreEvent::Stopped => unreachable!("the simulation never stops a session"),
-            CoreEvent::VmSpec(news) => {
-                panic!("seed {seed}: no VM spec was given, yet {news:?}")
+            CoreEvent::VmSpec(VmSpecNews::Answered(VmSpecReply::Kept { .. })) => {
+                stats.vm_specs_kept += 1;
             }
+            CoreEvent::VmSpec(VmSpecNews::NotCarried { version }) => {
+                assert!(version < 3, "seed {seed}: version {version} carries specs");
+                stats.vm_specs_not_carried += 1;
+            }
+            CoreEvent::VmSpec(news) => panic!("seed {seed}: the valid spec was {news:?}"),
         }
     }
     alive
@@ -990,6 +1005,12 @@ fn run(seed: u64) -> Stats {
         replica.committed.0 == *source.image_at(source.last().seq),
         "seed {seed}: the replica differs from the source"
     );
+    // Sent again by every session, the same spec is one version.
+    assert!(
+        replica.vm_specs.len() <= 1 && replica.vm_specs.iter().all(|(_, t)| t == SIM_SPEC),
+        "seed {seed}: {:?}",
+        replica.vm_specs
+    );
     stats
 }
 
@@ -1010,6 +1031,8 @@ fn replicas_converge_through_a_hostile_network() {
         total.stalls += s.stalls;
         total.resync_compared += s.resync_compared;
         total.resync_sent += s.resync_sent;
+        total.vm_specs_kept += s.vm_specs_kept;
+        total.vm_specs_not_carried += s.vm_specs_not_carried;
         for (t, n) in total.sessions.iter_mut().zip(s.sessions) {
             *t += n;
         }
@@ -1031,6 +1054,10 @@ fn replicas_converge_through_a_hostile_network() {
     assert!(total.timeouts > 100, "{total:?}");
     assert!(total.resync_compared > 100, "{total:?}");
     assert!(total.resync_sent > 100, "{total:?}");
+    // The VM spec reached the replica through the faults, and sessions
+    // of version 1 never carried it.
+    assert!(total.vm_specs_kept > 300, "{total:?}");
+    assert!(total.vm_specs_not_carried > 100, "{total:?}");
 }
 
 fn record(seq: u64, generation: u32) -> Vec<u8> {
