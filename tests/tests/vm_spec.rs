@@ -223,6 +223,20 @@ fn the_vm_spec_travels_with_the_group_and_each_point_boots_its_version() {
             .args(["--host", HOST]),
     );
     assert_eq!(all.lines().count(), 2, "{all}");
+    // For people: the spec file as it came, after a comment naming its
+    // version (so the output is a spec file itself).
+    let text = run_ok(
+        tidemark()
+            .args(["vm", "spec", "--data-dir"])
+            .arg(dir.join("replicas"))
+            .args(["--host", HOST, "--point", &first_point.to_string()]),
+    );
+    let (comment, body) = text.split_once('\n').unwrap();
+    assert!(
+        comment.starts_with("# the VM spec of ") && comment.contains(&first_point.to_string()),
+        "{text}"
+    );
+    assert_eq!(body, spec(1, "lan1"));
 
     // A spec that does not parse is refused, said in the shipper's
     // status, and replication goes on with the last good version kept.
