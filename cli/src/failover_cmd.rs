@@ -66,8 +66,9 @@ struct VmToBoot {
 }
 
 impl VmToBoot {
-    fn of(a: &FailoverArgs) -> Result<Option<VmToBoot>> {
-        let Some(spec) = a.boot.spec()? else {
+    /// The VM of the recovery point `point` (`None`: the current spec).
+    fn of(a: &FailoverArgs, dir: &Path, point: Option<Seq>) -> Result<Option<VmToBoot>> {
+        let Some(spec) = a.boot.spec(dir, point)? else {
             return Ok(None);
         };
         let networks = NetworkMap::parse(a.networks.iter().map(String::as_str))?;
@@ -126,9 +127,9 @@ pub(crate) fn failover(a: FailoverArgs) -> Result<ExitCode> {
                 dir.display()
             )
         })?;
-    let vm = VmToBoot::of(&a)?;
     let points = group.points();
     let point = choose(&points, &a.point)?;
+    let vm = VmToBoot::of(&a, &dir, Some(point.seq))?;
     let view = group.reader(Some(point.seq))?;
     let written = write_images(&a, group.as_ref(), point, view.as_ref())?;
     if let Some(vm) = vm {
@@ -185,7 +186,8 @@ fn write_images(
 fn planned_failover(a: &FailoverArgs) -> Result<ExitCode> {
     use tidemark_receiver::drain;
     let dir = a.replica.dir()?;
-    let vm = VmToBoot::of(a)?;
+    // The final barrier will be the newest point: it has the current spec.
+    let vm = VmToBoot::of(a, &dir, None)?;
     let id = (tidemark_changelog::now_ns() ^ u64::from(std::process::id()) << 32).max(1);
     drain::clear(&dir)
         .with_context(|| format!("clearing an old drain request in {}", dir.display()))?;

@@ -130,8 +130,12 @@ fn group_command(plan: &PlanConfig, step: &PlanStep, mode: Mode, g: &GroupRef) -
         }
     }
     if let Some(vm) = &step.start_vm {
+        // Without a directory of specs, the replicated spec (`--boot`
+        // alone).
         push(&"--boot");
-        push(&vm.specs.join(format!("{}.toml", g.group)));
+        if let Some(specs) = &vm.specs {
+            push(&specs.join(format!("{}.toml", g.group)));
+        }
         push(&"--up-line");
         push(&vm.up_line);
         push(&"--up-timeout");
@@ -579,6 +583,19 @@ mod tests {
             "tidemark test-failover start --data-dir /r --host hv1 --group web1 --point latest \
              --socket /run/tidemark/test-failover/hv1-web1.sock \
              --boot /v/web1.toml --up-line 'web1 login:' --up-timeout 2m"
+        );
+        let plan = tidemark_config::parse_plan(
+            "[plan]\ndata-dir = \"/r\"\nto = \"/f\"\n\
+             [[plan.step]]\nname = \"web\"\ngroups = [\"hv1/web1\"]\nstart-vm = {}\n",
+            Path::new("p.toml"),
+        )
+        .unwrap();
+        let step = &plan.steps[0];
+        assert_eq!(
+            shell_words(&group_command(&plan, step, Mode::Unplanned, &step.groups[0])),
+            "tidemark failover --data-dir /r --host hv1 --group web1 --point latest --to /f/hv1/web1 \
+             --boot --up-line login: --up-timeout 5m",
+            "the replicated spec"
         );
     }
 }

@@ -174,6 +174,9 @@ pub(crate) fn run_shipper(cmd: ShipperCommand) -> Result<ExitCode> {
                     .map_or(String::new(), |r| format!(", receiver release {r}"));
                 println!("  protocol version {v}{release}");
             }
+            if let Some(spec) = &s.vm_spec {
+                println!("  VM spec at the receiver: {spec}");
+            }
             for d in &s.disks {
                 let pct = if d.size == 0 {
                     100.0

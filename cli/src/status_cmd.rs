@@ -1059,6 +1059,7 @@ mod tests {
             protocol_version: Some(2),
             receiver_software: None,
             peer_timeouts_total: 0,
+            vm_spec: None,
         }
     }
 

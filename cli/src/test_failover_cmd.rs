@@ -167,9 +167,8 @@ fn start(a: StartArgs) -> Result<ExitCode> {
         .context("blocking SIGTERM and SIGINT")?;
 
     let group_dir = a.replica.dir()?;
-    let spec = a.boot.spec()?;
     let lock = PinLock::acquire(&group_dir)?;
-    let result = serve(&a, spec.as_ref(), &group_dir, lock, &signals);
+    let result = serve(&a, &group_dir, lock, &signals);
     let _ = std::fs::remove_file(&a.socket);
     result?;
     println!("test failover ended: its writes are discarded, nothing of it is left");
@@ -178,17 +177,13 @@ fn start(a: StartArgs) -> Result<ExitCode> {
 
 /// Serves the test failover until a signal, then removes every trace of
 /// it (also when it fails).
-fn serve(
-    a: &StartArgs,
-    spec: Option<&VmSpec>,
-    group_dir: &Path,
-    lock: PinLock,
-    signals: &SigSet,
-) -> Result<()> {
+fn serve(a: &StartArgs, group_dir: &Path, lock: PinLock, signals: &SigSet) -> Result<()> {
+    // The VM (if one boots) as it was defined at the point chosen.
     let chosen = LocalEngine::open_dir_read_only(group_dir)
         .map_err(anyhow::Error::from)
-        .and_then(|group| Ok(choose(&group.points(), &a.point)?.clone()));
-    let chosen = match chosen {
+        .and_then(|group| Ok(choose(&group.points(), &a.point)?.clone()))
+        .and_then(|p| Ok((a.boot.spec(group_dir, Some(p.seq))?, p)));
+    let (spec, chosen) = match chosen {
         Ok(p) => p,
         Err(e) => {
             let _ = lock.remove_all();
@@ -197,7 +192,7 @@ fn serve(
     };
     // On an error, start removes what it made.
     let test = TestFailover::start(group_dir, lock, chosen.seq)?;
-    let served = serve_until_signal(a, spec, group_dir, &test, &chosen, signals);
+    let served = serve_until_signal(a, spec.as_ref(), group_dir, &test, &chosen, signals);
     let removed = test.end();
     served?;
     removed?;

@@ -12,7 +12,9 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
+use tidemark_changelog::Seq;
 use tidemark_config::VmSpec;
+use tidemark_receiver::vm_spec::{VmSpecVersion, VmSpecs, VM_SPEC_FILE};
 use tidemark_vm::boot::{self, Accel, Launch, Networks, UpWatch};
 use tidemark_vm::DiskSource;
 
@@ -22,11 +24,13 @@ const QEMU: &str = "qemu-system-x86_64";
 /// The options that start a VM at a failover or a test failover.
 #[derive(Debug, Args)]
 pub(crate) struct BootArgs {
-    /// Start the VM of this spec (the VM's `[vm]` file; its disks are the
-    /// replica's disks of the same names) once its disks are ready, and
-    /// wait until it is up.
-    #[arg(long, value_name = "SPEC")]
-    pub(crate) boot: Option<PathBuf>,
+    /// Start the group's VM once its disks are ready, and wait until it
+    /// is up: alone, as the VM spec the protected site replicated, in the
+    /// version current at the chosen point (`tidemark vm spec` shows it);
+    /// with SPEC, as that `[vm]` file instead. The VM's disks are the
+    /// replica's disks of the same names.
+    #[arg(long, value_name = "SPEC", num_args = 0..=1)]
+    pub(crate) boot: Option<Option<PathBuf>>,
     /// The VM is up when a line of its serial console contains this text.
     #[arg(long, default_value = "login:", requires = "boot")]
     pub(crate) up_line: String,
@@ -69,13 +73,43 @@ impl BootArgs {
         }
     }
 
-    /// The spec to boot, read and validated, if `--boot` was given.
-    pub(crate) fn spec(&self) -> Result<Option<VmSpec>> {
-        self.boot
-            .as_deref()
-            .map(|path| tidemark_config::load_vm_spec(path).map_err(|e| anyhow!("{e}")))
-            .transpose()
+    /// The spec to boot, read and validated, if `--boot` was given: its
+    /// file, or the version the replica in `group_dir` holds for the
+    /// recovery point `point` (`None`: the current version).
+    pub(crate) fn spec(&self, group_dir: &Path, point: Option<Seq>) -> Result<Option<VmSpec>> {
+        match &self.boot {
+            None => Ok(None),
+            Some(Some(path)) => tidemark_config::load_vm_spec(path)
+                .map(Some)
+                .map_err(|e| anyhow!("{e}")),
+            Some(None) => replicated_spec(group_dir, point).map(|(spec, _)| Some(spec)),
+        }
     }
+}
+
+/// The replicated VM spec of the group in `group_dir` for the recovery
+/// point `point` (`None`: the current version), parsed, with its version.
+pub(crate) fn replicated_spec(
+    group_dir: &Path,
+    point: Option<Seq>,
+) -> Result<(VmSpec, VmSpecVersion)> {
+    let specs = VmSpecs::load(group_dir)?;
+    let version = match point {
+        Some(seq) => specs.at(seq),
+        None => specs.current(),
+    };
+    let Some(version) = version.cloned() else {
+        bail!(
+            "the replica {} holds no VM spec: name the spec in the protected site's shipper \
+             configuration (`vm-spec`, which `tidemark vm protect` writes) and let it connect, \
+             or give the spec's file to --boot",
+            group_dir.display()
+        );
+    };
+    let origin = group_dir.join(VM_SPEC_FILE);
+    let spec =
+        tidemark_config::parse_vm_spec(&version.text, &origin).map_err(|e| anyhow!("{e}"))?;
+    Ok((spec, version))
 }
 
 /// A VM started in the background by qemu.

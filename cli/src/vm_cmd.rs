@@ -1,13 +1,15 @@
 //! `tidemark vm`: protect a virtual machine on its hypervisor. The logic is
 //! `tidemark_vm`'s; this module reads the options and prints.
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, Context, Result};
 use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use crate::points_cmd::{choose, ReplicaArgs};
 use tidemark_config::ByteSize;
+use tidemark_receiver::vm_spec::{VmSpecs, VM_SPEC_FILE};
 use tidemark_vm::group::{GroupLayout, HostDirs, Protection};
 use tidemark_vm::live::{self, Direction, DiskOutcome, LiveDisk, LiveMove};
 use tidemark_vm::{libvirt, qemu, DiskSource};
@@ -26,6 +28,29 @@ pub(crate) enum VmCommand {
     /// Move a running VM's disks back from the tracker's exports onto
     /// their files, over its QMP socket, without stopping it.
     Unprotect(UnprotectArgs),
+    /// On the replica site: print the VM spec the protected site
+    /// replicated with a group, as of a recovery point (what `--boot`
+    /// without a file starts), or list its versions.
+    Spec(SpecArgs),
+}
+
+/// `tidemark vm spec`.
+#[derive(Debug, Args)]
+pub(crate) struct SpecArgs {
+    #[command(flatten)]
+    replica: ReplicaArgs,
+    /// The recovery point whose spec to print: `latest`, a sequence
+    /// number, a time or a marker's label (as `tidemark failover
+    /// --point`). Default: the current version.
+    #[arg(long, conflicts_with = "all")]
+    point: Option<String>,
+    /// List every version kept (the first record each applies to, the
+    /// VM's name, CPUs and memory) instead of printing one.
+    #[arg(long)]
+    all: bool,
+    /// Print as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Where a host keeps its groups' files (the packages' paths by default).
@@ -138,6 +163,7 @@ pub(crate) fn run(cmd: VmCommand) -> Result<ExitCode> {
     match cmd {
         VmCommand::Protect(a) => protect(a),
         VmCommand::Render(a) => render(a),
+        VmCommand::Spec(a) => spec(a),
         VmCommand::Unprotect(a) => {
             live_move(&a.spec, Direction::Unprotect, &a.qmp, a.run_dir, a.json)
         }
@@ -233,6 +259,11 @@ fn protect(a: ProtectArgs) -> Result<ExitCode> {
         metrics_port: a.metrics_port,
         socket_group: a.socket_group,
         grow_images: a.grow_images,
+        // The shipper reads it from wherever it runs.
+        spec_file: Some(
+            std::path::absolute(&a.spec)
+                .with_context(|| format!("the path of {}", a.spec.display()))?,
+        ),
     };
     let report =
         tidemark_vm::group::protect(&spec, &a.dirs.dirs(), &protection, shipper, a.replace)?;
@@ -279,6 +310,85 @@ fn protect(a: ProtectArgs) -> Result<ExitCode> {
         report.vm,
         report.vm
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One version of a replicated spec, as `vm spec --json` prints it.
+#[derive(serde::Serialize)]
+struct SpecVersionJson<'a> {
+    from_seq: u64,
+    vm: &'a str,
+    cpus: u32,
+    memory: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<&'a str>,
+}
+
+fn spec(a: SpecArgs) -> Result<ExitCode> {
+    let dir = a.replica.dir()?;
+    if a.all {
+        let specs = VmSpecs::load(&dir)?;
+        if specs.versions().is_empty() {
+            // The same words as a failover's.
+            crate::vm_boot::replicated_spec(&dir, None)?;
+        }
+        for v in specs.versions() {
+            let parsed = tidemark_config::parse_vm_spec(&v.text, &dir.join(VM_SPEC_FILE))
+                .map_err(|e| anyhow!("{e}"))?;
+            if a.json {
+                let line = SpecVersionJson {
+                    from_seq: v.from_seq.get(),
+                    vm: parsed.name.as_str(),
+                    cpus: parsed.cpus,
+                    memory: parsed.memory.to_string(),
+                    text: None,
+                };
+                println!("{}", serde_json::to_string(&line)?);
+            } else {
+                println!(
+                    "from record {:>10}  VM {}  {} CPUs  {} memory  {} disks  {} NICs",
+                    v.from_seq,
+                    parsed.name,
+                    parsed.cpus,
+                    parsed.memory,
+                    parsed.disks.len(),
+                    parsed.nics.len()
+                );
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let point = match &a.point {
+        Some(p) => {
+            let group = a.replica.open_read_only()?;
+            Some(choose(&group.points(), p)?.seq)
+        }
+        None => None,
+    };
+    let (parsed, version) = crate::vm_boot::replicated_spec(&dir, point)?;
+    if a.json {
+        let out = SpecVersionJson {
+            from_seq: version.from_seq.get(),
+            vm: parsed.name.as_str(),
+            cpus: parsed.cpus,
+            memory: parsed.memory.to_string(),
+            text: Some(&version.text),
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        // A TOML comment: the output is the spec file as it came.
+        let at = point.map_or("the current version".to_string(), |p| {
+            format!("the version of recovery point {p}")
+        });
+        println!(
+            "# the VM spec of {}/{} replicated from the protected site: {at}, from record {}",
+            a.replica.host, a.replica.group, version.from_seq
+        );
+        print!("{}", version.text);
+        if !version.text.ends_with('\n') {
+            println!();
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -20,7 +20,7 @@
 //! [[plan.step]]                  # a VM: its group is named after it
 //! name = "web"
 //! groups = ["hv1.example.com/web1"]
-//! start-vm = { specs = "/etc/tidemark/vms", up-line = "login:", up-timeout = "5m" }
+//! start-vm = { up-line = "login:", up-timeout = "5m" }   # the replicated spec
 //!
 //! [plan.networks]                # the VMs' networks on this site's bridges
 //! br0 = "br-dr0"
@@ -138,9 +138,11 @@ pub struct PlanStep {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct StartVm {
-    /// The directory of the VM specs: a group's VM is `<specs>/<group>.toml`.
-    /// Required.
-    pub specs: PathBuf,
+    /// A directory of VM spec files: a group's VM is
+    /// `<specs>/<group>.toml`. Default: none, each group's VM is the spec
+    /// its protected site replicated, as of the point failed over to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub specs: Option<PathBuf>,
 
     /// The VM is up when a line of its serial console contains this.
     /// Default: `"login:"`.
@@ -289,7 +291,9 @@ impl PlanConfig {
             }
             if let Some(vm) = &step.start_vm {
                 let v = s.key("start-vm");
-                rules::check_path(&vm.specs).map_err(|m| invalid(v.key("specs"), m))?;
+                if let Some(specs) = &vm.specs {
+                    rules::check_path(specs).map_err(|m| invalid(v.key("specs"), m))?;
+                }
                 if vm.up_line.trim().is_empty() {
                     return Err(invalid(
                         v.key("up-line"),
@@ -379,7 +383,7 @@ groups = ["app1"]
         )
         .unwrap();
         let vm = plan.steps[0].start_vm.as_ref().unwrap();
-        assert_eq!(vm.specs, Path::new("/etc/tidemark/vms"));
+        assert_eq!(vm.specs.as_deref(), Some(Path::new("/etc/tidemark/vms")));
         assert_eq!(vm.up_line, "login:");
         assert_eq!(vm.up_timeout.get().as_secs(), 300);
         assert_eq!(plan.networks["br0"], "br-dr0");
@@ -394,7 +398,10 @@ groups = ["app1"]
         assert!(e.contains("up-timeout must be more than 0s"), "{e}");
         let e = err("start-vm = { specs = \"/v\", timeout = \"1m\" }");
         assert!(e.contains("unknown field `timeout`"), "{e}");
-        let e = err("start-vm = { up-line = \"x\" }");
-        assert!(e.contains("missing field `specs`"), "{e}");
+        let e = err("start-vm = { specs = \"\" }");
+        assert!(e.contains("plan.step[0].start-vm.specs"), "{e}");
+        // Without specs: the replicated spec.
+        let plan = parse_plan(&format!("{step}start-vm = {{}}\n"), Path::new("p.toml")).unwrap();
+        assert_eq!(plan.steps[0].start_vm.as_ref().unwrap().specs, None);
     }
 }

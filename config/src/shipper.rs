@@ -116,6 +116,17 @@ pub struct ShipperConfig {
     /// silence.
     #[serde(default)]
     pub liveness: LivenessConfig,
+
+    /// The group's VM spec (a `[vm]` file, see `tidemark vm`), an absolute
+    /// path: the shipper sends it to the receiver when a session starts
+    /// and whenever the file changes (looked at every few seconds), so the
+    /// replica site can boot the VM at a failover without a copy of its
+    /// own. `tidemark vm protect` writes it into a VM's group
+    /// configuration. A receiver of a release before protocol version 3
+    /// cannot keep it (the shipper logs that once per session). Default:
+    /// none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_spec: Option<PathBuf>,
 }
 
 fn default_consistency_group() -> Name {
@@ -179,6 +190,7 @@ impl ShipperConfig {
             bandwidth: BandwidthConfig::default(),
             retry: RetryConfig::default(),
             liveness: LivenessConfig::default(),
+            vm_spec: None,
         }
     }
 
@@ -189,6 +201,15 @@ impl ShipperConfig {
         let invalid = |key: &str, message: String| ConfigError::invalid(at.key(key), message);
 
         rules::check_path(&self.log_dir).map_err(|m| invalid("log-dir", m))?;
+        if let Some(spec) = &self.vm_spec {
+            rules::check_path(spec).map_err(|m| invalid("vm-spec", m))?;
+            if !spec.is_absolute() {
+                return Err(invalid(
+                    "vm-spec",
+                    format!("vm-spec {} must be an absolute path", spec.display()),
+                ));
+            }
+        }
         if !COMPRESSION_LEVELS.contains(&self.compression_level) {
             return Err(invalid(
                 "compression-level",
@@ -458,5 +479,21 @@ mod tests {
         assert_eq!(bandwidth.limit_at(12 * 60), Some(ByteSize::mib(20)));
         assert_eq!(bandwidth.limit_at(20 * 60), None);
         assert_eq!(BandwidthConfig::default().limit_at(0), None);
+    }
+
+    #[test]
+    fn a_vm_spec_is_an_absolute_path() {
+        let mut cfg = ShipperConfig::new(
+            Name::from_static("h"),
+            "dr.example.com:7480".parse().unwrap(),
+        );
+        cfg.vm_spec = Some(PathBuf::from("/etc/tidemark/vms/web1.toml"));
+        assert!(cfg.validate().is_ok());
+        cfg.vm_spec = Some(PathBuf::from("web1.toml"));
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("shipper.vm-spec") && e.contains("absolute"),
+            "{e}"
+        );
     }
 }

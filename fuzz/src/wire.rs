@@ -249,6 +249,20 @@ impl Replica for CheckingReplica {
     fn current_lease(&self) -> u64 {
         self.lease
     }
+
+    /// The receiver's own check of a spec: it parses the text as the
+    /// store keeps it (the parser is fed what a shipper sends).
+    fn keep_vm_spec(
+        &mut self,
+        from_seq: Seq,
+        text: &str,
+    ) -> Result<Seq, tidemark_wire::VmSpecRefused> {
+        let after = self.applied.map_or(Seq::ZERO, |a| a.seq);
+        assert!(from_seq > after || after == Seq(u64::MAX), "a spec applies after what is applied");
+        tidemark_receiver::vm_spec::check(text)
+            .map(|_| from_seq)
+            .map_err(|reason| tidemark_wire::VmSpecRefused::Invalid { reason })
+    }
 }
 
 /// Sends what the session answers through a decoder, as the shipper
@@ -351,8 +365,13 @@ fn records(seq: u64, generation: u32) -> RecordBatch {
     RecordBatch::from_records(encoded.iter().map(Vec::as_slice)).expect("consecutive records")
 }
 
-/// A whole session as a shipper sends it: hello, initial sync, records,
-/// a resync by digests, a drain.
+/// A VM spec as `tidemark vm protect` reads it.
+const VM_SPEC: &str = "[vm]\nname = \"db\"\ncpus = 2\nmemory = \"1GiB\"\n\n\
+    [[vm.disk]]\nname = \"data\"\npath = \"/var/lib/images/db-data.qcow2\"\nformat = \"qcow2\"\n\n\
+    [[vm.nic]]\nbridge = \"br0\"\nmac = \"52:54:00:12:34:56\"\n";
+
+/// A whole session as a shipper sends it: hello, initial sync, a VM spec,
+/// records, a spec that is refused, a resync by digests, a drain.
 fn session_messages() -> Vec<Message> {
     let disk = |id: u32, name: &'static str, size| Disk {
         id: DiskId(id),
@@ -384,7 +403,13 @@ fn session_messages() -> Vec<Message> {
             purpose: ChunkPurpose::InitialSync,
             data: ChunkData::Zero(60 << 10),
         },
+        Message::VmSpec {
+            text: VM_SPEC.to_string(),
+        },
         Message::Records(batch),
+        Message::VmSpec {
+            text: "[vm]\nname = \"db\"\ncpus = 0\n".to_string(),
+        },
         Message::DigestRequest {
             disk: DiskId(1),
             offset: 0,
@@ -445,6 +470,10 @@ fn receiver_messages() -> Vec<Message> {
             digests: vec![[3; 32]; 4],
         },
         Message::DrainRequest { id: 1 },
+        Message::VmSpecReply(tidemark_wire::VmSpecReply::Kept { from_seq: Seq(7) }),
+        Message::VmSpecReply(tidemark_wire::VmSpecReply::Refused {
+            reason: "cpus: 0 is out of range".into(),
+        }),
         Message::error(ErrorClass::Transient, ErrorCode::Busy, "try later"),
     ]
 }
@@ -512,7 +541,7 @@ pub fn receiver_seeds() -> Vec<(&'static str, Vec<u8>)> {
         .finish();
     // Records 1..=3 were applied by an earlier session: the hello, the
     // records again (the first three are duplicates) and the drain.
-    let again = [&messages[0], &messages[3], &messages[messages.len() - 1]].map(Clone::clone);
+    let again = [&messages[0], &messages[4], &messages[messages.len() - 1]].map(Clone::clone);
     let resumed = Output::new()
         .u8(3)
         .u64(3)

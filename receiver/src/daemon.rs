@@ -533,7 +533,9 @@ impl Server {
             })?;
         let mut opened = opened;
         opened.set_retention(self.retention);
-        let g = Arc::new(Mutex::new(StoreReplica::new(opened)));
+        let g = Arc::new(Mutex::new(
+            StoreReplica::new(opened).with_vm_specs(&group_dir(&self.data_dir, host, group)),
+        ));
         groups.insert(key, g.clone());
         Ok(g)
     }
@@ -680,6 +682,15 @@ impl Server {
                 }
                 if let Some(outcome) = receiving.take_drained() {
                     report_drained(&dir, host, &group_name, outcome);
+                }
+                match receiving.take_vm_spec() {
+                    Some(Ok(from)) => {
+                        tracing::info!(%host, group = %group_name, from_seq = from.get(), "VM spec kept")
+                    }
+                    Some(Err(why)) => {
+                        tracing::warn!(%host, group = %group_name, reason = %why, "VM spec refused")
+                    }
+                    None => {}
                 }
             }
             // Group commit: what arrived while the last commit ran (or

@@ -18,6 +18,8 @@
 //!   resync, crash recovery.
 //! - [`test_failover`]: a recovery point made writable by copy-on-write
 //!   scratch files, for a test failover to serve.
+//! - [`vm_spec`]: the group's VM spec as the protected site sent it, every
+//!   version with the first record it applies to.
 
 mod coordinate;
 pub mod daemon;
@@ -28,3 +30,4 @@ pub mod span;
 pub mod span_take;
 pub mod store;
 pub mod test_failover;
+pub mod vm_spec;

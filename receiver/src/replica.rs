@@ -3,12 +3,15 @@
 //! engine, and maps store errors to what the shipper is told (retry or
 //! stop).
 
-use tidemark_changelog::{DiskId, RecordRef};
+use tidemark_changelog::{DiskId, RecordRef, Seq};
+use tidemark_durable::FsDir;
 use tidemark_wire::{
     ChunkData, ChunkPurpose, Disk, ErrorClass, ErrorCode, Position, Replica, ReplicaError,
+    VmSpecRefused,
 };
 
 use crate::store::{ChunkRef, Purpose, ReplicaStore, StoreError};
+use crate::vm_spec::VmSpecKeeper;
 
 /// One group's store, with the session lease that fences old connections.
 #[derive(Debug)]
@@ -16,6 +19,8 @@ pub struct StoreReplica {
     group: Box<dyn ReplicaStore>,
     lease: u64,
     poisoned: bool,
+    /// Where the group's VM spec history is kept, if anywhere.
+    vm_specs: Option<VmSpecKeeper<FsDir>>,
 }
 
 impl StoreReplica {
@@ -25,7 +30,15 @@ impl StoreReplica {
             group,
             lease: 0,
             poisoned: false,
+            vm_specs: None,
         }
+    }
+
+    /// Keeps the group's VM specs in `group_dir` (beside the store's own
+    /// files; see [`crate::vm_spec`]).
+    pub fn with_vm_specs(mut self, group_dir: &std::path::Path) -> StoreReplica {
+        self.vm_specs = Some(VmSpecKeeper::new(FsDir::at(group_dir)));
+        self
     }
 
     /// The store.
@@ -156,5 +169,15 @@ impl Replica for StoreReplica {
 
     fn current_lease(&self) -> u64 {
         self.lease
+    }
+
+    fn keep_vm_spec(&mut self, from_seq: Seq, text: &str) -> Result<Seq, VmSpecRefused> {
+        let Some(keeper) = &self.vm_specs else {
+            return Err(VmSpecRefused::Unsupported);
+        };
+        // Versions no point can have any more are dropped as this one is
+        // added: the oldest point's own version stays.
+        let oldest = self.group.points().first().map(|p| p.seq);
+        keeper.keep(from_seq, text, oldest)
     }
 }

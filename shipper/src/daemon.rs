@@ -28,7 +28,7 @@ use tidemark_wire::shipper::{HelloInfo, ShipperConfig as SessionConfig};
 use tidemark_wire::shipper_core::{CoreConfig, CoreEvent, Need, Phase, ShipperCore};
 use tidemark_wire::{
     ChunkData, ChunkPurpose, Compression, DecodeError, DrainRefused, ErrorClass, MessageDecoder,
-    Received, RecordId, ShipperError, Versions,
+    Received, RecordId, ShipperError, Versions, VmSpecNews, VmSpecReply,
 };
 use tokio::sync::{mpsc, watch, Notify};
 
@@ -549,6 +549,7 @@ pub async fn run(
         protocol_version: None,
         receiver_software: None,
         peer_timeouts_total: 0,
+        vm_spec: None,
     };
     let metrics = Arc::new(ShipperMetrics {
         snapshot: std::sync::Mutex::new(status.clone()),
@@ -907,6 +908,7 @@ impl Connection<'_> {
             resync_bytes_sent: s.resync_bytes_sent,
         };
         let mut stop_sent = false;
+        let mut spec_watch = cfg.vm_spec.as_deref().map(crate::vm_spec::SpecWatch::new);
         loop {
             while let Some(frame) = core.poll_transmit() {
                 if let Err(e) = send_frame(self.shared, &mut send, frame).await {
@@ -937,6 +939,17 @@ impl Connection<'_> {
             if *stop.borrow() && !stop_sent {
                 stop_sent = true;
                 core.stop(Instant::now());
+                continue;
+            }
+            // The group's VM spec, sent again when it changes (the core
+            // holds it until the session runs).
+            let spec = spec_watch.as_mut().and_then(|w| {
+                w.poll(Instant::now(), |p| {
+                    tokio::task::block_in_place(|| std::fs::read_to_string(p))
+                })
+            });
+            if let Some(text) = spec {
+                core.handle_vm_spec(text);
                 continue;
             }
             if self.drain.as_ref().is_some_and(|(_, h)| h.is_finished()) {
@@ -1063,6 +1076,26 @@ impl Connection<'_> {
                     tidemark_control::stop_tracker(&control, TRACKER_STOP_TIMEOUT)
                 });
                 self.drain = Some((id, stopping));
+            }
+            CoreEvent::VmSpec(news) => {
+                let said = match news {
+                    VmSpecNews::Answered(VmSpecReply::Kept { from_seq }) => {
+                        tracing::info!(from_seq = from_seq.get(), "the receiver keeps the VM spec");
+                        format!("kept from record {from_seq}")
+                    }
+                    VmSpecNews::Answered(VmSpecReply::Refused { reason }) => {
+                        tracing::warn!(%reason, "the receiver refused the VM spec");
+                        format!("refused: {reason}")
+                    }
+                    VmSpecNews::NotCarried { version } => {
+                        tracing::warn!(
+                            protocol = version,
+                            "the receiver's release cannot keep the VM spec; upgrade it"
+                        );
+                        format!("not sent: protocol version {version} cannot carry it; upgrade the receiver")
+                    }
+                };
+                shared.status.vm_spec = Some(said);
             }
             CoreEvent::Retry(_) | CoreEvent::Critical(_) | CoreEvent::Stopped => {
                 unreachable!("handled by the loop")
@@ -1254,6 +1287,7 @@ mod tests {
             protocol_version: Some(2),
             receiver_software: None,
             peer_timeouts_total: 3,
+            vm_spec: None,
         };
         let lag = Histogram::new(&[1.0]).snapshot();
         let t = collect_metrics(&status, lag, 3_000_000_000)

@@ -8,6 +8,7 @@
 //! - [`source`]: reading the protected disks for sync and resync.
 //! - [`status`]: `shipper.status`, what the shipper is doing.
 //! - [`tail`]: batches of records from the log, waiting without polling.
+//! - [`vm_spec`]: when the group's VM spec is sent to the receiver.
 
 pub mod daemon;
 mod holds;
@@ -15,3 +16,4 @@ pub mod policy;
 pub mod source;
 pub mod status;
 pub mod tail;
+pub mod vm_spec;

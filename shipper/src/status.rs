@@ -142,6 +142,12 @@ pub struct ShipperStatus {
     /// frozen or unreachable.
     #[serde(default)]
     pub peer_timeouts_total: u64,
+    /// What became of the group's VM spec (`[shipper] vm-spec`) at the
+    /// receiver in this process's last session that sent it: `kept from
+    /// record N`, `refused: WHY` or why it was not sent. `None`: no spec
+    /// configured, or not sent yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_spec: Option<String>,
 }
 
 impl ShipperStatus {
@@ -269,6 +275,7 @@ mod tests {
             protocol_version: Some(2),
             receiver_software: Some("0.1.0".into()),
             peer_timeouts_total: 0,
+            vm_spec: Some("kept from record 3".into()),
         }
     }
 

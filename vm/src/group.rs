@@ -126,6 +126,9 @@ pub struct Protection {
     /// Grow qcow2 files that lack room for all they may grow (sparse; the
     /// VM must be stopped) instead of refusing them.
     pub grow_images: bool,
+    /// The spec's file, an absolute path: the group's shipper sends it to
+    /// the replica site (its `vm-spec`). `None`: the spec does not travel.
+    pub spec_file: Option<PathBuf>,
 }
 
 /// Why `tidemark vm protect` refused or failed.
@@ -261,6 +264,7 @@ pub fn group_config(
     shipper.control_socket = layout.shipper_control_socket.clone();
     shipper.tracker_control_socket = layout.control_socket.clone();
     shipper.metrics_listen = local(shipper_metrics);
+    shipper.vm_spec = protection.spec_file.clone();
     let config = LoadedConfig {
         origin: layout.config.clone(),
         tracker: Some(tracker),
@@ -548,6 +552,7 @@ mod tests {
             metrics_port: Some(9800),
             socket_group: None,
             grow_images: false,
+            spec_file: Some(PathBuf::from("/etc/tidemark/vms/web1.toml")),
         }
     }
 
@@ -582,6 +587,11 @@ mod tests {
         let shipper = loaded.require_shipper().unwrap();
         assert_eq!(shipper.host.as_str(), "db1.example.com");
         assert_eq!(shipper.tracker_control_socket, tracker.control_socket);
+        assert_eq!(
+            shipper.vm_spec.as_deref(),
+            Some(Path::new("/etc/tidemark/vms/web1.toml")),
+            "the spec travels with the group"
+        );
         assert_eq!(tracker.metrics_listen.port(), 9800);
         assert_eq!(shipper.metrics_listen.port(), 9801);
     }

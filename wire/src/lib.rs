@@ -41,17 +41,19 @@ pub use frame::{
 };
 pub use message::{
     BatchError, ChunkData, ChunkPurpose, DiskSync, ErrorClass, ErrorCode, Message, MessageDecoder,
-    MessageType, Received, RecordBatch, RecordId, SOFTWARE,
+    MessageType, Received, RecordBatch, RecordId, VmSpecReply, MAX_VM_SPEC, SOFTWARE,
 };
 pub use receiver::{
     DrainOutcome, DrainRefused, ExpectHello, Position, ReceiverConfig, ReceiverError, Receiving,
-    Replica, ReplicaError,
+    Replica, ReplicaError, VmSpecRefused,
 };
 pub use shipper::{
     block_digests, differing_blocks, AwaitingWelcome, DigestReply, DigestRequestInfo, HelloInfo,
     Resume, ShipperConfig, ShipperError, ShipperEvent, Shipping,
 };
-pub use shipper_core::{CoreConfig, CoreEvent, CoreStatus, DiskStatus, Need, Phase, ShipperCore};
+pub use shipper_core::{
+    CoreConfig, CoreEvent, CoreStatus, DiskStatus, Need, Phase, ShipperCore, VmSpecNews,
+};
 /// A disk of the group and a byte range of one, as the change log's crate
 /// defines them for every crate; the wire encodes their fields (see
 /// [`message`]).

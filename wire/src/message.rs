@@ -45,6 +45,12 @@
 //! 15 released        3      u64 point, u64 epoch, u8 how (0 in-time,
 //!                           1 expired, 2 unknown, 3 aborted), u32 held-us,
 //!                           u32 gated-writes
+//! 16 vm-spec         3      the group's VM spec, its TOML text in UTF-8 (the
+//!                           rest of the body, 1 byte to 64 KiB)
+//! 17 vm-spec-reply   3      u8 outcome, then
+//!                           outcome 0 (kept): u64 from-seq of the version
+//!                           the replica holds as current
+//!                           outcome 1 (refused): str16 reason
 //! ```
 //!
 //! `since` is the protocol version that added the message or the fields
@@ -58,6 +64,15 @@
 //! they travel on a stream of their own beside the session's, opened by
 //! the receiver once a session of version 3 or later runs, so a hold never
 //! waits behind queued records.
+//!
+//! Version 3 also carries the group's VM spec (`vm-spec`, shipper →
+//! receiver, on the session's stream, so it takes its place among the
+//! records: the replica keeps it as applying from the record after the
+//! last one received before it) and the receiver's answer
+//! (`vm-spec-reply`: kept, with the sequence number the kept version
+//! applies from, or refused and why; the session goes on either way).
+//! They joined version 3 before any release spoke it, so no peer of an
+//! older version is ever sent one.
 //!
 //! A planned failover is asked for on the replica site: the receiver sends
 //! `drain-request`; the shipper stops the protected host's tracker (no new
@@ -100,6 +115,10 @@ pub const MAX_ERROR_MESSAGE: usize = 4096;
 pub const MAX_DISKS: usize = 4096;
 /// The most digests one request may ask for (32 MiB of digests).
 pub const MAX_DIGESTS: u64 = 1 << 20;
+/// The longest VM spec a `vm-spec` message carries, in bytes.
+pub const MAX_VM_SPEC: usize = 64 << 10;
+/// The longest reason a refused VM spec carries, in bytes.
+pub const MAX_VM_SPEC_REASON: usize = 4096;
 
 /// The type byte of a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -134,6 +153,10 @@ pub enum MessageType {
     HoldRelease,
     /// [`Message::Hold`] with [`HoldMessage::Released`].
     Released,
+    /// [`Message::VmSpec`].
+    VmSpec,
+    /// [`Message::VmSpecReply`].
+    VmSpecReply,
 }
 
 impl MessageType {
@@ -155,6 +178,8 @@ impl MessageType {
             MessageType::Held => 13,
             MessageType::HoldRelease => 14,
             MessageType::Released => 15,
+            MessageType::VmSpec => 16,
+            MessageType::VmSpecReply => 17,
         }
     }
 
@@ -176,6 +201,8 @@ impl MessageType {
             13 => MessageType::Held,
             14 => MessageType::HoldRelease,
             15 => MessageType::Released,
+            16 => MessageType::VmSpec,
+            17 => MessageType::VmSpecReply,
             _ => return None,
         })
     }
@@ -198,7 +225,9 @@ impl MessageType {
             MessageType::HoldOpen
             | MessageType::Held
             | MessageType::HoldRelease
-            | MessageType::Released => 3,
+            | MessageType::Released
+            | MessageType::VmSpec
+            | MessageType::VmSpecReply => 3,
         }
     }
 
@@ -228,6 +257,8 @@ impl MessageType {
             MessageType::Held => "held",
             MessageType::HoldRelease => "hold-release",
             MessageType::Released => "released",
+            MessageType::VmSpec => "vm-spec",
+            MessageType::VmSpecReply => "vm-spec-reply",
         }
     }
 }
@@ -891,6 +922,34 @@ pub enum Message {
     /// stream: open and release from the receiver, held and released from
     /// the shipper, relaying its tracker's answers.
     Hold(HoldMessage),
+    /// Shipper → receiver (version 3 on): the group's VM spec, sent when a
+    /// session starts and whenever it changes on the protected site. The
+    /// receiver answers with [`Message::VmSpecReply`].
+    VmSpec {
+        /// The spec's TOML text (at most [`MAX_VM_SPEC`] bytes, not empty).
+        text: String,
+    },
+    /// Receiver → shipper (version 3 on): what became of a
+    /// [`Message::VmSpec`].
+    VmSpecReply(VmSpecReply),
+}
+
+/// The receiver's answer to a VM spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmSpecReply {
+    /// The replica holds the spec (newly, or it was its current version
+    /// already).
+    Kept {
+        /// The first record the version applies to: a recovery point at
+        /// or after it boots with this spec.
+        from_seq: Seq,
+    },
+    /// The replica refused the spec; its previous version (if any) stays
+    /// current and replication goes on.
+    Refused {
+        /// Why, for the admin (at most [`MAX_VM_SPEC_REASON`] bytes).
+        reason: String,
+    },
 }
 
 fn truncate_utf8(s: &str, max: usize) -> String {
@@ -930,6 +989,8 @@ impl Message {
             Message::Hold(HoldMessage::Held(_)) => MessageType::Held,
             Message::Hold(HoldMessage::Release(_)) => MessageType::HoldRelease,
             Message::Hold(HoldMessage::Released(_)) => MessageType::Released,
+            Message::VmSpec { .. } => MessageType::VmSpec,
+            Message::VmSpecReply(_) => MessageType::VmSpecReply,
         }
     }
 
@@ -1157,6 +1218,23 @@ impl Message {
                 w.0.extend_from_slice(error.as_bytes());
             }
             Message::Hold(hold) => encode_hold(&mut w, hold)?,
+            Message::VmSpec { text } => {
+                if text.is_empty() || text.len() > MAX_VM_SPEC {
+                    return Err(EncodeError::InvalidField {
+                        field: "vm spec",
+                        reason: "a VM spec is 1 byte to 64 KiB",
+                    });
+                }
+                tail = text.as_bytes();
+            }
+            Message::VmSpecReply(VmSpecReply::Kept { from_seq }) => {
+                w.u8(0);
+                w.seq(*from_seq);
+            }
+            Message::VmSpecReply(VmSpecReply::Refused { reason }) => {
+                w.u8(1);
+                w.str16("vm spec refusal", reason, MAX_VM_SPEC_REASON)?;
+            }
         }
         if w.0.len() > MAX_FRAME_BODY as usize {
             return Err(EncodeError::BodyTooLarge(w.0.len()));
@@ -1382,6 +1460,31 @@ fn decode_fields(msg_type: MessageType, version: u16, body: &[u8]) -> Result<Mes
             | MessageType::Held
             | MessageType::HoldRelease
             | MessageType::Released => Message::Hold(decode_hold(msg_type, &mut r)?),
+            MessageType::VmSpec => {
+                let text = r.rest();
+                if text.is_empty() || text.len() > MAX_VM_SPEC {
+                    return Err(invalid("vm spec", "a VM spec is 1 byte to 64 KiB"));
+                }
+                let text = std::str::from_utf8(text)
+                    .map_err(|_| invalid("vm spec", "not UTF-8"))?
+                    .to_string();
+                Message::VmSpec { text }
+            }
+            MessageType::VmSpecReply => Message::VmSpecReply(match r.u8("outcome")? {
+                0 => VmSpecReply::Kept {
+                    from_seq: r.seq("from seq")?,
+                },
+                1 => {
+                    let len = r.u16("reason length")? as usize;
+                    if len > MAX_VM_SPEC_REASON {
+                        return Err(invalid("vm spec refusal", "longer than 4 KiB"));
+                    }
+                    VmSpecReply::Refused {
+                        reason: r.utf8("vm spec refusal", len)?,
+                    }
+                }
+                _ => return Err(invalid("outcome", "unknown vm spec outcome")),
+            }),
         };
         let extra = r.b.len() - r.at;
         if extra != 0 {

@@ -19,6 +19,12 @@
 //!   (`after_seq` == last applied record). Initial-sync chunks of a disk must
 //!   come in offset order without holes.
 //!
+//! - A VM spec ([`Message::VmSpec`]) is handed to the replica
+//!   ([`Replica::keep_vm_spec`]) as applying from the record after the last
+//!   one applied, and answered at once with [`Message::VmSpecReply`]: kept,
+//!   or refused with the reason. A refusal ends nothing: the session goes
+//!   on and the daemon logs it ([`Receiving::take_vm_spec`]).
+//!
 //! Commit policy (group commit): when the daemon reports its input idle
 //! (nothing buffered, not even a part of a message), after
 //! `commit_record_bytes` of records or `commit_bytes` of chunk data
@@ -37,7 +43,7 @@
 use crate::frame::{Compression, DecodeError, EncodeError, Versions, MIN_PROTOCOL_VERSION};
 use crate::message::{
     digest_count, ChunkData, ChunkPurpose, DiskSync, ErrorClass, ErrorCode, Message, Received,
-    RecordId, MAX_DISKS, SOFTWARE,
+    RecordId, VmSpecReply, MAX_DISKS, MAX_VM_SPEC_REASON, SOFTWARE,
 };
 use std::collections::HashSet;
 use thiserror::Error;
@@ -68,6 +74,29 @@ pub struct ReplicaError {
     pub code: ErrorCode,
     /// For people.
     pub message: String,
+}
+
+/// Why the replica did not keep a VM spec. The session goes on: the
+/// shipper is told (and the previous version, if any, stays current).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum VmSpecRefused {
+    /// The text is no valid VM spec (the protected site's spec file is
+    /// wrong, or too large).
+    #[error("not a valid VM spec: {reason}")]
+    Invalid {
+        /// What is wrong with it, naming the setting.
+        reason: String,
+    },
+    /// The replica could not keep it durably (local disk of the replica
+    /// site).
+    #[error("the replica could not keep the VM spec: {reason}")]
+    NotKept {
+        /// The failure and its causes.
+        reason: String,
+    },
+    /// This replica has no place for VM specs.
+    #[error("this replica keeps no VM specs")]
+    Unsupported,
 }
 
 /// The replica store as the session sees it.
@@ -109,6 +138,15 @@ pub trait Replica {
     fn new_lease(&mut self) -> u64;
     /// The lease of the newest session.
     fn current_lease(&self) -> u64;
+    /// Keeps `text` as the group's VM spec for the recovery points from
+    /// record `from_seq` on, durably, after checking that it is a valid
+    /// spec; text equal to the current version adds no version. Returns
+    /// the record the current version applies from. The default keeps
+    /// nothing: a replica without a place for specs refuses them.
+    fn keep_vm_spec(&mut self, from_seq: Seq, text: &str) -> Result<Seq, VmSpecRefused> {
+        let _ = (from_seq, text);
+        Err(VmSpecRefused::Unsupported)
+    }
 }
 
 /// Tuning of a receiver session.
@@ -287,6 +325,15 @@ impl From<EncodeError> for ReceiverError {
     }
 }
 
+/// `reason` cut to what a [`VmSpecReply::Refused`] carries.
+fn truncate_reason(reason: &str) -> String {
+    let mut end = reason.len().min(MAX_VM_SPEC_REASON);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason[..end].to_string()
+}
+
 /// A new connection, waiting for the shipper's Hello.
 #[derive(Debug)]
 pub struct ExpectHello {
@@ -454,6 +501,7 @@ impl ExpectHello {
             uncommitted_bytes: 0,
             uncommitted_record_bytes: 0,
             drained: None,
+            vm_spec: None,
         };
         Ok((session, welcome))
     }
@@ -498,6 +546,8 @@ pub struct Receiving {
     uncommitted_bytes: u64,
     uncommitted_record_bytes: u64,
     drained: Option<DrainOutcome>,
+    /// What became of the last VM spec received, until the daemon takes it.
+    vm_spec: Option<Result<Seq, VmSpecRefused>>,
 }
 
 impl Receiving {
@@ -528,6 +578,12 @@ impl Receiving {
     /// The shipper's answer to a drain request, once it came.
     pub fn take_drained(&mut self) -> Option<DrainOutcome> {
         self.drained.take()
+    }
+
+    /// What became of the last VM spec the shipper sent, once (kept: the
+    /// record its version applies from), for the daemon's log.
+    pub fn take_vm_spec(&mut self) -> Option<Result<Seq, VmSpecRefused>> {
+        self.vm_spec.take()
     }
 
     /// Handles one message from the shipper; returns the frames to send
@@ -720,6 +776,24 @@ impl Receiving {
                     Err(DrainRefused { reason: error })
                 };
                 self.drained = Some(DrainOutcome { id, result });
+            }
+            Message::VmSpec { text } => {
+                // Messages arrive in stream order: the spec was read on
+                // the protected site after every record applied so far.
+                let from_seq = self.applied.seq.checked_add(1).unwrap_or(self.applied.seq);
+                let kept = replica.keep_vm_spec(from_seq, &text);
+                let reply = match &kept {
+                    Ok(from_seq) => VmSpecReply::Kept {
+                        from_seq: *from_seq,
+                    },
+                    Err(why) => VmSpecReply::Refused {
+                        reason: truncate_reason(&why.to_string()),
+                    },
+                };
+                out.push(
+                    Message::VmSpecReply(reply).encode(self.version, self.config.compression)?,
+                );
+                self.vm_spec = Some(kept);
             }
             Message::Error {
                 class,

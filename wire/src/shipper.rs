@@ -20,7 +20,7 @@
 use crate::frame::{Compression, EncodeError, Versions};
 use crate::message::{
     digest_count, ChunkData, ChunkPurpose, DiskSync, ErrorClass, ErrorCode, Message, Received,
-    RecordBatch, RecordId, SOFTWARE,
+    RecordBatch, RecordId, VmSpecReply, SOFTWARE,
 };
 use std::collections::VecDeque;
 use thiserror::Error;
@@ -432,6 +432,9 @@ pub enum ShipperEvent {
         /// The request's id, repeated in the answer.
         id: u64,
     },
+    /// The receiver's answer to a VM spec sent with
+    /// [`Shipping::send_vm_spec`].
+    VmSpec(VmSpecReply),
 }
 
 /// A session past the Welcome: sending and handling Acks.
@@ -639,6 +642,23 @@ impl Shipping {
         Ok(frame)
     }
 
+    /// Encodes the group's VM spec (version 3 on: an older session cannot
+    /// carry it, see [`Shipping::carries_vm_spec`]). The receiver answers
+    /// with [`ShipperEvent::VmSpec`].
+    pub fn send_vm_spec(&mut self, text: &str) -> Result<Vec<u8>, ShipperError> {
+        let frame = Message::VmSpec {
+            text: text.to_string(),
+        }
+        .encode(self.version, self.config.compression)?;
+        self.track(&frame);
+        Ok(frame)
+    }
+
+    /// Whether the session's version carries VM specs.
+    pub fn carries_vm_spec(&self) -> bool {
+        self.version >= crate::MessageType::VmSpec.since()
+    }
+
     /// Handles a message from the receiver. On error, send
     /// [`ShipperError::to_frame`] in the session's version and close.
     pub fn handle_message(&mut self, received: Received) -> Result<ShipperEvent, ShipperError> {
@@ -650,6 +670,7 @@ impl Shipping {
         }
         match received.message {
             Message::DrainRequest { id } => Ok(ShipperEvent::DrainRequested { id }),
+            Message::VmSpecReply(reply) => Ok(ShipperEvent::VmSpec(reply)),
             Message::Ack {
                 durable_seq,
                 generation,

@@ -44,7 +44,9 @@
 //! disk's initial sync to its end and no extent waits for a resync: a
 //! chunk sent is not yet a chunk held.
 
-use crate::message::{ChunkData, ChunkPurpose, DiskSync, Received, RecordBatch, RecordId};
+use crate::message::{
+    ChunkData, ChunkPurpose, DiskSync, Received, RecordBatch, RecordId, VmSpecReply,
+};
 use crate::receiver::DrainRefused;
 use crate::shipper::{
     block_digests, differing_blocks, AwaitingWelcome, DigestReply, HelloInfo, Resume,
@@ -237,6 +239,21 @@ pub enum CoreEvent {
     Critical(ShipperError),
     /// A stop ended the session cleanly.
     Stopped,
+    /// What became of the VM spec given to [`ShipperCore::handle_vm_spec`].
+    VmSpec(VmSpecNews),
+}
+
+/// What became of the group's VM spec in this session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmSpecNews {
+    /// The receiver answered: kept (from which record) or refused (why).
+    Answered(VmSpecReply),
+    /// The session's protocol version is older than the VM spec message:
+    /// the receiver is of an older release and cannot keep it.
+    NotCarried {
+        /// The session's version.
+        version: u16,
+    },
 }
 
 /// One initial-sync cursor.
@@ -325,6 +342,8 @@ pub struct ShipperCore {
     replies: VecDeque<DigestReply>,
     reading: Option<DigestReply>,
     drain: Option<Drain>,
+    /// The VM spec to send once the session runs.
+    vm_spec: Option<String>,
     /// (seq, timestamp ns) of records sent, not yet durable.
     unacked: VecDeque<(Seq, u64)>,
     log_seq: Seq,
@@ -381,6 +400,7 @@ impl ShipperCore {
             replies: VecDeque::new(),
             reading: None,
             drain: None,
+            vm_spec: None,
             unacked: VecDeque::new(),
             log_seq: Seq::ZERO,
             wire_bytes: 0,
@@ -622,8 +642,41 @@ impl ShipperCore {
                     self.push_resync(e.disk, e.offset, e.length);
                 }
                 self.events.push_back(CoreEvent::Connected(resume));
+                self.send_vm_spec();
             }
             Err(e) => self.end_with(e),
+        }
+    }
+
+    /// The group's VM spec, read at the session's start or changed since:
+    /// it is sent as soon as the session runs (a newer text given before
+    /// then replaces it), in stream order with the records, and the
+    /// receiver's answer comes as [`CoreEvent::VmSpec`]. The caller gives
+    /// it again only when it changes (a new session starts without it).
+    pub fn handle_vm_spec(&mut self, text: String) {
+        self.vm_spec = Some(text);
+        self.send_vm_spec();
+    }
+
+    fn send_vm_spec(&mut self) {
+        if self.stopping.is_some() {
+            return;
+        }
+        let State::Shipping(s) = &mut self.state else {
+            return;
+        };
+        let Some(text) = self.vm_spec.take() else {
+            return;
+        };
+        if !s.carries_vm_spec() {
+            let version = s.version();
+            self.events
+                .push_back(CoreEvent::VmSpec(VmSpecNews::NotCarried { version }));
+            return;
+        }
+        match s.send_vm_spec(&text) {
+            Ok(f) => self.queue(f),
+            Err(e) => self.fail(e),
         }
     }
 
@@ -649,6 +702,9 @@ impl ShipperCore {
                 self.drain = Some(Drain { id, last_seq: None });
                 self.events.push_back(CoreEvent::DrainRequested { id });
             }
+            ShipperEvent::VmSpec(reply) => self
+                .events
+                .push_back(CoreEvent::VmSpec(VmSpecNews::Answered(reply))),
         }
     }
 
@@ -1710,5 +1766,92 @@ mod tests {
             sent(&mut c).is_empty(),
             "an answer after the stop is ignored"
         );
+    }
+
+    /// A spec given before the session runs goes out once it runs, a
+    /// newer one given meanwhile replacing it; the receiver's answers come
+    /// as events and the session goes on after a refusal.
+    #[test]
+    fn a_vm_spec_is_sent_once_the_session_runs_and_its_answer_reported() {
+        let t = Instant::now();
+        let mut c = core(t);
+        c.handle_vm_spec("[vm]\nold".into());
+        c.handle_vm_spec("[vm]\nnew".into());
+        let mut c = connected_with(c, t, SIZE);
+        let frames = sent(&mut c);
+        assert!(
+            matches!(&frames[..], [Message::VmSpec { text }] if text == "[vm]\nnew"),
+            "{frames:?}"
+        );
+        c.handle_message(
+            v(Message::VmSpecReply(VmSpecReply::Refused {
+                reason: "cpus: 0 is not allowed".into(),
+            })),
+            t,
+        );
+        assert!(matches!(
+            c.poll_event(),
+            Some(CoreEvent::VmSpec(VmSpecNews::Answered(
+                VmSpecReply::Refused { .. }
+            )))
+        ));
+        assert!(!c.is_ended(), "replication goes on");
+        c.handle_vm_spec("[vm]\nfixed".into());
+        assert!(matches!(&sent(&mut c)[..], [Message::VmSpec { .. }]));
+        c.handle_message(
+            v(Message::VmSpecReply(VmSpecReply::Kept { from_seq: Seq(1) })),
+            t,
+        );
+        assert!(matches!(
+            c.poll_event(),
+            Some(CoreEvent::VmSpec(VmSpecNews::Answered(VmSpecReply::Kept {
+                from_seq: Seq(1)
+            })))
+        ));
+    }
+
+    /// A session of an older version never carries a spec: the caller
+    /// hears it cannot.
+    #[test]
+    fn a_session_of_version_2_does_not_carry_a_vm_spec() {
+        let t = Instant::now();
+        let mut c = core_with(
+            t,
+            CoreConfig {
+                session: ShipperConfig {
+                    versions: crate::Versions { min: 1, max: 2 },
+                    ..ShipperConfig::default()
+                },
+                ..CoreConfig::default()
+            },
+        );
+        assert!(matches!(sent(&mut c)[..], [Message::Hello { .. }]));
+        c.handle_message(
+            Received::new(
+                2,
+                Message::Welcome {
+                    durable_seq: Seq(0),
+                    generation: 1,
+                    disks: vec![DiskSync {
+                        id: DiskId(0),
+                        synced: SIZE,
+                    }],
+                    resyncing: Vec::new(),
+                    software: String::new(),
+                },
+            ),
+            t,
+        );
+        c.handle_first_record(None, t);
+        assert!(matches!(c.poll_event(), Some(CoreEvent::Connected(r)) if r.version == 2));
+        c.handle_vm_spec("[vm]".into());
+        assert!(
+            sent(&mut c).is_empty(),
+            "nothing a version-2 peer cannot read"
+        );
+        assert!(matches!(
+            c.poll_event(),
+            Some(CoreEvent::VmSpec(VmSpecNews::NotCarried { version: 2 }))
+        ));
     }
 }

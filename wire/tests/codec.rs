@@ -9,7 +9,7 @@ use tidemark_span::HoldMessage;
 use tidemark_wire::frame::{FRAME_HEADER_LEN, MAX_FRAME_BODY};
 use tidemark_wire::{
     ChunkData, ChunkPurpose, Compression, Disk, DiskSync, EncodeError, ErrorClass, ErrorCode,
-    Message, MessageDecoder, RecordBatch, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    Message, MessageDecoder, RecordBatch, VmSpecReply, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 
 fn arb_name() -> impl Strategy<Value = Name> {
@@ -210,6 +210,9 @@ fn arb_message() -> impl Strategy<Value = Message> {
             }
         }),
         arb_hold().prop_map(Message::Hold),
+        "\\PC{1,200}".prop_map(|text| Message::VmSpec { text }),
+        any::<u64>().prop_map(|s| Message::VmSpecReply(VmSpecReply::Kept { from_seq: Seq(s) })),
+        "\\PC{0,100}".prop_map(|reason| Message::VmSpecReply(VmSpecReply::Refused { reason })),
     ]
 }
 

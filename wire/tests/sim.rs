@@ -40,7 +40,7 @@ use tidemark_wire::shipper_core::{CoreConfig, CoreEvent, Need, ShipperCore};
 use tidemark_wire::{
     encode_frame, ChunkData, ChunkPurpose, Compression, DecodeError, Disk, DiskSync, ErrorClass,
     ErrorCode, Message, MessageDecoder, MessageType, Received, RecordBatch, RecordId, Replica,
-    ReplicaError, Versions, PROTOCOL_VERSION,
+    ReplicaError, Versions, VmSpecNews, VmSpecRefused, VmSpecReply, PROTOCOL_VERSION,
 };
 
 const HOST: &str = "db1";
@@ -195,6 +195,8 @@ struct MemReplica<'a> {
     /// A resync-needed record during the initial sync moved a disk's sync
     /// position back since the last commit.
     rewound: bool,
+    /// The VM specs kept, with the record each applies from.
+    vm_specs: Vec<(Seq, String)>,
 }
 
 impl<'a> MemReplica<'a> {
@@ -210,6 +212,7 @@ impl<'a> MemReplica<'a> {
             record_applies: 0,
             commits: 0,
             rewound: false,
+            vm_specs: Vec::new(),
         }
     }
 
@@ -253,6 +256,23 @@ impl MemReplica<'_> {
 impl Replica for MemReplica<'_> {
     fn position(&self) -> Position {
         self.committed_position()
+    }
+
+    /// Keeps specs that start with a `[vm]` table (the real check is the
+    /// receiver's); the same text again adds no version.
+    fn keep_vm_spec(&mut self, from_seq: Seq, text: &str) -> Result<Seq, VmSpecRefused> {
+        if !text.starts_with("[vm]") {
+            return Err(VmSpecRefused::Invalid {
+                reason: "no [vm] table".into(),
+            });
+        }
+        match self.vm_specs.last() {
+            Some((seq, last)) if last == text => Ok(*seq),
+            _ => {
+                self.vm_specs.push((from_seq, text.to_string()));
+                Ok(from_seq)
+            }
+        }
     }
 
     fn ensure_disks(&mut self, disks: &[Disk]) -> Result<(), ReplicaError> {
@@ -498,7 +518,14 @@ struct Stats {
     /// Coarse resync blocks compared, and fine blocks sent, by the core.
     resync_compared: u64,
     resync_sent: u64,
+    /// VM specs the receiver answered as kept, and sessions too old to
+    /// carry one.
+    vm_specs_kept: u64,
+    vm_specs_not_carried: u64,
 }
+
+/// The VM spec every connection's shipper is given.
+const SIM_SPEC: &str = "[vm]\nname = \"g\"\n";
 
 fn hello() -> HelloInfo {
     HelloInfo {
@@ -547,6 +574,9 @@ fn connect(stats: &mut Stats, daemon: &mut ShipperDaemon, rng: &mut Rng, now: In
         ..CoreConfig::default()
     };
     let mut core = ShipperCore::new(hello(), config, now).unwrap();
+    // Given before the session runs, as the daemon does: sent once it
+    // runs, after the Welcome.
+    core.handle_vm_spec(SIM_SPEC.to_string());
     let mut to_receiver = VecDeque::new();
     while let Some(f) = core.poll_transmit() {
         to_receiver.push_back(f);
@@ -698,6 +728,14 @@ fn shipper_events(
             }
             CoreEvent::Critical(e) => panic!("seed {seed}: permanent error: {e}"),
             CoreEvent::Stopped => unreachable!("the simulation never stops a session"),
+            CoreEvent::VmSpec(VmSpecNews::Answered(VmSpecReply::Kept { .. })) => {
+                stats.vm_specs_kept += 1;
+            }
+            CoreEvent::VmSpec(VmSpecNews::NotCarried { version }) => {
+                assert!(version < 3, "seed {seed}: version {version} carries specs");
+                stats.vm_specs_not_carried += 1;
+            }
+            CoreEvent::VmSpec(news) => panic!("seed {seed}: the valid spec was {news:?}"),
         }
     }
     alive
@@ -967,6 +1005,12 @@ fn run(seed: u64) -> Stats {
         replica.committed.0 == *source.image_at(source.last().seq),
         "seed {seed}: the replica differs from the source"
     );
+    // Sent again by every session, the same spec is one version.
+    assert!(
+        replica.vm_specs.len() <= 1 && replica.vm_specs.iter().all(|(_, t)| t == SIM_SPEC),
+        "seed {seed}: {:?}",
+        replica.vm_specs
+    );
     stats
 }
 
@@ -987,6 +1031,8 @@ fn replicas_converge_through_a_hostile_network() {
         total.stalls += s.stalls;
         total.resync_compared += s.resync_compared;
         total.resync_sent += s.resync_sent;
+        total.vm_specs_kept += s.vm_specs_kept;
+        total.vm_specs_not_carried += s.vm_specs_not_carried;
         for (t, n) in total.sessions.iter_mut().zip(s.sessions) {
             *t += n;
         }
@@ -1008,6 +1054,10 @@ fn replicas_converge_through_a_hostile_network() {
     assert!(total.timeouts > 100, "{total:?}");
     assert!(total.resync_compared > 100, "{total:?}");
     assert!(total.resync_sent > 100, "{total:?}");
+    // The VM spec reached the replica through the faults, and sessions
+    // of version 1 never carried it.
+    assert!(total.vm_specs_kept > 300, "{total:?}");
+    assert!(total.vm_specs_not_carried > 100, "{total:?}");
 }
 
 fn record(seq: u64, generation: u32) -> Vec<u8> {
@@ -1401,6 +1451,71 @@ fn a_drain_is_reported_only_when_every_record_before_it_is_applied() {
             reason: "the tracker refused to stop".to_string()
         })
     );
+}
+
+/// A VM spec applies from the record after the last one applied when it
+/// arrived; it is answered at once, kept or refused, and a refusal ends
+/// nothing. A session of version 2 cannot carry one.
+#[test]
+fn a_vm_spec_is_kept_from_the_next_record_and_a_bad_one_refused_without_ending_the_session() {
+    let source = tiny_source();
+    let mut replica = MemReplica::new(&source);
+    let mut s = session(&mut replica);
+    let batch = RecordBatch::from_records([&record(1, 1)[..], &record(2, 1)[..]]).unwrap();
+    s.handle_message(v(Message::Records(batch)), &mut replica)
+        .unwrap();
+    let answer = |frames: Vec<Vec<u8>>| {
+        let [frame] = &frames[..] else {
+            panic!("one answer: {frames:?}")
+        };
+        decode_one(frame).message
+    };
+    let spec = |text: &str| {
+        v(Message::VmSpec {
+            text: text.to_string(),
+        })
+    };
+    let out = s.handle_message(spec("[vm]\nname = \"g\""), &mut replica);
+    assert_eq!(
+        answer(out.unwrap()),
+        Message::VmSpecReply(VmSpecReply::Kept { from_seq: Seq(3) })
+    );
+    assert_eq!(s.take_vm_spec(), Some(Ok(Seq(3))));
+    assert_eq!(s.take_vm_spec(), None);
+    let out = s.handle_message(spec("cpus = 0"), &mut replica).unwrap();
+    assert!(matches!(
+        answer(out),
+        Message::VmSpecReply(VmSpecReply::Refused { reason }) if reason.contains("no [vm] table")
+    ));
+    assert!(matches!(
+        s.take_vm_spec(),
+        Some(Err(VmSpecRefused::Invalid { .. }))
+    ));
+    // The session goes on: the next records apply, and the same spec
+    // again keeps its version.
+    let batch = RecordBatch::from_records([&record(3, 1)[..]]).unwrap();
+    s.handle_message(v(Message::Records(batch)), &mut replica)
+        .unwrap();
+    let out = s.handle_message(spec("[vm]\nname = \"g\""), &mut replica);
+    assert_eq!(
+        answer(out.unwrap()),
+        Message::VmSpecReply(VmSpecReply::Kept { from_seq: Seq(3) })
+    );
+    assert_eq!(replica.vm_specs.len(), 1);
+
+    // Version 2 has no VM spec: refused by the encoder, and a frame of
+    // version 2 that carries one by the decoder.
+    let msg = Message::VmSpec {
+        text: "[vm]".into(),
+    };
+    assert!(msg.encode(2, Compression::None).is_err());
+    let frame = encode_frame(2, MessageType::VmSpec, b"[vm]", Compression::None).unwrap();
+    let mut d = MessageDecoder::new();
+    d.feed(&frame);
+    assert!(matches!(
+        d.next_message(),
+        Err(DecodeError::NotInVersion { .. })
+    ));
 }
 
 /// The hello the previous release (protocol version 1, before
