@@ -232,14 +232,18 @@ impl Proxy {
             std::thread::spawn(move || {
                 let mut buf = vec![0u8; 65536];
                 loop {
+                    // A receiver that is down makes the connected socket
+                    // report the refusal once: skip it, as a network does.
                     let n = if to_receiver {
                         let Ok((n, from)) = front.recv_from(&mut buf) else {
-                            return;
+                            continue;
                         };
                         *client.lock().unwrap() = Some(from);
                         n
                     } else {
-                        let Ok(n) = back.recv(&mut buf) else { return };
+                        let Ok(n) = back.recv(&mut buf) else {
+                            continue;
+                        };
                         n
                     };
                     if cut.load(Ordering::Relaxed) {
