@@ -20,6 +20,7 @@
 //!   span keeps: the durable points within the retention window, and
 //!   always the newest.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -252,6 +253,29 @@ pub fn check(data_dir: &Path, span: &Name, entry: &PointEntry) -> Result<(), Spa
             marker,
         }),
     }
+}
+
+/// The durable entries of `record` that can no longer be had, by point
+/// id, each with the first member whose replica in `data_dir` lost its
+/// marker (or has none, or cannot be opened) and that marker. Each
+/// member's replica is opened once, read-only: it works while the
+/// receiver runs.
+pub fn expired(data_dir: &Path, record: &SpanRecord) -> BTreeMap<u64, (Name, Name, Seq)> {
+    let engine = LocalEngine::new(data_dir);
+    let mut stores: HashMap<(Name, Name), Option<Arc<dyn ReplicaStore>>> = HashMap::new();
+    let mut expired = BTreeMap::new();
+    for entry in record.span_points() {
+        let missing = first_missing(entry, |host, group| {
+            stores
+                .entry((host.clone(), group.clone()))
+                .or_insert_with(|| engine.open_read_only(host, group).ok())
+                .clone()
+        });
+        if let Some((host, group, marker)) = missing {
+            expired.insert(entry.point, (host.clone(), group.clone(), marker));
+        }
+    }
+    expired
 }
 
 /// The span floor of each member of `members` (in their order): its
@@ -620,6 +644,9 @@ mod tests {
             check(data, &span(), &entry(1, Outcome::Durable, 1, [10, 20])),
             Err(SpanPointError::Expired { .. })
         ));
+        let gone = expired(data, &dir.load().unwrap());
+        assert_eq!(gone.len(), 1, "{gone:?}");
+        assert_eq!(gone[&1].2, Seq(20));
         assert!(matches!(
             PinnedSpanPoint::pin(data, &span(), PointChoice::Id(3)),
             Err(SpanPointError::NotDurable { .. })
