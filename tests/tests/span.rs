@@ -335,6 +335,14 @@ fn span_points_hold_across_three_hosts_and_survive_a_lost_member() {
                 .exists(),
             "{host}: the failover left its pin"
         );
+        // The span keeps its points from the member's retention: the
+        // member's floor is at or before every kept point's marker.
+        let floor = std::fs::read_to_string(data.join(host).join("default").join("span-floor"))
+            .unwrap_or_else(|e| panic!("{host} has no span floor: {e}"));
+        assert!(
+            floor.trim().parse::<u64>().unwrap() <= marker.get(),
+            "{host}'s span floor {floor} is after its marker {marker:?}"
+        );
         if i > 0 {
             assert!(
                 failed_over[i] <= failed_over[i - 1],
