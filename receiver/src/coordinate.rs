@@ -171,6 +171,11 @@ impl Spans {
         self.samples.iter().map(|s| lock(s).clone()).collect()
     }
 
+    /// Whether `host`'s `group` is a member of a span here.
+    pub(crate) fn is_member(&self, host: &Name, group: &Name) -> bool {
+        self.members.contains_key(&(host.clone(), group.clone()))
+    }
+
     /// A session of `host`'s `group` in protocol `version` started on
     /// `conn`: if the group is a span's member, its hold stream is opened
     /// (version 3 on) and the span's task told.

@@ -549,6 +549,14 @@ impl Server {
             })?;
         let mut opened = opened;
         opened.set_retention(self.retention);
+        if !self.spans.is_member(host, group) && opened.floor().is_some() {
+            // A span floor left from a span (or membership) no longer
+            // configured would keep this group's history forever.
+            tracing::info!(%host, %group, "no span names this group any more: its span floor is removed");
+            if let Err(e) = opened.set_floor(None) {
+                tracing::warn!(%host, %group, error = %e, "cannot remove the group's old span floor");
+            }
+        }
         let g = Arc::new(Mutex::new(StoreReplica::new(opened)));
         groups.insert(key, g.clone());
         Ok(g)

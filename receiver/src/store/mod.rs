@@ -71,7 +71,8 @@
 //! member's marker, so one member's retention must not take a point that
 //! the others still offer. The floor is kept durably in the group
 //! directory (`span-floor`) and read at open, so it holds from the first
-//! commit of a restarted receiver on, before the coordinator runs again.
+//! commit of a restarted receiver on, before the coordinator runs again;
+//! the receiver removes it when it opens a group no configured span names.
 //!
 //! The floor wins over `max-space`: when the history is over the limit
 //! and only the floor keeps it there, nothing the floor protects is
