@@ -2,7 +2,7 @@
 //! the original primary's disks (see [`crate::failover_cmd`]).
 
 use crate::failover_cmd::{failover, FailoverArgs};
-use crate::points_cmd::ReplicaArgs;
+use crate::points_cmd::{ReplicaArgs, TargetArgs};
 use crate::vm_boot::BootArgs;
 use anyhow::Result;
 use clap::Args;
@@ -26,7 +26,7 @@ pub(crate) struct FailbackArgs {
 
 pub(crate) fn failback(a: FailbackArgs) -> Result<ExitCode> {
     let code = failover(FailoverArgs {
-        replica: a.replica,
+        target: TargetArgs::of_group(a.replica),
         point: "latest".into(),
         to: a.to,
         planned: true,

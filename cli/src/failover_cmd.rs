@@ -4,9 +4,12 @@
 //! receiver (the drain request of [`tidemark_receiver::drain`]) and pins
 //! the final barrier ([`tidemark_receiver::pin`]) while it is written, so
 //! nothing is lost. `--boot` then starts the group's VM from the disks
-//! written (see [`crate::vm_boot`]).
+//! written (see [`crate::vm_boot`]). `--span` brings every member of a
+//! span to the same span point, each member's disks under `TO/HOST/GROUP/`
+//! (the span point is chosen and pinned in every member by
+//! [`tidemark_receiver::span_point`]).
 
-use crate::points_cmd::{choose, kind, ReplicaArgs};
+use crate::points_cmd::{choose, kind, ReplicaArgs, Target, TargetArgs};
 use crate::timefmt;
 use crate::vm_boot::{self, BootArgs, VmFiles};
 use anyhow::{bail, Context, Result};
@@ -16,7 +19,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 use tidemark_changelog::{DiskId, Seq};
+use tidemark_names::Name;
 use tidemark_receiver::pin::PinLock;
+use tidemark_receiver::span_point::{PinnedSpanPoint, PointChoice};
 use tidemark_receiver::store::{
     GroupState, LocalEngine, PointReader, RecoveryPoint, ReplicaStore, StoreEngine,
 };
@@ -27,22 +32,24 @@ use tidemark_vm::DiskSource;
 #[derive(Debug, Args)]
 pub(crate) struct FailoverArgs {
     #[command(flatten)]
-    pub(crate) replica: ReplicaArgs,
+    pub(crate) target: TargetArgs,
     /// The recovery point: `latest`, a sequence number, a time (RFC 3339,
     /// e.g. 2026-11-23T10:00:00Z: the newest point at or before it) or a
-    /// marker's label (its newest point).
+    /// marker's label (its newest point). With --span: `latest` or a span
+    /// point's id (`tidemark span points`).
     #[arg(long, default_value = "latest")]
     pub(crate) point: String,
     /// Where the disks go: a directory (one sparse `<disk>.img` per disk,
     /// created), or, for a group of one disk, a block device or an
     /// existing image file of the disk's size, overwritten in place (e.g.
-    /// the original primary's disk, for a failback).
+    /// the original primary's disk, for a failback). With --span: a
+    /// directory, each member's disks in `HOST/GROUP/` under it.
     #[arg(long)]
     pub(crate) to: PathBuf,
     /// A planned failover, with the receiver running: ask the protected
     /// host (through its shipper) to stop its tracker and deliver every
     /// record, then fail over to that final barrier: nothing is lost.
-    #[arg(long, conflicts_with = "point")]
+    #[arg(long, conflicts_with_all = ["point", "span"])]
     pub(crate) planned: bool,
     /// With --planned: most time to wait for the protected host to drain.
     #[arg(long, default_value = "10m", value_parser = tidemark_config::parse_duration)]
@@ -113,14 +120,17 @@ impl VmToBoot {
 }
 
 pub(crate) fn failover(a: FailoverArgs) -> Result<ExitCode> {
+    let replica = match a.target.target()? {
+        Target::Group(replica) => replica,
+        Target::Span { data_dir, span } => return span_failover(&a, &data_dir, &span),
+    };
     if a.planned {
-        return planned_failover(&a);
+        return planned_failover(&a, &replica);
     }
-    let dir = a.replica.dir()?;
-    let group = a
-        .replica
+    let dir = replica.dir()?;
+    let group = replica
         .engine()
-        .open(&a.replica.host, &a.replica.group)
+        .open(&replica.host, &replica.group)
         .with_context(|| {
             format!(
                 "opening the replica {} (a running receiver holds it: stop it first)",
@@ -131,27 +141,106 @@ pub(crate) fn failover(a: FailoverArgs) -> Result<ExitCode> {
     let point = choose(&points, &a.point)?;
     let vm = VmToBoot::of(&a, &dir, Some(point.seq))?;
     let view = group.reader(Some(point.seq))?;
-    let written = write_images(&a, group.as_ref(), point, view.as_ref())?;
+    let written = write_images(&a.to, &replica, group.as_ref(), point, view.as_ref())?;
     if let Some(vm) = vm {
         vm.boot(&a, &written)?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// Writes every disk of `group` as `view` (at `point`) reads it into
-/// `a.to`; returns each disk's name and where it went.
+/// A failover of every member of `span` to the same span point: every
+/// member's marker is pinned and checked before anything is written, each
+/// member's disks go to `TO/HOST/GROUP/`, and the pins are removed after.
+fn span_failover(a: &FailoverArgs, data_dir: &Path, span: &Name) -> Result<ExitCode> {
+    if a.boot.requested() {
+        bail!("--boot starts one group's VM: fail the span over without it, then start each member's VM");
+    }
+    let choice: PointChoice = a.point.parse().map_err(anyhow::Error::msg)?;
+    let pinned = PinnedSpanPoint::pin(data_dir, span, choice)
+        .with_context(|| format!("span {span}: no failover, nothing was written"))?;
+    let written = (|| {
+        // Every member's images must be new: refused before any is
+        // written.
+        for m in &pinned.members {
+            let dir = member_dir(&a.to, &m.host, &m.group);
+            if dir.exists() && !dir.is_dir() {
+                bail!("{} exists and is no directory", dir.display());
+            }
+            for d in m.store.disks() {
+                let img = dir.join(format!("{}.img", d.name));
+                if img.exists() {
+                    bail!(
+                        "{} exists: give --to a directory without this span's images",
+                        img.display()
+                    );
+                }
+            }
+        }
+        println!(
+            "failing over span {span} to span point {} ({}{}): {} members",
+            pinned.entry.point,
+            timefmt::utc(pinned.entry.taken_ns),
+            if pinned.entry.app_consistent {
+                ", app-consistent"
+            } else {
+                ""
+            },
+            pinned.members.len()
+        );
+        for m in &pinned.members {
+            let point = m.store.point_at(m.marker).with_context(|| {
+                format!(
+                    "{}/{}: no recovery point at its marker {} any more",
+                    m.host, m.group, m.marker
+                )
+            })?;
+            let view = m.store.reader(Some(m.marker))?;
+            let replica = ReplicaArgs {
+                data_dir: data_dir.to_path_buf(),
+                host: m.host.clone(),
+                group: m.group.clone(),
+            };
+            write_images(
+                &member_dir(&a.to, &m.host, &m.group),
+                &replica,
+                m.store.as_ref(),
+                &point,
+                view.as_ref(),
+            )?;
+        }
+        Ok(())
+    })();
+    let released = pinned.release();
+    written?;
+    released?;
+    println!(
+        "span {span} failed over: every member is at the same span point under {}",
+        a.to.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Where a span failover writes a member's disks.
+pub(crate) fn member_dir(to: &Path, host: &Name, group: &Name) -> PathBuf {
+    to.join(host.as_str()).join(group.as_str())
+}
+
+/// Writes every disk of `group` (the replica `replica`) as `view` (at
+/// `point`) reads it into `to`; returns each disk's name and where it
+/// went.
 fn write_images(
-    a: &FailoverArgs,
+    to: &Path,
+    replica: &ReplicaArgs,
     group: &dyn ReplicaStore,
     point: &RecoveryPoint,
     view: &dyn PointReader,
 ) -> Result<Vec<(String, PathBuf)>> {
     let mut written = Vec::new();
-    let target = Target::of(&a.to, group)?;
+    let target = WriteTarget::of(to, group)?;
     println!(
         "failing over {}/{} to the recovery point at sequence {} ({}, {}{})",
-        a.replica.host,
-        a.replica.group,
+        replica.host,
+        replica.group,
         point.seq,
         timefmt::utc(point.timestamp_ns),
         kind(point),
@@ -163,8 +252,8 @@ fn write_images(
     );
     for d in group.disks() {
         let (dst, in_place) = match &target {
-            Target::Dir(dir) => (dir.join(format!("{}.img", d.name)), false),
-            Target::InPlace(path) => (path.clone(), true),
+            WriteTarget::Dir(dir) => (dir.join(format!("{}.img", d.name)), false),
+            WriteTarget::InPlace(path) => (path.clone(), true),
         };
         let copied = materialise(view, d.id, d.size, &dst, &d.name, in_place)?;
         println!(
@@ -183,9 +272,9 @@ fn write_images(
 /// passes it to the host's shipper; the shipper stops the tracker (a final
 /// barrier) and delivers every record; then the images are written as of
 /// that barrier while the receiver keeps running.
-fn planned_failover(a: &FailoverArgs) -> Result<ExitCode> {
+fn planned_failover(a: &FailoverArgs, replica: &ReplicaArgs) -> Result<ExitCode> {
     use tidemark_receiver::drain;
-    let dir = a.replica.dir()?;
+    let dir = replica.dir()?;
     // The final barrier will be the newest point: it has the current spec.
     let vm = VmToBoot::of(a, &dir, None)?;
     let id = (tidemark_changelog::now_ns() ^ u64::from(std::process::id()) << 32).max(1);
@@ -195,7 +284,7 @@ fn planned_failover(a: &FailoverArgs) -> Result<ExitCode> {
         .with_context(|| format!("leaving the drain request in {}", dir.display()))?;
     println!(
         "planned failover of {}/{}: asking the protected host to stop its tracker and deliver every record (request {id})",
-        a.replica.host, a.replica.group
+        replica.host, replica.group
     );
     let answer = wait_drained(&dir, id, a.timeout);
     // Never leave a request behind: it would stop the tracker whenever
@@ -213,7 +302,7 @@ fn planned_failover(a: &FailoverArgs) -> Result<ExitCode> {
     let lock = PinLock::acquire(&dir)?;
     lock.pin(seq)?;
     let written = (|| {
-        let group = a.replica.open_read_only()?;
+        let group = replica.open_read_only()?;
         if group.position().state != GroupState::Consistent {
             bail!("the replica is not consistent after the drain; fail over to an earlier point with --point");
         }
@@ -225,7 +314,7 @@ fn planned_failover(a: &FailoverArgs) -> Result<ExitCode> {
             bail!("the replica holds points newer than the final barrier {seq}: the host is still writing");
         }
         let view = group.reader(Some(seq))?;
-        write_images(a, group.as_ref(), point, view.as_ref())
+        write_images(&a.to, replica, group.as_ref(), point, view.as_ref())
     })();
     let unpinned = lock.unpin();
     let written = written?;
@@ -271,27 +360,27 @@ fn wait_drained(dir: &Path, id: u64, timeout: std::time::Duration) -> Result<u64
 }
 
 /// Where a failover writes the disks.
-enum Target {
+enum WriteTarget {
     /// A directory: one new sparse image per disk.
     Dir(PathBuf),
     /// The one disk's block device or image file, overwritten in place.
     InPlace(PathBuf),
 }
 
-impl Target {
-    fn of(to: &Path, group: &dyn ReplicaStore) -> Result<Target> {
+impl WriteTarget {
+    fn of(to: &Path, group: &dyn ReplicaStore) -> Result<WriteTarget> {
         use std::os::unix::fs::FileTypeExt;
         let meta = match std::fs::metadata(to) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 tidemark_changelog::create_private_dir_all(to)
                     .with_context(|| format!("creating {}", to.display()))?;
-                return Ok(Target::Dir(to.to_path_buf()));
+                return Ok(WriteTarget::Dir(to.to_path_buf()));
             }
             Err(e) => return Err(e).with_context(|| format!("reading {}", to.display())),
         };
         if meta.is_dir() {
-            return Ok(Target::Dir(to.to_path_buf()));
+            return Ok(WriteTarget::Dir(to.to_path_buf()));
         }
         let disks = group.disks();
         let [disk] = disks.as_slice() else {
@@ -317,7 +406,7 @@ impl Target {
                 disk.size
             );
         }
-        Ok(Target::InPlace(to.to_path_buf()))
+        Ok(WriteTarget::InPlace(to.to_path_buf()))
     }
 }
 

@@ -81,7 +81,8 @@ enum Command {
     /// Take over a replica: write its disks, as of a recovery point
     /// (default: the newest), into image files (the receiver must be
     /// stopped); with --planned, first drain the protected host through
-    /// the running receiver so nothing is lost.
+    /// the running receiver so nothing is lost; with --span, every member
+    /// of a span to the same span point (the receiver may run).
     Failover(failover_cmd::FailoverArgs),
     /// Replicate in reverse after a failover (on the original site): the
     /// old primary's disks become the replica of the host now running the
@@ -92,8 +93,8 @@ enum Command {
     /// the replica site's host and write its disks back onto the original
     /// primary's, losing nothing.
     Failback(failback_cmd::FailbackArgs),
-    /// List the recovery points a receiver keeps for a host's group (works
-    /// while the receiver runs).
+    /// List the recovery points a receiver keeps for a host's group, or
+    /// with --span a span's points (works while the receiver runs).
     Points(points_cmd::PointsArgs),
     /// Spans: consistency groups of several hosts whose recovery points are
     /// taken together (`[[receiver.span]]` on the replica site).

@@ -4,7 +4,10 @@
 //! Each step runs its pre-hooks, then for each of its groups in order the
 //! same command an admin would type — `tidemark failover --planned`,
 //! `tidemark failover --point`, or `tidemark test-failover start` — then
-//! its post-hooks, then its pause. The first failure stops the plan; what
+//! its post-hooks, then its pause. A step that names a span runs one
+//! command for all its members instead — `tidemark failover --span` or
+//! `tidemark test-failover start --span` at the plan's point (a span
+//! point). The first failure stops the plan; what
 //! was done and what was not is printed. A test keeps every group's point
 //! served until the plan ends, then removes every trace. `--dry-run`
 //! prints the steps, the commands and each replica's state, and runs
@@ -17,7 +20,8 @@
 //! TIDEMARK_PLAN        the plan file
 //! TIDEMARK_PLAN_MODE   test | planned | unplanned
 //! TIDEMARK_STEP        the step's name
-//! TIDEMARK_GROUPS      the step's groups, "host/group" separated by spaces
+//! TIDEMARK_GROUPS      the step's groups (a span step: the span point's
+//!                      members), "host/group" separated by spaces
 //! TIDEMARK_FAILOVER_DIR  <to>: the images are in <to>/<host>/<group>/
 //! TIDEMARK_TEST_SOCKETS  (test) "host/group=SOCKET" separated by spaces,
 //!                        every group served so far; exports are disk names
@@ -31,6 +35,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 use tidemark_config::{GroupRef, PlanConfig, PlanStep};
+use tidemark_names::Name;
+use tidemark_receiver::span_point::{self, PointChoice};
 use tidemark_receiver::store::{GroupState, LocalEngine, StoreEngine, StoreError};
 
 /// Most time a test failover takes to serve its point (a VM it starts has
@@ -150,6 +156,67 @@ fn group_command(plan: &PlanConfig, step: &PlanStep, mode: Mode, g: &GroupRef) -
     argv
 }
 
+/// The `tidemark` arguments that take over every member of `span` in
+/// `mode` (unplanned or test) at the plan's point.
+fn span_command(plan: &PlanConfig, mode: Mode, span: &Name) -> Vec<OsString> {
+    let mut argv: Vec<OsString> = Vec::new();
+    let mut push = |s: &dyn AsRef<std::ffi::OsStr>| argv.push(s.as_ref().to_owned());
+    match mode {
+        Mode::Test => {
+            push(&"test-failover");
+            push(&"start");
+        }
+        Mode::Planned | Mode::Unplanned => push(&"failover"),
+    }
+    push(&"--data-dir");
+    push(&plan.data_dir);
+    push(&"--span");
+    push(&span);
+    push(&"--point");
+    push(&plan.point);
+    match mode {
+        Mode::Test => {
+            push(&"--socket-dir");
+            push(&plan.test_socket_dir);
+        }
+        Mode::Planned | Mode::Unplanned => {
+            push(&"--to");
+            push(&plan.to);
+        }
+    }
+    argv
+}
+
+/// The members of the span point the plan's point names in `span`, and
+/// one line about it; or why it cannot be had (not durable, expired, a
+/// member without replica).
+fn span_point_state(plan: &PlanConfig, span: &Name) -> Result<(Vec<GroupRef>, String)> {
+    let record = span_point::load(&plan.data_dir, span)?;
+    let choice: PointChoice = plan.point.parse().map_err(anyhow::Error::msg)?;
+    let entry = span_point::choose(span, &record, choice)?;
+    span_point::check(&plan.data_dir, span, entry)?;
+    let members = entry
+        .members
+        .iter()
+        .map(|m| GroupRef {
+            host: m.host.clone(),
+            group: m.group.clone(),
+        })
+        .collect();
+    let line = format!(
+        "span point {} ({}): {}",
+        entry.point,
+        crate::timefmt::utc(entry.taken_ns),
+        entry
+            .members
+            .iter()
+            .map(|m| format!("{}/{}@{}", m.host, m.group, m.marker))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    Ok((members, line))
+}
+
 fn test_socket(plan: &PlanConfig, g: &GroupRef) -> PathBuf {
     plan.test_socket_dir
         .join(format!("{}-{}.sock", g.host, g.group))
@@ -213,6 +280,14 @@ fn run_plan(a: &RunArgs) -> Result<ExitCode> {
         (_, true) => Mode::Planned,
         _ => Mode::Unplanned,
     };
+    if mode == Mode::Planned {
+        if let Some(step) = plan.steps.iter().find(|s| s.span.is_some()) {
+            bail!(
+                "step {:?} names a span: its members fail over to one span point, which a planned failover (each host drained) does not take; run the plan with --unplanned or --test",
+                step.name
+            );
+        }
+    }
     let groups: usize = plan.steps.iter().map(|s| s.groups.len()).sum();
     println!(
         "plan {} ({} failover{}): {} steps, {groups} groups{}",
@@ -235,8 +310,16 @@ fn run_plan(a: &RunArgs) -> Result<ExitCode> {
             Err(why) => missing.push(format!("{g}: {:#}", anyhow::Error::from(why))),
         }
     }
+    // And every span step's point, whole.
+    let mut span_states = Vec::new();
+    for span in plan.steps.iter().filter_map(|s| s.span.as_ref()) {
+        match span_point_state(&plan, span) {
+            Ok((_, line)) => span_states.push((span.clone(), line)),
+            Err(why) => missing.push(format!("span {span}: {why:#}")),
+        }
+    }
     if a.dry_run {
-        print_dry_run(&plan, mode, &states);
+        print_dry_run(&plan, mode, &states, &span_states);
         if !missing.is_empty() {
             bail!("the plan cannot run: {}", missing.join("; "));
         }
@@ -269,11 +352,26 @@ fn run_plan(a: &RunArgs) -> Result<ExitCode> {
     }
 }
 
-fn print_dry_run(plan: &PlanConfig, mode: Mode, states: &[(GroupRef, String)]) {
+fn print_dry_run(
+    plan: &PlanConfig,
+    mode: Mode,
+    states: &[(GroupRef, String)],
+    span_states: &[(Name, String)],
+) {
     for (i, step) in plan.steps.iter().enumerate() {
         println!("step {}/{}: {}", i + 1, plan.steps.len(), step.name);
         for h in &step.pre {
             println!("  pre-hook: {h}");
+        }
+        if let Some(span) = &step.span {
+            println!(
+                "  span {span}: {}",
+                shell_words(&span_command(plan, mode, span))
+            );
+            match span_states.iter().find(|(s, _)| s == span) {
+                Some((_, line)) => println!("    {line}"),
+                None => println!("    span point: MISSING"),
+            }
         }
         for g in &step.groups {
             println!(
@@ -299,8 +397,10 @@ fn print_dry_run(plan: &PlanConfig, mode: Mode, states: &[(GroupRef, String)]) {
 
 /// A test failover the plan started.
 struct ServedTest {
-    group: GroupRef,
-    socket: PathBuf,
+    /// What it serves: a group, or `span NAME`.
+    what: String,
+    /// Each group served and its socket.
+    sockets: Vec<(GroupRef, PathBuf)>,
     child: Child,
 }
 
@@ -358,8 +458,35 @@ impl Runner<'_> {
     }
 
     fn step(&mut self, step: &PlanStep) -> Result<()> {
+        let members = match &step.span {
+            Some(span) => span_point_state(self.plan, span)?.0,
+            None => step.groups.clone(),
+        };
         for h in &step.pre {
-            self.hook("pre", h, step)?;
+            self.hook("pre", h, step, &members)?;
+        }
+        if let Some(span) = &step.span {
+            let argv = span_command(self.plan, self.mode, span);
+            println!("  span {span}: {}", shell_words(&argv));
+            match self.mode {
+                Mode::Test => {
+                    let sockets = members
+                        .iter()
+                        .map(|g| (g.clone(), test_socket(self.plan, g)))
+                        .collect();
+                    self.start_test(format!("span {span}"), sockets, argv, SERVE_TIMEOUT)?
+                }
+                Mode::Planned | Mode::Unplanned => {
+                    let status = Command::new(std::env::current_exe()?)
+                        .args(&argv)
+                        .stdin(Stdio::null())
+                        .status()
+                        .context("running tidemark")?;
+                    if !status.success() {
+                        bail!("the failover of span {span} failed ({status})");
+                    }
+                }
+            }
         }
         for g in &step.groups {
             let argv = group_command(self.plan, step, self.mode, g);
@@ -370,7 +497,10 @@ impl Runner<'_> {
                 .as_ref()
                 .map_or(Duration::ZERO, |vm| vm.up_timeout.get());
             match self.mode {
-                Mode::Test => self.start_test(g, argv, SERVE_TIMEOUT + up)?,
+                Mode::Test => {
+                    let sockets = vec![(g.clone(), test_socket(self.plan, g))];
+                    self.start_test(g.to_string(), sockets, argv, SERVE_TIMEOUT + up)?
+                }
                 Mode::Planned | Mode::Unplanned => {
                     let status = Command::new(std::env::current_exe()?)
                         .args(&argv)
@@ -384,12 +514,12 @@ impl Runner<'_> {
             }
         }
         for h in &step.post {
-            self.hook("post", h, step)?;
+            self.hook("post", h, step, &members)?;
         }
         Ok(())
     }
 
-    fn hook(&self, kind: &str, hook: &str, step: &PlanStep) -> Result<()> {
+    fn hook(&self, kind: &str, hook: &str, step: &PlanStep, groups: &[GroupRef]) -> Result<()> {
         println!("  {kind}-hook: {hook}");
         let mut env = vec![
             (
@@ -403,7 +533,7 @@ impl Runner<'_> {
             ("TIDEMARK_STEP".to_string(), step.name.clone()),
             (
                 "TIDEMARK_GROUPS".to_string(),
-                step.groups
+                groups
                     .iter()
                     .map(ToString::to_string)
                     .collect::<Vec<_>>()
@@ -419,7 +549,8 @@ impl Runner<'_> {
                 "TIDEMARK_TEST_SOCKETS".to_string(),
                 self.tests
                     .iter()
-                    .map(|t| format!("{}={}", t.group, t.socket.display()))
+                    .flat_map(|t| &t.sockets)
+                    .map(|(g, socket)| format!("{g}={}", socket.display()))
                     .collect::<Vec<_>>()
                     .join(" "),
             ));
@@ -438,12 +569,20 @@ impl Runner<'_> {
         Ok(())
     }
 
-    /// Starts `tidemark test-failover start` for a group and waits until it
-    /// serves.
-    fn start_test(&mut self, g: &GroupRef, argv: Vec<OsString>, timeout: Duration) -> Result<()> {
-        let socket = test_socket(self.plan, g);
-        if let Some(dir) = socket.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    /// Starts `tidemark test-failover start` for a group (or a span:
+    /// `what`) that serves on `sockets`, and waits until it serves.
+    fn start_test(
+        &mut self,
+        g: String,
+        sockets: Vec<(GroupRef, PathBuf)>,
+        argv: Vec<OsString>,
+        timeout: Duration,
+    ) -> Result<()> {
+        for (_, socket) in &sockets {
+            if let Some(dir) = socket.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
         }
         let mut child = Command::new(std::env::current_exe()?)
             .args(&argv)
@@ -462,8 +601,8 @@ impl Runner<'_> {
             }
         });
         self.tests.push(ServedTest {
-            group: g.clone(),
-            socket,
+            what: g.clone(),
+            sockets,
             child,
         });
         let deadline = Instant::now() + timeout;
@@ -490,15 +629,15 @@ impl Runner<'_> {
         let mut failed = Vec::new();
         while let Some(mut t) = self.tests.pop() {
             if completed {
-                println!("  ending the test failover of {}", t.group);
+                println!("  ending the test failover of {}", t.what);
             }
             // SAFETY: kill(2) on a child this process started and has not
             // reaped; no memory is passed.
             unsafe { libc::kill(t.child.id() as libc::pid_t, libc::SIGTERM) };
             match t.child.wait() {
                 Ok(s) if s.success() => {}
-                Ok(s) => failed.push(format!("{} ({s})", t.group)),
-                Err(e) => failed.push(format!("{} ({e})", t.group)),
+                Ok(s) => failed.push(format!("{} ({s})", t.what)),
+                Err(e) => failed.push(format!("{} ({e})", t.what)),
             }
         }
         if !failed.is_empty() {
@@ -560,6 +699,38 @@ mod tests {
             shell_words(&["a b".into(), "it's".into()]),
             "tidemark 'a b' 'it'\\''s'"
         );
+    }
+
+    #[test]
+    fn a_span_step_runs_one_command_for_every_member() {
+        let plan = tidemark_config::parse_plan(
+            "[plan]\ndata-dir = \"/r\"\nto = \"/f\"\n[[plan.step]]\nname = \"shop\"\nspan = \"shop\"\n",
+            Path::new("p.toml"),
+        )
+        .unwrap();
+        let span = plan.steps[0].span.clone().unwrap();
+        assert_eq!(
+            shell_words(&span_command(&plan, Mode::Unplanned, &span)),
+            "tidemark failover --data-dir /r --span shop --point latest --to /f"
+        );
+        assert_eq!(
+            shell_words(&span_command(&plan, Mode::Test, &span)),
+            "tidemark test-failover start --data-dir /r --span shop --point latest --socket-dir /run/tidemark/test-failover"
+        );
+        // The members' sockets are where the span's test makes them.
+        let g: GroupRef = "web1/default".parse().unwrap();
+        assert_eq!(
+            test_socket(&plan, &g),
+            Path::new("/run/tidemark/test-failover/web1-default.sock")
+        );
+        // No span point in an empty data directory: said by name.
+        let data = tempfile::tempdir().unwrap();
+        let plan = tidemark_config::PlanConfig {
+            data_dir: data.path().to_path_buf(),
+            ..plan
+        };
+        let e = span_point_state(&plan, &span).unwrap_err().to_string();
+        assert!(e.contains("no span point"), "{e}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `tidemark points`: the recovery points a receiver keeps for a protected
-//! host's group; and how every replica-site command names a replica
-//! ([`ReplicaArgs`]) and a point ([`choose`]).
+//! host's group (or, with `--span`, a span's points); and how every
+//! replica-site command names a replica ([`ReplicaArgs`], or a replica or
+//! a span: [`TargetArgs`]) and a point ([`choose`]).
 
 use crate::timefmt;
 use anyhow::{bail, Context, Result};
@@ -57,11 +58,70 @@ impl ReplicaArgs {
     }
 }
 
+/// Which replica (`--host`, `--group`) or which span (`--span`: every
+/// member's replica at once), in `--data-dir`.
+#[derive(Debug, Args)]
+pub(crate) struct TargetArgs {
+    /// The receiver's data directory.
+    #[arg(long)]
+    pub(crate) data_dir: PathBuf,
+    /// The protected host.
+    #[arg(long, required_unless_present = "span")]
+    host: Option<Name>,
+    /// Its consistency group.
+    #[arg(long, default_value = "default")]
+    group: Name,
+    /// A span (a `[[receiver.span]]` name) instead of one host's group:
+    /// every member at once, at the same span point.
+    #[arg(long, conflicts_with_all = ["host", "group"])]
+    pub(crate) span: Option<Name>,
+}
+
+/// What a [`TargetArgs`] names.
+pub(crate) enum Target {
+    /// One host's group.
+    Group(ReplicaArgs),
+    /// Every member of a span.
+    Span {
+        /// The receiver's data directory.
+        data_dir: PathBuf,
+        /// The span.
+        span: Name,
+    },
+}
+
+impl TargetArgs {
+    /// The target of one group.
+    pub(crate) fn of_group(replica: ReplicaArgs) -> TargetArgs {
+        TargetArgs {
+            data_dir: replica.data_dir,
+            host: Some(replica.host),
+            group: replica.group,
+            span: None,
+        }
+    }
+
+    pub(crate) fn target(&self) -> Result<Target> {
+        match (&self.span, &self.host) {
+            (Some(span), _) => Ok(Target::Span {
+                data_dir: self.data_dir.clone(),
+                span: span.clone(),
+            }),
+            (None, Some(host)) => Ok(Target::Group(ReplicaArgs {
+                data_dir: self.data_dir.clone(),
+                host: host.clone(),
+                group: self.group.clone(),
+            })),
+            (None, None) => bail!("give --host (and --group) or --span"),
+        }
+    }
+}
+
 /// `tidemark points`.
 #[derive(Debug, Args)]
 pub(crate) struct PointsArgs {
     #[command(flatten)]
-    replica: ReplicaArgs,
+    target: TargetArgs,
     /// One JSON object per line instead of a table.
     #[arg(long)]
     json: bool,
@@ -76,8 +136,14 @@ pub(crate) fn kind(p: &RecoveryPoint) -> &'static str {
 }
 
 pub(crate) fn points(a: PointsArgs) -> Result<ExitCode> {
-    a.replica.dir()?;
-    let group = a.replica.open_read_only()?;
+    let replica = match a.target.target()? {
+        Target::Group(replica) => replica,
+        Target::Span { data_dir, span } => {
+            return crate::span_cmd::list(&data_dir, &span, false, a.json)
+        }
+    };
+    replica.dir()?;
+    let group = replica.open_read_only()?;
     let points = group.points();
     let now = tidemark_changelog::now_ns();
     if a.json {
@@ -104,8 +170,8 @@ pub(crate) fn points(a: PointsArgs) -> Result<ExitCode> {
     };
     println!(
         "{}/{}: {} recovery points, {} MiB of history, {state}",
-        a.replica.host,
-        a.replica.group,
+        replica.host,
+        replica.group,
         points.len(),
         group.history_bytes() >> 20
     );

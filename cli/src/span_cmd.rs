@@ -1,16 +1,18 @@
 //! `tidemark span`: a replica site's spans — consistency groups of several
 //! hosts whose recovery points are taken together (`[[receiver.span]]`).
 //! The span's record is the receiver's (`tidemark_receiver::span`); this
-//! command only reads it.
+//! command only reads it, and the members' replicas to tell which span
+//! points can still be had (`tidemark_receiver::span_point`).
 
 use crate::timefmt;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use tidemark_names::{Label, Name};
 use tidemark_receiver::span::{Outcome, PointEntry, SpanDir};
+use tidemark_receiver::span_point;
 use tidemark_receiver::span_take::{self, TakeRequest};
 
 /// `tidemark span …`.
@@ -130,34 +132,49 @@ fn take(a: TakeArgs) -> Result<ExitCode> {
     }
 }
 
-fn outcome(p: &PointEntry) -> &'static str {
+fn outcome(p: &PointEntry, expired: bool) -> &'static str {
     match p.outcome {
         Outcome::Committed => "committed",
+        Outcome::Durable if expired => "expired",
         Outcome::Durable => "span-point",
         Outcome::Aborted => "aborted",
     }
 }
 
 fn points(a: PointsArgs) -> Result<ExitCode> {
-    let record = SpanDir::open(&a.data_dir, &a.span)
+    list(&a.data_dir, &a.span, a.all, a.json)
+}
+
+/// Lists the span points of `span` (`all`: every round), a table or
+/// (`json`) a JSON object per line. A span point a member's replica no
+/// longer holds is listed as expired, with the member and marker it lost.
+pub(crate) fn list(data_dir: &Path, span: &Name, all: bool, json: bool) -> Result<ExitCode> {
+    let record = SpanDir::open(data_dir, span)
         .and_then(|dir| dir.load())
-        .with_context(|| format!("reading span {}", a.span))?;
+        .with_context(|| format!("reading span {span}"))?;
+    let expired = span_point::expired(data_dir, &record);
     let shown: Vec<&PointEntry> = record
         .points
         .iter()
-        .filter(|p| a.all || p.outcome == Outcome::Durable)
+        .filter(|p| all || p.outcome == Outcome::Durable)
         .collect();
     let now = tidemark_changelog::now_ns();
-    if a.json {
+    let lost = |p: &PointEntry| {
+        expired.get(&p.point).map(|(host, group, marker)| {
+            format!("expired: the replica of {host}/{group} no longer holds its marker at sequence {marker}")
+        })
+    };
+    if json {
         for p in shown {
+            let reason = p.reason.clone().or_else(|| lost(p));
             let line = serde_json::json!({
                 "point": p.point,
                 "time": timefmt::utc(p.taken_ns),
                 "taken_ns": p.taken_ns,
-                "outcome": outcome(p),
+                "outcome": outcome(p, expired.contains_key(&p.point)),
                 "app_consistent": p.app_consistent,
                 "label": p.label,
-                "reason": p.reason,
+                "reason": reason,
                 "members": p.members.iter().map(|m| serde_json::json!({
                     "host": m.host,
                     "group": m.group,
@@ -169,8 +186,15 @@ fn points(a: PointsArgs) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let span_points = record.span_points().count();
-    println!("span {}: {span_points} span points", a.span);
+    let span_points = record.span_points().count() - expired.len();
+    if expired.is_empty() {
+        println!("span {span}: {span_points} span points");
+    } else {
+        println!(
+            "span {span}: {span_points} span points ({} expired: a member's retention folded its marker)",
+            expired.len()
+        );
+    }
     if shown.is_empty() {
         return Ok(ExitCode::SUCCESS);
     }
@@ -184,8 +208,8 @@ fn points(a: PointsArgs) -> Result<ExitCode> {
         } else {
             "crash-consistent"
         };
-        let detail = match &p.reason {
-            Some(reason) => reason.clone(),
+        let detail = match p.reason.clone().or_else(|| lost(p)) {
+            Some(reason) => reason,
             None => p
                 .members
                 .iter()
@@ -198,7 +222,7 @@ fn points(a: PointsArgs) -> Result<ExitCode> {
             p.point,
             timefmt::utc(p.taken_ns),
             timefmt::age(now.saturating_sub(p.taken_ns) / 1_000_000_000),
-            outcome(p),
+            outcome(p, expired.contains_key(&p.point)),
             kind,
         );
     }

@@ -6,8 +6,11 @@
 //! (isolated, see [`crate::vm_boot`]), and ends the test on SIGTERM or
 //! Ctrl-C, the VM first.
 //! `tidemark test-failover cleanup` removes what a killed test left.
+//! With `--span`, every member of a span is served at the same span point
+//! (one socket per member, in `--socket-dir`), and cleanup cleans every
+//! member.
 
-use crate::points_cmd::{choose, kind, ReplicaArgs};
+use crate::points_cmd::{choose, kind, ReplicaArgs, Target, TargetArgs};
 use crate::timefmt;
 use crate::vm_boot::{self, BootArgs, RunningVm, VmFiles};
 use anyhow::{Context, Result};
@@ -18,7 +21,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use tidemark_changelog::DiskId;
 use tidemark_config::VmSpec;
+use tidemark_names::Name;
 use tidemark_receiver::pin::{PinLock, TEST_FAILOVER_DIR};
+use tidemark_receiver::span_point::{self, PinnedSpanPoint, PointChoice};
 use tidemark_receiver::store::{Disk, LocalEngine, RecoveryPoint};
 use tidemark_receiver::test_failover::{CowOverlay, OverlayError, TestFailover};
 use tidemark_tracker::backend::{from_runs, Allocation, Backend, BackendError, ServedDisk};
@@ -40,15 +45,21 @@ pub(crate) enum TestFailoverCommand {
 #[derive(Debug, Args)]
 pub(crate) struct StartArgs {
     #[command(flatten)]
-    replica: ReplicaArgs,
+    target: TargetArgs,
     /// The recovery point: `latest`, a sequence number, a time or a label
-    /// (as for `tidemark failover`).
+    /// (as for `tidemark failover`). With --span: `latest` or a span
+    /// point's id.
     #[arg(long, default_value = "latest")]
     point: String,
     /// The NBD unix socket to create (0600); the exports are named after
     /// the disks.
-    #[arg(long)]
-    socket: PathBuf,
+    #[arg(long, required_unless_present = "socket_dir", conflicts_with = "span")]
+    socket: Option<PathBuf>,
+    /// With --span: the directory where each member's NBD socket is
+    /// created, `HOST-GROUP.sock` (its exports named after the member's
+    /// disks).
+    #[arg(long, requires = "span")]
+    socket_dir: Option<PathBuf>,
     /// Start the group's VM from the point's exports, on an isolated
     /// network (each NIC on a network of its own that reaches nothing),
     /// before saying ready; it is stopped when the test ends.
@@ -60,7 +71,7 @@ pub(crate) struct StartArgs {
 #[derive(Debug, Args)]
 pub(crate) struct CleanupArgs {
     #[command(flatten)]
-    replica: ReplicaArgs,
+    target: TargetArgs,
 }
 
 pub(crate) fn run(cmd: TestFailoverCommand) -> Result<ExitCode> {
@@ -166,10 +177,17 @@ fn start(a: StartArgs) -> Result<ExitCode> {
         .thread_block()
         .context("blocking SIGTERM and SIGINT")?;
 
-    let group_dir = a.replica.dir()?;
+    let replica = match a.target.target()? {
+        Target::Group(replica) => replica,
+        Target::Span { data_dir, span } => return start_span(&a, &data_dir, &span, &signals),
+    };
+    let Some(socket) = a.socket.clone() else {
+        anyhow::bail!("give --socket");
+    };
+    let group_dir = replica.dir()?;
     let lock = PinLock::acquire(&group_dir)?;
-    let result = serve(&a, &group_dir, lock, &signals);
-    let _ = std::fs::remove_file(&a.socket);
+    let result = serve(&a, &replica, &socket, &group_dir, lock, &signals);
+    let _ = std::fs::remove_file(&socket);
     result?;
     println!("test failover ended: its writes are discarded, nothing of it is left");
     Ok(ExitCode::SUCCESS)
@@ -177,7 +195,14 @@ fn start(a: StartArgs) -> Result<ExitCode> {
 
 /// Serves the test failover until a signal, then removes every trace of
 /// it (also when it fails).
-fn serve(a: &StartArgs, group_dir: &Path, lock: PinLock, signals: &SigSet) -> Result<()> {
+fn serve(
+    a: &StartArgs,
+    replica: &ReplicaArgs,
+    socket: &Path,
+    group_dir: &Path,
+    lock: PinLock,
+    signals: &SigSet,
+) -> Result<()> {
     // The VM (if one boots) as it was defined at the point chosen.
     let chosen = LocalEngine::open_dir_read_only(group_dir)
         .map_err(anyhow::Error::from)
@@ -192,15 +217,27 @@ fn serve(a: &StartArgs, group_dir: &Path, lock: PinLock, signals: &SigSet) -> Re
     };
     // On an error, start removes what it made.
     let test = TestFailover::start(group_dir, lock, chosen.seq)?;
-    let served = serve_until_signal(a, spec.as_ref(), group_dir, &test, &chosen, signals);
+    let served = serve_until_signal(
+        a,
+        replica,
+        socket,
+        spec.as_ref(),
+        group_dir,
+        &test,
+        &chosen,
+        signals,
+    );
     let removed = test.end();
     served?;
     removed?;
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn serve_until_signal(
     a: &StartArgs,
+    replica: &ReplicaArgs,
+    socket: &Path,
     spec: Option<&VmSpec>,
     group_dir: &Path,
     test: &TestFailover,
@@ -209,15 +246,15 @@ fn serve_until_signal(
 ) -> Result<()> {
     let overlay = test.overlay();
     let disks = overlay.disks().to_vec();
-    let server = Server::bind_unix(&a.socket, ServerOptions::default())
-        .with_context(|| format!("creating the NBD socket {}", a.socket.display()))?;
+    let server = Server::bind_unix(socket, ServerOptions::default())
+        .with_context(|| format!("creating the NBD socket {}", socket.display()))?;
     let handle = server
         .serve(Arc::new(NbdExport(overlay)))
         .context("starting the NBD server's threads")?;
     println!(
         "test failover of {}/{} at the recovery point at sequence {} ({}, {}); replication goes on",
-        a.replica.host,
-        a.replica.group,
+        replica.host,
+        replica.group,
         chosen.seq,
         timefmt::utc(chosen.timestamp_ns),
         kind(chosen)
@@ -227,11 +264,11 @@ fn serve_until_signal(
             "  {}: nbd+unix:///{}?socket={}",
             d.name,
             d.name,
-            a.socket.display()
+            socket.display()
         );
     }
     let vm = match spec {
-        Some(spec) => match boot_vm(a, spec, group_dir, &disks) {
+        Some(spec) => match boot_vm(a, socket, spec, group_dir, &disks) {
             Ok(vm) => Some(vm),
             Err(e) => {
                 handle.shutdown();
@@ -264,9 +301,15 @@ fn test_vm_files(group_dir: &Path, console: Option<&Path>) -> VmFiles {
 
 /// Starts the VM of `spec` on the test's exports, isolated, and waits
 /// until it is up.
-fn boot_vm(a: &StartArgs, spec: &VmSpec, group_dir: &Path, disks: &[Disk]) -> Result<RunningVm> {
+fn boot_vm(
+    a: &StartArgs,
+    socket: &Path,
+    spec: &VmSpec,
+    group_dir: &Path,
+    disks: &[Disk],
+) -> Result<RunningVm> {
     let names: Vec<String> = disks.iter().map(|d| d.name.to_string()).collect();
-    let socket = std::path::absolute(&a.socket)?;
+    let socket = std::path::absolute(socket)?;
     let sources = boot::replica_sources(spec, &names, |export| DiskSource::Nbd {
         socket: socket.clone(),
         export: export.to_owned(),
@@ -276,11 +319,39 @@ fn boot_vm(a: &StartArgs, spec: &VmSpec, group_dir: &Path, disks: &[Disk]) -> Re
 }
 
 fn cleanup(a: CleanupArgs) -> Result<ExitCode> {
-    let group_dir = a.replica.dir()?;
+    match a.target.target()? {
+        Target::Group(replica) => cleanup_group(&replica),
+        Target::Span { data_dir, span } => {
+            // Every group the span's record names (its members now and
+            // before).
+            let record = span_point::load(&data_dir, &span)?;
+            let mut members: Vec<(Name, Name)> = Vec::new();
+            for m in record.points.iter().flat_map(|p| &p.members) {
+                if !members.iter().any(|(h, g)| *h == m.host && *g == m.group) {
+                    members.push((m.host.clone(), m.group.clone()));
+                }
+            }
+            for (host, group) in members {
+                let replica = ReplicaArgs {
+                    data_dir: data_dir.clone(),
+                    host,
+                    group,
+                };
+                if replica.dir().is_ok() {
+                    cleanup_group(&replica)?;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn cleanup_group(replica: &ReplicaArgs) -> Result<ExitCode> {
+    let group_dir = replica.dir()?;
     if !group_dir.join(TEST_FAILOVER_DIR).exists() {
         println!(
             "no test failover of {}/{} to clean up",
-            a.replica.host, a.replica.group
+            replica.host, replica.group
         );
         return Ok(ExitCode::SUCCESS);
     }
@@ -291,7 +362,101 @@ fn cleanup(a: CleanupArgs) -> Result<ExitCode> {
     lock.remove_all()?;
     println!(
         "removed what a test failover of {}/{} left (its pin and scratch files)",
-        a.replica.host, a.replica.group
+        replica.host, replica.group
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A test failover of every member of `span` at the same span point: the
+/// point is pinned in every member first (refused whole), then each
+/// member's overlay is served on its own socket in `--socket-dir` until a
+/// signal; every member's test is ended after, also when one fails.
+fn start_span(a: &StartArgs, data_dir: &Path, span: &Name, signals: &SigSet) -> Result<ExitCode> {
+    let Some(socket_dir) = &a.socket_dir else {
+        anyhow::bail!("with --span, give --socket-dir: one socket per member is made there");
+    };
+    if a.boot.requested() {
+        anyhow::bail!("--boot starts one group's VM: test the span without it");
+    }
+    let choice: PointChoice = a.point.parse().map_err(anyhow::Error::msg)?;
+    tidemark_changelog::create_private_dir_all(socket_dir)
+        .with_context(|| format!("creating {}", socket_dir.display()))?;
+    let pinned = PinnedSpanPoint::pin(data_dir, span, choice)
+        .with_context(|| format!("span {span}: no test failover"))?;
+    let point = pinned.entry.clone();
+    let mut tests = Vec::new();
+    let mut started = Ok(());
+    for m in pinned.members {
+        let (host, group, dir, marker) = (m.host.clone(), m.group.clone(), m.dir.clone(), m.marker);
+        if started.is_err() {
+            // Pinned, not started: the pin goes with its lock's directory.
+            let _ = m.into_lock().remove_all();
+            continue;
+        }
+        match TestFailover::start(&dir, m.into_lock(), marker) {
+            Ok(test) => tests.push((host, group, test)),
+            Err(e) => {
+                started = Err(anyhow::Error::new(e)
+                    .context(format!("starting the test failover of {host}/{group}")))
+            }
+        }
+    }
+    let served = started.and_then(|()| {
+        let mut handles = Vec::new();
+        let mut sockets = Vec::new();
+        println!(
+            "test failover of span {span} at span point {} ({}); replication goes on",
+            point.point,
+            timefmt::utc(point.taken_ns)
+        );
+        let result = (|| {
+            for (host, group, test) in &tests {
+                let socket = socket_dir.join(format!("{host}-{group}.sock"));
+                let server = Server::bind_unix(&socket, ServerOptions::default())
+                    .with_context(|| format!("creating the NBD socket {}", socket.display()))?;
+                sockets.push(socket.clone());
+                let overlay = test.overlay();
+                let disks = overlay.disks().to_vec();
+                handles.push(
+                    server
+                        .serve(Arc::new(NbdExport(overlay)))
+                        .context("starting the NBD server's threads")?,
+                );
+                for d in &disks {
+                    println!(
+                        "  {host}/{group} {}: nbd+unix:///{}?socket={}",
+                        d.name,
+                        d.name,
+                        socket.display()
+                    );
+                }
+            }
+            println!("ready; SIGTERM or Ctrl-C ends the test and discards its writes");
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+            crate::notify_ready();
+            let signal = signals.wait().context("waiting for a signal")?;
+            tracing::info!(?signal, "ending the span's test failover");
+            Ok(())
+        })();
+        for handle in handles {
+            handle.shutdown();
+        }
+        for socket in sockets {
+            let _ = std::fs::remove_file(socket);
+        }
+        result
+    });
+    let mut ended = Ok(());
+    for (host, group, test) in tests {
+        if let Err(e) = test.end() {
+            ended = Err(anyhow::Error::new(e).context(format!(
+                "ending the test failover of {host}/{group} (`tidemark test-failover cleanup --span {span}` removes what is left)"
+            )));
+        }
+    }
+    served?;
+    ended?;
+    println!("test failover ended: its writes are discarded, nothing of it is left");
     Ok(ExitCode::SUCCESS)
 }

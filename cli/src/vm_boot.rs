@@ -73,6 +73,11 @@ impl BootArgs {
         }
     }
 
+    /// Whether a VM is to be started (with or without a spec file).
+    pub(crate) fn requested(&self) -> bool {
+        self.boot.is_some()
+    }
+
     /// The spec to boot, read and validated, if `--boot` was given: its
     /// file, or the version the replica in `group_dir` holds for the
     /// recovery point `point` (`None`: the current version).

@@ -109,8 +109,17 @@ pub struct PlanStep {
     pub name: String,
 
     /// The protected hosts' groups, `"host"` (group `default`) or
-    /// `"host/group"`. At least one.
+    /// `"host/group"`. At least one, unless the step names a span.
+    #[serde(default)]
     pub groups: Vec<GroupRef>,
+
+    /// A span (a `[[receiver.span]]` name) instead of groups: every
+    /// member fails over (or is tested) at the same span point, the
+    /// plan's `point` (`latest` or a span point's id). Not with `groups`
+    /// nor `start-vm`; a plan with a span step runs unplanned or as a
+    /// test. Default: none.
+    #[serde(default)]
+    pub span: Option<Name>,
 
     /// Shell commands run before the step's failovers, in order; one that
     /// fails stops the plan. Default: none.
@@ -266,10 +275,47 @@ impl PlanConfig {
             if step.name.trim().is_empty() {
                 return Err(invalid(s.key("name"), "a step needs a name".into()));
             }
-            if step.groups.is_empty() {
+            if let Some(span) = &step.span {
+                if !step.groups.is_empty() {
+                    return Err(invalid(
+                        s.key("span"),
+                        format!(
+                            "step {:?} names groups and span {span}: a span step fails every member over, give one or the other",
+                            step.name
+                        ),
+                    ));
+                }
+                if step.start_vm.is_some() {
+                    return Err(invalid(
+                        s.key("start-vm"),
+                        "start-vm boots one group's VM: not in a span step".into(),
+                    ));
+                }
+                if self.point != "latest" && self.point.parse::<u64>().is_err() {
+                    return Err(invalid(
+                        at.key("point"),
+                        format!(
+                            "step {:?} names span {span}: the point must be `latest` or a span point's id",
+                            step.name
+                        ),
+                    ));
+                }
+                if let Some(first) = self.steps[..i]
+                    .iter()
+                    .find(|o| o.span.as_ref() == Some(span))
+                {
+                    return Err(invalid(
+                        s.key("span"),
+                        format!(
+                            "span {span} is already in step {:?}: a span fails over once",
+                            first.name
+                        ),
+                    ));
+                }
+            } else if step.groups.is_empty() {
                 return Err(invalid(
                     s.key("groups"),
-                    format!("step {:?} names no group", step.name),
+                    format!("step {:?} names no group (nor a span)", step.name),
                 ));
             }
             for g in &step.groups {
@@ -371,6 +417,36 @@ groups = ["app1"]
         assert!(e.contains("names no group"), "{e}");
         let e = err("[plan]\n[[plan.step]]\nname = \"a\"\ngroups = [\"h\"]\npuase = \"x\"\n");
         assert!(e.contains("unknown field `puase`"), "{e}");
+    }
+
+    #[test]
+    fn a_step_may_name_a_span_instead_of_groups() {
+        let plan = parse_plan(
+            "[plan]\npoint = \"12\"\n[[plan.step]]\nname = \"shop\"\nspan = \"shop\"\n",
+            Path::new("p.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            plan.steps[0].span.as_ref().map(|n| n.as_str()),
+            Some("shop")
+        );
+        assert!(plan.steps[0].groups.is_empty());
+        let err = |text: &str| {
+            parse_plan(text, Path::new("p.toml"))
+                .unwrap_err()
+                .to_string()
+        };
+        let step = "[[plan.step]]\nname = \"a\"\nspan = \"shop\"\n";
+        let e = err(&format!("[plan]\n{step}groups = [\"h\"]\n"));
+        assert!(e.contains("plan.step[0].span"), "{e}");
+        let e = err(&format!("[plan]\npoint = \"before-upgrade\"\n{step}"));
+        assert!(e.contains("a span point's id"), "{e}");
+        let e = err(&format!("[plan]\n{step}start-vm = {{ specs = \"/v\" }}\n"));
+        assert!(e.contains("not in a span step"), "{e}");
+        let e = err(&format!(
+            "[plan]\n{step}[[plan.step]]\nname = \"b\"\nspan = \"shop\"\n"
+        ));
+        assert!(e.contains("already in step \"a\""), "{e}");
     }
 
     #[test]

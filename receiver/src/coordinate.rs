@@ -139,11 +139,13 @@ impl Drop for Attached {
 
 impl Spans {
     /// Starts a coordinator task for each span of `spans`; they stop when
-    /// `stop` turns true.
+    /// `stop` turns true. The span points within `window` (the
+    /// receiver's retention window) are kept: see [`SpanTask::set_floors`].
     pub(crate) fn start(
         spans: &[SpanEntry],
         data_dir: &std::path::Path,
         groups: OpenGroups,
+        window: Duration,
         stop: watch::Receiver<bool>,
     ) -> Result<Spans, SpanRecordError> {
         let mut members = HashMap::new();
@@ -155,7 +157,8 @@ impl Spans {
             for (i, m) in entry.members.iter().enumerate() {
                 members.insert((m.host.clone(), m.group.clone()), (tx.clone(), i));
             }
-            let task = SpanTask::new(entry.clone(), dir, record, groups.clone());
+            let mut task = SpanTask::new(entry.clone(), dir, record, groups.clone());
+            task.window = window;
             samples.push(task.sample.clone());
             tokio::spawn(task.run(rx, stop.clone()));
         }
@@ -169,6 +172,11 @@ impl Spans {
     /// Every span's sample, for the metrics.
     pub(crate) fn samples(&self) -> Vec<SpanSample> {
         self.samples.iter().map(|s| lock(s).clone()).collect()
+    }
+
+    /// Whether `host`'s `group` is a member of a span here.
+    pub(crate) fn is_member(&self, host: &Name, group: &Name) -> bool {
+        self.members.contains_key(&(host.clone(), group.clone()))
     }
 
     /// A session of `host`'s `group` in protocol `version` started on
@@ -311,6 +319,8 @@ struct SpanTask {
     sample: Arc<Mutex<SpanSample>>,
     /// The last request for a point on demand that was answered.
     answered_take: Option<u64>,
+    /// How long span points are kept (the receiver's retention window).
+    window: Duration,
 }
 
 impl SpanTask {
@@ -357,6 +367,7 @@ impl SpanTask {
             round: None,
             following,
             last_refusal: None,
+            window: Duration::MAX,
         }
     }
 
@@ -391,6 +402,7 @@ impl SpanTask {
             self.core.handle_timeout(now);
             if now >= self.next_round {
                 self.next_round = now + self.entry.interval.get();
+                self.set_floors();
                 let label = format!("span-{}-{}", self.entry.name, self.record.next_point.max(1));
                 let _ = self.start_round(&label, now);
             }
@@ -577,6 +589,9 @@ impl SpanTask {
                 tracing::info!(span = %self.entry.name, point = point.0, "span point durable on every member");
                 lock(&self.sample).durable += 1;
                 self.following.retain(|f| f.point != *point);
+                self.persist(&event, &label, app);
+                self.set_floors();
+                return;
             }
             SpanEvent::Aborted { point, reason } => {
                 tracing::warn!(span = %self.entry.name, point = point.0, reason = %reason, "span point abandoned");
@@ -630,6 +645,30 @@ impl SpanTask {
         for (member, link) in self.links.iter().enumerate() {
             if let Some(link) = link {
                 self.core.handle_link(member, link.link(), now);
+            }
+        }
+    }
+
+    /// Sets each open member's span floor from the record (its marker of
+    /// the oldest span point kept, `crate::span_point::floors`), so that no
+    /// member's retention folds a marker the span still offers. A member
+    /// opened later keeps the floor its store saved, and gets the new one
+    /// at the next round.
+    fn set_floors(&self) {
+        let floors = crate::span_point::floors(
+            &self.record,
+            &self.members,
+            self.window,
+            tidemark_changelog::now_ns(),
+        );
+        for ((host, group), floor) in self.members.iter().zip(floors) {
+            let replica = lock(&self.groups)
+                .get(&(host.clone(), group.clone()))
+                .cloned();
+            let Some(replica) = replica else { continue };
+            let set = tokio::task::block_in_place(|| lock(&replica).set_floor(floor));
+            if let Err(e) = set {
+                tracing::error!(span = %self.entry.name, %host, %group, error = %e, "cannot set the member's span floor");
             }
         }
     }

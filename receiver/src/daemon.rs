@@ -118,6 +118,8 @@ struct GroupSample {
     newest_point_ns: Option<u64>,
     /// Bytes of history behind the points.
     history_bytes: u64,
+    /// A span's floor keeps the history over max-space.
+    floor_holds_space: bool,
     records: u64,
     bytes: u64,
     sessions: u64,
@@ -253,6 +255,13 @@ fn collect_metrics(
             &g,
             s.history_bytes as f64,
         );
+        e.gauge(
+            "tidemark_receiver_span_floor_holds_space",
+            "1 while a span's floor keeps the group's history over max-space (the span's points win over the limit).",
+            None,
+            &g,
+            u8::from(s.floor_holds_space).into(),
+        );
         e.state_set(
             "tidemark_receiver_group_state",
             "State of the replica group (1 for the current state).",
@@ -282,7 +291,7 @@ impl Server {
         let mut out: Vec<GroupSample> = groups
             .into_iter()
             .map(|((host, group), replica)| {
-                let (pos, barrier, points, history_bytes) = {
+                let (pos, barrier, points, history_bytes, floor_holds_space) = {
                     let r = lock(&replica);
                     let g = r.group();
                     (
@@ -290,6 +299,7 @@ impl Server {
                         g.last_barrier(),
                         g.points(),
                         g.history_bytes(),
+                        g.floor_holds_space(),
                     )
                 };
                 let st = stats
@@ -306,6 +316,7 @@ impl Server {
                     oldest_point_ns: points.first().map(|p| p.timestamp_ns),
                     newest_point_ns: points.last().map(|p| p.timestamp_ns),
                     history_bytes,
+                    floor_holds_space,
                     records: st.records.load(Ordering::Relaxed),
                     bytes: st.bytes.load(Ordering::Relaxed),
                     sessions: st.sessions.load(Ordering::Relaxed),
@@ -355,9 +366,14 @@ pub async fn run(
         .local_addr()
         .map_err(|e| ReceiverFatal::Setup(format!("listening on {}: {e}", cfg.listen)))?;
     let groups: Groups = Arc::new(Mutex::new(HashMap::new()));
-    let spans =
-        crate::coordinate::Spans::start(&cfg.spans, &cfg.data_dir, groups.clone(), stop.clone())
-            .map_err(|e| ReceiverFatal::Setup(format!("span: {e}")))?;
+    let spans = crate::coordinate::Spans::start(
+        &cfg.spans,
+        &cfg.data_dir,
+        groups.clone(),
+        cfg.retention.window.get(),
+        stop.clone(),
+    )
+    .map_err(|e| ReceiverFatal::Setup(format!("span: {e}")))?;
     let server = Arc::new(Server {
         engine: Box::new(LocalEngine::new(&cfg.data_dir)),
         data_dir: cfg.data_dir.clone(),
@@ -533,6 +549,14 @@ impl Server {
             })?;
         let mut opened = opened;
         opened.set_retention(self.retention);
+        if !self.spans.is_member(host, group) && opened.floor().is_some() {
+            // A span floor left from a span (or membership) no longer
+            // configured would keep this group's history forever.
+            tracing::info!(%host, %group, "no span names this group any more: its span floor is removed");
+            if let Err(e) = opened.set_floor(None) {
+                tracing::warn!(%host, %group, error = %e, "cannot remove the group's old span floor");
+            }
+        }
         let g = Arc::new(Mutex::new(
             StoreReplica::new(opened).with_vm_specs(&group_dir(&self.data_dir, host, group)),
         ));
@@ -961,6 +985,7 @@ mod tests {
             oldest_point_ns: Some(500_000_000),
             newest_point_ns: Some(1_000_000_000),
             history_bytes: 8192,
+            floor_holds_space: true,
             records: 40,
             bytes: 4096,
             sessions: 1,
@@ -979,6 +1004,7 @@ mod tests {
             "tidemark_receiver_group_state{host=\"db1\",group=\"g\",state=\"consistent\"} 1.0\n",
             "tidemark_receiver_group_state{host=\"db1\",group=\"g\",state=\"resyncing\"} 0.0\n",
             "tidemark_receiver_sessions{host=\"db1\",group=\"g\"} 1.0\n",
+            "tidemark_receiver_span_floor_holds_space{host=\"db1\",group=\"g\"} 1.0\n",
             "tidemark_receiver_peer_timeouts_total{host=\"db1\"} 2\n",
         ] {
             assert!(t.contains(want), "missing {want:?} in\n{t}");

@@ -13,6 +13,9 @@
 //!   coordinator must find again after a restart, and every round's
 //!   outcome.
 //! - [`span_take`]: a span point on demand: the request and its answer.
+//! - [`span_point`]: a span point as failover and test failover use
+//!   it: which can still be had, the span floor of each member, a point
+//!   pinned in every member at once.
 //! - [`store`]: the replica store of one consistency group: ordered,
 //!   idempotent apply of change-log records, initial sync and checksum
 //!   resync, crash recovery.
@@ -27,6 +30,7 @@ pub mod drain;
 pub mod pin;
 pub mod replica;
 pub mod span;
+pub mod span_point;
 pub mod span_take;
 pub mod store;
 pub mod test_failover;

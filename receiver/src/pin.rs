@@ -171,7 +171,13 @@ fn write<D: LogDir>(dir: &D, seq: Seq) -> Result<(), ReplaceError> {
 /// if any. A pin that cannot be read as a number is no pin: it can only be
 /// a file this module did not write.
 pub fn read<D: LogDir>(test_failover: &D) -> Option<Seq> {
-    let file = test_failover.open(PIN_FILE, false).ok()?;
+    read_seq(test_failover, PIN_FILE)
+}
+
+/// The sequence number in decimal that the file `name` of `dir` holds, if
+/// it holds one (the pin's format, shared by a span's floor in the store).
+pub(crate) fn read_seq<D: LogDir>(dir: &D, name: &str) -> Option<Seq> {
+    let file = dir.open(name, false).ok()?;
     // A sequence number in decimal (and perhaps a newline): anything much
     // longer is no pin.
     let mut buf = vec![0u8; file.size().ok()?.min(4096) as usize];

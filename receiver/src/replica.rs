@@ -46,6 +46,16 @@ impl StoreReplica {
         self.group.as_ref()
     }
 
+    /// Sets the store's span floor ([`ReplicaStore::set_floor`]); an I/O
+    /// error poisons the store as any other.
+    pub fn set_floor(&mut self, floor: Option<tidemark_changelog::Seq>) -> Result<(), StoreError> {
+        let set = self.group.set_floor(floor);
+        if matches!(set, Err(StoreError::Poisoned | StoreError::Io { .. })) {
+            self.poisoned = true;
+        }
+        set
+    }
+
     /// An I/O error poisoned the store: it must be dropped and reopened.
     pub fn is_poisoned(&self) -> bool {
         self.poisoned

@@ -15,6 +15,8 @@
 //! cut, a member's shipper killed, the receiver killed. In each no write fails, no write waits
 //! much beyond the trackers' own hold bound (500 ms), no point is taken
 //! without the member, the rounds are reported, and points resume.
+//! Every member is failed over to one span point (and test-failed-over):
+//! the images hold the markers' state, in the same causal order.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, UdpSocket};
@@ -84,6 +86,24 @@ impl Nbd {
         assert_eq!(&reply[4..8], &0u32.to_be_bytes(), "write error");
         assert_eq!(&reply[8..16], &self.cookie.to_be_bytes());
         start.elapsed()
+    }
+
+    /// The value the disk's first 8 bytes hold.
+    fn read_value(&mut self) -> u64 {
+        self.cookie += 1;
+        let mut req = Vec::with_capacity(28);
+        req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        req.extend_from_slice(&0u16.to_be_bytes());
+        req.extend_from_slice(&0u16.to_be_bytes()); // NBD_CMD_READ
+        req.extend_from_slice(&self.cookie.to_be_bytes());
+        req.extend_from_slice(&0u64.to_be_bytes());
+        req.extend_from_slice(&8u32.to_be_bytes());
+        self.stream.write_all(&req).unwrap();
+        let mut reply = [0u8; 16 + 8];
+        self.stream.read_exact(&mut reply).unwrap();
+        assert_eq!(&reply[..4], &0x6744_6698u32.to_be_bytes());
+        assert_eq!(&reply[4..8], &0u32.to_be_bytes(), "read error");
+        u64::from_le_bytes(reply[16..].try_into().unwrap())
     }
 }
 
@@ -630,6 +650,140 @@ fn span_points_hold_across_three_hosts_under_delay_and_faults() {
     assert!(
         moving >= 10,
         "the writer's writes should fall inside the points (only {moving} showed any)"
+    );
+
+    // Every member failed over to one span point while replication goes
+    // on: each image holds what its replica holds at its marker, in the
+    // same causal order.
+    let (chosen, markers) = points.last().unwrap();
+    let to = root.join("failover");
+    let started = Instant::now();
+    let out = run_ok(
+        tidemark()
+            .args(["failover", "--data-dir"])
+            .arg(&data)
+            .args(["--span", "shop", "--point", &chosen.to_string(), "--to"])
+            .arg(&to),
+    );
+    eprintln!(
+        "failover --span to point {chosen} in {:?}:\n{out}",
+        started.elapsed()
+    );
+    let failed_over: Vec<u64> = HOSTS
+        .iter()
+        .map(|host| {
+            let mut buf = [0u8; 8];
+            std::fs::File::open(to.join(host).join("default").join("disk.img"))
+                .unwrap()
+                .read_exact(&mut buf)
+                .unwrap();
+            u64::from_le_bytes(buf)
+        })
+        .collect();
+    for (i, (host, marker)) in HOSTS.iter().zip(markers).enumerate() {
+        assert_eq!(
+            failed_over[i],
+            value_at(&data, host, *marker),
+            "{host}'s failed-over image is not its replica at {marker:?}"
+        );
+        assert!(
+            !data
+                .join(host)
+                .join("default")
+                .join("test-failover")
+                .join("pin")
+                .exists(),
+            "{host}: the failover left its pin"
+        );
+        // The span keeps its points from the member's retention: the
+        // member's floor is at or before every kept point's marker.
+        let floor = std::fs::read_to_string(data.join(host).join("default").join("span-floor"))
+            .unwrap_or_else(|e| panic!("{host} has no span floor: {e}"));
+        assert!(
+            floor.trim().parse::<u64>().unwrap() <= marker.get(),
+            "{host}'s span floor {floor} is after its marker {marker:?}"
+        );
+        if i > 0 {
+            assert!(
+                failed_over[i] <= failed_over[i - 1],
+                "after the failover {host} shows write {}, {} only {}",
+                failed_over[i],
+                HOSTS[i - 1],
+                failed_over[i - 1]
+            );
+        }
+    }
+    // Written images are never overwritten: refused before anything is
+    // written; so is a point that is none.
+    for (point, why) in [
+        (chosen.to_string(), "exists"),
+        ("999999".into(), "no point"),
+    ] {
+        let again = tidemark()
+            .args(["failover", "--data-dir"])
+            .arg(&data)
+            .args(["--span", "shop", "--point", &point, "--to"])
+            .arg(&to)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&again.stderr);
+        assert!(!again.status.success() && stderr.contains(why), "{stderr}");
+    }
+
+    // A test failover of the span serves every member at the point.
+    let sockets = root.join("test-failover");
+    let mut test = tidemark()
+        .args(["test-failover", "start", "--data-dir"])
+        .arg(&data)
+        .args([
+            "--span",
+            "shop",
+            "--point",
+            &chosen.to_string(),
+            "--socket-dir",
+        ])
+        .arg(&sockets)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(test.stdout.take().unwrap());
+    let mut said = Vec::new();
+    loop {
+        let mut line = String::new();
+        use std::io::BufRead;
+        assert!(lines.read_line(&mut line).unwrap() > 0, "{said:?}");
+        said.push(line.clone());
+        if line.starts_with("ready") {
+            break;
+        }
+    }
+    let test = Daemon::new(test, "span test failover");
+    for (host, want) in HOSTS.iter().zip(&failed_over) {
+        let socket = sockets.join(format!("{host}-default.sock"));
+        assert!(
+            said.iter()
+                .any(|l| l.contains(&socket.display().to_string())),
+            "{said:?}"
+        );
+        assert_eq!(Nbd::connect(&socket).read_value(), *want, "{host}");
+    }
+    assert!(test.stop().success());
+    for host in HOSTS {
+        assert!(
+            !data
+                .join(host)
+                .join("default")
+                .join("test-failover")
+                .exists(),
+            "{host}: the test failover left traces"
+        );
+    }
+    run_ok(
+        tidemark()
+            .args(["test-failover", "cleanup", "--data-dir"])
+            .arg(&data)
+            .args(["--span", "shop"]),
     );
 
     let listed = run_ok(

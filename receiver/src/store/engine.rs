@@ -21,7 +21,8 @@
 //!   commits the data, so neither can survive without the other);
 //! - retention ([`Retention`], [`ReplicaStore::apply_retention`]) removes
 //!   the oldest snapshots, never one that is pinned
-//!   ([`ReplicaStore::pinned`]: a protected snapshot) nor the newest;
+//!   ([`ReplicaStore::pinned`]: a protected snapshot), nor one at or
+//!   after a span's floor ([`ReplicaStore::set_floor`]), nor the newest;
 //! - resync extents are part of the position
 //!   ([`GroupState::Resyncing`](super::GroupState)) and are compared by
 //!   digests of the heads ([`ReplicaStore::digests`]).
@@ -116,6 +117,14 @@ pub trait ReplicaStore: Send + Sync + Debug {
     /// failover's final barrier): retention drops neither it nor any later
     /// point while the pin lasts.
     fn pinned(&self) -> Option<Seq>;
+    /// Sets the span floor: retention drops neither the point at `floor`
+    /// nor any later one, by any rule (max-space included), until it is
+    /// moved or removed (`None`); kept durably by the engine.
+    fn set_floor(&mut self, floor: Option<Seq>) -> Result<(), StoreError>;
+    /// The span floor.
+    fn floor(&self) -> Option<Seq>;
+    /// Whether the span floor keeps the history over max-space.
+    fn floor_holds_space(&self) -> bool;
 }
 
 /// The disks of a group as of one point.
@@ -290,6 +299,18 @@ where
 
     fn pinned(&self) -> Option<Seq> {
         ReplicaGroup::pinned(self)
+    }
+
+    fn set_floor(&mut self, floor: Option<Seq>) -> Result<(), StoreError> {
+        ReplicaGroup::set_floor(self, floor)
+    }
+
+    fn floor(&self) -> Option<Seq> {
+        ReplicaGroup::floor(self)
+    }
+
+    fn floor_holds_space(&self) -> bool {
+        ReplicaGroup::floor_holds_space(self)
     }
 }
 

@@ -54,10 +54,34 @@
 //! into the images and synced, then the state file moves the history's
 //! start and the journal segments wholly before it are removed. A crash
 //! anywhere in between is finished on open (writing the same changes again
-//! gives the same images). The newest point is never folded. Reading a
+//! gives the same images). The newest point is never folded, nor a point
+//! at or after the pin (a test failover's) or the span floor (below).
+//! Reading a
 //! point that is kept is unaffected by a fold: it reads journal changes for
 //! everything the history changed before it, and the images only where
 //! nothing before it (and so nothing folded) changed.
+//!
+//! # The span floor
+//!
+//! A group that is a member of a span (`[[receiver.span]]`) has a floor:
+//! its marker of the oldest span point the span still keeps (the span's
+//! coordinator sets it, [`ReplicaGroup::set_floor`], whenever a span
+//! point becomes durable or leaves the retention window). No point at or
+//! after the floor is folded, by any rule: a span point needs every
+//! member's marker, so one member's retention must not take a point that
+//! the others still offer. The floor is kept durably in the group
+//! directory (`span-floor`) and read at open, so it holds from the first
+//! commit of a restarted receiver on, before the coordinator runs again;
+//! the receiver removes it when it opens a group no configured span names.
+//!
+//! The floor wins over `max-space`: when the history is over the limit
+//! and only the floor keeps it there, nothing the floor protects is
+//! folded; the store says so once with a warning and
+//! [`ReplicaGroup::floor_holds_space`] (the receiver's metric
+//! `tidemark_receiver_span_floor_holds_space`) stays true until the
+//! history fits again. Space is the admin's to give (a larger `max-space`
+//! or a shorter retention window, which moves the floor); silently
+//! breaking a span point is not the store's to decide.
 //!
 //! # Layout of the group directory
 //!
@@ -76,6 +100,8 @@
 //!                     (its pid inside)
 //!  test-failover/pin  the point a running test failover reads (decimal
 //!                     sequence number): never folded while it exists
+//!  span-floor         the span floor (decimal sequence number, replaced
+//!                     atomically and durably); absent: no floor
 //!  test-failover/disk-<id>.scratch
 //!                     that test's writes (`tidemark test-failover`)
 //!  drain.request, drain.result
@@ -111,6 +137,9 @@
 //!   test-failover`, which during an upgrade may be of different releases:
 //!   a receiver that could not read it would fold the point the test
 //!   reads. So its format never changes: a new one takes a new file name;
+//! - the span floor is the pin's format (a decimal sequence number) and
+//!   never changes either: an older release ignores the file (and folds
+//!   without a floor), a newer one that needs more takes a new name;
 //! - the journal index has its own version byte (1): it is a cache, and
 //!   one of a version this release does not know is ignored (the history
 //!   is read instead), as is any index an older release leaves behind;
@@ -275,7 +304,7 @@ use std::path::{Path, PathBuf};
 use tidemark_changelog::record::{Kind, Record, RecordRef, FLAG_APP_CONSISTENT, FLAG_NO_HOLE};
 use tidemark_changelog::replay::{self, ReplaySummary};
 use tidemark_changelog::{create_private_dir_all, DirLock, DiskId, Extent, LockError, Seq};
-use tidemark_durable::{FsDir, LogDir, LogFile};
+use tidemark_durable::{replace, Durability, FsDir, LogDir, LogFile};
 /// Initial-sync progress of one disk: the wire's type, which says it to
 /// the shipper.
 pub use tidemark_wire::DiskSync;
@@ -456,7 +485,17 @@ pub struct ReplicaGroup<D: LogDir = FsDir> {
     index_interval: u64,
     /// The size of the index last written.
     index_bytes: u64,
+    /// The span floor: no point at or after it is folded (read from
+    /// [`FLOOR_FILE`] at open).
+    floor: Option<Seq>,
+    /// The last retention run wanted to fold for space and the floor
+    /// kept it from doing so.
+    floor_holds_space: bool,
 }
+
+/// The span floor's file in the group directory.
+pub const FLOOR_FILE: &str = "span-floor";
+const FLOOR_TMP: &str = "span-floor.tmp";
 
 /// The disks of a group as of one recovery point (or the newest state).
 pub struct View<'a, D: LogDir = FsDir> {
@@ -823,7 +862,10 @@ impl<D: LogDir> ReplicaGroup<D> {
             last_fold: None,
             index_interval: DEFAULT_INDEX_INTERVAL,
             index_bytes: 0,
+            floor: None,
+            floor_holds_space: false,
         };
+        group.floor = crate::pin::read_seq(&group.dir, FLOOR_FILE);
         // What this open had to read, the next one need not.
         if !read_only && history {
             group.index_if_due(true)?;
@@ -1346,6 +1388,26 @@ impl<D: LogDir> ReplicaGroup<D> {
             let pinned = points.iter().take_while(|p| p.seq < pin).count();
             drop = drop.min(pinned);
         }
+        // A span point needs this member's marker: the floor wins over
+        // every rule, max-space included (see the module's doc).
+        let mut held = false;
+        if let Some(floor) = self.floor {
+            let below = points.iter().take_while(|p| p.seq < floor).count();
+            held = space_short && drop > below;
+            drop = drop.min(below);
+        }
+        if held != self.floor_holds_space {
+            if held {
+                tracing::warn!(
+                    group = %self.path.display(),
+                    floor = %self.floor.unwrap_or(Seq(0)),
+                    history_bytes = self.journal.bytes(),
+                    max_space = r.max_space.unwrap_or(0),
+                    "the history is over max-space, but a span still needs the points from its floor on: they are kept (give more space or a shorter retention window)"
+                );
+            }
+            self.floor_holds_space = held;
+        }
         if drop == 0 {
             return Ok(None);
         }
@@ -1425,6 +1487,55 @@ impl<D: LogDir> ReplicaGroup<D> {
             app_consistent: p.app_consistent,
             label: p.label.clone(),
         })
+    }
+
+    /// Sets the span floor (see the module's doc): no point at or after
+    /// `floor` is folded from now on, nor after a restart (it is written
+    /// durably before this returns); `None` removes it.
+    pub fn set_floor(&mut self, floor: Option<Seq>) -> Result<(), StoreError> {
+        self.check_poisoned()?;
+        if self.read_only {
+            return Err(StoreError::Poisoned);
+        }
+        if floor == self.floor {
+            return Ok(());
+        }
+        let path = self.path.join(FLOOR_FILE);
+        match floor {
+            Some(seq) => replace(
+                &self.dir,
+                FLOOR_TMP,
+                FLOOR_FILE,
+                seq.to_string().as_bytes(),
+                Durability::Durable,
+            )
+            .map_err(|e| io_err("writing", &path)(e.into()))?,
+            None => {
+                match self.dir.remove(FLOOR_FILE) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_err("removing", &path)(e)),
+                }
+                // A floor that comes back after a crash only keeps more:
+                // the removal need not be waited for, but is made durable
+                // with the directory anyway.
+                self.dir.sync_dir().map_err(io_err("syncing", &self.path))?;
+            }
+        }
+        self.floor = floor;
+        Ok(())
+    }
+
+    /// The span floor (see [`ReplicaGroup::set_floor`]).
+    pub fn floor(&self) -> Option<Seq> {
+        self.floor
+    }
+
+    /// Whether the last retention run wanted to fold for `max-space` and
+    /// the span floor kept it from doing so: the history stays over the
+    /// limit.
+    pub fn floor_holds_space(&self) -> bool {
+        self.floor_holds_space
     }
 
     /// The point a running test failover (or a planned failover writing
@@ -1805,6 +1916,125 @@ mod tests {
         std::fs::remove_file(pin_dir.join(PIN_FILE)).unwrap();
         g.apply_retention(0, true).unwrap();
         assert_eq!(seqs(&g), [6]);
+    }
+
+    /// The span floor keeps its point and every later one against every
+    /// rule (age, count, space: the floor wins and says so), is read
+    /// again at open, and once moved or removed retention catches up.
+    #[test]
+    fn the_span_floor_is_respected_by_every_retention_rule_and_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let seqs = |g: &ReplicaGroup| g.points().iter().map(|p| p.seq.get()).collect::<Vec<_>>();
+        let write = |g: &mut ReplicaGroup, from: u64, to: u64| {
+            for seq in from..=to {
+                let rec = if seq % 2 == 1 {
+                    rec(&Entry::write(0, seq * 100, &[seq as u8; 100], 0), seq)
+                } else {
+                    rec(&Entry::barrier(seq), seq)
+                };
+                g.apply_record(&rec).unwrap();
+                g.commit().unwrap();
+            }
+        };
+        {
+            let mut g = one_disk_group(dir.path());
+            g.set_floor(Some(Seq(4))).unwrap();
+            assert_eq!(
+                std::fs::read(dir.path().join(FLOOR_FILE)).unwrap(),
+                b"4",
+                "the floor's format: the pin's"
+            );
+            // By count.
+            g.set_retention(Retention {
+                window: std::time::Duration::MAX,
+                max_points: 1,
+                max_space: None,
+                fold_interval: std::time::Duration::ZERO,
+            });
+            write(&mut g, 1, 8);
+            assert_eq!(seqs(&g), [4, 6, 8], "the floor's point and later ones stay");
+            assert!(!g.floor_holds_space());
+            // By age: every point is older than the window.
+            g.set_retention(Retention {
+                window: std::time::Duration::from_secs(1),
+                max_points: u64::MAX,
+                max_space: None,
+                fold_interval: std::time::Duration::ZERO,
+            });
+            g.apply_retention(u64::MAX, true).unwrap();
+            assert_eq!(seqs(&g), [4, 6, 8]);
+            // By space: the floor wins, and says so.
+            g.set_retention(Retention {
+                window: std::time::Duration::MAX,
+                max_points: u64::MAX,
+                max_space: Some(1),
+                fold_interval: std::time::Duration::ZERO,
+            });
+            g.apply_retention(0, true).unwrap();
+            assert_eq!(seqs(&g), [4, 6, 8]);
+            assert!(g.floor_holds_space());
+        }
+        // A restarted receiver folds nothing the floor keeps, from its
+        // first commit on.
+        let mut g = ReplicaGroup::open(dir.path()).unwrap();
+        assert_eq!(g.floor(), Some(Seq(4)));
+        g.set_retention(Retention {
+            window: std::time::Duration::MAX,
+            max_points: 1,
+            max_space: None,
+            fold_interval: std::time::Duration::ZERO,
+        });
+        write(&mut g, 9, 10);
+        assert_eq!(seqs(&g), [4, 6, 8, 10]);
+        // The floor moves on: the points before it go.
+        g.set_floor(Some(Seq(8))).unwrap();
+        g.apply_retention(0, true).unwrap();
+        assert_eq!(seqs(&g), [8, 10]);
+        // No floor: retention alone decides.
+        g.set_floor(None).unwrap();
+        assert!(!dir.path().join(FLOOR_FILE).exists());
+        g.apply_retention(0, true).unwrap();
+        assert_eq!(seqs(&g), [10]);
+        drop(g);
+        assert_eq!(ReplicaGroup::open(dir.path()).unwrap().floor(), None);
+        // A read-only group does not write one.
+        let mut ro = ReplicaGroup::open_read_only(dir.path()).unwrap();
+        assert!(ro.set_floor(Some(Seq(10))).is_err());
+        assert!(!dir.path().join(FLOOR_FILE).exists());
+    }
+
+    /// A floor moved while the power is cut at any sync reads, after the
+    /// reopen, as the old floor or the new one: never none, never another
+    /// point (which would let a fold take a span point's marker).
+    #[test]
+    fn a_floor_cut_at_any_sync_reads_as_the_old_floor_or_the_new() {
+        use tidemark_durable::SimDir;
+        let setup = || {
+            let dir = SimDir::new();
+            let mut g = ReplicaGroup::open_on(dir.clone(), SimDir::new()).unwrap();
+            g.set_floor(Some(Seq(7))).unwrap();
+            (dir, g)
+        };
+        let (probe, mut g) = setup();
+        let before = probe.syncs();
+        g.set_floor(Some(Seq(123_456))).unwrap();
+        let syncs = probe.syncs() - before;
+        assert!(syncs > 0);
+        for cut in 1..=syncs + 1 {
+            let (dir, mut g) = setup();
+            dir.cut_power_at_sync(before + cut);
+            let done = g.set_floor(Some(Seq(123_456))).is_ok();
+            let after = SimDir::from_files(dir.after_power_cut());
+            let floor = ReplicaGroup::open_on(after, SimDir::new()).unwrap().floor();
+            if done {
+                assert_eq!(floor, Some(Seq(123_456)), "cut at sync {cut}");
+            } else {
+                assert!(
+                    floor == Some(Seq(7)) || floor == Some(Seq(123_456)),
+                    "cut at sync {cut}: {floor:?}"
+                );
+            }
+        }
     }
 
     #[test]
