@@ -195,6 +195,35 @@ pub(crate) fn list(data_dir: &Path, span: &Name, all: bool, json: bool) -> Resul
             expired.len()
         );
     }
+    let newest = record
+        .span_points()
+        .filter(|p| !expired.contains_key(&p.point))
+        .max_by_key(|p| p.taken_ns);
+    if let Some(p) = newest {
+        let members: Vec<String> = p
+            .members
+            .iter()
+            .map(|m| format!("{}/{}", m.host, m.group))
+            .collect();
+        println!(
+            "newest: point {} taken {} ago; members {}",
+            p.point,
+            timefmt::age(now.saturating_sub(p.taken_ns) / 1_000_000_000),
+            members.join(" ")
+        );
+    }
+    if let Some(last) = record
+        .points
+        .last()
+        .filter(|p| p.outcome == Outcome::Aborted)
+    {
+        println!(
+            "last round: point {} abandoned {} ago: {}",
+            last.point,
+            timefmt::age(now.saturating_sub(last.taken_ns) / 1_000_000_000),
+            last.reason.as_deref().unwrap_or("no reason recorded")
+        );
+    }
     if shown.is_empty() {
         return Ok(ExitCode::SUCCESS);
     }

@@ -63,6 +63,15 @@ fn a_spans_points_are_listed_with_every_members_marker() {
     assert!(shown.contains("span shop: 1 span points"), "{shown}");
     assert!(shown.contains("web1/default@10 db1/data@20"), "{shown}");
     assert!(!shown.contains("aborted"), "{shown}");
+    assert!(
+        shown.contains("newest: point 1 taken") && shown.contains("members web1/default db1/data"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("last round: point 3 abandoned")
+            && shown.contains("db1/data's connection went down"),
+        "{shown}"
+    );
 
     let out = run(&[
         "span",
