@@ -2,11 +2,13 @@
 //! listed for the admin (span points only, or every round with --all) and
 //! as JSON; a damaged record is refused by name.
 
+use std::path::Path;
 use std::process::Output;
-use tidemark_changelog::Seq;
+use tidemark_changelog::{Disk, DiskId, Entry, Record, Seq};
 use tidemark_e2e::tidemark;
 use tidemark_names::Name;
 use tidemark_receiver::span::{SpanDir, SpanRecord};
+use tidemark_receiver::store::{ChunkRef, Purpose, ReplicaGroup};
 use tidemark_span::{AbortReason, PointId, SpanEvent};
 
 fn run(args: &[&str]) -> Output {
@@ -15,6 +17,37 @@ fn run(args: &[&str]) -> Output {
 
 fn text(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// A member's replica, synced, whose records up to the last of `markers`
+/// are barriers but for its markers (seq, label), all committed.
+fn replica(data: &Path, host: &str, group: &str, markers: &[(u64, &str)]) {
+    let mut g = ReplicaGroup::open(&data.join(host).join(group)).unwrap();
+    g.ensure_disks(&[Disk {
+        id: DiskId(0),
+        name: Name::from_static("a"),
+        size: 65536,
+    }])
+    .unwrap();
+    g.apply_chunk(
+        DiskId(0),
+        0,
+        ChunkRef::Data(&[0u8; 65536]),
+        Purpose::InitialSync,
+    )
+    .unwrap();
+    let last = markers.iter().map(|m| m.0).max().unwrap();
+    // Written now: retention keeps them.
+    let now = tidemark_changelog::now_ns();
+    for seq in 1..=last {
+        let entry = match markers.iter().find(|m| m.0 == seq) {
+            Some((_, label)) => Entry::marker(label, false, now + seq),
+            None => Entry::barrier(now + seq),
+        };
+        g.apply_record(&Record::decode(&entry.encode(seq, 0)).unwrap())
+            .unwrap();
+    }
+    g.commit().unwrap();
 }
 
 #[test]
@@ -55,6 +88,15 @@ fn a_spans_points_are_listed_with_every_members_marker() {
         now,
     );
     dir.save(&record).unwrap();
+    // The members' replicas hold their markers (else the points are
+    // listed as expired).
+    replica(
+        data,
+        "web1",
+        "default",
+        &[(10, "span-shop"), (15, "span-shop")],
+    );
+    replica(data, "db1", "data", &[(20, "span-shop"), (31, "span-shop")]);
     let data = data.to_str().unwrap();
 
     let out = run(&["span", "points", "--data-dir", data, "--span", "shop"]);
