@@ -662,13 +662,11 @@ fn a_debian_guest_on_the_tracker_checks_itself_after_failover() {
     let (test, lines) = start_booting_test(
         readme_command(
             "tidemark test-failover start --data-dir /var/lib/tidemark/replicas --host hv1.example.com \
-             --group web1 --socket /run/tidemark/web1-test.sock --boot /etc/tidemark/vms/web1.toml \
-             --up-timeout 5m",
+             --group web1 --socket /run/tidemark/web1-test.sock --boot --up-timeout 5m",
             &[
                 ("/var/lib/tidemark/replicas", &dir.join("replicas")),
                 ("hv1.example.com", Path::new(HOST)),
                 ("/run/tidemark/web1-test.sock", &dir.join("test-failover.sock")),
-                ("/etc/tidemark/vms/web1.toml", &spec),
             ],
         )
         .args(["--point", &point.to_string(), "--up-line", CHECK_LINE])
@@ -734,12 +732,11 @@ fn a_debian_guest_on_the_tracker_checks_itself_after_failover() {
     let failover_started = Instant::now();
     let out = run(readme_command(
         "tidemark failover --data-dir /var/lib/tidemark/replicas --host hv1.example.com --group web1 \
-         --to /srv/failover/web1 --boot /etc/tidemark/vms/web1.toml --network br0=br-dr0",
+         --to /srv/failover/web1 --boot --network br0=br-dr0",
         &[
             ("/var/lib/tidemark/replicas", &dir.join("replicas")),
             ("hv1.example.com", Path::new(HOST)),
             ("/srv/failover/web1", &to),
-            ("/etc/tidemark/vms/web1.toml", &spec),
         ],
     )
     .args(["--point", &point.to_string(), "--up-line", CHECK_LINE])
