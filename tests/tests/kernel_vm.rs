@@ -99,20 +99,40 @@ fn guest_copy(src: &Path, dir: &Path) -> PathBuf {
 fn run_guest(test: &str, dir: &Path, scenario: &str, args: &[std::ffi::OsString]) -> String {
     let console_file = dir.join("console.log");
     let _guest = one_guest_at_a_time();
-    let started = Instant::now();
-    let vm = Command::new("bash")
-        .arg(repo_root().join("scripts/kernel-vm.sh"))
-        .arg("run")
-        .arg(repo_root().join("scripts/vm-scenarios").join(scenario))
-        .args(args)
-        .arg("--console")
-        .arg(&console_file)
-        .output()
-        .expect("running scripts/kernel-vm.sh run");
+    let mut started;
+    let mut attempt = 1;
+    let vm = loop {
+        started = Instant::now();
+        let vm = Command::new("bash")
+            .arg(repo_root().join("scripts/kernel-vm.sh"))
+            .arg("run")
+            .arg(repo_root().join("scripts/vm-scenarios").join(scenario))
+            .args(args)
+            .arg("--console")
+            .arg(&console_file)
+            .output()
+            .expect("running scripts/kernel-vm.sh run");
+        // The guest's own kernel (bookworm-backports 6.12) has been seen
+        // to livelock a kworker ("soft lockup", then for the rest of the
+        // run) after a tracker took over a kept ublk device, in 2 of the
+        // last 3 CI runs, at different takeovers. That is no failed check
+        // of ours: the scenario runs once more, and says so; a second
+        // lockup fails the test.
+        let console = fs::read(&console_file).unwrap_or_default();
+        let lockup = String::from_utf8_lossy(&console).contains("BUG: soft lockup");
+        if !vm.status.success() && lockup && attempt == 1 {
+            eprintln!(
+                "{test}: WARNING: the guest kernel reported a soft lockup (a livelock inside the guest's kernel); running the scenario once more"
+            );
+            attempt += 1;
+            continue;
+        }
+        break vm;
+    };
     let vm_secs = started.elapsed().as_secs_f64();
     assert!(
         vm.status.success(),
-        "the guest scenario failed:\n{}{}",
+        "the guest scenario failed (attempt {attempt}):\n{}{}",
         String::from_utf8_lossy(&vm.stdout),
         String::from_utf8_lossy(&vm.stderr)
     );
