@@ -210,7 +210,7 @@ fn span_point_state(plan: &PlanConfig, span: &Name) -> Result<(Vec<GroupRef>, St
         entry
             .members
             .iter()
-            .map(|m| format!("{}/{}@{}", m.host, m.group, m.marker))
+            .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join(" ")
     );

@@ -110,11 +110,7 @@ fn take(a: TakeArgs) -> Result<ExitCode> {
         if let Some(p) = record.points.iter().find(|p| p.point == point) {
             match p.outcome {
                 Outcome::Durable => {
-                    let members: Vec<String> = p
-                        .members
-                        .iter()
-                        .map(|m| format!("{}/{}@{}", m.host, m.group, m.marker))
-                        .collect();
+                    let members: Vec<String> = p.members.iter().map(ToString::to_string).collect();
                     println!("span point {point} ({}): {}", p.label, members.join(" "));
                     return Ok(ExitCode::SUCCESS);
                 }
@@ -242,7 +238,7 @@ pub(crate) fn list(data_dir: &Path, span: &Name, all: bool, json: bool) -> Resul
             None => p
                 .members
                 .iter()
-                .map(|m| format!("{}/{}@{}", m.host, m.group, m.marker))
+                .map(ToString::to_string)
                 .collect::<Vec<_>>()
                 .join(" "),
         };

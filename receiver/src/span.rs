@@ -85,6 +85,13 @@ pub struct MemberMarker {
     pub generation: u32,
 }
 
+impl std::fmt::Display for MemberMarker {
+    /// `HOST/GROUP@SEQ`, as listings show a span point's members.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}@{}", self.host, self.group, self.marker)
+    }
+}
+
 /// One round of the span.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PointEntry {
