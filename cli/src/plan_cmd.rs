@@ -96,17 +96,21 @@ pub(crate) fn run(cmd: PlanCommand) -> Result<ExitCode> {
     }
 }
 
+/// The `tidemark` subcommand that takes over in `mode`.
+fn takeover_verb(mode: Mode) -> &'static [&'static str] {
+    match mode {
+        Mode::Test => &["test-failover", "start"],
+        Mode::Planned | Mode::Unplanned => &["failover"],
+    }
+}
+
 /// The `tidemark` arguments that take over one group of `step` in `mode`
 /// (and start its VM if the step says so).
 fn group_command(plan: &PlanConfig, step: &PlanStep, mode: Mode, g: &GroupRef) -> Vec<OsString> {
     let mut argv: Vec<OsString> = Vec::new();
     let mut push = |s: &dyn AsRef<std::ffi::OsStr>| argv.push(s.as_ref().to_owned());
-    match mode {
-        Mode::Test => {
-            push(&"test-failover");
-            push(&"start");
-        }
-        Mode::Planned | Mode::Unplanned => push(&"failover"),
+    for word in takeover_verb(mode) {
+        push(word);
     }
     push(&"--data-dir");
     push(&plan.data_dir);
@@ -161,12 +165,8 @@ fn group_command(plan: &PlanConfig, step: &PlanStep, mode: Mode, g: &GroupRef) -
 fn span_command(plan: &PlanConfig, mode: Mode, span: &Name) -> Vec<OsString> {
     let mut argv: Vec<OsString> = Vec::new();
     let mut push = |s: &dyn AsRef<std::ffi::OsStr>| argv.push(s.as_ref().to_owned());
-    match mode {
-        Mode::Test => {
-            push(&"test-failover");
-            push(&"start");
-        }
-        Mode::Planned | Mode::Unplanned => push(&"failover"),
+    for word in takeover_verb(mode) {
+        push(word);
     }
     push(&"--data-dir");
     push(&plan.data_dir);
