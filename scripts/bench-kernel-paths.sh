@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Write performance of the kernel paths into a disk, side by side, in a
-# Debian 6.12 kernel under qemu (scripts/kernel-vm.sh; guest side:
+# Debian kernel under qemu (scripts/kernel-vm.sh; guest side:
 # scripts/vm-scenarios/bench-kernel-paths.sh):
 #   dm-linear  a plain device-mapper linear map over the disk
 #   nbd        the disk behind the tracker, attached as /dev/nbdN over

@@ -9,9 +9,10 @@
 #       nbd-client and the host tools copied into the guest (jq among them:
 #       scenarios read the CLI's --json). Idempotent.
 #   scripts/kernel-vm.sh kernel
-#       Downloads bookworm-backports' cloud kernel and unpacks it into the
-#       cache (${TIDEMARK_VM_CACHE:-target/kernel-vm}); prints its folder.
-#       Once cached, nothing is fetched again: delete the cache to update.
+#       Downloads trixie-backports' cloud kernel (TIDEMARK_VM_KERNEL_SUITE:
+#       another suite) and unpacks it into the cache
+#       (${TIDEMARK_VM_CACHE:-target/kernel-vm}); prints its folder. Once
+#       cached, nothing is fetched again: delete the cache to update.
 #   scripts/kernel-vm.sh run SCENARIO.sh [--bin PATH]... [--env NAME=VALUE]...
 #                                        [--timeout SECS] [--console FILE]
 #       Boots the kernel with an initramfs whose /init runs SCENARIO.sh (a
@@ -113,17 +114,47 @@ cmd_install() {
     fi
 }
 
-# The versioned kernel package behind backports' linux-image-cloud-amd64
-# (e.g. linux-image-6.12.43+deb12-cloud-amd64); the ABI number changes with
-# updates, so it is always looked up. Prints nothing unless backports has
-# it: with stale lists apt would answer with bookworm's 6.1 (no ublk).
+# The guest kernel comes from $kernel_suite (trixie-backports' cloud kernel
+# by default). bookworm-backports' 6.12 was used before; its ublk driver was
+# seen to oops (a NULL dereference in io_ring_exit_work) or livelock a
+# kworker when a ublk server exited with requests in flight, in 3 of 4 runs
+# of the ublk restart scenario under load. TIDEMARK_VM_KERNEL_SUITE picks
+# another suite of the same mirror.
+kernel_suite=${TIDEMARK_VM_KERNEL_SUITE:-trixie-backports}
+
+# apt with a source list, package lists and archives of its own under the
+# cache: the kernel's suite is never added to the host's sources, so nothing
+# the host installs can come from it.
+kernel_apt=()
+kernel_apt_setup() {
+    local dir=$cache/apt uri
+    uri=$(mirror_uri)
+    mkdir -p "$dir/lists/partial" "$dir/archives/partial"
+    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $uri $kernel_suite main" \
+        > "$dir/sources.list"
+    kernel_apt=(-o "Dir::Etc::SourceList=$dir/sources.list" -o Dir::Etc::SourceParts=/dev/null
+                -o "Dir::State::Lists=$dir/lists" -o "Dir::Cache=$dir"
+                -o APT::Get::List-Cleanup=0)
+    note "apt-get update ($kernel_suite, for the guest kernel)"
+    apt-get "${kernel_apt[@]}" update -qq >/dev/null ||
+        die "apt-get update of $kernel_suite failed"
+}
+
+# The versioned kernel package behind the suite's linux-image-cloud-amd64
+# (e.g. linux-image-7.3.4+deb13-cloud-amd64); the ABI number changes with
+# updates, so it is always looked up.
 kernel_package() {
-    local pkg
-    pkg=$(apt-cache -o "APT::Default-Release=$backports" depends linux-image-cloud-amd64 2>/dev/null |
-        awk '$1 == "Depends:" && $2 ~ /^linux-image-.*-cloud-amd64$/ { print $2; exit }')
-    if [ -n "$pkg" ] && apt-cache madison "$pkg" 2>/dev/null | grep -q " $backports/"; then
-        echo "$pkg"
-    fi
+    apt-cache "${kernel_apt[@]}" depends linux-image-cloud-amd64 2>/dev/null |
+        awk '$1 == "Depends:" && $2 ~ /^linux-image-.*-cloud-amd64$/ { print $2; exit }'
+}
+
+# The packages holding that kernel: the image itself and, in newer kernels,
+# the linux-binary-KVER (vmlinuz) and linux-modules-KVER it depends on.
+kernel_packages() {
+    local pkg=$1 kver=$2
+    echo "$pkg"
+    apt-cache "${kernel_apt[@]}" depends "$pkg" 2>/dev/null |
+        awk -v k="$kver" '$1 == "Depends:" && ($2 == "linux-binary-" k || $2 == "linux-modules-" k) { print $2 }'
 }
 
 # Prints the cached kernel folder (holding boot/vmlinuz-KVER and
@@ -133,37 +164,48 @@ cmd_kernel() {
     # One fetch at a time, when several test runs start together.
     exec 9>"$cache/.lock"
     flock 9
-    if [ -e "$cache/current/.complete" ]; then
+    if [ -e "$cache/current/.complete" ] &&
+        [ "$(cat "$cache/current/.suite" 2>/dev/null)" = "$kernel_suite" ]; then
         readlink -f "$cache/current"
         return 0
     fi
-    if add_backports_source; then apt_update; fi
+    kernel_apt_setup
     local pkg
     pkg=$(kernel_package)
-    if [ -z "$pkg" ]; then
-        apt_update
-        pkg=$(kernel_package)
-    fi
-    [ -n "$pkg" ] || die "cannot resolve linux-image-cloud-amd64 in $backports"
+    [ -n "$pkg" ] || die "cannot resolve linux-image-cloud-amd64 in $kernel_suite"
     local kver=${pkg#linux-image-}
-    note "fetching $pkg"
+    local pkgs
+    mapfile -t pkgs < <(kernel_packages "$pkg" "$kver")
+    note "fetching ${pkgs[*]}"
     local work
     work=$(mktemp -d "$cache/fetch.XXXXXX")
     # apt-get download runs as the _apt user where it can; let it write.
     chmod 0777 "$work"
-    (cd "$work" && apt-get download -qq "$pkg" >/dev/null 2>&1) ||
-        (cd "$work" && apt-get download "$pkg/$backports") ||
-        { rm -rf "$work"; die "apt-get download $pkg failed"; }
+    (cd "$work" && apt-get "${kernel_apt[@]}" download -qq "${pkgs[@]}" >/dev/null) ||
+        { rm -rf "$work"; die "apt-get download ${pkgs[*]} failed"; }
     mkdir "$work/root"
-    dpkg -x "$work"/"$pkg"_*.deb "$work/root"
+    local deb
+    for deb in "$work"/*.deb; do dpkg -x "$deb" "$work/root"; done
     rm -f "$work"/*.deb
-    [ -f "$work/root/boot/vmlinuz-$kver" ] || { rm -rf "$work"; die "$pkg has no boot/vmlinuz-$kver"; }
-    # Debian generates modules.dep at install time, which never happens here.
-    depmod -b "$work/root" "$kver"
-    touch "$work/root/.complete"
+    # One layout whatever the package's: boot/vmlinuz-KVER, lib/modules/KVER.
+    local r=$work/root
+    if [ ! -f "$r/boot/vmlinuz-$kver" ] && [ -f "$r/usr/lib/modules/$kver/vmlinuz" ]; then
+        mkdir -p "$r/boot" && mv "$r/usr/lib/modules/$kver/vmlinuz" "$r/boot/vmlinuz-$kver"
+    fi
+    if [ ! -d "$r/lib/modules/$kver" ] && [ -d "$r/usr/lib/modules/$kver" ]; then
+        rm -rf "$r/lib" && mkdir -p "$r/lib" && mv "$r/usr/lib/modules" "$r/lib/modules"
+    fi
+    [ -f "$r/boot/vmlinuz-$kver" ] || { rm -rf "$work"; die "${pkgs[*]}: no vmlinuz for $kver"; }
+    [ -d "$r/lib/modules/$kver/kernel" ] || { rm -rf "$work"; die "${pkgs[*]}: no modules for $kver"; }
+    # Debian generates modules.dep at install time, which never happens here
+    # (newer packages ship no modules.builtin: built-in modules then read as
+    # absent and are left out of the initramfs, which is harmless).
+    depmod -b "$r" "$kver" 2>/dev/null
+    echo "$kernel_suite" > "$r/.suite"
+    touch "$r/.complete"
     rm -rf "${cache:?}/$kver"
-    mv "$work/root" "$cache/$kver"
-    rmdir "$work"
+    mv "$r" "$cache/$kver"
+    rm -rf "$work"
     ln -sfn "$kver" "$cache/current"
     readlink -f "$cache/current"
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A whole Debian system under qemu (TCG): the kernel of scripts/kernel-vm.sh
-# (bookworm-backports' cloud kernel), a root file system made from a
+# (trixie-backports' cloud kernel), a root file system made from a
 # directory, and systemd as PID 1. For what only a real init shows: units
 # started and stopped by systemctl, their hardening, maintainer scripts
 # talking to a running systemd, udev's device names.

@@ -96,13 +96,15 @@ nbd-client -d "$dev" || fail "nbd-client -d failed"
 if [ $tracing -eq 1 ]; then
     echo 0 > "$trace/events/block/block_rq_issue/enable"
     # Fields after "block_rq_issue:": dev rwbs bytes ... rwbs is the op (R,
-    # W, D, F for a flush, N for others: write-zeroes here) with 'F' before
-    # it for a preflush and after it for FUA.
+    # W, D, F for a flush, WZ for a write-zeroes in newer kernels, N for
+    # others: write-zeroes before) with 'F' before it for a preflush and
+    # after it for FUA.
     awk '{
         for (i = 1; i <= NF && $i != "block_rq_issue:"; i++) ;
         if (i > NF) next
         rwbs = $(i + 2); bytes = $(i + 3)
-        if (rwbs ~ /W/) {
+        if (rwbs ~ /WZ/ || rwbs ~ /N/) { zeroes++; zbytes += bytes }
+        else if (rwbs ~ /W/) {
             writes++; wbytes += bytes
             if (rwbs ~ /W[A-Z]*F/) fua++
             if (rwbs ~ /^F/) preflush++
@@ -114,7 +116,6 @@ if [ $tracing -eq 1 ]; then
             else sbig++
         } else if (rwbs ~ /R/) reads++
         else if (rwbs ~ /D/) discards++
-        else if (rwbs ~ /N/) { zeroes++; zbytes += bytes }
         else if (rwbs ~ /^F/) flushes++
     } END {
         printf "TIDEMARK-VM-INFO guest-requests writes=%d fua-writes=%d preflush-writes=%d flushes=%d write-zeroes=%d discards=%d reads=%d write-bytes=%d max-write=%d write-zeroes-bytes=%d\n",
