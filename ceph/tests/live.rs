@@ -1,0 +1,209 @@
+//! Against a real cluster (the testbed, started once for this binary, or the
+//! one `CEPH_CONF` names): the shared behaviour tests (`behaviour/`), and
+//! every hand-declared C function called at least once, which guards the
+//! declarations in `src/ffi.rs` against drift. Each test works in its own
+//! RADOS and RBD namespace.
+//!
+//! Without Ceph installed the tests skip with a message; under `CI` they
+//! fail instead (CI installs ceph-mon, ceph-osd and ceph-common).
+
+mod behaviour;
+
+use behaviour::Harness;
+use std::time::{Duration, Instant};
+use tidemark_ceph::rados::{self, ClusterOptions, ConnectOptions, Rados};
+use tidemark_ceph::rbd::{self, Image};
+use tidemark_ceph::{testbed, CephError, Cluster, Pending, RadosCluster, WriteOp};
+
+/// The shared cluster, or `None` (after saying why) when the test must skip.
+fn cluster() -> Option<&'static testbed::Testbed> {
+    match testbed::shared() {
+        Ok(Some(tb)) => Some(tb),
+        Ok(None) if std::env::var_os("CI").is_some() => {
+            panic!("ceph-mon is not installed, and CI must run the Ceph tests (scripts/test.sh installs it)")
+        }
+        Ok(None) => {
+            eprintln!("skipping: Ceph is not installed (apt-get install ceph-mon ceph-osd ceph-common) and CEPH_CONF is not set");
+            None
+        }
+        Err(e) => panic!("cannot start the Ceph testbed: {e}"),
+    }
+}
+
+fn connect(tb: &testbed::Testbed, namespace: &str) -> RadosCluster {
+    RadosCluster::connect(&ClusterOptions {
+        connect: ConnectOptions {
+            conf: &tb.conf,
+            user: "client.admin",
+            op_timeout: Duration::from_secs(30),
+            settings: &[],
+        },
+        pool: &tb.pool,
+        namespace,
+    })
+    .unwrap_or_else(|e| panic!("connect: {e}"))
+}
+
+struct Live {
+    tb: &'static testbed::Testbed,
+    namespace: String,
+}
+
+impl Live {
+    fn new(test: &str) -> Option<Live> {
+        let tb = cluster()?;
+        // A namespace per test and process: tests share the cluster.
+        let namespace = format!("{test}-{}", std::process::id());
+        Some(Live { tb, namespace })
+    }
+}
+
+impl Harness for Live {
+    type C = RadosCluster;
+
+    fn client(&self) -> RadosCluster {
+        connect(self.tb, &self.namespace)
+    }
+
+    fn wait_past(&self, d: Duration) {
+        std::thread::sleep(d + Duration::from_millis(300));
+    }
+
+    fn lease(&self) -> Duration {
+        Duration::from_secs(2)
+    }
+}
+
+#[test]
+fn write_ops() {
+    let Some(h) = Live::new("write-ops") else {
+        return;
+    };
+    behaviour::write_ops(&h);
+}
+
+#[test]
+fn locks() {
+    let Some(h) = Live::new("locks") else { return };
+    behaviour::locks(&h);
+}
+
+#[test]
+fn blocklist() {
+    let Some(h) = Live::new("blocklist") else {
+        return;
+    };
+    behaviour::blocklist(&h);
+}
+
+#[test]
+fn images() {
+    let Some(h) = Live::new("images") else { return };
+    behaviour::images(&h);
+}
+
+/// The calls the behaviour tests do not reach through the `Cluster` seam.
+#[test]
+fn every_declared_function() {
+    let Some(tb) = cluster() else { return };
+    assert_eq!(rados::version().0, 3);
+    assert_eq!(rbd::version().0, 1);
+    let namespace = format!("ffi-{}", std::process::id());
+    let c = connect(tb, &namespace);
+    let r: &Rados = c.rados();
+    assert!(r.instance_id() > 0);
+    let addrs = r.addrs().unwrap();
+    assert!(addrs.contains('/'), "{addrs}");
+
+    // Namespaces (RadosCluster::connect created ours).
+    let root = r.ioctx(&tb.pool, "").unwrap();
+    assert!(rbd::namespace_exists(&root, &namespace).unwrap());
+    assert!(!rbd::namespace_exists(&root, "never-made").unwrap());
+    assert!(matches!(
+        rbd::namespace_create(&root, &namespace),
+        Err(CephError::Exists { .. })
+    ));
+
+    // Plain object calls.
+    let io = c.ioctx();
+    io.aio_write("plain", 0, b"abcdefgh".to_vec())
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(
+        io.aio_read("plain", 2, 100).unwrap().wait().unwrap(),
+        b"cdefgh"
+    );
+    io.trunc("plain", 3).unwrap();
+    assert_eq!(io.stat("plain").unwrap(), 3);
+    io.remove("plain").unwrap();
+    assert!(io.stat("plain").unwrap_err().is_not_found());
+    assert!(matches!(io.read("a\0b", 0, 1), Err(CephError::Nul { .. })));
+
+    // Images: resize, async read/zero/flush, lock release, snapshots.
+    rbd::create(io, "img", 1 << 20, rbd::BASE_FEATURES).unwrap();
+    let img = Image::open(io, "img").unwrap();
+    img.resize(2 << 20).unwrap();
+    assert_eq!(img.size().unwrap(), 2 << 20);
+    img.aio_write((1 << 20) - 4, vec![3; 8])
+        .unwrap()
+        .wait()
+        .unwrap();
+    img.aio_write_zeroes(1 << 20, 2).unwrap().wait().unwrap();
+    img.aio_flush().unwrap().wait().unwrap();
+    assert_eq!(
+        img.aio_read((1 << 20) - 4, 8).unwrap().wait_read().unwrap(),
+        [3, 3, 3, 3, 0, 0, 3, 3]
+    );
+    img.lock_acquire().unwrap();
+    assert_eq!(img.lock_owners().unwrap().len(), 1);
+    img.lock_release().unwrap();
+    img.snap_create("s1").unwrap();
+    img.snap_protect("s1").unwrap();
+    assert!(
+        img.snap_remove("s1").is_err(),
+        "a protected snapshot cannot be removed"
+    );
+    img.snap_unprotect("s1").unwrap();
+    img.snap_remove("s1").unwrap();
+    drop(img);
+    rbd::remove(io, "img").unwrap();
+}
+
+/// Loose timings of the calls the store's hot paths make (printed, not
+/// asserted: the machine is shared).
+#[test]
+fn timings() {
+    let Some(tb) = cluster() else { return };
+    let c = connect(tb, &format!("timings-{}", std::process::id()));
+    let start = Instant::now();
+    for i in 0..50u32 {
+        c.operate(
+            "st",
+            &WriteOp::new()
+                .write_full(&[1; 200])
+                .set_xattr("commit", format!("{i:016x}").as_bytes()),
+        )
+        .unwrap();
+    }
+    eprintln!(
+        "small state write op: {:.2} ms",
+        start.elapsed().as_secs_f64() * 1000.0 / 50.0
+    );
+    let chunk = vec![7u8; 4 << 20];
+    let start = Instant::now();
+    let pending: Vec<_> = (0..8u64)
+        .map(|i| {
+            c.ioctx()
+                .aio_write("seg", i * (4 << 20), chunk.clone())
+                .unwrap()
+        })
+        .collect();
+    for p in pending {
+        p.wait().unwrap();
+    }
+    eprintln!(
+        "8 x 4 MiB rados_aio_write: {:.0} MiB/s",
+        32.0 / start.elapsed().as_secs_f64()
+    );
+}
