@@ -47,6 +47,9 @@ pub struct Testbed {
     pub conf: PathBuf,
     /// The pool initialised for RBD.
     pub pool: String,
+    /// The directory of a cluster this process started (`None` for one
+    /// named by `CEPH_CONF`): its daemons' pid files are in `DIR/run/`.
+    pub dir: Option<PathBuf>,
 }
 
 /// Whether Ceph's daemons are installed (`ceph-mon` on `PATH`).
@@ -68,6 +71,7 @@ fn start() -> Result<Option<Testbed>, TestbedError> {
         return Ok(Some(Testbed {
             conf: conf.into(),
             pool,
+            dir: None,
         }));
     }
     if !installed() {
@@ -121,5 +125,6 @@ fn start() -> Result<Option<Testbed>, TestbedError> {
     Ok(Some(Testbed {
         conf: conf.into(),
         pool,
+        dir: Some(dir),
     }))
 }
