@@ -12,8 +12,11 @@
 //! - A [`WriteOp`] on one object is all-or-nothing and durable when
 //!   [`Cluster::operate`] returns; its steps run in order and the first one
 //!   that fails drops the whole operation.
-//! - [`WriteStep::CmpXattr`] passes iff `value OP stored`; a missing
-//!   attribute fails it ([`CephError::Canceled`]).
+//! - [`WriteStep::CmpXattr`] passes iff `value OP stored`, `stored` being
+//!   the value before the operation; a missing attribute compares as the
+//!   empty value (an `Eq` guard on it fails with [`CephError::Canceled`]).
+//! - [`Cluster::xattrs`] also lists the lock class's own `lock.NAME`
+//!   attributes: keep other attribute names out of `lock.`.
 //! - Locks expire; renewing with [`Renew::Must`] an expired lock is
 //!   [`CephError::NotFound`] even if nobody took it; locking a missing object
 //!   creates it empty.
@@ -62,7 +65,8 @@ impl CmpOp {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteStep {
     /// Fail the operation ([`CephError::Busy`]) unless this client holds the
-    /// exclusive lock `name` with `cookie` on the object, unexpired.
+    /// exclusive lock `name` with `cookie` on the object, unexpired (a
+    /// missing object: [`CephError::NotFound`]).
     AssertLocked {
         /// Lock name.
         name: String,
@@ -70,7 +74,10 @@ pub enum WriteStep {
         cookie: String,
     },
     /// Fail the operation ([`CephError::Canceled`]) unless `value OP stored`
-    /// for the attribute `name` (missing attribute: fail).
+    /// for the attribute `name` (a missing attribute is the empty value, so
+    /// `Eq` fails on it and `Ne`/`Gt` pass). `stored` is the
+    /// value before this operation: earlier steps of the same operation do
+    /// not count; a missing object fails it with [`CephError::NotFound`].
     CmpXattr {
         /// Attribute name.
         name: String,
@@ -96,12 +103,14 @@ pub enum WriteStep {
         /// The new data.
         data: Vec<u8>,
     },
-    /// Set the object's size (creating it).
+    /// Set the object's size (a missing object stays missing).
     Truncate {
         /// New size.
         size: u64,
     },
-    /// Zero a range (within the object's size; a missing object stays missing).
+    /// Zero a range inside the object; a range reaching the object's end
+    /// truncates the object at `offset` instead (the OSD's rule); a missing
+    /// object stays missing.
     Zero {
         /// Byte offset.
         offset: u64,
@@ -116,13 +125,15 @@ pub enum WriteStep {
         value: Vec<u8>,
     },
     /// Remove the object (fail with [`CephError::NotFound`] if missing).
+    /// Only as an operation's last step: what the OSD makes of steps after
+    /// a remove in the same operation is not part of the seam.
     Remove,
     /// Set omap keys.
     OmapSet {
         /// Keys and values.
         entries: Vec<(String, Vec<u8>)>,
     },
-    /// Remove omap keys (missing keys are fine).
+    /// Remove omap keys (missing keys are fine; a missing object is [`CephError::NotFound`]).
     OmapRm {
         /// Keys.
         keys: Vec<String>,

@@ -213,11 +213,15 @@ impl SimCluster {
     fn apply(&self, world: &mut World, oid: &str, op: &WriteOp) -> Result<(), CephError> {
         const OP: &str = "rados_write_op_operate";
         let key = self.key(oid);
-        let mut obj = world.objects.get(&key).cloned();
+        // Guards read the object as stored before the operation (the OSD
+        // reads attributes from the committed object, not from the steps
+        // before them); data steps see the steps before them.
+        let stored = world.objects.get(&key);
+        let mut obj = stored.cloned();
         for step in &op.steps {
             match step {
                 WriteStep::AssertLocked { name, cookie } => {
-                    let current = obj.as_ref().ok_or(CephError::NotFound { op: OP })?;
+                    let current = stored.ok_or(CephError::NotFound { op: OP })?;
                     let ours = world
                         .locks_of(current, name)
                         .iter()
@@ -231,10 +235,11 @@ impl SimCluster {
                     op: cmp,
                     value,
                 } => {
-                    let current = obj.as_ref().ok_or(CephError::NotFound { op: OP })?;
-                    match current.xattrs.get(name) {
-                        Some(stored) if cmp.holds(value, stored) => {}
-                        _ => return Err(CephError::Canceled { op: OP }),
+                    let current = stored.ok_or(CephError::NotFound { op: OP })?;
+                    // A missing attribute compares as the empty value.
+                    let stored_value = current.xattrs.get(name).map_or(&[][..], Vec::as_slice);
+                    if !cmp.holds(value, stored_value) {
+                        return Err(CephError::Canceled { op: OP });
                     }
                 }
                 WriteStep::Create { exclusive } => {
@@ -258,16 +263,24 @@ impl SimCluster {
                     obj.get_or_insert_with(Object::default).data = data.clone()
                 }
                 WriteStep::Truncate { size } => {
-                    obj.get_or_insert_with(Object::default)
-                        .data
-                        .resize(to_usize(*size)?, 0);
+                    // Truncating a missing object is a no-op; it is not created.
+                    if let Some(o) = obj.as_mut() {
+                        o.data.resize(to_usize(*size)?, 0);
+                    }
                 }
                 WriteStep::Zero { offset, len } => {
+                    // The OSD zeroes inside the object; a range reaching its
+                    // end truncates it at `offset` instead; past the end, or
+                    // on a missing object, nothing happens.
                     if let Some(o) = obj.as_mut() {
                         let size = o.data.len() as u64;
-                        let start = (*offset).min(size);
-                        let end = offset.saturating_add(*len).min(size);
-                        o.data[to_usize(start)?..to_usize(end)?].fill(0);
+                        let end = offset.saturating_add(*len);
+                        if *offset >= size {
+                        } else if end >= size {
+                            o.data.truncate(to_usize(*offset)?);
+                        } else {
+                            o.data[to_usize(*offset)?..to_usize(end)?].fill(0);
+                        }
                     }
                 }
                 WriteStep::SetXattr { name, value } => {
@@ -285,10 +298,9 @@ impl SimCluster {
                     o.omap.extend(entries.iter().cloned());
                 }
                 WriteStep::OmapRm { keys } => {
-                    if let Some(o) = obj.as_mut() {
-                        for k in keys {
-                            o.omap.remove(k);
-                        }
+                    let o = obj.as_mut().ok_or(CephError::NotFound { op: OP })?;
+                    for k in keys {
+                        o.omap.remove(k);
                     }
                 }
             }

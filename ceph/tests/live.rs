@@ -10,10 +10,15 @@
 mod behaviour;
 
 use behaviour::Harness;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use std::time::{Duration, Instant};
 use tidemark_ceph::rados::{self, ClusterOptions, ConnectOptions, Rados};
 use tidemark_ceph::rbd::{self, Image};
-use tidemark_ceph::{testbed, CephError, Cluster, Pending, RadosCluster, WriteOp};
+use tidemark_ceph::{
+    testbed, CephError, Cluster, CmpOp, LockRequest, Pending, RadosCluster, Renew, SimWorld,
+    WriteOp, WriteStep,
+};
 
 /// The shared cluster, or `None` (after saying why) when the test must skip.
 fn cluster() -> Option<&'static testbed::Testbed> {
@@ -206,4 +211,142 @@ fn timings() {
         "8 x 4 MiB rados_aio_write: {:.0} MiB/s",
         32.0 / start.elapsed().as_secs_f64()
     );
+}
+
+/// One random step of the differential test: small names, values and
+/// ranges, so that steps collide on the same bytes and attributes.
+fn random_step(rng: &mut StdRng) -> WriteStep {
+    let value = |rng: &mut StdRng| format!("0{}", rng.random_range(1..4)).into_bytes();
+    let name = |rng: &mut StdRng| ["a", "b"][rng.random_range(0..2)].to_owned();
+    let bytes = |rng: &mut StdRng, n: usize| {
+        (0..n)
+            .map(|_| rng.random_range(b'a'..=b'z'))
+            .collect::<Vec<u8>>()
+    };
+    match rng.random_range(0..12) {
+        0 => WriteStep::AssertLocked {
+            name: "tidemark".into(),
+            cookie: ["c", "other"][rng.random_range(0..2)].into(),
+        },
+        1 | 2 => {
+            let op = [CmpOp::Eq, CmpOp::Ne, CmpOp::Gt, CmpOp::Lt][rng.random_range(0..4)];
+            WriteStep::CmpXattr {
+                name: name(rng),
+                op,
+                value: value(rng),
+            }
+        }
+        3 => WriteStep::Create {
+            exclusive: rng.random(),
+        },
+        4 | 5 => {
+            let n = rng.random_range(1..8);
+            WriteStep::Write {
+                offset: rng.random_range(0..16),
+                data: bytes(rng, n),
+            }
+        }
+        6 => {
+            let n = rng.random_range(0..8);
+            WriteStep::WriteFull {
+                data: bytes(rng, n),
+            }
+        }
+        7 => WriteStep::Truncate {
+            size: rng.random_range(0..20),
+        },
+        8 => WriteStep::Zero {
+            offset: rng.random_range(0..20),
+            len: rng.random_range(1..10),
+        },
+        9 => WriteStep::SetXattr {
+            name: name(rng),
+            value: value(rng),
+        },
+        10 => WriteStep::Remove,
+        _ if rng.random() => WriteStep::OmapSet {
+            entries: vec![(format!("k{}", rng.random_range(0..3)), value(rng))],
+        },
+        _ => WriteStep::OmapRm {
+            keys: vec![format!("k{}", rng.random_range(0..3))],
+        },
+    }
+}
+
+/// Size, data, user xattrs and omap of one object.
+type Observed = (u64, Vec<u8>, Vec<(String, Vec<u8>)>, Vec<(String, Vec<u8>)>);
+
+/// What a client can observe of one object: size, data, user xattrs (the
+/// lock class keeps its own `lock.*` attributes, which are not compared),
+/// omap; or the errno reading it failed with.
+fn observe(c: &impl Cluster, oid: &str) -> Result<Observed, i32> {
+    let size = c.stat(oid).map_err(|e| e.errno())?;
+    let data = c.read(oid, 0, 64).map_err(|e| e.errno())?;
+    let xattrs = c
+        .xattrs(oid)
+        .map_err(|e| e.errno())?
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("lock."))
+        .collect();
+    let omap = c.omap(oid, None, 100).map_err(|e| e.errno())?.entries;
+    Ok((size, data, xattrs, omap))
+}
+
+/// The simulation against the real cluster on random compound writes: the
+/// same outcome (success or errno) for every operation and the same
+/// observable objects after it. This is what keeps crash tests run on the
+/// simulation meaningful for the real store.
+#[test]
+fn the_simulation_matches_the_cluster_on_random_write_ops() {
+    let Some(tb) = cluster() else { return };
+    let seed = std::env::var("CEPH_DIFF_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(19);
+    let real = connect(tb, &format!("diff-{}", std::process::id()));
+    let sim = SimWorld::new().client("diff");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let objects = ["o0", "o1"];
+    for c in [&real as &dyn LockOnly, &sim] {
+        c.take("o0");
+    }
+    for i in 0..300 {
+        let oid = objects[rng.random_range(0..objects.len())];
+        let n = rng.random_range(1..5);
+        let mut steps: Vec<_> = (0..n).map(|_| random_step(&mut rng)).collect();
+        // A remove ends an operation (the seam's rule).
+        if let Some(at) = steps.iter().position(|s| *s == WriteStep::Remove) {
+            steps.truncate(at + 1);
+        }
+        let op = WriteOp { steps };
+        let want = sim.operate(oid, &op).map_err(|e| e.errno());
+        let got = real.operate(oid, &op).map_err(|e| e.errno());
+        assert_eq!(
+            got, want,
+            "seed {seed}, op {i} on {oid}: {op:?} (left: cluster, right: simulation)"
+        );
+        assert_eq!(
+            observe(&real, oid),
+            observe(&sim, oid),
+            "seed {seed}, after op {i} on {oid}: {op:?}"
+        );
+    }
+}
+
+/// Takes the lock the random `AssertLocked` steps name, on either cluster.
+trait LockOnly {
+    fn take(&self, oid: &str);
+}
+
+impl<C: Cluster> LockOnly for C {
+    fn take(&self, oid: &str) {
+        let lock = LockRequest {
+            name: "tidemark",
+            cookie: "c",
+            desc: "",
+            duration: Duration::ZERO,
+            renew: Renew::No,
+        };
+        self.lock_exclusive(oid, &lock).unwrap();
+    }
 }

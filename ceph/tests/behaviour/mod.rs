@@ -85,12 +85,45 @@ pub(crate) fn write_ops<H: Harness>(h: &H) {
             );
         }
     }
-    // A missing attribute fails the guard.
+    // A missing attribute compares as the empty value: Eq fails, Gt passes.
     assert_err(
         c.operate("st", &WriteOp::new().cmp_xattr("nope", CmpOp::Eq, b"0")),
         |e| matches!(e, CephError::Canceled { .. }),
-        "guard on a missing xattr",
+        "Eq guard on a missing xattr",
     );
+    c.operate("st", &WriteOp::new().cmp_xattr("nope", CmpOp::Gt, b"0"))
+        .unwrap();
+    // A guard on a missing object: not found.
+    assert_err(
+        c.operate(
+            "none",
+            &WriteOp::new()
+                .set_xattr("v", b"1")
+                .cmp_xattr("v", CmpOp::Eq, b"1"),
+        ),
+        CephError::is_not_found,
+        "guard on a missing object",
+    );
+    // A guard compares with the value stored before the operation, not
+    // with what earlier steps of the same operation set.
+    assert_err(
+        c.operate(
+            "st",
+            &WriteOp::new()
+                .set_xattr("v", b"0006")
+                .cmp_xattr("v", CmpOp::Eq, b"0006"),
+        ),
+        |e| matches!(e, CephError::Canceled { .. }),
+        "guard after a set in the same op",
+    );
+    c.operate(
+        "st",
+        &WriteOp::new()
+            .set_xattr("v", b"0006")
+            .cmp_xattr("v", CmpOp::Eq, b"0005")
+            .set_xattr("v", b"0005"),
+    )
+    .unwrap();
     // A failed guard anywhere drops every step.
     let r = c.operate(
         "st",
@@ -132,8 +165,13 @@ pub(crate) fn write_ops<H: Harness>(h: &H) {
     assert_eq!(c.stat("seg").unwrap(), 11);
     assert_eq!(c.read("seg", 0, 16).unwrap(), b"h\0\0Y\0\0\0\0\0\0z");
     assert_eq!(c.read("seg", 9, 16).unwrap(), b"\0z");
-    // Zeroing a missing object does not create it.
-    c.operate("ghost", &WriteOp::new().zero(0, 10)).unwrap();
+    // Zeroing a range that reaches the end truncates the object there.
+    c.operate("seg", &WriteOp::new().zero(9, 100)).unwrap();
+    assert_eq!(c.stat("seg").unwrap(), 9);
+    c.operate("seg", &WriteOp::new().write(10, b"z")).unwrap();
+    // Zeroing or truncating a missing object does not create it.
+    c.operate("ghost", &WriteOp::new().zero(0, 10).truncate(5))
+        .unwrap();
     assert_err(
         c.stat("ghost"),
         CephError::is_not_found,
