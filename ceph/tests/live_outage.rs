@@ -13,13 +13,31 @@ use tidemark_ceph::{testbed, CephError, Cluster, RadosCluster, WriteOp};
 struct Frozen(String);
 
 impl Frozen {
+    /// Stops the process and waits until every one of its threads is
+    /// stopped (the signal reaches a busy thread only when it is next
+    /// scheduled).
     fn freeze(pid: &str) -> Frozen {
         assert!(Command::new("kill")
             .args(["-STOP", pid])
             .status()
             .unwrap()
             .success());
-        Frozen(pid.to_owned())
+        let frozen = Frozen(pid.to_owned());
+        let stopped = || {
+            let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+            tasks.flatten().all(|t| {
+                let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+                // The state follows the command name in parentheses.
+                stat.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('T'))
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !stopped() {
+            assert!(Instant::now() < deadline, "the OSD did not stop");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        frozen
     }
 }
 
@@ -59,6 +77,9 @@ fn an_unanswering_osd_times_out_and_the_client_recovers() {
     .unwrap();
     c.operate("o", &WriteOp::new().write_full(b"before"))
         .unwrap();
+    c.image_create("img", 1 << 20).unwrap();
+    let image = c.image_open("img").unwrap();
+    image.write(0, &[1; 4096]).unwrap();
     let pid = std::fs::read_to_string(dir.join("run/osd.0.pid")).unwrap();
     let frozen = Frozen::freeze(pid.trim());
     let start = Instant::now();
@@ -80,7 +101,26 @@ fn an_unanswering_osd_times_out_and_the_client_recovers() {
         waited >= Duration::from_millis(1500) && waited < Duration::from_secs(20),
         "{waited:?}"
     );
+    // RBD I/O goes through the same client, so the same timeout applies.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let writer = std::thread::spawn(move || {
+        let start = Instant::now();
+        let result = image.write(0, &[1; 4096]);
+        let _ = tx.send((result, start.elapsed()));
+        image
+    });
+    let (result, image_waited) = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("an RBD write blocked past the op timeout");
+    assert!(
+        matches!(result, Err(CephError::TimedOut { .. })),
+        "{result:?}"
+    );
     drop(frozen);
+    let image = writer.join().unwrap();
+    image.write(0, &[2; 4096]).unwrap();
+    image.flush().unwrap();
+    eprintln!("rbd write timed out after {image_waited:?}");
     // The same client works again; the timed-out write may or may not have
     // been applied (a timed-out op can still land), so only a new write is checked.
     c.operate("o", &WriteOp::new().write_full(b"after"))
