@@ -26,6 +26,21 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     }
 fi
 
+# The Ceph store's tests start a throwaway cluster (scripts/ceph-testbed.sh:
+# mon + OSD, no systemd); the bindings link librados2/librbd1 (pulled in by
+# ceph-common), no -dev packages.
+need_ceph=()
+for pair in "ceph-mon:ceph-mon" "ceph-osd:ceph-osd" "ceph:ceph-common"; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || need_ceph+=("${pair#*:}")
+done
+if [ ${#need_ceph[@]} -gt 0 ]; then
+    echo "==> installing ${need_ceph[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends "${need_ceph[@]}" >/dev/null 2>&1 || {
+        apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need_ceph[@]}" >/dev/null
+    }
+fi
+
 # The kernel tests boot a Debian kernel under qemu (bookworm-backports'
 # qemu-system-x86, busybox-static, kmod, nbd-client); the kernel itself is
 # fetched (and cached under target/) on first use.
@@ -40,6 +55,11 @@ done
 
 echo "==> cargo test --workspace"
 cargo test --workspace --all-targets --no-fail-fast
+
+# The Ceph bindings are behind a feature (a default build links no Ceph):
+# their tests against the real cluster run here.
+echo "==> cargo test -p tidemark-ceph --features librados"
+cargo test -p tidemark-ceph --features librados --all-targets --no-fail-fast
 
 # Every decoder, fuzzed for a bounded time (installs cargo-fuzz once).
 echo "==> scripts/fuzz.sh"
