@@ -188,6 +188,7 @@ impl Sim {
                 Link::Up {
                     rtt: *d * 2,
                     holds: true,
+                    quiesce: true,
                 },
                 now,
             );
@@ -294,6 +295,7 @@ impl Sim {
                         Link::Up {
                             rtt: self.delay[m] * 2,
                             holds: true,
+                            quiesce: true,
                         },
                         now,
                     );
@@ -313,6 +315,7 @@ impl Sim {
                     Link::Up {
                         rtt: self.delay[m] * 2,
                         holds: true,
+                        quiesce: true,
                     },
                     now,
                 );
@@ -481,7 +484,7 @@ impl Sim {
                 self.saved = saved;
                 self.coordinator.handle_saved(saved, now);
             }
-            SpanEvent::Committed { point, markers } => {
+            SpanEvent::Committed { point, markers, .. } => {
                 self.committed += 1;
                 self.check_round_time(point);
                 let epoch = self.coordinator.epoch();
