@@ -128,7 +128,7 @@ fn take(a: TakeArgs) -> Result<ExitCode> {
                         "crash-consistent"
                     };
                     println!(
-                        "span point {point} ({}, {kind}): {}",
+                        "span point {point} ({}): {} [{kind}]",
                         p.label,
                         members.join(" ")
                     );

@@ -885,7 +885,10 @@ fn an_app_consistent_span_point_quiesces_every_member_around_its_marker() {
     };
 
     let taken = take("quiesced");
-    assert!(taken.contains("(quiesced, app-consistent)"), "{taken}");
+    assert!(
+        taken.contains("(quiesced): ") && taken.contains("[app-consistent]"),
+        "{taken}"
+    );
     let entry = record(&data)
         .points
         .into_iter()
@@ -948,7 +951,7 @@ fn an_app_consistent_span_point_quiesces_every_member_around_its_marker() {
     std::fs::write(&members[1].2, b"").unwrap();
     let taken = take("not-quiesced");
     assert!(
-        taken.contains("(not-quiesced, crash-consistent)"),
+        taken.contains("(not-quiesced): ") && taken.contains("[crash-consistent]"),
         "{taken}"
     );
     assert!(
