@@ -40,6 +40,12 @@ pub(crate) struct TakeArgs {
     /// The label of the members' markers (default `span-SPAN-POINT`).
     #[arg(long)]
     label: Option<String>,
+    /// Quiesce every member first (its `[tracker.app-consistent]` hooks,
+    /// freeze and guest agent), then hold, release and thaw: an
+    /// application-consistent span point. A member that cannot quiesce
+    /// makes it crash-consistent, and the answer says which and why.
+    #[arg(long)]
+    app_consistent: bool,
     /// How long to wait for the point.
     #[arg(long, default_value = "2m", value_parser = tidemark_config::parse_duration)]
     timeout: std::time::Duration,
@@ -81,7 +87,12 @@ fn take(a: TakeArgs) -> Result<ExitCode> {
         }
     };
     let label = Label::new(label).context("the label")?;
-    span_take::write_request(dir.path(), &TakeRequest { id, label })
+    let request = TakeRequest {
+        id,
+        label,
+        app_consistent: a.app_consistent,
+    };
+    span_take::write_request(dir.path(), &request)
         .with_context(|| format!("asking for a point of span {}", a.span))?;
     let deadline = Instant::now() + a.timeout;
     let wait = |what: &str| -> Result<()> {
@@ -111,7 +122,19 @@ fn take(a: TakeArgs) -> Result<ExitCode> {
             match p.outcome {
                 Outcome::Durable => {
                     let members: Vec<String> = p.members.iter().map(ToString::to_string).collect();
-                    println!("span point {point} ({}): {}", p.label, members.join(" "));
+                    let kind = if p.app_consistent {
+                        "app-consistent"
+                    } else {
+                        "crash-consistent"
+                    };
+                    println!(
+                        "span point {point} ({}): {} [{kind}]",
+                        p.label,
+                        members.join(" ")
+                    );
+                    if let Some(why) = &p.reason {
+                        eprintln!("span point {point} is {why}");
+                    }
                     return Ok(ExitCode::SUCCESS);
                 }
                 Outcome::Aborted => {
@@ -233,14 +256,18 @@ pub(crate) fn list(data_dir: &Path, span: &Name, all: bool, json: bool) -> Resul
         } else {
             "crash-consistent"
         };
-        let detail = match p.reason.clone().or_else(|| lost(p)) {
-            Some(reason) => reason,
-            None => p
-                .members
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(" "),
+        let members = p
+            .members
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" ");
+        let detail = match (p.outcome, p.reason.clone().or_else(|| lost(p))) {
+            (Outcome::Aborted, Some(reason)) => reason,
+            // A point asked for app-consistent that is crash-consistent:
+            // its members, and why.
+            (_, Some(reason)) => format!("{members} ({reason})"),
+            (_, None) => members,
         };
         println!(
             "{:>8}  {:<24}  {:>6}  {:<10}  {:<15}  {detail}",

@@ -145,15 +145,7 @@ fn scheduled_marks(path: &Path, control: PathBuf) -> Result<Option<impl FnOnce()
     let Some(every) = table.schedule else {
         return Ok(None);
     };
-    let quiesce = Quiesce {
-        freeze: table.freeze,
-        pre_hooks: table.pre_hooks,
-        post_hooks: table.post_hooks,
-        timeout: table.timeout.get(),
-        guest_agent: table
-            .guest_agent
-            .map(tidemark_tracker::quiesce::GuestAgentSettings::new),
-    };
+    let quiesce = quiesce_of(&table);
     Ok(Some(move || {
         std::thread::spawn(move || loop {
             std::thread::sleep(every.get());
@@ -176,6 +168,21 @@ fn scheduled_marks(path: &Path, control: PathBuf) -> Result<Option<impl FnOnce()
             }
         });
     }))
+}
+
+/// What `[tracker.app-consistent]` quiesces (for `mark --app-consistent`,
+/// the schedule and application-consistent span points alike).
+fn quiesce_of(table: &tidemark_config::AppConsistentConfig) -> Quiesce {
+    Quiesce {
+        freeze: table.freeze.clone(),
+        pre_hooks: table.pre_hooks.clone(),
+        post_hooks: table.post_hooks.clone(),
+        timeout: table.timeout.get(),
+        guest_agent: table
+            .guest_agent
+            .clone()
+            .map(tidemark_tracker::quiesce::GuestAgentSettings::new),
+    }
 }
 
 fn settings_from_config(path: &Path) -> Result<TrackerSettings> {
@@ -228,6 +235,7 @@ fn settings_from_config(path: &Path) -> Result<TrackerSettings> {
             user_copy: u.user_copy,
             keep_device: u.keep_device,
         }),
+        app_consistent: Some(quiesce_of(&t.app_consistent)),
     })
 }
 
@@ -309,6 +317,7 @@ fn settings_from_flags(a: &ServeArgs) -> Result<TrackerSettings> {
         resync_all: false,
         attach: None,
         ublk: None,
+        app_consistent: None,
     })
 }
 

@@ -101,6 +101,14 @@ pub struct SpanEntry {
     /// Default: `"1m"`.
     #[serde(default = "SpanEntry::default_target")]
     pub target: Duration,
+    /// Make a scheduled span point application-consistent this often,
+    /// e.g. `"1h"`: every member quiesces first (its
+    /// `[tracker.app-consistent]` hooks, freeze and guest agent), then the
+    /// hold runs, then every member thaws. At least `interval`. Default:
+    /// not set (application-consistent span points only on demand, `tidemark
+    /// span take --app-consistent`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_consistent_every: Option<Duration>,
 }
 
 impl SpanEntry {
@@ -356,6 +364,17 @@ impl ReceiverConfig {
                     here.key("interval"),
                     "interval must be more than zero".to_owned(),
                 ));
+            }
+            if let Some(every) = &span.app_consistent_every {
+                if every.get() < span.interval.get() {
+                    return Err(invalid(
+                        here.key("app-consistent-every"),
+                        format!(
+                            "app-consistent-every {every} is shorter than the interval {}",
+                            span.interval
+                        ),
+                    ));
+                }
             }
             if span.target.get() < span.interval.get() {
                 return Err(invalid(

@@ -148,8 +148,9 @@ pub struct TrackerConfig {
 
     /// Application-consistent recovery points, the
     /// `[tracker.app-consistent]` table: what `tidemark mark
-    /// --app-consistent` quiesces, and an optional schedule. Default:
-    /// nothing quiesced, no schedule.
+    /// --app-consistent` and an application-consistent span point
+    /// quiesce, and an optional schedule. Default: nothing quiesced, no
+    /// schedule.
     pub app_consistent: AppConsistentConfig,
 
     /// Attach the kernel's NBD client to one of the disks, the

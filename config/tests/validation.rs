@@ -779,6 +779,15 @@ fn spans_have_valid_unique_names_two_members_or_more_and_a_sane_schedule() {
         "receiver.span[0].target",
         "shorter than the interval",
     );
+    accepts(
+        "[[receiver.span]]\nname = \"a\"\nmembers = [\"w/d\", \"x/d\"]\napp-consistent-every = \"1h\"\n",
+    );
+    rejects(
+        "[[receiver.span]]\nname = \"a\"\nmembers = [\"w/d\", \"x/d\"]\ninterval = \"1m\"\napp-consistent-every = \"30s\"\n",
+        5,
+        "receiver.span[0].app-consistent-every",
+        "shorter than the interval",
+    );
     let err = parse_str(
         "[[receiver.span]]\nname = \"a\"\nmembers = [\"web1\", \"x/d\"]\n",
         Path::new("t.toml"),

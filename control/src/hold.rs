@@ -14,10 +14,16 @@
 //! hold-release POINT EPOCH commit|abort
 //!     → {"ok":true,"released":{"point":P,"epoch":E,"how":"in-time",
 //!                              "held_us":N,"gated_writes":N}}
+//! hold-quiesce POINT EPOCH TIMEOUT_MS
+//!     → {"ok":true,"quiesced":{"point":P,"epoch":E}}
+//!     | {"ok":true,"not_quiesced":{"point":P,"epoch":E,"reason":"…"}}
+//! hold-thaw POINT EPOCH
+//!     → {"ok":true,"thawed":{"point":P,"epoch":E,"how":"in-time","note":""}}
 //! ```
 //!
 //! The session closing (the shipper stopped or died) releases any hold it
-//! opened at once; a hold also ends by the tracker's own deadline.
+//! opened at once, and thaws what it quiesced; a hold also ends by the
+//! tracker's own deadline, a quiesce by the tracker's own timeout.
 
 use crate::{ControlError, MAX_REQUEST_LINE};
 use serde::{Deserialize, Serialize};
@@ -28,8 +34,8 @@ use std::time::Duration;
 use tidemark_changelog::Seq;
 use tidemark_names::{Label, LabelError};
 use tidemark_span::{
-    Epoch, HeldOutcome, HeldReply, OpenHold, PointId, RefuseCode, ReleaseHold, ReleasedHow,
-    ReleasedReply,
+    Epoch, HeldOutcome, HeldReply, OpenHold, PointId, QuiesceHold, QuiescedOutcome, QuiescedReply,
+    RefuseCode, ReleaseHold, ReleasedHow, ReleasedReply, ThawHold, ThawedHow, ThawedReply,
 };
 
 /// The request line that turns a control connection into a hold session.
@@ -42,13 +48,18 @@ pub enum HoldRequest {
     Open(OpenHold),
     /// End the hold.
     Release(ReleaseHold),
+    /// Quiesce the applications (hooks, freeze, guest agent) until the
+    /// thaw.
+    Quiesce(QuiesceHold),
+    /// Thaw what the quiesce froze.
+    Thaw(ThawHold),
 }
 
 /// A hold session's line that is not a request of it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HoldLineError {
     /// Not a request of the hold session.
-    #[error("unknown hold request {0:?}; expected `hold-open POINT EPOCH DEADLINE_US [--app-consistent] LABEL` or `hold-release POINT EPOCH commit|abort`")]
+    #[error("unknown hold request {0:?}; expected `hold-open POINT EPOCH DEADLINE_US [--app-consistent] LABEL`, `hold-release POINT EPOCH commit|abort`, `hold-quiesce POINT EPOCH TIMEOUT_MS` or `hold-thaw POINT EPOCH`")]
     Unknown(String),
     /// A number that is not one.
     #[error("{what} {value:?} is not a number")]
@@ -90,6 +101,15 @@ impl HoldRequest {
             ["hold-open", point, epoch, deadline, label] => {
                 open(point, epoch, deadline, false, label)
             }
+            ["hold-quiesce", point, epoch, timeout] => Ok(HoldRequest::Quiesce(QuiesceHold {
+                point: PointId(number("point", point)?),
+                epoch: Epoch(number("epoch", epoch)?),
+                timeout: Duration::from_millis(number("timeout", timeout)?),
+            })),
+            ["hold-thaw", point, epoch] => Ok(HoldRequest::Thaw(ThawHold {
+                point: PointId(number("point", point)?),
+                epoch: Epoch(number("epoch", epoch)?),
+            })),
             ["hold-release", point, epoch, action @ ("commit" | "abort")] => {
                 Ok(HoldRequest::Release(ReleaseHold {
                     point: PointId(number("point", point)?),
@@ -122,6 +142,13 @@ impl HoldRequest {
                 r.epoch.0,
                 if r.commit { "commit" } else { "abort" }
             ),
+            HoldRequest::Quiesce(q) => format!(
+                "hold-quiesce {} {} {}",
+                q.point.0,
+                q.epoch.0,
+                q.timeout.as_millis()
+            ),
+            HoldRequest::Thaw(t) => format!("hold-thaw {} {}", t.point.0, t.epoch.0),
         }
     }
 }
@@ -149,6 +176,52 @@ struct ReleasedJson {
     how: String,
     held_us: u64,
     gated_writes: u32,
+}
+
+#[derive(Serialize, Deserialize)]
+struct QuiescedJson {
+    point: u64,
+    epoch: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct NotQuiescedJson {
+    point: u64,
+    epoch: u64,
+    reason: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ThawedJson {
+    point: u64,
+    epoch: u64,
+    how: String,
+    note: String,
+}
+
+/// The reply line of a quiesce.
+pub fn quiesced_reply(reply: &QuiescedReply) -> String {
+    let (point, epoch) = (reply.point.0, reply.epoch.0);
+    match &reply.outcome {
+        QuiescedOutcome::Quiesced => crate::ok_reply(serde_json::json!({
+            "quiesced": QuiescedJson { point, epoch }
+        })),
+        QuiescedOutcome::NotQuiesced { reason } => crate::ok_reply(serde_json::json!({
+            "not_quiesced": NotQuiescedJson { point, epoch, reason: reason.clone() }
+        })),
+    }
+}
+
+/// The reply line of a thaw.
+pub fn thawed_reply(reply: &ThawedReply) -> String {
+    crate::ok_reply(serde_json::json!({
+        "thawed": ThawedJson {
+            point: reply.point.0,
+            epoch: reply.epoch.0,
+            how: reply.how.name().into(),
+            note: reply.note.clone(),
+        }
+    }))
 }
 
 /// The reply line of an open.
@@ -249,6 +322,49 @@ impl HoldSession {
         })
     }
 
+    /// Asks the tracker to quiesce; `timeout` bounds the wait for the
+    /// answer (the hooks and the freeze run before it).
+    pub fn quiesce(
+        &mut self,
+        quiesce: &QuiesceHold,
+        timeout: Duration,
+    ) -> Result<QuiescedReply, ControlError> {
+        let reply = self.exchange(&HoldRequest::Quiesce(*quiesce).line(), timeout)?;
+        if let Some(q) = reply.get("quiesced") {
+            let q: QuiescedJson = self.decode(q)?;
+            return Ok(QuiescedReply {
+                point: PointId(q.point),
+                epoch: Epoch(q.epoch),
+                outcome: QuiescedOutcome::Quiesced,
+            });
+        }
+        let q: NotQuiescedJson = self.decode(&reply["not_quiesced"])?;
+        Ok(QuiescedReply {
+            point: PointId(q.point),
+            epoch: Epoch(q.epoch),
+            outcome: QuiescedOutcome::NotQuiesced { reason: q.reason },
+        })
+    }
+
+    /// Asks the tracker to thaw; `timeout` bounds the wait for the answer
+    /// (the post-hooks run before it).
+    pub fn thaw(
+        &mut self,
+        thaw: &ThawHold,
+        timeout: Duration,
+    ) -> Result<ThawedReply, ControlError> {
+        let reply = self.exchange(&HoldRequest::Thaw(*thaw).line(), timeout)?;
+        let t: ThawedJson = self.decode(&reply["thawed"])?;
+        let how = ThawedHow::from_name(&t.how)
+            .ok_or_else(|| self.bad(format!("unknown thaw answer {:?}", t.how)))?;
+        Ok(ThawedReply {
+            point: PointId(t.point),
+            epoch: Epoch(t.epoch),
+            how,
+            note: t.note,
+        })
+    }
+
     fn bad(&self, reason: String) -> ControlError {
         ControlError::BadReply {
             path: self.path.clone(),
@@ -314,6 +430,15 @@ mod tests {
                 point: PointId(8),
                 epoch: Epoch(3),
                 commit: false,
+            }),
+            HoldRequest::Quiesce(QuiesceHold {
+                point: PointId(9),
+                epoch: Epoch(3),
+                timeout: Duration::from_secs(30),
+            }),
+            HoldRequest::Thaw(ThawHold {
+                point: PointId(9),
+                epoch: Epoch(3),
             }),
         ];
         for r in requests {

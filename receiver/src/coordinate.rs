@@ -7,7 +7,9 @@
 //!   same connection (the shipper relays what comes on it to its tracker:
 //!   the protected host opens no port); an older session is a link that
 //!   cannot hold; the session's end is the link's end;
-//! - starts a round every `interval`, and saves the span's record
+//! - starts a round every `interval` (application-consistent every
+//!   `app-consistent-every`, and on demand when asked so), and saves the
+//!   span's record
 //!   (`crate::span`) whenever the core asks, before it sends what uses it;
 //! - follows each committed point until every member's replica holds its
 //!   marker as a committed recovery point (the marker's sequence number
@@ -31,7 +33,7 @@ use tidemark_span::{
     AbortReason, Coordinator, CoordinatorConfig, HoldMessage, Link, PointId, SpanEvent,
     StartRefused,
 };
-use tidemark_wire::{Compression, Message, MessageDecoder, PROTOCOL_VERSION};
+use tidemark_wire::{Compression, Message, MessageDecoder, MessageType, PROTOCOL_VERSION};
 use tokio::sync::{mpsc, watch};
 
 use crate::replica::StoreReplica;
@@ -74,6 +76,8 @@ struct HoldLink {
     conn: quinn::Connection,
     /// The hold stream's sender (`None`: the session is too old to hold).
     frames: Option<mpsc::UnboundedSender<HoldMessage>>,
+    /// The session's version has the quiesce messages.
+    quiesce: bool,
 }
 
 impl HoldLink {
@@ -81,6 +85,7 @@ impl HoldLink {
         Link::Up {
             rtt: self.conn.rtt(),
             holds: self.frames.is_some(),
+            quiesce: self.frames.is_some() && self.quiesce,
         }
     }
 }
@@ -210,6 +215,7 @@ impl Spans {
             id,
             conn: conn.clone(),
             frames,
+            quiesce: version.min(PROTOCOL_VERSION) >= MessageType::HoldQuiesce.since(),
         };
         let _ = tx.send(Input::Up {
             member: *member,
@@ -313,6 +319,9 @@ struct SpanTask {
     round: Option<(PointId, Label, bool)>,
     following: Vec<Following>,
     next_round: Instant,
+    /// When the next scheduled application-consistent round is due
+    /// (`None`: the span has no such schedule).
+    next_app_round: Option<Instant>,
     /// Why the last round could not start (said once until it changes).
     last_refusal: Option<StartRefused>,
     /// What the metrics show of this span.
@@ -358,6 +367,7 @@ impl SpanTask {
             answered_take: None,
             links: (0..members.len()).map(|_| None).collect(),
             next_round: now + entry.interval.get(),
+            next_app_round: entry.app_consistent_every.map(|every| now + every.get()),
             entry,
             members,
             dir,
@@ -404,7 +414,15 @@ impl SpanTask {
                 self.next_round = now + self.entry.interval.get();
                 self.set_floors();
                 let label = format!("span-{}-{}", self.entry.name, self.record.next_point.max(1));
-                let _ = self.start_round(&label, now);
+                // An application-consistent round stays due until one
+                // starts.
+                let app = self.next_app_round.is_some_and(|due| now >= due);
+                if self.start_round(&label, app, now).is_ok() && app {
+                    self.next_app_round = self
+                        .entry
+                        .app_consistent_every
+                        .map(|every| now + every.get());
+                }
             }
             self.look_for_take(now);
             self.look_for_durable();
@@ -448,9 +466,9 @@ impl SpanTask {
         }
     }
 
-    /// Starts a round whose markers are labelled `label`: the point's id,
-    /// or why it could not start.
-    fn start_round(&mut self, label: &str, now: Instant) -> Result<PointId, String> {
+    /// Starts a round whose markers are labelled `label` (`app`: quiesce
+    /// every member first): the point's id, or why it could not start.
+    fn start_round(&mut self, label: &str, app: bool, now: Instant) -> Result<PointId, String> {
         // The round's timing comes from the links' round trips now.
         for (member, link) in self.links.iter().enumerate() {
             if let Some(link) = link {
@@ -461,9 +479,9 @@ impl SpanTask {
             tracing::error!(span = %self.entry.name, error = %e, "cannot label the span's markers");
             e.to_string()
         })?;
-        match self.core.start_point(false, label.clone(), now) {
+        match self.core.start_point(app, label.clone(), now) {
             Ok(id) => {
-                self.round = Some((id, label, false));
+                self.round = Some((id, label, app));
                 self.last_refusal = None;
                 Ok(id)
             }
@@ -500,9 +518,9 @@ impl SpanTask {
             return;
         }
         let result = self
-            .start_round(request.label.as_str(), now)
+            .start_round(request.label.as_str(), request.app_consistent, now)
             .map(|point| point.0);
-        tracing::info!(span = %self.entry.name, label = %request.label, ?result, "span point asked for");
+        tracing::info!(span = %self.entry.name, label = %request.label, app_consistent = request.app_consistent, ?result, "span point asked for");
         let answer = span_take::TakeResult {
             id: request.id,
             result,
@@ -574,8 +592,17 @@ impl SpanTask {
                 }
                 return;
             }
-            SpanEvent::Committed { point, markers } => {
-                tracing::info!(span = %self.entry.name, point = point.0, "span point committed; waiting for every member's marker on the replica site");
+            SpanEvent::Committed {
+                point,
+                markers,
+                app_consistent,
+                not_quiesced,
+            } => {
+                tracing::info!(span = %self.entry.name, point = point.0, app_consistent, "span point committed; waiting for every member's marker on the replica site");
+                for n in not_quiesced {
+                    let (host, group) = &self.members[n.member];
+                    tracing::warn!(span = %self.entry.name, point = point.0, %host, %group, reason = %n.reason, "a member was not quiesced: the span point is crash-consistent");
+                }
                 self.following.push(Following {
                     point: *point,
                     label: label.clone(),

@@ -21,7 +21,9 @@
 //!  "points": [              oldest first
 //!    {"point": P, "taken_ns": T, "app_consistent": false, "label": "…",
 //!     "outcome": "committed" | "durable" | "aborted",
-//!     "reason": "…",        why it was aborted (else absent)
+//!     "reason": "…",        why it was aborted, or why a point asked for
+//!                           application-consistent is crash-consistent
+//!                           (a member not quiesced); else absent
 //!     "members": [{"host": "web1", "group": "default",
 //!                  "marker": SEQ, "generation": G}]}   (aborted: empty)
 //!  ]}
@@ -99,13 +101,17 @@ pub struct PointEntry {
     pub point: u64,
     /// When its round ended, ns since the Unix epoch.
     pub taken_ns: u64,
-    /// Taken with every member quiesced.
+    /// Taken with every member quiesced (from before its marker until
+    /// after the release). Absent in records of releases before
+    /// application-consistent span points: false.
+    #[serde(default)]
     pub app_consistent: bool,
     /// The markers' label.
     pub label: String,
     /// How the round ended.
     pub outcome: Outcome,
-    /// Why it was aborted.
+    /// Why it was aborted; or, for a point asked for
+    /// application-consistent, why it is crash-consistent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// Each member's marker (empty when aborted).
@@ -185,8 +191,9 @@ impl SpanRecord {
 
     /// Records what the coordinator reported; `members` names its members
     /// in the coordinator's order, `label` and `app_consistent` describe
-    /// the round of `event` (the caller knows them from its start). Returns
-    /// whether the record changed (and must be written).
+    /// the round of `event` (the caller knows them from its start; a
+    /// committed point is application-consistent as the event says).
+    /// Returns whether the record changed (and must be written).
     pub fn apply(
         &mut self,
         event: &SpanEvent,
@@ -200,14 +207,31 @@ impl SpanRecord {
                 self.epoch = saved.epoch.0;
                 self.next_point = saved.next_point.0;
             }
-            SpanEvent::Committed { point, markers } => {
+            SpanEvent::Committed {
+                point,
+                markers,
+                app_consistent: quiesced,
+                not_quiesced,
+            } => {
+                let reason = (!not_quiesced.is_empty()).then(|| {
+                    let who = |m: usize| {
+                        members
+                            .get(m)
+                            .map_or_else(|| format!("member {m}"), |(h, g)| format!("{h}/{g}"))
+                    };
+                    let each: Vec<String> = not_quiesced
+                        .iter()
+                        .map(|n| format!("{} was not quiesced: {}", who(n.member), n.reason))
+                        .collect();
+                    format!("crash-consistent: {}", each.join("; "))
+                });
                 self.points.push(PointEntry {
                     point: point.0,
                     taken_ns: now_ns,
-                    app_consistent,
+                    app_consistent: *quiesced,
                     label: label.to_string(),
                     outcome: Outcome::Committed,
-                    reason: None,
+                    reason,
                     members: members
                         .iter()
                         .zip(markers)
@@ -294,6 +318,10 @@ fn describe(reason: &AbortReason, members: &[(Name, Name)]) -> String {
         AbortReason::LinkLost(member) => format!("{}'s connection went down", name(*member)),
         AbortReason::NotDurable(member) => {
             format!("{}'s marker did not become durable in time", name(*member))
+        }
+        AbortReason::SilentQuiesce { members: silent } => {
+            let names: Vec<String> = silent.iter().map(|m| name(*m)).collect();
+            format!("no answer to the quiesce in time from {}", names.join(", "))
         }
     }
 }
@@ -433,6 +461,8 @@ mod tests {
             &SpanEvent::Committed {
                 point: PointId(1),
                 markers: markers.clone(),
+                app_consistent: false,
+                not_quiesced: Vec::new(),
             },
             &members(),
             "span-shop-1",
@@ -443,6 +473,8 @@ mod tests {
             &SpanEvent::Committed {
                 point: PointId(2),
                 markers,
+                app_consistent: true,
+                not_quiesced: Vec::new(),
             },
             &members(),
             "span-shop-2",
@@ -497,12 +529,62 @@ mod tests {
     }
 
     #[test]
+    fn an_app_consistent_point_says_so_or_names_who_was_not_quiesced() {
+        let mut record = SpanRecord::default();
+        record.apply(
+            &SpanEvent::Committed {
+                point: PointId(1),
+                markers: vec![(Seq(1), 1), (Seq(2), 1)],
+                app_consistent: true,
+                not_quiesced: Vec::new(),
+            },
+            &members(),
+            "span-shop-1",
+            true,
+            0,
+        );
+        record.apply(
+            &SpanEvent::Committed {
+                point: PointId(2),
+                markers: vec![(Seq(3), 1), (Seq(4), 1)],
+                app_consistent: false,
+                not_quiesced: vec![tidemark_span::NotQuiesced {
+                    member: 1,
+                    reason: "pre-hook `flush` failed".into(),
+                }],
+            },
+            &members(),
+            "span-shop-2",
+            true,
+            0,
+        );
+        assert!(record.points[0].app_consistent);
+        assert_eq!(record.points[0].reason, None);
+        assert!(!record.points[1].app_consistent);
+        assert_eq!(
+            record.points[1].reason.as_deref(),
+            Some("crash-consistent: db1/data was not quiesced: pre-hook `flush` failed")
+        );
+        // A record of a release before app-consistent span points (no
+        // flag) reads as crash-consistent points.
+        let mut json = serde_json::to_value(&record).unwrap();
+        json["points"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("app_consistent");
+        let old: SpanRecord = serde_json::from_value(json).unwrap();
+        assert!(!old.points[0].app_consistent);
+    }
+
+    #[test]
     fn only_the_last_aborted_rounds_are_kept() {
         let mut record = SpanRecord::default();
         record.apply(
             &SpanEvent::Committed {
                 point: PointId(1),
                 markers: vec![(Seq(1), 1), (Seq(2), 1)],
+                app_consistent: false,
+                not_quiesced: Vec::new(),
             },
             &members(),
             "l",

@@ -7,6 +7,7 @@
 //! ```text
 //!  spans/SPAN/take.request   id N
 //!                            label L
+//!                            app-consistent yes   (absent: crash-consistent)
 //!  spans/SPAN/take.result    id N
 //!                            point P          (the round started)
 //!                         or error TEXT       (why it could not start)
@@ -35,6 +36,8 @@ pub struct TakeRequest {
     pub id: u64,
     /// The markers' label.
     pub label: Label,
+    /// Quiesce every member first (an application-consistent point).
+    pub app_consistent: bool,
 }
 
 /// The answer to request `id`: the point's id, or why no round started.
@@ -51,7 +54,16 @@ pub fn write_request(span_dir: &Path, request: &TakeRequest) -> io::Result<()> {
     write(
         span_dir,
         REQUEST,
-        &format!("id {}\nlabel {}\n", request.id, request.label),
+        &format!(
+            "id {}\nlabel {}\n{}",
+            request.id,
+            request.label,
+            if request.app_consistent {
+                "app-consistent yes\n"
+            } else {
+                ""
+            }
+        ),
     )
 }
 
@@ -62,7 +74,12 @@ pub fn read_request(span_dir: &Path) -> io::Result<Option<TakeRequest>> {
     };
     let id = field(&lines, "id").and_then(|v| v.parse().ok());
     let label = field(&lines, "label").and_then(|v| Label::new(v).ok());
-    Ok(id.zip(label).map(|(id, label)| TakeRequest { id, label }))
+    let app_consistent = field(&lines, "app-consistent") == Some("yes");
+    Ok(id.zip(label).map(|(id, label)| TakeRequest {
+        id,
+        label,
+        app_consistent,
+    }))
 }
 
 /// Writes the answer to a request.
@@ -104,9 +121,17 @@ mod tests {
         let request = TakeRequest {
             id: 17,
             label: Label::new("before-upgrade").unwrap(),
+            app_consistent: false,
         };
         write_request(dir.path(), &request).unwrap();
         assert_eq!(read_request(dir.path()).unwrap(), Some(request));
+        let app = TakeRequest {
+            id: 18,
+            label: Label::new("quiesced").unwrap(),
+            app_consistent: true,
+        };
+        write_request(dir.path(), &app).unwrap();
+        assert_eq!(read_request(dir.path()).unwrap(), Some(app));
         for result in [Ok(42), Err("db1/default is not connected".to_string())] {
             let answer = TakeResult { id: 17, result };
             write_result(dir.path(), &answer).unwrap();

@@ -4,8 +4,9 @@
 //!
 //! The receiver opens a stream of its own beside the session's once a
 //! session of protocol version 3 or later runs (a hold never waits behind
-//! queued records). Each hold message on it (`hold-open`, `hold-release`)
-//! is passed to the tracker's hold session on its control socket
+//! queued records). Each hold message on it (`hold-open`, `hold-release`,
+//! and from version 4 `hold-quiesce`, `hold-thaw`) is passed to the
+//! tracker's hold session on its control socket
 //! (`tidemark_control::hold`), one at a time, in order, and the tracker's
 //! answer is sent back in the version of the frame that asked.
 //!
@@ -16,20 +17,28 @@
 //! than it takes the tracker to notice the closed socket. An open the
 //! tracker cannot be asked is refused (`tracker-unreachable`); a release
 //! that cannot be passed on is answered `aborted`, since the lost session
-//! ended the hold.
+//! ended the hold. A quiesce the tracker cannot be asked is answered
+//! not quiesced, a thaw `unknown` (the lost session thawed it).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use tidemark_control::hold::{HoldRequest, HoldSession};
 use tidemark_control::ControlError;
-use tidemark_span::{HeldOutcome, HeldReply, HoldMessage, RefuseCode, ReleasedHow, ReleasedReply};
+use tidemark_span::{
+    HeldOutcome, HeldReply, HoldMessage, QuiescedOutcome, QuiescedReply, RefuseCode, ReleasedHow,
+    ReleasedReply, ThawedHow, ThawedReply,
+};
 use tidemark_wire::{Compression, ErrorClass, ErrorCode, Message, MessageDecoder};
 
 /// How long one exchange with the tracker may take. A hold's own deadline
 /// is far shorter: an answer this late is useless to the coordinator, but
 /// is still read so that the session stays in step.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a thaw may take to be answered: the tracker runs the
+/// post-hooks first, each bounded by its own timeout.
+const THAW_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The relay of one connection: ends (closing the tracker's hold session)
 /// when it is dropped.
@@ -78,6 +87,11 @@ impl Tracker {
             HoldRequest::Release(release) => session
                 .release(release, CONTROL_TIMEOUT)
                 .map(HoldMessage::Released),
+            // The hooks and the freeze run before the answer.
+            HoldRequest::Quiesce(quiesce) => session
+                .quiesce(quiesce, quiesce.timeout + CONTROL_TIMEOUT)
+                .map(HoldMessage::Quiesced),
+            HoldRequest::Thaw(thaw) => session.thaw(thaw, THAW_TIMEOUT).map(HoldMessage::Thawed),
         };
         if answer.is_err() {
             // Out of step or gone: closing it ends its hold.
@@ -93,7 +107,12 @@ fn request(message: HoldMessage) -> Option<HoldRequest> {
     match message {
         HoldMessage::Open(open) => Some(HoldRequest::Open(open)),
         HoldMessage::Release(release) => Some(HoldRequest::Release(release)),
-        HoldMessage::Held(_) | HoldMessage::Released(_) => None,
+        HoldMessage::Quiesce(quiesce) => Some(HoldRequest::Quiesce(quiesce)),
+        HoldMessage::Thaw(thaw) => Some(HoldRequest::Thaw(thaw)),
+        HoldMessage::Held(_)
+        | HoldMessage::Released(_)
+        | HoldMessage::Quiesced(_)
+        | HoldMessage::Thawed(_) => None,
     }
 }
 
@@ -115,6 +134,19 @@ fn unreachable_answer(request: &HoldRequest, why: &str) -> HoldMessage {
             how: ReleasedHow::Aborted,
             held: Duration::ZERO,
             gated_writes: 0,
+        }),
+        HoldRequest::Quiesce(quiesce) => HoldMessage::Quiesced(QuiescedReply {
+            point: quiesce.point,
+            epoch: quiesce.epoch,
+            outcome: QuiescedOutcome::NotQuiesced {
+                reason: format!("the shipper cannot reach its tracker: {why}"),
+            },
+        }),
+        HoldRequest::Thaw(thaw) => HoldMessage::Thawed(ThawedReply {
+            point: thaw.point,
+            epoch: thaw.epoch,
+            how: ThawedHow::Unknown,
+            note: format!("the shipper cannot reach its tracker: {why}"),
         }),
     }
 }
@@ -150,7 +182,7 @@ async fn serve(
                 let refusal = Message::error(
                     ErrorClass::Transient,
                     ErrorCode::Protocol,
-                    "the hold stream carries only hold-open and hold-release",
+                    "the hold stream carries only hold-open, hold-release, hold-quiesce and hold-thaw",
                 );
                 if let Ok(frame) = refusal.encode(received.version, Compression::None) {
                     let _ = send.write_all(&frame).await;
@@ -239,6 +271,29 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        let quiesce = HoldRequest::Quiesce(tidemark_span::QuiesceHold {
+            point: PointId(7),
+            epoch: Epoch(2),
+            timeout: Duration::from_secs(30),
+        });
+        match unreachable_answer(&quiesce, "no socket") {
+            HoldMessage::Quiesced(QuiescedReply {
+                outcome: QuiescedOutcome::NotQuiesced { reason },
+                ..
+            }) => assert!(reason.contains("no socket"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        let thaw = HoldRequest::Thaw(tidemark_span::ThawHold {
+            point: PointId(7),
+            epoch: Epoch(2),
+        });
+        assert!(matches!(
+            unreachable_answer(&thaw, "gone"),
+            HoldMessage::Thawed(ThawedReply {
+                how: ThawedHow::Unknown,
+                ..
+            })
+        ));
     }
 
     #[test]

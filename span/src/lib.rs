@@ -69,6 +69,52 @@
 //! Rounds are taken one at a time; a committed round then waits for its
 //! markers to be durable on the replica site (several may wait at once),
 //! bounded by [`CoordinatorConfig::durable_timeout`].
+//!
+//! # Application-consistent points
+//!
+//! Quiescing an application (its hooks, a filesystem freeze, a guest
+//! agent) takes seconds; a hold delays every acknowledgement of the disk
+//! and is sized from the round trip. So an application-consistent round
+//! quiesces first, in a phase of its own, and holds only once every member
+//! is quiesced:
+//!
+//! ```text
+//!  coordinator                     member tracker (through its shipper)
+//!  persist (epoch, next point)
+//!  Quiesce{point, epoch, timeout} ──►  pre-hooks, freeze (its own
+//!                                        watchdog thaws at its own timeout)
+//!        ◄──────────────────────────── Quiesced{yes | no, why}
+//!  (all answered, or the quiesce collect time passed: abort + Thaw)
+//!  Open{…, app-consistent: that member is quiesced} … Release (as above)
+//!  Thaw{point, epoch}  ───────────────►  thaw, post-hooks
+//!        ◄──────────────────────────── Thawed{in-time | expired | unknown}
+//! ```
+//!
+//! Rules:
+//! - The quiesce answers are waited for `quiesce_timeout + 2 × rtt_max +
+//!   hop` ([`CoordinatorConfig::quiesce_timeout`] is also what each member
+//!   is asked for; its tracker clamps it to its own timeout). A silent
+//!   member or a lost link in this phase aborts the round (nothing is held
+//!   yet) and every connected member is told to thaw.
+//! - A member that cannot quiesce (nothing configured, a hook failed, no
+//!   guest agent, or its shipper speaks a protocol without the quiesce
+//!   messages) does not abort the point: the hold round runs, and the
+//!   point is committed **crash-consistent** for the whole span, with
+//!   every such member and its reason in [`SpanEvent::Committed`]. (A
+//!   span point is application-consistent only if every member is.)
+//! - The Thaw follows the Release on the same stream, so a member thaws
+//!   only after its gate opened; it is sent whatever the round's outcome
+//!   to every member that was asked to quiesce. The round ends when every
+//!   Released and every Thawed answer is in, or by `end_by` (extended by
+//!   the quiesce allowance, the post-hooks' time).
+//! - The point is application-consistent only if every member was still
+//!   quiesced when its thaw arrived (`in-time`): a member whose own
+//!   watchdog thawed first (`expired`), or that does not answer, makes it
+//!   crash-consistent. Quiesce answers and thaws never decide whether the
+//!   point is committed: the holds alone do.
+//! - A member's tracker thaws by itself at its own timeout, when the hold
+//!   connection closes, and when a newer coordinator quiesces it: no
+//!   message lost anywhere leaves a filesystem frozen.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -96,6 +142,14 @@ pub enum HoldMessage {
     Release(ReleaseHold),
     /// Tracker → coordinator: how the hold ended.
     Released(ReleasedReply),
+    /// Coordinator → tracker: quiesce the applications before the hold.
+    Quiesce(QuiesceHold),
+    /// Tracker → coordinator: whether it is quiesced.
+    Quiesced(QuiescedReply),
+    /// Coordinator → tracker: thaw (after the release).
+    Thaw(ThawHold),
+    /// Tracker → coordinator: how the quiesce ended.
+    Thawed(ThawedReply),
 }
 
 impl HoldMessage {
@@ -106,7 +160,102 @@ impl HoldMessage {
             HoldMessage::Held(m) => m.point,
             HoldMessage::Release(m) => m.point,
             HoldMessage::Released(m) => m.point,
+            HoldMessage::Quiesce(m) => m.point,
+            HoldMessage::Quiesced(m) => m.point,
+            HoldMessage::Thaw(m) => m.point,
+            HoldMessage::Thawed(m) => m.point,
         }
+    }
+}
+
+/// Quiesce a member's applications for an application-consistent point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuiesceHold {
+    /// The span point.
+    pub point: PointId,
+    /// The coordinator's epoch.
+    pub epoch: Epoch,
+    /// How long the member may take to quiesce and then stay quiesced,
+    /// from the moment it receives this (its tracker's own timeout may be
+    /// shorter).
+    pub timeout: Duration,
+}
+
+/// The answer to [`QuiesceHold`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuiescedReply {
+    /// The span point.
+    pub point: PointId,
+    /// The epoch of the quiesce.
+    pub epoch: Epoch,
+    /// Whether the member is quiesced.
+    pub outcome: QuiescedOutcome,
+}
+
+/// What a quiesce did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QuiescedOutcome {
+    /// The hooks ran and the filesystems are frozen until the thaw (or the
+    /// tracker's own timeout).
+    Quiesced,
+    /// Nothing stays quiesced; the member's marker will be
+    /// crash-consistent.
+    NotQuiesced {
+        /// Why, for the admin.
+        reason: String,
+    },
+}
+
+/// Thaw after the release.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThawHold {
+    /// The span point.
+    pub point: PointId,
+    /// The coordinator's epoch.
+    pub epoch: Epoch,
+}
+
+/// The answer to [`ThawHold`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThawedReply {
+    /// The span point.
+    pub point: PointId,
+    /// The epoch of the thaw.
+    pub epoch: Epoch,
+    /// How the quiesce had ended.
+    pub how: ThawedHow,
+    /// What went wrong while thawing (a post-hook, the guest agent), for
+    /// the admin; empty when nothing did.
+    pub note: String,
+}
+
+/// How a quiesce ended, as the tracker saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ThawedHow {
+    /// Still quiesced when the thaw arrived: thawed now.
+    InTime,
+    /// The tracker's own timeout had thawed it first.
+    Expired,
+    /// No such quiesce (never quiesced, or it ended otherwise).
+    Unknown,
+}
+
+impl ThawedHow {
+    /// Every answer, in the order of their numbers on the wire.
+    pub const ALL: [ThawedHow; 3] = [ThawedHow::InTime, ThawedHow::Expired, ThawedHow::Unknown];
+
+    /// The answer's name in text protocols.
+    pub fn name(self) -> &'static str {
+        match self {
+            ThawedHow::InTime => "in-time",
+            ThawedHow::Expired => "expired",
+            ThawedHow::Unknown => "unknown",
+        }
+    }
+
+    /// The answer named `name`.
+    pub fn from_name(name: &str) -> Option<ThawedHow> {
+        ThawedHow::ALL.into_iter().find(|c| c.name() == name)
     }
 }
 
@@ -531,6 +680,11 @@ pub struct CoordinatorConfig {
     /// How long a committed point may wait for every member's marker to be
     /// durable on the replica site before it is abandoned.
     pub durable_timeout: Duration,
+    /// How long each member of an application-consistent round may take
+    /// to quiesce (asked of its tracker, which clamps it to its own
+    /// timeout); the quiesce answers are waited for this plus the round
+    /// trip, and so are the thaw answers.
+    pub quiesce_timeout: Duration,
 }
 
 impl Default for CoordinatorConfig {
@@ -545,6 +699,7 @@ impl Default for CoordinatorConfig {
             collect_min: Duration::from_millis(50),
             collect_max: Duration::from_millis(300),
             durable_timeout: Duration::from_secs(150),
+            quiesce_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -561,6 +716,9 @@ pub enum Link {
         rtt: Duration,
         /// The session's protocol version has the hold messages.
         holds: bool,
+        /// The session's protocol version has the quiesce and thaw
+        /// messages (application-consistent points).
+        quiesce: bool,
     },
 }
 
@@ -628,10 +786,36 @@ pub enum AbortReason {
     /// A member's connection went down during the round.
     #[error("member {0}'s connection went down")]
     LinkLost(usize),
+    /// Members did not answer the quiesce in time (an
+    /// application-consistent round; nothing was held).
+    #[error("members {members:?} did not answer the quiesce in time")]
+    SilentQuiesce {
+        /// The members that did not answer.
+        members: Vec<usize>,
+    },
     /// A member's replica did not hold its marker as a committed point in
     /// time.
     #[error("member {0}'s marker did not become durable in time")]
     NotDurable(usize),
+}
+
+/// A member whose quiesce did not cover its marker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotQuiesced {
+    /// The member.
+    pub member: usize,
+    /// Why, for the admin.
+    pub reason: String,
+}
+
+impl std::fmt::Display for NotQuiesced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "member {} was not quiesced: {}",
+            self.member, self.reason
+        )
+    }
 }
 
 /// What happened, for the caller to record and report.
@@ -647,6 +831,12 @@ pub enum SpanEvent {
         point: PointId,
         /// Each member's marker and generation, by member index.
         markers: Vec<(Seq, u32)>,
+        /// Every member was quiesced from before its marker until its
+        /// thaw (only in an application-consistent round).
+        app_consistent: bool,
+        /// In an application-consistent round, the members that were not
+        /// quiesced throughout, and why: the point is crash-consistent.
+        not_quiesced: Vec<NotQuiesced>,
     },
     /// Every member's replica holds its marker as a committed point.
     Durable {
@@ -666,6 +856,9 @@ pub enum SpanEvent {
 enum Phase {
     /// Waiting for the point id to be saved.
     Saving,
+    /// Quiesce sent (application-consistent round): collecting Quiesced
+    /// answers.
+    Quiescing,
     /// Open sent: collecting Held answers.
     Opening,
     /// Release sent: collecting Released answers.
@@ -687,6 +880,13 @@ struct Round {
     held: Vec<Option<(Seq, u32)>>,
     released: Vec<Option<ReleasedHow>>,
     abort: Option<AbortReason>,
+    /// Application-consistent round: each member's quiesce answer
+    /// (`Err`: why it is not quiesced).
+    quiesced: Vec<Option<Result<(), String>>>,
+    /// Members asked to quiesce, and so to thaw.
+    asked_quiesce: Vec<bool>,
+    /// Each thaw answer (`Err`: why the quiesce did not last).
+    thawed: Vec<Option<Result<(), String>>>,
 }
 
 #[derive(Debug)]
@@ -787,6 +987,9 @@ impl Coordinator {
             held: vec![None; n],
             released: vec![None; n],
             abort: None,
+            quiesced: vec![None; n],
+            asked_quiesce: vec![false; n],
+            thawed: vec![None; n],
         });
         let wanted = Saved {
             epoch: self.epoch,
@@ -813,6 +1016,39 @@ impl Coordinator {
             self.abort(AbortReason::LinkLost(member), now);
             return;
         }
+        if !round.app_consistent {
+            self.send_opens(now);
+            return;
+        }
+        let rtt_max = self.links.iter().map(link_rtt).max().unwrap_or_default();
+        round.phase = Phase::Quiescing;
+        round.collect_by = now + self.config.quiesce_timeout + rtt_max * 2 + self.config.hop;
+        for (member, link) in self.links.iter().enumerate() {
+            if matches!(link, Link::Up { quiesce: false, .. }) {
+                round.quiesced[member] = Some(Err(
+                    "its shipper speaks a protocol without application-consistent span points"
+                        .into(),
+                ));
+                continue;
+            }
+            round.asked_quiesce[member] = true;
+            self.transmits.push_back((
+                member,
+                HoldMessage::Quiesce(QuiesceHold {
+                    point: round.point,
+                    epoch: self.epoch,
+                    timeout: self.config.quiesce_timeout,
+                }),
+            ));
+        }
+        if round.quiesced.iter().all(Option::is_some) {
+            self.send_opens(now);
+        }
+    }
+
+    /// The hold phase: send every member its open.
+    fn send_opens(&mut self, now: Instant) {
+        let round = self.round.as_mut().expect("a round");
         let rtt_max = self.links.iter().map(link_rtt).max().unwrap_or_default();
         let collect =
             (rtt_max * 2 + self.config.hop).clamp(self.config.collect_min, self.config.collect_max);
@@ -821,13 +1057,14 @@ impl Coordinator {
         round.end_by = now + round.deadline + rtt_max + self.config.hop;
         round.phase = Phase::Opening;
         for member in 0..self.links.len() {
+            let quiesced = matches!(round.quiesced[member], Some(Ok(())));
             self.transmits.push_back((
                 member,
                 HoldMessage::Open(OpenHold {
                     point: round.point,
                     epoch: self.epoch,
                     deadline: round.deadline,
-                    app_consistent: round.app_consistent,
+                    app_consistent: round.app_consistent && quiesced,
                     label: round.label.clone(),
                 }),
             ));
@@ -848,7 +1085,7 @@ impl Coordinator {
                     HeldOutcome::Held { marker, generation } => {
                         round.held[member] = Some((marker, generation));
                         if round.held.iter().all(Option::is_some) {
-                            self.release(true);
+                            self.release(true, now);
                         }
                     }
                     HeldOutcome::Refused { code, reason } => {
@@ -875,7 +1112,40 @@ impl Coordinator {
                         how: Some(reply.how),
                     });
                 }
-                if round.released.iter().all(Option::is_some) {
+                if round.answered() {
+                    self.finish(now);
+                }
+            }
+            HoldMessage::Quiesced(reply)
+                if reply.point == round.point
+                    && reply.epoch == self.epoch
+                    && round.phase == Phase::Quiescing =>
+            {
+                round.quiesced[member] = Some(match reply.outcome {
+                    QuiescedOutcome::Quiesced => Ok(()),
+                    QuiescedOutcome::NotQuiesced { reason } => Err(reason),
+                });
+                if round.quiesced.iter().all(Option::is_some) {
+                    self.send_opens(now);
+                }
+            }
+            HoldMessage::Thawed(reply)
+                if reply.point == round.point
+                    && reply.epoch == self.epoch
+                    && matches!(round.phase, Phase::Releasing { .. }) =>
+            {
+                round.thawed[member] = Some(match reply.how {
+                    ThawedHow::InTime => Ok(()),
+                    ThawedHow::Expired => Err(format!(
+                        "its own timeout thawed it before the thaw arrived{}",
+                        note(&reply.note)
+                    )),
+                    ThawedHow::Unknown => Err(format!(
+                        "it was no longer quiesced when the thaw arrived{}",
+                        note(&reply.note)
+                    )),
+                });
+                if round.answered() {
                     self.finish(now);
                 }
             }
@@ -906,6 +1176,12 @@ impl Coordinator {
     pub fn handle_timeout(&mut self, now: Instant) {
         if let Some(round) = &self.round {
             match round.phase {
+                Phase::Quiescing if now >= round.collect_by => {
+                    let members = (0..round.quiesced.len())
+                        .filter(|m| round.quiesced[*m].is_none())
+                        .collect();
+                    self.abort(AbortReason::SilentQuiesce { members }, now);
+                }
                 Phase::Opening if now >= round.collect_by => {
                     let members = (0..round.held.len())
                         .filter(|m| round.held[*m].is_none())
@@ -915,12 +1191,9 @@ impl Coordinator {
                 Phase::Releasing { .. } if now >= round.end_by => {
                     let round = self.round.as_mut().expect("a round");
                     if round.abort.is_none() {
-                        let member = round
-                            .released
-                            .iter()
-                            .position(Option::is_none)
-                            .expect("an answer missing");
-                        round.abort = Some(AbortReason::NotInTime { member, how: None });
+                        if let Some(member) = round.released.iter().position(Option::is_none) {
+                            round.abort = Some(AbortReason::NotInTime { member, how: None });
+                        }
                     }
                     self.finish(now);
                 }
@@ -945,7 +1218,7 @@ impl Coordinator {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let round = self.round.as_ref().and_then(|r| match r.phase {
             Phase::Saving => None,
-            Phase::Opening => Some(r.collect_by),
+            Phase::Quiescing | Phase::Opening => Some(r.collect_by),
             Phase::Releasing { .. } => Some(r.end_by),
         });
         self.waiting.iter().map(|w| w.by).chain(round).min()
@@ -961,8 +1234,9 @@ impl Coordinator {
         self.events.pop_front()
     }
 
-    /// Send the release to every member still connected.
-    fn release(&mut self, commit: bool) {
+    /// Send the release to every member still connected, and after it the
+    /// thaw to every member asked to quiesce.
+    fn release(&mut self, commit: bool, now: Instant) {
         let round = self.round.as_mut().expect("a round");
         round.phase = Phase::Releasing { commit };
         for (member, link) in self.links.iter().enumerate() {
@@ -978,6 +1252,39 @@ impl Coordinator {
                 }),
             ));
         }
+        self.send_thaws(now);
+    }
+
+    /// Tell every connected member asked to quiesce to thaw; the round
+    /// then waits for their answers too (members down count as answered:
+    /// their trackers thaw by themselves).
+    fn send_thaws(&mut self, now: Instant) {
+        let round = self.round.as_mut().expect("a round");
+        if !round.app_consistent {
+            return;
+        }
+        let rtt_max = self.links.iter().map(link_rtt).max().unwrap_or_default();
+        round.end_by = round
+            .end_by
+            .max(now + self.config.quiesce_timeout + rtt_max * 2 + self.config.hop);
+        for (member, link) in self.links.iter().enumerate() {
+            if !round.asked_quiesce[member] {
+                round.thawed[member].get_or_insert(Ok(()));
+                continue;
+            }
+            if *link == Link::Down {
+                round.thawed[member]
+                    .get_or_insert(Err("its connection went down before the thaw".into()));
+                continue;
+            }
+            self.transmits.push_back((
+                member,
+                HoldMessage::Thaw(ThawHold {
+                    point: round.point,
+                    epoch: self.epoch,
+                }),
+            ));
+        }
     }
 
     /// Abandon the round: release what may be held, report why.
@@ -990,9 +1297,18 @@ impl Coordinator {
                 self.round = None;
                 self.events.push_back(SpanEvent::Aborted { point, reason });
             }
+            Phase::Quiescing => {
+                // Nothing is held: thaw whoever was asked to quiesce; the
+                // round ends now (late answers are stale).
+                round.abort = Some(reason.clone());
+                let point = round.point;
+                self.send_thaws(now);
+                self.round = None;
+                self.events.push_back(SpanEvent::Aborted { point, reason });
+            }
             Phase::Opening => {
                 round.abort = Some(reason);
-                self.release(false);
+                self.release(false, now);
                 // Members already down answer nothing: count them done.
                 let round = self.round.as_mut().expect("a round");
                 for (member, link) in self.links.iter().enumerate() {
@@ -1000,17 +1316,20 @@ impl Coordinator {
                         round.released[member] = Some(ReleasedHow::Aborted);
                     }
                 }
-                if round.released.iter().all(Option::is_some) {
+                if round.answered() {
                     self.finish(now);
                 }
             }
             Phase::Releasing { .. } => {
                 if let AbortReason::LinkLost(member) = reason {
-                    // It answers nothing more: its own deadline ends its hold.
+                    // It answers nothing more: its own deadline ends its
+                    // hold, its own timeout its quiesce.
                     round.released[member].get_or_insert(ReleasedHow::Aborted);
+                    round.thawed[member]
+                        .get_or_insert(Err("its connection went down before the thaw".into()));
                 }
                 round.abort.get_or_insert(reason);
-                if round.released.iter().all(Option::is_some) {
+                if round.answered() {
                     self.finish(now);
                 }
             }
@@ -1028,9 +1347,25 @@ impl Coordinator {
                     .iter()
                     .map(|h| h.expect("every member held"))
                     .collect();
+                let mut not_quiesced = Vec::new();
+                if round.app_consistent {
+                    for member in 0..markers.len() {
+                        let why = match (&round.quiesced[member], &round.thawed[member]) {
+                            (Some(Err(why)), _) => Some(why.clone()),
+                            (_, Some(Err(why))) => Some(why.clone()),
+                            (_, None) => Some("it did not answer the thaw in time".into()),
+                            _ => None,
+                        };
+                        if let Some(reason) = why {
+                            not_quiesced.push(NotQuiesced { member, reason });
+                        }
+                    }
+                }
                 self.events.push_back(SpanEvent::Committed {
                     point: round.point,
                     markers: markers.clone(),
+                    app_consistent: round.app_consistent && not_quiesced.is_empty(),
+                    not_quiesced,
                 });
                 self.waiting.push(Waiting {
                     point: round.point,
@@ -1046,6 +1381,23 @@ impl Coordinator {
                 }),
             }),
         }
+    }
+}
+
+impl Round {
+    /// Every Released answer is in, and every Thawed one.
+    fn answered(&self) -> bool {
+        self.released.iter().all(Option::is_some)
+            && (!self.app_consistent || self.thawed.iter().all(Option::is_some))
+    }
+}
+
+/// `note` as the end of a sentence, if there is one.
+fn note(note: &str) -> String {
+    if note.is_empty() {
+        String::new()
+    } else {
+        format!(" ({note})")
     }
 }
 
@@ -1255,6 +1607,7 @@ mod tests {
         Link::Up {
             rtt: Duration::from_millis(rtt_ms),
             holds: true,
+            quiesce: true,
         }
     }
 
@@ -1356,7 +1709,9 @@ mod tests {
             events(&mut c),
             vec![SpanEvent::Committed {
                 point: p,
-                markers: vec![(Seq(10), 1), (Seq(20), 1)]
+                markers: vec![(Seq(10), 1), (Seq(20), 1)],
+                app_consistent: false,
+                not_quiesced: Vec::new(),
             }]
         );
         c.handle_durable(0, Seq(10), 1);
@@ -1466,6 +1821,7 @@ mod tests {
             Link::Up {
                 rtt: Duration::ZERO,
                 holds: false,
+                quiesce: false,
             },
             now,
         );
@@ -1507,6 +1863,286 @@ mod tests {
                 reason: AbortReason::NotDurable(0),
                 ..
             }]
+        ));
+    }
+
+    fn quiesced(point: PointId, epoch: Epoch, ok: bool) -> HoldMessage {
+        HoldMessage::Quiesced(QuiescedReply {
+            point,
+            epoch,
+            outcome: if ok {
+                QuiescedOutcome::Quiesced
+            } else {
+                QuiescedOutcome::NotQuiesced {
+                    reason: "pre-hook `db-flush` failed".into(),
+                }
+            },
+        })
+    }
+
+    fn thawed(point: PointId, epoch: Epoch, how: ThawedHow) -> HoldMessage {
+        HoldMessage::Thawed(ThawedReply {
+            point,
+            epoch,
+            how,
+            note: String::new(),
+        })
+    }
+
+    /// Starts an application-consistent round and saves its id; returns
+    /// the point and what was sent.
+    fn quiescing(c: &mut Coordinator, now: Instant) -> (PointId, Vec<(usize, HoldMessage)>) {
+        let point = c.start_point(true, label(), now).unwrap();
+        for e in events(c) {
+            if let SpanEvent::Save(s) = e {
+                c.handle_saved(s, now);
+            }
+        }
+        (point, transmits(c))
+    }
+
+    fn kinds(sent: &[(usize, HoldMessage)]) -> Vec<(usize, &'static str)> {
+        sent.iter()
+            .map(|(m, msg)| {
+                let kind = match msg {
+                    HoldMessage::Open(o) if o.app_consistent => "open-app",
+                    HoldMessage::Open(_) => "open",
+                    HoldMessage::Release(_) => "release",
+                    HoldMessage::Quiesce(_) => "quiesce",
+                    HoldMessage::Thaw(_) => "thaw",
+                    _ => "answer",
+                };
+                (*m, kind)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_app_consistent_point_quiesces_all_then_holds_then_releases_then_thaws() {
+        let now = Instant::now();
+        let mut c = coordinator(2, now);
+        let (p, sent) = quiescing(&mut c, now);
+        let e = c.epoch();
+        assert_eq!(kinds(&sent), vec![(0, "quiesce"), (1, "quiesce")]);
+        assert!(sent.iter().all(|(_, m)| matches!(m, HoldMessage::Quiesce(q)
+            if q.timeout == CoordinatorConfig::default().quiesce_timeout)));
+        // The quiesce has its own, long, collect time: not the hold's.
+        let by = c.poll_timeout().unwrap();
+        assert_eq!(
+            by,
+            now + Duration::from_secs(30) + Duration::from_millis(4 + 10)
+        );
+        let later = now + Duration::from_secs(5);
+        c.handle_message(0, quiesced(p, e, true), later);
+        assert!(transmits(&mut c).is_empty(), "opened before all quiesced");
+        c.handle_message(1, quiesced(p, e, true), later);
+        let sent = transmits(&mut c);
+        assert_eq!(kinds(&sent), vec![(0, "open-app"), (1, "open-app")]);
+        // The hold's window is sized from the round trip, from the open.
+        assert_eq!(c.poll_timeout(), Some(later + Duration::from_millis(50)));
+        c.handle_message(0, held(p, e, 10), later);
+        c.handle_message(1, held(p, e, 20), later);
+        let sent = transmits(&mut c);
+        assert_eq!(
+            kinds(&sent),
+            vec![(0, "release"), (1, "release"), (0, "thaw"), (1, "thaw")],
+            "each member's thaw follows its release"
+        );
+        c.handle_message(0, released(p, e, ReleasedHow::InTime), later);
+        c.handle_message(1, released(p, e, ReleasedHow::InTime), later);
+        c.handle_message(0, thawed(p, e, ThawedHow::InTime), later);
+        assert!(events(&mut c).is_empty(), "ended before every thaw answer");
+        c.handle_message(1, thawed(p, e, ThawedHow::InTime), later);
+        assert_eq!(
+            events(&mut c),
+            vec![SpanEvent::Committed {
+                point: p,
+                markers: vec![(Seq(10), 1), (Seq(20), 1)],
+                app_consistent: true,
+                not_quiesced: Vec::new(),
+            }]
+        );
+        assert!(c.current().is_none());
+    }
+
+    #[test]
+    fn a_member_that_cannot_quiesce_makes_the_point_crash_consistent() {
+        let now = Instant::now();
+        let mut c = coordinator(2, now);
+        let (p, _) = quiescing(&mut c, now);
+        let e = c.epoch();
+        c.handle_message(0, quiesced(p, e, true), now);
+        c.handle_message(1, quiesced(p, e, false), now);
+        let sent = transmits(&mut c);
+        // Its marker is not asked to be app-consistent; the other's is.
+        assert_eq!(kinds(&sent), vec![(0, "open-app"), (1, "open")]);
+        c.handle_message(0, held(p, e, 10), now);
+        c.handle_message(1, held(p, e, 20), now);
+        let sent = transmits(&mut c);
+        assert_eq!(
+            kinds(&sent),
+            vec![(0, "release"), (1, "release"), (0, "thaw"), (1, "thaw")]
+        );
+        for m in 0..2 {
+            c.handle_message(m, released(p, e, ReleasedHow::InTime), now);
+        }
+        c.handle_message(0, thawed(p, e, ThawedHow::InTime), now);
+        c.handle_message(1, thawed(p, e, ThawedHow::Unknown), now);
+        match &events(&mut c)[..] {
+            [SpanEvent::Committed {
+                app_consistent: false,
+                not_quiesced,
+                ..
+            }] => {
+                assert_eq!(not_quiesced.len(), 1);
+                assert_eq!(not_quiesced[0].member, 1);
+                assert!(
+                    not_quiesced[0].reason.contains("db-flush"),
+                    "{not_quiesced:?}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_quiesce_that_expired_before_the_thaw_is_no_app_consistent_point() {
+        let now = Instant::now();
+        let mut c = coordinator(1, now);
+        let (p, _) = quiescing(&mut c, now);
+        let e = c.epoch();
+        c.handle_message(0, quiesced(p, e, true), now);
+        c.handle_message(0, held(p, e, 10), now);
+        c.handle_message(0, released(p, e, ReleasedHow::InTime), now);
+        c.handle_message(0, thawed(p, e, ThawedHow::Expired), now);
+        assert!(matches!(
+            &events(&mut c)[..],
+            [SpanEvent::Committed { app_consistent: false, not_quiesced, .. }]
+                if not_quiesced[0].reason.contains("own timeout")
+        ));
+    }
+
+    #[test]
+    fn an_old_member_is_not_asked_to_quiesce_and_the_point_is_crash_consistent() {
+        let now = Instant::now();
+        let mut c = coordinator(2, now);
+        c.handle_link(
+            1,
+            Link::Up {
+                rtt: Duration::from_millis(2),
+                holds: true,
+                quiesce: false,
+            },
+            now,
+        );
+        let (p, sent) = quiescing(&mut c, now);
+        let e = c.epoch();
+        assert_eq!(kinds(&sent), vec![(0, "quiesce")]);
+        c.handle_message(0, quiesced(p, e, true), now);
+        assert_eq!(
+            kinds(&transmits(&mut c)),
+            vec![(0, "open-app"), (1, "open")]
+        );
+        c.handle_message(0, held(p, e, 10), now);
+        c.handle_message(1, held(p, e, 20), now);
+        // Only the member asked to quiesce is told to thaw.
+        assert_eq!(
+            kinds(&transmits(&mut c)),
+            vec![(0, "release"), (1, "release"), (0, "thaw")]
+        );
+        c.handle_message(0, released(p, e, ReleasedHow::InTime), now);
+        c.handle_message(1, released(p, e, ReleasedHow::InTime), now);
+        c.handle_message(0, thawed(p, e, ThawedHow::InTime), now);
+        assert!(matches!(
+            &events(&mut c)[..],
+            [SpanEvent::Committed { app_consistent: false, not_quiesced, .. }]
+                if not_quiesced.len() == 1 && not_quiesced[0].member == 1
+        ));
+    }
+
+    #[test]
+    fn a_silent_quiesce_aborts_before_any_hold_and_thaws_everyone() {
+        let now = Instant::now();
+        let mut c = coordinator(2, now);
+        let (p, _) = quiescing(&mut c, now);
+        let e = c.epoch();
+        c.handle_message(0, quiesced(p, e, true), now);
+        let by = c.poll_timeout().unwrap();
+        c.handle_timeout(by - Duration::from_millis(1));
+        assert!(transmits(&mut c).is_empty());
+        c.handle_timeout(by);
+        assert_eq!(kinds(&transmits(&mut c)), vec![(0, "thaw"), (1, "thaw")]);
+        assert!(matches!(
+            &events(&mut c)[..],
+            [SpanEvent::Aborted {
+                reason: AbortReason::SilentQuiesce { members },
+                ..
+            }] if members == &vec![1]
+        ));
+        assert!(c.current().is_none());
+        // A late answer is stale.
+        c.handle_message(1, quiesced(p, e, true), by);
+        assert!(transmits(&mut c).is_empty());
+    }
+
+    #[test]
+    fn a_member_lost_while_quiescing_aborts_and_the_others_thaw() {
+        let now = Instant::now();
+        let mut c = coordinator(3, now);
+        let (p, _) = quiescing(&mut c, now);
+        c.handle_message(0, quiesced(p, c.epoch(), true), now);
+        c.handle_link(2, Link::Down, now);
+        assert_eq!(kinds(&transmits(&mut c)), vec![(0, "thaw"), (1, "thaw")]);
+        assert!(matches!(
+            &events(&mut c)[..],
+            [SpanEvent::Aborted {
+                reason: AbortReason::LinkLost(2),
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn a_member_lost_during_the_hold_still_thaws_the_others_and_the_round_ends() {
+        let now = Instant::now();
+        let mut c = coordinator(2, now);
+        let (p, _) = quiescing(&mut c, now);
+        let e = c.epoch();
+        c.handle_message(0, quiesced(p, e, true), now);
+        c.handle_message(1, quiesced(p, e, true), now);
+        transmits(&mut c);
+        c.handle_message(0, held(p, e, 10), now);
+        c.handle_link(1, Link::Down, now);
+        assert_eq!(kinds(&transmits(&mut c)), vec![(0, "release"), (0, "thaw")]);
+        c.handle_message(0, released(p, e, ReleasedHow::Aborted), now);
+        assert!(events(&mut c).is_empty(), "the thaw answer is awaited");
+        c.handle_message(0, thawed(p, e, ThawedHow::InTime), now);
+        assert!(matches!(
+            &events(&mut c)[..],
+            [SpanEvent::Aborted {
+                reason: AbortReason::LinkLost(1),
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn unanswered_thaws_end_the_round_by_the_quiesce_allowance() {
+        let now = Instant::now();
+        let mut c = coordinator(1, now);
+        let (p, _) = quiescing(&mut c, now);
+        let e = c.epoch();
+        c.handle_message(0, quiesced(p, e, true), now);
+        c.handle_message(0, held(p, e, 10), now);
+        c.handle_message(0, released(p, e, ReleasedHow::InTime), now);
+        let end = c.poll_timeout().unwrap();
+        assert!(end >= now + CoordinatorConfig::default().quiesce_timeout);
+        c.handle_timeout(end);
+        // The holds were in time: committed, but not app-consistent.
+        assert!(matches!(
+            &events(&mut c)[..],
+            [SpanEvent::Committed { app_consistent: false, not_quiesced, .. }]
+                if not_quiesced[0].reason.contains("did not answer the thaw")
         ));
     }
 }

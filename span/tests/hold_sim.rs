@@ -17,6 +17,11 @@
 //! 4. a point id is never sent by two coordinators (epochs);
 //! 5. a point is committed only if every member answered `in-time`;
 //! 6. no member writes two markers for one point;
+//! 7. an application-consistent point (a third of the rounds; each
+//!    member's quiesce fails now and then, and ends by itself at the
+//!    tracker's own bound) is committed as such only if every member's
+//!    marker was written while that member was quiesced for it, and every
+//!    member was still quiesced when its thaw arrived;
 //!
 //! and the run commits points most of the time (the protocol is live).
 
@@ -28,11 +33,14 @@ use tidemark_changelog::Seq;
 use tidemark_names::Label;
 use tidemark_span::{
     Coordinator, CoordinatorConfig, Epoch, HeldOutcome, HoldMessage, Link, Participant,
-    ParticipantConfig, PointId, Refusal, RefuseCode, ReleasedHow, Saved, SpanEvent,
+    ParticipantConfig, PointId, QuiescedOutcome, QuiescedReply, Refusal, RefuseCode, ReleasedHow,
+    Saved, SpanEvent, ThawedHow, ThawedReply,
 };
 
 const MEMBERS: usize = 3;
 const STEP: Duration = Duration::from_micros(200);
+/// The model trackers' own bound on a quiesce (their watchdog thaws then).
+const QUIESCE_MAX: Duration = Duration::from_millis(150);
 
 /// One record of a model log.
 #[derive(Debug, Clone)]
@@ -46,6 +54,8 @@ enum Entry {
         seq: u64,
         point: PointId,
         epoch: Epoch,
+        /// Written while the member was quiesced for this point.
+        app: bool,
     },
 }
 
@@ -70,6 +80,9 @@ struct Member {
     gate_since: Option<Instant>,
     /// Down until then (the tracker restarting).
     down_until: Option<Instant>,
+    /// The quiesce in force (or ended by its own bound, not yet told):
+    /// its point, epoch, and until when it holds.
+    quiesce: Option<(PointId, Epoch, Instant)>,
 }
 
 impl Member {
@@ -85,6 +98,7 @@ impl Member {
             gated: Vec::new(),
             gate_since: None,
             down_until: None,
+            quiesce: None,
         }
     }
 
@@ -162,6 +176,10 @@ struct Sim {
     round_started: HashMap<PointId, Instant>,
     open_epochs: HashMap<PointId, HashSet<Epoch>>,
     released: HashMap<(PointId, Epoch), Vec<ReleasedHow>>,
+    thawed: HashMap<(PointId, Epoch), Vec<(usize, ThawedHow)>>,
+    /// Points whose round quiesced first.
+    app_rounds: HashSet<PointId>,
+    app_committed: usize,
     committed: usize,
     durable: usize,
     aborted: usize,
@@ -174,6 +192,7 @@ impl Sim {
         let pcfg = ParticipantConfig::default();
         let ccfg = CoordinatorConfig {
             durable_timeout: Duration::from_secs(2),
+            quiesce_timeout: Duration::from_millis(200),
             ..CoordinatorConfig::default()
         };
         let delay = (0..MEMBERS)
@@ -188,6 +207,7 @@ impl Sim {
                 Link::Up {
                     rtt: *d * 2,
                     holds: true,
+                    quiesce: true,
                 },
                 now,
             );
@@ -210,6 +230,9 @@ impl Sim {
             round_started: HashMap::new(),
             open_epochs: HashMap::new(),
             released: HashMap::new(),
+            thawed: HashMap::new(),
+            app_rounds: HashSet::new(),
+            app_committed: 0,
             committed: 0,
             durable: 0,
             aborted: 0,
@@ -246,7 +269,8 @@ impl Sim {
                 next_point = self.now + Duration::from_millis(self.rng.random_range(5..40));
                 let label = Label::new("span").unwrap();
                 // A refusal (member down, round running) is normal here.
-                let _ = self.coordinator.start_point(false, label, self.now);
+                let app = self.rng.random_bool(0.3);
+                let _ = self.coordinator.start_point(app, label, self.now);
             }
             self.coordinator.handle_timeout(self.now);
             self.report_durable();
@@ -266,8 +290,10 @@ impl Sim {
                 self.to_coordinator[m].queue.clear();
                 self.coordinator.handle_link(m, Link::Down, now);
                 if self.rng.random_bool(0.5) {
-                    // The shipper restarted too: its hold connection closed.
+                    // The shipper restarted too: its hold connection closed,
+                    // which ends the hold and thaws.
                     self.members[m].participant.connection_lost(now);
+                    self.members[m].quiesce = None;
                 }
             }
             if self.members[m].down_until.is_none() && self.rng.random_bool(0.00005) {
@@ -275,6 +301,7 @@ impl Sim {
                 // writes in flight fail, its log stays.
                 let member = &mut self.members[m];
                 member.participant = Participant::new(self.pcfg);
+                member.quiesce = None;
                 member.in_flight.clear();
                 member.gated.clear();
                 member.generation += 1;
@@ -294,6 +321,7 @@ impl Sim {
                         Link::Up {
                             rtt: self.delay[m] * 2,
                             holds: true,
+                            quiesce: true,
                         },
                         now,
                     );
@@ -313,6 +341,7 @@ impl Sim {
                     Link::Up {
                         rtt: self.delay[m] * 2,
                         holds: true,
+                        quiesce: true,
                     },
                     now,
                 );
@@ -414,6 +443,10 @@ impl Sim {
                     ..
                 } = member;
                 let generation = *generation;
+                let app = open.app_consistent
+                    && member.quiesce.is_some_and(|(p, e, until)| {
+                        p == open.point && e == open.epoch && now < until
+                    });
                 let reply = participant.open(&open, now, || {
                     let seq = *next_seq;
                     *next_seq += 1;
@@ -421,6 +454,7 @@ impl Sim {
                         seq,
                         point: open.point,
                         epoch: open.epoch,
+                        app,
                     });
                     Ok::<_, Refusal>((Seq(seq), generation))
                 });
@@ -438,6 +472,49 @@ impl Sim {
                     .push(reply.how);
                 Some(HoldMessage::Released(reply))
             }
+            HoldMessage::Quiesce(q) => {
+                let reply = |outcome| {
+                    Some(HoldMessage::Quiesced(QuiescedReply {
+                        point: q.point,
+                        epoch: q.epoch,
+                        outcome,
+                    }))
+                };
+                // Whatever was quiesced for another point thaws first.
+                member.quiesce = None;
+                if member.down_until.is_some() || self.rng.random_bool(0.15) {
+                    return reply(QuiescedOutcome::NotQuiesced {
+                        reason: "a pre-hook failed".into(),
+                    });
+                }
+                member.quiesce = Some((q.point, q.epoch, now + q.timeout.min(QUIESCE_MAX)));
+                reply(QuiescedOutcome::Quiesced)
+            }
+            HoldMessage::Thaw(t) => {
+                let how = match member.quiesce.take() {
+                    Some((p, e, until)) if p == t.point && e == t.epoch => {
+                        if now < until {
+                            ThawedHow::InTime
+                        } else {
+                            ThawedHow::Expired
+                        }
+                    }
+                    other => {
+                        member.quiesce = other;
+                        ThawedHow::Unknown
+                    }
+                };
+                self.thawed
+                    .entry((t.point, t.epoch))
+                    .or_default()
+                    .push((m, how));
+                Some(HoldMessage::Thawed(ThawedReply {
+                    point: t.point,
+                    epoch: t.epoch,
+                    how,
+                    note: String::new(),
+                }))
+            }
             other => panic!("a tracker got {other:?}"),
         }
     }
@@ -452,6 +529,10 @@ impl Sim {
             }
             while let Some((m, message)) = self.coordinator.poll_transmit() {
                 progressed = true;
+                if let HoldMessage::Quiesce(q) = &message {
+                    self.app_rounds.insert(q.point);
+                    self.round_started.entry(q.point).or_insert(now);
+                }
                 if let HoldMessage::Open(open) = &message {
                     self.round_started.entry(open.point).or_insert(now);
                     let epochs = self.open_epochs.entry(open.point).or_default();
@@ -481,10 +562,19 @@ impl Sim {
                 self.saved = saved;
                 self.coordinator.handle_saved(saved, now);
             }
-            SpanEvent::Committed { point, markers } => {
+            SpanEvent::Committed {
+                point,
+                markers,
+                app_consistent,
+                ..
+            } => {
                 self.committed += 1;
                 self.check_round_time(point);
                 let epoch = self.coordinator.epoch();
+                if app_consistent {
+                    self.app_committed += 1;
+                    self.check_quiesced(point, epoch, &markers);
+                }
                 let answers = &self.released[&(point, epoch)];
                 assert!(
                     answers.len() >= MEMBERS && answers.iter().all(|h| *h == ReleasedHow::InTime),
@@ -517,12 +607,38 @@ impl Sim {
         }
     }
 
+    /// Every member's marker of `point` was written while it was quiesced
+    /// for it, and every member was still quiesced when the thaw came.
+    fn check_quiesced(&self, point: PointId, epoch: Epoch, markers: &[(Seq, u32)]) {
+        for (m, (seq, _)) in markers.iter().enumerate() {
+            let app = self.members[m].log.iter().any(|e| {
+                matches!(e, Entry::Marker { seq: s, point: p, epoch: e, app: true }
+                    if *s == seq.0 && *p == point && *e == epoch)
+            });
+            assert!(
+                app,
+                "point {point:?} committed app-consistent, member {m}'s marker was not quiesced"
+            );
+            let thawed = self.thawed.get(&(point, epoch)).into_iter().flatten();
+            assert!(
+                thawed
+                    .filter(|(member, _)| *member == m)
+                    .all(|(_, how)| *how == ThawedHow::InTime),
+                "point {point:?} committed app-consistent, member {m} thawed late"
+            );
+        }
+    }
+
     fn check_round_time(&self, point: PointId) {
         let Some(started) = self.round_started.get(&point) else {
             return; // aborted before anything was sent
         };
         let rtt_max = *self.delay.iter().max().unwrap() * 2;
-        let bound = self.ccfg.collect_max * 2 + rtt_max * 3 + self.ccfg.hop * 2 + STEP * 2;
+        let mut bound = self.ccfg.collect_max * 2 + rtt_max * 3 + self.ccfg.hop * 2 + STEP * 2;
+        if self.app_rounds.contains(&point) {
+            // The quiesce phase before, the thaw answers after.
+            bound += (self.ccfg.quiesce_timeout + rtt_max * 2 + self.ccfg.hop + STEP) * 2;
+        }
         let took = self.now - *started;
         assert!(
             took <= bound,
@@ -591,6 +707,12 @@ fn points_commit_on_a_quiet_network() {
             "seed {seed}: {} committed, {} aborted",
             sim.committed,
             sim.aborted
+        );
+        assert!(
+            sim.app_committed > 0 && sim.app_committed < sim.committed,
+            "seed {seed}: {} app-consistent of {} committed",
+            sim.app_committed,
+            sim.committed
         );
         assert!(
             sim.durable + 10 >= sim.committed,

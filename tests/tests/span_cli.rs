@@ -67,6 +67,8 @@ fn a_spans_points_are_listed_with_every_members_marker() {
         let event = SpanEvent::Committed {
             point: PointId(point),
             markers,
+            app_consistent: point == 2,
+            not_quiesced: Vec::new(),
         };
         record.apply(&event, &members, "span-shop", point == 2, now);
     }

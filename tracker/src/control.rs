@@ -3,16 +3,21 @@
 //! client live), on a unix socket (0600), one request per connection —
 //! but for the shipper's hold session (span points), which stays open on
 //! a thread of its own and drives the group's hold participant
-//! (`tidemark_span::Participant`).
+//! (`tidemark_span::Participant`) and its span quiesce
+//! ([`crate::span_quiesce`]).
 
 use crate::group::{Group, MarkerError};
+use crate::quiesce::Quiesce;
+use crate::span_quiesce::SpanQuiesce;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tidemark_control::hold::{held_reply, released_reply, HoldRequest};
+use tidemark_control::hold::{
+    held_reply, quiesced_reply, released_reply, thawed_reply, HoldRequest,
+};
 use tidemark_control::{
     error_reply, ok_reply, DiskStatus, Request, StatusReply, Tracking, MAX_REQUEST_LINE,
 };
@@ -78,12 +83,19 @@ pub fn handle_line(line: &str, group_name: &str, group: &Group) -> String {
 /// at a time).
 struct Holds {
     participant: Mutex<Participant>,
+    quiesce: Mutex<SpanQuiesce>,
     session_open: AtomicBool,
 }
 
 impl Holds {
     fn participant(&self) -> std::sync::MutexGuard<'_, Participant> {
         self.participant
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn span_quiesce(&self) -> std::sync::MutexGuard<'_, SpanQuiesce> {
+        self.quiesce
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -101,10 +113,14 @@ impl Holds {
         match HoldRequest::parse(line) {
             Err(e) => error_reply(&e),
             Ok(HoldRequest::Open(open)) => {
+                // Application-consistent only while this point's quiesce
+                // holds (its watchdog may have thawed already).
+                let app_consistent =
+                    open.app_consistent && self.span_quiesce().frozen_for(open.point, open.epoch);
                 let mut p = self.participant();
                 let reply = p.open(&open, now, || {
                     group
-                        .hold_open(&open.label, open.app_consistent)
+                        .hold_open(&open.label, app_consistent)
                         .map_err(refusal)
                 });
                 self.sync_gate(&p, group);
@@ -120,6 +136,10 @@ impl Holds {
                 self.sync_gate(&p, group);
                 released_reply(&reply)
             }
+            Ok(HoldRequest::Quiesce(quiesce)) => {
+                quiesced_reply(&self.span_quiesce().quiesce(&quiesce))
+            }
+            Ok(HoldRequest::Thaw(thaw)) => thawed_reply(&self.span_quiesce().thaw(&thaw)),
         }
     }
 
@@ -131,12 +151,15 @@ impl Holds {
         }
     }
 
-    /// The session closed: its hold ends now.
+    /// The session closed: its hold ends now, and its quiesce thaws.
     fn lost(&self, group: &Group) {
-        let mut p = self.participant();
-        if p.connection_lost(Instant::now()) {
-            self.sync_gate(&p, group);
+        {
+            let mut p = self.participant();
+            if p.connection_lost(Instant::now()) {
+                self.sync_gate(&p, group);
+            }
         }
+        self.span_quiesce().end();
     }
 
     /// How long a session may wait for its next line.
@@ -224,11 +247,23 @@ pub struct ControlSocket {
 }
 
 impl ControlSocket {
-    /// Listens on `path` (0600) and serves requests on a thread.
+    /// Listens on `path` (0600) and serves requests on a thread; span
+    /// quiesces are answered not quiesced.
     pub fn start(
         path: &Path,
         group_name: String,
         group: Arc<Group>,
+    ) -> std::io::Result<ControlSocket> {
+        ControlSocket::start_quiescing(path, group_name, group, None)
+    }
+
+    /// [`Self::start`], with what an application-consistent span point
+    /// quiesces (`[tracker.app-consistent]`).
+    pub fn start_quiescing(
+        path: &Path,
+        group_name: String,
+        group: Arc<Group>,
+        quiesce: Option<Quiesce>,
     ) -> std::io::Result<ControlSocket> {
         let listener = crate::server::bind_private_unix(path)?;
         listener.set_nonblocking(true)?;
@@ -236,7 +271,7 @@ impl ControlSocket {
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
             .name("tracker-control".into())
-            .spawn(move || serve(listener, &flag, &group_name, &group))?;
+            .spawn(move || serve(listener, &flag, &group_name, &group, quiesce))?;
         Ok(ControlSocket {
             stop,
             thread: Some(thread),
@@ -254,9 +289,16 @@ impl ControlSocket {
     }
 }
 
-fn serve(listener: UnixListener, stop: &Arc<AtomicBool>, group_name: &str, group: &Arc<Group>) {
+fn serve(
+    listener: UnixListener,
+    stop: &Arc<AtomicBool>,
+    group_name: &str,
+    group: &Arc<Group>,
+    quiesce: Option<Quiesce>,
+) {
     let holds = Arc::new(Holds {
         participant: Mutex::new(Participant::new(ParticipantConfig::default())),
+        quiesce: Mutex::new(SpanQuiesce::new(quiesce)),
         session_open: AtomicBool::new(false),
     });
     let mut sessions = Vec::new();

@@ -76,6 +76,9 @@ pub struct TrackerSettings {
     /// Serve one of the disks to the kernel through ublk (see
     /// [`crate::ublk`]). `None`: no ublk device.
     pub ublk: Option<UblkSettings>,
+    /// What an application-consistent span point quiesces (the
+    /// `[tracker.app-consistent]` table). `None`: nothing.
+    pub app_consistent: Option<crate::quiesce::Quiesce>,
 }
 
 /// How the tracker serves a disk as `/dev/ublkbN`.
@@ -556,10 +559,11 @@ pub fn run(
         None => None,
     };
     // Serves at once, but refuses markers and resyncs until the group runs.
-    let control = ControlSocket::start(
+    let control = ControlSocket::start_quiescing(
         &settings.control_socket,
         settings.group.to_string(),
         group.clone(),
+        settings.app_consistent.clone(),
     )
     .map_err(|source| DaemonError::Socket {
         what: "control socket",

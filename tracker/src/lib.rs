@@ -20,6 +20,7 @@ pub mod range_lock;
 pub mod recover;
 mod ring;
 pub mod server;
+pub mod span_quiesce;
 pub mod splice;
 pub mod state;
 pub mod storage;

@@ -768,3 +768,118 @@ fn holds_over_the_control_socket_end_by_release_by_deadline_and_by_the_session_c
     drop(again);
     control.stop();
 }
+
+#[test]
+fn span_quiesces_over_the_control_socket_thaw_by_the_thaw_by_their_deadline_and_by_the_session_closing(
+) {
+    use std::time::Duration;
+    use tidemark_control::hold::HoldSession;
+    use tidemark_span::{
+        Epoch, HeldOutcome, OpenHold, PointId, QuiesceHold, QuiescedOutcome, ReleaseHold,
+        ReleasedHow, ThawHold, ThawedHow,
+    };
+    use tidemark_tracker::quiesce::Quiesce;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let group = open_group(tmp.path(), DirectIo::Off);
+    let socket = tmp.path().join("control.sock");
+    let journal = tmp.path().join("journal");
+    let hooks = Quiesce {
+        pre_hooks: vec![format!("echo freeze >> {}", journal.display())],
+        post_hooks: vec![format!("echo thaw >> {}", journal.display())],
+        timeout: Duration::from_secs(20),
+        ..Quiesce::default()
+    };
+    let control = tidemark_tracker::control::ControlSocket::start_quiescing(
+        &socket,
+        "g".into(),
+        Arc::clone(&group),
+        Some(hooks),
+    )
+    .unwrap();
+    let lines = || -> Vec<String> {
+        std::fs::read_to_string(&journal)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    let timeout = Duration::from_secs(5);
+    let quiesce = |point: u64, asked: Duration| QuiesceHold {
+        point: PointId(point),
+        epoch: Epoch(1),
+        timeout: asked,
+    };
+    let thaw = |point: u64| ThawHold {
+        point: PointId(point),
+        epoch: Epoch(1),
+    };
+    let mut session = HoldSession::connect(&socket, timeout).unwrap();
+
+    // Quiesce, hold, release, thaw.
+    let q = session
+        .quiesce(&quiesce(1, Duration::from_secs(30)), timeout)
+        .unwrap();
+    assert_eq!(q.outcome, QuiescedOutcome::Quiesced);
+    assert_eq!(lines(), ["freeze"]);
+    let held = session
+        .open(
+            &OpenHold {
+                point: PointId(1),
+                epoch: Epoch(1),
+                deadline: Duration::from_secs(1),
+                app_consistent: true,
+                label: span_label(),
+            },
+            timeout,
+        )
+        .unwrap();
+    assert!(matches!(held.outcome, HeldOutcome::Held { .. }), "{held:?}");
+    let released = session
+        .release(
+            &ReleaseHold {
+                point: PointId(1),
+                epoch: Epoch(1),
+                commit: true,
+            },
+            timeout,
+        )
+        .unwrap();
+    assert_eq!(released.how, ReleasedHow::InTime);
+    assert_eq!(lines(), ["freeze"], "thawed before the thaw");
+    let thawed = session.thaw(&thaw(1), timeout).unwrap();
+    assert_eq!(thawed.how, ThawedHow::InTime);
+    assert_eq!(lines(), ["freeze", "thaw"]);
+
+    // No thaw comes: the quiesce ends by the (coordinator's, shorter)
+    // deadline by itself.
+    session
+        .quiesce(&quiesce(2, Duration::from_millis(300)), timeout)
+        .unwrap();
+    let by = Instant::now() + Duration::from_secs(5);
+    while lines().len() < 4 {
+        assert!(Instant::now() < by, "never thawed: {:?}", lines());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        session.thaw(&thaw(2), timeout).unwrap().how,
+        ThawedHow::Expired
+    );
+
+    // The session closes (the shipper died): thawed at once.
+    session
+        .quiesce(&quiesce(3, Duration::from_secs(30)), timeout)
+        .unwrap();
+    assert_eq!(lines().len(), 5);
+    drop(session);
+    let by = Instant::now() + Duration::from_secs(5);
+    while lines().len() < 6 {
+        assert!(Instant::now() < by, "never thawed: {:?}", lines());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        lines(),
+        ["freeze", "thaw", "freeze", "thaw", "freeze", "thaw"]
+    );
+    control.stop();
+}

@@ -51,6 +51,12 @@
 //!                           outcome 0 (kept): u64 from-seq of the version
 //!                           the replica holds as current
 //!                           outcome 1 (refused): str16 reason
+//! 18 hold-quiesce    4      u64 point, u64 epoch, u32 timeout-ms
+//! 19 quiesced        4      u64 point, u64 epoch, u8 outcome (0 quiesced,
+//!                           1 not quiesced), then outcome 1: str16 reason
+//! 20 hold-thaw       4      u64 point, u64 epoch
+//! 21 thawed          4      u64 point, u64 epoch, u8 how (0 in-time,
+//!                           1 expired, 2 unknown), str16 note
 //! ```
 //!
 //! `since` is the protocol version that added the message or the fields
@@ -73,6 +79,12 @@
 //! applies from, or refused and why; the session goes on either way).
 //! They joined version 3 before any release spoke it, so no peer of an
 //! older version is ever sent one.
+//!
+//! Version 4 added the quiesce phase of application-consistent span
+//! points (`hold-quiesce`, `quiesced`, `hold-thaw`, `thawed`), on the hold
+//! stream like the other hold messages. A member whose session speaks
+//! version 3 is never sent them: the coordinator takes its marker
+//! crash-consistent (`tidemark_span` says how that makes the point).
 //!
 //! A planned failover is asked for on the replica site: the receiver sends
 //! `drain-request`; the shipper stops the protected host's tracker (no new
@@ -100,8 +112,9 @@ use tidemark_changelog::record::{self, crc32c_combine, Header, RecordRef, HEADER
 use tidemark_changelog::{Disk, DiskId, Extent, Seq};
 use tidemark_names::{Label, Name};
 use tidemark_span::{
-    Epoch, HeldOutcome, HeldReply, HoldMessage, OpenHold, PointId, RefuseCode, ReleaseHold,
-    ReleasedHow, ReleasedReply,
+    Epoch, HeldOutcome, HeldReply, HoldMessage, OpenHold, PointId, QuiesceHold, QuiescedOutcome,
+    QuiescedReply, RefuseCode, ReleaseHold, ReleasedHow, ReleasedReply, ThawHold, ThawedHow,
+    ThawedReply,
 };
 
 /// The longest `str8` field, in bytes (names are shorter still:
@@ -157,6 +170,14 @@ pub enum MessageType {
     VmSpec,
     /// [`Message::VmSpecReply`].
     VmSpecReply,
+    /// [`Message::Hold`] with [`HoldMessage::Quiesce`].
+    HoldQuiesce,
+    /// [`Message::Hold`] with [`HoldMessage::Quiesced`].
+    Quiesced,
+    /// [`Message::Hold`] with [`HoldMessage::Thaw`].
+    HoldThaw,
+    /// [`Message::Hold`] with [`HoldMessage::Thawed`].
+    Thawed,
 }
 
 impl MessageType {
@@ -180,6 +201,10 @@ impl MessageType {
             MessageType::Released => 15,
             MessageType::VmSpec => 16,
             MessageType::VmSpecReply => 17,
+            MessageType::HoldQuiesce => 18,
+            MessageType::Quiesced => 19,
+            MessageType::HoldThaw => 20,
+            MessageType::Thawed => 21,
         }
     }
 
@@ -203,6 +228,10 @@ impl MessageType {
             15 => MessageType::Released,
             16 => MessageType::VmSpec,
             17 => MessageType::VmSpecReply,
+            18 => MessageType::HoldQuiesce,
+            19 => MessageType::Quiesced,
+            20 => MessageType::HoldThaw,
+            21 => MessageType::Thawed,
             _ => return None,
         })
     }
@@ -228,6 +257,10 @@ impl MessageType {
             | MessageType::Released
             | MessageType::VmSpec
             | MessageType::VmSpecReply => 3,
+            MessageType::HoldQuiesce
+            | MessageType::Quiesced
+            | MessageType::HoldThaw
+            | MessageType::Thawed => 4,
         }
     }
 
@@ -259,6 +292,10 @@ impl MessageType {
             MessageType::Released => "released",
             MessageType::VmSpec => "vm-spec",
             MessageType::VmSpecReply => "vm-spec-reply",
+            MessageType::HoldQuiesce => "hold-quiesce",
+            MessageType::Quiesced => "quiesced",
+            MessageType::HoldThaw => "hold-thaw",
+            MessageType::Thawed => "thawed",
         }
     }
 }
@@ -989,6 +1026,10 @@ impl Message {
             Message::Hold(HoldMessage::Held(_)) => MessageType::Held,
             Message::Hold(HoldMessage::Release(_)) => MessageType::HoldRelease,
             Message::Hold(HoldMessage::Released(_)) => MessageType::Released,
+            Message::Hold(HoldMessage::Quiesce(_)) => MessageType::HoldQuiesce,
+            Message::Hold(HoldMessage::Quiesced(_)) => MessageType::Quiesced,
+            Message::Hold(HoldMessage::Thaw(_)) => MessageType::HoldThaw,
+            Message::Hold(HoldMessage::Thawed(_)) => MessageType::Thawed,
             Message::VmSpec { .. } => MessageType::VmSpec,
             Message::VmSpecReply(_) => MessageType::VmSpecReply,
         }
@@ -1459,7 +1500,11 @@ fn decode_fields(msg_type: MessageType, version: u16, body: &[u8]) -> Result<Mes
             MessageType::HoldOpen
             | MessageType::Held
             | MessageType::HoldRelease
-            | MessageType::Released => Message::Hold(decode_hold(msg_type, &mut r)?),
+            | MessageType::Released
+            | MessageType::HoldQuiesce
+            | MessageType::Quiesced
+            | MessageType::HoldThaw
+            | MessageType::Thawed => Message::Hold(decode_hold(msg_type, &mut r)?),
             MessageType::VmSpec => {
                 let text = r.rest();
                 if text.is_empty() || text.len() > MAX_VM_SPEC {
@@ -1546,6 +1591,30 @@ fn encode_hold(w: &mut Writer, hold: &HoldMessage) -> Result<(), EncodeError> {
             w.u32(u32::try_from(r.held.as_micros()).unwrap_or(u32::MAX));
             w.u32(r.gated_writes);
         }
+        HoldMessage::Quiesce(q) => {
+            w.u64(q.epoch.0);
+            w.u32(u32::try_from(q.timeout.as_millis()).unwrap_or(u32::MAX));
+        }
+        HoldMessage::Quiesced(q) => {
+            w.u64(q.epoch.0);
+            match &q.outcome {
+                QuiescedOutcome::Quiesced => w.u8(0),
+                QuiescedOutcome::NotQuiesced { reason } => {
+                    w.u8(1);
+                    w.str16("quiesce refusal", reason, MAX_HOLD_REASON)?;
+                }
+            }
+        }
+        HoldMessage::Thaw(t) => w.u64(t.epoch.0),
+        HoldMessage::Thawed(t) => {
+            w.u64(t.epoch.0);
+            let how = ThawedHow::ALL
+                .iter()
+                .position(|h| *h == t.how)
+                .expect("every answer is in ALL");
+            w.u8(how as u8);
+            w.str16("thaw note", &t.note, MAX_HOLD_REASON)?;
+        }
     }
     Ok(())
 }
@@ -1618,6 +1687,47 @@ fn decode_hold(msg_type: MessageType, r: &mut Reader<'_>) -> Result<HoldMessage,
                 how,
                 held: Duration::from_micros(u64::from(r.u32("held")?)),
                 gated_writes: r.u32("gated writes")?,
+            })
+        }
+        MessageType::HoldQuiesce => HoldMessage::Quiesce(QuiesceHold {
+            point,
+            epoch,
+            timeout: Duration::from_millis(u64::from(r.u32("timeout")?)),
+        }),
+        MessageType::Quiesced => {
+            let outcome = match r.u8("outcome")? {
+                0 => QuiescedOutcome::Quiesced,
+                1 => {
+                    let len = r.u16("reason length")? as usize;
+                    if len > MAX_HOLD_REASON {
+                        return Err(invalid("quiesce refusal", "longer than 4 KiB"));
+                    }
+                    QuiescedOutcome::NotQuiesced {
+                        reason: r.utf8("quiesce refusal", len)?,
+                    }
+                }
+                _ => return Err(invalid("outcome", "unknown quiesce outcome")),
+            };
+            HoldMessage::Quiesced(QuiescedReply {
+                point,
+                epoch,
+                outcome,
+            })
+        }
+        MessageType::HoldThaw => HoldMessage::Thaw(ThawHold { point, epoch }),
+        MessageType::Thawed => {
+            let how = *ThawedHow::ALL
+                .get(r.u8("how")? as usize)
+                .ok_or(invalid("how", "unknown thaw answer"))?;
+            let len = r.u16("note length")? as usize;
+            if len > MAX_HOLD_REASON {
+                return Err(invalid("thaw note", "longer than 4 KiB"));
+            }
+            HoldMessage::Thawed(ThawedReply {
+                point,
+                epoch,
+                how,
+                note: r.utf8("thaw note", len)?,
             })
         }
         other => unreachable!("{} is not a hold message", other.name()),

@@ -216,12 +216,13 @@ fn arb_message() -> impl Strategy<Value = Message> {
     ]
 }
 
-/// A span point's hold message (protocol version 3 on).
+/// A span point's hold message (protocol version 3 on; quiesce and thaw 4 on).
 fn arb_hold() -> impl Strategy<Value = HoldMessage> {
     use std::time::Duration;
     use tidemark_span::{
-        Epoch, HeldOutcome, HeldReply, OpenHold, PointId, RefuseCode, ReleaseHold, ReleasedHow,
-        ReleasedReply,
+        Epoch, HeldOutcome, HeldReply, OpenHold, PointId, QuiesceHold, QuiescedOutcome,
+        QuiescedReply, RefuseCode, ReleaseHold, ReleasedHow, ReleasedReply, ThawHold, ThawedHow,
+        ThawedReply,
     };
     let ids = (any::<u64>(), any::<u64>());
     prop_oneof![
@@ -282,6 +283,35 @@ fn arb_hold() -> impl Strategy<Value = HoldMessage> {
                     gated_writes,
                 })
             ),
+        (ids, any::<u32>()).prop_map(|((point, epoch), timeout)| HoldMessage::Quiesce(
+            QuiesceHold {
+                point: PointId(point),
+                epoch: Epoch(epoch),
+                timeout: Duration::from_millis(u64::from(timeout)),
+            }
+        )),
+        (ids, proptest::option::of("\\PC{0,100}")).prop_map(|((point, epoch), refused)| {
+            HoldMessage::Quiesced(QuiescedReply {
+                point: PointId(point),
+                epoch: Epoch(epoch),
+                outcome: match refused {
+                    None => QuiescedOutcome::Quiesced,
+                    Some(reason) => QuiescedOutcome::NotQuiesced { reason },
+                },
+            })
+        }),
+        ids.prop_map(|(point, epoch)| HoldMessage::Thaw(ThawHold {
+            point: PointId(point),
+            epoch: Epoch(epoch),
+        })),
+        (ids, 0usize..ThawedHow::ALL.len(), "\\PC{0,100}").prop_map(
+            |((point, epoch), how, note)| HoldMessage::Thawed(ThawedReply {
+                point: PointId(point),
+                epoch: Epoch(epoch),
+                how: ThawedHow::ALL[how],
+                note,
+            })
+        ),
     ]
 }
 
