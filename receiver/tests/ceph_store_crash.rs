@@ -22,6 +22,7 @@ use tidemark_ceph::{SimCluster, SimWorld};
 use tidemark_changelog::{DiskId, Entry, Record, Seq};
 use tidemark_names::Name;
 use tidemark_receiver::store::ceph::{CephEngine, CephGroup};
+use tidemark_receiver::store::StoreEngine;
 use tidemark_receiver::store::{
     Applied, ChunkRef, Disk, GroupState, Position, Purpose, Retention, StoreError,
 };
@@ -237,6 +238,12 @@ fn workload(seed: u64, steady_ops: usize) -> Workload {
         ops: s.ops,
         source: s.states,
     }
+}
+
+/// The record after the stream's last one.
+fn record_after(w: &Workload) -> Record {
+    let seq = w.source.len() as u64;
+    Record::decode(&Entry::barrier(0).encode(seq, 1)).expect("a valid record")
 }
 
 fn names() -> (Name, Name) {
@@ -482,10 +489,23 @@ fn cut_at_every_operation(seed: u64, steady_ops: usize) {
     let probe_world = SimWorld::new();
     let probe = run(&probe_world, &w.ops);
     assert!(probe.crashed_at.is_none(), "the probe run failed");
-    let g = open(&engine(&probe_world)).unwrap();
+    let probe_engine = engine(&probe_world);
+    let (host, group) = names();
+    assert!(probe_engine.exists(&host, &group));
+    assert!(!probe_engine.exists(&host, &Name::from_static("other")));
+    let g = open(&probe_engine).unwrap();
     let points = check_points("probe", &g, &w);
     assert!(points >= 2, "too few points to be interesting: {points}");
-    drop(g);
+    // A reader opens it beside the writer, reads the same points, and can
+    // change nothing.
+    let mut reader = probe_engine.open_group_read_only(&host, &group).unwrap();
+    assert_eq!(reader.points(), g.points());
+    check_points("read-only", &reader, &w);
+    assert!(
+        reader.apply_record(&record_after(&w)).is_err(),
+        "a read-only group applied a record"
+    );
+    drop((g, reader));
     // Operations of the run alone (the probe's reopen counts some more).
     let ops = {
         let world = SimWorld::new();
