@@ -200,7 +200,7 @@ impl<C: Cluster + 'static> CephEngine<C> {
             .set_xattr(XATTR_OWNER, self.owner.as_bytes());
         match self.cluster.operate(&state, &first) {
             Ok(()) => {
-                let listed = WriteOp::new().omap_set(vec![(prefix.clone(), Vec::new())]);
+                let listed = WriteOp::new().omap_set(vec![(format!("{host}+{group}"), Vec::new())]);
                 self.cluster
                     .operate(GROUPS_OBJECT, &listed)
                     .map_err(|e| self.err(host, group, "listing the group", e))?;
@@ -345,5 +345,76 @@ impl<C: Cluster + 'static> StoreEngine for CephEngine<C> {
 
     fn describe(&self, host: &Name, group: &Name) -> String {
         format!("ceph:{host}+{group}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidemark_ceph::SimWorld;
+
+    fn names() -> (Name, Name) {
+        (Name::from_static("h1"), Name::from_static("g"))
+    }
+
+    /// The first open creates the state object with every guarded
+    /// attribute and lists the group; each open advances the epoch.
+    #[test]
+    fn the_first_open_creates_the_state_object_and_each_open_takes_an_epoch() {
+        let world = SimWorld::new();
+        let engine = CephEngine::new(world.client("ns"), "node-a");
+        let (host, group) = names();
+        assert!(!engine.exists(&host, &group));
+        drop(engine.open_group(&host, &group).unwrap());
+        let cluster = world.client("ns");
+        let xattrs = cluster.xattrs("h1+g+state").unwrap();
+        assert_eq!(xattrs[XATTR_FORMAT], b"tidemark-ceph 1");
+        assert_eq!(xattrs[XATTR_EPOCH], hex(1).as_bytes());
+        assert_eq!(xattrs[XATTR_COMMIT], hex(1).as_bytes(), "the empty state");
+        assert_eq!(xattrs[XATTR_OWNER], b"node-a");
+        let groups = cluster.omap(GROUPS_OBJECT, None, 10).unwrap();
+        assert_eq!(groups.entries, [("h1+g".to_string(), Vec::new())]);
+        assert!(engine.exists(&host, &group));
+
+        drop(engine.open_group(&host, &group).unwrap());
+        let xattrs = cluster.xattrs("h1+g+state").unwrap();
+        assert_eq!(xattrs[XATTR_EPOCH], hex(2).as_bytes());
+        assert_eq!(xattrs[XATTR_COMMIT], hex(1).as_bytes());
+    }
+
+    /// A group of a newer format, or of none, is refused before anything
+    /// of it changes; a missing group does not open read-only.
+    #[test]
+    fn a_group_of_another_format_is_refused() {
+        let world = SimWorld::new();
+        let engine = CephEngine::new(world.client("ns"), "node-a");
+        let (host, group) = names();
+        assert!(matches!(
+            engine.open_group_read_only(&host, &group),
+            Err(StoreError::Damaged { .. })
+        ));
+        drop(engine.open_group(&host, &group).unwrap());
+        let cluster = world.client("ns");
+        let set = |value: &[u8]| {
+            cluster
+                .operate("h1+g+state", &WriteOp::new().set_xattr(XATTR_FORMAT, value))
+                .unwrap()
+        };
+        set(b"tidemark-ceph 2");
+        assert!(matches!(
+            engine.open_group(&host, &group),
+            Err(StoreError::UnsupportedVersion { found: 2, .. })
+        ));
+        set(b"something else");
+        assert!(matches!(
+            engine.open_group(&host, &group),
+            Err(StoreError::Damaged { .. })
+        ));
+        let xattrs = cluster.xattrs("h1+g+state").unwrap();
+        assert_eq!(
+            xattrs[XATTR_EPOCH],
+            hex(1).as_bytes(),
+            "the refused opens changed it"
+        );
     }
 }
