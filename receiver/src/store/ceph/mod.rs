@@ -1,7 +1,7 @@
 //! The replica store on a Ceph cluster ([`CephEngine`]): each group's disks
 //! are RBD images and its history (journal, journal index, span floor, pin)
 //! RADOS objects, in one pool and namespace, through the
-//! [`Cluster`](tidemark_ceph::Cluster) seam (a real cluster with
+//! [`Cluster`] seam (a real cluster with
 //! `tidemark-ceph`'s feature `librados`, or its simulation in tests).
 //!
 //! Not yet selectable in `receiver.toml`: the receiver and the CLI still
