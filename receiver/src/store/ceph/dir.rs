@@ -324,22 +324,76 @@ impl<C: Cluster> CephDir<C> {
     }
 
     fn object(&self, oid: String) -> CephFile<C> {
-        CephFile::Object {
+        CephFile::Object(ObjectFile {
             cluster: self.cluster.clone(),
             oid,
+            pending: Arc::default(),
+        })
+    }
+}
+
+/// Appends gathered into one write: [`APPEND_LIMIT`] bytes at most.
+const APPEND_LIMIT: usize = 4 << 20;
+
+/// Bytes written to an object and not yet sent: one contiguous run.
+#[derive(Debug, Default)]
+struct Append {
+    at: u64,
+    data: Vec<u8>,
+}
+
+/// A RADOS object of a [`CephDir`]. Contiguous writes (the journal's
+/// appends) are gathered and sent as one operation when they reach
+/// [`APPEND_LIMIT`], at `sync_data`, or before anything else touches the
+/// object through this handle (or a clone of it); each operation is
+/// durable when it returns. A write that is not contiguous sends what was
+/// gathered first.
+pub struct ObjectFile<C: Cluster> {
+    cluster: Arc<C>,
+    oid: String,
+    pending: Arc<Mutex<Append>>,
+}
+
+impl<C: Cluster> ObjectFile<C> {
+    fn append(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        let mut pending = lock(&self.pending);
+        if !pending.data.is_empty() && pending.at + pending.data.len() as u64 != offset {
+            self.send(&mut pending)?;
         }
+        if pending.data.is_empty() {
+            pending.at = offset;
+        }
+        for b in bufs {
+            pending.data.extend_from_slice(b);
+        }
+        if pending.data.len() >= APPEND_LIMIT {
+            self.send(&mut pending)?;
+        }
+        Ok(())
+    }
+
+    /// Sends what was gathered and waits until it is durable.
+    fn flush(&self) -> io::Result<()> {
+        let mut pending = lock(&self.pending);
+        self.send(&mut pending)
+    }
+
+    fn send(&self, pending: &mut Append) -> io::Result<()> {
+        if pending.data.is_empty() {
+            return Ok(());
+        }
+        // Gone whether the write succeeds or not: a failed write is fatal
+        // to the group, never retried (as a failed fdatasync).
+        let data = std::mem::take(&mut pending.data);
+        let op = WriteOp::new().write(pending.at, &data);
+        self.cluster.operate(&self.oid, &op).map_err(io_error)
     }
 }
 
 /// A file of a [`CephDir`].
 pub enum CephFile<C: Cluster> {
-    /// A RADOS object; every write is durable when it returns.
-    Object {
-        /// The client.
-        cluster: Arc<C>,
-        /// The object's name.
-        oid: String,
-    },
+    /// A RADOS object; appends are gathered and written at `sync_data`.
+    Object(ObjectFile<C>),
     /// An RBD image; writes are durable at `sync_data` (a flush).
     Image(Arc<C::Image>),
     /// A file staged in memory until renamed.
@@ -349,7 +403,7 @@ pub enum CephFile<C: Cluster> {
 impl<C: Cluster> fmt::Debug for CephFile<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            CephFile::Object { oid, .. } => write!(f, "CephFile::Object({oid})"),
+            CephFile::Object(o) => write!(f, "CephFile::Object({})", o.oid),
             CephFile::Image(image) => write!(f, "CephFile::Image({image:?})"),
             CephFile::Staged(_) => write!(f, "CephFile::Staged"),
         }
@@ -359,7 +413,10 @@ impl<C: Cluster> fmt::Debug for CephFile<C> {
 impl<C: Cluster> LogFile for CephFile<C> {
     fn size(&self) -> io::Result<u64> {
         match self {
-            CephFile::Object { cluster, oid } => cluster.stat(oid).map_err(io_error),
+            CephFile::Object(o) => {
+                o.flush()?;
+                o.cluster.stat(&o.oid).map_err(io_error)
+            }
             CephFile::Image(image) => image.size().map_err(io_error),
             CephFile::Staged(buf) => Ok(lock(buf).len() as u64),
         }
@@ -367,8 +424,12 @@ impl<C: Cluster> LogFile for CephFile<C> {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         match self {
-            CephFile::Object { cluster, oid } => {
-                let data = cluster.read(oid, offset, buf.len()).map_err(io_error)?;
+            CephFile::Object(o) => {
+                o.flush()?;
+                let data = o
+                    .cluster
+                    .read(&o.oid, offset, buf.len())
+                    .map_err(io_error)?;
                 let n = data.len().min(buf.len());
                 buf[..n].copy_from_slice(&data[..n]);
                 Ok(n)
@@ -393,11 +454,7 @@ impl<C: Cluster> LogFile for CephFile<C> {
 
     fn write_all_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
         match self {
-            CephFile::Object { cluster, oid } => {
-                let data = bufs.concat();
-                let op = WriteOp::new().write(offset, &data);
-                cluster.operate(oid, &op).map_err(io_error)
-            }
+            CephFile::Object(o) => o.append(bufs, offset),
             CephFile::Image(image) => {
                 let mut at = offset;
                 for b in bufs {
@@ -434,7 +491,9 @@ impl<C: Cluster> LogFile for CephFile<C> {
             return Ok(());
         }
         match self {
-            CephFile::Object { cluster, oid } => {
+            CephFile::Object(o) => {
+                o.flush()?;
+                let (cluster, oid) = (&o.cluster, &o.oid);
                 // A zero reaching the object's end would truncate it: write
                 // zeroes there instead, keeping the length.
                 let size = cluster.stat(oid).map_err(io_error)?;
@@ -458,9 +517,12 @@ impl<C: Cluster> LogFile for CephFile<C> {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         match self {
-            CephFile::Object { cluster, oid } => cluster
-                .operate(oid, &WriteOp::new().truncate(len))
-                .map_err(io_error),
+            CephFile::Object(o) => {
+                o.flush()?;
+                o.cluster
+                    .operate(&o.oid, &WriteOp::new().truncate(len))
+                    .map_err(io_error)
+            }
             CephFile::Image(image) => image.resize(len).map_err(io_error),
             CephFile::Staged(data) => {
                 lock(data).resize(len as usize, 0);
@@ -472,16 +534,18 @@ impl<C: Cluster> LogFile for CephFile<C> {
     fn sync_data(&self) -> io::Result<()> {
         match self {
             CephFile::Image(image) => image.flush().map_err(io_error),
-            CephFile::Object { .. } | CephFile::Staged(_) => Ok(()),
+            CephFile::Object(o) => o.flush(),
+            CephFile::Staged(_) => Ok(()),
         }
     }
 
     fn try_clone(&self) -> io::Result<Self> {
         Ok(match self {
-            CephFile::Object { cluster, oid } => CephFile::Object {
-                cluster: cluster.clone(),
-                oid: oid.clone(),
-            },
+            CephFile::Object(o) => CephFile::Object(ObjectFile {
+                cluster: o.cluster.clone(),
+                oid: o.oid.clone(),
+                pending: o.pending.clone(),
+            }),
             CephFile::Image(image) => CephFile::Image(image.clone()),
             CephFile::Staged(data) => CephFile::Staged(data.clone()),
         })
@@ -493,7 +557,7 @@ impl<C: Cluster> LogFile for CephFile<C> {
                 .allocated(offset, len)
                 .map(|ranges| ranges.is_empty())
                 .unwrap_or(false),
-            CephFile::Object { .. } | CephFile::Staged(_) => false,
+            CephFile::Object(_) | CephFile::Staged(_) => false,
         }
     }
 }

@@ -77,12 +77,14 @@
 //! # Apply → commit → Ack
 //!
 //! 1. Records in a consistent or resyncing group are appended to the
-//!    journal segment (one write operation each, durable on return);
+//!    journal segment (contiguous appends gathered, up to 4 MiB, into one
+//!    write operation, sent when full or at the commit);
 //!    initial-sync chunks are written into the images. Crash: nothing is
 //!    committed; the next open cuts the journal tail, and the images'
 //!    unflushed writes are lost or not, which the position (the disk's
 //!    `synced` offset, as committed) does not count either way.
-//! 2. The commit mark is appended; the touched images are flushed. Crash:
+//! 2. The commit mark is appended and what was gathered of the segment
+//!    written (durable on return); the touched images are flushed. Crash:
 //!    as 1.
 //! 3. **The commit**: one operation on `G+state`: `epoch == mine`,
 //!    `commit == N` guards, `commit := N+1`, the state bytes written whole.
@@ -121,7 +123,7 @@ use tidemark_changelog::Seq;
 use tidemark_names::Name;
 
 use dir::{io_error, Head};
-pub use dir::{CephDir, CephFile};
+pub use dir::{CephDir, CephFile, ObjectFile};
 
 use super::{ReplicaGroup, ReplicaStore, StoreEngine, StoreError};
 
