@@ -148,3 +148,54 @@ fn a_group_replicates_reopens_and_folds_on_a_real_cluster() {
         "the fenced writer moved the state"
     );
 }
+
+/// A steady stream on the real cluster: 4 KiB writes committed every 32
+/// records, as a shipper's batches are. The head reads as the source at
+/// the end; the apply rate is printed (a figure, not a limit).
+#[test]
+fn a_steady_stream_applies_and_reads_back_on_a_real_cluster() {
+    let Some(tb) = cluster() else { return };
+    let namespace = format!("stream-{}", std::process::id());
+    let (host, group) = (Name::from_static("h1"), Name::from_static("g"));
+    let engine = engine(tb, &namespace);
+    let mut g = engine.open_group(&host, &group).unwrap();
+    g.ensure_disks(&[Disk {
+        id: DiskId(0),
+        name: Name::from_static("data"),
+        size: SIZE,
+    }])
+    .unwrap();
+    g.apply_chunk(DiskId(0), 0, ChunkRef::Zero(SIZE), Purpose::InitialSync)
+        .unwrap();
+    let mut source = vec![0u8; SIZE as usize];
+    let mut seq = 0u64;
+    let mut next = |entry: Entry<'_>| {
+        seq += 1;
+        Record::decode(&entry.encode(seq, 1)).unwrap()
+    };
+    g.apply_record(&next(Entry::barrier(0))).unwrap();
+    g.commit().unwrap();
+
+    const RECORDS: u64 = 1024;
+    let started = std::time::Instant::now();
+    for i in 0..RECORDS {
+        let offset = (i * 7919 % (SIZE / 4096)) * 4096;
+        let data = vec![(i % 255) as u8 + 1; 4096];
+        g.apply_record(&next(Entry::write(0, offset, &data, i)))
+            .unwrap();
+        source[offset as usize..offset as usize + 4096].copy_from_slice(&data);
+        if i % 32 == 31 {
+            g.apply_record(&next(Entry::barrier(i))).unwrap();
+            g.commit().unwrap();
+        }
+    }
+    let took = started.elapsed();
+    eprintln!(
+        "applied {RECORDS} records of 4 KiB with a commit every 32 in {took:?}: {:.0} records/s, {:.1} MiB/s",
+        RECORDS as f64 / took.as_secs_f64(),
+        (RECORDS * 4096) as f64 / took.as_secs_f64() / f64::from(1 << 20)
+    );
+    assert!(read(&g, None) == source, "the head differs");
+    let newest = g.points().last().map(|p| p.seq);
+    assert!(read(&g, newest) == source, "the newest point differs");
+}
