@@ -11,7 +11,10 @@
 //! lease yet: a newer writer fences an older one (the epoch and the
 //! images' exclusive locks, below), but nothing keeps two receivers from
 //! opening the same group in turn, and a group without disks yet fences
-//! by the epoch alone (its journal writes are not fenced).
+//! by the epoch alone (its journal writes are not fenced). A process
+//! opens a group for writing once at a time: a second writable open from
+//! the same cluster client would break the first one's image locks, which
+//! blocklists that client, the opener included.
 //!
 //! The group's store is the local store's ([`ReplicaGroup`]) on a
 //! directory of the storage seam whose files are objects and images
