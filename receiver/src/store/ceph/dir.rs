@@ -344,7 +344,7 @@ struct Append {
 
 /// A RADOS object of a [`CephDir`]. Contiguous writes (the journal's
 /// appends) are gathered and sent as one operation when they reach
-/// [`APPEND_LIMIT`], at `sync_data`, or before anything else touches the
+/// 4 MiB, at `sync_data`, or before anything else touches the
 /// object through this handle (or a clone of it); each operation is
 /// durable when it returns. A write that is not contiguous sends what was
 /// gathered first.
