@@ -254,6 +254,7 @@
 //! poisons the open group ([`StoreError::Poisoned`]): fsync is never retried,
 //! and reopening recovers to the last committed position.
 
+pub mod ceph;
 mod engine;
 mod error;
 mod image;

@@ -1,0 +1,425 @@
+//! The replica store on a Ceph cluster ([`CephEngine`]): each group's disks
+//! are RBD images and its history (journal, journal index, span floor, pin)
+//! RADOS objects, in one pool and namespace, through the
+//! [`Cluster`] seam (a real cluster with
+//! `tidemark-ceph`'s feature `librados`, or its simulation in tests).
+//!
+//! Not yet selectable in `receiver.toml`: the receiver and the CLI still
+//! open the local store only; the engine is complete for one writer per
+//! group and tested on the simulation (`tests/ceph_store_crash.rs`) and on
+//! a real cluster (`tests/ceph_store_live.rs`, feature `ceph`). There is no
+//! lease yet: a newer writer fences an older one (the epoch and the
+//! images' exclusive locks, below), but nothing keeps two receivers from
+//! opening the same group in turn, and a group without disks yet fences
+//! by the epoch alone (its journal writes are not fenced). A process
+//! opens a group for writing once at a time: a second writable open from
+//! the same cluster client would break the first one's image locks, which
+//! blocklists that client, the opener included.
+//!
+//! The group's store is the local store's ([`ReplicaGroup`]) on a
+//! directory of the storage seam whose files are objects and images
+//! ([`CephDir`]): the apply rules, the journal, its points, folds and the
+//! pin are the local store's code and formats, unchanged; only where each
+//! file lives and what makes a commit durable differ. This is the format
+//! document of the Ceph store.
+//!
+//! # Objects
+//!
+//! `G` is `HOST+GROUP` (names never hold `+`).
+//!
+//! ```text
+//!  G+state              the local state file's bytes ("TMRS": meta, journal
+//!                       start and end, fold-to); empty until the first
+//!                       commit. Extended attributes (numbers as 16
+//!                       lower-case hex digits, so that guards compare them
+//!                       as strings):
+//!                         format  "tidemark-ceph 1": the version of every
+//!                                 object of the group (a newer one is refused)
+//!                         epoch   the fencing epoch: each writer's open
+//!                                 advances it
+//!                         commit  the commit counter: each commit advances it
+//!                         owner   who opened the group last, for messages
+//!  G+journal.SSSSSSSS   journal segments (the local TMJE entries; a position
+//!                       is segment << 40 | offset)
+//!  G+journal-index      the journal index (TMJI), replaced whole
+//!  G+span-floor         the span floor (decimal), replaced whole; absent: none
+//!  G+dir                omap: one key per object the journal created
+//!                       (journal segments), so that an open finds leftovers
+//!                       without listing the pool
+//!  G+tf.pin             the point a test failover reads (decimal): retention
+//!                       folds neither it nor a later point while it exists
+//!  G+disk-N             RBD image per disk: the disk as of the history's
+//!                       start
+//!  tidemark+groups      omap: G -> "" for every group ever opened
+//! ```
+//!
+//! Files the local store replaces atomically (`NAME.tmp`, sync, rename)
+//! are staged in memory and written by the rename in one operation: the
+//! object is replaced whole, never seen half written.
+//!
+//! # Open
+//!
+//! 1. One operation on `G+state`: create it exclusively with `format`,
+//!    `epoch` and `commit` at zero (every guarded attribute exists before a
+//!    guard relies on it: a missing one compares as empty). It exists
+//!    already: nothing changes. The group is listed in `tidemark+groups`.
+//! 2. `format` is checked; `epoch` E and `commit` N are read.
+//! 3. One operation: `epoch == E`, `commit == N` guards, `epoch := E+1`,
+//!    `owner := …`. From here a writer that opened before, if still
+//!    running, can commit nothing more (its epoch guard fails).
+//! 4. The local store's open. Each image is opened with its exclusive
+//!    lock taken, breaking the lock of the writer before (which blocklists
+//!    that client: from here it can change neither images nor objects).
+//!    An uncommitted journal tail is cut (the
+//!    segment truncated at the committed end, later segments listed in
+//!    `G+dir` removed), a fold cut short is finished.
+//!
+//! A crash at any step leaves a group the next open opens: step 1 is
+//! atomic, step 3 only moves the epoch, step 4 is the local recovery.
+//!
+//! # Apply → commit → Ack
+//!
+//! 1. Records in a consistent or resyncing group are appended to the
+//!    journal segment (contiguous appends gathered, up to 4 MiB, into one
+//!    write operation, sent when full or at the commit);
+//!    initial-sync chunks are written into the images. Crash: nothing is
+//!    committed; the next open cuts the journal tail, and the images'
+//!    unflushed writes are lost or not, which the position (the disk's
+//!    `synced` offset, as committed) does not count either way.
+//! 2. The commit mark is appended and what was gathered of the segment
+//!    written (durable on return); the touched images are flushed. Crash:
+//!    as 1.
+//! 3. **The commit**: one operation on `G+state`: `epoch == mine`,
+//!    `commit == N` guards, `commit := N+1`, the state bytes written whole.
+//!    Atomic and durable on return; only then is the position returned and
+//!    the shipper acknowledged. Crash before or during: the old state or
+//!    the new, never a mix. A failed guard means another writer opened the
+//!    group (fenced): the group is poisoned, nothing is acknowledged. A
+//!    timed-out operation leaves the outcome unknown: poisoned as well; the
+//!    next open reads whichever state won, and the counter guard keeps a
+//!    late-executing old operation from landing after a newer one.
+//!
+//! # Points and folds
+//!
+//! A point reads as the images with the journal's pieces before it laid
+//! over them (the local overlay), read from the segment objects: no disk is
+//! copied, no snapshot taken. Retention folds as locally: the state object
+//! records the fold (one guarded commit), the pieces are written into the
+//! images and flushed, the state moves the history's start (a second
+//! commit), then the segments wholly before it are removed (object, then
+//! its `G+dir` key). A crash anywhere after the first step is finished by
+//! the next open, writing the same bytes again.
+//!
+//! The pin (`G+tf.pin`) is read when retention chooses what to fold, as
+//! the local pin file is; a pin and a fold are not yet serialised by one
+//! guarded operation, so a reader pins before it reads, as locally.
+
+mod dir;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tidemark_ceph::{CephError, Cluster, CmpOp, WriteOp};
+use tidemark_changelog::Seq;
+use tidemark_names::Name;
+
+use dir::{io_error, Head};
+pub use dir::{CephDir, CephFile, ObjectFile};
+
+use super::{ReplicaGroup, ReplicaStore, StoreEngine, StoreError};
+
+/// The format of a group's objects this release reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+/// The `format` attribute's text before the version number.
+const FORMAT_PREFIX: &str = "tidemark-ceph ";
+/// The omap object listing every group of the namespace.
+pub const GROUPS_OBJECT: &str = "tidemark+groups";
+
+const XATTR_FORMAT: &str = "format";
+const XATTR_EPOCH: &str = "epoch";
+const XATTR_COMMIT: &str = "commit";
+const XATTR_OWNER: &str = "owner";
+/// Attempts at advancing the epoch when other openers race this one.
+const OPEN_ATTEMPTS: usize = 8;
+
+/// A counter as an attribute value: 16 lower-case hex digits.
+fn hex(n: u64) -> String {
+    format!("{n:016x}")
+}
+
+/// The group store on a cluster, as a [`ReplicaGroup`] on a [`CephDir`].
+pub type CephGroup<C> = ReplicaGroup<CephDir<C>>;
+
+/// Where the groups' stores live: a pool and namespace of a Ceph cluster.
+pub struct CephEngine<C: Cluster> {
+    cluster: Arc<C>,
+    /// Written to `owner` at open, for messages.
+    owner: String,
+}
+
+impl<C: Cluster> fmt::Debug for CephEngine<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CephEngine")
+            .field("owner", &self.owner)
+            .finish_non_exhaustive()
+    }
+}
+
+fn prefix(host: &Name, group: &Name) -> String {
+    format!("{host}+{group}+")
+}
+
+impl<C: Cluster + 'static> CephEngine<C> {
+    /// The engine on `cluster` (bound to its pool and namespace); `owner`
+    /// says who opens groups (e.g. the receiver's node and pid).
+    pub fn new(cluster: C, owner: &str) -> CephEngine<C> {
+        CephEngine {
+            cluster: Arc::new(cluster),
+            owner: owner.to_owned(),
+        }
+    }
+
+    fn err(&self, host: &Name, group: &Name, context: &'static str, e: CephError) -> StoreError {
+        StoreError::Io {
+            context,
+            path: PathBuf::from(self.describe(host, group)),
+            source: io_error(e),
+        }
+    }
+
+    /// Opens `host`'s `group` for writing, creating it on first use and
+    /// recovering it after a crash (see the module's Open).
+    pub fn open_group(&self, host: &Name, group: &Name) -> Result<CephGroup<C>, StoreError> {
+        let prefix = prefix(host, group);
+        let state = format!("{prefix}state");
+        let first = WriteOp::new()
+            .create(true)
+            .set_xattr(
+                XATTR_FORMAT,
+                format!("{FORMAT_PREFIX}{FORMAT_VERSION}").as_bytes(),
+            )
+            .set_xattr(XATTR_EPOCH, hex(0).as_bytes())
+            .set_xattr(XATTR_COMMIT, hex(0).as_bytes())
+            .set_xattr(XATTR_OWNER, self.owner.as_bytes());
+        match self.cluster.operate(&state, &first) {
+            Ok(()) => {
+                let listed = WriteOp::new().omap_set(vec![(format!("{host}+{group}"), Vec::new())]);
+                self.cluster
+                    .operate(GROUPS_OBJECT, &listed)
+                    .map_err(|e| self.err(host, group, "listing the group", e))?;
+            }
+            Err(CephError::Exists { .. }) => {}
+            Err(e) => return Err(self.err(host, group, "creating the group", e)),
+        }
+        let mut attempt = 0;
+        let head = loop {
+            let (epoch, commit) = self.read_head(host, group)?;
+            let bump = WriteOp::new()
+                .cmp_xattr(XATTR_EPOCH, CmpOp::Eq, hex(epoch).as_bytes())
+                .cmp_xattr(XATTR_COMMIT, CmpOp::Eq, hex(commit).as_bytes())
+                .set_xattr(XATTR_EPOCH, hex(epoch + 1).as_bytes())
+                .set_xattr(XATTR_OWNER, self.owner.as_bytes());
+            match self.cluster.operate(&state, &bump) {
+                Ok(()) => {
+                    break Head {
+                        epoch: epoch + 1,
+                        commit,
+                        read_only: false,
+                    }
+                }
+                Err(CephError::Canceled { .. }) if attempt + 1 < OPEN_ATTEMPTS => attempt += 1,
+                Err(e) => return Err(self.err(host, group, "taking the group's epoch", e)),
+            }
+        };
+        let dir = CephDir::new(self.cluster.clone(), prefix.clone(), Some(head));
+        let test_failover = CephDir::new(self.cluster.clone(), format!("{prefix}tf."), None);
+        ReplicaGroup::open_on(dir, test_failover)
+    }
+
+    /// Opens an existing group to read its points while a writer may
+    /// write it; every change fails.
+    pub fn open_group_read_only(
+        &self,
+        host: &Name,
+        group: &Name,
+    ) -> Result<CephGroup<C>, StoreError> {
+        let prefix = prefix(host, group);
+        let (epoch, commit) = self.read_head(host, group)?;
+        let head = Head {
+            epoch,
+            commit,
+            read_only: true,
+        };
+        let dir = CephDir::new(self.cluster.clone(), prefix.clone(), Some(head));
+        let test_failover = CephDir::new(self.cluster.clone(), format!("{prefix}tf."), None);
+        ReplicaGroup::open_on_read_only(dir, test_failover)
+    }
+
+    /// Pins the point `seq` of `host`'s `group` (`None`: removes the pin):
+    /// retention folds neither it nor any later point while it lasts.
+    pub fn set_pin(&self, host: &Name, group: &Name, seq: Option<Seq>) -> Result<(), StoreError> {
+        let oid = format!("{}tf.{}", prefix(host, group), crate::pin::PIN_FILE);
+        let op = match seq {
+            Some(seq) => WriteOp::new().write_full(seq.get().to_string().as_bytes()),
+            None => WriteOp::new().remove(),
+        };
+        match self.cluster.operate(&oid, &op) {
+            Ok(()) => Ok(()),
+            Err(CephError::NotFound { .. }) if seq.is_none() => Ok(()),
+            Err(e) => Err(self.err(host, group, "writing the pin of", e)),
+        }
+    }
+
+    /// The state object's format check, and its epoch and commit counter.
+    fn read_head(&self, host: &Name, group: &Name) -> Result<(u64, u64), StoreError> {
+        let path = PathBuf::from(self.describe(host, group));
+        let state = format!("{}state", prefix(host, group));
+        let xattrs = match self.cluster.xattrs(&state) {
+            Ok(x) => x,
+            Err(CephError::NotFound { .. }) => {
+                return Err(StoreError::Damaged {
+                    path,
+                    reason: "no state object: not a replica group".into(),
+                })
+            }
+            Err(e) => return Err(self.err(host, group, "reading the state of", e)),
+        };
+        check_format(&path, &xattrs)?;
+        let number = |name: &str| {
+            xattrs
+                .get(name)
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .filter(|v| v.len() == 16)
+                .and_then(|v| u64::from_str_radix(v, 16).ok())
+                .ok_or_else(|| StoreError::Damaged {
+                    path: path.clone(),
+                    reason: format!("attribute {name} is missing or not 16 hex digits"),
+                })
+        };
+        Ok((number(XATTR_EPOCH)?, number(XATTR_COMMIT)?))
+    }
+}
+
+/// Refuses a group of another format than this release's.
+fn check_format(
+    path: &std::path::Path,
+    xattrs: &BTreeMap<String, Vec<u8>>,
+) -> Result<(), StoreError> {
+    let damaged = |reason: String| StoreError::Damaged {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let text = xattrs
+        .get(XATTR_FORMAT)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .ok_or_else(|| damaged("no format attribute".into()))?;
+    let found: u32 = text
+        .strip_prefix(FORMAT_PREFIX)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| damaged(format!("format {text:?} is not tidemark-ceph's")))?;
+    if found != FORMAT_VERSION {
+        return Err(StoreError::UnsupportedVersion {
+            path: path.to_path_buf(),
+            found,
+            oldest: FORMAT_VERSION,
+            newest: FORMAT_VERSION,
+        });
+    }
+    Ok(())
+}
+
+impl<C: Cluster + 'static> StoreEngine for CephEngine<C> {
+    fn open(&self, host: &Name, group: &Name) -> Result<Box<dyn ReplicaStore>, StoreError> {
+        Ok(Box::new(self.open_group(host, group)?))
+    }
+
+    fn open_read_only(
+        &self,
+        host: &Name,
+        group: &Name,
+    ) -> Result<Arc<dyn ReplicaStore>, StoreError> {
+        Ok(Arc::new(self.open_group_read_only(host, group)?))
+    }
+
+    fn exists(&self, host: &Name, group: &Name) -> bool {
+        let state = format!("{}state", prefix(host, group));
+        self.cluster.stat(&state).is_ok_and(|size| size > 0)
+    }
+
+    fn describe(&self, host: &Name, group: &Name) -> String {
+        format!("ceph:{host}+{group}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidemark_ceph::SimWorld;
+
+    fn names() -> (Name, Name) {
+        (Name::from_static("h1"), Name::from_static("g"))
+    }
+
+    /// The first open creates the state object with every guarded
+    /// attribute and lists the group; each open advances the epoch.
+    #[test]
+    fn the_first_open_creates_the_state_object_and_each_open_takes_an_epoch() {
+        let world = SimWorld::new();
+        let engine = CephEngine::new(world.client("ns"), "node-a");
+        let (host, group) = names();
+        assert!(!engine.exists(&host, &group));
+        drop(engine.open_group(&host, &group).unwrap());
+        let cluster = world.client("ns");
+        let xattrs = cluster.xattrs("h1+g+state").unwrap();
+        assert_eq!(xattrs[XATTR_FORMAT], b"tidemark-ceph 1");
+        assert_eq!(xattrs[XATTR_EPOCH], hex(1).as_bytes());
+        assert_eq!(xattrs[XATTR_COMMIT], hex(1).as_bytes(), "the empty state");
+        assert_eq!(xattrs[XATTR_OWNER], b"node-a");
+        let groups = cluster.omap(GROUPS_OBJECT, None, 10).unwrap();
+        assert_eq!(groups.entries, [("h1+g".to_string(), Vec::new())]);
+        assert!(engine.exists(&host, &group));
+
+        drop(engine.open_group(&host, &group).unwrap());
+        let xattrs = cluster.xattrs("h1+g+state").unwrap();
+        assert_eq!(xattrs[XATTR_EPOCH], hex(2).as_bytes());
+        assert_eq!(xattrs[XATTR_COMMIT], hex(1).as_bytes());
+    }
+
+    /// A group of a newer format, or of none, is refused before anything
+    /// of it changes; a missing group does not open read-only.
+    #[test]
+    fn a_group_of_another_format_is_refused() {
+        let world = SimWorld::new();
+        let engine = CephEngine::new(world.client("ns"), "node-a");
+        let (host, group) = names();
+        assert!(matches!(
+            engine.open_group_read_only(&host, &group),
+            Err(StoreError::Damaged { .. })
+        ));
+        drop(engine.open_group(&host, &group).unwrap());
+        let cluster = world.client("ns");
+        let set = |value: &[u8]| {
+            cluster
+                .operate("h1+g+state", &WriteOp::new().set_xattr(XATTR_FORMAT, value))
+                .unwrap()
+        };
+        set(b"tidemark-ceph 2");
+        assert!(matches!(
+            engine.open_group(&host, &group),
+            Err(StoreError::UnsupportedVersion { found: 2, .. })
+        ));
+        set(b"something else");
+        assert!(matches!(
+            engine.open_group(&host, &group),
+            Err(StoreError::Damaged { .. })
+        ));
+        let xattrs = cluster.xattrs("h1+g+state").unwrap();
+        assert_eq!(
+            xattrs[XATTR_EPOCH],
+            hex(1).as_bytes(),
+            "the refused opens changed it"
+        );
+    }
+}

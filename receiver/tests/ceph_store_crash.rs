@@ -1,0 +1,589 @@
+//! The Ceph store engine under simulated crashes: `store_crash.rs`'s
+//! seeded stream (initial sync interleaved with records, then writes,
+//! write-zeroes, trims, barriers, markers, a resync, a pin, folds by
+//! retention over small journal segments) applied to a group on a
+//! simulated cluster, cut at every cluster operation in turn. After each
+//! cut the process dies (unflushed image writes are lost), a new client
+//! reopens the group, and it is held to the same rules:
+//!
+//! - every point the store lists reads exactly as the source did at it;
+//! - the position it reports is one it committed, no older than the last
+//!   commit it acknowledged, and its newest state reads as the source at
+//!   that position (outside what it still waits for);
+//! - resuming the stream where that position says (after sending again
+//!   records it already holds: duplicates, ignored) ends at the source's
+//!   final state, with the same position as a run that never crashed.
+//!
+//! And a writer that a newer one opened after can commit nothing more.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tidemark_ceph::{SimCluster, SimWorld};
+use tidemark_changelog::{DiskId, Entry, Record, Seq};
+use tidemark_names::Name;
+use tidemark_receiver::store::ceph::{CephEngine, CephGroup};
+use tidemark_receiver::store::StoreEngine;
+use tidemark_receiver::store::{
+    Applied, ChunkRef, Disk, GroupState, Position, Purpose, Retention, StoreError,
+};
+
+const SIZES: [u64; 3] = [16 << 10, 8 << 10, (12 << 10) + 512];
+const SECTOR: u64 = 512;
+const NAMESPACE: &str = "crash";
+
+fn specs() -> Vec<Disk> {
+    SIZES
+        .iter()
+        .enumerate()
+        .map(|(i, size)| Disk {
+            id: DiskId(i as u32),
+            name: Name::new(format!("disk{i}")).unwrap(),
+            size: *size,
+        })
+        .collect()
+}
+
+/// One step of the stream the shipper sends.
+#[derive(Debug, Clone)]
+enum Op {
+    /// Announce the disks (creates their images, durably).
+    Disks,
+    Record(Record),
+    Chunk {
+        disk: u32,
+        offset: u64,
+        /// `None`: `len` bytes of zeroes.
+        data: Option<Vec<u8>>,
+        len: u64,
+        purpose: Purpose,
+    },
+    ResyncDone {
+        disk: u32,
+        offset: u64,
+        length: u64,
+    },
+    Commit,
+    /// A test failover pins this point (`Some`) or ends (`None`): another
+    /// process writes the pin, so it is outside the power cut.
+    Pin(Option<u64>),
+}
+
+/// The stream and the source it describes.
+struct Workload {
+    ops: Vec<Op>,
+    /// The source's disks after each sequence number (index 0: before any).
+    source: Vec<Vec<Vec<u8>>>,
+}
+
+struct Source {
+    disks: Vec<Vec<u8>>,
+    states: Vec<Vec<Vec<u8>>>,
+    ops: Vec<Op>,
+    seq: u64,
+    /// Barriers and markers are recovery points now (the group is
+    /// consistent).
+    points_now: bool,
+    /// The newest recovery point.
+    last_point: Option<u64>,
+}
+
+impl Source {
+    fn record(&mut self, entry: Entry<'_>) {
+        self.seq += 1;
+        let rec = Record::decode(&entry.encode(self.seq, 1)).expect("a valid record");
+        let h = &rec.header;
+        let (o, l) = (h.offset as usize, h.length as usize);
+        match h.kind {
+            tidemark_changelog::Kind::Write => {
+                self.disks[h.disk.index()][o..o + l].copy_from_slice(&rec.payload)
+            }
+            tidemark_changelog::Kind::WriteZeroes | tidemark_changelog::Kind::Trim => {
+                self.disks[h.disk.index()][o..o + l].fill(0)
+            }
+            _ => {}
+        }
+        self.states.push(self.disks.clone());
+        self.ops.push(Op::Record(rec));
+    }
+
+    /// A chunk of the source as it is now.
+    fn chunk(&mut self, disk: u32, offset: u64, len: u64, purpose: Purpose) {
+        let bytes = &self.disks[disk as usize][offset as usize..(offset + len) as usize];
+        let data = bytes.iter().any(|b| *b != 0).then(|| bytes.to_vec());
+        self.ops.push(Op::Chunk {
+            disk,
+            offset,
+            data,
+            len,
+            purpose,
+        });
+    }
+
+    fn note_point(&mut self) {
+        if self.points_now {
+            self.last_point = Some(self.seq);
+        }
+    }
+
+    /// A random extent of a random disk, in sectors.
+    fn extent(rng: &mut StdRng, max_sectors: u64) -> (u32, u64, u64) {
+        let disk = rng.random_range(0..SIZES.len());
+        let sectors = SIZES[disk] / SECTOR;
+        let len = rng.random_range(1..=max_sectors.min(sectors));
+        let at = rng.random_range(0..=sectors - len);
+        (disk as u32, at * SECTOR, len * SECTOR)
+    }
+
+    /// A random change, barrier or marker.
+    fn random_record(&mut self, rng: &mut StdRng) {
+        let ts = self.seq * 1000;
+        match rng.random_range(0..10) {
+            0..=3 => {
+                let (disk, offset, len) = Source::extent(rng, 6);
+                // Not whole sectors: the store takes any byte range.
+                let len = len - rng.random_range(0..SECTOR / 2);
+                let data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+                self.record(Entry::write(disk, offset, &data, ts));
+            }
+            4 => {
+                let (disk, offset, len) = Source::extent(rng, 8);
+                let no_hole = rng.random();
+                self.record(Entry::write_zeroes(disk, offset, len, no_hole, ts));
+            }
+            5 => {
+                let (disk, offset, len) = Source::extent(rng, 8);
+                self.record(Entry::trim(disk, offset, len, ts));
+            }
+            6 => {
+                let label = format!("m{}", self.seq + 1);
+                self.record(Entry::marker(&label, rng.random(), ts));
+                self.note_point();
+            }
+            _ => {
+                self.record(Entry::barrier(ts));
+                self.note_point();
+            }
+        }
+    }
+}
+
+fn workload(seed: u64, steady_ops: usize) -> Workload {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut s = Source {
+        disks: SIZES.iter().map(|n| vec![0u8; *n as usize]).collect(),
+        states: Vec::new(),
+        ops: vec![Op::Disks],
+        seq: 0,
+        points_now: false,
+        last_point: None,
+    };
+    s.states.push(s.disks.clone());
+    // Initial sync: each disk copied in order, records in between (applied
+    // in place), commits now and then.
+    for disk in 0..SIZES.len() as u32 {
+        let mut at = 0;
+        while at < SIZES[disk as usize] {
+            for _ in 0..rng.random_range(0..3) {
+                s.random_record(&mut rng);
+            }
+            let len = (rng.random_range(1..=8) * SECTOR).min(SIZES[disk as usize] - at);
+            s.chunk(disk, at, len, Purpose::InitialSync);
+            at += len;
+            if rng.random_range(0..3) == 0 {
+                s.ops.push(Op::Commit);
+            }
+        }
+    }
+    s.ops.push(Op::Commit);
+    // Consistent: a point at every barrier and marker; a resync of one
+    // extent half-way; a test failover pins a point for a while (retention
+    // keeps three points: it would be folded soon).
+    s.points_now = true;
+    let mut pinned = false;
+    for i in 0..steady_ops {
+        if i == steady_ops / 4 {
+            s.ops.push(Op::Commit);
+            if let Some(seq) = s.last_point {
+                s.ops.push(Op::Pin(Some(seq)));
+                pinned = true;
+            }
+        }
+        if i == steady_ops * 3 / 4 && pinned {
+            s.ops.push(Op::Pin(None));
+        }
+        if i == steady_ops / 2 {
+            let (disk, offset, length) = Source::extent(&mut rng, 8);
+            s.record(Entry::resync_needed(disk, offset, length, s.seq * 1000));
+            s.points_now = false;
+            for _ in 0..4 {
+                s.random_record(&mut rng);
+            }
+            s.ops.push(Op::Commit);
+            s.chunk(disk, offset, length, Purpose::Resync);
+            s.ops.push(Op::ResyncDone {
+                disk,
+                offset,
+                length,
+            });
+            s.ops.push(Op::Commit);
+            s.points_now = true;
+        }
+        s.random_record(&mut rng);
+        if rng.random_range(0..3) == 0 {
+            s.ops.push(Op::Commit);
+        }
+    }
+    s.ops.push(Op::Commit);
+    Workload {
+        ops: s.ops,
+        source: s.states,
+    }
+}
+
+/// The record after the stream's last one.
+fn record_after(w: &Workload) -> Record {
+    let seq = w.source.len() as u64;
+    Record::decode(&Entry::barrier(0).encode(seq, 1)).expect("a valid record")
+}
+
+fn names() -> (Name, Name) {
+    (Name::from_static("h1"), Name::from_static("g"))
+}
+
+/// A new process's engine: a new client of the cluster.
+fn engine(world: &SimWorld) -> CephEngine<SimCluster> {
+    CephEngine::new(world.client(NAMESPACE), "test")
+}
+
+/// Opens the group with the small segments, frequent journal indexes and
+/// tight retention the test wants folds, segment removals and index writes
+/// from.
+fn open(engine: &CephEngine<SimCluster>) -> Result<CephGroup<SimCluster>, StoreError> {
+    let (host, group) = names();
+    let mut g = engine.open_group(&host, &group)?;
+    g.set_segment_size(2048);
+    g.set_index_interval(1024);
+    g.set_retention(Retention {
+        window: std::time::Duration::MAX,
+        max_points: 3,
+        max_space: None,
+        fold_interval: std::time::Duration::ZERO,
+    });
+    Ok(g)
+}
+
+/// Applies one op; `Some(position)` when it made a position durable.
+fn apply(
+    g: &mut CephGroup<SimCluster>,
+    engine: &CephEngine<SimCluster>,
+    op: &Op,
+) -> Result<Option<Position>, StoreError> {
+    match op {
+        Op::Pin(seq) => {
+            let (host, group) = names();
+            engine.set_pin(&host, &group, seq.map(Seq)).map(|()| None)
+        }
+        Op::Disks => g.ensure_disks(&specs()).map(|()| Some(g.position())),
+        Op::Record(rec) => g.apply_record(rec).map(|_| None),
+        Op::Chunk {
+            disk,
+            offset,
+            data,
+            len,
+            purpose,
+        } => {
+            let chunk = match data {
+                Some(d) => ChunkRef::Data(d),
+                None => ChunkRef::Zero(*len),
+            };
+            g.apply_chunk(DiskId(*disk), *offset, chunk, *purpose)
+                .map(|()| None)
+        }
+        Op::ResyncDone {
+            disk,
+            offset,
+            length,
+        } => g
+            .resync_done(DiskId(*disk), *offset, *length)
+            .map(|()| None),
+        Op::Commit => g.commit().map(Some),
+    }
+}
+
+/// The pin as of `ops[..upto]`.
+fn pin_before(ops: &[Op], upto: usize) -> Option<u64> {
+    ops[..upto]
+        .iter()
+        .rev()
+        .find_map(|op| match op {
+            Op::Pin(seq) => Some(*seq),
+            _ => None,
+        })
+        .flatten()
+}
+
+/// What one run made durable, and where it stopped.
+struct Run {
+    /// (op index, position) of every op that returned a durable position;
+    /// index `None` for opening the group.
+    durable: Vec<(Option<usize>, Position)>,
+    /// The op that failed (the cut), `None` for the open.
+    crashed_at: Option<Option<usize>>,
+    final_position: Option<Position>,
+}
+
+fn run(world: &SimWorld, ops: &[Op]) -> Run {
+    let mut r = Run {
+        durable: Vec::new(),
+        crashed_at: None,
+        final_position: None,
+    };
+    let engine = engine(world);
+    let mut g = match open(&engine) {
+        Ok(g) => g,
+        Err(_) => {
+            r.crashed_at = Some(None);
+            return r;
+        }
+    };
+    r.durable.push((None, g.position()));
+    for (i, op) in ops.iter().enumerate() {
+        match apply(&mut g, &engine, op) {
+            Ok(Some(p)) => r.durable.push((Some(i), p)),
+            Ok(None) => {}
+            Err(_) => {
+                r.crashed_at = Some(Some(i));
+                return r;
+            }
+        }
+    }
+    r.final_position = Some(g.position());
+    r
+}
+
+fn read_disk(g: &CephGroup<SimCluster>, seq: Option<u64>, disk: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; SIZES[disk] as usize];
+    g.view(seq.map(Seq))
+        .expect("a readable view")
+        .read(DiskId(disk as u32), 0, &mut buf)
+        .expect("a readable disk");
+    buf
+}
+
+/// Every point `g` lists reads as the source did at it.
+fn check_points(what: &str, g: &CephGroup<SimCluster>, w: &Workload) -> usize {
+    let points = g.points();
+    for p in &points {
+        for disk in 0..SIZES.len() {
+            assert!(
+                read_disk(g, Some(p.seq.get()), disk) == w.source[p.seq.get() as usize][disk],
+                "{what}: point {} of disk {disk} differs from the source",
+                p.seq
+            );
+        }
+    }
+    points.len()
+}
+
+/// Reopens the crashed group with a new client and holds it to the rules
+/// (see the module), then resumes the stream on it.
+fn verify(what: &str, world: &SimWorld, w: &Workload, probe: &Run, cut: &Run) {
+    let stopped = cut.crashed_at.expect("the run crashed");
+    world.crash();
+    let engine = engine(world);
+    let (host, group) = names();
+    let pin = pin_before(&w.ops, stopped.map_or(0, |i| i + 1));
+    engine
+        .set_pin(&host, &group, pin.map(Seq))
+        .unwrap_or_else(|e| panic!("{what}: pinning: {e}"));
+    let mut g =
+        open(&engine).unwrap_or_else(|e| panic!("{what}: the group does not reopen: {e:?}"));
+    check_points(what, &g, w);
+    if let Some(seq) = pin {
+        assert!(
+            g.points().iter().any(|p| p.seq.get() == seq),
+            "{what}: the pinned point {seq} is gone"
+        );
+    }
+
+    // The position is one the store committed, between the last one it
+    // acknowledged and the op the cut stopped.
+    let p = g.position();
+    let acked = cut.durable.last().map(|(i, _)| *i);
+    let at = probe
+        .durable
+        .iter()
+        .rposition(|(i, q)| *q == p && *i <= stopped)
+        .unwrap_or_else(|| panic!("{what}: {p:?} is no position the store committed"));
+    let resume_from = probe.durable[at].0;
+    assert!(
+        acked.is_none_or(|a| resume_from >= a),
+        "{what}: {p:?} is older than the acknowledged commit at op {acked:?}"
+    );
+
+    // Its newest state is the source's at that position, except what it
+    // waits to resync (none during the initial sync: written in place).
+    let pending: Vec<(u32, u64, u64)> = match &p.state {
+        GroupState::InitialSync | GroupState::Consistent => Vec::new(),
+        GroupState::Resyncing { pending } => pending
+            .iter()
+            .map(|e| (e.disk.get(), e.offset, e.offset + e.length))
+            .collect(),
+    };
+    let source = &w.source[p.durable_seq.get() as usize];
+    let has_consistent_state = !matches!(p.state, GroupState::InitialSync);
+    for d in p.disks.iter().filter(|_| has_consistent_state) {
+        let disk = d.id.index();
+        let now = read_disk(&g, None, disk);
+        for (i, byte) in now.iter().enumerate() {
+            let waits = pending
+                .iter()
+                .any(|&(pd, s, e)| pd == d.id.get() && (s..e).contains(&(i as u64)));
+            assert!(
+                waits || *byte == source[disk][i],
+                "{what}: disk {disk} byte {i} is not the source's at seq {}",
+                p.durable_seq
+            );
+        }
+    }
+
+    // Resume: a few records it holds already, then the rest of the stream.
+    let next = resume_from.map_or(0, |i| i + 1);
+    let resent: Vec<&Op> = w.ops[..next]
+        .iter()
+        .filter(|op| matches!(op, Op::Record(_)))
+        .rev()
+        .take(3)
+        .collect();
+    for op in resent {
+        if let Op::Record(rec) = op {
+            assert_eq!(
+                g.apply_record(rec)
+                    .unwrap_or_else(|e| panic!("{what}: {e}")),
+                Applied::Duplicate,
+                "{what}: seq {} applied twice",
+                rec.header.seq.get()
+            );
+        }
+    }
+    for (i, op) in w.ops.iter().enumerate().skip(next) {
+        apply(&mut g, &engine, op).unwrap_or_else(|e| panic!("{what}: resuming, op {i}: {e:?}"));
+    }
+    assert_eq!(
+        Some(g.position()),
+        probe.final_position,
+        "{what}: resumed to another position"
+    );
+    let last = w.source.last().expect("a source");
+    for (disk, want) in last.iter().enumerate() {
+        assert!(
+            read_disk(&g, None, disk) == *want,
+            "{what}: resumed, disk {disk} differs from the source"
+        );
+    }
+    check_points(&format!("{what}, resumed"), &g, w);
+}
+
+fn cut_at_every_operation(seed: u64, steady_ops: usize) {
+    let w = workload(seed, steady_ops);
+    let probe_world = SimWorld::new();
+    let probe = run(&probe_world, &w.ops);
+    assert!(probe.crashed_at.is_none(), "the probe run failed");
+    let probe_engine = engine(&probe_world);
+    let (host, group) = names();
+    assert!(probe_engine.exists(&host, &group));
+    assert!(!probe_engine.exists(&host, &Name::from_static("other")));
+    let g = open(&probe_engine).unwrap();
+    let points = check_points("probe", &g, &w);
+    assert!(points >= 2, "too few points to be interesting: {points}");
+    // A reader opens it beside the writer, reads the same points, and can
+    // change nothing.
+    let mut reader = probe_engine.open_group_read_only(&host, &group).unwrap();
+    assert_eq!(reader.points(), g.points());
+    check_points("read-only", &reader, &w);
+    assert!(
+        reader.apply_record(&record_after(&w)).is_err(),
+        "a read-only group applied a record"
+    );
+    drop((g, reader));
+    // Operations of the run alone (the probe's reopen counts some more).
+    let ops = {
+        let world = SimWorld::new();
+        run(&world, &w.ops);
+        world.ops()
+    };
+    assert!(ops > 100, "too few operations to be interesting: {ops}");
+
+    for n in 0..ops {
+        let world = SimWorld::new();
+        world.cut_at(Some(n));
+        let cut = run(&world, &w.ops);
+        assert!(cut.crashed_at.is_some(), "the cut at op {n} went unnoticed");
+        verify(
+            &format!("seed {seed}, cut at op {n}/{ops}"),
+            &world,
+            &w,
+            &probe,
+            &cut,
+        );
+    }
+    eprintln!(
+        "seed {seed}: {} stream ops, {ops} cluster operations, each cut and verified",
+        w.ops.len()
+    );
+}
+
+#[test]
+fn cut_at_every_operation_seed_1() {
+    cut_at_every_operation(1, 200);
+}
+
+#[test]
+fn cut_at_every_operation_seed_2() {
+    cut_at_every_operation(2, 200);
+}
+
+/// A writer that a newer writer opened after (a receiver that lost the
+/// group) commits nothing more: its commit fails, and what the newer one
+/// reads is what it committed.
+#[test]
+fn an_older_writer_is_fenced_by_the_newer_open() {
+    let w = workload(3, 40);
+    let world = SimWorld::new();
+    let old_engine = engine(&world);
+    let mut old = open(&old_engine).unwrap();
+    let half = w.ops.len() / 2;
+    for op in &w.ops[..half] {
+        apply(&mut old, &old_engine, op).unwrap();
+    }
+    let acked = old.commit().unwrap();
+
+    let new_engine = engine(&world);
+    let new = open(&new_engine).unwrap();
+    assert_eq!(
+        new.position(),
+        acked,
+        "the new writer reads the last commit"
+    );
+
+    let mut refused = false;
+    for op in &w.ops[half..] {
+        if apply(&mut old, &old_engine, op).is_err() {
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "the older writer kept committing");
+    assert!(
+        old.commit().is_err(),
+        "the older writer commits after the newer open"
+    );
+    drop(new);
+    let again = open(&engine(&world)).unwrap();
+    assert_eq!(
+        again.position(),
+        acked,
+        "the fenced writer changed the state"
+    );
+    check_points("after the fenced writer", &again, &w);
+}
