@@ -22,8 +22,25 @@
 //!
 //! The socket must be reachable by libvirt's qemu user: the tracker's
 //! `socket-group` (e.g. `libvirt-qemu`).
+//!
+//! A spec's `guest-agent` becomes the agent's channel (libvirt connects
+//! to it itself: `virsh qemu-agent-command` reaches the agent):
+//!
+//! ```xml
+//! <channel type='unix'>
+//!   <source mode='bind' path='/run/tidemark/web1.qga'/>
+//!   <target type='virtio' name='org.qemu.guest_agent.0'/>
+//! </channel>
+//! ```
+//!
+//! A boot on the replica site ([`BootDevices`]) adds the serial console
+//! as a file (`<serial type='file'>`) and may put each NIC on qemu's user
+//! network with `restrict=on` (a network that reaches nothing), which
+//! libvirt has no element for: those are given to qemu as
+//! `<qemu:commandline>` arguments.
 
 use std::fmt::Write;
+use std::path::Path;
 
 use tidemark_config::{NicAttachment, VmSpec};
 
@@ -127,6 +144,19 @@ pub fn domain_xml(spec: &VmSpec, sources: &[DiskSource]) -> Result<String, Rende
     domain_xml_of(spec, sources, "kvm")
 }
 
+/// What a boot on the replica site adds to a domain.
+#[derive(Clone, Copy, Debug)]
+pub struct BootDevices<'a> {
+    /// The file the serial console is written to.
+    pub console: &'a Path,
+    /// Every NIC of the spec on a network of its own that reaches
+    /// nothing, in place of its bridge or network.
+    pub isolated_nics: bool,
+}
+
+/// The namespace of `<qemu:commandline>`.
+const QEMU_NAMESPACE: &str = "http://libvirt.org/schemas/domain/qemu/1.0";
+
 /// [`domain_xml`] with the domain type `kind`: `kvm`, or `qemu` (TCG)
 /// where the host has no KVM.
 pub fn domain_xml_of(
@@ -134,9 +164,24 @@ pub fn domain_xml_of(
     sources: &[DiskSource],
     kind: &str,
 ) -> Result<String, RenderError> {
+    boot_domain_xml(spec, sources, kind, None)
+}
+
+/// [`domain_xml_of`] with what a boot adds, if any.
+pub fn boot_domain_xml(
+    spec: &VmSpec,
+    sources: &[DiskSource],
+    kind: &str,
+    boot: Option<&BootDevices<'_>>,
+) -> Result<String, RenderError> {
     check_sources(spec, sources)?;
+    let isolated = boot.is_some_and(|b| b.isolated_nics) && !spec.nics.is_empty();
     let mut out = String::new();
-    let _ = writeln!(out, "<domain type='{kind}'>");
+    if isolated {
+        let _ = writeln!(out, "<domain type='{kind}' xmlns:qemu='{QEMU_NAMESPACE}'>");
+    } else {
+        let _ = writeln!(out, "<domain type='{kind}'>");
+    }
     let _ = writeln!(out, "  <name>{}</name>", xml(&spec.name));
     let _ = writeln!(
         out,
@@ -179,7 +224,7 @@ pub fn domain_xml_of(
         let _ = writeln!(out, "      <serial>{}</serial>", xml(&disk.name));
         let _ = writeln!(out, "    </disk>");
     }
-    for nic in &spec.nics {
+    for nic in spec.nics.iter().filter(|_| !isolated) {
         let (kind, attribute, name) = match nic.attachment() {
             NicAttachment::Bridge(bridge) => ("bridge", "bridge", bridge),
             NicAttachment::Network(network) => ("network", "network", network),
@@ -190,7 +235,37 @@ pub fn domain_xml_of(
         let _ = writeln!(out, "      <model type='virtio'/>");
         let _ = writeln!(out, "    </interface>");
     }
+    if let Some(boot) = boot {
+        let _ = writeln!(out, "    <serial type='file'>");
+        let _ = writeln!(out, "      <source path='{}'/>", xml(utf8(boot.console)?));
+        let _ = writeln!(out, "      <target port='0'/>");
+        let _ = writeln!(out, "    </serial>");
+    }
+    if let Some(socket) = &spec.guest_agent {
+        let _ = writeln!(out, "    <channel type='unix'>");
+        let _ = writeln!(
+            out,
+            "      <source mode='bind' path='{}'/>",
+            xml(utf8(socket)?)
+        );
+        let _ = writeln!(
+            out,
+            "      <target type='virtio' name='org.qemu.guest_agent.0'/>"
+        );
+        let _ = writeln!(out, "    </channel>");
+    }
     let _ = writeln!(out, "  </devices>");
+    if isolated {
+        let _ = writeln!(out, "  <qemu:commandline>");
+        for (i, nic) in spec.nics.iter().enumerate() {
+            let mut args = Vec::new();
+            crate::qemu::nic_args(&mut args, i, "user,restrict=on", nic);
+            for arg in args {
+                let _ = writeln!(out, "    <qemu:arg value='{}'/>", xml(&arg));
+            }
+        }
+        let _ = writeln!(out, "  </qemu:commandline>");
+    }
     let _ = writeln!(out, "</domain>");
     Ok(out)
 }
@@ -219,6 +294,55 @@ mod tests {
             xml.contains("socket='/run/a&apos;&lt;&amp;&gt;/s'"),
             "{xml}"
         );
+    }
+
+    #[test]
+    fn a_guest_agent_gets_its_channel_and_a_boot_its_console_and_isolated_nics() {
+        let mut spec = spec(SPEC);
+        spec.guest_agent = Some("/run/tidemark/web1.qga".into());
+        let sources = DiskSource::tracker_exports(&spec, Path::new("/run/tidemark/web1.nbd.sock"));
+        let xml = domain_xml(&spec, &sources).unwrap();
+        assert!(
+            xml.contains(
+                "    <channel type='unix'>\n      <source mode='bind' path='/run/tidemark/web1.qga'/>\n      \
+                 <target type='virtio' name='org.qemu.guest_agent.0'/>\n    </channel>\n"
+            ),
+            "{xml}"
+        );
+        assert!(!xml.contains("<serial type"), "{xml}");
+        assert!(!xml.contains("qemu:"), "{xml}");
+        let boot = BootDevices {
+            console: Path::new("/run/tidemark/web1.console"),
+            isolated_nics: true,
+        };
+        let xml = boot_domain_xml(&spec, &sources, "qemu", Some(&boot)).unwrap();
+        assert!(
+            xml.starts_with(&format!(
+                "<domain type='qemu' xmlns:qemu='{QEMU_NAMESPACE}'>"
+            )),
+            "{xml}"
+        );
+        assert!(
+            xml.contains("<serial type='file'>\n      <source path='/run/tidemark/web1.console'/>"),
+            "{xml}"
+        );
+        assert!(!xml.contains("<interface"), "{xml}");
+        assert!(
+            xml.contains(
+                "    <qemu:arg value='-netdev'/>\n    <qemu:arg value='user,id=net1,restrict=on'/>\n    \
+                 <qemu:arg value='-device'/>\n    \
+                 <qemu:arg value='virtio-net-pci,netdev=net1,mac=52:54:00:12:34:57'/>\n"
+            ),
+            "{xml}"
+        );
+        // Not isolated: the NICs as the spec has them, no namespace.
+        let mapped = BootDevices {
+            isolated_nics: false,
+            ..boot
+        };
+        let xml = boot_domain_xml(&spec, &sources, "qemu", Some(&mapped)).unwrap();
+        assert!(xml.starts_with("<domain type='qemu'>"), "{xml}");
+        assert_eq!(xml.matches("<interface type='bridge'>").count(), 2, "{xml}");
     }
 
     #[test]
