@@ -34,10 +34,12 @@
 //! ```
 //!
 //! A boot on the replica site ([`BootDevices`]) adds the serial console
-//! as a file (`<serial type='file'>`) and may put each NIC on qemu's user
-//! network with `restrict=on` (a network that reaches nothing), which
-//! libvirt has no element for: those are given to qemu as
-//! `<qemu:commandline>` arguments.
+//! as a file (`<serial type='file'>`) and may isolate each NIC: an
+//! `<interface type='ethernet'>` is a tap device libvirt creates and
+//! attaches to nothing, so the guest's NIC has a link that reaches no
+//! network (qemu's `user,restrict=on` of a plain qemu boot has no libvirt
+//! element; given as `<qemu:commandline>` its device collides with
+//! libvirt's PCI addresses).
 
 use std::fmt::Write;
 use std::path::Path;
@@ -154,9 +156,6 @@ pub struct BootDevices<'a> {
     pub isolated_nics: bool,
 }
 
-/// The namespace of `<qemu:commandline>`.
-const QEMU_NAMESPACE: &str = "http://libvirt.org/schemas/domain/qemu/1.0";
-
 /// [`domain_xml`] with the domain type `kind`: `kvm`, or `qemu` (TCG)
 /// where the host has no KVM.
 pub fn domain_xml_of(
@@ -175,13 +174,9 @@ pub fn boot_domain_xml(
     boot: Option<&BootDevices<'_>>,
 ) -> Result<String, RenderError> {
     check_sources(spec, sources)?;
-    let isolated = boot.is_some_and(|b| b.isolated_nics) && !spec.nics.is_empty();
+    let isolated = boot.is_some_and(|b| b.isolated_nics);
     let mut out = String::new();
-    if isolated {
-        let _ = writeln!(out, "<domain type='{kind}' xmlns:qemu='{QEMU_NAMESPACE}'>");
-    } else {
-        let _ = writeln!(out, "<domain type='{kind}'>");
-    }
+    let _ = writeln!(out, "<domain type='{kind}'>");
     let _ = writeln!(out, "  <name>{}</name>", xml(&spec.name));
     let _ = writeln!(
         out,
@@ -224,14 +219,17 @@ pub fn boot_domain_xml(
         let _ = writeln!(out, "      <serial>{}</serial>", xml(&disk.name));
         let _ = writeln!(out, "    </disk>");
     }
-    for nic in spec.nics.iter().filter(|_| !isolated) {
+    for nic in &spec.nics {
         let (kind, attribute, name) = match nic.attachment() {
+            _ if isolated => ("ethernet", "", ""),
             NicAttachment::Bridge(bridge) => ("bridge", "bridge", bridge),
             NicAttachment::Network(network) => ("network", "network", network),
         };
         let _ = writeln!(out, "    <interface type='{kind}'>");
         let _ = writeln!(out, "      <mac address='{}'/>", nic.mac);
-        let _ = writeln!(out, "      <source {attribute}='{}'/>", xml(name));
+        if !isolated {
+            let _ = writeln!(out, "      <source {attribute}='{}'/>", xml(name));
+        }
         let _ = writeln!(out, "      <model type='virtio'/>");
         let _ = writeln!(out, "    </interface>");
     }
@@ -255,17 +253,6 @@ pub fn boot_domain_xml(
         let _ = writeln!(out, "    </channel>");
     }
     let _ = writeln!(out, "  </devices>");
-    if isolated {
-        let _ = writeln!(out, "  <qemu:commandline>");
-        for (i, nic) in spec.nics.iter().enumerate() {
-            let mut args = Vec::new();
-            crate::qemu::nic_args(&mut args, i, "user,restrict=on", nic);
-            for arg in args {
-                let _ = writeln!(out, "    <qemu:arg value='{}'/>", xml(&arg));
-            }
-        }
-        let _ = writeln!(out, "  </qemu:commandline>");
-    }
     let _ = writeln!(out, "</domain>");
     Ok(out)
 }
@@ -316,32 +303,25 @@ mod tests {
             isolated_nics: true,
         };
         let xml = boot_domain_xml(&spec, &sources, "qemu", Some(&boot)).unwrap();
-        assert!(
-            xml.starts_with(&format!(
-                "<domain type='qemu' xmlns:qemu='{QEMU_NAMESPACE}'>"
-            )),
-            "{xml}"
-        );
+        assert!(xml.starts_with("<domain type='qemu'>"), "{xml}");
         assert!(
             xml.contains("<serial type='file'>\n      <source path='/run/tidemark/web1.console'/>"),
             "{xml}"
         );
-        assert!(!xml.contains("<interface"), "{xml}");
+        assert!(!xml.contains("<source bridge"), "{xml}");
         assert!(
             xml.contains(
-                "    <qemu:arg value='-netdev'/>\n    <qemu:arg value='user,id=net1,restrict=on'/>\n    \
-                 <qemu:arg value='-device'/>\n    \
-                 <qemu:arg value='virtio-net-pci,netdev=net1,mac=52:54:00:12:34:57'/>\n"
+                "    <interface type='ethernet'>\n      <mac address='52:54:00:12:34:57'/>\n      \
+                 <model type='virtio'/>\n"
             ),
             "{xml}"
         );
-        // Not isolated: the NICs as the spec has them, no namespace.
+        // Not isolated: the NICs as the spec has them.
         let mapped = BootDevices {
             isolated_nics: false,
             ..boot
         };
         let xml = boot_domain_xml(&spec, &sources, "qemu", Some(&mapped)).unwrap();
-        assert!(xml.starts_with("<domain type='qemu'>"), "{xml}");
         assert_eq!(xml.matches("<interface type='bridge'>").count(), 2, "{xml}");
     }
 
