@@ -544,3 +544,50 @@ impl RunningVm {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        boot: BootArgs,
+    }
+
+    fn spec(agent: bool) -> VmSpec {
+        let agent = if agent {
+            "guest-agent = \"/run/tidemark/web1.qga\"\n"
+        } else {
+            ""
+        };
+        let text = format!(
+            "[vm]\nname = \"web1\"\ncpus = 1\nmemory = \"256MiB\"\n{agent}\n\
+             [[vm.disk]]\nname = \"root\"\npath = \"/var/lib/images/web1.img\"\nformat = \"raw\"\n"
+        );
+        tidemark_config::parse_vm_spec(&text, Path::new("web1.toml")).unwrap()
+    }
+
+    fn sign(args: &[&str], agent: bool) -> UpSign {
+        let cli = Cli::try_parse_from(["boot"].iter().chain(args)).unwrap();
+        cli.boot.up_sign(&spec(agent))
+    }
+
+    #[test]
+    fn the_up_sign_is_the_agent_by_default_when_the_spec_names_one() {
+        assert_eq!(sign(&["--boot"], true), UpSign::Agent);
+        assert_eq!(sign(&["--boot"], false), UpSign::Line("login:".into()));
+        assert_eq!(sign(&["--boot", "--up-agent"], false), UpSign::Agent);
+        assert_eq!(
+            sign(&["--boot", "--up-line", "ready"], true),
+            UpSign::Line("ready".into())
+        );
+        let err = Cli::try_parse_from(["boot", "--boot", "--up-agent", "--up-line", "x"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot be used with"), "{err}");
+        let cli = Cli::try_parse_from(["boot", "--boot", "--libvirt"]).unwrap();
+        assert_eq!(cli.boot.libvirt, Some(None));
+    }
+}
