@@ -41,6 +41,19 @@ if [ ${#need_ceph[@]} -gt 0 ]; then
     }
 fi
 
+# The VM boot test also boots through libvirt: a libvirtd of its own
+# (Debian's daemon and qemu driver, no systemd; without the recommends,
+# which pull in other hypervisors' drivers).
+if ! command -v libvirtd >/dev/null 2>&1 ||
+   [ ! -e /usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so ]; then
+    echo "==> installing libvirt-daemon libvirt-daemon-driver-qemu"
+    export DEBIAN_FRONTEND=noninteractive
+    libvirt=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients)
+    apt-get install -y -qq --no-install-recommends "${libvirt[@]}" >/dev/null 2>&1 || {
+        apt-get update -qq && apt-get install -y -qq --no-install-recommends "${libvirt[@]}" >/dev/null
+    }
+fi
+
 # The kernel tests boot a Debian kernel under qemu (bookworm-backports'
 # qemu-system-x86, busybox-static, kmod, nbd-client); the kernel itself is
 # fetched (and cached under target/) on first use.

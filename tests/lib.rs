@@ -3,6 +3,7 @@
 //! loudly when a foreign tool is missing.
 
 pub mod debian;
+pub mod libvirt;
 pub mod previous_release;
 pub mod replication;
 

@@ -95,14 +95,8 @@ impl VmToBoot {
         })?;
         let name = self.spec.name.as_str();
         let files = match (&a.boot.console, a.to.is_dir()) {
-            (Some(console), _) => VmFiles {
-                console: console.clone(),
-                pidfile: console.with_extension("pid"),
-            },
-            (None, true) => VmFiles {
-                console: a.to.join(format!("{name}.console")),
-                pidfile: a.to.join(format!("{name}.pid")),
-            },
+            (Some(console), _) => VmFiles::beside(console.clone()),
+            (None, true) => VmFiles::beside(a.to.join(format!("{name}.console"))),
             (None, false) => {
                 bail!("with --to a device or file, give --console for the VM's console")
             }
@@ -114,6 +108,7 @@ impl VmToBoot {
             Networks::Mapped(&self.networks),
             &a.boot,
             &files,
+            name,
         )?;
         Ok(())
     }

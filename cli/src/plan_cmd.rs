@@ -146,8 +146,13 @@ fn group_command(plan: &PlanConfig, step: &PlanStep, mode: Mode, g: &GroupRef) -
         if let Some(specs) = &vm.specs {
             push(&specs.join(format!("{}.toml", g.group)));
         }
-        push(&"--up-line");
-        push(&vm.up_line);
+        if let Some(line) = &vm.up_line {
+            push(&"--up-line");
+            push(line);
+        }
+        if vm.up_agent {
+            push(&"--up-agent");
+        }
         push(&"--up-timeout");
         push(&vm.up_timeout.to_string());
         if mode != Mode::Test {
@@ -757,7 +762,8 @@ mod tests {
         );
         let plan = tidemark_config::parse_plan(
             "[plan]\ndata-dir = \"/r\"\nto = \"/f\"\n\
-             [[plan.step]]\nname = \"web\"\ngroups = [\"hv1/web1\"]\nstart-vm = {}\n",
+             [[plan.step]]\nname = \"web\"\ngroups = [\"hv1/web1\"]\nstart-vm = {}\n\
+             [[plan.step]]\nname = \"db\"\ngroups = [\"hv1/db1\"]\nstart-vm = { up-agent = true }\n",
             Path::new("p.toml"),
         )
         .unwrap();
@@ -765,8 +771,14 @@ mod tests {
         assert_eq!(
             shell_words(&group_command(&plan, step, Mode::Unplanned, &step.groups[0])),
             "tidemark failover --data-dir /r --host hv1 --group web1 --point latest --to /f/hv1/web1 \
-             --boot --up-line login: --up-timeout 5m",
-            "the replicated spec"
+             --boot --up-timeout 5m",
+            "the replicated spec, up as it says"
+        );
+        let step = &plan.steps[1];
+        assert_eq!(
+            shell_words(&group_command(&plan, step, Mode::Test, &step.groups[0])),
+            "tidemark test-failover start --data-dir /r --host hv1 --group db1 --point latest \
+             --socket /run/tidemark/test-failover/hv1-db1.sock --boot --up-agent --up-timeout 5m"
         );
     }
 }

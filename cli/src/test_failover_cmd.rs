@@ -296,6 +296,7 @@ fn test_vm_files(group_dir: &Path, console: Option<&Path>) -> VmFiles {
     VmFiles {
         console: console.map_or_else(|| dir.join("vm.console"), Path::to_owned),
         pidfile: dir.join("vm.pid"),
+        agent: dir.join("vm.qga"),
     }
 }
 
@@ -315,7 +316,9 @@ fn boot_vm(
         export: export.to_owned(),
     })?;
     let files = test_vm_files(group_dir, a.boot.console.as_deref());
-    vm_boot::start(spec, &sources, Networks::Isolated, &a.boot, &files)
+    // Beside a failed-over or production domain of the VM's name.
+    let domain = format!("{}-test", spec.name);
+    vm_boot::start(spec, &sources, Networks::Isolated, &a.boot, &files, &domain)
 }
 
 fn cleanup(a: CleanupArgs) -> Result<ExitCode> {

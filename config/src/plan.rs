@@ -20,7 +20,7 @@
 //! [[plan.step]]                  # a VM: its group is named after it
 //! name = "web"
 //! groups = ["hv1.example.com/web1"]
-//! start-vm = { up-line = "login:", up-timeout = "5m" }   # the replicated spec
+//! start-vm = { up-agent = true, up-timeout = "5m" }   # the replicated spec
 //!
 //! [plan.networks]                # the VMs' networks on this site's bridges
 //! br0 = "br-dr0"
@@ -154,17 +154,19 @@ pub struct StartVm {
     pub specs: Option<PathBuf>,
 
     /// The VM is up when a line of its serial console contains this.
-    /// Default: `"login:"`.
-    #[serde(default = "default_up_line")]
-    pub up_line: String,
+    /// Default: as `tidemark failover --boot`: the guest agent answering
+    /// when the spec names one (`guest-agent`), else `"login:"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub up_line: Option<String>,
 
-    /// Most time from starting a VM to its up line. Default: `"5m"`.
+    /// The VM is up when its guest agent answers (not with `up-line`).
+    /// Default: `false` (see `up-line`).
+    #[serde(default)]
+    pub up_agent: bool,
+
+    /// Most time from starting a VM to it being up. Default: `"5m"`.
     #[serde(default = "default_up_timeout")]
     pub up_timeout: Duration,
-}
-
-fn default_up_line() -> String {
-    "login:".to_string()
 }
 
 fn default_up_timeout() -> Duration {
@@ -340,11 +342,17 @@ impl PlanConfig {
                 if let Some(specs) = &vm.specs {
                     rules::check_path(specs).map_err(|m| invalid(v.key("specs"), m))?;
                 }
-                if vm.up_line.trim().is_empty() {
+                if vm.up_line.as_ref().is_some_and(|l| l.trim().is_empty()) {
                     return Err(invalid(
                         v.key("up-line"),
                         "up-line must not be empty: every console line would say the VM is up"
                             .into(),
+                    ));
+                }
+                if vm.up_line.is_some() && vm.up_agent {
+                    return Err(invalid(
+                        v.key("up-agent"),
+                        "up-agent and up-line are two ways to see the VM up: give one".into(),
                     ));
                 }
                 if vm.up_timeout.get().is_zero() {
@@ -460,7 +468,8 @@ groups = ["app1"]
         .unwrap();
         let vm = plan.steps[0].start_vm.as_ref().unwrap();
         assert_eq!(vm.specs.as_deref(), Some(Path::new("/etc/tidemark/vms")));
-        assert_eq!(vm.up_line, "login:");
+        assert_eq!(vm.up_line, None);
+        assert!(!vm.up_agent);
         assert_eq!(vm.up_timeout.get().as_secs(), 300);
         assert_eq!(plan.networks["br0"], "br-dr0");
         let err = |line: &str| {
@@ -470,6 +479,9 @@ groups = ["app1"]
         };
         let e = err("start-vm = { specs = \"/v\", up-line = \" \" }");
         assert!(e.contains("plan.step[0].start-vm.up-line"), "{e}");
+        let e = err("start-vm = { up-agent = true, up-line = \"login:\" }");
+        assert!(e.contains("plan.step[0].start-vm.up-agent"), "{e}");
+        assert!(e.contains("give one"), "{e}");
         let e = err("start-vm = { specs = \"/v\", up-timeout = \"0s\" }");
         assert!(e.contains("up-timeout must be more than 0s"), "{e}");
         let e = err("start-vm = { specs = \"/v\", timeout = \"1m\" }");

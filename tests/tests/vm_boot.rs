@@ -5,20 +5,24 @@
 //! and says ready once the guest's console shows it is up; replication
 //! goes on meanwhile, and ending the test stops the VM and leaves nothing
 //! (as `test-failover cleanup` does after a test that was killed).
-//! Then `tidemark failover --boot` refuses a NIC whose network has no
-//! mapping before writing anything, and boots the VM from the disk it
-//! wrote (the recovery time measured).
+//! The same test failover through libvirt (`--libvirt URI`: a private
+//! libvirtd the test starts, `tidemark_e2e::libvirt`): the domain is
+//! defined and started by libvirt, and destroyed and undefined when the
+//! test ends. Then `tidemark failover --boot` refuses a NIC whose network
+//! has no mapping before writing anything, and boots the VM from the
+//! disk it wrote (the recovery time measured).
 //!
 //! The guest is the cheapest real one: the kernel of
 //! `scripts/kernel-vm.sh`, the initramfs of `scripts/system-vm.sh`, and a
 //! 32 MiB ext4 root holding busybox and an init that prints a line with a
-//! token written into the image before replication. Three boots of a few
+//! token written into the image before replication. Four boots of a few
 //! seconds each.
 
 use std::fs;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
+use tidemark_e2e::libvirt::PrivateLibvirtd;
 use tidemark_e2e::replication::HOST;
 use tidemark_e2e::replication::{
     enroll, newest_point, start_receiver, start_shipper, start_test_failover_with, wait_caught_up,
@@ -80,6 +84,66 @@ fn guest_root(dir: &Path, image: &Path, token: &str) {
         .arg(&root)
         .arg(image)
         .arg(format!("{}M", IMAGE_SIZE >> 20)));
+}
+
+/// A test failover at `point` whose VM libvirt runs: up, its NIC on no
+/// network, nothing left once the test ends.
+/// Skipped (a failure under CI) where libvirtd cannot run.
+fn libvirt_test_failover(
+    dir: &Path,
+    point: u64,
+    boot_args: &[&std::ffi::OsStr],
+    group_dir: &Path,
+    token: &str,
+) {
+    if !require_tool("libvirtd", TEST) || !require_tool("virsh", TEST) {
+        return;
+    }
+    let started = Instant::now();
+    let libvirtd = match PrivateLibvirtd::start(&dir.join("libvirt")) {
+        Ok(daemon) => daemon,
+        Err(why) => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "{TEST}: libvirtd cannot run under CI: {why}"
+            );
+            eprintln!("SKIP {TEST} (libvirt part): {why}");
+            return;
+        }
+    };
+    eprintln!("a private libvirtd answers after {:?}", started.elapsed());
+    let mut args: Vec<&std::ffi::OsStr> = boot_args.to_vec();
+    args.push(std::ffi::OsStr::new("--libvirt"));
+    args.push(std::ffi::OsStr::new(&libvirtd.uri));
+    let started = Instant::now();
+    let (test, _, lines) = start_test_failover_with(dir, point, &args, Duration::from_secs(180));
+    let to_ready = started.elapsed();
+    let up = lines
+        .iter()
+        .find(|l| l.starts_with("the VM vm1 is up"))
+        .unwrap_or_else(|| panic!("no up line: {lines:?}"));
+    assert!(up.contains("libvirt domain vm1-test"), "{up}");
+    eprintln!("{up}; test-failover start --libvirt to ready: {to_ready:?}");
+    assert_eq!(libvirtd.domains(), ["vm1-test"]);
+    let state = run(&mut libvirtd.virsh(&["domstate", "vm1-test"]));
+    assert_eq!(state.trim(), "running");
+    let xml = run(&mut libvirtd.virsh(&["dumpxml", "vm1-test"]));
+    // Its NIC a tap device on no bridge: a link that reaches nothing.
+    assert!(xml.contains("<interface type='ethernet'>"), "{xml}");
+    assert!(!xml.contains("<source bridge"), "{xml}");
+    assert!(xml.contains("org.qemu.guest_agent.0"), "{xml}");
+    let console = fs::read_to_string(group_dir.join("test-failover/vm.console")).unwrap();
+    assert!(
+        console.contains(&format!("TIDEMARK-VM-UP {token} up")),
+        "{console}"
+    );
+    assert!(test.stop().success());
+    assert!(
+        libvirtd.domains().is_empty(),
+        "the domain is left: {:?}",
+        libvirtd.domains()
+    );
+    assert!(!group_dir.join("test-failover").exists(), "traces left");
 }
 
 #[test]
@@ -208,6 +272,8 @@ fn a_replicated_vm_boots_at_a_test_failover_and_at_a_failover() {
     assert!(out.contains("stopped the VM"), "{out}");
     assert!(gone(pid), "cleanup left the VM running");
     assert!(!group_dir.join("test-failover").exists(), "traces left");
+
+    libvirt_test_failover(dir, point, &boot_args, &group_dir, &token);
 
     // A failover: a NIC whose network has no mapping is refused before
     // anything is written.

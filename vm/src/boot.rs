@@ -13,9 +13,13 @@
 //!   cannot meet production even with production's MAC); or mapped, each
 //!   spec NIC's bridge or libvirt network name translated to a bridge of
 //!   this site ([`NetworkMap`]), a NIC without a mapping refused.
-//! - The console is qemu's first serial port, written to a file; the guest
-//!   is up when a console line contains the configured text
-//!   ([`UpWatch`]), and the time from start to then is the recovery time.
+//! - The console is qemu's first serial port, written to a file; the
+//!   guest agent's channel (`org.qemu.guest_agent.0`) is a unix socket
+//!   beside it, whatever socket the protected site's spec named. The
+//!   guest is up ([`UpWatch`]) when its agent answers (the shell asks
+//!   every [`AGENT_PING_INTERVAL`]) or when a console line contains the
+//!   configured text, as [`UpSign`] says; the time from start to then is
+//!   the recovery time.
 //!
 //! ```text
 //! qemu-system-x86_64 -name … -machine … -smp … -m … [-kernel …]
@@ -23,7 +27,10 @@
 //!     -accel kvm -cpu host | -accel tcg,thread=multi -cpu max
 //!     -nic none | -netdev user,id=netN,restrict=on … | -netdev bridge,id=netN,br=LOCAL …
 //!     -nodefaults -no-user-config -display none -monitor none
-//!     -serial file:CONSOLE -daemonize -pidfile PIDFILE
+//!     -serial file:CONSOLE
+//!     -chardev socket,id=qga0,path=AGENT,server=on,wait=off -device virtio-serial-pci,id=vser0
+//!     -device virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0
+//!     -daemonize -pidfile PIDFILE
 //! ```
 
 use std::collections::BTreeMap;
@@ -81,6 +88,21 @@ pub enum BootError {
         line: String,
         /// How long it was waited for.
         timeout: Duration,
+    },
+    /// The guest agent did not answer in time (no agent in the guest, or
+    /// the guest did not get as far as starting it).
+    #[error(
+        "the VM was not up within {}: its guest agent did not answer in {attempts} tries \
+         (the last: {last})",
+        humantime::format_duration(*timeout)
+    )]
+    AgentSilent {
+        /// How long it was waited for.
+        timeout: Duration,
+        /// How many times the agent was asked.
+        attempts: u32,
+        /// Why the last try got no answer.
+        last: String,
     },
 }
 
@@ -211,6 +233,8 @@ pub struct Launch<'a> {
     pub networks: Networks<'a>,
     /// The file the guest's serial console is written to.
     pub console: &'a Path,
+    /// The unix socket of the guest agent's channel (qemu listens on it).
+    pub agent: &'a Path,
     /// The file qemu writes its process id to: qemu runs in the
     /// background (`-daemonize`), returning once the VM has started, and
     /// outlives the command that started it.
@@ -224,6 +248,12 @@ pub fn args(
     sources: &[DiskSource],
     launch: &Launch<'_>,
 ) -> Result<Vec<String>, BootError> {
+    // The protected site's agent socket means nothing here: the channel
+    // is added on this site's socket below.
+    let spec = &VmSpec {
+        guest_agent: None,
+        ..spec.clone()
+    };
     let mut args = match launch.networks {
         Networks::Mapped(map) => qemu::args(&map.apply(spec)?, sources)?,
         Networks::None | Networks::Isolated => {
@@ -254,58 +284,184 @@ pub fn args(
     // The serial spec takes the rest of its text as the path: no escape.
     args.push("-serial".into());
     args.push(format!("file:{}", utf8(launch.console)?));
+    qemu::agent_args(&mut args, launch.agent)?;
     args.push("-daemonize".into());
     args.push("-pidfile".into());
     args.push(utf8(launch.pidfile)?.into());
     Ok(args)
 }
 
+/// The libvirt domain that starts `spec` on this site, its disks read
+/// from `sources`: the domain type of the accelerator, the NICs as
+/// `launch` says, the console and the agent's channel on `launch`'s
+/// files (`launch.pidfile` is libvirt's business and unused).
+pub fn domain_xml(
+    spec: &VmSpec,
+    sources: &[DiskSource],
+    launch: &Launch<'_>,
+) -> Result<String, BootError> {
+    let mut spec = match launch.networks {
+        Networks::Mapped(map) => map.apply(spec)?,
+        Networks::None => VmSpec {
+            nics: Vec::new(),
+            ..spec.clone()
+        },
+        Networks::Isolated => spec.clone(),
+    };
+    spec.guest_agent = Some(launch.agent.to_owned());
+    let devices = crate::libvirt::BootDevices {
+        console: launch.console,
+        isolated_nics: matches!(launch.networks, Networks::Isolated),
+    };
+    Ok(crate::libvirt::boot_domain_xml(
+        &spec,
+        sources,
+        launch.accel.domain_type(),
+        Some(&devices),
+    )?)
+}
+
 /// The most bytes of one console line kept while waiting for its end: a
 /// guest that never ends a line cannot grow the watcher.
 const MAX_LINE: usize = 4096;
 
-/// Watches the guest's console for the line that says it is up.
+/// How often the guest agent is asked whether it is there, from the
+/// start of one try to the start of the next.
+pub const AGENT_PING_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What says that the guest is up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UpSign {
+    /// Its guest agent answers (`guest-sync-delimited`): the guest's
+    /// services are starting, whatever its console shows.
+    Agent,
+    /// A line of its serial console contains this text.
+    Line(String),
+}
+
+impl UpSign {
+    /// The default for `spec`: its agent when the spec names one (the
+    /// guest runs `qemu-guest-agent`), else a console line with
+    /// `login:` (what a getty on the serial console prints).
+    pub fn default_for(spec: &VmSpec) -> UpSign {
+        if spec.guest_agent.is_some() {
+            UpSign::Agent
+        } else {
+            UpSign::Line("login:".into())
+        }
+    }
+}
+
+impl std::fmt::Display for UpSign {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpSign::Agent => write!(f, "its guest agent to answer"),
+            UpSign::Line(line) => write!(f, "a console line with {line:?}"),
+        }
+    }
+}
+
+/// Watches for the sign that the guest is up: the shell feeds it the
+/// console's bytes ([`UpWatch::handle_output`]) and, when
+/// [`UpWatch::poll_agent_try`] says so, asks the agent and reports how
+/// that went ([`UpWatch::handle_agent_answer`],
+/// [`UpWatch::handle_agent_silence`]); [`UpWatch::poll`] says up, keep
+/// waiting, or too late.
 #[derive(Debug)]
 pub struct UpWatch {
-    line: String,
+    sign: UpSign,
     started: Instant,
     timeout: Duration,
     partial: Vec<u8>,
     up_after: Option<Duration>,
+    /// When the agent is to be asked next (with [`UpSign::Agent`]).
+    next_try: Instant,
+    attempts: u32,
+    last_silence: Option<String>,
 }
 
 impl UpWatch {
-    /// Waits, from `started`, at most `timeout` for a console line that
-    /// contains `line`.
-    pub fn new(line: &str, started: Instant, timeout: Duration) -> UpWatch {
+    /// Waits, from `started`, at most `timeout` for `sign`.
+    pub fn new(sign: UpSign, started: Instant, timeout: Duration) -> UpWatch {
         UpWatch {
-            line: line.to_owned(),
+            sign,
             started,
             timeout,
             partial: Vec::new(),
             up_after: None,
+            next_try: started,
+            attempts: 0,
+            last_silence: None,
+        }
+    }
+
+    /// What it waits for.
+    pub fn sign(&self) -> &UpSign {
+        &self.sign
+    }
+
+    fn up_at(&mut self, now: Instant) {
+        if self.up_after.is_none() {
+            self.up_after = Some(now.saturating_duration_since(self.started));
         }
     }
 
     /// Takes console output read at `now`; the time from start to up,
-    /// once the up line has appeared.
+    /// once up.
     pub fn handle_output(&mut self, bytes: &[u8], now: Instant) -> Option<Duration> {
+        let UpSign::Line(line) = &self.sign else {
+            return self.up_after;
+        };
+        let mut seen = false;
         for &b in bytes {
-            if self.up_after.is_some() {
+            if self.up_after.is_some() || seen {
                 break;
             }
             if b == b'\n' {
                 // The serial console ends lines with \r\n.
                 let text = String::from_utf8_lossy(&self.partial);
-                if text.trim_end_matches('\r').contains(&self.line) {
-                    self.up_after = Some(now.saturating_duration_since(self.started));
-                }
+                seen = text.trim_end_matches('\r').contains(line.as_str());
                 self.partial.clear();
             } else if self.partial.len() < MAX_LINE {
                 self.partial.push(b);
             }
         }
+        if seen {
+            self.up_at(now);
+        }
         self.up_after
+    }
+
+    /// Whether the agent is to be asked now (it is up to the shell how,
+    /// within [`AGENT_PING_INTERVAL`]); the next try is then due an
+    /// interval after `now`. Never while waiting for a console line, nor
+    /// once up or too late.
+    pub fn poll_agent_try(&mut self, now: Instant) -> bool {
+        if self.sign != UpSign::Agent
+            || self.up_after.is_some()
+            || now < self.next_try
+            || now >= self.deadline()
+        {
+            return false;
+        }
+        self.attempts += 1;
+        self.next_try = now + AGENT_PING_INTERVAL;
+        true
+    }
+
+    /// The agent answered at `now`: the guest is up (if it still counts:
+    /// an answer after the deadline is too late).
+    pub fn handle_agent_answer(&mut self, now: Instant) -> Option<Duration> {
+        if self.sign == UpSign::Agent && now < self.deadline() {
+            self.up_at(now);
+        }
+        self.up_after
+    }
+
+    /// The agent did not answer a try, for `why` (kept for the error if
+    /// none ever does).
+    pub fn handle_agent_silence(&mut self, why: String) {
+        self.last_silence = Some(why);
     }
 
     /// Whether waiting is over: `Ok(Some(rto))` once up, `Ok(None)` while
@@ -313,15 +469,25 @@ impl UpWatch {
     pub fn poll(&self, now: Instant) -> Result<Option<Duration>, BootError> {
         match self.up_after {
             Some(after) => Ok(Some(after)),
-            None if now.saturating_duration_since(self.started) < self.timeout => Ok(None),
-            None => Err(BootError::NotUp {
-                line: self.line.clone(),
-                timeout: self.timeout,
+            None if now < self.deadline() => Ok(None),
+            None => Err(match &self.sign {
+                UpSign::Line(line) => BootError::NotUp {
+                    line: line.clone(),
+                    timeout: self.timeout,
+                },
+                UpSign::Agent => BootError::AgentSilent {
+                    timeout: self.timeout,
+                    attempts: self.attempts,
+                    last: self
+                        .last_silence
+                        .clone()
+                        .unwrap_or_else(|| "never asked".into()),
+                },
             }),
         }
     }
 
-    /// When waiting ends if the line does not come.
+    /// When waiting ends if the sign does not come.
     pub fn deadline(&self) -> Instant {
         self.started + self.timeout
     }
@@ -339,6 +505,7 @@ mod tests {
             accel,
             networks,
             console: Path::new("/run/tidemark/web1.console"),
+            agent: Path::new("/run/tidemark/web1.boot.qga"),
             pidfile: Path::new("/run/tidemark/web1.pid"),
         }
     }
@@ -436,7 +603,11 @@ mod tests {
     #[test]
     fn the_guest_is_up_when_its_line_appears_within_the_timeout() {
         let t0 = Instant::now();
-        let mut watch = UpWatch::new("TIDEMARK-VM-UP", t0, Duration::from_secs(120));
+        let line = || UpSign::Line("TIDEMARK-VM-UP".into());
+        let mut watch = UpWatch::new(line(), t0, Duration::from_secs(120));
+        // No agent is asked while a line is waited for.
+        assert!(!watch.poll_agent_try(t0));
+        assert_eq!(watch.handle_agent_answer(t0), None);
         assert_eq!(watch.handle_output(b"booting\r\nTIDEMARK-VM", t0), None);
         assert_eq!(watch.poll(t0 + Duration::from_secs(5)).unwrap(), None);
         let at = t0 + Duration::from_secs(15);
@@ -449,7 +620,7 @@ mod tests {
             Some(Duration::from_secs(15))
         );
 
-        let mut late = UpWatch::new("TIDEMARK-VM-UP", t0, Duration::from_secs(120));
+        let mut late = UpWatch::new(line(), t0, Duration::from_secs(120));
         // A line without its end is not up yet; nor is a long unended one
         // kept whole.
         late.handle_output(&[b'x'; 3 * MAX_LINE], t0);
@@ -462,6 +633,120 @@ mod tests {
             "{err}"
         );
         assert_eq!(late.deadline(), t0 + Duration::from_secs(120));
+    }
+
+    #[test]
+    fn the_guest_is_up_when_its_agent_answers_within_the_timeout() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut watch = UpWatch::new(UpSign::Agent, t0, s(60));
+        // Asked at once, then once an interval has passed since each try.
+        assert!(watch.poll_agent_try(t0));
+        assert!(!watch.poll_agent_try(t0 + Duration::from_millis(999)));
+        watch.handle_agent_silence("no answer within 1s".into());
+        assert_eq!(watch.poll(t0 + s(1)).unwrap(), None);
+        assert!(watch.poll_agent_try(t0 + s(1)));
+        // A slow try: the next one is due an interval after it began.
+        assert!(watch.poll_agent_try(t0 + s(5)));
+        assert!(!watch.poll_agent_try(t0 + Duration::from_millis(5500)));
+        // The console says nothing about up here, even the line a getty
+        // prints.
+        assert_eq!(
+            watch.handle_output(b"login:\r\nTIDEMARK\r\n", t0 + s(6)),
+            None
+        );
+        assert_eq!(watch.handle_agent_answer(t0 + s(7)), Some(s(7)));
+        assert_eq!(watch.poll(t0 + s(100)).unwrap(), Some(s(7)));
+        // Up once: no more tries, a later answer changes nothing.
+        assert!(!watch.poll_agent_try(t0 + s(8)));
+        assert_eq!(watch.handle_agent_answer(t0 + s(9)), Some(s(7)));
+        assert_eq!(watch.sign(), &UpSign::Agent);
+    }
+
+    #[test]
+    fn an_agent_that_never_answers_times_out_with_its_last_silence() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut watch = UpWatch::new(UpSign::Agent, t0, s(3));
+        let err = watch.poll(t0 + s(3)).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("in 0 tries (the last: never asked)"),
+            "{err}"
+        );
+        for t in 0..3 {
+            assert!(watch.poll_agent_try(t0 + s(t)));
+            watch.handle_agent_silence(format!("silence {t}"));
+        }
+        // No try at or after the deadline, and an answer then is too late.
+        assert!(!watch.poll_agent_try(t0 + s(3)));
+        assert_eq!(watch.handle_agent_answer(t0 + s(3)), None);
+        let err = watch.poll(t0 + s(3)).unwrap_err();
+        assert!(
+            matches!(&err, BootError::AgentSilent { attempts: 3, last, .. } if last == "silence 2"),
+            "{err}"
+        );
+        assert!(
+            err.to_string().starts_with(
+                "the VM was not up within 3s: its guest agent did not answer in 3 tries"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_default_sign_is_the_agent_when_the_spec_names_one() {
+        let with = spec(SPEC);
+        let mut without = with.clone();
+        without.guest_agent = None;
+        assert_eq!(UpSign::default_for(&without), UpSign::Line("login:".into()));
+        assert_eq!(
+            UpSign::default_for(&VmSpec {
+                guest_agent: Some("/run/tidemark/web1.qga".into()),
+                ..without
+            }),
+            UpSign::Agent
+        );
+        assert_eq!(UpSign::Agent.to_string(), "its guest agent to answer");
+    }
+
+    #[test]
+    fn a_booted_vm_gets_its_agent_channel_on_this_sites_socket() {
+        let mut spec = spec(SPEC);
+        spec.guest_agent = Some("/run/tidemark/web1.qga".into());
+        for networks in [Networks::None, Networks::Isolated] {
+            let args = args(
+                &spec,
+                &test_failover_sources(&spec),
+                &launch(Accel::Tcg, networks),
+            )
+            .unwrap();
+            let line = command_line(&args);
+            assert!(
+                line.contains("-chardev socket,id=qga0,path=/run/tidemark/web1.boot.qga,"),
+                "{line}"
+            );
+            assert!(!line.contains("/run/tidemark/web1.qga"), "{line}");
+            assert_eq!(line.matches("org.qemu.guest_agent.0").count(), 1, "{line}");
+        }
+    }
+
+    #[test]
+    fn a_libvirt_boot_has_the_sites_files_and_networks() {
+        let spec = spec(SPEC);
+        let sources = test_failover_sources(&spec);
+        let xml = domain_xml(&spec, &sources, &launch(Accel::Tcg, Networks::Isolated)).unwrap();
+        golden("web1.test-failover.xml", &xml);
+        let none = domain_xml(&spec, &sources, &launch(Accel::Kvm, Networks::None)).unwrap();
+        assert!(none.starts_with("<domain type='kvm'>"), "{none}");
+        assert!(!none.contains("<interface"), "{none}");
+        let map = NetworkMap::parse(["br0=br-dr0"]).unwrap();
+        let err =
+            domain_xml(&spec, &sources, &launch(Accel::Tcg, Networks::Mapped(&map))).unwrap_err();
+        assert!(
+            matches!(err, BootError::UnmappedNetwork { nic: 1, .. }),
+            "{err}"
+        );
     }
 
     #[test]

@@ -22,8 +22,27 @@
 //!
 //! The socket must be reachable by libvirt's qemu user: the tracker's
 //! `socket-group` (e.g. `libvirt-qemu`).
+//!
+//! A spec's `guest-agent` becomes the agent's channel (libvirt connects
+//! to it itself: `virsh qemu-agent-command` reaches the agent):
+//!
+//! ```xml
+//! <channel type='unix'>
+//!   <source mode='bind' path='/run/tidemark/web1.qga'/>
+//!   <target type='virtio' name='org.qemu.guest_agent.0'/>
+//! </channel>
+//! ```
+//!
+//! A boot on the replica site ([`BootDevices`]) adds the serial console
+//! as a file (`<serial type='file'>`) and may isolate each NIC: an
+//! `<interface type='ethernet'>` is a tap device libvirt creates and
+//! attaches to nothing, so the guest's NIC has a link that reaches no
+//! network (qemu's `user,restrict=on` of a plain qemu boot has no libvirt
+//! element; given as `<qemu:commandline>` its device collides with
+//! libvirt's PCI addresses).
 
 use std::fmt::Write;
+use std::path::Path;
 
 use tidemark_config::{NicAttachment, VmSpec};
 
@@ -127,6 +146,16 @@ pub fn domain_xml(spec: &VmSpec, sources: &[DiskSource]) -> Result<String, Rende
     domain_xml_of(spec, sources, "kvm")
 }
 
+/// What a boot on the replica site adds to a domain.
+#[derive(Clone, Copy, Debug)]
+pub struct BootDevices<'a> {
+    /// The file the serial console is written to.
+    pub console: &'a Path,
+    /// Every NIC of the spec on a network of its own that reaches
+    /// nothing, in place of its bridge or network.
+    pub isolated_nics: bool,
+}
+
 /// [`domain_xml`] with the domain type `kind`: `kvm`, or `qemu` (TCG)
 /// where the host has no KVM.
 pub fn domain_xml_of(
@@ -134,7 +163,18 @@ pub fn domain_xml_of(
     sources: &[DiskSource],
     kind: &str,
 ) -> Result<String, RenderError> {
+    boot_domain_xml(spec, sources, kind, None)
+}
+
+/// [`domain_xml_of`] with what a boot adds, if any.
+pub fn boot_domain_xml(
+    spec: &VmSpec,
+    sources: &[DiskSource],
+    kind: &str,
+    boot: Option<&BootDevices<'_>>,
+) -> Result<String, RenderError> {
     check_sources(spec, sources)?;
+    let isolated = boot.is_some_and(|b| b.isolated_nics);
     let mut out = String::new();
     let _ = writeln!(out, "<domain type='{kind}'>");
     let _ = writeln!(out, "  <name>{}</name>", xml(&spec.name));
@@ -181,14 +221,36 @@ pub fn domain_xml_of(
     }
     for nic in &spec.nics {
         let (kind, attribute, name) = match nic.attachment() {
+            _ if isolated => ("ethernet", "", ""),
             NicAttachment::Bridge(bridge) => ("bridge", "bridge", bridge),
             NicAttachment::Network(network) => ("network", "network", network),
         };
         let _ = writeln!(out, "    <interface type='{kind}'>");
         let _ = writeln!(out, "      <mac address='{}'/>", nic.mac);
-        let _ = writeln!(out, "      <source {attribute}='{}'/>", xml(name));
+        if !isolated {
+            let _ = writeln!(out, "      <source {attribute}='{}'/>", xml(name));
+        }
         let _ = writeln!(out, "      <model type='virtio'/>");
         let _ = writeln!(out, "    </interface>");
+    }
+    if let Some(boot) = boot {
+        let _ = writeln!(out, "    <serial type='file'>");
+        let _ = writeln!(out, "      <source path='{}'/>", xml(utf8(boot.console)?));
+        let _ = writeln!(out, "      <target port='0'/>");
+        let _ = writeln!(out, "    </serial>");
+    }
+    if let Some(socket) = &spec.guest_agent {
+        let _ = writeln!(out, "    <channel type='unix'>");
+        let _ = writeln!(
+            out,
+            "      <source mode='bind' path='{}'/>",
+            xml(utf8(socket)?)
+        );
+        let _ = writeln!(
+            out,
+            "      <target type='virtio' name='org.qemu.guest_agent.0'/>"
+        );
+        let _ = writeln!(out, "    </channel>");
     }
     let _ = writeln!(out, "  </devices>");
     let _ = writeln!(out, "</domain>");
@@ -219,6 +281,48 @@ mod tests {
             xml.contains("socket='/run/a&apos;&lt;&amp;&gt;/s'"),
             "{xml}"
         );
+    }
+
+    #[test]
+    fn a_guest_agent_gets_its_channel_and_a_boot_its_console_and_isolated_nics() {
+        let mut spec = spec(SPEC);
+        spec.guest_agent = Some("/run/tidemark/web1.qga".into());
+        let sources = DiskSource::tracker_exports(&spec, Path::new("/run/tidemark/web1.nbd.sock"));
+        let xml = domain_xml(&spec, &sources).unwrap();
+        assert!(
+            xml.contains(
+                "    <channel type='unix'>\n      <source mode='bind' path='/run/tidemark/web1.qga'/>\n      \
+                 <target type='virtio' name='org.qemu.guest_agent.0'/>\n    </channel>\n"
+            ),
+            "{xml}"
+        );
+        assert!(!xml.contains("<serial type"), "{xml}");
+        assert!(!xml.contains("qemu:"), "{xml}");
+        let boot = BootDevices {
+            console: Path::new("/run/tidemark/web1.console"),
+            isolated_nics: true,
+        };
+        let xml = boot_domain_xml(&spec, &sources, "qemu", Some(&boot)).unwrap();
+        assert!(xml.starts_with("<domain type='qemu'>"), "{xml}");
+        assert!(
+            xml.contains("<serial type='file'>\n      <source path='/run/tidemark/web1.console'/>"),
+            "{xml}"
+        );
+        assert!(!xml.contains("<source bridge"), "{xml}");
+        assert!(
+            xml.contains(
+                "    <interface type='ethernet'>\n      <mac address='52:54:00:12:34:57'/>\n      \
+                 <model type='virtio'/>\n"
+            ),
+            "{xml}"
+        );
+        // Not isolated: the NICs as the spec has them.
+        let mapped = BootDevices {
+            isolated_nics: false,
+            ..boot
+        };
+        let xml = boot_domain_xml(&spec, &sources, "qemu", Some(&mapped)).unwrap();
+        assert_eq!(xml.matches("<interface type='bridge'>").count(), 2, "{xml}");
     }
 
     #[test]

@@ -121,20 +121,30 @@ pub fn args(spec: &VmSpec, sources: &[DiskSource]) -> Result<Vec<String>, Render
         nic_args(&mut args, i, &format!("bridge,br={}", value(bridge)), nic);
     }
     if let Some(socket) = &spec.guest_agent {
-        // qemu listens; the tracker connects to freeze the guest.
-        args.extend([
-            "-chardev".into(),
-            format!(
-                "socket,id=qga0,path={},server=on,wait=off",
-                value(utf8(socket)?)
-            ),
-            "-device".into(),
-            "virtio-serial-pci,id=vser0".into(),
-            "-device".into(),
-            "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0".into(),
-        ]);
+        agent_args(&mut args, socket)?;
     }
     Ok(args)
+}
+
+/// Appends the guest agent's channel on the unix socket `socket`: qemu
+/// listens; the tracker (to freeze the guest) or a boot (to see it up)
+/// connects.
+pub(crate) fn agent_args(
+    args: &mut Vec<String>,
+    socket: &std::path::Path,
+) -> Result<(), RenderError> {
+    args.extend([
+        "-chardev".into(),
+        format!(
+            "socket,id=qga0,path={},server=on,wait=off",
+            value(utf8(socket)?)
+        ),
+        "-device".into(),
+        "virtio-serial-pci,id=vser0".into(),
+        "-device".into(),
+        "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0".into(),
+    ]);
+    Ok(())
 }
 
 /// Appends NIC `i` of a spec: a `-netdev` of `backend` (its type and

@@ -21,5 +21,8 @@ qemu-system-x86_64 \
     -display none \
     -monitor none \
     -serial file:/run/tidemark/web1.console \
+    -chardev socket,id=qga0,path=/run/tidemark/web1.boot.qga,server=on,wait=off \
+    -device virtio-serial-pci,id=vser0 \
+    -device virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0 \
     -daemonize \
     -pidfile /run/tidemark/web1.pid
