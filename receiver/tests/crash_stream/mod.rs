@@ -1,0 +1,224 @@
+//! The seeded stream both store crash tests apply (`store_crash.rs` on a
+//! simulated directory, `ceph_store_crash.rs` on a simulated cluster): an
+//! initial sync interleaved with records over three disks, then writes,
+//! write-zeroes, trims, barriers, markers, a resync of an extent and a
+//! test failover's pin, with the source's disks after every sequence
+//! number to check the points against.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tidemark_changelog::{DiskId, Entry, Record};
+use tidemark_names::Name;
+use tidemark_receiver::store::{Disk, Purpose};
+
+pub(crate) const SIZES: [u64; 3] = [16 << 10, 8 << 10, (12 << 10) + 512];
+const SECTOR: u64 = 512;
+
+pub(crate) fn specs() -> Vec<Disk> {
+    SIZES
+        .iter()
+        .enumerate()
+        .map(|(i, size)| Disk {
+            id: DiskId(i as u32),
+            name: Name::new(format!("disk{i}")).unwrap(),
+            size: *size,
+        })
+        .collect()
+}
+
+/// One step of the stream the shipper sends.
+#[derive(Debug, Clone)]
+pub(crate) enum Op {
+    /// Announce the disks (creates their images, durably).
+    Disks,
+    Record(Record),
+    Chunk {
+        disk: u32,
+        offset: u64,
+        /// `None`: `len` bytes of zeroes.
+        data: Option<Vec<u8>>,
+        len: u64,
+        purpose: Purpose,
+    },
+    ResyncDone {
+        disk: u32,
+        offset: u64,
+        length: u64,
+    },
+    Commit,
+    /// A test failover pins this point (`Some`) or ends (`None`): another
+    /// process writes the pin, so it is outside the power cut.
+    Pin(Option<u64>),
+}
+
+/// The stream and the source it describes.
+pub(crate) struct Workload {
+    pub(crate) ops: Vec<Op>,
+    /// The source's disks after each sequence number (index 0: before any).
+    pub(crate) source: Vec<Vec<Vec<u8>>>,
+}
+
+struct Source {
+    disks: Vec<Vec<u8>>,
+    states: Vec<Vec<Vec<u8>>>,
+    ops: Vec<Op>,
+    seq: u64,
+    /// Barriers and markers are recovery points now (the group is
+    /// consistent).
+    points_now: bool,
+    /// The newest recovery point.
+    last_point: Option<u64>,
+}
+
+impl Source {
+    fn record(&mut self, entry: Entry<'_>) {
+        self.seq += 1;
+        let rec = Record::decode(&entry.encode(self.seq, 1)).expect("a valid record");
+        let h = &rec.header;
+        let (o, l) = (h.offset as usize, h.length as usize);
+        match h.kind {
+            tidemark_changelog::Kind::Write => {
+                self.disks[h.disk.index()][o..o + l].copy_from_slice(&rec.payload)
+            }
+            tidemark_changelog::Kind::WriteZeroes | tidemark_changelog::Kind::Trim => {
+                self.disks[h.disk.index()][o..o + l].fill(0)
+            }
+            _ => {}
+        }
+        self.states.push(self.disks.clone());
+        self.ops.push(Op::Record(rec));
+    }
+
+    /// A chunk of the source as it is now.
+    fn chunk(&mut self, disk: u32, offset: u64, len: u64, purpose: Purpose) {
+        let bytes = &self.disks[disk as usize][offset as usize..(offset + len) as usize];
+        let data = bytes.iter().any(|b| *b != 0).then(|| bytes.to_vec());
+        self.ops.push(Op::Chunk {
+            disk,
+            offset,
+            data,
+            len,
+            purpose,
+        });
+    }
+
+    fn note_point(&mut self) {
+        if self.points_now {
+            self.last_point = Some(self.seq);
+        }
+    }
+
+    /// A random extent of a random disk, in sectors.
+    fn extent(rng: &mut StdRng, max_sectors: u64) -> (u32, u64, u64) {
+        let disk = rng.random_range(0..SIZES.len());
+        let sectors = SIZES[disk] / SECTOR;
+        let len = rng.random_range(1..=max_sectors.min(sectors));
+        let at = rng.random_range(0..=sectors - len);
+        (disk as u32, at * SECTOR, len * SECTOR)
+    }
+
+    /// A random change, barrier or marker.
+    fn random_record(&mut self, rng: &mut StdRng) {
+        let ts = self.seq * 1000;
+        match rng.random_range(0..10) {
+            0..=3 => {
+                let (disk, offset, len) = Source::extent(rng, 6);
+                // Not whole sectors: the store takes any byte range.
+                let len = len - rng.random_range(0..SECTOR / 2);
+                let data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+                self.record(Entry::write(disk, offset, &data, ts));
+            }
+            4 => {
+                let (disk, offset, len) = Source::extent(rng, 8);
+                let no_hole = rng.random();
+                self.record(Entry::write_zeroes(disk, offset, len, no_hole, ts));
+            }
+            5 => {
+                let (disk, offset, len) = Source::extent(rng, 8);
+                self.record(Entry::trim(disk, offset, len, ts));
+            }
+            6 => {
+                let label = format!("m{}", self.seq + 1);
+                self.record(Entry::marker(&label, rng.random(), ts));
+                self.note_point();
+            }
+            _ => {
+                self.record(Entry::barrier(ts));
+                self.note_point();
+            }
+        }
+    }
+}
+
+pub(crate) fn workload(seed: u64, steady_ops: usize) -> Workload {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut s = Source {
+        disks: SIZES.iter().map(|n| vec![0u8; *n as usize]).collect(),
+        states: Vec::new(),
+        ops: vec![Op::Disks],
+        seq: 0,
+        points_now: false,
+        last_point: None,
+    };
+    s.states.push(s.disks.clone());
+    // Initial sync: each disk copied in order, records in between (applied
+    // in place), commits now and then.
+    for disk in 0..SIZES.len() as u32 {
+        let mut at = 0;
+        while at < SIZES[disk as usize] {
+            for _ in 0..rng.random_range(0..3) {
+                s.random_record(&mut rng);
+            }
+            let len = (rng.random_range(1..=8) * SECTOR).min(SIZES[disk as usize] - at);
+            s.chunk(disk, at, len, Purpose::InitialSync);
+            at += len;
+            if rng.random_range(0..3) == 0 {
+                s.ops.push(Op::Commit);
+            }
+        }
+    }
+    s.ops.push(Op::Commit);
+    // Consistent: a point at every barrier and marker; a resync of one
+    // extent half-way; a test failover pins a point for a while (retention
+    // keeps three points: it would be folded soon).
+    s.points_now = true;
+    let mut pinned = false;
+    for i in 0..steady_ops {
+        if i == steady_ops / 4 {
+            s.ops.push(Op::Commit);
+            if let Some(seq) = s.last_point {
+                s.ops.push(Op::Pin(Some(seq)));
+                pinned = true;
+            }
+        }
+        if i == steady_ops * 3 / 4 && pinned {
+            s.ops.push(Op::Pin(None));
+        }
+        if i == steady_ops / 2 {
+            let (disk, offset, length) = Source::extent(&mut rng, 8);
+            s.record(Entry::resync_needed(disk, offset, length, s.seq * 1000));
+            s.points_now = false;
+            for _ in 0..4 {
+                s.random_record(&mut rng);
+            }
+            s.ops.push(Op::Commit);
+            s.chunk(disk, offset, length, Purpose::Resync);
+            s.ops.push(Op::ResyncDone {
+                disk,
+                offset,
+                length,
+            });
+            s.ops.push(Op::Commit);
+            s.points_now = true;
+        }
+        s.random_record(&mut rng);
+        if rng.random_range(0..3) == 0 {
+            s.ops.push(Op::Commit);
+        }
+    }
+    s.ops.push(Op::Commit);
+    Workload {
+        ops: s.ops,
+        source: s.states,
+    }
+}
