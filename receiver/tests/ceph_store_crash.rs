@@ -21,12 +21,14 @@ use tidemark_changelog::{DiskId, Entry, Record, Seq};
 use tidemark_names::Name;
 use tidemark_receiver::store::ceph::{CephEngine, CephGroup};
 use tidemark_receiver::store::StoreEngine;
-use tidemark_receiver::store::{Applied, ChunkRef, GroupState, Position, Retention, StoreError};
+use tidemark_receiver::store::{Applied, ChunkRef, Position, Retention, StoreError};
 
 const NAMESPACE: &str = "crash";
 
 mod crash_stream;
-use crash_stream::{specs, workload, Op, Workload, SIZES};
+use crash_stream::{
+    check_committed, check_points, pin_before, read_disk, specs, workload, Op, Run, Workload,
+};
 
 /// The record after the stream's last one.
 fn record_after(w: &Workload) -> Record {
@@ -98,28 +100,6 @@ fn apply(
     }
 }
 
-/// The pin as of `ops[..upto]`.
-fn pin_before(ops: &[Op], upto: usize) -> Option<u64> {
-    ops[..upto]
-        .iter()
-        .rev()
-        .find_map(|op| match op {
-            Op::Pin(seq) => Some(*seq),
-            _ => None,
-        })
-        .flatten()
-}
-
-/// What one run made durable, and where it stopped.
-struct Run {
-    /// (op index, position) of every op that returned a durable position;
-    /// index `None` for opening the group.
-    durable: Vec<(Option<usize>, Position)>,
-    /// The op that failed (the cut), `None` for the open.
-    crashed_at: Option<Option<usize>>,
-    final_position: Option<Position>,
-}
-
 fn run(world: &SimWorld, ops: &[Op]) -> Run {
     let mut r = Run {
         durable: Vec::new(),
@@ -149,30 +129,6 @@ fn run(world: &SimWorld, ops: &[Op]) -> Run {
     r
 }
 
-fn read_disk(g: &CephGroup<SimCluster>, seq: Option<u64>, disk: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; SIZES[disk] as usize];
-    g.view(seq.map(Seq))
-        .expect("a readable view")
-        .read(DiskId(disk as u32), 0, &mut buf)
-        .expect("a readable disk");
-    buf
-}
-
-/// Every point `g` lists reads as the source did at it.
-fn check_points(what: &str, g: &CephGroup<SimCluster>, w: &Workload) -> usize {
-    let points = g.points();
-    for p in &points {
-        for disk in 0..SIZES.len() {
-            assert!(
-                read_disk(g, Some(p.seq.get()), disk) == w.source[p.seq.get() as usize][disk],
-                "{what}: point {} of disk {disk} differs from the source",
-                p.seq
-            );
-        }
-    }
-    points.len()
-}
-
 /// Reopens the crashed group with a new client and holds it to the rules
 /// (see the module), then resumes the stream on it.
 fn verify(what: &str, world: &SimWorld, w: &Workload, probe: &Run, cut: &Run) {
@@ -194,46 +150,7 @@ fn verify(what: &str, world: &SimWorld, w: &Workload, probe: &Run, cut: &Run) {
         );
     }
 
-    // The position is one the store committed, between the last one it
-    // acknowledged and the op the cut stopped.
-    let p = g.position();
-    let acked = cut.durable.last().map(|(i, _)| *i);
-    let at = probe
-        .durable
-        .iter()
-        .rposition(|(i, q)| *q == p && *i <= stopped)
-        .unwrap_or_else(|| panic!("{what}: {p:?} is no position the store committed"));
-    let resume_from = probe.durable[at].0;
-    assert!(
-        acked.is_none_or(|a| resume_from >= a),
-        "{what}: {p:?} is older than the acknowledged commit at op {acked:?}"
-    );
-
-    // Its newest state is the source's at that position, except what it
-    // waits to resync (none during the initial sync: written in place).
-    let pending: Vec<(u32, u64, u64)> = match &p.state {
-        GroupState::InitialSync | GroupState::Consistent => Vec::new(),
-        GroupState::Resyncing { pending } => pending
-            .iter()
-            .map(|e| (e.disk.get(), e.offset, e.offset + e.length))
-            .collect(),
-    };
-    let source = &w.source[p.durable_seq.get() as usize];
-    let has_consistent_state = !matches!(p.state, GroupState::InitialSync);
-    for d in p.disks.iter().filter(|_| has_consistent_state) {
-        let disk = d.id.index();
-        let now = read_disk(&g, None, disk);
-        for (i, byte) in now.iter().enumerate() {
-            let waits = pending
-                .iter()
-                .any(|&(pd, s, e)| pd == d.id.get() && (s..e).contains(&(i as u64)));
-            assert!(
-                waits || *byte == source[disk][i],
-                "{what}: disk {disk} byte {i} is not the source's at seq {}",
-                p.durable_seq
-            );
-        }
-    }
+    let resume_from = check_committed(what, &g, w, probe, cut);
 
     // Resume: a few records it holds already, then the rest of the stream.
     let next = resume_from.map_or(0, |i| i + 1);

@@ -17,16 +17,16 @@
 //!   final state, with the same position as a run that never crashed.
 
 use std::collections::BTreeMap;
-use tidemark_changelog::{DiskId, Seq};
+use tidemark_changelog::DiskId;
 use tidemark_durable::dir::SimFileState;
 use tidemark_durable::{LogDir, SimDir};
 use tidemark_receiver::pin::PIN_FILE;
-use tidemark_receiver::store::{
-    Applied, ChunkRef, GroupState, Position, ReplicaGroup, Retention, StoreError,
-};
+use tidemark_receiver::store::{Applied, ChunkRef, Position, ReplicaGroup, Retention, StoreError};
 
 mod crash_stream;
-use crash_stream::{specs, workload, Op, Workload, SIZES};
+use crash_stream::{
+    check_committed, check_points, pin_before, read_disk, specs, workload, Op, Run, Workload,
+};
 
 /// Opens the group on `dir` with the small segments, frequent journal
 /// indexes and tight retention the test wants folds, segment removals and
@@ -94,28 +94,6 @@ fn set_pin(test_failover: &SimDir, seq: Option<u64>) {
     }
 }
 
-/// The pin as of `ops[..upto]`.
-fn pin_before(ops: &[Op], upto: usize) -> Option<u64> {
-    ops[..upto]
-        .iter()
-        .rev()
-        .find_map(|op| match op {
-            Op::Pin(seq) => Some(*seq),
-            _ => None,
-        })
-        .flatten()
-}
-
-/// What one run made durable, and where it stopped.
-struct Run {
-    /// (op index, position) of every op that returned a durable position;
-    /// index `None` for opening the group.
-    durable: Vec<(Option<usize>, Position)>,
-    /// The op that failed (the power cut), `None` for the open.
-    crashed_at: Option<Option<usize>>,
-    final_position: Option<Position>,
-}
-
 fn run(dir: &SimDir, ops: &[Op]) -> Run {
     let mut r = Run {
         durable: Vec::new(),
@@ -143,30 +121,6 @@ fn run(dir: &SimDir, ops: &[Op]) -> Run {
     }
     r.final_position = Some(g.position());
     r
-}
-
-fn read_disk(g: &ReplicaGroup<SimDir>, seq: Option<u64>, disk: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; SIZES[disk] as usize];
-    g.view(seq.map(Seq))
-        .expect("a readable view")
-        .read(DiskId(disk as u32), 0, &mut buf)
-        .expect("a readable disk");
-    buf
-}
-
-/// Every point `g` lists reads as the source did at it.
-fn check_points(what: &str, g: &ReplicaGroup<SimDir>, w: &Workload) -> usize {
-    let points = g.points();
-    for p in &points {
-        for disk in 0..SIZES.len() {
-            assert!(
-                read_disk(g, Some(p.seq.get()), disk) == w.source[p.seq.get() as usize][disk],
-                "{what}: point {} of disk {disk} differs from the source",
-                p.seq
-            );
-        }
-    }
-    points.len()
 }
 
 /// Every state a restart could find after the cut, as (description,
@@ -255,48 +209,7 @@ fn verify(
         );
     }
 
-    // The position is one the store committed, between the last one it
-    // acknowledged and the op the power cut stopped.
-    let p = g.position();
-    let acked = cut.durable.last().map(|(i, _)| *i);
-    let at = probe
-        .durable
-        .iter()
-        .rposition(|(i, q)| *q == p && *i <= stopped)
-        .unwrap_or_else(|| panic!("{what}: {p:?} is no position the store committed"));
-    let resume_from = probe.durable[at].0;
-    assert!(
-        acked.is_none_or(|a| resume_from >= a),
-        "{what}: {p:?} is older than the acknowledged commit at op {acked:?}"
-    );
-
-    // Its newest state is the source's at that position, except what it
-    // waits to resync. (During the initial sync there is no consistent
-    // state: changes go to the images in place, and what a crash left of
-    // them is overwritten when the stream resumes, checked below.)
-    let pending: Vec<(u32, u64, u64)> = match &p.state {
-        GroupState::InitialSync | GroupState::Consistent => Vec::new(),
-        GroupState::Resyncing { pending } => pending
-            .iter()
-            .map(|e| (e.disk.get(), e.offset, e.offset + e.length))
-            .collect(),
-    };
-    let source = &w.source[p.durable_seq.get() as usize];
-    let has_consistent_state = !matches!(p.state, GroupState::InitialSync);
-    for d in p.disks.iter().filter(|_| has_consistent_state) {
-        let disk = d.id.index();
-        let now = read_disk(&g, None, disk);
-        for (i, byte) in now.iter().enumerate() {
-            let waits = pending
-                .iter()
-                .any(|&(pd, s, e)| pd == d.id.get() && (s..e).contains(&(i as u64)));
-            assert!(
-                waits || *byte == source[disk][i],
-                "{what}: disk {disk} byte {i} is not the source's at seq {}",
-                p.durable_seq
-            );
-        }
-    }
+    let resume_from = check_committed(what, &g, w, probe, cut);
     if !resume {
         return;
     }

@@ -3,13 +3,15 @@
 //! initial sync interleaved with records over three disks, then writes,
 //! write-zeroes, trims, barriers, markers, a resync of an extent and a
 //! test failover's pin, with the source's disks after every sequence
-//! number to check the points against.
+//! number to check the points against; and the checks both hold a
+//! reopened group to.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tidemark_changelog::{DiskId, Entry, Record};
+use tidemark_changelog::{DiskId, Entry, Record, Seq};
+use tidemark_durable::LogDir;
 use tidemark_names::Name;
-use tidemark_receiver::store::{Disk, Purpose};
+use tidemark_receiver::store::{Disk, GroupState, Position, Purpose, ReplicaGroup};
 
 pub(crate) const SIZES: [u64; 3] = [16 << 10, 8 << 10, (12 << 10) + 512];
 const SECTOR: u64 = 512;
@@ -221,4 +223,108 @@ pub(crate) fn workload(seed: u64, steady_ops: usize) -> Workload {
         ops: s.ops,
         source: s.states,
     }
+}
+
+/// The pin as of `ops[..upto]`.
+pub(crate) fn pin_before(ops: &[Op], upto: usize) -> Option<u64> {
+    ops[..upto]
+        .iter()
+        .rev()
+        .find_map(|op| match op {
+            Op::Pin(seq) => Some(*seq),
+            _ => None,
+        })
+        .flatten()
+}
+
+/// What one run made durable, and where it stopped.
+pub(crate) struct Run {
+    /// (op index, position) of every op that returned a durable position;
+    /// index `None` for opening the group.
+    pub(crate) durable: Vec<(Option<usize>, Position)>,
+    /// The op that failed (the cut), `None` for the open.
+    pub(crate) crashed_at: Option<Option<usize>>,
+    pub(crate) final_position: Option<Position>,
+}
+
+pub(crate) fn read_disk<D: LogDir>(g: &ReplicaGroup<D>, seq: Option<u64>, disk: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; SIZES[disk] as usize];
+    g.view(seq.map(Seq))
+        .expect("a readable view")
+        .read(DiskId(disk as u32), 0, &mut buf)
+        .expect("a readable disk");
+    buf
+}
+
+/// Every point `g` lists reads as the source did at it.
+pub(crate) fn check_points<D: LogDir>(what: &str, g: &ReplicaGroup<D>, w: &Workload) -> usize {
+    let points = g.points();
+    for p in &points {
+        for disk in 0..SIZES.len() {
+            assert!(
+                read_disk(g, Some(p.seq.get()), disk) == w.source[p.seq.get() as usize][disk],
+                "{what}: point {} of disk {disk} differs from the source",
+                p.seq
+            );
+        }
+    }
+    points.len()
+}
+
+/// Holds the group reopened after `cut` to the rules on its position and
+/// newest state: the position is one the store committed (`probe` ran the
+/// same stream without a cut), between the last one it acknowledged and
+/// the op the cut stopped; the newest state is the source's there, except
+/// what it waits to resync. Returns the op the stream resumes after.
+pub(crate) fn check_committed<D: LogDir>(
+    what: &str,
+    g: &ReplicaGroup<D>,
+    w: &Workload,
+    probe: &Run,
+    cut: &Run,
+) -> Option<usize> {
+    let stopped = cut.crashed_at.expect("the run crashed");
+    // The position is one the store committed, between the last one it
+    // acknowledged and the op the cut stopped.
+    let p = g.position();
+    let acked = cut.durable.last().map(|(i, _)| *i);
+    let at = probe
+        .durable
+        .iter()
+        .rposition(|(i, q)| *q == p && *i <= stopped)
+        .unwrap_or_else(|| panic!("{what}: {p:?} is no position the store committed"));
+    let resume_from = probe.durable[at].0;
+    assert!(
+        acked.is_none_or(|a| resume_from >= a),
+        "{what}: {p:?} is older than the acknowledged commit at op {acked:?}"
+    );
+
+    // Its newest state is the source's at that position, except what it
+    // waits to resync. (During the initial sync there is no consistent
+    // state: changes go to the images in place, and what a crash left of
+    // them is overwritten when the stream resumes, checked below.)
+    let pending: Vec<(u32, u64, u64)> = match &p.state {
+        GroupState::InitialSync | GroupState::Consistent => Vec::new(),
+        GroupState::Resyncing { pending } => pending
+            .iter()
+            .map(|e| (e.disk.get(), e.offset, e.offset + e.length))
+            .collect(),
+    };
+    let source = &w.source[p.durable_seq.get() as usize];
+    let has_consistent_state = !matches!(p.state, GroupState::InitialSync);
+    for d in p.disks.iter().filter(|_| has_consistent_state) {
+        let disk = d.id.index();
+        let now = read_disk(g, None, disk);
+        for (i, byte) in now.iter().enumerate() {
+            let waits = pending
+                .iter()
+                .any(|&(pd, s, e)| pd == d.id.get() && (s..e).contains(&(i as u64)));
+            assert!(
+                waits || *byte == source[disk][i],
+                "{what}: disk {disk} byte {i} is not the source's at seq {}",
+                p.durable_seq
+            );
+        }
+    }
+    resume_from
 }
