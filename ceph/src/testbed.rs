@@ -65,6 +65,24 @@ pub fn shared() -> Result<Option<&'static Testbed>, &'static TestbedError> {
     SHARED.get_or_init(start).as_ref().map(Option::as_ref)
 }
 
+/// The shared cluster for a test, or `None` when the test must skip (it
+/// says why on stderr): Ceph is not installed and no `CEPH_CONF` names a
+/// cluster. Under `CI` that is a failure instead (the test command installs
+/// Ceph, so its tests must run there), as is a cluster that does not start.
+pub fn for_test() -> Option<&'static Testbed> {
+    match shared() {
+        Ok(Some(tb)) => Some(tb),
+        Ok(None) if std::env::var_os("CI").is_some() => {
+            panic!("ceph-mon is not installed, and CI must run the Ceph tests (scripts/test.sh installs it)")
+        }
+        Ok(None) => {
+            eprintln!("skipping: Ceph is not installed (apt-get install ceph-mon ceph-osd ceph-common) and CEPH_CONF is not set");
+            None
+        }
+        Err(e) => panic!("cannot start the Ceph testbed: {e}"),
+    }
+}
+
 fn start() -> Result<Option<Testbed>, TestbedError> {
     if let Some(conf) = std::env::var_os("CEPH_CONF") {
         let pool = std::env::var("CEPH_TESTBED_RBD_POOL").unwrap_or_else(|_| "rbd".into());

@@ -20,21 +20,6 @@ use tidemark_ceph::{
     SimWorld, WriteOp, WriteStep,
 };
 
-/// The shared cluster, or `None` (after saying why) when the test must skip.
-fn cluster() -> Option<&'static testbed::Testbed> {
-    match testbed::shared() {
-        Ok(Some(tb)) => Some(tb),
-        Ok(None) if std::env::var_os("CI").is_some() => {
-            panic!("ceph-mon is not installed, and CI must run the Ceph tests (scripts/test.sh installs it)")
-        }
-        Ok(None) => {
-            eprintln!("skipping: Ceph is not installed (apt-get install ceph-mon ceph-osd ceph-common) and CEPH_CONF is not set");
-            None
-        }
-        Err(e) => panic!("cannot start the Ceph testbed: {e}"),
-    }
-}
-
 fn connect(tb: &testbed::Testbed, namespace: &str) -> RadosCluster {
     RadosCluster::connect(&ClusterOptions {
         connect: ConnectOptions {
@@ -56,7 +41,7 @@ struct Live {
 
 impl Live {
     fn new(test: &str) -> Option<Live> {
-        let tb = cluster()?;
+        let tb = testbed::for_test()?;
         // A namespace per test and process: tests share the cluster.
         let namespace = format!("{test}-{}", std::process::id());
         Some(Live { tb, namespace })
@@ -110,7 +95,9 @@ fn images() {
 /// The calls the behaviour tests do not reach through the `Cluster` seam.
 #[test]
 fn every_declared_function() {
-    let Some(tb) = cluster() else { return };
+    let Some(tb) = testbed::for_test() else {
+        return;
+    };
     assert_eq!(rados::version().0, 3);
     assert_eq!(rbd::version().0, 1);
     let namespace = format!("ffi-{}", std::process::id());
@@ -179,7 +166,9 @@ fn every_declared_function() {
 /// asserted: the machine is shared).
 #[test]
 fn timings() {
-    let Some(tb) = cluster() else { return };
+    let Some(tb) = testbed::for_test() else {
+        return;
+    };
     let c = connect(tb, &format!("timings-{}", std::process::id()));
     let start = Instant::now();
     for i in 0..50u32 {
@@ -298,7 +287,9 @@ fn observe(c: &impl Cluster, oid: &str) -> Result<Observed, i32> {
 /// simulation meaningful for the real store.
 #[test]
 fn the_simulation_matches_the_cluster_on_random_write_ops() {
-    let Some(tb) = cluster() else { return };
+    let Some(tb) = testbed::for_test() else {
+        return;
+    };
     let seed = std::env::var("CEPH_DIFF_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -356,7 +347,9 @@ impl<C: Cluster> LockOnly for C {
 /// allocation map covers every byte that is not zero on both.
 #[test]
 fn the_simulation_matches_the_cluster_on_random_image_io() {
-    let Some(tb) = cluster() else { return };
+    let Some(tb) = testbed::for_test() else {
+        return;
+    };
     const SIZE: u64 = 12 << 20;
     let seed = std::env::var("CEPH_DIFF_SEED")
         .ok()

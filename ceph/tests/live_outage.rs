@@ -49,17 +49,8 @@ impl Drop for Frozen {
 
 #[test]
 fn an_unanswering_osd_times_out_and_the_client_recovers() {
-    let tb = match testbed::shared() {
-        Ok(Some(tb)) => tb,
-        Ok(None) if std::env::var_os("CI").is_some() => {
-            panic!("ceph-mon is not installed, and CI must run the Ceph tests")
-        }
-        Ok(None) => {
-            return eprintln!(
-                "skipping: Ceph is not installed (apt-get install ceph-mon ceph-osd ceph-common)"
-            )
-        }
-        Err(e) => panic!("cannot start the Ceph testbed: {e}"),
+    let Some(tb) = testbed::for_test() else {
+        return;
     };
     let Some(dir) = &tb.dir else {
         return eprintln!("skipping: the cluster named by CEPH_CONF is not ours to freeze");

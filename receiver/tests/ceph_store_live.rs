@@ -18,20 +18,6 @@ use tidemark_receiver::store::{ChunkRef, Disk, Purpose, Retention};
 
 const SIZE: u64 = 1 << 20;
 
-fn cluster() -> Option<&'static testbed::Testbed> {
-    match testbed::shared() {
-        Ok(Some(tb)) => Some(tb),
-        Ok(None) if std::env::var_os("CI").is_some() => {
-            panic!("ceph-mon is not installed, and CI must run the Ceph tests (scripts/test.sh installs it)")
-        }
-        Ok(None) => {
-            eprintln!("skipping: Ceph is not installed (apt-get install ceph-mon ceph-osd ceph-common) and CEPH_CONF is not set");
-            None
-        }
-        Err(e) => panic!("cannot start the Ceph testbed: {e}"),
-    }
-}
-
 fn engine(tb: &testbed::Testbed, namespace: &str) -> CephEngine<RadosCluster> {
     let cluster = RadosCluster::connect(&ClusterOptions {
         connect: ConnectOptions {
@@ -55,7 +41,9 @@ fn read(g: &CephGroup<RadosCluster>, seq: Option<Seq>) -> Vec<u8> {
 
 #[test]
 fn a_group_replicates_reopens_and_folds_on_a_real_cluster() {
-    let Some(tb) = cluster() else { return };
+    let Some(tb) = testbed::for_test() else {
+        return;
+    };
     let namespace = format!("store-{}", std::process::id());
     let (host, group) = (Name::from_static("h1"), Name::from_static("g"));
     let first = engine(tb, &namespace);
@@ -154,7 +142,9 @@ fn a_group_replicates_reopens_and_folds_on_a_real_cluster() {
 /// the end; the apply rate is printed (a figure, not a limit).
 #[test]
 fn a_steady_stream_applies_and_reads_back_on_a_real_cluster() {
-    let Some(tb) = cluster() else { return };
+    let Some(tb) = testbed::for_test() else {
+        return;
+    };
     let namespace = format!("stream-{}", std::process::id());
     let (host, group) = (Name::from_static("h1"), Name::from_static("g"));
     let engine = engine(tb, &namespace);
