@@ -366,13 +366,7 @@ fn span_points_hold_across_three_hosts_under_delay_and_faults() {
         .into_iter()
         .zip(HOSTS)
         .map(|(pki, host)| {
-            let dir = root.join(host);
-            std::fs::create_dir_all(&dir).unwrap();
-            let image = dir.join("disk.img");
-            std::fs::File::create(&image)
-                .unwrap()
-                .set_len(SIZE)
-                .unwrap();
+            let (dir, image) = member_disk(root, host);
             let tracker = TrackerProcess::start(&dir, &image, &[]);
             Member { dir, pki, tracker }
         })
@@ -836,13 +830,7 @@ fn an_app_consistent_span_point_quiesces_every_member_around_its_marker() {
         .into_iter()
         .zip(hosts)
         .map(|(pki, host)| {
-            let dir = root.join(host);
-            std::fs::create_dir_all(&dir).unwrap();
-            let image = dir.join("disk.img");
-            std::fs::File::create(&image)
-                .unwrap()
-                .set_len(SIZE)
-                .unwrap();
+            let (dir, image) = member_disk(root, host);
             let journal = dir.join("hooks.journal");
             let refuse = dir.join("refuse-to-quiesce");
             let (j, r) = (journal.display(), refuse.display());
@@ -980,4 +968,16 @@ fn an_app_consistent_span_point_quiesces_every_member_around_its_marker() {
         "two application-consistent span points in {:?}",
         started.elapsed()
     );
+}
+
+/// A member's directory under `root` and its empty disk image of `SIZE`.
+fn member_disk(root: &Path, host: &str) -> (PathBuf, PathBuf) {
+    let dir = root.join(host);
+    std::fs::create_dir_all(&dir).unwrap();
+    let image = dir.join("disk.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(SIZE)
+        .unwrap();
+    (dir, image)
 }
