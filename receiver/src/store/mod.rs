@@ -260,11 +260,15 @@ mod error;
 mod image;
 mod index;
 mod journal;
+mod open;
 mod overlay;
 mod state;
 
 pub use engine::{LocalEngine, PointReader, ReplicaStore, StoreEngine};
 pub use error::StoreError;
+#[cfg(feature = "ceph")]
+pub use open::connect;
+pub use open::{open_engine, owner, OpenEngineError};
 /// A disk of the group (id, name, size), as the shipper announces it; the
 /// store keeps one image of each.
 pub use tidemark_changelog::Disk;

@@ -4,8 +4,9 @@
 //! [`Cluster`] seam (a real cluster with
 //! `tidemark-ceph`'s feature `librados`, or its simulation in tests).
 //!
-//! Not yet selectable in `receiver.toml`: the receiver and the CLI still
-//! open the local store only; the engine is complete for one writer per
+//! Selected in `receiver.toml` by `[receiver.store] kind = "ceph"`
+//! ([`open_engine`](super::open_engine), on a real cluster with the
+//! receiver's feature `ceph`). The engine is complete for one writer per
 //! group and tested on the simulation (`tests/ceph_store_crash.rs`) and on
 //! a real cluster (`tests/ceph_store_live.rs`, feature `ceph`). There is no
 //! lease yet: a newer writer fences an older one (the epoch and the
