@@ -1692,6 +1692,16 @@ impl<D: LogDir> View<'_, D> {
         self.by_ref().is_zero(disk, offset, len)
     }
 
+    /// The ranges of `disk` (start, end) where this view reads otherwise
+    /// than the disk's image (the journal's pieces before its point), in
+    /// order: what a copy of the image needs to become the point.
+    pub fn changed(&self, disk: DiskId) -> Vec<(u64, u64)> {
+        self.overlays
+            .get(&disk)
+            .map(|o| o.all().map(|p| (p.start, p.end)).collect())
+            .unwrap_or_default()
+    }
+
     fn by_ref(&self) -> ViewRef<'_, D> {
         ViewRef {
             group: self.group,

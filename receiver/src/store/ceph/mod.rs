@@ -122,7 +122,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tidemark_ceph::{CephError, Cluster, CmpOp, WriteOp};
+use tidemark_ceph::{CephError, Cluster, ClusterImage, CmpOp, WriteOp};
 use tidemark_changelog::Seq;
 use tidemark_names::Name;
 
@@ -273,6 +273,76 @@ impl<C: Cluster + 'static> CephEngine<C> {
         }
     }
 
+    /// Fails the opened `group` (of `host`) over to new RBD images as of
+    /// its point `seq`, without copying a disk: per disk, one snapshot of
+    /// its base image (`G+disk-N@SNAP`), protected, and a clone of it named
+    /// `{name}-{disk name}`; then the point's journal pieces (what the
+    /// point reads otherwise than the base image) are written into the
+    /// clone, and the clone is flushed. One snapshot per failover, never
+    /// one per point. `snap` names the snapshots (unique per failover).
+    /// Returns each disk with its clone's name.
+    ///
+    /// `group` must be this engine's writable open of the group, so that
+    /// no receiver folds into the base images meanwhile (the open fenced
+    /// it).
+    pub fn failover_to_rbd(
+        &self,
+        host: &Name,
+        group_name: &Name,
+        group: &CephGroup<C>,
+        seq: Seq,
+        name: &str,
+        snap: &str,
+    ) -> Result<Vec<(super::Disk, String)>, StoreError> {
+        const CHUNK: u64 = 4 << 20;
+        let view = group.view(Some(seq))?;
+        let prefix = prefix(host, group_name);
+        let mut clones = Vec::new();
+        for disk in group.disks() {
+            let base = format!("{prefix}disk-{}", disk.id);
+            let clone = format!("{name}-{}", disk.name);
+            let err = |context: &'static str| {
+                let described = self.describe(host, group_name);
+                move |e: CephError| StoreError::Io {
+                    context,
+                    path: PathBuf::from(described),
+                    source: io_error(e),
+                }
+            };
+            self.cluster
+                .snap_protect_clone(&base, snap, &clone)
+                .map_err(err("snapshotting and cloning a disk of"))?;
+            let image = self
+                .cluster
+                .image_open(&clone)
+                .map_err(err("opening the failover clone of"))?;
+            let mut buf = Vec::new();
+            for (start, end) in view.changed(disk.id) {
+                let mut at = start;
+                while at < end {
+                    let n = (end - at).min(CHUNK);
+                    if view.is_zero(disk.id, at, n) {
+                        image
+                            .write_zeroes(at, n)
+                            .map_err(err("zeroing the failover clone of"))?;
+                    } else {
+                        buf.resize(n as usize, 0);
+                        view.read(disk.id, at, &mut buf)?;
+                        image
+                            .write(at, &buf)
+                            .map_err(err("writing the failover clone of"))?;
+                    }
+                    at += n;
+                }
+            }
+            image
+                .flush()
+                .map_err(err("flushing the failover clone of"))?;
+            clones.push((disk, clone));
+        }
+        Ok(clones)
+    }
+
     /// The state object's format check, and its epoch and commit counter.
     fn read_head(&self, host: &Name, group: &Name) -> Result<(u64, u64), StoreError> {
         let path = PathBuf::from(self.describe(host, group));
@@ -386,6 +456,85 @@ mod tests {
         let xattrs = cluster.xattrs("h1+g+state").unwrap();
         assert_eq!(xattrs[XATTR_EPOCH], hex(2).as_bytes());
         assert_eq!(xattrs[XATTR_COMMIT], hex(1).as_bytes());
+    }
+
+    /// A failover to RBD clones the base image once per disk and writes
+    /// the point's journal pieces into the clone: the clone reads as the
+    /// point (not as the head), the base image is unchanged, and a second
+    /// failover of the same name is refused.
+    #[test]
+    fn a_failover_to_rbd_clones_the_base_image_and_writes_the_point_into_it() {
+        use tidemark_changelog::{DiskId, Entry, Record};
+        const SIZE: u64 = 1 << 20;
+        let world = SimWorld::new();
+        let engine = CephEngine::new(world.client("ns"), "node-a");
+        let (host, group) = names();
+        let mut g = engine.open_group(&host, &group).unwrap();
+        g.ensure_disks(&[super::super::Disk {
+            id: DiskId(0),
+            name: Name::from_static("data"),
+            size: SIZE,
+        }])
+        .unwrap();
+        let base: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8).collect();
+        g.apply_chunk(
+            DiskId(0),
+            0,
+            super::super::ChunkRef::Data(&base),
+            super::super::Purpose::InitialSync,
+        )
+        .unwrap();
+        let mut seq = 0u64;
+        let mut apply = |g: &mut CephGroup<_>, entry: Entry<'_>| {
+            seq += 1;
+            g.apply_record(&Record::decode(&entry.encode(seq, 1)).unwrap())
+                .unwrap();
+        };
+        apply(&mut g, Entry::barrier(0));
+        g.commit().unwrap();
+        apply(&mut g, Entry::write(0, 4096, &[7u8; 10_000], 0));
+        apply(&mut g, Entry::trim(0, 300_000, 70_000, 0));
+        apply(&mut g, Entry::barrier(1));
+        g.commit().unwrap();
+        let point = Seq(4);
+        apply(&mut g, Entry::write(0, 8192, &[9u8; 4096], 0));
+        apply(&mut g, Entry::barrier(2));
+        g.commit().unwrap();
+
+        let mut want = vec![0u8; SIZE as usize];
+        g.view(Some(point))
+            .unwrap()
+            .read(DiskId(0), 0, &mut want)
+            .unwrap();
+        assert_eq!(
+            &want[8192..8200],
+            &[7u8; 8],
+            "the point is before the last write"
+        );
+        assert!(want[300_000..370_000].iter().all(|b| *b == 0));
+
+        let clones = engine
+            .failover_to_rbd(&host, &group, &g, point, "fo", "tidemark-failover-4")
+            .unwrap();
+        assert_eq!(clones.len(), 1);
+        assert_eq!(clones[0].1, "fo-data");
+        let cluster = world.client("ns");
+        let mut got = vec![0u8; SIZE as usize];
+        cluster
+            .image_open_read_only("fo-data")
+            .unwrap()
+            .read(0, &mut got)
+            .unwrap();
+        assert!(got == want, "the clone reads as the point");
+        cluster
+            .image_open_read_only("h1+g+disk-0")
+            .unwrap()
+            .read(0, &mut got)
+            .unwrap();
+        assert!(got == base, "the base image is untouched");
+        assert!(engine
+            .failover_to_rbd(&host, &group, &g, point, "fo", "tidemark-failover-4b")
+            .is_err());
     }
 
     /// A group of a newer format, or of none, is refused before anything
