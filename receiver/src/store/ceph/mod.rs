@@ -262,15 +262,8 @@ impl<C: Cluster + 'static> CephEngine<C> {
     /// retention folds neither it nor any later point while it lasts.
     pub fn set_pin(&self, host: &Name, group: &Name, seq: Option<Seq>) -> Result<(), StoreError> {
         let oid = format!("{}tf.{}", prefix(host, group), crate::pin::PIN_FILE);
-        let op = match seq {
-            Some(seq) => WriteOp::new().write_full(seq.get().to_string().as_bytes()),
-            None => WriteOp::new().remove(),
-        };
-        match self.cluster.operate(&oid, &op) {
-            Ok(()) => Ok(()),
-            Err(CephError::NotFound { .. }) if seq.is_none() => Ok(()),
-            Err(e) => Err(self.err(host, group, "writing the pin of", e)),
-        }
+        set_pin(self.cluster.as_ref(), &oid, seq)
+            .map_err(|e| self.err(host, group, "writing the pin of", e))
     }
 
     /// Fails the opened `group` (of `host`) over to new RBD images as of
@@ -422,6 +415,50 @@ impl<C: Cluster + 'static> StoreEngine for CephEngine<C> {
     fn describe(&self, host: &Name, group: &Name) -> String {
         format!("ceph:{host}+{group}")
     }
+
+    fn store_pin(&self, host: &Name, group: &Name) -> Option<Box<dyn crate::pin::StorePin>> {
+        Some(Box::new(CephPin {
+            cluster: self.cluster.clone(),
+            oid: format!("{}tf.{}", prefix(host, group), crate::pin::PIN_FILE),
+            describe: self.describe(host, group),
+        }))
+    }
+}
+
+/// The pin object of a group (`G+tf.pin`), for a reader outside the
+/// receiver (a test failover from any node).
+struct CephPin<C: Cluster> {
+    cluster: Arc<C>,
+    oid: String,
+    describe: String,
+}
+
+impl<C: Cluster> fmt::Debug for CephPin<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CephPin").field("oid", &self.oid).finish()
+    }
+}
+
+impl<C: Cluster + 'static> crate::pin::StorePin for CephPin<C> {
+    fn set(&self, seq: Option<Seq>) -> Result<(), StoreError> {
+        set_pin(self.cluster.as_ref(), &self.oid, seq).map_err(|e| StoreError::Io {
+            context: "writing the pin of",
+            path: PathBuf::from(&self.describe),
+            source: io_error(e),
+        })
+    }
+}
+
+/// Writes (`Some`) or removes the pin object `oid`, whole in one operation.
+fn set_pin<C: Cluster>(cluster: &C, oid: &str, seq: Option<Seq>) -> Result<(), CephError> {
+    let op = match seq {
+        Some(seq) => WriteOp::new().write_full(seq.get().to_string().as_bytes()),
+        None => WriteOp::new().remove(),
+    };
+    match cluster.operate(oid, &op) {
+        Err(CephError::NotFound { .. }) if seq.is_none() => Ok(()),
+        other => other,
+    }
 }
 
 #[cfg(test)]
@@ -535,6 +572,29 @@ mod tests {
         assert!(engine
             .failover_to_rbd(&host, &group, &g, point, "fo", "tidemark-failover-4b")
             .is_err());
+    }
+
+    /// The engine's store pin is the group's pin object, which the group
+    /// reads as its pin.
+    #[test]
+    fn the_store_pin_is_the_pin_object_the_group_reads() {
+        let world = SimWorld::new();
+        let engine = CephEngine::new(world.client("ns"), "node-a");
+        let (host, group) = names();
+        drop(engine.open_group(&host, &group).unwrap());
+        let pin = engine.store_pin(&host, &group).unwrap();
+        pin.set(Some(Seq(9))).unwrap();
+        assert_eq!(
+            world.client("ns").read("h1+g+tf.pin", 0, 100).unwrap(),
+            b"9"
+        );
+        assert_eq!(
+            engine.open_group(&host, &group).unwrap().pinned(),
+            Some(Seq(9))
+        );
+        pin.set(None).unwrap();
+        pin.set(None).unwrap();
+        assert_eq!(engine.open_group(&host, &group).unwrap().pinned(), None);
     }
 
     /// A group of a newer format, or of none, is refused before anything
