@@ -37,6 +37,14 @@ impl StoreArgs {
         }
     }
 
+    /// The store of the receiver configured in `config`.
+    pub(crate) fn of_config(config: &Path) -> StoreArgs {
+        StoreArgs {
+            data_dir: None,
+            config: Some(config.to_path_buf()),
+        }
+    }
+
     /// The receiver's configuration: the file's, or the defaults with
     /// `--data-dir`.
     pub(crate) fn receiver(&self) -> Result<ReceiverConfig> {
