@@ -6,6 +6,7 @@
 use crate::timefmt;
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tidemark_changelog::Seq;
@@ -137,6 +138,16 @@ impl ReplicaArgs {
         }
         tidemark_changelog::create_private_dir_all(&dir)
             .with_context(|| format!("creating {}", dir.display()))?;
+        // The receiver (its own user) keeps the VM specs it is sent in
+        // this directory too: it must stay the data directory owner's,
+        // as if the receiver had made it.
+        let owner = std::fs::metadata(&cfg.data_dir)
+            .with_context(|| format!("reading the owner of {}", cfg.data_dir.display()))?;
+        for made in [dir.parent().unwrap_or(&dir), &dir] {
+            std::os::unix::fs::chown(made, Some(owner.uid()), Some(owner.gid())).with_context(
+                || format!("giving {} to the data directory's owner", made.display()),
+            )?;
+        }
         Ok(dir)
     }
 }
