@@ -77,6 +77,10 @@ cargo test -p tidemark-ceph --features librados --all-targets --no-fail-fast
 # tests on the simulated cluster ran with the workspace above).
 echo "==> cargo test -p tidemark-receiver --features ceph --test ceph_store_live"
 cargo test -p tidemark-receiver --features ceph --test ceph_store_live --no-fail-fast
+# End to end on the Ceph store (`[receiver.store] kind = "ceph"`): the
+# tidemark binary is rebuilt with its feature `ceph` for them.
+echo "==> cargo test -p tidemark-e2e --features ceph --test ceph_store"
+cargo test -p tidemark-e2e --features ceph --test ceph_store --no-fail-fast
 
 # Every decoder, fuzzed for a bounded time (installs cargo-fuzz once).
 echo "==> scripts/fuzz.sh"

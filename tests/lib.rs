@@ -40,6 +40,11 @@ pub fn tidemark_bin() -> PathBuf {
         // `-p tidemark` alone would unify features differently and rebuild
         // the whole dependency tree.
         build.args(["build", "--quiet", "--workspace", "--all-targets"]);
+        // The Ceph suites need the binary's Ceph store: the same features
+        // as `cargo test --features ceph` of this crate gives its tests.
+        if cfg!(feature = "ceph") {
+            build.args(["--features", "tidemark/ceph,tidemark-e2e/ceph"]);
+        }
         if profile_release {
             build.arg("--release");
         }

@@ -28,7 +28,8 @@ pub(crate) fn failback(a: FailbackArgs) -> Result<ExitCode> {
     let code = failover(FailoverArgs {
         target: TargetArgs::of_group(a.replica),
         point: "latest".into(),
-        to: a.to,
+        to: Some(a.to),
+        to_rbd: None,
         planned: true,
         timeout: a.timeout,
         boot: BootArgs::none(),

@@ -9,7 +9,7 @@
 //! (the span point is chosen and pinned in every member by
 //! [`tidemark_receiver::span_point`]).
 
-use crate::points_cmd::{choose, kind, ReplicaArgs, Target, TargetArgs};
+use crate::points_cmd::{choose, kind, ReplicaArgs, StoreArgs, Target, TargetArgs};
 use crate::timefmt;
 use crate::vm_boot::{self, BootArgs, VmFiles};
 use anyhow::{bail, Context, Result};
@@ -22,9 +22,7 @@ use tidemark_changelog::{DiskId, Seq};
 use tidemark_names::Name;
 use tidemark_receiver::pin::PinLock;
 use tidemark_receiver::span_point::{PinnedSpanPoint, PointChoice};
-use tidemark_receiver::store::{
-    GroupState, LocalEngine, PointReader, RecoveryPoint, ReplicaStore, StoreEngine,
-};
+use tidemark_receiver::store::{GroupState, LocalEngine, PointReader, RecoveryPoint, ReplicaStore};
 use tidemark_vm::boot::{self, NetworkMap, Networks};
 use tidemark_vm::DiskSource;
 
@@ -44,8 +42,20 @@ pub(crate) struct FailoverArgs {
     /// existing image file of the disk's size, overwritten in place (e.g.
     /// the original primary's disk, for a failback). With --span: a
     /// directory, each member's disks in `HOST/GROUP/` under it.
-    #[arg(long)]
-    pub(crate) to: PathBuf,
+    #[arg(long, required_unless_present = "to_rbd")]
+    pub(crate) to: Option<PathBuf>,
+    /// With the Ceph store (`--config`): fail over to new RBD images in
+    /// the store's pool and namespace, `NAME-<disk>`, each a clone of a
+    /// snapshot of the disk's replica image with the point written into
+    /// it: nothing is copied but the point's recent changes. Map them
+    /// where the kernel has rbd (`rbd map POOL/[NAMESPACE/]NAME-<disk>`),
+    /// or `rbd flatten` them to part them from the replica. Like any
+    /// failover of a Ceph store's group that is not planned, it takes the
+    /// group from the receiver applying it: that receiver is fenced
+    /// (blocklisted by the cluster) and applies none of its groups until
+    /// it is restarted.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["to", "planned", "span", "boot"])]
+    pub(crate) to_rbd: Option<String>,
     /// A planned failover, with the receiver running: ask the protected
     /// host (through its shipper) to stop its tracker and deliver every
     /// record, then fail over to that final barrier: nothing is lost.
@@ -94,9 +104,10 @@ impl VmToBoot {
                 .unwrap_or_default(),
         })?;
         let name = self.spec.name.as_str();
-        let files = match (&a.boot.console, a.to.is_dir()) {
+        let to = a.to.as_deref().context("--boot needs --to")?;
+        let files = match (&a.boot.console, to.is_dir()) {
             (Some(console), _) => VmFiles::beside(console.clone()),
-            (None, true) => VmFiles::beside(a.to.join(format!("{name}.console"))),
+            (None, true) => VmFiles::beside(to.join(format!("{name}.console"))),
             (None, false) => {
                 bail!("with --to a device or file, give --console for the VM's console")
             }
@@ -122,25 +133,102 @@ pub(crate) fn failover(a: FailoverArgs) -> Result<ExitCode> {
     if a.planned {
         return planned_failover(&a, &replica);
     }
+    if let Some(name) = &a.to_rbd {
+        return failover_to_rbd(&a, &replica, name);
+    }
+    let to = a.to.as_deref().context("give --to (or --to-rbd)")?;
     let dir = replica.dir()?;
-    let group = replica
-        .engine()
+    let engine = replica.store.engine()?;
+    // The writable open: a local replica is refused while its receiver
+    // runs; a Ceph one is taken from its receiver, which is fenced.
+    let group = engine
         .open(&replica.host, &replica.group)
         .with_context(|| {
             format!(
                 "opening the replica {} (a running receiver holds it: stop it first)",
-                dir.display()
+                engine.describe(&replica.host, &replica.group)
             )
         })?;
     let points = group.points();
     let point = choose(&points, &a.point)?;
     let vm = VmToBoot::of(&a, &dir, Some(point.seq))?;
     let view = group.reader(Some(point.seq))?;
-    let written = write_images(&a.to, &replica, group.as_ref(), point, view.as_ref())?;
+    let written = write_images(to, &replica, group.as_ref(), point, view.as_ref())?;
     if let Some(vm) = vm {
         vm.boot(&a, &written)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A failover of a Ceph store's group to new RBD images (`--to-rbd`):
+/// one snapshot and clone per disk, the point written into the clone.
+#[cfg(feature = "ceph")]
+fn failover_to_rbd(a: &FailoverArgs, replica: &ReplicaArgs, name: &str) -> Result<ExitCode> {
+    let cfg = replica.store.receiver()?;
+    let Some(ceph) = cfg.store.ceph() else {
+        bail!("--to-rbd needs the Ceph store: give --config with a receiver.toml whose [receiver.store] has kind = \"ceph\"");
+    };
+    let engine = tidemark_receiver::store::connect(&cfg, "tidemark failover")?;
+    // The writable open fences the receiver that applies the group: no
+    // fold changes the replica images while they are snapshotted.
+    let group = engine
+        .open_group(&replica.host, &replica.group)
+        .with_context(|| {
+            format!(
+                "opening the replica {}",
+                tidemark_receiver::store::StoreEngine::describe(
+                    &engine,
+                    &replica.host,
+                    &replica.group
+                )
+            )
+        })?;
+    let points = group.points();
+    let point = choose(&points, &a.point)?;
+    println!(
+        "failing over {}/{} to the recovery point at sequence {} ({}, {}) as RBD clones",
+        replica.host,
+        replica.group,
+        point.seq,
+        timefmt::utc(point.timestamp_ns),
+        kind(point)
+    );
+    let started = Instant::now();
+    let snap = format!(
+        "tidemark-failover-{}-{}",
+        point.seq,
+        tidemark_changelog::now_ns() / 1_000_000_000
+    );
+    let clones = engine.failover_to_rbd(
+        &replica.host,
+        &replica.group,
+        &group,
+        point.seq,
+        name,
+        &snap,
+    )?;
+    let spec = |image: &str| match ceph.namespace.as_str() {
+        "" => format!("{}/{image}", ceph.pool),
+        ns => format!("{}/{ns}/{image}", ceph.pool),
+    };
+    for (disk, clone) in &clones {
+        println!(
+            "  {} → rbd {} ({} bytes, a clone of snapshot {snap})",
+            disk.name,
+            spec(clone),
+            disk.size
+        );
+    }
+    println!(
+        "failed over in {:.1}s; the receiver of this group is fenced until it restarts. Map the images where the kernel has rbd (rbd map IMAGE), or rbd flatten them to part them from the replica",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(not(feature = "ceph"))]
+fn failover_to_rbd(_: &FailoverArgs, _: &ReplicaArgs, _: &str) -> Result<ExitCode> {
+    bail!("--to-rbd needs the Ceph store, and this tidemark was built without it (cargo feature `ceph`)")
 }
 
 /// A failover of every member of `span` to the same span point: every
@@ -150,6 +238,7 @@ fn span_failover(a: &FailoverArgs, data_dir: &Path, span: &Name) -> Result<ExitC
     if a.boot.requested() {
         bail!("--boot starts one group's VM: fail the span over without it, then start each member's VM");
     }
+    let to = a.to.as_deref().context("give --to")?;
     let choice: PointChoice = a.point.parse().map_err(anyhow::Error::msg)?;
     let pinned = PinnedSpanPoint::pin(data_dir, span, choice)
         .with_context(|| format!("span {span}: no failover, nothing was written"))?;
@@ -157,7 +246,7 @@ fn span_failover(a: &FailoverArgs, data_dir: &Path, span: &Name) -> Result<ExitC
         // Every member's images must be new: refused before any is
         // written.
         for m in &pinned.members {
-            let dir = member_dir(&a.to, &m.host, &m.group);
+            let dir = member_dir(to, &m.host, &m.group);
             if dir.exists() && !dir.is_dir() {
                 bail!("{} exists and is no directory", dir.display());
             }
@@ -191,12 +280,12 @@ fn span_failover(a: &FailoverArgs, data_dir: &Path, span: &Name) -> Result<ExitC
             })?;
             let view = m.store.reader(Some(m.marker))?;
             let replica = ReplicaArgs {
-                data_dir: data_dir.to_path_buf(),
+                store: StoreArgs::local(data_dir),
                 host: m.host.clone(),
                 group: m.group.clone(),
             };
             write_images(
-                &member_dir(&a.to, &m.host, &m.group),
+                &member_dir(to, &m.host, &m.group),
                 &replica,
                 m.store.as_ref(),
                 &point,
@@ -210,7 +299,7 @@ fn span_failover(a: &FailoverArgs, data_dir: &Path, span: &Name) -> Result<ExitC
     released?;
     println!(
         "span {span} failed over: every member is at the same span point under {}",
-        a.to.display()
+        to.display()
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -294,7 +383,11 @@ fn planned_failover(a: &FailoverArgs, replica: &ReplicaArgs) -> Result<ExitCode>
     // The final barrier is the newest point. Pin it (under the pin's
     // lock, so no test failover runs meanwhile) so retention cannot fold
     // it while the images are written.
-    let lock = PinLock::acquire(&dir)?;
+    let store_pin = replica
+        .store
+        .engine()?
+        .store_pin(&replica.host, &replica.group);
+    let lock = PinLock::acquire(&dir)?.with_store_pin(store_pin);
     lock.pin(seq)?;
     let written = (|| {
         let group = replica.open_read_only()?;
@@ -309,7 +402,8 @@ fn planned_failover(a: &FailoverArgs, replica: &ReplicaArgs) -> Result<ExitCode>
             bail!("the replica holds points newer than the final barrier {seq}: the host is still writing");
         }
         let view = group.reader(Some(seq))?;
-        write_images(&a.to, replica, group.as_ref(), point, view.as_ref())
+        let to = a.to.as_deref().context("give --to")?;
+        write_images(to, replica, group.as_ref(), point, view.as_ref())
     })();
     let unpinned = lock.unpin();
     let written = written?;

@@ -80,9 +80,11 @@ enum Command {
     Shipper(shipper_cmd::ShipperCommand),
     /// Take over a replica: write its disks, as of a recovery point
     /// (default: the newest), into image files (the receiver must be
-    /// stopped); with --planned, first drain the protected host through
-    /// the running receiver so nothing is lost; with --span, every member
-    /// of a span to the same span point (the receiver may run).
+    /// stopped; with the Ceph store, --config, the receiver applying the
+    /// group is fenced instead), or with --to-rbd into RBD clones; with
+    /// --planned, first drain the protected host through the running
+    /// receiver so nothing is lost; with --span, every member of a span
+    /// to the same span point (the receiver may run).
     Failover(failover_cmd::FailoverArgs),
     /// Replicate in reverse after a failover (on the original site): the
     /// old primary's disks become the replica of the host now running the

@@ -112,8 +112,16 @@ fn group_command(plan: &PlanConfig, step: &PlanStep, mode: Mode, g: &GroupRef) -
     for word in takeover_verb(mode) {
         push(word);
     }
-    push(&"--data-dir");
-    push(&plan.data_dir);
+    match &plan.receiver_config {
+        Some(config) => {
+            push(&"--config");
+            push(config);
+        }
+        None => {
+            push(&"--data-dir");
+            push(&plan.data_dir);
+        }
+    }
     push(&"--host");
     push(&g.host);
     push(&"--group");
@@ -250,11 +258,19 @@ enum NoReplica {
     /// The store is there but cannot be read.
     #[error("unreadable")]
     Unreadable(#[source] StoreError),
+    /// The receiver's configuration names a store that cannot be opened.
+    #[error("{0}")]
+    Store(String),
 }
 
 /// One line on a group's replica, or why there is none to take over.
 fn replica_state(plan: &PlanConfig, g: &GroupRef) -> Result<String, NoReplica> {
-    let engine = LocalEngine::new(&plan.data_dir);
+    let engine: Box<dyn StoreEngine> = match &plan.receiver_config {
+        Some(config) => crate::points_cmd::StoreArgs::of_config(config)
+            .engine()
+            .map_err(|e| NoReplica::Store(format!("{e:#}")))?,
+        None => Box::new(LocalEngine::new(&plan.data_dir)),
+    };
     if !engine.exists(&g.host, &g.group) {
         return Err(NoReplica::Missing(engine.describe(&g.host, &g.group)));
     }
@@ -699,6 +715,14 @@ mod tests {
         assert_eq!(
             shell_words(&group_command(&plan, step, Mode::Test, g)),
             "tidemark test-failover start --data-dir /r --host db1 --group orders --point latest --socket /run/tidemark/test-failover/db1-orders.sock"
+        );
+        let with_config = tidemark_config::PlanConfig {
+            receiver_config: Some("/etc/tidemark/receiver.toml".into()),
+            ..plan.clone()
+        };
+        assert_eq!(
+            shell_words(&group_command(&with_config, step, Mode::Unplanned, g)),
+            "tidemark failover --config /etc/tidemark/receiver.toml --host db1 --group orders --point latest --to /f/db1/orders"
         );
         assert_eq!(
             shell_words(&["a b".into(), "it's".into()]),

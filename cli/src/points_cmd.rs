@@ -6,18 +6,77 @@
 use crate::timefmt;
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use std::path::PathBuf;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tidemark_changelog::Seq;
+use tidemark_config::{ReceiverConfig, StoreKind};
 use tidemark_names::Name;
-use tidemark_receiver::store::{GroupState, LocalEngine, RecoveryPoint, ReplicaStore, StoreEngine};
+use tidemark_receiver::store::{open_engine, GroupState, RecoveryPoint, ReplicaStore, StoreEngine};
 
-/// Which replica: `--data-dir`, `--host`, `--group`.
+/// Where the replica stores are: the receiver's `--data-dir` (the local
+/// store), or its `--config` (`[receiver.store]`: the local store in its
+/// data-dir, or the Ceph store, reachable from any receiver node).
+#[derive(Debug, Clone, Args)]
+pub(crate) struct StoreArgs {
+    /// The receiver's data directory (the local store).
+    #[arg(long, value_name = "DIR", required_unless_present = "config")]
+    data_dir: Option<PathBuf>,
+    /// The receiver's configuration file: its [receiver.store] says where
+    /// the replicas are (the local store in its data-dir, or the Ceph
+    /// store, from any receiver node).
+    #[arg(long, value_name = "FILE", conflicts_with = "data_dir")]
+    config: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    /// The local store in `data_dir`.
+    pub(crate) fn local(data_dir: &Path) -> StoreArgs {
+        StoreArgs {
+            data_dir: Some(data_dir.to_path_buf()),
+            config: None,
+        }
+    }
+
+    /// The store of the receiver configured in `config`.
+    pub(crate) fn of_config(config: &Path) -> StoreArgs {
+        StoreArgs {
+            data_dir: None,
+            config: Some(config.to_path_buf()),
+        }
+    }
+
+    /// The receiver's configuration: the file's, or the defaults with
+    /// `--data-dir`.
+    pub(crate) fn receiver(&self) -> Result<ReceiverConfig> {
+        match (&self.config, &self.data_dir) {
+            (Some(path), _) => {
+                let loaded = tidemark_config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+                Ok(loaded
+                    .require_receiver()
+                    .map_err(|e| anyhow::anyhow!("{e}"))?
+                    .clone())
+            }
+            (None, Some(dir)) => Ok(ReceiverConfig {
+                data_dir: dir.clone(),
+                ..ReceiverConfig::default()
+            }),
+            (None, None) => bail!("give --data-dir or --config"),
+        }
+    }
+
+    /// The store engine the receiver's configuration selects.
+    pub(crate) fn engine(&self) -> Result<Box<dyn StoreEngine>> {
+        let cfg = self.receiver()?;
+        Ok(open_engine(&cfg, "tidemark CLI")?)
+    }
+}
+
+/// Which replica: `--data-dir` or `--config`, `--host`, `--group`.
 #[derive(Debug, Args)]
 pub(crate) struct ReplicaArgs {
-    /// The receiver's data directory.
-    #[arg(long)]
-    pub(crate) data_dir: PathBuf,
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
     /// The protected host.
     #[arg(long)]
     pub(crate) host: Name,
@@ -27,44 +86,79 @@ pub(crate) struct ReplicaArgs {
 }
 
 impl ReplicaArgs {
-    /// The engine of the replica stores in the data directory.
-    pub(crate) fn engine(&self) -> LocalEngine {
-        LocalEngine::new(&self.data_dir)
-    }
-
     /// Opens the replica read-only (a receiver may be writing it).
     pub(crate) fn open_read_only(&self) -> Result<std::sync::Arc<dyn ReplicaStore>> {
-        self.engine()
+        let engine = self.store.engine()?;
+        self.open_read_only_in(engine.as_ref())
+    }
+
+    /// Opens the replica read-only in `engine`.
+    pub(crate) fn open_read_only_in(
+        &self,
+        engine: &dyn StoreEngine,
+    ) -> Result<std::sync::Arc<dyn ReplicaStore>> {
+        engine
             .open_read_only(&self.host, &self.group)
             .with_context(|| {
                 format!(
                     "reading the replica {}",
-                    self.engine().describe(&self.host, &self.group)
+                    engine.describe(&self.host, &self.group)
                 )
             })
     }
 
+    /// The group's directory in the receiver's data directory, after
+    /// checking that the replica exists. With the local store it holds the
+    /// replica; with another store it holds what stays on this node (a
+    /// test failover's pin lock and scratch files; the VM specs and drain
+    /// requests of the receiver that runs here), and is created if
+    /// missing.
     pub(crate) fn dir(&self) -> Result<PathBuf> {
-        let dir = tidemark_receiver::daemon::group_dir(&self.data_dir, &self.host, &self.group);
-        if !dir.join("state").exists() {
+        let cfg = self.store.receiver()?;
+        let dir = tidemark_receiver::daemon::group_dir(&cfg.data_dir, &self.host, &self.group);
+        if cfg.store.kind == StoreKind::Local {
+            if !dir.join("state").exists() {
+                bail!(
+                    "no replica of {}/{} under {}",
+                    self.host,
+                    self.group,
+                    cfg.data_dir.display()
+                );
+            }
+            return Ok(dir);
+        }
+        let engine = open_engine(&cfg, "tidemark CLI")?;
+        if !engine.exists(&self.host, &self.group) {
             bail!(
-                "no replica of {}/{} under {}",
+                "no replica of {}/{} in {}",
                 self.host,
                 self.group,
-                self.data_dir.display()
+                engine.describe(&self.host, &self.group)
             );
+        }
+        tidemark_changelog::create_private_dir_all(&dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+        // The receiver (its own user) keeps the VM specs it is sent in
+        // this directory too: it must stay the data directory owner's,
+        // as if the receiver had made it.
+        let owner = std::fs::metadata(&cfg.data_dir)
+            .with_context(|| format!("reading the owner of {}", cfg.data_dir.display()))?;
+        for made in [dir.parent().unwrap_or(&dir), &dir] {
+            std::os::unix::fs::chown(made, Some(owner.uid()), Some(owner.gid())).with_context(
+                || format!("giving {} to the data directory's owner", made.display()),
+            )?;
         }
         Ok(dir)
     }
 }
 
 /// Which replica (`--host`, `--group`) or which span (`--span`: every
-/// member's replica at once), in `--data-dir`.
+/// member's replica at once), in `--data-dir` (or the store of
+/// `--config`).
 #[derive(Debug, Args)]
 pub(crate) struct TargetArgs {
-    /// The receiver's data directory.
-    #[arg(long)]
-    pub(crate) data_dir: PathBuf,
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
     /// The protected host.
     #[arg(long, required_unless_present = "span")]
     host: Option<Name>,
@@ -72,7 +166,8 @@ pub(crate) struct TargetArgs {
     #[arg(long, default_value = "default")]
     group: Name,
     /// A span (a `[[receiver.span]]` name) instead of one host's group:
-    /// every member at once, at the same span point.
+    /// every member at once, at the same span point (the local store
+    /// only).
     #[arg(long, conflicts_with_all = ["host", "group"])]
     pub(crate) span: Option<Name>,
 }
@@ -94,7 +189,7 @@ impl TargetArgs {
     /// The target of one group.
     pub(crate) fn of_group(replica: ReplicaArgs) -> TargetArgs {
         TargetArgs {
-            data_dir: replica.data_dir,
+            store: replica.store,
             host: Some(replica.host),
             group: replica.group,
             span: None,
@@ -103,12 +198,18 @@ impl TargetArgs {
 
     pub(crate) fn target(&self) -> Result<Target> {
         match (&self.span, &self.host) {
-            (Some(span), _) => Ok(Target::Span {
-                data_dir: self.data_dir.clone(),
-                span: span.clone(),
-            }),
+            (Some(span), _) => {
+                let cfg = self.store.receiver()?;
+                if cfg.store.kind != StoreKind::Local {
+                    bail!("--span works with the local store only, for now");
+                }
+                Ok(Target::Span {
+                    data_dir: cfg.data_dir,
+                    span: span.clone(),
+                })
+            }
             (None, Some(host)) => Ok(Target::Group(ReplicaArgs {
-                data_dir: self.data_dir.clone(),
+                store: self.store.clone(),
                 host: host.clone(),
                 group: self.group.clone(),
             })),
@@ -142,7 +243,6 @@ pub(crate) fn points(a: PointsArgs) -> Result<ExitCode> {
             return crate::span_cmd::list(&data_dir, &span, false, a.json)
         }
     };
-    replica.dir()?;
     let group = replica.open_read_only()?;
     let points = group.points();
     let now = tidemark_changelog::now_ns();

@@ -10,7 +10,7 @@
 //! (one socket per member, in `--socket-dir`), and cleanup cleans every
 //! member.
 
-use crate::points_cmd::{choose, kind, ReplicaArgs, Target, TargetArgs};
+use crate::points_cmd::{choose, kind, ReplicaArgs, StoreArgs, Target, TargetArgs};
 use crate::timefmt;
 use crate::vm_boot::{self, BootArgs, RunningVm, VmFiles};
 use anyhow::{Context, Result};
@@ -24,7 +24,7 @@ use tidemark_config::VmSpec;
 use tidemark_names::Name;
 use tidemark_receiver::pin::{PinLock, TEST_FAILOVER_DIR};
 use tidemark_receiver::span_point::{self, PinnedSpanPoint, PointChoice};
-use tidemark_receiver::store::{Disk, LocalEngine, RecoveryPoint};
+use tidemark_receiver::store::{Disk, RecoveryPoint, StoreEngine};
 use tidemark_receiver::test_failover::{CowOverlay, OverlayError, TestFailover};
 use tidemark_tracker::backend::{from_runs, Allocation, Backend, BackendError, ServedDisk};
 use tidemark_tracker::server::{Server, ServerOptions, DEFAULT_BLOCK_SIZES};
@@ -185,8 +185,18 @@ fn start(a: StartArgs) -> Result<ExitCode> {
         anyhow::bail!("give --socket");
     };
     let group_dir = replica.dir()?;
-    let lock = PinLock::acquire(&group_dir)?;
-    let result = serve(&a, &replica, &socket, &group_dir, lock, &signals);
+    let engine = replica.store.engine()?;
+    let lock = PinLock::acquire(&group_dir)?
+        .with_store_pin(engine.store_pin(&replica.host, &replica.group));
+    let result = serve(
+        &a,
+        &replica,
+        engine.as_ref(),
+        &socket,
+        &group_dir,
+        lock,
+        &signals,
+    );
     let _ = std::fs::remove_file(&socket);
     result?;
     println!("test failover ended: its writes are discarded, nothing of it is left");
@@ -198,14 +208,15 @@ fn start(a: StartArgs) -> Result<ExitCode> {
 fn serve(
     a: &StartArgs,
     replica: &ReplicaArgs,
+    engine: &dyn StoreEngine,
     socket: &Path,
     group_dir: &Path,
     lock: PinLock,
     signals: &SigSet,
 ) -> Result<()> {
     // The VM (if one boots) as it was defined at the point chosen.
-    let chosen = LocalEngine::open_dir_read_only(group_dir)
-        .map_err(anyhow::Error::from)
+    let chosen = replica
+        .open_read_only_in(engine)
         .and_then(|group| Ok(choose(&group.points(), &a.point)?.clone()))
         .and_then(|p| Ok((a.boot.spec(group_dir, Some(p.seq))?, p)));
     let (spec, chosen) = match chosen {
@@ -216,7 +227,11 @@ fn serve(
         }
     };
     // On an error, start removes what it made.
-    let test = TestFailover::start(group_dir, lock, chosen.seq)?;
+    let test = TestFailover::start_on(
+        || engine.open_read_only(&replica.host, &replica.group),
+        lock,
+        chosen.seq,
+    )?;
     let served = serve_until_signal(
         a,
         replica,
@@ -336,7 +351,7 @@ fn cleanup(a: CleanupArgs) -> Result<ExitCode> {
             }
             for (host, group) in members {
                 let replica = ReplicaArgs {
-                    data_dir: data_dir.clone(),
+                    store: StoreArgs::local(&data_dir),
                     host,
                     group,
                 };
@@ -351,14 +366,28 @@ fn cleanup(a: CleanupArgs) -> Result<ExitCode> {
 
 fn cleanup_group(replica: &ReplicaArgs) -> Result<ExitCode> {
     let group_dir = replica.dir()?;
+    let store_pin = replica
+        .store
+        .engine()?
+        .store_pin(&replica.host, &replica.group);
     if !group_dir.join(TEST_FAILOVER_DIR).exists() {
+        // A test failover killed on another receiver node leaves its pin
+        // in the store and its files there.
+        if let Some(pin) = store_pin {
+            pin.set(None)?;
+            println!(
+                "no test failover of {}/{} on this node; its pin in the store is removed",
+                replica.host, replica.group
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
         println!(
             "no test failover of {}/{} to clean up",
             replica.host, replica.group
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let lock = PinLock::acquire(&group_dir)?;
+    let lock = PinLock::acquire(&group_dir)?.with_store_pin(store_pin);
     if let Some(vm) = RunningVm::of_pidfile(&test_vm_files(&group_dir, None).pidfile) {
         vm.stop()?;
     }

@@ -63,6 +63,14 @@ pub struct PlanConfig {
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
 
+    /// The receiver's configuration file: with it, the groups are taken
+    /// over from the store its `[receiver.store]` selects (the Ceph store,
+    /// from any receiver node; the commands get `--config` instead of
+    /// `--data-dir`). Spans are read from `data-dir` all the same.
+    /// Default: not set (the local store in `data-dir`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receiver_config: Option<PathBuf>,
+
     /// Where a failover writes the images: `<to>/<host>/<group>/<disk>.img`.
     /// Default: `/var/lib/tidemark/failover`.
     #[serde(default = "default_to")]
@@ -251,6 +259,9 @@ impl PlanConfig {
         let at = FieldPath::root().key("plan");
         let invalid = |field: FieldPath, message: String| ConfigError::invalid(field, message);
         rules::check_path(&self.data_dir).map_err(|m| invalid(at.key("data-dir"), m))?;
+        if let Some(config) = &self.receiver_config {
+            rules::check_path(config).map_err(|m| invalid(at.key("receiver-config"), m))?;
+        }
         rules::check_path(&self.to).map_err(|m| invalid(at.key("to"), m))?;
         rules::check_path(&self.test_socket_dir)
             .map_err(|m| invalid(at.key("test-socket-dir"), m))?;

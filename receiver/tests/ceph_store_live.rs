@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 use tidemark_ceph::rados::{ClusterOptions, ConnectOptions};
-use tidemark_ceph::{testbed, RadosCluster};
+use tidemark_ceph::{testbed, Cluster, RadosCluster};
 use tidemark_changelog::{DiskId, Entry, Record, Seq};
 use tidemark_names::Name;
 use tidemark_receiver::store::ceph::{CephEngine, CephGroup};
@@ -188,4 +188,93 @@ fn a_steady_stream_applies_and_reads_back_on_a_real_cluster() {
     assert!(read(&g, None) == source, "the head differs");
     let newest = g.points().last().map(|p| p.seq);
     assert!(read(&g, newest) == source, "the newest point differs");
+}
+
+/// A failover to RBD clones on the real cluster: the group is opened for
+/// writing (as `tidemark failover --to-rbd` does), a point in the middle
+/// of the history is cloned, and the clone reads as that point while the
+/// base image still reads as the history's start. The engine of a
+/// configuration (`store::connect`) reaches the same cluster.
+#[test]
+fn a_failover_to_rbd_clones_read_as_the_point_on_a_real_cluster() {
+    let Some(tb) = testbed::for_test() else {
+        return;
+    };
+    let namespace = format!("rbd-fo-{}", std::process::id());
+    let (host, group) = (Name::from_static("h1"), Name::from_static("g"));
+    let config = tidemark_config::parse_str(
+        &format!(
+            "[receiver.store]\nkind = \"ceph\"\nconf = {:?}\nuser = \"client.admin\"\npool = {:?}\nnamespace = {:?}\nop-timeout = \"30s\"\n",
+            tb.conf.display().to_string(),
+            tb.pool,
+            namespace
+        ),
+        std::path::Path::new("receiver.toml"),
+    )
+    .unwrap();
+    let engine =
+        tidemark_receiver::store::connect(config.require_receiver().unwrap(), "live test").unwrap();
+    let mut g = engine.open_group(&host, &group).unwrap();
+    g.ensure_disks(&[Disk {
+        id: DiskId(0),
+        name: Name::from_static("data"),
+        size: SIZE,
+    }])
+    .unwrap();
+    let base: Vec<u8> = (0..SIZE).map(|i| (i % 253) as u8).collect();
+    g.apply_chunk(DiskId(0), 0, ChunkRef::Data(&base), Purpose::InitialSync)
+        .unwrap();
+    let mut seq = 0u64;
+    let mut next = |entry: Entry<'_>| {
+        seq += 1;
+        Record::decode(&entry.encode(seq, 1)).unwrap()
+    };
+    g.apply_record(&next(Entry::barrier(0))).unwrap();
+    g.commit().unwrap();
+    g.apply_record(&next(Entry::write(0, 65536, &[5u8; 100_000], 1)))
+        .unwrap();
+    g.apply_record(&next(Entry::trim(0, 500_000, 40_000, 1)))
+        .unwrap();
+    g.apply_record(&next(Entry::barrier(1))).unwrap();
+    g.commit().unwrap();
+    let point = Seq(4);
+    g.apply_record(&next(Entry::write(0, 70_000, &[6u8; 4096], 2)))
+        .unwrap();
+    g.apply_record(&next(Entry::barrier(2))).unwrap();
+    g.commit().unwrap();
+    let want = read(&g, Some(point));
+    assert_ne!(want, read(&g, None), "the point is not the head");
+
+    let clones = engine
+        .failover_to_rbd(&host, &group, &g, point, "failover", "tidemark-failover-4")
+        .unwrap();
+    assert_eq!(clones.len(), 1);
+    let cluster = engine_cluster(tb, &namespace);
+    let mut got = vec![0u8; SIZE as usize];
+    cluster
+        .image_open_read_only(&clones[0].1)
+        .unwrap()
+        .read(0, &mut got)
+        .unwrap();
+    assert!(got == want, "the clone reads as the point");
+    cluster
+        .image_open_read_only("h1+g+disk-0")
+        .unwrap()
+        .read(0, &mut got)
+        .unwrap();
+    assert!(got == base, "the replica image is unchanged");
+}
+
+fn engine_cluster(tb: &testbed::Testbed, namespace: &str) -> RadosCluster {
+    RadosCluster::connect(&ClusterOptions {
+        connect: ConnectOptions {
+            conf: &tb.conf,
+            user: "client.admin",
+            op_timeout: Duration::from_secs(30),
+            settings: &[],
+        },
+        pool: &tb.pool,
+        namespace,
+    })
+    .unwrap()
 }

@@ -1,0 +1,387 @@
+//! The replica store on Ceph end to end (feature `ceph`): a receiver
+//! whose `[receiver.store]` has `kind = "ceph"` replicates a real ext4
+//! workload (the kernel's ext4 through the tracker, nbdfuse + loop, see
+//! TESTBED.md) into the testbed cluster; then **every** recovery point it
+//! keeps equals a reference replay of the log to that point, byte for
+//! byte, and from the mkfs-done marker on passes `e2fsck -fn` once its
+//! journal is replayed. The commands work from the receiver's
+//! configuration: `tidemark points --config`, `test-failover start
+//! --config` (the newest point served over NBD straight from the cluster,
+//! read whole with nbdcopy) and `failover --to-rbd` (the marker's point as
+//! an RBD clone, read back through librbd).
+//!
+//! One cluster for this binary (`tidemark_ceph::testbed::for_test`: the
+//! testbed script, or the cluster `CEPH_CONF` names), one RADOS namespace
+//! per test. Without Ceph installed the test skips with a message; under
+//! `CI` it fails instead.
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use tidemark_ceph::{testbed, Cluster};
+use tidemark_changelog::replay::{apply, ImageFile, ReplaySummary};
+use tidemark_changelog::{DiskId, FsDir, LogReader, Seq};
+use tidemark_e2e::replication::{
+    enroll, free_port, start_receiver_with, start_shipper, wait_caught_up, Daemon, HOST,
+};
+use tidemark_e2e::{require_tool, run, tidemark, TrackerProcess};
+use tidemark_names::Name;
+
+/// The protected disk: small, so that the cluster's memory (memstore)
+/// and the test's time stay small.
+const SIZE: u64 = 64 << 20;
+
+/// The `[receiver.store]` table of the testbed's cluster in `namespace`.
+fn store_table(tb: &testbed::Testbed, namespace: &str) -> String {
+    format!(
+        "[receiver.store]\nkind = \"ceph\"\nconf = \"{}\"\nuser = \"client.admin\"\npool = \"{}\"\nnamespace = \"{namespace}\"\nop-timeout = \"30s\"\n",
+        tb.conf.display(),
+        tb.pool
+    )
+}
+
+/// nbdfuse + loop over an NBD URI, torn down in reverse order on drop.
+struct Attached {
+    nbdfuse: std::process::Child,
+    fuse_dir: PathBuf,
+    dev: String,
+}
+
+impl Attached {
+    fn new(dir: &Path, uri: &str) -> Attached {
+        let fuse_dir = dir.join("fuse");
+        fs::create_dir_all(&fuse_dir).unwrap();
+        let pidfile = dir.join("nbdfuse.pid");
+        let nbdfuse = Command::new("nbdfuse")
+            .args(["-C", "1", "-P"])
+            .arg(&pidfile)
+            .arg(fuse_dir.join("disk"))
+            .arg(uri)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("starting nbdfuse");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !pidfile.exists() {
+            assert!(Instant::now() < deadline, "nbdfuse did not come up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let dev = run(Command::new("losetup")
+            .args(["-f", "--show", "--direct-io=on"])
+            .arg(fuse_dir.join("disk")))
+        .trim()
+        .to_string();
+        Attached {
+            nbdfuse,
+            fuse_dir,
+            dev,
+        }
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.fuse_dir)
+            .status();
+        let _ = self.nbdfuse.wait();
+    }
+}
+
+/// mkfs, a marker, then files written, rewritten and removed in rounds,
+/// each round synced (barriers between them).
+fn ext4_workload(dir: &Path, tracker: &TrackerProcess) {
+    let m = Attached::new(dir, &tracker.uri());
+    run(Command::new("mkfs.ext4").args([
+        "-q",
+        "-F",
+        "-E",
+        "lazy_itable_init=0,lazy_journal_init=0",
+        &m.dev,
+    ]));
+    run(tidemark()
+        .args(["tracker", "mark", "mkfs-done", "--control-socket"])
+        .arg(&tracker.control));
+    let root = dir.join("fs");
+    fs::create_dir_all(&root).unwrap();
+    run(Command::new("mount").arg(&m.dev).arg(&root));
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for round in 0..3 {
+        let sub = root.join(format!("round{round}"));
+        fs::create_dir_all(&sub).unwrap();
+        for i in 0..40 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = (x % (192 << 10)) as usize;
+            let data: Vec<u8> = (0..len).map(|j| (j as u64 ^ x) as u8).collect();
+            fs::write(sub.join(format!("f{i}")), data).unwrap();
+        }
+        if round > 0 {
+            let old = root.join(format!("round{}", round - 1));
+            for i in (0..40).step_by(3) {
+                fs::remove_file(old.join(format!("f{i}"))).unwrap();
+            }
+        }
+        run(Command::new("sync").arg("-f").arg(&root));
+    }
+    run(Command::new("umount").arg(&root));
+}
+
+/// Whether the image `path` holds a consistent ext4 once its journal is
+/// replayed (what mounting it after a failover does).
+fn check_ext4(path: &Path, what: &str) {
+    let replayed = Command::new("e2fsck")
+        .args(["-E", "journal_only", "-y"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        matches!(replayed.status.code(), Some(0 | 1)),
+        "journal replay of {what} failed: {}",
+        String::from_utf8_lossy(&replayed.stdout)
+    );
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "the filesystem of {what} is not consistent:\n{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+}
+
+/// Starts `tidemark test-failover start --config` at `point`; returns it
+/// once it serves.
+fn start_test_failover(dir: &Path, config: &Path, point: u64, socket: &Path) -> Daemon {
+    let mut child = tidemark()
+        .args(["test-failover", "start", "--config"])
+        .arg(config)
+        .args(["--host", HOST, "--point", &point.to_string(), "--socket"])
+        .arg(socket)
+        .stdout(Stdio::piped())
+        .stderr(fs::File::create(dir.join("test-failover.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut lines = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| {
+                let log = fs::read_to_string(dir.join("test-failover.log")).unwrap_or_default();
+                panic!("the test failover did not start: {lines:?}\n{log}")
+            });
+        let ready = line.starts_with("ready");
+        lines.push(line);
+        if ready {
+            break;
+        }
+    }
+    assert!(lines[0].contains(&format!("sequence {point}")), "{lines:?}");
+    Daemon::new(child, "test failover")
+}
+
+#[test]
+fn every_point_of_an_ext4_workload_on_the_ceph_store_is_exact_and_consistent() {
+    let test = "every_point_of_an_ext4_workload_on_the_ceph_store_is_exact_and_consistent";
+    for tool in [
+        "nbdfuse",
+        "fusermount3",
+        "losetup",
+        "mkfs.ext4",
+        "e2fsck",
+        "mount",
+        "nbdcopy",
+    ] {
+        if !require_tool(tool, test) {
+            return;
+        }
+    }
+    let Some(tb) = testbed::for_test() else {
+        return;
+    };
+    let namespace = format!("e2e-ext4-{}", std::process::id());
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (rpki, hpki) = enroll(dir, HOST);
+    let port = free_port();
+    let replicas = dir.join("replicas");
+    let receiver = start_receiver_with(&replicas, dir, &rpki, port, &store_table(tb, &namespace));
+    let config = dir.join(format!("receiver-{port}.toml"));
+    let image = dir.join("disk.img");
+    fs::File::create(&image).unwrap().set_len(SIZE).unwrap();
+    let tracker = TrackerProcess::start(dir, &image, &[]);
+    let log_dir = tracker.log_dir.clone();
+    let shipper = start_shipper(dir, &log_dir, &hpki, port);
+    wait_caught_up(dir, &log_dir, Duration::from_secs(60));
+    // The workload runs while the shipper is stopped, so the log keeps
+    // every record of it: the reference the points are checked against.
+    assert!(shipper.stop().success());
+    ext4_workload(dir, &tracker);
+    let reference = dir.join("reference-log");
+    run(Command::new("cp").arg("-a").arg(&log_dir).arg(&reference));
+    let started = Instant::now();
+    let shipper = start_shipper(dir, &log_dir, &hpki, port);
+    wait_caught_up(dir, &log_dir, Duration::from_secs(180));
+    let applied = started.elapsed();
+    assert!(tracker.stop(), "the tracker stops cleanly");
+    wait_caught_up(dir, &log_dir, Duration::from_secs(60));
+    assert!(shipper.stop().success());
+    eprintln!("{test}: the workload's log applied into the Ceph store in {applied:?}");
+    assert!(
+        !replicas.join(HOST).join("default").join("state").exists(),
+        "no local store was written"
+    );
+
+    // `tidemark points --config` reads the cluster while the receiver runs.
+    let listed = run(tidemark()
+        .args(["points", "--json", "--config"])
+        .arg(&config)
+        .args(["--host", HOST]));
+    let listed: Vec<serde_json::Value> = listed
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+
+    // A test failover of the newest point, served from the cluster while
+    // the receiver runs, reads whole as the source's final state.
+    let newest = listed.last().unwrap()["seq"].as_u64().unwrap();
+    let socket = dir.join("tf.sock");
+    let tf = start_test_failover(dir, &config, newest, &socket);
+    let read_back = dir.join("test-failover.img");
+    let started = Instant::now();
+    run(Command::new("nbdcopy")
+        .arg(format!("nbd+unix:///disk?socket={}", socket.display()))
+        .arg(&read_back));
+    eprintln!(
+        "{test}: test failover read whole with nbdcopy in {:?}",
+        started.elapsed()
+    );
+    let source = fs::read(&image).unwrap();
+    assert!(
+        fs::read(&read_back).unwrap() == source,
+        "the test failover of the newest point differs from the source"
+    );
+    assert!(tf.stop().success());
+    assert!(receiver.stop().success());
+
+    let cfg = tidemark_config::load(&config).unwrap();
+    let engine = tidemark_receiver::store::connect(cfg.require_receiver().unwrap(), "e2e").unwrap();
+    let (host, group_name) = (Name::new(HOST).unwrap(), Name::from_static("default"));
+    let group = engine.open_group_read_only(&host, &group_name).unwrap();
+    assert_eq!(group.pinned(), None, "the test failover's pin is gone");
+    let points = group.points();
+    assert_eq!(listed.len(), points.len(), "`points` lists every point");
+    assert!(points.len() >= 6, "only {} points", points.len());
+    let marker = points
+        .iter()
+        .find(|p| p.label == "mkfs-done")
+        .expect("the marker is a point")
+        .clone();
+
+    // Replay the reference log onto a blank image; at every point,
+    // compare and check.
+    let work = dir.join("reference.img");
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&work)
+        .unwrap();
+    file.set_len(SIZE).unwrap();
+    let mut target = ImageFile::new(file);
+    let mut summary = ReplaySummary::default();
+    let mut reader = LogReader::new(FsDir::existing(&reference).unwrap(), Seq::ZERO);
+    let mut next = reader.next_record().unwrap();
+    let check = dir.join("point.img");
+    let (mut compared, mut fscked) = (0, 0);
+    let mut marker_image = Vec::new();
+    for point in &points {
+        while let Some(record) = next.take_if(|r| r.header.seq <= point.seq) {
+            apply(&record, DiskId(0), &mut target, &mut summary).unwrap();
+            next = reader.next_record().unwrap();
+        }
+        let view = group.view(Some(point.seq)).unwrap();
+        let reference = fs::File::open(&work).unwrap();
+        let out = fs::File::create(&check).unwrap();
+        out.set_len(SIZE).unwrap();
+        let mut want = vec![0u8; 4 << 20];
+        let mut got = vec![0u8; 4 << 20];
+        let mut at = 0u64;
+        while at < SIZE {
+            reference.read_exact_at(&mut want, at).unwrap();
+            view.read(DiskId(0), at, &mut got).unwrap();
+            if let Some(i) = want.iter().zip(&got).position(|(a, b)| a != b) {
+                panic!(
+                    "point {} differs from the reference replay at byte {}",
+                    point.seq,
+                    at + i as u64
+                );
+            }
+            out.write_all_at(&got, at).unwrap();
+            at += want.len() as u64;
+        }
+        compared += 1;
+        if point.seq == marker.seq {
+            marker_image = fs::read(&check).unwrap();
+        }
+        if point.seq < marker.seq {
+            continue; // mkfs is still running: no filesystem yet
+        }
+        check_ext4(&check, &format!("point {}", point.seq));
+        fscked += 1;
+    }
+    assert_eq!(compared, points.len());
+    assert!(fscked >= 3, "only {fscked} points after mkfs");
+    eprintln!("{test}: {compared} points equal the reference replay, {fscked} pass e2fsck");
+    drop(group);
+
+    // The marker's point as an RBD clone: one snapshot and clone, the
+    // point written into it; it reads as the point.
+    let out = run(tidemark()
+        .args(["failover", "--point", "mkfs-done", "--config"])
+        .arg(&config)
+        .args(["--host", HOST, "--to-rbd", "fo"]));
+    assert!(
+        out.contains(&format!("sequence {}", marker.seq)) && out.contains("fo-disk"),
+        "{out}"
+    );
+    let cluster = tidemark_ceph::RadosCluster::connect(&tidemark_ceph::rados::ClusterOptions {
+        connect: tidemark_ceph::rados::ConnectOptions {
+            conf: &tb.conf,
+            user: "client.admin",
+            op_timeout: Duration::from_secs(30),
+            settings: &[],
+        },
+        pool: &tb.pool,
+        namespace: &namespace,
+    })
+    .unwrap();
+    let mut clone = vec![0u8; SIZE as usize];
+    cluster
+        .image_open_read_only("fo-disk")
+        .unwrap()
+        .read(0, &mut clone)
+        .unwrap();
+    assert!(
+        clone == marker_image,
+        "failover --to-rbd at mkfs-done differs from the reference replay to the marker"
+    );
+}
