@@ -2,6 +2,8 @@
 //!
 //! - [`pki`]: the receiver's small CA, host enrolment (request → sign), and
 //!   loading certificates and keys from PEM files.
+//! - [`renew`]: renewing a host certificate over the authenticated
+//!   connection before it expires.
 //! - [`tls`]: quinn client and server configurations with mutual TLS against
 //!   that CA only, and the authenticated host name of a connection's peer.
 //! - [`endpoint`]: the shared transport tuning and endpoint constructors that
@@ -11,6 +13,7 @@
 
 pub mod endpoint;
 pub mod pki;
+pub mod renew;
 pub mod tls;
 
 pub use endpoint::{
