@@ -631,7 +631,7 @@ pub(crate) fn dns_san(name: &Name) -> Result<SanType, PkiError> {
 
 /// A positive 16-byte serial: unique per certificate, unlike rcgen's default
 /// (a hash of the public key, which repeats when a key is re-signed).
-fn random_serial() -> SerialNumber {
+pub(crate) fn random_serial() -> SerialNumber {
     let mut bytes = [0u8; 16];
     rand::rng().fill_bytes(&mut bytes);
     bytes[0] &= 0x7f;
