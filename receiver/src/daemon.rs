@@ -491,6 +491,7 @@ impl Server {
             return;
         }
         tracing::info!(%remote, %host, "host connected");
+        crate::renew::record_certificate(&self.data_dir, &host, &conn);
         // Streams run side by side: a certificate renewal beside the
         // session.
         let mut streams = tokio::task::JoinSet::new();

@@ -8,7 +8,8 @@
 //! - [`drain`]: the drain request and answer files of a planned failover.
 //! - [`pin`]: the pin that keeps a recovery point from retention while
 //!   a test failover or a planned failover reads it.
-//! - `renew`: signing a host's renewed certificate.
+//! - [`renew`]: signing a host's renewed certificate; the certificate
+//!   each host last connected with.
 //! - [`replica`]: the store as the protocol sees it.
 //! - [`span`]: a span's record (points consistent across hosts): what its
 //!   coordinator must find again after a restart, and every round's
@@ -29,7 +30,7 @@ mod coordinate;
 pub mod daemon;
 pub mod drain;
 pub mod pin;
-mod renew;
+pub mod renew;
 pub mod replica;
 pub mod span;
 pub mod span_point;

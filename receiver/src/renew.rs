@@ -70,3 +70,44 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     }
     text
 }
+
+/// Where the receiver keeps the certificate each host last connected
+/// with (DER, `<host>.der`): a name never starts with a dot, so the
+/// directory is never taken for a host's.
+pub const CERTIFICATES_DIR: &str = ".certificates";
+
+/// Keeps the certificate `conn`'s peer authenticated with as the one
+/// `host` holds, so that retiring a CA can tell which hosts still need
+/// it. A failure is logged: it must not refuse the host.
+pub(crate) fn record_certificate(
+    data_dir: &std::path::Path,
+    host: &Name,
+    conn: &quinn::Connection,
+) {
+    let Some(der) = conn
+        .peer_identity()
+        .and_then(|i| {
+            i.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .and_then(|certs| certs.first().cloned())
+    else {
+        return;
+    };
+    let dir = data_dir.join(CERTIFICATES_DIR);
+    let written = tokio::task::block_in_place(|| {
+        tidemark_durable::create_private_dir_all(&dir)?;
+        let name = format!("{host}.der");
+        tidemark_durable::replace(
+            &tidemark_durable::FsDir::at(&dir),
+            &format!("{name}.new"),
+            &name,
+            der.as_ref(),
+            tidemark_durable::Durability::Durable,
+        )
+        .map_err(std::io::Error::from)
+    });
+    if let Err(e) = written {
+        tracing::warn!(%host, error = %e, "cannot record the host's certificate (CA retirement cannot see it)");
+    }
+}
