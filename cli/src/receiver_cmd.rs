@@ -22,6 +22,12 @@ pub(crate) enum ReceiverCommand {
     /// images (the original primary's disks), to be compared block by
     /// block with the host's disks when its shipper connects.
     Adopt(crate::reprotect_cmd::AdoptArgs),
+    /// End a CA rotation: retire the old CA (refused while a host still
+    /// holds one of its certificates, unless --force).
+    CaRetire(CaRetireArgs),
+    /// Start a CA rotation: a new CA beside the old one; hosts move to it
+    /// as they renew.
+    CaRotate(CaRotateArgs),
     /// Create the receiver's CA and server certificate in --pki-dir.
     Init(InitArgs),
     /// Issue a client certificate for a protected host from its request.
@@ -60,8 +66,97 @@ pub(crate) struct SignArgs {
     days: u32,
 }
 
+#[derive(Debug, Args)]
+pub(crate) struct CaRotateArgs {
+    /// The receiver's PKI directory (from `tidemark receiver init`).
+    #[arg(long)]
+    pki_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CaRetireArgs {
+    /// The receiver's PKI directory.
+    #[arg(long)]
+    pki_dir: PathBuf,
+    /// The receiver's data directory: the certificate each host last
+    /// connected with is recorded there.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Retire the old CA even though the hosts named still hold its
+    /// certificates (they are refused from then on).
+    #[arg(long)]
+    force: bool,
+}
+
+/// The hosts whose last certificate (recorded by the receiver in
+/// `data_dir`) the CA certificate `ca` issued.
+fn hosts_of_ca(
+    data_dir: &std::path::Path,
+    ca: &rustls_pki_types::CertificateDer<'_>,
+) -> Result<Vec<String>> {
+    let dir = data_dir.join(tidemark_receiver::renew::CERTIFICATES_DIR);
+    let mut hosts = Vec::new();
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(hosts),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    };
+    for entry in entries {
+        let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(host) = name.strip_suffix(".der") else {
+            continue;
+        };
+        let der = std::fs::read(entry.path())
+            .with_context(|| format!("reading {}", entry.path().display()))?;
+        if tidemark_net::rotate::issued_by(&rustls_pki_types::CertificateDer::from(der), ca) {
+            hosts.push(host.to_string());
+        }
+    }
+    hosts.sort();
+    Ok(hosts)
+}
+
 pub(crate) fn run_receiver(cmd: ReceiverCommand) -> Result<ExitCode> {
     match cmd {
+        ReceiverCommand::CaRotate(a) => {
+            let new = tidemark_net::rotate::introduce_ca(&a.pki_dir)?;
+            println!(
+                "new CA {} beside the old one in {}",
+                new.ca_name,
+                a.pki_dir.display()
+            );
+            println!("next:");
+            println!("  1. restart the receiver: it then accepts hosts of either CA");
+            println!("  2. hosts move to the new CA as they renew (or sign their host.csr again)");
+            println!(
+                "  3. then: tidemark receiver ca-retire --pki-dir {} --data-dir DIR",
+                a.pki_dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        ReceiverCommand::CaRetire(a) => {
+            let Some(old) = tidemark_net::rotate::retiring_ca(&a.pki_dir)? else {
+                bail!("no CA rotation is in progress in {}", a.pki_dir.display());
+            };
+            let holding = hosts_of_ca(&a.data_dir, &old)?;
+            if !holding.is_empty() && !a.force {
+                bail!(
+                    "these hosts still hold a certificate of the old CA: {}; let them renew (or sign their host.csr again), or give --force to refuse them",
+                    holding.join(", ")
+                );
+            }
+            tidemark_net::rotate::retire_ca(&a.pki_dir)?;
+            if !holding.is_empty() {
+                println!(
+                    "forced: these hosts are refused until enrolled again: {}",
+                    holding.join(", ")
+                );
+            }
+            println!("the old CA is retired; the receiver certificate is the new CA's");
+            println!("restart the receiver");
+            Ok(ExitCode::SUCCESS)
+        }
         ReceiverCommand::Serve(a) => receiver_serve(a),
         ReceiverCommand::Adopt(a) => crate::reprotect_cmd::adopt(a),
         ReceiverCommand::Init(a) => {
