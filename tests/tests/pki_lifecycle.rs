@@ -1,6 +1,8 @@
 //! The life of a host's certificate with the real binaries on loopback:
 //! a host renews its own certificate before it expires over its
-//! replication connection, keeps its key, and replicates on with it.
+//! replication connection, keeps its key, and replicates on with it; the
+//! receiver's CA is rotated while two hosts replicate, each moving to the
+//! new CA at its own time.
 
 use std::fs;
 use std::io::{Read, Write};
@@ -9,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tidemark_e2e::replication::{
-    free_port, run_ok, shipper_status, start_receiver, start_shipper_with, HOST,
+    free_port, run_ok, shipper_status, start_receiver, start_shipper_with, Daemon, HOST,
 };
 use tidemark_e2e::{tidemark_bin, TrackerProcess};
 use tidemark_net::renew::certificate_not_after;
@@ -162,6 +164,7 @@ fn a_host_renews_its_certificate_before_expiry_and_replicates_on_with_it() {
         Duration::from_secs(30),
         || shipper_status(&log_dir).is_some_and(|s| s["state"] == "protected"),
     );
+    println!("protected at {:?}", started.elapsed());
     receiver.kill();
     let receiver = start_receiver(dir, &rpki, port, None);
     wait_for(dir, "the reconnection", Duration::from_secs(30), || {
@@ -173,6 +176,7 @@ fn a_host_renews_its_certificate_before_expiry_and_replicates_on_with_it() {
         Duration::from_secs(30),
         || shipper_status(&log_dir).is_some_and(|s| s["state"] == "protected"),
     );
+    println!("protected again at {:?}", started.elapsed());
     let shipper_log = fs::read_to_string(dir.join("shipper.log")).unwrap();
     assert_eq!(
         shipper_log
@@ -186,4 +190,194 @@ fn a_host_renews_its_certificate_before_expiry_and_replicates_on_with_it() {
     assert!(shipper.stop().success());
     assert!(receiver.stop().success());
     assert!(tracker.stop());
+    println!("stopped at {:?}", started.elapsed());
+}
+
+/// `tidemark shipper run` for `host` (its log in `dir/shipper-HOST.log`).
+fn start_host_shipper(dir: &Path, log_dir: &Path, host: &str, hpki: &Path, port: u16) -> Daemon {
+    let child = Command::new(tidemark_bin())
+        .args(["shipper", "run", "--log-dir"])
+        .arg(log_dir)
+        .args(["--receiver", &format!("127.0.0.1:{port}"), "--host", host])
+        .arg("--pki-dir")
+        .arg(hpki)
+        .stdout(std::process::Stdio::null())
+        .stderr(
+            fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join(format!("shipper-{host}.log")))
+                .unwrap(),
+        )
+        .spawn()
+        .unwrap();
+    Daemon::new(child, "shipper")
+}
+
+fn protected(log_dir: &Path) -> bool {
+    shipper_status(log_dir).is_some_and(|s| s["state"] == "protected")
+}
+
+fn issued_by(cert: &Path, ca: &Path) -> bool {
+    let cert = tidemark_net::pki::load_certs(cert).unwrap().remove(0);
+    tidemark_net::pki::load_certs(ca)
+        .unwrap()
+        .iter()
+        .any(|ca| tidemark_net::rotate::issued_by(&cert, ca))
+}
+
+#[test]
+fn the_ca_is_rotated_while_two_hosts_replicate_and_move_at_their_own_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // db1 is due for renewal (10 days left), db2 is not (400 days).
+    let (rpki, pki1) = enroll_for(dir, "db1", 10);
+    let (_, pki2) = enroll_for(dir, "db2", 400);
+    let old_ca = dir.join("old-ca.crt");
+    fs::copy(rpki.join("ca.crt"), &old_ca).unwrap();
+
+    let out = run_ok(
+        Command::new(tidemark_bin())
+            .args(["receiver", "ca-rotate", "--pki-dir"])
+            .arg(&rpki),
+    );
+    assert!(out.contains("new CA"), "{out}");
+    assert_eq!(
+        tidemark_net::pki::load_certs(&rpki.join("ca.crt"))
+            .unwrap()
+            .len(),
+        2
+    );
+    let new_ca = dir.join("new-ca.crt");
+    let bundle = fs::read_to_string(rpki.join("ca.crt")).unwrap();
+    let second = bundle.find("-----BEGIN CERTIFICATE-----\n").map(|first| {
+        first
+            + 1
+            + bundle[first + 1..]
+                .find("-----BEGIN CERTIFICATE-----")
+                .unwrap()
+    });
+    fs::write(&new_ca, &bundle[second.unwrap()..]).unwrap();
+    // A second rotation waits for the first to end.
+    let again = Command::new(tidemark_bin())
+        .args(["receiver", "ca-rotate", "--pki-dir"])
+        .arg(&rpki)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+
+    let mut hosts = Vec::new();
+    for (host, hpki) in [("db1", &pki1), ("db2", &pki2)] {
+        let sub = dir.join(host);
+        fs::create_dir(&sub).unwrap();
+        let image = sub.join("disk.img");
+        fs::File::create(&image).unwrap().set_len(SIZE).unwrap();
+        let tracker = TrackerProcess::start(&sub, &image, &[]);
+        hosts.push((host, hpki.clone(), tracker));
+    }
+    let port = free_port();
+    let receiver = start_receiver(dir, &rpki, port, None);
+    let mut shippers: Vec<Daemon> = hosts
+        .iter()
+        .map(|(host, hpki, t)| start_host_shipper(dir, &t.log_dir, host, hpki, port))
+        .collect();
+
+    // db1 renews at once and moves to the new CA, with the bundle; db2
+    // replicates on with its old-CA certificate.
+    wait_for(
+        dir,
+        "db1's move to the new CA",
+        Duration::from_secs(30),
+        || issued_by(&pki1.join("host.crt"), &new_ca),
+    );
+    assert_eq!(fs::read_to_string(pki1.join("ca.crt")).unwrap(), bundle);
+    for (_, _, t) in &hosts {
+        wait_for(dir, "both hosts protected", Duration::from_secs(30), || {
+            protected(&t.log_dir)
+        });
+    }
+    assert!(issued_by(&pki2.join("host.crt"), &old_ca));
+
+    // The receiver restarts: db1 connects with its new certificate. The
+    // old CA cannot be retired while db2 holds one of its certificates.
+    receiver.kill();
+    let receiver = start_receiver(dir, &rpki, port, None);
+    let log = || fs::read_to_string(dir.join(format!("receiver-{port}.log"))).unwrap();
+    wait_for(dir, "both hosts back", Duration::from_secs(30), || {
+        log().matches("session started").count() >= 2
+    });
+    let refused = Command::new(tidemark_bin())
+        .args(["receiver", "ca-retire", "--pki-dir"])
+        .arg(&rpki)
+        .arg("--data-dir")
+        .arg(dir.join("replicas"))
+        .output()
+        .unwrap();
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(why.contains("db2") && !why.contains("db1"), "{why}");
+
+    // db2 moves on demand, later: its request signed again (by the new CA),
+    // copied back with the bundle, its shipper restarted.
+    let renewed2 = dir.join("db2-renewed.crt");
+    run_ok(
+        Command::new(tidemark_bin())
+            .args(["receiver", "sign", "--pki-dir"])
+            .arg(&rpki)
+            .args(["--host", "db2", "--csr"])
+            .arg(pki2.join("host.csr"))
+            .arg("--out")
+            .arg(&renewed2),
+    );
+    fs::copy(&renewed2, pki2.join("host.crt")).unwrap();
+    fs::copy(rpki.join("ca.crt"), pki2.join("ca.crt")).unwrap();
+    assert!(issued_by(&pki2.join("host.crt"), &new_ca));
+    shippers.pop().unwrap().kill();
+    shippers.push(start_host_shipper(
+        dir,
+        &hosts[1].2.log_dir,
+        "db2",
+        &pki2,
+        port,
+    ));
+    wait_for(
+        dir,
+        "db2 back with its new certificate",
+        Duration::from_secs(30),
+        || log().matches("session started").count() >= 3 && protected(&hosts[1].2.log_dir),
+    );
+
+    // Now the old CA retires; after a restart both hosts connect to a
+    // receiver whose certificate only the new CA signed.
+    run_ok(
+        Command::new(tidemark_bin())
+            .args(["receiver", "ca-retire", "--pki-dir"])
+            .arg(&rpki)
+            .arg("--data-dir")
+            .arg(dir.join("replicas")),
+    );
+    assert_eq!(
+        fs::read_to_string(rpki.join("ca.crt")).unwrap(),
+        fs::read_to_string(&new_ca).unwrap()
+    );
+    assert!(issued_by(&rpki.join("receiver.crt"), &new_ca));
+    receiver.kill();
+    let receiver = start_receiver(dir, &rpki, port, None);
+    wait_for(
+        dir,
+        "both hosts back under the new CA",
+        Duration::from_secs(30),
+        || {
+            log().matches("session started").count() >= 2
+                && hosts.iter().all(|(_, _, t)| protected(&t.log_dir))
+        },
+    );
+
+    for s in shippers {
+        assert!(s.stop().success());
+    }
+    assert!(receiver.stop().success());
+    for (_, _, t) in hosts {
+        assert!(t.stop());
+    }
 }
