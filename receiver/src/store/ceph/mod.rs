@@ -351,6 +351,20 @@ impl<C: Cluster + 'static> StoreEngine for CephEngine<C> {
     fn describe(&self, host: &Name, group: &Name) -> String {
         format!("ceph:{host}+{group}")
     }
+
+    fn groups(&self, _host: &Name) -> Result<Vec<Name>, StoreError> {
+        Err(StoreError::Unsupported {
+            engine: "ceph",
+            what: "list a host's groups",
+        })
+    }
+
+    fn remove(&self, _host: &Name, _group: &Name) -> Result<(), StoreError> {
+        Err(StoreError::Unsupported {
+            engine: "ceph",
+            what: "remove a group",
+        })
+    }
 }
 
 #[cfg(test)]
