@@ -423,6 +423,11 @@ pub async fn run(
         }
         None => None,
     };
+    crate::retire::start_purging(
+        Box::new(LocalEngine::new(&cfg.data_dir)),
+        cfg.data_dir.clone(),
+        stop.clone(),
+    );
     tracing::info!(%addr, data_dir = %cfg.data_dir.display(), "receiver listening");
     ready(addr, metrics.as_ref().map(MetricsServer::local_addr));
     loop {
@@ -488,6 +493,11 @@ impl Server {
         if self.revoked.contains(&host) {
             tracing::warn!(%remote, %host, "refusing a revoked host");
             conn.close(CLOSE_REVOKED.into(), b"host revoked");
+            return;
+        }
+        if let Some(why) = crate::retire::refusal(&self.data_dir, &host) {
+            tracing::warn!(%remote, %host, reason = %why, "refusing a retired host");
+            conn.close(CLOSE_REVOKED.into(), why.as_bytes());
             return;
         }
         tracing::info!(%remote, %host, "host connected");

@@ -10,6 +10,8 @@
 //!   a test failover or a planned failover reads it.
 //! - [`renew`]: signing a host's renewed certificate; the certificate
 //!   each host last connected with.
+//! - [`retire`]: retired hosts: refused, their replicas removed now or
+//!   after a stated time.
 //! - [`replica`]: the store as the protocol sees it.
 //! - [`span`]: a span's record (points consistent across hosts): what its
 //!   coordinator must find again after a restart, and every round's
@@ -32,6 +34,7 @@ pub mod drain;
 pub mod pin;
 pub mod renew;
 pub mod replica;
+pub mod retire;
 pub mod span;
 pub mod span_point;
 pub mod span_take;
