@@ -30,11 +30,18 @@ pub(crate) enum ReceiverCommand {
     CaRotate(CaRotateArgs),
     /// Create the receiver's CA and server certificate in --pki-dir.
     Init(InitArgs),
+    /// Retire a host for good: refuse it from now on and remove its
+    /// replicas and history, now or after --keep (the receiver must be
+    /// stopped).
+    Retire(RetireArgs),
     /// Issue a client certificate for a protected host from its request.
     Sign(SignArgs),
     /// Accept shippers over QUIC and apply their logs to the replicas
     /// (runs until SIGTERM).
     Serve(ReceiverServeArgs),
+    /// Take a host off the list of retired hosts, so it can be enrolled
+    /// again (the receiver must be stopped).
+    Unretire(UnretireArgs),
 }
 
 #[derive(Debug, Args)]
@@ -64,6 +71,92 @@ pub(crate) struct SignArgs {
     /// Validity of the certificate in days.
     #[arg(long, default_value_t = pki::DEFAULT_HOST_VALIDITY_DAYS)]
     days: u32,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RetireArgs {
+    /// The receiver's data directory.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// The host to retire.
+    #[arg(long)]
+    host: Name,
+    /// Keep its replicas this long ("30d"); the receiver removes them
+    /// after. Without it they are removed now.
+    #[arg(long, value_name = "DURATION")]
+    keep: Option<tidemark_config::Duration>,
+    /// Do not ask for confirmation (required when not on a terminal).
+    #[arg(long)]
+    yes: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct UnretireArgs {
+    /// The receiver's data directory.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// The retired host.
+    #[arg(long)]
+    host: Name,
+}
+
+/// Takes the receiver's lock on `data_dir`: these commands change what a
+/// running receiver reads and removes what it may have open.
+fn receiver_stopped(data_dir: &std::path::Path) -> Result<tidemark_changelog::DirLock> {
+    tidemark_changelog::DirLock::acquire(data_dir, tidemark_receiver::daemon::LOCK_FILE, "receiver")
+        .map_err(|e| {
+            anyhow::anyhow!(
+            "{e}: stop the receiver first (systemctl stop tidemark-receiver), then start it again"
+        )
+        })
+}
+
+fn retire(a: RetireArgs) -> Result<ExitCode> {
+    use std::io::IsTerminal;
+    let _lock = receiver_stopped(&a.data_dir)?;
+    let engine = tidemark_receiver::store::LocalEngine::new(&a.data_dir);
+    let groups = tidemark_receiver::store::StoreEngine::groups(&engine, &a.host)?;
+    if !a.yes {
+        if !std::io::stdin().is_terminal() {
+            bail!(
+                "retiring {} cannot be undone for its replicas: give --yes",
+                a.host
+            );
+        }
+        let what = match a.keep {
+            Some(k) => format!("kept for {k} then removed"),
+            None => "removed now".to_string(),
+        };
+        print!(
+            "retire {}: refused from now on; its replicas ({}) {what}. Type the host name to confirm: ",
+            a.host,
+            if groups.is_empty() { "none".to_string() } else { groups.iter().map(|g| g.to_string()).collect::<Vec<_>>().join(", ") }
+        );
+        std::io::stdout().flush()?;
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if answer.trim() != a.host.as_str() {
+            bail!("not confirmed; nothing changed");
+        }
+    }
+    let now = i64::try_from(tidemark_changelog::now_ns() / 1_000_000_000).unwrap_or(0);
+    let out = tidemark_receiver::retire::retire(
+        &a.data_dir,
+        &engine,
+        &a.host,
+        a.keep.map(|k| k.get().as_secs()),
+        now,
+    )?;
+    println!("{} is retired: the receiver refuses it", a.host);
+    match out.remove_after_unix {
+        Some(t) => println!(
+            "its replicas ({} group(s)) are kept; the receiver removes them {} s from now",
+            groups.len(),
+            t - now
+        ),
+        None => println!("removed its replicas: {} group(s)", out.removed.len()),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Debug, Args)]
@@ -119,6 +212,13 @@ fn hosts_of_ca(
 
 pub(crate) fn run_receiver(cmd: ReceiverCommand) -> Result<ExitCode> {
     match cmd {
+        ReceiverCommand::Retire(a) => retire(a),
+        ReceiverCommand::Unretire(a) => {
+            let _lock = receiver_stopped(&a.data_dir)?;
+            tidemark_receiver::retire::unretire(&a.data_dir, &a.host)?;
+            println!("{} is no longer retired: enrol it again", a.host);
+            Ok(ExitCode::SUCCESS)
+        }
         ReceiverCommand::CaRotate(a) => {
             let new = tidemark_net::rotate::introduce_ca(&a.pki_dir)?;
             println!(
