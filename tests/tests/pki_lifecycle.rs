@@ -381,3 +381,97 @@ fn the_ca_is_rotated_while_two_hosts_replicate_and_move_at_their_own_time() {
         assert!(t.stop());
     }
 }
+
+#[test]
+fn a_retired_host_is_refused_and_its_replicas_go_while_the_other_replicates_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (rpki, pki1) = enroll_for(dir, "db1", 400);
+    let (_, pki2) = enroll_for(dir, "db2", 400);
+    let replicas = dir.join("replicas");
+    let mut trackers = Vec::new();
+    for host in ["db1", "db2"] {
+        let sub = dir.join(host);
+        fs::create_dir(&sub).unwrap();
+        let image = sub.join("disk.img");
+        fs::File::create(&image).unwrap().set_len(SIZE).unwrap();
+        trackers.push(TrackerProcess::start(&sub, &image, &[]));
+    }
+    let port = free_port();
+    let receiver = start_receiver(dir, &rpki, port, None);
+    let shipper1 = start_host_shipper(dir, &trackers[0].log_dir, "db1", &pki1, port);
+    let shipper2 = start_host_shipper(dir, &trackers[1].log_dir, "db2", &pki2, port);
+    for t in &trackers {
+        wait_for(dir, "both hosts protected", Duration::from_secs(30), || {
+            protected(&t.log_dir)
+        });
+    }
+    let retire = |host: &str, extra: &[&str]| {
+        Command::new(tidemark_bin())
+            .args(["receiver", "retire", "--data-dir"])
+            .arg(&replicas)
+            .args(["--host", host])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    // Refused while the receiver runs, and without a confirmation.
+    let running = retire("db2", &["--yes"]);
+    assert!(!running.status.success());
+    assert!(String::from_utf8_lossy(&running.stderr).contains("stop the receiver"));
+    assert!(receiver.stop().success());
+    let unconfirmed = retire("db2", &[]);
+    assert!(!unconfirmed.status.success());
+    assert!(String::from_utf8_lossy(&unconfirmed.stderr).contains("--yes"));
+    assert!(replicas.join("db2/default/state").exists());
+
+    let out = retire("db2", &["--yes"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!replicas.join("db2").exists(), "db2's replicas are removed");
+    assert!(replicas.join("db1/default/state").exists(), "db1's stay");
+
+    // db2 is refused with a message that says so and stops (no spinning);
+    // db1 replicates on.
+    let receiver = start_receiver(dir, &rpki, port, None);
+    let status = shipper2.wait_exit(Duration::from_secs(60));
+    assert_eq!(
+        status.code(),
+        Some(2),
+        "a retired host is a permanent failure"
+    );
+    let s = shipper_status(&trackers[1].log_dir).unwrap();
+    assert_eq!(s["state"], "critical", "{s:#}");
+    assert!(s["reason"].as_str().unwrap().contains("retired"), "{s:#}");
+    assert!(!replicas.join("db2").exists());
+    wait_for(dir, "db1 protected again", Duration::from_secs(60), || {
+        protected(&trackers[0].log_dir)
+    });
+
+    // db1 retired with its replicas kept for 2 s: the receiver removes
+    // them once the time is up.
+    assert!(receiver.stop().success());
+    let out = retire("db1", &["--yes", "--keep", "2s"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(replicas.join("db1/default/state").exists(), "kept for now");
+    std::thread::sleep(Duration::from_secs(2));
+    let receiver = start_receiver(dir, &rpki, port, None);
+    wait_for(
+        dir,
+        "db1's kept replicas removed",
+        Duration::from_secs(10),
+        || !replicas.join("db1").exists(),
+    );
+    assert_eq!(shipper1.wait_exit(Duration::from_secs(60)).code(), Some(2));
+    assert!(receiver.stop().success());
+    for t in trackers {
+        assert!(t.stop());
+    }
+}
