@@ -97,8 +97,10 @@
 //! (`tidemark_net::renew` says how): the shipper opens a stream of its own
 //! on an established connection and sends `renew-request` as its first
 //! message (in place of a hello); the receiver answers `renewed` on it and
-//! the stream ends. A receiver of an older version refuses the frame's
-//! version with an error, which tells the shipper it cannot renew there.
+//! the stream ends. A receiver of an older version does not read a second
+//! stream while the session's runs (or refuses the frame's version with an
+//! error): the shipper gives up after a timeout and renews no certificate
+//! there.
 //!
 //! A planned failover is asked for on the replica site: the receiver sends
 //! `drain-request`; the shipper stops the protected host's tracker (no new
