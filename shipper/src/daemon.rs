@@ -560,7 +560,7 @@ pub async fn run(
                 let s = m.snapshot.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 let now = tidemark_changelog::now_ns();
                 let mut e = collect_metrics(&s, m.lag.snapshot(), now);
-                crate::renew::expose_days_left(&mut e, &cert, &s.host, now);
+                crate::renew::expose_expiry(&mut e, &cert, &s.host, now);
                 e
             });
             match MetricsServer::bind(addr, render).await {

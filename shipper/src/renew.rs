@@ -15,7 +15,7 @@
 //!
 //! A refusal or a failure is logged and tried again at the next check,
 //! never in a loop: replication goes on either way, and the metric of days
-//! left (`tidemark_shipper_certificate_days_left`) and its alert tell the
+//! left (`tidemark_shipper_certificate_expiry_seconds`) and its alert tell the
 //! admin before the certificate expires.
 
 use std::path::{Path, PathBuf};
@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use tidemark_config::ShipperConfig;
 use tidemark_durable::{Durability, FsDir};
-use tidemark_metrics::{labels, Exposition};
+use tidemark_metrics::{labels, Exposition, Unit};
 use tidemark_names::Name;
 use tidemark_net::renew::{self, RenewError};
 use tidemark_wire::{Compression, Message, MessageDecoder, MessageType, Renewed};
@@ -236,19 +236,19 @@ pub(crate) fn client_config(
     Ok(client)
 }
 
-/// Adds the days left of the certificate at `cert` to `e`; nothing when
-/// it cannot be read (the connection's errors say why).
-pub(crate) fn expose_days_left(e: &mut Exposition, cert: &Path, host: &str, now_ns: u64) {
+/// Adds the time left until the certificate at `cert` expires to `e`;
+/// nothing when it cannot be read (the connection's errors say why).
+pub(crate) fn expose_expiry(e: &mut Exposition, cert: &Path, host: &str, now_ns: u64) {
     let Ok(not_after) = renew::certificate_not_after(cert) else {
         return;
     };
     let now = i64::try_from(now_ns / 1_000_000_000).unwrap_or(i64::MAX);
     e.gauge(
-        "tidemark_shipper_certificate_days_left",
-        "Days until this host's certificate expires; the shipper renews it renew-before ahead",
-        None,
+        "tidemark_shipper_certificate_expiry",
+        "Time until this host's certificate expires (negative once expired); the shipper renews it renew-before ahead",
+        Some(Unit::Seconds),
         &labels(&[("host", host)]),
-        renew::days_left(not_after, now),
+        not_after.saturating_sub(now) as f64,
     );
 }
 

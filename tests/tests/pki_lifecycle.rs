@@ -146,11 +146,11 @@ fn a_host_renews_its_certificate_before_expiry_and_replicates_on_with_it() {
     );
     wait_for(
         dir,
-        "the metric of days left",
+        "the metric of the time left",
         Duration::from_secs(10),
         || {
-            scrape_value(metrics, "tidemark_shipper_certificate_days_left")
-                .is_some_and(|d| d > 800.0)
+            scrape_value(metrics, "tidemark_shipper_certificate_expiry_seconds")
+                .is_some_and(|s| s > 800.0 * 86_400.0)
         },
     );
 
