@@ -22,13 +22,26 @@ pub(crate) enum ReceiverCommand {
     /// images (the original primary's disks), to be compared block by
     /// block with the host's disks when its shipper connects.
     Adopt(crate::reprotect_cmd::AdoptArgs),
+    /// End a CA rotation: retire the old CA (refused while a host still
+    /// holds one of its certificates, unless --force).
+    CaRetire(CaRetireArgs),
+    /// Start a CA rotation: a new CA beside the old one; hosts move to it
+    /// as they renew.
+    CaRotate(CaRotateArgs),
     /// Create the receiver's CA and server certificate in --pki-dir.
     Init(InitArgs),
+    /// Retire a host for good: refuse it from now on and remove its
+    /// replicas and history, now or after --keep (the receiver must be
+    /// stopped).
+    Retire(RetireArgs),
     /// Issue a client certificate for a protected host from its request.
     Sign(SignArgs),
     /// Accept shippers over QUIC and apply their logs to the replicas
     /// (runs until SIGTERM).
     Serve(ReceiverServeArgs),
+    /// Take a host off the list of retired hosts, so it can be enrolled
+    /// again (the receiver must be stopped).
+    Unretire(UnretireArgs),
 }
 
 #[derive(Debug, Args)]
@@ -60,8 +73,190 @@ pub(crate) struct SignArgs {
     days: u32,
 }
 
+#[derive(Debug, Args)]
+pub(crate) struct RetireArgs {
+    /// The receiver's data directory.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// The host to retire.
+    #[arg(long)]
+    host: Name,
+    /// Keep its replicas this long ("30d"); the receiver removes them
+    /// after. Without it they are removed now.
+    #[arg(long, value_name = "DURATION")]
+    keep: Option<tidemark_config::Duration>,
+    /// Do not ask for confirmation (required when not on a terminal).
+    #[arg(long)]
+    yes: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct UnretireArgs {
+    /// The receiver's data directory.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// The retired host.
+    #[arg(long)]
+    host: Name,
+}
+
+/// Takes the receiver's lock on `data_dir`: these commands change what a
+/// running receiver reads and removes what it may have open.
+fn receiver_stopped(data_dir: &std::path::Path) -> Result<tidemark_changelog::DirLock> {
+    tidemark_changelog::DirLock::acquire(data_dir, tidemark_receiver::daemon::LOCK_FILE, "receiver")
+        .map_err(|e| {
+            anyhow::anyhow!(
+            "{e}: stop the receiver first (systemctl stop tidemark-receiver), then start it again"
+        )
+        })
+}
+
+fn retire(a: RetireArgs) -> Result<ExitCode> {
+    use std::io::IsTerminal;
+    let _lock = receiver_stopped(&a.data_dir)?;
+    let engine = tidemark_receiver::store::LocalEngine::new(&a.data_dir);
+    let groups = tidemark_receiver::store::StoreEngine::groups(&engine, &a.host)?;
+    if !a.yes {
+        if !std::io::stdin().is_terminal() {
+            bail!(
+                "retiring {} cannot be undone for its replicas: give --yes",
+                a.host
+            );
+        }
+        let what = match a.keep {
+            Some(k) => format!("kept for {k} then removed"),
+            None => "removed now".to_string(),
+        };
+        print!(
+            "retire {}: refused from now on; its replicas ({}) {what}. Type the host name to confirm: ",
+            a.host,
+            if groups.is_empty() { "none".to_string() } else { groups.iter().map(|g| g.to_string()).collect::<Vec<_>>().join(", ") }
+        );
+        std::io::stdout().flush()?;
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if answer.trim() != a.host.as_str() {
+            bail!("not confirmed; nothing changed");
+        }
+    }
+    let now = i64::try_from(tidemark_changelog::now_ns() / 1_000_000_000).unwrap_or(0);
+    let out = tidemark_receiver::retire::retire(
+        &a.data_dir,
+        &engine,
+        &a.host,
+        a.keep.map(|k| k.get().as_secs()),
+        now,
+    )?;
+    println!("{} is retired: the receiver refuses it", a.host);
+    match out.remove_after_unix {
+        Some(t) => println!(
+            "its replicas ({} group(s)) are kept; the receiver removes them {} s from now",
+            groups.len(),
+            t - now
+        ),
+        None => println!("removed its replicas: {} group(s)", out.removed.len()),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CaRotateArgs {
+    /// The receiver's PKI directory (from `tidemark receiver init`).
+    #[arg(long)]
+    pki_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CaRetireArgs {
+    /// The receiver's PKI directory.
+    #[arg(long)]
+    pki_dir: PathBuf,
+    /// The receiver's data directory: the certificate each host last
+    /// connected with is recorded there.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Retire the old CA even though the hosts named still hold its
+    /// certificates (they are refused from then on).
+    #[arg(long)]
+    force: bool,
+}
+
+/// The hosts whose last certificate (recorded by the receiver in
+/// `data_dir`) the CA certificate `ca` issued.
+fn hosts_of_ca(
+    data_dir: &std::path::Path,
+    ca: &rustls_pki_types::CertificateDer<'_>,
+) -> Result<Vec<String>> {
+    let dir = data_dir.join(tidemark_receiver::renew::CERTIFICATES_DIR);
+    let mut hosts = Vec::new();
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(hosts),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    };
+    for entry in entries {
+        let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(host) = name.strip_suffix(".der") else {
+            continue;
+        };
+        let der = std::fs::read(entry.path())
+            .with_context(|| format!("reading {}", entry.path().display()))?;
+        if tidemark_net::rotate::issued_by(&rustls_pki_types::CertificateDer::from(der), ca) {
+            hosts.push(host.to_string());
+        }
+    }
+    hosts.sort();
+    Ok(hosts)
+}
+
 pub(crate) fn run_receiver(cmd: ReceiverCommand) -> Result<ExitCode> {
     match cmd {
+        ReceiverCommand::Retire(a) => retire(a),
+        ReceiverCommand::Unretire(a) => {
+            let _lock = receiver_stopped(&a.data_dir)?;
+            tidemark_receiver::retire::unretire(&a.data_dir, &a.host)?;
+            println!("{} is no longer retired: enrol it again", a.host);
+            Ok(ExitCode::SUCCESS)
+        }
+        ReceiverCommand::CaRotate(a) => {
+            let new = tidemark_net::rotate::introduce_ca(&a.pki_dir)?;
+            println!(
+                "new CA {} beside the old one in {}",
+                new.ca_name,
+                a.pki_dir.display()
+            );
+            println!("next:");
+            println!("  1. restart the receiver: it then accepts hosts of either CA");
+            println!("  2. hosts move to the new CA as they renew (or sign their host.csr again)");
+            println!(
+                "  3. then: tidemark receiver ca-retire --pki-dir {} --data-dir DIR",
+                a.pki_dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        ReceiverCommand::CaRetire(a) => {
+            let Some(old) = tidemark_net::rotate::retiring_ca(&a.pki_dir)? else {
+                bail!("no CA rotation is in progress in {}", a.pki_dir.display());
+            };
+            let holding = hosts_of_ca(&a.data_dir, &old)?;
+            if !holding.is_empty() && !a.force {
+                bail!(
+                    "these hosts still hold a certificate of the old CA: {}; let them renew (or sign their host.csr again), or give --force to refuse them",
+                    holding.join(", ")
+                );
+            }
+            tidemark_net::rotate::retire_ca(&a.pki_dir)?;
+            if !holding.is_empty() {
+                println!(
+                    "forced: these hosts are refused until enrolled again: {}",
+                    holding.join(", ")
+                );
+            }
+            println!("the old CA is retired; the receiver certificate is the new CA's");
+            println!("restart the receiver");
+            Ok(ExitCode::SUCCESS)
+        }
         ReceiverCommand::Serve(a) => receiver_serve(a),
         ReceiverCommand::Adopt(a) => crate::reprotect_cmd::adopt(a),
         ReceiverCommand::Init(a) => {

@@ -259,6 +259,11 @@ pub struct ClientTlsConfig {
     /// The private key of `cert` (PEM); keep it readable by the shipper
     /// only. Default: `/etc/tidemark/pki/host.key`.
     pub key: PathBuf,
+    /// How long before `cert` expires the shipper asks the receiver for a
+    /// new one (over its connection; the new certificate and the
+    /// receiver's CA bundle replace `cert` and `ca`). `"0s"` turns it off.
+    /// Default: `"30d"`.
+    pub renew_before: Duration,
 }
 
 impl Default for ClientTlsConfig {
@@ -267,6 +272,7 @@ impl Default for ClientTlsConfig {
             ca: PathBuf::from("/etc/tidemark/pki/ca.crt"),
             cert: PathBuf::from("/etc/tidemark/pki/host.crt"),
             key: PathBuf::from("/etc/tidemark/pki/host.key"),
+            renew_before: Duration::from_secs(30 * 86_400),
         }
     }
 }

@@ -447,6 +447,7 @@ fn shipper_defaults() {
         PathBuf::from("/etc/tidemark/pki/host.crt")
     );
     assert_eq!(shipper.tls.key, PathBuf::from("/etc/tidemark/pki/host.key"));
+    assert_eq!(shipper.tls.renew_before, Duration::from_secs(30 * 86_400));
     assert_eq!(shipper.compression_level, 1);
     assert_eq!(shipper.batch_size, ByteSize::mib(4));
     assert_eq!(shipper.bandwidth.limit, None);
@@ -631,4 +632,24 @@ fn invalid_config_built_in_code_has_no_location() {
         cache: None,
     });
     tracker.validate().unwrap();
+}
+
+#[test]
+fn renew_before_is_a_duration_and_zero_turns_renewal_off() {
+    let shipper = |tls: &str| {
+        parse(&format!(
+            "[shipper]\nhost = \"h\"\nreceiver = \"dr:7480\"\n[shipper.tls]\n{tls}\n"
+        ))
+        .unwrap()
+        .shipper
+        .unwrap()
+    };
+    assert_eq!(
+        shipper("renew-before = \"45d\"").tls.renew_before,
+        Duration::from_secs(45 * 86_400)
+    );
+    assert_eq!(
+        shipper("renew-before = \"0s\"").tls.renew_before,
+        Duration::from_secs(0)
+    );
 }

@@ -2,6 +2,10 @@
 //!
 //! - [`pki`]: the receiver's small CA, host enrolment (request → sign), and
 //!   loading certificates and keys from PEM files.
+//! - [`renew`]: renewing a host certificate over the authenticated
+//!   connection before it expires.
+//! - [`rotate`]: rotating the receiver's CA while hosts move to the new
+//!   one as they renew.
 //! - [`tls`]: quinn client and server configurations with mutual TLS against
 //!   that CA only, and the authenticated host name of a connection's peer.
 //! - [`endpoint`]: the shared transport tuning and endpoint constructors that
@@ -11,6 +15,8 @@
 
 pub mod endpoint;
 pub mod pki;
+pub mod renew;
+pub mod rotate;
 pub mod tls;
 
 pub use endpoint::{

@@ -148,6 +148,13 @@ pub enum PkiError {
         #[source]
         source: rcgen::Error,
     },
+    /// No CA certificate in the PKI directory belongs to the CA key (the
+    /// key or the certificates were replaced by others).
+    #[error("no CA certificate in {} belongs to its CA key", dir.display())]
+    NoSigningCa {
+        /// The PKI directory.
+        dir: PathBuf,
+    },
     /// Generating a key or certificate failed (should not happen with valid
     /// input; kept typed rather than a panic).
     #[error("generating the {what}")]
@@ -311,12 +318,34 @@ pub fn sign_host(
     expected_host: &Name,
     days: u32,
 ) -> Result<String, PkiError> {
-    if days == 0 || days > MAX_HOST_VALIDITY_DAYS {
-        return Err(PkiError::InvalidValidity {
-            days,
-            max: MAX_HOST_VALIDITY_DAYS,
-        });
-    }
+    check_validity(days)?;
+    let ca_cert_path = pki_dir.join(CA_CERT_FILE);
+    let ca_key_path = pki_dir.join(CA_KEY_FILE);
+    let ca_cert_pem = read_text(&ca_cert_path)?;
+    let ca_key_pem = read_text(&ca_key_path)?;
+    sign_host_with(
+        &ca_cert_pem,
+        &ca_key_pem,
+        pki_dir,
+        csr_pem,
+        expected_host,
+        days,
+    )
+}
+
+/// [`sign_host`] with the CA given as PEM text: `ca_certs_pem` holds one
+/// or more CA certificates (during a CA rotation, the old and the new
+/// one); the one whose public key is `ca_key_pem`'s signs. `ca_dir` names
+/// where they came from, for errors.
+pub fn sign_host_with(
+    ca_certs_pem: &str,
+    ca_key_pem: &str,
+    ca_dir: &Path,
+    csr_pem: &str,
+    expected_host: &Name,
+    days: u32,
+) -> Result<String, PkiError> {
+    check_validity(days)?;
     let csr_der =
         rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
             .map_err(|e| PkiError::InvalidRequest {
@@ -329,16 +358,15 @@ pub fn sign_host(
         }
     })?;
 
-    let ca_cert_path = pki_dir.join(CA_CERT_FILE);
-    let ca_key_path = pki_dir.join(CA_KEY_FILE);
-    let ca_cert_pem = read_text(&ca_cert_path)?;
-    let ca_key_pem = read_text(&ca_key_path)?;
     let bad_ca = |source| PkiError::BadCa {
-        dir: pki_dir.to_path_buf(),
+        dir: ca_dir.to_path_buf(),
         source,
     };
-    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(bad_ca)?;
-    let issuer = Issuer::from_ca_cert_pem(&ca_cert_pem, ca_key).map_err(bad_ca)?;
+    let ca_key = KeyPair::from_pem(ca_key_pem).map_err(bad_ca)?;
+    let ca_cert = signing_ca_cert(ca_certs_pem, &ca_key).ok_or_else(|| PkiError::NoSigningCa {
+        dir: ca_dir.to_path_buf(),
+    })?;
+    let issuer = Issuer::from_ca_cert_der(&ca_cert, ca_key).map_err(bad_ca)?;
 
     let now = OffsetDateTime::now_utc();
     let mut params = CertificateParams::default();
@@ -359,6 +387,33 @@ pub fn sign_host(
             source,
         })?;
     Ok(cert.pem())
+}
+
+fn check_validity(days: u32) -> Result<(), PkiError> {
+    if days == 0 || days > MAX_HOST_VALIDITY_DAYS {
+        return Err(PkiError::InvalidValidity {
+            days,
+            max: MAX_HOST_VALIDITY_DAYS,
+        });
+    }
+    Ok(())
+}
+
+/// The certificate in `ca_certs_pem` whose public key is `key`'s, if any.
+pub fn signing_ca_cert(ca_certs_pem: &str, key: &KeyPair) -> Option<CertificateDer<'static>> {
+    use rcgen::PublicKeyData;
+    CertificateDer::pem_slice_iter(ca_certs_pem.as_bytes())
+        .filter_map(Result::ok)
+        .find(|der| {
+            x509_parser::parse_x509_certificate(der.as_ref()).is_ok_and(|(_, cert)| {
+                cert.tbs_certificate
+                    .subject_pki
+                    .subject_public_key
+                    .data
+                    .as_ref()
+                    == key.der_bytes()
+            })
+        })
 }
 
 /// Verifies the request's signature and that every name in it is `expected`.
@@ -524,7 +579,7 @@ fn create_private_dir(dir: &Path) -> Result<(), PkiError> {
         })
 }
 
-fn sync_dir(dir: &Path) -> Result<(), PkiError> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), PkiError> {
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|source| PkiError::Io {
@@ -542,7 +597,8 @@ fn read_bytes(path: &Path) -> Result<Vec<u8>, PkiError> {
     })
 }
 
-fn read_text(path: &Path) -> Result<String, PkiError> {
+/// Reads a PEM (or any text) file.
+pub fn read_text(path: &Path) -> Result<String, PkiError> {
     fs::read_to_string(path).map_err(|source| PkiError::Io {
         what: "reading",
         path: path.to_path_buf(),
@@ -550,18 +606,18 @@ fn read_text(path: &Path) -> Result<String, PkiError> {
     })
 }
 
-fn generate_key(what: &'static str) -> Result<KeyPair, PkiError> {
+pub(crate) fn generate_key(what: &'static str) -> Result<KeyPair, PkiError> {
     KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
         .map_err(|source| PkiError::Generate { what, source })
 }
 
-fn common_name(name: &str) -> DistinguishedName {
+pub(crate) fn common_name(name: &str) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, name);
     dn
 }
 
-fn dns_san(name: &Name) -> Result<SanType, PkiError> {
+pub(crate) fn dns_san(name: &Name) -> Result<SanType, PkiError> {
     // Names are ASCII, so this cannot fail; keep it typed anyway.
     name.as_str()
         .to_owned()
@@ -575,7 +631,7 @@ fn dns_san(name: &Name) -> Result<SanType, PkiError> {
 
 /// A positive 16-byte serial: unique per certificate, unlike rcgen's default
 /// (a hash of the public key, which repeats when a key is re-signed).
-fn random_serial() -> SerialNumber {
+pub(crate) fn random_serial() -> SerialNumber {
     let mut bytes = [0u8; 16];
     rand::rng().fill_bytes(&mut bytes);
     bytes[0] &= 0x7f;

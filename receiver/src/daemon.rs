@@ -68,6 +68,8 @@ struct Server {
     peer_timeout: Duration,
     /// The spans' coordinators, by member.
     spans: crate::coordinate::Spans,
+    /// Signs the certificates hosts renew.
+    renewal: tidemark_net::renew::RenewalSigner,
 }
 
 /// Counters of one host's group since the receiver started.
@@ -396,6 +398,11 @@ pub async fn run(
         peer_timeouts: Mutex::new(std::collections::BTreeMap::new()),
         peer_timeout: cfg.liveness.peer_timeout.get(),
         spans,
+        renewal: tidemark_net::renew::RenewalSigner {
+            ca: cfg.tls.ca.clone(),
+            ca_key: cfg.tls.ca_key.clone(),
+            days: tidemark_net::pki::DEFAULT_HOST_VALIDITY_DAYS,
+        },
     });
     let metrics = match metrics_listen {
         Some(maddr) => {
@@ -418,6 +425,11 @@ pub async fn run(
         }
         None => None,
     };
+    crate::retire::start_purging(
+        Box::new(LocalEngine::new(&cfg.data_dir)),
+        cfg.data_dir.clone(),
+        stop.clone(),
+    );
     tracing::info!(%addr, data_dir = %cfg.data_dir.display(), "receiver listening");
     ready(addr, metrics.as_ref().map(MetricsServer::local_addr));
     loop {
@@ -465,7 +477,7 @@ const CLOSE_REVOKED: u32 = 1;
 const CLOSE_BAD_IDENTITY: u32 = 2;
 
 impl Server {
-    async fn serve(&self, conn: quinn::Connection) {
+    async fn serve(self: Arc<Self>, conn: quinn::Connection) {
         let remote = conn.remote_address();
         let host = match tidemark_net::peer_host(&conn) {
             Ok(h) => h,
@@ -485,23 +497,40 @@ impl Server {
             conn.close(CLOSE_REVOKED.into(), b"host revoked");
             return;
         }
+        if let Some(why) = crate::retire::refusal(&self.data_dir, &host) {
+            tracing::warn!(%remote, %host, reason = %why, "refusing a retired host");
+            conn.close(CLOSE_REVOKED.into(), why.as_bytes());
+            return;
+        }
         tracing::info!(%remote, %host, "host connected");
+        crate::renew::record_certificate(&self.data_dir, &host, &conn);
+        // Streams run side by side: a certificate renewal beside the
+        // session.
+        let mut streams = tokio::task::JoinSet::new();
         loop {
-            let (send, recv) = match conn.accept_bi().await {
+            let accepted = tokio::select! {
+                a = conn.accept_bi() => a,
+                Some(_) = streams.join_next(), if !streams.is_empty() => continue,
+            };
+            let (send, recv) = match accepted {
                 Ok(s) => s,
                 Err(e) => {
                     if !self.noticed_silence(&host, &conn) {
                         tracing::info!(%host, reason = %e, "connection ended");
                     }
+                    while streams.join_next().await.is_some() {}
                     return;
                 }
             };
-            if let Err(e) = self.session(&host, &conn, send, recv).await {
-                if self.noticed_silence(&host, &conn) {
-                    return;
+            let (server, host, conn) = (self.clone(), host.clone(), conn.clone());
+            streams.spawn(async move {
+                if let Err(e) = server.session(&host, &conn, send, recv).await {
+                    // A silent shipper is told once, where the connection ends.
+                    if !matches!(conn.close_reason(), Some(quinn::ConnectionError::TimedOut)) {
+                        tracing::warn!(%host, error = %error_chain(&e), "session ended");
+                    }
                 }
-                tracing::warn!(%host, error = %error_chain(&e), "session ended");
-            }
+            });
         }
     }
 
@@ -596,6 +625,12 @@ impl Server {
         // host's directory.
         let group_name = match &hello.message {
             Message::Hello { group, .. } => group.clone(),
+            // A stream of its own, not a session.
+            Message::RenewRequest { csr } => {
+                return crate::renew::answer(&self.renewal, host, hello.version, csr, &mut send)
+                    .await
+                    .map_err(SessionEnded::Write);
+            }
             Message::Error {
                 class,
                 code,

@@ -8,6 +8,10 @@
 //! - [`drain`]: the drain request and answer files of a planned failover.
 //! - [`pin`]: the pin that keeps a recovery point from retention while
 //!   a test failover or a planned failover reads it.
+//! - [`renew`]: signing a host's renewed certificate; the certificate
+//!   each host last connected with.
+//! - [`retire`]: retired hosts: refused, their replicas removed now or
+//!   after a stated time.
 //! - [`replica`]: the store as the protocol sees it.
 //! - [`span`]: a span's record (points consistent across hosts): what its
 //!   coordinator must find again after a restart, and every round's
@@ -28,7 +32,9 @@ mod coordinate;
 pub mod daemon;
 pub mod drain;
 pub mod pin;
+pub mod renew;
 pub mod replica;
+pub mod retire;
 pub mod span;
 pub mod span_point;
 pub mod span_take;

@@ -89,9 +89,9 @@ pub fn classify(e: &StoreError) -> (ErrorClass, ErrorCode) {
         | StoreError::InvalidBlockSize
         | StoreError::NoSuchPoint(_) => (Permanent, ErrorCode::Protocol),
         StoreError::ChecksumMismatch { .. } => (Transient, ErrorCode::BadChecksum),
-        StoreError::Damaged { .. } | StoreError::UnsupportedVersion { .. } => {
-            (Permanent, ErrorCode::Internal)
-        }
+        StoreError::Damaged { .. }
+        | StoreError::UnsupportedVersion { .. }
+        | StoreError::Unsupported { .. } => (Permanent, ErrorCode::Internal),
         StoreError::Locked(_) => (Transient, ErrorCode::Busy),
         StoreError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
             (Transient, ErrorCode::NoSpace)

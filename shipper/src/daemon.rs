@@ -484,12 +484,8 @@ pub async fn run(
     // until the shipper returns.
     let _lock = DirLock::acquire(&cfg.log_dir, LOCK_FILE, "shipper")
         .map_err(|e| ShipperFatal::Setup(e.to_string()))?;
-    let mut client = tidemark_net::client_config(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)
-        .map_err(|e| ShipperFatal::Setup(format!("TLS: {e}")))?;
-    client.transport_config(Arc::new(tidemark_net::transport_config_with(
-        cfg.liveness.keep_alive.get(),
-        cfg.liveness.peer_timeout.get(),
-    )));
+    let client =
+        crate::renew::client_config(&cfg).map_err(|e| ShipperFatal::Setup(format!("TLS: {e}")))?;
     let addr = resolve(&cfg)?;
     let bind: SocketAddr = if addr.is_ipv6() {
         "[::]:0".parse().expect("literal address")
@@ -559,9 +555,13 @@ pub async fn run(
     let metrics_server = match metrics_listen {
         Some(addr) => {
             let m = metrics.clone();
+            let cert = cfg.tls.cert.clone();
             let render: tidemark_metrics::Render = Arc::new(move || {
                 let s = m.snapshot.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                collect_metrics(&s, m.lag.snapshot(), tidemark_changelog::now_ns())
+                let now = tidemark_changelog::now_ns();
+                let mut e = collect_metrics(&s, m.lag.snapshot(), now);
+                crate::renew::expose_expiry(&mut e, &cert, &s.host, now);
+                e
             });
             match MetricsServer::bind(addr, render).await {
                 Ok(server) => Some(server),
@@ -677,6 +677,13 @@ async fn session(
     // receiver upgraded since the last one is then spoken to in its newest.
     let mut offer = Versions::SUPPORTED;
     loop {
+        // A certificate renewed during the last connection is used now.
+        match crate::renew::client_config(&shared.cfg) {
+            Ok(client) => shared.client = client,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot load the TLS files again; connecting with the previous ones")
+            }
+        }
         let connecting = match shared.endpoint.connect_with(
             shared.client.clone(),
             shared.addr,
@@ -886,6 +893,8 @@ impl Connection<'_> {
         // Span holds come on a stream of their own; they end with the
         // connection.
         let _holds = crate::holds::Relay::start(conn.clone(), cfg.tracker_control_socket.clone());
+        let _renewal =
+            crate::renew::Renewer::start(conn.clone(), crate::renew::Settings::from_config(cfg));
         let config = CoreConfig {
             session: SessionConfig {
                 compression: Compression::Zstd(cfg.compression_level),

@@ -4,6 +4,7 @@
 //!
 //! - [`daemon`]: the process: connection, loop, retries.
 //! - `holds`: the relay of a span coordinator's holds to the tracker.
+//! - `renew`: renewing this host's certificate before it expires.
 //! - [`policy`]: reconnect backoff and the bandwidth limit (pure logic).
 //! - [`source`]: reading the protected disks for sync and resync.
 //! - [`status`]: `shipper.status`, what the shipper is doing.
@@ -13,6 +14,7 @@
 pub mod daemon;
 mod holds;
 pub mod policy;
+mod renew;
 pub mod source;
 pub mod status;
 pub mod tail;

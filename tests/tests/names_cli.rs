@@ -313,10 +313,16 @@ fn the_receiver_refuses_a_valid_host_whose_hello_names_a_path() {
             ),
             other => panic!("v{version} {group}/{disk} got {other:?}"),
         }
-        // Nothing but the receiver's own lock of its data directory.
+        // Nothing but the receiver's own lock of its data directory and
+        // the certificate the host connected with.
+        let certificates = tidemark_receiver::renew::CERTIFICATES_DIR;
         assert_eq!(
             tree(&replicas),
-            vec![tidemark_receiver::daemon::LOCK_FILE.to_string()],
+            vec![
+                certificates.to_string(),
+                format!("{certificates}/{HOST}.der"),
+                tidemark_receiver::daemon::LOCK_FILE.to_string()
+            ],
             "{group}/{disk}"
         );
         assert!(!tmp.path().join("escaped").exists());

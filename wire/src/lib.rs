@@ -41,7 +41,7 @@ pub use frame::{
 };
 pub use message::{
     BatchError, ChunkData, ChunkPurpose, DiskSync, ErrorClass, ErrorCode, Message, MessageDecoder,
-    MessageType, Received, RecordBatch, RecordId, VmSpecReply, MAX_VM_SPEC, SOFTWARE,
+    MessageType, Received, RecordBatch, RecordId, Renewed, VmSpecReply, MAX_VM_SPEC, SOFTWARE,
 };
 pub use receiver::{
     DrainOutcome, DrainRefused, ExpectHello, Position, ReceiverConfig, ReceiverError, Receiving,

@@ -57,6 +57,13 @@
 //! 20 hold-thaw       4      u64 point, u64 epoch
 //! 21 thawed          4      u64 point, u64 epoch, u8 how (0 in-time,
 //!                           1 expired, 2 unknown), str16 note
+//! 22 renew-request   5      a certificate signing request, PEM text in
+//!                           UTF-8 (the rest of the body, 1 byte to 16 KiB)
+//! 23 renewed         5      u8 outcome, then
+//!                           outcome 0 (issued): u32 certificate length,
+//!                           the certificate (PEM), then the CA bundle (PEM,
+//!                           the rest of the body); both 1 byte to 64 KiB
+//!                           outcome 1 (refused): str16 reason
 //! ```
 //!
 //! `since` is the protocol version that added the message or the fields
@@ -85,6 +92,15 @@
 //! stream like the other hold messages. A member whose session speaks
 //! version 3 is never sent them: the coordinator takes its marker
 //! crash-consistent (`tidemark_span` says how that makes the point).
+//!
+//! Version 5 added the renewal of the host's certificate
+//! (`tidemark_net::renew` says how): the shipper opens a stream of its own
+//! on an established connection and sends `renew-request` as its first
+//! message (in place of a hello); the receiver answers `renewed` on it and
+//! the stream ends. A receiver of an older version does not read a second
+//! stream while the session's runs (or refuses the frame's version with an
+//! error): the shipper gives up after a timeout and renews no certificate
+//! there.
 //!
 //! A planned failover is asked for on the replica site: the receiver sends
 //! `drain-request`; the shipper stops the protected host's tracker (no new
@@ -133,6 +149,13 @@ pub const MAX_VM_SPEC: usize = 64 << 10;
 /// The longest reason a refused VM spec carries, in bytes.
 pub const MAX_VM_SPEC_REASON: usize = 4096;
 
+/// The longest certificate signing request a `renew-request` carries.
+pub const MAX_RENEW_REQUEST: usize = 16 << 10;
+/// The longest certificate, and CA bundle, a `renewed` message carries.
+pub const MAX_RENEWED_PEM: usize = 64 << 10;
+/// The longest reason a refused renewal carries, in bytes.
+pub const MAX_RENEW_REASON: usize = 4096;
+
 /// The type byte of a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum MessageType {
@@ -178,6 +201,10 @@ pub enum MessageType {
     HoldThaw,
     /// [`Message::Hold`] with [`HoldMessage::Thawed`].
     Thawed,
+    /// [`Message::RenewRequest`].
+    RenewRequest,
+    /// [`Message::Renewed`].
+    Renewed,
 }
 
 impl MessageType {
@@ -205,6 +232,8 @@ impl MessageType {
             MessageType::Quiesced => 19,
             MessageType::HoldThaw => 20,
             MessageType::Thawed => 21,
+            MessageType::RenewRequest => 22,
+            MessageType::Renewed => 23,
         }
     }
 
@@ -232,6 +261,8 @@ impl MessageType {
             19 => MessageType::Quiesced,
             20 => MessageType::HoldThaw,
             21 => MessageType::Thawed,
+            22 => MessageType::RenewRequest,
+            23 => MessageType::Renewed,
             _ => return None,
         })
     }
@@ -261,6 +292,7 @@ impl MessageType {
             | MessageType::Quiesced
             | MessageType::HoldThaw
             | MessageType::Thawed => 4,
+            MessageType::RenewRequest | MessageType::Renewed => 5,
         }
     }
 
@@ -296,6 +328,8 @@ impl MessageType {
             MessageType::Quiesced => "quiesced",
             MessageType::HoldThaw => "hold-thaw",
             MessageType::Thawed => "thawed",
+            MessageType::RenewRequest => "renew-request",
+            MessageType::Renewed => "renewed",
         }
     }
 }
@@ -969,6 +1003,35 @@ pub enum Message {
     /// Receiver → shipper (version 3 on): what became of a
     /// [`Message::VmSpec`].
     VmSpecReply(VmSpecReply),
+    /// Shipper → receiver (version 5 on), first on a stream of its own:
+    /// renew this host's certificate.
+    RenewRequest {
+        /// A certificate signing request (PEM, at most
+        /// [`MAX_RENEW_REQUEST`] bytes) for the host the connection
+        /// authenticated as, signed with its key.
+        csr: String,
+    },
+    /// Receiver → shipper (version 5 on): the answer to a
+    /// [`Message::RenewRequest`].
+    Renewed(Renewed),
+}
+
+/// The receiver's answer to a renewal request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Renewed {
+    /// A new certificate was signed.
+    Issued {
+        /// The new host certificate (PEM, at most [`MAX_RENEWED_PEM`]).
+        certificate: String,
+        /// Every CA certificate the receiver trusts (PEM, at most
+        /// [`MAX_RENEWED_PEM`]).
+        ca_bundle: String,
+    },
+    /// The receiver will not renew; the host keeps its certificate.
+    Refused {
+        /// Why, for the admin (at most [`MAX_RENEW_REASON`] bytes).
+        reason: String,
+    },
 }
 
 /// The receiver's answer to a VM spec.
@@ -1032,6 +1095,8 @@ impl Message {
             Message::Hold(HoldMessage::Thawed(_)) => MessageType::Thawed,
             Message::VmSpec { .. } => MessageType::VmSpec,
             Message::VmSpecReply(_) => MessageType::VmSpecReply,
+            Message::RenewRequest { .. } => MessageType::RenewRequest,
+            Message::Renewed(_) => MessageType::Renewed,
         }
     }
 
@@ -1275,6 +1340,36 @@ impl Message {
             Message::VmSpecReply(VmSpecReply::Refused { reason }) => {
                 w.u8(1);
                 w.str16("vm spec refusal", reason, MAX_VM_SPEC_REASON)?;
+            }
+            Message::RenewRequest { csr } => {
+                if csr.is_empty() || csr.len() > MAX_RENEW_REQUEST {
+                    return Err(EncodeError::InvalidField {
+                        field: "renewal request",
+                        reason: "a certificate signing request is 1 byte to 16 KiB",
+                    });
+                }
+                tail = csr.as_bytes();
+            }
+            Message::Renewed(Renewed::Issued {
+                certificate,
+                ca_bundle,
+            }) => {
+                for pem in [certificate, ca_bundle] {
+                    if pem.is_empty() || pem.len() > MAX_RENEWED_PEM {
+                        return Err(EncodeError::InvalidField {
+                            field: "renewed certificate",
+                            reason: "a certificate or CA bundle is 1 byte to 64 KiB",
+                        });
+                    }
+                }
+                w.u8(0);
+                w.u32(certificate.len() as u32);
+                w.0.extend_from_slice(certificate.as_bytes());
+                tail = ca_bundle.as_bytes();
+            }
+            Message::Renewed(Renewed::Refused { reason }) => {
+                w.u8(1);
+                w.str16("renewal refusal", reason, MAX_RENEW_REASON)?;
             }
         }
         if w.0.len() > MAX_FRAME_BODY as usize {
@@ -1529,6 +1624,49 @@ fn decode_fields(msg_type: MessageType, version: u16, body: &[u8]) -> Result<Mes
                     }
                 }
                 _ => return Err(invalid("outcome", "unknown vm spec outcome")),
+            }),
+            MessageType::RenewRequest => {
+                let csr = r.rest();
+                if csr.is_empty() || csr.len() > MAX_RENEW_REQUEST {
+                    return Err(invalid(
+                        "renewal request",
+                        "a certificate signing request is 1 byte to 16 KiB",
+                    ));
+                }
+                let csr = std::str::from_utf8(csr)
+                    .map_err(|_| invalid("renewal request", "not UTF-8"))?
+                    .to_string();
+                Message::RenewRequest { csr }
+            }
+            MessageType::Renewed => Message::Renewed(match r.u8("outcome")? {
+                0 => {
+                    let len = r.u32("certificate length")? as usize;
+                    if len == 0 || len > MAX_RENEWED_PEM {
+                        return Err(invalid("renewed certificate", "not 1 byte to 64 KiB"));
+                    }
+                    let certificate = r.utf8("renewed certificate", len)?;
+                    let bundle = r.rest();
+                    if bundle.is_empty() || bundle.len() > MAX_RENEWED_PEM {
+                        return Err(invalid("CA bundle", "not 1 byte to 64 KiB"));
+                    }
+                    let ca_bundle = std::str::from_utf8(bundle)
+                        .map_err(|_| invalid("CA bundle", "not UTF-8"))?
+                        .to_string();
+                    Renewed::Issued {
+                        certificate,
+                        ca_bundle,
+                    }
+                }
+                1 => {
+                    let len = r.u16("reason length")? as usize;
+                    if len > MAX_RENEW_REASON {
+                        return Err(invalid("renewal refusal", "longer than 4 KiB"));
+                    }
+                    Renewed::Refused {
+                        reason: r.utf8("renewal refusal", len)?,
+                    }
+                }
+                _ => return Err(invalid("outcome", "unknown renewal outcome")),
             }),
         };
         let extra = r.b.len() - r.at;

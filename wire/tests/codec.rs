@@ -9,7 +9,8 @@ use tidemark_span::HoldMessage;
 use tidemark_wire::frame::{FRAME_HEADER_LEN, MAX_FRAME_BODY};
 use tidemark_wire::{
     ChunkData, ChunkPurpose, Compression, Disk, DiskSync, EncodeError, ErrorClass, ErrorCode,
-    Message, MessageDecoder, RecordBatch, VmSpecReply, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    Message, MessageDecoder, RecordBatch, Renewed, VmSpecReply, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
 };
 
 fn arb_name() -> impl Strategy<Value = Name> {
@@ -213,6 +214,14 @@ fn arb_message() -> impl Strategy<Value = Message> {
         "\\PC{1,200}".prop_map(|text| Message::VmSpec { text }),
         any::<u64>().prop_map(|s| Message::VmSpecReply(VmSpecReply::Kept { from_seq: Seq(s) })),
         "\\PC{0,100}".prop_map(|reason| Message::VmSpecReply(VmSpecReply::Refused { reason })),
+        "\\PC{1,200}".prop_map(|csr| Message::RenewRequest { csr }),
+        ("\\PC{1,200}", "\\PC{1,200}").prop_map(|(certificate, ca_bundle)| Message::Renewed(
+            Renewed::Issued {
+                certificate,
+                ca_bundle
+            }
+        )),
+        "\\PC{0,100}".prop_map(|reason| Message::Renewed(Renewed::Refused { reason })),
     ]
 }
 

@@ -160,6 +160,12 @@ pub trait StoreEngine: Send + Sync + Debug {
         let _ = (host, group);
         None
     }
+    /// The groups of `host` that have a store.
+    fn groups(&self, host: &Name) -> Result<Vec<Name>, StoreError>;
+    /// Removes the store of `host`'s `group` with all its points and
+    /// history, durably; refused ([`StoreError::Locked`]) while a process
+    /// has it open.
+    fn remove(&self, host: &Name, group: &Name) -> Result<(), StoreError>;
 }
 
 /// The local engine: each group's store is a [`ReplicaGroup`] in its own
@@ -210,6 +216,62 @@ impl StoreEngine for LocalEngine {
 
     fn describe(&self, host: &Name, group: &Name) -> String {
         self.group_dir(host, group).display().to_string()
+    }
+
+    fn groups(&self, host: &Name) -> Result<Vec<Name>, StoreError> {
+        let dir = self.data_dir.join(host);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => {
+                return Err(StoreError::Io {
+                    context: "listing",
+                    path: dir,
+                    source,
+                })
+            }
+        };
+        let mut groups: Vec<Name> = entries
+            .flatten()
+            .filter_map(|e| Name::new(e.file_name().to_string_lossy().into_owned()).ok())
+            .filter(|g| self.exists(host, g))
+            .collect();
+        groups.sort();
+        Ok(groups)
+    }
+
+    fn remove(&self, host: &Name, group: &Name) -> Result<(), StoreError> {
+        let dir = self.group_dir(host, group);
+        let io = |context: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StoreError::Io {
+                context,
+                path,
+                source,
+            }
+        };
+        {
+            // Held while the directory goes: no receiver opens it meanwhile.
+            let _lock = tidemark_changelog::DirLock::acquire(&dir, super::LOCK_FILE, "process")
+                .map_err(|e| match e {
+                    tidemark_changelog::LockError::Held { .. } => StoreError::Locked(dir.clone()),
+                    tidemark_changelog::LockError::Io { path, source } => {
+                        io("locking", &path)(source)
+                    }
+                })?;
+            std::fs::remove_dir_all(&dir).map_err(io("removing", &dir))?;
+        }
+        let host_dir = self.data_dir.join(host);
+        // The host's directory goes with its last group.
+        if std::fs::read_dir(&host_dir).is_ok_and(|mut d| d.next().is_none()) {
+            std::fs::remove_dir(&host_dir).map_err(io("removing", &host_dir))?;
+        }
+        for d in [&host_dir, &self.data_dir] {
+            if let Ok(f) = std::fs::File::open(d) {
+                f.sync_all().map_err(io("syncing", d))?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -121,6 +121,14 @@ pub enum StoreError {
     /// No recovery point has this sequence number (never one, or folded).
     #[error("no recovery point at sequence {0}")]
     NoSuchPoint(Seq),
+    /// Configuration: the store engine cannot do this (yet).
+    #[error("the {engine} store engine cannot {what} yet")]
+    Unsupported {
+        /// The engine.
+        engine: &'static str,
+        /// What it was asked to do.
+        what: &'static str,
+    },
 
     /// A local I/O error happened earlier (possibly an fsync, which is never
     /// retried): the in-memory view can no longer be trusted. Reopen the

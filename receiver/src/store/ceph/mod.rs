@@ -423,6 +423,20 @@ impl<C: Cluster + 'static> StoreEngine for CephEngine<C> {
             describe: self.describe(host, group),
         }))
     }
+
+    fn groups(&self, _host: &Name) -> Result<Vec<Name>, StoreError> {
+        Err(StoreError::Unsupported {
+            engine: "ceph",
+            what: "list a host's groups",
+        })
+    }
+
+    fn remove(&self, _host: &Name, _group: &Name) -> Result<(), StoreError> {
+        Err(StoreError::Unsupported {
+            engine: "ceph",
+            what: "remove a group",
+        })
+    }
 }
 
 /// The pin object of a group (`G+tf.pin`), for a reader outside the
