@@ -43,8 +43,11 @@ macro_rules! integer_id {
 integer_id!(DiskId, u32);
 integer_id!(Seq, u64);
 
-/// A disk's id within its consistency group: its place in the tracker's
-/// disk list, the `disk` field of its records. [`DiskId::GROUP`] (all ones)
+/// A disk's id within its consistency group, the `disk` field of its
+/// records. It is stable: given by the tracker when the disk joins the
+/// group (its place in the disk list for the disks a group started with),
+/// kept while other disks are added, moved or removed, and never given to
+/// another disk (the tracker's state file keeps the ids). [`DiskId::GROUP`] (all ones)
 /// stands for the whole group in barrier and marker records.
 #[derive(
     Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
@@ -62,7 +65,7 @@ impl DiskId {
         self.0
     }
 
-    /// The id as an index into the group's disk list.
+    /// The id as an index (into tables by id, which may have gaps).
     pub fn index(self) -> usize {
         self.0 as usize
     }

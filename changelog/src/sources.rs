@@ -15,8 +15,13 @@
 //! crc32c 1a2b3c4d
 //! ```
 //!
-//! Version 1 (the first line) is the only version so far; a file of another
-//! version reads as damaged.
+//! Ids are stable ([`DiskId`]): a group that removed a disk has a gap in
+//! them. Version 1 (the first line) lists ids `0, 1, 2, …`; version 2 the
+//! same lines with ids that only increase. Version 1 is written while the
+//! ids are positions, so the releases that read only version 1 keep reading
+//! the file of a group that never removed a disk; version 2 otherwise
+//! (those releases refuse it as damaged rather than mislabel a disk). Both
+//! are read; a file of another version reads as damaged.
 
 use crate::disk::Disk;
 use crate::DiskId;
@@ -28,6 +33,7 @@ use tidemark_names::Name;
 const FILE: &str = "disks";
 const TMP: &str = "disks.tmp";
 const HEADER: &str = "tidemark-disks 1";
+const HEADER_SPARSE: &str = "tidemark-disks 2";
 
 /// One disk of the group and where the tracker reads and writes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,9 +85,11 @@ pub fn read_sources(dir: &Path) -> Result<Option<Vec<DiskSource>>, SourcesError>
     };
     let body = crate::sealed::unseal(&text).map_err(|r| damaged(r.into()))?;
     let mut lines = body.lines();
-    if lines.next() != Some(HEADER) {
-        return Err(damaged("unknown header".into()));
-    }
+    let dense = match lines.next() {
+        Some(HEADER) => true,
+        Some(HEADER_SPARSE) => false,
+        _ => return Err(damaged("unknown header".into())),
+    };
     let mut disks = Vec::new();
     for line in lines {
         let mut parts = line.splitn(4, ' ');
@@ -93,7 +101,14 @@ pub fn read_sources(dir: &Path) -> Result<Option<Vec<DiskSource>>, SourcesError>
         let id: u32 = id
             .parse()
             .map_err(|_| damaged(format!("bad disk id in {line:?}")))?;
-        if id as usize != disks.len() {
+        let in_order = if dense {
+            id as usize == disks.len()
+        } else {
+            disks
+                .last()
+                .is_none_or(|d: &DiskSource| d.disk.id < DiskId(id))
+        };
+        if !in_order {
             return Err(damaged(format!("disk ids out of order at {line:?}")));
         }
         let size = size
@@ -112,9 +127,14 @@ pub fn read_sources(dir: &Path) -> Result<Option<Vec<DiskSource>>, SourcesError>
     Ok(Some(disks))
 }
 
-/// Writes the disks of the group into `dir`, atomically.
+/// Writes the disks of the group into `dir`, atomically; `disks` in id
+/// order.
 pub fn write_sources(dir: &Path, disks: &[DiskSource]) -> Result<(), SourcesError> {
-    let mut body = format!("{HEADER}\n");
+    let dense = disks
+        .iter()
+        .zip(0u32..)
+        .all(|(d, i)| d.disk.id == DiskId(i));
+    let mut body = format!("{}\n", if dense { HEADER } else { HEADER_SPARSE });
     for d in disks {
         // The name needs no check: a Name holds no whitespace.
         let path = d
@@ -139,15 +159,20 @@ mod tests {
     proptest! {
         #[test]
         fn what_is_written_reads_back(
-            disks in proptest::collection::vec(("[a-z0-9_][a-z0-9._-]{0,19}", any::<u64>(), "[^\u{0}]{1,40}"), 0..5),
+            disks in proptest::collection::vec(("[a-z0-9_][a-z0-9._-]{0,19}", any::<u64>(), "[^\u{0}]{1,40}", 0u32..3), 0..5),
         ) {
             let dir = tempfile::tempdir().unwrap();
+            // Ids with gaps now and then (a removed disk's).
+            let mut next = 0;
             let disks: Vec<DiskSource> = disks
                 .into_iter()
-                .enumerate()
-                .map(|(id, (name, size, path))| DiskSource {
-                    disk: Disk { id: DiskId(id as u32), name: Name::new(name).unwrap(), size },
-                    path: path.into(),
+                .map(|(name, size, path, gap)| {
+                    next += gap / 2;
+                    next += 1;
+                    DiskSource {
+                        disk: Disk { id: DiskId(next - 1), name: Name::new(name).unwrap(), size },
+                        path: path.into(),
+                    }
                 })
                 .collect();
             match write_sources(dir.path(), &disks) {
@@ -208,6 +233,40 @@ mod tests {
             matches!(&err, SourcesError::Damaged { reason, .. } if reason.contains("../../escaped")),
             "{err}"
         );
+    }
+
+    #[test]
+    fn ids_with_a_gap_are_written_as_version_2() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = |id, name| DiskSource {
+            disk: Disk {
+                id: DiskId(id),
+                name: Name::new(name).unwrap(),
+                size: 4096,
+            },
+            path: format!("/srv/{name}.raw").into(),
+        };
+        write_sources(dir.path(), &[disk(0, "a"), disk(1, "b")]).unwrap();
+        let text = fs::read_to_string(dir.path().join(FILE)).unwrap();
+        assert!(text.starts_with("tidemark-disks 1\n"), "{text}");
+        let disks = vec![disk(0, "a"), disk(2, "c")];
+        write_sources(dir.path(), &disks).unwrap();
+        let text = fs::read_to_string(dir.path().join(FILE)).unwrap();
+        assert!(text.starts_with("tidemark-disks 2\n0 4096 a "), "{text}");
+        assert_eq!(read_sources(dir.path()).unwrap().unwrap(), disks);
+        // Version 1 holds no gap; neither version goes down.
+        for body in [
+            "tidemark-disks 1\n0 1 a /a\n2 1 c /c\n",
+            "tidemark-disks 2\n2 1 c /c\n0 1 a /a\n",
+            "tidemark-disks 2\n1 1 c /c\n1 1 a /a\n",
+        ] {
+            let text = crate::sealed::seal(body);
+            fs::write(dir.path().join(FILE), text).unwrap();
+            assert!(
+                matches!(read_sources(dir.path()), Err(SourcesError::Damaged { .. })),
+                "{body}"
+            );
+        }
     }
 
     #[test]

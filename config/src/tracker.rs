@@ -142,7 +142,9 @@ pub struct TrackerConfig {
     pub max_block_size: ByteSize,
 
     /// The protected disks, one `[[tracker.disk]]` table each. At least one
-    /// is required. Default: none.
+    /// is required. Tables may be added, removed or reordered between
+    /// starts: the tracker keeps each disk's id by its name (a removed
+    /// disk's id is never given again). Default: none.
     #[serde(rename = "disk", deserialize_with = "disk_tables")]
     pub disks: Vec<DiskConfig>,
 
@@ -358,7 +360,9 @@ impl Default for TrackerConfig {
 pub struct DiskConfig {
     /// Name of the disk, unique within the consistency group and stable for
     /// its lifetime: replicas and recovery points at the receiver are filed
-    /// under it. A name (see [`tidemark_names`]). Required.
+    /// under it, and the tracker knows the disk's id by it (a disk renamed
+    /// is a disk removed and a new one added). A name (see
+    /// [`tidemark_names`]). Required.
     pub name: Name,
 
     /// The backing block device (`/dev/disk/by-id/...` is stable across

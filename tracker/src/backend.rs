@@ -23,7 +23,7 @@ use crate::nbd::export::BlockSizes;
 /// frontend may do with it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServedDisk {
-    /// The disk: its id (its index in [`Backend::disks`]), name and size.
+    /// The disk: its id (stable, not its place in [`Backend::disks`]), name and size.
     pub disk: Disk,
     /// The name a client asks for (the tracker's configured export name,
     /// by default the disk's name).
@@ -116,7 +116,7 @@ pub struct Allocation {
 
 /// Everything a frontend needs from the disks it serves.
 pub trait Backend: Send + Sync + 'static {
-    /// The disks, in a stable order; the index is the disk's [`DiskId`].
+    /// The disks, in a stable order, each with its own [`DiskId`].
     fn disks(&self) -> Vec<ServedDisk>;
 
     /// Whether a flush on one queue (connection) makes writes completed on

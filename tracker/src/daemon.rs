@@ -3,6 +3,7 @@
 //! or SIGINT stops accepting, drains, writes a final barrier and exits
 //! clean.
 
+use crate::backend::Backend;
 use crate::control::ControlSocket;
 use crate::group::{Group, GroupDisk, GroupOptions, OpenReport};
 use crate::kernel_attach::{backend_identifier, AttachError, AttachOptions, KernelAttachment};
@@ -14,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tidemark_changelog::LogOptions;
 use tidemark_changelog::{
-    create_private_dir_all, read_cursor, read_sources, write_sources, DirLock, Disk, DiskId,
-    DiskSource, FsDir, LockError, Seq,
+    create_private_dir_all, read_cursor, read_sources, write_sources, DirLock, DiskSource, FsDir,
+    LockError, Seq,
 };
 use tidemark_metrics::{labels, Exposition, MetricsThread, Unit};
 use tidemark_names::Name;
@@ -508,20 +509,18 @@ pub fn run(
             "the previous run did not stop cleanly: hot extents recorded as resync-needed"
         );
     }
-    let sources: Vec<DiskSource> = settings
+    // The group's disks are in the configuration's order; the file lists
+    // them by id.
+    let mut sources: Vec<DiskSource> = settings
         .disks
         .iter()
-        .zip(group.disk_sizes())
-        .enumerate()
-        .map(|(id, (spec, size))| DiskSource {
-            disk: Disk {
-                id: DiskId(id as u32),
-                name: spec.name.clone(),
-                size,
-            },
+        .zip(Backend::disks(&group))
+        .map(|(spec, served)| DiskSource {
+            disk: served.disk,
             path: std::fs::canonicalize(&spec.path).unwrap_or_else(|_| spec.path.clone()),
         })
         .collect();
+    sources.sort_by_key(|s| s.disk.id);
     write_sources(&settings.log_dir, &sources).map_err(DaemonError::Sources)?;
     let group = Arc::new(group);
     // Everything that can still refuse the start comes before the group is
@@ -807,8 +806,11 @@ fn check_no_shrink(
     let Some(recorded) = read_sources(log_dir).map_err(DaemonError::Sources)? else {
         return Ok(());
     };
-    for ((disk, &size), was) in disks.iter().zip(sizes).zip(&recorded) {
-        if was.disk.name == disk.name && size < was.disk.size {
+    for (disk, &size) in disks.iter().zip(sizes) {
+        let Some(was) = recorded.iter().find(|r| r.disk.name == disk.name) else {
+            continue;
+        };
+        if size < was.disk.size {
             return Err(DaemonError::Shrunk {
                 name: disk.name.clone(),
                 path: disk.path.clone(),
@@ -848,11 +850,12 @@ fn start_ublk(
     // The export name, as the identity always was: a device kept across a
     // restart is found by it.
     let export = &settings.disks[index].export;
-    let size = group.disk_sizes()[index];
+    // The group's disks are in the configuration's order.
+    let disk = &Backend::disks(group.as_ref())[index].disk;
     let options = UblkOptions {
         identity: backend_identifier(&settings.group, export),
-        disk: DiskId(index as u32),
-        size,
+        disk: disk.id,
+        size: disk.size,
         dev_id: ublk.dev_id,
         queue_depth: ublk.queue_depth,
         queues: ublk.queues,

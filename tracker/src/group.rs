@@ -50,7 +50,7 @@ use crate::lock_order::{Level, Ordered, OrderedGuard};
 use crate::nbd::export::BlockSizes;
 use crate::queue::{QueueWaker, Wakers};
 use crate::range_lock::{RangeLock, RangeTicket};
-use crate::state::{BitmapCause, DiskOrderError, FullAt, GroupState, StateError};
+use crate::state::{BitmapCause, DiskIdError, FullAt, GroupState, StateError};
 use crate::storage::BlockDevice;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -139,9 +139,9 @@ pub enum GroupError {
     /// A setting breaks the rule the configuration file is checked by.
     #[error(transparent)]
     Setting(#[from] tidemark_config::ConfigError),
-    /// The configured disks renumber the log's.
+    /// A new disk could not be given an id.
     #[error(transparent)]
-    DiskOrder(#[from] DiskOrderError),
+    DiskId(#[from] DiskIdError),
 }
 
 /// Why a marker could not be inserted.
@@ -265,6 +265,8 @@ pub struct GroupStatus {
 }
 
 pub(crate) struct DiskState {
+    /// Its stable id (the `disk` of its records), from the state file.
+    pub(crate) id: DiskId,
     pub(crate) disk: GroupDisk,
     pub(crate) size: u64,
     pub(crate) locks: RangeLock,
@@ -361,9 +363,17 @@ pub(crate) enum BarrierWait {
     Dirty(u64),
 }
 
+/// The slot of a disk id no disk of the group has.
+const NO_SLOT: usize = usize::MAX;
+
 /// The consistency group.
 pub struct Group {
+    /// The disks in the configuration's order (their slots); every table
+    /// of the group with one entry per disk follows this order.
     pub(crate) disks: Vec<DiskState>,
+    /// The slot of each disk id ([`NO_SLOT`] for an id no disk has: ids
+    /// are stable, so removed disks leave gaps).
+    slots: Vec<usize>,
     tracking: Arc<Tracking>,
     pub(crate) committer: Committer,
     /// A new generation (number, first sequence number) to begin in the log
@@ -404,7 +414,14 @@ impl Group {
         let names: Vec<String> = disks.iter().map(|d| d.name.to_string()).collect();
         let mut state =
             GroupState::load(&opts.log_dir)?.unwrap_or_else(|| GroupState::fresh(&names));
-        state.check_disks(&names)?;
+        let (ids, removed) = state.assign_ids(&names)?;
+        for gone in &removed {
+            tracing::warn!(
+                disk = %gone.name,
+                id = %gone.id,
+                "a disk of this group is no longer configured: it leaves the group (the replica site keeps its replica in older points; its id is not given again)"
+            );
+        }
         // What the log's recovery may cut depends on how the last run
         // ended: after a clean stop nothing (a log without a state file is
         // held to that too), after a crash a torn tail above the watermark.
@@ -437,7 +454,7 @@ impl Group {
         let mut activity = Vec::new();
         let mut dirty = Vec::new();
         let mut states = Vec::new();
-        for d in disks {
+        for (d, &id) in disks.into_iter().zip(&ids) {
             let size = d.device.size();
             let (map, _) = PersistentBitmap::open(
                 &opts.log_dir.join(format!("activity-{}.map", d.name)),
@@ -460,6 +477,7 @@ impl Group {
             )?;
             dirty.push(bits);
             states.push(DiskState {
+                id,
                 disk: d,
                 size,
                 locks: RangeLock::new(),
@@ -496,15 +514,15 @@ impl Group {
                 }
                 Err(e) => return Err(GroupError::Append(e)),
             }
-            for (id, (act, disk)) in activity.iter().zip(&states).enumerate() {
+            for (act, disk) in activity.iter().zip(&states) {
                 if opts.resync_all {
                     if disk.size > 0 {
-                        resync_needed.push((DiskId(id as u32), 0, disk.size));
+                        resync_needed.push((disk.id, 0, disk.size));
                     }
                     continue;
                 }
                 for (offset, length) in act.map.ranges(disk.size) {
-                    resync_needed.push((DiskId(id as u32), offset, length));
+                    resync_needed.push((disk.id, offset, length));
                 }
             }
             if mode == TrackingMode::Data {
@@ -526,7 +544,10 @@ impl Group {
             }
             if let TrackingMode::Bitmap { .. } = mode {
                 for &(disk, offset, length) in &resync_needed {
-                    let bits = &mut dirty[disk.index()];
+                    let Some(slot) = ids.iter().position(|&id| id == disk) else {
+                        continue;
+                    };
+                    let bits = &mut dirty[slot];
                     for i in bits.extents(offset, length) {
                         bits.set(i);
                     }
@@ -581,8 +602,16 @@ impl Group {
         let committer = Committer::start(Arc::clone(&tracking), durable).map_err(|e| {
             GroupError::Config(format!("starting the group's committer thread: {e}"))
         })?;
+        let mut slots = Vec::new();
+        for (slot, d) in states.iter().enumerate() {
+            if slots.len() <= d.id.index() {
+                slots.resize(d.id.index() + 1, NO_SLOT);
+            }
+            slots[d.id.index()] = slot;
+        }
         let group = Group {
             disks: states,
+            slots,
             tracking,
             committer,
             pending_generation: Ordered::new(Level::PendingGeneration, pending_generation),
@@ -623,13 +652,27 @@ impl Group {
 
     pub(crate) fn disk(&self, disk: DiskId) -> Result<&DiskState, BackendError> {
         self.disks
-            .get(disk.index())
+            .get(self.slot(disk))
             .ok_or(BackendError::NoSuchDisk(disk))
+    }
+
+    /// The slot of `disk` in the group's tables ([`NO_SLOT`] if no disk
+    /// has this id).
+    fn slot(&self, disk: DiskId) -> usize {
+        self.slots.get(disk.index()).copied().unwrap_or(NO_SLOT)
     }
 
     /// The backing device of `disk`.
     pub fn device(&self, disk: DiskId) -> Option<&Arc<dyn BlockDevice>> {
-        self.disks.get(disk.index()).map(|d| &d.disk.device)
+        self.disks.get(self.slot(disk)).map(|d| &d.disk.device)
+    }
+
+    /// The backing devices by disk id (`None` where no disk has the id),
+    /// for the event loops' own device I/O.
+    pub fn devices_by_id(&self) -> Vec<Option<Arc<dyn BlockDevice>>> {
+        (0..self.slots.len() as u32)
+            .map(|id| self.device(DiskId(id)).cloned())
+            .collect()
     }
 
     /// Lets `waker`'s queue park requests on the group.
@@ -656,12 +699,12 @@ impl Group {
         offset: u64,
         len: u64,
     ) -> Option<RangeTicket> {
-        self.disks[disk.index()].locks.try_lock(offset, len)
+        self.disks[self.slot(disk)].locks.try_lock(offset, len)
     }
 
     /// Gives a range back, waking the requests parked on a range.
     pub(crate) fn unlock_range(&self, disk: DiskId, ticket: RangeTicket) {
-        if self.disks[disk.index()].locks.unlock(ticket) {
+        if self.disks[self.slot(disk)].locks.unlock(ticket) {
             self.wake_parked();
         }
     }
@@ -673,7 +716,7 @@ impl Group {
     pub(crate) fn mark_hot(&self, disk: DiskId, offset: u64, len: u64) -> Option<u64> {
         let needs_persist = {
             let mut maps = lock(&self.tracking.maps);
-            let act = &mut maps.activity[disk.index()];
+            let act = &mut maps.activity[self.slot(disk)];
             let mut needs = false;
             for i in act.map.extents(offset, len) {
                 act.inflight[i as usize] += 1;
@@ -701,11 +744,11 @@ impl Group {
     /// number ([`Seq::ZERO`] in bitmap mode, [`NEVER_COOLS`] for a write
     /// that failed: its extent is then never cooled).
     pub(crate) fn release_hot(&self, disk: DiskId, offset: u64, len: u64, seq: Seq) {
-        let epoch = self.tracking.flushes[disk.index()]
+        let epoch = self.tracking.flushes[self.slot(disk)]
             .started
             .load(Ordering::SeqCst);
         let mut maps = lock(&self.tracking.maps);
-        let act = &mut maps.activity[disk.index()];
+        let act = &mut maps.activity[self.slot(disk)];
         for i in act.map.extents(offset, len) {
             let u = i as usize;
             act.inflight[u] -= 1;
@@ -776,7 +819,7 @@ impl Group {
             // data mode (which takes the bits under the same lock) cannot
             // miss them.
             let mut maps = lock(&t.maps);
-            let bits = &mut maps.dirty[disk.index()];
+            let bits = &mut maps.dirty[self.slot(disk)];
             for i in bits.extents(entry.offset, entry.length) {
                 bits.set(i);
             }
@@ -790,7 +833,7 @@ impl Group {
     /// device, then [`end_barrier`](Self::end_barrier)) and what else to
     /// wait for ([`barrier_ready`](Self::barrier_ready)).
     pub(crate) fn begin_barrier(&self, disk: DiskId) -> (u64, BarrierWait) {
-        let epoch = self.tracking.flushes[disk.index()].start();
+        let epoch = self.tracking.flushes[self.slot(disk)].start();
         (epoch, self.barrier_wait())
     }
 
@@ -843,7 +886,7 @@ impl Group {
 
     /// Ends a barrier whose device flush `epoch` succeeded.
     pub(crate) fn end_barrier(&self, disk: DiskId, epoch: u64) {
-        self.tracking.flushes[disk.index()].done(epoch);
+        self.tracking.flushes[self.slot(disk)].done(epoch);
         self.barriers.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -906,9 +949,9 @@ impl Group {
         }
         drop(pending);
         let mut extents = Vec::new();
-        for (id, (bits, disk)) in maps.dirty.iter().zip(&self.disks).enumerate() {
+        for (bits, disk) in maps.dirty.iter().zip(&self.disks) {
             for (offset, length) in bits.ranges(disk.size) {
-                extents.push((DiskId(id as u32), offset, length));
+                extents.push((disk.id, offset, length));
             }
         }
         for &(disk, offset, length) in &extents {
@@ -1071,8 +1114,8 @@ impl Group {
             self.committer.stop();
             return Ok(());
         }
-        for id in 0..self.disks.len() as u32 {
-            self.barrier(DiskId(id)).map_err(CloseError::Barrier)?;
+        for disk in &self.disks {
+            self.barrier(disk.id).map_err(CloseError::Barrier)?;
         }
         self.committer.stop();
         let t = &*self.tracking;
@@ -1144,7 +1187,7 @@ impl Group {
         self.write_latency.snapshot()
     }
 
-    /// Sizes of the disks in bytes, by id.
+    /// Sizes of the disks in bytes, by slot (the configuration's order).
     pub fn disk_sizes(&self) -> Vec<u64> {
         self.disks.iter().map(|d| d.size).collect()
     }
@@ -1161,17 +1204,17 @@ impl Group {
     pub fn record_resync_all(&self, name: &str) -> Result<Option<Seq>, ResyncAllError> {
         self.check_running().map_err(|_| ResyncAllError::Starting)?;
         let t = &*self.tracking;
-        let id = self
+        let slot = self
             .disks
             .iter()
             .position(|d| d.disk.name == *name)
             .ok_or_else(|| ResyncAllError::NoDisk(name.to_string()))?;
-        let size = self.disks[id].size;
+        let (id, size) = (self.disks[slot].id, self.disks[slot].size);
         if size == 0 {
             return Ok(None);
         }
         if matches!(*lock(&t.mode), TrackingMode::Data) {
-            let entry = Entry::resync_needed(id as u32, 0, size, now_ns());
+            let entry = Entry::resync_needed(id, 0, size, now_ns());
             let appended = {
                 let mut log = lock(&t.log);
                 let appended = log
@@ -1192,7 +1235,7 @@ impl Group {
         }
         {
             let mut maps = lock(&t.maps);
-            let bits = &mut maps.dirty[id];
+            let bits = &mut maps.dirty[slot];
             for i in bits.extents(0, size) {
                 bits.set(i);
             }
@@ -1203,7 +1246,7 @@ impl Group {
         Ok(None)
     }
 
-    /// The disks' names, by id.
+    /// The disks' names, by slot (the configuration's order).
     pub fn disk_names(&self) -> Vec<Name> {
         self.disks.iter().map(|d| d.disk.name.clone()).collect()
     }
@@ -1468,10 +1511,9 @@ impl Backend for Group {
     fn disks(&self) -> Vec<ServedDisk> {
         self.disks
             .iter()
-            .zip(0u32..)
-            .map(|(d, id)| ServedDisk {
+            .map(|d| ServedDisk {
                 disk: tidemark_changelog::Disk {
-                    id: DiskId(id),
+                    id: d.id,
                     name: d.disk.name.clone(),
                     size: d.size,
                 },
@@ -1582,7 +1624,7 @@ impl Group {
     /// The disk `disk` as a backend request names it.
     fn served(&self, disk: DiskId) -> Result<&DiskState, BackendError> {
         self.disks
-            .get(disk.index())
+            .get(self.slot(disk))
             .ok_or(BackendError::NoSuchDisk(disk))
     }
 }

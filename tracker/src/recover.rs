@@ -10,7 +10,7 @@
 //! not, so the replica is compared with the source block by block and only
 //! what differs travels. The tracker must not be running.
 
-use crate::state::{GroupState, StateError};
+use crate::state::{GroupState, StateDisk, StateError};
 use std::path::Path;
 use tidemark_changelog::segment::{read_segment_header, segment_indices, segment_name};
 use tidemark_changelog::sources::SourcesError;
@@ -75,12 +75,18 @@ pub fn recover_damaged_log(log_dir: &Path) -> Result<Option<RecoverReport>, Reco
     })?;
     let mut state = match GroupState::load(log_dir)? {
         Some(s) => s,
-        None => GroupState::fresh(
-            &sources
+        None => {
+            let mut state = GroupState::fresh(&[]);
+            state.disks = sources
                 .iter()
-                .map(|d| d.disk.name.to_string())
-                .collect::<Vec<_>>(),
-        ),
+                .map(|d| StateDisk {
+                    id: d.disk.id,
+                    name: d.disk.name.to_string(),
+                })
+                .collect();
+            state.next_disk_id = sources.last().map_or(0, |d| d.disk.id.get() + 1);
+            state
+        }
     };
     let opts = options_of(&dir)?;
     let last_seq = state.last_seq.filter(|_| !state.running);

@@ -26,6 +26,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 use crate::backend::BackendError;
 use crate::queue::{Io, IoKind, Queue};
 use crate::storage::{AlignedBuf, BlockDevice, StorageError};
+use tidemark_changelog::DiskId;
 
 /// How often one I/O may come back with `EINTR`/`EAGAIN` before it fails.
 const MAX_RETRIES: u32 = 64;
@@ -47,7 +48,7 @@ struct InFlight {
 
 /// The device I/O of one event loop (see the [module documentation](self)).
 pub(crate) struct DeviceIo {
-    devices: Vec<Arc<dyn BlockDevice>>,
+    devices: Vec<Option<Arc<dyn BlockDevice>>>,
     slots: Vec<Option<InFlight>>,
     free: Vec<usize>,
     /// Submit reads, writes and flushes on the ring (`false`: perform every
@@ -77,8 +78,14 @@ fn ring_error(io: &Io, source: std::io::Error) -> BackendError {
 }
 
 impl DeviceIo {
-    /// The devices of the group (by disk id).
-    pub(crate) fn new(devices: Vec<Arc<dyn BlockDevice>>, use_ring: bool) -> DeviceIo {
+    /// The device of `disk`, if the group has that disk.
+    fn device(&self, disk: DiskId) -> Option<&Arc<dyn BlockDevice>> {
+        self.devices.get(disk.index()).and_then(Option::as_ref)
+    }
+
+    /// The devices of the group by disk id (`None` where no disk has the
+    /// id).
+    pub(crate) fn new(devices: Vec<Option<Arc<dyn BlockDevice>>>, use_ring: bool) -> DeviceIo {
         DeviceIo {
             devices,
             slots: Vec::new(),
@@ -95,7 +102,7 @@ impl DeviceIo {
     /// Starts `io`: on the ring, or at once (its completion is then
     /// returned).
     pub(crate) fn start(&mut self, ring: &mut IoUring, mut io: Io) -> Option<Completion> {
-        let Some(device) = self.devices.get(io.disk.index()).cloned() else {
+        let Some(device) = self.device(io.disk).cloned() else {
             let error = BackendError::NoSuchDisk(io.disk);
             return Some((io.token, Err(error), io.buf));
         };
@@ -139,8 +146,12 @@ impl DeviceIo {
         let Some(flight) = self.slots[index].as_mut() else {
             return;
         };
-        let device = &self.devices[flight.io.disk.index()];
-        let Some(raw) = device.raw_access() else {
+        let Some(raw) = self
+            .devices
+            .get(flight.io.disk.index())
+            .and_then(Option::as_ref)
+            .and_then(|device| device.raw_access())
+        else {
             return;
         };
         let fd = types::Fd(raw.fd.as_raw_fd());
@@ -211,7 +222,7 @@ impl DeviceIo {
         let flight = self.slots[index].take()?;
         self.free.push(index);
         if let (IoKind::Flush, Err(_)) = (&flight.io.kind, &outcome) {
-            if let Some(raw) = self.devices[flight.io.disk.index()].raw_access() {
+            if let Some(raw) = self.device(flight.io.disk).and_then(|d| d.raw_access()) {
                 raw.flush_failed(&std::io::Error::from_raw_os_error(-result));
             }
         }
@@ -313,7 +324,6 @@ pub(crate) fn push(ring: &mut IoUring, entry: &squeue::Entry) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tidemark_changelog::DiskId;
 
     fn io(kind: IoKind) -> Io {
         Io {

@@ -1,8 +1,11 @@
 //! The tracker's state file, `tracker.state` in the log directory: the
 //! generation, whether a run is in progress (so the next start knows the
 //! last one ended uncleanly), the last durable record of a clean stop,
-//! bitmap mode and its reason, and the disks in id order (ids are
-//! positions; reordering disks would mislabel the log).
+//! bitmap mode and its reason, and the disks with their ids. A disk keeps
+//! its id for as long as it is in the group, wherever it is listed in the
+//! configuration; a new disk takes the next id never given; a removed
+//! disk's id is never given again (its replica keeps it on the replica
+//! site).
 //!
 //! A short text file, replaced atomically (write `tracker.state.tmp`,
 //! fdatasync, rename, fsync the directory), ending with a CRC32C line:
@@ -18,6 +21,21 @@
 //! crc32c 1a2b3c4d
 //! ```
 //!
+//! A group whose ids are still the positions of its disks (no disk was
+//! ever removed, none reordered) is written as above, in version 2, the
+//! disks in id order. Any other is written in version 3, each disk with
+//! its id and the next id to give:
+//!
+//! ```text
+//! tidemark-tracker-state 3
+//! generation 3
+//! running 0
+//! disk 0 data
+//! disk 2 logs
+//! next-disk-id 3
+//! crc32c 1a2b3c4d
+//! ```
+//!
 //! `running 0` says the last run stopped cleanly, so recovery of the log
 //! may cut nothing ([`RecoveryPolicy`](tidemark_changelog::RecoveryPolicy));
 //! `last-seq` (only after a clean stop) is the last durable record then: a
@@ -27,23 +45,31 @@
 //!
 //! - **1**: no `last-seq` line.
 //! - **2**: `last-seq` after a clean stop.
+//! - **3**: `disk ID NAME` lines and `next-disk-id`: disk ids that are not
+//!   positions (a disk was removed or the disks were reordered).
 //!
-//! Both are read; version 2 is written. A version-1 file reads as a state
-//! without `last-seq` (its clean stop still forbids any cut) and is
-//! replaced by version 2 at the next save. A newer version is refused by
-//! name rather than guessed at.
+//! All three are read. Version 2 is written while the ids are positions,
+//! so a group that never removed a disk stays readable by the releases
+//! before version 3; version 3 only once they are not (those releases
+//! refuse it by its version, rather than mislabel the log). A version-1
+//! file reads as a state without `last-seq` (its clean stop still forbids
+//! any cut) and is replaced by version 2 at the next save. A newer version
+//! is refused by name rather than guessed at.
 
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use tidemark_changelog::Seq;
+use tidemark_changelog::{DiskId, Seq};
 
 const FILE: &str = "tracker.state";
 const TMP: &str = "tracker.state.tmp";
 const MAGIC: &str = "tidemark-tracker-state";
-/// The version this code writes; it reads every version from 1 to it.
-const VERSION: u32 = 2;
+/// The newest version this code writes; it reads every version from 1 to
+/// it.
+const VERSION: u32 = 3;
+/// The version written while disk ids are positions.
+const POSITIONAL_VERSION: u32 = 2;
 
 /// Why the state file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -150,25 +176,24 @@ impl std::fmt::Display for BitmapCause {
     }
 }
 
-/// The configured disks renumber the log's: refused.
+/// The group cannot give a new disk an id.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DiskOrderError {
-    /// Another disk is configured at a log disk's place.
-    #[error("disk {id} of this log is {name:?} but the configuration lists {configured:?} there; disks may only be added at the end")]
-    Moved {
-        /// The place.
-        id: usize,
-        /// The log's disk there.
-        name: String,
-        /// The configuration's.
-        configured: String,
-    },
-    /// A log disk is not configured.
-    #[error("disk {name:?} of this log is missing from the configuration")]
-    Missing {
-        /// The log's disk.
+pub enum DiskIdError {
+    /// Every id was given once (ids of removed disks are never reused).
+    #[error("no disk id is left for disk {name:?}: every id of this log was given once")]
+    Exhausted {
+        /// The new disk.
         name: String,
     },
+}
+
+/// A disk of the group as the state file keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateDisk {
+    /// Its id: the `disk` of its records, for as long as it is in the group.
+    pub id: DiskId,
+    /// Its name.
+    pub name: String,
 }
 
 /// What the state file holds.
@@ -183,42 +208,84 @@ pub struct GroupState {
     pub last_seq: Option<Seq>,
     /// Bitmap mode, with its cause.
     pub bitmap: Option<BitmapCause>,
-    /// Disk names by id.
-    pub disks: Vec<String>,
+    /// The disks, in id order.
+    pub disks: Vec<StateDisk>,
+    /// The id the next new disk takes: above every id ever given.
+    pub next_disk_id: u32,
     dir: Option<PathBuf>,
 }
 
 impl GroupState {
-    /// The state of a group that never ran.
+    /// The state of a group that never ran: its disks take their
+    /// positions as ids.
     pub fn fresh(disks: &[String]) -> GroupState {
         GroupState {
             generation: 0,
             running: false,
             last_seq: None,
             bitmap: None,
-            disks: disks.to_vec(),
+            disks: disks
+                .iter()
+                .zip(0u32..)
+                .map(|(name, id)| StateDisk {
+                    id: DiskId(id),
+                    name: name.clone(),
+                })
+                .collect(),
+            next_disk_id: disks.len() as u32,
             dir: None,
         }
     }
 
-    /// Refuses a configuration that renumbers the disks: new disks may be
-    /// added at the end, existing ones may not move or vanish.
-    pub fn check_disks(&mut self, configured: &[String]) -> Result<(), DiskOrderError> {
-        for (id, name) in self.disks.iter().enumerate() {
-            match configured.get(id) {
-                Some(c) if c == name => {}
-                Some(c) => {
-                    return Err(DiskOrderError::Moved {
-                        id,
-                        name: name.clone(),
-                        configured: c.clone(),
-                    })
+    /// The ids of the `configured` disks, in their order: a disk the
+    /// group knows (by name) keeps its id, a new one takes the next id
+    /// never given. Disks the group knows that are not configured any more
+    /// are dropped; their ids are not given again. Returns the ids and the
+    /// dropped disks.
+    pub fn assign_ids(
+        &mut self,
+        configured: &[String],
+    ) -> Result<(Vec<DiskId>, Vec<StateDisk>), DiskIdError> {
+        let mut ids = Vec::with_capacity(configured.len());
+        let mut kept = Vec::with_capacity(configured.len());
+        for name in configured {
+            let id = match self.disks.iter().find(|d| d.name == *name) {
+                Some(d) => d.id,
+                None => {
+                    // The group id (all ones) is no disk's.
+                    if self.next_disk_id >= DiskId::GROUP.get() {
+                        return Err(DiskIdError::Exhausted { name: name.clone() });
+                    }
+                    self.next_disk_id += 1;
+                    DiskId(self.next_disk_id - 1)
                 }
-                None => return Err(DiskOrderError::Missing { name: name.clone() }),
-            }
+            };
+            ids.push(id);
+            kept.push(StateDisk {
+                id,
+                name: name.clone(),
+            });
         }
-        self.disks = configured.to_vec();
-        Ok(())
+        let removed = self
+            .disks
+            .iter()
+            .filter(|d| !configured.contains(&d.name))
+            .cloned()
+            .collect();
+        kept.sort_by_key(|d| d.id);
+        self.disks = kept;
+        Ok((ids, removed))
+    }
+
+    /// The ids are the positions of the disks in id order, and no id was
+    /// given beyond them: what the releases before version 3 assumed.
+    fn ids_are_positions(&self) -> bool {
+        self.next_disk_id as usize == self.disks.len()
+            && self
+                .disks
+                .iter()
+                .zip(0u32..)
+                .all(|(d, i)| d.id == DiskId(i))
     }
 
     /// Reads the state of the group whose log is in `dir`, if any.
@@ -240,16 +307,17 @@ impl GroupState {
             .and_then(|l| l.strip_prefix(MAGIC))
             .and_then(|v| v.strip_prefix(' '))
             .ok_or_else(|| damaged("unknown header"))?;
-        match version.parse::<u32>() {
-            Ok(v) if (1..=VERSION).contains(&v) => {}
+        let version = match version.parse::<u32>() {
+            Ok(v) if (1..=VERSION).contains(&v) => v,
             Ok(v) => {
                 return Err(damaged(&format!(
                     "version {v} is newer than this tracker reads ({VERSION}): a newer tracker wrote it"
                 )))
             }
             Err(_) => return Err(damaged("unknown header")),
-        }
+        };
         let mut state = GroupState::fresh(&[]);
+        let mut next_disk_id = None;
         for line in lines {
             let (key, value) = line.split_once(' ').unwrap_or((line, ""));
             match key {
@@ -262,10 +330,35 @@ impl GroupState {
                         Some(Seq(value.parse().map_err(|_| damaged("bad last-seq"))?))
                 }
                 "bitmap-reason" => state.bitmap = Some(BitmapCause::from_text(value)),
-                "disk" => state.disks.push(value.to_string()),
+                "disk" if version < 3 => state.disks.push(StateDisk {
+                    id: DiskId(state.disks.len() as u32),
+                    name: value.to_string(),
+                }),
+                "disk" => {
+                    let (id, name) = value
+                        .split_once(' ')
+                        .and_then(|(id, name)| Some((id.parse::<u32>().ok()?, name)))
+                        .ok_or_else(|| damaged(&format!("bad disk line {line:?}")))?;
+                    if state.disks.last().is_some_and(|d| d.id >= DiskId(id)) {
+                        return Err(damaged(&format!("disk ids out of order at {line:?}")));
+                    }
+                    state.disks.push(StateDisk {
+                        id: DiskId(id),
+                        name: name.to_string(),
+                    });
+                }
+                "next-disk-id" if version >= 3 => {
+                    next_disk_id = Some(value.parse().map_err(|_| damaged("bad next-disk-id"))?)
+                }
                 _ => return Err(damaged(&format!("unknown line {line:?}"))),
             }
         }
+        let given = state.disks.last().map_or(0, |d| d.id.get() + 1);
+        state.next_disk_id = match next_disk_id {
+            Some(next) if next < given => return Err(damaged("next-disk-id below a disk's id")),
+            Some(next) => next,
+            None => given,
+        };
         state.dir = Some(dir.to_path_buf());
         Ok(Some(state))
     }
@@ -279,8 +372,14 @@ impl GroupState {
     /// Writes the state atomically where it was loaded from or last saved.
     pub fn save_in_place(&self) -> Result<(), StateError> {
         let dir = self.dir.clone().unwrap_or_default();
+        let positional = self.ids_are_positions();
+        let version = if positional {
+            POSITIONAL_VERSION
+        } else {
+            VERSION
+        };
         let mut body = format!(
-            "{MAGIC} {VERSION}\ngeneration {}\nrunning {}\n",
+            "{MAGIC} {version}\ngeneration {}\nrunning {}\n",
             self.generation,
             u8::from(self.running)
         );
@@ -294,7 +393,14 @@ impl GroupState {
             body.push_str(&format!("bitmap-reason {reason}\n"));
         }
         for d in &self.disks {
-            body.push_str(&format!("disk {d}\n"));
+            if positional {
+                body.push_str(&format!("disk {}\n", d.name));
+            } else {
+                body.push_str(&format!("disk {} {}\n", d.id, d.name));
+            }
+        }
+        if !positional {
+            body.push_str(&format!("next-disk-id {}\n", self.next_disk_id));
         }
         let text = tidemark_changelog::sealed::seal(&body);
         tidemark_changelog::sealed::write_atomic(&dir, TMP, FILE, &text)
@@ -433,7 +539,7 @@ mod tests {
             (s.generation, s.running, s.last_seq, s.bitmap.clone()),
             (0, false, None, None)
         );
-        assert_eq!(s.disks, ["disk"]);
+        assert_eq!(s.disks, [disk(0, "disk")]);
         s.last_seq = Some(Seq(20));
         s.save_in_place().unwrap();
         let v2 = fs::read_to_string(dir.path().join(FILE)).unwrap();
@@ -445,19 +551,96 @@ mod tests {
     #[test]
     fn a_newer_version_is_refused_by_name() {
         let dir = tempfile::tempdir().unwrap();
-        let text = tidemark_changelog::sealed::seal("tidemark-tracker-state 3\ngeneration 1\n");
+        let text = tidemark_changelog::sealed::seal("tidemark-tracker-state 4\ngeneration 1\n");
         fs::write(dir.path().join(FILE), text).unwrap();
         let err = GroupState::load(dir.path()).unwrap_err();
-        assert!(err.to_string().contains("version 3 is newer"), "{err}");
+        assert!(err.to_string().contains("version 4 is newer"), "{err}");
+    }
+
+    fn disk(id: u32, name: &str) -> StateDisk {
+        StateDisk {
+            id: DiskId(id),
+            name: name.into(),
+        }
+    }
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|n| n.to_string()).collect()
     }
 
     #[test]
-    fn disks_may_be_added_but_not_moved() {
-        let mut s = GroupState::fresh(&["a".into(), "b".into()]);
-        assert!(s.check_disks(&["a".into(), "b".into(), "c".into()]).is_ok());
-        assert!(s
-            .check_disks(&["b".into(), "a".into(), "c".into()])
-            .is_err());
-        assert!(s.check_disks(&["a".into()]).is_err());
+    fn disks_keep_their_ids_when_others_are_added_moved_or_removed() {
+        let mut s = GroupState::fresh(&names(&["a", "b"]));
+        let (ids, removed) = s.assign_ids(&names(&["a", "b", "c"])).unwrap();
+        assert_eq!(ids, [DiskId(0), DiskId(1), DiskId(2)]);
+        assert!(removed.is_empty());
+        assert!(s.ids_are_positions());
+        // Reordered: the same ids.
+        let (ids, _) = s.assign_ids(&names(&["c", "a", "b"])).unwrap();
+        assert_eq!(ids, [DiskId(2), DiskId(0), DiskId(1)]);
+        assert!(s.ids_are_positions(), "kept in id order");
+        // b removed, d added: d does not take b's id.
+        let (ids, removed) = s.assign_ids(&names(&["a", "d", "c"])).unwrap();
+        assert_eq!(ids, [DiskId(0), DiskId(3), DiskId(2)]);
+        assert_eq!(removed, [disk(1, "b")]);
+        assert_eq!(s.disks, [disk(0, "a"), disk(2, "c"), disk(3, "d")]);
+        assert_eq!(s.next_disk_id, 4);
+        assert!(!s.ids_are_positions());
+        // b back: a new disk, a new id.
+        let (ids, _) = s.assign_ids(&names(&["b"])).unwrap();
+        assert_eq!(ids, [DiskId(4)]);
+        assert_eq!(s.next_disk_id, 5);
+    }
+
+    #[test]
+    fn positional_ids_are_written_as_version_2_and_others_as_version_3() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = GroupState::fresh(&names(&["data", "wal"]));
+        s.save(dir.path()).unwrap();
+        let text = fs::read_to_string(dir.path().join(FILE)).unwrap();
+        assert!(text.starts_with("tidemark-tracker-state 2\n"), "{text}");
+        assert!(text.contains("\ndisk data\ndisk wal\n"), "{text}");
+        assert_eq!(GroupState::load(dir.path()).unwrap().unwrap(), s);
+
+        s.assign_ids(&names(&["wal", "logs"])).unwrap();
+        s.save_in_place().unwrap();
+        let text = fs::read_to_string(dir.path().join(FILE)).unwrap();
+        assert!(text.starts_with("tidemark-tracker-state 3\n"), "{text}");
+        assert!(
+            text.contains("\ndisk 1 wal\ndisk 2 logs\nnext-disk-id 3\n"),
+            "{text}"
+        );
+        assert_eq!(GroupState::load(dir.path()).unwrap().unwrap(), s);
+
+        // Only a removal's id is missing: still version 3 (the id is not
+        // given again).
+        let mut s = GroupState::fresh(&names(&["a", "b"]));
+        s.assign_ids(&names(&["a"])).unwrap();
+        s.save(dir.path()).unwrap();
+        let text = fs::read_to_string(dir.path().join(FILE)).unwrap();
+        assert!(text.contains("\ndisk 0 a\nnext-disk-id 2\n"), "{text}");
+        let loaded = GroupState::load(dir.path()).unwrap().unwrap();
+        assert_eq!(loaded.next_disk_id, 2);
+    }
+
+    #[test]
+    fn damaged_disk_ids_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for body in [
+            "tidemark-tracker-state 3\ndisk 2 a\ndisk 1 b\n",
+            "tidemark-tracker-state 3\ndisk x a\n",
+            "tidemark-tracker-state 3\ndisk 4 a\nnext-disk-id 3\n",
+            "tidemark-tracker-state 2\nnext-disk-id 3\n",
+        ] {
+            let text = tidemark_changelog::sealed::seal(body);
+            fs::write(dir.path().join(FILE), text).unwrap();
+            assert!(
+                matches!(
+                    GroupState::load(dir.path()),
+                    Err(StateError::Damaged { .. })
+                ),
+                "{body}"
+            );
+        }
     }
 }

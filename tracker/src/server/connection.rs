@@ -172,27 +172,31 @@ fn finish(id: u64, stream: &Stream, end: Ended, shared: &Shared) {
 /// advertises them. Asked once per connection.
 struct Catalog {
     exports: Vec<ExportInfo>,
+    /// The disk id of each export.
+    ids: Vec<DiskId>,
     default_export: Option<String>,
 }
 
 impl Catalog {
     fn new(backend: &dyn Backend, options: &ServerOptions) -> Self {
         let multi_conn = backend.multi_conn_safe();
-        let exports = backend
-            .disks()
+        let disks = backend.disks();
+        let ids = disks.iter().map(|d| d.disk.id).collect();
+        let exports = disks
             .into_iter()
             .map(|disk| advertised(export_of(disk), multi_conn, options.block_sizes))
             .collect();
         Self {
             exports,
+            ids,
             default_export: options.default_export.clone(),
         }
     }
 
-    /// The disk id of an export: its index in the backend's list.
+    /// The disk id of an export (ids are stable, not places in the list).
     fn disk_of(&self, name: &str) -> Option<DiskId> {
         let index = self.exports.iter().position(|export| export.name == name)?;
-        u32::try_from(index).ok().map(DiskId)
+        self.ids.get(index).copied()
     }
 }
 

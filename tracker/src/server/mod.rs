@@ -78,7 +78,6 @@ use std::time::Duration;
 
 use nix::errno::Errno as SysErrno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use tidemark_changelog::DiskId;
 
 use crate::backend::{Allocation, AllocationKind, Backend};
 use crate::group::Group;
@@ -215,8 +214,9 @@ pub type QueueFactory =
 pub struct Frontend {
     pub(crate) backend: Arc<dyn Backend>,
     pub(crate) queues: Box<QueueFactory>,
-    /// The backing devices by disk id, for the loops' own device I/O.
-    pub(crate) devices: Vec<Arc<dyn BlockDevice>>,
+    /// The backing devices by disk id (`None` where no disk has the id),
+    /// for the loops' own device I/O.
+    pub(crate) devices: Vec<Option<Arc<dyn BlockDevice>>>,
     /// Submit device reads, writes and flushes on the loops' rings.
     pub(crate) use_ring: bool,
 }
@@ -239,9 +239,7 @@ impl Frontend {
     /// `use_ring`, device I/O goes through each connection's io_uring,
     /// otherwise through the synchronous engine on the connection's thread.
     pub fn group(group: Arc<Group>, use_ring: bool) -> Frontend {
-        let devices = (0..group.disk_sizes().len() as u32)
-            .filter_map(|disk| group.device(DiskId(disk)).cloned())
-            .collect();
+        let devices = group.devices_by_id();
         let backend: Arc<dyn Backend> = group.clone();
         Frontend {
             backend,
