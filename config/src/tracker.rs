@@ -460,7 +460,7 @@ impl TrackerConfig {
                 ),
             ));
         }
-        if self.segment_size.0 % SEGMENT_ALIGNMENT.0 != 0 {
+        if !self.segment_size.0.is_multiple_of(SEGMENT_ALIGNMENT.0) {
             return Err(invalid(
                 "segment-size",
                 format!(

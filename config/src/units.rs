@@ -151,7 +151,7 @@ impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.0 != 0 {
             for (suffix, multiplier) in BINARY_UNITS {
-                if self.0 % multiplier == 0 {
+                if self.0.is_multiple_of(multiplier) {
                     return write!(f, "{}{suffix}", self.0 / multiplier);
                 }
             }

@@ -420,7 +420,7 @@ impl VmSpec {
                 ),
             ));
         }
-        if self.memory.as_u64() % MEMORY_GRANULE.as_u64() != 0 {
+        if !self.memory.as_u64().is_multiple_of(MEMORY_GRANULE.as_u64()) {
             return Err(ConfigError::invalid(
                 at.key("memory"),
                 format!(

@@ -59,7 +59,7 @@ impl BlockSizes {
         if !preferred.is_power_of_two() || preferred < floor {
             return Err(BlockSizeError::Preferred { preferred, min });
         }
-        if max != UNLIMITED_MAX_BLOCK && max % min != 0 {
+        if max != UNLIMITED_MAX_BLOCK && !max.is_multiple_of(min) {
             return Err(BlockSizeError::MaximumNotMultiple { max, min });
         }
         if max < preferred {

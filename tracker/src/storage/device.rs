@@ -332,7 +332,7 @@ fn enable_direct_io(
     }
     // A file whose size is not a multiple of the alignment cannot be written
     // at its last block with O_DIRECT without growing it.
-    if size % align != 0 {
+    if !size.is_multiple_of(align) {
         return Err(NoDirectIo::Size { size, align });
     }
     let flags = fcntl(file.as_fd(), FcntlArg::F_GETFL).map_err(NoDirectIo::GetFlags)?;
@@ -392,8 +392,8 @@ impl EdgeLocks {
     /// never deadlock.
     fn lock(&self, offset: u64, len: u64, align: u64) -> EdgeGuard<'_> {
         let end = offset + len;
-        let head = (offset % align != 0).then(|| offset / align);
-        let tail = (end % align != 0).then(|| end / align);
+        let head = (!offset.is_multiple_of(align)).then(|| offset / align);
+        let tail = (!end.is_multiple_of(align)).then(|| end / align);
         let stripe = |block: u64| (block % EDGE_STRIPES as u64) as usize;
         let mut wanted = [head.map(stripe), tail.map(stripe)];
         wanted.sort_unstable();
@@ -479,7 +479,9 @@ impl<R: RawIo> Device<R> {
     }
 
     fn is_aligned(&self, offset: u64, len: u64, addr: *const u8) -> bool {
-        offset % self.align == 0 && len % self.align == 0 && (addr as usize) % self.mem_align == 0
+        offset.is_multiple_of(self.align)
+            && len.is_multiple_of(self.align)
+            && (addr as usize).is_multiple_of(self.mem_align)
     }
 
     fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {

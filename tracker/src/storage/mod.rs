@@ -128,7 +128,9 @@ impl RawAccess<'_> {
     /// Whether a read or write of `len` bytes at `offset` from `addr` can
     /// be submitted as it is.
     pub fn fits(&self, offset: u64, len: u64, addr: *const u8) -> bool {
-        offset % self.align == 0 && len % self.align == 0 && (addr as usize) % self.mem_align == 0
+        offset.is_multiple_of(self.align)
+            && len.is_multiple_of(self.align)
+            && (addr as usize).is_multiple_of(self.mem_align)
     }
 
     /// Whether an earlier flush failed (a flush must then fail too:

@@ -243,7 +243,7 @@ impl UblkDevice {
         budget: Arc<DataBudget>,
         options: &UblkOptions,
     ) -> Result<Self, UblkError> {
-        if options.size % BLOCK_SIZE != 0 || options.size == 0 {
+        if !options.size.is_multiple_of(BLOCK_SIZE) || options.size == 0 {
             return Err(UblkError::Unaligned { size: options.size });
         }
         let mut control = Control::open().map_err(|e| match e.raw_os_error() {
