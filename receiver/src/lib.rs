@@ -27,6 +27,8 @@
 mod coordinate;
 pub mod daemon;
 pub mod drain;
+pub mod lease;
+pub mod lease_task;
 pub mod pin;
 pub mod replica;
 pub mod span;
