@@ -57,6 +57,8 @@
 //! 20 hold-thaw       4      u64 point, u64 epoch
 //! 21 thawed          4      u64 point, u64 epoch, u8 how (0 in-time,
 //!                           1 expired, 2 unknown), str16 note
+//! 22 redirect        5      str8 to: the address (`host:port`) of the
+//!                           receiver that owns the group, non-empty
 //! ```
 //!
 //! `since` is the protocol version that added the message or the fields
@@ -85,6 +87,13 @@
 //! stream like the other hold messages. A member whose session speaks
 //! version 3 is never sent them: the coordinator takes its marker
 //! crash-consistent (`tidemark_span` says how that makes the point).
+//!
+//! Version 5 added `redirect`, a receiver's answer to a hello instead of
+//! the welcome when several receivers share one replica store (a Ceph
+//! cluster) and another one owns the group's lease: the shipper closes the
+//! connection and connects to `to`. A shipper that speaks only version 4
+//! or older gets a transient `busy` error naming that receiver instead,
+//! and retries as after any transient error.
 //!
 //! A planned failover is asked for on the replica site: the receiver sends
 //! `drain-request`; the shipper stops the protected host's tracker (no new
@@ -178,6 +187,8 @@ pub enum MessageType {
     HoldThaw,
     /// [`Message::Hold`] with [`HoldMessage::Thawed`].
     Thawed,
+    /// [`Message::Redirect`].
+    Redirect,
 }
 
 impl MessageType {
@@ -205,6 +216,7 @@ impl MessageType {
             MessageType::Quiesced => 19,
             MessageType::HoldThaw => 20,
             MessageType::Thawed => 21,
+            MessageType::Redirect => 22,
         }
     }
 
@@ -232,6 +244,7 @@ impl MessageType {
             19 => MessageType::Quiesced,
             20 => MessageType::HoldThaw,
             21 => MessageType::Thawed,
+            22 => MessageType::Redirect,
             _ => return None,
         })
     }
@@ -261,6 +274,7 @@ impl MessageType {
             | MessageType::Quiesced
             | MessageType::HoldThaw
             | MessageType::Thawed => 4,
+            MessageType::Redirect => 5,
         }
     }
 
@@ -296,6 +310,7 @@ impl MessageType {
             MessageType::Quiesced => "quiesced",
             MessageType::HoldThaw => "hold-thaw",
             MessageType::Thawed => "thawed",
+            MessageType::Redirect => "redirect",
         }
     }
 }
@@ -969,6 +984,12 @@ pub enum Message {
     /// Receiver → shipper (version 3 on): what became of a
     /// [`Message::VmSpec`].
     VmSpecReply(VmSpecReply),
+    /// Receiver → shipper (version 5 on), instead of the welcome: another
+    /// receiver sharing the replica store owns the group; connect there.
+    Redirect {
+        /// That receiver's address, `host:port` (1 to 255 bytes).
+        to: String,
+    },
 }
 
 /// The receiver's answer to a VM spec.
@@ -1032,6 +1053,7 @@ impl Message {
             Message::Hold(HoldMessage::Thawed(_)) => MessageType::Thawed,
             Message::VmSpec { .. } => MessageType::VmSpec,
             Message::VmSpecReply(_) => MessageType::VmSpecReply,
+            Message::Redirect { .. } => MessageType::Redirect,
         }
     }
 
@@ -1276,6 +1298,15 @@ impl Message {
                 w.u8(1);
                 w.str16("vm spec refusal", reason, MAX_VM_SPEC_REASON)?;
             }
+            Message::Redirect { to } => {
+                if to.is_empty() {
+                    return Err(EncodeError::InvalidField {
+                        field: "redirect address",
+                        reason: "empty",
+                    });
+                }
+                w.str8("redirect address", to)?;
+            }
         }
         if w.0.len() > MAX_FRAME_BODY as usize {
             return Err(EncodeError::BodyTooLarge(w.0.len()));
@@ -1514,6 +1545,13 @@ fn decode_fields(msg_type: MessageType, version: u16, body: &[u8]) -> Result<Mes
                     .map_err(|_| invalid("vm spec", "not UTF-8"))?
                     .to_string();
                 Message::VmSpec { text }
+            }
+            MessageType::Redirect => {
+                let to = r.str8("redirect address")?;
+                if to.is_empty() {
+                    return Err(invalid("redirect address", "empty"));
+                }
+                Message::Redirect { to }
             }
             MessageType::VmSpecReply => Message::VmSpecReply(match r.u8("outcome")? {
                 0 => VmSpecReply::Kept {

@@ -213,6 +213,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
         "\\PC{1,200}".prop_map(|text| Message::VmSpec { text }),
         any::<u64>().prop_map(|s| Message::VmSpecReply(VmSpecReply::Kept { from_seq: Seq(s) })),
         "\\PC{0,100}".prop_map(|reason| Message::VmSpecReply(VmSpecReply::Refused { reason })),
+        "[a-z0-9.-]{1,60}:[0-9]{1,5}".prop_map(|to| Message::Redirect { to }),
     ]
 }
 
