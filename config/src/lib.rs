@@ -65,7 +65,8 @@ pub use error::{ConfigError, FieldPath, SourceLocation, ValueError};
 pub use liveness::LivenessConfig;
 pub use plan::{GroupRef, PlanConfig, PlanStep, StartVm};
 pub use receiver::{
-    HostEntry, ReceiverConfig, RetentionConfig, ServerTlsConfig, SpanEntry, SpanMember,
+    CephStoreConfig, HostEntry, ReceiverConfig, RetentionConfig, ServerTlsConfig, SpanEntry,
+    SpanMember, StoreConfig, StoreKind,
 };
 pub use schedule::{TimeOfDay, TimeWindow};
 pub use shipper::{BandwidthConfig, ClientTlsConfig, RetryConfig, ScheduledLimit, ShipperConfig};

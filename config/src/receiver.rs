@@ -47,6 +47,11 @@ pub struct ReceiverConfig {
     /// Default: 24 hours, at most 100000 points, no space limit.
     pub retention: RetentionConfig,
 
+    /// Where the replica stores live, the `[receiver.store]` table.
+    /// Default: the local store in `data-dir`.
+    #[serde(skip_serializing_if = "StoreConfig::is_default")]
+    pub store: StoreConfig,
+
     /// How fast a dead shipper is noticed, the `[receiver.liveness]`
     /// table. Default: a keep-alive every second, dead after 4 s of
     /// silence.
@@ -174,6 +179,7 @@ impl Default for ReceiverConfig {
             control_socket: PathBuf::from("/run/tidemark/receiver.ctl"),
             tls: ServerTlsConfig::default(),
             retention: RetentionConfig::default(),
+            store: StoreConfig::default(),
             liveness: LivenessConfig::default(),
             hosts: Vec::new(),
             spans: Vec::new(),
@@ -253,6 +259,185 @@ impl Default for RetentionConfig {
     }
 }
 
+/// Where the replica stores live, the `[receiver.store]` table.
+///
+/// The local store keeps each group in `data-dir`; the Ceph store keeps
+/// its disks as RBD images and its history as RADOS objects in one pool
+/// and namespace, so that any receiver node (and the CLI on it) reaches
+/// every group. The Ceph settings are refused with `kind = "local"`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "kebab-case",
+    default,
+    expecting = "a [receiver.store] table"
+)]
+pub struct StoreConfig {
+    /// `"local"` (replica stores in `data-dir`) or `"ceph"` (in a Ceph
+    /// cluster; needs a build with the receiver's cargo feature `ceph`).
+    /// Default: `"local"`.
+    pub kind: StoreKind,
+    /// Ceph only: the cluster's configuration file (monitors, keyring).
+    /// Default: `/etc/ceph/ceph.conf`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conf: Option<PathBuf>,
+    /// Ceph only: the client's entity name, `client.NAME`; its key is
+    /// found through the keyring that `conf` names (by default
+    /// `/etc/ceph/ceph.client.NAME.keyring`). Default: `"client.tidemark"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Ceph only: the pool, initialised for RBD (`rbd pool init`).
+    /// Required with `kind = "ceph"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// Ceph only: the RADOS and RBD namespace within the pool (created
+    /// on first use); every receiver of one replica site names the same.
+    /// Default: `""` (the pool's default namespace).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Ceph only: how long an operation on a monitor or an OSD may take
+    /// before it fails (the group then stops applying until the cluster
+    /// answers again), e.g. `"30s"`; more than zero. Default: `"30s"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub op_timeout: Option<Duration>,
+}
+
+/// Which store engine keeps the replicas, `[receiver.store] kind`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StoreKind {
+    /// Image files and a journal in the receiver's `data-dir`.
+    #[default]
+    Local,
+    /// RBD images and RADOS objects in a Ceph cluster.
+    Ceph,
+}
+
+/// The Ceph store's settings with their defaults filled in, from
+/// [`StoreConfig::ceph`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CephStoreConfig {
+    /// The cluster's `ceph.conf`.
+    pub conf: PathBuf,
+    /// The client's entity name, `client.NAME`.
+    pub user: String,
+    /// The pool.
+    pub pool: String,
+    /// The namespace (`""`: the pool's default).
+    pub namespace: String,
+    /// Timeout of every cluster operation.
+    pub op_timeout: std::time::Duration,
+}
+
+impl StoreConfig {
+    /// The default `ceph.conf`.
+    pub const DEFAULT_CONF: &'static str = "/etc/ceph/ceph.conf";
+    /// The default client.
+    pub const DEFAULT_USER: &'static str = "client.tidemark";
+    /// The default operation timeout, in seconds.
+    pub const DEFAULT_OP_TIMEOUT_SECS: u64 = 30;
+
+    fn is_default(&self) -> bool {
+        *self == StoreConfig::default()
+    }
+
+    /// The Ceph store's settings, `None` for the local store. A validated
+    /// configuration with `kind = "ceph"` has a pool.
+    pub fn ceph(&self) -> Option<CephStoreConfig> {
+        if self.kind != StoreKind::Ceph {
+            return None;
+        }
+        Some(CephStoreConfig {
+            conf: self
+                .conf
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(Self::DEFAULT_CONF)),
+            user: self
+                .user
+                .clone()
+                .unwrap_or_else(|| Self::DEFAULT_USER.to_owned()),
+            pool: self.pool.clone().unwrap_or_default(),
+            namespace: self.namespace.clone().unwrap_or_default(),
+            op_timeout: self.op_timeout.map_or(
+                std::time::Duration::from_secs(Self::DEFAULT_OP_TIMEOUT_SECS),
+                |t| t.get(),
+            ),
+        })
+    }
+
+    fn validate(&self, at: &FieldPath) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::invalid(at.key(key), message);
+        let ceph_settings = [
+            ("conf", self.conf.is_some()),
+            ("user", self.user.is_some()),
+            ("pool", self.pool.is_some()),
+            ("namespace", self.namespace.is_some()),
+            ("op-timeout", self.op_timeout.is_some()),
+        ];
+        if self.kind == StoreKind::Local {
+            if let Some((key, _)) = ceph_settings.iter().find(|(_, set)| *set) {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "{key} is a setting of the Ceph store; set kind = \"ceph\" or remove it"
+                    ),
+                ));
+            }
+            return Ok(());
+        }
+        if let Some(conf) = &self.conf {
+            rules::check_path(conf).map_err(|m| invalid("conf", m))?;
+        }
+        if let Some(user) = &self.user {
+            let name = user.strip_prefix("client.").unwrap_or("");
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(invalid(
+                    "user",
+                    format!("{user:?} is not a client's entity name; write it \"client.NAME\" (e.g. \"client.tidemark\")"),
+                ));
+            }
+        }
+        match &self.pool {
+            None => {
+                return Err(ConfigError::invalid(
+                    at.clone(),
+                    "the Ceph store needs a pool: add pool = \"NAME\" (a pool initialised with `rbd pool init`)".to_owned(),
+                ))
+            }
+            Some(pool) if !ceph_identifier(pool) => {
+                return Err(invalid(
+                    "pool",
+                    format!("{pool:?} is not a pool name: 1 to 255 printable characters without spaces"),
+                ))
+            }
+            Some(_) => {}
+        }
+        if let Some(namespace) = &self.namespace {
+            if !namespace.is_empty() && !ceph_identifier(namespace) {
+                return Err(invalid(
+                    "namespace",
+                    format!("{namespace:?} is not a namespace: up to 255 printable characters without spaces or '/'"),
+                ));
+            }
+        }
+        if let Some(timeout) = &self.op_timeout {
+            if timeout.get().is_zero() {
+                return Err(invalid(
+                    "op-timeout",
+                    "op-timeout must be more than zero (zero would wait for an unavailable cluster forever)".to_owned(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A pool or namespace name as Ceph accepts it and as we can pass it to
+/// the C API: printable, no spaces, no '/' (RBD's image spec separator).
+fn ceph_identifier(name: &str) -> bool {
+    (1..=255).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_graphic() && b != b'/')
+}
+
 /// An enrolled protected host, a `[[receiver.host]]` table.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(
@@ -293,6 +478,7 @@ impl ReceiverConfig {
         }
 
         self.liveness.validate(&at.key("liveness"))?;
+        self.store.validate(&at.key("store"))?;
 
         let retention = at.key("retention");
         if self.retention.window.get().is_zero() {

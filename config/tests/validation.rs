@@ -716,6 +716,72 @@ fn retention_limits_are_positive() {
     accepts("[receiver.retention]\nmax-space = \"1TiB\"\nwindow = \"15d\"\n");
 }
 
+/// The store is local unless `kind = "ceph"`; the Ceph store needs a
+/// pool, and its settings are refused with the local store (a forgotten
+/// `kind` would otherwise keep replicas where the admin did not mean).
+#[test]
+fn the_store_is_local_or_ceph_with_a_pool() {
+    let config = parse_str("[receiver]\n", Path::new("t.toml")).unwrap();
+    let receiver = config.require_receiver().unwrap();
+    assert_eq!(receiver.store.kind, tidemark_config::StoreKind::Local);
+    assert_eq!(receiver.store.ceph(), None);
+
+    let config = parse_str(
+        "[receiver.store]\nkind = \"ceph\"\npool = \"replicas\"\n",
+        Path::new("t.toml"),
+    )
+    .unwrap();
+    let ceph = config.require_receiver().unwrap().store.ceph().unwrap();
+    assert_eq!(ceph.conf, Path::new("/etc/ceph/ceph.conf"));
+    assert_eq!(ceph.user, "client.tidemark");
+    assert_eq!(ceph.pool, "replicas");
+    assert_eq!(ceph.namespace, "");
+    assert_eq!(ceph.op_timeout, std::time::Duration::from_secs(30));
+    accepts(
+        "[receiver.store]\nkind = \"ceph\"\nconf = \"/etc/ceph/dr.conf\"\nuser = \"client.dr\"\n\
+         pool = \"rbd\"\nnamespace = \"site-b\"\nop-timeout = \"10s\"\n",
+    );
+
+    rejects(
+        "[receiver.store]\nkind = \"ceph\"\n",
+        1,
+        "receiver.store",
+        "needs a pool",
+    );
+    rejects(
+        "[receiver.store]\npool = \"rbd\"\n",
+        2,
+        "receiver.store.pool",
+        "set kind = \"ceph\"",
+    );
+    rejects(
+        "[receiver.store]\nkind = \"ceph\"\npool = \"rbd\"\nuser = \"admin\"\n",
+        4,
+        "receiver.store.user",
+        "\"client.NAME\"",
+    );
+    rejects(
+        "[receiver.store]\nkind = \"ceph\"\npool = \"a b\"\n",
+        3,
+        "receiver.store.pool",
+        "not a pool name",
+    );
+    rejects(
+        "[receiver.store]\nkind = \"ceph\"\npool = \"rbd\"\nnamespace = \"a/b\"\n",
+        4,
+        "receiver.store.namespace",
+        "not a namespace",
+    );
+    rejects(
+        "[receiver.store]\nkind = \"ceph\"\npool = \"rbd\"\nop-timeout = \"0s\"\n",
+        4,
+        "receiver.store.op-timeout",
+        "more than zero",
+    );
+    let err = parse_str("[receiver.store]\nkind = \"nfs\"\n", Path::new("t.toml")).unwrap_err();
+    assert!(err.to_string().contains("receiver.store.kind"), "{err}");
+}
+
 #[test]
 fn enrolled_host_names_are_valid_and_unique() {
     rejects_name(

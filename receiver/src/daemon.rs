@@ -374,8 +374,10 @@ pub async fn run(
         stop.clone(),
     )
     .map_err(|e| ReceiverFatal::Setup(format!("span: {e}")))?;
+    let engine = crate::store::open_engine(&cfg, "receiver")
+        .map_err(|e| ReceiverFatal::Setup(format!("store: {}", error_chain(&e))))?;
     let server = Arc::new(Server {
-        engine: Box::new(LocalEngine::new(&cfg.data_dir)),
+        engine,
         data_dir: cfg.data_dir.clone(),
         retention: Retention {
             window: cfg.retention.window.get(),

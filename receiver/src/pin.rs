@@ -29,6 +29,13 @@
 //! - The CLI runs as root, the receiver as the group directory's owner:
 //!   the directory and the pin are given to that owner, who must read the
 //!   pin.
+//! - A group kept in a store the receiver reads elsewhere (the Ceph store)
+//!   has its pin there too ([`StorePin`], from
+//!   [`StoreEngine::store_pin`](crate::store::StoreEngine::store_pin)):
+//!   the lock and the scratch files stay in the local directory, and the
+//!   pin is written to both, after the local one, and removed from both,
+//!   before the local one. The lock excludes a second pin holder on this
+//!   node only.
 
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -84,6 +91,17 @@ pub enum PinError {
     /// The pin could not be written; the old one (or none) stays.
     #[error("writing the pin")]
     Write(#[source] ReplaceError),
+    /// The pin kept with the store (the Ceph store's pin object) could not
+    /// be written or removed (the cluster).
+    #[error("writing the pin in the store")]
+    Store(#[source] crate::store::StoreError),
+}
+
+/// The pin of a group kept where its store is, beside the local pin: the
+/// store's engine reads it when it chooses what to fold.
+pub trait StorePin: Send + Sync + std::fmt::Debug {
+    /// Pins `seq`, or (`None`) removes the pin (no pin is no error).
+    fn set(&self, seq: Option<Seq>) -> Result<(), crate::store::StoreError>;
 }
 
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> PinError {
@@ -98,6 +116,8 @@ fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> PinError
 pub struct PinLock {
     dir: PathBuf,
     group_owner: (u32, u32),
+    /// The pin in the group's store, if it is not the local one.
+    store: Option<Box<dyn StorePin>>,
     _lock: DirLock,
 }
 
@@ -120,8 +140,16 @@ impl PinLock {
         Ok(PinLock {
             dir,
             group_owner,
+            store: None,
             _lock: lock,
         })
+    }
+
+    /// The same lock, pinning also in the group's store (`None`: the
+    /// local pin is the store's).
+    pub fn with_store_pin(mut self, store: Option<Box<dyn StorePin>>) -> PinLock {
+        self.store = store;
+        self
     }
 
     /// The locked directory (a test failover keeps its scratch files in
@@ -134,12 +162,19 @@ impl PinLock {
     /// keeps it until [`PinLock::unpin`] or [`PinLock::remove_all`].
     pub fn pin(&self, seq: Seq) -> Result<(), PinError> {
         write(&FsDir::at(&self.dir), seq).map_err(PinError::Write)?;
-        give(&self.dir.join(PIN_FILE), self.group_owner)
+        give(&self.dir.join(PIN_FILE), self.group_owner)?;
+        match &self.store {
+            Some(store) => store.set(Some(seq)).map_err(PinError::Store),
+            None => Ok(()),
+        }
     }
 
     /// Removes the pin, if there is one: retention may fold its point
     /// again.
     pub fn unpin(&self) -> Result<(), PinError> {
+        if let Some(store) = &self.store {
+            store.set(None).map_err(PinError::Store)?;
+        }
         let path = self.dir.join(PIN_FILE);
         match std::fs::remove_file(&path) {
             Ok(()) => Ok(()),
@@ -151,6 +186,9 @@ impl PinLock {
     /// Removes the directory and everything in it (the pin, a test
     /// failover's scratch files), then releases the lock.
     pub fn remove_all(self) -> Result<(), PinError> {
+        if let Some(store) = &self.store {
+            store.set(None).map_err(PinError::Store)?;
+        }
         std::fs::remove_dir_all(&self.dir).map_err(io_err("removing", &self.dir))
     }
 }
@@ -232,6 +270,49 @@ mod tests {
         assert!(!group.path().join(TEST_FAILOVER_DIR).exists());
         // The lock went with it: the next holder takes it.
         PinLock::acquire(group.path()).unwrap();
+    }
+
+    /// A store pin that records what it was given, and fails on demand.
+    #[derive(Debug, Default)]
+    struct Recorded {
+        calls: std::sync::Mutex<Vec<Option<Seq>>>,
+        fail: std::sync::atomic::AtomicBool,
+    }
+
+    impl StorePin for std::sync::Arc<Recorded> {
+        fn set(&self, seq: Option<Seq>) -> Result<(), crate::store::StoreError> {
+            if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(crate::store::StoreError::Poisoned);
+            }
+            self.calls.lock().unwrap().push(seq);
+            Ok(())
+        }
+    }
+
+    /// With a store pin, pinning writes the local pin and the store's,
+    /// unpinning and removing remove both; a store that cannot be written
+    /// fails the pin (the caller then reads nothing).
+    #[test]
+    fn a_store_pin_is_written_and_removed_beside_the_local_one() {
+        let group = tempfile::tempdir().unwrap();
+        let dir = FsDir::at(&group.path().join(TEST_FAILOVER_DIR));
+        let store = std::sync::Arc::new(Recorded::default());
+        let lock = PinLock::acquire(group.path())
+            .unwrap()
+            .with_store_pin(Some(Box::new(store.clone())));
+        lock.pin(Seq(5)).unwrap();
+        assert_eq!(read(&dir), Some(Seq(5)));
+        lock.unpin().unwrap();
+        assert_eq!(read(&dir), None);
+        lock.pin(Seq(6)).unwrap();
+        store.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(matches!(lock.pin(Seq(7)), Err(PinError::Store(_))));
+        store.fail.store(false, std::sync::atomic::Ordering::SeqCst);
+        lock.remove_all().unwrap();
+        assert_eq!(
+            *store.calls.lock().unwrap(),
+            [Some(Seq(5)), None, Some(Seq(6)), None]
+        );
     }
 
     #[test]

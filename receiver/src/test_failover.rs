@@ -27,7 +27,7 @@ use tidemark_changelog::Seq;
 use tidemark_durable::{private_file, zero_range, AllocationRun, Zeroes};
 
 use crate::pin::{PinError, PinLock};
-use crate::store::{Disk, LocalEngine, PointReader, StoreError};
+use crate::store::{Disk, LocalEngine, PointReader, ReplicaStore, StoreError};
 
 /// The copy-on-write block: a write that covers a block only in part
 /// first copies the rest of the block from the point.
@@ -128,7 +128,19 @@ impl TestFailover {
         lock: PinLock,
         seq: Seq,
     ) -> Result<TestFailover, TestFailoverError> {
-        match Self::open(group_dir, &lock, seq) {
+        Self::start_on(|| LocalEngine::open_dir_read_only(group_dir), lock, seq)
+    }
+
+    /// [`TestFailover::start`] of a group that `open` opens read-only
+    /// (from any store engine; the lock's directory keeps the scratch
+    /// files, and pins in the store too if the lock was given its
+    /// [`StorePin`](crate::pin::StorePin)).
+    pub fn start_on(
+        open: impl FnOnce() -> Result<Arc<dyn ReplicaStore>, StoreError>,
+        lock: PinLock,
+        seq: Seq,
+    ) -> Result<TestFailover, TestFailoverError> {
+        match Self::open(open, &lock, seq) {
             Ok(overlay) => Ok(TestFailover {
                 lock,
                 overlay: Arc::new(overlay),
@@ -142,11 +154,15 @@ impl TestFailover {
         }
     }
 
-    fn open(group_dir: &Path, lock: &PinLock, seq: Seq) -> Result<CowOverlay, TestFailoverError> {
+    fn open(
+        open: impl FnOnce() -> Result<Arc<dyn ReplicaStore>, StoreError>,
+        lock: &PinLock,
+        seq: Seq,
+    ) -> Result<CowOverlay, TestFailoverError> {
         // Pin, then open: a fold between choosing the point and pinning
         // it is noticed here, when the point is looked up again.
         lock.pin(seq)?;
-        let group = LocalEngine::open_dir_read_only(group_dir).map_err(TestFailoverError::Open)?;
+        let group = open().map_err(TestFailoverError::Open)?;
         let disks = group.disks();
         let view = group
             .shared_reader(seq)

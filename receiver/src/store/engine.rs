@@ -152,6 +152,14 @@ pub trait StoreEngine: Send + Sync + Debug {
     fn exists(&self, host: &Name, group: &Name) -> bool;
     /// Where the store of `host`'s `group` is, for messages.
     fn describe(&self, host: &Name, group: &Name) -> String;
+    /// The pin of `host`'s `group` kept with the store, when the store
+    /// does not read the local pin ([`crate::pin`]) of the group's
+    /// directory in the data directory. Default: none (the local pin is
+    /// the store's).
+    fn store_pin(&self, host: &Name, group: &Name) -> Option<Box<dyn crate::pin::StorePin>> {
+        let _ = (host, group);
+        None
+    }
 }
 
 /// The local engine: each group's store is a [`ReplicaGroup`] in its own

@@ -260,11 +260,15 @@ mod error;
 mod image;
 mod index;
 mod journal;
+mod open;
 mod overlay;
 mod state;
 
 pub use engine::{LocalEngine, PointReader, ReplicaStore, StoreEngine};
 pub use error::StoreError;
+#[cfg(feature = "ceph")]
+pub use open::connect;
+pub use open::{open_engine, owner, OpenEngineError};
 /// A disk of the group (id, name, size), as the shipper announces it; the
 /// store keeps one image of each.
 pub use tidemark_changelog::Disk;
@@ -1686,6 +1690,16 @@ impl<D: LogDir> View<'_, D> {
     /// covers, or journaled zeroes. `false` means "unknown" (read it).
     pub fn is_zero(&self, disk: DiskId, offset: u64, len: u64) -> bool {
         self.by_ref().is_zero(disk, offset, len)
+    }
+
+    /// The ranges of `disk` (start, end) where this view reads otherwise
+    /// than the disk's image (the journal's pieces before its point), in
+    /// order: what a copy of the image needs to become the point.
+    pub fn changed(&self, disk: DiskId) -> Vec<(u64, u64)> {
+        self.overlays
+            .get(&disk)
+            .map(|o| o.all().map(|p| (p.start, p.end)).collect())
+            .unwrap_or_default()
     }
 
     fn by_ref(&self) -> ViewRef<'_, D> {

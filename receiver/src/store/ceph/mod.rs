@@ -4,8 +4,9 @@
 //! [`Cluster`] seam (a real cluster with
 //! `tidemark-ceph`'s feature `librados`, or its simulation in tests).
 //!
-//! Not yet selectable in `receiver.toml`: the receiver and the CLI still
-//! open the local store only; the engine is tested on the simulation
+//! Selected in `receiver.toml` by `[receiver.store] kind = "ceph"`
+//! ([`open_engine`](super::open_engine), on a real cluster with the
+//! receiver's feature `ceph`). The engine is tested on the simulation
 //! (`tests/ceph_store_crash.rs`, `tests/ceph_lease.rs`) and on a real
 //! cluster (`tests/ceph_store_live.rs`, feature `ceph`). Several receivers
 //! share a cluster through group leases ([`CephEngine::with_lease`], see
@@ -139,7 +140,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tidemark_ceph::{CephError, Cluster, CmpOp, WriteOp};
+use tidemark_ceph::{CephError, Cluster, ClusterImage, CmpOp, WriteOp};
 use tidemark_changelog::Seq;
 use tidemark_names::Name;
 
@@ -388,15 +389,78 @@ impl<C: Cluster + 'static> CephEngine<C> {
     /// retention folds neither it nor any later point while it lasts.
     pub fn set_pin(&self, host: &Name, group: &Name, seq: Option<Seq>) -> Result<(), StoreError> {
         let oid = format!("{}tf.{}", prefix(host, group), crate::pin::PIN_FILE);
-        let op = match seq {
-            Some(seq) => WriteOp::new().write_full(seq.get().to_string().as_bytes()),
-            None => WriteOp::new().remove(),
-        };
-        match self.cluster.operate(&oid, &op) {
-            Ok(()) => Ok(()),
-            Err(CephError::NotFound { .. }) if seq.is_none() => Ok(()),
-            Err(e) => Err(self.err(host, group, "writing the pin of", e)),
+        set_pin(self.cluster.as_ref(), &oid, seq)
+            .map_err(|e| self.err(host, group, "writing the pin of", e))
+    }
+
+    /// Fails the opened `group` (of `host`) over to new RBD images as of
+    /// its point `seq`, without copying a disk: per disk, one snapshot of
+    /// its base image (`G+disk-N@SNAP`), protected, and a clone of it named
+    /// `{name}-{disk name}`; then the point's journal pieces (what the
+    /// point reads otherwise than the base image) are written into the
+    /// clone, and the clone is flushed. One snapshot per failover, never
+    /// one per point. `snap` names the snapshots (unique per failover).
+    /// Returns each disk with its clone's name.
+    ///
+    /// `group` must be this engine's writable open of the group, so that
+    /// no receiver folds into the base images meanwhile (the open fenced
+    /// it).
+    pub fn failover_to_rbd(
+        &self,
+        host: &Name,
+        group_name: &Name,
+        group: &CephGroup<C>,
+        seq: Seq,
+        name: &str,
+        snap: &str,
+    ) -> Result<Vec<(super::Disk, String)>, StoreError> {
+        const CHUNK: u64 = 4 << 20;
+        let view = group.view(Some(seq))?;
+        let prefix = prefix(host, group_name);
+        let mut clones = Vec::new();
+        for disk in group.disks() {
+            let base = format!("{prefix}disk-{}", disk.id);
+            let clone = format!("{name}-{}", disk.name);
+            let err = |context: &'static str| {
+                let described = self.describe(host, group_name);
+                move |e: CephError| StoreError::Io {
+                    context,
+                    path: PathBuf::from(described),
+                    source: io_error(e),
+                }
+            };
+            self.cluster
+                .snap_protect_clone(&base, snap, &clone)
+                .map_err(err("snapshotting and cloning a disk of"))?;
+            let image = self
+                .cluster
+                .image_open(&clone)
+                .map_err(err("opening the failover clone of"))?;
+            let mut buf = Vec::new();
+            for (start, end) in view.changed(disk.id) {
+                let mut at = start;
+                while at < end {
+                    let n = (end - at).min(CHUNK);
+                    if view.is_zero(disk.id, at, n) {
+                        image
+                            .write_zeroes(at, n)
+                            .map_err(err("zeroing the failover clone of"))?;
+                    } else {
+                        buf.resize(n as usize, 0);
+                        view.read(disk.id, at, &mut buf)?;
+                        image
+                            .write(at, &buf)
+                            .map_err(err("writing the failover clone of"))?;
+                    }
+                    at += n;
+                }
+            }
+            image
+                .flush()
+                .map_err(err("flushing the failover clone of"))?;
+            clones.push((disk, clone));
         }
+        Ok(clones)
     }
 
     /// The state object's format check, and its epoch and commit counter.
@@ -478,6 +542,50 @@ impl<C: Cluster + 'static> StoreEngine for CephEngine<C> {
     fn describe(&self, host: &Name, group: &Name) -> String {
         format!("ceph:{host}+{group}")
     }
+
+    fn store_pin(&self, host: &Name, group: &Name) -> Option<Box<dyn crate::pin::StorePin>> {
+        Some(Box::new(CephPin {
+            cluster: self.cluster.clone(),
+            oid: format!("{}tf.{}", prefix(host, group), crate::pin::PIN_FILE),
+            describe: self.describe(host, group),
+        }))
+    }
+}
+
+/// The pin object of a group (`G+tf.pin`), for a reader outside the
+/// receiver (a test failover from any node).
+struct CephPin<C: Cluster> {
+    cluster: Arc<C>,
+    oid: String,
+    describe: String,
+}
+
+impl<C: Cluster> fmt::Debug for CephPin<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CephPin").field("oid", &self.oid).finish()
+    }
+}
+
+impl<C: Cluster + 'static> crate::pin::StorePin for CephPin<C> {
+    fn set(&self, seq: Option<Seq>) -> Result<(), StoreError> {
+        set_pin(self.cluster.as_ref(), &self.oid, seq).map_err(|e| StoreError::Io {
+            context: "writing the pin of",
+            path: PathBuf::from(&self.describe),
+            source: io_error(e),
+        })
+    }
+}
+
+/// Writes (`Some`) or removes the pin object `oid`, whole in one operation.
+fn set_pin<C: Cluster>(cluster: &C, oid: &str, seq: Option<Seq>) -> Result<(), CephError> {
+    let op = match seq {
+        Some(seq) => WriteOp::new().write_full(seq.get().to_string().as_bytes()),
+        None => WriteOp::new().remove(),
+    };
+    match cluster.operate(oid, &op) {
+        Err(CephError::NotFound { .. }) if seq.is_none() => Ok(()),
+        other => other,
+    }
 }
 
 #[cfg(test)]
@@ -512,6 +620,108 @@ mod tests {
         let xattrs = cluster.xattrs("h1+g+state").unwrap();
         assert_eq!(xattrs[XATTR_EPOCH], hex(2).as_bytes());
         assert_eq!(xattrs[XATTR_COMMIT], hex(1).as_bytes());
+    }
+
+    /// A failover to RBD clones the base image once per disk and writes
+    /// the point's journal pieces into the clone: the clone reads as the
+    /// point (not as the head), the base image is unchanged, and a second
+    /// failover of the same name is refused.
+    #[test]
+    fn a_failover_to_rbd_clones_the_base_image_and_writes_the_point_into_it() {
+        use tidemark_changelog::{DiskId, Entry, Record};
+        const SIZE: u64 = 1 << 20;
+        let world = SimWorld::new();
+        let engine = CephEngine::new(world.client("ns"), "node-a");
+        let (host, group) = names();
+        let mut g = engine.open_group(&host, &group).unwrap();
+        g.ensure_disks(&[super::super::Disk {
+            id: DiskId(0),
+            name: Name::from_static("data"),
+            size: SIZE,
+        }])
+        .unwrap();
+        let base: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8).collect();
+        g.apply_chunk(
+            DiskId(0),
+            0,
+            super::super::ChunkRef::Data(&base),
+            super::super::Purpose::InitialSync,
+        )
+        .unwrap();
+        let mut seq = 0u64;
+        let mut apply = |g: &mut CephGroup<_>, entry: Entry<'_>| {
+            seq += 1;
+            g.apply_record(&Record::decode(&entry.encode(seq, 1)).unwrap())
+                .unwrap();
+        };
+        apply(&mut g, Entry::barrier(0));
+        g.commit().unwrap();
+        apply(&mut g, Entry::write(0, 4096, &[7u8; 10_000], 0));
+        apply(&mut g, Entry::trim(0, 300_000, 70_000, 0));
+        apply(&mut g, Entry::barrier(1));
+        g.commit().unwrap();
+        let point = Seq(4);
+        apply(&mut g, Entry::write(0, 8192, &[9u8; 4096], 0));
+        apply(&mut g, Entry::barrier(2));
+        g.commit().unwrap();
+
+        let mut want = vec![0u8; SIZE as usize];
+        g.view(Some(point))
+            .unwrap()
+            .read(DiskId(0), 0, &mut want)
+            .unwrap();
+        assert_eq!(
+            &want[8192..8200],
+            &[7u8; 8],
+            "the point is before the last write"
+        );
+        assert!(want[300_000..370_000].iter().all(|b| *b == 0));
+
+        let clones = engine
+            .failover_to_rbd(&host, &group, &g, point, "fo", "tidemark-failover-4")
+            .unwrap();
+        assert_eq!(clones.len(), 1);
+        assert_eq!(clones[0].1, "fo-data");
+        let cluster = world.client("ns");
+        let mut got = vec![0u8; SIZE as usize];
+        cluster
+            .image_open_read_only("fo-data")
+            .unwrap()
+            .read(0, &mut got)
+            .unwrap();
+        assert!(got == want, "the clone reads as the point");
+        cluster
+            .image_open_read_only("h1+g+disk-0")
+            .unwrap()
+            .read(0, &mut got)
+            .unwrap();
+        assert!(got == base, "the base image is untouched");
+        assert!(engine
+            .failover_to_rbd(&host, &group, &g, point, "fo", "tidemark-failover-4b")
+            .is_err());
+    }
+
+    /// The engine's store pin is the group's pin object, which the group
+    /// reads as its pin.
+    #[test]
+    fn the_store_pin_is_the_pin_object_the_group_reads() {
+        let world = SimWorld::new();
+        let engine = CephEngine::new(world.client("ns"), "node-a");
+        let (host, group) = names();
+        drop(engine.open_group(&host, &group).unwrap());
+        let pin = engine.store_pin(&host, &group).unwrap();
+        pin.set(Some(Seq(9))).unwrap();
+        assert_eq!(
+            world.client("ns").read("h1+g+tf.pin", 0, 100).unwrap(),
+            b"9"
+        );
+        assert_eq!(
+            engine.open_group(&host, &group).unwrap().pinned(),
+            Some(Seq(9))
+        );
+        pin.set(None).unwrap();
+        pin.set(None).unwrap();
+        assert_eq!(engine.open_group(&host, &group).unwrap().pinned(), None);
     }
 
     /// A group of a newer format, or of none, is refused before anything
