@@ -530,7 +530,7 @@ impl Server {
     }
 
     /// Opens (or finds open) the store of a host's group.
-    fn group(&self, host: &Name, group: &Name) -> Result<Arc<Mutex<StoreReplica>>, ReceiverError> {
+    fn group(&self, host: &Name, group: &Name) -> Result<Arc<Mutex<StoreReplica>>, GroupRefused> {
         let key = (host.clone(), group.clone());
         let mut groups = lock(&self.groups);
         if let Some(g) = groups.get(&key) {
@@ -542,12 +542,15 @@ impl Server {
         }
         let opened =
             tokio::task::block_in_place(|| self.engine.open(host, group)).map_err(|e| {
+                if let crate::store::StoreError::OwnedElsewhere { owner, .. } = e {
+                    return GroupRefused::OwnedElsewhere(owner);
+                }
                 let (class, code) = crate::replica::classify(&e);
-                ReceiverError::Peer {
+                GroupRefused::Refused(ReceiverError::Peer {
                     class,
                     code,
                     message: format!("opening the replica of {host}/{group}: {e}"),
-                }
+                })
             })?;
         let mut opened = opened;
         opened.set_retention(self.retention);
@@ -622,7 +625,29 @@ impl Server {
         };
         let replica = match self.group(host, &group_name) {
             Ok(r) => r,
-            Err(e) => return refuse(&mut send, e).await,
+            Err(GroupRefused::Refused(e)) => return refuse(&mut send, e).await,
+            Err(GroupRefused::OwnedElsewhere(owner)) => {
+                // Another receiver sharing the store applies the group:
+                // send the shipper there (or, not knowing where, retry).
+                let session = ExpectHello::new(SessionConfig::new(host));
+                let answer = match owner {
+                    Some(to) => session.redirect(hello, &to).map(|frame| (frame, to)),
+                    None => Err(ReceiverError::Refused {
+                        class: ErrorClass::Transient,
+                        code: ErrorCode::Busy,
+                        message: "another receiver is taking this group over".into(),
+                        version: hello.version.min(tidemark_wire::PROTOCOL_VERSION),
+                    }),
+                };
+                let (frame, to) = match answer {
+                    Ok(x) => x,
+                    Err(e) => return refuse(&mut send, e).await,
+                };
+                let _ = send.write_all(&frame).await;
+                let _ = send.finish();
+                let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+                return Err(SessionEnded::Redirected { to });
+            }
         };
         let session = ExpectHello::new(SessionConfig::new(host));
         let started =
@@ -957,6 +982,22 @@ enum SessionEnded {
     /// The thread applying a message or committing failed (panicked).
     #[error("applying on a blocking thread")]
     Apply(#[source] tokio::task::JoinError),
+    /// Another receiver sharing the replica store owns the group: the
+    /// shipper was sent there.
+    #[error("redirected the shipper to the receiver at {to}, which owns the group")]
+    Redirected {
+        /// That receiver's address.
+        to: String,
+    },
+}
+
+/// Why a session's group could not be opened here.
+enum GroupRefused {
+    /// Another receiver sharing the replica store owns it (at this
+    /// address, if it recorded one).
+    OwnedElsewhere(Option<String>),
+    /// Refused; tell the shipper this.
+    Refused(ReceiverError),
 }
 
 /// Sends the error to the shipper (in a protocol version it reads) and
