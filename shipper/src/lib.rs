@@ -13,6 +13,7 @@
 pub mod daemon;
 mod holds;
 pub mod policy;
+pub mod receivers;
 pub mod source;
 pub mod status;
 pub mod tail;
