@@ -280,6 +280,46 @@ fn collect_metrics(
     e
 }
 
+/// The group leases' metrics, with a store shared between receivers.
+fn lease_metrics(e: &mut Exposition, s: &crate::lease_task::LeaseStats) {
+    let none = labels(&[]);
+    e.gauge(
+        "tidemark_receiver_groups_owned",
+        "Groups whose lease this receiver holds (it applies them).",
+        None,
+        &none,
+        s.owned as f64,
+    );
+    e.counter(
+        "tidemark_receiver_takeovers",
+        "Groups this receiver took (their previous owners fenced first).",
+        None,
+        &none,
+        s.takeovers,
+    );
+    e.counter(
+        "tidemark_receiver_redirects",
+        "Shipper sessions sent to another receiver that owns their group.",
+        None,
+        &none,
+        s.owned_elsewhere,
+    );
+    e.counter(
+        "tidemark_receiver_leases_lost",
+        "Group leases lost after they were held (expired, taken over, not renewed in time).",
+        None,
+        &none,
+        s.lost,
+    );
+    e.counter(
+        "tidemark_receiver_fenced",
+        "Times another receiver fenced (blocklisted) this one: it applies nothing until restarted.",
+        None,
+        &none,
+        s.fenced,
+    );
+}
+
 impl Server {
     /// One sample per group this receiver has opened since it started.
     fn samples(&self) -> Vec<GroupSample> {
@@ -401,12 +441,16 @@ pub async fn run(
         Some(maddr) => {
             let srv = server.clone();
             let render: tidemark_metrics::Render = Arc::new(move || {
-                collect_metrics(
+                let mut e = collect_metrics(
                     &srv.samples(),
                     &srv.spans.samples(),
                     &srv.peer_timeout_counts(),
                     tidemark_changelog::now_ns(),
-                )
+                );
+                if let Some(leases) = srv.engine.lease_stats() {
+                    lease_metrics(&mut e, &leases);
+                }
+                e
             });
             match MetricsServer::bind(maddr, render).await {
                 Ok(m) => Some(m),
@@ -1015,6 +1059,30 @@ async fn refuse(send: &mut quinn::SendStream, err: ReceiverError) -> Result<(), 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// With a store shared between receivers, the leases' counters.
+    #[test]
+    fn metrics_show_the_group_leases() {
+        let mut e = collect_metrics(&[], &[], &[], 0);
+        let stats = crate::lease_task::LeaseStats {
+            owned: 3,
+            takeovers: 2,
+            owned_elsewhere: 5,
+            lost: 1,
+            fenced: 0,
+        };
+        lease_metrics(&mut e, &stats);
+        let t = e.render(tidemark_metrics::Format::OpenMetrics);
+        for line in [
+            "tidemark_receiver_groups_owned 3.0",
+            "tidemark_receiver_takeovers_total 2",
+            "tidemark_receiver_redirects_total 5",
+            "tidemark_receiver_leases_lost_total 1",
+            "tidemark_receiver_fenced_total 0",
+        ] {
+            assert!(t.lines().any(|l| l == line), "{line} missing in\n{t}");
+        }
+    }
 
     #[test]
     fn metrics_show_each_group_with_its_state_and_barrier_age() {

@@ -692,10 +692,11 @@ async fn session(
         shared.addr = match resolve(shared.choice.current()) {
             Ok(addr) => addr,
             Err(reason) => {
-                shared.choice.handle_unreachable();
+                shared.choice.handle_ended();
                 return SessionError::Resolve(reason).into();
             }
         };
+        shared.choice.handle_dial();
         let connecting = match shared.endpoint.connect_with(
             shared.client.clone(),
             shared.addr,
@@ -703,7 +704,7 @@ async fn session(
         ) {
             Ok(c) => c,
             Err(source) => {
-                shared.choice.handle_unreachable();
+                shared.choice.handle_ended();
                 return SessionError::Connect {
                     addr: shared.addr,
                     source,
@@ -715,7 +716,7 @@ async fn session(
             c = connecting => match c {
                 Ok(c) => c,
                 Err(e) => {
-                    shared.choice.handle_unreachable();
+                    shared.choice.handle_ended();
                     return connection_end(e, "connecting").into();
                 }
             },
@@ -754,7 +755,7 @@ async fn session(
                 let target = match to.parse::<HostPort>() {
                     Ok(t) => t,
                     Err(e) => {
-                        shared.choice.handle_backoff();
+                        shared.choice.handle_ended();
                         return SessionError::Session(ShipperError::Protocol(format!(
                             "a redirect to {to:?}, which is no address: {e}"
                         )))
@@ -777,7 +778,7 @@ async fn session(
                 }
             }
             end => {
-                shared.choice.handle_backoff();
+                shared.choice.handle_ended();
                 return end;
             }
         }

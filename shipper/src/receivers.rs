@@ -11,8 +11,10 @@
 //!   one that does: followed at once, up to [`MAX_REDIRECTS`] times per
 //!   connection attempt; past that the shipper backs off as after any
 //!   transient failure (a takeover is under way).
-//! - A receiver that cannot be reached (or ends the connection before its
-//!   welcome) is left for the next one in the order at the next attempt.
+//! - A receiver that cannot be reached, or ends the connection before a
+//!   session runs (it cannot open the group: say it was fenced by another
+//!   receiver, or the store is unavailable to it), is left for the next
+//!   one in the order at the next attempt.
 //! - Once a session runs, its receiver is dialled first again after a
 //!   disconnect (ownership is sticky).
 
@@ -31,6 +33,8 @@ pub struct ReceiverChoice {
     current: HostPort,
     /// Redirects followed since the last backoff or session.
     redirects: u32,
+    /// A session ran on the connection dialled last.
+    session: bool,
 }
 
 /// A redirect not followed: too many in a row.
@@ -69,6 +73,7 @@ impl ReceiverChoice {
             order,
             current,
             redirects: 0,
+            session: false,
         })
     }
 
@@ -95,28 +100,31 @@ impl ReceiverChoice {
         Ok(())
     }
 
-    /// The receiver dialled could not be reached, or ended the connection
-    /// before a session ran: the next attempt (after backing off) dials
-    /// the next one in the order.
-    pub fn handle_unreachable(&mut self) {
+    /// A connection to [`current`](Self::current) is being dialled.
+    pub fn handle_dial(&mut self) {
+        self.session = false;
+    }
+
+    /// A session runs with the receiver dialled: it is dialled first again.
+    pub fn handle_session(&mut self) {
+        self.session = true;
         self.redirects = 0;
+    }
+
+    /// The connection ended (or never started) otherwise than by a
+    /// redirect; the shipper backs off. Without a session on it, the next
+    /// attempt dials the next receiver in the order.
+    pub fn handle_ended(&mut self) {
+        self.redirects = 0;
+        if self.session {
+            return;
+        }
         let next = match self.order.iter().position(|r| *r == self.current) {
             Some(i) => (i + 1) % self.order.len(),
             // A redirect target that is not configured: back to the first.
             None => 0,
         };
         self.current = self.order[next].clone();
-    }
-
-    /// A session runs with the receiver dialled: it is dialled first again.
-    pub fn handle_session(&mut self) {
-        self.redirects = 0;
-    }
-
-    /// Backing off after any other failure: the count of redirects starts
-    /// again at the next attempt.
-    pub fn handle_backoff(&mut self) {
-        self.redirects = 0;
     }
 }
 
@@ -194,20 +202,31 @@ mod tests {
         }
     }
 
-    /// An unreachable receiver passes the turn to the next in the order,
-    /// round and round; an unreachable redirect target to the first.
+    /// A receiver with which no session ran passes the turn to the next
+    /// in the order, round and round (an unconfigured redirect target to
+    /// the first); one with which a session ran is dialled again.
     #[test]
-    fn an_unreachable_receiver_passes_to_the_next() {
+    fn a_receiver_without_a_session_passes_to_the_next() {
         let all = receivers(3);
         let mut c = choice("db1", "g", &all);
         let order = c.order().to_vec();
         for i in 1..=4 {
-            c.handle_unreachable();
+            c.handle_dial();
+            c.handle_ended();
             assert_eq!(c.current(), &order[i % 3]);
         }
+        c.handle_dial();
         c.handle_redirect("elsewhere:7480".parse().unwrap())
             .unwrap();
-        c.handle_unreachable();
+        c.handle_dial();
+        c.handle_ended();
         assert_eq!(c.current(), &order[0]);
+        c.handle_dial();
+        c.handle_session();
+        c.handle_ended();
+        assert_eq!(c.current(), &order[0], "sticky after a session");
+        c.handle_dial();
+        c.handle_ended();
+        assert_eq!(c.current(), &order[1]);
     }
 }

@@ -543,6 +543,10 @@ impl<C: Cluster + 'static> StoreEngine for CephEngine<C> {
         format!("ceph:{host}+{group}")
     }
 
+    fn lease_stats(&self) -> Option<LeaseStats> {
+        CephEngine::lease_stats(self)
+    }
+
     fn store_pin(&self, host: &Name, group: &Name) -> Option<Box<dyn crate::pin::StorePin>> {
         Some(Box::new(CephPin {
             cluster: self.cluster.clone(),
