@@ -67,6 +67,26 @@ impl LeaseConfig {
     }
 }
 
+/// A client instance's address in one form, `IP:PORT/NONCE`: the cluster
+/// lists lock holders with a protocol prefix (`v1:127.0.0.1:0/3642835989`)
+/// where the client itself says `127.0.0.1:0/3642835989`; an address
+/// vector (`[v2:…,v1:…]`) is taken by its first entry. Blocklisting
+/// accepts this form.
+pub fn client_addr(addr: &str) -> String {
+    let first = addr
+        .trim()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .split(',')
+        .next()
+        .unwrap_or("");
+    let bare = ["v1:", "v2:", "any:"]
+        .iter()
+        .find_map(|p| first.strip_prefix(p))
+        .unwrap_or(first);
+    bare.to_owned()
+}
+
 /// What the shell does next against the cluster for this lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LeaseAction {
@@ -284,9 +304,15 @@ impl GroupLease {
         }
         match result {
             Ok((lockers, recorded)) => {
+                let me = client_addr(&self.my_addr);
                 let mut addrs: VecDeque<String> = VecDeque::new();
-                for addr in lockers.into_iter().map(|l| l.addr).chain(recorded) {
-                    if !addr.is_empty() && addr != self.my_addr && !addrs.contains(&addr) {
+                for addr in lockers
+                    .iter()
+                    .map(|l| l.addr.as_str())
+                    .chain(recorded.as_deref())
+                {
+                    let addr = client_addr(addr);
+                    if !addr.is_empty() && addr != me && !addrs.contains(&addr) {
                         addrs.push_back(addr);
                     }
                 }
@@ -490,6 +516,36 @@ mod tests {
         );
         assert_eq!(lease.poll_event(), Some(LeaseEvent::Held));
         assert!(lease.is_held(t0));
+    }
+
+    /// The holder list's `v1:` form and the client's own form are the same
+    /// client: a takeover never blocklists itself.
+    #[test]
+    fn a_listed_holder_is_known_as_ourselves_in_either_form() {
+        assert_eq!(client_addr("v1:127.0.0.1:0/36428"), "127.0.0.1:0/36428");
+        assert_eq!(client_addr("127.0.0.1:0/36428"), "127.0.0.1:0/36428");
+        assert_eq!(
+            client_addr("[v2:10.0.0.1:0/7,v1:10.0.0.1:0/7]"),
+            "10.0.0.1:0/7"
+        );
+        let t0 = Instant::now();
+        let mut lease = GroupLease::new(config(), "127.0.0.1:0/36428");
+        let seen = take(
+            &mut lease,
+            t0,
+            vec![locker("v1:127.0.0.1:0/36428"), locker("v1:127.0.0.1:0/99")],
+            Some("127.0.0.1:0/99"),
+        );
+        assert_eq!(
+            seen,
+            [
+                LeaseAction::Lock,
+                LeaseAction::ReadPrevious,
+                LeaseAction::Blocklist("127.0.0.1:0/99".into()),
+                LeaseAction::WaitForOsdmap,
+                LeaseAction::Open,
+            ]
+        );
     }
 
     /// A group nobody opened before (or that we opened last) is opened

@@ -340,6 +340,7 @@ impl<C: Cluster + 'static> CephEngine<C> {
             .cluster
             .my_addr()
             .map_err(|e| self.err(host, group, "asking the cluster for our address for", e))?;
+        let my_addr = crate::lease::client_addr(&my_addr);
         let mut attempt = 0;
         let head = loop {
             let (epoch, commit) = self.read_head(host, group)?;
