@@ -78,6 +78,13 @@ cargo test -p tidemark-ceph --features librados --all-targets --no-fail-fast
 # the simulated cluster ran with the workspace above).
 echo "==> cargo test -p tidemark-receiver --features ceph --test ceph_store_live --test ceph_lease_live"
 cargo test -p tidemark-receiver --features ceph --test ceph_store_live --test ceph_lease_live --no-fail-fast
+# Two receivers on one Ceph store, end to end: the owner of a group is
+# SIGKILLed and the other takes over (the tidemark binary with the Ceph
+# store, built once here).
+echo "==> cargo test -p tidemark-e2e --features ceph --test ceph_takeover"
+cargo build -p tidemark -p tidemark-e2e --features tidemark/ceph,tidemark-e2e/ceph
+TIDEMARK_E2E_BIN="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug/tidemark" \
+    cargo test -p tidemark-e2e --features ceph --test ceph_takeover --no-fail-fast
 
 # Every decoder, fuzzed for a bounded time (installs cargo-fuzz once).
 echo "==> scripts/fuzz.sh"
