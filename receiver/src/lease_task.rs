@@ -381,15 +381,47 @@ fn renew_loop<C: Cluster>(s: &Shared<C>) {
             }
         }
         let mut gone = Vec::new();
+        let mut lapsed = Vec::new();
         for (oid, h) in held.iter_mut() {
             h.gate.update(&h.lease);
             while let Some(event) = h.lease.poll_event() {
                 if let LeaseEvent::Lost(reason) = event {
                     tracing::error!(object = %oid, %reason, "group lease lost: the group acknowledges nothing more");
                     fenced |= reason == LostReason::Fenced;
+                    if reason == LostReason::Lapsed {
+                        lapsed.push(oid.clone());
+                    }
                     gone.push(oid.clone());
                 }
             }
+        }
+        if !lapsed.is_empty() {
+            // A lease that lapsed here (this process was frozen, or the
+            // cluster slow): ask the cluster whether it is still ours (then
+            // let it go: the group is given up) or this client was fenced.
+            drop(held);
+            for oid in &lapsed {
+                let request = LockRequest {
+                    name: LOCK_NAME,
+                    cookie: &s.cookie,
+                    desc: &s.desc,
+                    duration: s.config.duration,
+                    renew: Renew::Must,
+                };
+                match s.cluster.lock_exclusive(oid, &request) {
+                    Ok(()) => {
+                        let _ = s.cluster.unlock(oid, LOCK_NAME, &s.cookie);
+                    }
+                    Err(CephError::Blocklisted { .. }) => fenced = true,
+                    Err(_) => {}
+                }
+            }
+            held = lock(&s.held);
+        }
+        if fenced {
+            tracing::error!(
+                "this receiver was fenced (blocklisted) by another receiver that took its groups over: it applies nothing more; restart it to compete again"
+            );
         }
         if fenced {
             s.fenced.fetch_add(1, Ordering::Relaxed);
