@@ -73,14 +73,17 @@ cargo test --workspace --all-targets --no-fail-fast
 # their tests against the real cluster run here.
 echo "==> cargo test -p tidemark-ceph --features librados"
 cargo test -p tidemark-ceph --features librados --all-targets --no-fail-fast
-# The replica store engine on Ceph, against the real cluster (its crash
-# tests on the simulated cluster ran with the workspace above).
-echo "==> cargo test -p tidemark-receiver --features ceph --test ceph_store_live"
-cargo test -p tidemark-receiver --features ceph --test ceph_store_live --no-fail-fast
-# End to end on the Ceph store (`[receiver.store] kind = "ceph"`): the
-# tidemark binary is rebuilt with its feature `ceph` for them.
-echo "==> cargo test -p tidemark-e2e --features ceph --test ceph_store"
-cargo test -p tidemark-e2e --features ceph --test ceph_store --no-fail-fast
+# The replica store engine on Ceph and the group leases between two
+# receivers, against the real cluster (their crash and takeover tests on
+# the simulated cluster ran with the workspace above).
+echo "==> cargo test -p tidemark-receiver --features ceph --test ceph_store_live --test ceph_lease_live"
+cargo test -p tidemark-receiver --features ceph --test ceph_store_live --test ceph_lease_live --no-fail-fast
+# End to end on the Ceph store (`[receiver.store] kind = "ceph"`): one
+# receiver replicating into the cluster, and two receivers where the owner
+# of a group is SIGKILLed or frozen and the other takes over. The tidemark
+# binary is rebuilt with its feature `ceph` for them (tests/lib.rs).
+echo "==> cargo test -p tidemark-e2e --features ceph --test ceph_store --test ceph_takeover"
+cargo test -p tidemark-e2e --features ceph --test ceph_store --test ceph_takeover --no-fail-fast
 
 # Every decoder, fuzzed for a bounded time (installs cargo-fuzz once).
 echo "==> scripts/fuzz.sh"

@@ -118,10 +118,12 @@ pub(crate) fn run_shipper(cmd: ShipperCommand) -> Result<ExitCode> {
             let rt = runtime()?;
             let result = rt.block_on(async {
                 let stop = stop_on_signals()?;
+                let receivers: Vec<String> =
+                    cfg.receivers().iter().map(|r| r.to_string()).collect();
                 println!(
                     "shipper started: log {} → {} as {} (group {})",
                     cfg.log_dir.display(),
-                    cfg.receiver,
+                    receivers.join(", "),
                     cfg.host,
                     cfg.consistency_group
                 );

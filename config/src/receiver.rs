@@ -300,6 +300,24 @@ pub struct StoreConfig {
     /// answers again), e.g. `"30s"`; more than zero. Default: `"30s"`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub op_timeout: Option<Duration>,
+    /// Ceph only: this receiver's address as shippers reach it,
+    /// `host:port`: the other receivers sharing the cluster send a
+    /// group's shipper here while this one owns the group. Default: the
+    /// `listen` address (set it when `listen` is a wildcard address).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
+    /// Ceph only: how long a group's lease lasts without renewal: a dead
+    /// receiver's groups are taken over by another this long after its
+    /// last renewal (renewed every third of it), e.g. `"15s"`; 3 s or
+    /// more. Default: `"15s"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease: Option<Duration>,
+    /// Ceph only: how long a receiver fenced by a takeover stays
+    /// blocklisted in the cluster (a process paused longer than this could
+    /// resume writing images, never committing), e.g. `"24h"`; more than
+    /// the lease. Default: `"24h"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blocklist_expire: Option<Duration>,
 }
 
 /// Which store engine keeps the replicas, `[receiver.store] kind`.
@@ -327,6 +345,13 @@ pub struct CephStoreConfig {
     pub namespace: String,
     /// Timeout of every cluster operation.
     pub op_timeout: std::time::Duration,
+    /// Where shippers reach this receiver (`host:port`), `None`: the
+    /// `listen` address.
+    pub advertise: Option<String>,
+    /// The group lease's duration.
+    pub lease: std::time::Duration,
+    /// How long a fenced receiver stays blocklisted.
+    pub blocklist_expire: std::time::Duration,
 }
 
 impl StoreConfig {
@@ -336,6 +361,12 @@ impl StoreConfig {
     pub const DEFAULT_USER: &'static str = "client.tidemark";
     /// The default operation timeout, in seconds.
     pub const DEFAULT_OP_TIMEOUT_SECS: u64 = 30;
+    /// The default group lease, in seconds.
+    pub const DEFAULT_LEASE_SECS: u64 = 15;
+    /// The shortest group lease, in seconds.
+    pub const MIN_LEASE_SECS: u64 = 3;
+    /// The default time a fenced receiver stays blocklisted, in seconds.
+    pub const DEFAULT_BLOCKLIST_EXPIRE_SECS: u64 = 24 * 3600;
 
     fn is_default(&self) -> bool {
         *self == StoreConfig::default()
@@ -362,6 +393,15 @@ impl StoreConfig {
                 std::time::Duration::from_secs(Self::DEFAULT_OP_TIMEOUT_SECS),
                 |t| t.get(),
             ),
+            advertise: self.advertise.clone(),
+            lease: self.lease.map_or(
+                std::time::Duration::from_secs(Self::DEFAULT_LEASE_SECS),
+                |t| t.get(),
+            ),
+            blocklist_expire: self.blocklist_expire.map_or(
+                std::time::Duration::from_secs(Self::DEFAULT_BLOCKLIST_EXPIRE_SECS),
+                |t| t.get(),
+            ),
         })
     }
 
@@ -373,6 +413,9 @@ impl StoreConfig {
             ("pool", self.pool.is_some()),
             ("namespace", self.namespace.is_some()),
             ("op-timeout", self.op_timeout.is_some()),
+            ("advertise", self.advertise.is_some()),
+            ("lease", self.lease.is_some()),
+            ("blocklist-expire", self.blocklist_expire.is_some()),
         ];
         if self.kind == StoreKind::Local {
             if let Some((key, _)) = ceph_settings.iter().find(|(_, set)| *set) {
@@ -427,6 +470,38 @@ impl StoreConfig {
                     "op-timeout must be more than zero (zero would wait for an unavailable cluster forever)".to_owned(),
                 ));
             }
+        }
+        if let Some(advertise) = &self.advertise {
+            let port = advertise
+                .rsplit_once(':')
+                .filter(|(host, _)| !host.is_empty() && !host.contains(char::is_whitespace))
+                .and_then(|(_, port)| port.parse::<u16>().ok())
+                .filter(|port| *port != 0);
+            if port.is_none() || advertise.len() > 255 {
+                return Err(invalid(
+                    "advertise",
+                    format!("{advertise:?} is not an address shippers can dial: write it \"HOST:PORT\" (e.g. \"r1.example.com:7480\")"),
+                ));
+            }
+        }
+        let lease = self.ceph().map_or(std::time::Duration::ZERO, |c| c.lease);
+        if lease < std::time::Duration::from_secs(Self::MIN_LEASE_SECS) {
+            return Err(invalid(
+                "lease",
+                format!(
+                    "a lease of {lease:?} is too short to be renewed reliably: {} s or more",
+                    Self::MIN_LEASE_SECS
+                ),
+            ));
+        }
+        let expire = self
+            .ceph()
+            .map_or(std::time::Duration::ZERO, |c| c.blocklist_expire);
+        if expire <= lease {
+            return Err(invalid(
+                "blocklist-expire",
+                "blocklist-expire must be longer than the lease (a fenced receiver would be let back before its lease could expire)".to_owned(),
+            ));
         }
         Ok(())
     }

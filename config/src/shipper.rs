@@ -49,8 +49,18 @@ pub struct ShipperConfig {
     pub log_dir: PathBuf,
 
     /// The receiver to dial, `"host:port"` (QUIC over UDP). The shipper
-    /// always dials out; the protected host needs no inbound port. Required.
-    pub receiver: HostPort,
+    /// always dials out; the protected host needs no inbound port. This or
+    /// `receivers` is required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receiver: Option<HostPort>,
+
+    /// The receivers of a replica site whose receivers share one store
+    /// (a Ceph cluster), instead of `receiver`: the shipper dials them in
+    /// an order of its own (the same for this host and group every time,
+    /// spreading groups over the receivers) and follows a receiver's
+    /// redirect to the one that owns its group. Default: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub receivers: Vec<HostPort>,
 
     /// Name the receiver's TLS certificate must carry; checked instead of
     /// the host part of `receiver`, so the receiver can be dialled by
@@ -177,7 +187,8 @@ impl ShipperConfig {
             host,
             consistency_group: default_consistency_group(),
             log_dir: default_log_dir(),
-            receiver,
+            receiver: Some(receiver),
+            receivers: Vec::new(),
             server_name: default_server_name(),
             compression_level: default_compression_level(),
             batch_size: default_batch_size(),
@@ -194,11 +205,40 @@ impl ShipperConfig {
         }
     }
 
+    /// The receivers to dial: `receivers`, or the one `receiver`.
+    pub fn receivers(&self) -> Vec<HostPort> {
+        match &self.receiver {
+            Some(one) => vec![one.clone()],
+            None => self.receivers.clone(),
+        }
+    }
+
     /// Checks the rules a well-typed `[shipper]` table must also follow.
     /// Errors name the setting as `shipper.<key>`, without a file position.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let at = FieldPath::root().key("shipper");
         let invalid = |key: &str, message: String| ConfigError::invalid(at.key(key), message);
+
+        match (&self.receiver, self.receivers.is_empty()) {
+            (Some(_), false) => return Err(invalid(
+                "receivers",
+                "set receiver (one receiver) or receivers (several sharing one store), not both"
+                    .to_owned(),
+            )),
+            (None, true) => {
+                return Err(ConfigError::invalid(
+                    at.clone(),
+                    "no receiver: add receiver = \"HOST:PORT\" (or receivers = [\"HOST:PORT\", …])"
+                        .to_owned(),
+                ))
+            }
+            _ => {}
+        }
+        for (i, r) in self.receivers.iter().enumerate() {
+            if self.receivers[..i].contains(r) {
+                return Err(invalid("receivers", format!("{r} is listed twice")));
+            }
+        }
 
         rules::check_path(&self.log_dir).map_err(|m| invalid("log-dir", m))?;
         if let Some(spec) = &self.vm_spec {

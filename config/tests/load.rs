@@ -188,7 +188,26 @@ fn missing_required_key_points_at_its_table_header() {
     assert_points_at(&err, 6, 1, "tracker.disk[1]", "missing field `path`");
 
     let err = parse_err("[shipper]\nhost = \"h\"\n");
-    assert_points_at(&err, 1, 1, "shipper", "missing field `receiver`");
+    assert_points_at(&err, 1, 1, "shipper", "no receiver");
+}
+
+/// A shipper dials one `receiver`, or several `receivers` sharing one
+/// store; not both, and none twice.
+#[test]
+fn a_shipper_names_one_receiver_or_several() {
+    let shipper = parse("[shipper]\nhost = \"h\"\nreceivers = [\"r1:7480\", \"r2:7480\"]\n")
+        .unwrap()
+        .shipper
+        .unwrap();
+    let dialled: Vec<String> = shipper.receivers().iter().map(|r| r.to_string()).collect();
+    assert_eq!(dialled, ["r1:7480", "r2:7480"]);
+    let err =
+        parse_err("[shipper]\nhost = \"h\"\nreceiver = \"r1:7480\"\nreceivers = [\"r2:7480\"]\n");
+    assert!(err.to_string().contains("not both"), "{err}");
+    let err = parse_err("[shipper]\nhost = \"h\"\nreceivers = [\"r1:7480\", \"r1:7480\"]\n");
+    assert!(err.to_string().contains("listed twice"), "{err}");
+    let err = parse_err("[shipper]\nhost = \"h\"\nreceivers = []\n");
+    assert!(err.to_string().contains("no receiver"), "{err}");
 }
 
 #[test]
@@ -439,7 +458,7 @@ fn shipper_defaults() {
         .unwrap();
     assert_eq!(shipper.consistency_group, "default");
     assert_eq!(shipper.log_dir, PathBuf::from("/var/lib/tidemark/log"));
-    assert_eq!(shipper.receiver.to_string(), "dr:7480");
+    assert_eq!(shipper.receivers()[0].to_string(), "dr:7480");
     assert_eq!(shipper.server_name, "tidemark-receiver");
     assert_eq!(shipper.tls.ca, PathBuf::from("/etc/tidemark/pki/ca.crt"));
     assert_eq!(

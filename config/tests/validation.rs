@@ -782,6 +782,60 @@ fn the_store_is_local_or_ceph_with_a_pool() {
     assert!(err.to_string().contains("receiver.store.kind"), "{err}");
 }
 
+/// Several receivers on one cluster: the lease (15 s, at least 3 s), the
+/// blocklist's expiry (24 h, longer than the lease) and the address
+/// shippers are redirected to (default: none, the listen address).
+#[test]
+fn the_ceph_store_has_a_lease_a_blocklist_expiry_and_an_advertised_address() {
+    let config = parse_str(
+        "[receiver.store]\nkind = \"ceph\"\npool = \"replicas\"\n",
+        Path::new("t.toml"),
+    )
+    .unwrap();
+    let ceph = config.require_receiver().unwrap().store.ceph().unwrap();
+    assert_eq!(ceph.lease, std::time::Duration::from_secs(15));
+    assert_eq!(
+        ceph.blocklist_expire,
+        std::time::Duration::from_secs(24 * 3600)
+    );
+    assert_eq!(ceph.advertise, None);
+    let config = parse_str(
+        "[receiver.store]\nkind = \"ceph\"\npool = \"rbd\"\nadvertise = \"r1.example.com:7480\"\n\
+         lease = \"3s\"\nblocklist-expire = \"1h\"\n",
+        Path::new("t.toml"),
+    )
+    .unwrap();
+    let ceph = config.require_receiver().unwrap().store.ceph().unwrap();
+    assert_eq!(ceph.advertise.as_deref(), Some("r1.example.com:7480"));
+    assert_eq!(ceph.lease, std::time::Duration::from_secs(3));
+    assert_eq!(ceph.blocklist_expire, std::time::Duration::from_secs(3600));
+
+    rejects(
+        "[receiver.store]\nkind = \"ceph\"\npool = \"rbd\"\nlease = \"1s\"\n",
+        4,
+        "receiver.store.lease",
+        "too short",
+    );
+    rejects(
+        "[receiver.store]\nkind = \"ceph\"\npool = \"rbd\"\nlease = \"1m\"\nblocklist-expire = \"30s\"\n",
+        5,
+        "receiver.store.blocklist-expire",
+        "longer than the lease",
+    );
+    rejects(
+        "[receiver.store]\nkind = \"ceph\"\npool = \"rbd\"\nadvertise = \"r1\"\n",
+        4,
+        "receiver.store.advertise",
+        "HOST:PORT",
+    );
+    rejects(
+        "[receiver.store]\nlease = \"15s\"\n",
+        2,
+        "receiver.store.lease",
+        "set kind = \"ceph\"",
+    );
+}
+
 #[test]
 fn enrolled_host_names_are_valid_and_unique() {
     rejects_name(

@@ -282,6 +282,46 @@ fn collect_metrics(
     e
 }
 
+/// The group leases' metrics, with a store shared between receivers.
+fn lease_metrics(e: &mut Exposition, s: &crate::lease_task::LeaseStats) {
+    let none = labels(&[]);
+    e.gauge(
+        "tidemark_receiver_groups_owned",
+        "Groups whose lease this receiver holds (it applies them).",
+        None,
+        &none,
+        s.owned as f64,
+    );
+    e.counter(
+        "tidemark_receiver_takeovers",
+        "Groups this receiver took (their previous owners fenced first).",
+        None,
+        &none,
+        s.takeovers,
+    );
+    e.counter(
+        "tidemark_receiver_redirects",
+        "Shipper sessions sent to another receiver that owns their group.",
+        None,
+        &none,
+        s.owned_elsewhere,
+    );
+    e.counter(
+        "tidemark_receiver_leases_lost",
+        "Group leases lost after they were held (expired, taken over, not renewed in time).",
+        None,
+        &none,
+        s.lost,
+    );
+    e.counter(
+        "tidemark_receiver_fenced",
+        "Times another receiver fenced (blocklisted) this one: it applies nothing until restarted.",
+        None,
+        &none,
+        s.fenced,
+    );
+}
+
 impl Server {
     /// One sample per group this receiver has opened since it started.
     fn samples(&self) -> Vec<GroupSample> {
@@ -408,12 +448,16 @@ pub async fn run(
         Some(maddr) => {
             let srv = server.clone();
             let render: tidemark_metrics::Render = Arc::new(move || {
-                collect_metrics(
+                let mut e = collect_metrics(
                     &srv.samples(),
                     &srv.spans.samples(),
                     &srv.peer_timeout_counts(),
                     tidemark_changelog::now_ns(),
-                )
+                );
+                if let Some(leases) = srv.engine.lease_stats() {
+                    lease_metrics(&mut e, &leases);
+                }
+                e
             });
             match MetricsServer::bind(maddr, render).await {
                 Ok(m) => Some(m),
@@ -559,7 +603,7 @@ impl Server {
     }
 
     /// Opens (or finds open) the store of a host's group.
-    fn group(&self, host: &Name, group: &Name) -> Result<Arc<Mutex<StoreReplica>>, ReceiverError> {
+    fn group(&self, host: &Name, group: &Name) -> Result<Arc<Mutex<StoreReplica>>, GroupRefused> {
         let key = (host.clone(), group.clone());
         let mut groups = lock(&self.groups);
         if let Some(g) = groups.get(&key) {
@@ -571,12 +615,15 @@ impl Server {
         }
         let opened =
             tokio::task::block_in_place(|| self.engine.open(host, group)).map_err(|e| {
+                if let crate::store::StoreError::OwnedElsewhere { owner, .. } = e {
+                    return GroupRefused::OwnedElsewhere(owner);
+                }
                 let (class, code) = crate::replica::classify(&e);
-                ReceiverError::Peer {
+                GroupRefused::Refused(ReceiverError::Peer {
                     class,
                     code,
                     message: format!("opening the replica of {host}/{group}: {e}"),
-                }
+                })
             })?;
         let mut opened = opened;
         opened.set_retention(self.retention);
@@ -657,7 +704,29 @@ impl Server {
         };
         let replica = match self.group(host, &group_name) {
             Ok(r) => r,
-            Err(e) => return refuse(&mut send, e).await,
+            Err(GroupRefused::Refused(e)) => return refuse(&mut send, e).await,
+            Err(GroupRefused::OwnedElsewhere(owner)) => {
+                // Another receiver sharing the store applies the group:
+                // send the shipper there (or, not knowing where, retry).
+                let session = ExpectHello::new(SessionConfig::new(host));
+                let answer = match owner {
+                    Some(to) => session.redirect(hello, &to).map(|frame| (frame, to)),
+                    None => Err(ReceiverError::Refused {
+                        class: ErrorClass::Transient,
+                        code: ErrorCode::Busy,
+                        message: "another receiver is taking this group over".into(),
+                        version: hello.version.min(tidemark_wire::PROTOCOL_VERSION),
+                    }),
+                };
+                let (frame, to) = match answer {
+                    Ok(x) => x,
+                    Err(e) => return refuse(&mut send, e).await,
+                };
+                let _ = send.write_all(&frame).await;
+                let _ = send.finish();
+                let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+                return Err(SessionEnded::Redirected { to });
+            }
         };
         let session = ExpectHello::new(SessionConfig::new(host));
         let started =
@@ -992,6 +1061,22 @@ enum SessionEnded {
     /// The thread applying a message or committing failed (panicked).
     #[error("applying on a blocking thread")]
     Apply(#[source] tokio::task::JoinError),
+    /// Another receiver sharing the replica store owns the group: the
+    /// shipper was sent there.
+    #[error("redirected the shipper to the receiver at {to}, which owns the group")]
+    Redirected {
+        /// That receiver's address.
+        to: String,
+    },
+}
+
+/// Why a session's group could not be opened here.
+enum GroupRefused {
+    /// Another receiver sharing the replica store owns it (at this
+    /// address, if it recorded one).
+    OwnedElsewhere(Option<String>),
+    /// Refused; tell the shipper this.
+    Refused(ReceiverError),
 }
 
 /// Sends the error to the shipper (in a protocol version it reads) and
@@ -1009,6 +1094,30 @@ async fn refuse(send: &mut quinn::SendStream, err: ReceiverError) -> Result<(), 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// With a store shared between receivers, the leases' counters.
+    #[test]
+    fn metrics_show_the_group_leases() {
+        let mut e = collect_metrics(&[], &[], &[], 0);
+        let stats = crate::lease_task::LeaseStats {
+            owned: 3,
+            takeovers: 2,
+            owned_elsewhere: 5,
+            lost: 1,
+            fenced: 0,
+        };
+        lease_metrics(&mut e, &stats);
+        let t = e.render(tidemark_metrics::Format::OpenMetrics);
+        for line in [
+            "tidemark_receiver_groups_owned 3.0",
+            "tidemark_receiver_takeovers_total 2",
+            "tidemark_receiver_redirects_total 5",
+            "tidemark_receiver_leases_lost_total 1",
+            "tidemark_receiver_fenced_total 0",
+        ] {
+            assert!(t.lines().any(|l| l == line), "{line} missing in\n{t}");
+        }
+    }
 
     #[test]
     fn metrics_show_each_group_with_its_state_and_barrier_age() {

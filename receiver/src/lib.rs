@@ -31,6 +31,8 @@
 mod coordinate;
 pub mod daemon;
 pub mod drain;
+pub mod lease;
+pub mod lease_task;
 pub mod pin;
 pub mod renew;
 pub mod replica;

@@ -92,7 +92,9 @@ pub fn classify(e: &StoreError) -> (ErrorClass, ErrorCode) {
         StoreError::Damaged { .. }
         | StoreError::UnsupportedVersion { .. }
         | StoreError::Unsupported { .. } => (Permanent, ErrorCode::Internal),
-        StoreError::Locked(_) => (Transient, ErrorCode::Busy),
+        StoreError::Locked(_)
+        | StoreError::OwnedElsewhere { .. }
+        | StoreError::LeaseLost { .. } => (Transient, ErrorCode::Busy),
         StoreError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
             (Transient, ErrorCode::NoSpace)
         }

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tidemark_changelog::{read_sources, write_cursor, DirLock, DiskId, FsDir, LogWatcher, Seq};
-use tidemark_config::ShipperConfig;
+use tidemark_config::{HostPort, ShipperConfig};
 use tidemark_wire::shipper::{HelloInfo, ShipperConfig as SessionConfig};
 use tidemark_wire::shipper_core::{CoreConfig, CoreEvent, Need, Phase, ShipperCore};
 use tidemark_wire::{
@@ -33,6 +33,7 @@ use tidemark_wire::{
 use tokio::sync::{mpsc, watch, Notify};
 
 use crate::policy::{local_minute_of_day, Backoff, Bandwidth};
+use crate::receivers::ReceiverChoice;
 use crate::source::{ChunkContent, SourceDisk};
 use crate::status::{write_status, DiskProgress, ShipperStatus, State};
 use crate::tail::{first_record_from, newest_generation, LogTail, TailError};
@@ -119,6 +120,9 @@ pub enum SessionError {
         /// The connection's end.
         source: quinn::ConnectionError,
     },
+    /// A receiver's name could not be resolved.
+    #[error("{0}")]
+    Resolve(String),
     /// A connection could not be started.
     #[error("connecting to {addr}: {source}")]
     Connect {
@@ -203,6 +207,7 @@ impl SessionError {
             SessionError::Connection { .. }
             | SessionError::PeerTimedOut { .. }
             | SessionError::Connect { .. }
+            | SessionError::Resolve(_)
             | SessionError::Write(_)
             | SessionError::Read(_)
             | SessionError::StreamClosed
@@ -423,7 +428,10 @@ struct Shared {
     dir: FsDir,
     endpoint: quinn::Endpoint,
     client: quinn::ClientConfig,
+    /// The address of the receiver dialled last.
     addr: SocketAddr,
+    /// Which receiver to dial.
+    choice: ReceiverChoice,
     status: ShipperStatus,
     last_status: Instant,
     bandwidth: Bandwidth,
@@ -452,18 +460,17 @@ impl Shared {
     }
 }
 
-/// Resolves the receiver's address.
-fn resolve(cfg: &ShipperConfig) -> Result<SocketAddr, ShipperFatal> {
-    let host = cfg
-        .receiver
+/// Resolves a receiver's address.
+fn resolve(receiver: &HostPort) -> Result<SocketAddr, String> {
+    let host = receiver
         .host()
         .trim_start_matches('[')
         .trim_end_matches(']');
-    (host, cfg.receiver.port())
+    (host, receiver.port())
         .to_socket_addrs()
-        .map_err(|e| ShipperFatal::Setup(format!("resolving the receiver {}: {e}", cfg.receiver)))?
+        .map_err(|e| format!("resolving the receiver {receiver}: {e}"))?
         .next()
-        .ok_or_else(|| ShipperFatal::Setup(format!("the receiver {} has no address", cfg.receiver)))
+        .ok_or_else(|| format!("the receiver {receiver} has no address"))
 }
 
 /// Runs the shipper until `stop` turns true. Must run inside a
@@ -486,7 +493,11 @@ pub async fn run(
         .map_err(|e| ShipperFatal::Setup(e.to_string()))?;
     let client =
         crate::renew::client_config(&cfg).map_err(|e| ShipperFatal::Setup(format!("TLS: {e}")))?;
-    let addr = resolve(&cfg)?;
+    let receivers = cfg.receivers();
+    let choice = ReceiverChoice::new(&receivers, &cfg.host, &cfg.consistency_group)
+        .ok_or_else(|| ShipperFatal::Setup("no receiver configured".into()))?;
+    // The endpoint's address family is the first receiver's.
+    let addr = resolve(choice.current()).map_err(ShipperFatal::Setup)?;
     let bind: SocketAddr = if addr.is_ipv6() {
         "[::]:0".parse().expect("literal address")
     } else {
@@ -582,6 +593,7 @@ pub async fn run(
         endpoint,
         client,
         addr,
+        choice,
         last_status: Instant::now(),
         cursor,
         log_changed,
@@ -684,6 +696,14 @@ async fn session(
                 tracing::warn!(error = %e, "cannot load the TLS files again; connecting with the previous ones")
             }
         }
+        shared.addr = match resolve(shared.choice.current()) {
+            Ok(addr) => addr,
+            Err(reason) => {
+                shared.choice.handle_ended();
+                return SessionError::Resolve(reason).into();
+            }
+        };
+        shared.choice.handle_dial();
         let connecting = match shared.endpoint.connect_with(
             shared.client.clone(),
             shared.addr,
@@ -691,17 +711,21 @@ async fn session(
         ) {
             Ok(c) => c,
             Err(source) => {
+                shared.choice.handle_ended();
                 return SessionError::Connect {
                     addr: shared.addr,
                     source,
                 }
-                .into()
+                .into();
             }
         };
         let conn = tokio::select! {
             c = connecting => match c {
                 Ok(c) => c,
-                Err(e) => return connection_end(e, "connecting").into(),
+                Err(e) => {
+                    shared.choice.handle_ended();
+                    return connection_end(e, "connecting").into();
+                }
             },
             _ = stop.changed() => return SessionEnd::Stopped,
         };
@@ -734,7 +758,36 @@ async fn session(
                 );
                 offer = Versions::only(version);
             }
-            end => return end,
+            SessionEnd::Failed(SessionError::Session(ShipperError::Redirected { to })) => {
+                let target = match to.parse::<HostPort>() {
+                    Ok(t) => t,
+                    Err(e) => {
+                        shared.choice.handle_ended();
+                        return SessionError::Session(ShipperError::Protocol(format!(
+                            "a redirect to {to:?}, which is no address: {e}"
+                        )))
+                        .into();
+                    }
+                };
+                match shared.choice.handle_redirect(target) {
+                    Ok(()) => {
+                        tracing::info!(
+                            receiver = %shared.addr,
+                            to = %to,
+                            "the receiver does not own this group; connecting to its owner"
+                        );
+                        offer = Versions::SUPPORTED;
+                    }
+                    Err(too_many) => {
+                        return SessionError::Session(ShipperError::Protocol(too_many.to_string()))
+                            .into()
+                    }
+                }
+            }
+            end => {
+                shared.choice.handle_ended();
+                return end;
+            }
         }
     }
 }
@@ -1038,6 +1091,7 @@ impl Connection<'_> {
         match event {
             CoreEvent::Connected(resume) => {
                 backoff.reset();
+                shared.choice.handle_session();
                 shared.status.retries = 0;
                 shared.status.reason = None;
                 tracing::info!(

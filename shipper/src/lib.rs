@@ -14,6 +14,7 @@
 pub mod daemon;
 mod holds;
 pub mod policy;
+pub mod receivers;
 mod renew;
 pub mod source;
 pub mod status;

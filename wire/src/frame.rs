@@ -9,7 +9,7 @@
 //!  ------ ---- ---------------------------------------------------------------
 //!       0    4 magic        "TMWF" (54 4d 57 46)
 //!       4    2 version      the protocol version the body is written in
-//!                           (see "Versions" below), 1 to 3
+//!                           (see "Versions" below), 1 to 5
 //!       6    1 type         message type: 1 hello, 2 welcome, 3 records,
 //!                           4 chunk, 5 digest-request, 6 digests,
 //!                           7 resync-done, 8 ack, 9 error,

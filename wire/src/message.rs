@@ -64,6 +64,8 @@
 //!                           the certificate (PEM), then the CA bundle (PEM,
 //!                           the rest of the body); both 1 byte to 64 KiB
 //!                           outcome 1 (refused): str16 reason
+//! 24 redirect        5      str8 to: the address (`host:port`) of the
+//!                           receiver that owns the group, non-empty
 //! ```
 //!
 //! `since` is the protocol version that added the message or the fields
@@ -101,6 +103,13 @@
 //! stream while the session's runs (or refuses the frame's version with an
 //! error): the shipper gives up after a timeout and renews no certificate
 //! there.
+//!
+//! Version 5 also added `redirect`, a receiver's answer to a hello instead of
+//! the welcome when several receivers share one replica store (a Ceph
+//! cluster) and another one owns the group's lease: the shipper closes the
+//! connection and connects to `to`. A shipper that speaks only version 4
+//! or older gets a transient `busy` error naming that receiver instead,
+//! and retries as after any transient error.
 //!
 //! A planned failover is asked for on the replica site: the receiver sends
 //! `drain-request`; the shipper stops the protected host's tracker (no new
@@ -205,6 +214,8 @@ pub enum MessageType {
     RenewRequest,
     /// [`Message::Renewed`].
     Renewed,
+    /// [`Message::Redirect`].
+    Redirect,
 }
 
 impl MessageType {
@@ -234,6 +245,7 @@ impl MessageType {
             MessageType::Thawed => 21,
             MessageType::RenewRequest => 22,
             MessageType::Renewed => 23,
+            MessageType::Redirect => 24,
         }
     }
 
@@ -263,6 +275,7 @@ impl MessageType {
             21 => MessageType::Thawed,
             22 => MessageType::RenewRequest,
             23 => MessageType::Renewed,
+            24 => MessageType::Redirect,
             _ => return None,
         })
     }
@@ -292,7 +305,7 @@ impl MessageType {
             | MessageType::Quiesced
             | MessageType::HoldThaw
             | MessageType::Thawed => 4,
-            MessageType::RenewRequest | MessageType::Renewed => 5,
+            MessageType::RenewRequest | MessageType::Renewed | MessageType::Redirect => 5,
         }
     }
 
@@ -330,6 +343,7 @@ impl MessageType {
             MessageType::Thawed => "thawed",
             MessageType::RenewRequest => "renew-request",
             MessageType::Renewed => "renewed",
+            MessageType::Redirect => "redirect",
         }
     }
 }
@@ -1014,6 +1028,12 @@ pub enum Message {
     /// Receiver → shipper (version 5 on): the answer to a
     /// [`Message::RenewRequest`].
     Renewed(Renewed),
+    /// Receiver → shipper (version 5 on), instead of the welcome: another
+    /// receiver sharing the replica store owns the group; connect there.
+    Redirect {
+        /// That receiver's address, `host:port` (1 to 255 bytes).
+        to: String,
+    },
 }
 
 /// The receiver's answer to a renewal request.
@@ -1097,6 +1117,7 @@ impl Message {
             Message::VmSpecReply(_) => MessageType::VmSpecReply,
             Message::RenewRequest { .. } => MessageType::RenewRequest,
             Message::Renewed(_) => MessageType::Renewed,
+            Message::Redirect { .. } => MessageType::Redirect,
         }
     }
 
@@ -1371,6 +1392,15 @@ impl Message {
                 w.u8(1);
                 w.str16("renewal refusal", reason, MAX_RENEW_REASON)?;
             }
+            Message::Redirect { to } => {
+                if to.is_empty() {
+                    return Err(EncodeError::InvalidField {
+                        field: "redirect address",
+                        reason: "empty",
+                    });
+                }
+                w.str8("redirect address", to)?;
+            }
         }
         if w.0.len() > MAX_FRAME_BODY as usize {
             return Err(EncodeError::BodyTooLarge(w.0.len()));
@@ -1609,6 +1639,13 @@ fn decode_fields(msg_type: MessageType, version: u16, body: &[u8]) -> Result<Mes
                     .map_err(|_| invalid("vm spec", "not UTF-8"))?
                     .to_string();
                 Message::VmSpec { text }
+            }
+            MessageType::Redirect => {
+                let to = r.str8("redirect address")?;
+                if to.is_empty() {
+                    return Err(invalid("redirect address", "empty"));
+                }
+                Message::Redirect { to }
             }
             MessageType::VmSpecReply => Message::VmSpecReply(match r.u8("outcome")? {
                 0 => VmSpecReply::Kept {

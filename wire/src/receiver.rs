@@ -42,8 +42,8 @@
 
 use crate::frame::{Compression, DecodeError, EncodeError, Versions, MIN_PROTOCOL_VERSION};
 use crate::message::{
-    digest_count, ChunkData, ChunkPurpose, DiskSync, ErrorClass, ErrorCode, Message, Received,
-    RecordId, VmSpecReply, MAX_DISKS, MAX_VM_SPEC_REASON, SOFTWARE,
+    digest_count, ChunkData, ChunkPurpose, DiskSync, ErrorClass, ErrorCode, Message, MessageType,
+    Received, RecordId, VmSpecReply, MAX_DISKS, MAX_VM_SPEC_REASON, SOFTWARE,
 };
 use std::collections::HashSet;
 use thiserror::Error;
@@ -334,6 +334,26 @@ fn truncate_reason(reason: &str) -> String {
     reason[..end].to_string()
 }
 
+/// A hello as the session agreed to it.
+struct AgreedHello {
+    host: Name,
+    generation: u32,
+    disks: Vec<Disk>,
+    /// The session's protocol version.
+    version: u16,
+    /// The shipper's release.
+    software: String,
+}
+
+/// The refusal of a hello naming another host than the certificate.
+fn unauthorized(host: &Name, authenticated: &Name) -> ReceiverError {
+    ReceiverError::refuse(
+        ErrorClass::Permanent,
+        ErrorCode::Unauthorized,
+        format!("host {host:?} in hello, but the certificate names {authenticated:?}"),
+    )
+}
+
 /// A new connection, waiting for the shipper's Hello.
 #[derive(Debug)]
 pub struct ExpectHello {
@@ -354,6 +374,48 @@ impl ExpectHello {
         received: Received,
         replica: &mut R,
     ) -> Result<(Receiving, Vec<u8>), ReceiverError> {
+        let hello = self.negotiate(received)?;
+        let version = hello.version;
+        self.start(
+            hello.host,
+            hello.generation,
+            hello.disks,
+            version,
+            hello.software,
+            replica,
+        )
+        .map_err(|e| e.in_version(version))
+    }
+
+    /// Answers the first message when another receiver sharing the
+    /// replica store owns the group: a [`Message::Redirect`] frame to `to`
+    /// (the owner's address) for a shipper of version 5 or later, else a
+    /// transient `busy` refusal naming it (the shipper retries). A hello
+    /// that would be refused anyway is refused the same way.
+    pub fn redirect(self, received: Received, to: &str) -> Result<Vec<u8>, ReceiverError> {
+        let hello = self.negotiate(received)?;
+        let version = hello.version;
+        if hello.host != self.config.authenticated_host {
+            return Err(
+                unauthorized(&hello.host, &self.config.authenticated_host).in_version(version)
+            );
+        }
+        if version >= MessageType::Redirect.since() {
+            return Ok(Message::Redirect { to: to.to_owned() }.encode(version, Compression::None)?);
+        }
+        Err(ReceiverError::refuse(
+            ErrorClass::Transient,
+            ErrorCode::Busy,
+            format!(
+                "this group is applied by the receiver at {to} (a shipper of protocol \
+                 version {version} is not redirected: list that receiver first)"
+            ),
+        )
+        .in_version(version))
+    }
+
+    /// The hello, its names and the version the session will speak.
+    fn negotiate(&self, received: Received) -> Result<AgreedHello, ReceiverError> {
         let ours = self.config.versions;
         let version = received.version;
         // Before the versions are agreed, say it in one the shipper reads.
@@ -416,8 +478,13 @@ impl ExpectHello {
             )
             .in_version(answer));
         }
-        self.start(host, generation, disks, version, software, replica)
-            .map_err(|e| e.in_version(version))
+        Ok(AgreedHello {
+            host,
+            generation,
+            disks,
+            version,
+            software,
+        })
     }
 
     fn start<R: Replica>(
@@ -430,14 +497,7 @@ impl ExpectHello {
         replica: &mut R,
     ) -> Result<(Receiving, Vec<u8>), ReceiverError> {
         if host != self.config.authenticated_host {
-            return Err(ReceiverError::refuse(
-                ErrorClass::Permanent,
-                ErrorCode::Unauthorized,
-                format!(
-                    "host {host:?} in hello, but the certificate names {:?}",
-                    self.config.authenticated_host
-                ),
-            ));
+            return Err(unauthorized(&host, &self.config.authenticated_host));
         }
         let mut ids = HashSet::new();
         if disks.len() > MAX_DISKS || !disks.iter().all(|d| ids.insert(d.id)) {

@@ -108,6 +108,13 @@ pub enum ShipperError {
         /// The end to upgrade: "receiver" or "shipper".
         older: &'static str,
     },
+    /// The receiver does not apply this group: another one sharing its
+    /// replica store does, at `to`. Connect there.
+    #[error("redirected to the receiver at {to}, which owns the group")]
+    Redirected {
+        /// That receiver's address (`host:port`).
+        to: String,
+    },
     /// No Welcome came within this long after the Hello.
     #[error("no welcome from the receiver within {} s", waited.as_secs())]
     NoWelcome {
@@ -141,6 +148,7 @@ impl ShipperError {
             ShipperError::Protocol(_)
             | ShipperError::Encode(_)
             | ShipperError::OfferOlder { .. }
+            | ShipperError::Redirected { .. }
             | ShipperError::NoWelcome { .. }
             | ShipperError::PeerSilent { .. } => ErrorClass::Transient,
         }
@@ -152,6 +160,7 @@ impl ShipperError {
         let (code, text) = match self {
             ShipperError::Peer { .. }
             | ShipperError::OfferOlder { .. }
+            | ShipperError::Redirected { .. }
             | ShipperError::NoWelcome { .. }
             | ShipperError::PeerSilent { .. } => return None,
             ShipperError::CannotResume { code, reason } => (*code, reason.clone()),
@@ -270,6 +279,9 @@ impl AwaitingWelcome {
                     code,
                     message,
                 })
+            }
+            Message::Redirect { to } if version <= offered.max => {
+                return Err(ShipperError::Redirected { to })
             }
             other => {
                 return Err(ShipperError::Protocol(format!(

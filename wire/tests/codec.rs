@@ -222,6 +222,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
             }
         )),
         "\\PC{0,100}".prop_map(|reason| Message::Renewed(Renewed::Refused { reason })),
+        "[a-z0-9.-]{1,60}:[0-9]{1,5}".prop_map(|to| Message::Redirect { to }),
     ]
 }
 

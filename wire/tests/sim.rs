@@ -1785,3 +1785,61 @@ fn a_welcome_outside_the_offer_is_refused() {
         .handle_message(welcome(1), |_| None)
         .is_ok());
 }
+
+/// A receiver that does not own the group answers the hello with a
+/// redirect to the owner (version 5 on), which the shipper's session reads
+/// as `Redirected` (transient: it connects there); a shipper that speaks
+/// only version 4 gets a transient `busy` error naming the owner instead;
+/// a hello from another host than the certificate's is refused as ever.
+#[test]
+fn a_receiver_that_does_not_own_the_group_redirects_the_shipper() {
+    let receiver = || ExpectHello::new(ReceiverConfig::new(&Name::from_static(HOST)));
+    let (s, hello_frame) = AwaitingWelcome::start(hello(), ShipperConfig::default()).unwrap();
+    let answer = receiver()
+        .redirect(decode_one(&hello_frame), "r2.example:7443")
+        .unwrap();
+    let answer = decode_one(&answer);
+    assert_eq!(answer.version, PROTOCOL_VERSION);
+    assert_eq!(
+        answer.message,
+        Message::Redirect {
+            to: "r2.example:7443".into()
+        }
+    );
+    match s.handle_message(answer, |_| None) {
+        Err(e @ ShipperError::Redirected { .. }) => {
+            assert_eq!(e.class(), ErrorClass::Transient);
+            assert!(matches!(e, ShipperError::Redirected { ref to } if to == "r2.example:7443"));
+            assert!(e.to_message().is_none(), "nothing is sent back");
+        }
+        other => panic!("{other:?}"),
+    }
+
+    let older = ShipperConfig {
+        versions: Versions { min: 1, max: 4 },
+        ..ShipperConfig::default()
+    };
+    let (s, hello_v4) = AwaitingWelcome::start(hello(), older).unwrap();
+    let e = receiver()
+        .redirect(decode_one(&hello_v4), "r2.example:7443")
+        .unwrap_err();
+    assert_eq!(
+        (e.class(), e.code()),
+        (ErrorClass::Transient, ErrorCode::Busy)
+    );
+    let refusal = decode_one(&e.to_frame().unwrap());
+    assert_eq!(refusal.version, 4);
+    assert!(
+        matches!(&refusal.message, Message::Error { message, .. } if message.contains("r2.example:7443"))
+    );
+    let e = s.handle_message(refusal, |_| None).unwrap_err();
+    assert_eq!(e.class(), ErrorClass::Transient);
+
+    let e = receiver()
+        .redirect(v(hello_from("intruder", 1)), "r2.example:7443")
+        .unwrap_err();
+    assert_eq!(
+        (e.class(), e.code()),
+        (ErrorClass::Permanent, ErrorCode::Unauthorized)
+    );
+}

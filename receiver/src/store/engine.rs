@@ -152,6 +152,11 @@ pub trait StoreEngine: Send + Sync + Debug {
     fn exists(&self, host: &Name, group: &Name) -> bool;
     /// Where the store of `host`'s `group` is, for messages.
     fn describe(&self, host: &Name, group: &Name) -> String;
+    /// The counters of the group leases, for an engine whose groups are
+    /// shared between receivers (`None`: no leases).
+    fn lease_stats(&self) -> Option<crate::lease_task::LeaseStats> {
+        None
+    }
     /// The pin of `host`'s `group` kept with the store, when the store
     /// does not read the local pin ([`crate::pin`]) of the group's
     /// directory in the data directory. Default: none (the local pin is

@@ -118,6 +118,27 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
+    /// Another receiver: the group's lease is held by another live
+    /// receiver sharing the cluster, which applies it; `owner` is the
+    /// address it recorded (where the shipper is sent). Nothing changed.
+    #[error("{group} is owned by another receiver ({})", .owner.as_deref().unwrap_or("address not recorded yet"))]
+    OwnedElsewhere {
+        /// The group, for messages.
+        group: String,
+        /// The owner's advertised address.
+        owner: Option<String>,
+    },
+    /// Another receiver or the cluster: the group's lease could not be
+    /// taken, or was lost (expired, taken over, this receiver fenced):
+    /// nothing more is acknowledged. Open the group again to compete.
+    #[error("{group}: group lease")]
+    LeaseLost {
+        /// The group, for messages.
+        group: String,
+        /// Why.
+        #[source]
+        source: crate::lease::LostReason,
+    },
     /// No recovery point has this sequence number (never one, or folded).
     #[error("no recovery point at sequence {0}")]
     NoSuchPoint(Seq),

@@ -91,7 +91,24 @@ pub fn connect(
         settings: Box::new(ceph.clone()),
         source,
     })?;
-    Ok(super::ceph::CephEngine::new(cluster, &owner(role)))
+    // Every writer takes each group's lease (several receivers, and the
+    // commands, share the store); the lock and the group record where
+    // this node's receiver is reached, for redirected shippers.
+    let advertise = ceph
+        .advertise
+        .clone()
+        .unwrap_or_else(|| cfg.listen.to_string());
+    tracing::debug!(role, %advertise, "group leases of the Ceph store");
+    let lease = crate::lease::LeaseConfig {
+        duration: ceph.lease,
+        blocklist_expire: ceph.blocklist_expire,
+    };
+    super::ceph::CephEngine::with_lease(cluster, &advertise, lease).map_err(|source| {
+        OpenEngineError::Ceph {
+            settings: Box::new(ceph.clone()),
+            source,
+        }
+    })
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ use tidemark_ceph::{CephError, Cluster, ClusterImage, CmpOp, WriteOp};
 use tidemark_durable::{LogDir, LogFile};
 
 use super::{hex, XATTR_COMMIT, XATTR_EPOCH};
+use crate::lease_task::LeaseGate;
 
 /// The group's state file, whose replacement is the commit.
 const STATE: &str = "state";
@@ -63,6 +64,9 @@ pub struct CephDir<C: Cluster> {
     head: Option<Arc<Mutex<Head>>>,
     /// Files staged in memory until renamed (`*.tmp`).
     staged: Arc<Mutex<BTreeMap<String, Buffer>>>,
+    /// The group's lease, when receivers share the cluster: every commit
+    /// asserts it on the cluster, and is refused here once it is lost.
+    lease: Option<Arc<LeaseGate>>,
 }
 
 impl<C: Cluster> Clone for CephDir<C> {
@@ -72,6 +76,7 @@ impl<C: Cluster> Clone for CephDir<C> {
             prefix: self.prefix.clone(),
             head: self.head.clone(),
             staged: self.staged.clone(),
+            lease: self.lease.clone(),
         }
     }
 }
@@ -98,13 +103,19 @@ enum Kind {
 
 impl<C: Cluster> CephDir<C> {
     /// The directory of the objects named `prefix…`; with `head`, its
-    /// `state` file is the state object guarded by it.
-    pub(super) fn new(cluster: Arc<C>, prefix: String, head: Option<Head>) -> CephDir<C> {
+    /// `state` file is the state object guarded by it (and by `lease`).
+    pub(super) fn new(
+        cluster: Arc<C>,
+        prefix: String,
+        head: Option<Head>,
+        lease: Option<Arc<LeaseGate>>,
+    ) -> CephDir<C> {
         CephDir {
             cluster,
             prefix,
             head: head.map(|h| Arc::new(Mutex::new(h))),
             staged: Arc::default(),
+            lease,
         }
     }
 
@@ -141,7 +152,15 @@ impl<C: Cluster> CephDir<C> {
                 "the group is open read-only",
             ));
         }
-        let op = WriteOp::new()
+        let mut op = WriteOp::new();
+        if let Some(lease) = &self.lease {
+            // The early refusal; the cluster's assertion is the fence.
+            lease
+                .check(std::time::Instant::now())
+                .map_err(|reason| io::Error::new(io::ErrorKind::PermissionDenied, reason))?;
+            op = op.assert_locked(lease.name(), lease.cookie());
+        }
+        let op = op
             .cmp_xattr(XATTR_EPOCH, CmpOp::Eq, hex(head.epoch).as_bytes())
             .cmp_xattr(XATTR_COMMIT, CmpOp::Eq, hex(head.commit).as_bytes())
             .set_xattr(XATTR_COMMIT, hex(head.commit + 1).as_bytes())

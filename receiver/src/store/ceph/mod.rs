@@ -6,15 +6,18 @@
 //!
 //! Selected in `receiver.toml` by `[receiver.store] kind = "ceph"`
 //! ([`open_engine`](super::open_engine), on a real cluster with the
-//! receiver's feature `ceph`). The engine is complete for one writer per
-//! group and tested on the simulation (`tests/ceph_store_crash.rs`) and on
-//! a real cluster (`tests/ceph_store_live.rs`, feature `ceph`). There is no
-//! lease yet: a newer writer fences an older one (the epoch and the
-//! images' exclusive locks, below), but nothing keeps two receivers from
-//! opening the same group in turn, and a group without disks yet fences
-//! by the epoch alone (its journal writes are not fenced). A process
-//! opens a group for writing once at a time: a second writable open from
-//! the same cluster client would break the first one's image locks, which
+//! receiver's feature `ceph`). The engine is tested on the simulation
+//! (`tests/ceph_store_crash.rs`, `tests/ceph_lease.rs`) and on a real
+//! cluster (`tests/ceph_store_live.rs`, feature `ceph`). Several receivers
+//! share a cluster through group leases ([`CephEngine::with_lease`], see
+//! [`crate::lease`]): a group is opened only under its lease, after its
+//! previous owners were fenced (blocklisted), and every commit asserts the
+//! lease on the cluster. Without leases ([`CephEngine::new`], one receiver)
+//! a newer writer still fences an older one (the epoch and the images'
+//! exclusive locks, below), but a group without disks yet fences by the
+//! epoch alone (its journal writes are not fenced). A process opens a
+//! group for writing once at a time: a second writable open from the same
+//! cluster client would break the first one's image locks, which
 //! blocklists that client, the opener included.
 //!
 //! The group's store is the local store's ([`ReplicaGroup`]) on a
@@ -39,7 +42,14 @@
 //!                         epoch   the fencing epoch: each writer's open
 //!                                 advances it
 //!                         commit  the commit counter: each commit advances it
-//!                         owner   who opened the group last, for messages
+//!                         owner   who opened the group last (a receiver's
+//!                                 advertised address): where shippers
+//!                                 are redirected, and for messages
+//!                         owner-addr  the cluster client address of the
+//!                                 last opener: a takeover blocklists it
+//!                       Under leases, the lock `tidemark` (the `lock`
+//!                       class, exclusive, with an expiry) is the group's
+//!                       lease.
 //!  G+journal.SSSSSSSS   journal segments (the local TMJE entries; a position
 //!                       is segment << 40 | offset)
 //!  G+journal-index      the journal index (TMJI), replaced whole
@@ -60,13 +70,19 @@
 //!
 //! # Open
 //!
+//! 0. Under leases: the lease is taken and every previous owner fenced
+//!    (lock, blocklist the `owner-addr` and the lock's holders, newest OSD
+//!    map: [`crate::lease`]). Every operation below on `G+state` then
+//!    also asserts the lock.
 //! 1. One operation on `G+state`: create it exclusively with `format`,
 //!    `epoch` and `commit` at zero (every guarded attribute exists before a
 //!    guard relies on it: a missing one compares as empty). It exists
-//!    already: nothing changes. The group is listed in `tidemark+groups`.
+//!    already: nothing changes (under leases, the lock created it empty:
+//!    the same attributes are set then, by the lock's holder). The group
+//!    is listed in `tidemark+groups`.
 //! 2. `format` is checked; `epoch` E and `commit` N are read.
 //! 3. One operation: `epoch == E`, `commit == N` guards, `epoch := E+1`,
-//!    `owner := …`. From here a writer that opened before, if still
+//!    `owner := …`, `owner-addr := this client's address`. From here a writer that opened before, if still
 //!    running, can commit nothing more (its epoch guard fails).
 //! 4. The local store's open. Each image is opened with its exclusive
 //!    lock taken, breaking the lock of the writer before (which blocklists
@@ -90,8 +106,10 @@
 //! 2. The commit mark is appended and what was gathered of the segment
 //!    written (durable on return); the touched images are flushed. Crash:
 //!    as 1.
-//! 3. **The commit**: one operation on `G+state`: `epoch == mine`,
-//!    `commit == N` guards, `commit := N+1`, the state bytes written whole.
+//! 3. **The commit**: one operation on `G+state`: under leases, our lock
+//!    asserted (and refused here first once the lease is lost locally);
+//!    `epoch == mine`, `commit == N` guards, `commit := N+1`, the state
+//!    bytes written whole.
 //!    Atomic and durable on return; only then is the position returned and
 //!    the shipper acknowledged. Crash before or during: the old state or
 //!    the new, never a mix. A failed guard means another writer opened the
@@ -130,6 +148,8 @@ use dir::{io_error, Head};
 pub use dir::{CephDir, CephFile, ObjectFile};
 
 use super::{ReplicaGroup, ReplicaStore, StoreEngine, StoreError};
+use crate::lease::LeaseConfig;
+use crate::lease_task::{LeaseGate, LeaseKeeper, LeaseStats, TakeoverError};
 
 /// The format of a group's objects this release reads and writes.
 pub const FORMAT_VERSION: u32 = 1;
@@ -141,7 +161,13 @@ pub const GROUPS_OBJECT: &str = "tidemark+groups";
 const XATTR_FORMAT: &str = "format";
 const XATTR_EPOCH: &str = "epoch";
 const XATTR_COMMIT: &str = "commit";
-const XATTR_OWNER: &str = "owner";
+/// The state-object attribute naming the last opener (a receiver's
+/// advertised address): where a shipper is redirected.
+pub const XATTR_OWNER: &str = "owner";
+/// The state-object attribute naming the cluster client address of the
+/// last opener: a takeover blocklists it (an expired lock no longer lists
+/// its holder).
+pub const XATTR_OWNER_ADDR: &str = "owner-addr";
 /// Attempts at advancing the epoch when other openers race this one.
 const OPEN_ATTEMPTS: usize = 8;
 
@@ -154,13 +180,15 @@ fn hex(n: u64) -> String {
 pub type CephGroup<C> = ReplicaGroup<CephDir<C>>;
 
 /// Where the groups' stores live: a pool and namespace of a Ceph cluster.
-pub struct CephEngine<C: Cluster> {
+pub struct CephEngine<C: Cluster + 'static> {
     cluster: Arc<C>,
-    /// Written to `owner` at open, for messages.
+    /// Written to `owner` at open: where shippers are redirected.
     owner: String,
+    /// The group leases, when several receivers share the cluster.
+    lease: Option<LeaseKeeper<C>>,
 }
 
-impl<C: Cluster> fmt::Debug for CephEngine<C> {
+impl<C: Cluster + 'static> fmt::Debug for CephEngine<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CephEngine")
             .field("owner", &self.owner)
@@ -179,6 +207,39 @@ impl<C: Cluster + 'static> CephEngine<C> {
         CephEngine {
             cluster: Arc::new(cluster),
             owner: owner.to_owned(),
+            lease: None,
+        }
+    }
+
+    /// The engine on `cluster` shared with other receivers: each group is
+    /// opened under its lease (see [`crate::lease`]), taken over from a
+    /// dead or paused owner by fencing it first, and renewed from a thread
+    /// of its own. `owner` is this receiver's advertised address (where
+    /// other receivers send the shippers of the groups it owns).
+    pub fn with_lease(
+        cluster: C,
+        owner: &str,
+        config: LeaseConfig,
+    ) -> Result<CephEngine<C>, CephError> {
+        let cluster = Arc::new(cluster);
+        let keeper = LeaseKeeper::new(cluster.clone(), config, owner)?;
+        Ok(CephEngine {
+            cluster,
+            owner: owner.to_owned(),
+            lease: Some(keeper),
+        })
+    }
+
+    /// The counters of the group leases (`None`: no leases).
+    pub fn lease_stats(&self) -> Option<LeaseStats> {
+        self.lease.as_ref().map(LeaseKeeper::stats)
+    }
+
+    /// Lets `host`'s `group` go (unlocks its lease) after its store was
+    /// dropped: another receiver may take it at once.
+    pub fn release(&self, host: &Name, group: &Name) {
+        if let Some(keeper) = &self.lease {
+            keeper.release(&format!("{}state", prefix(host, group)));
         }
     }
 
@@ -191,29 +252,95 @@ impl<C: Cluster + 'static> CephEngine<C> {
     }
 
     /// Opens `host`'s `group` for writing, creating it on first use and
-    /// recovering it after a crash (see the module's Open).
+    /// recovering it after a crash (see the module's Open); with leases,
+    /// taking its lease first ([`StoreError::OwnedElsewhere`] if another
+    /// live receiver holds it).
     pub fn open_group(&self, host: &Name, group: &Name) -> Result<CephGroup<C>, StoreError> {
+        let Some(keeper) = &self.lease else {
+            return self.open_fenced(host, group, None);
+        };
+        let state = format!("{}state", prefix(host, group));
+        keeper
+            .take_over(&state, |gate| {
+                self.open_fenced(host, group, Some(gate.clone()))
+            })
+            .map_err(|e| match e {
+                TakeoverError::Open(e) => e,
+                TakeoverError::OwnedElsewhere { owner } => StoreError::OwnedElsewhere {
+                    group: self.describe(host, group),
+                    owner,
+                },
+                TakeoverError::Lost(source) => StoreError::LeaseLost {
+                    group: self.describe(host, group),
+                    source,
+                },
+            })
+    }
+
+    /// The open's steps after the lease (if any) was taken and the
+    /// previous owners fenced.
+    fn open_fenced(
+        &self,
+        host: &Name,
+        group: &Name,
+        lease: Option<Arc<LeaseGate>>,
+    ) -> Result<CephGroup<C>, StoreError> {
         let prefix = prefix(host, group);
         let state = format!("{prefix}state");
-        let first = WriteOp::new()
-            .create(true)
-            .set_xattr(
-                XATTR_FORMAT,
-                format!("{FORMAT_PREFIX}{FORMAT_VERSION}").as_bytes(),
-            )
-            .set_xattr(XATTR_EPOCH, hex(0).as_bytes())
-            .set_xattr(XATTR_COMMIT, hex(0).as_bytes())
-            .set_xattr(XATTR_OWNER, self.owner.as_bytes());
-        match self.cluster.operate(&state, &first) {
-            Ok(()) => {
-                let listed = WriteOp::new().omap_set(vec![(format!("{host}+{group}"), Vec::new())]);
-                self.cluster
-                    .operate(GROUPS_OBJECT, &listed)
-                    .map_err(|e| self.err(host, group, "listing the group", e))?;
+        let guarded = |op: WriteOp| match &lease {
+            Some(gate) => {
+                let mut locked = WriteOp::new().assert_locked(gate.name(), gate.cookie());
+                locked.steps.extend(op.steps);
+                locked
             }
-            Err(CephError::Exists { .. }) => {}
+            None => op,
+        };
+        let initial = || {
+            WriteOp::new()
+                .set_xattr(
+                    XATTR_FORMAT,
+                    format!("{FORMAT_PREFIX}{FORMAT_VERSION}").as_bytes(),
+                )
+                .set_xattr(XATTR_EPOCH, hex(0).as_bytes())
+                .set_xattr(XATTR_COMMIT, hex(0).as_bytes())
+                .set_xattr(XATTR_OWNER, self.owner.as_bytes())
+        };
+        let mut first = WriteOp::new().create(true);
+        first.steps.extend(initial().steps);
+        let created = match self.cluster.operate(&state, &first) {
+            Ok(()) => true,
+            // Taking the lease created the object empty: the lock holder
+            // gives it its attributes (nobody else can meanwhile).
+            Err(CephError::Exists { .. }) if lease.is_some() => {
+                let xattrs = self
+                    .cluster
+                    .xattrs(&state)
+                    .map_err(|e| self.err(host, group, "reading the state of", e))?;
+                let fresh = !xattrs.contains_key(XATTR_FORMAT)
+                    && self.cluster.stat(&state).is_ok_and(|size| size == 0);
+                if fresh {
+                    self.cluster
+                        .operate(&state, &guarded(initial()))
+                        .map_err(|e| self.err(host, group, "creating the group", e))?;
+                }
+                fresh
+            }
+            Err(CephError::Exists { .. }) => false,
             Err(e) => return Err(self.err(host, group, "creating the group", e)),
+        };
+        if created {
+            let listed = WriteOp::new().omap_set(vec![(format!("{host}+{group}"), Vec::new())]);
+            self.cluster
+                .operate(GROUPS_OBJECT, &listed)
+                .map_err(|e| self.err(host, group, "listing the group", e))?;
         }
+        // Recorded so that a later takeover fences this client even once
+        // its lock has expired (and is no longer listed).
+        let my_addr = self
+            .cluster
+            .my_addr()
+            .map_err(|e| self.err(host, group, "asking the cluster for our address for", e))?;
+        let my_addr = crate::lease::client_addr(&my_addr);
         let mut attempt = 0;
         let head = loop {
             let (epoch, commit) = self.read_head(host, group)?;
@@ -221,8 +348,9 @@ impl<C: Cluster + 'static> CephEngine<C> {
                 .cmp_xattr(XATTR_EPOCH, CmpOp::Eq, hex(epoch).as_bytes())
                 .cmp_xattr(XATTR_COMMIT, CmpOp::Eq, hex(commit).as_bytes())
                 .set_xattr(XATTR_EPOCH, hex(epoch + 1).as_bytes())
-                .set_xattr(XATTR_OWNER, self.owner.as_bytes());
-            match self.cluster.operate(&state, &bump) {
+                .set_xattr(XATTR_OWNER, self.owner.as_bytes())
+                .set_xattr(XATTR_OWNER_ADDR, my_addr.as_bytes());
+            match self.cluster.operate(&state, &guarded(bump)) {
                 Ok(()) => {
                     break Head {
                         epoch: epoch + 1,
@@ -234,8 +362,8 @@ impl<C: Cluster + 'static> CephEngine<C> {
                 Err(e) => return Err(self.err(host, group, "taking the group's epoch", e)),
             }
         };
-        let dir = CephDir::new(self.cluster.clone(), prefix.clone(), Some(head));
-        let test_failover = CephDir::new(self.cluster.clone(), format!("{prefix}tf."), None);
+        let dir = CephDir::new(self.cluster.clone(), prefix.clone(), Some(head), lease);
+        let test_failover = CephDir::new(self.cluster.clone(), format!("{prefix}tf."), None, None);
         ReplicaGroup::open_on(dir, test_failover)
     }
 
@@ -253,8 +381,8 @@ impl<C: Cluster + 'static> CephEngine<C> {
             commit,
             read_only: true,
         };
-        let dir = CephDir::new(self.cluster.clone(), prefix.clone(), Some(head));
-        let test_failover = CephDir::new(self.cluster.clone(), format!("{prefix}tf."), None);
+        let dir = CephDir::new(self.cluster.clone(), prefix.clone(), Some(head), None);
+        let test_failover = CephDir::new(self.cluster.clone(), format!("{prefix}tf."), None, None);
         ReplicaGroup::open_on_read_only(dir, test_failover)
     }
 
@@ -414,6 +542,10 @@ impl<C: Cluster + 'static> StoreEngine for CephEngine<C> {
 
     fn describe(&self, host: &Name, group: &Name) -> String {
         format!("ceph:{host}+{group}")
+    }
+
+    fn lease_stats(&self) -> Option<LeaseStats> {
+        CephEngine::lease_stats(self)
     }
 
     fn store_pin(&self, host: &Name, group: &Name) -> Option<Box<dyn crate::pin::StorePin>> {

@@ -1,0 +1,298 @@
+//! Group leases between receivers sharing a simulated cluster: a group
+//! held by a live receiver is not opened by another; once its lease
+//! expires (the receiver paused or dead), the next one fences it and takes
+//! the group over, reading exactly what it acknowledged; and the stale
+//! owner, resumed and unaware (its own clock says the lease still holds),
+//! changes no byte of the group: neither its journal appends, nor its
+//! image writes, nor its commits land.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tidemark_ceph::{CephError, Cluster, ClusterImage, SimCluster, SimWorld};
+use tidemark_changelog::DiskId;
+use tidemark_names::Name;
+use tidemark_receiver::lease::{LeaseConfig, LostReason};
+use tidemark_receiver::store::ceph::{CephEngine, CephGroup, XATTR_OWNER, XATTR_OWNER_ADDR};
+use tidemark_receiver::store::{ChunkRef, Position, StoreError};
+
+#[allow(dead_code)]
+mod crash_stream;
+use crash_stream::{check_points, read_disk, specs, workload, Op, Workload};
+
+const NAMESPACE: &str = "lease";
+/// The lease on the cluster's (virtual) clock, which the test moves; the
+/// receivers' own clocks are real and never reach a renewal or the end of
+/// the validity during the test, like a paused process that does not know
+/// it was paused.
+const LEASE: Duration = Duration::from_secs(600);
+
+fn names() -> (Name, Name) {
+    (Name::from_static("h1"), Name::from_static("g"))
+}
+
+/// A receiver's engine, and its cluster client (to probe the fence with).
+fn receiver(world: &SimWorld, advertise: &str) -> (CephEngine<SimCluster>, SimCluster) {
+    let config = LeaseConfig {
+        duration: LEASE,
+        blocklist_expire: Duration::from_secs(24 * 3600),
+    };
+    let client = world.client(NAMESPACE);
+    let engine = CephEngine::with_lease(client.clone(), advertise, config).unwrap();
+    (engine, client)
+}
+
+fn open(engine: &CephEngine<SimCluster>) -> Result<CephGroup<SimCluster>, StoreError> {
+    let (host, group) = names();
+    let mut g = engine.open_group(&host, &group)?;
+    g.set_segment_size(2048);
+    g.set_index_interval(1024);
+    Ok(g)
+}
+
+fn apply(g: &mut CephGroup<SimCluster>, op: &Op) -> Result<Option<Position>, StoreError> {
+    match op {
+        Op::Pin(_) => Ok(None),
+        Op::Disks => g.ensure_disks(&specs()).map(|()| Some(g.position())),
+        Op::Record(rec) => g.apply_record(rec).map(|_| None),
+        Op::Chunk {
+            disk,
+            offset,
+            data,
+            len,
+            purpose,
+        } => {
+            let chunk = match data {
+                Some(d) => ChunkRef::Data(d),
+                None => ChunkRef::Zero(*len),
+            };
+            g.apply_chunk(DiskId(*disk), *offset, chunk, *purpose)
+                .map(|()| None)
+        }
+        Op::ResyncDone {
+            disk,
+            offset,
+            length,
+        } => g
+            .resync_done(DiskId(*disk), *offset, *length)
+            .map(|()| None),
+        Op::Commit => g.commit().map(Some),
+    }
+}
+
+/// Every byte of the group on the cluster: the state object (data and
+/// attributes), every object its `dir` lists, the journal index, and the
+/// images as they would survive a crash and as they read now.
+fn everything(world: &SimWorld) -> BTreeMap<String, Vec<u8>> {
+    let c = world.client(NAMESPACE);
+    let mut all = BTreeMap::new();
+    for (name, value) in c.xattrs("h1+g+state").unwrap() {
+        all.insert(format!("state xattr {name}"), value);
+    }
+    let read = |oid: &str| match c.stat(oid) {
+        Ok(size) => c.read(oid, 0, size as usize).unwrap(),
+        Err(CephError::NotFound { .. }) => b"(missing)".to_vec(),
+        Err(e) => panic!("{oid}: {e}"),
+    };
+    all.insert("state".into(), read("h1+g+state"));
+    all.insert("journal-index".into(), read("h1+g+journal-index"));
+    let listed = c.omap("h1+g+dir", None, 1000).unwrap();
+    for (key, _) in &listed.entries {
+        all.insert(format!("object {key}"), read(&format!("h1+g+{key}")));
+    }
+    for disk in specs() {
+        let name = format!("h1+g+disk-{}", disk.id.0);
+        let image = c.image_open_read_only(&name).unwrap();
+        let mut now = vec![0; disk.size as usize];
+        image.read(0, &mut now).unwrap();
+        all.insert(format!("image {name}"), now);
+        all.insert(
+            format!("image {name} durable"),
+            world.image_durable(NAMESPACE, &name).unwrap(),
+        );
+    }
+    all
+}
+
+fn xattr(world: &SimWorld, name: &str) -> String {
+    let x = world.client(NAMESPACE).xattrs("h1+g+state").unwrap();
+    String::from_utf8(x.get(name).cloned().unwrap_or_default()).unwrap()
+}
+
+/// Applies the first `upto` ops and commits: what the shipper was acked.
+fn run_to(g: &mut CephGroup<SimCluster>, w: &Workload, upto: usize) -> Position {
+    for op in &w.ops[..upto] {
+        apply(g, op).unwrap();
+    }
+    g.commit().unwrap()
+}
+
+#[test]
+fn a_live_owner_keeps_its_group_and_a_stale_one_changes_no_byte_after_a_takeover() {
+    let w = workload(5, 60);
+    let world = SimWorld::new();
+    let (a, a_client) = receiver(&world, "r1:7443");
+    let mut stale = open(&a).unwrap();
+    let half = w.ops.len() / 2;
+    let acked = run_to(&mut stale, &w, half);
+    assert_eq!(xattr(&world, XATTR_OWNER), "r1:7443");
+    assert_eq!(
+        xattr(&world, XATTR_OWNER_ADDR),
+        a_client.my_addr().unwrap(),
+        "the opener's client address is recorded"
+    );
+
+    // Held and unexpired: the second receiver is told who owns it and
+    // changes nothing.
+    let (b, _) = receiver(&world, "r2:7443");
+    let before = everything(&world);
+    match open(&b) {
+        Err(StoreError::OwnedElsewhere { owner, .. }) => {
+            assert_eq!(owner.as_deref(), Some("r1:7443"))
+        }
+        other => panic!("a held group opened elsewhere: {other:?}"),
+    }
+    assert_eq!(
+        everything(&world),
+        before,
+        "a refused takeover changed the group"
+    );
+    assert_eq!(b.lease_stats().unwrap().owned_elsewhere, 1);
+
+    // The owner pauses past its lease: the next receiver fences it, takes
+    // the group over and reads exactly what was acknowledged.
+    world.advance(LEASE + Duration::from_secs(1));
+    let mut new = open(&b).unwrap();
+    assert_eq!(new.position(), acked, "the new owner reads the last commit");
+    check_points("after the takeover", &new, &w);
+    assert_eq!(xattr(&world, XATTR_OWNER), "r2:7443");
+    let commit_at_takeover = xattr(&world, "commit");
+    let stats = b.lease_stats().unwrap();
+    assert_eq!((stats.takeovers, stats.owned), (1, 1));
+
+    // The stale owner resumes, unaware: every change it tries fails, and
+    // not one byte of the group changes.
+    let before = everything(&world);
+    let mut refused = 0;
+    for op in &w.ops[half..] {
+        if apply(&mut stale, op).is_err() {
+            refused += 1;
+        }
+    }
+    assert!(refused > 0, "the stale owner kept writing");
+    assert!(stale.commit().is_err(), "the stale owner committed");
+    // Anything straight through its client is fenced too: an image
+    // write (it held the image's lock), a journal object's append.
+    let image = a_client.image_open("h1+g+disk-0");
+    let written = image.and_then(|i| i.write(0, &[0xee; 512]).and_then(|()| i.flush()));
+    assert!(
+        matches!(written, Err(CephError::Blocklisted { .. })),
+        "the stale client still writes the images: {written:?}"
+    );
+    let appended = a_client.operate(
+        "h1+g+journal.00000000",
+        &tidemark_ceph::WriteOp::new().write(0, b"stale"),
+    );
+    assert!(
+        matches!(appended, Err(CephError::Blocklisted { .. })),
+        "the stale client still writes objects: {appended:?}"
+    );
+    assert_eq!(
+        everything(&world),
+        before,
+        "the stale owner changed the group"
+    );
+    assert_eq!(xattr(&world, "commit"), commit_at_takeover);
+    // Its next open is refused as fenced.
+    match open(&a) {
+        Err(StoreError::LeaseLost {
+            source: LostReason::Fenced,
+            ..
+        }) => {}
+        other => panic!("the fenced receiver opened the group again: {other:?}"),
+    }
+
+    // The new owner goes on from the acknowledged position to the end.
+    for op in &w.ops[half..] {
+        apply(&mut new, op).unwrap();
+    }
+    new.commit().unwrap();
+    let last = w.source.last().unwrap();
+    for (disk, want) in last.iter().enumerate() {
+        assert!(read_disk(&new, None, disk) == *want, "disk {disk} differs");
+    }
+    check_points("the new owner, at the end", &new, &w);
+}
+
+/// A receiver that lets a group go unlocks it: the next one takes it at
+/// once, without waiting for the lease to expire, and fences the previous
+/// client all the same.
+#[test]
+fn a_released_group_is_taken_at_once() {
+    let w = workload(6, 20);
+    let world = SimWorld::new();
+    let (a, _) = receiver(&world, "r1:7443");
+    let mut g = open(&a).unwrap();
+    let acked = run_to(&mut g, &w, w.ops.len());
+    drop(g);
+    let (host, group) = names();
+    a.release(&host, &group);
+    assert_eq!(a.lease_stats().unwrap().owned, 0);
+
+    let (b, _) = receiver(&world, "r2:7443");
+    let g = open(&b).expect("a released group opens elsewhere at once");
+    assert_eq!(g.position(), acked);
+    check_points("after the release", &g, &w);
+}
+
+/// The takeover fences the previous owner before it opens anything: inside
+/// the open, the previous client is already refused by the cluster (even
+/// for objects, which no image lock protects), and the lock is ours.
+#[test]
+fn the_previous_owner_is_fenced_before_the_open() {
+    use std::sync::Arc;
+    use tidemark_receiver::lease_task::{LeaseKeeper, TakeoverError};
+    let world = SimWorld::new();
+    let config = LeaseConfig {
+        duration: LEASE,
+        blocklist_expire: Duration::from_secs(3600),
+    };
+    let old_client = world.client(NAMESPACE);
+    let old = LeaseKeeper::new(Arc::new(old_client.clone()), config, "r1:7443").unwrap();
+    let record_owner = |c: &SimCluster| {
+        let op = tidemark_ceph::WriteOp::new()
+            .set_xattr(XATTR_OWNER, b"r1:7443")
+            .set_xattr(XATTR_OWNER_ADDR, c.my_addr().unwrap().as_bytes());
+        c.operate("x+state", &op)
+    };
+    old.take_over("x+state", |_| record_owner(&old_client))
+        .unwrap();
+
+    let new_client = world.client(NAMESPACE);
+    let new = LeaseKeeper::new(Arc::new(new_client.clone()), config, "r2:7443").unwrap();
+    let busy = new.take_over("x+state", |_| Ok::<_, CephError>(()));
+    assert!(
+        matches!(&busy, Err(TakeoverError::OwnedElsewhere { owner: Some(o) }) if o == "r1:7443"),
+        "{busy:?}"
+    );
+    assert_eq!(
+        old_client.operate("x+other", &tidemark_ceph::WriteOp::new().write(0, b"a")),
+        Ok(()),
+        "a refused takeover fenced the owner"
+    );
+
+    world.advance(LEASE + Duration::from_secs(1));
+    new.take_over("x+state", |gate| {
+        let stale = old_client.operate("x+other", &tidemark_ceph::WriteOp::new().write(0, b"b"));
+        assert!(
+            matches!(stale, Err(CephError::Blocklisted { .. })),
+            "the previous owner is not fenced at the open: {stale:?}"
+        );
+        let ours = tidemark_ceph::WriteOp::new()
+            .assert_locked(gate.name(), gate.cookie())
+            .set_xattr("probe", b"1");
+        new_client.operate("x+state", &ours)
+    })
+    .unwrap();
+    assert_eq!(new.stats().takeovers, 1);
+}

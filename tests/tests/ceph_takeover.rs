@@ -1,0 +1,435 @@
+//! Two receivers share one Ceph store (the testbed, one cluster for this
+//! test binary, a namespace of this test's own) with a 3 s group lease; a
+//! protected host's shipper lists both. While a paced writer keeps the
+//! disk busy, the receiver that owns the group is SIGKILLed, again and
+//! again (and restarted once the other took over, so that two receivers
+//! run again): the other takes the group over within a bound, the shipper follows (redirects,
+//! or the next receiver of its order) and resumes where the last commit
+//! left it. At the end the replica reads exactly as the source disk, and
+//! every point the store lists reads exactly as a reference replay of the
+//! tracker's change log up to that point.
+//!
+//! And a receiver that owns the group is frozen (SIGSTOP) past its lease:
+//! the other takes the group over; resumed (SIGCONT), the frozen one finds
+//! itself fenced and writes nothing (the group's owner stays the other, the
+//! replica and every point stay exact).
+//!
+//! Needs Ceph (skips with a message without `ceph-mon`, unless `CI` is
+//! set) and qemu-io; run with `--features ceph` (scripts/test.sh does).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tidemark_ceph::rados::{ClusterOptions, ConnectOptions};
+use tidemark_ceph::{testbed, RadosCluster};
+use tidemark_changelog::replay::{apply, MemoryImage, ReplaySummary};
+use tidemark_changelog::{DiskId, FsDir, LogReader, Seq};
+use tidemark_e2e::replication::{
+    enroll, free_port, start_receiver_with, wait_caught_up, Daemon, HOST,
+};
+use tidemark_e2e::{qemu_io, require_tool, TrackerProcess};
+use tidemark_names::Name;
+use tidemark_receiver::store::ceph::CephEngine;
+
+const SIZE: u64 = 4 << 20;
+const KILLS: usize = 3;
+/// The longest a takeover may take, from the kill to the first record the
+/// new owner makes durable: the lease (3 s), the shipper's peer timeout
+/// (4 s) and backoff, the takeover and the open, on a loaded machine.
+const TAKEOVER_BOUND: Duration = Duration::from_secs(30);
+
+struct KeepOnPanic(Option<tempfile::TempDir>, &'static str);
+
+impl Drop for KeepOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Some(t) = self.0.take() {
+                eprintln!("{}: kept {} for inspection", self.1, t.keep().display());
+            }
+        }
+    }
+}
+
+/// The settings of the shared store, for `receiver.toml`.
+fn store_table(tb: &testbed::Testbed, namespace: &str, port: u16) -> String {
+    format!(
+        "[receiver.store]\nkind = \"ceph\"\nconf = \"{}\"\nuser = \"client.admin\"\npool = \"{}\"\n\
+         namespace = \"{namespace}\"\nop-timeout = \"10s\"\nadvertise = \"127.0.0.1:{port}\"\n\
+         lease = \"3s\"\nblocklist-expire = \"10m\"\n\
+         [receiver.retention]\nmax-points = 5\n",
+        tb.conf.display(),
+        tb.pool
+    )
+}
+
+fn start_receiver(dir: &Path, rpki: &Path, port: u16, store: &str) -> Daemon {
+    let data = dir.join(format!("data-{port}"));
+    fs::create_dir_all(&data).unwrap();
+    start_receiver_with(&data, dir, rpki, port, store)
+}
+
+/// A shipper that lists both receivers and reconnects quickly.
+fn start_shipper(dir: &Path, log_dir: &Path, hpki: &Path, ports: [u16; 2]) -> Daemon {
+    let config = dir.join("shipper.toml");
+    fs::write(
+        &config,
+        format!(
+            "[shipper]\nhost = \"{HOST}\"\nreceivers = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\n\
+             log-dir = \"{}\"\ncontrol-socket = \"{}\"\n\
+             [shipper.tls]\nca = \"{h}/ca.crt\"\ncert = \"{h}/host.crt\"\nkey = \"{h}/host.key\"\n\
+             [shipper.retry]\ninitial-backoff = \"100ms\"\nmax-backoff = \"1s\"\n",
+            ports[0],
+            ports[1],
+            log_dir.display(),
+            dir.join("shipper.ctl").display(),
+            h = hpki.display()
+        ),
+    )
+    .unwrap();
+    let child = tidemark_e2e::tidemark()
+        .args(["shipper", "run", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(dir.join("shipper.log")).unwrap())
+        .spawn()
+        .unwrap();
+    Daemon::new(child, "shipper")
+}
+
+/// The group's owner as its state object records it (`rados getxattr`).
+fn owner(tb: &testbed::Testbed, namespace: &str) -> Option<String> {
+    let out = Command::new("rados")
+        .arg("-c")
+        .arg(&tb.conf)
+        .args(["-p", &tb.pool, "-N", namespace, "getxattr"])
+        .arg(format!("{HOST}+default+state"))
+        .arg("owner")
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        .filter(|o| !o.is_empty())
+}
+
+/// The shipper's durable sequence number.
+fn durable(log_dir: &Path) -> u64 {
+    tidemark_e2e::replication::shipper_status(log_dir)
+        .and_then(|s| s["durable_seq"].as_u64())
+        .unwrap_or(0)
+}
+
+fn writer(uri: String, stop: Arc<AtomicBool>) -> u64 {
+    let mut batches = 0u64;
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut next = |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    while !stop.load(Ordering::Relaxed) {
+        let mut cmds = Vec::new();
+        for _ in 0..2 + next(5) {
+            let len = 512 * (1 + next(64));
+            let offset = 512 * next((SIZE - len) / 512 + 1);
+            cmds.push(match next(10) {
+                0 => format!("write -z {offset} {len}"),
+                _ => format!("write -P {} {offset} {len}", 1 + next(255)),
+            });
+        }
+        cmds.push("flush".into());
+        let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+        qemu_io(&uri, &cmds);
+        batches += 1;
+        std::thread::sleep(Duration::from_millis(50 + next(100)));
+    }
+    batches
+}
+
+/// Two receivers on one store, a tracker, its shipper listing both, and
+/// a paced writer.
+struct Site {
+    tmp: KeepOnPanic,
+    namespace: String,
+    rpki: PathBuf,
+    ports: [u16; 2],
+    stores: [String; 2],
+    receivers: [Option<Daemon>; 2],
+    image: PathBuf,
+    /// Runs until the site is dropped (the check reads its log).
+    _tracker: TrackerProcess,
+    log_dir: PathBuf,
+    shipper: Option<Daemon>,
+    stop_writer: Arc<AtomicBool>,
+    writing: Option<std::thread::JoinHandle<u64>>,
+    started: Instant,
+}
+
+impl Site {
+    /// Everything started and caught up, the writer running; `None`: the
+    /// test skips (it said why).
+    fn start(test: &'static str) -> Option<(Site, &'static testbed::Testbed)> {
+        let tb = testbed::for_test()?;
+        if !require_tool("qemu-io", test) || !require_tool("rados", test) {
+            return None;
+        }
+        let started = Instant::now();
+        let namespace = format!("{}-{}", &test[..12], std::process::id());
+        let tmp = KeepOnPanic(Some(tempfile::tempdir().unwrap()), test);
+        let dir = tmp.0.as_ref().unwrap().path().to_path_buf();
+        let (rpki, hpki) = enroll(&dir, HOST);
+        let ports = [free_port(), free_port()];
+        let stores = ports.map(|p| store_table(tb, &namespace, p));
+        let receivers = [
+            Some(start_receiver(&dir, &rpki, ports[0], &stores[0])),
+            Some(start_receiver(&dir, &rpki, ports[1], &stores[1])),
+        ];
+        let image = dir.join("disk.img");
+        fs::File::create(&image).unwrap().set_len(SIZE).unwrap();
+        // One log segment that is never recycled: the reference keeps
+        // every record.
+        let tracker = TrackerProcess::start(
+            &dir,
+            &image,
+            &["--segment-size", "256MiB", "--log-size-limit", "512MiB"],
+        );
+        let log_dir = tracker.log_dir.clone();
+        let shipper = Some(start_shipper(&dir, &log_dir, &hpki, ports));
+        wait_caught_up(&dir, &log_dir, Duration::from_secs(120));
+        let stop_writer = Arc::new(AtomicBool::new(false));
+        let writing = {
+            let (uri, stop) = (tracker.uri(), stop_writer.clone());
+            Some(std::thread::spawn(move || writer(uri, stop)))
+        };
+        let site = Site {
+            tmp,
+            namespace,
+            rpki,
+            ports,
+            stores,
+            receivers,
+            image,
+            _tracker: tracker,
+            log_dir,
+            shipper,
+            stop_writer,
+            writing,
+            started,
+        };
+        Some((site, tb))
+    }
+
+    fn dir(&self) -> &Path {
+        self.tmp.0.as_ref().unwrap().path()
+    }
+
+    fn address(&self, i: usize) -> String {
+        format!("127.0.0.1:{}", self.ports[i])
+    }
+
+    /// Which receiver owns the group now.
+    fn owner(&self, tb: &testbed::Testbed) -> usize {
+        let owned_by = owner(tb, &self.namespace).expect("the group has an owner");
+        (0..2)
+            .find(|i| owned_by == self.address(*i))
+            .unwrap_or_else(|| panic!("owner {owned_by:?} is neither receiver"))
+    }
+
+    /// Waits until receiver `to` owns the group and the shipper's durable
+    /// sequence passed `before`; how long after `since`.
+    fn wait_taken_by(
+        &self,
+        tb: &testbed::Testbed,
+        to: usize,
+        before: u64,
+        since: Instant,
+    ) -> Duration {
+        let other = self.address(to);
+        loop {
+            let moved = owner(tb, &self.namespace).as_deref() == Some(other.as_str());
+            if moved && durable(&self.log_dir) > before {
+                return since.elapsed();
+            }
+            assert!(
+                since.elapsed() < TAKEOVER_BOUND,
+                "no takeover by {other} within {TAKEOVER_BOUND:?} (owner {:?}, durable {} → {})\nshipper log:\n{}",
+                owner(tb, &self.namespace),
+                before,
+                durable(&self.log_dir),
+                fs::read_to_string(self.dir().join("shipper.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops the writer, waits for the replica to catch up, stops the
+    /// daemons and checks the store (in this process): the head equals
+    /// the source, every listed point the reference replay. Returns the
+    /// write batches, the last record and the points checked.
+    fn finish(mut self, tb: &testbed::Testbed) -> (u64, u64, Vec<u64>) {
+        self.stop_writer.store(true, Ordering::Relaxed);
+        let batches = self.writing.take().unwrap().join().unwrap();
+        let status = wait_caught_up(self.dir(), &self.log_dir, Duration::from_secs(120));
+        let last = status["durable_seq"].as_u64().unwrap();
+        drop(self.shipper.take());
+        for r in self.receivers.iter_mut() {
+            drop(r.take());
+        }
+        eprintln!(
+            "caught up at seq {last} after {:.1} s; checking the store",
+            self.started.elapsed().as_secs_f64()
+        );
+        let cluster = RadosCluster::connect(&ClusterOptions {
+            connect: ConnectOptions {
+                conf: &tb.conf,
+                user: "client.admin",
+                op_timeout: Duration::from_secs(30),
+                settings: &[],
+            },
+            pool: &tb.pool,
+            namespace: &self.namespace,
+        })
+        .unwrap();
+        let engine = CephEngine::new(cluster, "ceph_takeover");
+        let group = engine
+            .open_group_read_only(&Name::from_static(HOST), &Name::from_static("default"))
+            .unwrap();
+        assert_eq!(group.position().durable_seq, Seq(last));
+        let source = fs::read(&self.image).unwrap();
+        let mut got = vec![0u8; SIZE as usize];
+        group
+            .view(None)
+            .unwrap()
+            .read(DiskId(0), 0, &mut got)
+            .unwrap();
+        assert!(got == source, "the replica differs from the source disk");
+
+        let points: Vec<u64> = group.points().iter().map(|p| p.seq.get()).collect();
+        assert!(!points.is_empty());
+        let mut reader = LogReader::new(FsDir::existing(&self.log_dir).unwrap(), Seq(1));
+        let mut reference = MemoryImage(vec![0u8; SIZE as usize]);
+        let mut summary = ReplaySummary::default();
+        let mut pending = None;
+        for &seq in &points {
+            loop {
+                let record = match pending.take() {
+                    Some(r) => r,
+                    None => reader
+                        .next_record()
+                        .unwrap()
+                        .unwrap_or_else(|| panic!("the log ends before point {seq}")),
+                };
+                if record.header.seq.get() > seq {
+                    pending = Some(record);
+                    break;
+                }
+                apply(&record, DiskId(0), &mut reference, &mut summary).unwrap();
+                if record.header.seq.get() == seq {
+                    break;
+                }
+            }
+            group
+                .view(Some(Seq(seq)))
+                .unwrap()
+                .read(DiskId(0), 0, &mut got)
+                .unwrap();
+            assert!(
+                got == reference.0,
+                "point {seq} differs from the reference replay"
+            );
+        }
+        (batches, last, points)
+    }
+}
+
+#[test]
+fn the_owner_of_a_group_is_killed_and_the_other_receiver_takes_over() {
+    const TEST: &str = "the_owner_of_a_group_is_killed_and_the_other_receiver_takes_over";
+    let Some((mut site, tb)) = Site::start(TEST) else {
+        return;
+    };
+    let mut takeovers = Vec::new();
+    for kill in 1..=KILLS {
+        std::thread::sleep(Duration::from_secs(2));
+        let i = site.owner(tb);
+        let before = durable(&site.log_dir);
+        site.receivers[i].take().unwrap().kill();
+        let took = site.wait_taken_by(tb, 1 - i, before, Instant::now());
+        eprintln!(
+            "kill {kill}: the owner {} killed; {} applies again after {:.1} s",
+            site.address(i),
+            site.address(1 - i),
+            took.as_secs_f64()
+        );
+        takeovers.push(took);
+        // Restarted: two receivers run again (the group stays with the
+        // new owner: ownership is sticky).
+        site.receivers[i] = Some(start_receiver(
+            site.dir(),
+            &site.rpki,
+            site.ports[i],
+            &site.stores[i],
+        ));
+    }
+    let started = site.started;
+    let (batches, last, points) = site.finish(tb);
+    eprintln!(
+        "{TEST}: {KILLS} kills, takeovers after {:?}; {batches} write batches, {last} records, \
+         points {points:?} exact; {:.1} s",
+        takeovers
+            .iter()
+            .map(|t| format!("{:.1} s", t.as_secs_f64()))
+            .collect::<Vec<_>>(),
+        started.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn a_frozen_owner_is_fenced_and_writes_nothing_when_it_resumes() {
+    use nix::sys::signal::{kill, Signal};
+    const TEST: &str = "a_frozen_owner_is_fenced_and_writes_nothing_when_it_resumes";
+    let Some((site, tb)) = Site::start(TEST) else {
+        return;
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let i = site.owner(tb);
+    let frozen = site.receivers[i].as_ref().unwrap().pid();
+    let before = durable(&site.log_dir);
+    kill(frozen, Signal::SIGSTOP).unwrap();
+    let took = site.wait_taken_by(tb, 1 - i, before, Instant::now());
+    eprintln!(
+        "{} frozen; {} applies after {:.1} s",
+        site.address(i),
+        site.address(1 - i),
+        took.as_secs_f64()
+    );
+    kill(frozen, Signal::SIGCONT).unwrap();
+    // Resumed: it finds its lease gone and itself fenced; the group stays
+    // the other's while the writer goes on.
+    let log = site.dir().join(format!("receiver-{}.log", site.ports[i]));
+    let resumed = Instant::now();
+    while !fs::read_to_string(&log).is_ok_and(|t| t.contains("fenced")) {
+        assert!(
+            resumed.elapsed() < Duration::from_secs(20),
+            "the resumed receiver never said it was fenced:\n{}",
+            fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        site.owner(tb),
+        1 - i,
+        "the resumed receiver took the group back"
+    );
+    let (batches, last, points) = site.finish(tb);
+    eprintln!(
+        "{TEST}: takeover after {:.1} s; {batches} write batches, {last} records, points {points:?} exact",
+        took.as_secs_f64()
+    );
+}
