@@ -44,6 +44,15 @@ pub enum RetireError {
         #[source]
         source: serde_json::Error,
     },
+    /// The host's groups could not be listed.
+    #[error("listing the replicas of {host}")]
+    List {
+        /// The host.
+        host: Name,
+        /// Why.
+        #[source]
+        source: Box<StoreError>,
+    },
     /// A group's replica could not be removed.
     #[error("removing the replica of {host}/{group}")]
     Remove {
@@ -53,7 +62,7 @@ pub enum RetireError {
         group: Name,
         /// Why.
         #[source]
-        source: StoreError,
+        source: Box<StoreError>,
     },
     /// The host is not retired (for [`unretire`]).
     #[error("{0} is not retired")]
@@ -179,10 +188,9 @@ fn remove_replicas(
     engine: &dyn StoreEngine,
     host: &Name,
 ) -> Result<Vec<Name>, RetireError> {
-    let groups = engine.groups(host).map_err(|source| RetireError::Remove {
+    let groups = engine.groups(host).map_err(|source| RetireError::List {
         host: host.clone(),
-        group: host.clone(),
-        source,
+        source: Box::new(source),
     })?;
     for group in &groups {
         engine
@@ -190,7 +198,7 @@ fn remove_replicas(
             .map_err(|source| RetireError::Remove {
                 host: host.clone(),
                 group: group.clone(),
-                source,
+                source: Box::new(source),
             })?;
     }
     let mut list = load(data_dir)?;
@@ -334,10 +342,7 @@ mod tests {
         assert!(
             matches!(
                 err,
-                RetireError::Remove {
-                    source: StoreError::Locked(_),
-                    ..
-                }
+                RetireError::Remove { ref source, .. } if matches!(**source, StoreError::Locked(_))
             ),
             "{err}"
         );

@@ -40,7 +40,10 @@ impl StrictIo {
             return Err(io::Error::from_raw_os_error(errno));
         }
         let a = self.align;
-        if offset % a != 0 || len as u64 % a != 0 || addr as u64 % a != 0 {
+        if !offset.is_multiple_of(a)
+            || !(len as u64).is_multiple_of(a)
+            || !(addr as u64).is_multiple_of(a)
+        {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
         let size = self.bytes.lock().unwrap().len();
