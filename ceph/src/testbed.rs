@@ -52,6 +52,29 @@ pub struct Testbed {
     pub dir: Option<PathBuf>,
 }
 
+#[cfg(feature = "librados")]
+impl Testbed {
+    /// A client of this cluster (`client.admin`, the testbed runs without
+    /// authentication) on its RBD pool in `namespace`, whose operations
+    /// fail after `op_timeout`.
+    pub fn connect(
+        &self,
+        namespace: &str,
+        op_timeout: std::time::Duration,
+    ) -> Result<crate::RadosCluster, crate::CephError> {
+        crate::RadosCluster::connect(&crate::rados::ClusterOptions {
+            connect: crate::rados::ConnectOptions {
+                conf: &self.conf,
+                user: "client.admin",
+                op_timeout,
+                settings: &[],
+            },
+            pool: &self.pool,
+            namespace,
+        })
+    }
+}
+
 /// Whether Ceph's daemons are installed (`ceph-mon` on `PATH`).
 pub fn installed() -> bool {
     let path = std::env::var_os("PATH").unwrap_or_default();

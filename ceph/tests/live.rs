@@ -13,7 +13,7 @@ use behaviour::Harness;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::time::{Duration, Instant};
-use tidemark_ceph::rados::{self, ClusterOptions, ConnectOptions, Rados};
+use tidemark_ceph::rados::{self, Rados};
 use tidemark_ceph::rbd::{self, Image};
 use tidemark_ceph::{
     testbed, CephError, Cluster, ClusterImage, CmpOp, LockRequest, Pending, RadosCluster, Renew,
@@ -21,17 +21,8 @@ use tidemark_ceph::{
 };
 
 fn connect(tb: &testbed::Testbed, namespace: &str) -> RadosCluster {
-    RadosCluster::connect(&ClusterOptions {
-        connect: ConnectOptions {
-            conf: &tb.conf,
-            user: "client.admin",
-            op_timeout: Duration::from_secs(30),
-            settings: &[],
-        },
-        pool: &tb.pool,
-        namespace,
-    })
-    .unwrap_or_else(|e| panic!("connect: {e}"))
+    tb.connect(namespace, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("connect: {e}"))
 }
 
 struct Live {

@@ -6,8 +6,7 @@
 
 use std::process::Command;
 use std::time::{Duration, Instant};
-use tidemark_ceph::rados::{ClusterOptions, ConnectOptions};
-use tidemark_ceph::{testbed, CephError, Cluster, RadosCluster, WriteOp};
+use tidemark_ceph::{testbed, CephError, Cluster, WriteOp};
 
 /// Sends SIGCONT to the frozen OSD when dropped, whatever the test's outcome.
 struct Frozen(String);
@@ -55,17 +54,7 @@ fn an_unanswering_osd_times_out_and_the_client_recovers() {
     let Some(dir) = &tb.dir else {
         return eprintln!("skipping: the cluster named by CEPH_CONF is not ours to freeze");
     };
-    let c = RadosCluster::connect(&ClusterOptions {
-        connect: ConnectOptions {
-            conf: &tb.conf,
-            user: "client.admin",
-            op_timeout: Duration::from_secs(2),
-            settings: &[],
-        },
-        pool: &tb.pool,
-        namespace: "outage",
-    })
-    .unwrap();
+    let c = tb.connect("outage", Duration::from_secs(2)).unwrap();
     c.operate("o", &WriteOp::new().write_full(b"before"))
         .unwrap();
     c.image_create("img", 1 << 20).unwrap();

@@ -10,7 +10,6 @@
 //! fails instead (CI installs ceph-mon, ceph-osd and ceph-common).
 
 use std::time::{Duration, Instant};
-use tidemark_ceph::rados::{ClusterOptions, ConnectOptions};
 use tidemark_ceph::{testbed, Cluster, RadosCluster};
 use tidemark_changelog::{DiskId, Entry, Record, Seq};
 use tidemark_names::Name;
@@ -22,17 +21,8 @@ const SIZE: u64 = 1 << 20;
 const LEASE: Duration = Duration::from_secs(3);
 
 fn client(tb: &testbed::Testbed, namespace: &str) -> RadosCluster {
-    RadosCluster::connect(&ClusterOptions {
-        connect: ConnectOptions {
-            conf: &tb.conf,
-            user: "client.admin",
-            op_timeout: Duration::from_secs(30),
-            settings: &[],
-        },
-        pool: &tb.pool,
-        namespace,
-    })
-    .unwrap_or_else(|e| panic!("connect: {e}"))
+    tb.connect(namespace, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("connect: {e}"))
 }
 
 fn receiver(tb: &testbed::Testbed, namespace: &str, advertise: &str) -> CephEngine<RadosCluster> {

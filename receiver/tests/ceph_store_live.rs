@@ -9,7 +9,6 @@
 //! fails instead (CI installs ceph-mon, ceph-osd and ceph-common).
 
 use std::time::Duration;
-use tidemark_ceph::rados::{ClusterOptions, ConnectOptions};
 use tidemark_ceph::{testbed, Cluster, RadosCluster};
 use tidemark_changelog::{DiskId, Entry, Record, Seq};
 use tidemark_names::Name;
@@ -19,17 +18,9 @@ use tidemark_receiver::store::{ChunkRef, Disk, Purpose, Retention};
 const SIZE: u64 = 1 << 20;
 
 fn engine(tb: &testbed::Testbed, namespace: &str) -> CephEngine<RadosCluster> {
-    let cluster = RadosCluster::connect(&ClusterOptions {
-        connect: ConnectOptions {
-            conf: &tb.conf,
-            user: "client.admin",
-            op_timeout: Duration::from_secs(30),
-            settings: &[],
-        },
-        pool: &tb.pool,
-        namespace,
-    })
-    .unwrap_or_else(|e| panic!("connect: {e}"));
+    let cluster = tb
+        .connect(namespace, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("connect: {e}"));
     CephEngine::new(cluster, "ceph_store_live")
 }
 
@@ -266,15 +257,5 @@ fn a_failover_to_rbd_clones_read_as_the_point_on_a_real_cluster() {
 }
 
 fn engine_cluster(tb: &testbed::Testbed, namespace: &str) -> RadosCluster {
-    RadosCluster::connect(&ClusterOptions {
-        connect: ConnectOptions {
-            conf: &tb.conf,
-            user: "client.admin",
-            op_timeout: Duration::from_secs(30),
-            settings: &[],
-        },
-        pool: &tb.pool,
-        namespace,
-    })
-    .unwrap()
+    tb.connect(namespace, Duration::from_secs(30)).unwrap()
 }

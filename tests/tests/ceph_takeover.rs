@@ -24,8 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tidemark_ceph::rados::{ClusterOptions, ConnectOptions};
-use tidemark_ceph::{testbed, RadosCluster};
+use tidemark_ceph::testbed;
 use tidemark_changelog::replay::{apply, MemoryImage, ReplaySummary};
 use tidemark_changelog::{DiskId, FsDir, LogReader, Seq};
 use tidemark_e2e::replication::{
@@ -284,17 +283,9 @@ impl Site {
             "caught up at seq {last} after {:.1} s; checking the store",
             self.started.elapsed().as_secs_f64()
         );
-        let cluster = RadosCluster::connect(&ClusterOptions {
-            connect: ConnectOptions {
-                conf: &tb.conf,
-                user: "client.admin",
-                op_timeout: Duration::from_secs(30),
-                settings: &[],
-            },
-            pool: &tb.pool,
-            namespace: &self.namespace,
-        })
-        .unwrap();
+        let cluster = tb
+            .connect(&self.namespace, Duration::from_secs(30))
+            .unwrap();
         let engine = CephEngine::new(cluster, "ceph_takeover");
         let group = engine
             .open_group_read_only(&Name::from_static(HOST), &Name::from_static("default"))
