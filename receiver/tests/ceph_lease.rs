@@ -10,11 +10,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use tidemark_ceph::{CephError, Cluster, ClusterImage, SimCluster, SimWorld};
-use tidemark_changelog::DiskId;
 use tidemark_names::Name;
 use tidemark_receiver::lease::{LeaseConfig, LostReason};
 use tidemark_receiver::store::ceph::{CephEngine, CephGroup, XATTR_OWNER, XATTR_OWNER_ADDR};
-use tidemark_receiver::store::{ChunkRef, Position, StoreError};
+use tidemark_receiver::store::{Position, StoreError};
 
 #[allow(dead_code)]
 mod crash_stream;
@@ -51,33 +50,7 @@ fn open(engine: &CephEngine<SimCluster>) -> Result<CephGroup<SimCluster>, StoreE
 }
 
 fn apply(g: &mut CephGroup<SimCluster>, op: &Op) -> Result<Option<Position>, StoreError> {
-    match op {
-        Op::Pin(_) => Ok(None),
-        Op::Disks => g.ensure_disks(&specs()).map(|()| Some(g.position())),
-        Op::Record(rec) => g.apply_record(rec).map(|_| None),
-        Op::Chunk {
-            disk,
-            offset,
-            data,
-            len,
-            purpose,
-        } => {
-            let chunk = match data {
-                Some(d) => ChunkRef::Data(d),
-                None => ChunkRef::Zero(*len),
-            };
-            g.apply_chunk(DiskId(*disk), *offset, chunk, *purpose)
-                .map(|()| None)
-        }
-        Op::ResyncDone {
-            disk,
-            offset,
-            length,
-        } => g
-            .resync_done(DiskId(*disk), *offset, *length)
-            .map(|()| None),
-        Op::Commit => g.commit().map(Some),
-    }
+    crash_stream::apply_op(g, op, |_| Ok(()))
 }
 
 /// Every byte of the group on the cluster: the state object (data and

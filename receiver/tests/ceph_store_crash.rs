@@ -17,17 +17,17 @@
 //! And a writer that a newer one opened after can commit nothing more.
 
 use tidemark_ceph::{SimCluster, SimWorld};
-use tidemark_changelog::{DiskId, Entry, Record, Seq};
+use tidemark_changelog::{Entry, Record, Seq};
 use tidemark_names::Name;
 use tidemark_receiver::store::ceph::{CephEngine, CephGroup};
 use tidemark_receiver::store::StoreEngine;
-use tidemark_receiver::store::{Applied, ChunkRef, Position, Retention, StoreError};
+use tidemark_receiver::store::{Applied, Position, Retention, StoreError};
 
 const NAMESPACE: &str = "crash";
 
 mod crash_stream;
 use crash_stream::{
-    check_committed, check_points, pin_before, read_disk, specs, workload, Op, Run, Workload,
+    check_committed, check_points, pin_before, read_disk, workload, Op, Run, Workload,
 };
 
 /// The record after the stream's last one.
@@ -68,36 +68,10 @@ fn apply(
     engine: &CephEngine<SimCluster>,
     op: &Op,
 ) -> Result<Option<Position>, StoreError> {
-    match op {
-        Op::Pin(seq) => {
-            let (host, group) = names();
-            engine.set_pin(&host, &group, seq.map(Seq)).map(|()| None)
-        }
-        Op::Disks => g.ensure_disks(&specs()).map(|()| Some(g.position())),
-        Op::Record(rec) => g.apply_record(rec).map(|_| None),
-        Op::Chunk {
-            disk,
-            offset,
-            data,
-            len,
-            purpose,
-        } => {
-            let chunk = match data {
-                Some(d) => ChunkRef::Data(d),
-                None => ChunkRef::Zero(*len),
-            };
-            g.apply_chunk(DiskId(*disk), *offset, chunk, *purpose)
-                .map(|()| None)
-        }
-        Op::ResyncDone {
-            disk,
-            offset,
-            length,
-        } => g
-            .resync_done(DiskId(*disk), *offset, *length)
-            .map(|()| None),
-        Op::Commit => g.commit().map(Some),
-    }
+    crash_stream::apply_op(g, op, |seq| {
+        let (host, group) = names();
+        engine.set_pin(&host, &group, seq.map(Seq))
+    })
 }
 
 fn run(world: &SimWorld, ops: &[Op]) -> Run {

@@ -17,15 +17,14 @@
 //!   final state, with the same position as a run that never crashed.
 
 use std::collections::BTreeMap;
-use tidemark_changelog::DiskId;
 use tidemark_durable::dir::SimFileState;
 use tidemark_durable::{LogDir, SimDir};
 use tidemark_receiver::pin::PIN_FILE;
-use tidemark_receiver::store::{Applied, ChunkRef, Position, ReplicaGroup, Retention, StoreError};
+use tidemark_receiver::store::{Applied, Position, ReplicaGroup, Retention, StoreError};
 
 mod crash_stream;
 use crash_stream::{
-    check_committed, check_points, pin_before, read_disk, specs, workload, Op, Run, Workload,
+    check_committed, check_points, pin_before, read_disk, workload, Op, Run, Workload,
 };
 
 /// Opens the group on `dir` with the small segments, frequent journal
@@ -53,36 +52,10 @@ fn apply(
     test_failover: &SimDir,
     op: &Op,
 ) -> Result<Option<Position>, StoreError> {
-    match op {
-        Op::Pin(seq) => {
-            set_pin(test_failover, *seq);
-            Ok(None)
-        }
-        Op::Disks => g.ensure_disks(&specs()).map(|()| Some(g.position())),
-        Op::Record(rec) => g.apply_record(rec).map(|_| None),
-        Op::Chunk {
-            disk,
-            offset,
-            data,
-            len,
-            purpose,
-        } => {
-            let chunk = match data {
-                Some(d) => ChunkRef::Data(d),
-                None => ChunkRef::Zero(*len),
-            };
-            g.apply_chunk(DiskId(*disk), *offset, chunk, *purpose)
-                .map(|()| None)
-        }
-        Op::ResyncDone {
-            disk,
-            offset,
-            length,
-        } => g
-            .resync_done(DiskId(*disk), *offset, *length)
-            .map(|()| None),
-        Op::Commit => g.commit().map(Some),
-    }
+    crash_stream::apply_op(g, op, |seq| {
+        set_pin(test_failover, seq);
+        Ok(())
+    })
 }
 
 fn set_pin(test_failover: &SimDir, seq: Option<u64>) {

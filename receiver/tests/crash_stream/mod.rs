@@ -11,7 +11,9 @@ use rand::{Rng, SeedableRng};
 use tidemark_changelog::{DiskId, Entry, Record, Seq};
 use tidemark_durable::LogDir;
 use tidemark_names::Name;
-use tidemark_receiver::store::{Disk, GroupState, Position, Purpose, ReplicaGroup};
+use tidemark_receiver::store::{
+    ChunkRef, Disk, GroupState, Position, Purpose, ReplicaGroup, StoreError,
+};
 
 pub(crate) const SIZES: [u64; 3] = [16 << 10, 8 << 10, (12 << 10) + 512];
 const SECTOR: u64 = 512;
@@ -51,6 +53,43 @@ pub(crate) enum Op {
     /// A test failover pins this point (`Some`) or ends (`None`): another
     /// process writes the pin, so it is outside the power cut.
     Pin(Option<u64>),
+}
+
+/// Applies one op to `g`; `pin` writes or removes a test failover's pin
+/// (`Op::Pin`), wherever the engine keeps it. `Some(position)` when the op
+/// made a position durable.
+pub(crate) fn apply_op<D: LogDir>(
+    g: &mut ReplicaGroup<D>,
+    op: &Op,
+    pin: impl FnOnce(Option<u64>) -> Result<(), StoreError>,
+) -> Result<Option<Position>, StoreError> {
+    match op {
+        Op::Pin(seq) => pin(*seq).map(|()| None),
+        Op::Disks => g.ensure_disks(&specs()).map(|()| Some(g.position())),
+        Op::Record(rec) => g.apply_record(rec).map(|_| None),
+        Op::Chunk {
+            disk,
+            offset,
+            data,
+            len,
+            purpose,
+        } => {
+            let chunk = match data {
+                Some(d) => ChunkRef::Data(d),
+                None => ChunkRef::Zero(*len),
+            };
+            g.apply_chunk(DiskId(*disk), *offset, chunk, *purpose)
+                .map(|()| None)
+        }
+        Op::ResyncDone {
+            disk,
+            offset,
+            length,
+        } => g
+            .resync_done(DiskId(*disk), *offset, *length)
+            .map(|()| None),
+        Op::Commit => g.commit().map(Some),
+    }
 }
 
 /// The stream and the source it describes.
