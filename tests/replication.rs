@@ -383,11 +383,35 @@ pub fn start_test_failover_with(
     timeout: Duration,
 ) -> (Daemon, String, Vec<String>) {
     let socket = dir.join("test-failover.sock");
+    let replicas = dir.join("replicas");
+    let store = ["--data-dir".as_ref(), replicas.as_os_str()];
+    let (daemon, lines) = start_test_failover_on(dir, store, point, &socket, extra, timeout);
+    (
+        daemon,
+        format!("nbd+unix:///disk?socket={}", socket.display()),
+        lines,
+    )
+}
+
+/// Starts `tidemark test-failover start` of [`HOST`]'s group at `point` on
+/// the replicas `store` names (`--data-dir DIR`, or `--config FILE` for
+/// the store a receiver's configuration selects), serving on `socket`,
+/// with more flags `extra`; its log is `dir/test-failover.log`. Waits at
+/// most `timeout` until it is ready; returns it with the lines it printed
+/// until then.
+pub fn start_test_failover_on(
+    dir: &Path,
+    store: [&std::ffi::OsStr; 2],
+    point: u64,
+    socket: &Path,
+    extra: &[&std::ffi::OsStr],
+    timeout: Duration,
+) -> (Daemon, Vec<String>) {
     let mut child = tidemark()
-        .args(["test-failover", "start", "--data-dir"])
-        .arg(dir.join("replicas"))
+        .args(["test-failover", "start"])
+        .args(store)
         .args(["--host", HOST, "--point", &point.to_string(), "--socket"])
-        .arg(&socket)
+        .arg(socket)
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(fs::File::create(dir.join("test-failover.log")).unwrap())
@@ -417,11 +441,7 @@ pub fn start_test_failover_with(
         }
     }
     assert!(lines[0].contains(&format!("sequence {point}")), "{lines:?}");
-    (
-        Daemon::new(child, "test failover"),
-        format!("nbd+unix:///disk?socket={}", socket.display()),
-        lines,
-    )
+    (Daemon::new(child, "test failover"), lines)
 }
 
 /// The newest recovery point's sequence number, per `tidemark points`.

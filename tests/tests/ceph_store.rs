@@ -16,18 +16,18 @@
 //! `CI` it fails instead.
 
 use std::fs;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tidemark_ceph::{testbed, Cluster};
-use tidemark_changelog::replay::{apply, ImageFile, ReplaySummary};
-use tidemark_changelog::{DiskId, FsDir, LogReader, Seq};
 use tidemark_e2e::replication::{
-    enroll, free_port, start_receiver_with, start_shipper, wait_caught_up, Daemon, HOST,
+    enroll, free_port, start_receiver_with, start_shipper, start_test_failover_on, wait_caught_up,
+    Daemon, HOST,
 };
 use tidemark_e2e::{require_tool, run, tidemark, TrackerProcess};
 use tidemark_names::Name;
+
+mod ext4_points;
 
 /// The protected disk: small, so that the cluster's memory (memstore)
 /// and the test's time stay small.
@@ -131,70 +131,11 @@ fn ext4_workload(dir: &Path, tracker: &TrackerProcess) {
     run(Command::new("umount").arg(&root));
 }
 
-/// Whether the image `path` holds a consistent ext4 once its journal is
-/// replayed (what mounting it after a failover does).
-fn check_ext4(path: &Path, what: &str) {
-    let replayed = Command::new("e2fsck")
-        .args(["-E", "journal_only", "-y"])
-        .arg(path)
-        .output()
-        .unwrap();
-    assert!(
-        matches!(replayed.status.code(), Some(0 | 1)),
-        "journal replay of {what} failed: {}",
-        String::from_utf8_lossy(&replayed.stdout)
-    );
-    let fsck = Command::new("e2fsck")
-        .arg("-fn")
-        .arg(path)
-        .output()
-        .unwrap();
-    assert!(
-        fsck.status.success(),
-        "the filesystem of {what} is not consistent:\n{}",
-        String::from_utf8_lossy(&fsck.stdout)
-    );
-}
-
 /// Starts `tidemark test-failover start --config` at `point`; returns it
 /// once it serves.
 fn start_test_failover(dir: &Path, config: &Path, point: u64, socket: &Path) -> Daemon {
-    let mut child = tidemark()
-        .args(["test-failover", "start", "--config"])
-        .arg(config)
-        .args(["--host", HOST, "--point", &point.to_string(), "--socket"])
-        .arg(socket)
-        .stdout(Stdio::piped())
-        .stderr(fs::File::create(dir.join("test-failover.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let mut lines = Vec::new();
-    loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| {
-                let log = fs::read_to_string(dir.join("test-failover.log")).unwrap_or_default();
-                panic!("the test failover did not start: {lines:?}\n{log}")
-            });
-        let ready = line.starts_with("ready");
-        lines.push(line);
-        if ready {
-            break;
-        }
-    }
-    assert!(lines[0].contains(&format!("sequence {point}")), "{lines:?}");
-    Daemon::new(child, "test failover")
+    let store = ["--config".as_ref(), config.as_os_str()];
+    start_test_failover_on(dir, store, point, socket, &[], Duration::from_secs(60)).0
 }
 
 #[test]
@@ -297,58 +238,16 @@ fn every_point_of_an_ext4_workload_on_the_ceph_store_is_exact_and_consistent() {
 
     // Replay the reference log onto a blank image; at every point,
     // compare and check.
-    let work = dir.join("reference.img");
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&work)
-        .unwrap();
-    file.set_len(SIZE).unwrap();
-    let mut target = ImageFile::new(file);
-    let mut summary = ReplaySummary::default();
-    let mut reader = LogReader::new(FsDir::existing(&reference).unwrap(), Seq::ZERO);
-    let mut next = reader.next_record().unwrap();
-    let check = dir.join("point.img");
-    let (mut compared, mut fscked) = (0, 0);
-    let mut marker_image = Vec::new();
-    for point in &points {
-        while let Some(record) = next.take_if(|r| r.header.seq <= point.seq) {
-            apply(&record, DiskId(0), &mut target, &mut summary).unwrap();
-            next = reader.next_record().unwrap();
-        }
-        let view = group.view(Some(point.seq)).unwrap();
-        let reference = fs::File::open(&work).unwrap();
-        let out = fs::File::create(&check).unwrap();
-        out.set_len(SIZE).unwrap();
-        let mut want = vec![0u8; 4 << 20];
-        let mut got = vec![0u8; 4 << 20];
-        let mut at = 0u64;
-        while at < SIZE {
-            reference.read_exact_at(&mut want, at).unwrap();
-            view.read(DiskId(0), at, &mut got).unwrap();
-            if let Some(i) = want.iter().zip(&got).position(|(a, b)| a != b) {
-                panic!(
-                    "point {} differs from the reference replay at byte {}",
-                    point.seq,
-                    at + i as u64
-                );
-            }
-            out.write_all_at(&got, at).unwrap();
-            at += want.len() as u64;
-        }
-        compared += 1;
-        if point.seq == marker.seq {
-            marker_image = fs::read(&check).unwrap();
-        }
-        if point.seq < marker.seq {
-            continue; // mkfs is still running: no filesystem yet
-        }
-        check_ext4(&check, &format!("point {}", point.seq));
-        fscked += 1;
-    }
-    assert_eq!(compared, points.len());
+    let marker_image = dir.join("marker.img");
+    let ext4_points::Checked { compared, fscked } = ext4_points::check_every_point(
+        &group,
+        &points,
+        &reference,
+        SIZE,
+        marker.seq,
+        dir,
+        &marker_image,
+    );
     assert!(fscked >= 3, "only {fscked} points after mkfs");
     eprintln!("{test}: {compared} points equal the reference replay, {fscked} pass e2fsck");
     drop(group);
@@ -363,17 +262,7 @@ fn every_point_of_an_ext4_workload_on_the_ceph_store_is_exact_and_consistent() {
         out.contains(&format!("sequence {}", marker.seq)) && out.contains("fo-disk"),
         "{out}"
     );
-    let cluster = tidemark_ceph::RadosCluster::connect(&tidemark_ceph::rados::ClusterOptions {
-        connect: tidemark_ceph::rados::ConnectOptions {
-            conf: &tb.conf,
-            user: "client.admin",
-            op_timeout: Duration::from_secs(30),
-            settings: &[],
-        },
-        pool: &tb.pool,
-        namespace: &namespace,
-    })
-    .unwrap();
+    let cluster = tb.connect(&namespace, Duration::from_secs(30)).unwrap();
     let mut clone = vec![0u8; SIZE as usize];
     cluster
         .image_open_read_only("fo-disk")
@@ -381,7 +270,7 @@ fn every_point_of_an_ext4_workload_on_the_ceph_store_is_exact_and_consistent() {
         .read(0, &mut clone)
         .unwrap();
     assert!(
-        clone == marker_image,
+        clone == fs::read(&marker_image).unwrap(),
         "failover --to-rbd at mkfs-done differs from the reference replay to the marker"
     );
 }

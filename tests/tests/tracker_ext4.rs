@@ -18,6 +18,8 @@ use tidemark_changelog::replay::{apply, ImageFile, ReplaySummary};
 use tidemark_changelog::{DiskId, FsDir, Kind, LogReader, Seq};
 use tidemark_e2e::{require_tool, run, tidemark, TrackerProcess};
 
+mod ext4_points;
+
 const SIZE: u64 = 256 << 20;
 
 /// nbdfuse + loop + mount, torn down in reverse order on drop.
@@ -179,29 +181,11 @@ fn ext4_through_the_tracker(connections: &str, test: &str) {
             .arg("--sparse=always")
             .arg(&work)
             .arg(&check));
-        // Replay the journal as mount would after a crash here; exit 1
-        // means "recovered", which is what a journal replay reports.
-        let status = Command::new("e2fsck")
-            .args(["-E", "journal_only", "-y"])
-            .arg(&check)
-            .output()
-            .unwrap();
-        assert!(
-            matches!(status.status.code(), Some(0 | 1)),
-            "journal replay at barrier seq {} failed: {}",
-            record.header.seq.get(),
-            String::from_utf8_lossy(&status.stdout)
-        );
-        let out = Command::new("e2fsck")
-            .arg("-fn")
-            .arg(&check)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "the filesystem at barrier seq {} is not consistent:\n{}",
-            record.header.seq.get(),
-            String::from_utf8_lossy(&out.stdout)
+        // Replay the journal as mount would after a crash here, then
+        // check the filesystem.
+        ext4_points::check_ext4(
+            &check,
+            &format!("the image at barrier seq {}", record.header.seq.get()),
         );
         checked += 1;
     }
@@ -337,85 +321,15 @@ fn every_recovery_point_of_an_ext4_workload_is_a_consistent_filesystem() {
     // Replay the reference log record by record onto a blank image (the
     // disk was blank and nothing wrote to it before the workload); at
     // every point, compare and check.
-    let work = dir.join("reference.img");
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&work)
-        .unwrap();
-    file.set_len(POINTS_SIZE).unwrap();
-    let mut target = ImageFile::new(file);
-    let mut summary = ReplaySummary::default();
-    let mut reader = LogReader::new(FsDir::existing(&reference).unwrap(), Seq::ZERO);
-    let mut next = reader.next_record().unwrap();
-    let check = dir.join("point.img");
-    let (mut compared, mut fscked) = (0, 0);
-    for point in &points {
-        while let Some(record) = next.take_if(|r| r.header.seq <= point.seq) {
-            apply(&record, DiskId(0), &mut target, &mut summary).unwrap();
-            next = reader.next_record().unwrap();
-        }
-        let view = group.view(Some(point.seq)).unwrap();
-        let reference = fs::File::open(&work).unwrap();
-        let out = fs::File::create(&check).unwrap();
-        out.set_len(POINTS_SIZE).unwrap();
-        let mut want = vec![0u8; 4 << 20];
-        let mut got = vec![0u8; 4 << 20];
-        let mut at = 0u64;
-        while at < POINTS_SIZE {
-            use std::os::unix::fs::FileExt;
-            reference.read_exact_at(&mut want, at).unwrap();
-            view.read(tidemark_changelog::DiskId(0), at, &mut got)
-                .unwrap();
-            if let Some(i) = want.iter().zip(&got).position(|(a, b)| a != b) {
-                panic!(
-                    "point {} differs from the reference replay at byte {}",
-                    point.seq,
-                    at + i as u64
-                );
-            }
-            out.write_all_at(&got, at).unwrap();
-            at += want.len() as u64;
-        }
-        compared += 1;
-        if point.seq == marker.seq {
-            // Equal to the reference replay (checked above): kept to
-            // check the failover by label against.
-            run(Command::new("cp")
-                .arg("--sparse=always")
-                .arg(&check)
-                .arg(dir.join("marker.img")));
-        }
-        if point.seq < marker.seq {
-            continue; // mkfs is still running: no filesystem yet
-        }
-        let replayed = Command::new("e2fsck")
-            .args(["-E", "journal_only", "-y"])
-            .arg(&check)
-            .output()
-            .unwrap();
-        assert!(
-            matches!(replayed.status.code(), Some(0 | 1)),
-            "journal replay of point {} failed: {}",
-            point.seq,
-            String::from_utf8_lossy(&replayed.stdout)
-        );
-        let fsck = Command::new("e2fsck")
-            .arg("-fn")
-            .arg(&check)
-            .output()
-            .unwrap();
-        assert!(
-            fsck.status.success(),
-            "the filesystem of point {} is not consistent:\n{}",
-            point.seq,
-            String::from_utf8_lossy(&fsck.stdout)
-        );
-        fscked += 1;
-    }
-    assert_eq!(compared, points.len());
+    let ext4_points::Checked { compared, fscked } = ext4_points::check_every_point(
+        &group,
+        &points,
+        &reference,
+        POINTS_SIZE,
+        marker.seq,
+        dir,
+        &dir.join("marker.img"),
+    );
     assert!(fscked >= 5, "only {fscked} points after mkfs");
     eprintln!("{test}: {compared} points equal the reference replay, {fscked} pass e2fsck");
 
