@@ -29,7 +29,7 @@ pub(crate) async fn answer(
             }
         }
         Err(e) => {
-            let reason = error_chain(&e);
+            let reason = crate::daemon::error_chain(&e);
             tracing::warn!(%host, error = %reason, "refusing to renew the host's certificate");
             let mut end = reason.len().min(tidemark_wire::message::MAX_RENEW_REASON);
             while !reason.is_char_boundary(end) {
@@ -58,17 +58,6 @@ pub(crate) async fn answer(
     let _ = send.finish();
     let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
     Ok(())
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
 }
 
 /// Where the receiver keeps the certificate each host last connected

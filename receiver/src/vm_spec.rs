@@ -314,7 +314,7 @@ impl<D: LogDir> VmSpecKeeper<D> {
         use tidemark_wire::VmSpecRefused;
         check(text).map_err(|reason| VmSpecRefused::Invalid { reason })?;
         let not_kept = |e: VmSpecError| VmSpecRefused::NotKept {
-            reason: error_chain(&e),
+            reason: crate::daemon::error_chain(&e),
         };
         let mut specs = VmSpecs::read_from(&self.dir).map_err(not_kept)?;
         let (from, changed) = specs.add(from_seq, text, oldest_point);
@@ -323,18 +323,6 @@ impl<D: LogDir> VmSpecKeeper<D> {
         }
         Ok(from)
     }
-}
-
-/// An error and its causes, one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cause = c.source();
-    }
-    s
 }
 
 #[cfg(test)]
