@@ -51,9 +51,10 @@ pub(crate) struct FailoverArgs {
     /// where the kernel has rbd (`rbd map POOL/[NAMESPACE/]NAME-<disk>`),
     /// or `rbd flatten` them to part them from the replica. Like any
     /// failover of a Ceph store's group that is not planned, it takes the
-    /// group from the receiver applying it: that receiver is fenced
-    /// (blocklisted by the cluster) and applies none of its groups until
-    /// it is restarted.
+    /// group's lease: it is refused while a running receiver applies the
+    /// group (stop that receiver first, and run again once its lease
+    /// expired); the old owner is then fenced (blocklisted by the
+    /// cluster).
     #[arg(long, value_name = "NAME", conflicts_with_all = ["to", "planned", "span", "boot"])]
     pub(crate) to_rbd: Option<String>,
     /// A planned failover, with the receiver running: ask the protected
@@ -140,12 +141,13 @@ pub(crate) fn failover(a: FailoverArgs) -> Result<ExitCode> {
     let dir = replica.dir()?;
     let engine = replica.store.engine()?;
     // The writable open: a local replica is refused while its receiver
-    // runs; a Ceph one is taken from its receiver, which is fenced.
+    // runs, a Ceph one until the lease of the receiver that applied it
+    // expired (that receiver is then fenced).
     let group = engine
         .open(&replica.host, &replica.group)
         .with_context(|| {
             format!(
-                "opening the replica {} (a running receiver holds it: stop it first)",
+                "opening the replica {} (a running receiver holds it: stop it first; on the Ceph store, run again once its lease expired)",
                 engine.describe(&replica.host, &replica.group)
             )
         })?;
@@ -169,13 +171,14 @@ fn failover_to_rbd(a: &FailoverArgs, replica: &ReplicaArgs, name: &str) -> Resul
         bail!("--to-rbd needs the Ceph store: give --config with a receiver.toml whose [receiver.store] has kind = \"ceph\"");
     };
     let engine = tidemark_receiver::store::connect(&cfg, "tidemark failover")?;
-    // The writable open fences the receiver that applies the group: no
-    // fold changes the replica images while they are snapshotted.
+    // The writable open takes the group's lease (refused while a running
+    // receiver holds it): no fold changes the replica images while they
+    // are snapshotted.
     let group = engine
         .open_group(&replica.host, &replica.group)
         .with_context(|| {
             format!(
-                "opening the replica {}",
+                "opening the replica {} (a running receiver holds it: stop it first, and run again once its lease expired)",
                 tidemark_receiver::store::StoreEngine::describe(
                     &engine,
                     &replica.host,
@@ -220,7 +223,7 @@ fn failover_to_rbd(a: &FailoverArgs, replica: &ReplicaArgs, name: &str) -> Resul
         );
     }
     println!(
-        "failed over in {:.1}s; the receiver of this group is fenced until it restarts. Map the images where the kernel has rbd (rbd map IMAGE), or rbd flatten them to part them from the replica",
+        "failed over in {:.1}s. Map the images where the kernel has rbd (rbd map IMAGE), or rbd flatten them to part them from the replica",
         started.elapsed().as_secs_f64()
     );
     Ok(ExitCode::SUCCESS)

@@ -79,10 +79,10 @@ enum Command {
     #[command(subcommand)]
     Shipper(shipper_cmd::ShipperCommand),
     /// Take over a replica: write its disks, as of a recovery point
-    /// (default: the newest), into image files (the receiver must be
-    /// stopped; with the Ceph store, --config, the receiver applying the
-    /// group is fenced instead), or with --to-rbd into RBD clones; with
-    /// --planned, first drain the protected host through the running
+    /// (default: the newest), into image files (the receiver applying the
+    /// group must be stopped; with the Ceph store, --config, its lease must
+    /// have expired, and it is fenced), or with --to-rbd into RBD clones;
+    /// with --planned, first drain the protected host through the running
     /// receiver so nothing is lost; with --span, every member of a span
     /// to the same span point (the receiver may run).
     Failover(failover_cmd::FailoverArgs),

@@ -17,6 +17,10 @@ pub enum OpenEngineError {
          (cargo feature `ceph` of tidemark-receiver, `--features ceph` of the tidemark binary)"
     )]
     CephNotBuilt,
+    /// Caller: the Ceph engine itself was asked for, but the receiver's
+    /// store is the local one (`kind = "local"`).
+    #[error("the receiver's store is the local store, not the Ceph store ([receiver.store] kind = \"local\")")]
+    NotCeph,
     /// Configuration or cluster: connecting to the cluster, or opening the
     /// pool and namespace, failed (monitors unreachable, the keyring or
     /// the client's caps wrong, no such pool).
@@ -65,8 +69,9 @@ fn open_ceph(_: &ReceiverConfig, _: &str) -> Result<Box<dyn StoreEngine>, OpenEn
     Err(OpenEngineError::CephNotBuilt)
 }
 
-/// Connects to the Ceph store `cfg` names (`kind = "ceph"`), for callers
-/// that need the engine itself (RBD snapshots and clones of a failover).
+/// Connects to the Ceph store `cfg` names (`kind = "ceph"`, else
+/// [`OpenEngineError::NotCeph`]), for callers that need the engine itself
+/// (RBD snapshots and clones of a failover).
 #[cfg(feature = "ceph")]
 pub fn connect(
     cfg: &ReceiverConfig,
@@ -75,7 +80,7 @@ pub fn connect(
     use tidemark_ceph::rados::{ClusterOptions, ConnectOptions};
 
     let Some(ceph) = cfg.store.ceph() else {
-        unreachable!("connect is called for kind = \"ceph\" only")
+        return Err(OpenEngineError::NotCeph);
     };
     let cluster = tidemark_ceph::RadosCluster::connect(&ClusterOptions {
         connect: ConnectOptions {
