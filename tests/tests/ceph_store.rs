@@ -16,8 +16,8 @@
 //! `CI` it fails instead.
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 use tidemark_ceph::{testbed, Cluster};
 use tidemark_e2e::replication::{
@@ -42,72 +42,24 @@ fn store_table(tb: &testbed::Testbed, namespace: &str) -> String {
     )
 }
 
-/// nbdfuse + loop over an NBD URI, torn down in reverse order on drop.
-struct Attached {
-    nbdfuse: std::process::Child,
-    fuse_dir: PathBuf,
-    dev: String,
-}
-
-impl Attached {
-    fn new(dir: &Path, uri: &str) -> Attached {
-        let fuse_dir = dir.join("fuse");
-        fs::create_dir_all(&fuse_dir).unwrap();
-        let pidfile = dir.join("nbdfuse.pid");
-        let nbdfuse = Command::new("nbdfuse")
-            .args(["-C", "1", "-P"])
-            .arg(&pidfile)
-            .arg(fuse_dir.join("disk"))
-            .arg(uri)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("starting nbdfuse");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !pidfile.exists() {
-            assert!(Instant::now() < deadline, "nbdfuse did not come up");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let dev = run(Command::new("losetup")
-            .args(["-f", "--show", "--direct-io=on"])
-            .arg(fuse_dir.join("disk")))
-        .trim()
-        .to_string();
-        Attached {
-            nbdfuse,
-            fuse_dir,
-            dev,
-        }
-    }
-}
-
-impl Drop for Attached {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
-        let _ = Command::new("fusermount3")
-            .arg("-u")
-            .arg(&self.fuse_dir)
-            .status();
-        let _ = self.nbdfuse.wait();
-    }
-}
-
 /// mkfs, a marker, then files written, rewritten and removed in rounds,
 /// each round synced (barriers between them).
 fn ext4_workload(dir: &Path, tracker: &TrackerProcess) {
-    let m = Attached::new(dir, &tracker.uri());
+    let mut m = ext4_points::attach(dir, &tracker.uri(), "1");
+    let dev = m.loop_dev.clone().unwrap();
     run(Command::new("mkfs.ext4").args([
         "-q",
         "-F",
         "-E",
         "lazy_itable_init=0,lazy_journal_init=0",
-        &m.dev,
+        &dev,
     ]));
     run(tidemark()
         .args(["tracker", "mark", "mkfs-done", "--control-socket"])
         .arg(&tracker.control));
-    let root = dir.join("fs");
-    fs::create_dir_all(&root).unwrap();
-    run(Command::new("mount").arg(&m.dev).arg(&root));
+    let root = m.fs_dir.clone();
+    run(Command::new("mount").arg(&dev).arg(&root));
+    m.mounted = true;
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     for round in 0..3 {
         let sub = root.join(format!("round{round}"));
@@ -129,6 +81,7 @@ fn ext4_workload(dir: &Path, tracker: &TrackerProcess) {
         run(Command::new("sync").arg("-f").arg(&root));
     }
     run(Command::new("umount").arg(&root));
+    m.mounted = false;
 }
 
 /// Starts `tidemark test-failover start --config` at `point`; returns it

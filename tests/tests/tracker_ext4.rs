@@ -11,8 +11,8 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 use tidemark_changelog::replay::{apply, ImageFile, ReplaySummary};
 use tidemark_changelog::{DiskId, FsDir, Kind, LogReader, Seq};
@@ -21,65 +21,6 @@ use tidemark_e2e::{require_tool, run, tidemark, TrackerProcess};
 mod ext4_points;
 
 const SIZE: u64 = 256 << 20;
-
-/// nbdfuse + loop + mount, torn down in reverse order on drop.
-struct Mounted {
-    nbdfuse: std::process::Child,
-    fuse_dir: PathBuf,
-    loop_dev: Option<String>,
-    fs_dir: PathBuf,
-    mounted: bool,
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        if self.mounted {
-            let _ = Command::new("umount").arg(&self.fs_dir).status();
-        }
-        if let Some(dev) = &self.loop_dev {
-            let _ = Command::new("losetup").args(["-d", dev]).status();
-        }
-        let _ = Command::new("fusermount3")
-            .arg("-u")
-            .arg(&self.fuse_dir)
-            .status();
-        // Unmounting ends nbdfuse; reap it.
-        let _ = self.nbdfuse.wait();
-    }
-}
-
-fn attach(dir: &Path, uri: &str, connections: &str) -> Mounted {
-    let fuse_dir = dir.join("fuse");
-    let fs_dir = dir.join("fs");
-    fs::create_dir_all(&fuse_dir).unwrap();
-    fs::create_dir_all(&fs_dir).unwrap();
-    let pidfile = dir.join("nbdfuse.pid");
-    let nbdfuse = Command::new("nbdfuse")
-        .args(["-C", connections, "-P"])
-        .arg(&pidfile)
-        .arg(fuse_dir.join("disk"))
-        .arg(uri)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("starting nbdfuse");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !pidfile.exists() {
-        assert!(Instant::now() < deadline, "nbdfuse did not come up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let mut m = Mounted {
-        nbdfuse,
-        fuse_dir: fuse_dir.clone(),
-        loop_dev: None,
-        fs_dir,
-        mounted: false,
-    };
-    let dev = run(Command::new("losetup")
-        .args(["-f", "--show", "--direct-io=on"])
-        .arg(fuse_dir.join("disk")));
-    m.loop_dev = Some(dev.trim().to_string());
-    m
-}
 
 /// Creates, changes and removes files with syncs in between, like an
 /// application would.
@@ -125,7 +66,7 @@ fn ext4_through_the_tracker(connections: &str, test: &str) {
     let tracker = TrackerProcess::start(tmp.path(), &image, &[]);
     let uri = tracker.uri();
     {
-        let mut m = attach(tmp.path(), &uri, connections);
+        let mut m = ext4_points::attach(tmp.path(), &uri, connections);
         let dev = m.loop_dev.clone().unwrap();
         run(Command::new("mkfs.ext4").args([
             "-q",
@@ -257,7 +198,7 @@ fn every_recovery_point_of_an_ext4_workload_is_a_consistent_filesystem() {
     // every record of it: the reference the points are checked against.
     assert!(shipper.stop().success());
     {
-        let mut m = attach(dir, &tracker.uri(), "1");
+        let mut m = ext4_points::attach(dir, &tracker.uri(), "1");
         let dev = m.loop_dev.clone().unwrap();
         run(Command::new("mkfs.ext4").args([
             "-q",
@@ -390,7 +331,7 @@ fn an_app_consistent_mark_freezes_the_filesystem_around_the_marker() {
     let hooks = dir.join("hooks.log");
     let seq;
     {
-        let mut m = attach(dir, &tracker.uri(), "1");
+        let mut m = ext4_points::attach(dir, &tracker.uri(), "1");
         let dev = m.loop_dev.clone().unwrap();
         run(Command::new("mkfs.ext4").args(["-q", "-F", &dev]));
         run(Command::new("mount").arg(&dev).arg(&m.fs_dir));

@@ -1,16 +1,85 @@
-//! The check both ext4-at-every-point suites make (`tracker_ext4.rs` on the
-//! local store, `ceph_store.rs` on the Ceph store): every recovery point of
-//! a group equals the source's change log replayed up to it, and every
-//! point after the workload's `mkfs` holds a consistent ext4.
+//! What both ext4 suites share (`tracker_ext4.rs` on the local store,
+//! `ceph_store.rs` on the Ceph store): an ext4 on the tracker's NBD export
+//! through nbdfuse and a loop device ([`attach`]), and the check that
+//! every recovery point of a group equals the source's change log replayed
+//! up to it, every point after the workload's `mkfs` a consistent ext4.
 
 use std::fs;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tidemark_e2e::run;
 
 use tidemark_changelog::replay::{apply, ImageFile, ReplaySummary};
 use tidemark_changelog::{DiskId, FsDir, LogReader, Seq};
 use tidemark_receiver::store::{RecoveryPoint, ReplicaStore};
+
+/// nbdfuse + loop + mount, torn down in reverse order on drop.
+pub(crate) struct Mounted {
+    nbdfuse: std::process::Child,
+    fuse_dir: PathBuf,
+    /// The loop device over the NBD export.
+    pub(crate) loop_dev: Option<String>,
+    /// Where the filesystem is mounted.
+    pub(crate) fs_dir: PathBuf,
+    /// Whether it is mounted now (unmounted on drop if so).
+    pub(crate) mounted: bool,
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = Command::new("umount").arg(&self.fs_dir).status();
+        }
+        if let Some(dev) = &self.loop_dev {
+            let _ = Command::new("losetup").args(["-d", dev]).status();
+        }
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.fuse_dir)
+            .status();
+        // Unmounting ends nbdfuse; reap it.
+        let _ = self.nbdfuse.wait();
+    }
+}
+
+/// Attaches the NBD export `uri` as a loop device through nbdfuse with
+/// `connections` connections; the filesystem is mounted at `dir/fs` by
+/// the caller.
+pub(crate) fn attach(dir: &Path, uri: &str, connections: &str) -> Mounted {
+    let fuse_dir = dir.join("fuse");
+    let fs_dir = dir.join("fs");
+    fs::create_dir_all(&fuse_dir).unwrap();
+    fs::create_dir_all(&fs_dir).unwrap();
+    let pidfile = dir.join("nbdfuse.pid");
+    let nbdfuse = Command::new("nbdfuse")
+        .args(["-C", connections, "-P"])
+        .arg(&pidfile)
+        .arg(fuse_dir.join("disk"))
+        .arg(uri)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("starting nbdfuse");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !pidfile.exists() {
+        assert!(Instant::now() < deadline, "nbdfuse did not come up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut m = Mounted {
+        nbdfuse,
+        fuse_dir: fuse_dir.clone(),
+        loop_dev: None,
+        fs_dir,
+        mounted: false,
+    };
+    let dev = run(Command::new("losetup")
+        .args(["-f", "--show", "--direct-io=on"])
+        .arg(fuse_dir.join("disk")));
+    m.loop_dev = Some(dev.trim().to_string());
+    m
+}
 
 /// What [`check_every_point`] found.
 pub(crate) struct Checked {
