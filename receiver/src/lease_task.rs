@@ -134,6 +134,20 @@ struct Shared<C: Cluster> {
     fenced: AtomicU64,
 }
 
+impl<C: Cluster> Shared<C> {
+    /// This keeper's request for a group's lock: taking it (`Renew::No`)
+    /// or renewing it (`Renew::Must`).
+    fn lock_request(&self, renew: Renew) -> LockRequest<'_> {
+        LockRequest {
+            name: LOCK_NAME,
+            cookie: &self.cookie,
+            desc: &self.desc,
+            duration: self.config.duration,
+            renew,
+        }
+    }
+}
+
 /// Takes group leases over and keeps them renewed (one thread for all).
 pub struct LeaseKeeper<C: Cluster + 'static> {
     shared: Arc<Shared<C>>,
@@ -227,13 +241,7 @@ impl<C: Cluster + 'static> LeaseKeeper<C> {
         while let Some(action) = lease.poll_action(Instant::now()) {
             match action {
                 LeaseAction::Lock => {
-                    let request = LockRequest {
-                        name: LOCK_NAME,
-                        cookie: &s.cookie,
-                        desc: &s.desc,
-                        duration: s.config.duration,
-                        renew: Renew::No,
-                    };
+                    let request = s.lock_request(Renew::No);
                     lease.handle_lock(s.cluster.lock_exclusive(oid, &request))
                 }
                 LeaseAction::ReadPrevious => {
@@ -361,13 +369,7 @@ fn renew_loop<C: Cluster>(s: &Shared<C>) {
             // The cluster may take long to answer: let takeovers go on.
             drop(held);
             for oid in due {
-                let request = LockRequest {
-                    name: LOCK_NAME,
-                    cookie: &s.cookie,
-                    desc: &s.desc,
-                    duration: s.config.duration,
-                    renew: Renew::Must,
-                };
+                let request = s.lock_request(Renew::Must);
                 let result = s.cluster.lock_exclusive(&oid, &request);
                 answers.push((oid, result));
             }
@@ -401,13 +403,7 @@ fn renew_loop<C: Cluster>(s: &Shared<C>) {
             // let it go: the group is given up) or this client was fenced.
             drop(held);
             for oid in &lapsed {
-                let request = LockRequest {
-                    name: LOCK_NAME,
-                    cookie: &s.cookie,
-                    desc: &s.desc,
-                    duration: s.config.duration,
-                    renew: Renew::Must,
-                };
+                let request = s.lock_request(Renew::Must);
                 match s.cluster.lock_exclusive(oid, &request) {
                     Ok(()) => {
                         let _ = s.cluster.unlock(oid, LOCK_NAME, &s.cookie);
