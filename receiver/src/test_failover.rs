@@ -163,7 +163,7 @@ impl TestFailover {
         // it is noticed here, when the point is looked up again.
         lock.pin(seq)?;
         let group = open().map_err(TestFailoverError::Open)?;
-        let disks = group.disks();
+        let disks = group.disks_at(seq);
         let view = group
             .shared_reader(seq)
             .map_err(|source| TestFailoverError::Folded { seq, source })?;
