@@ -489,6 +489,20 @@ fn a_grown_disk_keeps_older_points_at_their_size() {
     g.ensure_disks(&grown).unwrap();
     assert_eq!(g.position().durable_seq, Seq(3));
     assert_eq!(state_version(dir.path()), 3);
+    // The grown part waits for a checksum resync (the source may hold
+    // anything there); the shipper finds it equal (zeroes) and says so.
+    assert_eq!(
+        g.position().state,
+        GroupState::Resyncing {
+            pending: vec![Extent {
+                disk: d0,
+                offset: old,
+                length: new - old
+            }]
+        }
+    );
+    g.resync_done(d0, old, new - old).unwrap();
+    assert_eq!(g.commit().unwrap().state, GroupState::Consistent);
     // Point 5: written across the old end and at the new end.
     g.apply_record(&record(&Entry::write(d0, old - 512, &[9; 1024], 0), 4, 0))
         .unwrap();

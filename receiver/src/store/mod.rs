@@ -966,9 +966,9 @@ impl<D: LogDir> ReplicaGroup<D> {
     /// A growth takes effect after the last record applied: everything
     /// applied so far is committed first, and the recovery points up to
     /// here keep reading the disk at its old size (the state file's disk
-    /// changes). The grown part reads as zeroes until records write it:
-    /// the source is expected to read so too (a file grown with truncate,
-    /// a thin volume), or to log what it holds there.
+    /// changes). A consistent group then resyncs the grown part (a
+    /// checksum resync: the source may hold anything there); its next
+    /// point is the first barrier after that resync.
     pub fn ensure_disks(&mut self, disks: &[Disk]) -> Result<(), StoreError> {
         self.check_poisoned()?;
         let mut seen = BTreeSet::new();
@@ -1073,8 +1073,15 @@ impl<D: LogDir> ReplicaGroup<D> {
                 let from = d.size;
                 d.size = spec.size;
                 // An initial sync has no points yet, and copies the grown
-                // part like the rest (it is beyond `synced`).
+                // part like the rest (it is beyond `synced`). Otherwise the
+                // grown part waits for a checksum resync: the source may
+                // hold anything there (an extended volume's old blocks),
+                // and where it reads as zeroes, as the image does, the
+                // resync compares digests and sends nothing.
                 if record_change {
+                    d.synced = spec.size;
+                    d.pending.add(from, spec.size);
+                    meta.mode = Mode::Resyncing;
                     meta.changes.push(DiskChange {
                         disk: spec.id,
                         after,
