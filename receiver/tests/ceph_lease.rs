@@ -53,7 +53,7 @@ fn open(engine: &CephEngine<SimCluster>) -> Result<CephGroup<SimCluster>, StoreE
 fn apply(g: &mut CephGroup<SimCluster>, op: &Op) -> Result<Option<Position>, StoreError> {
     match op {
         Op::Pin(_) => Ok(None),
-        Op::Disks => g.ensure_disks(&specs()).map(|()| Some(g.position())),
+        Op::Disks(disks) => g.ensure_disks(disks).map(|()| Some(g.position())),
         Op::Record(rec) => g.apply_record(rec).map(|_| None),
         Op::Chunk {
             disk,

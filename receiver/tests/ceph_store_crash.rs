@@ -27,7 +27,7 @@ const NAMESPACE: &str = "crash";
 
 mod crash_stream;
 use crash_stream::{
-    check_committed, check_points, pin_before, read_disk, specs, workload, Op, Run, Workload,
+    check_committed, check_points, pin_before, read_disk, workload, Op, Run, Workload,
 };
 
 /// The record after the stream's last one.
@@ -73,7 +73,7 @@ fn apply(
             let (host, group) = names();
             engine.set_pin(&host, &group, seq.map(Seq)).map(|()| None)
         }
-        Op::Disks => g.ensure_disks(&specs()).map(|()| Some(g.position())),
+        Op::Disks(disks) => g.ensure_disks(disks).map(|()| Some(g.position())),
         Op::Record(rec) => g.apply_record(rec).map(|_| None),
         Op::Chunk {
             disk,

@@ -25,7 +25,7 @@ use tidemark_receiver::store::{Applied, ChunkRef, Position, ReplicaGroup, Retent
 
 mod crash_stream;
 use crash_stream::{
-    check_committed, check_points, pin_before, read_disk, specs, workload, Op, Run, Workload,
+    check_committed, check_points, pin_before, read_disk, workload, Op, Run, Workload,
 };
 
 /// Opens the group on `dir` with the small segments, frequent journal
@@ -58,7 +58,7 @@ fn apply(
             set_pin(test_failover, *seq);
             Ok(None)
         }
-        Op::Disks => g.ensure_disks(&specs()).map(|()| Some(g.position())),
+        Op::Disks(disks) => g.ensure_disks(disks).map(|()| Some(g.position())),
         Op::Record(rec) => g.apply_record(rec).map(|_| None),
         Op::Chunk {
             disk,

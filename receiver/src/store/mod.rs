@@ -829,7 +829,18 @@ impl<D: LogDir> ReplicaGroup<D> {
             let len = file
                 .size()
                 .map_err(io_err("reading the size of", &image_path))?;
-            if len != d.size {
+            if len > d.size {
+                // A growth cut short: the image was grown, the state file
+                // not yet replaced. The grown part holds nothing committed
+                // (the growth is made again when the disk is announced
+                // again); a writer gives the image its size back, a reader
+                // reads within the size the state file names.
+                if !read_only {
+                    file.set_len(d.size)
+                        .and_then(|()| file.sync_data())
+                        .map_err(io_err("undoing an unfinished growth of", &image_path))?;
+                }
+            } else if len != d.size {
                 return Err(damaged(
                     &image_path,
                     format!("image is {len} bytes, disk {} is {} bytes", d.id, d.size),
