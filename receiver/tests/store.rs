@@ -580,6 +580,128 @@ fn a_grown_disk_keeps_older_points_at_their_size() {
     );
 }
 
+/// A disk added to a consistent group is synced on its own while the
+/// others replicate: the group's older points stay (without the new disk),
+/// and the points after its sync ended hold it; once retention folded
+/// every point without it, the state file is version 2 again.
+#[test]
+fn an_added_disk_joins_the_points_after_its_sync_and_keeps_the_older_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = consistent_group(dir.path());
+    let d0 = disk_id(0);
+    let extra = DiskId(9);
+    const EXTRA: u64 = 16 << 10;
+    let state_version = |dir: &Path| {
+        let b = std::fs::read(dir.join("state")).unwrap();
+        u16::from_le_bytes([b[4], b[5]])
+    };
+    let barrier = |g: &mut ReplicaGroup, seq: u64| {
+        g.apply_record(&record(
+            &Entry::barrier(tidemark_changelog::now_ns()),
+            seq,
+            0,
+        ))
+        .unwrap();
+    };
+    g.apply_record(&record(&Entry::write(d0, 0, &[1; 4096], 0), 1, 0))
+        .unwrap();
+    barrier(&mut g, 2);
+    g.commit().unwrap();
+    let mut all = specs();
+    all.push(Disk {
+        id: extra,
+        name: Name::from_static("extra"),
+        size: EXTRA,
+    });
+    g.ensure_disks(&all).unwrap();
+    assert_eq!(g.position().state, GroupState::Consistent);
+    assert_eq!(state_version(dir.path()), 3, "a joining disk");
+    // While it syncs: the others' points go on without it.
+    let mut source = vec![0u8; EXTRA as usize];
+    g.apply_record(&record(&Entry::write(d0, 4096, &[2; 4096], 0), 3, 0))
+        .unwrap();
+    g.apply_record(&record(&Entry::write(extra, 0, &[8; 512], 0), 4, 0))
+        .unwrap();
+    source[..512].fill(8);
+    barrier(&mut g, 5);
+    g.commit().unwrap();
+    g.apply_chunk(
+        extra,
+        0,
+        ChunkRef::Data(&source[..8192]),
+        Purpose::InitialSync,
+    )
+    .unwrap();
+    g.commit().unwrap();
+    assert!(g.disks_at(Seq(5)).iter().all(|d| d.id != extra));
+    g.apply_chunk(extra, 8192, ChunkRef::Zero(8192), Purpose::InitialSync)
+        .unwrap();
+    // Joined: its changes are journaled from here on.
+    g.apply_record(&record(&Entry::write(extra, 1024, &[6; 512], 0), 6, 0))
+        .unwrap();
+    source[1024..1536].fill(6);
+    barrier(&mut g, 7);
+    g.commit().unwrap();
+    let mut d0_at2 = vec![0u8; SIZES[0] as usize];
+    d0_at2[..4096].fill(1);
+    let mut d0_at5 = d0_at2.clone();
+    d0_at5[4096..8192].fill(2);
+    for reopen in [false, true] {
+        if reopen {
+            drop(g);
+            g = ReplicaGroup::open(dir.path()).unwrap();
+        }
+        assert_eq!(
+            g.points().iter().map(|p| p.seq).collect::<Vec<_>>(),
+            vec![Seq(2), Seq(5), Seq(7)],
+            "no point was folded"
+        );
+        for seq in [2, 5] {
+            assert!(g.disks_at(Seq(seq)).iter().all(|d| d.id != extra));
+            assert!(matches!(
+                g.view(Some(Seq(seq))).unwrap().read(extra, 0, &mut [0; 512]),
+                Err(StoreError::UnknownDisk(d)) if d == extra
+            ));
+        }
+        assert!(point_image(&g, Some(2), d0) == d0_at2);
+        assert!(point_image(&g, Some(5), d0) == d0_at5);
+        assert!(point_image(&g, Some(7), d0) == d0_at5);
+        assert!(g
+            .disks_at(Seq(7))
+            .iter()
+            .any(|d| d.id == extra && d.size == EXTRA));
+        let mut buf = vec![0u8; EXTRA as usize];
+        g.view(Some(Seq(7)))
+            .unwrap()
+            .read(extra, 0, &mut buf)
+            .unwrap();
+        assert!(buf == source, "the new disk at point 7");
+        assert_eq!(state_version(dir.path()), 3);
+    }
+    // Retention folds the points without it: version 2 again.
+    g.set_retention(Retention {
+        max_points: 1,
+        fold_interval: std::time::Duration::ZERO,
+        ..Retention::default()
+    });
+    g.apply_retention(tidemark_changelog::now_ns(), true)
+        .unwrap();
+    assert_eq!(
+        g.points().iter().map(|p| p.seq).collect::<Vec<_>>(),
+        vec![Seq(7)]
+    );
+    assert_eq!(state_version(dir.path()), 2);
+    drop(g);
+    let g = ReplicaGroup::open(dir.path()).unwrap();
+    let mut buf = vec![0u8; EXTRA as usize];
+    g.view(Some(Seq(7)))
+        .unwrap()
+        .read(extra, 0, &mut buf)
+        .unwrap();
+    assert!(buf == source, "the new disk at point 7 after the fold");
+    assert!(point_image(&g, Some(7), d0) == d0_at5);
+}
+
 #[test]
 fn a_second_opener_is_refused() {
     let dir = tempfile::tempdir().unwrap();

@@ -970,9 +970,11 @@ impl<D: LogDir> ReplicaGroup<D> {
     /// Makes sure the group has these disks: creates a sparse image for each
     /// new one (durably, at once), grows the image of a disk that is larger
     /// than before and checks that a known disk did not shrink and kept its
-    /// name. Disks not listed are kept. A new disk puts a consistent group
-    /// back into initial sync (its recovery points are folded first: none
-    /// of them holds the new disk); a resyncing group refuses new disks.
+    /// name. Disks not listed are kept. A new disk of a consistent group
+    /// is synced on its own (initial-sync chunks and its records go to its
+    /// image in place) while the others replicate and their points go on;
+    /// it joins the points from the first one after its sync ended (the
+    /// points before do not list it). A resyncing group refuses new disks.
     ///
     /// A growth takes effect after the last record applied: everything
     /// applied so far is committed first, and the recovery points up to
@@ -1026,9 +1028,6 @@ impl<D: LogDir> ReplicaGroup<D> {
                 return self.write_state(self.durable.clone(), None);
             }
         }
-        if self.journal_committed != self.journal.start {
-            self.fold(self.journal_committed)?;
-        }
         for spec in &new {
             let name = image_name(spec.id);
             // An image left by a crash before its disk was recorded holds
@@ -1053,8 +1052,15 @@ impl<D: LogDir> ReplicaGroup<D> {
                     synced: 0,
                     pending: Default::default(),
                 });
-                if spec.size > 0 && meta.mode == Mode::Consistent {
-                    meta.mode = Mode::InitialSync;
+                // A consistent group stays so: the new disk is synced in
+                // place while the others replicate, and joins the points
+                // when its sync ends (at once if it is empty).
+                if spec.size == 0 && meta.mode != Mode::InitialSync {
+                    meta.changes.push(DiskChange {
+                        disk: spec.id,
+                        after: meta.seq,
+                        kind: ChangeKind::Joined,
+                    });
                 }
             }
             meta.disks.sort_by_key(|d| d.id);
@@ -1233,10 +1239,12 @@ impl<D: LogDir> ReplicaGroup<D> {
             }
             Kind::ResyncNeeded => {
                 let mode = self.cur.mode;
+                let joining = self.cur.disk(disk_id).is_some_and(|d| self.cur.joining(d));
                 let Some(disk) = self.cur.disk_mut(disk_id) else {
                     return Err(StoreError::UnknownDisk(disk_id));
                 };
                 match mode {
+                    _ if joining => disk.synced = disk.synced.min(h.offset),
                     Mode::InitialSync => disk.synced = disk.synced.min(h.offset),
                     Mode::Consistent | Mode::Resyncing => {
                         disk.pending.add(h.offset, h.offset + h.length);
@@ -1245,7 +1253,9 @@ impl<D: LogDir> ReplicaGroup<D> {
                 }
             }
             Kind::Write | Kind::WriteZeroes | Kind::Trim => {
-                let result = if self.cur.mode == Mode::InitialSync {
+                let in_place = self.cur.mode == Mode::InitialSync
+                    || self.cur.disk(disk_id).is_some_and(|d| self.cur.joining(d));
+                let result = if in_place {
                     let Some(file) = self.images.get(&disk_id) else {
                         return Err(StoreError::UnknownDisk(disk_id));
                     };
@@ -1290,7 +1300,8 @@ impl<D: LogDir> ReplicaGroup<D> {
         let path = self.path.clone();
         match purpose {
             Purpose::InitialSync => {
-                if self.cur.mode != Mode::InitialSync {
+                let joining = self.cur.disk(disk).is_some_and(|d| self.cur.joining(d));
+                if self.cur.mode != Mode::InitialSync && !joining {
                     return Err(StoreError::UnexpectedChunk {
                         what: "initial-sync",
                         reason: "the group is not in initial sync",
@@ -1314,6 +1325,18 @@ impl<D: LogDir> ReplicaGroup<D> {
                     if offset <= d.synced && offset + len > d.synced {
                         d.synced = offset + len;
                     }
+                }
+                if joining && self.cur.disk(disk).is_some_and(|d| d.synced == d.size) {
+                    // Its image now holds the source as of the last record
+                    // applied: from here on its changes are journaled and
+                    // the points after this one hold it.
+                    let after = self.cur.seq;
+                    self.cur.changes.push(DiskChange {
+                        disk,
+                        after,
+                        kind: ChangeKind::Joined,
+                    });
+                    self.cur.changes.sort_by_key(|c| (c.after, c.disk));
                 }
                 settle_initial_sync(&mut self.cur);
                 if self.cur.mode == Mode::Consistent {
@@ -1700,16 +1723,18 @@ impl<D: LogDir> ReplicaGroup<D> {
     }
 
     /// The group's disks as the recovery point `seq` reads them, by id:
-    /// a disk that grew after it at its size before (see the state file's
-    /// disk changes).
+    /// a disk that grew after it at its size before, without a disk that
+    /// joined after it (see the state file's disk changes).
     pub fn disks_at(&self, seq: Seq) -> Vec<Disk> {
         self.durable
             .disks
             .iter()
-            .map(|d| Disk {
-                id: d.id,
-                name: d.name.clone(),
-                size: self.durable.size_at(d, seq),
+            .filter_map(|d| {
+                Some(Disk {
+                    id: d.id,
+                    name: d.name.clone(),
+                    size: self.durable.size_at(d, seq)?,
+                })
             })
             .collect()
     }
@@ -1761,7 +1786,13 @@ impl<D: LogDir> ReplicaGroup<D> {
         length: u64,
     ) -> Result<(), StoreError> {
         let d = self.cur.disk(disk).ok_or(StoreError::UnknownDisk(disk))?;
-        let size = at.map_or(d.size, |seq| self.cur.size_at(d, seq));
+        let size = match at {
+            None => d.size,
+            Some(seq) => self
+                .cur
+                .size_at(d, seq)
+                .ok_or(StoreError::UnknownDisk(disk))?,
+        };
         match offset.checked_add(length) {
             Some(end) if end <= size => Ok(()),
             _ => Err(StoreError::OutOfRange {

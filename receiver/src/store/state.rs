@@ -78,6 +78,9 @@ struct RawChange {
 
 /// [`RawChange::kind`] of a growth; its value is the size before it.
 const CHANGE_GREW: u8 = 1;
+/// [`RawChange::kind`] of a disk that joined the group's points (its value
+/// is 0).
+const CHANGE_JOINED: u8 = 2;
 
 const _: () = assert!(FIXED_LEN == 64);
 const _: () = assert!(size_of::<RawChange>() == 21);
@@ -141,6 +144,9 @@ pub(crate) struct DiskChange {
 pub(crate) enum ChangeKind {
     /// The disk grew; it was `from` bytes before.
     Grew { from: u64 },
+    /// The disk was added to a group that had points and its initial
+    /// sync ended here: points before do not hold it.
+    Joined,
 }
 
 impl Meta {
@@ -156,16 +162,31 @@ impl Meta {
         }
     }
 
-    /// The size of disk `d` as a recovery point at `seq` reads it: its
-    /// size before the first growth after `seq`, else its size now.
-    pub(crate) fn size_at(&self, d: &DiskState, seq: Seq) -> u64 {
-        self.changes
-            .iter()
-            .find_map(|c| match c.kind {
-                ChangeKind::Grew { from } if c.disk == d.id && c.after >= seq => Some(from),
-                ChangeKind::Grew { .. } => None,
-            })
-            .unwrap_or(d.size)
+    /// A disk added to a group that has points, still in its own initial
+    /// sync: no point holds it yet, and its changes go to its image in
+    /// place.
+    pub(crate) fn joining(&self, d: &DiskState) -> bool {
+        self.mode != Mode::InitialSync && d.synced < d.size
+    }
+
+    /// The size of disk `d` as a recovery point at `seq` reads it (its
+    /// size before the first growth after `seq`, else its size now), or
+    /// `None` if that point does not hold the disk (it joined after).
+    pub(crate) fn size_at(&self, d: &DiskState, seq: Seq) -> Option<u64> {
+        if self.joining(d) {
+            return None;
+        }
+        let mut size = d.size;
+        for c in self.changes.iter().rev() {
+            if c.disk != d.id || c.after < seq {
+                continue;
+            }
+            match c.kind {
+                ChangeKind::Grew { from } => size = from,
+                ChangeKind::Joined => return None,
+            }
+        }
+        Some(size)
     }
 
     pub(crate) fn disk(&self, id: DiskId) -> Option<&DiskState> {
@@ -174,6 +195,13 @@ impl Meta {
 
     pub(crate) fn disk_mut(&mut self, id: DiskId) -> Option<&mut DiskState> {
         self.disks.iter_mut().find(|d| d.id == id)
+    }
+
+    /// Whether this state needs the state file's version 3: it has disk
+    /// changes, or a disk joining (which an earlier release would read
+    /// as a consistent disk and put in its points).
+    fn needs_version_3(&self) -> bool {
+        !self.changes.is_empty() || self.disks.iter().any(|d| self.joining(d))
     }
 }
 
@@ -206,10 +234,10 @@ impl StateFile {
         let (barrier_seq, barrier_ts) = m.last_barrier.unwrap_or((Seq(0), 0));
         let fixed = RawFixed {
             magic: MAGIC,
-            version: if m.changes.is_empty() {
-                VERSION_PLAIN
-            } else {
+            version: if m.needs_version_3() {
                 VERSION
+            } else {
+                VERSION_PLAIN
             }
             .into(),
             mode: match m.mode {
@@ -247,11 +275,12 @@ impl StateFile {
                 b.extend_from_slice(extent.as_bytes());
             }
         }
-        if !m.changes.is_empty() {
+        if m.needs_version_3() {
             b.extend_from_slice(&(m.changes.len() as u32).to_le_bytes());
             for c in &m.changes {
                 let (kind, value) = match c.kind {
                     ChangeKind::Grew { from } => (CHANGE_GREW, from),
+                    ChangeKind::Joined => (CHANGE_JOINED, 0),
                 };
                 let change = RawChange {
                     disk: c.disk.get().into(),
@@ -362,7 +391,8 @@ impl StateFile {
         let mut changes: Vec<DiskChange> = Vec::new();
         if version >= 3 {
             let count: &U32 = r.take()?;
-            if count.get() == 0 {
+            let joining = mode != Mode::InitialSync && disks.iter().any(|d| d.synced < d.size);
+            if count.get() == 0 && !joining {
                 // Written as version 2 when there is none.
                 return Err("a version-3 state without disk changes");
             }
@@ -377,6 +407,7 @@ impl StateFile {
                         from: raw.value.get(),
                     },
                     CHANGE_GREW => return Err("a growth to no larger size"),
+                    CHANGE_JOINED if raw.value.get() == 0 => ChangeKind::Joined,
                     _ => return Err("unknown disk change"),
                 };
                 let change = DiskChange {
@@ -509,7 +540,7 @@ mod tests {
                         pending: RangeSet::default(),
                     },
                 ],
-                mode: Mode::Resyncing,
+                mode: Mode::InitialSync,
                 last_barrier: Some((Seq(70), 123_456)),
                 changes: Vec::new(),
             },
@@ -535,7 +566,7 @@ mod tests {
     /// reads the old one, and the decoder reads them back.
     #[test]
     fn the_layout_is_the_documented_one() {
-        let body: &[u8] = b"\x54\x4d\x52\x53\x02\x00\x02\x02\x4d\x00\x00\x00\x00\x00\x00\x00\
+        let body: &[u8] = b"\x54\x4d\x52\x53\x02\x00\x00\x02\x4d\x00\x00\x00\x00\x00\x00\x00\
             \x03\x00\x00\x00\x02\x00\x00\x00\x46\x00\x00\x00\x00\x00\x00\x00\
             \x40\xe2\x01\x00\x00\x00\x00\x00\x64\x00\x00\x00\x00\x00\x00\x00\
             \xa0\x0f\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\
@@ -579,11 +610,35 @@ mod tests {
         assert_eq!(&bytes[plain.len() - 4..bytes.len() - 4], tail);
         assert_eq!(StateFile::decode(&bytes), Ok(s.clone()));
         let disk5 = &s.meta.disks[1];
-        assert_eq!(s.meta.size_at(disk5, Seq(10)), 4096);
-        assert_eq!(s.meta.size_at(disk5, Seq(40)), 4096);
-        assert_eq!(s.meta.size_at(disk5, Seq(41)), 8192);
-        assert_eq!(s.meta.size_at(disk5, Seq(61)), 65536);
-        assert_eq!(s.meta.size_at(&s.meta.disks[0], Seq(10)), 1 << 20);
+        assert_eq!(s.meta.size_at(disk5, Seq(10)), Some(4096));
+        assert_eq!(s.meta.size_at(disk5, Seq(41)), Some(8192));
+        assert_eq!(s.meta.size_at(disk5, Seq(61)), Some(65536));
+        // Disk 5 is synced to 512 only: in a consistent group it is
+        // joining, in no point at all, and the state is version 3 even
+        // without a change.
+        let mut j = sample();
+        j.meta.mode = Mode::Consistent;
+        assert_eq!(j.meta.size_at(&j.meta.disks[1], Seq(61)), None);
+        let bytes = j.encode();
+        assert_eq!(&bytes[4..6], &[3, 0]);
+        assert_eq!(StateFile::decode(&bytes), Ok(j));
+        let mut t = s.clone();
+        t.meta.mode = Mode::Consistent;
+        t.meta.disks[1].synced = 65536;
+        t.meta.changes.push(DiskChange {
+            disk: DiskId(5),
+            after: Seq(20),
+            kind: ChangeKind::Joined,
+        });
+        t.meta.changes.sort_by_key(|c| (c.after, c.disk));
+        assert_eq!(StateFile::decode(&t.encode()), Ok(t.clone()));
+        let disk5 = &t.meta.disks[1];
+        assert_eq!(t.meta.size_at(disk5, Seq(10)), None);
+        assert_eq!(t.meta.size_at(disk5, Seq(21)), Some(4096));
+        assert_eq!(t.meta.size_at(disk5, Seq(40)), Some(4096));
+        assert_eq!(t.meta.size_at(disk5, Seq(41)), Some(8192));
+        assert_eq!(t.meta.size_at(disk5, Seq(61)), Some(65536));
+        assert_eq!(t.meta.size_at(&t.meta.disks[0], Seq(10)), Some(1 << 20));
     }
 
     /// Disk changes that cannot be (of no disk, a growth that shrinks, out
