@@ -2,8 +2,9 @@
 //! simulated directory, `ceph_store_crash.rs` on a simulated cluster): an
 //! initial sync interleaved with records over three disks, then writes,
 //! write-zeroes, trims, barriers, markers, a resync of an extent, a
-//! growth of a disk (its grown part resynced, written after) and a test
-//! failover's pin, with the source's disks after every sequence
+//! growth of a disk (its grown part resynced, written after), a disk
+//! added to the consistent group (synced on its own while records and
+//! points go on) and a test failover's pin, with the source's disks after every sequence
 //! number to check the points against; and the checks both hold a
 //! reopened group to.
 
@@ -38,6 +39,8 @@ fn specs_of(sizes: &[u64]) -> Vec<Disk> {
 /// The disk the stream grows, and by how much.
 const GROWN_DISK: u32 = 1;
 const GROWTH: u64 = 6 << 10;
+/// The size of the disk the stream adds (id 3).
+const ADDED_SIZE: u64 = (6 << 10) + 512;
 
 /// One step of the stream the shipper sends.
 #[derive(Debug, Clone)]
@@ -231,6 +234,27 @@ pub(crate) fn workload(seed: u64, steady_ops: usize) -> Workload {
             s.ops.push(Op::Commit);
             s.points_now = true;
         }
+        if i == steady_ops * 7 / 8 {
+            // A disk is added: synced on its own, records of every disk
+            // (its own in place) and points (without it) in between.
+            s.ops.push(Op::Commit);
+            s.disks.push(vec![0u8; ADDED_SIZE as usize]);
+            let sizes: Vec<u64> = s.disks.iter().map(|d| d.len() as u64).collect();
+            s.ops.push(Op::Disks(specs_of(&sizes)));
+            let disk = (s.disks.len() - 1) as u32;
+            let mut at = 0;
+            while at < ADDED_SIZE {
+                for _ in 0..rng.random_range(0..3) {
+                    s.random_record(&mut rng);
+                }
+                let len = (rng.random_range(1..=4) * SECTOR).min(ADDED_SIZE - at);
+                s.chunk(disk, at, len, Purpose::InitialSync);
+                at += len;
+                if rng.random_range(0..3) == 0 {
+                    s.ops.push(Op::Commit);
+                }
+            }
+        }
         if i == steady_ops * 3 / 4 && pinned {
             s.ops.push(Op::Pin(None));
         }
@@ -309,7 +333,15 @@ pub(crate) fn read_disk<D: LogDir>(g: &ReplicaGroup<D>, seq: Option<u64>, disk: 
 pub(crate) fn check_points<D: LogDir>(what: &str, g: &ReplicaGroup<D>, w: &Workload) -> usize {
     let points = g.points();
     for p in &points {
-        for disk in 0..SIZES.len() {
+        // The disks the point holds: a disk added after it is not among
+        // them, every other one is.
+        let disks: Vec<usize> = g.disks_at(p.seq).iter().map(|d| d.id.index()).collect();
+        assert!(
+            disks.len() >= SIZES.len(),
+            "{what}: point {} lacks a disk",
+            p.seq
+        );
+        for disk in disks {
             assert!(
                 read_disk(g, Some(p.seq.get()), disk) == w.source[p.seq.get() as usize][disk],
                 "{what}: point {} of disk {disk} differs from the source",
@@ -361,7 +393,13 @@ pub(crate) fn check_committed<D: LogDir>(
     };
     let source = &w.source[p.durable_seq.get() as usize];
     let has_consistent_state = !matches!(p.state, GroupState::InitialSync);
-    for d in p.disks.iter().filter(|_| has_consistent_state) {
+    // A disk added to the consistent group and still syncing is written
+    // in place, like an initial sync, and checked once resumed.
+    let sizes = g.disks();
+    let joined = |d: &tidemark_receiver::store::DiskSync| {
+        sizes.iter().any(|s| s.id == d.id && s.size == d.synced)
+    };
+    for d in p.disks.iter().filter(|d| has_consistent_state && joined(d)) {
         let disk = d.id.index();
         let now = read_disk(g, None, disk);
         for (i, byte) in now.iter().enumerate() {
