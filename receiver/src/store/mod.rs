@@ -27,7 +27,7 @@
 //!
 //! # Modes
 //!
-//! - **initial sync** (a new group, or one that got a new disk): chunks and
+//! - **initial sync** (a new group): chunks and
 //!   records are applied in place, to the images. A resync-needed record
 //!   lowers the disk's `synced` offset to the extent, so the initial sync
 //!   copies it again. The group is consistent once every disk is copied to
@@ -41,6 +41,14 @@
 //!   records and resync chunks are journaled the same way, but barriers
 //!   are no points: the newest point stays the last consistent state until
 //!   the last pending extent is done and the group is consistent again.
+//!
+//! A disk added to a consistent group is *joining* until its own initial
+//! sync ends: its chunks and records go to its image in place, as in an
+//! initial sync, while the other disks' changes are journaled and their
+//! points go on. No point holds a joining disk; when its sync ends the
+//! state file notes that it joined (a disk change, below), and every point
+//! after holds it, read like the others (its image, which holds the
+//! source as of the join, with the journal's changes of it after that).
 //!
 //! # Recovery points and retention
 //!
@@ -73,9 +81,14 @@
 //! a read beyond it is out of range), a later one at the new size; the
 //! image's bytes below the old size are the same for both, and nothing
 //! before the growth wrote beyond it. A failover of an older point writes
-//! an image of the old size. The change is dropped when retention folds
-//! the last point before it. A disk never shrinks: a smaller size is
-//! refused.
+//! an image of the old size. The grown part then waits for a checksum
+//! resync (the group is resyncing: the source may hold anything there).
+//! A change, growth or join, is dropped when retention folds the last
+//! point before it. A disk never shrinks: a smaller size is refused. A
+//! crash after the image grew and before the state file named the new
+//! size leaves a longer image: the writer's open cuts it back (nothing
+//! committed is in it), and the growth is made again when the disk is
+//! announced again.
 //!
 //! # The span floor
 //!
