@@ -323,7 +323,7 @@ fn write_images(
     view: &dyn PointReader,
 ) -> Result<Vec<(String, PathBuf)>> {
     let mut written = Vec::new();
-    let target = WriteTarget::of(to, group)?;
+    let target = WriteTarget::of(to, group, point.seq)?;
     println!(
         "failing over {}/{} to the recovery point at sequence {} ({}, {}{})",
         replica.host,
@@ -337,7 +337,7 @@ fn write_images(
             format!(" {:?}", point.label)
         }
     );
-    for d in group.disks() {
+    for d in group.disks_at(point.seq) {
         let (dst, in_place) = match &target {
             WriteTarget::Dir(dir) => (dir.join(format!("{}.img", d.name)), false),
             WriteTarget::InPlace(path) => (path.clone(), true),
@@ -460,7 +460,7 @@ enum WriteTarget {
 }
 
 impl WriteTarget {
-    fn of(to: &Path, group: &dyn ReplicaStore) -> Result<WriteTarget> {
+    fn of(to: &Path, group: &dyn ReplicaStore, seq: Seq) -> Result<WriteTarget> {
         use std::os::unix::fs::FileTypeExt;
         let meta = match std::fs::metadata(to) {
             Ok(m) => m,
@@ -474,7 +474,7 @@ impl WriteTarget {
         if meta.is_dir() {
             return Ok(WriteTarget::Dir(to.to_path_buf()));
         }
-        let disks = group.disks();
+        let disks = group.disks_at(seq);
         let [disk] = disks.as_slice() else {
             bail!(
                 "{} is not a directory, and the group has {} disks: give a directory",

@@ -163,7 +163,7 @@ impl TestFailover {
         // it is noticed here, when the point is looked up again.
         lock.pin(seq)?;
         let group = open().map_err(TestFailoverError::Open)?;
-        let disks = group.disks();
+        let disks = group.disks_at(seq);
         let view = group
             .shared_reader(seq)
             .map_err(|source| TestFailoverError::Folded { seq, source })?;
@@ -581,5 +581,40 @@ mod tests {
         assert!(!dir.path().join(TEST_FAILOVER_DIR).exists());
         // The lock was released with it.
         PinLock::acquire(dir.path()).unwrap();
+    }
+
+    /// A test failover of a point from before a growth serves the disk at
+    /// its size then; one of a later point at the new size.
+    #[test]
+    fn a_point_before_a_growth_is_served_at_the_old_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut g = group(dir.path());
+        g.ensure_disks(&[Disk {
+            id: DiskId(0),
+            name: Name::from_static("a"),
+            size: 2 * SIZE,
+        }])
+        .unwrap();
+        g.resync_done(DiskId(0), SIZE, SIZE).unwrap();
+        g.commit().unwrap();
+        let rec = |e: &Entry<'_>, seq| Record::decode(&e.encode(seq, 0)).unwrap();
+        g.apply_record(&rec(&Entry::write(0, SIZE, &[5u8; 4096], 0), 5))
+            .unwrap();
+        g.apply_record(&rec(&Entry::barrier(6), 6)).unwrap();
+        g.commit().unwrap();
+        for (seq, size) in [(4, SIZE), (6, 2 * SIZE)] {
+            let lock = PinLock::acquire(dir.path()).unwrap();
+            let test = TestFailover::start(dir.path(), lock, Seq(seq)).unwrap();
+            let o = test.overlay();
+            assert_eq!(o.disks()[0].size, size, "point {seq}");
+            let beyond = o.read(0, SIZE, &mut [0u8; 4096]);
+            if size == SIZE {
+                assert!(beyond.is_err(), "point {seq} reads beyond its size");
+            } else {
+                assert_eq!(read(&o, SIZE, 4096), vec![5u8; 4096]);
+            }
+            drop(o);
+            test.end().unwrap();
+        }
     }
 }

@@ -417,15 +417,19 @@ fn ensure_disks_refuses_changed_disks_and_keeps_known_ones() {
     let mut g = ReplicaGroup::open(dir.path()).unwrap();
     g.ensure_disks(&specs()).unwrap();
     g.ensure_disks(&specs()).unwrap();
-    let mut bigger = specs();
-    bigger[0].size += 512;
-    assert!(matches!(
-        g.ensure_disks(&bigger),
-        Err(StoreError::BadDisk {
-            disk: DiskId(1),
-            ..
-        })
-    ));
+    let mut smaller = specs();
+    smaller[0].size -= 512;
+    let e = g.ensure_disks(&smaller).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            StoreError::BadDisk {
+                disk: DiskId(1),
+                ..
+            }
+        ) && e.to_string().contains("a protected disk may only grow"),
+        "{e}"
+    );
     let mut renamed = specs();
     renamed[1].name = Name::from_static("other");
     assert!(matches!(
@@ -445,6 +449,257 @@ fn ensure_disks_refuses_changed_disks_and_keeps_known_ones() {
     let g = ReplicaGroup::open(dir.path()).unwrap();
     assert_eq!(g.position().disks.len(), 2);
     assert!(g.disks().iter().all(|d| d.id != DiskId(7)));
+}
+
+/// A disk that grows keeps every point readable at its own size: points
+/// before the growth read the old size (and nothing beyond it), points
+/// after it the new one, also after a reopen; the state file is version 3
+/// while a point before the growth is kept, and version 2 again once
+/// retention folded them all.
+#[test]
+fn a_grown_disk_keeps_older_points_at_their_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = consistent_group(dir.path());
+    let d0 = disk_id(0);
+    let old = SIZES[0];
+    let new = old * 2 + 4096;
+    let state_version = |dir: &Path| {
+        let b = std::fs::read(dir.join("state")).unwrap();
+        u16::from_le_bytes([b[4], b[5]])
+    };
+    let barrier = |g: &mut ReplicaGroup, seq: u64| {
+        g.apply_record(&record(
+            &Entry::barrier(tidemark_changelog::now_ns()),
+            seq,
+            0,
+        ))
+        .unwrap();
+    };
+    // Point 2: the old size, its last bytes written.
+    g.apply_record(&record(&Entry::write(d0, old - 4096, &[7; 4096], 0), 1, 0))
+        .unwrap();
+    barrier(&mut g, 2);
+    g.commit().unwrap();
+    // A record applied but not committed is committed by the growth: the
+    // growth comes after it.
+    g.apply_record(&record(&Entry::write(d0, 0, &[3; 512], 0), 3, 0))
+        .unwrap();
+    let mut grown = specs();
+    grown[0].size = new;
+    g.ensure_disks(&grown).unwrap();
+    assert_eq!(g.position().durable_seq, Seq(3));
+    assert_eq!(state_version(dir.path()), 3);
+    // The grown part waits for a checksum resync (the source may hold
+    // anything there); the shipper finds it equal (zeroes) and says so.
+    assert_eq!(
+        g.position().state,
+        GroupState::Resyncing {
+            pending: vec![Extent {
+                disk: d0,
+                offset: old,
+                length: new - old
+            }]
+        }
+    );
+    g.resync_done(d0, old, new - old).unwrap();
+    assert_eq!(g.commit().unwrap().state, GroupState::Consistent);
+    // Point 5: written across the old end and at the new end.
+    g.apply_record(&record(&Entry::write(d0, old - 512, &[9; 1024], 0), 4, 0))
+        .unwrap();
+    barrier(&mut g, 5);
+    g.commit().unwrap();
+    let mut at2 = vec![0u8; old as usize];
+    at2[(old - 4096) as usize..].fill(7);
+    let mut at5 = vec![0u8; new as usize];
+    at5[..old as usize].copy_from_slice(&at2);
+    at5[..512].fill(3);
+    at5[(old - 512) as usize..(old + 512) as usize].fill(9);
+    for reopen in [false, true] {
+        if reopen {
+            drop(g);
+            g = ReplicaGroup::open(dir.path()).unwrap();
+        }
+        let size_of = |disks: Vec<Disk>| disks.iter().find(|d| d.id == d0).unwrap().size;
+        assert_eq!(size_of(g.disks_at(Seq(2))), old);
+        assert_eq!(size_of(g.disks_at(Seq(5))), new);
+        assert_eq!(size_of(g.disks()), new);
+        let view = g.view(Some(Seq(2))).unwrap();
+        assert_eq!(size_of(view.disks()), old);
+        let mut buf = vec![0u8; old as usize];
+        view.read(d0, 0, &mut buf).unwrap();
+        assert!(buf == at2, "point 2 reads as before the growth");
+        assert!(matches!(
+            view.read(d0, old - 512, &mut [0u8; 1024]),
+            Err(StoreError::OutOfRange { size, .. }) if size == old
+        ));
+        let mut buf = vec![0u8; new as usize];
+        g.view(Some(Seq(5))).unwrap().read(d0, 0, &mut buf).unwrap();
+        assert!(buf == at5, "point 5 reads at the new size");
+        g.view(None).unwrap().read(d0, 0, &mut buf).unwrap();
+        assert!(buf == at5);
+        // The other disk did not change.
+        assert_eq!(
+            point_image(&g, Some(2), disk_id(1)),
+            vec![0; SIZES[1] as usize]
+        );
+    }
+    // Growing again to the same size changes nothing; shrinking back is
+    // refused.
+    g.ensure_disks(&grown).unwrap();
+    let e = g.ensure_disks(&specs()).unwrap_err();
+    assert!(e.to_string().contains("shrank from"), "{e}");
+    // Retention folds point 2: the growth no longer matters to any point
+    // and the state file is version 2 again.
+    g.set_retention(Retention {
+        max_points: 1,
+        fold_interval: std::time::Duration::ZERO,
+        ..Retention::default()
+    });
+    g.apply_record(&record(&Entry::write(d0, new - 4096, &[5; 4096], 0), 6, 0))
+        .unwrap();
+    barrier(&mut g, 7);
+    g.commit().unwrap();
+    g.apply_retention(tidemark_changelog::now_ns(), true)
+        .unwrap();
+    assert_eq!(
+        g.points().iter().map(|p| p.seq).collect::<Vec<_>>(),
+        vec![Seq(7)]
+    );
+    assert_eq!(state_version(dir.path()), 2);
+    at5[(new - 4096) as usize..].fill(5);
+    drop(g);
+    let g = ReplicaGroup::open(dir.path()).unwrap();
+    let mut buf = vec![0u8; new as usize];
+    g.view(Some(Seq(7))).unwrap().read(d0, 0, &mut buf).unwrap();
+    assert!(buf == at5, "point 7 after the fold");
+    assert_eq!(
+        std::fs::metadata(dir.path().join(format!("disk-{d0}.img")))
+            .unwrap()
+            .len(),
+        new
+    );
+}
+
+/// A disk added to a consistent group is synced on its own while the
+/// others replicate: the group's older points stay (without the new disk),
+/// and the points after its sync ended hold it; once retention folded
+/// every point without it, the state file is version 2 again.
+#[test]
+fn an_added_disk_joins_the_points_after_its_sync_and_keeps_the_older_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = consistent_group(dir.path());
+    let d0 = disk_id(0);
+    let extra = DiskId(9);
+    const EXTRA: u64 = 16 << 10;
+    let state_version = |dir: &Path| {
+        let b = std::fs::read(dir.join("state")).unwrap();
+        u16::from_le_bytes([b[4], b[5]])
+    };
+    let barrier = |g: &mut ReplicaGroup, seq: u64| {
+        g.apply_record(&record(
+            &Entry::barrier(tidemark_changelog::now_ns()),
+            seq,
+            0,
+        ))
+        .unwrap();
+    };
+    g.apply_record(&record(&Entry::write(d0, 0, &[1; 4096], 0), 1, 0))
+        .unwrap();
+    barrier(&mut g, 2);
+    g.commit().unwrap();
+    let mut all = specs();
+    all.push(Disk {
+        id: extra,
+        name: Name::from_static("extra"),
+        size: EXTRA,
+    });
+    g.ensure_disks(&all).unwrap();
+    assert_eq!(g.position().state, GroupState::Consistent);
+    assert_eq!(state_version(dir.path()), 3, "a joining disk");
+    // While it syncs: the others' points go on without it.
+    let mut source = vec![0u8; EXTRA as usize];
+    g.apply_record(&record(&Entry::write(d0, 4096, &[2; 4096], 0), 3, 0))
+        .unwrap();
+    g.apply_record(&record(&Entry::write(extra, 0, &[8; 512], 0), 4, 0))
+        .unwrap();
+    source[..512].fill(8);
+    barrier(&mut g, 5);
+    g.commit().unwrap();
+    g.apply_chunk(
+        extra,
+        0,
+        ChunkRef::Data(&source[..8192]),
+        Purpose::InitialSync,
+    )
+    .unwrap();
+    g.commit().unwrap();
+    assert!(g.disks_at(Seq(5)).iter().all(|d| d.id != extra));
+    g.apply_chunk(extra, 8192, ChunkRef::Zero(8192), Purpose::InitialSync)
+        .unwrap();
+    // Joined: its changes are journaled from here on.
+    g.apply_record(&record(&Entry::write(extra, 1024, &[6; 512], 0), 6, 0))
+        .unwrap();
+    source[1024..1536].fill(6);
+    barrier(&mut g, 7);
+    g.commit().unwrap();
+    let mut d0_at2 = vec![0u8; SIZES[0] as usize];
+    d0_at2[..4096].fill(1);
+    let mut d0_at5 = d0_at2.clone();
+    d0_at5[4096..8192].fill(2);
+    for reopen in [false, true] {
+        if reopen {
+            drop(g);
+            g = ReplicaGroup::open(dir.path()).unwrap();
+        }
+        assert_eq!(
+            g.points().iter().map(|p| p.seq).collect::<Vec<_>>(),
+            vec![Seq(2), Seq(5), Seq(7)],
+            "no point was folded"
+        );
+        for seq in [2, 5] {
+            assert!(g.disks_at(Seq(seq)).iter().all(|d| d.id != extra));
+            assert!(matches!(
+                g.view(Some(Seq(seq))).unwrap().read(extra, 0, &mut [0; 512]),
+                Err(StoreError::UnknownDisk(d)) if d == extra
+            ));
+        }
+        assert!(point_image(&g, Some(2), d0) == d0_at2);
+        assert!(point_image(&g, Some(5), d0) == d0_at5);
+        assert!(point_image(&g, Some(7), d0) == d0_at5);
+        assert!(g
+            .disks_at(Seq(7))
+            .iter()
+            .any(|d| d.id == extra && d.size == EXTRA));
+        let mut buf = vec![0u8; EXTRA as usize];
+        g.view(Some(Seq(7)))
+            .unwrap()
+            .read(extra, 0, &mut buf)
+            .unwrap();
+        assert!(buf == source, "the new disk at point 7");
+        assert_eq!(state_version(dir.path()), 3);
+    }
+    // Retention folds the points without it: version 2 again.
+    g.set_retention(Retention {
+        max_points: 1,
+        fold_interval: std::time::Duration::ZERO,
+        ..Retention::default()
+    });
+    g.apply_retention(tidemark_changelog::now_ns(), true)
+        .unwrap();
+    assert_eq!(
+        g.points().iter().map(|p| p.seq).collect::<Vec<_>>(),
+        vec![Seq(7)]
+    );
+    assert_eq!(state_version(dir.path()), 2);
+    drop(g);
+    let g = ReplicaGroup::open(dir.path()).unwrap();
+    let mut buf = vec![0u8; EXTRA as usize];
+    g.view(Some(Seq(7)))
+        .unwrap()
+        .read(extra, 0, &mut buf)
+        .unwrap();
+    assert!(buf == source, "the new disk at point 7 after the fold");
+    assert!(point_image(&g, Some(7), d0) == d0_at5);
 }
 
 #[test]
@@ -809,7 +1064,8 @@ fn a_store_of_a_newer_release_is_refused_untouched() {
     drop(consistent_group(dir.path()));
     let path = dir.path().join("state");
     let mut state = std::fs::read(&path).unwrap();
-    let newer = u16::from_le_bytes([state[4], state[5]]) + 1;
+    // Version 3 (a group whose disk grew) is the newest this release reads.
+    let newer = 4u16;
     state[4..6].copy_from_slice(&newer.to_le_bytes());
     let n = state.len() - 4;
     let crc = crc32c::crc32c(&state[..n]);

@@ -2,15 +2,16 @@
 //! end with the real binaries on loopback: a disk keeps its id when others
 //! are added, moved or removed in `tracker.toml`; a removed disk's id is
 //! never given again and its replica stays on the replica site; a new disk
-//! takes the next id and is synced while the others replicate; a grown
-//! disk is re-added under a new name (the way to grow one today).
+//! takes the next id and is synced while the others replicate, and the
+//! group's older points stay (without it); a grown disk is re-added under
+//! a new name (growing one in place is `grow_disk.rs`).
 
 use std::fs;
 use std::path::Path;
 use std::time::Duration;
 use tidemark_changelog::{FsDir, Kind, LogReader, Seq};
 use tidemark_e2e::replication::{
-    enroll, free_port, run_ok, start_receiver, start_shipper, wait_caught_up, HOST,
+    enroll, free_port, newest_point, run_ok, start_receiver, start_shipper, wait_caught_up, HOST,
 };
 use tidemark_e2e::{qemu_io, require_tool, tidemark_bin, TrackerProcess};
 
@@ -101,6 +102,17 @@ fn disks_keep_their_ids_when_others_are_added_moved_or_removed() {
         );
     }
     wait_caught_up(dir, &log_dir, Duration::from_secs(60));
+    // A point of the group as it was (once caught up a FLUSH is one).
+    qemu_io(uri(&tracker, "a"), &["flush"]);
+    wait_caught_up(dir, &log_dir, Duration::from_secs(60));
+    let old_point = newest_point(dir);
+    for disk in ["a", "b", "c"] {
+        fs::copy(
+            dir.join(format!("{disk}.raw")),
+            dir.join(format!("{disk}-old.raw")),
+        )
+        .unwrap();
+    }
     let before = write_disks(&log_dir, Seq::ZERO).len();
 
     // b grew: it leaves the group and its file comes back, twice the
@@ -158,4 +170,21 @@ fn disks_keep_their_ids_when_others_are_added_moved_or_removed() {
             ("d", "b.raw"),
         ],
     );
+    // The point from before the changes is still there, with the disks
+    // it had: the new disk d is not in it.
+    let to = dir.join("failover-old");
+    let out = run_ok(
+        std::process::Command::new(tidemark_bin())
+            .args(["failover", "--data-dir"])
+            .arg(dir.join("replicas"))
+            .args(["--host", HOST, "--point", &old_point.to_string(), "--to"])
+            .arg(&to),
+    );
+    assert!(out.contains("failing over"), "{out}");
+    for disk in ["a", "b", "c"] {
+        let source = fs::read(dir.join(format!("{disk}-old.raw"))).unwrap();
+        let replica = fs::read(to.join(format!("{disk}.img"))).unwrap();
+        assert!(source == replica, "{disk} at the old point differs");
+    }
+    assert!(!to.join("d.img").exists(), "d is in a point from before it");
 }

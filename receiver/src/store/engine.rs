@@ -87,6 +87,13 @@ pub trait ReplicaStore: Send + Sync + Debug {
 
     /// The group's disks as last committed, by id.
     fn disks(&self) -> Vec<Disk>;
+    /// The group's disks as the recovery point `seq` reads them, by id (a
+    /// disk that grew after it at its size before). An engine that keeps
+    /// no disk changes reads every point at the disks' present sizes.
+    fn disks_at(&self, seq: Seq) -> Vec<Disk> {
+        let _ = seq;
+        self.disks()
+    }
     /// The recovery points, oldest first.
     fn points(&self) -> Vec<RecoveryPoint>;
     /// The committed recovery point at `seq`, if there is one (a span's
@@ -334,6 +341,10 @@ where
 
     fn disks(&self) -> Vec<Disk> {
         ReplicaGroup::disks(self)
+    }
+
+    fn disks_at(&self, seq: Seq) -> Vec<Disk> {
+        ReplicaGroup::disks_at(self, seq)
     }
 
     fn points(&self) -> Vec<RecoveryPoint> {

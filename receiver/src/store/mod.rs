@@ -27,7 +27,7 @@
 //!
 //! # Modes
 //!
-//! - **initial sync** (a new group, or one that got a new disk): chunks and
+//! - **initial sync** (a new group): chunks and
 //!   records are applied in place, to the images. A resync-needed record
 //!   lowers the disk's `synced` offset to the extent, so the initial sync
 //!   copies it again. The group is consistent once every disk is copied to
@@ -41,6 +41,14 @@
 //!   records and resync chunks are journaled the same way, but barriers
 //!   are no points: the newest point stays the last consistent state until
 //!   the last pending extent is done and the group is consistent again.
+//!
+//! A disk added to a consistent group is *joining* until its own initial
+//! sync ends: its chunks and records go to its image in place, as in an
+//! initial sync, while the other disks' changes are journaled and their
+//! points go on. No point holds a joining disk; when its sync ends the
+//! state file notes that it joined (a disk change, below), and every point
+//! after holds it, read like the others (its image, which holds the
+//! source as of the join, with the journal's changes of it after that).
 //!
 //! # Recovery points and retention
 //!
@@ -60,6 +68,27 @@
 //! point that is kept is unaffected by a fold: it reads journal changes for
 //! everything the history changed before it, and the images only where
 //! nothing before it (and so nothing folded) changed.
+//!
+//! # Disks that grow
+//!
+//! A disk announced larger than the group knows it grows in place
+//! ([`ReplicaGroup::ensure_disks`]): everything applied is committed, the
+//! image is made the new size (a sparse file's `set_len`; on Ceph an RBD
+//! resize through the cluster seam) and synced, and the state file notes a
+//! *disk change*: the disk, the last record applied before the growth and
+//! the size before it. A recovery point at or before that record reads
+//! the disk at its old size ([`ReplicaGroup::disks_at`], [`View::disks`];
+//! a read beyond it is out of range), a later one at the new size; the
+//! image's bytes below the old size are the same for both, and nothing
+//! before the growth wrote beyond it. A failover of an older point writes
+//! an image of the old size. The grown part then waits for a checksum
+//! resync (the group is resyncing: the source may hold anything there).
+//! A change, growth or join, is dropped when retention folds the last
+//! point before it. A disk never shrinks: a smaller size is refused. A
+//! crash after the image grew and before the state file named the new
+//! size leaves a longer image: the writer's open cuts it back (nothing
+//! committed is in it), and the growth is made again when the disk is
+//! announced again.
 //!
 //! # The span floor
 //!
@@ -118,9 +147,14 @@
 //!
 //! The state file's version is the version of the whole group directory:
 //! of its layout, of the journal entries it may hold and of what the state
-//! file itself holds. This release writes version 2 and reads versions 2
-//! (written by every release so far; version 1 predates recovery points
-//! and was never released). A newer version is refused before anything is
+//! file itself holds. This release reads versions 2 and 3. It writes
+//! version 2 (what every earlier release writes and reads; version 1
+//! predates recovery points and was never released) while the group has
+//! no disk changes, and version 3 while it has some (a disk grew and a
+//! point before the growth is kept): an earlier release refuses such a
+//! group by its version rather than read an older point at the wrong size.
+//! Once retention folded the last such point, the group is version 2
+//! again. A newer version is refused before anything is
 //! touched ([`StoreError::UnsupportedVersion`], naming the file and both
 //! versions): an older release never misreads a newer store. When a new
 //! version comes, this reader keeps reading the previous one; the group is
@@ -172,8 +206,18 @@
 //!                 4 id, 4 name-len (<= 1024), 8 size, 8 synced,
 //!                 4 pending-count m, name (UTF-8),
 //!                 m pending extents: 8 start, 8 end (sorted, disjoint)
+//!            (version 3 only) the disk changes:
+//!            4 change-count c (at least 1)
+//!            c changes, sorted by after-seq, then disk id, each:
+//!                 4 disk (one of the disks above), 1 kind (1 grew),
+//!                 8 after-seq (the last record before the change; points
+//!                 at or before it do not see it), 8 value (grew: the
+//!                 size before, smaller than the disk's size)
 //!    end-4   4 crc32c       over every byte before it
 //! ```
+//!
+//! A new kind of disk change takes a new version: this release refuses a
+//! kind it does not know as damage.
 //!
 //! # Journal
 //!
@@ -302,7 +346,7 @@ pub mod fuzzing {
 
 use journal::{Journal, Journaled};
 use overlay::{Overlay, Source};
-use state::{DiskState, Meta, Mode, StateFile};
+use state::{ChangeKind, DiskChange, DiskState, Meta, Mode, StateFile};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -506,6 +550,9 @@ const FLOOR_TMP: &str = "span-floor.tmp";
 pub struct View<'a, D: LogDir = FsDir> {
     group: &'a ReplicaGroup<D>,
     overlays: BTreeMap<DiskId, Overlay>,
+    /// The recovery point (`None`: everything applied), whose disk sizes
+    /// reads are checked against.
+    at: Option<Seq>,
 }
 
 impl<D: LogDir> std::fmt::Debug for View<'_, D> {
@@ -521,6 +568,7 @@ impl<D: LogDir> std::fmt::Debug for View<'_, D> {
 pub struct SharedView<D: LogDir = FsDir> {
     group: std::sync::Arc<ReplicaGroup<D>>,
     overlays: BTreeMap<DiskId, Overlay>,
+    at: Seq,
 }
 
 impl<D: LogDir> std::fmt::Debug for SharedView<D> {
@@ -538,7 +586,11 @@ impl<D: LogDir> SharedView<D> {
         seq: Seq,
     ) -> Result<SharedView<D>, StoreError> {
         let overlays = group.view(Some(seq))?.overlays;
-        Ok(SharedView { group, overlays })
+        Ok(SharedView {
+            group,
+            overlays,
+            at: seq,
+        })
     }
 
     /// See [`View::read`].
@@ -551,15 +603,16 @@ impl<D: LogDir> SharedView<D> {
         self.view().is_zero(disk, offset, len)
     }
 
-    /// The group's disks.
+    /// The group's disks as this point reads them.
     pub fn disks(&self) -> Vec<Disk> {
-        self.group.disks()
+        self.group.disks_at(self.at)
     }
 
     fn view(&self) -> ViewRef<'_, D> {
         ViewRef {
             group: &self.group,
             overlays: &self.overlays,
+            at: Some(self.at),
         }
     }
 }
@@ -568,6 +621,7 @@ impl<D: LogDir> SharedView<D> {
 struct ViewRef<'a, D: LogDir> {
     group: &'a ReplicaGroup<D>,
     overlays: &'a BTreeMap<DiskId, Overlay>,
+    at: Option<Seq>,
 }
 
 fn image_name(id: DiskId) -> String {
@@ -788,7 +842,18 @@ impl<D: LogDir> ReplicaGroup<D> {
             let len = file
                 .size()
                 .map_err(io_err("reading the size of", &image_path))?;
-            if len != d.size {
+            if len > d.size {
+                // A growth cut short: the image was grown, the state file
+                // not yet replaced. The grown part holds nothing committed
+                // (the growth is made again when the disk is announced
+                // again); a writer gives the image its size back, a reader
+                // reads within the size the state file names.
+                if !read_only {
+                    file.set_len(d.size)
+                        .and_then(|()| file.sync_data())
+                        .map_err(io_err("undoing an unfinished growth of", &image_path))?;
+                }
+            } else if len != d.size {
                 return Err(damaged(
                     &image_path,
                     format!("image is {len} bytes, disk {} is {} bytes", d.id, d.size),
@@ -916,15 +981,25 @@ impl<D: LogDir> ReplicaGroup<D> {
     }
 
     /// Makes sure the group has these disks: creates a sparse image for each
-    /// new one (durably, at once) and checks that a known disk's size and
-    /// name did not change. Disks not listed are kept. A new disk puts a
-    /// consistent group back into initial sync (its recovery points are
-    /// folded first: none of them holds the new disk); a resyncing group
-    /// refuses new disks.
+    /// new one (durably, at once), grows the image of a disk that is larger
+    /// than before and checks that a known disk did not shrink and kept its
+    /// name. Disks not listed are kept. A new disk of a consistent group
+    /// is synced on its own (initial-sync chunks and its records go to its
+    /// image in place) while the others replicate and their points go on;
+    /// it joins the points from the first one after its sync ended (the
+    /// points before do not list it). A resyncing group refuses new disks.
+    ///
+    /// A growth takes effect after the last record applied: everything
+    /// applied so far is committed first, and the recovery points up to
+    /// here keep reading the disk at its old size (the state file's disk
+    /// changes). A consistent group then resyncs the grown part (a
+    /// checksum resync: the source may hold anything there); its next
+    /// point is the first barrier after that resync.
     pub fn ensure_disks(&mut self, disks: &[Disk]) -> Result<(), StoreError> {
         self.check_poisoned()?;
         let mut seen = BTreeSet::new();
         let mut new = Vec::new();
+        let mut grown = Vec::new();
         for spec in disks {
             let bad = |reason: String| StoreError::BadDisk {
                 disk: spec.id,
@@ -934,18 +1009,19 @@ impl<D: LogDir> ReplicaGroup<D> {
                 return Err(bad("listed twice".into()));
             }
             match self.cur.disk(spec.id) {
-                Some(d) if d.size != spec.size => {
-                    return Err(bad(format!(
-                        "size changed from {} to {} bytes",
-                        d.size, spec.size
-                    )))
-                }
                 Some(d) if d.name != spec.name => {
                     return Err(bad(format!(
                         "name changed from {:?} to {:?}",
                         d.name, spec.name
                     )))
                 }
+                Some(d) if d.size > spec.size => {
+                    return Err(bad(format!(
+                        "it shrank from {} to {} bytes: a protected disk may only grow",
+                        d.size, spec.size
+                    )))
+                }
+                Some(d) if d.size < spec.size => grown.push(spec),
                 Some(_) => {}
                 None if self.cur.mode == Mode::Resyncing => {
                     return Err(StoreError::AddWhileResyncing(spec.id))
@@ -953,14 +1029,17 @@ impl<D: LogDir> ReplicaGroup<D> {
                 None => new.push(spec),
             }
         }
-        if new.is_empty() {
+        if new.is_empty() && grown.is_empty() {
             return Ok(());
         }
         if self.dirty {
             self.commit()?;
         }
-        if self.journal_committed != self.journal.start {
-            self.fold(self.journal_committed)?;
+        if !grown.is_empty() {
+            self.grow(&grown)?;
+            if new.is_empty() {
+                return self.write_state(self.durable.clone(), None);
+            }
         }
         for spec in &new {
             let name = image_name(spec.id);
@@ -986,14 +1065,63 @@ impl<D: LogDir> ReplicaGroup<D> {
                     synced: 0,
                     pending: Default::default(),
                 });
-                if spec.size > 0 && meta.mode == Mode::Consistent {
-                    meta.mode = Mode::InitialSync;
+                // A consistent group stays so: the new disk is synced in
+                // place while the others replicate, and joins the points
+                // when its sync ends (at once if it is empty).
+                if spec.size == 0 && meta.mode != Mode::InitialSync {
+                    meta.changes.push(DiskChange {
+                        disk: spec.id,
+                        after: meta.seq,
+                        kind: ChangeKind::Joined,
+                    });
                 }
             }
             meta.disks.sort_by_key(|d| d.id);
             settle_initial_sync(meta);
         }
         self.write_state(self.durable.clone(), None)
+    }
+
+    /// Grows the images of `grown` (durably: a state file that names the
+    /// new size never meets a shorter image) and notes each growth after
+    /// the last record applied (committed: the caller commits first), for
+    /// the points before it. The caller writes the state file.
+    fn grow(&mut self, grown: &[&Disk]) -> Result<(), StoreError> {
+        for spec in grown {
+            let path = self.path.join(image_name(spec.id));
+            let image = &self.images[&spec.id];
+            let done = image.set_len(spec.size).and_then(|()| image.sync_data());
+            self.poison_on(done.map_err(io_err("growing the image", &path)))?;
+        }
+        for meta in [&mut self.cur, &mut self.durable] {
+            for spec in grown {
+                let after = meta.seq;
+                let record_change = meta.mode != Mode::InitialSync;
+                let Some(d) = meta.disk_mut(spec.id) else {
+                    continue;
+                };
+                let from = d.size;
+                d.size = spec.size;
+                // An initial sync has no points yet, and copies the grown
+                // part like the rest (it is beyond `synced`). Otherwise the
+                // grown part waits for a checksum resync: the source may
+                // hold anything there (an extended volume's old blocks),
+                // and where it reads as zeroes, as the image does, the
+                // resync compares digests and sends nothing.
+                if record_change {
+                    d.synced = spec.size;
+                    d.pending.add(from, spec.size);
+                    meta.mode = Mode::Resyncing;
+                    meta.changes.push(DiskChange {
+                        disk: spec.id,
+                        after,
+                        kind: ChangeKind::Grew { from },
+                    });
+                }
+            }
+            meta.changes.sort_by_key(|c| (c.after, c.disk));
+        }
+        Ok(())
     }
 
     /// Makes a new, empty group hold these disks from existing images
@@ -1124,10 +1252,12 @@ impl<D: LogDir> ReplicaGroup<D> {
             }
             Kind::ResyncNeeded => {
                 let mode = self.cur.mode;
+                let joining = self.cur.disk(disk_id).is_some_and(|d| self.cur.joining(d));
                 let Some(disk) = self.cur.disk_mut(disk_id) else {
                     return Err(StoreError::UnknownDisk(disk_id));
                 };
                 match mode {
+                    _ if joining => disk.synced = disk.synced.min(h.offset),
                     Mode::InitialSync => disk.synced = disk.synced.min(h.offset),
                     Mode::Consistent | Mode::Resyncing => {
                         disk.pending.add(h.offset, h.offset + h.length);
@@ -1136,7 +1266,9 @@ impl<D: LogDir> ReplicaGroup<D> {
                 }
             }
             Kind::Write | Kind::WriteZeroes | Kind::Trim => {
-                let result = if self.cur.mode == Mode::InitialSync {
+                let in_place = self.cur.mode == Mode::InitialSync
+                    || self.cur.disk(disk_id).is_some_and(|d| self.cur.joining(d));
+                let result = if in_place {
                     let Some(file) = self.images.get(&disk_id) else {
                         return Err(StoreError::UnknownDisk(disk_id));
                     };
@@ -1181,7 +1313,8 @@ impl<D: LogDir> ReplicaGroup<D> {
         let path = self.path.clone();
         match purpose {
             Purpose::InitialSync => {
-                if self.cur.mode != Mode::InitialSync {
+                let joining = self.cur.disk(disk).is_some_and(|d| self.cur.joining(d));
+                if self.cur.mode != Mode::InitialSync && !joining {
                     return Err(StoreError::UnexpectedChunk {
                         what: "initial-sync",
                         reason: "the group is not in initial sync",
@@ -1205,6 +1338,18 @@ impl<D: LogDir> ReplicaGroup<D> {
                     if offset <= d.synced && offset + len > d.synced {
                         d.synced = offset + len;
                     }
+                }
+                if joining && self.cur.disk(disk).is_some_and(|d| d.synced == d.size) {
+                    // Its image now holds the source as of the last record
+                    // applied: from here on its changes are journaled and
+                    // the points after this one hold it.
+                    let after = self.cur.seq;
+                    self.cur.changes.push(DiskChange {
+                        disk,
+                        after,
+                        kind: ChangeKind::Joined,
+                    });
+                    self.cur.changes.sort_by_key(|c| (c.after, c.disk));
                 }
                 settle_initial_sync(&mut self.cur);
                 if self.cur.mode == Mode::Consistent {
@@ -1455,6 +1600,17 @@ impl<D: LogDir> ReplicaGroup<D> {
             .map_err(io_err("folding the history into the images of", &self.path));
         self.poison_on(applied)?;
         self.journal.start = to;
+        // A disk change matters while a point before it is kept.
+        let oldest = self
+            .journal
+            .points
+            .iter()
+            .find(|p| p.pos > to)
+            .map(|p| p.seq);
+        let mut meta = meta;
+        for m in [&mut meta, &mut self.cur, &mut self.durable] {
+            m.changes.retain(|c| oldest.is_some_and(|o| c.after >= o));
+        }
         self.write_state(meta, None)?;
         let dropped = self
             .journal
@@ -1575,7 +1731,25 @@ impl<D: LogDir> ReplicaGroup<D> {
         Ok(View {
             group: self,
             overlays,
+            at: seq,
         })
+    }
+
+    /// The group's disks as the recovery point `seq` reads them, by id:
+    /// a disk that grew after it at its size before, without a disk that
+    /// joined after it (see the state file's disk changes).
+    pub fn disks_at(&self, seq: Seq) -> Vec<Disk> {
+        self.durable
+            .disks
+            .iter()
+            .filter_map(|d| {
+                Some(Disk {
+                    id: d.id,
+                    name: d.name.clone(),
+                    size: self.durable.size_at(d, seq)?,
+                })
+            })
+            .collect()
     }
 
     /// The group's disks as last committed, by id.
@@ -1612,14 +1786,33 @@ impl<D: LogDir> ReplicaGroup<D> {
     }
 
     fn check_extent(&self, disk: DiskId, offset: u64, length: u64) -> Result<(), StoreError> {
+        self.check_extent_at(None, disk, offset, length)
+    }
+
+    /// Checks an extent against the disk's size as of the recovery point
+    /// `at` (`None`: now).
+    fn check_extent_at(
+        &self,
+        at: Option<Seq>,
+        disk: DiskId,
+        offset: u64,
+        length: u64,
+    ) -> Result<(), StoreError> {
         let d = self.cur.disk(disk).ok_or(StoreError::UnknownDisk(disk))?;
+        let size = match at {
+            None => d.size,
+            Some(seq) => self
+                .cur
+                .size_at(d, seq)
+                .ok_or(StoreError::UnknownDisk(disk))?,
+        };
         match offset.checked_add(length) {
-            Some(end) if end <= d.size => Ok(()),
+            Some(end) if end <= size => Ok(()),
             _ => Err(StoreError::OutOfRange {
                 disk,
                 offset,
                 length,
-                size: d.size,
+                size,
             }),
         }
     }
@@ -1702,17 +1895,28 @@ impl<D: LogDir> View<'_, D> {
             .unwrap_or_default()
     }
 
+    /// The group's disks as this view reads them (a point before a
+    /// growth at the disk's size then).
+    pub fn disks(&self) -> Vec<Disk> {
+        match self.at {
+            Some(seq) => self.group.disks_at(seq),
+            None => self.group.disks(),
+        }
+    }
+
     fn by_ref(&self) -> ViewRef<'_, D> {
         ViewRef {
             group: self.group,
             overlays: &self.overlays,
+            at: self.at,
         }
     }
 }
 
 impl<D: LogDir> ViewRef<'_, D> {
     fn read(&self, disk: DiskId, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
-        self.group.check_extent(disk, offset, buf.len() as u64)?;
+        self.group
+            .check_extent_at(self.at, disk, offset, buf.len() as u64)?;
         self.group
             .read_with(self.overlays, disk, offset, buf)
             .map_err(io_err("reading", &self.group.path))

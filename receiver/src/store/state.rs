@@ -11,9 +11,12 @@ use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 const MAGIC: [u8; 4] = *b"TMRS";
-/// The version this release writes (the store's version: see the [store
-/// module](super)).
-pub(crate) const VERSION: u16 = 2;
+/// The newest version this release writes and reads (the store's version:
+/// see the [store module](super)). A group whose disks never changed size
+/// is still written as version 2, which earlier releases read.
+pub(crate) const VERSION: u16 = 3;
+/// The version of a group without disk changes.
+const VERSION_PLAIN: u16 = 2;
 /// The oldest version this release reads.
 pub(crate) const OLDEST_VERSION: u16 = 2;
 const FIXED_LEN: usize = size_of::<RawFixed>();
@@ -63,7 +66,24 @@ struct RawExtent {
     end: U64,
 }
 
+/// One disk change of a version-3 state file.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct RawChange {
+    disk: U32,
+    kind: u8,
+    after: U64,
+    value: U64,
+}
+
+/// [`RawChange::kind`] of a growth; its value is the size before it.
+const CHANGE_GREW: u8 = 1;
+/// [`RawChange::kind`] of a disk that joined the group's points (its value
+/// is 0).
+const CHANGE_JOINED: u8 = 2;
+
 const _: () = assert!(FIXED_LEN == 64);
+const _: () = assert!(size_of::<RawChange>() == 21);
 const _: () = assert!(size_of::<RawDisk>() == 28);
 const _: () = assert!(size_of::<RawExtent>() == 16);
 
@@ -103,6 +123,30 @@ pub(crate) struct Meta {
     pub(crate) disks: Vec<DiskState>,
     pub(crate) mode: Mode,
     pub(crate) last_barrier: Option<(Seq, u64)>,
+    /// Changes of the disks that the recovery points before them do not
+    /// see, oldest first (by `after`, then disk id); dropped once no kept
+    /// point is before them.
+    pub(crate) changes: Vec<DiskChange>,
+}
+
+/// A change of one disk that takes effect for the recovery points after
+/// record `after`: a point at or before it reads the disk as it was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DiskChange {
+    pub(crate) disk: DiskId,
+    /// The last record applied before the change.
+    pub(crate) after: Seq,
+    pub(crate) kind: ChangeKind,
+}
+
+/// What changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ChangeKind {
+    /// The disk grew; it was `from` bytes before.
+    Grew { from: u64 },
+    /// The disk was added to a group that had points and its initial
+    /// sync ended here: points before do not hold it.
+    Joined,
 }
 
 impl Meta {
@@ -114,7 +158,35 @@ impl Meta {
             disks: Vec::new(),
             mode: Mode::InitialSync,
             last_barrier: None,
+            changes: Vec::new(),
         }
+    }
+
+    /// A disk added to a group that has points, still in its own initial
+    /// sync: no point holds it yet, and its changes go to its image in
+    /// place.
+    pub(crate) fn joining(&self, d: &DiskState) -> bool {
+        self.mode != Mode::InitialSync && d.synced < d.size
+    }
+
+    /// The size of disk `d` as a recovery point at `seq` reads it (its
+    /// size before the first growth after `seq`, else its size now), or
+    /// `None` if that point does not hold the disk (it joined after).
+    pub(crate) fn size_at(&self, d: &DiskState, seq: Seq) -> Option<u64> {
+        if self.joining(d) {
+            return None;
+        }
+        let mut size = d.size;
+        for c in self.changes.iter().rev() {
+            if c.disk != d.id || c.after < seq {
+                continue;
+            }
+            match c.kind {
+                ChangeKind::Grew { from } => size = from,
+                ChangeKind::Joined => return None,
+            }
+        }
+        Some(size)
     }
 
     pub(crate) fn disk(&self, id: DiskId) -> Option<&DiskState> {
@@ -123,6 +195,13 @@ impl Meta {
 
     pub(crate) fn disk_mut(&mut self, id: DiskId) -> Option<&mut DiskState> {
         self.disks.iter_mut().find(|d| d.id == id)
+    }
+
+    /// Whether this state needs the state file's version 3: it has disk
+    /// changes, or a disk joining (which an earlier release would read
+    /// as a consistent disk and put in its points).
+    fn needs_version_3(&self) -> bool {
+        !self.changes.is_empty() || self.disks.iter().any(|d| self.joining(d))
     }
 }
 
@@ -155,7 +234,12 @@ impl StateFile {
         let (barrier_seq, barrier_ts) = m.last_barrier.unwrap_or((Seq(0), 0));
         let fixed = RawFixed {
             magic: MAGIC,
-            version: VERSION.into(),
+            version: if m.needs_version_3() {
+                VERSION
+            } else {
+                VERSION_PLAIN
+            }
+            .into(),
             mode: match m.mode {
                 Mode::InitialSync => 0,
                 Mode::Consistent => 1,
@@ -191,6 +275,22 @@ impl StateFile {
                 b.extend_from_slice(extent.as_bytes());
             }
         }
+        if m.needs_version_3() {
+            b.extend_from_slice(&(m.changes.len() as u32).to_le_bytes());
+            for c in &m.changes {
+                let (kind, value) = match c.kind {
+                    ChangeKind::Grew { from } => (CHANGE_GREW, from),
+                    ChangeKind::Joined => (CHANGE_JOINED, 0),
+                };
+                let change = RawChange {
+                    disk: c.disk.get().into(),
+                    kind,
+                    after: c.after.get().into(),
+                    value: value.into(),
+                };
+                b.extend_from_slice(change.as_bytes());
+            }
+        }
         let crc = crc32c::crc32c(&b);
         b.extend_from_slice(&crc.to_le_bytes());
         b
@@ -216,11 +316,12 @@ impl StateFile {
         if !(OLDEST_VERSION..=VERSION).contains(&version) {
             return Err(StateError::Version(version));
         }
-        Self::decode_v2(bytes).map_err(damaged)
+        Self::decode_version(bytes, version).map_err(damaged)
     }
 
-    /// Decodes version 2; `Err` says what does not verify.
-    fn decode_v2(bytes: &[u8]) -> Result<StateFile, &'static str> {
+    /// Decodes version 2 or 3 (version 2 and a list of disk changes);
+    /// `Err` says what does not verify.
+    fn decode_version(bytes: &[u8], version: u16) -> Result<StateFile, &'static str> {
         if bytes.len() < FIXED_LEN + 4 {
             return Err("too short");
         }
@@ -233,8 +334,8 @@ impl StateFile {
         if fixed.magic != MAGIC {
             return Err("no state magic");
         }
-        if fixed.version.get() != 2 {
-            return Err("not version 2");
+        if fixed.version.get() != version {
+            return Err("version changed while decoding");
         }
         let mode = match fixed.mode {
             0 => Mode::InitialSync,
@@ -287,6 +388,42 @@ impl StateFile {
                 pending,
             });
         }
+        let mut changes: Vec<DiskChange> = Vec::new();
+        if version >= 3 {
+            let count: &U32 = r.take()?;
+            let joining = mode != Mode::InitialSync && disks.iter().any(|d| d.synced < d.size);
+            if count.get() == 0 && !joining {
+                // Written as version 2 when there is none.
+                return Err("a version-3 state without disk changes");
+            }
+            for _ in 0..count.get() {
+                let raw: &RawChange = r.take()?;
+                let disk = disks
+                    .iter()
+                    .find(|d| d.id == DiskId(raw.disk.get()))
+                    .ok_or("a change of an unknown disk")?;
+                let kind = match raw.kind {
+                    CHANGE_GREW if raw.value.get() < disk.size => ChangeKind::Grew {
+                        from: raw.value.get(),
+                    },
+                    CHANGE_GREW => return Err("a growth to no larger size"),
+                    CHANGE_JOINED if raw.value.get() == 0 => ChangeKind::Joined,
+                    _ => return Err("unknown disk change"),
+                };
+                let change = DiskChange {
+                    disk: disk.id,
+                    after: Seq(raw.after.get()),
+                    kind,
+                };
+                if changes
+                    .last()
+                    .is_some_and(|l| (l.after, l.disk) > (change.after, change.disk))
+                {
+                    return Err("disk changes out of order");
+                }
+                changes.push(change);
+            }
+        }
         if r.at != body.len() {
             return Err("trailing bytes");
         }
@@ -304,6 +441,7 @@ impl StateFile {
                 disks,
                 mode,
                 last_barrier: (flags & FLAG_BARRIER != 0).then_some(barrier),
+                changes,
             },
             journal_start,
             journal_end,
@@ -402,8 +540,9 @@ mod tests {
                         pending: RangeSet::default(),
                     },
                 ],
-                mode: Mode::Resyncing,
+                mode: Mode::InitialSync,
                 last_barrier: Some((Seq(70), 123_456)),
+                changes: Vec::new(),
             },
             journal_start: 100,
             journal_end: 4000,
@@ -427,7 +566,7 @@ mod tests {
     /// reads the old one, and the decoder reads them back.
     #[test]
     fn the_layout_is_the_documented_one() {
-        let body: &[u8] = b"\x54\x4d\x52\x53\x02\x00\x02\x02\x4d\x00\x00\x00\x00\x00\x00\x00\
+        let body: &[u8] = b"\x54\x4d\x52\x53\x02\x00\x00\x02\x4d\x00\x00\x00\x00\x00\x00\x00\
             \x03\x00\x00\x00\x02\x00\x00\x00\x46\x00\x00\x00\x00\x00\x00\x00\
             \x40\xe2\x01\x00\x00\x00\x00\x00\x64\x00\x00\x00\x00\x00\x00\x00\
             \xa0\x0f\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\
@@ -441,6 +580,106 @@ mod tests {
         expected.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
         assert_eq!(sample().encode(), expected);
         assert_eq!(StateFile::decode(&expected), Ok(sample()));
+    }
+
+    /// A group whose disk grew is written as version 3: version 2's
+    /// layout, then the list of disk changes, field by field as the store
+    /// module's diagram draws it; the changes say what each point reads.
+    #[test]
+    fn a_grown_disk_is_version_3_with_its_changes() {
+        let mut s = sample();
+        s.meta.changes = vec![
+            DiskChange {
+                disk: DiskId(5),
+                after: Seq(40),
+                kind: ChangeKind::Grew { from: 4096 },
+            },
+            DiskChange {
+                disk: DiskId(5),
+                after: Seq(60),
+                kind: ChangeKind::Grew { from: 8192 },
+            },
+        ];
+        let bytes = s.encode();
+        let plain = sample().encode();
+        assert_eq!(&bytes[4..6], &[3, 0]);
+        assert_eq!(bytes[6..plain.len() - 4], plain[6..plain.len() - 4]);
+        let tail: &[u8] = b"\x02\x00\x00\x00\
+            \x05\x00\x00\x00\x01\x28\x00\x00\x00\x00\x00\x00\x00\x00\x10\x00\x00\x00\x00\x00\x00\
+            \x05\x00\x00\x00\x01\x3c\x00\x00\x00\x00\x00\x00\x00\x00\x20\x00\x00\x00\x00\x00\x00";
+        assert_eq!(&bytes[plain.len() - 4..bytes.len() - 4], tail);
+        assert_eq!(StateFile::decode(&bytes), Ok(s.clone()));
+        let disk5 = &s.meta.disks[1];
+        assert_eq!(s.meta.size_at(disk5, Seq(10)), Some(4096));
+        assert_eq!(s.meta.size_at(disk5, Seq(41)), Some(8192));
+        assert_eq!(s.meta.size_at(disk5, Seq(61)), Some(65536));
+        // Disk 5 is synced to 512 only: in a consistent group it is
+        // joining, in no point at all, and the state is version 3 even
+        // without a change.
+        let mut j = sample();
+        j.meta.mode = Mode::Consistent;
+        assert_eq!(j.meta.size_at(&j.meta.disks[1], Seq(61)), None);
+        let bytes = j.encode();
+        assert_eq!(&bytes[4..6], &[3, 0]);
+        assert_eq!(StateFile::decode(&bytes), Ok(j));
+        let mut t = s.clone();
+        t.meta.mode = Mode::Consistent;
+        t.meta.disks[1].synced = 65536;
+        t.meta.changes.push(DiskChange {
+            disk: DiskId(5),
+            after: Seq(20),
+            kind: ChangeKind::Joined,
+        });
+        t.meta.changes.sort_by_key(|c| (c.after, c.disk));
+        assert_eq!(StateFile::decode(&t.encode()), Ok(t.clone()));
+        let disk5 = &t.meta.disks[1];
+        assert_eq!(t.meta.size_at(disk5, Seq(10)), None);
+        assert_eq!(t.meta.size_at(disk5, Seq(21)), Some(4096));
+        assert_eq!(t.meta.size_at(disk5, Seq(40)), Some(4096));
+        assert_eq!(t.meta.size_at(disk5, Seq(41)), Some(8192));
+        assert_eq!(t.meta.size_at(disk5, Seq(61)), Some(65536));
+        assert_eq!(t.meta.size_at(&t.meta.disks[0], Seq(10)), Some(1 << 20));
+    }
+
+    /// Disk changes that cannot be (of no disk, a growth that shrinks, out
+    /// of order, an empty list) are damage even with a valid checksum.
+    #[test]
+    fn impossible_disk_changes_are_refused() {
+        let with = |changes: Vec<DiskChange>| {
+            let mut s = sample();
+            s.meta.changes = changes;
+            StateFile::decode(&s.encode())
+        };
+        let grew = |disk: u32, after: u64, from: u64| DiskChange {
+            disk: DiskId(disk),
+            after: Seq(after),
+            kind: ChangeKind::Grew { from },
+        };
+        assert_eq!(
+            with(vec![grew(3, 1, 10)]),
+            Err(StateError::Damaged("a change of an unknown disk"))
+        );
+        assert_eq!(
+            with(vec![grew(5, 1, 65536)]),
+            Err(StateError::Damaged("a growth to no larger size"))
+        );
+        assert_eq!(
+            with(vec![grew(5, 9, 10), grew(0, 1, 10)]),
+            Err(StateError::Damaged("disk changes out of order"))
+        );
+        let mut empty = sample().encode();
+        let n = empty.len() - 4;
+        empty.truncate(n);
+        empty[4] = 3;
+        empty.extend_from_slice(&0u32.to_le_bytes());
+        let crc = crc32c::crc32c(&empty);
+        empty.extend_from_slice(&crc.to_le_bytes());
+        assert_eq!(
+            StateFile::decode(&empty),
+            Err(StateError::Damaged(
+                "a version-3 state without disk changes"
+            ))
+        );
     }
 
     /// A state whose disk name would make a path outside a failover's

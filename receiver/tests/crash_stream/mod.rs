@@ -1,8 +1,10 @@
 //! The seeded stream both store crash tests apply (`store_crash.rs` on a
 //! simulated directory, `ceph_store_crash.rs` on a simulated cluster): an
 //! initial sync interleaved with records over three disks, then writes,
-//! write-zeroes, trims, barriers, markers, a resync of an extent and a
-//! test failover's pin, with the source's disks after every sequence
+//! write-zeroes, trims, barriers, markers, a resync of an extent, a
+//! growth of a disk (its grown part resynced, written after), a disk
+//! added to the consistent group (synced on its own while records and
+//! points go on) and a test failover's pin, with the source's disks after every sequence
 //! number to check the points against; and the checks both hold a
 //! reopened group to.
 
@@ -18,8 +20,14 @@ use tidemark_receiver::store::{
 pub(crate) const SIZES: [u64; 3] = [16 << 10, 8 << 10, (12 << 10) + 512];
 const SECTOR: u64 = 512;
 
+/// The disks as the stream first announces them.
 pub(crate) fn specs() -> Vec<Disk> {
-    SIZES
+    specs_of(&SIZES)
+}
+
+/// The disks at these sizes.
+fn specs_of(sizes: &[u64]) -> Vec<Disk> {
+    sizes
         .iter()
         .enumerate()
         .map(|(i, size)| Disk {
@@ -30,11 +38,17 @@ pub(crate) fn specs() -> Vec<Disk> {
         .collect()
 }
 
+/// The disk the stream grows, and by how much.
+const GROWN_DISK: u32 = 1;
+const GROWTH: u64 = 6 << 10;
+/// The size of the disk the stream adds (id 3).
+const ADDED_SIZE: u64 = (6 << 10) + 512;
+
 /// One step of the stream the shipper sends.
 #[derive(Debug, Clone)]
 pub(crate) enum Op {
-    /// Announce the disks (creates their images, durably).
-    Disks,
+    /// Announce the disks (creates their images, or grows them, durably).
+    Disks(Vec<Disk>),
     Record(Record),
     Chunk {
         disk: u32,
@@ -65,7 +79,7 @@ pub(crate) fn apply_op<D: LogDir>(
 ) -> Result<Option<Position>, StoreError> {
     match op {
         Op::Pin(seq) => pin(*seq).map(|()| None),
-        Op::Disks => g.ensure_disks(&specs()).map(|()| Some(g.position())),
+        Op::Disks(disks) => g.ensure_disks(disks).map(|()| Some(g.position())),
         Op::Record(rec) => g.apply_record(rec).map(|_| None),
         Op::Chunk {
             disk,
@@ -149,10 +163,10 @@ impl Source {
         }
     }
 
-    /// A random extent of a random disk, in sectors.
-    fn extent(rng: &mut StdRng, max_sectors: u64) -> (u32, u64, u64) {
-        let disk = rng.random_range(0..SIZES.len());
-        let sectors = SIZES[disk] / SECTOR;
+    /// A random extent of a random disk (at its size now), in sectors.
+    fn extent(&self, rng: &mut StdRng, max_sectors: u64) -> (u32, u64, u64) {
+        let disk = rng.random_range(0..self.disks.len());
+        let sectors = self.disks[disk].len() as u64 / SECTOR;
         let len = rng.random_range(1..=max_sectors.min(sectors));
         let at = rng.random_range(0..=sectors - len);
         (disk as u32, at * SECTOR, len * SECTOR)
@@ -163,19 +177,19 @@ impl Source {
         let ts = self.seq * 1000;
         match rng.random_range(0..10) {
             0..=3 => {
-                let (disk, offset, len) = Source::extent(rng, 6);
+                let (disk, offset, len) = self.extent(rng, 6);
                 // Not whole sectors: the store takes any byte range.
                 let len = len - rng.random_range(0..SECTOR / 2);
                 let data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
                 self.record(Entry::write(disk, offset, &data, ts));
             }
             4 => {
-                let (disk, offset, len) = Source::extent(rng, 8);
+                let (disk, offset, len) = self.extent(rng, 8);
                 let no_hole = rng.random();
                 self.record(Entry::write_zeroes(disk, offset, len, no_hole, ts));
             }
             5 => {
-                let (disk, offset, len) = Source::extent(rng, 8);
+                let (disk, offset, len) = self.extent(rng, 8);
                 self.record(Entry::trim(disk, offset, len, ts));
             }
             6 => {
@@ -196,7 +210,7 @@ pub(crate) fn workload(seed: u64, steady_ops: usize) -> Workload {
     let mut s = Source {
         disks: SIZES.iter().map(|n| vec![0u8; *n as usize]).collect(),
         states: Vec::new(),
-        ops: vec![Op::Disks],
+        ops: vec![Op::Disks(specs())],
         seq: 0,
         points_now: false,
         last_point: None,
@@ -232,11 +246,59 @@ pub(crate) fn workload(seed: u64, steady_ops: usize) -> Workload {
                 pinned = true;
             }
         }
+        if i == steady_ops * 5 / 8 {
+            // A disk grows (while a point may be pinned): points before
+            // keep its old size, the grown part waits for a resync (no
+            // points until it is done) and is written afterwards.
+            let d = GROWN_DISK as usize;
+            let old = s.disks[d].len() as u64;
+            s.disks[d].resize((old + GROWTH) as usize, 0);
+            let sizes: Vec<u64> = s.disks.iter().map(|d| d.len() as u64).collect();
+            // The store commits what was applied before a growth by
+            // itself; the stream commits first so that every position the
+            // store can come back to is one this harness saw.
+            s.ops.push(Op::Commit);
+            s.ops.push(Op::Disks(specs_of(&sizes)));
+            s.points_now = false;
+            for _ in 0..4 {
+                s.random_record(&mut rng);
+            }
+            s.ops.push(Op::Commit);
+            s.chunk(GROWN_DISK, old, GROWTH, Purpose::Resync);
+            s.ops.push(Op::ResyncDone {
+                disk: GROWN_DISK,
+                offset: old,
+                length: GROWTH,
+            });
+            s.ops.push(Op::Commit);
+            s.points_now = true;
+        }
+        if i == steady_ops * 7 / 8 {
+            // A disk is added: synced on its own, records of every disk
+            // (its own in place) and points (without it) in between.
+            s.ops.push(Op::Commit);
+            s.disks.push(vec![0u8; ADDED_SIZE as usize]);
+            let sizes: Vec<u64> = s.disks.iter().map(|d| d.len() as u64).collect();
+            s.ops.push(Op::Disks(specs_of(&sizes)));
+            let disk = (s.disks.len() - 1) as u32;
+            let mut at = 0;
+            while at < ADDED_SIZE {
+                for _ in 0..rng.random_range(0..3) {
+                    s.random_record(&mut rng);
+                }
+                let len = (rng.random_range(1..=4) * SECTOR).min(ADDED_SIZE - at);
+                s.chunk(disk, at, len, Purpose::InitialSync);
+                at += len;
+                if rng.random_range(0..3) == 0 {
+                    s.ops.push(Op::Commit);
+                }
+            }
+        }
         if i == steady_ops * 3 / 4 && pinned {
             s.ops.push(Op::Pin(None));
         }
         if i == steady_ops / 2 {
-            let (disk, offset, length) = Source::extent(&mut rng, 8);
+            let (disk, offset, length) = s.extent(&mut rng, 8);
             s.record(Entry::resync_needed(disk, offset, length, s.seq * 1000));
             s.points_now = false;
             for _ in 0..4 {
@@ -286,8 +348,19 @@ pub(crate) struct Run {
     pub(crate) final_position: Option<Position>,
 }
 
+/// `disk` as the point `seq` (`None`: everything applied) reads it, at
+/// the size the store gives it there.
 pub(crate) fn read_disk<D: LogDir>(g: &ReplicaGroup<D>, seq: Option<u64>, disk: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; SIZES[disk] as usize];
+    let disks = match seq {
+        Some(seq) => g.disks_at(Seq(seq)),
+        None => g.disks(),
+    };
+    let size = disks
+        .iter()
+        .find(|d| d.id.index() == disk)
+        .expect("a disk of the group")
+        .size;
+    let mut buf = vec![0u8; size as usize];
     g.view(seq.map(Seq))
         .expect("a readable view")
         .read(DiskId(disk as u32), 0, &mut buf)
@@ -299,7 +372,15 @@ pub(crate) fn read_disk<D: LogDir>(g: &ReplicaGroup<D>, seq: Option<u64>, disk: 
 pub(crate) fn check_points<D: LogDir>(what: &str, g: &ReplicaGroup<D>, w: &Workload) -> usize {
     let points = g.points();
     for p in &points {
-        for disk in 0..SIZES.len() {
+        // The disks the point holds: a disk added after it is not among
+        // them, every other one is.
+        let disks: Vec<usize> = g.disks_at(p.seq).iter().map(|d| d.id.index()).collect();
+        assert!(
+            disks.len() >= SIZES.len(),
+            "{what}: point {} lacks a disk",
+            p.seq
+        );
+        for disk in disks {
             assert!(
                 read_disk(g, Some(p.seq.get()), disk) == w.source[p.seq.get() as usize][disk],
                 "{what}: point {} of disk {disk} differs from the source",
@@ -351,7 +432,13 @@ pub(crate) fn check_committed<D: LogDir>(
     };
     let source = &w.source[p.durable_seq.get() as usize];
     let has_consistent_state = !matches!(p.state, GroupState::InitialSync);
-    for d in p.disks.iter().filter(|_| has_consistent_state) {
+    // A disk added to the consistent group and still syncing is written
+    // in place, like an initial sync, and checked once resumed.
+    let sizes = g.disks();
+    let joined = |d: &tidemark_receiver::store::DiskSync| {
+        sizes.iter().any(|s| s.id == d.id && s.size == d.synced)
+    };
+    for d in p.disks.iter().filter(|d| has_consistent_state && joined(d)) {
         let disk = d.id.index();
         let now = read_disk(g, None, disk);
         for (i, byte) in now.iter().enumerate() {
@@ -359,7 +446,7 @@ pub(crate) fn check_committed<D: LogDir>(
                 .iter()
                 .any(|&(pd, s, e)| pd == d.id.get() && (s..e).contains(&(i as u64)));
             assert!(
-                waits || *byte == source[disk][i],
+                waits || source[disk].get(i) == Some(byte),
                 "{what}: disk {disk} byte {i} is not the source's at seq {}",
                 p.durable_seq
             );

@@ -419,7 +419,7 @@ impl<C: Cluster + 'static> CephEngine<C> {
         let view = group.view(Some(seq))?;
         let prefix = prefix(host, group_name);
         let mut clones = Vec::new();
-        for disk in group.disks() {
+        for disk in group.disks_at(seq) {
             let base = format!("{prefix}disk-{}", disk.id);
             let clone = format!("{name}-{}", disk.name);
             let err = |context: &'static str| {
@@ -437,6 +437,11 @@ impl<C: Cluster + 'static> CephEngine<C> {
                 .cluster
                 .image_open(&clone)
                 .map_err(err("opening the failover clone of"))?;
+            // A point before a growth reads the disk at its size then; the
+            // base image has the size of now.
+            image
+                .resize(disk.size)
+                .map_err(err("sizing the failover clone of"))?;
             let mut buf = Vec::new();
             for (start, end) in view.changed(disk.id) {
                 let mut at = start;
