@@ -318,6 +318,12 @@ pub struct StoreConfig {
     /// the lease. Default: `"24h"`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub blocklist_expire: Option<Duration>,
+    /// Ceph only: how long a group this receiver owns may go without a
+    /// shipper session before its lease is let go (unlocked), so that the
+    /// group's shipper, connecting to another receiver, is applied there
+    /// at once, e.g. `"60s"`; more than zero. Default: `"60s"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub release_idle: Option<Duration>,
 }
 
 /// Which store engine keeps the replicas, `[receiver.store] kind`.
@@ -352,6 +358,9 @@ pub struct CephStoreConfig {
     pub lease: std::time::Duration,
     /// How long a fenced receiver stays blocklisted.
     pub blocklist_expire: std::time::Duration,
+    /// How long an owned group may go without a shipper session before
+    /// its lease is let go.
+    pub release_idle: std::time::Duration,
 }
 
 impl StoreConfig {
@@ -367,6 +376,9 @@ impl StoreConfig {
     pub const MIN_LEASE_SECS: u64 = 3;
     /// The default time a fenced receiver stays blocklisted, in seconds.
     pub const DEFAULT_BLOCKLIST_EXPIRE_SECS: u64 = 24 * 3600;
+    /// The default time an owned group may go without a session, in
+    /// seconds.
+    pub const DEFAULT_RELEASE_IDLE_SECS: u64 = 60;
 
     fn is_default(&self) -> bool {
         *self == StoreConfig::default()
@@ -402,6 +414,10 @@ impl StoreConfig {
                 std::time::Duration::from_secs(Self::DEFAULT_BLOCKLIST_EXPIRE_SECS),
                 |t| t.get(),
             ),
+            release_idle: self.release_idle.map_or(
+                std::time::Duration::from_secs(Self::DEFAULT_RELEASE_IDLE_SECS),
+                |t| t.get(),
+            ),
         })
     }
 
@@ -416,6 +432,7 @@ impl StoreConfig {
             ("advertise", self.advertise.is_some()),
             ("lease", self.lease.is_some()),
             ("blocklist-expire", self.blocklist_expire.is_some()),
+            ("release-idle", self.release_idle.is_some()),
         ];
         if self.kind == StoreKind::Local {
             if let Some((key, _)) = ceph_settings.iter().find(|(_, set)| *set) {
@@ -470,6 +487,12 @@ impl StoreConfig {
                     "op-timeout must be more than zero (zero would wait for an unavailable cluster forever)".to_owned(),
                 ));
             }
+        }
+        if self.release_idle.is_some_and(|t| t.get().is_zero()) {
+            return Err(invalid(
+                "release-idle",
+                "release-idle must be more than zero (a group would be let go between two of its shipper's connections)".to_owned(),
+            ));
         }
         if let Some(advertise) = &self.advertise {
             let port = advertise

@@ -799,9 +799,10 @@ fn the_ceph_store_has_a_lease_a_blocklist_expiry_and_an_advertised_address() {
         std::time::Duration::from_secs(24 * 3600)
     );
     assert_eq!(ceph.advertise, None);
+    assert_eq!(ceph.release_idle, std::time::Duration::from_secs(60));
     let config = parse_str(
         "[receiver.store]\nkind = \"ceph\"\npool = \"rbd\"\nadvertise = \"r1.example.com:7480\"\n\
-         lease = \"3s\"\nblocklist-expire = \"1h\"\n",
+         lease = \"3s\"\nblocklist-expire = \"1h\"\nrelease-idle = \"10s\"\n",
         Path::new("t.toml"),
     )
     .unwrap();
@@ -809,6 +810,13 @@ fn the_ceph_store_has_a_lease_a_blocklist_expiry_and_an_advertised_address() {
     assert_eq!(ceph.advertise.as_deref(), Some("r1.example.com:7480"));
     assert_eq!(ceph.lease, std::time::Duration::from_secs(3));
     assert_eq!(ceph.blocklist_expire, std::time::Duration::from_secs(3600));
+    assert_eq!(ceph.release_idle, std::time::Duration::from_secs(10));
+    rejects(
+        "[receiver.store]\nkind = \"ceph\"\npool = \"rbd\"\nrelease-idle = \"0s\"\n",
+        4,
+        "receiver.store.release-idle",
+        "more than zero",
+    );
 
     rejects(
         "[receiver.store]\nkind = \"ceph\"\npool = \"rbd\"\nlease = \"1s\"\n",

@@ -128,6 +128,8 @@ struct Shared<C: Cluster> {
     held: Mutex<BTreeMap<String, Held>>,
     wake: Condvar,
     stop: AtomicBool,
+    /// Dropped as if the process died: the locks are left to expire.
+    abandoned: AtomicBool,
     takeovers: AtomicU64,
     owned_elsewhere: AtomicU64,
     lost: AtomicU64,
@@ -180,6 +182,7 @@ impl<C: Cluster + 'static> LeaseKeeper<C> {
             held: Mutex::new(BTreeMap::new()),
             wake: Condvar::new(),
             stop: AtomicBool::new(false),
+            abandoned: AtomicBool::new(false),
             takeovers: AtomicU64::new(0),
             owned_elsewhere: AtomicU64::new(0),
             lost: AtomicU64::new(0),
@@ -329,6 +332,23 @@ impl<C: Cluster + 'static> LeaseKeeper<C> {
         }
     }
 
+    /// Lets every held group go, as [`release`](Self::release) does: a
+    /// receiver that stops cleanly hands its groups over at once (dropping
+    /// the keeper does this too).
+    pub fn release_all(&self) {
+        let held: Vec<String> = lock(&self.shared.held).keys().cloned().collect();
+        for oid in held {
+            self.release(&oid);
+        }
+    }
+
+    /// Stops renewing without letting any group go, as if the process had
+    /// died: the locks stay until they expire and another receiver fences
+    /// this client (tests model a crashed or frozen owner so).
+    pub fn abandon(self) {
+        self.shared.abandoned.store(true, Ordering::Relaxed);
+    }
+
     fn unlock(&self, oid: &str) {
         if let Err(e) = self
             .shared
@@ -340,8 +360,13 @@ impl<C: Cluster + 'static> LeaseKeeper<C> {
     }
 }
 
+/// Dropping the keeper lets its groups go (unlocked: the next receiver
+/// takes them at once), unless it was [abandoned](LeaseKeeper::abandon).
 impl<C: Cluster + 'static> Drop for LeaseKeeper<C> {
     fn drop(&mut self) {
+        if !self.shared.abandoned.load(Ordering::Relaxed) {
+            self.release_all();
+        }
         self.shared.stop.store(true, Ordering::Relaxed);
         self.shared.wake.notify_all();
         if let Some(renewer) = self.renewer.take() {

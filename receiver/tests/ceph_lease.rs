@@ -218,6 +218,36 @@ fn a_released_group_is_taken_at_once() {
     check_points("after the release", &g, &w);
 }
 
+/// A receiver that stops cleanly (its engine dropped) lets its groups go:
+/// the next one takes them at once. One that dies (its engine abandoned:
+/// no renewal, no unlock) leaves them locked until the lease expires.
+#[test]
+fn a_clean_stop_hands_the_groups_over_at_once_and_a_crash_does_not() {
+    let w = workload(6, 20);
+    let world = SimWorld::new();
+    let (a, _) = receiver(&world, "r1:7443");
+    let mut g = open(&a).unwrap();
+    let acked = run_to(&mut g, &w, w.ops.len());
+    drop(g);
+    drop(a);
+
+    let (b, _) = receiver(&world, "r2:7443");
+    let g = open(&b).expect("the group of a receiver that stopped opens elsewhere at once");
+    assert_eq!(g.position(), acked);
+    drop(g);
+    b.abandon();
+
+    let (c, _) = receiver(&world, "r3:7443");
+    assert!(
+        matches!(open(&c), Err(StoreError::OwnedElsewhere { owner: Some(o), .. }) if o == "r2:7443"),
+        "the group of a dead receiver opened before its lease expired"
+    );
+    world.advance(LEASE + Duration::from_secs(1));
+    let g = open(&c).expect("the group opens once the dead receiver's lease expired");
+    assert_eq!(g.position(), acked);
+    check_points("after the crash", &g, &w);
+}
+
 /// The takeover fences the previous owner before it opens anything: inside
 /// the open, the previous client is already refused by the cluster (even
 /// for objects, which no image lock protects), and the lock is ours.

@@ -94,9 +94,9 @@ fn a_group_is_taken_over_from_a_receiver_that_stopped_renewing_and_it_writes_not
     let acked = old.commit().unwrap();
     source[8192..8192 + 4096].copy_from_slice(&data);
 
-    // The first receiver stops renewing (its keeper is gone: as if frozen);
-    // its store stays open, unaware.
-    drop(first);
+    // The first receiver stops renewing without letting the group go (as
+    // if it died or froze); its store stays open, unaware.
+    first.abandon();
     let stopped = Instant::now();
     let mut new = loop {
         match second.open_group(&host, &group) {

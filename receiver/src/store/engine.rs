@@ -164,6 +164,15 @@ pub trait StoreEngine: Send + Sync + Debug {
     fn lease_stats(&self) -> Option<crate::lease_task::LeaseStats> {
         None
     }
+    /// Lets `host`'s `group` go after its store was dropped: with leases,
+    /// unlocked, so that another receiver may take it at once. Default:
+    /// nothing to let go.
+    fn release(&self, host: &Name, group: &Name) {
+        let _ = (host, group);
+    }
+    /// Lets every group go ([`release`](Self::release)): a receiver
+    /// stopping cleanly, after dropping its stores.
+    fn release_all(&self) {}
     /// The pin of `host`'s `group` kept with the store, when the store
     /// does not read the local pin ([`crate::pin`]) of the group's
     /// directory in the data directory. Default: none (the local pin is

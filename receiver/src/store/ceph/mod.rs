@@ -235,6 +235,24 @@ impl<C: Cluster + 'static> CephEngine<C> {
         self.lease.as_ref().map(LeaseKeeper::stats)
     }
 
+    /// Lets every group this engine holds go (unlocks their leases): a
+    /// receiver that stops cleanly calls it after dropping its stores, so
+    /// that the next receiver need not wait for the leases to expire.
+    /// Dropping the engine does it too.
+    pub fn release_all(&self) {
+        if let Some(keeper) = &self.lease {
+            keeper.release_all();
+        }
+    }
+
+    /// Drops the engine as if its process had died: no lease is let go,
+    /// each stays until it expires (tests model a crashed owner so).
+    pub fn abandon(mut self) {
+        if let Some(keeper) = self.lease.take() {
+            keeper.abandon();
+        }
+    }
+
     /// Lets `host`'s `group` go (unlocks its lease) after its store was
     /// dropped: another receiver may take it at once.
     pub fn release(&self, host: &Name, group: &Name) {
@@ -551,6 +569,14 @@ impl<C: Cluster + 'static> StoreEngine for CephEngine<C> {
 
     fn lease_stats(&self) -> Option<LeaseStats> {
         CephEngine::lease_stats(self)
+    }
+
+    fn release(&self, host: &Name, group: &Name) {
+        CephEngine::release(self, host, group)
+    }
+
+    fn release_all(&self) {
+        CephEngine::release_all(self)
     }
 
     fn store_pin(&self, host: &Name, group: &Name) -> Option<Box<dyn crate::pin::StorePin>> {
