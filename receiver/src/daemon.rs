@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tidemark_config::ReceiverConfig;
 use tidemark_wire::receiver::Receiving;
@@ -24,6 +24,7 @@ use crate::coordinate::SpanSample;
 use crate::drain;
 use crate::replica::StoreReplica;
 use crate::store::{GroupState, LocalEngine, Retention, StoreEngine};
+use crate::store_health::StoreHealth;
 use tidemark_metrics::{labels, Exposition, MetricsServer, Unit};
 use tidemark_names::Name;
 
@@ -70,6 +71,12 @@ struct Server {
     spans: crate::coordinate::Spans,
     /// Signs the certificates hosts renew.
     renewal: tidemark_net::renew::RenewalSigner,
+    /// Groups whose store did not answer in time (degraded).
+    health: Mutex<StoreHealth>,
+    /// Each group's last sample: what a scrape shows of a group whose
+    /// store is busy (a commit waiting for the cluster), instead of
+    /// waiting for it.
+    last_samples: Mutex<HashMap<GroupKey, GroupSample>>,
 }
 
 /// Counters of one host's group since the receiver started.
@@ -82,6 +89,9 @@ struct GroupStats {
     bytes: AtomicU64,
     /// Sessions open now.
     sessions: AtomicU64,
+    /// Since when the group has had no session (its last ended, or it was
+    /// opened without one).
+    idle_since: Mutex<Option<Instant>>,
 }
 
 /// Counts a session as connected while it lives.
@@ -89,7 +99,10 @@ struct SessionGuard(Arc<GroupStats>);
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
-        self.0.sessions.fetch_sub(1, Ordering::Relaxed);
+        let mut idle = lock(&self.0.idle_since);
+        if self.0.sessions.fetch_sub(1, Ordering::Relaxed) == 1 {
+            *idle = Some(Instant::now());
+        }
     }
 }
 
@@ -322,19 +335,96 @@ fn lease_metrics(e: &mut Exposition, s: &crate::lease_task::LeaseStats) {
     );
 }
 
+/// Whether the groups' store answers: the receiver and each group it
+/// applies (or failed to open) are degraded while it does not.
+fn health_metrics(e: &mut Exposition, health: &StoreHealth, samples: &[GroupSample]) {
+    e.gauge(
+        "tidemark_receiver_store_degraded",
+        "1 while the store of a group (a Ceph cluster) does not answer within op-timeout: nothing more is acknowledged until it does.",
+        None,
+        &labels(&[]),
+        f64::from(u8::from(health.any())),
+    );
+    let mut groups: std::collections::BTreeSet<(String, String)> = samples
+        .iter()
+        .map(|s| (s.host.clone(), s.group.clone()))
+        .collect();
+    groups.extend(
+        health
+            .all()
+            .map(|((h, g), _)| (h.to_string(), g.to_string())),
+    );
+    for (host, group) in groups {
+        let degraded = health
+            .all()
+            .any(|((h, g), _)| h.as_str() == host && g.as_str() == group);
+        e.gauge(
+            "tidemark_receiver_group_degraded",
+            "1 while the group's store does not answer within op-timeout (the receiver logs why).",
+            None,
+            &labels(&[("host", &host), ("group", &group)]),
+            f64::from(u8::from(degraded)),
+        );
+    }
+}
+
 impl Server {
+    /// A store operation of the group found the store not answering.
+    fn store_unanswered(&self, host: &Name, group: &Name, error: &str) {
+        let newly =
+            lock(&self.health).handle_unanswered(host, group, error, tidemark_changelog::now_ns());
+        if newly {
+            tracing::warn!(%host, %group, reason = %error, "store degraded: the cluster does not answer within op-timeout; nothing is acknowledged until it does");
+        }
+    }
+
+    /// A store operation of the session failed: degraded if the store did
+    /// not answer.
+    fn note_unanswered(&self, host: &Name, group: &Name, replica: &Mutex<StoreReplica>) {
+        if let Some(why) = lock(replica).take_unanswered() {
+            self.store_unanswered(host, group, &why);
+        }
+    }
+
+    /// An open or a commit of the group succeeded.
+    fn store_answered(&self, host: &Name, group: &Name) {
+        let was = lock(&self.health).handle_success(host, group);
+        if let Some(was) = was {
+            let secs = tidemark_changelog::now_ns().saturating_sub(was.since_ns) as f64 / 1e9;
+            tracing::info!(%host, %group, degraded_for_s = secs, "store answers again: the group applies and acknowledges again");
+        }
+    }
+
     /// One sample per group this receiver has opened since it started.
+    /// A group whose store is busy (an open or a commit waiting for the
+    /// cluster) shows its last sample: a scrape never waits for a store.
     fn samples(&self) -> Vec<GroupSample> {
-        let groups: Vec<(GroupKey, Arc<Mutex<StoreReplica>>)> = lock(&self.groups)
-            .iter()
-            .map(|(k, g)| (k.clone(), g.clone()))
-            .collect();
+        let mut last = lock(&self.last_samples);
+        let groups: Vec<(GroupKey, Arc<Mutex<StoreReplica>>)> = match self.groups.try_lock() {
+            Ok(groups) => groups.iter().map(|(k, g)| (k.clone(), g.clone())).collect(),
+            Err(std::sync::TryLockError::Poisoned(p)) => p
+                .into_inner()
+                .iter()
+                .map(|(k, g)| (k.clone(), g.clone()))
+                .collect(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                let mut out: Vec<GroupSample> = last.values().cloned().collect();
+                out.sort_by(|a, b| (&a.host, &a.group).cmp(&(&b.host, &b.group)));
+                return out;
+            }
+        };
         let stats = lock(&self.stats);
         let mut out: Vec<GroupSample> = groups
             .into_iter()
-            .map(|((host, group), replica)| {
+            .filter_map(|((host, group), replica)| {
+                let r = match replica.try_lock() {
+                    Ok(r) => r,
+                    Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                    Err(std::sync::TryLockError::WouldBlock) => {
+                        return last.get(&(host, group)).cloned();
+                    }
+                };
                 let (pos, barrier, points, history_bytes, floor_holds_space) = {
-                    let r = lock(&replica);
                     let g = r.group();
                     (
                         g.position(),
@@ -344,11 +434,12 @@ impl Server {
                         g.floor_holds_space(),
                     )
                 };
+                drop(r);
                 let st = stats
                     .get(&(host.clone(), group.clone()))
                     .cloned()
                     .unwrap_or_default();
-                GroupSample {
+                let sample = GroupSample {
                     host: host.to_string(),
                     group: group.to_string(),
                     durable_seq: pos.durable_seq.get(),
@@ -362,7 +453,9 @@ impl Server {
                     records: st.records.load(Ordering::Relaxed),
                     bytes: st.bytes.load(Ordering::Relaxed),
                     sessions: st.sessions.load(Ordering::Relaxed),
-                }
+                };
+                last.insert((host, group), sample.clone());
+                Some(sample)
             })
             .collect();
         out.sort_by(|a, b| (&a.host, &a.group).cmp(&(&b.host, &b.group)));
@@ -443,13 +536,16 @@ pub async fn run(
             ca_key: cfg.tls.ca_key.clone(),
             days: tidemark_net::pki::DEFAULT_HOST_VALIDITY_DAYS,
         },
+        health: Mutex::new(StoreHealth::default()),
+        last_samples: Mutex::new(HashMap::new()),
     });
     let metrics = match metrics_listen {
         Some(maddr) => {
             let srv = server.clone();
             let render: tidemark_metrics::Render = Arc::new(move || {
+                let samples = srv.samples();
                 let mut e = collect_metrics(
-                    &srv.samples(),
+                    &samples,
                     &srv.spans.samples(),
                     &srv.peer_timeout_counts(),
                     tidemark_changelog::now_ns(),
@@ -457,6 +553,7 @@ pub async fn run(
                 if let Some(leases) = srv.engine.lease_stats() {
                     lease_metrics(&mut e, &leases);
                 }
+                health_metrics(&mut e, &lock(&srv.health), &samples);
                 e
             });
             match MetricsServer::bind(maddr, render).await {
@@ -474,6 +571,14 @@ pub async fn run(
         cfg.data_dir.clone(),
         stop.clone(),
     );
+    if let Some(after) = cfg
+        .store
+        .ceph()
+        .filter(|_| server.engine.lease_stats().is_some())
+        .map(|c| c.release_idle)
+    {
+        tokio::spawn(release_idle_groups(server.clone(), after, stop.clone()));
+    }
     tracing::info!(%addr, data_dir = %cfg.data_dir.display(), "receiver listening");
     ready(addr, metrics.as_ref().map(MetricsServer::local_addr));
     loop {
@@ -497,8 +602,69 @@ pub async fn run(
     }
     endpoint.close(0u32.into(), b"receiver stopping");
     endpoint.wait_idle().await;
+    // A clean stop hands the groups over at once (with leases: unlocked,
+    // so another receiver need not wait for them to expire), once no
+    // session can commit any more.
+    let open: Vec<_> = lock(&server.groups).drain().collect();
+    drop(open);
+    tokio::task::block_in_place(|| server.engine.release_all());
     tracing::info!("receiver stopped");
     Ok(())
+}
+
+/// Lets go of the groups that have had no shipper session for `after`
+/// (with leases: unlocked), so that a shipper that connects to another
+/// receiver is applied there at once; looks every few seconds until
+/// `stop`.
+async fn release_idle_groups(
+    server: Arc<Server>,
+    after: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut every = tokio::time::interval(
+        (after / 4).clamp(Duration::from_millis(250), Duration::from_secs(5)),
+    );
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = stop.changed() => {
+                if *stop.borrow() {
+                    return;
+                }
+            }
+        }
+        let idle: Vec<GroupKey> = {
+            let open: Vec<GroupKey> = lock(&server.groups).keys().cloned().collect();
+            let stats = lock(&server.stats);
+            open.into_iter()
+                .filter(|key| {
+                    stats.get(key).is_some_and(|st| {
+                        let since = lock(&st.idle_since);
+                        st.sessions.load(Ordering::Relaxed) == 0
+                            && since.is_some_and(|t| t.elapsed() >= after)
+                    })
+                })
+                .collect()
+        };
+        for (host, group) in idle {
+            let released = {
+                let stats = server.stats(&host, &group);
+                let _idle = lock(&stats.idle_since);
+                // A session that started meanwhile keeps it.
+                (stats.sessions.load(Ordering::Relaxed) == 0)
+                    .then(|| lock(&server.groups).remove(&(host.clone(), group.clone())))
+                    .flatten()
+            };
+            if let Some(replica) = released {
+                drop(replica);
+                let srv = server.clone();
+                let (h, g) = (host.clone(), group.clone());
+                let _ = tokio::task::spawn_blocking(move || srv.engine.release(&h, &g)).await;
+                tracing::info!(%host, %group, idle = ?after, "no shipper session for release-idle: the group's lease is let go (another receiver may take it)");
+            }
+        }
+    }
 }
 
 /// An error and its causes, one line.
@@ -615,6 +781,9 @@ impl Server {
         }
         let opened =
             tokio::task::block_in_place(|| self.engine.open(host, group)).map_err(|e| {
+                if crate::store_health::cluster_unanswered(&e) {
+                    self.store_unanswered(host, group, &error_chain(&e));
+                }
                 if let crate::store::StoreError::OwnedElsewhere { owner, .. } = e {
                     return GroupRefused::OwnedElsewhere(owner);
                 }
@@ -625,6 +794,7 @@ impl Server {
                     message: format!("opening the replica of {host}/{group}: {e}"),
                 })
             })?;
+        self.store_answered(host, group);
         let mut opened = opened;
         opened.set_retention(self.retention);
         if !self.spans.is_member(host, group) && opened.floor().is_some() {
@@ -703,7 +873,16 @@ impl Server {
             }
         };
         let replica = match self.group(host, &group_name) {
-            Ok(r) => r,
+            Ok(r) => {
+                // Idle from now unless a session runs (release-idle); not
+                // under the groups' lock, which the release takes after it.
+                let stats = self.stats(host, &group_name);
+                let mut idle = lock(&stats.idle_since);
+                if stats.sessions.load(Ordering::Relaxed) == 0 {
+                    *idle = Some(Instant::now());
+                }
+                r
+            }
             Err(GroupRefused::Refused(e)) => return refuse(&mut send, e).await,
             Err(GroupRefused::OwnedElsewhere(owner)) => {
                 // Another receiver sharing the store applies the group:
@@ -750,7 +929,10 @@ impl Server {
             .spans
             .attach(host, &group_name, conn, receiving.version());
         let stats = self.stats(host, &group_name);
-        stats.sessions.fetch_add(1, Ordering::Relaxed);
+        {
+            let _idle = lock(&stats.idle_since);
+            stats.sessions.fetch_add(1, Ordering::Relaxed);
+        }
         let _connected = SessionGuard(stats.clone());
         let dir = group_dir(&self.data_dir, host, &group_name);
         // The drain request passed on to this connection's shipper.
@@ -808,7 +990,10 @@ impl Server {
                             send.write_all(&f).await.map_err(SessionEnded::Write)?;
                         }
                     }
-                    Err(e) => return refuse(&mut send, e).await,
+                    Err(e) => {
+                        self.note_unanswered(host, &group_name, &replica);
+                        return refuse(&mut send, e).await;
+                    }
                 }
                 if let Some(outcome) = receiving.take_drained() {
                     report_drained(&dir, host, &group_name, outcome);
@@ -871,11 +1056,15 @@ impl Server {
                 read_meanwhile = read.bytes > 0;
                 match idle {
                     Ok(frames) => {
+                        self.store_answered(host, &group_name);
                         for f in frames {
                             send.write_all(&f).await.map_err(SessionEnded::Write)?;
                         }
                     }
-                    Err(e) => return refuse(&mut send, e).await,
+                    Err(e) => {
+                        self.note_unanswered(host, &group_name, &replica);
+                        return refuse(&mut send, e).await;
+                    }
                 }
             }
             if ended {

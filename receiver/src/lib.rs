@@ -23,6 +23,8 @@
 //! - [`store`]: the replica store of one consistency group: ordered,
 //!   idempotent apply of change-log records, initial sync and checksum
 //!   resync, crash recovery.
+//! - [`store_health`]: which groups' store (a Ceph cluster) did not
+//!   answer in time: degraded until it does.
 //! - [`test_failover`]: a recovery point made writable by copy-on-write
 //!   scratch files, for a test failover to serve.
 //! - [`vm_spec`]: the group's VM spec as the protected site sent it, every
@@ -41,5 +43,6 @@ pub mod span;
 pub mod span_point;
 pub mod span_take;
 pub mod store;
+pub mod store_health;
 pub mod test_failover;
 pub mod vm_spec;

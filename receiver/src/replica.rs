@@ -19,6 +19,9 @@ pub struct StoreReplica {
     group: Box<dyn ReplicaStore>,
     lease: u64,
     poisoned: bool,
+    /// The last store error said the store did not answer in time (one
+    /// line): the daemon reports the group degraded.
+    unanswered: Option<String>,
     /// Where the group's VM spec history is kept, if anywhere.
     vm_specs: Option<VmSpecKeeper<FsDir>>,
 }
@@ -30,6 +33,7 @@ impl StoreReplica {
             group,
             lease: 0,
             poisoned: false,
+            unanswered: None,
             vm_specs: None,
         }
     }
@@ -61,8 +65,17 @@ impl StoreReplica {
         self.poisoned
     }
 
+    /// Why the last failed store operation failed, if the store did not
+    /// answer in time (see [`crate::store_health`]); taken once.
+    pub fn take_unanswered(&mut self) -> Option<String> {
+        self.unanswered.take()
+    }
+
     fn map(&mut self, e: StoreError) -> ReplicaError {
         let (class, code) = classify(&e);
+        if crate::store_health::cluster_unanswered(&e) {
+            self.unanswered = Some(crate::store_health::chain(&e));
+        }
         if matches!(e, StoreError::Poisoned | StoreError::Io { .. }) {
             self.poisoned = true;
         }

@@ -20,38 +20,24 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tidemark_ceph::testbed;
-use tidemark_changelog::replay::{apply, MemoryImage, ReplaySummary};
-use tidemark_changelog::{DiskId, FsDir, LogReader, Seq};
 use tidemark_e2e::replication::{
     enroll, free_port, start_receiver_with, wait_caught_up, Daemon, HOST,
 };
-use tidemark_e2e::{qemu_io, require_tool, TrackerProcess};
-use tidemark_names::Name;
-use tidemark_receiver::store::ceph::CephEngine;
+use tidemark_e2e::{require_tool, TrackerProcess};
 
-const SIZE: u64 = 4 << 20;
+mod ceph_site;
+use ceph_site::{check_group, writer, KeepOnPanic, SIZE};
+
 const KILLS: usize = 3;
 /// The longest a takeover may take, from the kill to the first record the
 /// new owner makes durable: the lease (3 s), the shipper's peer timeout
 /// (4 s) and backoff, the takeover and the open, on a loaded machine.
 const TAKEOVER_BOUND: Duration = Duration::from_secs(30);
-
-struct KeepOnPanic(Option<tempfile::TempDir>, &'static str);
-
-impl Drop for KeepOnPanic {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            if let Some(t) = self.0.take() {
-                eprintln!("{}: kept {} for inspection", self.1, t.keep().display());
-            }
-        }
-    }
-}
 
 /// The settings of the shared store, for `receiver.toml`.
 fn store_table(tb: &testbed::Testbed, namespace: &str, port: u16) -> String {
@@ -122,34 +108,6 @@ fn durable(log_dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-fn writer(uri: String, stop: Arc<AtomicBool>) -> u64 {
-    let mut batches = 0u64;
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    let mut next = |n: u64| {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x % n
-    };
-    while !stop.load(Ordering::Relaxed) {
-        let mut cmds = Vec::new();
-        for _ in 0..2 + next(5) {
-            let len = 512 * (1 + next(64));
-            let offset = 512 * next((SIZE - len) / 512 + 1);
-            cmds.push(match next(10) {
-                0 => format!("write -z {offset} {len}"),
-                _ => format!("write -P {} {offset} {len}", 1 + next(255)),
-            });
-        }
-        cmds.push("flush".into());
-        let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
-        qemu_io(&uri, &cmds);
-        batches += 1;
-        std::thread::sleep(Duration::from_millis(50 + next(100)));
-    }
-    batches
-}
-
 /// Two receivers on one store, a tracker, its shipper listing both, and
 /// a paced writer.
 struct Site {
@@ -203,7 +161,8 @@ impl Site {
         let stop_writer = Arc::new(AtomicBool::new(false));
         let writing = {
             let (uri, stop) = (tracker.uri(), stop_writer.clone());
-            Some(std::thread::spawn(move || writer(uri, stop)))
+            let done = Arc::new(AtomicU64::new(0));
+            Some(std::thread::spawn(move || writer(uri, stop, done)))
         };
         let site = Site {
             tmp,
@@ -283,57 +242,7 @@ impl Site {
             "caught up at seq {last} after {:.1} s; checking the store",
             self.started.elapsed().as_secs_f64()
         );
-        let cluster = tb
-            .connect(&self.namespace, Duration::from_secs(30))
-            .unwrap();
-        let engine = CephEngine::new(cluster, "ceph_takeover");
-        let group = engine
-            .open_group_read_only(&Name::from_static(HOST), &Name::from_static("default"))
-            .unwrap();
-        assert_eq!(group.position().durable_seq, Seq(last));
-        let source = fs::read(&self.image).unwrap();
-        let mut got = vec![0u8; SIZE as usize];
-        group
-            .view(None)
-            .unwrap()
-            .read(DiskId(0), 0, &mut got)
-            .unwrap();
-        assert!(got == source, "the replica differs from the source disk");
-
-        let points: Vec<u64> = group.points().iter().map(|p| p.seq.get()).collect();
-        assert!(!points.is_empty());
-        let mut reader = LogReader::new(FsDir::existing(&self.log_dir).unwrap(), Seq(1));
-        let mut reference = MemoryImage(vec![0u8; SIZE as usize]);
-        let mut summary = ReplaySummary::default();
-        let mut pending = None;
-        for &seq in &points {
-            loop {
-                let record = match pending.take() {
-                    Some(r) => r,
-                    None => reader
-                        .next_record()
-                        .unwrap()
-                        .unwrap_or_else(|| panic!("the log ends before point {seq}")),
-                };
-                if record.header.seq.get() > seq {
-                    pending = Some(record);
-                    break;
-                }
-                apply(&record, DiskId(0), &mut reference, &mut summary).unwrap();
-                if record.header.seq.get() == seq {
-                    break;
-                }
-            }
-            group
-                .view(Some(Seq(seq)))
-                .unwrap()
-                .read(DiskId(0), 0, &mut got)
-                .unwrap();
-            assert!(
-                got == reference.0,
-                "point {seq} differs from the reference replay"
-            );
-        }
+        let points = check_group(tb, &self.namespace, HOST, &self.image, &self.log_dir, last);
         (batches, last, points)
     }
 }

@@ -1,0 +1,276 @@
+//! The cluster stops answering for 30 s under a receiver on the Ceph store
+//! (the testbed's only OSD frozen with SIGSTOP, then resumed with SIGCONT;
+//! its own test binary, so its own testbed: the freeze would stall any
+//! other test of the binary). A shipper and a paced writer run throughout.
+//!
+//! While the cluster is frozen the receiver reports itself and the group
+//! degraded (`tidemark_receiver_store_degraded`,
+//! `tidemark_receiver_group_degraded`) and acknowledges nothing (the
+//! shipper's durable sequence stays where it was), and the tracker goes on
+//! serving its disk (the writer's batches go on, the log grows). The outage
+//! outlasts the group's lease (3 s): the receiver takes its own group back
+//! by itself when the cluster answers again (no restart), the degraded
+//! state ends, the replica ends byte-equal to the source and every point
+//! equals the replay of the log up to it.
+//!
+//! Needs Ceph (skips with a message without `ceph-mon`, unless `CI` is
+//! set), a testbed this process started (its OSD's pid file), qemu-io and
+//! rados; run with `--features ceph` (scripts/test.sh does).
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tidemark_ceph::testbed;
+use tidemark_e2e::replication::{
+    enroll, free_port, last_seq, shipper_status, start_receiver, wait_caught_up, Daemon, HOST,
+};
+use tidemark_e2e::{require_tool, TrackerProcess};
+
+mod ceph_site;
+use ceph_site::{check_group, writer, KeepOnPanic, SIZE};
+
+/// How long the cluster does not answer.
+const OUTAGE: Duration = Duration::from_secs(30);
+/// The receiver's op timeout: a cluster operation fails after it.
+const OP_TIMEOUT: &str = "5s";
+
+/// Resumes the frozen OSD when dropped, whatever the test's outcome.
+struct Frozen(Option<Pid>);
+
+impl Frozen {
+    fn freeze(pid: Pid) -> Frozen {
+        kill(pid, Signal::SIGSTOP).unwrap();
+        Frozen(Some(pid))
+    }
+
+    fn resume(&mut self) {
+        if let Some(pid) = self.0.take() {
+            kill(pid, Signal::SIGCONT).unwrap();
+        }
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        self.resume();
+    }
+}
+
+/// The receiver's metrics, as `name{labels}` → value.
+fn metrics(addr: &str) -> Option<std::collections::HashMap<String, f64>> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nAccept: text/plain\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let body = text.split_once("\r\n\r\n")?.1;
+    Some(
+        body.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (name, value) = l.rsplit_once(' ')?;
+                Some((name.to_owned(), value.parse().ok()?))
+            })
+            .collect(),
+    )
+}
+
+fn durable(log_dir: &Path) -> u64 {
+    shipper_status(log_dir)
+        .and_then(|s| s["durable_seq"].as_u64())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_cluster_outage_degrades_the_receiver_and_replication_resumes_by_itself() {
+    const TEST: &str = "a_cluster_outage_degrades_the_receiver_and_replication_resumes_by_itself";
+    let Some(tb) = testbed::for_test() else {
+        return;
+    };
+    let Some(osd_pid) = tb
+        .dir
+        .as_ref()
+        .and_then(|d| fs::read_to_string(d.join("run/osd.0.pid")).ok())
+        .and_then(|p| p.trim().parse::<i32>().ok())
+    else {
+        eprintln!("skipping {TEST}: the cluster was not started by this test (CEPH_CONF set), so its OSD cannot be frozen");
+        return;
+    };
+    if !require_tool("qemu-io", TEST) {
+        return;
+    }
+    let started = Instant::now();
+    let namespace = format!("outage-{}", std::process::id());
+    let tmp = KeepOnPanic(Some(tempfile::tempdir().unwrap()), TEST);
+    let dir = tmp.0.as_ref().unwrap().path().to_path_buf();
+    let (rpki, hpki) = enroll(&dir, HOST);
+    let (port, metrics_port) = (free_port(), free_port());
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let config = dir.join("receiver.toml");
+    fs::write(
+        &config,
+        format!(
+            "[receiver]\nlisten = \"127.0.0.1:{port}\"\ndata-dir = \"{d}/data\"\n\
+             control-socket = \"{d}/receiver.ctl\"\nmetrics-listen = \"{metrics_addr}\"\n\
+             [receiver.tls]\nca = \"{r}/ca.crt\"\nca-key = \"{r}/ca.key\"\n\
+             cert = \"{r}/receiver.crt\"\nkey = \"{r}/receiver.key\"\n\
+             [receiver.store]\nkind = \"ceph\"\nconf = \"{conf}\"\nuser = \"client.admin\"\n\
+             pool = \"{pool}\"\nnamespace = \"{namespace}\"\nop-timeout = \"{OP_TIMEOUT}\"\n\
+             advertise = \"127.0.0.1:{port}\"\nlease = \"3s\"\nblocklist-expire = \"10m\"\n\
+             [receiver.retention]\nmax-points = 5\n",
+            d = dir.display(),
+            r = rpki.display(),
+            conf = tb.conf.display(),
+            pool = tb.pool,
+        ),
+    )
+    .unwrap();
+    let receiver = start_receiver(&dir, &rpki, port, Some(&config));
+    let image = dir.join("disk.img");
+    fs::File::create(&image).unwrap().set_len(SIZE).unwrap();
+    // One log segment that is never recycled: the reference keeps every
+    // record, and the log has room for the outage.
+    let tracker = TrackerProcess::start(
+        &dir,
+        &image,
+        &["--segment-size", "256MiB", "--log-size-limit", "512MiB"],
+    );
+    let log_dir = tracker.log_dir.clone();
+    let shipper_config = dir.join("shipper.toml");
+    fs::write(
+        &shipper_config,
+        format!(
+            "[shipper]\nhost = \"{HOST}\"\nreceiver = \"127.0.0.1:{port}\"\n\
+             log-dir = \"{}\"\ncontrol-socket = \"{}\"\n\
+             [shipper.tls]\nca = \"{h}/ca.crt\"\ncert = \"{h}/host.crt\"\nkey = \"{h}/host.key\"\n\
+             [shipper.retry]\ninitial-backoff = \"100ms\"\nmax-backoff = \"2s\"\n",
+            log_dir.display(),
+            dir.join("shipper.ctl").display(),
+            h = hpki.display()
+        ),
+    )
+    .unwrap();
+    let shipper = Daemon::new(
+        tidemark_e2e::tidemark()
+            .args(["shipper", "run", "--config"])
+            .arg(&shipper_config)
+            .stdout(std::process::Stdio::null())
+            .stderr(fs::File::create(dir.join("shipper.log")).unwrap())
+            .spawn()
+            .unwrap(),
+        "shipper",
+    );
+    wait_caught_up(&dir, &log_dir, Duration::from_secs(120));
+    let stop_writer = Arc::new(AtomicBool::new(false));
+    let batches = Arc::new(AtomicU64::new(0));
+    let writing = {
+        let (uri, stop, done) = (tracker.uri(), stop_writer.clone(), batches.clone());
+        std::thread::spawn(move || writer(uri, stop, done))
+    };
+    let receiver_log =
+        || fs::read_to_string(dir.join(format!("receiver-{port}.log"))).unwrap_or_default();
+    let value = |m: &std::collections::HashMap<String, f64>, k: &str| m.get(k).copied();
+    let group_degraded =
+        format!("tidemark_receiver_group_degraded{{host=\"{HOST}\",group=\"default\"}}");
+
+    std::thread::sleep(Duration::from_secs(3));
+    let m = metrics(&metrics_addr).expect("the receiver serves metrics");
+    assert_eq!(value(&m, "tidemark_receiver_store_degraded"), Some(0.0));
+    assert_eq!(value(&m, &group_degraded), Some(0.0), "{m:?}");
+
+    // The outage.
+    let mut frozen = Frozen::freeze(Pid::from_raw(osd_pid));
+    let froze = Instant::now();
+    let (batches_then, log_then) = (batches.load(Ordering::Relaxed), last_seq(&log_dir));
+    // Whatever was in flight when the cluster froze is settled within a
+    // second (it cannot commit on a frozen cluster).
+    std::thread::sleep(Duration::from_secs(1));
+    let acked_then = durable(&log_dir);
+    let mut degraded_after = None;
+    while froze.elapsed() < OUTAGE {
+        if degraded_after.is_none() {
+            if let Some(m) = metrics(&metrics_addr) {
+                if value(&m, "tidemark_receiver_store_degraded") == Some(1.0)
+                    && value(&m, &group_degraded) == Some(1.0)
+                {
+                    degraded_after = Some(froze.elapsed());
+                }
+            }
+        }
+        assert_eq!(
+            durable(&log_dir),
+            acked_then,
+            "something was acknowledged while the cluster did not answer"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let degraded_after = degraded_after.unwrap_or_else(|| {
+        panic!(
+            "the receiver never reported the store degraded during the outage\n{}",
+            receiver_log()
+        )
+    });
+    let (batches_during, log_during) = (
+        batches.load(Ordering::Relaxed) - batches_then,
+        last_seq(&log_dir) - log_then,
+    );
+    assert!(
+        batches_during > 10 && log_during > 0,
+        "the tracker did not go on serving: {batches_during} batches, {log_during} records during the outage"
+    );
+    assert!(
+        receiver_log().contains("store degraded"),
+        "the receiver did not log why it is degraded\n{}",
+        receiver_log()
+    );
+    frozen.resume();
+    let resumed = Instant::now();
+
+    // Replication resumes by itself: acknowledged again, no longer degraded.
+    let resumed_after = loop {
+        let healthy = metrics(&metrics_addr).is_some_and(|m| {
+            value(&m, "tidemark_receiver_store_degraded") == Some(0.0)
+                && value(&m, &group_degraded) == Some(0.0)
+        });
+        if healthy && durable(&log_dir) > acked_then {
+            break resumed.elapsed();
+        }
+        assert!(
+            resumed.elapsed() < Duration::from_secs(90),
+            "replication did not resume within 90 s of the cluster answering again (durable {})\nreceiver log:\n{}\nshipper log:\n{}",
+            durable(&log_dir),
+            receiver_log(),
+            fs::read_to_string(dir.join("shipper.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    stop_writer.store(true, Ordering::Relaxed);
+    let total_batches = writing.join().unwrap();
+    let status = wait_caught_up(&dir, &log_dir, Duration::from_secs(120));
+    let last = status["durable_seq"].as_u64().unwrap();
+    drop(shipper);
+    drop(receiver);
+    let points = check_group(tb, &namespace, HOST, &image, &log_dir, last);
+    drop(tracker);
+    eprintln!(
+        "{TEST}: degraded {:.1} s into the {} s outage; {batches_during} write batches and {log_during} records \
+         meanwhile, none acknowledged; applying again {:.1} s after the cluster resumed; \
+         {total_batches} batches, {last} records, points {points:?} exact; {:.1} s",
+        degraded_after.as_secs_f64(),
+        OUTAGE.as_secs(),
+        resumed_after.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+}
