@@ -14,6 +14,10 @@
 //! itself fenced and writes nothing (the group's owner stays the other, the
 //! replica and every point stay exact).
 //!
+//! And a receiver that owns the group is stopped cleanly (SIGTERM): it lets
+//! the group go, and the other applies it long before the stopped one's
+//! lease (60 s there) could have expired.
+//!
 //! Needs Ceph (skips with a message without `ceph-mon`, unless `CI` is
 //! set) and qemu-io; run with `--features ceph` (scripts/test.sh does).
 
@@ -39,15 +43,17 @@ const KILLS: usize = 3;
 /// (4 s) and backoff, the takeover and the open, on a loaded machine.
 const TAKEOVER_BOUND: Duration = Duration::from_secs(30);
 
-/// The settings of the shared store, for `receiver.toml`.
-fn store_table(tb: &testbed::Testbed, namespace: &str, port: u16) -> String {
+/// The settings of the shared store, for `receiver.toml`, with a lease of
+/// `lease`.
+fn store_table(tb: &testbed::Testbed, namespace: &str, port: u16, lease: Duration) -> String {
     format!(
         "[receiver.store]\nkind = \"ceph\"\nconf = \"{}\"\nuser = \"client.admin\"\npool = \"{}\"\n\
          namespace = \"{namespace}\"\nop-timeout = \"10s\"\nadvertise = \"127.0.0.1:{port}\"\n\
-         lease = \"3s\"\nblocklist-expire = \"10m\"\n\
+         lease = \"{}s\"\nblocklist-expire = \"10m\"\n\
          [receiver.retention]\nmax-points = 5\n",
         tb.conf.display(),
-        tb.pool
+        tb.pool,
+        lease.as_secs()
     )
 }
 
@@ -131,6 +137,14 @@ impl Site {
     /// Everything started and caught up, the writer running; `None`: the
     /// test skips (it said why).
     fn start(test: &'static str) -> Option<(Site, &'static testbed::Testbed)> {
+        Site::start_with_lease(test, Duration::from_secs(3))
+    }
+
+    /// [`Site::start`] with a group lease of `lease`.
+    fn start_with_lease(
+        test: &'static str,
+        lease: Duration,
+    ) -> Option<(Site, &'static testbed::Testbed)> {
         let tb = testbed::for_test()?;
         if !require_tool("qemu-io", test) || !require_tool("rados", test) {
             return None;
@@ -141,7 +155,7 @@ impl Site {
         let dir = tmp.0.as_ref().unwrap().path().to_path_buf();
         let (rpki, hpki) = enroll(&dir, HOST);
         let ports = [free_port(), free_port()];
-        let stores = ports.map(|p| store_table(tb, &namespace, p));
+        let stores = ports.map(|p| store_table(tb, &namespace, p, lease));
         let receivers = [
             Some(start_receiver(&dir, &rpki, ports[0], &stores[0])),
             Some(start_receiver(&dir, &rpki, ports[1], &stores[1])),
@@ -331,5 +345,39 @@ fn a_frozen_owner_is_fenced_and_writes_nothing_when_it_resumes() {
     eprintln!(
         "{TEST}: takeover after {:.1} s; {batches} write batches, {last} records, points {points:?} exact",
         took.as_secs_f64()
+    );
+}
+
+#[test]
+fn a_receiver_stopped_cleanly_hands_its_group_over_without_waiting_for_the_lease() {
+    const TEST: &str =
+        "a_receiver_stopped_cleanly_hands_its_group_over_without_waiting_for_the_lease";
+    // A lease far longer than a handover may take: the other receiver
+    // applies long before the stopped one's lease could have expired.
+    const LEASE: Duration = Duration::from_secs(60);
+    let Some((mut site, tb)) = Site::start_with_lease(TEST, LEASE) else {
+        return;
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let i = site.owner(tb);
+    let before = durable(&site.log_dir);
+    let stopping = Instant::now();
+    let status = site.receivers[i].take().unwrap().stop();
+    assert!(
+        status.success(),
+        "the receiver's clean stop failed: {status:?}"
+    );
+    let took = site.wait_taken_by(tb, 1 - i, before, stopping);
+    assert!(
+        took < LEASE / 3,
+        "the group moved only after {took:?}: the stopped receiver did not let it go"
+    );
+    let (from, to) = (site.address(i), site.address(1 - i));
+    let (batches, last, points) = site.finish(tb);
+    eprintln!(
+        "{TEST}: {from} stopped (SIGTERM); {to} applies after {:.1} s (lease {} s); {batches} write batches, \
+         {last} records, points {points:?} exact",
+        took.as_secs_f64(),
+        LEASE.as_secs()
     );
 }
