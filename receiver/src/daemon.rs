@@ -375,6 +375,7 @@ impl Server {
             lock(&self.health).handle_unanswered(host, group, error, tidemark_changelog::now_ns());
         if newly {
             tracing::warn!(%host, %group, reason = %error, "store degraded: the cluster does not answer within op-timeout; nothing is acknowledged until it does");
+            self.write_health();
         }
     }
 
@@ -392,6 +393,15 @@ impl Server {
         if let Some(was) = was {
             let secs = tidemark_changelog::now_ns().saturating_sub(was.since_ns) as f64 / 1e9;
             tracing::info!(%host, %group, degraded_for_s = secs, "store answers again: the group applies and acknowledges again");
+            self.write_health();
+        }
+    }
+
+    /// Tells `tidemark status` on this node which groups are degraded.
+    fn write_health(&self) {
+        let health = lock(&self.health).clone();
+        if let Err(e) = crate::store_health::write(&self.data_dir, &health) {
+            tracing::warn!(dir = %self.data_dir.display(), error = %e, "cannot write the store's health file for tidemark status");
         }
     }
 
@@ -579,6 +589,8 @@ pub async fn run(
     {
         tokio::spawn(release_idle_groups(server.clone(), after, stop.clone()));
     }
+    // Nothing is degraded yet (a file left from before says otherwise).
+    server.write_health();
     tracing::info!(%addr, data_dir = %cfg.data_dir.display(), "receiver listening");
     ready(addr, metrics.as_ref().map(MetricsServer::local_addr));
     loop {

@@ -12,14 +12,25 @@
 use std::collections::BTreeMap;
 use std::error::Error;
 use std::io;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tidemark_durable::{replace, Durability, FsDir};
 
 use tidemark_ceph::CephError;
 use tidemark_names::Name;
 
 use crate::lease::LostReason;
 
+/// The file in the receiver's data directory that says which groups are
+/// degraded now, for `tidemark status` on the same node: JSON,
+/// `{"degraded": [{"host", "group", "reason", "since_ns"}]}`, replaced
+/// whole when a group becomes degraded or recovers (a crash may leave the
+/// previous content, never a torn one; the next change rewrites it).
+pub const HEALTH_FILE: &str = "store-health.json";
+
 /// Why a group is degraded, and since when.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Degraded {
     /// The error, one line.
     pub reason: String,
@@ -103,6 +114,60 @@ impl StoreHealth {
     pub fn any(&self) -> bool {
         !self.degraded.is_empty()
     }
+}
+
+/// One degraded group as [`HEALTH_FILE`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DegradedGroup {
+    /// The host.
+    pub host: String,
+    /// The group.
+    pub group: String,
+    /// Why, and since when.
+    #[serde(flatten)]
+    pub degraded: Degraded,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct HealthFile {
+    degraded: Vec<DegradedGroup>,
+}
+
+/// Replaces [`HEALTH_FILE`] in `data_dir` with what `health` says.
+pub fn write(data_dir: &Path, health: &StoreHealth) -> io::Result<()> {
+    let file = HealthFile {
+        degraded: health
+            .all()
+            .map(|((host, group), d)| DegradedGroup {
+                host: host.to_string(),
+                group: group.to_string(),
+                degraded: d.clone(),
+            })
+            .collect(),
+    };
+    let bytes = serde_json::to_vec(&file).map_err(io::Error::other)?;
+    let tmp = format!("{HEALTH_FILE}.tmp");
+    replace(
+        &FsDir::at(data_dir),
+        &tmp,
+        HEALTH_FILE,
+        &bytes,
+        Durability::Visible,
+    )?;
+    Ok(())
+}
+
+/// The degraded groups [`HEALTH_FILE`] in `data_dir` lists; none when
+/// there is no such file (no receiver ran there, or none of this release).
+pub fn read(data_dir: &Path) -> io::Result<Vec<DegradedGroup>> {
+    let bytes = match std::fs::read(data_dir.join(HEALTH_FILE)) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let file: HealthFile = serde_json::from_slice(&bytes)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    Ok(file.degraded)
 }
 
 /// Whether `error` (or a cause of it) says the store did not answer in
@@ -213,5 +278,27 @@ mod tests {
         assert_eq!(health.handle_success(&h, &g).map(|d| d.since_ns), Some(5));
         assert!(!health.any());
         assert_eq!(health.handle_success(&h, &g), None);
+    }
+
+    /// The health file says which groups are degraded and why; none
+    /// without a file.
+    #[test]
+    fn the_health_file_lists_the_degraded_groups() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read(dir.path()).unwrap(), Vec::new());
+        let (h, g) = (Name::from_static("h"), Name::from_static("g"));
+        let mut health = StoreHealth::default();
+        health.handle_unanswered(&h, &g, "operate timed out", 7);
+        write(dir.path(), &health).unwrap();
+        let listed = read(dir.path()).unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(
+            (listed[0].host.as_str(), listed[0].group.as_str()),
+            ("h", "g")
+        );
+        assert_eq!(listed[0].degraded, *health.degraded(&h, &g).unwrap());
+        health.handle_success(&h, &g);
+        write(dir.path(), &health).unwrap();
+        assert_eq!(read(dir.path()).unwrap(), Vec::new());
     }
 }

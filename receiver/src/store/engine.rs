@@ -143,6 +143,21 @@ pub trait PointReader: Send + Sync {
     fn is_zero(&self, disk: DiskId, offset: u64, len: u64) -> bool;
 }
 
+/// Who applies a group, for an engine whose groups are shared between
+/// receivers (`tidemark status`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GroupOwner {
+    /// The receiver that opened the group last (its advertised address).
+    pub owner: Option<String>,
+    /// Whether its lease is held now (a receiver renews it); not held: the
+    /// owner stopped or died, and the next receiver a shipper reaches
+    /// takes the group.
+    pub held: bool,
+    /// When the owner opened the group (ns since the Unix epoch), if
+    /// recorded.
+    pub since_ns: Option<u64>,
+}
+
 /// Where the replica stores of the groups live.
 pub trait StoreEngine: Send + Sync + Debug {
     /// Opens the store of `host`'s `group` for writing by this process
@@ -183,6 +198,20 @@ pub trait StoreEngine: Send + Sync + Debug {
     }
     /// The groups of `host` that have a store.
     fn groups(&self, host: &Name) -> Result<Vec<Name>, StoreError>;
+    /// Every group of every host that has a store, for an engine that
+    /// keeps a registry of them. Default: refused ([`StoreError::Unsupported`]).
+    fn all_groups(&self) -> Result<Vec<(Name, Name)>, StoreError> {
+        Err(StoreError::Unsupported {
+            engine: "local",
+            what: "list every group (list the data directory)",
+        })
+    }
+    /// Who applies `host`'s `group`, for an engine whose groups are shared
+    /// between receivers. Default: `None` (one receiver owns its store).
+    fn owner_of(&self, host: &Name, group: &Name) -> Result<Option<GroupOwner>, StoreError> {
+        let _ = (host, group);
+        Ok(None)
+    }
     /// Removes the store of `host`'s `group` with all its points and
     /// history, durably; refused ([`StoreError::Locked`]) while a process
     /// has it open.

@@ -47,6 +47,9 @@
 //!                                 are redirected, and for messages
 //!                         owner-addr  the cluster client address of the
 //!                                 last opener: a takeover blocklists it
+//!                         owner-since when the last opener opened the
+//!                                 group (ns since the Unix epoch,
+//!                                 decimal; for `tidemark status`)
 //!                       Under leases, the lock `tidemark` (the `lock`
 //!                       class, exclusive, with an expiry) is the group's
 //!                       lease.
@@ -168,6 +171,9 @@ pub const XATTR_OWNER: &str = "owner";
 /// last opener: a takeover blocklists it (an expired lock no longer lists
 /// its holder).
 pub const XATTR_OWNER_ADDR: &str = "owner-addr";
+/// The state-object attribute saying when the last opener opened the
+/// group (ns since the Unix epoch, decimal).
+pub const XATTR_OWNER_SINCE: &str = "owner-since";
 /// Attempts at advancing the epoch when other openers race this one.
 const OPEN_ATTEMPTS: usize = 8;
 
@@ -367,7 +373,11 @@ impl<C: Cluster + 'static> CephEngine<C> {
                 .cmp_xattr(XATTR_COMMIT, CmpOp::Eq, hex(commit).as_bytes())
                 .set_xattr(XATTR_EPOCH, hex(epoch + 1).as_bytes())
                 .set_xattr(XATTR_OWNER, self.owner.as_bytes())
-                .set_xattr(XATTR_OWNER_ADDR, my_addr.as_bytes());
+                .set_xattr(XATTR_OWNER_ADDR, my_addr.as_bytes())
+                .set_xattr(
+                    XATTR_OWNER_SINCE,
+                    tidemark_changelog::now_ns().to_string().as_bytes(),
+                );
             match self.cluster.operate(&state, &guarded(bump)) {
                 Ok(()) => {
                     break Head {
@@ -587,11 +597,72 @@ impl<C: Cluster + 'static> StoreEngine for CephEngine<C> {
         }))
     }
 
-    fn groups(&self, _host: &Name) -> Result<Vec<Name>, StoreError> {
-        Err(StoreError::Unsupported {
-            engine: "ceph",
-            what: "list a host's groups",
-        })
+    fn groups(&self, host: &Name) -> Result<Vec<Name>, StoreError> {
+        Ok(self
+            .all_groups()?
+            .into_iter()
+            .filter(|(h, _)| h == host)
+            .map(|(_, g)| g)
+            .collect())
+    }
+
+    /// The groups `tidemark+groups` lists whose state object holds a
+    /// commit (a group is listed before its first commit).
+    fn all_groups(&self) -> Result<Vec<(Name, Name)>, StoreError> {
+        let failed = |e: CephError| StoreError::Io {
+            context: "listing the groups in",
+            path: PathBuf::from(format!("ceph:{GROUPS_OBJECT}")),
+            source: io_error(e),
+        };
+        let mut groups = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = match self.cluster.omap(GROUPS_OBJECT, after.as_deref(), 1024) {
+                Ok(page) => page,
+                Err(CephError::NotFound { .. }) => break,
+                Err(e) => return Err(failed(e)),
+            };
+            after = page.entries.last().map(|(k, _)| k.clone());
+            for (key, _) in page.entries {
+                let names = key.split_once('+').and_then(|(h, g)| {
+                    Some((Name::new(h.to_owned()).ok()?, Name::new(g.to_owned()).ok()?))
+                });
+                // A key no release writes is not a group of ours.
+                if let Some((host, group)) = names {
+                    if self.exists(&host, &group) {
+                        groups.push((host, group));
+                    }
+                }
+            }
+            if !page.more || after.is_none() {
+                break;
+            }
+        }
+        Ok(groups)
+    }
+
+    fn owner_of(&self, host: &Name, group: &Name) -> Result<Option<super::GroupOwner>, StoreError> {
+        let state = format!("{}state", prefix(host, group));
+        let xattrs = self
+            .cluster
+            .xattrs(&state)
+            .map_err(|e| self.err(host, group, "reading the owner of", e))?;
+        let text = |name: &str| {
+            xattrs
+                .get(name)
+                .and_then(|v| String::from_utf8(v.clone()).ok())
+                .filter(|v| !v.is_empty())
+        };
+        let held = !self
+            .cluster
+            .lockers(&state, crate::lease::LOCK_NAME)
+            .map_err(|e| self.err(host, group, "reading the lease of", e))?
+            .is_empty();
+        Ok(Some(super::GroupOwner {
+            owner: text(XATTR_OWNER),
+            held,
+            since_ns: text(XATTR_OWNER_SINCE).and_then(|v| v.parse().ok()),
+        }))
     }
 
     fn remove(&self, _host: &Name, _group: &Name) -> Result<(), StoreError> {
