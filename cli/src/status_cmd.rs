@@ -35,8 +35,15 @@ pub(crate) struct StatusArgs {
     log_dir: PathBuf,
     /// On a replica site: the receiver's data directory. Every replica
     /// under it is listed, and local disks show their newest recovery point.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with = "config")]
     data_dir: Option<PathBuf>,
+    /// On a replica site: the receiver's configuration. With the Ceph
+    /// store every group in the cluster is listed (from any receiver
+    /// node) with the receiver that applies it, its lease, and whether the
+    /// receiver on this node finds its store degraded; with the local
+    /// store, as --data-dir with the configured data directory.
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
     /// Print one JSON document (with --watch: one per line per refresh).
     #[arg(long)]
     json: bool,
@@ -77,6 +84,10 @@ struct ReplicaSummary {
     newest: Option<Point>,
     history_bytes: u64,
     error: Option<String>,
+    /// With a store shared between receivers: who applies the group.
+    owner: Option<tidemark_receiver::store::GroupOwner>,
+    /// The receiver on this node finds the group's store degraded (why).
+    degraded: Option<String>,
 }
 
 /// A recovery point, as this screen shows it.
@@ -305,11 +316,104 @@ fn gather(a: &StatusArgs) -> Snapshot {
         log_dir: a.log_dir.clone(),
         tracker: ask_tracker(&a.tracker_control),
         shipper: ask_shipper(&a.log_dir),
-        receiver: a
-            .data_dir
-            .as_ref()
-            .map(|dir| (dir.clone(), read_replicas(dir))),
+        receiver: match (&a.config, &a.data_dir) {
+            (Some(config), _) => Some(read_configured_replicas(config)),
+            (None, Some(dir)) => Some((dir.clone(), read_replicas(dir))),
+            (None, None) => None,
+        },
     }
+}
+
+/// The replicas of the receiver configured in `config`: its store's
+/// groups (every group in the cluster for the Ceph store) with their
+/// owners, and what the receiver on this node finds degraded.
+fn read_configured_replicas(config: &Path) -> (PathBuf, Result<Vec<ReplicaSummary>, NoAnswer>) {
+    let cfg = match crate::points_cmd::StoreArgs::of_config(config).receiver() {
+        Ok(c) => c,
+        Err(e) => {
+            let no = NoAnswer {
+                verdict: "unreadable",
+                reason: format!("{}: {e:#}", config.display()),
+            };
+            return (config.to_path_buf(), Err(no));
+        }
+    };
+    let dir = cfg.data_dir.clone();
+    if cfg.store.kind == tidemark_config::StoreKind::Local {
+        let replicas = read_replicas(&dir);
+        return (dir, replicas);
+    }
+    // The receiver on this node (if it runs) says which groups it finds
+    // degraded; a file it cannot read is no reason to hide the rest.
+    let degraded = tidemark_receiver::store_health::read(&dir).unwrap_or_default();
+    // A cluster that does not answer still shows what the receiver here
+    // finds degraded.
+    let unreachable = |verdict: &'static str, reason: String| {
+        if degraded.is_empty() {
+            return Err(NoAnswer { verdict, reason });
+        }
+        Ok(degraded
+            .iter()
+            .map(|d| ReplicaSummary {
+                host: d.host.clone(),
+                group: d.group.clone(),
+                state: "unreadable",
+                resync_pending: 0,
+                points: 0,
+                newest: None,
+                history_bytes: 0,
+                error: Some(reason.clone()),
+                owner: None,
+                degraded: Some(d.degraded.reason.clone()),
+            })
+            .collect())
+    };
+    let engine = match tidemark_receiver::store::open_engine(&cfg, "tidemark status") {
+        Ok(e) => e,
+        Err(e) => {
+            let reason = format!("{:#}", anyhow::Error::new(e));
+            return (dir, unreachable("not reachable", reason));
+        }
+    };
+    let groups = match engine.all_groups() {
+        Ok(g) => g,
+        Err(e) => {
+            let reason = format!("{:#}", anyhow::Error::new(e));
+            return (dir, unreachable("unreadable", reason));
+        }
+    };
+    let replicas = groups
+        .iter()
+        .map(|(host, group)| {
+            let mut summary = summarise_store_replica(engine.as_ref(), host, group);
+            summary.degraded = degraded
+                .iter()
+                .find(|d| d.host == host.as_str() && d.group == group.as_str())
+                .map(|d| d.degraded.reason.clone());
+            summary
+        })
+        .collect();
+    (dir, Ok(replicas))
+}
+
+/// One group of a store engine, as [`summarise_replica`] reads a local one.
+fn summarise_store_replica(
+    engine: &dyn tidemark_receiver::store::StoreEngine,
+    host: &tidemark_names::Name,
+    group: &tidemark_names::Name,
+) -> ReplicaSummary {
+    let mut summary = summarise_opened(
+        host.as_str(),
+        group.as_str(),
+        engine.open_read_only(host, group),
+    );
+    match engine.owner_of(host, group) {
+        Ok(owner) => summary.owner = owner,
+        Err(e) => {
+            summary.error.get_or_insert_with(|| e.to_string());
+        }
+    }
+    summary
 }
 
 fn ask_tracker(control: &Path) -> Result<TrackerStatus, NoAnswer> {
@@ -383,6 +487,18 @@ fn read_replicas(data_dir: &Path) -> Result<Vec<ReplicaSummary>, NoAnswer> {
 }
 
 fn summarise_replica(host: &str, group: &str, dir: &Path) -> ReplicaSummary {
+    summarise_opened(host, group, LocalEngine::open_dir_read_only(dir))
+}
+
+/// A replica's summary from its read-only open (or why it failed).
+fn summarise_opened(
+    host: &str,
+    group: &str,
+    opened: Result<
+        std::sync::Arc<dyn tidemark_receiver::store::ReplicaStore>,
+        tidemark_receiver::store::StoreError,
+    >,
+) -> ReplicaSummary {
     let mut summary = ReplicaSummary {
         host: host.to_string(),
         group: group.to_string(),
@@ -392,8 +508,10 @@ fn summarise_replica(host: &str, group: &str, dir: &Path) -> ReplicaSummary {
         newest: None,
         history_bytes: 0,
         error: None,
+        owner: None,
+        degraded: None,
     };
-    match LocalEngine::open_dir_read_only(dir) {
+    match opened {
         Ok(g) => {
             let points = g.points();
             (summary.state, summary.resync_pending) = match g.position().state {
@@ -700,39 +818,55 @@ fn disk_table(rows: &[DiskRow], now_ns: u64) -> String {
 }
 
 fn replica_table(replicas: &[ReplicaSummary], now_ns: u64) -> String {
+    // A store shared between receivers: who applies each group.
+    let shared = replicas.iter().any(|r| r.owner.is_some());
     let cells: Vec<Vec<String>> = replicas
         .iter()
         .map(|r| {
-            let state = match (&r.error, r.state) {
+            let mut state = match (&r.error, r.state) {
                 (Some(e), _) => format!("unreadable ({})", one_line(e)),
                 (None, "resyncing") => format!("resyncing ({} extents)", r.resync_pending),
                 (None, s) => s.to_string(),
             };
-            vec![
+            if let Some(why) = &r.degraded {
+                state = format!("degraded ({}), {state}", one_line(why));
+            }
+            let mut row = vec![
                 r.host.clone(),
                 r.group.clone(),
                 r.points.to_string(),
                 r.newest
                     .map_or_else(|| "none yet".to_string(), |p| point_age(p, now_ns)),
                 fmt_bytes(r.history_bytes),
-                state,
-            ]
+            ];
+            if shared {
+                let owner = r.owner.clone().unwrap_or_default();
+                row.push(owner.owner.clone().unwrap_or_else(|| "-".into()));
+                row.push(lease_label(&owner, now_ns));
+            }
+            row.push(state);
+            row
         })
         .collect();
-    format!(
-        "REPLICAS\n{}",
-        columns(
-            &[
-                "HOST",
-                "GROUP",
-                "POINTS",
-                "NEWEST POINT",
-                "HISTORY",
-                "STATE"
-            ],
-            &cells
-        )
-    )
+    let mut header = vec!["HOST", "GROUP", "POINTS", "NEWEST POINT", "HISTORY"];
+    if shared {
+        header.extend(["OWNER", "LEASE"]);
+    }
+    header.push("STATE");
+    format!("REPLICAS\n{}", columns(&header, &cells))
+}
+
+/// `held for 3m` (a receiver renews it), or `free` (its owner stopped or
+/// died: the next receiver a shipper reaches takes the group).
+fn lease_label(owner: &tidemark_receiver::store::GroupOwner, now_ns: u64) -> String {
+    match (owner.held, owner.since_ns) {
+        (true, Some(since)) => format!(
+            "held for {}",
+            timefmt::age(now_ns.saturating_sub(since) / 1_000_000_000)
+        ),
+        (true, None) => "held".into(),
+        (false, _) => "free".into(),
+    }
 }
 
 /// One line for a disk at a refresh of a plain (not a terminal) --watch:
@@ -857,7 +991,20 @@ fn replica_json(r: &ReplicaSummary, now_ns: u64) -> Value {
         "newest_point": r.newest.map(|p| point_json(p, now_ns)),
         "history_bytes": r.history_bytes,
         "error": r.error,
+        "owner": r.owner.as_ref().map(|o| json!({
+            "address": o.owner,
+            "lease_held": o.held,
+            "since": o.since_ns.map(timefmt::utc),
+            "age_seconds": o.since_ns.map(|s| snap_age(now_ns, s)),
+        })),
+        "degraded": r.degraded.is_some(),
+        "degraded_reason": r.degraded,
     })
+}
+
+/// Seconds from `then_ns` to `now_ns`.
+fn snap_age(now_ns: u64, then_ns: u64) -> u64 {
+    now_ns.saturating_sub(then_ns) / 1_000_000_000
 }
 
 /// The same data as [`screen`], as one JSON document.
@@ -1076,6 +1223,8 @@ mod tests {
             }),
             history_bytes: 5 << 20,
             error: None,
+            owner: None,
+            degraded: None,
         }
     }
 

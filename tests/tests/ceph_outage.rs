@@ -11,7 +11,10 @@
 //! outlasts the group's lease (3 s): the receiver takes its own group back
 //! by itself when the cluster answers again (no restart), the degraded
 //! state ends, the replica ends byte-equal to the source and every point
-//! equals the replay of the log up to it.
+//! equals the replay of the log up to it. `tidemark status --config`
+//! shows the group's owner and lease from the cluster, and the degraded
+//! state with its reason during the outage (from the receiver on this
+//! node, as the cluster answers status neither).
 //!
 //! Needs Ceph (skips with a message without `ceph-mon`, unless `CI` is
 //! set), a testbed this process started (its OSD's pid file), qemu-io and
@@ -84,6 +87,33 @@ fn metrics(addr: &str) -> Option<std::collections::HashMap<String, f64>> {
             })
             .collect(),
     )
+}
+
+/// `tidemark status --json --config` on the receiver's configuration: the
+/// group's entry among the replicas.
+fn status_of_group(config: &Path) -> serde_json::Value {
+    let out = tidemark_e2e::tidemark()
+        .args(["status", "--json", "--config"])
+        .arg(config)
+        .args(["--tracker-control", "/nonexistent/tracker.ctl"])
+        .args(["--log-dir", "/nonexistent/log"])
+        .output()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "status --json: {e}\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    doc["replicas"]
+        .as_array()
+        .and_then(|r| {
+            r.iter()
+                .find(|r| r["host"] == HOST && r["group"] == "default")
+                .cloned()
+        })
+        .unwrap_or_else(|| panic!("status lists no replica of {HOST}/default: {doc:#}"))
 }
 
 fn durable(log_dir: &Path) -> u64 {
@@ -188,6 +218,15 @@ fn a_cluster_outage_degrades_the_receiver_and_replication_resumes_by_itself() {
     let m = metrics(&metrics_addr).expect("the receiver serves metrics");
     assert_eq!(value(&m, "tidemark_receiver_store_degraded"), Some(0.0));
     assert_eq!(value(&m, &group_degraded), Some(0.0), "{m:?}");
+    // Status from the cluster: the owner and its lease.
+    let seen = status_of_group(&config);
+    assert_eq!(
+        seen["owner"]["address"],
+        format!("127.0.0.1:{port}"),
+        "{seen:#}"
+    );
+    assert_eq!(seen["owner"]["lease_held"], true, "{seen:#}");
+    assert_eq!(seen["degraded"], false, "{seen:#}");
 
     // The outage.
     let mut frozen = Frozen::freeze(Pid::from_raw(osd_pid));
@@ -205,6 +244,16 @@ fn a_cluster_outage_degrades_the_receiver_and_replication_resumes_by_itself() {
                     && value(&m, &group_degraded) == Some(1.0)
                 {
                     degraded_after = Some(froze.elapsed());
+                    // Status on this node says so too, with the reason,
+                    // though the cluster does not answer it either.
+                    let seen = status_of_group(&config);
+                    assert_eq!(seen["degraded"], true, "{seen:#}");
+                    assert!(
+                        seen["degraded_reason"]
+                            .as_str()
+                            .is_some_and(|r| r.contains("op-timeout")),
+                        "{seen:#}"
+                    );
                 }
             }
         }
@@ -255,6 +304,13 @@ fn a_cluster_outage_degrades_the_receiver_and_replication_resumes_by_itself() {
         );
         std::thread::sleep(Duration::from_millis(200));
     };
+    let seen = status_of_group(&config);
+    assert_eq!(seen["degraded"], false, "{seen:#}");
+    assert_eq!(
+        seen["owner"]["address"],
+        format!("127.0.0.1:{port}"),
+        "{seen:#}"
+    );
     std::thread::sleep(Duration::from_secs(2));
     stop_writer.store(true, Ordering::Relaxed);
     let total_batches = writing.join().unwrap();
