@@ -16,7 +16,8 @@
 //!
 //! And a receiver that owns the group is stopped cleanly (SIGTERM): it lets
 //! the group go, and the other applies it long before the stopped one's
-//! lease (60 s there) could have expired.
+//! lease (60 s there) could have expired. And a group whose shipper went
+//! away is let go (unlocked) after `release-idle`.
 //!
 //! Needs Ceph (skips with a message without `ceph-mon`, unless `CI` is
 //! set) and qemu-io; run with `--features ceph` (scripts/test.sh does).
@@ -44,16 +45,23 @@ const KILLS: usize = 3;
 const TAKEOVER_BOUND: Duration = Duration::from_secs(30);
 
 /// The settings of the shared store, for `receiver.toml`, with a lease of
-/// `lease`.
-fn store_table(tb: &testbed::Testbed, namespace: &str, port: u16, lease: Duration) -> String {
+/// `lease` and a `release-idle` of `release_idle`.
+fn store_table(
+    tb: &testbed::Testbed,
+    namespace: &str,
+    port: u16,
+    lease: Duration,
+    release_idle: Duration,
+) -> String {
     format!(
         "[receiver.store]\nkind = \"ceph\"\nconf = \"{}\"\nuser = \"client.admin\"\npool = \"{}\"\n\
          namespace = \"{namespace}\"\nop-timeout = \"10s\"\nadvertise = \"127.0.0.1:{port}\"\n\
-         lease = \"{}s\"\nblocklist-expire = \"10m\"\n\
+         lease = \"{}s\"\nblocklist-expire = \"10m\"\nrelease-idle = \"{}s\"\n\
          [receiver.retention]\nmax-points = 5\n",
         tb.conf.display(),
         tb.pool,
-        lease.as_secs()
+        lease.as_secs(),
+        release_idle.as_secs()
     )
 }
 
@@ -120,6 +128,7 @@ struct Site {
     tmp: KeepOnPanic,
     namespace: String,
     rpki: PathBuf,
+    hpki: PathBuf,
     ports: [u16; 2],
     stores: [String; 2],
     receivers: [Option<Daemon>; 2],
@@ -137,13 +146,15 @@ impl Site {
     /// Everything started and caught up, the writer running; `None`: the
     /// test skips (it said why).
     fn start(test: &'static str) -> Option<(Site, &'static testbed::Testbed)> {
-        Site::start_with_lease(test, Duration::from_secs(3))
+        Site::start_with_lease(test, Duration::from_secs(3), Duration::from_secs(60))
     }
 
-    /// [`Site::start`] with a group lease of `lease`.
+    /// [`Site::start`] with a group lease of `lease` and a `release-idle`
+    /// of `release_idle`.
     fn start_with_lease(
         test: &'static str,
         lease: Duration,
+        release_idle: Duration,
     ) -> Option<(Site, &'static testbed::Testbed)> {
         let tb = testbed::for_test()?;
         if !require_tool("qemu-io", test) || !require_tool("rados", test) {
@@ -155,7 +166,7 @@ impl Site {
         let dir = tmp.0.as_ref().unwrap().path().to_path_buf();
         let (rpki, hpki) = enroll(&dir, HOST);
         let ports = [free_port(), free_port()];
-        let stores = ports.map(|p| store_table(tb, &namespace, p, lease));
+        let stores = ports.map(|p| store_table(tb, &namespace, p, lease, release_idle));
         let receivers = [
             Some(start_receiver(&dir, &rpki, ports[0], &stores[0])),
             Some(start_receiver(&dir, &rpki, ports[1], &stores[1])),
@@ -182,6 +193,7 @@ impl Site {
             tmp,
             namespace,
             rpki,
+            hpki,
             ports,
             stores,
             receivers,
@@ -355,7 +367,7 @@ fn a_receiver_stopped_cleanly_hands_its_group_over_without_waiting_for_the_lease
     // A lease far longer than a handover may take: the other receiver
     // applies long before the stopped one's lease could have expired.
     const LEASE: Duration = Duration::from_secs(60);
-    let Some((mut site, tb)) = Site::start_with_lease(TEST, LEASE) else {
+    let Some((mut site, tb)) = Site::start_with_lease(TEST, LEASE, Duration::from_secs(60)) else {
         return;
     };
     std::thread::sleep(Duration::from_secs(2));
@@ -379,5 +391,61 @@ fn a_receiver_stopped_cleanly_hands_its_group_over_without_waiting_for_the_lease
          {last} records, points {points:?} exact",
         took.as_secs_f64(),
         LEASE.as_secs()
+    );
+}
+
+#[test]
+fn a_group_without_a_shipper_session_is_let_go_after_release_idle() {
+    use tidemark_ceph::Cluster;
+    const TEST: &str = "a_group_without_a_shipper_session_is_let_go_after_release_idle";
+    const RELEASE_IDLE: Duration = Duration::from_secs(4);
+    // A lease far longer than the wait: only a release frees the lock.
+    let Some((mut site, tb)) = Site::start_with_lease(TEST, Duration::from_secs(60), RELEASE_IDLE)
+    else {
+        return;
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let owner = site.owner(tb);
+    let cluster = tb
+        .connect(&site.namespace, Duration::from_secs(30))
+        .unwrap();
+    let state = format!("{HOST}+default+state");
+    let holders = || {
+        cluster
+            .lockers(&state, tidemark_receiver::lease::LOCK_NAME)
+            .unwrap()
+            .len()
+    };
+    assert_eq!(holders(), 1, "the owner holds the group's lease");
+    // The host's shipper goes away (the writer goes on: the log grows).
+    site.shipper.take().unwrap().kill();
+    let gone = Instant::now();
+    while holders() != 0 {
+        assert!(
+            gone.elapsed() < RELEASE_IDLE + Duration::from_secs(20),
+            "the idle group's lease is still held {:?} after its shipper went away",
+            gone.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let released = gone.elapsed();
+    assert!(
+        released >= RELEASE_IDLE,
+        "let go after {released:?}, before release-idle"
+    );
+    // The shipper returns: the group is applied again, by either receiver.
+    site.shipper = Some(start_shipper(
+        site.dir(),
+        &site.log_dir,
+        &site.hpki,
+        site.ports,
+    ));
+    let from = site.address(owner);
+    let (batches, last, points) = site.finish(tb);
+    eprintln!(
+        "{TEST}: {from} let the group go {:.1} s after its shipper went away (release-idle {} s, lease 60 s); \
+         {batches} write batches, {last} records, points {points:?} exact",
+        released.as_secs_f64(),
+        RELEASE_IDLE.as_secs()
     );
 }
