@@ -248,6 +248,68 @@ fn a_clean_stop_hands_the_groups_over_at_once_and_a_crash_does_not() {
     check_points("after the crash", &g, &w);
 }
 
+/// A group is removed (a retired host) only under its lease: refused while
+/// another live receiver holds it; once that receiver let it go, every
+/// object and image of the group is gone, the registry no longer lists
+/// it, another group of the namespace is untouched, and a second remove
+/// finds nothing left to do.
+#[test]
+fn a_group_is_removed_whole_and_not_while_another_receiver_holds_it() {
+    use tidemark_receiver::store::StoreEngine;
+    let w = workload(6, 20);
+    let world = SimWorld::new();
+    let (a, _) = receiver(&world, "r1:7443");
+    let mut g = open(&a).unwrap();
+    run_to(&mut g, &w, w.ops.len());
+    let other = Name::from_static("other");
+    drop(a.open_group(&Name::from_static("h1"), &other).unwrap());
+    let (host, group) = names();
+    let (b, observer) = receiver(&world, "r2:7443");
+    assert_eq!(b.groups(&host).unwrap(), vec![group.clone(), other.clone()]);
+    assert!(
+        matches!(b.remove(&host, &group), Err(StoreError::OwnedElsewhere { owner: Some(o), .. }) if o == "r1:7443"),
+        "a group another receiver holds was removed"
+    );
+    assert!(b.exists(&host, &group));
+
+    drop(g);
+    a.release(&host, &group);
+    let journal = observer.omap("h1+g+dir", None, 1000).unwrap().entries;
+    assert!(!journal.is_empty(), "the workload wrote journal segments");
+    b.remove(&host, &group).unwrap();
+    assert!(!b.exists(&host, &group));
+    assert_eq!(b.groups(&host).unwrap(), vec![other.clone()]);
+    for (name, _) in journal {
+        assert!(
+            matches!(
+                observer.stat(&format!("h1+g+{name}")),
+                Err(CephError::NotFound { .. })
+            ),
+            "{name} is left"
+        );
+    }
+    for oid in [
+        "h1+g+state",
+        "h1+g+dir",
+        "h1+g+journal-index",
+        "h1+g+tf.pin",
+    ] {
+        assert!(
+            matches!(observer.stat(oid), Err(CephError::NotFound { .. })),
+            "{oid} is left"
+        );
+    }
+    for disk in specs() {
+        let image = format!("h1+g+disk-{}", disk.id.0);
+        assert!(
+            observer.image_open_read_only(&image).is_err(),
+            "{image} is left"
+        );
+    }
+    assert!(b.exists(&host, &other), "another group was touched");
+    b.remove(&host, &group).unwrap();
+}
+
 /// The takeover fences the previous owner before it opens anything: inside
 /// the open, the previous client is already refused by the cluster (even
 /// for objects, which no image lock protects), and the lock is ours.

@@ -132,6 +132,18 @@
 //! its `G+dir` key). A crash anywhere after the first step is finished by
 //! the next open, writing the same bytes again.
 //!
+//! # Remove
+//!
+//! A retired host's group is removed under its lease (taken as for an
+//! open, so its previous owner is fenced; refused while another live
+//! receiver holds it): the images of every disk the group or a point of
+//! it lists, the journal segments `G+dir` lists, `G+dir`, the journal
+//! index, the span floor and the pin, then the state object, and last its
+//! key in `tidemark+groups`. A crash part way leaves the state object (or
+//! the key): the next remove goes on from there; a missing object counts
+//! as removed. An image with a failover's protected snapshot (a clone
+//! depends on it) is refused by the cluster, and the remove with it.
+//!
 //! The pin (`G+tf.pin`) is read when retention chooses what to fold, as
 //! the local pin file is; a pin and a fold are not yet serialised by one
 //! guarded operation, so a reader pins before it reads, as locally.
@@ -497,6 +509,95 @@ impl<C: Cluster + 'static> CephEngine<C> {
         Ok(clones)
     }
 
+    /// Removes every object and image of `host`'s `group` (see the
+    /// module's Remove), under its lease if there are leases.
+    pub fn remove_group(&self, host: &Name, group: &Name) -> Result<(), StoreError> {
+        let Some(keeper) = &self.lease else {
+            return self.remove_objects(host, group);
+        };
+        let state = format!("{}state", prefix(host, group));
+        let removed = keeper
+            .take_over(&state, |_gate| self.remove_objects(host, group))
+            .map_err(|e| match e {
+                TakeoverError::Open(e) => e,
+                TakeoverError::OwnedElsewhere { owner } => StoreError::OwnedElsewhere {
+                    group: self.describe(host, group),
+                    owner,
+                },
+                TakeoverError::Lost(source) => StoreError::LeaseLost {
+                    group: self.describe(host, group),
+                    source,
+                },
+            });
+        // The lock went with the state object; nothing to renew.
+        keeper.release(&state);
+        removed
+    }
+
+    fn remove_objects(&self, host: &Name, group: &Name) -> Result<(), StoreError> {
+        let prefix = prefix(host, group);
+        let gone = |r: Result<(), CephError>| match r {
+            Ok(()) | Err(CephError::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e),
+        };
+        let failed = |context: &'static str| move |e| self.err(host, group, context, e);
+        // The disks of now and of every point: their images.
+        let mut disks = std::collections::BTreeSet::new();
+        match self.open_group_read_only(host, group) {
+            Ok(g) => {
+                disks.extend(g.disks().iter().map(|d| d.id));
+                for point in g.points() {
+                    disks.extend(g.disks_at(point.seq).iter().map(|d| d.id));
+                }
+            }
+            // Removed before, up to its registry key.
+            Err(StoreError::Damaged { .. }) if !self.exists(host, group) => {}
+            Err(e) => return Err(e),
+        }
+        for disk in disks {
+            gone(self.cluster.image_remove(&format!("{prefix}disk-{disk}")))
+                .map_err(failed("removing a disk image of"))?;
+        }
+        let dir = format!("{prefix}dir");
+        loop {
+            let page = match self.cluster.omap(&dir, None, 1024) {
+                Ok(page) => page,
+                Err(CephError::NotFound { .. }) => break,
+                Err(e) => return Err(self.err(host, group, "listing the journal of", e)),
+            };
+            if page.entries.is_empty() {
+                break;
+            }
+            for (name, _) in &page.entries {
+                gone(
+                    self.cluster
+                        .operate(&format!("{prefix}{name}"), &WriteOp::new().remove()),
+                )
+                .map_err(failed("removing a journal segment of"))?;
+            }
+            let keys = page.entries.into_iter().map(|(k, _)| k).collect();
+            gone(self.cluster.operate(&dir, &WriteOp::new().omap_rm(keys)))
+                .map_err(failed("unlisting the journal of"))?;
+        }
+        for name in [
+            "dir".to_owned(),
+            super::index::INDEX_FILE.to_owned(),
+            super::FLOOR_FILE.to_owned(),
+            format!("tf.{}", crate::pin::PIN_FILE),
+            "state".to_owned(),
+        ] {
+            gone(
+                self.cluster
+                    .operate(&format!("{prefix}{name}"), &WriteOp::new().remove()),
+            )
+            .map_err(failed("removing an object of"))?;
+        }
+        let unlisted = WriteOp::new().omap_rm(vec![format!("{host}+{group}")]);
+        gone(self.cluster.operate(GROUPS_OBJECT, &unlisted))
+            .map_err(failed("unlisting the group"))?;
+        Ok(())
+    }
+
     /// The state object's format check, and its epoch and commit counter.
     fn read_head(&self, host: &Name, group: &Name) -> Result<(u64, u64), StoreError> {
         let path = PathBuf::from(self.describe(host, group));
@@ -665,11 +766,8 @@ impl<C: Cluster + 'static> StoreEngine for CephEngine<C> {
         }))
     }
 
-    fn remove(&self, _host: &Name, _group: &Name) -> Result<(), StoreError> {
-        Err(StoreError::Unsupported {
-            engine: "ceph",
-            what: "remove a group",
-        })
+    fn remove(&self, host: &Name, group: &Name) -> Result<(), StoreError> {
+        self.remove_group(host, group)
     }
 }
 
