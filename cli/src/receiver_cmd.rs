@@ -75,9 +75,14 @@ pub(crate) struct SignArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct RetireArgs {
-    /// The receiver's data directory.
-    #[arg(long)]
-    data_dir: PathBuf,
+    /// The receiver's data directory (the local store).
+    #[arg(long, required_unless_present = "config", conflicts_with = "config")]
+    data_dir: Option<PathBuf>,
+    /// The receiver's configuration: its data directory and its store
+    /// (with the Ceph store, the host's groups are removed from the
+    /// cluster; refused while another receiver holds a group's lease).
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
     /// The host to retire.
     #[arg(long)]
     host: Name,
@@ -113,9 +118,15 @@ fn receiver_stopped(data_dir: &std::path::Path) -> Result<tidemark_changelog::Di
 
 fn retire(a: RetireArgs) -> Result<ExitCode> {
     use std::io::IsTerminal;
-    let _lock = receiver_stopped(&a.data_dir)?;
-    let engine = tidemark_receiver::store::LocalEngine::new(&a.data_dir);
-    let groups = tidemark_receiver::store::StoreEngine::groups(&engine, &a.host)?;
+    let store = match (&a.config, &a.data_dir) {
+        (Some(config), _) => crate::points_cmd::StoreArgs::of_config(config),
+        (None, Some(dir)) => crate::points_cmd::StoreArgs::local(dir),
+        (None, None) => bail!("give --data-dir or --config"),
+    };
+    let data_dir = store.receiver()?.data_dir;
+    let _lock = receiver_stopped(&data_dir)?;
+    let engine = store.engine()?;
+    let groups = engine.groups(&a.host)?;
     if !a.yes {
         if !std::io::stdin().is_terminal() {
             bail!(
@@ -141,8 +152,8 @@ fn retire(a: RetireArgs) -> Result<ExitCode> {
     }
     let now = i64::try_from(tidemark_changelog::now_ns() / 1_000_000_000).unwrap_or(0);
     let out = tidemark_receiver::retire::retire(
-        &a.data_dir,
-        &engine,
+        &data_dir,
+        engine.as_ref(),
         &a.host,
         a.keep.map(|k| k.get().as_secs()),
         now,

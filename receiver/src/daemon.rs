@@ -54,7 +54,7 @@ pub fn group_dir(data_dir: &Path, host: &Name, group: &Name) -> PathBuf {
 
 struct Server {
     /// Where the groups' replica stores are.
-    engine: Box<dyn StoreEngine>,
+    engine: Arc<dyn StoreEngine>,
     /// The data directory: drain requests and answers are in its group
     /// directories.
     data_dir: PathBuf,
@@ -519,8 +519,9 @@ pub async fn run(
         stop.clone(),
     )
     .map_err(|e| ReceiverFatal::Setup(format!("span: {e}")))?;
-    let engine = crate::store::open_engine(&cfg, "receiver")
-        .map_err(|e| ReceiverFatal::Setup(format!("store: {}", error_chain(&e))))?;
+    let engine: Arc<dyn StoreEngine> = crate::store::open_engine(&cfg, "receiver")
+        .map_err(|e| ReceiverFatal::Setup(format!("store: {}", error_chain(&e))))?
+        .into();
     let server = Arc::new(Server {
         engine,
         data_dir: cfg.data_dir.clone(),
@@ -576,11 +577,8 @@ pub async fn run(
         }
         None => None,
     };
-    crate::retire::start_purging(
-        Box::new(LocalEngine::new(&cfg.data_dir)),
-        cfg.data_dir.clone(),
-        stop.clone(),
-    );
+    // The replicas of retired hosts go from the receiver's own store.
+    crate::retire::start_purging(server.engine.clone(), cfg.data_dir.clone(), stop.clone());
     if let Some(after) = cfg
         .store
         .ceph()

@@ -271,7 +271,7 @@ const PURGE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 /// Removes the replicas of retired hosts when their time is up: now and
 /// every [`PURGE_EVERY`] until `stop`.
 pub(crate) fn start_purging(
-    engine: Box<dyn StoreEngine>,
+    engine: std::sync::Arc<dyn StoreEngine>,
     data_dir: PathBuf,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {

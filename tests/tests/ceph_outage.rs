@@ -14,7 +14,8 @@
 //! equals the replay of the log up to it. `tidemark status --config`
 //! shows the group's owner and lease from the cluster, and the degraded
 //! state with its reason during the outage (from the receiver on this
-//! node, as the cluster answers status neither).
+//! node, as the cluster answers status neither). At the end `tidemark
+//! receiver retire --config` removes the host's group from the cluster.
 //!
 //! Needs Ceph (skips with a message without `ceph-mon`, unless `CI` is
 //! set), a testbed this process started (its OSD's pid file), qemu-io and
@@ -320,6 +321,40 @@ fn a_cluster_outage_degrades_the_receiver_and_replication_resumes_by_itself() {
     drop(receiver);
     let points = check_group(tb, &namespace, HOST, &image, &log_dir, last);
     drop(tracker);
+
+    // Retiring the host removes its group from the cluster, once the
+    // killed receiver's lease expired (refused before: it might be alive).
+    let retiring = Instant::now();
+    loop {
+        let out = tidemark_e2e::tidemark()
+            .args(["receiver", "retire", "--yes", "--host", HOST, "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break;
+        }
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            retiring.elapsed() < Duration::from_secs(30),
+            "retire --config failed for 30 s: {said}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let engine = tidemark_receiver::store::ceph::CephEngine::new(
+        tb.connect(&namespace, Duration::from_secs(30)).unwrap(),
+        "ceph_outage",
+    );
+    let (host, group) = (
+        tidemark_names::Name::from_static(HOST),
+        tidemark_names::Name::from_static("default"),
+    );
+    use tidemark_receiver::store::StoreEngine;
+    assert!(
+        !engine.exists(&host, &group),
+        "the retired host's group is left"
+    );
+    assert!(engine.groups(&host).unwrap().is_empty());
     eprintln!(
         "{TEST}: degraded {:.1} s into the {} s outage; {batches_during} write batches and {log_during} records \
          meanwhile, none acknowledged; applying again {:.1} s after the cluster resumed; \
