@@ -17,7 +17,10 @@
 //! And a receiver that owns the group is stopped cleanly (SIGTERM): it lets
 //! the group go, and the other applies it long before the stopped one's
 //! lease (60 s there) could have expired. And a group whose shipper went
-//! away is let go (unlocked) after `release-idle`.
+//! away is let go (unlocked) after `release-idle`. And four hosts spread
+//! over the two receivers by rendezvous: the one owning the first host's
+//! group is killed, every group ends applied by the other, every replica
+//! and point exact.
 //!
 //! Needs Ceph (skips with a message without `ceph-mon`, unless `CI` is
 //! set) and qemu-io; run with `--features ceph` (scripts/test.sh does).
@@ -447,5 +450,202 @@ fn a_group_without_a_shipper_session_is_let_go_after_release_idle() {
          {batches} write batches, {last} records, points {points:?} exact",
         released.as_secs_f64(),
         RELEASE_IDLE.as_secs()
+    );
+}
+
+/// One more host enrolled with the receivers' CA: its PKI directory.
+fn enroll_another(dir: &Path, rpki: &Path, host: &str) -> PathBuf {
+    let hpki = dir.join(format!("{host}-pki"));
+    tidemark_e2e::replication::run_ok(
+        tidemark_e2e::tidemark()
+            .args(["host", "request", "--host", host, "--pki-dir"])
+            .arg(&hpki),
+    );
+    tidemark_e2e::replication::run_ok(
+        tidemark_e2e::tidemark()
+            .args(["receiver", "sign", "--pki-dir"])
+            .arg(rpki)
+            .args(["--host", host, "--csr"])
+            .arg(hpki.join("host.csr"))
+            .arg("--out")
+            .arg(hpki.join("host.crt")),
+    );
+    fs::copy(rpki.join("ca.crt"), hpki.join("ca.crt")).unwrap();
+    hpki
+}
+
+/// The owner a group's state object records (`rados getxattr`).
+fn owner_of(tb: &testbed::Testbed, namespace: &str, host: &str) -> Option<String> {
+    let out = Command::new("rados")
+        .arg("-c")
+        .arg(&tb.conf)
+        .args(["-p", &tb.pool, "-N", namespace, "getxattr"])
+        .arg(format!("{host}+default+state"))
+        .arg("owner")
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        .filter(|o| !o.is_empty())
+}
+
+#[test]
+fn four_hosts_spread_over_two_receivers_move_to_the_survivor_when_one_is_killed() {
+    const TEST: &str =
+        "four_hosts_spread_over_two_receivers_move_to_the_survivor_when_one_is_killed";
+    const HOSTS: [&str; 4] = [
+        "h0.example.test",
+        "h1.example.test",
+        "h2.example.test",
+        "h3.example.test",
+    ];
+    let Some(tb) = testbed::for_test() else {
+        return;
+    };
+    if !require_tool("qemu-io", TEST) || !require_tool("rados", TEST) {
+        return;
+    }
+    let started = Instant::now();
+    let namespace = format!("four-hosts-{}", std::process::id());
+    let tmp = KeepOnPanic(Some(tempfile::tempdir().unwrap()), TEST);
+    let dir = tmp.0.as_ref().unwrap().path().to_path_buf();
+    let (rpki, first) = enroll(&dir, HOSTS[0]);
+    let ports = [free_port(), free_port()];
+    let mut receivers = ports.map(|p| {
+        let store = store_table(
+            tb,
+            &namespace,
+            p,
+            Duration::from_secs(3),
+            Duration::from_secs(60),
+        );
+        Some(start_receiver(&dir, &rpki, p, &store))
+    });
+    struct Host {
+        image: PathBuf,
+        tracker: TrackerProcess,
+        shipper: Daemon,
+        dir: PathBuf,
+    }
+    let hosts: Vec<Host> = HOSTS
+        .iter()
+        .map(|&name| {
+            let hdir = dir.join(name);
+            fs::create_dir_all(&hdir).unwrap();
+            let hpki = if name == HOSTS[0] {
+                first.clone()
+            } else {
+                enroll_another(&dir, &rpki, name)
+            };
+            let image = hdir.join("disk.img");
+            fs::File::create(&image).unwrap().set_len(SIZE).unwrap();
+            let tracker = TrackerProcess::start(
+                &hdir,
+                &image,
+                &["--segment-size", "256MiB", "--log-size-limit", "512MiB"],
+            );
+            let config = hdir.join("shipper.toml");
+            fs::write(
+                &config,
+                format!(
+                    "[shipper]\nhost = \"{name}\"\nreceivers = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\n\
+                     log-dir = \"{}\"\ncontrol-socket = \"{}\"\n\
+                     [shipper.tls]\nca = \"{h}/ca.crt\"\ncert = \"{h}/host.crt\"\nkey = \"{h}/host.key\"\n\
+                     [shipper.retry]\ninitial-backoff = \"100ms\"\nmax-backoff = \"1s\"\n",
+                    ports[0],
+                    ports[1],
+                    tracker.log_dir.display(),
+                    hdir.join("shipper.ctl").display(),
+                    h = hpki.display()
+                ),
+            )
+            .unwrap();
+            let shipper = Daemon::new(
+                tidemark_e2e::tidemark()
+                    .args(["shipper", "run", "--config"])
+                    .arg(&config)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(fs::File::create(hdir.join("shipper.log")).unwrap())
+                    .spawn()
+                    .unwrap(),
+                "shipper",
+            );
+            Host {
+                image,
+                tracker,
+                shipper,
+                dir: hdir,
+            }
+        })
+        .collect();
+    for h in &hosts {
+        wait_caught_up(&h.dir, &h.tracker.log_dir, Duration::from_secs(120));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = hosts
+        .iter()
+        .map(|h| {
+            let (uri, stop) = (h.tracker.uri(), stop.clone());
+            std::thread::spawn(move || writer(uri, stop, Arc::new(AtomicU64::new(0))))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    let address = |i: usize| format!("127.0.0.1:{}", ports[i]);
+    let owners: Vec<String> = HOSTS
+        .iter()
+        .map(|h| owner_of(tb, &namespace, h).expect("every group has an owner"))
+        .collect();
+    let per_receiver = [0, 1].map(|i| owners.iter().filter(|o| **o == address(i)).count());
+    // The receiver that owns the first host's group is killed.
+    let victim = (0..2).find(|&i| owners[0] == address(i)).unwrap();
+    let survivor = address(1 - victim);
+    let before: Vec<u64> = hosts.iter().map(|h| durable(&h.tracker.log_dir)).collect();
+    let killed = Instant::now();
+    receivers[victim].take().unwrap().kill();
+    loop {
+        let moved = HOSTS.iter().zip(&hosts).zip(&before).all(|((name, h), b)| {
+            owner_of(tb, &namespace, name).as_deref() == Some(survivor.as_str())
+                && durable(&h.tracker.log_dir) > *b
+        });
+        if moved {
+            break;
+        }
+        assert!(
+            killed.elapsed() < TAKEOVER_BOUND,
+            "not every group moved to {survivor} within {TAKEOVER_BOUND:?}: owners {:?}",
+            HOSTS.map(|h| owner_of(tb, &namespace, h))
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let moved_after = killed.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let batches: u64 = writers.into_iter().map(|w| w.join().unwrap()).sum();
+    let lasts: Vec<u64> = hosts
+        .iter()
+        .map(|h| {
+            wait_caught_up(&h.dir, &h.tracker.log_dir, Duration::from_secs(120))["durable_seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    let mut checked = Vec::new();
+    for (h, last) in hosts.into_iter().zip(&lasts) {
+        drop(h.shipper);
+        checked.push((h.tracker, h.image, *last));
+    }
+    for r in receivers.iter_mut() {
+        drop(r.take());
+    }
+    let mut points = 0;
+    for ((tracker, image, last), name) in checked.iter().zip(HOSTS) {
+        points += check_group(tb, &namespace, name, image, &tracker.log_dir, *last).len();
+    }
+    eprintln!(
+        "{TEST}: groups per receiver before {per_receiver:?}; {} killed; all four applied by {survivor} \
+         after {:.1} s; {batches} write batches, records {lasts:?}, {points} points exact; {:.1} s",
+        address(victim),
+        moved_after.as_secs_f64(),
+        started.elapsed().as_secs_f64()
     );
 }
