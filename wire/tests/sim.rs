@@ -354,6 +354,7 @@ impl Replica for MemReplica<'_> {
                 }
             }
             Kind::Barrier | Kind::Marker => {}
+            Kind::Grow => panic!("the simulated source never grows a disk"),
         }
         self.work.1.durable_seq = h.seq;
         self.work.1.generation = h.generation;
