@@ -71,8 +71,11 @@
 //!
 //! # Disks that grow
 //!
-//! A disk announced larger than the group knows it grows in place
-//! ([`ReplicaGroup::ensure_disks`]): everything applied is committed, the
+//! A disk grows where the log's grow record lies (applying it), or when
+//! the shipper's hello announces it larger than the group knows it
+//! ([`ReplicaGroup::ensure_disks`]; a grow record to that size after it
+//! then changes nothing). Either way it grows in place: everything
+//! applied is committed, the
 //! image is made the new size (a sparse file's `set_len`; on Ceph an RBD
 //! resize through the cluster seam) and synced, and the state file notes a
 //! *disk change*: the disk, the last record applied before the growth and
