@@ -481,8 +481,9 @@ fn a_grow_record_grows_the_disk_after_the_record_before_it() {
     ));
     g.apply_record(&record(&Entry::grow(d0, old, new, now), 4, 0))
         .unwrap();
-    // What came before the record is committed with the growth after it.
-    assert_eq!(g.position().durable_seq, Seq(3));
+    // What came before the record is committed, then the record with the
+    // growth after record 3.
+    assert_eq!(g.position().durable_seq, Seq(4));
     assert_eq!(
         g.position().state,
         GroupState::Resyncing {
@@ -498,11 +499,17 @@ fn a_grow_record_grows_the_disk_after_the_record_before_it() {
     g.resync_done(d0, old, new - old).unwrap();
     g.apply_record(&record(&Entry::barrier(now), 6, 0)).unwrap();
     assert_eq!(g.commit().unwrap().state, GroupState::Consistent);
-    // Again, and smaller: nothing, and refused.
+    // Again: nothing but the record; a crash after it: a duplicate;
+    // smaller: refused.
     assert_eq!(
         g.apply_record(&record(&Entry::grow(d0, old, new, now), 7, 0))
             .unwrap(),
         Applied::Done
+    );
+    assert_eq!(
+        g.apply_record(&record(&Entry::grow(d0, old, new, now), 7, 0))
+            .unwrap(),
+        Applied::Duplicate
     );
     assert!(matches!(
         g.apply_record(&record(&Entry::grow(d0, 4096, old, now), 8, 0)),

@@ -1130,14 +1130,22 @@ impl<D: LogDir> ReplicaGroup<D> {
         Ok(())
     }
 
-    /// A grow record: the disk is `size` bytes from it on. Everything
-    /// applied before it is committed, then the disk grows as
-    /// [`ensure_disks`](Self::ensure_disks) grows it, after the record
-    /// before this one: the points up to there keep the old size, the grown
-    /// part waits for a resync. A disk already that large (the shipper's
-    /// hello announced the size, or the record comes again after a crash)
-    /// is left as it is; a smaller size is refused as a shrink.
-    fn grow_at_record(&mut self, disk: DiskId, size: u64) -> Result<(), StoreError> {
+    /// The grow record `seq` of `generation`: the disk is `size` bytes
+    /// from it on. Everything applied before it is committed, then the
+    /// disk grows as [`ensure_disks`](Self::ensure_disks) grows it, after
+    /// the record before this one (the points up to there keep the old
+    /// size, the grown part waits for a resync), and the record is
+    /// committed with the growth: one state file names both, so a crash
+    /// leaves the group before the record or past it. A disk already that
+    /// large (the shipper's hello announced the size) is left as it is; a
+    /// smaller size is refused as a shrink.
+    fn grow_at_record(
+        &mut self,
+        disk: DiskId,
+        size: u64,
+        seq: Seq,
+        generation: u32,
+    ) -> Result<(), StoreError> {
         let Some(d) = self.cur.disk(disk) else {
             return Err(StoreError::UnknownDisk(disk));
         };
@@ -1150,14 +1158,16 @@ impl<D: LogDir> ReplicaGroup<D> {
                 ),
             });
         }
-        if d.size == size {
-            return Ok(());
+        if d.size < size {
+            if self.dirty {
+                self.commit()?;
+            }
+            self.grow(&[(disk, size)])?;
         }
-        if self.dirty {
-            self.commit()?;
-        }
-        self.grow(&[(disk, size)])?;
-        self.write_state(self.durable.clone(), None)
+        self.cur.seq = seq;
+        self.cur.generation = generation;
+        self.dirty = true;
+        self.commit().map(|_| ())
     }
 
     /// Makes a new, empty group hold these disks from existing images
@@ -1266,8 +1276,15 @@ impl<D: LogDir> ReplicaGroup<D> {
             return Err(StoreError::ChecksumMismatch { seq });
         }
         if h.kind == Kind::Grow {
-            self.grow_at_record(disk_id, h.offset.saturating_add(h.length))?;
-        } else if !matches!(h.kind, Kind::Barrier | Kind::Marker) {
+            self.grow_at_record(
+                disk_id,
+                h.offset.saturating_add(h.length),
+                seq,
+                h.generation,
+            )?;
+            return Ok(Applied::Done);
+        }
+        if !matches!(h.kind, Kind::Barrier | Kind::Marker) {
             self.check_extent(disk_id, h.offset, h.length)?;
         }
         let no_hole = h.flags & FLAG_NO_HOLE != 0;
@@ -1288,7 +1305,7 @@ impl<D: LogDir> ReplicaGroup<D> {
                     self.poison_on(written.map_err(io_err("journaling a point in", &path)))?;
                 }
             }
-            // Done above, before the record counts as applied.
+            // Applied above, on its own.
             Kind::Grow => {}
             Kind::ResyncNeeded => {
                 let mode = self.cur.mode;
