@@ -9,9 +9,10 @@
 //!  offset size field
 //!  ------ ---- ---------------------------------------------------------------
 //!       0    4 magic        "TMRC" (54 4d 52 43)
-//!       4    1 version      2 (1 is still read, see below)
+//!       4    1 version      2, or 3 for a grow record (1 is still read,
+//!                           see below)
 //!       5    1 kind         1 write, 2 write-zeroes, 3 trim, 4 barrier,
-//!                           5 marker, 6 resync-needed
+//!                           5 marker, 6 resync-needed, 7 grow
 //!       6    2 flags        bit 0 app-consistent (marker only)
 //!                           bit 1 no-hole (write-zeroes only)
 //!       8    8 seq          sequence number: strictly increasing, gap-free
@@ -47,17 +48,28 @@
 //! - **resync-needed**: the extent may differ from what the log says (an
 //!   unclean stop, or writes that were not logged); it must be re-read from
 //!   the source. It touches no disk by itself.
+//! - **grow**: the disk grew: `offset` is its size before, `length` the
+//!   bytes added (non-zero), so its size is `offset + length` from this
+//!   record on. Records before it lie within the old size; records after
+//!   it may reach into the grown part, whose content before them is the
+//!   source's (an extended volume's old blocks, or zeroes): it must be
+//!   re-read from the source like a resync-needed extent.
 //!
 //! # Versions
 //!
 //! - **1**: as above, but a barrier's offset must be 0 (no watermark).
 //! - **2**: a barrier carries durable-upto in its offset field.
+//! - **3**: adds the grow kind, which exists only in version 3.
 //!
 //! Readers accept every version from [`MIN_RECORD_VERSION`] to
-//! [`RECORD_VERSION`]; a record keeps the version it was written with for
-//! its whole life (the log, the wire, the receiver re-encode it with
-//! [`Record::encode`], never as a newer version), so its checksum is the
-//! one it was created with. Writers write [`RECORD_VERSION`]. A log holding
+//! [`LATEST_RECORD_VERSION`]; a record keeps the version it was written
+//! with for its whole life (the log, the wire, the receiver re-encode it
+//! with [`Record::encode`], never as a newer version), so its checksum is
+//! the one it was created with. Writers write [`RECORD_VERSION`], and a
+//! kind that a later version added in that version ([`Kind::min_version`]):
+//! a log without a growth holds exactly what the releases before version 3
+//! wrote and read, and one with a growth is refused by them at the grow
+//! record by its version, not misread. A log holding
 //! version-1 records is read in place, no migration; its version-1 barriers
 //! give no watermark ([`Header::durable_upto`] is `None`). A later version
 //! adds fields or kinds; readers refuse versions above theirs by name
@@ -72,8 +84,12 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 pub const HEADER_LEN: usize = 56;
 /// First bytes of every record.
 pub const RECORD_MAGIC: [u8; 4] = *b"TMRC";
-/// The record format version this code writes.
+/// The record format version this code writes for every kind that version
+/// has (a later kind is written in the version that added it).
 pub const RECORD_VERSION: u8 = 2;
+/// The newest record format version this code reads (and writes a grow
+/// record in).
+pub const LATEST_RECORD_VERSION: u8 = 3;
 /// The oldest record format version this code reads.
 pub const MIN_RECORD_VERSION: u8 = 1;
 /// The largest payload a record may carry (a write of up to 64 MiB).
@@ -112,6 +128,8 @@ pub enum Kind {
     Marker,
     /// An extent whose content must be re-read from the source.
     ResyncNeeded,
+    /// The disk grew (record version 3 and later).
+    Grow,
 }
 
 impl Kind {
@@ -124,6 +142,7 @@ impl Kind {
             Kind::Barrier => 4,
             Kind::Marker => 5,
             Kind::ResyncNeeded => 6,
+            Kind::Grow => 7,
         }
     }
 
@@ -136,6 +155,7 @@ impl Kind {
             4 => Kind::Barrier,
             5 => Kind::Marker,
             6 => Kind::ResyncNeeded,
+            7 => Kind::Grow,
             _ => return None,
         })
     }
@@ -149,7 +169,23 @@ impl Kind {
             Kind::Barrier => "barrier",
             Kind::Marker => "marker",
             Kind::ResyncNeeded => "resync-needed",
+            Kind::Grow => "grow",
         }
+    }
+
+    /// The first record format version that has this kind, and the one a
+    /// record of it is written in when that is newer than
+    /// [`RECORD_VERSION`].
+    pub fn min_version(self) -> u8 {
+        match self {
+            Kind::Grow => 3,
+            _ => MIN_RECORD_VERSION,
+        }
+    }
+
+    /// The version a new record of this kind is written in.
+    pub fn write_version(self) -> u8 {
+        self.min_version().max(RECORD_VERSION)
     }
 }
 
@@ -252,6 +288,20 @@ impl<'a> Entry<'a> {
         }
     }
 
+    /// `disk` grew from `from` to `to` bytes (`to` must be larger: the
+    /// entry does not validate otherwise).
+    pub fn grow(disk: impl Into<DiskId>, from: u64, to: u64, timestamp_ns: u64) -> Self {
+        Entry {
+            kind: Kind::Grow,
+            flags: 0,
+            disk: disk.into(),
+            offset: from,
+            length: to.saturating_sub(from),
+            timestamp_ns,
+            payload: &[],
+        }
+    }
+
     /// An extent of `disk` that must be re-read from the source.
     pub fn resync_needed(
         disk: impl Into<DiskId>,
@@ -281,7 +331,7 @@ impl<'a> Entry<'a> {
         let payload_len = u32::try_from(self.payload.len())
             .map_err(|_| DecodeError::PayloadTooLarge(u32::MAX))?;
         check_semantics(
-            RECORD_VERSION,
+            self.kind.write_version(),
             self.kind,
             self.flags,
             self.disk,
@@ -292,8 +342,8 @@ impl<'a> Entry<'a> {
         )
     }
 
-    /// Encodes the header for this entry, as a record of the current
-    /// version, with its sequence number and generation; the CRC covers
+    /// Encodes the header for this entry, as a record of the version its
+    /// kind is written in ([`Kind::write_version`]), with its sequence number and generation; the CRC covers
     /// `self.payload`, which follows the header. (A barrier's offset is its
     /// durable-upto: the log fills it in.)
     pub fn encode_header(&self, seq: impl Into<Seq>, generation: u32) -> [u8; HEADER_LEN] {
@@ -318,7 +368,13 @@ impl<'a> Entry<'a> {
         generation: u32,
         payload_crc: u32,
     ) -> [u8; HEADER_LEN] {
-        encode_header(RECORD_VERSION, self, seq, generation, payload_crc)
+        encode_header(
+            self.kind.write_version(),
+            self,
+            seq,
+            generation,
+            payload_crc,
+        )
     }
 
     /// Encodes header and payload into one buffer.
@@ -439,7 +495,7 @@ impl Header {
             return Err(DecodeError::BadMagic);
         }
         let version = h.version;
-        if !(MIN_RECORD_VERSION..=RECORD_VERSION).contains(&version) {
+        if !(MIN_RECORD_VERSION..=LATEST_RECORD_VERSION).contains(&version) {
             return Err(DecodeError::UnsupportedVersion(version));
         }
         let kind = Kind::from_code(h.kind).ok_or(DecodeError::UnknownKind(h.kind))?;
@@ -616,13 +672,21 @@ impl Record {
     /// newer format: a record already at or below `version` is unchanged;
     /// a version-2 barrier becomes a version-1 one without its durable-upto
     /// (a watermark only the log's own recovery reads). Its checksum is
-    /// recomputed over the new header.
+    /// recomputed over the new header. A kind that `version` does not
+    /// have (a grow record for a version-2 peer) has no such form:
+    /// [`DecodeError::KindNotInVersion`].
     pub fn in_version(mut self, version: u8) -> Result<Record, DecodeError> {
         if self.header.version <= version {
             return Ok(self);
         }
         if version < MIN_RECORD_VERSION {
             return Err(DecodeError::UnsupportedVersion(version));
+        }
+        if self.header.kind.min_version() > version {
+            return Err(DecodeError::KindNotInVersion {
+                kind: self.header.kind.name(),
+                version,
+            });
         }
         if version < 2 && self.header.kind == Kind::Barrier {
             self.header.offset = 0;
@@ -762,6 +826,16 @@ pub enum DecodeError {
     /// The kind byte stands for no known kind.
     #[error("unknown record kind {0}")]
     UnknownKind(u8),
+    /// A record cannot be given the form of an older version that does not
+    /// have its kind ([`Record::in_version`]): a peer of that version
+    /// cannot take it.
+    #[error("a {kind} record has no form in record version {version}")]
+    KindNotInVersion {
+        /// The record's kind.
+        kind: &'static str,
+        /// The version asked for.
+        version: u8,
+    },
     /// The announced payload is larger than any record may carry.
     #[error("payload of {0} bytes exceeds the maximum")]
     PayloadTooLarge(u32),
@@ -818,6 +892,9 @@ fn check_semantics(
     if flags & !allowed_flags != 0 {
         return bad("flag not allowed for this kind");
     }
+    if version < kind.min_version() {
+        return bad("the kind does not exist in the record's version");
+    }
     match kind {
         Kind::Write => {
             if length == 0 || length != u64::from(payload_len) {
@@ -827,7 +904,7 @@ fn check_semantics(
                 return bad("a write needs a disk");
             }
         }
-        Kind::WriteZeroes | Kind::Trim | Kind::ResyncNeeded => {
+        Kind::WriteZeroes | Kind::Trim | Kind::ResyncNeeded | Kind::Grow => {
             if payload_len != 0 || length == 0 {
                 return bad("needs a non-zero length and no payload");
             }
@@ -1190,10 +1267,10 @@ mod tests {
     #[test]
     fn a_newer_version_is_refused_by_number() {
         let mut bytes = Entry::barrier(1).encode(Seq(1), 0);
-        bytes[4] = RECORD_VERSION + 1;
+        bytes[4] = LATEST_RECORD_VERSION + 1;
         assert_eq!(
             Record::decode(&bytes),
-            Err(DecodeError::UnsupportedVersion(RECORD_VERSION + 1))
+            Err(DecodeError::UnsupportedVersion(LATEST_RECORD_VERSION + 1))
         );
         bytes[4] = 0;
         assert_eq!(
@@ -1219,6 +1296,55 @@ mod tests {
             (Kind::Write, Seq(9), 2, crc)
         );
         assert_eq!(header.verify(&expected, payload), Ok(()));
+    }
+
+    /// A growth is a record of its own, in version 3, the only version
+    /// that has its kind: every other kind is still written in version 2,
+    /// so a log without a growth reads as before in earlier releases, and
+    /// one with a growth is refused by them at that record by its
+    /// version (they read versions 1 and 2 only).
+    #[test]
+    fn a_grow_record_is_version_3_and_has_no_older_form() {
+        let entry = Entry::grow(DiskId(1), 16 << 20, 40 << 20, 7);
+        assert_eq!(entry.validate(), Ok(()));
+        let bytes = entry.encode(Seq(5), 1);
+        assert_eq!((bytes[4], bytes[5]), (3, 7));
+        let record = Record::decode(&bytes).unwrap();
+        assert_eq!(
+            (
+                record.header.kind,
+                record.header.offset,
+                record.header.length
+            ),
+            (Kind::Grow, 16 << 20, 24 << 20)
+        );
+        assert_eq!(record.encode(), bytes);
+        assert_eq!(Entry::barrier(1).encode(Seq(1), 0)[4], RECORD_VERSION);
+        assert_eq!(
+            record.clone().in_version(2),
+            Err(DecodeError::KindNotInVersion {
+                kind: "grow",
+                version: 2
+            })
+        );
+        assert_eq!(record.clone().in_version(3), Ok(record));
+        // The kind byte in an older version is a writer's mistake, refused
+        // even with a checksum that holds.
+        let mut old = bytes.clone();
+        old[4] = 2;
+        let crc = crc32c::crc32c(&old[..CRC_AT]);
+        old[CRC_AT..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(
+            Record::decode(&old),
+            Err(DecodeError::Inconsistent { kind: "grow", .. })
+        ));
+    }
+
+    #[test]
+    fn a_growth_must_add_bytes_to_a_disk() {
+        assert!(Entry::grow(DiskId(1), 4096, 4096, 0).validate().is_err());
+        assert!(Entry::grow(DiskId(1), 8192, 4096, 0).validate().is_err());
+        assert!(Entry::grow(DiskId::GROUP, 0, 4096, 0).validate().is_err());
     }
 
     #[test]

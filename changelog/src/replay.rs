@@ -233,6 +233,9 @@ pub fn apply<'a>(
             summary.bytes += h.length;
         }
         Kind::ResyncNeeded => summary.resync_needed.push((h.offset, h.length)),
+        // What the grown part held before the writes after it is the
+        // source's, not in the log: like a resync-needed extent.
+        Kind::Grow => summary.resync_needed.push((h.offset, h.length)),
     }
     Ok(())
 }

@@ -11,7 +11,7 @@ use crate::checksums::{fix_records, fix_segment_header};
 use crate::input::{Input, Output};
 use std::collections::BTreeMap;
 use std::io;
-use tidemark_changelog::record::{Entry, Header, Record, RECORD_VERSION};
+use tidemark_changelog::record::{Entry, Header, Record};
 use tidemark_changelog::replay::{self, ReplayTarget, StopAt};
 use tidemark_changelog::segment::{segment_name, SegmentHeader, SEGMENT_HEADER_LEN};
 use tidemark_changelog::{
@@ -47,7 +47,7 @@ pub fn record(data: &[u8]) {
             // A record keeps the format version it was written with.
             let encoded = record.encode();
             assert_eq!(encoded[..], bytes[..record.header.record_len()]);
-            if record.header.version == RECORD_VERSION {
+            if record.header.version == record.header.kind.write_version() {
                 let again = entry.encode(record.header.seq, record.header.generation);
                 assert_eq!(again, encoded);
             }

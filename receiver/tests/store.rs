@@ -456,6 +456,82 @@ fn ensure_disks_refuses_changed_disks_and_keeps_known_ones() {
 /// after it the new one, also after a reopen; the state file is version 3
 /// while a point before the growth is kept, and version 2 again once
 /// retention folded them all.
+/// A grow record of the log grows the disk where it lies: the records
+/// before it (a point among them) keep the old size, the records after it
+/// reach into the grown part, once resynced. The same record again (a
+/// crash before the next commit, or a hello that announced the size
+/// first) changes nothing; a smaller size is refused as a shrink.
+#[test]
+fn a_grow_record_grows_the_disk_after_the_record_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = consistent_group(dir.path());
+    let d0 = disk_id(0);
+    let old = SIZES[0];
+    let new = old + (1 << 20);
+    let now = tidemark_changelog::now_ns();
+    g.apply_record(&record(&Entry::write(d0, old - 4096, &[7; 4096], 0), 1, 0))
+        .unwrap();
+    g.apply_record(&record(&Entry::barrier(now), 2, 0)).unwrap();
+    g.apply_record(&record(&Entry::write(d0, 0, &[3; 512], 0), 3, 0))
+        .unwrap();
+    // Beyond the old end before the growth: refused.
+    assert!(matches!(
+        g.apply_record(&record(&Entry::write(d0, old, &[1; 512], 0), 4, 0)),
+        Err(StoreError::OutOfRange { .. })
+    ));
+    g.apply_record(&record(&Entry::grow(d0, old, new, now), 4, 0))
+        .unwrap();
+    // What came before the record is committed, then the record with the
+    // growth after record 3.
+    assert_eq!(g.position().durable_seq, Seq(4));
+    assert_eq!(
+        g.position().state,
+        GroupState::Resyncing {
+            pending: vec![Extent {
+                disk: d0,
+                offset: old,
+                length: new - old
+            }]
+        }
+    );
+    g.apply_record(&record(&Entry::write(d0, old, &[9; 4096], 0), 5, 0))
+        .unwrap();
+    g.resync_done(d0, old, new - old).unwrap();
+    g.apply_record(&record(&Entry::barrier(now), 6, 0)).unwrap();
+    assert_eq!(g.commit().unwrap().state, GroupState::Consistent);
+    // Again: nothing but the record; a crash after it: a duplicate;
+    // smaller: refused.
+    assert_eq!(
+        g.apply_record(&record(&Entry::grow(d0, old, new, now), 7, 0))
+            .unwrap(),
+        Applied::Done
+    );
+    assert_eq!(
+        g.apply_record(&record(&Entry::grow(d0, old, new, now), 7, 0))
+            .unwrap(),
+        Applied::Duplicate
+    );
+    assert!(matches!(
+        g.apply_record(&record(&Entry::grow(d0, 4096, old, now), 8, 0)),
+        Err(StoreError::BadDisk { .. })
+    ));
+    drop(g);
+    let g = ReplicaGroup::open(dir.path()).unwrap();
+    let size_of = |disks: Vec<Disk>| disks.iter().find(|d| d.id == d0).unwrap().size;
+    assert_eq!(size_of(g.disks_at(Seq(2))), old);
+    assert_eq!(size_of(g.disks_at(Seq(6))), new);
+    let mut buf = vec![0u8; 4096];
+    g.view(Some(Seq(6)))
+        .unwrap()
+        .read(d0, old, &mut buf)
+        .unwrap();
+    assert_eq!(buf, vec![9u8; 4096]);
+    assert!(matches!(
+        g.view(Some(Seq(2))).unwrap().read(d0, old, &mut buf),
+        Err(StoreError::OutOfRange { .. })
+    ));
+}
+
 #[test]
 fn a_grown_disk_keeps_older_points_at_their_size() {
     let dir = tempfile::tempdir().unwrap();

@@ -1229,12 +1229,16 @@ impl Connection<'_> {
                     offset,
                     source,
                 };
+                // A grow record since the hello makes the disk larger.
+                let size = core.disk_size(disk).unwrap_or(src.disk.size);
                 let data = match purpose {
                     // Read on a blocking thread; the core gets it in the
                     // order asked for (see `answer_read`).
                     ChunkPurpose::InitialSync => {
+                        self.opened
+                            .retain(|(id, d)| *id != disk || d.size() == size);
                         if !self.opened.iter().any(|(id, _)| *id == disk) {
-                            let d = SourceDisk::open(&src.path, src.disk.size).map_err(fail)?;
+                            let d = SourceDisk::open(&src.path, size).map_err(fail)?;
                             self.opened.push((disk, Arc::new(d)));
                         }
                         let (_, source) = self
@@ -1264,8 +1268,7 @@ impl Connection<'_> {
                     // written to the disk.
                     ChunkPurpose::Resync => ChunkData::Data(
                         tokio::task::block_in_place(|| {
-                            SourceDisk::open(&src.path, src.disk.size)
-                                .and_then(|d| d.read(offset, length))
+                            SourceDisk::open(&src.path, size).and_then(|d| d.read(offset, length))
                         })
                         .map_err(fail)?,
                     ),

@@ -1,10 +1,15 @@
 //! A protected disk grows, end to end with the real binaries on loopback:
-//! an ext4 written through the tracker, the tracker and shipper stopped,
-//! the backing file made larger, both started again (the operator guide's
-//! procedure), the file system grown with `resize2fs` and written through
-//! the tracker at the new size. The replica grows with it, and both the
-//! point before the growth (at the old size) and the newest one (at the
+//! an ext4 written through the tracker, the tracker (and the shipper, or
+//! not) stopped, the backing file made larger, started again (the operator
+//! guide's procedure), the file system grown with `resize2fs` and written
+//! through the tracker at the new size. The replica grows with it, and both
+//! the point before the growth (at the old size) and the newest one (at the
 //! new size) fail over byte for byte and pass `e2fsck -fn`.
+//!
+//! With the shipper stopped too, the shipper's hello announces the new
+//! size; with the shipper running on, its session (begun at the old size)
+//! carries the growth as the log's grow record, the tracker's first record
+//! after the start, and the writes beyond the old end after it.
 
 use std::fs;
 use std::path::Path;
@@ -69,6 +74,23 @@ fn put_file(image: &Path, source: &Path, name: &str) {
 
 #[test]
 fn a_grown_disk_replicates_and_keeps_its_older_points_at_the_old_size() {
+    grow_between_starts(
+        "a_grown_disk_replicates_and_keeps_its_older_points_at_the_old_size",
+        true,
+    );
+}
+
+#[test]
+fn a_growth_reaches_a_running_shipper_as_a_record_of_the_log() {
+    grow_between_starts(
+        "a_growth_reaches_a_running_shipper_as_a_record_of_the_log",
+        false,
+    );
+}
+
+/// The scenario; `restart_shipper`: the shipper is stopped and started
+/// with the tracker, else it runs on.
+fn grow_between_starts(test: &str, restart_shipper: bool) {
     for tool in [
         "nbdcopy",
         "qemu-io",
@@ -77,10 +99,7 @@ fn a_grown_disk_replicates_and_keeps_its_older_points_at_the_old_size() {
         "e2fsck",
         "debugfs",
     ] {
-        if !require_tool(
-            tool,
-            "a_grown_disk_replicates_and_keeps_its_older_points_at_the_old_size",
-        ) {
+        if !require_tool(tool, test) {
             return;
         }
     }
@@ -116,7 +135,12 @@ fn a_grown_disk_replicates_and_keeps_its_older_points_at_the_old_size() {
     let at_old_size = fs::read(&fs_image).unwrap();
 
     // The disk grows: stop, make the backing larger, start again.
-    assert!(shipper.stop().success());
+    let shipper = if restart_shipper {
+        assert!(shipper.stop().success());
+        None
+    } else {
+        Some(shipper)
+    };
     assert!(tracker.stop(), "the tracker did not stop cleanly");
     fs::OpenOptions::new()
         .write(true)
@@ -125,7 +149,7 @@ fn a_grown_disk_replicates_and_keeps_its_older_points_at_the_old_size() {
         .set_len(NEW)
         .unwrap();
     let tracker = TrackerProcess::start(dir, &disk, &[]);
-    let shipper = start_shipper(dir, &log_dir, &hpki, port);
+    let shipper = shipper.unwrap_or_else(|| start_shipper(dir, &log_dir, &hpki, port));
 
     // The file system grows to the new size and gets a file beyond the
     // old end; written through the tracker again.

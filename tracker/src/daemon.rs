@@ -497,6 +497,14 @@ pub fn run(
             resync_all: settings.resync_all,
         },
     )?;
+    for &(id, before, size) in &report.grown {
+        tracing::info!(
+            disk = %id,
+            before,
+            size,
+            "the disk grew since the last start: served at its new size, the growth recorded in the change log"
+        );
+    }
     if settings.resync_all {
         tracing::warn!(
             generation = report.generation,

@@ -142,6 +142,19 @@ pub enum GroupError {
     /// A new disk could not be given an id.
     #[error(transparent)]
     DiskId(#[from] DiskIdError),
+    /// The disks file (the sizes the group was served at) could not be
+    /// read.
+    #[error(transparent)]
+    Sources(#[from] tidemark_changelog::sources::SourcesError),
+    /// Recording a disk's growth in the log failed.
+    #[error("recording the growth of disk {disk} in the change log")]
+    Grow {
+        /// The disk.
+        disk: Name,
+        /// The log's error.
+        #[source]
+        source: AppendError,
+    },
 }
 
 /// Why a marker could not be inserted.
@@ -234,6 +247,9 @@ pub struct OpenReport {
     /// Extents recorded as resync-needed because of an unclean stop:
     /// (disk, offset, length).
     pub resync_needed: Vec<(DiskId, u64, u64)>,
+    /// Disks served larger than at the last start, whose growth the log
+    /// now records: (disk, size before, size now).
+    pub grown: Vec<(DiskId, u64, u64)>,
 }
 
 /// A point-in-time view for `status`.
@@ -565,6 +581,45 @@ impl Group {
                 act.durable.iter_mut().for_each(|d| *d = false);
             }
         }
+        // A disk larger than it was served at last (its backing grew while
+        // the tracker was stopped): the growth is a record of the log,
+        // before any write of this run, so the writes that reach into the
+        // grown part come after it. In bitmap mode the log takes no
+        // record: the shipper's hello announces the size (from the disks
+        // file), and the replica grows then.
+        let recorded = tidemark_changelog::read_sources(&opts.log_dir)?.unwrap_or_default();
+        let mut grown = Vec::new();
+        for disk in &states {
+            let before = recorded
+                .iter()
+                .find(|r| r.disk.id == disk.id && r.disk.name == disk.disk.name)
+                .map(|r| r.disk.size);
+            if let Some(before) = before.filter(|&b| b < disk.size) {
+                grown.push((disk.id, before, disk.size));
+            }
+        }
+        if mode == TrackingMode::Data && !grown.is_empty() {
+            let appended = grown
+                .iter()
+                .try_for_each(|&(id, before, size)| {
+                    log.append(&Entry::grow(id, before, size, now_ns()))
+                        .map(|_| ())
+                })
+                .and_then(|()| log.barrier(now_ns()).map(|_| ()));
+            match appended {
+                Ok(()) => {}
+                // No room: the hello carries the growth, as above.
+                Err(AppendError::Overflow { .. }) => tracing::warn!(
+                    "the change log is full: the growth of a disk is not recorded in it; the replica grows when the shipper connects next"
+                ),
+                Err(source) => {
+                    return Err(GroupError::Grow {
+                        disk: names_by_id(&states, grown[0].0),
+                        source,
+                    })
+                }
+            }
+        }
         state.generation = generation.max(log.generation());
         // An unclean stop is fully recorded by now: until the daemon has
         // every socket and calls `mark_running`, a stop is a clean one.
@@ -584,6 +639,7 @@ impl Group {
             unclean,
             generation: state.generation,
             resync_needed,
+            grown,
         };
         log.set_buffered(true);
         let disk_count = states.len();
@@ -1613,6 +1669,15 @@ impl Backend for Group {
             .map_err(BackendError::Io)?;
         Ok(from_runs(disk, runs))
     }
+}
+
+/// The name of disk `id` among `states`, for an error.
+fn names_by_id(states: &[DiskState], id: DiskId) -> Name {
+    states
+        .iter()
+        .find(|d| d.id == id)
+        .map(|d| d.disk.name.clone())
+        .unwrap_or_else(|| Name::from_static("unknown"))
 }
 
 /// Most runs one allocation answer reports: a client asks again from where

@@ -772,3 +772,60 @@ fn disks_keep_their_ids_across_removal_addition_and_reordering() {
     );
     group.close_clean().unwrap();
 }
+
+/// A disk served larger than the disks file recorded at the last start
+/// (its backing grew while the tracker was stopped): the growth is a record
+/// of the log before anything of the new run, so the writes that reach
+/// into the grown part come after it; a disk of the same size records
+/// nothing.
+#[test]
+fn a_disk_larger_than_at_the_last_start_is_recorded_as_grown_before_any_write() {
+    let tmp = tempfile::tempdir().unwrap();
+    let devs = [
+        Arc::new(MemoryDevice::new(DISK)),
+        Arc::new(MemoryDevice::new(DISK)),
+    ];
+    let (group, _) = open(tmp.path(), &devs, 64 << 20);
+    group.write(DiskId(0), 0, &[1; 4096], false).unwrap();
+    group.close_clean().unwrap();
+    drop(group);
+    let sources: Vec<_> = group_disks(&devs)
+        .iter()
+        .enumerate()
+        .map(|(i, d)| tidemark_changelog::DiskSource {
+            disk: tidemark_changelog::Disk {
+                id: DiskId(i as u32),
+                name: d.name.clone(),
+                size: DISK,
+            },
+            path: format!("/dev/disk{i}").into(),
+        })
+        .collect();
+    tidemark_changelog::write_sources(tmp.path(), &sources).unwrap();
+    let grown = [Arc::new(MemoryDevice::new(DISK * 2)), devs[1].clone()];
+    let before = records(tmp.path()).len();
+    let (group, report) = open(tmp.path(), &grown, 64 << 20);
+    assert_eq!(report.grown, vec![(DiskId(0), DISK, DISK * 2)]);
+    group.write(DiskId(0), DISK, &[2; 4096], false).unwrap();
+    group.flush(DiskId(0)).unwrap();
+    let after: Vec<Record> = records(tmp.path()).into_iter().skip(before).collect();
+    let kinds: Vec<Kind> = after.iter().map(|r| r.header.kind).collect();
+    assert_eq!(kinds[..2], [Kind::Grow, Kind::Barrier], "{kinds:?}");
+    let grow = &after[0].header;
+    assert_eq!(
+        (grow.disk, grow.offset, grow.length, grow.version),
+        (DiskId(0), DISK, DISK, 3)
+    );
+    assert_eq!(
+        (after[2].header.kind, after[2].header.offset),
+        (Kind::Write, DISK)
+    );
+    group.close_clean().unwrap();
+    drop(group);
+    // Started again at the size now recorded: nothing more.
+    let mut sources = sources;
+    sources[0].disk.size = DISK * 2;
+    tidemark_changelog::write_sources(tmp.path(), &sources).unwrap();
+    let (_, report) = open(tmp.path(), &grown, 64 << 20);
+    assert!(report.grown.is_empty());
+}

@@ -111,6 +111,14 @@
 //! or older gets a transient `busy` error naming that receiver instead,
 //! and retries as after any transient error.
 //!
+//! Version 6 carries change-log records of record version 3, which added
+//! the grow record (a disk grew, ordered with the writes:
+//! `tidemark_changelog::record`). A session of version 2 to 5 carries
+//! records of version 2 at most: a shipper never sends a grow record in
+//! it (it stops with [`crate::shipper::ShipperError::ReceiverTooOld`]:
+//! the replica site must be upgraded before a disk grows), and a receiver
+//! refuses one.
+//!
 //! A planned failover is asked for on the replica site: the receiver sends
 //! `drain-request`; the shipper stops the protected host's tracker (no new
 //! writes, a final barrier), sends every record the log holds, finishes any
@@ -141,6 +149,20 @@ use tidemark_span::{
     QuiescedReply, RefuseCode, ReleaseHold, ReleasedHow, ReleasedReply, ThawHold, ThawedHow,
     ThawedReply,
 };
+
+/// The first protocol version that carries change-log records of record
+/// version 3 (the grow record).
+pub const GROW_PROTOCOL_VERSION: u16 = 6;
+
+/// The newest change-log record version a session of protocol `version`
+/// carries.
+pub fn record_version_of(version: u16) -> u8 {
+    match version {
+        0 | 1 => 1,
+        v if v < GROW_PROTOCOL_VERSION => 2,
+        _ => tidemark_changelog::record::LATEST_RECORD_VERSION,
+    }
+}
 
 /// The longest `str8` field, in bytes (names are shorter still:
 /// [`tidemark_names::MAX_NAME_LEN`]).

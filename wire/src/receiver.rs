@@ -42,8 +42,8 @@
 
 use crate::frame::{Compression, DecodeError, EncodeError, Versions, MIN_PROTOCOL_VERSION};
 use crate::message::{
-    digest_count, ChunkData, ChunkPurpose, DiskSync, ErrorClass, ErrorCode, Message, MessageType,
-    Received, RecordId, VmSpecReply, MAX_DISKS, MAX_VM_SPEC_REASON, SOFTWARE,
+    digest_count, record_version_of, ChunkData, ChunkPurpose, DiskSync, ErrorClass, ErrorCode,
+    Message, MessageType, Received, RecordId, VmSpecReply, MAX_DISKS, MAX_VM_SPEC_REASON, SOFTWARE,
 };
 use std::collections::HashSet;
 use thiserror::Error;
@@ -716,7 +716,15 @@ impl Receiving {
                             format!("record {id:?} cannot follow {next:?}"),
                         ));
                     }
-                    if h.disk != DiskId::GROUP {
+                    if h.version > record_version_of(self.version) {
+                        return Err(ReceiverError::protocol(format!(
+                            "a record of version {} in a session of protocol version {}",
+                            h.version, self.version
+                        )));
+                    }
+                    if h.kind == tidemark_changelog::Kind::Grow {
+                        self.grow_disk(h.disk, h.offset.saturating_add(h.length))?;
+                    } else if h.disk != DiskId::GROUP {
                         self.check_extent(h.disk, h.offset, h.length)?;
                     }
                     next = id;
@@ -932,6 +940,28 @@ impl Receiving {
                 "{what} for after record {after_seq}, the replica is at {}",
                 self.applied.seq
             )));
+        }
+        Ok(())
+    }
+
+    /// A grow record: the disk's extents reach to `size` from it on. A
+    /// fully synced disk stays so when the group's initial sync is over
+    /// (the replica resyncs the grown part); during it the grown part is
+    /// copied with the rest. (The replica refuses a shrink.)
+    fn grow_disk(&mut self, disk: DiskId, size: u64) -> Result<(), ReceiverError> {
+        let initial_sync = self.disks.iter().any(|(d, s)| *s < d.size);
+        let Some((info, synced)) = self.disks.iter_mut().find(|(d, _)| d.id == disk) else {
+            return Err(ReceiverError::refuse(
+                ErrorClass::Permanent,
+                ErrorCode::UnknownDisk,
+                format!("disk {disk} was not in the hello"),
+            ));
+        };
+        if size > info.size {
+            if !initial_sync {
+                *synced = size;
+            }
+            info.size = size;
         }
         Ok(())
     }

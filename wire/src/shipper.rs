@@ -19,12 +19,14 @@
 
 use crate::frame::{Compression, EncodeError, Versions};
 use crate::message::{
-    digest_count, ChunkData, ChunkPurpose, DiskSync, ErrorClass, ErrorCode, Message, Received,
-    RecordBatch, RecordId, VmSpecReply, SOFTWARE,
+    digest_count, record_version_of, BatchError, ChunkData, ChunkPurpose, DiskSync, ErrorClass,
+    ErrorCode, Message, Received, RecordBatch, RecordId, VmSpecReply, GROW_PROTOCOL_VERSION,
+    SOFTWARE,
 };
 use std::collections::VecDeque;
 use thiserror::Error;
-use tidemark_changelog::{Disk, DiskId, Extent, Seq};
+use tidemark_changelog::record::DecodeError;
+use tidemark_changelog::{Disk, DiskId, Extent, Kind, Seq};
 use tidemark_names::Name;
 
 /// Tuning of a shipper session.
@@ -128,6 +130,20 @@ pub enum ShipperError {
         /// How long it was silent.
         silent: std::time::Duration,
     },
+    /// The session's protocol version cannot carry a record the log holds
+    /// (a grow record needs version 6): the receiver must be upgraded.
+    #[error(
+        "the receiver speaks protocol version {version}, which cannot carry a {kind} record \
+         (version {needs} or newer can): upgrade the replica site"
+    )]
+    ReceiverTooOld {
+        /// The session's version.
+        version: u16,
+        /// The record's kind.
+        kind: &'static str,
+        /// The oldest version that carries it.
+        needs: u16,
+    },
     /// The daemon asked to send something out of order (a bug here).
     #[error("refused to send: {0}")]
     Usage(String),
@@ -144,6 +160,7 @@ impl ShipperError {
             ShipperError::Peer { class, .. } => *class,
             ShipperError::CannotResume { .. }
             | ShipperError::Usage(_)
+            | ShipperError::ReceiverTooOld { .. }
             | ShipperError::NoCommonVersion { .. } => ErrorClass::Permanent,
             ShipperError::Protocol(_)
             | ShipperError::Encode(_)
@@ -165,7 +182,9 @@ impl ShipperError {
             | ShipperError::PeerSilent { .. } => return None,
             ShipperError::CannotResume { code, reason } => (*code, reason.clone()),
             ShipperError::Protocol(s) => (ErrorCode::Protocol, s.clone()),
-            ShipperError::NoCommonVersion { .. } => (ErrorCode::Protocol, self.to_string()),
+            ShipperError::NoCommonVersion { .. } | ShipperError::ReceiverTooOld { .. } => {
+                (ErrorCode::Protocol, self.to_string())
+            }
             ShipperError::Usage(s) => (ErrorCode::Internal, s.clone()),
             ShipperError::Encode(e) => (ErrorCode::Internal, e.to_string()),
         };
@@ -541,13 +560,28 @@ impl Shipping {
                 )));
             }
         }
-        // Version 1 of the protocol carries version-1 records only: its
-        // receivers refuse newer ones.
+        // A session carries the records its version has: version 1
+        // version-1 records only, versions 2 to 5 up to version 2 (their
+        // receivers refuse newer ones). A grow record has no older form.
+        let record_version = record_version_of(self.version);
         let converted;
-        let batch = if self.version < 2 {
+        let batch = if self.version < GROW_PROTOCOL_VERSION {
             converted = batch
-                .in_record_version(1)
-                .map_err(|e| ShipperError::Usage(format!("a record for a version-1 peer: {e}")))?;
+                .in_record_version(record_version)
+                .map_err(|e| match e {
+                    BatchError::Record {
+                        source: DecodeError::KindNotInVersion { kind, .. },
+                        ..
+                    } => ShipperError::ReceiverTooOld {
+                        version: self.version,
+                        kind,
+                        needs: GROW_PROTOCOL_VERSION,
+                    },
+                    e => ShipperError::Usage(format!(
+                        "a record for a peer of protocol version {}: {e}",
+                        self.version
+                    )),
+                })?;
             &converted
         } else {
             batch
@@ -555,6 +589,15 @@ impl Shipping {
         let frame = Message::encode_records(batch, self.version, self.config.compression)?;
         self.last_sent = Some(last);
         self.track(&frame);
+        // Chunks after a grow record may reach into the grown part.
+        for record in batch.records().flatten() {
+            let h = &record.header;
+            if h.kind == Kind::Grow {
+                if let Some(d) = self.disks.iter_mut().find(|d| d.id == h.disk) {
+                    d.size = d.size.max(h.offset.saturating_add(h.length));
+                }
+            }
+        }
         Ok(frame)
     }
 

@@ -946,6 +946,28 @@ impl ShipperCore {
                     _ => self.push_resync(h.disk, h.offset, h.length),
                 }
             }
+            if h.kind == Kind::Grow {
+                // The disk is larger from here on. During the initial
+                // sync the grown part is copied with the rest (the sync
+                // goes on to the new end); afterwards it is compared by
+                // digests (the source may hold anything there), as the
+                // receiver waits for.
+                let end = h.offset.saturating_add(h.length);
+                let mut compare = false;
+                if let Some(d) = self.disks.iter_mut().find(|d| d.id == h.disk) {
+                    if end > d.size {
+                        let synced = d.next >= d.size;
+                        d.size = end;
+                        if !initial_sync && synced {
+                            (d.next, d.sent, d.acked) = (end, end, end);
+                            compare = true;
+                        }
+                    }
+                }
+                if compare {
+                    self.push_resync(h.disk, h.offset, h.length);
+                }
+            }
             at += h.record_len().max(1);
         }
     }
@@ -1106,6 +1128,12 @@ impl ShipperCore {
             self.fail(e);
         }
         self.log_drained = false;
+    }
+
+    /// The size of `disk` as of the last record sent: the hello's, or a
+    /// grow record's since.
+    pub fn disk_size(&self, disk: DiskId) -> Option<u64> {
+        self.disks.iter().find(|d| d.id == disk).map(|d| d.size)
     }
 
     /// The session as of `now`.
@@ -1525,6 +1553,149 @@ mod tests {
             "{frames:?}"
         );
         assert!(!c.is_ended(), "replication goes on");
+    }
+
+    /// A grow record makes the disk larger from it on: the grown part is
+    /// compared by digests like a resync-needed extent (the replica waits
+    /// for that), and chunks of it pass the session's extent check.
+    #[test]
+    fn a_grow_record_compares_the_grown_part() {
+        let t = Instant::now();
+        let mut c = connected(t, SIZE);
+        assert!(matches!(c.poll_need(), Some(Need::LogBatch { .. })));
+        c.handle_log_batch(Some(batch(&[(1, Entry::grow(0, SIZE, SIZE + 8192, 6))])), t);
+        assert_eq!(c.disk_size(DiskId(0)), Some(SIZE + 8192));
+        assert_eq!(c.status(t).phase, Phase::Resyncing);
+        assert!(matches!(c.poll_need(), Some(Need::LogBatch { .. })));
+        c.handle_log_batch(None, t);
+        assert!(matches!(c.poll_need(), Some(Need::LogBatch { .. })));
+        c.handle_log_batch(None, t);
+        assert_eq!(c.poll_need(), None);
+        let sent_now = sent(&mut c);
+        assert!(
+            matches!(
+                sent_now[..],
+                [
+                    Message::Records(_),
+                    Message::DigestRequest {
+                        offset: SIZE,
+                        length: 8192,
+                        ..
+                    }
+                ]
+            ),
+            "{sent_now:?}"
+        );
+        c.handle_message(
+            v(Message::Digests {
+                disk: DiskId(0),
+                offset: SIZE,
+                block_size: 8192,
+                digests: block_digests(&[0u8; 8192], 8192),
+            }),
+            t,
+        );
+        assert_eq!(
+            c.poll_need(),
+            Some(Need::Chunk {
+                disk: DiskId(0),
+                offset: SIZE,
+                length: 8192,
+                purpose: ChunkPurpose::Resync,
+            })
+        );
+        c.handle_chunk(ChunkData::Data(vec![1u8; 8192]));
+        assert!(sent(&mut c).is_empty(), "no block is in sync yet");
+        assert!(matches!(c.poll_need(), Some(Need::LogBatch { .. })));
+        c.handle_log_batch(None, t);
+        assert!(matches!(c.poll_need(), Some(Need::LogBatch { .. })));
+        c.handle_log_batch(None, t);
+        assert_eq!(c.poll_need(), None);
+        assert!(matches!(
+            sent(&mut c)[..],
+            [Message::DigestRequest {
+                offset: SIZE,
+                block_size: 4096,
+                ..
+            }]
+        ));
+        c.handle_message(
+            v(Message::Digests {
+                disk: DiskId(0),
+                offset: SIZE,
+                block_size: 4096,
+                digests: block_digests(&[0u8; 8192], 4096),
+            }),
+            t,
+        );
+        assert!(c.poll_need().is_some());
+        c.handle_chunk(ChunkData::Data(vec![1u8; 8192]));
+        // The grown part's blocks travel, beyond the hello's size.
+        assert!(matches!(
+            &sent(&mut c)[..],
+            [
+                Message::Chunk {
+                    offset: SIZE,
+                    purpose: ChunkPurpose::Resync,
+                    ..
+                },
+                Message::ResyncDone {
+                    offset: SIZE,
+                    length: 8192,
+                    ..
+                }
+            ]
+        ));
+        assert_eq!(c.status(t).phase, Phase::Protected);
+    }
+
+    /// A receiver of protocol version 5 reads no grow record: the shipper
+    /// stops with a message that says to upgrade the replica site, instead
+    /// of sending what the receiver would refuse.
+    #[test]
+    fn a_grow_record_is_not_sent_to_a_receiver_of_version_5() {
+        let t = Instant::now();
+        let mut c = core(t);
+        assert!(matches!(sent(&mut c)[..], [Message::Hello { .. }]));
+        c.handle_message(
+            Received::new(
+                5,
+                Message::Welcome {
+                    durable_seq: Seq(0),
+                    generation: 1,
+                    disks: vec![DiskSync {
+                        id: DiskId(0),
+                        synced: SIZE,
+                    }],
+                    resyncing: Vec::new(),
+                    software: String::new(),
+                },
+            ),
+            t,
+        );
+        assert!(matches!(c.poll_need(), Some(Need::FirstRecordAfter { .. })));
+        c.handle_first_record(
+            Some(RecordId {
+                seq: Seq(1),
+                generation: 1,
+            }),
+            t,
+        );
+        assert!(matches!(c.poll_event(), Some(CoreEvent::Connected(r)) if r.version == 5));
+        assert!(matches!(c.poll_need(), Some(Need::LogBatch { .. })));
+        c.handle_log_batch(
+            Some(batch(&[
+                (1, Entry::write(0, 0, &[1; 512], 6)),
+                (2, Entry::grow(0, SIZE, SIZE + 8192, 6)),
+            ])),
+            t,
+        );
+        match c.poll_event() {
+            Some(CoreEvent::Critical(e @ ShipperError::ReceiverTooOld { version: 5, .. })) => {
+                assert!(e.to_string().contains("upgrade the replica site"), "{e}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -161,6 +161,7 @@ impl Source {
         match e.kind {
             Kind::Write => disks[d][o..o + l].copy_from_slice(e.payload),
             Kind::WriteZeroes | Kind::Trim => disks[d][o..o + l].fill(0),
+            Kind::Grow => disks[d].resize(o + l, 0),
             _ => {}
         }
         self.records.push(bytes);
@@ -354,6 +355,10 @@ impl Replica for MemReplica<'_> {
                 }
             }
             Kind::Barrier | Kind::Marker => {}
+            Kind::Grow => {
+                disks[d].resize(o + l, 0);
+                self.sizes[d] = self.sizes[d].max((o + l) as u64);
+            }
         }
         self.work.1.durable_seq = h.seq;
         self.work.1.generation = h.generation;
@@ -1337,6 +1342,59 @@ fn a_chunk_at_the_wrong_position_is_refused() {
         s.handle_message(v(m), &mut replica).unwrap_err().code(),
         ErrorCode::UnknownDisk
     );
+}
+
+/// A grow record makes the disk larger for the records after it, in the
+/// same batch too, in a session of version 6; a session of version 5
+/// carries no record of version 3 and refuses it.
+#[test]
+fn a_grow_record_widens_the_disk_for_what_follows_it_from_version_6_on() {
+    let mut source = Source {
+        records: Vec::new(),
+        ids: Vec::new(),
+        images: vec![SIZES.iter().map(|&s| vec![0; s as usize]).collect()],
+    };
+    let mut disks = source.images[0].clone();
+    let old = SIZES[0];
+    source.push(Entry::write(0, 0, &[1; 16], 0), 1, 1, &mut disks);
+    source.push(Entry::grow(0, old, old + 8192, 0), 2, 1, &mut disks);
+    source.push(Entry::write(0, old, &[2; 4096], 0), 3, 1, &mut disks);
+    let batch = RecordBatch::from_records(source.records.iter().map(|r| &r[..])).unwrap();
+    let mut replica = MemReplica::new(&source);
+    let mut s = session(&mut replica);
+    s.handle_message(v(Message::Records(batch.clone())), &mut replica)
+        .unwrap();
+    s.handle_idle(&mut replica).unwrap();
+    assert_eq!(replica.committed.1.durable_seq, Seq(3));
+    let grown = &replica.committed.0[0];
+    assert_eq!(grown.len() as u64, old + 8192);
+    assert!(grown[old as usize..][..4096] == [2; 4096]);
+    // Without the grow record the write beyond the old end is refused.
+    let mut replica = MemReplica::new(&source);
+    let mut s = session(&mut replica);
+    let beyond = RecordBatch::from_records([&source.records[0][..]]).unwrap();
+    s.handle_message(v(Message::Records(beyond)), &mut replica)
+        .unwrap();
+    let e = s
+        .handle_message(
+            v(Message::Records(
+                RecordBatch::from_records([&Entry::write(0, old, &[2; 4096], 0).encode(2, 1)[..]])
+                    .unwrap(),
+            )),
+            &mut replica,
+        )
+        .unwrap_err();
+    assert_eq!(e.code(), ErrorCode::Protocol);
+    // Version 5.
+    let mut replica = MemReplica::new(&source);
+    let (mut s, _) = ExpectHello::new(ReceiverConfig::new(&Name::from_static(HOST)))
+        .handle_message(Received::new(5, hello_from(HOST, 1)), &mut replica)
+        .unwrap();
+    let e = s
+        .handle_message(Received::new(5, Message::Records(batch)), &mut replica)
+        .unwrap_err();
+    assert_eq!(e.code(), ErrorCode::Protocol);
+    assert!(e.to_string().contains("version 3"), "{e}");
 }
 
 /// The durable record an Ack frame names.

@@ -71,8 +71,11 @@
 //!
 //! # Disks that grow
 //!
-//! A disk announced larger than the group knows it grows in place
-//! ([`ReplicaGroup::ensure_disks`]): everything applied is committed, the
+//! A disk grows where the log's grow record lies (applying it), or when
+//! the shipper's hello announces it larger than the group knows it
+//! ([`ReplicaGroup::ensure_disks`]; a grow record to that size after it
+//! then changes nothing). Either way it grows in place: everything
+//! applied is committed, the
 //! image is made the new size (a sparse file's `set_len`; on Ceph an RBD
 //! resize through the cluster seam) and synced, and the state file notes a
 //! *disk change*: the disk, the last record applied before the growth and
@@ -1036,6 +1039,7 @@ impl<D: LogDir> ReplicaGroup<D> {
             self.commit()?;
         }
         if !grown.is_empty() {
+            let grown: Vec<(DiskId, u64)> = grown.iter().map(|d| (d.id, d.size)).collect();
             self.grow(&grown)?;
             if new.is_empty() {
                 return self.write_state(self.durable.clone(), None);
@@ -1086,22 +1090,24 @@ impl<D: LogDir> ReplicaGroup<D> {
     /// new size never meets a shorter image) and notes each growth after
     /// the last record applied (committed: the caller commits first), for
     /// the points before it. The caller writes the state file.
-    fn grow(&mut self, grown: &[&Disk]) -> Result<(), StoreError> {
-        for spec in grown {
-            let path = self.path.join(image_name(spec.id));
-            let image = &self.images[&spec.id];
-            let done = image.set_len(spec.size).and_then(|()| image.sync_data());
+    fn grow(&mut self, grown: &[(DiskId, u64)]) -> Result<(), StoreError> {
+        for &(id, size) in grown {
+            let path = self.path.join(image_name(id));
+            let Some(image) = self.images.get(&id) else {
+                return Err(StoreError::UnknownDisk(id));
+            };
+            let done = image.set_len(size).and_then(|()| image.sync_data());
             self.poison_on(done.map_err(io_err("growing the image", &path)))?;
         }
         for meta in [&mut self.cur, &mut self.durable] {
-            for spec in grown {
+            for &(id, size) in grown {
                 let after = meta.seq;
                 let record_change = meta.mode != Mode::InitialSync;
-                let Some(d) = meta.disk_mut(spec.id) else {
+                let Some(d) = meta.disk_mut(id) else {
                     continue;
                 };
                 let from = d.size;
-                d.size = spec.size;
+                d.size = size;
                 // An initial sync has no points yet, and copies the grown
                 // part like the rest (it is beyond `synced`). Otherwise the
                 // grown part waits for a checksum resync: the source may
@@ -1109,11 +1115,11 @@ impl<D: LogDir> ReplicaGroup<D> {
                 // and where it reads as zeroes, as the image does, the
                 // resync compares digests and sends nothing.
                 if record_change {
-                    d.synced = spec.size;
-                    d.pending.add(from, spec.size);
+                    d.synced = size;
+                    d.pending.add(from, size);
                     meta.mode = Mode::Resyncing;
                     meta.changes.push(DiskChange {
-                        disk: spec.id,
+                        disk: id,
                         after,
                         kind: ChangeKind::Grew { from },
                     });
@@ -1122,6 +1128,46 @@ impl<D: LogDir> ReplicaGroup<D> {
             meta.changes.sort_by_key(|c| (c.after, c.disk));
         }
         Ok(())
+    }
+
+    /// The grow record `seq` of `generation`: the disk is `size` bytes
+    /// from it on. Everything applied before it is committed, then the
+    /// disk grows as [`ensure_disks`](Self::ensure_disks) grows it, after
+    /// the record before this one (the points up to there keep the old
+    /// size, the grown part waits for a resync), and the record is
+    /// committed with the growth: one state file names both, so a crash
+    /// leaves the group before the record or past it. A disk already that
+    /// large (the shipper's hello announced the size) is left as it is; a
+    /// smaller size is refused as a shrink.
+    fn grow_at_record(
+        &mut self,
+        disk: DiskId,
+        size: u64,
+        seq: Seq,
+        generation: u32,
+    ) -> Result<(), StoreError> {
+        let Some(d) = self.cur.disk(disk) else {
+            return Err(StoreError::UnknownDisk(disk));
+        };
+        if d.size > size {
+            return Err(StoreError::BadDisk {
+                disk,
+                reason: format!(
+                    "a grow record makes it {size} bytes, it is {} bytes: a protected disk may only grow",
+                    d.size
+                ),
+            });
+        }
+        if d.size < size {
+            if self.dirty {
+                self.commit()?;
+            }
+            self.grow(&[(disk, size)])?;
+        }
+        self.cur.seq = seq;
+        self.cur.generation = generation;
+        self.dirty = true;
+        self.commit().map(|_| ())
     }
 
     /// Makes a new, empty group hold these disks from existing images
@@ -1229,6 +1275,15 @@ impl<D: LogDir> ReplicaGroup<D> {
         if verify_crc && rec.computed_crc() != h.crc {
             return Err(StoreError::ChecksumMismatch { seq });
         }
+        if h.kind == Kind::Grow {
+            self.grow_at_record(
+                disk_id,
+                h.offset.saturating_add(h.length),
+                seq,
+                h.generation,
+            )?;
+            return Ok(Applied::Done);
+        }
         if !matches!(h.kind, Kind::Barrier | Kind::Marker) {
             self.check_extent(disk_id, h.offset, h.length)?;
         }
@@ -1250,6 +1305,8 @@ impl<D: LogDir> ReplicaGroup<D> {
                     self.poison_on(written.map_err(io_err("journaling a point in", &path)))?;
                 }
             }
+            // Applied above, on its own.
+            Kind::Grow => {}
             Kind::ResyncNeeded => {
                 let mode = self.cur.mode;
                 let joining = self.cur.disk(disk_id).is_some_and(|d| self.cur.joining(d));

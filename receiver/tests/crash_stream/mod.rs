@@ -2,7 +2,8 @@
 //! simulated directory, `ceph_store_crash.rs` on a simulated cluster): an
 //! initial sync interleaved with records over three disks, then writes,
 //! write-zeroes, trims, barriers, markers, a resync of an extent, a
-//! growth of a disk (its grown part resynced, written after), a disk
+//! growth of a disk (announced, or a grow record of the log; its grown
+//! part resynced, written after), a disk
 //! added to the consistent group (synced on its own while records and
 //! points go on) and a test failover's pin, with the source's disks after every sequence
 //! number to check the points against; and the checks both hold a
@@ -80,6 +81,10 @@ pub(crate) fn apply_op<D: LogDir>(
     match op {
         Op::Pin(seq) => pin(*seq).map(|()| None),
         Op::Disks(disks) => g.ensure_disks(disks).map(|()| Some(g.position())),
+        // A grow record commits what came before it and the growth.
+        Op::Record(rec) if rec.header.kind == tidemark_changelog::Kind::Grow => {
+            g.apply_record(rec).map(|_| Some(g.position()))
+        }
         Op::Record(rec) => g.apply_record(rec).map(|_| None),
         Op::Chunk {
             disk,
@@ -256,9 +261,16 @@ pub(crate) fn workload(seed: u64, steady_ops: usize) -> Workload {
             let sizes: Vec<u64> = s.disks.iter().map(|d| d.len() as u64).collect();
             // The store commits what was applied before a growth by
             // itself; the stream commits first so that every position the
-            // store can come back to is one this harness saw.
+            // store can come back to is one this harness saw. Odd seeds
+            // grow the disk as the shipper's hello announces it, even ones
+            // at the log's grow record.
             s.ops.push(Op::Commit);
-            s.ops.push(Op::Disks(specs_of(&sizes)));
+            if seed.is_multiple_of(2) {
+                let ts = s.seq * 1000;
+                s.record(Entry::grow(GROWN_DISK, old, old + GROWTH, ts));
+            } else {
+                s.ops.push(Op::Disks(specs_of(&sizes)));
+            }
             s.points_now = false;
             for _ in 0..4 {
                 s.random_record(&mut rng);
