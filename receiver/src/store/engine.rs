@@ -143,6 +143,11 @@ pub trait PointReader: Send + Sync {
     fn is_zero(&self, disk: DiskId, offset: u64, len: u64) -> bool;
 }
 
+/// Why a span's lease could not be taken: held by another live receiver
+/// (with its advertised address), lost on the way, or its record could not
+/// be opened.
+pub type SpanTakeoverError = crate::lease_task::TakeoverError<crate::span::SpanRecordError>;
+
 /// Where the replica stores of the groups live.
 pub trait StoreEngine: Send + Sync + Debug {
     /// Opens the store of `host`'s `group` for writing by this process
@@ -162,6 +167,37 @@ pub trait StoreEngine: Send + Sync + Debug {
     /// The counters of the group leases, for an engine whose groups are
     /// shared between receivers (`None`: no leases).
     fn lease_stats(&self) -> Option<crate::lease_task::LeaseStats> {
+        None
+    }
+    /// With a store shared between receivers, takes the lease of `span`
+    /// and opens its record under it (`store::ceph::span`): `None` when
+    /// the engine keeps no span records (they are in the data directory,
+    /// `crate::span::SpanDir`, and the span is coordinated by the one
+    /// receiver that has it in its configuration).
+    fn take_span(
+        &self,
+        span: &Name,
+    ) -> Option<Result<Box<dyn crate::span::SpanStore>, SpanTakeoverError>> {
+        let _ = span;
+        None
+    }
+    /// Lets `host`'s `group` go after its store was dropped here (its
+    /// lease, with a store shared between receivers: another receiver may
+    /// take it at once). Default: nothing to let go.
+    fn release_group(&self, host: &Name, group: &Name) {
+        let _ = (host, group);
+    }
+    /// Lets the lease of `span` go (see [`StoreEngine::take_span`]).
+    fn release_span(&self, span: &Name) {
+        let _ = span;
+    }
+    /// The record of `span` as the store keeps it, for readers on any node
+    /// (`None`: the engine keeps no span records).
+    fn read_span(
+        &self,
+        span: &Name,
+    ) -> Option<Result<crate::span::SpanRecord, crate::span::SpanRecordError>> {
+        let _ = span;
         None
     }
     /// The pin of `host`'s `group` kept with the store, when the store

@@ -308,7 +308,7 @@ mod open;
 mod overlay;
 mod state;
 
-pub use engine::{LocalEngine, PointReader, ReplicaStore, StoreEngine};
+pub use engine::{LocalEngine, PointReader, ReplicaStore, SpanTakeoverError, StoreEngine};
 pub use error::StoreError;
 #[cfg(feature = "ceph")]
 pub use open::connect;
