@@ -200,6 +200,13 @@ pub trait StoreEngine: Send + Sync + Debug {
         let _ = span;
         None
     }
+    /// The advertised address of the receiver that holds (or last held)
+    /// the lease of `span` (`None`: none, or the engine has no span
+    /// leases).
+    fn span_holder(&self, span: &Name) -> Option<String> {
+        let _ = span;
+        None
+    }
     /// The pin of `host`'s `group` kept with the store, when the store
     /// does not read the local pin ([`crate::pin`]) of the group's
     /// directory in the data directory. Default: none (the local pin is

@@ -567,6 +567,10 @@ impl<C: Cluster + 'static> StoreEngine for CephEngine<C> {
         CephEngine::release_span(self, span)
     }
 
+    fn span_holder(&self, span: &Name) -> Option<String> {
+        CephEngine::span_owner(self, span)
+    }
+
     fn release_group(&self, host: &Name, group: &Name) {
         CephEngine::release(self, host, group)
     }
