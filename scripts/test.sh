@@ -80,10 +80,12 @@ echo "==> cargo test -p tidemark-receiver --features ceph --test ceph_store_live
 cargo test -p tidemark-receiver --features ceph --test ceph_store_live --test ceph_lease_live --no-fail-fast
 # End to end on the Ceph store (`[receiver.store] kind = "ceph"`): one
 # receiver replicating into the cluster, and two receivers where the owner
-# of a group is SIGKILLed or frozen and the other takes over. The tidemark
+# of a group is SIGKILLed or frozen and the other takes over, or the holder
+# of a span's lease is SIGKILLed and the other takes the span and its
+# members over. The tidemark
 # binary is rebuilt with its feature `ceph` for them (tests/lib.rs).
-echo "==> cargo test -p tidemark-e2e --features ceph --test ceph_store --test ceph_takeover"
-cargo test -p tidemark-e2e --features ceph --test ceph_store --test ceph_takeover --no-fail-fast
+echo "==> cargo test -p tidemark-e2e --features ceph --test ceph_store --test ceph_takeover --test ceph_span"
+cargo test -p tidemark-e2e --features ceph --test ceph_store --test ceph_takeover --test ceph_span --no-fail-fast
 
 # Every decoder, fuzzed for a bounded time (installs cargo-fuzz once).
 echo "==> scripts/fuzz.sh"
