@@ -8,7 +8,10 @@
 //! over, and span points go on. At the end every committed span point (all
 //! of them, not a sample) passes the causal check, the record's epoch went
 //! up and no point id was handed out twice, and every member's replica is
-//! its source disk, byte for byte: nothing was lost.
+//! its source disk, byte for byte: nothing was lost. `tidemark span
+//! points --config` reads the record from either node and names the
+//! holder, `span take --config` works on the holder's node and names it
+//! elsewhere, `failover --span` on the Ceph store is refused.
 //!
 //! Needs Ceph (skips with a message without `ceph-mon`, unless `CI` is
 //! set) and `rados`; run with `--features ceph` (scripts/test.sh does).
@@ -374,6 +377,63 @@ fn the_span_holder_is_killed_and_the_other_receiver_takes_the_span_and_its_membe
         took.as_secs_f64(),
         interval(&taken_before),
         interval(&taken_after)
+    );
+
+    // The commands, with either node's configuration: the record is read
+    // from the cluster; a point on demand is asked on the holder's node.
+    let config_of = |i: usize| root.join(format!("receiver-{}.toml", ports[i]));
+    let count = durable_points(&record()).len();
+    let listed = run_ok(
+        tidemark()
+            .args(["span", "points", "--config"])
+            .arg(config_of(holder))
+            .args(["--span", "shop", "--json"]),
+    );
+    assert!(
+        listed.lines().count() >= count,
+        "span points --config lists {} of {count} points:\n{listed}",
+        listed.lines().count()
+    );
+    let table = run_ok(
+        tidemark()
+            .args(["span", "points", "--config"])
+            .arg(config_of(holder))
+            .args(["--span", "shop"]),
+    );
+    assert!(
+        table.contains(&format!("coordinated by the receiver at {other}")),
+        "{table}"
+    );
+    let elsewhere = tidemark()
+        .args(["span", "take", "--config"])
+        .arg(config_of(holder))
+        .args(["--span", "shop", "--timeout", "10s"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&elsewhere.stderr);
+    assert!(
+        !elsewhere.status.success() && said.contains(&other),
+        "span take on a node that does not hold the span: {said}"
+    );
+    let taken = run_ok(
+        tidemark()
+            .args(["span", "take", "--config"])
+            .arg(config_of(1 - holder))
+            .args(["--span", "shop", "--label", "on-demand", "--timeout", "60s"]),
+    );
+    assert!(taken.contains("(on-demand)"), "{taken}");
+    let refused = tidemark()
+        .args(["failover", "--config"])
+        .arg(config_of(1 - holder))
+        .args(["--span", "shop", "--to"])
+        .arg(root.join("failover"))
+        .output()
+        .unwrap();
+    assert!(
+        !refused.status.success()
+            && String::from_utf8_lossy(&refused.stderr).contains("not supported yet"),
+        "failover --span on the Ceph store: {}",
+        String::from_utf8_lossy(&refused.stderr)
     );
 
     stop.store(true, Ordering::Relaxed);
