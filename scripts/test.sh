@@ -80,11 +80,13 @@ echo "==> cargo test -p tidemark-receiver --features ceph --test ceph_store_live
 cargo test -p tidemark-receiver --features ceph --test ceph_store_live --test ceph_lease_live --no-fail-fast
 # End to end on the Ceph store (`[receiver.store] kind = "ceph"`): one
 # receiver replicating into the cluster, and two receivers where the owner
-# of a group is SIGKILLed or frozen and the other takes over, and one
-# receiver through a 30 s freeze of the cluster's OSD. The tidemark
-# binary is rebuilt with its feature `ceph` for them (tests/lib.rs).
-echo "==> cargo test -p tidemark-e2e --features ceph --test ceph_store --test ceph_takeover --test ceph_outage"
-cargo test -p tidemark-e2e --features ceph --test ceph_store --test ceph_takeover --test ceph_outage --no-fail-fast
+# of a group is SIGKILLed or frozen and the other takes over, or the holder
+# of a span's lease is SIGKILLed and the other takes the span and its
+# members over; and one receiver through a 30 s freeze of the cluster's
+# OSD. The tidemark binary is rebuilt with its feature `ceph` for them
+# (tests/lib.rs).
+echo "==> cargo test -p tidemark-e2e --features ceph --test ceph_store --test ceph_takeover --test ceph_span --test ceph_outage"
+cargo test -p tidemark-e2e --features ceph --test ceph_store --test ceph_takeover --test ceph_span --test ceph_outage --no-fail-fast
 
 # Every decoder, fuzzed for a bounded time (installs cargo-fuzz once).
 echo "==> scripts/fuzz.sh"

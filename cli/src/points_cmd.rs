@@ -201,7 +201,11 @@ impl TargetArgs {
             (Some(span), _) => {
                 let cfg = self.store.receiver()?;
                 if cfg.store.kind != StoreKind::Local {
-                    bail!("--span works with the local store only, for now");
+                    bail!(
+                        "--span with the Ceph store is not supported yet: `tidemark span points --config … --span {span}` \
+                         lists each member's marker of a span point; fail each member over to it with \
+                         `--host HOST --group GROUP --point LABEL` (every member's span floor keeps its marker)"
+                    );
                 }
                 Ok(Target::Span {
                     data_dir: cfg.data_dir,

@@ -4,14 +4,16 @@
 //! command only reads it, and the members' replicas to tell which span
 //! points can still be had (`tidemark_receiver::span_point`).
 
+use crate::points_cmd::StoreArgs;
 use crate::timefmt;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
+use tidemark_config::StoreKind;
 use tidemark_names::{Label, Name};
-use tidemark_receiver::span::{Outcome, PointEntry, SpanDir};
+use tidemark_receiver::span::{Outcome, PointEntry, SpanDir, SpanRecord};
 use tidemark_receiver::span_point;
 use tidemark_receiver::span_take::{self, TakeRequest};
 
@@ -31,9 +33,10 @@ pub(crate) enum SpanCommand {
 /// `tidemark span take`.
 #[derive(Debug, Args)]
 pub(crate) struct TakeArgs {
-    /// The receiver's data directory.
-    #[arg(long)]
-    data_dir: PathBuf,
+    /// The receiver (`--data-dir`, or `--config`: with the Ceph store, on
+    /// the node of the receiver that coordinates the span).
+    #[command(flatten)]
+    store: StoreArgs,
     /// The span (a `[[receiver.span]]` name).
     #[arg(long)]
     span: Name,
@@ -54,9 +57,10 @@ pub(crate) struct TakeArgs {
 /// `tidemark span points`.
 #[derive(Debug, Args)]
 pub(crate) struct PointsArgs {
-    /// The receiver's data directory.
-    #[arg(long)]
-    data_dir: PathBuf,
+    /// The receiver (`--data-dir`, or `--config`: with the Ceph store,
+    /// from any receiver node).
+    #[command(flatten)]
+    store: StoreArgs,
     /// The span (a `[[receiver.span]]` name).
     #[arg(long)]
     span: Name,
@@ -77,12 +81,44 @@ pub(crate) fn run(command: SpanCommand) -> Result<ExitCode> {
 }
 
 fn take(a: TakeArgs) -> Result<ExitCode> {
-    let dir = SpanDir::open(&a.data_dir, &a.span).with_context(|| format!("span {}", a.span))?;
+    let cfg = a.store.receiver()?;
+    // With a store shared between receivers the span's record is in the
+    // cluster, and the request goes through the data directory of the
+    // receiver that holds the span's lease: this node's, or refused.
+    let shared = match cfg.store.kind {
+        StoreKind::Local => None,
+        _ => Some(a.store.engine()?),
+    };
+    if let Some(engine) = &shared {
+        let here = cfg
+            .store
+            .ceph()
+            .and_then(|c| c.advertise.clone())
+            .unwrap_or_else(|| cfg.listen.to_string());
+        match engine.span_holder(&a.span) {
+            Some(holder) if holder != here => bail!(
+                "span {} is coordinated by the receiver at {holder}, not this node's ({here}): run `tidemark span take` on that node",
+                a.span
+            ),
+            Some(_) => {}
+            None => bail!(
+                "span {} has no coordinator yet: no receiver has taken it (none of its members' shippers has connected)",
+                a.span
+            ),
+        }
+    }
+    let dir = SpanDir::open(&cfg.data_dir, &a.span).with_context(|| format!("span {}", a.span))?;
+    let load = || -> Result<SpanRecord> {
+        match shared.as_ref().and_then(|e| e.read_span(&a.span)) {
+            Some(record) => Ok(record?),
+            None => Ok(dir.load()?),
+        }
+    };
     let id = tidemark_changelog::now_ns();
     let label = match &a.label {
         Some(l) => l.clone(),
         None => {
-            let next = dir.load().map(|r| r.next_point).unwrap_or(1);
+            let next = load().map(|r| r.next_point).unwrap_or(1);
             format!("span-{}-{next}", a.span)
         }
     };
@@ -117,7 +153,7 @@ fn take(a: TakeArgs) -> Result<ExitCode> {
     };
     eprintln!("span {}: taking point {point}", a.span);
     loop {
-        let record = dir.load()?;
+        let record = load()?;
         if let Some(p) = record.points.iter().find(|p| p.point == point) {
             match p.outcome {
                 Outcome::Durable => {
@@ -161,17 +197,36 @@ fn outcome(p: &PointEntry, expired: bool) -> &'static str {
 }
 
 fn points(a: PointsArgs) -> Result<ExitCode> {
-    list(&a.data_dir, &a.span, a.all, a.json)
+    list_in(&a.store, &a.span, a.all, a.json)
+}
+
+/// [`list_in`] of the local store in `data_dir`.
+pub(crate) fn list(data_dir: &Path, span: &Name, all: bool, json: bool) -> Result<ExitCode> {
+    list_in(&StoreArgs::local(data_dir), span, all, json)
 }
 
 /// Lists the span points of `span` (`all`: every round), a table or
 /// (`json`) a JSON object per line. A span point a member's replica no
 /// longer holds is listed as expired, with the member and marker it lost.
-pub(crate) fn list(data_dir: &Path, span: &Name, all: bool, json: bool) -> Result<ExitCode> {
-    let record = SpanDir::open(data_dir, span)
-        .and_then(|dir| dir.load())
-        .with_context(|| format!("reading span {span}"))?;
-    let expired = span_point::expired(data_dir, &record);
+/// With the Ceph store the record and the members' replicas are read from
+/// the cluster, and the table says which receiver coordinates the span.
+fn list_in(store: &StoreArgs, span: &Name, all: bool, json: bool) -> Result<ExitCode> {
+    let cfg = store.receiver()?;
+    let (record, expired, holder) = if cfg.store.kind == StoreKind::Local {
+        let record = SpanDir::open(&cfg.data_dir, span)
+            .and_then(|dir| dir.load())
+            .with_context(|| format!("reading span {span}"))?;
+        let expired = span_point::expired(&cfg.data_dir, &record);
+        (record, expired, None)
+    } else {
+        let engine = store.engine()?;
+        let record = match engine.read_span(span) {
+            Some(read) => read.with_context(|| format!("reading span {span}"))?,
+            None => bail!("this store keeps no span records"),
+        };
+        let expired = span_point::expired_in(&*engine, &record);
+        (record, expired, engine.span_holder(span))
+    };
     let shown: Vec<&PointEntry> = record
         .points
         .iter()
@@ -204,6 +259,9 @@ pub(crate) fn list(data_dir: &Path, span: &Name, all: bool, json: bool) -> Resul
             println!("{line}");
         }
         return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(holder) = &holder {
+        println!("span {span}: coordinated by the receiver at {holder}");
     }
     let span_points = record.span_points().count() - expired.len();
     if expired.is_empty() {

@@ -20,6 +20,18 @@
 //! a member's when its host (from its certificate) and group (from its
 //! hello) are named in a span. Rounds stop for a member whose link is
 //! down; nothing waits on a member for longer than the core's bounds.
+//!
+//! Where the span's record is kept is the store engine's
+//! ([`crate::span::SpanStore`]). With the local store it is the span's
+//! directory and every configured span's task starts with the receiver.
+//! With a store shared between receivers (Ceph) the record is an object
+//! written under the span's lease (`crate::store::ceph::span` documents
+//! the rules): a span's task starts only once this receiver took the
+//! span's lease, which it does when a member's session arrives
+//! ([`Spans::ensure_held`]: taken if free, else the session is sent to
+//! the holder), and it stops as soon as the lease is gone (a save
+//! refused, the lease lost or fenced); the members' sessions here then
+//! end, and their shippers find the span's new holder.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,8 +49,9 @@ use tidemark_wire::{Compression, Message, MessageDecoder, MessageType, PROTOCOL_
 use tokio::sync::{mpsc, watch};
 
 use crate::replica::StoreReplica;
-use crate::span::{Outcome, SpanDir, SpanRecord, SpanRecordError};
+use crate::span::{Outcome, SpanDir, SpanRecord, SpanRecordError, SpanStore};
 use crate::span_take;
+use crate::store::StoreEngine;
 
 /// The replica stores open in this receiver, by (host, group).
 pub(crate) type OpenGroups = Arc<Mutex<HashMap<(Name, Name), Arc<Mutex<StoreReplica>>>>>;
@@ -114,11 +127,48 @@ pub(crate) struct SpanSample {
 }
 
 /// The spans of this receiver, by member.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Spans {
-    members: HashMap<(Name, Name), (mpsc::UnboundedSender<Input>, usize)>,
+    /// Each member's span (an index in `spans`) and place in it.
+    members: HashMap<(Name, Name), (usize, usize)>,
+    spans: Vec<SpanSlot>,
     next_link: AtomicU64,
-    samples: Vec<Arc<Mutex<SpanSample>>>,
+    /// What a task started later needs.
+    data_dir: std::path::PathBuf,
+    groups: OpenGroups,
+    window: Duration,
+    stop: watch::Receiver<bool>,
+}
+
+/// One configured span and its task, if it runs here.
+#[derive(Debug)]
+struct SpanSlot {
+    entry: SpanEntry,
+    /// The running task's input (closed once the task ended).
+    task: Mutex<Option<Running>>,
+}
+
+/// A running span task: its input and its metrics' sample.
+type Running = (mpsc::UnboundedSender<Input>, Arc<Mutex<SpanSample>>);
+
+impl SpanSlot {
+    /// The running task's input, if it runs.
+    fn running(&self) -> Option<mpsc::UnboundedSender<Input>> {
+        lock(&self.task)
+            .as_ref()
+            .filter(|(tx, _)| !tx.is_closed())
+            .map(|(tx, _)| tx.clone())
+    }
+}
+
+/// Why a member's group is not to be applied here.
+#[derive(Debug)]
+pub(crate) enum NotHeld {
+    /// Another receiver holds the span's lease (at this advertised
+    /// address, if it recorded one).
+    Elsewhere(Option<String>),
+    /// Taking the span's lease failed (the cluster, or a damaged record).
+    Failed(String),
 }
 
 /// A session's place in its span: the link ends when it is dropped.
@@ -143,40 +193,136 @@ impl Drop for Attached {
 }
 
 impl Spans {
-    /// Starts a coordinator task for each span of `spans`; they stop when
-    /// `stop` turns true. The span points within `window` (the
-    /// receiver's retention window) are kept: see [`SpanTask::set_floors`].
+    /// The spans of `spans`, stopping when `stop` turns true. The span
+    /// points within `window` (the receiver's retention window) are kept:
+    /// see [`SpanTask::set_floors`]. With an engine that keeps no span
+    /// records (the local store), every span's task starts now, its record
+    /// in `data_dir`; else each starts once its lease is taken
+    /// ([`Spans::ensure_held`]).
     pub(crate) fn start(
         spans: &[SpanEntry],
         data_dir: &std::path::Path,
         groups: OpenGroups,
         window: Duration,
         stop: watch::Receiver<bool>,
+        shared: bool,
     ) -> Result<Spans, SpanRecordError> {
         let mut members = HashMap::new();
-        let mut samples = Vec::new();
-        for entry in spans {
-            let dir = SpanDir::open(data_dir, &entry.name)?;
-            let record = dir.load()?;
-            let (tx, rx) = mpsc::unbounded_channel();
+        let mut slots = Vec::new();
+        for (s, entry) in spans.iter().enumerate() {
             for (i, m) in entry.members.iter().enumerate() {
-                members.insert((m.host.clone(), m.group.clone()), (tx.clone(), i));
+                members.insert((m.host.clone(), m.group.clone()), (s, i));
             }
-            let mut task = SpanTask::new(entry.clone(), dir, record, groups.clone());
-            task.window = window;
-            samples.push(task.sample.clone());
-            tokio::spawn(task.run(rx, stop.clone()));
+            slots.push(SpanSlot {
+                entry: entry.clone(),
+                task: Mutex::new(None),
+            });
         }
-        Ok(Spans {
+        let spans = Spans {
             members,
+            spans: slots,
             next_link: AtomicU64::new(1),
-            samples,
-        })
+            data_dir: data_dir.to_path_buf(),
+            groups,
+            window,
+            stop,
+        };
+        if !shared {
+            for slot in &spans.spans {
+                let store = SpanDir::open(data_dir, &slot.entry.name)?;
+                let running = spans.run(&slot.entry, Box::new(store))?;
+                *lock(&slot.task) = Some(running);
+            }
+        }
+        Ok(spans)
     }
 
-    /// Every span's sample, for the metrics.
+    /// Starts the task of the span `entry` with its record in `store`:
+    /// its input and its metrics' sample.
+    fn run(
+        &self,
+        entry: &SpanEntry,
+        store: Box<dyn SpanStore>,
+    ) -> Result<Running, SpanRecordError> {
+        let record = store.load()?;
+        let dir = SpanDir::open(&self.data_dir, &entry.name)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut task = SpanTask::new(entry.clone(), dir, store, record, self.groups.clone());
+        task.window = self.window;
+        let sample = task.sample.clone();
+        tokio::spawn(task.run(rx, self.stop.clone()));
+        Ok((tx, sample))
+    }
+
+    /// Makes sure that the span of `host`'s `group` (if it is a member)
+    /// is coordinated here before the group is applied here: its task
+    /// runs, or this receiver takes the span's lease from `engine` (free:
+    /// a new span, or its holder's lease expired) and starts it. Another
+    /// live holder: [`NotHeld::Elsewhere`], the member's shipper is to be
+    /// sent there.
+    pub(crate) fn ensure_held(
+        &self,
+        host: &Name,
+        group: &Name,
+        engine: &dyn StoreEngine,
+    ) -> Result<(), NotHeld> {
+        let Some(&(s, _)) = self.members.get(&(host.clone(), group.clone())) else {
+            return Ok(());
+        };
+        let slot = &self.spans[s];
+        // One taker at a time per span: two members' sessions arriving
+        // together take the lease once.
+        let mut task = lock(&slot.task);
+        if task.as_ref().is_some_and(|(tx, _)| !tx.is_closed()) {
+            return Ok(());
+        }
+        let span = &slot.entry.name;
+        let taken = tokio::task::block_in_place(|| engine.take_span(span));
+        let store = match taken {
+            // Spans kept in the data directory run from the start.
+            None => return Ok(()),
+            Some(Ok(store)) => store,
+            Some(Err(crate::lease_task::TakeoverError::OwnedElsewhere { owner })) => {
+                return Err(NotHeld::Elsewhere(owner))
+            }
+            Some(Err(e)) => {
+                let why = crate::daemon::error_chain(&e);
+                tracing::warn!(%span, error = %why, "cannot take the span's lease");
+                return Err(NotHeld::Failed(why));
+            }
+        };
+        tracing::info!(%span, record = %store.describe(), "span lease taken: this receiver coordinates the span and applies its members");
+        match self.run(&slot.entry, store) {
+            Ok(running) => {
+                *task = Some(running);
+                Ok(())
+            }
+            Err(e) => {
+                engine.release_span(span);
+                Err(NotHeld::Failed(crate::daemon::error_chain(&e)))
+            }
+        }
+    }
+
+    /// Whether the span of `host`'s `group` (if it is a member) is
+    /// coordinated here: a member's session ends once it is not.
+    pub(crate) fn holds_span_of(&self, host: &Name, group: &Name) -> bool {
+        match self.members.get(&(host.clone(), group.clone())) {
+            None => true,
+            Some(&(s, _)) => self.spans[s].running().is_some(),
+        }
+    }
+
+    /// Every span's sample coordinated here, for the metrics.
     pub(crate) fn samples(&self) -> Vec<SpanSample> {
-        self.samples.iter().map(|s| lock(s).clone()).collect()
+        self.spans
+            .iter()
+            .filter_map(|slot| {
+                let task = lock(&slot.task);
+                let (tx, sample) = task.as_ref()?;
+                (!tx.is_closed()).then(|| lock(sample).clone())
+            })
+            .collect()
     }
 
     /// Whether `host`'s `group` is a member of a span here.
@@ -194,7 +340,9 @@ impl Spans {
         conn: &quinn::Connection,
         version: u16,
     ) -> Option<Attached> {
-        let (tx, member) = self.members.get(&(host.clone(), group.clone()))?;
+        let &(s, member) = self.members.get(&(host.clone(), group.clone()))?;
+        let member = &member;
+        let tx = &self.spans[s].running()?;
         let id = self.next_link.fetch_add(1, Ordering::Relaxed);
         let (frames, stream) = if version >= HOLDS_SINCE {
             let (ftx, frx) = mpsc::unbounded_channel();
@@ -310,6 +458,9 @@ struct Following {
 struct SpanTask {
     entry: SpanEntry,
     members: Vec<(Name, Name)>,
+    /// Where the record is kept.
+    store: Box<dyn SpanStore>,
+    /// The span's directory on this node: requests for a point on demand.
     dir: SpanDir,
     record: SpanRecord,
     core: Coordinator,
@@ -333,7 +484,13 @@ struct SpanTask {
 }
 
 impl SpanTask {
-    fn new(entry: SpanEntry, dir: SpanDir, record: SpanRecord, groups: OpenGroups) -> SpanTask {
+    fn new(
+        entry: SpanEntry,
+        dir: SpanDir,
+        store: Box<dyn SpanStore>,
+        record: SpanRecord,
+        groups: OpenGroups,
+    ) -> SpanTask {
         let members: Vec<(Name, Name)> = entry
             .members
             .iter()
@@ -370,6 +527,7 @@ impl SpanTask {
             next_app_round: entry.app_consistent_every.map(|every| now + every.get()),
             entry,
             members,
+            store,
             dir,
             record,
             core,
@@ -386,8 +544,15 @@ impl SpanTask {
         mut rx: mpsc::UnboundedReceiver<Input>,
         mut stop: watch::Receiver<bool>,
     ) {
-        tracing::info!(span = %self.entry.name, members = self.members.len(), epoch = self.core.epoch().0, "span coordinator started");
+        tracing::info!(span = %self.entry.name, members = self.members.len(), epoch = self.core.epoch().0, record = %self.store.describe(), "span coordinator started");
         loop {
+            if self.store.fenced() {
+                // Another receiver holds the span now (or will): nothing
+                // more is sent or saved from here; the members' sessions
+                // here end and their shippers find the holder.
+                tracing::warn!(span = %self.entry.name, "the span's lease is gone: this receiver stops coordinating the span");
+                return;
+            }
             let now = Instant::now();
             let mut wake = self.next_round.min(now + TAKE_POLL);
             if let Some(t) = self.core.poll_timeout() {
@@ -645,7 +810,7 @@ impl SpanTask {
         ) {
             return true;
         }
-        match tokio::task::block_in_place(|| self.dir.save(&next)) {
+        match tokio::task::block_in_place(|| self.store.save(&next)) {
             Ok(()) => {
                 self.record = next;
                 true

@@ -511,17 +511,20 @@ pub async fn run(
         .local_addr()
         .map_err(|e| ReceiverFatal::Setup(format!("listening on {}: {e}", cfg.listen)))?;
     let groups: Groups = Arc::new(Mutex::new(HashMap::new()));
+    let engine: Arc<dyn StoreEngine> = crate::store::open_engine(&cfg, "receiver")
+        .map_err(|e| ReceiverFatal::Setup(format!("store: {}", error_chain(&e))))?
+        .into();
+    // With a store shared between receivers, each span is coordinated by
+    // the holder of its lease (taken when a member's session arrives).
     let spans = crate::coordinate::Spans::start(
         &cfg.spans,
         &cfg.data_dir,
         groups.clone(),
         cfg.retention.window.get(),
         stop.clone(),
+        engine.lease_stats().is_some(),
     )
     .map_err(|e| ReceiverFatal::Setup(format!("span: {e}")))?;
-    let engine: Arc<dyn StoreEngine> = crate::store::open_engine(&cfg, "receiver")
-        .map_err(|e| ReceiverFatal::Setup(format!("store: {}", error_chain(&e))))?
-        .into();
     let server = Arc::new(Server {
         engine,
         data_dir: cfg.data_dir.clone(),
@@ -782,6 +785,24 @@ impl Server {
     fn group(&self, host: &Name, group: &Name) -> Result<Arc<Mutex<StoreReplica>>, GroupRefused> {
         let key = (host.clone(), group.clone());
         let mut groups = lock(&self.groups);
+        // A span's member is applied where its span is coordinated.
+        match self.spans.ensure_held(host, group, &*self.engine) {
+            Ok(()) => {}
+            Err(crate::coordinate::NotHeld::Elsewhere(owner)) => {
+                if groups.remove(&key).is_some() {
+                    tracing::info!(%host, %group, "the group's span is coordinated by another receiver: the group is let go");
+                    self.engine.release(host, group);
+                }
+                return Err(GroupRefused::OwnedElsewhere(owner));
+            }
+            Err(crate::coordinate::NotHeld::Failed(why)) => {
+                return Err(GroupRefused::Refused(ReceiverError::Peer {
+                    class: ErrorClass::Transient,
+                    code: ErrorCode::Busy,
+                    message: format!("the span of {host}/{group} cannot be taken here: {why}"),
+                }))
+            }
+        }
         if let Some(g) = groups.get(&key) {
             if !lock(g).is_poisoned() {
                 return Ok(g.clone());
@@ -1092,6 +1113,16 @@ impl Server {
                 },
                 // Look for a drain request now and then, not at every read.
                 _ = drain_poll.tick() => match drain::read_request(&dir) {
+                    // The member's span moved to another receiver: so does
+                    // the member (its shipper comes back and is sent there).
+                    _ if !self.spans.holds_span_of(host, &group_name) => {
+                        let err = ReceiverError::Peer {
+                            class: ErrorClass::Transient,
+                            code: ErrorCode::Busy,
+                            message: format!("the span of {host}/{group_name} is coordinated by another receiver now"),
+                        };
+                        return refuse(&mut send, err).await;
+                    }
                     Ok(Some(id)) if drain_sent != Some(id) => {
                         tracing::info!(%host, group = %group_name, id, "asking the shipper to drain the group (planned failover)");
                         match receiving.request_drain(id) {

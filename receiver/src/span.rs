@@ -3,6 +3,12 @@
 //! outcome of every round, the list of span points among them. This
 //! module is the record's one owner: it reads, changes and writes it.
 //!
+//! Where the record lives is the [`SpanStore`] seam: in the receiver's
+//! data directory with the local store ([`SpanDir`], below), in the
+//! cluster with the Ceph store (one object per span, under the span's
+//! lease: `crate::store::ceph::span`, whose module documents the object).
+//! Both keep the same bytes (this format) and replace them whole.
+//!
 //! Layout, under the receiver's data directory:
 //!
 //! ```text
@@ -173,6 +179,46 @@ pub enum SpanRecordError {
         /// Its version.
         version: u32,
     },
+    /// Cluster: an operation on the record's object failed (unreachable,
+    /// timed out, refused); a write whose outcome is unknown makes the
+    /// store refuse every later write (the next holder reads what won).
+    #[error("{what} the span record {object}")]
+    Cluster {
+        /// What was being done.
+        what: &'static str,
+        /// The record's object.
+        object: String,
+        /// The cluster's answer.
+        #[source]
+        source: tidemark_ceph::CephError,
+    },
+    /// Another receiver: the span's lease is no longer this receiver's
+    /// (lost here, or the cluster refused our lock, our epoch or our
+    /// client): the record was not written, and this coordinator must
+    /// stop.
+    #[error("the span record {object} belongs to another coordinator now: this one was fenced")]
+    Fenced {
+        /// The record's object.
+        object: String,
+    },
+}
+
+/// Where a span's record is kept: read whole, replaced whole and
+/// atomically. The local store's is the span's directory ([`SpanDir`]);
+/// the Ceph store's is an object written under the span's lease, so that a
+/// coordinator that lost the lease can never write it.
+pub trait SpanStore: Send + Sync + std::fmt::Debug {
+    /// The span's record (a new span's when there is none yet).
+    fn load(&self) -> Result<SpanRecord, SpanRecordError>;
+    /// Replaces the record with `record`, atomically and durably.
+    fn save(&self, record: &SpanRecord) -> Result<(), SpanRecordError>;
+    /// Whether this store may never write again (its lease is gone): the
+    /// coordinator using it stops.
+    fn fenced(&self) -> bool {
+        false
+    }
+    /// Where the record is, for messages.
+    fn describe(&self) -> String;
 }
 
 impl SpanRecord {
@@ -360,6 +406,52 @@ impl SpanDir {
     }
 }
 
+impl SpanStore for SpanDir {
+    fn load(&self) -> Result<SpanRecord, SpanRecordError> {
+        SpanDir::load(self)
+    }
+
+    fn save(&self, record: &SpanRecord) -> Result<(), SpanRecordError> {
+        SpanDir::save(self, record)
+    }
+
+    fn describe(&self) -> String {
+        self.dir.join(RECORD_FILE).display().to_string()
+    }
+}
+
+/// The record in `bytes` (read from `path`, for messages).
+pub fn decode(bytes: &[u8], path: &Path) -> Result<SpanRecord, SpanRecordError> {
+    let damaged = |reason: String| SpanRecordError::Damaged {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if bytes.len() as u64 > MAX_RECORD {
+        return Err(damaged(format!(
+            "{} bytes, more than a record holds",
+            bytes.len()
+        )));
+    }
+    #[derive(Deserialize)]
+    struct Version {
+        version: u32,
+    }
+    let version: Version = serde_json::from_slice(bytes).map_err(|e| damaged(e.to_string()))?;
+    if version.version != RECORD_VERSION {
+        return Err(SpanRecordError::UnsupportedVersion {
+            path: path.to_path_buf(),
+            version: version.version,
+        });
+    }
+    serde_json::from_slice(bytes).map_err(|e| damaged(e.to_string()))
+}
+
+/// The record's bytes as every store keeps them.
+pub fn encode(record: &SpanRecord) -> Vec<u8> {
+    // A record of plain numbers, strings and vectors always encodes.
+    serde_json::to_vec_pretty(record).unwrap_or_default()
+}
+
 fn load_from<D: LogDir>(dir: &D, path: &Path) -> Result<SpanRecord, SpanRecordError> {
     let io = |what| {
         move |source| SpanRecordError::Io {
@@ -392,26 +484,11 @@ fn load_from<D: LogDir>(dir: &D, path: &Path) -> Result<SpanRecord, SpanRecordEr
             n => at += n,
         }
     }
-    #[derive(Deserialize)]
-    struct Version {
-        version: u32,
-    }
-    let version: Version = serde_json::from_slice(&bytes).map_err(|e| damaged(e.to_string()))?;
-    if version.version != RECORD_VERSION {
-        return Err(SpanRecordError::UnsupportedVersion {
-            path: path.to_path_buf(),
-            version: version.version,
-        });
-    }
-    serde_json::from_slice(&bytes).map_err(|e| damaged(e.to_string()))
+    decode(&bytes, path)
 }
 
 fn save_to<D: LogDir>(dir: &D, path: &Path, record: &SpanRecord) -> Result<(), SpanRecordError> {
-    let bytes = serde_json::to_vec_pretty(record).map_err(|e| SpanRecordError::Io {
-        what: "encoding",
-        path: path.to_path_buf(),
-        source: std::io::Error::other(e),
-    })?;
+    let bytes = encode(record);
     replace(dir, RECORD_TMP, RECORD_FILE, &bytes, Durability::Durable).map_err(|e| {
         SpanRecordError::Io {
             what: "writing",

@@ -261,7 +261,15 @@ pub fn check(data_dir: &Path, span: &Name, entry: &PointEntry) -> Result<(), Spa
 /// member's replica is opened once, read-only: it works while the
 /// receiver runs.
 pub fn expired(data_dir: &Path, record: &SpanRecord) -> BTreeMap<u64, (Name, Name, Seq)> {
-    let engine = LocalEngine::new(data_dir);
+    expired_in(&LocalEngine::new(data_dir), record)
+}
+
+/// [`expired`], the members' replicas in the store of `engine` (the
+/// local store, or the Ceph store from any receiver node).
+pub fn expired_in(
+    engine: &dyn crate::store::StoreEngine,
+    record: &SpanRecord,
+) -> BTreeMap<u64, (Name, Name, Seq)> {
     let mut stores: HashMap<(Name, Name), Option<Arc<dyn ReplicaStore>>> = HashMap::new();
     let mut expired = BTreeMap::new();
     for entry in record.span_points() {

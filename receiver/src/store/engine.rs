@@ -157,6 +157,10 @@ pub struct GroupOwner {
     /// recorded.
     pub since_ns: Option<u64>,
 }
+/// Why a span's lease could not be taken: held by another live receiver
+/// (with its advertised address), lost on the way, or its record could not
+/// be opened.
+pub type SpanTakeoverError = crate::lease_task::TakeoverError<crate::span::SpanRecordError>;
 
 /// Where the replica stores of the groups live.
 pub trait StoreEngine: Send + Sync + Debug {
@@ -188,6 +192,38 @@ pub trait StoreEngine: Send + Sync + Debug {
     /// Lets every group go ([`release`](Self::release)): a receiver
     /// stopping cleanly, after dropping its stores.
     fn release_all(&self) {}
+    /// With a store shared between receivers, takes the lease of `span`
+    /// and opens its record under it (`store::ceph::span`): `None` when
+    /// the engine keeps no span records (they are in the data directory,
+    /// `crate::span::SpanDir`, and the span is coordinated by the one
+    /// receiver that has it in its configuration).
+    fn take_span(
+        &self,
+        span: &Name,
+    ) -> Option<Result<Box<dyn crate::span::SpanStore>, SpanTakeoverError>> {
+        let _ = span;
+        None
+    }
+    /// Lets the lease of `span` go (see [`StoreEngine::take_span`]).
+    fn release_span(&self, span: &Name) {
+        let _ = span;
+    }
+    /// The record of `span` as the store keeps it, for readers on any node
+    /// (`None`: the engine keeps no span records).
+    fn read_span(
+        &self,
+        span: &Name,
+    ) -> Option<Result<crate::span::SpanRecord, crate::span::SpanRecordError>> {
+        let _ = span;
+        None
+    }
+    /// The advertised address of the receiver that holds (or last held)
+    /// the lease of `span` (`None`: none, or the engine has no span
+    /// leases).
+    fn span_holder(&self, span: &Name) -> Option<String> {
+        let _ = span;
+        None
+    }
     /// The pin of `host`'s `group` kept with the store, when the store
     /// does not read the local pin ([`crate::pin`]) of the group's
     /// directory in the data directory. Default: none (the local pin is

@@ -311,7 +311,9 @@ mod open;
 mod overlay;
 mod state;
 
-pub use engine::{GroupOwner, LocalEngine, PointReader, ReplicaStore, StoreEngine};
+pub use engine::{
+    GroupOwner, LocalEngine, PointReader, ReplicaStore, SpanTakeoverError, StoreEngine,
+};
 pub use error::StoreError;
 #[cfg(feature = "ceph")]
 pub use open::connect;

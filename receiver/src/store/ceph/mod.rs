@@ -149,6 +149,7 @@
 //! guarded operation, so a reader pins before it reads, as locally.
 
 mod dir;
+pub mod span;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -162,9 +163,10 @@ use tidemark_names::Name;
 use dir::{io_error, Head};
 pub use dir::{CephDir, CephFile, ObjectFile};
 
-use super::{ReplicaGroup, ReplicaStore, StoreEngine, StoreError};
+use super::{ReplicaGroup, ReplicaStore, SpanTakeoverError, StoreEngine, StoreError};
 use crate::lease::LeaseConfig;
 use crate::lease_task::{LeaseGate, LeaseKeeper, LeaseStats, TakeoverError};
+use crate::span::{SpanRecord, SpanRecordError, SpanStore};
 
 /// The format of a group's objects this release reads and writes.
 pub const FORMAT_VERSION: u32 = 1;
@@ -688,6 +690,27 @@ impl<C: Cluster + 'static> StoreEngine for CephEngine<C> {
 
     fn release_all(&self) {
         CephEngine::release_all(self)
+    }
+
+    fn take_span(&self, span: &Name) -> Option<Result<Box<dyn SpanStore>, SpanTakeoverError>> {
+        match CephEngine::take_span(self, span) {
+            Ok(None) => None,
+            Ok(Some(store)) => Some(Ok(Box::new(store))),
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    fn release_span(&self, span: &Name) {
+        CephEngine::release_span(self, span)
+    }
+
+    fn span_holder(&self, span: &Name) -> Option<String> {
+        CephEngine::span_owner(self, span)
+    }
+
+    fn read_span(&self, span: &Name) -> Option<Result<SpanRecord, SpanRecordError>> {
+        self.lease.as_ref()?;
+        Some(CephEngine::read_span(self, span))
     }
 
     fn store_pin(&self, host: &Name, group: &Name) -> Option<Box<dyn crate::pin::StorePin>> {
