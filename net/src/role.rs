@@ -22,7 +22,6 @@
 //! host), the console refuses one without (a host must not open it).
 
 use std::fmt;
-use std::str::FromStr;
 
 /// The arc our console role OIDs hang under, in dotted form.
 pub const ROLE_ARC: &str = "2.25.201338833876323180311371667709132664435";
@@ -36,65 +35,23 @@ const CLIENT_AUTH: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x02];
 /// The extended key usage extension's OID, 2.5.29.37.
 pub const EXTENDED_KEY_USAGE_OID: &[u64] = &[2, 5, 29, 37];
 
-/// What an admin certificate lets its holder do in the console.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum ConsoleRole {
-    /// Sees every page, changes nothing.
-    ReadOnly,
-    /// Also starts and cleans up test failovers (and the other actions).
-    Operator,
-}
+pub use tidemark_config::ConsoleRole;
 
-impl ConsoleRole {
-    /// Every role, weakest first.
-    pub const ALL: [ConsoleRole; 2] = [ConsoleRole::ReadOnly, ConsoleRole::Operator];
-
-    /// The last arc of the role's OID under [`ROLE_ARC`].
-    fn arc(self) -> u8 {
-        match self {
-            ConsoleRole::ReadOnly => 1,
-            ConsoleRole::Operator => 2,
-        }
-    }
-
-    /// The role's OID as DER content bytes (no tag, no length).
-    pub fn oid_content(self) -> Vec<u8> {
-        // 2.25 packs into one first byte: 2 * 40 + 25.
-        let mut out = vec![2 * 40 + 25];
-        push_base128(&mut out, ARC_UUID);
-        push_base128(&mut out, self.arc().into());
-        out
-    }
-
-    /// The name used in configuration and on the command line.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ConsoleRole::ReadOnly => "read-only",
-            ConsoleRole::Operator => "operator",
-        }
+/// The last arc of `role`'s OID under [`ROLE_ARC`].
+fn arc(role: ConsoleRole) -> u8 {
+    match role {
+        ConsoleRole::ReadOnly => 1,
+        ConsoleRole::Operator => 2,
     }
 }
 
-impl fmt::Display for ConsoleRole {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A role name that is not one of [`ConsoleRole`]'s.
-#[derive(Debug, thiserror::Error)]
-#[error("unknown console role {0:?}: read-only or operator")]
-pub struct UnknownRole(pub String);
-
-impl FromStr for ConsoleRole {
-    type Err = UnknownRole;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        ConsoleRole::ALL
-            .into_iter()
-            .find(|r| r.as_str() == s)
-            .ok_or_else(|| UnknownRole(s.to_owned()))
-    }
+/// `role`'s OID as DER content bytes (no tag, no length).
+pub fn oid_content(role: ConsoleRole) -> Vec<u8> {
+    // 2.25 packs into one first byte: 2 * 40 + 25.
+    let mut out = vec![2 * 40 + 25];
+    push_base128(&mut out, ARC_UUID);
+    push_base128(&mut out, arc(role).into());
+    out
 }
 
 /// Appends `value` in the base-128 form of OID arcs (high groups first,
@@ -112,7 +69,7 @@ fn push_base128(out: &mut Vec<u8>, value: u128) {
 /// The DER content of an extended key usage extension listing
 /// `clientAuth` and `role`: what an admin certificate carries.
 pub fn extended_key_usage(role: ConsoleRole) -> Vec<u8> {
-    let role = role.oid_content();
+    let role = oid_content(role);
     yasna::construct_der(|w| {
         w.write_sequence(|w| {
             w.next().write_der(&oid_tlv(CLIENT_AUTH));
@@ -160,7 +117,7 @@ pub fn console_role(cert: &[u8]) -> Result<Option<ConsoleRole>, RoleError> {
     for oid in &eku.value.other {
         let role = ConsoleRole::ALL
             .into_iter()
-            .find(|r| r.oid_content() == oid.as_bytes());
+            .find(|r| oid_content(*r) == oid.as_bytes());
         match (found, role) {
             (_, None) => {}
             (None, Some(r)) => found = Some(r),
@@ -185,8 +142,8 @@ mod tests {
 
     #[test]
     fn role_oids_encode_the_uuid_arc() {
-        assert_eq!(hex(&ConsoleRole::ReadOnly.oid_content()), OPENSSL_READ_ONLY);
-        assert_eq!(hex(&ConsoleRole::Operator.oid_content()), OPENSSL_OPERATOR);
+        assert_eq!(hex(&oid_content(ConsoleRole::ReadOnly)), OPENSSL_READ_ONLY);
+        assert_eq!(hex(&oid_content(ConsoleRole::Operator)), OPENSSL_OPERATOR);
     }
 
     #[test]
