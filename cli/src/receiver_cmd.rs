@@ -28,6 +28,9 @@ pub(crate) enum ReceiverCommand {
     /// Start a CA rotation: a new CA beside the old one; hosts move to it
     /// as they renew.
     CaRotate(CaRotateArgs),
+    /// Print the argon2id hash of a web console password read from
+    /// standard input, for a `[[receiver.console.user]]` table.
+    ConsolePassword,
     /// Create the receiver's CA and server certificate in --pki-dir.
     Init(InitArgs),
     /// Retire a host for good: refuse it from now on and remove its
@@ -279,6 +282,20 @@ pub(crate) fn run_receiver(cmd: ReceiverCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         ReceiverCommand::Serve(a) => receiver_serve(a),
+        ReceiverCommand::ConsolePassword => {
+            let mut password = String::new();
+            std::io::stdin()
+                .read_line(&mut password)
+                .context("reading the password from standard input")?;
+            let password = password.trim_end_matches(['\r', '\n']);
+            if password.is_empty() {
+                anyhow::bail!("the password is empty");
+            }
+            let hash = tidemark_console::hash_password(password)
+                .map_err(|e| anyhow::anyhow!("hashing the password: {e}"))?;
+            println!("{hash}");
+            Ok(ExitCode::SUCCESS)
+        }
         ReceiverCommand::Adopt(a) => crate::reprotect_cmd::adopt(a),
         ReceiverCommand::Init(a) => {
             let created = pki::init_receiver(&a.pki_dir, &a.server_name)?;
@@ -413,6 +430,15 @@ pub(crate) fn receiver_serve(a: ReceiverServeArgs) -> Result<ExitCode> {
     let rt = runtime()?;
     rt.block_on(async {
         let stop = stop_on_signals()?;
+        // The web console beside replication, reading the same store.
+        let console = match cfg.console.enabled {
+            true => {
+                let bound = tidemark_console::bind(&cfg).await?;
+                println!("console on https://{}", bound.local_addr());
+                Some(tokio::spawn(bound.serve(stop.clone())))
+            }
+            false => None,
+        };
         tidemark_receiver::daemon::run(cfg, metrics_listen, stop, |addr, metrics| {
             println!("receiver ready on {addr}");
             print_metrics_address(metrics);
@@ -420,6 +446,9 @@ pub(crate) fn receiver_serve(a: ReceiverServeArgs) -> Result<ExitCode> {
             crate::notify_ready();
         })
         .await?;
+        if let Some(console) = console {
+            console.await??;
+        }
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
