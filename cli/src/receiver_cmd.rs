@@ -431,17 +431,20 @@ pub(crate) fn receiver_serve(a: ReceiverServeArgs) -> Result<ExitCode> {
     rt.block_on(async {
         let stop = stop_on_signals()?;
         // The web console beside replication, reading the same store.
-        let console = match cfg.console.enabled {
+        let (console, console_addr) = match cfg.console.enabled {
             true => {
                 let bound = tidemark_console::bind(&cfg).await?;
-                println!("console on https://{}", bound.local_addr());
-                Some(tokio::spawn(bound.serve(stop.clone())))
+                let addr = bound.local_addr();
+                (Some(tokio::spawn(bound.serve(stop.clone()))), Some(addr))
             }
-            false => None,
+            false => (None, None),
         };
         tidemark_receiver::daemon::run(cfg, metrics_listen, stop, |addr, metrics| {
             println!("receiver ready on {addr}");
             print_metrics_address(metrics);
+            if let Some(console) = console_addr {
+                println!("console on https://{console}");
+            }
             let _ = std::io::stdout().flush();
             crate::notify_ready();
         })
