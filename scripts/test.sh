@@ -41,6 +41,29 @@ if [ ${#need_ceph[@]} -gt 0 ]; then
     }
 fi
 
+# The web console's browser test (tests/console_browser.rs) drives Debian's
+# chromium through chromedriver; NSS's certutil/pk12util make each browser
+# identity's certificate database. Without the recommends (they pull in
+# systemd, udev, avahi and more). Headless Chromium cannot show its
+# client-certificate picker: a managed policy picks the certificate for
+# https://127.0.0.1 (loopback only, where the test's console listens).
+need_browser=()
+for pair in "chromium:chromium" "chromedriver:chromium-driver" "certutil:libnss3-tools"; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || need_browser+=("${pair#*:}")
+done
+if [ ${#need_browser[@]} -gt 0 ]; then
+    echo "==> installing ${need_browser[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends "${need_browser[@]}" >/dev/null 2>&1 || {
+        apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need_browser[@]}" >/dev/null
+    }
+fi
+policy=/etc/chromium/policies/managed/tidemark-tests.json
+if [ ! -e "$policy" ]; then
+    mkdir -p "$(dirname "$policy")"
+    printf '%s\n' '{ "AutoSelectCertificateForUrls": [ "{\"pattern\":\"https://127.0.0.1:*\",\"filter\":{}}" ] }' > "$policy"
+fi
+
 # The VM boot test also boots through libvirt: a libvirtd of its own
 # (Debian's daemon and qemu driver, no systemd; without the recommends,
 # which pull in other hypervisors' drivers).

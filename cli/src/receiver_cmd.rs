@@ -28,13 +28,18 @@ pub(crate) enum ReceiverCommand {
     /// Start a CA rotation: a new CA beside the old one; hosts move to it
     /// as they renew.
     CaRotate(CaRotateArgs),
+    /// Print the argon2id hash of a web console password read from
+    /// standard input, for a `[[receiver.console.user]]` table.
+    ConsolePassword,
     /// Create the receiver's CA and server certificate in --pki-dir.
     Init(InitArgs),
     /// Retire a host for good: refuse it from now on and remove its
     /// replicas and history, now or after --keep (the receiver must be
     /// stopped).
     Retire(RetireArgs),
-    /// Issue a client certificate for a protected host from its request.
+    /// Issue a client certificate for a protected host from its request,
+    /// or (--admin) a web console admin's, or (--console) the console's
+    /// server certificate.
     Sign(SignArgs),
     /// Accept shippers over QUIC and apply their logs to the replicas
     /// (runs until SIGTERM).
@@ -55,22 +60,41 @@ pub(crate) struct InitArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("who").required(true).args(["host", "admin", "console"])))]
 pub(crate) struct SignArgs {
     /// The receiver's PKI directory (from `tidemark receiver init`).
     #[arg(long)]
     pki_dir: PathBuf,
     /// The host you mean to enrol; the request must name exactly this host.
-    #[arg(long)]
-    host: Name,
+    #[arg(long, requires = "csr")]
+    host: Option<Name>,
     /// The host's request (host.csr from `tidemark host request`).
-    #[arg(long)]
-    csr: PathBuf,
-    /// Where to write the host certificate (must not exist).
+    #[arg(long, requires = "host")]
+    csr: Option<PathBuf>,
+    /// Instead of a host: a web console admin of this name, with --role;
+    /// the key is made here and written to --key-out. The certificate
+    /// opens the console only, never replication.
+    #[arg(long, requires_all = ["role", "key_out"])]
+    admin: Option<Name>,
+    /// The admin's console role: read-only or operator.
+    #[arg(long, requires = "admin")]
+    role: Option<tidemark_net::role::ConsoleRole>,
+    /// Instead of a host: the web console's server certificate for this
+    /// address (IP address or DNS name, as the browser is given it; it goes
+    /// into the SAN); the key is made here and written to --key-out.
+    #[arg(long, value_name = "ADDRESS", requires = "key_out")]
+    console: Option<String>,
+    /// Where to write the certificate (must not exist).
     #[arg(long)]
     out: PathBuf,
-    /// Validity of the certificate in days.
-    #[arg(long, default_value_t = pki::DEFAULT_HOST_VALIDITY_DAYS)]
-    days: u32,
+    /// With --admin or --console: where to write the new private key (must
+    /// not exist; 0600).
+    #[arg(long)]
+    key_out: Option<PathBuf>,
+    /// Validity of the certificate in days (default: 825 for a host, 397
+    /// for an admin or the console).
+    #[arg(long)]
+    days: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -269,6 +293,20 @@ pub(crate) fn run_receiver(cmd: ReceiverCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         ReceiverCommand::Serve(a) => receiver_serve(a),
+        ReceiverCommand::ConsolePassword => {
+            let mut password = String::new();
+            std::io::stdin()
+                .read_line(&mut password)
+                .context("reading the password from standard input")?;
+            let password = password.trim_end_matches(['\r', '\n']);
+            if password.is_empty() {
+                anyhow::bail!("the password is empty");
+            }
+            let hash = tidemark_console::hash_password(password)
+                .map_err(|e| anyhow::anyhow!("hashing the password: {e}"))?;
+            println!("{hash}");
+            Ok(ExitCode::SUCCESS)
+        }
         ReceiverCommand::Adopt(a) => crate::reprotect_cmd::adopt(a),
         ReceiverCommand::Init(a) => {
             let created = pki::init_receiver(&a.pki_dir, &a.server_name)?;
@@ -288,11 +326,15 @@ pub(crate) fn run_receiver(cmd: ReceiverCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         ReceiverCommand::Sign(a) => {
-            let csr = std::fs::read_to_string(&a.csr)
-                .with_context(|| format!("reading {}", a.csr.display()))?;
-            let cert = pki::sign_host(&a.pki_dir, &csr, &a.host, a.days)?;
+            let (Some(host), Some(csr)) = (&a.host, &a.csr) else {
+                return sign_admin_or_console(a);
+            };
+            let days = a.days.unwrap_or(pki::DEFAULT_HOST_VALIDITY_DAYS);
+            let csr = std::fs::read_to_string(csr)
+                .with_context(|| format!("reading {}", csr.display()))?;
+            let cert = pki::sign_host(&a.pki_dir, &csr, host, days)?;
             pki::write_new_file(&a.out, cert.as_bytes(), 0o644)?;
-            println!("signed {} for {} days: {}", a.host, a.days, a.out.display());
+            println!("signed {host} for {days} days: {}", a.out.display());
             println!(
                 "copy {} and {} to the host's PKI directory (as {} and {})",
                 a.out.display(),
@@ -303,6 +345,42 @@ pub(crate) fn run_receiver(cmd: ReceiverCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `tidemark receiver sign --admin NAME --role ROLE` or `--console ADDRESS`:
+/// a certificate and a new key, both made here.
+fn sign_admin_or_console(a: SignArgs) -> Result<ExitCode> {
+    let days = a.days.unwrap_or(pki::DEFAULT_ADMIN_VALIDITY_DAYS);
+    let Some(key_out) = &a.key_out else {
+        anyhow::bail!("give --key-out: where the new private key goes");
+    };
+    let (issued, what) = match (&a.admin, a.role, &a.console) {
+        (Some(name), Some(role), None) => (
+            pki::sign_admin(&a.pki_dir, name, role, days)?,
+            format!("console admin {name} ({role})"),
+        ),
+        (None, None, Some(address)) => (
+            pki::sign_console(&a.pki_dir, address, days)?,
+            format!("the console at {address}"),
+        ),
+        _ => anyhow::bail!("give --admin with --role, or --console"),
+    };
+    pki::write_new_file(key_out, issued.key_pem.as_bytes(), 0o600)?;
+    pki::write_new_file(&a.out, issued.cert_pem.as_bytes(), 0o644)?;
+    println!(
+        "signed {what} for {days} days: {} (key {})",
+        a.out.display(),
+        key_out.display()
+    );
+    if a.admin.is_some() {
+        println!(
+            "for a browser: openssl pkcs12 -export -in {} -inkey {} -out admin.p12, then import admin.p12 and trust {}",
+            a.out.display(),
+            key_out.display(),
+            a.pki_dir.join(pki::CA_CERT_FILE).display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `tidemark receiver serve`.
@@ -363,13 +441,28 @@ pub(crate) fn receiver_serve(a: ReceiverServeArgs) -> Result<ExitCode> {
     let rt = runtime()?;
     rt.block_on(async {
         let stop = stop_on_signals()?;
+        // The web console beside replication, reading the same store.
+        let (console, console_addr) = match cfg.console.enabled {
+            true => {
+                let bound = tidemark_console::bind(&cfg).await?;
+                let addr = bound.local_addr();
+                (Some(tokio::spawn(bound.serve(stop.clone()))), Some(addr))
+            }
+            false => (None, None),
+        };
         tidemark_receiver::daemon::run(cfg, metrics_listen, stop, |addr, metrics| {
             println!("receiver ready on {addr}");
             print_metrics_address(metrics);
+            if let Some(console) = console_addr {
+                println!("console on https://{console}");
+            }
             let _ = std::io::stdout().flush();
             crate::notify_ready();
         })
         .await?;
+        if let Some(console) = console {
+            console.await??;
+        }
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)

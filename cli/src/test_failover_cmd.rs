@@ -1,10 +1,11 @@
 //! `tidemark test-failover`: a recovery point served over NBD on the
 //! replica site, read-write, while replication goes on. The point, its
 //! pin and the test's copy-on-write scratch files are the receiver crate's
-//! ([`tidemark_receiver::test_failover`]); this module chooses the point,
-//! serves the overlay over NBD, with `--boot` starts the group's VM on it
-//! (isolated, see [`crate::vm_boot`]), and ends the test on SIGTERM or
-//! Ctrl-C, the VM first.
+//! ([`tidemark_receiver::test_failover`]), and so is serving it over NBD
+//! ([`tidemark_receiver::test_failover::nbd`]); this module chooses the
+//! point, with `--boot` starts the group's VM on the exports (isolated,
+//! see [`crate::vm_boot`]), and ends the test on SIGTERM or Ctrl-C, the
+//! VM first.
 //! `tidemark test-failover cleanup` removes what a killed test left.
 //! With `--span`, every member of a span is served at the same span point
 //! (one socket per member, in `--socket-dir`), and cleanup cleans every
@@ -18,16 +19,13 @@ use clap::{Args, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
-use tidemark_changelog::DiskId;
 use tidemark_config::VmSpec;
 use tidemark_names::Name;
 use tidemark_receiver::pin::{PinLock, TEST_FAILOVER_DIR};
 use tidemark_receiver::span_point::{self, PinnedSpanPoint, PointChoice};
 use tidemark_receiver::store::{Disk, RecoveryPoint, StoreEngine};
-use tidemark_receiver::test_failover::{CowOverlay, OverlayError, TestFailover};
-use tidemark_tracker::backend::{from_runs, Allocation, Backend, BackendError, ServedDisk};
-use tidemark_tracker::server::{Server, ServerOptions, DEFAULT_BLOCK_SIZES};
+use tidemark_receiver::test_failover::nbd::{ServeError, ServedTestFailover};
+use tidemark_receiver::test_failover::TestFailover;
 use tidemark_vm::boot::{self, Networks};
 use tidemark_vm::DiskSource;
 
@@ -78,93 +76,6 @@ pub(crate) fn run(cmd: TestFailoverCommand) -> Result<ExitCode> {
     match cmd {
         TestFailoverCommand::Start(a) => start(a),
         TestFailoverCommand::Cleanup(a) => cleanup(a),
-    }
-}
-
-/// The test failover's overlay as a backend the NBD server serves.
-struct NbdExport(Arc<CowOverlay>);
-
-fn backend_error(e: OverlayError) -> BackendError {
-    match e {
-        OverlayError::NoSuchDisk(id) => BackendError::NoSuchDisk(DiskId(id)),
-        OverlayError::Point(e) => {
-            tracing::warn!(error = %e, "reading the point");
-            BackendError::Io(std::io::Error::other(e))
-        }
-        OverlayError::Scratch(e) => BackendError::from(e),
-    }
-}
-
-impl Backend for NbdExport {
-    fn disks(&self) -> Vec<ServedDisk> {
-        self.0
-            .disks()
-            .iter()
-            .map(|d| ServedDisk {
-                disk: d.clone(),
-                export: d.name.to_string(),
-                description: format!("tidemark test failover of disk {}", d.name),
-                read_only: false,
-                block_sizes: DEFAULT_BLOCK_SIZES,
-            })
-            .collect()
-    }
-
-    fn multi_conn_safe(&self) -> bool {
-        // Every connection writes the same scratch files; FLUSH syncs them.
-        true
-    }
-
-    fn read(&self, disk: DiskId, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
-        self.0.read(disk.get(), offset, buf).map_err(backend_error)
-    }
-
-    fn write(
-        &self,
-        disk: DiskId,
-        offset: u64,
-        data: &[u8],
-        _fua: bool,
-    ) -> Result<(), BackendError> {
-        self.0
-            .write(disk.get(), offset, data)
-            .map_err(backend_error)
-    }
-
-    fn write_zeroes(
-        &self,
-        disk: DiskId,
-        offset: u64,
-        length: u64,
-        _no_hole: bool,
-        _fua: bool,
-    ) -> Result<(), BackendError> {
-        self.0
-            .write_zeroes(disk.get(), offset, length)
-            .map_err(backend_error)
-    }
-
-    fn trim(&self, disk: DiskId, offset: u64, length: u64, _fua: bool) -> Result<(), BackendError> {
-        self.0
-            .write_zeroes(disk.get(), offset, length)
-            .map_err(backend_error)
-    }
-
-    fn flush(&self, disk: DiskId) -> Result<(), BackendError> {
-        self.0.flush(disk.get()).map_err(backend_error)
-    }
-
-    fn allocation(
-        &self,
-        disk: DiskId,
-        offset: u64,
-        length: u64,
-    ) -> Result<Vec<Allocation>, BackendError> {
-        let runs = self
-            .0
-            .allocation(disk.get(), offset, length)
-            .map_err(backend_error)?;
-        Ok(from_runs(disk, runs))
     }
 }
 
@@ -232,40 +143,35 @@ fn serve(
         lock,
         chosen.seq,
     )?;
-    let served = serve_until_signal(
+    let served = ServedTestFailover::serve(test, chosen.seq, socket)?;
+    let waited = serve_until_signal(
         a,
         replica,
-        socket,
         spec.as_ref(),
         group_dir,
-        &test,
+        &served,
         &chosen,
         signals,
     );
-    let removed = test.end();
-    served?;
-    removed?;
+    let ended = served.end();
+    waited?;
+    ended?;
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Says where the test is served, boots its VM if asked, and waits for a
+/// signal; the VM is stopped before this returns.
 fn serve_until_signal(
     a: &StartArgs,
     replica: &ReplicaArgs,
-    socket: &Path,
     spec: Option<&VmSpec>,
     group_dir: &Path,
-    test: &TestFailover,
+    served: &ServedTestFailover,
     chosen: &RecoveryPoint,
     signals: &SigSet,
 ) -> Result<()> {
-    let overlay = test.overlay();
-    let disks = overlay.disks().to_vec();
-    let server = Server::bind_unix(socket, ServerOptions::default())
-        .with_context(|| format!("creating the NBD socket {}", socket.display()))?;
-    let handle = server
-        .serve(Arc::new(NbdExport(overlay)))
-        .context("starting the NBD server's threads")?;
+    let disks = served.disks();
+    let socket = served.socket();
     println!(
         "test failover of {}/{} at the recovery point at sequence {} ({}, {}); replication goes on",
         replica.host,
@@ -274,22 +180,11 @@ fn serve_until_signal(
         timefmt::utc(chosen.timestamp_ns),
         kind(chosen)
     );
-    for d in &disks {
-        println!(
-            "  {}: nbd+unix:///{}?socket={}",
-            d.name,
-            d.name,
-            socket.display()
-        );
+    for d in disks {
+        println!("  {}: {}", d.name, served.uri(d));
     }
     let vm = match spec {
-        Some(spec) => match boot_vm(a, socket, spec, group_dir, &disks) {
-            Ok(vm) => Some(vm),
-            Err(e) => {
-                handle.shutdown();
-                return Err(e);
-            }
-        },
+        Some(spec) => Some(boot_vm(a, socket, spec, group_dir, disks)?),
         None => None,
     };
     println!("ready; SIGTERM or Ctrl-C ends the test and discards its writes");
@@ -299,9 +194,7 @@ fn serve_until_signal(
     let signal = signals.wait().context("waiting for a signal")?;
     tracing::info!(?signal, "ending the test failover");
     // The VM first: it is the exports' client.
-    let stopped = vm.map(RunningVm::stop).transpose();
-    handle.shutdown();
-    stopped.map(drop)
+    vm.map(RunningVm::stop).transpose().map(drop)
 }
 
 /// The test's VM files: in its scratch directory, gone with it (the
@@ -425,7 +318,11 @@ fn start_span(a: &StartArgs, data_dir: &Path, span: &Name, signals: &SigSet) -> 
             let _ = m.into_lock().remove_all();
             continue;
         }
-        match TestFailover::start(&dir, m.into_lock(), marker) {
+        let socket = socket_dir.join(format!("{host}-{group}.sock"));
+        let served = TestFailover::start(&dir, m.into_lock(), marker)
+            .map_err(ServeError::from)
+            .and_then(|test| ServedTestFailover::serve(test, marker, &socket));
+        match served {
             Ok(test) => tests.push((host, group, test)),
             Err(e) => {
                 started = Err(anyhow::Error::new(e)
@@ -433,51 +330,24 @@ fn start_span(a: &StartArgs, data_dir: &Path, span: &Name, signals: &SigSet) -> 
             }
         }
     }
-    let served = started.and_then(|()| {
-        let mut handles = Vec::new();
-        let mut sockets = Vec::new();
+    let waited = started.and_then(|()| {
         println!(
             "test failover of span {span} at span point {} ({}); replication goes on",
             point.point,
             timefmt::utc(point.taken_ns)
         );
-        let result = (|| {
-            for (host, group, test) in &tests {
-                let socket = socket_dir.join(format!("{host}-{group}.sock"));
-                let server = Server::bind_unix(&socket, ServerOptions::default())
-                    .with_context(|| format!("creating the NBD socket {}", socket.display()))?;
-                sockets.push(socket.clone());
-                let overlay = test.overlay();
-                let disks = overlay.disks().to_vec();
-                handles.push(
-                    server
-                        .serve(Arc::new(NbdExport(overlay)))
-                        .context("starting the NBD server's threads")?,
-                );
-                for d in &disks {
-                    println!(
-                        "  {host}/{group} {}: nbd+unix:///{}?socket={}",
-                        d.name,
-                        d.name,
-                        socket.display()
-                    );
-                }
+        for (host, group, test) in &tests {
+            for d in test.disks() {
+                println!("  {host}/{group} {}: {}", d.name, test.uri(d));
             }
-            println!("ready; SIGTERM or Ctrl-C ends the test and discards its writes");
-            use std::io::Write;
-            let _ = std::io::stdout().flush();
-            crate::notify_ready();
-            let signal = signals.wait().context("waiting for a signal")?;
-            tracing::info!(?signal, "ending the span's test failover");
-            Ok(())
-        })();
-        for handle in handles {
-            handle.shutdown();
         }
-        for socket in sockets {
-            let _ = std::fs::remove_file(socket);
-        }
-        result
+        println!("ready; SIGTERM or Ctrl-C ends the test and discards its writes");
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        crate::notify_ready();
+        let signal = signals.wait().context("waiting for a signal")?;
+        tracing::info!(?signal, "ending the span's test failover");
+        Ok(())
     });
     let mut ended = Ok(());
     for (host, group, test) in tests {
@@ -487,7 +357,7 @@ fn start_span(a: &StartArgs, data_dir: &Path, span: &Name, signals: &SigSet) -> 
             )));
         }
     }
-    served?;
+    waited?;
     ended?;
     println!("test failover ended: its writes are discarded, nothing of it is left");
     Ok(ExitCode::SUCCESS)

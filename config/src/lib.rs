@@ -40,6 +40,7 @@
 //! every table are in the crate's `examples/` directory.
 
 mod address;
+pub mod console;
 mod error;
 mod liveness;
 pub mod plan;
@@ -61,6 +62,7 @@ use serde::{Deserialize, Serialize};
 use toml::de::DeTable;
 
 pub use address::HostPort;
+pub use console::{ConsoleConfig, ConsoleRole, ConsoleUser};
 pub use error::{ConfigError, FieldPath, SourceLocation, ValueError};
 pub use liveness::LivenessConfig;
 pub use plan::{GroupRef, PlanConfig, PlanStep, StartVm};

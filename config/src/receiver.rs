@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use tidemark_names::Name;
 
+use crate::console::ConsoleConfig;
 use crate::error::{ConfigError, FieldPath};
 use crate::rules;
 use crate::{ByteSize, Duration, LivenessConfig};
@@ -72,6 +73,10 @@ pub struct ReceiverConfig {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub spans: Vec<SpanEntry>,
+
+    /// The web console, the `[receiver.console]` table. Default: off.
+    #[serde(skip_serializing_if = "ConsoleConfig::is_default")]
+    pub console: ConsoleConfig,
 }
 
 fn host_tables<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<HostEntry>, D::Error> {
@@ -183,6 +188,7 @@ impl Default for ReceiverConfig {
             liveness: LivenessConfig::default(),
             hosts: Vec::new(),
             spans: Vec::new(),
+            console: ConsoleConfig::default(),
         }
     }
 }
@@ -577,6 +583,7 @@ impl ReceiverConfig {
 
         self.liveness.validate(&at.key("liveness"))?;
         self.store.validate(&at.key("store"))?;
+        self.console.validate(&at.key("console"))?;
 
         let retention = at.key("retention");
         if self.retention.window.get().is_zero() {

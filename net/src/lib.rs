@@ -16,6 +16,7 @@
 pub mod endpoint;
 pub mod pki;
 pub mod renew;
+pub mod role;
 pub mod rotate;
 pub mod tls;
 

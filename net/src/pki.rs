@@ -389,6 +389,110 @@ pub fn sign_host_with(
     Ok(cert.pem())
 }
 
+/// A certificate and the private key made for it (both PEM): what
+/// [`sign_admin`] and [`sign_console`] issue, the key made on the
+/// receiver (an admin imports both into a browser).
+#[derive(Debug, Clone)]
+pub struct IssuedCertificate {
+    /// The certificate, signed by the CA.
+    pub cert_pem: String,
+    /// Its private key.
+    pub key_pem: String,
+}
+
+/// Default validity of an admin certificate and of the console's server
+/// certificate.
+pub const DEFAULT_ADMIN_VALIDITY_DAYS: u32 = 397;
+
+/// Issues a client certificate for the console admin `name` with `role`
+/// (EKU `clientAuth` plus the role's OID, see [`crate::role`]), valid
+/// `days` days, signed by the CA in `pki_dir`, with a new key. The
+/// replication endpoint refuses it; only the console accepts it.
+pub fn sign_admin(
+    pki_dir: &Path,
+    name: &Name,
+    role: crate::role::ConsoleRole,
+    days: u32,
+) -> Result<IssuedCertificate, PkiError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = common_name(name);
+    params.subject_alt_names = vec![dns_san(name)?];
+    // rcgen takes OID arcs as u64 and ours is wider: the whole extension
+    // is ours (and rcgen writes none of its own).
+    params.custom_extensions = vec![rcgen::CustomExtension::from_oid_content(
+        crate::role::EXTENDED_KEY_USAGE_OID,
+        crate::role::extended_key_usage(role),
+    )];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    issue_with_new_key(pki_dir, params, days, "admin certificate")
+}
+
+/// Issues the web console's server certificate for `address` (an IP
+/// address or a DNS name: what the browser's address bar holds, which it
+/// checks against the certificate's SAN), valid `days` days, signed by
+/// the CA in `pki_dir`, with a new key.
+pub fn sign_console(
+    pki_dir: &Path,
+    address: &str,
+    days: u32,
+) -> Result<IssuedCertificate, PkiError> {
+    let san = match address.parse::<std::net::IpAddr>() {
+        Ok(ip) => SanType::IpAddress(ip),
+        Err(_) => {
+            let name = Name::new(address).map_err(|e| PkiError::InvalidRequest {
+                reason: format!(
+                    "the console address {address:?} is no IP address or host name: {e}"
+                ),
+            })?;
+            dns_san(&name)?
+        }
+    };
+    let mut params = CertificateParams::default();
+    params.distinguished_name = common_name(address);
+    params.subject_alt_names = vec![san];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    issue_with_new_key(pki_dir, params, days, "console certificate")
+}
+
+fn issue_with_new_key(
+    pki_dir: &Path,
+    mut params: CertificateParams,
+    days: u32,
+    what: &'static str,
+) -> Result<IssuedCertificate, PkiError> {
+    check_validity(days)?;
+    let ca_cert_pem = read_text(&pki_dir.join(CA_CERT_FILE))?;
+    let ca_key_pem = read_text(&pki_dir.join(CA_KEY_FILE))?;
+    let bad_ca = |source| PkiError::BadCa {
+        dir: pki_dir.to_path_buf(),
+        source,
+    };
+    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(bad_ca)?;
+    let ca_cert = signing_ca_cert(&ca_cert_pem, &ca_key).ok_or_else(|| PkiError::NoSigningCa {
+        dir: pki_dir.to_path_buf(),
+    })?;
+    let issuer = Issuer::from_ca_cert_der(&ca_cert, ca_key).map_err(bad_ca)?;
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|source| PkiError::Generate { what, source })?;
+    let now = OffsetDateTime::now_utc();
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.use_authority_key_identifier_extension = true;
+    params.serial_number = Some(random_serial());
+    params.not_before = now - BACKDATE;
+    params.not_after = now + Duration::days(days.into());
+    let cert = params
+        .signed_by(&key, &issuer)
+        .map_err(|source| PkiError::Generate { what, source })?;
+    Ok(IssuedCertificate {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
 fn check_validity(days: u32) -> Result<(), PkiError> {
     if days == 0 || days > MAX_HOST_VALIDITY_DAYS {
         return Err(PkiError::InvalidValidity {

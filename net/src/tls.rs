@@ -140,10 +140,28 @@ impl std::fmt::Debug for IntermediateRefused {
     }
 }
 
+/// Why a certificate of the receiver's CA is refused on the replication
+/// endpoint: it is an admin's, for the web console (see [`crate::role`]).
+#[derive(thiserror::Error)]
+#[error(
+    "the certificate is a console admin's ({role}); an admin certificate must not replicate as a host"
+)]
+pub struct AdminRefused {
+    /// The console role it carries.
+    pub role: crate::role::ConsoleRole,
+}
+
+impl std::fmt::Debug for AdminRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
 /// WebPKI client verification against the receiver's CA, restricted to
 /// chains of length one: the CA is made `pathlen:0`, but WebPKI does not
 /// apply a trust anchor's own constraints, so a leaf issued by an
-/// intermediate the CA once signed would otherwise verify.
+/// intermediate the CA once signed would otherwise verify. A certificate
+/// carrying a console role is refused too ([`AdminRefused`]).
 #[derive(Debug)]
 struct CaSignedOnly(Arc<dyn ClientCertVerifier>);
 
@@ -176,7 +194,16 @@ impl ClientCertVerifier for CaSignedOnly {
                 rustls::CertificateError::Other(rustls::OtherError(Arc::new(refused))).into(),
             );
         }
-        self.0.verify_client_cert(end_entity, intermediates, now)
+        let verified = self.0.verify_client_cert(end_entity, intermediates, now)?;
+        // An admin certificate is signed by the same CA; it opens the
+        // console and nothing else.
+        if let Ok(Some(role)) = crate::role::console_role(end_entity.as_ref()) {
+            let refused = AdminRefused { role };
+            return Err(
+                rustls::CertificateError::Other(rustls::OtherError(Arc::new(refused))).into(),
+            );
+        }
+        Ok(verified)
     }
 
     fn verify_tls12_signature(

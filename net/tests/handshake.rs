@@ -487,3 +487,32 @@ async fn a_certificate_for_a_name_that_breaks_the_rule_gives_no_identity() {
     conn.close(2u32.into(), b"invalid host name");
     drop(client);
 }
+
+#[tokio::test]
+async fn an_admin_certificate_of_the_same_ca_does_not_replicate_as_a_host() {
+    use tidemark_net::role::ConsoleRole;
+    let tmp = tempfile::tempdir().unwrap();
+    let enrolled = enrol(tmp.path(), HOST);
+    let admin = pki::sign_admin(
+        &enrolled.receiver.dir,
+        &n("alice"),
+        ConsoleRole::Operator,
+        30,
+    )
+    .unwrap();
+    let cert = tmp.path().join("admin.crt");
+    let key = tmp.path().join("admin.key");
+    pki::write_new_file(&cert, admin.cert_pem.as_bytes(), 0o644).unwrap();
+    pki::write_new_file(&key, admin.key_pem.as_bytes(), 0o600).unwrap();
+    let (server, addr) = start_server(&enrolled.receiver);
+    let accepted = tokio::spawn(tokio::time::timeout(LIMIT, accept_one(server)));
+    let config = client_config(&enrolled.receiver.ca_cert, &cert, &key).unwrap();
+    let reason = refused_reason(config, addr, SERVER_NAME).await;
+    assert!(
+        alert(&reason).is_some(),
+        "not refused by a TLS alert: {reason}"
+    );
+    let server_side = accepted.await.unwrap().expect("the server's accept hung");
+    let err = server_side.expect_err("the receiver let an admin replicate");
+    assert!(err.contains("must not replicate as a host"), "{err}");
+}

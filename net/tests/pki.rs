@@ -359,3 +359,66 @@ fn pem_encode(label: &str, der: &[u8]) -> String {
     out.push_str(&format!("-----END {label}-----\n"));
     out
 }
+
+#[test]
+fn admin_certificates_carry_their_role_and_host_certificates_none() {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+    use tidemark_net::role::{console_role, ConsoleRole};
+    let tmp = tempfile::tempdir().unwrap();
+    let receiver = pki::init_receiver(
+        &tmp.path().join("r"),
+        &Name::new("tidemark-receiver").unwrap(),
+    )
+    .unwrap();
+    for role in ConsoleRole::ALL {
+        let issued =
+            pki::sign_admin(&receiver.dir, &Name::new("alice").unwrap(), role, 30).unwrap();
+        let der = CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
+        assert_eq!(console_role(&der).unwrap(), Some(role));
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let eku = cert.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.client_auth, "a client certificate");
+        assert!(!eku.server_auth);
+    }
+    let request = pki::host_request(&tmp.path().join("h"), &Name::new("db-01").unwrap()).unwrap();
+    let host = pki::sign_host(
+        &receiver.dir,
+        &request.csr_pem,
+        &Name::new("db-01").unwrap(),
+        30,
+    )
+    .unwrap();
+    let der = CertificateDer::from_pem_slice(host.as_bytes()).unwrap();
+    assert_eq!(console_role(&der).unwrap(), None);
+}
+
+#[test]
+fn the_console_certificate_names_its_address_in_the_san() {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+    use x509_parser::extensions::GeneralName;
+    let tmp = tempfile::tempdir().unwrap();
+    let receiver = pki::init_receiver(
+        &tmp.path().join("r"),
+        &Name::new("tidemark-receiver").unwrap(),
+    )
+    .unwrap();
+    let issued = pki::sign_console(&receiver.dir, "127.0.0.1", 30).unwrap();
+    let der = CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    let san = cert.subject_alternative_name().unwrap().unwrap().value;
+    assert_eq!(
+        san.general_names,
+        vec![GeneralName::IPAddress(&[127, 0, 0, 1])]
+    );
+    let issued = pki::sign_console(&receiver.dir, "replica.example", 30).unwrap();
+    let der = CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    let san = cert.subject_alternative_name().unwrap().unwrap().value;
+    assert_eq!(
+        san.general_names,
+        vec![GeneralName::DNSName("replica.example")]
+    );
+    assert!(pki::sign_console(&receiver.dir, "not a name!", 30).is_err());
+}

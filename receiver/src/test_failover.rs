@@ -16,6 +16,10 @@
 //! The scratch files live only as long as the test: nothing but this
 //! process reads them, and a test that was killed leaves them for
 //! `tidemark test-failover cleanup` ([`PinLock::remove_all`]).
+//!
+//! [`nbd`] serves a test failover over NBD.
+
+pub mod nbd;
 
 use std::fs::File;
 use std::io;

@@ -1,0 +1,763 @@
+//! The routes: each reads the session, asks the store or the library,
+//! and renders a template. Decisions are in [`crate::auth`] and
+//! [`crate::view`]; what changes state is in the receiver library.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use askama::Template;
+use axum::extract::{ConnectInfo, Form, Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use rand::RngCore;
+use serde::Deserialize;
+use tidemark_changelog::Seq;
+use tidemark_config::{ConsoleRole, ConsoleUser, ReceiverConfig};
+use tidemark_names::Name;
+use tidemark_receiver::store::StoreEngine;
+use tidemark_receiver::test_failover::nbd::ServedTestFailover;
+
+use crate::audit::Audit;
+use crate::auth::{Change, Principal, Proof, Refused, Sessions};
+use crate::tls::ConsolePeer;
+use crate::view::{self, GroupRow, PointRow};
+
+/// The session cookie: `__Host-` so it is only ever set by this origin
+/// over HTTPS, for every path.
+const COOKIE: &str = "__Host-tidemark-session";
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+fn random_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Hashes `password` as the console's configuration wants it: an
+/// argon2id PHC string with a random salt.
+pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Error> {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let mut salt = [0u8; 16];
+    rand::rng().fill_bytes(&mut salt);
+    let salt = SaltString::encode_b64(&salt)?;
+    Ok(argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)?
+        .to_string())
+}
+
+fn password_matches(password: &str, hash: &str) -> bool {
+    use argon2::password_hash::{PasswordHash, PasswordVerifier};
+    PasswordHash::new(hash).is_ok_and(|h| {
+        argon2::Argon2::default()
+            .verify_password(password.as_bytes(), &h)
+            .is_ok()
+    })
+}
+
+/// A test failover started from the console.
+struct RunningTest {
+    served: ServedTestFailover,
+    by: String,
+    started_ns: u64,
+}
+
+/// What every request shares.
+pub(crate) struct Console {
+    data_dir: PathBuf,
+    engine: Box<dyn StoreEngine>,
+    users: Vec<ConsoleUser>,
+    hosts: Vec<Name>,
+    sessions: Mutex<Sessions>,
+    tests: Mutex<BTreeMap<(Name, Name), RunningTest>>,
+    audit: Audit,
+}
+
+pub(crate) type Shared = Arc<Console>;
+
+impl Console {
+    pub(crate) fn new(cfg: &ReceiverConfig, engine: Box<dyn StoreEngine>) -> Shared {
+        Arc::new(Console {
+            data_dir: cfg.data_dir.clone(),
+            engine,
+            users: cfg.console.users.clone(),
+            hosts: cfg.hosts.iter().map(|h| h.name.clone()).collect(),
+            sessions: Mutex::new(Sessions::new()),
+            tests: Mutex::new(BTreeMap::new()),
+            audit: Audit::new(&cfg.data_dir),
+        })
+    }
+
+    /// Ends every test failover the console started (at shutdown).
+    pub(crate) async fn end_all(&self) {
+        let tests: Vec<_> =
+            std::mem::take(&mut *self.tests.lock().unwrap_or_else(|e| e.into_inner()))
+                .into_values()
+                .collect();
+        for t in tests {
+            let _ = tokio::task::spawn_blocking(move || t.served.end()).await;
+        }
+    }
+
+    /// The hosts: the configured ones and those with replicas.
+    fn hosts(&self) -> Vec<Name> {
+        let mut hosts = self.hosts.clone();
+        if let Ok(entries) = std::fs::read_dir(&self.data_dir) {
+            for e in entries.flatten() {
+                if let Ok(name) = Name::new(e.file_name().to_string_lossy().into_owned()) {
+                    if !hosts.contains(&name) && e.path().is_dir() {
+                        hosts.push(name);
+                    }
+                }
+            }
+        }
+        hosts.sort();
+        hosts
+    }
+
+    fn overview(&self, now: u64) -> Vec<GroupRow> {
+        let mut rows = Vec::new();
+        for host in self.hosts() {
+            let groups = match self.engine.groups(&host) {
+                Ok(g) => g,
+                Err(e) => {
+                    rows.push(GroupRow::unreadable(host.as_ref(), "-", error_chain(&e)));
+                    continue;
+                }
+            };
+            for group in groups {
+                rows.push(match self.engine.open_read_only(&host, &group) {
+                    Ok(g) => GroupRow::new(
+                        host.as_ref(),
+                        group.as_ref(),
+                        &g.position().state,
+                        &g.points(),
+                        now,
+                    ),
+                    Err(e) => GroupRow::unreadable(host.as_ref(), group.as_ref(), error_chain(&e)),
+                });
+            }
+        }
+        rows
+    }
+
+    fn socket(&self, host: &Name, group: &Name) -> PathBuf {
+        crate::console_dir(&self.data_dir).join(format!("{host}-{group}.sock"))
+    }
+}
+
+impl Console {
+    fn lock_sessions(&self) -> std::sync::MutexGuard<'_, Sessions> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_tests(&self) -> std::sync::MutexGuard<'_, BTreeMap<(Name, Name), RunningTest>> {
+        self.tests.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+pub(crate) fn router(state: Shared) -> Router {
+    Router::new()
+        .route("/", get(overview))
+        .route("/login", get(login_page).post(login))
+        .route("/logout", post(logout))
+        .route("/group/{host}/{group}", get(group_page))
+        .route("/group/{host}/{group}/test-failover", post(start_test))
+        .route(
+            "/group/{host}/{group}/test-failover/cleanup",
+            post(cleanup_test),
+        )
+        .route("/test-failovers", get(tests_page))
+        .with_state(state)
+}
+
+fn cookie(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| c.trim().strip_prefix(COOKIE)?.strip_prefix('='))
+}
+
+fn set_cookie(id: &str) -> HeaderValue {
+    HeaderValue::from_str(&format!(
+        "{COOKIE}={id}; Secure; HttpOnly; SameSite=Strict; Path=/"
+    ))
+    .unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// The layout's facts about the user.
+struct Who {
+    principal: Principal,
+    csrf: String,
+    new_cookie: Option<HeaderValue>,
+}
+
+impl Who {
+    fn operator(&self) -> bool {
+        self.principal.role >= ConsoleRole::Operator
+    }
+}
+
+/// The session of a reading request: the cookie's, else a new one for an
+/// admin certificate's holder (a certificate logs in by itself).
+fn reader(state: &Console, headers: &HeaderMap, peer: &ConsolePeer) -> Option<Who> {
+    let now = now_ns();
+    let mut sessions = state.lock_sessions();
+    if let Ok(s) = sessions.check(cookie(headers), now) {
+        return Some(Who {
+            principal: s.principal.clone(),
+            csrf: s.csrf.clone(),
+            new_cookie: None,
+        });
+    }
+    let admin = peer.admin.as_ref()?;
+    let principal = Principal {
+        name: admin.name.clone(),
+        role: admin.role,
+        proof: Proof::Certificate,
+    };
+    let (id, csrf) = (random_token(), random_token());
+    sessions.handle_login(principal.clone(), id.clone(), csrf.clone(), now);
+    tracing::info!(user = %principal.name, role = %principal.role, "console: certificate login");
+    Some(Who {
+        principal,
+        csrf,
+        new_cookie: Some(set_cookie(&id)),
+    })
+}
+
+fn page(who: Option<&Who>, body: Result<String, askama::Error>) -> Response {
+    match body {
+        Ok(html) => {
+            let mut resp = Html(html).into_response();
+            if let Some(c) = who.and_then(|w| w.new_cookie.clone()) {
+                resp.headers_mut().insert(header::SET_COOKIE, c);
+            }
+            resp
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "console: rendering a page");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the page could not be rendered",
+            )
+                .into_response()
+        }
+    }
+}
+
+fn refused(reason: Refused) -> Response {
+    // Every refusal is a 403: the request is not carried out.
+    let status = StatusCode::FORBIDDEN;
+    let body = ErrorPage {
+        title: "Refused",
+        message: reason.to_string(),
+    }
+    .render()
+    .unwrap_or_else(|_| reason.to_string());
+    (status, Html(body)).into_response()
+}
+
+/// The console's own origin for this request: `https://` and the Host
+/// the browser addressed (what a same-origin request's `Origin` says).
+fn console_origin(headers: &HeaderMap) -> String {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    format!("https://{host}")
+}
+
+/// Checks a state-changing request; the session's principal if allowed.
+fn changer(
+    state: &Console,
+    headers: &HeaderMap,
+    csrf: Option<&str>,
+    needs: ConsoleRole,
+) -> Result<Principal, Refused> {
+    let header = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+    };
+    let request = Change {
+        session: cookie(headers),
+        csrf,
+        origin: header(header::ORIGIN),
+        referer: header(header::REFERER),
+    };
+    let origin = console_origin(headers);
+    let mut sessions = state.lock_sessions();
+    let refused = match sessions.check_change(&request, &origin, needs, now_ns()) {
+        Ok(s) => return Ok(s.principal.clone()),
+        Err(r) => r,
+    };
+    tracing::warn!(reason = %refused, "console: a state-changing request refused");
+    Err(refused)
+}
+
+// ---------------------------------------------------------------- pages
+
+#[derive(Template)]
+#[template(path = "error.html")]
+struct ErrorPage {
+    title: &'static str,
+    message: String,
+}
+
+#[derive(Template)]
+#[template(path = "login.html")]
+struct LoginPage {
+    error: Option<&'static str>,
+    password_users: bool,
+}
+
+#[derive(Template)]
+#[template(path = "overview.html")]
+struct OverviewPage<'a> {
+    who: &'a Who,
+    rows: Vec<GroupRow>,
+    tests: usize,
+}
+
+struct DiskRow {
+    name: String,
+    size: String,
+}
+
+struct TestRow {
+    host: String,
+    group: String,
+    seq: u64,
+    by: String,
+    started: String,
+    uris: Vec<(String, String)>,
+}
+
+#[derive(Template)]
+#[template(path = "group.html")]
+struct GroupPage<'a> {
+    who: &'a Who,
+    host: String,
+    group: String,
+    row: GroupRow,
+    disks: Vec<DiskRow>,
+    points: Vec<PointRow>,
+    test: Option<TestRow>,
+}
+
+#[derive(Template)]
+#[template(path = "tests.html")]
+struct TestsPage<'a> {
+    who: &'a Who,
+    tests: Vec<TestRow>,
+}
+
+fn size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn test_row(host: &Name, group: &Name, t: &RunningTest) -> TestRow {
+    TestRow {
+        host: host.to_string(),
+        group: group.to_string(),
+        seq: t.served.seq().0,
+        by: t.by.clone(),
+        started: view::utc(t.started_ns),
+        uris: t
+            .served
+            .disks()
+            .iter()
+            .map(|d| (d.name.to_string(), t.served.uri(d)))
+            .collect(),
+    }
+}
+
+async fn overview(
+    State(state): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<ConsolePeer>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(who) = reader(&state, &headers, &peer) else {
+        return Redirect::to("/login").into_response();
+    };
+    let st = state.clone();
+    let rows = tokio::task::spawn_blocking(move || st.overview(now_ns()))
+        .await
+        .unwrap_or_default();
+    let tests = state.lock_tests().len();
+    page(
+        Some(&who),
+        OverviewPage {
+            who: &who,
+            rows,
+            tests,
+        }
+        .render(),
+    )
+}
+
+async fn login_page(
+    State(state): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<ConsolePeer>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(who) = reader(&state, &headers, &peer) {
+        let mut resp = Redirect::to("/").into_response();
+        if let Some(c) = who.new_cookie {
+            resp.headers_mut().insert(header::SET_COOKIE, c);
+        }
+        return resp;
+    }
+    page(
+        None,
+        LoginPage {
+            error: None,
+            password_users: !state.users.is_empty(),
+        }
+        .render(),
+    )
+}
+
+#[derive(Deserialize)]
+struct LoginForm {
+    name: String,
+    password: String,
+}
+
+async fn login(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Form(form): Form<LoginForm>,
+) -> Response {
+    // Login CSRF: a login form posted from another site is refused too.
+    let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+    if origin != Some(console_origin(&headers).as_str()) {
+        return refused(Refused::Origin);
+    }
+    let user = state
+        .users
+        .iter()
+        .find(|u| u.name.as_ref() == form.name)
+        .cloned();
+    let checked = match user {
+        Some(u) => {
+            let hash = u.password_hash.clone();
+            tokio::task::spawn_blocking(move || {
+                password_matches(&form.password, &hash).then_some(u)
+            })
+            .await
+            .ok()
+            .flatten()
+        }
+        None => None,
+    };
+    let Some(user) = checked else {
+        tracing::warn!(user = %form.name, "console: a password login failed");
+        let body = LoginPage {
+            error: Some("wrong name or password"),
+            password_users: true,
+        }
+        .render();
+        let mut resp = page(None, body);
+        *resp.status_mut() = StatusCode::UNAUTHORIZED;
+        return resp;
+    };
+    let principal = Principal {
+        name: user.name.to_string(),
+        role: user.role,
+        proof: Proof::Password,
+    };
+    let id = random_token();
+    tracing::info!(user = %principal.name, role = %principal.role, "console: password login");
+    state
+        .lock_sessions()
+        .handle_login(principal, id.clone(), random_token(), now_ns());
+    let mut resp = Redirect::to("/").into_response();
+    resp.headers_mut()
+        .insert(header::SET_COOKIE, set_cookie(&id));
+    resp
+}
+
+#[derive(Deserialize)]
+struct ActionForm {
+    csrf: Option<String>,
+    point: Option<u64>,
+}
+
+async fn logout(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Form(form): Form<ActionForm>,
+) -> Response {
+    if let Err(r) = changer(
+        &state,
+        &headers,
+        form.csrf.as_deref(),
+        ConsoleRole::ReadOnly,
+    ) {
+        return refused(r);
+    }
+    if let Some(id) = cookie(&headers) {
+        state.lock_sessions().handle_logout(id);
+    }
+    let mut resp = Redirect::to("/login").into_response();
+    resp.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_static(
+            "__Host-tidemark-session=; Secure; HttpOnly; SameSite=Strict; Path=/; Max-Age=0",
+        ),
+    );
+    resp
+}
+
+#[derive(Deserialize)]
+struct PointQuery {
+    point: Option<u64>,
+}
+
+fn names(host: &str, group: &str) -> Option<(Name, Name)> {
+    Some((Name::new(host).ok()?, Name::new(group).ok()?))
+}
+
+async fn group_page(
+    State(state): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<ConsolePeer>,
+    headers: HeaderMap,
+    Path((host, group)): Path<(String, String)>,
+    Query(q): Query<PointQuery>,
+) -> Response {
+    let Some(who) = reader(&state, &headers, &peer) else {
+        return Redirect::to("/login").into_response();
+    };
+    let Some((h, g)) = names(&host, &group) else {
+        return (StatusCode::NOT_FOUND, "no such group").into_response();
+    };
+    let st = state.clone();
+    let (hh, gg) = (h.clone(), g.clone());
+    let read = tokio::task::spawn_blocking(move || {
+        let now = now_ns();
+        match st.engine.open_read_only(&hh, &gg) {
+            Ok(store) => {
+                let points = store.points();
+                let row = GroupRow::new(
+                    hh.as_ref(),
+                    gg.as_ref(),
+                    &store.position().state,
+                    &points,
+                    now,
+                );
+                let disks = store
+                    .disks()
+                    .iter()
+                    .map(|d| DiskRow {
+                        name: d.name.to_string(),
+                        size: size(d.size),
+                    })
+                    .collect();
+                Some((row, disks, view::timeline(&points, q.point, now)))
+            }
+            Err(_) if !st.engine.exists(&hh, &gg) => None,
+            Err(e) => Some((
+                GroupRow::unreadable(hh.as_ref(), gg.as_ref(), error_chain(&e)),
+                Vec::new(),
+                Vec::new(),
+            )),
+        }
+    })
+    .await
+    .ok()
+    .flatten();
+    let Some((row, disks, points)) = read else {
+        return (StatusCode::NOT_FOUND, "no such group").into_response();
+    };
+    let test = state
+        .lock_tests()
+        .get(&(h.clone(), g.clone()))
+        .map(|t| test_row(&h, &g, t));
+    page(
+        Some(&who),
+        GroupPage {
+            who: &who,
+            host,
+            group,
+            row,
+            disks,
+            points,
+            test,
+        }
+        .render(),
+    )
+}
+
+async fn tests_page(
+    State(state): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<ConsolePeer>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(who) = reader(&state, &headers, &peer) else {
+        return Redirect::to("/login").into_response();
+    };
+    let tests = state
+        .lock_tests()
+        .iter()
+        .map(|((h, g), t)| test_row(h, g, t))
+        .collect();
+    page(Some(&who), TestsPage { who: &who, tests }.render())
+}
+
+fn failed(message: String) -> Response {
+    let body = ErrorPage {
+        title: "The action failed",
+        message: message.clone(),
+    }
+    .render()
+    .unwrap_or(message);
+    (StatusCode::CONFLICT, Html(body)).into_response()
+}
+
+async fn start_test(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Path((host, group)): Path<(String, String)>,
+    Form(form): Form<ActionForm>,
+) -> Response {
+    let who = match changer(
+        &state,
+        &headers,
+        form.csrf.as_deref(),
+        ConsoleRole::Operator,
+    ) {
+        Ok(p) => p,
+        Err(r) => return refused(r),
+    };
+    let Some((h, g)) = names(&host, &group) else {
+        return (StatusCode::NOT_FOUND, "no such group").into_response();
+    };
+    let target = format!("{h}/{g}");
+    let Some(seq) = form.point else {
+        return failed("choose a recovery point".into());
+    };
+    if state.lock_tests().contains_key(&(h.clone(), g.clone())) {
+        let outcome = "refused: a test failover of this group is running";
+        state
+            .audit
+            .record(&who, "test-failover start", &target, outcome, now_ns());
+        return failed(outcome.into());
+    }
+    let st = state.clone();
+    let (hh, gg) = (h.clone(), g.clone());
+    let started = tokio::task::spawn_blocking(move || {
+        let socket = st.socket(&hh, &gg);
+        tidemark_durable::create_private_dir_all(&crate::console_dir(&st.data_dir))
+            .map_err(|e| e.to_string())?;
+        let group_dir = tidemark_receiver::daemon::group_dir(&st.data_dir, &hh, &gg);
+        ServedTestFailover::start(st.engine.as_ref(), &group_dir, &hh, &gg, Seq(seq), &socket)
+            .map_err(|e| error_chain(&e))
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()));
+    let now = now_ns();
+    match started {
+        Ok(served) => {
+            state.audit.record(
+                &who,
+                "test-failover start",
+                &target,
+                &format!(
+                    "started at point {seq}, socket {}",
+                    served.socket().display()
+                ),
+                now,
+            );
+            state.lock_tests().insert(
+                (h, g),
+                RunningTest {
+                    served,
+                    by: who.name.clone(),
+                    started_ns: now,
+                },
+            );
+            Redirect::to(&format!("/group/{host}/{group}?point={seq}")).into_response()
+        }
+        Err(e) => {
+            state.audit.record(
+                &who,
+                "test-failover start",
+                &target,
+                &format!("failed: {e}"),
+                now,
+            );
+            failed(e)
+        }
+    }
+}
+
+async fn cleanup_test(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Path((host, group)): Path<(String, String)>,
+    Form(form): Form<ActionForm>,
+) -> Response {
+    let who = match changer(
+        &state,
+        &headers,
+        form.csrf.as_deref(),
+        ConsoleRole::Operator,
+    ) {
+        Ok(p) => p,
+        Err(r) => return refused(r),
+    };
+    let Some((h, g)) = names(&host, &group) else {
+        return (StatusCode::NOT_FOUND, "no such group").into_response();
+    };
+    let target = format!("{h}/{g}");
+    let Some(test) = state.lock_tests().remove(&(h, g)) else {
+        return failed("no test failover of this group was started here".into());
+    };
+    let ended = tokio::task::spawn_blocking(move || test.served.end().map_err(|e| error_chain(&e)))
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+    let outcome = match &ended {
+        Ok(()) => "ended: its writes are discarded, nothing of it is left".to_owned(),
+        Err(e) => format!("failed: {e}"),
+    };
+    state
+        .audit
+        .record(&who, "test-failover cleanup", &target, &outcome, now_ns());
+    match ended {
+        Ok(()) => Redirect::to(&format!("/group/{host}/{group}")).into_response(),
+        Err(e) => failed(e),
+    }
+}

@@ -1,0 +1,253 @@
+//! What the pages show, from what the store knows: the page models are
+//! plain data made from store facts and `now`, so the wording and the
+//! arithmetic are tested without a store or a browser.
+
+use tidemark_receiver::store::{GroupState, RecoveryPoint};
+
+/// A group's replication state as the store tells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaState {
+    /// Consistent: recovery points are being made.
+    Protected,
+    /// The first full copy is still under way.
+    InitialSync,
+    /// Blocks are being compared and repaired; `pending` extents left.
+    Resync {
+        /// Extents still to resync.
+        pending: usize,
+    },
+    /// The store cannot be read: the reason is shown.
+    Critical,
+}
+
+impl ReplicaState {
+    /// From the store's group state.
+    pub fn of(state: &GroupState) -> ReplicaState {
+        match state {
+            GroupState::InitialSync => ReplicaState::InitialSync,
+            GroupState::Consistent => ReplicaState::Protected,
+            GroupState::Resyncing { pending } => ReplicaState::Resync {
+                pending: pending.len(),
+            },
+        }
+    }
+
+    /// The word on the page.
+    pub fn label(self) -> &'static str {
+        match self {
+            ReplicaState::Protected => "protected",
+            ReplicaState::InitialSync => "initial sync",
+            ReplicaState::Resync { .. } => "resync",
+            ReplicaState::Critical => "critical",
+        }
+    }
+
+    /// The CSS class (colour and icon) of the state.
+    pub fn class(self) -> &'static str {
+        match self {
+            ReplicaState::Protected => "ok",
+            ReplicaState::InitialSync | ReplicaState::Resync { .. } => "busy",
+            ReplicaState::Critical => "bad",
+        }
+    }
+}
+
+/// One row of the overview.
+#[derive(Debug, Clone)]
+pub struct GroupRow {
+    /// The protected host.
+    pub host: String,
+    /// Its consistency group.
+    pub group: String,
+    /// Its state.
+    pub state: ReplicaState,
+    /// Why it is critical, or the resync's extents left; empty otherwise.
+    pub detail: String,
+    /// The RPO lag: the newest point's age, as people read it ("-" with
+    /// no point).
+    pub lag: String,
+    /// How many recovery points are kept.
+    pub points: usize,
+}
+
+impl GroupRow {
+    /// The row of a readable group.
+    pub fn new(
+        host: &str,
+        group: &str,
+        state: &GroupState,
+        points: &[RecoveryPoint],
+        now_ns: u64,
+    ) -> GroupRow {
+        let state = ReplicaState::of(state);
+        let detail = match state {
+            ReplicaState::Resync { pending } => format!("{pending} extent(s) left"),
+            _ => String::new(),
+        };
+        GroupRow {
+            host: host.into(),
+            group: group.into(),
+            state,
+            detail,
+            lag: points.last().map_or_else(
+                || "-".into(),
+                |p| age(now_ns.saturating_sub(p.timestamp_ns)),
+            ),
+            points: points.len(),
+        }
+    }
+
+    /// The row of a group whose store cannot be read.
+    pub fn unreadable(host: &str, group: &str, reason: String) -> GroupRow {
+        GroupRow {
+            host: host.into(),
+            group: group.into(),
+            state: ReplicaState::Critical,
+            detail: reason,
+            lag: "-".into(),
+            points: 0,
+        }
+    }
+}
+
+/// One recovery point on a group's timeline.
+#[derive(Debug, Clone)]
+pub struct PointRow {
+    /// Its sequence number.
+    pub seq: u64,
+    /// When the host wrote it, UTC.
+    pub time: String,
+    /// "app-consistent" or "crash-consistent".
+    pub kind: &'static str,
+    /// The marker's label (empty for a barrier).
+    pub label: String,
+    /// Its age.
+    pub age: String,
+    /// Whether it is the point chosen on the page.
+    pub chosen: bool,
+}
+
+/// The timeline of `points`, newest first, with `chosen` (else the
+/// newest) highlighted.
+pub fn timeline(points: &[RecoveryPoint], chosen: Option<u64>, now_ns: u64) -> Vec<PointRow> {
+    let chosen = chosen
+        .filter(|c| points.iter().any(|p| p.seq.0 == *c))
+        .or_else(|| points.last().map(|p| p.seq.0));
+    points
+        .iter()
+        .rev()
+        .map(|p| PointRow {
+            seq: p.seq.0,
+            time: utc(p.timestamp_ns),
+            kind: if p.app_consistent {
+                "app-consistent"
+            } else {
+                "crash-consistent"
+            },
+            label: p.label.clone(),
+            age: age(now_ns.saturating_sub(p.timestamp_ns)),
+            chosen: Some(p.seq.0) == chosen,
+        })
+        .collect()
+}
+
+/// A duration as people read it: "42 s", "3 min 5 s", "2 h 10 min",
+/// "3 d 4 h".
+pub fn age(ns: u64) -> String {
+    let s = ns / 1_000_000_000;
+    match s {
+        0..60 => format!("{s} s"),
+        60..3600 => format!("{} min {} s", s / 60, s % 60),
+        3600..86400 => format!("{} h {} min", s / 3600, s % 3600 / 60),
+        _ => format!("{} d {} h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+/// A time in ns since the Unix epoch as `YYYY-MM-DD HH:MM:SS UTC`.
+pub fn utc(ns: u64) -> String {
+    let secs = ns / 1_000_000_000;
+    let (days, rem) = (secs / 86400, secs % 86400);
+    let (y, m, d) = civil(days as i64);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to a (year, month, day) of the proleptic
+/// Gregorian calendar (H. Hinnant's civil_from_days).
+fn civil(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidemark_changelog::Seq;
+
+    const S: u64 = 1_000_000_000;
+
+    fn point(seq: u64, ts_s: u64, app: bool, label: &str) -> RecoveryPoint {
+        RecoveryPoint {
+            seq: Seq(seq),
+            timestamp_ns: ts_s * S,
+            app_consistent: app,
+            label: label.into(),
+        }
+    }
+
+    #[test]
+    fn ages_and_times_read_as_people_write_them() {
+        assert_eq!(age(42 * S), "42 s");
+        assert_eq!(age(185 * S), "3 min 5 s");
+        assert_eq!(age((2 * 3600 + 600) * S), "2 h 10 min");
+        assert_eq!(age((3 * 86400 + 4 * 3600) * S), "3 d 4 h");
+        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(
+            utc(1_796_601_600 * S + 3_723 * S),
+            "2026-12-07 01:02:03 UTC"
+        );
+    }
+
+    #[test]
+    fn a_row_says_the_state_and_the_newest_points_age() {
+        let points = [point(5, 100, false, ""), point(9, 160, true, "nightly")];
+        let row = GroupRow::new("db", "default", &GroupState::Consistent, &points, 170 * S);
+        assert_eq!(row.state, ReplicaState::Protected);
+        assert_eq!((row.lag.as_str(), row.points), ("10 s", 2));
+        let row = GroupRow::new("db", "default", &GroupState::InitialSync, &[], 0);
+        assert_eq!((row.state.label(), row.lag.as_str()), ("initial sync", "-"));
+        let row = GroupRow::unreadable("db", "default", "damaged".into());
+        assert_eq!(
+            (row.state.label(), row.detail.as_str()),
+            ("critical", "damaged")
+        );
+    }
+
+    #[test]
+    fn the_timeline_is_newest_first_and_highlights_the_chosen_point() {
+        let points = [point(5, 100, false, ""), point(9, 160, true, "nightly")];
+        let rows = timeline(&points, None, 200 * S);
+        assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), [9, 5]);
+        assert!(rows[0].chosen && !rows[1].chosen, "the newest by default");
+        assert_eq!(
+            (rows[0].kind, rows[0].label.as_str()),
+            ("app-consistent", "nightly")
+        );
+        let rows = timeline(&points, Some(5), 200 * S);
+        assert!(!rows[0].chosen && rows[1].chosen);
+        let rows = timeline(&points, Some(7), 200 * S);
+        assert!(rows[0].chosen, "an unknown choice falls back to the newest");
+    }
+}
