@@ -1,5 +1,5 @@
 //! A span's record in the cluster, and the span's lease: with several
-//! receivers on one Ceph store, a span ([`crate::coordinate`]) is
+//! receivers on one Ceph store, a span (`crate::coordinate`) is
 //! coordinated by the receiver that holds its lease, and its record
 //! ([`crate::span`]) is one object written only under that lease.
 //!
@@ -29,7 +29,7 @@
 //!
 //! # The span's lease
 //!
-//! Taken through the group leases' keeper ([`LeaseKeeper::take_over`]),
+//! Taken through the group leases' keeper ([`LeaseKeeper::take_over`](crate::lease_task::LeaseKeeper::take_over)),
 //! the same steps as a group's: lock, blocklist the previous holders (the
 //! lock's and the recorded `owner-addr`), newest OSD map, open. The open
 //! gives the object its attributes if the lock just created it, then one
