@@ -590,8 +590,16 @@ pub async fn run(
     {
         tokio::spawn(release_idle_groups(server.clone(), after, stop.clone()));
     }
-    // Nothing is degraded yet (a file left from before says otherwise).
-    server.write_health();
+    // Nothing is degraded yet: a file left from before would say
+    // otherwise. (Without one, none is written until a group degrades: a
+    // local store's data directory holds only what it needs.)
+    if server
+        .data_dir
+        .join(crate::store_health::HEALTH_FILE)
+        .exists()
+    {
+        server.write_health();
+    }
     tracing::info!(%addr, data_dir = %cfg.data_dir.display(), "receiver listening");
     ready(addr, metrics.as_ref().map(MetricsServer::local_addr));
     loop {
