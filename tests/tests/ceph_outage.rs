@@ -233,10 +233,22 @@ fn a_cluster_outage_degrades_the_receiver_and_replication_resumes_by_itself() {
     let mut frozen = Frozen::freeze(Pid::from_raw(osd_pid));
     let froze = Instant::now();
     let (batches_then, log_then) = (batches.load(Ordering::Relaxed), last_seq(&log_dir));
-    // Whatever was in flight when the cluster froze is settled within a
-    // second (it cannot commit on a frozen cluster).
-    std::thread::sleep(Duration::from_secs(1));
-    let acked_then = durable(&log_dir);
+    // Whatever was in flight when the cluster froze settles (a commit the
+    // OSD finished just before may still be acknowledged): wait until the
+    // acknowledged position has not moved for two seconds (under load that
+    // took longer than one), at most ten. Nothing may move after that.
+    let mut acked_then = durable(&log_dir);
+    let mut still_since = Instant::now();
+    while still_since.elapsed() < Duration::from_secs(2)
+        && froze.elapsed() < Duration::from_secs(10)
+    {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = durable(&log_dir);
+        if now != acked_then {
+            acked_then = now;
+            still_since = Instant::now();
+        }
+    }
     let mut degraded_after = None;
     while froze.elapsed() < OUTAGE {
         if degraded_after.is_none() {
