@@ -52,7 +52,7 @@
 #
 # Usage: scripts/bench-ceph.sh   (as root, from anywhere)
 #   Installs fio, libnbd-bin, python3 and the Ceph packages (ceph-mon,
-#   ceph-osd, ceph-common) with apt-get when missing. About 5 minutes with
+#   ceph-osd, ceph-common) with apt-get when missing. About 2 minutes with
 #   the defaults, plus a release build with the feature `ceph`.
 # Environment:
 #   TIDEMARK_BIN=PATH        a tidemark binary built with the feature ceph
@@ -527,7 +527,10 @@ receivers_part() {
 	local n i name
 	for ((i = 0; i < MAX_RECEIVERS; i++)); do
 		# A server certificate of its own for each receiver node, from the
-		# one CA, under the name shippers check (server-name).
+		# one CA, under the name shippers check (server-name). `receiver
+		# sign --console` is the command that issues a server certificate
+		# from the CA (serverAuth, the name in the SAN, a new key), which is
+		# what a receiver presents too.
 		mkdir -p "$PKI/node-$i"
 		"$BIN" receiver sign --pki-dir "$PKI/receiver" --console tidemark-receiver \
 			--out "$PKI/node-$i/receiver.crt" --key-out "$PKI/node-$i/receiver.key" >/dev/null
