@@ -656,7 +656,15 @@ async fn release_idle_groups(
             }
         }
         let idle: Vec<GroupKey> = {
-            let open: Vec<GroupKey> = lock(&server.groups).keys().cloned().collect();
+            // Never waits on the runtime: the groups' lock may be held by
+            // an open waiting for the cluster (then the next round looks).
+            let open: Vec<GroupKey> = match server.groups.try_lock() {
+                Ok(groups) => groups.keys().cloned().collect(),
+                Err(std::sync::TryLockError::Poisoned(p)) => {
+                    p.into_inner().keys().cloned().collect()
+                }
+                Err(std::sync::TryLockError::WouldBlock) => continue,
+            };
             let stats = lock(&server.stats);
             open.into_iter()
                 .filter(|key| {
@@ -669,19 +677,33 @@ async fn release_idle_groups(
                 .collect()
         };
         for (host, group) in idle {
-            let released = {
-                let stats = server.stats(&host, &group);
-                let _idle = lock(&stats.idle_since);
-                // A session that started meanwhile keeps it.
-                (stats.sessions.load(Ordering::Relaxed) == 0)
-                    .then(|| lock(&server.groups).remove(&(host.clone(), group.clone())))
-                    .flatten()
-            };
-            if let Some(replica) = released {
+            // Closing a store blocks (and the groups' lock may be held by
+            // an open waiting for the cluster): on a blocking thread.
+            let srv = server.clone();
+            let (h, g) = (host.clone(), group.clone());
+            let released = tokio::task::spawn_blocking(move || {
+                // Not while the store does not answer (see
+                // `StoreEngine::answers`): the next round tries again.
+                if srv.engine.answers(&h, &g).is_err() {
+                    return false;
+                }
+                let released = {
+                    let stats = srv.stats(&h, &g);
+                    let _idle = lock(&stats.idle_since);
+                    // A session that started meanwhile keeps it.
+                    (stats.sessions.load(Ordering::Relaxed) == 0)
+                        .then(|| lock(&srv.groups).remove(&(h.clone(), g.clone())))
+                        .flatten()
+                };
+                let Some(replica) = released else {
+                    return false;
+                };
                 drop(replica);
-                let srv = server.clone();
-                let (h, g) = (host.clone(), group.clone());
-                let _ = tokio::task::spawn_blocking(move || srv.engine.release(&h, &g)).await;
+                srv.engine.release(&h, &g);
+                true
+            })
+            .await;
+            if matches!(released, Ok(true)) {
                 tracing::info!(%host, %group, idle = ?after, "no shipper session for release-idle: the group's lease is let go (another receiver may take it)");
             }
         }
@@ -804,35 +826,76 @@ impl Server {
                 return Err(GroupRefused::OwnedElsewhere(owner));
             }
             Err(crate::coordinate::NotHeld::Failed(why)) => {
-                return Err(GroupRefused::Refused(ReceiverError::Peer {
+                return Err(GroupRefused::Refused {
                     class: ErrorClass::Transient,
                     code: ErrorCode::Busy,
                     message: format!("the span of {host}/{group} cannot be taken here: {why}"),
-                }))
+                })
             }
         }
         if let Some(g) = groups.get(&key) {
-            if !lock(g).is_poisoned() {
+            let poisoned = match g.try_lock() {
+                Ok(r) => r.is_poisoned(),
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner().is_poisoned(),
+                // Busy (a commit of an ended session finishing): the new
+                // session waits for it; if that poisons the store, its hello
+                // is refused and the next session reopens it.
+                Err(std::sync::TryLockError::WouldBlock) => false,
+            };
+            if !poisoned {
                 return Ok(g.clone());
             }
-            // Dropped first so its lock file is released before reopening.
-            groups.remove(&key);
-        }
-        let opened =
-            tokio::task::block_in_place(|| self.engine.open(host, group)).map_err(|e| {
+            // Not while the store does not answer: closing the old store
+            // now would leave state behind that blocks the reopen (see
+            // `StoreEngine::answers`). The shipper retries.
+            if let Err(e) = self.engine.answers(host, group) {
+                let why = error_chain(&e);
                 if crate::store_health::cluster_unanswered(&e) {
-                    self.store_unanswered(host, group, &error_chain(&e));
+                    self.store_unanswered(host, group, &why);
                 }
-                if let crate::store::StoreError::OwnedElsewhere { owner, .. } = e {
-                    return GroupRefused::OwnedElsewhere(owner);
+                return Err(GroupRefused::Refused {
+                    class: ErrorClass::Transient,
+                    code: ErrorCode::Busy,
+                    message: format!(
+                        "the store of {host}/{group} does not answer; it is reopened once it does: {why}"
+                    ),
+                });
+            }
+            // Dropped (closed) before reopening, so that its lock file or
+            // its images' exclusive locks are let go first; whoever else
+            // still holds it (an ended session's last commit, a metrics
+            // scrape) lets it go in a moment.
+            let old = groups.remove(&key).expect("looked up under the same lock");
+            let deadline = Instant::now() + PREVIOUS_STORE_WAIT;
+            while Arc::strong_count(&old) > 1 {
+                if Instant::now() >= deadline {
+                    groups.insert(key, old);
+                    return Err(GroupRefused::Refused {
+                        class: ErrorClass::Transient,
+                        code: ErrorCode::Busy,
+                        message: format!(
+                            "the previous session of {host}/{group} is still ending; retry"
+                        ),
+                    });
                 }
-                let (class, code) = crate::replica::classify(&e);
-                GroupRefused::Refused(ReceiverError::Peer {
-                    class,
-                    code,
-                    message: format!("opening the replica of {host}/{group}: {e}"),
-                })
-            })?;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            drop(old);
+        }
+        let opened = self.engine.open(host, group).map_err(|e| {
+            if crate::store_health::cluster_unanswered(&e) {
+                self.store_unanswered(host, group, &error_chain(&e));
+            }
+            if let crate::store::StoreError::OwnedElsewhere { owner, .. } = e {
+                return GroupRefused::OwnedElsewhere(owner);
+            }
+            let (class, code) = crate::replica::classify(&e);
+            GroupRefused::Refused {
+                class,
+                code,
+                message: format!("opening the replica of {host}/{group}: {}", error_chain(&e)),
+            }
+        })?;
         self.store_answered(host, group);
         let mut opened = opened;
         opened.set_retention(self.retention);
@@ -911,7 +974,9 @@ impl Server {
                 return refuse(&mut send, err).await;
             }
         };
-        let replica = match self.group(host, &group_name) {
+        // The store's calls block (an open waits for the cluster): on a
+        // blocking thread, never on the runtime's workers.
+        let replica = match tokio::task::block_in_place(|| self.group(host, &group_name)) {
             Ok(r) => {
                 // Idle from now unless a session runs (release-idle); not
                 // under the groups' lock, which the release takes after it.
@@ -922,7 +987,21 @@ impl Server {
                 }
                 r
             }
-            Err(GroupRefused::Refused(e)) => return refuse(&mut send, e).await,
+            Err(GroupRefused::Refused {
+                class,
+                code,
+                message,
+            }) => {
+                let err = ReceiverError::Refused {
+                    class,
+                    code,
+                    message,
+                    // As the session would answer: in a version the
+                    // shipper reads.
+                    version: hello.version.min(tidemark_wire::PROTOCOL_VERSION),
+                };
+                return refuse(&mut send, err).await;
+            }
             Err(GroupRefused::OwnedElsewhere(owner)) => {
                 // Another receiver sharing the store applies the group:
                 // send the shipper there (or, not knowing where, retry).
@@ -1313,9 +1392,22 @@ enum GroupRefused {
     /// Another receiver sharing the replica store owns it (at this
     /// address, if it recorded one).
     OwnedElsewhere(Option<String>),
-    /// Refused; tell the shipper this.
-    Refused(ReceiverError),
+    /// Refused: the shipper is told this (a refusal, not the shipper's
+    /// own error: that one is never sent back).
+    Refused {
+        /// Whether the shipper should retry.
+        class: ErrorClass,
+        /// What went wrong.
+        code: ErrorCode,
+        /// Why, with the whole chain of causes.
+        message: String,
+    },
 }
+
+/// How long a reopen waits for the previous store of the group to be let go
+/// by whoever still holds it before refusing the session (the shipper
+/// retries).
+const PREVIOUS_STORE_WAIT: Duration = Duration::from_secs(5);
 
 /// Sends the error to the shipper (in a protocol version it reads) and
 /// ends the session.

@@ -176,6 +176,15 @@ pub trait StoreEngine: Send + Sync + Debug {
     ) -> Result<Arc<dyn ReplicaStore>, StoreError>;
     /// Whether a store of `host`'s `group` exists.
     fn exists(&self, host: &Name, group: &Name) -> bool;
+    /// Whether the store of `host`'s `group` answers now (one cheap read).
+    /// A group whose store stopped answering is not dropped and reopened
+    /// until it does: closing a store while it cannot be told (a Ceph
+    /// image's exclusive lock and watch) leaves state behind that blocks
+    /// the reopen. Default: a local store always answers.
+    fn answers(&self, host: &Name, group: &Name) -> Result<(), StoreError> {
+        let _ = (host, group);
+        Ok(())
+    }
     /// Where the store of `host`'s `group` is, for messages.
     fn describe(&self, host: &Name, group: &Name) -> String;
     /// The counters of the group leases, for an engine whose groups are
