@@ -22,6 +22,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+/// The largest object the simulated OSD keeps: Ceph's default
+/// `osd_max_object_size` (a write past it fails with `EFBIG`).
+const MAX_OBJECT_SIZE: u64 = 128 << 20;
+
 /// The RBD object size the simulation reports allocation in (librbd's
 /// default order 22).
 const OBJECT_SIZE: u64 = 4 << 20;
@@ -254,12 +258,19 @@ impl SimCluster {
                     let end = start
                         .checked_add(data.len())
                         .ok_or(CephError::Other { op: OP, errno: 27 })?;
+                    if end as u64 > MAX_OBJECT_SIZE {
+                        // As the OSD refuses a write past osd_max_object_size.
+                        return Err(CephError::Other { op: OP, errno: 27 });
+                    }
                     if o.data.len() < end {
                         o.data.resize(end, 0);
                     }
                     o.data[start..end].copy_from_slice(data);
                 }
                 WriteStep::WriteFull { data } => {
+                    if data.len() as u64 > MAX_OBJECT_SIZE {
+                        return Err(CephError::Other { op: OP, errno: 27 });
+                    }
                     obj.get_or_insert_with(Object::default).data = data.clone()
                 }
                 WriteStep::Truncate { size } => {

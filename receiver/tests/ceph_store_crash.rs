@@ -16,7 +16,7 @@
 //!
 //! And a writer that a newer one opened after can commit nothing more.
 
-use tidemark_ceph::{SimCluster, SimWorld};
+use tidemark_ceph::{Cluster, SimCluster, SimWorld};
 use tidemark_changelog::{Entry, Record, Seq};
 use tidemark_names::Name;
 use tidemark_receiver::store::ceph::{CephEngine, CephGroup};
@@ -265,4 +265,63 @@ fn an_older_writer_is_fenced_by_the_newer_open() {
         "the fenced writer changed the state"
     );
     check_points("after the fenced writer", &again, &w);
+}
+
+/// The journal's segments are RADOS objects, which the OSD refuses to grow
+/// past `osd_max_object_size` (128 MiB by default; the simulation refuses
+/// it too): the Ceph store begins a new segment well before that (its own
+/// segment size, not a test's), so a history longer than one object is
+/// applied and committed, and no segment comes near the limit.
+#[test]
+fn a_history_longer_than_an_object_is_kept_in_several_segments() {
+    let w = workload(1, 20);
+    let world = SimWorld::new();
+    let e = engine(&world);
+    let (host, group) = names();
+    let mut g = e.open_group(&host, &group).unwrap();
+    // Every point kept: nothing folds the history away.
+    g.set_retention(Retention {
+        window: std::time::Duration::MAX,
+        max_points: u64::MAX,
+        max_space: None,
+        fold_interval: std::time::Duration::MAX,
+    });
+    for op in &w.ops {
+        crash_stream::apply_op(&mut g, op, |_| Ok(())).unwrap();
+    }
+    let mut seq = w.source.len() as u64;
+    let block = vec![0x5a; 16 << 10];
+    let history: u64 = 160 << 20;
+    let mut written = 0;
+    while written < history {
+        for _ in 0..256 {
+            let rec = Record::decode(&Entry::write(0, 0, &block, seq).encode(seq, 1)).unwrap();
+            g.apply_record(&rec).unwrap();
+            seq += 1;
+            written += block.len() as u64;
+        }
+        let rec = Record::decode(&Entry::barrier(seq).encode(seq, 1)).unwrap();
+        g.apply_record(&rec).unwrap();
+        seq += 1;
+        g.commit().unwrap();
+    }
+    assert_eq!(g.position().durable_seq.get(), seq - 1);
+    let c = world.client(NAMESPACE);
+    let segments: Vec<(String, u64)> = c
+        .omap("h1+g+dir", None, 1000)
+        .unwrap()
+        .entries
+        .into_iter()
+        .filter(|(key, _)| key.starts_with("journal."))
+        .map(|(key, _)| {
+            let size = c.stat(&format!("h1+g+{key}")).unwrap();
+            (key, size)
+        })
+        .collect();
+    assert!(segments.len() >= 2, "{segments:?}");
+    let limit = tidemark_receiver::store::ceph::SEGMENT_SIZE + (8 << 20);
+    assert!(
+        segments.iter().all(|(_, size)| *size <= limit),
+        "a segment grew past the store's segment size and one commit: {segments:?}"
+    );
 }

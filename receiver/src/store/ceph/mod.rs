@@ -54,7 +54,9 @@
 //!                       class, exclusive, with an expiry) is the group's
 //!                       lease.
 //!  G+journal.SSSSSSSS   journal segments (the local TMJE entries; a position
-//!                       is segment << 40 | offset)
+//!                       is segment << 40 | offset); the next one begins at
+//!                       the first commit past [`SEGMENT_SIZE`] (64 MiB),
+//!                       under the OSD's object size limit
 //!  G+journal-index      the journal index (TMJI), replaced whole
 //!  G+span-floor         the span floor (decimal), replaced whole; absent: none
 //!  G+dir                omap: one key per object the journal created
@@ -174,6 +176,13 @@ pub const FORMAT_VERSION: u32 = 1;
 const FORMAT_PREFIX: &str = "tidemark-ceph ";
 /// The omap object listing every group of the namespace.
 pub const GROUPS_OBJECT: &str = "tidemark+groups";
+
+/// Where the journal begins a new segment (one RADOS object): half of
+/// Ceph's default `osd_max_object_size` (128 MiB), which refuses any write
+/// past it. A segment rolls at the first commit past this size, so it
+/// ends at most one commit beyond it (a commit holds at most the session's
+/// bound on uncommitted records, 16 MiB by default).
+pub const SEGMENT_SIZE: u64 = 64 << 20;
 
 const XATTR_FORMAT: &str = "format";
 const XATTR_EPOCH: &str = "epoch";
@@ -406,7 +415,9 @@ impl<C: Cluster + 'static> CephEngine<C> {
         };
         let dir = CephDir::new(self.cluster.clone(), prefix.clone(), Some(head), lease);
         let test_failover = CephDir::new(self.cluster.clone(), format!("{prefix}tf."), None, None);
-        ReplicaGroup::open_on(dir, test_failover)
+        let mut group = ReplicaGroup::open_on(dir, test_failover)?;
+        group.set_segment_size(SEGMENT_SIZE);
+        Ok(group)
     }
 
     /// Opens an existing group to read its points while a writer may
@@ -674,6 +685,14 @@ impl<C: Cluster + 'static> StoreEngine for CephEngine<C> {
     fn exists(&self, host: &Name, group: &Name) -> bool {
         let state = format!("{}state", prefix(host, group));
         self.cluster.stat(&state).is_ok_and(|size| size > 0)
+    }
+
+    fn answers(&self, host: &Name, group: &Name) -> Result<(), StoreError> {
+        let state = format!("{}state", prefix(host, group));
+        match self.cluster.stat(&state) {
+            Ok(_) | Err(CephError::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.err(host, group, "asking the cluster about", e)),
+        }
     }
 
     fn describe(&self, host: &Name, group: &Name) -> String {
