@@ -216,7 +216,16 @@ fn a_cluster_outage_degrades_the_receiver_and_replication_resumes_by_itself() {
         format!("tidemark_receiver_group_degraded{{host=\"{HOST}\",group=\"default\"}}");
 
     std::thread::sleep(Duration::from_secs(3));
-    let m = metrics(&metrics_addr).expect("the receiver serves metrics");
+    // A group is in the metrics once a scrape found its store free (a
+    // scrape never waits for a commit): under load that may take a few.
+    let asked = Instant::now();
+    let m = loop {
+        let m = metrics(&metrics_addr).expect("the receiver serves metrics");
+        if value(&m, &group_degraded).is_some() || asked.elapsed() > Duration::from_secs(15) {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
     assert_eq!(value(&m, "tidemark_receiver_store_degraded"), Some(0.0));
     assert_eq!(value(&m, &group_degraded), Some(0.0), "{m:?}");
     // Status from the cluster: the owner and its lease.
