@@ -62,11 +62,7 @@
 #                            ${CARGO_TARGET_DIR:-target}/bench-tmp)
 #   DISK_SIZE=512MiB         the protected disk
 #   WRITE_BYTES=64MiB        written through the tracker while the shipper
-#                            is stopped (memstore holds ~3x what is written;
-#                            keep it under ~120 MiB: the Ceph store's
-#                            journal segments are RADOS objects and grow to
-#                            256 MiB, past the OSD's osd_max_object_size,
-#                            128 MiB by default, where every apply fails)
+#                            is stopped (memstore holds ~3x what is written)
 #   BS=64k                   fio block size
 #   FSYNC=32                 writes between FLUSHes (recovery points)
 #   PARTS="stores receivers" the parts to run, in this order
