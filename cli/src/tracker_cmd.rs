@@ -492,8 +492,8 @@ fn status(a: ControlArgs) -> Result<ExitCode> {
     );
     for d in &s.disks {
         println!(
-            "  disk {}: {} mode, {} hot extents, {} dirty extents",
-            d.name, d.tracking, d.hot_extents, d.dirty_extents
+            "  disk {}: {} bytes, {} mode, {} hot extents, {} dirty extents",
+            d.name, d.size, d.tracking, d.hot_extents, d.dirty_extents
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -181,6 +181,9 @@ pub struct StatusReply {
 pub struct DiskStatus {
     /// Its name (and export name).
     pub name: String,
+    /// The size it is served at, in bytes (0 from a tracker that did not
+    /// send it).
+    pub size: u64,
     /// Data or bitmap mode.
     pub tracking: Tracking,
     /// Hot extents in the activity map.

@@ -45,9 +45,11 @@ pub fn status_of(group_name: &str, group: &Group) -> StatusReply {
         disks: group
             .disk_names()
             .into_iter()
+            .zip(group.disk_sizes())
             .enumerate()
-            .map(|(i, name)| DiskStatus {
+            .map(|(i, (name, size))| DiskStatus {
                 name: name.into_string(),
+                size,
                 tracking,
                 hot_extents: s.hot_extents[i],
                 dirty_extents: s.dirty_extents[i],
