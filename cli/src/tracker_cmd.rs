@@ -21,6 +21,24 @@ pub(crate) enum TrackerCommand {
     Status(ControlArgs),
     /// Insert a labelled marker (a named recovery point) and a barrier.
     Mark(crate::mark_cmd::MarkArgs),
+    /// Serve a disk at the size its backing grew to, without a restart:
+    /// grow the image or device first (truncate, lvextend, qemu-img
+    /// resize), then run this. The growth is recorded in the change log;
+    /// NBD clients reconnect to see the new size.
+    Resize(ResizeArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ResizeArgs {
+    /// The disk's name (as `tidemark tracker status` lists it).
+    #[arg(long)]
+    disk: Name,
+    /// The tracker's control socket.
+    #[arg(long, default_value = "/run/tidemark/tracker.ctl")]
+    control_socket: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -129,7 +147,25 @@ pub(crate) fn run(cmd: TrackerCommand) -> Result<ExitCode> {
         TrackerCommand::Serve(a) => serve(a),
         TrackerCommand::Status(a) => status(a),
         TrackerCommand::Mark(a) => crate::mark_cmd::mark(a),
+        TrackerCommand::Resize(a) => resize(a),
     }
+}
+
+fn resize(a: ResizeArgs) -> Result<ExitCode> {
+    let r = tidemark_control::resize(
+        &a.control_socket,
+        a.disk.as_str(),
+        std::time::Duration::from_secs(60),
+    )?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "disk {} grew from {} to {} bytes (grow record at sequence number {}); NBD clients see the new size when they reconnect",
+            r.disk, r.before, r.size, r.seq
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// With `[tracker.app-consistent] schedule` set: what starts the thread
@@ -456,8 +492,8 @@ fn status(a: ControlArgs) -> Result<ExitCode> {
     );
     for d in &s.disks {
         println!(
-            "  disk {}: {} mode, {} hot extents, {} dirty extents",
-            d.name, d.tracking, d.hot_extents, d.dirty_extents
+            "  disk {}: {} bytes, {} mode, {} hot extents, {} dirty extents",
+            d.name, d.size, d.tracking, d.hot_extents, d.dirty_extents
         );
     }
     Ok(ExitCode::SUCCESS)

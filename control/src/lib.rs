@@ -10,6 +10,9 @@
 //! resync-all DISK             → {"ok":true,"seq":N|null}  the whole disk is
 //!                               recorded as resync-needed (it was written
 //!                               while spliced out; null: in the dirty bitmap)
+//! resize DISK                 → {"ok":true,"resized":{…}}   (ResizeReply)
+//!                               the disk's backing grew: it is served at
+//!                               its new size from the grow record on
 //! stop                        → {"ok":true}  then stops as on SIGTERM: no new
 //!                               connections, requests in flight finish, a
 //!                               final barrier (a planned failover's drain)
@@ -51,6 +54,11 @@ pub enum Request {
         /// The disk's name.
         disk: String,
     },
+    /// Serve a disk at the size its backing grew to.
+    Resize {
+        /// The disk's name.
+        disk: String,
+    },
     /// Stop as on SIGTERM.
     Stop,
     /// Turn this connection into a hold session ([`hold`]).
@@ -61,7 +69,7 @@ pub enum Request {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
     /// Not a request of this protocol.
-    #[error("unknown request {0:?}; expected `status`, `mark [--app-consistent] LABEL`, `resync-all DISK`, `stop` or `hold-session`")]
+    #[error("unknown request {0:?}; expected `status`, `mark [--app-consistent] LABEL`, `resync-all DISK`, `resize DISK`, `stop` or `hold-session`")]
     Unknown(String),
     /// A marker's label breaks the rule of labels.
     #[error(transparent)]
@@ -85,6 +93,9 @@ impl Request {
             ["resync-all", disk] => Ok(Request::ResyncAll {
                 disk: disk.to_string(),
             }),
+            ["resize", disk] => Ok(Request::Resize {
+                disk: disk.to_string(),
+            }),
             ["stop"] => Ok(Request::Stop),
             [hold::HOLD_SESSION] => Ok(Request::HoldSession),
             _ => Err(RequestError::Unknown(line.trim().to_string())),
@@ -101,6 +112,7 @@ impl Request {
             } => format!("mark --app-consistent {label}"),
             Request::Mark { label, .. } => format!("mark {label}"),
             Request::ResyncAll { disk } => format!("resync-all {disk}"),
+            Request::Resize { disk } => format!("resize {disk}"),
             Request::Stop => "stop".into(),
             Request::HoldSession => hold::HOLD_SESSION.into(),
         }
@@ -169,12 +181,28 @@ pub struct StatusReply {
 pub struct DiskStatus {
     /// Its name (and export name).
     pub name: String,
+    /// The size it is served at, in bytes (0 from a tracker that did not
+    /// send it).
+    pub size: u64,
     /// Data or bitmap mode.
     pub tracking: Tracking,
     /// Hot extents in the activity map.
     pub hot_extents: u64,
     /// Dirty extents (bitmap mode).
     pub dirty_extents: u64,
+}
+
+/// A disk grown while served (the `resize` request's reply).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResizeReply {
+    /// The disk's name.
+    pub disk: String,
+    /// The size it was served at before, in bytes.
+    pub before: u64,
+    /// The size it is served at now, in bytes.
+    pub size: u64,
+    /// The grow record's sequence number in the change log.
+    pub seq: Seq,
 }
 
 /// The reply line of a request that succeeded with `fields`.
@@ -325,6 +353,19 @@ pub fn resync_all(path: &Path, disk: &str, timeout: Duration) -> Result<Option<S
     field(path, &reply, "seq")
 }
 
+/// Tells the tracker that `disk`'s backing grew: it records the growth and
+/// serves the new size.
+pub fn resize(path: &Path, disk: &str, timeout: Duration) -> Result<ResizeReply, ControlError> {
+    let reply = request(
+        path,
+        &Request::Resize {
+            disk: disk.to_string(),
+        },
+        timeout,
+    )?;
+    field(path, &reply, "resized")
+}
+
 /// How [`stop_tracker`] found the tracker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stopped {
@@ -372,6 +413,7 @@ mod tests {
             Request::ResyncAll {
                 disk: "data".into(),
             },
+            Request::Resize { disk: "wal".into() },
             Request::Mark {
                 label: Label::new("nightly").unwrap(),
                 app_consistent: false,
@@ -465,6 +507,22 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(server.join().unwrap(), "resync-all data\n");
+        std::fs::remove_file(&path).unwrap();
+
+        let (path, server) = serve_once(
+            dir.path(),
+            r#"{"ok":true,"resized":{"disk":"data","before":4096,"size":8192,"seq":7}}"#,
+        );
+        assert_eq!(
+            resize(&path, "data", Duration::from_secs(5)).unwrap(),
+            ResizeReply {
+                disk: "data".into(),
+                before: 4096,
+                size: 8192,
+                seq: Seq(7)
+            }
+        );
+        assert_eq!(server.join().unwrap(), "resize data\n");
         std::fs::remove_file(&path).unwrap();
 
         let (path, server) = serve_once(dir.path(), r#"{"ok":true,"seq":"x"}"#);

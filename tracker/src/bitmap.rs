@@ -203,6 +203,32 @@ impl PersistentBitmap {
         }
     }
 
+    /// Covers a disk grown to `disk_size` bytes: the new extents are clear,
+    /// the bits already set stay, and the file's header and length are
+    /// rewritten and synced for the new geometry (a crash before that
+    /// leaves the old header, which a reopen at the new size does not
+    /// trust: every bit is set then, see [`Opened::Reset`]). A size that
+    /// adds no extent changes nothing.
+    pub fn grow(&mut self, disk_size: u64) -> Result<(), BitmapError> {
+        let nbits = disk_size.div_ceil(self.granularity);
+        if nbits <= self.nbits {
+            return Ok(());
+        }
+        let io_err = |source| BitmapError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let nbytes = nbits.div_ceil(8) as usize;
+        // The bits of the old last byte past the old end were never set.
+        self.bits.resize(nbytes, 0);
+        self.nbits = nbits;
+        self.file.set_len(BITS_AT + nbytes as u64).map_err(io_err)?;
+        self.file
+            .write_all_at(&encode_header(self.granularity, nbits), 0)
+            .map_err(io_err)?;
+        self.file.sync_all().map_err(io_err)
+    }
+
     /// Whether any extent is set.
     pub fn any(&self) -> bool {
         self.bits.iter().any(|b| *b != 0)
@@ -377,6 +403,31 @@ mod tests {
             b.ranges(10 * 4096 + 100),
             vec![(4096, 3 * 4096), (7 * 4096, 4096), (10 * 4096, 100)]
         );
+    }
+
+    #[test]
+    fn a_grown_bitmap_keeps_its_bits_and_reopens_at_the_new_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("activity-a.map");
+        let (mut map, _) = PersistentBitmap::open(&path, 4096, 5 * 4096).unwrap();
+        map.set(1);
+        map.set(4);
+        let bytes = map.take_unwritten();
+        map.writer().unwrap().write_bytes(&bytes, true).unwrap();
+        map.grow(4096).unwrap();
+        assert_eq!(map.len(), 5, "a smaller size changes nothing");
+        map.grow(21 * 4096).unwrap();
+        assert_eq!(map.len(), 21);
+        assert!(map.get(1) && map.get(4));
+        assert!((5..21).all(|i| !map.get(i)));
+        map.set(20);
+        let bytes = map.take_unwritten();
+        map.writer().unwrap().write_bytes(&bytes, true).unwrap();
+        drop(map);
+        let (map, opened) = PersistentBitmap::open(&path, 4096, 21 * 4096).unwrap();
+        assert_eq!(opened, Opened::Loaded);
+        let set: Vec<u64> = (0..map.len()).filter(|&i| map.get(i)).collect();
+        assert_eq!(set, vec![1, 4, 20]);
     }
 
     #[test]

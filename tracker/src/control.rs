@@ -19,7 +19,8 @@ use tidemark_control::hold::{
     held_reply, quiesced_reply, released_reply, thawed_reply, HoldRequest,
 };
 use tidemark_control::{
-    error_reply, ok_reply, DiskStatus, Request, StatusReply, Tracking, MAX_REQUEST_LINE,
+    error_reply, ok_reply, DiskStatus, Request, ResizeReply, StatusReply, Tracking,
+    MAX_REQUEST_LINE,
 };
 use tidemark_span::{Participant, ParticipantConfig, Refusal, RefuseCode};
 
@@ -44,9 +45,11 @@ pub fn status_of(group_name: &str, group: &Group) -> StatusReply {
         disks: group
             .disk_names()
             .into_iter()
+            .zip(group.disk_sizes())
             .enumerate()
-            .map(|(i, name)| DiskStatus {
+            .map(|(i, (name, size))| DiskStatus {
                 name: name.into_string(),
+                size,
                 tracking,
                 hot_extents: s.hot_extents[i],
                 dirty_extents: s.dirty_extents[i],
@@ -72,6 +75,17 @@ pub fn handle_line(line: &str, group_name: &str, group: &Group) -> String {
         },
         Request::ResyncAll { disk } => match group.record_resync_all(&disk) {
             Ok(seq) => ok_reply(serde_json::json!({ "seq": seq })),
+            Err(e) => error_reply(&e),
+        },
+        Request::Resize { disk } => match group.resize(&disk) {
+            Ok(r) => ok_reply(serde_json::json!({
+                "resized": ResizeReply {
+                    disk: r.disk.into_string(),
+                    before: r.before,
+                    size: r.size,
+                    seq: r.seq,
+                }
+            })),
             Err(e) => error_reply(&e),
         },
         Request::Stop => ok_reply(serde_json::json!({})),

@@ -235,6 +235,119 @@ pub enum ResyncAllError {
     Dirty,
 }
 
+/// Why a disk could not be grown while served ([`Group::resize`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ResizeError {
+    /// The group does not serve yet.
+    #[error("the tracker is still starting")]
+    Starting,
+    /// No such disk (the caller's).
+    #[error("no disk {0:?} in this group")]
+    NoDisk(String),
+    /// The backing's size could not be read (local disk).
+    #[error("reading the size of disk {disk}'s backing")]
+    Measure {
+        /// The disk.
+        disk: Name,
+        /// Why.
+        #[source]
+        source: crate::storage::StorageError,
+    },
+    /// The backing is smaller than the disk is served at (the admin's: a
+    /// protected disk may only grow).
+    #[error("disk {disk}'s backing holds {backing} bytes, less than the {size} bytes it is served at: a protected disk may only grow (give the backing its size back)")]
+    Shrunk {
+        /// The disk.
+        disk: Name,
+        /// The size served.
+        size: u64,
+        /// What the backing holds.
+        backing: u64,
+    },
+    /// The backing did not grow (the admin's: grow it first).
+    #[error("disk {disk}'s backing still holds {size} bytes, the size it is served at: grow the backing first (truncate, lvextend, qemu-img resize), then resize")]
+    Unchanged {
+        /// The disk.
+        disk: Name,
+        /// Its size.
+        size: u64,
+    },
+    /// The new size breaks the device's direct-I/O alignment (the admin's).
+    #[error("disk {disk}'s backing grew to {size} bytes, not a multiple of its direct-I/O alignment of {align} bytes: grow it to a multiple")]
+    Unaligned {
+        /// The disk.
+        disk: Name,
+        /// The backing's new size.
+        size: u64,
+        /// The alignment.
+        align: u64,
+    },
+    /// The log takes no record in bitmap mode, and the running shipper
+    /// could not learn the growth in order with the writes.
+    #[error("the group is in bitmap mode: the growth cannot be recorded in the change log; resize once data mode returns, or restart the tracker (the growth is then announced when the shipper connects)")]
+    BitmapMode,
+    /// The activity or dirty bitmap could not cover the new size (local
+    /// disk).
+    #[error("growing disk {disk}'s maps")]
+    Maps {
+        /// The disk.
+        disk: Name,
+        /// Why.
+        #[source]
+        source: BitmapError,
+    },
+    /// The log took no grow record (the group is now in bitmap mode).
+    #[error("recording the growth of disk {disk} in the change log")]
+    Append {
+        /// The disk.
+        disk: Name,
+        /// The log's error.
+        #[source]
+        source: AppendError,
+    },
+    /// The log failed before the grow record was durable; the disk is
+    /// still served at its old size.
+    #[error("the change log failed while making the growth of disk {0} durable")]
+    NotDurable(Name),
+    /// The device refused the new size after the growth was recorded; the
+    /// disk is still served at its old size (the replica grows at the
+    /// record, which is harmless: the next start or resize serves it).
+    #[error("serving disk {disk} at its new size")]
+    Serve {
+        /// The disk.
+        disk: Name,
+        /// Why.
+        #[source]
+        source: crate::storage::StorageError,
+    },
+    /// The disks file could not be rewritten with the new size; the disk is
+    /// served at it, and the next start records the growth again (a second
+    /// grow record to the same size changes nothing).
+    #[error("rewriting the disks file with disk {disk}'s new size")]
+    Sources {
+        /// The disk.
+        disk: Name,
+        /// Why.
+        #[source]
+        source: tidemark_changelog::sources::SourcesError,
+    },
+}
+
+/// A disk grown while served ([`Group::resize`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resized {
+    /// The disk.
+    pub disk: Name,
+    /// Its id.
+    pub id: DiskId,
+    /// The size served before.
+    pub before: u64,
+    /// The size served now.
+    pub size: u64,
+    /// The grow record's sequence number.
+    pub seq: Seq,
+}
+
 /// What opening the group found and did.
 #[derive(Debug, Clone)]
 pub struct OpenReport {
@@ -284,8 +397,18 @@ pub(crate) struct DiskState {
     /// Its stable id (the `disk` of its records), from the state file.
     pub(crate) id: DiskId,
     pub(crate) disk: GroupDisk,
-    pub(crate) size: u64,
+    /// The size served: new NBD connections and the ublk device are told
+    /// it. Grows only after its grow record is durable in the log (see
+    /// [`Group::resize`]).
+    size: AtomicU64,
     pub(crate) locks: RangeLock,
+}
+
+impl DiskState {
+    /// The size served now.
+    pub(crate) fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
 }
 
 /// Per-extent bookkeeping of the activity map.
@@ -404,6 +527,10 @@ pub struct Group {
     bytes_written: AtomicU64,
     /// Time from a modifying request's arrival to its acknowledgement.
     write_latency: Histogram,
+    /// The log directory (its disks file is rewritten by a resize).
+    log_dir: std::path::PathBuf,
+    /// One resize at a time.
+    resizing: std::sync::Mutex<()>,
 }
 
 /// Takes one of the group's locks, in the order of [`crate::lock_order`].
@@ -495,7 +622,7 @@ impl Group {
             states.push(DiskState {
                 id,
                 disk: d,
-                size,
+                size: AtomicU64::new(size),
                 locks: RangeLock::new(),
             });
         }
@@ -532,12 +659,12 @@ impl Group {
             }
             for (act, disk) in activity.iter().zip(&states) {
                 if opts.resync_all {
-                    if disk.size > 0 {
-                        resync_needed.push((disk.id, 0, disk.size));
+                    if disk.size() > 0 {
+                        resync_needed.push((disk.id, 0, disk.size()));
                     }
                     continue;
                 }
-                for (offset, length) in act.map.ranges(disk.size) {
+                for (offset, length) in act.map.ranges(disk.size()) {
                     resync_needed.push((disk.id, offset, length));
                 }
             }
@@ -594,8 +721,8 @@ impl Group {
                 .iter()
                 .find(|r| r.disk.id == disk.id && r.disk.name == disk.disk.name)
                 .map(|r| r.disk.size);
-            if let Some(before) = before.filter(|&b| b < disk.size) {
-                grown.push((disk.id, before, disk.size));
+            if let Some(before) = before.filter(|&b| b < disk.size()) {
+                grown.push((disk.id, before, disk.size()));
             }
         }
         if mode == TrackingMode::Data && !grown.is_empty() {
@@ -677,6 +804,8 @@ impl Group {
             barriers: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
             write_latency: Histogram::new(LATENCY_BUCKETS),
+            log_dir: opts.log_dir,
+            resizing: std::sync::Mutex::new(()),
         };
         Ok((group, report))
     }
@@ -703,6 +832,22 @@ impl Group {
         } else {
             tracing::error!("a change reached the group before it was marked running; refused");
             Err(BackendError::Unavailable)
+        }
+    }
+
+    /// Refuses a request reaching past the size `disk` is served at now
+    /// (before anything of it is recorded: a write beyond the old end of a
+    /// disk being grown must not reach the log before the grow record).
+    pub(crate) fn check_extent(
+        &self,
+        disk: DiskId,
+        offset: u64,
+        length: u64,
+    ) -> Result<(), BackendError> {
+        let size = self.disk(disk)?.size();
+        match offset.checked_add(length) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(BackendError::OutOfRange { offset, length }),
         }
     }
 
@@ -1006,7 +1151,7 @@ impl Group {
         drop(pending);
         let mut extents = Vec::new();
         for (bits, disk) in maps.dirty.iter().zip(&self.disks) {
-            for (offset, length) in bits.ranges(disk.size) {
+            for (offset, length) in bits.ranges(disk.size()) {
                 extents.push((disk.id, offset, length));
             }
         }
@@ -1245,7 +1390,7 @@ impl Group {
 
     /// Sizes of the disks in bytes, by slot (the configuration's order).
     pub fn disk_sizes(&self) -> Vec<u64> {
-        self.disks.iter().map(|d| d.size).collect()
+        self.disks.iter().map(|d| d.size()).collect()
     }
 
     /// Records the whole of disk `name` as resync-needed, now: the disk
@@ -1265,7 +1410,7 @@ impl Group {
             .iter()
             .position(|d| d.disk.name == *name)
             .ok_or_else(|| ResyncAllError::NoDisk(name.to_string()))?;
-        let (id, size) = (self.disks[slot].id, self.disks[slot].size);
+        let (id, size) = (self.disks[slot].id, self.disks[slot].size());
         if size == 0 {
             return Ok(None);
         }
@@ -1300,6 +1445,129 @@ impl Group {
             .wait_dirty(self.committer.want_dirty())
             .map_err(|_| ResyncAllError::Dirty)?;
         Ok(None)
+    }
+
+    /// Grows disk `name` to the size its backing holds now, while it is
+    /// served (the admin grew the image or the device first). In order:
+    /// the activity and dirty maps are extended (harmless on their own),
+    /// a grow record and a barrier are appended under the log's lock and
+    /// made durable, and only then is the new size published to the device
+    /// and to new NBD connections: no write beyond the old end can be
+    /// recorded before the grow record, and after a crash the log holds
+    /// the growth before any such write. Last, the disks file is rewritten
+    /// with the new size (a crash before that makes the next start append
+    /// a second grow record to the same size, which the shipper and the
+    /// replica take as already done). NBD connections keep the size of
+    /// their handshake; clients reconnect to see the new one.
+    ///
+    /// Refused: a backing smaller than the size served, one that did not
+    /// grow, a size the device cannot serve, bitmap mode.
+    pub fn resize(&self, name: &str) -> Result<Resized, ResizeError> {
+        self.check_running().map_err(|_| ResizeError::Starting)?;
+        let _one = self
+            .resizing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let t = &*self.tracking;
+        let slot = self
+            .disks
+            .iter()
+            .position(|d| d.disk.name == *name)
+            .ok_or_else(|| ResizeError::NoDisk(name.to_string()))?;
+        let d = &self.disks[slot];
+        let disk = d.disk.name.clone();
+        let before = d.size();
+        let device = d.disk.device.as_ref();
+        let size = device
+            .backing_size()
+            .map_err(|source| ResizeError::Measure {
+                disk: disk.clone(),
+                source,
+            })?;
+        if size < before {
+            return Err(ResizeError::Shrunk {
+                disk,
+                size: before,
+                backing: size,
+            });
+        }
+        if size == before {
+            return Err(ResizeError::Unchanged { disk, size });
+        }
+        let align = device.raw_access().map_or(1, |raw| raw.align);
+        if !size.is_multiple_of(align) {
+            return Err(ResizeError::Unaligned { disk, size, align });
+        }
+        if !matches!(*lock(&t.mode), TrackingMode::Data) {
+            return Err(ResizeError::BitmapMode);
+        }
+        {
+            let _persist = lock(&t.persist);
+            let mut maps = lock(&t.maps);
+            let maps_error = |source| ResizeError::Maps {
+                disk: disk.clone(),
+                source,
+            };
+            let act = &mut maps.activity[slot];
+            act.map.grow(size).map_err(maps_error)?;
+            let n = act.map.len() as usize;
+            act.inflight.resize(n, 0);
+            act.last_seq.resize(n, Seq::ZERO);
+            act.epoch.resize(n, 0);
+            act.durable.resize(n, false);
+            maps.dirty[slot].grow(size).map_err(maps_error)?;
+        }
+        // The mode is held while appending, so the record goes in only in
+        // data mode (the order `record` takes the locks in).
+        let appended = {
+            let mode = lock(&t.mode);
+            if !matches!(*mode, TrackingMode::Data) {
+                return Err(ResizeError::BitmapMode);
+            }
+            let mut log = lock(&t.log);
+            let appended = log
+                .append(&Entry::grow(d.id, before, size, now_ns()))
+                .and_then(|seq| Ok((seq, log.append(&Entry::barrier(now_ns()))?)));
+            t.unwritten.store(log.unwritten_bytes(), Ordering::SeqCst);
+            appended
+        };
+        let (seq, barrier) = match appended {
+            Ok(appended) => appended,
+            Err(source) => {
+                t.enter_bitmap_mode(&source);
+                return Err(ResizeError::Append { disk, source });
+            }
+        };
+        self.committer
+            .wait_durable(barrier)
+            .map_err(|_| ResizeError::NotDurable(disk.clone()))?;
+        device.grow_to(size).map_err(|source| ResizeError::Serve {
+            disk: disk.clone(),
+            source,
+        })?;
+        d.size.store(size, Ordering::Release);
+        tracing::info!(%disk, before, size, seq = seq.get(), "the disk grew while served: the growth is recorded in the change log, new connections see the new size");
+        let sources_error = |source| ResizeError::Sources {
+            disk: disk.clone(),
+            source,
+        };
+        // The daemon writes the disks file at start; a group opened without
+        // one (tests) has nothing to rewrite.
+        if let Some(mut sources) =
+            tidemark_changelog::read_sources(&self.log_dir).map_err(sources_error)?
+        {
+            if let Some(source) = sources.iter_mut().find(|s| s.disk.id == d.id) {
+                source.disk.size = size;
+            }
+            tidemark_changelog::write_sources(&self.log_dir, &sources).map_err(sources_error)?;
+        }
+        Ok(Resized {
+            disk,
+            id: d.id,
+            before,
+            size,
+            seq,
+        })
     }
 
     /// The disks' names, by slot (the configuration's order).
@@ -1339,6 +1607,7 @@ impl Group {
         self.check_running()
             .map_err(|_| BackendError::Unavailable)?;
         let d = self.served(disk)?;
+        self.check_extent(disk, offset, len)?;
         let seq = {
             let range = d.locks.lock(offset, len);
             if let Some(ticket) = self.mark_hot(disk, offset, len) {
@@ -1571,7 +1840,7 @@ impl Backend for Group {
                 disk: tidemark_changelog::Disk {
                     id: d.id,
                     name: d.disk.name.clone(),
-                    size: d.size,
+                    size: d.size(),
                 },
                 export: d.disk.export.clone(),
                 description: format!("tidemark protected disk {}", d.disk.name),

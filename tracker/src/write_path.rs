@@ -452,6 +452,13 @@ impl Queue for GroupQueue {
                 .err()
                 .or_else(|| self.group.check_running().err()),
         };
+        let (offset, len) = Self::extent(&op, buf.as_ref());
+        // Within the size served now: the frontends check the size their
+        // client was told, which a resize never makes smaller.
+        let refused = refused.or_else(|| match op {
+            Op::Flush => None,
+            _ => self.group.check_extent(disk, offset, len).err(),
+        });
         if let Some(error) = refused {
             self.replies.push_back(Reply {
                 id,
@@ -465,7 +472,6 @@ impl Queue for GroupQueue {
             Op::Flush => Stage::Range, // replaced by the barrier below
             Op::Write { .. } | Op::WriteZeroes { .. } | Op::Trim { .. } => Stage::Range,
         };
-        let (offset, len) = Self::extent(&op, buf.as_ref());
         let slot = Slot {
             id,
             disk,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use tidemark_changelog::replay::{apply, MemoryImage, ReplaySummary};
 use tidemark_changelog::{DiskId, FsDir, Kind, LogOptions, LogReader, Record, Seq};
 use tidemark_tracker::backend::Backend;
-use tidemark_tracker::group::{Group, GroupDisk, GroupOptions, TrackingMode};
+use tidemark_tracker::group::{Group, GroupDisk, GroupOptions, ResizeError, TrackingMode};
 use tidemark_tracker::state::{BitmapCause, FullAt};
 use tidemark_tracker::storage::{BlockDevice, MemoryDevice};
 
@@ -827,5 +827,289 @@ fn a_disk_larger_than_at_the_last_start_is_recorded_as_grown_before_any_write() 
     sources[0].disk.size = DISK * 2;
     tidemark_changelog::write_sources(tmp.path(), &sources).unwrap();
     let (_, report) = open(tmp.path(), &grown, 64 << 20);
+    assert!(report.grown.is_empty());
+}
+
+/// The disks file as the daemon writes it at start, for `devs` at `size`.
+fn write_disks_file(dir: &Path, devs: &[Arc<MemoryDevice>], size: u64) {
+    let sources: Vec<_> = group_disks(devs)
+        .iter()
+        .enumerate()
+        .map(|(i, d)| tidemark_changelog::DiskSource {
+            disk: tidemark_changelog::Disk {
+                id: DiskId(i as u32),
+                name: d.name.clone(),
+                size,
+            },
+            path: format!("/dev/disk{i}").into(),
+        })
+        .collect();
+    tidemark_changelog::write_sources(dir, &sources).unwrap();
+}
+
+/// The size the disks file records for disk `id`.
+fn recorded_size(dir: &Path, id: DiskId) -> u64 {
+    tidemark_changelog::read_sources(dir)
+        .unwrap()
+        .unwrap()
+        .into_iter()
+        .find(|s| s.disk.id == id)
+        .unwrap()
+        .disk
+        .size
+}
+
+/// Replays the log of `disk` onto an image of `size` bytes.
+fn replay_at(dir: &Path, disk: DiskId, size: u64) -> Vec<u8> {
+    let mut image = MemoryImage(vec![0; size as usize]);
+    let mut summary = ReplaySummary::default();
+    for r in records(dir) {
+        apply(&r, disk, &mut image, &mut summary).unwrap();
+    }
+    image.0
+}
+
+/// A disk grown while served, under writers: a write beyond the old end is
+/// refused before the resize (nothing of it reaches the log), the grow
+/// record and its barrier come before every write beyond the old end, the
+/// log replays to the device at the new size, the disks file says the new
+/// size, and the next start records no growth again.
+#[test]
+fn a_disk_grown_while_served_takes_writes_beyond_its_old_end_only_after_its_grow_record() {
+    let tmp = tempfile::tempdir().unwrap();
+    let devs = [
+        Arc::new(MemoryDevice::new(DISK)),
+        Arc::new(MemoryDevice::new(DISK)),
+    ];
+    write_disks_file(tmp.path(), &devs, DISK);
+    let (group, _) = open(tmp.path(), &devs, 64 << 20);
+    let group = Arc::new(group);
+    let err = group.resize("disk0").unwrap_err();
+    assert!(
+        matches!(err, ResizeError::Unchanged { size: DISK, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("grow the backing first"), "{err}");
+    assert!(matches!(group.resize("nope"), Err(ResizeError::NoDisk(_))));
+    devs[0].extend_backing(DISK * 2);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..3u64)
+        .map(|w| {
+            let (group, stop) = (group.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut rng = StdRng::seed_from_u64(w);
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) || n < 50 {
+                    let offset = rng.random_range(0..(DISK / 4096)) * 4096;
+                    group
+                        .write(DiskId(0), offset, &[w as u8 + 1; 4096], false)
+                        .unwrap();
+                    n += 1;
+                    if n.is_multiple_of(16) {
+                        group.flush(DiskId(0)).unwrap();
+                    }
+                }
+                n
+            })
+        })
+        .collect();
+    // Beyond the old end before the resize: refused, whatever the backing
+    // holds.
+    assert!(matches!(
+        group.write(DiskId(0), DISK, &[9; 4096], false),
+        Err(tidemark_tracker::backend::BackendError::OutOfRange { .. })
+    ));
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let resized = group.resize("disk0").unwrap();
+    assert_eq!(
+        (resized.id, resized.before, resized.size),
+        (DiskId(0), DISK, DISK * 2)
+    );
+    assert_eq!(
+        group.disks()[0].disk.size,
+        DISK * 2,
+        "new connections see it"
+    );
+    assert_eq!(
+        group.disks()[1].disk.size,
+        DISK,
+        "the other disk is as it was"
+    );
+    assert_eq!(recorded_size(tmp.path(), DiskId(0)), DISK * 2);
+    assert_eq!(recorded_size(tmp.path(), DiskId(1)), DISK);
+    group.write(DiskId(0), DISK, &[7; 4096], false).unwrap();
+    group
+        .write(DiskId(0), DISK * 2 - 4096, &[8; 4096], true)
+        .unwrap();
+    assert!(group.write(DiskId(0), DISK * 2, &[9; 1], false).is_err());
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let written: u64 = writers.into_iter().map(|w| w.join().unwrap()).sum();
+    assert!(written >= 150);
+    group.flush(DiskId(0)).unwrap();
+
+    let recs = records(tmp.path());
+    let grow_at = recs
+        .iter()
+        .position(|r| r.header.kind == Kind::Grow)
+        .expect("a grow record");
+    let grow = &recs[grow_at].header;
+    assert_eq!(
+        (grow.disk, grow.offset, grow.length, grow.seq),
+        (DiskId(0), DISK, DISK, resized.seq)
+    );
+    assert_eq!(recs[grow_at + 1].header.kind, Kind::Barrier);
+    assert_eq!(
+        recs.iter().filter(|r| r.header.kind == Kind::Grow).count(),
+        1
+    );
+    let beyond: Vec<usize> = recs
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.header.disk == DiskId(0) && r.header.kind == Kind::Write)
+        .filter(|(_, r)| r.header.offset + r.header.length > DISK)
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(beyond.len(), 2, "the two writes beyond the old end");
+    assert!(beyond.iter().all(|&i| i > grow_at));
+    assert!(
+        recs[..grow_at]
+            .iter()
+            .any(|r| r.header.kind == Kind::Write && r.header.disk == DiskId(0)),
+        "the writers wrote before the growth too"
+    );
+    assert_eq!(
+        replay_at(tmp.path(), DiskId(0), DISK * 2),
+        devs[0].snapshot()
+    );
+    assert_eq!(group.status().hot_extents.len(), 2);
+
+    group.close_clean().unwrap();
+    drop(group);
+    let (group, report) = open(tmp.path(), &devs, 64 << 20);
+    assert!(report.grown.is_empty(), "{:?}", report.grown);
+    assert_eq!(group.disk_sizes(), vec![DISK * 2, DISK]);
+}
+
+/// A backing that shrank is refused with the sizes and the rule; a file
+/// grown by an admin (`truncate`) is served at its new size by the real
+/// engine, which refuses a size it cannot serve.
+#[test]
+fn resize_refuses_a_shrunk_backing_and_serves_a_grown_image_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let image = tmp.path().join("disk0.img");
+    let file = std::fs::File::create(&image).unwrap();
+    file.set_len(DISK).unwrap();
+    let device = tidemark_tracker::storage::open_backing(
+        &image,
+        &tidemark_tracker::storage::BackingOptions {
+            engine: tidemark_tracker::storage::EngineKind::Sync,
+            direct_io: tidemark_tracker::storage::DirectIo::Off,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let disks = vec![GroupDisk {
+        name: tidemark_names::Name::new("disk0").unwrap(),
+        export: "disk0".into(),
+        device: device.clone(),
+    }];
+    let log_dir = tmp.path().join("log");
+    let (group, _) = Group::open(disks, options(&log_dir, 64 << 20)).unwrap();
+    group.mark_running().unwrap();
+    file.set_len(DISK + (1 << 20)).unwrap();
+    assert!(
+        device.grow_to(DISK + (2 << 20)).is_err(),
+        "beyond what the file holds"
+    );
+    let resized = group.resize("disk0").unwrap();
+    assert_eq!((resized.before, resized.size), (DISK, DISK + (1 << 20)));
+    assert_eq!(device.size(), DISK + (1 << 20));
+    group.write(DiskId(0), DISK, &[5; 4096], true).unwrap();
+    let mut back = [0u8; 4096];
+    group.read(DiskId(0), DISK, &mut back).unwrap();
+    assert_eq!(back, [5; 4096]);
+
+    file.set_len(DISK).unwrap();
+    let err = group.resize("disk0").unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ResizeError::Shrunk { size, backing: DISK, .. } if size == DISK + (1 << 20)
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("may only grow"), "{err}");
+    assert_eq!(device.size(), DISK + (1 << 20), "still served as it was");
+    file.set_len(DISK + (1 << 20)).unwrap();
+    group.close_clean().unwrap();
+}
+
+/// A crash after the grow record was durable and before the disks file
+/// had the new size: the next start finds the disk larger than the file
+/// says and appends a second grow record to the same size, after the
+/// first and after the hot extents of the crash. It changes nothing: the
+/// log still replays to the device, and the replica and the shipper take
+/// a grow record to the size they already have as done (see the receiver
+/// session's `grow_disk` and the shipper core's grow handling).
+#[test]
+fn a_crash_between_the_grow_record_and_the_disks_file_records_the_same_growth_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let devs = [Arc::new(MemoryDevice::new(DISK))];
+    write_disks_file(tmp.path(), &devs, DISK);
+    let (group, _) = open(tmp.path(), &devs, 64 << 20);
+    group.write(DiskId(0), 0, &[1; 4096], false).unwrap();
+    devs[0].extend_backing(DISK * 2);
+    let resized = group.resize("disk0").unwrap();
+    group
+        .write(DiskId(0), DISK + 8192, &[2; 4096], false)
+        .unwrap();
+    group.flush(DiskId(0)).unwrap();
+    // The crash, and the disks file as it was before the resize.
+    drop(group);
+    write_disks_file(tmp.path(), &devs, DISK);
+    let (group, report) = open(tmp.path(), &devs, 64 << 20);
+    assert!(report.unclean);
+    assert_eq!(report.grown, vec![(DiskId(0), DISK, DISK * 2)]);
+    assert!(
+        report
+            .resync_needed
+            .iter()
+            .any(|&(d, offset, len)| d == DiskId(0)
+                && offset <= DISK + 8192
+                && offset + len > DISK),
+        "the hot extent beyond the old end: {:?}",
+        report.resync_needed
+    );
+    let recs = records(tmp.path());
+    let grows: Vec<&Record> = recs
+        .iter()
+        .filter(|r| r.header.kind == Kind::Grow)
+        .collect();
+    assert_eq!(grows.len(), 2);
+    assert_eq!(grows[0].header.seq, resized.seq);
+    for g in &grows {
+        assert_eq!(
+            (g.header.offset, g.header.offset + g.header.length),
+            (DISK, DISK * 2)
+        );
+    }
+    let first_resync = recs
+        .iter()
+        .find(|r| r.header.kind == Kind::ResyncNeeded)
+        .unwrap();
+    assert!(grows[0].header.seq < first_resync.header.seq);
+    assert!(first_resync.header.seq < grows[1].header.seq);
+    assert_eq!(
+        replay_at(tmp.path(), DiskId(0), DISK * 2),
+        devs[0].snapshot()
+    );
+    group
+        .write(DiskId(0), DISK * 2 - 4096, &[3; 4096], true)
+        .unwrap();
+    group.close_clean().unwrap();
+    drop(group);
+    // The start wrote the disks file at the new size: nothing more.
+    write_disks_file(tmp.path(), &devs, DISK * 2);
+    let (_, report) = open(tmp.path(), &devs, 64 << 20);
     assert!(report.grown.is_empty());
 }

@@ -1649,6 +1649,34 @@ mod tests {
         assert_eq!(c.status(t).phase, Phase::Protected);
     }
 
+    /// A grow record to a size the session already has (a tracker that
+    /// crashed after recording a growth and before its disks file said so
+    /// records it again at its next start) changes nothing: no compare,
+    /// the group stays protected.
+    #[test]
+    fn a_grow_record_to_the_size_the_disk_has_is_a_no_op() {
+        let t = Instant::now();
+        let mut c = connected(t, SIZE);
+        assert!(matches!(c.poll_need(), Some(Need::LogBatch { .. })));
+        c.handle_log_batch(Some(batch(&[(1, Entry::grow(0, SIZE - 8192, SIZE, 6))])), t);
+        assert_eq!(c.disk_size(DiskId(0)), Some(SIZE));
+        assert_eq!(c.status(t).phase, Phase::Protected);
+        // The log has nothing more; no digest request, no chunk is asked.
+        for _ in 0..4 {
+            match c.poll_need() {
+                Some(Need::LogBatch { .. }) => c.handle_log_batch(None, t),
+                None => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(c.poll_need(), None);
+        let sent_now = sent(&mut c);
+        assert!(
+            matches!(sent_now[..], [Message::Records(_)]),
+            "{sent_now:?}"
+        );
+    }
+
     /// A receiver of protocol version 5 reads no grow record: the shipper
     /// stops with a message that says to upgrade the replica site, instead
     /// of sending what the receiver would refuse.

@@ -13,7 +13,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
@@ -433,6 +433,8 @@ pub(crate) struct Device<R> {
     punch_hole: AtomicBool,
     /// Set by a failed flush; see [`StorageError::Poisoned`].
     poisoned: AtomicBool,
+    /// The size served (see [`BlockDevice::size`]); grows, never shrinks.
+    size: AtomicU64,
 }
 
 fn unsupported(e: &io::Error) -> bool {
@@ -448,7 +450,6 @@ impl<R: RawIo> Device<R> {
     ) -> Self {
         Device {
             raw,
-            info: opened_info,
             align: direct_align.max(1),
             mem_align: mem_align.max(1),
             bounce: BouncePool::new(max(direct_align as usize, mem_align)),
@@ -456,6 +457,8 @@ impl<R: RawIo> Device<R> {
             zero_range: AtomicBool::new(true),
             punch_hole: AtomicBool::new(true),
             poisoned: AtomicBool::new(false),
+            size: AtomicU64::new(opened_info.size),
+            info: opened_info,
         }
     }
 
@@ -467,13 +470,14 @@ impl<R: RawIo> Device<R> {
         if op.modifies() && self.info.read_only {
             return Err(StorageError::ReadOnly { op });
         }
+        let size = self.size.load(Ordering::Acquire);
         match offset.checked_add(len) {
-            Some(end) if end <= self.info.size => Ok(()),
+            Some(end) if end <= size => Ok(()),
             _ => Err(StorageError::OutOfRange {
                 op,
                 offset,
                 len,
-                size: self.info.size,
+                size,
             }),
         }
     }
@@ -675,6 +679,45 @@ impl<R: RawIo> BlockDevice for Device<R> {
         &self.info
     }
 
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn backing_size(&self) -> Result<u64, StorageError> {
+        let measured = match self.info.kind {
+            BackingKind::BlockDevice => block_device_size(self.raw.file()),
+            _ => self.raw.file().metadata().map(|m| m.len()),
+        };
+        measured.map_err(|source| StorageError::Measure {
+            path: self.info.path.clone(),
+            source,
+        })
+    }
+
+    fn grow_to(&self, size: u64) -> Result<(), StorageError> {
+        if size <= self.size() {
+            return Ok(());
+        }
+        // The rule the open checked for O_DIRECT holds for the new end too.
+        if !size.is_multiple_of(self.align) {
+            return Err(StorageError::GrowUnaligned {
+                path: self.info.path.clone(),
+                size,
+                align: self.align,
+            });
+        }
+        let backing = self.backing_size()?;
+        if size > backing || i64::try_from(size).is_err() {
+            return Err(StorageError::GrowBeyond {
+                path: self.info.path.clone(),
+                size,
+                backing,
+            });
+        }
+        self.size.fetch_max(size, Ordering::AcqRel);
+        Ok(())
+    }
+
     fn raw_access(&self) -> Option<super::RawAccess<'_>> {
         if self.info.read_only {
             return None;
@@ -808,6 +851,15 @@ macro_rules! delegate_block_device {
             }
             fn raw_access(&self) -> Option<$crate::storage::RawAccess<'_>> {
                 self.dev.raw_access()
+            }
+            fn size(&self) -> u64 {
+                self.dev.size()
+            }
+            fn backing_size(&self) -> Result<u64, $crate::storage::StorageError> {
+                self.dev.backing_size()
+            }
+            fn grow_to(&self, size: u64) -> Result<(), $crate::storage::StorageError> {
+                self.dev.grow_to(size)
             }
         }
     };

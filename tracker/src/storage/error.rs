@@ -144,6 +144,41 @@ pub enum StorageError {
     /// (local disk).
     #[error("an earlier flush of the backing device failed; durability is unknown")]
     Poisoned,
+
+    /// The backing device's current size could not be read (local disk).
+    #[error("cannot read the size of backing device {}", path.display())]
+    Measure {
+        /// The backing device.
+        path: PathBuf,
+        /// What the kernel said.
+        #[source]
+        source: io::Error,
+    },
+
+    /// The device was asked to serve more bytes than its backing holds, or
+    /// its engine cannot grow while open (the caller's fault).
+    #[error("{} cannot be served at {size} bytes: it holds {backing}", path.display())]
+    GrowBeyond {
+        /// The backing device.
+        path: PathBuf,
+        /// The size asked for.
+        size: u64,
+        /// What the backing holds (for an engine that cannot grow, its size).
+        backing: u64,
+    },
+
+    /// The new size is not a multiple of the device's direct-I/O alignment:
+    /// its last block could not be written without growing it further
+    /// (configuration: grow the backing to a multiple of the alignment).
+    #[error("{} grew to {size} bytes, not a multiple of its direct-I/O alignment of {align} bytes", path.display())]
+    GrowUnaligned {
+        /// The backing device.
+        path: PathBuf,
+        /// Its new size.
+        size: u64,
+        /// The alignment.
+        align: u64,
+    },
 }
 
 impl StorageError {
@@ -167,8 +202,11 @@ impl StorageError {
             StorageError::Io { source, .. }
             | StorageError::Flush { source }
             | StorageError::Open { source, .. }
-            | StorageError::EngineUnavailable { source } => errno_of(source),
+            | StorageError::EngineUnavailable { source }
+            | StorageError::Measure { source, .. } => errno_of(source),
             StorageError::UnsupportedKind { .. }
+            | StorageError::GrowBeyond { .. }
+            | StorageError::GrowUnaligned { .. }
             | StorageError::DirectIoUnavailable { .. }
             | StorageError::Poisoned => libc::EIO as u32,
         }

@@ -63,9 +63,36 @@ pub trait BlockDevice: Send + Sync {
     /// What was opened, and how.
     fn info(&self) -> &BackingInfo;
 
-    /// Size of the device in bytes.
+    /// Size of the device in bytes, as served now: the size at open
+    /// ([`BackingInfo::size`]) until [`grow_to`](BlockDevice::grow_to)
+    /// publishes a larger one. Requests are bounds-checked against it.
     fn size(&self) -> u64 {
         self.info().size
+    }
+
+    /// The size the backing file or device measures now (the file's
+    /// length, `BLKGETSIZE64`): larger than [`size`](BlockDevice::size)
+    /// once the admin grew it while it is served. An engine that cannot
+    /// grow answers its served size.
+    fn backing_size(&self) -> Result<u64, StorageError> {
+        Ok(self.size())
+    }
+
+    /// Serves `size` bytes from now on, bounds checks included; a size at
+    /// or below the served one changes nothing (a device never shrinks
+    /// while open). Refused beyond what the backing holds, and for an
+    /// engine that cannot grow. The caller orders this after whatever
+    /// must precede the first request beyond the old end (the tracker's
+    /// grow record).
+    fn grow_to(&self, size: u64) -> Result<(), StorageError> {
+        if size <= self.size() {
+            return Ok(());
+        }
+        Err(StorageError::GrowBeyond {
+            path: self.info().path.clone(),
+            size,
+            backing: self.size(),
+        })
     }
 
     /// Whether trimmed ranges may become holes that a block-status query
@@ -169,8 +196,9 @@ pub struct BackingInfo {
     pub path: PathBuf,
     /// Regular file, block device or memory.
     pub kind: BackingKind,
-    /// Size in bytes: `BLKGETSIZE64` for block devices, the file length for
-    /// files. Fixed at open.
+    /// Size in bytes at open: `BLKGETSIZE64` for block devices, the file
+    /// length for files. The size served now is [`BlockDevice::size`],
+    /// which grows with [`BlockDevice::grow_to`].
     pub size: u64,
     /// Preferred request granularity, what the NBD layer should advertise as
     /// its preferred block size: requests aligned to it are never
