@@ -13,7 +13,7 @@ use std::fmt::Write;
 
 use tidemark_receiver::lag_ring::{LagSlot, SLOTS, SLOT_SECONDS};
 
-use crate::view::{age, utc};
+use crate::view::{lag_ms, utc};
 
 /// Space left of the plot for the scale's labels, and below it.
 const LEFT: u32 = 56;
@@ -73,7 +73,7 @@ pub fn lag_chart(slots: &[LagSlot], now_ns: u64, width: u32, height: u32) -> Str
         x1 = width - 4,
         ymid = TOP as f64 + plot_h / 2.0,
     );
-    let label = |ms: u64| age(ms * 1_000_000);
+    let label = lag_ms;
     let _ = write!(
         svg,
         r##"<g font-family="system-ui, sans-serif" font-size="11" fill="#555"><text x="{lx}" y="{ty}" text-anchor="end">{top_label}</text><text x="{lx}" y="{my:.1}" text-anchor="end">{mid_label}</text><text x="{lx}" y="{y0:.1}" text-anchor="end">0</text><text x="{x0}" y="{by}">24 h ago</text><text x="{xr}" y="{by}" text-anchor="end">now</text></g>"##,
@@ -137,7 +137,7 @@ pub fn lag_summary(slots: &[LagSlot], now_ns: u64) -> String {
         .iter()
         .max_by_key(|s| (s.max_lag_ms, s.minute))
         .expect("not empty");
-    let ms = |v: u32| age(u64::from(v) * 1_000_000);
+    let ms = |v: u32| lag_ms(u64::from(v));
     let critical = shown.iter().filter(|s| s.critical).count();
     let mut text = format!(
         "Lag {} at {} (last report); 24 h highest {} at {}; {} minute(s) with reports",

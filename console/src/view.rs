@@ -185,7 +185,7 @@ impl ShipperRow {
             reason: r.reason.clone(),
             percent,
             progress,
-            lag: age(r.lag_ms * 1_000_000),
+            lag: lag_ms(r.lag_ms),
             pending: format!("{} record(s), {}", r.pending_records, size(r.pending_bytes)),
             throughput: format!(
                 "{}/s on the wire, {}/s of records",
@@ -203,6 +203,16 @@ impl ShipperRow {
             ),
             live: latest.live,
         })
+    }
+}
+
+/// A lag in ms as people read it: "350 ms" below a second, else as
+/// [`age`].
+pub fn lag_ms(ms: u64) -> String {
+    if ms < 1_000 {
+        format!("{ms} ms")
+    } else {
+        age(ms * 1_000_000)
     }
 }
 
@@ -322,6 +332,10 @@ mod tests {
     #[test]
     fn ages_and_times_read_as_people_write_them() {
         assert_eq!(age(42 * S), "42 s");
+        assert_eq!(
+            (lag_ms(350), lag_ms(2_500)),
+            ("350 ms".into(), "2 s".into())
+        );
         assert_eq!(age(185 * S), "3 min 5 s");
         assert_eq!(age((2 * 3600 + 600) * S), "2 h 10 min");
         assert_eq!(age((3 * 86400 + 4 * 3600) * S), "3 d 4 h");
