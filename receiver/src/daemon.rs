@@ -600,6 +600,7 @@ pub async fn run_with_reports(
                     lease_metrics(&mut e, &leases);
                 }
                 health_metrics(&mut e, &lock(&srv.health), &samples);
+                srv.reports.metrics(&mut e);
                 e
             });
             match MetricsServer::bind(maddr, render).await {

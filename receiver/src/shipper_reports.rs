@@ -143,6 +143,36 @@ impl ShipperReports {
             .and_then(|g| g.latest.clone())
     }
 
+    /// The newest reports of the groups whose session runs, as metrics:
+    /// the shipper's lag and pending bytes, by host and group (a group
+    /// whose shipper is not connected, or sends no reports, has none).
+    pub fn metrics(&self, e: &mut tidemark_metrics::Exposition) {
+        let groups = self.lock();
+        let mut live: Vec<_> = groups
+            .iter()
+            .filter_map(|(key, g)| g.latest.as_ref().filter(|l| l.live).map(|l| (key, l)))
+            .collect();
+        live.sort_by(|a, b| a.0.cmp(b.0));
+        for ((host, group), l) in live {
+            let labels =
+                tidemark_metrics::labels(&[("host", host.as_str()), ("group", group.as_str())]);
+            e.gauge(
+                "tidemark_receiver_shipper_lag",
+                "The lag the group's shipper last reported: the age of its oldest record not yet durable here, by the protected host's clock.",
+                Some(tidemark_metrics::Unit::Seconds),
+                &labels,
+                l.report.lag_ms as f64 / 1e3,
+            );
+            e.gauge(
+                "tidemark_receiver_shipper_pending_bytes",
+                "Bytes of records the group's shipper last reported read from its log and not yet durable here.",
+                None,
+                &labels,
+                l.report.pending_bytes as f64,
+            );
+        }
+    }
+
     /// The lag history of `host`'s `group` over the 24 hours up to
     /// `now_ns`, oldest first: from memory, or read from the group's file
     /// when no report came since the receiver started. Blocking.
@@ -207,5 +237,58 @@ pub async fn read_reports(
             Some(n) => decoder.feed(&buf[..n]),
             None => return Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidemark_wire::{Progress, ReportState};
+
+    fn report(lag_ms: u64) -> StatusReport {
+        StatusReport {
+            state: ReportState::Protected,
+            reason: String::new(),
+            pending_records: 2,
+            pending_bytes: 8192,
+            lag_ms,
+            wire_bytes_per_sec: 0,
+            record_bytes_per_sec: 0,
+            sync: Progress::default(),
+            sync_bytes_per_sec: 0,
+            resync: Progress::default(),
+        }
+    }
+
+    #[test]
+    fn the_newest_report_wins_and_its_lag_is_kept_on_disk() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (host, group) = (Name::new("db1").unwrap(), Name::new("default").unwrap());
+        let now = 29_610_000 * 60_000_000_000;
+        let reports = ShipperReports::new(tmp.path());
+        assert_eq!(reports.latest(&host, &group), None);
+        reports.handle_report(&host, &group, report(4_000), now);
+        reports.handle_report(&host, &group, report(1_500), now + 1);
+        let latest = reports.latest(&host, &group).unwrap();
+        assert_eq!((latest.report.lag_ms, latest.live), (1_500, true));
+        let mut e = tidemark_metrics::Exposition::new();
+        reports.metrics(&mut e);
+        let text = e.render(tidemark_metrics::Format::Classic);
+        assert!(
+            text.contains(
+                "tidemark_receiver_shipper_lag_seconds{host=\"db1\",group=\"default\"} 1.5"
+            ),
+            "{text}"
+        );
+        reports.handle_session_end(&host, &group);
+        assert!(!reports.latest(&host, &group).unwrap().live);
+        let mut e = tidemark_metrics::Exposition::new();
+        reports.metrics(&mut e);
+        assert!(!e.render(tidemark_metrics::Format::Classic).contains("db1"));
+        // A receiver started afresh reads the history from the file.
+        let again = ShipperReports::new(tmp.path());
+        let slots = again.lag_history(&host, &group, now);
+        assert_eq!(slots.len(), 1);
+        assert_eq!((slots[0].max_lag_ms, slots[0].last_lag_ms), (4_000, 1_500));
     }
 }
