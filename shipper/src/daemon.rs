@@ -991,12 +991,15 @@ impl Connection<'_> {
                         return SessionEnd::Stopped;
                     }
                     CoreEvent::Retry(e) | CoreEvent::Critical(e) => {
+                        // The last report first: the receiver ends the
+                        // session, and stops reading reports, at the
+                        // Error frame.
+                        if matches!(e.class(), ErrorClass::Permanent) {
+                            self.report_critical(&core, &e, conn).await;
+                        }
                         // What the core still had to say (its Error frame).
                         while let Some(frame) = core.poll_transmit() {
                             let _ = send.write_all(&frame).await;
-                        }
-                        if matches!(e.class(), ErrorClass::Permanent) {
-                            self.report_critical(&core, &e, conn).await;
                         }
                         return failed(e);
                     }
