@@ -337,7 +337,10 @@ fn the_console_logs_in_shows_points_and_runs_a_test_failover() {
             "the state from the shipper's report: {row}"
         );
         let lag_now = op.text(&cell("lag-now")).await;
-        assert!(lag_now.ends_with(" s"), "the lag now: {lag_now}");
+        assert!(
+            lag_now.ends_with(" ms") || lag_now.ends_with(" s"),
+            "the lag now: {lag_now}"
+        );
         let pending = op.text(&cell("pending")).await;
         assert!(pending.contains("record(s)"), "pending: {pending}");
         op.shot("overview.png").await;
