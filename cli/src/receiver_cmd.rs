@@ -441,24 +441,32 @@ pub(crate) fn receiver_serve(a: ReceiverServeArgs) -> Result<ExitCode> {
     let rt = runtime()?;
     rt.block_on(async {
         let stop = stop_on_signals()?;
-        // The web console beside replication, reading the same store.
+        // The web console beside replication, reading the same store and
+        // the shippers' reports the receiver keeps.
+        let reports = tidemark_receiver::shipper_reports::ShipperReports::new(&cfg.data_dir);
         let (console, console_addr) = match cfg.console.enabled {
             true => {
-                let bound = tidemark_console::bind(&cfg).await?;
+                let bound = tidemark_console::bind(&cfg, reports.clone()).await?;
                 let addr = bound.local_addr();
                 (Some(tokio::spawn(bound.serve(stop.clone()))), Some(addr))
             }
             false => (None, None),
         };
-        tidemark_receiver::daemon::run(cfg, metrics_listen, stop, |addr, metrics| {
-            println!("receiver ready on {addr}");
-            print_metrics_address(metrics);
-            if let Some(console) = console_addr {
-                println!("console on https://{console}");
-            }
-            let _ = std::io::stdout().flush();
-            crate::notify_ready();
-        })
+        tidemark_receiver::daemon::run_with_reports(
+            cfg,
+            metrics_listen,
+            stop,
+            reports,
+            |addr, metrics| {
+                println!("receiver ready on {addr}");
+                print_metrics_address(metrics);
+                if let Some(console) = console_addr {
+                    println!("console on https://{console}");
+                }
+                let _ = std::io::stdout().flush();
+                crate::notify_ready();
+            },
+        )
         .await?;
         if let Some(console) = console {
             console.await??;

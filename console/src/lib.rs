@@ -6,6 +6,7 @@
 //! |------------|---------------------------------------------------------|
 //! | [`auth`]   | sessions, CSRF tokens and the checks of every request (pure) |
 //! | [`view`]   | page models from store facts and `now` (pure)           |
+//! | [`chart`]  | the 24 h lag chart as inline SVG (pure)                 |
 //! | [`tls`]    | the HTTPS listener and the admin certificate's holder   |
 //! | [`audit`]  | the trail of every state-changing action                |
 //! | `pages`    | the routes: a thin shell over the above                 |
@@ -16,6 +17,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod chart;
 mod pages;
 pub mod tls;
 pub mod view;
@@ -73,8 +75,13 @@ pub fn console_dir(data_dir: &std::path::Path) -> PathBuf {
 }
 
 /// Binds the console of the receiver configured by `cfg` (whose
-/// `[receiver.console]` is enabled) to its address.
-pub async fn bind(cfg: &ReceiverConfig) -> Result<BoundConsole, ConsoleError> {
+/// `[receiver.console]` is enabled) to its address; it shows what the
+/// shippers reported into `reports` (the receiver's, given to
+/// `tidemark_receiver::daemon::run_with_reports`).
+pub async fn bind(
+    cfg: &ReceiverConfig,
+    reports: std::sync::Arc<tidemark_receiver::shipper_reports::ShipperReports>,
+) -> Result<BoundConsole, ConsoleError> {
     let console = &cfg.console;
     let tls_dir = cfg
         .tls
@@ -102,7 +109,7 @@ pub async fn bind(cfg: &ReceiverConfig) -> Result<BoundConsole, ConsoleError> {
         addr: console.listen,
         source,
     })?;
-    let state = pages::Console::new(cfg, engine);
+    let state = pages::Console::new(cfg, engine, reports);
     Ok(BoundConsole {
         listener,
         addr,

@@ -23,7 +23,8 @@ use tidemark_receiver::test_failover::nbd::ServedTestFailover;
 use crate::audit::Audit;
 use crate::auth::{Change, Principal, Proof, Refused, Sessions};
 use crate::tls::ConsolePeer;
-use crate::view::{self, GroupRow, PointRow};
+use crate::view::{self, size, GroupRow, PointRow, ShipperRow};
+use tidemark_receiver::shipper_reports::ShipperReports;
 
 /// The session cookie: `__Host-` so it is only ever set by this origin
 /// over HTTPS, for every path.
@@ -78,12 +79,18 @@ pub(crate) struct Console {
     sessions: Mutex<Sessions>,
     tests: Mutex<BTreeMap<(Name, Name), RunningTest>>,
     audit: Audit,
+    /// What the shippers reported (filled by the receiver's sessions).
+    reports: Arc<ShipperReports>,
 }
 
 pub(crate) type Shared = Arc<Console>;
 
 impl Console {
-    pub(crate) fn new(cfg: &ReceiverConfig, engine: Box<dyn StoreEngine>) -> Shared {
+    pub(crate) fn new(
+        cfg: &ReceiverConfig,
+        engine: Box<dyn StoreEngine>,
+        reports: Arc<ShipperReports>,
+    ) -> Shared {
         Arc::new(Console {
             data_dir: cfg.data_dir.clone(),
             engine,
@@ -92,6 +99,7 @@ impl Console {
             sessions: Mutex::new(Sessions::new()),
             tests: Mutex::new(BTreeMap::new()),
             audit: Audit::new(&cfg.data_dir),
+            reports,
         })
     }
 
@@ -122,18 +130,20 @@ impl Console {
         hosts
     }
 
-    fn overview(&self, now: u64) -> Vec<GroupRow> {
+    fn overview(&self, now: u64) -> Vec<(GroupRow, Option<ShipperRow>)> {
         let mut rows = Vec::new();
         for host in self.hosts() {
             let groups = match self.engine.groups(&host) {
                 Ok(g) => g,
                 Err(e) => {
-                    rows.push(GroupRow::unreadable(host.as_ref(), "-", error_chain(&e)));
+                    let row = GroupRow::unreadable(host.as_ref(), "-", error_chain(&e));
+                    rows.push((row, None));
                     continue;
                 }
             };
             for group in groups {
-                rows.push(match self.engine.open_read_only(&host, &group) {
+                let shipper = ShipperRow::new(self.reports.latest(&host, &group).as_ref(), now);
+                let row = match self.engine.open_read_only(&host, &group) {
                     Ok(g) => GroupRow::new(
                         host.as_ref(),
                         group.as_ref(),
@@ -142,7 +152,8 @@ impl Console {
                         now,
                     ),
                     Err(e) => GroupRow::unreadable(host.as_ref(), group.as_ref(), error_chain(&e)),
-                });
+                };
+                rows.push((row, shipper));
             }
         }
         rows
@@ -336,7 +347,7 @@ struct LoginPage {
 #[template(path = "overview.html")]
 struct OverviewPage<'a> {
     who: &'a Who,
-    rows: Vec<GroupRow>,
+    rows: Vec<(GroupRow, Option<ShipperRow>)>,
     tests: usize,
 }
 
@@ -361,6 +372,11 @@ struct GroupPage<'a> {
     host: String,
     group: String,
     row: GroupRow,
+    shipper: Option<ShipperRow>,
+    /// The 24 h lag chart (inline SVG made by [`crate::chart::lag_chart`])
+    /// and its text summary.
+    chart: String,
+    summary: String,
     disks: Vec<DiskRow>,
     points: Vec<PointRow>,
     test: Option<TestRow>,
@@ -371,21 +387,6 @@ struct GroupPage<'a> {
 struct TestsPage<'a> {
     who: &'a Who,
     tests: Vec<TestRow>,
-}
-
-fn size(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }
 
 fn test_row(host: &Name, group: &Name, t: &RunningTest) -> TestRow {
@@ -586,22 +587,31 @@ async fn group_page(
                         size: size(d.size),
                     })
                     .collect();
-                Some((row, disks, view::timeline(&points, q.point, now)))
+                Some((row, disks, view::timeline(&points, q.point, now), now))
             }
             Err(_) if !st.engine.exists(&hh, &gg) => None,
             Err(e) => Some((
                 GroupRow::unreadable(hh.as_ref(), gg.as_ref(), error_chain(&e)),
                 Vec::new(),
                 Vec::new(),
+                now,
             )),
         }
     })
     .await
     .ok()
     .flatten();
-    let Some((row, disks, points)) = read else {
+    let Some((row, disks, points, now)) = read else {
         return (StatusCode::NOT_FOUND, "no such group").into_response();
     };
+    let shipper = ShipperRow::new(state.reports.latest(&h, &g).as_ref(), now);
+    let st = state.clone();
+    let (hh, gg) = (h.clone(), g.clone());
+    let slots = tokio::task::spawn_blocking(move || st.reports.lag_history(&hh, &gg, now))
+        .await
+        .unwrap_or_default();
+    let chart = crate::chart::lag_chart(&slots, now, 720, 180);
+    let summary = crate::chart::lag_summary(&slots, now);
     let test = state
         .lock_tests()
         .get(&(h.clone(), g.clone()))
@@ -613,6 +623,9 @@ async fn group_page(
             host,
             group,
             row,
+            shipper,
+            chart,
+            summary,
             disks,
             points,
             test,

@@ -2,7 +2,9 @@
 //! plain data made from store facts and `now`, so the wording and the
 //! arithmetic are tested without a store or a browser.
 
+use tidemark_receiver::shipper_reports::ReceivedReport;
 use tidemark_receiver::store::{GroupState, RecoveryPoint};
+use tidemark_wire::{Progress, ReportState};
 
 /// A group's replication state as the store tells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +112,126 @@ impl GroupRow {
     }
 }
 
+/// What the group's shipper last reported, as the pages show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShipperRow {
+    /// The state's words: "initial sync", "resync", "protected",
+    /// "critical".
+    pub state: &'static str,
+    /// Its CSS class (as [`ReplicaState::class`]).
+    pub class: &'static str,
+    /// Why it is critical; empty otherwise.
+    pub reason: String,
+    /// The initial sync's or the resync's progress, in percent, while
+    /// one runs.
+    pub percent: Option<u8>,
+    /// What the progress stands at: "1.0 GiB of 4.0 GiB, about 2 min
+    /// left" (empty without progress).
+    pub progress: String,
+    /// The lag now: the age of the oldest record not yet durable.
+    pub lag: String,
+    /// Records and bytes the replica does not have yet.
+    pub pending: String,
+    /// Bytes per second on the wire and of records.
+    pub throughput: String,
+    /// When the report came, and whether its session still runs.
+    pub received: String,
+    /// Whether the report's session still runs.
+    pub live: bool,
+}
+
+impl ShipperRow {
+    /// The row of the newest report, if the shipper sent any since the
+    /// receiver started.
+    pub fn new(latest: Option<&ReceivedReport>, now_ns: u64) -> Option<ShipperRow> {
+        let latest = latest?;
+        let r = &latest.report;
+        let (state, class) = match r.state {
+            ReportState::InitialSync => ("initial sync", "busy"),
+            ReportState::Resyncing => ("resync", "busy"),
+            ReportState::Protected => ("protected", "ok"),
+            ReportState::Critical => ("critical", "bad"),
+        };
+        let progress_of = |p: Progress| {
+            let pct = if p.total == 0 {
+                100
+            } else {
+                (u128::from(p.done) * 100 / u128::from(p.total)) as u8
+            };
+            (pct, format!("{} of {}", size(p.done), size(p.total)))
+        };
+        let (percent, progress) = match r.state {
+            ReportState::InitialSync => {
+                let (pct, mut text) = progress_of(r.sync);
+                match r.sync_eta_seconds() {
+                    Some(eta) => text.push_str(&format!(
+                        ", about {} left at {}/s",
+                        age(eta * 1_000_000_000),
+                        size(r.sync_bytes_per_sec)
+                    )),
+                    None => text.push_str(", time left not known yet"),
+                }
+                (Some(pct), text)
+            }
+            ReportState::Resyncing if r.resync.total > 0 => {
+                let (pct, text) = progress_of(r.resync);
+                (Some(pct), format!("{text} compared"))
+            }
+            _ => (None, String::new()),
+        };
+        Some(ShipperRow {
+            state,
+            class,
+            reason: r.reason.clone(),
+            percent,
+            progress,
+            lag: lag_ms(r.lag_ms),
+            pending: format!("{} record(s), {}", r.pending_records, size(r.pending_bytes)),
+            throughput: format!(
+                "{}/s on the wire, {}/s of records",
+                size(r.wire_bytes_per_sec),
+                size(r.record_bytes_per_sec)
+            ),
+            received: format!(
+                "{} ago{}",
+                age(now_ns.saturating_sub(latest.received_ns)),
+                if latest.live {
+                    ""
+                } else {
+                    ", the shipper is not connected"
+                }
+            ),
+            live: latest.live,
+        })
+    }
+}
+
+/// A lag in ms as people read it: "350 ms" below a second, else as
+/// [`age`].
+pub fn lag_ms(ms: u64) -> String {
+    if ms < 1_000 {
+        format!("{ms} ms")
+    } else {
+        age(ms * 1_000_000)
+    }
+}
+
+/// Bytes as people read them: "512 B", "1.5 MiB".
+pub fn size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
 /// One recovery point on a group's timeline.
 #[derive(Debug, Clone)]
 pub struct PointRow {
@@ -210,6 +332,10 @@ mod tests {
     #[test]
     fn ages_and_times_read_as_people_write_them() {
         assert_eq!(age(42 * S), "42 s");
+        assert_eq!(
+            (lag_ms(350), lag_ms(2_500)),
+            ("350 ms".into(), "2 s".into())
+        );
         assert_eq!(age(185 * S), "3 min 5 s");
         assert_eq!(age((2 * 3600 + 600) * S), "2 h 10 min");
         assert_eq!(age((3 * 86400 + 4 * 3600) * S), "3 d 4 h");
@@ -232,6 +358,66 @@ mod tests {
         assert_eq!(
             (row.state.label(), row.detail.as_str()),
             ("critical", "damaged")
+        );
+    }
+
+    fn received(state: ReportState) -> ReceivedReport {
+        ReceivedReport {
+            report: tidemark_wire::StatusReport {
+                state,
+                reason: String::new(),
+                pending_records: 3,
+                pending_bytes: 3 << 20,
+                lag_ms: 2_500,
+                wire_bytes_per_sec: 1 << 20,
+                record_bytes_per_sec: 2 << 20,
+                sync: Progress {
+                    done: 1 << 30,
+                    total: 4 << 30,
+                },
+                sync_bytes_per_sec: 64 << 20,
+                resync: Progress { done: 0, total: 0 },
+            },
+            received_ns: 100 * S,
+            live: true,
+        }
+    }
+
+    #[test]
+    fn the_shipper_row_says_state_progress_lag_and_pending() {
+        assert_eq!(ShipperRow::new(None, 0), None, "no report, no row");
+        let r = received(ReportState::InitialSync);
+        let row = ShipperRow::new(Some(&r), 103 * S).unwrap();
+        assert_eq!(
+            (row.state, row.class, row.percent),
+            ("initial sync", "busy", Some(25))
+        );
+        assert_eq!(
+            row.progress,
+            "1.0 GiB of 4.0 GiB, about 48 s left at 64.0 MiB/s"
+        );
+        assert_eq!(row.lag, "2 s");
+        assert_eq!(row.pending, "3 record(s), 3.0 MiB");
+        assert_eq!(row.received, "3 s ago");
+        let mut r = received(ReportState::Critical);
+        r.report.reason = "the log is damaged".into();
+        r.live = false;
+        let row = ShipperRow::new(Some(&r), 100 * S).unwrap();
+        assert_eq!(
+            (row.state, row.class, row.percent),
+            ("critical", "bad", None)
+        );
+        assert_eq!(row.reason, "the log is damaged");
+        assert!(row.received.ends_with("not connected"));
+        let mut r = received(ReportState::Resyncing);
+        r.report.resync = Progress {
+            done: 512,
+            total: 2048,
+        };
+        let row = ShipperRow::new(Some(&r), 100 * S).unwrap();
+        assert_eq!(
+            (row.percent, row.progress.as_str()),
+            (Some(25), "512 B of 2.0 KiB compared")
         );
     }
 

@@ -478,6 +478,26 @@ fn receiver_messages() -> Vec<Message> {
     ]
 }
 
+/// A shipper's status report (on a stream of its own, not the session's).
+fn status_report() -> Message {
+    use tidemark_wire::{Progress, ReportState, StatusReport};
+    Message::StatusReport(StatusReport {
+        state: ReportState::InitialSync,
+        reason: String::new(),
+        pending_records: 12,
+        pending_bytes: 49_152,
+        lag_ms: 1_500,
+        wire_bytes_per_sec: 1 << 20,
+        record_bytes_per_sec: 3 << 20,
+        sync: Progress {
+            done: 1 << 20,
+            total: 4 << 20,
+        },
+        sync_bytes_per_sec: 8 << 20,
+        resync: Progress::default(),
+    })
+}
+
 fn stream(messages: &[Message], compression: Compression) -> Vec<u8> {
     messages
         .iter()
@@ -512,6 +532,7 @@ pub fn message_seeds() -> Vec<(&'static str, Vec<u8>)> {
     session_messages()
         .into_iter()
         .chain(receiver_messages())
+        .chain([status_report()])
         .map(|m| {
             let name = m.msg_type().name();
             let body = m

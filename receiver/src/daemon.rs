@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use tidemark_config::ReceiverConfig;
 use tidemark_wire::receiver::Receiving;
 use tidemark_wire::{
-    ErrorClass, ErrorCode, ExpectHello, Message, MessageDecoder, ReceiverConfig as SessionConfig,
-    ReceiverError,
+    ErrorClass, ErrorCode, ExpectHello, Message, MessageDecoder, MessageType,
+    ReceiverConfig as SessionConfig, ReceiverError,
 };
 use tokio::sync::watch;
 
@@ -77,6 +77,8 @@ struct Server {
     /// store is busy (a commit waiting for the cluster), instead of
     /// waiting for it.
     last_samples: Mutex<HashMap<GroupKey, GroupSample>>,
+    /// What the shippers report of themselves (the console reads it).
+    reports: Arc<crate::shipper_reports::ShipperReports>,
 }
 
 /// Counters of one host's group since the receiver started.
@@ -92,6 +94,22 @@ struct GroupStats {
     /// Since when the group has had no session (its last ended, or it was
     /// opened without one).
     idle_since: Mutex<Option<Instant>>,
+}
+
+/// Reads a session's status reports while it lives.
+struct ReportsGuard {
+    task: tokio::task::JoinHandle<()>,
+    reports: Arc<crate::shipper_reports::ShipperReports>,
+    key: GroupKey,
+}
+
+impl Drop for ReportsGuard {
+    fn drop(&mut self) {
+        self.task.abort();
+        let (reports, (host, group)) = (self.reports.clone(), self.key.clone());
+        // Syncs the lag history: not on the session's thread.
+        tokio::task::spawn_blocking(move || reports.handle_session_end(&host, &group));
+    }
 }
 
 /// Counts a session as connected while it lives.
@@ -488,7 +506,20 @@ impl Server {
 pub async fn run(
     cfg: ReceiverConfig,
     metrics_listen: Option<SocketAddr>,
+    stop: watch::Receiver<bool>,
+    ready: impl FnOnce(SocketAddr, Option<SocketAddr>),
+) -> Result<(), ReceiverFatal> {
+    let reports = crate::shipper_reports::ShipperReports::new(&cfg.data_dir);
+    run_with_reports(cfg, metrics_listen, stop, reports, ready).await
+}
+
+/// [`run`], keeping the shippers' status reports in `reports` (which the
+/// web console, in the same process, reads).
+pub async fn run_with_reports(
+    cfg: ReceiverConfig,
+    metrics_listen: Option<SocketAddr>,
     mut stop: watch::Receiver<bool>,
+    reports: Arc<crate::shipper_reports::ShipperReports>,
     ready: impl FnOnce(SocketAddr, Option<SocketAddr>),
 ) -> Result<(), ReceiverFatal> {
     tidemark_changelog::create_private_dir_all(&cfg.data_dir).map_err(|e| {
@@ -552,6 +583,7 @@ pub async fn run(
         },
         health: Mutex::new(StoreHealth::default()),
         last_samples: Mutex::new(HashMap::new()),
+        reports,
     });
     let metrics = match metrics_listen {
         Some(maddr) => {
@@ -568,6 +600,7 @@ pub async fn run(
                     lease_metrics(&mut e, &leases);
                 }
                 health_metrics(&mut e, &lock(&srv.health), &samples);
+                srv.reports.metrics(&mut e);
                 e
             });
             match MetricsServer::bind(maddr, render).await {
@@ -785,6 +818,38 @@ impl Server {
                 }
             });
         }
+    }
+
+    /// Reads the status reports the shipper of a session of `version` 7
+    /// or later sends on streams of their own, until the returned guard
+    /// is dropped (the session ended).
+    fn read_reports(
+        &self,
+        host: &Name,
+        group: &Name,
+        conn: &quinn::Connection,
+        version: u16,
+    ) -> Option<ReportsGuard> {
+        if version < MessageType::StatusReport.since() {
+            return None;
+        }
+        let key: GroupKey = (host.clone(), group.clone());
+        let (reports, conn) = (self.reports.clone(), conn.clone());
+        let (host, group) = key.clone();
+        let task = tokio::spawn(async move {
+            while let Ok(recv) = conn.accept_uni().await {
+                let read =
+                    crate::shipper_reports::read_reports(&reports, &host, &group, version, recv);
+                if let Err(e) = read.await {
+                    tracing::warn!(%host, %group, error = %error_chain(&e), "status reports dropped");
+                }
+            }
+        });
+        Some(ReportsGuard {
+            task,
+            reports: self.reports.clone(),
+            key,
+        })
     }
 
     /// Whether `conn` ended because the shipper fell silent for the peer
@@ -1052,6 +1117,7 @@ impl Server {
             stats.sessions.fetch_add(1, Ordering::Relaxed);
         }
         let _connected = SessionGuard(stats.clone());
+        let _reports = self.read_reports(host, &group_name, conn, receiving.version());
         let dir = group_dir(&self.data_dir, host, &group_name);
         // The drain request passed on to this connection's shipper.
         let mut drain_sent = None;

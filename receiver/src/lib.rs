@@ -33,12 +33,14 @@
 mod coordinate;
 pub mod daemon;
 pub mod drain;
+pub mod lag_ring;
 pub mod lease;
 pub mod lease_task;
 pub mod pin;
 pub mod renew;
 pub mod replica;
 pub mod retire;
+pub mod shipper_reports;
 pub mod span;
 pub mod span_point;
 pub mod span_take;

@@ -27,8 +27,9 @@ use tidemark_config::{HostPort, ShipperConfig};
 use tidemark_wire::shipper::{HelloInfo, ShipperConfig as SessionConfig};
 use tidemark_wire::shipper_core::{CoreConfig, CoreEvent, Need, Phase, ShipperCore};
 use tidemark_wire::{
-    ChunkData, ChunkPurpose, Compression, DecodeError, DrainRefused, ErrorClass, MessageDecoder,
-    Received, RecordId, ShipperError, Versions, VmSpecNews, VmSpecReply,
+    ChunkData, ChunkPurpose, Compression, DecodeError, DrainRefused, ErrorClass, Facts,
+    MessageDecoder, MessageType, Progress, Received, RecordId, ReportState, Reporter,
+    ReporterConfig, ShipperError, Versions, VmSpecNews, VmSpecReply,
 };
 use tokio::sync::{mpsc, watch, Notify};
 
@@ -737,6 +738,8 @@ async fn session(
             tail: None,
             drain: None,
             base: Counters::default(),
+            reporter: Reporter::new(ReporterConfig::default()),
+            reports: None,
         };
         let end = connection
             .run(backoff, stop, &conn, hello.clone(), offer)
@@ -926,6 +929,10 @@ struct Connection<'a> {
     /// A drain the receiver asked for: its id and the tracker's stop.
     drain: Option<(u64, TrackerStop)>,
     base: Counters,
+    /// Decides when a status report is due, and the stream it goes on
+    /// (opened once a session of version 7 or later runs).
+    reporter: Reporter,
+    reports: Option<crate::report::ReportStream>,
 }
 
 impl Connection<'_> {
@@ -984,6 +991,12 @@ impl Connection<'_> {
                         return SessionEnd::Stopped;
                     }
                     CoreEvent::Retry(e) | CoreEvent::Critical(e) => {
+                        // The last report first: the receiver ends the
+                        // session, and stops reading reports, at the
+                        // Error frame.
+                        if matches!(e.class(), ErrorClass::Permanent) {
+                            self.report_critical(&core, &e, conn).await;
+                        }
                         // What the core still had to say (its Error frame).
                         while let Some(frame) = core.poll_transmit() {
                             let _ = send.write_all(&frame).await;
@@ -997,7 +1010,7 @@ impl Connection<'_> {
                     }
                 }
             }
-            self.publish(&core);
+            self.publish(&core, conn);
             if *stop.borrow() && !stop_sent {
                 stop_sent = true;
                 core.stop(Instant::now());
@@ -1115,6 +1128,7 @@ impl Connection<'_> {
                 }
             }
             CoreEvent::CursorAdvanced { durable, acked_ns } => {
+                self.reporter.handle_durable(durable.seq);
                 if durable.seq > shared.cursor {
                     let dir = shared.dir.clone();
                     tokio::task::block_in_place(|| write_cursor(&dir, durable.seq))
@@ -1211,6 +1225,10 @@ impl Connection<'_> {
                 let records = batch.map(|b| b.batch);
                 if let Some(r) = &records {
                     self.shared.status.record_bytes += r.byte_len() as u64;
+                    if let Some(last) = r.last() {
+                        self.reporter
+                            .handle_records_read(last.seq, r.byte_len() as u64);
+                    }
                 }
                 core.handle_log_batch(records, Instant::now());
             }
@@ -1280,7 +1298,7 @@ impl Connection<'_> {
     }
 
     /// The status file and metrics from the core's view, as of now.
-    fn publish(&mut self, core: &ShipperCore) {
+    fn publish(&mut self, core: &ShipperCore, conn: &quinn::Connection) {
         let now = Instant::now();
         let c = core.status(now);
         let s = &mut self.shared.status;
@@ -1311,8 +1329,69 @@ impl Connection<'_> {
                     eta_seconds: d.eta_seconds,
                 })
                 .collect();
+            self.report(&c, state, String::new(), conn);
         }
         self.shared.publish(false);
+    }
+
+    /// Gives the reporter what the shipper knows now, and sends a report
+    /// if one is due (in a session of version 7 or later).
+    fn report(
+        &mut self,
+        c: &tidemark_wire::CoreStatus,
+        state: State,
+        reason: String,
+        conn: &quinn::Connection,
+    ) {
+        let Some(version) = c
+            .version
+            .filter(|v| *v >= MessageType::StatusReport.since())
+        else {
+            return;
+        };
+        let state = match state {
+            State::InitialSync => ReportState::InitialSync,
+            State::Resyncing => ReportState::Resyncing,
+            State::Protected => ReportState::Protected,
+            State::Critical => ReportState::Critical,
+            State::Connecting => return,
+        };
+        self.reporter.handle_facts(Facts {
+            state,
+            reason,
+            log_seq: self.shared.status.log_seq.max(c.log_seq),
+            durable_seq: c.durable_seq,
+            oldest_unacked_ns: c.oldest_unacked_ns,
+            now_ns: tidemark_changelog::now_ns(),
+            wire_bytes: c.wire_bytes,
+            record_bytes: c.record_bytes,
+            sync: Progress {
+                done: c.disks.iter().map(|d| d.synced.min(d.size)).sum(),
+                total: c.disks.iter().map(|d| d.size).sum(),
+            },
+            sync_bytes_per_sec: c.disks.iter().map(|d| d.rate_bytes_per_sec).sum(),
+            resync_left: c.resync_bytes_left,
+        });
+        if let Some(report) = self.reporter.poll_report(Instant::now()) {
+            self.reports
+                .get_or_insert_with(|| crate::report::ReportStream::start(conn.clone(), version))
+                .send(report);
+        }
+    }
+
+    /// Tells the receiver the group is critical and why, before the
+    /// connection closes (in a session of version 7 or later).
+    async fn report_critical(
+        &mut self,
+        core: &ShipperCore,
+        e: &ShipperError,
+        conn: &quinn::Connection,
+    ) {
+        let c = core.status(Instant::now());
+        self.report(&c, State::Critical, e.to_string(), conn);
+        if let Some(reports) = self.reports.take() {
+            reports.flush(Duration::from_secs(1)).await;
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 //! - [`daemon`]: the process: connection, loop, retries.
 //! - `holds`: the relay of a span coordinator's holds to the tracker.
 //! - `renew`: renewing this host's certificate before it expires.
+//! - `report`: the stream of status reports to the receiver (version 7 on).
 //! - [`policy`]: reconnect backoff and the bandwidth limit (pure logic).
 //! - [`source`]: reading the protected disks for sync and resync.
 //! - [`status`]: `shipper.status`, what the shipper is doing.
@@ -16,6 +17,7 @@ mod holds;
 pub mod policy;
 pub mod receivers;
 mod renew;
+mod report;
 pub mod source;
 pub mod status;
 pub mod tail;

@@ -154,6 +154,21 @@ impl Browser {
         }
     }
 
+    /// Reloads `url` until the text of `css` satisfies `ok` (up to 30 s:
+    /// a report comes every 2 s while something changes); that text.
+    async fn wait_for_text(&self, url: &str, css: &str, ok: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            self.c().goto(url).await.unwrap();
+            let text = self.text(css).await;
+            if ok(&text) {
+                return text;
+            }
+            assert!(Instant::now() < deadline, "{css} still reads {text:?}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
     async fn shot(&self, name: &str) {
         let png = self.c().screenshot().await.unwrap();
         fs::write(screenshots().join(name), png).unwrap();
@@ -314,6 +329,20 @@ fn the_console_logs_in_shows_points_and_runs_a_test_failover() {
             .text(&format!("tr.group-row[data-host=\"{HOST}\"]"))
             .await;
         assert!(row.contains("protected"), "{row}");
+        // What the shipper reported: its state, lag now and pending.
+        let cell = |c: &str| format!("tr.group-row[data-host=\"{HOST}\"] td.{c}");
+        assert_eq!(
+            op.text(&format!("{} .state", cell("shipper-state"))).await,
+            "protected",
+            "the state from the shipper's report: {row}"
+        );
+        let lag_now = op.text(&cell("lag-now")).await;
+        assert!(
+            lag_now.ends_with(" ms") || lag_now.ends_with(" s"),
+            "the lag now: {lag_now}"
+        );
+        let pending = op.text(&cell("pending")).await;
+        assert!(pending.contains("record(s)"), "pending: {pending}");
         op.shot("overview.png").await;
 
         op.c().goto(&format!("{base}{group}")).await.unwrap();
@@ -383,6 +412,44 @@ fn the_console_logs_in_shows_points_and_runs_a_test_failover() {
         assert!(
             !data_dir.join(HOST).join("default/test-failover").exists(),
             "traces left"
+        );
+
+        // The shipper's report on the group page moves as the host
+        // writes: idle first (no records shipped since the last report),
+        // then records shipped, then idle again.
+        let reported = Instant::now();
+        op.c().goto(&format!("{base}{group}")).await.unwrap();
+        assert_eq!(op.text("#shipper-state").await, "protected");
+        let idle = "0 B/s on the wire, 0 B/s of records";
+        op.wait_for_text(&format!("{base}{group}"), "#shipper-throughput", |t| {
+            t == idle
+        })
+        .await;
+        qemu_io(&uri, &["write -P 0x7c 8M 24M", "flush"]);
+        let busy = op
+            .wait_for_text(&format!("{base}{group}"), "#shipper-throughput", |t| {
+                !t.ends_with(", 0 B/s of records")
+            })
+            .await;
+        eprintln!("shipper report while writing: {busy}");
+        let pending = op.text("#shipper-pending").await;
+        assert!(pending.contains("record(s)"), "{pending}");
+        // The 24 h chart, with this minute's lag in it, and its summary.
+        assert!(op.c().find(Locator::Css("#lag-chart title")).await.is_ok());
+        op.c()
+            .find(Locator::Css("#lag-chart path.lag"))
+            .await
+            .expect("the chart draws this minute's lag");
+        let summary = op.text("#lag-summary").await;
+        assert!(summary.starts_with("Lag "), "{summary}");
+        op.shot("group-lag.png").await;
+        op.wait_for_text(&format!("{base}{group}"), "#shipper-throughput", |t| {
+            t == idle
+        })
+        .await;
+        eprintln!(
+            "reports seen idle, busy, idle in {:.1?}",
+            reported.elapsed()
         );
         op.quit().await;
         eprintln!("operator session: {:.1?}", started.elapsed());

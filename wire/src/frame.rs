@@ -99,7 +99,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 /// First bytes of every frame.
 pub const FRAME_MAGIC: [u8; 4] = *b"TMWF";
 /// The newest protocol version this code speaks.
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
 /// The oldest protocol version this code speaks.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// Bytes of a frame header.

@@ -13,6 +13,8 @@
 //! - [`shipper_core`]: everything the shipper decides for a connection
 //!   (order of work, resync, timeouts, drain, status), as a state machine
 //!   the daemon and the simulation both drive.
+//! - [`status_report`]: what the shipper tells the receiver of itself
+//!   (version 7 on), and the pure [`Reporter`] deciding when.
 //! - [`receiver`]: the receiver's session ([`ExpectHello`] → [`Receiving`])
 //!   driving a [`Replica`].
 //!
@@ -34,6 +36,7 @@ pub mod message;
 pub mod receiver;
 pub mod shipper;
 pub mod shipper_core;
+pub mod status_report;
 
 pub use frame::{
     encode_frame, Compression, DecodeError, EncodeError, Frame, FrameDecoder, Versions,
@@ -54,6 +57,7 @@ pub use shipper::{
 pub use shipper_core::{
     CoreConfig, CoreEvent, CoreStatus, DiskStatus, Need, Phase, ShipperCore, VmSpecNews,
 };
+pub use status_report::{Facts, Progress, ReportState, Reporter, ReporterConfig, StatusReport};
 /// A disk of the group and a byte range of one, as the change log's crate
 /// defines them for every crate; the wire encodes their fields (see
 /// [`message`]).

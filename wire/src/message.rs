@@ -66,6 +66,14 @@
 //!                           outcome 1 (refused): str16 reason
 //! 24 redirect        5      str8 to: the address (`host:port`) of the
 //!                           receiver that owns the group, non-empty
+//! 25 status-report   7      u8 state (0 initial-sync, 1 resyncing,
+//!                           2 protected, 3 critical), u64 pending-records,
+//!                           u64 pending-bytes, u64 lag-ms,
+//!                           u64 wire-bytes-per-s, u64 record-bytes-per-s,
+//!                           u64 sync-done, u64 sync-total,
+//!                           u64 sync-bytes-per-s, u64 resync-done,
+//!                           u64 resync-total (each done at most its
+//!                           total), str16 reason (at most 4 KiB)
 //! ```
 //!
 //! `since` is the protocol version that added the message or the fields
@@ -119,6 +127,15 @@
 //! the replica site must be upgraded before a disk grows), and a receiver
 //! refuses one.
 //!
+//! Version 7 added `status-report` (shipper → receiver): what the shipper
+//! knows of its group and the receiver cannot see (state, pending records
+//! and bytes, lag, throughput, sync and resync progress;
+//! [`crate::status_report`] says what each field means and when one is
+//! sent). Reports travel on a unidirectional stream the shipper opens
+//! once a session of version 7 or later runs, so they never wait behind
+//! queued records; each replaces the one before and none is answered. A
+//! receiver of version 6 or older is never sent one.
+//!
 //! A planned failover is asked for on the replica site: the receiver sends
 //! `drain-request`; the shipper stops the protected host's tracker (no new
 //! writes, a final barrier), sends every record the log holds, finishes any
@@ -137,6 +154,7 @@ use crate::frame::{
     encode_frame_parts, encode_frame_with_crc, Compression, DecodeError, EncodeError, Frame,
     FrameDecoder, UncheckedFrame, MAX_FRAME_BODY, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
+use crate::status_report::{Progress, ReportState, StatusReport, MAX_REPORT_REASON};
 use bytes::Bytes;
 use std::fmt;
 use std::time::Duration;
@@ -238,6 +256,8 @@ pub enum MessageType {
     Renewed,
     /// [`Message::Redirect`].
     Redirect,
+    /// [`Message::StatusReport`].
+    StatusReport,
 }
 
 impl MessageType {
@@ -268,6 +288,7 @@ impl MessageType {
             MessageType::RenewRequest => 22,
             MessageType::Renewed => 23,
             MessageType::Redirect => 24,
+            MessageType::StatusReport => 25,
         }
     }
 
@@ -298,6 +319,7 @@ impl MessageType {
             22 => MessageType::RenewRequest,
             23 => MessageType::Renewed,
             24 => MessageType::Redirect,
+            25 => MessageType::StatusReport,
             _ => return None,
         })
     }
@@ -328,6 +350,7 @@ impl MessageType {
             | MessageType::HoldThaw
             | MessageType::Thawed => 4,
             MessageType::RenewRequest | MessageType::Renewed | MessageType::Redirect => 5,
+            MessageType::StatusReport => 7,
         }
     }
 
@@ -366,6 +389,7 @@ impl MessageType {
             MessageType::RenewRequest => "renew-request",
             MessageType::Renewed => "renewed",
             MessageType::Redirect => "redirect",
+            MessageType::StatusReport => "status-report",
         }
     }
 }
@@ -1056,6 +1080,9 @@ pub enum Message {
         /// That receiver's address, `host:port` (1 to 255 bytes).
         to: String,
     },
+    /// Shipper → receiver (version 7 on), on a stream of its own: what
+    /// the shipper knows of its group now; the newest replaces the others.
+    StatusReport(StatusReport),
 }
 
 /// The receiver's answer to a renewal request.
@@ -1140,6 +1167,7 @@ impl Message {
             Message::RenewRequest { .. } => MessageType::RenewRequest,
             Message::Renewed(_) => MessageType::Renewed,
             Message::Redirect { .. } => MessageType::Redirect,
+            Message::StatusReport(_) => MessageType::StatusReport,
         }
     }
 
@@ -1423,6 +1451,7 @@ impl Message {
                 }
                 w.str8("redirect address", to)?;
             }
+            Message::StatusReport(report) => encode_report(&mut w, report)?,
         }
         if w.0.len() > MAX_FRAME_BODY as usize {
             return Err(EncodeError::BodyTooLarge(w.0.len()));
@@ -1669,6 +1698,7 @@ fn decode_fields(msg_type: MessageType, version: u16, body: &[u8]) -> Result<Mes
                 }
                 Message::Redirect { to }
             }
+            MessageType::StatusReport => Message::StatusReport(decode_report(&mut r)?),
             MessageType::VmSpecReply => Message::VmSpecReply(match r.u8("outcome")? {
                 0 => VmSpecReply::Kept {
                     from_seq: r.seq("from seq")?,
@@ -1741,6 +1771,73 @@ fn decode_fields(msg_type: MessageType, version: u16, body: &[u8]) -> Result<Mes
 
 /// The longest reason a refused hold carries, in bytes.
 pub const MAX_HOLD_REASON: usize = 4096;
+
+fn encode_report(w: &mut Writer, report: &StatusReport) -> Result<(), EncodeError> {
+    for p in [report.sync, report.resync] {
+        if p.done > p.total {
+            return Err(EncodeError::InvalidField {
+                field: "status report progress",
+                reason: "more done than in all",
+            });
+        }
+    }
+    w.u8(report.state.code());
+    for v in [
+        report.pending_records,
+        report.pending_bytes,
+        report.lag_ms,
+        report.wire_bytes_per_sec,
+        report.record_bytes_per_sec,
+        report.sync.done,
+        report.sync.total,
+        report.sync_bytes_per_sec,
+        report.resync.done,
+        report.resync.total,
+    ] {
+        w.u64(v);
+    }
+    w.str16("status report reason", &report.reason, MAX_REPORT_REASON)
+}
+
+fn decode_progress(r: &mut Reader<'_>, field: &'static str) -> Result<Progress, DecodeError> {
+    let p = Progress {
+        done: r.u64(field)?,
+        total: r.u64(field)?,
+    };
+    if p.done > p.total {
+        return Err(invalid(field, "more done than in all"));
+    }
+    Ok(p)
+}
+
+fn decode_report(r: &mut Reader<'_>) -> Result<StatusReport, DecodeError> {
+    let state = ReportState::from_code(r.u8("state")?)
+        .ok_or_else(|| invalid("state", "unknown replication state"))?;
+    let pending_records = r.u64("pending records")?;
+    let pending_bytes = r.u64("pending bytes")?;
+    let lag_ms = r.u64("lag")?;
+    let wire_bytes_per_sec = r.u64("wire rate")?;
+    let record_bytes_per_sec = r.u64("record rate")?;
+    let sync = decode_progress(r, "sync progress")?;
+    let sync_bytes_per_sec = r.u64("sync rate")?;
+    let resync = decode_progress(r, "resync progress")?;
+    let len = r.u16("reason length")? as usize;
+    if len > MAX_REPORT_REASON {
+        return Err(invalid("status report reason", "longer than 4 KiB"));
+    }
+    Ok(StatusReport {
+        state,
+        reason: r.utf8("status report reason", len)?,
+        pending_records,
+        pending_bytes,
+        lag_ms,
+        wire_bytes_per_sec,
+        record_bytes_per_sec,
+        sync,
+        sync_bytes_per_sec,
+        resync,
+    })
+}
 
 fn encode_hold(w: &mut Writer, hold: &HoldMessage) -> Result<(), EncodeError> {
     w.u64(hold.point().0);
@@ -2403,6 +2500,109 @@ mod tests {
             msg_type,
             body: body.into(),
         })
+    }
+
+    fn report() -> StatusReport {
+        StatusReport {
+            state: ReportState::InitialSync,
+            reason: String::new(),
+            pending_records: 12,
+            pending_bytes: 49_152,
+            lag_ms: 1_500,
+            wire_bytes_per_sec: 1 << 20,
+            record_bytes_per_sec: 3 << 20,
+            sync: Progress {
+                done: 1 << 30,
+                total: 4 << 30,
+            },
+            sync_bytes_per_sec: 50 << 20,
+            resync: Progress::default(),
+        }
+    }
+
+    #[test]
+    fn a_status_report_round_trips_and_bad_ones_are_refused() {
+        let msg = Message::StatusReport(report());
+        let body = msg.encode_body(PROTOCOL_VERSION).unwrap();
+        assert_eq!(body.len(), 1 + 10 * 8 + 2);
+        assert_eq!(
+            decode(MessageType::StatusReport, body.clone()).unwrap(),
+            msg
+        );
+        // Cut anywhere: truncated, never a panic or a shorter report.
+        for cut in 0..body.len() {
+            assert!(
+                matches!(
+                    decode(MessageType::StatusReport, body[..cut].to_vec()),
+                    Err(DecodeError::Truncated { .. })
+                ),
+                "cut at {cut}"
+            );
+        }
+        // One byte too many.
+        let mut long = body.clone();
+        long.push(0);
+        assert!(matches!(
+            decode(MessageType::StatusReport, long),
+            Err(DecodeError::TrailingBytes { .. })
+        ));
+        // A state this code does not know.
+        let mut unknown = body.clone();
+        unknown[0] = 9;
+        assert!(matches!(
+            decode(MessageType::StatusReport, unknown),
+            Err(DecodeError::InvalidField { field: "state", .. })
+        ));
+        // More synced than the disks hold.
+        let mut over = body.clone();
+        over[1 + 5 * 8..1 + 6 * 8].copy_from_slice(&(5u64 << 30).to_le_bytes());
+        assert!(matches!(
+            decode(MessageType::StatusReport, over),
+            Err(DecodeError::InvalidField {
+                field: "sync progress",
+                ..
+            })
+        ));
+        // A reason longer than the protocol allows, either way.
+        let mut oversized = body[..body.len() - 2].to_vec();
+        oversized.extend_from_slice(&(MAX_REPORT_REASON as u16 + 1).to_le_bytes());
+        oversized.extend(std::iter::repeat_n(b'x', MAX_REPORT_REASON + 1));
+        assert!(matches!(
+            decode(MessageType::StatusReport, oversized),
+            Err(DecodeError::InvalidField {
+                field: "status report reason",
+                ..
+            })
+        ));
+        let too_long = Message::StatusReport(StatusReport {
+            reason: "x".repeat(MAX_REPORT_REASON + 1),
+            ..report()
+        });
+        assert!(matches!(
+            too_long.encode_body(PROTOCOL_VERSION),
+            Err(EncodeError::FieldTooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn a_status_report_is_never_sent_to_nor_read_from_an_older_session() {
+        let msg = Message::StatusReport(report());
+        assert!(matches!(
+            msg.encode(6, Compression::None),
+            Err(EncodeError::NotInVersion {
+                msg: "status-report",
+                version: 6
+            })
+        ));
+        let body = msg.encode_body(PROTOCOL_VERSION).unwrap();
+        assert!(matches!(
+            Message::decode(Frame {
+                version: 6,
+                msg_type: MessageType::StatusReport,
+                body: body.into(),
+            }),
+            Err(DecodeError::NotInVersion { .. })
+        ));
     }
 
     #[test]

@@ -204,6 +204,8 @@ pub struct CoreStatus {
     pub resync_bytes_sent: u64,
     /// Timestamp (ns) of the oldest record sent and not yet durable.
     pub oldest_unacked_ns: Option<u64>,
+    /// Bytes of resync extents not yet compared (0: no resync waits).
+    pub resync_bytes_left: u64,
 }
 
 /// What the caller must act on.
@@ -1197,6 +1199,7 @@ impl ShipperCore {
             resync_blocks_sent: self.resync_blocks_sent,
             resync_bytes_sent: self.resync_bytes_sent,
             oldest_unacked_ns: self.unacked.front().map(|&(_, ts)| ts),
+            resync_bytes_left: self.resync.iter().map(|c| c.length).sum(),
         }
     }
 }

@@ -9,8 +9,8 @@ use tidemark_span::HoldMessage;
 use tidemark_wire::frame::{FRAME_HEADER_LEN, MAX_FRAME_BODY};
 use tidemark_wire::{
     ChunkData, ChunkPurpose, Compression, Disk, DiskSync, EncodeError, ErrorClass, ErrorCode,
-    Message, MessageDecoder, RecordBatch, Renewed, VmSpecReply, MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION,
+    Message, MessageDecoder, Progress, RecordBatch, Renewed, ReportState, StatusReport,
+    VmSpecReply, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 
 fn arb_name() -> impl Strategy<Value = Name> {
@@ -223,7 +223,38 @@ fn arb_message() -> impl Strategy<Value = Message> {
         )),
         "\\PC{0,100}".prop_map(|reason| Message::Renewed(Renewed::Refused { reason })),
         "[a-z0-9.-]{1,60}:[0-9]{1,5}".prop_map(|to| Message::Redirect { to }),
+        arb_report().prop_map(Message::StatusReport),
     ]
+}
+
+/// A shipper's status report (protocol version 7 on).
+fn arb_report() -> impl Strategy<Value = StatusReport> {
+    let progress = || {
+        (any::<u64>(), any::<u64>()).prop_map(|(a, b)| Progress {
+            done: a.min(b),
+            total: a.max(b),
+        })
+    };
+    (
+        (0u8..4).prop_map(|c| ReportState::from_code(c).unwrap()),
+        "\\PC{0,100}",
+        proptest::array::uniform5(any::<u64>()),
+        progress(),
+        any::<u64>(),
+        progress(),
+    )
+        .prop_map(|(state, reason, n, sync, sync_rate, resync)| StatusReport {
+            state,
+            reason,
+            pending_records: n[0],
+            pending_bytes: n[1],
+            lag_ms: n[2],
+            wire_bytes_per_sec: n[3],
+            record_bytes_per_sec: n[4],
+            sync,
+            sync_bytes_per_sec: sync_rate,
+            resync,
+        })
 }
 
 /// A span point's hold message (protocol version 3 on; quiesce and thaw 4 on).
