@@ -157,6 +157,19 @@ impl std::fmt::Debug for AdminRefused {
     }
 }
 
+/// Why a certificate of the receiver's CA is refused on the replication
+/// endpoint: its console roles cannot be read (see [`crate::role`]), so it
+/// is not taken for a host's either.
+#[derive(thiserror::Error)]
+#[error("the certificate's console role cannot be read ({0}); it does not replicate as a host")]
+pub struct RoleUnreadable(#[source] pub crate::role::RoleError);
+
+impl std::fmt::Debug for RoleUnreadable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
 /// WebPKI client verification against the receiver's CA, restricted to
 /// chains of length one: the CA is made `pathlen:0`, but WebPKI does not
 /// apply a trust anchor's own constraints, so a leaf issued by an
@@ -196,14 +209,19 @@ impl ClientCertVerifier for CaSignedOnly {
         }
         let verified = self.0.verify_client_cert(end_entity, intermediates, now)?;
         // An admin certificate is signed by the same CA; it opens the
-        // console and nothing else.
-        if let Ok(Some(role)) = crate::role::console_role(end_entity.as_ref()) {
-            let refused = AdminRefused { role };
-            return Err(
-                rustls::CertificateError::Other(rustls::OtherError(Arc::new(refused))).into(),
-            );
+        // console and nothing else. One whose roles cannot be read (or
+        // that names two) is not taken for a host's either.
+        match crate::role::console_role(end_entity.as_ref()) {
+            Ok(None) => Ok(verified),
+            Ok(Some(role)) => {
+                let refused = AdminRefused { role };
+                Err(rustls::CertificateError::Other(rustls::OtherError(Arc::new(refused))).into())
+            }
+            Err(e) => {
+                let refused = RoleUnreadable(e);
+                Err(rustls::CertificateError::Other(rustls::OtherError(Arc::new(refused))).into())
+            }
         }
-        Ok(verified)
     }
 
     fn verify_tls12_signature(

@@ -516,3 +516,50 @@ async fn an_admin_certificate_of_the_same_ca_does_not_replicate_as_a_host() {
     let err = server_side.expect_err("the receiver let an admin replicate");
     assert!(err.contains("must not replicate as a host"), "{err}");
 }
+
+/// A certificate of the same CA whose extended key usage names both
+/// console roles (not something `tidemark receiver sign` issues, but what
+/// someone holding the CA key could make with openssl): its role cannot be
+/// read, and it is not taken for a host's either.
+#[tokio::test]
+async fn a_certificate_with_two_console_roles_does_not_replicate_as_a_host() {
+    if !have_openssl("a_certificate_with_two_console_roles_does_not_replicate_as_a_host") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let enrolled = enrol(tmp.path(), HOST);
+    let dir = tmp.path().join("two-roles");
+    std::fs::create_dir(&dir).unwrap();
+    let arc = "2.25.201338833876323180311371667709132664435";
+    let ext = format!(
+        "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n\
+         extendedKeyUsage=clientAuth,{arc}.1,{arc}.2\nsubjectAltName=DNS:{HOST}\n"
+    );
+    let ca = (
+        enrolled.receiver.ca_cert.as_path(),
+        enrolled.receiver.ca_key.as_path(),
+    );
+    openssl_issue(&dir, "leaf", HOST, &ext, ca);
+    let (server, addr) = start_server(&enrolled.receiver);
+    let config = client_config(
+        &enrolled.receiver.ca_cert,
+        &dir.join("leaf.crt"),
+        &dir.join("leaf.key"),
+    )
+    .unwrap();
+    let client = tokio::spawn(refused_reason(config, addr, SERVER_NAME));
+    let server_side = tokio::time::timeout(LIMIT, accept_one(server))
+        .await
+        .expect("the server's accept hung");
+    match server_side {
+        Ok((_, host)) => {
+            panic!("the receiver accepted {host:?} with a certificate naming two console roles")
+        }
+        Err(e) => assert!(e.contains("more than one console role"), "{e}"),
+    }
+    let reason = client.await.unwrap();
+    assert!(
+        alert(&reason).is_some(),
+        "not refused by a TLS alert: {reason}"
+    );
+}
