@@ -107,6 +107,27 @@ async fn refused_reason(
     result.expect("the refused connection did not end within the limit")
 }
 
+/// Connects to a receiver of `enrolled`'s CA with the certificate `cert`
+/// (key `key`), which it must refuse; returns what the receiver's accept
+/// said and how the client's connection ended.
+async fn refused_by_the_receiver(
+    enrolled: &Enrolled,
+    cert: &Path,
+    key: &Path,
+) -> (String, ConnectionError) {
+    let (server, addr) = start_server(&enrolled.receiver);
+    let config = client_config(&enrolled.receiver.ca_cert, cert, key).unwrap();
+    let client = tokio::spawn(refused_reason(config, addr, SERVER_NAME));
+    let server_side = tokio::time::timeout(LIMIT, accept_one(server))
+        .await
+        .expect("the server's accept hung");
+    let said = match server_side {
+        Ok((_, host)) => panic!("the receiver accepted {host:?}"),
+        Err(e) => e,
+    };
+    (said, client.await.unwrap())
+}
+
 #[tokio::test]
 async fn a_properly_enrolled_host_connects_and_is_identified() {
     let tmp = tempfile::tempdir().unwrap();
@@ -423,24 +444,9 @@ async fn a_host_certificate_from_an_intermediate_ca_is_rejected() {
     .concat();
     std::fs::write(dir.join("chain.crt"), chain).unwrap();
 
-    let (server, addr) = start_server(&enrolled.receiver);
-    let config = client_config(
-        &enrolled.receiver.ca_cert,
-        &dir.join("chain.crt"),
-        &dir.join("leaf.key"),
-    )
-    .unwrap();
-    let client = tokio::spawn(refused_reason(config, addr, SERVER_NAME));
-    let server_side = tokio::time::timeout(LIMIT, accept_one(server))
-        .await
-        .expect("the server's accept hung");
-    match server_side {
-        Ok((_, host)) => {
-            panic!("the receiver accepted {host:?} with a certificate issued by an intermediate CA")
-        }
-        Err(e) => assert!(e.contains("intermediate CA"), "{e}"),
-    }
-    let reason = client.await.unwrap();
+    let (said, reason) =
+        refused_by_the_receiver(&enrolled, &dir.join("chain.crt"), &dir.join("leaf.key")).await;
+    assert!(said.contains("intermediate CA"), "{said}");
     assert_eq!(alert(&reason), Some(ALERT_CERTIFICATE_UNKNOWN), "{reason}");
 }
 
@@ -540,24 +546,9 @@ async fn a_certificate_with_two_console_roles_does_not_replicate_as_a_host() {
         enrolled.receiver.ca_key.as_path(),
     );
     openssl_issue(&dir, "leaf", HOST, &ext, ca);
-    let (server, addr) = start_server(&enrolled.receiver);
-    let config = client_config(
-        &enrolled.receiver.ca_cert,
-        &dir.join("leaf.crt"),
-        &dir.join("leaf.key"),
-    )
-    .unwrap();
-    let client = tokio::spawn(refused_reason(config, addr, SERVER_NAME));
-    let server_side = tokio::time::timeout(LIMIT, accept_one(server))
-        .await
-        .expect("the server's accept hung");
-    match server_side {
-        Ok((_, host)) => {
-            panic!("the receiver accepted {host:?} with a certificate naming two console roles")
-        }
-        Err(e) => assert!(e.contains("more than one console role"), "{e}"),
-    }
-    let reason = client.await.unwrap();
+    let (said, reason) =
+        refused_by_the_receiver(&enrolled, &dir.join("leaf.crt"), &dir.join("leaf.key")).await;
+    assert!(said.contains("more than one console role"), "{said}");
     assert!(
         alert(&reason).is_some(),
         "not refused by a TLS alert: {reason}"
