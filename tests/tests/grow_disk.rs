@@ -18,14 +18,14 @@
 //! end without a restart.
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tidemark_e2e::replication::{
     enroll, failover_and_compare_with, free_port, newest_point, run_ok, start_receiver,
-    start_shipper, wait_caught_up,
+    start_shipper, wait_caught_up, Daemon,
 };
 use tidemark_e2e::{qemu_io, refused, require_tool, tidemark, tidemark_bin, TrackerProcess};
 
@@ -96,51 +96,107 @@ fn a_growth_reaches_a_running_shipper_as_a_record_of_the_log() {
     );
 }
 
+/// A replicating host whose disk holds an ext4 at the old size with one
+/// file, written through its tracker: where both growth procedures start.
+struct AtOldSize {
+    /// The test's directory, kept while the test runs.
+    tmp: tempfile::TempDir,
+    hpki: PathBuf,
+    port: u16,
+    receiver: Daemon,
+    /// The tracker's backing file.
+    disk: PathBuf,
+    tracker: TrackerProcess,
+    log_dir: PathBuf,
+    shipper: Daemon,
+    /// The file system's image, copied through the tracker.
+    fs_image: PathBuf,
+    /// The point with the file system at the old size.
+    before: u64,
+    /// The disk's bytes at that point.
+    at_old_size: Vec<u8>,
+}
+
+impl AtOldSize {
+    /// Sets the host up; `None` (the test skips) when one of `tools` is
+    /// missing.
+    fn start(test: &str, tools: &[&str]) -> Option<AtOldSize> {
+        for tool in tools {
+            if !require_tool(tool, test) {
+                return None;
+            }
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let (rpki, hpki) = enroll(dir, tidemark_e2e::replication::HOST);
+        let port = free_port();
+        let receiver = start_receiver(dir, &rpki, port, None);
+        let disk = dir.join("disk.raw");
+        fs::File::create(&disk).unwrap().set_len(OLD).unwrap();
+        let tracker = TrackerProcess::start(dir, &disk, &[]);
+        let log_dir = tracker.log_dir.clone();
+        let shipper = start_shipper(dir, &log_dir, &hpki, port);
+        let fs_image = dir.join("fs.raw");
+        fs::File::create(&fs_image).unwrap().set_len(OLD).unwrap();
+        run_ok(
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-b", "4096"])
+                .arg(&fs_image),
+        );
+        let payload = dir.join("payload");
+        fs::write(
+            &payload,
+            (0..200_000u32).map(|i| (i * 7) as u8).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        put_file(&fs_image, &payload, "before");
+        copy_in(&fs_image, &tracker);
+        let before = point_now(dir, &tracker);
+        let at_old_size = fs::read(&fs_image).unwrap();
+        Some(AtOldSize {
+            tmp,
+            hpki,
+            port,
+            receiver,
+            disk,
+            tracker,
+            log_dir,
+            shipper,
+            fs_image,
+            before,
+            at_old_size,
+        })
+    }
+}
+
 /// The scenario; `restart_shipper`: the shipper is stopped and started
 /// with the tracker, else it runs on.
 fn grow_between_starts(test: &str, restart_shipper: bool) {
-    for tool in [
+    let tools = [
         "nbdcopy",
         "qemu-io",
         "mkfs.ext4",
         "resize2fs",
         "e2fsck",
         "debugfs",
-    ] {
-        if !require_tool(tool, test) {
-            return;
-        }
-    }
-    let tmp = tempfile::tempdir().unwrap();
+    ];
+    let Some(host) = AtOldSize::start(test, &tools) else {
+        return;
+    };
+    let AtOldSize {
+        tmp,
+        hpki,
+        port,
+        receiver,
+        disk,
+        tracker,
+        log_dir,
+        shipper,
+        fs_image,
+        before,
+        at_old_size,
+    } = host;
     let dir = tmp.path();
-    let (rpki, hpki) = enroll(dir, tidemark_e2e::replication::HOST);
-    let port = free_port();
-    let receiver = start_receiver(dir, &rpki, port, None);
-    let disk = dir.join("disk.raw");
-    fs::File::create(&disk).unwrap().set_len(OLD).unwrap();
-    let tracker = TrackerProcess::start(dir, &disk, &[]);
-    let log_dir = tracker.log_dir.clone();
-    let shipper = start_shipper(dir, &log_dir, &hpki, port);
-
-    // An ext4 at the old size, with a file in it, written through the
-    // tracker.
-    let fs_image = dir.join("fs.raw");
-    fs::File::create(&fs_image).unwrap().set_len(OLD).unwrap();
-    run_ok(
-        Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-b", "4096"])
-            .arg(&fs_image),
-    );
-    let payload = dir.join("payload");
-    fs::write(
-        &payload,
-        (0..200_000u32).map(|i| (i * 7) as u8).collect::<Vec<_>>(),
-    )
-    .unwrap();
-    put_file(&fs_image, &payload, "before");
-    copy_in(&fs_image, &tracker);
-    let before = point_now(dir, &tracker);
-    let at_old_size = fs::read(&fs_image).unwrap();
 
     // The disk grows: stop, make the backing larger, start again.
     let shipper = if restart_shipper {
@@ -231,7 +287,7 @@ fn nbd_size(uri: &str) -> u64 {
 #[test]
 fn a_disk_grows_online_under_a_writer_while_the_shipper_replicates() {
     let test = "a_disk_grows_online_under_a_writer_while_the_shipper_replicates";
-    for tool in [
+    let tools = [
         "nbdcopy",
         "nbdinfo",
         "qemu-io",
@@ -240,39 +296,23 @@ fn a_disk_grows_online_under_a_writer_while_the_shipper_replicates() {
         "e2fsck",
         "debugfs",
         "dumpe2fs",
-    ] {
-        if !require_tool(tool, test) {
-            return;
-        }
-    }
-    let tmp = tempfile::tempdir().unwrap();
+    ];
+    let Some(host) = AtOldSize::start(test, &tools) else {
+        return;
+    };
+    let AtOldSize {
+        tmp,
+        receiver,
+        disk,
+        tracker,
+        log_dir,
+        shipper,
+        fs_image,
+        before,
+        at_old_size,
+        ..
+    } = host;
     let dir = tmp.path();
-    let (rpki, hpki) = enroll(dir, tidemark_e2e::replication::HOST);
-    let port = free_port();
-    let receiver = start_receiver(dir, &rpki, port, None);
-    let disk = dir.join("disk.raw");
-    fs::File::create(&disk).unwrap().set_len(OLD).unwrap();
-    let tracker = TrackerProcess::start(dir, &disk, &[]);
-    let log_dir = tracker.log_dir.clone();
-    let shipper = start_shipper(dir, &log_dir, &hpki, port);
-
-    let fs_image = dir.join("fs.raw");
-    fs::File::create(&fs_image).unwrap().set_len(OLD).unwrap();
-    run_ok(
-        Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-b", "4096"])
-            .arg(&fs_image),
-    );
-    let payload = dir.join("payload");
-    fs::write(
-        &payload,
-        (0..200_000u32).map(|i| (i * 7) as u8).collect::<Vec<_>>(),
-    )
-    .unwrap();
-    put_file(&fs_image, &payload, "before");
-    copy_in(&fs_image, &tracker);
-    let before = point_now(dir, &tracker);
-    let at_old_size = fs::read(&fs_image).unwrap();
     assert_eq!(nbd_size(&tracker.uri()), OLD);
 
     // The writer: the file system copied through the tracker again and
