@@ -33,7 +33,7 @@ use tidemark_e2e::replication::{
 use tidemark_e2e::{require_tool, tidemark, TrackerProcess};
 use tidemark_names::Name;
 use tidemark_receiver::span::{Outcome, SpanRecord};
-use tidemark_receiver::store::ceph::CephEngine;
+use tidemark_receiver::store::ceph::{CephEngine, CephGroup};
 
 const SIZE: u64 = 4 << 20;
 const HOSTS: [&str; 3] = ["web1.example.test", "app1.example.test", "db1.example.test"];
@@ -236,9 +236,19 @@ fn interval(taken: &[u64]) -> f64 {
 /// The counter a member's replica shows at its recovery point `seq`
 /// (`None`: the head).
 fn value_at(engine: &CephEngine<RadosCluster>, host: &str, seq: Option<Seq>) -> Vec<u8> {
-    let group = engine
+    value_in(&member(engine, host), seq)
+}
+
+/// A member's group, opened to read its points.
+fn member(engine: &CephEngine<RadosCluster>, host: &str) -> CephGroup<RadosCluster> {
+    engine
         .open_group_read_only(&Name::new(host).unwrap(), &Name::from_static("default"))
-        .unwrap();
+        .unwrap()
+}
+
+/// The counter `group` shows at its recovery point `seq` (`None`: the
+/// head).
+fn value_in(group: &CephGroup<RadosCluster>, seq: Option<Seq>) -> Vec<u8> {
     let len = if seq.is_some() { 8 } else { SIZE as usize };
     let mut buf = vec![0u8; len];
     group
@@ -471,14 +481,18 @@ fn the_span_holder_is_killed_and_the_other_receiver_takes_the_span_and_its_membe
 
     // Every span point, not a sample: no host shows a write whose cause
     // the host before it lacks.
+    // Each member's group opened once (the writers are stopped: nothing
+    // changes meanwhile), not once per point.
     let points = durable_points(&last);
+    let groups: Vec<CephGroup<RadosCluster>> =
+        HOSTS.iter().map(|host| member(&engine, host)).collect();
     let mut moving = 0;
     for (point, _, markers) in &points {
-        let values: Vec<u64> = HOSTS
+        let values: Vec<u64> = groups
             .iter()
             .zip(markers)
-            .map(|(host, marker)| {
-                let bytes = value_at(&engine, host, Some(*marker));
+            .map(|(group, marker)| {
+                let bytes = value_in(group, Some(*marker));
                 u64::from_le_bytes(bytes[..8].try_into().unwrap())
             })
             .collect();
