@@ -39,16 +39,23 @@ fn scale_top(max_ms: u32) -> u64 {
     }
 }
 
+/// The first minute of the 24 hours up to `now_ns`, and the slots within
+/// them.
+fn last_day(slots: &[LagSlot], now_ns: u64) -> (u64, Vec<&LagSlot>) {
+    let now = minute_of(now_ns);
+    let first = now.saturating_sub(SLOTS as u64 - 1);
+    let shown = slots
+        .iter()
+        .filter(|s| (first..=now).contains(&s.minute))
+        .collect();
+    (first, shown)
+}
+
 /// The chart of `slots` (oldest first, as the ring gives them) for the
 /// 24 hours up to `now_ns`, `width` × `height` pixels.
 pub fn lag_chart(slots: &[LagSlot], now_ns: u64, width: u32, height: u32) -> String {
     let (width, height) = (width.max(LEFT + 100), height.max(TOP + BOTTOM + 40));
-    let now = minute_of(now_ns);
-    let first = now.saturating_sub(SLOTS as u64 - 1);
-    let shown: Vec<&LagSlot> = slots
-        .iter()
-        .filter(|s| (first..=now).contains(&s.minute))
-        .collect();
+    let (first, shown) = last_day(slots, now_ns);
     let top = scale_top(shown.iter().map(|s| s.max_lag_ms).max().unwrap_or(0));
     let plot_w = f64::from(width - LEFT - 4);
     let plot_h = f64::from(height - TOP - BOTTOM);
@@ -124,12 +131,7 @@ pub fn lag_chart(slots: &[LagSlot], now_ns: u64, width: u32, height: u32) -> Str
 /// One sentence of what the chart shows: the lag now, the 24 h highest
 /// and when, or that there is no history.
 pub fn lag_summary(slots: &[LagSlot], now_ns: u64) -> String {
-    let now = minute_of(now_ns);
-    let first = now.saturating_sub(SLOTS as u64 - 1);
-    let shown: Vec<&LagSlot> = slots
-        .iter()
-        .filter(|s| (first..=now).contains(&s.minute))
-        .collect();
+    let (_, shown) = last_day(slots, now_ns);
     let Some(last) = shown.iter().max_by_key(|s| s.minute) else {
         return "No lag reported by the shipper in the last 24 hours.".into();
     };
