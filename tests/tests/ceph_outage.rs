@@ -117,6 +117,75 @@ fn status_of_group(config: &Path) -> serde_json::Value {
         .unwrap_or_else(|| panic!("status lists no replica of {HOST}/default: {doc:#}"))
 }
 
+/// What the cluster says now, for a failure's message: a new client's
+/// stat of the group's state object (does the cluster answer anyone?),
+/// the OSD's operations in flight and the end of its log.
+fn cluster_view(tb: &testbed::Testbed, namespace: &str) -> String {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("timeout")
+            .arg("15")
+            .args(args)
+            .output();
+        match out {
+            Ok(o) => format!(
+                "$ {} ({})\n{}{}",
+                args.join(" "),
+                match o.status.code() {
+                    Some(124) => "no answer within 15 s".to_owned(),
+                    _ => o.status.to_string(),
+                },
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => format!("$ {}: {e}\n", args.join(" ")),
+        }
+    };
+    let conf = tb.conf.display().to_string();
+    let state = format!("{HOST}+default+state");
+    let mut view = run(&[
+        "rados",
+        "--conf",
+        &conf,
+        "-p",
+        &tb.pool,
+        "--namespace",
+        namespace,
+        "stat",
+        &state,
+    ]);
+    if let Some(dir) = &tb.dir {
+        let asok = dir.join("run/osd.0.asok").display().to_string();
+        // One line per operation: what it is and what it waits for.
+        let ops = std::process::Command::new("timeout")
+            .args(["15", "ceph", "--admin-daemon", &asok, "dump_ops_in_flight"])
+            .output()
+            .ok()
+            .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok());
+        match ops.as_ref().and_then(|o| o["ops"].as_array()) {
+            Some(ops) => {
+                view += &format!("osd.0: {} operations in flight\n", ops.len());
+                for op in ops.iter().take(20) {
+                    view += &format!(
+                        "  {} [{}, {:.0} s]\n",
+                        op["description"].as_str().unwrap_or("?"),
+                        op["type_data"]["flag_point"].as_str().unwrap_or("?"),
+                        op["age"].as_f64().unwrap_or(0.0)
+                    );
+                }
+            }
+            None => view += "osd.0: its operations in flight could not be read\n",
+        }
+        let log = fs::read_to_string(dir.join("log/osd.0.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        view += "osd.0.log, last lines:\n";
+        for line in tail.into_iter().rev() {
+            view += line;
+            view += "\n";
+        }
+    }
+    view
+}
+
 fn durable(log_dir: &Path) -> u64 {
     shipper_status(log_dir)
         .and_then(|s| s["durable_seq"].as_u64())
@@ -319,8 +388,9 @@ fn a_cluster_outage_degrades_the_receiver_and_replication_resumes_by_itself() {
         }
         assert!(
             resumed.elapsed() < Duration::from_secs(90),
-            "replication did not resume within 90 s of the cluster answering again (durable {})\nreceiver log:\n{}\nshipper log:\n{}",
+            "replication did not resume within 90 s of the cluster answering again (durable {})\nthe cluster:\n{}\nreceiver log:\n{}\nshipper log:\n{}",
             durable(&log_dir),
+            cluster_view(tb, &namespace),
             receiver_log(),
             fs::read_to_string(dir.join("shipper.log")).unwrap_or_default()
         );
