@@ -22,15 +22,19 @@ use tidemark_receiver::test_failover::nbd::ServedTestFailover;
 
 use crate::audit::Audit;
 use crate::auth::{Change, Principal, Proof, Refused, Sessions};
+use crate::throttle::LoginThrottle;
 use crate::tls::ConsolePeer;
 use crate::view::{self, size, GroupRow, PointRow, ShipperRow};
 use tidemark_receiver::shipper_reports::ShipperReports;
+
+/// How often expired sessions and old login failures are swept.
+pub(crate) const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The session cookie: `__Host-` so it is only ever set by this origin
 /// over HTTPS, for every path.
 const COOKIE: &str = "__Host-tidemark-session";
 
-fn now_ns() -> u64 {
+pub(crate) fn now_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
@@ -77,6 +81,8 @@ pub(crate) struct Console {
     users: Vec<ConsoleUser>,
     hosts: Vec<Name>,
     sessions: Mutex<Sessions>,
+    /// Failed password logins, per address and per name.
+    throttle: Mutex<LoginThrottle>,
     tests: Mutex<BTreeMap<(Name, Name), RunningTest>>,
     audit: Audit,
     /// What the shippers reported (filled by the receiver's sessions).
@@ -97,6 +103,7 @@ impl Console {
             users: cfg.console.users.clone(),
             hosts: cfg.hosts.iter().map(|h| h.name.clone()).collect(),
             sessions: Mutex::new(Sessions::new()),
+            throttle: Mutex::new(LoginThrottle::new()),
             tests: Mutex::new(BTreeMap::new()),
             audit: Audit::new(&cfg.data_dir),
             reports,
@@ -165,6 +172,31 @@ impl Console {
 }
 
 impl Console {
+    /// Ends the expired sessions and forgets old login failures (driven
+    /// every [`SWEEP_EVERY`] by [`crate::BoundConsole::serve`]).
+    pub(crate) fn sweep(&self, now_ns: u64) {
+        self.lock_sessions().poll_expired(now_ns);
+        self.lock_throttle().poll_expired(now_ns);
+    }
+
+    /// Opens a session; logs the one ended to stay within the bound.
+    fn open_session(&self, principal: Principal, id: String, csrf: String, now_ns: u64) {
+        let evicted = self
+            .lock_sessions()
+            .handle_login(principal, id, csrf, now_ns);
+        if let Some(p) = evicted {
+            tracing::warn!(
+                user = %p.name,
+                max = crate::auth::MAX_SESSIONS,
+                "console: too many sessions: the one idle for longest is ended"
+            );
+        }
+    }
+
+    fn lock_throttle(&self) -> std::sync::MutexGuard<'_, LoginThrottle> {
+        self.throttle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn lock_sessions(&self) -> std::sync::MutexGuard<'_, Sessions> {
         self.sessions.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -247,8 +279,9 @@ fn reader(state: &Console, headers: &HeaderMap, peer: &ConsolePeer) -> Option<Wh
         role: admin.role,
         proof: Proof::Certificate,
     };
+    drop(sessions);
     let (id, csrf) = (random_token(), random_token());
-    sessions.handle_login(principal.clone(), id.clone(), csrf.clone(), now);
+    state.open_session(principal.clone(), id.clone(), csrf.clone(), now);
     tracing::info!(user = %principal.name, role = %principal.role, "console: certificate login");
     Some(Who {
         principal,
@@ -339,7 +372,7 @@ struct ErrorPage {
 #[derive(Template)]
 #[template(path = "login.html")]
 struct LoginPage {
-    error: Option<&'static str>,
+    error: Option<String>,
     password_users: bool,
 }
 
@@ -459,6 +492,7 @@ struct LoginForm {
 
 async fn login(
     State(state): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<ConsolePeer>,
     headers: HeaderMap,
     Form(form): Form<LoginForm>,
 ) -> Response {
@@ -466,6 +500,12 @@ async fn login(
     let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
     if origin != Some(console_origin(&headers).as_str()) {
         return refused(Refused::Origin);
+    }
+    let address = peer.addr.ip();
+    // A locked-out client is answered before any password is hashed.
+    if let Err(locked) = state.lock_throttle().check(address, &form.name, now_ns()) {
+        tracing::warn!(user = %form.name, %address, "console: a password login refused: locked out");
+        return locked_out(locked);
     }
     let user = state
         .users
@@ -475,19 +515,31 @@ async fn login(
     let checked = match user {
         Some(u) => {
             let hash = u.password_hash.clone();
-            tokio::task::spawn_blocking(move || {
-                password_matches(&form.password, &hash).then_some(u)
-            })
-            .await
-            .ok()
-            .flatten()
+            let password = form.password.clone();
+            tokio::task::spawn_blocking(move || password_matches(&password, &hash).then_some(u))
+                .await
+                .ok()
+                .flatten()
         }
         None => None,
     };
     let Some(user) = checked else {
-        tracing::warn!(user = %form.name, "console: a password login failed");
+        tracing::warn!(user = %form.name, %address, "console: a password login failed");
+        let now = now_ns();
+        let lockout = state
+            .lock_throttle()
+            .handle_failure(address, &form.name, now);
+        if let Some(l) = lockout {
+            let failures = l.address_failures.max(l.name_failures);
+            state
+                .audit
+                .record_lockout(&form.name, address, failures, l.retry_after, now);
+            return locked_out(crate::throttle::LockedOut {
+                retry_after: l.retry_after,
+            });
+        }
         let body = LoginPage {
-            error: Some("wrong name or password"),
+            error: Some("wrong name or password".into()),
             password_users: true,
         }
         .render();
@@ -495,6 +547,7 @@ async fn login(
         *resp.status_mut() = StatusCode::UNAUTHORIZED;
         return resp;
     };
+    state.lock_throttle().handle_success(address, &form.name);
     let principal = Principal {
         name: user.name.to_string(),
         role: user.role,
@@ -502,12 +555,26 @@ async fn login(
     };
     let id = random_token();
     tracing::info!(user = %principal.name, role = %principal.role, "console: password login");
-    state
-        .lock_sessions()
-        .handle_login(principal, id.clone(), random_token(), now_ns());
+    state.open_session(principal, id.clone(), random_token(), now_ns());
     let mut resp = Redirect::to("/").into_response();
     resp.headers_mut()
         .insert(header::SET_COOKIE, set_cookie(&id));
+    resp
+}
+
+/// 429 with the login page saying how long to wait, and `Retry-After`.
+fn locked_out(locked: crate::throttle::LockedOut) -> Response {
+    let secs = locked.retry_after.as_secs().max(1);
+    let body = LoginPage {
+        error: Some(locked.to_string()),
+        password_users: true,
+    }
+    .render();
+    let mut resp = page(None, body);
+    *resp.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+    if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+        resp.headers_mut().insert(header::RETRY_AFTER, v);
+    }
     resp
 }
 
