@@ -16,7 +16,8 @@ use rand::RngCore;
 use serde::Deserialize;
 use tidemark_changelog::Seq;
 use tidemark_config::{ConsoleRole, ConsoleUser, ReceiverConfig};
-use tidemark_names::Name;
+use tidemark_names::{Label, Name};
+use tidemark_receiver::span_take::{self, TakeRequest};
 use tidemark_receiver::store::StoreEngine;
 use tidemark_receiver::test_failover::nbd::ServedTestFailover;
 
@@ -76,6 +77,8 @@ struct RunningTest {
 
 /// What every request shares.
 pub(crate) struct Console {
+    /// The receiver's configuration (spans, store) for the actions.
+    receiver: ReceiverConfig,
     data_dir: PathBuf,
     engine: Box<dyn StoreEngine>,
     users: Vec<ConsoleUser>,
@@ -98,6 +101,7 @@ impl Console {
         reports: Arc<ShipperReports>,
     ) -> Shared {
         Arc::new(Console {
+            receiver: cfg.clone(),
             data_dir: cfg.data_dir.clone(),
             engine,
             users: cfg.console.users.clone(),
@@ -166,6 +170,20 @@ impl Console {
         rows
     }
 
+    /// The span whose member `host`/`group` is, in this receiver's
+    /// configuration.
+    fn span_of(&self, host: &Name, group: &Name) -> Option<Name> {
+        self.receiver
+            .spans
+            .iter()
+            .find(|s| {
+                s.members
+                    .iter()
+                    .any(|m| &m.host == host && &m.group == group)
+            })
+            .map(|s| s.name.clone())
+    }
+
     fn socket(&self, host: &Name, group: &Name) -> PathBuf {
         crate::console_dir(&self.data_dir).join(format!("{host}-{group}.sock"))
     }
@@ -228,6 +246,7 @@ pub(crate) fn router(state: Shared) -> Router {
             "/group/{host}/{group}/test-failover/cleanup",
             post(cleanup_test),
         )
+        .route("/group/{host}/{group}/mark", post(mark_point))
         .route("/test-failovers", get(tests_page))
         .with_state(state)
 }
@@ -413,6 +432,17 @@ struct GroupPage<'a> {
     disks: Vec<DiskRow>,
     points: Vec<PointRow>,
     test: Option<TestRow>,
+    /// The span the group is a member of (a point can be marked from
+    /// here only through a span's coordinator).
+    span: Option<String>,
+}
+
+#[derive(Template)]
+#[template(path = "done.html")]
+struct DonePage {
+    title: &'static str,
+    message: String,
+    back: String,
 }
 
 #[derive(Template)]
@@ -683,6 +713,7 @@ async fn group_page(
         .lock_tests()
         .get(&(h.clone(), g.clone()))
         .map(|t| test_row(&h, &g, t));
+    let span = state.span_of(&h, &g).map(|s| s.to_string());
     page(
         Some(&who),
         GroupPage {
@@ -696,6 +727,7 @@ async fn group_page(
             disks,
             points,
             test,
+            span,
         }
         .render(),
     )
@@ -839,5 +871,106 @@ async fn cleanup_test(
     match ended {
         Ok(()) => Redirect::to(&format!("/group/{host}/{group}")).into_response(),
         Err(e) => failed(e),
+    }
+}
+
+/// How long "mark a point" waits for the span's coordinator to start the
+/// round (it starts one as soon as no other round runs).
+const MARK_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+#[derive(Deserialize)]
+struct MarkForm {
+    csrf: Option<String>,
+    label: Option<String>,
+    /// A checkbox: present when ticked.
+    app_consistent: Option<String>,
+}
+
+/// "Mark a point": asks the group's span coordinator for a span point
+/// now, as `tidemark span take` does ([`span_take::ask`]): every member's
+/// tracker appends a marker with the label, through the hold stream its
+/// shipper keeps open to this receiver. A group in no span cannot be
+/// marked from the replica site: its tracker is reached only on its host
+/// (`tidemark mark`).
+async fn mark_point(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Path((host, group)): Path<(String, String)>,
+    Form(form): Form<MarkForm>,
+) -> Response {
+    let who = match changer(
+        &state,
+        &headers,
+        form.csrf.as_deref(),
+        ConsoleRole::Operator,
+    ) {
+        Ok(p) => p,
+        Err(r) => return refused(r),
+    };
+    let Some((h, g)) = names(&host, &group) else {
+        return (StatusCode::NOT_FOUND, "no such group").into_response();
+    };
+    let target = format!("{h}/{g}");
+    let label = match Label::new(form.label.unwrap_or_default().trim()) {
+        Ok(l) => l,
+        Err(e) => {
+            let outcome = format!("refused: the label: {e}");
+            state
+                .audit
+                .record(&who, "mark", &target, &outcome, now_ns());
+            return failed(outcome);
+        }
+    };
+    let Some(span) = state.span_of(&h, &g) else {
+        let outcome = format!(
+            "refused: {target} is in no span, so this receiver cannot reach its tracker: run `tidemark mark {label}` on the protected host"
+        );
+        state
+            .audit
+            .record(&who, "mark", &target, &outcome, now_ns());
+        return failed(outcome);
+    };
+    let app_consistent = form.app_consistent.is_some();
+    let request = TakeRequest {
+        id: now_ns(),
+        label: label.clone(),
+        app_consistent,
+    };
+    let st = state.clone();
+    let sp = span.clone();
+    let asked = tokio::task::spawn_blocking(move || {
+        span_take::ask(&st.receiver, st.engine.as_ref(), &sp, &request, MARK_WAIT)
+            .map_err(|e| error_chain(&e))
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()));
+    let kind = if app_consistent {
+        "application-consistent"
+    } else {
+        "crash-consistent"
+    };
+    match asked {
+        Ok(point) => {
+            let outcome =
+                format!("span point {point} of span {span} started ({kind}, label {label})");
+            state
+                .audit
+                .record(&who, "mark", &target, &outcome, now_ns());
+            let body = DonePage {
+                title: "Marking a point",
+                message: format!(
+                    "Span point {point} of span {span} is being taken ({kind}): every member's tracker appends a marker labelled {label}. It shows among the recovery points once every member's replica holds it."
+                ),
+                back: format!("/group/{host}/{group}"),
+            }
+            .render();
+            page(None, body)
+        }
+        Err(e) => {
+            state
+                .audit
+                .record(&who, "mark", &target, &format!("failed: {e}"), now_ns());
+            failed(e)
+        }
     }
 }
