@@ -974,3 +974,7 @@ async fn mark_point(
         }
     }
 }
+
+#[cfg(test)]
+#[path = "pages_tests.rs"]
+mod tests;
