@@ -534,7 +534,8 @@ async fn login(
     let address = peer.addr.ip();
     // A locked-out client is answered before any password is hashed.
     if let Err(locked) = state.lock_throttle().check(address, &form.name, now_ns()) {
-        tracing::warn!(user = %form.name, %address, "console: a password login refused: locked out");
+        let user = crate::throttle::name_key(&form.name);
+        tracing::warn!(user, %address, "console: a password login refused: locked out");
         return locked_out(locked);
     }
     let user = state
@@ -554,16 +555,18 @@ async fn login(
         None => None,
     };
     let Some(user) = checked else {
-        tracing::warn!(user = %form.name, %address, "console: a password login failed");
+        let user = crate::throttle::name_key(&form.name);
+        tracing::warn!(user, %address, "console: a password login failed");
         let now = now_ns();
         let lockout = state
             .lock_throttle()
             .handle_failure(address, &form.name, now);
         if let Some(l) = lockout {
             let failures = l.address_failures.max(l.name_failures);
+            let name = crate::throttle::name_key(&form.name);
             state
                 .audit
-                .record_lockout(&form.name, address, failures, l.retry_after, now);
+                .record_lockout(name, address, failures, l.retry_after, now);
             return locked_out(crate::throttle::LockedOut {
                 retry_after: l.retry_after,
             });

@@ -28,6 +28,19 @@ pub const MAX_DELAY: Duration = Duration::from_secs(15 * 60);
 pub const FORGET_AFTER: Duration = Duration::from_secs(60 * 60);
 /// At most this many addresses, and this many names, are remembered.
 pub const MAX_TRACKED: usize = 10_000;
+/// A name is counted by its first this many bytes: what a client types
+/// is untrusted, and a remembered key must stay small.
+pub const NAME_KEY_BYTES: usize = 128;
+
+/// The part of a typed name that is counted (and logged): its first
+/// [`NAME_KEY_BYTES`] bytes, cut at a character boundary.
+pub fn name_key(name: &str) -> &str {
+    let mut end = name.len().min(NAME_KEY_BYTES);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
+}
 
 /// A login refused before its password is even checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -151,7 +164,7 @@ impl LoginThrottle {
         let until = self
             .addresses
             .locked_until(&address)
-            .max(self.names.locked_until(&name.to_owned()));
+            .max(self.names.locked_until(&name_key(name).to_owned()));
         if until > now_ns {
             return Err(LockedOut {
                 retry_after: Duration::from_nanos(until - now_ns),
@@ -164,7 +177,7 @@ impl LoginThrottle {
     /// `Some` when logins are refused for a while from now on.
     pub fn handle_failure(&mut self, address: IpAddr, name: &str, now_ns: u64) -> Option<Lockout> {
         let a = self.addresses.fail(&address, now_ns);
-        let n = self.names.fail(&name.to_owned(), now_ns);
+        let n = self.names.fail(&name_key(name).to_owned(), now_ns);
         let until = a.locked_until_ns.max(n.locked_until_ns);
         (until > now_ns).then(|| Lockout {
             address_failures: a.count,
@@ -177,7 +190,7 @@ impl LoginThrottle {
     /// start again.
     pub fn handle_success(&mut self, address: IpAddr, name: &str) {
         self.addresses.clear(&address);
-        self.names.clear(&name.to_owned());
+        self.names.clear(&name_key(name).to_owned());
     }
 
     /// Forgets the counts whose last failure is older than
@@ -249,6 +262,21 @@ mod tests {
         }
         assert!(t.check(ip(1), "fresh", S).is_err(), "the address is locked");
         assert_eq!(t.check(ip(2), "fresh", S), Ok(()));
+    }
+
+    #[test]
+    fn a_long_name_is_counted_by_its_start() {
+        let long = "é".repeat(NAME_KEY_BYTES);
+        assert_eq!(name_key(&long).len(), NAME_KEY_BYTES);
+        assert_eq!(name_key("ops"), "ops");
+        let odd = format!("a{long}");
+        assert_eq!(name_key(&odd).len(), NAME_KEY_BYTES - 1, "cut at a char");
+        let mut t = LoginThrottle::new();
+        for i in 0..=FREE_FAILURES {
+            t.handle_failure(ip(i as u8), &format!("{long}{i}"), 0);
+        }
+        assert!(t.check(ip(99), &long, S).is_err(), "one key for all");
+        assert_eq!(t.tracked().1, 1);
     }
 
     #[test]
