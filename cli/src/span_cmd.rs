@@ -83,33 +83,13 @@ pub(crate) fn run(command: SpanCommand) -> Result<ExitCode> {
 fn take(a: TakeArgs) -> Result<ExitCode> {
     let cfg = a.store.receiver()?;
     // With a store shared between receivers the span's record is in the
-    // cluster, and the request goes through the data directory of the
-    // receiver that holds the span's lease: this node's, or refused.
-    let shared = match cfg.store.kind {
-        StoreKind::Local => None,
-        _ => Some(a.store.engine()?),
-    };
-    if let Some(engine) = &shared {
-        let here = cfg
-            .store
-            .ceph()
-            .and_then(|c| c.advertise.clone())
-            .unwrap_or_else(|| cfg.listen.to_string());
-        match engine.span_holder(&a.span) {
-            Some(holder) if holder != here => bail!(
-                "span {} is coordinated by the receiver at {holder}, not this node's ({here}): run `tidemark span take` on that node",
-                a.span
-            ),
-            Some(_) => {}
-            None => bail!(
-                "span {} has no coordinator yet: no receiver has taken it (none of its members' shippers has connected)",
-                a.span
-            ),
-        }
-    }
+    // cluster (`span_take::ask` sends the request to the lease holder's
+    // data directory: this node's, or refused).
+    let engine = a.store.engine()?;
+    let shared = (cfg.store.kind != StoreKind::Local).then_some(&engine);
     let dir = SpanDir::open(&cfg.data_dir, &a.span).with_context(|| format!("span {}", a.span))?;
     let load = || -> Result<SpanRecord> {
-        match shared.as_ref().and_then(|e| e.read_span(&a.span)) {
+        match shared.and_then(|e| e.read_span(&a.span)) {
             Some(record) => Ok(record?),
             None => Ok(dir.load()?),
         }
@@ -128,8 +108,7 @@ fn take(a: TakeArgs) -> Result<ExitCode> {
         label,
         app_consistent: a.app_consistent,
     };
-    span_take::write_request(dir.path(), &request)
-        .with_context(|| format!("asking for a point of span {}", a.span))?;
+    let point = span_take::ask(&cfg, engine.as_ref(), &a.span, &request, a.timeout)?;
     let deadline = Instant::now() + a.timeout;
     let wait = |what: &str| -> Result<()> {
         if Instant::now() >= deadline {
@@ -141,15 +120,6 @@ fn take(a: TakeArgs) -> Result<ExitCode> {
         }
         std::thread::sleep(Duration::from_millis(100));
         Ok(())
-    };
-    let point = loop {
-        match span_take::read_result(dir.path())? {
-            Some(r) if r.id == id => match r.result {
-                Ok(point) => break point,
-                Err(why) => bail!("no span point of {} could start: {why}", a.span),
-            },
-            _ => wait("for the receiver to start the round")?,
-        }
     };
     eprintln!("span {}: taking point {point}", a.span);
     loop {

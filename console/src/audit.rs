@@ -46,13 +46,65 @@ impl Audit {
             outcome,
             "console action"
         );
+        self.append(
+            &who.name,
+            &who.role.to_string(),
+            &format!("{:?}", who.proof),
+            action,
+            target,
+            outcome,
+            now_ns,
+        );
+    }
+
+    /// Records that password logins for `name` from `address` are
+    /// refused from `now_ns` on, for `retry_after`, after `failures`
+    /// failed ones (the most of the name's and the address's counts).
+    pub fn record_lockout(
+        &self,
+        name: &str,
+        address: std::net::IpAddr,
+        failures: u32,
+        retry_after: std::time::Duration,
+        now_ns: u64,
+    ) {
+        let outcome = format!(
+            "locked out for {} s after {failures} failed logins",
+            retry_after.as_secs().max(1)
+        );
+        let target = address.to_string();
+        tracing::warn!(user = name, address = %target, outcome, "console: password logins locked out");
+        self.append(
+            name,
+            "-",
+            "Password",
+            "login lockout",
+            &target,
+            &outcome,
+            now_ns,
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn append(
+        &self,
+        user: &str,
+        role: &str,
+        proof: &str,
+        action: &str,
+        target: &str,
+        outcome: &str,
+        now_ns: u64,
+    ) {
+        // A user name typed into the login form is untrusted: no field
+        // may break the line's shape.
+        let clean = |s: &str| s.replace(['\n', '\t', '\r'], " ");
         let line = format!(
-            "{}\tuser={}\trole={}\tproof={:?}\taction={action}\ttarget={target}\toutcome={}\n",
+            "{}\tuser={}\trole={role}\tproof={proof}\taction={action}\ttarget={}\toutcome={}\n",
             utc(now_ns),
-            who.name,
-            who.role,
-            who.proof,
-            outcome.replace(['\n', '\t'], " ")
+            clean(user),
+            clean(target),
+            clean(outcome)
         );
         let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let written = self

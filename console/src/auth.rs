@@ -19,6 +19,11 @@ use tidemark_config::ConsoleRole;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// A session ends this long after login whatever happens.
 pub const ABSOLUTE_TIMEOUT: Duration = Duration::from_secs(12 * 60 * 60);
+/// At most this many sessions are live: a login beyond it ends the
+/// session idle for longest, so a flood of logins (a script presenting an
+/// admin certificate without keeping the cookie) cannot grow memory
+/// without bound.
+pub const MAX_SESSIONS: usize = 1000;
 
 /// How a user proved who they are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,8 +106,31 @@ impl Sessions {
     }
 
     /// Opens a session for `principal` under the random `id` with the
-    /// random CSRF token `csrf` (both from the shell).
-    pub fn handle_login(&mut self, principal: Principal, id: String, csrf: String, now_ns: u64) {
+    /// random CSRF token `csrf` (both from the shell). With
+    /// [`MAX_SESSIONS`] live already, the expired ones are swept and, if
+    /// none was, the session idle for longest is ended: its principal is
+    /// returned (for the log).
+    pub fn handle_login(
+        &mut self,
+        principal: Principal,
+        id: String,
+        csrf: String,
+        now_ns: u64,
+    ) -> Option<Principal> {
+        let mut evicted = None;
+        if !self.sessions.contains_key(&id) && self.sessions.len() >= MAX_SESSIONS {
+            self.poll_expired(now_ns);
+            if self.sessions.len() >= MAX_SESSIONS {
+                let idlest = self
+                    .sessions
+                    .iter()
+                    .min_by_key(|(_, s)| s.last_seen_ns)
+                    .map(|(id, _)| id.clone());
+                evicted = idlest
+                    .and_then(|id| self.sessions.remove(&id))
+                    .map(|s| s.principal);
+            }
+        }
         self.sessions.insert(
             id,
             Session {
@@ -112,6 +140,7 @@ impl Sessions {
                 last_seen_ns: now_ns,
             },
         );
+        evicted
     }
 
     /// Ends the session `id` (logout).
@@ -328,6 +357,35 @@ mod tests {
             assert!(s.check(Some("sid"), now).is_ok());
         }
         assert!(s.check(Some("sid"), ns(ABSOLUTE_TIMEOUT) + 1).is_err());
+    }
+
+    #[test]
+    fn the_sessions_are_bounded_and_the_idlest_goes_first() {
+        let mut s = Sessions::new();
+        let who = |n: usize| Principal {
+            name: format!("u{n}"),
+            role: ConsoleRole::ReadOnly,
+            proof: Proof::Certificate,
+        };
+        for n in 0..MAX_SESSIONS {
+            let evicted = s.handle_login(who(n), format!("id{n}"), "t".into(), n as u64);
+            assert_eq!(evicted, None);
+        }
+        // The first session is used again: the second is now the idlest.
+        assert!(s.check(Some("id0"), MAX_SESSIONS as u64).is_ok());
+        let evicted = s.handle_login(who(9999), "new".into(), "t".into(), S);
+        assert_eq!(evicted.map(|p| p.name), Some("u1".to_owned()));
+        assert_eq!(s.len(), MAX_SESSIONS);
+        assert!(s.check(Some("id0"), S).is_ok());
+        assert!(s.check(Some("id1"), S).is_err());
+        assert!(s.check(Some("new"), S).is_ok());
+
+        // Expired sessions are swept before a live one is ended.
+        let later = ns(IDLE_TIMEOUT) + 2 * S;
+        assert!(s.check(Some("new"), ns(IDLE_TIMEOUT)).is_ok());
+        let evicted = s.handle_login(who(10_000), "newer".into(), "t".into(), later);
+        assert_eq!(evicted, None);
+        assert_eq!(s.len(), 2, "the idle ones were swept");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! | [`view`]   | page models from store facts and `now` (pure)           |
 //! | [`chart`]  | the 24 h lag chart as inline SVG (pure)                 |
 //! | [`tls`]    | the HTTPS listener and the admin certificate's holder   |
+//! | [`throttle`] | failed password logins per address and name (pure)  |
 //! | [`audit`]  | the trail of every state-changing action                |
 //! | `pages`    | the routes: a thin shell over the above                 |
 //!
@@ -19,6 +20,7 @@ pub mod audit;
 pub mod auth;
 pub mod chart;
 mod pages;
+pub mod throttle;
 pub mod tls;
 pub mod view;
 
@@ -127,6 +129,21 @@ impl BoundConsole {
     /// from the console are ended then.
     pub async fn serve(self, mut stop: watch::Receiver<bool>) -> Result<(), ConsoleError> {
         let state = self.state.clone();
+        // Expired sessions and old login failures are swept even when no
+        // request comes to find them.
+        let sweeper = {
+            let state = state.clone();
+            let mut stop = stop.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(pages::SWEEP_EVERY);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => state.sweep(pages::now_ns()),
+                        _ = stop.wait_for(|s| *s) => break,
+                    }
+                }
+            })
+        };
         let app =
             pages::router(self.state).into_make_service_with_connect_info::<tls::ConsolePeer>();
         let served = axum::serve(self.listener, app)
@@ -135,6 +152,7 @@ impl BoundConsole {
             })
             .await
             .map_err(ConsoleError::Serve);
+        sweeper.abort();
         state.end_all().await;
         served
     }

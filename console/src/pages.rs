@@ -16,21 +16,26 @@ use rand::RngCore;
 use serde::Deserialize;
 use tidemark_changelog::Seq;
 use tidemark_config::{ConsoleRole, ConsoleUser, ReceiverConfig};
-use tidemark_names::Name;
+use tidemark_names::{Label, Name};
+use tidemark_receiver::span_take::{self, TakeRequest};
 use tidemark_receiver::store::StoreEngine;
 use tidemark_receiver::test_failover::nbd::ServedTestFailover;
 
 use crate::audit::Audit;
 use crate::auth::{Change, Principal, Proof, Refused, Sessions};
+use crate::throttle::LoginThrottle;
 use crate::tls::ConsolePeer;
 use crate::view::{self, size, GroupRow, PointRow, ShipperRow};
 use tidemark_receiver::shipper_reports::ShipperReports;
+
+/// How often expired sessions and old login failures are swept.
+pub(crate) const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The session cookie: `__Host-` so it is only ever set by this origin
 /// over HTTPS, for every path.
 const COOKIE: &str = "__Host-tidemark-session";
 
-fn now_ns() -> u64 {
+pub(crate) fn now_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
@@ -72,11 +77,15 @@ struct RunningTest {
 
 /// What every request shares.
 pub(crate) struct Console {
+    /// The receiver's configuration (spans, store) for the actions.
+    receiver: ReceiverConfig,
     data_dir: PathBuf,
     engine: Box<dyn StoreEngine>,
     users: Vec<ConsoleUser>,
     hosts: Vec<Name>,
     sessions: Mutex<Sessions>,
+    /// Failed password logins, per address and per name.
+    throttle: Mutex<LoginThrottle>,
     tests: Mutex<BTreeMap<(Name, Name), RunningTest>>,
     audit: Audit,
     /// What the shippers reported (filled by the receiver's sessions).
@@ -92,11 +101,13 @@ impl Console {
         reports: Arc<ShipperReports>,
     ) -> Shared {
         Arc::new(Console {
+            receiver: cfg.clone(),
             data_dir: cfg.data_dir.clone(),
             engine,
             users: cfg.console.users.clone(),
             hosts: cfg.hosts.iter().map(|h| h.name.clone()).collect(),
             sessions: Mutex::new(Sessions::new()),
+            throttle: Mutex::new(LoginThrottle::new()),
             tests: Mutex::new(BTreeMap::new()),
             audit: Audit::new(&cfg.data_dir),
             reports,
@@ -159,12 +170,51 @@ impl Console {
         rows
     }
 
+    /// The span whose member `host`/`group` is, in this receiver's
+    /// configuration.
+    fn span_of(&self, host: &Name, group: &Name) -> Option<Name> {
+        self.receiver
+            .spans
+            .iter()
+            .find(|s| {
+                s.members
+                    .iter()
+                    .any(|m| &m.host == host && &m.group == group)
+            })
+            .map(|s| s.name.clone())
+    }
+
     fn socket(&self, host: &Name, group: &Name) -> PathBuf {
         crate::console_dir(&self.data_dir).join(format!("{host}-{group}.sock"))
     }
 }
 
 impl Console {
+    /// Ends the expired sessions and forgets old login failures (driven
+    /// every [`SWEEP_EVERY`] by [`crate::BoundConsole::serve`]).
+    pub(crate) fn sweep(&self, now_ns: u64) {
+        self.lock_sessions().poll_expired(now_ns);
+        self.lock_throttle().poll_expired(now_ns);
+    }
+
+    /// Opens a session; logs the one ended to stay within the bound.
+    fn open_session(&self, principal: Principal, id: String, csrf: String, now_ns: u64) {
+        let evicted = self
+            .lock_sessions()
+            .handle_login(principal, id, csrf, now_ns);
+        if let Some(p) = evicted {
+            tracing::warn!(
+                user = %p.name,
+                max = crate::auth::MAX_SESSIONS,
+                "console: too many sessions: the one idle for longest is ended"
+            );
+        }
+    }
+
+    fn lock_throttle(&self) -> std::sync::MutexGuard<'_, LoginThrottle> {
+        self.throttle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn lock_sessions(&self) -> std::sync::MutexGuard<'_, Sessions> {
         self.sessions.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -196,6 +246,7 @@ pub(crate) fn router(state: Shared) -> Router {
             "/group/{host}/{group}/test-failover/cleanup",
             post(cleanup_test),
         )
+        .route("/group/{host}/{group}/mark", post(mark_point))
         .route("/test-failovers", get(tests_page))
         .with_state(state)
 }
@@ -247,8 +298,9 @@ fn reader(state: &Console, headers: &HeaderMap, peer: &ConsolePeer) -> Option<Wh
         role: admin.role,
         proof: Proof::Certificate,
     };
+    drop(sessions);
     let (id, csrf) = (random_token(), random_token());
-    sessions.handle_login(principal.clone(), id.clone(), csrf.clone(), now);
+    state.open_session(principal.clone(), id.clone(), csrf.clone(), now);
     tracing::info!(user = %principal.name, role = %principal.role, "console: certificate login");
     Some(Who {
         principal,
@@ -339,7 +391,7 @@ struct ErrorPage {
 #[derive(Template)]
 #[template(path = "login.html")]
 struct LoginPage {
-    error: Option<&'static str>,
+    error: Option<String>,
     password_users: bool,
 }
 
@@ -380,6 +432,17 @@ struct GroupPage<'a> {
     disks: Vec<DiskRow>,
     points: Vec<PointRow>,
     test: Option<TestRow>,
+    /// The span the group is a member of (a point can be marked from
+    /// here only through a span's coordinator).
+    span: Option<String>,
+}
+
+#[derive(Template)]
+#[template(path = "done.html")]
+struct DonePage {
+    title: &'static str,
+    message: String,
+    back: String,
 }
 
 #[derive(Template)]
@@ -459,6 +522,7 @@ struct LoginForm {
 
 async fn login(
     State(state): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<ConsolePeer>,
     headers: HeaderMap,
     Form(form): Form<LoginForm>,
 ) -> Response {
@@ -466,6 +530,13 @@ async fn login(
     let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
     if origin != Some(console_origin(&headers).as_str()) {
         return refused(Refused::Origin);
+    }
+    let address = peer.addr.ip();
+    // A locked-out client is answered before any password is hashed.
+    if let Err(locked) = state.lock_throttle().check(address, &form.name, now_ns()) {
+        let user = crate::throttle::name_key(&form.name);
+        tracing::warn!(user, %address, "console: a password login refused: locked out");
+        return locked_out(locked);
     }
     let user = state
         .users
@@ -475,19 +546,33 @@ async fn login(
     let checked = match user {
         Some(u) => {
             let hash = u.password_hash.clone();
-            tokio::task::spawn_blocking(move || {
-                password_matches(&form.password, &hash).then_some(u)
-            })
-            .await
-            .ok()
-            .flatten()
+            let password = form.password.clone();
+            tokio::task::spawn_blocking(move || password_matches(&password, &hash).then_some(u))
+                .await
+                .ok()
+                .flatten()
         }
         None => None,
     };
     let Some(user) = checked else {
-        tracing::warn!(user = %form.name, "console: a password login failed");
+        let user = crate::throttle::name_key(&form.name);
+        tracing::warn!(user, %address, "console: a password login failed");
+        let now = now_ns();
+        let lockout = state
+            .lock_throttle()
+            .handle_failure(address, &form.name, now);
+        if let Some(l) = lockout {
+            let failures = l.address_failures.max(l.name_failures);
+            let name = crate::throttle::name_key(&form.name);
+            state
+                .audit
+                .record_lockout(name, address, failures, l.retry_after, now);
+            return locked_out(crate::throttle::LockedOut {
+                retry_after: l.retry_after,
+            });
+        }
         let body = LoginPage {
-            error: Some("wrong name or password"),
+            error: Some("wrong name or password".into()),
             password_users: true,
         }
         .render();
@@ -495,6 +580,7 @@ async fn login(
         *resp.status_mut() = StatusCode::UNAUTHORIZED;
         return resp;
     };
+    state.lock_throttle().handle_success(address, &form.name);
     let principal = Principal {
         name: user.name.to_string(),
         role: user.role,
@@ -502,12 +588,26 @@ async fn login(
     };
     let id = random_token();
     tracing::info!(user = %principal.name, role = %principal.role, "console: password login");
-    state
-        .lock_sessions()
-        .handle_login(principal, id.clone(), random_token(), now_ns());
+    state.open_session(principal, id.clone(), random_token(), now_ns());
     let mut resp = Redirect::to("/").into_response();
     resp.headers_mut()
         .insert(header::SET_COOKIE, set_cookie(&id));
+    resp
+}
+
+/// 429 with the login page saying how long to wait, and `Retry-After`.
+fn locked_out(locked: crate::throttle::LockedOut) -> Response {
+    let secs = locked.retry_after.as_secs().max(1);
+    let body = LoginPage {
+        error: Some(locked.to_string()),
+        password_users: true,
+    }
+    .render();
+    let mut resp = page(None, body);
+    *resp.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+    if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+        resp.headers_mut().insert(header::RETRY_AFTER, v);
+    }
     resp
 }
 
@@ -616,6 +716,7 @@ async fn group_page(
         .lock_tests()
         .get(&(h.clone(), g.clone()))
         .map(|t| test_row(&h, &g, t));
+    let span = state.span_of(&h, &g).map(|s| s.to_string());
     page(
         Some(&who),
         GroupPage {
@@ -629,6 +730,7 @@ async fn group_page(
             disks,
             points,
             test,
+            span,
         }
         .render(),
     )
@@ -774,3 +876,108 @@ async fn cleanup_test(
         Err(e) => failed(e),
     }
 }
+
+/// How long "mark a point" waits for the span's coordinator to start the
+/// round (it starts one as soon as no other round runs).
+const MARK_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+#[derive(Deserialize)]
+struct MarkForm {
+    csrf: Option<String>,
+    label: Option<String>,
+    /// A checkbox: present when ticked.
+    app_consistent: Option<String>,
+}
+
+/// "Mark a point": asks the group's span coordinator for a span point
+/// now, as `tidemark span take` does ([`span_take::ask`]): every member's
+/// tracker appends a marker with the label, through the hold stream its
+/// shipper keeps open to this receiver. A group in no span cannot be
+/// marked from the replica site: its tracker is reached only on its host
+/// (`tidemark mark`).
+async fn mark_point(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Path((host, group)): Path<(String, String)>,
+    Form(form): Form<MarkForm>,
+) -> Response {
+    let who = match changer(
+        &state,
+        &headers,
+        form.csrf.as_deref(),
+        ConsoleRole::Operator,
+    ) {
+        Ok(p) => p,
+        Err(r) => return refused(r),
+    };
+    let Some((h, g)) = names(&host, &group) else {
+        return (StatusCode::NOT_FOUND, "no such group").into_response();
+    };
+    let target = format!("{h}/{g}");
+    let label = match Label::new(form.label.unwrap_or_default().trim()) {
+        Ok(l) => l,
+        Err(e) => {
+            let outcome = format!("refused: the label: {e}");
+            state
+                .audit
+                .record(&who, "mark", &target, &outcome, now_ns());
+            return failed(outcome);
+        }
+    };
+    let Some(span) = state.span_of(&h, &g) else {
+        let outcome = format!(
+            "refused: {target} is in no span, so this receiver cannot reach its tracker: run `tidemark mark {label}` on the protected host"
+        );
+        state
+            .audit
+            .record(&who, "mark", &target, &outcome, now_ns());
+        return failed(outcome);
+    };
+    let app_consistent = form.app_consistent.is_some();
+    let request = TakeRequest {
+        id: now_ns(),
+        label: label.clone(),
+        app_consistent,
+    };
+    let st = state.clone();
+    let sp = span.clone();
+    let asked = tokio::task::spawn_blocking(move || {
+        span_take::ask(&st.receiver, st.engine.as_ref(), &sp, &request, MARK_WAIT)
+            .map_err(|e| error_chain(&e))
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()));
+    let kind = if app_consistent {
+        "application-consistent"
+    } else {
+        "crash-consistent"
+    };
+    match asked {
+        Ok(point) => {
+            let outcome =
+                format!("span point {point} of span {span} started ({kind}, label {label})");
+            state
+                .audit
+                .record(&who, "mark", &target, &outcome, now_ns());
+            let body = DonePage {
+                title: "Marking a point",
+                message: format!(
+                    "Span point {point} of span {span} is being taken ({kind}): every member's tracker appends a marker labelled {label}. It shows among the recovery points once every member's replica holds it."
+                ),
+                back: format!("/group/{host}/{group}"),
+            }
+            .render();
+            page(None, body)
+        }
+        Err(e) => {
+            state
+                .audit
+                .record(&who, "mark", &target, &format!("failed: {e}"), now_ns());
+            failed(e)
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "pages_tests.rs"]
+mod tests;
