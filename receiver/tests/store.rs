@@ -910,6 +910,54 @@ fn a_disk_that_left_stays_in_the_older_points_until_retention_drops_them() {
     assert!(g.disks_at(Seq(7)).iter().all(|d| d.id != back.id));
 }
 
+/// A disk removed and added back under its name in one hello (the
+/// tracker gave it a new id) is two disks of one name: the points before
+/// hold the old one, the points after the new one's sync the new one; no
+/// point holds both.
+#[test]
+fn a_disk_added_back_under_its_name_is_a_new_disk_in_the_later_points() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = consistent_group(dir.path());
+    let (d0, d1) = (disk_id(0), disk_id(1));
+    g.apply_record(&record(&Entry::write(d1, 0, &[1; 4096], 0), 1, 0))
+        .unwrap();
+    g.apply_record(&record(&Entry::barrier(tidemark_changelog::now_ns()), 2, 0))
+        .unwrap();
+    g.commit().unwrap();
+    let back = Disk {
+        id: DiskId(20),
+        name: specs()[1].name.clone(),
+        size: SIZES[1],
+    };
+    // What the receiver's session does with the hello: the disks it no
+    // longer lists leave, then the new ones are added.
+    g.leave(&[d1]).unwrap();
+    g.ensure_disks(&[specs()[0].clone(), back.clone()]).unwrap();
+    g.apply_chunk(back.id, 0, ChunkRef::Zero(SIZES[1]), Purpose::InitialSync)
+        .unwrap();
+    g.apply_record(&record(&Entry::write(back.id, 0, &[2; 512], 0), 3, 0))
+        .unwrap();
+    g.apply_record(&record(&Entry::barrier(tidemark_changelog::now_ns()), 4, 0))
+        .unwrap();
+    g.commit().unwrap();
+    let ids = |seq: u64| -> Vec<DiskId> { g.disks_at(Seq(seq)).iter().map(|d| d.id).collect() };
+    assert_eq!(ids(2), vec![d0, d1]);
+    assert_eq!(ids(4), vec![d0, back.id]);
+    assert_eq!(
+        g.disks().iter().map(|d| d.id).collect::<Vec<_>>(),
+        vec![d0, back.id]
+    );
+    let mut old = vec![0u8; SIZES[1] as usize];
+    old[..4096].fill(1);
+    assert!(point_image(&g, Some(2), d1) == old);
+    let mut buf = vec![0u8; SIZES[1] as usize];
+    g.view(Some(Seq(4)))
+        .unwrap()
+        .read(back.id, 0, &mut buf)
+        .unwrap();
+    assert!(buf[..512].iter().all(|b| *b == 2) && buf[512..].iter().all(|b| *b == 0));
+}
+
 /// A disk that leaves a group in its initial sync (or a disk still
 /// joining) is in no point: it goes at once, image and all, and the group
 /// may become consistent by it.
