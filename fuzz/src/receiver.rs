@@ -194,7 +194,8 @@ fn group_seed(name: &str, build: impl FnOnce(&mut ReplicaGroup)) -> Vec<u8> {
 }
 
 /// Groups the store wrote: in initial sync, consistent with recovery
-/// points in a journal of several segments, and resyncing.
+/// points in a journal of several segments, resyncing, and one a disk
+/// left (in the older points only).
 pub fn group_seeds() -> Vec<(&'static str, Vec<u8>)> {
     let disks = [
         Disk {
@@ -259,6 +260,20 @@ pub fn group_seeds() -> Vec<(&'static str, Vec<u8>)> {
                 history(g);
                 g.apply_record(&record(Entry::resync_needed(0, 0, 4096, 20), 8))
                     .expect("a resync-needed record");
+                g.commit().expect("commit");
+            }),
+        ),
+        (
+            "a-disk-left",
+            group_seed("left", |g| {
+                sync(g, u64::MAX);
+                history(g);
+                g.leave(&[tidemark_changelog::DiskId(1)])
+                    .expect("a disk leaves");
+                g.apply_record(&record(Entry::write(0, 0, &[7; 512], 20), 8))
+                    .expect("a record");
+                g.apply_record(&record(Entry::barrier(21), 9))
+                    .expect("a barrier");
                 g.commit().expect("commit");
             }),
         ),

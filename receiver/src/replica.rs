@@ -92,7 +92,9 @@ pub fn classify(e: &StoreError) -> (ErrorClass, ErrorCode) {
     use ErrorClass::{Permanent, Transient};
     match e {
         StoreError::SequenceGap { .. } => (Permanent, ErrorCode::SequenceGap),
-        StoreError::UnknownDisk(_) => (Permanent, ErrorCode::UnknownDisk),
+        StoreError::UnknownDisk(_) | StoreError::DiskLeft { .. } => {
+            (Permanent, ErrorCode::UnknownDisk)
+        }
         StoreError::BadDisk { .. } | StoreError::AddWhileResyncing(_) => {
             (Permanent, ErrorCode::UnknownDisk)
         }
@@ -132,7 +134,21 @@ impl Replica for StoreReplica {
         position(self.group.position())
     }
 
+    /// The hello's disks are the group's: a known disk it no longer lists
+    /// leaves the group (see the store's "Disks that leave" for why its
+    /// absence is enough), then new ones are added and grown ones grown.
+    /// An empty list (no hello announces one) changes nothing.
     fn ensure_disks(&mut self, disks: &[Disk]) -> Result<(), ReplicaError> {
+        if !disks.is_empty() {
+            let gone: Vec<DiskId> = self
+                .group
+                .disks()
+                .iter()
+                .map(|d| d.id)
+                .filter(|id| disks.iter().all(|d| d.id != *id))
+                .collect();
+            self.group.leave(&gone).map_err(|e| self.map(e))?;
+        }
         self.group.ensure_disks(disks).map_err(|e| self.map(e))
     }
 

@@ -778,6 +778,209 @@ fn an_added_disk_joins_the_points_after_its_sync_and_keeps_the_older_ones() {
     assert!(point_image(&g, Some(7), d0) == d0_at5);
 }
 
+/// A disk that leaves the group (its shipper no longer announces it) stays
+/// in the points up to the last record applied before, byte for byte, and
+/// is in none after; records and chunks of it are refused, and it comes
+/// back only under a new id. Its image goes once retention folded every
+/// point that holds it and the history kept no longer names it (its last
+/// records may lie after that point); the state file is version 4 until
+/// then, version 2 again after.
+#[test]
+fn a_disk_that_left_stays_in_the_older_points_until_retention_drops_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = consistent_group(dir.path());
+    let (d0, d1) = (disk_id(0), disk_id(1));
+    let image_path = dir.path().join(format!("disk-{d1}.img"));
+    let state_version = |dir: &Path| {
+        let b = std::fs::read(dir.join("state")).unwrap();
+        u16::from_le_bytes([b[4], b[5]])
+    };
+    let barrier = |g: &mut ReplicaGroup, seq: u64| {
+        g.apply_record(&record(
+            &Entry::barrier(tidemark_changelog::now_ns()),
+            seq,
+            0,
+        ))
+        .unwrap();
+    };
+    let retain = |g: &mut ReplicaGroup, max_points: u64| {
+        g.set_retention(Retention {
+            max_points,
+            fold_interval: std::time::Duration::ZERO,
+            ..Retention::default()
+        });
+        g.apply_retention(tidemark_changelog::now_ns(), true)
+            .unwrap();
+    };
+    g.apply_record(&record(&Entry::write(d1, 0, &[1; 4096], 0), 1, 0))
+        .unwrap();
+    barrier(&mut g, 2);
+    // Its last record lies after the last point that holds it.
+    g.apply_record(&record(&Entry::write(d1, 4096, &[3; 4096], 0), 3, 0))
+        .unwrap();
+    g.apply_record(&record(&Entry::write(d0, 0, &[4; 512], 0), 4, 0))
+        .unwrap();
+    // Applied, not committed: leaving commits it first.
+    g.leave(&[d1]).unwrap();
+    assert_eq!(g.position().durable_seq, Seq(4));
+    assert!(g.position().disks.iter().all(|d| d.id != d1));
+    assert_eq!(state_version(dir.path()), 4);
+    barrier(&mut g, 5);
+    let e = g
+        .apply_record(&record(&Entry::write(d1, 0, &[9; 512], 0), 6, 0))
+        .unwrap_err();
+    assert!(
+        matches!(e, StoreError::DiskLeft { disk, after: Seq(4) } if disk == d1),
+        "{e}"
+    );
+    assert!(matches!(
+        g.apply_chunk(d1, 0, ChunkRef::Zero(512), Purpose::Resync),
+        Err(StoreError::DiskLeft { .. })
+    ));
+    let e = g.ensure_disks(&specs()).unwrap_err();
+    assert!(
+        matches!(e, StoreError::BadDisk { disk, .. } if disk == d1)
+            && e.to_string().contains("comes back only as a new disk"),
+        "{e}"
+    );
+    g.apply_record(&record(&Entry::write(d0, 512, &[6; 512], 0), 6, 0))
+        .unwrap();
+    barrier(&mut g, 7);
+    g.commit().unwrap();
+    let mut d1_at2 = vec![0u8; SIZES[1] as usize];
+    d1_at2[..4096].fill(1);
+    let mut d0_at7 = vec![0u8; SIZES[0] as usize];
+    d0_at7[..512].fill(4);
+    d0_at7[512..1024].fill(6);
+    for reopen in [false, true] {
+        if reopen {
+            drop(g);
+            g = ReplicaGroup::open(dir.path()).unwrap();
+        }
+        assert_eq!(
+            g.points().iter().map(|p| p.seq).collect::<Vec<_>>(),
+            vec![Seq(2), Seq(5), Seq(7)]
+        );
+        assert!(g.disks().iter().all(|d| d.id != d1));
+        assert!(g
+            .disks_at(Seq(2))
+            .iter()
+            .any(|d| d.id == d1 && d.size == SIZES[1]));
+        assert!(point_image(&g, Some(2), d1) == d1_at2, "disk 1 at point 2");
+        for seq in [5, 7] {
+            assert!(g.disks_at(Seq(seq)).iter().all(|d| d.id != d1));
+            assert!(matches!(
+                g.view(Some(Seq(seq))).unwrap().read(d1, 0, &mut [0; 512]),
+                Err(StoreError::UnknownDisk(d)) if d == d1
+            ));
+        }
+        assert!(point_image(&g, Some(7), d0) == d0_at7);
+        assert_eq!(state_version(dir.path()), 4);
+        assert!(image_path.exists());
+    }
+    // The point that holds it is folded, but the history kept still has
+    // its record 3: it stays (in no point), image and all.
+    retain(&mut g, 2);
+    assert_eq!(
+        g.points().iter().map(|p| p.seq).collect::<Vec<_>>(),
+        vec![Seq(5), Seq(7)]
+    );
+    assert!(image_path.exists());
+    assert_eq!(state_version(dir.path()), 4);
+    drop(g);
+    g = ReplicaGroup::open(dir.path()).unwrap();
+    // Once the history no longer names it, it goes: the state first, then
+    // its image.
+    retain(&mut g, 1);
+    assert!(!image_path.exists());
+    assert_eq!(state_version(dir.path()), 2);
+    drop(g);
+    g = ReplicaGroup::open(dir.path()).unwrap();
+    assert_eq!(g.disks().iter().map(|d| d.id).collect::<Vec<_>>(), vec![d0]);
+    assert!(point_image(&g, Some(7), d0) == d0_at7);
+    // Added back under its name, it is a new disk: it joins by its sync.
+    let back = Disk {
+        id: DiskId(20),
+        name: specs()[1].name.clone(),
+        size: SIZES[1],
+    };
+    g.ensure_disks(&[specs()[0].clone(), back.clone()]).unwrap();
+    assert_eq!(g.position().state, GroupState::Consistent);
+    assert_eq!(state_version(dir.path()), 3, "a joining disk");
+    assert!(g.disks_at(Seq(7)).iter().all(|d| d.id != back.id));
+}
+
+/// A disk removed and added back under its name in one hello (the
+/// tracker gave it a new id) is two disks of one name: the points before
+/// hold the old one, the points after the new one's sync the new one; no
+/// point holds both.
+#[test]
+fn a_disk_added_back_under_its_name_is_a_new_disk_in_the_later_points() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = consistent_group(dir.path());
+    let (d0, d1) = (disk_id(0), disk_id(1));
+    g.apply_record(&record(&Entry::write(d1, 0, &[1; 4096], 0), 1, 0))
+        .unwrap();
+    g.apply_record(&record(&Entry::barrier(tidemark_changelog::now_ns()), 2, 0))
+        .unwrap();
+    g.commit().unwrap();
+    let back = Disk {
+        id: DiskId(20),
+        name: specs()[1].name.clone(),
+        size: SIZES[1],
+    };
+    // What the receiver's session does with the hello: the disks it no
+    // longer lists leave, then the new ones are added.
+    g.leave(&[d1]).unwrap();
+    g.ensure_disks(&[specs()[0].clone(), back.clone()]).unwrap();
+    g.apply_chunk(back.id, 0, ChunkRef::Zero(SIZES[1]), Purpose::InitialSync)
+        .unwrap();
+    g.apply_record(&record(&Entry::write(back.id, 0, &[2; 512], 0), 3, 0))
+        .unwrap();
+    g.apply_record(&record(&Entry::barrier(tidemark_changelog::now_ns()), 4, 0))
+        .unwrap();
+    g.commit().unwrap();
+    let ids = |seq: u64| -> Vec<DiskId> { g.disks_at(Seq(seq)).iter().map(|d| d.id).collect() };
+    assert_eq!(ids(2), vec![d0, d1]);
+    assert_eq!(ids(4), vec![d0, back.id]);
+    assert_eq!(
+        g.disks().iter().map(|d| d.id).collect::<Vec<_>>(),
+        vec![d0, back.id]
+    );
+    let mut old = vec![0u8; SIZES[1] as usize];
+    old[..4096].fill(1);
+    assert!(point_image(&g, Some(2), d1) == old);
+    let mut buf = vec![0u8; SIZES[1] as usize];
+    g.view(Some(Seq(4)))
+        .unwrap()
+        .read(back.id, 0, &mut buf)
+        .unwrap();
+    assert!(buf[..512].iter().all(|b| *b == 2) && buf[512..].iter().all(|b| *b == 0));
+}
+
+/// A disk that leaves a group in its initial sync (or a disk still
+/// joining) is in no point: it goes at once, image and all, and the group
+/// may become consistent by it.
+#[test]
+fn a_disk_in_no_point_leaves_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = ReplicaGroup::open(dir.path()).unwrap();
+    g.ensure_disks(&specs()).unwrap();
+    let (d0, d1) = (disk_id(0), disk_id(1));
+    g.apply_chunk(d0, 0, ChunkRef::Zero(SIZES[0]), Purpose::InitialSync)
+        .unwrap();
+    g.commit().unwrap();
+    assert_eq!(g.position().state, GroupState::InitialSync);
+    g.leave(&[d1]).unwrap();
+    assert_eq!(g.position().state, GroupState::Consistent);
+    assert!(!dir.path().join(format!("disk-{d1}.img")).exists());
+    let b = std::fs::read(dir.path().join("state")).unwrap();
+    assert_eq!(u16::from_le_bytes([b[4], b[5]]), 2);
+    drop(g);
+    let g = ReplicaGroup::open(dir.path()).unwrap();
+    assert_eq!(g.disks().iter().map(|d| d.id).collect::<Vec<_>>(), vec![d0]);
+}
+
 #[test]
 fn a_second_opener_is_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -1140,8 +1343,8 @@ fn a_store_of_a_newer_release_is_refused_untouched() {
     drop(consistent_group(dir.path()));
     let path = dir.path().join("state");
     let mut state = std::fs::read(&path).unwrap();
-    // Version 3 (a group whose disk grew) is the newest this release reads.
-    let newer = 4u16;
+    // Version 4 (a group a disk left) is the newest this release reads.
+    let newer = 5u16;
     state[4..6].copy_from_slice(&newer.to_le_bytes());
     let n = state.len() - 4;
     let crc = crc32c::crc32c(&state[..n]);

@@ -1,7 +1,8 @@
 //! The disks of a consistency group change while it is protected, end to
 //! end with the real binaries on loopback: a disk keeps its id when others
 //! are added, moved or removed in `tracker.toml`; a removed disk's id is
-//! never given again and its replica stays on the replica site; a new disk
+//! never given again, its replica stays in the points from before its
+//! removal and is in none after; a new disk
 //! takes the next id and is synced while the others replicate, and the
 //! group's older points stay (without it); a grown disk is re-added under
 //! a new name (growing one in place is `grow_disk.rs`).
@@ -57,7 +58,8 @@ fn write_disks(log_dir: &Path, from: Seq) -> Vec<u32> {
 }
 
 /// Fails over the latest point into `dir/failover` and checks that each
-/// named disk's image equals the file under `dir`.
+/// named disk's image equals the file under `dir`, and that no other disk
+/// is in it.
 fn failover_and_compare(dir: &Path, disks: &[(&str, &str)]) {
     let to = dir.join("failover");
     let _ = fs::remove_dir_all(&to);
@@ -77,6 +79,15 @@ fn failover_and_compare(dir: &Path, disks: &[(&str, &str)]) {
             "the failed-over {name} differs from its source"
         );
     }
+    let mut images: Vec<String> = fs::read_dir(&to)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".img"))
+        .collect();
+    images.sort();
+    let mut want: Vec<String> = disks.iter().map(|(n, _)| format!("{n}.img")).collect();
+    want.sort();
+    assert_eq!(images, want, "the disks of the newest point");
 }
 
 #[test]
@@ -155,23 +166,18 @@ fn disks_keep_their_ids_when_others_are_added_moved_or_removed() {
     let status = wait_caught_up(dir, &log_dir, Duration::from_secs(60));
     assert_eq!(status["state"], "protected", "{status:#}");
 
-    // Every disk is on the replica site: b as it was when it left, d at
-    // its new size.
+    // The newest point holds the group's disks now: d at its new size, not
+    // b, which left.
     assert!(tracker.stop(), "the tracker did not stop cleanly");
     wait_caught_up(dir, &log_dir, Duration::from_secs(60));
     assert!(shipper.stop().success());
     assert!(receiver.stop().success());
-    failover_and_compare(
-        dir,
-        &[
-            ("a", "a.raw"),
-            ("b", "b-removed.raw"),
-            ("c", "c.raw"),
-            ("d", "b.raw"),
-        ],
-    );
+    failover_and_compare(dir, &[("a", "a.raw"), ("c", "c.raw"), ("d", "b.raw")]);
     // The point from before the changes is still there, with the disks
-    // it had: the new disk d is not in it.
+    // it had: b as it was when it left, and not the new disk d.
+    assert!(
+        fs::read(dir.join("b-removed.raw")).unwrap() == fs::read(dir.join("b-old.raw")).unwrap()
+    );
     let to = dir.join("failover-old");
     let out = run_ok(
         std::process::Command::new(tidemark_bin())

@@ -50,6 +50,10 @@ pub trait ReplicaStore: Send + Sync + Debug {
     /// Makes sure the group has these disks (new ones start empty,
     /// durably); a known disk may change neither size nor name.
     fn ensure_disks(&mut self, disks: &[Disk]) -> Result<(), StoreError>;
+    /// Disks `gone` leave the group: the points after here do not hold
+    /// them, the older ones do until retention drops them, and their
+    /// images go with the last such point.
+    fn leave(&mut self, gone: &[DiskId]) -> Result<(), StoreError>;
     /// Applies the next record of the log, or ignores a duplicate.
     fn apply_record(&mut self, rec: &Record) -> Result<Applied, StoreError>;
     /// [`apply_record`](Self::apply_record) for a record whose checksum
@@ -380,6 +384,10 @@ where
 
     fn ensure_disks(&mut self, disks: &[Disk]) -> Result<(), StoreError> {
         ReplicaGroup::ensure_disks(self, disks)
+    }
+
+    fn leave(&mut self, gone: &[DiskId]) -> Result<(), StoreError> {
+        ReplicaGroup::leave(self, gone)
     }
 
     fn apply_record(&mut self, rec: &Record) -> Result<Applied, StoreError> {

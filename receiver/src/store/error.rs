@@ -77,6 +77,21 @@ pub enum StoreError {
         /// What is wrong.
         reason: String,
     },
+    /// Peer: the record or chunk names a disk that left the group (its
+    /// shipper's hello no longer listed it). A shipper sends changes of a
+    /// disk only while its host still has it: the host's tracker state or
+    /// shipper is not the one that removed it.
+    #[error(
+        "disk {disk} left the group after record {after}, yet the shipper sends changes of it: \
+         the protected host still has it (an older tracker state or log?); a disk that left \
+         comes back only as a new disk, with a new id"
+    )]
+    DiskLeft {
+        /// The disk.
+        disk: DiskId,
+        /// The last record applied before it left.
+        after: Seq,
+    },
     /// Caller: the group cannot take new disks while it is resyncing.
     #[error("cannot add disk {0} while the group is resyncing")]
     AddWhileResyncing(DiskId),

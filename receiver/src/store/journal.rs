@@ -825,6 +825,16 @@ impl<D: LogDir> Journal<D> {
         Ok(())
     }
 
+    /// The disks the history after `pos` changes (a fold to `pos` keeps
+    /// their images needed).
+    pub(crate) fn disks_after(&self, pos: u64) -> std::collections::BTreeSet<DiskId> {
+        self.changes
+            .iter()
+            .filter(|c| c.end > pos)
+            .map(|c| c.disk)
+            .collect()
+    }
+
     /// Forgets the points before `pos` but keeps every change: a fold to
     /// `pos` is under way, so those points are gone, while the images may
     /// hold only part of the fold's changes. Reads (all this is for: a

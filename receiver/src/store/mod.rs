@@ -93,6 +93,47 @@
 //! committed is in it), and the growth is made again when the disk is
 //! announced again.
 //!
+//! # Disks that leave
+//!
+//! A disk the shipper's hello no longer lists leaves the group
+//! ([`ReplicaGroup::leave`], called for the hello by the receiver's
+//! session before new disks are added). Everything applied is committed
+//! first; the state file then notes a *disk change* of kind "left" after
+//! the last record applied: a recovery point at or before it holds the
+//! disk as it was (read byte for byte as before, failed over with the
+//! group), a later point does not. Its pending extents are cleared (a
+//! resync that only they kept open ends), and a record or chunk that names
+//! it afterwards is refused ([`StoreError::DiskLeft`]): a shipper sends
+//! one only if its host still has the disk. A disk in no point (the
+//! group's initial sync, or its own join not finished) goes at once.
+//!
+//! Once retention folded the last point that holds it, and the history
+//! kept no longer names it (its last records may lie after that point),
+//! the disk goes: the state file first drops it and lists its id as
+//! *removed*, then its image is removed (on Ceph its RBD image), then the
+//! state file drops the id. A crash between leaves an image the state
+//! names as removed, which the writer's next open removes; never a disk
+//! whose image is missing. A disk of the same name added later is a new
+//! disk (the tracker gives it a new id) and joins as any new disk does.
+//!
+//! Why absence from the hello is enough, with no confirmation on this
+//! side: the hello lists the disks of the tracker's `disks` file, which the
+//! tracker writes at every start from its configuration, and the tracker
+//! has acted on the removal before any shipper can announce it (it logs
+//! that the disk leaves, stops tracking it and never gives its id again:
+//! added back, even after a mistake in the configuration, it is a new disk
+//! synced in full). So the old disk's replica can never be written again,
+//! and listing it in newer points would offer a stale copy of a disk the
+//! admin removed. Every release that speaks to this one announces all of
+//! its disks (an earlier one whose ids were still positions refuses a log
+//! directory where a disk was removed), and a hello with no disk changes
+//! nothing. Nothing is lost at once: the points before keep the disk
+//! until retention drops them, which is the admin's window to fail over
+//! to one of them. The receiver logs a warning when a disk leaves.
+//! Records of the disk that a shipper had not sent before the host
+//! restarted without it are refused by the session (`disk N was not in
+//! the hello`): remove a disk after the shipper caught up.
+//!
 //! # The span floor
 //!
 //! A group that is a member of a span (`[[receiver.span]]`) has a floor:
@@ -150,14 +191,16 @@
 //!
 //! The state file's version is the version of the whole group directory:
 //! of its layout, of the journal entries it may hold and of what the state
-//! file itself holds. This release reads versions 2 and 3. It writes
+//! file itself holds. This release reads versions 2 to 4. It writes
 //! version 2 (what every earlier release writes and reads; version 1
 //! predates recovery points and was never released) while the group has
-//! no disk changes, and version 3 while it has some (a disk grew and a
-//! point before the growth is kept): an earlier release refuses such a
-//! group by its version rather than read an older point at the wrong size.
-//! Once retention folded the last such point, the group is version 2
-//! again. A newer version is refused before anything is
+//! no disk changes, version 3 while it has some (a disk grew and a
+//! point before the growth is kept, or a disk joined), and version 4
+//! while a disk that left is kept or its image is still to be removed:
+//! an earlier release refuses such a group by its version rather than
+//! read an older point at the wrong size or offer a disk that left in
+//! every point. Once retention folded the last such point, the group is
+//! version 2 again. A newer version is refused before anything is
 //! touched ([`StoreError::UnsupportedVersion`], naming the file and both
 //! versions): an older release never misreads a newer store. When a new
 //! version comes, this reader keeps reading the previous one; the group is
@@ -193,7 +236,7 @@
 //! ```text
 //!  offset size field
 //!       0    4 magic        "TMRS"
-//!       4    2 version      2
+//!       4    2 version      2, 3 or 4
 //!       6    1 mode         0 initial-sync, 1 consistent, 2 resyncing
 //!       7    1 flags        bit 0 a fold to fold-to is in progress;
 //!                           bit 1 the last-barrier fields are set
@@ -209,13 +252,18 @@
 //!                 4 id, 4 name-len (<= 1024), 8 size, 8 synced,
 //!                 4 pending-count m, name (UTF-8),
 //!                 m pending extents: 8 start, 8 end (sorted, disjoint)
-//!            (version 3 only) the disk changes:
-//!            4 change-count c (at least 1)
+//!            (versions 3 and 4) the disk changes:
+//!            4 change-count c (version 3: at least 1, or a disk joining)
 //!            c changes, sorted by after-seq, then disk id, each:
-//!                 4 disk (one of the disks above), 1 kind (1 grew),
+//!                 4 disk (one of the disks above), 1 kind (1 grew,
+//!                 2 joined, 3 left: version 4 only, the disk's last
+//!                 change, its pending-count 0 and synced its size),
 //!                 8 after-seq (the last record before the change; points
 //!                 at or before it do not see it), 8 value (grew: the
-//!                 size before, smaller than the disk's size)
+//!                 size before, smaller than the disk's size; else 0)
+//!            (version 4 only) the removed disks, whose images may remain:
+//!            4 removed-count r, r × 4 disk id (sorted, none of the
+//!                 disks above); at least one left change or removed id
 //!    end-4   4 crc32c       over every byte before it
 //! ```
 //!
@@ -656,8 +704,7 @@ fn position_of(meta: &Meta) -> Position {
         durable_seq: meta.seq,
         generation: meta.generation,
         disks: meta
-            .disks
-            .iter()
+            .present()
             .map(|d| DiskSync {
                 id: d.id,
                 synced: d.synced,
@@ -668,8 +715,7 @@ fn position_of(meta: &Meta) -> Position {
             Mode::Consistent => GroupState::Consistent,
             Mode::Resyncing => GroupState::Resyncing {
                 pending: meta
-                    .disks
-                    .iter()
+                    .present()
                     .flat_map(|d| {
                         d.pending.iter().map(|(s, e)| Extent {
                             disk: d.id,
@@ -941,6 +987,11 @@ impl<D: LogDir> ReplicaGroup<D> {
             floor_holds_space: false,
         };
         group.floor = crate::pin::read_seq(&group.dir, FLOOR_FILE);
+        // Disks gone from the state whose images a crash (or a failed
+        // removal) left behind.
+        if !read_only {
+            group.remove_images()?;
+        }
         // What this open had to read, the next one need not.
         if !read_only && history {
             group.index_if_due(true)?;
@@ -987,8 +1038,9 @@ impl<D: LogDir> ReplicaGroup<D> {
 
     /// Makes sure the group has these disks: creates a sparse image for each
     /// new one (durably, at once), grows the image of a disk that is larger
-    /// than before and checks that a known disk did not shrink and kept its
-    /// name. Disks not listed are kept. A new disk of a consistent group
+    /// than before and checks that a known disk did not shrink, kept its
+    /// name and did not leave. Disks not listed are kept (the receiver's
+    /// session makes them leave first: [`leave`](Self::leave)). A new disk of a consistent group
     /// is synced on its own (initial-sync chunks and its records go to its
     /// image in place) while the others replicate and their points go on;
     /// it joins the points from the first one after its sync ended (the
@@ -1014,6 +1066,13 @@ impl<D: LogDir> ReplicaGroup<D> {
                 return Err(bad("listed twice".into()));
             }
             match self.cur.disk(spec.id) {
+                Some(d) if self.cur.left(d.id).is_some() => {
+                    return Err(bad(format!(
+                        "it left the group after record {}: a disk that left comes back only \
+                         as a new disk, with a new id",
+                        self.cur.left(d.id).unwrap_or_default()
+                    )))
+                }
                 Some(d) if d.name != spec.name => {
                     return Err(bad(format!(
                         "name changed from {:?} to {:?}",
@@ -1151,6 +1210,9 @@ impl<D: LogDir> ReplicaGroup<D> {
         let Some(d) = self.cur.disk(disk) else {
             return Err(StoreError::UnknownDisk(disk));
         };
+        if let Some(after) = self.cur.left(disk) {
+            return Err(StoreError::DiskLeft { disk, after });
+        }
         if d.size > size {
             return Err(StoreError::BadDisk {
                 disk,
@@ -1666,16 +1728,134 @@ impl<D: LogDir> ReplicaGroup<D> {
             .iter()
             .find(|p| p.pos > to)
             .map(|p| p.seq);
+        let kept = |c: &DiskChange| oldest.is_some_and(|o| c.after >= o);
+        // A disk that left goes once no kept point holds it and the
+        // history kept names it no more (its last records may lie after
+        // the last point that holds it): the state first, then its image.
+        let named = self.journal.disks_after(to);
+        let gone: Vec<DiskId> = meta
+            .changes
+            .iter()
+            .filter(|c| c.kind == ChangeKind::Left && !kept(c) && !named.contains(&c.disk))
+            .map(|c| c.disk)
+            .collect();
         let mut meta = meta;
         for m in [&mut meta, &mut self.cur, &mut self.durable] {
-            m.changes.retain(|c| oldest.is_some_and(|o| c.after >= o));
+            m.changes
+                .retain(|c| kept(c) || (c.kind == ChangeKind::Left && !gone.contains(&c.disk)));
+            m.disks.retain(|d| !gone.contains(&d.id));
+            m.removed.extend(&gone);
+            m.removed.sort();
+            m.removed.dedup();
         }
         self.write_state(meta, None)?;
         let dropped = self
             .journal
             .drop_before(to, true)
             .map_err(io_err("removing folded journal segments in", &self.path));
-        self.poison_on(dropped)
+        self.poison_on(dropped)?;
+        self.remove_images()
+    }
+
+    /// Removes the images of the disks gone from the state (`removed`),
+    /// then notes durably that they are gone. An image that cannot be
+    /// removed now (a reader has it open on Ceph) stays listed and is
+    /// removed at the next open of the writer.
+    fn remove_images(&mut self) -> Result<(), StoreError> {
+        let ids = self.durable.removed.clone();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut left_over = Vec::new();
+        for id in ids {
+            self.images.remove(&id);
+            let name = image_name(id);
+            match self.dir.remove(&name) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(
+                        group = %self.path.display(),
+                        disk = %id,
+                        error = %e,
+                        "the image of a disk that left the group could not be removed: the next start removes it"
+                    );
+                    left_over.push(id);
+                }
+            }
+        }
+        let synced = self.dir.sync_dir();
+        self.poison_on(synced.map_err(io_err("syncing", &self.path)))?;
+        if left_over == self.durable.removed {
+            return Ok(());
+        }
+        for m in [&mut self.cur, &mut self.durable] {
+            m.removed.clone_from(&left_over);
+        }
+        self.write_state(self.durable.clone(), None)
+    }
+
+    /// Disks `gone` leave the group: their shipper no longer announces
+    /// them (see "Disks that leave" in the module's doc). Everything
+    /// applied is committed first; a disk in a recovery point stays in the
+    /// points up to the last record applied and is in none after, its
+    /// pending extents cleared; a disk in no point (the group's initial
+    /// sync, or its own join not finished) goes at once, with its image.
+    /// Disks unknown or already gone are ignored.
+    pub fn leave(&mut self, gone: &[DiskId]) -> Result<(), StoreError> {
+        self.check_poisoned()?;
+        let gone: Vec<DiskId> = gone
+            .iter()
+            .copied()
+            .filter(|&id| self.cur.disk(id).is_some() && self.cur.left(id).is_none())
+            .collect();
+        if gone.is_empty() {
+            return Ok(());
+        }
+        if self.dirty {
+            self.commit()?;
+        }
+        let mut meta = self.cur.clone();
+        for &id in &gone {
+            let after = meta.seq;
+            let in_points =
+                meta.mode != Mode::InitialSync && meta.disk(id).is_some_and(|d| !meta.joining(d));
+            tracing::warn!(
+                group = %self.path.display(),
+                disk = %id,
+                after = %after,
+                in_points,
+                "a disk left the group (its shipper no longer announces it): the points up to here keep it until retention drops them, then its image is removed"
+            );
+            if in_points {
+                if let Some(d) = meta.disk_mut(id) {
+                    d.pending = Default::default();
+                }
+                meta.changes.push(DiskChange {
+                    disk: id,
+                    after,
+                    kind: ChangeKind::Left,
+                });
+            } else {
+                meta.disks.retain(|d| d.id != id);
+                meta.changes.retain(|c| c.disk != id);
+                meta.removed.push(id);
+            }
+        }
+        meta.changes.sort_by_key(|c| (c.after, c.disk));
+        meta.removed.sort();
+        meta.removed.dedup();
+        let was_initial_sync = meta.mode == Mode::InitialSync;
+        settle_initial_sync(&mut meta);
+        self.cur = meta;
+        if was_initial_sync && self.cur.mode == Mode::Consistent {
+            self.point_at_last_barrier()?;
+        }
+        // The commit makes a resync that only the disk's extents kept
+        // open consistent, and writes the state before any image goes.
+        self.dirty = true;
+        self.commit()?;
+        self.remove_images()
     }
 
     /// The recovery points, oldest first (committed ones only).
@@ -1811,11 +1991,12 @@ impl<D: LogDir> ReplicaGroup<D> {
             .collect()
     }
 
-    /// The group's disks as last committed, by id.
+    /// The group's disks as last committed, by id (without those that
+    /// left: older points may still hold them, see
+    /// [`disks_at`](Self::disks_at)).
     pub fn disks(&self) -> Vec<Disk> {
         self.durable
-            .disks
-            .iter()
+            .present()
             .map(|d| Disk {
                 id: d.id,
                 name: d.name.clone(),
@@ -1859,7 +2040,10 @@ impl<D: LogDir> ReplicaGroup<D> {
     ) -> Result<(), StoreError> {
         let d = self.cur.disk(disk).ok_or(StoreError::UnknownDisk(disk))?;
         let size = match at {
-            None => d.size,
+            None => match self.cur.left(disk) {
+                Some(after) => return Err(StoreError::DiskLeft { disk, after }),
+                None => d.size,
+            },
             Some(seq) => self
                 .cur
                 .size_at(d, seq)

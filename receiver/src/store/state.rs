@@ -12,9 +12,13 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 const MAGIC: [u8; 4] = *b"TMRS";
 /// The newest version this release writes and reads (the store's version:
-/// see the [store module](super)). A group whose disks never changed size
-/// is still written as version 2, which earlier releases read.
-pub(crate) const VERSION: u16 = 3;
+/// see the [store module](super)). A group whose disks never changed is
+/// still written as version 2, and one that no disk left as version 3,
+/// which earlier releases read.
+pub(crate) const VERSION: u16 = 4;
+/// The version of a group with disk changes (growth, a join) but no disk
+/// that left.
+const VERSION_CHANGES: u16 = 3;
 /// The version of a group without disk changes.
 const VERSION_PLAIN: u16 = 2;
 /// The oldest version this release reads.
@@ -81,6 +85,9 @@ const CHANGE_GREW: u8 = 1;
 /// [`RawChange::kind`] of a disk that joined the group's points (its value
 /// is 0).
 const CHANGE_JOINED: u8 = 2;
+/// [`RawChange::kind`] of a disk that left the group (its value is 0;
+/// version 4 only).
+const CHANGE_LEFT: u8 = 3;
 
 const _: () = assert!(FIXED_LEN == 64);
 const _: () = assert!(size_of::<RawChange>() == 21);
@@ -127,6 +134,11 @@ pub(crate) struct Meta {
     /// see, oldest first (by `after`, then disk id); dropped once no kept
     /// point is before them.
     pub(crate) changes: Vec<DiskChange>,
+    /// Disks that left and are in no kept point any more, whose images may
+    /// still exist: gone from `disks` first, then their images are
+    /// removed (a crash between leaves the image, which the next open of
+    /// the writer removes), then they are gone from here. Sorted.
+    pub(crate) removed: Vec<DiskId>,
 }
 
 /// A change of one disk that takes effect for the recovery points after
@@ -147,6 +159,11 @@ pub(crate) enum ChangeKind {
     /// The disk was added to a group that had points and its initial
     /// sync ended here: points before do not hold it.
     Joined,
+    /// The disk left the group (its shipper no longer announces it):
+    /// points at or before `after` hold it as it was, points after do not.
+    /// Nothing changes it afterwards; it goes (with its image) once no
+    /// kept point holds it.
+    Left,
 }
 
 impl Meta {
@@ -159,6 +176,7 @@ impl Meta {
             mode: Mode::InitialSync,
             last_barrier: None,
             changes: Vec::new(),
+            removed: Vec::new(),
         }
     }
 
@@ -173,7 +191,7 @@ impl Meta {
     /// size before the first growth after `seq`, else its size now), or
     /// `None` if that point does not hold the disk (it joined after).
     pub(crate) fn size_at(&self, d: &DiskState, seq: Seq) -> Option<u64> {
-        if self.joining(d) {
+        if self.joining(d) || self.left(d.id).is_some_and(|after| after < seq) {
             return None;
         }
         let mut size = d.size;
@@ -184,9 +202,24 @@ impl Meta {
             match c.kind {
                 ChangeKind::Grew { from } => size = from,
                 ChangeKind::Joined => return None,
+                ChangeKind::Left => {}
             }
         }
         Some(size)
+    }
+
+    /// The last record applied before disk `id` left the group, if it
+    /// left.
+    pub(crate) fn left(&self, id: DiskId) -> Option<Seq> {
+        self.changes
+            .iter()
+            .find(|c| c.disk == id && c.kind == ChangeKind::Left)
+            .map(|c| c.after)
+    }
+
+    /// The disks of the group now: those that did not leave.
+    pub(crate) fn present(&self) -> impl Iterator<Item = &DiskState> {
+        self.disks.iter().filter(|d| self.left(d.id).is_none())
     }
 
     pub(crate) fn disk(&self, id: DiskId) -> Option<&DiskState> {
@@ -197,11 +230,19 @@ impl Meta {
         self.disks.iter_mut().find(|d| d.id == id)
     }
 
-    /// Whether this state needs the state file's version 3: it has disk
-    /// changes, or a disk joining (which an earlier release would read
-    /// as a consistent disk and put in its points).
-    fn needs_version_3(&self) -> bool {
-        !self.changes.is_empty() || self.disks.iter().any(|d| self.joining(d))
+    /// The state file version this state needs: 4 if a disk left (or its
+    /// image is still to be removed), which an earlier release would put
+    /// in every point; 3 if it has other disk changes, or a disk joining
+    /// (which an earlier release would read as a consistent disk and put
+    /// in its points); 2 otherwise.
+    fn version(&self) -> u16 {
+        if !self.removed.is_empty() || self.changes.iter().any(|c| c.kind == ChangeKind::Left) {
+            VERSION
+        } else if !self.changes.is_empty() || self.disks.iter().any(|d| self.joining(d)) {
+            VERSION_CHANGES
+        } else {
+            VERSION_PLAIN
+        }
     }
 }
 
@@ -232,14 +273,10 @@ impl StateFile {
             flags |= FLAG_BARRIER;
         }
         let (barrier_seq, barrier_ts) = m.last_barrier.unwrap_or((Seq(0), 0));
+        let version = m.version();
         let fixed = RawFixed {
             magic: MAGIC,
-            version: if m.needs_version_3() {
-                VERSION
-            } else {
-                VERSION_PLAIN
-            }
-            .into(),
+            version: version.into(),
             mode: match m.mode {
                 Mode::InitialSync => 0,
                 Mode::Consistent => 1,
@@ -275,12 +312,13 @@ impl StateFile {
                 b.extend_from_slice(extent.as_bytes());
             }
         }
-        if m.needs_version_3() {
+        if version >= VERSION_CHANGES {
             b.extend_from_slice(&(m.changes.len() as u32).to_le_bytes());
             for c in &m.changes {
                 let (kind, value) = match c.kind {
                     ChangeKind::Grew { from } => (CHANGE_GREW, from),
                     ChangeKind::Joined => (CHANGE_JOINED, 0),
+                    ChangeKind::Left => (CHANGE_LEFT, 0),
                 };
                 let change = RawChange {
                     disk: c.disk.get().into(),
@@ -289,6 +327,12 @@ impl StateFile {
                     value: value.into(),
                 };
                 b.extend_from_slice(change.as_bytes());
+            }
+        }
+        if version >= VERSION {
+            b.extend_from_slice(&(m.removed.len() as u32).to_le_bytes());
+            for id in &m.removed {
+                b.extend_from_slice(&id.get().to_le_bytes());
             }
         }
         let crc = crc32c::crc32c(&b);
@@ -319,8 +363,10 @@ impl StateFile {
         Self::decode_version(bytes, version).map_err(damaged)
     }
 
-    /// Decodes version 2 or 3 (version 2 and a list of disk changes);
-    /// `Err` says what does not verify.
+    /// Decodes version 2, 3 (version 2 and a list of disk changes) or 4
+    /// (version 3, whose changes may say that a disk left, and the disks
+    /// whose images are still to be removed); `Err` says what does not
+    /// verify.
     fn decode_version(bytes: &[u8], version: u16) -> Result<StateFile, &'static str> {
         if bytes.len() < FIXED_LEN + 4 {
             return Err("too short");
@@ -389,10 +435,10 @@ impl StateFile {
             });
         }
         let mut changes: Vec<DiskChange> = Vec::new();
-        if version >= 3 {
+        if version >= VERSION_CHANGES {
             let count: &U32 = r.take()?;
             let joining = mode != Mode::InitialSync && disks.iter().any(|d| d.synced < d.size);
-            if count.get() == 0 && !joining {
+            if count.get() == 0 && !joining && version == VERSION_CHANGES {
                 // Written as version 2 when there is none.
                 return Err("a version-3 state without disk changes");
             }
@@ -408,6 +454,13 @@ impl StateFile {
                     },
                     CHANGE_GREW => return Err("a growth to no larger size"),
                     CHANGE_JOINED if raw.value.get() == 0 => ChangeKind::Joined,
+                    CHANGE_LEFT if raw.value.get() == 0 && version >= VERSION => {
+                        // It left whole: nothing of it waits for a sync.
+                        if !disk.pending.is_empty() || disk.synced != disk.size {
+                            return Err("a disk that left still waits for a sync");
+                        }
+                        ChangeKind::Left
+                    }
                     _ => return Err("unknown disk change"),
                 };
                 let change = DiskChange {
@@ -421,7 +474,32 @@ impl StateFile {
                 {
                     return Err("disk changes out of order");
                 }
+                if changes
+                    .iter()
+                    .any(|c| c.disk == change.disk && c.kind == ChangeKind::Left)
+                {
+                    return Err("a change of a disk after it left");
+                }
                 changes.push(change);
+            }
+        }
+        let mut removed: Vec<DiskId> = Vec::new();
+        if version >= VERSION {
+            let count: &U32 = r.take()?;
+            for _ in 0..count.get() {
+                let id: &U32 = r.take()?;
+                let id = DiskId(id.get());
+                if removed.last().is_some_and(|&l| l >= id) {
+                    return Err("removed disks not sorted");
+                }
+                if disks.iter().any(|d| d.id == id) {
+                    return Err("a removed disk is still a disk of the group");
+                }
+                removed.push(id);
+            }
+            if removed.is_empty() && !changes.iter().any(|c| c.kind == ChangeKind::Left) {
+                // Written as version 3 or 2 when no disk left.
+                return Err("a version-4 state without a disk that left");
             }
         }
         if r.at != body.len() {
@@ -442,6 +520,7 @@ impl StateFile {
                 mode,
                 last_barrier: (flags & FLAG_BARRIER != 0).then_some(barrier),
                 changes,
+                removed,
             },
             journal_start,
             journal_end,
@@ -543,6 +622,7 @@ mod tests {
                 mode: Mode::InitialSync,
                 last_barrier: Some((Seq(70), 123_456)),
                 changes: Vec::new(),
+                removed: Vec::new(),
             },
             journal_start: 100,
             journal_end: 4000,
@@ -680,6 +760,165 @@ mod tests {
                 "a version-3 state without disk changes"
             ))
         );
+    }
+
+    /// A disk that left is written as version 4: version 3's layout, the
+    /// change of kind 3, then the disks whose images are still to be
+    /// removed. Points at or before the change hold the disk, points after
+    /// do not; the group's disks now are those that did not leave.
+    #[test]
+    fn a_disk_that_left_is_version_4() {
+        let mut s = sample();
+        s.meta.mode = Mode::Consistent;
+        s.meta.disks[1].synced = 65536;
+        s.meta.changes = vec![
+            DiskChange {
+                disk: DiskId(5),
+                after: Seq(40),
+                kind: ChangeKind::Grew { from: 4096 },
+            },
+            DiskChange {
+                disk: DiskId(5),
+                after: Seq(60),
+                kind: ChangeKind::Left,
+            },
+        ];
+        let bytes = s.encode();
+        assert_eq!(&bytes[4..6], &[4, 0]);
+        let tail: &[u8] = b"\x02\x00\x00\x00\
+            \x05\x00\x00\x00\x01\x28\x00\x00\x00\x00\x00\x00\x00\x00\x10\x00\x00\x00\x00\x00\x00\
+            \x05\x00\x00\x00\x03\x3c\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\
+            \x00\x00\x00\x00";
+        assert_eq!(&bytes[bytes.len() - 4 - tail.len()..bytes.len() - 4], tail);
+        assert_eq!(StateFile::decode(&bytes), Ok(s.clone()));
+        let disk5 = &s.meta.disks[1];
+        assert_eq!(s.meta.size_at(disk5, Seq(40)), Some(4096));
+        assert_eq!(s.meta.size_at(disk5, Seq(60)), Some(65536));
+        assert_eq!(s.meta.size_at(disk5, Seq(61)), None);
+        assert_eq!(s.meta.left(DiskId(5)), Some(Seq(60)));
+        assert_eq!(s.meta.left(DiskId(0)), None);
+        let present: Vec<DiskId> = s.meta.present().map(|d| d.id).collect();
+        assert_eq!(present, [DiskId(0)]);
+        // Gone from the disks, its image still to be removed.
+        let mut r = s.clone();
+        r.meta.disks.remove(1);
+        r.meta.changes.clear();
+        r.meta.removed = vec![DiskId(5), DiskId(9)];
+        let bytes = r.encode();
+        assert_eq!(&bytes[4..6], &[4, 0]);
+        assert_eq!(
+            &bytes[bytes.len() - 16..bytes.len() - 4],
+            b"\x02\x00\x00\x00\x05\x00\x00\x00\x09\x00\x00\x00"
+        );
+        assert_eq!(StateFile::decode(&bytes), Ok(r.clone()));
+        // Once removed: version 2 again.
+        r.meta.removed.clear();
+        assert_eq!(&r.encode()[4..6], &[2, 0]);
+    }
+
+    /// What cannot be of a disk that left is damage even with a valid
+    /// checksum: a left disk that waits for a sync, a change after it
+    /// left, a leaving in version 3, a version 4 without a disk that left,
+    /// a removed disk that is still a disk, removed disks out of order.
+    #[test]
+    fn impossible_leavings_are_refused() {
+        let left = |disk: u32, after: u64| DiskChange {
+            disk: DiskId(disk),
+            after: Seq(after),
+            kind: ChangeKind::Left,
+        };
+        let base = || {
+            let mut s = sample();
+            s.meta.mode = Mode::Consistent;
+            s.meta.disks[1].synced = 65536;
+            s
+        };
+        // Disk 0 has pending extents.
+        let mut s = base();
+        s.meta.changes = vec![left(0, 9)];
+        assert_eq!(
+            StateFile::decode(&s.encode()),
+            Err(StateError::Damaged(
+                "a disk that left still waits for a sync"
+            ))
+        );
+        let mut s = base();
+        s.meta.changes = vec![
+            left(5, 9),
+            DiskChange {
+                disk: DiskId(5),
+                after: Seq(10),
+                kind: ChangeKind::Grew { from: 512 },
+            },
+        ];
+        assert_eq!(
+            StateFile::decode(&s.encode()),
+            Err(StateError::Damaged("a change of a disk after it left"))
+        );
+        // A version-3 file may not say that a disk left.
+        let mut s = base();
+        s.meta.changes = vec![left(5, 9)];
+        let mut bytes = s.encode();
+        bytes[4] = 3;
+        let n = bytes.len() - 8;
+        bytes.truncate(n);
+        let crc = crc32c::crc32c(&bytes);
+        bytes.extend_from_slice(&crc.to_le_bytes());
+        assert_eq!(
+            StateFile::decode(&bytes),
+            Err(StateError::Damaged("unknown disk change"))
+        );
+        let mut s = base();
+        s.meta.removed = vec![DiskId(9)];
+        let mut bytes = s.encode();
+        let n = bytes.len() - 12;
+        bytes.truncate(n);
+        bytes.extend_from_slice(&0u32.to_le_bytes());
+        let crc = crc32c::crc32c(&bytes);
+        bytes.extend_from_slice(&crc.to_le_bytes());
+        assert_eq!(
+            StateFile::decode(&bytes),
+            Err(StateError::Damaged(
+                "a version-4 state without a disk that left"
+            ))
+        );
+        let mut s = base();
+        s.meta.removed = vec![DiskId(5)];
+        assert_eq!(
+            StateFile::decode(&s.encode()),
+            Err(StateError::Damaged(
+                "a removed disk is still a disk of the group"
+            ))
+        );
+        let mut s = base();
+        s.meta.removed = vec![DiskId(9), DiskId(7)];
+        assert_eq!(
+            StateFile::decode(&s.encode()),
+            Err(StateError::Damaged("removed disks not sorted"))
+        );
+    }
+
+    #[test]
+    fn a_version_4_state_refuses_truncation_and_bit_flips() {
+        let mut s = sample();
+        s.meta.mode = Mode::Consistent;
+        s.meta.disks[1].synced = 65536;
+        s.meta.changes = vec![DiskChange {
+            disk: DiskId(5),
+            after: Seq(60),
+            kind: ChangeKind::Left,
+        }];
+        s.meta.removed = vec![DiskId(7)];
+        let bytes = s.encode();
+        assert_eq!(StateFile::decode(&bytes), Ok(s));
+        for cut in 0..bytes.len() {
+            assert!(StateFile::decode(&bytes[..cut]).is_err());
+        }
+        for bit in 0..bytes.len() * 8 {
+            let mut b = bytes.clone();
+            b[bit / 8] ^= 1 << (bit % 8);
+            assert!(StateFile::decode(&b).is_err(), "bit {bit}");
+        }
     }
 
     /// A state whose disk name would make a path outside a failover's

@@ -5,7 +5,8 @@
 //! growth of a disk (announced, or a grow record of the log; its grown
 //! part resynced, written after), a disk
 //! added to the consistent group (synced on its own while records and
-//! points go on) and a test failover's pin, with the source's disks after every sequence
+//! points go on), a disk that leaves the group (in the points before,
+//! its image removed once retention folded them) and a test failover's pin, with the source's disks after every sequence
 //! number to check the points against; and the checks both hold a
 //! reopened group to.
 
@@ -44,6 +45,8 @@ const GROWN_DISK: u32 = 1;
 const GROWTH: u64 = 6 << 10;
 /// The size of the disk the stream adds (id 3).
 const ADDED_SIZE: u64 = (6 << 10) + 512;
+/// The disk that leaves the group.
+pub(crate) const LEFT_DISK: u32 = 0;
 
 /// One step of the stream the shipper sends.
 #[derive(Debug, Clone)]
@@ -65,6 +68,9 @@ pub(crate) enum Op {
         length: u64,
     },
     Commit,
+    /// These disks leave the group (the shipper's hello no longer lists
+    /// them).
+    Leave(Vec<u32>),
     /// A test failover pins this point (`Some`) or ends (`None`): another
     /// process writes the pin, so it is outside the power cut.
     Pin(Option<u64>),
@@ -108,6 +114,10 @@ pub(crate) fn apply_op<D: LogDir>(
             .resync_done(DiskId(*disk), *offset, *length)
             .map(|()| None),
         Op::Commit => g.commit().map(Some),
+        Op::Leave(disks) => {
+            let ids: Vec<DiskId> = disks.iter().map(|d| DiskId(*d)).collect();
+            g.leave(&ids).map(|()| Some(g.position()))
+        }
     }
 }
 
@@ -116,6 +126,8 @@ pub(crate) struct Workload {
     pub(crate) ops: Vec<Op>,
     /// The source's disks after each sequence number (index 0: before any).
     pub(crate) source: Vec<Vec<Vec<u8>>>,
+    /// The last record before [`LEFT_DISK`] left the group.
+    pub(crate) left_after: u64,
 }
 
 struct Source {
@@ -128,6 +140,8 @@ struct Source {
     points_now: bool,
     /// The newest recovery point.
     last_point: Option<u64>,
+    /// The disk that left, once it has (no record names it after).
+    left: Option<usize>,
 }
 
 impl Source {
@@ -170,7 +184,12 @@ impl Source {
 
     /// A random extent of a random disk (at its size now), in sectors.
     fn extent(&self, rng: &mut StdRng, max_sectors: u64) -> (u32, u64, u64) {
-        let disk = rng.random_range(0..self.disks.len());
+        let disk = loop {
+            let disk = rng.random_range(0..self.disks.len());
+            if self.left != Some(disk) {
+                break disk;
+            }
+        };
         let sectors = self.disks[disk].len() as u64 / SECTOR;
         let len = rng.random_range(1..=max_sectors.min(sectors));
         let at = rng.random_range(0..=sectors - len);
@@ -219,7 +238,9 @@ pub(crate) fn workload(seed: u64, steady_ops: usize) -> Workload {
         seq: 0,
         points_now: false,
         last_point: None,
+        left: None,
     };
+    let mut left_after = 0;
     s.states.push(s.disks.clone());
     // Initial sync: each disk copied in order, records in between (applied
     // in place), commits now and then.
@@ -285,13 +306,23 @@ pub(crate) fn workload(seed: u64, steady_ops: usize) -> Workload {
             s.ops.push(Op::Commit);
             s.points_now = true;
         }
+        if i == steady_ops * 13 / 16 {
+            // A disk leaves: the points up to here hold it, the later ones
+            // do not; retention folds the former and its image goes.
+            s.ops.push(Op::Commit);
+            s.ops.push(Op::Leave(vec![LEFT_DISK]));
+            s.left = Some(LEFT_DISK as usize);
+            left_after = s.seq;
+        }
         if i == steady_ops * 7 / 8 {
             // A disk is added: synced on its own, records of every disk
             // (its own in place) and points (without it) in between.
             s.ops.push(Op::Commit);
             s.disks.push(vec![0u8; ADDED_SIZE as usize]);
             let sizes: Vec<u64> = s.disks.iter().map(|d| d.len() as u64).collect();
-            s.ops.push(Op::Disks(specs_of(&sizes)));
+            let mut announced = specs_of(&sizes);
+            announced.retain(|d| s.left != Some(d.id.index()));
+            s.ops.push(Op::Disks(announced));
             let disk = (s.disks.len() - 1) as u32;
             let mut at = 0;
             while at < ADDED_SIZE {
@@ -335,6 +366,7 @@ pub(crate) fn workload(seed: u64, steady_ops: usize) -> Workload {
     Workload {
         ops: s.ops,
         source: s.states,
+        left_after,
     }
 }
 
@@ -385,10 +417,18 @@ pub(crate) fn check_points<D: LogDir>(what: &str, g: &ReplicaGroup<D>, w: &Workl
     let points = g.points();
     for p in &points {
         // The disks the point holds: a disk added after it is not among
-        // them, every other one is.
+        // them, nor the disk that left before it; every other one is.
         let disks: Vec<usize> = g.disks_at(p.seq).iter().map(|d| d.id.index()).collect();
+        let holds_left = p.seq.get() <= w.left_after;
+        assert_eq!(
+            disks.contains(&(LEFT_DISK as usize)),
+            holds_left,
+            "{what}: point {} and the disk that left after {}",
+            p.seq,
+            w.left_after
+        );
         assert!(
-            disks.len() >= SIZES.len(),
+            (0..SIZES.len()).all(|d| d == LEFT_DISK as usize || disks.contains(&d)),
             "{what}: point {} lacks a disk",
             p.seq
         );
@@ -401,6 +441,24 @@ pub(crate) fn check_points<D: LogDir>(what: &str, g: &ReplicaGroup<D>, w: &Workl
         }
     }
     points.len()
+}
+
+/// Every disk of the group reads as the source's last state; the disk that
+/// left is not among them.
+pub(crate) fn check_newest<D: LogDir>(what: &str, g: &ReplicaGroup<D>, w: &Workload) {
+    let last = w.source.last().expect("a source");
+    let disks: Vec<usize> = g.disks().iter().map(|d| d.id.index()).collect();
+    assert!(
+        !disks.contains(&(LEFT_DISK as usize)),
+        "{what}: the disk that left is still a disk of the group"
+    );
+    assert_eq!(disks.len(), last.len() - 1, "{what}: a disk is missing");
+    for disk in disks {
+        assert!(
+            read_disk(g, None, disk) == last[disk],
+            "{what}: disk {disk} differs from the source"
+        );
+    }
 }
 
 /// Holds the group reopened after `cut` to the rules on its position and
