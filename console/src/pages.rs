@@ -652,6 +652,28 @@ fn names(host: &str, group: &str) -> Option<(Name, Name)> {
     Some((Name::new(host).ok()?, Name::new(group).ok()?))
 }
 
+/// What every operator action on one group checks first: the session, its
+/// CSRF token and origin, and the operator role ([`changer`]), then the
+/// group's names. The principal, the names, and `host/group` for the
+/// audit trail; else the response that refuses the request.
+fn group_action(
+    state: &Console,
+    headers: &HeaderMap,
+    csrf: Option<&str>,
+    host: &str,
+    group: &str,
+) -> Result<(Principal, Name, Name, String), Box<Response>> {
+    let who =
+        changer(state, headers, csrf, ConsoleRole::Operator).map_err(|r| Box::new(refused(r)))?;
+    let Some((h, g)) = names(host, group) else {
+        return Err(Box::new(
+            (StatusCode::NOT_FOUND, "no such group").into_response(),
+        ));
+    };
+    let target = format!("{h}/{g}");
+    Ok((who, h, g, target))
+}
+
 async fn group_page(
     State(state): State<Shared>,
     ConnectInfo(peer): ConnectInfo<ConsolePeer>,
@@ -768,19 +790,11 @@ async fn start_test(
     Path((host, group)): Path<(String, String)>,
     Form(form): Form<ActionForm>,
 ) -> Response {
-    let who = match changer(
-        &state,
-        &headers,
-        form.csrf.as_deref(),
-        ConsoleRole::Operator,
-    ) {
-        Ok(p) => p,
-        Err(r) => return refused(r),
-    };
-    let Some((h, g)) = names(&host, &group) else {
-        return (StatusCode::NOT_FOUND, "no such group").into_response();
-    };
-    let target = format!("{h}/{g}");
+    let (who, h, g, target) =
+        match group_action(&state, &headers, form.csrf.as_deref(), &host, &group) {
+            Ok(a) => a,
+            Err(r) => return *r,
+        };
     let Some(seq) = form.point else {
         return failed("choose a recovery point".into());
     };
@@ -845,19 +859,11 @@ async fn cleanup_test(
     Path((host, group)): Path<(String, String)>,
     Form(form): Form<ActionForm>,
 ) -> Response {
-    let who = match changer(
-        &state,
-        &headers,
-        form.csrf.as_deref(),
-        ConsoleRole::Operator,
-    ) {
-        Ok(p) => p,
-        Err(r) => return refused(r),
-    };
-    let Some((h, g)) = names(&host, &group) else {
-        return (StatusCode::NOT_FOUND, "no such group").into_response();
-    };
-    let target = format!("{h}/{g}");
+    let (who, h, g, target) =
+        match group_action(&state, &headers, form.csrf.as_deref(), &host, &group) {
+            Ok(a) => a,
+            Err(r) => return *r,
+        };
     let Some(test) = state.lock_tests().remove(&(h, g)) else {
         return failed("no test failover of this group was started here".into());
     };
@@ -901,19 +907,11 @@ async fn mark_point(
     Path((host, group)): Path<(String, String)>,
     Form(form): Form<MarkForm>,
 ) -> Response {
-    let who = match changer(
-        &state,
-        &headers,
-        form.csrf.as_deref(),
-        ConsoleRole::Operator,
-    ) {
-        Ok(p) => p,
-        Err(r) => return refused(r),
-    };
-    let Some((h, g)) = names(&host, &group) else {
-        return (StatusCode::NOT_FOUND, "no such group").into_response();
-    };
-    let target = format!("{h}/{g}");
+    let (who, h, g, target) =
+        match group_action(&state, &headers, form.csrf.as_deref(), &host, &group) {
+            Ok(a) => a,
+            Err(r) => return *r,
+        };
     let label = match Label::new(form.label.unwrap_or_default().trim()) {
         Ok(l) => l,
         Err(e) => {
