@@ -532,6 +532,22 @@ fn a_grow_record_grows_the_disk_after_the_record_before_it() {
     ));
 }
 
+/// The format version in a group's state file.
+fn state_version(dir: &Path) -> u16 {
+    let b = std::fs::read(dir.join("state")).unwrap();
+    u16::from_le_bytes([b[4], b[5]])
+}
+
+/// Applies a barrier as record `seq`: a point there.
+fn barrier(g: &mut ReplicaGroup, seq: u64) {
+    g.apply_record(&record(
+        &Entry::barrier(tidemark_changelog::now_ns()),
+        seq,
+        0,
+    ))
+    .unwrap();
+}
+
 #[test]
 fn a_grown_disk_keeps_older_points_at_their_size() {
     let dir = tempfile::tempdir().unwrap();
@@ -539,18 +555,6 @@ fn a_grown_disk_keeps_older_points_at_their_size() {
     let d0 = disk_id(0);
     let old = SIZES[0];
     let new = old * 2 + 4096;
-    let state_version = |dir: &Path| {
-        let b = std::fs::read(dir.join("state")).unwrap();
-        u16::from_le_bytes([b[4], b[5]])
-    };
-    let barrier = |g: &mut ReplicaGroup, seq: u64| {
-        g.apply_record(&record(
-            &Entry::barrier(tidemark_changelog::now_ns()),
-            seq,
-            0,
-        ))
-        .unwrap();
-    };
     // Point 2: the old size, its last bytes written.
     g.apply_record(&record(&Entry::write(d0, old - 4096, &[7; 4096], 0), 1, 0))
         .unwrap();
@@ -667,18 +671,6 @@ fn an_added_disk_joins_the_points_after_its_sync_and_keeps_the_older_ones() {
     let d0 = disk_id(0);
     let extra = DiskId(9);
     const EXTRA: u64 = 16 << 10;
-    let state_version = |dir: &Path| {
-        let b = std::fs::read(dir.join("state")).unwrap();
-        u16::from_le_bytes([b[4], b[5]])
-    };
-    let barrier = |g: &mut ReplicaGroup, seq: u64| {
-        g.apply_record(&record(
-            &Entry::barrier(tidemark_changelog::now_ns()),
-            seq,
-            0,
-        ))
-        .unwrap();
-    };
     g.apply_record(&record(&Entry::write(d0, 0, &[1; 4096], 0), 1, 0))
         .unwrap();
     barrier(&mut g, 2);
@@ -791,18 +783,6 @@ fn a_disk_that_left_stays_in_the_older_points_until_retention_drops_them() {
     let mut g = consistent_group(dir.path());
     let (d0, d1) = (disk_id(0), disk_id(1));
     let image_path = dir.path().join(format!("disk-{d1}.img"));
-    let state_version = |dir: &Path| {
-        let b = std::fs::read(dir.join("state")).unwrap();
-        u16::from_le_bytes([b[4], b[5]])
-    };
-    let barrier = |g: &mut ReplicaGroup, seq: u64| {
-        g.apply_record(&record(
-            &Entry::barrier(tidemark_changelog::now_ns()),
-            seq,
-            0,
-        ))
-        .unwrap();
-    };
     let retain = |g: &mut ReplicaGroup, max_points: u64| {
         g.set_retention(Retention {
             max_points,
