@@ -358,3 +358,61 @@ fn the_previous_owner_is_fenced_before_the_open() {
     .unwrap();
     assert_eq!(new.stats().takeovers, 1);
 }
+
+/// Removing a group removes the image of a disk that left, also when the
+/// image's own removal did not happen (the state marks the disk's image
+/// as still to be removed): the cluster is cut at every operation of a
+/// joining disk's leave, the cut lifted, and the group removed; no image
+/// of that disk is left, whatever the cut.
+#[test]
+fn removing_a_group_removes_the_image_of_a_disk_that_left_at_any_cut() {
+    use tidemark_changelog::DiskId;
+    use tidemark_receiver::store::Disk;
+    let w = workload(8, 20);
+    let (host, group) = names();
+    let joining = DiskId(77);
+    let image = format!("h1+g+disk-{}", joining.0);
+    let mut marked_only = 0;
+    for k in 0.. {
+        let world = SimWorld::new();
+        let (a, observer) = receiver(&world, "r1:7443");
+        let mut g = open(&a).unwrap();
+        run_to(&mut g, &w, w.ops.len());
+        let mut disks = g.disks();
+        disks.push(Disk {
+            id: joining,
+            name: Name::from_static("joining"),
+            size: 8 << 10,
+        });
+        g.ensure_disks(&disks).unwrap();
+        assert!(observer.image_open_read_only(&image).is_ok());
+        let before = world.ops();
+        world.cut_at(Some(before + k));
+        let left = g.leave(&[joining]);
+        let cut = world.ops() >= before + k;
+        world.cut_at(None);
+        drop(g);
+        // The case that matters: the state no longer lists the disk, its
+        // image is still there.
+        let listed = a
+            .open_group_read_only(&host, &group)
+            .unwrap()
+            .disks()
+            .iter()
+            .any(|d| d.id == joining);
+        if !listed && observer.image_open_read_only(&image).is_ok() {
+            marked_only += 1;
+        }
+        a.remove_group(&host, &group)
+            .unwrap_or_else(|e| panic!("cut at {k}: removing the group: {e}"));
+        assert!(
+            observer.image_open_read_only(&image).is_err(),
+            "cut at operation {k} of the leave: the image of the disk that left is left behind"
+        );
+        if !cut {
+            left.unwrap();
+            break;
+        }
+    }
+    assert!(marked_only > 0, "no cut left the image behind the leave");
+}

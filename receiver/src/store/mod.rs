@@ -2005,6 +2005,23 @@ impl<D: LogDir> ReplicaGroup<D> {
             .collect()
     }
 
+    /// Every disk whose image the store may still hold, as last
+    /// committed: the disks now, those that left and older points still
+    /// hold, and those whose image is still to be removed (see
+    /// [`leave`](Self::leave)). Removing the whole group removes these.
+    pub fn disk_images(&self) -> Vec<DiskId> {
+        let mut ids: Vec<DiskId> = self
+            .durable
+            .disks
+            .iter()
+            .map(|d| d.id)
+            .chain(self.durable.removed.iter().copied())
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
     /// The last barrier as of the last commit: (seq, timestamp in ns).
     pub fn last_barrier(&self) -> Option<(Seq, u64)> {
         self.durable.last_barrier

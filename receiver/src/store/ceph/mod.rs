@@ -554,11 +554,12 @@ impl<C: Cluster + 'static> CephEngine<C> {
             Err(e) => Err(e),
         };
         let failed = |context: &'static str| move |e| self.err(host, group, context, e);
-        // The disks of now and of every point: their images.
+        // The disks of now and of every point, and those whose image is
+        // still to be removed after they left: their images.
         let mut disks = std::collections::BTreeSet::new();
         match self.open_group_read_only(host, group) {
             Ok(g) => {
-                disks.extend(g.disks().iter().map(|d| d.id));
+                disks.extend(g.disk_images());
                 for point in g.points() {
                     disks.extend(g.disks_at(point.seq).iter().map(|d| d.id));
                 }
