@@ -660,6 +660,86 @@ fn a_grown_disk_keeps_older_points_at_their_size() {
     );
 }
 
+/// A disk that grows while it joins (a grow record before its own
+/// initial sync ended) stays joining: its sync goes on to the new end, as
+/// the shipper's does, with no resync of the grown part and no growth
+/// noted for points that never held it; it joins the points once the
+/// whole new size is copied.
+#[test]
+fn a_joining_disk_that_grows_joins_once_its_new_size_is_copied() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = consistent_group(dir.path());
+    let d0 = disk_id(0);
+    let extra = DiskId(9);
+    const EXTRA: u64 = 16 << 10;
+    const GROWN: u64 = 24 << 10;
+    g.apply_record(&record(&Entry::write(d0, 0, &[1; 4096], 0), 1, 0))
+        .unwrap();
+    barrier(&mut g, 2);
+    g.commit().unwrap();
+    let mut all = specs();
+    all.push(Disk {
+        id: extra,
+        name: Name::from_static("extra"),
+        size: EXTRA,
+    });
+    g.ensure_disks(&all).unwrap();
+    let mut source = vec![0u8; GROWN as usize];
+    source[..8192].fill(5);
+    g.apply_chunk(
+        extra,
+        0,
+        ChunkRef::Data(&source[..8192]),
+        Purpose::InitialSync,
+    )
+    .unwrap();
+    g.commit().unwrap();
+    // It grows halfway through its sync.
+    let now = tidemark_changelog::now_ns();
+    g.apply_record(&record(&Entry::grow(extra, EXTRA, GROWN, now), 3, 0))
+        .unwrap();
+    barrier(&mut g, 4);
+    g.commit().unwrap();
+    assert_eq!(
+        g.position().state,
+        GroupState::Consistent,
+        "the grown part of a joining disk is copied by its sync, not resynced"
+    );
+    assert!(
+        g.disks_at(Seq(4)).iter().all(|d| d.id != extra),
+        "a disk half copied joined the points"
+    );
+    // The rest of its sync, to the new end: it joins.
+    source[16384..20480].fill(6);
+    g.apply_chunk(
+        extra,
+        8192,
+        ChunkRef::Data(&source[8192..]),
+        Purpose::InitialSync,
+    )
+    .unwrap();
+    barrier(&mut g, 5);
+    g.commit().unwrap();
+    assert_eq!(g.position().state, GroupState::Consistent);
+    for reopen in [false, true] {
+        if reopen {
+            drop(g);
+            g = ReplicaGroup::open(dir.path()).unwrap();
+        }
+        assert!(g
+            .disks_at(Seq(5))
+            .iter()
+            .any(|d| d.id == extra && d.size == GROWN));
+        let mut buf = vec![0u8; GROWN as usize];
+        g.view(Some(Seq(5)))
+            .unwrap()
+            .read(extra, 0, &mut buf)
+            .unwrap();
+        assert!(buf == source, "the grown disk at point 5");
+        assert!(g.disks_at(Seq(4)).iter().all(|d| d.id != extra));
+    }
+}
+
 /// A disk added to a consistent group is synced on its own while the
 /// others replicate: the group's older points stay (without the new disk),
 /// and the points after its sync ended hold it; once retention folded

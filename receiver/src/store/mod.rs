@@ -1163,7 +1163,11 @@ impl<D: LogDir> ReplicaGroup<D> {
         for meta in [&mut self.cur, &mut self.durable] {
             for &(id, size) in grown {
                 let after = meta.seq;
-                let record_change = meta.mode != Mode::InitialSync;
+                // A joining disk is in no point yet and is still copied by
+                // its own initial sync, which goes on to the new end (the
+                // shipper's too): it grows as in the group's initial sync.
+                let joining = meta.disk(id).is_some_and(|d| meta.joining(d));
+                let record_change = meta.mode != Mode::InitialSync && !joining;
                 let Some(d) = meta.disk_mut(id) else {
                     continue;
                 };
