@@ -60,7 +60,7 @@ pub(crate) struct InitArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("who").required(true).args(["host", "admin", "console"])))]
+#[command(group(clap::ArgGroup::new("who").required(true).args(["host", "admin", "console", "receiver"])))]
 pub(crate) struct SignArgs {
     /// The receiver's PKI directory (from `tidemark receiver init`).
     #[arg(long)]
@@ -84,15 +84,21 @@ pub(crate) struct SignArgs {
     /// into the SAN); the key is made here and written to --key-out.
     #[arg(long, value_name = "ADDRESS", requires = "key_out")]
     console: Option<String>,
+    /// Instead of a host: the server certificate of another receiver node
+    /// of this site (several receivers on one Ceph store), for the name
+    /// shippers dial (`server-name`, the one `receiver init` was given);
+    /// the key is made here and written to --key-out.
+    #[arg(long, value_name = "SERVER_NAME", requires = "key_out")]
+    receiver: Option<Name>,
     /// Where to write the certificate (must not exist).
     #[arg(long)]
     out: PathBuf,
-    /// With --admin or --console: where to write the new private key (must
-    /// not exist; 0600).
+    /// With --admin, --console or --receiver: where to write the new
+    /// private key (must not exist; 0600).
     #[arg(long)]
     key_out: Option<PathBuf>,
-    /// Validity of the certificate in days (default: 825 for a host, 397
-    /// for an admin or the console).
+    /// Validity of the certificate in days (default: 825 for a host or a
+    /// receiver node, 397 for an admin or the console).
     #[arg(long)]
     days: Option<u32>,
 }
@@ -347,23 +353,39 @@ pub(crate) fn run_receiver(cmd: ReceiverCommand) -> Result<ExitCode> {
     }
 }
 
-/// `tidemark receiver sign --admin NAME --role ROLE` or `--console ADDRESS`:
-/// a certificate and a new key, both made here.
+/// `tidemark receiver sign --admin NAME --role ROLE`, `--console ADDRESS`
+/// or `--receiver SERVER_NAME`: a certificate and a new key, both made
+/// here.
 fn sign_admin_or_console(a: SignArgs) -> Result<ExitCode> {
-    let days = a.days.unwrap_or(pki::DEFAULT_ADMIN_VALIDITY_DAYS);
     let Some(key_out) = &a.key_out else {
         anyhow::bail!("give --key-out: where the new private key goes");
     };
-    let (issued, what) = match (&a.admin, a.role, &a.console) {
-        (Some(name), Some(role), None) => (
-            pki::sign_admin(&a.pki_dir, name, role, days)?,
-            format!("console admin {name} ({role})"),
-        ),
-        (None, None, Some(address)) => (
-            pki::sign_console(&a.pki_dir, address, days)?,
-            format!("the console at {address}"),
-        ),
-        _ => anyhow::bail!("give --admin with --role, or --console"),
+    let (issued, what, days) = match (&a.admin, a.role, &a.console, &a.receiver) {
+        (Some(name), Some(role), None, None) => {
+            let days = a.days.unwrap_or(pki::DEFAULT_ADMIN_VALIDITY_DAYS);
+            (
+                pki::sign_admin(&a.pki_dir, name, role, days)?,
+                format!("console admin {name} ({role})"),
+                days,
+            )
+        }
+        (None, None, Some(address), None) => {
+            let days = a.days.unwrap_or(pki::DEFAULT_ADMIN_VALIDITY_DAYS);
+            (
+                pki::sign_console(&a.pki_dir, address, days)?,
+                format!("the console at {address}"),
+                days,
+            )
+        }
+        (None, None, None, Some(server_name)) => {
+            let days = a.days.unwrap_or(pki::DEFAULT_HOST_VALIDITY_DAYS);
+            (
+                pki::sign_receiver(&a.pki_dir, server_name, days)?,
+                format!("a receiver node answering to {server_name}"),
+                days,
+            )
+        }
+        _ => anyhow::bail!("give --admin with --role, --console, or --receiver"),
     };
     pki::write_new_file(key_out, issued.key_pem.as_bytes(), 0o600)?;
     pki::write_new_file(&a.out, issued.cert_pem.as_bytes(), 0o644)?;

@@ -458,6 +458,25 @@ pub fn sign_console(
     issue_with_new_key(pki_dir, params, days, "console certificate")
 }
 
+/// Issues the server certificate of another receiver node of the site
+/// (several receivers sharing a Ceph store, each with a key of its own),
+/// signed by the CA in `pki_dir`, with a new key: like the one
+/// [`init_receiver`] makes, for the name shippers dial, `server_name`
+/// (every node of the site answers to it: a shipper checks the name it
+/// dials, not the node's address), valid `days` days.
+pub fn sign_receiver(
+    pki_dir: &Path,
+    server_name: &Name,
+    days: u32,
+) -> Result<IssuedCertificate, PkiError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = common_name(server_name);
+    params.subject_alt_names = vec![dns_san(server_name)?];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    issue_with_new_key(pki_dir, params, days, "receiver certificate")
+}
+
 fn issue_with_new_key(
     pki_dir: &Path,
     mut params: CertificateParams,

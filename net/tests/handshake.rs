@@ -183,6 +183,65 @@ async fn a_properly_enrolled_host_connects_and_is_identified() {
     assert_eq!(alpn.as_deref(), Some(tidemark_net::ALPN));
 }
 
+/// Two receiver nodes of one site (several receivers on one Ceph store):
+/// the second has its own certificate and key from `pki::sign_receiver`,
+/// for the same name shippers dial. An enrolled host connects to either
+/// node with one configuration and is identified, and each node presents
+/// its own certificate.
+#[tokio::test]
+async fn each_receiver_node_of_a_site_presents_its_own_certificate() {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+    let tmp = tempfile::tempdir().unwrap();
+    let enrolled = enrol(tmp.path(), HOST);
+    let issued = pki::sign_receiver(&enrolled.receiver.dir, &n(SERVER_NAME), 30).unwrap();
+    let second = ReceiverPki {
+        server_cert: tmp.path().join("node2.crt"),
+        server_key: tmp.path().join("node2.key"),
+        ..enrolled.receiver.clone()
+    };
+    pki::write_new_file(&second.server_cert, issued.cert_pem.as_bytes(), 0o644).unwrap();
+    pki::write_new_file(&second.server_key, issued.key_pem.as_bytes(), 0o600).unwrap();
+    let config = client_config(
+        &enrolled.receiver.ca_cert,
+        &enrolled.host_cert,
+        &enrolled.host_key,
+    )
+    .unwrap();
+    let (client, _) = client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut presented = Vec::new();
+    for node in [&enrolled.receiver, &second] {
+        let (server, addr) = start_server(node);
+        let accepted = tokio::spawn(accept_one(server));
+        let conn = tokio::time::timeout(
+            LIMIT,
+            client
+                .connect_with(config.clone(), addr, SERVER_NAME)
+                .unwrap(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let (_server_side, host) = tokio::time::timeout(LIMIT, accepted)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(host, HOST);
+        let leaf = conn
+            .peer_identity()
+            .unwrap()
+            .downcast::<Vec<CertificateDer<'static>>>()
+            .unwrap()[0]
+            .clone();
+        let own = CertificateDer::from_pem_file(&node.server_cert).unwrap();
+        assert_eq!(leaf, own, "a node presented another node's certificate");
+        presented.push(leaf);
+        conn.close(0u32.into(), b"done");
+    }
+    assert_ne!(presented[0], presented[1]);
+}
+
 #[tokio::test]
 async fn a_client_certificate_from_another_ca_is_rejected() {
     let tmp = tempfile::tempdir().unwrap();
