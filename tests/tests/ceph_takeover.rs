@@ -130,7 +130,9 @@ fn durable(log_dir: &Path) -> u64 {
 struct Site {
     tmp: KeepOnPanic,
     namespace: String,
-    rpki: PathBuf,
+    /// Each receiver node's PKI directory: the site's CA, and a server
+    /// certificate of its own (see [`node_pki`]).
+    rpkis: [PathBuf; 2],
     hpki: PathBuf,
     ports: [u16; 2],
     stores: [String; 2],
@@ -168,11 +170,12 @@ impl Site {
         let tmp = KeepOnPanic(Some(tempfile::tempdir().unwrap()), test);
         let dir = tmp.0.as_ref().unwrap().path().to_path_buf();
         let (rpki, hpki) = enroll(&dir, HOST);
+        let rpkis = [rpki.clone(), node_pki(&dir, &rpki)];
         let ports = [free_port(), free_port()];
         let stores = ports.map(|p| store_table(tb, &namespace, p, lease, release_idle));
         let receivers = [
-            Some(start_receiver(&dir, &rpki, ports[0], &stores[0])),
-            Some(start_receiver(&dir, &rpki, ports[1], &stores[1])),
+            Some(start_receiver(&dir, &rpkis[0], ports[0], &stores[0])),
+            Some(start_receiver(&dir, &rpkis[1], ports[1], &stores[1])),
         ];
         let image = dir.join("disk.img");
         fs::File::create(&image).unwrap().set_len(SIZE).unwrap();
@@ -195,7 +198,7 @@ impl Site {
         let site = Site {
             tmp,
             namespace,
-            rpki,
+            rpkis,
             hpki,
             ports,
             stores,
@@ -300,7 +303,7 @@ fn the_owner_of_a_group_is_killed_and_the_other_receiver_takes_over() {
         // new owner: ownership is sticky).
         site.receivers[i] = Some(start_receiver(
             site.dir(),
-            &site.rpki,
+            &site.rpkis[i],
             site.ports[i],
             &site.stores[i],
         ));
@@ -451,6 +454,33 @@ fn a_group_without_a_shipper_session_is_let_go_after_release_idle() {
         released.as_secs_f64(),
         RELEASE_IDLE.as_secs()
     );
+}
+
+/// The second receiver node's PKI directory: the site's CA (its
+/// certificate, and its key for signing hosts' renewals) and a server
+/// certificate and key of the node's own, for the name shippers dial, made
+/// with `tidemark receiver sign --receiver` as the README's "Several
+/// receivers on one Ceph store" says.
+fn node_pki(dir: &Path, rpki: &Path) -> PathBuf {
+    let node = dir.join("receiver-node2-pki");
+    fs::create_dir_all(&node).unwrap();
+    for file in ["ca.crt", "ca.key"] {
+        fs::copy(rpki.join(file), node.join(file)).unwrap();
+    }
+    tidemark_e2e::replication::run_ok(
+        tidemark_e2e::tidemark()
+            .args(["receiver", "sign", "--pki-dir"])
+            .arg(rpki)
+            .args(["--receiver", "tidemark-receiver", "--out"])
+            .arg(node.join("receiver.crt"))
+            .arg("--key-out")
+            .arg(node.join("receiver.key")),
+    );
+    assert_ne!(
+        fs::read(node.join("receiver.crt")).unwrap(),
+        fs::read(rpki.join("receiver.crt")).unwrap()
+    );
+    node
 }
 
 /// One more host enrolled with the receivers' CA: its PKI directory.
