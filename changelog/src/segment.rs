@@ -117,6 +117,11 @@ pub enum SegmentHeaderError {
     /// a segment there.
     #[error("first sequence number {0} is out of range")]
     FirstSeqOutOfRange(u64),
+    /// The generation is the last one a header can hold (`u32::MAX`): no
+    /// log gets there (one generation per unclean start), and no new
+    /// generation could follow it after a cut.
+    #[error("generation {} is the last one a segment can name", u32::MAX)]
+    GenerationAtMaximum,
 }
 
 /// A segment header exactly as it lies on disk: the module's diagram, field
@@ -179,6 +184,9 @@ impl SegmentHeader {
         let first_seq = h.first_seq.get();
         if first_seq == 0 || first_seq > MAX_SEQ {
             return Err(SegmentHeaderError::FirstSeqOutOfRange(first_seq));
+        }
+        if h.generation.get() == u32::MAX {
+            return Err(SegmentHeaderError::GenerationAtMaximum);
         }
         Ok(SegmentHeader {
             generation: h.generation.get(),
@@ -535,6 +543,27 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_header_at_the_last_generation_is_refused() {
+        // Found by the changelog_dir fuzz target: a log recovered at
+        // generation u32::MAX, after a cut, needs a generation after it
+        // that no header can hold (the tracker's next generation
+        // overflowed).
+        let header = |generation| SegmentHeader {
+            generation,
+            index: 7,
+            first_seq: Seq(42),
+            segment_size: 4096,
+            created_ns: 1,
+        };
+        assert_eq!(
+            SegmentHeader::decode(&header(u32::MAX).encode()),
+            Err(SegmentHeaderError::GenerationAtMaximum)
+        );
+        let last = header(u32::MAX - 1);
+        assert_eq!(SegmentHeader::decode(&last.encode()), Ok(last));
+    }
+
     /// A header byte for byte as the module's diagram draws it.
     #[test]
     fn the_header_has_the_documented_layout() {
@@ -555,7 +584,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn header_round_trip(generation in any::<u32>(), index in any::<u64>(), first_seq in 1..=MAX_SEQ, size in any::<u64>(), created in any::<u64>()) {
+        fn header_round_trip(generation in 0..u32::MAX, index in any::<u64>(), first_seq in 1..=MAX_SEQ, size in any::<u64>(), created in any::<u64>()) {
             let h = SegmentHeader { generation, index, first_seq: Seq(first_seq), segment_size: size, created_ns: created };
             prop_assert_eq!(SegmentHeader::decode(&h.encode()), Ok(h));
         }

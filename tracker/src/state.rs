@@ -322,7 +322,12 @@ impl GroupState {
             let (key, value) = line.split_once(' ').unwrap_or((line, ""));
             match key {
                 "generation" => {
-                    state.generation = value.parse().map_err(|_| damaged("bad generation"))?
+                    state.generation = value
+                        .parse()
+                        .ok()
+                        // The last generation: none could follow it.
+                        .filter(|g| *g != u32::MAX)
+                        .ok_or_else(|| damaged("bad generation"))?
                 }
                 "running" => state.running = value == "1",
                 "last-seq" => {
@@ -416,7 +421,7 @@ mod tests {
     proptest! {
         #[test]
         fn what_is_saved_loads_back(
-            generation in any::<u32>(),
+            generation in 0..u32::MAX,
             running in any::<bool>(),
             reason in proptest::option::of("(.|\n){0,80}"),
             disks in proptest::collection::vec("[a-z0-9._-]{1,64}", 0..4),
@@ -555,6 +560,30 @@ mod tests {
         fs::write(dir.path().join(FILE), text).unwrap();
         let err = GroupState::load(dir.path()).unwrap_err();
         assert!(err.to_string().contains("version 4 is newer"), "{err}");
+    }
+
+    /// A state naming the last generation a segment can hold is damaged:
+    /// the next start could begin no generation after it.
+    #[test]
+    fn the_last_generation_is_refused_as_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = GroupState::fresh(&names(&["a"]));
+        s.generation = u32::MAX - 1;
+        s.save(dir.path()).unwrap();
+        assert_eq!(GroupState::load(dir.path()).unwrap().unwrap(), s);
+        let text = fs::read_to_string(dir.path().join(FILE)).unwrap();
+        let body = tidemark_changelog::sealed::unseal(&text).unwrap();
+        let body = body.replace(
+            &format!("generation {}", u32::MAX - 1),
+            &format!("generation {}", u32::MAX),
+        );
+        fs::write(
+            dir.path().join(FILE),
+            tidemark_changelog::sealed::seal(&body),
+        )
+        .unwrap();
+        let err = GroupState::load(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("bad generation"), "{err}");
     }
 
     fn disk(id: u32, name: &str) -> StateDisk {
