@@ -660,6 +660,23 @@ fn a_grown_disk_keeps_older_points_at_their_size() {
     );
 }
 
+/// Writes disk 0 and takes point 2 in a consistent group, then adds disk
+/// `id` of `size` bytes: it starts joining.
+fn add_after_a_point(g: &mut ReplicaGroup, id: DiskId, size: u64) {
+    let d0 = disk_id(0);
+    g.apply_record(&record(&Entry::write(d0, 0, &[1; 4096], 0), 1, 0))
+        .unwrap();
+    barrier(g, 2);
+    g.commit().unwrap();
+    let mut all = specs();
+    all.push(Disk {
+        id,
+        name: Name::from_static("extra"),
+        size,
+    });
+    g.ensure_disks(&all).unwrap();
+}
+
 /// A disk that grows while it joins (a grow record before its own
 /// initial sync ended) stays joining: its sync goes on to the new end, as
 /// the shipper's does, with no resync of the grown part and no growth
@@ -669,21 +686,10 @@ fn a_grown_disk_keeps_older_points_at_their_size() {
 fn a_joining_disk_that_grows_joins_once_its_new_size_is_copied() {
     let dir = tempfile::tempdir().unwrap();
     let mut g = consistent_group(dir.path());
-    let d0 = disk_id(0);
     let extra = DiskId(9);
     const EXTRA: u64 = 16 << 10;
     const GROWN: u64 = 24 << 10;
-    g.apply_record(&record(&Entry::write(d0, 0, &[1; 4096], 0), 1, 0))
-        .unwrap();
-    barrier(&mut g, 2);
-    g.commit().unwrap();
-    let mut all = specs();
-    all.push(Disk {
-        id: extra,
-        name: Name::from_static("extra"),
-        size: EXTRA,
-    });
-    g.ensure_disks(&all).unwrap();
+    add_after_a_point(&mut g, extra, EXTRA);
     let mut source = vec![0u8; GROWN as usize];
     source[..8192].fill(5);
     g.apply_chunk(
@@ -751,17 +757,7 @@ fn an_added_disk_joins_the_points_after_its_sync_and_keeps_the_older_ones() {
     let d0 = disk_id(0);
     let extra = DiskId(9);
     const EXTRA: u64 = 16 << 10;
-    g.apply_record(&record(&Entry::write(d0, 0, &[1; 4096], 0), 1, 0))
-        .unwrap();
-    barrier(&mut g, 2);
-    g.commit().unwrap();
-    let mut all = specs();
-    all.push(Disk {
-        id: extra,
-        name: Name::from_static("extra"),
-        size: EXTRA,
-    });
-    g.ensure_disks(&all).unwrap();
+    add_after_a_point(&mut g, extra, EXTRA);
     assert_eq!(g.position().state, GroupState::Consistent);
     assert_eq!(state_version(dir.path()), 3, "a joining disk");
     // While it syncs: the others' points go on without it.
