@@ -48,6 +48,12 @@ fn point_image(g: &ReplicaGroup, seq: Option<u64>, disk: DiskId) -> Vec<u8> {
         .find(|s| s.id == disk)
         .expect("known disk")
         .size;
+    point_bytes(g, seq, disk, size)
+}
+
+/// The first `size` bytes of `disk` as of the recovery point `seq`
+/// (`None`: now), for a disk the stream did not announce first.
+fn point_bytes(g: &ReplicaGroup, seq: Option<u64>, disk: DiskId, size: u64) -> Vec<u8> {
     let mut buf = vec![0u8; size as usize];
     g.view(seq.map(Seq))
         .expect("a readable point")
@@ -736,12 +742,10 @@ fn a_joining_disk_that_grows_joins_once_its_new_size_is_copied() {
             .disks_at(Seq(5))
             .iter()
             .any(|d| d.id == extra && d.size == GROWN));
-        let mut buf = vec![0u8; GROWN as usize];
-        g.view(Some(Seq(5)))
-            .unwrap()
-            .read(extra, 0, &mut buf)
-            .unwrap();
-        assert!(buf == source, "the grown disk at point 5");
+        assert!(
+            point_bytes(&g, Some(5), extra, GROWN) == source,
+            "the grown disk at point 5"
+        );
         assert!(g.disks_at(Seq(4)).iter().all(|d| d.id != extra));
     }
 }
@@ -814,12 +818,10 @@ fn an_added_disk_joins_the_points_after_its_sync_and_keeps_the_older_ones() {
             .disks_at(Seq(7))
             .iter()
             .any(|d| d.id == extra && d.size == EXTRA));
-        let mut buf = vec![0u8; EXTRA as usize];
-        g.view(Some(Seq(7)))
-            .unwrap()
-            .read(extra, 0, &mut buf)
-            .unwrap();
-        assert!(buf == source, "the new disk at point 7");
+        assert!(
+            point_bytes(&g, Some(7), extra, EXTRA) == source,
+            "the new disk at point 7"
+        );
         assert_eq!(state_version(dir.path()), 3);
     }
     // Retention folds the points without it: version 2 again.
@@ -837,12 +839,10 @@ fn an_added_disk_joins_the_points_after_its_sync_and_keeps_the_older_ones() {
     assert_eq!(state_version(dir.path()), 2);
     drop(g);
     let g = ReplicaGroup::open(dir.path()).unwrap();
-    let mut buf = vec![0u8; EXTRA as usize];
-    g.view(Some(Seq(7)))
-        .unwrap()
-        .read(extra, 0, &mut buf)
-        .unwrap();
-    assert!(buf == source, "the new disk at point 7 after the fold");
+    assert!(
+        point_bytes(&g, Some(7), extra, EXTRA) == source,
+        "the new disk at point 7 after the fold"
+    );
     assert!(point_image(&g, Some(7), d0) == d0_at5);
 }
 
