@@ -344,6 +344,13 @@ pub trait Cluster: Send + Sync {
     /// Snapshots `image` as `snap`, protects the snapshot and clones it as
     /// `clone` (a writable image sharing the snapshot's data).
     fn snap_protect_clone(&self, image: &str, snap: &str, clone: &str) -> Result<(), CephError>;
+    /// The images cloned from any snapshot of `image`, as
+    /// `pool/[namespace/]name`: while one remains, the snapshot it was
+    /// cloned from cannot be removed, nor `image`.
+    fn image_children(&self, image: &str) -> Result<Vec<String>, CephError>;
+    /// Removes every snapshot of `image`, unprotecting a protected one
+    /// first; [`CephError::Busy`] while a clone of one remains.
+    fn image_snaps_remove(&self, image: &str) -> Result<(), CephError>;
 }
 
 /// An open RBD image.

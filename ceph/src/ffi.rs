@@ -51,6 +51,27 @@ pub(crate) type rbd_callback_t = Option<unsafe extern "C" fn(rbd_completion_t, *
 /// exists, the caller's argument; a negative return stops the iteration.
 pub(crate) type rbd_diff_cb = unsafe extern "C" fn(u64, size_t, c_int, *mut c_void) -> c_int;
 
+/// `rbd_snap_info_t`: one snapshot as `rbd_snap_list` fills it (freed by
+/// `rbd_snap_list_end`).
+#[repr(C)]
+pub(crate) struct rbd_snap_info_t {
+    pub(crate) id: u64,
+    pub(crate) size: u64,
+    pub(crate) name: *const c_char,
+}
+
+/// `rbd_linked_image_spec_t`: a clone as `rbd_list_children3` fills it
+/// (freed by `rbd_linked_image_spec_list_cleanup`).
+#[repr(C)]
+pub(crate) struct rbd_linked_image_spec_t {
+    pub(crate) pool_id: i64,
+    pub(crate) pool_name: *mut c_char,
+    pub(crate) pool_namespace: *mut c_char,
+    pub(crate) image_id: *mut c_char,
+    pub(crate) image_name: *mut c_char,
+    pub(crate) trash: bool,
+}
+
 /// `LIBRADOS_CMPXATTR_OP_EQ`: the op's value equals the stored one.
 pub(crate) const CMPXATTR_OP_EQ: u8 = 1;
 /// `LIBRADOS_CMPXATTR_OP_NE`.
@@ -414,6 +435,26 @@ unsafe extern "C" {
     pub(crate) fn rbd_snap_protect(image: rbd_image_t, snap_name: *const c_char) -> c_int;
     pub(crate) fn rbd_snap_unprotect(image: rbd_image_t, snap_name: *const c_char) -> c_int;
     pub(crate) fn rbd_snap_remove(image: rbd_image_t, snapname: *const c_char) -> c_int;
+    pub(crate) fn rbd_snap_is_protected(
+        image: rbd_image_t,
+        snap_name: *const c_char,
+        is_protected: *mut c_int,
+    ) -> c_int;
+    pub(crate) fn rbd_snap_list(
+        image: rbd_image_t,
+        snaps: *mut rbd_snap_info_t,
+        max_snaps: *mut c_int,
+    ) -> c_int;
+    pub(crate) fn rbd_snap_list_end(snaps: *mut rbd_snap_info_t);
+    pub(crate) fn rbd_list_children3(
+        image: rbd_image_t,
+        images: *mut rbd_linked_image_spec_t,
+        max_images: *mut size_t,
+    ) -> c_int;
+    pub(crate) fn rbd_linked_image_spec_list_cleanup(
+        images: *mut rbd_linked_image_spec_t,
+        num_images: size_t,
+    );
     pub(crate) fn rbd_clone(
         p_ioctx: rados_ioctx_t,
         p_name: *const c_char,

@@ -1061,6 +1061,21 @@ impl Cluster for RadosCluster {
         parent.snap_protect(snap)?;
         rbd::clone(&self.io, image, snap, &self.io, clone, rbd::BASE_FEATURES)
     }
+
+    fn image_children(&self, image: &str) -> Result<Vec<String>, CephError> {
+        Image::open_read_only(&self.io, image)?.children()
+    }
+
+    fn image_snaps_remove(&self, image: &str) -> Result<(), CephError> {
+        let image = Image::open(&self.io, image)?;
+        for snap in image.snap_names()? {
+            if image.snap_is_protected(&snap)? {
+                image.snap_unprotect(&snap)?;
+            }
+            image.snap_remove(&snap)?;
+        }
+        Ok(())
+    }
 }
 
 impl crate::ClusterImage for Image {

@@ -559,6 +559,115 @@ impl Image {
         .map(drop)
     }
 
+    /// Whether snapshot `name` is protected.
+    pub fn snap_is_protected(&self, name: &str) -> Result<bool, CephError> {
+        let n = cstr("rbd_snap_is_protected", "name", name)?;
+        let mut protected: c_int = 0;
+        // SAFETY: open image, C string, an int to fill.
+        check("rbd_snap_is_protected", unsafe {
+            ffi::rbd_snap_is_protected(self.inner.image, n.as_ptr(), &mut protected)
+        })?;
+        Ok(protected != 0)
+    }
+
+    /// The names of the image's snapshots.
+    pub fn snap_names(&self) -> Result<Vec<String>, CephError> {
+        let mut capacity: c_int = 8;
+        loop {
+            let mut snaps: Vec<ffi::rbd_snap_info_t> = (0..capacity)
+                .map(|_| ffi::rbd_snap_info_t {
+                    id: 0,
+                    size: 0,
+                    name: ptr::null(),
+                })
+                .collect();
+            let mut max = capacity;
+            // SAFETY: open image; an array of `max` entries to fill.
+            let ret = unsafe { ffi::rbd_snap_list(self.inner.image, snaps.as_mut_ptr(), &mut max) };
+            match check("rbd_snap_list", ret) {
+                Ok(count) => {
+                    let count = usize::try_from(count).unwrap_or(0).min(snaps.len());
+                    let names = snaps[..count]
+                        .iter()
+                        .filter(|s| !s.name.is_null())
+                        .map(|s| {
+                            // SAFETY: librbd filled NUL-terminated names.
+                            unsafe { CStr::from_ptr(s.name) }
+                                .to_string_lossy()
+                                .into_owned()
+                        })
+                        .collect();
+                    // SAFETY: frees the names librbd allocated, once; the
+                    // list ends at the entry after the last (zeroed by it).
+                    unsafe { ffi::rbd_snap_list_end(snaps.as_mut_ptr()) };
+                    return Ok(names);
+                }
+                Err(CephError::Range { .. }) if capacity < 1 << 16 => {
+                    capacity = max.max(capacity * 2)
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The images cloned from any snapshot of this one, as
+    /// `pool/[namespace/]name` (` (in the trash)` for one moved there).
+    pub fn children(&self) -> Result<Vec<String>, CephError> {
+        let mut capacity: size_t = 4;
+        loop {
+            let mut images: Vec<ffi::rbd_linked_image_spec_t> = (0..capacity)
+                .map(|_| ffi::rbd_linked_image_spec_t {
+                    pool_id: 0,
+                    pool_name: ptr::null_mut(),
+                    pool_namespace: ptr::null_mut(),
+                    image_id: ptr::null_mut(),
+                    image_name: ptr::null_mut(),
+                    trash: false,
+                })
+                .collect();
+            let mut count: size_t = capacity;
+            // SAFETY: open image; an array of `count` entries to fill.
+            let ret = unsafe {
+                ffi::rbd_list_children3(self.inner.image, images.as_mut_ptr(), &mut count)
+            };
+            match check("rbd_list_children3", ret) {
+                Ok(_) => {
+                    let count = count.min(capacity);
+                    let text = |p: *mut c_char| {
+                        if p.is_null() {
+                            String::new()
+                        } else {
+                            // SAFETY: librbd filled a NUL-terminated string.
+                            unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+                        }
+                    };
+                    let names = images[..count]
+                        .iter()
+                        .map(|i| {
+                            let (pool, ns) = (text(i.pool_name), text(i.pool_namespace));
+                            let mut name = if ns.is_empty() {
+                                format!("{pool}/{}", text(i.image_name))
+                            } else {
+                                format!("{pool}/{ns}/{}", text(i.image_name))
+                            };
+                            if i.trash {
+                                name.push_str(" (in the trash)");
+                            }
+                            name
+                        })
+                        .collect();
+                    // SAFETY: frees the `count` entries librbd filled, once.
+                    unsafe { ffi::rbd_linked_image_spec_list_cleanup(images.as_mut_ptr(), count) };
+                    return Ok(names);
+                }
+                Err(CephError::Range { .. }) if capacity < 1 << 16 => {
+                    capacity = count.max(capacity * 2)
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Removes snapshot `name`.
     pub fn snap_remove(&self, name: &str) -> Result<(), CephError> {
         let n = cstr("rbd_snap_remove", "name", name)?;

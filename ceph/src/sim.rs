@@ -25,6 +25,8 @@ use std::time::Duration;
 /// The largest object the simulated OSD keeps: Ceph's default
 /// `osd_max_object_size` (a write past it fails with `EFBIG`).
 const MAX_OBJECT_SIZE: u64 = 128 << 20;
+/// The pool the simulated images are named in (`pool/[namespace/]image`).
+const SIM_POOL: &str = "sim";
 
 /// The RBD object size the simulation reports allocation in (librbd's
 /// default order 22).
@@ -75,6 +77,9 @@ struct ImageData {
     /// The exclusive lock's holder (client entity).
     owner: Option<Who>,
     snaps: BTreeSet<String>,
+    /// The image and snapshot this one was cloned from, while it depends
+    /// on it.
+    parent: Option<((String, String), String)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -574,9 +579,58 @@ impl Cluster for SimCluster {
             written: parent.written.clone(),
             durable: parent.written.clone(),
             allocated: parent.allocated.clone(),
+            parent: Some((self.key(image), snap.to_owned())),
             ..ImageData::default()
         };
         world.images.insert(self.key(clone), child);
+        Ok(())
+    }
+
+    fn image_children(&self, image: &str) -> Result<Vec<String>, CephError> {
+        const OP: &str = "rbd_list_children3";
+        let mut world = self.world.lock();
+        world.live(OP, &self.who)?;
+        let key = self.key(image);
+        if !world.images.contains_key(&key) {
+            return Err(CephError::NotFound { op: "rbd_open" });
+        }
+        Ok(world
+            .images
+            .iter()
+            .filter(|(_, data)| data.parent.as_ref().is_some_and(|(p, _)| *p == key))
+            .map(|((ns, name), _)| match ns.as_str() {
+                "" => format!("{SIM_POOL}/{name}"),
+                ns => format!("{SIM_POOL}/{ns}/{name}"),
+            })
+            .collect())
+    }
+
+    fn image_snaps_remove(&self, image: &str) -> Result<(), CephError> {
+        let mut world = self.world.lock();
+        let key = self.key(image);
+        let snaps: Vec<String> = world
+            .images
+            .get(&key)
+            .ok_or(CephError::NotFound { op: "rbd_open" })?
+            .snaps
+            .iter()
+            .cloned()
+            .collect();
+        for snap in snaps {
+            world.mutate("rbd_snap_remove", &self.who)?;
+            let cloned = world
+                .images
+                .values()
+                .any(|d| d.parent.as_ref() == Some(&(key.clone(), snap.clone())));
+            if cloned {
+                return Err(CephError::Busy {
+                    op: "rbd_snap_unprotect",
+                });
+            }
+            if let Some(data) = world.images.get_mut(&key) {
+                data.snaps.remove(&snap);
+            }
+        }
         Ok(())
     }
 }

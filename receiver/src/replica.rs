@@ -106,7 +106,8 @@ pub fn classify(e: &StoreError) -> (ErrorClass, ErrorCode) {
         StoreError::ChecksumMismatch { .. } => (Transient, ErrorCode::BadChecksum),
         StoreError::Damaged { .. }
         | StoreError::UnsupportedVersion { .. }
-        | StoreError::Unsupported { .. } => (Permanent, ErrorCode::Internal),
+        | StoreError::Unsupported { .. }
+        | StoreError::ClonesRemain { .. } => (Permanent, ErrorCode::Internal),
         StoreError::Locked(_)
         | StoreError::OwnedElsewhere { .. }
         | StoreError::LeaseLost { .. } => (Transient, ErrorCode::Busy),

@@ -416,3 +416,64 @@ fn removing_a_group_removes_the_image_of_a_disk_that_left_at_any_cut() {
     }
     assert!(marked_only > 0, "no cut left the image behind the leave");
 }
+
+/// A failover to RBD leaves a protected snapshot of each replica image
+/// with a clone of it: removing the group is refused while the clone
+/// depends on it, naming the clone, and removes nothing; once the clone is
+/// gone, the group is removed with the snapshots and images.
+#[test]
+fn a_failover_clone_blocks_the_group_s_removal_until_it_is_gone() {
+    let w = workload(8, 20);
+    let (host, group) = names();
+    let world = SimWorld::new();
+    let (a, observer) = receiver(&world, "r1:7443");
+    let mut g = open(&a).unwrap();
+    run_to(&mut g, &w, w.ops.len());
+    let point = g.points().last().unwrap().seq;
+    let clones = a
+        .failover_to_rbd(&host, &group, &g, point, "fo", "tidemark-failover-1")
+        .unwrap();
+    assert!(!clones.is_empty());
+    drop(g);
+    let points = a.open_group_read_only(&host, &group).unwrap().points();
+
+    let refused = a.remove_group(&host, &group).unwrap_err();
+    let clone_names: Vec<String> = clones
+        .iter()
+        .map(|(_, c)| format!("sim/lease/{c}"))
+        .collect();
+    match &refused {
+        StoreError::ClonesRemain { clones, .. } => assert_eq!(clones, &clone_names),
+        other => panic!("expected the clones named, got: {other}"),
+    }
+    assert!(refused.to_string().contains("rbd flatten"), "{refused}");
+    let kept = a.open_group_read_only(&host, &group).unwrap();
+    assert!(
+        kept.points() == points,
+        "a refused removal changed the group"
+    );
+    for (disk, _) in &clones {
+        assert!(observer
+            .image_open_read_only(&format!("h1+g+disk-{}", disk.id.0))
+            .is_ok());
+    }
+    drop(kept);
+
+    for (_, clone) in &clones {
+        observer.image_remove(clone).unwrap();
+    }
+    a.remove_group(&host, &group).unwrap();
+    for (disk, _) in &clones {
+        assert!(
+            observer
+                .image_open_read_only(&format!("h1+g+disk-{}", disk.id.0))
+                .is_err(),
+            "a replica image is left behind"
+        );
+    }
+    use tidemark_receiver::store::StoreEngine;
+    assert!(
+        a.groups(&host).unwrap().is_empty(),
+        "the group is still listed"
+    );
+}

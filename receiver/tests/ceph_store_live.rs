@@ -185,7 +185,8 @@ fn a_steady_stream_applies_and_reads_back_on_a_real_cluster() {
 /// writing (as `tidemark failover --to-rbd` does), a point in the middle
 /// of the history is cloned, and the clone reads as that point while the
 /// base image still reads as the history's start. The engine of a
-/// configuration (`store::connect`) reaches the same cluster.
+/// configuration (`store::connect`) reaches the same cluster. Removing the
+/// group is refused while the clone depends on the replica image.
 #[test]
 fn a_failover_to_rbd_clones_read_as_the_point_on_a_real_cluster() {
     let Some(tb) = testbed::for_test() else {
@@ -254,6 +255,23 @@ fn a_failover_to_rbd_clones_read_as_the_point_on_a_real_cluster() {
         .read(0, &mut got)
         .unwrap();
     assert!(got == base, "the replica image is unchanged");
+
+    // The clone depends on a snapshot of the replica image: the group's
+    // removal is refused, naming it, until the clone is gone; then the
+    // snapshot goes with the image.
+    drop(g);
+    let refused = engine.remove_group(&host, &group).unwrap_err().to_string();
+    assert!(
+        refused.contains(&format!("{}/{namespace}/failover-data", tb.pool)),
+        "{refused}"
+    );
+    assert!(cluster.image_open_read_only("h1+g+disk-0").is_ok());
+    cluster.image_remove(&clones[0].1).unwrap();
+    engine.remove_group(&host, &group).unwrap();
+    assert!(matches!(
+        cluster.image_open_read_only("h1+g+disk-0"),
+        Err(tidemark_ceph::CephError::NotFound { .. })
+    ));
 }
 
 fn engine_cluster(tb: &testbed::Testbed, namespace: &str) -> RadosCluster {

@@ -154,6 +154,19 @@ pub enum StoreError {
         #[source]
         source: crate::lease::LostReason,
     },
+    /// The admin's images: failovers to RBD (`failover --to-rbd`) left
+    /// clones that still depend on snapshots of the group's replica
+    /// images, so the group cannot be removed yet. Nothing was removed.
+    #[error(
+        "{group}: failover clones still depend on its replica images: {}; flatten them (rbd flatten IMAGE) or remove them (rbd rm IMAGE), then remove the group again",
+        .clones.join(", ")
+    )]
+    ClonesRemain {
+        /// The group, for messages.
+        group: String,
+        /// The clones, as `pool/[namespace/]image`.
+        clones: Vec<String>,
+    },
     /// No recovery point has this sequence number (never one, or folded).
     #[error("no recovery point at sequence {0}")]
     NoSuchPoint(Seq),

@@ -143,8 +143,11 @@
 //! index, the span floor and the pin, then the state object, and last its
 //! key in `tidemark+groups`. A crash part way leaves the state object (or
 //! the key): the next remove goes on from there; a missing object counts
-//! as removed. An image with a failover's protected snapshot (a clone
-//! depends on it) is refused by the cluster, and the remove with it.
+//! as removed. Failovers to RBD leave a protected snapshot on each disk's
+//! image and a clone of it: while any clone still depends on one (the
+//! admin has not flattened or removed it), the remove is refused before
+//! anything is removed, naming the clones; otherwise each image's
+//! snapshots are unprotected and removed just before the image.
 //!
 //! The pin (`G+tf.pin`) is read when retention chooses what to fold, as
 //! the local pin file is; a pin and a fold are not yet serialised by one
@@ -568,9 +571,28 @@ impl<C: Cluster + 'static> CephEngine<C> {
             Err(StoreError::Damaged { .. }) if !self.exists(host, group) => {}
             Err(e) => return Err(e),
         }
+        // Failovers to RBD cloned snapshots of the images: while a clone
+        // depends on one, nothing is removed (the admin flattens or
+        // removes the clones first); then the snapshots go with the images.
+        let mut clones = Vec::new();
+        for disk in &disks {
+            match self.cluster.image_children(&format!("{prefix}disk-{disk}")) {
+                Ok(c) => clones.extend(c),
+                Err(CephError::NotFound { .. }) => {}
+                Err(e) => return Err(self.err(host, group, "listing the clones of", e)),
+            }
+        }
+        if !clones.is_empty() {
+            return Err(StoreError::ClonesRemain {
+                group: self.describe(host, group),
+                clones,
+            });
+        }
         for disk in disks {
-            gone(self.cluster.image_remove(&format!("{prefix}disk-{disk}")))
-                .map_err(failed("removing a disk image of"))?;
+            let image = format!("{prefix}disk-{disk}");
+            gone(self.cluster.image_snaps_remove(&image))
+                .map_err(failed("removing the failover snapshots of"))?;
+            gone(self.cluster.image_remove(&image)).map_err(failed("removing a disk image of"))?;
         }
         let dir = format!("{prefix}dir");
         loop {
