@@ -38,7 +38,7 @@ modules=(virtio_pci virtio_net nbd loop dm-mod dm-log-writes dm-era dm-snapshot
          dm-delay dm-flakey ublk_drv sch_netem ext4 crc32c_generic)
 # Host tools copied into the guest with their libraries: busybox's mke2fs
 # and tc are too limited, so the real ones are called in the guest.
-guest_tools=(mke2fs mkfs.ext4 e2fsck fsck.ext4 debugfs dmsetup nbd-client tc jq)
+guest_tools=(mke2fs mkfs.ext4 e2fsck fsck.ext4 debugfs resize2fs dmsetup nbd-client tc jq)
 
 die() { echo "kernel-vm: $*" >&2; exit 2; }
 note() { echo "kernel-vm: $*" >&2; }

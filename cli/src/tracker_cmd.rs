@@ -24,7 +24,8 @@ pub(crate) enum TrackerCommand {
     /// Serve a disk at the size its backing grew to, without a restart:
     /// grow the image or device first (truncate, lvextend, qemu-img
     /// resize), then run this. The growth is recorded in the change log;
-    /// NBD clients reconnect to see the new size.
+    /// then the tracker's own kernel devices (ublk, `--attach`) are told
+    /// the new size; other NBD clients reconnect to see it.
     Resize(ResizeArgs),
 }
 
@@ -161,9 +162,19 @@ fn resize(a: ResizeArgs) -> Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         println!(
-            "disk {} grew from {} to {} bytes (grow record at sequence number {}); NBD clients see the new size when they reconnect",
+            "disk {} grew from {} to {} bytes (grow record at sequence number {}); new NBD connections see the new size",
             r.disk, r.before, r.size, r.seq
         );
+        for k in &r.kernel {
+            match &k.error {
+                None => println!(
+                    "{} has the new size: grow its file system online (resize2fs, xfs_growfs)",
+                    k.device
+                ),
+                Some(why) => println!("{why}"),
+            }
+        }
+        println!("a /dev/nbd device attached with nbd-client keeps its old size until it is reconnected (nbd-client -d, then nbd-client again, with its file system unmounted)");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -203,6 +203,24 @@ pub struct ResizeReply {
     pub size: u64,
     /// The grow record's sequence number in the change log.
     pub seq: Seq,
+    /// What each kernel device the tracker serves the disk through (a ublk
+    /// device, a `/dev/nbdN` it attached) made of the growth, told after
+    /// the growth was durable and served; empty when there is none (from
+    /// a tracker before this field, too).
+    #[serde(default)]
+    pub kernel: Vec<KernelGrowth>,
+}
+
+/// A kernel device told that its disk grew.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelGrowth {
+    /// Its block device node.
+    pub device: String,
+    /// Whether it has the new size now.
+    pub grown: bool,
+    /// Why not, and what the admin does (the disk itself is grown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// The reply line of a request that succeeded with `fields`.
@@ -519,10 +537,34 @@ mod tests {
                 disk: "data".into(),
                 before: 4096,
                 size: 8192,
-                seq: Seq(7)
+                seq: Seq(7),
+                kernel: Vec::new(),
             }
         );
         assert_eq!(server.join().unwrap(), "resize data\n");
+        std::fs::remove_file(&path).unwrap();
+
+        let (path, server) = serve_once(
+            dir.path(),
+            r#"{"ok":true,"resized":{"disk":"data","before":4096,"size":8192,"seq":7,"kernel":[{"device":"/dev/ublkb0","grown":true},{"device":"/dev/nbd0","grown":false,"error":"/dev/nbd0 keeps its old size"}]}}"#,
+        );
+        let r = resize(&path, "data", Duration::from_secs(5)).unwrap();
+        assert_eq!(
+            r.kernel,
+            vec![
+                KernelGrowth {
+                    device: "/dev/ublkb0".into(),
+                    grown: true,
+                    error: None
+                },
+                KernelGrowth {
+                    device: "/dev/nbd0".into(),
+                    grown: false,
+                    error: Some("/dev/nbd0 keeps its old size".into())
+                }
+            ]
+        );
+        server.join().unwrap();
         std::fs::remove_file(&path).unwrap();
 
         let (path, server) = serve_once(dir.path(), r#"{"ok":true,"seq":"x"}"#);

@@ -154,3 +154,56 @@ log_replays_to() {
     echo "TIDEMARK-VM-INFO log replay: $from_source bytes in resync-needed ranges taken from the source"
     cmp "$1" "$dir/replayed.img" || fail "the replayed log differs from $1"
 }
+
+# grow_online IMAGE DEV MNT GROW_MB: the disk grows under the ext4 mounted
+# at MNT on the tracker's kernel device DEV while the writer runs. What the
+# old size leaves free is taken first (fallocate: no data written) so that
+# a file written after the growth fits only in the new space. Then the
+# backing IMAGE grows by GROW_MB, `tidemark tracker resize` records and
+# serves the growth and tells DEV (its reply must say DEV grew), DEV has
+# the new size at once (sysfs and blockdev), resize2fs grows the mounted
+# ext4 online, and 8 MiB written and fsynced into it read back. Sets
+# $grow_result ("grow-before=N grow-after=N grow-ms=N resize2fs-ms=N":
+# DEV's bytes before and after, the resize command's and resize2fs's
+# milliseconds).
+grow_online() {
+    gname=${2#/dev/}
+    g_before=$(( $(cat "/sys/block/$gname/size") * 512 ))
+    avail_kb=$(df -kP "$3" | awk 'NR == 2 { print $4 }')
+    fs_kb=$(df -kP "$3" | awk 'NR == 2 { print $2 }')
+    fallocate -l $(( (avail_kb - 2048) * 1024 )) "$3/filler" || fail "fallocate of the old free space"
+    left_kb=$(df -kP "$3" | awk 'NR == 2 { print $4 }')
+    [ "$left_kb" -lt 8192 ] || fail "$left_kb KiB still free after the filler: the new file would fit in the old size"
+    # (busybox truncate takes no relative size)
+    truncate -s $(( $(stat -c %s "$1") + ($4 << 20) )) "$1" || fail "growing $1"
+    g_t=$(now_ms)
+    tidemark tracker resize --disk disk --control-socket "$dir/tracker.ctl" --json \
+        > "$dir/resize.json" 2> "$dir/resize.err" || {
+        sed 's/^/TIDEMARK-VM-INFO resize: /' "$dir/resize.err"
+        fail "tidemark tracker resize failed"
+    }
+    grow_ms=$(( $(now_ms) - g_t ))
+    echo "TIDEMARK-VM-INFO resize: $(jq -c . "$dir/resize.json")"
+    grown=$(jq -r --arg d "$2" '.kernel[] | select(.device == $d) | .grown' "$dir/resize.json")
+    [ "$grown" = true ] || fail "the tracker did not grow $2: $(jq -c .kernel "$dir/resize.json")"
+    g_after=$(( $(cat "/sys/block/$gname/size") * 512 ))
+    [ "$g_after" -eq $(( g_before + ($4 << 20) )) ] ||
+        fail "$2 has $g_after bytes after the resize, not $g_before + $4 MiB"
+    [ "$(blockdev --getsize64 "$2")" = "$g_after" ] || fail "blockdev --getsize64 $2 disagrees with sysfs"
+    g_t=$(now_ms)
+    resize2fs "$2" > "$dir/resize2fs.out" 2>&1 || {
+        sed 's/^/TIDEMARK-VM-INFO resize2fs: /' "$dir/resize2fs.out"
+        fail "resize2fs $2 (online) failed"
+    }
+    resize2fs_ms=$(( $(now_ms) - g_t ))
+    fs_kb_after=$(df -kP "$3" | awk 'NR == 2 { print $2 }')
+    echo "TIDEMARK-VM-INFO grown online: $2 $g_before -> $g_after bytes in $grow_ms ms; ext4 $fs_kb -> $fs_kb_after KiB, resize2fs $resize2fs_ms ms; $(tail -n 1 "$dir/resize2fs.out")"
+    [ "$fs_kb_after" -gt "$fs_kb" ] || fail "the ext4 did not grow ($fs_kb -> $fs_kb_after KiB)"
+    dd if=/dev/urandom of="$3/grown" bs=1M count=8 conv=fsync 2>> "$dir/dd.err" ||
+        fail "writing 8 MiB into the new space failed"
+    sha256sum "$3/grown" > "$dir/grown.sums"
+    echo 3 > /proc/sys/vm/drop_caches
+    sha256sum -c "$dir/grown.sums" > /dev/null || fail "the file in the new space reads back different"
+    rm -f "$3/filler"
+    grow_result="grow-before=$g_before grow-after=$g_after grow-ms=$grow_ms resize2fs-ms=$resize2fs_ms"
+}

@@ -7,7 +7,9 @@
 # time a new tracker re-adopts the device with NBD_CMD_RECONFIGURE. In
 # between the tracker is frozen (SIGSTOP) past the kernel's request
 # timeout, so the kernel drops its connection; the thawed tracker hands the
-# device a new one itself. No
+# device a new one itself. Then the disk grows online: the tracker tells
+# the device its new size (NBD_CMD_RECONFIGURE, NBD_ATTR_SIZE_BYTES) and
+# resize2fs grows the mounted ext4 (grow_online in guest-lib.sh). No
 # write may fail and the kernel may log no I/O error. Then: e2fsck of the
 # device, the tracker detaches it on a plain SIGTERM, its log verifies
 # (`tidemark log check`) and replays onto a blank image to the very bytes
@@ -19,6 +21,7 @@
 #   WRITE_SECS      seconds of writing around each restart (default 3)
 #   STALL_SECS      how long the tracker is stopped (SIGSTOP), more than
 #                   IO_TIMEOUT (default 6)
+#   GROW_MB         how much the disk grows online (default 32)
 #
 # Console lines for the host:
 #   TIDEMARK-VM-INFO ...                 measurements (restart gaps, stalls)
@@ -28,6 +31,7 @@ DISK_MB=${DISK_MB:-64}
 IO_TIMEOUT=${IO_TIMEOUT:-3s}
 WRITE_SECS=${WRITE_SECS:-3}
 STALL_SECS=${STALL_SECS:-6}
+GROW_MB=${GROW_MB:-32}
 dir=/tmp/tm
 mnt=/mnt
 dev=/dev/nbd0
@@ -117,9 +121,18 @@ echo "TIDEMARK-VM-INFO restart after SIGTERM --keep-device: $attached_line, gap 
 case $attached_line in *re-adopted*) ;; *) fail "after SIGTERM --keep-device: $attached_line" ;; esac
 keep_writing "$before"
 
+# 2b. The disk grows online under the mounted ext4 and the writer: the
+# tracker tells the device (NBD_CMD_RECONFIGURE with the new size),
+# resize2fs grows the ext4, and a file that fits only in the new space is
+# written.
+before=$(writes)
+grow_online "$dir/disk.img" "$dev" "$mnt" "$GROW_MB"
+keep_writing "$before"
+
 stop_writer
 result=$writer_result
 echo "TIDEMARK-VM-INFO writer $result"
+sha256sum -c "$dir/grown.sums" > /dev/null || fail "the file in the grown space changed"
 sync
 umount "$mnt" || fail "umount failed"
 e2fsck -fn "$dev" > "$dir/fsck.out" 2>&1 || {
@@ -146,5 +159,5 @@ case $result in *" errors=0 "*) ;; *) fail "writes failed: $result" ;; esac
 # 4. The log verifies and replays to the image the trackers served.
 log_replays_to "$dir/disk.img"
 
-echo "TIDEMARK-VM-RESULT restart-gap-kill-ms=$gap_kill restart-gap-term-ms=$gap_term io-errors=$io_errors $result"
+echo "TIDEMARK-VM-RESULT restart-gap-kill-ms=$gap_kill restart-gap-term-ms=$gap_term io-errors=$io_errors $grow_result $result"
 echo "TIDEMARK-VM-PASS"

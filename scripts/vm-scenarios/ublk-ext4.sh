@@ -6,7 +6,10 @@
 # the tracker is killed (SIGKILL) and, later, stopped with --keep-device
 # (SIGTERM), and stopped plainly while mounted (the device is in use, so it
 # is kept); each time a new tracker takes the quiesced device over (ublk
-# user recovery). No write may fail and the kernel may log no I/O error.
+# user recovery). Then the disk grows online: the tracker tells the device
+# its new size (UBLK_U_CMD_UPDATE_SIZE) and resize2fs grows the mounted
+# ext4 (grow_online in guest-lib.sh). No write may fail and the kernel may
+# log no I/O error.
 # Then: e2fsck, a plain SIGTERM removes the device, the log verifies, holds
 # barriers (the kernel's FLUSH and FUA), and replays onto a blank image to
 # the very bytes of the backing image. The device has one queue per CPU,
@@ -17,6 +20,7 @@
 # Environment (from `scripts/kernel-vm.sh run ... --env`), all optional:
 #   DISK_MB         size of the protected disk (default 64)
 #   WRITE_SECS      seconds of writing around each restart (default 3)
+#   GROW_MB         how much the disk grows online (default 32)
 #
 # Console lines for the host:
 #   TIDEMARK-VM-INFO ...                 measurements (restart gaps)
@@ -25,6 +29,7 @@
 
 DISK_MB=${DISK_MB:-64}
 WRITE_SECS=${WRITE_SECS:-3}
+GROW_MB=${GROW_MB:-32}
 dir=/tmp/tm
 mnt=/mnt
 tracker=""
@@ -142,10 +147,18 @@ echo "TIDEMARK-VM-INFO restart after SIGTERM while mounted: $ublk_line, gap $gap
 case $ublk_line in *"took over"*) ;; *) fail "after SIGTERM while mounted: $ublk_line" ;; esac
 keep_writing "$before"
 
+# 2c. The disk grows online under the mounted ext4 and the writer: the
+# tracker tells the device (UBLK_U_CMD_UPDATE_SIZE), resize2fs grows the
+# ext4, and a file that fits only in the new space is written.
+before=$(writes)
+grow_online "$dir/disk.img" "$dev" "$mnt" "$GROW_MB"
+keep_writing "$before"
+
 stop_writer
 result=$writer_result
 echo "TIDEMARK-VM-INFO writer $result"
 sha256sum -c "$dir/churn.sums" > /dev/null || fail "churned files changed"
+sha256sum -c "$dir/grown.sums" > /dev/null || fail "the file in the grown space changed"
 sync
 umount "$mnt" || fail "umount failed"
 e2fsck -fn "$dev" > "$dir/fsck.out" 2>&1 || {
@@ -200,5 +213,5 @@ rc=$?
 tracker=""
 log_replays_to "$dir/disk.img"
 
-echo "TIDEMARK-VM-RESULT restart-gap-kill-ms=$gap_kill restart-gap-term-ms=$gap_term restart-gap-busy-ms=$gap_busy io-errors=$io_errors barriers=$barriers $result"
+echo "TIDEMARK-VM-RESULT restart-gap-kill-ms=$gap_kill restart-gap-term-ms=$gap_term restart-gap-busy-ms=$gap_busy io-errors=$io_errors barriers=$barriers $grow_result $result"
 echo "TIDEMARK-VM-PASS"

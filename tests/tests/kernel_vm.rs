@@ -19,7 +19,10 @@
 //! fsync writer (SIGKILL; SIGTERM with `--keep-device`): the new tracker
 //! re-adopts the device, and no write fails. Between the restarts the
 //! tracker is frozen past the kernel's request timeout, so the kernel drops
-//! the connection and the tracker must hand it a new one by itself.
+//! the connection and the tracker must hand it a new one by itself. Last
+//! the disk grows online under the mounted ext4: `tidemark tracker resize`
+//! tells the device (`NBD_CMD_RECONFIGURE` with the new size) and
+//! resize2fs grows the file system.
 //!
 //! And dm-log-writes as a witness that shares none of our code
 //! (`dm_log_writes_witness_agrees_with_our_log_at_every_mark`,
@@ -30,7 +33,9 @@
 //!
 //! And the tracker serving its disk through ublk (`tracker serve --ublk`,
 //! `scripts/vm-scenarios/ublk-ext4.sh`) under an ext4 and a writer, killed
-//! and restarted: the next tracker takes the device over (user recovery).
+//! and restarted: the next tracker takes the device over (user recovery);
+//! then the disk grows online (`UBLK_U_CMD_UPDATE_SIZE`) and resize2fs
+//! grows the mounted ext4.
 //!
 //! Skips (with a message, and never under CI) when qemu or the kernel
 //! cannot be had; `scripts/kernel-vm.sh install` installs the former,
@@ -52,6 +57,8 @@ const SIZE: u64 = 256 << 20;
 const EXPORT: &str = "vmdisk";
 /// Hard limit for the guest, boot to poweroff.
 const VM_TIMEOUT_SECS: u32 = 300;
+/// How much the netlink and ublk scenarios grow the disk online.
+const GROW_MB: u64 = 32;
 
 /// One guest at a time: each boots with two virtual CPUs under TCG on a
 /// two-core machine, and the scenarios have timing steps (request
@@ -286,6 +293,25 @@ impl GuestResult {
         value
             .parse()
             .unwrap_or_else(|e| panic!("{key}={value:?}: {e}"))
+    }
+
+    /// The disk grew online by [`GROW_MB`] under the mounted ext4: the
+    /// kernel device had the new size as soon as `tidemark tracker resize`
+    /// returned (the guest also grew the ext4 with resize2fs, wrote a file
+    /// that fits only in the new space, and read it back).
+    fn assert_grown_online(&self, test: &str) {
+        let (before, after) = (self.number("grow-before"), self.number("grow-after"));
+        assert!(before > 0, "grow-before = 0");
+        assert_eq!(
+            after,
+            before + (GROW_MB << 20),
+            "the kernel device did not grow by {GROW_MB} MiB"
+        );
+        eprintln!(
+            "{test}: grown online {before} -> {after} bytes: resize {} ms, resize2fs {} ms",
+            self.number("grow-ms"),
+            self.number("resize2fs-ms")
+        );
     }
 
     /// The writer's and the kernel's verdict across tracker restarts.
@@ -564,9 +590,10 @@ fn live_splice(test: &str, frontend: &str, frontend_tools: &[&str]) {
 const NETLINK_TEST: &str = "the_tracker_attaches_the_kernel_nbd_client_and_survives_restarts";
 
 /// The tracker attaches `/dev/nbd0` over netlink in the guest and is
-/// restarted twice under a writer; see `scripts/vm-scenarios/nbd-netlink.sh`
-/// for what the guest checks (no failed write, no kernel I/O error,
-/// e2fsck, `log check`, the log replays to the image).
+/// restarted twice under a writer, then the disk grows online under the
+/// mounted ext4; see `scripts/vm-scenarios/nbd-netlink.sh` for what the
+/// guest checks (no failed write, no kernel I/O error, the device's new
+/// size, resize2fs, e2fsck, `log check`, the log replays to the image).
 #[test]
 fn the_tracker_attaches_the_kernel_nbd_client_and_survives_restarts() {
     let tools = [
@@ -575,6 +602,7 @@ fn the_tracker_attaches_the_kernel_nbd_client_and_survives_restarts() {
         "modprobe",
         "mkfs.ext4",
         "e2fsck",
+        "resize2fs",
         "jq",
     ];
     if !guest_can_run(NETLINK_TEST, &tools) {
@@ -595,12 +623,15 @@ fn the_tracker_attaches_the_kernel_nbd_client_and_survives_restarts() {
             "WRITE_SECS=3".into(),
             "--env".into(),
             "STALL_SECS=6".into(),
+            "--env".into(),
+            format!("GROW_MB={GROW_MB}").into(),
             "--timeout".into(),
             "240".into(),
         ],
     );
     let result = GuestResult::of(&console);
     result.assert_no_write_failed();
+    result.assert_grown_online(NETLINK_TEST);
     let number = |key: &str| result.number(key);
     // Both restarts happened well within the dead-connection timeout
     // (60 s), or the kernel would have failed the waiting writes.
@@ -727,14 +758,22 @@ const UBLK_TEST: &str = "ublk_serves_ext4_and_survives_tracker_restarts";
 /// The tracker serves its disk as `/dev/ublkbN` in the guest (`tracker
 /// serve --ublk`): an ext4 is made and churned on it, then a writer fsyncs
 /// while the tracker is killed and later stopped with `--keep-device`; each
-/// new tracker takes the quiesced device over (ublk user recovery). See
+/// new tracker takes the quiesced device over (ublk user recovery); then
+/// the disk grows online and the device with it. See
 /// `scripts/vm-scenarios/ublk-ext4.sh` for what the guest checks (no failed
 /// write, no kernel I/O error, churned files intact, e2fsck, the device
 /// removed on a plain SIGTERM, `log check`, barriers in the log, the log
 /// replays to the image).
 #[test]
 fn ublk_serves_ext4_and_survives_tracker_restarts() {
-    let tools = ["qemu-system-x86_64", "busybox", "mkfs.ext4", "e2fsck", "jq"];
+    let tools = [
+        "qemu-system-x86_64",
+        "busybox",
+        "mkfs.ext4",
+        "e2fsck",
+        "resize2fs",
+        "jq",
+    ];
     if !guest_can_run(UBLK_TEST, &tools) {
         return;
     }
@@ -749,12 +788,15 @@ fn ublk_serves_ext4_and_survives_tracker_restarts() {
             guest_binary(dir).into(),
             "--env".into(),
             "WRITE_SECS=3".into(),
+            "--env".into(),
+            format!("GROW_MB={GROW_MB}").into(),
             "--timeout".into(),
-            "240".into(),
+            "300".into(),
         ],
     );
     let result = GuestResult::of(&console);
     result.assert_no_write_failed();
+    result.assert_grown_online(UBLK_TEST);
     let number = |key: &str| result.number(key);
     assert!(number("barriers") > 0, "no FLUSH or FUA reached the log");
     eprintln!(

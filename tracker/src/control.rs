@@ -7,6 +7,7 @@
 //! ([`crate::span_quiesce`]).
 
 use crate::group::{Group, MarkerError};
+use crate::kernel_size::{error_chain, Grown, KernelDevices};
 use crate::quiesce::Quiesce;
 use crate::span_quiesce::SpanQuiesce;
 use std::io::{BufRead, BufReader, Write};
@@ -19,7 +20,7 @@ use tidemark_control::hold::{
     held_reply, quiesced_reply, released_reply, thawed_reply, HoldRequest,
 };
 use tidemark_control::{
-    error_reply, ok_reply, DiskStatus, Request, ResizeReply, StatusReply, Tracking,
+    error_reply, ok_reply, DiskStatus, KernelGrowth, Request, ResizeReply, StatusReply, Tracking,
     MAX_REQUEST_LINE,
 };
 use tidemark_span::{Participant, ParticipantConfig, Refusal, RefuseCode};
@@ -58,8 +59,8 @@ pub fn status_of(group_name: &str, group: &Group) -> StatusReply {
     }
 }
 
-/// Answers one request line.
-pub fn handle_line(line: &str, group_name: &str, group: &Group) -> String {
+/// Answers one request line; a resize tells `devices` too.
+pub fn handle_line(line: &str, group_name: &str, group: &Group, devices: &KernelDevices) -> String {
     let request = match Request::parse(line) {
         Ok(r) => r,
         Err(e) => return error_reply(&e),
@@ -77,19 +78,32 @@ pub fn handle_line(line: &str, group_name: &str, group: &Group) -> String {
             Ok(seq) => ok_reply(serde_json::json!({ "seq": seq })),
             Err(e) => error_reply(&e),
         },
-        Request::Resize { disk } => match group.resize(&disk) {
-            Ok(r) => ok_reply(serde_json::json!({
-                "resized": ResizeReply {
-                    disk: r.disk.into_string(),
-                    before: r.before,
-                    size: r.size,
-                    seq: r.seq,
-                }
-            })),
+        Request::Resize { disk } => match crate::kernel_size::resize(group, devices, &disk) {
+            Ok(grown) => ok_reply(serde_json::json!({ "resized": resize_reply(grown) })),
             Err(e) => error_reply(&e),
         },
         Request::Stop => ok_reply(serde_json::json!({})),
         Request::HoldSession => error_reply(&"a hold session is the first request of a connection"),
+    }
+}
+
+/// The wire form of a growth.
+fn resize_reply(grown: Grown) -> ResizeReply {
+    let r = grown.resized;
+    ResizeReply {
+        disk: r.disk.into_string(),
+        before: r.before,
+        size: r.size,
+        seq: r.seq,
+        kernel: grown
+            .devices
+            .into_iter()
+            .map(|d| KernelGrowth {
+                device: d.device.display().to_string(),
+                grown: d.outcome.is_ok(),
+                error: d.outcome.err().map(|e| error_chain(&e)),
+            })
+            .collect(),
     }
 }
 
@@ -279,13 +293,25 @@ impl ControlSocket {
         group: Arc<Group>,
         quiesce: Option<Quiesce>,
     ) -> std::io::Result<ControlSocket> {
+        ControlSocket::start_with(path, group_name, group, quiesce, KernelDevices::new())
+    }
+
+    /// [`Self::start_quiescing`], telling `devices` when a disk grows
+    /// (`resize`).
+    pub fn start_with(
+        path: &Path,
+        group_name: String,
+        group: Arc<Group>,
+        quiesce: Option<Quiesce>,
+        devices: KernelDevices,
+    ) -> std::io::Result<ControlSocket> {
         let listener = crate::server::bind_private_unix(path)?;
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
             .name("tracker-control".into())
-            .spawn(move || serve(listener, &flag, &group_name, &group, quiesce))?;
+            .spawn(move || serve(listener, &flag, &group_name, &group, quiesce, &devices))?;
         Ok(ControlSocket {
             stop,
             thread: Some(thread),
@@ -309,6 +335,7 @@ fn serve(
     group_name: &str,
     group: &Arc<Group>,
     quiesce: Option<Quiesce>,
+    devices: &KernelDevices,
 ) {
     let holds = Arc::new(Holds {
         participant: Mutex::new(Participant::new(ParticipantConfig::default())),
@@ -318,7 +345,7 @@ fn serve(
     let mut sessions = Vec::new();
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
-            Ok((stream, _)) => match answer(stream, group_name, group, &holds) {
+            Ok((stream, _)) => match answer(stream, group_name, group, &holds, devices) {
                 Ok(Some(stream)) => {
                     let (stop, session, group) = (stop.clone(), holds.clone(), group.clone());
                     let spawned = std::thread::Builder::new()
@@ -357,6 +384,7 @@ fn answer(
     group_name: &str,
     group: &Group,
     holds: &Holds,
+    devices: &KernelDevices,
 ) -> std::io::Result<Option<UnixStream>> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -374,7 +402,7 @@ fn answer(
         }
         return Ok(Some(stream));
     }
-    let reply = handle_line(line.trim(), group_name, group);
+    let reply = handle_line(line.trim(), group_name, group, devices);
     let mut stream = stream;
     stream.write_all(reply.as_bytes())?;
     stream.write_all(b"\n")?;

@@ -7,6 +7,7 @@ use crate::backend::Backend;
 use crate::control::ControlSocket;
 use crate::group::{Group, GroupDisk, GroupOptions, OpenReport};
 use crate::kernel_attach::{backend_identifier, AttachError, AttachOptions, KernelAttachment};
+use crate::kernel_size::KernelDevices;
 use crate::server::{DataBudget, Frontend, Server, ServerOptions, DEFAULT_DATA_BUDGET};
 use crate::storage::{open_backing, BackingOptions, CacheMode, EngineKind};
 use crate::ublk::{UblkDevice, UblkOptions};
@@ -566,11 +567,14 @@ pub fn run(
         None => None,
     };
     // Serves at once, but refuses markers and resyncs until the group runs.
-    let control = ControlSocket::start_quiescing(
+    // The kernel devices a resize tells, added once they are up.
+    let kernel_devices = KernelDevices::new();
+    let control = ControlSocket::start_with(
         &settings.control_socket,
         settings.group.to_string(),
         group.clone(),
         settings.app_consistent.clone(),
+        kernel_devices.clone(),
     )
     .map_err(|source| DaemonError::Socket {
         what: "control socket",
@@ -641,6 +645,19 @@ pub fn run(
         },
         None => None,
     };
+    if let Some(attachment) = &attachment {
+        let export = attached_export(&settings, settings.attach.as_ref());
+        let disk = Backend::disks(group.as_ref())
+            .into_iter()
+            .find(|d| Some(&d.export) == export.as_ref())
+            .map(|d| d.disk.id);
+        if let Some(disk) = disk {
+            kernel_devices.add(attachment.kernel_device(disk));
+        }
+    }
+    if let Some(ublk) = &ublk {
+        kernel_devices.add(ublk.kernel_device());
+    }
     tracing::info!(socket = %settings.socket.display(), "serving");
     ready(
         &report,
@@ -656,6 +673,8 @@ pub fn run(
         ?signal,
         "stopping: no new connections, draining requests in flight"
     );
+    // A resize from here on tells no device that is going away.
+    kernel_devices.clear();
     // Detach before the server stops, so the kernel's disconnect reaches a
     // live connection; or leave the device for the next tracker.
     if let Some(attachment) = attachment {
@@ -874,20 +893,25 @@ fn start_ublk(
     UblkDevice::start(frontend, Arc::clone(budget), &options).map_err(DaemonError::Ublk)
 }
 
+/// The export `attach` attaches: the configured one, else the first disk's.
+fn attached_export(
+    settings: &TrackerSettings,
+    attach: Option<&KernelAttachSettings>,
+) -> Option<String> {
+    match attach.and_then(|a| a.export.as_ref()) {
+        Some(export) => Some(export.clone()),
+        None => settings.disks.first().map(|d| d.export.clone()),
+    }
+}
+
 /// Attaches (or re-adopts) the kernel device for `attach`.
 fn attach_kernel(
     settings: &TrackerSettings,
     attach: &KernelAttachSettings,
     server: &crate::server::ServerHandle,
 ) -> Result<KernelAttachment, DaemonError> {
-    let export = match &attach.export {
-        Some(export) => export.clone(),
-        None => settings
-            .disks
-            .first()
-            .map(|d| d.export.clone())
-            .ok_or_else(|| DaemonError::Attach(AttachError::NoSuchExport(String::new())))?,
-    };
+    let export = attached_export(settings, Some(attach))
+        .ok_or_else(|| DaemonError::Attach(AttachError::NoSuchExport(String::new())))?;
     let options = AttachOptions {
         backend: backend_identifier(&settings.group, &export),
         export,

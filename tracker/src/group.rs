@@ -1458,7 +1458,9 @@ impl Group {
     /// with the new size (a crash before that makes the next start append
     /// a second grow record to the same size, which the shipper and the
     /// replica take as already done). NBD connections keep the size of
-    /// their handshake; clients reconnect to see the new one.
+    /// their handshake; clients reconnect to see the new one. The kernel
+    /// devices the tracker serves are told after this returns
+    /// ([`crate::kernel_size::resize`]).
     ///
     /// Refused: a backing smaller than the size served, one that did not
     /// grow, a size the device cannot serve, bitmap mode.

@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod dm;
 pub mod group;
 pub mod kernel_attach;
+pub mod kernel_size;
 mod lock_order;
 pub mod nbd;
 pub mod queue;

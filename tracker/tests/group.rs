@@ -12,7 +12,9 @@ use std::sync::Arc;
 use tidemark_changelog::replay::{apply, MemoryImage, ReplaySummary};
 use tidemark_changelog::{DiskId, FsDir, Kind, LogOptions, LogReader, Record, Seq};
 use tidemark_tracker::backend::Backend;
+use tidemark_tracker::control::handle_line;
 use tidemark_tracker::group::{Group, GroupDisk, GroupOptions, ResizeError, TrackingMode};
+use tidemark_tracker::kernel_size::{GrowError, KernelDevice, KernelDevices};
 use tidemark_tracker::state::{BitmapCause, FullAt};
 use tidemark_tracker::storage::{BlockDevice, MemoryDevice};
 
@@ -1112,4 +1114,123 @@ fn a_crash_between_the_grow_record_and_the_disks_file_records_the_same_growth_ag
     write_disks_file(tmp.path(), &devs, DISK * 2);
     let (_, report) = open(tmp.path(), &devs, 64 << 20);
     assert!(report.grown.is_empty());
+}
+
+/// A kernel device of the test: records, when told a new size, what the
+/// group serves and whether the grow record is in the log at that moment;
+/// refuses if asked to.
+struct FakeKernelDevice {
+    disk: DiskId,
+    path: &'static str,
+    group: Arc<Group>,
+    dir: std::path::PathBuf,
+    refuse: bool,
+    /// (size told, size served then, grow record to that size in the log)
+    told: std::sync::Mutex<Vec<(u64, u64, bool)>>,
+}
+
+impl KernelDevice for FakeKernelDevice {
+    fn disk(&self) -> DiskId {
+        self.disk
+    }
+
+    fn path(&self) -> std::path::PathBuf {
+        self.path.into()
+    }
+
+    fn grow_to(&self, size: u64) -> Result<(), GrowError> {
+        let served = self.group.disk_sizes()[self.disk.index()];
+        let logged = records(&self.dir)
+            .iter()
+            .any(|r| r.header.kind == Kind::Grow && r.header.offset + r.header.length == size);
+        self.told.lock().unwrap().push((size, served, logged));
+        if self.refuse {
+            return Err(GrowError::Ublk {
+                device: self.path(),
+                source: std::io::Error::from_raw_os_error(95),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A resize tells the disk's kernel devices only after the grow record is
+/// in the log and the new size is served; a device that refuses leaves the
+/// disk grown and says so in the reply (which device, why, what to do);
+/// the other disk's device is not told; a refused resize tells nobody.
+#[test]
+fn kernel_devices_are_told_after_the_growth_is_durable_and_served() {
+    let tmp = tempfile::tempdir().unwrap();
+    let devs = [
+        Arc::new(MemoryDevice::new(DISK)),
+        Arc::new(MemoryDevice::new(DISK)),
+    ];
+    let (group, _) = open(tmp.path(), &devs, 64 << 20);
+    let group = Arc::new(group);
+    let device = |disk, path, refuse| {
+        Arc::new(FakeKernelDevice {
+            disk: DiskId(disk),
+            path,
+            group: Arc::clone(&group),
+            dir: tmp.path().to_path_buf(),
+            refuse,
+            told: std::sync::Mutex::new(Vec::new()),
+        })
+    };
+    let (ublk, nbd, other) = (
+        device(0, "/dev/ublkb0", false),
+        device(0, "/dev/nbd0", true),
+        device(1, "/dev/nbd1", false),
+    );
+    let devices = KernelDevices::new();
+    for d in [&ublk, &nbd, &other] {
+        devices.add(Arc::clone(d) as Arc<dyn KernelDevice>);
+    }
+
+    let reply = |line| -> serde_json::Value {
+        serde_json::from_str(&handle_line(line, "g", &group, &devices)).unwrap()
+    };
+    // Nothing grew: refused, nobody told.
+    let refused = reply("resize disk0");
+    assert_eq!(refused["ok"], false, "{refused}");
+    assert!(ublk.told.lock().unwrap().is_empty());
+
+    devs[0].extend_backing(DISK * 2);
+    let started = std::time::Instant::now();
+    let grown = reply("resize disk0");
+    eprintln!("resize with two kernel devices: {:?}", started.elapsed());
+    assert_eq!(grown["ok"], true, "{grown}");
+    let r = &grown["resized"];
+    assert_eq!(
+        (r["before"].as_u64(), r["size"].as_u64()),
+        (Some(DISK), Some(DISK * 2))
+    );
+    // Told once each, with the new size, which was already served and
+    // whose grow record was already in the log.
+    assert_eq!(*ublk.told.lock().unwrap(), vec![(DISK * 2, DISK * 2, true)]);
+    assert_eq!(*nbd.told.lock().unwrap(), vec![(DISK * 2, DISK * 2, true)]);
+    assert!(
+        other.told.lock().unwrap().is_empty(),
+        "another disk's device"
+    );
+    let kernel = r["kernel"].as_array().unwrap();
+    assert_eq!(kernel.len(), 2, "{grown}");
+    assert_eq!(kernel[0]["device"], "/dev/ublkb0");
+    assert_eq!(kernel[0]["grown"], true);
+    assert!(kernel[0].get("error").is_none(), "{grown}");
+    assert_eq!(kernel[1]["device"], "/dev/nbd0");
+    assert_eq!(kernel[1]["grown"], false);
+    let why = kernel[1]["error"].as_str().unwrap();
+    assert!(why.contains("/dev/nbd0 keeps its old size"), "{why}");
+    assert!(why.contains("then start it again"), "{why}");
+    assert!(why.contains("UBLK_U_CMD_UPDATE_SIZE"), "{why}");
+    // The refusal left the disk grown.
+    assert_eq!(group.disk_sizes(), vec![DISK * 2, DISK]);
+    group.write(DiskId(0), DISK, &[7; 4096], false).unwrap();
+
+    // Once forgotten (the daemon stopping), a device is told nothing.
+    devices.clear();
+    devs[0].extend_backing(DISK * 3);
+    assert_eq!(reply("resize disk0")["ok"], true);
+    assert_eq!(ublk.told.lock().unwrap().len(), 1);
 }

@@ -45,6 +45,18 @@
 //! sees its connection end while the tracker runs and hands the device a
 //! new socket the same way, so such a stall costs time, not I/O errors.
 //!
+//! # Growing
+//!
+//! When the disk grows while served (`tidemark tracker resize`), the
+//! device's connections first take requests up to the new end, then
+//! `NBD_CMD_RECONFIGURE` with `NBD_ATTR_SIZE_BYTES` tells the kernel the
+//! new size (see [`crate::kernel_size`]): the block device's capacity
+//! changes under a mounted file system. A re-adoption does not send a size
+//! (the kernel would freeze the device's queue while the requests it holds
+//! wait for the very socket being handed over): a kept device re-adopted
+//! after its disk grew offline keeps its old size until it is attached
+//! anew (the offline growth stops the tracker without `keep-device`).
+//!
 //! # Detaching
 //!
 //! [`KernelAttachment::detach`] sends `NBD_CMD_DISCONNECT` (the kernel
@@ -58,13 +70,16 @@ pub mod sysfs;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
 use std::time::Duration;
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
+use tidemark_changelog::DiskId;
+
+use crate::kernel_size::{GrowError, KernelDevice};
 use crate::nbd::constants::TransmissionFlags;
 use crate::server::{Adopted, Adopter, ServerHandle};
 use netlink::{ConnectRequest, NbdFamily, ReconfigureRequest};
@@ -210,6 +225,11 @@ fn seconds(duration: Duration) -> u64 {
 pub struct KernelAttachment {
     family: Arc<NbdFamily>,
     index: u32,
+    /// The backend identifier the device was attached with.
+    backend: String,
+    /// The size the kernel was told: what the device's connections hold
+    /// requests to ([`Adopter::adopt_told`]).
+    told: Arc<AtomicU64>,
     readopted: bool,
     watcher: Option<Watcher>,
 }
@@ -240,12 +260,17 @@ impl KernelAttachment {
             .adopter()
             .map_err(|e| AttachError::io("serving the kernel's connection", e))?;
         let family = Arc::new(NbdFamily::open()?);
+        let told = Arc::new(AtomicU64::new(0));
         let kept = sysfs::find_by_backend(&options.backend)
             .map_err(|e| AttachError::io("looking for a kept /dev/nbd device in /sys/block", e))?;
         let (index, adopted, readopted) = match kept {
-            Some(index) => (index, readopt(&family, &adopter, options, index)?, true),
+            Some(index) => (
+                index,
+                readopt(&family, &adopter, options, index, &told)?,
+                true,
+            ),
             None => {
-                let (index, adopted) = connect(&family, &adopter, options)?;
+                let (index, adopted) = connect(&family, &adopter, options, &told)?;
                 (index, adopted, false)
             }
         };
@@ -256,12 +281,13 @@ impl KernelAttachment {
         let connected = Arc::new(AtomicBool::new(true));
         let thread = {
             let (family, options) = (Arc::clone(&family), options.clone());
-            let (stop, connected) = (Arc::clone(&stop), Arc::clone(&connected));
+            let (stop, connected, told) =
+                (Arc::clone(&stop), Arc::clone(&connected), Arc::clone(&told));
             std::thread::Builder::new()
                 .name("nbd-attach-watch".into())
                 .spawn(move || {
                     watch(
-                        &family, &adopter, &options, index, adopted, &stop, &connected,
+                        &family, &adopter, &options, index, &told, adopted, &stop, &connected,
                     )
                 })
                 .map_err(|e| AttachError::io("starting the attachment's watcher", e))?
@@ -269,6 +295,8 @@ impl KernelAttachment {
         Ok(Self {
             family,
             index,
+            backend: options.backend.clone(),
+            told,
             readopted,
             watcher: Some(Watcher {
                 stop,
@@ -286,6 +314,19 @@ impl KernelAttachment {
     /// The device node.
     pub fn device(&self) -> PathBuf {
         PathBuf::from(device_path(self.index))
+    }
+
+    /// What tells the device that disk `disk` (the one it shows) grew:
+    /// `NBD_CMD_RECONFIGURE` with the new size (see [`crate::kernel_size`]).
+    /// The daemon forgets it before it detaches or keeps the device.
+    pub fn kernel_device(&self, disk: DiskId) -> Arc<dyn KernelDevice> {
+        Arc::new(NbdSize {
+            family: Arc::clone(&self.family),
+            index: self.index,
+            backend: self.backend.clone(),
+            told: Arc::clone(&self.told),
+            disk,
+        })
     }
 
     /// Whether a device a previous tracker kept was taken over (rather
@@ -335,15 +376,49 @@ impl Drop for KernelAttachment {
     }
 }
 
+/// Grows an attached device with `NBD_CMD_RECONFIGURE`.
+struct NbdSize {
+    family: Arc<NbdFamily>,
+    index: u32,
+    backend: String,
+    told: Arc<AtomicU64>,
+    disk: DiskId,
+}
+
+impl KernelDevice for NbdSize {
+    fn disk(&self) -> DiskId {
+        self.disk
+    }
+
+    fn path(&self) -> PathBuf {
+        PathBuf::from(device_path(self.index))
+    }
+
+    fn grow_to(&self, size: u64) -> Result<(), GrowError> {
+        crate::kernel_size::check_blocks(&self.path(), size, BLOCK_SIZE)?;
+        // The connection takes requests up to the new end before the
+        // kernel may send them.
+        self.told.fetch_max(size, Ordering::AcqRel);
+        netlink::resize_message(self.index, &self.backend, size)
+            .and_then(|message| self.family.request(message))
+            .map(drop)
+            .map_err(|source| GrowError::Nbd {
+                device: self.path(),
+                source,
+            })
+    }
+}
+
 /// Connects a new device to a new connection of `options.export`.
 fn connect(
     family: &NbdFamily,
     adopter: &Adopter,
     options: &AttachOptions,
+    told: &Arc<AtomicU64>,
 ) -> Result<(u32, Adopted), AttachError> {
     let (ours, kernels) =
         UnixStream::pair().map_err(|e| AttachError::io("creating a socketpair", e))?;
-    let adopted = adopt(adopter, ours, &options.export)?;
+    let adopted = adopt(adopter, ours, &options.export, told)?;
     let flags = adopted.export.flags.intersection(KERNEL_FLAGS);
     let message = netlink::connect_message(&ConnectRequest {
         index: options.index,
@@ -382,10 +457,11 @@ fn readopt(
     adopter: &Adopter,
     options: &AttachOptions,
     index: u32,
+    told: &Arc<AtomicU64>,
 ) -> Result<Adopted, AttachError> {
     let started = std::time::Instant::now();
     loop {
-        if let Some(adopted) = hand_new_socket(family, adopter, options, index)? {
+        if let Some(adopted) = hand_new_socket(family, adopter, options, index, told)? {
             tracing::info!(device = %device_path(index), export = %options.export, "kept kernel NBD device re-adopted");
             return Ok(adopted);
         }
@@ -403,13 +479,14 @@ fn hand_new_socket(
     adopter: &Adopter,
     options: &AttachOptions,
     index: u32,
+    told: &Arc<AtomicU64>,
 ) -> Result<Option<Adopted>, AttachError> {
     let (ours, kernels) =
         UnixStream::pair().map_err(|e| AttachError::io("creating a socketpair", e))?;
     let probe = ours
         .try_clone()
         .map_err(|e| AttachError::io("duplicating a socket", e))?;
-    let adopted = adopt(adopter, ours, &options.export)?;
+    let adopted = adopt(adopter, ours, &options.export, told)?;
     let message = netlink::reconfigure_message(&ReconfigureRequest {
         index,
         backend: options.backend.clone(),
@@ -430,11 +507,13 @@ const WATCH_INTERVAL: Duration = Duration::from_millis(200);
 
 /// The watcher's loop: while the attachment lives, a connection that ends
 /// is replaced by a new one (see [`KernelAttachment`]).
+#[allow(clippy::too_many_arguments)]
 fn watch(
     family: &NbdFamily,
     adopter: &Adopter,
     options: &AttachOptions,
     index: u32,
+    told: &Arc<AtomicU64>,
     mut current: Adopted,
     stop: &AtomicBool,
     connected: &AtomicBool,
@@ -452,7 +531,7 @@ fn watch(
             if stop.load(Ordering::SeqCst) {
                 return;
             }
-            match hand_new_socket(family, adopter, options, index) {
+            match hand_new_socket(family, adopter, options, index, told) {
                 Ok(Some(adopted)) => {
                     tracing::info!(device = %device_path(index), "kernel NBD device served again");
                     current = adopted;
@@ -480,14 +559,21 @@ fn device_path(index: u32) -> String {
     format!("/dev/nbd{index}")
 }
 
-fn adopt(adopter: &Adopter, ours: UnixStream, export: &str) -> Result<Adopted, AttachError> {
-    adopter.adopt(ours, export).map_err(|error| {
-        if error.kind() == std::io::ErrorKind::NotFound {
-            AttachError::NoSuchExport(export.to_string())
-        } else {
-            AttachError::io("serving the kernel's connection", error)
-        }
-    })
+fn adopt(
+    adopter: &Adopter,
+    ours: UnixStream,
+    export: &str,
+    told: &Arc<AtomicU64>,
+) -> Result<Adopted, AttachError> {
+    adopter
+        .adopt_told(ours, export, Arc::clone(told))
+        .map_err(|error| {
+            if error.kind() == std::io::ErrorKind::NotFound {
+                AttachError::NoSuchExport(export.to_string())
+            } else {
+                AttachError::io("serving the kernel's connection", error)
+            }
+        })
 }
 
 /// Whether nobody holds the other end of `stream` any more (a unix

@@ -10,7 +10,7 @@
 //! ```text
 //!  NBD_CMD_CONNECT / NBD_CMD_RECONFIGURE
 //!   ├ NBD_ATTR_INDEX              u32   (connect: omitted = first free)
-//!   ├ NBD_ATTR_SIZE_BYTES         u64   (connect)
+//!   ├ NBD_ATTR_SIZE_BYTES         u64   (connect; reconfigure: a grown disk)
 //!   ├ NBD_ATTR_BLOCK_SIZE_BYTES   u64   (connect)
 //!   ├ NBD_ATTR_SERVER_FLAGS       u64   (connect: transmission flags)
 //!   ├ NBD_ATTR_TIMEOUT            u64   seconds per request
@@ -244,6 +244,20 @@ pub fn reconfigure_message(request: &ReconfigureRequest) -> Result<NbdMessage, A
     )
 }
 
+/// `NBD_CMD_RECONFIGURE` with a new size only: the kernel sets the
+/// device's capacity and tells its users (the driver has honoured
+/// `NBD_ATTR_SIZE_BYTES` on reconfigure since Linux 5.3).
+pub fn resize_message(index: u32, backend: &str, size: u64) -> Result<NbdMessage, AttachError> {
+    message(
+        cmd::RECONFIGURE,
+        vec![
+            plain(attr::INDEX, index)?,
+            plain(attr::BACKEND_IDENTIFIER, Buffer::from(c_string(backend)))?,
+            plain(attr::SIZE_BYTES, size)?,
+        ],
+    )
+}
+
 /// `NBD_CMD_DISCONNECT`.
 pub fn disconnect_message(index: u32) -> Result<NbdMessage, AttachError> {
     message(cmd::DISCONNECT, vec![plain(attr::INDEX, index)?])
@@ -467,6 +481,20 @@ mod tests {
         assert_eq!(
             walk(&bytes(&disconnect_message(9).unwrap())[4..]),
             vec![(attr::INDEX, 9u32.to_ne_bytes().to_vec())]
+        );
+    }
+
+    #[test]
+    fn resize_names_the_device_its_backend_and_the_size_and_no_socket() {
+        let wire = bytes(&resize_message(4, "tidemark:g:d", 96 << 20).unwrap());
+        assert_eq!(wire[0], cmd::RECONFIGURE);
+        assert_eq!(
+            walk(&wire[4..]),
+            vec![
+                (attr::INDEX, 4u32.to_ne_bytes().to_vec()),
+                (attr::BACKEND_IDENTIFIER, b"tidemark:g:d\0".to_vec()),
+                (attr::SIZE_BYTES, (96u64 << 20).to_ne_bytes().to_vec()),
+            ]
         );
     }
 

@@ -8,7 +8,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use tidemark_changelog::DiskId;
@@ -95,16 +95,19 @@ pub(crate) fn session_without_handshake(
 
 /// Serves a connection that is already in the transmission phase (its
 /// client was told the export's size and flags out of band), to close.
+/// `told_size` is the size the client was told, raised when it is told a
+/// larger one (the disk grew); requests are held to it.
 pub(crate) fn run_negotiated(
     id: u64,
     stream: Stream,
     session: Negotiated,
+    told_size: &AtomicU64,
     disk: DiskId,
     frontend: &Frontend,
     shared: &Shared,
 ) {
     tracing::debug!(conn = id, export = %session.export.name, "transmission without handshake");
-    serve(id, stream, session, disk, frontend, shared);
+    serve(id, stream, session, Some(told_size), disk, frontend, shared);
 }
 
 /// Serves one connection from handshake to close; `handshaken` is set once
@@ -126,7 +129,7 @@ pub(crate) fn run(
                 block_status = session.base_allocation.is_some(),
                 "transmission"
             );
-            serve(id, stream, session, disk, frontend, shared);
+            serve(id, stream, session, None, disk, frontend, shared);
         }
         Err(end) => finish(id, &stream, end, shared),
     }
@@ -137,11 +140,12 @@ fn serve(
     id: u64,
     stream: Stream,
     session: Negotiated,
+    told_size: Option<&AtomicU64>,
     disk: DiskId,
     frontend: &Frontend,
     shared: &Shared,
 ) {
-    let end = match event_loop::run(id, &stream, &session, disk, frontend, shared) {
+    let end = match event_loop::run(id, &stream, &session, told_size, disk, frontend, shared) {
         LoopEnd::ClientClosed => Ended::ClientClosed,
         LoopEnd::Disconnected => Ended::Disconnected,
         LoopEnd::Stopping => Ended::Stopping,

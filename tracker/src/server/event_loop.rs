@@ -307,7 +307,12 @@ struct Conn<'a> {
     id: u64,
     stream: &'a Stream,
     fd: i32,
-    session: &'a Negotiated,
+    /// What the client was told (its size raised from `told_size`).
+    session: Negotiated,
+    /// For a client told the export's size out of band (the kernel
+    /// attached over netlink): that size, raised when the client is told
+    /// a larger one. Requests are held to it instead of the handshake's.
+    told_size: Option<&'a AtomicU64>,
     disk: DiskId,
     frontend: &'a Frontend,
     shared: &'a Shared,
@@ -347,6 +352,7 @@ pub(crate) fn run(
     id: u64,
     stream: &Stream,
     session: &Negotiated,
+    told_size: Option<&AtomicU64>,
     disk: DiskId,
     frontend: &Frontend,
     shared: &Shared,
@@ -368,7 +374,8 @@ pub(crate) fn run(
         id,
         stream,
         fd: stream.as_raw_fd(),
-        session,
+        session: session.clone(),
+        told_size,
         disk,
         frontend,
         shared,
@@ -685,7 +692,10 @@ impl Conn<'_> {
                 return;
             }
         };
-        let command = match header.validate(self.session) {
+        if let Some(told) = self.told_size {
+            self.session.export.size = told.load(Ordering::Acquire);
+        }
+        let command = match header.validate(&self.session) {
             Ok(command) => command,
             Err(rejection) => {
                 tracing::debug!(conn = self.id, reason = %rejection.reason, "request refused");

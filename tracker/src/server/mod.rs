@@ -70,7 +70,7 @@ use std::net::{Shutdown, ToSocketAddrs};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -196,7 +196,7 @@ impl ServerOptions {
 
 /// Connection ids of adopted connections, apart from the accepted ones'
 /// (which count from 1 per server); for the log only.
-static ADOPTED_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1 << 32);
+static ADOPTED_IDS: AtomicU64 = AtomicU64::new(1 << 32);
 
 /// What the server's threads share.
 pub(crate) struct Shared {
@@ -350,6 +350,21 @@ impl std::fmt::Debug for Adopter {
 impl Adopter {
     /// As [`ServerHandle::adopt`].
     pub fn adopt(&self, stream: UnixStream, export: &str) -> io::Result<Adopted> {
+        self.adopt_told(stream, export, Arc::new(AtomicU64::new(0)))
+    }
+
+    /// [`adopt`](Self::adopt), holding the connection's requests to
+    /// `told_size`: the size its client was told out of band, raised first
+    /// to the export's size now. Whoever tells the client a larger size
+    /// raises it first (see [`crate::kernel_size`]), so the connection
+    /// takes requests up to the new end as soon as the client may send
+    /// them; it is shared by the successive connections of one client.
+    pub fn adopt_told(
+        &self,
+        stream: UnixStream,
+        export: &str,
+        told_size: Arc<AtomicU64>,
+    ) -> io::Result<Adopted> {
         if self.shared.is_stopping() {
             return Err(io::Error::other("the NBD server has stopped"));
         }
@@ -369,13 +384,16 @@ impl Adopter {
         let waker = stream.try_clone()?;
         let id = ADOPTED_IDS.fetch_add(1, Ordering::Relaxed);
         let info = session.export.clone();
+        told_size.fetch_max(info.size, Ordering::AcqRel);
         let (done, ended) = mpsc::channel::<()>();
         let frontend = Arc::clone(&self.frontend);
         let shared = Arc::clone(&self.shared);
         let thread = std::thread::Builder::new()
             .name(format!("nbd-conn-{id}"))
             .spawn(move || {
-                connection::run_negotiated(id, stream, session, disk, &frontend, &shared);
+                connection::run_negotiated(
+                    id, stream, session, &told_size, disk, &frontend, &shared,
+                );
                 drop(done);
             })?;
         lock(&self.connections).push(ConnectionEntry {

@@ -146,6 +146,13 @@ impl Control {
         Ok(Params::decode_dev_sectors(&buf) << 9)
     }
 
+    /// Tells the driver a live device's new size (`UPDATE_SIZE`): the
+    /// block device's capacity changes and its users are notified.
+    pub fn update_size(&mut self, dev_id: u32, bytes: u64) -> std::io::Result<()> {
+        self.command(sys::cmd::UPDATE_SIZE, update_size_cmd(dev_id, bytes))?;
+        Ok(())
+    }
+
     /// Adds the block device; returns once every queue has fetched.
     pub fn start(&mut self, dev_id: u32, pid: i32) -> std::io::Result<()> {
         self.with_pid(sys::cmd::START_DEV, dev_id, pid)
@@ -189,6 +196,13 @@ fn cpus_of(mask: &[u8]) -> Vec<usize> {
         .collect()
 }
 
+/// `UPDATE_SIZE` for `dev_id`: the size goes inline, in 512-byte sectors.
+fn update_size_cmd(dev_id: u32, bytes: u64) -> CtrlCmd {
+    let mut cmd = device_cmd(dev_id, 0, 0);
+    cmd.data = bytes >> 9;
+    cmd
+}
+
 fn device_cmd(dev_id: u32, len: usize, addr: u64) -> CtrlCmd {
     CtrlCmd {
         dev_id,
@@ -211,5 +225,16 @@ mod tests {
         mask[9] = 0b1000_0000;
         assert_eq!(cpus_of(&mask), [0, 2, 79]);
         assert!(cpus_of(&[0u8; 8]).is_empty());
+    }
+
+    #[test]
+    fn update_size_carries_the_size_in_sectors_inline() {
+        let cmd = update_size_cmd(3, 96 << 20).encode();
+        assert_eq!(&cmd[0..4], &3u32.to_le_bytes());
+        assert_eq!(&cmd[4..6], &[0xff, 0xff], "a device command, no queue");
+        // No buffer: len and addr stay zero.
+        assert!(cmd[6..16].iter().all(|&b| b == 0));
+        assert_eq!(&cmd[16..24], &((96u64 << 20) / 512).to_le_bytes());
+        assert!(cmd[24..].iter().all(|&b| b == 0));
     }
 }

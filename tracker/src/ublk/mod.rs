@@ -50,6 +50,14 @@
 //! completion never reached the driver) is harmless: the log holds the
 //! same write twice, in order.
 //!
+//! # Growing
+//!
+//! When the disk grows while served (`tidemark tracker resize`), the
+//! queues first take requests up to the new end, then `UPDATE_SIZE` tells
+//! the driver the new size (Linux 6.15+, announced by
+//! `UBLK_F_UPDATE_SIZE`; see [`crate::kernel_size`]): the block device's
+//! capacity changes under a mounted file system.
+//!
 //! # Stopping
 //!
 //! [`UblkDevice::remove`]: `STOP_DEV` (the driver completes what is in
@@ -65,11 +73,13 @@ pub mod sys;
 
 use std::fs::File;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tidemark_changelog::DiskId;
 
+use crate::kernel_size::{GrowError, KernelDevice};
 use crate::server::{DataBudget, Frontend};
 use control::Control;
 use queue::{Queue, QueueEnd, QueueSpec, Shared};
@@ -203,6 +213,12 @@ pub fn identity_tag(identity: &str) -> u64 {
 /// A served ublk device.
 pub struct UblkDevice {
     dev_id: u32,
+    /// The disk it serves.
+    disk: DiskId,
+    /// Its size as the driver was told it (see [`queue::Shared::size`]).
+    size: Arc<AtomicU64>,
+    /// Whether the driver takes `UPDATE_SIZE` (the device can grow).
+    update_size: bool,
     recovered: bool,
     recoverable: bool,
     user_copy: bool,
@@ -211,6 +227,43 @@ pub struct UblkDevice {
     budget: Arc<DataBudget>,
     /// Budget bytes reserved for the tags' fixed buffers (driver copy).
     reserved: u64,
+}
+
+/// Grows a served device with `UPDATE_SIZE`, on a control ring of its own
+/// (the device's is the daemon thread's).
+struct UblkSize {
+    dev_id: u32,
+    disk: DiskId,
+    size: Arc<AtomicU64>,
+    supported: bool,
+}
+
+impl KernelDevice for UblkSize {
+    fn disk(&self) -> DiskId {
+        self.disk
+    }
+
+    fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/dev/ublkb{}", self.dev_id))
+    }
+
+    fn grow_to(&self, size: u64) -> Result<(), GrowError> {
+        crate::kernel_size::check_blocks(&self.path(), size, BLOCK_SIZE)?;
+        if !self.supported {
+            return Err(GrowError::UblkUnsupported {
+                device: self.path(),
+            });
+        }
+        // The queues take requests up to the new end before the driver
+        // may send them.
+        self.size.fetch_max(size, Ordering::AcqRel);
+        Control::open()
+            .and_then(|mut control| control.update_size(self.dev_id, size))
+            .map_err(|source| GrowError::Ublk {
+                device: self.path(),
+                source,
+            })
+    }
 }
 
 /// How the queues of one device are made.
@@ -311,6 +364,7 @@ impl UblkDevice {
             max_bytes: info.max_io_buf_bytes.min(max_bytes),
             user_copy: info.flags & sys::flags::USER_COPY != 0,
         };
+        let size = Arc::new(AtomicU64::new(options.size));
         let setup = (|| {
             let sectors_per_io = layout.max_bytes >> 9;
             control
@@ -332,8 +386,15 @@ impl UblkDevice {
                     },
                 )
                 .map_err(kernel("setting the device's parameters"))?;
-            let (queues, reserved) =
-                start_queues(&mut control, dev_id, &frontend, &budget, options, &layout)?;
+            let (queues, reserved) = start_queues(
+                &mut control,
+                dev_id,
+                &frontend,
+                &budget,
+                options,
+                &layout,
+                &size,
+            )?;
             if let Err(e) = control.start(dev_id, std::process::id() as i32) {
                 drop(queues);
                 budget.give(reserved);
@@ -346,6 +407,9 @@ impl UblkDevice {
                 layout.log(dev_id, "ublk device started");
                 Ok(Self {
                     dev_id,
+                    disk: options.disk,
+                    size,
+                    update_size: features & sys::flags::UPDATE_SIZE != 0,
                     recovered: false,
                     recoverable,
                     user_copy: layout.user_copy,
@@ -414,15 +478,27 @@ impl UblkDevice {
                 }
             }
         }
-        let (queues, reserved) =
-            start_queues(&mut control, dev_id, &frontend, &budget, options, &layout)?;
+        let size = Arc::new(AtomicU64::new(options.size));
+        let (queues, reserved) = start_queues(
+            &mut control,
+            dev_id,
+            &frontend,
+            &budget,
+            options,
+            &layout,
+            &size,
+        )?;
         if let Err(e) = control.end_recovery(dev_id, std::process::id() as i32) {
             budget.give(reserved);
             return Err(kernel(format!("ending the recovery of /dev/ublkb{dev_id}"))(e));
         }
         layout.log(dev_id, "ublk device taken over");
+        let features = control.features().unwrap_or(0);
         Ok(Self {
             dev_id,
+            disk: options.disk,
+            size,
+            update_size: features & sys::flags::UPDATE_SIZE != 0,
             recovered: true,
             recoverable: true,
             user_copy: layout.user_copy,
@@ -441,6 +517,18 @@ impl UblkDevice {
     /// The device number.
     pub fn dev_id(&self) -> u32 {
         self.dev_id
+    }
+
+    /// What tells the device that its disk grew (see
+    /// [`crate::kernel_size`]). The daemon forgets it before it removes or
+    /// keeps the device.
+    pub fn kernel_device(&self) -> Arc<dyn KernelDevice> {
+        Arc::new(UblkSize {
+            dev_id: self.dev_id,
+            disk: self.disk,
+            size: Arc::clone(&self.size),
+            supported: self.update_size,
+        })
     }
 
     /// Whether this tracker took over a device a previous one left.
@@ -549,6 +637,7 @@ fn start_queues(
     budget: &Arc<DataBudget>,
     options: &UblkOptions,
     layout: &Layout,
+    size: &Arc<AtomicU64>,
 ) -> Result<(Vec<Queue>, u64), UblkError> {
     let char_dev =
         Arc::new(open_char_device(dev_id).map_err(kernel(format!("opening /dev/ublkc{dev_id}")))?);
@@ -564,6 +653,7 @@ fn start_queues(
         char_dev,
         frontend: Arc::clone(frontend),
         budget: Arc::clone(budget),
+        size: Arc::clone(size),
     };
     let mut queues = Vec::with_capacity(usize::from(layout.queues));
     for q in 0..layout.queues {
@@ -576,7 +666,6 @@ fn start_queues(
             queue: q,
             depth: layout.depth,
             disk: options.disk,
-            size: options.size,
             max_bytes: layout.max_bytes,
             user_copy: layout.user_copy,
             cpus,

@@ -45,7 +45,7 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -81,8 +81,6 @@ pub(crate) struct QueueSpec {
     pub depth: u16,
     /// The disk (its index in the group).
     pub disk: DiskId,
-    /// The disk's size, bytes.
-    pub size: u64,
     /// The largest request, bytes (each tag's buffer in driver copy).
     pub max_bytes: u32,
     /// Request data through `pread`/`pwrite` on the char device (module
@@ -102,6 +100,10 @@ pub(crate) struct Shared {
     pub frontend: Arc<Frontend>,
     /// The tracker's data budget (user copy takes request buffers from it).
     pub budget: Arc<DataBudget>,
+    /// The device's size in bytes, as the driver was told it: requests
+    /// are held to it. Raised before the driver is told a larger one (a
+    /// grown disk), so a request to the new end is never refused.
+    pub size: Arc<AtomicU64>,
 }
 
 /// A running queue.
@@ -500,7 +502,8 @@ impl QueueLoop {
             return;
         }
         let desc = self.descriptor(tag);
-        match request_of(&desc, self.spec.size, self.spec.max_bytes) {
+        let size = self.shared.size.load(Ordering::Acquire);
+        match request_of(&desc, size, self.spec.max_bytes) {
             Err(errno) => {
                 log_failure(tag, &desc, errno);
                 self.commit(tag, for_the_driver(errno));

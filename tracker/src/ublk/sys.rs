@@ -62,6 +62,10 @@ pub mod cmd {
     pub const END_USER_RECOVERY: u32 = ioc(IOC_READ_WRITE, 0x11, N);
     /// The driver's feature flags.
     pub const GET_FEATURES: u32 = ioc(IOC_READ, 0x13, N);
+    /// Changes a live device's capacity (`data[0]`: the new size in
+    /// 512-byte sectors); the kernel tells the block device's users.
+    /// Linux 6.15+, announced by [`flags::UPDATE_SIZE`](super::flags::UPDATE_SIZE).
+    pub const UPDATE_SIZE: u32 = ioc(IOC_READ_WRITE, 0x15, N);
 }
 
 /// Queue commands on `/dev/ublkcN`, ioctl-encoded (`UBLK_U_IO_*`).
@@ -93,6 +97,11 @@ pub mod flags {
     /// `/dev/ublkcN` at [`user_copy_offset`](super::user_copy_offset),
     /// instead of the driver copying into per-tag buffers.
     pub const USER_COPY: u64 = 1 << 7;
+    /// The driver takes [`cmd::UPDATE_SIZE`](super::cmd::UPDATE_SIZE). A
+    /// feature bit only: the driver's handler of the command does not look
+    /// at the device's flags, so the tracker does not ask for it at
+    /// `ADD_DEV` (and a device kept by an older tracker can grow too).
+    pub const UPDATE_SIZE: u64 = 1 << 10;
 }
 
 /// Device states (`UBLK_S_DEV_*`).
@@ -425,6 +434,8 @@ mod tests {
         assert_eq!(cmd::GET_DEV_INFO, 0x8020_7502);
         assert_eq!(cmd::GET_FEATURES, 0x8020_7513);
         assert_eq!(cmd::GET_QUEUE_AFFINITY, 0x8020_7501);
+        // _IOWR('u', 0x15, struct ublksrv_ctrl_cmd).
+        assert_eq!(cmd::UPDATE_SIZE, 0xc020_7515);
     }
 
     #[test]
