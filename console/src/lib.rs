@@ -142,6 +142,7 @@ impl BoundConsole {
                         _ = stop.wait_for(|s| *s) => break,
                     }
                 }
+                state.stop_streams();
             })
         };
         let app =

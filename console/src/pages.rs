@@ -17,6 +17,7 @@ use serde::Deserialize;
 use tidemark_changelog::Seq;
 use tidemark_config::{ConsoleRole, ConsoleUser, ReceiverConfig};
 use tidemark_names::{Label, Name};
+use tidemark_receiver::jobs::{JobId, JobKind, JobState};
 use tidemark_receiver::span_take::{self, TakeRequest};
 use tidemark_receiver::store::StoreEngine;
 use tidemark_receiver::test_failover::nbd::ServedTestFailover;
@@ -25,7 +26,7 @@ use crate::audit::Audit;
 use crate::auth::{Change, Principal, Proof, Refused, Sessions};
 use crate::throttle::LoginThrottle;
 use crate::tls::ConsolePeer;
-use crate::view::{self, size, GroupRow, PointRow, ShipperRow};
+use crate::view::{self, size, GroupRow, JobRow, PointRow, ShipperRow};
 use tidemark_receiver::shipper_reports::ShipperReports;
 
 /// How often expired sessions and old login failures are swept.
@@ -73,6 +74,8 @@ struct RunningTest {
     served: ServedTestFailover,
     by: String,
     started_ns: u64,
+    /// Its job in the registry.
+    job: JobId,
 }
 
 /// What every request shares.
@@ -88,8 +91,12 @@ pub(crate) struct Console {
     throttle: Mutex<LoginThrottle>,
     tests: Mutex<BTreeMap<(Name, Name), RunningTest>>,
     audit: Audit,
-    /// What the shippers reported (filled by the receiver's sessions).
+    /// What the shippers reported (filled by the receiver's sessions),
+    /// and the job registry.
     reports: Arc<ShipperReports>,
+    /// Turns true when the console stops: live streams end then, or the
+    /// server's graceful shutdown would wait for them forever.
+    shutdown: tokio::sync::watch::Sender<bool>,
 }
 
 pub(crate) type Shared = Arc<Console>;
@@ -111,7 +118,17 @@ impl Console {
             tests: Mutex::new(BTreeMap::new()),
             audit: Audit::new(&cfg.data_dir),
             reports,
+            shutdown: tokio::sync::watch::channel(false).0,
         })
+    }
+
+    /// Ends the live streams (at shutdown).
+    pub(crate) fn stop_streams(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    fn jobs(&self) -> &tidemark_receiver::jobs::JobRegistry {
+        self.reports.jobs()
     }
 
     /// Ends every test failover the console started (at shutdown).
@@ -120,9 +137,20 @@ impl Console {
             std::mem::take(&mut *self.tests.lock().unwrap_or_else(|e| e.into_inner()))
                 .into_values()
                 .collect();
+        let jobs = self.reports.jobs().clone();
         for t in tests {
-            let _ = tokio::task::spawn_blocking(move || t.served.end()).await;
+            let jobs = jobs.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                let ended = t.served.end();
+                let reason = match &ended {
+                    Ok(()) => "ended when the console stopped".to_string(),
+                    Err(e) => format!("ended when the console stopped: {}", error_chain(e)),
+                };
+                jobs.end(t.job, JobState::Interrupted(reason), now_ns());
+            })
+            .await;
         }
+        let _ = tokio::task::spawn_blocking(move || jobs.flush(now_ns())).await;
     }
 
     /// The hosts: the configured ones and those with replicas.
@@ -248,6 +276,8 @@ pub(crate) fn router(state: Shared) -> Router {
         )
         .route("/group/{host}/{group}/mark", post(mark_point))
         .route("/test-failovers", get(tests_page))
+        .route("/jobs", get(jobs_page))
+        .route("/jobs/events", get(job_events))
         .with_state(state)
 }
 
@@ -774,6 +804,106 @@ async fn tests_page(
     page(Some(&who), TestsPage { who: &who, tests }.render())
 }
 
+#[derive(Template)]
+#[template(path = "jobs.html")]
+struct JobsPage<'a> {
+    who: &'a Who,
+    running: Vec<JobRow>,
+    finished: Vec<JobRow>,
+}
+
+/// The rows of the registry's jobs at `now`, newest first.
+fn job_rows(state: &Console, now: u64) -> Vec<JobRow> {
+    state
+        .jobs()
+        .jobs()
+        .iter()
+        .rev()
+        .map(|j| JobRow::new(j, now))
+        .collect()
+}
+
+async fn jobs_page(
+    State(state): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<ConsolePeer>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(who) = reader(&state, &headers, &peer) else {
+        return Redirect::to("/login").into_response();
+    };
+    let (running, finished) = job_rows(&state, now_ns())
+        .into_iter()
+        .partition(|r| r.state == JobState::Running.word());
+    page(
+        Some(&who),
+        JobsPage {
+            who: &who,
+            running,
+            finished,
+        }
+        .render(),
+    )
+}
+
+/// How long the live stream waits after a change before it sends, so a
+/// burst of changes (every group's report in the same second) is one
+/// event.
+const EVENTS_COALESCE: std::time::Duration = std::time::Duration::from_millis(300);
+/// How often the live stream sends even without a change (the time left
+/// moves with the clock).
+const EVENTS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The jobs, live: a server-sent event `jobs` whose data is the JSON of
+/// every job's row, at once and after every change of the registry. It
+/// needs a session like every page (401 without one: an `EventSource`
+/// does not follow a redirect to the login page usefully).
+async fn job_events(
+    State(state): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<ConsolePeer>,
+    headers: HeaderMap,
+) -> Response {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let Some(who) = reader(&state, &headers, &peer) else {
+        return (StatusCode::UNAUTHORIZED, "log in first").into_response();
+    };
+    let changes = state.jobs().watch();
+    let stop = state.shutdown.subscribe();
+    let stream = futures_util::stream::unfold(
+        (state, changes, stop, true),
+        |(state, mut changes, mut stop, first)| async move {
+            if *stop.borrow() {
+                return None;
+            }
+            if !first {
+                tokio::select! {
+                    changed = changes.changed() => {
+                        changed.ok()?;
+                        tokio::time::sleep(EVENTS_COALESCE).await;
+                    }
+                    _ = tokio::time::sleep(EVENTS_EVERY) => {}
+                    // Only `true` is ever sent: any change is the stop.
+                    _ = stop.changed() => return None,
+                }
+            }
+            changes.borrow_and_update();
+            let rows = job_rows(&state, now_ns());
+            let data = serde_json::to_string(&rows).unwrap_or_else(|_| "[]".into());
+            let event = Event::default().event("jobs").data(data);
+            Some((
+                Ok::<_, std::convert::Infallible>(event),
+                (state, changes, stop, false),
+            ))
+        },
+    );
+    let mut resp = Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response();
+    if let Some(c) = who.new_cookie {
+        resp.headers_mut().insert(header::SET_COOKIE, c);
+    }
+    resp
+}
+
 fn failed(message: String) -> Response {
     let body = ErrorPage {
         title: "The action failed",
@@ -807,19 +937,29 @@ async fn start_test(
     }
     let st = state.clone();
     let (hh, gg) = (h.clone(), g.clone());
+    let by = who.name.clone();
     let started = tokio::task::spawn_blocking(move || {
-        let socket = st.socket(&hh, &gg);
-        tidemark_durable::create_private_dir_all(&crate::console_dir(&st.data_dir))
-            .map_err(|e| e.to_string())?;
-        let group_dir = tidemark_receiver::daemon::group_dir(&st.data_dir, &hh, &gg);
-        ServedTestFailover::start(st.engine.as_ref(), &group_dir, &hh, &gg, Seq(seq), &socket)
-            .map_err(|e| error_chain(&e))
+        let job = st
+            .jobs()
+            .start(JobKind::TestFailover, &hh, &gg, &by, now_ns());
+        let started = (|| {
+            let socket = st.socket(&hh, &gg);
+            tidemark_durable::create_private_dir_all(&crate::console_dir(&st.data_dir))
+                .map_err(|e| e.to_string())?;
+            let group_dir = tidemark_receiver::daemon::group_dir(&st.data_dir, &hh, &gg);
+            ServedTestFailover::start(st.engine.as_ref(), &group_dir, &hh, &gg, Seq(seq), &socket)
+                .map_err(|e| error_chain(&e))
+        })();
+        if let Err(e) = &started {
+            st.jobs().end(job, JobState::Failed(e.clone()), now_ns());
+        }
+        started.map(|served| (served, job))
     })
     .await
     .unwrap_or_else(|e| Err(e.to_string()));
     let now = now_ns();
     match started {
-        Ok(served) => {
+        Ok((served, job)) => {
             state.audit.record(
                 &who,
                 "test-failover start",
@@ -836,6 +976,7 @@ async fn start_test(
                     served,
                     by: who.name.clone(),
                     started_ns: now,
+                    job,
                 },
             );
             Redirect::to(&format!("/group/{host}/{group}?point={seq}")).into_response()
@@ -867,9 +1008,18 @@ async fn cleanup_test(
     let Some(test) = state.lock_tests().remove(&(h, g)) else {
         return failed("no test failover of this group was started here".into());
     };
-    let ended = tokio::task::spawn_blocking(move || test.served.end().map_err(|e| error_chain(&e)))
-        .await
-        .unwrap_or_else(|e| Err(e.to_string()));
+    let st = state.clone();
+    let ended = tokio::task::spawn_blocking(move || {
+        let ended = test.served.end().map_err(|e| error_chain(&e));
+        let end = match &ended {
+            Ok(()) => JobState::Done,
+            Err(e) => JobState::Failed(format!("cleaning up: {e}")),
+        };
+        st.jobs().end(test.job, end, now_ns());
+        ended
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()));
     let outcome = match &ended {
         Ok(()) => "ended: its writes are discarded, nothing of it is left".to_owned(),
         Err(e) => format!("failed: {e}"),

@@ -13,6 +13,7 @@ use axum::http::{Method, Request};
 use tidemark_changelog::DiskId;
 use tidemark_config::{ConsoleRole, ConsoleUser, ReceiverConfig, SpanEntry, SpanMember};
 use tidemark_names::Name;
+use tidemark_receiver::jobs::JobKind;
 use tidemark_receiver::store::{Disk, LocalEngine, StoreEngine};
 use tower::ServiceExt;
 
@@ -438,4 +439,152 @@ async fn an_operator_marks_a_point_through_the_spans_coordinator() {
     .await;
     assert_eq!(a.status, StatusCode::CONFLICT);
     assert!(a.body.contains("the label"), "{}", a.body);
+}
+
+#[tokio::test]
+async fn the_jobs_page_and_its_live_stream_need_a_session_and_show_the_registry() {
+    use futures_util::StreamExt;
+    let dir = tempfile::tempdir().unwrap();
+    let state = console(dir.path());
+
+    // Without a session: the page sends to the login page, the stream
+    // is refused outright.
+    let a = send(&state, Method::GET, "/jobs", Ask::default()).await;
+    assert_eq!(a.status, StatusCode::SEE_OTHER);
+    assert_eq!(a.headers[header::LOCATION], "/login");
+    let a = send(&state, Method::GET, "/jobs/events", Ask::default()).await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    let a = send(
+        &state,
+        Method::GET,
+        "/jobs/events",
+        Ask {
+            cookie: Some("not-a-session"),
+            ..Ask::default()
+        },
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+
+    // A test failover of a point the group does not have: refused to a
+    // read-only user (no job), failed for an operator (a failed job
+    // naming why).
+    let (viewer, viewer_csrf, _) = session(&state, "viewer", "look").await;
+    let a = send(
+        &state,
+        Method::POST,
+        "/group/db1/default/test-failover",
+        Ask {
+            cookie: Some(&viewer),
+            form: Some(&format!("csrf={viewer_csrf}&point=999")),
+            ..Ask::default()
+        },
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN);
+    assert!(
+        state.jobs().jobs().is_empty(),
+        "a refused request is no job"
+    );
+    let (ops, csrf, _) = session(&state, "ops", "right").await;
+    let a = send(
+        &state,
+        Method::POST,
+        "/group/db1/default/test-failover",
+        Ask {
+            cookie: Some(&ops),
+            form: Some(&format!("csrf={csrf}&point=999")),
+            ..Ask::default()
+        },
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::CONFLICT, "{}", a.body);
+    let jobs = state.jobs().jobs();
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].kind, JobKind::TestFailover);
+    assert_eq!(jobs[0].by, "ops");
+    assert_eq!(jobs[0].state.word(), "failed");
+    assert!(!jobs[0].state.reason().is_empty());
+
+    // A sync the shipper reports, half done.
+    let report = tidemark_wire::StatusReport {
+        state: tidemark_wire::ReportState::InitialSync,
+        reason: String::new(),
+        pending_records: 0,
+        pending_bytes: 0,
+        lag_ms: 0,
+        wire_bytes_per_sec: 0,
+        record_bytes_per_sec: 0,
+        sync: tidemark_wire::Progress {
+            done: 512 << 10,
+            total: 1 << 20,
+        },
+        sync_bytes_per_sec: 0,
+        resync: tidemark_wire::Progress::default(),
+    };
+    state
+        .reports
+        .handle_report(&name("db3"), &name("default"), report, now_ns());
+
+    let page = send(
+        &state,
+        Method::GET,
+        "/jobs",
+        Ask {
+            cookie: Some(&viewer),
+            ..Ask::default()
+        },
+    )
+    .await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(
+        page.body
+            .contains("id=\"job-2-bar\" value=\"50\" max=\"100\""),
+        "{}",
+        page.body
+    );
+    assert!(page.body.contains("512.0 KiB of 1.0 MiB"), "{}", page.body);
+    assert!(page.body.contains("#1 test failover"), "{}", page.body);
+    assert!(page.body.contains("new EventSource('/jobs/events')"));
+
+    // The stream: the rows at once, then again after a change.
+    let resp = router(state.clone())
+        .oneshot({
+            let mut req = Request::builder()
+                .uri("/jobs/events")
+                .header(header::HOST, HOST)
+                .header(header::COOKIE, format!("{COOKIE}={viewer}"))
+                .body(Body::empty())
+                .unwrap();
+            req.extensions_mut().insert(ConnectInfo(ConsolePeer {
+                addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 50000),
+                admin: None,
+            }));
+            req
+        })
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()[header::CONTENT_TYPE], "text/event-stream");
+    let mut body = resp.into_body().into_data_stream();
+    let first = body.next().await.unwrap().unwrap();
+    let first = String::from_utf8_lossy(&first).into_owned();
+    assert!(first.starts_with("event: jobs\ndata: ["), "{first}");
+    assert!(first.contains("\"percent\":50"), "{first}");
+    let sync = state.jobs().jobs()[1].id;
+    state.jobs().progress(sync, 1 << 20, 1 << 20, now_ns());
+    let next = tokio::time::timeout(Duration::from_secs(5), body.next())
+        .await
+        .expect("an event after the change")
+        .unwrap()
+        .unwrap();
+    let next = String::from_utf8_lossy(&next).into_owned();
+    assert!(next.contains("\"percent\":100"), "{next}");
+    // The console stopping ends the stream.
+    state.stop_streams();
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(Ok(_)) = body.next().await {}
+    })
+    .await;
+    assert!(end.is_ok(), "the stream ends when the console stops");
 }

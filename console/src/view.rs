@@ -2,6 +2,7 @@
 //! plain data made from store facts and `now`, so the wording and the
 //! arithmetic are tested without a store or a browser.
 
+use tidemark_receiver::jobs::{Job, JobState};
 use tidemark_receiver::shipper_reports::ReceivedReport;
 use tidemark_receiver::store::{GroupState, RecoveryPoint};
 use tidemark_wire::{Progress, ReportState};
@@ -311,6 +312,78 @@ fn civil(days: i64) -> (i64, u32, u32) {
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     let y = yoe + era * 400 + i64::from(m <= 2);
     (y, m, d)
+}
+
+/// One job of the registry, as the jobs page shows it (and its live
+/// updates send).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct JobRow {
+    /// Its id.
+    pub id: u64,
+    /// What it does ("initial sync", "test failover", ...).
+    pub kind: &'static str,
+    /// `host/group`.
+    pub target: String,
+    /// Who started it.
+    pub by: String,
+    /// When it started, UTC.
+    pub started: String,
+    /// When it ended, UTC (empty while running).
+    pub ended: String,
+    /// "running", "done", "failed" or "interrupted".
+    pub state: &'static str,
+    /// The state's CSS class.
+    pub class: &'static str,
+    /// Why it failed or was interrupted (empty otherwise).
+    pub reason: String,
+    /// Progress as a percent (0..=100) if the job measures it.
+    pub percent: Option<u8>,
+    /// Progress in words: "1.0 MiB of 4.0 MiB, about 3 s left", or what
+    /// the job is doing when it has no measure.
+    pub progress: String,
+}
+
+impl JobRow {
+    /// The row of `job` at `now_ns`.
+    pub fn new(job: &Job, now_ns: u64) -> JobRow {
+        let class = match job.state {
+            JobState::Running => "busy",
+            JobState::Done => "ok",
+            JobState::Failed(_) | JobState::Interrupted(_) => "bad",
+        };
+        let percent = job
+            .fraction()
+            .map(|f| (f * 100.0).floor().clamp(0.0, 100.0) as u8);
+        let progress = match (job.total, &job.state) {
+            (0, JobState::Running) => "running; no measure of progress".to_string(),
+            (0, _) => String::new(),
+            (total, state) => {
+                let mut text = format!("{} of {}", size(job.done), size(total));
+                if !state.ended() {
+                    match job.eta(now_ns) {
+                        Some(eta) => {
+                            text.push_str(&format!(", about {} left", age(eta.as_nanos() as u64)))
+                        }
+                        None => text.push_str(", time left not known yet"),
+                    }
+                }
+                text
+            }
+        };
+        JobRow {
+            id: job.id.0,
+            kind: job.kind.describe(),
+            target: format!("{}/{}", job.host, job.group),
+            by: job.by.clone(),
+            started: utc(job.started_ns),
+            ended: job.ended_ns.map(utc).unwrap_or_default(),
+            state: job.state.word(),
+            class,
+            reason: job.state.reason().to_string(),
+            percent,
+            progress,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -6,6 +6,8 @@
 //! - [`daemon`]: the QUIC server: authenticated hosts, their groups,
 //!   the protocol session per connection.
 //! - [`drain`]: the drain request and answer files of a planned failover.
+//! - [`jobs`]: the job registry: syncs, resyncs, test failovers and
+//!   failovers, running and finished, with progress; kept on disk.
 //! - [`pin`]: the pin that keeps a recovery point from retention while
 //!   a test failover or a planned failover reads it.
 //! - [`renew`]: signing a host's renewed certificate; the certificate
@@ -33,6 +35,7 @@
 mod coordinate;
 pub mod daemon;
 pub mod drain;
+pub mod jobs;
 pub mod lag_ring;
 pub mod lease;
 pub mod lease_task;

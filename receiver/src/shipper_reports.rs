@@ -18,6 +18,7 @@ use tidemark_names::Name;
 use tidemark_wire::{Message, MessageDecoder, StatusReport};
 
 use crate::daemon::group_dir;
+use crate::jobs::JobRegistry;
 use crate::lag_ring::{LagRing, LagRingFile, LagSlot, FILE_LEN, LAG_RING_FILE};
 
 /// The newest report of a group, as the receiver got it.
@@ -61,6 +62,9 @@ struct GroupReports {
 pub struct ShipperReports {
     data_dir: PathBuf,
     groups: Mutex<HashMap<(Name, Name), GroupReports>>,
+    /// The job registry: the syncs and resyncs the reports show, and the
+    /// console's jobs.
+    jobs: Arc<JobRegistry>,
 }
 
 impl std::fmt::Debug for ShipperReports {
@@ -77,7 +81,13 @@ impl ShipperReports {
         Arc::new(ShipperReports {
             data_dir: data_dir.to_path_buf(),
             groups: Mutex::new(HashMap::new()),
+            jobs: Arc::new(JobRegistry::open(data_dir, tidemark_changelog::now_ns())),
         })
+    }
+
+    /// The receiver's job registry.
+    pub fn jobs(&self) -> &Arc<JobRegistry> {
+        &self.jobs
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(Name, Name), GroupReports>> {
@@ -88,6 +98,7 @@ impl ShipperReports {
     /// replaces the one before and counts in the lag history. Writes the
     /// history's file: call from a blocking context.
     pub fn handle_report(&self, host: &Name, group: &Name, report: StatusReport, now_ns: u64) {
+        self.jobs.handle_report(host, group, &report, now_ns);
         let mut groups = self.lock();
         let g = groups.entry((host.clone(), group.clone())).or_default();
         if g.ring.is_none() {
@@ -122,6 +133,7 @@ impl ShipperReports {
     /// what the shipper last said, and the history is made durable.
     /// Blocking.
     pub fn handle_session_end(&self, host: &Name, group: &Name) {
+        self.jobs.flush(tidemark_changelog::now_ns());
         let mut groups = self.lock();
         let Some(g) = groups.get_mut(&(host.clone(), group.clone())) else {
             return;

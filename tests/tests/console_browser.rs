@@ -6,7 +6,9 @@
 //! read-only user with a password; a test failover is started from the
 //! page, read back with `nbdcopy`, and cleaned up from the page; the
 //! refusals (read-only, no session, no CSRF token) are POSTs from inside
-//! the logged-in pages. One browser per identity; screenshots of each
+//! the logged-in pages. The jobs page shows the test failover running,
+//! with its progress bar and the live stream connected, then finished.
+//! One browser per identity; screenshots of each
 //! page go to target/console-screenshots/.
 
 use std::fs;
@@ -398,6 +400,39 @@ fn the_console_logs_in_shows_points_and_runs_a_test_failover() {
         assert!(op.text("#tests").await.contains(&export));
         op.shot("test-failovers.png").await;
 
+        // The jobs page: the running test failover, with its (unmeasured)
+        // progress bar, and the live stream connected (its script shows
+        // that it follows the server's events).
+        let jobs_started = Instant::now();
+        op.c().goto(&format!("{base}/jobs")).await.unwrap();
+        let running = op
+            .text("#running-jobs tr.job[data-state=\"running\"]")
+            .await;
+        assert!(
+            running.contains("test failover") && running.contains(&format!("{HOST}/default")),
+            "{running}"
+        );
+        assert!(running.contains("alice"), "{running}");
+        op.c()
+            .find(Locator::Css("#running-jobs tr.job progress.job-bar"))
+            .await
+            .expect("a progress bar");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !op
+            .c()
+            .find(Locator::Css("#live-on"))
+            .await
+            .unwrap()
+            .is_displayed()
+            .await
+            .unwrap()
+        {
+            assert!(Instant::now() < deadline, "the live stream did not connect");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        op.shot("jobs.png").await;
+        eprintln!("jobs page checked in {:.1?}", jobs_started.elapsed());
+
         op.c().goto(&format!("{base}{group}")).await.unwrap();
         op.c()
             .find(Locator::Css("#cleanup"))
@@ -412,6 +447,13 @@ fn the_console_logs_in_shows_points_and_runs_a_test_failover() {
         assert!(
             !data_dir.join(HOST).join("default/test-failover").exists(),
             "traces left"
+        );
+        // The test failover is a finished job now.
+        op.c().goto(&format!("{base}/jobs")).await.unwrap();
+        let finished = op.text("#finished-jobs tr.job").await;
+        assert!(
+            finished.contains("test failover") && finished.contains("done"),
+            "{finished}"
         );
 
         // The shipper's report on the group page moves as the host
