@@ -601,7 +601,8 @@ fn next_id_of_damaged(bytes: &[u8]) -> u64 {
 
 /// Opens the registry kept in `dir`: a damaged file is set aside as
 /// [`JOBS_DAMAGED`] (replacing an older one) and the registry starts
-/// afresh, its ids above those the damaged file names.
+/// afresh, its ids above those the damaged file names and above the clock
+/// in ms at `now_ns`.
 pub fn open_in<D: LogDir>(dir: &D, now_ns: u64) -> Result<JobBook, JobsFileError> {
     match read(dir, now_ns) {
         Ok(book) => Ok(book.unwrap_or_default()),
@@ -616,7 +617,12 @@ pub fn open_in<D: LogDir>(dir: &D, now_ns: u64) -> Result<JobBook, JobsFileError
                     bytes.truncate(n);
                     Ok(next_id_of_damaged(&bytes))
                 })
-                .unwrap_or(1);
+                .unwrap_or(1)
+                // The damage may have hit the number itself (or the file
+                // named none): ids then go on above the clock in ms, which
+                // no id counted up from an earlier start or floor reaches
+                // while fewer than a thousand jobs start a second.
+                .max(now_ns / 1_000_000);
             tracing::warn!(
                 dir = %dir.describe(),
                 error = %crate_error_chain(&e),

@@ -178,8 +178,19 @@ fn a_damaged_file_is_a_typed_error_and_is_set_aside_keeping_ids_unique() {
     assert!(fresh.next_id() >= 8, "{}", fresh.next_id());
     assert_eq!(dir.files()[JOBS_DAMAGED], bytes, "set aside as it was");
     // The fresh registry is written at once, so its next id is kept.
+    let next = fresh.next_id();
     write(&mut fresh, &dir, 2 * S, false);
-    assert_eq!(read(&dir, 3 * S).unwrap().unwrap().next_id(), 8);
+    assert_eq!(read(&dir, 3 * S).unwrap().unwrap().next_id(), next);
+
+    // Damage that took the next id itself: ids go on above the clock.
+    let mut bytes = dir.files()[JOBS_FILE].clone();
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    let at = text.find("\"next-id\":").unwrap();
+    bytes[at + 1] = b'N';
+    dir.put(JOBS_FILE, bytes);
+    let now = 1_800_000_000 * S;
+    let again = open_in(&dir, now).unwrap();
+    assert!(again.next_id() >= now / 1_000_000, "{}", again.next_id());
 
     // Sealed but not a registry, or breaking its rules: typed errors.
     let not_json = seal("{\"version\":1").into_bytes();
