@@ -20,9 +20,10 @@ use std::process::ExitCode;
 use std::time::Instant;
 use tidemark_changelog::{DiskId, Seq};
 use tidemark_names::Name;
+use tidemark_receiver::drain::DrainChannel;
 use tidemark_receiver::pin::PinLock;
 use tidemark_receiver::span_point::{PinnedSpanPoint, PointChoice};
-use tidemark_receiver::store::{GroupState, LocalEngine, PointReader, RecoveryPoint, ReplicaStore};
+use tidemark_receiver::store::{GroupState, PointReader, RecoveryPoint, ReplicaStore, StoreEngine};
 use tidemark_vm::boot::{self, NetworkMap, Networks};
 use tidemark_vm::DiskSource;
 
@@ -129,7 +130,7 @@ impl VmToBoot {
 pub(crate) fn failover(a: FailoverArgs) -> Result<ExitCode> {
     let replica = match a.target.target()? {
         Target::Group(replica) => replica,
-        Target::Span { data_dir, span } => return span_failover(&a, &data_dir, &span),
+        Target::Span { store, span } => return span_failover(&a, &store, &span),
     };
     if a.planned {
         return planned_failover(&a, &replica);
@@ -237,13 +238,19 @@ fn failover_to_rbd(_: &FailoverArgs, _: &ReplicaArgs, _: &str) -> Result<ExitCod
 /// A failover of every member of `span` to the same span point: every
 /// member's marker is pinned and checked before anything is written, each
 /// member's disks go to `TO/HOST/GROUP/`, and the pins are removed after.
-fn span_failover(a: &FailoverArgs, data_dir: &Path, span: &Name) -> Result<ExitCode> {
+/// With the Ceph store it runs on any receiver node: the span's record
+/// and the members' replicas are read from the cluster, and each pin is
+/// written there too (retention on the receiver that applies the member
+/// reads it).
+fn span_failover(a: &FailoverArgs, store: &StoreArgs, span: &Name) -> Result<ExitCode> {
     if a.boot.requested() {
         bail!("--boot starts one group's VM: fail the span over without it, then start each member's VM");
     }
     let to = a.to.as_deref().context("give --to")?;
     let choice: PointChoice = a.point.parse().map_err(anyhow::Error::msg)?;
-    let pinned = PinnedSpanPoint::pin(data_dir, span, choice)
+    let data_dir = store.receiver()?.data_dir;
+    let engine = store.engine()?;
+    let pinned = PinnedSpanPoint::pin_in(engine.as_ref(), &data_dir, span, choice)
         .with_context(|| format!("span {span}: no failover, nothing was written"))?;
     let written = (|| {
         // Every member's images must be new: refused before any is
@@ -283,7 +290,7 @@ fn span_failover(a: &FailoverArgs, data_dir: &Path, span: &Name) -> Result<ExitC
             })?;
             let view = m.store.reader(Some(m.marker))?;
             let replica = ReplicaArgs {
-                store: StoreArgs::local(data_dir),
+                store: store.clone(),
                 host: m.host.clone(),
                 group: m.group.clone(),
             };
@@ -358,27 +365,43 @@ fn write_images(
 /// A planned failover: the drain request goes to the receiver, which
 /// passes it to the host's shipper; the shipper stops the tracker (a final
 /// barrier) and delivers every record; then the images are written as of
-/// that barrier while the receiver keeps running.
+/// that barrier while the receiver keeps running. With the Ceph store the
+/// request and the answer are in the cluster ([`tidemark_receiver::drain`]):
+/// this runs on any receiver node, whichever receiver applies the group.
 fn planned_failover(a: &FailoverArgs, replica: &ReplicaArgs) -> Result<ExitCode> {
-    use tidemark_receiver::drain;
+    use tidemark_receiver::drain::{self, DrainRequest};
     let dir = replica.dir()?;
     // The final barrier will be the newest point: it has the current spec.
     let vm = VmToBoot::of(a, &dir, None)?;
-    let id = (tidemark_changelog::now_ns() ^ u64::from(std::process::id()) << 32).max(1);
-    drain::clear(&dir)
-        .with_context(|| format!("clearing an old drain request in {}", dir.display()))?;
-    drain::write_request(&dir, id)
-        .with_context(|| format!("leaving the drain request in {}", dir.display()))?;
+    let engine = replica.store.engine()?;
+    let channel = drain::channel(engine.as_ref(), &dir, &replica.host, &replica.group);
+    let now = tidemark_changelog::now_ns();
+    let request = DrainRequest {
+        id: (now ^ u64::from(std::process::id()) << 32).max(1),
+        // Past it, no receiver passes the request on: a request this
+        // command leaves behind (killed) stops no tracker later.
+        expires_ns: Some(now.saturating_add(a.timeout.as_nanos().min(u128::from(u64::MAX)) as u64)),
+    };
+    channel.request(&request)?;
     println!(
-        "planned failover of {}/{}: asking the protected host to stop its tracker and deliver every record (request {id})",
-        replica.host, replica.group
+        "planned failover of {}/{}: asking the protected host to stop its tracker and deliver every record (request {}, left in {})",
+        replica.host,
+        replica.group,
+        request.id,
+        channel.describe()
     );
-    let answer = wait_drained(&dir, id, a.timeout);
+    let answer = wait_drained(
+        channel.as_ref(),
+        engine.as_ref(),
+        replica,
+        request.id,
+        a.timeout,
+    );
     // Never leave a request behind: it would stop the tracker whenever
     // the host's shipper next connects.
-    let cleared = drain::clear(&dir);
+    let cleared = channel.clear();
     let seq = Seq(answer?);
-    cleared.with_context(|| format!("removing the drain request in {}", dir.display()))?;
+    cleared?;
     println!(
         "drained: the protected host is stopped; every record up to sequence {seq} is durable here"
     );
@@ -386,14 +409,11 @@ fn planned_failover(a: &FailoverArgs, replica: &ReplicaArgs) -> Result<ExitCode>
     // The final barrier is the newest point. Pin it (under the pin's
     // lock, so no test failover runs meanwhile) so retention cannot fold
     // it while the images are written.
-    let store_pin = replica
-        .store
-        .engine()?
-        .store_pin(&replica.host, &replica.group);
+    let store_pin = engine.store_pin(&replica.host, &replica.group);
     let lock = PinLock::acquire(&dir)?.with_store_pin(store_pin);
     lock.pin(seq)?;
     let written = (|| {
-        let group = replica.open_read_only()?;
+        let group = replica.open_read_only_in(engine.as_ref())?;
         if group.position().state != GroupState::Consistent {
             bail!("the replica is not consistent after the drain; fail over to an earlier point with --point");
         }
@@ -418,12 +438,19 @@ fn planned_failover(a: &FailoverArgs, replica: &ReplicaArgs) -> Result<ExitCode>
     Ok(ExitCode::SUCCESS)
 }
 
-/// Waits for the answer to drain request `id`, with a line now and then.
-fn wait_drained(dir: &Path, id: u64, timeout: std::time::Duration) -> Result<u64> {
+/// Waits for the answer to drain request `id` in `channel`, with a line
+/// now and then (the replica's position read from `engine`).
+fn wait_drained(
+    channel: &dyn DrainChannel,
+    engine: &dyn StoreEngine,
+    replica: &ReplicaArgs,
+    id: u64,
+    timeout: std::time::Duration,
+) -> Result<u64> {
     let started = Instant::now();
     let mut next_report = started + std::time::Duration::from_secs(10);
     loop {
-        match tidemark_receiver::drain::read_result(dir)? {
+        match channel.answered()? {
             Some(r) if r.id == id => {
                 return r
                     .result
@@ -438,7 +465,8 @@ fn wait_drained(dir: &Path, id: u64, timeout: std::time::Duration) -> Result<u64
             );
         }
         if now >= next_report {
-            let at = LocalEngine::open_dir_read_only(dir)
+            let at = engine
+                .open_read_only(&replica.host, &replica.group)
                 .map(|g| g.position().durable_seq)
                 .unwrap_or(Seq(0));
             println!(

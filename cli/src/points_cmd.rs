@@ -6,7 +6,6 @@
 use crate::timefmt;
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tidemark_changelog::Seq;
@@ -136,19 +135,13 @@ impl ReplicaArgs {
                 engine.describe(&self.host, &self.group)
             );
         }
-        tidemark_changelog::create_private_dir_all(&dir)
-            .with_context(|| format!("creating {}", dir.display()))?;
         // The receiver (its own user) keeps the VM specs it is sent in
-        // this directory too: it must stay the data directory owner's,
-        // as if the receiver had made it.
-        let owner = std::fs::metadata(&cfg.data_dir)
-            .with_context(|| format!("reading the owner of {}", cfg.data_dir.display()))?;
-        for made in [dir.parent().unwrap_or(&dir), &dir] {
-            std::os::unix::fs::chown(made, Some(owner.uid()), Some(owner.gid())).with_context(
-                || format!("giving {} to the data directory's owner", made.display()),
-            )?;
-        }
-        Ok(dir)
+        // this directory too: it stays the data directory owner's.
+        Ok(tidemark_receiver::pin::node_group_dir(
+            &cfg.data_dir,
+            &self.host,
+            &self.group,
+        )?)
     }
 }
 
@@ -166,8 +159,7 @@ pub(crate) struct TargetArgs {
     #[arg(long, default_value = "default")]
     group: Name,
     /// A span (a `[[receiver.span]]` name) instead of one host's group:
-    /// every member at once, at the same span point (the local store
-    /// only).
+    /// every member at once, at the same span point.
     #[arg(long, conflicts_with_all = ["host", "group"])]
     pub(crate) span: Option<Name>,
 }
@@ -178,8 +170,8 @@ pub(crate) enum Target {
     Group(ReplicaArgs),
     /// Every member of a span.
     Span {
-        /// The receiver's data directory.
-        data_dir: PathBuf,
+        /// Where the members' replicas (and the span's record) are.
+        store: StoreArgs,
         /// The span.
         span: Name,
     },
@@ -198,20 +190,10 @@ impl TargetArgs {
 
     pub(crate) fn target(&self) -> Result<Target> {
         match (&self.span, &self.host) {
-            (Some(span), _) => {
-                let cfg = self.store.receiver()?;
-                if cfg.store.kind != StoreKind::Local {
-                    bail!(
-                        "--span with the Ceph store is not supported yet: `tidemark span points --config … --span {span}` \
-                         lists each member's marker of a span point; fail each member over to it with \
-                         `--host HOST --group GROUP --point LABEL` (every member's span floor keeps its marker)"
-                    );
-                }
-                Ok(Target::Span {
-                    data_dir: cfg.data_dir,
-                    span: span.clone(),
-                })
-            }
+            (Some(span), _) => Ok(Target::Span {
+                store: self.store.clone(),
+                span: span.clone(),
+            }),
             (None, Some(host)) => Ok(Target::Group(ReplicaArgs {
                 store: self.store.clone(),
                 host: host.clone(),
@@ -243,8 +225,8 @@ pub(crate) fn kind(p: &RecoveryPoint) -> &'static str {
 pub(crate) fn points(a: PointsArgs) -> Result<ExitCode> {
     let replica = match a.target.target()? {
         Target::Group(replica) => replica,
-        Target::Span { data_dir, span } => {
-            return crate::span_cmd::list(&data_dir, &span, false, a.json)
+        Target::Span { store, span } => {
+            return crate::span_cmd::list_in(&store, &span, false, a.json)
         }
     };
     let group = replica.open_read_only()?;

@@ -8,7 +8,6 @@ use crate::points_cmd::StoreArgs;
 use crate::timefmt;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use tidemark_config::StoreKind;
@@ -170,17 +169,12 @@ fn points(a: PointsArgs) -> Result<ExitCode> {
     list_in(&a.store, &a.span, a.all, a.json)
 }
 
-/// [`list_in`] of the local store in `data_dir`.
-pub(crate) fn list(data_dir: &Path, span: &Name, all: bool, json: bool) -> Result<ExitCode> {
-    list_in(&StoreArgs::local(data_dir), span, all, json)
-}
-
 /// Lists the span points of `span` (`all`: every round), a table or
 /// (`json`) a JSON object per line. A span point a member's replica no
 /// longer holds is listed as expired, with the member and marker it lost.
 /// With the Ceph store the record and the members' replicas are read from
 /// the cluster, and the table says which receiver coordinates the span.
-fn list_in(store: &StoreArgs, span: &Name, all: bool, json: bool) -> Result<ExitCode> {
+pub(crate) fn list_in(store: &StoreArgs, span: &Name, all: bool, json: bool) -> Result<ExitCode> {
     let cfg = store.receiver()?;
     let (record, expired, holder) = if cfg.store.kind == StoreKind::Local {
         let record = SpanDir::open(&cfg.data_dir, span)

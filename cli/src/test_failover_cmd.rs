@@ -90,7 +90,7 @@ fn start(a: StartArgs) -> Result<ExitCode> {
 
     let replica = match a.target.target()? {
         Target::Group(replica) => replica,
-        Target::Span { data_dir, span } => return start_span(&a, &data_dir, &span, &signals),
+        Target::Span { store, span } => return start_span(&a, &store, &span, &signals),
     };
     let Some(socket) = a.socket.clone() else {
         anyhow::bail!("give --socket");
@@ -232,10 +232,11 @@ fn boot_vm(
 fn cleanup(a: CleanupArgs) -> Result<ExitCode> {
     match a.target.target()? {
         Target::Group(replica) => cleanup_group(&replica),
-        Target::Span { data_dir, span } => {
+        Target::Span { store, span } => {
             // Every group the span's record names (its members now and
             // before).
-            let record = span_point::load(&data_dir, &span)?;
+            let data_dir = store.receiver()?.data_dir;
+            let record = span_point::load_in(store.engine()?.as_ref(), &data_dir, &span)?;
             let mut members: Vec<(Name, Name)> = Vec::new();
             for m in record.points.iter().flat_map(|p| &p.members) {
                 if !members.iter().any(|(h, g)| *h == m.host && *g == m.group) {
@@ -244,7 +245,7 @@ fn cleanup(a: CleanupArgs) -> Result<ExitCode> {
             }
             for (host, group) in members {
                 let replica = ReplicaArgs {
-                    store: StoreArgs::local(&data_dir),
+                    store: store.clone(),
                     host,
                     group,
                 };
@@ -296,7 +297,7 @@ fn cleanup_group(replica: &ReplicaArgs) -> Result<ExitCode> {
 /// point is pinned in every member first (refused whole), then each
 /// member's overlay is served on its own socket in `--socket-dir` until a
 /// signal; every member's test is ended after, also when one fails.
-fn start_span(a: &StartArgs, data_dir: &Path, span: &Name, signals: &SigSet) -> Result<ExitCode> {
+fn start_span(a: &StartArgs, store: &StoreArgs, span: &Name, signals: &SigSet) -> Result<ExitCode> {
     let Some(socket_dir) = &a.socket_dir else {
         anyhow::bail!("with --span, give --socket-dir: one socket per member is made there");
     };
@@ -306,20 +307,23 @@ fn start_span(a: &StartArgs, data_dir: &Path, span: &Name, signals: &SigSet) -> 
     let choice: PointChoice = a.point.parse().map_err(anyhow::Error::msg)?;
     tidemark_changelog::create_private_dir_all(socket_dir)
         .with_context(|| format!("creating {}", socket_dir.display()))?;
-    let pinned = PinnedSpanPoint::pin(data_dir, span, choice)
+    let data_dir = store.receiver()?.data_dir;
+    let engine = store.engine()?;
+    let pinned = PinnedSpanPoint::pin_in(engine.as_ref(), &data_dir, span, choice)
         .with_context(|| format!("span {span}: no test failover"))?;
     let point = pinned.entry.clone();
     let mut tests = Vec::new();
     let mut started = Ok(());
     for m in pinned.members {
-        let (host, group, dir, marker) = (m.host.clone(), m.group.clone(), m.dir.clone(), m.marker);
+        let (host, group, marker) = (m.host.clone(), m.group.clone(), m.marker);
         if started.is_err() {
             // Pinned, not started: the pin goes with its lock's directory.
             let _ = m.into_lock().remove_all();
             continue;
         }
         let socket = socket_dir.join(format!("{host}-{group}.sock"));
-        let served = TestFailover::start(&dir, m.into_lock(), marker)
+        let open = || engine.open_read_only(&host, &group);
+        let served = TestFailover::start_on(open, m.into_lock(), marker)
             .map_err(ServeError::from)
             .and_then(|test| ServedTestFailover::serve(test, marker, &socket));
         match served {

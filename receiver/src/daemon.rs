@@ -1119,6 +1119,9 @@ impl Server {
         let _connected = SessionGuard(stats.clone());
         let _reports = self.read_reports(host, &group_name, conn, receiving.version());
         let dir = group_dir(&self.data_dir, host, &group_name);
+        // Where a planned failover's drain request is left (the cluster
+        // with the Ceph store: by the CLI of any node).
+        let drain = drain::channel(self.engine.as_ref(), &dir, host, &group_name);
         // The drain request passed on to this connection's shipper.
         let mut drain_sent = None;
         let mut drain_poll = tokio::time::interval(DRAIN_POLL);
@@ -1180,7 +1183,7 @@ impl Server {
                     }
                 }
                 if let Some(outcome) = receiving.take_drained() {
-                    report_drained(&dir, host, &group_name, outcome);
+                    report_drained(drain.as_ref(), host, &group_name, outcome);
                 }
                 match receiving.take_vm_spec() {
                     Some(Ok(from)) => {
@@ -1265,7 +1268,7 @@ impl Server {
                     Err(e) => return Err(SessionEnded::Read(e)),
                 },
                 // Look for a drain request now and then, not at every read.
-                _ = drain_poll.tick() => match drain::read_request(&dir) {
+                _ = drain_poll.tick() => match tokio::task::block_in_place(|| drain.pending()) {
                     // The member's span moved to another receiver: so does
                     // the member (its shipper comes back and is sent there).
                     _ if !self.spans.holds_span_of(host, &group_name) => {
@@ -1276,7 +1279,10 @@ impl Server {
                         };
                         return refuse(&mut send, err).await;
                     }
-                    Ok(Some(id)) if drain_sent != Some(id) => {
+                    // A request past its deadline: its CLI gave up (or
+                    // died); nobody fails the group over.
+                    Ok(Some(request)) if drain_sent != Some(request.id) && request.live(tidemark_changelog::now_ns()) => {
+                        let id = request.id;
                         tracing::info!(%host, group = %group_name, id, "asking the shipper to drain the group (planned failover)");
                         match receiving.request_drain(id) {
                             Ok(f) => send.write_all(&f).await.map_err(SessionEnded::Write)?,
@@ -1286,7 +1292,7 @@ impl Server {
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        tracing::warn!(dir = %dir.display(), error = %e, "cannot read the drain request")
+                        tracing::warn!(at = %drain.describe(), error = %error_chain(&e), "cannot read the drain request")
                     }
                 },
             }
@@ -1398,7 +1404,12 @@ const DRAIN_POLL: Duration = Duration::from_millis(500);
 
 /// Writes the shipper's answer to a drain request for the CLI waiting on
 /// it, and retires the request.
-fn report_drained(dir: &Path, host: &str, group: &str, outcome: tidemark_wire::DrainOutcome) {
+fn report_drained(
+    drain: &dyn drain::DrainChannel,
+    host: &str,
+    group: &str,
+    outcome: tidemark_wire::DrainOutcome,
+) {
     match &outcome.result {
         Ok(seq) => {
             tracing::info!(%host, %group, id = outcome.id, last_seq = seq.get(), "group drained: the source is stopped and every record is durable")
@@ -1411,15 +1422,8 @@ fn report_drained(dir: &Path, host: &str, group: &str, outcome: tidemark_wire::D
         id: outcome.id,
         result: outcome.result.map(tidemark_changelog::Seq::get),
     };
-    let written = tokio::task::block_in_place(|| {
-        drain::write_result(dir, &result)?;
-        if drain::read_request(dir)? == Some(result.id) {
-            std::fs::remove_file(dir.join(drain::REQUEST))?;
-        }
-        Ok::<_, std::io::Error>(())
-    });
-    if let Err(e) = written {
-        tracing::warn!(dir = %dir.display(), error = %e, "cannot write the drain result");
+    if let Err(e) = tokio::task::block_in_place(|| drain.answer(&result)) {
+        tracing::warn!(at = %drain.describe(), error = %error_chain(&e), "cannot write the drain result");
     }
 }
 

@@ -41,6 +41,7 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use tidemark_changelog::Seq;
+use tidemark_names::Name;
 
 use tidemark_durable::{
     create_private_dir_all, replace, DirLock, Durability, FsDir, LockError, LogDir, LogFile,
@@ -102,6 +103,24 @@ pub enum PinError {
 pub trait StorePin: Send + Sync + std::fmt::Debug {
     /// Pins `seq`, or (`None`) removes the pin (no pin is no error).
     fn set(&self, seq: Option<Seq>) -> Result<(), crate::store::StoreError>;
+}
+
+/// The directory of `host`'s `group` under the receiver's data directory
+/// `data_dir`, where its pin lock is taken: with a store kept elsewhere
+/// (the cluster) and a node that does not apply the group, it is created
+/// (0700) and given to the data directory's owner, as if the receiver had
+/// made it (the receiver keeps its own files of the group there too).
+pub fn node_group_dir(data_dir: &Path, host: &Name, group: &Name) -> Result<PathBuf, PinError> {
+    let dir = crate::store::LocalEngine::new(data_dir).group_dir(host, group);
+    if dir.is_dir() {
+        return Ok(dir);
+    }
+    create_private_dir_all(&dir).map_err(io_err("creating", &dir))?;
+    let owner = std::fs::metadata(data_dir).map_err(io_err("reading the owner of", data_dir))?;
+    for made in [dir.parent().unwrap_or(&dir), &dir] {
+        give(made, (owner.uid(), owner.gid()))?;
+    }
+    Ok(dir)
 }
 
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> PinError {

@@ -160,6 +160,20 @@ pub fn load(data_dir: &Path, span: &Name) -> Result<SpanRecord, SpanPointError> 
         .map_err(|e| SpanPointError::Record(Box::new(e)))
 }
 
+/// Reads the record of `span` where the store of `engine` keeps it: in
+/// the cluster with a store shared between receivers (from any node), else
+/// in the receiver's data directory `data_dir`.
+pub fn load_in(
+    engine: &dyn StoreEngine,
+    data_dir: &Path,
+    span: &Name,
+) -> Result<SpanRecord, SpanPointError> {
+    match engine.read_span(span) {
+        Some(read) => read.map_err(|e| SpanPointError::Record(Box::new(e))),
+        None => load(data_dir, span),
+    }
+}
+
 /// The durable entry `choice` names in `record`.
 pub fn choose<'a>(
     span: &Name,
@@ -365,28 +379,48 @@ impl PinnedSpanPoint {
         span: &Name,
         choice: PointChoice,
     ) -> Result<PinnedSpanPoint, SpanPointError> {
-        let record = load(data_dir, span)?;
+        Self::pin_in(&LocalEngine::new(data_dir), data_dir, span, choice)
+    }
+
+    /// [`PinnedSpanPoint::pin`] in the store of `engine` (the local store,
+    /// or the Ceph store from any receiver node), the span's record read
+    /// where that store keeps it ([`load_in`]). Each member's pin lock is
+    /// its group directory's under `data_dir` (created on a node that
+    /// does not apply the member), and each pin is also written where the
+    /// store's retention reads it (the engine's
+    /// [`StorePin`](crate::pin::StorePin)) before the markers are checked.
+    pub fn pin_in(
+        engine: &dyn StoreEngine,
+        data_dir: &Path,
+        span: &Name,
+        choice: PointChoice,
+    ) -> Result<PinnedSpanPoint, SpanPointError> {
+        let record = load_in(engine, data_dir, span)?;
         let entry = choose(span, &record, choice)?.clone();
-        let engine = LocalEngine::new(data_dir);
         // Every lock first: a member of the span that another test
         // failover or failover holds is refused before any pin.
         let mut locks = Vec::new();
         for m in &entry.members {
-            let dir = engine.group_dir(&m.host, &m.group);
             if !engine.exists(&m.host, &m.group) {
                 return Err(SpanPointError::NoReplica {
                     span: span.clone(),
                     host: m.host.clone(),
                     group: m.group.clone(),
-                    dir,
+                    dir: PathBuf::from(engine.describe(&m.host, &m.group)),
                 });
             }
-            let lock = PinLock::acquire(&dir).map_err(|source| SpanPointError::Pin {
-                host: m.host.clone(),
-                group: m.group.clone(),
-                source: Box::new(source),
-            })?;
-            locks.push((dir, lock));
+            let lock = crate::pin::node_group_dir(data_dir, &m.host, &m.group)
+                .and_then(|dir| {
+                    let lock =
+                        PinLock::acquire(&dir)?.with_store_pin(engine.store_pin(&m.host, &m.group));
+                    Ok((dir, lock))
+                })
+                .map_err(|source| SpanPointError::Pin {
+                    host: m.host.clone(),
+                    group: m.group.clone(),
+                    source: Box::new(source),
+                })?;
+            locks.push(lock);
         }
         // Then every pin, then the check: a fold that took a marker before
         // its pin is seen here.

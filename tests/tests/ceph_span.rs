@@ -11,10 +11,15 @@
 //! its source disk, byte for byte: nothing was lost. `tidemark span
 //! points --config` reads the record from either node and names the
 //! holder, `span take --config` works on the holder's node and names it
-//! elsewhere, `failover --span` on the Ceph store is refused.
+//! elsewhere. `failover --span` and `test-failover start --span`, run on
+//! the node whose receiver was killed (the record and the replicas are
+//! read from the cluster), bring every member to the same span point:
+//! each member's failed-over image, and each member's test failover read
+//! whole over NBD, is its replica at its marker, byte for byte, the
+//! markers pinned while they are read and unpinned after.
 //!
 //! Needs Ceph (skips with a message without `ceph-mon`, unless `CI` is
-//! set) and `rados`; run with `--features ceph` (scripts/test.sh does).
+//! set), `rados` and `nbdcopy`; run with `--features ceph` (scripts/test.sh does).
 
 use std::fs;
 use std::io::{Read, Write};
@@ -259,13 +264,189 @@ fn value_in(group: &CephGroup<RadosCluster>, seq: Option<Seq>) -> Vec<u8> {
     buf
 }
 
+/// A member's whole disk at its recovery point `seq`.
+fn image_at(group: &CephGroup<RadosCluster>, seq: Seq) -> Vec<u8> {
+    let mut buf = vec![0u8; SIZE as usize];
+    group
+        .view(Some(seq))
+        .unwrap()
+        .read(DiskId(0), 0, &mut buf)
+        .unwrap();
+    buf
+}
+
+/// The counter at the start of `image`.
+fn counter(image: &[u8]) -> u64 {
+    u64::from_le_bytes(image[..8].try_into().unwrap())
+}
+
+/// `failover --span` and `test-failover start --span` with `config`, a
+/// node that applies none of the members (its receiver was killed): every
+/// member's disk, as written and as served, is its replica at its marker
+/// of the same span point (and causally consistent), no pin left after.
+fn span_failovers(root: &Path, config: &Path, engine: &CephEngine<RadosCluster>) {
+    let to = root.join("failover");
+    let started = Instant::now();
+    let out = run_ok(
+        tidemark()
+            .args(["failover", "--config"])
+            .arg(config)
+            .args(["--span", "shop", "--to"])
+            .arg(&to),
+    );
+    let failover_took = started.elapsed();
+    let point: u64 = out
+        .split("to span point ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no span point in the failover's output:\n{out}"));
+    let entry = engine
+        .read_span(&span())
+        .unwrap()
+        .points
+        .into_iter()
+        .find(|p| p.point == point)
+        .expect("the span point failed over to is in the record");
+    let references: Vec<Vec<u8>> = entry
+        .members
+        .iter()
+        .map(|m| {
+            let group = member(engine, m.host.as_str());
+            assert_eq!(
+                group.pinned(),
+                None,
+                "{}: a pin left by the failover",
+                m.host
+            );
+            image_at(&group, m.marker)
+        })
+        .collect();
+    for (m, reference) in entry.members.iter().zip(&references) {
+        let written = fs::read(to.join(m.host.as_str()).join("default").join("disk.img")).unwrap();
+        assert!(
+            written == *reference,
+            "{}: the failed-over disk differs from its replica at its marker {}",
+            m.host,
+            m.marker
+        );
+    }
+    for pair in entry
+        .members
+        .iter()
+        .zip(&references)
+        .collect::<Vec<_>>()
+        .windows(2)
+    {
+        let ((a, ia), (b, ib)) = (pair[0], pair[1]);
+        assert!(
+            counter(ib) <= counter(ia),
+            "span point {point} failed over inconsistently: {} shows {}, {} only {}",
+            b.host,
+            counter(ib),
+            a.host,
+            counter(ia)
+        );
+    }
+
+    // The test failover of the same point, one socket per member.
+    let sockets = root.join("tf-sockets");
+    let log = root.join("span-test-failover.log");
+    let started = Instant::now();
+    let mut child = tidemark()
+        .args(["test-failover", "start", "--config"])
+        .arg(config)
+        .args([
+            "--span",
+            "shop",
+            "--point",
+            &point.to_string(),
+            "--socket-dir",
+        ])
+        .arg(&sockets)
+        .stdout(std::process::Stdio::piped())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let test = Daemon::new(child, "span test failover");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut said = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the span's test failover did not start: {said:?}\n{}",
+                    fs::read_to_string(&log).unwrap_or_default()
+                )
+            });
+        let ready = line.starts_with("ready");
+        said.push(line);
+        if ready {
+            break;
+        }
+    }
+    let ready_after = started.elapsed();
+    for (m, reference) in entry.members.iter().zip(&references) {
+        assert_eq!(
+            member(engine, m.host.as_str()).pinned(),
+            Some(m.marker),
+            "{}: its marker is not pinned in the store while it is served",
+            m.host
+        );
+        let socket = sockets.join(format!("{}-default.sock", m.host));
+        let read_back = root.join(format!("tf-{}.img", m.host));
+        let copied = Command::new("nbdcopy")
+            .arg(format!("nbd+unix:///disk?socket={}", socket.display()))
+            .arg(&read_back)
+            .status()
+            .unwrap();
+        assert!(copied.success(), "nbdcopy of {}", m.host);
+        assert!(
+            fs::read(&read_back).unwrap() == *reference,
+            "{}: the test failover differs from its replica at its marker {}",
+            m.host,
+            m.marker
+        );
+    }
+    assert!(
+        test.stop().success(),
+        "the span's test failover ends cleanly"
+    );
+    for m in &entry.members {
+        assert_eq!(
+            member(engine, m.host.as_str()).pinned(),
+            None,
+            "{}: a pin left by the test failover",
+            m.host
+        );
+    }
+    eprintln!(
+        "FIGURES ceph_span: failover --span to span point {point} from a node applying no member: {:.1} s; \
+         test failover --span ready after {:.1} s; {} members byte-exact both ways",
+        failover_took.as_secs_f64(),
+        ready_after.as_secs_f64(),
+        entry.members.len()
+    );
+}
+
 #[test]
 fn the_span_holder_is_killed_and_the_other_receiver_takes_the_span_and_its_members() {
     const TEST: &str = "ceph_span";
     let Some(tb) = testbed::for_test() else {
         return;
     };
-    if !require_tool("rados", TEST) {
+    if !require_tool("rados", TEST) || !require_tool("nbdcopy", TEST) {
         return;
     }
     let started = Instant::now();
@@ -438,19 +619,7 @@ fn the_span_holder_is_killed_and_the_other_receiver_takes_the_span_and_its_membe
             .args(["--span", "shop", "--label", "on-demand", "--timeout", "60s"]),
     );
     assert!(taken.contains("(on-demand)"), "{taken}");
-    let refused = tidemark()
-        .args(["failover", "--config"])
-        .arg(config_of(1 - holder))
-        .args(["--span", "shop", "--to"])
-        .arg(root.join("failover"))
-        .output()
-        .unwrap();
-    assert!(
-        !refused.status.success()
-            && String::from_utf8_lossy(&refused.stderr).contains("not supported yet"),
-        "failover --span on the Ceph store: {}",
-        String::from_utf8_lossy(&refused.stderr)
-    );
+    span_failovers(&root, &config_of(holder), &engine);
 
     stop.store(true, Ordering::Relaxed);
     let rounds = writer.join().unwrap();

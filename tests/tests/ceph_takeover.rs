@@ -20,7 +20,12 @@
 //! away is let go (unlocked) after `release-idle`. And four hosts spread
 //! over the two receivers by rendezvous: the one owning the first host's
 //! group is killed, every group ends applied by the other, every replica
-//! and point exact.
+//! and point exact. And a planned failover run on the node whose receiver
+//! does not apply the group (`--config` of that node): the drain request
+//! goes through the cluster to the owner, the host is stopped at its final
+//! barrier and the failed-over disk is the source, byte for byte; with no
+//! shipper connected the request times out with a clear error and is
+//! withdrawn.
 //!
 //! Needs Ceph (skips with a message without `ceph-mon`, unless `CI` is
 //! set) and qemu-io; run with `--features ceph` (scripts/test.sh does).
@@ -74,20 +79,28 @@ fn start_receiver(dir: &Path, rpki: &Path, port: u16, store: &str) -> Daemon {
     start_receiver_with(&data, dir, rpki, port, store)
 }
 
-/// A shipper that lists both receivers and reconnects quickly.
-fn start_shipper(dir: &Path, log_dir: &Path, hpki: &Path, ports: [u16; 2]) -> Daemon {
+/// A shipper that lists both receivers and reconnects quickly (and stops
+/// the tracker at `control` when a planned failover drains the group).
+fn start_shipper(
+    dir: &Path,
+    log_dir: &Path,
+    control: &Path,
+    hpki: &Path,
+    ports: [u16; 2],
+) -> Daemon {
     let config = dir.join("shipper.toml");
     fs::write(
         &config,
         format!(
             "[shipper]\nhost = \"{HOST}\"\nreceivers = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\n\
-             log-dir = \"{}\"\ncontrol-socket = \"{}\"\n\
+             log-dir = \"{}\"\ncontrol-socket = \"{}\"\ntracker-control-socket = \"{}\"\n\
              [shipper.tls]\nca = \"{h}/ca.crt\"\ncert = \"{h}/host.crt\"\nkey = \"{h}/host.key\"\n\
              [shipper.retry]\ninitial-backoff = \"100ms\"\nmax-backoff = \"1s\"\n",
             ports[0],
             ports[1],
             log_dir.display(),
             dir.join("shipper.ctl").display(),
+            control.display(),
             h = hpki.display()
         ),
     )
@@ -187,7 +200,13 @@ impl Site {
             &["--segment-size", "256MiB", "--log-size-limit", "512MiB"],
         );
         let log_dir = tracker.log_dir.clone();
-        let shipper = Some(start_shipper(&dir, &log_dir, &hpki, ports));
+        let shipper = Some(start_shipper(
+            &dir,
+            &log_dir,
+            &tracker.control,
+            &hpki,
+            ports,
+        ));
         wait_caught_up(&dir, &log_dir, Duration::from_secs(120));
         let stop_writer = Arc::new(AtomicBool::new(false));
         let writing = {
@@ -321,6 +340,97 @@ fn the_owner_of_a_group_is_killed_and_the_other_receiver_takes_over() {
     );
 }
 
+/// Whether the group's drain object exists (`rados stat`).
+fn drain_object_exists(tb: &testbed::Testbed, namespace: &str) -> bool {
+    Command::new("rados")
+        .arg("-c")
+        .arg(&tb.conf)
+        .args(["-p", &tb.pool, "-N", namespace, "stat"])
+        .arg(format!("{HOST}+default+drain"))
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn a_planned_failover_from_the_node_that_does_not_apply_the_group_loses_nothing() {
+    const TEST: &str =
+        "a_planned_failover_from_the_node_that_does_not_apply_the_group_loses_nothing";
+    let Some((mut site, tb)) = Site::start(TEST) else {
+        return;
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    site.stop_writer.store(true, Ordering::Relaxed);
+    let batches = site.writing.take().unwrap().join().unwrap();
+    // Written without a flush: only the final barrier covers it.
+    tidemark_e2e::qemu_io(site._tracker.uri(), &["write -P 0x62 1M 64k"]);
+    let owner = site.owner(tb);
+    let elsewhere = 1 - owner;
+    let config = site
+        .dir()
+        .join(format!("receiver-{}.toml", site.ports[elsewhere]));
+    let to = site.dir().join("planned");
+    let started = Instant::now();
+    let out = tidemark_e2e::replication::run_ok(
+        tidemark_e2e::tidemark()
+            .args(["failover", "--planned", "--timeout", "60s", "--config"])
+            .arg(&config)
+            .args(["--host", HOST, "--to"])
+            .arg(&to),
+    );
+    let took = started.elapsed();
+    assert!(out.contains("nothing was lost"), "{out}");
+    assert!(
+        out.contains(&format!("ceph:{HOST}+default+drain")),
+        "the request was not left in the cluster: {out}"
+    );
+    assert!(
+        !site._tracker.control.exists(),
+        "the tracker still runs after the drain"
+    );
+    let last = tidemark_e2e::replication::last_seq(&site.log_dir);
+    assert!(
+        out.contains(&format!("sequence {last}")),
+        "not failed over to the log's last record {last}: {out}"
+    );
+    assert!(
+        fs::read(to.join("disk.img")).unwrap() == fs::read(&site.image).unwrap(),
+        "the planned failover from the other node lost data"
+    );
+    assert!(
+        !drain_object_exists(tb, &site.namespace),
+        "the drain request was left behind"
+    );
+    assert_eq!(site.owner(tb), owner, "the group changed hands");
+
+    // No shipper connected: no receiver passes the request on; a clear
+    // error after the timeout, and the request is withdrawn.
+    drop(site.shipper.take());
+    let never = site.dir().join("never");
+    let refused = tidemark_e2e::tidemark()
+        .args(["failover", "--planned", "--timeout", "2s", "--config"])
+        .arg(&config)
+        .args(["--host", HOST, "--to"])
+        .arg(&never)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(err.contains("no answer from the protected host"), "{err}");
+    assert!(!drain_object_exists(tb, &site.namespace));
+    assert!(!never.exists());
+    for r in site.receivers.iter_mut() {
+        drop(r.take());
+    }
+    eprintln!(
+        "FIGURES {TEST}: {batches} write batches; planned failover from {} (the group applied by {}) \
+         to sequence {last} in {:.1} s, byte-exact; {:.1} s in all",
+        site.address(elsewhere),
+        site.address(owner),
+        took.as_secs_f64(),
+        site.started.elapsed().as_secs_f64()
+    );
+}
+
 #[test]
 fn a_frozen_owner_is_fenced_and_writes_nothing_when_it_resumes() {
     use nix::sys::signal::{kill, Signal};
@@ -443,6 +553,7 @@ fn a_group_without_a_shipper_session_is_let_go_after_release_idle() {
     site.shipper = Some(start_shipper(
         site.dir(),
         &site.log_dir,
+        &site._tracker.control,
         &site.hpki,
         site.ports,
     ));

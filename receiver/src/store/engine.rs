@@ -245,6 +245,19 @@ pub trait StoreEngine: Send + Sync + Debug {
         let _ = (host, group);
         None
     }
+    /// Where the drain request of a planned failover of `host`'s `group`
+    /// and its answer are kept, when the store keeps them
+    /// ([`crate::drain`]): with a store shared between receivers, where
+    /// the CLI of any node and the receiver applying the group both reach
+    /// them. Default: none (the files in the group's directory).
+    fn drain_channel(
+        &self,
+        host: &Name,
+        group: &Name,
+    ) -> Option<Box<dyn crate::drain::DrainChannel>> {
+        let _ = (host, group);
+        None
+    }
     /// The groups of `host` that have a store.
     fn groups(&self, host: &Name) -> Result<Vec<Name>, StoreError>;
     /// Every group of every host that has a store, for an engine that

@@ -64,6 +64,9 @@
 //!                       without listing the pool
 //!  G+tf.pin             the point a test failover reads (decimal): retention
 //!                       folds neither it nor a later point while it exists
+//!  G+drain             a planned failover's drain request and its answer
+//!                       (attributes; absent: none): `drain`'s module
+//!                       documents it
 //!  G+disk-N             RBD image per disk: the disk as of the history's
 //!                       start
 //!  tidemark+groups      omap: G -> "" for every group ever opened
@@ -140,7 +143,7 @@
 //! open, so its previous owner is fenced; refused while another live
 //! receiver holds it): the images of every disk the group or a point of
 //! it lists, the journal segments `G+dir` lists, `G+dir`, the journal
-//! index, the span floor and the pin, then the state object, and last its
+//! index, the span floor, the pin and the drain object, then the state object, and last its
 //! key in `tidemark+groups`. A crash part way leaves the state object (or
 //! the key): the next remove goes on from there; a missing object counts
 //! as removed. Failovers to RBD leave a protected snapshot on each disk's
@@ -154,6 +157,7 @@
 //! guarded operation, so a reader pins before it reads, as locally.
 
 mod dir;
+pub mod drain;
 pub mod span;
 
 use std::collections::BTreeMap;
@@ -620,6 +624,7 @@ impl<C: Cluster + 'static> CephEngine<C> {
             super::index::INDEX_FILE.to_owned(),
             super::FLOOR_FILE.to_owned(),
             format!("tf.{}", crate::pin::PIN_FILE),
+            "drain".to_owned(),
             "state".to_owned(),
         ] {
             gone(
@@ -761,6 +766,17 @@ impl<C: Cluster + 'static> StoreEngine for CephEngine<C> {
             oid: format!("{}tf.{}", prefix(host, group), crate::pin::PIN_FILE),
             describe: self.describe(host, group),
         }))
+    }
+
+    fn drain_channel(
+        &self,
+        host: &Name,
+        group: &Name,
+    ) -> Option<Box<dyn crate::drain::DrainChannel>> {
+        Some(Box::new(drain::CephDrain::new(
+            self.cluster.clone(),
+            format!("{}drain", prefix(host, group)),
+        )))
     }
 
     fn groups(&self, host: &Name) -> Result<Vec<Name>, StoreError> {
