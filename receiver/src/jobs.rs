@@ -25,7 +25,7 @@
 //! `<data dir>/.jobs/jobs`: a sealed text file (the JSON of
 //! [`JobsOnDisk`], then a `crc32c` line, see
 //! `tidemark_changelog::sealed`) replaced atomically through the storage
-//! seam ([`tidemark_durable::replace`]). A file that does not verify or
+//! seam ([`tidemark_durable::replace()`]). A file that does not verify or
 //! decode is a typed [`JobsFileError`]; [`JobRegistry::open`] sets it
 //! aside (`jobs.damaged`) with a warning and starts afresh.
 //!
@@ -202,7 +202,7 @@ impl Job {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct JobsOnDisk {
-    /// The format's version ([`VERSION`]).
+    /// The format's version (`VERSION`, 1).
     pub version: u32,
     /// The id the next job gets.
     pub next_id: u64,
