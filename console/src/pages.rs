@@ -252,15 +252,9 @@ impl Console {
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
+/// An error and its causes, one line (as the receiver logs them).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    tidemark_receiver::store_health::chain(e)
 }
 
 pub(crate) fn router(state: Shared) -> Router {

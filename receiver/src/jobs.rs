@@ -625,7 +625,7 @@ pub fn open_in<D: LogDir>(dir: &D, now_ns: u64) -> Result<JobBook, JobsFileError
                 .max(now_ns / 1_000_000);
             tracing::warn!(
                 dir = %dir.describe(),
-                error = %crate_error_chain(&e),
+                error = %crate::daemon::error_chain(&e),
                 "the job registry's file is set aside as {JOBS_DAMAGED}; the registry starts afresh"
             );
             dir.rename(JOBS_FILE, JOBS_DAMAGED)
@@ -637,17 +637,6 @@ pub fn open_in<D: LogDir>(dir: &D, now_ns: u64) -> Result<JobBook, JobsFileError
             Ok(book)
         }
     }
-}
-
-fn crate_error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 impl JobRegistry {
@@ -666,7 +655,7 @@ impl JobRegistry {
                 let lock = tidemark_durable::DirLock::acquire(&path, JOBS_LOCK, "job registry")
                     .map_err(|e| JobsFileError::Io {
                         what: "locking",
-                        source: std::io::Error::other(crate_error_chain(&e)),
+                        source: std::io::Error::other(crate::daemon::error_chain(&e)),
                     })?;
                 open_in(&dir, now_ns).map(|book| (dir, book, lock))
             });
@@ -675,7 +664,7 @@ impl JobRegistry {
             Err(e) => {
                 tracing::warn!(
                     path = %path.display(),
-                    error = %crate_error_chain(&e),
+                    error = %crate::daemon::error_chain(&e),
                     "the job registry cannot be kept on disk; it is kept in memory only"
                 );
                 (None, JobBook::default(), None)
@@ -704,7 +693,7 @@ impl JobRegistry {
             if let Some(w) = book.poll_write(now_ns, force) {
                 if let Err(e) = replace(dir, JOBS_TMP, JOBS_FILE, &w.bytes, w.durability) {
                     book.handle_write_failed(w.durability);
-                    tracing::warn!(error = %crate_error_chain(&e), "cannot write the job registry; tried again at its next change");
+                    tracing::warn!(error = %crate::daemon::error_chain(&e), "cannot write the job registry; tried again at its next change");
                 }
             }
         }
