@@ -49,7 +49,7 @@ pub const JOBS_DIR: &str = ".jobs";
 pub const JOBS_FILE: &str = "jobs";
 const JOBS_TMP: &str = "jobs.tmp";
 /// The lock file in [`JOBS_DIR`] the registry's process holds.
-const JOBS_LOCK: &str = "lock";
+pub const JOBS_LOCK: &str = "lock";
 /// Where a damaged file is set aside.
 pub const JOBS_DAMAGED: &str = "jobs.damaged";
 /// Finished jobs kept (the oldest beyond this are forgotten).

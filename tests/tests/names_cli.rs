@@ -313,14 +313,17 @@ fn the_receiver_refuses_a_valid_host_whose_hello_names_a_path() {
             ),
             other => panic!("v{version} {group}/{disk} got {other:?}"),
         }
-        // Nothing but the receiver's own lock of its data directory and
-        // the certificate the host connected with.
+        // Nothing but the receiver's own lock of its data directory, its
+        // job registry's lock and the certificate the host connected with.
         let certificates = tidemark_receiver::renew::CERTIFICATES_DIR;
+        let jobs = tidemark_receiver::jobs::JOBS_DIR;
         assert_eq!(
             tree(&replicas),
             vec![
                 certificates.to_string(),
                 format!("{certificates}/{HOST}.der"),
+                jobs.to_string(),
+                format!("{jobs}/{}", tidemark_receiver::jobs::JOBS_LOCK),
                 tidemark_receiver::daemon::LOCK_FILE.to_string()
             ],
             "{group}/{disk}"
