@@ -12,6 +12,18 @@ use std::time::{Duration, Instant};
 pub const HOST: &str = "db1.example.test";
 
 /// Runs `cmd`, asserts success, returns its stdout.
+/// The lines a child writes to `stdout`, as they come, read by a thread
+/// of their own (so a caller can wait for one with a timeout).
+pub fn stdout_lines(stdout: std::process::ChildStdout) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
 pub fn run_ok(cmd: &mut Command) -> String {
     let out = cmd.output().expect("running tidemark");
     assert!(
@@ -417,17 +429,7 @@ pub fn start_test_failover_on(
         .stderr(fs::File::create(dir.join("test-failover.log")).unwrap())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = stdout_lines(child.stdout.take().unwrap());
     let mut lines = Vec::new();
     loop {
         let line = rx.recv_timeout(timeout).unwrap_or_else(|_| {

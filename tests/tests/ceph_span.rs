@@ -368,18 +368,8 @@ fn span_failovers(root: &Path, config: &Path, engine: &CephEngine<RadosCluster>)
         .stderr(fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
+    let rx = tidemark_e2e::replication::stdout_lines(child.stdout.take().unwrap());
     let test = Daemon::new(child, "span test failover");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
     let mut said = Vec::new();
     loop {
         let line = rx

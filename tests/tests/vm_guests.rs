@@ -248,22 +248,12 @@ fn readme_command(line: &str, paths: &[(&str, &Path)]) -> Command {
 /// --boot`, its stderr to `log`) and waits until it says ready; returns
 /// it and the lines it printed until then.
 fn start_booting_test(cmd: &mut Command, log: &Path) -> (Daemon, Vec<String>) {
-    use std::io::BufRead;
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(fs::File::create(log).unwrap())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = tidemark_e2e::replication::stdout_lines(child.stdout.take().unwrap());
     let test = Daemon::new(child, "test failover");
     let mut lines = Vec::new();
     loop {
